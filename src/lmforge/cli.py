@@ -1,0 +1,365 @@
+"""The `lmforge` command: one entry point, each subcommand declared once.
+
+    lmforge prepare  raw text -> tokenizer + shuffled train/val/test token shards
+    lmforge train    a Transformer on prepared shards (YAML config + --section.key overrides)
+    lmforge eval     loss, perplexity and bits per byte of a checkpoint on a split
+    lmforge generate text from a run or checkpoint directory
+    lmforge plot     the loss curves of a run as a PNG
+
+Problems a user can cause are reported as one line on stderr with exit code 2 (a traceback only with
+--debug). Heavy modules (torch, tokenizers) are imported inside the subcommands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import Any, Callable, Sequence
+
+from lmforge import __version__
+from lmforge.errors import ConfigError, LmforgeError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34, width=100)
+
+
+# --------------------------------------------------------------------------------------------- prepare
+def _add_prepare(sub: Any) -> None:
+    p = sub.add_parser(
+        "prepare", help="raw text -> tokenizer + shuffled train/val/test token shards",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Read raw text, validate and clean it, train a tokenizer on the train split and write
+            shuffled train/val/test token shards with a manifest and a data report.
+
+            Inputs: .txt files (one document each), .jsonl (one JSON object per line), .parquet,
+            folders (read recursively) and globs, in any mix; or --dataset shakespeare.
+            Invalid UTF-8 is replaced and counted, binary files are skipped with a warning, empty and
+            duplicate documents are counted. Nothing is written when the input cannot be used."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge prepare --dataset shakespeare --tokenizer char --out data/shakespeare-char
+              lmforge prepare corpus/ notes/*.txt --tokenizer bpe --vocab-size 8192 --out data/mine
+              lmforge prepare dump.jsonl --jsonl-field body --split 0.98,0.01,0.01 --out data/web"""))
+    p.add_argument("inputs", nargs="*", metavar="PATH", help="files, folders or globs (quote globs)")
+    p.add_argument("--dataset", choices=["shakespeare"], help="a built-in corpus instead of PATHs")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory for shards, manifest, report")
+    p.add_argument("--tokenizer", default="char", metavar="KIND",
+                   help="char | byte | bpe, or the path of an lmforge tokenizer.json to reuse (default: char)")
+    p.add_argument("--vocab-size", type=int, default=8192, metavar="N", help="BPE vocabulary size (default: 8192)")
+    p.add_argument("--split", default="0.9,0.05,0.05", metavar="T,V,T",
+                   help="train,val,test fractions of the documents (default: 0.9,0.05,0.05)")
+    p.add_argument("--seed", type=int, default=1337, help="shuffle seed (default: 1337)")
+    p.add_argument("--doc-split", choices=["file", "paragraph"], default="file",
+                   help=".txt files: one document per file, or per blank-line-separated paragraph")
+    p.add_argument("--jsonl-field", default="text", metavar="NAME", help="text field of .jsonl records")
+    p.add_argument("--parquet-column", default="text", metavar="NAME", help="text column of .parquet files")
+    p.add_argument("--keep-duplicates", action="store_true", help="keep exact duplicate documents")
+    p.add_argument("--force", action="store_true", help="replace an existing prepared dataset in --out")
+    p.add_argument("--special-tokens", default="<START>,<END>,<PAD>", metavar="S,E,P",
+                   help="names of the start, end and padding tokens (default: <START>,<END>,<PAD>)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="encoding processes (default: 2)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(run=_run_prepare)
+
+
+def _parse_split(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or any(x < 0 for x in parts) or abs(sum(parts) - 1.0) > 1e-6 or parts[0] <= 0:
+        raise ConfigError(f"--split {text!r} is invalid: give three non-negative fractions that sum to 1, "
+                          "e.g. 0.9,0.05,0.05")
+    return parts  # type: ignore[return-value]
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    from lmforge.data.prepare import format_report, prepare
+
+    specials = tuple(s.strip() for s in args.special_tokens.split(","))
+    if len(specials) != 3 or not all(specials) or len(set(specials)) != 3:
+        raise ConfigError(f"--special-tokens {args.special_tokens!r} is invalid: give three distinct names, "
+                          "e.g. <START>,<END>,<PAD>")
+    if args.vocab_size < 1 or args.vocab_size > 4_000_000:
+        raise ConfigError(f"--vocab-size {args.vocab_size} is invalid: use a size between 300 and a few hundred thousand")
+    if not 1 <= args.workers <= 256:
+        raise ConfigError(f"--workers {args.workers} is invalid: use 1 or more")
+    if not args.inputs and not args.dataset:
+        raise ConfigError("no input: give files, folders or globs, or --dataset shakespeare")
+    report = prepare(
+        args.inputs, args.out, dataset=args.dataset, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        split=_parse_split(args.split), seed=args.seed, doc_split=args.doc_split, jsonl_field=args.jsonl_field,
+        parquet_column=args.parquet_column, keep_duplicates=args.keep_duplicates, force=args.force,
+        special_tokens=specials, workers=args.workers, progress=not args.no_progress)
+    print(format_report(report))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- train
+_TRAIN_ALIASES = {  # short flags for the settings people change most
+    "--data": "data.path", "--run-dir": "train.run_dir", "--device": "train.device",
+    "--precision": "train.precision", "--resume": "train.resume", "--max-steps": "train.max_steps",
+}
+
+
+def _add_train(sub: Any) -> None:
+    from lmforge.config import PRESETS, SECTIONS, field_docs
+
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        for name, default, text in field_docs(cls):
+            lines.append(f"  --{section}.{name:<17} {text} (default: {default})")
+    p = sub.add_parser(
+        "train", help="train a Transformer on prepared shards",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Train a GPT-style Transformer decoder on the shards written by `lmforge prepare`.
+            Settings come from a YAML file (--config) and --section.key VALUE overrides, checked strictly
+            before anything is built: an unknown key is an error naming the closest valid key.
+            The run directory gets the resolved config.yaml, metrics.jsonl, TensorBoard events (tb/),
+            checkpoints (checkpoints/step-N/) and loss.png."""),
+        epilog="config keys:\n" + "\n".join(lines) + textwrap.dedent(f"""
+
+            presets: {', '.join(PRESETS)}
+
+            examples:
+              lmforge train --config configs/shakespeare-char.yaml
+              lmforge train --preset char-small --data data/shakespeare-char --train.max_steps 500
+              lmforge train --config configs/shakespeare-char.yaml --resume auto
+              torchrun --nproc-per-node 2 -m lmforge.cli train --config configs/shakespeare-char.yaml"""))
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON config file")
+    p.add_argument("--preset", metavar="NAME", help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--data", metavar="DIR", help="prepared data directory (= --data.path)")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (= --train.run_dir)")
+    p.add_argument("--max-steps", metavar="N", help="optimizer steps (= --train.max_steps)")
+    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N | mps (= --train.device)")
+    p.add_argument("--precision", metavar="P", help="fp32 | bf16-mixed (= --train.precision)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (= --train.compile true)")
+    p.add_argument("--resume", metavar="WHAT", help="none | auto | PATH (= --train.resume)")
+    p.set_defaults(run=_run_train, takes_overrides=True)
+
+
+def parse_overrides(extra: Sequence[str]) -> dict[str, str]:
+    """`--section.key value` or `--section.key=value` pairs -> {"section.key": "value"}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or len(token) <= 2:
+            raise ConfigError(f"unexpected argument {token!r}: settings are given as --section.key VALUE")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value, e.g. --{key} VALUE")
+            value = extra[i + 1]
+            i += 1
+        if "." not in key:
+            raise ConfigError(f"unknown option --{key}: config keys look like --model.n_layer 4 (see --help)")
+        out[key] = value
+        i += 1
+    return out
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lmforge.config import load_run_config
+
+    overrides = parse_overrides(args.overrides)
+    for flag, key in _TRAIN_ALIASES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    if args.compile:
+        overrides["train.compile"] = "true"
+    if args.preset:
+        overrides["preset"] = args.preset
+    config = load_run_config(args.config, overrides)
+
+    from lmforge.train import train
+
+    train(config)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval", help="loss, perplexity and bits per byte of a checkpoint", formatter_class=_help_formatter,
+        description="Evaluate a run or checkpoint directory on the whole val or test split (deterministic).",
+        epilog="example:\n  lmforge eval runs/shakespeare-char --split test")
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--data", metavar="DIR", help="prepared data (default: the one the run was trained on)")
+    p.add_argument("--split", choices=["val", "test", "train"], default="val")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="evaluate only the first N tokens")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch (default: 16)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.eval import evaluate_checkpoint
+
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ConfigError(f"--max-tokens {args.max_tokens} is invalid: use at least 2")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} is invalid: use 1 or more")
+    result = evaluate_checkpoint(args.checkpoint, data_dir=args.data, split=args.split,
+                                 max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- generate
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate", help="text from a run or checkpoint directory", formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Generate text with a trained model; the run or checkpoint directory alone is enough.
+            Sampling by default (temperature 1.0); --greedy for the most likely token at each step.
+            Generation stops at the end token or after --max-new-tokens."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge generate runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300
+              lmforge generate runs/shakespeare-char --prompt "To be" --top-k 20 --temperature 0.8 --seed 1
+              lmforge generate runs/shakespeare-char --greedy --num-return-sequences 1"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
+    p.add_argument("--max-length", type=int, metavar="N", help="total tokens including the prompt (instead of --max-new-tokens)")
+    p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="samples to draw")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: smallest set with probability >= P")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible samples")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from lmforge.generate import load
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: use 1 or more")
+    if args.num_return_sequences < 1 or args.num_return_sequences > 1024:
+        raise ConfigError(f"--num-return-sequences {args.num_return_sequences} is invalid: use 1 to 1024")
+    if args.temperature <= 0 and not args.greedy:
+        raise ConfigError(f"--temperature {args.temperature} is invalid: use a positive value, or --greedy")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k} is invalid: use 1 or more")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise ConfigError(f"--top-p {args.top_p} is invalid: use a value in (0, 1]")
+    generator = load(args.checkpoint, device=args.device)
+    options = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, greedy=args.greedy,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for i in range(args.num_return_sequences):
+        if args.num_return_sequences > 1:
+            print(f"--- sample {i + 1} ---")
+        sample_options = dict(options, seed=None if args.seed is None else args.seed + i)
+        if args.no_stream:
+            print(args.prompt + generator.generate(args.prompt, **sample_options))
+        else:
+            sys.stdout.write(args.prompt)
+            for piece in generator.stream(args.prompt, **sample_options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ plot
+def _add_plot(sub: Any) -> None:
+    p = sub.add_parser("plot", help="PNG of a run's train and val loss curves", formatter_class=_help_formatter,
+                       description="Draw train and validation loss of a run into RUN_DIR/loss.png (or --out).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="PNG", help="where to write the plot (default: RUN_DIR/loss.png)")
+    p.set_defaults(run=_run_plot)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from lmforge.train.plot import plot_run
+
+    path = plot_run(args.run_dir, out=args.out)
+    print(path)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_eval, _add_generate, _add_plot]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lmforge", formatter_class=_help_formatter,
+        description="lmforge: train your own language model end to end.",
+        epilog=textwrap.dedent("""\
+            the training process:
+              lmforge prepare --dataset shakespeare --tokenizer char --out data/shakespeare-char
+              lmforge train --config configs/shakespeare-char.yaml
+              lmforge eval runs/shakespeare-char
+              lmforge generate runs/shakespeare-char --prompt "ROMEO:"
+
+            Run `lmforge COMMAND --help` for the options of each command."""))
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    original = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return original(name, parents=[debug], **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    debug = getattr(args, "debug", False) or "--debug" in extra
+    extra = [x for x in extra if x != "--debug"]
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if getattr(args, "takes_overrides", False):
+            args.overrides = extra
+        elif extra:
+            raise ConfigError(f"unrecognized arguments: {' '.join(extra)} (see lmforge {args.command} --help)")
+        return args.run(args)
+    except LmforgeError as e:
+        if debug:
+            raise
+        print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"lmforge {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an lmforge bug, not a user error: still one line unless --debug
+        if debug:
+            raise
+        print(f"lmforge {args.command}: internal error: {type(e).__name__}: {e} "
+              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
