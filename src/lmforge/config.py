@@ -273,6 +273,9 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
     for key in raw:
         if key not in valid:
             raise ConfigError(f"unknown config section {key!r}{_closest(key, valid)}; sections: {', '.join(valid)}")
+    for section in SECTIONS:
+        if raw.get(section) is not None and not isinstance(raw[section], dict):
+            raise ConfigError(f"{section} must be a mapping of keys to values, got {type(raw[section]).__name__}")
     preset_name = raw.get("preset")
     model_values = dict(raw.get("model") or {})
     if preset_name is not None:
