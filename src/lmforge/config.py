@@ -54,6 +54,8 @@ class ModelConfig:
     norm: str = doc("Normalisation: layernorm | rmsnorm.", "layernorm")
     norm_eps: float = doc("Epsilon of the normalisation layers.", 1e-5)
     mlp: str = doc("Feed-forward block: gelu | swiglu.", "gelu")
+    activation: str = doc("GELU form in the gelu MLP: gelu (exact, erf) | gelu_tanh (tanh approximation, "
+                          "GPT-2's gelu_new).", "gelu")
     pos_encoding: str = doc("Positional encoding: learned | sinusoidal | rope.", "learned")
     rope_theta: float = doc("RoPE base frequency.", 10000.0)
     tie_embeddings: bool = doc("Share the token embedding with the LM head.", True)
@@ -80,6 +82,7 @@ class ModelConfig:
         _check(0.0 < self.init_std < 1.0, "model.init_std", self.init_std, "a small positive number")
         _one_of("model.norm", self.norm, ("layernorm", "rmsnorm"))
         _one_of("model.mlp", self.mlp, ("gelu", "swiglu"))
+        _one_of("model.activation", self.activation, ("gelu", "gelu_tanh"))
         _one_of("model.pos_encoding", self.pos_encoding, ("learned", "sinusoidal", "rope"))
         _one_of("model.attention", self.attention, ("sdpa", "reference"))
 
