@@ -1,0 +1,194 @@
+"""Embedding init from word vectors: GloVe mapping and coverage, bad files, word2vec cache and determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.data.embeddings import init_embeddings
+from lmforge.errors import DataError
+
+
+class WordTokenizer:
+    """A stand-in with the Tokenizer interface the embedding init uses: ids 0-2 special, then pieces."""
+
+    kind = "bpe"
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = ["<START>", "<END>", "<PAD>", *pieces]
+        self.start_id, self.end_id, self.pad_id = 0, 1, 2
+        self.vocab_size = len(self.pieces)
+
+    def decode(self, ids, skip_special=True):
+        return "".join(self.pieces[i] for i in ids if not (skip_special and i < 3))
+
+
+PIECES = ["the", " cat", "Dog", "zebra", "!", " "]  # ids 3..8
+GLOVE = {"the": [1.0, 2.0, 3.0, 4.0], "cat": [0.5, -1.0, 2.0, 0.0], "dog": [-3.0, 1.0, 0.0, 2.0],
+         "!": [0.0, 0.0, 1.0, -1.0], "unused": [9.0, 9.0, 9.0, 9.0]}
+
+
+def write_glove(path: Path, table: dict[str, list[float]], header: str | None = None) -> Path:
+    lines = [header] if header else []
+    lines += [w + " " + " ".join(f"{x:.6f}" for x in v) for w, v in table.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def fresh_weight(vocab: int, dim: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(vocab, dim, generator=g) * 0.02
+
+
+def test_glove_maps_words_to_the_right_rows_and_reports_coverage(tmp_path):
+    tok = WordTokenizer(PIECES)
+    path = write_glove(tmp_path / "g.txt", GLOVE)
+    weight = fresh_weight(tok.vocab_size, 4)
+    before = weight.clone()
+    report = init_embeddings(weight, f"glove:{path}", str(tmp_path), tok, seed=0)
+
+    # "the" exact, " cat" stripped, "Dog" lower-cased, "!" exact; "zebra", " " and the specials untouched.
+    rows = {3: "the", 4: "cat", 5: "dog", 7: "!"}
+    assert report["rows_initialised"] == 4
+    assert report["coverage"] == pytest.approx(4 / 9)
+    assert report["source"] == f"glove:{path}"
+    for untouched in (0, 1, 2, 6, 8):
+        assert torch.equal(weight[untouched], before[untouched])
+    # Rows hold the file's vectors, centred and scaled by one common factor to the init's std.
+    v = np.array([GLOVE[w] for w in rows.values()], dtype=np.float64)
+    v -= v.mean(axis=0)
+    got = weight[list(rows)].double().numpy()
+    scale = got[0, 0] / v[0, 0]
+    np.testing.assert_allclose(got, v * scale, rtol=1e-5, atol=1e-7)
+    assert float(np.std(got)) == pytest.approx(float(before.std()), rel=1e-4)
+
+
+def test_glove_accepts_a_word2vec_header_line(tmp_path):
+    tok = WordTokenizer(PIECES)
+    path = write_glove(tmp_path / "g.txt", GLOVE, header="5 4")
+    report = init_embeddings(fresh_weight(tok.vocab_size, 4), f"glove:{path}", str(tmp_path), tok, seed=0)
+    assert report["rows_initialised"] == 4
+
+
+def test_none_leaves_the_weight_alone(tmp_path):
+    tok = WordTokenizer(PIECES)
+    weight = fresh_weight(tok.vocab_size, 4)
+    before = weight.clone()
+    report = init_embeddings(weight, "none", str(tmp_path), tok, seed=0)
+    assert report["coverage"] == 0.0 and torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("", "is empty"),
+    ("the 1 2 3 4\ncat 1 2 3\n", "line 2 has 3 numbers but line 1 has 4"),
+    ("the 1 2 x 4\n", "line 1 has 'x' where a number belongs"),
+    ("the 1 2 3 4 5 6\n", "has 6-dimensional vectors but model.n_embd=4; set model.n_embd=6"),
+    ("8 6\nthe 1 2 3 4 5 6\n", "has 6-dimensional vectors but model.n_embd=4"),
+    ("apple 1 2 3 4\n", "matches a word"),
+])
+def test_bad_glove_files_raise_one_clear_line_and_leave_the_weight(tmp_path, content, message):
+    tok = WordTokenizer(PIECES)
+    path = tmp_path / "g.txt"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    weight = fresh_weight(tok.vocab_size, 4)
+    before = weight.clone()
+    with pytest.raises(DataError) as info:
+        init_embeddings(weight, f"glove:{path}", str(tmp_path), tok, seed=0)
+    text = str(info.value)
+    assert message in text and str(path) in text and "\n" not in text
+    assert torch.equal(weight, before)
+
+
+def test_glove_file_that_is_not_utf8(tmp_path):
+    tok = WordTokenizer(PIECES)
+    path = tmp_path / "g.bin"
+    path.write_bytes(b"\xff\xfe\x00the 1 2 3 4\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        init_embeddings(fresh_weight(tok.vocab_size, 4), f"glove:{path}", str(tmp_path), tok, seed=0)
+
+
+# ------------------------------------------------------------------------------------------- word2vec
+def write_prepared(data_dir: Path, documents: list[list[int]], tok: WordTokenizer) -> Path:
+    """A prepared data directory in the shard format of CONTRACTS.md (train/val/test, manifest.json)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_file = data_dir / "tokenizer.json"
+    tokenizer_file.write_text(json.dumps({"pieces": tok.pieces}))
+    splits = {}
+    for name, docs in (("train", documents), ("val", documents[:2]), ("test", documents[:2])):
+        flat = np.array([t for d in docs for t in (tok.start_id, *d, tok.end_id)], dtype=np.uint16)
+        (data_dir / f"{name}.bin").write_bytes(flat.tobytes())
+        splits[name] = {"file": f"{name}.bin", "tokens": int(len(flat)), "documents": len(docs),
+                        "sha256": hashlib.sha256(flat.tobytes()).hexdigest()}
+    manifest = {"format": "lmforge-shards-v1", "lmforge_version": "0.1.0", "dtype": "uint16",
+                "vocab_size": tok.vocab_size,
+                "tokenizer": {"file": "tokenizer.json", "kind": tok.kind,
+                              "sha256": hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()},
+                "special_tokens": {"start": {"token": "<START>", "id": 0}, "end": {"token": "<END>", "id": 1},
+                                   "pad": {"token": "<PAD>", "id": 2}},
+                "seed": 0, "split": [0.9, 0.05, 0.05], "sources": [], "splits": splits}
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    return data_dir
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    pytest.importorskip("gensim")
+    pytest.importorskip("lmforge.data.shards")  # the shard reader lands separately
+    tok = WordTokenizer([f"w{i}" for i in range(20)])  # ids 3..22
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(3, 20, size=int(rng.integers(20, 60)))) for _ in range(60)]  # 20..22 never occur
+    return write_prepared(tmp_path / "data", docs, tok), tok
+
+
+def test_word2vec_is_cached_beside_the_shards_without_pickle(prepared):
+    data_dir, tok = prepared
+    weight = fresh_weight(tok.vocab_size, 8)
+    before = weight.clone()
+    report = init_embeddings(weight, "word2vec", str(data_dir), tok, seed=3)
+    assert report["rows_initialised"] == 17 and report["coverage"] == pytest.approx(17 / 23)
+    assert report["cached"] is False
+    npy = Path(report["cache"])
+    assert npy.parent == data_dir and npy.name.startswith("word2vec-8-") and npy.suffix == ".npy"
+    meta = json.loads(npy.with_suffix(".json").read_text())
+    assert meta["rows"] == list(range(3, 20))
+    table = np.load(npy, allow_pickle=False)
+    assert table.shape == (23, 8) and table.dtype == np.float32
+    for untouched in (0, 1, 2, 20, 21, 22):  # specials and tokens absent from the train split
+        assert torch.equal(weight[untouched], before[untouched])
+    assert not torch.equal(weight[3:20], before[3:20])
+
+    again = fresh_weight(tok.vocab_size, 8)
+    report2 = init_embeddings(again, "word2vec", str(data_dir), tok, seed=3)
+    assert report2["cached"] is True and report2["cache"] == report["cache"]
+    assert torch.equal(again, weight)
+
+
+def test_word2vec_is_deterministic_and_depends_on_the_seed(prepared):
+    data_dir, tok = prepared
+    first = fresh_weight(tok.vocab_size, 8)
+    report = init_embeddings(first, "word2vec", str(data_dir), tok, seed=3)
+    for p in data_dir.glob("word2vec-*"):
+        p.unlink()  # train again from scratch
+    second = fresh_weight(tok.vocab_size, 8)
+    init_embeddings(second, "word2vec", str(data_dir), tok, seed=3)
+    assert torch.equal(first, second)
+    other = fresh_weight(tok.vocab_size, 8)
+    report3 = init_embeddings(other, "word2vec", str(data_dir), tok, seed=4)
+    assert report3["cache"] != report["cache"] and not torch.equal(other, first)
+
+
+def test_a_damaged_word2vec_cache_is_rebuilt(prepared):
+    data_dir, tok = prepared
+    first = fresh_weight(tok.vocab_size, 8)
+    report = init_embeddings(first, "word2vec", str(data_dir), tok, seed=3)
+    Path(report["cache"]).write_bytes(b"not an array")
+    second = fresh_weight(tok.vocab_size, 8)
+    report2 = init_embeddings(second, "word2vec", str(data_dir), tok, seed=3)
+    assert report2["cached"] is False and torch.equal(first, second)
