@@ -1,0 +1,365 @@
+"""One Tokenizer over three kinds: char, byte and byte-level BPE.
+
+Every kind maps text to ids and back through UTF-8 bytes, so ``decode(encode(s)) == s`` for every
+string, in any script:
+
+- ``byte``: one token per UTF-8 byte.
+- ``char``: one token per character of a vocabulary learned from the training split, plus 256 byte
+  tokens as a fallback: a character outside the vocabulary is written as its UTF-8 bytes.
+- ``bpe``: byte-level BPE trained with Hugging Face ``tokenizers`` (GPT-2 style byte alphabet, no
+  normaliser, no added prefix space), so every byte sequence is representable.
+
+Id layout, the same for every kind: the special tokens take ids 0, 1, 2 (start, end, pad; names
+configurable, default ``<START>``, ``<END>``, ``<PAD>``). Then ``byte`` has bytes 0..255 at ids
+3..258; ``char`` has those 259 ids followed by its characters; ``bpe`` has its learned vocabulary.
+Special ids are never produced by ``encode``: a text containing the literal ``"<END>"`` encodes it
+as ordinary characters.
+
+Decoding joins each id's bytes and decodes them as UTF-8, replacing invalid sequences (a model can
+emit any id sequence). ``StreamDecoder`` does the same incrementally for generation: it holds back
+the bytes of a character that is not complete yet, so printing its pieces gives exactly
+``decode(all_ids)``.
+
+A tokenizer is saved as ONE JSON file (``format: lmforge-tokenizer-v1``); for ``bpe`` the Hugging
+Face tokenizer JSON is embedded under ``"hf_tokenizer"``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import TokenizerError
+
+FORMAT = "lmforge-tokenizer-v1"
+KINDS = ("char", "byte", "bpe")
+DEFAULT_SPECIAL_TOKENS = ("<START>", "<END>", "<PAD>")
+N_SPECIAL = 3
+BYTE_OFFSET = N_SPECIAL  # id of byte 0 in the byte and char kinds
+UNICODE_SIZE = 0x110000
+
+
+def _gpt2_byte_to_unicode() -> dict[int, str]:
+    """The printable-character alphabet byte-level BPE uses for the 256 bytes (GPT-2, Radford et al. 2019)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+class Tokenizer:
+    """Text <-> token ids for one of the kinds ``char``, ``byte``, ``bpe``; build with the ``train_*``/``load`` functions.
+
+    Attributes: ``kind``, ``vocab_size``, ``special_tokens`` (start, end, pad names), ``start_id`` (0),
+    ``end_id`` (1), ``pad_id`` (2).
+    """
+
+    start_id = 0
+    end_id = 1
+    pad_id = 2
+
+    def __init__(self, kind: str, special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS, *,
+                 chars: list[str] | None = None, hf_json: str | None = None) -> None:
+        if kind not in KINDS:
+            raise TokenizerError(f"unknown tokenizer kind {kind!r}: choose one of char, byte, bpe or a tokenizer.json path")
+        if len(special_tokens) != N_SPECIAL or len(set(special_tokens)) != N_SPECIAL or not all(special_tokens):
+            raise TokenizerError(f"special tokens {special_tokens!r} must be three distinct non-empty names (start, end, pad)")
+        self.kind = kind
+        self.special_tokens = tuple(special_tokens)
+        self._hf = None
+        self._chars: list[str] = list(chars or [])
+        # id -> the bytes it stands for; special tokens decode to their names when not skipped.
+        id_bytes = [name.encode("utf-8") for name in self.special_tokens]
+        if kind in ("char", "byte"):
+            id_bytes += [bytes([b]) for b in range(256)]
+            id_bytes += [c.encode("utf-8") for c in self._chars]
+            self._char_table = self._build_char_table()
+        else:
+            self._hf = _load_hf(hf_json, self.special_tokens)
+            id_bytes += _hf_id_bytes(self._hf)
+        self._id_bytes = id_bytes
+        self.vocab_size = len(id_bytes)
+        self.sha256: str | None = None  # of the file this tokenizer was last saved to or loaded from
+
+    # ------------------------------------------------------------------------------------ encoding
+    def _build_char_table(self) -> np.ndarray | None:
+        """Dense code point -> id table (-1 = not in the vocabulary) for the vectorised char path."""
+        if self.kind != "char":
+            return None
+        table = np.full(UNICODE_SIZE, -1, dtype=np.int32)
+        first = BYTE_OFFSET + 256
+        for i, c in enumerate(self._chars):
+            table[ord(c)] = first + i
+        return table
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Encode one text into a 1-D int64 array of ids (never a special id)."""
+        if self.kind == "byte":
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
+        if self.kind == "char":
+            return self._encode_char(text)
+        return np.asarray(self._hf.encode(text).ids, dtype=np.int64)
+
+    def _encode_char(self, text: str) -> np.ndarray:
+        code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ids = self._char_table[code_points].astype(np.int64)
+        unknown = np.flatnonzero(ids < 0)
+        if unknown.size == 0:
+            return ids
+        # Characters outside the vocabulary become their UTF-8 byte tokens (the byte fallback).
+        pieces, start = [], 0
+        for i in unknown:
+            pieces.append(ids[start:i])
+            pieces.append(np.frombuffer(text[i].encode("utf-8"), dtype=np.uint8).astype(np.int64) + BYTE_OFFSET)
+            start = i + 1
+        pieces.append(ids[start:])
+        return np.concatenate(pieces)
+
+    def encode(self, text: str) -> list[int]:
+        """Encode one text into ids; special ids are never produced."""
+        return self.encode_array(text).tolist()
+
+    def encode_batch_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Encode many texts into int64 arrays; for bpe the Rust library encodes them in parallel."""
+        if self.kind != "bpe":
+            return [self.encode_array(t) for t in texts]
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts)]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts; ``encode_batch(ts)[i] == encode(ts[i])``."""
+        return [a.tolist() for a in self.encode_batch_arrays(texts)]
+
+    # ------------------------------------------------------------------------------------ decoding
+    def id_to_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes (possibly part of a character) token ``token_id`` stands for."""
+        if not 0 <= token_id < self.vocab_size:
+            raise TokenizerError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return self._id_bytes[token_id]
+
+    def decode_bytes(self, ids: Iterable[int], skip_special: bool = True) -> bytes:
+        """The bytes of ``ids`` joined; special tokens are dropped (or written as their names)."""
+        table = self._id_bytes
+        if skip_special:
+            return b"".join(table[int(i)] for i in ids if int(i) >= N_SPECIAL)
+        return b"".join(table[int(i)] for i in ids)
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Ids -> text. Invalid UTF-8 (possible in model output) becomes U+FFFD."""
+        try:
+            return self.decode_bytes(ids, skip_special).decode("utf-8", errors="replace")
+        except IndexError:
+            bad = next(int(i) for i in ids if not 0 <= int(i) < self.vocab_size)
+            raise TokenizerError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})") from None
+
+    def stream_decoder(self, skip_special: bool = True) -> "StreamDecoder":
+        """An incremental decoder for generation; see ``StreamDecoder``."""
+        return StreamDecoder(self, skip_special)
+
+    def token_text(self, token_id: int) -> str:
+        """A printable form of one token, for reports (special names, bytes as ``<0xNN>``)."""
+        if token_id < N_SPECIAL:
+            return self.special_tokens[token_id]
+        raw = self._id_bytes[token_id]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(f"<0x{b:02X}>" for b in raw)
+
+    # ---------------------------------------------------------------------------------- save/load
+    def to_dict(self) -> dict:
+        """The JSON-serialisable form written by ``save``."""
+        data = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "special_tokens": {role: {"token": name, "id": i}
+                               for i, (role, name) in enumerate(zip(("start", "end", "pad"), self.special_tokens))},
+        }
+        if self.kind == "char":
+            data["chars"] = self._chars
+        if self.kind == "bpe":
+            data["hf_tokenizer"] = json.loads(self._hf.to_str())
+        return data
+
+    def save(self, path: str | Path) -> str:
+        """Write the tokenizer as one JSON file; returns its sha256."""
+        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
+        Path(path).write_text(text, encoding="utf-8")
+        self.sha256 = sha256_file(path)
+        return self.sha256
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Read a tokenizer written by ``save``; raises TokenizerError naming the file and the problem."""
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TokenizerError(f"tokenizer file {p} does not exist: give the tokenizer.json of a prepared dataset") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"tokenizer file {p} cannot be read as JSON ({e}): give an lmforge tokenizer.json") from None
+        tok = cls.from_dict(data, source=str(p))
+        tok.sha256 = sha256_file(p)
+        return tok
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>") -> "Tokenizer":
+        """Build from the ``to_dict`` form; ``source`` names the file in errors."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise TokenizerError(f"{source} is not an lmforge tokenizer file (format {FORMAT!r} missing): "
+                                 "use a tokenizer.json written by `lmforge prepare`")
+        try:
+            specials = tuple(data["special_tokens"][r]["token"] for r in ("start", "end", "pad"))
+            tok = cls(data["kind"], specials, chars=data.get("chars"),
+                      hf_json=json.dumps(data["hf_tokenizer"]) if data["kind"] == "bpe" else None)
+        except (KeyError, TypeError, ValueError) as e:
+            raise TokenizerError(f"tokenizer file {source} is incomplete or corrupt ({type(e).__name__}: {e}): "
+                                 "re-run `lmforge prepare`") from None
+        if tok.vocab_size != data.get("vocab_size"):
+            raise TokenizerError(f"tokenizer file {source} says vocab_size={data.get('vocab_size')} but holds "
+                                 f"{tok.vocab_size} tokens: the file is corrupt, re-run `lmforge prepare`")
+        return tok
+
+
+class StreamDecoder:
+    """Decode ids one at a time, for streaming generation.
+
+    ``push(ids)`` returns the text that is complete so far; the bytes of a character cut in the middle
+    (byte tokens, BPE pieces) are held back until the character is complete. ``flush()`` returns what is
+    left (an unfinished character as U+FFFD). The concatenation of all returned pieces equals
+    ``tokenizer.decode(all_ids, skip_special)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        """Feed one id or several; returns the newly completed text (maybe empty)."""
+        if isinstance(ids, (int, np.integer)):
+            ids = [int(ids)]
+        return self._utf8.decode(self._tok.decode_bytes(ids, self._skip))
+
+    def flush(self) -> str:
+        """Return the held-back tail and reset."""
+        return self._utf8.decode(b"", final=True)
+
+
+# ------------------------------------------------------------------------------------------ building
+def byte_tokenizer(special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS) -> Tokenizer:
+    """The byte tokenizer (vocabulary 259: three special tokens and 256 bytes)."""
+    return Tokenizer("byte", special_tokens)
+
+
+class CharCounter:
+    """Counts characters over many texts with bounded memory (one counter per Unicode code point)."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(UNICODE_SIZE, dtype=np.int64)
+
+    def update(self, text: str) -> None:
+        code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        self.counts += np.bincount(code_points, minlength=UNICODE_SIZE)
+
+    def vocabulary(self, max_chars: int) -> list[str]:
+        """The ``max_chars`` most frequent characters (ties by code point), in code point order."""
+        seen = np.flatnonzero(self.counts)
+        if seen.size > max_chars:
+            order = np.lexsort((seen, -self.counts[seen]))  # by count descending, then code point
+            seen = np.sort(seen[order[:max_chars]])
+        return [chr(c) for c in seen]
+
+
+def train_char(texts: Iterable[str], vocab_size: int = 8192,
+               special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS) -> Tokenizer:
+    """A char tokenizer whose vocabulary is the most frequent characters of ``texts``.
+
+    ``vocab_size`` caps the total (3 special + 256 byte-fallback + characters), so it must be > 259.
+    """
+    first_char = BYTE_OFFSET + 256
+    if vocab_size <= first_char:
+        raise TokenizerError(f"vocab_size={vocab_size} is too small for a char tokenizer: use more than {first_char}")
+    counter = CharCounter()
+    for text in texts:
+        counter.update(text)
+    return Tokenizer("char", special_tokens, chars=counter.vocabulary(vocab_size - first_char))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192,
+              special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS, *,
+              length: int | None = None, progress: bool = False) -> Tokenizer:
+    """Train byte-level BPE on ``texts`` (an iterator is fine; it is consumed once).
+
+    The result has at most ``vocab_size`` tokens (fewer when the text has fewer merges to learn);
+    ``vocab_size`` must exceed 259 (3 special tokens + 256 bytes).
+    """
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+    if vocab_size <= N_SPECIAL + 256:
+        raise TokenizerError(f"vocab_size={vocab_size} is too small for bpe: use more than {N_SPECIAL + 256}")
+    hf = HFTokenizer(models.BPE())
+    _configure_byte_level(hf)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+    hf.train_from_iterator(texts, trainer, length=length)
+    return Tokenizer("bpe", special_tokens, hf_json=hf.to_str())
+
+
+def _configure_byte_level(hf) -> None:
+    """Byte-level pre-tokeniser and decoder, no normaliser and no prefix space: lossless on any text."""
+    from tokenizers import decoders, pre_tokenizers
+
+    hf.normalizer = None
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    hf.post_processor = None
+
+
+def _load_hf(hf_json: str | None, special_tokens: tuple[str, str, str]):
+    """The HF tokenizer from its JSON, checked to put the special tokens at ids 0, 1, 2."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if hf_json is None:
+        raise TokenizerError("a bpe tokenizer needs its Hugging Face tokenizer JSON ('hf_tokenizer')")
+    try:
+        hf = HFTokenizer.from_str(hf_json)
+    except Exception as e:  # the Rust library raises plain Exceptions
+        raise TokenizerError(f"the embedded Hugging Face tokenizer cannot be loaded ({e}): re-run `lmforge prepare`") from None
+    for i, name in enumerate(special_tokens):
+        if hf.token_to_id(name) != i:
+            raise TokenizerError(f"special token {name!r} should have id {i} in the bpe vocabulary: re-run `lmforge prepare`")
+    # Special names in ordinary text are encoded as text, never as the special ids.
+    hf.encode_special_tokens = True
+    return hf
+
+
+def _hf_id_bytes(hf) -> list[bytes]:
+    """The bytes of each non-special BPE token (ids 3..), undoing the byte-level alphabet."""
+    to_byte = {c: b for b, c in _gpt2_byte_to_unicode().items()}
+    vocab = hf.get_vocab(with_added_tokens=True)
+    by_id = [""] * len(vocab)
+    for token, i in vocab.items():
+        by_id[i] = token
+    return [bytes(to_byte[c] for c in token) for token in by_id[N_SPECIAL:]]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
