@@ -1,0 +1,129 @@
+"""Processes and devices: read torchrun's environment, pick a device, wrap a built model from outside.
+
+Launched plainly, a run is one process (rank 0 of 1). Launched with
+``torchrun --nproc-per-node K``, each process joins a process group (nccl on CUDA, gloo otherwise),
+trains a DDP-wrapped copy of the model on its own slice of every batch, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes checkpoints, logs and prints."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto -> cuda (this process's GPU), then mps, then cpu; 'cuda' under torchrun -> cuda:local_rank."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' was asked for but MPS is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def setup_distributed(device: torch.device) -> DistInfo:
+    """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK; a no-op without it.
+
+    Safe to call twice (the second call finds the group already set up).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def teardown_distributed() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile the model (the returned wrapper shares its parameters with `model`)."""
+    return torch.compile(model)
+
+
+def apply_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """Wrap `model` in DistributedDataParallel when there is more than one process; else return it as is.
+
+    DDP averages gradients over the processes during backward, so every replica takes the same step.
+    """
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP and torch.compile wrappers (what checkpoints save and load)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum `values` over all processes (in place; returned for chaining). No-op for one process."""
+    if info.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (small JSON-like objects only)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait until every process reaches this point."""
+    if info.enabled:
+        dist.barrier()
