@@ -1,0 +1,215 @@
+"""GPU check: train gpt2-124m in bf16 with torch.compile and fused (flash) attention on synthetic tokens.
+
+Prints tokens/s, MFU against the chip's dense bf16 peak (and against a measured matrix-product rate),
+whether the flash-attention backend is available and whether its kernels ran, then one JSON line.
+Capped by --steps and by --max-seconds (compilation included), so it ends in a few minutes.
+
+    python benchmarks/gpu_check.py                       # CUDA, ~300 steps, <= 4 minutes
+    python benchmarks/gpu_check.py --device cpu --steps 3  # smoke test on a CPU (no compile, short context)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+
+from lmforge.config import OptimConfig, preset  # noqa: E402
+from lmforge.model import GPT, flops_per_token  # noqa: E402
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), FLOP/s.
+BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+              "A10G": 70e12, "L4": 121e12, "4090": 165e12, "B200": 2250e12}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps at most")
+    p.add_argument("--max-seconds", type=float, default=240.0, help="stop after this long, compile included")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32 on cuda, 1 on cpu)")
+    p.add_argument("--block-size", type=int, default=None, help="context (default 1024 on cuda, 64 on cpu)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for cuda only")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak, if not detected")
+    p.add_argument("--seed", type=int, default=1337)
+    return p.parse_args(argv)
+
+
+def detect_peak(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    """(bf16 peak FLOP/s or None, the name it was found by)."""
+    if override:
+        return override * 1e12, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "cpu (use --peak-tflops)"
+    name = torch.cuda.get_device_name(device)
+    for key, peak in BF16_PEAKS.items():
+        if key in name:
+            return peak, name
+    return None, f"{name} (unknown; use --peak-tflops)"
+
+
+def measured_bf16_rate(device: torch.device, n: int) -> float:
+    """FLOP/s of an n x n x n bf16 matrix product (median of 10 after 3 warm-ups)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    times = []
+    for i in range(13):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def flash_available(device: torch.device) -> tuple[bool, str]:
+    """Whether SDPA runs (forward and backward) when restricted to the flash-attention backend."""
+    if device.type != "cuda":
+        return False, "flash attention is a CUDA backend"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(2, 12, 1024, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        sync(device)
+        return True, "ok"
+    except RuntimeError as e:
+        return False, str(e).splitlines()[0][:200]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_optimizer(model: torch.nn.Module, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """The trainer's AdamW builder when present (fused on CUDA), else plain fused AdamW."""
+    optim = OptimConfig(lr=6e-4, min_lr=6e-5, weight_decay=0.1, beta1=0.9, beta2=0.95)
+    try:
+        from lmforge.train.optim import build_optimizer as lmforge_build_optimizer
+    except ImportError:
+        fused = {"fused": True} if device.type == "cuda" else {}
+        return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                                 weight_decay=optim.weight_decay, **fused), "torch.optim.AdamW(fused)"
+    return lmforge_build_optimizer(model, optim, device), "lmforge.train.optim.build_optimizer"
+
+
+def flash_kernels_in_profile(step, device: torch.device) -> list[str]:
+    """Names of the CUDA kernels of one training step that belong to flash attention."""
+    if device.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    names = {e.key for e in prof.key_averages()}
+    return sorted(n[:120] for n in names if "flash" in n.lower() or "fmha" in n.lower())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device is visible; run with --device cpu for the smoke test")
+    B = args.batch_size or (32 if on_cuda else 1)
+    T = args.block_size or (1024 if on_cuda else 64)
+    use_compile = args.compile == "on" or (args.compile == "auto" and on_cuda)
+    torch.manual_seed(args.seed)
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # only matters for the fp32 pieces outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+
+    config = preset("gpt2-124m", block_size=T, dropout=0.0)
+    with torch.device(device):
+        model = GPT(config)
+    optimizer, optimizer_name = build_optimizer(model, device)
+    train_model = torch.compile(model) if use_compile else model
+    flash_ok, flash_note = flash_available(device)
+
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    batches = [torch.randint(0, config.vocab_size, (B, T + 1), device=device, generator=gen) for _ in range(8)]
+    losses: list[float] = []
+
+    def step(i: int = 0) -> torch.Tensor:
+        tokens = batches[i % len(batches)]
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            logits = train_model(x)  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # Warm-up: compilation happens in the first steps; they are not timed.
+    warmup = min(3, max(1, args.steps // 3))
+    for i in range(warmup):
+        losses.append(float(step(i)))
+    sync(device)
+    compile_s = time.perf_counter() - start
+
+    timed_steps, t0 = 0, time.perf_counter()
+    deadline = start + args.max_seconds * 0.85  # leave room for the profile step and the summary
+    step_loss = None
+    for i in range(warmup, args.steps):
+        step_loss = step(i)
+        timed_steps += 1
+        if timed_steps % 10 == 0:
+            losses.append(float(step_loss))  # a sync every 10 steps keeps the queue short and the clock honest
+            if time.perf_counter() > deadline:
+                break
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    if step_loss is not None:
+        losses.append(float(step_loss))
+
+    tokens_per_s = timed_steps * B * T / elapsed if timed_steps else 0.0
+    fpt = flops_per_token(config)
+    peak, peak_source = detect_peak(device, args.peak_tflops)
+    measured = measured_bf16_rate(device, 8192 if on_cuda else 1024)
+    flash_kernels = flash_kernels_in_profile(lambda: step(0), device)
+
+    summary = {
+        "benchmark": "gpu_check", "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        "torch": torch.__version__, "model": "gpt2-124m", "params": sum(p.numel() for p in model.parameters()),
+        "batch_size": B, "block_size": T, "precision": "bf16-mixed", "compile": use_compile,
+        "optimizer": optimizer_name, "warmup_steps": warmup, "timed_steps": timed_steps,
+        "compile_and_warmup_s": round(compile_s, 1), "timed_s": round(elapsed, 2),
+        "tokens_per_s": round(tokens_per_s), "flops_per_token": fpt,
+        "achieved_tflops": round(fpt * tokens_per_s / 1e12, 3),
+        "peak_bf16_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
+        "mfu": round(fpt * tokens_per_s / peak, 4) if peak else None,
+        "measured_bf16_matmul_tflops": round(measured / 1e12, 3),
+        "mfu_vs_measured_matmul": round(fpt * tokens_per_s / measured, 4),
+        "flash_backend_available": flash_ok, "flash_backend_note": flash_note,
+        "flash_kernels_in_step": flash_kernels, "flash_used": bool(flash_kernels),
+        "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
+        "total_s": round(time.perf_counter() - start, 1),
+    }
+    print(f"device {summary['device']}  compile={use_compile}  B={B} T={T}  steps timed {timed_steps}")
+    print(f"tokens/s {tokens_per_s:,.0f}  achieved {summary['achieved_tflops']} TFLOP/s  "
+          f"MFU {summary['mfu']} (peak {summary['peak_bf16_tflops']} TFLOP/s from {peak_source})  "
+          f"vs measured matmul {summary['measured_bf16_matmul_tflops']} TFLOP/s: {summary['mfu_vs_measured_matmul']}")
+    print(f"flash attention backend available: {flash_ok} ({flash_note}); flash kernels in a step: "
+          f"{flash_kernels[:3] or 'none'}")
+    print(f"loss {summary['loss_first']} -> {summary['loss_last']}  total {summary['total_s']} s")
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
