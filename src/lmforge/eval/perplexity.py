@@ -1,0 +1,113 @@
+"""Loss, perplexity and bits per byte of a language model on a token split.
+
+The split is cut into consecutive non-overlapping windows of block_size tokens (the last one shorter)
+and every token after the first is predicted once, so the result is deterministic and independent of
+the batch size up to float rounding:
+
+    loss        = sum of -ln p(token | previous tokens in its window) / number of predicted tokens  (nats)
+    perplexity  = exp(loss)
+    bits/byte   = sum of -ln p / (ln 2 * UTF-8 bytes of the predicted text)
+
+Bits per byte compares models with different tokenizers (a char, byte and BPE model predict the same
+bytes). The byte count is the manifest's per-split count when the whole split is evaluated and the
+manifest has one, else the byte length of the decoded predicted tokens (special tokens add no bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import DataError
+
+
+@torch.no_grad()
+def evaluate_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size: int = 16,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Summed and mean next-token loss of `model` over the whole 1-D array `tokens`.
+
+    Returns {'loss_sum' (nats), 'tokens' (predicted), 'loss', 'perplexity'}.
+    """
+    n = len(tokens)
+    if n < 2:
+        raise DataError(f"need at least 2 tokens to evaluate, got {n}")
+    was_training = model.training
+    model.eval()
+    starts = list(range(0, n - 1, block_size))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    predicted = 0
+    full = [s for s in starts if s + block_size + 1 <= n]
+    last = [s for s in starts if s + block_size + 1 > n]  # at most one shorter window at the end
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in last]
+    for group in groups:
+        length = min(block_size, n - 1 - group[0])
+        windows = np.stack([np.asarray(tokens[s:s + length + 1], dtype=np.int64) for s in group])  # (B, T+1)
+        windows = torch.from_numpy(windows).to(device)
+        logits = model(windows[:, :-1])  # (B, T, V)
+        B, T, V = logits.shape
+        loss = F.cross_entropy(logits.float().reshape(B * T, V), windows[:, 1:].reshape(B * T), reduction="sum")
+        loss_sum += loss.double()
+        predicted += B * T
+    model.train(was_training)
+    total = float(loss_sum)
+    mean = total / predicted
+    return {"loss_sum": total, "tokens": predicted, "loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+
+
+def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
+    """Summed loss in nats converted to bits, per byte of text."""
+    if num_bytes <= 0:
+        return float("nan")
+    return loss_sum_nats / (math.log(2) * num_bytes)
+
+
+def split_bytes(manifest: dict, split: str) -> Optional[int]:
+    """UTF-8 byte count of a split's text if the manifest records one (splits.<split>.bytes), else None."""
+    entry = (manifest.get("splits") or {}).get(split) or {}
+    for key in ("bytes", "utf8_bytes", "text_bytes"):
+        if isinstance(entry.get(key), int):
+            return entry[key]
+    return None
+
+
+def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None, split: str = "val",
+                        max_tokens: Optional[int] = None, batch_size: int = 16,
+                        device: str = "auto") -> dict[str, Any]:
+    """Evaluate a run or checkpoint directory on a split of prepared data.
+
+    data_dir defaults to the data the run was trained on (data.path in its config). max_tokens limits
+    the evaluation to the first N tokens of the split. Returns {'loss', 'perplexity', 'bits_per_byte',
+    'tokens' (predicted), 'bytes', 'split', 'checkpoint', 'data'}.
+    """
+    from lmforge.checkpoint import load_for_inference, resolve_checkpoint
+    from lmforge.data.shards import load_split, read_manifest
+
+    ckpt = resolve_checkpoint(path)
+    model, tokenizer, config = load_for_inference(ckpt, device=device)
+    data_dir = Path(data_dir) if data_dir is not None else Path(config.data.path)
+    manifest = read_manifest(data_dir)
+    if manifest.get("vocab_size") != config.model.vocab_size:
+        raise DataError(f"{data_dir} has vocab_size {manifest.get('vocab_size')} but the checkpoint's model has "
+                        f"{config.model.vocab_size}; evaluate on the data the model was trained on")
+    tokens = load_split(data_dir, split)
+    whole = max_tokens is None or max_tokens >= len(tokens)
+    if not whole:
+        tokens = tokens[:max_tokens]
+    device_t = next(model.parameters()).device
+    result = evaluate_tokens(model, tokens, config.model.block_size, batch_size, device_t)
+    num_bytes = split_bytes(manifest, split) if whole else None
+    if num_bytes is None:
+        if tokenizer is None:
+            from lmforge.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
+        num_bytes = len(tokenizer.decode_bytes(np.asarray(tokens[1:]).tolist(), skip_special=True))
+    return {"loss": result["loss"], "perplexity": result["perplexity"],
+            "bits_per_byte": bits_per_byte(result["loss_sum"], num_bytes), "tokens": result["tokens"],
+            "bytes": num_bytes, "split": split, "checkpoint": str(ckpt), "data": str(data_dir)}

@@ -1,0 +1,102 @@
+"""Where training numbers go: RUN_DIR/metrics.jsonl, TensorBoard events in RUN_DIR/tb, a tqdm progress bar.
+
+One JSON object per line, ``{"kind": "train" | "eval", "step": int, ...numbers}``, so a run can be
+plotted or compared with nothing but ``json``. Only the process that writes (rank 0) opens anything;
+the others get a logger whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm.auto import tqdm
+
+
+class MetricsLogger:
+    """JSONL + TensorBoard + progress bar for one run.
+
+    run_dir: the run directory; enabled: False on every rank but 0; total_steps: length of the progress
+    bar; start_step: where a resumed run starts; tensorboard / progress: switch those sinks off (tests).
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, total_steps: int = 0, start_step: int = 0,
+                 tensorboard: bool = True, progress: bool = True) -> None:
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self._jsonl = None
+        self._tb = None
+        self._bar: Optional[tqdm] = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, kind: str, step: int, values: dict[str, float]) -> None:
+        """Append one record of `kind` ('train' | 'eval') at `step` to every sink."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3)}
+        record.update({k: _json_number(v) for k, v in values.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self._bar is not None and kind == "eval":
+            self._bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        """Move the bar to `step` and show the latest loss and throughput (tqdm shows the ETA)."""
+        if self._bar is None:
+            return
+        self._bar.update(step - self._bar.n)
+        self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+    def info(self, line: str) -> None:
+        """Print one line without breaking the progress bar (rank 0 only)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self._bar = self._tb = self._jsonl = None
+
+
+def _json_number(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings rather than produce an unreadable file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every record of RUN_DIR/metrics.jsonl, in order (a torn last line from a crash is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

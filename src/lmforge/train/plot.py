@@ -1,0 +1,46 @@
+"""PNG of a run's train and val loss curves, from RUN_DIR/metrics.jsonl (`lmforge plot RUN_DIR`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from lmforge.errors import LmforgeError
+from lmforge.train.metrics import read_metrics
+
+
+def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """{'train': (steps, losses), 'val': (steps, losses)}; a resumed run's repeated steps keep the latest value."""
+    curves: dict[str, dict[int, float]] = {"train": {}, "val": {}}
+    for r in records:
+        if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float)):
+            curves["train"][r["step"]] = r["loss"]
+        elif r.get("kind") == "eval" and isinstance(r.get("val_loss"), (int, float)):
+            curves["val"][r["step"]] = r["val_loss"]
+    return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in curves.items()}
+
+
+def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
+    """Write the loss plot of `run_dir` to `out` (default RUN_DIR/loss.png) and return its path."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        raise LmforgeError(f"{run_dir / 'metrics.jsonl'} is missing or empty; pass a run directory written by `lmforge train`")
+    from matplotlib.figure import Figure  # a bare Figure renders to files without touching pyplot's global state
+
+    curves = loss_curves(records)
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    for name, style in (("train", "-"), ("val", "o-")):
+        steps, losses = curves[name]
+        if steps:
+            ax.plot(steps, losses, style, label=f"{name} loss", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(out) if out else run_dir / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    return out

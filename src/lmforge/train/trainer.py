@@ -1,0 +1,339 @@
+"""The training loop.
+
+    Trainer(config).fit():  restore -> loop { train_step; maybe_eval; maybe_save; log } -> plot
+
+Everything the loop uses is made by a small build_* function (device and processes, data, model,
+optimizer, schedule), each usable and testable alone. The loop is the same for pretraining and
+fine-tuning: pass `train_data` (any object with next_batch/state_dict/load_state_dict yielding
+(input ids, labels) with IGNORE_INDEX where a label must not count) and `val_batches`.
+
+One optimizer step = grad_accum micro-batches on each of world_size processes. The loss of the step
+is the sum over every counted label divided by their number in the whole global batch, so the
+gradient does not depend on how the global batch is split into micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from lmforge.checkpoint import (capture_rng, latest_checkpoint, load_training_state, prune_checkpoints,
+                                resolve_checkpoint, restore_rng, save_checkpoint)
+from lmforge.config import ModelConfig, RunConfig, to_dict
+from lmforge.data.batches import Batches, TokenBatches, fixed_batches
+from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, gather_objects,
+                                 resolve_device, setup_distributed, teardown_distributed, unwrap)
+from lmforge.errors import CheckpointError, DataError
+from lmforge.model import GPT, count_parameters, flops_per_token
+from lmforge.train.loss import count_labels, cross_entropy_sum
+from lmforge.train.metrics import MetricsLogger
+from lmforge.train.optim import build_optimizer, set_lr
+from lmforge.train.plot import plot_run
+from lmforge.train.precision import autocast
+from lmforge.train.schedule import build_schedule
+
+ValBatches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+# ------------------------------------------------------------------------------------------- builders
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy's global RNG and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(config: ModelConfig, device: torch.device, seed: int) -> GPT:
+    """GPT(config) initialised from `seed` on the CPU (the same weights on every device), then moved."""
+    torch.manual_seed(seed)
+    return GPT(config).to(device)
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """What build_data found in a prepared data directory."""
+
+    train: Batches
+    val: ValBatches
+    vocab_size: int
+    tokenizer_file: Optional[Path]
+
+
+def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
+    """Train stream and fixed validation batches from the prepared directory config.data.path.
+
+    Each process reads its own rows of every global batch. The vocabulary size comes from the manifest.
+    """
+    from lmforge.data.shards import load_split, read_manifest
+
+    data_dir = Path(config.data.path)
+    manifest = read_manifest(data_dir)
+    T, B, seed = config.model.block_size, config.train.batch_size, config.train.seed
+    train_tokens = load_split(data_dir, "train")
+    val_tokens = load_split(data_dir, "val")
+    if len(val_tokens) < T + 1:
+        raise DataError(f"{data_dir}: the val split has {len(val_tokens)} tokens, fewer than block_size+1={T + 1}; "
+                        f"prepare with a larger val fraction or lower model.block_size")
+    train = TokenBatches(train_tokens, T, B, seed=seed, sampling=config.data.sampling,
+                         rank=info.rank, world_size=info.world_size)
+    val = fixed_batches(val_tokens, T, B, config.train.eval_batches, seed=seed + 1,
+                        rank=info.rank, world_size=info.world_size)
+    tok = data_dir / (manifest.get("tokenizer") or {}).get("file", "tokenizer.json")
+    return PreparedData(train, val, int(manifest["vocab_size"]), tok if tok.is_file() else None)
+
+
+def with_vocab_size(config: RunConfig, vocab_size: int) -> RunConfig:
+    """`config` with model.vocab_size set (the data decides the vocabulary, not the preset)."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
+
+
+# -------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Trains `config` end to end; `fit()` returns a summary dict.
+
+    config: the resolved RunConfig. train_data / val_batches: a batch stream and fixed validation batches
+    (default: built from config.data.path; when given, `vocab_size` and `tokenizer_file` may be passed too).
+    model: an already built model (fine-tuning, LoRA); default GPT(config.model).
+    progress / tensorboard: switch the progress bar and TensorBoard events off (tests).
+    """
+
+    def __init__(self, config: RunConfig, *, train_data: Optional[Batches] = None,
+                 val_batches: Optional[ValBatches] = None, tokenizer_file: Optional[str | Path] = None,
+                 model: Optional[nn.Module] = None, progress: bool = True, tensorboard: bool = True) -> None:
+        tc = config.train
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        self.device = resolve_device(tc.device, _local_rank())
+        self.dist = setup_distributed(self.device)
+        if train_data is None:
+            data = build_data(config, self.dist)
+            config = with_vocab_size(config, data.vocab_size)
+            train_data, val_batches, tokenizer_file = data.train, data.val, data.tokenizer_file
+        self.config = config
+        self.train_data = train_data
+        self.val_batches = val_batches or []
+        self.tokenizer_file = Path(tokenizer_file) if tokenizer_file else None
+        self.run_dir = Path(tc.run_dir)
+
+        seed_everything(tc.seed)
+        self.raw_model = model.to(self.device) if model is not None else build_model(config.model, self.device, tc.seed)
+        self.optimizer = build_optimizer(self.raw_model, config.optim, self.device)
+        self.lr_at = build_schedule(config.optim, tc.max_steps)
+        self.eval_model = apply_compile(self.raw_model) if tc.compile else self.raw_model
+        self.model = apply_ddp(self.eval_model, self.dist, self.device)
+        # Different dropout masks on different processes, the same on every run.
+        torch.manual_seed(tc.seed + self.dist.rank)
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.val_loss: Optional[float] = None
+        self.best_val_loss: Optional[float] = None
+        self.last_checkpoint: Optional[Path] = None
+        self.history: list[tuple[int, float]] = []  # (step, train loss) at every log step
+        self.logger: Optional[MetricsLogger] = None
+        self._progress, self._tensorboard = progress, tensorboard
+
+    # ---------------------------------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to train.max_steps (continuing a checkpoint if train.resume says so); return a summary."""
+        tc = self.config.train
+        self.restore()
+        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, total_steps=tc.max_steps,
+                                    start_step=self.step, tensorboard=self._tensorboard, progress=self._progress)
+        self.write_config()
+        self.describe()
+        start = time.perf_counter()
+        step_time, tokens_at_log = 0.0, self.tokens_seen  # throughput counts train steps only, not eval/save
+        try:
+            while self.step < tc.max_steps:
+                t0 = time.perf_counter()
+                loss_sum, count, grad_norm, lr = self.train_step()
+                self.step += 1
+                if self.step % max(1, tc.log_interval) == 0 or self.step == tc.max_steps:
+                    loss = self.global_loss(loss_sum, count)  # waits for the device: the timing below is true
+                    step_time += time.perf_counter() - t0
+                    tokens_per_s = (self.tokens_seen - tokens_at_log) / max(step_time, 1e-9)
+                    self.log_train(loss, grad_norm, lr, tokens_per_s, time.perf_counter() - start)
+                    step_time, tokens_at_log = 0.0, self.tokens_seen
+                else:
+                    step_time += time.perf_counter() - t0
+                self.maybe_eval()
+                self.maybe_save()
+        finally:
+            self.logger.close()
+        plot = plot_run(self.run_dir) if self.dist.is_main else None
+        elapsed = time.perf_counter() - start
+        return {
+            "run_dir": str(self.run_dir), "steps": self.step, "tokens_seen": self.tokens_seen,
+            "train_loss": self.history[-1][1] if self.history else None, "val_loss": self.val_loss,
+            "best_val_loss": self.best_val_loss, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "plot": str(plot) if plot else None, "elapsed_s": elapsed,
+            "parameters": sum(p.numel() for p in self.raw_model.parameters()),  # a tied matrix counted once
+        }
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over grad_accum micro-batches; returns (loss sum, label count, pre-clip grad norm, lr).
+
+        Each micro-batch's summed loss is scaled by world_size / (labels in the global batch): DDP then
+        averages the gradients over processes, which leaves the gradient of the global mean loss.
+        """
+        tc = self.config.train
+        micro = [self.train_data.next_batch() for _ in range(tc.grad_accum)]
+        count = torch.tensor(float(sum(count_labels(y) for _, y in micro)), device=self.device)
+        count = all_reduce_sum(count, self.dist)
+        scale = self.dist.world_size / count.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro):
+            x, y = x.to(self.device), y.to(self.device)
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            with sync:
+                with autocast(tc.precision, self.device):
+                    logits = self.model(x)  # (B, T, V)
+                loss = cross_entropy_sum(logits, y)
+                (loss * scale).backward()
+            loss_sum += loss.detach()
+            self.tokens_seen += x.numel() * self.dist.world_size
+        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        lr = self.lr_at(self.step)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, count, grad_norm, lr
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean loss over the fixed validation batches (all processes together), or None without them."""
+        if not self.val_batches:
+            return None
+        self.eval_model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, labels)
+        for x, y in self.val_batches:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast(self.config.train.precision, self.device):
+                logits = self.eval_model(x)
+            totals[0] += cross_entropy_sum(logits, y).double()
+            totals[1] += count_labels(y)
+        self.eval_model.train()
+        totals = all_reduce_sum(totals, self.dist)
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    def maybe_eval(self) -> None:
+        interval = self.config.train.eval_interval
+        if not (interval and self.step % interval == 0) and self.step != self.config.train.max_steps:
+            return
+        self.val_loss = self.evaluate()
+        if self.val_loss is None:
+            return
+        if self.best_val_loss is None or self.val_loss < self.best_val_loss:
+            self.best_val_loss = self.val_loss
+        self.logger.log("eval", self.step, {"val_loss": self.val_loss,
+                                            "val_perplexity": math.exp(min(self.val_loss, 700.0))})
+
+    def maybe_save(self) -> None:
+        interval = self.config.train.save_interval
+        if (interval and self.step % interval == 0) or self.step == self.config.train.max_steps:
+            self.save()
+
+    def global_loss(self, loss_sum: torch.Tensor, count: torch.Tensor) -> float:
+        """Mean loss of the step over the whole global batch (all processes)."""
+        return float(all_reduce_sum(loss_sum.detach().clone(), self.dist) / count.clamp(min=1.0))
+
+    def log_train(self, loss: float, grad_norm: torch.Tensor, lr: float, tokens_per_s: float, elapsed: float) -> None:
+        self.history.append((self.step, loss))
+        self.logger.log("train", self.step, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                                             "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
+                                             "elapsed_s": elapsed})
+        self.logger.progress(self.step, loss, tokens_per_s)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        """Checkpoint the current step (every process contributes its RNG and data state; rank 0 writes)."""
+        per_rank = gather_objects({"rng": capture_rng(), "data": self.train_data.state_dict()}, self.dist)
+        if self.dist.is_main:
+            state = {"tokens_seen": self.tokens_seen, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
+                     "world_size": self.dist.world_size, "ranks": per_rank,
+                     "tokenizer_sha256": _sha256_or_none(self.tokenizer_file)}
+            self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
+                                                   self.config, state, self.tokenizer_file)
+            prune_checkpoints(self.run_dir, self.config.train.keep_last)
+
+    def restore(self) -> None:
+        """Continue from a checkpoint per train.resume: none | auto (newest complete one, if any) | PATH."""
+        resume = self.config.train.resume
+        if resume == "none":
+            return
+        ckpt = latest_checkpoint(self.run_dir) if resume == "auto" else resolve_checkpoint(resume)
+        if ckpt is None:
+            return  # auto with nothing to resume: a fresh run
+        state = load_training_state(ckpt, self.raw_model, self.optimizer, self.device)
+        saved_model = state["config"]["model"]
+        for key, value in to_dict(self.config.model).items():
+            if saved_model.get(key) != value:
+                raise CheckpointError(f"{ckpt} was trained with model.{key}={saved_model.get(key)!r}, the config says "
+                                      f"{value!r}; resume with the checkpoint's model config or start a new run_dir")
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.val_loss, self.best_val_loss = state.get("val_loss"), state.get("best_val_loss")
+        ranks = state["ranks"]
+        mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
+        self.train_data.load_state_dict(mine["data"])
+        if len(ranks) == self.dist.world_size:  # another process count cannot continue the same RNG streams
+            restore_rng(mine["rng"])
+        self.last_checkpoint = ckpt
+
+    # ------------------------------------------------------------------------------ files and printing
+    def write_config(self) -> None:
+        """RUN_DIR/config.yaml: the resolved config (vocab size from the data included)."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False),
+                                                      encoding="utf-8")
+
+    def describe(self) -> None:
+        """Print the model size, FLOPs per token and the batch geometry once."""
+        tc, mc = self.config.train, self.config.model
+        model = unwrap(self.raw_model)
+        if isinstance(model, GPT):
+            params = count_parameters(model.config)
+            flops = flops_per_token(model.config)
+            size = f"{params.total:,} parameters ({params.non_embedding:,} non-embedding), {flops:,} FLOPs/token"
+        else:
+            size = f"{sum(p.numel() for p in model.parameters()):,} parameters"
+        global_batch = tc.batch_size * tc.grad_accum * self.dist.world_size
+        self.logger.info(f"model: {size}")
+        self.logger.info(f"batch: {global_batch} sequences x {mc.block_size} tokens = {global_batch * mc.block_size:,} "
+                         f"tokens/step ({tc.batch_size} x {tc.grad_accum} accum x {self.dist.world_size} processes); "
+                         f"device {self.device}, {tc.precision}{', compiled' if tc.compile else ''}")
+        if self.step:
+            self.logger.info(f"resumed from {self.last_checkpoint} at step {self.step}")
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _sha256_or_none(path: Optional[Path]) -> Optional[str]:
+    if path is None:
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train(config: RunConfig) -> dict[str, Any]:
+    """Train `config` (one process, or every process under torchrun) and return Trainer.fit()'s summary."""
+    try:
+        return Trainer(config).fit()
+    finally:
+        teardown_distributed()
