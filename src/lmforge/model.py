@@ -1,0 +1,285 @@
+"""The Transformer decoder: token ids (B, T) in, next-token logits (B, T, vocab) out.
+
+Read top to bottom: positional encodings, attention (the formula, then the fused kernel that must
+equal it), the MLP, a pre-norm Block, the GPT that stacks them, the KV cache used for generation,
+and the parameter/FLOP counts. Shapes use one vocabulary: B batch, T time (query positions),
+S key positions (T plus the cached past), C = n_embd, nh = n_head, nkv = n_kv_head, hd = head_dim,
+H = MLP hidden width, V = vocab_size.
+
+The model computes logits and nothing else: loss, optimizer groups, MFU and file I/O live elsewhere.
+Derived buffers (sinusoid and RoPE tables) are non-persistent, so state_dict names are exactly the
+parameters: tok_emb, pos_emb (learned positions only), blocks.N.{norm_1, attn.qkv, attn.proj, norm_2,
+mlp.fc, mlp.proj}, norm_f, lm_head (the same tensor as tok_emb.weight when tied).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+
+# ------------------------------------------------------------------------------ positional encodings
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) table of Vaswani et al. 2017, sec. 3.5:
+    PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(p / 10000^(2i/dim))."""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (ceil(dim/2),)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, ceil(dim/2))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = angles.sin()
+    table[:, 1::2] = angles[:, : dim // 2].cos()
+    return table
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (length, hd), for rotary embeddings (Su et al. 2021, RoFormer eq. 34).
+
+    Dimension i is paired with i + hd/2 (the GPT-NeoX / Llama layout: RoFormer's rotation with the
+    head dimensions permuted), rotated by angle p * theta^(-2i/hd); both halves share a frequency.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (length, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+hd/2}) of x (B, n, T, hd) by its angle; cos, sin are (T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, n, T, hd/2) each
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---------------------------------------------------------------------------------------- attention
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool, True where query t (the last T of S positions) may attend to key s, i.e. s <= t."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k) + causal mask) V, written out. q (B, nh, T, hd); k, v (B, nh, S, hd)."""
+    T, S, d_k = q.size(-2), k.size(-2), q.size(-1)
+    mask = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~causal_mask(T, S, q.device), -math.inf)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d_k) + mask, dim=-1)  # (B, nh, T, S)
+    return F.dropout(weights, dropout_p) @ v  # (B, nh, T, hd)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """The same function as reference_attention through F.scaled_dot_product_attention."""
+    T, S = q.size(-2), k.size(-2)
+    if T == S:  # no cached past: the plain causal triangle
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if T == 1:  # one new token sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout_p)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with grouped-query heads (Ainslie et al. 2023: nkv key/value heads, each
+    shared by nh/nkv query heads). Q, K and V come from one fused Linear; W^O is `proj`."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer  # index into the KV cache
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+        self.attend = reference_attention if config.attention == "reference" else fused_attention
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd): the past and these T positions
+        if nkv != nh:  # each key/value head serves nh/nkv consecutive query heads
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
+        y = self.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)  # heads concatenated: (B, T, nh*hd)
+        return self.resid_drop(self.proj(y))  # (B, T, C)
+
+
+# ---------------------------------------------------------------------------------------------- MLP
+class MLP(nn.Module):
+    """proj(gelu(fc(x))), or SwiGLU: proj(silu(x W_gate) * (x W_up)) (Shazeer 2020), gate and up fused in fc."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        H = config.hidden_dim
+        self.swiglu = config.mlp == "swiglu"
+        self.fc = nn.Linear(config.n_embd, 2 * H if self.swiglu else H, bias=config.bias)
+        self.proj = nn.Linear(H, config.n_embd, bias=config.bias)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, H), or (B, T, 2H) for SwiGLU
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, H) each
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate=self.approximate)
+        return self.drop(self.proj(h))  # (B, T, C)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":  # x / rms(x) * g  (Zhang & Sennrich 2019)
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.norm_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, cache)
+        x = x + self.mlp(self.norm_2(x))
+        return x
+
+
+# ---------------------------------------------------------------------------------------------- GPT
+class GPT(nn.Module):
+    """Decoder-only Transformer language model: forward(idx (B, T) long) -> logits (B, T, V)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_encoding == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:  # one (V, C) matrix embeds tokens and scores them (Press & Wolf 2017)
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_buffers()
+        self.reset_parameters()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the derived, non-persistent tables, e.g. after `to_empty()` from the meta device."""
+        c, device = self.config, self.tok_emb.weight.device
+        with torch.device(device):
+            if c.pos_encoding == "sinusoidal":
+                self.register_buffer("pos_table", sinusoidal_table(c.block_size, c.n_embd), persistent=False)
+            if c.pos_encoding == "rope":
+                cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
+                self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)
+                self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hd)
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: weights ~ N(0, init_std), biases 0, norms 1; the projections that write into the
+        residual stream scaled by 1/sqrt(2 * n_layer), one per residual add (Radford et al. 2019, sec. 2.3)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T). With a cache, idx continues the cached sequence:
+        its positions start at cache.pos, its keys/values are appended and cache.pos advances by T."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.config.pos_encoding == "learned":
+            x = x + self.pos_emb.weight[start:start + T]  # (T, C) broadcast over B
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.pos_table[start:start + T]
+        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) \
+            if self.config.pos_encoding == "rope" else None
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm_f(x))  # (B, T, V)
+
+
+# ------------------------------------------------------------------------------------------ KV cache
+class KVCache:
+    """Keys and values of the positions seen so far, for decoding one token at a time.
+
+    Pre-allocated once, (n_layer, B, nkv, max_len, hd) each, and filled in place: a decoding step writes
+    one slice instead of concatenating tensors. `pos` is the number of positions filled.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: Optional[int] = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        max_len = max_len or config.block_size
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    @classmethod
+    def for_model(cls, model: GPT, batch_size: int) -> KVCache:
+        weight = model.tok_emb.weight
+        return cls(model.config, batch_size, device=weight.device, dtype=weight.dtype)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hd) at positions pos..pos+T-1 of `layer`; return all (B, nkv, pos+T, hd)."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+# ------------------------------------------------------------------------------ parameters and FLOPs
+class ParameterCount(NamedTuple):
+    total: int  # every distinct parameter (a tied embedding counted once)
+    non_embedding: int  # total minus the token and learned position embeddings (Kaplan et al. 2020)
+
+
+def count_parameters(config: ModelConfig) -> ParameterCount:
+    """Parameter counts of GPT(config), found by building it on the meta device (no memory used)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.tok_emb.weight.numel()
+    if config.pos_encoding == "learned":
+        embedding += model.pos_emb.weight.numel()
+    return ParameterCount(total, total - embedding)
+
+
+def flops_per_token(config: ModelConfig, seq_len: Optional[int] = None) -> int:
+    """Training FLOPs (forward + backward) per token: 6N + 12 * n_layer * n_head * head_dim * T.
+
+    PaLM (Chowdhery et al. 2022), appendix B; Chinchilla (Hoffmann et al. 2022), appendix F counts the
+    same terms. N counts the weights used in matrix products: the non-embedding parameters plus the
+    LM head (V * C, also when it is tied to the embedding). The attention term is QK^T and AV over
+    T = seq_len (default block_size) keys, without discounting the causal half (as PaLM).
+    """
+    T = seq_len or config.block_size
+    N = count_parameters(config).non_embedding + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
+    return 6 * N + 12 * config.n_layer * config.n_head * config.head_dim * T
