@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -115,54 +114,57 @@ def test_glove_file_that_is_not_utf8(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- word2vec
-def write_prepared(data_dir: Path, documents: list[list[int]], tok: WordTokenizer) -> Path:
-    """A prepared data directory in the shard format of CONTRACTS.md (train/val/test, manifest.json)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_file = data_dir / "tokenizer.json"
-    tokenizer_file.write_text(json.dumps({"pieces": tok.pieces}))
-    splits = {}
-    for name, docs in (("train", documents), ("val", documents[:2]), ("test", documents[:2])):
-        flat = np.array([t for d in docs for t in (tok.start_id, *d, tok.end_id)], dtype=np.uint16)
-        (data_dir / f"{name}.bin").write_bytes(flat.tobytes())
-        splits[name] = {"file": f"{name}.bin", "tokens": int(len(flat)), "documents": len(docs),
-                        "sha256": hashlib.sha256(flat.tobytes()).hexdigest()}
-    manifest = {"format": "lmforge-shards-v1", "lmforge_version": "0.1.0", "dtype": "uint16",
-                "vocab_size": tok.vocab_size,
-                "tokenizer": {"file": "tokenizer.json", "kind": tok.kind,
-                              "sha256": hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()},
-                "special_tokens": {"start": {"token": "<START>", "id": 0}, "end": {"token": "<END>", "id": 1},
-                                   "pad": {"token": "<PAD>", "id": 2}},
-                "seed": 0, "split": [0.9, 0.05, 0.05], "sources": [], "splits": splits}
-    (data_dir / "manifest.json").write_text(json.dumps(manifest))
-    return data_dir
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Forty small documents (one per file) of a few dozen distinct characters."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away", "quick", "brown", "fox"]
+    for i in range(40):
+        text = " ".join(rng.choice(words, size=int(rng.integers(30, 80)))) + ".\n"
+        (root / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
+    return root
 
 
 @pytest.fixture
-def prepared(tmp_path):
+def prepared(corpus, tmp_path):
+    """A char-tokenized prepared dataset (the real `lmforge prepare`) and its Tokenizer."""
     pytest.importorskip("gensim")
-    pytest.importorskip("lmforge.data.shards")  # the shard reader lands separately
-    tok = WordTokenizer([f"w{i}" for i in range(20)])  # ids 3..22
-    rng = np.random.default_rng(0)
-    docs = [list(rng.integers(3, 20, size=int(rng.integers(20, 60)))) for _ in range(60)]  # 20..22 never occur
-    return write_prepared(tmp_path / "data", docs, tok), tok
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import Tokenizer
+
+    data_dir = tmp_path / "data"
+    prepare([str(corpus)], str(data_dir), tokenizer="char", progress=False)
+    return data_dir, Tokenizer.load(data_dir / "tokenizer.json")
+
+
+def train_token_ids(data_dir: Path, tok) -> list[int]:
+    from lmforge.data.shards import load_split
+
+    seen = set(np.unique(np.asarray(load_split(data_dir, "train"))).tolist())
+    return sorted(seen - {tok.start_id, tok.end_id, tok.pad_id})
 
 
 def test_word2vec_is_cached_beside_the_shards_without_pickle(prepared):
     data_dir, tok = prepared
+    rows = train_token_ids(data_dir, tok)
+    assert len(rows) >= 10
     weight = fresh_weight(tok.vocab_size, 8)
     before = weight.clone()
     report = init_embeddings(weight, "word2vec", str(data_dir), tok, seed=3)
-    assert report["rows_initialised"] == 17 and report["coverage"] == pytest.approx(17 / 23)
+    assert report["rows_initialised"] == len(rows)
+    assert report["coverage"] == pytest.approx(len(rows) / tok.vocab_size)
     assert report["cached"] is False
     npy = Path(report["cache"])
     assert npy.parent == data_dir and npy.name.startswith("word2vec-8-") and npy.suffix == ".npy"
     meta = json.loads(npy.with_suffix(".json").read_text())
-    assert meta["rows"] == list(range(3, 20))
+    assert meta["rows"] == rows
     table = np.load(npy, allow_pickle=False)
-    assert table.shape == (23, 8) and table.dtype == np.float32
-    for untouched in (0, 1, 2, 20, 21, 22):  # specials and tokens absent from the train split
-        assert torch.equal(weight[untouched], before[untouched])
-    assert not torch.equal(weight[3:20], before[3:20])
+    assert table.shape == (tok.vocab_size, 8) and table.dtype == np.float32
+    untouched = sorted(set(range(tok.vocab_size)) - set(rows))  # specials and ids absent from train
+    assert {tok.start_id, tok.end_id, tok.pad_id} <= set(untouched)
+    assert torch.equal(weight[untouched], before[untouched])
+    assert not torch.equal(weight[rows], before[rows])
 
     again = fresh_weight(tok.vocab_size, 8)
     report2 = init_embeddings(again, "word2vec", str(data_dir), tok, seed=3)
@@ -192,3 +194,14 @@ def test_a_damaged_word2vec_cache_is_rebuilt(prepared):
     second = fresh_weight(tok.vocab_size, 8)
     report2 = init_embeddings(second, "word2vec", str(data_dir), tok, seed=3)
     assert report2["cached"] is False and torch.equal(first, second)
+
+
+def test_glove_on_a_real_char_tokenizer(prepared, tmp_path):
+    data_dir, tok = prepared
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    rng = np.random.default_rng(1)
+    path = write_glove(tmp_path / "chars.txt", {c: list(rng.normal(size=8)) for c in letters})
+    weight = fresh_weight(tok.vocab_size, 8)
+    report = init_embeddings(weight, f"glove:{path}", str(data_dir), tok, seed=0)
+    in_vocab = [i for i in range(tok.vocab_size) if tok.decode([i]) in set(letters)]
+    assert report["rows_initialised"] == len(in_vocab) > 0
