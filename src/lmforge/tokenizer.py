@@ -271,7 +271,8 @@ class CharCounter:
 
     def update(self, text: str) -> None:
         code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        self.counts += np.bincount(code_points, minlength=UNICODE_SIZE)
+        counts = np.bincount(code_points)
+        self.counts[: counts.size] += counts
 
     def vocabulary(self, max_chars: int) -> list[str]:
         """The ``max_chars`` most frequent characters (ties by code point), in code point order."""

