@@ -184,7 +184,13 @@ class Trainer:
         }
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """One optimizer step over grad_accum micro-batches; returns (loss sum, label count, pre-clip grad norm, lr).
+        """One optimizer step; returns (loss sum, counted labels, pre-clip gradient norm, learning rate)."""
+        loss_sum, count = self.accumulate_gradients()
+        grad_norm, lr = self.optimizer_step()
+        return loss_sum, count, grad_norm, lr
+
+    def accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over grad_accum micro-batches; returns (loss sum, labels in the global batch).
 
         Each micro-batch's summed loss is scaled by world_size / (labels in the global batch): DDP then
         averages the gradients over processes, which leaves the gradient of the global mean loss.
@@ -199,20 +205,24 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
-            with sync:
+            with sync:  # DDP all-reduces gradients once, after the last micro-batch
                 with autocast(tc.precision, self.device):
                     logits = self.model(x)  # (B, T, V)
                 loss = cross_entropy_sum(logits, y)
                 (loss * scale).backward()
             loss_sum += loss.detach()
             self.tokens_seen += x.numel() * self.dist.world_size
+        return loss_sum, count
+
+    def optimizer_step(self) -> tuple[torch.Tensor, float]:
+        """Clip the gradient norm, set the scheduled learning rate, step AdamW; returns (pre-clip norm, lr)."""
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
         lr = self.lr_at(self.step)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, count, grad_norm, lr
+        return grad_norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:

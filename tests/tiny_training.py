@@ -1,0 +1,77 @@
+"""Shared pieces of the training tests: a tiny config, learnable synthetic tokens, a prepared data directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from lmforge.config import RunConfig, load_run_config
+from lmforge.data.batches import TokenBatches, fixed_batches
+from lmforge.train import Trainer
+
+VOCAB = 32
+
+
+def tiny_config(run_dir: Path, **overrides: object) -> RunConfig:
+    """A 2-layer, 32-wide model with 16-token context, 4 sequences per batch, one CPU thread."""
+    values = {"preset": "tiny", "model.vocab_size": VOCAB, "model.block_size": 16, "train.run_dir": str(run_dir),
+              "train.max_steps": 10, "train.batch_size": 4, "train.log_interval": 1, "train.eval_interval": 5,
+              "train.eval_batches": 2, "train.save_interval": 0, "train.num_threads": 1, "train.device": "cpu",
+              "train.seed": 7, "optim.warmup_steps": 2, "optim.lr": 3e-3, "optim.min_lr": 3e-4}
+    values.update(overrides)
+    return load_run_config(None, {k: str(v) for k, v in values.items()})
+
+
+def synthetic_tokens(n: int = 4000, vocab: int = VOCAB, seed: int = 0) -> np.ndarray:
+    """A learnable stream: a random first-order Markov chain where each token has 3 likely successors."""
+    rng = np.random.default_rng(seed)
+    successors = rng.integers(0, vocab, size=(vocab, 3))
+    out = np.empty(n, dtype=np.uint16)
+    out[0] = 0
+    choices = rng.integers(0, 3, size=n)
+    for i in range(1, n):
+        out[i] = successors[out[i - 1], choices[i]]
+    return out
+
+
+def tiny_trainer(config: RunConfig, tokens: Optional[np.ndarray] = None, **kwargs: object) -> Trainer:
+    """A Trainer on synthetic tokens (no data directory), with no progress bar and no TensorBoard."""
+    tokens = synthetic_tokens() if tokens is None else tokens
+    T, B, seed = config.model.block_size, config.train.batch_size, config.train.seed
+    train = TokenBatches(tokens, T, B, seed=seed, sampling=config.data.sampling)
+    val = fixed_batches(tokens, T, B, config.train.eval_batches, seed=seed + 1)
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("tensorboard", False)
+    return Trainer(config, train_data=train, val_batches=val, **kwargs)
+
+
+def write_prepared_data(data_dir: Path, texts: dict[str, list[str]]) -> Path:
+    """A prepared data directory as CONTRACTS.md describes it, byte tokenizer, one split per key of `texts`."""
+    from lmforge.tokenizer import byte_tokenizer
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tok = byte_tokenizer()
+    tok_sha = tok.save(data_dir / "tokenizer.json")
+    splits = {}
+    for split, docs in texts.items():
+        ids = []
+        for doc in docs:
+            ids += [tok.start_id, *tok.encode(doc), tok.end_id]
+        arr = np.asarray(ids, dtype=np.uint16)
+        arr.tofile(data_dir / f"{split}.bin")
+        splits[split] = {"file": f"{split}.bin", "tokens": len(arr), "documents": len(docs),
+                         "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
+                         "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+    manifest = {"format": "lmforge-shards-v1", "lmforge_version": "0.1.0", "dtype": "uint16",
+                "vocab_size": tok.vocab_size,
+                "tokenizer": {"file": "tokenizer.json", "sha256": tok_sha, "kind": "byte"},
+                "special_tokens": {"start": {"token": "<START>", "id": tok.start_id},
+                                   "end": {"token": "<END>", "id": tok.end_id},
+                                   "pad": {"token": "<PAD>", "id": tok.pad_id}},
+                "seed": 0, "split": [0.9, 0.05, 0.05], "sources": [], "splits": splits}
+    (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return data_dir
