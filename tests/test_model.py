@@ -1,0 +1,174 @@
+"""The Transformer: the fast paths equal the formulas, the cache equals recomputation, the future is masked."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_model, save_model
+
+from lmforge.config import PRESETS, ModelConfig, preset
+from lmforge.model import (GPT, KVCache, apply_rope, count_parameters, flops_per_token, fused_attention,
+                           reference_attention, rope_tables, sinusoidal_table)
+
+VARIANTS = {
+    "gpt2": dict(),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", pos_encoding="rope", bias=False, n_kv_head=2),
+    "sinusoidal-untied": dict(pos_encoding="sinusoidal", tie_embeddings=False, activation="gelu_tanh"),
+    "rope-mha": dict(pos_encoding="rope", n_kv_head=4),
+}
+
+
+def small(**overrides) -> ModelConfig:
+    return ModelConfig(**{**dict(vocab_size=53, block_size=24, n_layer=2, n_head=4, n_embd=32), **overrides})
+
+
+def build(seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(small(**overrides)).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_attention_equals_sdpa(variant):
+    fast = build(**VARIANTS[variant])
+    slow = GPT(small(**VARIANTS[variant], attention="reference")).eval()
+    slow.load_state_dict(fast.state_dict())
+    idx = torch.randint(0, 53, (3, 24))
+    assert torch.allclose(fast(idx), slow(idx), atol=1e-5, rtol=0)
+
+
+def test_attention_functions_agree_with_a_cached_past():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 5, 8)  # the last 5 of 9 positions
+    k, v = torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+    for T in (1, 5):
+        assert torch.allclose(fused_attention(q[:, :, -T:], k, v), reference_attention(q[:, :, -T:], k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_decoding_equals_full_forward(variant):
+    model = build(**VARIANTS[variant])
+    idx = torch.randint(0, 53, (2, 24))
+    full = model(idx)
+    cache = KVCache.for_model(model, batch_size=2)
+    pieces = [model(idx[:, :10], cache), model(idx[:, 10:13], cache)]  # prefill, then a chunk
+    pieces += [model(idx[:, t:t + 1], cache) for t in range(13, 24)]  # then one token at a time
+    assert cache.pos == 24
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality_future_tokens_do_not_change_past_logits(variant):
+    model = build(**VARIANTS[variant])
+    idx = torch.randint(0, 53, (1, 24))
+    t = 11
+    changed = idx.clone()
+    changed[0, t + 1:] = (changed[0, t + 1:] + 7) % 53
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:], atol=1e-3)
+
+
+def test_sinusoidal_table_matches_the_formula():
+    table = sinusoidal_table(10, 6)
+    for p in range(10):
+        for i in range(3):
+            angle = p / 10000 ** (2 * i / 6)
+            assert table[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_rope_rotates_each_pair_by_its_angle():
+    hd, theta = 8, 10000.0
+    cos, sin = rope_tables(6, hd, theta)
+    x = torch.randn(1, 1, 6, hd)
+    out = apply_rope(x, cos, sin)
+    for p in range(6):
+        for i in range(hd // 2):  # dimension i pairs with i + hd/2
+            angle = p * theta ** (-2 * i / hd)
+            a, b = x[0, 0, p, i].item(), x[0, 0, p, i + hd // 2].item()
+            assert out[0, 0, p, i].item() == pytest.approx(a * math.cos(angle) - b * math.sin(angle), abs=1e-5)
+            assert out[0, 0, p, i + hd // 2].item() == pytest.approx(a * math.sin(angle) + b * math.cos(angle), abs=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    cos, sin = rope_tables(20, 8, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m, n):
+        qm = apply_rope(q.view(1, 1, 1, 8), cos[m:m + 1], sin[m:m + 1])
+        kn = apply_rope(k.view(1, 1, 1, 8), cos[n:n + 1], sin[n:n + 1])
+        return (qm * kn).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(15, 11), abs=1e-5)
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-5)
+
+
+def test_gqa_equals_mha_with_each_kv_head_repeated():
+    gqa = build(n_head=4, n_kv_head=2)
+    mha = GPT(small(n_head=4, n_kv_head=4)).eval()
+    state = gqa.state_dict()
+    hd, C = 8, 32
+    for i in range(2):
+        for kind in ("weight", "bias"):
+            qkv = state[f"blocks.{i}.attn.qkv.{kind}"]
+            q, k, v = qkv.split((4 * hd, 2 * hd, 2 * hd))
+            k = k.view(2, hd, *k.shape[1:]).repeat_interleave(2, dim=0).reshape(4 * hd, *k.shape[1:])
+            v = v.view(2, hd, *v.shape[1:]).repeat_interleave(2, dim=0).reshape(4 * hd, *v.shape[1:])
+            state[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat((q, k, v))
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 53, (2, 24))
+    assert torch.allclose(gqa(idx), mha(idx), atol=1e-5, rtol=0)
+
+
+def test_state_dict_holds_parameters_only_and_embeddings_are_tied():
+    model = build(pos_encoding="rope")
+    assert model.lm_head.weight is model.tok_emb.weight
+    names = set(model.state_dict())
+    assert "rope_cos" not in names and "pos_emb.weight" not in names
+    assert {"tok_emb.weight", "lm_head.weight", "norm_f.weight", "blocks.1.attn.qkv.weight"} <= names
+    assert "lm_head.weight" in set(build(tie_embeddings=False).state_dict())
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(small(n_layer=8, n_embd=128, n_head=4))
+    assert model.blocks[0].mlp.fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # 1/sqrt(2*8)
+    assert model.blocks[0].attn.qkv.bias.abs().sum().item() == 0
+
+
+def test_safetensors_round_trip_keeps_tied_weights(tmp_path):
+    model = build(**VARIANTS["llama"])
+    save_model(model, tmp_path / "model.safetensors")
+    other = GPT(small(**VARIANTS["llama"])).eval()
+    load_model(other, tmp_path / "model.safetensors")
+    idx = torch.randint(0, 53, (1, 24))
+    assert other.lm_head.weight is other.tok_emb.weight
+    assert torch.equal(other(idx), model(idx))
+
+
+def test_too_long_input_is_refused():
+    with pytest.raises(ValueError, match="block_size=24"):
+        build()(torch.zeros(1, 25, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_on_meta_with_counts(name):
+    config = preset(name)
+    with torch.device("meta"):
+        model = GPT(config)
+    x = torch.zeros(2, config.block_size, dtype=torch.long, device="meta")
+    assert model(x).shape == (2, config.block_size, config.vocab_size)
+    counts, flops = count_parameters(config), flops_per_token(config)
+    print(f"{name}: {counts.total:,} parameters ({counts.non_embedding:,} non-embedding), {flops:,} FLOPs/token")
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert 0 < counts.non_embedding < counts.total
+    assert flops > 6 * counts.non_embedding
+
+
+def test_gpt2_124m_counts():
+    counts = count_parameters(preset("gpt2-124m"))
+    assert counts.total == 124_439_808  # the published GPT-2 small
+    assert counts.non_embedding == 124_439_808 - 50257 * 768 - 1024 * 768
+    matmul_weights = counts.non_embedding + 50257 * 768  # the tied LM head is a product too
+    assert flops_per_token(preset("gpt2-124m")) == 6 * matmul_weights + 12 * 12 * 12 * 64 * 1024
