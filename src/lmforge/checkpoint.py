@@ -278,15 +278,19 @@ def load_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str 
     try:
         load_model(unwrap(model), str(path), strict=True, device=str(device))
     except (RuntimeError, OSError) as e:  # safetensors reports mismatches as RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} does not fit the model: {first[:300]}") from None
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        raise CheckpointError(f"{path} does not fit the model: {detail[:400]}") from None
 
 
 def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                        device: torch.device | str = "cpu") -> dict:
-    """Verify `ckpt`, load weights and optimizer state in place, and return state.json (for resume)."""
+                        device: torch.device | str = "cpu", manifest: Optional[dict] = None) -> dict:
+    """Load weights and optimizer state of `ckpt` in place and return its state.json (for resume).
+
+    Verifies every file against the manifest first, unless the caller passes the manifest that
+    verify_checkpoint already returned.
+    """
     ckpt = Path(ckpt)
-    manifest = verify_checkpoint(ckpt)
+    manifest = manifest if manifest is not None else verify_checkpoint(ckpt)
     load_weights(model, ckpt, device)
     if optimizer is not None and "optimizer.safetensors" in manifest["files"]:
         load_optimizer_tensors(optimizer, ckpt / "optimizer.safetensors")

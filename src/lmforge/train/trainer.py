@@ -30,7 +30,8 @@ import yaml
 from torch import nn
 
 from lmforge.checkpoint import (capture_rng, latest_checkpoint, load_training_state, prune_checkpoints,
-                                resolve_checkpoint, restore_rng, save_checkpoint)
+                                read_run_config, resolve_checkpoint, restore_rng, save_checkpoint,
+                                verify_checkpoint)
 from lmforge.config import ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, gather_objects,
@@ -289,12 +290,13 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir) if resume == "auto" else resolve_checkpoint(resume)
         if ckpt is None:
             return  # auto with nothing to resume: a fresh run
-        state = load_training_state(ckpt, self.raw_model, self.optimizer, self.device)
-        saved_model = state["config"]["model"]
+        manifest = verify_checkpoint(ckpt)
+        saved_model = to_dict(read_run_config(ckpt).model)
         for key, value in to_dict(self.config.model).items():
             if saved_model.get(key) != value:
                 raise CheckpointError(f"{ckpt} was trained with model.{key}={saved_model.get(key)!r}, the config says "
                                       f"{value!r}; resume with the checkpoint's model config or start a new run_dir")
+        state = load_training_state(ckpt, self.raw_model, self.optimizer, self.device, manifest=manifest)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.val_loss, self.best_val_loss = state.get("val_loss"), state.get("best_val_loss")
         ranks = state["ranks"]

@@ -1,0 +1,134 @@
+"""Checkpoints: resume continues bit-identically, incomplete ones are invisible, corrupt ones are refused,
+and a directory written by train is enough to load the model for inference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import (latest_checkpoint, load_for_inference, prune_checkpoints, resolve_checkpoint,
+                                save_checkpoint, verify_checkpoint)
+from lmforge.errors import CheckpointError
+from tiny_training import tiny_config, tiny_trainer
+
+RESUME = {"train.max_steps": 20, "train.save_interval": 10, "train.keep_last": 5, "train.eval_interval": 10,
+          "model.dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """20 uninterrupted steps with dropout, saving at steps 10 and 20; a tokenizer file travels along."""
+    from lmforge.tokenizer import byte_tokenizer
+
+    root = tmp_path_factory.mktemp("full")
+    byte_tokenizer().save(root / "tokenizer.json")
+    trainer = tiny_trainer(tiny_config(root / "run", **RESUME), tokenizer_file=root / "tokenizer.json")
+    summary = trainer.fit()
+    return root / "run", trainer, summary
+
+
+def test_resume_auto_gives_identical_losses(full_run, tmp_path):
+    run, uninterrupted, _ = full_run
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step-00000010", tmp_path / "run" / "checkpoints" / "step-00000010")
+    resumed = tiny_trainer(tiny_config(tmp_path / "run", **{**RESUME, "train.resume": "auto"}))
+    summary = resumed.fit()
+    expected = [loss for step, loss in uninterrupted.history if step > 10]
+    assert [step for step, _ in resumed.history] == list(range(11, 21))
+    assert [loss for _, loss in resumed.history] == expected  # bit-identical, dropout included
+    assert summary["val_loss"] == uninterrupted.val_loss
+    for a, b in zip(uninterrupted.raw_model.parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_from_path_and_mismatched_model_refused(full_run, tmp_path):
+    run, uninterrupted, _ = full_run
+    ckpt = run / "checkpoints" / "step-00000010"
+    resumed = tiny_trainer(tiny_config(tmp_path / "a", **{**RESUME, "train.resume": str(ckpt), "train.max_steps": 12}))
+    resumed.fit()
+    assert resumed.history[0] == uninterrupted.history[10]  # step 11
+    other = tiny_trainer(tiny_config(tmp_path / "b", **{**RESUME, "train.resume": str(ckpt), "model.n_embd": 64}))
+    with pytest.raises(CheckpointError, match="n_embd"):
+        other.fit()
+
+
+def test_checkpoint_layout_and_manifest(full_run):
+    run, _, summary = full_run
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt == run / "checkpoints" / "step-00000020"
+    manifest = verify_checkpoint(ckpt)
+    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "state.json", "config.json",
+                                      "tokenizer.json"}
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 20 and state["tokens_seen"] == 20 * 4 * 16
+    assert {"python", "numpy", "torch", "cuda"} <= set(state["ranks"][0]["rng"])
+    assert state["ranks"][0]["data"]["position"] == 20 * 4
+    assert state["config"]["model"]["dropout"] == 0.1
+
+
+def test_load_for_inference_from_the_directory_alone(full_run, tmp_path):
+    run, trainer, _ = full_run
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(run / "checkpoints" / "step-00000020", moved)  # nothing else of the run comes along
+    model, tokenizer, config = load_for_inference(moved, device="cpu")
+    assert not model.training and config.model.dropout == 0.1
+    assert tokenizer is not None and tokenizer.kind == "byte"
+    idx = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    trainer.raw_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), trainer.raw_model(idx), rtol=0, atol=0)
+    assert resolve_checkpoint(run) == run / "checkpoints" / "step-00000020"  # a run dir resolves to its newest
+
+
+def test_checkpoint_without_manifest_is_invisible(full_run, tmp_path):
+    run, _, _ = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run / "checkpoints", copy / "checkpoints")
+    (copy / "checkpoints" / "step-00000020" / "manifest.json").unlink()  # a save that died before finishing
+    assert latest_checkpoint(copy) == copy / "checkpoints" / "step-00000010"
+    with pytest.raises(CheckpointError, match="incomplete"):
+        resolve_checkpoint(copy / "checkpoints" / "step-00000020")
+    (copy / "checkpoints" / "step-00000010" / "manifest.json").unlink()
+    assert latest_checkpoint(copy) is None
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_checkpoint(copy)
+    fresh = tiny_trainer(tiny_config(copy, **{**RESUME, "train.resume": "auto", "train.max_steps": 1}))
+    fresh.restore()
+    assert fresh.step == 0  # resume auto ignores both and starts over
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.safetensors", "state.json"])
+def test_corrupt_file_is_detected(full_run, tmp_path, victim):
+    run, _, _ = full_run
+    ckpt = tmp_path / "step-00000020"
+    shutil.copytree(run / "checkpoints" / "step-00000020", ckpt)
+    data = bytearray((ckpt / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (ckpt / victim).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"corrupt: {victim}") as info:
+        load_for_inference(ckpt)
+    assert "\n" not in str(info.value)
+    trainer = tiny_trainer(tiny_config(tmp_path / "r", **{**RESUME, "train.resume": str(ckpt)}))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        trainer.restore()
+
+
+def test_missing_path_is_one_clear_line(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist") as info:
+        load_for_inference(tmp_path / "nope")
+    assert "\n" not in str(info.value)
+
+
+def test_keep_last_and_best(tmp_path):
+    trainer = tiny_trainer(tiny_config(tmp_path))
+    for step, val_loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, 2.4)]:
+        save_checkpoint(tmp_path, step, trainer.raw_model, trainer.optimizer, trainer.config,
+                        {"val_loss": val_loss, "tokens_seen": 0, "ranks": []})
+        prune_checkpoints(tmp_path, keep_last=2)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-00000002", "step-00000004", "step-00000005"]  # newest two + best (1.0)
