@@ -1,0 +1,88 @@
+"""The same weights in lmforge's GPT and Hugging Face's GPT2LMHeadModel give the same logits."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.errors import ConfigError  # noqa: E402
+from lmforge.interop.hf_gpt2 import (from_hf_config, from_hf_state_dict, to_hf_config,  # noqa: E402
+                                     to_hf_state_dict)
+from lmforge.model import GPT  # noqa: E402
+
+TOLERANCE = 1e-5  # fp32, max abs difference of logits
+
+
+def gpt2_style(**overrides) -> ModelConfig:
+    base = dict(vocab_size=71, block_size=32, n_layer=2, n_head=4, n_embd=48, activation="gelu_tanh", dropout=0.0)
+    return ModelConfig(**{**base, **overrides})
+
+
+def hf_model(config: ModelConfig):
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**to_hf_config(config))).eval()
+
+
+def max_diff(ours: GPT, theirs, idx: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (ours(idx) - theirs(idx).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(activation="gelu"), dict(tie_embeddings=False),
+                                       dict(mlp_hidden=80, norm_eps=1e-6)], ids=["gelu_new", "gelu", "untied", "n_inner"])
+def test_lmforge_to_hf_same_logits(overrides):
+    config = gpt2_style(**overrides)
+    torch.manual_seed(0)
+    ours = GPT(config).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a misplaced one shows
+        for name, p in ours.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    theirs = hf_model(config)
+    theirs.load_state_dict(to_hf_state_dict(ours.state_dict(), config), strict=True)
+    idx = torch.randint(0, config.vocab_size, (3, config.block_size))
+    assert max_diff(ours, theirs, idx) <= TOLERANCE
+
+
+@pytest.mark.parametrize("prefix", ["lm-head-model", "base-model"])
+def test_hf_to_lmforge_same_logits(prefix):
+    torch.manual_seed(1)
+    hf_config = transformers.GPT2Config(vocab_size=71, n_positions=32, n_layer=2, n_head=4, n_embd=48,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                        bos_token_id=None, eos_token_id=None)
+    theirs = transformers.GPT2LMHeadModel(hf_config).eval()
+    state = theirs.state_dict()
+    if prefix == "base-model":  # the hub's gpt2 checkpoint: GPT2Model names, lm_head tied and not stored
+        state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+    config = from_hf_config(hf_config)
+    assert config.activation == "gelu_tanh" and config.dropout == 0.0
+    ours = GPT(config).eval()
+    ours.load_state_dict(from_hf_state_dict(state, config), strict=True)
+    idx = torch.randint(0, 71, (2, 32))
+    assert max_diff(ours, theirs, idx) <= TOLERANCE
+
+
+def test_config_round_trip():
+    config = gpt2_style(dropout=0.1, init_std=0.01, tie_embeddings=False)
+    assert from_hf_config(to_hf_config(config)) == config
+    assert from_hf_config(transformers.GPT2Config(**to_hf_config(config))) == config
+
+
+@pytest.mark.parametrize("key,value", [("pos_encoding", "rope"), ("norm", "rmsnorm"), ("mlp", "swiglu"),
+                                       ("bias", False), ("n_kv_head", 2)])
+def test_non_gpt2_configs_are_refused(key, value):
+    with pytest.raises(ConfigError, match=f"model.{key}="):
+        to_hf_config(gpt2_style(**{key: value}))
+
+
+def test_unknown_hf_activation_is_refused():
+    with pytest.raises(ConfigError, match="activation_function='relu'"):
+        from_hf_config({**to_hf_config(gpt2_style()), "activation_function": "relu"})
+
+
+def test_missing_tensor_is_named():
+    config = gpt2_style()
+    state = to_hf_state_dict(GPT(config).state_dict(), config)
+    del state["transformer.h.1.mlp.c_fc.weight"]
+    with pytest.raises(ConfigError, match="h.1.mlp.c_fc.weight"):
+        from_hf_state_dict(state, config)
