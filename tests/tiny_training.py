@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -42,8 +43,9 @@ def tiny_trainer(config: RunConfig, tokens: Optional[np.ndarray] = None, **kwarg
     """A Trainer on synthetic tokens (no data directory), with no progress bar and no TensorBoard."""
     tokens = synthetic_tokens() if tokens is None else tokens
     T, B, seed = config.model.block_size, config.train.batch_size, config.train.seed
-    train = TokenBatches(tokens, T, B, seed=seed, sampling=config.data.sampling)
-    val = fixed_batches(tokens, T, B, config.train.eval_batches, seed=seed + 1)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    train = TokenBatches(tokens, T, B, seed=seed, sampling=config.data.sampling, rank=rank, world_size=world)
+    val = fixed_batches(tokens, T, B, config.train.eval_batches, seed=seed + 1, rank=rank, world_size=world)
     kwargs.setdefault("progress", False)
     kwargs.setdefault("tensorboard", False)
     return Trainer(config, train_data=train, val_batches=val, **kwargs)

@@ -34,7 +34,7 @@ from lmforge.checkpoint import (capture_rng, latest_checkpoint, load_training_st
                                 verify_checkpoint)
 from lmforge.config import ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
-from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, gather_objects,
+from lmforge.distributed import (DistInfo, all_reduce_sum, barrier, apply_compile, apply_ddp, gather_objects,
                                  resolve_device, setup_distributed, teardown_distributed, unwrap)
 from lmforge.errors import CheckpointError, DataError
 from lmforge.model import GPT, count_parameters, flops_per_token
@@ -172,9 +172,13 @@ class Trainer:
                     step_time += time.perf_counter() - t0
                 self.maybe_eval()
                 self.maybe_save()
+            val = f"val loss {self.val_loss:.4f}, " if self.val_loss is not None else ""
+            self.logger.info(f"done: {self.step} steps, {self.tokens_seen:,} tokens, {val}"
+                             f"checkpoint {self.last_checkpoint}, logs in {self.run_dir}")
         finally:
             self.logger.close()
         plot = plot_run(self.run_dir) if self.dist.is_main else None
+        barrier(self.dist)  # no process leaves (and tears down the group) while rank 0 still writes
         elapsed = time.perf_counter() - start
         return {
             "run_dir": str(self.run_dir), "steps": self.step, "tokens_seen": self.tokens_seen,
