@@ -311,7 +311,8 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     device = resolve_device(device) if isinstance(device, str) else device
     model = GPT(config.model)
     load_weights(model, ckpt, "cpu")
-    model.to(device).eval()
+    model.to(device)
+    model.eval()
     tokenizer = None
     if "tokenizer.json" in manifest["files"]:
         from lmforge.tokenizer import Tokenizer

@@ -234,15 +234,16 @@ class Trainer:
         """Mean loss over the fixed validation batches (all processes together), or None without them."""
         if not self.val_batches:
             return None
-        self.eval_model.eval()
+        model = self.eval_model
+        model.eval()  # dropout off
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, labels)
         for x, y in self.val_batches:
             x, y = x.to(self.device), y.to(self.device)
             with autocast(self.config.train.precision, self.device):
-                logits = self.eval_model(x)
+                logits = model(x)
             totals[0] += cross_entropy_sum(logits, y).double()
             totals[1] += count_labels(y)
-        self.eval_model.train()
+        model.train()
         totals = all_reduce_sum(totals, self.dist)
         return float(totals[0] / totals[1].clamp(min=1))
 
