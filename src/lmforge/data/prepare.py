@@ -44,8 +44,10 @@ from lmforge.data.shards import FORMAT, MANIFEST, SPLITS, ShardWriter, dtype_for
 from lmforge.errors import DataError
 from lmforge.tokenizer import KINDS, Tokenizer, byte_tokenizer, train_bpe, train_char
 
-BATCH_BYTES = 1 << 22  # text per encoding batch (4 MiB)
-BATCH_DOCS = 4096
+# Text per encoding batch. Big enough for the Rust encoder to spread over the cores, small enough that
+# the batches in flight (HF Encodings hold ~100 bytes per token while alive) stay well under 100 MB.
+BATCH_BYTES = 1 << 20
+BATCH_DOCS = 1024
 format_report = data_report.format_report
 
 
@@ -391,7 +393,7 @@ def _batches(spool: _Spool, docs: np.ndarray):
 
 
 def _ordered_map(fn, items, workers: int):
-    """``map(fn, items)`` on ``workers`` threads, in order, with at most 2*workers results in flight."""
+    """``map(fn, items)`` on ``workers`` threads, in order, with at most workers+1 results in flight."""
     if workers == 1:
         yield from map(fn, items)
         return
@@ -399,7 +401,7 @@ def _ordered_map(fn, items, workers: int):
         pending = deque()
         for item in items:
             pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * workers:
+            if len(pending) > workers:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

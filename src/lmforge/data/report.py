@@ -27,7 +27,7 @@ REPORT = "report.json"
 HASH_BASE = np.uint64(0x100000001B3)  # FNV-64 prime, as the polynomial base of the rolling hash
 HASH_BASE_INVERSE = np.uint64(pow(int(HASH_BASE), -1, 1 << 64))
 MIN_SHINGLES = 3  # documents with fewer sampled shingles are too short to judge
-CHUNK = 1 << 22  # tokens per streamed chunk
+CHUNK = 1 << 20  # tokens per streamed chunk (about 50 MB of temporaries)
 
 
 # ------------------------------------------------------------------------------------------ shingles
@@ -86,7 +86,7 @@ def default_shingle_tokens(kind: str) -> int:
 
 # ------------------------------------------------------------------------------------------- leakage
 def find_leakage(data_dir: str | Path, tok: Tokenizer, *, shingle_tokens: int | None = None,
-                 threshold: float = 0.5, max_sampled: int = 4_000_000, max_examples: int = 3,
+                 threshold: float = 0.5, max_sampled: int = 2_000_000, max_examples: int = 3,
                  progress: bool = False) -> dict:
     """How many val/test documents share at least ``threshold`` of their shingles with train.
 
