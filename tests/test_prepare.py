@@ -10,7 +10,7 @@ import pytest
 
 from lmforge.data.prepare import cut_points, first_occurrences, format_report, prepare, split_counts
 from lmforge.data.shards import load_split, read_manifest
-from lmforge.errors import DataError
+from lmforge.errors import DataError, TokenizerError
 from lmforge.tokenizer import Tokenizer
 
 WORDS = "thou art more lovely and temperate rough winds do shake the darling buds of may summer lease hath all too short a date".split()
@@ -62,12 +62,16 @@ def test_folder_tree_reads_txt_jsonl_and_warns_about_other_files(tmp_path, capsy
     (root / "a" / "two.txt").write_text("second document")
     (root / "a" / "b" / "more.jsonl").write_text('{"text": "third"}\n{"text": "fourth"}\n')
     (root / "a" / "notes.md").write_text("not a corpus file")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD.txt").write_text("ref: refs/heads/main")
     report = run([root], tmp_path / "out")
     docs = split_documents(tmp_path / "out")
     assert sorted(sum(docs.values(), [])) == ["first document", "fourth", "second document", "third"]
     assert report["cleaning"]["files"] == 3
-    assert [s["path"] for s in report["cleaning"]["skipped_files"]] == [str(root / "a" / "notes.md")]
-    assert "notes.md" in capsys.readouterr().err
+    skipped = report["cleaning"]["skipped_files"]
+    assert [s["path"] for s in skipped] == [str(root / "a" / "notes.md"), str(root)]
+    assert skipped[1]["reason"].startswith("1 hidden file(s)")
+    assert f"skipped {root / 'a' / 'notes.md'}: unsupported file type '.md'" in capsys.readouterr().err
 
 
 def test_glob_selects_matching_files_only(tmp_path, corpus):
@@ -213,8 +217,8 @@ def test_shakespeare_dataset(tmp_path):
 
 # --------------------------------------------------------------------------- determinism and splits
 def test_two_runs_give_identical_bytes(tmp_path, corpus):
-    for out in ("a", "b"):
-        run([corpus], tmp_path / out, tokenizer="bpe", vocab_size=300, workers=2)
+    for out, workers in (("a", 2), ("b", 1)):
+        run([corpus], tmp_path / out, tokenizer="bpe", vocab_size=300, workers=workers)
     for name in ("train.bin", "val.bin", "test.bin", "tokenizer.json", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     run([corpus], tmp_path / "c", tokenizer="bpe", vocab_size=300, seed=7)
@@ -257,8 +261,13 @@ def test_split_helpers():
 def test_bad_arguments(tmp_path, corpus):
     with pytest.raises(DataError, match=r"split=\(0\.5, 0\.5, 0\.0\) is invalid"):
         run([corpus], tmp_path / "out", split=(0.5, 0.5, 0.0))
-    with pytest.raises(DataError, match=r"tokenizer='wordpiece' is invalid"):
+    with pytest.raises(DataError, match=r"tokenizer='wordpiece' is neither char, byte, bpe nor an existing"):
         run([corpus], tmp_path / "out", tokenizer="wordpiece")
+    with pytest.raises(DataError, match=r"vocab_size=200 is too small for a bpe tokenizer"):
+        run([corpus], tmp_path / "out", tokenizer="bpe", vocab_size=200)
+    with pytest.raises(TokenizerError, match=r"must be three distinct"):
+        run([corpus], tmp_path / "out", special_tokens=("<s>", "<s>", "<pad>"))
+    assert leftovers(tmp_path, tmp_path / "out") == []
     with pytest.raises(DataError, match=r"unknown dataset 'tinystories'"):
         run([], tmp_path / "out", dataset="tinystories")
 
@@ -291,3 +300,11 @@ def test_leakage_check_finds_planted_near_copies(tmp_path):
     example = report["leakage"]["examples"][0]
     assert example["text"].split()[0] == example["train_text"].split()[0]  # the same tag
     assert 0.5 <= example["shared"] < 1.0
+
+
+def test_custom_special_token_names_reach_the_manifest(tmp_path, corpus):
+    run([corpus], tmp_path / "out", tokenizer="byte", special_tokens=("<s>", "</s>", "<pad>"))
+    specials = read_manifest(tmp_path / "out")["special_tokens"]
+    assert specials == {"start": {"token": "<s>", "id": 0}, "end": {"token": "</s>", "id": 1},
+                        "pad": {"token": "<pad>", "id": 2}}
+    assert Tokenizer.load(tmp_path / "out" / "tokenizer.json").special_tokens == ("<s>", "</s>", "<pad>")

@@ -44,6 +44,13 @@ BYTE_OFFSET = N_SPECIAL  # id of byte 0 in the byte and char kinds
 UNICODE_SIZE = 0x110000
 
 
+def check_special_tokens(names) -> None:
+    """Raise TokenizerError unless ``names`` are three distinct non-empty strings (start, end, pad)."""
+    if (not isinstance(names, (tuple, list)) or len(names) != N_SPECIAL or len(set(names)) != N_SPECIAL
+            or not all(isinstance(n, str) and n for n in names)):
+        raise TokenizerError(f"special tokens {names!r} must be three distinct non-empty names (start, end, pad)")
+
+
 def _gpt2_byte_to_unicode() -> dict[int, str]:
     """The printable-character alphabet byte-level BPE uses for the 256 bytes (GPT-2, Radford et al. 2019)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -72,8 +79,7 @@ class Tokenizer:
                  chars: list[str] | None = None, hf_json: str | None = None) -> None:
         if kind not in KINDS:
             raise TokenizerError(f"unknown tokenizer kind {kind!r}: choose one of char, byte, bpe or a tokenizer.json path")
-        if len(special_tokens) != N_SPECIAL or len(set(special_tokens)) != N_SPECIAL or not all(special_tokens):
-            raise TokenizerError(f"special tokens {special_tokens!r} must be three distinct non-empty names (start, end, pad)")
+        check_special_tokens(special_tokens)
         self.kind = kind
         self.special_tokens = tuple(special_tokens)
         self._hf = None

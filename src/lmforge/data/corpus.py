@@ -70,17 +70,23 @@ def find_files(inputs: list[str], warn: Callable[[str], None] = warn_stderr,
     """Expand files, folders (recursive) and globs into a sorted, de-duplicated list of files.
 
     A missing path or a glob matching nothing raises DataError. Files in folders with an unsupported
-    extension are skipped with a warning (and recorded in ``stats.skipped_files``).
+    extension are skipped with a warning (and recorded in ``stats.skipped_files``); hidden files and
+    folders (names starting with ".") are skipped with one warning per input folder.
     """
     found: dict[Path, None] = {}
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            hidden = 0
             for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                if f.suffix.lower() in SUFFIXES:
+                if any(part.startswith(".") for part in f.relative_to(path).parts):
+                    hidden += 1  # .git, .DS_Store, editor files: summarised in one warning below
+                elif f.suffix.lower() in SUFFIXES:
                     found[f] = None
                 else:
                     _skip(f, f"unsupported file type {f.suffix or '(none)'!r}; use .txt, .jsonl or .parquet", warn, stats)
+            if hidden:
+                _skip(path, f"{hidden} hidden file(s) inside (names starting with '.') not read", warn, stats)
         elif path.is_file():
             found[path] = None
         elif glob.has_magic(item):

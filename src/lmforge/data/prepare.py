@@ -39,16 +39,17 @@ from tqdm import tqdm
 
 import lmforge
 from lmforge.data import report as data_report
+from lmforge.data.report import format_report
 from lmforge.data.corpus import CorpusReader, CorpusStats, find_files, shakespeare_files
 from lmforge.data.shards import FORMAT, MANIFEST, SPLITS, ShardWriter, dtype_for_vocab, write_manifest
 from lmforge.errors import DataError
-from lmforge.tokenizer import KINDS, Tokenizer, byte_tokenizer, train_bpe, train_char
+from lmforge.tokenizer import KINDS, N_SPECIAL, Tokenizer, byte_tokenizer, check_special_tokens, train_bpe, train_char
 
 # Text per encoding batch. Big enough for the Rust encoder to spread over the cores, small enough that
 # the batches in flight (HF Encodings hold ~100 bytes per token while alive) stay well under 100 MB.
 BATCH_BYTES = 1 << 20
 BATCH_DOCS = 1024
-format_report = data_report.format_report
+MIN_VOCAB = N_SPECIAL + 256
 
 
 def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenizer: str = "char",
@@ -64,9 +65,10 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
     or TokenizerError with a one-line message; on error nothing is written and an existing ``out``
     is left untouched. An existing dataset is replaced only with ``force=True``.
     """
-    _check_arguments(inputs, dataset, tokenizer, split, workers)
+    _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_tokens, workers)
     out_dir = Path(out)
     _check_out(out_dir, force)
+    given = None if tokenizer in KINDS else Tokenizer.load(tokenizer)  # fail before reading the corpus
     log = _Log(progress)
     stats = CorpusStats()
     if dataset is not None:
@@ -79,7 +81,7 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
     tmp.mkdir()
     try:
         report = _Pipeline(tmp, log, stats, workers=workers, progress=progress).run(
-            files, tokenizer=tokenizer, vocab_size=vocab_size, split=split, seed=seed, doc_split=doc_split,
+            files, tokenizer=given or tokenizer, vocab_size=vocab_size, split=split, seed=seed, doc_split=doc_split,
             jsonl_field=jsonl_field, parquet_column=parquet_column, keep_duplicates=keep_duplicates,
             special_tokens=special_tokens)
         _publish(tmp, out_dir)
@@ -90,15 +92,19 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
 
 
 # ---------------------------------------------------------------------------------------- arguments
-def _check_arguments(inputs, dataset, tokenizer, split, workers) -> None:
+def _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_tokens, workers) -> None:
     if dataset is not None and dataset != "shakespeare":
         raise DataError(f"unknown dataset {dataset!r}: the built-in dataset is 'shakespeare'; or give input files")
     if dataset is None and not inputs:
         raise DataError("no inputs: give files, folders or glob patterns, or --dataset shakespeare")
     if dataset is not None and inputs:
         raise DataError("give either input files or --dataset, not both")
-    if tokenizer not in KINDS and not tokenizer.endswith(".json"):
-        raise DataError(f"tokenizer={tokenizer!r} is invalid: choose char, byte, bpe or a path to a tokenizer.json")
+    if tokenizer not in KINDS and not Path(tokenizer).is_file():
+        raise DataError(f"tokenizer={tokenizer!r} is neither char, byte, bpe nor an existing tokenizer.json file")
+    if tokenizer in ("char", "bpe") and not (isinstance(vocab_size, int) and vocab_size > MIN_VOCAB):
+        raise DataError(f"vocab_size={vocab_size} is too small for a {tokenizer} tokenizer: use more than {MIN_VOCAB} "
+                        "(3 special tokens + 256 bytes)")
+    check_special_tokens(special_tokens)
     if (len(split) != 3 or any(not isinstance(f, (int, float)) or f <= 0 for f in split)
             or abs(sum(split) - 1.0) > 1e-6):
         raise DataError(f"split={tuple(split)} is invalid: give three positive fractions (train, val, test) summing to 1")
@@ -240,7 +246,7 @@ class _Pipeline:
         self.progress = progress
         self.timings: dict[str, float] = {}
 
-    def run(self, files: list[Path], *, tokenizer: str, vocab_size: int, split, seed: int, doc_split: str,
+    def run(self, files: list[Path], *, tokenizer: str | Tokenizer, vocab_size: int, split, seed: int, doc_split: str,
             jsonl_field: str, parquet_column: str, keep_duplicates: bool, special_tokens) -> dict:
         spool = _Spool(self.tmp / "documents.spool")
         try:
@@ -285,9 +291,9 @@ class _Pipeline:
         t0 = time.perf_counter()
         leakage = data_report.find_leakage(self.tmp, tok, progress=self.progress)
         self.timings["leakage"] = time.perf_counter() - t0
-        self.timings["encoded_bytes"] = encoded_bytes
         report = data_report.build_report(manifest, entries, tok, token_counts, self.stats, duplicates,
                                           leakage, self.log.warnings, self.timings)
+        report["encoded_bytes"] = encoded_bytes  # text bytes the encode step turned into tokens
         data_report.write_report(self.tmp, report)
         return report
 
@@ -338,11 +344,12 @@ class _Pipeline:
                 "val": np.array([first_piece + 1]), "test": np.array([first_piece + 2])}
 
     # -- step 4: tokenizer
-    def _tokenizer(self, spool: _Spool, train_docs: np.ndarray, kind: str, vocab_size: int, special_tokens) -> Tokenizer:
+    def _tokenizer(self, spool: _Spool, train_docs: np.ndarray, kind: str | Tokenizer, vocab_size: int,
+                   special_tokens) -> Tokenizer:
+        if isinstance(kind, Tokenizer):
+            return kind
         if kind == "byte":
             return byte_tokenizer(tuple(special_tokens))
-        if kind not in KINDS:
-            return Tokenizer.load(kind)
         in_file_order = np.sort(train_docs)  # sequential reads; counts do not depend on order
         total = int(sum(spool.lengths[i] for i in in_file_order))
         if kind == "char":
