@@ -127,3 +127,10 @@ def test_decode_rejects_out_of_range_id():
 def test_too_small_vocab_is_refused():
     with pytest.raises(TokenizerError, match="vocab_size=100 is too small"):
         train_char(["a"], vocab_size=100)
+
+
+def test_bpe_refuses_special_names_it_could_learn():
+    with pytest.raises(TokenizerError, match=r"special token name 'endoftext' could also be learned"):
+        train_bpe(["endoftext and endoftext"] * 20, vocab_size=300, special_tokens=("endoftext", "<eos>", "<pad>"))
+    tok = train_bpe(["<s> and </s> <s>"] * 20, vocab_size=300, special_tokens=("<s>", "</s>", "<pad>"))
+    assert 0 not in tok.encode("<s>") and tok.decode(tok.encode("<s> x</s>")) == "<s> x</s>"

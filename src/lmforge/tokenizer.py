@@ -316,6 +316,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192,
 
     if vocab_size <= N_SPECIAL + 256:
         raise TokenizerError(f"vocab_size={vocab_size} is too small for bpe: use more than {N_SPECIAL + 256}")
+    _check_bpe_special_names(special_tokens)
     hf = HFTokenizer(models.BPE())
     _configure_byte_level(hf)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
@@ -334,6 +335,23 @@ def _configure_byte_level(hf) -> None:
     hf.post_processor = None
 
 
+def _check_bpe_special_names(special_tokens) -> None:
+    """Refuse special names that BPE could also learn from ordinary text.
+
+    Merges never cross pre-token boundaries, so a name the byte-level pre-tokeniser splits into two or
+    more pieces (``<END>`` -> ``<``, ``END``, ``>``) can never be a learned token; a name that stays one
+    piece (``endoftext``) could be, and encoding ordinary text would then emit the special id.
+    """
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str
+    for name in special_tokens:
+        pieces = split(name)
+        if len(pieces) == 1 and pieces[0][0] == name:
+            raise TokenizerError(f"special token name {name!r} could also be learned from ordinary text by bpe: "
+                                 "mix letters and punctuation, like <END>")
+
+
 def _load_hf(hf_json: str | None, special_tokens: tuple[str, str, str]):
     """The HF tokenizer from its JSON, checked to put the special tokens at ids 0, 1, 2."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -344,6 +362,7 @@ def _load_hf(hf_json: str | None, special_tokens: tuple[str, str, str]):
         hf = HFTokenizer.from_str(hf_json)
     except Exception as e:  # the Rust library raises plain Exceptions
         raise TokenizerError(f"the embedded Hugging Face tokenizer cannot be loaded ({e}): re-run `lmforge prepare`") from None
+    _check_bpe_special_names(special_tokens)
     for i, name in enumerate(special_tokens):
         if hf.token_to_id(name) != i:
             raise TokenizerError(f"special token {name!r} should have id {i} in the bpe vocabulary: re-run `lmforge prepare`")

@@ -25,9 +25,9 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import secrets
 import shutil
 import sys
-import secrets
 import time
 from array import array
 from collections import deque
@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 import lmforge
 from lmforge.data import report as data_report
-from lmforge.data.report import format_report
 from lmforge.data.corpus import CorpusReader, CorpusStats, find_files, shakespeare_files
-from lmforge.data.shards import FORMAT, MANIFEST, SPLITS, ShardWriter, dtype_for_vocab, write_manifest
+from lmforge.data.report import format_report
+from lmforge.data.shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, write_manifest
 from lmforge.errors import DataError
 from lmforge.tokenizer import KINDS, N_SPECIAL, Tokenizer, byte_tokenizer, check_special_tokens, train_bpe, train_char
 
