@@ -202,22 +202,29 @@ class Trainer:
         """
         tc = self.config.train
         micro = [self.train_data.next_batch() for _ in range(tc.grad_accum)]
-        count = torch.tensor(float(sum(count_labels(y) for _, y in micro)), device=self.device)
-        count = all_reduce_sum(count, self.dist)
+        count = torch.tensor(float(sum(count_labels(y) for _, y in micro)))
+        if self.dist.enabled:  # labels in the global batch: one small all-reduce, no host sync
+            count = all_reduce_sum(count.to(self.device), self.dist)
         scale = self.dist.world_size / count.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro):
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = self.to_device(x), self.to_device(y)
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
             with sync:  # DDP all-reduces gradients once, after the last micro-batch
                 with autocast(tc.precision, self.device):
                     logits = self.model(x)  # (B, T, V)
                 loss = cross_entropy_sum(logits, y)
-                (loss * scale).backward()
+                (loss * scale).backward()  # scale: 0-dim, a scalar argument on any device
             loss_sum += loss.detach()
             self.tokens_seen += x.numel() * self.dist.world_size
         return loss_sum, count
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Copy a CPU batch tensor to the device; on CUDA from pinned memory, without blocking the host."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def optimizer_step(self) -> tuple[torch.Tensor, float]:
         """Clip the gradient norm, set the scheduled learning rate, step AdamW; returns (pre-clip norm, lr)."""
