@@ -132,3 +132,14 @@ def test_keep_last_and_best(tmp_path):
         prune_checkpoints(tmp_path, keep_last=2)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-00000002", "step-00000004", "step-00000005"]  # newest two + best (1.0)
+
+
+def test_new_run_refuses_a_run_dir_with_checkpoints(full_run, tmp_path):
+    from lmforge.errors import ConfigError
+
+    run, _, _ = full_run
+    shutil.copytree(run / "checkpoints", tmp_path / "checkpoints")
+    trainer = tiny_trainer(tiny_config(tmp_path, **RESUME))  # resume: none
+    with pytest.raises(ConfigError, match="--resume auto"):
+        trainer.fit()
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing written

@@ -86,3 +86,14 @@ def test_evaluate_checkpoint_errors_are_one_line(trained_run, tmp_path):
     with pytest.raises(LmforgeError) as info:
         evaluate_checkpoint(root / "run", data_dir=tmp_path, device="cpu")
     assert "manifest.json" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_byte_count_adds_up_over_chunks():
+    from lmforge.eval.perplexity import predicted_bytes
+    from lmforge.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = "naïve café — 東京 " * 50
+    tokens = np.asarray([tok.start_id, *tok.encode(text), tok.end_id], dtype=np.uint16)
+    expected = len(text.encode("utf-8"))
+    assert predicted_bytes(tok, tokens) == predicted_bytes(tok, tokens, chunk=7) == expected

@@ -76,6 +76,15 @@ def split_bytes(manifest: dict, split: str) -> Optional[int]:
     return None
 
 
+def predicted_bytes(tokenizer: Any, tokens: np.ndarray, chunk: int = 1 << 20) -> int:
+    """UTF-8 bytes of the text of tokens[1:] (the predicted ones), decoded a chunk at a time.
+
+    Every tokenizer maps each id to a fixed byte string, so the count adds up over chunks.
+    """
+    return sum(len(tokenizer.decode_bytes(np.asarray(tokens[s:s + chunk]).tolist(), skip_special=True))
+               for s in range(1, len(tokens), chunk))
+
+
 def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None, split: str = "val",
                         max_tokens: Optional[int] = None, batch_size: int = 16,
                         device: str = "auto") -> dict[str, Any]:
@@ -107,7 +116,7 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
             from lmforge.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
-        num_bytes = len(tokenizer.decode_bytes(np.asarray(tokens[1:]).tolist(), skip_special=True))
+        num_bytes = predicted_bytes(tokenizer, tokens)
     return {"loss": result["loss"], "perplexity": result["perplexity"],
             "bits_per_byte": bits_per_byte(result["loss_sum"], num_bytes), "tokens": result["tokens"],
             "bytes": num_bytes, "split": split, "checkpoint": str(ckpt), "data": str(data_dir)}

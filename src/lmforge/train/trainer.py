@@ -36,7 +36,7 @@ from lmforge.config import ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, barrier, apply_compile, apply_ddp, gather_objects,
                                  resolve_device, setup_distributed, teardown_distributed, unwrap)
-from lmforge.errors import CheckpointError, DataError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.train.loss import count_labels, cross_entropy_sum
 from lmforge.train.metrics import MetricsLogger
@@ -298,6 +298,9 @@ class Trainer:
         """Continue from a checkpoint per train.resume: none | auto (newest complete one, if any) | PATH."""
         resume = self.config.train.resume
         if resume == "none":
+            if latest_checkpoint(self.run_dir) is not None:  # never mix two runs' checkpoints and metrics
+                raise ConfigError(f"run_dir {self.run_dir} already holds checkpoints; continue it with --resume auto, "
+                                  f"or choose another --run-dir")
             return
         ckpt = latest_checkpoint(self.run_dir) if resume == "auto" else resolve_checkpoint(resume)
         if ckpt is None:
