@@ -227,16 +227,15 @@ class GPT(nn.Module):
 class KVCache:
     """Keys and values of the positions seen so far, for decoding one token at a time.
 
-    Pre-allocated once, (n_layer, B, nkv, max_len, hd) each, and filled in place: a decoding step writes
-    one slice instead of concatenating tensors. `pos` is the number of positions filled.
+    Pre-allocated once, (B, nkv, max_len, hd) per layer for keys and for values, and filled in place:
+    a decoding step writes one slice instead of concatenating tensors. `pos` counts the positions filled.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: Optional[int] = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        max_len = max_len or config.block_size
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_head, max_len or config.block_size, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0
 
     @classmethod
@@ -246,10 +245,10 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nkv, T, hd) at positions pos..pos+T-1 of `layer`; return all (B, nkv, pos+T, hd)."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        T = k.size(2)
+        self.k[layer].narrow(2, self.pos, T).copy_(k)
+        self.v[layer].narrow(2, self.pos, T).copy_(v)
+        return self.k[layer].narrow(2, 0, self.pos + T), self.v[layer].narrow(2, 0, self.pos + T)
 
     def reset(self) -> None:
         self.pos = 0
