@@ -143,3 +143,13 @@ def test_new_run_refuses_a_run_dir_with_checkpoints(full_run, tmp_path):
     with pytest.raises(ConfigError, match="--resume auto"):
         trainer.fit()
     assert not (tmp_path / "metrics.jsonl").exists()  # nothing written
+
+
+def test_val_loss_is_stored_only_where_measured(tmp_path):
+    trainer = tiny_trainer(tiny_config(tmp_path, **{"train.max_steps": 4, "train.eval_interval": 3,
+                                                   "train.save_interval": 2, "train.keep_last": 5}))
+    trainer.fit()
+    losses = {p.name: json.loads((p / "state.json").read_text())["val_loss"]
+              for p in (tmp_path / "checkpoints").iterdir()}
+    assert losses["step-00000002"] is None  # no evaluation at step 2
+    assert isinstance(losses["step-00000004"], float)  # the final evaluation

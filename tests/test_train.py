@@ -203,3 +203,10 @@ def test_bf16_mixed_trains_on_cpu(tmp_path):
     losses = _run_steps(trainer, 8)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert trainer.raw_model.tok_emb.weight.dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    eager = tiny_trainer(tiny_config(tmp_path / "eager"))
+    compiled = tiny_trainer(tiny_config(tmp_path / "compiled", **{"train.compile": True}))
+    np.testing.assert_allclose(_run_steps(compiled, 3), _run_steps(eager, 3), rtol=1e-4)

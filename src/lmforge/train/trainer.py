@@ -132,14 +132,17 @@ class Trainer:
         self.raw_model = model.to(self.device) if model is not None else build_model(config.model, self.device, tc.seed)
         self.optimizer = build_optimizer(self.raw_model, config.optim, self.device)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
-        self.eval_model = apply_compile(self.raw_model) if tc.compile else self.raw_model
-        self.model = apply_ddp(self.eval_model, self.dist, self.device)
+        # DDP first, then compile: the compiler splits the graph at DDP's gradient buckets so that the
+        # all-reduce of one bucket overlaps the backward of the next (PyTorch's DDPOptimizer).
+        self.ddp_model = apply_ddp(self.raw_model, self.dist, self.device)
+        self.model = apply_compile(self.ddp_model) if tc.compile else self.ddp_model
         # Different dropout masks on different processes, the same on every run.
         torch.manual_seed(tc.seed + self.dist.rank)
 
         self.step = 0
         self.tokens_seen = 0
         self.val_loss: Optional[float] = None
+        self.val_step: Optional[int] = None  # the step val_loss was measured at
         self.best_val_loss: Optional[float] = None
         self.last_checkpoint: Optional[Path] = None
         self.history: list[tuple[int, float]] = []  # (step, train loss) at every log step
@@ -210,7 +213,7 @@ class Trainer:
         for i, (x, y) in enumerate(micro):
             x, y = self.to_device(x), self.to_device(y)
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.model.no_sync()
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
             with sync:  # DDP all-reduces gradients once, after the last micro-batch
                 with autocast(tc.precision, self.device):
                     logits = self.model(x)  # (B, T, V)
@@ -241,7 +244,7 @@ class Trainer:
         """Mean loss over the fixed validation batches (all processes together), or None without them."""
         if not self.val_batches:
             return None
-        model = self.eval_model
+        model = self.model
         model.eval()  # dropout off
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, labels)
         for x, y in self.val_batches:
@@ -258,7 +261,7 @@ class Trainer:
         interval = self.config.train.eval_interval
         if not (interval and self.step % interval == 0) and self.step != self.config.train.max_steps:
             return
-        self.val_loss = self.evaluate()
+        self.val_loss, self.val_step = self.evaluate(), self.step
         if self.val_loss is None:
             return
         if self.best_val_loss is None or self.val_loss < self.best_val_loss:
@@ -287,7 +290,9 @@ class Trainer:
         """Checkpoint the current step (every process contributes its RNG and data state; rank 0 writes)."""
         per_rank = gather_objects({"rng": capture_rng(), "data": self.train_data.state_dict()}, self.dist)
         if self.dist.is_main:
-            state = {"tokens_seen": self.tokens_seen, "val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
+            measured_now = self.val_step == self.step  # a stale val loss must not make this the "best" one
+            state = {"tokens_seen": self.tokens_seen, "val_loss": self.val_loss if measured_now else None,
+                     "last_val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
                      "world_size": self.dist.world_size, "ranks": per_rank,
                      "tokenizer_sha256": _sha256_or_none(self.tokenizer_file)}
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
@@ -313,7 +318,8 @@ class Trainer:
                                       f"{value!r}; resume with the checkpoint's model config or start a new run_dir")
         state = load_training_state(ckpt, self.raw_model, self.optimizer, self.device, manifest=manifest)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.val_loss, self.best_val_loss = state.get("val_loss"), state.get("best_val_loss")
+        self.val_loss, self.best_val_loss = state.get("last_val_loss"), state.get("best_val_loss")
+        self.val_step = self.step if state.get("val_loss") is not None else None
         ranks = state["ranks"]
         mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
         self.train_data.load_state_dict(mine["data"])
