@@ -10,20 +10,10 @@ from lmforge.errors import ConfigError
 from lmforge.generate import (GenerateConfig, TextGenerator, filter_logits, generate_ids, next_token,
                               text_pieces)
 from lmforge.model import GPT
+from lmforge.tokenizer import byte_tokenizer
 
-START, END = 1, 2
-
-
-class ByteTokenizer:
-    """Stand-in for lmforge.tokenizer.Tokenizer: bytes are ids 3..258, then <PAD>=0, <START>=1, <END>=2."""
-
-    start_id, end_id, pad_id, vocab_size = START, END, 0, 259
-
-    def encode(self, text):
-        return [b + 3 for b in text.encode("utf-8")]
-
-    def decode(self, ids, skip_special=True):
-        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+TOKENIZER = byte_tokenizer()  # ids: 3 special tokens, then the 256 bytes
+START, END = TOKENIZER.start_id, TOKENIZER.end_id
 
 
 def model(**overrides) -> GPT:
@@ -104,9 +94,9 @@ def test_top_k_and_top_p_never_emit_a_filtered_token():
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     nucleus = [set(order[b, :int((sorted_probs[b].cumsum(0) < 0.6).sum()) + 1].tolist()) for b in range(4)]
     gen = torch.Generator().manual_seed(0)
+    k_config, p_config = GenerateConfig(top_k=5), GenerateConfig(top_p=0.6)
     for _ in range(300):
-        k_pick = next_token(logits, GenerateConfig(top_k=5), gen)
-        p_pick = next_token(logits, GenerateConfig(top_p=0.6), gen)
+        k_pick, p_pick = next_token(logits, k_config, gen), next_token(logits, p_config, gen)
         for b in range(4):
             assert k_pick[b] in top5[b]
             assert int(p_pick[b]) in nucleus[b]
@@ -128,20 +118,39 @@ def test_bad_settings_are_refused():
 
 
 def test_stream_joins_to_generate_and_holds_partial_characters():
-    m, tok = model(), ByteTokenizer()
-    gen = TextGenerator(m, tok)
-    text = gen.generate("héllo", max_new_tokens=20, seed=3)[0]
+    gen = TextGenerator(model(), TOKENIZER)
+    text = gen.generate("héllo", max_new_tokens=20, seed=3)
+    assert isinstance(text, str)
     assert "".join(gen.stream("héllo", max_new_tokens=20, seed=3)) == text
-    pieces = list(text_pieces(tok, iter(tok.encode("a€b😀") + [END, 50])))
-    assert "".join(pieces) == "a€b😀"
-    assert pieces == ["a", "€", "b", "😀"]  # never half a character
+    pieces = list(text_pieces(TOKENIZER, iter(TOKENIZER.encode("a€b😀") + [END, 50])))
+    assert pieces == ["a", "€", "b", "😀"]  # never half a character, nothing after <END>
 
 
 def test_generate_returns_one_text_per_sequence():
-    gen = TextGenerator(model(), ByteTokenizer())
+    gen = TextGenerator(model(), TOKENIZER)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = gen.generate("ab", max_new_tokens=5, seed=0, num_return_sequences=3)
     assert len(out) == 3 and all(isinstance(t, str) for t in out)
     with pytest.raises(ConfigError, match="num_return_sequences=1"):
         gen.stream("ab", num_return_sequences=2)
+
+
+def test_greedy_flag_and_max_length():
+    m = model()
+    assert generate_ids(m, [START, 4], greedy=True, temperature=0.7, max_new_tokens=6) == \
+        generate_ids(m, [START, 4], temperature=0.0, max_new_tokens=6)
+    assert len(generate_ids(m, [START, 4], greedy=True, max_new_tokens=200, max_length=7)[0]) == 5  # max_length wins
+
+
+def test_load_generates_like_the_saved_model(tmp_path):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import RunConfig
+    from lmforge.generate import load
+
+    m = model()
+    TOKENIZER.save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "run", 10, m, None, RunConfig(model=m.config), {}, tokenizer_file=tmp_path / "tokenizer.json")
+    loaded = load(str(tmp_path / "run"))
+    expected = TextGenerator(m, TOKENIZER).generate("hi", greedy=True, max_new_tokens=8)
+    assert loaded.generate("hi", greedy=True, max_new_tokens=8) == expected

@@ -10,8 +10,8 @@ Prompts are encoded as <START> + prompt tokens, the way documents were stored fo
 Past the context: a learned/sinusoidal/RoPE position cannot go beyond block_size, so when the sequence
 fills the window it slides: the cache is rebuilt by one forward pass over the newest block_size // 2
 tokens and decoding continues from there. The model therefore always sees between block_size/2 and
-block_size tokens of context, and pays one prefill per block_size/2 new tokens (nanoGPT instead
-recomputes the full window for every token: the same context rule at block_size, many times slower).
+block_size tokens of context, and pays one prefill per block_size/2 new tokens (nanoGPT instead runs
+the newest block_size tokens through the whole model for every new token: a full window, many times slower).
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from lmforge.model import GPT, KVCache
 class GenerateConfig:
     """How to continue a prompt."""
 
-    max_new_tokens: Optional[int] = doc("Tokens to generate at most; null = max_length, or 100.", None)
-    max_length: Optional[int] = doc("Prompt (with <START>) plus new tokens at most; used when max_new_tokens is null.", None)
-    temperature: float = doc("Divide logits by this before sampling; 0 = greedy (always the most likely token).", 1.0)
+    max_new_tokens: Optional[int] = doc("Tokens to generate at most (when max_length is null); null = 100.", None)
+    max_length: Optional[int] = doc("Prompt (with <START>) plus new tokens at most; overrides max_new_tokens.", None)
+    greedy: bool = doc("Always take the most likely token (as does temperature 0).", False)
+    temperature: float = doc("Divide logits by this before sampling; 0 = greedy.", 1.0)
     top_k: Optional[int] = doc("Sample only among the k most likely tokens; null = all.", None)
-    top_p: float = doc("Nucleus sampling: the smallest set of tokens with probability >= top_p; 1 = all.", 1.0)
+    top_p: Optional[float] = doc("Nucleus sampling: the smallest set of tokens with probability >= top_p; null = 1 = all.", None)
     seed: Optional[int] = doc("Seed of the sampling generator (same seed, same tokens); null = random.", None)
     num_return_sequences: int = doc("Continuations generated (as one batch) for the prompt.", 1)
 
@@ -46,31 +47,34 @@ class GenerateConfig:
                 raise ConfigError(f"generate.{name}={value!r} is invalid: a positive integer or null")
         if not self.temperature >= 0.0:
             raise ConfigError(f"generate.temperature={self.temperature!r} is invalid: 0 (greedy) or a positive number")
-        if not 0.0 < self.top_p <= 1.0:
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"generate.top_p={self.top_p!r} is invalid: a probability in (0, 1]")
         if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
             raise ConfigError(f"generate.num_return_sequences={self.num_return_sequences!r} is invalid: "
                               "a positive integer")
 
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
     def new_tokens(self, prompt_len: int) -> int:
-        if self.max_new_tokens is not None:
-            return self.max_new_tokens
+        """The new-token budget after a prompt of prompt_len tokens: max_length if set, else max_new_tokens."""
         if self.max_length is not None:
             if self.max_length <= prompt_len:
                 raise ConfigError(f"generate.max_length={self.max_length} leaves no room after a prompt of "
                                   f"{prompt_len} tokens; raise it or set max_new_tokens")
             return self.max_length - prompt_len
-        return 100
+        return self.max_new_tokens if self.max_new_tokens is not None else 100
 
 
 # ------------------------------------------------------------------------------------ picking a token
-def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: float = 1.0) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
     """Set to -inf every logit (B, V) outside the top k, then outside the nucleus of mass top_p
     (Holtzman et al. 2020: the smallest most-likely set whose probability reaches top_p)."""
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p < 1.0:
+    if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
@@ -80,7 +84,7 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: floa
 
 def next_token(logits: torch.Tensor, config: GenerateConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
     """The next token (B,) from last-position logits (B, V)."""
-    if config.temperature == 0.0:
+    if config.is_greedy:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)  # (B,)
@@ -111,7 +115,7 @@ def decode(model: GPT, prompt_ids: Sequence[int], config: GenerateConfig,
     B, block = config.num_return_sequences, model.config.block_size
     device = model.tok_emb.weight.device
     generator = None
-    if config.temperature > 0.0:
+    if not config.is_greedy:
         generator = torch.Generator(device=device)
         if config.seed is not None:
             generator.manual_seed(config.seed)
@@ -164,11 +168,12 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def generate(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateConfig] = None,
-             **kwargs: Any) -> list[str]:
-    """Continuations of `prompt` (the new text only), one per num_return_sequences."""
+             **kwargs: Any) -> str | list[str]:
+    """The continuation of `prompt` (the new text only); a list of num_return_sequences of them when above 1."""
     config = config or GenerateConfig(**kwargs)
     rows = generate_ids(model, prompt_ids(tokenizer, prompt), config, end_id=tokenizer.end_id)
-    return [tokenizer.decode(row) for row in rows]
+    texts = [tokenizer.decode(row) for row in rows]
+    return texts[0] if config.num_return_sequences == 1 else texts
 
 
 def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateConfig] = None,
@@ -184,23 +189,18 @@ def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateCon
 def text_pieces(tokenizer: Any, token_ids: Iterator[int]) -> Iterator[str]:
     """Decode token ids arriving one by one into text pieces, up to end_id; the pieces join to the full text.
 
-    A piece is yielded only once it decodes to complete text: a byte-level token that ends in the middle
-    of a multi-byte character waits for the tokens that complete it. Only a short window of recent tokens
-    (the previous piece and the new ones) is decoded each time, so the work stays linear in the length.
+    The tokenizer's stream decoder holds back the bytes of a character cut in the middle (byte tokens,
+    BPE pieces) until the tokens that complete it arrive, so no piece carries half a character.
     """
-    ids: list[int] = []
-    prefix, read = 0, 0  # ids[prefix:read] decode to text already yielded
+    decoder = tokenizer.stream_decoder()
     for token_id in token_ids:
         if token_id == tokenizer.end_id:
             break
-        ids.append(token_id)
-        before = tokenizer.decode(ids[prefix:read])
-        text = tokenizer.decode(ids[prefix:])
-        if len(text) > len(before) and not text.endswith("\ufffd"):
-            yield text[len(before):]
-            prefix, read = read, len(ids)
-    rest = tokenizer.decode(ids[prefix:])[len(tokenizer.decode(ids[prefix:read])):]
-    if rest:  # what is left, e.g. bytes that never formed a complete character
+        piece = decoder.push(token_id)
+        if piece:
+            yield piece
+    rest = decoder.flush()
+    if rest:  # bytes that never formed a complete character
         yield rest
 
 
@@ -211,8 +211,8 @@ class TextGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
 
-    def generate(self, prompt: str, **kwargs: Any) -> list[str]:
-        """Continuations of prompt, one per num_return_sequences; kwargs are GenerateConfig fields."""
+    def generate(self, prompt: str, **kwargs: Any) -> str | list[str]:
+        """The continuation of prompt (a list when num_return_sequences > 1); kwargs are GenerateConfig fields."""
         return generate(self.model, self.tokenizer, prompt, **kwargs)
 
     def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
