@@ -23,7 +23,6 @@ so an error leaves no partial output behind and never touches an existing datase
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import secrets
 import shutil
@@ -155,7 +154,11 @@ class _Log:
 
 # ----------------------------------------------------------------------------------------- the spool
 class _Spool:
-    """Cleaned documents appended to one file; per document its offset, byte length, chars and hash."""
+    """Cleaned documents appended to one file; per document its offset, byte length, chars and hash.
+
+    Documents are read back with ``os.pread`` rather than a memory map: mapped pages would count in
+    the process's resident memory and make it grow with the corpus.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -163,7 +166,7 @@ class _Spool:
         self._size = 0
         self.offsets, self.lengths, self.chars = array("q"), array("q"), array("q")
         self.digests = bytearray()
-        self._map: mmap.mmap | None = None
+        self._fd: int | None = None
 
     def append(self, text: str) -> None:
         data = text.encode("utf-8")
@@ -179,22 +182,20 @@ class _Spool:
 
     def finish_writing(self) -> None:
         self._file.close()
-        if self._size:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def reopen_for_append(self) -> None:
         self.close()
         self._file = open(self.path, "ab")
 
     def text(self, i: int) -> str:
-        start = self.offsets[i]
-        return self._map[start:start + self.lengths[i]].decode("utf-8")
+        """Document ``i``; safe to call from several threads (pread keeps no file position)."""
+        return os.pread(self._fd, self.lengths[i], self.offsets[i]).decode("utf-8")
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if not self._file.closed:
             self._file.close()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.data.shards import load_split, read_manifest
+from lmforge.data.shards import ShardFile, read_manifest
 from lmforge.tokenizer import N_SPECIAL, Tokenizer
 
 REPORT = "report.json"
@@ -70,7 +70,7 @@ def _powers(base: np.uint64, n: int) -> np.ndarray:
 
 
 def _sampled_windows(ids: np.ndarray, k: int, modulus: int):
-    """Chunk by chunk over a (memory-mapped) shard: ``(starts, hashes)`` of the sampled shingles."""
+    """Chunk by chunk over a shard (a ShardFile or an array): ``(starts, hashes)`` of the sampled shingles."""
     step = CHUNK
     for lo in range(0, max(len(ids) - k + 1, 0), step):
         chunk = np.asarray(ids[lo:lo + step + k - 1])
@@ -86,7 +86,7 @@ def default_shingle_tokens(kind: str) -> int:
 
 # ------------------------------------------------------------------------------------------- leakage
 def find_leakage(data_dir: str | Path, tok: Tokenizer, *, shingle_tokens: int | None = None,
-                 threshold: float = 0.5, max_sampled: int = 2_000_000, max_examples: int = 3,
+                 threshold: float = 0.5, max_sampled: int = 1_000_000, max_examples: int = 3,
                  progress: bool = False) -> dict:
     """How many val/test documents share at least ``threshold`` of their shingles with train.
 
@@ -102,8 +102,8 @@ def find_leakage(data_dir: str | Path, tok: Tokenizer, *, shingle_tokens: int | 
     # Sampled shingles of every val/test document.
     per_split = {}
     for split in ("val", "test"):
-        ids = load_split(data_dir, split)
-        ends = np.flatnonzero(np.asarray(ids) == tok.end_id) + 1
+        ids = ShardFile(data_dir, split)
+        ends = _end_positions(ids, tok.end_id)
         starts, hashes = [], []
         for s, h in _sampled_windows(ids, k, modulus):
             starts.append(s)
@@ -115,7 +115,7 @@ def find_leakage(data_dir: str | Path, tok: Tokenizer, *, shingle_tokens: int | 
     first_train_pos = np.full(len(table), -1, dtype=np.int64)
 
     # Stream train, remembering where each sampled val/test shingle first occurs.
-    train = load_split(data_dir, "train")
+    train = ShardFile(data_dir, "train")
     with tqdm(total=len(train), desc="leakage check", unit="tok", unit_scale=True, file=sys.stderr,
               disable=not progress, leave=False) as bar:
         for starts, hashes in _sampled_windows(train, k, modulus):
@@ -145,6 +145,12 @@ def find_leakage(data_dir: str | Path, tok: Tokenizer, *, shingle_tokens: int | 
     candidates.sort(key=lambda c: c[:3])
     result["examples"] = [_example(tok, train, c) for c in candidates[:max_examples]]
     return result
+
+
+def _end_positions(ids: ShardFile, end_id: int) -> np.ndarray:
+    """Exclusive end offsets of the documents of a shard, read chunk by chunk."""
+    ends = [np.flatnonzero(ids[lo:lo + CHUNK] == end_id) + lo + 1 for lo in range(0, len(ids), CHUNK)]
+    return np.concatenate(ends) if ends else np.zeros(0, np.int64)
 
 
 def _example(tok: Tokenizer, train: np.ndarray, candidate) -> dict:

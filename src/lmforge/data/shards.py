@@ -130,6 +130,29 @@ def load_split(data_dir: str | Path, split: str, *, check_ids: bool = False) -> 
     return ids
 
 
+class ShardFile:
+    """A validated split read by ranges with plain file reads: ``shard[a:b]`` -> np.ndarray.
+
+    For streaming over a whole shard: unlike pages of a memmap, data read this way does not stay in
+    the process's resident memory.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str) -> None:
+        ids = load_split(data_dir, split)  # validates; creating the memmap reads nothing
+        self.path, self.dtype, self._len = Path(ids.filename), ids.dtype, len(ids)
+        del ids
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(self._len)
+        if step != 1:
+            raise ValueError("ShardFile supports contiguous slices only")
+        count = max(stop - start, 0)
+        return np.fromfile(self.path, dtype=self.dtype, count=count, offset=start * self.dtype.itemsize)
+
+
 def _check_contents(ids: np.memmap, path: Path, vocab: int, sha256: str | None, chunk: int = 1 << 24) -> None:
     digest = hashlib.sha256()
     for start in range(0, len(ids), chunk):
