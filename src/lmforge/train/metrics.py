@@ -7,11 +7,14 @@ the others get a logger whose methods do nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+import torch
 
 from tqdm.auto import tqdm
 
@@ -100,3 +103,33 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+class Throughput:
+    """Training tokens per second between two log points, leaving out the time spent evaluating and saving.
+
+    Device work is asynchronous: `rate` must be called after something that waits for the device (reading
+    the loss does), and `paused` waits for the device before it starts, so pending training work is
+    counted as training.
+    """
+
+    def __init__(self, tokens_seen: int, device: torch.device) -> None:
+        self.device = device
+        self._start, self._tokens, self._paused = time.perf_counter(), tokens_seen, 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - t0
+
+    def rate(self, tokens_seen: int) -> float:
+        """Tokens per second since the last call (or construction); starts the next interval."""
+        now = time.perf_counter()
+        rate = (tokens_seen - self._tokens) / max(now - self._start - self._paused, 1e-9)
+        self._start, self._tokens, self._paused = now, tokens_seen, 0.0
+        return rate

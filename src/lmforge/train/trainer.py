@@ -39,7 +39,7 @@ from lmforge.distributed import (DistInfo, all_reduce_sum, barrier, apply_compil
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.train.loss import count_labels, cross_entropy_sum
-from lmforge.train.metrics import MetricsLogger
+from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
 from lmforge.train.precision import autocast
@@ -105,7 +105,8 @@ class Trainer:
     """Trains `config` end to end; `fit()` returns a summary dict.
 
     config: the resolved RunConfig. train_data / val_batches: a batch stream and fixed validation batches
-    (default: built from config.data.path; when given, `vocab_size` and `tokenizer_file` may be passed too).
+    (default: built from config.data.path, which also sets model.vocab_size; when given, config.model.vocab_size
+    must fit them and `tokenizer_file` names the tokenizer to copy into checkpoints).
     model: an already built model (fine-tuning, LoRA); default GPT(config.model).
     progress / tensorboard: switch the progress bar and TensorBoard events off (tests).
     """
@@ -147,6 +148,8 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self.history: list[tuple[int, float]] = []  # (step, train loss) at every log step
         self.logger: Optional[MetricsLogger] = None
+        self.started = time.perf_counter()
+        self.throughput = Throughput(self.tokens_seen, self.device)
         self._progress, self._tensorboard = progress, tensorboard
 
     # ---------------------------------------------------------------------------------------- the loop
@@ -158,36 +161,31 @@ class Trainer:
                                     start_step=self.step, tensorboard=self._tensorboard, progress=self._progress)
         self.write_config()
         self.describe()
-        start = time.perf_counter()
-        step_time, tokens_at_log = 0.0, self.tokens_seen  # throughput counts train steps only, not eval/save
+        self.started = time.perf_counter()
+        self.throughput = Throughput(self.tokens_seen, self.device)
         try:
             while self.step < tc.max_steps:
-                t0 = time.perf_counter()
                 loss_sum, count, grad_norm, lr = self.train_step()
                 self.step += 1
-                if self.step % max(1, tc.log_interval) == 0 or self.step == tc.max_steps:
-                    loss = self.global_loss(loss_sum, count)  # waits for the device: the timing below is true
-                    step_time += time.perf_counter() - t0
-                    tokens_per_s = (self.tokens_seen - tokens_at_log) / max(step_time, 1e-9)
-                    self.log_train(loss, grad_norm, lr, tokens_per_s, time.perf_counter() - start)
-                    step_time, tokens_at_log = 0.0, self.tokens_seen
-                else:
-                    step_time += time.perf_counter() - t0
+                self.maybe_log(loss_sum, count, grad_norm, lr)
                 self.maybe_eval()
                 self.maybe_save()
-            val = f"val loss {self.val_loss:.4f}, " if self.val_loss is not None else ""
-            self.logger.info(f"done: {self.step} steps, {self.tokens_seen:,} tokens, {val}"
-                             f"checkpoint {self.last_checkpoint}, logs in {self.run_dir}")
         finally:
             self.logger.close()
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Plot the loss curves, say where everything is, and return the run's summary."""
         plot = plot_run(self.run_dir) if self.dist.is_main else None
+        val = f"val loss {self.val_loss:.4f}, " if self.val_loss is not None else ""
+        self.logger.info(f"done: {self.step} steps, {self.tokens_seen:,} tokens, {val}"
+                         f"checkpoint {self.last_checkpoint}, plot {plot}")
         barrier(self.dist)  # no process leaves (and tears down the group) while rank 0 still writes
-        elapsed = time.perf_counter() - start
         return {
             "run_dir": str(self.run_dir), "steps": self.step, "tokens_seen": self.tokens_seen,
             "train_loss": self.history[-1][1] if self.history else None, "val_loss": self.val_loss,
             "best_val_loss": self.best_val_loss, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "plot": str(plot) if plot else None, "elapsed_s": elapsed,
+            "plot": str(plot) if plot else None, "elapsed_s": time.perf_counter() - self.started,
             "parameters": sum(p.numel() for p in self.raw_model.parameters()),  # a tied matrix counted once
         }
 
@@ -257,11 +255,26 @@ class Trainer:
         totals = all_reduce_sum(totals, self.dist)
         return float(totals[0] / totals[1].clamp(min=1))
 
+    def maybe_log(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        """Every log_interval steps (and the last): loss, lr, pre-clip gradient norm, tokens/s."""
+        tc = self.config.train
+        if self.step % max(1, tc.log_interval) != 0 and self.step != tc.max_steps:
+            return
+        loss = self.global_loss(loss_sum, count)  # waits for the device, so the rate below is true
+        tokens_per_s = self.throughput.rate(self.tokens_seen)
+        self.history.append((self.step, loss))
+        self.logger.log("train", self.step, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                                             "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
+                                             "elapsed_s": time.perf_counter() - self.started})
+        self.logger.progress(self.step, loss, tokens_per_s)
+
     def maybe_eval(self) -> None:
+        """Every eval_interval steps (and the last): loss and perplexity on the fixed validation batches."""
         interval = self.config.train.eval_interval
         if not (interval and self.step % interval == 0) and self.step != self.config.train.max_steps:
             return
-        self.val_loss, self.val_step = self.evaluate(), self.step
+        with self.throughput.paused():
+            self.val_loss, self.val_step = self.evaluate(), self.step
         if self.val_loss is None:
             return
         if self.best_val_loss is None or self.val_loss < self.best_val_loss:
@@ -270,20 +283,15 @@ class Trainer:
                                             "val_perplexity": math.exp(min(self.val_loss, 700.0))})
 
     def maybe_save(self) -> None:
+        """Every save_interval steps (and the last): a checkpoint, then prune to keep_last + best."""
         interval = self.config.train.save_interval
         if (interval and self.step % interval == 0) or self.step == self.config.train.max_steps:
-            self.save()
+            with self.throughput.paused():
+                self.save()
 
     def global_loss(self, loss_sum: torch.Tensor, count: torch.Tensor) -> float:
         """Mean loss of the step over the whole global batch (all processes)."""
         return float(all_reduce_sum(loss_sum.detach().clone(), self.dist) / count.clamp(min=1.0))
-
-    def log_train(self, loss: float, grad_norm: torch.Tensor, lr: float, tokens_per_s: float, elapsed: float) -> None:
-        self.history.append((self.step, loss))
-        self.logger.log("train", self.step, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                                             "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
-                                             "elapsed_s": elapsed})
-        self.logger.progress(self.step, loss, tokens_per_s)
 
     # ------------------------------------------------------------------------------ checkpoints
     def save(self) -> None:
