@@ -308,3 +308,10 @@ def test_custom_special_token_names_reach_the_manifest(tmp_path, corpus):
     assert specials == {"start": {"token": "<s>", "id": 0}, "end": {"token": "</s>", "id": 1},
                         "pad": {"token": "<pad>", "id": 2}}
     assert Tokenizer.load(tmp_path / "out" / "tokenizer.json").special_tokens == ("<s>", "</s>", "<pad>")
+
+
+def test_progress_goes_to_stderr_only(tmp_path, corpus, capfd):
+    run([corpus], tmp_path / "out", tokenizer="bpe", vocab_size=300, progress=True)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "encoding train" in err

@@ -353,15 +353,15 @@ class _Pipeline:
             return byte_tokenizer(tuple(special_tokens))
         in_file_order = np.sort(train_docs)  # sequential reads; counts do not depend on order
         total = int(sum(spool.lengths[i] for i in in_file_order))
-        if kind == "char":
-            with self.log.bar("char vocabulary", total) as bar:
-                def texts():
-                    for i in in_file_order:
-                        bar.update(spool.lengths[i])
-                        yield spool.text(i)
+        # Our own bar over the text fed to the trainer: the library's bar writes to stdout.
+        with self.log.bar(f"training {kind} tokenizer", total) as bar:
+            def texts():
+                for i in in_file_order:
+                    bar.update(spool.lengths[i])
+                    yield spool.text(i)
+            if kind == "char":
                 return train_char(texts(), vocab_size, tuple(special_tokens))
-        return train_bpe((spool.text(i) for i in in_file_order), vocab_size, tuple(special_tokens),
-                         length=len(in_file_order), progress=self.progress)
+            return train_bpe(texts(), vocab_size, tuple(special_tokens), length=len(in_file_order))
 
     # -- step 5: encode + write
     def _encode_split(self, spool: _Spool, docs: np.ndarray, tok: Tokenizer, dtype: np.dtype, name: str,
