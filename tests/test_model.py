@@ -36,11 +36,12 @@ def test_reference_attention_equals_sdpa(variant):
     assert torch.allclose(fast(idx), slow(idx), atol=1e-5, rtol=0)
 
 
-def test_attention_functions_agree_with_a_cached_past():
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_attention_functions_agree_with_a_cached_past(n_kv_head):
     torch.manual_seed(0)
-    q = torch.randn(2, 3, 5, 8)  # the last 5 of 9 positions
-    k, v = torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
-    for T in (1, 5):
+    q = torch.randn(2, 4, 9, 8)
+    k, v = torch.randn(2, n_kv_head, 9, 8), torch.randn(2, n_kv_head, 9, 8)
+    for T in (1, 5, 9):  # the last T of 9 positions
         assert torch.allclose(fused_attention(q[:, :, -T:], k, v), reference_attention(q[:, :, -T:], k, v), atol=1e-6)
 
 

@@ -61,21 +61,26 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d_k) + causal mask) V, written out. q (B, nh, T, hd); k, v (B, nh, S, hd)."""
+    """softmax(Q K^T / sqrt(d_k) + causal mask) V, written out. q (B, nh, T, hd); k, v (B, nkv, S, hd)."""
     T, S, d_k = q.size(-2), k.size(-2), q.size(-1)
+    if k.size(1) != q.size(1):  # grouped-query: each key/value head serves nh/nkv consecutive query heads
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, nh, S, hd)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)  # (B, nh, S, hd)
     mask = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~causal_mask(T, S, q.device), -math.inf)
     weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d_k) + mask, dim=-1)  # (B, nh, T, S)
     return F.dropout(weights, dropout_p) @ v  # (B, nh, T, hd)
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """The same function as reference_attention through F.scaled_dot_product_attention."""
-    T, S = q.size(-2), k.size(-2)
+    """The same function as reference_attention through F.scaled_dot_product_attention (which shares
+    the key/value heads among query heads itself, without copies)."""
+    T, S, gqa = q.size(-2), k.size(-2), k.size(1) != q.size(1)
     if T == S:  # no cached past: the plain causal triangle
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     if T == 1:  # one new token sees every cached key
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
+    mask = causal_mask(T, S, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 class CausalSelfAttention(nn.Module):
@@ -104,9 +109,6 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd): the past and these T positions
-        if nkv != nh:  # each key/value head serves nh/nkv consecutive query heads
-            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, S, hd)
         y = self.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # heads concatenated: (B, T, nh*hd)
         return self.resid_drop(self.proj(y))  # (B, T, C)
