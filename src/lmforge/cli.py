@@ -23,11 +23,19 @@ from lmforge.errors import ConfigError, LmforgeError
 EXIT_USAGE = 2
 
 
+class UsageError(LmforgeError):
+    """A command line argparse cannot parse; `prog` is the (sub)command it belongs to."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit code 2."""
+    """argparse that reports a usage error as one line and exit code 2 (see main)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        raise UsageError(self.prog, message)
 
 
 def _help_formatter(prog: str) -> argparse.HelpFormatter:
@@ -333,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except (UsageError, argparse.ArgumentError) as e:
+        prog = getattr(e, "prog", "lmforge")
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     debug = getattr(args, "debug", False) or "--debug" in extra
     extra = [x for x in extra if x != "--debug"]
     if args.command is None:

@@ -1,0 +1,201 @@
+"""The `lmforge` command as a user meets it: the whole flow, and one clear line for each bad input.
+
+Each bad input must give exit code 2, exactly one line on stderr naming the problem, no traceback,
+and leave what was already on disk byte-for-byte as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main, parse_overrides
+from lmforge.errors import ConfigError
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40)
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A corpus, a prepared char dataset and a tiny trained run, made with the CLI itself."""
+    root = tmp_path_factory.mktemp("cli")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text(f"Document {i}.\n" + TEXT[i * 7:], encoding="utf-8")
+    data = root / "data"
+    assert main(["prepare", str(corpus), "--out", str(data), "--no-progress", "--split", "0.8,0.1,0.1"]) == 0
+    run = root / "run"
+    code = main(["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(run), "--max-steps", "4",
+                 "--device", "cpu", "--train.batch_size", "4", "--train.eval_interval", "2",
+                 "--train.eval_batches", "1", "--train.save_interval", "2", "--optim.warmup_steps", "1"])
+    assert code == 0
+    return root
+
+
+def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
+    data, run = workspace / "data", workspace / "run"
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] \
+        + manifest["splits"]["test"]["documents"] == 12
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file() and (run / "loss.png").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "test", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["split"] == "test" and result["tokens"] > 0
+    assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
+
+    assert main(["generate", str(run), "--prompt", "First", "--max-new-tokens", "20", "--seed", "3",
+                 "--device", "cpu", "--no-stream"]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", str(run), "--prompt", "First", "--max-new-tokens", "20", "--seed", "3",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == first and first.startswith("First")
+
+
+def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
+    data, run, corpus = ws / "data", ws / "run", ws / "corpus"
+    ckpt = run / "checkpoints" / "step-00000004"
+    return [
+        # prepare
+        ("prepare-missing-path", ["prepare", str(ws / "nope.txt"), "--out", str(ws / "o1")], "nope.txt"),
+        ("prepare-empty-folder", ["prepare", str(ws / "empty"), "--out", str(ws / "o2")], "empty"),
+        ("prepare-binary-only", ["prepare", str(ws / "bin"), "--out", str(ws / "o3")], "no documents"),
+        ("prepare-existing-out", ["prepare", str(corpus), "--out", str(data)], "--force"),
+        ("prepare-bad-split", ["prepare", str(corpus), "--out", str(ws / "o4"), "--split", "0.5,0.1"], "--split"),
+        ("prepare-bad-split-sum", ["prepare", str(corpus), "--out", str(ws / "o4"), "--split", "0.9,0.3,0.1"], "sum to 1"),
+        ("prepare-bad-tokenizer", ["prepare", str(corpus), "--out", str(ws / "o5"), "--tokenizer", "wordpiece"], "wordpiece"),
+        ("prepare-no-input", ["prepare", "--out", str(ws / "o6")], "no input"),
+        ("prepare-dup-specials", ["prepare", str(corpus), "--out", str(ws / "o7"), "--special-tokens", "<S>,<S>,<P>"], "--special-tokens"),
+        ("prepare-bad-jsonl", ["prepare", str(ws / "bad.jsonl"), "--out", str(ws / "o8")], "bad.jsonl"),
+        ("prepare-unknown-flag", ["prepare", str(corpus), "--out", str(ws / "o9"), "--shuffle"], "--shuffle"),
+        ("prepare-vocab-not-int", ["prepare", str(corpus), "--out", str(ws / "o9"), "--vocab-size", "lots"], "--vocab-size"),
+        # train
+        ("train-unknown-key", ["train", "--data", str(data), "--model.n_layr", "2"], "did you mean 'n_layer'"),
+        ("train-wrong-type", ["train", "--data", str(data), "--model.n_layer", "two"], "model.n_layer"),
+        ("train-bad-range", ["train", "--data", str(data), "--optim.lr", "-3"], "optim.lr"),
+        ("train-bad-precision", ["train", "--data", str(data), "--precision", "fp4"], "train.precision"),
+        ("train-missing-data", ["train", "--data", str(ws / "nodata"), "--run-dir", str(ws / "r1")], "nodata"),
+        ("train-missing-config", ["train", "--config", str(ws / "none.yaml")], "none.yaml"),
+        ("train-bad-yaml", ["train", "--config", str(ws / "bad.yaml")], "bad.yaml"),
+        ("train-unknown-preset", ["train", "--preset", "gpt-9", "--data", str(data)], "gpt-9"),
+        ("train-run-dir-taken", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(run),
+                                 "--device", "cpu"], "--resume"),
+        ("train-resume-missing", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r2"),
+                                  "--resume", str(ws / "nockpt"), "--device", "cpu"], "nockpt"),
+        ("train-block-too-big-dropout", ["train", "--data", str(data), "--model.dropout", "1.0"], "model.dropout"),
+        ("train-positional-junk", ["train", "junk"], "junk"),
+        # eval
+        ("eval-missing-ckpt", ["eval", str(ws / "ghost"), "--device", "cpu"], "ghost"),
+        ("eval-max-tokens", ["eval", str(run), "--max-tokens", "1"], "--max-tokens"),
+        ("eval-missing-data", ["eval", str(run), "--data", str(ws / "nodata"), "--device", "cpu"], "nodata"),
+        ("eval-corrupt-ckpt", ["eval", str(ws / "corrupt"), "--device", "cpu"], "model.safetensors"),
+        # generate
+        ("generate-missing-ckpt", ["generate", str(ws / "ghost")], "ghost"),
+        ("generate-empty-dir", ["generate", str(ws / "empty")], "empty"),
+        ("generate-bad-temperature", ["generate", str(run), "--temperature", "-1"], "--temperature"),
+        ("generate-bad-top-p", ["generate", str(run), "--top-p", "1.5"], "--top-p"),
+        ("generate-bad-top-k", ["generate", str(run), "--top-k", "0"], "--top-k"),
+        ("generate-zero-tokens", ["generate", str(run), "--max-new-tokens", "0"], "--max-new-tokens"),
+        ("generate-corrupt-ckpt", ["generate", str(ws / "corrupt"), "--device", "cpu"], "model.safetensors"),
+        ("generate-pickle-planted", ["generate", str(ws / "pickled"), "--device", "cpu"], "pickled"),
+        # plot
+        ("plot-missing-run", ["plot", str(ws / "ghost")], "ghost"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def hostile_files(workspace):
+    ws = workspace
+    (ws / "empty").mkdir(exist_ok=True)
+    (ws / "bin").mkdir(exist_ok=True)
+    (ws / "bin" / "blob.txt").write_bytes(b"\x00\x01\x02binary\x00" * 50)
+    (ws / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n', encoding="utf-8")
+    (ws / "bad.yaml").write_text("model: [1, 2\n", encoding="utf-8")
+    # a copy of the newest checkpoint with one byte of the weights flipped
+    import shutil
+    corrupt = ws / "corrupt"
+    if not corrupt.exists():
+        shutil.copytree(ws / "run" / "checkpoints" / "step-00000004", corrupt)
+        weights = bytearray((corrupt / "model.safetensors").read_bytes())
+        weights[-5] ^= 0xFF
+        (corrupt / "model.safetensors").write_bytes(bytes(weights))
+    # a directory holding only a pickle payload under a checkpoint-like name
+    pickled = ws / "pickled"
+    pickled.mkdir(exist_ok=True)
+    marker = ws / "payload-ran"
+    payload = (b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
+    (pickled / "ckpt.pt").write_bytes(payload)
+    (pickled / "optimizer.pt").write_bytes(payload)
+    return marker
+
+
+N_CASES = 37
+
+
+def test_bad_inputs_table_has_enough_rows(workspace):
+    assert len(_bad_inputs(workspace)) == N_CASES >= 30  # keep N_CASES in step with the table
+
+
+@pytest.mark.parametrize("row", range(N_CASES))
+def test_each_bad_input_is_one_clear_line(workspace, hostile_files, capsys, row):
+    name, argv, needle = _bad_inputs(workspace)[row]
+    before = _tree_digest(workspace)
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    # what a terminal shows: progress bars redraw themselves with \r and are cleared
+    err_lines = [line.split("\r")[-1] for line in captured.err.split("\n")]
+    err_lines = [line for line in err_lines if line.strip()]
+    assert code == 2, f"{name}: exit {code}, stderr {captured.err!r}"
+    # one error line; warnings that name a skipped file may come before it
+    err_lines = [line for line in err_lines if not line.startswith("warning: ")]
+    assert len(err_lines) == 1, f"{name}: stderr has {len(err_lines)} lines: {captured.err!r}"
+    assert "Traceback" not in captured.err and "internal error" not in captured.err, name
+    assert needle in err_lines[0], f"{name}: {needle!r} not in {err_lines[0]!r}"
+    after = _tree_digest(workspace)
+    changed = {k for k in before if before[k] != after.get(k)}
+    assert not changed, f"{name}: files changed or removed: {sorted(changed)}"
+    assert not hostile_files.exists(), "a pickle payload was executed"
+
+
+def test_the_installed_command_reports_and_exits_like_main(workspace, tmp_path):
+    """A real process: the console script prints one line and exits 2; --debug shows the traceback."""
+    exe = Path(sys.executable).parent / "lmforge"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lmforge.cli"]
+    done = subprocess.run(cmd + ["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "missing" in done.stderr and not (tmp_path / "o").exists()
+    debug = subprocess.run(cmd + ["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--debug"],
+                           capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_help_teaches_every_command():
+    for command in ["prepare", "train", "eval", "generate", "plot"]:
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--model.n_layer", "3", "--optim.lr=0.1"]) == {"model.n_layer": "3", "optim.lr": "0.1"}
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_overrides(["--model.n_layer"])
+    with pytest.raises(ConfigError, match="unknown option --layers"):
+        parse_overrides(["--layers", "3"])
