@@ -37,6 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32 on cuda, 1 on cpu)")
     p.add_argument("--block-size", type=int, default=None, help="context (default 1024 on cuda, 64 on cpu)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for cuda only")
+    p.add_argument("--compile-scope", choices=("model", "loss"), default="loss",
+                   help="model: compile the model alone (as the trainer does); loss: compile model + cross-entropy "
+                        "together, so the fp32 upcast of the (B, T, V) logits fuses into the loss")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="override gpt2-124m's 50257, e.g. 50304 (a multiple of 128: faster LM-head products)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak, if not detected")
     p.add_argument("--seed", type=int, default=1337)
     return p.parse_args(argv)
@@ -97,10 +102,10 @@ def build_optimizer(model: torch.nn.Module, device: torch.device) -> tuple[torch
     optim = OptimConfig(lr=6e-4, min_lr=6e-5, weight_decay=0.1, beta1=0.9, beta2=0.95)
     try:
         from lmforge.train.optim import build_optimizer as lmforge_build_optimizer
-    except ImportError:
+    except ImportError as e:
         fused = {"fused": True} if device.type == "cuda" else {}
         return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                                 weight_decay=optim.weight_decay, **fused), "torch.optim.AdamW(fused)"
+                                 weight_decay=optim.weight_decay, **fused), f"torch.optim.AdamW(fused) ({e})"
     return lmforge_build_optimizer(model, optim, device), "lmforge.train.optim.build_optimizer"
 
 
@@ -132,11 +137,22 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True  # only matters for the fp32 pieces outside autocast
         torch.backends.cudnn.allow_tf32 = True
 
-    config = preset("gpt2-124m", block_size=T, dropout=0.0)
+    config = preset("gpt2-124m", block_size=T, dropout=0.0, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
     with torch.device(device):
         model = GPT(config)
     optimizer, optimizer_name = build_optimizer(model, device)
-    train_model = torch.compile(model) if use_compile else model
+
+    def forward_loss(x: torch.Tensor, y: torch.Tensor, net: torch.nn.Module) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            logits = net(x)  # (B, T, V)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    if use_compile and args.compile_scope == "loss":
+        compiled = torch.compile(forward_loss)
+        loss_of = lambda x, y: compiled(x, y, model)  # noqa: E731
+    else:
+        net = torch.compile(model) if use_compile else model
+        loss_of = lambda x, y: forward_loss(x, y, net)  # noqa: E731
     flash_ok, flash_note = flash_available(device)
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -146,9 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     def step(i: int = 0) -> torch.Tensor:
         tokens = batches[i % len(batches)]
         x, y = tokens[:, :-1], tokens[:, 1:]
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            logits = train_model(x)  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss = loss_of(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -187,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "gpu_check", "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "torch": torch.__version__, "model": "gpt2-124m", "params": sum(p.numel() for p in model.parameters()),
         "batch_size": B, "block_size": T, "precision": "bf16-mixed", "compile": use_compile,
+        "compile_scope": args.compile_scope if use_compile else None, "vocab_size": config.vocab_size,
         "optimizer": optimizer_name, "warmup_steps": warmup, "timed_steps": timed_steps,
         "compile_and_warmup_s": round(compile_s, 1), "timed_s": round(elapsed, 2),
         "tokens_per_s": round(tokens_per_s), "flops_per_token": fpt,
@@ -197,10 +212,14 @@ def main(argv: list[str] | None = None) -> dict:
         "mfu_vs_measured_matmul": round(fpt * tokens_per_s / measured, 4),
         "flash_backend_available": flash_ok, "flash_backend_note": flash_note,
         "flash_kernels_in_step": flash_kernels, "flash_used": bool(flash_kernels),
+        # which implementation of flash attention ran: cuDNN's (SDPBackend.CUDNN_ATTENTION) or PyTorch's FA2 kernels
+        "flash_implementation": ("cudnn" if any("cudnn" in k for k in flash_kernels)
+                                 else "pytorch-flash" if flash_kernels else None),
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
         "total_s": round(time.perf_counter() - start, 1),
     }
-    print(f"device {summary['device']}  compile={use_compile}  B={B} T={T}  steps timed {timed_steps}")
+    print(f"device {summary['device']}  compile={use_compile} ({summary['compile_scope']})  B={B} T={T} "
+          f"V={config.vocab_size}  steps timed {timed_steps}  optimizer {optimizer_name}")
     print(f"tokens/s {tokens_per_s:,.0f}  achieved {summary['achieved_tflops']} TFLOP/s  "
           f"MFU {summary['mfu']} (peak {summary['peak_bf16_tflops']} TFLOP/s from {peak_source})  "
           f"vs measured matmul {summary['measured_bf16_matmul_tflops']} TFLOP/s: {summary['mfu_vs_measured_matmul']}")

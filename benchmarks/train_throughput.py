@@ -2,7 +2,7 @@
 
 Both models get the same config, the same weights (copied with lmforge.interop.hf_gpt2), the same
 batches, the same loss (mean cross-entropy on logits computed outside the model) and the same optimizer
-(AdamW, same hyperparameters, foreach). Rounds alternate between them (and swap which goes first), so
+(AdamW, same hyperparameters, fused). Rounds alternate between them (and swap which goes first), so
 load from other processes on a shared machine hits both alike; medians of the per-round tokens/s and the
 median of the per-round ratios are reported.
 
@@ -39,7 +39,8 @@ CONFIGS = {
     "char-small": (dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128), 12),
     "6l-384": (dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384), 8),
 }
-ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
+# fused: one kernel over all tensors; on the CPU 7-20x faster than foreach (which loops per tensor there)
+ADAMW = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
