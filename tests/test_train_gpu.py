@@ -49,37 +49,43 @@ def test_resume_is_bit_identical_on_cuda(tmp_path, precision):
 
 
 def test_loop_overhead_is_small(tmp_path):
-    """Trainer tokens/s versus a bare compiled forward/backward/AdamW loop on the same model and batches."""
+    """Trainer.train_step versus a bare compiled forward/backward/clip/AdamW loop on the same model and batches;
+    and the tokens/s that fit() logs is close to what the steps take."""
     overrides = {**CUDA, "model.vocab_size": 8192, "model.block_size": 512, "model.n_layer": 8, "model.n_head": 8,
-                 "model.n_embd": 512, "train.batch_size": 32, "train.precision": "bf16-mixed", "train.compile": True,
-                 "train.max_steps": 60, "train.log_interval": 20, "train.eval_interval": 0, "optim.warmup_steps": 5}
+                 "model.n_embd": 512, "train.batch_size": 64, "train.precision": "bf16-mixed", "train.compile": True,
+                 "train.max_steps": 40, "train.log_interval": 20, "train.eval_interval": 0, "optim.warmup_steps": 5}
     trainer = tiny_trainer(tiny_config(tmp_path, **overrides), tokens=synthetic_tokens(400_000, vocab=8192))
     trainer.fit()
     import json
 
-    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    loop_tps = records[-1]["tokens_per_s"] if records[-1]["kind"] == "train" else \
-        [r for r in records if r["kind"] == "train"][-1]["tokens_per_s"]
-
-    model, opt = trainer.model, trainer.optimizer
-    x, y = trainer.train_data.next_batch()
-    x, y = x.cuda(), y.cuda()
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged_tps = [r for r in logged if r["kind"] == "train"][-1]["tokens_per_s"]
     from lmforge.train.loss import cross_entropy
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(x)
-        cross_entropy(logits, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def trainer_step():
+        trainer.train_step()
+        trainer.step += 1
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        step()
-    torch.cuda.synchronize()
-    bare_tps = 20 * x.numel() / (time.perf_counter() - t0)
-    print(f"\ntokens/s: trainer {loop_tps:,.0f}, bare loop {bare_tps:,.0f}, ratio {loop_tps / bare_tps:.3f}")
-    assert loop_tps > 0.85 * bare_tps
+    def bare_step():
+        x, y = trainer.train_data.next_batch()
+        x, y = x.cuda(), y.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = trainer.model(x)
+        cross_entropy(logits, y).backward()
+        torch.nn.utils.clip_grad_norm_(trainer.raw_model.parameters(), 1.0)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def tokens_per_s(step, n=20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        return n * 64 * 512 / (time.perf_counter() - t0)
+
+    loop_tps, bare_tps = tokens_per_s(trainer_step), tokens_per_s(bare_step)
+    print(f"\ntokens/s: train_step {loop_tps:,.0f}, bare loop {bare_tps:,.0f} (ratio {loop_tps / bare_tps:.3f}), "
+          f"logged by fit {logged_tps:,.0f}")
+    assert loop_tps > 0.9 * bare_tps
+    assert 0.7 * loop_tps < logged_tps < 1.3 * loop_tps
