@@ -128,22 +128,19 @@ def find_leakage(data_dir: str | Path, tok: Tokenizer, *, shingle_tokens: int | 
             bar.update(CHUNK)
 
     result = {"shingle_tokens": k, "sample_rate": 1 / modulus, "threshold": threshold}
-    candidates = []
+    candidates, train_pos_of = [], {}
     for split, (ids, ends, doc_of, hashes) in per_split.items():
         n_docs = len(ends)
-        where = np.searchsorted(table, hashes)
-        train_pos = first_train_pos[where] if len(table) else np.zeros(0, np.int64)
+        train_pos = first_train_pos[np.searchsorted(table, hashes)] if len(table) else np.zeros(0, np.int64)
         sampled = np.bincount(doc_of, minlength=n_docs)
         shared = np.bincount(doc_of[train_pos >= 0], minlength=n_docs)
         judged = sampled >= MIN_SHINGLES
         fraction = np.where(judged, shared / np.maximum(sampled, 1), 0.0)
         leaked = np.flatnonzero(judged & (fraction >= threshold))
         result[split] = {"documents": int(n_docs), "checked": int(judged.sum()), "leaked": int(len(leaked))}
-        for d in leaked:
-            pos = int(train_pos[(doc_of == d) & (train_pos >= 0)][0])
-            candidates.append((-float(fraction[d]), split, int(d), pos, ids, ends))
-    candidates.sort(key=lambda c: c[:3])
-    result["examples"] = [_example(tok, train, c) for c in candidates[:max_examples]]
+        candidates += [(-float(fraction[d]), split, int(d)) for d in leaked]
+        train_pos_of[split] = (ids, ends, doc_of, train_pos)
+    result["examples"] = [_example(tok, train, *c, *train_pos_of[c[1]]) for c in sorted(candidates)[:max_examples]]
     return result
 
 
@@ -153,10 +150,12 @@ def _end_positions(ids: ShardFile, end_id: int) -> np.ndarray:
     return np.concatenate(ends) if ends else np.zeros(0, np.int64)
 
 
-def _example(tok: Tokenizer, train: np.ndarray, candidate) -> dict:
-    neg_fraction, split, doc, train_pos, ids, ends = candidate
+def _example(tok: Tokenizer, train: ShardFile, neg_fraction: float, split: str, doc: int,
+             ids: ShardFile, ends: np.ndarray, doc_of: np.ndarray, train_pos: np.ndarray) -> dict:
+    """One leaked document and the train document where its first shared shingle occurs."""
     begin = 0 if doc == 0 else int(ends[doc - 1])
-    train_doc, train_begin = _train_document_at(train, train_pos, tok.end_id)
+    first_shared = int(train_pos[(doc_of == doc) & (train_pos >= 0)][0])
+    train_doc, train_begin = _train_document_at(train, first_shared, tok.end_id)
     return {"split": split, "document": doc, "shared": round(-neg_fraction, 3),
             "text": _snippet(tok, ids[begin:begin + 64]),
             "train_document": train_doc, "train_text": _snippet(tok, train[train_begin:train_begin + 64])}
