@@ -173,3 +173,11 @@ def test_gpt2_124m_counts():
     assert counts.non_embedding == 124_439_808 - 50257 * 768 - 1024 * 768
     matmul_weights = counts.non_embedding + 50257 * 768  # the tied LM head is a product too
     assert flops_per_token(preset("gpt2-124m")) == 6 * matmul_weights + 12 * 12 * 12 * 64 * 1024
+
+
+def test_dropout_acts_in_training_only():
+    model = build(dropout=0.2)
+    idx = torch.randint(0, 53, (2, 24))
+    assert torch.equal(model(idx), model(idx))
+    model.train()
+    assert not torch.allclose(model(idx), model(idx))

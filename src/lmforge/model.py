@@ -54,6 +54,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or an identity when p is 0 (a cheaper call on every decoding step)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 # ---------------------------------------------------------------------------------------- attention
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
     """(T, S) bool, True where query t (the last T of S positions) may attend to key s, i.e. s <= t."""
@@ -94,7 +99,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
-        self.resid_drop = nn.Dropout(config.dropout)
+        self.resid_drop = dropout(config.dropout)
         self.attend = reference_attention if config.attention == "reference" else fused_attention
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -125,7 +130,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 2 * H if self.swiglu else H, bias=config.bias)
         self.proj = nn.Linear(H, config.n_embd, bias=config.bias)
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, H), or (B, T, 2H) for SwiGLU
@@ -170,7 +175,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         if config.pos_encoding == "learned":
             self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
