@@ -210,3 +210,26 @@ def test_compiled_training_matches_eager(tmp_path):
     eager = tiny_trainer(tiny_config(tmp_path / "eager"))
     compiled = tiny_trainer(tiny_config(tmp_path / "compiled", **{"train.compile": True}))
     np.testing.assert_allclose(_run_steps(compiled, 3), _run_steps(eager, 3), rtol=1e-4)
+
+
+def test_plot_run_without_metrics_is_one_clear_line(tmp_path):
+    from lmforge.errors import LmforgeError
+    from lmforge.train.plot import plot_run
+
+    with pytest.raises(LmforgeError, match="metrics.jsonl") as info:
+        plot_run(tmp_path)
+    assert "\n" not in str(info.value) and not (tmp_path / "loss.png").exists()
+
+
+def test_plot_run_keeps_the_latest_value_of_a_repeated_step(tmp_path):
+    from lmforge.train.plot import loss_curves, plot_run
+
+    lines = [{"kind": "train", "step": 1, "loss": 3.0}, {"kind": "train", "step": 2, "loss": 2.0},
+             {"kind": "eval", "step": 2, "val_loss": 2.5}, {"kind": "train", "step": 2, "loss": 1.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"torn')
+    from lmforge.train.metrics import read_metrics
+
+    curves = loss_curves(read_metrics(tmp_path))
+    assert curves["train"] == ([1, 2], [3.0, 1.9]) and curves["val"] == ([2], [2.5])
+    out = plot_run(tmp_path, out=tmp_path / "custom.png")
+    assert out == tmp_path / "custom.png" and out.read_bytes()[:4] == b"\x89PNG"
