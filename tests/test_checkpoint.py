@@ -129,6 +129,7 @@ def test_keep_last_and_best(tmp_path):
     for step, val_loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, 2.4)]:
         save_checkpoint(tmp_path, step, trainer.raw_model, trainer.optimizer, trainer.config,
                         {"val_loss": val_loss, "tokens_seen": 0, "ranks": []})
+        (tmp_path / "checkpoints" / ".tmp-step-00000099-12345").mkdir(exist_ok=True)  # a crashed save
         prune_checkpoints(tmp_path, keep_last=2)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step-00000002", "step-00000004", "step-00000005"]  # newest two + best (1.0)

@@ -242,7 +242,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete complete checkpoints other than the newest `keep_last` and the best by val loss; return the deleted."""
+    """Delete complete checkpoints other than the newest `keep_last` and the best by val loss, and leftovers of
+    interrupted saves; return the deleted paths."""
     found = complete_checkpoints(run_dir)
     keep = set(found[-keep_last:])
     best, best_loss = None, float("inf")
@@ -256,8 +257,11 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     if best is not None:
         keep.add(best)
     deleted = [c for c in found if c not in keep]
-    for ckpt in deleted:
-        shutil.rmtree(ckpt)
+    root = Path(run_dir) / CHECKPOINTS
+    # half-written saves of a process that crashed (this process's own are renamed before it prunes)
+    deleted += [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".trash-"))]
+    for path in deleted:
+        shutil.rmtree(path)
     return deleted
 
 
