@@ -154,3 +154,14 @@ def test_val_loss_is_stored_only_where_measured(tmp_path):
               for p in (tmp_path / "checkpoints").iterdir()}
     assert losses["step-00000002"] is None  # no evaluation at step 2
     assert isinstance(losses["step-00000004"], float)  # the final evaluation
+
+
+def test_resume_refuses_data_with_another_tokenizer(full_run, tmp_path):
+    from lmforge.tokenizer import Tokenizer
+
+    run, _, _ = full_run
+    Tokenizer("byte", ("<S>", "<E>", "<P>")).save(tmp_path / "other.json")
+    trainer = tiny_trainer(tiny_config(tmp_path / "r", **{**RESUME, "train.resume": str(run)}),
+                           tokenizer_file=tmp_path / "other.json")
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        trainer.fit()

@@ -325,6 +325,10 @@ class Trainer:
                 raise CheckpointError(f"{ckpt} was trained with model.{key}={saved_model.get(key)!r}, the config says "
                                       f"{value!r}; resume with the checkpoint's model config or start a new run_dir")
         state = load_training_state(ckpt, self.raw_model, self.optimizer, self.device, manifest=manifest)
+        saved_tok, data_tok = state.get("tokenizer_sha256"), _sha256_or_none(self.tokenizer_file)
+        if saved_tok and data_tok and saved_tok != data_tok:  # same ids, different meanings
+            raise CheckpointError(f"{ckpt} was trained with another tokenizer than {self.tokenizer_file}; resume with "
+                                  f"the data it was trained on, or start a new run_dir")
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.val_loss, self.best_val_loss = state.get("last_val_loss"), state.get("best_val_loss")
         self.val_step = self.step if state.get("val_loss") is not None else None
