@@ -80,7 +80,10 @@ def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
 
 
 def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
-    """A ModelConfig from a GPT2Config or its dict (config.json). Raises ConfigError for what lmforge lacks."""
+    """A ModelConfig from a GPT2Config or its dict (config.json). Raises ConfigError for what lmforge lacks.
+
+    lmforge has one dropout probability: it takes the largest of HF's resid_pdrop, embd_pdrop, attn_pdrop.
+    """
     d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
     if d.get("model_type", "gpt2") != "gpt2":
         raise ConfigError(f"model_type={d.get('model_type')!r} is not gpt2; only GPT-2 configs convert")
