@@ -125,7 +125,7 @@ def find_leakage(data_dir: str | Path, tok: Tokenizer, *, shingle_tokens: int | 
                 where, pos = idx[hit], starts[hit]
                 new = first_train_pos[where] < 0
                 first_train_pos[where[new]] = pos[new]
-            bar.update(CHUNK)
+            bar.update(min(CHUNK, len(train) - bar.n))
 
     result = {"shingle_tokens": k, "sample_rate": 1 / modulus, "threshold": threshold}
     candidates, train_pos_of = [], {}
