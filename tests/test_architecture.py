@@ -65,7 +65,7 @@ def _unsafe_calls(tree: ast.AST) -> list:
         f = node.func
         name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
         owner = getattr(f.value, "id", "") if isinstance(f, ast.Attribute) else ""
-        if name in ("eval", "exec") and not owner:
+        if name in ("eval", "exec") and isinstance(f, ast.Name):  # the builtins, not model.eval()
             bad.append(f"{name}() at line {node.lineno}")
         if owner in ("pickle", "cPickle", "dill", "marshal") and name in ("load", "loads"):
             bad.append(f"{owner}.{name} at line {node.lineno}")
@@ -81,7 +81,8 @@ def _unsafe_calls(tree: ast.AST) -> list:
 
 
 def test_unsafe_call_scanner_finds_what_it_should():
-    tree = ast.parse("import pickle, torch, yaml\npickle.load(f)\ntorch.load(p)\nyaml.load(s)\neval('1')\nnp.load(p)")
+    tree = ast.parse("import pickle, torch, yaml\npickle.load(f)\ntorch.load(p)\nyaml.load(s)\neval('1')\nnp.load(p)\n"
+                     "model.to(d).eval()\nself.m.eval()\nnp.load(p, allow_pickle=False)\nyaml.safe_load(s)")
     assert len(_unsafe_calls(tree)) == 5
 
 
