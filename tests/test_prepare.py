@@ -315,3 +315,14 @@ def test_progress_goes_to_stderr_only(tmp_path, corpus, capfd):
     out, err = capfd.readouterr()
     assert out == ""
     assert "encoding train" in err
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_manifest_counts_characters_and_bytes_of_each_split(tmp_path, corpus, kind):
+    """bits per byte divides by these counts, so they must equal the text the shards decode to."""
+    prepare([str(corpus)], str(tmp_path / "out"), tokenizer=kind, vocab_size=300, progress=False)
+    manifest = read_manifest(tmp_path / "out")
+    tok = Tokenizer.load(tmp_path / "out" / "tokenizer.json")
+    for split, entry in manifest["splits"].items():
+        text = tok.decode(load_split(tmp_path / "out", split).tolist(), skip_special=True)
+        assert entry["characters"] == len(text) and entry["bytes"] == len(text.encode("utf-8")), split

@@ -269,6 +269,7 @@ class _Pipeline:
                 entries[name] = self._encode_split(spool, docs, tok, dtype, name,
                                                    token_counts if name == "train" else None)
                 entries[name]["characters"] = int(sum(spool.chars[i] for i in docs))
+                entries[name]["bytes"] = int(sum(spool.lengths[i] for i in docs))  # UTF-8, for bits per byte
             self.timings["encode"] = time.perf_counter() - t0
             encoded_bytes = sum(spool.lengths[i] for docs in splits.values() for i in docs)
         finally:
@@ -286,7 +287,7 @@ class _Pipeline:
             "seed": seed,
             "split": list(split),
             "sources": self.stats.sources,
-            "splits": {name: {k: e[k] for k in ("file", "tokens", "documents", "sha256")} for name, e in entries.items()},
+            "splits": {name: {k: e[k] for k in ("file", "tokens", "documents", "characters", "bytes", "sha256")} for name, e in entries.items()},
         }
         write_manifest(self.tmp, manifest)
         t0 = time.perf_counter()
