@@ -255,7 +255,8 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: smallest set with probability >= P")
     p.add_argument("--seed", type=int, help="random seed, for reproducible samples")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    p.add_argument("--no-stream", action="store_true",
+                   help="print the text when it is complete (several samples are never streamed)")
     p.set_defaults(run=_run_generate)
 
 
@@ -275,18 +276,19 @@ def _run_generate(args: argparse.Namespace) -> int:
     generator = load(args.checkpoint, device=args.device)
     options = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, greedy=args.greedy,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    for i in range(args.num_return_sequences):
-        if args.num_return_sequences > 1:
-            print(f"--- sample {i + 1} ---")
-        sample_options = dict(options, seed=None if args.seed is None else args.seed + i)
-        if args.no_stream:
-            print(args.prompt + generator.generate(args.prompt, **sample_options))
-        else:
-            sys.stdout.write(args.prompt)
-            for piece in generator.stream(args.prompt, **sample_options):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+    if args.no_stream or args.num_return_sequences > 1:  # all samples decoded together, as one batch
+        samples = generator.generate(args.prompt, num_return_sequences=args.num_return_sequences, **options)
+        samples = [samples] if isinstance(samples, str) else samples
+        for i, text in enumerate(samples):
+            if len(samples) > 1:
+                print(f"--- sample {i + 1} ---")
+            print(args.prompt + text)
+    else:
+        sys.stdout.write(args.prompt)
+        for piece in generator.stream(args.prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     return 0
 
 

@@ -103,7 +103,7 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
     "char-small": dict(block_size=64, n_layer=4, n_head=4, n_embd=128),
-    "gpt2-124m": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-124m": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, activation="gelu_tanh"),
     "llama-small": dict(block_size=256, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, norm="rmsnorm",
                         mlp="swiglu", pos_encoding="rope", bias=False, tie_embeddings=True, norm_eps=1e-6),
 }
