@@ -67,6 +67,14 @@ def test_glove_maps_words_to_the_right_rows_and_reports_coverage(tmp_path):
     assert float(np.std(got)) == pytest.approx(float(before.std()), rel=1e-4)
 
 
+def test_glove_words_with_spaces_are_read(tmp_path):
+    tok = WordTokenizer(["new york", "the"])
+    path = tmp_path / "g.txt"
+    path.write_text("the 1 2 3 4\nnew york 4 3 2 1\n", encoding="utf-8")
+    report = init_embeddings(fresh_weight(tok.vocab_size, 4), f"glove:{path}", str(tmp_path), tok, seed=0)
+    assert report["rows_initialised"] == 2
+
+
 def test_glove_accepts_a_word2vec_header_line(tmp_path):
     tok = WordTokenizer(PIECES)
     path = write_glove(tmp_path / "g.txt", GLOVE, header="5 4")
@@ -85,7 +93,8 @@ def test_none_leaves_the_weight_alone(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"),
     ("", "is empty"),
-    ("the 1 2 3 4\ncat 1 2 3\n", "line 2 has 3 numbers but line 1 has 4"),
+    ("the 1 2 3 4\ncat 1 2 3\n", "line 2 has 3 numbers but the first vector has 4"),
+    ("the 1 2 3 4\ncat 1 2 3 4 5\n", "line 2 has 5 numbers but the first vector has 4"),
     ("the 1 2 x 4\n", "line 1 has 'x' where a number belongs"),
     ("the 1 2 3 4 5 6\n", "has 6-dimensional vectors but model.n_embd=4; set model.n_embd=6"),
     ("8 6\nthe 1 2 3 4 5 6\n", "has 6-dimensional vectors but model.n_embd=4"),

@@ -11,7 +11,8 @@ Two sources, chosen by a spec string:
   the dimension, the seed and the settings.
 * ``glove:PATH``: a GloVe text file (one ``word f1 ... fd`` per line; a word2vec-style ``count dim``
   header line is accepted). A vocabulary token takes the vector of the word equal to its text, else to
-  its text stripped of surrounding spaces (BPE tokens such as " the"), else to that lower-cased.
+  its text stripped of surrounding spaces (BPE tokens such as " the"), else to that lower-cased. Every
+  line's field count is checked; the numbers are parsed only for the words the vocabulary needs.
 
 Either way the vectors are centred and scaled so that their standard deviation equals that of the
 weight they replace (the model's own init), then copied into the rows they cover; the other rows keep
@@ -112,11 +113,7 @@ def _glove_vectors(path: Path, tokenizer: Any, dim: int) -> tuple[np.ndarray, np
         raise DataError(f"GloVe file {path} does not exist; {fix}")
     # Which words we need: each candidate form of each token, most specific first.
     texts = _token_texts(tokenizer)
-    wanted: dict[str, list[int]] = {}
-    for i, text in texts.items():
-        for form in dict.fromkeys((text, text.strip(), text.strip().lower())):
-            if form:
-                wanted.setdefault(form, []).append(i)
+    wanted = {form for text in texts.values() for form in (text, text.strip(), text.strip().lower()) if form}
     found: dict[str, np.ndarray] = {}
     file_dim = None
     try:
@@ -138,10 +135,12 @@ def _glove_vectors(path: Path, tokenizer: Any, dim: int) -> tuple[np.ndarray, np
                                         f"each line must be 'word f1 ... fd'")
                     _check_dim(path, file_dim, dim)
                 if len(fields) - 1 != file_dim:
-                    if len(fields) - 1 < file_dim:
-                        raise DataError(f"GloVe file {path} line {lineno} has {len(fields) - 1} numbers but "
-                                        f"line 1 has {file_dim}; every line must have the same dimension")
-                    word = " ".join(fields[:-file_dim])  # a few GloVe files have words with spaces
+                    # More fields than file_dim + 1 is a word with spaces (a few GloVe files have them),
+                    # unless the extra fields are numbers too.
+                    if len(fields) - 1 < file_dim or _is_float(fields[-file_dim - 1]):
+                        raise DataError(f"GloVe file {path} line {lineno} has {len(fields) - 1} numbers but the "
+                                        f"first vector has {file_dim}; every line must have the same dimension")
+                    word = " ".join(fields[:-file_dim])
                     numbers = fields[-file_dim:]
                 else:
                     word, numbers = fields[0], fields[1:]
