@@ -65,21 +65,40 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d_k) + causal mask) V, written out. q (B, nh, T, hd); k, v (B, nkv, S, hd)."""
+def padded_causal_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, 1, T, S) bool mask for a left-padded batch: the causal mask, and no query sees a pad key.
+
+    attention_mask (B, S) is True (or 1) at real tokens, False at pads; the queries are the last T of the
+    S positions. A pad query attends like an unpadded one (all earlier keys): its output is never used,
+    and a query with no key at all would make softmax produce NaN, which would leak through 0 * NaN.
+    """
+    real = attention_mask.bool()  # (B, S)
+    S = real.size(1)
+    keys_seen = real[:, None, :] | ~real[:, -T:, None]  # (B, T, S)
+    return (keys_seen & causal_mask(T, S, real.device)).unsqueeze(1)  # (B, 1, T, S)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k) + causal mask) V, written out. q (B, nh, T, hd); k, v (B, nkv, S, hd);
+    mask (B, 1, T, S) bool replaces the causal mask (padded batches: see padded_causal_mask)."""
     T, S, d_k = q.size(-2), k.size(-2), q.size(-1)
     if k.size(1) != q.size(1):  # grouped-query: each key/value head serves nh/nkv consecutive query heads
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, nh, S, hd)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)  # (B, nh, S, hd)
-    mask = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill(~causal_mask(T, S, q.device), -math.inf)
-    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d_k) + mask, dim=-1)  # (B, nh, T, S)
+    allowed = causal_mask(T, S, q.device) if mask is None else mask
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, -math.inf)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d_k) + bias, dim=-1)  # (B, nh, T, S)
     return F.dropout(weights, dropout_p) @ v  # (B, nh, T, hd)
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The same function as reference_attention through F.scaled_dot_product_attention (which shares
     the key/value heads among query heads itself, without copies)."""
     T, S, gqa = q.size(-2), k.size(-2), k.size(1) != q.size(1)
+    if mask is not None:  # a padded batch
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
     if T == S:  # no cached past: the plain causal triangle
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     if T == 1:  # one new token sees every cached key
@@ -103,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         self.attend = reference_attention if config.attention == "reference" else fused_attention
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
@@ -114,7 +133,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd): the past and these T positions
-        y = self.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hd)
+        y = self.attend(q, k, v, self.dropout if self.training else 0.0, mask)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # heads concatenated: (B, T, nh*hd)
         return self.resid_drop(self.proj(y))  # (B, T, C)
 
@@ -159,8 +178,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope, cache)
+                cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, cache, mask)
         x = x + self.mlp(self.norm_2(x))
         return x
 
@@ -208,23 +227,37 @@ class GPT(nn.Module):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T). With a cache, idx continues the cached sequence:
-        its positions start at cache.pos, its keys/values are appended and cache.pos advances by T."""
+        its positions start at cache.pos, its keys/values are appended and cache.pos advances by T.
+
+        attention_mask (B, S), S = cache.pos + T (or T without a cache), marks real tokens True/1 and
+        left padding False/0: a row's positions then count only its real tokens, and no query attends
+        to a pad, so each row computes what it would alone (for batches of prompts of different lengths).
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        mask = None
+        if attention_mask is None:
+            positions = slice(start, start + T)  # the same T positions for every row
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T): real tokens before
+            mask = padded_causal_mask(attention_mask, T)  # (B, 1, T, S)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
-            x = x + self.pos_emb.weight[start:start + T]  # (T, C) broadcast over B
+            x = x + self.pos_emb.weight[positions]  # (T, C) broadcast over B, or (B, T, C)
         elif self.config.pos_encoding == "sinusoidal":
-            x = x + self.pos_table[start:start + T]
-        rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) \
-            if self.config.pos_encoding == "rope" else None
+            x = x + self.pos_table[positions]
+        rope = None
+        if self.config.pos_encoding == "rope":  # (T, hd), or (B, 1, T, hd) to broadcast over the heads
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            rope = (cos, sin) if attention_mask is None else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm_f(x))  # (B, T, V)
@@ -256,6 +289,11 @@ class KVCache:
         self.k[layer].narrow(2, self.pos, T).copy_(k)
         self.v[layer].narrow(2, self.pos, T).copy_(v)
         return self.k[layer].narrow(2, 0, self.pos + T), self.v[layer].narrow(2, 0, self.pos + T)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows `index` (B,) of every layer, in that order (beam search: each beam's parent)."""
+        self.k = [k.index_select(0, index) for k in self.k]
+        self.v = [v.index_select(0, index) for v in self.v]
 
     def reset(self) -> None:
         self.pos = 0
