@@ -181,6 +181,16 @@ class TrainConfig:
     compile: bool = doc("torch.compile the model.", False)
     resume: str = doc("none | auto (newest complete checkpoint in run_dir) | PATH to a checkpoint.", "none")
     num_threads: int = doc("CPU threads for torch; 0 = torch's default.", 0)
+    nonfinite: str = doc("A NaN/Inf loss or gradient (the weights are never updated by it): stop (write "
+                         "RUN_DIR/nonfinite-step-N.json, exit code 3) | skip (skip the step, count it in the logs).",
+                         "stop")
+    spike_zscore: float = doc("Skip a step whose loss lies more than this many standard deviations above the mean "
+                              "of the last spike_window steps; 0 = off.", 0.0)
+    spike_window: int = doc("Steps of loss history that spike_zscore compares against.", 100)
+    dist_timeout: float = doc("Seconds a process waits for the others (gloo/nccl timeout) before it gives up; "
+                              "raise it if saving a checkpoint takes longer.", 60.0)
+    allow_data_change: bool = doc("Resume even if the prepared data's manifest differs from the one the "
+                                  "checkpoint was trained on.", False)
 
     def __post_init__(self) -> None:
         _check(self.max_steps > 0, "train.max_steps", self.max_steps, "a positive integer")
@@ -193,6 +203,12 @@ class TrainConfig:
         _one_of("train.precision", self.precision, ("fp32", "bf16-mixed"))
         ok = self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
         _check(ok, "train.device", self.device, "auto, cpu, cuda, cuda:N or mps")
+        _one_of("train.nonfinite", self.nonfinite, ("stop", "skip"))
+        _check(math.isfinite(self.spike_zscore) and self.spike_zscore >= 0, "train.spike_zscore", self.spike_zscore,
+               "0 (off) or a positive number of standard deviations, e.g. 6")
+        _check(2 <= self.spike_window <= 100_000, "train.spike_window", self.spike_window, "an integer from 2 to 100000")
+        _check(math.isfinite(self.dist_timeout) and self.dist_timeout > 0, "train.dist_timeout", self.dist_timeout,
+               "a positive number of seconds")
 
 
 @dataclass
