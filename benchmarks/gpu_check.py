@@ -37,9 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32 on cuda, 1 on cpu)")
     p.add_argument("--block-size", type=int, default=None, help="context (default 1024 on cuda, 64 on cpu)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for cuda only")
-    p.add_argument("--compile-scope", choices=("model", "loss"), default="loss",
-                   help="model: compile the model alone (as the trainer does); loss: compile model + cross-entropy "
-                        "together, so the fp32 upcast of the (B, T, V) logits fuses into the loss")
+    p.add_argument("--compile-scope", choices=("model", "loss"), default="model",
+                   help="model: compile the model alone (as the trainer does; run on an H200); loss: compile model + "
+                        "cross-entropy together, so the fp32 upcast of the (B, T, V) logits fuses into the loss")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="override gpt2-124m's 50257, e.g. 50304 (a multiple of 128: faster LM-head products)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak, if not detected")
