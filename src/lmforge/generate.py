@@ -1,30 +1,43 @@
 """Text generation: decoding over a GPT and its KV cache.
 
-Decoding steps, one token per step:  prefill the prompt once -> pick a token from the last logits
-(greedy, or sample with temperature / top-k / top-p) -> feed that one token through the cache -> ...
-until max_new_tokens, or every sequence has emitted the tokenizer's end token.
+One decoding step per new token:  prefill the prompts once -> turn the last logits into scores
+(repetition penalty, no-repeat n-grams, then temperature / top-k / top-p / min-p) -> pick a token
+(greedy argmax, or a draw) -> feed that one token through the cache -> ... until the new-token budget,
+or until every sequence has stopped (an end token, a stop token id, or a stop string in its text).
+Beam search (num_beams > 1) keeps the num_beams most likely continuations instead (see beam_search).
 
 Prompts are encoded as <START> + prompt tokens, the way documents were stored for training
 (<START> text <END>). A prompt longer than block_size is cropped from the left, with a warning.
+
+Batches: several prompts (and num_return_sequences copies of each) decode as one batch, left-padded to
+the longest prompt. The model gets an attention mask, so a row's positions count only its own tokens
+and no query sees a pad: each row computes what it would alone (equal up to float rounding in the
+order of sums). Sampling gives each row its own random generator (sample j of every prompt is seeded
+from (seed, j): see row_generators), so a prompt draws the same tokens alone or in a batch.
 
 Past the context: a learned/sinusoidal/RoPE position cannot go beyond block_size, so when the sequence
 fills the window it slides: the cache is rebuilt by one forward pass over the newest block_size // 2
 tokens and decoding continues from there. The model therefore always sees between block_size/2 and
 block_size tokens of context, and pays one prefill per block_size/2 new tokens (nanoGPT instead runs
 the newest block_size tokens through the whole model for every new token: a full window, many times slower).
+A padded batch slides all rows at once, when its longest row fills the window: a batched row equals its
+unbatched result as long as the longest prompt plus the new tokens fit in block_size.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.config import doc
 from lmforge.errors import ConfigError
 from lmforge.model import GPT, KVCache
+
+EARLY_STOPPING = (True, False, "never")
 
 
 @dataclass
@@ -37,8 +50,22 @@ class GenerateConfig:
     temperature: float = doc("Divide logits by this before sampling; 0 = greedy.", 1.0)
     top_k: Optional[int] = doc("Sample only among the k most likely tokens; null = all.", None)
     top_p: Optional[float] = doc("Nucleus sampling: the smallest set of tokens with probability >= top_p; null = 1 = all.", None)
-    seed: Optional[int] = doc("Seed of the sampling generator (same seed, same tokens); null = random.", None)
-    num_return_sequences: int = doc("Continuations generated (as one batch) for the prompt.", 1)
+    min_p: Optional[float] = doc("Sample only tokens with probability >= min_p * that of the most likely; null = all.", None)
+    repetition_penalty: float = doc("Divide positive logits (multiply negative ones) of tokens already in the "
+                                    "sequence, prompt included, by this (Keskar et al. 2019); 1 = off.", 1.0)
+    no_repeat_ngram_size: int = doc("Never repeat an n-gram of this size (prompt included); 0 = off.", 0)
+    num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.", 1)
+    length_penalty: float = doc("Beam search: a finished beam scores sum(log p) / new_tokens ** length_penalty.", 1.0)
+    early_stopping: Union[bool, str] = doc("Beam search: true = stop when num_beams beams have finished; false = "
+                                           "also until no running beam can beat them (heuristic); 'never' = exact.",
+                                           False)
+    stop_strings: Optional[list[str]] = doc("Stop a sequence when its text contains one of these; the text "
+                                            "returned ends before it. Not with beam search.", None)
+    stop_token_ids: Optional[list[int]] = doc("Token ids that end a sequence, besides the tokenizer's end token "
+                                              "(excluded from the output).", None)
+    seed: Optional[int] = doc("Seed of the sampling generators (same seed, same tokens); null = random.", None)
+    num_return_sequences: int = doc("Continuations returned per prompt (generated as one batch; with beam "
+                                    "search the best ones, at most num_beams).", 1)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "max_length", "top_k"):
@@ -49,9 +76,34 @@ class GenerateConfig:
             raise ConfigError(f"generate.temperature={self.temperature!r} is invalid: 0 (greedy) or a positive number")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"generate.top_p={self.top_p!r} is invalid: a probability in (0, 1]")
-        if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
-            raise ConfigError(f"generate.num_return_sequences={self.num_return_sequences!r} is invalid: "
-                              "a positive integer")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"generate.min_p={self.min_p!r} is invalid: a probability in [0, 1]")
+        if not self.repetition_penalty > 0.0:
+            raise ConfigError(f"generate.repetition_penalty={self.repetition_penalty!r} is invalid: a positive "
+                              "number (1 = off, above 1 discourages repeats)")
+        for name in ("num_return_sequences", "num_beams"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"generate.{name}={value!r} is invalid: a positive integer")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"generate.no_repeat_ngram_size={self.no_repeat_ngram_size!r} is invalid: "
+                              "0 (off) or a positive integer")
+        if self.early_stopping not in EARLY_STOPPING or not isinstance(self.early_stopping, (bool, str)):
+            raise ConfigError(f"generate.early_stopping={self.early_stopping!r} is invalid: true, false or 'never'")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ConfigError(f"generate.num_return_sequences={self.num_return_sequences} is more than "
+                              f"num_beams={self.num_beams}: beam search returns at most num_beams sequences")
+        if self.stop_strings is not None:
+            if isinstance(self.stop_strings, str):
+                self.stop_strings = [self.stop_strings]
+            if not all(isinstance(s, str) and s for s in self.stop_strings):
+                raise ConfigError(f"generate.stop_strings={self.stop_strings!r} is invalid: a list of non-empty strings")
+            if self.num_beams > 1:
+                raise ConfigError("generate.stop_strings cannot be used with beam search (num_beams > 1): "
+                                  "use stop_token_ids, or num_beams=1")
+        if self.stop_token_ids is not None and not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise ConfigError(f"generate.stop_token_ids={self.stop_token_ids!r} is invalid: a list of token ids")
 
     @property
     def is_greedy(self) -> bool:
@@ -66,11 +118,41 @@ class GenerateConfig:
             return self.max_length - prompt_len
         return self.max_new_tokens if self.max_new_tokens is not None else 100
 
+    def end_ids(self, end_id: Optional[int]) -> list[int]:
+        """The token ids that end a sequence: the tokenizer's end token and stop_token_ids."""
+        ids = [end_id] if end_id is not None else []
+        return ids + [t for t in (self.stop_token_ids or []) if t not in ids]
 
-# ------------------------------------------------------------------------------------ picking a token
-def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+
+# ------------------------------------------------------------------------------------ scoring tokens
+def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Scores (B, V) of tokens already seen (B, V) bool: positive ones divided by `penalty`, negative ones
+    multiplied (CTRL, Keskar et al. 2019, sec. 4.1, as Hugging Face applies it), so above 1 they all drop."""
+    penalized = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return torch.where(seen, penalized, scores)
+
+
+def banned_ngram_tokens(tokens: torch.Tensor, real: Optional[torch.Tensor], n: int, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: the tokens that would complete an n-gram already present in each row of tokens (B, L).
+    real (B, L) marks real tokens (None = all); an n-gram touching a pad does not count."""
+    B, L = tokens.shape
+    banned = torch.zeros(B, vocab_size + 1, dtype=torch.bool, device=tokens.device)  # column V: no ban
+    if L < n or n < 1:
+        return banned[:, :vocab_size]
+    grams = tokens.unfold(1, n, 1)  # (B, L-n+1, n): every n-gram
+    last = tokens[:, L - n + 1:]  # (B, n-1): the prefix the next token would complete
+    match = (grams[:, :, :-1] == last[:, None, :]).all(dim=-1)  # (B, L-n+1)
+    if real is not None:
+        match &= real.unfold(1, n, 1).all(dim=-1)
+    candidates = torch.where(match, grams[:, :, -1], vocab_size)  # (B, L-n+1): the completing tokens
+    return banned.scatter_(1, candidates, True)[:, :vocab_size]
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  min_p: Optional[float] = None) -> torch.Tensor:
     """Set to -inf every logit (B, V) outside the top k, then outside the nucleus of mass top_p
-    (Holtzman et al. 2020: the smallest most-likely set whose probability reaches top_p)."""
+    (Holtzman et al. 2020: the smallest most-likely set whose probability reaches top_p), then below
+    min_p times the top probability (Nguyen et al. 2024). The most likely token always survives."""
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -torch.inf)
@@ -79,85 +161,294 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         probs = sorted_logits.softmax(dim=-1)
         outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(outside.scatter(-1, order, outside), -torch.inf)
+    if min_p is not None and min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, -torch.inf)
     return logits
 
 
-def next_token(logits: torch.Tensor, config: GenerateConfig, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """The next token (B,) from last-position logits (B, V)."""
+def next_token(logits: torch.Tensor, config: GenerateConfig, generator: Union[None, torch.Generator,
+               Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """The next token (B,) from last-position scores (B, V): the argmax, or a draw after temperature and
+    the filters. `generator`: one for the whole batch, or one per row (each row then draws alone)."""
     if config.is_greedy:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)  # (B,)
+    logits = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p, config.min_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(1)
 
 
-# ---------------------------------------------------------------------------------------- decoding
+def row_generators(config: GenerateConfig, copies: int, prompts: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per row (prompt-major: prompt p, copy j is row p * copies + j): copy 0 seeded with
+    `seed`, copy j > 0 with the j-th number a generator seeded with `seed` draws, so a prompt draws the
+    same tokens alone or batched with others."""
+    seed = config.seed if config.seed is not None else torch.Generator().seed()  # null: a fresh random seed
+    draws = torch.randint(2**62, (copies,), generator=torch.Generator().manual_seed(seed)).tolist()
+    seeds = [seed] + draws[1:]
+    return [torch.Generator(device=device).manual_seed(seeds[j]) for _ in range(prompts) for j in range(copies)]
+
+
+# ---------------------------------------------------------------------------------------- sequences
 def crop_prompt(prompt_ids: Sequence[int], block_size: int) -> list[int]:
     ids = list(prompt_ids)
     if not ids:
         raise ConfigError("the prompt is empty and there is no start token; pass at least one token")
     if len(ids) > block_size:
         warnings.warn(f"prompt of {len(ids)} tokens is longer than block_size={block_size}; "
-                      f"keeping its last {block_size} tokens", stacklevel=3)
+                      f"keeping its last {block_size} tokens", stacklevel=4)
         ids = ids[-block_size:]
     return ids
 
 
+class Sequences:
+    """Rows of token ids being extended one column per step, left-padded to a common width, with their KV cache.
+
+    tokens (B, width + budget): the prompts right-aligned at column `width`, new tokens after it;
+    real (B, width + budget) bool marks real tokens (None when no row is padded); `n` columns are filled.
+    The cache holds the columns start..n-1 (start moves when the window slides).
+    """
+
+    def __init__(self, model: GPT, prompts: list[list[int]], budget: int, pad_id: int = 0) -> None:
+        device = model.tok_emb.weight.device
+        B, self.width = len(prompts), max(len(p) for p in prompts)
+        self.tokens = torch.full((B, self.width + budget), pad_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            self.tokens[row, self.width - len(prompt):self.width] = torch.tensor(prompt, dtype=torch.long)
+        self.real = None
+        if any(len(p) != self.width for p in prompts):
+            pads = torch.tensor([self.width - len(p) for p in prompts], device=device)
+            self.real = torch.arange(self.tokens.size(1), device=device)[None, :] >= pads[:, None]  # (B, width+budget)
+        self.n, self.start = self.width, 0
+        self.cache = KVCache.for_model(model, B)
+        self.block = model.config.block_size
+
+    def next_logits(self, model: GPT) -> torch.Tensor:
+        """Last-position logits (B, V), feeding the cache what it lacks: the prompts, one new column, or,
+        when the window is full, the newest block // 2 columns again (see the module docstring)."""
+        if self.cache.pos == self.block:
+            self.cache.reset()
+            self.start = self.n - max(1, self.block // 2)
+        first = self.start + self.cache.pos  # the first column the cache lacks
+        mask = self.real[:, self.start:self.n] if self.real is not None else None
+        return model(self.tokens[:, first:self.n], self.cache, mask)[:, -1]
+
+    def append(self, token: torch.Tensor) -> None:
+        self.tokens[:, self.n] = token
+        self.n += 1
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (B,), in that order: tokens, padding and cache (beam search)."""
+        self.tokens = self.tokens.index_select(0, index)
+        self.real = self.real.index_select(0, index) if self.real is not None else None
+        self.cache.reorder(index)
+
+    def seen_tokens(self, vocab_size: int) -> torch.Tensor:
+        """(B, V) bool: the tokens present in each row so far (pads excluded)."""
+        ids = self.tokens[:, :self.n]
+        if self.real is not None:
+            ids = ids.masked_fill(~self.real[:, :self.n], vocab_size)  # pads go to an extra column
+        seen = torch.zeros(ids.size(0), vocab_size + 1, dtype=torch.bool, device=ids.device)
+        return seen.scatter_(1, ids, True)[:, :vocab_size]
+
+    def new_tokens(self) -> torch.Tensor:
+        return self.tokens[:, self.width:self.n]  # (B, new tokens so far)
+
+
+def process_scores(scores: torch.Tensor, seqs: Sequences, config: GenerateConfig) -> torch.Tensor:
+    """Scores (B, V) after the repetition penalty and the no-repeat n-gram ban (Hugging Face's logits
+    processors of the same names); temperature and the filters come later, when sampling."""
+    if config.repetition_penalty != 1.0:
+        scores = repetition_penalty(scores, seqs.seen_tokens(scores.size(-1)), config.repetition_penalty)
+    if config.no_repeat_ngram_size > 0:
+        real = seqs.real[:, :seqs.n] if seqs.real is not None else None
+        banned = banned_ngram_tokens(seqs.tokens[:, :seqs.n], real, config.no_repeat_ngram_size, scores.size(-1))
+        scores = scores.masked_fill(banned, -torch.inf)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------- stopping
+class Stopping:
+    """Which rows have stopped: an end token, the row's budget, or (with a tokenizer) a stop string in its text."""
+
+    def __init__(self, budgets: list[int], end_ids: Sequence[int], device: torch.device,
+                 stop_strings: Optional[Sequence[str]] = None, tokenizer: Any = None) -> None:
+        self.done = torch.zeros(len(budgets), dtype=torch.bool, device=device)
+        self.budgets = torch.tensor(budgets, device=device)
+        self.end_ids = torch.tensor(list(end_ids), dtype=torch.long, device=device)
+        self.stop_strings = list(stop_strings or [])
+        if self.stop_strings and tokenizer is None:
+            raise ConfigError("stop_strings need the tokenizer to read the text; pass tokenizer=")
+        self.longest = max((len(s) for s in self.stop_strings), default=0)
+        self.decoders = [tokenizer.stream_decoder() for _ in budgets] if self.stop_strings else []
+        self.texts = [""] * len(budgets)
+
+    def update(self, token: torch.Tensor, step: int) -> bool:
+        """Record step `step`'s tokens (B,); True when every row has stopped."""
+        self.done |= torch.isin(token, self.end_ids) | (self.budgets <= step + 1)
+        for row in range(len(self.decoders)):
+            if not self.done[row]:
+                piece = self.decoders[row].push(int(token[row]))
+                self.texts[row] += piece
+                tail = self.texts[row][-(len(piece) + self.longest - 1):] if piece else ""
+                if any(s in tail for s in self.stop_strings):
+                    self.done[row] = True
+        return bool(self.done.all())
+
+
+def cut_at_stop_string(text: str, stop_strings: Optional[Sequence[str]]) -> str:
+    """text up to (not including) the earliest occurrence of any stop string."""
+    cuts = [text.find(s) for s in stop_strings or [] if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+# ---------------------------------------------------------------------------------------- decoding
+def prepare_prompts(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConfig) -> tuple[list, list]:
+    """(cropped prompts, new-token budget of each)."""
+    cropped = [crop_prompt(p, model.config.block_size) for p in prompts]
+    return cropped, [config.new_tokens(len(p)) for p in cropped]
+
+
 @torch.inference_mode()
+def decode_batch(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConfig,
+                 end_ids: Sequence[int] = (), tokenizer: Any = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) long with B = len(prompts) * num_return_sequences
+    (prompt-major), per step, by greedy decoding or sampling (not beam search).
+
+    Stops after the step where every row has stopped (an id in end_ids, its budget, a stop string:
+    stopped rows keep being fed, their later tokens are to be ignored), or after the longest budget.
+    The model should be in eval mode.
+    """
+    prompts, budgets = prepare_prompts(model, prompts, config)
+    copies = config.num_return_sequences
+    rows = [p for p in prompts for _ in range(copies)]
+    device = model.tok_emb.weight.device
+    generators = None if config.is_greedy else row_generators(config, copies, len(prompts), device)
+    if generators is not None and len(generators) == 1:
+        generators = generators[0]
+    stopping = Stopping([b for b in budgets for _ in range(copies)], end_ids, device, config.stop_strings, tokenizer)
+    seqs = Sequences(model, rows, max(budgets))
+    plain = config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0
+    for step in range(max(budgets)):
+        logits = seqs.next_logits(model)  # (B, V)
+        scores = logits if plain else process_scores(logits, seqs, config)
+        token = next_token(scores, config, generators)  # (B,)
+        seqs.append(token)
+        yield token
+        if stopping.update(token, step):
+            return
+
+
 def decode(model: GPT, prompt_ids: Sequence[int], config: GenerateConfig,
            end_id: Optional[int] = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of each of the num_return_sequences continuations, (B,) long, per step.
+    """decode_batch for one prompt: the next token (num_return_sequences,) per step."""
+    return decode_batch(model, [prompt_ids], config, config.end_ids(end_id))
 
-    Stops after the step where every sequence has produced end_id (finished ones keep being fed, their
-    later tokens are to be ignored), or after the new-token budget. The model should be in eval mode.
+
+@torch.inference_mode()
+def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConfig,
+                end_ids: Sequence[int] = ()) -> list[list[list[int]]]:
+    """The num_return_sequences best of num_beams beams for each prompt: [prompt][rank] -> new token ids
+    (an end id ends a beam and is left out). Hugging Face's beam search, step for step:
+
+    all num_beams * V continuations of the running beams are scored by their summed log-probabilities
+    (after repetition penalty / n-gram ban); of the best K = max(2, 1 + len(end_ids)) * num_beams, those
+    ending in an end id (or reaching the budget) and ranked within the first num_beams become finished
+    hypotheses, scored sum(log p) / new_tokens ** length_penalty (the best num_beams are kept), and the
+    best num_beams others run on. A prompt is done when num_beams hypotheses are finished and either
+    early_stopping is true or no running beam can still beat the worst of them: its score divided by the
+    current length ** length_penalty (the budget's length with 'never' and length_penalty > 0) is no higher.
     """
-    prompt = crop_prompt(prompt_ids, model.config.block_size)
-    budget = config.new_tokens(len(prompt))
-    B, block = config.num_return_sequences, model.config.block_size
+    prompts, budgets = prepare_prompts(model, prompts, config)
+    nb, P = config.num_beams, len(prompts)
     device = model.tok_emb.weight.device
-    generator = None
-    if not config.is_greedy:
-        generator = torch.Generator(device=device)
-        if config.seed is not None:
-            generator.manual_seed(config.seed)
-        else:
-            generator.seed()  # a fresh non-deterministic seed
+    seqs = Sequences(model, [p for p in prompts for _ in range(nb)], max(budgets))
+    beam_scores = torch.zeros(P, nb, device=device)  # summed log-probabilities of the running beams
+    beam_scores[:, 1:] = -1e9  # all beams start equal: let only the first one propose continuations
+    K = max(2, 1 + len(end_ids)) * nb
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(P)]  # (score, tokens), best first
+    done = [False] * P
+    for step in range(max(budgets)):
+        log_probs = process_scores(F.log_softmax(seqs.next_logits(model).float(), dim=-1), seqs, config)  # (P*nb, V)
+        V = log_probs.size(-1)
+        totals = (log_probs + beam_scores.view(-1, 1)).view(P, nb * V)  # every continuation of every beam
+        top_scores, top_index = totals.topk(K, dim=-1)  # (P, K), best first
+        top_scores, top_index = top_scores.tolist(), top_index.tolist()
+        history = seqs.new_tokens().tolist()  # (P*nb, new tokens so far)
+        parents, tokens, scores = [], [], []
+        for p in range(P):
+            if done[p]:  # keep its beams as they are; their tokens are never read
+                parents += [p * nb + b for b in range(nb)]
+                tokens += [0] * nb
+                scores += beam_scores[p].tolist()
+                continue
+            last = step + 1 == budgets[p]
+            running: list[tuple[int, int, float]] = []
+            for rank, (score, index) in enumerate(zip(top_scores[p], top_index[p])):
+                beam, token = divmod(index, V)
+                if token in end_ids or last:
+                    if rank < nb:
+                        add_hypothesis(finished[p], score / (step + 1) ** config.length_penalty,
+                                       history[p * nb + beam] + [token], nb)
+                elif len(running) < nb:
+                    running.append((p * nb + beam, token, score))
+            running += [(p * nb, 0, -1e9)] * (nb - len(running))  # (only at the end of the budget)
+            parents += [r[0] for r in running]
+            tokens += [r[1] for r in running]
+            scores += [r[2] for r in running]
+            length = budgets[p] if config.early_stopping == "never" and config.length_penalty > 0 else step + 1
+            done[p] = last or (len(finished[p]) == nb and (
+                config.early_stopping is True or running[0][2] / length ** config.length_penalty <= finished[p][-1][0]))
+        if all(done):
+            break
+        seqs.reorder(torch.tensor(parents, device=device))
+        seqs.append(torch.tensor(tokens, device=device))
+        beam_scores = torch.tensor(scores, device=device).view(P, nb)
+    return [[[t for t in hyp if t not in end_ids] for _, hyp in finished[p][:config.num_return_sequences]]
+            for p in range(P)]
 
-    tokens = torch.empty(B, len(prompt) + budget, dtype=torch.long, device=device)  # (B, prompt + new)
-    tokens[:, :len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
-    n = len(prompt)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = KVCache.for_model(model, B)
-    logits = model(tokens[:, :n], cache)[:, -1]  # (B, V)
-    for step in range(budget):
-        token = next_token(logits, config, generator)  # (B,)
-        tokens[:, n] = token
-        n += 1
-        yield token
-        if end_id is not None:
-            finished |= token == end_id
-            if bool(finished.all()):
-                return
-        if step == budget - 1:
-            return
-        if cache.pos == block:  # the window is full: slide it (see the module docstring)
-            cache.reset()
-            logits = model(tokens[:, n - max(1, block // 2):n], cache)[:, -1]
-        else:
-            logits = model(tokens[:, n - 1:n], cache)[:, -1]
+
+def add_hypothesis(finished: list[tuple[float, list[int]]], score: float, tokens: list[int], keep: int) -> None:
+    """Insert a finished beam into `finished` (best first), keeping the best `keep`."""
+    finished.append((score, tokens))
+    finished.sort(key=lambda hyp: -hyp[0])  # stable: an earlier hypothesis wins a tie
+    del finished[keep:]
+
+
+def generate_batch_ids(model: GPT, prompts: Sequence[Sequence[int]], config: Optional[GenerateConfig] = None,
+                       end_id: Optional[int] = None, tokenizer: Any = None,
+                       **kwargs: Any) -> list[list[list[int]]]:
+    """New token ids for each prompt and each of its num_return_sequences sequences: [prompt][sequence] -> ids
+    (without the prompt, cut before the first end id: end_id or a stop_token_ids entry, and within the
+    prompt's budget). Options come as a GenerateConfig or as its fields in kwargs; stop_strings need the
+    tokenizer (they end generation; cutting the text at them is left to the caller: see generate)."""
+    config = config or GenerateConfig(**kwargs)
+    end_ids = config.end_ids(end_id)
+    if config.num_beams > 1:
+        return beam_search(model, prompts, config, end_ids)
+    with warnings.catch_warnings():  # a cropped prompt is reported once, by the decoding below
+        warnings.simplefilter("ignore")
+        _, budgets = prepare_prompts(model, prompts, config)
+    steps = list(decode_batch(model, prompts, config, end_ids, tokenizer))
+    copies = config.num_return_sequences
+    table = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(len(prompts) * copies)]
+    out = []
+    for p, budget in enumerate(budgets):
+        rows = []
+        for row in table[p * copies:(p + 1) * copies]:
+            row = row[:budget]
+            ends = [row.index(e) for e in end_ids if e in row]
+            rows.append(row[:min(ends)] if ends else row)
+        out.append(rows)
+    return out
 
 
 def generate_ids(model: GPT, prompt_ids: Sequence[int], config: Optional[GenerateConfig] = None,
                  end_id: Optional[int] = None, **kwargs: Any) -> list[list[int]]:
     """New token ids (without the prompt, cut before end_id) for each of num_return_sequences samples.
     Options come as a GenerateConfig or as its fields in kwargs."""
-    config = config or GenerateConfig(**kwargs)
-    steps = list(decode(model, prompt_ids, config, end_id))
-    if not steps:
-        return [[] for _ in range(config.num_return_sequences)]
-    out = []
-    for row in torch.stack(steps, dim=1).tolist():  # (B, steps)
-        out.append(row[:row.index(end_id)] if end_id in row else row)
-    return out
+    return generate_batch_ids(model, [prompt_ids], config, end_id, **kwargs)[0]
 
 
 # ----------------------------------------------------------------------------------------------- text
@@ -167,34 +458,50 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return start + tokenizer.encode(prompt)
 
 
-def generate(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateConfig] = None,
-             **kwargs: Any) -> str | list[str]:
-    """The continuation of `prompt` (the new text only); a list of num_return_sequences of them when above 1."""
+def generate(model: GPT, tokenizer: Any, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,
+             **kwargs: Any) -> Union[str, list[str], list[list[str]]]:
+    """The continuation of `prompt` (the new text only, ending before a stop string).
+
+    prompt a str: a str, or a list of num_return_sequences texts when that is above 1.
+    prompt a list of str (decoded as one batch): one entry per prompt, each a str or such a list.
+    """
     config = config or GenerateConfig(**kwargs)
-    rows = generate_ids(model, prompt_ids(tokenizer, prompt), config, end_id=tokenizer.end_id)
-    texts = [tokenizer.decode(row) for row in rows]
-    return texts[0] if config.num_return_sequences == 1 else texts
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        return []
+    ids = generate_batch_ids(model, [prompt_ids(tokenizer, p) for p in prompts], config, tokenizer.end_id, tokenizer)
+    out: list = []
+    for rows in ids:
+        texts = [cut_at_stop_string(tokenizer.decode(row), config.stop_strings) for row in rows]
+        out.append(texts[0] if config.num_return_sequences == 1 else texts)
+    return out[0] if isinstance(prompt, str) else out
 
 
 def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateConfig] = None,
            **kwargs: Any) -> Iterator[str]:
-    """Yield the continuation of `prompt` as text pieces while it is generated (one sequence only)."""
+    """Yield the continuation of `prompt` as text pieces while it is generated (one sequence, no beams).
+    The pieces join to generate()'s text; text that may begin a stop string is held back until it does not."""
     config = config or GenerateConfig(**kwargs)
-    if config.num_return_sequences != 1:
-        raise ConfigError("stream() generates one sequence; set num_return_sequences=1 or use generate()")
-    tokens = (int(t[0]) for t in decode(model, prompt_ids(tokenizer, prompt), config, end_id=tokenizer.end_id))
-    return text_pieces(tokenizer, tokens)
+    if config.num_return_sequences != 1 or config.num_beams != 1:
+        raise ConfigError("stream() generates one sequence without beam search; set num_return_sequences=1 and "
+                          "num_beams=1, or use generate()")
+    end_ids = config.end_ids(tokenizer.end_id)
+    steps = decode_batch(model, [prompt_ids(tokenizer, prompt)], config, end_ids, tokenizer)
+    pieces = text_pieces(tokenizer, (int(t[0]) for t in steps), end_ids)
+    return until_stop_string(pieces, config.stop_strings) if config.stop_strings else pieces
 
 
-def text_pieces(tokenizer: Any, token_ids: Iterator[int]) -> Iterator[str]:
-    """Decode token ids arriving one by one into text pieces, up to end_id; the pieces join to the full text.
+def text_pieces(tokenizer: Any, token_ids: Iterator[int], end_ids: Optional[Sequence[int]] = None) -> Iterator[str]:
+    """Decode token ids arriving one by one into text pieces, up to an end id (default: the tokenizer's);
+    the pieces join to the full text.
 
     The tokenizer's stream decoder holds back the bytes of a character cut in the middle (byte tokens,
     BPE pieces) until the tokens that complete it arrive, so no piece carries half a character.
     """
+    end_ids = [tokenizer.end_id] if end_ids is None else end_ids
     decoder = tokenizer.stream_decoder()
     for token_id in token_ids:
-        if token_id == tokenizer.end_id:
+        if token_id in end_ids:
             break
         piece = decoder.push(token_id)
         if piece:
@@ -204,6 +511,50 @@ def text_pieces(tokenizer: Any, token_ids: Iterator[int]) -> Iterator[str]:
         yield rest
 
 
+def until_stop_string(pieces: Iterator[str], stop_strings: Sequence[str]) -> Iterator[str]:
+    """Pass text pieces on up to the first stop string (excluded), then stop pulling. The longest tail
+    that could be the start of a stop string is held back until the next piece settles it."""
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        cut = cut_at_stop_string(pending, stop_strings)
+        if len(cut) < len(pending):
+            if cut:
+                yield cut
+            return
+        hold = max((k for s in stop_strings for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        if len(pending) > hold:
+            yield pending[:len(pending) - hold]
+            pending = pending[len(pending) - hold:]
+    if pending:
+        yield pending
+
+
+# ------------------------------------------------------------------------------ faster CPU decoding
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def apply_inference_dtype(model: GPT, dtype: str = "fp32", quantize: Optional[str] = None) -> GPT:
+    """The model for decoding with fewer bytes read per token: `dtype` fp32 (exact, default) | bf16 | fp16
+    casts every weight; `quantize="int8"` replaces each nn.Linear by PyTorch's dynamically quantized one
+    (int8 weights per output channel, activations quantized per call; CPU only). Returns the model
+    (modified in place, or the quantized copy)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is invalid: choose one of {', '.join(DTYPES)}")
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize={quantize!r} is invalid: null or 'int8'")
+    model = model.to(DTYPES[dtype])
+    if quantize == "int8":
+        if model.tok_emb.weight.device.type != "cpu" or dtype != "fp32":
+            raise ConfigError("quantize='int8' runs on the CPU with dtype fp32; use --device cpu, or bf16 instead")
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+            warnings.simplefilter("ignore")
+            model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return model
+
+
 class TextGenerator:
     """A model and its tokenizer, ready to continue prompts: .generate(prompt, **kw), .stream(prompt, **kw)."""
 
@@ -211,8 +562,9 @@ class TextGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
 
-    def generate(self, prompt: str, **kwargs: Any) -> str | list[str]:
-        """The continuation of prompt (a list when num_return_sequences > 1); kwargs are GenerateConfig fields."""
+    def generate(self, prompt: Union[str, Sequence[str]], **kwargs: Any) -> Union[str, list[str], list[list[str]]]:
+        """The continuation of prompt, or of each prompt of a list (one batch); kwargs are GenerateConfig
+        fields. A str per prompt, or a list of them when num_return_sequences > 1."""
         return generate(self.model, self.tokenizer, prompt, **kwargs)
 
     def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
@@ -220,9 +572,10 @@ class TextGenerator:
         return stream(self.model, self.tokenizer, prompt, **kwargs)
 
 
-def load(path: str, device: str = "cpu") -> TextGenerator:
-    """A TextGenerator over the checkpoint at `path` (a run directory: its newest complete checkpoint)."""
+def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional[str] = None) -> TextGenerator:
+    """A TextGenerator over the checkpoint at `path` (a run directory: its newest complete checkpoint);
+    dtype / quantize as apply_inference_dtype (default fp32, exact)."""
     from lmforge.checkpoint import load_for_inference  # imported on use: reads files, pulls in the tokenizer
 
     model, tokenizer, _ = load_for_inference(path, device)
-    return TextGenerator(model, tokenizer)
+    return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer)
