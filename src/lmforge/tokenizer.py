@@ -1,4 +1,4 @@
-"""One Tokenizer over three kinds: char, byte and byte-level BPE.
+"""One Tokenizer over three kinds: char, byte and byte-level BPE (and ``hf``: an imported tokenizer).
 
 Every kind maps text to ids and back through UTF-8 bytes, so ``decode(encode(s)) == s`` for every
 string, in any script:
@@ -22,6 +22,14 @@ the bytes of a character that is not complete yet, so printing its pieces gives 
 
 A tokenizer is saved as ONE JSON file (``format: lmforge-tokenizer-v1``); for ``bpe`` the Hugging
 Face tokenizer JSON is embedded under ``"hf_tokenizer"``.
+
+The fourth kind, ``hf``, wraps the byte-level BPE tokenizer.json of a model imported from Hugging Face
+(GPT-2, Llama 3, ...) and keeps ITS special tokens and ids: GPT-2's ``<|endoftext|>`` is id 50256 and
+is its end token; its start token is None because GPT-2's tokenizer adds nothing before a text (a
+tokenizer whose post-processor adds BOS, like Llama's, has that BOS as start token). It encodes as the
+source tokenizer does without its post-processor, special tokens written in the text included (so
+``encode`` may emit special ids: the ids the model was trained with), and ``start + encode(text)`` is
+what ``transformers`` gives for ``tokenizer(text).input_ids``.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ import numpy as np
 from lmforge.errors import TokenizerError
 
 FORMAT = "lmforge-tokenizer-v1"
-KINDS = ("char", "byte", "bpe")
+KINDS = ("char", "byte", "bpe")  # the kinds `lmforge prepare` trains
+HF_KIND = "hf"  # a tokenizer imported from Hugging Face (see the module docstring)
+SPECIAL_ROLES = ("start", "end", "pad")
 DEFAULT_SPECIAL_TOKENS = ("<START>", "<END>", "<PAD>")
 N_SPECIAL = 3
 BYTE_OFFSET = N_SPECIAL  # id of byte 0 in the byte and char kinds
@@ -68,20 +78,26 @@ class Tokenizer:
     """Text <-> token ids for one of the kinds ``char``, ``byte``, ``bpe``; build with the ``train_*``/``load`` functions.
 
     Attributes: ``kind``, ``vocab_size``, ``special_tokens`` (start, end, pad names), ``start_id`` (0),
-    ``end_id`` (1), ``pad_id`` (2).
+    ``end_id`` (1), ``pad_id`` (2). For kind ``hf`` the names and ids are the imported tokenizer's
+    (``special_ids`` maps start/end/pad to an id or None), and ``start_id``/``pad_id`` may be None.
     """
 
-    start_id = 0
-    end_id = 1
-    pad_id = 2
+    start_id: int | None = 0
+    end_id: int | None = 1
+    pad_id: int | None = 2
 
     def __init__(self, kind: str, special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS, *,
-                 chars: list[str] | None = None, hf_json: str | None = None) -> None:
+                 chars: list[str] | None = None, hf_json: str | None = None,
+                 special_ids: dict[str, int | None] | None = None) -> None:
+        if kind == HF_KIND:
+            self._init_hf(hf_json, special_ids or {})
+            return
         if kind not in KINDS:
             raise TokenizerError(f"unknown tokenizer kind {kind!r}: choose one of char, byte, bpe or a tokenizer.json path")
         check_special_tokens(special_tokens)
         self.kind = kind
         self.special_tokens = tuple(special_tokens)
+        self._special_ids = frozenset(range(N_SPECIAL))
         self._hf = None
         self._chars: list[str] = list(chars or [])
         # id -> the bytes it stands for; special tokens decode to their names when not skipped.
@@ -96,6 +112,31 @@ class Tokenizer:
         self._id_bytes = id_bytes
         self.vocab_size = len(id_bytes)
         self.sha256: str | None = None  # of the file this tokenizer was last saved to or loaded from
+
+    def _init_hf(self, hf_json: str | None, special_ids: dict[str, int | None]) -> None:
+        """Kind ``hf``: an imported byte-level BPE tokenizer.json with its own special tokens."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._hf = HFTokenizer.from_str(hf_json or "")
+        except Exception as e:  # the Rust library raises plain Exceptions
+            raise TokenizerError(f"the Hugging Face tokenizer JSON cannot be loaded ({e})") from None
+        self.kind = HF_KIND
+        self._chars = []
+        self._char_table = None
+        self._id_bytes = _hf_all_id_bytes(self._hf)
+        self.vocab_size = len(self._id_bytes)
+        for role in SPECIAL_ROLES:
+            token_id = special_ids.get(role)
+            if token_id is not None and not (isinstance(token_id, int) and 0 <= token_id < self.vocab_size):
+                raise TokenizerError(f"{role} token id {token_id!r} is outside the vocabulary (size {self.vocab_size})")
+            setattr(self, f"{role}_id", token_id)
+        self.special_tokens = tuple(None if i is None else self._hf.id_to_token(i)
+                                    for i in (self.start_id, self.end_id, self.pad_id))
+        added = self._hf.get_added_tokens_decoder()
+        self._special_ids = frozenset({i for i, t in added.items() if t.special}
+                                      | {i for i in (self.start_id, self.end_id, self.pad_id) if i is not None})
+        self.sha256 = None
 
     # ------------------------------------------------------------------------------------ encoding
     def _build_char_table(self) -> np.ndarray | None:
@@ -114,7 +155,7 @@ class Tokenizer:
             return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
         if self.kind == "char":
             return self._encode_char(text)
-        return np.asarray(self._hf.encode(text).ids, dtype=np.int64)
+        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
     def _encode_char(self, text: str) -> np.ndarray:
         code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
@@ -140,7 +181,7 @@ class Tokenizer:
         if self.kind != "bpe":
             return [self.encode_array(t) for t in texts]
         encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts)]
+        return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts; ``encode_batch(ts)[i] == encode(ts[i])``."""
@@ -155,9 +196,9 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Iterable[int], skip_special: bool = True) -> bytes:
         """The bytes of ``ids`` joined; special tokens are dropped (or written as their names)."""
-        table = self._id_bytes
+        table, special = self._id_bytes, self._special_ids
         if skip_special:
-            return b"".join(table[int(i)] for i in ids if int(i) >= N_SPECIAL)
+            return b"".join(table[int(i)] for i in ids if int(i) not in special)
         return b"".join(table[int(i)] for i in ids)
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
@@ -174,8 +215,8 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """A printable form of one token, for reports (special names, bytes as ``<0xNN>``)."""
-        if token_id < N_SPECIAL:
-            return self.special_tokens[token_id]
+        if token_id in self._special_ids:
+            return self._id_bytes[token_id].decode("utf-8", errors="replace")
         raw = self._id_bytes[token_id]
         try:
             return raw.decode("utf-8")
@@ -185,16 +226,17 @@ class Tokenizer:
     # ---------------------------------------------------------------------------------- save/load
     def to_dict(self) -> dict:
         """The JSON-serialisable form written by ``save``."""
+        ids = (self.start_id, self.end_id, self.pad_id)
         data = {
             "format": FORMAT,
             "kind": self.kind,
             "vocab_size": self.vocab_size,
-            "special_tokens": {role: {"token": name, "id": i}
-                               for i, (role, name) in enumerate(zip(("start", "end", "pad"), self.special_tokens))},
+            "special_tokens": {role: None if i is None else {"token": name, "id": i}
+                               for role, name, i in zip(SPECIAL_ROLES, self.special_tokens, ids)},
         }
         if self.kind == "char":
             data["chars"] = self._chars
-        if self.kind == "bpe":
+        if self.kind in ("bpe", HF_KIND):
             data["hf_tokenizer"] = json.loads(self._hf.to_str())
         return data
 
@@ -226,6 +268,16 @@ class Tokenizer:
             raise TokenizerError(f"{source} is not an lmforge tokenizer file (format {FORMAT!r} missing): "
                                  "use a tokenizer.json written by `lmforge prepare`")
         try:
+            if data["kind"] == HF_KIND:
+                roles = data["special_tokens"]
+                special_ids = {r: roles[r]["id"] if roles.get(r) else None for r in SPECIAL_ROLES}
+                tok = cls(HF_KIND, hf_json=json.dumps(data["hf_tokenizer"]), special_ids=special_ids)
+                for r in SPECIAL_ROLES:
+                    if roles.get(r) and tok._hf.id_to_token(roles[r]["id"]) != roles[r]["token"]:
+                        raise ValueError(f"{r} token {roles[r]['token']!r} is not id {roles[r]['id']}")
+                if tok.vocab_size != data.get("vocab_size"):
+                    raise ValueError(f"vocab_size={data.get('vocab_size')} but the tokenizer holds {tok.vocab_size}")
+                return tok
             specials = tuple(data["special_tokens"][r]["token"] for r in ("start", "end", "pad"))
             tok = cls(data["kind"], specials, chars=data.get("chars"),
                       hf_json=json.dumps(data["hf_tokenizer"]) if data["kind"] == "bpe" else None)
@@ -379,6 +431,30 @@ def _hf_id_bytes(hf) -> list[bytes]:
     for token, i in vocab.items():
         by_id[i] = token
     return [bytes(to_byte[c] for c in token) for token in by_id[N_SPECIAL:]]
+
+
+def _hf_all_id_bytes(hf) -> list[bytes]:
+    """The bytes of every id of an imported byte-level tokenizer (added tokens: their text as UTF-8).
+
+    Raises TokenizerError for tokenizers that are not byte-level (e.g. SentencePiece-style ones).
+    """
+    decoder = json.loads(hf.to_str()).get("decoder") or {}
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
+    if "ByteLevel" not in kinds:
+        raise TokenizerError(f"the tokenizer's decoder is {decoder.get('type')!r}, not byte-level: lmforge imports "
+                             "byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, ...)")
+    to_byte = {c: b for b, c in _gpt2_byte_to_unicode().items()}
+    added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}
+    vocab = hf.get_vocab(with_added_tokens=True)
+    out = [b""] * (max(vocab.values()) + 1)
+    for token, i in vocab.items():
+        if i in added:
+            out[i] = added[i].encode("utf-8")
+        elif all(c in to_byte for c in token):
+            out[i] = bytes(to_byte[c] for c in token)
+        else:  # not in the byte alphabet: a model vocabulary entry no text encodes to
+            out[i] = token.encode("utf-8")
+    return out
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1,0 +1,96 @@
+"""`lmforge export --format hf`: an lmforge checkpoint -> a directory transformers loads offline.
+
+    OUT/config.json               GPT2LMHeadModel or LlamaForCausalLM, whichever the model matches
+    OUT/model.safetensors         fp32 weights in Hugging Face names (a tied LM head stored once)
+    OUT/generation_config.json    bos/eos/pad token ids (generation stops at the end token, as in lmforge)
+    OUT/tokenizer.json, tokenizer_config.json, special_tokens_map.json   (see interop.hf_tokenizer)
+
+A model with an option neither architecture has (sinusoidal positions, GPT-2 style with RoPE, ...)
+is refused with the reason for each. The directory is written next to OUT and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmforge import __version__
+from lmforge.checkpoint import load_for_inference
+from lmforge.config import ModelConfig
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.interop import hf_gpt2, hf_llama
+from lmforge.interop.hf_tokenizer import hf_tokenizer_files
+
+
+class HFExportError(LmforgeError):
+    """A checkpoint that cannot be written in Hugging Face format, or an output that must not be replaced."""
+
+
+def converter_for_model(config: ModelConfig):
+    """hf_gpt2 or hf_llama, whichever can express `config`; HFExportError with both reasons otherwise."""
+    reasons = []
+    for convert in (hf_gpt2, hf_llama):
+        try:
+            check = convert.check_gpt2_compatible if convert is hf_gpt2 else convert.check_llama_compatible
+            check(config)
+            return convert
+        except ConfigError as e:
+            reasons.append(str(e))
+    raise HFExportError("this model has no Hugging Face equivalent: " + "; ".join(reasons))
+
+
+def hf_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """{file name: content} of the Hugging Face directory: dicts (JSON) and the weights (a tensor dict)."""
+    config: ModelConfig = model.config
+    convert = converter_for_model(config)
+    ids = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.start_id, "eos_token_id": tokenizer.end_id, "pad_token_id": tokenizer.pad_id}
+    hf_config = convert.to_hf_config(config, **ids, dtype="float32", transformers_version=None,
+                                     lmforge_version=__version__)
+    hf_config = {k: v for k, v in hf_config.items() if v is not None or k.endswith("token_id")}
+    state = convert.to_hf_state_dict(model.state_dict(), config)
+    if config.tie_embeddings:  # transformers ties lm_head to the embedding on load
+        state.pop("lm_head.weight")
+    # Own memory for each tensor: safetensors refuses views that share storage (split q/k/v, ...).
+    weights = {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in state.items()}
+    files: dict[str, Any] = {"config.json": hf_config, "model.safetensors": weights,
+                             "generation_config.json": {"_from_model_config": False, **ids}}
+    if tokenizer is not None:
+        files.update(hf_tokenizer_files(tokenizer, config.block_size))
+    return files
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write the checkpoint (a run directory: its newest complete checkpoint) as a Hugging Face directory.
+
+    Returns out_dir. Refuses an existing non-empty out_dir unless force (then it is replaced whole).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise HFExportError(f"{out_dir} exists and is not empty; choose another --out or pass --force to replace it")
+    model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
+    files = hf_files(model, tokenizer)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name, content in files.items():
+            if name.endswith(".safetensors"):
+                save_file(content, str(tmp / name), metadata={"format": "pt"})
+            else:
+                (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,154 @@
+"""Convert between lmforge's GPT and Hugging Face's LlamaForCausalLM (configs and state dicts).
+
+A Llama-style lmforge config is: RoPE positions, RMSNorm, the SwiGLU MLP, any number of key/value heads
+(grouped-query attention), biases either everywhere (HF attention_bias=mlp_bias=True) or nowhere.
+Both libraries rotate dimension i with i + head_dim/2 (HF's rotate_half, the GPT-NeoX layout), so
+q_proj/k_proj weights are copied as they are, no permutation.
+
+Weight layout (both store nn.Linear (out, in) weights): lmforge fuses [q; k; v] into attn.qkv and
+[gate; up] into mlp.fc (MLP.forward chunks gate first), HF keeps them as separate projections.
+Nothing here imports transformers: configs travel as the dicts LlamaConfig(**d) / config.json use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import ConfigError
+
+
+def check_llama_compatible(config: ModelConfig) -> None:
+    """Raise ConfigError naming the first model option that Llama's architecture cannot express."""
+    required = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+    for key, value in required.items():
+        if getattr(config, key) != value:
+            raise ConfigError(f"model.{key}={getattr(config, key)!r} cannot be converted to Llama; "
+                              f"Llama needs model.{key}={value!r}")
+
+
+def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
+    """LlamaConfig keyword arguments (config.json) for a Llama-style ModelConfig; `extra` is added.
+
+    HF Llama has one dropout, on attention weights (lmforge also drops residual branches): it gets
+    model.dropout, which changes nothing at inference.
+    """
+    check_llama_compatible(config)
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "initializer_range": config.init_std,
+        "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "rope_theta": config.rope_theta,  # transformers < 5 reads this key, 5.x reads rope_parameters
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": config.bias,
+        "mlp_bias": config.bias,
+        "attention_dropout": config.dropout,
+        "pretraining_tp": 1,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        **extra,
+    }
+
+
+def _rope_theta(d: Mapping[str, Any]) -> float:
+    """The RoPE base of a Llama config.json (transformers 5: rope_parameters; earlier: rope_theta, rope_scaling)."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type != "default":
+        raise ConfigError(f"rope_type={rope_type!r} (RoPE scaling) has no lmforge equivalent; "
+                          "supported: default RoPE (rope_scaling null)")
+    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+
+
+def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
+    """A ModelConfig from a LlamaConfig or its dict (config.json). Raises ConfigError for what lmforge lacks."""
+    d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    if d.get("model_type", "llama") != "llama":
+        raise ConfigError(f"model_type={d.get('model_type')!r} is not llama; only Llama configs convert here")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act={d.get('hidden_act')!r} has no lmforge equivalent; supported: silu (SwiGLU)")
+    attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
+    if attention_bias != mlp_bias:
+        raise ConfigError(f"attention_bias={attention_bias} with mlp_bias={mlp_bias} has no lmforge equivalent; "
+                          "supported: both true or both false")
+    n_embd, n_head = d["hidden_size"], d["num_attention_heads"]
+    head_dim = d.get("head_dim") or n_embd // n_head
+    if head_dim * n_head != n_embd:
+        raise ConfigError(f"head_dim={head_dim} with num_attention_heads={n_head} and hidden_size={n_embd} has no "
+                          "lmforge equivalent; supported: head_dim = hidden_size / num_attention_heads")
+    if d.get("pretraining_tp", 1) != 1:
+        raise ConfigError(f"pretraining_tp={d['pretraining_tp']} has no lmforge equivalent; supported: 1")
+    return ModelConfig(
+        vocab_size=d["vocab_size"], block_size=d.get("max_position_embeddings", 2048), n_layer=d["num_hidden_layers"],
+        n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=n_embd,
+        mlp_hidden=d["intermediate_size"], dropout=float(d.get("attention_dropout", 0.0)), bias=attention_bias,
+        norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", pos_encoding="rope",
+        rope_theta=_rope_theta(d), tie_embeddings=d.get("tie_word_embeddings", False),
+        init_std=d.get("initializer_range", 0.02),
+    )
+
+
+def _split_sizes(config: ModelConfig) -> tuple[int, int, int]:
+    hd = config.head_dim
+    return config.n_head * hd, config.n_kv_head * hd, config.n_kv_head * hd
+
+
+def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM state dict (model.*, lm_head.weight) from an lmforge GPT state dict."""
+    check_llama_compatible(config)
+    out = {"model.embed_tokens.weight": state_dict["tok_emb.weight"], "model.norm.weight": state_dict["norm_f.weight"]}
+    kinds = ("weight", "bias") if config.bias else ("weight",)
+    for i in range(config.n_layer):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        out[hf + "input_layernorm.weight"] = state_dict[ours + "norm_1.weight"]
+        out[hf + "post_attention_layernorm.weight"] = state_dict[ours + "norm_2.weight"]
+        for kind in kinds:
+            q, k, v = state_dict[f"{ours}attn.qkv.{kind}"].split(_split_sizes(config), dim=0)
+            gate, up = state_dict[f"{ours}mlp.fc.{kind}"].chunk(2, dim=0)
+            out.update({f"{hf}self_attn.q_proj.{kind}": q.contiguous(), f"{hf}self_attn.k_proj.{kind}": k.contiguous(),
+                        f"{hf}self_attn.v_proj.{kind}": v.contiguous(),
+                        f"{hf}self_attn.o_proj.{kind}": state_dict[f"{ours}attn.proj.{kind}"],
+                        f"{hf}mlp.gate_proj.{kind}": gate.contiguous(), f"{hf}mlp.up_proj.{kind}": up.contiguous(),
+                        f"{hf}mlp.down_proj.{kind}": state_dict[f"{ours}mlp.proj.{kind}"]})
+    out["lm_head.weight"] = state_dict.get("lm_head.weight", state_dict["tok_emb.weight"])
+    return out
+
+
+def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """lmforge GPT state dict from a LlamaForCausalLM state dict. A missing lm_head.weight (tied) is the embedding."""
+    check_llama_compatible(config)
+    sd = hf_state_dict
+    kinds = ("weight", "bias") if config.bias else ("weight",)
+    try:
+        out = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}
+        for i in range(config.n_layer):
+            ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+            out[ours + "norm_1.weight"] = sd[hf + "input_layernorm.weight"]
+            out[ours + "norm_2.weight"] = sd[hf + "post_attention_layernorm.weight"]
+            for kind in kinds:
+                out[f"{ours}attn.qkv.{kind}"] = torch.cat([sd[f"{hf}self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
+                out[f"{ours}attn.proj.{kind}"] = sd[f"{hf}self_attn.o_proj.{kind}"]
+                out[f"{ours}mlp.fc.{kind}"] = torch.cat([sd[f"{hf}mlp.gate_proj.{kind}"], sd[f"{hf}mlp.up_proj.{kind}"]])
+                out[f"{ours}mlp.proj.{kind}"] = sd[f"{hf}mlp.down_proj.{kind}"]
+    except KeyError as e:
+        raise ConfigError(f"Llama state dict has no tensor {e.args[0]!r}; is it a Llama checkpoint "
+                          f"with num_hidden_layers={config.n_layer}?") from None
+    if config.tie_embeddings or "lm_head.weight" not in sd:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    else:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
