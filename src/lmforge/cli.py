@@ -5,6 +5,8 @@
     lmforge eval     loss, perplexity and bits per byte of a checkpoint on a split
     lmforge generate text from a run or checkpoint directory
     lmforge plot     the loss curves of a run as a PNG
+    lmforge import   a Hugging Face model directory -> a checkpoint
+    lmforge export   a checkpoint -> a Hugging Face directory or an ONNX file
 
 Problems a user can cause are reported as one line on stderr with exit code 2 (a traceback only with
 --debug). Heavy modules (torch, tokenizers) are imported inside the subcommands so `--help` is instant.
@@ -309,8 +311,73 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- import/export
+def _add_import(sub: Any) -> None:
+    p = sub.add_parser(
+        "import", help="a Hugging Face model directory (GPT-2, Llama) -> an lmforge checkpoint",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Read a local Hugging Face causal LM directory (config.json of a gpt2 or llama model,
+            model.safetensors or a sharded model.safetensors.index.json, and tokenizer.json or
+            vocab.json + merges.txt) and write it as RUN_DIR/checkpoints/step-00000000/. generate, eval
+            and serve use it directly; training starts from it with --train.init_from RUN_DIR.
+            Weights are read with safetensors only: pickle files (pytorch_model.bin) are refused unopened.
+            The tokenizer keeps its own special tokens (GPT-2: <|endoftext|> ends a text)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge import ~/models/gpt2 --out runs/gpt2
+              lmforge generate runs/gpt2 --prompt "Hello, world!" --max-new-tokens 100 --greedy
+              lmforge prepare corpus/ --tokenizer runs/gpt2/checkpoints/step-00000000/tokenizer.json --out data/mine
+              lmforge train --data data/mine --run-dir runs/gpt2-mine --train.init_from runs/gpt2"""))
+    p.add_argument("hf_dir", metavar="HF_DIR", help="directory a Hugging Face model was saved to")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create the checkpoint in")
+    p.set_defaults(run=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from lmforge.interop.hf_import import import_hf
+
+    print(import_hf(args.hf_dir, args.out))
+    return 0
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="a checkpoint -> a Hugging Face directory or an ONNX file",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            --format hf: config.json (GPT2LMHeadModel or LlamaForCausalLM, whichever the model matches),
+            model.safetensors, generation_config.json and tokenizer files; transformers' AutoModelForCausalLM
+            and AutoTokenizer load the directory offline. Models with options neither architecture has
+            (e.g. sinusoidal positions) are refused with the reason.
+            --format onnx: one graph input_ids (batch, sequence) -> logits (batch, sequence, vocab), both
+            axes dynamic, for onnxruntime and other ONNX runtimes (TensorFlow through onnx-tf)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge export runs/shakespeare-char --format hf --out exports/shakespeare-hf
+              lmforge export runs/shakespeare-char --format onnx --out exports/shakespeare.onnx"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--format", required=True, choices=["hf", "onnx"], help="hf (Hugging Face directory) | onnx (file)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output directory (hf) or .onnx file (onnx)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        from lmforge.interop.hf_export import export_hf
+
+        print(export_hf(args.checkpoint, args.out, force=args.force))
+    else:
+        from lmforge.interop.onnx_export import export_onnx
+
+        print(export_onnx(args.checkpoint, args.out, force=args.force))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
-COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_eval, _add_generate, _add_plot]
+COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_eval, _add_generate, _add_plot,
+                                         _add_import, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
