@@ -9,7 +9,9 @@
     lmforge export   a checkpoint -> a Hugging Face directory or an ONNX file
 
 Problems a user can cause are reported as one line on stderr with exit code 2 (a traceback only with
---debug). Heavy modules (torch, tokenizers) are imported inside the subcommands so `--help` is instant.
+--debug). `train` exits 3 when it stops on a non-finite loss or gradient (train.nonfinite: stop), and 0
+when SIGTERM or Ctrl-C stopped it after saving a checkpoint (130 on a second Ctrl-C). Heavy modules
+(torch, tokenizers) are imported inside the subcommands so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
 _TRAIN_ALIASES = {  # short flags for the settings people change most
     "--data": "data.path", "--run-dir": "train.run_dir", "--device": "train.device",
     "--precision": "train.precision", "--resume": "train.resume", "--max-steps": "train.max_steps",
+    "--on-nonfinite": "train.nonfinite",
 }
 
 
@@ -149,6 +152,7 @@ def _add_train(sub: Any) -> None:
               lmforge train --config configs/shakespeare-char.yaml
               lmforge train --preset char-small --data data/shakespeare-char --train.max_steps 500
               lmforge train --config configs/shakespeare-char.yaml --resume auto
+              lmforge train --config configs/shakespeare-char.yaml --resume auto --allow-data-change
               torchrun --nproc-per-node 2 -m lmforge.cli train --config configs/shakespeare-char.yaml"""))
     p.add_argument("--config", metavar="FILE", help="YAML or JSON config file")
     p.add_argument("--preset", metavar="NAME", help=f"model preset: {', '.join(PRESETS)}")
@@ -159,6 +163,10 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--precision", metavar="P", help="fp32 | bf16-mixed (= --train.precision)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (= --train.compile true)")
     p.add_argument("--resume", metavar="WHAT", help="none | auto | PATH (= --train.resume)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume on data whose manifest differs from the checkpoint's (= --train.allow_data_change true)")
+    p.add_argument("--on-nonfinite", metavar="POLICY",
+                   help="stop (exit code 3) | skip, on a NaN/Inf loss or gradient (= --train.nonfinite)")
     p.set_defaults(run=_run_train, takes_overrides=True)
 
 
@@ -193,6 +201,8 @@ def _run_train(args: argparse.Namespace) -> int:
             overrides[key] = value
     if args.compile:
         overrides["train.compile"] = "true"
+    if args.allow_data_change:
+        overrides["train.allow_data_change"] = "true"
     if args.preset:
         overrides["preset"] = args.preset
     config = load_run_config(args.config, overrides)
