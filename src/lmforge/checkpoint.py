@@ -10,24 +10,33 @@
         tokenizer.json         copied from the prepared data, so the directory alone can generate
         manifest.json          sha256 and size of every file above, written LAST
 
-A save is written into a hidden sibling directory and renamed into place, so a crash leaves either the
-old state or a complete new checkpoint; a directory without manifest.json never counts. Nothing is
-pickled: tensors go through safetensors, everything else through JSON.
+A save is written into a hidden sibling directory (every file fsynced, manifest.json last), which is
+fsynced and renamed into place, and the parent directory is fsynced: a crash, a kill or a full disk leaves
+either the old state or a complete new checkpoint, and a directory without manifest.json never counts.
+Leftovers of interrupted saves are removed by `clean_interrupted_saves`. Nothing is pickled: tensors go
+through safetensors (each file's header is checked against its size before anything is allocated),
+everything else through JSON; a pickle file planted under a checkpoint name is refused, never opened.
+
+Fault injection for tests (inert unless the environment variable LMFORGE_FAULT is set): see `fault_point`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
+import signal
+import struct
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
@@ -38,6 +47,46 @@ from lmforge.errors import CheckpointError, ConfigError
 FORMAT = "lmforge-checkpoint-v1"
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"
+# What a checkpoint may hold: tensors as safetensors, everything else as JSON. Nothing else is ever read.
+SAFETENSORS_FILES = ("model.safetensors", "optimizer.safetensors")
+JSON_FILES = ("state.json", "config.json", "tokenizer.json")
+# Files that are (or usually are) Python pickles: loading one can run any code, so they are refused.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+MAX_JSON_BYTES = 256 << 20  # a state.json or tokenizer.json larger than this is not one lmforge wrote
+MAX_HEADER_BYTES = 16 << 20  # safetensors headers of lmforge checkpoints are a few KB
+FAULT_ENV = "LMFORGE_FAULT"
+
+
+# ------------------------------------------------------------------------------------ fault injection
+def fault_point(point: str, step: Optional[int] = None, rank: int = 0) -> Optional[str]:
+    """Test-only fault injection at a named point of a save or a training step; inert by default.
+
+    LMFORGE_FAULT holds comma-separated rules ``POINT[@STEP][#RANK]=ACTION``; a rule matches when POINT
+    equals `point` and its STEP / RANK (if given) equal `step` / `rank`. Actions:
+      kill    SIGKILL this process right here (what a crash, an OOM kill or kill -9 does)
+      enospc  raise OSError(ENOSPC), as a full disk would
+      nan     returned to the caller, which poisons the value it computes (point "loss")
+    Points: "save:<file>" after each file of a save is written, "save:manifest" after the manifest
+    (before the rename that makes the checkpoint visible), "save:renamed" just after that rename,
+    "step" at the start of a training step (STEP = the step being taken), "loss" in a step's forward.
+    Returns the matching action (None when nothing matches: always, unless LMFORGE_FAULT is set).
+    """
+    rules = os.environ.get(FAULT_ENV)
+    if not rules:
+        return None
+    for rule in rules.split(","):
+        target, _, action = rule.strip().partition("=")
+        target, _, want_rank = target.partition("#")
+        name, _, want_step = target.partition("@")
+        if name != point or (want_step and (step is None or int(want_step) != step)) \
+                or (want_rank and int(want_rank) != rank):
+            continue
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected by {FAULT_ENV} at {point})")
+        return action
+    return None
 
 
 # --------------------------------------------------------------------------------------------- layout
@@ -73,14 +122,15 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a run directory (its newest complete checkpoint) or a checkpoint directory.
 
-    Raises CheckpointError if the path does not exist, holds no complete checkpoint, or is a checkpoint
-    directory whose save did not finish (no manifest.json).
+    Raises CheckpointError if the path does not exist, holds no complete checkpoint, holds a pickle file
+    instead of one, or is a checkpoint directory whose save did not finish (no manifest.json).
     """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist; pass a run directory or RUN_DIR/checkpoints/step-N")
     if (p / MANIFEST).is_file():
         return p
+    refuse_pickles(p)
     if _step_of(p) is not None or (p / "model.safetensors").exists():
         raise CheckpointError(f"checkpoint {p} is incomplete (no {MANIFEST}: the save was interrupted); "
                               f"pass the run directory to use its newest complete checkpoint")
@@ -90,6 +140,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"no complete checkpoint in {p} (looked for {CHECKPOINTS}/step-*/{MANIFEST}); "
                               f"train first or pass a checkpoint directory")
     return newest
+
+
+def refuse_pickles(directory: Path) -> None:
+    """Raise CheckpointError if `directory` holds a file named like a pickle (ckpt.pt, model.bin, ...).
+
+    Such a file is never opened: unpickling runs whatever code the file names.
+    """
+    try:
+        planted = sorted(f.name for f in directory.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    except OSError:
+        return
+    if planted:
+        raise CheckpointError(f"{directory / planted[0]} looks like a pickle file, which lmforge never loads (unpickling "
+                              f"can run any code); use a checkpoint written by lmforge train (safetensors + JSON)")
 
 
 def _sha256(path: Path) -> str:
@@ -102,27 +166,102 @@ def _sha256(path: Path) -> str:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{what} {path} is larger than {MAX_JSON_BYTES >> 20} MiB; the checkpoint is corrupt, "
+                                  f"use another one")
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete, use another one") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError):
         raise CheckpointError(f"{what} {path} is not valid JSON; the checkpoint is corrupt, use another one") from None
+    except OSError as e:
+        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror or e}); use another checkpoint") from None
 
 
 def verify_checkpoint(ckpt: str | Path) -> dict:
-    """Check every file against manifest.json (size and sha256); return the manifest or raise CheckpointError."""
+    """Check every file against manifest.json (size and sha256); return the manifest or raise CheckpointError.
+
+    The error names the file: missing, truncated, corrupt, or a planted pickle.
+    """
     ckpt = Path(ckpt)
     manifest = _read_json(ckpt / MANIFEST, "checkpoint manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{ckpt / MANIFEST} is not an {FORMAT} manifest; pass a checkpoint written by lmforge train")
+    refuse_pickles(ckpt)
     for name, entry in manifest["files"].items():
+        if name not in SAFETENSORS_FILES + JSON_FILES or not isinstance(entry, dict):
+            raise CheckpointError(f"{ckpt / MANIFEST} lists {name!r}, which is not a checkpoint file lmforge writes; "
+                                  f"the checkpoint is corrupt or tampered with, use another one")
         f = ckpt / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {ckpt} is incomplete: {name} listed in {MANIFEST} is missing; use another checkpoint")
-        if f.stat().st_size != entry.get("bytes") or _sha256(f) != entry.get("sha256"):
+        size = f.stat().st_size
+        if size != entry.get("bytes"):
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} has {size} bytes, {MANIFEST} says "
+                                  f"{entry.get('bytes')} (truncated?); delete it and use an earlier checkpoint")
+        if _sha256(f) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} does not match its sha256 in {MANIFEST}; "
                                   f"delete it and use an earlier checkpoint")
     return manifest
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors(path: Path) -> dict:
+    """Validate a safetensors file's header against the file's size before anything is allocated.
+
+    Returns the header (tensor name -> {dtype, shape, data_offsets}, plus "__metadata__"). Raises
+    CheckpointError naming the file when the header is malformed, claims more bytes than the file has,
+    or lets tensors overlap or leave gaps.
+    """
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a valid safetensors file ({why}); the checkpoint is corrupt, use another one")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER_BYTES):
+                raise bad(f"header claims {n} bytes, the file has {size}")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e}); use another checkpoint") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
+        raise bad("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    data_bytes, spans = size - 8 - n, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise bad("metadata is not a mapping of strings")
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BYTES:
+            raise bad(f"tensor {name!r} has no known dtype")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
+            raise bad(f"tensor {name!r} has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise bad(f"tensor {name!r} lies outside the file's {data_bytes} data bytes")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]:
+            raise bad(f"tensor {name!r} of shape {shape} does not fill its {offsets[1] - offsets[0]} bytes")
+        spans.append(offsets)
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            raise bad("tensors overlap or leave gaps")
+        end = stop
+    if end != data_bytes:
+        raise bad(f"tensors cover {end} of {data_bytes} data bytes")
+    return header
 
 
 # ------------------------------------------------------------------------------------ RNG as JSON
@@ -170,31 +309,56 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
 
 
 def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Restore `optimizer` from a file written from optimizer_to_tensors (param groups must match in shape)."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    """Restore `optimizer` from a file written from optimizer_to_tensors (param groups must match in shape).
+
+    Every tensor is checked against the parameter it belongs to; raises CheckpointError naming the file.
+    """
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({_one_line(e)}); the checkpoint is corrupt, use another one") from None
     if metadata.get("format") != "lmforge-optimizer-v1":
         raise CheckpointError(f"{path} is not an lmforge optimizer file; the checkpoint is corrupt")
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
-    for name, value in json.loads(metadata["scalars"]).items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    saved_groups = json.loads(metadata["param_groups"])
-    current = optimizer.param_groups
-    if len(saved_groups) != len(current) or any(len(s["params"]) != len(c["params"]) for s, c in zip(saved_groups, current)):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        state: dict[int, dict[str, Any]] = {}
+        for name, value in tensors.items():
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+        for name, value in json.loads(metadata["scalars"]).items():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+        saved_groups = json.loads(metadata["param_groups"])
+        shapes_fit = all(0 <= i < len(params) and all(
+            not torch.is_tensor(v) or v.ndim == 0 or v.shape == params[i].shape for v in entry.values())
+            for i, entry in state.items())
+        groups_fit = isinstance(saved_groups, list) and len(saved_groups) == len(optimizer.param_groups) and all(
+            isinstance(s, dict) and isinstance(s.get("params"), list) and len(s["params"]) == len(c["params"])
+            for s, c in zip(saved_groups, optimizer.param_groups))
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
+        raise CheckpointError(f"{path} has malformed optimizer metadata; the checkpoint is corrupt, use another one") from None
+    if not (groups_fit and shapes_fit):
         raise CheckpointError(f"{path} holds optimizer state for a different model (parameter groups differ); "
                               f"resume with the config the checkpoint was trained with")
-    for saved, now in zip(saved_groups, current):
+    for saved, now in zip(saved_groups, optimizer.param_groups):
         if "betas" in saved:
             saved["betas"] = tuple(saved["betas"])
         for key in ("fused", "foreach", "capturable"):  # how to compute, not what: follow this machine
             if key in now:
                 saved[key] = now[key]
-    optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not fit the optimizer ({_one_line(e)}); resume with the config the "
+                              f"checkpoint was trained with") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text[:400]
 
 
 # -------------------------------------------------------------------------------------------- save
@@ -205,40 +369,129 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
                     config: RunConfig, train_state: dict, tokenizer_file: Optional[str | Path] = None) -> Path:
     """Write RUN_DIR/checkpoints/step-<step>/ atomically and return its path (call on rank 0 only).
 
     train_state: JSON-safe dict (step, tokens_seen, rng, data, val_loss, ...) stored in state.json
     together with the resolved config. tokenizer_file: copied in as tokenizer.json when given.
+    Every file is fsynced, the manifest is written last, the directory is renamed into place and its
+    parent fsynced. If anything fails (a full disk: ENOSPC) the partial directory is removed, the
+    previous checkpoints are untouched, and CheckpointError says what happened.
     """
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model = unwrap(model)
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "lmforge-model-v1"})
-    if optimizer is not None:
-        tensors, metadata = optimizer_to_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=metadata)
-    resolved = to_dict(config)
-    _write_json(tmp / "state.json", {"format": FORMAT, "step": step, **train_state, "config": resolved})
-    _write_json(tmp / "config.json", resolved)
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-    files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
-    _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})  # last: completes the checkpoint
-    if final.exists():  # saving the same step again (a resumed run that stopped on a save step)
-        trash = root / f".trash-{final.name}-{os.getpid()}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash)
-    else:
-        os.rename(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+
+        def written(name: str) -> None:
+            _fsync(tmp / name)
+            fault_point(f"save:{name}", step)
+
+        save_model(unwrap(model), str(tmp / "model.safetensors"), metadata={"format": "lmforge-model-v1"})
+        written("model.safetensors")
+        if optimizer is not None:
+            tensors, metadata = optimizer_to_tensors(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=metadata)
+            written("optimizer.safetensors")
+        resolved = to_dict(config)
+        _write_json(tmp / "state.json", {"format": FORMAT, "step": step, **train_state, "config": resolved})
+        written("state.json")
+        _write_json(tmp / "config.json", resolved)
+        written("config.json")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+            written("tokenizer.json")
+        files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+        _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})  # last: completes the checkpoint
+        _fsync(tmp)
+        fault_point("save:manifest", step)
+        if final.exists():  # saving the same step again: the old copy stays recoverable until the new one is in place
+            trash = root / f".trash-{final.name}-{os.getpid()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            _fsync(root)
+            shutil.rmtree(trash)
+        else:
+            os.rename(tmp, final)
+        _fsync(root)
+        fault_point("save:renamed", step)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):
+            raise CheckpointError(f"no space left on the device while writing checkpoint {final}; {kept}; free "
+                                  f"space (or lower train.keep_last), then continue with --resume auto") from None
+        raise CheckpointError(f"cannot write checkpoint {final} ({_one_line(e)}); {kept}; fix the problem, then "
+                              f"continue with --resume auto") from None
     return final
+
+
+def clean_interrupted_saves(run_dir: str | Path) -> list[Path]:
+    """Remove what interrupted saves left in RUN_DIR/checkpoints; return the removed paths (call on rank 0).
+
+    A half-written ".tmp-*" directory is deleted. A ".trash-step-N-*" directory is the previous copy of a
+    checkpoint being replaced: if the save died before its replacement was renamed into place, it is the
+    newest complete copy of step N and is moved back; otherwise it is deleted.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.iterdir()):
+        if not path.is_dir() or not path.name.startswith((".tmp-", ".trash-")):
+            continue
+        if path.name.startswith(".trash-"):
+            name = path.name[len(".trash-"):].rsplit("-", 1)[0]
+            if (path / MANIFEST).is_file() and not (root / name).exists():
+                os.rename(path, root / name)
+                _fsync(root)
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
+    """Estimated bytes of one checkpoint: the weights, plus two AdamW moments per weight with an optimizer."""
+    weights = sum(p.numel() * p.element_size() for p in unwrap(model).parameters())
+    return weights * (3 if optimizer is not None else 1) + (1 << 20)  # + JSON, tokenizer and headers
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_free_space(run_dir: str | Path, bytes_per_checkpoint: int, keep_last: int) -> None:
+    """Raise CheckpointError unless RUN_DIR's filesystem has room for keep_last + 1 checkpoints.
+
+    Checkpoints already in the run count as room: pruning frees them as new ones arrive.
+    """
+    need = (keep_last + 1) * bytes_per_checkpoint
+    existing = sum(f.stat().st_size for c in complete_checkpoints(run_dir) for f in c.iterdir() if f.is_file())
+    free = free_bytes(Path(run_dir) / CHECKPOINTS)
+    if free + existing < need:
+        raise CheckpointError(f"{run_dir} has {free / 2**20:,.0f} MiB free, but keep_last+1={keep_last + 1} checkpoints "
+                              f"of ~{bytes_per_checkpoint / 2**20:,.0f} MiB need {need / 2**20:,.0f} MiB; free space, "
+                              f"lower train.keep_last or choose another --run-dir")
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
@@ -256,13 +509,11 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
             best, best_loss = ckpt, loss
     if best is not None:
         keep.add(best)
-    deleted = [c for c in found if c not in keep]
-    root = Path(run_dir) / CHECKPOINTS
-    # half-written saves of a process that crashed (this process's own are renamed before it prunes)
-    deleted += [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".trash-"))]
+    deleted = [c for c in found if c not in keep]  # never the newest: keep_last >= 1
     for path in deleted:
         shutil.rmtree(path)
-    return deleted
+    # half-written saves of a process that crashed (this process's own are renamed before it prunes)
+    return deleted + clean_interrupted_saves(run_dir)
 
 
 # -------------------------------------------------------------------------------------------- load
@@ -279,11 +530,36 @@ def read_run_config(ckpt: str | Path) -> RunConfig:
 def load_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str = "cpu") -> None:
     """Load model.safetensors of `ckpt` into `model` (names and shapes must match exactly)."""
     path = Path(ckpt) / "model.safetensors"
+    check_weights_fit(model, path)
     try:
         load_model(unwrap(model), str(path), strict=True, device=str(device))
-    except (RuntimeError, OSError) as e:  # safetensors reports mismatches as RuntimeError
-        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-        raise CheckpointError(f"{path} does not fit the model: {detail[:400]}") from None
+    except (RuntimeError, OSError, SafetensorError, ValueError) as e:  # safetensors reports mismatches as RuntimeError
+        raise CheckpointError(f"{path} does not fit the model: {_one_line(e)}") from None
+
+
+def check_weights_fit(model: nn.Module, path: Path) -> None:
+    """Raise CheckpointError naming the differing tensors unless `path` holds exactly `model`'s weights.
+
+    Reads only the safetensors header (validated against the file size); a tied weight may be stored
+    under either of its names.
+    """
+    header = check_safetensors(path)
+    stored = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    groups: dict[int, list[str]] = {}
+    shapes: dict[str, tuple] = {}
+    for name, tensor in unwrap(model).state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+        shapes[name] = tuple(tensor.shape)
+    missing = [names[0] for names in groups.values() if not any(n in stored for n in names)]
+    unexpected = sorted(k for k in stored if k not in shapes)
+    differ = sorted(k for k in stored if k in shapes and stored[k] != shapes[k])
+    if missing or unexpected or differ:
+        parts = [f"missing {', '.join(missing[:4])}" if missing else "",
+                 f"unexpected {', '.join(unexpected[:4])}" if unexpected else "",
+                 "shapes differ (checkpoint vs model): " + ", ".join(f"{k} {stored[k]} vs {shapes[k]}" for k in differ[:4])
+                 if differ else ""]
+        raise CheckpointError(f"{path} does not fit the model: {'; '.join(p for p in parts if p)}; use the config the "
+                              f"checkpoint was trained with")
 
 
 def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
@@ -312,6 +588,8 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     ckpt = resolve_checkpoint(path)
     manifest = verify_checkpoint(ckpt)
     config = read_run_config(ckpt)
+    with torch.device("meta"):  # the shapes config.json describes, checked against the file before allocating
+        check_weights_fit(GPT(config.model), ckpt / "model.safetensors")
     device = resolve_device(device) if isinstance(device, str) else device
     model = GPT(config.model)
     load_weights(model, ckpt, "cpu")

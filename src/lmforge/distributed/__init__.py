@@ -7,6 +7,7 @@ trains a DDP-wrapped copy of the model on its own slice of every batch, and only
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -55,9 +56,11 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def setup_distributed(device: torch.device) -> DistInfo:
+def setup_distributed(device: torch.device, timeout_s: float = 60.0) -> DistInfo:
     """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK; a no-op without it.
 
+    timeout_s: how long a collective waits for the other processes before it fails, so a process whose
+    peer died ends instead of hanging (torchrun also tears the job down when one worker exits).
     Safe to call twice (the second call finds the group already set up).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,7 +71,8 @@ def setup_distributed(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
 
 

@@ -36,7 +36,15 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        path = self.run_dir / "metrics.jsonl"
+        torn = False
+        if path.is_file() and path.stat().st_size > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, 2)
+                torn = f.read(1) != b"\n"
+        self._jsonl = open(path, "a", encoding="utf-8")
+        if torn:  # a process killed mid-line: start on a fresh line so the next record stays readable
+            self._jsonl.write("\n")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
