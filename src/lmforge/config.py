@@ -180,6 +180,8 @@ class TrainConfig:
     precision: str = doc("fp32 | bf16-mixed (autocast to bfloat16 for matrix products).", "fp32")
     compile: bool = doc("torch.compile the model.", False)
     resume: str = doc("none | auto (newest complete checkpoint in run_dir) | PATH to a checkpoint.", "none")
+    init_from: str = doc("none | PATH of a checkpoint or run (e.g. from `lmforge import`) whose model and weights "
+                         "a new run starts from; optimizer, step and data start fresh, model.* comes from it.", "none")
     num_threads: int = doc("CPU threads for torch; 0 = torch's default.", 0)
     nonfinite: str = doc("A NaN/Inf loss or gradient (the weights are never updated by it): stop (write "
                          "RUN_DIR/nonfinite-step-N.json, exit code 3) | skip (skip the step, count it in the logs).",

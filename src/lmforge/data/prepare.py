@@ -282,8 +282,7 @@ class _Pipeline:
             "dtype": dtype.name,
             "vocab_size": tok.vocab_size,
             "tokenizer": {"file": "tokenizer.json", "sha256": tok_sha, "kind": tok.kind},
-            "special_tokens": {role: {"token": name, "id": i}
-                               for i, (role, name) in enumerate(zip(("start", "end", "pad"), tok.special_tokens))},
+            "special_tokens": tok.to_dict()["special_tokens"],
             "seed": seed,
             "split": list(split),
             "sources": self.stats.sources,
@@ -369,7 +368,7 @@ class _Pipeline:
                       token_counts: np.ndarray | None) -> dict:
         batches = _batches(spool, docs)
         total = int(sum(spool.lengths[i] for i in docs))
-        start = np.array([tok.start_id], dtype=np.int64)
+        start = np.array([] if tok.start_id is None else [tok.start_id], dtype=np.int64)  # GPT-2's has none
         end = np.array([tok.end_id], dtype=np.int64)
 
         def encode(batch: list[int]) -> tuple[np.ndarray, int, int]:
