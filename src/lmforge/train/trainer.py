@@ -10,6 +10,12 @@ fine-tuning: pass `train_data` (any object with next_batch/state_dict/load_state
 One optimizer step = grad_accum micro-batches on each of world_size processes. The loss of the step
 is the sum over every counted label divided by their number in the whole global batch, so the
 gradient does not depend on how the global batch is split into micro-batches or processes.
+
+Nothing is lost to a fault (docs/GUARANTEES.md): a step whose loss or gradient is not finite never
+reaches the weights (train.nonfinite: stop | skip, see guard.py); SIGTERM or Ctrl-C saves a checkpoint
+at the end of the step and exits cleanly (a second Ctrl-C aborts at once); `resume: auto` continues
+from the newest intact checkpoint, bit for bit, falling back past corrupt ones; resuming on other data
+is refused unless train.allow_data_change.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,15 +39,17 @@ import torch
 import yaml
 from torch import nn
 
-from lmforge.checkpoint import (capture_rng, latest_checkpoint, load_training_state, prune_checkpoints,
-                                read_run_config, resolve_checkpoint, restore_rng, save_checkpoint,
-                                verify_checkpoint)
+from lmforge.checkpoint import (capture_rng, check_free_space, checkpoint_bytes, clean_interrupted_saves,
+                                complete_checkpoints, fault_point, latest_checkpoint, load_training_state,
+                                prune_checkpoints, read_run_config, resolve_checkpoint, restore_rng,
+                                save_checkpoint, verify_checkpoint)
 from lmforge.config import ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, barrier, apply_compile, apply_ddp, gather_objects,
                                  resolve_device, setup_distributed, teardown_distributed, unwrap)
-from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.model import GPT, count_parameters, flops_per_token
+from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import count_labels, cross_entropy_sum
 from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
@@ -70,6 +82,7 @@ class PreparedData:
     val: ValBatches
     vocab_size: int
     tokenizer_file: Optional[Path]
+    manifest_sha256: Optional[str] = None  # of DIR/manifest.json: a resumed run checks it is the same data
 
 
 def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
@@ -92,7 +105,8 @@ def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
     val = fixed_batches(val_tokens, T, B, config.train.eval_batches, seed=seed + 1,
                         rank=info.rank, world_size=info.world_size)
     tok = data_dir / (manifest.get("tokenizer") or {}).get("file", "tokenizer.json")
-    return PreparedData(train, val, int(manifest["vocab_size"]), tok if tok.is_file() else None)
+    return PreparedData(train, val, int(manifest["vocab_size"]), tok if tok.is_file() else None,
+                        _sha256_or_none(data_dir / "manifest.json"))
 
 
 def with_init_model(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
@@ -139,7 +153,8 @@ class Trainer:
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
         self.device = resolve_device(tc.device, _local_rank())
-        self.dist = setup_distributed(self.device)
+        self.dist = setup_distributed(self.device, tc.dist_timeout)
+        self.data_manifest_sha256: Optional[str] = None
         config, init_ckpt = with_init_model(config)
         if train_data is None:
             data = build_data(config, self.dist)
@@ -149,6 +164,7 @@ class Trainer:
                 raise DataError(f"{config.data.path} has vocab_size={data.vocab_size}, more than the model of "
                                 f"{init_ckpt} ({config.model.vocab_size}); prepare it with that model's tokenizer")
             train_data, val_batches, tokenizer_file = data.train, data.val, data.tokenizer_file
+            self.data_manifest_sha256 = data.manifest_sha256
         self.config = config
         self.train_data = train_data
         self.val_batches = val_batches or []
@@ -175,6 +191,10 @@ class Trainer:
         self.best_val_loss: Optional[float] = None
         self.last_checkpoint: Optional[Path] = None
         self.history: list[tuple[int, float]] = []  # (step, train loss) at every log step
+        self.guard = StepGuard(tc.nonfinite, tc.spike_zscore, tc.spike_window)
+        self.step_loss = math.nan  # global mean loss of the last step
+        self.stop_signal: Optional[str] = None  # set by SIGTERM / SIGINT: save at the end of the step, then stop
+        self.stop_requested = False  # some process got a stop signal (agreed by all processes each step)
         self.logger: Optional[MetricsLogger] = None
         self.started = time.perf_counter()
         self.throughput = Throughput(self.tokens_seen, self.device)
@@ -185,6 +205,8 @@ class Trainer:
         """Train to train.max_steps (continuing a checkpoint if train.resume says so); return a summary."""
         tc = self.config.train
         self.restore()
+        if self.dist.is_main:  # before anything is written: room for keep_last + 1 checkpoints
+            check_free_space(self.run_dir, checkpoint_bytes(self.raw_model, self.optimizer), tc.keep_last)
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, total_steps=tc.max_steps,
                                     start_step=self.step, tensorboard=self._tensorboard, progress=self._progress)
         self.write_config()
@@ -192,15 +214,47 @@ class Trainer:
         self.started = time.perf_counter()
         self.throughput = Throughput(self.tokens_seen, self.device)
         try:
-            while self.step < tc.max_steps:
-                loss_sum, count, grad_norm, lr = self.train_step()
-                self.step += 1
-                self.maybe_log(loss_sum, count, grad_norm, lr)
-                self.maybe_eval()
-                self.maybe_save()
+            with self.stop_on_signals():
+                while self.step < tc.max_steps:
+                    loss_sum, count, grad_norm, lr = self.train_step()
+                    self.step += 1
+                    self.maybe_log(loss_sum, count, grad_norm, lr)
+                    self.maybe_eval()
+                    saved = self.maybe_save()
+                    if self.stop_requested:
+                        if not saved:
+                            with self.throughput.paused():
+                                self.save()
+                        self.logger.info(f"stopped at step {self.step} by {self.stop_signal or 'a signal to another process'}: "
+                                         f"checkpoint {self.last_checkpoint}; continue with --resume auto")
+                        break
         finally:
             self.logger.close()
         return self.finish()
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """While training: SIGTERM / SIGINT ask for a checkpoint at the end of the step and a clean stop;
+        a second SIGINT (Ctrl-C) raises KeyboardInterrupt at once (saves are atomic: nothing is damaged)."""
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            yield
+            return
+
+        def request(signum: int, frame: Any) -> None:
+            first = self.stop_signal is None
+            self.stop_signal = self.stop_signal or signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            if first and self.dist.is_main:  # os.write: safe inside a signal handler
+                os.write(2, f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then "
+                            f"stopping (Ctrl-C again aborts at once)\n".encode())
+
+        previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def finish(self) -> dict[str, Any]:
         """Plot the loss curves, say where everything is, and return the run's summary."""
@@ -213,15 +267,74 @@ class Trainer:
             "run_dir": str(self.run_dir), "steps": self.step, "tokens_seen": self.tokens_seen,
             "train_loss": self.history[-1][1] if self.history else None, "val_loss": self.val_loss,
             "best_val_loss": self.best_val_loss, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "stopped_by": self.stop_signal if self.stop_requested else None,
+            "skipped_nonfinite": self.guard.skipped_nonfinite, "skipped_spike": self.guard.skipped_spike,
             "plot": str(plot) if plot else None, "elapsed_s": time.perf_counter() - self.started,
             "parameters": sum(p.numel() for p in self.raw_model.parameters()),  # a tied matrix counted once
         }
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """One optimizer step; returns (loss sum, counted labels, pre-clip gradient norm, learning rate)."""
+        """One optimizer step; returns (loss sum, counted labels, pre-clip gradient norm, learning rate).
+
+        The optimizer runs only if the guard accepts the step: a NaN/Inf loss or gradient never reaches
+        the weights (policy stop raises NonFiniteStop; skip drops the gradients, as does a loss spike).
+        """
+        fault_point("step", self.step + 1, self.dist.rank)
         loss_sum, count = self.accumulate_gradients()
-        grad_norm, lr = self.optimizer_step()
+        grad_norm = self.gradient_norm()
+        verdict = self.judge_step(loss_sum, count, grad_norm)
+        if verdict == "ok":
+            grad_norm, lr = self.optimizer_step(grad_norm)
+        else:
+            lr = self.lr_at(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.logger_info(f"step {self.step + 1}: skipped ({'non-finite loss or gradient' if verdict == 'nonfinite' else 'loss spike'}"
+                             f", loss {self.step_loss:.4g}); the weights were not updated")
         return loss_sum, count, grad_norm, lr
+
+    def judge_step(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor) -> str:
+        """'ok' | 'nonfinite' | 'spike' for the step about to be taken, the same on every process.
+
+        One small all-reduce carries the loss sum, the stop-signal flags and each process's finiteness
+        (1: its loss is not finite, 2: a gradient is not), so all processes stop or skip together.
+        """
+        W = self.dist.world_size
+        flags = torch.zeros(2 + W, dtype=torch.float64, device=self.device)
+        flags[0] = loss_sum.detach().double()
+        flags[1] = 1.0 if self.stop_signal else 0.0
+        flags[2 + self.dist.rank] = torch.where(~torch.isfinite(loss_sum), 1.0,
+                                                torch.where(~torch.isfinite(grad_norm), 2.0, 0.0))
+        values = all_reduce_sum(flags, self.dist).tolist()  # the one host sync of the step
+        self.stop_requested = self.stop_requested or values[1] > 0
+        self.step_loss = values[0] / max(float(count), 1.0)
+        bad = [(rank, int(code)) for rank, code in enumerate(values[2:]) if code]
+        verdict = self.guard.judge(self.step_loss, finite=not bad)
+        if verdict == "nonfinite" and self.guard.policy == "stop":
+            self.stop_nonfinite(bad)
+        return verdict
+
+    def stop_nonfinite(self, bad: list[tuple[int, int]]) -> None:
+        """Write RUN_DIR/nonfinite-step-N.json (rank 0) and raise NonFiniteStop on every process."""
+        step = self.step + 1
+        rank, code = min(bad, key=lambda rc: (rc[1], rc[0]))  # a process whose loss went bad first, if any
+        tensor = "loss" if code == 1 else next(
+            (f"{name}.grad" for name, p in self.raw_model.named_parameters()
+             if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "gradient")
+        path = self.run_dir / f"nonfinite-step-{step:08d}.json"
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"step": step, "rank": rank, "tensor": tensor, "loss": str(self.step_loss),
+                                        "ranks": [r for r, _ in bad], "policy": "stop",
+                                        "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None},
+                                       indent=1), encoding="utf-8")
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved yet"
+        raise NonFiniteStop(f"step {step}: non-finite {tensor} on rank {rank}; the weights were not updated and {kept}; "
+                            f"details in {path}; lower optim.lr, or pass --train.nonfinite skip to skip such steps")
+
+    def logger_info(self, line: str) -> None:
+        if self.logger is not None:
+            self.logger.info(line)
 
     def accumulate_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over grad_accum micro-batches; returns (loss sum, labels in the global batch).
@@ -244,6 +357,8 @@ class Trainer:
                 with autocast(tc.precision, self.device):
                     logits = self.model(x)  # (B, T, V)
                 loss = cross_entropy_sum(logits, y)
+                if i == 0 and fault_point("loss", self.step + 1, self.dist.rank) == "nan":  # tests only
+                    loss = loss * math.nan
                 (loss * scale).backward()  # scale: 0-dim, a scalar argument on any device
             loss_sum += loss.detach()
             self.tokens_seen += x.numel() * self.dist.world_size
@@ -255,10 +370,16 @@ class Trainer:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def optimizer_step(self) -> tuple[torch.Tensor, float]:
+    def gradient_norm(self) -> torch.Tensor:
+        """The global L2 norm of all gradients (NaN/Inf if any gradient is not finite)."""
+        grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
+
+    def optimizer_step(self, grad_norm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
         """Clip the gradient norm, set the scheduled learning rate, step AdamW; returns (pre-clip norm, lr)."""
-        max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        grad_norm = self.gradient_norm() if grad_norm is None else grad_norm
+        if self.config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.raw_model.parameters(), self.config.optim.grad_clip, grad_norm)
         lr = self.lr_at(self.step)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
@@ -288,12 +409,14 @@ class Trainer:
         tc = self.config.train
         if self.step % max(1, tc.log_interval) != 0 and self.step != tc.max_steps:
             return
-        loss = self.global_loss(loss_sum, count)  # waits for the device, so the rate below is true
+        loss = self.step_loss  # judge_step waited for the device, so the rate below is true
         tokens_per_s = self.throughput.rate(self.tokens_seen)
         self.history.append((self.step, loss))
         self.logger.log("train", self.step, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                                              "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
-                                             "elapsed_s": time.perf_counter() - self.started})
+                                             "elapsed_s": time.perf_counter() - self.started,
+                                             "skipped_nonfinite": self.guard.skipped_nonfinite,
+                                             "skipped_spike": self.guard.skipped_spike})
         self.logger.progress(self.step, loss, tokens_per_s)
 
     def maybe_eval(self) -> None:
@@ -310,16 +433,14 @@ class Trainer:
         self.logger.log("eval", self.step, {"val_loss": self.val_loss,
                                             "val_perplexity": math.exp(min(self.val_loss, 700.0))})
 
-    def maybe_save(self) -> None:
-        """Every save_interval steps (and the last): a checkpoint, then prune to keep_last + best."""
+    def maybe_save(self) -> bool:
+        """Every save_interval steps (and the last): a checkpoint, then prune to keep_last + best. True if saved."""
         interval = self.config.train.save_interval
         if (interval and self.step % interval == 0) or self.step == self.config.train.max_steps:
             with self.throughput.paused():
                 self.save()
-
-    def global_loss(self, loss_sum: torch.Tensor, count: torch.Tensor) -> float:
-        """Mean loss of the step over the whole global batch (all processes)."""
-        return float(all_reduce_sum(loss_sum.detach().clone(), self.dist) / count.clamp(min=1.0))
+            return True
+        return False
 
     # ------------------------------------------------------------------------------ checkpoints
     def save(self) -> None:
@@ -329,43 +450,88 @@ class Trainer:
             measured_now = self.val_step == self.step  # a stale val loss must not make this the "best" one
             state = {"tokens_seen": self.tokens_seen, "val_loss": self.val_loss if measured_now else None,
                      "last_val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
-                     "world_size": self.dist.world_size, "ranks": per_rank,
-                     "tokenizer_sha256": _sha256_or_none(self.tokenizer_file)}
+                     "world_size": self.dist.world_size, "ranks": per_rank, "guard": self.guard.state_dict(),
+                     "tokenizer_sha256": _sha256_or_none(self.tokenizer_file),
+                     "data_manifest_sha256": self.data_manifest_sha256, "data_path": self.config.data.path}
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
                                                    self.config, state, self.tokenizer_file)
             prune_checkpoints(self.run_dir, self.config.train.keep_last)
 
     def restore(self) -> None:
-        """Continue from a checkpoint per train.resume: none | auto (newest complete one, if any) | PATH."""
-        resume = self.config.train.resume
-        if resume == "none":
+        """Continue from a checkpoint per train.resume: none | auto (newest intact one, if any) | PATH.
+
+        `auto` skips checkpoints that fail verification (corrupt, truncated, missing files), saying so in one
+        line on stderr. Leftovers of interrupted saves are removed first.
+        """
+        tc = self.config.train
+        if self.dist.is_main:
+            clean_interrupted_saves(self.run_dir)
+        barrier(self.dist)
+        if tc.resume == "none":
             if latest_checkpoint(self.run_dir) is not None:  # never mix two runs' checkpoints and metrics
                 raise ConfigError(f"run_dir {self.run_dir} already holds checkpoints; continue it with --resume auto, "
                                   f"or choose another --run-dir")
             return
-        ckpt = latest_checkpoint(self.run_dir) if resume == "auto" else resolve_checkpoint(resume)
-        if ckpt is None:
-            return  # auto with nothing to resume: a fresh run
-        manifest = verify_checkpoint(ckpt)
+        if tc.resume == "auto":
+            ckpt, manifest = self.newest_intact_checkpoint()
+            if ckpt is None:
+                return  # auto with nothing to resume: a fresh run
+        else:
+            ckpt = resolve_checkpoint(tc.resume)
+            manifest = verify_checkpoint(ckpt)
         saved_model = to_dict(read_run_config(ckpt).model)
-        for key, value in to_dict(self.config.model).items():
-            if saved_model.get(key) != value:
-                raise CheckpointError(f"{ckpt} was trained with model.{key}={saved_model.get(key)!r}, the config says "
-                                      f"{value!r}; resume with the checkpoint's model config or start a new run_dir")
+        differ = [f"model.{k}={saved_model.get(k)!r} (config: {v!r})" for k, v in to_dict(self.config.model).items()
+                  if saved_model.get(k) != v]
+        if differ:
+            raise CheckpointError(f"{ckpt} was trained with another model: {', '.join(differ)}; resume with the "
+                                  f"checkpoint's model config or start a new run_dir")
         state = load_training_state(ckpt, self.raw_model, self.optimizer, self.device, manifest=manifest)
         saved_tok, data_tok = state.get("tokenizer_sha256"), _sha256_or_none(self.tokenizer_file)
         if saved_tok and data_tok and saved_tok != data_tok:  # same ids, different meanings
             raise CheckpointError(f"{ckpt} was trained with another tokenizer than {self.tokenizer_file}; resume with "
                                   f"the data it was trained on, or start a new run_dir")
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.val_loss, self.best_val_loss = state.get("last_val_loss"), state.get("best_val_loss")
-        self.val_step = self.step if state.get("val_loss") is not None else None
-        ranks = state["ranks"]
-        mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
-        self.train_data.load_state_dict(mine["data"])
-        if len(ranks) == self.dist.world_size:  # another process count cannot continue the same RNG streams
-            restore_rng(mine["rng"])
+        saved_data = state.get("data_manifest_sha256")
+        if saved_data and self.data_manifest_sha256 and saved_data != self.data_manifest_sha256 \
+                and not tc.allow_data_change:
+            raise CheckpointError(f"{ckpt} was trained on other data (its manifest differs from "
+                                  f"{Path(self.config.data.path) / 'manifest.json'}); resume on the data it was trained on "
+                                  f"({state.get('data_path')}), or pass --allow-data-change to continue on this data")
+        try:
+            self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+            self.val_loss, self.best_val_loss = state.get("last_val_loss"), state.get("best_val_loss")
+            self.val_step = self.step if state.get("val_loss") is not None else None
+            ranks = state["ranks"]
+            mine = ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0]
+            self.train_data.load_state_dict(mine["data"])
+            if len(ranks) == self.dist.world_size:  # another process count cannot continue the same RNG streams
+                restore_rng(mine["rng"])
+            self.guard.load_state_dict(state.get("guard") or {})
+        except LmforgeError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError):
+            raise CheckpointError(f"{ckpt / 'state.json'} is malformed (step, data position or RNG state); "
+                                  f"the checkpoint is corrupt, use another one") from None
         self.last_checkpoint = ckpt
+
+    def newest_intact_checkpoint(self) -> tuple[Optional[Path], Optional[dict]]:
+        """(newest complete checkpoint that passes verification, its manifest), or (None, None) if there is none.
+
+        Corrupt ones are passed over with one line on stderr; if every checkpoint is corrupt, CheckpointError.
+        """
+        failures: list[CheckpointError] = []
+        for ckpt in reversed(complete_checkpoints(self.run_dir)):
+            try:
+                manifest = verify_checkpoint(ckpt)
+            except CheckpointError as e:
+                failures.append(e)
+                continue
+            if failures and self.dist.is_main:
+                print(f"warning: {failures[0]}; passing over {len(failures)} corrupt checkpoint(s), resuming from {ckpt}",
+                      file=sys.stderr, flush=True)
+            return ckpt, manifest
+        if failures:
+            raise CheckpointError(f"no intact checkpoint to resume from: {failures[0]}")
+        return None, None
 
     # ------------------------------------------------------------------------------ files and printing
     def write_config(self) -> None:
