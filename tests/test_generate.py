@@ -1,14 +1,18 @@
-"""Decoding: greedy equals argmax of a full forward, budgets hold, seeds reproduce, filters filter."""
+"""Decoding: greedy equals argmax of a full forward, budgets hold, seeds reproduce, filters filter,
+batches equal their prompts one by one, stop strings and stop ids stop."""
 
 import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
-from lmforge.generate import (GenerateConfig, TextGenerator, filter_logits, generate_ids, next_token,
-                              text_pieces)
+from lmforge.generate import (GenerateConfig, TextGenerator, apply_inference_dtype, banned_ngram_tokens,
+                              filter_logits, generate_batch_ids, generate_ids, next_token, repetition_penalty,
+                              text_pieces, until_stop_string)
 from lmforge.model import GPT
 from lmforge.tokenizer import byte_tokenizer
 
@@ -119,7 +123,13 @@ def test_filter_logits_keeps_the_top_token_however_small_top_p():
 
 def test_bad_settings_are_refused():
     for kwargs, field in [(dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"),
-                          (dict(top_k=0), "top_k"), (dict(num_return_sequences=0), "num_return_sequences")]:
+                          (dict(top_k=0), "top_k"), (dict(num_return_sequences=0), "num_return_sequences"),
+                          (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+                          (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"), (dict(num_beams=0), "num_beams"),
+                          (dict(early_stopping="sometimes"), "early_stopping"),
+                          (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+                          (dict(stop_strings=[""]), "stop_strings"), (dict(stop_strings=["x"], num_beams=2), "stop_strings"),
+                          (dict(stop_token_ids=[-1]), "stop_token_ids")]:
         with pytest.raises(ConfigError, match=f"generate.{field}="):
             GenerateConfig(**kwargs)
     with pytest.raises(ConfigError, match="max_length=3"):
@@ -163,3 +173,164 @@ def test_load_generates_like_the_saved_model(tmp_path):
     loaded = load(str(tmp_path / "run"))
     expected = TextGenerator(m, TOKENIZER).generate("hi", greedy=True, max_new_tokens=8)
     assert loaded.generate("hi", greedy=True, max_new_tokens=8) == expected
+
+
+# ------------------------------------------------------------------------------ filters and processors
+@settings(max_examples=40, deadline=None)
+@given(logits=st.lists(st.floats(-8.0, 8.0), min_size=2, max_size=40), top_k=st.one_of(st.none(), st.integers(1, 40)),
+       top_p=st.one_of(st.none(), st.floats(0.05, 1.0)), min_p=st.one_of(st.none(), st.floats(0.0, 1.0)),
+       seed=st.integers(0, 2**31))
+def test_top_k_top_p_min_p_never_emit_a_filtered_token(logits, top_k, top_p, min_p, seed):
+    """The allowed set is computed here independently, token by token, in float64 (ties kept alike)."""
+    x = torch.tensor([logits], dtype=torch.float32)
+    values = x[0].double()
+    allowed = set(range(len(logits)))
+    if top_k is not None:  # at least as large as the k-th largest
+        allowed = {i for i in allowed if values[i] >= values.sort(descending=True).values[min(top_k, len(logits)) - 1]}
+    if top_p is not None and top_p < 1.0:  # the mass of strictly more likely survivors is below top_p
+        probs = torch.tensor([values[i] if i in allowed else -float("inf") for i in range(len(logits))]).softmax(0)
+        allowed = {i for i in allowed if probs[probs > probs[i]].sum() < top_p + 1e-5}
+    if min_p is not None:
+        probs = torch.tensor([values[i] if i in allowed else -float("inf") for i in range(len(logits))]).softmax(0)
+        allowed = {i for i in allowed if probs[i] >= min_p * probs.max() - 1e-6}
+    config = GenerateConfig(top_k=top_k, top_p=top_p, min_p=min_p)
+    generator = torch.Generator().manual_seed(seed)
+    picks = {int(next_token(x, config, generator)) for _ in range(30)}
+    assert picks <= allowed
+    assert int(x.argmax()) in allowed  # the most likely token always survives
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_scores():
+    scores = torch.tensor([[2.0, -2.0, 3.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert repetition_penalty(scores, seen, 2.0).tolist() == [[1.0, -4.0, 3.0, -1.0]]
+
+
+def test_banned_ngram_tokens():
+    tokens = torch.tensor([[5, 6, 7, 5, 6], [1, 2, 3, 4, 5]])
+    banned = banned_ngram_tokens(tokens, None, 3, 10)  # row 0 ends in "5 6", seen before "7"
+    assert banned[0].nonzero().flatten().tolist() == [7] and not banned[1].any()
+    assert banned_ngram_tokens(tokens, None, 1, 10)[1].nonzero().flatten().tolist() == [1, 2, 3, 4, 5]
+    tokens = torch.tensor([[6, 7, 8, 6, 7], [2, 6, 7, 8, 6, 7][1:]])
+    pads = torch.tensor([[False, True, True, True, True], [True] * 5])  # an n-gram touching a pad does not count
+    assert banned_ngram_tokens(tokens, pads, 3, 10).nonzero().tolist() == [[1, 8]]
+
+
+def test_no_repeat_ngram_generation_never_repeats_one():
+    m = model(block_size=64)
+    for n in (2, 3):
+        for seed in range(3):
+            row = [START, 5] + generate_ids(m, [START, 5], max_new_tokens=40, seed=seed, temperature=0.0 if seed == 0
+                                            else 1.5, no_repeat_ngram_size=n)[0]
+            grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+            assert len(grams) == len(set(grams))
+
+
+# ------------------------------------------------------------------------------------------- batches
+PROMPTS = ["a", "héllo wor", "xyz", "The quick brown"]
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_a_batch_of_prompts_equals_the_prompts_one_by_one(pos_encoding):
+    """Different lengths, left-padded: greedy and seeded sampling give each prompt its unbatched text, as long
+    as the longest prompt plus the new tokens fit in block_size (64 here)."""
+    gen = TextGenerator(model(block_size=64, pos_encoding=pos_encoding), TOKENIZER)
+    for options in (dict(greedy=True), dict(seed=5, top_k=40), dict(seed=2, num_return_sequences=2, top_p=0.9),
+                    dict(greedy=True, repetition_penalty=1.3, no_repeat_ngram_size=2)):
+        batch = gen.generate(PROMPTS, max_new_tokens=30, **options)
+        assert batch == [gen.generate(p, max_new_tokens=30, **options) for p in PROMPTS], options
+    beams = gen.generate(PROMPTS, max_new_tokens=12, num_beams=3, num_return_sequences=2)
+    assert beams == [gen.generate(p, max_new_tokens=12, num_beams=3, num_return_sequences=2) for p in PROMPTS]
+    assert gen.generate([], max_new_tokens=3) == []
+
+
+def test_model_with_left_padding_equals_each_row_alone():
+    for pos_encoding in ("learned", "sinusoidal", "rope"):
+        m = model(pos_encoding=pos_encoding, attention="reference")
+        rows = [[START, 9, 8, 7, 6], [START, 4]]
+        batch = torch.tensor([rows[0], [0, 0, 0] + rows[1]])
+        mask = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
+        with torch.no_grad():
+            out = m(batch, attention_mask=mask)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out[0], m(torch.tensor(rows[:1]))[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out[1, 3:], m(torch.tensor(rows[1:]))[0], atol=1e-5, rtol=0)
+
+
+def test_budgets_hold_for_every_row_and_strategy():
+    m = model(block_size=32)
+    prompts = [[START, 4], [START, 4, 5, 6, 7, 8]]
+    for options in (dict(seed=0), dict(greedy=True), dict(num_beams=2, num_return_sequences=2)):
+        for n in (1, 7):
+            rows = generate_batch_ids(m, prompts, max_new_tokens=n, **options)
+            assert all(0 < len(r) <= n for prompt_rows in rows for r in prompt_rows)
+        by_length = generate_batch_ids(m, prompts, max_length=9, **options)  # 9 - prompt length each
+        assert [max(len(r) for r in rows) for rows in by_length] == [7, 3]
+
+
+# ------------------------------------------------------------------------------------------ stopping
+def test_stop_strings_end_the_text_before_them_and_stream_agrees():
+    gen = TextGenerator(model(block_size=64), TOKENIZER)
+    full = gen.generate("ab", max_new_tokens=40, seed=11, top_k=5)
+    stop = full[10:12]
+    expected = full[:full.find(stop)]
+    assert gen.generate("ab", max_new_tokens=40, seed=11, top_k=5, stop_strings=[stop, "never there"]) == expected
+    assert "".join(gen.stream("ab", max_new_tokens=40, seed=11, top_k=5, stop_strings=[stop])) == expected
+    ids = generate_batch_ids(gen.model, [[START, 100, 101]], end_id=END, tokenizer=TOKENIZER, max_new_tokens=40,
+                             seed=11, top_k=5)[0][0]
+    text = TOKENIZER.decode(ids)  # generation itself stops at the stop string (the rest is not generated)
+    ids_stopped = generate_batch_ids(gen.model, [[START, 100, 101]], end_id=END, tokenizer=TOKENIZER, max_new_tokens=40,
+                                     seed=11, top_k=5, stop_strings=[text[5:7]])[0][0]
+    assert len(ids_stopped) < len(ids) and text[5:7] in TOKENIZER.decode(ids_stopped)
+
+
+def test_until_stop_string_holds_back_a_possible_start():
+    pieces = list(until_stop_string(iter(["ab", "c<", "/s", "x", "<", "/", "s>", "tail"]), ["</s>"]))
+    assert pieces == ["ab", "c", "</sx"]  # "<", "</s" held back until settled; nothing from "</s>" on
+    assert list(until_stop_string(iter(["no stop"]), ["</s>"])) == ["no stop"]
+
+
+def test_stop_token_ids_end_sequences_like_the_end_token():
+    m = model(block_size=64)
+    free = generate_ids(m, [START, 20], max_new_tokens=30, seed=4)[0]
+    stop = free[6]
+    got = generate_ids(m, [START, 20], max_new_tokens=30, seed=4, stop_token_ids=[stop])[0]
+    assert got == free[:free.index(stop)]
+
+
+# ------------------------------------------------------------------------------- CLI and lower precision
+def test_same_seed_same_text_in_cli_and_api(tmp_path, capsys):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.cli import main
+    from lmforge.config import RunConfig
+    from lmforge.generate import load
+
+    m = model(block_size=64)
+    TOKENIZER.save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "run", 10, m, None, RunConfig(model=m.config), {}, tokenizer_file=tmp_path / "tokenizer.json")
+    api = load(str(tmp_path / "run"))
+    options = ["--prompt", "Hi", "--max-new-tokens", "25", "--seed", "9", "--top-k", "30", "--device", "cpu"]
+    for extra in ([], ["--no-stream"]):
+        capsys.readouterr()
+        assert main(["generate", str(tmp_path / "run"), *options, *extra]) == 0
+        assert capsys.readouterr().out == "Hi" + api.generate("Hi", max_new_tokens=25, seed=9, top_k=30) + "\n"
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "Hi", "--max-new-tokens", "10", "--num-beams", "3",
+                 "--repetition-penalty", "1.2", "--no-repeat-ngram-size", "2", "--device", "cpu"]) == 0
+    expected = api.generate("Hi", max_new_tokens=10, num_beams=3, repetition_penalty=1.2, no_repeat_ngram_size=2)
+    assert capsys.readouterr().out == "Hi" + expected + "\n"
+
+
+def test_int8_and_bf16_decoding_stay_close_to_fp32():
+    import copy
+
+    m = model(block_size=64, n_embd=64)
+    idx = torch.tensor([[START, 30, 31, 32, 33]])
+    with torch.no_grad():
+        exact = m(idx)
+        for dtype, quantize in (("bf16", None), ("fp32", "int8")):
+            fast = apply_inference_dtype(copy.deepcopy(m), dtype, quantize)
+            assert (fast(idx).float() - exact).abs().max() < 0.05 * exact.abs().max()
+            assert len(generate_ids(fast, [START, 5], max_new_tokens=8, seed=0)[0]) == 8
+    with pytest.raises(ConfigError, match="quantize='int4'"):
+        apply_inference_dtype(m, quantize="int4")

@@ -99,8 +99,8 @@ class GenerateConfig:
             if not all(isinstance(s, str) and s for s in self.stop_strings):
                 raise ConfigError(f"generate.stop_strings={self.stop_strings!r} is invalid: a list of non-empty strings")
             if self.num_beams > 1:
-                raise ConfigError("generate.stop_strings cannot be used with beam search (num_beams > 1): "
-                                  "use stop_token_ids, or num_beams=1")
+                raise ConfigError(f"generate.stop_strings={self.stop_strings!r} cannot be used with beam search "
+                                  "(num_beams > 1): use stop_token_ids, or num_beams=1")
         if self.stop_token_ids is not None and not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise ConfigError(f"generate.stop_token_ids={self.stop_token_ids!r} is invalid: a list of token ids")
