@@ -7,6 +7,7 @@
     lmforge plot     the loss curves of a run as a PNG
     lmforge import   a Hugging Face model directory -> a checkpoint
     lmforge export   a checkpoint -> a Hugging Face directory or an ONNX file
+    lmforge serve    an OpenAI-compatible HTTP API over a run or checkpoint directory
 
 Problems a user can cause are reported as one line on stderr with exit code 2 (a traceback only with
 --debug). `train` exits 3 when it stops on a non-finite loss or gradient (train.nonfinite: stop), and 0
@@ -249,13 +250,17 @@ def _add_generate(sub: Any) -> None:
         "generate", help="text from a run or checkpoint directory", formatter_class=_help_formatter,
         description=textwrap.dedent("""\
             Generate text with a trained model; the run or checkpoint directory alone is enough.
-            Sampling by default (temperature 1.0); --greedy for the most likely token at each step.
-            Generation stops at the end token or after --max-new-tokens."""),
+            Sampling by default (temperature 1.0); --greedy for the most likely token at each step;
+            --num-beams N for beam search. Generation stops at the end token, a --stop-token-id,
+            a --stop string (not printed), or after --max-new-tokens."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge generate runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300
               lmforge generate runs/shakespeare-char --prompt "To be" --top-k 20 --temperature 0.8 --seed 1
-              lmforge generate runs/shakespeare-char --greedy --num-return-sequences 1"""))
+              lmforge generate runs/shakespeare-char --greedy --num-return-sequences 1
+              lmforge generate runs/shakespeare-char --prompt "ROMEO:" --min-p 0.05 --repetition-penalty 1.2 --stop "JULIET:"
+              lmforge generate runs/shakespeare-char --prompt "To be" --num-beams 4 --num-return-sequences 2
+              lmforge generate runs/shakespeare-char --prompt "ROMEO:" --quantize int8   # faster on a CPU"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a document)")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
@@ -265,7 +270,21 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: smallest set with probability >= P")
+    p.add_argument("--min-p", type=float, metavar="P", help="sample only tokens with probability >= P * the top one's")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
+                   help="above 1 discourages tokens already in the text (default: 1.0, off)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="never repeat an N-gram (default: 0, off)")
+    p.add_argument("--num-beams", type=int, default=1, metavar="N", help="beam search with N beams (default: 1, off)")
+    p.add_argument("--length-penalty", type=float, default=1.0, metavar="X",
+                   help="beam search: finished beams score sum(log p) / length**X (default: 1.0)")
+    p.add_argument("--early-stopping", choices=["false", "true", "never"], default="false",
+                   help="beam search: stop when N beams finished (true), heuristically (false), or never early")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop at token ID (repeatable)")
     p.add_argument("--seed", type=int, help="random seed, for reproducible samples")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights for decoding (default: fp32)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the Linear layers (CPU): faster, "
+                   "slightly different numbers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no-stream", action="store_true",
                    help="print the text when it is complete (several samples are never streamed)")
@@ -285,10 +304,17 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k {args.top_k} is invalid: use 1 or more")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise ConfigError(f"--top-p {args.top_p} is invalid: use a value in (0, 1]")
-    generator = load(args.checkpoint, device=args.device)
+    from lmforge.generate import GenerateConfig
+
     options = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, greedy=args.greedy,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    if args.no_stream or args.num_return_sequences > 1:  # all samples decoded together, as one batch
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                   num_beams=args.num_beams, length_penalty=args.length_penalty,
+                   early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
+                   stop_strings=args.stop, stop_token_ids=args.stop_token_id, seed=args.seed)
+    GenerateConfig(num_return_sequences=args.num_return_sequences, **options)  # bad settings fail before loading
+    generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if args.no_stream or args.num_return_sequences > 1 or args.num_beams > 1:  # decoded together, as one batch
         samples = generator.generate(args.prompt, num_return_sequences=args.num_return_sequences, **options)
         samples = [samples] if isinstance(samples, str) else samples
         for i, text in enumerate(samples):
@@ -318,6 +344,65 @@ def _run_plot(args: argparse.Namespace) -> int:
 
     path = plot_run(args.run_dir, out=args.out)
     print(path)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- serve
+_SERVE_TYPES = {"model_name": str, "api_key": str, "max_prompt_tokens": int}  # fields whose default is null
+
+
+def _add_serve(sub: Any) -> None:
+    from lmforge.config import field_docs
+    from lmforge.serve.config import ServeConfig
+
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP API (and a playground page) over a checkpoint",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Serve a run or checkpoint directory over HTTP: GET /health, GET /v1/models, POST /v1/completions
+            (OpenAI's completions API, streaming with server-sent events) and a playground page at /.
+            Binds 127.0.0.1 unless --host says otherwise. Requests over a limit are refused with 413 or 422
+            and a message, a full server answers 429 with Retry-After, a request past --timeout gets 504.
+            The API key can also come from the LMFORGE_API_KEY environment variable (kept out of `ps`)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge serve runs/shakespeare-char
+              lmforge serve runs/shakespeare-char --port 8080 --api-key s3cret --max-tokens 512
+              curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+                   -d '{"prompt": "ROMEO:", "max_tokens": 50, "seed": 1}'"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000; 0 = any free port)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    for name, default, text in field_docs(ServeConfig):
+        kind = _SERVE_TYPES.get(name, type(default))
+        p.add_argument("--" + name.replace("_", "-"), dest="serve_" + name, type=kind, default=default,
+                       metavar="KEY" if name == "api_key" else kind.__name__.upper(),
+                       help=f"{text} (default: {default})" if name != "api_key" else text)
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    from lmforge.serve import ServeConfig, serve
+
+    values = {f.name: getattr(args, "serve_" + f.name) for f in dataclasses.fields(ServeConfig)}
+    if values["api_key"] is None and os.environ.get("LMFORGE_API_KEY"):
+        values["api_key"] = os.environ["LMFORGE_API_KEY"]
+    config = ServeConfig(**values)
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is invalid: use 0 to 65535")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} is invalid: use 1 or more")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    serve(args.checkpoint, config, host=args.host, port=args.port, device=args.device, log_level=args.log_level)
     return 0
 
 
@@ -387,7 +472,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_eval, _add_generate, _add_plot,
-                                         _add_import, _add_export]
+                                         _add_serve, _add_import, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
