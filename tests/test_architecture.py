@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmforge"
 # Lower layers never import higher ones: config <- model <- {data, train, generate, ...} <- cli.
 LAYER = {
     "errors": 0, "config": 1, "model": 2, "tokenizer": 2, "data": 3, "distributed": 3,
-    "checkpoint": 4, "eval": 5, "generate": 5, "interop": 5, "train": 6, "cli": 9,
+    "checkpoint": 4, "eval": 5, "generate": 5, "interop": 5, "train": 6, "serve": 7, "cli": 9,
 }
 
 

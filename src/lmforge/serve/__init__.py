@@ -1,0 +1,40 @@
+"""`lmforge serve`: an OpenAI-compatible HTTP API over a trained checkpoint.
+
+    config.py      ServeConfig: the limits (body size, token caps, concurrency, queue, timeout, API key)
+    app.py         the FastAPI app: endpoints, request checks and caps, API key, server-sent events
+    engine.py      the worker thread that owns the model: admission, micro-batching, cancellation, timeouts
+    playground.py  the page at / (prompt box, options, streamed text)
+
+    from lmforge.serve import ServeConfig, serve
+    serve("runs/shakespeare", ServeConfig(api_key="secret"), port=8000)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from lmforge.serve.config import ServeConfig
+
+__all__ = ["ServeConfig", "load_app", "serve"]
+
+
+def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "auto"):
+    """The app over the checkpoint at `path` (a run directory: its newest complete checkpoint)."""
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.generate import load
+    from lmforge.serve.app import create_app
+
+    generator = load(path, device=device)
+    ckpt = resolve_checkpoint(path)
+    run_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
+    return create_app(generator, config, model_name=run_name or Path(path).resolve().name)
+
+
+def serve(path: str, config: Optional[ServeConfig] = None, host: str = "127.0.0.1", port: int = 8000,
+          device: str = "auto", log_level: str = "info") -> None:
+    """Load the checkpoint at `path` and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    app = load_app(path, config, device)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,332 @@
+"""The HTTP API: OpenAI-compatible completions over one model, with limits that keep it up under load.
+
+    GET  /health          liveness and load (no API key needed)
+    GET  /v1/models       the one model served
+    POST /v1/completions  OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n,
+                          stop, seed, stream (server-sent events ending in `data: [DONE]`), usage counts
+    GET  /                the playground page (static; it asks for the API key itself)
+
+What a request may ask is capped (ServeConfig); a request over a cap gets 413 (body size) or 422 (with
+a message naming the field), a malformed or unknown field 422, a full server 429 with Retry-After, a
+request past its time 504. Generation runs on the Engine's worker thread, never on the event loop.
+Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.errors import ConfigError
+from lmforge.generate import GenerateConfig, TextGenerator, prompt_ids
+from lmforge.serve.config import ServeConfig
+from lmforge.serve.engine import Busy, Engine, Job, Mailbox
+from lmforge.serve.playground import PLAYGROUND_HTML
+
+PUBLIC_PATHS = ("/health", "/")  # no API key: liveness, and the static page that asks for the key
+
+
+# ------------------------------------------------------------------------------------------- requests
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool = False
+
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions: OpenAI's fields that lmforge can honour (and top_k); nothing else."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    prompt: Union[str, list[str]] = ""
+    max_tokens: Optional[StrictInt] = Field(16, ge=1)
+    temperature: Optional[float] = Field(1.0, ge=0.0, le=100.0)
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    top_k: Optional[StrictInt] = Field(None, ge=1)
+    n: Optional[StrictInt] = Field(1, ge=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
+    stream: Optional[StrictBool] = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None  # accepted for compatibility, unused
+
+
+class ApiError(Exception):
+    """An answer other than 200, with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error"}
+
+
+def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": status}}
+
+
+def error_response(status: int, message: str, param: Optional[str] = None,
+                   headers: Optional[dict[str, str]] = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
+    """One line from pydantic's errors: the first problem, naming the field."""
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = [x for x in loc if "[" not in x and x not in ("str", "int", "float", "bool")]  # union member tags
+    field = ".".join(loc) or None
+    if first.get("type") == "extra_forbidden":
+        return f"unknown field {field!r}: /v1/completions takes {', '.join(CompletionRequest.model_fields)}", field
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
+    if first.get("type") == "missing" and field is None:
+        return "the body is empty: send a JSON object", None
+    return f"{field or 'body'}: {first.get('msg', 'invalid value')}", field
+
+
+# ------------------------------------------------------------------------------------ body size, key
+class GuardMiddleware:
+    """Pure ASGI middleware: the API key check, then the body size cap (read at most max_body_bytes + 1)."""
+
+    def __init__(self, app: Any, config: ServeConfig) -> None:
+        self.app, self.config = app, config
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = self.config.api_key
+        if key is not None and scope["path"] not in PUBLIC_PATHS:
+            given = headers.get("authorization", "")
+            if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), key.encode())):
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                          headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        limit = self.config.max_body_bytes
+        too_large = error_response(413, f"the request body is larger than {limit} bytes (serve.max_body_bytes)")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await too_large(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body, more = b"", True  # read the body here, bounded, then hand it on in one piece
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await too_large(scope, receive, send)
+        delivered = False
+
+        async def replay() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# ------------------------------------------------------------------------------------------------ app
+def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, model_name: str = "lmforge") -> FastAPI:
+    """The FastAPI app serving `generator`; its worker thread starts and stops with the app's lifespan."""
+    config = config or ServeConfig()
+    model_id = config.model_name or model_name
+    block_size = generator.model.config.block_size
+    max_prompt_tokens = config.max_prompt_tokens or block_size
+    if max_prompt_tokens > block_size:
+        raise ConfigError(f"serve.max_prompt_tokens={max_prompt_tokens} is larger than the model's block_size="
+                          f"{block_size}; use at most {block_size}")
+    engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.close()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.add_middleware(GuardMiddleware, config=config)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.message, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(list(e.errors()))
+        return error_response(422, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_id, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                            "owned_by": "lmforge", "max_model_len": block_size}]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_id))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        jobs, prompt_tokens = _jobs_for(body, generator, config, model_id, max_prompt_tokens)
+        try:
+            engine.submit(jobs)
+        except Busy as e:
+            retry = max(1, math.ceil(config.timeout / 10))
+            raise ApiError(429, f"the server is at capacity ({e}); retry after {retry} s", headers={
+                "Retry-After": str(retry)})
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": model_id}
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_sse(jobs, head, prompt_tokens, include_usage, config.timeout),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            finished = await _wait_all(jobs, request, config.timeout)
+        finally:
+            for job in jobs:
+                job.cancel()
+        if finished is None:  # the client left; nobody reads this
+            return Response(status_code=499)
+        choices = [{"text": c.text, "index": job.first_index + i, "logprobs": None, "finish_reason": c.finish}
+                   for job in finished for i, c in enumerate(job.choices)]
+        completion_tokens = sum(c.tokens for job in finished for c in job.choices)
+        return JSONResponse({**head, "choices": choices, "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}})
+
+    return app
+
+
+def _jobs_for(body: CompletionRequest, generator: TextGenerator, config: ServeConfig, model_id: str,
+              max_prompt_tokens: int) -> tuple[list[Job], int]:
+    """Check a request against the caps and turn it into one Job per prompt; (jobs, prompt tokens)."""
+    if body.model is not None and body.model != model_id:
+        raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise ApiError(422, "prompt is an empty list: give a string or a list of strings", "prompt")
+    if len(prompts) > config.max_prompts:
+        raise ApiError(422, f"{len(prompts)} prompts in one request; at most {config.max_prompts} "
+                       "(serve.max_prompts)", "prompt")
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if max_tokens > config.max_tokens:
+        raise ApiError(422, f"max_tokens={max_tokens} is above this server's cap of {config.max_tokens} "
+                       "(serve.max_tokens)", "max_tokens")
+    n = 1 if body.n is None else body.n
+    if n > config.max_n:
+        raise ApiError(422, f"n={n} is above this server's cap of {config.max_n} (serve.max_n)", "n")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > config.max_stop:
+        raise ApiError(422, f"{len(stop)} stop sequences; at most {config.max_stop} (serve.max_stop)", "stop")
+    for s in stop:
+        if not s:
+            raise ApiError(422, "an empty stop sequence would stop at once; remove it", "stop")
+        if len(s) > config.max_stop_chars:
+            raise ApiError(422, f"a stop sequence of {len(s)} characters; at most {config.max_stop_chars} "
+                           "(serve.max_stop_chars)", "stop")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
+                             top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
+                             seed=body.seed, num_return_sequences=n)
+    mailbox = Mailbox(asyncio.get_running_loop())
+    deadline = time.monotonic() + config.timeout
+    jobs, total = [], 0
+    for i, prompt in enumerate(prompts):
+        ids = prompt_ids(generator.tokenizer, prompt)
+        if not ids:
+            raise ApiError(422, "the prompt is empty and the model has no start token; give some text", "prompt")
+        if len(ids) > max_prompt_tokens:
+            raise ApiError(422, f"the prompt is {len(ids)} tokens (with <START>); at most {max_prompt_tokens} "
+                           "(serve.max_prompt_tokens)", "prompt")
+        total += len(ids)
+        jobs.append(Job(ids, options, tuple(stop), bool(body.stream), deadline, mailbox, first_index=i * n))
+    return jobs, total
+
+
+LATE = 5.0  # seconds past its deadline that a handler waits for the worker's own 504 (a long step in progress)
+
+
+async def _wait_all(jobs: list[Job], request: Request, timeout: float) -> Optional[list[Job]]:
+    """The jobs once all are done, or None if the client disconnected first; raises ApiError on an error.
+
+    Polls the connection between events, so a client that leaves stops its generation (the caller cancels).
+    """
+    give_up, pending = time.monotonic() + timeout + LATE, len(jobs)
+    while pending:
+        event = await jobs[0].mailbox.get(0.25)
+        if event is None:
+            if await request.is_disconnected():
+                return None
+            if time.monotonic() > give_up:
+                raise ApiError(504, "the request timed out")
+        elif event[0] == "done":
+            pending -= 1
+        elif event[0] == "error":
+            raise ApiError(event[1], event[2])
+    return jobs
+
+
+async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: bool,
+               timeout: float) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per text piece or finished choice, then usage (if asked), then [DONE].
+
+    A client that disconnects cancels this generator (Starlette's disconnect listener); the finally
+    clause then tells the worker to drop the jobs before their next token.
+    """
+    def chunk(index: int, text: str, finish: Optional[str]) -> str:
+        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+        return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+    pending = len(jobs)
+    try:
+        while pending:
+            event = await jobs[0].mailbox.get(timeout + LATE) or ("error", 504, "the request timed out")
+            if event[0] == "piece":
+                yield chunk(event[1], event[2], None)
+            elif event[0] == "finish":
+                yield chunk(event[1], "", event[2])
+            elif event[0] == "done":
+                pending -= 1
+            else:
+                yield f"data: {json.dumps(error_body(event[1], event[2]))}\n\n"
+                break
+        else:
+            if include_usage:
+                completion_tokens = sum(c.tokens for job in jobs for c in job.choices)
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        for job in jobs:
+            job.cancel()

@@ -1,0 +1,416 @@
+"""`lmforge serve` over a real uvicorn server on loopback: the API's answers, each limit, cancellation, batching.
+
+The model is a tiny random GPT with the byte tokenizer (its text is noise, but deterministic given a seed).
+Servers run in a thread of this process on a free port of 127.0.0.1; torch uses one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import torch
+
+from lmforge.checkpoint import save_checkpoint
+from lmforge.config import ModelConfig, RunConfig
+from lmforge.errors import ConfigError
+from lmforge.generate import GenerateConfig, TextGenerator, load
+from lmforge.model import GPT
+from lmforge.serve import ServeConfig, load_app
+from lmforge.serve.app import create_app
+from lmforge.serve.engine import Busy, Engine, Job, Mailbox
+from lmforge.tokenizer import byte_tokenizer
+
+BLOCK = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models decode fastest on one thread (and the machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_run(root: Path) -> Path:
+    """A run directory holding one checkpoint of a tiny random model with the byte tokenizer, that never ends."""
+    tok = byte_tokenizer()
+    tok.save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32,
+                            tie_embeddings=False)).eval()
+    with torch.no_grad():  # never the end token, so generations run as long as asked: feature 0 after the
+        model.norm_f.weight[0], model.norm_f.bias[0] = 0.0, 1.0  # final norm is always 1, and it pushes
+        model.lm_head.weight[tok.end_id] = 0.0                   # the end token's logit to -100
+        model.lm_head.weight[tok.end_id, 0] = -100.0
+    save_checkpoint(root / "run", 1, model, None, RunConfig(model=model.config), {},
+                    tokenizer_file=root / "tokenizer.json")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("serve"))
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # uvicorn offers no start callback: poll its flag
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """The default server (default limits but a small body cap and a large max_tokens cap) and its app."""
+    app = load_app(str(run_dir), ServeConfig(max_body_bytes=4096, max_tokens=100_000), device="cpu")
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server[0], timeout=30) as c:
+        yield c
+
+
+def complete(client: httpx.Client, **body) -> dict:
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The JSON payloads of a server-sent event stream, and "[DONE]" for its end marker."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+        else:
+            assert line == "", f"unexpected line in the event stream: {line!r}"
+    return events
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------------------------- the API
+def test_health_models_and_a_completion(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "run"
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["run"]
+
+    out = complete(client, model="run", prompt="Hello", max_tokens=12, seed=1, n=2)
+    assert out["object"] == "text_completion" and out["model"] == "run" and out["id"].startswith("cmpl-")
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    for choice in out["choices"]:
+        assert choice["finish_reason"] == "length" and choice["logprobs"] is None
+    usage = out["usage"]
+    assert usage["prompt_tokens"] == len("Hello") + 1  # byte tokens and <START>
+    assert usage["completion_tokens"] == 24 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert out["choices"][0]["text"] != out["choices"][1]["text"]  # two samples, not one twice
+
+
+def test_prompt_list_and_n_give_one_choice_per_prompt_and_sample(client):
+    out = complete(client, prompt=["ab", "xyz"], max_tokens=5, n=2, temperature=0)
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+    texts = [c["text"] for c in out["choices"]]
+    assert texts[0] == texts[1] and texts[2] == texts[3]  # greedy: n copies agree
+    assert out["usage"]["prompt_tokens"] == 3 + 4  # each prompt counted once, not n times
+    assert all(c["finish_reason"] == "length" for c in out["choices"])  # the test model never ends
+
+
+def test_same_seed_gives_the_same_text_as_the_python_api_and_the_cli(client, run_dir, capsys):
+    from lmforge.cli import main
+
+    options = dict(prompt="To be", max_tokens=30, seed=7, temperature=0.9, top_p=0.95)
+    api = complete(client, **options)["choices"][0]["text"]
+    assert api == complete(client, **options)["choices"][0]["text"]
+    python = load(str(run_dir), device="cpu").generate("To be", max_new_tokens=30, seed=7, temperature=0.9,
+                                                      top_p=0.95)
+    assert api == python
+    with client.stream("POST", "/v1/completions", json={**options, "stream": True}) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == api
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "--prompt", "To be", "--max-new-tokens", "30", "--seed", "7",
+                 "--temperature", "0.9", "--top-p", "0.95", "--device", "cpu", "--no-stream"]) == 0
+    assert capsys.readouterr().out == "To be" + api + "\n"
+
+
+def test_stop_sequences_cut_the_text_streamed_or_not(client):
+    full = complete(client, prompt="abc", max_tokens=40, temperature=0)["choices"][0]["text"]
+    stop = full[10:12]
+    expected = full[:full.index(stop)]
+    out = complete(client, prompt="abc", max_tokens=40, temperature=0, stop=[stop, "\x00never"])
+    assert out["choices"][0]["text"] == expected and out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] < 40
+    with client.stream("POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 40, "temperature": 0,
+                                                         "stop": stop, "stream": True}) as r:
+        events = sse_events(r)
+    pieces = [e["choices"][0] for e in events[:-1]]
+    assert "".join(p["text"] for p in pieces) == expected  # nothing of the stop string leaked out
+    assert [p["finish_reason"] for p in pieces if p["finish_reason"]] == ["stop"]
+
+
+def test_streaming_with_usage_and_several_choices(client):
+    body = {"prompt": ["p", "q"], "max_tokens": 6, "n": 2, "seed": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]["usage"]
+    texts = {i: "" for i in range(4)}
+    finishes = {}
+    for e in events[:-2]:
+        (choice,) = e["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert finishes == {i: "length" for i in range(4)}
+    assert usage["completion_tokens"] == 4 * 6 and usage["prompt_tokens"] == 2 + 2
+    plain = complete(client, **{k: v for k, v in body.items() if k not in ("stream", "stream_options")})
+    assert [c["text"] for c in plain["choices"]] == [texts[i] for i in range(4)]
+
+
+# ------------------------------------------------------------------------------------------ the limits
+BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the message)
+    ("unknown-field", {"prompt": "x", "logit_bias": {}}, 422, "unknown field 'logit_bias'"),
+    ("malformed-json", b'{"prompt": "x",', 422, "not valid JSON"),
+    ("not-an-object", b'[1, 2]', 422, "body"),
+    ("prompt-wrong-type", {"prompt": 3}, 422, "prompt"),
+    ("max-tokens-over-cap", {"prompt": "x", "max_tokens": 100_001}, 422, "max_tokens=100001 is above"),
+    ("max-tokens-zero", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+    ("prompt-too-long", {"prompt": "y" * BLOCK}, 422, f"at most {BLOCK}"),
+    ("n-over-cap", {"prompt": "x", "n": 9}, 422, "n=9 is above"),
+    ("too-many-prompts", {"prompt": ["x"] * 17}, 422, "17 prompts"),
+    ("too-many-stops", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "5 stop sequences"),
+    ("stop-too-long", {"prompt": "x", "stop": "s" * 65}, 422, "65 characters"),
+    ("empty-stop", {"prompt": "x", "stop": [""]}, 422, "empty stop"),
+    ("negative-temperature", {"prompt": "x", "temperature": -1}, 422, "temperature"),
+    ("top-p-zero", {"prompt": "x", "top_p": 0}, 422, "top_p"),
+    ("seed-not-int", {"prompt": "x", "seed": "1"}, 422, "seed"),
+    ("stream-not-bool", {"prompt": "x", "stream": "yes"}, 422, "stream"),
+    ("wrong-model", {"prompt": "x", "model": "gpt-4"}, 404, "'gpt-4' is not served"),
+    ("body-too-large", {"prompt": "x" * 5000}, 413, "larger than 4096 bytes"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_each_bad_request_gets_its_status_and_a_message(client, name, body, status, words):
+    before = client.get("/health").json()["generated_tokens"]
+    if isinstance(body, bytes):
+        r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and "\n" not in error["message"]
+    assert client.get("/health").json()["generated_tokens"] == before  # refused before any model work
+
+
+def test_a_large_body_without_content_length_is_refused_too(client):
+    def chunks():
+        for _ in range(10):
+            yield b" " * 1000
+
+    r = client.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "4096" in r.json()["error"]["message"]
+
+
+def test_api_key_guards_every_endpoint_but_health(run_dir):
+    app = load_app(str(run_dir), ServeConfig(api_key="s3cret"), device="cpu")
+    with running(app) as url, httpx.Client(base_url=url) as c:
+        assert c.get("/health").status_code == 200
+        for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions")]:
+            for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}]:
+                r = c.request(method, path, json={"prompt": "x", "max_tokens": 2}, headers=headers)
+                assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
+                assert "API key" in r.json()["error"]["message"]
+        auth = {"Authorization": "Bearer s3cret"}
+        assert c.get("/v1/models", headers=auth).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=auth).status_code == 200
+
+
+def test_a_full_server_answers_429_with_retry_after_and_recovers(run_dir):
+    app = load_app(str(run_dir), ServeConfig(max_concurrency=1, max_queue=1, max_tokens=100_000), device="cpu")
+    long = {"prompt": "x", "max_tokens": 100_000, "stream": True}
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        with c.stream("POST", "/v1/completions", json=long) as running_one:
+            lines = running_one.iter_lines()  # (kept: a dropped line iterator closes the connection)
+            next(lines)  # it is generating
+            with c.stream("POST", "/v1/completions", json=long) as waiting_one:
+                assert waiting_one.status_code == 200
+                wait_until(lambda: c.get("/health").json()["waiting"] == 1)
+                r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+                assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+                assert "capacity" in r.json()["error"]["message"]
+        wait_until(lambda: c.get("/health").json()["running"] == 0)
+        assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_a_request_past_its_timeout_gets_504(run_dir):
+    app = load_app(str(run_dir), ServeConfig(timeout=0.5, max_tokens=1_000_000), device="cpu")
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        start = time.monotonic()
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1_000_000})
+        assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+        assert time.monotonic() - start < 5
+        with c.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 1_000_000, "stream": True}) as s:
+            events = sse_events(s)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 504
+        wait_until(lambda: c.get("/health").json()["running"] == 0)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_a_client_that_disconnects_stops_its_generation(server, stream):
+    url, app = server
+    engine = app.state.engine
+    body = {"prompt": "x", "max_tokens": 100_000, "stream": stream}
+    before = engine.stats()["generated_tokens"]
+    if stream:
+        with httpx.Client(base_url=url, timeout=30) as c, c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(6):  # three pieces arrived: it is generating
+                next(lines)
+    else:
+        with httpx.Client(base_url=url, timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/completions", json=body)
+    wait_until(lambda: engine.stats()["running"] == 0)
+    stopped_at = engine.stats()["generated_tokens"]
+    time.sleep(0.3)  # (a pause to see that nothing more is generated)
+    assert engine.stats()["generated_tokens"] == stopped_at
+    assert 0 < stopped_at - before < 100_000
+
+
+def test_the_event_loop_answers_while_the_model_works(client):
+    with client.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 100_000, "stream": True}) as r:
+        lines = r.iter_lines()
+        next(lines)
+        for _ in range(5):
+            start = time.monotonic()
+            assert client.get("/health").json()["running"] == 1
+            assert time.monotonic() - start < 0.5
+
+
+def test_playground_page_is_served(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "/v1/completions" in r.text and 'id="prompt"' in r.text and "<code id=\"model\">run</code>" in r.text
+
+
+# ------------------------------------------------------------------------------------- the engine alone
+def test_compatible_requests_share_one_decode(run_dir):
+    """Six unseeded same-prompt requests waiting together decode as one batch; a seeded one and a stream alone."""
+    generator = load(str(run_dir), device="cpu")
+    engine = Engine(generator, max_concurrency=16, max_queue=16, max_batch_size=32)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        ids = [generator.tokenizer.start_id] + generator.tokenizer.encode("same")
+
+        def job(stream=False, **options):
+            config = GenerateConfig(max_new_tokens=8, **options)
+            return Job(ids, config, (), stream, time.monotonic() + 30, Mailbox(loop))
+
+        greedy = [job(temperature=0.0) for _ in range(3)]
+        sampled = [job(num_return_sequences=2) for _ in range(3)]
+        alone = [job(seed=5), job(stream=True, temperature=0.0)]
+        engine.submit(greedy)
+        engine.submit(sampled)
+        engine.submit(alone)
+        with pytest.raises(Busy):
+            engine.submit([job() for _ in range(32 - 8 + 1)])
+        engine.start()
+        for j in greedy + sampled + alone:
+            while (await j.mailbox.get(30))[0] != "done":
+                pass
+        return greedy, sampled, alone
+
+    try:
+        greedy, sampled, alone = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.decodes == 4  # greedy x3, sampled x3, the seeded one, the stream
+    expected = generator.generate("same", max_new_tokens=8, temperature=0.0)
+    assert all(j.choices[0].text == expected for j in greedy)
+    samples = [c.text for j in sampled for c in j.choices]
+    assert len(samples) == 6 and len(set(samples)) == 6
+    assert alone[0].choices[0].text == generator.generate("same", max_new_tokens=8, seed=5)
+
+
+def test_bad_serve_configs_are_one_line_errors(run_dir):
+    for kwargs, words in [({"max_n": 0}, "serve.max_n"), ({"timeout": 0}, "serve.timeout"),
+                          ({"max_queue": -1}, "serve.max_queue"), ({"api_key": " "}, "api_key")]:
+        with pytest.raises(ConfigError, match=words):
+            ServeConfig(**kwargs)
+    generator = TextGenerator(*load_parts(run_dir))
+    with pytest.raises(ConfigError, match="block_size"):
+        create_app(generator, ServeConfig(max_prompt_tokens=BLOCK + 1))
+
+
+def load_parts(run_dir: Path):
+    g = load(str(run_dir), device="cpu")
+    return g.model, g.tokenizer
+
+
+def test_a_stream_nobody_reads_pauses_its_decode(run_dir):
+    """Memory stays bounded when a client reads slower than the model writes: its decode waits for it."""
+    from lmforge.serve.engine import MAX_BACKLOG
+
+    generator = load(str(run_dir), device="cpu")
+    engine = Engine(generator)
+
+    async def scenario():
+        ids = [generator.tokenizer.start_id]
+        job = Job(ids, GenerateConfig(max_new_tokens=100_000), (), True, time.monotonic() + 30,
+                  Mailbox(asyncio.get_running_loop()))
+        engine.submit([job])
+        engine.start()
+        await asyncio.sleep(0.5)  # nobody reads for a while
+        paused_at = engine.stats()["generated_tokens"]
+        assert job.mailbox.backlog <= MAX_BACKLOG + 2
+        assert paused_at <= 4 * (MAX_BACKLOG + 2)  # a piece per 1 to 4 byte tokens (UTF-8)
+        await asyncio.sleep(0.2)
+        assert engine.stats()["generated_tokens"] == paused_at
+        for _ in range(MAX_BACKLOG):
+            await job.mailbox.get(5)
+        await asyncio.sleep(0.2)
+        assert engine.stats()["generated_tokens"] > paused_at  # reading lets it go on
+        job.cancel()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.close()
