@@ -92,14 +92,17 @@ def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
                           "lmforge equivalent; supported: head_dim = hidden_size / num_attention_heads")
     if d.get("pretraining_tp", 1) != 1:
         raise ConfigError(f"pretraining_tp={d['pretraining_tp']} has no lmforge equivalent; supported: 1")
-    return ModelConfig(
+    config = ModelConfig(
         vocab_size=d["vocab_size"], block_size=d.get("max_position_embeddings", 2048), n_layer=d["num_hidden_layers"],
         n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=n_embd,
-        mlp_hidden=d["intermediate_size"], dropout=float(d.get("attention_dropout", 0.0)), bias=attention_bias,
+        mlp_hidden=None, dropout=float(d.get("attention_dropout", 0.0)), bias=attention_bias,
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", pos_encoding="rope",
         rope_theta=_rope_theta(d), tie_embeddings=d.get("tie_word_embeddings", False),
         init_std=d.get("initializer_range", 0.02),
     )
+    if config.hidden_dim != d["intermediate_size"]:  # null when it is lmforge's own default width
+        config.mlp_hidden = d["intermediate_size"]
+    return config
 
 
 def _split_sizes(config: ModelConfig) -> tuple[int, int, int]:

@@ -1,0 +1,339 @@
+"""Hugging Face interop: import HF directories, export to HF and ONNX, and the GPT-2 example end to end.
+
+Every HF model and tokenizer here is built locally (random weights, a byte-level BPE trained on a few
+sentences) and saved with save_pretrained into a temp directory; nothing touches the network.
+"""
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from lmforge.checkpoint import load_for_inference, read_run_config, save_checkpoint  # noqa: E402
+from lmforge.cli import main  # noqa: E402
+from lmforge.config import ModelConfig, RunConfig  # noqa: E402
+from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.generate import generate_ids, prompt_ids  # noqa: E402
+from lmforge.interop.hf_export import HFExportError, export_hf  # noqa: E402
+from lmforge.interop.hf_import import HFImportError, hf_to_lmforge, import_hf  # noqa: E402
+from lmforge.model import GPT  # noqa: E402
+from lmforge.tokenizer import Tokenizer, byte_tokenizer, train_bpe, train_char  # noqa: E402
+
+TOLERANCE = 1e-5  # fp32, max abs difference of logits
+CORPUS = ["Hello, world! This is a small corpus for a tiny tokenizer.",
+          "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+          "The quick brown fox jumps over the lazy dog; Привет, мир!"] * 10
+SAMPLE = "Hello, world!<|endoftext|> 床前明月光 <|begin_of_text|>and é\n  spaces"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------ local HF models
+def byte_level_bpe(specials: list[str], bos: str | None = None):
+    """A GPT-2-style byte-level BPE (tokenizers library) with `specials` added after the learned vocabulary."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=330, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    if bos is not None:  # Llama 3 style: every text starts with the BOS token
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    return tok
+
+
+def perturb_norms(model: torch.nn.Module) -> None:
+    """Non-trivial norm weights and biases, so a misplaced one shows in the logits."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """{"gpt2": dir, "gpt2-legacy": dir (vocab.json + merges.txt), "llama": dir (sharded, GQA)}."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    tok = byte_level_bpe(["<|endoftext|>"])
+    eot = tok.token_to_id("<|endoftext|>")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(), n_positions=128, n_layer=2, n_head=2, n_embd=32,
+        bos_token_id=eot, eos_token_id=eot)).eval()
+    perturb_norms(gpt2)
+    gpt2.save_pretrained(root / "gpt2")
+    transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>").save_pretrained(root / "gpt2")
+    legacy = root / "gpt2-legacy"
+    legacy.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(root / "gpt2" / name, legacy / name)
+    tok.model.save(str(legacy))  # vocab.json + merges.txt, as the original GPT-2 release (which lists
+    vocab = json.loads((legacy / "vocab.json").read_text(encoding="utf-8"))  # <|endoftext|> in vocab.json)
+    (legacy / "vocab.json").write_text(json.dumps({**vocab, "<|endoftext|>": eot}), encoding="utf-8")
+
+    ltok = byte_level_bpe(["<|begin_of_text|>", "<|end_of_text|>"], bos="<|begin_of_text|>")
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=ltok.get_vocab_size() + 6, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=ltok.token_to_id("<|begin_of_text|>"),
+        eos_token_id=ltok.token_to_id("<|end_of_text|>"))).eval()
+    perturb_norms(llama)
+    llama.save_pretrained(root / "llama", max_shard_size="40KB")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=ltok, bos_token="<|begin_of_text|>",
+                                         eos_token="<|end_of_text|>").save_pretrained(root / "llama")
+    return {"gpt2": root / "gpt2", "gpt2-legacy": legacy, "llama": root / "llama"}
+
+
+def hf_greedy(model, input_ids: list[int], n: int) -> list[int]:
+    """New ids of transformers' greedy search (stops at the model's eos token, like lmforge)."""
+    x = torch.tensor([input_ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         pad_token_id=model.generation_config.eos_token_id)
+    new = out[0, len(input_ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    return new[:new.index(eos)] if eos in new else new
+
+
+def max_diff(ours: GPT, theirs, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (ours(ids) - theirs(ids).logits).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------- import
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_imported_model_gives_the_same_logits_and_greedy_text(hf_dirs, tmp_path, name):
+    ckpt = import_hf(hf_dirs[name], tmp_path / "run")
+    assert ckpt == tmp_path / "run" / "checkpoints" / "step-00000000"
+    assert {"model.safetensors", "config.json", "state.json", "tokenizer.json", "manifest.json"} <= \
+        {p.name for p in ckpt.iterdir()}
+    model, tok, _ = load_for_inference(tmp_path / "run", "cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[name]).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dirs[name])
+    ids = torch.randint(0, theirs.config.vocab_size, (2, 40))
+    assert max_diff(model, theirs, ids) <= TOLERANCE
+    prompt = "Hello, world!"
+    assert prompt_ids(tok, prompt) == hf_tok(prompt).input_ids
+    ours = generate_ids(model, prompt_ids(tok, prompt), greedy=True, max_new_tokens=30, end_id=tok.end_id)[0]
+    assert ours == hf_greedy(theirs, hf_tok(prompt).input_ids, 30) and len(ours) >= 10
+    assert tok.decode(ours) == hf_tok.decode(ours, skip_special_tokens=True)
+
+
+def test_llama_import_reads_every_shard_and_keeps_gqa(hf_dirs):
+    shards = sorted(p.name for p in hf_dirs["llama"].glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (hf_dirs["llama"] / "model.safetensors.index.json").is_file()
+    model, tok, _ = hf_to_lmforge(hf_dirs["llama"])
+    c = model.config
+    assert (c.n_head, c.n_kv_head, c.pos_encoding, c.norm, c.mlp, c.bias, c.tie_embeddings, c.rope_theta) == \
+        (4, 2, "rope", "rmsnorm", "swiglu", False, False, 500000.0)
+    assert c.vocab_size == tok.vocab_size + 6  # a padded embedding matrix is kept whole
+    assert tok.start_id == tok._hf.token_to_id("<|begin_of_text|>") and tok.end_id == tok._hf.token_to_id("<|end_of_text|>")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-legacy", "llama"])
+def test_tokenizers_agree_with_special_tokens_and_chinese(hf_dirs, tmp_path, name):
+    import_hf(hf_dirs[name], tmp_path / "run")
+    tok = Tokenizer.load(tmp_path / "run" / "checkpoints" / "step-00000000" / "tokenizer.json")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dirs["gpt2" if name == "gpt2-legacy" else name])
+    ids = prompt_ids(tok, SAMPLE)
+    assert ids == hf_tok(SAMPLE).input_ids
+    assert tok.decode(ids, skip_special=False) == hf_tok.decode(ids, skip_special_tokens=False)
+    assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+    if name.startswith("gpt2"):  # GPT-2: no start token, <|endoftext|> ends a text
+        assert tok.start_id is None and tok.special_tokens[1] == "<|endoftext|>" and tok.end_id == 330
+    stream = tok.stream_decoder()
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids)
+
+
+def test_pickle_weights_are_refused_and_never_unpickled(hf_dirs, tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    shutil.copy(hf_dirs["gpt2"] / "config.json", bad / "config.json")
+    shutil.copy(hf_dirs["gpt2"] / "tokenizer.json", bad / "tokenizer.json")
+    (bad / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(HFImportError, match=r"pytorch_model\.bin.*safe_serialization=True"):
+        import_hf(bad, tmp_path / "run")
+    assert main(["import", str(bad), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pickle" in err[0] and "save_pretrained" in err[0]
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_unsupported_architecture_lists_what_is_supported(hf_dirs, tmp_path, capsys):
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    assert main(["import", str(bert), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model_type='bert'" in err[0] and "supported: gpt2" in err[0] and "llama" in err[0]
+    scaled = tmp_path / "scaled"
+    shutil.copytree(hf_dirs["llama"], scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (scaled / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HFImportError, match="rope_type='yarn'.*supported: default RoPE"):
+        import_hf(scaled, tmp_path / "run2")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
+def test_import_refuses_a_run_directory_with_checkpoints(hf_dirs, tmp_path):
+    import_hf(hf_dirs["gpt2"], tmp_path / "run")
+    with pytest.raises(LmforgeError, match="already holds checkpoints"):
+        import_hf(hf_dirs["gpt2"], tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------- export
+GPT2_STYLE = dict(block_size=48, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh")
+LLAMA_STYLE = dict(block_size=48, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm", mlp="swiglu",
+                   pos_encoding="rope", bias=False, tie_embeddings=False, rope_theta=20000.0)
+
+
+def lmforge_run(root: Path, tok: Tokenizer, **model) -> Path:
+    """A run directory with one checkpoint of a random model (norms perturbed) and `tok`."""
+    config = ModelConfig(vocab_size=tok.vocab_size, **model)
+    torch.manual_seed(3)
+    gpt = GPT(config)
+    perturb_norms(gpt)
+    root.mkdir(parents=True, exist_ok=True)
+    tok.save(root / "tokenizer.json")
+    save_checkpoint(root / "run", 7, gpt, None, RunConfig(model=config), {"tokens_seen": 0}, root / "tokenizer.json")
+    return root / "run"
+
+
+@pytest.mark.parametrize("arch,kind", [("gpt2", "bpe"), ("llama", "bpe"), ("gpt2", "char"), ("llama", "byte")])
+def test_exported_model_loads_in_transformers_with_the_same_logits_and_greedy_text(tmp_path, arch, kind):
+    tok = {"bpe": lambda: train_bpe(CORPUS, 400), "char": lambda: train_char(CORPUS, 300), "byte": byte_tokenizer}[kind]()
+    run = lmforge_run(tmp_path, tok, **(GPT2_STYLE if arch == "gpt2" else LLAMA_STYLE))
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json"}
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(theirs).__name__ == ("GPT2LMHeadModel" if arch == "gpt2" else "LlamaForCausalLM")
+    model, _, _ = load_for_inference(run, "cpu")
+    ids = torch.randint(0, tok.vocab_size, (2, 48))
+    assert max_diff(model, theirs, ids) <= TOLERANCE
+    for text in ["Hello, wörld!", "床前明月光 q"]:
+        assert hf_tok(text).input_ids == prompt_ids(tok, text)
+        assert hf_tok.decode(prompt_ids(tok, text), skip_special_tokens=True) == text
+    ours = generate_ids(model, prompt_ids(tok, "Hello"), greedy=True, max_new_tokens=25, end_id=tok.end_id)[0]
+    assert ours == hf_greedy(theirs, hf_tok("Hello").input_ids, 25) and len(ours) >= 5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_round_trip_lmforge_hf_lmforge_gives_identical_tensors(tmp_path, arch):
+    run = lmforge_run(tmp_path, train_bpe(CORPUS, 400), **(GPT2_STYLE if arch == "gpt2" else LLAMA_STYLE))
+    export_hf(run, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    before, _, config_before = load_for_inference(run, "cpu")
+    after, _, config_after = load_for_inference(tmp_path / "back", "cpu")
+    assert config_after.model == config_before.model
+    a, b = before.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model,reason", [
+    (dict(GPT2_STYLE, pos_encoding="sinusoidal"), "model.pos_encoding='sinusoidal' cannot be converted to GPT-2"),
+    (dict(GPT2_STYLE, pos_encoding="rope"), "model.norm='layernorm' cannot be converted to Llama"),
+], ids=["sinusoidal", "gpt2-with-rope"])
+def test_export_refuses_models_without_hf_equivalent(tmp_path, capsys, model, reason):
+    run = lmforge_run(tmp_path, byte_tokenizer(), **model)
+    with pytest.raises(HFExportError, match="no Hugging Face equivalent"):
+        export_hf(run, tmp_path / "hf")
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and reason in err[0]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_to_replace_an_output(tmp_path):
+    run = lmforge_run(tmp_path, byte_tokenizer(), **GPT2_STYLE)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    with pytest.raises(HFExportError, match="--force"):
+        export_hf(run, tmp_path / "hf")
+    assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(tmp_path, arch):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    run = lmforge_run(tmp_path, byte_tokenizer(), **(GPT2_STYLE if arch == "gpt2" else LLAMA_STYLE))
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "model.onnx")]) == 0
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    model, _, _ = load_for_inference(run, "cpu")
+    for shape in [(1, 5), (3, 48)]:  # batch and sequence axes are dynamic
+        ids = torch.randint(0, 259, shape)
+        logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+        with torch.no_grad():
+            assert abs(logits - model(ids).numpy()).max() <= 1e-4
+
+
+# ---------------------------------------------------------------------- the GPT-2 example, end to end
+def test_gpt2_example_generate_then_continue_training(hf_dirs, tmp_path, capsys):
+    """Load GPT-2 with its tokenizer, encode "Hello, world!", generate up to 100 tokens, decode; then train on."""
+    import lmforge
+
+    run = tmp_path / "gpt2"
+    assert main(["import", str(hf_dirs["gpt2"]), "--out", str(run)]) == 0
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["gpt2"]).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dirs["gpt2"])
+    expected = hf_tok.decode(hf_greedy(hf_model, hf_tok("Hello, world!").input_ids, 100), skip_special_tokens=True)
+
+    assert len(expected) >= 50  # the random model does not stop at once: the comparison means something
+    generator = lmforge.load(str(run), device="cpu")
+    assert generator.generate("Hello, world!", max_new_tokens=100, greedy=True) == expected
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Hello, world!", "--max-new-tokens", "100", "--greedy"]) == 0
+    assert capsys.readouterr().out == "Hello, world!" + expected + "\n"
+
+    # continued pretraining: data tokenized by the imported tokenizer, a new run from the imported weights
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"{i}.txt").write_text(f"Document {i}: hello, world! 床前明月光。" * 3, encoding="utf-8")
+    tok_file = run / "checkpoints" / "step-00000000" / "tokenizer.json"
+    assert main(["prepare", str(corpus), "--tokenizer", str(tok_file), "--out", str(tmp_path / "data"),
+                 "--split", "0.5,0.25,0.25", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["special_tokens"]["start"] is None and manifest["special_tokens"]["end"]["id"] == 330
+    assert main(["train", "--data", str(tmp_path / "data"), "--run-dir", str(tmp_path / "ft"), "--device", "cpu",
+                 "--train.init_from", str(run), "--max-steps", "2", "--train.batch_size", "2",
+                 "--train.eval_batches", "1", "--train.num_threads", "1", "--optim.lr", "1e-2"]) == 0
+    ft_config = read_run_config(tmp_path / "ft" / "checkpoints" / "step-00000002")
+    assert ft_config.model == read_run_config(run / "checkpoints" / "step-00000000").model
+    tuned, tok, _ = load_for_inference(tmp_path / "ft", "cpu")
+    start, _, _ = load_for_inference(run, "cpu")
+    assert not torch.equal(tuned.tok_emb.weight, start.tok_emb.weight)  # trained on
+    assert torch.allclose(tuned.tok_emb.weight, start.tok_emb.weight, atol=0.1)  # from the imported weights
+    assert isinstance(lmforge.load(str(tmp_path / "ft"), device="cpu").generate("Hello", max_new_tokens=5), str)
