@@ -201,6 +201,20 @@ def test_unsupported_architecture_lists_what_is_supported(hf_dirs, tmp_path, cap
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 
 
+def test_sentencepiece_style_tokenizer_is_refused_with_what_is_supported(hf_dirs, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    spm = HFTokenizer(models.BPE(vocab={"<unk>": 0, "\u2581": 1, "a": 2}, merges=[], unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace()
+    spm.decoder = decoders.Metaspace()
+    llama2 = tmp_path / "llama2"
+    shutil.copytree(hf_dirs["llama"], llama2)
+    spm.save(str(llama2 / "tokenizer.json"))
+    with pytest.raises(HFImportError, match="decoder is 'Metaspace', not byte-level.*GPT-2, Llama 3"):
+        import_hf(llama2, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_import_refuses_a_run_directory_with_checkpoints(hf_dirs, tmp_path):
     import_hf(hf_dirs["gpt2"], tmp_path / "run")
     with pytest.raises(LmforgeError, match="already holds checkpoints"):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from lmforge.checkpoint import complete_checkpoints, save_checkpoint
 from lmforge.config import ModelConfig, RunConfig, TrainConfig
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, TokenizerError
 from lmforge.interop import hf_gpt2, hf_llama
 from lmforge.interop.hf_tokenizer import read_hf_tokenizer
 from lmforge.model import GPT
@@ -118,7 +118,10 @@ def hf_to_lmforge(hf_dir: str | Path) -> tuple[GPT, Any, dict[str, Any]]:
     except ConfigError as e:
         raise HFImportError(f"{hf_dir}/config.json: {e}") from None
     files = weight_files(hf_dir)
-    tokenizer = read_hf_tokenizer(hf_dir, hf_config)
+    try:
+        tokenizer = read_hf_tokenizer(hf_dir, hf_config)
+    except TokenizerError as e:
+        raise HFImportError(f"{hf_dir}: {e}") from None
     if tokenizer.vocab_size > model_config.vocab_size:
         raise HFImportError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"vocab_size={model_config.vocab_size}; the tokenizer belongs to another model")

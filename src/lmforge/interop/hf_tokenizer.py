@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from lmforge.errors import TokenizerError
-from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, N_SPECIAL, Tokenizer
+from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
 
 SPECIAL_KEYS = {"start": "bos_token", "end": "eos_token", "pad": "pad_token"}
 
@@ -159,6 +159,6 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
         "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
                                  for t in hf.get("added_tokens") or []},
     }
-    if N_SPECIAL and tokenizer.kind != HF_KIND:
-        config["add_bos_token"] = True
+    if tokenizer.kind != HF_KIND:
+        config["add_bos_token"] = True  # what the post-processor template does
     return {"tokenizer.json": hf, "tokenizer_config.json": config, "special_tokens_map.json": special_map}

@@ -38,7 +38,8 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     if out_path.exists() and not force:
         raise OnnxExportError(f"{out_path} exists; choose another --out or pass --force to replace it")
     try:
-        import onnx  # noqa: F401  (the exporter needs it)
+        import onnx  # noqa: F401  (the exporter writes with onnx and translates with onnxscript)
+        import onnxscript  # noqa: F401
     except ModuleNotFoundError:
         raise OnnxExportError("ONNX export needs the onnx package: pip install 'lmforge[onnx]' "
                               "(or pip install onnx onnxscript)") from None
