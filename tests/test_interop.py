@@ -272,6 +272,21 @@ def test_round_trip_lmforge_hf_lmforge_gives_identical_tensors(tmp_path, arch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_imported_model_exports_back_to_what_transformers_had(hf_dirs, tmp_path, name):
+    import_hf(hf_dirs[name], tmp_path / "run")
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    original = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[name]).state_dict()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    assert original.keys() == exported.keys() and all(torch.equal(original[k], exported[k]) for k in original)
+    before = transformers.AutoTokenizer.from_pretrained(hf_dirs[name])
+    after = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert after(SAMPLE).input_ids == before(SAMPLE).input_ids
+    assert after.eos_token == before.eos_token
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == before.eos_token_id
+
+
 @pytest.mark.parametrize("model,reason", [
     (dict(GPT2_STYLE, pos_encoding="sinusoidal"), "model.pos_encoding='sinusoidal' cannot be converted to GPT-2"),
     (dict(GPT2_STYLE, pos_encoding="rope"), "model.norm='layernorm' cannot be converted to Llama"),
