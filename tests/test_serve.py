@@ -332,42 +332,45 @@ def test_playground_page_is_served(client):
 
 # ------------------------------------------------------------------------------------- the engine alone
 def test_compatible_requests_share_one_decode(run_dir):
-    """Six unseeded same-prompt requests waiting together decode as one batch; a seeded one and a stream alone."""
+    """Requests waiting together decode as one batch when their options agree, and each gets the text it
+    would get alone: greedy and seeded ones exactly, unseeded samples all different."""
     generator = load(str(run_dir), device="cpu")
     engine = Engine(generator, max_concurrency=16, max_queue=16, max_batch_size=32)
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        ids = [generator.tokenizer.start_id] + generator.tokenizer.encode("same")
 
-        def job(stream=False, **options):
-            config = GenerateConfig(max_new_tokens=8, **options)
-            return Job(ids, config, (), stream, time.monotonic() + 30, Mailbox(loop))
+        def job(prompt, stream=False, **options):
+            ids = [generator.tokenizer.start_id] + generator.tokenizer.encode(prompt)
+            return Job(ids, GenerateConfig(max_new_tokens=8, **options), (), stream, time.monotonic() + 30,
+                       Mailbox(loop))
 
-        greedy = [job(temperature=0.0) for _ in range(3)]
-        sampled = [job(num_return_sequences=2) for _ in range(3)]
-        alone = [job(seed=5), job(stream=True, temperature=0.0)]
-        engine.submit(greedy)
-        engine.submit(sampled)
-        engine.submit(alone)
+        jobs = {"greedy": [job(p, temperature=0.0) for p in ("same", "other prompt", "x")],
+                "sampled": [job(p, num_return_sequences=2) for p in ("a", "bb", "ccc")],
+                "duplicates": [job("dup"), job("dup")],  # n=1: a decode of its own with the seeded ones
+                "seeded": [job(p, seed=5 + i) for i, p in enumerate(("s1", "s22"))],
+                "stream": [job("st", stream=True, temperature=0.0)]}
+        for group in jobs.values():
+            engine.submit(group)
         with pytest.raises(Busy):
-            engine.submit([job() for _ in range(32 - 8 + 1)])
+            engine.submit([job("z") for _ in range(32 - 11 + 1)])
         engine.start()
-        for j in greedy + sampled + alone:
-            while (await j.mailbox.get(30))[0] != "done":
-                pass
-        return greedy, sampled, alone
+        for group in jobs.values():
+            for j in group:
+                while (await j.mailbox.get(30))[0] != "done":
+                    pass
+        return jobs
 
     try:
-        greedy, sampled, alone = asyncio.run(scenario())
+        jobs = asyncio.run(scenario())
     finally:
         engine.close()
-    assert engine.decodes == 4  # greedy x3, sampled x3, the seeded one, the stream
-    expected = generator.generate("same", max_new_tokens=8, temperature=0.0)
-    assert all(j.choices[0].text == expected for j in greedy)
-    samples = [c.text for j in sampled for c in j.choices]
-    assert len(samples) == 6 and len(set(samples)) == 6
-    assert alone[0].choices[0].text == generator.generate("same", max_new_tokens=8, seed=5)
+    assert engine.decodes == 4  # greedy; sampled with duplicates and seeded; the stream
+    text = {name: [c.text for j in group for c in j.choices] for name, group in jobs.items()}
+    assert text["greedy"] == [generator.generate(p, max_new_tokens=8, temperature=0.0)
+                              for p in ("same", "other prompt", "x")]
+    assert text["seeded"] == [generator.generate(p, max_new_tokens=8, seed=5 + i) for i, p in enumerate(("s1", "s22"))]
+    assert len(set(text["sampled"])) == 6 and len(set(text["duplicates"])) == 2
 
 
 def test_bad_serve_configs_are_one_line_errors(run_dir):

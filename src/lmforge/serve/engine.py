@@ -2,8 +2,10 @@
 
 A request becomes one Job per prompt (each with n continuations). Each turn of the worker loop
   1. admits waiting jobs while fewer than max_concurrency are in generation; compatible non-streaming
-     jobs (same prompt tokens and sampling options, no seed) are merged into one batched decode, a
-     micro-batch, of at most max_batch_size sequences: one forward pass per step serves them all;
+     jobs (same sampling options and n; prompts of any length, left-padded as in generate.decode_batch)
+     are merged into one batched decode, a micro-batch, of at most max_batch_size sequences: one
+     forward pass per step serves them all (Engine.fits says which may join), while each job draws
+     from its own random streams;
   2. advances every active decode by one token, in turn, so streams interleave and none waits for
      another to end;
   3. hands text to each job's event queue on the event loop (loop.call_soon_threadsafe).
@@ -21,7 +23,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from lmforge.generate import GenerateConfig, TextGenerator, decode
+from lmforge.generate import (GenerateConfig, Sequences, TextGenerator, next_token, prepare_prompts, process_scores,
+                              row_generators)
 
 
 MAX_BACKLOG = 256  # unread events of a job after which its decode pauses
@@ -121,11 +124,16 @@ class Job:
 
     @property
     def batch_key(self) -> Optional[tuple]:
-        """Jobs with equal keys can share a decode; None: this job decodes alone (streams, seeded samples)."""
+        """Jobs with equal keys can share a decode (see Engine.fits); None: a stream, which decodes alone."""
         c = self.config
-        if self.stream or (c.seed is not None and not c.is_greedy):
+        if self.stream:
             return None
-        return (tuple(self.prompt_ids), c.is_greedy, c.temperature, c.top_k, c.top_p)
+        return (c.num_return_sequences, c.is_greedy, c.temperature, c.top_k, c.top_p)
+
+    @property
+    def reproducible(self) -> bool:
+        """Greedy or seeded: its text must not depend on the jobs it is batched with."""
+        return self.config.is_greedy or self.config.seed is not None
 
     def emit(self, *event: Any) -> None:
         self.mailbox.put(event)
@@ -138,6 +146,23 @@ class Batch:
     jobs: list[Job]
     spans: list[range]
     steps: Optional[Iterator[torch.Tensor]] = None
+
+
+@torch.inference_mode()
+def decode_rows(model: Any, prompts: list[list[int]], config: GenerateConfig,
+                generators: Optional[list[torch.Generator]]) -> Iterator[torch.Tensor]:
+    """generate.decode_batch with a random generator per row, so that every job in a batch draws from its
+    own streams (decode_batch seeds all prompts alike); yields (B,) tokens per step up to the budget.
+    Stopping (end token, stop strings, each job's max_tokens) is the engine's business."""
+    prompts, budgets = prepare_prompts(model, prompts, config)
+    seqs = Sequences(model, [p for p in prompts for _ in range(config.num_return_sequences)], max(budgets))
+    plain = config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0
+    for _ in range(max(budgets)):
+        logits = seqs.next_logits(model)  # (B, V)
+        scores = logits if plain else process_scores(logits, seqs, config)
+        token = next_token(scores, config, generators)  # (B,)
+        seqs.append(token)
+        yield token
 
 
 class Engine:
@@ -215,23 +240,30 @@ class Engine:
             if not job.cancelled:
                 job.emit("error", 504, "the request timed out while waiting for the model")
         while self._waiting and self._running < self.max_concurrency:
-            head = self._waiting.pop(0)
-            group, rows = [head], head.n
-            if head.batch_key is not None:
+            group = [self._waiting.pop(0)]
+            if group[0].batch_key is not None:
                 for job in list(self._waiting):
                     if self._running + len(group) >= self.max_concurrency:
                         break
-                    if job.batch_key == head.batch_key and rows + job.n <= self.max_batch_size:
+                    if self.fits(group, job):
                         self._waiting.remove(job)
                         group.append(job)
-                        rows += job.n
-            spans, row = [], 0
-            for job in group:
-                spans.append(range(row, row + job.n))
-                row += job.n
+            spans = [range(i * group[0].n, (i + 1) * group[0].n) for i in range(len(group))]  # prompt-major rows
             self._running += len(group)
             batches.append(Batch(group, spans))
         return batches
+
+    def fits(self, group: list[Job], job: Job) -> bool:
+        """Whether `job` can join the decode of `group`: the same options and n, room in the batch, and, for
+        a greedy or seeded job, a batch whose longest prompt plus new tokens fit in block_size (within the
+        window a padded row gets the tokens it gets alone; see generate's module docstring)."""
+        if job.batch_key != group[0].batch_key or (len(group) + 1) * job.n > self.max_batch_size:
+            return False
+        if not any(j.reproducible for j in group + [job]):
+            return True
+        longest = max(len(j.prompt_ids) for j in group + [job])
+        budget = max(j.config.max_new_tokens for j in group + [job])
+        return longest + budget <= self.model.config.block_size
 
     def _release(self, batch: Batch, job: Job) -> None:
         i = batch.jobs.index(job)
@@ -276,11 +308,14 @@ class Engine:
     def _start(self, batch: Batch) -> Iterator[torch.Tensor]:
         for job in batch.jobs:
             job.choices = [Choice(self.tokenizer.stream_decoder()) for _ in range(job.n)]
-        rows = sum(job.n for job in batch.jobs)
         budget = max(job.config.max_new_tokens for job in batch.jobs)
-        config = replace(batch.jobs[0].config, num_return_sequences=rows, max_new_tokens=budget)
+        config = replace(batch.jobs[0].config, max_new_tokens=budget)
+        generators = None
+        if not config.is_greedy:  # each job its own random streams: seeded as it would be alone, else fresh
+            device = self.model.tok_emb.weight.device
+            generators = [g for job in batch.jobs for g in row_generators(job.config, job.n, 1, device)]
         self.decodes += 1
-        return decode(self.model, batch.jobs[0].prompt_ids, config, end_id=self.tokenizer.end_id)
+        return decode_rows(self.model, [job.prompt_ids for job in batch.jobs], config, generators)
 
     def _take(self, batch: Batch, job: Job, tokens: list[int]) -> None:
         """One new token per continuation of `job`: decode, apply stop strings and the length cap."""
