@@ -146,7 +146,7 @@ def test_llama_import_reads_every_shard_and_keeps_gqa(hf_dirs):
     assert (c.n_head, c.n_kv_head, c.pos_encoding, c.norm, c.mlp, c.bias, c.tie_embeddings, c.rope_theta) == \
         (4, 2, "rope", "rmsnorm", "swiglu", False, False, 500000.0)
     assert c.vocab_size == tok.vocab_size + 6  # a padded embedding matrix is kept whole
-    assert tok.start_id == tok._hf.token_to_id("<|begin_of_text|>") and tok.end_id == tok._hf.token_to_id("<|end_of_text|>")
+    assert tok.special_tokens == ("<|begin_of_text|>", "<|end_of_text|>", None)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-legacy", "llama"])
@@ -241,7 +241,8 @@ def lmforge_run(root: Path, tok: Tokenizer, **model) -> Path:
 
 @pytest.mark.parametrize("arch,kind", [("gpt2", "bpe"), ("llama", "bpe"), ("gpt2", "char"), ("llama", "byte")])
 def test_exported_model_loads_in_transformers_with_the_same_logits_and_greedy_text(tmp_path, arch, kind):
-    tok = {"bpe": lambda: train_bpe(CORPUS, 400), "char": lambda: train_char(CORPUS, 300), "byte": byte_tokenizer}[kind]()
+    makers = {"bpe": lambda: train_bpe(CORPUS, 400), "char": lambda: train_char(CORPUS, 300), "byte": byte_tokenizer}
+    tok = makers[kind]()
     run = lmforge_run(tmp_path, tok, **(GPT2_STYLE if arch == "gpt2" else LLAMA_STYLE))
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert {p.name for p in (tmp_path / "hf").iterdir()} == {

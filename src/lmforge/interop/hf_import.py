@@ -59,7 +59,8 @@ def converter_for(hf_config: dict[str, Any]):
     model_type = hf_config.get("model_type")
     if model_type not in CONVERTERS:
         arch = ", ".join(hf_config.get("architectures") or []) or "unknown"
-        raise HFImportError(f"model_type={model_type!r} (architectures: {arch}) cannot be imported; supported: {SUPPORTED}")
+        raise HFImportError(f"model_type={model_type!r} (architectures: {arch}) cannot be imported; "
+                            f"supported: {SUPPORTED}")
     return CONVERTERS[model_type]
 
 
@@ -86,7 +87,8 @@ def weight_files(hf_dir: Path) -> list[Path]:
                 raise HFImportError(f"{index} names shard {name}, which is missing from {hf_dir}; download it too")
             shards.append(shard)
         return shards
-    pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in PICKLE_SUFFIXES or p.name.endswith(".bin.index.json"))
+    pickles = sorted(p.name for p in hf_dir.iterdir()
+                     if p.suffix in PICKLE_SUFFIXES or p.name.endswith(".bin.index.json"))
     if pickles:
         raise HFImportError(f"{hf_dir} holds weights only as pickle files ({', '.join(pickles)}), which lmforge never "
                            f"loads (unpickling can run code); {CONVERT_HINT}")

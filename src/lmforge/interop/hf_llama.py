@@ -145,7 +145,8 @@ def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor], config: ModelC
             for kind in kinds:
                 out[f"{ours}attn.qkv.{kind}"] = torch.cat([sd[f"{hf}self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
                 out[f"{ours}attn.proj.{kind}"] = sd[f"{hf}self_attn.o_proj.{kind}"]
-                out[f"{ours}mlp.fc.{kind}"] = torch.cat([sd[f"{hf}mlp.gate_proj.{kind}"], sd[f"{hf}mlp.up_proj.{kind}"]])
+                gate, up = sd[f"{hf}mlp.gate_proj.{kind}"], sd[f"{hf}mlp.up_proj.{kind}"]
+                out[f"{ours}mlp.fc.{kind}"] = torch.cat([gate, up], dim=0)
                 out[f"{ours}mlp.proj.{kind}"] = sd[f"{hf}mlp.down_proj.{kind}"]
     except KeyError as e:
         raise ConfigError(f"Llama state dict has no tensor {e.args[0]!r}; is it a Llama checkpoint "
