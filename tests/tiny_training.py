@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -77,3 +78,43 @@ def write_prepared_data(data_dir: Path, texts: dict[str, list[str]]) -> Path:
                 "seed": 0, "split": [0.9, 0.05, 0.05], "sources": [], "splits": splits}
     (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return data_dir
+
+
+# ------------------------------------------------------------------- the real command, in a real process
+def prepared_corpus(root: Path, documents: int = 24, seed: int = 0) -> Path:
+    """root/data: a char-tokenized dataset prepared by lmforge itself from generated .txt files."""
+    from lmforge.data.prepare import prepare
+
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it", "was", "red", "big"]
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for i in range(documents):
+        lines = [" ".join(rng.choice(words, size=12)) + "." for _ in range(20)]
+        (corpus / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare([str(corpus)], str(root / "data"), tokenizer="char", split=(0.8, 0.1, 0.1), workers=1, progress=False)
+    return root / "data"
+
+
+def cli_command(data: Path, run_dir: Path, *extra: object) -> list[str]:
+    """`python -m lmforge.cli train` of a tiny model on `data`, one CPU thread, no progress bar noise."""
+    return [sys.executable, "-m", "lmforge.cli", "train", "--preset", "tiny", "--data", str(data),
+            "--run-dir", str(run_dir), "--device", "cpu", "--train.num_threads", "1", "--train.batch_size", "4",
+            "--train.log_interval", "1", "--train.eval_interval", "0", "--train.eval_batches", "1",
+            "--optim.warmup_steps", "2", *map(str, extra)]
+
+
+def process_env(fault: Optional[str] = None) -> dict[str, str]:
+    """The environment of a training subprocess: one thread, quiet, with LMFORGE_FAULT when given."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env.pop("LMFORGE_FAULT", None)
+    if fault:
+        env["LMFORGE_FAULT"] = fault
+    return env
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """{step: train loss} from RUN_DIR/metrics.jsonl; a step logged twice (re-run after a resume) keeps its last value."""
+    from lmforge.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}

@@ -1,0 +1,155 @@
+"""Faults that only a real process shows: kill -9 at random steps and inside a save, SIGTERM, Ctrl-C.
+
+Each test runs `python -m lmforge.cli train` in a subprocess on data prepared by lmforge, kills or
+signals it, restarts it with --resume auto, and compares with an uninterrupted run bit for bit.
+The kill points inside a save come from the test-only hook LMFORGE_FAULT (lmforge.checkpoint.fault_point);
+the other kills and signals come from outside, at a random moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lmforge.checkpoint import complete_checkpoints, latest_checkpoint, verify_checkpoint
+from tiny_training import cli_command, prepared_corpus, process_env, step_losses
+
+SEED = int(os.environ.get("LMFORGE_FAULT_SEED", "20261128"))  # which steps get killed; any seed must pass
+RESUMABLE = ["--train.max_steps", "16", "--train.save_interval", "1", "--train.keep_last", "2",
+             "--train.eval_interval", "4", "--train.grad_accum", "2", "--model.dropout", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return prepared_corpus(tmp_path_factory.mktemp("faults"))
+
+
+def _run(cmd: list[str], fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=process_env(fault), capture_output=True, text=True, timeout=timeout)
+
+
+def _metric_lines(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _kill_after_new_steps(cmd: list[str], run_dir: Path, steps: int, rng: random.Random) -> int:
+    """Start `cmd`, SIGKILL it at a random moment after it logged `steps` new steps; return its exit code."""
+    before = _metric_lines(run_dir)
+    proc = subprocess.Popen(cmd, env=process_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _metric_lines(run_dir) < before + steps and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)  # the test polls; the product never sleeps
+    time.sleep(rng.uniform(0.0, 0.03))  # anywhere in a step or a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return proc.returncode
+
+
+def _no_partial_saves_visible(run_dir: Path) -> None:
+    assert all((c / "manifest.json").is_file() for c in complete_checkpoints(run_dir))
+    verify_checkpoint(latest_checkpoint(run_dir))
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_steps_resumes_bit_identically(data, tmp_path):
+    """Killed 4 times (at a step start, inside a save after the optimizer file, after the manifest but
+    before the rename, and from outside at a random moment), resumed with --resume auto each time:
+    per-step losses, final weights, optimizer state and data/RNG state equal an uninterrupted run's."""
+    rng = random.Random(SEED)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = _run(cli_command(data, reference, *RESUMABLE))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    first = rng.randint(3, 5)
+    second = rng.randint(first + 1, first + 3)
+    third = rng.randint(second + 1, second + 3)
+    faults = [f"step@{first}=kill", f"save:optimizer.safetensors@{second}=kill", f"save:manifest@{third}=kill"]
+    resume = ["--resume", "auto"]
+    for i, fault in enumerate(faults):
+        crashed = _run(cli_command(data, killed, *RESUMABLE, *(resume if i else [])), fault)
+        assert crashed.returncode == -signal.SIGKILL, (fault, crashed.stderr[-2000:])
+        _no_partial_saves_visible(killed)
+    assert any(p.name.startswith(".tmp-") for p in (killed / "checkpoints").iterdir())  # the last kill left one
+    assert latest_checkpoint(killed).name == f"step-{third - 1:08d}"  # the half-saved step is invisible
+
+    code = _kill_after_new_steps(cli_command(data, killed, *RESUMABLE, *resume), killed, 2, rng)
+    assert code == -signal.SIGKILL
+    _no_partial_saves_visible(killed)
+    last = _run(cli_command(data, killed, *RESUMABLE, *resume))
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert not any(p.name.startswith((".tmp-", ".trash-")) for p in (killed / "checkpoints").iterdir())
+
+    expected, got = step_losses(reference), step_losses(killed)
+    assert sorted(got) == sorted(expected) == list(range(1, 17))
+    assert got == expected  # exact floats: dropout masks, data order and accumulation all restored
+    a, b = reference / "checkpoints" / "step-00000016", killed / "checkpoints" / "step-00000016"
+    for name in ("model.safetensors", "optimizer.safetensors"):  # the header's key order may differ, nothing else
+        ta, tb = load_file(str(a / name)), load_file(str(b / name))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+        with safe_open(str(a / name), "pt") as fa, safe_open(str(b / name), "pt") as fb:
+            assert fa.metadata() == fb.metadata(), name  # optimizer step counts, param groups
+    sa, sb = json.loads((a / "state.json").read_text()), json.loads((b / "state.json").read_text())
+    assert sa["ranks"] == sb["ranks"] and sa["tokens_seen"] == sb["tokens_seen"]  # data position and RNG states
+    assert sa["best_val_loss"] == sb["best_val_loss"]
+
+
+def _start_until(cmd: list[str], run_dir: Path, steps: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _metric_lines(run_dir) < steps and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_at_the_step_boundary_and_exit_0(data, tmp_path, signum):
+    run = tmp_path / "run"
+    cmd = cli_command(data, run, "--train.max_steps", "100000", "--train.save_interval", "0")
+    proc = _start_until(cmd, run, 3)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    ckpt = latest_checkpoint(run)
+    state = json.loads((ckpt / "state.json").read_text())
+    verify_checkpoint(ckpt)
+    assert state["step"] == max(step_losses(run))  # the step that was running when the signal came, completed
+    assert f"stopped at step {state['step']} by {signal.Signals(signum).name}" in out
+    assert "--resume auto" in out and "Traceback" not in err
+    if signum == signal.SIGINT:
+        return
+    again = _run(cli_command(data, run, "--train.max_steps", str(state["step"] + 2), "--resume", "auto",
+                             "--train.save_interval", "0"))
+    assert again.returncode == 0 and max(step_losses(run)) == state["step"] + 2
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    # a model large enough that one step takes well over the time to notice the first Ctrl-C
+    slow = ["--model.n_embd", "192", "--model.n_layer", "4", "--model.n_head", "4", "--model.block_size", "128",
+            "--train.batch_size", "12"]
+    cmd = cli_command(data, run, *slow, "--train.max_steps", "100000", "--train.save_interval", "1",
+                      "--train.keep_last", "1")
+    proc = _start_until(cmd, run, 2)
+    proc.send_signal(signal.SIGINT)
+    assert "saving a checkpoint at the end of this step" in proc.stderr.readline() + proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    ckpt = latest_checkpoint(run)
+    verify_checkpoint(ckpt)  # the last checkpoint is whole, and the newest visible one
+    assert int(ckpt.name[5:]) >= max(step_losses(run)) - 1
