@@ -347,7 +347,7 @@ def test_compatible_requests_share_one_decode(run_dir):
 
         jobs = {"greedy": [job(p, temperature=0.0) for p in ("same", "other prompt", "x")],
                 "sampled": [job(p, num_return_sequences=2) for p in ("a", "bb", "ccc")],
-                "duplicates": [job("dup"), job("dup")],  # n=1: a decode of its own with the seeded ones
+                "duplicates": [job("dup"), job("dup")],
                 "seeded": [job(p, seed=5 + i) for i, p in enumerate(("s1", "s22"))],
                 "stream": [job("st", stream=True, temperature=0.0)]}
         for group in jobs.values():
@@ -365,12 +365,13 @@ def test_compatible_requests_share_one_decode(run_dir):
         jobs = asyncio.run(scenario())
     finally:
         engine.close()
-    assert engine.decodes == 4  # greedy; sampled with duplicates and seeded; the stream
+    assert engine.decodes == 2  # the greedy ones and the stream; all sampled ones, seeded or not, any n
     text = {name: [c.text for j in group for c in j.choices] for name, group in jobs.items()}
     assert text["greedy"] == [generator.generate(p, max_new_tokens=8, temperature=0.0)
                               for p in ("same", "other prompt", "x")]
     assert text["seeded"] == [generator.generate(p, max_new_tokens=8, seed=5 + i) for i, p in enumerate(("s1", "s22"))]
     assert len(set(text["sampled"])) == 6 and len(set(text["duplicates"])) == 2
+    assert text["stream"] == [generator.generate("st", max_new_tokens=8, temperature=0.0)]
 
 
 def test_bad_serve_configs_are_one_line_errors(run_dir):

@@ -1,11 +1,11 @@
 """The model worker: one thread owns the model and decodes every request, so the event loop never waits on torch.
 
 A request becomes one Job per prompt (each with n continuations). Each turn of the worker loop
-  1. admits waiting jobs while fewer than max_concurrency are in generation; compatible non-streaming
-     jobs (same sampling options and n; prompts of any length, left-padded as in generate.decode_batch)
-     are merged into one batched decode, a micro-batch, of at most max_batch_size sequences: one
-     forward pass per step serves them all (Engine.fits says which may join), while each job draws
-     from its own random streams;
+  1. admits waiting jobs while fewer than max_concurrency are in generation; jobs with the same
+     sampling options (prompts of any length, left-padded as in generate.decode_batch; any n; streaming
+     or not) are merged into one batched decode, a micro-batch, of at most max_batch_size sequences:
+     one forward pass per step serves them all (Engine.fits says which may join), while each job
+     draws from its own random streams;
   2. advances every active decode by one token, in turn, so streams interleave and none waits for
      another to end;
   3. hands text to each job's event queue on the event loop (loop.call_soon_threadsafe).
@@ -27,7 +27,7 @@ from lmforge.generate import (GenerateConfig, Sequences, TextGenerator, next_tok
                               row_generators)
 
 
-MAX_BACKLOG = 256  # unread events of a job after which its decode pauses
+MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
 
 
 class Busy(Exception):
@@ -123,12 +123,10 @@ class Job:
         return self.config.num_return_sequences
 
     @property
-    def batch_key(self) -> Optional[tuple]:
-        """Jobs with equal keys can share a decode (see Engine.fits); None: a stream, which decodes alone."""
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share a decode (see Engine.fits): the same way of picking tokens."""
         c = self.config
-        if self.stream:
-            return None
-        return (c.num_return_sequences, c.is_greedy, c.temperature, c.top_k, c.top_p)
+        return (c.is_greedy, c.temperature, c.top_k, c.top_p)
 
     @property
     def reproducible(self) -> bool:
@@ -149,13 +147,14 @@ class Batch:
 
 
 @torch.inference_mode()
-def decode_rows(model: Any, prompts: list[list[int]], config: GenerateConfig,
+def decode_rows(model: Any, rows: list[list[int]], config: GenerateConfig,
                 generators: Optional[list[torch.Generator]]) -> Iterator[torch.Tensor]:
-    """generate.decode_batch with a random generator per row, so that every job in a batch draws from its
-    own streams (decode_batch seeds all prompts alike); yields (B,) tokens per step up to the budget.
-    Stopping (end token, stop strings, each job's max_tokens) is the engine's business."""
-    prompts, budgets = prepare_prompts(model, prompts, config)
-    seqs = Sequences(model, [p for p in prompts for _ in range(config.num_return_sequences)], max(budgets))
+    """generate.decode_batch over one prompt per row (B rows) with a random generator per row, so that
+    every job in a batch draws from its own streams (decode_batch seeds all prompts alike and gives each
+    the same number of rows); yields (B,) tokens per step up to the budget. Stopping (end token, stop
+    strings, each job's max_tokens) is the engine's business."""
+    rows, budgets = prepare_prompts(model, rows, config)
+    seqs = Sequences(model, rows, max(budgets))
     plain = config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0
     for _ in range(max(budgets)):
         logits = seqs.next_logits(model)  # (B, V)
@@ -224,8 +223,8 @@ class Engine:
             self._active.extend(started)
             stepped = 0
             for batch in list(self._active):
-                if any(job.mailbox.backlog > MAX_BACKLOG and not job.cancelled for job in batch.jobs):
-                    continue  # its client reads slower than we generate: wait for it (memory stays bounded)
+                if all(job.mailbox.backlog > MAX_BACKLOG and not job.cancelled for job in batch.jobs):
+                    continue  # its clients read slower than we generate: wait for them (memory stays bounded)
                 self._step(batch)
                 stepped += 1
             if not stepped and not started:
@@ -241,23 +240,25 @@ class Engine:
                 job.emit("error", 504, "the request timed out while waiting for the model")
         while self._waiting and self._running < self.max_concurrency:
             group = [self._waiting.pop(0)]
-            if group[0].batch_key is not None:
-                for job in list(self._waiting):
-                    if self._running + len(group) >= self.max_concurrency:
-                        break
-                    if self.fits(group, job):
-                        self._waiting.remove(job)
-                        group.append(job)
-            spans = [range(i * group[0].n, (i + 1) * group[0].n) for i in range(len(group))]  # prompt-major rows
+            for job in list(self._waiting):
+                if self._running + len(group) >= self.max_concurrency:
+                    break
+                if self.fits(group, job):
+                    self._waiting.remove(job)
+                    group.append(job)
+            spans, row = [], 0
+            for job in group:  # the n rows of each job, one after the other
+                spans.append(range(row, row + job.n))
+                row += job.n
             self._running += len(group)
             batches.append(Batch(group, spans))
         return batches
 
     def fits(self, group: list[Job], job: Job) -> bool:
-        """Whether `job` can join the decode of `group`: the same options and n, room in the batch, and, for
-        a greedy or seeded job, a batch whose longest prompt plus new tokens fit in block_size (within the
-        window a padded row gets the tokens it gets alone; see generate's module docstring)."""
-        if job.batch_key != group[0].batch_key or (len(group) + 1) * job.n > self.max_batch_size:
+        """Whether `job` can join the decode of `group`: the same sampling options, room in the batch, and,
+        for a greedy or seeded job, a batch whose longest prompt plus new tokens fit in block_size (within
+        the window a padded row gets the tokens it gets alone; see generate's module docstring)."""
+        if job.batch_key != group[0].batch_key or sum(j.n for j in group) + job.n > self.max_batch_size:
             return False
         if not any(j.reproducible for j in group + [job]):
             return True
@@ -309,13 +310,14 @@ class Engine:
         for job in batch.jobs:
             job.choices = [Choice(self.tokenizer.stream_decoder()) for _ in range(job.n)]
         budget = max(job.config.max_new_tokens for job in batch.jobs)
-        config = replace(batch.jobs[0].config, max_new_tokens=budget)
+        config = replace(batch.jobs[0].config, max_new_tokens=budget, num_return_sequences=1)
         generators = None
         if not config.is_greedy:  # each job its own random streams: seeded as it would be alone, else fresh
             device = self.model.tok_emb.weight.device
             generators = [g for job in batch.jobs for g in row_generators(job.config, job.n, 1, device)]
         self.decodes += 1
-        return decode_rows(self.model, [job.prompt_ids for job in batch.jobs], config, generators)
+        rows = [job.prompt_ids for job in batch.jobs for _ in range(job.n)]
+        return decode_rows(self.model, rows, config, generators)
 
     def _take(self, batch: Batch, job: Job, tokens: list[int]) -> None:
         """One new token per continuation of `job`: decode, apply stop strings and the length cap."""
