@@ -334,3 +334,14 @@ def test_int8_and_bf16_decoding_stay_close_to_fp32():
             assert len(generate_ids(fast, [START, 5], max_new_tokens=8, seed=0)[0]) == 8
     with pytest.raises(ConfigError, match="quantize='int4'"):
         apply_inference_dtype(m, quantize="int4")
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_eager_tokens():
+    """apply_compile: one dynamic graph for prefill and every cache length; greedy tokens unchanged."""
+    m = model(block_size=64)
+    eager = generate_ids(m, [START, 7, 8], temperature=0.0, max_new_tokens=20)
+    gen = TextGenerator(m, TOKENIZER, compile=True)
+    assert generate_ids(gen.model, [START, 7, 8], temperature=0.0, max_new_tokens=20) == eager
+    assert generate_ids(gen.model, [START, 9], temperature=0.0, max_new_tokens=5) == \
+        generate_ids(m, [START, 9], temperature=0.0, max_new_tokens=5)
