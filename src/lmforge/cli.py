@@ -285,6 +285,8 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights for decoding (default: fp32)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights for the Linear layers (CPU): faster, "
                    "slightly different numbers")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first (tens of seconds; "
+                   "pays off over hundreds of tokens)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no-stream", action="store_true",
                    help="print the text when it is complete (several samples are never streamed)")
@@ -313,7 +315,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                    early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
                    stop_strings=args.stop, stop_token_ids=args.stop_token_id, seed=args.seed)
     GenerateConfig(num_return_sequences=args.num_return_sequences, **options)  # bad settings fail before loading
-    generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile)
     if args.no_stream or args.num_return_sequences > 1 or args.num_beams > 1:  # decoded together, as one batch
         samples = generator.generate(args.prompt, num_return_sequences=args.num_return_sequences, **options)
         samples = [samples] if isinstance(samples, str) else samples
