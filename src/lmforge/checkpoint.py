@@ -65,10 +65,11 @@ def fault_point(point: str, step: Optional[int] = None, rank: int = 0) -> Option
     equals `point` and its STEP / RANK (if given) equal `step` / `rank`. Actions:
       kill    SIGKILL this process right here (what a crash, an OOM kill or kill -9 does)
       enospc  raise OSError(ENOSPC), as a full disk would
-      nan     returned to the caller, which poisons the value it computes (point "loss")
+      nan     returned to the caller, which poisons the value it computes (points "loss" and "grad")
     Points: "save:<file>" after each file of a save is written, "save:manifest" after the manifest
     (before the rename that makes the checkpoint visible), "save:renamed" just after that rename,
-    "step" at the start of a training step (STEP = the step being taken), "loss" in a step's forward.
+    "step" at the start of a training step (STEP = the step being taken), "loss" in a step's forward,
+    "grad" after its backward. Example: LMFORGE_FAULT="save:optimizer.safetensors@5=kill,loss@9#1=nan".
     Returns the matching action (None when nothing matches: always, unless LMFORGE_FAULT is set).
     """
     rules = os.environ.get(FAULT_ENV)

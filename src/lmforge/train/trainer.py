@@ -362,6 +362,8 @@ class Trainer:
                 (loss * scale).backward()  # scale: 0-dim, a scalar argument on any device
             loss_sum += loss.detach()
             self.tokens_seen += x.numel() * self.dist.world_size
+        if fault_point("grad", self.step + 1, self.dist.rank) == "nan":  # tests only: one poisoned gradient
+            next(p for p in self.raw_model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
         return loss_sum, count
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
