@@ -10,6 +10,11 @@ on each other (ten times slower, for both libraries). Rounds alternate between t
 so load from other processes hits both alike; medians are reported, and one JSON summary at the end.
 Greedy outputs are compared token by token (same weights: the same tokens, up to float rounding in near ties).
 
+lmforge runs in variants (--variants): fp32 (the default, exact), int8 (weight-only int8 Linear layers,
+generate.apply_inference_dtype), int8-compile and fp32-compile (generate.apply_compile: torch.compile with
+dynamic shapes). A variant's first call (its warm-up: compilation for the -compile ones) is not timed but
+reported as warmup_s. Each variant's greedy tokens are compared with fp32's (agreement = identical prefix).
+
     python benchmarks/generate_speed.py            # both configs, a few minutes on 2 busy cores
     python benchmarks/generate_speed.py --quick    # one round, 100 tokens: a check that it runs
 """
@@ -17,6 +22,7 @@ Greedy outputs are compared token by token (same weights: the same tokens, up to
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -30,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from lmforge.config import ModelConfig  # noqa: E402
-from lmforge.generate import GenerateConfig, generate_ids  # noqa: E402
+from lmforge.generate import GenerateConfig, apply_compile, apply_inference_dtype, generate_ids  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 
@@ -39,6 +45,15 @@ CONFIGS = {
     "6l-384": dict(vocab_size=96, block_size=512, n_layer=6, n_head=6, n_embd=384),
 }
 MODES = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0, top_k=50)}
+VARIANTS = ("fp32", "int8", "int8-compile", "fp32-compile")
+
+
+def make_variant(model: GPT, variant: str) -> GPT:
+    """A copy of model prepared for decoding as `variant` says (fp32: the model itself)."""
+    if variant == "fp32":
+        return model
+    fast = apply_inference_dtype(copy.deepcopy(model), "fp32", "int8" if variant.startswith("int8") else None)
+    return apply_compile(fast) if variant.endswith("-compile") else fast
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both; 0 = torch's default")
     p.add_argument("--quick", action="store_true", help="1 round of 100 tokens: a check that it runs")
+    p.add_argument("--variants", default="fp32,int8,int8-compile", help=f"comma-separated lmforge variants from "
+                   f"{', '.join(VARIANTS)}")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     return p.parse_args(argv)
 
@@ -83,18 +100,22 @@ def hf_runner(model: torch.nn.Module, prompt: list[int], batch: int, new: int, m
     return run
 
 
-def alternate(runners: dict[str, Callable], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each runner, per round; rounds alternate the order."""
+def alternate(runners: dict[str, Callable], rounds: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """(seconds per call of each runner per round, seconds of each runner's untimed warm-up call);
+    rounds alternate the order."""
     names = list(runners)
-    for name in names:  # warm-up: allocator, oneDNN primitives
+    warmup = {}
+    for name in names:  # warm-up: allocator, oneDNN primitives, compilation
+        t0 = time.perf_counter()
         runners[name]()
+        warmup[name] = time.perf_counter() - t0
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
             runners[name]()
             seconds[name].append(time.perf_counter() - t0)
-    return seconds
+    return seconds, warmup
 
 
 def compare(name: str, args: argparse.Namespace) -> dict:
@@ -104,24 +125,39 @@ def compare(name: str, args: argparse.Namespace) -> dict:
     new = args.new_tokens
     greedy_ours = lmforge_runner(ours, prompt, 1, new, MODES["greedy"])()[0]
     greedy_hf = hf_runner(hf, prompt, 1, new, MODES["greedy"])()[0]
-    agree = next((i for i, (a, b) in enumerate(zip(greedy_ours, greedy_hf)) if a != b), len(greedy_ours))
+    agree = first_difference(greedy_ours, greedy_hf)
     out = {"config": CONFIGS[name], "params": sum(p.numel() for p in ours.parameters()),
-           "greedy_tokens_identical_prefix": agree, "new_tokens": new, "results": {}}
+           "greedy_tokens_identical_prefix": agree, "new_tokens": new, "variants": {}, "results": {}}
     print(f"[{name}] greedy outputs agree on the first {agree} of {new} tokens", flush=True)
+    variants = {v: make_variant(ours, v) for v in args.variants.split(",")}
+    for v, model in variants.items():
+        t0 = time.perf_counter()
+        tokens = lmforge_runner(model, prompt, 1, new, MODES["greedy"])()[0]
+        out["variants"][v] = {"first_call_s": round(time.perf_counter() - t0, 1),
+                              "greedy_identical_prefix_vs_fp32": first_difference(tokens, greedy_ours)}
+        print(f"[{name}] {v}: first call {out['variants'][v]['first_call_s']} s, greedy tokens equal fp32's for "
+              f"the first {out['variants'][v]['greedy_identical_prefix_vs_fp32']} of {new}", flush=True)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         for mode_name, mode in MODES.items():
-            secs = alternate({"lmforge": lmforge_runner(ours, prompt, batch, new, mode),
-                              "hf": hf_runner(hf, prompt, batch, new, mode)}, args.rounds)
-            ratios = [h / o for o, h in zip(secs["lmforge"], secs["hf"])]
-            ours_tps = batch * new / statistics.median(secs["lmforge"])
+            runners = {v: lmforge_runner(model, prompt, batch, new, mode) for v, model in variants.items()}
+            secs, warmup = alternate({**runners, "hf": hf_runner(hf, prompt, batch, new, mode)}, args.rounds)
             hf_tps = batch * new / statistics.median(secs["hf"])
             key = f"batch{batch}-{mode_name}"
-            out["results"][key] = {"lmforge_tokens_per_s": round(ours_tps, 1), "hf_tokens_per_s": round(hf_tps, 1),
-                                   "ratio": round(statistics.median(ratios), 2),
-                                   "ratio_min": round(min(ratios), 2), "ratio_max": round(max(ratios), 2)}
-            print(f"[{name}] {key:>15}: lmforge {ours_tps:8,.0f} tok/s   HF {hf_tps:8,.0f} tok/s   "
-                  f"ratio {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})", flush=True)
+            result = out["results"][key] = {"hf_tokens_per_s": round(hf_tps, 1)}
+            for v in variants:
+                ratios = [h / o for o, h in zip(secs[v], secs["hf"])]
+                tps = batch * new / statistics.median(secs[v])
+                result[v] = {"tokens_per_s": round(tps, 1), "ratio": round(statistics.median(ratios), 2),
+                             "ratio_min": round(min(ratios), 2), "ratio_max": round(max(ratios), 2),
+                             "warmup_s": round(warmup[v], 2)}
+                print(f"[{name}] {key:>15} {v:>13}: lmforge {tps:8,.0f} tok/s   HF {hf_tps:8,.0f} tok/s   "
+                      f"ratio {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})", flush=True)
     return out
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main(argv: list[str] | None = None) -> dict:
