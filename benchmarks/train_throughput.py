@@ -81,7 +81,7 @@ def make_step(model: torch.nn.Module, hf: bool, bf16: bool,
     `forward` is what computes the logits (default `model`; e.g. torch.compile(model) shares its parameters).
     """
     optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
-    forward = forward or model
+    forward = model if forward is None else forward
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
