@@ -345,3 +345,15 @@ def test_compiled_decoding_gives_the_eager_tokens():
     assert generate_ids(gen.model, [START, 7, 8], temperature=0.0, max_new_tokens=20) == eager
     assert generate_ids(gen.model, [START, 9], temperature=0.0, max_new_tokens=5) == \
         generate_ids(m, [START, 9], temperature=0.0, max_new_tokens=5)
+
+
+def test_complete_reports_tokens_and_why_each_sequence_ended():
+    gen = TextGenerator(model(block_size=64), TOKENIZER)
+    free = gen.complete(["ab"], max_new_tokens=30, seed=11, top_k=5)[0][0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 30 and free.prompt_tokens == 3
+    assert free.text == TOKENIZER.decode(free.token_ids) == gen.generate("ab", max_new_tokens=30, seed=11, top_k=5)
+    stopped = gen.complete(["ab"], max_new_tokens=30, seed=11, top_k=5, stop_strings=[free.text[8:10]])[0][0]
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[:free.text.find(free.text[8:10])]
+    ended = gen.complete(["ab"], max_new_tokens=30, seed=11, top_k=5, stop_token_ids=[free.token_ids[4]])[0][0]
+    assert ended.finish_reason == "stop" and ended.token_ids == free.token_ids[:free.token_ids.index(free.token_ids[4])]
+    assert gen.complete([]) == []

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -425,6 +425,8 @@ def generate_batch_ids(model: GPT, prompts: Sequence[Sequence[int]], config: Opt
     tokenizer (they end generation; cutting the text at them is left to the caller: see generate)."""
     config = config or GenerateConfig(**kwargs)
     end_ids = config.end_ids(end_id)
+    if not prompts:
+        return []
     if config.num_beams > 1:
         return beam_search(model, prompts, config, end_ids)
     with warnings.catch_warnings():  # a cropped prompt is reported once, by the decoding below
@@ -458,6 +460,37 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return start + tokenizer.encode(prompt)
 
 
+class Completion(NamedTuple):
+    """One generated continuation, with what a server reports about it."""
+
+    text: str  # the new text, ending before a stop string
+    token_ids: list[int]  # the new tokens, without an end token
+    finish_reason: str  # "stop" (end token, stop token id or stop string) or "length" (the budget ran out)
+    prompt_tokens: int  # tokens of the prompt as the model saw it (<START> included, after cropping)
+
+
+def complete(model: GPT, tokenizer: Any, prompts: Sequence[str], config: Optional[GenerateConfig] = None,
+             **kwargs: Any) -> list[list[Completion]]:
+    """The num_return_sequences Completions of each prompt, all decoded as one batch: [prompt][sequence]."""
+    config = config or GenerateConfig(**kwargs)
+    if not prompts:
+        return []
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    ids = generate_batch_ids(model, encoded, config, tokenizer.end_id, tokenizer)
+    out = []
+    for prompt, rows in zip(encoded, ids):
+        n_prompt = min(len(prompt), model.config.block_size)
+        budget = config.new_tokens(n_prompt)
+        completions = []
+        for row in rows:
+            text = tokenizer.decode(row)
+            cut = cut_at_stop_string(text, config.stop_strings)
+            reason = "stop" if len(row) < budget or len(cut) < len(text) else "length"
+            completions.append(Completion(cut, row, reason, n_prompt))
+        out.append(completions)
+    return out
+
+
 def generate(model: GPT, tokenizer: Any, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,
              **kwargs: Any) -> Union[str, list[str], list[list[str]]]:
     """The continuation of `prompt` (the new text only, ending before a stop string).
@@ -467,12 +500,9 @@ def generate(model: GPT, tokenizer: Any, prompt: Union[str, Sequence[str]], conf
     """
     config = config or GenerateConfig(**kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        return []
-    ids = generate_batch_ids(model, [prompt_ids(tokenizer, p) for p in prompts], config, tokenizer.end_id, tokenizer)
     out: list = []
-    for rows in ids:
-        texts = [cut_at_stop_string(tokenizer.decode(row), config.stop_strings) for row in rows]
+    for rows in complete(model, tokenizer, prompts, config):
+        texts = [c.text for c in rows]
         out.append(texts[0] if config.num_return_sequences == 1 else texts)
     return out[0] if isinstance(prompt, str) else out
 
@@ -597,6 +627,10 @@ class TextGenerator:
     def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
         """Text pieces of one continuation as they are generated; kwargs are GenerateConfig fields."""
         return stream(self.model, self.tokenizer, prompt, **kwargs)
+
+    def complete(self, prompts: Sequence[str], **kwargs: Any) -> list[list[Completion]]:
+        """Completion(text, token_ids, finish_reason, prompt_tokens) per prompt and sequence, as one batch."""
+        return complete(self.model, self.tokenizer, prompts, **kwargs)
 
 
 def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional[str] = None,
