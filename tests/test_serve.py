@@ -140,6 +140,17 @@ def test_health_models_and_a_completion(client):
     assert out["choices"][0]["text"] != out["choices"][1]["text"]  # two samples, not one twice
 
 
+def test_openai_fields_at_their_neutral_values_and_vllm_extras_are_accepted(client):
+    neutral = dict(frequency_penalty=0, presence_penalty=0.0, best_of=1, logprobs=None, echo=False, logit_bias={},
+                   suffix=None, user="me")
+    plain = complete(client, prompt="ab", max_tokens=6, seed=2)["choices"][0]["text"]
+    assert complete(client, prompt="ab", max_tokens=6, seed=2, **neutral)["choices"][0]["text"] == plain
+    penalized = complete(client, prompt="ab", max_tokens=30, temperature=0, repetition_penalty=50.0, top_k=5,
+                         min_p=0.01)["choices"][0]["text"]
+    chars = penalized.replace("\ufffd", "")  # (a byte that is no UTF-8 character on its own)
+    assert len(set(chars)) == len(chars)  # such a penalty never repeats a (byte) token
+
+
 def test_prompt_list_and_n_give_one_choice_per_prompt_and_sample(client):
     out = complete(client, prompt=["ab", "xyz"], max_tokens=5, n=2, temperature=0)
     assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
@@ -206,7 +217,8 @@ def test_streaming_with_usage_and_several_choices(client):
 
 # ------------------------------------------------------------------------------------------ the limits
 BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the message)
-    ("unknown-field", {"prompt": "x", "logit_bias": {}}, 422, "unknown field 'logit_bias'"),
+    ("unknown-field", {"prompt": "x", "best_off": 2}, 422, "unknown field 'best_off'"),
+    ("unsupported-field", {"prompt": "x", "logprobs": 3}, 422, "logprobs=3 is not supported"),
     ("malformed-json", b'{"prompt": "x",', 422, "not valid JSON"),
     ("not-an-object", b'[1, 2]', 422, "body"),
     ("prompt-wrong-type", {"prompt": 3}, 422, "prompt"),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import secrets
 import time
 import uuid
@@ -45,7 +44,8 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions: OpenAI's fields that lmforge can honour (and top_k); nothing else."""
+    """The body of POST /v1/completions: OpenAI's fields (those lmforge cannot honour only at their neutral
+    value, see UNSUPPORTED), plus top_k, min_p and repetition_penalty as vLLM has them; nothing else."""
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
@@ -54,12 +54,26 @@ class CompletionRequest(BaseModel):
     temperature: Optional[float] = Field(1.0, ge=0.0, le=100.0)
     top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
     top_k: Optional[StrictInt] = Field(None, ge=1)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=100.0)
     n: Optional[StrictInt] = Field(1, ge=1)
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # accepted for compatibility, unused
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    best_of: Optional[StrictInt] = None
+    logprobs: Optional[StrictInt] = None
+    echo: Optional[StrictBool] = None
+    logit_bias: Optional[dict[str, float]] = None
+    suffix: Optional[str] = None
+
+
+# OpenAI fields that clients (LangChain, ...) send at their neutral value: accepted only at that value
+UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "best_of": 1, "logprobs": None, "echo": False,
+               "logit_bias": {}, "suffix": None}
 
 
 class ApiError(Exception):
@@ -92,7 +106,8 @@ def _validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
     loc = [x for x in loc if "[" not in x and x not in ("str", "int", "float", "bool")]  # union member tags
     field = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
-        return f"unknown field {field!r}: /v1/completions takes {', '.join(CompletionRequest.model_fields)}", field
+        known = [f for f in CompletionRequest.model_fields if f not in UNSUPPORTED]
+        return f"unknown field {field!r}: /v1/completions takes {', '.join(known)}", field
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
     if first.get("type") == "missing" and field is None:
@@ -201,7 +216,7 @@ def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, m
         try:
             engine.submit(jobs)
         except Busy as e:
-            retry = max(1, math.ceil(config.timeout / 10))
+            retry = 1
             raise ApiError(429, f"the server is at capacity ({e}); retry after {retry} s", headers={
                 "Retry-After": str(retry)})
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
@@ -254,9 +269,15 @@ def _jobs_for(body: CompletionRequest, generator: TextGenerator, config: ServeCo
         if len(s) > config.max_stop_chars:
             raise ApiError(422, f"a stop sequence of {len(s)} characters; at most {config.max_stop_chars} "
                            "(serve.max_stop_chars)", "stop")
+    for name, neutral in UNSUPPORTED.items():
+        value = getattr(body, name)
+        if value is not None and value != neutral:
+            raise ApiError(422, f"{name}={value!r} is not supported by lmforge serve (leave it out, or "
+                           f"{json.dumps(neutral)})", name)
     temperature = 1.0 if body.temperature is None else body.temperature
     options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
                              top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
+                             min_p=body.min_p, repetition_penalty=body.repetition_penalty or 1.0,
                              seed=body.seed, num_return_sequences=n)
     mailbox = Mailbox(asyncio.get_running_loop())
     deadline = time.monotonic() + config.timeout

@@ -126,7 +126,7 @@ class Job:
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share a decode (see Engine.fits): the same way of picking tokens."""
         c = self.config
-        return (c.is_greedy, c.temperature, c.top_k, c.top_p)
+        return (c.is_greedy, c.temperature, c.top_k, c.top_p, c.min_p, c.repetition_penalty)
 
     @property
     def reproducible(self) -> bool:
