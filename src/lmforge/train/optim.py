@@ -42,10 +42,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `model`'s trainable parameters, fused on CUDA (one kernel for all tensors), foreach elsewhere."""
+    """AdamW over `model`'s trainable parameters, fused (one kernel for all tensors) on CUDA and the CPU, foreach elsewhere.
+
+    On the CPU, foreach falls back to a loop of per-tensor ops: fused is 7-20x faster there (a third of a
+    char-small step; benchmarks/train_throughput.py)."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, optim.weight_decay)]
     groups = [g for g in groups if g["params"]]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, **fast)
 
 
