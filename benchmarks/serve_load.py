@@ -54,6 +54,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-concurrency", type=int, default=16, help="the server's --max-concurrency")
     p.add_argument("--max-queue", type=int, default=24, help="the server's --max-queue")
     p.add_argument("--max-batch-size", type=int, default=32, help="the server's --max-batch-size")
+    p.add_argument("--max-decodes", type=int, default=4, help="the server's --max-decodes")
     p.add_argument("--batch-requests", type=int, default=200, help="requests per round of the batching check; 0 = skip")
     p.add_argument("--batch-rounds", type=int, default=3, help="alternating rounds of the batching check (default: 3)")
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads (default: 1)")
@@ -97,7 +98,7 @@ class Server:
         cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(checkpoint), "--port", str(self.port),
                "--device", "cpu", "--threads", str(args.threads), "--log-level", "warning",
                "--max-concurrency", str(args.max_concurrency), "--max-queue", str(args.max_queue),
-               "--max-batch-size", str(max_batch_size), "--max-tokens", "64", "--max-body-bytes", "16384",
+               "--max-batch-size", str(max_batch_size), "--max-decodes", str(args.max_decodes), "--max-tokens", "64", "--max-body-bytes", "16384",
                "--max-prompt-tokens", "200", "--timeout", "120"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -279,7 +280,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             code = server.stop()
         summary = {"benchmark": "serve_load", "checkpoint": args.checkpoint or "tiny random (4x128, byte)",
                    "concurrency": args.concurrency, "server": {"max_concurrency": args.max_concurrency,
-                   "max_queue": args.max_queue, "max_batch_size": args.max_batch_size, "threads": args.threads},
+                   "max_queue": args.max_queue, "max_batch_size": args.max_batch_size, "max_decodes": args.max_decodes,
+                   "threads": args.threads},
                    **summarize(results, seconds),
                    "server_alive_after": alive, "server_exit_code": code, "server_stats": stats,
                    "rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1),

@@ -171,7 +171,8 @@ def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, m
     if max_prompt_tokens > block_size:
         raise ConfigError(f"serve.max_prompt_tokens={max_prompt_tokens} is larger than the model's block_size="
                           f"{block_size}; use at most {block_size}")
-    engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size)
+    engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size, config.max_decodes,
+                    config.batch_wait)
     created = int(time.time())
 
     @asynccontextmanager

@@ -28,11 +28,14 @@ class ServeConfig:
     max_concurrency: int = doc("Prompts in generation at once (a micro-batch counts each of its prompts).", 16)
     max_queue: int = doc("Prompts waiting for a place in generation; beyond that -> 429 with Retry-After.", 64)
     max_batch_size: int = doc("Most sequences in one batched decode (1 = no micro-batching).", 32)
+    max_decodes: int = doc("Batched decodes run in turn; when all are busy a request waits up to batch_wait "
+                           "to join the next batch.", 4)
+    batch_wait: float = doc("Seconds a request may wait for a batch to join when max_decodes run.", 0.05)
     timeout: float = doc("Seconds a request may take, waiting included; past that -> 504.", 60.0)
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_tokens", "max_n", "max_prompts", "max_stop_chars", "max_concurrency",
-                     "max_batch_size"):
+                     "max_batch_size", "max_decodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"serve.{name}={value!r} is invalid: a positive integer")
@@ -43,6 +46,8 @@ class ServeConfig:
         if self.max_prompt_tokens is not None and (not isinstance(self.max_prompt_tokens, int)
                                                    or self.max_prompt_tokens < 1):
             raise ConfigError(f"serve.max_prompt_tokens={self.max_prompt_tokens!r} is invalid: a positive integer or null")
+        if not self.batch_wait >= 0:
+            raise ConfigError(f"serve.batch_wait={self.batch_wait!r} is invalid: 0 or more seconds")
         if not self.timeout > 0:
             raise ConfigError(f"serve.timeout={self.timeout!r} is invalid: a positive number of seconds")
         if self.api_key is not None and not self.api_key.strip():

@@ -1,7 +1,9 @@
 """The model worker: one thread owns the model and decodes every request, so the event loop never waits on torch.
 
 A request becomes one Job per prompt (each with n continuations). Each turn of the worker loop
-  1. admits waiting jobs while fewer than max_concurrency are in generation; jobs with the same
+  1. admits waiting jobs while fewer than max_concurrency are in generation (and, once max_decodes
+     decodes run, only jobs that have waited batch_wait seconds, so that jobs arriving one by one
+     gather into batches instead of each starting a decode of its own); jobs with the same
      sampling options (prompts of any length, left-padded as in generate.decode_batch; any n; streaming
      or not) are merged into one batched decode, a micro-batch, of at most max_batch_size sequences:
      one forward pass per step serves them all (Engine.fits says which may join), while each job
@@ -113,6 +115,7 @@ class Job:
     first_index: int = 0
     choices: list[Choice] = field(default_factory=list)
     cancelled: bool = False
+    queued_at: float = 0.0           # time.monotonic() when submitted
 
     def cancel(self) -> None:
         """Ask the worker to drop this job before its next step (thread-safe: a flag the worker reads)."""
@@ -167,10 +170,11 @@ def decode_rows(model: Any, rows: list[list[int]], config: GenerateConfig,
 class Engine:
     """Runs all generation on one worker thread; `submit` is called from the event loop."""
 
-    def __init__(self, generator: TextGenerator, max_concurrency: int = 8, max_queue: int = 64,
-                 max_batch_size: int = 32) -> None:
+    def __init__(self, generator: TextGenerator, max_concurrency: int = 16, max_queue: int = 64,
+                 max_batch_size: int = 32, max_decodes: int = 4, batch_wait: float = 0.05) -> None:
         self.model, self.tokenizer = generator.model, generator.tokenizer
         self.max_concurrency, self.max_queue, self.max_batch_size = max_concurrency, max_queue, max_batch_size
+        self.max_decodes, self.batch_wait = max_decodes, batch_wait
         self._lock = threading.Condition()
         self._waiting: list[Job] = []
         self._running = 0                 # jobs in active decodes
@@ -201,6 +205,9 @@ class Engine:
             free = self.max_concurrency + self.max_queue - self._running - len(self._waiting)
             if len(jobs) > free:
                 raise Busy(f"{self._running} requests in generation and {len(self._waiting)} waiting")
+            now = time.monotonic()
+            for job in jobs:
+                job.queued_at = now
             self._waiting.extend(jobs)
             self._lock.notify()
 
@@ -239,6 +246,9 @@ class Engine:
             if not job.cancelled:
                 job.emit("error", 504, "the request timed out while waiting for the model")
         while self._waiting and self._running < self.max_concurrency:
+            if (len(self._active) + len(batches) >= self.max_decodes
+                    and now - self._waiting[0].queued_at < self.batch_wait):
+                break  # enough decodes run: let waiting jobs gather into a bigger batch for a while
             group = [self._waiting.pop(0)]
             for job in list(self._waiting):
                 if self._running + len(group) >= self.max_concurrency:
