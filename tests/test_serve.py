@@ -386,8 +386,42 @@ def test_compatible_requests_share_one_decode(run_dir):
     assert text["stream"] == [generator.generate("st", max_new_tokens=8, temperature=0.0)]
 
 
+def test_requests_arriving_while_the_decodes_are_busy_gather_into_one_batch(run_dir):
+    generator = load(str(run_dir), device="cpu")
+    engine = Engine(generator, max_decodes=1, batch_wait=30.0)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+
+        def job(prompt, tokens):
+            ids = [generator.tokenizer.start_id] + generator.tokenizer.encode(prompt)
+            return Job(ids, GenerateConfig(max_new_tokens=tokens), (), False, time.monotonic() + 60, Mailbox(loop))
+
+        first = job("first", 300)
+        engine.submit([first])
+        engine.start()
+        while engine.stats()["generated_tokens"] == 0:
+            await asyncio.sleep(0.01)
+        later = [job(p, 5) for p in ("a", "bb", "ccc")]
+        for j in later:  # one by one, as separate requests
+            engine.submit([j])
+            await asyncio.sleep(0.01)
+        assert engine.stats()["waiting"] == 3  # the one decode is busy: they wait for it
+        for j in [first] + later:
+            while (await j.mailbox.get(60))[0] != "done":
+                pass
+        return first, later
+
+    try:
+        first, later = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.decodes == 2 and first.choices[0].tokens == 300 and all(j.choices[0].tokens == 5 for j in later)
+
+
 def test_bad_serve_configs_are_one_line_errors(run_dir):
     for kwargs, words in [({"max_n": 0}, "serve.max_n"), ({"timeout": 0}, "serve.timeout"),
+                          ({"max_prompts": 100}, "serve.max_prompts"), ({"batch_wait": -1}, "serve.batch_wait"),
                           ({"max_queue": -1}, "serve.max_queue"), ({"api_key": " "}, "api_key")]:
         with pytest.raises(ConfigError, match=words):
             ServeConfig(**kwargs)

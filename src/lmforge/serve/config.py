@@ -46,6 +46,9 @@ class ServeConfig:
         if self.max_prompt_tokens is not None and (not isinstance(self.max_prompt_tokens, int)
                                                    or self.max_prompt_tokens < 1):
             raise ConfigError(f"serve.max_prompt_tokens={self.max_prompt_tokens!r} is invalid: a positive integer or null")
+        if self.max_prompts > self.max_concurrency + self.max_queue:
+            raise ConfigError(f"serve.max_prompts={self.max_prompts} is more than max_concurrency + max_queue = "
+                              f"{self.max_concurrency + self.max_queue}: such a request could never be taken; lower it")
         if not self.batch_wait >= 0:
             raise ConfigError(f"serve.batch_wait={self.batch_wait!r} is invalid: 0 or more seconds")
         if not self.timeout > 0:
