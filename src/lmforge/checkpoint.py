@@ -64,6 +64,7 @@ def fault_point(point: str, step: Optional[int] = None, rank: int = 0) -> Option
     LMFORGE_FAULT holds comma-separated rules ``POINT[@STEP][#RANK]=ACTION``; a rule matches when POINT
     equals `point` and its STEP / RANK (if given) equal `step` / `rank`. Actions:
       kill    SIGKILL this process right here (what a crash, an OOM kill or kill -9 does)
+      freeze  SIGSTOP this process: it hangs with its connections open (a stuck peer)
       enospc  raise OSError(ENOSPC), as a full disk would
       nan     returned to the caller, which poisons the value it computes (points "loss" and "grad")
     Points: "save:<file>" after each file of a save is written, "save:manifest" after the manifest
@@ -84,6 +85,8 @@ def fault_point(point: str, step: Optional[int] = None, rank: int = 0) -> Option
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "freeze":  # alive but unresponsive, as a hung peer is (SIGCONT or SIGKILL ends it)
+            os.kill(os.getpid(), signal.SIGSTOP)
         if action == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected by {FAULT_ENV} at {point})")
         return action

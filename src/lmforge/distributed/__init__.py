@@ -10,13 +10,19 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
+
+
+class PeerFailure(LmforgeError):
+    """Another process of a distributed job died or stopped answering within train.dist_timeout. Exit code 4."""
+
+    exit_code = 4
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,20 @@ def setup_distributed(device: torch.device, timeout_s: float = 60.0) -> DistInfo
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size)
+
+
+def as_peer_failure(error: BaseException) -> Optional[PeerFailure]:
+    """A one-line PeerFailure for an error a collective raised because another process died or hung, else None."""
+    if not (dist.is_available() and dist.is_initialized()) or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    signs = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe",
+             "NCCL communicator was aborted", "Socket Timeout")
+    if not (isinstance(error, dist.DistError) or any(s in text for s in signs)):
+        return None
+    detail = " ".join(text.split())[:200]
+    return PeerFailure(f"another process of this job (rank {dist.get_rank()} of {dist.get_world_size()}) died or stopped "
+                       f"answering ({detail}); restart the whole job with --resume auto")
 
 
 def teardown_distributed() -> None:

@@ -39,14 +39,14 @@ import torch
 import yaml
 from torch import nn
 
-from lmforge.checkpoint import (capture_rng, check_free_space, checkpoint_bytes, clean_interrupted_saves,
-                                complete_checkpoints, fault_point, latest_checkpoint, load_training_state,
-                                prune_checkpoints, read_run_config, resolve_checkpoint, restore_rng,
-                                save_checkpoint, verify_checkpoint)
+from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, checkpoint_bytes, checkpoint_name,
+                                clean_interrupted_saves, complete_checkpoints, fault_point, latest_checkpoint,
+                                load_training_state, prune_checkpoints, read_run_config, resolve_checkpoint,
+                                restore_rng, save_checkpoint, verify_checkpoint)
 from lmforge.config import ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
-from lmforge.distributed import (DistInfo, all_reduce_sum, barrier, apply_compile, apply_ddp, gather_objects,
-                                 resolve_device, setup_distributed, teardown_distributed, unwrap)
+from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, as_peer_failure, barrier,
+                                 gather_objects, resolve_device, setup_distributed, teardown_distributed, unwrap)
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.train.guard import NonFiniteStop, StepGuard
@@ -458,6 +458,8 @@ class Trainer:
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
                                                    self.config, state, self.tokenizer_file)
             prune_checkpoints(self.run_dir, self.config.train.keep_last)
+        else:  # where rank 0 writes it
+            self.last_checkpoint = self.run_dir / CHECKPOINTS / checkpoint_name(self.step)
 
     def restore(self) -> None:
         """Continue from a checkpoint per train.resume: none | auto (newest intact one, if any) | PATH.
@@ -576,5 +578,10 @@ def train(config: RunConfig) -> dict[str, Any]:
     """Train `config` (one process, or every process under torchrun) and return Trainer.fit()'s summary."""
     try:
         return Trainer(config).fit()
+    except RuntimeError as e:
+        failure = as_peer_failure(e)  # a collective that failed because another process died or hung
+        if failure is None:
+            raise
+        raise failure from None
     finally:
         teardown_distributed()
