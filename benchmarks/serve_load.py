@@ -8,7 +8,8 @@ Starts `lmforge serve` in a process of its own (a tiny random model with the byt
     invalid    an unknown field, a max_tokens over the cap, malformed JSON, a prompt over the cap (-> 422)
 More clients than the server's --max-concurrency + --max-queue, so some answers are 429 (with Retry-After).
 Every answer must be 200, 413, 422 or 429: the script exits 1 on any other (a 5xx), or if the server
-died or its memory grew by more than --max-rss-growth-mb (RSS before the run, after a warm-up, and after).
+died or its memory grew by more than --max-rss-growth-mb (RSS before the run, after a warm-up, and after;
+then the same load again, whose RSS growth shows whether memory keeps growing).
 
 Then the micro-batching check: the same --batch-requests valid non-streaming requests (max_tokens 32) from
 --max-concurrency clients against the server as configured and against one started with --max-batch-size 1
@@ -60,6 +61,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads (default: 1)")
     p.add_argument("--max-rss-growth-mb", type=float, default=200.0, help="fail if RSS grows more (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
+    p.add_argument("--again", type=int, default=1, help="1: send the whole load a second time (RSS after both)")
     p.add_argument("--json-out", help="also write the JSON summary to this file")
     return p.parse_args(argv)
 
@@ -273,6 +275,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             rss_before = server.rss_mb()
             results, seconds = asyncio.run(run_load(server.url, requests, args.concurrency))
             rss_after = server.rss_mb()
+            rss_again = None
+            if args.again:  # the same load once more: memory that keeps growing would be a leak
+                more, more_seconds = asyncio.run(run_load(server.url, requests, args.concurrency))
+                rss_again = round(server.rss_mb(), 1)
+                more_unexpected = sum(1 for r in more if r[1] not in ALLOWED)
             health = httpx.get(server.url + "/health", timeout=5)
             alive = health.status_code == 200 and server.proc.poll() is None
             stats = health.json()
@@ -286,6 +293,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "server_alive_after": alive, "server_exit_code": code, "server_stats": stats,
                    "rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1),
                               "growth": round(rss_after - rss_before, 1)}}
+        if rss_again is not None:
+            summary["again"] = {"unexpected": more_unexpected, "seconds": round(more_seconds, 2),
+                                "rss_mb_after": rss_again, "rss_mb_growth_over_first_run": round(rss_again - rss_after, 1)}
+            summary["unexpected"] += more_unexpected
         if args.batch_requests:
             summary["batching"] = batching_check(checkpoint, args, tmp)
     print(json.dumps(summary, indent=2))
