@@ -276,7 +276,8 @@ def test_api_key_guards_every_endpoint_but_health(run_dir):
 
 
 def test_a_full_server_answers_429_with_retry_after_and_recovers(run_dir):
-    app = load_app(str(run_dir), ServeConfig(max_concurrency=1, max_queue=1, max_tokens=100_000), device="cpu")
+    app = load_app(str(run_dir), ServeConfig(max_concurrency=1, max_queue=1, max_prompts=2, max_tokens=100_000),
+                   device="cpu")
     long = {"prompt": "x", "max_tokens": 100_000, "stream": True}
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json=long) as running_one:

@@ -25,7 +25,7 @@ class ServeConfig:
     max_prompts: int = doc("Most prompts in one request (prompt given as a list).", 16)
     max_stop: int = doc("Most stop sequences in one request.", 4)
     max_stop_chars: int = doc("Longest stop sequence (characters).", 64)
-    max_concurrency: int = doc("Prompts in generation at once (a micro-batch counts each of its prompts).", 16)
+    max_concurrency: int = doc("Prompts in generation at once (a micro-batch counts each of its prompts).", 32)
     max_queue: int = doc("Prompts waiting for a place in generation; beyond that -> 429 with Retry-After.", 64)
     max_batch_size: int = doc("Most sequences in one batched decode (1 = no micro-batching).", 32)
     max_decodes: int = doc("Batched decodes run in turn; when all are busy a request waits up to batch_wait "

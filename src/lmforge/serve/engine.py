@@ -170,7 +170,7 @@ def decode_rows(model: Any, rows: list[list[int]], config: GenerateConfig,
 class Engine:
     """Runs all generation on one worker thread; `submit` is called from the event loop."""
 
-    def __init__(self, generator: TextGenerator, max_concurrency: int = 16, max_queue: int = 64,
+    def __init__(self, generator: TextGenerator, max_concurrency: int = 32, max_queue: int = 64,
                  max_batch_size: int = 32, max_decodes: int = 4, batch_wait: float = 0.05) -> None:
         self.model, self.tokenizer = generator.model, generator.tokenizer
         self.max_concurrency, self.max_queue, self.max_batch_size = max_concurrency, max_queue, max_batch_size
