@@ -13,7 +13,9 @@ Greedy outputs are compared token by token (same weights: the same tokens, up to
 lmforge runs in variants (--variants): fp32 (the default, exact), int8 (weight-only int8 Linear layers,
 generate.apply_inference_dtype), int8-compile and fp32-compile (generate.apply_compile: torch.compile with
 dynamic shapes). A variant's first call (its warm-up: compilation for the -compile ones) is not timed but
-reported as warmup_s. Each variant's greedy tokens are compared with fp32's (agreement = identical prefix).
+reported as warmup_s. Each variant's greedy tokens are compared with fp32's (agreement = identical prefix),
+and an uncompiled variant's logits over 256 random tokens with fp32's (largest difference relative to the
+largest logit, and how often the top token is the same).
 
     python benchmarks/generate_speed.py            # both configs, a few minutes on 2 busy cores
     python benchmarks/generate_speed.py --quick    # one round, 100 tokens: a check that it runs
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both; 0 = torch's default")
     p.add_argument("--quick", action="store_true", help="1 round of 100 tokens: a check that it runs")
-    p.add_argument("--variants", default="fp32,int8,int8-compile", help=f"comma-separated lmforge variants from "
+    p.add_argument("--variants", default="fp32,fp32-compile,int8,int8-compile", help=f"comma-separated lmforge variants from "
                    f"{', '.join(VARIANTS)}")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     return p.parse_args(argv)
@@ -135,8 +137,9 @@ def compare(name: str, args: argparse.Namespace) -> dict:
         tokens = lmforge_runner(model, prompt, 1, new, MODES["greedy"])()[0]
         out["variants"][v] = {"first_call_s": round(time.perf_counter() - t0, 1),
                               "greedy_identical_prefix_vs_fp32": first_difference(tokens, greedy_ours)}
-        print(f"[{name}] {v}: first call {out['variants'][v]['first_call_s']} s, greedy tokens equal fp32's for "
-              f"the first {out['variants'][v]['greedy_identical_prefix_vs_fp32']} of {new}", flush=True)
+        if not v.endswith("-compile"):
+            out["variants"][v].update(logits_vs_fp32(model, ours))
+        print(f"[{name}] {v}: {out['variants'][v]}", flush=True)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         for mode_name, mode in MODES.items():
             runners = {v: lmforge_runner(model, prompt, batch, new, mode) for v, model in variants.items()}
@@ -153,6 +156,15 @@ def compare(name: str, args: argparse.Namespace) -> dict:
                 print(f"[{name}] {key:>15} {v:>13}: lmforge {tps:8,.0f} tok/s   HF {hf_tps:8,.0f} tok/s   "
                       f"ratio {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})", flush=True)
     return out
+
+
+@torch.inference_mode()
+def logits_vs_fp32(model: GPT, exact: GPT, length: int = 256) -> dict:
+    """How far model's logits are from exact's over `length` random tokens (one sequence)."""
+    idx = torch.randint(0, exact.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    ours, reference = model(idx).float(), exact(idx)
+    return {"logits_max_rel_diff_vs_fp32": round(float((ours - reference).abs().max() / reference.abs().max()), 5),
+            "top1_agreement_vs_fp32": round(float((ours.argmax(-1) == reference.argmax(-1)).float().mean()), 4)}
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
