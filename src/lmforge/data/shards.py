@@ -71,16 +71,23 @@ def read_manifest(data_dir: str | Path) -> dict:
         raise DataError(f"{path} does not exist: {data_dir} is not a prepared dataset, run `lmforge prepare` first")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} cannot be read as JSON ({e}): re-run `lmforge prepare --force`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"{path} cannot be read as JSON ({type(e).__name__}): re-run `lmforge prepare --force`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path} is not an lmforge manifest (format {FORMAT!r} expected): re-run `lmforge prepare`")
     missing = [k for k in ("dtype", "vocab_size", "tokenizer", "splits") if k not in manifest]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}: the manifest is corrupt, re-run `lmforge prepare --force`")
     vocab = manifest["vocab_size"]
-    if not isinstance(vocab, int) or vocab <= 0:
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or not 0 < vocab <= 1 << 32:
         raise DataError(f"{path}: vocab_size={vocab!r} is not a positive integer: re-run `lmforge prepare --force`")
+    tokenizer, splits = manifest["tokenizer"], manifest["splits"]
+    if not isinstance(tokenizer, dict) or not _plain_name(tokenizer.get("file", "tokenizer.json")):
+        raise DataError(f"{path}: 'tokenizer' must name a file in {data_dir}: the manifest is corrupt, "
+                        "re-run `lmforge prepare --force`")
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
+        raise DataError(f"{path}: 'splits' must map split names to entries: the manifest is corrupt, "
+                        "re-run `lmforge prepare --force`")
     expected = dtype_for_vocab(vocab)
     if manifest["dtype"] != expected.name:
         raise DataError(f"{path}: dtype {manifest['dtype']!r} does not match vocab_size={vocab} "
@@ -88,13 +95,19 @@ def read_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def _plain_name(name: object) -> bool:
+    """A file name inside the dataset directory: no directories, no '..', nothing absolute."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name \
+        and "\0" not in name
+
+
 def _tokenizer_vocab_size(data_dir: Path, manifest: dict) -> int:
     """The vocab_size recorded in the dataset's tokenizer file."""
     path = data_dir / manifest["tokenizer"].get("file", "tokenizer.json")
     try:
         return json.loads(path.read_text(encoding="utf-8"))["vocab_size"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{path} cannot be read ({type(e).__name__}: {e}): re-run `lmforge prepare --force`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+        raise DataError(f"{path} cannot be read ({type(e).__name__}): re-run `lmforge prepare --force`") from None
 
 
 def load_split(data_dir: str | Path, split: str, *, check_ids: bool = False) -> np.memmap:
@@ -109,6 +122,11 @@ def load_split(data_dir: str | Path, split: str, *, check_ids: bool = False) -> 
     if split not in manifest["splits"]:
         raise DataError(f"{data_dir}/{MANIFEST} has no split {split!r}: choose one of {', '.join(manifest['splits'])}")
     entry = manifest["splits"][split]
+    tokens = entry.get("tokens")
+    if not _plain_name(entry.get("file")) or not isinstance(tokens, int) or isinstance(tokens, bool) \
+            or not 0 <= tokens < 1 << 48:
+        raise DataError(f"{data_dir}/{MANIFEST}: the entry of split {split!r} needs a file name and a token count: "
+                        "the manifest is corrupt, re-run `lmforge prepare --force`")
     vocab = manifest["vocab_size"]
     tok_vocab = _tokenizer_vocab_size(data_dir, manifest)
     if tok_vocab != vocab:
