@@ -255,8 +255,9 @@ class Tokenizer:
             data = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise TokenizerError(f"tokenizer file {p} does not exist: give the tokenizer.json of a prepared dataset") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerError(f"tokenizer file {p} cannot be read as JSON ({e}): give an lmforge tokenizer.json") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise TokenizerError(f"tokenizer file {p} cannot be read as JSON ({type(e).__name__}): "
+                                 "give an lmforge tokenizer.json") from None
         tok = cls.from_dict(data, source=str(p))
         tok.sha256 = sha256_file(p)
         return tok
@@ -279,9 +280,13 @@ class Tokenizer:
                     raise ValueError(f"vocab_size={data.get('vocab_size')} but the tokenizer holds {tok.vocab_size}")
                 return tok
             specials = tuple(data["special_tokens"][r]["token"] for r in ("start", "end", "pad"))
-            tok = cls(data["kind"], specials, chars=data.get("chars"),
+            chars = data.get("chars")
+            if chars is not None and not (isinstance(chars, list) and len(set(chars)) == len(chars)
+                                          and all(isinstance(c, str) and len(c) == 1 for c in chars)):
+                raise ValueError("'chars' must be a list of distinct single characters")
+            tok = cls(data["kind"], specials, chars=chars,
                       hf_json=json.dumps(data["hf_tokenizer"]) if data["kind"] == "bpe" else None)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
             raise TokenizerError(f"tokenizer file {source} is incomplete or corrupt ({type(e).__name__}: {e}): "
                                  "re-run `lmforge prepare`") from None
         if tok.vocab_size != data.get("vocab_size"):
@@ -427,6 +432,8 @@ def _hf_id_bytes(hf) -> list[bytes]:
     """The bytes of each non-special BPE token (ids 3..), undoing the byte-level alphabet."""
     to_byte = {c: b for b, c in _gpt2_byte_to_unicode().items()}
     vocab = hf.get_vocab(with_added_tokens=True)
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise TokenizerError("the embedded BPE vocabulary's ids are not 0..N-1: re-run `lmforge prepare`")
     by_id = [""] * len(vocab)
     for token, i in vocab.items():
         by_id[i] = token
@@ -446,6 +453,9 @@ def _hf_all_id_bytes(hf) -> list[bytes]:
     to_byte = {c: b for b, c in _gpt2_byte_to_unicode().items()}
     added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}
     vocab = hf.get_vocab(with_added_tokens=True)
+    if not vocab or max(vocab.values()) >= 2 * len(vocab) + 1024:  # ids far beyond the vocabulary: not a real file
+        raise TokenizerError(f"the tokenizer's ids go up to {max(vocab.values(), default=None)} for {len(vocab)} tokens: "
+                             "the file is corrupt")
     out = [b""] * (max(vocab.values()) + 1)
     for token, i in vocab.items():
         if i in added:
