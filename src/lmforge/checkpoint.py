@@ -247,7 +247,7 @@ def check_safetensors(path: Path) -> dict:
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
                 raise bad("metadata is not a mapping of strings")
             continue
-        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BYTES:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPE_BYTES:
             raise bad(f"tensor {name!r} has no known dtype")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
@@ -529,6 +529,9 @@ def read_run_config(ckpt: str | Path) -> RunConfig:
         return run_config_from_dict(raw)
     except ConfigError as e:
         raise CheckpointError(f"{ckpt / 'config.json'} does not hold a valid config: {e}") from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # values of a type no config has
+        raise CheckpointError(f"{ckpt / 'config.json'} does not hold a valid config ({type(e).__name__}); the "
+                              f"checkpoint is corrupt, use another one") from None
 
 
 def load_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str = "cpu") -> None:
