@@ -35,6 +35,7 @@ from lmforge.serve.engine import Busy, Engine, Job, Mailbox
 from lmforge.serve.playground import PLAYGROUND_HTML
 
 PUBLIC_PATHS = ("/health", "/")  # no API key: liveness, and the static page that asks for the key
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees as soon as one request ends
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -217,9 +218,8 @@ def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, m
         try:
             engine.submit(jobs)
         except Busy as e:
-            retry = 1
-            raise ApiError(429, f"the server is at capacity ({e}); retry after {retry} s", headers={
-                "Retry-After": str(retry)})
+            raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": model_id}
         if body.stream:

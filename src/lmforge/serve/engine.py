@@ -228,9 +228,10 @@ class Engine:
                     return
                 started = self._admit()
             self._active.extend(started)
-            stepped = 0
+            stepped, now = 0, time.monotonic()
             for batch in list(self._active):
-                if all(job.mailbox.backlog > MAX_BACKLOG and not job.cancelled for job in batch.jobs):
+                if all(job.mailbox.backlog > MAX_BACKLOG and not job.cancelled and now <= job.deadline
+                       for job in batch.jobs):
                     continue  # its clients read slower than we generate: wait for them (memory stays bounded)
                 self._step(batch)
                 stepped += 1
