@@ -312,9 +312,11 @@ def prepare_prompts(model: GPT, prompts: Sequence[Sequence[int]], config: Genera
 
 @torch.inference_mode()
 def decode_batch(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConfig,
-                 end_ids: Sequence[int] = (), tokenizer: Any = None) -> Iterator[torch.Tensor]:
+                 end_ids: Sequence[int] = (), tokenizer: Any = None,
+                 generators: Optional[Sequence[torch.Generator]] = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) long with B = len(prompts) * num_return_sequences
-    (prompt-major), per step, by greedy decoding or sampling (not beam search).
+    (prompt-major), per step, by greedy decoding or sampling (not beam search). Sampling draws from
+    `generators`, one per row, when given (default: row_generators).
 
     Stops after the step where every row has stopped (an id in end_ids, its budget, a stop string:
     stopped rows keep being fed, their later tokens are to be ignored), or after the longest budget.
@@ -324,7 +326,8 @@ def decode_batch(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateC
     copies = config.num_return_sequences
     rows = [p for p in prompts for _ in range(copies)]
     device = model.tok_emb.weight.device
-    generators = None if config.is_greedy else row_generators(config, copies, len(prompts), device)
+    if generators is None and not config.is_greedy:
+        generators = row_generators(config, copies, len(prompts), device)
     if generators is not None and len(generators) == 1:
         generators = generators[0]
     stopping = Stopping([b for b in budgets for _ in range(copies)], end_ids, device, config.stop_strings, tokenizer)
