@@ -68,6 +68,9 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
 def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
     data, run, corpus = ws / "data", ws / "run", ws / "corpus"
     ckpt = run / "checkpoints" / "step-00000004"
+    resume = ["train", "--preset", "tiny", "--run-dir", str(run), "--max-steps", "6", "--device", "cpu",
+              "--train.batch_size", "4", "--train.eval_interval", "2", "--train.eval_batches", "1",
+              "--train.save_interval", "2", "--optim.warmup_steps", "1", "--resume", "auto"]
     return [
         # prepare
         ("prepare-missing-path", ["prepare", str(ws / "nope.txt"), "--out", str(ws / "o1")], "nope.txt"),
@@ -97,11 +100,20 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
                                   "--resume", str(ws / "nockpt"), "--device", "cpu"], "nockpt"),
         ("train-block-too-big-dropout", ["train", "--data", str(data), "--model.dropout", "1.0"], "model.dropout"),
         ("train-positional-junk", ["train", "junk"], "junk"),
+        ("train-bad-nonfinite", ["train", "--data", str(data), "--train.nonfinite", "ignore"], "train.nonfinite"),
+        ("train-bad-on-nonfinite", ["train", "--data", str(data), "--on-nonfinite", "retry"], "train.nonfinite"),
+        ("train-bad-spike-window", ["train", "--data", str(data), "--train.spike_window", "1"], "train.spike_window"),
+        ("train-bad-dist-timeout", ["train", "--data", str(data), "--train.dist_timeout", "0"], "train.dist_timeout"),
+        ("train-resume-data-changed", [*resume, "--data", str(ws / "data2")], "--allow-data-change"),
+        ("train-resume-other-vocab", [*resume, "--data", str(ws / "data-bytes")], "model.vocab_size"),
+        ("train-resume-pickle-planted", [*resume, "--data", str(data), "--resume", str(ws / "pickled")], "ckpt.pt"),
+        ("train-resume-corrupt-ckpt", [*resume, "--data", str(data), "--resume", str(ws / "corrupt")], "model.safetensors"),
         # eval
         ("eval-missing-ckpt", ["eval", str(ws / "ghost"), "--device", "cpu"], "ghost"),
         ("eval-max-tokens", ["eval", str(run), "--max-tokens", "1"], "--max-tokens"),
         ("eval-missing-data", ["eval", str(run), "--data", str(ws / "nodata"), "--device", "cpu"], "nodata"),
         ("eval-corrupt-ckpt", ["eval", str(ws / "corrupt"), "--device", "cpu"], "model.safetensors"),
+        ("eval-pickle-planted", ["eval", str(ws / "pickled"), "--device", "cpu"], "ckpt.pt"),
         # generate
         ("generate-missing-ckpt", ["generate", str(ws / "ghost")], "ghost"),
         ("generate-empty-dir", ["generate", str(ws / "empty")], "empty"),
@@ -139,10 +151,22 @@ def hostile_files(workspace):
     payload = (b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
     (pickled / "ckpt.pt").write_bytes(payload)
     (pickled / "optimizer.pt").write_bytes(payload)
+    # data the run was not trained on: the same tokenizer on another corpus, and another vocabulary
+    from lmforge.data.prepare import prepare
+
+    other = ws / "corpus2"
+    other.mkdir(exist_ok=True)
+    for i in range(6):
+        (other / f"other{i}.txt").write_text(f"Another document {i}.\n" + TEXT[i * 11:], encoding="utf-8")
+    if not (ws / "data2").exists():
+        prepare([str(other)], str(ws / "data2"), tokenizer=str(ws / "data" / "tokenizer.json"), split=(0.8, 0.1, 0.1),
+                workers=1, progress=False)
+    if not (ws / "data-bytes").exists():
+        prepare([str(other)], str(ws / "data-bytes"), tokenizer="byte", split=(0.8, 0.1, 0.1), workers=1, progress=False)
     return marker
 
 
-N_CASES = 37
+N_CASES = 46
 
 
 def test_bad_inputs_table_has_enough_rows(workspace):
