@@ -465,3 +465,32 @@ def test_a_stream_nobody_reads_pauses_its_decode(run_dir):
         asyncio.run(scenario())
     finally:
         engine.close()
+
+
+def test_a_mixed_load_gets_only_200_413_422_429_and_the_server_stays_up(run_dir):
+    """A small version of benchmarks/serve_load.py: 120 requests from 12 clients against 2 + 2 places."""
+    app = load_app(str(run_dir), ServeConfig(max_concurrency=2, max_queue=2, max_prompts=4, max_body_bytes=2048,
+                                             max_tokens=64), device="cpu")
+    bodies = [lambda i: {"json": {"prompt": "a" * (i % 40), "max_tokens": 8 + i % 24, "n": 1 + i % 2, "seed": i}},
+              lambda i: {"json": {"prompt": ["x", "yy"], "max_tokens": 16, "stream": True}},
+              lambda i: {"json": {"prompt": "z" * 3000}},
+              lambda i: {"json": {"prompt": "x", "max_tokens": 65}},
+              lambda i: {"content": b"{not json", "headers": {"Content-Type": "application/json"}}]
+
+    async def load(url):
+        limit = asyncio.Semaphore(12)
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            async def one(i):
+                async with limit:
+                    r = await c.post("/v1/completions", **bodies[i % len(bodies)](i))
+                    return r.status_code, r.headers.get("Retry-After")
+            return await asyncio.gather(*(one(i) for i in range(120)))
+
+    with running(app) as url:
+        answers = asyncio.run(load(url))
+        statuses = {s for s, _ in answers}
+        assert statuses <= {200, 413, 422, 429} and {200, 413, 422, 429} <= statuses, statuses
+        assert all(retry == "1" for s, retry in answers if s == 429)
+        with httpx.Client(base_url=url) as c:
+            wait_until(lambda: c.get("/health").json()["running"] == 0)
+            assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4}).status_code == 200
