@@ -25,8 +25,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from lmforge.generate import (GenerateConfig, Sequences, TextGenerator, next_token, prepare_prompts, process_scores,
-                              row_generators)
+from lmforge.generate import GenerateConfig, TextGenerator, decode_batch, row_generators
 
 
 MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
@@ -147,24 +146,6 @@ class Batch:
     jobs: list[Job]
     spans: list[range]
     steps: Optional[Iterator[torch.Tensor]] = None
-
-
-@torch.inference_mode()
-def decode_rows(model: Any, rows: list[list[int]], config: GenerateConfig,
-                generators: Optional[list[torch.Generator]]) -> Iterator[torch.Tensor]:
-    """generate.decode_batch over one prompt per row (B rows) with a random generator per row, so that
-    every job in a batch draws from its own streams (decode_batch seeds all prompts alike and gives each
-    the same number of rows); yields (B,) tokens per step up to the budget. Stopping (end token, stop
-    strings, each job's max_tokens) is the engine's business."""
-    rows, budgets = prepare_prompts(model, rows, config)
-    seqs = Sequences(model, rows, max(budgets))
-    plain = config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0
-    for _ in range(max(budgets)):
-        logits = seqs.next_logits(model)  # (B, V)
-        scores = logits if plain else process_scores(logits, seqs, config)
-        token = next_token(scores, config, generators)  # (B,)
-        seqs.append(token)
-        yield token
 
 
 class Engine:
@@ -327,8 +308,9 @@ class Engine:
             device = self.model.tok_emb.weight.device
             generators = [g for job in batch.jobs for g in row_generators(job.config, job.n, 1, device)]
         self.decodes += 1
-        rows = [job.prompt_ids for job in batch.jobs for _ in range(job.n)]
-        return decode_rows(self.model, rows, config, generators)
+        rows = [job.prompt_ids for job in batch.jobs for _ in range(job.n)]  # a prompt per row: n may differ
+        return decode_batch(self.model, rows, config, end_ids=config.end_ids(self.tokenizer.end_id),
+                            generators=generators)
 
     def _take(self, batch: Batch, job: Job, tokens: list[int]) -> None:
         """One new token per continuation of `job`: decode, apply stop strings and the length cap."""
