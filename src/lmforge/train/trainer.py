@@ -225,8 +225,9 @@ class Trainer:
                         if not saved:
                             with self.throughput.paused():
                                 self.save()
-                        self.logger.info(f"stopped at step {self.step} by {self.stop_signal or 'a signal to another process'}: "
-                                         f"checkpoint {self.last_checkpoint}; continue with --resume auto")
+                        by = self.stop_signal or "a signal to another process"
+                        self.logger.info(f"stopped at step {self.step} by {by}: checkpoint {self.last_checkpoint}; "
+                                         f"continue with --resume auto")
                         break
         finally:
             self.logger.close()
@@ -288,8 +289,9 @@ class Trainer:
         else:
             lr = self.lr_at(self.step)
             self.optimizer.zero_grad(set_to_none=True)
-            self.logger_info(f"step {self.step + 1}: skipped ({'non-finite loss or gradient' if verdict == 'nonfinite' else 'loss spike'}"
-                             f", loss {self.step_loss:.4g}); the weights were not updated")
+            why = "non-finite loss or gradient" if verdict == "nonfinite" else "loss spike"
+            self.logger_info(f"step {self.step + 1}: skipped ({why}, loss {self.step_loss:.4g}); "
+                             f"the weights were not updated")
         return loss_sum, count, grad_norm, lr
 
     def judge_step(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor) -> str:
@@ -328,7 +330,8 @@ class Trainer:
                                         "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None},
                                        indent=1), encoding="utf-8")
         self.optimizer.zero_grad(set_to_none=True)
-        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved yet"
+        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was saved yet")
         raise NonFiniteStop(f"step {step}: non-finite {tensor} on rank {rank}; the weights were not updated and {kept}; "
                             f"details in {path}; lower optim.lr, or pass --train.nonfinite skip to skip such steps")
 
