@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.rounds, args.new_tokens = 1, 100
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Every compiled model shares GPT.forward's budget of recompilations (8 by default; each model needs a
+    # few graphs: prefill, one-token steps, batch 1 and batch > 1), past which dynamo falls back to eager.
+    # This script compiles up to four models in one process, so it raises the budget for itself.
+    torch._dynamo.config.recompile_limit = 64
     import transformers
 
     load = os.getloadavg()[0]
