@@ -493,9 +493,17 @@ def check_free_space(run_dir: str | Path, bytes_per_checkpoint: int, keep_last: 
     existing = sum(f.stat().st_size for c in complete_checkpoints(run_dir) for f in c.iterdir() if f.is_file())
     free = free_bytes(Path(run_dir) / CHECKPOINTS)
     if free + existing < need:
-        raise CheckpointError(f"{run_dir} has {free / 2**20:,.0f} MiB free, but keep_last+1={keep_last + 1} checkpoints "
-                              f"of ~{bytes_per_checkpoint / 2**20:,.0f} MiB need {need / 2**20:,.0f} MiB; free space, "
-                              f"lower train.keep_last or choose another --run-dir")
+        raise CheckpointError(f"{run_dir} has {_size(free)} free, but keep_last+1={keep_last + 1} checkpoints of "
+                              f"~{_size(bytes_per_checkpoint)} need {_size(need)}; free space, lower "
+                              f"train.keep_last or choose another --run-dir")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"
 
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
