@@ -18,7 +18,7 @@ from lmforge.checkpoint import (clean_interrupted_saves, latest_checkpoint, load
 from lmforge.errors import CheckpointError
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.trainer import Trainer
-from tiny_training import VOCAB, synthetic_tokens, tiny_config, tiny_trainer, write_prepared_data
+from tiny_training import VOCAB, tiny_config, tiny_trainer, write_prepared_data
 
 SAVES = {"train.max_steps": 3, "train.save_interval": 1, "train.keep_last": 3}
 

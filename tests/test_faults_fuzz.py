@@ -181,10 +181,9 @@ def _reseal(ckpt_dir: Path) -> None:
 
 def _load_checkpoint(ckpt_dir: Path) -> None:
     from lmforge.checkpoint import load_for_inference, load_training_state
-    from lmforge.config import preset
+    from lmforge.config import OptimConfig, preset
     from lmforge.model import GPT
     from lmforge.train.optim import build_optimizer
-    from lmforge.config import OptimConfig
 
     _fails_closed(load_for_inference, ckpt_dir)
     model = GPT(preset("tiny", vocab_size=32, block_size=16))
@@ -228,7 +227,7 @@ def test_fuzz_checkpoint_values(ckpt, tmp_path, data):
 
 
 def test_a_header_claiming_a_huge_size_is_refused_before_allocating(ckpt, tmp_path):
-    from lmforge.checkpoint import check_safetensors
+    from lmforge.checkpoint import check_safetensors, load_for_inference
     from lmforge.errors import CheckpointError
 
     work = _copy(ckpt, tmp_path / "c")
@@ -245,13 +244,7 @@ def test_a_header_claiming_a_huge_size_is_refused_before_allocating(ckpt, tmp_pa
         check_safetensors(work / "model.safetensors")
     _reseal(work)
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        _load_checkpoint_strict(work)
-
-
-def _load_checkpoint_strict(ckpt_dir: Path) -> None:
-    from lmforge.checkpoint import load_for_inference
-
-    load_for_inference(ckpt_dir)
+        load_for_inference(work)
 
 
 # ----------------------------------------------------------------------------------------- tokenizers
