@@ -367,3 +367,13 @@ def test_gpt2_example_generate_then_continue_training(hf_dirs, tmp_path, capsys)
     assert not torch.equal(tuned.tok_emb.weight, start.tok_emb.weight)  # trained on
     assert torch.allclose(tuned.tok_emb.weight, start.tok_emb.weight, atol=0.1)  # from the imported weights
     assert isinstance(lmforge.load(str(tmp_path / "ft"), device="cpu").generate("Hello", max_new_tokens=5), str)
+
+
+def test_gpt2_samples_from_an_empty_prompt_like_transformers(hf_dirs, tmp_path):
+    """GPT-2 has no start token: an empty prompt starts from <|endoftext|>, as HF's generate does."""
+    import_hf(hf_dirs["gpt2"], tmp_path / "run")
+    model, tok, _ = load_for_inference(tmp_path / "run", "cpu")
+    assert tok.start_id is None and prompt_ids(tok, "") == [tok.end_id]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["gpt2"]).eval()
+    ours = generate_ids(model, prompt_ids(tok, ""), greedy=True, max_new_tokens=20, end_id=tok.end_id)[0]
+    assert ours == hf_greedy(hf_model, [tok.end_id], 20)

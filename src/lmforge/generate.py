@@ -458,9 +458,15 @@ def generate_ids(model: GPT, prompt_ids: Sequence[int], config: Optional[Generat
 
 # ----------------------------------------------------------------------------------------------- text
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """<START> + the prompt's tokens, the way training documents begin."""
+    """<START> + the prompt's tokens, the way training documents begin.
+
+    A tokenizer without a start token (GPT-2's) puts nothing first; an empty prompt then starts from its
+    end token, as GPT-2 samples "from nothing" (its <|endoftext|> separates documents)."""
     start = [tokenizer.start_id] if tokenizer.start_id is not None else []
-    return start + tokenizer.encode(prompt)
+    ids = start + tokenizer.encode(prompt)
+    if not ids and tokenizer.end_id is not None:
+        ids = [tokenizer.end_id]
+    return ids
 
 
 class Completion(NamedTuple):
