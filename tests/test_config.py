@@ -78,3 +78,5 @@ def test_presets_and_derived_sizes():
 def test_a_section_must_be_a_mapping():
     with pytest.raises(ConfigError, match="model must be a mapping"):
         run_config_from_dict({"model": 3})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        run_config_from_dict({"preset": []})

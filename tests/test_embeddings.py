@@ -215,3 +215,32 @@ def test_glove_on_a_real_char_tokenizer(prepared, tmp_path):
     # exact or lower-cased match; byte-fallback ids decode to the same letters and match too
     in_vocab = [i for i in range(tok.vocab_size) if tok.decode([i]).strip().lower() in set(letters)]
     assert report["rows_initialised"] == len(in_vocab) > 0
+
+
+def test_train_starts_from_the_word_vectors(prepared, tmp_path):
+    """`data.embedding_init` reaches the model the trainer builds: covered rows hold the vectors (up to the
+    centring and scaling), other rows keep their random init, and the report is kept on the trainer."""
+    from lmforge.config import load_run_config
+    from lmforge.train import Trainer
+
+    data_dir, tok = prepared
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    rng = np.random.default_rng(2)
+    path = write_glove(tmp_path / "chars.txt", {c: list(rng.normal(size=32)) for c in letters})
+
+    def trainer(spec: str) -> Trainer:
+        config = load_run_config(None, {"preset": "tiny", "data.path": str(data_dir), "data.embedding_init": spec,
+                                        "train.run_dir": str(tmp_path / spec.replace(":", "_").replace("/", "_")),
+                                        "train.device": "cpu", "train.max_steps": "1"})
+        return Trainer(config, progress=False, tensorboard=False)
+
+    plain, glove = trainer("none"), trainer(f"glove:{path}")
+    assert plain.embedding_report is None
+    report = glove.embedding_report
+    assert report is not None and report["rows_initialised"] > 0 and report["coverage"] == pytest.approx(
+        report["rows_initialised"] / tok.vocab_size)
+    a, b = plain.raw_model.tok_emb.weight.detach(), glove.raw_model.tok_emb.weight.detach()
+    changed = (a != b).any(dim=1)
+    assert int(changed.sum()) == report["rows_initialised"]  # the same seed: only covered rows differ
+    row = tok.encode("e")[0]
+    assert changed[row]

@@ -300,7 +300,7 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
     preset_name = raw.get("preset")
     model_values = dict(raw.get("model") or {})
     if preset_name is not None:
-        if preset_name not in PRESETS:
+        if not isinstance(preset_name, str) or preset_name not in PRESETS:
             raise ConfigError(f"unknown preset {preset_name!r}{_closest(str(preset_name), PRESETS)}; "
                               f"presets: {', '.join(PRESETS)}")
         model_values = {**PRESETS[preset_name], **model_values}

@@ -68,6 +68,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def init_token_embeddings(model: GPT, config: RunConfig, tokenizer_file: Optional[Path]) -> dict[str, Any]:
+    """Copy word vectors (data.embedding_init: word2vec | glove:PATH) into model.tok_emb in place; the report
+    says which source and what fraction of the vocabulary rows it covered."""
+    from lmforge.data.embeddings import init_embeddings
+    from lmforge.tokenizer import Tokenizer
+
+    if tokenizer_file is None:
+        raise DataError(f"data.embedding_init={config.data.embedding_init!r} needs the dataset's tokenizer.json "
+                        f"in {config.data.path}; re-run `lmforge prepare`")
+    return init_embeddings(model.tok_emb.weight, config.data.embedding_init, config.data.path,
+                           Tokenizer.load(tokenizer_file), config.train.seed)
+
+
 def build_model(config: ModelConfig, device: torch.device, seed: int) -> GPT:
     """GPT(config) initialised from `seed` on the CPU (the same weights on every device), then moved."""
     torch.manual_seed(seed)
@@ -173,8 +186,11 @@ class Trainer:
 
         seed_everything(tc.seed)
         self.raw_model = model.to(self.device) if model is not None else build_model(config.model, self.device, tc.seed)
+        self.embedding_report: Optional[dict[str, Any]] = None
         if init_ckpt is not None:
             load_init_weights(self.raw_model, init_ckpt, self.device, self.tokenizer_file)
+        elif model is None and config.data.embedding_init != "none":
+            self.embedding_report = init_token_embeddings(self.raw_model, config, self.tokenizer_file)
         self.optimizer = build_optimizer(self.raw_model, config.optim, self.device)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
         # DDP first, then compile: the compiler splits the graph at DDP's gradient buckets so that the
@@ -563,6 +579,10 @@ class Trainer:
         self.logger.info(f"batch: {global_batch} sequences x {mc.block_size} tokens = {global_batch * mc.block_size:,} "
                          f"tokens/step ({tc.batch_size} x {tc.grad_accum} accum x {self.dist.world_size} processes); "
                          f"device {self.device}, {tc.precision}{', compiled' if tc.compile else ''}")
+        if self.embedding_report:
+            r = self.embedding_report
+            self.logger.info(f"embeddings: {r['rows_initialised']:,} of {r['vocab_size']:,} rows "
+                             f"({r['coverage']:.1%}) from {r['source']}")
         if self.step:
             self.logger.info(f"resumed from {self.last_checkpoint} at step {self.step}")
 
