@@ -377,3 +377,20 @@ def test_gpt2_samples_from_an_empty_prompt_like_transformers(hf_dirs, tmp_path):
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["gpt2"]).eval()
     ours = generate_ids(model, prompt_ids(tok, ""), greedy=True, max_new_tokens=20, end_id=tok.end_id)[0]
     assert ours == hf_greedy(hf_model, [tok.end_id], 20)
+
+
+def test_resuming_an_imported_checkpoint_points_to_init_from(hf_dirs, tmp_path, capsys):
+    """An import holds weights but no optimizer state: --resume names the way that works, --train.init_from."""
+    import_hf(hf_dirs["gpt2"], tmp_path / "gpt2")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text(f"Document {i}: hello, world! " * 4, encoding="utf-8")
+    tok_file = tmp_path / "gpt2" / "checkpoints" / "step-00000000" / "tokenizer.json"
+    assert main(["prepare", str(corpus), "--tokenizer", str(tok_file), "--out", str(tmp_path / "data"),
+                 "--split", "0.5,0.25,0.25", "--no-progress"]) == 0
+    capsys.readouterr()
+    code = main(["train", "--data", str(tmp_path / "data"), "--run-dir", str(tmp_path / "gpt2"), "--device", "cpu",
+                 "--resume", "auto", "--max-steps", "2", "--train.num_threads", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--train.init_from" in err[0], err

@@ -502,6 +502,9 @@ class Trainer:
         else:
             ckpt = resolve_checkpoint(tc.resume)
             manifest = verify_checkpoint(ckpt)
+        if "optimizer.safetensors" not in manifest["files"]:  # weights only, e.g. written by `lmforge import`
+            raise CheckpointError(f"{ckpt} holds weights but no training state, so there is nothing to resume; "
+                                  f"start a new run from it: --train.init_from {ckpt} --run-dir NEW_DIR")
         saved_model = to_dict(read_run_config(ckpt).model)
         differ = [f"model.{k}={saved_model.get(k)!r} (config: {v!r})" for k, v in to_dict(self.config.model).items()
                   if saved_model.get(k) != v]
