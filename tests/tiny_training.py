@@ -53,7 +53,7 @@ def tiny_trainer(config: RunConfig, tokens: Optional[np.ndarray] = None, **kwarg
 
 
 def write_prepared_data(data_dir: Path, texts: dict[str, list[str]]) -> Path:
-    """A prepared data directory as CONTRACTS.md describes it, byte tokenizer, one split per key of `texts`."""
+    """A prepared data directory as docs/CONTRACTS.md describes it, byte tokenizer, one split per key of `texts`."""
     from lmforge.tokenizer import byte_tokenizer
 
     data_dir.mkdir(parents=True, exist_ok=True)

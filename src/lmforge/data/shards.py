@@ -3,7 +3,7 @@
 A prepared dataset directory holds ``train.bin``, ``val.bin``, ``test.bin`` (each a flat little-endian
 array of token ids, uint16 when the vocabulary fits in 65536 ids, else uint32; documents stored as
 ``<START> tokens <END>`` one after another), ``tokenizer.json``, ``manifest.json`` and ``report.json``.
-The manifest layout is in CONTRACTS.md (``format: lmforge-shards-v1``).
+The manifest layout is in docs/CONTRACTS.md (``format: lmforge-shards-v1``).
 """
 
 from __future__ import annotations
