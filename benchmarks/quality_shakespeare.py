@@ -28,11 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 from lmforge.config import apply_overrides, read_config_file, run_config_from_dict  # noqa: E402
-from lmforge.data.embeddings import init_embeddings  # noqa: E402
 from lmforge.data.shards import load_split, read_manifest  # noqa: E402
 from lmforge.eval.perplexity import evaluate_tokens  # noqa: E402
-from lmforge.tokenizer import Tokenizer  # noqa: E402
-from lmforge.train.trainer import Trainer, build_model, with_vocab_size  # noqa: E402
+from lmforge.train.trainer import Trainer, with_vocab_size  # noqa: E402
 
 RECIPE_FILE = ROOT / "configs" / "shakespeare-char.yaml"
 BUDGET = {"train.max_steps": 2000, "train.batch_size": 12, "train.grad_accum": 1, "model.block_size": 64}
@@ -96,10 +94,10 @@ def run_recipe(name: str, args: argparse.Namespace, extra: dict[str, str]) -> di
     config = with_vocab_size(config, int(manifest["vocab_size"]))
 
     start = time.time()
-    model = build_model(config.model, torch.device("cpu"), config.train.seed)
-    embedding = init_embeddings(model.tok_emb.weight, config.data.embedding_init, str(data),
-                                Tokenizer.load(data / "tokenizer.json"), config.train.seed)
-    summary = Trainer(config, model=model, progress=False, tensorboard=False).fit()
+    trainer = Trainer(config, progress=False, tensorboard=False)  # copies word vectors in when asked
+    embedding = trainer.embedding_report or {"source": "none", "coverage": 0.0, "rows_initialised": 0, "cached": False}
+    summary = trainer.fit()
+    model = trainer.raw_model
     train_s = time.time() - start
     whole_val = evaluate_tokens(model, load_split(data, "val"), config.model.block_size, batch_size=64)
     step_189, seconds_189 = time_to_loss(run_dir / "metrics.jsonl", start, TIME_TO)
