@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
@@ -604,6 +605,12 @@ def train(config: RunConfig) -> dict[str, Any]:
     """Train `config` (one process, or every process under torchrun) and return Trainer.fit()'s summary."""
     try:
         return Trainer(config).fit()
+    except NonFiniteStop:
+        # Every process stops at the same step (the verdict was all-reduced): leave together, so that no
+        # process tears the group down while another is still in it (gloo aborts the slower one).
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        raise
     except RuntimeError as e:
         failure = as_peer_failure(e)  # a collective that failed because another process died or hung
         if failure is None:
