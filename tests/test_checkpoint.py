@@ -165,3 +165,24 @@ def test_resume_refuses_data_with_another_tokenizer(full_run, tmp_path):
                            tokenizer_file=tmp_path / "other.json")
     with pytest.raises(CheckpointError, match="another tokenizer"):
         trainer.fit()
+
+
+def test_after_a_resume_metrics_read_as_one_uninterrupted_run(full_run, tmp_path):
+    """Records of the steps after the checkpoint (which the resumed run redoes) and a line torn by a kill
+    are dropped, so metrics.jsonl has one record per kind and step, with the uninterrupted run's values."""
+    from lmforge.train.metrics import read_metrics
+
+    run, _, _ = full_run
+    shutil.copytree(run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000020")  # killed after step 20's records, before its save
+    with open(tmp_path / "run" / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"kind": "train", "step": 21, "lo')  # torn by the kill
+    tiny_trainer(tiny_config(tmp_path / "run", **{**RESUME, "train.resume": "auto"})).fit()
+
+    def view(records):
+        return [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in records]
+
+    ours, uninterrupted = read_metrics(tmp_path / "run"), read_metrics(run)
+    keys = [(r["kind"], r["step"]) for r in ours]
+    assert len(keys) == len(set(keys))
+    assert view(ours) == view(uninterrupted)

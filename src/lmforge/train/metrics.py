@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -17,6 +18,33 @@ from typing import Any, Iterator, Optional
 import torch
 
 from tqdm.auto import tqdm
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Drop the records of `path` after `step`, and any line torn by a kill, atomically.
+
+    A resumed run continues from the checkpoint at `step` and redoes the steps after it: without their old
+    records, metrics.jsonl reads as if the run had never stopped (one record per kind and step).
+    """
+    kept, dropped = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped = dropped or bool(line.strip())
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped = True
+            continue
+        kept.append(line)
+    if not dropped:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class MetricsLogger:
@@ -37,14 +65,9 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
-        torn = False
-        if path.is_file() and path.stat().st_size > 0:
-            with open(path, "rb") as f:
-                f.seek(-1, 2)
-                torn = f.read(1) != b"\n"
+        if path.is_file():
+            keep_records_up_to(path, start_step)
         self._jsonl = open(path, "a", encoding="utf-8")
-        if torn:  # a process killed mid-line: start on a fresh line so the next record stays readable
-            self._jsonl.write("\n")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
