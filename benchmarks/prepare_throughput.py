@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the corpus and the prepared data")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     p.add_argument("--child", nargs=2, metavar=("CORPUS", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--tokenizer", default="bpe", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -102,10 +103,11 @@ def make_corpus(folder: Path, size_mb: float, seed: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ measure
-def run_prepare_child(corpus: Path, out: Path, args) -> dict:
-    """prepare in a child process; returns its report timings, wall time and peak RSS."""
+def run_prepare_child(corpus: Path, out: Path, args, tokenizer: str = "bpe") -> dict:
+    """prepare in a child process (training a BPE tokenizer, or with a given tokenizer.json); returns its
+    report, wall time (process start and imports included) and peak RSS."""
     t0 = time.perf_counter()
-    cmd = [sys.executable, __file__, "--child", str(corpus), str(out),
+    cmd = [sys.executable, __file__, "--child", str(corpus), str(out), "--tokenizer", tokenizer,
            "--vocab-size", str(args.vocab_size), "--workers", str(args.workers), "--seed", str(args.seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -118,7 +120,7 @@ def run_prepare_child(corpus: Path, out: Path, args) -> dict:
 def child(corpus: str, out: str, args) -> None:
     from lmforge.data.prepare import prepare
 
-    report = prepare([corpus], out, tokenizer="bpe", vocab_size=args.vocab_size, workers=args.workers,
+    report = prepare([corpus], out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, workers=args.workers,
                      seed=args.seed, progress=False)
     print(json.dumps(report))
 
@@ -173,6 +175,9 @@ def main(argv=None) -> None:
               f"({time.perf_counter() - t0:.0f} s to build)", file=sys.stderr)
         result = run_prepare_child(corpus, out, args)
         ref = reference_encode(corpus, out / "tokenizer.json")
+        # the pipeline alone (read, clean, shuffle, encode, write, report) with the tokenizer just trained
+        shutil.copy(out / "tokenizer.json", work / "tokenizer.json")
+        given = run_prepare_child(corpus, work / "prepared-given", args, tokenizer=str(work / "tokenizer.json"))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -191,6 +196,9 @@ def main(argv=None) -> None:
         "library_encode_batch_mb_s": round(lib["encode_batch"], 2),
         "library_encode_batch_fast_mb_s": round(lib["encode_batch_fast"], 2),
         "ratio_encode_step_vs_best_library": round(encode_mbs / best, 3),
+        "prepare_given_tokenizer_wall_s": round(given["wall_s"], 1),
+        "prepare_given_tokenizer_end_to_end_mb_s": round(mb / given["wall_s"], 2),
+        "ratio_end_to_end_given_tokenizer_vs_encode_batch": round(mb / given["wall_s"] / lib["encode_batch"], 3),
         "peak_rss_mb": round(result["peak_rss_bytes"] / 2**20, 1),
         "vocab_size": result["report"]["tokenizer"]["vocab_size"],
         "tokens": sum(s["tokens"] for s in result["report"]["splits"].values()),
@@ -200,6 +208,8 @@ def main(argv=None) -> None:
     print(f"ratio               : {summary['ratio_encode_step_vs_best_library']:8.3f}  (target >= 0.9)")
     print(f"prepare end to end  : {summary['prepare_end_to_end_mb_s']:8.2f} MB/s, {result['wall_s']:.0f} s "
           f"(steps: {', '.join(f'{k} {v:.0f}s' for k, v in timings.items())})")
+    print(f"prepare, tokenizer given, end to end: {summary['prepare_given_tokenizer_end_to_end_mb_s']:8.2f} MB/s "
+          f"= {summary['ratio_end_to_end_given_tokenizer_vs_encode_batch']:.3f} x encode_batch (target >= 0.9)")
     print(f"peak RSS of prepare : {summary['peak_rss_mb']:8.1f} MB  (target < 1024 MB)")
     print(json.dumps(summary))
     if args.json_out:
