@@ -33,7 +33,7 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
     if trainer.dist.is_main:
         (run_dir / "history.json").write_text(json.dumps({"history": trainer.history, "val_loss": summary["val_loss"],
                                                           "world_size": trainer.dist.world_size}))
-    teardown_distributed()
+    teardown_distributed(synchronize=True)
 
 
 def _torchrun(run_dir: Path, *args: object) -> None:

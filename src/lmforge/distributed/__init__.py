@@ -96,9 +96,16 @@ def as_peer_failure(error: BaseException) -> Optional[PeerFailure]:
                        f"answering ({detail}); restart the whole job with --resume auto")
 
 
-def teardown_distributed() -> None:
-    """Leave the process group, if one was joined."""
+def teardown_distributed(synchronize: bool = False) -> None:
+    """Leave the process group, if one was joined.
+
+    synchronize: wait for every process first (when all are known to be alive and finishing), so that no
+    process dismantles its connections while another still uses them: gloo can abort the slower process
+    otherwise. Leave it False on a failure path, where a barrier would wait for a dead peer.
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -36,7 +36,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 
@@ -603,13 +602,13 @@ def _sha256_or_none(path: Optional[Path]) -> Optional[str]:
 
 def train(config: RunConfig) -> dict[str, Any]:
     """Train `config` (one process, or every process under torchrun) and return Trainer.fit()'s summary."""
+    together = False  # whether every process ends here alive, so they can leave the group in step
     try:
-        return Trainer(config).fit()
+        summary = Trainer(config).fit()
+        together = True
+        return summary
     except NonFiniteStop:
-        # Every process stops at the same step (the verdict was all-reduced): leave together, so that no
-        # process tears the group down while another is still in it (gloo aborts the slower one).
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        together = True  # the verdict was all-reduced: every process stops at the same step
         raise
     except RuntimeError as e:
         failure = as_peer_failure(e)  # a collective that failed because another process died or hung
@@ -617,4 +616,4 @@ def train(config: RunConfig) -> dict[str, Any]:
             raise
         raise failure from None
     finally:
-        teardown_distributed()
+        teardown_distributed(synchronize=together)
