@@ -20,15 +20,6 @@ TOKENIZER = byte_tokenizer()  # ids: 3 special tokens, then the 256 bytes
 START, END = TOKENIZER.start_id, TOKENIZER.end_id
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine, threads of small ops wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def model(**overrides) -> GPT:
     torch.manual_seed(0)
     base = dict(vocab_size=259, block_size=16, n_layer=2, n_head=2, n_embd=32)

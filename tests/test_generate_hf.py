@@ -16,14 +16,6 @@ from lmforge.model import GPT  # noqa: E402
 PROMPTS = [[1, 2, 3], [4, 9, 9], [7, 7, 0]]  # equal lengths: HF's repetition/n-gram processors count pads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build_pair(sharpness: float):
     """(lmforge GPT, GPT2LMHeadModel) with the same weights: a small vocabulary, logits scaled by sharpness."""
     config = ModelConfig(vocab_size=23, block_size=64, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh")

@@ -14,15 +14,6 @@ from lmforge.model import GPT  # noqa: E402
 TOLERANCE = 1e-5  # fp32, max abs difference of logits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine, threads of small ops wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gpt2_style(**overrides) -> ModelConfig:
     base = dict(vocab_size=71, block_size=32, n_layer=2, n_head=4, n_embd=48, activation="gelu_tanh", dropout=0.0)
     return ModelConfig(**{**base, **overrides})

@@ -34,14 +34,6 @@ CORPUS = ["Hello, world! This is a small corpus for a tiny tokenizer.",
 SAMPLE = "Hello, world!<|endoftext|> 床前明月光 <|begin_of_text|>and é\n  spaces"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------ local HF models
 def byte_level_bpe(specials: list[str], bos: str | None = None):
     """A GPT-2-style byte-level BPE (tokenizers library) with `specials` added after the learned vocabulary."""

@@ -18,15 +18,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine, threads of small ops wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small(**overrides) -> ModelConfig:
     return ModelConfig(**{**dict(vocab_size=53, block_size=24, n_layer=2, n_head=4, n_embd=32), **overrides})
 

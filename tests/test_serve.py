@@ -31,15 +31,6 @@ from lmforge.tokenizer import byte_tokenizer
 BLOCK = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode fastest on one thread (and the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_run(root: Path) -> Path:
     """A run directory holding one checkpoint of a tiny random model with the byte tokenizer, that never ends."""
     tok = byte_tokenizer()
