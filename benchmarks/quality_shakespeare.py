@@ -7,7 +7,7 @@ reach a val loss of 1.89 is read from the trainer's periodic evals (its fixed va
 
 Recipes:
   baseline   lmforge's defaults for preset char-small (learned positions, LayerNorm, GELU, lr 1e-3 cosine)
-  recipe     configs/shakespeare-char.yaml (the best recipe found; target <= 1.85, aim 1.80)
+  recipe     the built-in recipe shakespeare-char (the best found; target <= 1.85, aim 1.80)
   word2vec   the recipe with data.embedding_init=word2vec (compare with `recipe`: none vs word2vec)
 
     python benchmarks/quality_shakespeare.py                          # all three, ~5-20 min on 2 busy cores
@@ -32,7 +32,7 @@ from lmforge.data.shards import load_split, read_manifest  # noqa: E402
 from lmforge.eval.perplexity import evaluate_tokens  # noqa: E402
 from lmforge.train.trainer import Trainer, with_vocab_size  # noqa: E402
 
-RECIPE_FILE = ROOT / "configs" / "shakespeare-char.yaml"
+RECIPE = "shakespeare-char"  # the built-in recipe (src/lmforge/configs/shakespeare-char.yaml)
 BUDGET = {"train.max_steps": 2000, "train.batch_size": 12, "train.grad_accum": 1, "model.block_size": 64}
 TARGET, AIM, TIME_TO = 1.85, 1.80, 1.89
 
@@ -63,7 +63,7 @@ def recipe_config(name: str, data: Path, run_dir: Path, extra: dict[str, str]) -
     if name == "baseline":
         raw = {"preset": "char-small"}
     else:
-        raw = read_config_file(RECIPE_FILE)
+        raw = read_config_file(RECIPE)
     overrides = {**BUDGET, "data.path": str(data), "train.run_dir": str(run_dir), "train.resume": "none",
                  "train.save_interval": "0", "train.keep_last": "1", **extra}
     if name == "word2vec":

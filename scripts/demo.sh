@@ -12,8 +12,8 @@ for kind in char byte bpe; do
   $LM prepare --dataset shakespeare --tokenizer "$kind" --vocab-size 4096 --out "data/shakespeare-$kind" --force
 done
 
-echo "== lmforge train --config configs/shakespeare-char.yaml"
-$LM train --config configs/shakespeare-char.yaml --data data/shakespeare-char --run-dir runs/demo --resume auto
+echo "== lmforge train --config shakespeare-char"
+$LM train --config shakespeare-char --data data/shakespeare-char --run-dir runs/demo --resume auto
 
 echo "== lmforge eval runs/demo --split test"
 $LM eval runs/demo --split test

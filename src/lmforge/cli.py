@@ -129,8 +129,9 @@ _TRAIN_ALIASES = {  # short flags for the settings people change most
 
 
 def _add_train(sub: Any) -> None:
-    from lmforge.config import PRESETS, SECTIONS, field_docs
+    from lmforge.config import PRESETS, SECTIONS, builtin_recipes, field_docs
 
+    recipes = ", ".join(builtin_recipes())
     lines = []
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
@@ -141,21 +142,24 @@ def _add_train(sub: Any) -> None:
         formatter_class=_help_formatter,
         description=textwrap.dedent("""\
             Train a GPT-style Transformer decoder on the shards written by `lmforge prepare`.
-            Settings come from a YAML file (--config) and --section.key VALUE overrides, checked strictly
-            before anything is built: an unknown key is an error naming the closest valid key.
+            Settings come from a YAML file or a built-in recipe (--config) and --section.key VALUE
+            overrides, checked strictly before anything is built: an unknown key is an error naming the
+            closest valid key.
             The run directory gets the resolved config.yaml, metrics.jsonl, TensorBoard events (tb/),
             checkpoints (checkpoints/step-N/) and loss.png."""),
         epilog="config keys:\n" + "\n".join(lines) + textwrap.dedent(f"""
 
             presets: {', '.join(PRESETS)}
+            built-in recipes (--config NAME): {recipes}
 
             examples:
-              lmforge train --config configs/shakespeare-char.yaml
+              lmforge train --config shakespeare-char
+              lmforge train --config my-recipe.yaml --optim.lr 3e-3
               lmforge train --preset char-small --data data/shakespeare-char --train.max_steps 500
-              lmforge train --config configs/shakespeare-char.yaml --resume auto
-              lmforge train --config configs/shakespeare-char.yaml --resume auto --allow-data-change
-              torchrun --nproc-per-node 2 -m lmforge.cli train --config configs/shakespeare-char.yaml"""))
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON config file")
+              lmforge train --config shakespeare-char --resume auto
+              lmforge train --config shakespeare-char --resume auto --allow-data-change
+              torchrun --nproc-per-node 2 -m lmforge.cli train --config shakespeare-char"""))
+    p.add_argument("--config", metavar="FILE|NAME", help=f"YAML or JSON config file, or a built-in recipe: {recipes}")
     p.add_argument("--preset", metavar="NAME", help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--data", metavar="DIR", help="prepared data directory (= --data.path)")
     p.add_argument("--run-dir", metavar="DIR", help="run directory (= --train.run_dir)")
@@ -484,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=textwrap.dedent("""\
             the training process:
               lmforge prepare --dataset shakespeare --tokenizer char --out data/shakespeare-char
-              lmforge train --config configs/shakespeare-char.yaml
+              lmforge train --config shakespeare-char
               lmforge eval runs/shakespeare-char
               lmforge generate runs/shakespeare-char --prompt "ROMEO:"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import json
 import math
 import types
@@ -313,13 +314,35 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
     )
 
 
+def builtin_recipes() -> dict[str, Any]:
+    """The recipes shipped inside the package (lmforge/configs/NAME.yaml): {NAME: importlib.resources file}."""
+    folder = importlib.resources.files("lmforge") / "configs"
+    if not folder.is_dir():
+        return {}
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    return {f.name[:-len(".yaml")]: f for f in files}
+
+
+def builtin_recipe(name: str) -> Any:
+    """The built-in recipe called `name` (NAME or NAME.yaml); ConfigError listing the recipes if there is none."""
+    recipes = builtin_recipes()
+    stem = name[:-len(".yaml")] if name.endswith(".yaml") else name
+    if stem not in recipes:
+        raise ConfigError(f"config file {name} does not exist and is not a built-in recipe"
+                          f"{_closest(Path(stem).name, recipes)}; built-in recipes: {', '.join(recipes) or 'none'}; "
+                          f"or pass the path of a YAML/JSON file")
+    return recipes[stem]
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into nested dicts (safe loaders only)."""
+    """Read a YAML or JSON config file, or a built-in recipe by name, into nested dicts (safe loaders only).
+
+    An existing file wins over a recipe of the same name.
+    """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist; pass a YAML file such as configs/char-small.yaml")
+    source = p if p.is_file() else builtin_recipe(str(path))
     try:
-        text = p.read_text(encoding="utf-8")
+        text = source.read_text(encoding="utf-8")
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
