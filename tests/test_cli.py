@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,7 @@ def hostile_files(workspace):
 
 
 N_CASES = 46
+PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
 
 def test_bad_inputs_table_has_enough_rows(workspace):
@@ -184,8 +186,9 @@ def test_each_bad_input_is_one_clear_line(workspace, hostile_files, capsys, row)
     err_lines = [line.split("\r")[-1] for line in captured.err.split("\n")]
     err_lines = [line for line in err_lines if line.strip()]
     assert code == 2, f"{name}: exit {code}, stderr {captured.err!r}"
-    # one error line; warnings that name a skipped file may come before it
-    err_lines = [line for line in err_lines if not line.startswith("warning: ")]
+    # one error line; warnings that name a skipped file, and progress bars (a log keeps each one's last state
+    # as a line), may come before it
+    err_lines = [line for line in err_lines if not line.startswith("warning: ") and not PROGRESS_BAR.match(line)]
     assert len(err_lines) == 1, f"{name}: stderr has {len(err_lines)} lines: {captured.err!r}"
     assert "Traceback" not in captured.err and "internal error" not in captured.err, name
     assert needle in err_lines[0], f"{name}: {needle!r} not in {err_lines[0]!r}"

@@ -180,6 +180,20 @@ def test_empty_folder_is_an_error_and_leaves_nothing(tmp_path):
     assert leftovers(tmp_path, tmp_path / "out") == []
 
 
+def test_the_error_after_a_progress_bar_starts_a_line_of_its_own(tmp_path, capsys):
+    """In a log (stderr not a terminal) the bar's carriage returns must not run into the error line."""
+    from lmforge.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("")
+    assert main(["prepare", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("\rreading") and err.endswith("\n")  # a progress bar came first
+    errors = [line for line in err.split("\n") if "error" in line]
+    assert errors == ["lmforge prepare: error: no documents in 1 file(s): 1 empty document(s), 0 skipped file(s); "
+                      "give a corpus with text"], err
+
+
 # ------------------------------------------------------------------------------------------ output
 def test_existing_dataset_needs_force_and_survives_a_failed_run(tmp_path, corpus):
     out = tmp_path / "out"

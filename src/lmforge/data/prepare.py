@@ -148,8 +148,11 @@ class _Log:
         tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def bar(self, desc: str, total: int | None, unit: str = "B") -> tqdm:
+        """A progress bar on stderr. On a terminal a closed bar is erased; elsewhere (a log, a pipe, CI) its last
+        state stays as a line of its own, so what follows (a warning, an error) starts a line instead of
+        following the bar's carriage return."""
         return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
-                    disable=not self.progress, leave=False, dynamic_ncols=True)
+                    disable=not self.progress, leave=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------------------- the spool

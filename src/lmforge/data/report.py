@@ -117,7 +117,7 @@ def find_leakage(data_dir: str | Path, tok: Tokenizer, *, shingle_tokens: int | 
     # Stream train, remembering where each sampled val/test shingle first occurs.
     train = ShardFile(data_dir, "train")
     with tqdm(total=len(train), desc="leakage check", unit="tok", unit_scale=True, file=sys.stderr,
-              disable=not progress, leave=False) as bar:
+              disable=not progress, leave=not sys.stderr.isatty()) as bar:  # as prepare's bars: see _Log.bar
         for starts, hashes in _sampled_windows(train, k, modulus):
             if len(table):
                 idx = np.minimum(np.searchsorted(table, hashes), len(table) - 1)
