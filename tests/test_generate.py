@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.generate import (GenerateConfig, TextGenerator, apply_inference_dtype, banned_ngram_tokens,
-                              filter_logits, generate_batch_ids, generate_ids, next_token, repetition_penalty,
-                              text_pieces, until_stop_string)
+                              StopText, filter_logits, generate_batch_ids, generate_ids, next_token,
+                              repetition_penalty)
 from lmforge.model import GPT
 from lmforge.tokenizer import byte_tokenizer
 
@@ -132,8 +132,10 @@ def test_stream_joins_to_generate_and_holds_partial_characters():
     text = gen.generate("héllo", max_new_tokens=20, seed=3)
     assert isinstance(text, str)
     assert "".join(gen.stream("héllo", max_new_tokens=20, seed=3)) == text
-    pieces = list(text_pieces(TOKENIZER, iter(TOKENIZER.encode("a€b😀") + [END, 50])))
-    assert pieces == ["a", "€", "b", "😀"]  # never half a character, nothing after <END>
+    text = StopText(TOKENIZER)
+    pieces = [text.push(t) for t in TOKENIZER.encode("a€b😀")]
+    assert [p for p in pieces if p] == ["a", "€", "b", "😀"]  # never half a character
+    assert text.close() == "" and text.text == "a€b😀"
 
 
 def test_generate_returns_one_text_per_sequence():
@@ -275,10 +277,17 @@ def test_stop_strings_end_the_text_before_them_and_stream_agrees():
     assert len(ids_stopped) < len(ids) and text[5:7] in TOKENIZER.decode(ids_stopped)
 
 
-def test_until_stop_string_holds_back_a_possible_start():
-    pieces = list(until_stop_string(iter(["ab", "c<", "/s", "x", "<", "/", "s>", "tail"]), ["</s>"]))
-    assert pieces == ["ab", "c", "</sx"]  # "<", "</s" held back until settled; nothing from "</s>" on
-    assert list(until_stop_string(iter(["no stop"]), ["</s>"])) == ["no stop"]
+def test_stop_text_holds_back_a_possible_start():
+    text = StopText(TOKENIZER, ["</s>"])
+    pieces = []
+    for chunk in ["ab", "c<", "/s", "x", "<", "/", "s>", "tail"]:
+        pieces += [text.push(t) for t in TOKENIZER.encode(chunk)]
+        if text.stopped:
+            break
+    assert [p for p in pieces if p] == ["a", "b", "c", "</sx"]  # "<", "</s" held back until settled
+    assert text.stopped and text.text == "abc</sx" and text.close() == ""  # nothing from "</s>" on
+    free = StopText(TOKENIZER, ["</s>"])
+    assert "".join(free.push(t) for t in TOKENIZER.encode("no stop <")) + free.close() == "no stop <"
 
 
 def test_stop_token_ids_end_sequences_like_the_end_token():

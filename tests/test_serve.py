@@ -335,9 +335,10 @@ def test_playground_page_is_served(client):
 
 
 # ------------------------------------------------------------------------------------- the engine alone
-def test_compatible_requests_share_one_decode(run_dir):
-    """Requests waiting together decode as one batch when their options agree, and each gets the text it
-    would get alone: greedy and seeded ones exactly, unseeded samples all different."""
+def test_requests_with_any_options_share_one_decode(run_dir):
+    """Requests waiting together decode as one batch whatever their options (greedy or sampled, top-k,
+    budgets, stop strings, n), and each gets the text it would get alone: greedy and seeded ones exactly,
+    unseeded samples all different."""
     generator = load(str(run_dir), device="cpu")
     engine = Engine(generator, max_concurrency=16, max_queue=16, max_batch_size=32)
 
@@ -346,18 +347,21 @@ def test_compatible_requests_share_one_decode(run_dir):
 
         def job(prompt, stream=False, **options):
             ids = [generator.tokenizer.start_id] + generator.tokenizer.encode(prompt)
-            return Job(ids, GenerateConfig(max_new_tokens=8, **options), (), stream, time.monotonic() + 30,
+            return Job(ids, GenerateConfig(**{"max_new_tokens": 8, **options}), stream, time.monotonic() + 30,
                        Mailbox(loop))
 
         jobs = {"greedy": [job(p, temperature=0.0) for p in ("same", "other prompt", "x")],
                 "sampled": [job(p, num_return_sequences=2) for p in ("a", "bb", "ccc")],
                 "duplicates": [job("dup"), job("dup")],
                 "seeded": [job(p, seed=5 + i) for i, p in enumerate(("s1", "s22"))],
-                "stream": [job("st", stream=True, temperature=0.0)]}
+                "stream": [job("st", stream=True, temperature=0.0)],
+                "mixed": [job("m1", seed=3, top_k=5, max_new_tokens=12), job("m2", seed=4, temperature=0.7, max_new_tokens=3),
+                          job("m1", seed=3, top_k=5, max_new_tokens=12, stop_strings=[stop]),
+                          job("m1", stream=True, seed=3, top_k=5, max_new_tokens=12, stop_strings=[stop])]}
         for group in jobs.values():
             engine.submit(group)
         with pytest.raises(Busy):
-            engine.submit([job("z") for _ in range(32 - 11 + 1)])
+            engine.submit([job("z") for _ in range(32 - 15 + 1)])
         engine.start()
         for group in jobs.values():
             for j in group:
@@ -365,17 +369,22 @@ def test_compatible_requests_share_one_decode(run_dir):
                     pass
         return jobs
 
+    alone = generator.generate("m1", max_new_tokens=12, seed=3, top_k=5)
+    stop = alone[4:6]
     try:
         jobs = asyncio.run(scenario())
     finally:
         engine.close()
-    assert engine.decodes == 2  # the greedy ones and the stream; all sampled ones, seeded or not, any n
+    assert engine.decodes == 1  # all of them: greedy and sampled, seeded or not, any n, budget or stop
     text = {name: [c.text for j in group for c in j.choices] for name, group in jobs.items()}
     assert text["greedy"] == [generator.generate(p, max_new_tokens=8, temperature=0.0)
                               for p in ("same", "other prompt", "x")]
     assert text["seeded"] == [generator.generate(p, max_new_tokens=8, seed=5 + i) for i, p in enumerate(("s1", "s22"))]
     assert len(set(text["sampled"])) == 6 and len(set(text["duplicates"])) == 2
     assert text["stream"] == [generator.generate("st", max_new_tokens=8, temperature=0.0)]
+    assert text["mixed"] == [alone, generator.generate("m2", max_new_tokens=3, seed=4, temperature=0.7),
+                             alone[:alone.find(stop)], alone[:alone.find(stop)]]
+    assert [c.finish for j in jobs["mixed"] for c in j.choices] == ["length", "length", "stop", "stop"]
 
 
 def test_requests_arriving_while_the_decodes_are_busy_gather_into_one_batch(run_dir):
@@ -387,7 +396,7 @@ def test_requests_arriving_while_the_decodes_are_busy_gather_into_one_batch(run_
 
         def job(prompt, tokens):
             ids = [generator.tokenizer.start_id] + generator.tokenizer.encode(prompt)
-            return Job(ids, GenerateConfig(max_new_tokens=tokens), (), False, time.monotonic() + 60, Mailbox(loop))
+            return Job(ids, GenerateConfig(max_new_tokens=tokens), False, time.monotonic() + 60, Mailbox(loop))
 
         first = job("first", 1000)
         engine.submit([first])
@@ -436,7 +445,7 @@ def test_a_stream_nobody_reads_pauses_its_decode(run_dir):
 
     async def scenario():
         ids = [generator.tokenizer.start_id]
-        job = Job(ids, GenerateConfig(max_new_tokens=100_000), (), True, time.monotonic() + 30,
+        job = Job(ids, GenerateConfig(max_new_tokens=100_000), True, time.monotonic() + 30,
                   Mailbox(asyncio.get_running_loop()))
         engine.submit([job])
         engine.start()

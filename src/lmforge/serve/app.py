@@ -279,7 +279,7 @@ def _jobs_for(body: CompletionRequest, generator: TextGenerator, config: ServeCo
     options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
                              top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
                              min_p=body.min_p, repetition_penalty=body.repetition_penalty or 1.0,
-                             seed=body.seed, num_return_sequences=n)
+                             seed=body.seed, num_return_sequences=n, stop_strings=stop or None)
     mailbox = Mailbox(asyncio.get_running_loop())
     deadline = time.monotonic() + config.timeout
     jobs, total = [], 0
@@ -291,7 +291,7 @@ def _jobs_for(body: CompletionRequest, generator: TextGenerator, config: ServeCo
             raise ApiError(422, f"the prompt is {len(ids)} tokens (with <START>); at most {max_prompt_tokens} "
                            "(serve.max_prompt_tokens)", "prompt")
         total += len(ids)
-        jobs.append(Job(ids, options, tuple(stop), bool(body.stream), deadline, mailbox, first_index=i * n))
+        jobs.append(Job(ids, options, bool(body.stream), deadline, mailbox, first_index=i * n))
     return jobs, total
 
 

@@ -1,18 +1,18 @@
 """The model worker: one thread owns the model and decodes every request, so the event loop never waits on torch.
 
-A request becomes one Job per prompt (each with n continuations). Each turn of the worker loop
-  1. admits waiting jobs while fewer than max_concurrency are in generation (and, once max_decodes
-     decodes run, only jobs that have waited batch_wait seconds, so that jobs arriving one by one
-     gather into batches instead of each starting a decode of its own); jobs with the same
-     sampling options (prompts of any length, left-padded as in generate.decode_batch; any n; streaming
-     or not) are merged into one batched decode, a micro-batch, of at most max_batch_size sequences:
-     one forward pass per step serves them all (Engine.fits says which may join), while each job
-     draws from its own random streams;
-  2. advances every active decode by one token, in turn, so streams interleave and none waits for
-     another to end;
-  3. hands text to each job's event queue on the event loop (loop.call_soon_threadsafe).
-A job whose client left (Job.cancel) or whose deadline passed is dropped before the next step; a decode
-with no job left is closed. Stop strings are applied here, on the decoded text of each continuation.
+The engine only schedules; what to generate and when a continuation ends is the decoding core's
+(lmforge.generate.decode and Row.advance), the same for the CLI, Python and the server. Each turn of the
+worker loop
+  1. admits waiting jobs (one per prompt, each with n continuations) while fewer than max_concurrency are
+     in generation (and, once max_decodes decodes run, only jobs that have waited batch_wait seconds, so
+     that jobs arriving one by one gather into batches instead of each starting a decode of its own);
+     waiting jobs are merged into one batched decode, a micro-batch, of at most max_batch_size rows, whatever
+     their sampling options, prompt lengths, budgets and stop strings: each row carries its own (Engine.fits
+     says which may join);
+  2. advances every active decode by one token, in turn, so streams interleave and none waits for another;
+  3. hands each job's events (text pieces, finish reasons) to its mailbox on the event loop.
+A job whose client left (Job.cancel) or whose deadline passed is dropped before the next step (its rows are
+marked cancelled, so the decode stops reporting them); a decode with no job left is closed.
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-import torch
-
-from lmforge.generate import GenerateConfig, TextGenerator, decode_batch, row_generators
+from lmforge.generate import Event, GenerateConfig, Row, TextGenerator, decode, make_rows
 
 
 MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
@@ -37,34 +35,11 @@ class Busy(Exception):
 
 @dataclass
 class Choice:
-    """One continuation as it is produced: its text (cut before a stop string) and why it ended."""
+    """One continuation as its events arrive: its text so far (cut before a stop string) and why it ended."""
 
-    decoder: Any
     text: str = ""
-    sent: int = 0        # characters of text already handed out as stream pieces
-    tokens: int = 0      # tokens generated (the end token is not counted)
-    finish: Optional[str] = None  # "stop" (end token or stop string) | "length"
-    reported: bool = False        # the finish event was sent (streaming)
-
-    def add(self, piece: str, stop: tuple[str, ...]) -> None:
-        """Append decoded text; finish with "stop" and cut the text before the first stop string found."""
-        start = max(0, len(self.text) - max((len(s) for s in stop), default=0))
-        self.text += piece
-        cuts = [i for s in stop if (i := self.text.find(s, start)) >= 0]
-        if cuts:
-            self.text = self.text[:min(cuts)]
-            self.finish = "stop"
-
-    def ready(self, stop: tuple[str, ...]) -> str:
-        """Text not yet handed out that can no longer become part of a stop string; marks it handed out."""
-        end = len(self.text)
-        if self.finish is None:  # hold back a tail that is the beginning of a stop string
-            for k in range(min(len(self.text), max((len(s) for s in stop), default=1) - 1), 0, -1):
-                if any(s.startswith(self.text[-k:]) for s in stop):
-                    end -= k
-                    break
-        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return piece
+    tokens: int = 0                 # tokens generated (an end token is not counted)
+    finish: Optional[str] = None    # "stop" (end token or stop string) | "length"
 
 
 class Mailbox:
@@ -106,13 +81,13 @@ class Job:
     """
 
     prompt_ids: list[int]
-    config: GenerateConfig           # num_return_sequences = n, max_new_tokens = max_tokens
-    stop: tuple[str, ...]
+    config: GenerateConfig           # num_return_sequences = n, max_new_tokens = max_tokens, stop_strings
     stream: bool
     deadline: float                  # time.monotonic() after which the job fails with 504
     mailbox: "Mailbox"               # shared by the jobs of one request
     first_index: int = 0
     choices: list[Choice] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # its rows in the decode, once started
     cancelled: bool = False
     queued_at: float = 0.0           # time.monotonic() when submitted
 
@@ -125,12 +100,6 @@ class Job:
         return self.config.num_return_sequences
 
     @property
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can share a decode (see Engine.fits): the same way of picking tokens."""
-        c = self.config
-        return (c.is_greedy, c.temperature, c.top_k, c.top_p, c.min_p, c.repetition_penalty)
-
-    @property
     def reproducible(self) -> bool:
         """Greedy or seeded: its text must not depend on the jobs it is batched with."""
         return self.config.is_greedy or self.config.seed is not None
@@ -141,11 +110,11 @@ class Job:
 
 @dataclass(eq=False)
 class Batch:
-    """One decode over the rows of one or more jobs: rows of jobs[i] are spans[i]."""
+    """One decode over the rows of one or more jobs; owner[i] = (job, choice index) of row i."""
 
     jobs: list[Job]
-    spans: list[range]
-    steps: Optional[Iterator[torch.Tensor]] = None
+    owner: list[tuple[Job, int]] = field(default_factory=list)
+    steps: Optional[Iterator[list[Event]]] = None
 
 
 class Engine:
@@ -238,35 +207,32 @@ class Engine:
                 if self.fits(group, job):
                     self._waiting.remove(job)
                     group.append(job)
-            spans, row = [], 0
-            for job in group:  # the n rows of each job, one after the other
-                spans.append(range(row, row + job.n))
-                row += job.n
             self._running += len(group)
-            batches.append(Batch(group, spans))
+            batches.append(Batch(group))
         return batches
 
     def fits(self, group: list[Job], job: Job) -> bool:
-        """Whether `job` can join the decode of `group`: the same sampling options, room in the batch, and,
-        for a greedy or seeded job, a batch whose longest prompt plus new tokens fit in block_size (within
-        the window a padded row gets the tokens it gets alone; see generate's module docstring)."""
-        if job.batch_key != group[0].batch_key or sum(j.n for j in group) + job.n > self.max_batch_size:
+        """Whether `job` can join the decode of `group`: room in the batch and, for a greedy or seeded job, a
+        batch whose longest prompt plus new tokens fit in block_size (within the window a padded row gets the
+        tokens it gets alone; see lmforge.generate). Sampling options, budgets and stops may differ."""
+        if sum(j.n for j in group) + job.n > self.max_batch_size:
             return False
         if not any(j.reproducible for j in group + [job]):
             return True
         longest = max(len(j.prompt_ids) for j in group + [job])
-        budget = max(j.config.max_new_tokens for j in group + [job])
+        budget = max(j.config.new_tokens(len(j.prompt_ids)) for j in group + [job])
         return longest + budget <= self.model.config.block_size
 
     def _release(self, batch: Batch, job: Job) -> None:
-        i = batch.jobs.index(job)
-        del batch.jobs[i], batch.spans[i]
+        batch.jobs.remove(job)
+        for row in job.rows:  # the decode stops reporting them; their tokens are ignored from now on
+            row.finish = row.finish or "cancelled"
         with self._lock:
             self._running -= 1
             self.jobs_done += 1
 
     def _step(self, batch: Batch) -> None:
-        """Advance one decode by one token and hand the text to its jobs; end it when no job is left."""
+        """Advance one decode by one token and hand the events to their jobs; end it when no job is left."""
         now = time.monotonic()
         for job in list(batch.jobs):
             if job.cancelled:
@@ -278,17 +244,20 @@ class Engine:
             if batch.jobs:
                 if batch.steps is None:
                     batch.steps = self._start(batch)
-                tokens = next(batch.steps).tolist()  # (B,)
-                self.generated_tokens += len(tokens)
-                for job, span in zip(list(batch.jobs), list(batch.spans)):
-                    self._take(batch, job, tokens[span.start:span.stop])
-        except StopIteration:  # the decode's budget is spent: what is still open ran out of length
-            for job in list(batch.jobs):
-                for choice in job.choices:
-                    if choice.finish is None:
-                        choice.add(choice.decoder.flush(), job.stop)
-                        choice.finish = choice.finish or "length"
-                self._finish(batch, job)
+                events = next(batch.steps, None)
+                if events is None:  # every row has ended (their jobs already finished): nothing left to do
+                    for job in list(batch.jobs):
+                        self._finish(batch, job)
+                    events = []
+                self.generated_tokens += len(batch.owner)
+                touched = {}
+                for event in events:
+                    job, index = batch.owner[event.row]
+                    self._take(job, index, event)
+                    touched[id(job)] = job
+                for job in touched.values():
+                    if job in batch.jobs and all(choice.finish is not None for choice in job.choices):
+                        self._finish(batch, job)
         except Exception as e:  # a bug, not a user error: fail the jobs, keep the server up
             for job in list(batch.jobs):
                 job.emit("error", 500, f"generation failed: {type(e).__name__}: {e}")
@@ -298,51 +267,30 @@ class Engine:
                 batch.steps.close()
             self._active.remove(batch)
 
-    def _start(self, batch: Batch) -> Iterator[torch.Tensor]:
+    def _start(self, batch: Batch) -> Iterator[list[Event]]:
+        """The decode of a batch's jobs: each job's rows as it would make them alone (its own budget, stop
+        strings, sampling options and seeded generators)."""
+        rows: list[Row] = []
         for job in batch.jobs:
-            job.choices = [Choice(self.tokenizer.stream_decoder()) for _ in range(job.n)]
-        budget = max(job.config.max_new_tokens for job in batch.jobs)
-        config = replace(batch.jobs[0].config, max_new_tokens=budget, num_return_sequences=1)
-        generators = None
-        if not config.is_greedy:  # each job its own random streams: seeded as it would be alone, else fresh
-            device = self.model.tok_emb.weight.device
-            generators = [g for job in batch.jobs for g in row_generators(job.config, job.n, 1, device)]
+            job.rows = make_rows(self.model, [job.prompt_ids], job.config, self.tokenizer.end_id, self.tokenizer)
+            job.choices = [Choice() for _ in job.rows]
+            batch.owner += [(job, i) for i in range(len(job.rows))]
+            rows += job.rows
         self.decodes += 1
-        rows = [job.prompt_ids for job in batch.jobs for _ in range(job.n)]  # a prompt per row: n may differ
-        return decode_batch(self.model, rows, config, end_ids=config.end_ids(self.tokenizer.end_id),
-                            generators=generators)
+        return decode(self.model, rows)
 
-    def _take(self, batch: Batch, job: Job, tokens: list[int]) -> None:
-        """One new token per continuation of `job`: decode, apply stop strings and the length cap."""
-        for index, (choice, token) in enumerate(zip(job.choices, tokens)):
-            if choice.finish is not None:
-                continue
-            if token == self.tokenizer.end_id:
-                choice.text += choice.decoder.flush()
-                choice.finish = "stop"
-            else:
-                choice.tokens += 1
-                choice.add(choice.decoder.push(token), job.stop)
-                if choice.finish is None and choice.tokens >= job.config.max_new_tokens:
-                    choice.add(choice.decoder.flush(), job.stop)
-                    choice.finish = choice.finish or "length"
-            if job.stream:
-                self._report(job, index, choice)
-        if all(choice.finish is not None for choice in job.choices):
-            self._finish(batch, job)
-
-    def _report(self, job: Job, index: int, choice: Choice) -> None:
-        """Stream out the text of a continuation that is settled, and its end once it has one."""
-        piece = choice.ready(job.stop)
-        if piece:
-            job.emit("piece", job.first_index + index, piece)
-        if choice.finish is not None and not choice.reported:
-            choice.reported = True
-            job.emit("finish", job.first_index + index, choice.finish)
+    def _take(self, job: Job, index: int, event: Event) -> None:
+        """One continuation's event: its text, its token count, its finish; streamed out as they come."""
+        choice = job.choices[index]
+        choice.text += event.text
+        choice.tokens += event.token is not None
+        choice.finish = event.finish
+        if job.stream:
+            if event.text:
+                job.emit("piece", job.first_index + index, event.text)
+            if event.finish is not None:
+                job.emit("finish", job.first_index + index, event.finish)
 
     def _finish(self, batch: Batch, job: Job) -> None:
-        if job.stream:
-            for index, choice in enumerate(job.choices):
-                self._report(job, index, choice)
         job.emit("done", job)
         self._release(batch, job)

@@ -1,0 +1,159 @@
+"""Generation for people and programs: text in, text out, every entry point a reader of the one decoding loop.
+
+    complete(model, tokenizer, prompts, config)  -> [prompt][sequence] Completion(text, token_ids, finish_reason, ...)
+    generate(model, tokenizer, prompt, **options) -> the new text (or a list of texts)
+    stream(model, tokenizer, prompt, **options)   -> text pieces as they are generated
+    generate_batch_ids / generate_ids             -> new token ids, for code that works on ids
+    TextGenerator / load(path)                    -> a model and its tokenizer, ready for the above
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
+
+from lmforge.errors import ConfigError
+from lmforge.generate.beam import beam_search
+from lmforge.generate.config import GenerateConfig
+from lmforge.generate.decode import apply_compile, decode
+from lmforge.generate.quantize import apply_inference_dtype
+from lmforge.generate.rows import make_rows
+from lmforge.model import GPT
+
+
+def options(config: Optional[GenerateConfig], kwargs: dict[str, Any]) -> GenerateConfig:
+    """The GenerateConfig an entry point was given: `config`, its fields in kwargs, or config with kwargs changed."""
+    if config is None:
+        return GenerateConfig(**kwargs)
+    return replace(config, **kwargs) if kwargs else config
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """<START> + the prompt's tokens, the way training documents begin.
+
+    A tokenizer without a start token (GPT-2's) puts nothing first; an empty prompt then starts from its
+    end token, as GPT-2 samples "from nothing" (its <|endoftext|> separates documents)."""
+    start = [tokenizer.start_id] if tokenizer.start_id is not None else []
+    ids = start + tokenizer.encode(prompt)
+    if not ids and tokenizer.end_id is not None:
+        ids = [tokenizer.end_id]
+    return ids
+
+
+class Completion(NamedTuple):
+    """One generated continuation, with what a server reports about it."""
+
+    text: str  # the new text, ending before a stop string
+    token_ids: list[int]  # the new tokens, without an end token (up to the one that completed a stop string)
+    finish_reason: str  # "stop" (end token, stop token id or stop string) or "length" (the budget ran out)
+    prompt_tokens: int  # tokens of the prompt as the model saw it (<START> included, after cropping)
+
+
+def generate_batch_ids(model: GPT, prompts: Sequence[Sequence[int]], config: Optional[GenerateConfig] = None,
+                       end_id: Optional[int] = None, tokenizer: Any = None,
+                       **kwargs: Any) -> list[list[list[int]]]:
+    """New token ids for each prompt and each of its num_return_sequences sequences: [prompt][sequence] -> ids
+    (without the prompt and without an end id: end_id or a stop_token_ids entry). Options come as a
+    GenerateConfig or as its fields in kwargs; stop_strings need the tokenizer."""
+    config = options(config, kwargs)
+    if not prompts:
+        return []
+    if config.num_beams > 1:
+        return beam_search(model, prompts, config, config.end_ids(end_id))
+    rows = make_rows(model, prompts, config, end_id, tokenizer)
+    for _ in decode(model, rows):
+        pass
+    copies = config.num_return_sequences
+    return [[row.tokens for row in rows[p * copies:(p + 1) * copies]] for p in range(len(prompts))]
+
+
+def generate_ids(model: GPT, prompt_ids: Sequence[int], config: Optional[GenerateConfig] = None,
+                 end_id: Optional[int] = None, **kwargs: Any) -> list[list[int]]:
+    """New token ids (without the prompt, cut before end_id) for each of num_return_sequences samples."""
+    return generate_batch_ids(model, [prompt_ids], config, end_id, **kwargs)[0]
+
+
+def complete(model: GPT, tokenizer: Any, prompts: Sequence[str], config: Optional[GenerateConfig] = None,
+             **kwargs: Any) -> list[list[Completion]]:
+    """The num_return_sequences Completions of each prompt, all decoded as one batch: [prompt][sequence]."""
+    config = options(config, kwargs)
+    if not prompts:
+        return []
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    copies = config.num_return_sequences
+    if config.num_beams > 1:
+        beams = beam_search(model, encoded, config, config.end_ids(tokenizer.end_id))
+        out = []
+        for prompt, hypotheses in zip(encoded, beams):
+            n_prompt = min(len(prompt), model.config.block_size)
+            budget = config.new_tokens(n_prompt)
+            out.append([Completion(tokenizer.decode(ids), ids, "stop" if len(ids) < budget else "length", n_prompt)
+                        for ids in hypotheses])
+        return out
+    rows = make_rows(model, encoded, config, tokenizer.end_id, tokenizer)
+    for _ in decode(model, rows):
+        pass
+    return [[Completion(row.text.text, row.tokens, row.finish, len(row.prompt))
+             for row in rows[p * copies:(p + 1) * copies]] for p in range(len(prompts))]
+
+
+def generate(model: GPT, tokenizer: Any, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,
+             **kwargs: Any) -> Union[str, list[str], list[list[str]]]:
+    """The continuation of `prompt` (the new text only, ending before a stop string).
+
+    prompt a str: a str, or a list of num_return_sequences texts when that is above 1.
+    prompt a list of str (decoded as one batch): one entry per prompt, each a str or such a list.
+    """
+    config = options(config, kwargs)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    out: list = []
+    for rows in complete(model, tokenizer, prompts, config):
+        texts = [c.text for c in rows]
+        out.append(texts[0] if config.num_return_sequences == 1 else texts)
+    return out[0] if isinstance(prompt, str) else out
+
+
+def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateConfig] = None,
+           **kwargs: Any) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces while it is generated (one sequence, no beams).
+    The pieces join to generate()'s text; text that may begin a stop string is held back until it does not."""
+    config = options(config, kwargs)
+    if config.num_return_sequences != 1 or config.num_beams != 1:
+        raise ConfigError("stream() generates one sequence without beam search; set num_return_sequences=1 and "
+                          "num_beams=1, or use generate()")
+    rows = make_rows(model, [prompt_ids(tokenizer, prompt)], config, tokenizer.end_id, tokenizer)
+    return (event.text for events in decode(model, rows) for event in events if event.text)
+
+
+class TextGenerator:
+    """A model and its tokenizer, ready to continue prompts: .generate(prompt, **kw), .stream(prompt, **kw),
+    .complete(prompts, **kw); kw are GenerateConfig fields. compile=True decodes through apply_compile(model)."""
+
+    def __init__(self, model: GPT, tokenizer: Any, compile: bool = False) -> None:
+        self.model = apply_compile(model.eval()) if compile else model.eval()
+        self.tokenizer = tokenizer
+
+    def generate(self, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,
+                 **kwargs: Any) -> Union[str, list[str], list[list[str]]]:
+        """The continuation of prompt, or of each prompt of a list (one batch): a str per prompt, or a list
+        of them when num_return_sequences > 1."""
+        return generate(self.model, self.tokenizer, prompt, config, **kwargs)
+
+    def stream(self, prompt: str, config: Optional[GenerateConfig] = None, **kwargs: Any) -> Iterator[str]:
+        """Text pieces of one continuation as they are generated."""
+        return stream(self.model, self.tokenizer, prompt, config, **kwargs)
+
+    def complete(self, prompts: Sequence[str], config: Optional[GenerateConfig] = None,
+                 **kwargs: Any) -> list[list[Completion]]:
+        """Completion(text, token_ids, finish_reason, prompt_tokens) per prompt and sequence, as one batch."""
+        return complete(self.model, self.tokenizer, prompts, config, **kwargs)
+
+
+def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional[str] = None,
+         compile: bool = False) -> TextGenerator:
+    """A TextGenerator over the checkpoint at `path` (a run directory: its newest complete checkpoint);
+    dtype / quantize as apply_inference_dtype (default fp32, exact), compile as apply_compile."""
+    from lmforge.checkpoint import load_for_inference  # imported on use: reads files, pulls in the tokenizer
+
+    model, tokenizer, _ = load_for_inference(path, device)
+    return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile)

@@ -1,0 +1,72 @@
+"""The one decoding loop: a batch of rows, each with its own settings, one token per row per step.
+
+    prefill the prompts once -> per step: last logits -> each group of rows with equal scoring options
+    (penalties, n-gram ban, temperature / top-k / top-p / min-p, greedy or a draw from the row's own
+    generator) picks its tokens -> every running row takes its token (Row.advance: end id, stop string,
+    budget) and reports an Event -> feed the new column through the cache -> ... until every row ended.
+
+complete, stream, the CLI and the server's engine all read these events; none of them applies a stop
+rule of its own. A row that has ended (or that its reader cancelled) is still fed, its tokens ignored,
+so the others compute exactly what they would alone.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from lmforge.generate.processors import next_token, process_scores
+from lmforge.generate.rows import Event, Row, Sequences
+from lmforge.model import GPT
+
+
+class Scoring:
+    """The rows of a batch grouped by their scoring options, and the pick of each group's next tokens."""
+
+    def __init__(self, rows: Sequence[Row], device: torch.device) -> None:
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.config.scoring, []).append(i)
+        self.groups = [(rows[index[0]].config, torch.tensor(index, device=device),
+                        [rows[i].generator for i in index]) for index in groups.values()]
+        self.whole = len(self.groups) == 1  # one group: no gather / scatter
+        self.processed = any(c.repetition_penalty != 1.0 or c.no_repeat_ngram_size > 0 for c, _, _ in self.groups)
+
+    def pick(self, logits: torch.Tensor, seqs: Sequences) -> torch.Tensor:
+        """The next token (B,) of every row from the last logits (B, V)."""
+        tokens, real = seqs.so_far() if self.processed else (None, None)
+        if self.whole:
+            config, _, generators = self.groups[0]
+            scores = process_scores(logits, tokens, real, config) if self.processed else logits
+            return next_token(scores, config, None if config.is_greedy else generators)
+        out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+        for config, index, generators in self.groups:
+            scores = logits.index_select(0, index)
+            if self.processed:
+                scores = process_scores(scores, tokens.index_select(0, index),
+                                        None if real is None else real.index_select(0, index), config)
+            out.index_copy_(0, index, next_token(scores, config, None if config.is_greedy else generators))
+        return out
+
+
+@torch.inference_mode()
+def decode(model: GPT, rows: Sequence[Row]) -> Iterator[list[Event]]:
+    """Decode `rows` as one batch; yield, per step, the Events of the rows still running at that step.
+    Ends once every row has finished (see Row.advance) or been cancelled (row.finish set by its reader).
+    The model should be in eval mode."""
+    if not rows:
+        return
+    seqs = Sequences(model, [row.prompt for row in rows], max(row.budget for row in rows))
+    scoring = Scoring(rows, seqs.tokens.device)
+    while any(row.finish is None for row in rows):
+        token = scoring.pick(seqs.next_logits(model), seqs)  # (B,)
+        seqs.append(token)
+        yield [row.advance(i, t) for i, (row, t) in enumerate(zip(rows, token.tolist())) if row.finish is None]
+
+
+def apply_compile(model: GPT) -> GPT:
+    """torch.compile(model, dynamic=True): one graph serves every cache length and batch size (the first
+    calls compile, tens of seconds on a CPU); a decoding step then runs as a few fused kernels instead of
+    ~50 module calls, which is most of the time of a small model."""
+    return torch.compile(model, dynamic=True)  # type: ignore[return-value]

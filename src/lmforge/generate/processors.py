@@ -1,0 +1,91 @@
+"""From a row's last logits to its next token: penalties, n-gram ban, temperature, top-k / top-p / min-p, a pick.
+
+Each function works on a batch of rows (B, V) that share one GenerateConfig's scoring options; the
+decoding loop groups rows by those options (GenerateConfig.scoring), so rows with different settings
+can share one forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from lmforge.generate.config import GenerateConfig
+
+
+def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Scores (B, V) of tokens already seen (B, V) bool: positive ones divided by `penalty`, negative ones
+    multiplied (CTRL, Keskar et al. 2019, sec. 4.1, as Hugging Face applies it), so above 1 they all drop."""
+    penalized = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return torch.where(seen, penalized, scores)
+
+
+def seen_tokens(tokens: torch.Tensor, real: Optional[torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: the tokens present in each row of tokens (B, L); real (B, L) marks real tokens (None = all)."""
+    ids = tokens if real is None else tokens.masked_fill(~real, vocab_size)  # pads go to an extra column
+    seen = torch.zeros(ids.size(0), vocab_size + 1, dtype=torch.bool, device=ids.device)
+    return seen.scatter_(1, ids, True)[:, :vocab_size]
+
+
+def banned_ngram_tokens(tokens: torch.Tensor, real: Optional[torch.Tensor], n: int, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: the tokens that would complete an n-gram already present in each row of tokens (B, L).
+    real (B, L) marks real tokens (None = all); an n-gram touching a pad does not count."""
+    B, L = tokens.shape
+    banned = torch.zeros(B, vocab_size + 1, dtype=torch.bool, device=tokens.device)  # column V: no ban
+    if L < n or n < 1:
+        return banned[:, :vocab_size]
+    grams = tokens.unfold(1, n, 1)  # (B, L-n+1, n): every n-gram
+    last = tokens[:, L - n + 1:]  # (B, n-1): the prefix the next token would complete
+    match = (grams[:, :, :-1] == last[:, None, :]).all(dim=-1)  # (B, L-n+1)
+    if real is not None:
+        match &= real.unfold(1, n, 1).all(dim=-1)
+    candidates = torch.where(match, grams[:, :, -1], vocab_size)  # (B, L-n+1): the completing tokens
+    return banned.scatter_(1, candidates, True)[:, :vocab_size]
+
+
+def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[torch.Tensor],
+                   config: GenerateConfig) -> torch.Tensor:
+    """Scores (B, V) after the repetition penalty and the no-repeat n-gram ban (Hugging Face's logits
+    processors of the same names) over each row's tokens so far (B, L) (real: (B, L) or None);
+    temperature and the filters come later, in next_token."""
+    if config.repetition_penalty != 1.0:
+        scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), config.repetition_penalty)
+    if config.no_repeat_ngram_size > 0:
+        banned = banned_ngram_tokens(tokens, real, config.no_repeat_ngram_size, scores.size(-1))
+        scores = scores.masked_fill(banned, -torch.inf)
+    return scores
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  min_p: Optional[float] = None) -> torch.Tensor:
+    """Set to -inf every logit (B, V) outside the top k, then outside the nucleus of mass top_p
+    (Holtzman et al. 2020: the smallest most-likely set whose probability reaches top_p), then below
+    min_p times the top probability (Nguyen et al. 2024). The most likely token always survives."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), -torch.inf)
+    if min_p is not None and min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, -torch.inf)
+    return logits
+
+
+def next_token(scores: torch.Tensor, config: GenerateConfig, generator: Union[None, torch.Generator,
+               Sequence[Optional[torch.Generator]]] = None) -> torch.Tensor:
+    """The next token (B,) from last-position scores (B, V): the argmax, or a draw after temperature and
+    the filters. `generator`: one for the whole batch, or one per row (each row then draws alone)."""
+    if config.is_greedy:
+        return scores.argmax(dim=-1)
+    logits = filter_logits(scores.float() / config.temperature, config.top_k, config.top_p, config.min_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+    if len(generator) == 1:
+        return torch.multinomial(probs, 1, generator=generator[0]).squeeze(1)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(1)

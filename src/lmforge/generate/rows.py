@@ -1,0 +1,187 @@
+"""The state of a decode: the batch's token table and KV cache (Sequences), and each row's own settings and
+progress (Row), its text cut at stop strings (StopText) and its random stream (row_generators).
+
+Rows of one batch are independent: each has its own budget, end ids, stop strings, sampling options
+and generator. The rule that ends a row lives in Row.advance, once, for every reader (complete, stream,
+the CLI and the server).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional, Sequence
+
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.generate.config import GenerateConfig
+from lmforge.model import GPT, KVCache
+
+
+# --------------------------------------------------------------------------------------------- the batch
+def crop_prompt(prompt_ids: Sequence[int], block_size: int) -> list[int]:
+    """The prompt's last block_size tokens (with a warning when that drops some)."""
+    ids = list(prompt_ids)
+    if not ids:
+        raise ConfigError("the prompt is empty and there is no start token; pass at least one token")
+    if len(ids) > block_size:
+        warnings.warn(f"prompt of {len(ids)} tokens is longer than block_size={block_size}; "
+                      f"keeping its last {block_size} tokens", stacklevel=4)
+        ids = ids[-block_size:]
+    return ids
+
+
+class Sequences:
+    """Rows of token ids being extended one column per step, left-padded to a common width, with their KV cache.
+
+    tokens (B, width + budget): the prompts right-aligned at column `width`, new tokens after it;
+    real (B, width + budget) bool marks real tokens (None when no row is padded); `n` columns are filled.
+    The cache holds the columns start..n-1 (start moves when the window slides: see the package docstring).
+    """
+
+    def __init__(self, model: GPT, prompts: list[list[int]], budget: int, pad_id: int = 0) -> None:
+        device = model.tok_emb.weight.device
+        B, self.width = len(prompts), max(len(p) for p in prompts)
+        self.tokens = torch.full((B, self.width + budget), pad_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            self.tokens[row, self.width - len(prompt):self.width] = torch.tensor(prompt, dtype=torch.long)
+        self.real = None
+        if any(len(p) != self.width for p in prompts):
+            pads = torch.tensor([self.width - len(p) for p in prompts], device=device)
+            self.real = torch.arange(self.tokens.size(1), device=device)[None, :] >= pads[:, None]  # (B, width+budget)
+        self.n, self.start = self.width, 0
+        self.cache = KVCache.for_model(model, B)
+        self.block = model.config.block_size
+
+    def next_logits(self, model: GPT) -> torch.Tensor:
+        """Last-position logits (B, V), feeding the cache what it lacks: the prompts, one new column, or,
+        when the window is full, the newest block // 2 columns again."""
+        if self.cache.pos == self.block:
+            self.cache.reset()
+            self.start = self.n - max(1, self.block // 2)
+        first = self.start + self.cache.pos  # the first column the cache lacks
+        mask = self.real[:, self.start:self.n] if self.real is not None else None
+        return model(self.tokens[:, first:self.n], self.cache, mask)[:, -1]
+
+    def append(self, token: torch.Tensor) -> None:
+        self.tokens[:, self.n] = token
+        self.n += 1
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (B,), in that order: tokens, padding and cache (beam search)."""
+        self.tokens = self.tokens.index_select(0, index)
+        self.real = self.real.index_select(0, index) if self.real is not None else None
+        self.cache.reorder(index)
+
+    def so_far(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(tokens (B, n), real (B, n) or None): every row's prompt and new tokens so far."""
+        return self.tokens[:, :self.n], (self.real[:, :self.n] if self.real is not None else None)
+
+    def new_tokens(self) -> torch.Tensor:
+        return self.tokens[:, self.width:self.n]  # (B, new tokens so far)
+
+
+# ----------------------------------------------------------------------------------------------- a row
+class StopText:
+    """The text of one sequence as its tokens arrive, cut before the first stop string.
+
+    push(token) decodes one token (the tokenizer's stream decoder holds back the bytes of a character cut
+    in the middle) and returns the text now settled: text that can no longer turn out to be the start of
+    a stop string. `stopped` turns True when a stop string appears; `text` then ends before it. close()
+    returns what is left at the end. The pieces returned join to `text`.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str] = ()) -> None:
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = tuple(stop_strings)
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def push(self, token_id: int) -> str:
+        return self._add(self.decoder.push(token_id), final=False)
+
+    def close(self) -> str:
+        return self._add(self.decoder.flush(), final=True)
+
+    def _add(self, piece: str, final: bool) -> str:
+        if piece and not self.stopped:
+            start = max(0, len(self.text) - self.longest + 1)  # a new match ends inside the new piece
+            self.text += piece
+            cuts = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+            if cuts:
+                self.text, self.stopped = self.text[:min(cuts)], True
+        end = len(self.text) if self.stopped or final else len(self.text) - self._held()
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def _held(self) -> int:
+        """Length of the longest tail of the text that begins a stop string (held back until settled)."""
+        for k in range(min(len(self.text), self.longest - 1), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stops):
+                return k
+        return 0
+
+
+class Event(NamedTuple):
+    """What one decoding step did to one row."""
+
+    row: int                 # index of the row in the decode
+    token: Optional[int]     # the new token, or None when the row ended on an end id (not part of the output)
+    text: str                # text settled by this step ("" without a tokenizer, or while held back)
+    finish: Optional[str]    # None while running; "stop" (end id or stop string) | "length" (budget spent)
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence of a decode: its prompt and settings, and where it stands."""
+
+    prompt: list[int]                           # cropped to block_size
+    config: GenerateConfig                      # its scoring options (GenerateConfig.scoring)
+    budget: int                                 # new tokens at most
+    end_ids: frozenset[int]                     # ids that end it, left out of its output
+    generator: Optional[torch.Generator] = None  # its random draws (None: greedy)
+    text: Optional[StopText] = None             # with a tokenizer: its text, stop strings applied
+    tokens: list[int] = field(default_factory=list)  # new tokens so far (an end id is not one)
+    finish: Optional[str] = None                # "stop" | "length" | "cancelled" (the reader left)
+
+    def advance(self, index: int, token: int) -> Event:
+        """Take this step's token: the one rule that ends a row (an end id, a stop string, the budget)."""
+        if token in self.end_ids:
+            self.finish = "stop"
+            return Event(index, None, self.text.close() if self.text else "", "stop")
+        self.tokens.append(token)
+        piece = self.text.push(token) if self.text else ""
+        if self.text is not None and not self.text.stopped and len(self.tokens) >= self.budget:
+            piece += self.text.close()  # the bytes a last, cut character left: a stop string may end in them
+        if self.text is not None and self.text.stopped:
+            self.finish = "stop"
+        elif len(self.tokens) >= self.budget:
+            self.finish = "length"
+        return Event(index, token, piece, self.finish)
+
+
+def row_generators(config: GenerateConfig, copies: int, prompts: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per row (prompt-major: prompt p, copy j is row p * copies + j): copy 0 seeded with
+    `seed`, copy j > 0 with the j-th number a generator seeded with `seed` draws, so a prompt draws the
+    same tokens alone or batched with others."""
+    seed = config.seed if config.seed is not None else torch.Generator().seed()  # null: a fresh random seed
+    draws = torch.randint(2**62, (copies,), generator=torch.Generator().manual_seed(seed)).tolist()
+    seeds = [seed] + draws[1:]
+    return [torch.Generator(device=device).manual_seed(seeds[j]) for _ in range(prompts) for j in range(copies)]
+
+
+def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConfig, end_id: Optional[int] = None,
+              tokenizer: Any = None) -> list[Row]:
+    """num_return_sequences Rows per prompt (prompt-major), each with its budget, end ids, generator and
+    (with a tokenizer) its text. Stop strings need the tokenizer."""
+    if config.stop_strings and tokenizer is None:
+        raise ConfigError("stop_strings need the tokenizer to read the text; pass tokenizer=")
+    cropped = [crop_prompt(p, model.config.block_size) for p in prompts]
+    copies, device = config.num_return_sequences, model.tok_emb.weight.device
+    generators = [None] * (len(cropped) * copies) if config.is_greedy else \
+        row_generators(config, copies, len(cropped), device)
+    end_ids = frozenset(config.end_ids(end_id))
+    return [Row(prompt, config, config.new_tokens(len(prompt)), end_ids, generators[p * copies + j],
+                StopText(tokenizer, config.stop_strings or ()) if tokenizer is not None else None)
+            for p, prompt in enumerate(cropped) for j in range(copies)]
