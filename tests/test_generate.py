@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
-from lmforge.generate import (GenerateConfig, TextGenerator, apply_inference_dtype, banned_ngram_tokens,
+from lmforge.generate import (GenerateConfig, TextGenerator, apply_inference_dtype, banned_ngram_tokens, decode,
+                              make_rows, prompt_ids,
                               StopText, filter_logits, generate_batch_ids, generate_ids, next_token,
                               repetition_penalty)
 from lmforge.model import GPT
@@ -357,3 +358,38 @@ def test_complete_reports_tokens_and_why_each_sequence_ended():
     ended = gen.complete(["ab"], max_new_tokens=30, seed=11, top_k=5, stop_token_ids=[free.token_ids[4]])[0][0]
     assert ended.finish_reason == "stop" and ended.token_ids == free.token_ids[:free.token_ids.index(free.token_ids[4])]
     assert gen.complete([]) == []
+
+
+# ------------------------------------------------------------------------------ one loop, rows of any kind
+def test_rows_with_their_own_budgets_stops_and_sampling_in_one_batch_equal_each_row_alone():
+    """The decoding core takes rows with different settings in one batch (the server merges requests this way):
+    each row's tokens, text and finish reason are those it gets alone."""
+    m = model(block_size=64)
+    free = TextGenerator(m, TOKENIZER).complete(["ab"], max_new_tokens=30, seed=11, top_k=5)[0][0]
+    stop_id = free.token_ids[4]
+    settings = [
+        ("ab", GenerateConfig(max_new_tokens=30, seed=11, top_k=5)),
+        ("ab", GenerateConfig(max_new_tokens=30, seed=11, top_k=5, stop_strings=[free.text[8:10]])),
+        ("a longer prompt", GenerateConfig(max_new_tokens=5, temperature=0.0)),
+        ("x", GenerateConfig(max_new_tokens=12, seed=2, temperature=0.7, top_p=0.9, repetition_penalty=1.3)),
+        ("yz", GenerateConfig(max_new_tokens=20, seed=5, min_p=0.1, no_repeat_ngram_size=2, num_return_sequences=2)),
+        ("ab", GenerateConfig(max_new_tokens=30, seed=11, top_k=5, stop_token_ids=[stop_id])),
+    ]
+
+    def rows_of(prompt, config):
+        return make_rows(m, [prompt_ids(TOKENIZER, prompt)], config, END, TOKENIZER)
+
+    alone = []
+    for prompt, config in settings:
+        rows = rows_of(prompt, config)
+        list(decode(m, rows))
+        alone += [(row.tokens, row.text.text, row.finish) for row in rows]
+    together = [row for prompt, config in settings for row in rows_of(prompt, config)]
+    events = [e for step in decode(m, together) for e in step]
+    assert [(row.tokens, row.text.text, row.finish) for row in together] == alone
+    assert [alone[i][2] for i in (0, 1, 2, 6)] == ["length", "stop", "length", "stop"]  # budget, string, budget, id
+    for i, row in enumerate(together):  # the events tell a reader everything: text pieces, tokens, one finish
+        mine = [e for e in events if e.row == i]
+        assert "".join(e.text for e in mine) == row.text.text
+        assert [e.token for e in mine if e.token is not None] == row.tokens
+        assert [e.finish for e in mine] == [None] * (len(mine) - 1) + [row.finish]
