@@ -186,3 +186,72 @@ def test_after_a_resume_metrics_read_as_one_uninterrupted_run(full_run, tmp_path
     keys = [(r["kind"], r["step"]) for r in ours]
     assert len(keys) == len(set(keys))
     assert view(ours) == view(uninterrupted)
+
+
+# ------------------------------------------------------------------- readers fall back like --resume auto
+@pytest.fixture(scope="module")
+def run_on_data(tmp_path_factory):
+    """4 steps on a prepared data directory (what eval reads by default), saving at steps 2 and 4."""
+    from lmforge.train import Trainer
+    from tiny_training import write_prepared_data
+
+    root = tmp_path_factory.mktemp("readers")
+    texts = {split: [f"{split} document {i}: the cat sat on the mat." for i in range(n)]
+             for split, n in (("train", 40), ("val", 6), ("test", 6))}
+    data = write_prepared_data(root / "data", texts)
+    config = tiny_config(root / "run", **{"data.path": str(data), "train.max_steps": 4, "train.save_interval": 2,
+                                          "train.eval_interval": 2})
+    Trainer(config, progress=False, tensorboard=False).fit()
+    return root / "run"
+
+
+def _flip_a_weight_byte(ckpt: Path) -> None:
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+
+
+READERS = {"eval": ["--split", "test"], "generate": ["--prompt", "the", "--max-new-tokens", "8", "--seed", "3",
+                                                     "--no-stream"]}
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_eval_and_generate_skip_a_corrupt_newest_checkpoint_saying_so(run_on_data, tmp_path, capsys, command):
+    from lmforge.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_on_data, run)
+    newest, older = run / "checkpoints" / "step-00000004", run / "checkpoints" / "step-00000002"
+    _flip_a_weight_byte(newest)
+    capsys.readouterr()
+    assert main([command, str(run), "--device", "cpu", *READERS[command]]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"warning: checkpoint {newest} is corrupt: model.safetensors "
+                                                   f"does not match its sha256"), err
+    assert err.rstrip().endswith(f"skipping it, using {older}"), err
+    assert main([command, str(older), "--device", "cpu", *READERS[command]]) == 0  # the older one, named
+    assert capsys.readouterr() == (out, "")  # the same result, and no warning
+
+    # A checkpoint directory given explicitly is used as it is: corrupt is an error, one line.
+    assert main([command, str(newest), "--device", "cpu", *READERS[command]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"checkpoint {newest} is corrupt: model.safetensors" in err, err
+    # With every checkpoint corrupt, nothing is left to fall back to.
+    _flip_a_weight_byte(older)
+    assert main([command, str(run), "--device", "cpu", *READERS[command]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no intact checkpoint in {run}" in err and str(newest) in err, err
+
+
+def test_every_reader_resolves_through_the_same_fallback(run_on_data, tmp_path, capsys):
+    """load_for_inference (generate, serve, export) and resolve_checkpoint (eval, serve) agree with resume auto."""
+    run = tmp_path / "run"
+    shutil.copytree(run_on_data, run)
+    _flip_a_weight_byte(run / "checkpoints" / "step-00000004")
+    older = run / "checkpoints" / "step-00000002"
+    assert resolve_checkpoint(run) == older and resolve_checkpoint(run / "checkpoints") == older
+    model, _, _ = load_for_inference(run)
+    expected, _, _ = load_for_inference(older)
+    for a, b in zip(model.parameters(), expected.parameters()):
+        assert torch.equal(a, b)
+    assert capsys.readouterr().err.count("skipping it, using") == 3

@@ -17,6 +17,10 @@ Leftovers of interrupted saves are removed by `clean_interrupted_saves`. Nothing
 through safetensors (each file's header is checked against its size before anything is allocated),
 everything else through JSON; a pickle file planted under a checkpoint name is refused, never opened.
 
+Every reader (train --resume, eval, generate, serve, export) resolves a run directory the same way, through
+`verified_checkpoint`: its newest checkpoint that passes verification, a corrupt newer one skipped with one line
+on stderr saying which and why. A checkpoint directory given explicitly that fails verification is an error.
+
 Fault injection for tests (inert unless the environment variable LMFORGE_FAULT is set): see `fault_point`.
 """
 
@@ -31,6 +35,7 @@ import random
 import shutil
 import signal
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -123,9 +128,36 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a run directory (its newest complete checkpoint) or a checkpoint directory.
+def newest_intact_checkpoint(run_dir: str | Path, warn: bool = True) -> tuple[Optional[Path], Optional[dict]]:
+    """(the newest complete checkpoint of a run that passes verify_checkpoint, its manifest), or (None, None) when
+    the run has no complete checkpoint.
 
+    The one fallback rule of every reader (train --resume auto, eval, generate, serve, export): a newer checkpoint
+    that fails verification (corrupt, truncated, missing file) is skipped with one line on stderr naming it and
+    why (`warn=False` keeps quiet, e.g. on all but one process of a distributed run). CheckpointError when every
+    complete checkpoint fails.
+    """
+    failures: list[CheckpointError] = []
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        try:
+            manifest = verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            failures.append(e)
+            continue
+        for e in failures if warn else []:
+            print(f"warning: {e}; skipping it, using {ckpt}", file=sys.stderr, flush=True)
+        return ckpt, manifest
+    if failures:
+        raise CheckpointError(f"no intact checkpoint in {run_dir}: all {len(failures)} fail verification, the newest "
+                              f"because {failures[0]}")
+    return None, None
+
+
+def verified_checkpoint(path: str | Path, warn: bool = True) -> tuple[Path, dict]:
+    """(checkpoint directory, its manifest) for a run directory, its checkpoints/ folder or a checkpoint directory.
+
+    A run directory gives its newest intact checkpoint (newest_intact_checkpoint: a corrupt newer one is skipped
+    with one line on stderr); a checkpoint directory gives itself, and an error if it fails verification.
     Raises CheckpointError if the path does not exist, holds no complete checkpoint, holds a pickle file
     instead of one, or is a checkpoint directory whose save did not finish (no manifest.json).
     """
@@ -133,17 +165,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist; pass a run directory or RUN_DIR/checkpoints/step-N")
     if (p / MANIFEST).is_file():
-        return p
+        return p, verify_checkpoint(p)
     refuse_pickles(p)
     if _step_of(p) is not None or (p / "model.safetensors").exists():
         raise CheckpointError(f"checkpoint {p} is incomplete (no {MANIFEST}: the save was interrupted); "
                               f"pass the run directory to use its newest complete checkpoint")
-    run_dir = p.parent if p.name == CHECKPOINTS else p
-    newest = latest_checkpoint(run_dir)
-    if newest is None:
+    ckpt, manifest = newest_intact_checkpoint(p.parent if p.name == CHECKPOINTS else p, warn=warn)
+    if ckpt is None or manifest is None:
         raise CheckpointError(f"no complete checkpoint in {p} (looked for {CHECKPOINTS}/step-*/{MANIFEST}); "
                               f"train first or pass a checkpoint directory")
-    return newest
+    return ckpt, manifest
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory a reader uses for `path`, verified: see verified_checkpoint."""
+    return verified_checkpoint(path)[0]
 
 
 def refuse_pickles(directory: Path) -> None:
@@ -592,16 +628,17 @@ def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[
     return _read_json(ckpt / "state.json", "checkpoint state")
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, RunConfig]:
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
+                       manifest: Optional[dict] = None) -> tuple[nn.Module, Any, RunConfig]:
     """(model in eval mode on `device`, Tokenizer or None, RunConfig) from a run or checkpoint directory.
 
-    Resolves a run directory to its newest complete checkpoint and verifies every file's sha256 first.
+    Verifies every file's sha256 first; a run directory gives its newest intact checkpoint (verified_checkpoint).
+    A caller that already verified the checkpoint directory `path` passes the manifest verification returned.
     The tokenizer is None only for checkpoints trained without prepared data (tests).
     """
     from lmforge.model import GPT
 
-    ckpt = resolve_checkpoint(path)
-    manifest = verify_checkpoint(ckpt)
+    ckpt, manifest = (Path(path), manifest) if manifest is not None else verified_checkpoint(path)
     config = read_run_config(ckpt)
     with torch.device("meta"):  # the shapes config.json describes, checked against the file before allocating
         check_weights_fit(GPT(config.model), ckpt / "model.safetensors")

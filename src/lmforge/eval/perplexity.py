@@ -94,11 +94,11 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
     the evaluation to the first N tokens of the split. Returns {'loss', 'perplexity', 'bits_per_byte',
     'tokens' (predicted), 'bytes', 'split', 'checkpoint', 'data'}.
     """
-    from lmforge.checkpoint import load_for_inference, resolve_checkpoint
+    from lmforge.checkpoint import load_for_inference, verified_checkpoint
     from lmforge.data.shards import load_split, read_manifest
 
-    ckpt = resolve_checkpoint(path)
-    model, tokenizer, config = load_for_inference(ckpt, device=device)
+    ckpt, ckpt_manifest = verified_checkpoint(path)  # a run's newest intact checkpoint
+    model, tokenizer, config = load_for_inference(ckpt, device=device, manifest=ckpt_manifest)
     data_dir = Path(data_dir) if data_dir is not None else Path(config.data.path)
     manifest = read_manifest(data_dir)
     if manifest.get("vocab_size") != config.model.vocab_size:

@@ -20,13 +20,13 @@ __all__ = ["ServeConfig", "load_app", "serve"]
 
 
 def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "auto"):
-    """The app over the checkpoint at `path` (a run directory: its newest complete checkpoint)."""
+    """The app over the checkpoint at `path` (a run directory: its newest intact checkpoint)."""
     from lmforge.checkpoint import resolve_checkpoint
     from lmforge.generate import load
     from lmforge.serve.app import create_app
 
-    generator = load(path, device=device)
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path)  # first: a corrupt newest checkpoint is skipped (and said so) once
+    generator = load(str(ckpt), device=device)
     run_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
     return create_app(generator, config, model_name=run_name or Path(path).resolve().name)
 

@@ -28,7 +28,6 @@ import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -40,9 +39,9 @@ import yaml
 from torch import nn
 
 from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, checkpoint_bytes, checkpoint_name,
-                                clean_interrupted_saves, complete_checkpoints, fault_point, latest_checkpoint,
-                                load_training_state, prune_checkpoints, read_run_config, resolve_checkpoint,
-                                restore_rng, save_checkpoint, verify_checkpoint)
+                                clean_interrupted_saves, fault_point, latest_checkpoint, load_training_state,
+                                newest_intact_checkpoint, prune_checkpoints, read_run_config, resolve_checkpoint,
+                                restore_rng, save_checkpoint, verified_checkpoint)
 from lmforge.config import ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, as_peer_failure, barrier,
@@ -496,12 +495,11 @@ class Trainer:
                                   f"or choose another --run-dir")
             return
         if tc.resume == "auto":
-            ckpt, manifest = self.newest_intact_checkpoint()
-            if ckpt is None:
+            ckpt, manifest = newest_intact_checkpoint(self.run_dir, warn=self.dist.is_main)
+            if ckpt is None or manifest is None:
                 return  # auto with nothing to resume: a fresh run
         else:
-            ckpt = resolve_checkpoint(tc.resume)
-            manifest = verify_checkpoint(ckpt)
+            ckpt, manifest = verified_checkpoint(tc.resume, warn=self.dist.is_main)
         if "optimizer.safetensors" not in manifest["files"]:  # weights only, e.g. written by `lmforge import`
             raise CheckpointError(f"{ckpt} holds weights but no training state, so there is nothing to resume; "
                                   f"start a new run from it: --train.init_from {ckpt} --run-dir NEW_DIR")
@@ -538,26 +536,6 @@ class Trainer:
             raise CheckpointError(f"{ckpt / 'state.json'} is malformed (step, data position or RNG state); "
                                   f"the checkpoint is corrupt, use another one") from None
         self.last_checkpoint = ckpt
-
-    def newest_intact_checkpoint(self) -> tuple[Optional[Path], Optional[dict]]:
-        """(newest complete checkpoint that passes verification, its manifest), or (None, None) if there is none.
-
-        Corrupt ones are passed over with one line on stderr; if every checkpoint is corrupt, CheckpointError.
-        """
-        failures: list[CheckpointError] = []
-        for ckpt in reversed(complete_checkpoints(self.run_dir)):
-            try:
-                manifest = verify_checkpoint(ckpt)
-            except CheckpointError as e:
-                failures.append(e)
-                continue
-            if failures and self.dist.is_main:
-                print(f"warning: {failures[0]}; passing over {len(failures)} corrupt checkpoint(s), resuming from {ckpt}",
-                      file=sys.stderr, flush=True)
-            return ckpt, manifest
-        if failures:
-            raise CheckpointError(f"no intact checkpoint to resume from: {failures[0]}")
-        return None, None
 
     # ------------------------------------------------------------------------------ files and printing
     def write_config(self) -> None:
