@@ -6,16 +6,20 @@ and leave what was already on disk byte-for-byte as it was.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional, Union
 
 import pytest
 
-from lmforge.cli import main, parse_overrides
+from lmforge.cli import add_config_arguments, build_parser, config_values, main, parse_overrides, train_overrides
+from lmforge.config import build_section, doc, validate
 from lmforge.errors import ConfigError
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 40)
@@ -226,3 +230,68 @@ def test_parse_overrides_forms():
         parse_overrides(["--model.n_layer"])
     with pytest.raises(ConfigError, match="unknown option --layers"):
         parse_overrides(["--layers", "3"])
+
+
+def test_train_short_flags_become_settings():
+    args, extra = build_parser().parse_known_args(
+        ["train", "--preset", "tiny", "--data", "d", "--run-dir", "r", "--max-steps", "5", "--device", "cpu",
+         "--precision", "bf16-mixed", "--compile", "--resume", "auto", "--allow-data-change", "--on-nonfinite", "skip",
+         "--model.n_layer", "3"])
+    args.overrides = extra
+    assert train_overrides(args) == {
+        "model.n_layer": "3", "data.path": "d", "train.run_dir": "r", "train.max_steps": "5", "train.device": "cpu",
+        "train.precision": "bf16-mixed", "train.compile": "true", "train.resume": "auto",
+        "train.allow_data_change": "true", "train.nonfinite": "skip", "preset": "tiny"}
+    args, extra = build_parser().parse_known_args(["train"])
+    args.overrides = extra
+    assert train_overrides(args) == {}
+
+
+@dataclass
+class Limits:
+    max_items: int = doc("Most items.", 4, ge=1)
+    name: Optional[str] = doc("A name.", None)
+    mode: Literal["fast", "exact"] = doc("How.", "fast")
+    verbose: bool = doc("Talk.", False)
+    early: Union[bool, Literal["never"]] = doc("Early.", False)
+    ids: Optional[list[int]] = doc("Ids.", None, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self, "limits")
+
+
+def _limits(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Limits, "limits")
+    return build_section(Limits, config_values(parser.parse_args(argv), Limits, "limits"), "limits")
+
+
+def test_flags_generated_from_a_config_leave_converting_and_checking_to_it():
+    assert _limits([]) == Limits()
+    assert _limits(["--max-items", "7", "--name", "x", "--mode", "exact", "--verbose", "--early", "never",
+                    "--ids", "1", "--ids", "2,3"]) == Limits(7, "x", "exact", True, "never", [1, 2, 3])
+    assert _limits(["--no-verbose", "--early", "true"]) == Limits(verbose=False, early=True)
+    for argv, message in [(["--max-items", "0"], "limits.max_items=0 is invalid: a positive integer"),
+                          (["--mode", "slow"], "limits.mode='slow' is invalid: choose one of fast, exact"),
+                          (["--ids", "1", "--ids", "-2"], "limits.ids[1]=-2 is invalid: 0 or a positive integer"),
+                          (["--max-items", "many"], "limits.max_items='many' has the wrong type: expected int")]:
+        with pytest.raises(ConfigError) as info:
+            _limits(argv)
+        assert str(info.value) == message
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Limits, "limits")
+    text = " ".join(parser.format_help().split())
+    assert "--mode fast|exact How. (fast | exact; default: fast)" in text
+    assert "--early true|false|never" in text and "--verbose, --no-verbose" in text and "(repeatable)" in text
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-n", "0"], "serve.max_n=0 is invalid: a positive integer"),
+    (["--timeout", "soon"], "serve.timeout='soon' has the wrong type: expected float"),
+    (["--max-prompt-tokens", "0"], "serve.max_prompt_tokens=0 is invalid: a positive integer or null"),
+    (["--max-prompts", "9", "--max-concurrency", "4", "--max-queue", "4"], "serve.max_prompts=9 is more than"),
+])
+def test_serve_flags_are_checked_by_the_config_before_anything_loads(tmp_path, capsys, flags, message):
+    assert main(["serve", str(tmp_path / "ghost"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lmforge serve: error: {message}") and err.count("\n") == 1

@@ -127,7 +127,7 @@ def test_the_serve_command_runs_a_server_with_an_api_key_from_the_environment(ru
     (["serve", "{ghost}"], "ghost"),
     (["serve", "{run}", "--max-n", "0"], "serve.max_n"),
     (["serve", "{run}", "--port", "70000"], "--port"),
-    (["serve", "{run}", "--timeout", "soon"], "--timeout"),
+    (["serve", "{run}", "--timeout", "soon"], "serve.timeout"),
     (["serve", "{run}", "--max-prompt-tokens", "100000", "--device", "cpu"], "block_size"),
 ], ids=["missing-checkpoint", "bad-limit", "bad-port", "not-a-number", "prompt-cap-over-block"])
 def test_bad_serve_command_lines_are_one_line_errors(run_dir, tmp_path, capsys, args, words):

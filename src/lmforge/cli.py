@@ -18,8 +18,11 @@ when SIGTERM or Ctrl-C stopped it after saving a checkpoint (130 on a second Ctr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import textwrap
+import types
+import typing
 from typing import Any, Callable, Sequence
 
 from lmforge import __version__
@@ -45,6 +48,42 @@ class _Parser(argparse.ArgumentParser):
 
 def _help_formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=34, width=100)
+
+
+def _escape(help_text: str) -> str:
+    return help_text.replace("%", "%%")  # argparse %-formats help texts
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, section: str,
+                         metavars: dict[str, str] | None = None) -> None:
+    """One --field-name flag per field of config dataclass `cls`, its help the field's doc, choices and default.
+
+    The flags only collect what was typed, None when absent: text (a value flag), a list of texts (a list
+    field: repeat the flag), True/False (a bool field: --name / --no-name). `config_values` gathers them for
+    config.build_section, which converts and checks them as the library does for a config file, so the
+    command line never checks a value of its own. `metavars` names a field's value ({"api_key": "KEY"}).
+    """
+    from lmforge.config import field_docs
+
+    for f in field_docs(cls):
+        flag, dest, help_text = "--" + f.name.replace("_", "-"), f"{section}.{f.name}", _escape(f.help)
+        parts = [a for a in typing.get_args(f.type) if a is not type(None)] \
+            if typing.get_origin(f.type) in (typing.Union, types.UnionType) else [f.type]
+        base = parts[0] if len(parts) == 1 else f.type
+        metavar = (metavars or {}).get(f.name) or ("|".join(f.choices) if f.choices else
+                                                   {int: "N", float: "X"}.get(base, "TEXT"))
+        if base is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(base) is list:
+            parser.add_argument(flag, dest=dest, action="append", metavar=metavar, help=help_text + " (repeatable)")
+        else:
+            parser.add_argument(flag, dest=dest, metavar=metavar, help=help_text)
+
+
+def config_values(args: argparse.Namespace, cls: type, section: str) -> dict[str, Any]:
+    """{field: value} of the flags `add_config_arguments(parser, cls, section)` added that were given."""
+    values = {f.name: getattr(args, f"{section}.{f.name}") for f in dataclasses.fields(cls)}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -121,10 +160,11 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- train
-_TRAIN_ALIASES = {  # short flags for the settings people change most
-    "--data": "data.path", "--run-dir": "train.run_dir", "--device": "train.device",
-    "--precision": "train.precision", "--resume": "train.resume", "--max-steps": "train.max_steps",
-    "--on-nonfinite": "train.nonfinite",
+_TRAIN_ALIASES = {  # short flags for the settings people change most: flag -> (config key, metavar)
+    "--data": ("data.path", "DIR"), "--run-dir": ("train.run_dir", "DIR"), "--max-steps": ("train.max_steps", "N"),
+    "--device": ("train.device", "DEV"), "--precision": ("train.precision", "P"), "--compile": ("train.compile", ""),
+    "--resume": ("train.resume", "WHAT"), "--allow-data-change": ("train.allow_data_change", ""),
+    "--on-nonfinite": ("train.nonfinite", "POLICY"),
 }
 
 
@@ -132,11 +172,12 @@ def _add_train(sub: Any) -> None:
     from lmforge.config import PRESETS, SECTIONS, builtin_recipes, field_docs
 
     recipes = ", ".join(builtin_recipes())
-    lines = []
+    lines, fields = [], {}
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
-        for name, default, text in field_docs(cls):
-            lines.append(f"  --{section}.{name:<17} {text} (default: {default})")
+        for f in field_docs(cls):
+            lines.append(f"  --{section}.{f.name:<17} {f.help}")
+            fields[f"{section}.{f.name}"] = f
     p = sub.add_parser(
         "train", help="train a Transformer on prepared shards",
         formatter_class=_help_formatter,
@@ -161,17 +202,12 @@ def _add_train(sub: Any) -> None:
               torchrun --nproc-per-node 2 -m lmforge.cli train --config shakespeare-char"""))
     p.add_argument("--config", metavar="FILE|NAME", help=f"YAML or JSON config file, or a built-in recipe: {recipes}")
     p.add_argument("--preset", metavar="NAME", help=f"model preset: {', '.join(PRESETS)}")
-    p.add_argument("--data", metavar="DIR", help="prepared data directory (= --data.path)")
-    p.add_argument("--run-dir", metavar="DIR", help="run directory (= --train.run_dir)")
-    p.add_argument("--max-steps", metavar="N", help="optimizer steps (= --train.max_steps)")
-    p.add_argument("--device", metavar="DEV", help="auto | cpu | cuda | cuda:N | mps (= --train.device)")
-    p.add_argument("--precision", metavar="P", help="fp32 | bf16-mixed (= --train.precision)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (= --train.compile true)")
-    p.add_argument("--resume", metavar="WHAT", help="none | auto | PATH (= --train.resume)")
-    p.add_argument("--allow-data-change", action="store_true",
-                   help="resume on data whose manifest differs from the checkpoint's (= --train.allow_data_change true)")
-    p.add_argument("--on-nonfinite", metavar="POLICY",
-                   help="stop (exit code 3) | skip, on a NaN/Inf loss or gradient (= --train.nonfinite)")
+    for flag, (key, metavar) in _TRAIN_ALIASES.items():  # help from the field; the value is checked by the config
+        f = fields[key]
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=_escape(f"= --{key} true: {f.doc}"))
+        else:
+            p.add_argument(flag, metavar=metavar, help=_escape(f"= --{key}: {f.help}"))
     p.set_defaults(run=_run_train, takes_overrides=True)
 
 
@@ -196,21 +232,24 @@ def parse_overrides(extra: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def train_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """{"section.key": text} from `lmforge train`'s --section.key settings, its short flags and --preset."""
+    overrides = parse_overrides(args.overrides)
+    for flag, (key, _) in _TRAIN_ALIASES.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is True:  # the flag of a bool setting
+            overrides[key] = "true"
+        elif value not in (None, False):
+            overrides[key] = value
+    if args.preset:
+        overrides["preset"] = args.preset
+    return overrides
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from lmforge.config import load_run_config
 
-    overrides = parse_overrides(args.overrides)
-    for flag, key in _TRAIN_ALIASES.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides[key] = value
-    if args.compile:
-        overrides["train.compile"] = "true"
-    if args.allow_data_change:
-        overrides["train.allow_data_change"] = "true"
-    if args.preset:
-        overrides["preset"] = args.preset
-    config = load_run_config(args.config, overrides)
+    config = load_run_config(args.config, train_overrides(args))
 
     from lmforge.train import train
 
@@ -354,11 +393,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- serve
-_SERVE_TYPES = {"model_name": str, "api_key": str, "max_prompt_tokens": int}  # fields whose default is null
-
-
 def _add_serve(sub: Any) -> None:
-    from lmforge.config import field_docs
     from lmforge.serve.config import ServeConfig
 
     p = sub.add_parser(
@@ -382,24 +417,20 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    for name, default, text in field_docs(ServeConfig):
-        kind = _SERVE_TYPES.get(name, type(default))
-        p.add_argument("--" + name.replace("_", "-"), dest="serve_" + name, type=kind, default=default,
-                       metavar="KEY" if name == "api_key" else kind.__name__.upper(),
-                       help=f"{text} (default: {default})" if name != "api_key" else text)
+    add_config_arguments(p, ServeConfig, "serve", metavars={"api_key": "KEY"})
     p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import dataclasses
     import os
 
+    from lmforge.config import build_section
     from lmforge.serve import ServeConfig, serve
 
-    values = {f.name: getattr(args, "serve_" + f.name) for f in dataclasses.fields(ServeConfig)}
-    if values["api_key"] is None and os.environ.get("LMFORGE_API_KEY"):
+    values = config_values(args, ServeConfig, "serve")
+    if "api_key" not in values and os.environ.get("LMFORGE_API_KEY"):
         values["api_key"] = os.environ["LMFORGE_API_KEY"]
-    config = ServeConfig(**values)
+    config = build_section(ServeConfig, values, "serve")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is invalid: use 0 to 65535")
     if args.threads is not None:

@@ -1,72 +1,266 @@
 """One typed config tree for lmforge.
 
-Each section is a dataclass whose fields carry a type, a default and a one-line doc (the
-``metadata["doc"]``); the CLI builds its ``--section.key`` flags and ``--help`` from them. Values are
-checked on construction: an unknown key names the closest valid key, a wrong type or an out-of-range
-value names the field and what is allowed. Configs load from YAML or JSON and never run code.
+Each section is a dataclass whose fields carry a type, a default, a one-line doc and their rules,
+declared once with `doc`: a choice list is a ``Literal[...]`` type, a range is ``ge=``/``gt=``/``le=``/
+``lt=`` beside the default. One helper, `validate`, called first in each ``__post_init__``, checks every
+field against that declaration (checks between fields follow it); --help (`field_docs`) shows the choices
+from the same types. An unknown key names the closest valid key, a wrong type or an out-of-range value
+names the field and what is allowed. Configs load from YAML or JSON and never run code.
+
+    norm: Literal["layernorm", "rmsnorm"] = doc("Normalisation.", "layernorm")
+    max_steps: int = doc("Optimizer steps to train for.", 2000, ge=1)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from lmforge.errors import ConfigError
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field with a one-line description shown by ``--help``."""
-    return field(default=default, metadata={"doc": text}, **kwargs)
+# ------------------------------------------------------------------------------ declaring and checking
+@dataclass(frozen=True)
+class _Rules:
+    """What `validate` checks of a field beyond its type (see `doc`)."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    noun: Optional[str] = None
+    invalid: Optional[str] = None
+    pattern: Optional[str] = None
+    forms: tuple[str, ...] = ()
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, *, ge: Optional[float] = None, gt: Optional[float] = None,
+        le: Optional[float] = None, lt: Optional[float] = None, noun: Optional[str] = None,
+        invalid: Optional[str] = None, pattern: Optional[str] = None, forms: tuple[str, ...] = (),
+        **kwargs: Any) -> Any:
+    """A dataclass field with a one-line description shown by ``--help`` and the rules `validate` checks.
+
+    A choice list is the field's type, ``Literal["a", "b"]``, never part of `text`: --help and the error
+    message take it from the type. ge/gt/le/lt bound a number (each item of a list of numbers); the message is
+    derived from them ("a positive integer", "a number in [0, 1)"), with `noun` naming the number
+    ("probability": "a probability in [0, 1)"), or replaced as a whole by `invalid`. `pattern` is a regular
+    expression a string must match in full, `forms` the forms it allows as a reader writes them
+    (("auto", "cuda:N")), shown by --help and in the message. Other keyword arguments go to dataclasses.field.
+
+        top_p: Optional[float] = doc("Nucleus sampling mass; null = 1.", None, gt=0, le=1, noun="probability")
+    """
+    rules = _Rules(ge=ge, gt=gt, le=le, lt=lt, noun=noun, invalid=invalid, pattern=pattern, forms=tuple(forms))
+    return field(default=default, metadata={"doc": text, "rules": rules}, **kwargs)
+
+
+class _Shape(typing.NamedTuple):
+    """A field's type taken apart: Optional[list[Union[bool, Literal["never"]]]] -> kinds (bool,),
+    choices ("never",), optional, is_list."""
+
+    kinds: tuple[Any, ...]  # bool, int, float, str or another class (a nested section)
+    choices: tuple[Any, ...]  # the values of its Literal[...] part
+    optional: bool  # None is allowed
+    is_list: bool  # a list (or tuple) of such items
+
+
+def _shape(hint: Any) -> _Shape:
+    def parts(h: Any) -> list[Any]:
+        return list(typing.get_args(h)) if typing.get_origin(h) in (typing.Union, types.UnionType) else [h]
+
+    items = parts(hint)
+    optional = type(None) in items
+    items = [h for h in items if h is not type(None)]
+    is_list = len(items) == 1 and typing.get_origin(items[0]) is list
+    if is_list:
+        items = parts(typing.get_args(items[0])[0])
+    literal = [h for h in items if typing.get_origin(h) is typing.Literal]
+    choices = tuple(c for h in literal for c in typing.get_args(h))
+    return _Shape(tuple(h for h in items if h not in literal), choices, optional, is_list)
+
+
+class _Declared(typing.NamedTuple):
+    field: dataclasses.Field
+    hint: Any
+    shape: _Shape
+    rules: _Rules
+
+
+@functools.cache
+def _declarations(cls: type) -> dict[str, _Declared]:
+    """{field name: its declaration} for a config dataclass (read-only; types resolved once per class)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: _Declared(f, hints[f.name], _shape(hints[f.name]), f.metadata.get("rules", _Rules()))
+            for f in dataclasses.fields(cls)}
+
+
+def _show(value: Any) -> str:
+    """A value as a config file writes it: null, true, false, 3, text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _choices(shape: _Shape, rules: _Rules) -> tuple[str, ...]:
+    """The values a field allows as text, from its Literal type (true/false first when it also takes a bool),
+    or the forms of its pattern; () when it is not a choice."""
+    if shape.choices:
+        return (("true", "false") if bool in shape.kinds else ()) + tuple(_show(c) for c in shape.choices)
+    return rules.forms
+
+
+def _is(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(kind) or kind)
+
+
+def _is_choice(value: Any, choices: tuple[Any, ...]) -> bool:
+    return any(type(value) is type(c) and value == c for c in choices)  # True is not the choice 1
+
+
+def _type_name(shape: _Shape) -> str:
+    names = " | ".join([getattr(k, "__name__", str(k)) for k in shape.kinds] + [repr(c) for c in shape.choices])
+    return (f"list[{names}]" if shape.is_list else names) + (" or null" if shape.optional else "")
+
+
+def _within(x: float, r: _Rules) -> bool:
+    """x inside the bounds (NaN is inside none)."""
+    return ((r.ge is None or x >= r.ge) and (r.gt is None or x > r.gt)
+            and (r.le is None or x <= r.le) and (r.lt is None or x < r.lt))
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _allowed(shape: _Shape, r: _Rules) -> str:
+    """What a bounded number may be, in words: 'a positive integer', '0 or a positive number', 'an integer
+    from 2 to 100000', 'a probability in [0, 1)'. An infinite upper bound only refuses infinity: it is not shown."""
+    if r.invalid:
+        return r.invalid
+    integer = int in shape.kinds and float not in shape.kinds
+    noun = r.noun or ("integer" if integer else "number")
+    a = "an" if noun[0] in "aeiou" else "a"
+    lo = (r.ge, True) if r.ge is not None else (r.gt, False) if r.gt is not None else None
+    hi = (r.le, True) if r.le is not None else (r.lt, False) if r.lt is not None else None
+    if hi is not None and math.isinf(hi[0]):
+        hi = None
+    if integer:  # integer bounds are always inclusive
+        lo = (math.floor(lo[0]) + (0 if lo[1] else 1), True) if lo else None
+        hi = (math.ceil(hi[0]) - (0 if hi[1] else 1), True) if hi else None
+    if lo and hi and integer:
+        text = f"{a} {noun} from {_number(lo[0])} to {_number(hi[0])}"
+    elif lo and hi:
+        left, right = "[" if lo[1] else "(", "]" if hi[1] else ")"
+        text = f"{a} {noun} in {left}{_number(lo[0])}, {_number(hi[0])}{right}"
+    elif lo and lo[0] == 0:
+        text = f"a positive {noun}" if not lo[1] else f"0 or a positive {noun}"
+    elif lo and integer and lo[0] == 1:
+        text = f"a positive {noun}"
+    elif lo:
+        text = f"{a} {noun} {'>=' if lo[1] else '>'} {_number(lo[0])}"
+    else:
+        text = f"{a} {noun} {'<=' if hi[1] else '<'} {_number(hi[0])}"  # type: ignore[index]
+    return text + (" or null" if shape.optional and not shape.is_list else "")
+
+
+def _invalid(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def _check_item(name: str, value: Any, shape: _Shape, rules: _Rules) -> None:
+    if _is_choice(value, shape.choices):
+        return
+    if not any(_is(value, kind) for kind in shape.kinds):
+        if shape.choices:
+            raise _invalid(name, value, f"choose one of {', '.join(_choices(shape, rules))}")
+        item = shape._replace(optional=False, is_list=False) if shape.is_list else shape
+        raise ConfigError(f"{name}={value!r} has the wrong type: expected {_type_name(item)}")
+    if _is(value, float) and not _within(value, rules):
+        raise _invalid(name, value, _allowed(shape, rules))
+    if isinstance(value, str) and rules.pattern is not None and not re.fullmatch(rules.pattern, value):
+        raise _invalid(name, value, f"choose one of {', '.join(rules.forms)}")
+
+
+def validate(config: Any, section: str) -> None:
+    """Check every field of the dataclass instance `config` against its declaration (type and `doc` rules).
+
+    Types: bool is not an int, an int is a float, None only where the type is Optional, a list (or tuple)
+    where it is list[...], checked item by item; a Literal field takes one of its values. Numbers lie within
+    their bounds, strings match their pattern. Raises ConfigError, one line naming `section.field` (and
+    `[i]` for an item), the value and what is allowed. Checks between fields stay in each __post_init__,
+    after its call to validate.
+    """
+    for name, declared in _declarations(type(config)).items():
+        value, shape = getattr(config, name), declared.shape
+        if value is None and shape.optional:
+            continue
+        if shape.is_list and isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                _check_item(f"{section}.{name}[{i}]", item, shape, declared.rules)
+        elif shape.is_list:
+            raise ConfigError(f"{section}.{name}={value!r} has the wrong type: expected {_type_name(shape)}")
+        else:
+            _check_item(f"{section}.{name}", value, shape, declared.rules)
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """A check between fields, after validate: `name=value is invalid: allowed` unless ok."""
     if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
-
-
-def _one_of(name: str, value: Any, choices: tuple) -> None:
-    _check(value in choices, name, value, f"choose one of {', '.join(map(str, choices))}")
+        raise _invalid(name, value, allowed)
 
 
 # --------------------------------------------------------------------------------------------- model
+MAX_SIZE = 10_000_000  # a sanity bound on every model dimension: larger is a typo, not a model
+
+
 @dataclass
 class ModelConfig:
     """The shape of the Transformer decoder."""
 
-    vocab_size: int = doc("Vocabulary size; taken from the prepared data when training.", 256)
-    block_size: int = doc("Context length in tokens (the longest sequence the model sees).", 64)
-    n_layer: int = doc("Number of Transformer blocks.", 4)
-    n_head: int = doc("Number of attention heads (query heads).", 4)
+    vocab_size: int = doc("Vocabulary size; taken from the prepared data when training.", 256, ge=1, le=MAX_SIZE)
+    block_size: int = doc("Context length in tokens (the longest sequence the model sees).", 64, ge=1, le=MAX_SIZE)
+    n_layer: int = doc("Number of Transformer blocks.", 4, ge=1, le=MAX_SIZE)
+    n_head: int = doc("Number of attention heads (query heads).", 4, ge=1, le=MAX_SIZE)
     n_kv_head: Optional[int] = doc("Key/value heads for grouped-query attention; null = n_head.", None)
-    n_embd: int = doc("Width of the residual stream (embedding size).", 128)
-    mlp_hidden: Optional[int] = doc("Hidden width of the MLP; null = 4*n_embd (gelu) or 8/3*n_embd (swiglu).", None)
-    dropout: float = doc("Dropout probability on attention weights and residual branches.", 0.0)
+    n_embd: int = doc("Width of the residual stream (embedding size).", 128, ge=1, le=MAX_SIZE)
+    mlp_hidden: Optional[int] = doc("Hidden width of the MLP; null = 4*n_embd (gelu) or 8/3*n_embd (swiglu).", None,
+                                    gt=0)
+    dropout: float = doc("Dropout probability on attention weights and residual branches.", 0.0,
+                         ge=0, lt=1, noun="probability")
     bias: bool = doc("Bias terms in Linear layers and norms (GPT-2 style).", True)
-    norm: str = doc("Normalisation: layernorm | rmsnorm.", "layernorm")
-    norm_eps: float = doc("Epsilon of the normalisation layers.", 1e-5)
-    mlp: str = doc("Feed-forward block: gelu | swiglu.", "gelu")
-    activation: str = doc("GELU form in the gelu MLP: gelu (exact, erf) | gelu_tanh (tanh approximation, "
-                          "GPT-2's gelu_new).", "gelu")
-    pos_encoding: str = doc("Positional encoding: learned | sinusoidal | rope.", "learned")
-    rope_theta: float = doc("RoPE base frequency.", 10000.0)
+    norm: Literal["layernorm", "rmsnorm"] = doc("Normalisation.", "layernorm")
+    norm_eps: float = doc("Epsilon of the normalisation layers.", 1e-5, gt=0, lt=1)
+    mlp: Literal["gelu", "swiglu"] = doc("Feed-forward block.", "gelu")
+    activation: Literal["gelu", "gelu_tanh"] = doc("GELU form in the gelu MLP: gelu is exact (erf), gelu_tanh the "
+                                                   "tanh approximation (GPT-2's gelu_new).", "gelu")
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = doc("Positional encoding.", "learned")
+    rope_theta: float = doc("RoPE base frequency.", 10000.0, gt=0)
     tie_embeddings: bool = doc("Share the token embedding with the LM head.", True)
-    attention: str = doc("Attention path: sdpa (fused, default) | reference (the formula written out).", "sdpa")
-    init_std: float = doc("Std of the normal weight init (GPT-2: 0.02).", 0.02)
+    attention: Literal["sdpa", "reference"] = doc("Attention path: sdpa is fused (the default), reference writes "
+                                                  "the formula out.", "sdpa")
+    init_std: float = doc("Std of the normal weight init (GPT-2: 0.02).", 0.02, gt=0, lt=1)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            v = getattr(self, name)
-            _check(isinstance(v, int) and 0 < v <= 10_000_000, f"model.{name}", v, "a positive integer")
+        validate(self, "model")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         _check(0 < self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0,
@@ -75,17 +269,6 @@ class ModelConfig:
                f"a multiple of n_head={self.n_head}")
         if self.pos_encoding == "rope":
             _check(self.head_dim % 2 == 0, "model.n_embd", self.n_embd, "n_embd/n_head must be even for rope")
-        if self.mlp_hidden is not None:
-            _check(self.mlp_hidden > 0, "model.mlp_hidden", self.mlp_hidden, "a positive integer or null")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a probability in [0, 1)")
-        _check(0.0 < self.norm_eps < 1.0, "model.norm_eps", self.norm_eps, "a small positive number")
-        _check(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a positive number")
-        _check(0.0 < self.init_std < 1.0, "model.init_std", self.init_std, "a small positive number")
-        _one_of("model.norm", self.norm, ("layernorm", "rmsnorm"))
-        _one_of("model.mlp", self.mlp, ("gelu", "swiglu"))
-        _one_of("model.activation", self.activation, ("gelu", "gelu_tanh"))
-        _one_of("model.pos_encoding", self.pos_encoding, ("learned", "sinusoidal", "rope"))
-        _one_of("model.attention", self.attention, ("sdpa", "reference"))
 
     @property
     def head_dim(self) -> int:
@@ -123,14 +306,13 @@ class DataConfig:
     """Where the prepared token shards are and how batches are drawn from them."""
 
     path: str = doc("Directory written by `lmforge prepare` (shards, manifest.json, tokenizer.json).", "data/shakespeare-char")
-    sampling: str = doc("Batches: random (random windows) | sequential (consecutive windows, wraps around).", "random")
-    embedding_init: str = doc("Token embedding init: none | word2vec | glove:PATH.", "none")
+    sampling: Literal["random", "sequential"] = doc("Batches: random windows, or consecutive windows (sequential, "
+                                                    "wraps around).", "random")
+    embedding_init: str = doc("Token embedding init: none, word2vec, or GloVe vectors from the file PATH.", "none",
+                              pattern=r"none|word2vec|glove:.+", forms=("none", "word2vec", "glove:PATH"))
 
     def __post_init__(self) -> None:
-        _one_of("data.sampling", self.sampling, ("random", "sequential"))
-        ok = self.embedding_init in ("none", "word2vec") or (
-            self.embedding_init.startswith("glove:") and len(self.embedding_init) > 6)
-        _check(ok, "data.embedding_init", self.embedding_init, "none, word2vec or glove:PATH")
+        validate(self, "data")
 
 
 # --------------------------------------------------------------------------------------------- optim
@@ -138,28 +320,21 @@ class DataConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = doc("Peak learning rate.", 1e-3)
-    min_lr: float = doc("Learning rate at the end of the schedule (cosine, wsd).", 1e-4)
-    weight_decay: float = doc("AdamW weight decay (not applied to norms, biases and embeddings).", 0.1)
-    beta1: float = doc("AdamW beta1.", 0.9)
-    beta2: float = doc("AdamW beta2.", 0.99)
-    eps: float = doc("AdamW epsilon.", 1e-8)
-    grad_clip: float = doc("Clip the global gradient norm to this value; 0 disables clipping.", 1.0)
-    schedule: str = doc("LR schedule: cosine (warm-up then cosine) | wsd (warm-up, stable, decay) | constant.", "cosine")
-    warmup_steps: int = doc("Linear warm-up steps.", 100)
-    decay_fraction: float = doc("wsd: fraction of the steps spent in the final decay.", 0.2)
+    lr: float = doc("Peak learning rate.", 1e-3, gt=0, lt=10)
+    min_lr: float = doc("Learning rate at the end of the schedule (cosine, wsd); at most lr.", 1e-4, ge=0)
+    weight_decay: float = doc("AdamW weight decay (not applied to norms, biases and embeddings).", 0.1, ge=0, lt=10)
+    beta1: float = doc("AdamW beta1.", 0.9, ge=0, lt=1)
+    beta2: float = doc("AdamW beta2.", 0.99, ge=0, lt=1)
+    eps: float = doc("AdamW epsilon.", 1e-8, gt=0, lt=1)
+    grad_clip: float = doc("Clip the global gradient norm to this value; 0 disables clipping.", 1.0, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = doc("LR schedule after the warm-up: cosine decay, wsd (stable, "
+                                                         "then a final decay), or constant.", "cosine")
+    warmup_steps: int = doc("Linear warm-up steps.", 100, ge=0)
+    decay_fraction: float = doc("wsd: fraction of the steps spent in the final decay.", 0.2, ge=0, le=1)
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.lr < 10.0, "optim.lr", self.lr, "a positive number below 10")
-        _check(0.0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"between 0 and lr={self.lr}")
-        _check(0.0 <= self.weight_decay < 10.0, "optim.weight_decay", self.weight_decay, "a number in [0, 10)")
-        _check(0.0 <= self.beta1 < 1.0, "optim.beta1", self.beta1, "a number in [0, 1)")
-        _check(0.0 <= self.beta2 < 1.0, "optim.beta2", self.beta2, "a number in [0, 1)")
-        _check(0.0 < self.eps < 1.0, "optim.eps", self.eps, "a small positive number")
-        _check(self.grad_clip >= 0.0, "optim.grad_clip", self.grad_clip, "0 (off) or a positive number")
-        _one_of("optim.schedule", self.schedule, ("cosine", "wsd", "constant"))
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "0 or more")
-        _check(0.0 <= self.decay_fraction <= 1.0, "optim.decay_fraction", self.decay_fraction, "a number in [0, 1]")
+        validate(self, "optim")
+        _check(self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"between 0 and lr={self.lr}")
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -168,57 +343,47 @@ class TrainConfig:
     """The training loop: steps, batches, evaluation, checkpoints, device."""
 
     run_dir: str = doc("Directory for checkpoints, logs and plots.", "runs/default")
-    max_steps: int = doc("Optimizer steps to train for.", 2000)
-    batch_size: int = doc("Sequences per micro-batch on each process.", 12)
-    grad_accum: int = doc("Micro-batches accumulated per optimizer step (global batch = batch_size*grad_accum*world).", 1)
-    eval_interval: int = doc("Evaluate on the validation batches every N steps (0: only at the end).", 250)
-    eval_batches: int = doc("Number of fixed validation batches per evaluation.", 20)
-    log_interval: int = doc("Log train metrics every N steps.", 10)
-    save_interval: int = doc("Save a checkpoint every N steps (0: only at the end).", 500)
-    keep_last: int = doc("Keep the newest K checkpoints (the best by val loss is kept too).", 2)
+    max_steps: int = doc("Optimizer steps to train for.", 2000, ge=1)
+    batch_size: int = doc("Sequences per micro-batch on each process.", 12, ge=1, le=65536)
+    grad_accum: int = doc("Micro-batches accumulated per optimizer step (global batch = batch_size*grad_accum*world).",
+                          1, ge=1, le=65536)
+    eval_interval: int = doc("Evaluate on the validation batches every N steps (0: only at the end).", 250, ge=0)
+    eval_batches: int = doc("Number of fixed validation batches per evaluation.", 20, ge=1)
+    log_interval: int = doc("Log train metrics every N steps.", 10, ge=0)
+    save_interval: int = doc("Save a checkpoint every N steps (0: only at the end).", 500, ge=0)
+    keep_last: int = doc("Keep the newest K checkpoints (the best by val loss is kept too).", 2, ge=1)
     seed: int = doc("Seed for initialisation, data order and dropout.", 1337)
-    device: str = doc("auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps.", "auto")
-    precision: str = doc("fp32 | bf16-mixed (autocast to bfloat16 for matrix products).", "fp32")
+    device: str = doc("Device to train on; auto = cuda, then mps, then cpu.", "auto",
+                      pattern=r"auto|cpu|cuda|mps|cuda:.*", forms=("auto", "cpu", "cuda", "cuda:N", "mps"))
+    precision: Literal["fp32", "bf16-mixed"] = doc("Matrix products in fp32, or autocast to bfloat16 (bf16-mixed).",
+                                                   "fp32")
     compile: bool = doc("torch.compile the model.", False)
     resume: str = doc("none | auto (newest complete checkpoint in run_dir) | PATH to a checkpoint.", "none")
     init_from: str = doc("none | PATH of a checkpoint or run (e.g. from `lmforge import`) whose model and weights "
                          "a new run starts from; optimizer, step and data start fresh, model.* comes from it.", "none")
-    num_threads: int = doc("CPU threads for torch; 0 = torch's default.", 0)
-    nonfinite: str = doc("A NaN/Inf loss or gradient (the weights are never updated by it): stop (write "
-                         "RUN_DIR/nonfinite-step-N.json, exit code 3) | skip (skip the step, count it in the logs).",
-                         "stop")
+    num_threads: int = doc("CPU threads for torch; 0 = torch's default.", 0, ge=0)
+    nonfinite: Literal["stop", "skip"] = doc("On a NaN/Inf loss or gradient (the weights are never updated by it): "
+                                             "stop writes RUN_DIR/nonfinite-step-N.json and exits with code 3, skip "
+                                             "skips the step and counts it in the logs.", "stop")
     spike_zscore: float = doc("Skip a step whose loss lies more than this many standard deviations above the mean "
-                              "of the last spike_window steps; 0 = off.", 0.0)
-    spike_window: int = doc("Steps of loss history that spike_zscore compares against.", 100)
+                              "of the last spike_window steps; 0 = off.", 0.0, ge=0, lt=math.inf,
+                              invalid="0 (off) or a positive number of standard deviations, e.g. 6")
+    spike_window: int = doc("Steps of loss history that spike_zscore compares against.", 100, ge=2, le=100_000)
     dist_timeout: float = doc("Seconds a process waits for the others (gloo/nccl timeout) before it gives up; "
-                              "raise it if saving a checkpoint takes longer.", 60.0)
+                              "raise it if saving a checkpoint takes longer.", 60.0, gt=0, lt=math.inf,
+                              noun="number of seconds")
     allow_data_change: bool = doc("Resume even if the prepared data's manifest differs from the one the "
                                   "checkpoint was trained on.", False)
 
     def __post_init__(self) -> None:
-        _check(self.max_steps > 0, "train.max_steps", self.max_steps, "a positive integer")
-        _check(0 < self.batch_size <= 65536, "train.batch_size", self.batch_size, "a positive integer")
-        _check(0 < self.grad_accum <= 65536, "train.grad_accum", self.grad_accum, "a positive integer")
-        for name in ("eval_interval", "log_interval", "save_interval", "num_threads"):
-            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "0 or more")
-        _check(self.eval_batches > 0, "train.eval_batches", self.eval_batches, "a positive integer")
-        _check(self.keep_last > 0, "train.keep_last", self.keep_last, "a positive integer")
-        _one_of("train.precision", self.precision, ("fp32", "bf16-mixed"))
-        ok = self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")
-        _check(ok, "train.device", self.device, "auto, cpu, cuda, cuda:N or mps")
-        _one_of("train.nonfinite", self.nonfinite, ("stop", "skip"))
-        _check(math.isfinite(self.spike_zscore) and self.spike_zscore >= 0, "train.spike_zscore", self.spike_zscore,
-               "0 (off) or a positive number of standard deviations, e.g. 6")
-        _check(2 <= self.spike_window <= 100_000, "train.spike_window", self.spike_window, "an integer from 2 to 100000")
-        _check(math.isfinite(self.dist_timeout) and self.dist_timeout > 0, "train.dist_timeout", self.dist_timeout,
-               "a positive number of seconds")
+        validate(self, "train")
 
 
 @dataclass
 class RunConfig:
     """Everything `lmforge train` needs. `preset` picks model defaults; model.* keys override them."""
 
-    preset: Optional[str] = doc("Model preset: tiny | char-small | gpt2-124m | llama-small; null = model.* only.", None)
+    preset: Optional[str] = doc("Model preset, a name in PRESETS; null = model.* only.", None)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -234,56 +399,63 @@ def _closest(key: str, valid: Any) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Check (and, for strings from the command line, convert) one value against its field type."""
-    hint = annotation
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
-            return None
-        hint = args[0]
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _coerce_item(value: Any, shape: _Shape) -> Any:
+    if isinstance(value, str):
+        for choice in shape.choices:
+            if value == _show(choice):
+                return choice
+        if bool in shape.kinds and value.lower() in _BOOLS:
+            return _BOOLS[value.lower()]
+        for kind in (int, float):
+            if kind in shape.kinds:
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not shape.choices:
+        if float in shape.kinds and int not in shape.kinds:
+            return float(value) if abs(value) < 2 ** 1023 else math.inf if value > 0 else -math.inf  # as "1e999"
+        if shape.kinds == (str,):
             return str(value)
-    raise ConfigError(f"{name}={value!r} has the wrong type: expected {getattr(hint, '__name__', hint)}")
+    return value
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _coerce(value: Any, shape: _Shape) -> Any:
+    """A value from the command line or a config file in the field's type, where the conversion is plain.
+
+    Text becomes null (null, none: where Optional), a Literal choice, a bool (true/false, yes/no, 1/0), an
+    int or a float; a number becomes a float or a str; a list item by item. A list takes text or a list of
+    texts (a repeated flag); each text is split at commas ("1,2"), except in a list of strings, where it is
+    one item (stop texts hold commas). Anything else comes back as given, for `validate` to refuse with the
+    field's message.
+    """
+    if shape.optional and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
+        return None
+    if not shape.is_list:
+        return _coerce_item(value, shape)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        return value
+    if str not in shape.kinds:  # "1,2" or a repeated flag, either way
+        value = [part for v in value for part in (v.split(",") if isinstance(v, str) else [v])]
+    return [_coerce_item(v, shape) for v in value]
 
 
 def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    """Construct dataclass `cls` from a dict, refusing unknown keys and wrong types."""
+    """Construct config dataclass `cls` from a dict of values as a file or command line gives them (text
+    converted by `_coerce`), refusing unknown keys; the class's own validate call checks the values."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix} must be a mapping of keys to values, got {type(values).__name__}")
-    hints = _field_types(cls)
+    declared = _declarations(cls)
     kwargs = {}
     for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"unknown config key {prefix}.{key}{_closest(key, hints)}")
-        kwargs[key] = _coerce(f"{prefix}.{key}", value, hints[key])
+        if key not in declared:
+            raise ConfigError(f"unknown config key {prefix}.{key}{_closest(key, declared)}")
+        kwargs[key] = _coerce(value, declared[key].shape)
     return cls(**kwargs)
 
 
@@ -380,10 +552,28 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def field_docs(cls: type) -> list[tuple[str, Any, str]]:
-    """(name, default, doc) for each field of a config section, for --help."""
+class FieldDoc(typing.NamedTuple):
+    """One field of a config section, as --help and a generated command line need it."""
+
+    name: str
+    type: Any  # the resolved annotation, e.g. Optional[int] or Literal["fp32", "bf16-mixed"]
+    default: Any  # a factory's product where the field has one
+    doc: str
+    choices: tuple[str, ...]  # the values it allows as text, from its Literal type (or its pattern's forms); ()
+
+    @property
+    def help(self) -> str:
+        """'Normalisation. (layernorm | rmsnorm; default: layernorm)'"""
+        shown = ([" | ".join(self.choices)] if self.choices else []) + [f"default: {_show(self.default)}"]
+        return f"{self.doc} ({'; '.join(shown)})"
+
+
+def field_docs(cls: type) -> list[FieldDoc]:
+    """Each field of config dataclass `cls` with its type, default, doc and choices, in declaration order."""
     out = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        out.append((f.name, default, f.metadata.get("doc", "")))
+    for name, d in _declarations(cls).items():
+        f = d.field
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else (
+            None if f.default is dataclasses.MISSING else f.default)
+        out.append(FieldDoc(name, d.hint, default, f.metadata.get("doc", ""), _choices(d.shape, d.rules)))
     return out
