@@ -68,6 +68,16 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
     assert main(["generate", str(run), "--prompt", "First", "--max-new-tokens", "20", "--seed", "3",
                  "--device", "cpu"]) == 0
     assert capsys.readouterr().out == first and first.startswith("First")
+    # --temperature 0 means greedy, in the CLI as in the library (the flags are GenerateConfig's fields)
+    assert main(["generate", str(run), "--prompt", "First", "--max-new-tokens", "20", "--temperature", "0",
+                 "--device", "cpu"]) == 0
+    zero = capsys.readouterr().out
+    assert main(["generate", str(run), "--prompt", "First", "--max-new-tokens", "20", "--greedy",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == zero
+    from lmforge.generate import load
+
+    assert zero == "First" + load(str(run)).generate("First", max_new_tokens=20, temperature=0.0) + "\n"
 
 
 def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
@@ -122,10 +132,10 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         # generate
         ("generate-missing-ckpt", ["generate", str(ws / "ghost")], "ghost"),
         ("generate-empty-dir", ["generate", str(ws / "empty")], "empty"),
-        ("generate-bad-temperature", ["generate", str(run), "--temperature", "-1"], "--temperature"),
-        ("generate-bad-top-p", ["generate", str(run), "--top-p", "1.5"], "--top-p"),
-        ("generate-bad-top-k", ["generate", str(run), "--top-k", "0"], "--top-k"),
-        ("generate-zero-tokens", ["generate", str(run), "--max-new-tokens", "0"], "--max-new-tokens"),
+        ("generate-bad-temperature", ["generate", str(run), "--temperature", "-1"], "generate.temperature"),
+        ("generate-bad-top-p", ["generate", str(run), "--top-p", "1.5"], "generate.top_p"),
+        ("generate-bad-top-k", ["generate", str(run), "--top-k", "0"], "generate.top_k"),
+        ("generate-zero-tokens", ["generate", str(run), "--max-new-tokens", "0"], "generate.max_new_tokens"),
         ("generate-corrupt-ckpt", ["generate", str(ws / "corrupt"), "--device", "cpu"], "model.safetensors"),
         ("generate-pickle-planted", ["generate", str(ws / "pickled"), "--device", "cpu"], "pickled"),
         # plot

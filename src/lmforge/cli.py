@@ -55,29 +55,31 @@ def _escape(help_text: str) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, section: str,
-                         metavars: dict[str, str] | None = None) -> None:
+                         metavars: dict[str, str] | None = None, aliases: dict[str, list[str]] | None = None) -> None:
     """One --field-name flag per field of config dataclass `cls`, its help the field's doc, choices and default.
 
     The flags only collect what was typed, None when absent: text (a value flag), a list of texts (a list
     field: repeat the flag), True/False (a bool field: --name / --no-name). `config_values` gathers them for
     config.build_section, which converts and checks them as the library does for a config file, so the
-    command line never checks a value of its own. `metavars` names a field's value ({"api_key": "KEY"}).
+    command line never checks a value of its own. `metavars` names a field's value ({"api_key": "KEY"}),
+    `aliases` gives a field more flags ({"stop_strings": ["--stop"]}).
     """
     from lmforge.config import field_docs
 
     for f in field_docs(cls):
         flag, dest, help_text = "--" + f.name.replace("_", "-"), f"{section}.{f.name}", _escape(f.help)
+        flags = [flag, *(aliases or {}).get(f.name, [])]
         parts = [a for a in typing.get_args(f.type) if a is not type(None)] \
             if typing.get_origin(f.type) in (typing.Union, types.UnionType) else [f.type]
         base = parts[0] if len(parts) == 1 else f.type
         metavar = (metavars or {}).get(f.name) or ("|".join(f.choices) if f.choices else
                                                    {int: "N", float: "X"}.get(base, "TEXT"))
         if base is bool:
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(base) is list:
-            parser.add_argument(flag, dest=dest, action="append", metavar=metavar, help=help_text + " (repeatable)")
+            parser.add_argument(*flags, dest=dest, action="append", metavar=metavar, help=help_text + " (repeatable)")
         else:
-            parser.add_argument(flag, dest=dest, metavar=metavar, help=help_text)
+            parser.add_argument(*flags, dest=dest, metavar=metavar, help=help_text)
 
 
 def config_values(args: argparse.Namespace, cls: type, section: str) -> dict[str, Any]:
@@ -289,45 +291,32 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------- generate
 def _add_generate(sub: Any) -> None:
+    from lmforge.generate.config import Dtype, GenerateConfig, Quantize
+
     p = sub.add_parser(
         "generate", help="text from a run or checkpoint directory", formatter_class=_help_formatter,
         description=textwrap.dedent("""\
             Generate text with a trained model; the run or checkpoint directory alone is enough.
-            Sampling by default (temperature 1.0); --greedy for the most likely token at each step;
-            --num-beams N for beam search. Generation stops at the end token, a --stop-token-id,
-            a --stop string (not printed), or after --max-new-tokens."""),
+            Sampling by default (temperature 1.0); --greedy or --temperature 0 for the most likely token at
+            each step; --num-beams N for beam search. Generation stops at the end token, a --stop-token-ids,
+            a --stop-strings text (not printed), or after --max-new-tokens. The options below are the fields
+            of lmforge.generate.GenerateConfig, checked as the Python API and the server check them."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge generate runs/shakespeare-char --prompt "ROMEO:" --max-new-tokens 300
               lmforge generate runs/shakespeare-char --prompt "To be" --top-k 20 --temperature 0.8 --seed 1
-              lmforge generate runs/shakespeare-char --greedy --num-return-sequences 1
+              lmforge generate runs/shakespeare-char --temperature 0 --max-new-tokens 50
               lmforge generate runs/shakespeare-char --prompt "ROMEO:" --min-p 0.05 --repetition-penalty 1.2 --stop "JULIET:"
               lmforge generate runs/shakespeare-char --prompt "To be" --num-beams 4 --num-return-sequences 2
               lmforge generate runs/shakespeare-char --prompt "ROMEO:" --quantize int8   # faster on a CPU"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default: 200)")
-    p.add_argument("--max-length", type=int, metavar="N", help="total tokens including the prompt (instead of --max-new-tokens)")
-    p.add_argument("--num-return-sequences", type=int, default=1, metavar="N", help="samples to draw")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens")
-    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: smallest set with probability >= P")
-    p.add_argument("--min-p", type=float, metavar="P", help="sample only tokens with probability >= P * the top one's")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
-                   help="above 1 discourages tokens already in the text (default: 1.0, off)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N", help="never repeat an N-gram (default: 0, off)")
-    p.add_argument("--num-beams", type=int, default=1, metavar="N", help="beam search with N beams (default: 1, off)")
-    p.add_argument("--length-penalty", type=float, default=1.0, metavar="X",
-                   help="beam search: finished beams score sum(log p) / length**X (default: 1.0)")
-    p.add_argument("--early-stopping", choices=["false", "true", "never"], default="false",
-                   help="beam search: stop when N beams finished (true), heuristically (false), or never early")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text contains TEXT (repeatable)")
-    p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop at token ID (repeatable)")
-    p.add_argument("--seed", type=int, help="random seed, for reproducible samples")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights for decoding (default: fp32)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weights for the Linear layers (CPU): faster, "
-                   "slightly different numbers")
+    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
+                         aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
+    p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32",
+                   help="weights for decoding (default: fp32, exact)")
+    p.add_argument("--quantize", choices=typing.get_args(Quantize), help="int8 weights for the Linear layers (CPU): "
+                   "faster, slightly different numbers")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first (tens of seconds; "
                    "pays off over hundreds of tokens)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -337,30 +326,15 @@ def _add_generate(sub: Any) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from lmforge.generate import load
+    from lmforge.config import build_section
+    from lmforge.generate.config import GenerateConfig
 
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is invalid: use 1 or more")
-    if args.num_return_sequences < 1 or args.num_return_sequences > 1024:
-        raise ConfigError(f"--num-return-sequences {args.num_return_sequences} is invalid: use 1 to 1024")
-    if args.temperature <= 0 and not args.greedy:
-        raise ConfigError(f"--temperature {args.temperature} is invalid: use a positive value, or --greedy")
-    if args.top_k is not None and args.top_k < 1:
-        raise ConfigError(f"--top-k {args.top_k} is invalid: use 1 or more")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise ConfigError(f"--top-p {args.top_p} is invalid: use a value in (0, 1]")
-    from lmforge.generate import GenerateConfig
+    config = build_section(GenerateConfig, config_values(args, GenerateConfig, "generate"), "generate")  # checked
+    from lmforge.generate import load  # before loading anything
 
-    options = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length, greedy=args.greedy,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                   num_beams=args.num_beams, length_penalty=args.length_penalty,
-                   early_stopping={"true": True, "false": False}.get(args.early_stopping, args.early_stopping),
-                   stop_strings=args.stop, stop_token_ids=args.stop_token_id, seed=args.seed)
-    GenerateConfig(num_return_sequences=args.num_return_sequences, **options)  # bad settings fail before loading
     generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile)
-    if args.no_stream or args.num_return_sequences > 1 or args.num_beams > 1:  # decoded together, as one batch
-        samples = generator.generate(args.prompt, num_return_sequences=args.num_return_sequences, **options)
+    if args.no_stream or config.num_return_sequences > 1 or config.num_beams > 1:  # decoded together, as one batch
+        samples = generator.generate(args.prompt, config)
         samples = [samples] if isinstance(samples, str) else samples
         for i, text in enumerate(samples):
             if len(samples) > 1:
@@ -368,7 +342,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             print(args.prompt + text)
     else:
         sys.stdout.write(args.prompt)
-        for piece in generator.stream(args.prompt, **options):
+        for piece in generator.stream(args.prompt, config):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -28,18 +28,24 @@ A padded batch slides all rows at once, when its longest row fills the window: a
 unbatched result as long as the longest prompt plus the new tokens fit in block_size.
 """
 
-from lmforge.generate.api import (Completion, TextGenerator, complete, generate, generate_batch_ids, generate_ids,
-                                  load, options, prompt_ids, stream)
-from lmforge.generate.beam import beam_search
-from lmforge.generate.config import GenerateConfig
-from lmforge.generate.decode import apply_compile, decode
-from lmforge.generate.processors import (banned_ngram_tokens, filter_logits, next_token, process_scores,
-                                         repetition_penalty)
-from lmforge.generate.quantize import DTYPES, Int8Linear, apply_inference_dtype
-from lmforge.generate.rows import Event, Row, Sequences, StopText, make_rows, row_generators
+import importlib
+from typing import Any
 
-__all__ = ["Completion", "DTYPES", "Event", "GenerateConfig", "Int8Linear", "Row", "Sequences", "StopText",
-           "TextGenerator", "apply_compile", "apply_inference_dtype", "banned_ngram_tokens", "beam_search",
-           "complete", "decode", "filter_logits", "generate", "generate_batch_ids", "generate_ids", "load",
-           "make_rows", "next_token", "options", "process_scores", "prompt_ids", "repetition_penalty",
-           "row_generators", "stream"]
+_WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can read GenerateConfig without torch
+    "GenerateConfig": "config", "Dtype": "config", "Quantize": "config",
+    "Completion": "api", "TextGenerator": "api", "complete": "api", "generate": "api", "generate_batch_ids": "api",
+    "generate_ids": "api", "load": "api", "options": "api", "prompt_ids": "api", "stream": "api",
+    "beam_search": "beam", "apply_compile": "decode", "decode_rows": "decode",
+    "banned_ngram_tokens": "processors", "filter_logits": "processors", "next_token": "processors",
+    "process_scores": "processors", "repetition_penalty": "processors",
+    "DTYPES": "quantize", "Int8Linear": "quantize", "apply_inference_dtype": "quantize",
+    "Event": "rows", "Row": "rows", "Sequences": "rows", "StopText": "rows", "make_rows": "rows",
+    "row_generators": "rows",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lmforge.generate' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lmforge.generate.{_WHERE[name]}"), name)

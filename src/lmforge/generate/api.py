@@ -15,7 +15,7 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 from lmforge.errors import ConfigError
 from lmforge.generate.beam import beam_search
 from lmforge.generate.config import GenerateConfig
-from lmforge.generate.decode import apply_compile, decode
+from lmforge.generate.decode import apply_compile, decode_rows
 from lmforge.generate.quantize import apply_inference_dtype
 from lmforge.generate.rows import make_rows
 from lmforge.model import GPT
@@ -61,7 +61,7 @@ def generate_batch_ids(model: GPT, prompts: Sequence[Sequence[int]], config: Opt
     if config.num_beams > 1:
         return beam_search(model, prompts, config, config.end_ids(end_id))
     rows = make_rows(model, prompts, config, end_id, tokenizer)
-    for _ in decode(model, rows):
+    for _ in decode_rows(model, rows):
         pass
     copies = config.num_return_sequences
     return [[row.tokens for row in rows[p * copies:(p + 1) * copies]] for p in range(len(prompts))]
@@ -91,7 +91,7 @@ def complete(model: GPT, tokenizer: Any, prompts: Sequence[str], config: Optiona
                         for ids in hypotheses])
         return out
     rows = make_rows(model, encoded, config, tokenizer.end_id, tokenizer)
-    for _ in decode(model, rows):
+    for _ in decode_rows(model, rows):
         pass
     return [[Completion(row.text.text, row.tokens, row.finish, len(row.prompt))
              for row in rows[p * copies:(p + 1) * copies]] for p in range(len(prompts))]
@@ -122,7 +122,7 @@ def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateCon
         raise ConfigError("stream() generates one sequence without beam search; set num_return_sequences=1 and "
                           "num_beams=1, or use generate()")
     rows = make_rows(model, [prompt_ids(tokenizer, prompt)], config, tokenizer.end_id, tokenizer)
-    return (event.text for events in decode(model, rows) for event in events if event.text)
+    return (event.text for events in decode_rows(model, rows) for event in events if event.text)
 
 
 class TextGenerator:

@@ -51,7 +51,7 @@ class Scoring:
 
 
 @torch.inference_mode()
-def decode(model: GPT, rows: Sequence[Row]) -> Iterator[list[Event]]:
+def decode_rows(model: GPT, rows: Sequence[Row]) -> Iterator[list[Event]]:
     """Decode `rows` as one batch; yield, per step, the Events of the rows still running at that step.
     Ends once every row has finished (see Row.advance) or been cancelled (row.finish set by its reader).
     The model should be in eval mode."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Optional
 
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.generate.config import Dtype, Quantize
 from lmforge.model import GPT
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES: dict[str, torch.dtype] = dict(zip(typing.get_args(Dtype), (torch.float32, torch.bfloat16, torch.float16)))
 
 
 class Int8Linear(torch.nn.Module):
@@ -39,8 +41,8 @@ def apply_inference_dtype(model: GPT, dtype: str = "fp32", quantize: Optional[st
     the token embedding stays fp32). Modifies and returns `model`."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is invalid: choose one of {', '.join(DTYPES)}")
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"quantize={quantize!r} is invalid: null or 'int8'")
+    if quantize is not None and quantize not in typing.get_args(Quantize):
+        raise ConfigError(f"quantize={quantize!r} is invalid: null or one of {', '.join(typing.get_args(Quantize))}")
     model = model.to(DTYPES[dtype])
     if quantize == "int8":
         if model.tok_emb.weight.device.type != "cpu" or dtype != "fp32":

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from lmforge.generate import Event, GenerateConfig, Row, TextGenerator, decode, make_rows
+from lmforge.generate import Event, GenerateConfig, Row, TextGenerator, decode_rows, make_rows
 
 
 MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
@@ -277,7 +277,7 @@ class Engine:
             batch.owner += [(job, i) for i in range(len(job.rows))]
             rows += job.rows
         self.decodes += 1
-        return decode(self.model, rows)
+        return decode_rows(self.model, rows)
 
     def _take(self, job: Job, index: int, event: Event) -> None:
         """One continuation's event: its text, its token count, its finish; streamed out as they come."""
