@@ -5,6 +5,7 @@ fuzzing: test_faults_fuzz.py; several processes: test_distributed.py.)"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import lmforge.checkpoint as checkpoint
 from lmforge.checkpoint import (clean_interrupted_saves, latest_checkpoint, load_for_inference, prune_checkpoints,
                                 save_checkpoint, verify_checkpoint)
 from lmforge.errors import CheckpointError
+from lmforge.files import sha256_file
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.trainer import Trainer
 from tiny_training import VOCAB, tiny_config, tiny_trainer, write_prepared_data
@@ -83,6 +85,28 @@ def test_a_replaced_checkpoint_survives_a_crash_between_the_two_renames(tmp_path
     assert latest_checkpoint(tmp_path) == ckpt and not trash.exists()  # moved back, not deleted
     shutil.copytree(ckpt, trash)  # the new copy got in place: the old one is garbage
     assert clean_interrupted_saves(tmp_path) == [trash] and latest_checkpoint(tmp_path) == ckpt
+
+
+def test_a_save_of_the_same_step_killed_between_its_renames_keeps_the_old_copy(tmp_path, monkeypatch):
+    trainer = tiny_trainer(tiny_config(tmp_path))
+    ckpt = save_checkpoint(tmp_path, 5, trainer.raw_model, trainer.optimizer, trainer.config, {"ranks": []})
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    real, calls = os.rename, []
+
+    def rename(src, dst):  # dies just after moving the old copy aside: no rename after that one works
+        calls.append(dst)
+        if len(calls) > 1:
+            raise OSError(5, "injected")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(CheckpointError, match="injected"):
+        save_checkpoint(tmp_path, 5, trainer.raw_model, trainer.optimizer, trainer.config, {"ranks": [], "again": 1})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) is None and _leftovers(tmp_path) == [f".trash-step-00000005-{os.getpid()}"]
+    clean_interrupted_saves(tmp_path)  # what the next start does: the old copy is moved back, whole
+    assert latest_checkpoint(tmp_path) == ckpt and _leftovers(tmp_path) == []
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
 
 
 def test_retention_never_deletes_the_newest_complete_checkpoint(tmp_path):
@@ -218,7 +242,7 @@ def test_a_pickle_under_the_weights_name_with_a_matching_manifest_is_refused(thr
     shutil.copytree(three_saves / "checkpoints" / "step-00000003", ckpt)
     (ckpt / "model.safetensors").write_bytes(_payload(marker))
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    manifest["files"]["model.safetensors"] = {"sha256": checkpoint._sha256(ckpt / "model.safetensors"),
+    manifest["files"]["model.safetensors"] = {"sha256": sha256_file(ckpt / "model.safetensors"),
                                               "bytes": (ckpt / "model.safetensors").stat().st_size}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):

@@ -8,6 +8,9 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -294,13 +297,107 @@ def test_export_refuses_models_without_hf_equivalent(tmp_path, capsys, model, re
     assert not (tmp_path / "hf").exists()
 
 
-def test_export_refuses_to_replace_an_output(tmp_path):
+def test_export_replaces_only_an_earlier_export_and_only_with_force(tmp_path):
     run = lmforge_run(tmp_path, byte_tokenizer(), **GPT2_STYLE)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")
-    with pytest.raises(HFExportError, match="--force"):
-        export_hf(run, tmp_path / "hf")
+    for force in (False, True):
+        with pytest.raises(HFExportError, match="is not a Hugging Face export written by lmforge: choose a new"):
+            export_hf(run, tmp_path / "hf", force=force)
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
     assert (tmp_path / "hf" / "keep.txt").read_text() == "mine"
+    export_hf(run, tmp_path / "hf2")
+    with pytest.raises(HFExportError, match="already holds a Hugging Face export .*: pass --force"):
+        export_hf(run, tmp_path / "hf2")
+    assert export_hf(run, tmp_path / "hf2", force=True) == tmp_path / "hf2"
+
+
+def hidden(parent: Path) -> list[str]:
+    """Temporary or set-aside siblings an export left in `parent`."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_a_failed_forced_export_leaves_the_previous_export_intact(tmp_path, monkeypatch):
+    import lmforge.interop.hf_export as hf_export
+
+    run = lmforge_run(tmp_path, byte_tokenizer(), **GPT2_STYLE)
+    out = export_hf(run, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def torn_save(tensors, path, metadata=None):  # half the weights written, then the disk is full
+        Path(path).write_bytes(before["model.safetensors"][:1000])
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(hf_export, "save_file", torn_save)
+    with pytest.raises(OSError, match="injected"):
+        export_hf(run, out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and hidden(tmp_path) == []
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "GPT2LMHeadModel"
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+from pathlib import Path
+import lmforge.interop.hf_export as hf_export
+
+run, out, where = sys.argv[1:]
+if where == "writing":  # killed with half the weights on disk
+    def torn_save(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\\0" * 1000)
+        os.kill(os.getpid(), signal.SIGKILL)
+    hf_export.save_file = torn_save
+else:  # killed just before the new export is renamed into place
+    real = os.rename
+    def rename(src, dst):
+        if Path(dst) == Path(out):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst)
+    os.rename = rename
+hf_export.export_hf(run, out, force=True)
+"""
+
+
+@pytest.mark.parametrize("where", ["writing", "renaming"])
+def test_a_kill_during_a_forced_export_leaves_the_previous_export_intact(tmp_path, where):
+    run = lmforge_run(tmp_path, byte_tokenizer(), **GPT2_STYLE)
+    out = export_hf(run, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    child = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(run), str(out), where], capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert hidden(tmp_path) and out.exists() == (where == "writing")  # what the killed process left behind
+    with pytest.raises(HFExportError, match="pass --force"):
+        export_hf(run, out)  # the next export puts the previous one back first: it still needs --force
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and hidden(tmp_path) == []
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(out)).__name__ == "GPT2LMHeadModel"
+
+
+def test_a_failed_forced_onnx_export_leaves_the_previous_file_and_force_replaces_only_lmforge_files(
+        tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from lmforge.interop.onnx_export import OnnxExportError, export_onnx
+
+    run = lmforge_run(tmp_path, byte_tokenizer(), **GPT2_STYLE)
+    out = export_onnx(run, tmp_path / "model.onnx")
+    before = out.read_bytes()
+
+    def torn_save(self, destination, **kw):
+        Path(destination).write_bytes(before[:1000])
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", torn_save)
+    with pytest.raises(OSError, match="injected"):
+        export_onnx(run, out, force=True)
+    monkeypatch.undo()
+    assert out.read_bytes() == before and hidden(tmp_path) == []
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # still loads
+    with pytest.raises(OnnxExportError, match="already holds an ONNX export .*: pass --force"):
+        export_onnx(run, out)
+    (tmp_path / "notes.onnx").write_text("mine")
+    with pytest.raises(OnnxExportError, match="is not an ONNX export written by lmforge: choose a new --out"):
+        export_onnx(run, tmp_path / "notes.onnx", force=True)
+    assert (tmp_path / "notes.onnx").read_text() == "mine"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -1,6 +1,7 @@
 """`lmforge prepare`: inputs, cleaning, error paths (nothing left behind), determinism, split integrity, leakage."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -218,6 +219,29 @@ def test_a_folder_that_is_not_a_dataset_is_never_replaced(tmp_path, corpus):
     with pytest.raises(DataError, match=r"not a prepared dataset"):
         run([corpus], out, force=True)
     assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_a_forced_run_killed_between_its_renames_leaves_the_old_dataset(tmp_path, corpus, monkeypatch):
+    out = tmp_path / "out"
+    run([corpus], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real, calls = os.rename, []
+
+    def rename(src, dst):  # dies just after moving the old dataset aside: no rename after that one works
+        calls.append(dst)
+        if len(calls) > 1:
+            raise OSError(5, "injected")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="injected"):
+        run([corpus], out, tokenizer="byte", force=True)
+    monkeypatch.undo()
+    assert not out.exists() and len(leftovers(tmp_path, out)) == 1  # the old dataset, whole, under its .old- name
+    with pytest.raises(DataError, match=r"already holds a prepared dataset: pass --force"):
+        run([corpus], out, tokenizer="byte")  # the next run puts it back first, and it still needs --force
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert leftovers(tmp_path, out) == ["out"]
 
 
 def test_shakespeare_dataset(tmp_path):

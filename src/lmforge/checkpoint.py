@@ -27,7 +27,6 @@ Fault injection for tests (inert unless the environment variable LMFORGE_FAULT i
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from torch import nn
 from lmforge.config import RunConfig, run_config_from_dict, to_dict
 from lmforge.distributed import resolve_device, unwrap
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.files import fsync_path, replace_dir, sha256_file
 
 FORMAT = "lmforge-checkpoint-v1"
 MANIFEST = "manifest.json"
@@ -196,14 +196,6 @@ def refuse_pickles(directory: Path) -> None:
                               f"can run any code); use a checkpoint written by lmforge train (safetensors + JSON)")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_json(path: Path, what: str) -> Any:
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
@@ -239,7 +231,7 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
         if size != entry.get("bytes"):
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} has {size} bytes, {MANIFEST} says "
                                   f"{entry.get('bytes')} (truncated?); delete it and use an earlier checkpoint")
-        if _sha256(f) != entry.get("sha256"):
+        if sha256_file(f) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} does not match its sha256 in {MANIFEST}; "
                                   f"delete it and use an earlier checkpoint")
     return manifest
@@ -403,19 +395,9 @@ def _one_line(e: BaseException) -> str:
 
 # -------------------------------------------------------------------------------------------- save
 def _write_json(path: Path, obj: Any) -> None:
+    """A file of the temporary checkpoint directory (fsynced by the caller; the directory is renamed whole)."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
@@ -424,9 +406,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
 
     train_state: JSON-safe dict (step, tokens_seen, rng, data, val_loss, ...) stored in state.json
     together with the resolved config. tokenizer_file: copied in as tokenizer.json when given.
-    Every file is fsynced, the manifest is written last, the directory is renamed into place and its
-    parent fsynced. If anything fails (a full disk: ENOSPC) the partial directory is removed, the
-    previous checkpoints are untouched, and CheckpointError says what happened.
+    Every file is fsynced, the manifest is written last, the directory is put in place by
+    lmforge.files.replace_dir (a copy of the same step is deleted only after) and its parent fsynced.
+    If anything fails (a full disk: ENOSPC) the partial directory is removed, the previous checkpoints
+    are untouched, and CheckpointError says what happened.
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
@@ -438,7 +421,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         tmp.mkdir()
 
         def written(name: str) -> None:
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
             fault_point(f"save:{name}", step)
 
         save_model(unwrap(model), str(tmp / "model.safetensors"), metadata={"format": "lmforge-model-v1"})
@@ -455,19 +438,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
             written("tokenizer.json")
-        files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+        files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
         _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})  # last: completes the checkpoint
-        _fsync(tmp)
         fault_point("save:manifest", step)
-        if final.exists():  # saving the same step again: the old copy stays recoverable until the new one is in place
-            trash = root / f".trash-{final.name}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            _fsync(root)
-            shutil.rmtree(trash)
-        else:
-            os.rename(tmp, final)
-        _fsync(root)
+        # Saving the same step again: the old copy moves to .trash-, where clean_interrupted_saves finds it
+        # if the process dies before the new one is in place.
+        replace_dir(tmp, final, trash=root / f".trash-{final.name}-{os.getpid()}")
         fault_point("save:renamed", step)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -499,7 +475,7 @@ def clean_interrupted_saves(run_dir: str | Path) -> list[Path]:
             name = path.name[len(".trash-"):].rsplit("-", 1)[0]
             if (path / MANIFEST).is_file() and not (root / name).exists():
                 os.rename(path, root / name)
-                _fsync(root)
+                fsync_path(root)
                 continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)

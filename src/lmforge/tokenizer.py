@@ -35,7 +35,6 @@ what ``transformers`` gives for ``tokenizer(text).input_ids``.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import TokenizerError
+from lmforge.files import atomic_write_text, sha256_file
 
 FORMAT = "lmforge-tokenizer-v1"
 KINDS = ("char", "byte", "bpe")  # the kinds `lmforge prepare` trains
@@ -241,9 +241,9 @@ class Tokenizer:
         return data
 
     def save(self, path: str | Path) -> str:
-        """Write the tokenizer as one JSON file; returns its sha256."""
+        """Write the tokenizer as one JSON file (atomically); returns its sha256."""
         text = json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n"
-        Path(path).write_text(text, encoding="utf-8")
+        atomic_write_text(path, text)
         self.sha256 = sha256_file(path)
         return self.sha256
 
@@ -466,12 +466,4 @@ def _hf_all_id_bytes(hf) -> list[bytes]:
             out[i] = token.encode("utf-8")
     return out
 
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.errors import DataError
-from lmforge.tokenizer import sha256_file
+from lmforge.files import sha256_file
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BOM = b"\xef\xbb\xbf"

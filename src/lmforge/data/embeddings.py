@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import DataError
+from lmforge.files import atomic_file, atomic_write_text, sha256_file
 
 WORD2VEC_SETTINGS = dict(sg=1, window=5, negative=5, epochs=5, min_count=1, sample=1e-3)
 WORD2VEC_MAX_TOKENS = 20_000_000  # train-split prefix used for word2vec; enough for a few hundred MB of text
@@ -260,16 +260,11 @@ def _train_word2vec(tokens: np.ndarray, tokenizer: Any, settings: dict[str, Any]
 
 def _write_cache(npy_path: Path, meta_path: Path, table: np.ndarray, rows: np.ndarray,
                  identity: dict[str, Any]) -> None:
-    """Write the .npy, then the JSON that vouches for it (temporary names, renamed into place)."""
-    tmp_npy = npy_path.with_name(npy_path.name + f".tmp{os.getpid()}")
-    with open(tmp_npy, "wb") as f:
+    """Write the .npy, then the JSON that vouches for it, each atomically."""
+    with atomic_file(npy_path, "wb") as f:
         np.save(f, table, allow_pickle=False)
-    os.replace(tmp_npy, npy_path)
-    meta = {"format": "lmforge-word2vec-v1", **identity, "rows": rows.tolist(),
-            "npy_sha256": hashlib.sha256(npy_path.read_bytes()).hexdigest()}
-    tmp_meta = meta_path.with_name(meta_path.name + f".tmp{os.getpid()}")
-    tmp_meta.write_text(json.dumps(meta))
-    os.replace(tmp_meta, meta_path)
+    meta = {"format": "lmforge-word2vec-v1", **identity, "rows": rows.tolist(), "npy_sha256": sha256_file(npy_path)}
+    atomic_write_text(meta_path, json.dumps(meta))
 
 
 def _read_cache(npy_path: Path, meta_path: Path, vocab_size: int,
@@ -279,7 +274,7 @@ def _read_cache(npy_path: Path, meta_path: Path, vocab_size: int,
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if hashlib.sha256(npy_path.read_bytes()).hexdigest() != meta.get("npy_sha256"):
+        if sha256_file(npy_path) != meta.get("npy_sha256"):
             return None
         table = np.load(npy_path, allow_pickle=False)
         rows = np.array(meta["rows"], dtype=np.int64)

@@ -16,16 +16,15 @@ The pipeline, each step streaming so that memory stays flat as the corpus grows:
           encoded in parallel by the Rust library), and append ``<START> ids <END>`` to the split's shard.
 6. write  manifest.json and report.json (statistics and the leakage check of ``report``).
 
-Everything is written into a temporary directory next to ``out`` and renamed into place at the end,
-so an error leaves no partial output behind and never touches an existing dataset.
+Everything is written into a temporary directory next to ``out`` and put in place at the end by
+``lmforge.files.atomic_dir``, so an error or a kill leaves no partial output behind, and an existing dataset
+(replaced only with ``force``) is deleted only once the new one is complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import secrets
-import shutil
 import sys
 import time
 from array import array
@@ -42,6 +41,7 @@ from lmforge.data.corpus import CorpusReader, CorpusStats, find_files, shakespea
 from lmforge.data.report import format_report
 from lmforge.data.shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, write_manifest
 from lmforge.errors import DataError
+from lmforge.files import atomic_dir, check_output
 from lmforge.tokenizer import KINDS, N_SPECIAL, Tokenizer, byte_tokenizer, check_special_tokens, train_bpe, train_char
 
 # Text per encoding batch. Big enough for the Rust encoder to spread over the cores, small enough that
@@ -66,7 +66,8 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
     """
     _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_tokens, workers)
     out_dir = Path(out)
-    _check_out(out_dir, force)
+    check_output(out_dir, force=force, ours=lambda p: (p / MANIFEST).is_file(), what="a prepared dataset",
+                 error=DataError)
     given = None if tokenizer in KINDS else Tokenizer.load(tokenizer)  # fail before reading the corpus
     log = _Log(progress)
     stats = CorpusStats()
@@ -74,19 +75,11 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
         files = shakespeare_files()
     else:
         files = find_files(inputs, warn=log.warn, stats=stats)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling (same file system, so the final rename is atomic); mkdir honours the umask, unlike mkdtemp.
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         report = _Pipeline(tmp, log, stats, workers=workers, progress=progress).run(
             files, tokenizer=given or tokenizer, vocab_size=vocab_size, split=split, seed=seed, doc_split=doc_split,
             jsonl_field=jsonl_field, parquet_column=parquet_column, keep_duplicates=keep_duplicates,
             special_tokens=special_tokens)
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 
@@ -109,31 +102,6 @@ def _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_toke
         raise DataError(f"split={tuple(split)} is invalid: give three positive fractions (train, val, test) summing to 1")
     if workers < 1:
         raise DataError(f"workers={workers} is invalid: use 1 or more")
-
-
-def _check_out(out: Path, force: bool) -> None:
-    """Refuse to replace a dataset without force, and never replace a folder that is not a dataset."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DataError(f"output {out} exists and is not a directory: choose another --out")
-    if not any(out.iterdir()):
-        return
-    if not (out / MANIFEST).is_file():
-        raise DataError(f"output {out} is a non-empty folder that is not a prepared dataset: choose a new or empty --out")
-    if not force:
-        raise DataError(f"output {out} already holds a prepared dataset: pass --force to replace it")
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished dataset into place; an old one is removed only after the new one is complete."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 class _Log:

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.data.shards import ShardFile, read_manifest
+from lmforge.files import atomic_write_text
 from lmforge.tokenizer import N_SPECIAL, Tokenizer
 
 REPORT = "report.json"
@@ -203,8 +204,8 @@ def build_report(manifest: dict, entries: dict, tok: Tokenizer, token_counts: np
 
 
 def write_report(data_dir: str | Path, report: dict) -> None:
-    """Write ``report.json`` beside the shards."""
-    Path(data_dir, REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write ``report.json`` beside the shards (atomically)."""
+    atomic_write_text(Path(data_dir, REPORT), json.dumps(report, indent=1, ensure_ascii=False) + "\n")
 
 
 def format_report(report: dict) -> str:

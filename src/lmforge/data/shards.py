@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import DataError
+from lmforge.files import atomic_write_text
 
 FORMAT = "lmforge-shards-v1"
 SPLITS = ("train", "val", "test")
@@ -60,8 +61,8 @@ class ShardWriter:
 
 
 def write_manifest(data_dir: str | Path, manifest: dict) -> None:
-    """Write ``manifest.json`` into ``data_dir``."""
-    Path(data_dir, MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write ``manifest.json`` into ``data_dir`` (atomically)."""
+    atomic_write_text(Path(data_dir, MANIFEST), json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_manifest(data_dir: str | Path) -> dict:

@@ -6,14 +6,14 @@
     OUT/tokenizer.json, tokenizer_config.json, special_tokens_map.json   (see interop.hf_tokenizer)
 
 A model with an option neither architecture has (sinusoidal positions, GPT-2 style with RoPE, ...)
-is refused with the reason for each. The directory is written next to OUT and renamed into place.
+is refused with the reason for each. The directory is written next to OUT and put in place by
+lmforge.files.atomic_dir: with --force, an earlier export (only one lmforge wrote: its config.json names
+lmforge_version) is deleted only after the new one is complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from lmforge import __version__
 from lmforge.checkpoint import load_for_inference
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.files import atomic_dir, check_output
 from lmforge.interop import hf_gpt2, hf_llama
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
 
@@ -70,27 +71,27 @@ def hf_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
 def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a Hugging Face directory.
 
-    Returns out_dir. Refuses an existing non-empty out_dir unless force (then it is replaced whole).
+    Returns out_dir. An existing non-empty out_dir is replaced (whole, once the new export is complete) only
+    with force and only if it is an earlier lmforge export; anything else raises HFExportError.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise HFExportError(f"{out_dir} exists and is not empty; choose another --out or pass --force to replace it")
+    check_output(out_dir, force=force, ours=_is_hf_export, what="a Hugging Face export written by lmforge",
+                 error=HFExportError)
     model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
     files = hf_files(model, tokenizer)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:  # files inside are fsynced before the directory is renamed into place
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 save_file(content, str(tmp / name), metadata={"format": "pt"})
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
+
+
+def _is_hf_export(path: Path) -> bool:
+    """Whether `path` holds an export of export_hf: its config.json records the lmforge version."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and "lmforge_version" in config

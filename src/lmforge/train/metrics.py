@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -18,6 +17,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from tqdm.auto import tqdm
+
+from lmforge.files import atomic_write_text
 
 
 def keep_records_up_to(path: Path, step: int) -> None:
@@ -39,12 +40,7 @@ def keep_records_up_to(path: Path, step: int) -> None:
         kept.append(line)
     if not dropped:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLogger:

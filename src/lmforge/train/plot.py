@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from lmforge.errors import LmforgeError
+from lmforge.files import atomic_path
 from lmforge.train.metrics import read_metrics
 
 
@@ -42,5 +43,6 @@ def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
     ax.legend()
     out = Path(out) if out else run_dir / "loss.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
+    with atomic_path(out) as tmp:  # the temporary name has no .png: say the format
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=100, bbox_inches="tight")
     return out

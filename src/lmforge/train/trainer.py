@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -47,6 +46,7 @@ from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, as_peer_failure, barrier,
                                  gather_objects, resolve_device, setup_distributed, teardown_distributed, unwrap)
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
+from lmforge.files import atomic_write_text, sha256_file
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import count_labels, cross_entropy_sum
@@ -340,10 +340,10 @@ class Trainer:
         path = self.run_dir / f"nonfinite-step-{step:08d}.json"
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"step": step, "rank": rank, "tensor": tensor, "loss": str(self.step_loss),
-                                        "ranks": [r for r, _ in bad], "policy": "stop",
-                                        "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None},
-                                       indent=1), encoding="utf-8")
+            last = str(self.last_checkpoint) if self.last_checkpoint else None
+            atomic_write_text(path, json.dumps({"step": step, "rank": rank, "tensor": tensor, "loss": str(self.step_loss),
+                                                "ranks": [r for r, _ in bad], "policy": "stop",
+                                                "last_checkpoint": last}, indent=1))
         self.optimizer.zero_grad(set_to_none=True)
         kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                 else "no checkpoint was saved yet")
@@ -542,8 +542,7 @@ class Trainer:
         """RUN_DIR/config.yaml: the resolved config (vocab size from the data included)."""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False),
-                                                      encoding="utf-8")
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.config), sort_keys=False))
 
     def describe(self) -> None:
         """Print the model size, FLOPs per token and the batch geometry once."""
@@ -575,7 +574,7 @@ def _local_rank() -> int:
 def _sha256_or_none(path: Optional[Path]) -> Optional[str]:
     if path is None:
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def train(config: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,234 @@
+"""Files that are whole or absent: the one atomic write of lmforge, the one sha256, and the one rule for
+replacing an output.
+
+A file is written to a hidden temporary sibling (same directory, so the rename stays on one file system),
+fsynced, renamed onto its name (os.replace, atomic on POSIX), and the parent directory is fsynced so that
+the rename itself survives a power cut. A reader, or the next run after a crash, sees the old complete
+file or the new complete one, never a part:
+
+    atomic_write_text(path, text)            # or atomic_write_bytes
+    with atomic_file(path, "wb") as f:       # a file object on .NAME.tmp-<pid>-<hex>
+        np.save(f, table)
+    with atomic_path(path) as tmp:           # for libraries that write to a path (safetensors, savefig)
+        save_file(tensors, str(tmp))
+
+A directory is written the same way: `atomic_dir(final)` yields an empty temporary sibling, and
+`replace_dir(new, final)` puts a finished one in place. The old output is never deleted first: it is
+renamed aside to .NAME.old-<pid>-<hex>, the new one is renamed to NAME, the parent fsynced, and only then
+is the old one deleted. At every instant one complete output exists under a known name; a process killed
+between the two renames leaves the old one under its .old- name, and `recover_output` puts it back.
+On an error the temporary is removed and the exception re-raised: what was there before is untouched.
+
+`check_output` is the `--force` rule: an existing output is replaced only when lmforge wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import IO, Callable, Iterator, Optional
+
+from lmforge.errors import LmforgeError
+
+TMP, OLD = "tmp", "old"  # tags of the hidden siblings: .NAME.tmp-<pid>-<hex> (being written), .NAME.old-... (replaced)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read `chunk` bytes at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """fsync every file and directory under `directory`, itself last."""
+    for root, _, names in os.walk(directory, topdown=False):
+        for name in names:
+            fsync_path(os.path.join(root, name))
+        fsync_path(root)
+
+
+def sibling(path: str | Path, tag: str = TMP) -> Path:
+    """A fresh hidden name next to `path`: .NAME.<tag>-<pid>-<8 hex digits>."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- files
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path for the caller to write; on success it becomes `path`, atomically.
+
+    Then the file is fsynced, renamed onto `path` and the parent directory fsynced. On any exception the
+    temporary is removed, `path` is left as it was, and the exception propagates. A writer that infers
+    the format from the file name (matplotlib's savefig) must be told the format.
+    """
+    path = Path(path)
+    tmp = sibling(path)
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_path(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", *, encoding: str = "utf-8") -> Iterator[IO]:
+    """Yield a file object (mode "w" text or "wb" bytes) whose content replaces `path` atomically on success."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_file writes a whole file: mode 'w' or 'wb', not {mode!r}")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=None if mode == "wb" else encoding) as f:
+            yield f
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Replace `path` with `data`, atomically (see atomic_path)."""
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> None:
+    """Replace `path` with `text`, atomically (see atomic_path)."""
+    with atomic_file(path, "w", encoding=encoding) as f:
+        f.write(text)
+
+
+# ---------------------------------------------------------------------------------------- directories
+def replace_dir(new: str | Path, final: str | Path, *, trash: Optional[str | Path] = None) -> None:
+    """Put the finished directory `new` in place as `final`; an existing `final` is deleted only afterwards.
+
+    Every file under `new` and `new` itself are fsynced first. An existing `final` is renamed to `trash`
+    (default: a fresh .NAME.old-<pid>-<hex> sibling), `new` renamed to `final`, the parent fsynced, and
+    `trash` deleted. If the second rename fails, the old output is renamed back before the error
+    propagates; if the process dies between the renames, `recover_output(final)` renames it back.
+    """
+    new, final = Path(new), Path(final)
+    fsync_tree(new)
+    if not os.path.lexists(final):
+        os.rename(new, final)
+        fsync_path(final.parent)
+        return
+    trash = Path(trash) if trash is not None else sibling(final, OLD)
+    os.rename(final, trash)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        with contextlib.suppress(OSError):  # if this fails too, recover_output renames it back later
+            os.rename(trash, final)
+        raise
+    fsync_path(final.parent)
+    _remove(trash)
+
+
+def _owner_alive(leftover: Path) -> bool:
+    """Whether the process named in a .NAME.<tag>-<pid>-<hex> sibling still runs (on this machine)."""
+    try:
+        pid = int(leftover.name.rsplit("-", 2)[-2])
+    except (IndexError, ValueError):
+        return True  # not a name we made: leave it alone
+    if pid == os.getpid():  # one process writes one output at a time: ours are leftovers of a failed write
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def recover_output(final: str | Path) -> Optional[Path]:
+    """Clean up after writers of `final` (a file or a directory) that died; return `final` if its old
+    output was put back, else None.
+
+    A writer killed between the two renames of replace_dir left the previous output complete under
+    .NAME.old-<pid>-<hex> and no `final`: it is renamed back. Other siblings a dead writer left (a
+    half-written .NAME.tmp-*, an .old- whose replacement is in place) are deleted. Siblings of a
+    process that still runs are left alone.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return None
+    leftovers = [p for p in final.parent.iterdir()
+                 if p.name.startswith((f".{final.name}.{TMP}-", f".{final.name}.{OLD}-")) and not _owner_alive(p)]
+    restored = None
+    old = [p for p in leftovers if p.name.startswith(f".{final.name}.{OLD}-")]
+    if old and not os.path.lexists(final):
+        restored = max(old, key=lambda p: p.lstat().st_ctime)  # the last one moved aside
+        os.rename(restored, final)
+        fsync_path(final.parent)
+    for path in leftovers:
+        if path != restored:
+            _remove(path)
+    return final if restored is not None else None
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling directory; on success it replaces `final` (see replace_dir).
+
+    On any exception the temporary directory is removed and `final` is left as it was. Leftovers of
+    writers of `final` that died are cleaned first (recover_output).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    recover_output(final)
+    tmp = sibling(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------------- the --force rule
+def check_output(path: str | Path, *, force: bool, ours: Callable[[Path], bool], what: str,
+                 error: type[LmforgeError] = LmforgeError, directory: bool = True) -> None:
+    """Raise `error` (one line) unless `path` may be written by an output of kind `what`.
+
+    Writable: a path that does not exist, an empty directory (when `directory`), or, with `force`, an
+    output that `ours(path)` recognises as one lmforge wrote. Anything else is never replaced, --force
+    or not. First puts back an output a killed writer left aside (recover_output), so the check sees it.
+    """
+    path = Path(path)
+    recover_output(path)
+    if not os.path.lexists(path):
+        return
+    if directory != path.is_dir():
+        kind = "not a directory" if directory else "a directory"
+        raise error(f"output {path} exists and is {kind}: choose another --out")
+    if directory and not any(path.iterdir()):
+        return
+    if not ours(path):
+        raise error(f"output {path} {'is a non-empty folder that' if directory else 'exists and'} is not {what}: "
+                    f"choose a new{' or empty' if directory else ''} --out")
+    if not force:
+        raise error(f"output {path} already holds {what}: pass --force to replace it")
