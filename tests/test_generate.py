@@ -106,6 +106,19 @@ def test_top_k_and_top_p_never_emit_a_filtered_token():
             assert int(p_pick[b]) in nucleus[b]
 
 
+def test_draw_follows_the_probabilities_and_never_picks_a_zero():
+    from lmforge.generate.processors import draw
+
+    probs = torch.tensor([[0.5, 0.0, 0.2, 0.3, 0.0]]).repeat(4000, 1)
+    picks = draw(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(picks, minlength=5) / len(picks)
+    assert counts[1] == 0 and counts[4] == 0
+    assert torch.allclose(counts, probs[0], atol=0.025)  # ~5 standard errors of 4000 draws
+    rows = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    together = draw(probs[:3], [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    assert together.tolist() == [int(draw(probs[:1], [g])) for g in rows]  # each row draws from its own stream
+
+
 def test_filter_logits_keeps_the_top_token_however_small_top_p():
     logits = torch.tensor([[0.0, 5.0, 1.0]])
     assert torch.isfinite(filter_logits(logits, top_p=1e-6)).tolist() == [[False, True, False]]
@@ -338,13 +351,22 @@ def test_int8_and_bf16_decoding_stay_close_to_fp32():
 
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_eager_tokens():
-    """apply_compile: one dynamic graph for prefill and every cache length; greedy tokens unchanged."""
-    m = model(block_size=64)
-    eager = generate_ids(m, [START, 7, 8], temperature=0.0, max_new_tokens=20)
-    gen = TextGenerator(m, TOKENIZER, compile=True)
-    assert generate_ids(gen.model, [START, 7, 8], temperature=0.0, max_new_tokens=20) == eager
-    assert generate_ids(gen.model, [START, 9], temperature=0.0, max_new_tokens=5) == \
-        generate_ids(m, [START, 9], temperature=0.0, max_new_tokens=5)
+    """apply_compile: the decoding step compiled once (batch 1, and batch >= 2) serves every length, padded
+    rows, the window slide and other architectures; tokens equal the eager model's, greedy and seeded."""
+    from lmforge.generate import CompiledGPT, apply_compile
+
+    m = model(block_size=16)
+    fast = TextGenerator(m, TOKENIZER, compile=True).model
+    assert isinstance(fast, CompiledGPT) and apply_compile(fast) is fast
+    eager = generate_ids(m, [START, 7, 8], temperature=0.0, max_new_tokens=40)  # slides the window twice
+    assert generate_ids(fast, [START, 7, 8], temperature=0.0, max_new_tokens=40) == eager
+    prompts = [[START, 9], [START, 5, 6, 7, 8, 9], [START, 30, 31]]  # a left-padded batch, sampled
+    options = dict(max_new_tokens=10, seed=3, top_k=20, num_return_sequences=2)
+    assert generate_batch_ids(fast, prompts, **options) == generate_batch_ids(m, prompts, **options)
+    assert set(fast.libraries) == {True, False}  # one library for batch 1, one for every larger batch
+    llama = model(block_size=32, pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False)
+    assert generate_ids(apply_compile(llama), [START, 4], temperature=0.0, max_new_tokens=20) == \
+        generate_ids(llama, [START, 4], temperature=0.0, max_new_tokens=20)
 
 
 def test_complete_reports_tokens_and_why_each_sequence_ended():

@@ -58,6 +58,26 @@ def test_kv_cache_decoding_equals_full_forward(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_static_cache_steps_equal_full_forward_of_each_row(variant):
+    """The fixed-shape decoding step (a static view of the cache: write column pos, attend to the columns the
+    mask marks) gives each row of a left-padded batch the logits of a full forward of that row alone."""
+    model = build(**VARIANTS[variant])
+    rows = [torch.randint(0, 53, (20,)), torch.randint(0, 53, (14,))]  # row 1: 6 pads on the left
+    cache = KVCache(model.config, 2, max_len=model.config.block_size + 1)
+    real = torch.ones(2, 20, dtype=torch.bool)
+    real[1, :6] = False
+    idx = torch.stack([rows[0], torch.cat([torch.zeros(6, dtype=torch.long), rows[1]])])
+    got = [model(idx[:, :8], cache, real[:, :8])[:, -1]]  # an ordinary prefill of 8 columns
+    for t in range(8, 20):  # then one column at a time through the static view
+        view = KVCache.static_view(cache.k, cache.v, torch.tensor([t]), t + 1)
+        got.append(model(idx[:, t:t + 1], view, real[:, :t + 1])[:, -1])
+        assert int(view.pos) == t + 1
+    for r, row in enumerate(rows):
+        full = model(row[None])[0]  # (len, V)
+        assert torch.allclose(torch.stack([g[r] for g in got]), full[len(row) - 13:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_causality_future_tokens_do_not_change_past_logits(variant):
     model = build(**VARIANTS[variant])
     idx = torch.randint(0, 53, (1, 24))

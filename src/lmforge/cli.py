@@ -317,8 +317,8 @@ def _add_generate(sub: Any) -> None:
                    help="weights for decoding (default: fp32, exact)")
     p.add_argument("--quantize", choices=typing.get_args(Quantize), help="int8 weights for the Linear layers (CPU): "
                    "faster, slightly different numbers")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model first (tens of seconds; "
-                   "pays off over hundreds of tokens)")
+    p.add_argument("--compile", action="store_true", help="compile the decoding step ahead of time first "
+                   "(AOTInductor, about 10 s on a CPU; pays off over a few hundred tokens)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no-stream", action="store_true",
                    help="print the text when it is complete (several samples are never streamed)")

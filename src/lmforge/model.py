@@ -15,7 +15,7 @@ mlp.fc, mlp.proj}, norm_f, lm_head (the same tensor as tok_emb.weight when tied)
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -235,13 +235,18 @@ class GPT(nn.Module):
         attention_mask (B, S), S = cache.pos + T (or T without a cache), marks real tokens True/1 and
         left padding False/0: a row's positions then count only its real tokens, and no query attends
         to a pad, so each row computes what it would alone (for batches of prompts of different lengths).
+        With a static cache (one new token per row, T = 1), S is the cache's length and attention_mask
+        marks the columns written so far, this one included, pads excluded.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
         mask = None
-        if attention_mask is None:
+        if cache is not None and cache.static:  # one new token per row, over fixed shapes (see KVCache)
+            positions = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1): real tokens before this one
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): the keys written so far, pads excluded
+        elif start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        elif attention_mask is None:
             positions = slice(start, start + T)  # the same T positions for every row
         else:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T): real tokens before
@@ -269,6 +274,11 @@ class KVCache:
 
     Pre-allocated once, (B, nkv, max_len, hd) per layer for keys and for values, and filled in place:
     a decoding step writes one slice instead of concatenating tensors. `pos` counts the positions filled.
+
+    A static view (KVCache.static_view) of the same buffers keeps their shapes fixed, so a decoding step over
+    it compiles once for every length (lmforge.generate.compiled): `pos` is then a (1,) tensor, each step
+    writes one column at pos and attends over the first `length` columns (a size the compiler keeps
+    symbolic), the attention mask marking those written, pads excluded.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: Optional[int] = None,
@@ -276,15 +286,30 @@ class KVCache:
         shape = (batch_size, config.n_kv_head, max_len or config.block_size, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0
+        self.pos: int | torch.Tensor = 0
+        self.static = False
 
     @classmethod
     def for_model(cls, model: GPT, batch_size: int) -> KVCache:
         weight = model.tok_emb.weight
         return cls(model.config, batch_size, device=weight.device, dtype=weight.dtype)
 
+    @classmethod
+    def static_view(cls, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], pos: torch.Tensor,
+                    length: int) -> KVCache:
+        """A static cache over the buffers k, v (one (B, nkv, max_len, hd) per layer), writing at column pos (1,)
+        and attending over its first `length` columns."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.pos, cache.static, cache.length = list(k), list(v), pos, True, length
+        return cache
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hd) at positions pos..pos+T-1 of `layer`; return all (B, nkv, pos+T, hd)."""
+        """Store k, v (B, nkv, T, hd) at positions pos..pos+T-1 of `layer`; return all (B, nkv, pos+T, hd)
+        (a static view: T = 1, and the first `length` columns, (B, nkv, length, hd))."""
+        if self.static:
+            self.k[layer].index_copy_(2, self.pos, k)
+            self.v[layer].index_copy_(2, self.pos, v)
+            return self.k[layer].narrow(2, 0, self.length), self.v[layer].narrow(2, 0, self.length)
         T = k.size(2)
         self.k[layer].narrow(2, self.pos, T).copy_(k)
         self.v[layer].narrow(2, self.pos, T).copy_(v)

@@ -5,6 +5,7 @@
                 progress (Row: budget, end ids, stop strings, generator), the rule that ends a row
     processors  penalties, n-gram ban, temperature, top-k / top-p / min-p, the pick of a token
     decode      the one loop: rows with their own settings in one batch, per-row Events out
+    compiled    the decoding step compiled ahead of time (AOTInductor), once for every length
     beam        beam search (num_beams > 1), as Hugging Face's
     quantize    bf16 / fp16 weights, int8 weight-only Linear layers
     api         complete / generate / stream / generate_ids / TextGenerator / load: readers of the loop
@@ -35,7 +36,7 @@ _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can re
     "GenerateConfig": "config", "Dtype": "config", "Quantize": "config",
     "Completion": "api", "TextGenerator": "api", "complete": "api", "generate": "api", "generate_batch_ids": "api",
     "generate_ids": "api", "load": "api", "options": "api", "prompt_ids": "api", "stream": "api",
-    "beam_search": "beam", "apply_compile": "decode", "decode_rows": "decode",
+    "beam_search": "beam", "decode_rows": "decode", "CompiledGPT": "compiled", "apply_compile": "compiled",
     "banned_ngram_tokens": "processors", "filter_logits": "processors", "next_token": "processors",
     "process_scores": "processors", "repetition_penalty": "processors",
     "DTYPES": "quantize", "Int8Linear": "quantize", "apply_inference_dtype": "quantize",

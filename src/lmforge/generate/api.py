@@ -15,7 +15,8 @@ from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 from lmforge.errors import ConfigError
 from lmforge.generate.beam import beam_search
 from lmforge.generate.config import GenerateConfig
-from lmforge.generate.decode import apply_compile, decode_rows
+from lmforge.generate.compiled import apply_compile
+from lmforge.generate.decode import decode_rows
 from lmforge.generate.quantize import apply_inference_dtype
 from lmforge.generate.rows import make_rows
 from lmforge.model import GPT
@@ -130,7 +131,7 @@ class TextGenerator:
     .complete(prompts, **kw); kw are GenerateConfig fields. compile=True decodes through apply_compile(model)."""
 
     def __init__(self, model: GPT, tokenizer: Any, compile: bool = False) -> None:
-        self.model = apply_compile(model.eval()) if compile else model.eval()
+        self.model = apply_compile(model.eval()) if compile else model.eval()  # a CompiledGPT decodes like the GPT
         self.tokenizer = tokenizer
 
     def generate(self, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,

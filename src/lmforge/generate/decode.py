@@ -63,10 +63,3 @@ def decode_rows(model: GPT, rows: Sequence[Row]) -> Iterator[list[Event]]:
         token = scoring.pick(seqs.next_logits(model), seqs)  # (B,)
         seqs.append(token)
         yield [row.advance(i, t) for i, (row, t) in enumerate(zip(rows, token.tolist())) if row.finish is None]
-
-
-def apply_compile(model: GPT) -> GPT:
-    """torch.compile(model, dynamic=True): one graph serves every cache length and batch size (the first
-    calls compile, tens of seconds on a CPU); a decoding step then runs as a few fused kernels instead of
-    ~50 module calls, which is most of the time of a small model."""
-    return torch.compile(model, dynamic=True)  # type: ignore[return-value]

@@ -83,9 +83,19 @@ def next_token(scores: torch.Tensor, config: GenerateConfig, generator: Union[No
     if config.is_greedy:
         return scores.argmax(dim=-1)
     logits = filter_logits(scores.float() / config.temperature, config.top_k, config.top_p, config.min_p)
-    probs = logits.softmax(dim=-1)  # (B, V)
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: Union[None, torch.Generator, Sequence[Optional[torch.Generator]]] = None
+         ) -> torch.Tensor:
+    """One token per row of probs (B, V), by inverse transform sampling: the first token whose cumulative
+    probability exceeds u ~ U[0, total). Each row's u comes from its own generator (one call per row, then
+    one vectorized search), so a row draws the same token alone or in any batch; a token of probability 0
+    is never drawn (its cumulative sum equals its predecessor's)."""
+    B = probs.size(0)
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
-    if len(generator) == 1:
-        return torch.multinomial(probs, 1, generator=generator[0]).squeeze(1)
-    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)]).squeeze(1)
+        u = torch.rand(B, 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    else:
+        u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device, dtype=probs.dtype) for g in generator])
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    return (cdf < u * cdf[:, -1:]).sum(dim=-1).clamp_(max=probs.size(-1) - 1)  # (B,)

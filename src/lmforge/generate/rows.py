@@ -51,7 +51,8 @@ class Sequences:
             pads = torch.tensor([self.width - len(p) for p in prompts], device=device)
             self.real = torch.arange(self.tokens.size(1), device=device)[None, :] >= pads[:, None]  # (B, width+budget)
         self.n, self.start = self.width, 0
-        self.cache = KVCache.for_model(model, B)
+        self.compiled = hasattr(model, "decode_step")  # a CompiledGPT (generate.compiled): its step, its cache
+        self.cache = model.new_cache(B) if self.compiled else KVCache.for_model(model, B)
         self.block = model.config.block_size
 
     def next_logits(self, model: GPT) -> torch.Tensor:
@@ -61,6 +62,10 @@ class Sequences:
             self.cache.reset()
             self.start = self.n - max(1, self.block // 2)
         first = self.start + self.cache.pos  # the first column the cache lacks
+        if self.compiled and self.cache.pos > 0 and self.n - first == 1:  # one new column: the compiled step
+            keys = self.real[:, self.start:self.n] if self.real is not None else \
+                torch.ones(self.tokens.size(0), self.n - self.start, dtype=torch.bool, device=self.tokens.device)
+            return model.decode_step(self.tokens[:, first:self.n], keys, self.cache)
         mask = self.real[:, self.start:self.n] if self.real is not None else None
         return model(self.tokens[:, first:self.n], self.cache, mask)[:, -1]
 
