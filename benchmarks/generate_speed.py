@@ -10,10 +10,15 @@ on each other (ten times slower, for both libraries). Rounds alternate between t
 so load from other processes hits both alike; medians are reported, and one JSON summary at the end.
 Greedy outputs are compared token by token (same weights: the same tokens, up to float rounding in near ties).
 
+The limit of the machine: decoding one token at batch 1 reads every weight once. The script measures, in the
+same run and on the same thread, how long the model's own weight matrices (q/k/v, attention output, MLP, LM head)
+take through `@` with a vector (fp32), or through the int8 kernel with a vector (int8), and prints each batch-1
+variant's tokens/s as a fraction of that weight-read limit.
+
 lmforge runs in variants (--variants): fp32 (the default, exact), int8 (weight-only int8 Linear layers,
-generate.apply_inference_dtype), int8-compile and fp32-compile (generate.apply_compile: torch.compile with
-dynamic shapes). A variant's first call (its warm-up: compilation for the -compile ones) is not timed but
-reported as warmup_s. Each variant's greedy tokens are compared with fp32's (agreement = identical prefix),
+generate.apply_inference_dtype), int8-compile and fp32-compile (generate.apply_compile: the decoding step
+compiled ahead of time with AOTInductor, once for every length). A variant's first call (its warm-up:
+compilation for the -compile ones) is not timed but reported as warmup_s. Each variant's greedy tokens are compared with fp32's (agreement = identical prefix),
 and an uncompiled variant's logits over 256 random tokens with fp32's (largest difference relative to the
 largest logit, and how often the top token is the same).
 
@@ -132,6 +137,12 @@ def compare(name: str, args: argparse.Namespace) -> dict:
            "greedy_tokens_identical_prefix": agree, "new_tokens": new, "variants": {}, "results": {}}
     print(f"[{name}] greedy outputs agree on the first {agree} of {new} tokens", flush=True)
     variants = {v: make_variant(ours, v) for v in args.variants.split(",")}
+    limits = {"fp32": weight_read_limit(ours)}
+    if any(v.startswith("int8") for v in variants):
+        limits["int8"] = weight_read_limit(apply_inference_dtype(copy.deepcopy(ours), "fp32", "int8"))
+    out["weight_read_limit_tokens_per_s"] = {k: round(v, 1) for k, v in limits.items()}
+    print(f"[{name}] weight-read limit at batch 1: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in limits.items()),
+          flush=True)
     for v, model in variants.items():
         t0 = time.perf_counter()
         tokens = lmforge_runner(model, prompt, 1, new, MODES["greedy"])()[0]
@@ -153,8 +164,14 @@ def compare(name: str, args: argparse.Namespace) -> dict:
                 result[v] = {"tokens_per_s": round(tps, 1), "ratio": round(statistics.median(ratios), 2),
                              "ratio_min": round(min(ratios), 2), "ratio_max": round(max(ratios), 2),
                              "warmup_s": round(warmup[v], 2)}
+                of_limit = ""
+                if batch == 1:
+                    limit = limits["int8" if v.startswith("int8") else "fp32"]
+                    result[v]["fraction_of_weight_read_limit"] = round(tps / limit, 3)
+                    of_limit = f"   {tps / limit:4.0%} of the weight-read limit"
                 print(f"[{name}] {key:>15} {v:>13}: lmforge {tps:8,.0f} tok/s   HF {hf_tps:8,.0f} tok/s   "
-                      f"ratio {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})", flush=True)
+                      f"ratio {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f}){of_limit}",
+                      flush=True)
     return out
 
 
@@ -165,6 +182,48 @@ def logits_vs_fp32(model: GPT, exact: GPT, length: int = 256) -> dict:
     ours, reference = model(idx).float(), exact(idx)
     return {"logits_max_rel_diff_vs_fp32": round(float((ours - reference).abs().max() / reference.abs().max()), 5),
             "top1_agreement_vs_fp32": round(float((ours.argmax(-1) == reference.argmax(-1)).float().mean()), 4)}
+
+
+@torch.inference_mode()
+def weight_read_limit(model: GPT, rounds: int = 200) -> float:
+    """Tokens/s if a decoding step cost only its weight reads: every matrix of `model` that a step multiplies
+    by (nn.Linear weights, the LM head; int8 ones through their own kernel) applied to one vector, in turn,
+    timed over `rounds` passes (median of 5 repeats). Embedding rows are gathered, not read whole: left out."""
+    from lmforge.generate import Int8Linear
+
+    products = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            w, x = module.weight.detach(), torch.randn(module.in_features, dtype=module.weight.dtype)
+            products.append(lambda w=w, x=x: w @ x)
+        elif isinstance(module, Int8Linear):
+            q, scale = module.qweight, module.scale
+            x = torch.randn(1, module.in_features, dtype=torch.bfloat16)
+            products.append(lambda q=q, s=scale, x=x: torch._weight_int8pack_mm(x, q, s))
+
+    def one_pass() -> None:
+        for product in products:
+            product()
+
+    for _ in range(20):
+        one_pass()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            one_pass()
+        times.append((time.perf_counter() - t0) / rounds)
+    return 1.0 / statistics.median(times)
+
+
+def machine() -> str:
+    """The CPU this ran on (its model name, and the cores torch sees): results compare only within one machine."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -178,16 +237,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.rounds, args.new_tokens = 1, 100
     if args.threads:
         torch.set_num_threads(args.threads)
-    # Every compiled model shares GPT.forward's budget of recompilations (8 by default; each model needs a
-    # few graphs: prefill, one-token steps, batch 1 and batch > 1), past which dynamo falls back to eager.
-    # This script compiles up to four models in one process, so it raises the budget for itself.
-    torch._dynamo.config.recompile_limit = 64
     import transformers
 
     load = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
+    print(f"{machine()}; torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
           f"load average {load:.2f}; block_size 512, prompt 8 tokens, {args.new_tokens} new tokens", flush=True)
-    summary = {"benchmark": "generate_speed", "torch": torch.__version__, "transformers": transformers.__version__,
+    summary = {"benchmark": "generate_speed", "machine": machine(), "torch": torch.__version__, "transformers": transformers.__version__,
                "threads": torch.get_num_threads(), "load_average_before": round(load, 2), "rounds": args.rounds,
                "configs": {name: compare(name, args) for name in args.configs.split(",")}}
     print(json.dumps(summary))

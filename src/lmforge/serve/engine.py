@@ -245,11 +245,12 @@ class Engine:
                 if batch.steps is None:
                     batch.steps = self._start(batch)
                 events = next(batch.steps, None)
-                if events is None:  # every row has ended (their jobs already finished): nothing left to do
+                if events is None:  # every row has ended, so every job has finished: nothing left to do
                     for job in list(batch.jobs):
                         self._finish(batch, job)
                     events = []
-                self.generated_tokens += len(batch.owner)
+                else:
+                    self.generated_tokens += len(batch.owner)
                 touched = {}
                 for event in events:
                     job, index = batch.owner[event.row]
