@@ -21,6 +21,11 @@ def test_generate_speed_runs_and_greedy_tokens_agree():
     result = summary["configs"]["char-small"]
     assert result["greedy_tokens_identical_prefix"] == 100  # --quick: 100 tokens, HF's and ours the same
     assert result["variants"]["fp32"]["greedy_identical_prefix_vs_fp32"] == 100
+    limits = result["weight_read_limit_tokens_per_s"]
+    assert limits["fp32"] > 0 and limits["int8"] > 0 and summary["machine"]
     for mode in ("batch1-greedy", "batch1-sample"):
         assert result["results"][mode]["hf_tokens_per_s"] > 0
-        assert all(result["results"][mode][v]["tokens_per_s"] > 0 for v in ("fp32", "int8"))
+        for v in ("fp32", "int8"):
+            got = result["results"][mode][v]
+            assert got["tokens_per_s"] > 0
+            assert got["fraction_of_weight_read_limit"] == pytest.approx(got["tokens_per_s"] / limits[v], abs=1e-3)
