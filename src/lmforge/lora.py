@@ -1,0 +1,265 @@
+"""LoRA: low-rank adapters on a frozen GPT, applied from outside the model (Hu et al. 2021, eq. 3).
+
+A targeted Linear y = x W^T + b becomes
+
+    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T      A (r, in), B (out, r), W and b frozen
+
+with B = 0 at init, so the adapted model starts as the base model exactly. Only A and B train.
+
+Targets name what to adapt (LoRAConfig.targets), mapped onto the model's Linear layers:
+
+    q, k, v   their slices of the fused attn.qkv output ([q; k; v], sizes nh*hd, nkv*hd, nkv*hd), one A, B each
+    o         attn.proj (W^O), whole
+    mlp       mlp.fc (gate and up fused, for swiglu) and mlp.proj, whole
+    head      lm_head, whole; refused when lm_head is tied to tok_emb (merging would change the embedding too)
+
+`apply_lora` replaces each such nn.Linear by a `LoRALinear` that keeps the same weight and bias Parameters
+under the same names, so an adapted model's state_dict is the plain model's plus the adapters, named
+`<linear>.lora.<target>.{A,B}`:
+
+    blocks.0.attn.qkv.lora.q.A    (r, C)         blocks.0.attn.qkv.lora.q.B    (nh*hd, r)
+    blocks.0.attn.qkv.lora.v.A    (r, C)         blocks.0.attn.qkv.lora.v.B    (nkv*hd, r)
+    blocks.0.attn.proj.lora.o.A   (r, nh*hd)     blocks.0.mlp.fc.lora.mlp.A    (r, C)       lm_head.lora.head.B (V, r)
+
+Apply it before wrapping the model (DDP, FSDP, torch.compile add prefixes to these names).
+`merge_lora` folds the adapters into the weights and gives back a plain GPT; `base_fingerprint` hashes the
+frozen weights, so adapters saved on one base can refuse another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import typing
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import doc, validate
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.model import GPT
+from lmforge.model import dropout as make_dropout
+
+Target = Literal["q", "k", "v", "o", "mlp", "head"]
+WHOLE_LINEARS = {"o": ("attn.proj",), "mlp": ("mlp.fc", "mlp.proj")}  # target -> Linears of each block it adapts
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on a frozen model: which Linear layers, their rank and scale."""
+
+    r: int = doc("Rank of each adapter (A is r x in, B is out x r).", 8, ge=1)
+    alpha: float = doc("Scale numerator: an adapter's output is multiplied by alpha / r.", 16.0, gt=0, lt=math.inf)
+    dropout: float = doc("Dropout on an adapter's input (the frozen path sees x unchanged).", 0.0, ge=0, lt=1,
+                         noun="probability")
+    targets: list[Target] = doc("What to adapt: q, k, v (slices of attn.qkv), o (attn.proj), mlp (mlp.fc and "
+                                "mlp.proj), head (lm_head, when untied).", default_factory=lambda: ["q", "v"])
+
+    def __post_init__(self) -> None:
+        validate(self, "lora")
+        if not self.targets:
+            raise ConfigError(f"lora.targets is empty: name at least one of {', '.join(typing.get_args(Target))}")
+        repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if repeated:
+            raise ConfigError(f"lora.targets={self.targets!r} names {', '.join(repeated)} more than once: list each once")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+# ------------------------------------------------------------------------------------------ adapters
+class Adapter(nn.Module):
+    """One low-rank update B A, (size, in), for `size` output features of a Linear starting at `start`."""
+
+    def __init__(self, in_features: int, start: int, size: int, r: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.start, self.size = start, size
+        self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.zeros(size, r, device=device, dtype=dtype))
+        # A as nn.Linear initialises a (r, in) weight (as Microsoft's loralib); B = 0 makes B A = 0 (Hu et al. sec. 4.1)
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B)  # (..., in) -> (..., r) -> (..., size)
+
+    def delta(self) -> torch.Tensor:
+        """B A in fp32, (size, in): what the adapter adds to its rows of the weight."""
+        return self.B.float() @ self.A.float()
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus adapters on slices of its output: forward(x (..., in)) -> (..., out).
+
+    `slices` maps a name to (start, size), output features start..start+size-1, each with its own A, B
+    (default: one adapter "all" over the whole output). The Linear's weight and bias Parameters are kept
+    as they are (the same objects, under the same names) and frozen.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 slices: Optional[dict[str, tuple[int, int]]] = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) or None
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        slices = {"all": (0, self.out_features)} if slices is None else slices
+        ordered = sorted(slices.items(), key=lambda item: item[1][0])
+        end = 0
+        for name, (start, size) in ordered:
+            if start < end or size < 1 or start + size > self.out_features:
+                raise ValueError(f"LoRA slice {name}=({start}, {size}) overlaps another or leaves the "
+                                 f"{self.out_features} output features")
+            end = start + size
+        device, dtype = self.weight.device, self.weight.dtype
+        self.lora = nn.ModuleDict({name: Adapter(self.in_features, start, size, r, device, dtype)
+                                   for name, (start, size) in ordered})  # in output order, for forward
+        self.scale = alpha / r
+        self.drop = make_dropout(dropout)
+        self.merged = False  # True while the adapters are folded into weight (see merge)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        if self.merged:
+            return y
+        h = self.drop(x)  # (..., in)
+        pieces, end = [], 0
+        for adapter in self.lora.values():  # the output, cut at the slices: untouched, adapted, untouched, ...
+            start, stop = adapter.start, adapter.start + adapter.size
+            pieces += [y[..., end:start], y[..., start:stop] + self.scale * adapter(h)]
+            end = stop
+        pieces.append(y[..., end:])
+        return torch.cat(pieces, dim=-1)  # (..., out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold scale * B A into the weight rows of each slice; forward is then the plain Linear. For inference:
+        adapters get no gradient while merged. `unmerge` takes them out again."""
+        if not self.merged:
+            self._add(+1.0)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract what `merge` added (equal to the weight before merging up to rounding)."""
+        if self.merged:
+            self._add(-1.0)
+            self.merged = False
+
+    def _add(self, sign: float) -> None:
+        for adapter in self.lora.values():
+            rows = self.weight[adapter.start:adapter.start + adapter.size]  # (size, in), a view
+            rows += (sign * self.scale * adapter.delta()).to(rows.dtype)
+
+    def extra_repr(self) -> str:
+        slices = ", ".join(f"{n}=({a.start}, {a.size})" for n, a in self.lora.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:g}, {slices}"
+
+
+# --------------------------------------------------------------------------------- applying, merging
+def lora_plan(model: GPT, config: LoRAConfig) -> dict[str, dict[str, tuple[int, int]]]:
+    """{Linear's name in the model: {target: (start, size) of its output}} for config.targets."""
+    c = model.config
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    qkv_slices = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}  # [q; k; v] along attn.qkv's output
+    plan: dict[str, dict[str, tuple[int, int]]] = {}
+    for target in config.targets:
+        if target == "head":
+            if model.lm_head.weight is model.tok_emb.weight:
+                raise ConfigError("lora.targets has head, but this model's lm_head is tied to tok_emb "
+                                  "(model.tie_embeddings=true) and merging would change the embedding too: "
+                                  "drop head from lora.targets, or adapt a model trained with tie_embeddings=false")
+            plan["lm_head"] = {"head": (0, model.lm_head.out_features)}
+            continue
+        for i, block in enumerate(model.blocks):
+            if target in qkv_slices:
+                plan.setdefault(f"blocks.{i}.attn.qkv", {})[target] = qkv_slices[target]
+            for path in WHOLE_LINEARS.get(target, ()):
+                plan[f"blocks.{i}.{path}"] = {target: (0, block.get_submodule(path).out_features)}
+    return plan
+
+
+def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
+    """Freeze every parameter of `model` and replace the Linear layers config.targets names by LoRALinear
+    (in place; the adapters are created on the weights' device and dtype, A from torch's global generator).
+    Returns the model. Raises ConfigError for head on a tied lm_head, ValueError if it has adapters already."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model has LoRA adapters already; apply_lora once, to a plain model")
+    plan = lora_plan(model, config)
+    model.requires_grad_(False)
+    for name, slices in plan.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.alpha, config.dropout, slices))
+    return model
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Fold every adapter into its weight and put a plain nn.Linear back in its place (the same weight and bias
+    Parameters, still frozen): the model is an ordinary GPT again, its state_dict keys those of a plain one.
+    In place; returns the model. Irreversible at this level (LoRALinear.merge/unmerge keep the adapters)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            module.merge()
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight, linear.bias = module.weight, module.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, linear)
+    return model
+
+
+# ------------------------------------------------------------------------------- adapter state dicts
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only, {"blocks.0.attn.qkv.lora.q.A": (r, C), ...} (see the module docstring),
+    sharing storage with the model."""
+    return {f"{name}.lora.{key}": tensor for name, module in model.named_modules() if isinstance(module, LoRALinear)
+            for key, tensor in module.lora.state_dict().items()}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter Parameters (every A and B), in the order of lora_state_dict: what the optimizer trains."""
+    return [p for module in model.modules() if isinstance(module, LoRALinear) for p in module.lora.parameters()]
+
+
+def _names(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(sorted(names)[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into a model prepared by apply_lora. Strict: every adapter of the model must be
+    given and nothing else, each of its shape; otherwise CheckpointError naming the keys."""
+    own = lora_state_dict(model)
+    missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        parts = ([f"missing {_names(missing)}"] if missing else []) + (
+            [f"unexpected {_names(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"LoRA adapters do not match the model: {'; '.join(parts)}; load them into a model "
+                              f"prepared with the lora config (r, targets) they were trained with")
+    for key, tensor in own.items():
+        if state_dict[key].shape != tensor.shape:
+            raise CheckpointError(f"LoRA adapter {key} has shape {tuple(state_dict[key].shape)}, the model's "
+                                  f"{tuple(tensor.shape)}: load it with the lora.r and model it was trained with")
+        tensor.copy_(state_dict[key])
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Hex sha256 over the model's parameters that are not adapters, in name order: each name, dtype, shape
+    and bytes. The same for a plain model and for it after apply_lora (names unchanged); a merged adapter
+    is part of the weights. Tied weights count once."""
+    adapters = set(lora_state_dict(model))
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if name in adapters:
+            continue
+        if p.is_meta:
+            raise ValueError(f"{name} is on the meta device: it has no values to fingerprint")
+        h.update(f"{name}\0{str(p.dtype).removeprefix('torch.')}\0{tuple(p.shape)}\0".encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
