@@ -135,12 +135,17 @@ def test_a_bad_choice_is_one_line_listing_exactly_the_choices_of_the_type(sectio
     assert str(from_text.value) == expected
     for choice in choices:  # and every choice of the type is taken, from text too
         value = {"true": True, "false": False}.get(choice, choice)
-        assert getattr(build_section(cls, {name: choice}, section), name) == value
+        companions = CHOICE_COMPANIONS.get(f"{section}.{name}={choice}", {})
+        assert getattr(build_section(cls, {name: choice, **companions}, section), name) == value
+
+
+# other fields a choice needs so that the checks between fields pass
+CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2}}
 
 
 # other fields an edge value needs so that the checks between fields pass
 COMPANIONS = {"model.n_head": lambda v: {"n_embd": v}, "model.n_embd": lambda v: {"n_head": 1},
-              "optim.lr": lambda v: {"min_lr": 0.0}}
+              "optim.lr": lambda v: {"min_lr": 0.0}, "model.num_labels": lambda v: {"head": "classify"}}
 
 
 def _bounded_fields():

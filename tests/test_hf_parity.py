@@ -1,5 +1,7 @@
 """The same weights in lmforge's GPT and Hugging Face's GPT2LMHeadModel give the same logits."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -86,3 +88,29 @@ def test_missing_tensor_is_named():
     del state["transformer.h.1.mlp.c_fc.weight"]
     with pytest.raises(ConfigError, match="h.1.mlp.c_fc.weight"):
         from_hf_state_dict(state, config)
+
+
+def test_classifier_equals_gpt2_for_sequence_classification():
+    """head: classify on the same weights as transformers' GPT2ForSequenceClassification (its `score` is our
+    `classifier`), on right-padded rows: the same class logits. Sharp weights, so attention is not uniform."""
+    config = gpt2_style(head="classify", num_labels=4)
+    torch.manual_seed(0)
+    ours = GPT(config).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0.0, 0.3) if p.dim() == 2 else p.add_(0.1 * torch.randn_like(p))
+    lm = dataclasses.replace(config, head="lm", num_labels=None)
+    pad = 0
+    theirs = transformers.GPT2ForSequenceClassification(
+        transformers.GPT2Config(**to_hf_config(lm), num_labels=4, pad_token_id=pad)).eval()
+    state = to_hf_state_dict({k: v for k, v in ours.state_dict().items() if k != "classifier.weight"}, lm)
+    state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    theirs.load_state_dict({**state, "score.weight": ours.state_dict()["classifier.weight"]}, strict=True)
+    idx = torch.randint(1, config.vocab_size, (3, 12))
+    idx[1, 7:] = pad
+    idx[2, 4:] = pad
+    mask = idx != pad
+    with torch.no_grad():
+        got, expected = ours(idx, attention_mask=mask), theirs(idx, attention_mask=mask.long()).logits
+    assert (got - expected).abs().max().item() <= TOLERANCE
+    assert expected.abs().max() > 1.0  # logits of a real size, not a near-zero comparison

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from lmforge.config import PRESETS, ModelConfig, preset
+from lmforge.errors import ConfigError
 from lmforge.model import (GPT, KVCache, apply_rope, count_parameters, flops_per_token, fused_attention,
                            reference_attention, rope_tables, sinusoidal_table)
 
@@ -201,3 +202,40 @@ def test_dropout_acts_in_training_only():
     assert torch.equal(model(idx), model(idx))
     model.train()
     assert not torch.allclose(model(idx), model(idx))
+
+
+# --------------------------------------------------------------------------------------- classify head
+def sharpen(model: GPT, std: float = 0.3) -> GPT:
+    """Weights large enough that attention is far from uniform (a misplaced scale or mask then shows)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, std)
+    return model
+
+
+def test_classifier_reads_the_last_real_token_with_left_or_right_padding():
+    model = sharpen(build(head="classify", num_labels=3))
+    rows = [torch.randint(3, 53, (n,)) for n in (9, 5, 7)]
+    alone = torch.cat([model(r[None]) for r in rows])  # (3, num_labels)
+    assert alone.shape == (3, 3)
+    width = 9
+    right = torch.zeros(3, width, dtype=torch.long)
+    left = torch.zeros(3, width, dtype=torch.long)
+    right_mask = torch.zeros(3, width, dtype=torch.bool)
+    left_mask = torch.zeros(3, width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        right[i, :len(r)], right_mask[i, :len(r)] = r, True
+        left[i, width - len(r):], left_mask[i, width - len(r):] = r, True
+    assert torch.allclose(model(right, attention_mask=right_mask), alone, atol=1e-5, rtol=0)
+    assert torch.allclose(model(left, attention_mask=left_mask), alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(model(right), alone, atol=1e-3)  # without the mask the pads would be read
+
+
+def test_classifier_config_needs_num_labels_and_lm_none():
+    with pytest.raises(ConfigError, match="model.num_labels"):
+        small(head="classify")
+    with pytest.raises(ConfigError, match="model.num_labels"):
+        small(num_labels=3)
+    assert not hasattr(build(head="classify", num_labels=2), "lm_head")

@@ -258,9 +258,15 @@ class ModelConfig:
     attention: Literal["sdpa", "reference"] = doc("Attention path: sdpa is fused (the default), reference writes "
                                                   "the formula out.", "sdpa")
     init_std: float = doc("Std of the normal weight init (GPT-2: 0.02).", 0.02, gt=0, lt=1)
+    head: Literal["lm", "classify"] = doc("Output: lm gives next-token logits at every position; classify gives "
+                                          "num_labels class logits from the last real token's hidden state.", "lm")
+    num_labels: Optional[int] = doc("Classes of the classify head; taken from the prepared task data.", None,
+                                    ge=2, le=MAX_SIZE)
 
     def __post_init__(self) -> None:
         validate(self, "model")
+        _check((self.head == "classify") == (self.num_labels is not None), "model.num_labels", self.num_labels,
+               "a number of classes (2 or more) with head: classify, and null with head: lm")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         _check(0 < self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0,

@@ -186,7 +186,7 @@ class Block(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- GPT
 class GPT(nn.Module):
-    """Decoder-only Transformer language model: forward(idx (B, T) long) -> logits (B, T, V)."""
+    """Decoder-only Transformer: forward(idx (B, T) long) -> logits (B, T, V), or (B, num_labels) for a classifier."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -197,9 +197,12 @@ class GPT(nn.Module):
         self.drop = dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm_f = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:  # one (V, C) matrix embeds tokens and scores them (Press & Wolf 2017)
-            self.lm_head.weight = self.tok_emb.weight
+        if config.head == "classify":  # class scores from the last real token (as GPT2ForSequenceClassification)
+            self.classifier = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        else:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.tie_embeddings:  # one (V, C) matrix embeds tokens and scores them (Press & Wolf 2017)
+                self.lm_head.weight = self.tok_emb.weight
         self.reset_buffers()
         self.reset_parameters()
 
@@ -229,12 +232,15 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T). With a cache, idx continues the cached sequence:
-        its positions start at cache.pos, its keys/values are appended and cache.pos advances by T.
+        """Logits (B, T, V) for token ids idx (B, T); with head: classify, class logits (B, num_labels) from
+        each row's last real token (its last True in attention_mask; the last column without one). With a
+        cache, idx continues the cached sequence: its positions start at cache.pos, its keys/values are
+        appended and cache.pos advances by T.
 
         attention_mask (B, S), S = cache.pos + T (or T without a cache), marks real tokens True/1 and
-        left padding False/0: a row's positions then count only its real tokens, and no query attends
-        to a pad, so each row computes what it would alone (for batches of prompts of different lengths).
+        padding False/0 (left padding; a classifier's batch may be right-padded too): a row's positions then
+        count only its real tokens, and no real query attends to a pad, so each row computes what it would
+        alone (for batches of prompts of different lengths).
         With a static cache (one new token per row, T = 1), S is the cache's length and attention_mask
         marks the columns written so far, this one included, pads excluded.
         """
@@ -265,7 +271,12 @@ class GPT(nn.Module):
             x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm_f(x))  # (B, T, V)
+        x = self.norm_f(x)
+        if self.config.head == "classify":  # each row's last real position: its last True in attention_mask
+            last = (attention_mask.long() * torch.arange(T, device=x.device)).argmax(-1) \
+                if attention_mask is not None else torch.full((B,), T - 1, device=x.device)
+            return self.classifier(x[torch.arange(B, device=x.device), last])  # (B, num_labels)
+        return self.lm_head(x)  # (B, T, V)
 
 
 # ------------------------------------------------------------------------------------------ KV cache

@@ -131,6 +131,9 @@ class TextGenerator:
     .complete(prompts, **kw); kw are GenerateConfig fields. compile=True decodes through apply_compile(model)."""
 
     def __init__(self, model: GPT, tokenizer: Any, compile: bool = False) -> None:
+        if model.config.head != "lm":
+            raise ConfigError(f"this is a {model.config.head} model (model.head={model.config.head!r}): it scores "
+                              "classes and does not generate text")
         self.model = apply_compile(model.eval()) if compile else model.eval()  # a CompiledGPT decodes like the GPT
         self.tokenizer = tokenizer
 

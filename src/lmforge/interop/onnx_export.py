@@ -49,6 +49,9 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     check_output(out_path, force=force, ours=_is_onnx_export, what="an ONNX export written by lmforge",
                  error=OnnxExportError, directory=False)
     trained, _, _ = load_for_inference(checkpoint, "cpu")
+    if trained.config.head != "lm":
+        raise OnnxExportError(f"{checkpoint} holds a {trained.config.head} model; ONNX export writes language "
+                              "models (input_ids -> logits) only")
     model = GPT(dataclasses.replace(trained.config, attention="reference", dropout=0.0))
     model.load_state_dict(trained.state_dict())
     model.eval()
