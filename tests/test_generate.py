@@ -414,3 +414,17 @@ def test_rows_with_their_own_budgets_stops_and_sampling_in_one_batch_equal_each_
         assert "".join(e.text for e in mine) == row.text.text
         assert [e.token for e in mine if e.token is not None] == row.tokens
         assert [e.finish for e in mine] == [None] * (len(mine) - 1) + [row.finish]
+
+
+def test_a_classifier_is_refused_with_the_reason(tmp_path, capsys):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.cli import main
+    from lmforge.config import RunConfig
+
+    m = model(head="classify", num_labels=2)
+    TOKENIZER.save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "run", 1, m, None, RunConfig(model=m.config), {}, tokenizer_file=tmp_path / "tokenizer.json")
+    with pytest.raises(ConfigError, match="does not generate text"):
+        TextGenerator(m, TOKENIZER)
+    assert main(["generate", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "classify model" in capsys.readouterr().err

@@ -257,6 +257,29 @@ def test_exported_model_loads_in_transformers_with_the_same_logits_and_greedy_te
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_exported_classifier_loads_as_a_sequence_classifier_with_the_same_logits(tmp_path, arch):
+    tok = byte_tokenizer()
+    run = lmforge_run(tmp_path, tok, head="classify", num_labels=3, **(GPT2_STYLE if arch == "gpt2" else LLAMA_STYLE))
+    model, _, _ = load_for_inference(run, "cpu")
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 1.0)  # class scores of a real size
+    save_checkpoint(run, 8, model, None, RunConfig(model=model.config), {"tokens_seen": 0}, tmp_path / "tokenizer.json")
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert type(theirs).__name__ == ("GPT2ForSequenceClassification" if arch == "gpt2"
+                                     else "LlamaForSequenceClassification")
+    assert theirs.config.pad_token_id == tok.pad_id and theirs.config.num_labels == 3
+    ids = torch.randint(3, tok.vocab_size, (3, 20))
+    ids[1, 12:] = tok.pad_id  # right-padded rows: both read each row's last real token
+    ids[2, 5:] = tok.pad_id
+    mask = ids != tok.pad_id
+    model, _, _ = load_for_inference(run, "cpu")
+    with torch.no_grad():
+        ours, expected = model(ids, attention_mask=mask), theirs(ids, attention_mask=mask.long()).logits
+    assert (ours - expected).abs().max().item() <= TOLERANCE and expected.abs().max() > 0.5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_round_trip_lmforge_hf_lmforge_gives_identical_tensors(tmp_path, arch):
     run = lmforge_run(tmp_path, train_bpe(CORPUS, 400), **(GPT2_STYLE if arch == "gpt2" else LLAMA_STYLE))
     export_hf(run, tmp_path / "hf")

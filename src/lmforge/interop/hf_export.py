@@ -1,6 +1,7 @@
 """`lmforge export --format hf`: an lmforge checkpoint -> a directory transformers loads offline.
 
-    OUT/config.json               GPT2LMHeadModel or LlamaForCausalLM, whichever the model matches
+    OUT/config.json               GPT2LMHeadModel or LlamaForCausalLM, whichever the model matches (a classifier:
+                                  GPT2ForSequenceClassification or LlamaForSequenceClassification)
     OUT/model.safetensors         fp32 weights in Hugging Face names (a tied LM head stored once)
     OUT/generation_config.json    bos/eos/pad token ids (generation stops at the end token, as in lmforge)
     OUT/tokenizer.json, tokenizer_config.json, special_tokens_map.json   (see interop.hf_tokenizer)
@@ -57,7 +58,7 @@ def hf_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
                                      lmforge_version=__version__)
     hf_config = {k: v for k, v in hf_config.items() if v is not None or k.endswith("token_id")}
     state = convert.to_hf_state_dict(model.state_dict(), config)
-    if config.tie_embeddings:  # transformers ties lm_head to the embedding on load
+    if config.tie_embeddings and "lm_head.weight" in state:  # transformers ties lm_head to the embedding on load
         state.pop("lm_head.weight")
     # Own memory for each tensor: safetensors refuses views that share storage (split q/k/v, ...).
     weights = {name: t.detach().to("cpu", torch.float32).contiguous().clone() for name, t in state.items()}

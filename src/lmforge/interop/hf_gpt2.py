@@ -44,7 +44,7 @@ _TOP_NAMES = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
 def check_gpt2_compatible(config: ModelConfig) -> None:
     """Raise ConfigError naming the first model option that GPT-2's architecture cannot express."""
     required = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
-                "n_kv_head": config.n_head, "head": "lm"}
+                "n_kv_head": config.n_head}
     for key, value in required.items():
         if getattr(config, key) != value:
             raise ConfigError(f"model.{key}={getattr(config, key)!r} cannot be converted to GPT-2; "
@@ -56,7 +56,8 @@ def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
     check_gpt2_compatible(config)
     return {
         "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": ["GPT2ForSequenceClassification" if config.head == "classify" else "GPT2LMHeadModel"],
+        **({"num_labels": config.num_labels} if config.head == "classify" else {}),
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,
         "n_embd": config.n_embd,
@@ -104,14 +105,18 @@ def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
 
 
 def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """GPT2LMHeadModel state dict (transformer.*, lm_head.weight) from an lmforge GPT state dict."""
+    """GPT2LMHeadModel state dict (transformer.*, lm_head.weight) from an lmforge GPT state dict; for a
+    classifier, GPT2ForSequenceClassification's (transformer.*, score.weight)."""
     check_gpt2_compatible(config)
     out = {f"transformer.{hf}": state_dict[ours] for ours, hf in _TOP_NAMES.items()}
     for i in range(config.n_layer):
         for ours, (hf, transpose) in _BLOCK_NAMES.items():
             tensor = state_dict[f"blocks.{i}.{ours}"]
             out[f"transformer.h.{i}.{hf}"] = tensor.t().contiguous() if transpose else tensor
-    out["lm_head.weight"] = state_dict.get("lm_head.weight", state_dict["tok_emb.weight"])
+    if config.head == "classify":
+        out["score.weight"] = state_dict["classifier.weight"]
+    else:
+        out["lm_head.weight"] = state_dict.get("lm_head.weight", state_dict["tok_emb.weight"])
     return out
 
 

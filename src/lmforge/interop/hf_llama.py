@@ -22,7 +22,7 @@ from lmforge.errors import ConfigError
 
 def check_llama_compatible(config: ModelConfig) -> None:
     """Raise ConfigError naming the first model option that Llama's architecture cannot express."""
-    required = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "head": "lm"}
+    required = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
     for key, value in required.items():
         if getattr(config, key) != value:
             raise ConfigError(f"model.{key}={getattr(config, key)!r} cannot be converted to Llama; "
@@ -38,7 +38,8 @@ def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
     check_llama_compatible(config)
     return {
         "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": ["LlamaForSequenceClassification" if config.head == "classify" else "LlamaForCausalLM"],
+        **({"num_labels": config.num_labels} if config.head == "classify" else {}),
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
         "intermediate_size": config.hidden_dim,
@@ -111,7 +112,8 @@ def _split_sizes(config: ModelConfig) -> tuple[int, int, int]:
 
 
 def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM state dict (model.*, lm_head.weight) from an lmforge GPT state dict."""
+    """LlamaForCausalLM state dict (model.*, lm_head.weight) from an lmforge GPT state dict; for a classifier,
+    LlamaForSequenceClassification's (model.*, score.weight)."""
     check_llama_compatible(config)
     out = {"model.embed_tokens.weight": state_dict["tok_emb.weight"], "model.norm.weight": state_dict["norm_f.weight"]}
     kinds = ("weight", "bias") if config.bias else ("weight",)
@@ -127,7 +129,10 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
                         f"{hf}self_attn.o_proj.{kind}": state_dict[f"{ours}attn.proj.{kind}"],
                         f"{hf}mlp.gate_proj.{kind}": gate.contiguous(), f"{hf}mlp.up_proj.{kind}": up.contiguous(),
                         f"{hf}mlp.down_proj.{kind}": state_dict[f"{ours}mlp.proj.{kind}"]})
-    out["lm_head.weight"] = state_dict.get("lm_head.weight", state_dict["tok_emb.weight"])
+    if config.head == "classify":
+        out["score.weight"] = state_dict["classifier.weight"]
+    else:
+        out["lm_head.weight"] = state_dict.get("lm_head.weight", state_dict["tok_emb.weight"])
     return out
 
 
