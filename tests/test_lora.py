@@ -1,4 +1,4 @@
-"""LoRA: an adapted model starts as its base, trains only adapters, merges into a plain GPT, saves and loads strictly."""
+"""LoRA: an adapted model starts as its base, trains only adapters, merges into a plain GPT, loads strictly."""
 
 import pytest
 import torch
@@ -37,7 +37,7 @@ def copy_of(model: GPT) -> GPT:
     return twin
 
 
-def randomize(model: GPT, seed: int = 1) -> None:
+def randomize(model: torch.nn.Module, seed: int = 1) -> None:
     """Random A and B (B is 0 at init, which would hide every bug in how adapters are added)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -158,7 +158,8 @@ def test_loading_adapters_is_strict_and_leaves_the_model_untouched_on_error():
     with pytest.raises(CheckpointError, match=r"unexpected blocks\.0\.attn\.qkv\.lora\.k\.A; load them"):
         load_lora_state_dict(model, extra)
     wrong_shape = {**good, "blocks.0.attn.qkv.lora.q.A": torch.ones(4, 32)}
-    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn\.qkv\.lora\.q\.A has shape \(4, 32\), the model's \(8, 32\)"):
+    shape = r"blocks\.0\.attn\.qkv\.lora\.q\.A has shape \(4, 32\), the model's \(8, 32\)"
+    with pytest.raises(CheckpointError, match=shape):
         load_lora_state_dict(model, wrong_shape)
     assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items())
 
@@ -215,3 +216,13 @@ def test_trainable_parameters_of_gpt2_124m_at_rank_8_on_q_and_v():
     assert expected == 294_912
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     assert sum(p.numel() for p in lora_parameters(model)) == expected
+
+
+def test_dropout_reaches_only_the_adapters_input():
+    layer = apply_lora(build(), LoRAConfig(dropout=0.5)).blocks[0].attn.qkv.train()
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # B = 0: the frozen path sees x whole
+    randomize(layer)
+    assert not torch.equal(layer(x), layer(x))  # a new mask each call
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))

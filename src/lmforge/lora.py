@@ -64,7 +64,8 @@ class LoRAConfig:
             raise ConfigError(f"lora.targets is empty: name at least one of {', '.join(typing.get_args(Target))}")
         repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
         if repeated:
-            raise ConfigError(f"lora.targets={self.targets!r} names {', '.join(repeated)} more than once: list each once")
+            raise ConfigError(f"lora.targets={self.targets!r} names {', '.join(repeated)} more than once: "
+                              f"list each once")
 
     @property
     def scale(self) -> float:
