@@ -103,6 +103,9 @@ def test_example_scores_are_sacrebleus_sentence_scores_and_squads():
         assert got["chrf"] == pytest.approx(sacrebleu.sentence_chrf(prediction, [reference]).score, abs=1e-9)
         assert (got["exact_match"], got["f1"]) == (exact_match(prediction, reference), token_f1(prediction, reference))
     assert example_scores("The cat sat.", "The cat sat.") == pytest.approx({"bleu": 100, "chrf": 100, "exact_match": 1, "f1": 1})
+    # A 3-word sentence has no 4-grams: with effective order BLEU uses orders 1-3 only, all precisions 1, so
+    # BLEU = brevity penalty = exp(1 - 4/3) = 71.65 (corpus BLEU, with all four orders, would be 0).
+    assert example_scores("the cat sat", "the cat sat on")["bleu"] == pytest.approx(100 * np.exp(1 - 4 / 3), abs=1e-9)
     paris = example_scores("Paris", "paris.")  # case and punctuation count for BLEU/chrF, not for EM/F1
     assert paris["bleu"] == 0.0 and 0 < paris["chrf"] < 100 and (paris["exact_match"], paris["f1"]) == (1.0, 1.0)
 

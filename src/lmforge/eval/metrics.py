@@ -158,9 +158,11 @@ def classification_metrics(predicted: Sequence[int], gold: Sequence[int], labels
         raise DataError("the label set is empty: pass the names of the model's classes")
     repeated = [label for label, count in Counter(labels).items() if count > 1]
     if repeated:
-        raise DataError(f"label {repeated[0]!r} appears {labels.count(repeated[0])} times in the label set: names must be unique")
+        raise DataError(f"label {repeated[0]!r} appears {labels.count(repeated[0])} times in the label set: "
+                        f"names must be unique")
     if len(predicted) != len(gold):
-        raise DataError(f"{len(predicted)} predicted labels for {len(gold)} gold labels: give exactly one prediction per example")
+        raise DataError(f"{len(predicted)} predicted labels for {len(gold)} gold labels: "
+                        f"give exactly one prediction per example")
     if len(gold) == 0:
         raise DataError("no examples to score: the predicted and gold labels are empty; evaluate a non-empty split")
     matrix = confusion_matrix(predicted, gold, len(labels))  # (K, K)
