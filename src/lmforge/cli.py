@@ -105,7 +105,8 @@ def _add_prepare(sub: Any) -> None:
             examples:
               lmforge prepare --dataset shakespeare --tokenizer char --out data/shakespeare-char
               lmforge prepare corpus/ notes/*.txt --tokenizer bpe --vocab-size 8192 --out data/mine
-              lmforge prepare dump.jsonl --jsonl-field body --split 0.98,0.01,0.01 --out data/web"""))
+              lmforge prepare dump.jsonl --jsonl-field body --split 0.98,0.01,0.01 --out data/web
+              lmforge prepare qa.jsonl --task sft --tokenizer runs/base --template instruct --out data/qa"""))
     p.add_argument("inputs", nargs="*", metavar="PATH", help="files, folders or globs (quote globs)")
     p.add_argument("--dataset", choices=["shakespeare"], help="a built-in corpus instead of PATHs")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for shards, manifest, report")
@@ -125,6 +126,22 @@ def _add_prepare(sub: Any) -> None:
                    help="names of the start, end and padding tokens (default: <START>,<END>,<PAD>)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="encoding processes (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    t = p.add_argument_group("task data (--task): records -> examples for fine-tuning a base model")
+    t.add_argument("--task", choices=["sft"], help="sft: text to text, prompt -> completion (.jsonl, .csv, .tsv, "
+                   ".parquet records); --tokenizer is then the base model RUN_OR_CHECKPOINT")
+    t.add_argument("--template", default="plain", metavar="NAME_OR_STRING",
+                   help="prompt template: plain ('{prompt}\\n'), instruct, or your own string with {field}s of the "
+                        "record, {prompt} being the prompt field (default: plain)")
+    t.add_argument("--prompt-field", default="prompt", metavar="NAME", help="record field of the prompt")
+    t.add_argument("--completion-field", default="completion", metavar="NAME", help="record field of the completion")
+    t.add_argument("--messages-field", default="messages", metavar="NAME",
+                   help="record field of a conversation (a list of {role, content} turns, the last the reply)")
+    t.add_argument("--max-length", type=int, metavar="N",
+                   help="most tokens per example (default: the base model's block_size + 1); longer examples lose "
+                        "prompt tokens from the left, then completion tokens from the right")
+    t.add_argument("--drop-long", action="store_true", help="drop examples longer than --max-length (counted)")
+    t.add_argument("--skip-bad", action="store_true",
+                   help="skip bad records (counted and listed in the report) instead of stopping at the first")
     p.set_defaults(run=_run_prepare)
 
 
@@ -142,6 +159,9 @@ def _parse_split(text: str) -> tuple[float, float, float]:
 def _run_prepare(args: argparse.Namespace) -> int:
     from lmforge.data.prepare import format_report, prepare
 
+    if args.task:
+        return _run_prepare_task(args)
+
     specials = tuple(s.strip() for s in args.special_tokens.split(","))
     if len(specials) != 3 or not all(specials) or len(set(specials)) != 3:
         raise ConfigError(f"--special-tokens {args.special_tokens!r} is invalid: give three distinct names, "
@@ -158,6 +178,36 @@ def _run_prepare(args: argparse.Namespace) -> int:
         parquet_column=args.parquet_column, keep_duplicates=args.keep_duplicates, force=args.force,
         special_tokens=specials, workers=args.workers, progress=not args.no_progress)
     print(format_report(report))
+    return 0
+
+
+def _run_prepare_task(args: argparse.Namespace) -> int:
+    """`prepare --task`: the tokenizer and default max length come from the base model's checkpoint."""
+    from pathlib import Path
+
+    from lmforge.checkpoint import read_run_config, verified_checkpoint
+    from lmforge.data.tasks import Fields, format_task_report, prepare_task
+    from lmforge.tokenizer import KINDS
+
+    if args.dataset:
+        raise ConfigError("--dataset is pretraining text: a --task set is made from your record files (PATHs)")
+    if args.tokenizer in KINDS:
+        raise ConfigError(f"--task {args.task} uses the base model's tokenizer; a new {args.tokenizer} tokenizer is "
+                          "refused for a fine-tuning set: pass --tokenizer RUN_OR_CHECKPOINT of the model to fine-tune")
+    base = Path(args.tokenizer)
+    if base.is_file() and base.name == "tokenizer.json":  # a checkpoint's own tokenizer file names its checkpoint
+        base = base.parent
+    ckpt, manifest = verified_checkpoint(base)
+    if "tokenizer.json" not in manifest["files"]:
+        raise ConfigError(f"checkpoint {ckpt} holds no tokenizer.json: give a base model trained on prepared data "
+                          "or imported with `lmforge import`")
+    max_length = args.max_length if args.max_length is not None else read_run_config(ckpt).model.block_size + 1
+    report = prepare_task(
+        args.inputs, args.out, task=args.task, tokenizer_file=ckpt / "tokenizer.json", base=str(ckpt),
+        max_length=max_length, template=args.template, drop_long=args.drop_long, skip_bad=args.skip_bad,
+        fields=Fields(args.prompt_field, args.completion_field, args.messages_field),
+        keep_duplicates=args.keep_duplicates, split=_parse_split(args.split), seed=args.seed, force=args.force)
+    print(format_task_report(report))
     return 0
 
 

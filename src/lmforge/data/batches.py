@@ -13,7 +13,8 @@ The state is ``{"position": windows drawn so far, "rng": {"kind": "splitmix64", 
 a small JSON-safe dict that a checkpoint stores; restoring it continues the stream exactly where it stopped.
 
 Any object with ``next_batch() -> (x, y)``, ``state_dict()`` and ``load_state_dict(state)`` can feed
-the trainer (fine-tuning datasets whose labels hold IGNORE_INDEX for prompt tokens, for example).
+the trainer. ``ExampleBatches`` is the one for task data (``lmforge prepare --task sft``): whole examples,
+right-padded, with IGNORE_INDEX on the labels of prompt tokens and of padding.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 
 from lmforge.errors import DataError
+
+IGNORE_INDEX = -100  # a label that adds nothing to the loss (prompt tokens, padding); train.loss uses this one
 
 
 class Batches(Protocol):
@@ -115,3 +118,122 @@ def fixed_batches(tokens: np.ndarray, block_size: int, batch_size: int, num_batc
     stream = TokenBatches(tokens, block_size, batch_size, seed=seed, sampling="random",
                           rank=rank, world_size=world_size)
     return [stream.next_batch() for _ in range(num_batches)]
+
+
+# ------------------------------------------------------------------------------------ task examples
+class Examples:
+    """Examples of a task split: token ids of every example concatenated, with offsets and prompt lengths.
+
+    tokens: (N,) integer ids; offsets: (n+1,) int64, example i is tokens[offsets[i]:offsets[i+1]];
+    prompt_lengths: (n,) tokens at the start of each example that carry no loss (start token and prompt).
+    """
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, prompt_lengths: np.ndarray) -> None:
+        self.tokens, self.offsets, self.prompt_lengths = tokens, offsets, prompt_lengths
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(n,) tokens per example."""
+        return np.diff(self.offsets)
+
+
+def pad_examples(examples: Examples, index: np.ndarray, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples ``index`` as one right-padded batch: x, y of shape (B, T), T = longest example - 1.
+
+    Row r holds example e = index[r] of L tokens t: x[r, :L-1] = t[:-1], y[r, :L-1] = t[1:]; y is IGNORE_INDEX
+    where the target is a prompt token (positions < prompt_length - 1) and on the padding (positions >= L-1),
+    so only the completion and its end token are learned. Padding needs no attention mask for a causal model:
+    the pads come after every real token of their row, and a position attends only to earlier ones, so no
+    real position sees them (x holds ``pad_id`` there; any id would do).
+    """
+    starts, ends = examples.offsets[index], examples.offsets[index + 1]
+    T = int((ends - starts).max()) - 1
+    x = np.full((len(index), T), pad_id, dtype=np.int64)  # (B, T)
+    y = np.full((len(index), T), IGNORE_INDEX, dtype=np.int64)  # (B, T)
+    for r, (a, b, p) in enumerate(zip(starts, ends, examples.prompt_lengths[index])):
+        t = np.asarray(examples.tokens[a:b], dtype=np.int64)
+        x[r, :len(t) - 1] = t[:-1]
+        y[r, :len(t) - 1] = t[1:]
+        y[r, :max(int(p) - 1, 0)] = IGNORE_INDEX  # targets inside the prompt
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class ExampleBatches:
+    """Batches of whole examples (task data), deterministic from a seed and resumable; see ``pad_examples``.
+
+    Examples are drawn 0, 1, 2, ... over the whole job and cut into batches as TokenBatches cuts windows:
+    global micro-batch g holds draws [g * B * W, (g + 1) * B * W), process ``rank`` takes its B of them. Draw i
+    is example order_e[i mod n] of epoch e = i // n, where order_e is a permutation drawn from a generator
+    seeded with (seed, e) when ``shuffle``, else the stored order. So the stream depends only on (seed, i), and
+    the state is ``{"position", "rng": {"kind": "permutation", "seed"}, "sampling", "examples"}``.
+    """
+
+    def __init__(self, examples: Examples, block_size: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, pad_id: int = 0) -> None:
+        if len(examples) == 0:
+            raise DataError("the split holds no examples: prepare more data or change --split")
+        longest = int(examples.lengths.max())
+        if longest > block_size + 1:
+            raise DataError(f"an example has {longest} tokens, more than block_size+1={block_size + 1}: prepare the "
+                            f"data with --max-length {block_size + 1}")
+        self.examples = examples
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.pad_id = pad_id
+        self.position = 0  # examples drawn so far, over all processes
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) last used
+
+    @property
+    def sampling(self) -> str:
+        return "random" if self.shuffle else "sequential"
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The example order of one epoch."""
+        if not self.shuffle:
+            return np.arange(len(self.examples))
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed % 2**63, epoch]).permutation(len(self.examples)))
+        return self._order[1]
+
+    def example_index(self, first: int, count: int) -> np.ndarray:
+        """The examples of draws first .. first+count-1 of the stream."""
+        n = len(self.examples)
+        draws = np.arange(first, first + count)
+        return np.array([self.order(i // n)[i % n] for i in draws.tolist()], dtype=np.int64)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of the next global micro-batch: x, y of shape (batch_size, T), T <= block_size."""
+        index = self.example_index(self.position + self.rank * self.batch_size, self.batch_size)
+        self.position += self.batch_size * self.world_size
+        return pad_examples(self.examples, index, self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe: {'position', 'rng', 'sampling', 'examples'}."""
+        return {"position": self.position, "rng": {"kind": "permutation", "seed": self.seed},
+                "sampling": self.sampling, "examples": len(self.examples)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        seed = (state.get("rng") or {}).get("seed")
+        if state.get("sampling") != self.sampling or seed != self.seed or state.get("examples") != len(self.examples):
+            raise DataError(f"saved example stream (sampling={state.get('sampling')}, seed={seed}, "
+                            f"{state.get('examples')} examples) does not match this run (sampling={self.sampling}, "
+                            f"seed={self.seed}, {len(self.examples)} examples); resume with the same data, "
+                            f"data.sampling and train.seed")
+        self.position = int(state["position"])
+
+
+def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, num_batches: int, *,
+                          rank: int = 0, world_size: int = 1, pad_id: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Validation batches of task data: the split in its stored order, at most ``num_batches`` global batches
+    (fewer when they cover it; the last one wraps to the start); this process's rows of each."""
+    stream = ExampleBatches(examples, block_size, batch_size, shuffle=False, rank=rank, world_size=world_size,
+                            pad_id=pad_id)
+    needed = -(-len(examples) // (batch_size * world_size))
+    return [stream.next_batch() for _ in range(min(num_batches, needed))]

@@ -66,12 +66,12 @@ def shakespeare_files() -> list[Path]:
 
 
 def find_files(inputs: list[str], warn: Callable[[str], None] = warn_stderr,
-               stats: CorpusStats | None = None) -> list[Path]:
+               stats: CorpusStats | None = None, suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
     """Expand files, folders (recursive) and globs into a sorted, de-duplicated list of files.
 
-    A missing path or a glob matching nothing raises DataError. Files in folders with an unsupported
-    extension are skipped with a warning (and recorded in ``stats.skipped_files``); hidden files and
-    folders (names starting with ".") are skipped with one warning per input folder.
+    A missing path or a glob matching nothing raises DataError. Files in folders whose extension is not
+    one of ``suffixes`` are skipped with a warning (and recorded in ``stats.skipped_files``); hidden files
+    and folders (names starting with ".") are skipped with one warning per input folder.
     """
     found: dict[Path, None] = {}
     for item in inputs:
@@ -81,10 +81,10 @@ def find_files(inputs: list[str], warn: Callable[[str], None] = warn_stderr,
             for f in sorted(p for p in path.rglob("*") if p.is_file()):
                 if any(part.startswith(".") for part in f.relative_to(path).parts):
                     hidden += 1  # .git, .DS_Store, editor files: summarised in one warning below
-                elif f.suffix.lower() in SUFFIXES:
+                elif f.suffix.lower() in suffixes:
                     found[f] = None
                 else:
-                    _skip(f, f"unsupported file type {f.suffix or '(none)'!r}; use .txt, .jsonl or .parquet", warn, stats)
+                    _skip(f, f"unsupported file type {f.suffix or '(none)'!r}; use {', '.join(suffixes)}", warn, stats)
             if hidden:
                 _skip(path, f"{hidden} hidden file(s) inside (names starting with '.') not read", warn, stats)
         elif path.is_file():

@@ -95,16 +95,21 @@ class PreparedData:
     vocab_size: int
     tokenizer_file: Optional[Path]
     manifest_sha256: Optional[str] = None  # of DIR/manifest.json: a resumed run checks it is the same data
+    task: Optional[dict[str, Any]] = None  # task data: {"task", "template"}, saved into every checkpoint
 
 
 def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
     """Train stream and fixed validation batches from the prepared directory config.data.path.
 
     Each process reads its own rows of every global batch. The vocabulary size comes from the manifest.
+    Task data (manifest format lmforge-task-v1) gives batches of whole examples: build_task_data.
     """
     from lmforge.data.shards import load_split, read_manifest
+    from lmforge.data.tasks import is_task_data
 
     data_dir = Path(config.data.path)
+    if is_task_data(data_dir):
+        return build_task_data(config, info)
     manifest = read_manifest(data_dir)
     T, B, seed = config.model.block_size, config.train.batch_size, config.train.seed
     train_tokens = load_split(data_dir, "train")
@@ -119,6 +124,26 @@ def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
     tok = data_dir / (manifest.get("tokenizer") or {}).get("file", "tokenizer.json")
     return PreparedData(train, val, int(manifest["vocab_size"]), tok if tok.is_file() else None,
                         _sha256_or_none(data_dir / "manifest.json"))
+
+
+def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
+    """Batches of whole examples from task data (`lmforge prepare --task sft`): the train stream right-padded
+    to each batch's longest example, labels IGNORE_INDEX on prompt tokens and padding; fixed val batches."""
+    from lmforge.data.batches import ExampleBatches, fixed_example_batches
+    from lmforge.data.tasks import load_examples, read_task_manifest
+
+    data_dir = Path(config.data.path)
+    manifest = read_task_manifest(data_dir)
+    T, B, seed = config.model.block_size, config.train.batch_size, config.train.seed
+    specials = manifest["special_tokens"]
+    pad = specials["pad"] if specials.get("pad") is not None else specials["end"]
+    train = ExampleBatches(load_examples(data_dir, "train"), T, B, seed=seed, shuffle=config.data.sampling == "random",
+                           rank=info.rank, world_size=info.world_size, pad_id=pad)
+    val = fixed_example_batches(load_examples(data_dir, "val"), T, B, config.train.eval_batches, rank=info.rank,
+                                world_size=info.world_size, pad_id=pad)
+    return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
+                        _sha256_or_none(data_dir / "manifest.json"),
+                        task={"task": manifest["task"], "template": manifest["template"]})
 
 
 def with_init_model(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
@@ -167,6 +192,7 @@ class Trainer:
         self.device = resolve_device(tc.device, _local_rank())
         self.dist = setup_distributed(self.device, tc.dist_timeout)
         self.data_manifest_sha256: Optional[str] = None
+        self.task: Optional[dict[str, Any]] = None  # task data's {"task", "template"}: generate/serve apply the same
         config, init_ckpt = with_init_model(config)
         if train_data is None:
             data = build_data(config, self.dist)
@@ -176,7 +202,7 @@ class Trainer:
                 raise DataError(f"{config.data.path} has vocab_size={data.vocab_size}, more than the model of "
                                 f"{init_ckpt} ({config.model.vocab_size}); prepare it with that model's tokenizer")
             train_data, val_batches, tokenizer_file = data.train, data.val, data.tokenizer_file
-            self.data_manifest_sha256 = data.manifest_sha256
+            self.data_manifest_sha256, self.task = data.manifest_sha256, data.task
         self.config = config
         self.train_data = train_data
         self.val_batches = val_batches or []
@@ -473,6 +499,8 @@ class Trainer:
                      "world_size": self.dist.world_size, "ranks": per_rank, "guard": self.guard.state_dict(),
                      "tokenizer_sha256": _sha256_or_none(self.tokenizer_file),
                      "data_manifest_sha256": self.data_manifest_sha256, "data_path": self.config.data.path}
+            if self.task is not None:
+                state["task"] = self.task
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
                                                    self.config, state, self.tokenizer_file)
             prune_checkpoints(self.run_dir, self.config.train.keep_last)
