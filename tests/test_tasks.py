@@ -17,7 +17,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.data.batches import IGNORE_INDEX, ExampleBatches, Examples, pad_examples
-from lmforge.data.tasks import load_examples, read_task_manifest
+from lmforge.data.tasks import encode_example, load_examples, read_task_manifest
 from lmforge.errors import CheckpointError, DataError
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer, byte_tokenizer
@@ -268,6 +268,20 @@ def test_long_examples_are_truncated_or_dropped_and_counted(base, tmp_path):
     assert sum(s["dropped"] for s in report["splits"].values()) == 2
     assert sum(s["examples"] for s in report["splits"].values()) == 24 - 2 - report["duplicates"]
     assert not any(c in ("xy", "z" * 20) for _, c, _ in sum(decoded(tmp_path / "drop").values(), []))
+
+
+def test_an_example_is_start_prompt_completion_end_and_fits_max_length_exactly():
+    tok = byte_tokenizer()
+    prompt, completion = np.array([10, 11, 12]), np.array([20, 21])
+    ids, prompt_length, status = encode_example(tok, prompt, completion, 7, drop_long=True)
+    assert ids.tolist() == [0, 10, 11, 12, 20, 21, 1] and prompt_length == 4 and status == "ok"  # 7 tokens fit 7
+    ids, prompt_length, status = encode_example(tok, prompt, completion, 6, drop_long=False)
+    assert ids.tolist() == [0, 11, 12, 20, 21, 1] and prompt_length == 3 and status == "truncated"
+    tok.start_id = None  # as an imported GPT-2 tokenizer: no start token
+    ids, prompt_length, status = encode_example(tok, prompt, completion, 7, drop_long=False)
+    assert ids.tolist() == [10, 11, 12, 20, 21, 1] and prompt_length == 3 and status == "ok"
+    x, y = pad_examples(Examples(ids.astype(np.int32), np.array([0, 6]), np.array([prompt_length])), np.array([0]))
+    assert y.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 20, 21, 1]]
 
 
 BAD_LINES = [
