@@ -311,16 +311,32 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ eval
 def _add_eval(sub: Any) -> None:
+    from lmforge.generate.config import GenerateConfig
+
     p = sub.add_parser(
-        "eval", help="loss, perplexity and bits per byte of a checkpoint", formatter_class=_help_formatter,
-        description="Evaluate a run or checkpoint directory on the whole val or test split (deterministic).",
-        epilog="example:\n  lmforge eval runs/shakespeare-char --split test")
+        "eval", help="loss, perplexity and bits per byte of a checkpoint; task metrics of a fine-tuned one",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Evaluate a run or checkpoint directory on the whole val or test split (deterministic).
+            A language model: loss, perplexity and bits per byte. A model fine-tuned on text-to-text task data
+            (`prepare --task sft`): the loss on the completions, and each example's prompt decoded (greedy
+            unless --temperature is given; by default up to the split's longest reference) and scored against
+            its reference: BLEU, chrF, ROUGE-1/2/L, exact match and token F1, written with every example to
+            OUT/predictions.jsonl and OUT/metrics.json (OUT: RUN_DIR/eval/SPLIT unless --out)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge eval runs/shakespeare-char --split test
+              lmforge eval runs/translate --split test --num-beams 4 --out reports/translate-test"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--data", metavar="DIR", help="prepared data (default: the one the run was trained on)")
     p.add_argument("--split", choices=["val", "test", "train"], default="val")
     p.add_argument("--max-tokens", type=int, metavar="N", help="evaluate only the first N tokens")
+    p.add_argument("--max-examples", type=int, metavar="N", help="task data: evaluate only the first N examples")
+    p.add_argument("--out", metavar="DIR", help="task data: where predictions.jsonl and metrics.json go")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch (default: 16)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
+                         aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
     p.set_defaults(run=_run_eval)
 
 
@@ -333,8 +349,19 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-tokens {args.max_tokens} is invalid: use at least 2")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} is invalid: use 1 or more")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ConfigError(f"--max-examples {args.max_examples} is invalid: use 1 or more")
+    from lmforge.config import build_section
+    from lmforge.generate.config import GenerateConfig
+
+    values = config_values(args, GenerateConfig, "generate")
+    generate = None
+    if values:  # task evaluation decodes greedily unless told otherwise
+        generate = build_section(GenerateConfig, {"temperature": 0.0, **values}, "generate")
     result = evaluate_checkpoint(args.checkpoint, data_dir=args.data, split=args.split,
-                                 max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device)
+                                 max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
+                                 task_options={"max_examples": args.max_examples, "out": args.out,
+                                               "generate": generate})
     print(json.dumps(result, indent=2))
     return 0
 

@@ -87,12 +87,14 @@ def predicted_bytes(tokenizer: Any, tokens: np.ndarray, chunk: int = 1 << 20) ->
 
 def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None, split: str = "val",
                         max_tokens: Optional[int] = None, batch_size: int = 16,
-                        device: str = "auto") -> dict[str, Any]:
+                        device: str = "auto", task_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Evaluate a run or checkpoint directory on a split of prepared data.
 
     data_dir defaults to the data the run was trained on (data.path in its config). max_tokens limits
     the evaluation to the first N tokens of the split. Returns {'loss', 'perplexity', 'bits_per_byte',
-    'tokens' (predicted), 'bytes', 'split', 'checkpoint', 'data'}.
+    'tokens' (predicted), 'bytes', 'split', 'checkpoint', 'data'}. On task data (a fine-tuned model) it
+    returns eval.tasks.evaluate_task_split's metrics instead; task_options (max_examples, out, generate)
+    go to it.
     """
     from lmforge.checkpoint import load_for_inference, verified_checkpoint
     from lmforge.data.shards import load_split, read_manifest
@@ -100,6 +102,13 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
     ckpt, ckpt_manifest = verified_checkpoint(path)  # a run's newest intact checkpoint
     model, tokenizer, config = load_for_inference(ckpt, device=device, manifest=ckpt_manifest)
     data_dir = Path(data_dir) if data_dir is not None else Path(config.data.path)
+    from lmforge.data.tasks import is_task_data
+
+    if is_task_data(data_dir):  # a fine-tuned model: task metrics and predictions (eval.tasks)
+        from lmforge.eval.tasks import evaluate_task_split
+
+        return evaluate_task_split(model, tokenizer, config, ckpt, data_dir, split, batch_size=batch_size,
+                                   **(task_options or {}))
     manifest = read_manifest(data_dir)
     if manifest.get("vocab_size") != config.model.vocab_size:
         raise DataError(f"{data_dir} has vocab_size {manifest.get('vocab_size')} but the checkpoint's model has "

@@ -1,0 +1,142 @@
+"""Evaluation of a fine-tuned text-to-text (sft) model on a split of its task data.
+
+    loss, perplexity   over the completion tokens (and end tokens) of every example, prompts excluded
+                       (the training objective), whole split, deterministic
+    predictions        each example's prompt (as the model saw it in training: template applied, <START>
+                       first) decoded by the one decoding core, greedy by default (GenerateConfig options),
+                       until the end token or the budget (default: the split's longest reference + 1)
+    metrics            BLEU, chrF, ROUGE-1/2/L, exact match and token F1 of the predictions against the
+                       references (eval.metrics), and per example in predictions.jsonl
+
+Writes OUT/predictions.jsonl (input, reference, prediction, scores per example) and OUT/metrics.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.data.batches import IGNORE_INDEX, Examples, pad_examples
+from lmforge.errors import DataError
+from lmforge.generate import GenerateConfig, generate_batch_ids
+
+
+@torch.no_grad()
+def completion_loss(model: nn.Module, examples: Examples, batch_size: int = 16,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Summed and mean loss of `model` on the completion tokens of every example: {'loss_sum', 'tokens',
+    'loss', 'perplexity'} (what sft training minimises, over the whole split)."""
+    loss_sum, counted = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        x, y = pad_examples(examples, np.arange(start, min(start + batch_size, len(examples))))
+        logits = model(x.to(device)).float()  # (B, T, V)
+        y = y.to(device)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum",
+                                                            ignore_index=IGNORE_INDEX))
+        counted += int((y != IGNORE_INDEX).sum())
+    mean = loss_sum / max(counted, 1)
+    return {"loss_sum": loss_sum, "tokens": counted, "loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+
+
+def split_prompts(examples: Examples, end_id: Optional[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, reference completion ids without the end token) of every example."""
+    prompts, references = [], []
+    for i in range(len(examples)):
+        a, b, p = int(examples.offsets[i]), int(examples.offsets[i + 1]), int(examples.prompt_lengths[i])
+        ids = np.asarray(examples.tokens[a:b]).tolist()
+        completion = ids[p:]
+        if completion and completion[-1] == end_id:
+            completion = completion[:-1]
+        prompts.append(ids[:p])
+        references.append(completion)
+    return prompts, references
+
+
+def predict(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: GenerateConfig,
+            batch_size: int = 16) -> list[list[int]]:
+    """The first continuation of each prompt (token ids, end token excluded), decoded in batches."""
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = generate_batch_ids(model, prompts[start:start + batch_size], config, tokenizer.end_id, tokenizer)
+        out += [sequences[0] for sequences in rows]
+    return out
+
+
+def evaluate_sft(model: nn.Module, tokenizer: Any, examples: Examples, *, generate: Optional[GenerateConfig] = None,
+                 batch_size: int = 16, device: torch.device | str = "cpu") -> tuple[dict[str, Any], list[dict]]:
+    """(metrics, prediction rows) of a text-to-text model on `examples`; see the module docstring."""
+    from lmforge.eval.metrics import example_scores, text_metrics
+
+    if len(examples) == 0:
+        raise DataError("the split holds no examples to evaluate")
+    prompts, references = split_prompts(examples, tokenizer.end_id)
+    budget = max(len(r) for r in references) + 1  # room for the longest reference and its end token
+    if generate is None:
+        generate = GenerateConfig(temperature=0.0, max_new_tokens=budget)
+    elif generate.max_new_tokens is None and generate.max_length is None:
+        generate = replace(generate, max_new_tokens=budget)
+    predicted = predict(model, tokenizer, prompts, generate, batch_size)
+    prediction_texts = [tokenizer.decode(ids) for ids in predicted]
+    reference_texts = [tokenizer.decode(ids) for ids in references]
+    metrics = {**text_metrics(prediction_texts, reference_texts), **{
+        f"completion_{k}": v for k, v in completion_loss(model, examples, batch_size, device).items()}}
+    metrics["generation"] = {k: v for k, v in vars(generate).items() if v is not None}
+    rows = [{"input": tokenizer.decode(p), "reference": r, "prediction": q, **example_scores(q, r)}
+            for p, r, q in zip(prompts, reference_texts, prediction_texts)]
+    return metrics, rows
+
+
+def evaluate_task_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None, split: str = "val",
+                             max_examples: Optional[int] = None, batch_size: int = 16, device: str = "auto",
+                             out: Optional[str | Path] = None,
+                             generate: Optional[GenerateConfig] = None) -> dict[str, Any]:
+    """Evaluate a fine-tuned run or checkpoint on a split of its task data (data_dir: the data it was trained
+    on by default); see evaluate_task_split."""
+    from lmforge.checkpoint import load_for_inference, verified_checkpoint
+
+    ckpt, ckpt_manifest = verified_checkpoint(path)
+    model, tokenizer, config = load_for_inference(ckpt, device=device, manifest=ckpt_manifest)
+    data_dir = Path(data_dir) if data_dir is not None else Path(config.data.path)
+    return evaluate_task_split(model, tokenizer, config, ckpt, data_dir, split, max_examples=max_examples,
+                               batch_size=batch_size, out=out, generate=generate)
+
+
+def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Path, data_dir: Path, split: str, *,
+                        max_examples: Optional[int] = None, batch_size: int = 16, out: Optional[str | Path] = None,
+                        generate: Optional[GenerateConfig] = None) -> dict[str, Any]:
+    """Metrics of a loaded fine-tuned model (from checkpoint `ckpt`) on `split` of task data `data_dir` (the
+    first max_examples examples when given); writes OUT/predictions.jsonl and OUT/metrics.json (OUT:
+    RUN_DIR/eval/SPLIT by default) and returns the metrics with 'split', 'checkpoint', 'data', 'examples',
+    'predictions'."""
+    from lmforge.data.tasks import load_examples, read_task_manifest
+    from lmforge.eval.metrics import write_metrics, write_predictions
+
+    manifest = read_task_manifest(data_dir)
+    if manifest["task"] != "sft":
+        raise DataError(f"{data_dir} holds {manifest['task']} data; this evaluation is for text-to-text (sft) models")
+    if manifest["vocab_size"] != config.model.vocab_size:
+        raise DataError(f"{data_dir} has vocab_size {manifest['vocab_size']} but the checkpoint's model has "
+                        f"{config.model.vocab_size}; evaluate on the data the model was fine-tuned on")
+    if tokenizer is None:
+        from lmforge.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
+    examples = load_examples(data_dir, split)
+    if max_examples is not None and max_examples < len(examples):
+        n = max_examples
+        examples = Examples(examples.tokens[:int(examples.offsets[n])], examples.offsets[:n + 1],
+                            examples.prompt_lengths[:n])
+    device = next(model.parameters()).device
+    metrics, rows = evaluate_sft(model, tokenizer, examples, generate=generate, batch_size=batch_size, device=device)
+    out_dir = Path(out) if out is not None else Path(ckpt).parent.parent / "eval" / split
+    write_predictions(out_dir / "predictions.jsonl", rows)
+    result = {**metrics, "split": split, "checkpoint": str(ckpt), "data": str(data_dir), "examples": len(rows),
+              "predictions": str(out_dir / "predictions.jsonl")}
+    write_metrics(out_dir / "metrics.json", result)
+    return result

@@ -1,0 +1,62 @@
+"""Evaluating a fine-tuned text-to-text model: completion loss, decoded predictions, metrics, files."""
+
+import json
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.data.tasks import load_examples
+from lmforge.eval.metrics import text_metrics
+from lmforge.eval.tasks import completion_loss, split_prompts
+from lmforge.generate import GenerateConfig, generate_batch_ids, load
+from lmforge.train import Trainer
+from test_tasks import FINE_TUNE, make_base, prepare, reverse_records, write_jsonl
+from tiny_training import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """(run dir, task data dir) of a tiny base fine-tuned on the word-reversal task."""
+    root = tmp_path_factory.mktemp("tuned")
+    base = make_base(root)
+    assert prepare(base, root / "sft", write_jsonl(root / "r.jsonl", reverse_records(200))) == 0  # "{prompt}\n"
+    values = {**FINE_TUNE, "data.path": str(root / "sft"), "train.init_from": str(base)}
+    Trainer(tiny_config(root / "run", **values), progress=False, tensorboard=False).fit()
+    return root / "run", root / "sft"
+
+
+def test_eval_of_a_fine_tuned_model_writes_its_predictions_and_their_metrics(tuned, capsys):
+    run, data = tuned
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "val", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    out = run / "eval" / "val"
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    saved = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert printed == saved and saved["examples"] == len(rows) == len(load_examples(data, "val"))
+    # the predictions are the greedy continuations of the stored prompts, the references their completions
+    gen = load(str(run))
+    examples = load_examples(data, "val")
+    prompts, references = split_prompts(examples, gen.tokenizer.end_id)
+    budget = max(len(r) for r in references) + 1
+    greedy = generate_batch_ids(gen.model, prompts, GenerateConfig(temperature=0.0, max_new_tokens=budget),
+                                gen.tokenizer.end_id, gen.tokenizer)
+    assert [r["prediction"] for r in rows] == [gen.tokenizer.decode(g[0]) for g in greedy]
+    assert [r["reference"] for r in rows] == [gen.tokenizer.decode(r) for r in references]
+    assert all(r["input"][:-1][::-1] == r["reference"] for r in rows)  # "abc\n" (the template) -> "cba"
+    # the metrics are those of the predictions in the file, the loss that of the completions
+    expected = text_metrics([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    assert {k: saved[k] for k in expected} == pytest.approx(expected)
+    assert saved["completion_loss"] == pytest.approx(completion_loss(gen.model, examples)["loss"], rel=1e-6)
+    assert saved["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / len(rows))
+
+
+def test_eval_options_reach_the_decoder_and_the_output_directory(tuned, tmp_path, capsys):
+    run, _ = tuned
+    assert main(["eval", str(run), "--split", "test", "--max-examples", "3", "--max-new-tokens", "2",
+                 "--out", str(tmp_path / "report"), "--device", "cpu"]) == 0
+    rows = (tmp_path / "report" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text(encoding="utf-8"))
+    assert len(rows) == 3 and saved["generation"]["max_new_tokens"] == 2 and saved["generation"]["temperature"] == 0
+    assert all(len(json.loads(r)["prediction"]) <= 2 for r in rows)  # byte tokens: at most 2 characters
+    assert main(["eval", str(run), "--max-examples", "0"]) == 2
