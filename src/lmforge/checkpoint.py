@@ -554,6 +554,16 @@ def read_run_config(ckpt: str | Path) -> RunConfig:
                               f"checkpoint is corrupt, use another one") from None
 
 
+def read_task(ckpt: str | Path) -> Optional[dict]:
+    """The task a checkpoint was fine-tuned for, from its state.json: {"task": "sft", "template": {...}} (as
+    data.tasks writes them), or None for a language model trained on text."""
+    task = _read_json(Path(ckpt) / "state.json", "checkpoint state").get("task")
+    if task is not None and not (isinstance(task, dict) and isinstance(task.get("task"), str)):
+        raise CheckpointError(f"{Path(ckpt) / 'state.json'} holds a malformed 'task' entry; the checkpoint is "
+                              "corrupt, use another one")
+    return task
+
+
 def load_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str = "cpu") -> None:
     """Load model.safetensors of `ckpt` into `model` (names and shapes must match exactly)."""
     path = Path(ckpt) / "model.safetensors"
