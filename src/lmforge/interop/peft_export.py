@@ -1,0 +1,174 @@
+"""LoRA adapters of an lmforge model -> a Hugging Face PEFT adapter that `peft` loads onto the exported base.
+
+    OUT/adapter_config.json          LoraConfig: peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules,
+                                     rank_pattern / alpha_pattern where modules differ in rank, fan_in_fan_out (GPT-2)
+    OUT/adapter_model.safetensors    base_model.model.<HF module>.lora_A.weight (r, in), .lora_B.weight (out, r), fp32
+
+The base is the same model exported by hf_export (an adapted model's state_dict holds the frozen weights under
+their plain names, so hf_files of the adapted model is its base). PEFT computes, per HF module,
+y = base(x) + (lora_alpha / r) * x A^T B^T, with A (r, in) and B (out, r) also for GPT-2's Conv1D, whose
+fan_in_fan_out=True only transposes the delta when merging (peft tuners/lora/layer.py).
+
+One rule maps every case exactly. An HF module computes rows [lo, lo + n) of an lmforge Linear's output
+(HF_MODULES below). Each lmforge adapter (A_s, B_s) on rows [start, start + size) of that Linear that overlaps
+them contributes A_s to A' (stacked) and its overlapping rows of B_s to B' (block-structured, zero elsewhere):
+
+    B' A' = sum_s  B_s[overlap] A_s                  rank of the HF module = r * (adapters overlapping it)
+
+    GPT-2 c_attn, lmforge q and v:   A' = [A_q; A_v] (2r, C), B' = [[B_q, 0], [0, 0], [0, B_v]] (3C, 2r)
+    Llama q_proj, lmforge q:         A' = A_q, B' = B_q                   (k_proj, v_proj alike)
+    Llama gate_proj / up_proj, lmforge mlp (one adapter over [gate; up]): both A' = A, B' = top / bottom half of B
+
+A module of rank m r gets lora_alpha = m alpha, so its scale lora_alpha / rank stays lmforge's alpha / r.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lmforge import __version__
+from lmforge.config import ModelConfig
+from lmforge.files import atomic_dir, atomic_path, atomic_write_text, check_output
+from lmforge.interop import hf_gpt2
+from lmforge.interop.hf_export import HFExportError, converter_for_model
+from lmforge.lora import LoRAConfig, LoRALinear
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."  # what PeftModel puts before the HF model's module names
+
+# lmforge Linear inside block N -> the HF modules inside the HF block N that compute its output rows, in order;
+# sizes from _row_sizes. lm_head is lm_head in both (untied only: lora refuses head on a tied one).
+HF_MODULES = {
+    "gpt2": {"attn.qkv": ("attn.c_attn",), "attn.proj": ("attn.c_proj",),
+             "mlp.fc": ("mlp.c_fc",), "mlp.proj": ("mlp.c_proj",)},
+    "llama": {"attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "attn.proj": ("self_attn.o_proj",),
+              "mlp.fc": ("mlp.gate_proj", "mlp.up_proj"), "mlp.proj": ("mlp.down_proj",)},
+}
+HF_BLOCK = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}."}
+
+
+def _row_sizes(arch: str, linear: str, config: ModelConfig, out_features: int) -> tuple[int, ...]:
+    """Output rows of lmforge's `linear` that each HF module of HF_MODULES[arch][linear] computes, in order."""
+    if arch == "llama" and linear == "attn.qkv":
+        kv = config.n_kv_head * config.head_dim
+        return config.n_head * config.head_dim, kv, kv  # [q; k; v]
+    if arch == "llama" and linear == "mlp.fc":
+        return out_features // 2, out_features // 2  # [gate; up], MLP.forward chunks gate first
+    return (out_features,)
+
+
+def _hf_rows(arch: str, name: str, module: LoRALinear, config: ModelConfig) -> list[tuple[str, int, int]]:
+    """[(HF module name, lo, n)]: the HF modules computing rows lo..lo+n-1 of the lmforge Linear `name`."""
+    if name == "lm_head":
+        return [("lm_head", 0, module.out_features)]
+    _, block, linear = name.split(".", 2)  # blocks.N.attn.qkv
+    rows, lo = [], 0
+    for hf, n in zip(HF_MODULES[arch][linear], _row_sizes(arch, linear, config, module.out_features)):
+        rows.append((HF_BLOCK[arch].format(block) + hf, lo, n))
+        lo += n
+    return rows
+
+
+def _number(x: float) -> float | int:
+    """x as an int when it is whole (lora_alpha: 16, not 16.0, as peft writes it)."""
+    return int(x) if float(x).is_integer() else x
+
+
+@torch.no_grad()
+def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
+                       base_name_or_path: Optional[str] = None) -> dict[str, Any]:
+    """{"adapter_config.json": dict, "adapter_model.safetensors": {name: fp32 tensor}} of a model adapted by
+    apply_lora (GPT-2 style or Llama style, as hf_export.converter_for_model decides).
+
+    `base_name_or_path` is recorded as the config's base_model_name_or_path (where AutoPeftModel finds the base:
+    a hub id or the directory export_hf wrote). Raises HFExportError for a model with no HF equivalent, a
+    classifier, no adapters, or merged adapters; ValueError when `lora_config` is not the one the model was adapted
+    with (another r or scale).
+    """
+    config: ModelConfig = model.config
+    arch = "gpt2" if converter_for_model(config) is hf_gpt2 else "llama"
+    if config.head != "lm":
+        raise HFExportError(f"model.head={config.head!r}: PEFT export covers language models (head: lm) only; "
+                            "export the merged model with --merge instead")
+    adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not adapted:
+        raise HFExportError("the model has no LoRA adapters to export as PEFT: export it as a plain HF model")
+    if any(m.merged for m in adapted.values()):
+        raise HFExportError("the model's LoRA adapters are merged into its weights, so it has no separate base: "
+                            "unmerge them first, or export the merged model as a plain HF model")
+    weights: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}  # HF module name within a block (target_modules' entry) -> its rank
+    for name, module in adapted.items():
+        for adapter in module.lora.values():
+            if adapter.A.shape[0] != lora_config.r or module.scale != lora_config.scale:
+                raise ValueError(f"{name} has adapters of rank {adapter.A.shape[0]} and scale {module.scale:g}, "
+                                 f"lora_config r={lora_config.r}, alpha/r={lora_config.scale:g}: pass the LoRAConfig "
+                                 f"the model was adapted with")
+        for hf, lo, n in _hf_rows(arch, name, module, config):
+            overlapping = [a for a in module.lora.values() if a.start < lo + n and lo < a.start + a.size]
+            if not overlapping:  # e.g. Llama k_proj when only q and v are adapted
+                continue
+            r = lora_config.r
+            A = torch.cat([a.A.float() for a in overlapping]).cpu()  # (m r, in) for m overlapping adapters; own memory
+            B = torch.zeros(n, r * len(overlapping))  # (n, m r): adapter j's block in columns j r .. j r + r - 1
+            for j, a in enumerate(overlapping):
+                first, last = max(a.start, lo), min(a.start + a.size, lo + n)  # overlapping rows of the Linear
+                B[first - lo:last - lo, j * r:(j + 1) * r] = a.B[first - a.start:last - a.start].float().cpu()
+            weights[f"{PREFIX}{hf}.lora_A.weight"], weights[f"{PREFIX}{hf}.lora_B.weight"] = A, B
+            ranks[hf.split(".", 3)[-1]] = A.shape[0]  # "attn.c_attn", "self_attn.q_proj", "lm_head"
+    # Default r: the smallest rank (lmforge's r wherever a module holds one adapter); the others as patterns.
+    default_r = min(ranks.values())
+    rank_pattern = {m: k for m, k in ranks.items() if k != default_r}
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name_or_path,
+        "r": default_r,
+        "lora_alpha": _number(lora_config.alpha * default_r / lora_config.r),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {m: _number(lora_config.alpha * k / lora_config.r) for m, k in rank_pattern.items()},
+        "target_modules": sorted(ranks),
+        "fan_in_fan_out": arch == "gpt2",  # GPT-2's Conv1D stores (in, out) weights
+        "lora_dropout": lora_config.dropout,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    return {CONFIG: adapter_config, WEIGHTS: weights}
+
+
+def export_peft(model: torch.nn.Module, lora_config: LoRAConfig, out_dir: str | Path,
+                base_name_or_path: Optional[str] = None, *, force: bool = False) -> Path:
+    """Write the model's adapters as a PEFT adapter directory (see peft_adapter_files); returns out_dir.
+
+    The directory is written next to out_dir and put in place whole by lmforge.files.atomic_dir. An existing
+    non-empty out_dir is replaced only with force and only if it is an earlier export_peft (its safetensors
+    metadata names lmforge_version); anything else raises HFExportError.
+    """
+    out_dir = Path(out_dir)
+    check_output(out_dir, force=force, ours=_is_peft_export, what="a PEFT adapter written by lmforge",
+                 error=HFExportError)
+    files = peft_adapter_files(model, lora_config, base_name_or_path)
+    with atomic_dir(out_dir) as tmp:
+        atomic_write_text(tmp / CONFIG, json.dumps(files[CONFIG], indent=2, ensure_ascii=False) + "\n")
+        with atomic_path(tmp / WEIGHTS) as path:
+            save_file(files[WEIGHTS], path, metadata={"format": "pt", "lmforge_version": __version__})
+    return out_dir
+
+
+def _is_peft_export(path: Path) -> bool:
+    """Whether `path` holds an export of export_peft: its weights' metadata records the lmforge version."""
+    try:
+        with safe_open(path / WEIGHTS, "pt") as f:
+            return "lmforge_version" in (f.metadata() or {})
+    except Exception:  # missing, unreadable or not safetensors: not ours
+        return False

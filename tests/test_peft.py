@@ -1,0 +1,191 @@
+"""PEFT export: lmforge's LoRA adapters as a Hugging Face PEFT adapter that peft loads onto the exported base.
+
+Every HF model here is the lmforge model exported with hf_export.hf_files into a temp directory; the adapter is
+loaded with peft.PeftModel.from_pretrained and compared with the lmforge adapted model in fp32 on sharp weights
+(std 0.3), so a wrong scale, a swapped or transposed A/B or a misplaced block of B shows in the logits.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.interop.hf_export import HFExportError, hf_files  # noqa: E402
+from lmforge.interop.peft_export import CONFIG, WEIGHTS, export_peft, peft_adapter_files  # noqa: E402
+from lmforge.lora import LoRAConfig, apply_lora, lora_parameters  # noqa: E402
+from lmforge.model import GPT  # noqa: E402
+
+TOLERANCE = 1e-5  # fp32, max abs difference of logits
+MERGED_TOLERANCE = 5e-5  # after merging: W + scale B A is rounded once per weight, and differences add up over layers
+GPT2_STYLE = dict(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh")
+LLAMA_STYLE = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm",
+                   mlp="swiglu", pos_encoding="rope", bias=False, tie_embeddings=False, rope_theta=20000.0)
+# (model, lmforge targets) -> the HF modules PEFT adapts, and the rank of each (r = 4 below)
+CASES = {
+    "gpt2-qvo-mlp": (GPT2_STYLE, ["q", "v", "o", "mlp"],
+                     {"attn.c_attn": 8, "attn.c_proj": 4, "mlp.c_fc": 4, "mlp.c_proj": 4}),
+    "gpt2-k": (GPT2_STYLE, ["k"], {"attn.c_attn": 4}),
+    "gpt2-qkv-head": (dict(GPT2_STYLE, tie_embeddings=False), ["q", "k", "v", "head"],
+                      {"attn.c_attn": 12, "lm_head": 4}),
+    "llama-qvo-mlp": (LLAMA_STYLE, ["q", "v", "o", "mlp"],
+                      {"self_attn.q_proj": 4, "self_attn.v_proj": 4, "self_attn.o_proj": 4, "mlp.gate_proj": 4,
+                       "mlp.up_proj": 4, "mlp.down_proj": 4}),
+    "llama-k-head": (LLAMA_STYLE, ["k", "head"], {"self_attn.k_proj": 4, "lm_head": 4}),
+}
+R, ALPHA = 4, 6.0  # scale 1.5: neither 1 nor the 2 a forgotten rank factor of 2 would give
+
+
+def sharp_model(model_options: dict, seed: int = 0) -> GPT:
+    """A random GPT whose matrices have std 0.3 (attention far from uniform) and non-trivial norms and biases."""
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**model_options)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3) if p.dim() == 2 else p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def adapted_model(case: str) -> tuple[GPT, LoRAConfig, dict]:
+    """The case's sharp model with random adapters (B is 0 at init), its LoRAConfig, and its plain base's HF files."""
+    model_options, targets, _ = CASES[case]
+    model = sharp_model(model_options)
+    base_files = hf_files(model, tokenizer=None)
+    lora = LoRAConfig(r=R, alpha=ALPHA, targets=targets)
+    apply_lora(model, lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model, lora, base_files
+
+
+def export_both(model: GPT, lora: LoRAConfig, root) -> tuple:
+    """The base as an HF directory (hf_files of the adapted model) and the adapter as a PEFT directory."""
+    base = root / "base"
+    base.mkdir()
+    for name, content in hf_files(model, tokenizer=None).items():
+        if name.endswith(".safetensors"):
+            save_file(content, str(base / name), metadata={"format": "pt"})
+        else:
+            (base / name).write_text(json.dumps(content))
+    return base, export_peft(model, lora, root / "adapter", str(base))
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_loads_the_adapter_onto_the_exported_base_with_equal_logits(tmp_path, case):
+    model, lora, base_files = adapted_model(case)
+    # An adapted model exports as its base: the frozen weights keep their names, the adapters are left out.
+    exported = hf_files(model, tokenizer=None)["model.safetensors"]
+    assert exported.keys() == base_files["model.safetensors"].keys()
+    assert all(torch.equal(exported[k], base_files["model.safetensors"][k]) for k in exported)
+    base_dir, adapter_dir = export_both(model, lora, tmp_path)
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(2))
+    ours = logits(model, ids)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    assert (logits(base, ids) - ours).abs().max() > 1.0  # the adapters change the logits a lot
+    theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    assert (logits(theirs, ids) - ours).abs().max() <= TOLERANCE
+    # Merged by peft (fan_in_fan_out transposes the delta for GPT-2's Conv1D): the same function.
+    assert (logits(theirs.merge_and_unload(), ids) - ours).abs().max() <= MERGED_TOLERANCE
+    # base_model_name_or_path leads AutoPeftModel to the exported base.
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
+    assert (logits(auto, ids) - ours).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_names_shapes_and_scales_are_those_peft_saves_itself(tmp_path, case):
+    model, lora, _ = adapted_model(case)
+    base_dir, adapter_dir = export_both(model, lora, tmp_path)
+    config = json.loads((adapter_dir / CONFIG).read_text())
+    ranks = CASES[case][2]
+    assert sorted(config["target_modules"]) == sorted(ranks)
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["inference_mode"] is True
+    assert config["base_model_name_or_path"] == str(base_dir)
+    assert config["fan_in_fan_out"] is case.startswith("gpt2")
+    # peft's own adapter for those targets and ranks: the same tensor names and shapes
+    smallest = min(ranks.values())
+    peft_config = peft.LoraConfig(task_type="CAUSAL_LM", r=smallest, lora_alpha=1.0, target_modules=list(ranks),
+                                  rank_pattern={m: k for m, k in ranks.items() if k != smallest},
+                                  fan_in_fan_out=case.startswith("gpt2"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    # save_embedding_layers=False: peft's "auto" would also store lm_head's base weight when lm_head is a target
+    # (for vocabularies resized in training); an lmforge adapter never changes the base, which has that weight.
+    peft.get_peft_model(hf, peft_config).save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+
+    def shapes(directory):
+        with safe_open(directory / WEIGHTS, "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    assert shapes(adapter_dir) == shapes(tmp_path / "peft")
+    # every adapted module scales by lmforge's alpha / r, whatever its rank
+    loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    scales = {name: m.scaling["default"] for name, m in loaded.named_modules() if hasattr(m, "lora_A")}
+    assert len(scales) == len(shapes(adapter_dir)) // 2 and set(scales.values()) == {ALPHA / R}
+
+
+def test_gate_and_up_share_A_and_split_B_and_c_attn_stacks_the_slices():
+    model, lora, _ = adapted_model("llama-qvo-mlp")
+    weights = peft_adapter_files(model, lora)[WEIGHTS]
+    fc = model.blocks[0].mlp.fc.lora["mlp"]
+    gate, up = "base_model.model.model.layers.0.mlp.gate_proj", "base_model.model.model.layers.0.mlp.up_proj"
+    assert torch.equal(weights[f"{gate}.lora_A.weight"], fc.A) and torch.equal(weights[f"{up}.lora_A.weight"], fc.A)
+    assert torch.equal(torch.cat([weights[f"{gate}.lora_B.weight"], weights[f"{up}.lora_B.weight"]]), fc.B)
+    model, lora, _ = adapted_model("gpt2-qvo-mlp")
+    weights = peft_adapter_files(model, lora)[WEIGHTS]
+    qkv = model.blocks[1].attn.qkv
+    A, B = (weights[f"base_model.model.transformer.h.1.attn.c_attn.lora_{x}.weight"] for x in "AB")
+    assert torch.equal(A, torch.cat([qkv.lora["q"].A, qkv.lora["v"].A]))  # (2r, C)
+    C = 32
+    assert torch.equal(B[:C, :R], qkv.lora["q"].B) and torch.equal(B[2 * C:, R:], qkv.lora["v"].B)
+    assert not B[:C, R:].any() and not B[C:2 * C].any() and not B[2 * C:, :R].any()
+
+
+def test_export_replaces_only_an_earlier_peft_export_and_only_with_force(tmp_path):
+    model, lora, _ = adapted_model("gpt2-k")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "keep.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(HFExportError, match="is not a PEFT adapter written by lmforge: choose a new"):
+            export_peft(model, lora, tmp_path / "theirs", force=force)
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["keep.txt"]
+    export_peft(model, lora, tmp_path / "ours")
+    with pytest.raises(HFExportError, match="already holds a PEFT adapter written by lmforge: pass --force"):
+        export_peft(model, lora, tmp_path / "ours")
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.lora["k"].B.mul_(2.0)
+    assert export_peft(model, lora, tmp_path / "ours", force=True) == tmp_path / "ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "theirs"]  # no temporaries left
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [CONFIG, WEIGHTS]
+    with safe_open(tmp_path / "ours" / WEIGHTS, "pt") as f:
+        B = f.get_tensor("base_model.model.transformer.h.0.attn.c_attn.lora_B.weight")
+    assert torch.equal(B[32:64], model.blocks[0].attn.qkv.lora["k"].B)  # the new adapter replaced the old
+
+
+def test_refuses_what_peft_cannot_load_as_a_causal_lm_adapter(tmp_path):
+    plain = sharp_model(GPT2_STYLE)
+    with pytest.raises(HFExportError, match="no LoRA adapters"):
+        peft_adapter_files(plain, LoRAConfig())
+    model, lora, _ = adapted_model("gpt2-k")
+    with pytest.raises(ValueError, match="pass the LoRAConfig the model was adapted with"):
+        peft_adapter_files(model, LoRAConfig(r=R, alpha=2 * ALPHA, targets=["k"]))
+    model.blocks[0].attn.qkv.merge()
+    with pytest.raises(HFExportError, match="merged"):
+        export_peft(model, lora, tmp_path / "out")
+    classifier = apply_lora(sharp_model(dict(GPT2_STYLE, head="classify", num_labels=3)), LoRAConfig())
+    with pytest.raises(HFExportError, match="head: lm"):
+        peft_adapter_files(classifier, LoRAConfig())
+    assert not (tmp_path / "out").exists()
