@@ -60,3 +60,31 @@ def test_eval_options_reach_the_decoder_and_the_output_directory(tuned, tmp_path
     assert len(rows) == 3 and saved["generation"]["max_new_tokens"] == 2 and saved["generation"]["temperature"] == 0
     assert all(len(json.loads(r)["prediction"]) <= 2 for r in rows)  # byte tokens: at most 2 characters
     assert main(["eval", str(run), "--max-examples", "0"]) == 2
+
+
+def test_generate_and_serve_apply_the_template_the_model_learned_with(tuned, capsys):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+
+    run, _ = tuned
+    gen = load(str(run))
+    assert gen.template["prompt"] == "{prompt}\n" and gen.render("abc") == "abc\n"
+    raw = load(str(run), template=False)
+    assert raw.template is None and raw.render("abc") == "abc"
+    expected = raw.generate("abc\n", max_new_tokens=6, temperature=0.0)
+    assert gen.generate("abc", max_new_tokens=6, temperature=0.0) == expected
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "abc", "--max-new-tokens", "6", "--temperature", "0",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == "abc" + expected + "\n"
+    assert main(["generate", str(run), "--prompt", "abc", "--max-new-tokens", "6", "--temperature", "0",
+                 "--no-template", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == "abc" + raw.generate("abc", max_new_tokens=6, temperature=0.0) + "\n"
+    with TestClient(create_app(gen)) as client:
+        body = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 6, "temperature": 0}).json()
+    assert body["choices"][0]["text"] == expected
+    gen.template = {**gen.template, "prompt": "{context}\n{prompt}\n", "fields": ["context", "prompt"]}
+    with pytest.raises(Exception, match="needs the field"):
+        gen.render("abc")
+    assert gen.render("abc", context="x") == "x\nabc\n"

@@ -399,6 +399,8 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no-stream", action="store_true",
                    help="print the text when it is complete (several samples are never streamed)")
+    p.add_argument("--no-template", action="store_true",
+                   help="a fine-tuned model: continue the prompt as given, not through its prompt template")
     p.set_defaults(run=_run_generate)
 
 
@@ -409,7 +411,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     config = build_section(GenerateConfig, config_values(args, GenerateConfig, "generate"), "generate")  # checked
     from lmforge.generate import load  # before loading anything
 
-    generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile)
+    generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
+                     template=not args.no_template)
     if args.no_stream or config.num_return_sequences > 1 or config.num_beams > 1:  # decoded together, as one batch
         samples = generator.generate(args.prompt, config)
         samples = [samples] if isinstance(samples, str) else samples

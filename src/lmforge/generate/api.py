@@ -128,36 +128,61 @@ def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateCon
 
 class TextGenerator:
     """A model and its tokenizer, ready to continue prompts: .generate(prompt, **kw), .stream(prompt, **kw),
-    .complete(prompts, **kw); kw are GenerateConfig fields. compile=True decodes through apply_compile(model)."""
+    .complete(prompts, **kw); kw are GenerateConfig fields. compile=True decodes through apply_compile(model).
 
-    def __init__(self, model: GPT, tokenizer: Any, compile: bool = False) -> None:
+    A model fine-tuned on text-to-text task data carries the prompt template it learned with (`template`, as
+    data.tasks stores it): every prompt is rendered through it first (`render`), as its training examples were.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Any, compile: bool = False, template: Optional[dict] = None) -> None:
         if model.config.head != "lm":
             raise ConfigError(f"this is a {model.config.head} model (model.head={model.config.head!r}): it scores "
                               "classes and does not generate text")
         self.model = apply_compile(model.eval()) if compile else model.eval()  # a CompiledGPT decodes like the GPT
         self.tokenizer = tokenizer
+        self.template = template
+
+    def render(self, prompt: str, **fields: str) -> str:
+        """The text the model continues: `prompt` through the template (its {prompt} field; any other field it
+        names comes from `fields`), or `prompt` itself without a template."""
+        if self.template is None:
+            return prompt
+        from lmforge.data.tasks import render_prompt
+
+        missing = [f for f in self.template["fields"] if f != "prompt" and f not in fields]
+        if missing:
+            raise ConfigError(f"this model's prompt template {self.template['prompt']!r} needs the field(s) "
+                              f"{', '.join(missing)} besides the prompt: render it yourself (TextGenerator.render("
+                              "prompt, NAME=VALUE)) and give that text with the template off (--no-template, "
+                              "load(..., template=False))")
+        return render_prompt(self.template, {**fields, "prompt": prompt})
 
     def generate(self, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,
                  **kwargs: Any) -> Union[str, list[str], list[list[str]]]:
         """The continuation of prompt, or of each prompt of a list (one batch): a str per prompt, or a list
         of them when num_return_sequences > 1."""
-        return generate(self.model, self.tokenizer, prompt, config, **kwargs)
+        rendered = self.render(prompt) if isinstance(prompt, str) else [self.render(p) for p in prompt]
+        return generate(self.model, self.tokenizer, rendered, config, **kwargs)
 
     def stream(self, prompt: str, config: Optional[GenerateConfig] = None, **kwargs: Any) -> Iterator[str]:
         """Text pieces of one continuation as they are generated."""
-        return stream(self.model, self.tokenizer, prompt, config, **kwargs)
+        return stream(self.model, self.tokenizer, self.render(prompt), config, **kwargs)
 
     def complete(self, prompts: Sequence[str], config: Optional[GenerateConfig] = None,
                  **kwargs: Any) -> list[list[Completion]]:
         """Completion(text, token_ids, finish_reason, prompt_tokens) per prompt and sequence, as one batch."""
-        return complete(self.model, self.tokenizer, prompts, config, **kwargs)
+        return complete(self.model, self.tokenizer, [self.render(p) for p in prompts], config, **kwargs)
 
 
 def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional[str] = None,
-         compile: bool = False) -> TextGenerator:
-    """A TextGenerator over the checkpoint at `path` (a run directory: its newest complete checkpoint);
-    dtype / quantize as apply_inference_dtype (default fp32, exact), compile as apply_compile."""
-    from lmforge.checkpoint import load_for_inference  # imported on use: reads files, pulls in the tokenizer
+         compile: bool = False, template: bool = True) -> TextGenerator:
+    """A TextGenerator over the checkpoint at `path` (a run directory: its newest intact checkpoint);
+    dtype / quantize as apply_inference_dtype (default fp32, exact), compile as apply_compile. A fine-tuned
+    model's prompt template is applied unless template=False."""
+    from lmforge.checkpoint import load_for_inference, read_task, verified_checkpoint  # on use: reads files
 
-    model, tokenizer, _ = load_for_inference(path, device)
-    return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile)
+    ckpt, manifest = verified_checkpoint(path)
+    model, tokenizer, _ = load_for_inference(ckpt, device, manifest)
+    task = read_task(ckpt) if template else None
+    learned = task.get("template") if task is not None and task["task"] == "sft" else None
+    return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned)

@@ -284,7 +284,10 @@ def _jobs_for(body: CompletionRequest, generator: TextGenerator, config: ServeCo
     deadline = time.monotonic() + config.timeout
     jobs, total = [], 0
     for i, prompt in enumerate(prompts):
-        ids = prompt_ids(generator.tokenizer, prompt)
+        try:
+            ids = prompt_ids(generator.tokenizer, generator.render(prompt))  # a fine-tuned model's template
+        except ConfigError as e:
+            raise ApiError(422, str(e), "prompt") from None
         if not ids:
             raise ApiError(422, "the prompt is empty and the model has no start token; give some text", "prompt")
         if len(ids) > max_prompt_tokens:
