@@ -380,23 +380,69 @@ class TrainConfig:
                               noun="number of seconds")
     allow_data_change: bool = doc("Resume even if the prepared data's manifest differs from the one the "
                                   "checkpoint was trained on.", False)
+    class_weights: Literal["none", "balanced"] = doc("Classify data: weigh each example's loss by its class, none "
+                                                     "(1) or balanced (n / (K * n_k) from the train split's counts).",
+                                                     "none")
 
     def __post_init__(self) -> None:
         validate(self, "train")
 
 
+# ---------------------------------------------------------------------------------------------- lora
+LoRATarget = Literal["q", "k", "v", "o", "mlp", "head"]
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on a frozen model: which Linear layers, their rank and scale (lmforge.lora).
+
+    In a RunConfig the section is off (null) by default: a `lora:` section, or any --lora.KEY on the command
+    line, trains adapters on the train.init_from model instead of every weight."""
+
+    r: int = doc("Rank of each adapter (A is r x in, B is out x r).", 8, ge=1)
+    alpha: float = doc("Scale numerator: an adapter's output is multiplied by alpha / r.", 16.0, gt=0, lt=math.inf)
+    dropout: float = doc("Dropout on an adapter's input (the frozen path sees x unchanged).", 0.0, ge=0, lt=1,
+                         noun="probability")
+    targets: list[LoRATarget] = doc("What to adapt: q, k, v (slices of attn.qkv), o (attn.proj), mlp (mlp.fc and "
+                                    "mlp.proj), head (lm_head, when untied).", default_factory=lambda: ["q", "v"])
+    weight_decay: float = doc("AdamW weight decay of the adapters (optim.weight_decay applies to full training and "
+                              "to a classification head).", 0.0, ge=0, lt=10)
+
+    def __post_init__(self) -> None:
+        validate(self, "lora")
+        if not self.targets:
+            raise ConfigError(f"lora.targets is empty: name at least one of {', '.join(typing.get_args(LoRATarget))}")
+        repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if repeated:
+            raise ConfigError(f"lora.targets={self.targets!r} names {', '.join(repeated)} more than once: "
+                              f"list each once")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
 @dataclass
 class RunConfig:
-    """Everything `lmforge train` needs. `preset` picks model defaults; model.* keys override them."""
+    """Everything `lmforge train` needs. `preset` picks model defaults; model.* keys override them.
+    `lora` is null for full training, a LoRAConfig to train adapters on the train.init_from model."""
 
     preset: Optional[str] = doc("Model preset, a name in PRESETS; null = model.* only.", None)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: Optional[LoRAConfig] = None
+
+    def __post_init__(self) -> None:
+        if self.lora is not None and self.train.init_from == "none":
+            raise ConfigError("lora.* is set but train.init_from is none: LoRA adapts a trained model; pass "
+                              "--train.init_from RUN_OR_CHECKPOINT (e.g. one `lmforge import` wrote), or drop the "
+                              "lora settings to train every weight")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "lora": LoRAConfig}
+OPTIONAL_SECTIONS = ("lora",)  # null (absent) unless the config gives the section or one of its keys
 
 
 # ----------------------------------------------------------------------------- loading and validation
@@ -468,7 +514,7 @@ def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
 def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a validated RunConfig from nested dicts ({"model": {...}, "train": {...}, "preset": ...})."""
     if not isinstance(raw, dict):
-        raise ConfigError("a config must be a mapping with sections model, data, optim, train")
+        raise ConfigError("a config must be a mapping with sections model, data, optim, train, lora")
     valid = ["preset", *SECTIONS]
     for key in raw:
         if key not in valid:
@@ -489,6 +535,7 @@ def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
         data=build_section(DataConfig, dict(raw.get("data") or {}), "data"),
         optim=build_section(OptimConfig, dict(raw.get("optim") or {}), "optim"),
         train=build_section(TrainConfig, dict(raw.get("train") or {}), "train"),
+        lora=build_section(LoRAConfig, dict(raw["lora"]), "lora") if raw.get("lora") is not None else None,
     )
 
 

@@ -30,46 +30,20 @@ from __future__ import annotations
 
 import hashlib
 import math
-import typing
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import doc, validate
+from lmforge.config import LoRAConfig, LoRATarget
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model import GPT
 from lmforge.model import dropout as make_dropout
 
-Target = Literal["q", "k", "v", "o", "mlp", "head"]
+Target = LoRATarget  # what LoRAConfig.targets names; LoRAConfig lives in config (a RunConfig section), re-exported here
 WHOLE_LINEARS = {"o": ("attn.proj",), "mlp": ("mlp.fc", "mlp.proj")}  # target -> Linears of each block it adapts
-
-
-@dataclass
-class LoRAConfig:
-    """Low-rank adapters on a frozen model: which Linear layers, their rank and scale."""
-
-    r: int = doc("Rank of each adapter (A is r x in, B is out x r).", 8, ge=1)
-    alpha: float = doc("Scale numerator: an adapter's output is multiplied by alpha / r.", 16.0, gt=0, lt=math.inf)
-    dropout: float = doc("Dropout on an adapter's input (the frozen path sees x unchanged).", 0.0, ge=0, lt=1,
-                         noun="probability")
-    targets: list[Target] = doc("What to adapt: q, k, v (slices of attn.qkv), o (attn.proj), mlp (mlp.fc and "
-                                "mlp.proj), head (lm_head, when untied).", default_factory=lambda: ["q", "v"])
-
-    def __post_init__(self) -> None:
-        validate(self, "lora")
-        if not self.targets:
-            raise ConfigError(f"lora.targets is empty: name at least one of {', '.join(typing.get_args(Target))}")
-        repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
-        if repeated:
-            raise ConfigError(f"lora.targets={self.targets!r} names {', '.join(repeated)} more than once: "
-                              f"list each once")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.r
+HEADS = ("classifier",)  # task heads a LoRA run trains whole beside the adapters (a new head has no base to adapt)
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -250,14 +224,39 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) 
         tensor.copy_(state_dict[key])
 
 
+def _is_head(name: str) -> bool:
+    return name.split(".", 1)[0] in HEADS
+
+
+def train_heads(model: nn.Module) -> list[str]:
+    """Make the task heads (HEADS: a classification head) of an adapted model trainable again; return their
+    parameter names. A LoRA run trains and saves them whole beside the adapters."""
+    heads = {name: p for name, p in model.named_parameters() if _is_head(name)}
+    for p in heads.values():
+        p.requires_grad_(True)
+    return list(heads)
+
+
+def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a LoRA checkpoint holds: the adapters (lora_state_dict) plus the task heads' parameters
+    ({"classifier.weight": (num_labels, C)} when the model has one), sharing storage with the model."""
+    heads = {name: p for name, p in model.named_parameters() if _is_head(name)}
+    return {**lora_state_dict(model), **heads}
+
+
+def is_adapted(model: nn.Module) -> bool:
+    """Whether apply_lora put adapters into `model` (and they are not merged away)."""
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
 def base_fingerprint(model: nn.Module) -> str:
-    """Hex sha256 over the model's parameters that are not adapters, in name order: each name, dtype, shape
-    and bytes. The same for a plain model and for it after apply_lora (names unchanged); a merged adapter
-    is part of the weights. Tied weights count once."""
+    """Hex sha256 over the model's parameters that are not adapters and not task heads (HEADS, trained whole
+    by a LoRA run), in name order: each name, dtype, shape and bytes. The same for a plain model and for it
+    after apply_lora (names unchanged); a merged adapter is part of the weights. Tied weights count once."""
     adapters = set(lora_state_dict(model))
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
-        if name in adapters:
+        if name in adapters or _is_head(name):
             continue
         if p.is_meta:
             raise ValueError(f"{name} is on the meta device: it has no values to fingerprint")
