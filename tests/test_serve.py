@@ -498,3 +498,40 @@ def test_a_mixed_load_gets_only_200_413_422_429_and_the_server_stays_up(run_dir)
         with httpx.Client(base_url=url) as c:
             wait_until(lambda: c.get("/health").json()["running"] == 0)
             assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4}).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------- chat
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+
+
+def test_chat_completion_is_the_rendered_conversation_continued_by_the_one_decoder(client, run_dir):
+    out = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 15, "seed": 3, "n": 2})
+    assert out.status_code == 200, out.text
+    body = out.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    gen = load(str(run_dir), device="cpu")
+    text = gen.render_chat(CHAT)
+    assert text == "<|system|>\nBe brief.\n<|user|>\nHello\n<|assistant|>\n"  # lmforge's default chat template
+    expected = gen.generate(text, max_new_tokens=15, seed=3, num_return_sequences=2, stop_strings=[gen.chat_stop()])
+    assert [c["message"] for c in body["choices"]] == [{"role": "assistant", "content": t} for t in expected]
+    assert body["usage"]["prompt_tokens"] == len(text.encode()) + 1
+
+    events = sse_events(client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 15, "seed": 3,
+                                                                  "stream": True}))
+    assert events[-1] == "[DONE]" and all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == expected[0]
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": "x", "mood": 1}]}, "a message takes role, content and name"),
+    ({"messages": CHAT, "tools": []}, "/v1/chat/completions takes"),
+    ({"messages": CHAT, "logprobs": True}, "logprobs=True is not supported"),
+    ({"messages": CHAT, "max_tokens": 5, "max_completion_tokens": 6}, "differ"),
+])
+def test_each_bad_chat_request_gets_422_and_a_message(client, body, words):
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 422 and words in r.json()["error"]["message"], r.text

@@ -52,6 +52,15 @@ def test_the_openai_package_completes_and_streams(server, run_dir):
         finish = chunk.choices[0].finish_reason or finish
     assert len(pieces) > 1 and "".join(pieces) == out.choices[0].text and finish == "length"
 
+    messages = [{"role": "user", "content": "Who is there?"}]
+    chat = client.chat.completions.create(model="run", messages=messages, max_tokens=12, seed=2)
+    gen = load(str(run_dir), device="cpu")
+    assert chat.choices[0].message.content == gen.generate(gen.render_chat(messages), max_new_tokens=12, seed=2,
+                                                           stop_strings=[gen.chat_stop()])
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="run", messages=messages, max_tokens=12, seed=2, stream=True) if c.choices)
+    assert streamed == chat.choices[0].message.content
+
     with pytest.raises(openai.UnprocessableEntityError, match="max_tokens=5000 is above"):
         client.completions.create(model="run", prompt="x", max_tokens=5000)
     with pytest.raises(openai.NotFoundError, match="not served"):

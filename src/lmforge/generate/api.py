@@ -157,6 +157,21 @@ class TextGenerator:
                               "load(..., template=False))")
         return render_prompt(self.template, {**fields, "prompt": prompt})
 
+    def render_chat(self, messages: Sequence[dict]) -> str:
+        """The text the model continues for a conversation ([{"role", "content"}, ...]): every turn through the
+        chat template the model was fine-tuned with (lmforge's default one for any other model), then the
+        header of the assistant's reply."""
+        from lmforge.data.tasks import CHAT_TEMPLATE, render_chat
+
+        return render_chat(self.template if self.template is not None else {"chat": CHAT_TEMPLATE}, list(messages))
+
+    def chat_stop(self) -> str:
+        """The header of a user turn: a model that goes on past its reply would write it next."""
+        from lmforge.data.tasks import CHAT_TEMPLATE
+
+        turn = (self.template or {"chat": CHAT_TEMPLATE})["chat"]["turn"]
+        return turn[:turn.index("{content}")].format(role="user")
+
     def generate(self, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,
                  **kwargs: Any) -> Union[str, list[str], list[list[str]]]:
         """The continuation of prompt, or of each prompt of a list (one batch): a str per prompt, or a list

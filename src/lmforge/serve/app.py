@@ -4,6 +4,7 @@
     GET  /v1/models       the one model served
     POST /v1/completions  OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n,
                           stop, seed, stream (server-sent events ending in `data: [DONE]`), usage counts
+    POST /v1/chat/completions  OpenAI chat: messages through the model's chat template, the same options
     GET  /                the playground page (static; it asks for the API key itself)
 
 What a request may ask is capped (ServeConfig); a request over a cap gets 413 (body size) or 422 (with
@@ -20,7 +21,7 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -77,6 +78,43 @@ UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "best_of": 1, 
                "logit_bias": {}, "suffix": None}
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: Optional[str] = None  # accepted for compatibility, unused
+
+
+class ChatRequest(BaseModel):
+    """The body of POST /v1/chat/completions: OpenAI's chat fields (sampling as for completions), the
+    conversation rendered through the model's chat template (see TextGenerator.render_chat)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    temperature: Optional[float] = Field(1.0, ge=0.0, le=100.0)
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    top_k: Optional[StrictInt] = Field(None, ge=1)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=100.0)
+    n: Optional[StrictInt] = Field(1, ge=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
+    stream: Optional[StrictBool] = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    logprobs: Optional[StrictBool] = None
+    logit_bias: Optional[dict[str, float]] = None
+
+
+CHAT_UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logprobs": False, "logit_bias": {}}
+CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat API has no default length; a reply this long unless asked
+
+
 class ApiError(Exception):
     """An answer other than 200, with OpenAI's error body."""
 
@@ -100,15 +138,19 @@ def error_response(status: int, message: str, param: Optional[str] = None,
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
-def _validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
-    """One line from pydantic's errors: the first problem, naming the field."""
+def _validation_message(errors: list[dict], path: str = "/v1/completions") -> tuple[str, Optional[str]]:
+    """One line from pydantic's errors on a request to `path`: the first problem, naming the field."""
     first = errors[0]
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     loc = [x for x in loc if "[" not in x and x not in ("str", "int", "float", "bool")]  # union member tags
     field = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
-        known = [f for f in CompletionRequest.model_fields if f not in UNSUPPORTED]
-        return f"unknown field {field!r}: /v1/completions takes {', '.join(known)}", field
+        if loc and loc[0] == "messages":
+            return f"unknown field {field!r}: a message takes role, content and name", field
+        request, unsupported = (ChatRequest, CHAT_UNSUPPORTED) if path == "/v1/chat/completions" else \
+            (CompletionRequest, UNSUPPORTED)
+        known = [f for f in request.model_fields if f not in unsupported]
+        return f"unknown field {field!r}: {path} takes {', '.join(known)}", field
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
     if first.get("type") == "missing" and field is None:
@@ -192,7 +234,7 @@ def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, m
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(list(e.errors()))
+        message, param = _validation_message(list(e.errors()), request.url.path)
         return error_response(422, message, param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -212,9 +254,59 @@ def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, m
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_id))
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        try:  # the conversation through the model's chat template, the reply's header last
+            text = generator.render_chat([m.model_dump(exclude={"name"}) for m in body.messages])
+        except ConfigError as e:
+            raise ApiError(422, str(e), "messages") from None
+        if body.max_tokens is not None and body.max_completion_tokens is not None \
+                and body.max_tokens != body.max_completion_tokens:
+            raise ApiError(422, "max_tokens and max_completion_tokens differ: give one of them", "max_tokens")
+        max_tokens = body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, config.max_tokens)
+        jobs, prompt_tokens = _jobs_for(body, [text], generator, config, model_id, max_prompt_tokens, max_tokens,
+                                        CHAT_UNSUPPORTED, extra_stop=[generator.chat_stop()])
+        try:
+            engine.submit(jobs)
+        except Busy as e:
+            raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_id}
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(_sse(jobs, {**head, "object": "chat.completion.chunk"}, prompt_tokens,
+                                          include_usage, config.timeout, chat=True),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            finished = await _wait_all(jobs, request, config.timeout)
+        finally:
+            for job in jobs:
+                job.cancel()
+        if finished is None:
+            return Response(status_code=499)
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                    "finish_reason": c.finish} for job in finished for i, c in enumerate(job.choices)]
+        completion_tokens = sum(c.tokens for job in finished for c in job.choices)
+        return JSONResponse({**head, "choices": choices, "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}})
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        jobs, prompt_tokens = _jobs_for(body, generator, config, model_id, max_prompt_tokens)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ApiError(422, "prompt is an empty list: give a string or a list of strings", "prompt")
+        if len(prompts) > config.max_prompts:
+            raise ApiError(422, f"{len(prompts)} prompts in one request; at most {config.max_prompts} "
+                           "(serve.max_prompts)", "prompt")
+        try:
+            texts = [generator.render(p) for p in prompts]  # a fine-tuned model's prompt template
+        except ConfigError as e:
+            raise ApiError(422, str(e), "prompt") from None
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        jobs, prompt_tokens = _jobs_for(body, texts, generator, config, model_id, max_prompt_tokens, max_tokens,
+                                        UNSUPPORTED)
         try:
             engine.submit(jobs)
         except Busy as e:
@@ -243,18 +335,13 @@ def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, m
     return app
 
 
-def _jobs_for(body: CompletionRequest, generator: TextGenerator, config: ServeConfig, model_id: str,
-              max_prompt_tokens: int) -> tuple[list[Job], int]:
-    """Check a request against the caps and turn it into one Job per prompt; (jobs, prompt tokens)."""
+def _jobs_for(body: Union[CompletionRequest, ChatRequest], texts: list[str], generator: TextGenerator,
+              config: ServeConfig, model_id: str, max_prompt_tokens: int, max_tokens: int,
+              unsupported: dict[str, Any], extra_stop: Optional[list[str]] = None) -> tuple[list[Job], int]:
+    """Check a request against the caps and turn each of its prompt texts (templates applied) into a Job;
+    (jobs, prompt tokens). `extra_stop` adds stop strings of the server's own (a chat's next user turn)."""
     if body.model is not None and body.model != model_id:
         raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise ApiError(422, "prompt is an empty list: give a string or a list of strings", "prompt")
-    if len(prompts) > config.max_prompts:
-        raise ApiError(422, f"{len(prompts)} prompts in one request; at most {config.max_prompts} "
-                       "(serve.max_prompts)", "prompt")
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens > config.max_tokens:
         raise ApiError(422, f"max_tokens={max_tokens} is above this server's cap of {config.max_tokens} "
                        "(serve.max_tokens)", "max_tokens")
@@ -270,12 +357,13 @@ def _jobs_for(body: CompletionRequest, generator: TextGenerator, config: ServeCo
         if len(s) > config.max_stop_chars:
             raise ApiError(422, f"a stop sequence of {len(s)} characters; at most {config.max_stop_chars} "
                            "(serve.max_stop_chars)", "stop")
-    for name, neutral in UNSUPPORTED.items():
+    for name, neutral in unsupported.items():
         value = getattr(body, name)
         if value is not None and value != neutral:
             raise ApiError(422, f"{name}={value!r} is not supported by lmforge serve (leave it out, or "
                            f"{json.dumps(neutral)})", name)
     temperature = 1.0 if body.temperature is None else body.temperature
+    stop += [s for s in extra_stop or [] if s not in stop]
     options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
                              top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
                              min_p=body.min_p, repetition_penalty=body.repetition_penalty or 1.0,
@@ -283,11 +371,8 @@ def _jobs_for(body: CompletionRequest, generator: TextGenerator, config: ServeCo
     mailbox = Mailbox(asyncio.get_running_loop())
     deadline = time.monotonic() + config.timeout
     jobs, total = [], 0
-    for i, prompt in enumerate(prompts):
-        try:
-            ids = prompt_ids(generator.tokenizer, generator.render(prompt))  # a fine-tuned model's template
-        except ConfigError as e:
-            raise ApiError(422, str(e), "prompt") from None
+    for i, text in enumerate(texts):
+        ids = prompt_ids(generator.tokenizer, text)
         if not ids:
             raise ApiError(422, "the prompt is empty and the model has no start token; give some text", "prompt")
         if len(ids) > max_prompt_tokens:
@@ -322,18 +407,27 @@ async def _wait_all(jobs: list[Job], request: Request, timeout: float) -> Option
 
 
 async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: bool,
-               timeout: float) -> AsyncIterator[str]:
+               timeout: float, chat: bool = False) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text piece or finished choice, then usage (if asked), then [DONE].
+    Chat chunks carry `delta`s (the assistant role first), completion chunks `text`.
 
     A client that disconnects cancels this generator (Starlette's disconnect listener); the finally
     clause then tells the worker to drop the jobs before their next token.
     """
-    def chunk(index: int, text: str, finish: Optional[str]) -> str:
-        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+    def chunk(index: int, text: str, finish: Optional[str], role: bool = False) -> str:
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
         return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
     pending = len(jobs)
     try:
+        if chat:
+            for job in jobs:
+                for i in range(job.n):
+                    yield chunk(job.first_index + i, "", None, role=True)
         while pending:
             event = await jobs[0].mailbox.get(timeout + LATE) or ("error", 504, "the request timed out")
             if event[0] == "piece":
