@@ -16,7 +16,9 @@ def load(path: str, device: str = "auto", dtype: str = "fp32", quantize: str | N
 
     Returns a `lmforge.generate.TextGenerator`: `.generate(prompt_or_prompts, **options)`,
     `.stream(prompt, **options)` (an iterator of text pieces) and `.complete(prompts, **options)`;
-    the options are the fields of `lmforge.generate.GenerateConfig`. `dtype` (fp32 | bf16 | fp16),
+    the options are the fields of `lmforge.generate.GenerateConfig`. A classifier (trained on
+    `lmforge prepare --task classify` data) gives a `lmforge.generate.TextClassifier` instead:
+    `.classify(["text", ...], top_k=None)` -> [[(label, probability), ...] per text]. `dtype` (fp32 | bf16 | fp16),
     `quantize` ("int8") and `compile` trade exactness for speed; the default fp32 is exact.
     """
     from lmforge.generate import load as _load

@@ -614,6 +614,36 @@ def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[
     return _read_json(ckpt / "state.json", "checkpoint state")
 
 
+def load_body_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str = "cpu") -> None:
+    """Start a classifier (model.head: classify) from a language model checkpoint of the same body.
+
+    Every stored tensor loads except the LM head: lm_head.weight is dropped (when tied to the embedding it is
+    stored once, under that name, and then becomes tok_emb.weight); classifier.weight keeps its fresh
+    initialisation. Verifies the checkpoint first; any other missing, extra or differently shaped tensor is a
+    CheckpointError naming it.
+    """
+    ckpt = Path(ckpt)
+    verify_checkpoint(ckpt)
+    path = ckpt / "model.safetensors"
+    check_safetensors(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if "tok_emb.weight" not in tensors and "lm_head.weight" in tensors:  # tied: stored under the head's name
+        tensors["tok_emb.weight"] = tensors["lm_head.weight"]
+    tensors.pop("lm_head.weight", None)
+    own = unwrap(model).state_dict()
+    missing = sorted(set(own) - set(tensors) - {"classifier.weight"})
+    unexpected = sorted(set(tensors) - set(own))
+    differ = sorted(k for k in tensors if k in own and tuple(tensors[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or differ:
+        parts = [f"missing {', '.join(missing[:4])}" if missing else "",
+                 f"unexpected {', '.join(unexpected[:4])}" if unexpected else "",
+                 f"shapes differ: {', '.join(differ[:4])}" if differ else ""]
+        raise CheckpointError(f"{path} does not fit the classifier's body: {'; '.join(p for p in parts if p)}; start "
+                              "from a language model with the same architecture")
+    unwrap(model).load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
                        manifest: Optional[dict] = None) -> tuple[nn.Module, Any, RunConfig]:
     """(model in eval mode on `device`, Tokenizer or None, RunConfig) from a run or checkpoint directory.

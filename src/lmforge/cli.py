@@ -127,18 +127,22 @@ def _add_prepare(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2, metavar="N", help="encoding processes (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t = p.add_argument_group("task data (--task): records -> examples for fine-tuning a base model")
-    t.add_argument("--task", choices=["sft"], help="sft: text to text, prompt -> completion (.jsonl, .csv, .tsv, "
-                   ".parquet records); --tokenizer is then the base model RUN_OR_CHECKPOINT")
+    t.add_argument("--task", choices=["sft", "classify"], help="sft: text to text, prompt -> completion; classify: "
+                   "text -> label (.jsonl, .csv, .tsv, .parquet records); --tokenizer is then the base model "
+                   "RUN_OR_CHECKPOINT")
     t.add_argument("--template", default="plain", metavar="NAME_OR_STRING",
                    help="prompt template: plain ('{prompt}\\n'), instruct, or your own string with {field}s of the "
                         "record, {prompt} being the prompt field (default: plain)")
     t.add_argument("--prompt-field", default="prompt", metavar="NAME", help="record field of the prompt")
     t.add_argument("--completion-field", default="completion", metavar="NAME", help="record field of the completion")
+    t.add_argument("--text-field", default="text", metavar="NAME", help="classify: record field of the text")
+    t.add_argument("--label-field", default="label", metavar="NAME", help="classify: record field of the label")
     t.add_argument("--messages-field", default="messages", metavar="NAME",
                    help="record field of a conversation (a list of {role, content} turns, the last the reply)")
     t.add_argument("--max-length", type=int, metavar="N",
-                   help="most tokens per example (default: the base model's block_size + 1); longer examples lose "
-                        "prompt tokens from the left, then completion tokens from the right")
+                   help="most tokens per example (default: the base model's block_size + 1 for sft, block_size for "
+                        "classify); longer sft examples lose prompt tokens from the left, then completion tokens "
+                        "from the right; a longer classify text loses tokens from the right")
     t.add_argument("--drop-long", action="store_true", help="drop examples longer than --max-length (counted)")
     t.add_argument("--skip-bad", action="store_true",
                    help="skip bad records (counted and listed in the report) instead of stopping at the first")
@@ -201,11 +205,12 @@ def _run_prepare_task(args: argparse.Namespace) -> int:
     if "tokenizer.json" not in manifest["files"]:
         raise ConfigError(f"checkpoint {ckpt} holds no tokenizer.json: give a base model trained on prepared data "
                           "or imported with `lmforge import`")
-    max_length = args.max_length if args.max_length is not None else read_run_config(ckpt).model.block_size + 1
+    block_size = read_run_config(ckpt).model.block_size  # an sft example of L tokens trains on L-1 inputs
+    max_length = args.max_length if args.max_length is not None else block_size + (args.task == "sft")
     report = prepare_task(
         args.inputs, args.out, task=args.task, tokenizer_file=ckpt / "tokenizer.json", base=str(ckpt),
         max_length=max_length, template=args.template, drop_long=args.drop_long, skip_bad=args.skip_bad,
-        fields=Fields(args.prompt_field, args.completion_field, args.messages_field),
+        fields=Fields(args.prompt_field, args.completion_field, args.messages_field, args.text_field, args.label_field),
         keep_duplicates=args.keep_duplicates, split=_parse_split(args.split), seed=args.seed, force=args.force)
     print(format_task_report(report))
     return 0
@@ -413,6 +418,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
                      template=not args.no_template)
+    if not hasattr(generator, "generate"):  # load gave a TextClassifier
+        raise ConfigError(f"{args.checkpoint} is a classifier (model.head: classify): it scores labels and does not "
+                          "generate text; use `lmforge classify`")
     if args.no_stream or config.num_return_sequences > 1 or config.num_beams > 1:  # decoded together, as one batch
         samples = generator.generate(args.prompt, config)
         samples = [samples] if isinstance(samples, str) else samples
@@ -426,6 +434,79 @@ def _run_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- classify
+def _add_classify(sub: Any) -> None:
+    p = sub.add_parser(
+        "classify", help="labels with probabilities from a classifier run or checkpoint",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Classify texts with a model trained on `lmforge prepare --task classify` data. Prints one JSON
+            line per text: {"text", "label" (the most probable), "predictions": [{"label", "probability"},
+            ...]} from the most probable down (every label, or --top-k). Texts come from --text (repeatable)
+            and --file (.txt: one text per non-empty line; .jsonl: the --text-field of each object)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge classify runs/sentiment --text "a great film" --text "dull and slow"
+              lmforge classify runs/sentiment --file reviews.jsonl --top-k 1"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--text", action="append", default=[], help="a text to classify (repeatable)")
+    p.add_argument("--file", metavar="F", help=".txt (one text per line) or .jsonl (objects with --text-field)")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="text field of --file .jsonl objects")
+    p.add_argument("--top-k", type=int, metavar="K", help="print the K most probable labels (default: all)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per batch (default: 32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.set_defaults(run=_run_classify)
+
+
+def _classify_texts(path: str, field: str) -> list[str]:
+    """The texts of a --file: .txt lines (empty ones skipped) or the `field` of each .jsonl object."""
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--file {path} cannot be read ({type(e).__name__}): give a UTF-8 .txt or .jsonl file") from None
+    if file.suffix.lower() != ".jsonl":
+        return [line for line in lines if line.strip()]
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg}): fix the line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ConfigError(f"{path}:{number}: no string field {field!r}: fix the line or choose --text-field")
+        texts.append(record[field])
+    return texts
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    import json
+
+    texts = list(args.text) + (_classify_texts(args.file, args.text_field) if args.file else [])
+    if not texts:
+        raise ConfigError("no text to classify: give --text TEXT (repeatable) or --file F")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k} is invalid: use 1 or more")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} is invalid: use 1 or more")
+    from lmforge.generate import TextClassifier, load
+
+    classifier = load(args.checkpoint, device=args.device)
+    if not isinstance(classifier, TextClassifier):
+        raise ConfigError(f"{args.checkpoint} is a language model (model.head: lm): it generates text; use "
+                          "`lmforge generate`, or fine-tune a classifier on `lmforge prepare --task classify` data")
+    for text, ranked in zip(texts, classifier.classify(texts, args.top_k, args.batch_size)):
+        print(json.dumps({"text": text, "label": ranked[0][0],
+                          "predictions": [{"label": label, "probability": p} for label, p in ranked]},
+                         ensure_ascii=False))
     return 0
 
 
@@ -562,7 +643,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ main
-COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_eval, _add_generate, _add_plot,
+COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_eval, _add_generate, _add_classify,
+                                         _add_plot,
                                          _add_serve, _add_import, _add_export]
 
 

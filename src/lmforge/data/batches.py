@@ -13,13 +13,15 @@ The state is ``{"position": windows drawn so far, "rng": {"kind": "splitmix64", 
 a small JSON-safe dict that a checkpoint stores; restoring it continues the stream exactly where it stopped.
 
 Any object with ``next_batch() -> (x, y)``, ``state_dict()`` and ``load_state_dict(state)`` can feed
-the trainer. ``ExampleBatches`` is the one for task data (``lmforge prepare --task sft``): whole examples,
-right-padded, with IGNORE_INDEX on the labels of prompt tokens and of padding.
+the trainer. ``ExampleBatches`` is the one for task data (``lmforge prepare --task sft | classify``): whole
+examples, right-padded; sft labels carry IGNORE_INDEX on prompt tokens and padding, and a classify batch is
+(x, labels (B,), attention_mask (B, T)): the mask travels as a third element because the classifier needs it
+to find each row's last real token (a pad id may equal the end token's id, so the ids cannot say).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -32,8 +34,9 @@ IGNORE_INDEX = -100  # a label that adds nothing to the loss (prompt tokens, pad
 class Batches(Protocol):
     """What the trainer needs from a training data stream."""
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input ids (B, T) long, labels (B, T) long) on the CPU."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """(input ids (B, T) long, labels (B, T) long) on the CPU; for a classifier
+        (input ids (B, T) long, labels (B,) long, attention_mask (B, T) bool)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -122,14 +125,17 @@ def fixed_batches(tokens: np.ndarray, block_size: int, batch_size: int, num_batc
 
 # ------------------------------------------------------------------------------------ task examples
 class Examples:
-    """Examples of a task split: token ids of every example concatenated, with offsets and prompt lengths.
+    """Examples of a task split: token ids of every example concatenated, with offsets and prompt lengths
+    (sft) or class labels (classify).
 
     tokens: (N,) integer ids; offsets: (n+1,) int64, example i is tokens[offsets[i]:offsets[i+1]];
-    prompt_lengths: (n,) tokens at the start of each example that carry no loss (start token and prompt).
+    prompt_lengths: (n,) tokens at the start of each example that carry no loss (start token and prompt), or
+    None; labels: (n,) int64 class ids (classify), or None.
     """
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, prompt_lengths: np.ndarray) -> None:
-        self.tokens, self.offsets, self.prompt_lengths = tokens, offsets, prompt_lengths
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, prompt_lengths: Optional[np.ndarray],
+                 labels: Optional[np.ndarray] = None) -> None:
+        self.tokens, self.offsets, self.prompt_lengths, self.labels = tokens, offsets, prompt_lengths, labels
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -161,8 +167,31 @@ def pad_examples(examples: Examples, index: np.ndarray, pad_id: int = 0) -> tupl
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def pad_labelled_examples(examples: Examples, index: np.ndarray, pad_id: int = 0,
+                          side: str = "right") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Classify examples ``index`` as one padded batch: x (B, T), labels (B,), attention_mask (B, T) bool.
+
+    T = the longest example; a row holds its whole example (the classifier reads the hidden state of its last
+    real token, no shift), padded on the right (default) or the left with ``pad_id``; attention_mask is True at
+    real tokens. The model gives each row the same logits either way (tests check it).
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side={side!r}: choose right or left")
+    starts, ends = examples.offsets[index], examples.offsets[index + 1]
+    T = int((ends - starts).max())
+    x = np.full((len(index), T), pad_id, dtype=np.int64)  # (B, T)
+    mask = np.zeros((len(index), T), dtype=bool)  # (B, T)
+    for r, (a, b) in enumerate(zip(starts, ends)):
+        cols = slice(0, b - a) if side == "right" else slice(T - (b - a), T)
+        x[r, cols] = np.asarray(examples.tokens[a:b], dtype=np.int64)
+        mask[r, cols] = True
+    labels = np.asarray(examples.labels[index], dtype=np.int64)  # (B,)
+    return torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(mask)
+
+
 class ExampleBatches:
-    """Batches of whole examples (task data), deterministic from a seed and resumable; see ``pad_examples``.
+    """Batches of whole examples (task data), deterministic from a seed and resumable; see ``pad_examples``
+    (sft) and ``pad_labelled_examples`` (classify).
 
     Examples are drawn 0, 1, 2, ... over the whole job and cut into batches as TokenBatches cuts windows:
     global micro-batch g holds draws [g * B * W, (g + 1) * B * W), process ``rank`` takes its B of them. Draw i
@@ -176,9 +205,10 @@ class ExampleBatches:
         if len(examples) == 0:
             raise DataError("the split holds no examples: prepare more data or change --split")
         longest = int(examples.lengths.max())
-        if longest > block_size + 1:
-            raise DataError(f"an example has {longest} tokens, more than block_size+1={block_size + 1}: prepare the "
-                            f"data with --max-length {block_size + 1}")
+        limit = block_size + (examples.labels is None)  # an sft example of L tokens is L-1 inputs; classify: L
+        if longest > limit:
+            raise DataError(f"an example has {longest} tokens, more than {limit} (block_size={block_size}): prepare "
+                            f"the data with --max-length {limit}")
         self.examples = examples
         self.block_size = block_size
         self.batch_size = batch_size
@@ -208,10 +238,13 @@ class ExampleBatches:
         draws = np.arange(first, first + count)
         return np.array([self.order(i // n)[i % n] for i in draws.tolist()], dtype=np.int64)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's rows of the next global micro-batch: x, y of shape (batch_size, T), T <= block_size."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """This process's rows of the next global micro-batch: x, y of shape (batch_size, T), T <= block_size;
+        classify examples: x, labels (batch_size,), attention_mask (batch_size, T)."""
         index = self.example_index(self.position + self.rank * self.batch_size, self.batch_size)
         self.position += self.batch_size * self.world_size
+        if self.examples.labels is not None:
+            return pad_labelled_examples(self.examples, index, self.pad_id)
         return pad_examples(self.examples, index, self.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
@@ -230,10 +263,16 @@ class ExampleBatches:
 
 
 def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, num_batches: int, *,
-                          rank: int = 0, world_size: int = 1, pad_id: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                          rank: int = 0, world_size: int = 1, pad_id: int = 0) -> list[tuple[torch.Tensor, ...]]:
     """Validation batches of task data: the split in its stored order, at most ``num_batches`` global batches
-    (fewer when they cover it; the last one wraps to the start); this process's rows of each."""
+    (fewer when they cover it; the last one wraps to the start); this process's rows of each. Classify examples
+    do not wrap (accuracy and F1 count each example once): the last batch is shorter, a process may get none."""
     stream = ExampleBatches(examples, block_size, batch_size, shuffle=False, rank=rank, world_size=world_size,
                             pad_id=pad_id)
+    if examples.labels is not None:
+        n = min(len(examples), num_batches * batch_size * world_size)
+        rows = [np.arange(g + rank * batch_size, min(g + (rank + 1) * batch_size, n))
+                for g in range(0, n, batch_size * world_size)]
+        return [pad_labelled_examples(examples, index, pad_id) for index in rows if len(index)]
     needed = -(-len(examples) // (batch_size * world_size))
     return [stream.next_batch() for _ in range(min(num_batches, needed))]

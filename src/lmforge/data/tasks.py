@@ -24,6 +24,26 @@ The pipeline (records are held in memory: fine-tuning sets are small next to pre
 
 Leakage: a val or test example whose prompt text is also the prompt of a train example is counted as leaked
 (exact match: for text-to-text data the same question with another answer is still the same question).
+
+`lmforge prepare --task classify` (sentiment, intent, topic): the same readers, report and manifest format.
+
+- record   a text field and a label field (names settable). A label is a non-empty string or an integer (its
+           decimal text); anything else, an empty text, or a missing field is a bad record (error naming FILE:N,
+           or counted and listed with ``skip_bad``). Exact duplicates of (text, label) are removed; texts that
+           carry more than one label are counted as conflicts (and kept).
+- labels   the sorted label names; a label's id is its index. A label needs at least 2 examples (one to train
+           on, one to evaluate): a label seen once is most often a typo and is an error naming it and its record
+           (with ``skip_bad`` the record is listed as bad). So no val/test label is ever unknown to train.
+- split    stratified: each label's examples are shuffled with ``seed`` and cut by the split fractions
+           (``split_counts``: val and test get at least one of every label with 3 or more examples; a label of
+           2 gives one to train and one to val), then each split is shuffled. Counts per label per split are in
+           the manifest and the report.
+- encode   example = [start] + text ids + [end] (no start token when the tokenizer has none): the end token,
+           the same for every example, is the last real token whose hidden state the classifier reads, after
+           the whole text. Longer than ``max_length`` (default: the base's block_size): the text loses tokens
+           from the right (its beginning is kept, the end token stays), counted as truncated; with
+           ``drop_long`` dropped instead (an error if that leaves a val/test label without train examples).
+- write    DIR/{train,val,test}.safetensors (``tokens`` int32, ``offsets`` int64 (n+1), ``labels`` int64 (n)).
 """
 
 from __future__ import annotations
@@ -50,7 +70,7 @@ from lmforge.files import atomic_dir, atomic_path, atomic_write_bytes, atomic_wr
 from lmforge.tokenizer import Tokenizer
 
 FORMAT = "lmforge-task-v1"
-TASKS = ("sft",)
+TASKS = ("sft", "classify")
 RECORD_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 REPORT = "report.json"
 # Named prompt templates: fields in braces are record fields; {prompt} is the prompt field, whatever its name.
@@ -113,11 +133,14 @@ def render_chat(template: dict, turns: list[dict]) -> str:
 # -------------------------------------------------------------------------------------------- records
 @dataclass
 class Fields:
-    """Which record fields hold the prompt, the completion and a conversation."""
+    """Which record fields hold the prompt, the completion and a conversation (sft), the text and the label
+    (classify)."""
 
     prompt: str = "prompt"
     completion: str = "completion"
     messages: str = "messages"
+    text: str = "text"
+    label: str = "label"
 
 
 class BadRecord(Exception):
@@ -222,6 +245,22 @@ def record_texts(record: dict, template: dict, fields: Fields) -> tuple[str, str
     return render_prompt(template, values), completion
 
 
+def record_text_label(record: dict, fields: Fields) -> tuple[str, str]:
+    """(text, label name) of one classify record; BadRecord says why it cannot be used."""
+    text = _text(record, fields.text, "text")
+    if not text.strip():
+        raise BadRecord(f"empty text (field {fields.text!r})")
+    label = record.get(fields.label)
+    if label is None:
+        raise BadRecord(f"no field {fields.label!r} (label)")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise BadRecord(f"field {fields.label!r} (label) is a {type(label).__name__}, not a string or an integer")
+    label = str(label).strip()
+    if not label:
+        raise BadRecord(f"empty label (field {fields.label!r})")
+    return text, label
+
+
 def _chat_texts(record: dict, template: dict, fields: Fields) -> tuple[str, str]:
     turns = record[fields.messages]
     if not isinstance(turns, list) or not turns:
@@ -252,6 +291,7 @@ class Encoded:
 
     tokens: list[np.ndarray] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)
+    labels: Optional[list[int]] = None  # classify: the class id of each example
     truncated: int = 0
     dropped: int = 0
     completion_tokens: int = 0
@@ -295,14 +335,62 @@ def encode_split(tok: Tokenizer, pairs: list[tuple[str, str]], max_length: int, 
     return out
 
 
+def encode_text_example(tok: Tokenizer, text: np.ndarray, max_length: int,
+                        drop_long: bool = False) -> tuple[Optional[np.ndarray], str]:
+    """(ids, "ok" | "truncated" | "dropped") of one classify example; ids is None when dropped.
+
+    ids = [start] + text + [end]; too long: the text is cut from the right, start and end stay (module docstring).
+    Training data and `lmforge classify` encode texts with this one function.
+    """
+    start = [] if tok.start_id is None else [tok.start_id]
+    room = max_length - len(start) - 1
+    status = "ok"
+    if len(text) > room:
+        if drop_long:
+            return None, "dropped"
+        text, status = text[:max(room, 0)], "truncated"
+    return np.concatenate([np.array(start, dtype=np.int64), np.asarray(text, dtype=np.int64),
+                           np.array([tok.end_id], dtype=np.int64)]), status
+
+
+def encode_classify_split(tok: Tokenizer, texts: list[str], labels: list[int], max_length: int,
+                          drop_long: bool) -> Encoded:
+    """Encode texts with their label ids into classify examples (see encode_text_example)."""
+    out = Encoded(labels=[])
+    for ids, label in zip(tok.encode_batch_arrays(texts), labels):
+        ids, status = encode_text_example(tok, ids, max_length, drop_long)
+        out.truncated += status == "truncated"
+        out.dropped += status == "dropped"
+        if ids is not None:
+            out.tokens.append(ids)
+            out.labels.append(label)
+    return out
+
+
+def stratified_split(labels: np.ndarray, split: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
+    """{split: indices into ``labels``}: each label's indices shuffled and cut by split_counts (a label of 2:
+    one train, one val; every label needs 2 or more), then each split shuffled. Deterministic from ``seed``."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_train, n_val, _ = split_counts(len(members), split) if len(members) >= 3 else (1, len(members) - 1, 0)
+        for name, piece in zip(SPLITS, np.split(members, [n_train, n_train + n_val])):
+            parts[name].append(piece)
+    return {name: rng.permutation(np.concatenate(pieces)) for name, pieces in parts.items()}
+
+
 def write_examples(path: Path, encoded: Encoded) -> dict:
     """Write one split's safetensors file; returns its manifest entry."""
     from safetensors.numpy import save_file
 
     lengths = np.array([len(t) for t in encoded.tokens], dtype=np.int64)
     tensors = {"tokens": np.concatenate(encoded.tokens).astype(np.int32),
-               "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-               "prompt_lengths": np.array(encoded.prompt_lengths, dtype=np.int32)}
+               "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)}
+    if encoded.labels is None:
+        tensors["prompt_lengths"] = np.array(encoded.prompt_lengths, dtype=np.int32)
+    else:
+        tensors["labels"] = np.array(encoded.labels, dtype=np.int64)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT})
     return {"file": path.name, "examples": len(lengths), "tokens": int(lengths.sum()),
@@ -331,7 +419,7 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
     if len(split) != 3 or any(f <= 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
         raise DataError(f"split={tuple(split)} is invalid: give three positive fractions (train, val, test) summing to 1")
     fields = fields or Fields()
-    tmpl = resolve_template(template)
+    tmpl = resolve_template(template) if task == "sft" else None
     out_dir = Path(out)
     check_output(out_dir, force=force, ours=lambda p: (p / MANIFEST).is_file(), what="a prepared dataset",
                  error=DataError)
@@ -343,6 +431,12 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
         (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(message)
 
     files = find_files(inputs, warn=warn_line, suffixes=RECORD_SUFFIXES)
+    common = {"tok": tok, "tokenizer_file": tokenizer_file, "files": files, "out_dir": out_dir,
+              "header": {"base": str(base), "max_length": max_length, "long_examples": "drop" if drop_long else
+                         "truncate", "seed": seed, "split": list(split)}}
+    if task == "classify":
+        return _prepare_classify(fields, skip_bad, keep_duplicates, split, seed, max_length, drop_long, warnings,
+                                 **common)
     pairs, bad, records, chat = _read(files, tmpl, fields, skip_bad)
     if not pairs:
         raise DataError(f"no usable records in {len(files)} file(s) ({records} read, {len(bad)} bad): give records with "
@@ -359,54 +453,144 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
         if not enc.tokens:
             raise DataError(f"the {name} split has no examples left: all {enc.dropped} were longer than "
                             f"max_length={max_length} and --drop-long dropped them; raise --max-length")
+    header = {"task": task, "template": tmpl,
+              "fields": {"prompt": fields.prompt, "completion": fields.completion, "messages": fields.messages},
+              **common.pop("header")}
+    return _write_task_dir(encoded, header, lambda entries: {
+        "task": task, "records": records, "chat_records": chat, "examples": len(pairs),
+        "duplicates": duplicates, "bad_records": len(bad), "bad": bad[:MAX_LISTED_BAD],
+        "leakage": _leakage(pairs, parts),
+        "splits": {name: {"examples": entries[name]["examples"], "tokens": entries[name]["tokens"],
+                          "completion_tokens": encoded[name].completion_tokens,
+                          "truncated": encoded[name].truncated, "dropped": encoded[name].dropped}
+                   for name in SPLITS},
+        "max_length": max_length, "template": tmpl["name"], "warnings": warnings, "seed": seed}, **common)
+
+
+def _write_task_dir(encoded: dict[str, Encoded], header: dict, report_of, *, tok: Tokenizer,
+                    tokenizer_file: str | Path, files: list[Path], out_dir: Path) -> dict:
+    """Write the dataset directory atomically: the base's tokenizer.json, every split, manifest.json (``header``
+    plus what every task shares) and report.json (``report_of(manifest splits)``); returns the report."""
     with atomic_dir(out_dir) as tmp:
         atomic_write_bytes(tmp / "tokenizer.json", Path(tokenizer_file).read_bytes())  # the base's, byte for byte
         entries = {name: write_examples(tmp / f"{name}.safetensors", enc) for name, enc in encoded.items()}
-        manifest = {"format": FORMAT, "lmforge_version": lmforge.__version__, "task": task, "template": tmpl,
-                    "fields": {"prompt": fields.prompt, "completion": fields.completion, "messages": fields.messages},
+        manifest = {"format": FORMAT, "lmforge_version": lmforge.__version__, **header,
                     "vocab_size": tok.vocab_size,
                     "tokenizer": {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json"),
                                   "kind": tok.kind},
                     "special_tokens": {"start": tok.start_id, "end": tok.end_id, "pad": tok.pad_id},
-                    "base": str(base), "max_length": max_length, "long_examples": "drop" if drop_long else "truncate",
-                    "seed": seed, "split": list(split), "splits": entries,
+                    "splits": entries,
                     "sources": [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]}
-        report = {"task": task, "records": records, "chat_records": chat, "examples": len(pairs),
-                  "duplicates": duplicates, "bad_records": len(bad), "bad": bad[:MAX_LISTED_BAD],
-                  "leakage": _leakage(pairs, parts),
-                  "splits": {name: {"examples": entries[name]["examples"], "tokens": entries[name]["tokens"],
-                                    "completion_tokens": encoded[name].completion_tokens,
-                                    "truncated": encoded[name].truncated, "dropped": encoded[name].dropped}
-                             for name in SPLITS},
-                  "max_length": max_length, "template": tmpl["name"], "warnings": warnings, "seed": seed}
+        report = report_of(entries)
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
         atomic_write_text(tmp / REPORT, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     return report
 
 
-def _read(files: list[Path], template: dict, fields: Fields, skip_bad: bool):
-    """(pairs, bad records [{"where", "reason"}], records read, chat records) of every file."""
-    pairs: list[tuple[str, str]] = []
+def _prepare_classify(fields: Fields, skip_bad: bool, keep_duplicates: bool, split: tuple[float, float, float],
+                      seed: int, max_length: int, drop_long: bool, warnings: list[str], *, header: dict,
+                      **common: Any) -> dict:
+    """prepare_task for --task classify (module docstring): read, check labels, stratified split, encode, write."""
+    found: list[tuple[str, str]] = []  # (text, label)
+    where: list[str] = []
+    bad, records = _read_records(common["files"], lambda record, _: record_text_label(record, fields), skip_bad,
+                                 found, where)
+    if not found:
+        raise DataError(f"no usable records in {len(common['files'])} file(s) ({records} read, {len(bad)} bad): give "
+                        f"records with the fields {fields.text!r} and {fields.label!r}")
+    kept, duplicates = _dedupe(found, keep_duplicates)
+    counts: dict[str, int] = {}
+    for i in kept:
+        counts[found[i][1]] = counts.get(found[i][1], 0) + 1
+    for i in [i for i in kept if counts[found[i][1]] == 1]:  # a label seen once: most often a typo
+        reason = (f"label {found[i][1]!r} has only this 1 example; every label needs at least 2 (one to train on, one "
+                  f"to evaluate)")
+        if not skip_bad:
+            raise DataError(f"{where[i]}: {reason}: fix the label, add examples, or pass --skip-bad to skip such "
+                            "records (they are counted and listed in the report)")
+        bad.append({"where": where[i], "reason": reason})
+    kept = [i for i in kept if counts[found[i][1]] > 1]
+    names = sorted({found[i][1] for i in kept})
+    if len(names) < 2:
+        raise DataError(f"the records hold {len(names)} label(s) with 2 or more examples ({', '.join(names) or 'none'}):"
+                        f" a classifier needs at least 2 labels; check --label-field {fields.label!r}")
+    ids = {name: k for k, name in enumerate(names)}
+    label_of = np.array([ids[found[i][1]] for i in kept], dtype=np.int64)
+    parts = {name: np.array(kept, dtype=np.int64)[idx] for name, idx in stratified_split(label_of, split, seed).items()}
+    tok = common["tok"]
+    encoded = {name: encode_classify_split(tok, [found[i][0] for i in idx], [ids[found[i][1]] for i in idx],
+                                           max_length, drop_long) for name, idx in parts.items()}
+    per_split = {name: np.bincount(np.array(enc.labels, dtype=np.int64), minlength=len(names)).tolist()
+                 for name, enc in encoded.items()}
+    for name in ("val", "test"):
+        orphans = [names[k] for k in range(len(names)) if per_split[name][k] and not per_split["train"][k]]
+        if orphans:
+            raise DataError(f"label {orphans[0]!r} has {name} examples but none left in train: --drop-long dropped them "
+                            f"all; raise --max-length")
+    for name, enc in encoded.items():
+        if not enc.tokens:
+            raise DataError(f"the {name} split has no examples (every label has {min(counts[n] for n in names)}+ "
+                            f"records, {len(kept)} in all): give more records, or larger val/test fractions in --split")
+    conflicts = _conflicts([found[i] for i in kept])
+    header = {"task": "classify", "labels": names,
+              "label_counts": {name: dict(zip(names, per_split[name])) for name in SPLITS},
+              "fields": {"text": fields.text, "label": fields.label},
+              "example": "[start] text [end], the text cut from the right when too long", **header}
+    return _write_task_dir(encoded, header, lambda entries: {
+        "task": "classify", "records": records, "examples": len(found), "duplicates": duplicates,
+        "conflicts": conflicts, "bad_records": len(bad), "bad": bad[:MAX_LISTED_BAD], "labels": names,
+        "leakage": _leakage(found, parts),
+        "splits": {name: {"examples": entries[name]["examples"], "tokens": entries[name]["tokens"],
+                          "truncated": encoded[name].truncated, "dropped": encoded[name].dropped,
+                          "labels": dict(zip(names, per_split[name]))} for name in SPLITS},
+        "max_length": max_length, "warnings": warnings, "seed": seed}, **common)
+
+
+def _conflicts(items: list[tuple[str, str]]) -> int:
+    """Texts that appear with more than one label."""
+    labels_of: dict[str, set] = {}
+    for text, label in items:
+        labels_of.setdefault(text, set()).add(label)
+    return sum(len(labels) > 1 for labels in labels_of.values())
+
+
+def _read_records(files: list[Path], parse, skip_bad: bool, items: list, where: list) -> tuple[list[dict], int]:
+    """Append ``parse(record, "FILE:N")`` of every usable record to ``items`` (its FILE:N to ``where``); returns (bad records
+    [{"where", "reason"}], records read). A BadRecord is an error naming FILE:N unless ``skip_bad``."""
     bad: list[dict] = []
-    records = chat = 0
-    checked = False
+    records = 0
     for path in files:
-        for where, record, problem in read_records(path):
+        for name, record, problem in read_records(path):
             records += 1
             try:
                 if problem is not None:
                     raise BadRecord(problem)
-                if not checked and fields.prompt in record:
-                    check_template_fields(template, record, fields, where)
-                    checked = True
-                pairs.append(record_texts(record, template, fields))
-                chat += fields.prompt not in record
+                items.append(parse(record, name))
+                where.append(name)
             except BadRecord as e:
                 if not skip_bad:
-                    raise DataError(f"{where}: {e}: fix or remove the record, or pass --skip-bad to skip such records "
+                    raise DataError(f"{name}: {e}: fix or remove the record, or pass --skip-bad to skip such records "
                                     "(they are counted and listed in the report)") from None
-                bad.append({"where": where, "reason": str(e)})
-    return pairs, bad, records, chat
+                bad.append({"where": name, "reason": str(e)})
+    return bad, records
+
+
+def _read(files: list[Path], template: dict, fields: Fields, skip_bad: bool):
+    """(pairs, bad records [{"where", "reason"}], records read, chat records) of every file."""
+    checked = False
+
+    def parse(record: dict, where: str) -> tuple[str, str]:
+        nonlocal checked
+        if not checked and fields.prompt in record:
+            check_template_fields(template, record, fields, where)
+            checked = True
+        return record_texts(record, template, fields)
+
+    chat_flags: list[bool] = []
+    bad, records = _read_records(files, lambda record, where: (parse(record, where), fields.prompt not in record),
+                                 skip_bad, chat_flags, [])
+    pairs = [pair for pair, _ in chat_flags]
+    return pairs, bad, records, sum(chat for _, chat in chat_flags)
 
 
 def _dedupe(pairs: list[tuple[str, str]], keep_duplicates: bool) -> tuple[list[int], int]:
@@ -435,6 +619,8 @@ def _leakage(pairs: list[tuple[str, str]], parts: dict[str, np.ndarray], max_exa
 
 def format_task_report(report: dict) -> str:
     """The report of a task dataset as text for the terminal."""
+    if report["task"] == "classify":
+        return _format_classify_report(report)
     lines = [f"{'split':<6} {'examples':>9} {'tokens':>11} {'completion':>11} {'truncated':>10} {'dropped':>8}"]
     for name, s in report["splits"].items():
         lines.append(f"{name:<6} {s['examples']:>9,} {s['tokens']:>11,} {s['completion_tokens']:>11,} "
@@ -448,6 +634,24 @@ def format_task_report(report: dict) -> str:
         lines.append(f"  ... {report['bad_records'] - 20} more in report.json")
     lk = report["leakage"]
     lines.append(f"leakage ({lk['rule']}): val {lk['val']['leaked']}/{lk['val']['examples']}, "
+                 f"test {lk['test']['leaked']}/{lk['test']['examples']} example(s)")
+    return "\n".join(lines)
+
+
+def _format_classify_report(report: dict) -> str:
+    names = report["labels"]
+    lines = [f"{'split':<6} {'examples':>9} {'tokens':>11} {'truncated':>10} {'dropped':>8}  " + " ".join(names)]
+    for name, s in report["splits"].items():
+        lines.append(f"{name:<6} {s['examples']:>9,} {s['tokens']:>11,} {s['truncated']:>10,} {s['dropped']:>8,}  "
+                     + " ".join(f"{s['labels'][n]:>{len(n)}}" for n in names))
+    lines.append(f"records: {report['records']:,} read, {report['bad_records']:,} bad (skipped), "
+                 f"{report['duplicates']:,} duplicate(s) removed, {report['conflicts']:,} text(s) with more than one "
+                 f"label; {len(names)} labels, max_length {report['max_length']}")
+    lines += [f"  bad {b['where']}: {b['reason']}" for b in report["bad"][:20]]
+    if report["bad_records"] > 20:
+        lines.append(f"  ... {report['bad_records'] - 20} more in report.json")
+    lk = report["leakage"]
+    lines.append(f"leakage (same text as a train example): val {lk['val']['leaked']}/{lk['val']['examples']}, "
                  f"test {lk['test']['leaked']}/{lk['test']['examples']} example(s)")
     return "\n".join(lines)
 
@@ -472,7 +676,9 @@ def read_task_manifest(data_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path} is not a task dataset manifest (format {FORMAT!r} expected): prepare it with "
                         "`lmforge prepare --task sft`")
-    missing = [k for k in ("task", "template", "vocab_size", "tokenizer", "splits", "special_tokens") if k not in manifest]
+    needed = ("task", "labels" if manifest.get("task") == "classify" else "template", "vocab_size", "tokenizer",
+              "splits", "special_tokens")
+    missing = [k for k in needed if k not in manifest]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}: the manifest is corrupt, re-run `lmforge prepare --force`")
     tok = Path(data_dir, "tokenizer.json")
@@ -496,15 +702,17 @@ def load_examples(data_dir: str | Path, split: str) -> Examples:
         arrays = load_file(path)
     except (OSError, SafetensorError) as e:
         raise DataError(f"{path} cannot be read ({e}): re-run `lmforge prepare --force`") from None
-    tokens, offsets, prompt_lengths = (arrays.get(k) for k in ("tokens", "offsets", "prompt_lengths"))
+    classify = manifest["task"] == "classify"
+    per_example = "labels" if classify else "prompt_lengths"
+    tokens, offsets, values = (arrays.get(k) for k in ("tokens", "offsets", per_example))
     n = entry.get("examples")
-    ok = (tokens is not None and offsets is not None and prompt_lengths is not None and isinstance(n, int)
-          and tokens.ndim == offsets.ndim == prompt_lengths.ndim == 1 and len(offsets) == n + 1
-          and len(prompt_lengths) == n and n > 0 and offsets[0] == 0 and offsets[-1] == len(tokens)
-          and bool(np.all(np.diff(offsets) >= 2)) and bool(np.all(prompt_lengths >= 0))
-          and bool(np.all(prompt_lengths < np.diff(offsets))) and len(tokens) and int(tokens.min()) >= 0
-          and int(tokens.max()) < manifest["vocab_size"])
+    ok = (tokens is not None and offsets is not None and values is not None and isinstance(n, int)
+          and tokens.ndim == offsets.ndim == values.ndim == 1 and len(offsets) == n + 1
+          and len(values) == n and n > 0 and offsets[0] == 0 and offsets[-1] == len(tokens)
+          and bool(np.all(np.diff(offsets) >= (1 if classify else 2))) and bool(np.all(values >= 0))
+          and bool(np.all(values < (len(manifest["labels"]) if classify else np.diff(offsets))))
+          and len(tokens) and int(tokens.min()) >= 0 and int(tokens.max()) < manifest["vocab_size"])
     if not ok:
         raise DataError(f"{path} does not hold the {n} examples its manifest describes (tokens, offsets, "
-                        "prompt_lengths): the file is damaged, re-run `lmforge prepare --force`")
-    return Examples(tokens, offsets, prompt_lengths)
+                        f"{per_example}): the file is damaged, re-run `lmforge prepare --force`")
+    return Examples(tokens, offsets, None, values) if classify else Examples(tokens, offsets, values)

@@ -165,7 +165,14 @@ def classification_metrics(predicted: Sequence[int], gold: Sequence[int], labels
                         f"give exactly one prediction per example")
     if len(gold) == 0:
         raise DataError("no examples to score: the predicted and gold labels are empty; evaluate a non-empty split")
-    matrix = confusion_matrix(predicted, gold, len(labels))  # (K, K)
+    return confusion_metrics(confusion_matrix(predicted, gold, len(labels)), labels)
+
+
+def confusion_metrics(matrix: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """classification_metrics' dict from a (K, K) confusion matrix (rows gold, columns predicted, at least one
+    example), for callers that sum counts themselves (the trainer, over processes)."""
+    labels = [str(label) for label in labels]
+    matrix = np.asarray(matrix, dtype=np.int64)  # (K, K)
     tp = np.diag(matrix)                                      # (K,)
     support, predicted_count = matrix.sum(axis=1), matrix.sum(axis=0)  # gold and predicted counts per class, (K,)
     precision, recall = _ratio(tp, predicted_count), _ratio(tp, support)

@@ -190,14 +190,20 @@ class TextGenerator:
 
 
 def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional[str] = None,
-         compile: bool = False, template: bool = True) -> TextGenerator:
+         compile: bool = False, template: bool = True) -> Union[TextGenerator, "TextClassifier"]:
     """A TextGenerator over the checkpoint at `path` (a run directory: its newest intact checkpoint);
     dtype / quantize as apply_inference_dtype (default fp32, exact), compile as apply_compile. A fine-tuned
-    model's prompt template is applied unless template=False."""
+    model's prompt template is applied unless template=False. A classifier (model.head: classify) gives a
+    generate.classify.TextClassifier with the label names its checkpoint stores (LABEL_0, ... without them)."""
     from lmforge.checkpoint import load_for_inference, read_task, verified_checkpoint  # on use: reads files
+    from lmforge.generate.classify import TextClassifier
 
     ckpt, manifest = verified_checkpoint(path)
     model, tokenizer, _ = load_for_inference(ckpt, device, manifest)
+    if model.config.head == "classify":
+        task = read_task(ckpt) or {}
+        labels = task.get("labels") or [f"LABEL_{k}" for k in range(model.config.num_labels)]
+        return TextClassifier(apply_inference_dtype(model, dtype, quantize), tokenizer, labels)
     task = read_task(ckpt) if template else None
     learned = task.get("template") if task is not None and task["task"] == "sft" else None
     return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned)

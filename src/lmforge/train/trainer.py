@@ -38,8 +38,9 @@ import yaml
 from torch import nn
 
 from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, checkpoint_bytes, checkpoint_name,
-                                clean_interrupted_saves, fault_point, latest_checkpoint, load_training_state,
-                                newest_intact_checkpoint, prune_checkpoints, read_run_config, resolve_checkpoint,
+                                clean_interrupted_saves, fault_point, latest_checkpoint, load_body_weights,
+                                load_training_state, newest_intact_checkpoint, prune_checkpoints, read_run_config,
+                                resolve_checkpoint,
                                 restore_rng, save_checkpoint, verified_checkpoint)
 from lmforge.config import ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
@@ -49,7 +50,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.train.guard import NonFiniteStop, StepGuard
-from lmforge.train.loss import count_labels, cross_entropy_sum
+from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
@@ -95,7 +96,8 @@ class PreparedData:
     vocab_size: int
     tokenizer_file: Optional[Path]
     manifest_sha256: Optional[str] = None  # of DIR/manifest.json: a resumed run checks it is the same data
-    task: Optional[dict[str, Any]] = None  # task data: {"task", "template"}, saved into every checkpoint
+    task: Optional[dict[str, Any]] = None  # task data: {"task", "template"} or {"task", "labels"}, into checkpoints
+    label_counts: Optional[list[int]] = None  # classify data: train examples per label id (class weights)
 
 
 def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
@@ -141,6 +143,11 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
                            rank=info.rank, world_size=info.world_size, pad_id=pad)
     val = fixed_example_batches(load_examples(data_dir, "val"), T, B, config.train.eval_batches, rank=info.rank,
                                 world_size=info.world_size, pad_id=pad)
+    if manifest["task"] == "classify":  # batches (x, labels (B,), attention_mask): a classify head reads them
+        labels = manifest["labels"]
+        return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
+                            _sha256_or_none(data_dir / "manifest.json"), task={"task": "classify", "labels": labels},
+                            label_counts=[int(manifest["label_counts"]["train"][name]) for name in labels])
     return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
                         _sha256_or_none(data_dir / "manifest.json"),
                         task={"task": manifest["task"], "template": manifest["template"]})
@@ -159,12 +166,22 @@ def with_init_model(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
 
 
 def load_init_weights(model: nn.Module, ckpt: Path, device: torch.device, tokenizer_file: Optional[Path]) -> None:
-    """Load the weights of the train.init_from checkpoint, refusing data made with another tokenizer."""
+    """Load the weights of the train.init_from checkpoint, refusing data made with another tokenizer. A classifier
+    started from a language model takes its body only (load_body_weights: the classifier starts fresh)."""
     theirs = ckpt / "tokenizer.json"
     if tokenizer_file is not None and theirs.is_file() and _sha256_or_none(theirs) != _sha256_or_none(tokenizer_file):
         raise CheckpointError(f"{ckpt} was trained with another tokenizer than {tokenizer_file}; prepare the data "
                               f"with `lmforge prepare --tokenizer {theirs}`")
-    load_training_state(ckpt, model, None, device)
+    head = getattr(getattr(unwrap(model), "config", None), "head", "lm")
+    if head == "classify" and read_run_config(ckpt).model.head == "lm":
+        load_body_weights(model, ckpt, device)
+    else:
+        load_training_state(ckpt, model, None, device)
+
+
+def with_classify_head(config: RunConfig, num_labels: int) -> RunConfig:
+    """`config` with model.head: classify and model.num_labels (classify data decides the label set)."""
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, head="classify", num_labels=num_labels))
 
 
 def with_vocab_size(config: RunConfig, vocab_size: int) -> RunConfig:
@@ -203,6 +220,17 @@ class Trainer:
                                 f"{init_ckpt} ({config.model.vocab_size}); prepare it with that model's tokenizer")
             train_data, val_batches, tokenizer_file = data.train, data.val, data.tokenizer_file
             self.data_manifest_sha256, self.task = data.manifest_sha256, data.task
+        self.labels: Optional[list[str]] = None  # classify data: the label names, ids = their index
+        self.val_metrics: dict[str, float] = {}  # classify: val_accuracy, val_macro_f1 of the last evaluation
+        self.class_weights: Optional[torch.Tensor] = None  # (K,) train.class_weights: balanced
+        if self.task is not None and self.task["task"] == "classify":
+            self.labels = list(self.task["labels"])
+            config = with_classify_head(config, len(self.labels))
+            if tc.class_weights == "balanced":
+                self.class_weights = balanced_class_weights(data.label_counts).to(self.device)
+        elif tc.class_weights != "none":
+            raise ConfigError(f"train.class_weights={tc.class_weights!r} weighs classes, but {config.data.path} is not "
+                              "classify data (`lmforge prepare --task classify`); drop the setting")
         self.config = config
         self.train_data = train_data
         self.val_batches = val_batches or []
@@ -388,27 +416,33 @@ class Trainer:
         """
         tc = self.config.train
         micro = [self.train_data.next_batch() for _ in range(tc.grad_accum)]
-        count = torch.tensor(float(sum(count_labels(y) for _, y in micro)))
+        count = torch.tensor(float(sum(count_labels(batch[1]) for batch in micro)))
         if self.dist.enabled:  # labels in the global batch: one small all-reduce, no host sync
             count = all_reduce_sum(count.to(self.device), self.dist)
         scale = self.dist.world_size / count.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(micro):
-            x, y = self.to_device(x), self.to_device(y)
+        for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
             with sync:  # DDP all-reduces gradients once, after the last micro-batch
-                with autocast(tc.precision, self.device):
-                    logits = self.model(x)  # (B, T, V)
-                loss = cross_entropy_sum(logits, y)
+                logits, y = self.forward(self.model, batch)
+                loss = cross_entropy_sum(logits, y, self.class_weights)
                 if i == 0 and fault_point("loss", self.step + 1, self.dist.rank) == "nan":  # tests only
                     loss = loss * math.nan
                 (loss * scale).backward()  # scale: 0-dim, a scalar argument on any device
             loss_sum += loss.detach()
-            self.tokens_seen += x.numel() * self.dist.world_size
+            self.tokens_seen += batch[0].numel() * self.dist.world_size
         if fault_point("grad", self.step + 1, self.dist.rank) == "nan":  # tests only: one poisoned gradient
             next(p for p in self.raw_model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
         return loss_sum, count
+
+    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels) of one CPU batch, on the device: a batch is (x, y), or (x, y, attention_mask) for a
+        classifier, whose logits (B, K) come from each row's last real token; else logits are (B, T, V)."""
+        x, y, *mask = (self.to_device(t) for t in batch)
+        with autocast(self.config.train.precision, self.device):
+            logits = model(x, attention_mask=mask[0]) if mask else model(x)
+        return logits, y
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Copy a CPU batch tensor to the device; on CUDA from pinned memory, without blocking the host."""
@@ -434,20 +468,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean loss over the fixed validation batches (all processes together), or None without them."""
+        """Mean loss over the fixed validation batches (all processes together), or None without them.
+
+        A classifier's val loss is its training objective (class weights included); its accuracy and macro-F1
+        over the same examples go to self.val_metrics (from one confusion matrix summed over processes).
+        """
         if not self.val_batches:
             return None
         model = self.model
         model.eval()  # dropout off
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, labels)
-        for x, y in self.val_batches:
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast(self.config.train.precision, self.device):
-                logits = model(x)
-            totals[0] += cross_entropy_sum(logits, y).double()
+        K = len(self.labels) if self.labels is not None else 0
+        totals = torch.zeros(2 + K * K, dtype=torch.float64, device=self.device)  # (loss sum, labels, confusion)
+        for batch in self.val_batches:
+            logits, y = self.forward(model, batch)
+            totals[0] += cross_entropy_sum(logits, y, self.class_weights).double()
             totals[1] += count_labels(y)
+            if K:  # entry [gold, predicted] of the (K, K) confusion matrix
+                totals[2:] += torch.bincount(y * K + logits.argmax(-1), minlength=K * K).double()
         model.train()
         totals = all_reduce_sum(totals, self.dist)
+        if K:
+            from lmforge.eval.metrics import confusion_metrics
+
+            scores = confusion_metrics(totals[2:].long().view(K, K).cpu().numpy(), self.labels)
+            self.val_metrics = {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
         return float(totals[0] / totals[1].clamp(min=1))
 
     def maybe_log(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
@@ -476,6 +520,9 @@ class Trainer:
             return
         if self.best_val_loss is None or self.val_loss < self.best_val_loss:
             self.best_val_loss = self.val_loss
+        if self.labels is not None:  # a classifier: accuracy and macro-F1 instead of a perplexity over labels
+            self.logger.log("eval", self.step, {"val_loss": self.val_loss, **self.val_metrics})
+            return
         self.logger.log("eval", self.step, {"val_loss": self.val_loss,
                                             "val_perplexity": math.exp(min(self.val_loss, 700.0))})
 
