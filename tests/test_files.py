@@ -236,6 +236,7 @@ MODULE_WRITERS = {("os", "replace"), ("os", "rename"), ("shutil", "move"), ("shu
 ALLOWED = {
     ("checkpoint.py", "save_checkpoint"),          # into the .tmp- directory that replace_dir puts in place
     ("checkpoint.py", "_write_json"),              # the same
+    ("checkpoint.py", "save_weights"),             # model.safetensors, the same
     ("checkpoint.py", "clean_interrupted_saves"),  # renames a complete .trash- checkpoint back
     ("interop/hf_export.py", "export_hf"),         # into atomic_dir's temporary directory
     ("data/prepare.py", "_Spool.__init__"),        # the spool, inside atomic_dir's temporary directory

@@ -48,6 +48,7 @@ from lmforge.config import RunConfig, run_config_from_dict, to_dict
 from lmforge.distributed import resolve_device, unwrap
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import fsync_path, replace_dir, sha256_file
+from lmforge.lora import apply_lora, base_fingerprint, is_adapted, merge_lora, trained_state_dict
 
 FORMAT = "lmforge-checkpoint-v1"
 MANIFEST = "manifest.json"
@@ -424,7 +425,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             fsync_path(tmp / name)
             fault_point(f"save:{name}", step)
 
-        save_model(unwrap(model), str(tmp / "model.safetensors"), metadata={"format": "lmforge-model-v1"})
+        save_weights(model, tmp / "model.safetensors")
         written("model.safetensors")
         if optimizer is not None:
             tensors, metadata = optimizer_to_tensors(optimizer)
@@ -483,8 +484,9 @@ def clean_interrupted_saves(run_dir: str | Path) -> list[Path]:
 
 
 def checkpoint_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
-    """Estimated bytes of one checkpoint: the weights, plus two AdamW moments per weight with an optimizer."""
-    weights = sum(p.numel() * p.element_size() for p in unwrap(model).parameters())
+    """Estimated bytes of one checkpoint: the weights (a LoRA model's adapters and heads: saved_tensors), plus two
+    AdamW moments per weight with an optimizer."""
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in saved_tensors(model).values()}.values())
     return weights * (3 if optimizer is not None else 1) + (1 << 20)  # + JSON, tokenizer and headers
 
 
@@ -564,10 +566,33 @@ def read_task(ckpt: str | Path) -> Optional[dict]:
     return task
 
 
+def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: tensor} of what model.safetensors holds for `model`: its state_dict, or for a model with LoRA
+    adapters only what a LoRA run trains (lora.trained_state_dict: adapters and task heads; the frozen base is
+    named by state.json's "base" instead)."""
+    model = unwrap(model)
+    return trained_state_dict(model) if is_adapted(model) else model.state_dict(keep_vars=True)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Write model.safetensors: every weight (a tied one once), or a LoRA model's adapters and heads."""
+    if not is_adapted(unwrap(model)):
+        save_model(unwrap(model), str(path), metadata={"format": "lmforge-model-v1"})
+        return
+    tensors = {k: v.detach().contiguous() for k, v in saved_tensors(model).items()}
+    save_file(tensors, str(path), metadata={"format": "lmforge-lora-v1"})
+
+
 def load_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str = "cpu") -> None:
-    """Load model.safetensors of `ckpt` into `model` (names and shapes must match exactly)."""
+    """Load model.safetensors of `ckpt` into `model` (names and shapes must match exactly; a model with LoRA
+    adapters loads only its adapters and heads, the base weights it holds stay)."""
     path = Path(ckpt) / "model.safetensors"
     check_weights_fit(model, path)
+    if is_adapted(unwrap(model)):
+        with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
+            for name, tensor in saved_tensors(model).items():
+                tensor.copy_(f.get_tensor(name))
+        return
     try:
         load_model(unwrap(model), str(path), strict=True, device=str(device))
     except (RuntimeError, OSError, SafetensorError, ValueError) as e:  # safetensors reports mismatches as RuntimeError
@@ -582,9 +607,12 @@ def check_weights_fit(model: nn.Module, path: Path) -> None:
     """
     header = check_safetensors(path)
     stored = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    if not is_adapted(unwrap(model)) and any(".lora." in k for k in stored):
+        raise CheckpointError(f"{path} holds LoRA adapters, not a whole model: `lmforge merge` its run into a full "
+                              f"checkpoint first, and use that")
     groups: dict[int, list[str]] = {}
     shapes: dict[str, tuple] = {}
-    for name, tensor in unwrap(model).state_dict(keep_vars=True).items():
+    for name, tensor in saved_tensors(model).items():
         groups.setdefault(id(tensor), []).append(name)
         shapes[name] = tuple(tensor.shape)
     missing = [names[0] for names in groups.values() if not any(n in stored for n in names)]
@@ -644,23 +672,69 @@ def load_body_weights(model: nn.Module, ckpt: str | Path, device: torch.device |
     unwrap(model).load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
 
 
+def lora_base(ckpt: str | Path) -> dict:
+    """The base a LoRA checkpoint was trained on, from its state.json: {"path": its checkpoint directory,
+    "fingerprint": lora.base_fingerprint of its weights}."""
+    base = _read_json(Path(ckpt) / "state.json", "checkpoint state").get("base")
+    if not (isinstance(base, dict) and isinstance(base.get("path"), str) and isinstance(base.get("fingerprint"), str)):
+        raise CheckpointError(f"{Path(ckpt) / 'state.json'} has no valid 'base' entry (path and fingerprint of the "
+                              f"model the LoRA adapters were trained on); the checkpoint is corrupt, use another one")
+    return base
+
+
+def check_base(ckpt: str | Path, saved: dict, fingerprint: str, loaded_from: str | Path) -> None:
+    """Refuse adapters of `ckpt` on a base other than the one they were trained on: CheckpointError naming both
+    fingerprints unless `fingerprint` (of the base loaded from `loaded_from`) equals saved["fingerprint"]."""
+    if fingerprint != saved["fingerprint"]:
+        raise CheckpointError(f"{ckpt} holds LoRA adapters trained on the base {saved['path']} with fingerprint "
+                              f"{saved['fingerprint'][:16]}, but the base loaded from {loaded_from} has fingerprint "
+                              f"{fingerprint[:16]} (its weights changed); restore the original base at "
+                              f"{saved['path']} (and train.init_from), or start a new run from this base")
+
+
+def load_merged_lora(ckpt: str | Path, config: RunConfig) -> nn.Module:
+    """The plain GPT a LoRA checkpoint stands for, on the CPU: its base (lora_base, refused if its fingerprint
+    changed) with the checkpoint's adapters merged in and its heads loaded (lora.merge_lora)."""
+    from lmforge.model import GPT
+
+    saved = lora_base(ckpt)
+    if not Path(saved["path"]).exists():
+        raise CheckpointError(f"{ckpt} holds LoRA adapters of the base {saved['path']}, which no longer exists; "
+                              f"restore that base checkpoint to use them")
+    base_ckpt = resolve_checkpoint(saved["path"])
+    model = GPT(config.model)
+    if config.model.head == "classify" and read_run_config(base_ckpt).model.head == "lm":  # as the trainer loaded it
+        load_body_weights(model, base_ckpt)
+    else:
+        load_weights(model, base_ckpt, "cpu")
+    check_base(ckpt, saved, base_fingerprint(model), base_ckpt)
+    apply_lora(model, config.lora)
+    load_weights(model, ckpt, "cpu")
+    return merge_lora(model)
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
                        manifest: Optional[dict] = None) -> tuple[nn.Module, Any, RunConfig]:
     """(model in eval mode on `device`, Tokenizer or None, RunConfig) from a run or checkpoint directory.
 
     Verifies every file's sha256 first; a run directory gives its newest intact checkpoint (verified_checkpoint).
     A caller that already verified the checkpoint directory `path` passes the manifest verification returned.
-    The tokenizer is None only for checkpoints trained without prepared data (tests).
+    The tokenizer is None only for checkpoints trained without prepared data (tests). A LoRA checkpoint gives
+    its base with the adapters merged in (load_merged_lora): an ordinary GPT.
     """
     from lmforge.model import GPT
 
     ckpt, manifest = (Path(path), manifest) if manifest is not None else verified_checkpoint(path)
     config = read_run_config(ckpt)
     with torch.device("meta"):  # the shapes config.json describes, checked against the file before allocating
-        check_weights_fit(GPT(config.model), ckpt / "model.safetensors")
+        shape = GPT(config.model)
+        check_weights_fit(shape if config.lora is None else apply_lora(shape, config.lora), ckpt / "model.safetensors")
     device = resolve_device(device) if isinstance(device, str) else device
-    model = GPT(config.model)
-    load_weights(model, ckpt, "cpu")
+    if config.lora is None:
+        model = GPT(config.model)
+        load_weights(model, ckpt, "cpu")
+    else:
+        model = load_merged_lora(ckpt, config)
     model.to(device)
     model.eval()
     tokenizer = None

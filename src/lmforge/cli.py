@@ -7,6 +7,7 @@
     lmforge plot     the loss curves of a run as a PNG
     lmforge import   a Hugging Face model directory -> a checkpoint
     lmforge export   a checkpoint -> a Hugging Face directory or an ONNX file
+    lmforge merge    a LoRA run -> a full checkpoint with the adapters folded into the weights
     lmforge serve    an OpenAI-compatible HTTP API over a run or checkpoint directory
 
 Problems a user can cause are reported as one line on stderr with exit code 2 (a traceback only with
@@ -642,10 +643,37 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- merge
+def _add_merge(sub: Any) -> None:
+    p = sub.add_parser(
+        "merge", help="a LoRA run -> a full checkpoint with the adapters merged into the weights",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Fold the adapters of a LoRA run (`lmforge train --lora.r 8 --train.init_from BASE`) into its base's
+            weights, W + (alpha / r) B A, and write OUT/checkpoints/step-N/ as a plain checkpoint (weights only):
+            generate, eval, serve, export and --train.init_from read it like any run, with the adapted model's
+            logits. The base the run names must still be there, unchanged (its fingerprint is checked)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge merge runs/gpt2-lora --out runs/gpt2-lora-merged
+              lmforge generate runs/gpt2-lora-merged --prompt "Hello" --greedy"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR", help="a LoRA run or one of its checkpoints")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory to write the merged checkpoint in")
+    p.add_argument("--force", action="store_true", help="replace an existing merge output")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from lmforge.interop.lora_merge import merge_checkpoint
+
+    print(merge_checkpoint(args.checkpoint, args.out, force=args.force))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_eval, _add_generate, _add_classify,
                                          _add_plot,
-                                         _add_serve, _add_import, _add_export]
+                                         _add_serve, _add_import, _add_export, _add_merge]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,12 +42,14 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
                                 load_training_state, newest_intact_checkpoint, prune_checkpoints, read_run_config,
                                 resolve_checkpoint,
                                 restore_rng, save_checkpoint, verified_checkpoint)
-from lmforge.config import ModelConfig, RunConfig, to_dict
+from lmforge.checkpoint import check_base, lora_base
+from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, as_peer_failure, barrier,
                                  gather_objects, resolve_device, setup_distributed, teardown_distributed, unwrap)
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
+from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
@@ -184,6 +186,16 @@ def with_classify_head(config: RunConfig, num_labels: int) -> RunConfig:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, head="classify", num_labels=num_labels))
 
 
+def apply_lora_for_training(model: nn.Module, lora: LoRAConfig, base_ckpt: Path) -> dict[str, str]:
+    """Freeze `model` (its base weights loaded from base_ckpt), put adapters on it (lmforge.lora.apply_lora, A drawn
+    from torch's global generator) and keep its task heads trainable. Returns {"path", "fingerprint"} of the base:
+    every checkpoint records it, and resume and load_for_inference refuse another base."""
+    fingerprint = base_fingerprint(model)
+    apply_lora(model, lora)
+    train_heads(model)
+    return {"path": str(Path(base_ckpt).resolve()), "fingerprint": fingerprint}
+
+
 def with_vocab_size(config: RunConfig, vocab_size: int) -> RunConfig:
     """`config` with model.vocab_size set (the data decides the vocabulary, not the preset)."""
     return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
@@ -244,7 +256,11 @@ class Trainer:
             load_init_weights(self.raw_model, init_ckpt, self.device, self.tokenizer_file)
         elif model is None and config.data.embedding_init != "none":
             self.embedding_report = init_token_embeddings(self.raw_model, config, self.tokenizer_file)
-        self.optimizer = build_optimizer(self.raw_model, config.optim, self.device)
+        self.base: Optional[dict[str, str]] = None  # LoRA: {"path", "fingerprint"} of the frozen base (state.json)
+        if config.lora is not None and init_ckpt is not None:  # RunConfig refuses lora without init_from
+            self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
+        self.optimizer = build_optimizer(self.raw_model, config.optim, self.device,
+                                         config.lora.weight_decay if config.lora is not None else 0.0)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
         # DDP first, then compile: the compiler splits the graph at DDP's gradient buckets so that the
         # all-reduce of one bucket overlaps the backward of the next (PyTorch's DDPOptimizer).
@@ -548,6 +564,8 @@ class Trainer:
                      "data_manifest_sha256": self.data_manifest_sha256, "data_path": self.config.data.path}
             if self.task is not None:
                 state["task"] = self.task
+            if self.base is not None:  # a LoRA run: model.safetensors holds adapters (and heads), the base is named
+                state["lora"], state["base"] = to_dict(self.config.lora), self.base
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
                                                    self.config, state, self.tokenizer_file)
             prune_checkpoints(self.run_dir, self.config.train.keep_last)
@@ -584,6 +602,7 @@ class Trainer:
         if differ:
             raise CheckpointError(f"{ckpt} was trained with another model: {', '.join(differ)}; resume with the "
                                   f"checkpoint's model config or start a new run_dir")
+        self.check_lora_resume(ckpt)
         state = load_training_state(ckpt, self.raw_model, self.optimizer, self.device, manifest=manifest)
         saved_tok, data_tok = state.get("tokenizer_sha256"), _sha256_or_none(self.tokenizer_file)
         if saved_tok and data_tok and saved_tok != data_tok:  # same ids, different meanings
@@ -612,6 +631,17 @@ class Trainer:
                                   f"the checkpoint is corrupt, use another one") from None
         self.last_checkpoint = ckpt
 
+    def check_lora_resume(self, ckpt: Path) -> None:
+        """Refuse to resume `ckpt` with other lora settings than it was trained with, or on another base."""
+        saved = read_run_config(ckpt).lora
+        ours = self.config.lora
+        if _lora_text(saved) != _lora_text(ours):
+            raise CheckpointError(f"{ckpt} was trained with lora: {_lora_text(saved)}, the config has lora: "
+                                  f"{_lora_text(ours)}; resume with the checkpoint's lora settings or start a new "
+                                  f"run_dir")
+        if self.base is not None:
+            check_base(ckpt, lora_base(ckpt), self.base["fingerprint"], self.base["path"])
+
     # ------------------------------------------------------------------------------ files and printing
     def write_config(self) -> None:
         """RUN_DIR/config.yaml: the resolved config (vocab size from the data included)."""
@@ -638,12 +668,21 @@ class Trainer:
             r = self.embedding_report
             self.logger.info(f"embeddings: {r['rows_initialised']:,} of {r['vocab_size']:,} rows "
                              f"({r['coverage']:.1%}) from {r['source']}")
+        if self.base is not None:
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            self.logger.info(f"lora: r={self.config.lora.r} on {','.join(self.config.lora.targets)}, {trained:,} of "
+                             f"{total:,} parameters trained ({trained / total:.2%}); base {self.base['path']}")
         if self.step:
             self.logger.info(f"resumed from {self.last_checkpoint} at step {self.step}")
 
 
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _lora_text(lora: Optional[LoRAConfig]) -> str:
+    return "null" if lora is None else ", ".join(f"{k}={v}" for k, v in to_dict(lora).items())
 
 
 def _sha256_or_none(path: Optional[Path]) -> Optional[str]:
