@@ -220,3 +220,26 @@ def test_lmforge_classify_prints_labels_with_probabilities_and_load_classifies(t
     assert ranked[0][0][1] == pytest.approx(rows[1]["predictions"][0]["probability"], rel=1e-5)
     assert main(["generate", str(root / "full"), "--device", "cpu"]) == 2
     assert "is a classifier" in capsys.readouterr().err
+
+
+def test_eval_of_a_classifier_writes_predictions_metrics_and_a_confusion_matrix(trained, capsys):
+    from lmforge.eval.metrics import classification_metrics
+    from lmforge.generate import load
+
+    root, _, full = trained
+    capsys.readouterr()
+    assert main(["eval", str(root / "full"), "--split", "val", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    out = root / "full" / "eval" / "val"
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert printed == json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    labels = ["neg", "pos"]
+    expected = classification_metrics([labels.index(r["prediction"]) for r in rows],
+                                      [labels.index(r["reference"]) for r in rows], labels)
+    assert {k: printed[k] for k in expected} == expected and printed["examples"] == len(rows)
+    assert printed["accuracy"] == pytest.approx(full.val_metrics["val_accuracy"])  # the trainer's eval agrees
+    classifier = load(str(root / "full"))
+    texts = [r["input"] for r in rows]
+    assert [c[0][0] for c in classifier.classify(texts)] == [r["prediction"] for r in rows]
+    assert [c[0][1] for c in classifier.classify(texts)] == pytest.approx([r["probability"] for r in rows], abs=1e-5)

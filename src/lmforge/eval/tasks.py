@@ -1,4 +1,6 @@
-"""Evaluation of a fine-tuned text-to-text (sft) model on a split of its task data.
+"""Evaluation of a fine-tuned model on a split of its task data: text to text (sft) or classification.
+
+Text to text:
 
     loss, perplexity   over the completion tokens (and end tokens) of every example, prompts excluded
                        (the training objective), whole split, deterministic
@@ -7,6 +9,10 @@
                        until the end token or the budget (default: the split's longest reference + 1)
     metrics            BLEU, chrF, ROUGE-1/2/L, exact match and token F1 of the predictions against the
                        references (eval.metrics), and per example in predictions.jsonl
+
+Classification: the model's class probabilities for every example (as the classifier was trained: [start]
+text [end], right-padded with an attention mask), the mean cross-entropy, accuracy, macro-F1, per-class
+precision/recall/F1 and the confusion matrix (eval.metrics.classification_metrics), also drawn as OUT/confusion.png.
 
 Writes OUT/predictions.jsonl (input, reference, prediction, scores per example) and OUT/metrics.json.
 """
@@ -92,6 +98,36 @@ def evaluate_sft(model: nn.Module, tokenizer: Any, examples: Examples, *, genera
     return metrics, rows
 
 
+@torch.no_grad()
+def evaluate_classify(model: nn.Module, tokenizer: Any, examples: Examples, labels: list[str], pad_id: int,
+                      batch_size: int = 16) -> tuple[dict[str, Any], list[dict]]:
+    """(metrics, prediction rows) of a classifier on labelled `examples`; see the module docstring."""
+    from lmforge.data.batches import pad_labelled_examples
+    from lmforge.eval.metrics import classification_metrics
+
+    if len(examples) == 0:
+        raise DataError("the split holds no examples to evaluate")
+    device = next(model.parameters()).device
+    probs, loss_sum = [], 0.0
+    for start in range(0, len(examples), batch_size):
+        x, gold, mask = pad_labelled_examples(examples, np.arange(start, min(start + batch_size, len(examples))),
+                                              pad_id)
+        logits = model(x.to(device), attention_mask=mask.to(device)).float()  # (B, K)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, gold.to(device), reduction="sum"))
+        probs.append(torch.softmax(logits, dim=-1).cpu())
+    p = torch.cat(probs)  # (n, K)
+    gold = [int(y) for y in examples.labels]
+    predicted = p.argmax(dim=-1).tolist()
+    metrics = {**classification_metrics(predicted, gold, labels), "loss": loss_sum / len(examples)}
+    rows = []
+    for i, (g, q) in enumerate(zip(gold, predicted)):
+        a, b = int(examples.offsets[i]), int(examples.offsets[i + 1])
+        rows.append({"input": tokenizer.decode(np.asarray(examples.tokens[a:b]).tolist()), "reference": labels[g],
+                     "prediction": labels[q], "probability": float(p[i, q]), "correct": g == q,
+                     "reference_probability": float(p[i, g])})
+    return metrics, rows
+
+
 def evaluate_task_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None, split: str = "val",
                              max_examples: Optional[int] = None, batch_size: int = 16, device: str = "auto",
                              out: Optional[str | Path] = None,
@@ -118,8 +154,9 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
     from lmforge.eval.metrics import write_metrics, write_predictions
 
     manifest = read_task_manifest(data_dir)
-    if manifest["task"] != "sft":
-        raise DataError(f"{data_dir} holds {manifest['task']} data; this evaluation is for text-to-text (sft) models")
+    if (manifest["task"] == "classify") != (config.model.head == "classify"):
+        raise DataError(f"{data_dir} holds {manifest['task']} data but the checkpoint's model has head "
+                        f"{config.model.head!r}; evaluate on the data the model was fine-tuned on")
     if manifest["vocab_size"] != config.model.vocab_size:
         raise DataError(f"{data_dir} has vocab_size {manifest['vocab_size']} but the checkpoint's model has "
                         f"{config.model.vocab_size}; evaluate on the data the model was fine-tuned on")
@@ -131,10 +168,22 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
     if max_examples is not None and max_examples < len(examples):
         n = max_examples
         examples = Examples(examples.tokens[:int(examples.offsets[n])], examples.offsets[:n + 1],
-                            examples.prompt_lengths[:n])
-    device = next(model.parameters()).device
-    metrics, rows = evaluate_sft(model, tokenizer, examples, generate=generate, batch_size=batch_size, device=device)
+                            None if examples.prompt_lengths is None else examples.prompt_lengths[:n],
+                            None if examples.labels is None else examples.labels[:n])
     out_dir = Path(out) if out is not None else Path(ckpt).parent.parent / "eval" / split
+    if manifest["task"] == "classify":
+        from lmforge.eval.metrics import plot_confusion_matrix
+
+        labels = [str(label) for label in manifest["labels"]]
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.end_id  # as training padded
+        metrics, rows = evaluate_classify(model, tokenizer, examples, labels, pad, batch_size)
+        plot_confusion_matrix(metrics["confusion_matrix"], labels, out_dir / "confusion.png",
+                              title=f"{Path(ckpt).parent.parent.name}: {split} ({len(rows)} examples)")
+        metrics["confusion_png"] = str(out_dir / "confusion.png")
+    else:
+        device = next(model.parameters()).device
+        metrics, rows = evaluate_sft(model, tokenizer, examples, generate=generate, batch_size=batch_size,
+                                     device=device)
     write_predictions(out_dir / "predictions.jsonl", rows)
     result = {**metrics, "split": split, "checkpoint": str(ckpt), "data": str(data_dir), "examples": len(rows),
               "predictions": str(out_dir / "predictions.jsonl")}
