@@ -24,7 +24,6 @@ import argparse
 import collections
 import json
 import os
-import random
 import re
 import shutil
 import sys
@@ -152,33 +151,54 @@ def pick(metrics: dict) -> dict:
     return {k: round(metrics[k], 4) for k in ("exact_match", "f1", "chrf") if k in metrics}
 
 
-def sentiment_baselines(records: list[dict], seed: int = 7) -> dict:
-    """Majority class and TF-IDF + logistic regression on a stratified 80/20 split of the records."""
+def read_labelled_split(task_dir: Path, split: str) -> list[dict]:
+    """The (text, label) records of one split of prepared classification data, decoded back from the examples."""
+    from lmforge.data.tasks import load_examples, read_task_manifest
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(task_dir / "tokenizer.json")
+    labels = read_task_manifest(task_dir)["labels"]
+    ex = load_examples(task_dir, split)
+    return [{"text": tok.decode(ex.tokens[int(ex.offsets[i]):int(ex.offsets[i + 1])].tolist()),
+             "label": labels[int(ex.labels[i])]} for i in range(len(ex))]
+
+
+def sentiment_baselines(train: list[dict], test: list[dict]) -> dict:
+    """Majority class and TF-IDF (word 1-2 grams) + logistic regression, trained on `train`, scored on `test`."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
 
-    rng = random.Random(seed)
-    by_label = collections.defaultdict(list)
-    for r in records:
-        by_label[r["label"]].append(r)
-    train, test = [], []
-    for group in by_label.values():
-        rng.shuffle(group)
-        cut = int(0.8 * len(group))
-        train += group[:cut]
-        test += group[cut:]
     gold = [r["label"] for r in test]
     majority = collections.Counter(r["label"] for r in train).most_common(1)[0][0]
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=1)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2))
     classifier = LogisticRegression(max_iter=1000).fit(vectorizer.fit_transform([r["text"] for r in train]),
                                                        [r["label"] for r in train])
     predicted = list(classifier.predict(vectorizer.transform([r["text"] for r in test])))
-    return {"test_examples": len(test),
-            "baseline_majority": {"accuracy": round(accuracy_score(gold, [majority] * len(gold)), 4),
-                                  "macro_f1": round(f1_score(gold, [majority] * len(gold), average="macro"), 4)},
-            "baseline_tfidf_logreg": {"accuracy": round(accuracy_score(gold, predicted), 4),
-                                      "macro_f1": round(f1_score(gold, predicted, average="macro"), 4)}}
+    score = lambda guess: {"accuracy": round(accuracy_score(gold, guess), 4),  # noqa: E731
+                           "macro_f1": round(f1_score(gold, guess, average="macro"), 4)}
+    return {"baseline_majority": score([majority] * len(gold)), "baseline_tfidf_logreg": score(predicted)}
+
+
+def sentiment_task(work: Path, base: Path, steps: int, variants: dict[str, list]) -> dict:
+    data = work / "sentiment"
+    records = sentiment_records()
+    run("prepare", write_jsonl(work / "sentiment.jsonl", records), "--task", "classify", "--tokenizer", base,
+        "--out", data, "--split", "0.7,0.1,0.2", "--seed", 7)
+    train, test = read_labelled_split(data, "train"), read_labelled_split(data, "test")
+    out = {"records": len(records), "train_examples": len(train), "test_examples": len(test),
+           **sentiment_baselines(train, test), "models": {}}
+    for name, extra in variants.items():
+        t0 = time.perf_counter()
+        run("train", "--data", data, "--train.init_from", base, "--run-dir", work / f"sentiment-{name}",
+            "--max-steps", steps, "--optim.lr", "1e-3", "--optim.warmup_steps", max(steps // 10, 1),
+            "--train.eval_interval", max(steps // 4, 1), "--device", "cpu", *extra)
+        seconds = time.perf_counter() - t0
+        run("eval", work / f"sentiment-{name}", "--split", "test", "--device", "cpu")
+        metrics = json.loads((work / f"sentiment-{name}" / "eval" / "test" / "metrics.json").read_text())
+        out["models"][name] = {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
+                               "train_seconds": round(seconds, 1)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -201,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "speaker" in tasks:
         summary["tasks"]["speaker"] = speaker_task(work, base, args.tune_steps, variants)
     if "sentiment" in tasks:
-        summary["tasks"]["sentiment"] = sentiment_baselines(sentiment_records())
+        summary["tasks"]["sentiment"] = sentiment_task(work, base, args.tune_steps, variants)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(summary, indent=2))
     if args.json_out:
