@@ -238,7 +238,7 @@ ALLOWED = {
     ("checkpoint.py", "_write_json"),              # the same
     ("checkpoint.py", "save_weights"),             # model.safetensors, the same
     ("checkpoint.py", "clean_interrupted_saves"),  # renames a complete .trash- checkpoint back
-    ("interop/hf_export.py", "export_hf"),         # into atomic_dir's temporary directory
+    ("interop/hf_export.py", "_write"),            # into export_hf's atomic_dir temporary directory
     ("data/prepare.py", "_Spool.__init__"),        # the spool, inside atomic_dir's temporary directory
     ("data/prepare.py", "_Spool.reopen_for_append"),
     ("data/shards.py", "ShardWriter.__init__"),    # shards, inside atomic_dir's temporary directory

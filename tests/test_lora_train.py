@@ -146,3 +146,27 @@ def test_lora_without_init_from_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--train.init_from RUN_OR_CHECKPOINT" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_export_of_a_lora_run_gives_the_base_and_a_peft_adapter_or_one_merged_model(lora_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    root, _, _ = lora_run
+    run = root / "run"
+    adapted, _, _ = load_for_inference(run, "cpu")  # the adapters merged: what the run stands for
+    ids = torch.randint(0, adapted.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = adapted(ids)
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert {p.name for p in (tmp_path / "hf" / "adapter").iterdir()} == {"adapter_config.json",
+                                                                          "adapter_model.safetensors"}
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert (base(ids).logits - expected).abs().max() > 1e-3  # OUT is the base: the adapters do change it
+        tuned = peft.PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()
+        assert (tuned(ids).logits - expected).abs().max() <= 1e-5
+    assert main(["export", str(run), "--format", "hf", "--merge", "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not (tmp_path / "merged" / "adapter").exists()
+    with torch.no_grad():
+        assert (merged(ids).logits - expected).abs().max() <= 1e-5

@@ -695,6 +695,12 @@ def check_base(ckpt: str | Path, saved: dict, fingerprint: str, loaded_from: str
 def load_merged_lora(ckpt: str | Path, config: RunConfig) -> nn.Module:
     """The plain GPT a LoRA checkpoint stands for, on the CPU: its base (lora_base, refused if its fingerprint
     changed) with the checkpoint's adapters merged in and its heads loaded (lora.merge_lora)."""
+    return merge_lora(load_adapted_lora(ckpt, config))
+
+
+def load_adapted_lora(ckpt: str | Path, config: RunConfig) -> nn.Module:
+    """A LoRA checkpoint's base (checked as load_merged_lora does) with its adapters applied, not merged, and
+    its heads loaded, on the CPU: what the run trained, e.g. to export the adapters on their own."""
     from lmforge.model import GPT
 
     saved = lora_base(ckpt)
@@ -710,7 +716,7 @@ def load_merged_lora(ckpt: str | Path, config: RunConfig) -> nn.Module:
     check_base(ckpt, saved, base_fingerprint(model), base_ckpt)
     apply_lora(model, config.lora)
     load_weights(model, ckpt, "cpu")
-    return merge_lora(model)
+    return model.eval()
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu",

@@ -628,6 +628,8 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--format", required=True, choices=["hf", "onnx"], help="hf (Hugging Face directory) | onnx (file)")
     p.add_argument("--out", required=True, metavar="PATH", help="output directory (hf) or .onnx file (onnx)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--merge", action="store_true", help="hf, a LoRA run: one model with the adapters merged in "
+                   "(default: the base in OUT and the adapters in PEFT's format in OUT/adapter)")
     p.set_defaults(run=_run_export)
 
 
@@ -635,7 +637,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from lmforge.interop.hf_export import export_hf
 
-        print(export_hf(args.checkpoint, args.out, force=args.force))
+        print(export_hf(args.checkpoint, args.out, force=args.force, merge=args.merge))
     else:
         from lmforge.interop.onnx_export import export_onnx
 

@@ -69,24 +69,48 @@ def hf_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
     return files
 
 
-def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
+def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False, merge: bool = False) -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a Hugging Face directory.
 
-    Returns out_dir. An existing non-empty out_dir is replaced (whole, once the new export is complete) only
-    with force and only if it is an earlier lmforge export; anything else raises HFExportError.
+    A LoRA run gives its base model in OUT and its adapters in PEFT's format in OUT/adapter (peft loads them onto
+    OUT: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT), OUT/adapter)); with merge, the
+    adapters merged into the weights, one plain model. Returns out_dir. An existing non-empty out_dir is
+    replaced (whole, once the new export is complete) only with force and only if it is an earlier lmforge
+    export; anything else raises HFExportError.
     """
+    from lmforge.checkpoint import load_adapted_lora, read_run_config, verified_checkpoint
+
     out_dir = Path(out_dir)
     check_output(out_dir, force=force, ours=_is_hf_export, what="a Hugging Face export written by lmforge",
                  error=HFExportError)
-    model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
+    ckpt, manifest = verified_checkpoint(checkpoint)
+    config = read_run_config(ckpt)
+    if merge and config.lora is None:
+        raise HFExportError(f"--merge applies to a LoRA run; {ckpt} holds a whole model: export it without --merge")
+    model, tokenizer, _ = load_for_inference(ckpt, "cpu", manifest)  # a LoRA run: its adapters merged
     files = hf_files(model, tokenizer)
+    adapter: dict[str, Any] = {}
+    if config.lora is not None and not merge:
+        from lmforge.interop.peft_export import peft_adapter_files
+
+        adapted = load_adapted_lora(ckpt, config)
+        files = hf_files(adapted, tokenizer)  # the base's weights: hf names leave the adapters out
+        adapter = peft_adapter_files(adapted, config.lora, base_name_or_path=str(out_dir.resolve()))
     with atomic_dir(out_dir) as tmp:  # files inside are fsynced before the directory is renamed into place
-        for name, content in files.items():
-            if name.endswith(".safetensors"):
-                save_file(content, str(tmp / name), metadata={"format": "pt"})
-            else:
-                (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _write(tmp, files)
+        if adapter:
+            (tmp / "adapter").mkdir()
+            _write(tmp / "adapter", adapter)
     return out_dir
+
+
+def _write(directory: Path, files: dict[str, Any]) -> None:
+    """Each file of `files` into `directory` (inside atomic_dir's temporary): safetensors or JSON."""
+    for name, content in files.items():
+        if name.endswith(".safetensors"):
+            save_file(content, str(directory / name), metadata={"format": "pt"})
+        else:
+            (directory / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _is_hf_export(path: Path) -> bool:
