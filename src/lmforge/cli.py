@@ -1,9 +1,10 @@
 """The `lmforge` command: one entry point, each subcommand declared once.
 
-    lmforge prepare  raw text -> tokenizer + shuffled train/val/test token shards
-    lmforge train    a Transformer on prepared shards (YAML config + --section.key overrides)
-    lmforge eval     loss, perplexity and bits per byte of a checkpoint on a split
+    lmforge prepare  raw text -> tokenizer + shuffled train/val/test token shards; task records -> examples
+    lmforge train    a Transformer on prepared shards or task examples (YAML config + --section.key overrides)
+    lmforge eval     loss, perplexity and bits per byte of a checkpoint on a split; task metrics when fine-tuned
     lmforge generate text from a run or checkpoint directory
+    lmforge classify labels with probabilities from a classifier
     lmforge plot     the loss curves of a run as a PNG
     lmforge import   a Hugging Face model directory -> a checkpoint
     lmforge export   a checkpoint -> a Hugging Face directory or an ONNX file
