@@ -35,3 +35,14 @@ def test_gpu_check_smoke_on_cpu():
     assert summary["timed_steps"] == 2 and summary["tokens_per_s"] > 0
     assert summary["loss_last"] < summary["loss_first"] + 0.5  # it trains, it does not blow up
     assert summary["flash_used"] is False  # no CUDA: no flash kernels
+
+
+@pytest.mark.slow
+def test_finetune_tasks_runs_every_variant_against_its_baselines(tmp_path):
+    pytest.importorskip("sklearn")
+    summary = load("finetune_tasks").main(["--quick", "--work", str(tmp_path / "work")])
+    speaker, sentiment = summary["tasks"]["speaker"], summary["tasks"]["sentiment"]
+    assert set(speaker["models"]) == set(sentiment["models"]) == {"full", "lora"}
+    assert 0 < speaker["baseline_most_frequent"]["exact_match"] < 1 and speaker["test_examples"] > 0
+    assert sentiment["baseline_majority"]["accuracy"] == pytest.approx(0.5)  # 100 + 100 sentences, stratified
+    assert all(0 <= m["accuracy"] <= 1 for m in sentiment["models"].values()) and summary["machine"]
