@@ -427,4 +427,4 @@ def test_a_classifier_is_refused_with_the_reason(tmp_path, capsys):
     with pytest.raises(ConfigError, match="does not generate text"):
         TextGenerator(m, TOKENIZER)
     assert main(["generate", str(tmp_path / "run"), "--device", "cpu"]) == 2
-    assert "classify model" in capsys.readouterr().err
+    assert "does not generate text" in capsys.readouterr().err
