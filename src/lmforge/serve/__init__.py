@@ -1,9 +1,11 @@
-"""`lmforge serve`: an OpenAI-compatible HTTP API over a trained checkpoint.
+"""`lmforge serve`: an OpenAI-compatible HTTP API over a trained checkpoint: completions and chat for a language
+model, POST /v1/classify for a classifier (model.head: classify).
 
     config.py      ServeConfig: the limits (body size, token caps, concurrency, queue, timeout, API key)
     app.py         the FastAPI app: endpoints, request checks and caps, API key, server-sent events
     engine.py      the worker thread that owns the model: admission, micro-batching, cancellation, timeouts
-    playground.py  the page at / (prompt box, options, streamed text)
+                   (Engine for generation, ClassifyEngine for a classifier)
+    playground.py  the page at / (prompt box, options, streamed text; a note for a classifier)
 
     from lmforge.serve import ServeConfig, serve
     serve("runs/shakespeare", ServeConfig(api_key="secret"), port=8000)
@@ -20,7 +22,8 @@ __all__ = ["ServeConfig", "load_app", "serve"]
 
 
 def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "auto"):
-    """The app over the checkpoint at `path` (a run directory: its newest intact checkpoint)."""
+    """The app over the checkpoint at `path` (a run directory: its newest intact checkpoint): a language model's
+    generation endpoints, or a classifier's /v1/classify (generate.load gives a TextClassifier for one)."""
     from lmforge.checkpoint import resolve_checkpoint
     from lmforge.generate import load
     from lmforge.serve.app import create_app

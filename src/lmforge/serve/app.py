@@ -1,15 +1,21 @@
 """The HTTP API: OpenAI-compatible completions over one model, with limits that keep it up under load.
 
     GET  /health          liveness and load (no API key needed)
-    GET  /v1/models       the one model served
+    GET  /v1/models       the one model served, with its task: "generate" or "classify" (and its labels)
     POST /v1/completions  OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n,
                           stop, seed, stream (server-sent events ending in `data: [DONE]`), usage counts
     POST /v1/chat/completions  OpenAI chat: messages through the model's chat template, the same options
-    GET  /                the playground page (static; it asks for the API key itself)
+    POST /v1/classify     a classifier's labels with probabilities for a text or a list of texts (top_k)
+    GET  /                the playground page (static; it asks for the API key itself); for a classifier
+                          a note pointing to /v1/classify
+
+A language model answers /v1/classify, and a classifier the two completion endpoints, with 400 naming the
+endpoint to use.
 
 What a request may ask is capped (ServeConfig); a request over a cap gets 413 (body size) or 422 (with
 a message naming the field), a malformed or unknown field 422, a full server 429 with Retry-After, a
-request past its time 504. Generation runs on the Engine's worker thread, never on the event loop.
+request past its time 504. Generation runs on the Engine's worker thread, classification on the
+ClassifyEngine's, never on the event loop.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -30,10 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import ConfigError
-from lmforge.generate import GenerateConfig, TextGenerator, prompt_ids
+from lmforge.generate import GenerateConfig, TextClassifier, TextGenerator, prompt_ids
 from lmforge.serve.config import ServeConfig
-from lmforge.serve.engine import Busy, Engine, Job, Mailbox
-from lmforge.serve.playground import PLAYGROUND_HTML
+from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
+from lmforge.serve.playground import CLASSIFIER_NOTE_HTML, PLAYGROUND_HTML
 
 PUBLIC_PATHS = ("/health", "/")  # no API key: liveness, and the static page that asks for the key
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees as soon as one request ends
@@ -115,6 +121,18 @@ CHAT_UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logprobs
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat API has no default length; a reply this long unless asked
 
 
+class ClassifyRequest(BaseModel):
+    """The body of POST /v1/classify: a text or a list of texts, and how many labels to give for each."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    input: Union[str, list[str]]
+    top_k: Optional[StrictInt] = Field(None, ge=1)  # None: every label
+
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
 class ApiError(Exception):
     """An answer other than 200, with OpenAI's error body."""
 
@@ -124,8 +142,9 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-                422: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                504: "timeout_error"}
 
 
 def error_body(status: int, message: str, param: Optional[str] = None) -> dict:
@@ -147,8 +166,8 @@ def _validation_message(errors: list[dict], path: str = "/v1/completions") -> tu
     if first.get("type") == "extra_forbidden":
         if loc and loc[0] == "messages":
             return f"unknown field {field!r}: a message takes role, content and name", field
-        request, unsupported = (ChatRequest, CHAT_UNSUPPORTED) if path == "/v1/chat/completions" else \
-            (CompletionRequest, UNSUPPORTED)
+        request, unsupported = {"/v1/chat/completions": (ChatRequest, CHAT_UNSUPPORTED),
+                                "/v1/classify": (ClassifyRequest, {})}.get(path, (CompletionRequest, UNSUPPORTED))
         known = [f for f in request.model_fields if f not in unsupported]
         return f"unknown field {field!r}: {path} takes {', '.join(known)}", field
     if first.get("type") == "json_invalid":
@@ -205,8 +224,10 @@ class GuardMiddleware:
 
 
 # ------------------------------------------------------------------------------------------------ app
-def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, model_name: str = "lmforge") -> FastAPI:
-    """The FastAPI app serving `generator`; its worker thread starts and stops with the app's lifespan."""
+def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional[ServeConfig] = None,
+               model_name: str = "lmforge") -> FastAPI:
+    """The FastAPI app serving `generator` (a language model's TextGenerator, or a classifier's TextClassifier);
+    its worker thread starts and stops with the app's lifespan."""
     config = config or ServeConfig()
     model_id = config.model_name or model_name
     block_size = generator.model.config.block_size
@@ -214,8 +235,12 @@ def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, m
     if max_prompt_tokens > block_size:
         raise ConfigError(f"serve.max_prompt_tokens={max_prompt_tokens} is larger than the model's block_size="
                           f"{block_size}; use at most {block_size}")
-    engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size, config.max_decodes,
-                    config.batch_wait)
+    classifies = isinstance(generator, TextClassifier)
+    if classifies:
+        engine = ClassifyEngine(generator, config.max_concurrency, config.max_queue, config.max_batch_size)
+    else:
+        engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
+                        config.max_decodes, config.batch_wait)
     created = int(time.time())
 
     @asynccontextmanager
@@ -245,10 +270,83 @@ def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, m
     async def health() -> dict:
         return {"status": "ok", "model": model_id, **engine.stats()}
 
+    task = {"task": "classify", "labels": generator.labels} if classifies else \
+        {"task": "generate", "template": generator.template is not None}
+
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "lmforge", "max_model_len": block_size}]}
+                                            "owned_by": "lmforge", "max_model_len": block_size, **task}]}
+
+    if classifies:
+        _add_classify_routes(app, engine, config, model_id, max_prompt_tokens)
+    else:
+        _add_generation_routes(app, generator, engine, config, model_id, max_prompt_tokens)
+    return app
+
+
+def _wrong_task(app: FastAPI, paths: tuple[str, ...], message: str) -> None:
+    """POST routes at `paths` that answer 400 with `message`, whatever the body (it is meant for another model)."""
+    async def refuse(request: Request) -> Response:
+        raise ApiError(400, message.replace("{path}", request.url.path))
+
+    for path in paths:
+        app.add_api_route(path, refuse, methods=["POST"])
+
+
+def _add_classify_routes(app: FastAPI, engine: ClassifyEngine, config: ServeConfig, model_id: str,
+                         max_prompt_tokens: int) -> None:
+    """A classifier's endpoints: POST /v1/classify, the note at /, and 400 at the generation endpoints."""
+    classifier = engine.classifier
+    _wrong_task(app, GENERATION_PATHS, "this model is a classifier: it classifies text and does not generate it, "
+                "so {path} is not served; use POST /v1/classify (GET /v1/models lists its labels)")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def note() -> HTMLResponse:
+        return HTMLResponse(CLASSIFIER_NOTE_HTML.replace("{{MODEL}}", model_id))
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: Request) -> Response:
+        if body.model is not None and body.model != model_id:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts:
+            raise ApiError(422, "input is an empty list: give a string or a list of strings", "input")
+        if len(texts) > config.max_prompts:
+            raise ApiError(422, f"{len(texts)} texts in one request; at most {config.max_prompts} "
+                           "(serve.max_prompts)", "input")
+        tok, specials = classifier.tokenizer, 1 + (classifier.tokenizer.start_id is not None)
+        prompt_tokens = 0
+        for i, text in enumerate(texts):  # counted as TextClassifier encodes them: [start] text [end]
+            n = len(tok.encode(text)) + specials
+            if n > max_prompt_tokens:
+                raise ApiError(422, f"input[{i}] is {n} tokens (with its start and end tokens); at most "
+                               f"{max_prompt_tokens} (serve.max_prompt_tokens)", "input")
+            prompt_tokens += n
+        job = ClassifyJob(texts, body.top_k, time.monotonic() + config.timeout, Mailbox(asyncio.get_running_loop()))
+        try:
+            engine.submit(job)
+        except Busy as e:
+            raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            finished = await _wait_all([job], request, config.timeout)
+        finally:
+            job.cancel()
+        if finished is None:  # the client left; nobody reads this
+            return Response(status_code=499)
+        data = [{"index": i, "label": ranked[0][0],
+                 "predictions": [{"label": label, "probability": p} for label, p in ranked]}
+                for i, ranked in enumerate(job.predictions)]
+        return JSONResponse({"object": "list", "model": model_id, "data": data,
+                             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+
+
+def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engine, config: ServeConfig,
+                           model_id: str, max_prompt_tokens: int) -> None:
+    """A language model's endpoints: the playground, completions, chat completions, and 400 at /v1/classify."""
+    _wrong_task(app, ("/v1/classify",), "this model is a language model: it generates text and does not classify, "
+                "so /v1/classify is not served; use POST /v1/completions or /v1/chat/completions")
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
@@ -332,7 +430,6 @@ def create_app(generator: TextGenerator, config: Optional[ServeConfig] = None, m
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}})
 
-    return app
 
 
 def _jobs_for(body: Union[CompletionRequest, ChatRequest], texts: list[str], generator: TextGenerator,
@@ -386,8 +483,10 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], texts: list[str], gen
 LATE = 5.0  # seconds past its deadline that a handler waits for the worker's own 504 (a long step in progress)
 
 
-async def _wait_all(jobs: list[Job], request: Request, timeout: float) -> Optional[list[Job]]:
-    """The jobs once all are done, or None if the client disconnected first; raises ApiError on an error.
+async def _wait_all(jobs: list[Union[Job, ClassifyJob]], request: Request,
+                    timeout: float) -> Optional[list[Union[Job, ClassifyJob]]]:
+    """The jobs (sharing one mailbox) once all are done, or None if the client disconnected first; raises ApiError
+    on an error.
 
     Polls the connection between events, so a client that leaves stops its generation (the caller cancels).
     """

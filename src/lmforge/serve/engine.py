@@ -13,6 +13,9 @@ worker loop
   3. hands each job's events (text pieces, finish reasons) to its mailbox on the event loop.
 A job whose client left (Job.cancel) or whose deadline passed is dropped before the next step (its rows are
 marked cancelled, so the decode stops reporting them); a decode with no job left is closed.
+
+A classifier is served by ClassifyEngine instead: one worker thread as well (the model is never used by two
+threads), one request at a time, its texts in forward passes of at most max_batch_size.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from lmforge.generate import Event, GenerateConfig, Row, TextGenerator, decode_rows, make_rows
+from lmforge.generate import Event, GenerateConfig, Row, TextClassifier, TextGenerator, decode_rows, make_rows
 
 
 MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
@@ -295,3 +298,94 @@ class Engine:
     def _finish(self, batch: Batch, job: Job) -> None:
         job.emit("done", job)
         self._release(batch, job)
+
+
+# ------------------------------------------------------------------------------------------ classification
+@dataclass(eq=False)
+class ClassifyJob:
+    """The texts of one /v1/classify request; its one event goes to its mailbox: ("done", job) with
+    `predictions` set, or ("error", status, message)."""
+
+    texts: list[str]
+    top_k: Optional[int]
+    deadline: float                  # time.monotonic() after which the job fails with 504
+    mailbox: "Mailbox"
+    predictions: list[list[tuple[str, float]]] = field(default_factory=list)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Ask the worker to drop this job if it has not started (thread-safe: a flag the worker reads)."""
+        self.cancelled = True
+
+
+class ClassifyEngine:
+    """Runs every classification of a classifier on one worker thread, a request at a time, oldest first; its
+    texts in forward passes of at most max_batch_size (TextClassifier.classify). `submit` is called from the
+    event loop. Texts waiting and in classification count together against max_concurrency + max_queue."""
+
+    def __init__(self, classifier: TextClassifier, max_concurrency: int = 32, max_queue: int = 64,
+                 max_batch_size: int = 32) -> None:
+        self.classifier, self.capacity, self.max_batch_size = classifier, max_concurrency + max_queue, max_batch_size
+        self._lock = threading.Condition()
+        self._waiting: list[ClassifyJob] = []
+        self._running = 0                 # texts in the forward passes now
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+        self.classified = 0               # texts classified so far
+        self.jobs_done = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lmforge-serve-classify", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, job: ClassifyJob) -> None:
+        """Queue one request's job; raises Busy when its texts do not fit."""
+        with self._lock:
+            if self._closed:
+                raise Busy("the server is shutting down")
+            waiting = sum(len(j.texts) for j in self._waiting)
+            if len(job.texts) > self.capacity - self._running - waiting:
+                raise Busy(f"{self._running} texts in classification and {waiting} waiting")
+            self._waiting.append(job)
+            self._lock.notify()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"running": self._running, "waiting": sum(len(j.texts) for j in self._waiting),
+                    "classified": self.classified, "completed": self.jobs_done}
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting:
+                    self._lock.wait()
+                if self._closed:
+                    for job in self._waiting:
+                        job.mailbox.put(("error", 503, "the server is shutting down"))
+                    return
+                job = self._waiting.pop(0)
+                self._running = len(job.texts)
+            try:
+                if job.cancelled:
+                    pass
+                elif time.monotonic() > job.deadline:
+                    job.mailbox.put(("error", 504, "the request timed out while waiting for the model"))
+                else:
+                    job.predictions = self.classifier.classify(job.texts, job.top_k, self.max_batch_size)
+                    if time.monotonic() > job.deadline:
+                        job.mailbox.put(("error", 504, "the request timed out during classification"))
+                    else:
+                        job.mailbox.put(("done", job))
+            except Exception as e:  # a bug, not a user error: fail the job, keep the server up
+                job.mailbox.put(("error", 500, f"classification failed: {type(e).__name__}: {e}"))
+            with self._lock:
+                self._running = 0
+                self.classified += len(job.predictions)
+                self.jobs_done += 1

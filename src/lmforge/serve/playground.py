@@ -3,6 +3,8 @@
 Plain HTML and JavaScript, no build step and no outside resources. It calls POST /v1/completions with
 stream=true and reads the server-sent events with fetch (EventSource cannot POST). Kept as a string here
 so it ships inside the Python package. {{MODEL}} is replaced by the model id.
+
+A classifier has no playground: / shows CLASSIFIER_NOTE_HTML, which says how to call POST /v1/classify.
 """
 
 PLAYGROUND_HTML = """<!doctype html>
@@ -103,6 +105,25 @@ async function generate() {
 $("generate").addEventListener("click", generate);
 $("cancel").addEventListener("click", () => controller && controller.abort());
 </script>
+</body>
+</html>
+"""
+
+
+CLASSIFIER_NOTE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>lmforge classifier</title>
+<style>body { font: 15px/1.4 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }</style>
+</head>
+<body>
+<h1>lmforge classifier</h1>
+<p>Model: <code>{{MODEL}}</code></p>
+<p>This model classifies text; it has no playground. Ask for labels with <code>POST /v1/classify</code>:</p>
+<pre>curl http://HOST:PORT/v1/classify -H 'Content-Type: application/json' \\
+     -d '{"input": ["a text", "another text"], "top_k": 2}'</pre>
+<p><code>GET /v1/models</code> lists the labels.</p>
 </body>
 </html>
 """
