@@ -534,7 +534,7 @@ def _add_serve(sub: Any) -> None:
     from lmforge.serve.config import ServeConfig
 
     p = sub.add_parser(
-        "serve", help="an OpenAI-compatible HTTP API (and a playground page) over a checkpoint",
+        "serve", help="an OpenAI-compatible HTTP API (completions, chat, or classification) over a checkpoint",
         formatter_class=_help_formatter,
         description=textwrap.dedent("""\
             Serve a run or checkpoint directory over HTTP: GET /health, GET /v1/models, POST /v1/completions
