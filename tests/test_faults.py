@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmforge.checkpoint as checkpoint
+import lmforge.train.trainer as trainer_module
 from lmforge.checkpoint import (clean_interrupted_saves, latest_checkpoint, load_for_inference, prune_checkpoints,
                                 save_checkpoint, verify_checkpoint)
 from lmforge.errors import CheckpointError
@@ -307,8 +308,28 @@ def test_nonfinite_skip_skips_the_step_counts_it_and_resumes_exactly(tmp_path, m
     assert summary["skipped_nonfinite"] == 1
     records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_nonfinite"] for r in records if r["kind"] == "train"] == [0, 0, 1, 1, 1, 1]
-    state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000003" / "state.json").read_text())
-    assert state["guard"]["skipped_nonfinite"] == 1
+
+    # The same run killed at the start of step 5 (after the step-3 save), then resumed: the skip counter
+    # comes back from the checkpoint, and the rest of the run equals the uninterrupted one.
+    real_fault = trainer_module.fault_point
+
+    def crash_at_step_5(point, step=None, rank=0):
+        if point == "step" and step == 5:
+            raise SimulatedCrash("step 5")
+        return real_fault(point, step, rank)
+
+    monkeypatch.setattr(trainer_module, "fault_point", crash_at_step_5)
+    run = tmp_path / "c"
+    with pytest.raises(SimulatedCrash):
+        tiny_trainer(tiny_config(run, **config)).fit()
+    monkeypatch.setattr(trainer_module, "fault_point", real_fault)
+    resumed = tiny_trainer(tiny_config(run, **{**config, "train.resume": "auto"}))
+    resumed_summary = resumed.fit()
+    assert resumed.history == full.history[3:] and resumed_summary["skipped_nonfinite"] == 1
+    assert resumed.guard.state_dict() == full.guard.state_dict()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_nonfinite"] for r in records if r["kind"] == "train" and r["step"] > 4] == [1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(_params(full), _params(resumed)))
 
 
 class SpikyBatches:
