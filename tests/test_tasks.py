@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.data.batches import IGNORE_INDEX, ExampleBatches, Examples, pad_examples
+from lmforge.data.batches import IGNORE_INDEX, ExampleBatches, Examples, pack_examples, pad_examples
 from lmforge.data.tasks import encode_example, load_examples, read_task_manifest
 from lmforge.errors import CheckpointError, DataError
 from lmforge.model import GPT
@@ -225,6 +225,54 @@ def test_a_padded_batch_gives_the_loss_of_its_examples_run_one_by_one(base, tmp_
         batch = cross_entropy_sum(model(pad_examples(examples, index)[0]), pad_examples(examples, index)[1])
         alone = sum(cross_entropy_sum(model(x), y) for x, y in (pad_examples(examples, index[i:i + 1]) for i in range(8)))
     torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_a_packed_row_gives_the_loss_of_its_examples_run_one_by_one(base, tmp_path, pos_encoding):
+    """Several examples in one row attend only to themselves and start at position 0: the per-token losses of
+    a packed batch equal those of each example alone (a mask that let them see each other, or positions that
+    did not restart, would change them)."""
+    assert prepare(base, tmp_path / "out", write_jsonl(tmp_path / "r.jsonl", reverse_records(40))) == 0
+    examples = load_examples(tmp_path / "out", "train")
+    rows = [[0, 1, 2], [3, 4], [5]]
+    torch.manual_seed(0)
+    config = tiny_config(Path("unused"), **{"model.block_size": 64, "model.vocab_size": 259,
+                                            "model.pos_encoding": pos_encoding})
+    model = GPT(config.model).eval()
+    x, y, ids = pack_examples(examples, rows)
+    assert ids.max() == 3 and (ids == 0).any()  # three examples in a row, and padding after the shortest row
+    with torch.no_grad():
+        packed = torch.nn.functional.cross_entropy(model(x, attention_mask=ids).transpose(1, 2), y, reduction="none")
+        for r, row in enumerate(rows):
+            alone = torch.cat([torch.nn.functional.cross_entropy(model(xe).transpose(1, 2), ye, reduction="none")[0]
+                               for xe, ye in (pad_examples(examples, np.array([e])) for e in row)])
+            torch.testing.assert_close(packed[r, :len(alone)], alone, rtol=1e-5, atol=1e-5)
+            assert torch.all(packed[r, len(alone):] == 0)  # padding carries no loss
+
+
+def test_packed_batches_draw_each_example_once_fill_rows_and_resume():
+    lengths = [4, 6, 3, 5, 4, 7, 3, 4, 5, 6]  # tokens per example; an example fills length - 1 columns
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = np.concatenate([[0] + [3 + i] * (n - 2) + [1] for i, n in enumerate(lengths)]).astype(np.int32)
+    examples = Examples(tokens, offsets, np.full(10, 2, dtype=np.int32))
+    stream = ExampleBatches(examples, 8, 2, seed=3, packing=True)
+    seen = []
+    while stream.position < 10:
+        x, y, ids = stream.next_batch()
+        assert x.shape[1] <= 8 and x.shape == y.shape == ids.shape
+        for r in range(x.shape[0]):
+            starts = [int(c) for c in range(x.shape[1]) if ids[r, c] > 0 and (c == 0 or ids[r, c] != ids[r, c - 1])]
+            seen += [int(x[r, c + 1]) - 3 for c in starts]  # the token after <START> names the example
+    assert sorted(seen[:10]) == list(range(10))  # the first epoch: each example once, whole
+    state = json.loads(json.dumps(stream.state_dict()))
+    after = [stream.next_batch() for _ in range(3)]
+    again = ExampleBatches(examples, 8, 2, seed=3, packing=True)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for p, q in zip(after, [again.next_batch() for _ in range(3)]) for a, b in zip(p, q))
+    one = ExampleBatches(examples, 8, 4, seed=3, packing=True).next_batch()
+    ranks = [ExampleBatches(examples, 8, 2, seed=3, rank=r, world_size=2, packing=True).next_batch() for r in range(2)]
+    assert torch.equal(one[2][:2, :ranks[0][2].shape[1]], ranks[0][2])  # rank 0 holds the first rows
+    assert torch.equal(one[0][2:, :ranks[1][0].shape[1]], ranks[1][0])  # rank 1 the next ones
 
 
 def test_example_batches_are_deterministic_resumable_and_split_across_ranks():

@@ -316,6 +316,9 @@ class DataConfig:
                                                     "wraps around).", "random")
     embedding_init: str = doc("Token embedding init: none, word2vec, or GloVe vectors from the file PATH.", "none",
                               pattern=r"none|word2vec|glove:.+", forms=("none", "word2vec", "glove:PATH"))
+    packing: bool = doc("sft task data: pack several whole examples into each row of block_size tokens (each one "
+                        "attends only to itself) instead of one padded example per row: less padding, more examples "
+                        "per step.", False)
 
     def __post_init__(self) -> None:
         validate(self, "data")

@@ -66,16 +66,28 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
 
 
 def padded_causal_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, 1, T, S) bool mask for a left-padded batch: the causal mask, and no query sees a pad key.
+    """(B, 1, T, S) bool mask for a padded or packed batch: the causal mask, and a query sees only keys of its
+    own sequence, never a pad.
 
-    attention_mask (B, S) is True (or 1) at real tokens, False at pads; the queries are the last T of the
-    S positions. A pad query attends like an unpadded one (all earlier keys): its output is never used,
+    attention_mask (B, S) is 0/False at pads and, at real tokens, True/1 (one sequence per row) or the id 1, 2,
+    3, ... of the sequence a token belongs to (several examples packed into one row); the queries are the last T
+    of the S positions. A pad query attends like an unpadded one (all earlier keys): its output is never used,
     and a query with no key at all would make softmax produce NaN, which would leak through 0 * NaN.
     """
-    real = attention_mask.bool()  # (B, S)
-    S = real.size(1)
-    keys_seen = real[:, None, :] | ~real[:, -T:, None]  # (B, T, S)
-    return (keys_seen & causal_mask(T, S, real.device)).unsqueeze(1)  # (B, 1, T, S)
+    ids = attention_mask.long()  # (B, S)
+    S = ids.size(1)
+    query = ids[:, -T:, None]  # (B, T, 1)
+    keys_seen = ((ids[:, None, :] == query) & (query > 0)) | (query == 0)  # (B, T, S)
+    return (keys_seen & causal_mask(T, S, ids.device)).unsqueeze(1)  # (B, 1, T, S)
+
+
+def sequence_positions(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T) position of each of the last T tokens within its own sequence (see padded_causal_mask): the
+    number of earlier real tokens with the same id; pads get 0 (their outputs are never used)."""
+    ids = attention_mask.long()  # (B, S)
+    S = ids.size(1)
+    same = (ids[:, -T:, None] == ids[:, None, :]) & causal_mask(T, S, ids.device)  # (B, T, S)
+    return torch.where(ids[:, -T:] > 0, same.sum(-1) - 1, 0)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -240,7 +252,8 @@ class GPT(nn.Module):
         attention_mask (B, S), S = cache.pos + T (or T without a cache), marks real tokens True/1 and
         padding False/0 (left padding; a classifier's batch may be right-padded too): a row's positions then
         count only its real tokens, and no real query attends to a pad, so each row computes what it would
-        alone (for batches of prompts of different lengths).
+        alone (for batches of prompts of different lengths). Packed training rows number their examples
+        1, 2, 3, ... instead of True: each example then attends only to itself and its positions start at 0.
         With a static cache (one new token per row, T = 1), S is the cache's length and attention_mask
         marks the columns written so far, this one included, pads excluded.
         """
@@ -255,7 +268,7 @@ class GPT(nn.Module):
         elif attention_mask is None:
             positions = slice(start, start + T)  # the same T positions for every row
         else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T): real tokens before
+            positions = sequence_positions(attention_mask, T)  # (B, T): earlier tokens of the same sequence
             mask = padded_causal_mask(attention_mask, T)  # (B, 1, T, S)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
@@ -273,7 +286,7 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.norm_f(x)
         if self.config.head == "classify":  # each row's last real position: its last True in attention_mask
-            last = (attention_mask.long() * torch.arange(T, device=x.device)).argmax(-1) \
+            last = ((attention_mask.long() > 0) * torch.arange(T, device=x.device)).argmax(-1) \
                 if attention_mask is not None else torch.full((B,), T - 1, device=x.device)
             return self.classifier(x[torch.arange(B, device=x.device), last])  # (B, num_labels)
         return self.lm_head(x)  # (B, T, V)

@@ -146,25 +146,53 @@ class Examples:
         return np.diff(self.offsets)
 
 
+def example_pair(examples: Examples, e: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets of sft example ``e`` of L tokens t: x = t[:-1], y = t[1:], with IGNORE_INDEX where
+    the target is a prompt token (the first prompt_length - 1 targets), so only the completion and its end
+    token are learned."""
+    a, b = examples.offsets[e], examples.offsets[e + 1]
+    t = np.asarray(examples.tokens[a:b], dtype=np.int64)
+    y = t[1:].copy()
+    y[:max(int(examples.prompt_lengths[e]) - 1, 0)] = IGNORE_INDEX
+    return t[:-1], y
+
+
 def pad_examples(examples: Examples, index: np.ndarray, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Examples ``index`` as one right-padded batch: x, y of shape (B, T), T = longest example - 1.
 
-    Row r holds example e = index[r] of L tokens t: x[r, :L-1] = t[:-1], y[r, :L-1] = t[1:]; y is IGNORE_INDEX
-    where the target is a prompt token (positions < prompt_length - 1) and on the padding (positions >= L-1),
-    so only the completion and its end token are learned. Padding needs no attention mask for a causal model:
-    the pads come after every real token of their row, and a position attends only to earlier ones, so no
-    real position sees them (x holds ``pad_id`` there; any id would do).
+    Row r holds example_pair(index[r]) and then padding, where y is IGNORE_INDEX. Padding needs no attention
+    mask for a causal model: the pads come after every real token of their row, and a position attends only to
+    earlier ones, so no real position sees them (x holds ``pad_id`` there; any id would do).
     """
-    starts, ends = examples.offsets[index], examples.offsets[index + 1]
-    T = int((ends - starts).max()) - 1
+    T = int(examples.lengths[index].max()) - 1
     x = np.full((len(index), T), pad_id, dtype=np.int64)  # (B, T)
     y = np.full((len(index), T), IGNORE_INDEX, dtype=np.int64)  # (B, T)
-    for r, (a, b, p) in enumerate(zip(starts, ends, examples.prompt_lengths[index])):
-        t = np.asarray(examples.tokens[a:b], dtype=np.int64)
-        x[r, :len(t) - 1] = t[:-1]
-        y[r, :len(t) - 1] = t[1:]
-        y[r, :max(int(p) - 1, 0)] = IGNORE_INDEX  # targets inside the prompt
+    for r, e in enumerate(index):
+        xe, ye = example_pair(examples, int(e))
+        x[r, :len(xe)], y[r, :len(ye)] = xe, ye
     return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def pack_examples(examples: Examples, rows: list[list[int]], pad_id: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sft examples packed several to a row: x, y (B, T) and sequence ids (B, T), T = the fullest row.
+
+    Row r holds example_pair of each example of rows[r], one after another, then padding; sequence ids number
+    the examples of a row 1, 2, 3, ... (0 on padding). Given to the model as its attention_mask, they keep each
+    example from attending to the others and restart positions at 0, so a packed row computes exactly what its
+    examples would alone, with less padding (tests check the loss).
+    """
+    pairs = [[example_pair(examples, e) for e in row] for row in rows]
+    T = max(sum(len(xe) for xe, _ in row) for row in pairs)
+    x = np.full((len(rows), T), pad_id, dtype=np.int64)  # (B, T)
+    y = np.full((len(rows), T), IGNORE_INDEX, dtype=np.int64)  # (B, T)
+    ids = np.zeros((len(rows), T), dtype=np.int64)  # (B, T)
+    for r, row in enumerate(pairs):
+        at = 0
+        for i, (xe, ye) in enumerate(row):
+            x[r, at:at + len(xe)], y[r, at:at + len(ye)], ids[r, at:at + len(xe)] = xe, ye, i + 1
+            at += len(xe)
+    return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)
 
 
 def pad_labelled_examples(examples: Examples, index: np.ndarray, pad_id: int = 0,
@@ -198,10 +226,14 @@ class ExampleBatches:
     is example order_e[i mod n] of epoch e = i // n, where order_e is a permutation drawn from a generator
     seeded with (seed, e) when ``shuffle``, else the stored order. So the stream depends only on (seed, i), and
     the state is ``{"position", "rng": {"kind": "permutation", "seed"}, "sampling", "examples"}``.
+
+    ``packing`` (sft): a global micro-batch is B * W rows filled with the next draws in order, as many whole
+    examples to a row as fit in block_size (see ``pack_examples``); it takes as many draws as it holds, so the
+    stream and its state are the same as without packing, only cut into batches differently.
     """
 
     def __init__(self, examples: Examples, block_size: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, pad_id: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, pad_id: int = 0, packing: bool = False) -> None:
         if len(examples) == 0:
             raise DataError("the split holds no examples: prepare more data or change --split")
         longest = int(examples.lengths.max())
@@ -217,6 +249,10 @@ class ExampleBatches:
         self.rank = rank
         self.world_size = world_size
         self.pad_id = pad_id
+        if packing and examples.labels is not None:
+            raise DataError("data.packing packs sft examples (text to text); a classifier reads one example per row: "
+                            "drop data.packing")
+        self.packing = packing
         self.position = 0  # examples drawn so far, over all processes
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) last used
 
@@ -241,11 +277,33 @@ class ExampleBatches:
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         """This process's rows of the next global micro-batch: x, y of shape (batch_size, T), T <= block_size;
         classify examples: x, labels (batch_size,), attention_mask (batch_size, T)."""
+        if self.packing:
+            rows, drawn = self.packed_rows(self.position)
+            self.position += drawn
+            return pack_examples(self.examples, rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size],
+                                 self.pad_id)
         index = self.example_index(self.position + self.rank * self.batch_size, self.batch_size)
         self.position += self.batch_size * self.world_size
         if self.examples.labels is not None:
             return pad_labelled_examples(self.examples, index, self.pad_id)
         return pad_examples(self.examples, index, self.pad_id)
+
+    def packed_rows(self, first: int) -> tuple[list[list[int]], int]:
+        """The B * W rows of the global micro-batch whose first draw is ``first``, and the draws they hold."""
+        inputs = self.examples.lengths - 1  # an sft example of L tokens fills L - 1 columns
+        rows: list[list[int]] = []
+        row: list[int] = []
+        width = drawn = 0
+        while True:
+            e = int(self.example_index(first + drawn, 1)[0])
+            if row and width + int(inputs[e]) > self.block_size:  # full: the next row starts with e
+                rows.append(row)
+                if len(rows) == self.batch_size * self.world_size:
+                    return rows, drawn
+                row, width = [], 0
+            row.append(e)
+            width += int(inputs[e])
+            drawn += 1
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-safe: {'position', 'rng', 'sampling', 'examples'}."""
