@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
 import shutil
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 from lmforge.cli import main as lmforge  # noqa: E402
 from lmforge.eval.metrics import text_metrics  # noqa: E402
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,15 +53,6 @@ def run(*argv: str) -> None:
     code = lmforge([str(a) for a in argv])
     if code != 0:
         raise SystemExit(f"lmforge {' '.join(map(str, argv))} exited with {code}")
-
-
-def machine() -> str:
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
 
 
 # ------------------------------------------------------------------------------------------- the data
@@ -223,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "sentiment" in tasks:
         summary["tasks"]["sentiment"] = sentiment_task(work, base, args.tune_steps, variants)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    summary["machine"]["load_average_at_end"] = load_average()
     print(json.dumps(summary, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.generate import GenerateConfig, apply_compile, apply_inference_dtype, generate_ids  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 CONFIGS = {
     "char-small": dict(vocab_size=96, block_size=512, n_layer=4, n_head=4, n_embd=128),
@@ -216,16 +216,6 @@ def weight_read_limit(model: GPT, rounds: int = 200) -> float:
     return 1.0 / statistics.median(times)
 
 
-def machine() -> str:
-    """The CPU this ran on (its model name, and the cores torch sees): results compare only within one machine."""
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-    except OSError:
-        names = []
-    return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count()} cores"
-
-
 def first_difference(a: list[int], b: list[int]) -> int:
     """Length of the common prefix of two token lists."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -239,12 +229,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     import transformers
 
-    load = os.getloadavg()[0]
-    print(f"{machine()}; torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"load average {load:.2f}; block_size 512, prompt 8 tokens, {args.new_tokens} new tokens", flush=True)
-    summary = {"benchmark": "generate_speed", "machine": machine(), "torch": torch.__version__, "transformers": transformers.__version__,
-               "threads": torch.get_num_threads(), "load_average_before": round(load, 2), "rounds": args.rounds,
-               "configs": {name: compare(name, args) for name in args.configs.split(",")}}
+    here = machine()
+    print(f"{here['cpu']}; torch {here['torch']}, transformers {transformers.__version__}, threads {here['torch_threads']}, "
+          f"load average {here['load_average_at_start']}; block_size 512, prompt 8 tokens, {args.new_tokens} new tokens",
+          flush=True)
+    summary = {"benchmark": "generate_speed", "machine": here, "transformers": transformers.__version__,
+               "rounds": args.rounds, "configs": {name: compare(name, args) for name in args.configs.split(",")}}
+    here["load_average_at_end"] = load_average()
     print(json.dumps(summary))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

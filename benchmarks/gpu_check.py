@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from lmforge.config import OptimConfig, preset  # noqa: E402
+from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.model import GPT, flops_per_token  # noqa: E402
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), FLOP/s.
 BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -44,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override gpt2-124m's 50257, e.g. 50304 (a multiple of 128: faster LM-head products)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak, if not detected")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     return p.parse_args(argv)
 
 
@@ -125,6 +128,7 @@ def flash_kernels_in_profile(step, device: torch.device) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
+    here = machine()
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
     if on_cuda and not torch.cuda.is_available():
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     summary = {
         "benchmark": "gpu_check", "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
-        "torch": torch.__version__, "model": "gpt2-124m", "params": sum(p.numel() for p in model.parameters()),
+        "machine": here, "model": "gpt2-124m", "params": sum(p.numel() for p in model.parameters()),
         "batch_size": B, "block_size": T, "precision": "bf16-mixed", "compile": use_compile,
         "compile_scope": args.compile_scope if use_compile else None, "vocab_size": config.vocab_size,
         "optimizer": optimizer_name, "warmup_steps": warmup, "timed_steps": timed_steps,
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
         "total_s": round(time.perf_counter() - start, 1),
     }
+    here["load_average_at_end"] = load_average()
     print(f"device {summary['device']}  compile={use_compile} ({summary['compile_scope']})  B={B} T={T} "
           f"V={config.vocab_size}  steps timed {timed_steps}  optimizer {optimizer_name}")
     print(f"tokens/s {tokens_per_s:,.0f}  achieved {summary['achieved_tflops']} TFLOP/s  "
@@ -227,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{flash_kernels[:3] or 'none'}")
     print(f"loss {summary['loss_first']} -> {summary['loss_last']}  total {summary['total_s']} s")
     print(json.dumps(summary))
+    if args.json_out:
+        atomic_write_text(args.json_out, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from lmforge.data.prepare import BATCH_BYTES, BATCH_DOCS  # noqa: E402  (the reference uses the same batches)
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 FILE_MB = 64  # size of each generated .jsonl file
 
@@ -163,6 +164,7 @@ def main(argv=None) -> None:
     if args.child:
         child(*args.child, args)
         return
+    here = machine()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lmforge-bench-"))
     corpus, out = work / "corpus", work / "prepared"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -187,7 +189,9 @@ def main(argv=None) -> None:
     encode_mbs = result["report"]["encoded_bytes"] / 1e6 / timings["encode"]
     lib = {k: mb / ref[f"{k}_s"] for k in ("encode_batch", "encode_batch_fast")}
     best = max(lib.values())
+    here["load_average_at_end"] = load_average()
     summary = {
+        "benchmark": "prepare_throughput", "machine": here,
         "corpus_mb": round(mb, 1),
         "prepare_wall_s": round(result["wall_s"], 1),
         "prepare_timings_s": timings,

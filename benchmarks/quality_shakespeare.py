@@ -31,6 +31,7 @@ from lmforge.config import apply_overrides, read_config_file, run_config_from_di
 from lmforge.data.shards import load_split, read_manifest  # noqa: E402
 from lmforge.eval.perplexity import evaluate_tokens  # noqa: E402
 from lmforge.train.trainer import Trainer, with_vocab_size  # noqa: E402
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 RECIPE = "shakespeare-char"  # the built-in recipe (src/lmforge/configs/shakespeare-char.yaml)
 BUDGET = {"train.max_steps": 2000, "train.batch_size": 12, "train.grad_accum": 1, "model.block_size": 64}
@@ -126,9 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     extra = dict(item.split("=", 1) for item in args.set)
     ensure_data(Path(args.data))
+    here = machine()
     results = {name: run_recipe(name, args, extra) for name in args.recipes.split(",")}
     summary = {"benchmark": "quality_shakespeare", "budget": BUDGET, "target": TARGET, "aim": AIM,
-               "threads": torch.get_num_threads(), "results": results}
+               "machine": here, "results": results}
+    here["load_average_at_end"] = load_average()
     if "recipe" in results and "word2vec" in results:
         summary["word2vec_minus_none"] = round(results["word2vec"]["val_loss_whole_split"]
                                                - results["recipe"]["val_loss_whole_split"], 4)

@@ -42,6 +42,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+
 ALLOWED = {200, 413, 422, 429}
 WORDS = ("ROMEO: ", "JULIET: ", "What light ", "through yonder window ", "breaks? ", "It is the east, ",
          "and Juliet is the sun. ", "Arise, fair sun, ", "and kill the envious moon. ")
@@ -269,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         tmp = Path(tmp)
         checkpoint = Path(args.checkpoint) if args.checkpoint else tiny_checkpoint(tmp)
         requests = make_requests(args.requests, random.Random(args.seed))
-        load_at_start = os.getloadavg()[0]  # other work on the machine slows everything alike
+        here = machine()  # the load average too: other work on the machine slows everything alike
         server = Server(checkpoint, args, args.max_batch_size, tmp / "serve.log")
         try:
             asyncio.run(run_load(server.url, [r for r in requests if r[0] == "valid"][:16], 8))  # warm-up
@@ -287,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         finally:
             code = server.stop()
         summary = {"benchmark": "serve_load", "checkpoint": args.checkpoint or "tiny random (4x128, byte)",
-                   "cpus": os.cpu_count(), "load_average_1min_at_start": round(load_at_start, 2),
+                   "machine": here,
                    "concurrency": args.concurrency, "server": {"max_concurrency": args.max_concurrency,
                    "max_queue": args.max_queue, "max_batch_size": args.max_batch_size, "max_decodes": args.max_decodes,
                    "threads": args.threads},
@@ -302,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.batch_requests:
             summary["batching"] = batching_check(checkpoint, args, tmp)
     print(json.dumps(summary, indent=2))
-    summary["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    here["load_average_at_end"] = load_average()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
     healthy = (summary["unexpected"] == 0 and alive and code == 0

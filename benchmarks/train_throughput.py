@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT, flops_per_token  # noqa: E402
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 CONFIGS = {
     # name: (model config, batch size)
@@ -212,14 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.rounds, args.seconds = 3, 1.0
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    here = machine()
     peaks_fp32 = [matmul_peak(torch.float32)]
     peak_bf16 = matmul_peak(torch.bfloat16)
-    print(f"threads {torch.get_num_threads()}, load average {load_before[0]:.2f}; "
+    print(f"{here['cpu']}, threads {here['torch_threads']}, load average {here['load_average_at_start']}; "
           f"fp32 mm {peaks_fp32[0] / 1e9:.1f} GFLOP/s, bf16 mm {peak_bf16 / 1e9:.1f} GFLOP/s", flush=True)
-    summary = {"benchmark": "train_throughput", "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu_count": os.cpu_count(), "load_average_before": round(load_before[0], 2),
-               "adamw": ADAMW, "rounds": args.rounds, "round_seconds": args.seconds, "configs": {}}
+    summary = {"benchmark": "train_throughput", "machine": here, "adamw": ADAMW, "rounds": args.rounds, "round_seconds": args.seconds, "configs": {}}
     for name in args.configs.split(","):
         summary["configs"][name] = compare_config(name, args, max(peaks_fp32), peak_bf16)
         peaks_fp32.append(matmul_peak(torch.float32))
@@ -231,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["peak_fp32_gflops"] = round(peak / 1e9, 1)
     summary["peak_fp32_gflops_samples"] = [round(p / 1e9, 1) for p in peaks_fp32]
     summary["peak_bf16_gflops"] = round(peak_bf16 / 1e9, 1)
-    summary["load_average_after"] = round(os.getloadavg()[0], 2)
+    here["load_average_at_end"] = load_average()
     summary["targets"] = {
         "fp32_ratio_vs_hf>=1.3": {n: r["fp32"]["ratio"] >= 1.3 for n, r in summary["configs"].items()},
         "mfu_lmforge>=0.70": {n: r["fp32"]["mfu_lmforge"] >= 0.70 for n, r in summary["configs"].items()},
