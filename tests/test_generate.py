@@ -12,7 +12,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.generate import (GenerateConfig, StopText, TextGenerator, apply_inference_dtype, banned_ngram_tokens,
                               decode_rows, filter_logits, generate_batch_ids, generate_ids, make_rows, next_token,
-                              prompt_ids, repetition_penalty)
+                              process_scores, prompt_ids, repetition_penalty)
 from lmforge.model import GPT
 from lmforge.tokenizer import byte_tokenizer
 
@@ -133,11 +133,28 @@ def test_bad_settings_are_refused():
                           (dict(early_stopping="sometimes"), "early_stopping"),
                           (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
                           (dict(stop_strings=[""]), "stop_strings"), (dict(stop_strings=["x"], num_beams=2), "stop_strings"),
-                          (dict(stop_token_ids=[-1]), "stop_token_ids")]:
+                          (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(temperature=1e-300), "temperature"),
+                          (dict(top_p=1e-300), "top_p"), (dict(repetition_penalty=1e-300), "repetition_penalty"),
+                          (dict(repetition_penalty=1e300), "repetition_penalty")]:
         with pytest.raises(ConfigError, match=rf"generate\.{field}(\[\d+\])?="):
             GenerateConfig(**kwargs)
     with pytest.raises(ConfigError, match="max_length=3"):
         generate_ids(model(), [START, 4, 5], max_length=3)
+
+
+def test_the_extreme_sampling_values_allowed_keep_the_distribution_finite():
+    """At the bounds GenerateConfig allows (tiny temperature, top_p, penalty), large logits in float32 or fp16 still
+    give a probability distribution: a bound lowered to where the division overflows fails here."""
+    from lmforge.generate.config import MAX_PENALTY, MIN_TEMPERATURE, MIN_TOP_P
+
+    logits = torch.tensor([[30.0, -30.0, 5.0, 29.0]])  # as large as a trained model's
+    tokens = torch.tensor([[0, 1, 2, 3]])  # every token seen: the penalty applies to all
+    for config in [GenerateConfig(temperature=MIN_TEMPERATURE), GenerateConfig(top_p=MIN_TOP_P),
+                   GenerateConfig(repetition_penalty=1 / MAX_PENALTY), GenerateConfig(repetition_penalty=MAX_PENALTY)]:
+        for dtype in (torch.float32, torch.float16):
+            scores = process_scores(logits.to(dtype), tokens, None, config)
+            probs = filter_logits(scores.float() / config.temperature, top_p=config.top_p).softmax(dim=-1)
+            assert torch.isfinite(probs).all() and abs(probs.sum().item() - 1) < 1e-5, (config, dtype)
 
 
 def test_stream_joins_to_generate_and_holds_partial_characters():

@@ -13,6 +13,13 @@ from lmforge.errors import ConfigError
 Dtype = Literal["fp32", "bf16", "fp16"]  # weights for decoding (generate.quantize.apply_inference_dtype)
 Quantize = Literal["int8"]  # weight-only quantization of the Linear layers
 
+# Bounds that keep sampling finite: below them a division of the logits overflows (float32, and fp16 logits for
+# the repetition penalty) or top_p underflows to 0 in a float32 comparison, and every row samples garbage.
+# vLLM clamps temperature to the same 0.01.
+MIN_TEMPERATURE = 0.01
+MIN_TOP_P = 1e-6
+MAX_PENALTY = 100.0
+
 
 @dataclass
 class GenerateConfig:
@@ -23,16 +30,18 @@ class GenerateConfig:
     max_length: Optional[int] = doc("Prompt (with <START>) plus new tokens at most; overrides max_new_tokens.",
                                     None, ge=1)
     greedy: bool = doc("Always take the most likely token (as does temperature 0).", False)
-    temperature: float = doc("Divide logits by this before sampling; 0 = greedy.", 1.0, ge=0, lt=math.inf,
-                             invalid="0 (greedy) or a positive number")
+    temperature: float = doc(f"Divide logits by this before sampling; 0 = greedy, else at least {MIN_TEMPERATURE}.",
+                             1.0, ge=0, lt=math.inf, invalid=f"0 (greedy) or a number >= {MIN_TEMPERATURE}")
     top_k: Optional[int] = doc("Sample only among the k most likely tokens; null = all.", None, ge=1)
     top_p: Optional[float] = doc("Nucleus sampling: the smallest set of tokens with probability >= top_p; null = 1 "
-                                 "= all.", None, gt=0, le=1, noun="probability")
+                                 "= all.", None, ge=MIN_TOP_P, le=1, noun="probability")
     min_p: Optional[float] = doc("Sample only tokens with probability >= min_p * that of the most likely; null = "
                                  "all.", None, ge=0, le=1, noun="probability")
     repetition_penalty: float = doc("Divide positive logits (multiply negative ones) of tokens already in the "
-                                    "sequence, prompt included, by this (Keskar et al. 2019); 1 = off.", 1.0, gt=0,
-                                    lt=math.inf, invalid="a positive number (1 = off, above 1 discourages repeats)")
+                                    "sequence, prompt included, by this (Keskar et al. 2019); 1 = off.", 1.0,
+                                    ge=1 / MAX_PENALTY, le=MAX_PENALTY,
+                                    invalid=f"a number in [{1 / MAX_PENALTY}, {MAX_PENALTY}] (1 = off, above 1 "
+                                            "discourages repeats)")
     no_repeat_ngram_size: int = doc("Never repeat an n-gram of this size (prompt included); 0 = off.", 0, ge=0)
     num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.",
                          1, ge=1)
@@ -54,6 +63,9 @@ class GenerateConfig:
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         validate(self, "generate")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(f"generate.temperature={self.temperature!r} is invalid: 0 (greedy) or a number >= "
+                              f"{MIN_TEMPERATURE} (smaller ones overflow the logits)")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ConfigError(f"generate.num_return_sequences={self.num_return_sequences} is more than "
                               f"num_beams={self.num_beams}: beam search returns at most num_beams sequences")
