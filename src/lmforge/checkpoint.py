@@ -47,7 +47,7 @@ from torch import nn
 from lmforge.config import RunConfig, run_config_from_dict, to_dict
 from lmforge.distributed import resolve_device, unwrap
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.files import fsync_path, replace_dir, sha256_file
+from lmforge.files import disk_full, fsync_path, replace_dir, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, is_adapted, merge_lora, trained_state_dict
 
 FORMAT = "lmforge-checkpoint-v1"
@@ -450,7 +450,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e):
+        if disk_full(e):
             raise CheckpointError(f"no space left on the device while writing checkpoint {final}; {kept}; free "
                                   f"space (or lower train.keep_last), then continue with --resume auto") from None
         raise CheckpointError(f"cannot write checkpoint {final} ({_one_line(e)}); {kept}; fix the problem, then "

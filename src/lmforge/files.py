@@ -18,6 +18,7 @@ renamed aside to .NAME.old-<pid>-<hex>, the new one is renamed to NAME, the pare
 is the old one deleted. At every instant one complete output exists under a known name; a process killed
 between the two renames leaves the old one under its .old- name, and `recover_output` puts it back.
 On an error the temporary is removed and the exception re-raised: what was there before is untouched.
+A full disk (ENOSPC, EDQUOT) becomes DiskFullError, one line naming the output that was not written.
 
 `check_output` is the `--force` rule: an existing output is replaced only when lmforge wrote it.
 """
@@ -25,6 +26,7 @@ On an error the temporary is removed and the exception re-raised: what was there
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
@@ -35,6 +37,26 @@ from typing import IO, Callable, Iterator, Optional
 from lmforge.errors import LmforgeError
 
 TMP, OLD = "tmp", "old"  # tags of the hidden siblings: .NAME.tmp-<pid>-<hex> (being written), .NAME.old-... (replaced)
+
+
+class DiskFullError(LmforgeError):
+    """No space left (or the quota reached) while writing an output; the previous output is unchanged."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` is a full disk or quota: an OSError's errno, or the Rust I/O error text that
+    safetensors raises ("... (os error 28)")."""
+    return (isinstance(error, DiskFullError) or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            or f"(os error {errno.ENOSPC})" in str(error) or f"(os error {errno.EDQUOT})" in str(error))
+
+
+def _failed(tmp: Path, final: Path, error: BaseException) -> None:
+    """Remove the temporary `tmp` of a failed write of `final`; a full disk raises DiskFullError instead of
+    `error`, which the caller re-raises otherwise."""
+    _remove(tmp)
+    if disk_full(error):
+        raise DiskFullError(f"no space left on the device while writing {final}; nothing of it was kept and what "
+                            f"was there before is unchanged: free space, then run the command again") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -83,7 +105,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     Then the file is fsynced, renamed onto `path` and the parent directory fsynced. On any exception the
     temporary is removed, `path` is left as it was, and the exception propagates. A writer that infers
-    the format from the file name (matplotlib's savefig) must be told the format.
+    the format from the file name (matplotlib's savefig) must be told the format. A full disk raises
+    DiskFullError naming `path`.
     """
     path = Path(path)
     tmp = sibling(path)
@@ -91,8 +114,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
+    except BaseException as e:
+        _failed(tmp, path, e)
         raise
     fsync_path(path.parent)
 
@@ -193,8 +216,8 @@ def recover_output(final: str | Path) -> Optional[Path]:
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty temporary sibling directory; on success it replaces `final` (see replace_dir).
 
-    On any exception the temporary directory is removed and `final` is left as it was. Leftovers of
-    writers of `final` that died are cleaned first (recover_output).
+    On any exception the temporary directory is removed and `final` is left as it was (a full disk raises
+    DiskFullError naming `final`). Leftovers of writers of `final` that died are cleaned first (recover_output).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -204,8 +227,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         replace_dir(tmp, final)
-    except BaseException:
-        _remove(tmp)
+    except BaseException as e:
+        _failed(tmp, final, e)
         raise
 
 
