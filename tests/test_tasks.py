@@ -18,7 +18,7 @@ import torch
 from lmforge.cli import main
 from lmforge.data.batches import IGNORE_INDEX, ExampleBatches, Examples, pack_examples, pad_examples
 from lmforge.data.tasks import encode_example, load_examples, read_task_manifest
-from lmforge.errors import CheckpointError, DataError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer, byte_tokenizer
 from lmforge.train import Trainer
@@ -415,3 +415,113 @@ def test_a_base_model_fine_tuned_on_sft_data_learns_and_resumes_exactly(base, tm
     assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 15]  # bit-identical
     assert resumed.val_loss == full.val_loss
     assert step_losses(tmp_path / "resumed")[30] == step_losses(tmp_path / "full")[30]
+
+
+# ------------------------------------------------------- task metrics during training, best checkpoint, patience
+def eval_records(run_dir: Path) -> list[dict]:
+    from lmforge.train.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+
+
+def test_task_metrics_by_generation_pick_the_best_checkpoint_and_resume_exactly(base, tmp_path):
+    """Every second evaluation generates for a fixed val sample and logs BLEU, chrF, ...; best_metric=val_chrf
+    names the checkpoint with the best chrF, whose weights score that chrF; a run resumed mid-way measures the
+    same metrics and ends with the same best."""
+    from lmforge.checkpoint import best_checkpoint, load_for_inference
+    from lmforge.eval.tasks import first_examples, sampled_text_metrics
+
+    assert prepare(base, tmp_path / "sft", write_jsonl(tmp_path / "r.jsonl", reverse_records(200))) == 0
+    values = {**FINE_TUNE, "data.path": str(tmp_path / "sft"), "train.init_from": str(base), "train.max_steps": 24,
+              "train.eval_interval": 4, "train.save_interval": 4, "train.keep_last": 2, "train.task_eval_every": 2,
+              "train.task_eval_examples": 12, "train.best_metric": "val_chrf", "model.dropout": 0.0, "optim.lr": 1e-2}
+    summary = Trainer(tiny_config(tmp_path / "run", **values), progress=False, tensorboard=False).fit()
+    chrf = {r["step"]: r["val_chrf"] for r in eval_records(tmp_path / "run") if "val_chrf" in r}
+    assert sorted(chrf) == [8, 16, 24]  # every second evaluation (8, 16) and the last step
+    assert len(set(chrf.values())) == 3  # the metric moves: the checks below can tell steps apart
+    assert {"val_bleu", "val_rougeL", "val_exact_match", "val_f1"} <= set(eval_records(tmp_path / "run")[-1])
+    best_step = max(chrf, key=lambda s: (chrf[s], -s))  # the first of equals: only a strict improvement counts
+    assert summary["best"]["step"] == best_step and summary["best"]["value"] == chrf[best_step]
+    best = best_checkpoint(tmp_path / "run")
+    assert best is not None and best.name == f"step-{best_step:08d}" and Path(summary["best_checkpoint"]) == best
+    model, tokenizer, _ = load_for_inference(best)  # the logged metric is what the saved weights score
+    sample = first_examples(load_examples(tmp_path / "sft", "val"), 12)
+    assert sampled_text_metrics(model, tokenizer, sample)["val_chrf"] == pytest.approx(chrf[best_step], abs=1e-9)
+
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-00000020", tmp_path / "resumed" / "checkpoints" / "step-00000020")
+    again = Trainer(tiny_config(tmp_path / "resumed", **{**values, "train.resume": "auto"}), progress=False,
+                    tensorboard=False).fit()
+    assert again["best"] == summary["best"]
+    assert [r for r in eval_records(tmp_path / "resumed") if "val_chrf" in r][-1]["val_chrf"] == chrf[24]
+
+
+def test_pruning_keeps_the_best_checkpoint_by_its_recorded_score(tmp_path):
+    """Checkpoints record {'metric', 'value', 'higher_is_better'}: a higher-is-better metric keeps the highest,
+    val_loss the lowest; unmeasured ones never count as best; checkpoints without a score fall back to val_loss."""
+    from lmforge.checkpoint import best_checkpoint, prune_checkpoints
+    from lmforge.files import atomic_write_text
+
+    def make(run: Path, step: int, state: dict) -> None:
+        ckpt = run / "checkpoints" / f"step-{step:08d}"
+        ckpt.mkdir(parents=True)
+        atomic_write_text(ckpt / "state.json", json.dumps(state))
+        atomic_write_text(ckpt / "manifest.json", json.dumps({"files": {}}))
+
+    chrf = {1: 10.0, 2: 40.0, 3: None, 4: 30.0, 5: 20.0}
+    for step, value in chrf.items():
+        make(tmp_path / "up", step, {"score": {"metric": "val_chrf", "value": value, "higher_is_better": True},
+                                     "val_loss": float(step)})
+    assert best_checkpoint(tmp_path / "up").name == "step-00000002"
+    prune_checkpoints(tmp_path / "up", keep_last=1)
+    assert sorted(p.name for p in (tmp_path / "up" / "checkpoints").iterdir()) == ["step-00000002", "step-00000005"]
+    for step, loss in {1: 3.0, 2: 1.5, 3: 2.0}.items():
+        make(tmp_path / "old", step, {"val_loss": loss})
+    assert best_checkpoint(tmp_path / "old").name == "step-00000002"
+
+
+def test_patience_stops_when_the_metric_stops_improving_and_a_resumed_run_stops_at_the_same_step(base, tmp_path):
+    """A learning rate far too high makes val loss worse after the first evaluations: with patience 2 the run
+    stops 2 evaluations after its best, saves a checkpoint there, and says so; resumed from an earlier checkpoint
+    it stops at the same step with the same best."""
+    assert prepare(base, tmp_path / "sft", write_jsonl(tmp_path / "r.jsonl", reverse_records(200))) == 0
+    values = {**FINE_TUNE, "data.path": str(tmp_path / "sft"), "train.init_from": str(base), "train.max_steps": 60,
+              "train.eval_interval": 2, "train.save_interval": 2, "train.keep_last": 60, "train.patience": 2,
+              "optim.lr": 0.3, "optim.warmup_steps": 0, "optim.grad_clip": 0.0, "model.dropout": 0.0}
+    summary = Trainer(tiny_config(tmp_path / "run", **values), progress=False, tensorboard=False).fit()
+    losses = {r["step"]: r["val_loss"] for r in eval_records(tmp_path / "run")}
+    assert summary["stopped_by"] == "patience" and summary["steps"] < 60
+    best_step = min(losses, key=lambda s: (losses[s], -s))
+    assert summary["best"]["step"] == best_step and summary["steps"] == best_step + 2 * 2  # 2 evaluations later
+    assert all(losses[s] >= losses[best_step] for s in losses if s > best_step)
+    assert (tmp_path / "run" / "checkpoints" / f"step-{summary['steps']:08d}").is_dir()
+
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "run" / "checkpoints" / f"step-{best_step:08d}",
+                    tmp_path / "resumed" / "checkpoints" / f"step-{best_step:08d}")
+    again = Trainer(tiny_config(tmp_path / "resumed", **{**values, "train.resume": "auto"}), progress=False,
+                    tensorboard=False).fit()
+    assert (again["steps"], again["best"], again["stopped_by"]) == (summary["steps"], summary["best"], "patience")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"train.best_metric": "val_bleu"}, "set train.task_eval_every"),
+    ({"train.best_metric": "val_accuracy"}, "measured on classify data"),
+])
+def test_a_best_metric_the_data_cannot_measure_is_refused(base, tmp_path, values, message):
+    assert prepare(base, tmp_path / "sft", write_jsonl(tmp_path / "r.jsonl", reverse_records(40))) == 0
+    config = tiny_config(tmp_path / "run", **{"data.path": str(tmp_path / "sft"), "train.init_from": str(base),
+                                              **values})
+    with pytest.raises(ConfigError, match=message):
+        Trainer(config, progress=False, tensorboard=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_packed_fine_tuning_learns(base, tmp_path):
+    assert prepare(base, tmp_path / "sft", write_jsonl(tmp_path / "r.jsonl", reverse_records(200))) == 0
+    values = {**FINE_TUNE, "data.path": str(tmp_path / "sft"), "train.init_from": str(base), "data.packing": "true",
+              "model.block_size": BLOCK}
+    run = Trainer(tiny_config(tmp_path / "packed", **values), progress=False, tensorboard=False)
+    run.fit()
+    losses = [loss for _, loss in run.history]
+    assert losses[-1] < losses[0] - 2.0, losses

@@ -520,19 +520,39 @@ def _size(n: float) -> str:
     return f"{n:,.1f} TiB"
 
 
+def checkpoint_rank(state: dict[str, Any]) -> Optional[float]:
+    """How good a checkpoint is, lower is better: its train.best_metric measured at its step (state.json 'score',
+    written by the trainer; negated when higher is better), or its val loss (older checkpoints); None if unmeasured."""
+    score = state.get("score")
+    if isinstance(score, dict):
+        value = score.get("value")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        return -float(value) if score.get("higher_is_better") else float(value)
+    loss = state.get("val_loss")
+    return float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None
+
+
+def best_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The complete checkpoint of RUN_DIR with the best score (see checkpoint_rank; the older one on a tie, as the
+    trainer counts only a strict improvement), or None if none was measured."""
+    best, best_rank = None, math.inf
+    for ckpt in complete_checkpoints(run_dir):
+        try:
+            rank = checkpoint_rank(json.loads((ckpt / "state.json").read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if rank is not None and rank < best_rank:
+            best, best_rank = ckpt, rank
+    return best
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
-    """Delete complete checkpoints other than the newest `keep_last` and the best by val loss, and leftovers of
-    interrupted saves; return the deleted paths."""
+    """Delete complete checkpoints other than the newest `keep_last` and the best one (best_checkpoint), and
+    leftovers of interrupted saves; return the deleted paths."""
     found = complete_checkpoints(run_dir)
     keep = set(found[-keep_last:])
-    best, best_loss = None, float("inf")
-    for ckpt in found:
-        try:
-            loss = json.loads((ckpt / "state.json").read_text(encoding="utf-8")).get("val_loss")
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(loss, (int, float)) and loss < best_loss:
-            best, best_loss = ckpt, loss
+    best = best_checkpoint(run_dir)
     if best is not None:
         keep.add(best)
     deleted = [c for c in found if c not in keep]  # never the newest: keep_last >= 1

@@ -347,6 +347,10 @@ class OptimConfig:
 
 
 # --------------------------------------------------------------------------------------------- train
+BestMetric = Literal["val_loss", "val_accuracy", "val_macro_f1", "val_bleu", "val_chrf", "val_rouge1", "val_rouge2",
+                     "val_rougeL", "val_exact_match", "val_f1"]
+
+
 @dataclass
 class TrainConfig:
     """The training loop: steps, batches, evaluation, checkpoints, device."""
@@ -386,6 +390,18 @@ class TrainConfig:
     class_weights: Literal["none", "balanced"] = doc("Classify data: weigh each example's loss by its class, none "
                                                      "(1) or balanced (n / (K * n_k) from the train split's counts).",
                                                      "none")
+    task_eval_every: int = doc("sft task data: every N evaluations (and at the end), generate greedily for the first "
+                               "task_eval_examples val examples and log BLEU, chrF, ROUGE, exact match and token F1 as "
+                               "val_bleu, val_chrf, ...; 0 = never.", 0, ge=0)
+    task_eval_examples: int = doc("Val examples the task metrics of task_eval_every are computed on (the same ones "
+                                  "each time).", 64, ge=1, le=100_000)
+    best_metric: BestMetric = doc("The measurement that picks the best checkpoint (kept by pruning, named at the end) "
+                                  "and that patience follows: val_loss (lower is better), or a task metric (higher is "
+                                  "better): val_accuracy, val_macro_f1 (classify data), val_bleu, val_chrf, val_rouge1, "
+                                  "val_rouge2, val_rougeL, val_exact_match, val_f1 (sft data with task_eval_every).",
+                                  "val_loss")
+    patience: int = doc("Stop early, with a checkpoint, after this many measurements of best_metric in a row without "
+                        "an improvement; 0 = never.", 0, ge=0)
 
     def __post_init__(self) -> None:
         validate(self, "train")

@@ -98,6 +98,35 @@ def evaluate_sft(model: nn.Module, tokenizer: Any, examples: Examples, *, genera
     return metrics, rows
 
 
+def first_examples(examples: Examples, n: Optional[int]) -> Examples:
+    """The first n examples (all of them when n is None or not smaller)."""
+    if n is None or n >= len(examples):
+        return examples
+    return Examples(examples.tokens[:int(examples.offsets[n])], examples.offsets[:n + 1],
+                    None if examples.prompt_lengths is None else examples.prompt_lengths[:n],
+                    None if examples.labels is None else examples.labels[:n])
+
+
+def sampled_text_metrics(model: nn.Module, tokenizer: Any, examples: Examples, batch_size: int = 16
+                         ) -> dict[str, float]:
+    """Task metrics during training: greedy predictions for `examples` (a fixed val sample) scored against their
+    references, as {'val_bleu', 'val_chrf', 'val_rouge1', 'val_rouge2', 'val_rougeL', 'val_exact_match',
+    'val_f1'}. Deterministic, consumes no random numbers (a resumed run measures the same)."""
+    from lmforge.eval.metrics import text_metrics
+
+    prompts, references = split_prompts(examples, tokenizer.end_id)
+    budget = max(len(r) for r in references) + 1
+    was_training = model.training
+    model.eval()
+    try:
+        predicted = predict(model, tokenizer, prompts, GenerateConfig(temperature=0.0, max_new_tokens=budget),
+                            batch_size)
+    finally:
+        model.train(was_training)
+    scores = text_metrics([tokenizer.decode(ids) for ids in predicted], [tokenizer.decode(ids) for ids in references])
+    return {f"val_{k}": float(v) for k, v in scores.items() if k not in ("examples",) and not k.endswith("signature")}
+
+
 @torch.no_grad()
 def evaluate_classify(model: nn.Module, tokenizer: Any, examples: Examples, labels: list[str], pad_id: int,
                       batch_size: int = 16) -> tuple[dict[str, Any], list[dict]]:
@@ -164,12 +193,7 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
         from lmforge.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
-    examples = load_examples(data_dir, split)
-    if max_examples is not None and max_examples < len(examples):
-        n = max_examples
-        examples = Examples(examples.tokens[:int(examples.offsets[n])], examples.offsets[:n + 1],
-                            None if examples.prompt_lengths is None else examples.prompt_lengths[:n],
-                            None if examples.labels is None else examples.labels[:n])
+    examples = first_examples(load_examples(data_dir, split), max_examples)
     out_dir = Path(out) if out is not None else Path(ckpt).parent.parent / "eval" / split
     if manifest["task"] == "classify":
         from lmforge.eval.metrics import plot_confusion_matrix

@@ -42,7 +42,7 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
                                 load_training_state, newest_intact_checkpoint, prune_checkpoints, read_run_config,
                                 resolve_checkpoint,
                                 restore_rng, save_checkpoint, verified_checkpoint)
-from lmforge.checkpoint import check_base, lora_base
+from lmforge.checkpoint import best_checkpoint, check_base, lora_base
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, as_peer_failure, barrier,
@@ -58,6 +58,7 @@ from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
 from lmforge.train.precision import autocast
 from lmforge.train.schedule import build_schedule
+from lmforge.train.selection import BestTracker
 
 ValBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -100,6 +101,7 @@ class PreparedData:
     manifest_sha256: Optional[str] = None  # of DIR/manifest.json: a resumed run checks it is the same data
     task: Optional[dict[str, Any]] = None  # task data: {"task", "template"} or {"task", "labels"}, into checkpoints
     label_counts: Optional[list[int]] = None  # classify data: train examples per label id (class weights)
+    val_examples: Optional[Any] = None  # sft data: the val split's Examples (task metrics by generation)
 
 
 def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
@@ -114,6 +116,9 @@ def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
     data_dir = Path(config.data.path)
     if is_task_data(data_dir):
         return build_task_data(config, info)
+    if config.data.packing:
+        raise ConfigError(f"data.packing packs sft task examples, but {data_dir} holds a token stream, whose windows "
+                          f"are already full rows: drop data.packing")
     manifest = read_manifest(data_dir)
     T, B, seed = config.model.block_size, config.train.batch_size, config.train.seed
     train_tokens = load_split(data_dir, "train")
@@ -132,7 +137,8 @@ def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
 
 def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
     """Batches of whole examples from task data (`lmforge prepare --task sft`): the train stream right-padded
-    to each batch's longest example, labels IGNORE_INDEX on prompt tokens and padding; fixed val batches."""
+    to each batch's longest example (or packed, data.packing), labels IGNORE_INDEX on prompt tokens and padding;
+    fixed val batches."""
     from lmforge.data.batches import ExampleBatches, fixed_example_batches
     from lmforge.data.tasks import load_examples, read_task_manifest
 
@@ -142,8 +148,9 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
     specials = manifest["special_tokens"]
     pad = specials["pad"] if specials.get("pad") is not None else specials["end"]
     train = ExampleBatches(load_examples(data_dir, "train"), T, B, seed=seed, shuffle=config.data.sampling == "random",
-                           rank=info.rank, world_size=info.world_size, pad_id=pad)
-    val = fixed_example_batches(load_examples(data_dir, "val"), T, B, config.train.eval_batches, rank=info.rank,
+                           rank=info.rank, world_size=info.world_size, pad_id=pad, packing=config.data.packing)
+    val_examples = load_examples(data_dir, "val")
+    val = fixed_example_batches(val_examples, T, B, config.train.eval_batches, rank=info.rank,
                                 world_size=info.world_size, pad_id=pad)
     if manifest["task"] == "classify":  # batches (x, labels (B,), attention_mask): a classify head reads them
         labels = manifest["labels"]
@@ -152,7 +159,21 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
                             label_counts=[int(manifest["label_counts"]["train"][name]) for name in labels])
     return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
                         _sha256_or_none(data_dir / "manifest.json"),
-                        task={"task": manifest["task"], "template": manifest["template"]})
+                        task={"task": manifest["task"], "template": manifest["template"]}, val_examples=val_examples)
+
+
+def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
+    """Refuse train.best_metric / task_eval_every settings the data cannot measure."""
+    kind = task["task"] if task is not None else None
+    if tc.task_eval_every and kind != "sft":
+        raise ConfigError(f"train.task_eval_every={tc.task_eval_every} generates for sft task data, but the data is "
+                          f"{kind or 'a token stream'}: set it to 0")
+    if tc.best_metric in ("val_accuracy", "val_macro_f1") and kind != "classify":
+        raise ConfigError(f"train.best_metric={tc.best_metric} is measured on classify data (`lmforge prepare --task "
+                          f"classify`): use val_loss")
+    if tc.best_metric not in ("val_loss", "val_accuracy", "val_macro_f1") and not (kind == "sft" and tc.task_eval_every):
+        raise ConfigError(f"train.best_metric={tc.best_metric} is measured by generating on sft task data: prepare it "
+                          f"with `lmforge prepare --task sft` and set train.task_eval_every (e.g. 1), or use val_loss")
 
 
 def with_init_model(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
@@ -221,6 +242,7 @@ class Trainer:
         self.device = resolve_device(tc.device, _local_rank())
         self.dist = setup_distributed(self.device, tc.dist_timeout)
         self.data_manifest_sha256: Optional[str] = None
+        self.val_examples: Optional[Any] = None  # sft data: val Examples for task_eval_every
         self.task: Optional[dict[str, Any]] = None  # task data's {"task", "template"}: generate/serve apply the same
         config, init_ckpt = with_init_model(config)
         if train_data is None:
@@ -231,7 +253,7 @@ class Trainer:
                 raise DataError(f"{config.data.path} has vocab_size={data.vocab_size}, more than the model of "
                                 f"{init_ckpt} ({config.model.vocab_size}); prepare it with that model's tokenizer")
             train_data, val_batches, tokenizer_file = data.train, data.val, data.tokenizer_file
-            self.data_manifest_sha256, self.task = data.manifest_sha256, data.task
+            self.data_manifest_sha256, self.task, self.val_examples = data.manifest_sha256, data.task, data.val_examples
         self.labels: Optional[list[str]] = None  # classify data: the label names, ids = their index
         self.val_metrics: dict[str, float] = {}  # classify: val_accuracy, val_macro_f1 of the last evaluation
         self.class_weights: Optional[torch.Tensor] = None  # (K,) train.class_weights: balanced
@@ -243,6 +265,10 @@ class Trainer:
         elif tc.class_weights != "none":
             raise ConfigError(f"train.class_weights={tc.class_weights!r} weighs classes, but {config.data.path} is not "
                               "classify data (`lmforge prepare --task classify`); drop the setting")
+        check_selection(config.train, self.task)
+        self.selection = BestTracker(tc.best_metric, tc.patience)  # the best checkpoint, and early stopping
+        self.measured: dict[str, float] = {}  # the last evaluation's measurements (val_loss, task metrics)
+        self.early_stopped = False
         self.config = config
         self.train_data = train_data
         self.val_batches = val_batches or []
@@ -284,6 +310,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.throughput = Throughput(self.tokens_seen, self.device)
         self._progress, self._tensorboard = progress, tensorboard
+        self._tokenizer: Optional[Any] = None  # loaded for task metrics
 
     # ---------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -306,10 +333,16 @@ class Trainer:
                     self.maybe_log(loss_sum, count, grad_norm, lr)
                     self.maybe_eval()
                     saved = self.maybe_save()
-                    if self.stop_requested:
+                    if self.stop_requested or self.early_stopped:
                         if not saved:
                             with self.throughput.paused():
                                 self.save()
+                        if self.early_stopped:
+                            sel = self.selection
+                            self.logger.info(f"stopped early at step {self.step}: {sel.metric} has not improved on "
+                                             f"{sel.value:.4f} (step {sel.step}) for {sel.since} evaluations "
+                                             f"(train.patience={sel.patience})")
+                            break
                         by = self.stop_signal or "a signal to another process"
                         self.logger.info(f"stopped at step {self.step} by {by}: checkpoint {self.last_checkpoint}; "
                                          f"continue with --resume auto")
@@ -348,12 +381,17 @@ class Trainer:
         val = f"val loss {self.val_loss:.4f}, " if self.val_loss is not None else ""
         self.logger.info(f"done: {self.step} steps, {self.tokens_seen:,} tokens, {val}"
                          f"checkpoint {self.last_checkpoint}, plot {plot}")
+        best = best_checkpoint(self.run_dir) if self.dist.is_main else None
+        if best is not None and self.selection.value is not None:
+            self.logger.info(f"best: {best} ({self.selection.metric} {self.selection.value:.4f} at step "
+                             f"{self.selection.step})")
         barrier(self.dist)  # no process leaves (and tears down the group) while rank 0 still writes
         return {
             "run_dir": str(self.run_dir), "steps": self.step, "tokens_seen": self.tokens_seen,
             "train_loss": self.history[-1][1] if self.history else None, "val_loss": self.val_loss,
             "best_val_loss": self.best_val_loss, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "stopped_by": self.stop_signal if self.stop_requested else None,
+            "stopped_by": self.stop_signal if self.stop_requested else ("patience" if self.early_stopped else None),
+            "best": self.selection.state_dict(), "best_checkpoint": str(best) if best else None,
             "skipped_nonfinite": self.guard.skipped_nonfinite, "skipped_spike": self.guard.skipped_spike,
             "plot": str(plot) if plot else None, "elapsed_s": time.perf_counter() - self.started,
             "parameters": sum(p.numel() for p in self.raw_model.parameters()),  # a tied matrix counted once
@@ -536,11 +574,40 @@ class Trainer:
             return
         if self.best_val_loss is None or self.val_loss < self.best_val_loss:
             self.best_val_loss = self.val_loss
+        self.measured = {"val_loss": self.val_loss, **self.val_metrics}
         if self.labels is not None:  # a classifier: accuracy and macro-F1 instead of a perplexity over labels
-            self.logger.log("eval", self.step, {"val_loss": self.val_loss, **self.val_metrics})
-            return
-        self.logger.log("eval", self.step, {"val_loss": self.val_loss,
-                                            "val_perplexity": math.exp(min(self.val_loss, 700.0))})
+            self.logger.log("eval", self.step, self.measured)
+        else:
+            self.logger.log("eval", self.step, {"val_loss": self.val_loss,
+                                                "val_perplexity": math.exp(min(self.val_loss, 700.0))})
+        if self.task_eval_due():
+            with self.throughput.paused():
+                task = self.task_metrics()
+            self.logger.log("eval", self.step, task)
+            self.measured.update(task)
+        self.selection.update(self.step, self.measured)
+        self.early_stopped = self.selection.exhausted
+
+    def task_eval_due(self) -> bool:
+        """sft data with train.task_eval_every = N: at every N-th evaluation and at the last step."""
+        tc = self.config.train
+        if not tc.task_eval_every or self.val_examples is None:
+            return False
+        if self.step == tc.max_steps:
+            return True
+        return bool(tc.eval_interval) and (self.step // tc.eval_interval) % tc.task_eval_every == 0
+
+    def task_metrics(self) -> dict[str, float]:
+        """BLEU, chrF, ROUGE, exact match, token F1 of greedy predictions for the fixed val sample. Every process
+        computes them on the same weights, so all agree on the best step and on stopping."""
+        from lmforge.eval.tasks import first_examples, sampled_text_metrics
+        from lmforge.tokenizer import Tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.load(self.tokenizer_file)
+        sample = first_examples(self.val_examples, self.config.train.task_eval_examples)
+        with autocast(self.config.train.precision, self.device):
+            return sampled_text_metrics(unwrap(self.raw_model), self._tokenizer, sample, self.config.train.batch_size)
 
     def maybe_save(self) -> bool:
         """Every save_interval steps (and the last): a checkpoint, then prune to keep_last + best. True if saved."""
@@ -560,8 +627,9 @@ class Trainer:
             state = {"tokens_seen": self.tokens_seen, "val_loss": self.val_loss if measured_now else None,
                      "last_val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
                      "world_size": self.dist.world_size, "ranks": per_rank, "guard": self.guard.state_dict(),
-                     "tokenizer_sha256": _sha256_or_none(self.tokenizer_file),
                      "data_manifest_sha256": self.data_manifest_sha256, "data_path": self.config.data.path}
+            state["score"] = self.selection.score(self.measured if measured_now else {})
+            state["selection"] = self.selection.state_dict()
             if self.task is not None:
                 state["task"] = self.task
             if self.base is not None:  # a LoRA run: model.safetensors holds adapters (and heads), the base is named
@@ -624,6 +692,7 @@ class Trainer:
             if len(ranks) == self.dist.world_size:  # another process count cannot continue the same RNG streams
                 restore_rng(mine["rng"])
             self.guard.load_state_dict(state.get("guard") or {})
+            self.selection.load_state_dict(state.get("selection") or {})
         except LmforgeError:
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError):
