@@ -1,8 +1,9 @@
 """PEFT export: lmforge's LoRA adapters as a Hugging Face PEFT adapter that peft loads onto the exported base.
 
-Every HF model here is the lmforge model exported with hf_export.hf_files into a temp directory; the adapter is
-loaded with peft.PeftModel.from_pretrained and compared with the lmforge adapted model in fp32 on sharp weights
-(std 0.3), so a wrong scale, a swapped or transposed A/B or a misplaced block of B shows in the logits.
+Every HF model here is the lmforge model exported with peft_export.base_files into a temp directory; the adapter
+is loaded with peft.PeftModel.from_pretrained and compared with the lmforge adapted model in fp32 on sharp weights
+(std 0.3), so a wrong scale, a swapped or transposed A/B or a misplaced block of B shows in the logits. Language
+models (CAUSAL_LM) and classifiers (SEQ_CLS, the trained head carried in the adapter as modules_to_save).
 """
 
 import json
@@ -18,10 +19,12 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.errors import ConfigError  # noqa: E402
 from lmforge.interop.hf_export import HFExportError, hf_files  # noqa: E402
-from lmforge.interop.peft_export import CONFIG, WEIGHTS, export_peft, peft_adapter_files  # noqa: E402
+from lmforge.interop.peft_export import CONFIG, WEIGHTS, base_files, export_peft, peft_adapter_files  # noqa: E402
 from lmforge.lora import LoRAConfig, apply_lora, lora_parameters  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
+from lmforge.tokenizer import byte_tokenizer  # noqa: E402
 
 TOLERANCE = 1e-5  # fp32, max abs difference of logits
 MERGED_TOLERANCE = 5e-5  # after merging: W + scale B A is rounded once per weight, and differences add up over layers
@@ -41,6 +44,7 @@ CASES = {
     "llama-k-head": (LLAMA_STYLE, ["k", "head"], {"self_attn.k_proj": 4, "lm_head": 4}),
 }
 R, ALPHA = 4, 6.0  # scale 1.5: neither 1 nor the 2 a forgotten rank factor of 2 would give
+CLASSIFIERS = {"gpt2": GPT2_STYLE, "llama": LLAMA_STYLE}
 
 
 def sharp_model(model_options: dict, seed: int = 0) -> GPT:
@@ -59,24 +63,43 @@ def adapted_model(case: str) -> tuple[GPT, LoRAConfig, dict]:
     model = sharp_model(model_options)
     base_files = hf_files(model, tokenizer=None)
     lora = LoRAConfig(r=R, alpha=ALPHA, targets=targets)
-    apply_lora(model, lora)
+    return random_adapters(apply_lora(model, lora)), lora, base_files
+
+
+def random_adapters(model: GPT) -> GPT:
+    """The adapted model with A and B of std 0.3 (B is 0 at init: the adapters would change nothing)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in lora_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model, lora, base_files
+    return model
 
 
-def export_both(model: GPT, lora: LoRAConfig, root) -> tuple:
-    """The base as an HF directory (hf_files of the adapted model) and the adapter as a PEFT directory."""
+def adapted_classifier(arch: str) -> tuple[GPT, LoRAConfig, object]:
+    """A sharp 3-label classifier on the byte vocabulary (so its export names a pad token) with random adapters on
+    q, v, o, mlp; its head (std 0.3) stands for the one a LoRA run trains whole. Also its LoRAConfig and tokenizer."""
+    tok = byte_tokenizer()
+    model = sharp_model(dict(CLASSIFIERS[arch], vocab_size=tok.vocab_size, head="classify", num_labels=3))
+    lora = LoRAConfig(r=R, alpha=ALPHA, targets=["q", "v", "o", "mlp"])
+    return random_adapters(apply_lora(model, lora)), lora, tok
+
+
+def export_both(model: GPT, lora: LoRAConfig, root, tokenizer=None) -> tuple:
+    """The base as an HF directory (base_files of the adapted model) and the adapter as a PEFT directory."""
     base = root / "base"
     base.mkdir()
-    for name, content in hf_files(model, tokenizer=None).items():
+    for name, content in base_files(model, tokenizer).items():
         if name.endswith(".safetensors"):
             save_file(content, str(base / name), metadata={"format": "pt"})
         else:
             (base / name).write_text(json.dumps(content))
     return base, export_peft(model, lora, root / "adapter", str(base))
+
+
+def shapes(directory) -> dict[str, tuple]:
+    """{tensor name: shape} of the adapter weights in `directory`."""
+    with safe_open(directory / WEIGHTS, "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -126,10 +149,6 @@ def test_names_shapes_and_scales_are_those_peft_saves_itself(tmp_path, case):
     # (for vocabularies resized in training); an lmforge adapter never changes the base, which has that weight.
     peft.get_peft_model(hf, peft_config).save_pretrained(tmp_path / "peft", save_embedding_layers=False)
 
-    def shapes(directory):
-        with safe_open(directory / WEIGHTS, "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-
     assert shapes(adapter_dir) == shapes(tmp_path / "peft")
     # every adapted module scales by lmforge's alpha / r, whatever its rank
     loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
@@ -175,7 +194,50 @@ def test_export_replaces_only_an_earlier_peft_export_and_only_with_force(tmp_pat
     assert torch.equal(B[32:64], model.blocks[0].attn.qkv.lora["k"].B)  # the new adapter replaced the old
 
 
-def test_refuses_what_peft_cannot_load_as_a_causal_lm_adapter(tmp_path):
+@pytest.mark.parametrize("arch", CLASSIFIERS)
+def test_peft_loads_a_classifier_adapter_with_its_trained_head_onto_the_exported_base(tmp_path, arch):
+    model, lora, tok = adapted_classifier(arch)
+    base_dir, adapter_dir = export_both(model, lora, tmp_path, tok)
+    ids = torch.randint(3, tok.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    ids[1, 12:] = tok.pad_id  # right-padded rows: both read each row's last real token
+    ids[2, 5:] = tok.pad_id
+    mask = ids != tok.pad_id
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)  # (3, num_labels)
+
+    def scores(hf_model) -> torch.Tensor:
+        with torch.no_grad():
+            return hf_model(ids, attention_mask=mask.long()).logits
+
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
+    assert type(base).__name__ == ("GPT2ForSequenceClassification" if arch == "gpt2"
+                                   else "LlamaForSequenceClassification")
+    assert not scores(base).any()  # the base's score is zeros: the trained head travels in the adapter
+    theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    assert ours.abs().max() > 1.0 and (scores(theirs) - ours).abs().max() <= TOLERANCE
+    assert (scores(theirs.merge_and_unload()) - ours).abs().max() <= MERGED_TOLERANCE
+    auto = peft.AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir).eval()
+    assert (scores(auto) - ours).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", CLASSIFIERS)
+def test_a_classifier_adapter_is_what_peft_saves_for_seq_cls_with_the_head_as_modules_to_save(tmp_path, arch):
+    model, lora, tok = adapted_classifier(arch)
+    base_dir, adapter_dir = export_both(model, lora, tmp_path, tok)
+    config = json.loads((adapter_dir / CONFIG).read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    # peft's own SEQ_CLS adapter for the same modules and ranks (it adds score to modules_to_save itself)
+    peft_config = peft.LoraConfig(task_type="SEQ_CLS", r=config["r"], lora_alpha=config["lora_alpha"],
+                                  target_modules=config["target_modules"], rank_pattern=config["rank_pattern"],
+                                  fan_in_fan_out=arch == "gpt2")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir)
+    peft.get_peft_model(hf, peft_config).save_pretrained(tmp_path / "peft")
+    assert shapes(adapter_dir) == shapes(tmp_path / "peft")
+    with safe_open(adapter_dir / WEIGHTS, "pt") as f:
+        assert torch.equal(f.get_tensor("base_model.model.score.weight"), model.classifier.weight)
+
+
+def test_refuses_what_peft_cannot_load(tmp_path):
     plain = sharp_model(GPT2_STYLE)
     with pytest.raises(HFExportError, match="no LoRA adapters"):
         peft_adapter_files(plain, LoRAConfig())
@@ -185,7 +247,7 @@ def test_refuses_what_peft_cannot_load_as_a_causal_lm_adapter(tmp_path):
     model.blocks[0].attn.qkv.merge()
     with pytest.raises(HFExportError, match="merged"):
         export_peft(model, lora, tmp_path / "out")
-    classifier = apply_lora(sharp_model(dict(GPT2_STYLE, head="classify", num_labels=3)), LoRAConfig())
-    with pytest.raises(HFExportError, match="head: lm"):
-        peft_adapter_files(classifier, LoRAConfig())
     assert not (tmp_path / "out").exists()
+    # A classifier's head trains whole in a LoRA run; a low-rank update on top of it is refused, with the fix.
+    with pytest.raises(ConfigError, match=r"model.head: classify.*trains whole: drop head from lora.targets"):
+        apply_lora(sharp_model(dict(GPT2_STYLE, head="classify", num_labels=3)), LoRAConfig(targets=["q", "head"]))

@@ -11,7 +11,8 @@ Targets name what to adapt (LoRAConfig.targets), mapped onto the model's Linear 
     q, k, v   their slices of the fused attn.qkv output ([q; k; v], sizes nh*hd, nkv*hd, nkv*hd), one A, B each
     o         attn.proj (W^O), whole
     mlp       mlp.fc (gate and up fused, for swiglu) and mlp.proj, whole
-    head      lm_head, whole; refused when lm_head is tied to tok_emb (merging would change the embedding too)
+    head      lm_head, whole; refused when lm_head is tied to tok_emb (merging would change the embedding too), and
+              for a classifier, whose head (HEADS) trains whole
 
 `apply_lora` replaces each such nn.Linear by a `LoRALinear` that keeps the same weight and bias Parameters
 under the same names, so an adapted model's state_dict is the plain model's plus the adapters, named
@@ -145,6 +146,9 @@ def lora_plan(model: GPT, config: LoRAConfig) -> dict[str, dict[str, tuple[int, 
     plan: dict[str, dict[str, tuple[int, int]]] = {}
     for target in config.targets:
         if target == "head":
+            if c.head == "classify":  # a low-rank update of a head that trains whole adds nothing it could not learn
+                raise ConfigError("lora.targets has head, but this model is a classifier (model.head: classify), "
+                                  "whose classification head a LoRA run trains whole: drop head from lora.targets")
             if model.lm_head.weight is model.tok_emb.weight:
                 raise ConfigError("lora.targets has head, but this model's lm_head is tied to tok_emb "
                                   "(model.tie_embeddings=true) and merging would change the embedding too: "

@@ -73,10 +73,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = Fals
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a Hugging Face directory.
 
     A LoRA run gives its base model in OUT and its adapters in PEFT's format in OUT/adapter (peft loads them onto
-    OUT: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT), OUT/adapter)); with merge, the
-    adapters merged into the weights, one plain model. Returns out_dir. An existing non-empty out_dir is
-    replaced (whole, once the new export is complete) only with force and only if it is an earlier lmforge
-    export; anything else raises HFExportError.
+    OUT: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT), OUT/adapter); a classifier's
+    trained head is in the adapter too, see peft_export); with merge, the adapters merged into the weights, one
+    plain model. Returns out_dir. An existing non-empty out_dir is replaced (whole, once the new export is
+    complete) only with force and only if it is an earlier lmforge export; anything else raises HFExportError.
     """
     from lmforge.checkpoint import load_adapted_lora, read_run_config, verified_checkpoint
 
@@ -91,10 +91,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = Fals
     files = hf_files(model, tokenizer)
     adapter: dict[str, Any] = {}
     if config.lora is not None and not merge:
-        from lmforge.interop.peft_export import peft_adapter_files
+        from lmforge.interop.peft_export import base_files, peft_adapter_files
 
         adapted = load_adapted_lora(ckpt, config)
-        files = hf_files(adapted, tokenizer)  # the base's weights: hf names leave the adapters out
+        files = base_files(adapted, tokenizer)  # the frozen weights: hf names leave the adapters (and a head) out
         adapter = peft_adapter_files(adapted, config.lora, base_name_or_path=str(out_dir.resolve()))
     with atomic_dir(out_dir) as tmp:  # files inside are fsynced before the directory is renamed into place
         _write(tmp, files)

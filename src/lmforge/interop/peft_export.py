@@ -1,11 +1,15 @@
 """LoRA adapters of an lmforge model -> a Hugging Face PEFT adapter that `peft` loads onto the exported base.
 
-    OUT/adapter_config.json          LoraConfig: peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules,
-                                     rank_pattern / alpha_pattern where modules differ in rank, fan_in_fan_out (GPT-2)
-    OUT/adapter_model.safetensors    base_model.model.<HF module>.lora_A.weight (r, in), .lora_B.weight (out, r), fp32
+    OUT/adapter_config.json          LoraConfig: peft_type LORA, task_type CAUSAL_LM (SEQ_CLS for a classifier), r,
+                                     lora_alpha, target_modules, rank_pattern / alpha_pattern where modules differ in
+                                     rank, fan_in_fan_out (GPT-2), modules_to_save (a classifier: ["score"])
+    OUT/adapter_model.safetensors    base_model.model.<HF module>.lora_A.weight (r, in), .lora_B.weight (out, r), fp32;
+                                     a classifier's head, trained whole: base_model.model.score.weight (num_labels, C)
 
-The base is the same model exported by hf_export (an adapted model's state_dict holds the frozen weights under
-their plain names, so hf_files of the adapted model is its base). PEFT computes, per HF module,
+The base is the model hf_export writes for the adapted model (base_files: its state_dict holds the frozen weights
+under their plain names). A classifier's head is not frozen: a LoRA run trains it whole, so it travels in the
+adapter as PEFT saves a head it trains (modules_to_save, HF's `score` = lmforge's `classifier`), and the base holds
+zeros in its place. PEFT computes, per HF module,
 y = base(x) + (lora_alpha / r) * x A^T B^T, with A (r, in) and B (out, r) also for GPT-2's Conv1D, whose
 fan_in_fan_out=True only transposes the delta when merging (peft tuners/lora/layer.py).
 
@@ -36,7 +40,7 @@ from lmforge import __version__
 from lmforge.config import ModelConfig
 from lmforge.files import atomic_dir, atomic_path, atomic_write_text, check_output
 from lmforge.interop import hf_gpt2
-from lmforge.interop.hf_export import HFExportError, converter_for_model
+from lmforge.interop.hf_export import HFExportError, converter_for_model, hf_files
 from lmforge.lora import LoRAConfig, LoRALinear
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -52,6 +56,8 @@ HF_MODULES = {
               "mlp.fc": ("mlp.gate_proj", "mlp.up_proj"), "mlp.proj": ("mlp.down_proj",)},
 }
 HF_BLOCK = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}."}
+# model.head -> PEFT's task_type, and the HF modules the run trained whole (lora.HEADS), saved as modules_to_save
+TASKS = {"lm": ("CAUSAL_LM", ()), "classify": ("SEQ_CLS", ("score",))}
 
 
 def _row_sizes(arch: str, linear: str, config: ModelConfig, out_features: int) -> tuple[int, ...]:
@@ -85,18 +91,17 @@ def _number(x: float) -> float | int:
 def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
                        base_name_or_path: Optional[str] = None) -> dict[str, Any]:
     """{"adapter_config.json": dict, "adapter_model.safetensors": {name: fp32 tensor}} of a model adapted by
-    apply_lora (GPT-2 style or Llama style, as hf_export.converter_for_model decides).
+    apply_lora (GPT-2 style or Llama style, as hf_export.converter_for_model decides); a classifier's adapter also
+    holds its trained head (modules_to_save), for the base of base_files.
 
     `base_name_or_path` is recorded as the config's base_model_name_or_path (where AutoPeftModel finds the base:
-    a hub id or the directory export_hf wrote). Raises HFExportError for a model with no HF equivalent, a
-    classifier, no adapters, or merged adapters; ValueError when `lora_config` is not the one the model was adapted
-    with (another r or scale).
+    a hub id or the directory export_hf wrote). Raises HFExportError for a model with no HF equivalent, no
+    adapters, or merged adapters; ValueError when `lora_config` is not the one the model was adapted with (another
+    r or scale).
     """
     config: ModelConfig = model.config
     arch = "gpt2" if converter_for_model(config) is hf_gpt2 else "llama"
-    if config.head != "lm":
-        raise HFExportError(f"model.head={config.head!r}: PEFT export covers language models (head: lm) only; "
-                            "export the merged model with --merge instead")
+    task_type, modules_to_save = TASKS[config.head]
     adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     if not adapted:
         raise HFExportError("the model has no LoRA adapters to export as PEFT: export it as a plain HF model")
@@ -123,12 +128,15 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
                 B[first - lo:last - lo, j * r:(j + 1) * r] = a.B[first - a.start:last - a.start].float().cpu()
             weights[f"{PREFIX}{hf}.lora_A.weight"], weights[f"{PREFIX}{hf}.lora_B.weight"] = A, B
             ranks[hf.split(".", 3)[-1]] = A.shape[0]  # "attn.c_attn", "self_attn.q_proj", "lm_head"
+    if modules_to_save:  # the trained head under its HF name (the converter's mapping), e.g. score.weight
+        heads = _trained_heads(hf_files(model, tokenizer=None)["model.safetensors"], modules_to_save)
+        weights.update({PREFIX + name: tensor for name, tensor in heads.items()})
     # Default r: the smallest rank (lmforge's r wherever a module holds one adapter); the others as patterns.
     default_r = min(ranks.values())
     rank_pattern = {m: k for m, k in ranks.items() if k != default_r}
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base_name_or_path,
         "r": default_r,
         "lora_alpha": _number(lora_config.alpha * default_r / lora_config.r),
@@ -140,10 +148,25 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) or None,
         "inference_mode": True,
     }
     return {CONFIG: adapter_config, WEIGHTS: weights}
+
+
+def _trained_heads(hf_weights: dict[str, torch.Tensor], modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of HF weights that belong to `modules` (TASKS' modules_to_save): {"score.weight": ...}."""
+    return {name: tensor for name, tensor in hf_weights.items() if name.split(".", 1)[0] in modules}
+
+
+def base_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """hf_files of the base that the adapter of peft_adapter_files applies to: the adapted model's frozen weights.
+    A head trained whole (a classifier's score) is zeros here, its trained values being in the adapter: the base
+    alone scores every label 0, and only base + adapter is the model the run trained."""
+    files = hf_files(model, tokenizer)
+    for tensor in _trained_heads(files["model.safetensors"], TASKS[model.config.head][1]).values():
+        tensor.zero_()
+    return files
 
 
 def export_peft(model: torch.nn.Module, lora_config: LoRAConfig, out_dir: str | Path,
