@@ -525,3 +525,23 @@ def test_packed_fine_tuning_learns(base, tmp_path):
     run.fit()
     losses = [loss for _, loss in run.history]
     assert losses[-1] < losses[0] - 2.0, losses
+
+
+def test_a_tiny_text_to_text_model_beats_the_copy_baseline_in_bleu(base, tmp_path):
+    """A class letter at the end of the prompt names one of four 4-word answers: after fine-tuning, `lmforge eval`
+    scores the model's greedy answers on val above copying the input (which shares no word with any answer)."""
+    from lmforge.eval.metrics import text_metrics
+
+    answers = {"a": "p q r s", "b": "s r q p", "c": "q p s r", "d": "r s p q"}
+    rng = random.Random(0)
+    records = [{"prompt": f"{rng.randint(0, 99)}{k}", "completion": answers[k]}
+               for k in (rng.choice("abcd") for _ in range(300))]
+    assert prepare(base, tmp_path / "sft", write_jsonl(tmp_path / "r.jsonl", records)) == 0
+    values = {**FINE_TUNE, "data.path": str(tmp_path / "sft"), "train.init_from": str(base), "train.max_steps": 120,
+              "train.eval_interval": 0, "train.save_interval": 0, "model.dropout": 0.0}
+    Trainer(tiny_config(tmp_path / "run", **values), progress=False, tensorboard=False).fit()
+    assert main(["eval", str(tmp_path / "run"), "--split", "val", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval" / "val" / "predictions.jsonl").open()]
+    model = json.loads((tmp_path / "run" / "eval" / "val" / "metrics.json").read_text())
+    copy = text_metrics([r["input"] for r in rows], [r["reference"] for r in rows])
+    assert model["bleu"] > copy["bleu"] + 3.0, (model["bleu"], copy["bleu"])
