@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,21 @@ def test_finetune_tasks_runs_every_variant_against_its_baselines(tmp_path):
     assert 0 < speaker["baseline_most_frequent"]["exact_match"] < 1 and speaker["test_examples"] > 0
     assert sentiment["baseline_majority"]["accuracy"] == pytest.approx(0.5)  # 100 + 100 sentences, stratified
     assert all(0 <= m["accuracy"] <= 1 for m in sentiment["models"].values()) and summary["machine"]
+
+
+@pytest.mark.slow
+def test_lora_memory_measures_both_variants_in_their_own_processes(tmp_path):
+    out = tmp_path / "lora_memory.json"
+    summary = load("lora_memory").main(["--layers", "2", "--width", "64", "--heads", "2", "--vocab", "512",
+                                        "--block", "64", "--seqs", "32", "--steps", "2", "--json-out", str(out)])
+    at32 = summary["sequence_tokens"]["32"]
+    full, lora = at32["variants"]["full"], at32["variants"]["lora"]
+    assert full["trainable_parameters"] == full["parameters"]  # every weight trains
+    assert lora["trainable_parameters"] == 2 * 4 * (8 * 64 + 64 * 8)  # layers x (q, k, v, o) x (A + B) at r=8
+    for v in (full, lora):  # AdamW keeps two fp32 moments per trained value (and a step count per tensor)
+        assert 8 * v["trainable_parameters"] <= v["optimizer_state_bytes"] < 8 * v["trainable_parameters"] + 4096
+        assert v["peak_training_rss_mib"] >= v["rss_after_build_mib"] > v["rss_runtime_mib"] > 0
+        assert len(v["step_seconds"]) == 3 and v["step_seconds_median"] > 0
+    assert at32["peak_training_rss_ratio"] == round(lora["peak_training_rss_mib"] / full["peak_training_rss_mib"], 3)
+    assert summary["machine"]["cpu_flags"].keys() >= {"avx512f", "amx_tile"} and summary["model"]["n_layer"] == 2
+    assert json.loads(out.read_text()) == summary
