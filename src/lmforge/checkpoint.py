@@ -221,6 +221,8 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{ckpt / MANIFEST} is not an {FORMAT} manifest; pass a checkpoint written by lmforge train")
     refuse_pickles(ckpt)
+    if "state.json" not in manifest["files"]:  # it says which other files belong: see expected_files
+        raise _unlisted(ckpt, "state.json", "every checkpoint's step and kind")
     for name, entry in manifest["files"].items():
         if name not in SAFETENSORS_FILES + JSON_FILES or not isinstance(entry, dict):
             raise CheckpointError(f"{ckpt / MANIFEST} lists {name!r}, which is not a checkpoint file lmforge writes; "
@@ -235,7 +237,42 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
         if sha256_file(f) != entry.get("sha256"):
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} does not match its sha256 in {MANIFEST}; "
                                   f"delete it and use an earlier checkpoint")
+    state = _read_json(ckpt / "state.json", "checkpoint state")  # verified just above
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{ckpt / 'state.json'} is not a JSON object; the checkpoint is corrupt, use another one")
+    expected = expected_files(state)
+    for name, why in expected.items():
+        if name not in manifest["files"]:
+            raise _unlisted(ckpt, name, why)
+    for name in manifest["files"]:
+        if name not in expected:
+            raise CheckpointError(f"{ckpt / MANIFEST} lists {name}, which this kind of checkpoint does not hold "
+                                  f"(see its state.json); the checkpoint is corrupt or tampered with, use another one")
     return manifest
+
+
+def expected_files(state: dict) -> dict[str, str]:
+    """{file: why it belongs} for a checkpoint whose state.json holds `state`: the one rule of which files a
+    checkpoint of each kind holds, that save_checkpoint writes by and verify_checkpoint requires.
+
+    Every kind (a full model, a LoRA run's adapters and heads, a classifier, a merged or an imported model) holds
+    model.safetensors, config.json and state.json. A checkpoint train can resume (state "ranks": each process's
+    RNG and data position) also holds optimizer.safetensors; one with a tokenizer (state "tokenizer_sha256")
+    holds tokenizer.json. A manifest without one of these would let that file load unverified.
+    """
+    files = {"model.safetensors": "every checkpoint's weights", "config.json": "every checkpoint's model config",
+             "state.json": "every checkpoint's step and kind"}
+    if "ranks" in state:
+        files["optimizer.safetensors"] = "a training checkpoint's optimizer state"
+    if state.get("tokenizer_sha256"):
+        files["tokenizer.json"] = "the tokenizer its state.json names"
+    return files
+
+
+def _unlisted(ckpt: Path, name: str, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {ckpt} is incomplete: {MANIFEST} does not list {name} ({why}), so it "
+                           f"cannot be verified; use another checkpoint (a run directory falls back to its newest "
+                           f"intact one)")
 
 
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -406,7 +443,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     """Write RUN_DIR/checkpoints/step-<step>/ atomically and return its path (call on rank 0 only).
 
     train_state: JSON-safe dict (step, tokens_seen, rng, data, val_loss, ...) stored in state.json
-    together with the resolved config. tokenizer_file: copied in as tokenizer.json when given.
+    together with the resolved config; "ranks" in it exactly when an optimizer is saved (expected_files).
+    tokenizer_file: copied in as tokenizer.json when given, its sha256 recorded as state "tokenizer_sha256".
     Every file is fsynced, the manifest is written last, the directory is put in place by
     lmforge.files.replace_dir (a copy of the same step is deleted only after) and its parent fsynced.
     If anything fails (a full disk: ENOSPC) the partial directory is removed, the previous checkpoints
@@ -415,6 +453,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    resolved = to_dict(config)
+    state = {"format": FORMAT, "step": step, **train_state, "config": resolved,
+             "tokenizer_sha256": None if tokenizer_file is None else sha256_file(Path(tokenizer_file))}
+    writes = {"model.safetensors", "state.json", "config.json",
+              *(["optimizer.safetensors"] if optimizer is not None else []),
+              *(["tokenizer.json"] if tokenizer_file is not None else [])}
+    if writes != set(expected_files(state)):  # a caller's bug: every reader would refuse this checkpoint
+        raise ValueError(f"a checkpoint holding {sorted(writes)} needs train_state['ranks'] exactly when it holds an "
+                         f"optimizer (see expected_files)")
     try:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -431,8 +478,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             tensors, metadata = optimizer_to_tensors(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=metadata)
             written("optimizer.safetensors")
-        resolved = to_dict(config)
-        _write_json(tmp / "state.json", {"format": FORMAT, "step": step, **train_state, "config": resolved})
+        _write_json(tmp / "state.json", state)
         written("state.json")
         _write_json(tmp / "config.json", resolved)
         written("config.json")
