@@ -18,13 +18,17 @@ peft = pytest.importorskip("peft")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.checkpoint import load_adapted_lora, read_run_config, save_checkpoint, verified_checkpoint  # noqa: E402
+from lmforge.cli import main  # noqa: E402
+from lmforge.config import ModelConfig, RunConfig  # noqa: E402
 from lmforge.errors import ConfigError  # noqa: E402
 from lmforge.interop.hf_export import HFExportError, hf_files  # noqa: E402
 from lmforge.interop.peft_export import CONFIG, WEIGHTS, base_files, export_peft, peft_adapter_files  # noqa: E402
 from lmforge.lora import LoRAConfig, apply_lora, lora_parameters  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 from lmforge.tokenizer import byte_tokenizer  # noqa: E402
+from lmforge.train import Trainer  # noqa: E402
+from tiny_training import tiny_config  # noqa: E402
 
 TOLERANCE = 1e-5  # fp32, max abs difference of logits
 MERGED_TOLERANCE = 5e-5  # after merging: W + scale B A is rounded once per weight, and differences add up over layers
@@ -251,3 +255,79 @@ def test_refuses_what_peft_cannot_load(tmp_path):
     # A classifier's head trains whole in a LoRA run; a low-rank update on top of it is refused, with the fix.
     with pytest.raises(ConfigError, match=r"model.head: classify.*trains whole: drop head from lora.targets"):
         apply_lora(sharp_model(dict(GPT2_STYLE, head="classify", num_labels=3)), LoRAConfig(targets=["q", "head"]))
+
+
+# ------------------------------------------------------------------------- a LoRA classifier run, end to end
+def classify_data(root, arch: str):
+    """A sharp language model (byte vocabulary) saved as ROOT/base, and ROOT/data: `prepare --task classify` data
+    on its tokenizer. Returns (base, data)."""
+    tok = byte_tokenizer()
+    tok.save(root / "tokenizer.json")
+    base = sharp_model(dict(CLASSIFIERS[arch], vocab_size=tok.vocab_size))
+    save_checkpoint(root / "base", 0, base, None, RunConfig(model=base.config), {"tokens_seen": 0},
+                    root / "tokenizer.json")
+    records = [{"text": f"{['so', 'it was', 'a day'][i % 3]} {['good', 'bad'][i % 2]} {i}",
+                "label": ["pos", "neg"][i % 2]} for i in range(40)]
+    (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["prepare", str(root / "records.jsonl"), "--task", "classify", "--tokenizer", str(root / "base"),
+                 "--out", str(root / "data"), "--split", "0.8,0.1,0.1"]) == 0
+    return root / "base", root / "data"
+
+
+def lora_classifier_run(root, arch: str):
+    """A LoRA classifier trained by lmforge's Trainer on classify_data (q, v, o, mlp at r=4; its head trained whole).
+    Returns the run directory."""
+    base, data = classify_data(root, arch)
+    lora = {"lora.r": R, "lora.alpha": ALPHA, "lora.targets": "q,v,o,mlp", "train.max_steps": 6,
+            "train.save_interval": 6, "optim.lr": 1e-2}
+    config = tiny_config(root / "run", **lora, **{"data.path": data, "train.init_from": base})
+    Trainer(config, progress=False, tensorboard=False).fit()
+    return root / "run"
+
+
+@pytest.mark.parametrize("arch", CLASSIFIERS)
+def test_export_of_a_lora_classifier_run_gives_base_and_seq_cls_adapter_or_one_merged_classifier(tmp_path, arch):
+    run = lora_classifier_run(tmp_path, arch)
+    tok = byte_tokenizer()
+    ckpt, _ = verified_checkpoint(run)
+    adapted = load_adapted_lora(ckpt, read_run_config(ckpt))  # what the run trained: adapters unmerged, its head
+    ids = torch.randint(3, tok.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    ids[1, 12:] = tok.pad_id
+    ids[2, 5:] = tok.pad_id
+    mask = ids != tok.pad_id
+    with torch.no_grad():
+        expected = adapted(ids, attention_mask=mask)  # (3, 2)
+
+    def scores(hf_model) -> torch.Tensor:
+        with torch.no_grad():
+            return hf_model.eval()(ids, attention_mask=mask.long()).logits
+
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "adapter" / CONFIG).read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
+    with safe_open(tmp_path / "hf" / "adapter" / WEIGHTS, "pt") as f:
+        trained_head = f.get_tensor("base_model.model.score.weight")
+    with torch.no_grad():
+        base.score.weight.copy_(trained_head)  # the base with the trained head but no adapters: they still matter
+    assert (scores(base) - expected).abs().max() > 1e-3
+    tuned = peft.PeftModel.from_pretrained(transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "hf"), tmp_path / "hf" / "adapter")
+    assert (scores(tuned) - expected).abs().max() <= TOLERANCE
+    assert main(["export", str(run), "--format", "hf", "--merge", "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert type(merged).__name__ == ("GPT2ForSequenceClassification" if arch == "gpt2"
+                                     else "LlamaForSequenceClassification")
+    assert not (tmp_path / "merged" / "adapter").exists()
+    assert (scores(merged) - expected).abs().max() <= TOLERANCE
+
+
+def test_lora_head_target_on_a_classifier_is_one_line_and_writes_nothing(tmp_path, capsys):
+    base, data = classify_data(tmp_path, "gpt2")
+    capsys.readouterr()
+    code = main(["train", "--data", str(data), "--run-dir", str(tmp_path / "head"), "--train.init_from", str(base),
+                 "--lora.targets", "q,head", "--train.device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "classifier (model.head: classify)" in err and "drop head from lora.targets" in err
+    assert not (tmp_path / "head").exists()
