@@ -255,3 +255,29 @@ def test_every_reader_resolves_through_the_same_fallback(run_on_data, tmp_path, 
     for a, b in zip(model.parameters(), expected.parameters()):
         assert torch.equal(a, b)
     assert capsys.readouterr().err.count("skipping it, using") == 3
+
+
+def test_eval_and_train_refuse_shards_of_another_tokenizer_with_the_same_vocabulary(run_on_data, tmp_path, capsys):
+    """Same vocabulary size, other tokenizer: the ids mean other text, so the loss would be wrong without a word."""
+    from lmforge.cli import main
+    from lmforge.tokenizer import byte_tokenizer
+
+    data = Path(json.loads((run_on_data / "checkpoints" / "step-00000004" / "config.json").read_text())["data"]["path"])
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    sha = byte_tokenizer(("<s>", "</s>", "<pad>")).save(other / "tokenizer.json")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = sha
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for root in (other, run_on_data) for p in sorted(root.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(["eval", str(run_on_data), "--data", str(other), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with another tokenizer than" in err and str(other) in err, err
+    # train pairs the same checkpoint with the same data through the same check
+    assert main(["train", "--data", str(other), "--train.init_from", str(run_on_data), "--run-dir",
+                 str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "was trained with another tokenizer than" in capsys.readouterr().err
+    after = {p: p.read_bytes() for root in (other, run_on_data) for p in sorted(root.rglob("*")) if p.is_file()}
+    assert after == before and not (tmp_path / "run").exists()
+    assert main(["eval", str(run_on_data), "--data", str(data), "--device", "cpu"]) == 0  # its own data still works

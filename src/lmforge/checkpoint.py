@@ -738,6 +738,21 @@ def load_body_weights(model: nn.Module, ckpt: str | Path, device: torch.device |
     unwrap(model).load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
 
 
+def check_data_tokenizer(ckpt: str | Path, data_tokenizer: Optional[str | Path]) -> None:
+    """Refuse data (token shards or task examples) tokenized by another tokenizer than the checkpoint's: the same
+    ids would stand for other text, and with an equal vocabulary size nothing else notices (a wrong loss, wrong
+    bits per byte). The one check of every reader that pairs a checkpoint with data: train (init_from, resume)
+    and eval. Compares the sha256 of the checkpoint's tokenizer.json with the data's tokenizer file; nothing to
+    compare when either has none."""
+    ckpt, theirs = Path(ckpt), Path(ckpt) / "tokenizer.json"
+    if data_tokenizer is None or not Path(data_tokenizer).is_file() or not theirs.is_file():
+        return
+    if sha256_file(theirs) != sha256_file(Path(data_tokenizer)):
+        raise CheckpointError(f"{ckpt} was trained with another tokenizer than {data_tokenizer}: the same ids mean "
+                              f"other text; use data prepared with `lmforge prepare --tokenizer {theirs}` (or the "
+                              f"data the model was trained on)")
+
+
 def lora_base(ckpt: str | Path) -> dict:
     """The base a LoRA checkpoint was trained on, from its state.json: {"path": its checkpoint directory,
     "fingerprint": lora.base_fingerprint of its weights}."""

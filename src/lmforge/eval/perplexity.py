@@ -96,7 +96,7 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
     returns eval.tasks.evaluate_task_split's metrics instead; task_options (max_examples, out, generate)
     go to it.
     """
-    from lmforge.checkpoint import load_for_inference, verified_checkpoint
+    from lmforge.checkpoint import check_data_tokenizer, load_for_inference, verified_checkpoint
     from lmforge.data.shards import load_split, read_manifest
 
     ckpt, ckpt_manifest = verified_checkpoint(path)  # a run's newest intact checkpoint
@@ -110,6 +110,7 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
         return evaluate_task_split(model, tokenizer, config, ckpt, data_dir, split, batch_size=batch_size,
                                    **(task_options or {}))
     manifest = read_manifest(data_dir)
+    check_data_tokenizer(ckpt, data_dir / "tokenizer.json")
     if manifest.get("vocab_size") != config.model.vocab_size:
         raise DataError(f"{data_dir} has vocab_size {manifest.get('vocab_size')} but the checkpoint's model has "
                         f"{config.model.vocab_size}; evaluate on the data the model was trained on")

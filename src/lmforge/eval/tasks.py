@@ -179,10 +179,12 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
     first max_examples examples when given); writes OUT/predictions.jsonl and OUT/metrics.json (OUT:
     RUN_DIR/eval/SPLIT by default) and returns the metrics with 'split', 'checkpoint', 'data', 'examples',
     'predictions'."""
+    from lmforge.checkpoint import check_data_tokenizer
     from lmforge.data.tasks import load_examples, read_task_manifest
     from lmforge.eval.metrics import write_metrics, write_predictions
 
     manifest = read_task_manifest(data_dir)
+    check_data_tokenizer(ckpt, Path(data_dir) / "tokenizer.json")
     if (manifest["task"] == "classify") != (config.model.head == "classify"):
         raise DataError(f"{data_dir} holds {manifest['task']} data but the checkpoint's model has head "
                         f"{config.model.head!r}; evaluate on the data the model was fine-tuned on")

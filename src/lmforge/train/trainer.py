@@ -42,7 +42,7 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
                                 load_training_state, newest_intact_checkpoint, prune_checkpoints, read_run_config,
                                 resolve_checkpoint,
                                 restore_rng, save_checkpoint, verified_checkpoint)
-from lmforge.checkpoint import best_checkpoint, check_base, lora_base
+from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, lora_base
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, as_peer_failure, barrier,
@@ -191,10 +191,7 @@ def with_init_model(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
 def load_init_weights(model: nn.Module, ckpt: Path, device: torch.device, tokenizer_file: Optional[Path]) -> None:
     """Load the weights of the train.init_from checkpoint, refusing data made with another tokenizer. A classifier
     started from a language model takes its body only (load_body_weights: the classifier starts fresh)."""
-    theirs = ckpt / "tokenizer.json"
-    if tokenizer_file is not None and theirs.is_file() and _sha256_or_none(theirs) != _sha256_or_none(tokenizer_file):
-        raise CheckpointError(f"{ckpt} was trained with another tokenizer than {tokenizer_file}; prepare the data "
-                              f"with `lmforge prepare --tokenizer {theirs}`")
+    check_data_tokenizer(ckpt, tokenizer_file)
     head = getattr(getattr(unwrap(model), "config", None), "head", "lm")
     if head == "classify" and read_run_config(ckpt).model.head == "lm":
         load_body_weights(model, ckpt, device)
@@ -671,11 +668,8 @@ class Trainer:
             raise CheckpointError(f"{ckpt} was trained with another model: {', '.join(differ)}; resume with the "
                                   f"checkpoint's model config or start a new run_dir")
         self.check_lora_resume(ckpt)
+        check_data_tokenizer(ckpt, self.tokenizer_file)
         state = load_training_state(ckpt, self.raw_model, self.optimizer, self.device, manifest=manifest)
-        saved_tok, data_tok = state.get("tokenizer_sha256"), _sha256_or_none(self.tokenizer_file)
-        if saved_tok and data_tok and saved_tok != data_tok:  # same ids, different meanings
-            raise CheckpointError(f"{ckpt} was trained with another tokenizer than {self.tokenizer_file}; resume with "
-                                  f"the data it was trained on, or start a new run_dir")
         saved_data = state.get("data_manifest_sha256")
         if saved_data and self.data_manifest_sha256 and saved_data != self.data_manifest_sha256 \
                 and not tc.allow_data_change:
