@@ -24,3 +24,13 @@ def load(path: str, device: str = "auto", dtype: str = "fp32", quantize: str | N
     from lmforge.generate import load as _load
 
     return _load(path, device=device, dtype=dtype, quantize=quantize, compile=compile)
+
+
+def attention_maps(model_or_path, text: str, device: str = "cpu"):
+    """What each attention head looks at: (weights, labels) for `text`, weights a float tensor
+    (n_layer, n_head, T, T) of softmax(Q K^T / sqrt(d_k)) (row t: how query t spreads over the keys), labels
+    the T tokens as text. `model_or_path` is a run or checkpoint directory or what `load` returned. See
+    lmforge.explain (and `lmforge attention` for the picture)."""
+    from lmforge.explain import attention_maps as _maps
+
+    return _maps(model_or_path, text, device=device)

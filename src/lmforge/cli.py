@@ -512,6 +512,48 @@ def _run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- attention
+def _add_attention(sub: Any) -> None:
+    p = sub.add_parser(
+        "attention", help="heatmaps of a model's attention weights on a text, per layer and head",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Draw softmax(Q K^T / sqrt(d_k)) of every layer and head (a grid), or of one (--layer, --head),
+            for TEXT as the model reads it, the tokens as axis labels: row t is where token t looks. The
+            weights come from the model's own Q and K (RoPE applied, key heads shared as it shares them)
+            through the reference formula, whichever attention path the model runs. A decoder attends only
+            to earlier tokens (its upper triangle is empty); an encoder to the whole text. Layers and heads
+            are numbered from 0. Texts over 64 tokens are drawn clipped to their first 64, with a note.
+            Python: lmforge.attention_maps(path_or_model, text) -> (weights (layers, heads, T, T), labels)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge attention runs/shakespeare-char --text "ROMEO: wherefore art thou" --out attn.png
+              lmforge attention runs/gpt2 --text "The cat sat on the mat" --layer 5 --head 1 --out l5h1.png"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--text", required=True, help="the text whose attention to draw (at most the model's context)")
+    p.add_argument("--layer", type=int, metavar="L", help="draw only layer L (default: every layer)")
+    p.add_argument("--head", type=int, metavar="H", help="draw only head H (default: every head)")
+    p.add_argument("--out", required=True, metavar="PNG", help="where to write the picture")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default: cpu)")
+    p.set_defaults(run=_run_attention)
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lmforge.explain import attention_maps, check_choice, draw_attention
+
+    weights, labels = attention_maps(args.checkpoint, args.text, device=args.device)
+    layers = check_choice("layer", args.layer, weights.size(0))
+    heads = check_choice("head", args.head, weights.size(1))
+    note = draw_attention(weights, labels, args.out, layers, heads, title=f"{Path(args.checkpoint).name}: "
+                          f"{len(labels)} tokens")
+    if note:
+        print(f"note: {note} (shorten --text to see every token)", file=sys.stderr)
+    print(args.out)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ plot
 def _add_plot(sub: Any) -> None:
     p = sub.add_parser("plot", help="PNG of a run's train and val loss curves", formatter_class=_help_formatter,
@@ -675,7 +717,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_eval, _add_generate, _add_classify,
-                                         _add_plot,
+                                         _add_plot, _add_attention,
                                          _add_serve, _add_import, _add_export, _add_merge]
 
 
