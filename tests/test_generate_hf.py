@@ -12,19 +12,22 @@ from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.generate import GenerateConfig, beam_search, generate_batch_ids  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
+from sharp_attention import MAX_ENTROPY, attention_entropy, sharpen  # noqa: E402
 
 PROMPTS = [[1, 2, 3], [4, 9, 9], [7, 7, 0]]  # equal lengths: HF's repetition/n-gram processors count pads
 
 
 def build_pair(sharpness: float):
-    """(lmforge GPT, GPT2LMHeadModel) with the same weights: a small vocabulary, logits scaled by sharpness."""
+    """(lmforge GPT, GPT2LMHeadModel) with the same weights: a small vocabulary, logits scaled by sharpness, and
+    sharp attention (checked), so that the tokens depend on which earlier tokens each position attends to."""
     config = ModelConfig(vocab_size=23, block_size=64, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh")
     torch.manual_seed(0)
-    ours = GPT(config).eval()
+    ours = sharpen(GPT(config)).eval()
     with torch.no_grad():
         ours.lm_head.weight.mul_(sharpness)  # tied: the embedding scales too, which is fine
     theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(**to_hf_config(config))).eval()
     theirs.load_state_dict(to_hf_state_dict(ours.state_dict(), config), strict=True)
+    assert attention_entropy(theirs, torch.randint(0, config.vocab_size, (2, 32))) < MAX_ENTROPY
     return ours, theirs
 
 

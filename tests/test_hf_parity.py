@@ -1,4 +1,7 @@
-"""The same weights in lmforge's GPT and Hugging Face's GPT2LMHeadModel give the same logits."""
+"""The same weights in lmforge's GPT and Hugging Face's GPT2LMHeadModel (and LlamaForCausalLM) give the same logits.
+
+The weights make attention sharp (sharp_attention.py), checked in each test, so a 1% error in the attention
+scale, the RoPE base, the norm epsilon or the MLP activation moves the logits far past the tolerance."""
 
 import dataclasses
 
@@ -12,6 +15,7 @@ from lmforge.errors import ConfigError  # noqa: E402
 from lmforge.interop.hf_gpt2 import (from_hf_config, from_hf_state_dict, to_hf_config,  # noqa: E402
                                      to_hf_state_dict)
 from lmforge.model import GPT  # noqa: E402
+from sharp_attention import MAX_ENTROPY, attention_entropy, sharpen, sharpen_hf_gpt2  # noqa: E402
 
 TOLERANCE = 1e-5  # fp32, max abs difference of logits
 
@@ -26,16 +30,20 @@ def hf_model(config: ModelConfig):
 
 
 def max_diff(ours: GPT, theirs, idx: torch.Tensor) -> float:
+    """Max |logit difference|, after checking that attention is sharp on idx and the logits are not tiny."""
+    assert attention_entropy(theirs, idx) < MAX_ENTROPY
     with torch.no_grad():
-        return (ours(idx) - theirs(idx).logits).abs().max().item()
+        expected = theirs(idx).logits
+        assert expected.abs().max() > 0.1  # logits 10,000 times the tolerance, not a near-zero comparison
+        return (ours(idx) - expected).abs().max().item()
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(activation="gelu"), dict(tie_embeddings=False),
-                                       dict(mlp_hidden=80, norm_eps=1e-6)], ids=["gelu_new", "gelu", "untied", "n_inner"])
+                                       dict(mlp_hidden=80, norm_eps=4e-4)], ids=["gelu_new", "gelu", "untied", "n_inner"])
 def test_lmforge_to_hf_same_logits(overrides):
-    config = gpt2_style(**overrides)
+    config = gpt2_style(**overrides)  # norm_eps=4e-4: of the order of the embeddings' variance, so an error in it shows
     torch.manual_seed(0)
-    ours = GPT(config).eval()
+    ours = sharpen(GPT(config)).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a misplaced one shows
         for name, p in ours.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -52,7 +60,7 @@ def test_hf_to_lmforge_same_logits(prefix):
     hf_config = transformers.GPT2Config(vocab_size=71, n_positions=32, n_layer=2, n_head=4, n_embd=48,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                         bos_token_id=None, eos_token_id=None)
-    theirs = transformers.GPT2LMHeadModel(hf_config).eval()
+    theirs = sharpen_hf_gpt2(transformers.GPT2LMHeadModel(hf_config)).eval()
     state = theirs.state_dict()
     if prefix == "base-model":  # the hub's gpt2 checkpoint: GPT2Model names, lm_head tied and not stored
         state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
@@ -61,6 +69,26 @@ def test_hf_to_lmforge_same_logits(prefix):
     ours = GPT(config).eval()
     ours.load_state_dict(from_hf_state_dict(state, config), strict=True)
     idx = torch.randint(0, 71, (2, 32))
+    assert max_diff(ours, theirs, idx) <= TOLERANCE
+
+
+def test_llama_style_same_logits():
+    """RoPE, RMSNorm, SwiGLU and grouped-query heads against LlamaForCausalLM, with the positions long enough
+    (48) for a wrong RoPE base to turn the sharp attention to other keys."""
+    from lmforge.interop import hf_llama
+
+    config = ModelConfig(vocab_size=71, block_size=48, n_layer=2, n_head=4, n_kv_head=2, n_embd=48, norm="rmsnorm",
+                         mlp="swiglu", pos_encoding="rope", bias=False, tie_embeddings=False, rope_theta=20000.0,
+                         dropout=0.0)
+    torch.manual_seed(2)
+    ours = sharpen(GPT(config)).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama.to_hf_config(config))).eval()
+    theirs.load_state_dict(hf_llama.to_hf_state_dict(ours.state_dict(), config), strict=True)
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size))
     assert max_diff(ours, theirs, idx) <= TOLERANCE
 
 
