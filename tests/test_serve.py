@@ -54,10 +54,13 @@ def run_dir(tmp_path_factory) -> Path:
 
 @contextmanager
 def running(app) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    """Serve `app` with uvicorn, as `lmforge serve` configures it, on a free loopback port in a thread; yields the
+    base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+    from lmforge.serve.connections import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, app.state.config, "127.0.0.1", 0, "warning",
                                            timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -209,7 +212,18 @@ def test_streaming_with_usage_and_several_choices(client):
 # ------------------------------------------------------------------------------------------ the limits
 BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the message)
     ("unknown-field", {"prompt": "x", "best_off": 2}, 422, "unknown field 'best_off'"),
-    ("unsupported-field", {"prompt": "x", "logprobs": 3}, 422, "logprobs=3 is not supported"),
+    ("unsupported-field", {"prompt": "x", "best_of": 3}, 422, "best_of=3 is not supported"),
+    ("logprobs-over-cap", {"prompt": "x", "logprobs": 6}, 422, "logprobs"),
+    ("logprobs-with-stream", {"prompt": "x", "logprobs": 1, "stream": True}, 422, "logprobs with stream"),
+    ("lone-surrogate-prompt", b'{"prompt": "a\\ud800b"}', 422, "lone surrogate (U+D800 at 1)"),
+    ("lone-surrogate-in-a-list", b'{"prompt": ["ok", "\\udfff"]}', 422, "lone surrogate"),
+    ("lone-surrogate-stop", b'{"prompt": "x", "stop": ["\\ud83d"]}', 422, "lone surrogate"),
+    ("temperature-underflows", {"prompt": "x", "temperature": 1e-300}, 422, "temperature=1e-300 is invalid"),
+    ("top-p-underflows", {"prompt": "x", "top_p": 1e-300}, 422, "top_p=1e-300 is invalid"),
+    ("penalty-underflows", {"prompt": "x", "repetition_penalty": 1e-300}, 422, "repetition_penalty=1e-300"),
+    ("token-id-outside-vocab", {"prompt": [3, 100_000]}, 422, "token id 100000 is outside"),
+    ("token-ids-empty", {"prompt": [[1], []]}, 422, "token ids is empty"),
+    ("token-id-negative", {"prompt": [[-1]]}, 422, "token id -1"),
     ("malformed-json", b'{"prompt": "x",', 422, "not valid JSON"),
     ("not-an-object", b'[1, 2]', 422, "body"),
     ("prompt-wrong-type", {"prompt": 3}, 422, "prompt"),
@@ -267,8 +281,8 @@ def test_api_key_guards_every_endpoint_but_health(run_dir):
 
 
 def test_a_full_server_answers_429_with_retry_after_and_recovers(run_dir):
-    app = load_app(str(run_dir), ServeConfig(max_concurrency=1, max_queue=1, max_prompts=2, max_tokens=100_000),
-                   device="cpu")
+    app = load_app(str(run_dir), ServeConfig(max_concurrency=1, max_queue=1, max_prompts=2, max_tokens=100_000,
+                                             max_slots_per_client=2), device="cpu")
     long = {"prompt": "x", "max_tokens": 100_000, "stream": True}
     with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         with c.stream("POST", "/v1/completions", json=long) as running_one:

@@ -260,7 +260,8 @@ def test_requests_made_while_the_worker_is_busy_get_their_answers_one_thread_at_
 
 def test_a_full_server_answers_429_with_retry_after(reference):
     gated = GatedClassifier(reference)
-    app = create_app(gated, ServeConfig(max_concurrency=1, max_queue=1, max_prompts=2), model_name="clf")
+    app = create_app(gated, ServeConfig(max_concurrency=1, max_queue=1, max_prompts=2, max_slots_per_client=2),
+                     model_name="clf")
     results, threads = {}, []
     with running(app) as url:
         try:

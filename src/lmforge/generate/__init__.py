@@ -38,11 +38,12 @@ _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can re
     "TextClassifier": "classify",
     "Completion": "api", "TextGenerator": "api", "complete": "api", "generate": "api", "generate_batch_ids": "api",
     "generate_ids": "api", "load": "api", "options": "api", "prompt_ids": "api", "stream": "api",
-    "beam_search": "beam", "decode_rows": "decode", "CompiledGPT": "compiled", "apply_compile": "compiled",
+    "beam_search": "beam", "decode_rows": "decode", "score_prompt": "decode", "CompiledGPT": "compiled",
+    "apply_compile": "compiled",
     "banned_ngram_tokens": "processors", "filter_logits": "processors", "next_token": "processors",
-    "process_scores": "processors", "repetition_penalty": "processors",
+    "process_scores": "processors", "repetition_penalty": "processors", "token_logprobs": "processors",
     "DTYPES": "quantize", "Int8Linear": "quantize", "apply_inference_dtype": "quantize",
-    "Event": "rows", "Row": "rows", "Sequences": "rows", "StopText": "rows", "make_rows": "rows",
+    "Event": "rows", "Logprobs": "rows", "Row": "rows", "Sequences": "rows", "StopText": "rows", "make_rows": "rows",
     "row_generators": "rows",
 }
 __all__ = sorted(_WHERE)

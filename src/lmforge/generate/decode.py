@@ -12,12 +12,12 @@ so the others compute exactly what they would alone.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-from lmforge.generate.processors import next_token, process_scores
-from lmforge.generate.rows import Event, Row, Sequences
+from lmforge.generate.processors import next_token, process_scores, token_logprobs
+from lmforge.generate.rows import Event, Logprobs, Row, Sequences
 from lmforge.model import GPT
 
 
@@ -59,7 +59,27 @@ def decode_rows(model: GPT, rows: Sequence[Row]) -> Iterator[list[Event]]:
         return
     seqs = Sequences(model, [row.prompt for row in rows], max(row.budget for row in rows))
     scoring = Scoring(rows, seqs.tokens.device)
+    top = max((row.top_logprobs for row in rows if row.top_logprobs is not None), default=None)
     while any(row.finish is None for row in rows):
-        token = scoring.pick(seqs.next_logits(model), seqs)  # (B,)
+        logits = seqs.next_logits(model)  # (B, V)
+        token = scoring.pick(logits, seqs)  # (B,)
         seqs.append(token)
-        yield [row.advance(i, t) for i, (row, t) in enumerate(zip(rows, token.tolist())) if row.finish is None]
+        logprobs = token_logprobs(logits, token, top) if top is not None else None
+        events = []
+        for i, (row, t) in enumerate(zip(rows, token.tolist())):
+            if row.finish is None:
+                event = row.advance(i, t)
+                if row.top_logprobs is not None and event.token is not None:
+                    lp = logprobs[i]
+                    event = event._replace(logprobs=lp._replace(top=lp.top[:row.top_logprobs]))
+                events.append(event)
+        yield events
+
+
+@torch.inference_mode()
+def score_prompt(model: GPT, ids: Sequence[int], k: int) -> list[Optional[Logprobs]]:
+    """The Logprobs of each token of a prompt given those before it (None for the first, which has no context),
+    with k alternatives: one forward pass over at most block_size tokens (what `echo` with logprobs reports)."""
+    x = torch.tensor([list(ids)], dtype=torch.long, device=model.tok_emb.weight.device)  # (1, T)
+    logits = model(x)[0]  # (T, V)
+    return [None] + token_logprobs(logits[:-1], x[0, 1:], k)

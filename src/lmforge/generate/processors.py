@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from lmforge.generate.config import GenerateConfig
+from lmforge.generate.rows import Logprobs
 
 
 def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -99,3 +100,13 @@ def draw(probs: torch.Tensor, generator: Union[None, torch.Generator, Sequence[O
         u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device, dtype=probs.dtype) for g in generator])
     cdf = probs.cumsum(dim=-1)  # (B, V)
     return (cdf < u * cdf[:, -1:]).sum(dim=-1).clamp_(max=probs.size(-1) - 1)  # (B,)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[Logprobs]:
+    """Per row of logits (B, V): the log probability of tokens (B,) under log_softmax(logits) and the k most
+    likely tokens with theirs (computed in float32)."""
+    logp = logits.float().log_softmax(dim=-1)  # (B, V)
+    chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()  # (B,)
+    top = logp.topk(min(k, logp.size(-1)), dim=-1) if k > 0 else None
+    rows = zip(top.indices.tolist(), top.values.tolist()) if top is not None else [((), ())] * len(chosen)
+    return [Logprobs(t, lp, tuple(zip(ids, lps))) for t, lp, (ids, lps) in zip(tokens.tolist(), chosen, rows)]

@@ -128,6 +128,15 @@ class StopText:
         return 0
 
 
+class Logprobs(NamedTuple):
+    """The model's log probability of one token and of the k most likely tokens at its position (from the raw
+    logits: before penalties, temperature and filters, as OpenAI and vLLM report them)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log probability), most likely first
+
+
 class Event(NamedTuple):
     """What one decoding step did to one row."""
 
@@ -135,6 +144,7 @@ class Event(NamedTuple):
     token: Optional[int]     # the new token, or None when the row ended on an end id (not part of the output)
     text: str                # text settled by this step ("" without a tokenizer, or while held back)
     finish: Optional[str]    # None while running; "stop" (end id or stop string) | "length" (budget spent)
+    logprobs: Optional[Logprobs] = None  # of `token`, when the row asks for them (Row.top_logprobs)
 
 
 @dataclass(eq=False)
@@ -149,6 +159,7 @@ class Row:
     text: Optional[StopText] = None             # with a tokenizer: its text, stop strings applied
     tokens: list[int] = field(default_factory=list)  # new tokens so far (an end id is not one)
     finish: Optional[str] = None                # "stop" | "length" | "cancelled" (the reader left)
+    top_logprobs: Optional[int] = None          # report each token's Logprobs with this many alternatives
 
     def advance(self, index: int, token: int) -> Event:
         """Take this step's token: the one rule that ends a row (an end id, a stop string, the budget)."""

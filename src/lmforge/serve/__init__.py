@@ -1,8 +1,10 @@
 """`lmforge serve`: an OpenAI-compatible HTTP API over a trained checkpoint: completions and chat for a language
 model, POST /v1/classify for a classifier (model.head: classify).
 
-    config.py      ServeConfig: the limits (body size, token caps, concurrency, queue, timeout, API key)
-    app.py         the FastAPI app: endpoints, request checks and caps, API key, server-sent events
+    config.py      ServeConfig: the limits (body size, token caps, concurrency, queue, timeouts, API key, hosts)
+    app.py         the FastAPI app: endpoints, request checks and caps, Host/Origin and API key, server-sent events
+    connections.py uvicorn's settings: header deadline, keep-alive, connection cap
+    metrics.py     GET /metrics in Prometheus' text format
     engine.py      the worker thread that owns the model: admission, micro-batching, cancellation, timeouts
                    (Engine for generation, ClassifyEngine for a classifier)
     playground.py  the page at / (prompt box, options, streamed text; a note for a classifier)
@@ -21,7 +23,7 @@ from lmforge.serve.config import ServeConfig
 __all__ = ["ServeConfig", "load_app", "serve"]
 
 
-def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "auto"):
+def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "auto", host: str = "127.0.0.1"):
     """The app over the checkpoint at `path` (a run directory: its newest intact checkpoint): a language model's
     generation endpoints, or a classifier's /v1/classify (generate.load gives a TextClassifier for one)."""
     from lmforge.checkpoint import resolve_checkpoint
@@ -31,7 +33,7 @@ def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "aut
     ckpt = resolve_checkpoint(path)  # first: a corrupt newest checkpoint is skipped (and said so) once
     generator = load(str(ckpt), device=device)
     run_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
-    return create_app(generator, config, model_name=run_name or Path(path).resolve().name)
+    return create_app(generator, config, model_name=run_name or Path(path).resolve().name, host=host)
 
 
 def serve(path: str, config: Optional[ServeConfig] = None, host: str = "127.0.0.1", port: int = 8000,
@@ -39,5 +41,11 @@ def serve(path: str, config: Optional[ServeConfig] = None, host: str = "127.0.0.
     """Load the checkpoint at `path` and serve it with uvicorn until interrupted."""
     import uvicorn
 
-    app = load_app(path, config, device)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    from lmforge.serve.connections import uvicorn_config
+
+    config = config or ServeConfig()
+    app = load_app(path, config, device, host)
+    server = uvicorn.Server(uvicorn_config(app, config, host, port, log_level, timeout_graceful_shutdown=5))
+    server.run()
+    if not server.started:  # it could not bind (its log says why): uvicorn.run's exit status
+        raise SystemExit(3)

@@ -1,9 +1,11 @@
 """The HTTP API: OpenAI-compatible completions over one model, with limits that keep it up under load.
 
     GET  /health          liveness and load (no API key needed)
+    GET  /metrics         Prometheus text: requests by status, queue depth, tokens generated, tokens/s
     GET  /v1/models       the one model served, with its task: "generate" or "classify" (and its labels)
-    POST /v1/completions  OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n,
-                          stop, seed, stream (server-sent events ending in `data: [DONE]`), usage counts
+    POST /v1/completions  OpenAI completions: prompt (a string, a list of them, token ids or a list of such
+                          lists), max_tokens, temperature, top_p, n, stop, seed, logprobs, echo, stream
+                          (server-sent events ending in `data: [DONE]`), usage counts
     POST /v1/chat/completions  OpenAI chat: messages through the model's chat template, the same options
     POST /v1/classify     a classifier's labels with probabilities for a text or a list of texts (top_k)
     GET  /                the playground page (static; it asks for the API key itself); for a classifier
@@ -16,105 +18,122 @@ What a request may ask is capped (ServeConfig); a request over a cap gets 413 (b
 a message naming the field), a malformed or unknown field 422, a full server 429 with Retry-After, a
 request past its time 504. Generation runs on the Engine's worker thread, classification on the
 ClassifyEngine's, never on the event loop.
-Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}, FastAPI's own 404/405/422 and
+an unexpected 500 included.
+
+Hostile clients (see also serve.connections for the connection-level timeouts and cap): GuardMiddleware
+checks the Host header (and Origin) against an allow-list, so a page on another origin that rebinds its
+DNS name to 127.0.0.1 cannot use a key-less server; then the API key; then reads the body, bounded in
+size and time. A stream whose client stops reading is cut after serve.stall_timeout (GuardedStream), which
+cancels its generation; one client address holds at most serve.max_slots_per_client places (Worker.submit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from lmforge.errors import ConfigError
-from lmforge.generate import GenerateConfig, TextClassifier, TextGenerator, prompt_ids
+from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
+from lmforge.serve.metrics import Metrics
 from lmforge.serve.playground import CLASSIFIER_NOTE_HTML, PLAYGROUND_HTML
 
 PUBLIC_PATHS = ("/health", "/")  # no API key: liveness, and the static page that asks for the key
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees as soon as one request ends
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # the Host names a local server answers to by default
+MAX_LOGPROBS = 5  # OpenAI's cap on completions' logprobs
+log = logging.getLogger("lmforge.serve")
 
 
 # ------------------------------------------------------------------------------------------- requests
+def _valid_unicode(text: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which is no character: UTF-8 (the tokenizer) cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (U+{ord(text[e.start]):04X} at {e.start}), which is not a "
+                         "character: send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # every text a request carries to the tokenizer
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
 
 
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions: OpenAI's fields (those lmforge cannot honour only at their neutral
-    value, see UNSUPPORTED), plus top_k, min_p and repetition_penalty as vLLM has them; nothing else."""
+class SamplingRequest(BaseModel):
+    """The fields completions and chat share: OpenAI's sampling options, plus top_k, min_p and repetition_penalty
+    as vLLM has them. Their values are checked by GenerateConfig, as for the library and the CLI."""
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
-    prompt: Union[str, list[str]] = ""
-    max_tokens: Optional[StrictInt] = Field(16, ge=1)
-    temperature: Optional[float] = Field(1.0, ge=0.0, le=100.0)
-    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
-    top_k: Optional[StrictInt] = Field(None, ge=1)
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=100.0)
+    temperature: Optional[float] = 1.0
+    top_p: Optional[float] = 1.0
+    top_k: Optional[StrictInt] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
     n: Optional[StrictInt] = Field(1, ge=1)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
+    stop: Optional[Union[Text, list[Text]]] = None
+    seed: Optional[StrictInt] = None
     stream: Optional[StrictBool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None  # accepted for compatibility, unused
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
-    best_of: Optional[StrictInt] = None
-    logprobs: Optional[StrictInt] = None
-    echo: Optional[StrictBool] = None
     logit_bias: Optional[dict[str, float]] = None
+
+
+class CompletionRequest(SamplingRequest):
+    """The body of POST /v1/completions: OpenAI's fields (those lmforge cannot honour only at their neutral
+    value, see UNSUPPORTED); nothing else. A prompt is text, a list of texts, token ids (a list of ints) or
+    a list of such lists; token ids are taken as they are (no template, no <START>)."""
+
+    prompt: Union[Text, list[Text], list[StrictInt], list[list[StrictInt]]] = ""
+    max_tokens: Optional[StrictInt] = Field(16, ge=1)
+    best_of: Optional[StrictInt] = None
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: Optional[StrictBool] = None
     suffix: Optional[str] = None
 
 
 # OpenAI fields that clients (LangChain, ...) send at their neutral value: accepted only at that value
-UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "best_of": 1, "logprobs": None, "echo": False,
-               "logit_bias": {}, "suffix": None}
+UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "best_of": 1, "logit_bias": {}, "suffix": None}
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
     name: Optional[str] = None  # accepted for compatibility, unused
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(SamplingRequest):
     """The body of POST /v1/chat/completions: OpenAI's chat fields (sampling as for completions), the
     conversation rendered through the model's chat template (see TextGenerator.render_chat)."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: Optional[str] = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
-    temperature: Optional[float] = Field(1.0, ge=0.0, le=100.0)
-    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
-    top_k: Optional[StrictInt] = Field(None, ge=1)
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=100.0)
-    n: Optional[StrictInt] = Field(1, ge=1)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[StrictInt] = Field(None, ge=0, lt=2**63)
-    stream: Optional[StrictBool] = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
     logprobs: Optional[StrictBool] = None
-    logit_bias: Optional[dict[str, float]] = None
 
 
 CHAT_UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logprobs": False, "logit_bias": {}}
@@ -126,7 +145,7 @@ class ClassifyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
-    input: Union[str, list[str]]
+    input: Union[Text, list[Text]]
     top_k: Optional[StrictInt] = Field(None, ge=1)  # None: every label
 
 
@@ -142,7 +161,8 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
                 504: "timeout_error"}
 
@@ -159,7 +179,7 @@ def error_response(status: int, message: str, param: Optional[str] = None,
 
 def _validation_message(errors: list[dict], path: str = "/v1/completions") -> tuple[str, Optional[str]]:
     """One line from pydantic's errors on a request to `path`: the first problem, naming the field."""
-    first = errors[0]
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])  # ours: the most precise
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     loc = [x for x in loc if "[" not in x and x not in ("str", "int", "float", "bool")]  # union member tags
     field = ".".join(loc) or None
@@ -174,43 +194,86 @@ def _validation_message(errors: list[dict], path: str = "/v1/completions") -> tu
         return f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
     if first.get("type") == "missing" and field is None:
         return "the body is empty: send a JSON object", None
+    if first.get("type") == "value_error":  # our own validators' message, without pydantic's prefix
+        return f"{field or 'body'}: {first.get('ctx', {}).get('error', 'invalid value')}", field
     return f"{field or 'body'}: {first.get('msg', 'invalid value')}", field
 
 
-# ------------------------------------------------------------------------------------ body size, key
-class GuardMiddleware:
-    """Pure ASGI middleware: the API key check, then the body size cap (read at most max_body_bytes + 1)."""
+# ------------------------------------------------------------------------- host, key, body size and time
+def _host_name(value: str) -> str:
+    """The name of a Host header or an Origin's authority, without its port: "[::1]:8000" -> "::1"."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
-    def __init__(self, app: Any, config: ServeConfig) -> None:
-        self.app, self.config = app, config
+
+class GuardMiddleware:
+    """Pure ASGI middleware, in this order: the Host (and Origin) allow-list, the API key, then the body, read
+    here bounded in size (at most max_body_bytes + 1) and time (body_timeout); it also counts every answer's
+    status for /metrics."""
+
+    def __init__(self, app: Any, config: ServeConfig, allowed_hosts: frozenset[str], metrics: Metrics) -> None:
+        self.app, self.config, self.allowed_hosts, self.metrics = app, config, allowed_hosts, metrics
+        self.origins = frozenset(config.cors_origin or ())
+
+    def refusal(self, headers: dict[bytes, bytes], path: str) -> Optional[JSONResponse]:
+        """The answer to a request that may not reach the app (wrong host, origin or key), or None."""
+        host = headers.get(b"host", b"").decode("latin-1")
+        if "*" not in self.allowed_hosts and host and _host_name(host) not in self.allowed_hosts:
+            return error_response(403, f"Host {host!r} is not one this server answers to (a DNS rebinding guard); "
+                                  "start it with --allowed-host NAME to accept it")
+        origin = headers.get(b"origin")
+        if origin is not None:
+            origin_text = origin.decode("latin-1")
+            same_site = _host_name(origin_text.partition("://")[2]) in self.allowed_hosts
+            if not (same_site or "*" in self.origins or origin_text in self.origins or "*" in self.allowed_hosts):
+                return error_response(403, f"Origin {origin_text!r} may not call this server; start it with "
+                                      "--cors-origin ORIGIN to allow it")
+        key = self.config.api_key
+        if key is not None and path not in PUBLIC_PATHS:
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            # the scheme is case-insensitive (RFC 9110 11.1); the key is compared as UTF-8 bytes, any characters
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), key.encode("utf-8")):
+                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                      headers={"WWW-Authenticate": "Bearer"})
+        return None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        key = self.config.api_key
-        if key is not None and scope["path"] not in PUBLIC_PATHS:
-            given = headers.get("authorization", "")
-            if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), key.encode())):
-                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                          headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.answered(message["status"])
+            await send(message)
+
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        refusal = self.refusal(headers, scope["path"])
+        if refusal is not None:
+            return await refusal(scope, receive, counted)
         limit = self.config.max_body_bytes
         too_large = error_response(413, f"the request body is larger than {limit} bytes (serve.max_body_bytes)")
-        length = headers.get("content-length")
+        length = headers.get(b"content-length", b"").decode("latin-1") or None
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await too_large(scope, receive, send)
+            return await too_large(scope, receive, counted)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
+            return await self.app(scope, receive, counted)
         body, more = b"", True  # read the body here, bounded, then hand it on in one piece
+        deadline = time.monotonic() + self.config.body_timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                late = error_response(408, f"the request body did not arrive within {self.config.body_timeout} s "
+                                      "(serve.body_timeout)", headers={"Connection": "close"})
+                return await late(scope, receive, counted)
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:
-                return await too_large(scope, receive, send)
+                return await too_large(scope, receive, counted)
         delivered = False
 
         async def replay() -> dict:
@@ -220,14 +283,15 @@ class GuardMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        await self.app(scope, replay, counted)
 
 
 # ------------------------------------------------------------------------------------------------ app
 def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional[ServeConfig] = None,
-               model_name: str = "lmforge") -> FastAPI:
+               model_name: str = "lmforge", host: str = "127.0.0.1") -> FastAPI:
     """The FastAPI app serving `generator` (a language model's TextGenerator, or a classifier's TextClassifier);
-    its worker thread starts and stops with the app's lifespan."""
+    its worker thread starts and stops with the app's lifespan. `host` is the address it will be bound to: a
+    Host header naming it (or a loopback name) is accepted unless serve.allowed_host says otherwise."""
     config = config or ServeConfig()
     model_id = config.model_name or model_name
     block_size = generator.model.config.block_size
@@ -237,11 +301,14 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
                           f"{block_size}; use at most {block_size}")
     classifies = isinstance(generator, TextClassifier)
     if classifies:
-        engine = ClassifyEngine(generator, config.max_concurrency, config.max_queue, config.max_batch_size)
+        engine = ClassifyEngine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
+                                config.slots_per_client)
     else:
         engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
-                        config.max_decodes, config.batch_wait)
+                        config.max_decodes, config.batch_wait, config.slots_per_client)
     created = int(time.time())
+    metrics = Metrics(engine)
+    allowed_hosts = frozenset(h.lower() for h in (config.allowed_host or (*LOOPBACK_NAMES, host)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -250,8 +317,11 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
         engine.close()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
-    app.add_middleware(GuardMiddleware, config=config)
+    app.state.engine, app.state.config = engine, config
+    app.add_middleware(GuardMiddleware, config=config, allowed_hosts=allowed_hosts, metrics=metrics)
+    if config.cors_origin:  # outside the guard: a preflight carries no API key
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origin, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -266,9 +336,18 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(e.status_code, str(e.detail))
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> JSONResponse:  # a bug: still OpenAI's shape, and logged
+        log.exception("internal error on %s", request.url.path)
+        return error_response(500, f"internal error: {type(e).__name__} (please report it)")
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": model_id, **engine.stats()}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     task = {"task": "classify", "labels": generator.labels} if classifies else \
         {"task": "generate", "template": generator.template is not None}
@@ -323,9 +402,10 @@ def _add_classify_routes(app: FastAPI, engine: ClassifyEngine, config: ServeConf
                 raise ApiError(422, f"input[{i}] is {n} tokens (with its start and end tokens); at most "
                                f"{max_prompt_tokens} (serve.max_prompt_tokens)", "input")
             prompt_tokens += n
-        job = ClassifyJob(texts, body.top_k, time.monotonic() + config.timeout, Mailbox(asyncio.get_running_loop()))
+        job = ClassifyJob(texts, body.top_k, time.monotonic() + config.timeout, Mailbox(asyncio.get_running_loop()),
+                          client=_client(request))
         try:
-            engine.submit(job)
+            engine.submit([job])
         except Busy as e:
             raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -362,8 +442,9 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                 and body.max_tokens != body.max_completion_tokens:
             raise ApiError(422, "max_tokens and max_completion_tokens differ: give one of them", "max_tokens")
         max_tokens = body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, config.max_tokens)
-        jobs, prompt_tokens = _jobs_for(body, [text], generator, config, model_id, max_prompt_tokens, max_tokens,
-                                        CHAT_UNSUPPORTED, extra_stop=[generator.chat_stop()])
+        ids = _text_ids(generator, text, max_prompt_tokens)
+        jobs, prompt_tokens = _jobs_for(body, [ids], request, config, model_id, max_tokens, CHAT_UNSUPPORTED,
+                                        extra_stop=[generator.chat_stop()])
         try:
             engine.submit(jobs)
         except Busy as e:
@@ -373,9 +454,8 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                 "model": model_id}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_sse(jobs, {**head, "object": "chat.completion.chunk"}, prompt_tokens,
-                                          include_usage, config.timeout, chat=True),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return GuardedStream(_sse(jobs, {**head, "object": "chat.completion.chunk"}, prompt_tokens,
+                                      include_usage, config.timeout, chat=True), config.stall_timeout)
         try:
             finished = await _wait_all(jobs, request, config.timeout)
         finally:
@@ -392,19 +472,20 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = body.prompt if isinstance(body.prompt, list) and not _is_ids(body.prompt) else [body.prompt]
         if not prompts:
-            raise ApiError(422, "prompt is an empty list: give a string or a list of strings", "prompt")
+            raise ApiError(422, "prompt is an empty list: give a string, a list of strings or token ids", "prompt")
         if len(prompts) > config.max_prompts:
             raise ApiError(422, f"{len(prompts)} prompts in one request; at most {config.max_prompts} "
                            "(serve.max_prompts)", "prompt")
-        try:
-            texts = [generator.render(p) for p in prompts]  # a fine-tuned model's prompt template
-        except ConfigError as e:
-            raise ApiError(422, str(e), "prompt") from None
+        if body.logprobs is not None and body.stream:
+            raise ApiError(422, "logprobs with stream is not supported: ask without stream", "logprobs")
+        ids = [_token_ids(generator, p, max_prompt_tokens) if isinstance(p, list) else
+               _text_ids(generator, p, max_prompt_tokens, template=True) for p in prompts]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        jobs, prompt_tokens = _jobs_for(body, texts, generator, config, model_id, max_prompt_tokens, max_tokens,
-                                        UNSUPPORTED)
+        jobs, prompt_tokens = _jobs_for(body, ids, request, config, model_id, max_tokens, UNSUPPORTED)
+        for job in jobs:
+            job.logprobs, job.echo = body.logprobs, bool(body.echo)
         try:
             engine.submit(jobs)
         except Busy as e:
@@ -412,10 +493,11 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                            headers={"Retry-After": str(RETRY_AFTER_S)})
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": model_id}
+        echoed = [generator.tokenizer.decode(job.prompt_ids) if body.echo else "" for job in jobs]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_sse(jobs, head, prompt_tokens, include_usage, config.timeout),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return GuardedStream(_sse(jobs, head, prompt_tokens, include_usage, config.timeout, echoed=echoed),
+                                 config.stall_timeout)
         try:
             finished = await _wait_all(jobs, request, config.timeout)
         finally:
@@ -423,8 +505,9 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                 job.cancel()
         if finished is None:  # the client left; nobody reads this
             return Response(status_code=499)
-        choices = [{"text": c.text, "index": job.first_index + i, "logprobs": None, "finish_reason": c.finish}
-                   for job in finished for i, c in enumerate(job.choices)]
+        choices = [{"text": prefix + c.text, "index": job.first_index + i, "finish_reason": c.finish,
+                    "logprobs": None if job.logprobs is None else _logprobs_body(generator.tokenizer, job, c, prefix)}
+                   for job, prefix in zip(finished, echoed) for i, c in enumerate(job.choices)]
         completion_tokens = sum(c.tokens for job in finished for c in job.choices)
         return JSONResponse({**head, "choices": choices, "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -432,11 +515,51 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
 
 
 
-def _jobs_for(body: Union[CompletionRequest, ChatRequest], texts: list[str], generator: TextGenerator,
-              config: ServeConfig, model_id: str, max_prompt_tokens: int, max_tokens: int,
-              unsupported: dict[str, Any], extra_stop: Optional[list[str]] = None) -> tuple[list[Job], int]:
-    """Check a request against the caps and turn each of its prompt texts (templates applied) into a Job;
-    (jobs, prompt tokens). `extra_stop` adds stop strings of the server's own (a chat's next user turn)."""
+def _client(request: Request) -> str:
+    """The client's address, whose places Worker.submit counts (a proxy in front makes every client one)."""
+    return request.client.host if request.client is not None else ""
+
+
+def _is_ids(prompt: list) -> bool:
+    """A prompt given as token ids (a non-empty list of ints) rather than a list of prompts."""
+    return bool(prompt) and isinstance(prompt[0], int)
+
+
+def _text_ids(generator: TextGenerator, text: str, max_prompt_tokens: int, template: bool = False) -> list[int]:
+    """A prompt text's token ids as the model reads them (<START> first; a fine-tuned model's prompt template
+    applied when `template`), checked against the prompt cap."""
+    try:
+        text = generator.render(text) if template else text
+    except ConfigError as e:
+        raise ApiError(422, str(e), "prompt") from None
+    ids = prompt_ids(generator.tokenizer, text)
+    if not ids:
+        raise ApiError(422, "the prompt is empty and the model has no start token; give some text", "prompt")
+    if len(ids) > max_prompt_tokens:
+        raise ApiError(422, f"the prompt is {len(ids)} tokens (with <START>); at most {max_prompt_tokens} "
+                       "(serve.max_prompt_tokens)", "prompt")
+    return ids
+
+
+def _token_ids(generator: TextGenerator, ids: list[int], max_prompt_tokens: int) -> list[int]:
+    """A prompt given as token ids, taken as they are once checked against the vocabulary and the prompt cap."""
+    vocab = generator.tokenizer.vocab_size
+    if not ids:
+        raise ApiError(422, "a prompt of token ids is empty: give at least one id", "prompt")
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise ApiError(422, f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", "prompt")
+    if len(ids) > max_prompt_tokens:
+        raise ApiError(422, f"the prompt is {len(ids)} tokens; at most {max_prompt_tokens} "
+                       "(serve.max_prompt_tokens)", "prompt")
+    return ids
+
+
+def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[int]], request: Request,
+              config: ServeConfig, model_id: str, max_tokens: int, unsupported: dict[str, Any],
+              extra_stop: Optional[list[str]] = None) -> tuple[list[Job], int]:
+    """Check a request against the caps and turn each of its prompts (token ids) into a Job; (jobs, prompt
+    tokens). `extra_stop` adds stop strings of the server's own (a chat's next user turn)."""
     if body.model is not None and body.model != model_id:
         raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
     if max_tokens > config.max_tokens:
@@ -461,23 +584,36 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], texts: list[str], gen
                            f"{json.dumps(neutral)})", name)
     temperature = 1.0 if body.temperature is None else body.temperature
     stop += [s for s in extra_stop or [] if s not in stop]
-    options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
-                             top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
-                             min_p=body.min_p, repetition_penalty=body.repetition_penalty or 1.0,
-                             seed=body.seed, num_return_sequences=n, stop_strings=stop or None)
+    try:  # the sampling values are checked where the library and the CLI check them
+        options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
+                                 top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
+                                 min_p=body.min_p, repetition_penalty=1.0 if body.repetition_penalty is None
+                                 else body.repetition_penalty, seed=body.seed, num_return_sequences=n,
+                                 stop_strings=stop or None)
+    except ConfigError as e:
+        field = re.match(r"generate\.(\w+)", str(e))
+        raise ApiError(422, str(e).removeprefix("generate."), field.group(1) if field else None) from None
     mailbox = Mailbox(asyncio.get_running_loop())
-    deadline = time.monotonic() + config.timeout
-    jobs, total = [], 0
-    for i, text in enumerate(texts):
-        ids = prompt_ids(generator.tokenizer, text)
-        if not ids:
-            raise ApiError(422, "the prompt is empty and the model has no start token; give some text", "prompt")
-        if len(ids) > max_prompt_tokens:
-            raise ApiError(422, f"the prompt is {len(ids)} tokens (with <START>); at most {max_prompt_tokens} "
-                           "(serve.max_prompt_tokens)", "prompt")
-        total += len(ids)
-        jobs.append(Job(ids, options, bool(body.stream), deadline, mailbox, first_index=i * n))
-    return jobs, total
+    deadline, client = time.monotonic() + config.timeout, _client(request)
+    jobs = [Job(ids, options, bool(body.stream), deadline, mailbox, first_index=i * n, client=client)
+            for i, ids in enumerate(prompts)]
+    return jobs, sum(len(ids) for ids in prompts)
+
+
+def _logprobs_body(tokenizer: Any, job: Job, choice: Any, echoed: str) -> dict:
+    """OpenAI's completions `logprobs` of one choice: tokens, token_logprobs, top_logprobs, text_offset; the
+    prompt's tokens first when echoed (its first token has no logprob: nothing comes before it)."""
+    entries: list[tuple[int, Optional[Logprobs], int]] = []
+    if job.echo:
+        offset = 0
+        for token, lp in zip(job.prompt_ids, job.prompt_logprobs):
+            entries.append((token, lp, offset))
+            offset += len(tokenizer.decode([token]))
+    entries += [(lp.token, lp, len(echoed) + at) for lp, at in zip(choice.logprobs, choice.offsets)]
+    return {"tokens": [tokenizer.token_text(token) for token, _, _ in entries],
+            "token_logprobs": [lp.logprob if lp else None for _, lp, _ in entries],
+            "top_logprobs": [{tokenizer.token_text(t): v for t, v in lp.top} if lp else None for _, lp, _ in entries],
+            "text_offset": [at for _, _, at in entries]}
 
 
 LATE = 5.0  # seconds past its deadline that a handler waits for the worker's own 504 (a long step in progress)
@@ -505,10 +641,43 @@ async def _wait_all(jobs: list[Union[Job, ClassifyJob]], request: Request,
     return jobs
 
 
+class GuardedStream(StreamingResponse):
+    """Server-sent events whose every send must complete within `stall_timeout`. A client that stops reading
+    fills its socket buffer and the send waits; at the deadline the stream ends: its generator is closed, which
+    cancels its jobs, so a stalled reader holds a place in generation for stall_timeout at most."""
+
+    def __init__(self, content: AsyncIterator[str], stall_timeout: float) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.stall_timeout = stall_timeout
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        stalled = False
+
+        async def guarded(message: dict) -> None:
+            nonlocal stalled
+            try:
+                await asyncio.wait_for(send(message), self.stall_timeout)
+            except asyncio.TimeoutError:
+                stalled = True
+                raise
+
+        try:
+            await super().__call__(scope, receive, guarded)
+        except BaseException:  # (anyio may wrap the timeout in an exception group)
+            if not stalled:
+                raise
+            client = scope.get("client") or ("?", 0)
+            log.warning("closing a stream to %s:%s: it read nothing for %s s (serve.stall_timeout)",
+                        client[0], client[1], self.stall_timeout)
+        finally:
+            await self.body_iterator.aclose()  # its finally clause cancels the jobs
+
+
 async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: bool,
-               timeout: float, chat: bool = False) -> AsyncIterator[str]:
+               timeout: float, chat: bool = False, echoed: Optional[list[str]] = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text piece or finished choice, then usage (if asked), then [DONE].
-    Chat chunks carry `delta`s (the assistant role first), completion chunks `text`.
+    Chat chunks carry `delta`s (the assistant role first), completion chunks `text` (the prompt's text first
+    when `echoed` has it).
 
     A client that disconnects cancels this generator (Starlette's disconnect listener); the finally
     clause then tells the worker to drop the jobs before their next token.
@@ -523,10 +692,10 @@ async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: b
 
     pending = len(jobs)
     try:
-        if chat:
-            for job in jobs:
-                for i in range(job.n):
-                    yield chunk(job.first_index + i, "", None, role=True)
+        for job, echo in zip(jobs, echoed or [""] * len(jobs)):
+            for i in range(job.n):
+                if chat or echo:
+                    yield chunk(job.first_index + i, echo, None, role=chat)
         while pending:
             event = await jobs[0].mailbox.get(timeout + LATE) or ("error", 504, "the request timed out")
             if event[0] == "piece":

@@ -36,6 +36,25 @@ class ServeConfig:
                             noun="number of seconds")
     timeout: float = doc("Seconds a request may take, waiting included; past that -> 504.", 60.0, gt=0,
                          noun="number of seconds")
+    max_slots_per_client: Optional[int] = doc("Prompts one client address may have in generation or waiting (its "
+                                              "first request is always taken); beyond -> 429. null = half of "
+                                              "max_concurrency (at least 1).", None, ge=1)
+    stall_timeout: float = doc("Seconds a stream may wait for its client to take more data (its send buffer full) "
+                               "before its generation is cancelled and the connection closed.", 10.0, gt=0,
+                               noun="number of seconds")
+    header_timeout: float = doc("Seconds a connection has to send a request's headers (from its opening or the end "
+                                "of the previous response); then it is closed.", 10.0, gt=0, noun="number of seconds")
+    body_timeout: float = doc("Seconds a request has to send its whole body once its headers arrived; past that -> "
+                              "408 and the connection closes.", 30.0, gt=0, noun="number of seconds")
+    keep_alive_timeout: float = doc("Seconds an idle keep-alive connection stays open between requests.", 5.0, gt=0,
+                                    noun="number of seconds")
+    max_connections: int = doc("Open connections at most; a connection beyond is closed at once, a request beyond "
+                               "(uvicorn's limit_concurrency) gets 503.", 256, ge=1)
+    allowed_host: Optional[list[str]] = doc("Host header names accepted (DNS rebinding guard); null = localhost, "
+                                            "127.0.0.1, ::1 and the bound host; '*' = any.", None)
+    cors_origin: Optional[list[str]] = doc("Origins a browser page may call the API from (CORS), e.g. "
+                                           "http://localhost:3000; '*' = any. null = the server's own pages only.",
+                                           None)
 
     def __post_init__(self) -> None:
         validate(self, "serve")
@@ -44,3 +63,8 @@ class ServeConfig:
                               f"{self.max_concurrency + self.max_queue}: such a request could never be taken; lower it")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("serve.api_key is empty: give a key, or leave it out to serve without one")
+
+    @property
+    def slots_per_client(self) -> int:
+        """max_slots_per_client, or its default: half the places in generation, so one address never holds all."""
+        return self.max_slots_per_client or max(1, self.max_concurrency // 2)

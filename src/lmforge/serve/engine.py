@@ -15,7 +15,9 @@ A job whose client left (Job.cancel) or whose deadline passed is dropped before 
 marked cancelled, so the decode stops reporting them); a decode with no job left is closed.
 
 A classifier is served by ClassifyEngine instead: one worker thread as well (the model is never used by two
-threads), one request at a time, its texts in forward passes of at most max_batch_size.
+threads), one request at a time, its texts in forward passes of at most max_batch_size. Both share Worker:
+the thread, its lock, start/close, and the admission of a request (all its prompts or none; Busy when the
+places or the client's share of them are taken).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from lmforge.generate import Event, GenerateConfig, Row, TextClassifier, TextGenerator, decode_rows, make_rows
+from lmforge.generate import (Event, GenerateConfig, Logprobs, Row, TextClassifier, TextGenerator, decode_rows,
+                              make_rows, score_prompt)
 
 
 MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
@@ -43,6 +46,8 @@ class Choice:
     text: str = ""
     tokens: int = 0                 # tokens generated (an end token is not counted)
     finish: Optional[str] = None    # "stop" (end token or stop string) | "length"
+    logprobs: list[Logprobs] = field(default_factory=list)  # per token, when the job asks (Job.logprobs)
+    offsets: list[int] = field(default_factory=list)         # where each of those tokens' text starts in `text`
 
 
 class Mailbox:
@@ -59,6 +64,7 @@ class Mailbox:
         return self.sent - self.read
 
     def put(self, event: tuple) -> None:
+        """Called on the worker thread: hand `event` to the event loop."""
         self.sent += 1
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
@@ -93,10 +99,19 @@ class Job:
     rows: list[Row] = field(default_factory=list)  # its rows in the decode, once started
     cancelled: bool = False
     queued_at: float = 0.0           # time.monotonic() when submitted
+    client: str = ""                 # the client's address (Worker.submit counts its places)
+    logprobs: Optional[int] = None   # report each token's log probability and this many alternatives
+    echo: bool = False               # with logprobs: also score the prompt (prompt_logprobs)
+    prompt_logprobs: list[Optional[Logprobs]] = field(default_factory=list)
 
     def cancel(self) -> None:
         """Ask the worker to drop this job before its next step (thread-safe: a flag the worker reads)."""
         self.cancelled = True
+
+    @property
+    def size(self) -> int:
+        """Places it takes in generation: one per prompt."""
+        return 1
 
     @property
     def n(self) -> int:
@@ -120,27 +135,26 @@ class Batch:
     steps: Optional[Iterator[list[Event]]] = None
 
 
-class Engine:
-    """Runs all generation on one worker thread; `submit` is called from the event loop."""
+class Worker:
+    """One thread that owns the model, and the admission of requests from the event loop: a request's jobs
+    join `_waiting` all or none, while places (`capacity`) are free and their client holds at most
+    `per_client` (its first request is always considered). Subclasses run `_loop` and call `_forget(job)`
+    for every job that leaves, so its client's count goes down."""
 
-    def __init__(self, generator: TextGenerator, max_concurrency: int = 32, max_queue: int = 64,
-                 max_batch_size: int = 32, max_decodes: int = 4, batch_wait: float = 0.05) -> None:
-        self.model, self.tokenizer = generator.model, generator.tokenizer
-        self.max_concurrency, self.max_queue, self.max_batch_size = max_concurrency, max_queue, max_batch_size
-        self.max_decodes, self.batch_wait = max_decodes, batch_wait
+    thread_name = "lmforge-serve-worker"
+
+    def __init__(self, capacity: int, per_client: Optional[int] = None) -> None:
+        self.capacity, self.per_client = capacity, per_client
         self._lock = threading.Condition()
-        self._waiting: list[Job] = []
-        self._running = 0                 # jobs in active decodes
-        self._active: list[Batch] = []    # touched by the worker thread only
+        self._waiting: list = []
+        self._running = 0                 # places in use by the jobs being worked on
+        self._held: dict[str, int] = {}   # client address -> places its jobs hold (waiting or running)
         self._closed = False
         self._thread: Optional[threading.Thread] = None
-        self.generated_tokens = 0         # sequences x steps decoded so far (a measure of work done)
-        self.decodes = 0                  # batched decodes started
         self.jobs_done = 0
 
-    # ------------------------------------------------------------------------------ event-loop side
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="lmforge-serve-worker", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -150,19 +164,52 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def submit(self, jobs: list[Job]) -> None:
+    def submit(self, jobs: list) -> None:
         """Queue the jobs of one request, all or none; raises Busy when they do not fit."""
+        size, client = sum(job.size for job in jobs), jobs[0].client
         with self._lock:
             if self._closed:
                 raise Busy("the server is shutting down")
-            free = self.max_concurrency + self.max_queue - self._running - len(self._waiting)
-            if len(jobs) > free:
-                raise Busy(f"{self._running} requests in generation and {len(self._waiting)} waiting")
+            waiting = sum(job.size for job in self._waiting)
+            if size > self.capacity - self._running - waiting:
+                raise Busy(f"{self._running} places in use and {waiting} waiting")
+            held = self._held.get(client, 0)
+            if self.per_client is not None and held and held + size > self.per_client:
+                raise Busy(f"this client already holds {held} places; at most {self.per_client} per client "
+                           "(serve.max_slots_per_client)")
+            self._held[client] = held + size
             now = time.monotonic()
             for job in jobs:
                 job.queued_at = now
             self._waiting.extend(jobs)
             self._lock.notify()
+
+    def _forget(self, job: Any) -> None:
+        """A job left (done, failed, cancelled or expired): its client holds its places no more (lock held)."""
+        left = self._held.get(job.client, 0) - job.size
+        if left > 0:
+            self._held[job.client] = left
+        else:
+            self._held.pop(job.client, None)
+        self.jobs_done += 1
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Engine(Worker):
+    """Runs all generation on one worker thread; `submit` is called from the event loop."""
+
+    def __init__(self, generator: TextGenerator, max_concurrency: int = 32, max_queue: int = 64,
+                 max_batch_size: int = 32, max_decodes: int = 4, batch_wait: float = 0.05,
+                 max_slots_per_client: Optional[int] = None) -> None:
+        super().__init__(max_concurrency + max_queue, max_slots_per_client)
+        self.model, self.tokenizer = generator.model, generator.tokenizer
+        self.max_concurrency, self.max_queue, self.max_batch_size = max_concurrency, max_queue, max_batch_size
+        self.max_decodes, self.batch_wait = max_decodes, batch_wait
+        self._active: list[Batch] = []    # touched by the worker thread only
+        self.generated_tokens = 0         # sequences x steps decoded so far (a measure of work done)
+        self.decodes = 0                  # batched decodes started
 
     def stats(self) -> dict:
         with self._lock:
@@ -197,6 +244,7 @@ class Engine:
         now, batches = time.monotonic(), []
         for job in [j for j in self._waiting if j.cancelled or now > j.deadline]:
             self._waiting.remove(job)
+            self._forget(job)
             if not job.cancelled:
                 job.emit("error", 504, "the request timed out while waiting for the model")
         while self._waiting and self._running < self.max_concurrency:
@@ -232,7 +280,7 @@ class Engine:
             row.finish = row.finish or "cancelled"
         with self._lock:
             self._running -= 1
-            self.jobs_done += 1
+            self._forget(job)
 
     def _step(self, batch: Batch) -> None:
         """Advance one decode by one token and hand the events to their jobs; end it when no job is left."""
@@ -278,6 +326,10 @@ class Engine:
         for job in batch.jobs:
             job.rows = make_rows(self.model, [job.prompt_ids], job.config, self.tokenizer.end_id, self.tokenizer)
             job.choices = [Choice() for _ in job.rows]
+            for row in job.rows:
+                row.top_logprobs = job.logprobs
+            if job.echo and job.logprobs is not None:
+                job.prompt_logprobs = score_prompt(self.model, job.rows[0].prompt, job.logprobs)
             batch.owner += [(job, i) for i in range(len(job.rows))]
             rows += job.rows
         self.decodes += 1
@@ -286,6 +338,9 @@ class Engine:
     def _take(self, job: Job, index: int, event: Event) -> None:
         """One continuation's event: its text, its token count, its finish; streamed out as they come."""
         choice = job.choices[index]
+        if event.logprobs is not None:
+            choice.logprobs.append(event.logprobs)
+            choice.offsets.append(len(choice.text))
         choice.text += event.text
         choice.tokens += event.token is not None
         choice.finish = event.finish
@@ -312,49 +367,31 @@ class ClassifyJob:
     mailbox: "Mailbox"
     predictions: list[list[tuple[str, float]]] = field(default_factory=list)
     cancelled: bool = False
+    client: str = ""                 # the client's address (Worker.submit counts its places)
+    queued_at: float = 0.0
 
     def cancel(self) -> None:
         """Ask the worker to drop this job if it has not started (thread-safe: a flag the worker reads)."""
         self.cancelled = True
 
+    @property
+    def size(self) -> int:
+        """Places it takes: one per text."""
+        return len(self.texts)
 
-class ClassifyEngine:
+
+class ClassifyEngine(Worker):
     """Runs every classification of a classifier on one worker thread, a request at a time, oldest first; its
     texts in forward passes of at most max_batch_size (TextClassifier.classify). `submit` is called from the
     event loop. Texts waiting and in classification count together against max_concurrency + max_queue."""
 
+    thread_name = "lmforge-serve-classify"
+
     def __init__(self, classifier: TextClassifier, max_concurrency: int = 32, max_queue: int = 64,
-                 max_batch_size: int = 32) -> None:
-        self.classifier, self.capacity, self.max_batch_size = classifier, max_concurrency + max_queue, max_batch_size
-        self._lock = threading.Condition()
-        self._waiting: list[ClassifyJob] = []
-        self._running = 0                 # texts in the forward passes now
-        self._closed = False
-        self._thread: Optional[threading.Thread] = None
+                 max_batch_size: int = 32, max_slots_per_client: Optional[int] = None) -> None:
+        super().__init__(max_concurrency + max_queue, max_slots_per_client)
+        self.classifier, self.max_batch_size = classifier, max_batch_size
         self.classified = 0               # texts classified so far
-        self.jobs_done = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="lmforge-serve-classify", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def submit(self, job: ClassifyJob) -> None:
-        """Queue one request's job; raises Busy when its texts do not fit."""
-        with self._lock:
-            if self._closed:
-                raise Busy("the server is shutting down")
-            waiting = sum(len(j.texts) for j in self._waiting)
-            if len(job.texts) > self.capacity - self._running - waiting:
-                raise Busy(f"{self._running} texts in classification and {waiting} waiting")
-            self._waiting.append(job)
-            self._lock.notify()
 
     def stats(self) -> dict:
         with self._lock:
@@ -388,4 +425,4 @@ class ClassifyEngine:
             with self._lock:
                 self._running = 0
                 self.classified += len(job.predictions)
-                self.jobs_done += 1
+                self._forget(job)
