@@ -1,8 +1,9 @@
-"""DDP: two CPU processes under torchrun train exactly like one process with the same global batch;
+"""DDP: two CPU processes under torchrun train exactly like one process with the same global batch (LoRA too);
 a killed or hung process ends the job (no hang), a resumed job continues exactly, and a NaN on one
 process stops or skips on every process together.
 
-Run as a script (`torchrun ... tests/test_distributed.py RUN_DIR BATCH ACCUM COMPILE`), this file is the worker.
+Run as a script (`torchrun ... tests/test_distributed.py RUN_DIR BATCH ACCUM COMPILE [LORA_BASE]`), this file is the
+worker.
 """
 
 from __future__ import annotations
@@ -18,21 +19,28 @@ from pathlib import Path
 
 import pytest
 
-from tiny_training import cli_command, prepared_corpus, process_env, step_losses, tiny_config, tiny_trainer
+from tiny_training import (cli_command, prepared_corpus, process_env, step_losses, tiny_config, tiny_trainer,
+                           write_base)
 
 STEPS = {"train.max_steps": 6, "train.eval_interval": 3, "train.save_interval": 3, "model.dropout": 0.0}
+LORA = {"lora.r": 4, "lora.targets": "q,k,v,o", "optim.lr": 1e-2}  # no adapter dropout: each process draws its own
 
 
-def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = False) -> None:
-    """Train the tiny model; rank 0 writes the logged losses next to the run directory."""
+def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = False, base: str = "") -> None:
+    """Train the tiny model (LoRA adapters on `base`, when given); rank 0 writes the logged losses, the trainable
+    parameters and the fingerprint of the frozen weights next to the run directory."""
     from lmforge.distributed import teardown_distributed
+    from lmforge.lora import base_fingerprint
 
+    lora = {"train.init_from": base, **LORA} if base else {}
     trainer = tiny_trainer(tiny_config(run_dir, **{**STEPS, "train.batch_size": batch_size,
-                                                   "train.grad_accum": grad_accum, "train.compile": compile}))
+                                                   "train.grad_accum": grad_accum, "train.compile": compile, **lora}))
     summary = trainer.fit()
     if trainer.dist.is_main:
+        trainable = [name for name, p in trainer.raw_model.named_parameters() if p.requires_grad]
         (run_dir / "history.json").write_text(json.dumps({"history": trainer.history, "val_loss": summary["val_loss"],
-                                                          "world_size": trainer.dist.world_size}))
+                                                          "world_size": trainer.dist.world_size, "trainable": trainable,
+                                                          "base_fingerprint": base_fingerprint(trainer.raw_model)}))
     teardown_distributed(synchronize=True)
 
 
@@ -65,6 +73,32 @@ def test_two_processes_match_one(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 7))
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
+
+
+@pytest.mark.distributed
+def test_two_lora_processes_match_one_and_train_only_the_adapters(tmp_path):
+    """LoRA under DDP: 2 processes x 4 sequences give the losses and adapters of 1 process x 8 (2 micro-batches each);
+    only adapters train and are saved, under the plain model's names, and the base weights end as they began."""
+    from safetensors.torch import load_file
+
+    base = write_base(tmp_path)
+    worker(tmp_path / "one", batch_size=8, grad_accum=2, base=str(base))
+    _torchrun(tmp_path / "two", 4, 2, False, base)
+    one = json.loads((tmp_path / "one" / "history.json").read_text())
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert two["world_size"] == 2 and [s for s, _ in two["history"]] == list(range(1, 7))
+    assert [l for _, l in two["history"]] == pytest.approx([l for _, l in one["history"]], abs=1e-5)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
+    assert one["trainable"] == two["trainable"] and all(".lora." in name for name in two["trainable"])
+    ckpt = tmp_path / "two" / "checkpoints" / "step-00000006"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert one["base_fingerprint"] == two["base_fingerprint"] == state["base"]["fingerprint"]  # frozen: unchanged
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "step-00000006" / "model.safetensors"))
+    b = load_file(str(ckpt / "model.safetensors"))
+    assert sorted(b) == sorted(a) == sorted(two["trainable"])  # the adapters alone, under the plain model's names
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() < 1e-5, name
+    assert max(b[k].abs().max().item() for k in b if k.endswith(".B")) > 1e-3  # (the adapters did train)
 
 
 @pytest.mark.distributed
@@ -165,4 +199,4 @@ def test_a_hung_rank_times_out_instead_of_hanging(data, tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    worker(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "True")
+    worker(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "True", *sys.argv[5:])

@@ -10,31 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import check_safetensors, load_for_inference, save_checkpoint
+from lmforge.checkpoint import check_safetensors, load_for_inference
 from lmforge.cli import main
-from lmforge.config import RunConfig, preset
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.lora import base_fingerprint, lora_parameters, lora_state_dict
 from lmforge.model import GPT
-from lmforge.tokenizer import byte_tokenizer
-from tiny_training import tiny_config, tiny_trainer, write_prepared_data
+from tiny_training import tiny_config, tiny_trainer, write_base, write_prepared_data
 
 LORA = {"lora.r": 4, "lora.targets": "q,v,o", "lora.dropout": 0.1, "train.max_steps": 8, "train.save_interval": 4,
         "train.keep_last": 5, "train.grad_accum": 2, "optim.lr": 1e-2}
-
-
-def write_base(root: Path, seed: int = 0, nudge: bool = False) -> Path:
-    """ROOT/base: a tiny GPT (byte vocabulary, so the CLI can generate) saved as a weights-only checkpoint."""
-    tok = byte_tokenizer()
-    tok.save(root / "tokenizer.json")
-    config = preset("tiny", vocab_size=tok.vocab_size, block_size=16)
-    torch.manual_seed(seed)
-    model = GPT(config)
-    if nudge:  # the same base with one weight changed
-        with torch.no_grad():
-            model.blocks[0].mlp.fc.weight[0, 0] += 1e-3
-    save_checkpoint(root / "base", 0, model, None, RunConfig(model=config), {"tokens_seen": 0}, root / "tokenizer.json")
-    return root / "base"
 
 
 def lora_config(run_dir: Path, base: Path, **overrides):

@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
-from lmforge.config import RunConfig, load_run_config
+from lmforge.checkpoint import save_checkpoint
+from lmforge.config import RunConfig, load_run_config, preset
 from lmforge.data.batches import TokenBatches, fixed_batches
+from lmforge.model import GPT
+from lmforge.tokenizer import byte_tokenizer
 from lmforge.train import Trainer
 
 VOCAB = 32
@@ -54,8 +58,6 @@ def tiny_trainer(config: RunConfig, tokens: Optional[np.ndarray] = None, **kwarg
 
 def write_prepared_data(data_dir: Path, texts: dict[str, list[str]]) -> Path:
     """A prepared data directory as docs/CONTRACTS.md describes it, byte tokenizer, one split per key of `texts`."""
-    from lmforge.tokenizer import byte_tokenizer
-
     data_dir.mkdir(parents=True, exist_ok=True)
     tok = byte_tokenizer()
     tok_sha = tok.save(data_dir / "tokenizer.json")
@@ -78,6 +80,21 @@ def write_prepared_data(data_dir: Path, texts: dict[str, list[str]]) -> Path:
                 "seed": 0, "split": [0.9, 0.05, 0.05], "sources": [], "splits": splits}
     (data_dir / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     return data_dir
+
+
+def write_base(root: Path, seed: int = 0, nudge: bool = False) -> Path:
+    """ROOT/base, a run directory: a tiny GPT (byte vocabulary, so the CLI can generate) saved as a weights-only
+    checkpoint, with ROOT/tokenizer.json: the base of a LoRA run."""
+    tok = byte_tokenizer()
+    tok.save(root / "tokenizer.json")
+    config = preset("tiny", vocab_size=tok.vocab_size, block_size=16)
+    torch.manual_seed(seed)
+    model = GPT(config)
+    if nudge:  # the same base with one weight changed
+        with torch.no_grad():
+            model.blocks[0].mlp.fc.weight[0, 0] += 1e-3
+    save_checkpoint(root / "base", 0, model, None, RunConfig(model=config), {"tokens_seen": 0}, root / "tokenizer.json")
+    return root / "base"
 
 
 # ------------------------------------------------------------------- the real command, in a real process
