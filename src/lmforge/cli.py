@@ -583,7 +583,13 @@ def _add_serve(sub: Any) -> None:
             (OpenAI's completions API, streaming with server-sent events) and a playground page at /.
             Binds 127.0.0.1 unless --host says otherwise. Requests over a limit are refused with 413 or 422
             and a message, a full server answers 429 with Retry-After, a request past --timeout gets 504.
-            The API key can also come from the LMFORGE_API_KEY environment variable (kept out of `ps`)."""),
+            The API key can also come from the LMFORGE_API_KEY environment variable (kept out of `ps`).
+            Against hostile clients: a stream its client stops reading is cut after --stall-timeout; one address
+            holds at most --max-slots-per-client places; connections get --header-timeout, --body-timeout (408),
+            --keep-alive-timeout and --max-connections, all before the key is checked. Only Host names in
+            --allowed-host are answered (default: localhost, 127.0.0.1, ::1 and --host; with --host 0.0.0.0 name
+            the machine's address), so a page that rebinds its DNS name cannot reach you; browser pages on other
+            origins need --cors-origin. GET /metrics gives Prometheus counters."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge serve runs/shakespeare-char
