@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,8 +27,20 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every entry under root (the cwd of the bad-input table, so runs/ and other default outputs are inside):
+    a file by its sha256, a symlink by its target, a directory, a FIFO; a new, changed or removed entry shows."""
+    def kind(p: Path) -> str:
+        if p.is_symlink():
+            return f"link -> {os.readlink(p)}"
+        if p.is_dir():
+            return "dir"
+        return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "special"
+    entries = {}
+    for top, dirs, files in os.walk(root):  # not into symlinked folders: their targets are listed on their own
+        for name in dirs + files:
+            p = Path(top) / name
+            entries[str(p.relative_to(root))] = kind(p)
+    return entries
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +153,27 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("generate-pickle-planted", ["generate", str(ws / "pickled"), "--device", "cpu"], "pickled"),
         # plot
         ("plot-missing-run", ["plot", str(ws / "ghost")], "ghost"),
+        ("plot-out-exists", ["plot", str(run), "--out", str(run / "loss.png")], "--force"),
+        ("plot-out-not-an-image", ["plot", str(run), "--out", "x.txt"], ".png"),
+        ("plot-force-onto-a-text", ["plot", str(run), "--out", str(ws / "notes.png"), "--force"], "not a PNG image"),
+        # --force replaces only an output lmforge wrote, holding nothing else, apart from the inputs
+        ("export-force-other-folder", ["export", str(run), "--format", "hf", "--out", str(ws / "mine"), "--force"],
+         "not a Hugging Face export"),
+        ("export-force-onto-the-run", ["export", str(run), "--format", "hf", "--out", str(run), "--force"],
+         "is the input"),
+        ("export-into-the-run", ["export", str(run), "--format", "hf", "--out", str(run / "hf")], "lies inside"),
+        ("export-onnx-force-folder", ["export", str(run), "--format", "onnx", "--out", str(ws / "mine"), "--force"],
+         "is a directory"),
+        ("export-force-keeps-notes", ["export", str(run), "--format", "hf", "--out", str(ws / "hf"), "--force"],
+         "NOTES.md"),
+        ("export-force-symlink", ["export", str(run), "--format", "hf", "--out", str(ws / "hf-link"), "--force"],
+         "symbolic link"),
+        ("prepare-force-input-folder", ["prepare", str(ws / "mine"), "--out", str(ws / "mine"), "--force"], "is the input"),
+        ("prepare-force-holds-input", ["prepare", str(ws / "data-noted" / "extra.txt"), "--out", str(ws / "data-noted"),
+                                       "--force"], "holds the input"),
+        ("prepare-out-inside-input", ["prepare", str(corpus), "--out", str(corpus / "prepared")], "lies inside"),
+        ("prepare-force-keeps-notes", ["prepare", str(corpus), "--out", str(ws / "data-noted"), "--force"], "extra.txt"),
+        ("prepare-force-symlink", ["prepare", str(corpus), "--out", str(ws / "data-link"), "--force"], "symbolic link"),
     ]
 
 
@@ -178,10 +212,22 @@ def hostile_files(workspace):
                 workers=1, progress=False)
     if not (ws / "data-bytes").exists():
         prepare([str(other)], str(ws / "data-bytes"), tokenizer="byte", split=(0.8, 0.1, 0.1), workers=1, progress=False)
+    # outputs --force must not replace: a folder of the user's, an lmforge output with a note added, a link
+    (ws / "mine").mkdir(exist_ok=True)
+    (ws / "mine" / "notes.txt").write_text("my notes\n", encoding="utf-8")
+    (ws / "notes.png").write_text("not an image\n", encoding="utf-8")
+    if not (ws / "hf").exists():
+        assert main(["export", str(ws / "run"), "--format", "hf", "--out", str(ws / "hf")]) == 0
+        (ws / "hf" / "NOTES.md").write_text("where this came from\n", encoding="utf-8")
+        (ws / "hf-link").symlink_to(ws / "hf")
+    if not (ws / "data-noted").exists():
+        shutil.copytree(ws / "data", ws / "data-noted")
+        (ws / "data-noted" / "extra.txt").write_text(TEXT, encoding="utf-8")
+        (ws / "data-link").symlink_to(ws / "data")
     return marker
 
 
-N_CASES = 46
+N_CASES = 60
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
 
@@ -190,8 +236,9 @@ def test_bad_inputs_table_has_enough_rows(workspace):
 
 
 @pytest.mark.parametrize("row", range(N_CASES))
-def test_each_bad_input_is_one_clear_line(workspace, hostile_files, capsys, row):
+def test_each_bad_input_is_one_clear_line(workspace, hostile_files, capsys, monkeypatch, row):
     name, argv, needle = _bad_inputs(workspace)[row]
+    monkeypatch.chdir(workspace)  # where a command writes by default (runs/, ./loss.png) is inside the compared tree
     before = _tree_digest(workspace)
     capsys.readouterr()
     code = main(argv)
@@ -207,8 +254,8 @@ def test_each_bad_input_is_one_clear_line(workspace, hostile_files, capsys, row)
     assert "Traceback" not in captured.err and "internal error" not in captured.err, name
     assert needle in err_lines[0], f"{name}: {needle!r} not in {err_lines[0]!r}"
     after = _tree_digest(workspace)
-    changed = {k for k in before if before[k] != after.get(k)}
-    assert not changed, f"{name}: files changed or removed: {sorted(changed)}"
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert not changed, f"{name}: entries new, changed or removed: {sorted(changed)}"
     assert not hostile_files.exists(), "a pickle payload was executed"
 
 

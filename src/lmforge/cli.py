@@ -559,14 +559,15 @@ def _add_plot(sub: Any) -> None:
     p = sub.add_parser("plot", help="PNG of a run's train and val loss curves", formatter_class=_help_formatter,
                        description="Draw train and validation loss of a run into RUN_DIR/loss.png (or --out).")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="PNG", help="where to write the plot (default: RUN_DIR/loss.png)")
+    p.add_argument("--out", metavar="PNG", help="where to write the plot, .png, .pdf or .svg (default: RUN_DIR/loss.png)")
+    p.add_argument("--force", action="store_true", help="replace an existing image at --out")
     p.set_defaults(run=_run_plot)
 
 
 def _run_plot(args: argparse.Namespace) -> int:
     from lmforge.train.plot import plot_run
 
-    path = plot_run(args.run_dir, out=args.out)
+    path = plot_run(args.run_dir, out=args.out, force=args.force)
     print(path)
     return 0
 

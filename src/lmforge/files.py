@@ -32,7 +32,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import IO, Callable, Iterator, Optional
+from typing import IO, Callable, Collection, Iterable, Iterator, Optional
 
 from lmforge.errors import LmforgeError
 
@@ -234,14 +234,22 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 # ------------------------------------------------------------------------------------- the --force rule
 def check_output(path: str | Path, *, force: bool, ours: Callable[[Path], bool], what: str,
-                 error: type[LmforgeError] = LmforgeError, directory: bool = True) -> None:
+                 error: type[LmforgeError] = LmforgeError, directory: bool = True,
+                 members: Optional[Callable[[Path], Collection[str]]] = None,
+                 inputs: Iterable[str | Path] = ()) -> None:
     """Raise `error` (one line) unless `path` may be written by an output of kind `what`.
 
     Writable: a path that does not exist, an empty directory (when `directory`), or, with `force`, an
-    output that `ours(path)` recognises as one lmforge wrote. Anything else is never replaced, --force
-    or not. First puts back an output a killed writer left aside (recover_output), so the check sees it.
+    output that `ours(path)` recognises as one lmforge wrote and that holds nothing else: every entry is
+    one of `members(path)` (the names such an output consists of), so a note the user put inside is never
+    deleted with it. Anything else is never replaced, --force or not; nor is a symbolic link (replacing
+    the link would not replace what it points to), nor a path nested with one of `inputs` (see check_apart).
+    First puts back an output a killed writer left aside (recover_output), so the check sees it.
     """
     path = Path(path)
+    if path.is_symlink():
+        raise error(f"output {path} is a symbolic link (to {os.readlink(path)}): give the real path as --out")
+    check_apart(path, inputs, error)
     recover_output(path)
     if not os.path.lexists(path):
         return
@@ -253,5 +261,21 @@ def check_output(path: str | Path, *, force: bool, ours: Callable[[Path], bool],
     if not ours(path):
         raise error(f"output {path} {'is a non-empty folder that' if directory else 'exists and'} is not {what}: "
                     f"choose a new{' or empty' if directory else ''} --out")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in members(path)) if members and directory else []
+    if foreign:
+        raise error(f"output {path} holds {what} and also {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}"
+                    f", which lmforge did not write: move {'it' if len(foreign) == 1 else 'them'} away or choose "
+                    "another --out")
     if not force:
         raise error(f"output {path} already holds {what}: pass --force to replace it")
+
+
+def check_apart(output: str | Path, inputs: Iterable[str | Path], error: type[LmforgeError] = LmforgeError) -> None:
+    """Raise `error` when `output` is one of `inputs`, lies inside one, or holds one: replacing the output
+    would delete an input, or writing it would change an input (a folder read again, a checkpoint's files)."""
+    out = Path(output).resolve()
+    for item in inputs:
+        given = Path(item).resolve()
+        if out == given or out.is_relative_to(given) or given.is_relative_to(out):
+            relation = "is" if out == given else "lies inside" if out.is_relative_to(given) else "holds"
+            raise error(f"output {output} {relation} the input {item}: choose an --out apart from the inputs")

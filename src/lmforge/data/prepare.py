@@ -23,6 +23,7 @@ Everything is written into a temporary directory next to ``out`` and put in plac
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import sys
@@ -39,9 +40,9 @@ import lmforge
 from lmforge.data import report as data_report
 from lmforge.data.corpus import CorpusReader, CorpusStats, find_files, shakespeare_files
 from lmforge.data.report import format_report
-from lmforge.data.shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, write_manifest
+from lmforge.data.shards import FORMAT, ShardWriter, check_dataset_output, dtype_for_vocab, write_manifest
 from lmforge.errors import DataError
-from lmforge.files import atomic_dir, check_output
+from lmforge.files import atomic_dir, check_apart
 from lmforge.tokenizer import KINDS, N_SPECIAL, Tokenizer, byte_tokenizer, check_special_tokens, train_bpe, train_char
 
 # Text per encoding batch. Big enough for the Rust encoder to spread over the cores, small enough that
@@ -66,8 +67,7 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
     """
     _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_tokens, workers)
     out_dir = Path(out)
-    check_output(out_dir, force=force, ours=lambda p: (p / MANIFEST).is_file(), what="a prepared dataset",
-                 error=DataError)
+    check_dataset_output(out_dir, force=force, inputs=[i for i in inputs if not glob.has_magic(i)])
     given = None if tokenizer in KINDS else Tokenizer.load(tokenizer)  # fail before reading the corpus
     log = _Log(progress)
     stats = CorpusStats()
@@ -75,6 +75,7 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
         files = shakespeare_files()
     else:
         files = find_files(inputs, warn=log.warn, stats=stats)
+        check_apart(out_dir, files, DataError)  # a glob's matches too
     with atomic_dir(out_dir) as tmp:
         report = _Pipeline(tmp, log, stats, workers=workers, progress=progress).run(
             files, tokenizer=given or tokenizer, vocab_size=vocab_size, split=split, seed=seed, doc_split=doc_split,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import DataError
-from lmforge.files import atomic_write_text
+from lmforge.files import atomic_write_text, check_output
 
 FORMAT = "lmforge-shards-v1"
 SPLITS = ("train", "val", "test")
@@ -58,6 +58,22 @@ class ShardWriter:
     def __exit__(self, *exc) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def check_dataset_output(out_dir: Path, *, force: bool, inputs: list) -> None:
+    """The --force rule for a prepared dataset (lmforge.files.check_output): replace only a folder whose
+    manifest.json says prepare wrote it and that holds nothing but what its manifest names."""
+    def members(path: Path) -> set[str]:
+        names = {MANIFEST, "report.json", "tokenizer.json"}
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+            names.update(entry["file"] for entry in manifest["splits"].values())
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable manifest names nothing more: every other file counts as the user's
+        return names
+
+    check_output(out_dir, force=force, ours=lambda p: (p / MANIFEST).is_file(), what="a prepared dataset",
+                 error=DataError, members=members, inputs=inputs)
 
 
 def write_manifest(data_dir: str | Path, manifest: dict) -> None:

@@ -49,6 +49,7 @@ Leakage: a val or test example whose prompt text is also the prompt of a train e
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
 import string
@@ -64,9 +65,9 @@ import lmforge
 from lmforge.data.batches import Examples
 from lmforge.data.corpus import decode_clean, find_files
 from lmforge.data.prepare import split_counts
-from lmforge.data.shards import MANIFEST, SPLITS
+from lmforge.data.shards import MANIFEST, SPLITS, check_dataset_output
 from lmforge.errors import DataError
-from lmforge.files import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text, check_output, sha256_file
+from lmforge.files import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text, check_apart, sha256_file
 from lmforge.tokenizer import Tokenizer
 
 FORMAT = "lmforge-task-v1"
@@ -421,8 +422,7 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
     fields = fields or Fields()
     tmpl = resolve_template(template) if task == "sft" else None
     out_dir = Path(out)
-    check_output(out_dir, force=force, ours=lambda p: (p / MANIFEST).is_file(), what="a prepared dataset",
-                 error=DataError)
+    check_dataset_output(out_dir, force=force, inputs=[i for i in inputs if not glob.has_magic(i)])
     tok = Tokenizer.load(tokenizer_file)
     warnings: list[str] = []
 
@@ -431,6 +431,7 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
         (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(message)
 
     files = find_files(inputs, warn=warn_line, suffixes=RECORD_SUFFIXES)
+    check_apart(out_dir, files, DataError)  # a glob's matches too
     common = {"tok": tok, "tokenizer_file": tokenizer_file, "files": files, "out_dir": out_dir,
               "header": {"base": str(base), "max_length": max_length, "long_examples": "drop" if drop_long else
                          "truncate", "seed": seed, "split": list(split)}}

@@ -69,6 +69,11 @@ def hf_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
     return files
 
 
+# What an export directory holds (hf_files, hf_tokenizer_files, a LoRA run's adapter/): --force replaces nothing more
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "adapter"})
+
+
 def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = False, merge: bool = False) -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a Hugging Face directory.
 
@@ -82,7 +87,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = Fals
 
     out_dir = Path(out_dir)
     check_output(out_dir, force=force, ours=_is_hf_export, what="a Hugging Face export written by lmforge",
-                 error=HFExportError)
+                 error=HFExportError, members=lambda _: EXPORT_FILES, inputs=[checkpoint])
     ckpt, manifest = verified_checkpoint(checkpoint)
     config = read_run_config(ckpt)
     if merge and config.lora is None:

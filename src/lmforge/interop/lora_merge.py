@@ -45,7 +45,7 @@ def merge_checkpoint(path: str | Path, out: str | Path, *, force: bool = False) 
         raise CheckpointError(f"{ckpt} holds no LoRA adapters (its config has lora: null): it is a full checkpoint "
                               f"already; use it as it is")
     out = Path(out)
-    check_output(out, force=force, ours=is_merge_output, what=WHAT, error=CheckpointError)
+    check_output(out, force=force, ours=is_merge_output, what=WHAT, error=CheckpointError, inputs=[path])
     model, _, _ = load_for_inference(ckpt, "cpu", manifest)
     merged = dataclasses.replace(config, lora=None, train=dataclasses.replace(config.train, run_dir=str(out),
                                                                               resume="none"))

@@ -47,7 +47,7 @@ def export_onnx(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         raise OnnxExportError("ONNX export needs the onnx package: pip install 'lmforge[onnx]' "
                               "(or pip install onnx onnxscript)") from None
     check_output(out_path, force=force, ours=_is_onnx_export, what="an ONNX export written by lmforge",
-                 error=OnnxExportError, directory=False)
+                 error=OnnxExportError, directory=False, inputs=[checkpoint])
     trained, _, _ = load_for_inference(checkpoint, "cpu")
     if trained.config.head != "lm":
         raise OnnxExportError(f"{checkpoint} holds a {trained.config.head} model; ONNX export writes language "

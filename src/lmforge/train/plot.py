@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from lmforge.errors import LmforgeError
-from lmforge.files import atomic_path
+from lmforge.files import atomic_path, check_output
 from lmforge.train.metrics import read_metrics
 
 
@@ -21,9 +21,27 @@ def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]
     return {k: (sorted(v), [v[s] for s in sorted(v)]) for k, v in curves.items()}
 
 
-def plot_run(run_dir: str | Path, out: Optional[str | Path] = None) -> Path:
-    """Write the loss plot of `run_dir` to `out` (default RUN_DIR/loss.png) and return its path."""
+# The image formats plot writes, by file suffix, and how each file begins (to recognise one --force may replace)
+FORMATS = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}
+
+
+def _is_image(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(5).startswith(FORMATS[path.suffix.lower()])
+
+
+def plot_run(run_dir: str | Path, out: Optional[str | Path] = None, *, force: bool = False) -> Path:
+    """Write the loss plot of `run_dir` to `out` (default RUN_DIR/loss.png, redrawn each time) and return its path.
+
+    A given `out` must name a .png, .pdf or .svg file; an existing one is replaced only with `force`, and only
+    if it is such an image (check_output): never a file of another kind."""
     run_dir = Path(run_dir)
+    if out is not None:
+        out = Path(out)
+        if out.suffix.lower() not in FORMATS:
+            raise LmforgeError(f"--out {out}: plot writes {', '.join(FORMATS)} images; give a name ending in one")
+        check_output(out, force=force, ours=_is_image, what=f"a {out.suffix.lower()[1:].upper()} image",
+                     directory=False, inputs=[run_dir / "metrics.jsonl"])
     records = read_metrics(run_dir)
     if not records:
         raise LmforgeError(f"{run_dir / 'metrics.jsonl'} is missing or empty; pass a run directory written by `lmforge train`")
