@@ -11,6 +11,13 @@ Every answer must be 200, 413, 422 or 429: the script exits 1 on any other (a 5x
 died or its memory grew by more than --max-rss-growth-mb (RSS before the run, after a warm-up, and after;
 then the same load again, whose RSS growth shows whether memory keeps growing).
 
+Then the hostile-client check: --hostile-requests well-behaved requests (max_tokens 16) from
+--polite-concurrency clients against a server with --max-tokens 4096 and --stall-timeout, first alone, then
+with --stalled-readers streams (a list of 4 prompts, n=8, max_tokens 4096, never read; all from 127.0.0.2) and
+--slow-connections connections that send nothing, half their headers or half their body: p50/p99 latency of
+the well-behaved requests in both phases, whether the stalled generations were cancelled and the slow
+connections closed.
+
 Then the micro-batching check: the same --batch-requests valid non-streaming requests (max_tokens 32) from
 --max-concurrency clients against the server as configured and against one started with --max-batch-size 1
 (no batching), in alternating rounds: completed requests per second of both (medians), and their ratio. One JSON summary at the end: statuses, p50/p99 latency, throughput, rejects, RSS.
@@ -64,6 +71,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-rss-growth-mb", type=float, default=200.0, help="fail if RSS grows more (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     p.add_argument("--again", type=int, default=1, help="1: send the whole load a second time (RSS after both)")
+    p.add_argument("--hostile-requests", type=int, default=100, help="requests per phase of the hostile check; 0 = skip")
+    p.add_argument("--polite-concurrency", type=int, default=4, help="well-behaved clients in the hostile check")
+    p.add_argument("--stalled-readers", type=int, default=4, help="streams that never read (hostile check)")
+    p.add_argument("--slow-connections", type=int, default=24, help="connections that stall their request")
+    p.add_argument("--stall-timeout", type=float, default=2.0, help="the hostile check server's --stall-timeout")
     p.add_argument("--json-out", help="also write the JSON summary to this file")
     return p.parse_args(argv)
 
@@ -95,7 +107,8 @@ def free_port() -> int:
 class Server:
     """`lmforge serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, checkpoint: Path, args: argparse.Namespace, max_batch_size: int, log: Path) -> None:
+    def __init__(self, checkpoint: Path, args: argparse.Namespace, max_batch_size: int, log: Path,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log, "wb")
@@ -103,7 +116,9 @@ class Server:
                "--device", "cpu", "--threads", str(args.threads), "--log-level", "warning",
                "--max-concurrency", str(args.max_concurrency), "--max-queue", str(args.max_queue),
                "--max-batch-size", str(max_batch_size), "--max-decodes", str(args.max_decodes), "--max-tokens", "64", "--max-body-bytes", "16384",
-               "--max-prompt-tokens", "200", "--timeout", "120"]
+               "--max-prompt-tokens", "200", "--timeout", "120",
+               # the mixed load comes from one address: let it use every place (the hostile check sets its own)
+               "--max-slots-per-client", str(args.max_concurrency + args.max_queue), *extra]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.ps = psutil.Process(self.proc.pid)
@@ -231,6 +246,94 @@ def summarize(results: list, seconds: float) -> dict:
             "completion_tokens_per_s": round(sum(r[3] for r in generated if r[0] == "valid") / seconds, 1)}
 
 
+def hostile_sockets(url: str, args: argparse.Namespace) -> tuple[list[socket.socket], list[socket.socket]]:
+    """(stalled readers, slow connections): raw sockets, opened and left as they are."""
+    port = int(url.rsplit(":", 1)[1])
+
+    def connect(source: str = "127.0.0.1", rcvbuf: Optional[int] = None) -> socket.socket:
+        s = socket.socket()
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        return s
+
+    def request(body: dict) -> bytes:
+        data = json.dumps(body).encode()
+        return (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+    stalled = []
+    for _ in range(args.stalled_readers):
+        s = connect("127.0.0.2", rcvbuf=1024)
+        s.sendall(request({"prompt": ["x", "yy", "zzz", "w"], "max_tokens": 4096, "n": 8, "stream": True}))
+        stalled.append(s)
+    slow = []
+    whole = request({"prompt": "x", "max_tokens": 8})
+    head_end = whole.index(b"\r\n\r\n") + 4
+    for i in range(args.slow_connections):
+        s = connect("127.0.0.3")
+        s.sendall([b"", whole[:head_end // 2], whole[:head_end + 5]][i % 3])  # nothing, half the headers, half a body
+        slow.append(s)
+    return stalled, slow
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """Whether the server closed this connection (what it sent before, a 408 say, is read and dropped)."""
+    s.setblocking(False)
+    try:
+        while True:
+            if not s.recv(1 << 20):
+                return True
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def hostile_check(checkpoint: Path, args: argparse.Namespace, logs: Path) -> dict:
+    """Latency of well-behaved requests alone and then beside stalled readers and slow connections, on one
+    server; then how many hostile connections the server cut."""
+    extra = ("--max-tokens", "4096", "--stall-timeout", str(args.stall_timeout), "--header-timeout", "5",
+             "--body-timeout", "5", "--max-slots-per-client", str(max(1, args.max_concurrency // 2)))
+    server = Server(checkpoint, args, args.max_batch_size, logs / "serve-hostile.log", extra)
+    rng = random.Random(args.seed + 2)
+    polite = [("valid", {"json": {"prompt": "".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))),
+                                  "max_tokens": 16}}) for _ in range(args.hostile_requests)]
+    phases = {}
+    try:
+        asyncio.run(run_load(server.url, polite[:8], 8))  # warm-up
+        results, seconds = asyncio.run(run_load(server.url, polite, args.polite_concurrency))
+        phases["alone"] = results, seconds
+        stalled, slow = hostile_sockets(server.url, args)
+        deadline = time.monotonic() + 10
+        while httpx.get(server.url + "/health").json()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the stalled readers are generating
+        held = httpx.get(server.url + "/health").json()["running"]
+        results, seconds = asyncio.run(run_load(server.url, polite, args.polite_concurrency))
+        phases["with_hostile"] = results, seconds
+        time.sleep(args.stall_timeout + 6)  # past every deadline: what is left is what the server did not cut
+        left = httpx.get(server.url + "/health").json()["running"]
+        cut = {"stalled_readers_closed": sum(closed_by_server(s) for s in stalled),
+               "slow_connections_closed": sum(closed_by_server(s) for s in slow)}
+        for s in stalled + slow:
+            s.close()
+    finally:
+        code = server.stop()
+    out: dict = {"requests_per_phase": args.hostile_requests, "polite_concurrency": args.polite_concurrency,
+                 "stalled_readers": args.stalled_readers, "slow_connections": args.slow_connections,
+                 "stall_timeout_s": args.stall_timeout, "places_held_by_stalled_readers": held}
+    for name, (results, seconds) in phases.items():
+        ok = [r[2] for r in results if r[1] == 200]
+        out[name] = {"statuses": {str(st): sum(1 for r in results if r[1] == st) for st in sorted({r[1] for r in results})},
+                     "latency_ms": {"p50": percentile(ok, 0.5), "p99": percentile(ok, 0.99)},
+                     "seconds": round(seconds, 2)}
+    for q in ("p50", "p99"):
+        out[f"{q}_ratio_with_over_alone"] = round(out["with_hostile"]["latency_ms"][q] / out["alone"]["latency_ms"][q], 2)
+    out.update(cut, generations_left_running_after_deadlines=left, server_exit_code=code)
+    return out
+
+
 def batching_check(checkpoint: Path, args: argparse.Namespace, logs: Path) -> dict:
     """Requests per second with micro-batching and without (--max-batch-size 1): both servers up at once,
     --batch-rounds alternating rounds (the order swapped each round, so load from elsewhere hits both
@@ -301,14 +404,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             summary["again"] = {"unexpected": more_unexpected, "seconds": round(more_seconds, 2),
                                 "rss_mb_after": rss_again, "rss_mb_growth_over_first_run": round(rss_again - rss_after, 1)}
             summary["unexpected"] += more_unexpected
+        if args.hostile_requests:
+            summary["hostile"] = hostile_check(checkpoint, args, tmp)
         if args.batch_requests:
             summary["batching"] = batching_check(checkpoint, args, tmp)
     print(json.dumps(summary, indent=2))
     here["load_average_at_end"] = load_average()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n")
+    hostile = summary.get("hostile", {})
     healthy = (summary["unexpected"] == 0 and alive and code == 0
-               and summary["rss_mb"]["growth"] <= args.max_rss_growth_mb)
+               and summary["rss_mb"]["growth"] <= args.max_rss_growth_mb
+               and hostile.get("generations_left_running_after_deadlines", 0) == 0)
     return 0 if healthy else 1
 
 

@@ -305,7 +305,7 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
                                 config.slots_per_client)
     else:
         engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
-                        config.max_decodes, config.batch_wait, config.slots_per_client)
+                        config.max_decodes, config.batch_wait, config.slots_per_client, config.stall_timeout)
     created = int(time.time())
     metrics = Metrics(engine)
     allowed_hosts = frozenset(h.lower() for h in (config.allowed_host or (*LOOPBACK_NAMES, host)))
@@ -644,7 +644,8 @@ async def _wait_all(jobs: list[Union[Job, ClassifyJob]], request: Request,
 class GuardedStream(StreamingResponse):
     """Server-sent events whose every send must complete within `stall_timeout`. A client that stops reading
     fills its socket buffer and the send waits; at the deadline the stream ends: its generator is closed, which
-    cancels its jobs, so a stalled reader holds a place in generation for stall_timeout at most."""
+    cancels its jobs. (When the buffers have room but the events pile up, the Engine pauses the decode and
+    cancels it after stall_timeout.) Either way a stalled reader holds its places for about stall_timeout."""
 
     def __init__(self, content: AsyncIterator[str], stall_timeout: float) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

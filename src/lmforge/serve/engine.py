@@ -57,6 +57,7 @@ class Mailbox:
         self.loop, self.queue = loop, asyncio.Queue()
         self.sent = 0   # counted by the worker thread
         self.read = 0   # counted on the event loop
+        self.read_at = time.monotonic()  # when the reader last took an event
 
     @property
     def backlog(self) -> int:
@@ -78,6 +79,7 @@ class Mailbox:
         except asyncio.TimeoutError:
             return None
         self.read += 1
+        self.read_at = time.monotonic()
         return event
 
 
@@ -202,9 +204,10 @@ class Engine(Worker):
 
     def __init__(self, generator: TextGenerator, max_concurrency: int = 32, max_queue: int = 64,
                  max_batch_size: int = 32, max_decodes: int = 4, batch_wait: float = 0.05,
-                 max_slots_per_client: Optional[int] = None) -> None:
+                 max_slots_per_client: Optional[int] = None, stall_timeout: float = 10.0) -> None:
         super().__init__(max_concurrency + max_queue, max_slots_per_client)
         self.model, self.tokenizer = generator.model, generator.tokenizer
+        self.stall_timeout = stall_timeout
         self.max_concurrency, self.max_queue, self.max_batch_size = max_concurrency, max_queue, max_batch_size
         self.max_decodes, self.batch_wait = max_decodes, batch_wait
         self._active: list[Batch] = []    # touched by the worker thread only
@@ -229,6 +232,10 @@ class Engine(Worker):
                 started = self._admit()
             self._active.extend(started)
             stepped, now = 0, time.monotonic()
+            for job in [j for b in self._active for j in b.jobs]:
+                if job.mailbox.backlog > MAX_BACKLOG and now - job.mailbox.read_at > self.stall_timeout:
+                    job.emit("error", 408, f"the client read nothing for {self.stall_timeout} s (serve.stall_timeout)")
+                    job.cancel()  # a stalled reader: its decode waited for it; now its place goes to others
             for batch in list(self._active):
                 if all(job.mailbox.backlog > MAX_BACKLOG and not job.cancelled and now <= job.deadline
                        for job in batch.jobs):
