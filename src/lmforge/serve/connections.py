@@ -13,6 +13,7 @@ reads the body; all of these act before the API key is checked.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any, Optional
 
 import h11
@@ -22,6 +23,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from lmforge.serve.config import ServeConfig
 
 MAX_HEADER_BYTES = 16 * 1024  # h11's cap on a request line plus headers (uvicorn's default); larger -> 400
+# A fixed kernel send buffer per connection. Linux grows it up to tcp_wmem's max (4 MB) otherwise, and a client
+# that stops reading is only noticed (serve.stall_timeout) once it is full: minutes of a slow model's output.
+SEND_BUFFER_BYTES = 64 * 1024
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -36,6 +40,9 @@ class HeaderDeadlineProtocol(H11Protocol):
         if len(self.connections) > self.max_connections:
             transport.abort()  # connection_lost follows and takes it out of self.connections
             return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
