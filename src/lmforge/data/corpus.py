@@ -129,6 +129,27 @@ def is_blank(text: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- reading
+JSON_ERRORS = (ValueError, RecursionError)  # what json.loads raises for a line it cannot read
+
+
+def json_problem(error: BaseException) -> str:
+    """Why json.loads refused a line, in a few words: its own message, or nesting deeper than Python's
+    recursion limit, or an integer longer than its digit limit (sys.get_int_max_str_digits, 4300)."""
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0]
+
+
+def parse_json_line(line: str, path: Path | str, number: int) -> object:
+    """One JSON value of a .jsonl line; DataError naming the file and line for anything json.loads refuses."""
+    try:
+        return json.loads(line)
+    except JSON_ERRORS as e:
+        raise DataError(f"{path}:{number}: not valid JSON ({json_problem(e)}): fix or remove the line") from None
+
+
 class CorpusReader:
     """Yields the cleaned documents of a list of files, recording what it saw in ``stats``."""
 
@@ -202,10 +223,7 @@ class CorpusReader:
         self._record(path, size, digest.hexdigest(), replaced_total)
 
     def _jsonl_value(self, line: str, path: Path, number: int) -> str:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg}): fix or remove the line") from None
+        record = parse_json_line(line, path, number)
         if not isinstance(record, dict) or self.jsonl_field not in record:
             raise DataError(f"{path}:{number}: no field {self.jsonl_field!r}: "
                             "fix the line or choose the field with --jsonl-field")

@@ -65,7 +65,7 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
     or TokenizerError with a one-line message; on error nothing is written and an existing ``out``
     is left untouched. An existing dataset is replaced only with ``force=True``.
     """
-    _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_tokens, workers)
+    _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_tokens, workers, seed)
     out_dir = Path(out)
     check_dataset_output(out_dir, force=force, inputs=[i for i in inputs if not glob.has_magic(i)])
     given = None if tokenizer in KINDS else Tokenizer.load(tokenizer)  # fail before reading the corpus
@@ -85,7 +85,7 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
 
 
 # ---------------------------------------------------------------------------------------- arguments
-def _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_tokens, workers) -> None:
+def _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_tokens, workers, seed) -> None:
     if dataset is not None and dataset != "shakespeare":
         raise DataError(f"unknown dataset {dataset!r}: the built-in dataset is 'shakespeare'; or give input files")
     if dataset is None and not inputs:
@@ -103,6 +103,8 @@ def _check_arguments(inputs, dataset, tokenizer, vocab_size, split, special_toke
         raise DataError(f"split={tuple(split)} is invalid: give three positive fractions (train, val, test) summing to 1")
     if workers < 1:
         raise DataError(f"workers={workers} is invalid: use 1 or more")
+    if not (isinstance(seed, int) and 0 <= seed < 2**32):  # numpy's generators take no other seed
+        raise DataError(f"seed={seed!r} is invalid: an integer from 0 to {2**32 - 1}")
 
 
 class _Log:

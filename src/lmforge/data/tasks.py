@@ -63,7 +63,7 @@ import numpy as np
 
 import lmforge
 from lmforge.data.batches import Examples
-from lmforge.data.corpus import decode_clean, find_files
+from lmforge.data.corpus import JSON_ERRORS, decode_clean, find_files, json_problem
 from lmforge.data.prepare import split_counts
 from lmforge.data.shards import MANIFEST, SPLITS, check_dataset_output
 from lmforge.errors import DataError
@@ -177,8 +177,8 @@ def _jsonl_records(path: Path):
             line, _ = decode_clean(raw)
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{number}", None, f"not valid JSON ({e.msg})"
+            except JSON_ERRORS as e:
+                yield f"{path}:{number}", None, f"not valid JSON ({json_problem(e)})"
                 continue
             if isinstance(record, dict):
                 yield f"{path}:{number}", record, None

@@ -148,6 +148,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     Refuses a run directory that already holds checkpoints (nothing on disk is changed then).
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {run_dir} is a file, not a directory: choose another --out")
     if complete_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
     model, tokenizer, hf_config = hf_to_lmforge(hf_dir)

@@ -53,6 +53,7 @@ from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
+from lmforge.train.memory import check_memory
 from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
@@ -271,6 +272,10 @@ class Trainer:
         self.val_batches = val_batches or []
         self.tokenizer_file = Path(tokenizer_file) if tokenizer_file else None
         self.run_dir = Path(tc.run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"train.run_dir {self.run_dir} is a file, not a directory: choose another --run-dir")
+        if model is None:
+            check_memory(config, str(self.device))  # before the first allocation, with the number
 
         seed_everything(tc.seed)
         self.raw_model = model.to(self.device) if model is not None else build_model(config.model, self.device, tc.seed)
