@@ -46,6 +46,9 @@ def serve(path: str, config: Optional[ServeConfig] = None, host: str = "127.0.0.
     config = config or ServeConfig()
     app = load_app(path, config, device, host)
     server = uvicorn.Server(uvicorn_config(app, config, host, port, log_level, timeout_graceful_shutdown=5))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; the shutdown was clean (as uvicorn.run)
+        pass
     if not server.started:  # it could not bind (its log says why): uvicorn.run's exit status
         raise SystemExit(3)
