@@ -188,6 +188,15 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-width-exhausts-memory", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r4"),
                                          "--device", "cpu", "--model.n_embd", "1000000"], "GB of memory"),
         ("generate-prompt-not-utf8", ["generate", str(run), "--prompt", "\udcff", "--device", "cpu"], "UTF-8"),
+        # messages that contradicted the input, and flags that conflicted silently
+        ("prepare-split-zero-train", ["prepare", str(corpus), "--out", str(ws / "o14"), "--split", "0,0.5,0.5"],
+         "three positive fractions"),
+        ("prepare-vocab-zero", ["prepare", str(corpus), "--out", str(ws / "o15"), "--vocab-size", "0"], "more than 259"),
+        ("train-preset-as-section", ["train", "--preset", "tiny", "--data", str(data), "--preset.x", "3"], "--preset.x"),
+        ("train-max-steps-twice", ["train", "--data", str(data), "--max-steps", "3", "--train.max_steps", "5"],
+         "--max-steps and --train.max_steps"),
+        ("generate-two-lengths", ["generate", str(run), "--max-length", "9", "--max-new-tokens", "5"], "give one"),
+        ("generate-beams-sampling", ["generate", str(run), "--num-beams", "2", "--top-k", "5"], "generate.top_k=5"),
         ("serve-port-in-use", ["serve", str(run), "--port", str(_busy_port()), "--device", "cpu"], "cannot listen"),
     ]
 
@@ -265,7 +274,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 70
+N_CASES = 76
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -156,14 +156,14 @@ def _parse_split(text: str) -> tuple[float, float, float]:
         parts = tuple(float(x) for x in text.split(","))
     except ValueError:
         parts = ()
-    if len(parts) != 3 or any(x < 0 for x in parts) or abs(sum(parts) - 1.0) > 1e-6 or parts[0] <= 0:
-        raise ConfigError(f"--split {text!r} is invalid: give three non-negative fractions that sum to 1, "
-                          "e.g. 0.9,0.05,0.05")
+    if len(parts) != 3 or any(x <= 0 for x in parts) or abs(sum(parts) - 1.0) > 1e-6:
+        raise ConfigError(f"--split {text!r} is invalid: give three positive fractions (every split gets "
+                          "documents) that sum to 1, e.g. 0.9,0.05,0.05")
     return parts  # type: ignore[return-value]
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from lmforge.data.prepare import format_report, prepare
+    from lmforge.data.prepare import MIN_VOCAB, format_report, prepare
 
     if args.task:
         return _run_prepare_task(args)
@@ -172,8 +172,9 @@ def _run_prepare(args: argparse.Namespace) -> int:
     if len(specials) != 3 or not all(specials) or len(set(specials)) != 3:
         raise ConfigError(f"--special-tokens {args.special_tokens!r} is invalid: give three distinct names, "
                           "e.g. <START>,<END>,<PAD>")
-    if args.vocab_size < 1 or args.vocab_size > 4_000_000:
-        raise ConfigError(f"--vocab-size {args.vocab_size} is invalid: use a size between 300 and a few hundred thousand")
+    if args.tokenizer in ("char", "bpe") and not MIN_VOCAB < args.vocab_size <= 4_000_000:
+        raise ConfigError(f"--vocab-size {args.vocab_size} is invalid: use more than {MIN_VOCAB} (3 special tokens "
+                          "+ 256 bytes) and at most 4000000")
     if not 1 <= args.workers <= 256:
         raise ConfigError(f"--workers {args.workers} is invalid: use 1 or more")
     if not args.inputs and not args.dataset:
@@ -296,6 +297,8 @@ def train_overrides(args: argparse.Namespace) -> dict[str, str]:
     overrides = parse_overrides(args.overrides)
     for flag, (key, _) in _TRAIN_ALIASES.items():
         value = getattr(args, flag[2:].replace("-", "_"))
+        if value not in (None, False) and key in overrides:
+            raise ConfigError(f"{flag} and --{key} set the same thing: give one of them")
         if value is True:  # the flag of a bool setting
             overrides[key] = "true"
         elif value not in (None, False):
@@ -416,6 +419,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     from lmforge.generate.config import GenerateConfig
 
     config = build_section(GenerateConfig, config_values(args, GenerateConfig, "generate"), "generate")  # checked
+    if config.max_length is not None and config.max_new_tokens is not None:  # the library lets max_length win
+        raise ConfigError("--max-length and --max-new-tokens both bound the length: give one (--max-length counts "
+                          "the prompt, --max-new-tokens does not)")
     from lmforge.generate import load  # before loading anything
 
     generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,

@@ -606,6 +606,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, str]) -> dict[str,
             merged[dotted] = value
             continue
         section, key = dotted.split(".", 1)
+        if section not in SECTIONS:  # --preset.x: a preset is a name, not a section of keys
+            raise ConfigError(f"unknown config key --{dotted}{_closest(section, list(SECTIONS))}: keys are "
+                              f"--SECTION.KEY with SECTION one of {', '.join(SECTIONS)}")
         merged.setdefault(section, {})
         if not isinstance(merged[section], dict):
             raise ConfigError(f"config section {section!r} must be a mapping")

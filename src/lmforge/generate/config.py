@@ -66,6 +66,13 @@ class GenerateConfig:
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise ConfigError(f"generate.temperature={self.temperature!r} is invalid: 0 (greedy) or a number >= "
                               f"{MIN_TEMPERATURE} (smaller ones overflow the logits)")
+        sampling = {"temperature": self.temperature if self.temperature not in (0.0, 1.0) else None,
+                    "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
+        sampling = {k: v for k, v in sampling.items() if v is not None}
+        if self.num_beams > 1 and sampling:
+            raise ConfigError(f"generate.{next(iter(sampling))}={next(iter(sampling.values()))!r} is a sampling "
+                              f"option and beam search (num_beams={self.num_beams}) does not sample: drop it or "
+                              "use num_beams=1")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ConfigError(f"generate.num_return_sequences={self.num_return_sequences} is more than "
                               f"num_beams={self.num_beams}: beam search returns at most num_beams sequences")
