@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -62,6 +62,16 @@ from lmforge.train.schedule import build_schedule
 from lmforge.train.selection import BestTracker
 
 ValBatches = list[tuple[torch.Tensor, torch.Tensor]]
+EvalHook = Callable[[int, dict[str, float]], None]
+
+
+class StopTraining(Exception):
+    """Raised by an `on_eval` hook to end the run cleanly after this evaluation, as patience does: a checkpoint,
+    then the summary, whose stopped_by is `reason` (a sweep's pruner raises it for a hopeless trial)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 # ------------------------------------------------------------------------------------------- builders
@@ -229,11 +239,14 @@ class Trainer:
     must fit them and `tokenizer_file` names the tokenizer to copy into checkpoints).
     model: an already built model (fine-tuning, LoRA); default GPT(config.model).
     progress / tensorboard: switch the progress bar and TensorBoard events off (tests).
+    on_eval: called after each evaluation with (step, the measurements: val_loss, task metrics), on every process;
+    it may raise StopTraining to stop the run there (a sweep reports each evaluation to its trial this way).
     """
 
     def __init__(self, config: RunConfig, *, train_data: Optional[Batches] = None,
                  val_batches: Optional[ValBatches] = None, tokenizer_file: Optional[str | Path] = None,
-                 model: Optional[nn.Module] = None, progress: bool = True, tensorboard: bool = True) -> None:
+                 model: Optional[nn.Module] = None, progress: bool = True, tensorboard: bool = True,
+                 on_eval: Optional[EvalHook] = None) -> None:
         tc = config.train
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
@@ -313,6 +326,8 @@ class Trainer:
         self.throughput = Throughput(self.tokens_seen, self.device)
         self._progress, self._tensorboard = progress, tensorboard
         self._tokenizer: Optional[Any] = None  # loaded for task metrics
+        self.on_eval = on_eval
+        self.stopped_by_hook: Optional[str] = None  # the reason of the hook's StopTraining
 
     # ---------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -335,7 +350,7 @@ class Trainer:
                     self.maybe_log(loss_sum, count, grad_norm, lr)
                     self.maybe_eval()
                     saved = self.maybe_save()
-                    if self.stop_requested or self.early_stopped:
+                    if self.stop_requested or self.early_stopped or self.stopped_by_hook:
                         if not saved:
                             with self.throughput.paused():
                                 self.save()
@@ -344,6 +359,9 @@ class Trainer:
                             self.logger.info(f"stopped early at step {self.step}: {sel.metric} has not improved on "
                                              f"{sel.value:.4f} (step {sel.step}) for {sel.since} evaluations "
                                              f"(train.patience={sel.patience})")
+                            break
+                        if self.stopped_by_hook:
+                            self.logger.info(f"stopped at step {self.step}: {self.stopped_by_hook}")
                             break
                         by = self.stop_signal or "a signal to another process"
                         self.logger.info(f"stopped at step {self.step} by {by}: checkpoint {self.last_checkpoint}; "
@@ -392,7 +410,8 @@ class Trainer:
             "run_dir": str(self.run_dir), "steps": self.step, "tokens_seen": self.tokens_seen,
             "train_loss": self.history[-1][1] if self.history else None, "val_loss": self.val_loss,
             "best_val_loss": self.best_val_loss, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "stopped_by": self.stop_signal if self.stop_requested else ("patience" if self.early_stopped else None),
+            "stopped_by": self.stop_signal if self.stop_requested else ("patience" if self.early_stopped
+                                                                         else self.stopped_by_hook),
             "best": self.selection.state_dict(), "best_checkpoint": str(best) if best else None,
             "skipped_nonfinite": self.guard.skipped_nonfinite, "skipped_spike": self.guard.skipped_spike,
             "plot": str(plot) if plot else None, "elapsed_s": time.perf_counter() - self.started,
@@ -589,6 +608,11 @@ class Trainer:
             self.measured.update(task)
         self.selection.update(self.step, self.measured)
         self.early_stopped = self.selection.exhausted
+        if self.on_eval is not None:
+            try:
+                self.on_eval(self.step, dict(self.measured))
+            except StopTraining as stop:
+                self.stopped_by_hook = stop.reason
 
     def task_eval_due(self) -> bool:
         """sft data with train.task_eval_every = N: at every N-th evaluation and at the last step."""
