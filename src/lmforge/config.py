@@ -530,6 +530,27 @@ def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def check_value(dotted: str, value: Any) -> tuple[Any, bool]:
+    """(`value` converted as a config file's would be, whether the field is an integer) for the key `section.key`,
+    checked against that field's declaration alone (type, choices, bounds; checks between fields are RunConfig's).
+    ConfigError names an unknown key (and the closest one) or what the field allows; a sweep checks each value of
+    its search space with it before anything runs."""
+    section, _, name = dotted.partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config key {dotted}: keys look like section.key, sections "
+                          f"{', '.join(SECTIONS)}{_closest(section, SECTIONS)}")
+    declared = _declarations(SECTIONS[section])
+    if name not in declared:
+        raise ConfigError(f"unknown config key {dotted}{_closest(name, declared)}")
+    shape, rules = declared[name].shape, declared[name].rules
+    value = _coerce(value, shape)
+    if shape.is_list:
+        raise ConfigError(f"{dotted} holds a list; give single values (a sweep chooses numbers and names)")
+    if not (value is None and shape.optional):
+        _check_item(dotted, value, shape, rules)
+    return value, int in shape.kinds and float not in shape.kinds
+
+
 def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build a validated RunConfig from nested dicts ({"model": {...}, "train": {...}, "preset": ...})."""
     if not isinstance(raw, dict):
