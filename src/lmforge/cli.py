@@ -2,6 +2,7 @@
 
     lmforge prepare  raw text -> tokenizer + shuffled train/val/test token shards; task records -> examples
     lmforge train    a Transformer on prepared shards or task examples (YAML config + --section.key overrides)
+    lmforge sweep    hyperparameter search with Optuna: trials are train runs, pruned, resumable, in parallel
     lmforge eval     loss, perplexity and bits per byte of a checkpoint on a split; task metrics when fine-tuned
     lmforge generate text from a run or checkpoint directory
     lmforge classify labels with probabilities from a classifier
@@ -316,6 +317,77 @@ def _run_train(args: argparse.Namespace) -> int:
     from lmforge.train import train
 
     train(config)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- sweep
+def _add_sweep(sub: Any) -> None:
+    p = sub.add_parser(
+        "sweep", help="hyperparameter search: an Optuna study whose trials are train runs",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Search hyperparameters with Optuna (TPE sampler): every trial is an ordinary run directory
+            (OUT/trials/trial-NNNN) trained from --config with values drawn from --space; the objective is
+            train.best_metric (val_loss, or a task metric) of the trial. A pruner stops hopeless trials at an
+            evaluation. The study lives in OUT/study.db (SQLite): after Ctrl-C or kill -9, --resume OUT
+            continues it (an interrupted trial trains on from its checkpoint, finished trials are kept), and
+            `optuna-dashboard sqlite:///OUT/study.db` shows it. At the end: a summary table, OUT/best.yaml
+            (`lmforge train --config OUT/best.yaml` reproduces the best trial), OUT/trials.csv and PNG plots.
+
+            The space file maps config keys to ranges or choices:
+              optim.lr:           {low: 1.0e-3, high: 1.0e-2, log: true}
+              model.n_layer:      {low: 2, high: 6}
+              model.mlp:          {choices: [gelu, swiglu]}
+              optim.warmup_steps: {fraction_of: train.max_steps, low: 0.0, high: 0.1}
+              model.rope_theta:   {low: 1.0e+3, high: 1.0e+5, log: true, when: {model.pos_encoding: rope}}"""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge sweep --config shakespeare-char --space configs/sweeps/char-small.yaml --trials 40 \\
+                            --workers 2 --out sweeps/char-small
+              lmforge sweep --resume sweeps/char-small
+              lmforge sweep --config my.yaml --space space.yaml --out sweeps/s --train.max_steps 500"""))
+    p.add_argument("--config", metavar="FILE|NAME", help="the run config every trial starts from (as for train)")
+    p.add_argument("--space", metavar="FILE", help="YAML search space over config keys")
+    p.add_argument("--out", metavar="DIR", help="new sweep directory")
+    p.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR (its settings are kept)")
+    p.add_argument("--trials", type=int, metavar="N", help="finished trials to reach (default 20; with --resume: "
+                   "the sweep's)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes on this machine, each "
+                   "with cores/N torch threads (default 1)")
+    p.add_argument("--pruner", default="median", metavar="NAME", help="median | hyperband | none (default median)")
+    p.add_argument("--startup-trials", type=int, default=5, metavar="N",
+                   help="median pruner: trials finished before any is pruned (default 5)")
+    p.add_argument("--prune-after", type=int, metavar="STEPS",
+                   help="no trial is pruned before this step (Hyperband: its smallest budget); default max_steps/10")
+    p.add_argument("--seed", type=int, metavar="N", help="sampler seed (default train.seed)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=_run_sweep, takes_overrides=True)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from lmforge.sweep import create_sweep, load_sweep, report, run_sweep, summary_table
+
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        if args.config or args.space or args.out or overrides:
+            raise ConfigError("--resume DIR continues a sweep with its own config and space: drop --config, --space, "
+                              "--out and --section.key settings")
+        sweep = load_sweep(args.resume, trials=args.trials)
+    else:
+        if not (args.config or overrides) or not args.space or not args.out:
+            raise ConfigError("a new sweep needs --config FILE (or --section.key settings), --space FILE and --out "
+                              "DIR; or continue one with --resume DIR")
+        sweep = create_sweep(args.config, overrides, args.space, args.out, trials=args.trials or 20,
+                             pruner=args.pruner, startup_trials=args.startup_trials, prune_after=args.prune_after,
+                             seed=args.seed)
+    completed = run_sweep(sweep, workers=args.workers, timeout=args.timeout, progress=not args.no_progress)
+    summary = report(sweep)
+    print(summary_table(summary, sweep.load_study().get_trials(deepcopy=False)))
+    print(f"trials.csv, best.yaml, plots: {sweep.dir}; live view: optuna-dashboard {sweep.storage_url}")
+    if not completed:
+        print(f"stopped: continue with `lmforge sweep --resume {sweep.dir}`")
+        return 130
     return 0
 
 
@@ -729,7 +801,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ main
-COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_eval, _add_generate, _add_classify,
+COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_sweep, _add_eval, _add_generate, _add_classify,
                                          _add_plot, _add_attention,
                                          _add_serve, _add_import, _add_export, _add_merge]
 
