@@ -632,6 +632,76 @@ def _run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ plan
+def _add_plan(sub: Any) -> None:
+    from lmforge.config import PRESETS
+
+    p = sub.add_parser(
+        "plan", help="the compute, memory and time a training config needs, before training it",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Estimate a training run from its config (the settings of `lmforge train`: --config, --preset,
+            --section.key VALUE): parameters (total, non-embedding), FLOPs per token (6N plus attention),
+            total training FLOPs, memory for weights, gradients, AdamW state and activations (with and
+            without activation checkpointing, per GPU under DDP or FSDP), the time at a stated MFU, and the
+            compute-optimal token count (about 20 per parameter, Hoffmann et al. 2022). Warns when it will not
+            fit in the device's memory (on cpu: this machine's RAM). On cpu the peak is a matrix product
+            measured here. --measure runs a few real training steps here and prints measured against predicted.
+            The vocabulary is model.vocab_size (train takes it from the prepared data)."""),
+        epilog=textwrap.dedent(f"""\
+            presets: {', '.join(PRESETS)}
+
+            examples:
+              lmforge plan --preset gpt2-124m --device h100 --precision bf16-mixed --tokens 2.5e9
+              lmforge plan --config shakespeare-char --measure
+              lmforge plan --preset llama-small --model.n_layer 32 --model.n_embd 4096 --device a100 --gpus 8 --parallel fsdp"""))
+    p.add_argument("--config", metavar="FILE|NAME", help="YAML or JSON config file, or a built-in recipe")
+    p.add_argument("--preset", metavar="NAME", help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--tokens", type=float, metavar="N", help="training tokens (default: train.max_steps steps)")
+    p.add_argument("--max-steps", metavar="N", help="= --train.max_steps N")
+    p.add_argument("--precision", metavar="P", help="= --train.precision: fp32 | bf16-mixed")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu (this machine) | h100 | h200 | a100 (default: cpu)")
+    p.add_argument("--peak-tflops", type=float, metavar="F", help="the device's dense peak TFLOP/s instead of the table's")
+    p.add_argument("--mfu", type=float, metavar="X", help="model FLOPs utilisation to assume (default: 0.85 of the "
+                   "measured peak on cpu, 0.4 on a GPU)")
+    p.add_argument("--gpus", type=int, default=1, metavar="K", help="GPUs training together (default: 1)")
+    p.add_argument("--parallel", default="ddp", metavar="HOW", help="ddp | fsdp, with --gpus above 1 (default: ddp)")
+    p.add_argument("--measure", action="store_true", help="also run a few real training steps here (cpu) and print "
+                   "measured peak memory and step time against the prediction")
+    p.add_argument("--measure-steps", type=int, default=3, metavar="N", help="timed steps of --measure (default: 3)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=_run_plan, takes_overrides=True)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.config import load_run_config
+
+    overrides = parse_overrides(args.overrides)
+    for flag, key in (("max_steps", "train.max_steps"), ("precision", "train.precision"), ("preset", "preset")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.measure and args.device != "cpu":
+        raise ConfigError(f"--measure runs steps on this machine's CPU: drop --device {args.device} to measure")
+    if args.tokens is not None and not 1 <= args.tokens < 1e18:
+        raise ConfigError(f"--tokens {args.tokens:g} is invalid: give a positive number of training tokens, e.g. 2.5e9")
+    config = load_run_config(args.config, overrides)
+    from lmforge.plan import format_plan, gib, measure, plan
+
+    estimate = plan(config, tokens=None if args.tokens is None else int(args.tokens), device=args.device,
+                    gpus=args.gpus, peak_tflops=args.peak_tflops, parallel=args.parallel, mfu=args.mfu)
+    print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_plan(estimate))
+    if args.measure:
+        measured = measure(config, args.measure_steps)
+        predicted = measured["runtime_rss"] + estimate.total_memory
+        print(f"measured here ({args.measure_steps} steps after a warm-up, through lmforge's Trainer):\n"
+              f"  peak memory       {gib(measured['peak_rss'])} resident, predicted {gib(predicted)} "
+              f"({gib(measured['runtime_rss'])} of Python, torch and the trainer + the plan's total)\n"
+              f"  step time         {measured['step_time']:.3f} s, predicted {estimate.step_time:.3f} s")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ plot
 def _add_plot(sub: Any) -> None:
     p = sub.add_parser("plot", help="PNG of a run's train and val loss curves", formatter_class=_help_formatter,
@@ -802,7 +872,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_sweep, _add_eval, _add_generate, _add_classify,
-                                         _add_plot, _add_attention,
+                                         _add_plot, _add_attention, _add_plan,
                                          _add_serve, _add_import, _add_export, _add_merge]
 
 

@@ -1,0 +1,336 @@
+"""`lmforge plan`: the compute, memory and time a training run needs, from its config, before running it.
+
+    estimate = plan(config, tokens=None, device="cpu", gpus=1)   # a Plan: parameters, FLOPs, bytes, seconds
+    print(format_plan(estimate))
+    measured = measure(config, steps=3)                           # a few real Trainer steps here: RSS, step time
+
+The counts, and where each comes from:
+  parameters          model.count_parameters (a tied embedding once); non-embedding as Kaplan et al. 2020
+  FLOPs per token     model.flops_per_token: 6N + 12 * n_layer * n_head * head_dim * T (PaLM, appendix B)
+  compute-optimal     about 20 training tokens per parameter (Hoffmann et al. 2022, "Chinchilla", table 3)
+  weights, gradients  fp32: 4 + 4 bytes per parameter (bf16-mixed keeps fp32 weights and gradients, and autocast
+                      caches a bf16 copy of the weights in the matrix products: 2 more)
+  optimizer state     AdamW's two moments in fp32: 8 bytes per trained parameter
+  activations         what autograd keeps for the backward pass, counted per token from lmforge's own blocks
+                      (activation_elements); sdpa keeps no T x T matrix; with activation checkpointing only each
+                      block's input is kept, plus one block's activations while it is recomputed
+  DDP / FSDP          DDP: every GPU holds everything, and its gradient buckets hold another fp32 copy of the
+                      gradients; FSDP (full shard): weights, gradients and optimizer state are split over the GPUs,
+                      plus the largest block gathered whole (two while the next one is prefetched)
+  time                FLOPs / (peak FLOP/s x MFU), plus the memory-bound work at the device's memory bandwidth:
+                      AdamW's pass over its state (16 bytes read and written per parameter) and about four passes
+                      of the element-wise ops over the activations
+
+On a CPU the peak is measured here (a 2048^3 matrix product in the precision's dtype, torch's threads) and so is
+the memory bandwidth (a large copy); the MFU assumed is MFU["cpu"]. GPU figures are the vendors' dense peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+from lmforge.config import ModelConfig, RunConfig
+from lmforge.errors import ConfigError
+from lmforge.model import count_parameters, flops_per_token
+
+CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022: compute-optimal tokens grow with the parameters, ~20x
+
+
+class Device(NamedTuple):
+    name: str
+    peak_fp32: float  # dense FLOP/s of fp32 matrix products (GPUs: TF32 tensor cores)
+    peak_bf16: float  # dense FLOP/s of bf16 matrix products
+    memory: float  # bytes
+    bandwidth: float  # bytes/s of memory traffic
+
+
+# Dense (no sparsity) peaks of the SXM parts, from NVIDIA's data sheets.
+GPUS = {
+    "h100": Device("NVIDIA H100 SXM 80GB", 494.7e12, 989.4e12, 80e9, 3.35e12),
+    "h200": Device("NVIDIA H200 SXM 141GB", 494.7e12, 989.4e12, 141e9, 4.8e12),
+    "a100": Device("NVIDIA A100 SXM 80GB", 156e12, 312e12, 80e9, 2.04e12),
+}
+DEVICES = ("cpu", *GPUS)
+# Model FLOPs utilisation assumed for the matrix products: a well-tuned GPT training run on GPUs reaches 35-50% of
+# the peak (PaLM: 46%); on a CPU lmforge's matrix products run at about 85% of the measured 2048^3 product (the
+# memory-bound rest of the step is timed apart, by bandwidth; benchmarks/plan_accuracy.py checks the sum).
+MFU = {"cpu": 0.85, "gpu": 0.4}
+
+
+# ------------------------------------------------------------------------------------------- activations
+def activation_elements(model: ModelConfig, seq_len: int) -> tuple[float, float]:
+    """(per block, for the output head) elements autograd keeps per token of training, counted from model.py.
+
+    A block keeps: its input (norm_1's), norm_1's output (qkv's input), the qkv output (q, k, v), rotated q and
+    k (RoPE makes new tensors), the attention output and its heads-concatenated copy (proj's input), the
+    residual after attention (norm_2's input), norm_2's output (fc's input), and the MLP's hidden activations:
+    fc's output and gelu's (2H), or SwiGLU's fc output, silu(gate) and the product (4H). The reference attention
+    path also keeps the softmax weights (n_head x T per query; sdpa recomputes them). The head keeps norm_f's
+    input and output, and the logits (the trainer holds them through the backward pass), their log-softmax and,
+    during the backward pass, the gradients of both (4V).
+    """
+    C, nh, nkv, hd, H = model.n_embd, model.n_head, model.n_kv_head, model.head_dim, model.hidden_dim
+    qkv = (nh + 2 * nkv) * hd
+    attention = qkv + (nh + nkv) * hd * (model.pos_encoding == "rope") + 2 * C
+    if model.attention == "reference":
+        attention += nh * seq_len
+    mlp = 4 * H if model.mlp == "swiglu" else 2 * H
+    block = 4 * C + attention + mlp  # input, norm_1 out, residual mid, norm_2 out
+    head = 2 * C + 4 * model.vocab_size
+    return block, head
+
+
+# ------------------------------------------------------------------------------------------ the estimate
+@dataclasses.dataclass
+class Plan:
+    """What a training run needs; every size in bytes, every time in seconds (per GPU where it says so)."""
+
+    parameters: int
+    non_embedding_parameters: int
+    flops_per_token: int
+    tokens_per_step: int
+    steps: int
+    tokens: int
+    total_flops: float
+    compute_optimal_tokens: int
+    precision: str
+    parallel: str
+    gpus: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_checkpointed: float
+    device: str
+    device_name: str
+    device_memory: float
+    peak_flops: float
+    mfu: float
+    bandwidth: float
+    step_time: float
+    total_time: float
+    notes: list[str]
+
+    @property
+    def state(self) -> float:
+        """Weights, gradients and optimizer state, per GPU."""
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total_memory(self) -> float:
+        return self.state + self.activations
+
+    @property
+    def total_memory_checkpointed(self) -> float:
+        return self.state + self.activations_checkpointed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "state": self.state, "total_memory": self.total_memory,
+                "total_memory_checkpointed": self.total_memory_checkpointed}
+
+
+def matmul_flops(m: int = 2048, k: int = 2048, n: int = 2048, dtype: torch.dtype = torch.float32,
+                 seconds: float = 0.3) -> float:
+    """FLOP/s of an (m, k) @ (k, n) torch.mm in `dtype` here: the median over about `seconds` of repeats after a
+    warm-up (on a shared machine the other processes slow it as they slow the training steps)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    torch.mm(a, b)
+    times: list[float] = []
+    while sum(times) < seconds or len(times) < 5:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times)
+
+
+def copy_bandwidth(n: int = 32 * 1024 * 1024, repeats: int = 5) -> float:
+    """Bytes/s of memory traffic of a large fp32 copy here (read + write; the median of `repeats`)."""
+    a, b = torch.empty(n), torch.empty(n)
+    b.copy_(a)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        b.copy_(a)
+        times.append(time.perf_counter() - start)
+    return 2 * 4 * n / statistics.median(times)
+
+
+def machine_memory() -> float:
+    """Bytes of RAM this machine has (what a CPU run can use)."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", gpus: int = 1,
+         peak_tflops: Optional[float] = None, parallel: str = "ddp", mfu: Optional[float] = None) -> Plan:
+    """The estimate for training `config` on `gpus` devices of kind `device` (cpu | h100 | h200 | a100) for
+    `tokens` tokens (default: train.max_steps steps of batch_size x grad_accum x block_size per device).
+    `peak_tflops` replaces the device's peak (e.g. a GPU not in the table); `mfu` the assumed utilisation."""
+    if device not in DEVICES:
+        raise ConfigError(f"--device {device!r} is unknown: choose one of {', '.join(DEVICES)}, or give "
+                          "--peak-tflops F for another accelerator")
+    if gpus < 1 or (device == "cpu" and gpus != 1):
+        raise ConfigError(f"--gpus {gpus} is invalid: use 1 or more GPUs (a CPU plan is for this machine: 1)")
+    if parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"--parallel {parallel!r} is unknown: choose ddp or fsdp")
+    if tokens is not None and tokens < 1:
+        raise ConfigError(f"--tokens {tokens} is invalid: give a positive number of training tokens")
+    if peak_tflops is not None and not 0 < peak_tflops < 1e6:
+        raise ConfigError(f"--peak-tflops {peak_tflops} is invalid: give the accelerator's dense TFLOP/s, e.g. 989")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu {mfu} is invalid: give a fraction in (0, 1], e.g. 0.4")
+    m, t = config.model, config.train
+    counts = count_parameters(m)
+    fpt = flops_per_token(m, m.block_size)
+    tokens_per_step = t.batch_size * t.grad_accum * m.block_size * gpus
+    steps = t.max_steps if tokens is None else math.ceil(tokens / tokens_per_step)
+    tokens = steps * tokens_per_step if tokens is None else tokens
+    bf16 = t.precision == "bf16-mixed"
+    notes = []
+
+    # state: fp32 weights and gradients, AdamW's two fp32 moments; bf16-mixed adds autocast's bf16 weight copies
+    P = counts.total
+    weights, gradients, optimizer = P * (4 + 2 * bf16), 4.0 * P, 8.0 * P
+    largest_block = (counts.non_embedding - m.n_embd * (2 if m.bias and m.norm == "layernorm" else 1)) / m.n_layer
+    if gpus > 1 and parallel == "ddp":
+        gradients += 4.0 * P  # DDP's buckets: a second fp32 copy of the gradients, all-reduced in place
+    elif gpus > 1:  # FSDP full shard: 1/K of everything, plus the gathered block (and the prefetched next one)
+        gathered = 2 * largest_block * (4 + 2 * bf16)
+        weights, gradients, optimizer = weights / gpus + gathered, gradients / gpus + gathered, optimizer / gpus
+
+    # activations of one micro-batch: bf16-mixed keeps the matrix products' inputs and outputs in bf16
+    block, head = activation_elements(m, m.block_size)
+    micro_tokens = t.batch_size * m.block_size
+    act_block = micro_tokens * block * (3.0 if bf16 else 4.0)  # bf16: about half the tensors are bf16
+    act_head = micro_tokens * head * 4.0  # the loss is computed in fp32
+    activations = (m.n_layer + 1) * act_block + act_head  # + the gradients inside the block being back-propagated
+    checkpointed = m.n_layer * micro_tokens * m.n_embd * 4.0 + 2 * act_block + act_head
+
+    if device == "cpu":
+        name = f"this CPU ({torch.get_num_threads()} torch threads)"
+        peak = peak_tflops * 1e12 if peak_tflops else matmul_flops(dtype=torch.bfloat16 if bf16 else torch.float32)
+        memory, bandwidth, assumed = machine_memory(), copy_bandwidth(), MFU["cpu"]
+        notes.append(f"peak measured here: a 2048^3 {'bf16' if bf16 else 'fp32'} matrix product, {peak / 1e9:.1f} "
+                     f"GFLOP/s with {torch.get_num_threads()} torch threads; memory bandwidth (a copy) "
+                     f"{bandwidth / 1e9:.1f} GB/s")
+    else:
+        d = GPUS[device]
+        name = d.name
+        peak = peak_tflops * 1e12 if peak_tflops else (d.peak_bf16 if bf16 else d.peak_fp32)
+        memory, bandwidth, assumed = d.memory, d.bandwidth, MFU["gpu"]
+        if not bf16:
+            notes.append("fp32 at the TF32 tensor-core rate; bf16-mixed (--precision bf16-mixed) doubles the peak")
+    mfu = mfu or assumed
+    compute_time = fpt * tokens_per_step / gpus / (peak * mfu)
+    # memory-bound work: AdamW reads and writes 16 B per parameter; the element-wise ops (norms, activations,
+    # softmax, residual adds) write each kept activation in the forward pass, read it and write and read its
+    # gradient in the backward pass: about 4 passes over the activations
+    optimizer_bytes = 2 * 16.0 * P / (gpus if parallel == "fsdp" else 1)
+    memory_time = (optimizer_bytes + 4 * activations * t.grad_accum) / bandwidth
+    step_time = compute_time + memory_time
+    estimate = Plan(
+        parameters=P, non_embedding_parameters=counts.non_embedding, flops_per_token=fpt,
+        tokens_per_step=tokens_per_step, steps=steps, tokens=tokens, total_flops=float(fpt) * tokens,
+        compute_optimal_tokens=CHINCHILLA_TOKENS_PER_PARAMETER * P, precision=t.precision, parallel=parallel,
+        gpus=gpus, weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+        activations_checkpointed=checkpointed, device=device, device_name=name, device_memory=memory, peak_flops=peak,
+        mfu=mfu, bandwidth=bandwidth, step_time=step_time, total_time=step_time * tokens / tokens_per_step, notes=notes)
+    where = "this machine's RAM" if device == "cpu" else f"the {gpus if gpus > 1 else ''} {name}'s memory".replace("  ", " ")
+    if estimate.total_memory_checkpointed > memory:
+        notes.append(f"WARNING: does not fit: {gib(estimate.total_memory_checkpointed)} per device even with "
+                     f"activation checkpointing, over the {gib(memory)} of {where}; use more GPUs with FSDP "
+                     f"(--gpus K --parallel fsdp), a smaller train.batch_size, or a smaller model")
+    elif estimate.total_memory > memory:
+        notes.append(f"WARNING: does not fit without activation checkpointing: {gib(estimate.total_memory)} over "
+                     f"the {gib(memory)} of {where}; with it, {gib(estimate.total_memory_checkpointed)} fits")
+    return estimate
+
+
+# ------------------------------------------------------------------------------------------- printing
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:,.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:,.1f} MiB"
+
+
+def duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.2f} s"
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as the lines `lmforge plan` prints."""
+    per = "per GPU, " if p.gpus > 1 else ""
+    lines = [
+        f"parameters          {p.parameters:,} total, {p.non_embedding_parameters:,} non-embedding",
+        f"FLOPs per token     {p.flops_per_token:,} (6N + attention, forward and backward)",
+        f"training tokens     {p.tokens:,} = {p.steps:,} steps x {p.tokens_per_step:,} tokens "
+        f"(compute-optimal: ~{p.compute_optimal_tokens:,}, 20 per parameter)",
+        f"training FLOPs      {p.total_flops:.3e}",
+        f"memory ({per}{p.precision}, {p.parallel if p.gpus > 1 else 'one device'})",
+        f"  weights           {gib(p.weights)}",
+        f"  gradients         {gib(p.gradients)}",
+        f"  optimizer (AdamW) {gib(p.optimizer)}",
+        f"  activations       {gib(p.activations)} ({gib(p.activations_checkpointed)} with activation checkpointing)",
+        f"  total             {gib(p.total_memory)} ({gib(p.total_memory_checkpointed)} with checkpointing), "
+        f"of {gib(p.device_memory)}",
+        f"time on {p.gpus} x {p.device_name}" if p.gpus > 1 else f"time on {p.device_name}",
+        f"  peak              {p.peak_flops / 1e12:,.3f} TFLOP/s, MFU assumed {p.mfu:.0%}",
+        f"  per step          {duration(p.step_time)}",
+        f"  whole run         {duration(p.total_time)}",
+    ]
+    return "\n".join(lines + [f"note: {n}" for n in p.notes])
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> None:
+    """Set VmHWM back to the current RSS (Linux >= 4.0: 5 written to clear_refs), so the next peak is of what
+    follows. A kernel control file, not an output."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure(config: RunConfig, steps: int = 3) -> dict[str, float]:
+    """Run 1 + `steps` real training steps of `config` here through lmforge's Trainer on random tokens, in this
+    process (CPU, Linux): {"runtime_rss": the resident bytes of everything but the model once the Trainer is built
+    (Python, torch, lmforge's training code, the allocator's arenas: what a plan does not count), "peak_rss": the
+    peak resident bytes of the steps, "step_time": median seconds of the timed steps (the first one warms up)}.
+    The plan's prediction of the peak is runtime_rss + Plan.total_memory."""
+    import numpy as np
+
+    from lmforge.data.batches import TokenBatches
+    from lmforge.train import Trainer
+
+    if steps < 1:
+        raise ConfigError(f"--measure-steps {steps} is invalid: use 1 or more")
+    m, t = config.model, config.train
+    config = dataclasses.replace(config, train=dataclasses.replace(t, device="cpu", max_steps=steps + 1))
+    length = (t.batch_size * t.grad_accum * (steps + 1) + 1) * (m.block_size + 1)
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=length, dtype=np.int64).astype(np.uint32)
+    trainer = Trainer(config, train_data=TokenBatches(tokens, m.block_size, t.batch_size, seed=0), val_batches=[],
+                      progress=False, tensorboard=False)
+    weights = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
+    runtime = _status_kib("VmRSS") * 1024 - weights  # Python, torch, the trainer's code and allocator arenas
+    reset_peak_rss()
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        trainer.train_step()
+        trainer.step += 1
+        times.append(time.perf_counter() - start)
+    return {"runtime_rss": float(runtime), "peak_rss": float(_status_kib("VmHWM") * 1024),
+            "step_time": statistics.median(times[1:])}

@@ -1,0 +1,107 @@
+"""`lmforge plan`: the numbers of a known config equal a hand calculation; bad input is one line, exit 2.
+
+How close the predictions come to real runs (peak RSS within 20%, step time within 30%) is measured by
+benchmarks/plan_accuracy.py on real configs; here the arithmetic is checked, term by term.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.config import load_run_config
+from lmforge.plan import GPUS, MFU, plan
+
+V, T, L, C, B = 100, 32, 3, 48, 5  # vocab, context, layers, width, batch
+
+
+def config(**overrides):
+    values = {"model.vocab_size": V, "model.block_size": T, "model.n_layer": L, "model.n_head": 4, "model.n_embd": C,
+              "train.batch_size": B, "train.max_steps": 7, **overrides}
+    return load_run_config(None, {k: str(v) for k, v in values.items()})
+
+
+def hand_parameters() -> tuple[int, int]:
+    """GPT-2 layout, biases, learned positions, tied head: (total, non-embedding)."""
+    block = (2 * C) + (C * 3 * C + 3 * C) + (C * C + C) + (2 * C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+    non_embedding = L * block + 2 * C  # + the final LayerNorm
+    return non_embedding + V * C + T * C, non_embedding
+
+
+def test_parameters_flops_and_tokens_equal_the_hand_calculation():
+    p = plan(config(), device="h100")
+    total, non_embedding = hand_parameters()
+    assert (p.parameters, p.non_embedding_parameters) == (total, non_embedding)
+    fpt = 6 * (non_embedding + V * C) + 12 * L * C * T  # 6N (the tied head's matrix counts) + attention
+    assert p.flops_per_token == fpt
+    assert p.tokens_per_step == B * T and p.steps == 7 and p.tokens == 7 * B * T
+    assert p.total_flops == fpt * 7 * B * T
+    assert p.compute_optimal_tokens == 20 * total
+    by_tokens = plan(config(), tokens=10_000, device="h100")
+    assert by_tokens.tokens == 10_000 and by_tokens.steps == -(-10_000 // (B * T))
+
+
+def test_memory_equals_the_hand_calculation():
+    P = hand_parameters()[0]
+    p = plan(config(), device="h100")
+    assert (p.weights, p.gradients, p.optimizer) == (4 * P, 4 * P, 8 * P)  # fp32 weights, grads, AdamW's 2 moments
+    per_token_block = 4 * C + 3 * C + 2 * C + 2 * 4 * C  # inputs, norms, qkv, attention out x2, fc and gelu outputs
+    per_token_head = 2 * C + 4 * V
+    assert p.activations == B * T * 4 * ((L + 1) * per_token_block + per_token_head)
+    assert p.activations_checkpointed == B * T * 4 * (L * C + 2 * per_token_block + per_token_head)
+    assert p.total_memory == 16 * P + p.activations
+    bf16 = plan(config(**{"train.precision": "bf16-mixed"}), device="h100")
+    assert bf16.weights == 6 * P and bf16.gradients == 4 * P and bf16.optimizer == 8 * P
+    ddp = plan(config(), device="h100", gpus=4)
+    assert ddp.gradients == 8 * P and ddp.weights == 4 * P and ddp.tokens_per_step == 4 * B * T
+    fsdp = plan(config(), device="h100", gpus=4, parallel="fsdp")
+    block = (hand_parameters()[1] - 2 * C) // L  # FSDP gathers a whole block, and prefetches the next
+    assert fsdp.optimizer == 2 * P and fsdp.weights == P + 2 * 4 * block and fsdp.gradients == P + 2 * 4 * block
+
+
+def test_time_is_flops_over_the_stated_peak_and_mfu_plus_memory_traffic():
+    p = plan(config(), device="h100")
+    h100 = GPUS["h100"]
+    compute = p.flops_per_token * B * T / (h100.peak_fp32 * MFU["gpu"])
+    memory = (32 * p.parameters + 4 * p.activations) / h100.bandwidth
+    assert p.mfu == 0.4 and p.peak_flops == h100.peak_fp32
+    assert p.step_time == pytest.approx(compute + memory, rel=1e-12)
+    assert p.total_time == pytest.approx(7 * p.step_time, rel=1e-12)
+    faster = plan(config(**{"train.precision": "bf16-mixed"}), device="h100", peak_tflops=2 * 989.4, mfu=0.5)
+    assert faster.peak_flops == 2 * 989.4e12 and faster.mfu == 0.5
+
+
+def test_cpu_plan_measures_this_machine(capsys):
+    assert main(["plan", "--preset", "tiny", "--model.vocab_size", "64", "--measure", "--measure-steps", "2",
+                 "--train.num_threads", "1"]) == 0
+    out = capsys.readouterr().out
+    peak = float(re.search(r"peak +([\d.]+) TFLOP/s, MFU assumed 85%", out)[1])
+    assert 1e-4 < peak < 100  # a measured matrix product, in TFLOP/s
+    measured = re.search(r"peak memory +([\d.,]+) MiB resident, predicted ([\d.,]+) MiB", out)
+    assert measured and 0.5 < float(measured[1].replace(",", "")) / float(measured[2].replace(",", "")) < 2
+    assert float(re.search(r"step time +([\d.]+) s, predicted", out)[1]) > 0
+
+
+def test_a_model_too_large_for_the_device_is_warned_about(capsys):
+    assert main(["plan", "--preset", "llama-small", "--model.n_layer", "32", "--model.n_embd", "4096",
+                 "--model.n_head", "32", "--model.vocab_size", "32000", "--device", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: does not fit: " in out and "of the NVIDIA H100 SXM 80GB's memory" in out
+    assert main(["plan", "--preset", "char-small", "--device", "h100"]) == 0
+    assert "WARNING" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "tiny", "--device", "tpu"], "--device 'tpu' is unknown: choose one of cpu, h100, h200, a100"),
+    (["--preset", "tiny", "--model.n_embd", "30", "--model.n_head", "4"], "model.n_embd=30 is invalid"),
+    (["--preset", "tiny", "--tokens", "0"], "--tokens 0 is invalid"),
+    (["--preset", "tiny", "--device", "h100", "--gpus", "0"], "--gpus 0 is invalid"),
+    (["--preset", "tiny", "--device", "h100", "--measure"], "--measure runs steps on this machine's CPU"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+])
+def test_bad_input_is_one_line_exit_2(argv, message, capsys):
+    assert main(["plan", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
