@@ -9,7 +9,7 @@ CHROMIUM := /usr/bin/chromium
 AS_ROOT  := $(if $(filter 0,$(shell id -u)),,sudo -n)
 APT      := $(AS_ROOT) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast mutation bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: $(STAMP) $(CHROMIUM)
 
 test-fast: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not gpu and not slow and not distributed" -n 2 -q
+
+# Breaks the code on purpose, one small break at a time in a copy of src/lmforge, and checks that the test named
+# for each break fails (about 4 minutes on 2 cores, so not part of `make test`; see docs/GUARANTEES.md).
+mutation: $(STAMP)
+	$(BIN)/python scripts/mutation_check.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info runs data .pytest_cache

@@ -1,0 +1,183 @@
+"""Break lmforge on purpose, one small break at a time, and check that the test named for it fails.
+
+Each mutant is an exact text replacement in one file of a copy of src/lmforge (the working tree is never
+touched); the named tests run against the copy (PYTHONPATH first, ahead of the editable install) and every one
+of them must fail. A mutant whose target text is no longer in the file is an error: update the mutant with the
+code. First the named tests run unmutated and must pass, so that a failure means the break was caught.
+
+    .venv/bin/python scripts/mutation_check.py            # every mutant, a table, exit 1 if one survives
+    .venv/bin/python scripts/mutation_check.py --list     # the mutants and their tests
+    .venv/bin/python scripts/mutation_check.py rng-restore sha256-check   # only these
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "src" / "lmforge"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to src/lmforge
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids; each must fail
+
+
+MUTANTS = [
+    Mutant("rng-restore", "train/trainer.py",
+           'restore_rng(mine["rng"])', 'pass  # mutant: RNG not restored',
+           ("tests/test_checkpoint.py::test_resume_auto_gives_identical_losses",
+            "tests/test_faults_process.py::test_sigterm_and_ctrl_c_save_at_the_step_boundary_exit_0_and_resume_exactly[SIGINT]")),
+    Mutant("guard-restore", "train/trainer.py",
+           'self.guard.load_state_dict(state.get("guard") or {})', 'pass  # mutant: guard state not restored',
+           ("tests/test_faults.py::test_nonfinite_skip_skips_the_step_counts_it_and_resumes_exactly",
+            "tests/test_faults.py::test_a_loss_spike_is_skipped_and_the_guard_state_resumes_exactly")),
+    Mutant("sha256-check", "checkpoint.py",
+           'if sha256_file(f) != entry.get("sha256"):', 'if False:  # mutant: no sha256 check',
+           ("tests/test_faults.py::test_corruption_is_named_and_resume_auto_falls_back_saying_so[flipped-weights]",)),
+    Mutant("manifest-missing-file", "checkpoint.py",
+           'if name not in manifest["files"]:\n            raise _unlisted(ckpt, name, why)',
+           'if False:  # mutant: a file left out of the manifest is accepted\n            raise _unlisted(ckpt, name, why)',
+           ("tests/test_checkpoint_files.py::test_a_manifest_missing_a_required_file_is_refused_by_every_reader"
+            "[training-model.safetensors]",)),
+    Mutant("attention-scale", "model.py",
+           "y = self.attend(q, k, v,", "y = self.attend(q * 1.01, k, v,",
+           ("tests/test_hf_parity.py::test_lmforge_to_hf_same_logits[gelu_new]",
+            "tests/test_hf_parity.py::test_hf_to_lmforge_same_logits[lm-head-model]",
+            "tests/test_hf_parity.py::test_llama_style_same_logits")),
+    Mutant("norm-eps", "model.py",
+           "nn.LayerNorm(config.n_embd, eps=config.norm_eps,", "nn.LayerNorm(config.n_embd, eps=config.norm_eps * 1.01,",
+           ("tests/test_hf_parity.py::test_lmforge_to_hf_same_logits[n_inner]",)),
+    Mutant("rope-base", "model.py",
+           "rope_tables(c.block_size, c.head_dim, c.rope_theta)", "rope_tables(c.block_size, c.head_dim, c.rope_theta * 1.01)",
+           ("tests/test_hf_parity.py::test_llama_style_same_logits",)),
+    Mutant("mlp-activation", "model.py",
+           'self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"',
+           'self.approximate = "tanh"  # mutant: exact gelu computed as its tanh approximation',
+           ("tests/test_hf_parity.py::test_lmforge_to_hf_same_logits[gelu]",)),
+    Mutant("swiglu-gate", "model.py",
+           "h = F.silu(gate) * up", "h = F.silu(gate * 1.01) * up",
+           ("tests/test_hf_parity.py::test_llama_style_same_logits",)),
+    Mutant("beam-second-best", "generate/beam.py",
+           "for _, hyp in finished[p][:config.num_return_sequences]]",
+           "for _, hyp in (finished[p][1:2] + finished[p][:1] + finished[p][2:])[:config.num_return_sequences]]",
+           ("tests/test_generate_hf.py::test_beam_search_best_sequence_equals_hf_over_settings",)),
+    Mutant("fsync-file", "files.py",
+           "        fsync_path(tmp)\n        os.replace(tmp, path)", "        os.replace(tmp, path)",
+           ("tests/test_fsync.py::test_an_atomic_write_fsyncs_the_file_then_its_parent_after_the_rename[text]",)),
+    Mutant("fsync-parent", "files.py",
+           "    fsync_path(path.parent)\n\n\n@contextlib.contextmanager", "\n\n@contextlib.contextmanager",
+           ("tests/test_fsync.py::test_an_atomic_write_fsyncs_the_file_then_its_parent_after_the_rename[bytes]",)),
+    Mutant("fsync-tree", "files.py",
+           "    fsync_tree(new)\n", "",
+           ("tests/test_fsync.py::test_a_checkpoint_save_fsyncs_every_file_the_directory_and_the_checkpoints_folder",
+            "tests/test_fsync.py::test_an_atomic_directory_fsyncs_every_file_and_folder_then_its_parent")),
+    Mutant("disk-full-temp-kept", "files.py",
+           "    _remove(tmp)\n    if disk_full(error):", "    if disk_full(error):",
+           ("tests/test_disk_full.py::test_a_full_disk_in_the_middle_of_a_shard_keeps_the_previous_dataset",)),
+    Mutant("sft-prompt-unmasked", "data/batches.py",
+           "    y[:max(int(examples.prompt_lengths[e]) - 1, 0)] = IGNORE_INDEX\n", "",
+           ("tests/test_tasks.py::test_labels_are_ignored_exactly_on_prompt_targets_and_padding",)),
+    Mutant("lora-b-nonzero", "lora.py",
+           "self.B = nn.Parameter(torch.zeros(size, r, device=device, dtype=dtype))",
+           "self.B = nn.Parameter(torch.full((size, r), 1e-3, device=device, dtype=dtype))",
+           ("tests/test_lora.py::test_with_B_zero_the_adapted_model_equals_its_base_exactly",)),
+]
+
+
+def target(copy: Path, mutant: Mutant) -> str:
+    """The text of the mutant's file in the package copy; a target text that is missing or not unique is an error."""
+    text = (copy / mutant.file).read_text(encoding="utf-8")
+    found = text.count(mutant.old)
+    if found != 1:
+        raise SystemExit(f"mutant {mutant.name}: its target text occurs {found} times in src/lmforge/{mutant.file} "
+                         f"(needs exactly 1): update the mutant in {Path(__file__).name} to the current code")
+    return text
+
+
+def run_tests(package_parent: Path, tests: tuple[str, ...]) -> dict[str, str]:
+    """{node id: PASSED | FAILED | SKIPPED | NOT RUN} of `tests` run against the package under package_parent;
+    a node id naming a parametrized test stands for all its cases: FAILED if one of them failed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_parent), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-rA",
+                           "--no-header", *tests], cwd=ROOT, env=env, capture_output=True, text=True)
+    reported = [re.match(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)", line) for line in done.stdout.splitlines()]
+    outcomes = {}
+    for test in tests:  # a node id pytest did not report (a typo, a renamed test) must not count as caught
+        seen = {m.group(1) for m in reported if m and (m.group(2) == test or m.group(2).startswith(test + "["))}
+        outcomes[test] = ("FAILED" if seen & {"FAILED", "ERROR"} else "PASSED" if "PASSED" in seen
+                          else "SKIPPED" if seen else "NOT RUN")
+    return outcomes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        raise SystemExit(f"unknown mutants: {', '.join(sorted(unknown))} (see --list)")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:22} src/lmforge/{m.file:18} {' '.join(m.tests)}")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="lmforge-mutants-") as tmp:
+        copy = Path(tmp) / "lmforge"
+        shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        for m in chosen:  # every target must be there before anything runs
+            target(copy, m)
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        started = time.perf_counter()
+        baseline = run_tests(Path(tmp), tests)
+        broken = {t: o for t, o in baseline.items() if o not in ("PASSED", "SKIPPED")}
+        if broken:
+            print("the named tests must pass on the unmutated code first:", file=sys.stderr)
+            for test, outcome in broken.items():
+                print(f"  {outcome}: {test}", file=sys.stderr)
+            return 1
+        print(f"baseline: {len(tests)} named tests pass ({time.perf_counter() - started:.0f} s)")
+        rows, survivors = [], []
+        for m in chosen:
+            started = time.perf_counter()
+            original = target(copy, m)
+            (copy / m.file).write_text(original.replace(m.old, m.new), encoding="utf-8")
+            try:
+                outcomes = run_tests(Path(tmp), m.tests)
+            finally:
+                (copy / m.file).write_text(original, encoding="utf-8")
+            caught = [t for t in m.tests if outcomes[t] == "FAILED"]
+            skipped = [t for t in m.tests if outcomes[t] == "SKIPPED" or baseline[t] == "SKIPPED"]
+            verdict = "caught" if len(caught) == len(m.tests) else ("not run (skipped here)" if skipped else "SURVIVED")
+            if verdict == "SURVIVED":
+                survivors.append(m.name)
+            rows.append((m.name, m.file, f"{len(caught)}/{len(m.tests)}", verdict, time.perf_counter() - started))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'mutant':{width}}  {'file':18}  tests failed  verdict                 seconds")
+    for name, file, failed, verdict, seconds in rows:
+        print(f"{name:{width}}  {file:18}  {failed:>12}  {verdict:22}  {seconds:7.1f}")
+    sys.stdout.flush()
+    if survivors:
+        print(f"{len(survivors)} mutant(s) survived: {', '.join(survivors)}: a test that names the property does "
+              f"not catch its break", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
