@@ -258,8 +258,13 @@ class ModelConfig:
     attention: Literal["sdpa", "reference"] = doc("Attention path: sdpa is fused (the default), reference writes "
                                                   "the formula out.", "sdpa")
     init_std: float = doc("Std of the normal weight init (GPT-2: 0.02).", 0.02, gt=0, lt=1)
-    head: Literal["lm", "classify"] = doc("Output: lm gives next-token logits at every position; classify gives "
-                                          "num_labels class logits from the last real token's hidden state.", "lm")
+    causal: bool = doc("true: a GPT-style decoder, each position sees only earlier ones (generates text); false: a "
+                       "BERT-style encoder, every position sees the whole text (train.objective: mlm; fill-mask, "
+                       "classification; no generation).", True)
+    head: Literal["lm", "classify"] = doc("Output: lm gives token logits at every position (the next token; an "
+                                          "encoder's: the masked one); classify gives num_labels class logits from "
+                                          "the last real token's hidden state (an encoder's: the first, its start "
+                                          "token).", "lm")
     num_labels: Optional[int] = doc("Classes of the classify head; taken from the prepared task data.", None,
                                     ge=2, le=MAX_SIZE)
 
@@ -390,6 +395,11 @@ class TrainConfig:
     class_weights: Literal["none", "balanced"] = doc("Classify data: weigh each example's loss by its class, none "
                                                      "(1) or balanced (n / (K * n_k) from the train split's counts).",
                                                      "none")
+    objective: Literal["clm", "mlm"] = doc("Training objective on token data: clm predicts each next token (a decoder, "
+                                           "model.causal true); mlm predicts masked tokens from both sides, as BERT "
+                                           "(an encoder, model.causal false; data prepared with --mask-token).", "clm")
+    mlm_probability: float = doc("mlm: the fraction of positions chosen for prediction (of those 80% become the "
+                                 "mask token, 10% a random token, 10% stay).", 0.15, gt=0, lt=1, noun="probability")
     task_eval_every: int = doc("sft task data: every N evaluations (and at the end), generate greedily for the first "
                                "task_eval_examples val examples and log BLEU, chrF, ROUGE, exact match and token F1 as "
                                "val_bleu, val_chrf, ...; 0 = never.", 0, ge=0)

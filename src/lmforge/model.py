@@ -1,4 +1,5 @@
-"""The Transformer decoder: token ids (B, T) in, next-token logits (B, T, vocab) out.
+"""The Transformer decoder: token ids (B, T) in, next-token logits (B, T, vocab) out; with model.causal false,
+the same blocks without the causal mask are a BERT-style encoder (logits for every position given the whole text).
 
 Read top to bottom: positional encodings, attention (the formula, then the fused kernel that must
 equal it), the MLP, a pre-norm Block, the GPT that stacks them, the KV cache used for generation,
@@ -65,9 +66,9 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
-def padded_causal_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, 1, T, S) bool mask for a padded or packed batch: the causal mask, and a query sees only keys of its
-    own sequence, never a pad.
+def padded_mask(attention_mask: torch.Tensor, T: int, causal: bool = True) -> torch.Tensor:
+    """(B, 1, T, S) bool mask for a padded or packed batch: the causal mask (a decoder), and a query sees only
+    keys of its own sequence, never a pad.
 
     attention_mask (B, S) is 0/False at pads and, at real tokens, True/1 (one sequence per row) or the id 1, 2,
     3, ... of the sequence a token belongs to (several examples packed into one row); the queries are the last T
@@ -78,11 +79,13 @@ def padded_causal_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
     S = ids.size(1)
     query = ids[:, -T:, None]  # (B, T, 1)
     keys_seen = ((ids[:, None, :] == query) & (query > 0)) | (query == 0)  # (B, T, S)
-    return (keys_seen & causal_mask(T, S, ids.device)).unsqueeze(1)  # (B, 1, T, S)
+    if causal:
+        keys_seen = keys_seen & causal_mask(T, S, ids.device)
+    return keys_seen.unsqueeze(1)  # (B, 1, T, S)
 
 
 def sequence_positions(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, T) position of each of the last T tokens within its own sequence (see padded_causal_mask): the
+    """(B, T) position of each of the last T tokens within its own sequence (see padded_mask): the
     number of earlier real tokens with the same id; pads get 0 (their outputs are never used)."""
     ids = attention_mask.long()  # (B, S)
     S = ids.size(1)
@@ -91,26 +94,31 @@ def sequence_positions(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        mask: Optional[torch.Tensor] = None, causal: bool = True) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d_k) + causal mask) V, written out. q (B, nh, T, hd); k, v (B, nkv, S, hd);
-    mask (B, 1, T, S) bool replaces the causal mask (padded batches: see padded_causal_mask)."""
+    mask (B, 1, T, S) bool replaces the causal mask (padded batches: see padded_mask); an encoder (causal
+    False) without one lets every query see every key."""
     T, S, d_k = q.size(-2), k.size(-2), q.size(-1)
     if k.size(1) != q.size(1):  # grouped-query: each key/value head serves nh/nkv consecutive query heads
         k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, nh, S, hd)
         v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)  # (B, nh, S, hd)
-    allowed = causal_mask(T, S, q.device) if mask is None else mask
-    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, -math.inf)
-    weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d_k) + bias, dim=-1)  # (B, nh, T, S)
+    allowed = mask if mask is not None else causal_mask(T, S, q.device) if causal else None
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (B, nh, T, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
+    weights = torch.softmax(scores, dim=-1)  # (B, nh, T, S)
     return F.dropout(weights, dropout_p) @ v  # (B, nh, T, hd)
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    mask: Optional[torch.Tensor] = None, causal: bool = True) -> torch.Tensor:
     """The same function as reference_attention through F.scaled_dot_product_attention (which shares
     the key/value heads among query heads itself, without copies)."""
     T, S, gqa = q.size(-2), k.size(-2), k.size(1) != q.size(1)
     if mask is not None:  # a padded batch
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+    if not causal:  # an encoder: every query sees every key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
     if T == S:  # no cached past: the plain causal triangle
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     if T == 1:  # one new token sees every cached key
@@ -132,6 +140,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_drop = dropout(config.dropout)
         self.attend = reference_attention if config.attention == "reference" else fused_attention
+        self.causal = config.causal
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -145,7 +154,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd): the past and these T positions
-        y = self.attend(q, k, v, self.dropout if self.training else 0.0, mask)  # (B, nh, T, hd)
+        y = self.attend(q, k, v, self.dropout if self.training else 0.0, mask, self.causal)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # heads concatenated: (B, T, nh*hd)
         return self.resid_drop(self.proj(y))  # (B, T, C)
 
@@ -258,6 +267,9 @@ class GPT(nn.Module):
         marks the columns written so far, this one included, pads excluded.
         """
         B, T = idx.shape
+        if cache is not None and not self.config.causal:
+            raise ValueError("an encoder (model.causal: false) reads the whole text at once: it has no KV cache and "
+                             "does not generate")
         start = cache.pos if cache is not None else 0
         mask = None
         if cache is not None and cache.static:  # one new token per row, over fixed shapes (see KVCache)
@@ -269,7 +281,7 @@ class GPT(nn.Module):
             positions = slice(start, start + T)  # the same T positions for every row
         else:
             positions = sequence_positions(attention_mask, T)  # (B, T): earlier tokens of the same sequence
-            mask = padded_causal_mask(attention_mask, T)  # (B, 1, T, S)
+            mask = padded_mask(attention_mask, T, self.config.causal)  # (B, 1, T, S)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.config.pos_encoding == "learned":
             x = x + self.pos_emb.weight[positions]  # (T, C) broadcast over B, or (B, T, C)
@@ -285,11 +297,19 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)
-        if self.config.head == "classify":  # each row's last real position: its last True in attention_mask
-            last = ((attention_mask.long() > 0) * torch.arange(T, device=x.device)).argmax(-1) \
-                if attention_mask is not None else torch.full((B,), T - 1, device=x.device)
-            return self.classifier(x[torch.arange(B, device=x.device), last])  # (B, num_labels)
+        if self.config.head == "classify":
+            return self.classifier(x[torch.arange(B, device=x.device), self.summary_position(attention_mask, B, T)])
         return self.lm_head(x)  # (B, T, V)
+
+    def summary_position(self, attention_mask: Optional[torch.Tensor], B: int, T: int) -> torch.Tensor:
+        """(B,) the position whose hidden state a classify head reads: a decoder's last real token (the only one
+        that has seen the whole text), an encoder's first (its start token, as BERT's [CLS])."""
+        if attention_mask is None:
+            return torch.full((B,), T - 1 if self.config.causal else 0, device=self.tok_emb.weight.device)
+        real = (attention_mask.long() > 0).long()  # (B, T)
+        if self.config.causal:
+            return (real * torch.arange(T, device=real.device)).argmax(-1)  # the last real column
+        return real.argmax(-1)  # the first real column
 
 
 # ------------------------------------------------------------------------------------------ KV cache

@@ -13,7 +13,8 @@ Id layout, the same for every kind: the special tokens take ids 0, 1, 2 (start, 
 configurable, default ``<START>``, ``<END>``, ``<PAD>``). Then ``byte`` has bytes 0..255 at ids
 3..258; ``char`` has those 259 ids followed by its characters; ``bpe`` has its learned vocabulary.
 Special ids are never produced by ``encode``: a text containing the literal ``"<END>"`` encodes it
-as ordinary characters.
+as ordinary characters. A mask token for masked-language-model training (``lmforge prepare --mask-token``,
+default name ``<MASK>``) takes the last id, after everything else, so adding it moves no other id.
 
 Decoding joins each id's bytes and decodes them as UTF-8, replacing invalid sequences (a model can
 emit any id sequence). ``StreamDecoder`` does the same incrementally for generation: it holds back
@@ -85,10 +86,12 @@ class Tokenizer:
     start_id: int | None = 0
     end_id: int | None = 1
     pad_id: int | None = 2
+    mask_id: int | None = None  # the last id, when the tokenizer has a mask token
+    mask_token: str | None = None
 
     def __init__(self, kind: str, special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS, *,
                  chars: list[str] | None = None, hf_json: str | None = None,
-                 special_ids: dict[str, int | None] | None = None) -> None:
+                 special_ids: dict[str, int | None] | None = None, mask_token: str | None = None) -> None:
         if kind == HF_KIND:
             self._init_hf(hf_json, special_ids or {})
             return
@@ -109,6 +112,13 @@ class Tokenizer:
         else:
             self._hf = _load_hf(hf_json, self.special_tokens)
             id_bytes += _hf_id_bytes(self._hf)
+        if mask_token is not None:
+            if not isinstance(mask_token, str) or not mask_token or mask_token in self.special_tokens:
+                raise TokenizerError(f"mask token {mask_token!r} must be a non-empty name unlike the start, end and "
+                                     f"pad tokens")
+            self.mask_token, self.mask_id = mask_token, len(id_bytes)
+            id_bytes.append(mask_token.encode("utf-8"))
+            self._special_ids = self._special_ids | {self.mask_id}
         self._id_bytes = id_bytes
         self.vocab_size = len(id_bytes)
         self.sha256: str | None = None  # of the file this tokenizer was last saved to or loaded from
@@ -238,7 +248,19 @@ class Tokenizer:
             data["chars"] = self._chars
         if self.kind in ("bpe", HF_KIND):
             data["hf_tokenizer"] = json.loads(self._hf.to_str())
+        if self.mask_id is not None:
+            data["mask_token"] = {"token": self.mask_token, "id": self.mask_id}
         return data
+
+    def with_mask_token(self, name: str = "<MASK>") -> "Tokenizer":
+        """This tokenizer with a mask token added at the next id (itself if it has one already)."""
+        if self.mask_id is not None:
+            return self
+        if self.kind == HF_KIND:
+            raise TokenizerError("an imported Hugging Face tokenizer keeps its own vocabulary: a mask token cannot be "
+                                 "added to it")
+        return Tokenizer.from_dict({**self.to_dict(), "mask_token": {"token": name, "id": self.vocab_size},
+                                    "vocab_size": self.vocab_size + 1})
 
     def save(self, path: str | Path) -> str:
         """Write the tokenizer as one JSON file (atomically); returns its sha256."""
@@ -284,8 +306,12 @@ class Tokenizer:
             if chars is not None and not (isinstance(chars, list) and len(set(chars)) == len(chars)
                                           and all(isinstance(c, str) and len(c) == 1 for c in chars)):
                 raise ValueError("'chars' must be a list of distinct single characters")
+            mask = data.get("mask_token")
             tok = cls(data["kind"], specials, chars=chars,
-                      hf_json=json.dumps(data["hf_tokenizer"]) if data["kind"] == "bpe" else None)
+                      hf_json=json.dumps(data["hf_tokenizer"]) if data["kind"] == "bpe" else None,
+                      mask_token=None if mask is None else mask["token"])
+            if mask is not None and mask["id"] != tok.mask_id:
+                raise ValueError(f"mask token id {mask['id']} is not the last id {tok.mask_id}")
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
             raise TokenizerError(f"tokenizer file {source} is incomplete or corrupt ({type(e).__name__}: {e}): "
                                  "re-run `lmforge prepare`") from None

@@ -123,6 +123,57 @@ def fixed_batches(tokens: np.ndarray, block_size: int, batch_size: int, num_batc
     return [stream.next_batch() for _ in range(num_batches)]
 
 
+# -------------------------------------------------------------------------------- masked language model
+def mask_tokens(x: torch.Tensor, mask_id: int, vocab_size: int, probability: float,
+                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking (Devlin et al. 2019) of token ids x (B, T): (inputs, labels).
+
+    Each position is chosen with `probability`; a chosen one becomes mask_id (80%), a random token (10%) or stays
+    as it is (10%), and its label is the original token; every other label is IGNORE_INDEX, so the loss counts
+    the chosen positions only. The random tokens are drawn from [0, vocab_size) without the mask token.
+    """
+    chosen = rng.random(x.shape) < probability  # (B, T)
+    action = rng.random(x.shape)  # (B, T): < 0.8 mask, < 0.9 random, else unchanged
+    random_ids = rng.integers(0, vocab_size - 1, size=x.shape)
+    random_ids = random_ids + (random_ids >= mask_id)  # skip the mask id itself
+    ids = x.numpy()
+    inputs = np.where(chosen & (action < 0.8), mask_id, np.where(chosen & (action < 0.9), random_ids, ids))
+    labels = np.where(chosen, ids, IGNORE_INDEX)
+    return torch.from_numpy(inputs.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
+
+
+class MaskedBatches:
+    """Masked-language-model batches over a TokenBatches stream: each window of block_size tokens masked by
+    ``mask_tokens``, the masking drawn from a generator seeded with (seed, the stream's position), so it depends
+    only on where the stream is: the state is the stream's, and a resumed run masks exactly as before."""
+
+    def __init__(self, stream: TokenBatches, mask_id: int, vocab_size: int, probability: float = 0.15,
+                 seed: int = 0) -> None:
+        self.stream, self.mask_id, self.vocab_size = stream, mask_id, vocab_size
+        self.probability, self.seed = probability, seed
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T) with masked positions, labels (B, T): the original tokens at the chosen positions."""
+        rng = np.random.default_rng([self.seed % 2**63, self.stream.position, self.stream.rank])
+        x, _ = self.stream.next_batch()  # the next-token targets are not used: the labels are x itself
+        return mask_tokens(x, self.mask_id, self.vocab_size, self.probability, rng)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+
+
+def fixed_masked_batches(tokens: np.ndarray, block_size: int, batch_size: int, num_batches: int, mask_id: int,
+                         vocab_size: int, probability: float = 0.15, *, seed: int = 0, rank: int = 0,
+                         world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same masked validation batches on every call (see fixed_batches, MaskedBatches)."""
+    stream = MaskedBatches(TokenBatches(tokens, block_size, batch_size, seed=seed, sampling="random", rank=rank,
+                                        world_size=world_size), mask_id, vocab_size, probability, seed)
+    return [stream.next_batch() for _ in range(num_batches)]
+
+
 # ------------------------------------------------------------------------------------ task examples
 class Examples:
     """Examples of a task split: token ids of every example concatenated, with offsets and prompt lengths

@@ -57,11 +57,12 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
             doc_split: str = "file", jsonl_field: str = "text", parquet_column: str = "text",
             keep_duplicates: bool = False, force: bool = False,
             special_tokens: tuple[str, str, str] = ("<START>", "<END>", "<PAD>"), workers: int = 2,
-            progress: bool = True) -> dict:
+            progress: bool = True, mask_token: str | None = None) -> dict:
     """Prepare a dataset directory ``out`` from ``inputs`` (files, folders, globs) or ``dataset="shakespeare"``.
 
     ``tokenizer`` is char | byte | bpe or the path of an lmforge tokenizer.json (its own special
-    tokens are then used). Returns the report (also written to ``out/report.json``). Raises DataError
+    tokens are then used); ``mask_token`` adds a mask token at the last id (masked-language-model training).
+    Returns the report (also written to ``out/report.json``). Raises DataError
     or TokenizerError with a one-line message; on error nothing is written and an existing ``out``
     is left untouched. An existing dataset is replaced only with ``force=True``.
     """
@@ -69,6 +70,8 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
     out_dir = Path(out)
     check_dataset_output(out_dir, force=force, inputs=[i for i in inputs if not glob.has_magic(i)])
     given = None if tokenizer in KINDS else Tokenizer.load(tokenizer)  # fail before reading the corpus
+    if given is not None and mask_token is not None:
+        given = given.with_mask_token(mask_token)
     log = _Log(progress)
     stats = CorpusStats()
     if dataset is not None:
@@ -80,7 +83,7 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
         report = _Pipeline(tmp, log, stats, workers=workers, progress=progress).run(
             files, tokenizer=given or tokenizer, vocab_size=vocab_size, split=split, seed=seed, doc_split=doc_split,
             jsonl_field=jsonl_field, parquet_column=parquet_column, keep_duplicates=keep_duplicates,
-            special_tokens=special_tokens)
+            special_tokens=special_tokens, mask_token=mask_token)
     return report
 
 
@@ -222,7 +225,8 @@ class _Pipeline:
         self.timings: dict[str, float] = {}
 
     def run(self, files: list[Path], *, tokenizer: str | Tokenizer, vocab_size: int, split, seed: int, doc_split: str,
-            jsonl_field: str, parquet_column: str, keep_duplicates: bool, special_tokens) -> dict:
+            jsonl_field: str, parquet_column: str, keep_duplicates: bool, special_tokens,
+            mask_token: str | None = None) -> dict:
         spool = _Spool(self.tmp / "documents.spool")
         try:
             t0 = time.perf_counter()
@@ -233,6 +237,8 @@ class _Pipeline:
 
             t0 = time.perf_counter()
             tok = self._tokenizer(spool, splits["train"], tokenizer, vocab_size, special_tokens)
+            if mask_token is not None:
+                tok = tok.with_mask_token(mask_token)
             tok_sha = tok.save(self.tmp / "tokenizer.json")
             self.timings["tokenizer"] = time.perf_counter() - t0
 

@@ -10,6 +10,7 @@
     quantize    bf16 / fp16 weights, int8 weight-only Linear layers
     api         complete / generate / stream / generate_ids / TextGenerator / load: readers of the loop
     classify    TextClassifier: a classifier's labels with probabilities (load returns one for a classifier)
+    fill_mask   MaskFiller: an encoder's candidates for each <MASK> (load returns one for an encoder)
 
 Prompts are encoded as <START> + prompt tokens, the way documents were stored for training
 (<START> text <END>). A prompt longer than block_size is cropped from the left, with a warning.
@@ -35,7 +36,7 @@ from typing import Any
 
 _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can read GenerateConfig without torch
     "GenerateConfig": "config", "Dtype": "config", "Quantize": "config",
-    "TextClassifier": "classify",
+    "TextClassifier": "classify", "MaskFiller": "fill_mask",
     "Completion": "api", "TextGenerator": "api", "complete": "api", "generate": "api", "generate_batch_ids": "api",
     "generate_ids": "api", "load": "api", "options": "api", "prompt_ids": "api", "stream": "api",
     "beam_search": "beam", "decode_rows": "decode", "score_prompt": "decode", "CompiledGPT": "compiled",

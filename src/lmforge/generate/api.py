@@ -138,6 +138,9 @@ class TextGenerator:
         if model.config.head != "lm":
             raise ConfigError(f"this is a {model.config.head} model (model.head={model.config.head!r}): it scores "
                               "classes and does not generate text")
+        if not model.config.causal:
+            raise ConfigError("this is an encoder (model.causal false): every position sees the whole text, so it "
+                              "fills masks (lmforge fill-mask) and does not generate text")
         self.model = apply_compile(model.eval()) if compile else model.eval()  # a CompiledGPT decodes like the GPT
         self.tokenizer = tokenizer
         self.template = template
@@ -190,11 +193,12 @@ class TextGenerator:
 
 
 def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional[str] = None,
-         compile: bool = False, template: bool = True) -> Union[TextGenerator, "TextClassifier"]:
+         compile: bool = False, template: bool = True) -> Union[TextGenerator, "TextClassifier", "MaskFiller"]:
     """A TextGenerator over the checkpoint at `path` (a run directory: its newest intact checkpoint);
     dtype / quantize as apply_inference_dtype (default fp32, exact), compile as apply_compile. A fine-tuned
     model's prompt template is applied unless template=False. A classifier (model.head: classify) gives a
-    generate.classify.TextClassifier with the label names its checkpoint stores (LABEL_0, ... without them)."""
+    generate.classify.TextClassifier with the label names its checkpoint stores (LABEL_0, ... without them); an
+    encoder trained with mlm (model.causal false), a generate.fill_mask.MaskFiller."""
     from lmforge.checkpoint import load_for_inference, read_task, verified_checkpoint  # on use: reads files
     from lmforge.generate.classify import TextClassifier
 
@@ -204,6 +208,10 @@ def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional
         task = read_task(ckpt) or {}
         labels = task.get("labels") or [f"LABEL_{k}" for k in range(model.config.num_labels)]
         return TextClassifier(apply_inference_dtype(model, dtype, quantize), tokenizer, labels)
+    if not model.config.causal:
+        from lmforge.generate.fill_mask import MaskFiller
+
+        return MaskFiller(apply_inference_dtype(model, dtype, quantize), tokenizer)
     task = read_task(ckpt) if template else None
     learned = task.get("template") if task is not None and task["task"] == "sft" else None
     return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned)

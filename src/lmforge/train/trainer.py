@@ -139,9 +139,21 @@ def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
                         f"prepare with a larger val fraction or lower model.block_size")
     train = TokenBatches(train_tokens, T, B, seed=seed, sampling=config.data.sampling,
                          rank=info.rank, world_size=info.world_size)
+    tok = data_dir / (manifest.get("tokenizer") or {}).get("file", "tokenizer.json")
+    if config.train.objective == "mlm":  # an encoder learns to fill masked tokens
+        from lmforge.data.batches import MaskedBatches, fixed_masked_batches
+        from lmforge.tokenizer import Tokenizer
+
+        mask_id, V, p = Tokenizer.load(tok).mask_id, int(manifest["vocab_size"]), config.train.mlm_probability
+        if mask_id is None:
+            raise DataError(f"{data_dir}'s tokenizer has no mask token, which train.objective=mlm needs: prepare the "
+                            f"data again with --mask-token")
+        val = fixed_masked_batches(val_tokens, T, B, config.train.eval_batches, mask_id, V, p, seed=seed + 1,
+                                   rank=info.rank, world_size=info.world_size)
+        return PreparedData(MaskedBatches(train, mask_id, V, p, seed), val, V, tok,
+                            _sha256_or_none(data_dir / "manifest.json"))
     val = fixed_batches(val_tokens, T, B, config.train.eval_batches, seed=seed + 1,
                         rank=info.rank, world_size=info.world_size)
-    tok = data_dir / (manifest.get("tokenizer") or {}).get("file", "tokenizer.json")
     return PreparedData(train, val, int(manifest["vocab_size"]), tok if tok.is_file() else None,
                         _sha256_or_none(data_dir / "manifest.json"))
 
@@ -171,6 +183,24 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
     return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
                         _sha256_or_none(data_dir / "manifest.json"),
                         task={"task": manifest["task"], "template": manifest["template"]}, val_examples=val_examples)
+
+
+def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
+    """Refuse a training objective the model cannot learn honestly: mlm needs an encoder (model.causal false),
+    and an encoder trained on next tokens would see them and learn to copy."""
+    causal, objective, kind = config.model.causal, config.train.objective, task["task"] if task else None
+    if objective == "mlm" and causal:
+        raise ConfigError("train.objective=mlm predicts masked tokens from both sides: it trains an encoder, set "
+                          "model.causal false")
+    if objective == "mlm" and kind is not None:
+        raise ConfigError(f"train.objective=mlm pretrains on token data, but {config.data.path} is {kind} task data: "
+                          f"drop train.objective")
+    if not causal and kind == "sft":
+        raise ConfigError("an encoder (model.causal false) does not generate, so it cannot learn text to text (sft) "
+                          "data: fine-tune a decoder, or use classify data")
+    if not causal and objective == "clm" and kind is None:
+        raise ConfigError("model.causal=false lets every position see the next token, so next-token training "
+                          "(train.objective clm) would only learn to copy it: set train.objective mlm")
 
 
 def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
@@ -276,6 +306,7 @@ class Trainer:
         elif tc.class_weights != "none":
             raise ConfigError(f"train.class_weights={tc.class_weights!r} weighs classes, but {config.data.path} is not "
                               "classify data (`lmforge prepare --task classify`); drop the setting")
+        check_objective(config, self.task)
         check_selection(config.train, self.task)
         self.selection = BestTracker(tc.best_metric, tc.patience)  # the best checkpoint, and early stopping
         self.measured: dict[str, float] = {}  # the last evaluation's measurements (val_loss, task metrics)
@@ -546,27 +577,31 @@ class Trainer:
         """Mean loss over the fixed validation batches (all processes together), or None without them.
 
         A classifier's val loss is its training objective (class weights included); its accuracy and macro-F1
-        over the same examples go to self.val_metrics (from one confusion matrix summed over processes).
+        over the same examples go to self.val_metrics (from one confusion matrix summed over processes). An encoder
+        trained with mlm: the loss over the masked positions, and their accuracy (val_masked_accuracy).
         """
         if not self.val_batches:
             return None
         model = self.model
         model.eval()  # dropout off
         K = len(self.labels) if self.labels is not None else 0
-        totals = torch.zeros(2 + K * K, dtype=torch.float64, device=self.device)  # (loss sum, labels, confusion)
+        totals = torch.zeros(3 + K * K, dtype=torch.float64, device=self.device)  # (loss, labels, hits, confusion)
         for batch in self.val_batches:
             logits, y = self.forward(model, batch)
             totals[0] += cross_entropy_sum(logits, y, self.class_weights).double()
             totals[1] += count_labels(y)
+            totals[2] += (logits.argmax(-1) == y).sum().double()  # IGNORE_INDEX never equals a prediction
             if K:  # entry [gold, predicted] of the (K, K) confusion matrix
-                totals[2:] += torch.bincount(y * K + logits.argmax(-1), minlength=K * K).double()
+                totals[3:] += torch.bincount(y * K + logits.argmax(-1), minlength=K * K).double()
         model.train()
         totals = all_reduce_sum(totals, self.dist)
         if K:
             from lmforge.eval.metrics import confusion_metrics
 
-            scores = confusion_metrics(totals[2:].long().view(K, K).cpu().numpy(), self.labels)
+            scores = confusion_metrics(totals[3:].long().view(K, K).cpu().numpy(), self.labels)
             self.val_metrics = {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
+        elif self.config.train.objective == "mlm":
+            self.val_metrics = {"val_masked_accuracy": float(totals[2] / totals[1].clamp(min=1))}
         return float(totals[0] / totals[1].clamp(min=1))
 
     def maybe_log(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
@@ -599,7 +634,7 @@ class Trainer:
         if self.labels is not None:  # a classifier: accuracy and macro-F1 instead of a perplexity over labels
             self.logger.log("eval", self.step, self.measured)
         else:
-            self.logger.log("eval", self.step, {"val_loss": self.val_loss,
+            self.logger.log("eval", self.step, {"val_loss": self.val_loss, **self.val_metrics,
                                                 "val_perplexity": math.exp(min(self.val_loss, 700.0))})
         if self.task_eval_due():
             with self.throughput.paused():
