@@ -6,6 +6,7 @@
     lmforge eval     loss, perplexity and bits per byte of a checkpoint on a split; task metrics when fine-tuned
     lmforge generate text from a run or checkpoint directory
     lmforge classify labels with probabilities from a classifier
+    lmforge fill-mask an encoder's top tokens for each <MASK> of a text
     lmforge plot     the loss curves of a run as a PNG
     lmforge import   a Hugging Face model directory -> a checkpoint
     lmforge export   a checkpoint -> a Hugging Face directory or an ONNX file
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import textwrap
 import types
@@ -127,6 +129,9 @@ def _add_prepare(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing prepared dataset in --out")
     p.add_argument("--special-tokens", default="<START>,<END>,<PAD>", metavar="S,E,P",
                    help="names of the start, end and padding tokens (default: <START>,<END>,<PAD>)")
+    p.add_argument("--mask-token", nargs="?", const="<MASK>", metavar="NAME",
+                   help="add a mask token (default name <MASK>) for training an encoder with train.objective mlm; "
+                        "text never produces it")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="encoding processes (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t = p.add_argument_group("task data (--task): records -> examples for fine-tuning a base model")
@@ -184,7 +189,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
         args.inputs, args.out, dataset=args.dataset, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         split=_parse_split(args.split), seed=args.seed, doc_split=args.doc_split, jsonl_field=args.jsonl_field,
         parquet_column=args.parquet_column, keep_duplicates=args.keep_duplicates, force=args.force,
-        special_tokens=specials, workers=args.workers, progress=not args.no_progress)
+        special_tokens=specials, workers=args.workers, progress=not args.no_progress, mask_token=args.mask_token)
     print(format_report(report))
     return 0
 
@@ -494,10 +499,17 @@ def _run_generate(args: argparse.Namespace) -> int:
     if config.max_length is not None and config.max_new_tokens is not None:  # the library lets max_length win
         raise ConfigError("--max-length and --max-new-tokens both bound the length: give one (--max-length counts "
                           "the prompt, --max-new-tokens does not)")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates
+        raise ConfigError(f"--prompt {args.prompt!r} is not UTF-8 text: give the prompt as UTF-8") from None
     from lmforge.generate import load  # before loading anything
 
     generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
                      template=not args.no_template)
+    if hasattr(generator, "fill_mask"):  # load gave a MaskFiller
+        raise ConfigError(f"{args.checkpoint} is an encoder (model.causal: false): every position sees the whole text, "
+                          "so it fills masks and does not generate text; use `lmforge fill-mask`")
     if not hasattr(generator, "generate"):  # load gave a TextClassifier
         raise ConfigError(f"{args.checkpoint} is a classifier (model.head: classify): it scores labels and does not "
                           "generate text; use `lmforge classify`")
@@ -544,6 +556,8 @@ def _add_classify(sub: Any) -> None:
 def _classify_texts(path: str, field: str) -> list[str]:
     """The texts of a --file: .txt lines (empty ones skipped) or the `field` of each .jsonl object."""
     import json
+
+    from lmforge.data.corpus import JSON_ERRORS, json_problem
     from pathlib import Path
 
     file = Path(path)
@@ -559,8 +573,8 @@ def _classify_texts(path: str, field: str) -> list[str]:
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg}): fix the line") from None
+        except JSON_ERRORS as e:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({json_problem(e)}): fix the line") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise ConfigError(f"{path}:{number}: no string field {field!r}: fix the line or choose --text-field")
         texts.append(record[field])
@@ -587,6 +601,46 @@ def _run_classify(args: argparse.Namespace) -> int:
         print(json.dumps({"text": text, "label": ranked[0][0],
                           "predictions": [{"label": label, "probability": p} for label, p in ranked]},
                          ensure_ascii=False))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- fill-mask
+def _add_fill_mask(sub: Any) -> None:
+    p = sub.add_parser(
+        "fill-mask", help="an encoder's most probable tokens for each <MASK> in a text",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Fill the masks of a text with an encoder (model.causal false) trained with train.objective mlm on
+            data prepared with --mask-token. Write the mask token (<MASK>) where a token is missing: the encoder
+            reads the whole text at once, left and right of each mask, and prints the top-k tokens for each mask
+            with their probabilities, one JSON line per mask."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge prepare --dataset shakespeare --mask-token --out data/shakespeare-mlm
+              lmforge train --data data/shakespeare-mlm --model.causal false --train.objective mlm --run-dir runs/enc
+              lmforge fill-mask runs/enc --text "to be or not to <MASK>e, that is the question"
+            """))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--text", required=True, help="the text, with <MASK> (the tokenizer's mask token) where a token is missing")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="tokens per mask (default: 5)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.set_defaults(run=_run_fill_mask)
+
+
+def _run_fill_mask(args: argparse.Namespace) -> int:
+    import json
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k} is invalid: use 1 or more")
+    from lmforge.generate import MaskFiller, load
+
+    filler = load(args.checkpoint, device=args.device)
+    if not isinstance(filler, MaskFiller):
+        raise ConfigError(f"{args.checkpoint} is not an encoder (model.causal: true, or a classifier): fill-mask needs "
+                          "one trained with --model.causal false --train.objective mlm; a decoder generates instead")
+    for i, ranked in enumerate(filler.fill_mask(args.text, args.top_k)):
+        print(json.dumps({"mask": i, "token": ranked[0][0],
+                          "predictions": [{"token": t, "probability": p} for t, p in ranked]}, ensure_ascii=False))
     return 0
 
 
@@ -755,6 +809,26 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(run=_run_serve)
 
 
+class PortInUse(LmforgeError):
+    exit_code = 3  # what uvicorn exits with when it cannot bind
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """PortInUse (one line, exit 3) when `port` on `host` cannot be bound, before the model loads: uvicorn
+    would load it first and then log six lines."""
+    import os
+    import socket
+
+    if port == 0:
+        return
+    try:
+        with socket.create_server((host, port)):  # SO_REUSEADDR on POSIX, as uvicorn binds
+            pass
+    except OSError as e:
+        raise PortInUse(f"cannot listen on {host}:{port} ({os.strerror(e.errno or 0)}): stop what uses it or choose another "
+                        "--port") from None
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -773,6 +847,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    _check_port_free(args.host, args.port)
     serve(args.checkpoint, config, host=args.host, port=args.port, device=args.device, log_level=args.log_level)
     return 0
 
@@ -872,7 +947,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_sweep, _add_eval, _add_generate, _add_classify,
-                                         _add_plot, _add_attention, _add_plan,
+                                         _add_fill_mask, _add_plot, _add_attention, _add_plan,
                                          _add_serve, _add_import, _add_export, _add_merge]
 
 
@@ -934,6 +1009,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # an lmforge bug, not a user error: still one line unless --debug
         if debug:
             raise
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
+            from pathlib import Path
+
+            from lmforge.files import TMP
+            where = Path(e.filename).parent if f".{TMP}-" in str(e.filename) else e.filename  # not our temp name
+            print(f"lmforge {args.command}: error: {where}: {e.strerror}: check the permissions or choose "
+                  "another path", file=sys.stderr)  # a read-only or foreign folder: the user's to fix
+            return EXIT_USAGE
         print(f"lmforge {args.command}: internal error: {type(e).__name__}: {e} "
               "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
