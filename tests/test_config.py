@@ -21,7 +21,7 @@ from lmforge.serve.config import ServeConfig
 @pytest.mark.parametrize("overrides,message", [
     ({"model.n_layr": "3"}, "unknown config key model.n_layr (did you mean 'n_layer'?)"),
     ({"optim.learning_rate": "1e-3"}, "unknown config key optim.learning_rate"),
-    ({"trian.max_steps": "3"}, "unknown config section 'trian' (did you mean 'train'?)"),
+    ({"trian.max_steps": "3"}, "unknown config key --trian.max_steps (did you mean 'train'?)"),
     ({"model.n_layer": "four"}, "model.n_layer='four' has the wrong type: expected int"),
     ({"model.n_layer": "0"}, "model.n_layer=0 is invalid: an integer from 1 to 10000000"),
     ({"train.max_steps": "0"}, "train.max_steps=0 is invalid: a positive integer"),

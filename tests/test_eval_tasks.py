@@ -81,7 +81,7 @@ def test_generate_and_serve_apply_the_template_the_model_learned_with(tuned, cap
     assert main(["generate", str(run), "--prompt", "abc", "--max-new-tokens", "6", "--temperature", "0",
                  "--no-template", "--device", "cpu"]) == 0
     assert capsys.readouterr().out == "abc" + raw.generate("abc", max_new_tokens=6, temperature=0.0) + "\n"
-    with TestClient(create_app(gen)) as client:
+    with TestClient(create_app(gen), base_url="http://127.0.0.1") as client:  # a Host the server answers
         body = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 6, "temperature": 0}).json()
     assert body["choices"][0]["text"] == expected
     gen.template = {**gen.template, "prompt": "{context}\n{prompt}\n", "fields": ["context", "prompt"]}

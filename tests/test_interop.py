@@ -349,7 +349,7 @@ def test_a_failed_forced_export_leaves_the_previous_export_intact(tmp_path, monk
 
     def torn_save(tensors, path, metadata=None):  # half the weights written, then the disk is full
         Path(path).write_bytes(before["model.safetensors"][:1000])
-        raise OSError(28, "No space left on device (injected)")
+        raise OSError(5, "Input/output error (injected)")  # a full disk: tests/test_disk_full.py
 
     monkeypatch.setattr(hf_export, "save_file", torn_save)
     with pytest.raises(OSError, match="injected"):
@@ -407,7 +407,7 @@ def test_a_failed_forced_onnx_export_leaves_the_previous_file_and_force_replaces
 
     def torn_save(self, destination, **kw):
         Path(destination).write_bytes(before[:1000])
-        raise OSError(28, "No space left on device (injected)")
+        raise OSError(5, "Input/output error (injected)")  # a full disk: tests/test_disk_full.py
 
     monkeypatch.setattr(torch.onnx.ONNXProgram, "save", torn_save)
     with pytest.raises(OSError, match="injected"):

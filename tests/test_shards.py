@@ -17,9 +17,10 @@ from lmforge.tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
+    (root / "corpus").mkdir()
     for i in range(10):
-        (root / f"{i}.txt").write_text(f"document number {i} " + "lorem ipsum " * (i + 3))
-    prepare([str(root)], str(root / "data"), tokenizer="char", progress=False)
+        (root / "corpus" / f"{i}.txt").write_text(f"document number {i} " + "lorem ipsum " * (i + 3))
+    prepare([str(root / "corpus")], str(root / "data"), tokenizer="char", progress=False)
     return root / "data"
 
 
