@@ -40,6 +40,7 @@ from lmforge.config import ModelConfig, RunConfig, load_run_config  # noqa: E402
 from lmforge.data.batches import TokenBatches  # noqa: E402
 from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
+from lmforge.plan import reset_peak_rss, status_kib  # noqa: E402  (the peak RSS of what follows)
 from lmforge.train import Trainer  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
@@ -67,20 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ memory
-def status_kib(field: str) -> int:
-    """A VmXXX line of /proc/self/status, in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> None:
-    """Set VmHWM back to the current RSS (Linux >= 4.0: writing 5 to clear_refs), so the next peak is of what follows."""
-    with open("/proc/self/clear_refs", "w") as f:  # a kernel control file, not an output of this benchmark
-        f.write("5")
-
-
 def mib(kib: int) -> float:
     return round(kib / 1024, 1)
 

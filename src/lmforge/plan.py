@@ -290,7 +290,8 @@ def format_plan(p: Plan) -> str:
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A VmXXX line of /proc/self/status (VmRSS, VmHWM: the peak), in KiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -324,7 +325,7 @@ def measure(config: RunConfig, steps: int = 3) -> dict[str, float]:
     trainer = Trainer(config, train_data=TokenBatches(tokens, m.block_size, t.batch_size, seed=0), val_batches=[],
                       progress=False, tensorboard=False)
     weights = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
-    runtime = _status_kib("VmRSS") * 1024 - weights  # Python, torch, the trainer's code and allocator arenas
+    runtime = status_kib("VmRSS") * 1024 - weights  # Python, torch, the trainer's code and allocator arenas
     reset_peak_rss()
     times = []
     for _ in range(steps + 1):
@@ -332,5 +333,5 @@ def measure(config: RunConfig, steps: int = 3) -> dict[str, float]:
         trainer.train_step()
         trainer.step += 1
         times.append(time.perf_counter() - start)
-    return {"runtime_rss": float(runtime), "peak_rss": float(_status_kib("VmHWM") * 1024),
+    return {"runtime_rss": float(runtime), "peak_rss": float(status_kib("VmHWM") * 1024),
             "step_time": statistics.median(times[1:])}
