@@ -120,7 +120,8 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-bad-precision", ["train", "--data", str(data), "--precision", "fp4"], "train.precision"),
         ("train-missing-data", ["train", "--data", str(ws / "nodata"), "--run-dir", str(ws / "r1")], "nodata"),
         ("train-missing-config", ["train", "--config", str(ws / "none.yaml")], "none.yaml"),
-        ("train-bad-yaml", ["train", "--config", str(ws / "bad.yaml")], "bad.yaml"),
+        ("train-bad-yaml", ["train", "--config", str(ws / "bad.yaml")], "bad.yaml:2:1 is not valid YAML"),
+        ("train-yaml-tabs", ["train", "--config", str(ws / "tabs.yaml")], "tabs.yaml:3:1 has a tab: YAML forbids tabs"),
         ("train-unknown-preset", ["train", "--preset", "gpt-9", "--data", str(data)], "gpt-9"),
         ("train-run-dir-taken", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(run),
                                  "--device", "cpu"], "--resume"),
@@ -229,6 +230,7 @@ def hostile_files(workspace):
     (ws / "bin" / "blob.txt").write_bytes(b"\x00\x01\x02binary\x00" * 50)
     (ws / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n', encoding="utf-8")
     (ws / "bad.yaml").write_text("model: [1, 2\n", encoding="utf-8")
+    (ws / "tabs.yaml").write_text("model:\n  n_layer: 2\n\tn_head: 2\n", encoding="utf-8")
     # a copy of the newest checkpoint with one byte of the weights flipped
     import shutil
     corrupt = ws / "corrupt"
@@ -274,7 +276,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 76
+N_CASES = 77
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

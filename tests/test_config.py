@@ -34,6 +34,8 @@ from lmforge.serve.config import ServeConfig
     ({"train.compile": "maybe"}, "train.compile='maybe' has the wrong type: expected bool"),
     ({"preset": "gpt5"}, "unknown preset 'gpt5'"),
     ({"data.embedding_init": "glove:"}, "data.embedding_init='glove:' is invalid"),
+    ({"optim.name": "sgd"}, "optim.name='sgd' is invalid: choose one of adamw, muon"),
+    ({"optim.name": "muon", "lora.r": "4", "train.init_from": "runs/base"}, "optim.name=muon is invalid with lora.*"),
 ])
 def test_bad_values_are_refused_with_a_clear_message(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -65,6 +67,10 @@ def test_config_file_errors(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_run_config(bad)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"model": {"n_layer": 2,}}\n')
+    with pytest.raises(ConfigError, match=r"bad.json:1:25 is not valid JSON"):
+        load_run_config(bad_json)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):

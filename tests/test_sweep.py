@@ -169,6 +169,8 @@ def test_two_workers_run_disjoint_trials_in_parallel(tmp_path, data):
     ("model.n_embd: {choices: [32, wide]}\n", "model.n_embd: choice 'wide' is refused"),
     ("model.pos_encoding: {choices: [rope, alibi]}\n", "choose one of learned, sinusoidal, rope"),
     ("model.pos_encoding: {choices: []}\n", "choices must be a non-empty list"),
+    ("optim.lr:\n  low: 1.0e-3\n\thigh: 1.0e-2\n", "space.yaml:3:1 has a tab: YAML forbids tabs for indentation"),
+    ("optim.lr: {low: 1.0e-3, high: 1.0e-2\n", "space.yaml:2:1 is not valid YAML: expected ',' or '}'"),
 ])
 def test_a_bad_space_is_one_line_exit_2_and_nothing_written(tmp_path, data, capsys, space, message):
     before = set(tmp_path.iterdir())

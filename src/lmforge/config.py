@@ -332,8 +332,13 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------- optim
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW, or Muon with AdamW) and the learning-rate schedule."""
 
+    name: Literal["adamw", "muon"] = doc("Optimizer: adamw trains every weight with AdamW; muon trains the blocks' "
+                                         "hidden matrices (attn.qkv, attn.proj, mlp.fc, mlp.proj) with Muon "
+                                         "(orthogonalised momentum; Jordan et al. 2024) and the rest (embeddings, "
+                                         "norms, biases, the head) with AdamW (lr, betas, weight_decay). Not with "
+                                         "LoRA.", "adamw")
     lr: float = doc("Peak learning rate.", 1e-3, gt=0, lt=10)
     min_lr: float = doc("Learning rate at the end of the schedule (cosine, wsd); at most lr.", 1e-4, ge=0)
     weight_decay: float = doc("AdamW weight decay (not applied to norms, biases and embeddings).", 0.1, ge=0, lt=10)
@@ -345,6 +350,15 @@ class OptimConfig:
                                                          "then a final decay), or constant.", "cosine")
     warmup_steps: int = doc("Linear warm-up steps.", 100, ge=0)
     decay_fraction: float = doc("wsd: fraction of the steps spent in the final decay.", 0.2, ge=0, le=1)
+    muon_lr: float = doc("name muon: Muon's peak learning rate; it follows lr's warm-up and schedule (scaled by "
+                         "muon_lr/lr).", 0.02, gt=0, lt=10)
+    muon_momentum: float = doc("name muon: Muon's momentum (Nesterov).", 0.95, ge=0, lt=1)
+    muon_weight_decay: float = doc("name muon: Muon's decoupled weight decay (each step multiplies the hidden "
+                                   "matrices by 1 - lr * muon_weight_decay).", 0.0, ge=0, lt=10)
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = doc(
+        "name muon: per-matrix scale of Muon's lr: original multiplies by sqrt(max(1, rows/cols)) (Jordan); "
+        "match_rms_adamw by 0.2 * sqrt(max(rows, cols)), so AdamW's lr and weight decay carry over (Liu et al. "
+        "2025, Moonlight).", "original")
 
     def __post_init__(self) -> None:
         validate(self, "optim")
@@ -464,6 +478,10 @@ class RunConfig:
     lora: Optional[LoRAConfig] = None
 
     def __post_init__(self) -> None:
+        if self.lora is not None and self.optim.name == "muon":
+            raise ConfigError("optim.name=muon is invalid with lora.*: Muon orthogonalises whole hidden matrices, a "
+                              "LoRA run trains rank-r adapters; use optim.name adamw for LoRA, or drop the lora "
+                              "settings to train every weight with Muon")
         if self.lora is not None and self.train.init_from == "none":
             raise ConfigError("lora.* is set but train.init_from is none: LoRA adapts a trained model; pass "
                               "--train.init_from RUN_OR_CHECKPOINT (e.g. one `lmforge import` wrote), or drop the "
@@ -609,6 +627,25 @@ def builtin_recipe(name: str) -> Any:
     return recipes[stem]
 
 
+def parse_yaml(text: str, what: str, path: str | Path) -> Any:
+    """`text` (the content of the file `path`) through yaml.safe_load; a syntax error is one ConfigError line
+    `WHAT PATH:LINE:COLUMN: problem`, the place an editor jumps to. A tab gets its own message: YAML forbids
+    tabs in indentation, and PyYAML's "found character '\\t' that cannot start any token" does not say so."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        if mark is not None and text[mark.index:mark.index + 1] == "\t":
+            raise ConfigError(f"{what} {where} has a tab: YAML forbids tabs for indentation (and before a value); "
+                              f"indent with spaces") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, started = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and started is not None:  # "while parsing a flow sequence" opened on an earlier line
+            problem += f" ({context} from line {started.line + 1})"
+        raise ConfigError(f"{what} {where} is not valid YAML: {problem}; fix the syntax there") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON config file, or a built-in recipe by name, into nested dicts (safe loaders only).
 
@@ -618,10 +655,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     source = p if p.is_file() else builtin_recipe(str(path))
     try:
         text = source.read_text(encoding="utf-8")
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"config file {p} is not valid YAML/JSON: {first}") from None
+        data = json.loads(text) if p.suffix == ".json" else parse_yaml(text, "config file", p)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text; save it as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {p}:{e.lineno}:{e.colno} is not valid JSON: {e.msg}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -21,9 +21,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from lmforge.config import check_value
+from lmforge.config import check_value, parse_yaml
 from lmforge.errors import ConfigError
 
 SPEC_KEYS = ("low", "high", "log", "step", "choices", "fraction_of", "when")
@@ -56,12 +54,12 @@ def read_space(path: str | Path, base: dict[str, Any]) -> tuple[dict[str, Any], 
     nested dicts, to_dict of a RunConfig). ConfigError, one line naming the file, for anything wrong."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"), "search space", path)
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(f"search space {path} does not exist; pass a YAML file of `section.key: {{low, high}}` "
                           f"or `{{choices: [...]}}`") from None
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"search space {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"search space {path} is not UTF-8 text; save it as UTF-8") from None
     return raw, parse_space(raw, base, f"search space {path}")
 
 
