@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from lmforge.checkpoint import (latest_checkpoint, load_for_inference, prune_checkpoints, resolve_checkpoint,
                                 save_checkpoint, verify_checkpoint)
@@ -43,6 +44,26 @@ def test_resume_auto_gives_identical_losses(full_run, tmp_path):
     assert summary["val_loss"] == uninterrupted.val_loss
     for a, b in zip(uninterrupted.raw_model.parameters(), resumed.raw_model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_muon_run_resumes_bit_identically(tmp_path):
+    """Muon's momentum and AdamW's moments both travel through optimizer.safetensors (tensors, JSON groups)."""
+    muon = {**RESUME, "optim.name": "muon", "optim.muon_lr": 0.05, "optim.muon_weight_decay": 0.1}
+    uninterrupted = tiny_trainer(tiny_config(tmp_path / "full", **muon))
+    uninterrupted.fit()
+    ckpt = tmp_path / "full" / "checkpoints" / "step-00000010"
+    with safe_open(str(ckpt / "optimizer.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert {f"state.{i}.momentum_buffer" for i in range(20, 28)} <= names and "state.0.exp_avg" in names
+
+    resumed = tiny_trainer(tiny_config(tmp_path / "resumed", **{**muon, "train.resume": str(ckpt)}))
+    resumed.fit()
+    assert resumed.history == [(s, loss) for s, loss in uninterrupted.history if s > 10]  # bit-identical
+    for a, b in zip(uninterrupted.raw_model.parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(a, b)
+    saved, again = uninterrupted.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert saved["param_groups"] == again["param_groups"]
+    assert all(torch.equal(v, again["state"][i][k]) for i, s in saved["state"].items() for k, v in s.items())
 
 
 def test_resume_from_path_and_mismatched_model_refused(full_run, tmp_path):

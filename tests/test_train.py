@@ -16,7 +16,7 @@ from lmforge.config import OptimConfig, preset
 from lmforge.data.batches import TokenBatches
 from lmforge.model import GPT
 from lmforge.train.loss import IGNORE_INDEX, cross_entropy
-from lmforge.train.optim import build_optimizer, param_groups
+from lmforge.train.optim import build_optimizer, param_groups, set_lr
 from lmforge.train.schedule import lr_at
 from lmforge.train.trainer import Trainer
 from tiny_training import VOCAB, synthetic_tokens, tiny_config, tiny_trainer
@@ -139,6 +139,47 @@ def test_adamw_groups_decay_only_matrices():
 
     optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu"))
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+
+
+# -------------------------------------------------------------------------------------- Muon + AdamW
+HIDDEN = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc.weight", "mlp.proj.weight")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_takes_the_hidden_matrices_and_adamw_everything_else(tied):
+    model = GPT(preset("tiny", vocab_size=VOCAB, tie_embeddings=tied))
+    groups = param_groups(model, 0.1, muon=True)
+    names = [n for g in groups for n in g["names"]]
+    assert sorted(names) == sorted(dict(model.named_parameters()))  # every parameter in exactly one group
+    muon = [g for g in groups if g.get("muon")]
+    assert len(muon) == 1 and muon[0]["names"] == [f"blocks.{i}.{m}" for i in range(2) for m in HIDDEN]
+    if not tied:
+        assert "lm_head.weight" in groups[0]["names"] and groups[0]["weight_decay"] == 0.1  # the head: AdamW
+
+    optimizer = build_optimizer(model, OptimConfig(name="muon", lr=1e-3, muon_lr=0.02), torch.device("cpu"))
+    adamw, muon_opt = optimizer.optimizers
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon_opt, torch.optim.Muon)
+    hidden = {id(p) for n, p in model.named_parameters() if n.endswith(HIDDEN)}
+    assert {id(p) for g in muon_opt.param_groups for p in g["params"]} == hidden
+    assert not hidden & {id(p) for g in adamw.param_groups for p in g["params"]}
+    set_lr(optimizer, 5e-4)  # one schedule drives both: Muon at muon_lr/lr times AdamW's rate
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4] * len(adamw.param_groups) + [1e-2])
+
+
+def test_a_tiny_muon_run_learns(tmp_path):
+    x = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(0))
+    x[:, 0] = torch.arange(4)
+    batches = FixedBatches([(x[:, :-1], x[:, 1:])])
+    base = {"optim.name": "muon", "optim.schedule": "constant", "optim.warmup_steps": 0, "optim.min_lr": 0.0,
+            "optim.weight_decay": 0.0, "optim.muon_lr": 0.05}
+    # AdamW's rate ~0 freezes embeddings and norms: whatever is learnt, Muon learnt in the hidden matrices
+    only_muon = Trainer(tiny_config(tmp_path / "a", **base, **{"optim.lr": 1e-9}), train_data=batches, progress=False,
+                        tensorboard=False)
+    losses = _run_steps(only_muon, 60)
+    assert losses[-1] < losses[0] - 0.3
+    both = Trainer(tiny_config(tmp_path / "b", **base, **{"optim.lr": 1e-2}), train_data=batches, progress=False,
+                   tensorboard=False)
+    assert min(_run_steps(both, 50)) < 0.05  # ~ln(32) at init; the batch is learnt
 
 
 # --------------------------------------------------------------------------------------- data stream

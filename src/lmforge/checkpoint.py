@@ -2,8 +2,8 @@
 
     RUN_DIR/checkpoints/step-00000100/
         model.safetensors      weights (a tied embedding/LM head is stored once)
-        optimizer.safetensors  AdamW moments as named tensors "state.<param index>.<key>"; param groups
-                               and non-tensor state as JSON in the file's metadata
+        optimizer.safetensors  AdamW moments (Muon's momentum) as named tensors "state.<param index>.<key>";
+                               param groups and non-tensor state as JSON in the file's metadata
         state.json             step, tokens seen, RNG states (python/numpy/torch/cuda, one entry per rank),
                                data stream position, val loss, resolved config, tokenizer sha256
         config.json            the resolved RunConfig (what load_for_inference builds the model from)
@@ -414,8 +414,9 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None
         raise CheckpointError(f"{path} holds optimizer state for a different model (parameter groups differ); "
                               f"resume with the config the checkpoint was trained with")
     for saved, now in zip(saved_groups, optimizer.param_groups):
-        if "betas" in saved:
-            saved["betas"] = tuple(saved["betas"])
+        for key, value in now.items():  # JSON keeps tuples (AdamW's betas, Muon's ns_coefficients) as lists
+            if isinstance(value, tuple) and isinstance(saved.get(key), list):
+                saved[key] = tuple(saved[key])
         for key in ("fused", "foreach", "capturable"):  # how to compute, not what: follow this machine
             if key in now:
                 saved[key] = now[key]
@@ -531,7 +532,7 @@ def clean_interrupted_saves(run_dir: str | Path) -> list[Path]:
 
 def checkpoint_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
     """Estimated bytes of one checkpoint: the weights (a LoRA model's adapters and heads: saved_tensors), plus two
-    AdamW moments per weight with an optimizer."""
+    AdamW moments per weight with an optimizer (an upper bound: Muon keeps one momentum per hidden matrix)."""
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in saved_tensors(model).values()}.values())
     return weights * (3 if optimizer is not None else 1) + (1 << 20)  # + JSON, tokenizer and headers
 

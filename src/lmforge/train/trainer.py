@@ -562,7 +562,8 @@ class Trainer:
         return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
 
     def optimizer_step(self, grad_norm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
-        """Clip the gradient norm, set the scheduled learning rate, step AdamW; returns (pre-clip norm, lr)."""
+        """Clip the gradient norm, set the scheduled learning rate, step the optimizer (AdamW, or Muon with AdamW);
+        returns (pre-clip norm, lr)."""
         grad_norm = self.gradient_norm() if grad_norm is None else grad_norm
         if self.config.optim.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.raw_model.parameters(), self.config.optim.grad_clip, grad_norm)
