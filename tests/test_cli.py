@@ -199,6 +199,10 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("generate-two-lengths", ["generate", str(run), "--max-length", "9", "--max-new-tokens", "5"], "give one"),
         ("generate-beams-sampling", ["generate", str(run), "--num-beams", "2", "--top-k", "5"], "generate.top_k=5"),
         ("serve-port-in-use", ["serve", str(run), "--port", str(_busy_port()), "--device", "cpu"], "cannot listen"),
+        # what an encoder (model.causal false) cannot do: no BERT equivalent, no endpoint
+        ("export-hf-encoder", ["export", str(ws / "encoder"), "--format", "hf", "--out", str(ws / "hf-enc")],
+         "not a BertForMaskedLM"),
+        ("serve-encoder", ["serve", str(ws / "encoder"), "--port", "0", "--device", "cpu"], "lmforge fill-mask"),
     ]
 
 
@@ -273,10 +277,17 @@ def hostile_files(workspace):
     (ws / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
     (ws / "bigint.jsonl").write_text('{"text": "fine"}\n{"text": "x", "n": ' + "7" * 5000 + "}\n", encoding="utf-8")
     (ws / "afile").write_text("a file, not a folder\n", encoding="utf-8")
+    if not (ws / "encoder").exists():  # a tiny BERT-style encoder trained with mlm
+        assert main(["prepare", str(ws / "corpus"), "--mask-token", "--out", str(ws / "data-mlm"), "--no-progress",
+                     "--split", "0.8,0.1,0.1"]) == 0
+        assert main(["train", "--preset", "tiny", "--data", str(ws / "data-mlm"), "--run-dir", str(ws / "encoder"),
+                     "--model.causal", "false", "--train.objective", "mlm", "--max-steps", "2", "--device", "cpu",
+                     "--train.batch_size", "4", "--train.eval_interval", "2", "--train.eval_batches", "1",
+                     "--train.save_interval", "2", "--optim.warmup_steps", "1"]) == 0
     return marker
 
 
-N_CASES = 77
+N_CASES = 79
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

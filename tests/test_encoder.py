@@ -1,6 +1,7 @@
 """The BERT-style encoder (model.causal: false): bidirectional attention from the same blocks, BERT's masking,
 masked-language-model training that learns and resumes exactly, fill-mask, and classification from the start
-token; and the refusals (generate on an encoder, mlm on a decoder, data without a mask token)."""
+token; eval by MLM loss and masked accuracy, ONNX export, LoRA and merge; and the refusals (generate, HF export
+and serving of an encoder, mlm on a decoder, data without a mask token)."""
 
 from __future__ import annotations
 
@@ -265,3 +266,90 @@ def test_an_encoder_fine_tunes_into_a_classifier_through_the_task_path(encoder_r
     trainer.fit()
     assert trainer.raw_model.config.causal is False and trainer.raw_model.config.head == "classify"
     assert trainer.val_metrics["val_accuracy"] >= 0.9, trainer.val_metrics
+
+
+# ------------------------------------------------------------------ eval, export, serve, LoRA of an encoder
+def test_eval_of_an_encoder_scores_masked_tokens_with_a_fixed_masking_and_no_perplexity(encoder_run, mlm_data,
+                                                                                       capsys):
+    """The MLM loss and masked accuracy over consecutive windows, each masked from (MASK_SEED, its start): equal
+    to scoring the windows one by one, and the same whatever the batch size (a perplexity would measure copying)."""
+    from lmforge.eval.perplexity import MASK_SEED, evaluate_checkpoint
+
+    run, _ = encoder_run
+    capsys.readouterr()
+    assert main(["eval", str(run), "--split", "val", "--device", "cpu", "--batch-size", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["objective"] == "mlm" and "perplexity" not in result and "bits_per_byte" not in result
+    again = evaluate_checkpoint(run, split="val", batch_size=16, device="cpu")
+    assert again["loss"] == pytest.approx(result["loss"], rel=1e-6)  # float rounding only
+    assert again["masked_accuracy"] == result["masked_accuracy"]
+
+    model, tok = load(str(run)).model, Tokenizer.load(mlm_data / "tokenizer.json")
+    tokens = np.fromfile(mlm_data / "val.bin", dtype=np.uint16)
+    T = model.config.block_size
+    loss, hits, count = 0.0, 0, 0
+    with torch.no_grad():
+        for s in range(0, len(tokens), T):  # the reference: one window at a time, masked as BERT does
+            window = torch.from_numpy(tokens[s:s + T].astype(np.int64))[None]
+            x, y = mask_tokens(window, tok.mask_id, tok.vocab_size, 0.15, np.random.default_rng([MASK_SEED, s]))
+            logits = model(x)[0]
+            chosen = y[0] != IGNORE_INDEX
+            loss += torch.nn.functional.cross_entropy(logits[chosen], y[0][chosen], reduction="sum").item()
+            hits += (logits[chosen].argmax(-1) == y[0][chosen]).sum().item()
+            count += int(chosen.sum())
+    assert result["masked_tokens"] == count and abs(count / len(tokens) - 0.15) < 0.03
+    assert result["loss"] == pytest.approx(loss / count, rel=1e-5)
+    assert result["masked_accuracy"] == hits / count
+    most_frequent = np.bincount(tokens).max() / len(tokens)
+    assert result["masked_accuracy"] > most_frequent + 0.25  # the trained encoder, scored honestly
+
+
+def test_an_encoder_exports_to_onnx_with_its_bidirectional_logits(encoder_run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    run, _ = encoder_run
+    assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "enc.onnx")]) == 0
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(tmp_path / "enc.onnx"), options, providers=["CPUExecutionProvider"])
+    model = load(str(run)).model
+    torch.manual_seed(0)
+    for shape in [(1, 5), (3, 32)]:  # batch and sequence axes are dynamic
+        ids = torch.randint(0, model.config.vocab_size, shape)
+        logits = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+        with torch.no_grad():
+            assert abs(logits - model(ids).numpy()).max() <= 1e-4
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    later = ids.clone()
+    later[0, -1] = (later[0, -1] + 1) % model.config.vocab_size
+    first, changed = (session.run(["logits"], {"input_ids": t.numpy()})[0] for t in (ids, later))
+    assert abs(first[0, :-1] - changed[0, :-1]).max() > 1e-4  # earlier positions see the last token
+
+
+def test_hf_export_and_serving_of_an_encoder_are_refused_with_the_reason(encoder_run, tmp_path):
+    from lmforge.interop.hf_export import HFExportError, export_hf
+    from lmforge.serve import load_app
+
+    run, _ = encoder_run
+    with pytest.raises(HFExportError, match="not a BertForMaskedLM.*--format onnx"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(ConfigError, match="lmforge fill-mask"):
+        load_app(str(run))
+
+
+def test_lora_on_an_encoder_trains_masks_and_merges_into_the_same_encoder(encoder_run, mlm_data, tmp_path):
+    from lmforge.checkpoint import load_for_inference
+
+    run, _ = encoder_run
+    lora = tiny_config(tmp_path / "lora", **{**MLM_RUN, "data.path": str(mlm_data), "train.init_from": str(run),
+                                              "lora.r": 4, "lora.targets": "q,v", "train.max_steps": 20,
+                                              "train.eval_interval": 10, "train.save_interval": 20})
+    Trainer(lora, progress=False, tensorboard=False).fit()
+    assert main(["merge", str(tmp_path / "lora"), "--out", str(tmp_path / "merged")]) == 0
+    adapted, _, _ = load_for_inference(tmp_path / "lora", "cpu")
+    merged = load(str(tmp_path / "merged"))
+    assert isinstance(merged, MaskFiller) and merged.model.config.causal is False
+    x = torch.randint(0, adapted.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(x), adapted(x), rtol=1e-5, atol=1e-5)

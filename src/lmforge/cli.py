@@ -405,8 +405,9 @@ def _add_eval(sub: Any) -> None:
         formatter_class=_help_formatter,
         description=textwrap.dedent("""\
             Evaluate a run or checkpoint directory on the whole val or test split (deterministic).
-            A language model: loss, perplexity and bits per byte. A model fine-tuned on text-to-text task data
-            (`prepare --task sft`): the loss on the completions, and each example's prompt decoded (greedy
+            A language model: loss, perplexity and bits per byte. An encoder (model.causal false): the MLM loss and
+            masked-token accuracy, the split's windows masked with a fixed seed. A model fine-tuned on text-to-text
+            task data (`prepare --task sft`): the loss on the completions, and each example's prompt decoded (greedy
             unless --temperature is given; by default up to the split's longest reference) and scored against
             its reference: BLEU, chrF, ROUGE-1/2/L, exact match and token F1, written with every example to
             OUT/predictions.jsonl and OUT/metrics.json (OUT: RUN_DIR/eval/SPLIT unless --out)."""),
@@ -890,7 +891,7 @@ def _add_export(sub: Any) -> None:
             --format hf: config.json (GPT2LMHeadModel or LlamaForCausalLM, whichever the model matches),
             model.safetensors, generation_config.json and tokenizer files; transformers' AutoModelForCausalLM
             and AutoTokenizer load the directory offline. Models with options neither architecture has
-            (e.g. sinusoidal positions) are refused with the reason.
+            (e.g. sinusoidal positions, or an encoder: it is not a BertForMaskedLM) are refused with the reason.
             --format onnx: one graph input_ids (batch, sequence) -> logits (batch, sequence, vocab), both
             axes dynamic, for onnxruntime and other ONNX runtimes (TensorFlow through onnx-tf)."""),
         epilog=textwrap.dedent("""\

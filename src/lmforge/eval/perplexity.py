@@ -11,6 +11,14 @@ the batch size up to float rounding:
 Bits per byte compares models with different tokenizers (a char, byte and BPE model predict the same
 bytes). The byte count is the manifest's per-split count when the whole split is evaluated and the
 manifest has one, else the byte length of the decoded predicted tokens (special tokens add no bytes).
+
+An encoder (model.causal false) sees every token, so a next-token loss, and a perplexity from it, would measure
+copying. It is scored as it was trained, on masked tokens (BERT's rule, data.batches.mask_tokens) in the same
+consecutive windows, each window masked from (MASK_SEED, its start): every evaluation of a split asks the same
+questions, whatever the batch size or the model, so two encoders compare on the same masked positions.
+
+    loss             = sum of -ln p(original token | the masked window) / number of masked positions  (nats)
+    masked_accuracy  = share of masked positions whose most probable token is the original
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.batches import IGNORE_INDEX, mask_tokens
 from lmforge.errors import DataError
+
+MASK_SEED = 0  # the masking of an encoder's evaluation: fixed, so every model answers the same masked positions
 
 
 @torch.no_grad()
@@ -60,6 +71,41 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, batch
     return {"loss_sum": total, "tokens": predicted, "loss": mean, "perplexity": math.exp(min(mean, 700.0))}
 
 
+@torch.no_grad()
+def evaluate_masked_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, mask_id: int, vocab_size: int,
+                           probability: float = 0.15, batch_size: int = 16, device: torch.device | str = "cpu",
+                           seed: int = MASK_SEED) -> dict[str, float]:
+    """Masked-language-model loss and accuracy of an encoder over the whole 1-D array `tokens`.
+
+    Consecutive windows of block_size tokens (the last one shorter), each masked with probability `probability`
+    by a generator seeded with (seed, the window's start). Returns {'loss_sum' (nats), 'masked' (positions
+    scored), 'loss', 'masked_accuracy'}.
+    """
+    n = len(tokens)
+    full = [s for s in range(0, n, block_size) if s + block_size <= n]
+    last = [s for s in range(0, n, block_size) if s + block_size > n]  # at most one shorter window at the end
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in last]
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # (loss, masked, hits)
+    for group in groups:
+        length = min(block_size, n - group[0])
+        masked = [mask_tokens(torch.from_numpy(np.asarray(tokens[s:s + length], dtype=np.int64))[None], mask_id,
+                              vocab_size, probability, np.random.default_rng([seed, s])) for s in group]
+        x = torch.cat([inputs for inputs, _ in masked]).to(device)  # (B, T)
+        y = torch.cat([labels for _, labels in masked]).to(device)  # (B, T): IGNORE_INDEX where not masked
+        logits = model(x)  # (B, T, V)
+        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum").double()
+        totals[1] += (y != IGNORE_INDEX).sum()
+        totals[2] += (logits.argmax(-1) == y).sum()  # IGNORE_INDEX never equals a prediction
+    model.train(was_training)
+    loss_sum, count, hits = totals.tolist()
+    if count == 0:
+        raise DataError(f"none of the {n} tokens was masked (probability {probability}): evaluate more tokens")
+    return {"loss_sum": loss_sum, "masked": int(count), "loss": loss_sum / count, "masked_accuracy": hits / count}
+
+
 def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
     """Summed loss in nats converted to bits, per byte of text."""
     if num_bytes <= 0:
@@ -92,7 +138,9 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
 
     data_dir defaults to the data the run was trained on (data.path in its config). max_tokens limits
     the evaluation to the first N tokens of the split. Returns {'loss', 'perplexity', 'bits_per_byte',
-    'tokens' (predicted), 'bytes', 'split', 'checkpoint', 'data'}. On task data (a fine-tuned model) it
+    'tokens' (predicted), 'bytes', 'split', 'checkpoint', 'data'}; for an encoder {'objective': 'mlm', 'loss',
+    'masked_accuracy', 'masked_tokens', 'tokens', 'mask_probability', 'mask_seed', 'split', 'checkpoint', 'data'}
+    (evaluate_masked_tokens) and no perplexity, which would measure copying. On task data (a fine-tuned model) it
     returns eval.tasks.evaluate_task_split's metrics instead; task_options (max_examples, out, generate)
     go to it.
     """
@@ -119,6 +167,19 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
     if not whole:
         tokens = tokens[:max_tokens]
     device_t = next(model.parameters()).device
+    where = {"split": split, "checkpoint": str(ckpt), "data": str(data_dir)}
+    if not config.model.causal:
+        from lmforge.tokenizer import Tokenizer
+
+        mask_id, p = Tokenizer.load(data_dir / "tokenizer.json").mask_id, config.train.mlm_probability
+        if mask_id is None:  # check_data_tokenizer found the model's own tokenizer: it was trained without one
+            raise DataError(f"{data_dir}'s tokenizer has no mask token, so this encoder cannot be scored on masked "
+                            f"tokens: evaluate on data prepared with --mask-token")
+        masked = evaluate_masked_tokens(model, tokens, config.model.block_size, mask_id, config.model.vocab_size, p,
+                                        batch_size, device_t)
+        return {"objective": "mlm", "loss": masked["loss"], "masked_accuracy": masked["masked_accuracy"],
+                "masked_tokens": masked["masked"], "tokens": len(tokens), "mask_probability": p,
+                "mask_seed": MASK_SEED, **where}
     result = evaluate_tokens(model, tokens, config.model.block_size, batch_size, device_t)
     num_bytes = split_bytes(manifest, split) if whole else None
     if num_bytes is None:
@@ -129,4 +190,4 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
         num_bytes = predicted_bytes(tokenizer, tokens)
     return {"loss": result["loss"], "perplexity": result["perplexity"],
             "bits_per_byte": bits_per_byte(result["loss_sum"], num_bytes), "tokens": result["tokens"],
-            "bytes": num_bytes, "split": split, "checkpoint": str(ckpt), "data": str(data_dir)}
+            "bytes": num_bytes, **where}

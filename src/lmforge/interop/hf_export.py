@@ -35,7 +35,15 @@ class HFExportError(LmforgeError):
 
 
 def converter_for_model(config: ModelConfig):
-    """hf_gpt2 or hf_llama, whichever can express `config`; HFExportError with both reasons otherwise."""
+    """hf_gpt2 or hf_llama, whichever can express `config`; HFExportError with both reasons otherwise.
+
+    An encoder is refused first, with its own reason: GPT-2 and Llama are decoders, and lmforge's encoder is
+    pre-norm without BERT's embedding LayerNorm, token type embeddings and MLM transform, so neither a causal
+    model nor a BertForMaskedLM would compute its logits."""
+    if not config.causal:
+        raise HFExportError("this is an encoder (model.causal false): lmforge's encoder is pre-norm, without BERT's "
+                            "embedding LayerNorm, token types and MLM transform, so it is not a BertForMaskedLM (and "
+                            "GPT-2/Llama are decoders); export it with --format onnx")
     reasons = []
     for convert in (hf_gpt2, hf_llama):
         try:

@@ -43,7 +43,7 @@ _TOP_NAMES = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
 
 def check_gpt2_compatible(config: ModelConfig) -> None:
     """Raise ConfigError naming the first model option that GPT-2's architecture cannot express."""
-    required = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
+    required = {"causal": True, "pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
                 "n_kv_head": config.n_head}
     for key, value in required.items():
         if getattr(config, key) != value:

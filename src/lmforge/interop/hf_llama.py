@@ -22,7 +22,7 @@ from lmforge.errors import ConfigError
 
 def check_llama_compatible(config: ModelConfig) -> None:
     """Raise ConfigError naming the first model option that Llama's architecture cannot express."""
-    required = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+    required = {"causal": True, "pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
     for key, value in required.items():
         if getattr(config, key) != value:
             raise ConfigError(f"model.{key}={getattr(config, key)!r} cannot be converted to Llama; "

@@ -25,7 +25,8 @@ __all__ = ["ServeConfig", "load_app", "serve"]
 
 def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "auto", host: str = "127.0.0.1"):
     """The app over the checkpoint at `path` (a run directory: its newest intact checkpoint): a language model's
-    generation endpoints, or a classifier's /v1/classify (generate.load gives a TextClassifier for one)."""
+    generation endpoints, or a classifier's /v1/classify (generate.load gives a TextClassifier for one). An encoder
+    trained with mlm has no endpoint: create_app refuses it, pointing to `lmforge fill-mask`."""
     from lmforge.checkpoint import resolve_checkpoint
     from lmforge.generate import load
     from lmforge.serve.app import create_app

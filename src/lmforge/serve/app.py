@@ -292,6 +292,10 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
     """The FastAPI app serving `generator` (a language model's TextGenerator, or a classifier's TextClassifier);
     its worker thread starts and stops with the app's lifespan. `host` is the address it will be bound to: a
     Host header naming it (or a loopback name) is accepted unless serve.allowed_host says otherwise."""
+    if not isinstance(generator, (TextGenerator, TextClassifier)):  # an encoder's MaskFiller: no endpoint here
+        raise ConfigError("this is an encoder (model.causal false): it fills masks and does not generate, and the "
+                          "server's endpoints generate or classify; use `lmforge fill-mask RUN --text ...` (or "
+                          "generate.MaskFiller)")
     config = config or ServeConfig()
     model_id = config.model_name or model_name
     block_size = generator.model.config.block_size
