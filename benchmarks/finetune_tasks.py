@@ -171,24 +171,35 @@ def sentiment_baselines(train: list[dict], test: list[dict]) -> dict:
     return {"baseline_majority": score([majority] * len(gold)), "baseline_tfidf_logreg": score(predicted)}
 
 
-def sentiment_task(work: Path, base: Path, steps: int, variants: dict[str, list]) -> dict:
+def prepare_sentiment(work: Path, tokenizer_from: Path) -> tuple[Path, dict]:
+    """The sentiment sentences as classification data with `tokenizer_from`'s tokenizer (split 0.7/0.1/0.2, seed
+    7): (the data directory, {records, train_examples, test_examples, the two baselines on its test split})."""
     data = work / "sentiment"
     records = sentiment_records()
-    run("prepare", write_jsonl(work / "sentiment.jsonl", records), "--task", "classify", "--tokenizer", base,
+    run("prepare", write_jsonl(work / "sentiment.jsonl", records), "--task", "classify", "--tokenizer", tokenizer_from,
         "--out", data, "--split", "0.7,0.1,0.2", "--seed", 7)
     train, test = read_labelled_split(data, "train"), read_labelled_split(data, "test")
-    out = {"records": len(records), "train_examples": len(train), "test_examples": len(test),
-           **sentiment_baselines(train, test), "models": {}}
-    for name, extra in variants.items():
-        t0 = time.perf_counter()
-        run("train", "--data", data, "--train.init_from", base, "--run-dir", work / f"sentiment-{name}",
-            "--max-steps", steps, "--optim.lr", "1e-3", "--optim.warmup_steps", max(steps // 10, 1),
-            "--train.eval_interval", max(steps // 4, 1), "--device", "cpu", *extra)
-        seconds = time.perf_counter() - t0
-        run("eval", work / f"sentiment-{name}", "--split", "test", "--device", "cpu")
-        metrics = json.loads((work / f"sentiment-{name}" / "eval" / "test" / "metrics.json").read_text())
-        out["models"][name] = {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
-                               "train_seconds": round(seconds, 1)}
+    return data, {"records": len(records), "train_examples": len(train), "test_examples": len(test),
+                  **sentiment_baselines(train, test)}
+
+
+def fine_tune_classifier(data: Path, base: Path, run_dir: Path, steps: int, extra: list) -> dict:
+    """Fine-tune `base` on the classification data and evaluate it on the test split: accuracy, macro-F1, seconds."""
+    t0 = time.perf_counter()
+    run("train", "--data", data, "--train.init_from", base, "--run-dir", run_dir,
+        "--max-steps", steps, "--optim.lr", "1e-3", "--optim.warmup_steps", max(steps // 10, 1),
+        "--train.eval_interval", max(steps // 4, 1), "--device", "cpu", *extra)
+    seconds = time.perf_counter() - t0
+    run("eval", run_dir, "--split", "test", "--device", "cpu")
+    metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
+    return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
+            "train_seconds": round(seconds, 1)}
+
+
+def sentiment_task(work: Path, base: Path, steps: int, variants: dict[str, list]) -> dict:
+    data, out = prepare_sentiment(work, base)
+    out["models"] = {name: fine_tune_classifier(data, base, work / f"sentiment-{name}", steps, extra)
+                     for name, extra in variants.items()}
     return out
 
 

@@ -50,6 +50,33 @@ def test_finetune_tasks_runs_every_variant_against_its_baselines(tmp_path):
 
 
 @pytest.mark.slow
+def test_encoder_vs_decoder_trains_both_alike_and_shows_what_each_can_do(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "encoder_vs_decoder.json"
+    summary = load("encoder_vs_decoder").main(["--quick", "--work", str(tmp_path / "work"), "--json-out", str(out)])
+    work, pretraining = tmp_path / "work", summary["pretraining"]
+    seen = {}
+    for name in ("decoder", "encoder"):  # the same shards, the same number of tokens read
+        train = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        seen[name] = [r["tokens_seen"] for r in train if r["kind"] == "train"][-1]
+        assert f"path: {work / 'data'}\n" in (work / name / "config.yaml").read_text()
+        tuned = (work / f"sentiment-{name}" / "config.yaml").read_text()  # one task split for both classifiers
+        assert f"causal: {str(name == 'decoder').lower()}\n" in tuned and f"path: {work / 'sentiment'}\n" in tuned
+    assert seen["decoder"] == seen["encoder"] == pretraining["tokens_each"]
+    assert pretraining["decoder"]["perplexity"] > 1 and "perplexity" not in pretraining["encoder"]
+    assert 0 <= pretraining["encoder"]["masked_accuracy"] <= 1
+    sentiment = summary["sentiment"]
+    assert sentiment["baseline_majority"]["accuracy"] == pytest.approx(0.5) and sentiment["test_examples"] > 0
+    assert all(0 <= m["accuracy"] <= 1 and 0 <= m["macro_f1"] <= 1 for m in sentiment["models"].values())
+    abilities = summary["abilities"]
+    assert abilities["decoder_sample"]["continuation"]
+    probabilities = [c["probability"] for c in abilities["encoder_fill_mask"]["candidates"][0]]
+    assert len(probabilities) == 5 and probabilities == sorted(probabilities, reverse=True)
+    assert set(abilities["refusals"]) == {"decoder_fill_mask", "encoder_generate"}
+    assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"]
+
+
+@pytest.mark.slow
 def test_lora_memory_measures_both_variants_in_their_own_processes(tmp_path):
     out = tmp_path / "lora_memory.json"
     summary = load("lora_memory").main(["--layers", "2", "--width", "64", "--heads", "2", "--vocab", "512",

@@ -25,7 +25,7 @@ from lmforge.cli import main  # noqa: E402
 from lmforge.config import ModelConfig, RunConfig  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.generate import generate_ids, prompt_ids  # noqa: E402
-from lmforge.interop.hf_export import HFExportError, export_hf  # noqa: E402
+from lmforge.interop.hf_export import HFExportError, converter_for_model, export_hf  # noqa: E402
 from lmforge.interop.hf_import import HFImportError, hf_to_lmforge, import_hf  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 from lmforge.tokenizer import Tokenizer, byte_tokenizer, train_bpe, train_char  # noqa: E402
@@ -309,7 +309,13 @@ def test_imported_model_exports_back_to_what_transformers_had(hf_dirs, tmp_path,
 @pytest.mark.parametrize("model,reason", [
     (dict(GPT2_STYLE, pos_encoding="sinusoidal"), "model.pos_encoding='sinusoidal' cannot be converted to GPT-2"),
     (dict(GPT2_STYLE, pos_encoding="rope"), "model.norm='layernorm' cannot be converted to Llama"),
-], ids=["sinusoidal", "gpt2-with-rope"])
+    (dict(GPT2_STYLE, qk_norm=True), "model.qk_norm=True cannot be converted to GPT-2"),
+    (dict(LLAMA_STYLE, qk_norm=True), "model.qk_norm=True cannot be converted to Llama"),
+    (dict(GPT2_STYLE, logit_softcap=15.0), "model.logit_softcap=15.0 cannot be converted to GPT-2"),
+    (dict(LLAMA_STYLE, logit_softcap=15.0), "model.logit_softcap=15.0 cannot be converted to Llama"),
+    (dict(GPT2_STYLE, mlp="relu2"), "model.mlp='relu2' cannot be converted to GPT-2"),
+], ids=["sinusoidal", "gpt2-with-rope", "gpt2-qk-norm", "llama-qk-norm", "gpt2-softcap", "llama-softcap",
+        "relu2"])
 def test_export_refuses_models_without_hf_equivalent(tmp_path, capsys, model, reason):
     run = lmforge_run(tmp_path, byte_tokenizer(), **model)
     with pytest.raises(HFExportError, match="no Hugging Face equivalent"):
@@ -318,6 +324,13 @@ def test_export_refuses_models_without_hf_equivalent(tmp_path, capsys, model, re
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and reason in err[0]
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_zero_init_proj_is_only_an_init_and_exports(arch):
+    """zero_init_proj changes the starting weights, not the function: a trained model is an ordinary GPT-2/Llama."""
+    config = ModelConfig(vocab_size=64, zero_init_proj=True, **(GPT2_STYLE if arch == "gpt2" else LLAMA_STYLE))
+    assert converter_for_model(config).__name__ == f"lmforge.interop.hf_{arch}"
 
 
 def test_export_replaces_only_an_earlier_export_and_only_with_force(tmp_path):

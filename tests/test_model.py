@@ -16,6 +16,8 @@ VARIANTS = {
     "llama": dict(norm="rmsnorm", mlp="swiglu", pos_encoding="rope", bias=False, n_kv_head=2),
     "sinusoidal-untied": dict(pos_encoding="sinusoidal", tie_embeddings=False, activation="gelu_tanh"),
     "rope-mha": dict(pos_encoding="rope", n_kv_head=4),
+    "speedrun": dict(norm="rmsnorm", pos_encoding="rope", mlp="relu2", qk_norm=True, logit_softcap=5.0, bias=False,
+                     n_kv_head=2),
 }
 
 
@@ -239,3 +241,94 @@ def test_classifier_config_needs_num_labels_and_lm_none():
     with pytest.raises(ConfigError, match="model.num_labels"):
         small(num_labels=3)
     assert not hasattr(build(head="classify", num_labels=2), "lm_head")
+
+
+# ------------------------------------------------- speedrun options: QK-norm, ReLU^2, zero-init proj, soft cap
+def test_qk_norm_rms_normalises_each_heads_queries_and_keys_before_rope():
+    model = sharpen(build(qk_norm=True, pos_encoding="rope", n_kv_head=2))
+    attn, (B, T, nh, nkv, hd) = model.blocks[0].attn, (2, 24, 4, 2, 8)
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 2.0)
+        attn.k_norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(B, T, 32)
+    rope = (model.rope_cos[:T], model.rope_sin[:T])
+
+    def by_hand(norm: bool) -> torch.Tensor:  # softmax(Q K^T / sqrt(hd)) V with Q, K = RMSNorm(q, k) rotated
+        q, k, v = attn.qkv(x).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+        q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
+        if norm:
+            q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.q_norm.weight
+            k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.k_norm.weight
+        q, k = apply_rope(q.transpose(1, 2), *rope), apply_rope(k.transpose(1, 2), *rope)  # (B, n, T, hd)
+        k, v = k.repeat_interleave(nh // nkv, 1), v.transpose(1, 2).repeat_interleave(nh // nkv, 1)
+        scores = (q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(~torch.ones(T, T).tril().bool(), -math.inf)
+        return attn.proj((torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(B, T, nh * hd))
+
+    with torch.no_grad():
+        ours, expected = attn(x, rope), by_hand(norm=True)
+        assert torch.allclose(ours, expected, atol=1e-5, rtol=0)
+        assert (ours - by_hand(norm=False)).abs().max() > 100 * 1e-5  # the norm is not a no-op here
+    assert count_parameters(small(qk_norm=True)).total - count_parameters(small()).total == 2 * 2 * hd  # 2 layers
+
+
+def test_relu2_mlp_is_proj_of_relu_squared():
+    mlp = build(mlp="relu2").blocks[0].mlp
+    assert mlp.fc.out_features == 4 * 32  # the GELU MLP's width
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.allclose(mlp(x), mlp.proj(torch.relu(mlp.fc(x)) ** 2), atol=1e-6, rtol=0)
+        assert not torch.allclose(mlp(x), mlp.proj(torch.relu(mlp.fc(x))), atol=1e-4)
+    assert count_parameters(small(mlp="relu2")) == count_parameters(small())
+    assert flops_per_token(small(mlp="relu2")) == flops_per_token(small())
+
+
+def test_zero_init_proj_makes_every_block_start_as_the_identity():
+    model = build(zero_init_proj=True)
+    for block in model.blocks:
+        assert not block.attn.proj.weight.any() and not block.mlp.proj.weight.any()
+        assert block.attn.qkv.weight.std() > 0.01 and block.mlp.fc.weight.std() > 0.01  # the rest: GPT-2's init
+    idx = torch.randint(0, 53, (2, 24))
+    with torch.no_grad():
+        assert torch.allclose(model(idx), model.lm_head(model.norm_f(model.tok_emb(idx) + model.pos_emb.weight[:24])),
+                              atol=1e-6, rtol=0)
+
+
+def test_logit_softcap_is_cap_times_tanh_of_logits_over_cap():
+    plain = sharpen(build(tie_embeddings=False))
+    capped = GPT(small(tie_embeddings=False, logit_softcap=2.0)).eval()
+    capped.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 53, (2, 24))
+    with torch.no_grad():
+        logits = plain(idx)
+        assert logits.abs().max() > 4.0  # the cap bites
+        assert torch.allclose(capped(idx), 2.0 * torch.tanh(logits / 2.0), atol=1e-6, rtol=0)
+        assert capped(idx).abs().max() < 2.0
+        classify = sharpen(build(head="classify", num_labels=3))
+        capped = GPT(small(head="classify", num_labels=3, logit_softcap=0.5)).eval()
+        capped.load_state_dict(classify.state_dict())
+        assert torch.allclose(capped(idx), 0.5 * torch.tanh(classify(idx) / 0.5), atol=1e-6, rtol=0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_far_fewer_activations():
+    """Blocks recomputed in the backward pass (dropout included: its random state is replayed) give bit-identical
+    gradients, while the tensors kept for the backward pass shrink to about each block's input."""
+    config = ModelConfig(vocab_size=64, block_size=32, n_layer=4, n_head=4, n_embd=64, dropout=0.1)
+    torch.manual_seed(0)
+    model = GPT(config)
+    x = torch.randint(0, 64, (4, 32))
+
+    def run(checkpointing: bool) -> tuple[list[torch.Tensor], int]:
+        model.zero_grad()
+        model.checkpoint_blocks = checkpointing
+        saved = []
+        torch.manual_seed(1)  # the same dropout masks both times
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()], sum(saved)
+
+    plain, plain_bytes = run(False)
+    checkpointed, checkpointed_bytes = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
+    assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)

@@ -61,6 +61,18 @@ def test_memory_equals_the_hand_calculation():
     assert fsdp.optimizer == 2 * P and fsdp.weights == P + 2 * 4 * block and fsdp.gradients == P + 2 * 4 * block
 
 
+def test_speedrun_options_change_the_counts_where_they_add_tensors():
+    base = plan(config(), device="h100")
+    qk = plan(config(**{"model.qk_norm": True}), device="h100")
+    assert qk.parameters - base.parameters == L * 2 * (C // 4)  # a gain per head dimension for q and for k
+    assert qk.activations - base.activations == B * T * 4 * (L + 1) * 2 * C  # normalised q and k, each C wide
+    capped = plan(config(**{"model.logit_softcap": 30.0}), device="h100")
+    assert capped.activations - base.activations == B * T * 4 * V  # tanh's output, before the cap
+    relu2 = plan(config(**{"model.mlp": "relu2"}), device="h100")
+    assert (relu2.parameters, relu2.flops_per_token, relu2.activations) == (
+        base.parameters, base.flops_per_token, base.activations)  # relu and its square replace fc out and gelu
+
+
 def test_time_is_flops_over_the_stated_peak_and_mfu_plus_memory_traffic():
     p = plan(config(), device="h100")
     h100 = GPUS["h100"]

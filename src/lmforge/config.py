@@ -242,14 +242,16 @@ class ModelConfig:
     n_head: int = doc("Number of attention heads (query heads).", 4, ge=1, le=MAX_SIZE)
     n_kv_head: Optional[int] = doc("Key/value heads for grouped-query attention; null = n_head.", None)
     n_embd: int = doc("Width of the residual stream (embedding size).", 128, ge=1, le=MAX_SIZE)
-    mlp_hidden: Optional[int] = doc("Hidden width of the MLP; null = 4*n_embd (gelu) or 8/3*n_embd (swiglu).", None,
-                                    gt=0)
+    mlp_hidden: Optional[int] = doc("Hidden width of the MLP; null = 4*n_embd (gelu, relu2) or 8/3*n_embd (swiglu).",
+                                    None, gt=0)
     dropout: float = doc("Dropout probability on attention weights and residual branches.", 0.0,
                          ge=0, lt=1, noun="probability")
     bias: bool = doc("Bias terms in Linear layers and norms (GPT-2 style).", True)
     norm: Literal["layernorm", "rmsnorm"] = doc("Normalisation.", "layernorm")
     norm_eps: float = doc("Epsilon of the normalisation layers.", 1e-5, gt=0, lt=1)
-    mlp: Literal["gelu", "swiglu"] = doc("Feed-forward block.", "gelu")
+    mlp: Literal["gelu", "swiglu", "relu2"] = doc("Feed-forward block: proj(act(fc(x))) with act gelu, or relu2 "
+                                                  "(relu(h)^2; So et al. 2021, Primer); or swiglu (Shazeer 2020). "
+                                                  "relu2 has no GPT-2/Llama equivalent (HF export refuses it).", "gelu")
     activation: Literal["gelu", "gelu_tanh"] = doc("GELU form in the gelu MLP: gelu is exact (erf), gelu_tanh the "
                                                    "tanh approximation (GPT-2's gelu_new).", "gelu")
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = doc("Positional encoding.", "learned")
@@ -258,6 +260,15 @@ class ModelConfig:
     attention: Literal["sdpa", "reference"] = doc("Attention path: sdpa is fused (the default), reference writes "
                                                   "the formula out.", "sdpa")
     init_std: float = doc("Std of the normal weight init (GPT-2: 0.02).", 0.02, gt=0, lt=1)
+    qk_norm: bool = doc("RMSNorm (a learned gain per head dimension) of each head's queries and keys before RoPE and "
+                        "attention (Dehghani et al. 2023), which keeps attention logits bounded at high learning "
+                        "rates; no GPT-2/Llama equivalent (HF export refuses it).", False)
+    zero_init_proj: bool = doc("Initialise attn.proj and mlp.proj, the projections into the residual stream, to zero "
+                               "so each block starts as the identity (the nanoGPT speedrun); false: GPT-2's "
+                               "N(0, init_std/sqrt(2*n_layer)). Only the init: HF export is unaffected.", False)
+    logit_softcap: float = doc("Soft cap of the output logits: cap * tanh(logits / cap) (Gemma 2; the nanoGPT "
+                               "speedrun); 0 = off. No GPT-2/Llama equivalent (HF export refuses it).", 0.0, ge=0,
+                               lt=math.inf)
     causal: bool = doc("true: a GPT-style decoder, each position sees only earlier ones (generates text); false: a "
                        "BERT-style encoder, every position sees the whole text (train.objective: mlm; fill-mask, "
                        "classification; no generation).", True)
@@ -287,10 +298,11 @@ class ModelConfig:
 
     @property
     def hidden_dim(self) -> int:
-        """MLP hidden width: explicit, else 4*C for GELU, else 8/3*C rounded up to a multiple of 64."""
+        """MLP hidden width: explicit, else 4*C for GELU and ReLU^2, else (SwiGLU) 8/3*C rounded up to a multiple
+        of 64."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)
 

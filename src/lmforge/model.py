@@ -9,8 +9,8 @@ H = MLP hidden width, V = vocab_size.
 
 The model computes logits and nothing else: loss, optimizer groups, MFU and file I/O live elsewhere.
 Derived buffers (sinusoid and RoPE tables) are non-persistent, so state_dict names are exactly the
-parameters: tok_emb, pos_emb (learned positions only), blocks.N.{norm_1, attn.qkv, attn.proj, norm_2,
-mlp.fc, mlp.proj}, norm_f, lm_head (the same tensor as tok_emb.weight when tied).
+parameters: tok_emb, pos_emb (learned positions only), blocks.N.{norm_1, attn.qkv, attn.q_norm and attn.k_norm
+(qk_norm only), attn.proj, norm_2, mlp.fc, mlp.proj}, norm_f, lm_head (the same tensor as tok_emb.weight when tied).
 """
 
 from __future__ import annotations
@@ -129,7 +129,9 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with grouped-query heads (Ainslie et al. 2023: nkv key/value heads, each
-    shared by nh/nkv query heads). Q, K and V come from one fused Linear; W^O is `proj`."""
+    shared by nh/nkv query heads). Q, K and V come from one fused Linear; W^O is `proj`. With qk_norm, each
+    head's q and k are RMS-normalised (q_norm, k_norm: a gain per head dimension) before RoPE (Dehghani et al.
+    2023), so q.k stays bounded by the gains however large the weights grow."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -141,6 +143,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = dropout(config.dropout)
         self.attend = reference_attention if config.attention == "reference" else fused_attention
         self.causal = config.causal
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -150,6 +156,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qk_norm:  # q / rms(q) * g_q and k / rms(k) * g_k over hd
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -161,22 +169,25 @@ class CausalSelfAttention(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- MLP
 class MLP(nn.Module):
-    """proj(gelu(fc(x))), or SwiGLU: proj(silu(x W_gate) * (x W_up)) (Shazeer 2020), gate and up fused in fc."""
+    """proj(gelu(fc(x))), proj(relu(fc(x))^2) (ReLU^2: So et al. 2021, Primer), or SwiGLU:
+    proj(silu(x W_gate) * (x W_up)) (Shazeer 2020), gate and up fused in fc."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         H = config.hidden_dim
-        self.swiglu = config.mlp == "swiglu"
-        self.fc = nn.Linear(config.n_embd, 2 * H if self.swiglu else H, bias=config.bias)
+        self.kind = config.mlp  # gelu | relu2 | swiglu
+        self.fc = nn.Linear(config.n_embd, 2 * H if self.kind == "swiglu" else H, bias=config.bias)
         self.proj = nn.Linear(H, config.n_embd, bias=config.bias)
         self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
         self.drop = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (B, T, H), or (B, T, 2H) for SwiGLU
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)  # (B, T, H) each
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate=self.approximate)
         return self.drop(self.proj(h))  # (B, T, C)
@@ -240,7 +251,8 @@ class GPT(nn.Module):
 
     def reset_parameters(self) -> None:
         """GPT-2 init: weights ~ N(0, init_std), biases 0, norms 1; the projections that write into the
-        residual stream scaled by 1/sqrt(2 * n_layer), one per residual add (Radford et al. 2019, sec. 2.3)."""
+        residual stream scaled by 1/sqrt(2 * n_layer), one per residual add (Radford et al. 2019, sec. 2.3),
+        or zero with zero_init_proj (each block then starts as the identity: the nanoGPT speedrun)."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -249,12 +261,16 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, V) for token ids idx (B, T); with head: classify, class logits (B, num_labels) from
-        each row's last real token (its last True in attention_mask; the last column without one). With a
+        each row's last real token (its last True in attention_mask; the last column without one); either soft-
+        capped to (-logit_softcap, logit_softcap) when it is set. With a
         cache, idx continues the cached sequence: its positions start at cache.pos, its keys/values are
         appended and cache.pos advances by T.
 
@@ -298,8 +314,11 @@ class GPT(nn.Module):
             cache.pos += T
         x = self.norm_f(x)
         if self.config.head == "classify":
-            return self.classifier(x[torch.arange(B, device=x.device), self.summary_position(attention_mask, B, T)])
-        return self.lm_head(x)  # (B, T, V)
+            logits = self.classifier(x[torch.arange(B, device=x.device), self.summary_position(attention_mask, B, T)])
+        else:
+            logits = self.lm_head(x)  # (B, T, V)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits  # soft cap (Gemma 2): |logits| < cap
 
     def summary_position(self, attention_mask: Optional[torch.Tensor], B: int, T: int) -> torch.Tensor:
         """(B,) the position whose hidden state a classify head reads: a decoder's last real token (the only one

@@ -70,21 +70,22 @@ def activation_elements(model: ModelConfig, seq_len: int) -> tuple[float, float]
     """(per block, for the output head) elements autograd keeps per token of training, counted from model.py.
 
     A block keeps: its input (norm_1's), norm_1's output (qkv's input), the qkv output (q, k, v), rotated q and
-    k (RoPE makes new tensors), the attention output and its heads-concatenated copy (proj's input), the
-    residual after attention (norm_2's input), norm_2's output (fc's input), and the MLP's hidden activations:
-    fc's output and gelu's (2H), or SwiGLU's fc output, silu(gate) and the product (4H). The reference attention
-    path also keeps the softmax weights (n_head x T per query; sdpa recomputes them). The head keeps norm_f's
-    input and output, and the logits (the trainer holds them through the backward pass), their log-softmax and,
-    during the backward pass, the gradients of both (4V).
+    k (RoPE makes new tensors), normalised q and k (qk_norm), the attention output and its heads-concatenated copy
+    (proj's input), the residual after attention (norm_2's input), norm_2's output (fc's input), and the MLP's
+    hidden activations: fc's output and gelu's (2H), relu's and its square (relu2, 2H), or SwiGLU's fc output,
+    silu(gate) and the product (4H). The reference attention path also keeps the softmax weights (n_head x T per
+    query; sdpa recomputes them). The head keeps norm_f's input and output, and the logits (the trainer holds them
+    through the backward pass), their log-softmax and, during the backward pass, the gradients of both (4V), and
+    with logit_softcap the tanh before the cap (V).
     """
     C, nh, nkv, hd, H = model.n_embd, model.n_head, model.n_kv_head, model.head_dim, model.hidden_dim
     qkv = (nh + 2 * nkv) * hd
-    attention = qkv + (nh + nkv) * hd * (model.pos_encoding == "rope") + 2 * C
+    attention = qkv + (nh + nkv) * hd * ((model.pos_encoding == "rope") + model.qk_norm) + 2 * C
     if model.attention == "reference":
         attention += nh * seq_len
     mlp = 4 * H if model.mlp == "swiglu" else 2 * H
     block = 4 * C + attention + mlp  # input, norm_1 out, residual mid, norm_2 out
-    head = 2 * C + 4 * model.vocab_size
+    head = 2 * C + (4 + (model.logit_softcap > 0)) * model.vocab_size
     return block, head
 
 

@@ -44,7 +44,7 @@ _TOP_NAMES = {"tok_emb.weight": "wte.weight", "pos_emb.weight": "wpe.weight",
 def check_gpt2_compatible(config: ModelConfig) -> None:
     """Raise ConfigError naming the first model option that GPT-2's architecture cannot express."""
     required = {"causal": True, "pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
-                "n_kv_head": config.n_head}
+                "n_kv_head": config.n_head, "qk_norm": False, "logit_softcap": 0.0}
     for key, value in required.items():
         if getattr(config, key) != value:
             raise ConfigError(f"model.{key}={getattr(config, key)!r} cannot be converted to GPT-2; "

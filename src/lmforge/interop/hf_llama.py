@@ -22,7 +22,8 @@ from lmforge.errors import ConfigError
 
 def check_llama_compatible(config: ModelConfig) -> None:
     """Raise ConfigError naming the first model option that Llama's architecture cannot express."""
-    required = {"causal": True, "pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+    required = {"causal": True, "pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
+                "logit_softcap": 0.0}
     for key, value in required.items():
         if getattr(config, key) != value:
             raise ConfigError(f"model.{key}={getattr(config, key)!r} cannot be converted to Llama; "
