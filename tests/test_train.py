@@ -274,3 +274,15 @@ def test_plot_run_keeps_the_latest_value_of_a_repeated_step(tmp_path):
     assert curves["train"] == ([1, 2], [3.0, 1.9]) and curves["val"] == ([2], [2.5])
     out = plot_run(tmp_path, out=tmp_path / "custom.png")
     assert out == tmp_path / "custom.png" and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_activation_checkpointing_trains_bit_identically(tmp_path):
+    """train.activation_checkpointing reaches the model and changes no number of a run (dropout on)."""
+    losses = {}
+    for on in (False, True):
+        trainer = tiny_trainer(tiny_config(tmp_path / str(on), **{"train.max_steps": 4, "model.dropout": 0.1,
+                                                                 "train.activation_checkpointing": str(on).lower()}))
+        trainer.fit()
+        assert trainer.raw_model.checkpoint_blocks is on
+        losses[on] = [loss for _, loss in trainer.history]
+    assert losses[True] == losses[False]

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -228,6 +229,9 @@ class GPT(nn.Module):
             self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         self.drop = dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        # Activation checkpointing (set by the trainer: train.activation_checkpointing): in training, keep only
+        # each block's input and recompute its inside during the backward pass; the same numbers, less memory.
+        self.checkpoint_blocks = False
         self.norm_f = make_norm(config)
         if config.head == "classify":  # class scores from the last real token (as GPT2ForSequenceClassification)
             self.classifier = nn.Linear(config.n_embd, config.num_labels, bias=False)
@@ -309,7 +313,10 @@ class GPT(nn.Module):
             rope = (cos, sin) if attention_mask is None else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache, mask)
+            if self.checkpoint_blocks and torch.is_grad_enabled() and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         x = self.norm_f(x)

@@ -331,6 +331,7 @@ class Trainer:
         self.base: Optional[dict[str, str]] = None  # LoRA: {"path", "fingerprint"} of the frozen base (state.json)
         if config.lora is not None and init_ckpt is not None:  # RunConfig refuses lora without init_from
             self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
+        unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
         self.optimizer = build_optimizer(self.raw_model, config.optim, self.device,
                                          config.lora.weight_decay if config.lora is not None else 0.0)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
