@@ -92,3 +92,33 @@ def test_lora_memory_measures_both_variants_in_their_own_processes(tmp_path):
     assert at32["peak_training_rss_ratio"] == round(lora["peak_training_rss_mib"] / full["peak_training_rss_mib"], 3)
     assert summary["machine"]["cpu_flags"].keys() >= {"avx512f", "amx_tile"} and summary["model"]["n_layer"] == 2
     assert json.loads(out.read_text()) == summary
+
+
+@pytest.mark.slow
+def test_time_to_quality_alternates_the_runs_and_reads_the_recipes_curve(tmp_path):
+    from lmforge.checkpoint import load_for_inference
+    from lmforge.data.shards import load_split
+    from lmforge.eval.perplexity import evaluate_tokens
+
+    out, runs = tmp_path / "time_to_quality.json", tmp_path / "runs"
+    summary = load("time_to_quality").main(["--quick", "--threads", "1", "--data", str(tmp_path / "data"),
+                                            "--runs", str(runs), "--set", "optim.name=muon",
+                                            "--json-out", str(out)])
+    times = sorted((r["time"], name) for name in ("baseline", "recipe")
+                   for r in map(json.loads, (runs / name / "metrics.jsonl").read_text().splitlines())
+                   if r["kind"] == "train")
+    turns = [name for i, (_, name) in enumerate(times) if i == 0 or times[i - 1][1] != name]
+    assert turns == ["baseline", "recipe"] * 4  # 40 steps each, turns of 10, one run computing at a time
+    curve, recipe = summary["recipe"]["curve"], summary["recipe"]
+    assert [p["step"] for p in curve] == [10, 20, 30, 40] and recipe["optim"]["name"] == "muon"
+    assert all(a["wall_s"] < b["wall_s"] for a, b in zip(curve, curve[1:])) and curve[-1]["wall_s"] <= recipe["wall_s"]
+    model, _, config = load_for_inference(runs / "recipe")  # the last point is the trained recipe's whole-val loss
+    val = load_split(tmp_path / "data", "val")[:8192]
+    assert recipe["val_loss_whole_split"] == round(evaluate_tokens(model, val, 64, batch_size=64)["loss"], 4)
+    first = next((p for p in curve if p["val_loss"] <= summary["baseline"]["val_loss_whole_split"]), None)
+    reached = summary["recipe_reaches_baseline"]
+    assert reached["step"] == (first and first["step"]) and reached["wall_s"] == (first and first["wall_s"])
+    if first:
+        assert reached["ratio"] == pytest.approx(first["wall_s"] / summary["baseline"]["wall_s"], abs=2e-3)
+    assert summary["baseline"]["model"]["bias"] is False and summary["baseline"]["optim"]["lr"] == 1e-3
+    assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"] and summary["val_tokens"] == 8192
