@@ -44,7 +44,11 @@ from lmforge.plan import reset_peak_rss, status_kib  # noqa: E402  (the peak RSS
 from lmforge.train import Trainer  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
-VARIANTS = {"full": {}, "lora": {"lora.r": 8, "lora.alpha": 16, "lora.targets": "q,k,v,o"}}
+LORA = {"lora.r": 8, "lora.alpha": 16, "lora.targets": "q,k,v,o"}
+CHECKPOINTED = {"train.activation_checkpointing": "true"}
+# Full fine-tuning and LoRA as they are, then both with activation checkpointing (which cuts what grows with the
+# tokens per step: the activations, most of LoRA's peak at long sequences).
+VARIANTS = {"full": {}, "lora": LORA, "full-checkpointed": CHECKPOINTED, "lora-checkpointed": {**LORA, **CHECKPOINTED}}
 TARGET = 0.40  # issue 10: LoRA's peak training memory at most 40% of full fine-tuning's
 
 
@@ -151,16 +155,21 @@ def main(argv: list[str] | None = None) -> dict:
         base, config = write_base(Path(tmp), args)
         for seq in seqs:
             variants = {v: run_variant(v, seq, base, Path(tmp), argv) for v in VARIANTS}
-            by_length[str(seq)] = {"variants": variants, **compare(variants["full"], variants["lora"])}
-            full, lora = variants["full"]["peak_training_rss_mib"], variants["lora"]["peak_training_rss_mib"]
-            print(f"{seq} tokens x batch {args.batch}: LoRA/full peak training RSS {lora} / {full} MiB = "
-                  f"{lora / full:.1%} (target <= {TARGET:.0%})", file=sys.stderr)
+            by_length[str(seq)] = {"variants": variants, **compare(variants["full"], variants["lora"]),
+                                   "checkpointed": compare(variants["full"], variants["lora-checkpointed"]),
+                                   "both_checkpointed": compare(variants["full-checkpointed"],
+                                                                variants["lora-checkpointed"])}
+            full = variants["full"]["peak_training_rss_mib"]
+            for name in ("lora", "lora-checkpointed"):
+                lora = variants[name]["peak_training_rss_mib"]
+                print(f"{seq} tokens x batch {args.batch}: {name}/full peak training RSS {lora} / {full} MiB = "
+                      f"{lora / full:.1%} (target <= {TARGET:.0%})", file=sys.stderr)
     summary = {
         "benchmark": "lora_memory", "machine": {**started_on, "load_average_at_end": load_average()},
         "model": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
                   "vocab_size": config.vocab_size, "block_size": config.block_size, "weights": "random"},
         "batch_size": args.batch, "timed_steps": args.steps, "threads": args.threads,
-        "optimizer": "lmforge AdamW (fused), defaults of `lmforge train`", "lora": VARIANTS["lora"],
+        "optimizer": "lmforge AdamW (fused), defaults of `lmforge train`", "lora": LORA, "variants": VARIANTS,
         "target_ratio": TARGET, "sequence_tokens": by_length,
     }
     print(json.dumps(summary, indent=2))

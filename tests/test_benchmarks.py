@@ -90,6 +90,10 @@ def test_lora_memory_measures_both_variants_in_their_own_processes(tmp_path):
         assert v["peak_training_rss_mib"] >= v["rss_after_build_mib"] > v["rss_runtime_mib"] > 0
         assert len(v["step_seconds"]) == 3 and v["step_seconds_median"] > 0
     assert at32["peak_training_rss_ratio"] == round(lora["peak_training_rss_mib"] / full["peak_training_rss_mib"], 3)
+    for name in ("full", "lora"):  # activation checkpointing trains the same weights to the same loss
+        checkpointed = at32["variants"][f"{name}-checkpointed"]
+        assert checkpointed["trainable_parameters"] == at32["variants"][name]["trainable_parameters"]
+        assert checkpointed["final_loss"] == at32["variants"][name]["final_loss"]
     assert summary["machine"]["cpu_flags"].keys() >= {"avx512f", "amx_tile"} and summary["model"]["n_layer"] == 2
     assert json.loads(out.read_text()) == summary
 
