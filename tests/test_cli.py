@@ -180,6 +180,10 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("prepare-read-only-out", ["prepare", str(corpus), "--out", str(_read_only(ws) / "o11")], "permission"),
         ("prepare-jsonl-too-deep", ["prepare", str(ws / "deep.jsonl"), "--out", str(ws / "o12")], "deep.jsonl:2"),
         ("prepare-jsonl-long-int", ["prepare", str(ws / "bigint.jsonl"), "--out", str(ws / "o13")], "bigint.jsonl:2"),
+        ("prepare-input-is-a-fifo", ["prepare", str(ws / "pipe.txt"), "--out", str(ws / "o16")],
+         "pipe.txt is a FIFO (named pipe), not a regular file"),
+        ("prepare-input-is-a-device", ["prepare", "/dev/null", "--out", str(ws / "o17")],
+         "/dev/null is a character device, not a regular file"),
         ("train-run-dir-is-a-file", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "afile"),
                                      "--device", "cpu"], "afile is a file"),
         ("import-out-is-a-file", ["import", str(ws / "hf"), "--out", str(ws / "afile")], "afile is a file"),
@@ -277,6 +281,8 @@ def hostile_files(workspace):
     (ws / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
     (ws / "bigint.jsonl").write_text('{"text": "fine"}\n{"text": "x", "n": ' + "7" * 5000 + "}\n", encoding="utf-8")
     (ws / "afile").write_text("a file, not a folder\n", encoding="utf-8")
+    if not (ws / "pipe.txt").exists():
+        os.mkfifo(ws / "pipe.txt")
     if not (ws / "encoder").exists():  # a tiny BERT-style encoder trained with mlm
         assert main(["prepare", str(ws / "corpus"), "--mask-token", "--out", str(ws / "data-mlm"), "--no-progress",
                      "--split", "0.8,0.1,0.1"]) == 0
@@ -287,7 +293,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 79
+N_CASES = 81
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -91,6 +92,62 @@ def test_missing_path_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"input .*nowhere\.txt does not exist"):
         run([tmp_path / "nowhere.txt"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_links_in_a_folder_are_followed_once_and_every_other_entry_is_named(tmp_path, capsys):
+    """A linked sub-folder's files are read; a link back to an ancestor, a second way to a folder or a file,
+    a FIFO, a device and a broken link are each skipped by name, in the report and on stderr; nothing loops."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "far.txt").write_text("a document behind a linked folder")
+    root = tmp_path / "tree"
+    (root / "sub").mkdir(parents=True)
+    (root / "near.txt").write_text("a document in the folder")
+    (root / "sub" / "deep.txt").write_text("a document one folder down")
+    (root / "linked").symlink_to(elsewhere)
+    (root / "sub" / "up").symlink_to(root)  # a loop
+    (root / "sub-again").symlink_to(root / "sub")
+    (root / "near-again.txt").symlink_to(root / "near.txt")
+    os.mkfifo(root / "pipe.txt")
+    (root / "null.txt").symlink_to("/dev/null")
+    (root / "gone.txt").symlink_to(tmp_path / "nothing-here")
+    for inputs, out in (([root], "out"), ([f"{root}/**/*.txt"], "out-glob")):
+        report = run(inputs, tmp_path / out)
+        assert sorted(sum(split_documents(tmp_path / out).values(), [])) == [
+            "a document behind a linked folder", "a document in the folder", "a document one folder down"]
+        skipped = {s["path"]: s["reason"] for s in report["cleaning"]["skipped_files"]}
+        assert skipped == {
+            str(root / "sub" / "up"): f"a link back to the folder {root} that holds it (a loop), not followed",
+            str(root / "sub-again"): f"the same folder as {root / 'sub'}, already read",
+            str(root / "near-again.txt"): f"the same file as {root / 'near.txt'}, already read",
+            str(root / "pipe.txt"): "a FIFO (named pipe), not a regular file",
+            str(root / "null.txt"): "a character device, not a regular file",
+            str(root / "gone.txt"): f"a broken symbolic link to {tmp_path / 'nothing-here'}, not a regular file",
+        }, out
+        err = capsys.readouterr().err
+        assert all(f"warning: skipped {path}: {reason}" in err for path, reason in skipped.items())
+
+
+@pytest.mark.parametrize("make,what", [(os.mkfifo, "is a FIFO (named pipe)"),
+                                       (lambda p: p.symlink_to("/dev/null"), "is a character device")])
+def test_a_fifo_or_device_given_directly_is_named_as_such(tmp_path, make, what):
+    make(tmp_path / "stream.txt")
+    with pytest.raises(DataError, match=rf"input .*stream\.txt {re.escape(what)}, not a regular file: .*save the"):
+        run([tmp_path / "stream.txt"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists any folder")
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path, capsys):
+    (tmp_path / "c" / "locked").mkdir(parents=True)
+    (tmp_path / "c" / "open.txt").write_text("a readable document")
+    (tmp_path / "c" / "locked").chmod(0)
+    try:
+        report = run([tmp_path / "c"], tmp_path / "out")
+    finally:
+        (tmp_path / "c" / "locked").chmod(0o755)
+    assert report["cleaning"]["skipped_files"] == [{"path": str(tmp_path / "c" / "locked"), "reason":
+                                                    "folder cannot be listed (Permission denied): check its permissions"}]
 
 
 def test_parquet_rows_are_documents(tmp_path):

@@ -1,7 +1,8 @@
 """Reading a raw corpus: finding its files, validating and cleaning every document.
 
-Inputs are any mix of files, folders (searched recursively for .txt, .jsonl and .parquet) and glob
-patterns, or the built-in Shakespeare corpus. Documents:
+Inputs are any mix of files, folders (searched recursively for .txt, .jsonl and .parquet, through symbolic
+links, each real folder once) and glob patterns, or the built-in Shakespeare corpus. A FIFO, device, socket or
+broken link met inside a folder is skipped by name; given directly it is an error. Documents:
 
 - ``.txt``: one document per file, or one per paragraph (blank-line separated) with ``doc_split="paragraph"``.
   A file with another extension, named explicitly, is read as .txt.
@@ -16,11 +17,15 @@ unreadable file, a bad jsonl line, a parquet file without the column) raise one-
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import glob
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -67,20 +72,26 @@ def shakespeare_files() -> list[Path]:
 
 def find_files(inputs: list[str], warn: Callable[[str], None] = warn_stderr,
                stats: CorpusStats | None = None, suffixes: tuple[str, ...] = SUFFIXES) -> list[Path]:
-    """Expand files, folders (recursive) and globs into a sorted, de-duplicated list of files.
+    """Expand files, folders (recursive, through symbolic links) and globs into a sorted, de-duplicated list of
+    regular files.
 
-    A missing path or a glob matching nothing raises DataError. Files in folders whose extension is not
-    one of ``suffixes`` are skipped with a warning (and recorded in ``stats.skipped_files``); hidden files
-    and folders (names starting with ".") are skipped with one warning per input folder.
+    A missing path, a glob matching nothing, or an input that is a FIFO, a device or a socket raises DataError.
+    Nothing under a folder or matched by a glob is dropped without a word: a file whose extension is not one of
+    ``suffixes``, a FIFO, device, socket or broken link, a folder that cannot be listed, a link back to a
+    folder already walked (a loop) and a second path to a file already found are each skipped with a warning
+    naming them (and recorded in ``stats.skipped_files``); hidden files and folders (names starting with ".")
+    are skipped with one warning per input folder.
     """
     found: dict[Path, None] = {}
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             hidden = 0
-            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            for f in _walk(path, warn, stats):
                 if any(part.startswith(".") for part in f.relative_to(path).parts):
                     hidden += 1  # .git, .DS_Store, editor files: summarised in one warning below
+                elif (special := _not_a_file(f)) is not None:
+                    _skip(f, f"{special}, not a regular file", warn, stats)
                 elif f.suffix.lower() in suffixes:
                     found[f] = None
                 else:
@@ -89,15 +100,106 @@ def find_files(inputs: list[str], warn: Callable[[str], None] = warn_stderr,
                 _skip(path, f"{hidden} hidden file(s) inside (names starting with '.') not read", warn, stats)
         elif path.is_file():
             found[path] = None
+        elif os.path.lexists(path) and not glob.has_magic(item):
+            what = _not_a_file(path)
+            fix = "point it at an existing file" if what.startswith("a broken") else \
+                "lmforge reads a file twice (its hash, then its text), which a stream cannot give: save the content " \
+                "to a file and give that"
+            raise DataError(f"input {item} is {what}, not a regular file: {fix}")
         elif glob.has_magic(item):
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            matches = _glob(item, warn, stats)
             files = [m for m in matches if m.is_file()]
+            for m in (m for m in matches if not m.is_file() and not m.is_dir()):
+                _skip(m, f"{_not_a_file(m)}, not a regular file", warn, stats)
             if not files:
                 raise DataError(f"the pattern {item!r} matches no files: check the pattern (quote it in the shell)")
             found.update(dict.fromkeys(files))
         else:
             raise DataError(f"input {item} does not exist: give a file, a folder or a glob pattern")
-    return list(found)
+    return _once(list(found), warn, stats)
+
+
+def _glob(pattern: str, warn: Callable[[str], None], stats: CorpusStats | None) -> list[Path]:
+    """The paths `pattern` matches, sorted, as glob.glob(recursive=True) matches them. A pattern with `**` is
+    matched over the loop-safe `_walk` of its literal head instead: glob.glob follows a link back to an
+    ancestor until the path is 40 links deep, which takes forever."""
+    if "**" not in pattern:
+        return sorted(Path(m) for m in glob.glob(pattern))
+    parts = Path(pattern).parts
+    literal = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    head = Path(*parts[:literal]) if literal else Path(".")
+    entries = _walk(head, warn, stats) if head.is_dir() else []
+    return [e for e in entries if _matches(e.relative_to(head).parts, parts[literal:])]
+
+
+def _matches(names: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether the path `names` matches the glob `parts` name by name: `**` stands for any number of folders,
+    and, as in glob, a wildcard does not match a hidden name (one starting with ".")."""
+    if not parts:
+        return not names
+    if parts[0] == "**":
+        visible = next((i for i, name in enumerate(names) if name.startswith(".")), len(names))
+        return any(_matches(names[i:], parts[1:]) for i in range(visible + 1))
+    first = bool(names) and fnmatch.fnmatchcase(names[0], parts[0])
+    return first and (parts[0].startswith(".") or not names[0].startswith(".")) and _matches(names[1:], parts[1:])
+
+
+def _walk(folder: Path, warn: Callable[[str], None], stats: CorpusStats | None) -> list[Path]:
+    """Every non-folder entry under `folder`, sorted, following symbolic links to folders. Each real folder is
+    walked once (by device and inode): a link to an ancestor would loop forever, a link to a folder already
+    walked would read its files twice; such a link, and a folder that cannot be listed, is reported and
+    skipped. Within a folder, real sub-folders are claimed before links to them."""
+    def unlisted(error: OSError) -> None:
+        _skip(Path(error.filename), f"folder cannot be listed ({error.strerror}): check its permissions", warn, stats)
+
+    walked = {_identity(folder): folder}
+    entries = []
+    for top, dirs, files in os.walk(folder, followlinks=True, onerror=unlisted):
+        keep = []
+        for d in sorted(dirs, key=lambda d: (os.path.islink(os.path.join(top, d)), d)):
+            sub = Path(top) / d
+            first = walked.setdefault(_identity(sub), sub)
+            if first == sub:
+                keep.append(d)
+            elif first in sub.parents:
+                _skip(sub, f"a link back to the folder {first} that holds it (a loop), not followed", warn, stats)
+            else:
+                _skip(sub, f"the same folder as {first}, already read", warn, stats)
+        dirs[:] = sorted(keep)
+        entries += [Path(top) / f for f in files]
+    return sorted(entries)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of what `path` points to: the same folder or file reached by two paths has one."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What `path` is when it is not a regular file to read (following links): "a FIFO (named pipe)", "a
+    character device", ...; None for a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"a broken symbolic link to {os.readlink(path)}" if os.path.islink(path) and e.errno == errno.ENOENT \
+            else f"unreadable ({e.strerror})"
+    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return what
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def _once(files: list[Path], warn: Callable[[str], None], stats: CorpusStats | None) -> list[Path]:
+    """`files` with a file reached again by another path (a link, a hard link, a glob through a linked folder)
+    skipped with a warning: each document is read once."""
+    first: dict[tuple[int, int], Path] = {}
+    for f in sorted(files, key=os.path.islink):  # the file itself, before links to it
+        same = first.setdefault(_identity(f), f)
+        if same != f:
+            _skip(f, f"the same file as {same}, already read", warn, stats)
+    return [f for f in files if first[_identity(f)] == f]
 
 
 def _skip(path: Path, reason: str, warn: Callable[[str], None], stats: CorpusStats | None) -> None:
