@@ -339,6 +339,29 @@ def test_the_installed_command_reports_and_exits_like_main(workspace, tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+def test_train_into_a_log_file_writes_plain_lines_not_bar_redraws(workspace, tmp_path):
+    """`lmforge train > log 2>&1`: no carriage returns or escape codes, one plain line per log_interval and per
+    evaluation; --no-progress leaves those lines out too."""
+    exe = Path(sys.executable).parent / "lmforge"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lmforge.cli"]
+    cmd += ["train", "--preset", "tiny", "--data", str(workspace / "data"), "--max-steps", "4", "--device", "cpu",
+            "--train.batch_size", "4", "--train.log_interval", "2", "--train.eval_interval", "4",
+            "--train.eval_batches", "1", "--train.save_interval", "4", "--optim.warmup_steps", "1"]
+    logs = {}
+    for flags in ([], ["--no-progress"]):
+        log = tmp_path / f"train{len(flags)}.log"
+        with open(log, "wb") as f:
+            done = subprocess.run(cmd + ["--run-dir", str(tmp_path / f"run{len(flags)}"), *flags], stdout=f,
+                                  stderr=f, timeout=600)
+        logs[bool(flags)] = log.read_text(encoding="utf-8")
+        assert done.returncode == 0, logs[bool(flags)]
+        assert "\r" not in logs[bool(flags)] and "\x1b" not in logs[bool(flags)]
+    steps = re.findall(r"^step (\d+)/4 loss \d+\.\d{4} tok/s [\d,]+ eta \d+:\d\d:\d\d$", logs[False], re.M)
+    assert steps == ["2", "4"], logs[False]
+    assert re.search(r"^step 4: val_loss \d", logs[False], re.M), logs[False]
+    assert not re.search(r"^step \d", logs[True], re.M), logs[True]
+
+
 def test_help_teaches_every_command():
     for command in ["prepare", "train", "eval", "generate", "plot"]:
         with pytest.raises(SystemExit) as info:

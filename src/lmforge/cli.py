@@ -274,6 +274,9 @@ def _add_train(sub: Any) -> None:
             p.add_argument(flag, action="store_true", help=_escape(f"= --{key} true: {f.doc}"))
         else:
             p.add_argument(flag, metavar=metavar, help=_escape(f"= --{key}: {f.help}"))
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress: by default a bar on a terminal, and elsewhere (a log file, a pipe) one plain "
+                        "line per train.log_interval and per evaluation")
     p.set_defaults(run=_run_train, takes_overrides=True)
 
 
@@ -321,7 +324,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     from lmforge.train import train
 
-    train(config)
+    train(config, progress=not args.no_progress)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Where training numbers go: RUN_DIR/metrics.jsonl, TensorBoard events in RUN_DIR/tb, a tqdm progress bar.
+"""Where training numbers go: RUN_DIR/metrics.jsonl, TensorBoard events in RUN_DIR/tb, and progress: a tqdm
+bar on a terminal, plain lines elsewhere (a log file, a pipe, CI), where a bar's redraws would pile up.
 
 One JSON object per line, ``{"kind": "train" | "eval", "step": int, ...numbers}``, so a run can be
 plotted or compared with nothing but ``json``. Only the process that writes (rank 0) opens anything;
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -44,10 +46,12 @@ def keep_records_up_to(path: Path, step: int) -> None:
 
 
 class MetricsLogger:
-    """JSONL + TensorBoard + progress bar for one run.
+    """JSONL + TensorBoard + progress for one run.
 
     run_dir: the run directory; enabled: False on every rank but 0; total_steps: length of the progress
-    bar; start_step: where a resumed run starts; tensorboard / progress: switch those sinks off (tests).
+    bar; start_step: where a resumed run starts; tensorboard / progress: switch those sinks off (tests,
+    `--no-progress`). Progress is a bar when stderr is a terminal; otherwise one plain line per `progress`
+    call (`step 100/2000 loss 1.2340 tok/s 12,345 eta 0:01:05`) and one per evaluation, on stdout.
     """
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, total_steps: int = 0, start_step: int = 0,
@@ -57,6 +61,8 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._bar: Optional[tqdm] = None
+        self._lines = False  # plain progress lines instead of a bar
+        self._total, self._start_step, self._t0 = total_steps, start_step, time.perf_counter()
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,8 +74,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
-        if progress:
+        if progress and sys.stderr.isatty():
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        else:
+            self._lines = progress
 
     def log(self, kind: str, step: int, values: dict[str, float]) -> None:
         """Append one record of `kind` ('train' | 'eval') at `step` to every sink."""
@@ -82,11 +90,17 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(f"{kind}/{key}", value, step)
-        if self._bar is not None and kind == "eval":
-            self._bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        if (self._bar is not None or self._lines) and kind == "eval":
+            self.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
-        """Move the bar to `step` and show the latest loss and throughput (tqdm shows the ETA)."""
+        """Move the bar to `step` and show the latest loss and throughput (tqdm shows the ETA), or print them
+        as one line with the ETA when there is no terminal."""
+        if self._lines:
+            done, left = step - self._start_step, self._total - step
+            eta = round((time.perf_counter() - self._t0) / done * left) if done > 0 else 0
+            print(f"step {step}/{self._total} loss {loss:.4f} tok/s {tokens_per_s:,.0f} "
+                  f"eta {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}", flush=True)
         if self._bar is None:
             return
         self._bar.update(step - self._bar.n)

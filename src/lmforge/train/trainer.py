@@ -820,11 +820,12 @@ def _sha256_or_none(path: Optional[Path]) -> Optional[str]:
     return sha256_file(path)
 
 
-def train(config: RunConfig) -> dict[str, Any]:
-    """Train `config` (one process, or every process under torchrun) and return Trainer.fit()'s summary."""
+def train(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train `config` (one process, or every process under torchrun) and return Trainer.fit()'s summary.
+    progress: False shows no progress (no bar, no per-step lines)."""
     together = False  # whether every process ends here alive, so they can leave the group in step
     try:
-        summary = Trainer(config).fit()
+        summary = Trainer(config, progress=progress).fit()
         together = True
         return summary
     except NonFiniteStop:
