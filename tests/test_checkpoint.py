@@ -299,6 +299,12 @@ def test_eval_and_train_refuse_shards_of_another_tokenizer_with_the_same_vocabul
     assert main(["train", "--data", str(other), "--train.init_from", str(run_on_data), "--run-dir",
                  str(tmp_path / "run"), "--device", "cpu"]) == 2
     assert "was trained with another tokenizer than" in capsys.readouterr().err
+    # a resume on that data says how to continue the run as it was trained
+    assert main(["train", "--config", str(run_on_data / "config.yaml"), "--data", str(other), "--resume", "auto",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was trained with another tokenizer than" in err, err
+    assert err.endswith(f"; continue it as it was trained with --config {run_on_data / 'config.yaml'} --resume auto\n")
     after = {p: p.read_bytes() for root in (other, run_on_data) for p in sorted(root.rglob("*")) if p.is_file()}
     assert after == before and not (tmp_path / "run").exists()
     assert main(["eval", str(run_on_data), "--data", str(data), "--device", "cpu"]) == 0  # its own data still works

@@ -135,6 +135,15 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-bad-dist-timeout", ["train", "--data", str(data), "--train.dist_timeout", "0"], "train.dist_timeout"),
         ("train-resume-data-changed", [*resume, "--data", str(ws / "data2")], "--allow-data-change"),
         ("train-resume-other-vocab", [*resume, "--data", str(ws / "data-bytes")], "model.vocab_size"),
+        # a resume whose flags differ from the run's says how to continue it as it was trained
+        ("train-resume-other-width", [*resume, "--data", str(data), "--model.n_embd", "64"],
+         f"model.n_embd=32 (config: 64); continue it as it was trained with --config {run / 'config.yaml'} "
+         f"--resume auto"),
+        ("train-resume-other-data-how", [*resume, "--data", str(ws / "data2")],
+         f"continue it as it was trained with --config {run / 'config.yaml'} --resume auto"),
+        ("train-resume-path-other-width", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r5"),
+                                           "--resume", str(ckpt), "--model.n_embd", "64", "--device", "cpu"],
+         f"--config {ckpt / 'config.json'} --run-dir {ws / 'r5'} --resume {ckpt}"),
         ("train-resume-pickle-planted", [*resume, "--data", str(data), "--resume", str(ws / "pickled")], "ckpt.pt"),
         ("train-resume-corrupt-ckpt", [*resume, "--data", str(data), "--resume", str(ws / "corrupt")], "model.safetensors"),
         # eval
@@ -293,7 +302,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 81
+N_CASES = 84
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -391,6 +391,7 @@ def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path):
     with pytest.raises(CheckpointError, match="trained on other data") as info:
         changed.fit()
     assert "--allow-data-change" in str(info.value) and "\n" not in str(info.value)
+    assert f"continue it as it was trained with --config {run / 'config.yaml'} --resume auto" in str(info.value)
     allowed = Trainer(tiny_config(run, **{**common, "data.path": b, "train.resume": "auto",
                                           "train.allow_data_change": True}), progress=False, tensorboard=False)
     assert allowed.fit()["steps"] == 3

@@ -731,17 +731,21 @@ class Trainer:
         differ = [f"model.{k}={saved_model.get(k)!r} (config: {v!r})" for k, v in to_dict(self.config.model).items()
                   if saved_model.get(k) != v]
         if differ:
-            raise CheckpointError(f"{ckpt} was trained with another model: {', '.join(differ)}; resume with the "
-                                  f"checkpoint's model config or start a new run_dir")
+            raise CheckpointError(f"{ckpt} was trained with another model: {', '.join(differ)}; "
+                                  f"{self.as_trained(ckpt)}, or start a new run_dir")
         self.check_lora_resume(ckpt)
-        check_data_tokenizer(ckpt, self.tokenizer_file)
+        try:
+            check_data_tokenizer(ckpt, self.tokenizer_file)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; {self.as_trained(ckpt)}") from None
         state = load_training_state(ckpt, self.raw_model, self.optimizer, self.device, manifest=manifest)
         saved_data = state.get("data_manifest_sha256")
         if saved_data and self.data_manifest_sha256 and saved_data != self.data_manifest_sha256 \
                 and not tc.allow_data_change:
             raise CheckpointError(f"{ckpt} was trained on other data (its manifest differs from "
                                   f"{Path(self.config.data.path) / 'manifest.json'}); resume on the data it was trained on "
-                                  f"({state.get('data_path')}), or pass --allow-data-change to continue on this data")
+                                  f"({state.get('data_path')}): {self.as_trained(ckpt)}; or pass --allow-data-change "
+                                  f"to continue on this data")
         try:
             self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
             self.val_loss, self.best_val_loss = state.get("last_val_loss"), state.get("best_val_loss")
@@ -760,14 +764,22 @@ class Trainer:
                                   f"the checkpoint is corrupt, use another one") from None
         self.last_checkpoint = ckpt
 
+    def as_trained(self, ckpt: Path) -> str:
+        """How to continue `ckpt` with every setting it was trained with, for a resume whose flags differ: its run's
+        config.yaml (RUN/checkpoints/step-N -> RUN/config.yaml) with --resume auto; a checkpoint given by path
+        (maybe from elsewhere) by its own config.json, into this run_dir."""
+        if self.config.train.resume == "auto" and (ckpt.parent.parent / "config.yaml").is_file():
+            return f"continue it as it was trained with --config {ckpt.parent.parent / 'config.yaml'} --resume auto"
+        return (f"continue it as it was trained with --config {ckpt / 'config.json'} --run-dir {self.run_dir} "
+                f"--resume {ckpt}")
+
     def check_lora_resume(self, ckpt: Path) -> None:
         """Refuse to resume `ckpt` with other lora settings than it was trained with, or on another base."""
         saved = read_run_config(ckpt).lora
         ours = self.config.lora
         if _lora_text(saved) != _lora_text(ours):
             raise CheckpointError(f"{ckpt} was trained with lora: {_lora_text(saved)}, the config has lora: "
-                                  f"{_lora_text(ours)}; resume with the checkpoint's lora settings or start a new "
-                                  f"run_dir")
+                                  f"{_lora_text(ours)}; {self.as_trained(ckpt)}, or start a new run_dir")
         if self.base is not None:
             check_base(ckpt, lora_base(ckpt), self.base["fingerprint"], self.base["path"])
 
