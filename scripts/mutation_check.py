@@ -95,6 +95,22 @@ MUTANTS = [
            "self.B = nn.Parameter(torch.zeros(size, r, device=device, dtype=dtype))",
            "self.B = nn.Parameter(torch.full((size, r), 1e-3, device=device, dtype=dtype))",
            ("tests/test_lora.py::test_with_B_zero_the_adapted_model_equals_its_base_exactly",)),
+    Mutant("packed-rows-see-each-other", "model.py",
+           "keys_seen = ((ids[:, None, :] == query) & (query > 0)) | (query == 0)",
+           "keys_seen = (ids[:, None, :] > 0) | (query == 0)",
+           ("tests/test_tasks.py::test_a_packed_row_gives_the_loss_of_its_examples_run_one_by_one[learned]",)),
+    Mutant("best-tracker-not-restored", "train/trainer.py",
+           'self.selection.load_state_dict(state.get("selection") or {})', 'pass  # mutant: best/patience not restored',
+           ("tests/test_tasks.py::test_patience_stops_when_the_metric_stops_improving_and_a_resumed_run_stops_at_the_same_step",)),
+    Mutant("best-ignores-direction", "checkpoint.py",
+           'return -float(value) if score.get("higher_is_better") else float(value)', 'return float(value)',
+           ("tests/test_tasks.py::test_pruning_keeps_the_best_checkpoint_by_its_recorded_score",)),
+    Mutant("encoder-is-causal", "model.py",
+           "self.causal = config.causal", "self.causal = True",
+           ("tests/test_encoder.py::test_every_position_of_an_encoder_sees_the_whole_text_and_a_decoder_only_the_past",)),
+    Mutant("mlm-labels-everywhere", "data/batches.py",
+           "labels = np.where(chosen, ids, IGNORE_INDEX)", "labels = ids",
+           ("tests/test_encoder.py::test_bert_masking_chooses_15_percent_and_replaces_80_10_10",)),
 ]
 
 
