@@ -2,8 +2,8 @@
 a killed or hung process ends the job (no hang), a resumed job continues exactly, and a NaN on one
 process stops or skips on every process together.
 
-Run as a script (`torchrun ... tests/test_distributed.py RUN_DIR BATCH ACCUM COMPILE [LORA_BASE]`), this file is the
-worker.
+Run as a script (`torchrun ... tests/test_distributed.py RUN_DIR BATCH ACCUM COMPILE [LORA_BASE [OVERRIDES_JSON]]`),
+this file is the worker.
 """
 
 from __future__ import annotations
@@ -26,25 +26,30 @@ STEPS = {"train.max_steps": 6, "train.eval_interval": 3, "train.save_interval": 
 LORA = {"lora.r": 4, "lora.targets": "q,k,v,o", "optim.lr": 1e-2}  # no adapter dropout: each process draws its own
 
 
-def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = False, base: str = "") -> None:
-    """Train the tiny model (LoRA adapters on `base`, when given); rank 0 writes the logged losses, the trainable
-    parameters and the fingerprint of the frozen weights next to the run directory."""
-    from lmforge.distributed import teardown_distributed
+def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = False, base: str = "",
+           overrides: str = "{}") -> None:
+    """Train the tiny model (LoRA adapters on `base`, when given; config `overrides` as JSON); rank 0 writes the
+    logged losses, the trainable parameters and the fingerprint of the frozen weights next to the run directory."""
+    from lmforge.distributed import is_sharded, teardown_distributed
     from lmforge.lora import base_fingerprint
 
     lora = {"train.init_from": base, **LORA} if base else {}
     trainer = tiny_trainer(tiny_config(run_dir, **{**STEPS, "train.batch_size": batch_size,
-                                                   "train.grad_accum": grad_accum, "train.compile": compile, **lora}))
+                                                   "train.grad_accum": grad_accum, "train.compile": compile, **lora,
+                                                   **json.loads(overrides)}))
     summary = trainer.fit()
+    local = sum(getattr(p, "to_local", lambda: p)().numel() for p in trainer.raw_model.parameters())
     if trainer.dist.is_main:
         trainable = [name for name, p in trainer.raw_model.named_parameters() if p.requires_grad]
         (run_dir / "history.json").write_text(json.dumps({"history": trainer.history, "val_loss": summary["val_loss"],
                                                           "world_size": trainer.dist.world_size, "trainable": trainable,
-                                                          "base_fingerprint": base_fingerprint(trainer.raw_model)}))
+                                                          "sharded": is_sharded(trainer.raw_model),
+                                                          "held": local / summary["parameters"],
+                                                          "base_fingerprint": base_fingerprint(trainer.raw_model) if base else None}))
     teardown_distributed(synchronize=True)
 
 
-def _torchrun(run_dir: Path, *args: object) -> None:
+def _torchrun(run_dir: Path, *args: object) -> None:  # args: BATCH ACCUM COMPILE [LORA_BASE [OVERRIDES_JSON]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            __file__, str(run_dir), *map(str, args)]
@@ -110,6 +115,70 @@ def test_two_compiled_processes_with_accumulation_match_one(tmp_path):
     one = json.loads((tmp_path / "one" / "history.json").read_text())
     two = json.loads((tmp_path / "two" / "history.json").read_text())
     assert [l for _, l in two["history"]] == pytest.approx([l for _, l in one["history"]], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------ FSDP2
+FSDP = {"train.parallel": "fsdp", "train.max_steps": 20, "train.save_interval": 10}
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """20 steps of 2 FSDP processes x 2 sequences x 2 micro-batches (global batch 8), checkpoints at 10 and 20."""
+    run = tmp_path_factory.mktemp("fsdp") / "two"
+    _torchrun(run, 2, 2, False, "", json.dumps(FSDP))
+    return run
+
+
+def _read(run: Path) -> dict:
+    return json.loads((run / "history.json").read_text())
+
+
+@pytest.mark.distributed
+def test_fsdp_processes_match_one_and_write_the_same_checkpoint(fsdp_run, tmp_path):
+    """Sharded over 2 processes (each holding about half the weights): the losses, val loss and checkpoint files of
+    one plain process with the same global batch (4 sequences x 2 micro-batches)."""
+    from safetensors import safe_open
+
+    worker(tmp_path / "one", batch_size=4, grad_accum=2, overrides=json.dumps({**FSDP, "train.parallel": "ddp"}))
+    one, two = _read(tmp_path / "one"), _read(fsdp_run)
+    assert two["world_size"] == 2 and two["sharded"] and not one["sharded"]
+    assert 0.4 < two["held"] < 0.6 and one["held"] == 1.0  # each process holds its half of every weight
+    assert [s for s, _ in two["history"]] == [s for s, _ in one["history"]] == list(range(1, 21))
+    assert [l for _, l in two["history"]] == pytest.approx([l for _, l in one["history"]], abs=1e-5)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
+    for name in ("model.safetensors", "optimizer.safetensors"):  # the format of one process: names, metadata, values
+        with safe_open(str(tmp_path / "one" / "checkpoints" / "step-00000020" / name), "pt") as a, \
+                safe_open(str(fsdp_run / "checkpoints" / "step-00000020" / name), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys()) and a.metadata() == b.metadata(), name
+            for key in a.keys():
+                assert (a.get_tensor(key) - b.get_tensor(key)).abs().max().item() < 1e-5, (name, key)
+
+
+@pytest.mark.distributed
+def test_an_fsdp_checkpoint_resumes_with_one_plain_process_and_with_two_fsdp_processes(fsdp_run, tmp_path):
+    """The step-10 checkpoint of 2 FSDP processes, resumed by 1 process and by 2 FSDP processes: steps 11-20
+    have the uninterrupted run's losses (each process takes its shard of the whole saved state)."""
+    ckpt = fsdp_run / "checkpoints" / "step-00000010"
+    reference = _read(fsdp_run)["history"][10:]
+    worker(tmp_path / "one", batch_size=4, grad_accum=2,
+           overrides=json.dumps({**FSDP, "train.parallel": "ddp", "train.resume": str(ckpt)}))
+    _torchrun(tmp_path / "two", 2, 2, False, "", json.dumps({**FSDP, "train.resume": str(ckpt)}))
+    one, two = _read(tmp_path / "one")["history"], _read(tmp_path / "two")["history"]
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(11, 21))
+    assert [l for _, l in two] == [l for _, l in reference]  # exact: the same shards, the same reduction order
+    assert [l for _, l in one] == pytest.approx([l for _, l in reference], abs=1e-5)
+
+
+def test_fsdp_with_lora_is_refused_in_one_line(tmp_path):
+    """parallel fsdp with LoRA adapters: one line saying what to use instead, exit code 2, nothing written."""
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", "--preset", "tiny", "--run-dir", str(run),
+                           "--train.parallel", "fsdp", "--train.init_from", str(tmp_path), "--lora.r", "4"],
+                          env=process_env(), capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert "train.parallel=fsdp" in lines[0] and "lora" in lines[0] and "ddp" in lines[0]
+    assert not run.exists()
 
 
 # ------------------------------------------------------------------------------------ faults of a job

@@ -45,7 +45,7 @@ from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from lmforge.config import RunConfig, run_config_from_dict, to_dict
-from lmforge.distributed import resolve_device, unwrap
+from lmforge.distributed import is_sharded, load_full_state, resolve_device, unwrap
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import disk_full, fsync_path, replace_dir, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, is_adapted, merge_lora, trained_state_dict
@@ -363,9 +363,11 @@ def restore_rng(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- optimizer as tensors
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten an optimizer's state dict: tensors named "state.<index>.<key>", the rest as JSON metadata."""
-    sd = optimizer.state_dict()
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer, sd: Optional[dict] = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten an optimizer's state dict (`sd`, as distributed.full_state gathers it for a sharded model, else
+    optimizer.state_dict()): tensors named "state.<index>.<key>", the rest as JSON metadata."""
+    sd = optimizer.state_dict() if sd is None else sd
     tensors, scalars = {}, {}
     for index, entry in sd["state"].items():
         for key, value in entry.items():
@@ -378,10 +380,11 @@ def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, to
     return tensors, metadata
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path, model: Optional[nn.Module] = None) -> None:
     """Restore `optimizer` from a file written from optimizer_to_tensors (param groups must match in shape).
 
     Every tensor is checked against the parameter it belongs to; raises CheckpointError naming the file.
+    `model`: the model a sharded optimizer steps (apply_fsdp): each process then keeps its shard of the state.
     """
     check_safetensors(path)
     try:
@@ -421,7 +424,10 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None
             if key in now:
                 saved[key] = now[key]
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
+        if model is not None and is_sharded(model):
+            load_full_state(model, None, optimizer, {"state": state, "param_groups": saved_groups})
+        else:
+            optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not fit the optimizer ({_one_line(e)}); resume with the config the "
                               f"checkpoint was trained with") from None
@@ -440,9 +446,12 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    config: RunConfig, train_state: dict, tokenizer_file: Optional[str | Path] = None) -> Path:
+                    config: RunConfig, train_state: dict, tokenizer_file: Optional[str | Path] = None,
+                    whole: Optional[tuple[dict, Optional[dict]]] = None) -> Path:
     """Write RUN_DIR/checkpoints/step-<step>/ atomically and return its path (call on rank 0 only).
 
+    whole: for a sharded model (apply_fsdp), its and its optimizer's state dicts as distributed.full_state gathered
+    them to rank 0; the files are then the same as one process writes.
     train_state: JSON-safe dict (step, tokens_seen, rng, data, val_loss, ...) stored in state.json
     together with the resolved config; "ranks" in it exactly when an optimizer is saved (expected_files).
     tokenizer_file: copied in as tokenizer.json when given, its sha256 recorded as state "tokenizer_sha256".
@@ -473,10 +482,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             fsync_path(tmp / name)
             fault_point(f"save:{name}", step)
 
-        save_weights(model, tmp / "model.safetensors")
+        save_weights(model, tmp / "model.safetensors", whole[0] if whole else None)
         written("model.safetensors")
         if optimizer is not None:
-            tensors, metadata = optimizer_to_tensors(optimizer)
+            tensors, metadata = optimizer_to_tensors(optimizer, whole[1] if whole else None)
             save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=metadata)
             written("optimizer.safetensors")
         _write_json(tmp / "state.json", state)
@@ -641,8 +650,25 @@ def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return trained_state_dict(model) if is_adapted(model) else model.state_dict(keep_vars=True)
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    """Write model.safetensors: every weight (a tied one once), or a LoRA model's adapters and heads."""
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """The names of each tensor model.safetensors holds for `model`, grouped: a tied weight has several."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in saved_tensors(model).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
+def save_weights(model: nn.Module, path: Path, weights: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write model.safetensors: every weight (a tied one once), or a LoRA model's adapters and heads.
+
+    weights: a sharded model's whole state dict (distributed.full_state); a tied weight is stored under the name
+    safetensors' save_model keeps (the first in sorted order), so the file is the one a single process writes."""
+    if weights is not None:
+        groups = tied_names(model)
+        tensors = {min(names): weights[min(names)].contiguous() for names in groups}
+        tied = {name: min(names) for names in groups for name in names if name != min(names)}
+        save_file(tensors, str(path), metadata={**tied, "format": "lmforge-model-v1"})
+        return
     if not is_adapted(unwrap(model)):
         save_model(unwrap(model), str(path), metadata={"format": "lmforge-model-v1"})
         return
@@ -661,6 +687,12 @@ def load_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str 
                 tensor.copy_(f.get_tensor(name))
         return
     try:
+        if is_sharded(model):  # every process reads the whole file and keeps its shard
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                stored = {name: f.get_tensor(name) for name in f.keys()}
+            load_full_state(model, {name: stored[next(n for n in names if n in stored)]
+                                    for names in tied_names(model) for name in names})
+            return
         load_model(unwrap(model), str(path), strict=True, device=str(device))
     except (RuntimeError, OSError, SafetensorError, ValueError) as e:  # safetensors reports mismatches as RuntimeError
         raise CheckpointError(f"{path} does not fit the model: {_one_line(e)}") from None
@@ -677,12 +709,8 @@ def check_weights_fit(model: nn.Module, path: Path) -> None:
     if not is_adapted(unwrap(model)) and any(".lora." in k for k in stored):
         raise CheckpointError(f"{path} holds LoRA adapters, not a whole model: `lmforge merge` its run into a full "
                               f"checkpoint first, and use that")
-    groups: dict[int, list[str]] = {}
-    shapes: dict[str, tuple] = {}
-    for name, tensor in saved_tensors(model).items():
-        groups.setdefault(id(tensor), []).append(name)
-        shapes[name] = tuple(tensor.shape)
-    missing = [names[0] for names in groups.values() if not any(n in stored for n in names)]
+    shapes = {name: tuple(tensor.shape) for name, tensor in saved_tensors(model).items()}
+    missing = [names[0] for names in tied_names(model) if not any(n in stored for n in names)]
     unexpected = sorted(k for k in stored if k not in shapes)
     differ = sorted(k for k in stored if k in shapes and stored[k] != shapes[k])
     if missing or unexpected or differ:
@@ -705,7 +733,7 @@ def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[
     manifest = manifest if manifest is not None else verify_checkpoint(ckpt)
     load_weights(model, ckpt, device)
     if optimizer is not None and "optimizer.safetensors" in manifest["files"]:
-        load_optimizer_tensors(optimizer, ckpt / "optimizer.safetensors")
+        load_optimizer_tensors(optimizer, ckpt / "optimizer.safetensors", model)
     return _read_json(ckpt / "state.json", "checkpoint state")
 
 

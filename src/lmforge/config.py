@@ -405,6 +405,12 @@ class TrainConfig:
     activation_checkpointing: bool = doc("Keep only each block's input during the forward pass and recompute the "
                                          "rest in the backward pass: the same gradients, far less activation memory, "
                                          "about a third more compute.", False)
+    parallel: Literal["ddp", "fsdp"] = doc("Under torchrun: ddp (every process holds the whole model and optimizer) "
+                                           "or fsdp (FSDP2: each holds 1/N of every weight, gradient and optimizer "
+                                           "moment, for a model that does not fit one device). One process: no "
+                                           "difference.", "ddp")
+    fsdp_cpu_offload: bool = doc("parallel fsdp: keep the weight shards and the optimizer step in host memory "
+                                 "(CPUOffloadPolicy), for a model too big for the GPUs even sharded.", False)
     resume: str = doc("none | auto (newest complete checkpoint in run_dir) | PATH to a checkpoint.", "none")
     init_from: str = doc("none | PATH of a checkpoint or run (e.g. from `lmforge import`) whose model and weights "
                          "a new run starts from; optimizer, step and data start fresh, model.* comes from it.", "none")
@@ -497,6 +503,9 @@ class RunConfig:
             raise ConfigError("optim.name=muon is invalid with lora.*: Muon orthogonalises whole hidden matrices, a "
                               "LoRA run trains rank-r adapters; use optim.name adamw for LoRA, or drop the lora "
                               "settings to train every weight with Muon")
+        if self.lora is not None and self.train.parallel == "fsdp":
+            raise ConfigError("train.parallel=fsdp is not supported with lora.*: a LoRA run trains small adapters on a "
+                              "frozen base; use train.parallel ddp (the default) for LoRA")
         if self.lora is not None and self.train.init_from == "none":
             raise ConfigError("lora.* is set but train.init_from is none: LoRA adapts a trained model; pass "
                               "--train.init_from RUN_OR_CHECKPOINT (e.g. one `lmforge import` wrote), or drop the "

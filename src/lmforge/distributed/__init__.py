@@ -7,6 +7,7 @@ trains a DDP-wrapped copy of the model on its own slice of every batch, and only
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -125,6 +126,95 @@ def apply_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modu
 
     ids = [device.index] if device.type == "cuda" else None
     return DDP(model, device_ids=ids)
+
+
+def apply_fsdp(model: nn.Module, info: DistInfo, precision: str = "fp32", cpu_offload: bool = False) -> nn.Module:
+    """Shard `model` in place with FSDP2 (fully_shard) on each block and at the root; returns it (one process: as is).
+
+    Each process keeps 1/world_size of every weight, gradient and optimizer moment; a block's weights are
+    all-gathered just before its forward and backward and freed after, and gradients are reduce-scattered
+    (averaged over processes, like DDP). Call it before building the optimizer: the parameters become DTensors.
+    precision bf16-mixed computes in bfloat16 and reduces gradients in fp32 (MixedPrecisionPolicy); cpu_offload
+    keeps the shards and the optimizer step on the host (CPUOffloadPolicy), for a model too big for the GPUs.
+    """
+    if not info.enabled:
+        return model
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    options: dict[str, Any] = {}
+    if precision == "bf16-mixed":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for block in getattr(unwrap(model), "blocks", []):
+        fully_shard(block, **options)
+    fully_shard(model, **options)  # the rest: embeddings, final norm, head (a tied head shares the embedding's shard)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` was sharded by apply_fsdp (its parameters are DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
+
+
+def full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, Optional[dict]]:
+    """(model state dict, optimizer state dict) of a sharded model, whole, on the CPU of rank 0 ({} elsewhere).
+
+    A collective: every process calls it. The optimizer's state comes in the plain form optimizer.state_dict()
+    gives one process (state and param_groups keyed by parameter index, not name), so a checkpoint is written
+    by the same code whatever the number of processes.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return weights, None
+    named = get_optimizer_state_dict(model, optimizer, options=options)
+    if not named:  # not rank 0
+        return weights, {}
+    index = {name: i for i, name in enumerate(n for group in named["param_groups"] for n in group["params"])}
+    groups = [{**group, "params": [index[n] for n in group["params"]]} for group in named["param_groups"]]
+    return weights, {"state": {index[n]: entry for n, entry in named["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model: nn.Module, weights: Optional[dict], optimizer: Optional[torch.optim.Optimizer] = None,
+                    optimizer_state: Optional[dict] = None) -> None:
+    """Load whole state dicts (as full_state returns them, read from a checkpoint by every process) into a sharded
+    model and its optimizer: each process keeps its own shard, so any number of processes can resume any checkpoint."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    if weights is not None:
+        set_model_state_dict(model, weights, options=options)
+    if optimizer is not None and optimizer_state is not None:
+        by_id = {id(p): name for name, p in unwrap(model).named_parameters()}
+        order = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        named = {"state": {order[i]: entry for i, entry in optimizer_state["state"].items()},
+                 "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                  for group in optimizer_state["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, named, options=options)
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module, info: DistInfo):
+    """Within it, backward accumulates gradients locally (all micro-batches of a step but the last): DDP's no_sync,
+    FSDP2's set_requires_gradient_sync(False). No-op for one process."""
+    if not info.enabled:
+        yield
+    elif is_sharded(model):
+        unwrap(model).set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            unwrap(model).set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -45,8 +45,9 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
 from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, lora_base
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
-from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, as_peer_failure, barrier,
-                                 gather_objects, resolve_device, setup_distributed, teardown_distributed, unwrap)
+from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
+                                 barrier, full_state, gather_objects, is_sharded, no_sync, resolve_device,
+                                 setup_distributed, teardown_distributed, unwrap)
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
@@ -332,12 +333,14 @@ class Trainer:
         if config.lora is not None and init_ckpt is not None:  # RunConfig refuses lora without init_from
             self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
         unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
+        if tc.parallel == "fsdp":  # sharding replaces the parameters (DTensors): before the optimizer takes them
+            apply_fsdp(self.raw_model, self.dist, tc.precision, tc.fsdp_cpu_offload)
         self.optimizer = build_optimizer(self.raw_model, config.optim, self.device,
                                          config.lora.weight_decay if config.lora is not None else 0.0)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
         # DDP first, then compile: the compiler splits the graph at DDP's gradient buckets so that the
         # all-reduce of one bucket overlaps the backward of the next (PyTorch's DDPOptimizer).
-        self.ddp_model = apply_ddp(self.raw_model, self.dist, self.device)
+        self.ddp_model = self.raw_model if tc.parallel == "fsdp" else apply_ddp(self.raw_model, self.dist, self.device)
         self.model = apply_compile(self.ddp_model) if tc.compile else self.ddp_model
         # Different dropout masks on different processes, the same on every run.
         torch.manual_seed(tc.seed + self.dist.rank)
@@ -530,8 +533,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
-            with sync:  # DDP all-reduces gradients once, after the last micro-batch
+            sync = contextlib.nullcontext() if last else no_sync(self.ddp_model, self.dist)
+            with sync:  # DDP all-reduces (FSDP reduce-scatters) gradients once, after the last micro-batch
                 logits, y = self.forward(self.model, batch)
                 loss = cross_entropy_sum(logits, y, self.class_weights)
                 if i == 0 and fault_point("loss", self.step + 1, self.dist.rank) == "nan":  # tests only
@@ -560,7 +563,8 @@ class Trainer:
     def gradient_norm(self) -> torch.Tensor:
         """The global L2 norm of all gradients (NaN/Inf if any gradient is not finite)."""
         grads = [p.grad for p in self.raw_model.parameters() if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
+        norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: from each process's shards
 
     def optimizer_step(self, grad_norm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
         """Clip the gradient norm, set the scheduled learning rate, step the optimizer (AdamW, or Muon with AdamW);
@@ -685,6 +689,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the current step (every process contributes its RNG and data state; rank 0 writes)."""
         per_rank = gather_objects({"rng": capture_rng(), "data": self.train_data.state_dict()}, self.dist)
+        whole = full_state(self.raw_model, self.optimizer) if is_sharded(self.raw_model) else None  # to rank 0
         if self.dist.is_main:
             measured_now = self.val_step == self.step  # a stale val loss must not make this the "best" one
             state = {"tokens_seen": self.tokens_seen, "val_loss": self.val_loss if measured_now else None,
@@ -698,7 +703,7 @@ class Trainer:
             if self.base is not None:  # a LoRA run: model.safetensors holds adapters (and heads), the base is named
                 state["lora"], state["base"] = to_dict(self.config.lora), self.base
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
-                                                   self.config, state, self.tokenizer_file)
+                                                   self.config, state, self.tokenizer_file, whole)
             prune_checkpoints(self.run_dir, self.config.train.keep_last)
         else:  # where rank 0 writes it
             self.last_checkpoint = self.run_dir / CHECKPOINTS / checkpoint_name(self.step)
