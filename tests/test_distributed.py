@@ -169,16 +169,30 @@ def test_an_fsdp_checkpoint_resumes_with_one_plain_process_and_with_two_fsdp_pro
     assert [l for _, l in one] == pytest.approx([l for _, l in reference], abs=1e-5)
 
 
-def test_fsdp_with_lora_is_refused_in_one_line(tmp_path):
-    """parallel fsdp with LoRA adapters: one line saying what to use instead, exit code 2, nothing written."""
+@pytest.mark.parametrize("flags, says", [
+    (["--train.parallel", "fsdp", "--train.init_from", "{tmp}", "--lora.r", "4"], "train.parallel=fsdp is not supported with lora"),
+    (["--train.parallel", "fsdp", "--optim.name", "muon"], "optim.name=muon is not supported with train.parallel=fsdp"),
+    (["--train.fsdp_cpu_offload", "true"], "add --train.parallel fsdp"),
+])
+def test_unsupported_fsdp_settings_are_refused_in_one_line(tmp_path, flags, says):
+    """fsdp with LoRA adapters or Muon, CPU offload without fsdp: one line saying what to do, exit 2, nothing written."""
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "lmforge.cli", "train", "--preset", "tiny", "--run-dir", str(run),
-                           "--train.parallel", "fsdp", "--train.init_from", str(tmp_path), "--lora.r", "4"],
+                           *(f.format(tmp=tmp_path) for f in flags)],
                           env=process_env(), capture_output=True, text=True, timeout=120)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
-    assert "train.parallel=fsdp" in lines[0] and "lora" in lines[0] and "ddp" in lines[0]
+    assert says in lines[0]
     assert not run.exists()
+
+
+def test_fsdp_cpu_offload_on_the_cpu_is_refused(tmp_path):
+    """CPU offload moves shards off the GPUs: on the CPU it is refused before anything is written."""
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fsdp_cpu_offload .* on device cpu they are there already"):
+        tiny_trainer(tiny_config(tmp_path / "run", **{"train.parallel": "fsdp", "train.fsdp_cpu_offload": True}))
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------ faults of a job

@@ -506,6 +506,12 @@ class RunConfig:
         if self.lora is not None and self.train.parallel == "fsdp":
             raise ConfigError("train.parallel=fsdp is not supported with lora.*: a LoRA run trains small adapters on a "
                               "frozen base; use train.parallel ddp (the default) for LoRA")
+        if self.optim.name == "muon" and self.train.parallel == "fsdp":
+            raise ConfigError("optim.name=muon is not supported with train.parallel=fsdp: Muon orthogonalises whole "
+                              "matrices, each process holds a shard; use optim.name adamw, or train.parallel ddp")
+        if self.train.fsdp_cpu_offload and self.train.parallel != "fsdp":
+            raise ConfigError("train.fsdp_cpu_offload offloads FSDP's shards, but train.parallel is "
+                              f"{self.train.parallel}: add --train.parallel fsdp, or drop it")
         if self.lora is not None and self.train.init_from == "none":
             raise ConfigError("lora.* is set but train.init_from is none: LoRA adapts a trained model; pass "
                               "--train.init_from RUN_OR_CHECKPOINT (e.g. one `lmforge import` wrote), or drop the "

@@ -128,7 +128,8 @@ def apply_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modu
     return DDP(model, device_ids=ids)
 
 
-def apply_fsdp(model: nn.Module, info: DistInfo, precision: str = "fp32", cpu_offload: bool = False) -> nn.Module:
+def apply_fsdp(model: nn.Module, info: DistInfo, device: torch.device, precision: str = "fp32",
+               cpu_offload: bool = False) -> nn.Module:
     """Shard `model` in place with FSDP2 (fully_shard) on each block and at the root; returns it (one process: as is).
 
     Each process keeps 1/world_size of every weight, gradient and optimizer moment; a block's weights are
@@ -137,6 +138,9 @@ def apply_fsdp(model: nn.Module, info: DistInfo, precision: str = "fp32", cpu_of
     precision bf16-mixed computes in bfloat16 and reduces gradients in fp32 (MixedPrecisionPolicy); cpu_offload
     keeps the shards and the optimizer step on the host (CPUOffloadPolicy), for a model too big for the GPUs.
     """
+    if cpu_offload and device.type != "cuda":
+        raise ConfigError(f"train.fsdp_cpu_offload moves the weight shards from the GPUs to host memory; on device "
+                          f"{device.type} they are there already: drop it")
     if not info.enabled:
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard

@@ -334,7 +334,7 @@ class Trainer:
             self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
         unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
         if tc.parallel == "fsdp":  # sharding replaces the parameters (DTensors): before the optimizer takes them
-            apply_fsdp(self.raw_model, self.dist, tc.precision, tc.fsdp_cpu_offload)
+            apply_fsdp(self.raw_model, self.dist, self.device, tc.precision, tc.fsdp_cpu_offload)
         self.optimizer = build_optimizer(self.raw_model, config.optim, self.device,
                                          config.lora.weight_decay if config.lora is not None else 0.0)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
