@@ -30,13 +30,18 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
            overrides: str = "{}") -> None:
     """Train the tiny model (LoRA adapters on `base`, when given; config `overrides` as JSON); rank 0 writes the
     logged losses, the trainable parameters and the fingerprint of the frozen weights next to the run directory."""
-    from lmforge.distributed import is_sharded, teardown_distributed
+    from torch import nn
+
+    from lmforge.distributed import is_sharded, teardown_distributed, unwrap
     from lmforge.lora import base_fingerprint
 
     lora = {"train.init_from": base, **LORA} if base else {}
     trainer = tiny_trainer(tiny_config(run_dir, **{**STEPS, "train.batch_size": batch_size,
                                                    "train.grad_accum": grad_accum, "train.compile": compile, **lora,
                                                    **json.loads(overrides)}))
+    dtypes = set()  # of the weight a block's first matrix product is given (FSDP: the gathered one)
+    first = next(m for m in unwrap(trainer.raw_model).blocks[0].modules() if isinstance(m, nn.Linear))
+    first.register_forward_pre_hook(lambda module, args: dtypes.add(str(module.weight.dtype)))
     summary = trainer.fit()
     local = sum(getattr(p, "to_local", lambda: p)().numel() for p in trainer.raw_model.parameters())
     if trainer.dist.is_main:
@@ -45,6 +50,7 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
                                                           "world_size": trainer.dist.world_size, "trainable": trainable,
                                                           "sharded": is_sharded(trainer.raw_model),
                                                           "held": local / summary["parameters"],
+                                                          "weight_dtypes": sorted(dtypes),
                                                           "base_fingerprint": base_fingerprint(trainer.raw_model) if base else None}))
     teardown_distributed(synchronize=True)
 
@@ -167,6 +173,21 @@ def test_an_fsdp_checkpoint_resumes_with_one_plain_process_and_with_two_fsdp_pro
     assert [s for s, _ in one] == [s for s, _ in two] == list(range(11, 21))
     assert [l for _, l in two] == [l for _, l in reference]  # exact: the same shards, the same reduction order
     assert [l for _, l in one] == pytest.approx([l for _, l in reference], abs=1e-5)
+
+
+@pytest.mark.distributed
+def test_fsdp_with_activation_checkpointing_and_bf16_mixed(fsdp_run, tmp_path):
+    """Activation checkpointing under FSDP (blocks re-gathered and recomputed in the backward pass): the same losses;
+    bf16-mixed: matrix products on bf16 copies of the gathered weights, losses within bf16 noise of one process."""
+    _torchrun(tmp_path / "ac", 2, 2, False, "", json.dumps({**FSDP, "train.activation_checkpointing": True}))
+    assert _read(tmp_path / "ac")["history"] == _read(fsdp_run)["history"]
+    bf16 = {"train.max_steps": 20, "train.precision": "bf16-mixed"}
+    _torchrun(tmp_path / "bf16", 2, 2, False, "", json.dumps({**bf16, "train.parallel": "fsdp",
+                                                                  "train.activation_checkpointing": True}))
+    worker(tmp_path / "one", batch_size=4, grad_accum=2, overrides=json.dumps(bf16))
+    one, two = _read(tmp_path / "one"), _read(tmp_path / "bf16")
+    assert two["weight_dtypes"] == ["torch.bfloat16"] and _read(fsdp_run)["weight_dtypes"] == ["torch.float32"]
+    assert [l for _, l in two["history"]] == pytest.approx([l for _, l in one["history"]], abs=5e-3)
 
 
 @pytest.mark.parametrize("flags, says", [
