@@ -236,21 +236,23 @@ NAN = "loss@3#1=nan"  # every launch: rank 1's loss at step 3 is NaN, and both p
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_job_and_resume_matches_the_uninterrupted_job(data, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_killed_rank_ends_the_job_and_resume_matches_the_uninterrupted_job(data, tmp_path, parallel):
     from safetensors.torch import load_file
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    done = _torchrun_cli(data, reference, *JOB, fault=NAN)
+    job = [*JOB, "--train.parallel", parallel]
+    done = _torchrun_cli(data, reference, *job, fault=NAN)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    crashed = _torchrun_cli(data, killed, *JOB, fault=f"{NAN},step@5#1=kill")
+    crashed = _torchrun_cli(data, killed, *job, fault=f"{NAN},step@5#1=kill")
     ended = time.time()
     assert crashed.returncode != 0 and "exitcode  : -9" in crashed.stderr  # rank 1 was SIGKILLed at step 5
     last_record = max(json.loads(line)["time"] for line in (killed / "metrics.jsonl").read_text().splitlines())
     assert ended - last_record < 20  # the survivor did not hang: well within train.dist_timeout
     assert max(step_losses(killed)) == 4
 
-    resumed = _torchrun_cli(data, killed, *JOB, "--resume", "auto", fault=NAN)
+    resumed = _torchrun_cli(data, killed, *job, "--resume", "auto", fault=NAN)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert step_losses(killed) == step_losses(reference)  # exact: gloo sums two processes in a fixed order
     a = load_file(str(reference / "checkpoints" / "step-00000008" / "model.safetensors"))
