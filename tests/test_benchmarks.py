@@ -123,6 +123,7 @@ def test_time_to_quality_alternates_the_runs_and_reads_the_recipes_curve(tmp_pat
     reached = summary["recipe_reaches_baseline"]
     assert reached["step"] == (first and first["step"]) and reached["wall_s"] == (first and first["wall_s"])
     if first:
-        assert reached["ratio"] == pytest.approx(first["wall_s"] / summary["baseline"]["wall_s"], abs=2e-3)
+        # wall times are stored to 0.01 s and the ratio from the unrounded ones: allow that rounding
+        assert reached["ratio"] == pytest.approx(first["wall_s"] / summary["baseline"]["wall_s"], abs=1e-2)
     assert summary["baseline"]["model"]["bias"] is False and summary["baseline"]["optim"]["lr"] == 1e-3
     assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"] and summary["val_tokens"] == 8192
