@@ -29,6 +29,7 @@ from lmforge.data.shards import load_split  # noqa: E402
 from lmforge.eval.perplexity import evaluate_tokens  # noqa: E402
 from lmforge.sweep import create_sweep, report, run_sweep, summary_table  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+from quality_shakespeare import ensure_data  # noqa: E402  (the char Shakespeare shards, made once)
 
 RECIPE = "shakespeare-char"
 SPACE = ROOT / "configs" / "sweeps" / "char-small.yaml"
@@ -48,14 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="a label for the results (e.g. smoke)")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     return p.parse_args(argv)
-
-
-def ensure_data(path: Path) -> None:
-    if (path / "manifest.json").is_file():
-        return
-    from lmforge.data.prepare import prepare
-
-    prepare(inputs=[], out=str(path), dataset="shakespeare", tokenizer="char", progress=False)
 
 
 def recipe_whole_val() -> float:

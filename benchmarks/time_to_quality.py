@@ -42,6 +42,7 @@ from lmforge.eval.perplexity import evaluate_tokens  # noqa: E402
 from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.train.trainer import StopTraining, Trainer, with_vocab_size  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+from quality_shakespeare import ensure_data  # noqa: E402  (the char Shakespeare shards, made once)
 
 RECIPE = "shakespeare-char"  # the built-in recipe (src/lmforge/configs/shakespeare-char.yaml)
 BASELINE = {"preset": "char-small", "model": {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu",
@@ -73,14 +74,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.steps < 1 or args.eval_every < 1 or args.val_tokens < 0:
         p.error("--steps and --eval-every must be positive, --val-tokens 0 or positive")
     return args
-
-
-def ensure_data(path: Path) -> None:
-    if (path / "manifest.json").is_file():
-        return
-    from lmforge.data.prepare import prepare
-
-    prepare(inputs=[], out=str(path), dataset="shakespeare", tokenizer="char", progress=False)
 
 
 def run_config(name: str, args: argparse.Namespace, run_dir: Path, vocab_size: int):

@@ -12,3 +12,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def client(server):
+    """An HTTP client of the module's `server` fixture ((url, app) of a real server on loopback)."""
+    import httpx
+
+    with httpx.Client(base_url=server[0], timeout=30) as c:
+        yield c

@@ -85,12 +85,6 @@ def server(run_dir):
         yield url, app
 
 
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server[0], timeout=30) as c:
-        yield c
-
-
 def complete(client: httpx.Client, **body) -> dict:
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text

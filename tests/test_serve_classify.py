@@ -63,12 +63,6 @@ def server(clf_run):
         yield url, app
 
 
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server[0], timeout=30) as c:
-        yield c
-
-
 def classify(client: httpx.Client, **body) -> dict:
     r = client.post("/v1/classify", json=body)
     assert r.status_code == 200, r.text
