@@ -16,6 +16,7 @@ import pytest
 
 import lmforge.checkpoint as checkpoint
 from lmforge.checkpoint import latest_checkpoint, load_for_inference, verify_checkpoint
+from lmforge.errors import CheckpointError
 from lmforge.cli import main
 from tiny_training import prepared_corpus, tiny_config, tiny_trainer, write_prepared_data
 
@@ -122,3 +123,20 @@ def test_a_full_disk_in_the_middle_of_an_hf_export_keeps_the_previous_export(tmp
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).config.n_embd == 32
+
+
+def test_the_room_check_counts_the_best_checkpoint_that_pruning_keeps(tmp_path, disk):
+    """Pruning keeps the newest keep_last and the best: with the one being written, keep_last + 2 can exist at
+    once when the run evaluates before its end. Room for keep_last + 1 is refused up front; without evaluations
+    before the end the same room is enough, and the run really fits in it."""
+    run = disk / "run"
+    settings = {"train.keep_last": 2, "train.save_interval": 1, "train.max_steps": 6, "train.eval_interval": 2}
+    trainer = tiny_trainer(tiny_config(run, **settings))
+    per_checkpoint = checkpoint.checkpoint_bytes(trainer.raw_model, trainer.optimizer)
+    fill(disk, leave=int(3.5 * per_checkpoint))  # keep_last + 1 fit, keep_last + 2 do not
+    with pytest.raises(CheckpointError, match=r"4 checkpoints \(keep_last=2, the one being written and the best "
+                                              r"\(train.best_metric\)\)") as info:
+        trainer.fit()
+    assert "\n" not in str(info.value) and not (run / "metrics.jsonl").exists()
+    tiny_trainer(tiny_config(run, **{**settings, "train.eval_interval": 0})).fit()  # only the last step is measured
+    assert [c.name for c in checkpoint.complete_checkpoints(run)] == ["step-00000005", "step-00000006"]

@@ -155,10 +155,11 @@ def test_too_little_room_for_the_checkpoints_is_refused_before_training(tmp_path
     trainer = tiny_trainer(tiny_config(tmp_path / "run", **{"train.keep_last": 2}))
     per_checkpoint = checkpoint.checkpoint_bytes(trainer.raw_model, trainer.optimizer)
     assert per_checkpoint > 3 * 4 * sum(p.numel() for p in trainer.raw_model.parameters())  # weights + 2 moments
-    with pytest.raises(CheckpointError, match=r"keep_last\+1=3 checkpoints") as info:
+    with pytest.raises(CheckpointError, match=r"4 checkpoints \(keep_last=2, the one being written and the best") \
+            as info:  # it evaluates every 5 steps: the best is kept beside the newest two
         trainer.fit()
     assert "\n" not in str(info.value) and not (tmp_path / "run" / "metrics.jsonl").exists()
-    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 3 * per_checkpoint)
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 4 * per_checkpoint)
     tiny_trainer(tiny_config(tmp_path / "ok", **{"train.keep_last": 2, "train.max_steps": 1})).fit()
 
 

@@ -554,16 +554,21 @@ def free_bytes(path: str | Path) -> int:
     return shutil.disk_usage(p).free
 
 
-def check_free_space(run_dir: str | Path, bytes_per_checkpoint: int, keep_last: int) -> None:
-    """Raise CheckpointError unless RUN_DIR's filesystem has room for keep_last + 1 checkpoints.
+def check_free_space(run_dir: str | Path, bytes_per_checkpoint: int, keep_last: int, keeps_best: bool) -> None:
+    """Raise CheckpointError unless RUN_DIR's filesystem has room for every checkpoint that can exist at once:
+    the newest keep_last, the one being written before pruning, and (when `keeps_best`: the run evaluates
+    before its last step) the best by train.best_metric, which pruning keeps however old it is.
 
     Checkpoints already in the run count as room: pruning frees them as new ones arrive.
     """
-    need = (keep_last + 1) * bytes_per_checkpoint
+    count = keep_last + 1 + keeps_best
+    need = count * bytes_per_checkpoint
     existing = sum(f.stat().st_size for c in complete_checkpoints(run_dir) for f in c.iterdir() if f.is_file())
     free = free_bytes(Path(run_dir) / CHECKPOINTS)
     if free + existing < need:
-        raise CheckpointError(f"{run_dir} has {_size(free)} free, but keep_last+1={keep_last + 1} checkpoints of "
+        which = f"keep_last={keep_last}, the one being written" + (" and the best (train.best_metric)" if keeps_best
+                                                                     else "")
+        raise CheckpointError(f"{run_dir} has {_size(free)} free, but {count} checkpoints ({which}) of "
                               f"~{_size(bytes_per_checkpoint)} need {_size(need)}; free space, lower "
                               f"train.keep_last or choose another --run-dir")
 

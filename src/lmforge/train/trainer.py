@@ -369,8 +369,9 @@ class Trainer:
         """Train to train.max_steps (continuing a checkpoint if train.resume says so); return a summary."""
         tc = self.config.train
         self.restore()
-        if self.dist.is_main:  # before anything is written: room for keep_last + 1 checkpoints
-            check_free_space(self.run_dir, checkpoint_bytes(self.raw_model, self.optimizer), tc.keep_last)
+        if self.dist.is_main:  # before anything is written: room for keep_last + 1 (+ the best) checkpoints
+            keeps_best = bool(self.val_batches) and tc.eval_interval > 0  # a best measured before the last step
+            check_free_space(self.run_dir, checkpoint_bytes(self.raw_model, self.optimizer), tc.keep_last, keeps_best)
         self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main, total_steps=tc.max_steps,
                                     start_step=self.step, tensorboard=self._tensorboard, progress=self._progress)
         self.write_config()
