@@ -87,6 +87,34 @@ def test_stalled_readers_are_cut_and_do_not_hold_generation_from_others(run_dir)
                 s.close()
 
 
+TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
+
+
+def tcp_state(s: socket.socket) -> int:
+    """The kernel's TCP state of the client's end, read without reading from the socket."""
+    return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def test_a_stalled_readers_connection_is_reset_not_left_open(run_dir):
+    """Once the stall is detected the server drops the connection at once: the client, still not reading, sees
+    its end leave ESTABLISHED and then a reset (a plain close would wait for it to take the unsent bytes)."""
+    app = load_app(str(run_dir), ServeConfig(max_tokens=100_000, stall_timeout=1.0, timeout=60), device="cpu")
+    with running(app) as url:
+        s = stalled_socket(url, {"prompt": "x", "max_tokens": 100_000, "stream": True})
+        try:
+            wait_until(lambda: app.state.engine.stats()["running"] == 1)
+            start = time.monotonic()
+            wait_until(lambda: tcp_state(s) != TCP_ESTABLISHED, timeout=1.0 + 14)  # stall_timeout + filling buffers
+            assert time.monotonic() - start < 15
+            s.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                while s.recv(65536):  # what arrived before the reset, if the kernel kept it
+                    pass
+            wait_until(lambda: app.state.engine.stats()["running"] == 0)
+        finally:
+            s.close()
+
+
 def test_one_client_address_holds_at_most_its_share_of_places(run_dir):
     app = load_app(str(run_dir), ServeConfig(max_tokens=100_000, max_slots_per_client=1), device="cpu")
     long = {"prompt": "x", "max_tokens": 100_000, "stream": True}

@@ -50,6 +50,7 @@ from starlette.middleware.cors import CORSMiddleware
 from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids
 from lmforge.serve.config import ServeConfig
+from lmforge.serve.connections import RESET_EXTENSION
 from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.playground import CLASSIFIER_NOTE_HTML, PLAYGROUND_HTML
@@ -648,8 +649,10 @@ async def _wait_all(jobs: list[Union[Job, ClassifyJob]], request: Request,
 class GuardedStream(StreamingResponse):
     """Server-sent events whose every send must complete within `stall_timeout`. A client that stops reading
     fills its socket buffer and the send waits; at the deadline the stream ends: its generator is closed, which
-    cancels its jobs. (When the buffers have room but the events pile up, the Engine pauses the decode and
-    cancels it after stall_timeout.) Either way a stalled reader holds its places for about stall_timeout."""
+    cancels its jobs, and the connection is reset (connections.RESET_EXTENSION: a plain close would wait for the
+    reader to take the unsent bytes). (When the buffers have room but the events pile up, the Engine pauses the
+    decode and cancels it after stall_timeout.) Either way a stalled reader holds its places for about
+    stall_timeout."""
 
     def __init__(self, content: AsyncIterator[str], stall_timeout: float) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -674,6 +677,9 @@ class GuardedStream(StreamingResponse):
             client = scope.get("client") or ("?", 0)
             log.warning("closing a stream to %s:%s: it read nothing for %s s (serve.stall_timeout)",
                         client[0], client[1], self.stall_timeout)
+            reset = scope.get("extensions", {}).get(RESET_EXTENSION)
+            if reset is not None:  # under lmforge's own protocol (connections.py)
+                reset()
         finally:
             await self.body_iterator.aclose()  # its finally clause cancels the jobs
 

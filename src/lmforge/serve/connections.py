@@ -7,6 +7,10 @@ headers of a request (nor for a fresh connection's first byte). HeaderDeadlinePr
 uvicorn's h11 protocol. The body's deadline (serve.body_timeout, 408) is the app's GuardMiddleware, which
 reads the body; all of these act before the API key is checked.
 
+The protocol also offers each request's app a way to drop its connection at once (RESET_EXTENSION in the
+scope's "extensions"): a stream whose reader stalled (app.GuardedStream) cannot end politely, because
+closing a transport waits for its unsent bytes, which that reader never takes.
+
     uvicorn.Server(uvicorn_config(app, config, host, port)).run()
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Any, Optional
 
 import h11
@@ -26,6 +31,7 @@ MAX_HEADER_BYTES = 16 * 1024  # h11's cap on a request line plus headers (uvicor
 # A fixed kernel send buffer per connection. Linux grows it up to tcp_wmem's max (4 MB) otherwise, and a client
 # that stops reading is only noticed (serve.stall_timeout) once it is full: minutes of a slow model's output.
 SEND_BUFFER_BYTES = 64 * 1024
+RESET_EXTENSION = "lmforge.reset"  # scope["extensions"][RESET_EXTENSION]: a callable that resets the connection
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -47,13 +53,29 @@ class HeaderDeadlineProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        self._offer_reset()
         if self.conn.their_state is not h11.IDLE:  # the request's headers are complete
             self._disarm()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # may start a pipelined next request
+        self._offer_reset()
         if not self.transport.is_closing():
             self._arm()  # the next request's headers: the keep-alive timeout covers the idle part
+
+    def _offer_reset(self) -> None:
+        """Put `reset` into the scope of the request just parsed (its app task is created, not yet run)."""
+        cycle = getattr(self, "cycle", None)
+        if cycle is not None:
+            cycle.scope.setdefault("extensions", {})[RESET_EXTENSION] = self.reset
+
+    def reset(self) -> None:
+        """Drop the connection now: the kernel discards what is unsent and the client gets a reset (SO_LINGER 0),
+        instead of a close that waits for a reader who stopped reading."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._disarm()
