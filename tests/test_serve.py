@@ -208,7 +208,6 @@ BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the messa
     ("unknown-field", {"prompt": "x", "best_off": 2}, 422, "unknown field 'best_off'"),
     ("unsupported-field", {"prompt": "x", "best_of": 3}, 422, "best_of=3 is not supported"),
     ("logprobs-over-cap", {"prompt": "x", "logprobs": 6}, 422, "logprobs"),
-    ("logprobs-with-stream", {"prompt": "x", "logprobs": 1, "stream": True}, 422, "logprobs with stream"),
     ("lone-surrogate-prompt", b'{"prompt": "a\\ud800b"}', 422, "lone surrogate (U+D800 at 1)"),
     ("lone-surrogate-in-a-list", b'{"prompt": ["ok", "\\udfff"]}', 422, "lone surrogate"),
     ("lone-surrogate-stop", b'{"prompt": "x", "stop": ["\\ud83d"]}', 422, "lone surrogate"),

@@ -289,6 +289,47 @@ def test_echo_streams_the_prompt_first(server):
     assert texts[0] == "Hey" and "".join(texts) == "Hey" + plain["choices"][0]["text"]
 
 
+def streamed_choices(url: str, body: dict) -> dict[int, list[dict]]:
+    """Each choice's stream chunks (index -> its `choices[0]` objects, in order) of a streamed completion."""
+    chunks: dict[int, list[dict]] = {}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                (choice,) = json.loads(line[6:])["choices"]
+                chunks.setdefault(choice["index"], []).append(choice)
+    return chunks
+
+
+def joined_logprobs(chunks: list[dict]) -> dict[str, list]:
+    """The chunks' logprobs concatenated key by key (tokens, token_logprobs, top_logprobs, text_offset)."""
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    return {k: [v for c in chunks if c["logprobs"] is not None for v in c["logprobs"][k]] for k in keys}
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_are_the_unstreamed_ones_chunk_by_chunk(server, echo):
+    """Each streamed chunk carries the logprobs of its own tokens; joined they equal the non-streamed answer's
+    (greedy and seeded sampling, n=2 and two prompts, a stop string); with echo the prompt's come first."""
+    url, _ = server
+    for options in ({"temperature": 0.0}, {"seed": 5, "temperature": 0.9, "n": 2}):
+        body = {"prompt": ["Hello", "To be"], "max_tokens": 12, "logprobs": 2, "echo": echo, "stop": ["e t"],
+                **options}
+        plain = httpx.post(url + "/v1/completions", json=body, timeout=30).json()["choices"]
+        streamed = streamed_choices(url, body)
+        assert sorted(streamed) == [c["index"] for c in plain] == list(range(len(plain)))
+        for whole in plain:
+            chunks = streamed[whole["index"]]
+            assert "".join(c["text"] for c in chunks) == whole["text"]
+            assert joined_logprobs(chunks) == whole["logprobs"], (options, whole["index"])
+            with_tokens = [c for c in chunks if c["logprobs"] and c["logprobs"]["tokens"]]
+            assert len(with_tokens) > 2  # spread over the stream, not all in one chunk
+            if echo:  # the prompt's chunk first: its text and its scored tokens (the first has no logprob)
+                assert chunks[0]["text"] == whole["text"][:len(chunks[0]["text"])] != ""
+                assert chunks[0]["logprobs"]["token_logprobs"][0] is None
+                assert chunks[0]["logprobs"]["text_offset"][0] == 0
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 METRIC_LINE = re.compile(r'^([a-z_]+)(\{status="(\d+)"\})? (-?[0-9.]+)$')
 

@@ -483,8 +483,6 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         if len(prompts) > config.max_prompts:
             raise ApiError(422, f"{len(prompts)} prompts in one request; at most {config.max_prompts} "
                            "(serve.max_prompts)", "prompt")
-        if body.logprobs is not None and body.stream:
-            raise ApiError(422, "logprobs with stream is not supported: ask without stream", "logprobs")
         ids = [_token_ids(generator, p, max_prompt_tokens) if isinstance(p, list) else
                _text_ids(generator, p, max_prompt_tokens, template=True) for p in prompts]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
@@ -501,8 +499,8 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         echoed = [generator.tokenizer.decode(job.prompt_ids) if body.echo else "" for job in jobs]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return GuardedStream(_sse(jobs, head, prompt_tokens, include_usage, config.timeout, echoed=echoed),
-                                 config.stall_timeout)
+            return GuardedStream(_sse(jobs, head, prompt_tokens, include_usage, config.timeout, echoed=echoed,
+                                      tokenizer=generator.tokenizer), config.stall_timeout)
         try:
             finished = await _wait_all(jobs, request, config.timeout)
         finally:
@@ -608,13 +606,22 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
 def _logprobs_body(tokenizer: Any, job: Job, choice: Any, echoed: str) -> dict:
     """OpenAI's completions `logprobs` of one choice: tokens, token_logprobs, top_logprobs, text_offset; the
     prompt's tokens first when echoed (its first token has no logprob: nothing comes before it)."""
-    entries: list[tuple[int, Optional[Logprobs], int]] = []
-    if job.echo:
-        offset = 0
-        for token, lp in zip(job.prompt_ids, job.prompt_logprobs):
-            entries.append((token, lp, offset))
-            offset += len(tokenizer.decode([token]))
+    entries = _prompt_entries(tokenizer, job) if job.echo else []
     entries += [(lp.token, lp, len(echoed) + at) for lp, at in zip(choice.logprobs, choice.offsets)]
+    return _logprobs_json(tokenizer, entries)
+
+
+def _prompt_entries(tokenizer: Any, job: Job) -> list[tuple[int, Optional[Logprobs], int]]:
+    """(token, its Logprobs or None, where its text starts) for each prompt token of an echoed job."""
+    entries, offset = [], 0
+    for token, lp in zip(job.prompt_ids, job.prompt_logprobs):
+        entries.append((token, lp, offset))
+        offset += len(tokenizer.decode([token]))
+    return entries
+
+
+def _logprobs_json(tokenizer: Any, entries: list[tuple[int, Optional[Logprobs], int]]) -> dict:
+    """The `logprobs` object of (token, Logprobs or None, text offset) entries, whole or one stream chunk's."""
     return {"tokens": [tokenizer.token_text(token) for token, _, _ in entries],
             "token_logprobs": [lp.logprob if lp else None for _, lp, _ in entries],
             "top_logprobs": [{tokenizer.token_text(t): v for t, v in lp.top} if lp else None for _, lp, _ in entries],
@@ -684,35 +691,49 @@ class GuardedStream(StreamingResponse):
             await self.body_iterator.aclose()  # its finally clause cancels the jobs
 
 
-async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: bool,
-               timeout: float, chat: bool = False, echoed: Optional[list[str]] = None) -> AsyncIterator[str]:
+async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: bool, timeout: float,
+               chat: bool = False, echoed: Optional[list[str]] = None, tokenizer: Any = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text piece or finished choice, then usage (if asked), then [DONE].
     Chat chunks carry `delta`s (the assistant role first), completion chunks `text` (the prompt's text first
-    when `echoed` has it).
+    when `echoed` has it). With `logprobs`, each completion chunk carries those of its own tokens (text offsets
+    in the whole choice's text, as without stream); an echoed prompt's chunk, with its scores, waits for them.
 
     A client that disconnects cancels this generator (Starlette's disconnect listener); the finally
     clause then tells the worker to drop the jobs before their next token.
     """
-    def chunk(index: int, text: str, finish: Optional[str], role: bool = False) -> str:
+    echoed = echoed or [""] * len(jobs)
+    shift = {job.first_index + i: len(echo) for job, echo in zip(jobs, echoed) for i in range(job.n)}
+
+    def chunk(index: int, text: str, finish: Optional[str], role: bool = False, logprobs: Optional[list] = None,
+              entries: Optional[list] = None) -> str:
+        """`logprobs`: (Logprobs, offset in the choice's text) of the engine's event; `entries`: whole entries."""
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+            if logprobs is not None:
+                entries = [(lp.token, lp, shift[index] + at) for lp, at in logprobs]
+            choice = {"text": text, "index": index, "finish_reason": finish,
+                      "logprobs": None if entries is None else _logprobs_json(tokenizer, entries)}
         return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
 
     pending = len(jobs)
     try:
-        for job, echo in zip(jobs, echoed or [""] * len(jobs)):
+        for job, echo in zip(jobs, echoed):
             for i in range(job.n):
-                if chat or echo:
+                if chat or (echo and job.logprobs is None):
                     yield chunk(job.first_index + i, echo, None, role=chat)
         while pending:
             event = await jobs[0].mailbox.get(timeout + LATE) or ("error", 504, "the request timed out")
             if event[0] == "piece":
-                yield chunk(event[1], event[2], None)
+                yield chunk(event[1], event[2], None, logprobs=event[3])
             elif event[0] == "finish":
-                yield chunk(event[1], "", event[2])
+                yield chunk(event[1], "", event[2], logprobs=event[3])
+            elif event[0] == "prompt":  # an echoed prompt, now scored (before any of the job's pieces)
+                job = event[1]
+                echo = echoed[jobs.index(job)]
+                for i in range(job.n):
+                    yield chunk(job.first_index + i, echo, None, entries=_prompt_entries(tokenizer, job))
             elif event[0] == "done":
                 pending -= 1
             else:

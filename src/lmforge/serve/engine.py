@@ -48,6 +48,7 @@ class Choice:
     finish: Optional[str] = None    # "stop" (end token or stop string) | "length"
     logprobs: list[Logprobs] = field(default_factory=list)  # per token, when the job asks (Job.logprobs)
     offsets: list[int] = field(default_factory=list)         # where each of those tokens' text starts in `text`
+    streamed: int = 0               # of `logprobs`, how many went out in stream events already
 
 
 class Mailbox:
@@ -87,8 +88,11 @@ class Mailbox:
 class Job:
     """One prompt of a request with its n continuations; its events go to its request's mailbox.
 
-    Events: ("piece", index, text) while streaming, ("finish", index, reason) per continuation when
-    streaming, then ("done", job) or ("error", status, message). `index` is first_index + row.
+    Events: ("piece", index, text, logprobs) while streaming, ("finish", index, reason, logprobs) per
+    continuation when streaming, then ("done", job) or ("error", status, message). `index` is first_index + row;
+    `logprobs` (None unless the job asks for them) lists (Logprobs, offset in the choice's text) of the tokens
+    taken since the last event of that continuation. A streamed job with echo and logprobs first gets
+    ("prompt", job) once its prompt_logprobs are scored.
     """
 
     prompt_ids: list[int]
@@ -337,6 +341,8 @@ class Engine(Worker):
                 row.top_logprobs = job.logprobs
             if job.echo and job.logprobs is not None:
                 job.prompt_logprobs = score_prompt(self.model, job.rows[0].prompt, job.logprobs)
+                if job.stream:
+                    job.emit("prompt", job)
             batch.owner += [(job, i) for i in range(len(job.rows))]
             rows += job.rows
         self.decodes += 1
@@ -353,9 +359,18 @@ class Engine(Worker):
         choice.finish = event.finish
         if job.stream:
             if event.text:
-                job.emit("piece", job.first_index + index, event.text)
+                job.emit("piece", job.first_index + index, event.text, self._unsent_logprobs(job, choice))
             if event.finish is not None:
-                job.emit("finish", job.first_index + index, event.finish)
+                job.emit("finish", job.first_index + index, event.finish, self._unsent_logprobs(job, choice))
+
+    @staticmethod
+    def _unsent_logprobs(job: Job, choice: Choice) -> Optional[list[tuple[Logprobs, int]]]:
+        """The (Logprobs, offset) of the choice's tokens not streamed yet, now marked sent; None if not asked."""
+        if job.logprobs is None:
+            return None
+        fresh = list(zip(choice.logprobs[choice.streamed:], choice.offsets[choice.streamed:]))
+        choice.streamed = len(choice.logprobs)
+        return fresh
 
     def _finish(self, batch: Batch, job: Job) -> None:
         job.emit("done", job)
