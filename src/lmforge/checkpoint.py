@@ -31,10 +31,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import struct
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,7 +47,8 @@ from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from lmforge.config import RunConfig, run_config_from_dict, to_dict
-from lmforge.distributed import is_sharded, load_full_state, resolve_device, unwrap
+from lmforge.distributed import (DistInfo, gather_objects, held_rows, is_sharded, load_full_state, load_local_state,
+                                 local_state, optimizer_param_names, resolve_device, unwrap)
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import disk_full, fsync_path, replace_dir, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, is_adapted, merge_lora, trained_state_dict
@@ -56,6 +59,12 @@ CHECKPOINTS = "checkpoints"
 # What a checkpoint may hold: tensors as safetensors, everything else as JSON. Nothing else is ever read.
 SAFETENSORS_FILES = ("model.safetensors", "optimizer.safetensors")
 JSON_FILES = ("state.json", "config.json", "tokenizer.json")
+# A sharded checkpoint (train.checkpoint_format: sharded) holds, instead of the two safetensors files above, one
+# model and one optimizer file per rank of the job that wrote it, and shards.json: which rows of which tensor each
+# file holds (see save_sharded_checkpoint).
+SHARD_INDEX = "shards.json"
+SHARD_FILE = re.compile(r"(model|optim)-rank(\d+)-of-(\d+)\.safetensors")
+MAX_SHARDS = 1 << 16
 # Files that are (or usually are) Python pickles: loading one can run any code, so they are refused.
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 MAX_JSON_BYTES = 256 << 20  # a state.json or tokenizer.json larger than this is not one lmforge wrote
@@ -168,7 +177,7 @@ def verified_checkpoint(path: str | Path, warn: bool = True) -> tuple[Path, dict
     if (p / MANIFEST).is_file():
         return p, verify_checkpoint(p)
     refuse_pickles(p)
-    if _step_of(p) is not None or (p / "model.safetensors").exists():
+    if _step_of(p) is not None or (p / "model.safetensors").exists() or (p / SHARD_INDEX).exists():
         raise CheckpointError(f"checkpoint {p} is incomplete (no {MANIFEST}: the save was interrupted); "
                               f"pass the run directory to use its newest complete checkpoint")
     ckpt, manifest = newest_intact_checkpoint(p.parent if p.name == CHECKPOINTS else p, warn=warn)
@@ -224,7 +233,8 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
     if "state.json" not in manifest["files"]:  # it says which other files belong: see expected_files
         raise _unlisted(ckpt, "state.json", "every checkpoint's step and kind")
     for name, entry in manifest["files"].items():
-        if name not in SAFETENSORS_FILES + JSON_FILES or not isinstance(entry, dict):
+        known = name in SAFETENSORS_FILES + JSON_FILES + (SHARD_INDEX,) or SHARD_FILE.fullmatch(name)
+        if not known or not isinstance(entry, dict):
             raise CheckpointError(f"{ckpt / MANIFEST} lists {name!r}, which is not a checkpoint file lmforge writes; "
                                   f"the checkpoint is corrupt or tampered with, use another one")
         f = ckpt / name
@@ -240,6 +250,10 @@ def verify_checkpoint(ckpt: str | Path) -> dict:
     state = _read_json(ckpt / "state.json", "checkpoint state")  # verified just above
     if not isinstance(state, dict):
         raise CheckpointError(f"{ckpt / 'state.json'} is not a JSON object; the checkpoint is corrupt, use another one")
+    shards = state.get("shards")
+    if shards is not None and not (type(shards) is int and 1 <= shards <= MAX_SHARDS):
+        raise CheckpointError(f"{ckpt / 'state.json'} has a malformed 'shards' entry ({shards!r}); the checkpoint is "
+                              f"corrupt, use another one")
     expected = expected_files(state)
     for name, why in expected.items():
         if name not in manifest["files"]:
@@ -258,15 +272,35 @@ def expected_files(state: dict) -> dict[str, str]:
     Every kind (a full model, a LoRA run's adapters and heads, a classifier, a merged or an imported model) holds
     model.safetensors, config.json and state.json. A checkpoint train can resume (state "ranks": each process's
     RNG and data position) also holds optimizer.safetensors; one with a tokenizer (state "tokenizer_sha256")
-    holds tokenizer.json. A manifest without one of these would let that file load unverified.
+    holds tokenizer.json. A sharded checkpoint (state "shards": N, the processes that wrote it) holds
+    model-rank{r}-of-{N}.safetensors (and optim-rank{r}-of-{N}.safetensors) for every rank r, and shards.json,
+    instead of the two whole files. A manifest without one of these would let that file load unverified.
     """
-    files = {"model.safetensors": "every checkpoint's weights", "config.json": "every checkpoint's model config",
-             "state.json": "every checkpoint's step and kind"}
-    if "ranks" in state:
-        files["optimizer.safetensors"] = "a training checkpoint's optimizer state"
+    files = {"config.json": "every checkpoint's model config", "state.json": "every checkpoint's step and kind"}
+    shards = state.get("shards")
+    if shards is None:
+        files["model.safetensors"] = "every checkpoint's weights"
+        if "ranks" in state:
+            files["optimizer.safetensors"] = "a training checkpoint's optimizer state"
+    else:
+        files[SHARD_INDEX] = "a sharded checkpoint's index of rows"
+        for rank in range(int(shards)):
+            files[shard_file("model", rank, int(shards))] = f"rank {rank}'s rows of the weights"
+            if "ranks" in state:
+                files[shard_file("optim", rank, int(shards))] = f"rank {rank}'s rows of the optimizer state"
     if state.get("tokenizer_sha256"):
         files["tokenizer.json"] = "the tokenizer its state.json names"
     return files
+
+
+def shard_file(kind: str, rank: int, world_size: int) -> str:
+    """The file of a sharded checkpoint that holds rank `rank`'s rows: kind "model" (weights) or "optim"."""
+    return f"{kind}-rank{rank}-of-{world_size}.safetensors"
+
+
+def has_optimizer_state(manifest: dict) -> bool:
+    """Whether a verified checkpoint's manifest lists optimizer state (whole or sharded): what train can resume."""
+    return any(name == "optimizer.safetensors" or name.startswith("optim-rank") for name in manifest["files"])
 
 
 def _unlisted(ckpt: Path, name: str, why: str) -> CheckpointError:
@@ -393,6 +427,26 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path, model: 
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be read ({_one_line(e)}); the checkpoint is corrupt, use another one") from None
+    state, saved_groups = _optimizer_state(optimizer, path, tensors, metadata)
+    try:
+        if model is not None and is_sharded(model):
+            load_full_state(model, None, optimizer, {"state": state, "param_groups": saved_groups})
+        else:
+            optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise _unfit_optimizer(path, e) from None
+
+
+def _unfit_optimizer(path: Path, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path} does not fit the optimizer ({_one_line(e)}); resume with the config the "
+                           f"checkpoint was trained with")
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer, path: Path, tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str]) -> tuple[dict[int, dict[str, Any]], list[dict]]:
+    """(state by parameter index, param groups) from an optimizer file's tensors ("state.<index>.<key>": tensors of
+    the parameters' shapes, or meta-device stand-ins of them) and metadata, checked against `optimizer`; raises
+    CheckpointError naming `path` when they are malformed or belong to another model."""
     if metadata.get("format") != "lmforge-optimizer-v1":
         raise CheckpointError(f"{path} is not an lmforge optimizer file; the checkpoint is corrupt")
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -423,14 +477,7 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path, model: 
         for key in ("fused", "foreach", "capturable"):  # how to compute, not what: follow this machine
             if key in now:
                 saved[key] = now[key]
-    try:
-        if model is not None and is_sharded(model):
-            load_full_state(model, None, optimizer, {"state": state, "param_groups": saved_groups})
-        else:
-            optimizer.load_state_dict({"state": state, "param_groups": saved_groups})
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path} does not fit the optimizer ({_one_line(e)}); resume with the config the "
-                              f"checkpoint was trained with") from None
+    return state, saved_groups
 
 
 def _one_line(e: BaseException) -> str:
@@ -488,30 +535,158 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             tensors, metadata = optimizer_to_tensors(optimizer, whole[1] if whole else None)
             save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=metadata)
             written("optimizer.safetensors")
-        _write_json(tmp / "state.json", state)
-        written("state.json")
-        _write_json(tmp / "config.json", resolved)
-        written("config.json")
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-            written("tokenizer.json")
-        files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
-        _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})  # last: completes the checkpoint
-        fault_point("save:manifest", step)
-        # Saving the same step again: the old copy moves to .trash-, where clean_interrupted_saves finds it
-        # if the process dies before the new one is in place.
-        replace_dir(tmp, final, trash=root / f".trash-{final.name}-{os.getpid()}")
-        fault_point("save:renamed", step)
+        _complete_save(tmp, final, step, state, tokenizer_file)
     except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        if disk_full(e):
-            raise CheckpointError(f"no space left on the device while writing checkpoint {final}; {kept}; free "
-                                  f"space (or lower train.keep_last), then continue with --resume auto") from None
-        raise CheckpointError(f"cannot write checkpoint {final} ({_one_line(e)}); {kept}; fix the problem, then "
-                              f"continue with --resume auto") from None
+        raise _save_failed(run_dir, final, tmp, e) from None
     return final
+
+
+def _complete_save(tmp: Path, final: Path, step: int, state: dict, tokenizer_file: Optional[str | Path],
+                   hashed: Optional[dict[str, dict]] = None) -> None:
+    """Write the JSON files of a checkpoint into `tmp` (where its tensors are already), then its manifest (last),
+    and rename it to `final`. hashed: {file: manifest entry} of files whose writers hashed them already."""
+    def written(name: str) -> None:
+        fsync_path(tmp / name)
+        fault_point(f"save:{name}", step)
+
+    _write_json(tmp / "state.json", state)
+    written("state.json")
+    _write_json(tmp / "config.json", state["config"])
+    written("config.json")
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        written("tokenizer.json")
+    hashed = hashed or {}
+    files = {f.name: hashed.get(f.name) or {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+             for f in sorted(tmp.iterdir())}
+    _write_json(tmp / MANIFEST, {"format": FORMAT, "step": step, "files": files})  # last: completes the checkpoint
+    fault_point("save:manifest", step)
+    # Saving the same step again: the old copy moves to .trash-, where clean_interrupted_saves finds it
+    # if the process dies before the new one is in place.
+    replace_dir(tmp, final, trash=final.parent / f".trash-{final.name}-{os.getpid()}")
+    fault_point("save:renamed", step)
+
+
+def _save_failed(run_dir: str | Path, final: Path, tmp: Optional[Path], e: BaseException) -> CheckpointError:
+    """The one-line error of a save that failed with `e`, after removing its temporary directory (if given)."""
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest_checkpoint(run_dir)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    if disk_full(e):
+        return CheckpointError(f"no space left on the device while writing checkpoint {final}; {kept}; free "
+                               f"space (or lower train.keep_last), then continue with --resume auto")
+    return CheckpointError(f"cannot write checkpoint {final} ({_one_line(e)}); {kept}; fix the problem, then "
+                           f"continue with --resume auto")
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                            config: RunConfig, train_state: dict, tokenizer_file: Optional[str | Path] = None,
+                            info: DistInfo = DistInfo()) -> Path:
+    """Write RUN_DIR/checkpoints/step-<step>/ with each process's own rows of the state; a collective: every process
+    calls it (train_state, the tokenizer and the config matter on rank 0 only). Returns the checkpoint's path.
+
+    Rank r of N writes what it holds (distributed.local_state: its rows along dim 0 of every sharded weight and
+    AdamW moment) to model-rank{r}-of-{N}.safetensors and optim-rank{r}-of-{N}.safetensors; rank 0 also writes the
+    tensors no process shards (AdamW's step counts). No process gathers anything but names and row counts. When
+    every process has written and hashed its files, rank 0 writes shards.json:
+
+        {"format": "lmforge-shards-v1", "world_size": N, "tied": {name: stored name},
+         "model": {name: {"shape": [...], "dtype": "float32", "rows": [[rank, start, stop], ...]}},
+         "optim": {"state.<index>.<key>": {...the same...}}, "param_groups": [...], "scalars": {...}}
+
+    (rank r's file holds rows start:stop of the tensor's dim 0 under the tensor's name; a 0-d tensor is one
+    entry [[rank, 0, 1]]), then state.json ("shards": N), config.json, tokenizer.json and the manifest of every
+    file's sha256, last, and renames the directory into place as save_checkpoint does: a checkpoint exists only
+    once every process's files are complete. A failure on any process (a full disk) is raised on every process
+    as one CheckpointError and leaves the previous checkpoints as they were.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / checkpoint_name(step)
+    n, rank = info.world_size, info.rank
+    failure: Optional[BaseException] = None
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if info.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            failure = e
+    made = gather_objects((str(tmp), _failure(failure)), info)[0]  # rank 0's directory, made before anyone writes
+    tmp = Path(made[0])
+    _raise_failed([made[1]], run_dir, final, tmp, info)
+
+    weights, optim = local_state(model, optimizer)
+    groups = tied_names(model)
+    tensors = {"model": {min(names): weights[min(names)] for names in groups}}
+    metadata: dict[str, str] = {}
+    if optimizer is not None:
+        tensors["optim"], metadata = optimizer_to_tensors(optimizer, optim)
+    rows = held_rows({f"{kind}/{name}": t for kind, ts in tensors.items() for name, t in ts.items()})
+    piece: dict[str, Any] = {"files": {}, "rows": {}}
+    try:
+        for kind, ts in tensors.items():
+            mine = {}
+            for name, t in ts.items():
+                span = rows[f"{kind}/{name}"]
+                if span is None and rank == 0:  # not sharded: rank 0 writes it whole
+                    mine[name], span = t.detach().contiguous(), (0, t.shape[0] if t.ndim else 1)
+                elif span is not None and span[0] < span[1]:
+                    mine[name] = t.to_local().detach().contiguous()
+                else:
+                    continue
+                piece["rows"][f"{kind}/{name}"] = list(span)
+            file = shard_file(kind, rank, n)
+            save_file(mine, str(tmp / file), metadata={"format": f"lmforge-{kind}-shard-v1"})
+            fsync_path(tmp / file)
+            piece["files"][file] = {"sha256": sha256_file(tmp / file), "bytes": (tmp / file).stat().st_size}
+            fault_point(f"save:{file}", step, rank)
+    except (OSError, SafetensorError) as e:
+        failure = e
+    pieces = gather_objects({**piece, "failure": _failure(failure)}, info)  # every process's files are complete
+    _raise_failed([p["failure"] for p in pieces], run_dir, final, tmp, info)
+    if info.is_main:
+        try:
+            index: dict[str, Any] = {"format": "lmforge-shards-v1", "world_size": n,
+                                     "tied": {name: min(names) for names in groups for name in names if name != min(names)}}
+            for kind, ts in tensors.items():
+                index[kind] = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                                      "rows": [[r, *p["rows"][f"{kind}/{name}"]] for r, p in enumerate(pieces)
+                                               if f"{kind}/{name}" in p["rows"]]} for name, t in ts.items()}
+            if optimizer is not None:
+                index["param_groups"] = json.loads(metadata["param_groups"])
+                index["scalars"] = json.loads(metadata["scalars"])
+            _write_json(tmp / SHARD_INDEX, index)
+            fsync_path(tmp / SHARD_INDEX)
+            state = {"format": FORMAT, "step": step, **train_state, "shards": n, "config": to_dict(config),
+                     "tokenizer_sha256": None if tokenizer_file is None else sha256_file(Path(tokenizer_file))}
+            writes = {f.name for f in tmp.iterdir()} | {"state.json", "config.json"} \
+                | ({"tokenizer.json"} if tokenizer_file is not None else set())
+            if writes != set(expected_files(state)):  # a caller's bug: every reader would refuse this checkpoint
+                raise ValueError(f"a sharded checkpoint holding {sorted(writes)} needs train_state['ranks'] exactly "
+                                 f"when it holds an optimizer (see expected_files)")
+            _complete_save(tmp, final, step, state, tokenizer_file,
+                           hashed={name: entry for p in pieces for name, entry in p["files"].items()})
+        except (OSError, SafetensorError) as e:
+            failure = e
+    _raise_failed([gather_objects(_failure(failure), info)[0]], run_dir, final, tmp, info)
+    return final
+
+
+def _failure(e: Optional[BaseException]) -> Optional[tuple[str, bool]]:
+    """What one process tells the others of its failed part of a save: (one line, whether the disk is full)."""
+    return None if e is None else (_one_line(e), disk_full(e))
+
+
+def _raise_failed(failures: list[Optional[tuple[str, bool]]], run_dir: str | Path, final: Path, tmp: Path,
+                  info: DistInfo) -> None:
+    """Raise on every process the first failure any process reported (rank 0 removes the temporary directory)."""
+    failed = next((f for f in failures if f is not None), None)
+    if failed is not None:
+        text, full = failed
+        error = OSError(errno.ENOSPC, text) if full else OSError(text)
+        raise _save_failed(run_dir, final, tmp if info.is_main else None, error)
 
 
 def clean_interrupted_saves(run_dir: str | Path) -> list[Path]:
@@ -623,6 +798,166 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
     return deleted + clean_interrupted_saves(run_dir)
 
 
+# ---------------------------------------------------------------------------- sharded checkpoints: read
+# dtype name in shards.json -> (torch dtype, its safetensors code)
+_SHARD_DTYPES = {"float32": (torch.float32, "F32"), "bfloat16": (torch.bfloat16, "BF16"), "float16": (torch.float16, "F16"),
+                 "float64": (torch.float64, "F64"), "int64": (torch.int64, "I64"), "int32": (torch.int32, "I32"),
+                 "uint8": (torch.uint8, "U8"), "bool": (torch.bool, "BOOL")}
+
+
+def checkpoint_shards(ckpt: str | Path) -> Optional[int]:
+    """The number of processes that wrote a sharded checkpoint (its state.json "shards"), or None for a whole one."""
+    shards = _read_json(Path(ckpt) / "state.json", "checkpoint state").get("shards")
+    return shards if type(shards) is int else None
+
+
+def read_shard_index(ckpt: str | Path) -> dict:
+    """A sharded checkpoint's shards.json (see save_sharded_checkpoint), checked: every entry has a known dtype, a
+    shape, and rows of ranks that exist which cover its dim 0 exactly once, in order. CheckpointError otherwise."""
+    path = Path(ckpt) / SHARD_INDEX
+    index = _read_json(path, "shard index")
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is malformed ({why}); the checkpoint is corrupt, use another one")
+
+    if not isinstance(index, dict) or index.get("format") != "lmforge-shards-v1":
+        raise bad("not an lmforge-shards-v1 index")
+    n = index.get("world_size")
+    if type(n) is not int or not 1 <= n <= MAX_SHARDS:
+        raise bad(f"world_size {n!r}")
+    for kind in ("model", "optim"):
+        entries = index.get(kind, {})
+        if not isinstance(entries, dict):
+            raise bad(f"its {kind!r} entry is not a table")
+        for name, entry in entries.items():
+            shape, rows = (entry.get("shape"), entry.get("rows")) if isinstance(entry, dict) else (None, None)
+            if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+                raise bad(f"{name} has no valid shape")
+            if entry.get("dtype") not in _SHARD_DTYPES:
+                raise bad(f"{name} has no known dtype")
+            if not (isinstance(rows, list) and rows and all(isinstance(r, list) and len(r) == 3 and
+                                                            all(type(x) is int for x in r) and 0 <= r[0] < n for r in rows)):
+                raise bad(f"{name} has no valid rows")
+            end = 0
+            for _, start, stop in sorted(rows, key=lambda r: r[1]):
+                if start != end or stop <= start:
+                    raise bad(f"the rows of {name} overlap or leave gaps")
+                end = stop
+            if end != (shape[0] if shape else 1):
+                raise bad(f"the rows of {name} cover {end} of its {shape[0] if shape else 1}")
+    tied = index.get("tied", {})
+    if not (isinstance(tied, dict) and all(isinstance(v, str) and v in index.get("model", {}) for v in tied.values())):
+        raise bad("its 'tied' entry names weights it does not hold")
+    return index
+
+
+class ShardReader:
+    """Rows of the tensors of one kind ("model" or "optim") of a sharded checkpoint. A rank's file is opened on first
+    use (its header checked first) with safetensors' safe_open, which maps it: only the rows asked for are read."""
+
+    def __init__(self, ckpt: str | Path, index: dict, kind: str):
+        self.ckpt, self.kind, self.entries, self.world_size = Path(ckpt), kind, index.get(kind, {}), index["world_size"]
+        self._files: dict[int, tuple[Any, dict]] = {}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _file(self, rank: int) -> tuple[Any, dict]:
+        if rank not in self._files:
+            path = self.ckpt / shard_file(self.kind, rank, self.world_size)
+            header = check_safetensors(path)
+            try:
+                self._files[rank] = (self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu")),
+                                     header)
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise CheckpointError(f"{path} cannot be read ({_one_line(e)}); the checkpoint is corrupt, use "
+                                      f"another one") from None
+        return self._files[rank]
+
+    def rows(self, name: str, span: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Rows span = (start, stop) of tensor `name` along dim 0 (None: the whole tensor), read from the files of
+        the ranks that hold them. Shape (stop - start, *shape[1:])."""
+        entry = self.entries[name]
+        shape, (dtype, code) = entry["shape"], _SHARD_DTYPES[entry["dtype"]]
+        start, stop = span if span is not None else (0, shape[0] if shape else 1)
+        parts = []
+        for rank, first, last in sorted(entry["rows"], key=lambda r: r[1]):
+            lo, hi = max(start, first), min(stop, last)
+            if lo >= hi:
+                continue
+            f, header = self._file(rank)
+            held = header.get(name)
+            want = [last - first, *shape[1:]] if shape else []
+            if not isinstance(held, dict) or held.get("shape") != want or held.get("dtype") != code:
+                raise CheckpointError(f"{self.ckpt / shard_file(self.kind, rank, self.world_size)} does not hold {name} "
+                                      f"as {SHARD_INDEX} says ({code} {want}); the checkpoint is corrupt, use another one")
+            parts.append(f.get_tensor(name) if not shape else f.get_slice(name)[lo - first: hi - first])
+        if not shape:
+            return parts[0]
+        return torch.cat(parts) if parts else torch.empty((0, *shape[1:]), dtype=dtype)
+
+
+def read_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """{name: whole tensor} of a checkpoint's weights as stored (a tied weight under one of its names), from
+    model.safetensors or assembled on this host from a sharded checkpoint's rows."""
+    ckpt = Path(ckpt)
+    if checkpoint_shards(ckpt) is not None:
+        index = read_shard_index(ckpt)
+        with ShardReader(ckpt, index, "model") as f:
+            return {name: f.rows(name) for name in index["model"]}
+    path = ckpt / "model.safetensors"
+    check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({_one_line(e)}); the checkpoint is corrupt, use another one") from None
+
+
+def load_sharded(ckpt: str | Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Load a sharded checkpoint's weights (and optimizer state) into `model` (and `optimizer`), whatever the number
+    of processes now: a sharded model's process reads only the rows it holds (distributed.held_rows, a collective)
+    from the files of the ranks that wrote them; an unsharded model is assembled whole. CheckpointError naming the
+    file when something does not fit."""
+    ckpt = Path(ckpt)
+    check_weights_fit(model, ckpt)
+    index = read_shard_index(ckpt)
+    targets = unwrap(model).state_dict(keep_vars=True)
+    rows = held_rows(targets)
+    tied = index.get("tied", {})
+    with ShardReader(ckpt, index, "model") as f:
+        weights = {name: f.rows(name if name in index["model"] else tied[name], rows[name]) for name in targets}
+    state: Optional[dict] = None
+    if optimizer is not None and index.get("optim"):
+        metadata = {"format": "lmforge-optimizer-v1", "param_groups": json.dumps(index.get("param_groups")),
+                    "scalars": json.dumps(index.get("scalars", {}))}
+        stand_ins = {name: torch.empty(entry["shape"], device="meta") for name, entry in index["optim"].items()}
+        moments, groups = _optimizer_state(optimizer, ckpt / SHARD_INDEX, stand_ins, metadata)
+        names = optimizer_param_names(model, optimizer)
+        with ShardReader(ckpt, index, "optim") as f:
+            for i, entry in moments.items():
+                for key, value in entry.items():
+                    if torch.is_tensor(value):  # a moment has its parameter's rows; a step count is whole
+                        entry[key] = f.rows(f"state.{i}.{key}", rows[names[i]] if value.ndim else None)
+        state = {"state": moments, "param_groups": groups}
+    try:
+        if is_sharded(model):
+            load_local_state(model, weights, optimizer, state)
+            return
+        unwrap(model).load_state_dict(weights, strict=True)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt} does not fit the model: {_one_line(e)}") from None
+    if optimizer is not None and state is not None:
+        try:
+            optimizer.load_state_dict(state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise _unfit_optimizer(ckpt / SHARD_INDEX, e) from None
+
+
 # -------------------------------------------------------------------------------------------- load
 def read_run_config(ckpt: str | Path) -> RunConfig:
     """The resolved RunConfig stored in a checkpoint directory's config.json."""
@@ -684,8 +1019,11 @@ def save_weights(model: nn.Module, path: Path, weights: Optional[dict[str, torch
 def load_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str = "cpu") -> None:
     """Load model.safetensors of `ckpt` into `model` (names and shapes must match exactly; a model with LoRA
     adapters loads only its adapters and heads, the base weights it holds stay)."""
+    if checkpoint_shards(ckpt) is not None:
+        load_sharded(ckpt, model)
+        return
     path = Path(ckpt) / "model.safetensors"
-    check_weights_fit(model, path)
+    check_weights_fit(model, Path(ckpt))
     if is_adapted(unwrap(model)):
         with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
             for name, tensor in saved_tensors(model).items():
@@ -703,14 +1041,18 @@ def load_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str 
         raise CheckpointError(f"{path} does not fit the model: {_one_line(e)}") from None
 
 
-def check_weights_fit(model: nn.Module, path: Path) -> None:
-    """Raise CheckpointError naming the differing tensors unless `path` holds exactly `model`'s weights.
+def check_weights_fit(model: nn.Module, ckpt: Path) -> None:
+    """Raise CheckpointError naming the differing tensors unless checkpoint `ckpt` holds exactly `model`'s weights.
 
-    Reads only the safetensors header (validated against the file size); a tied weight may be stored
-    under either of its names.
+    Reads only the safetensors header (validated against the file size), or a sharded checkpoint's shards.json;
+    a tied weight may be stored under either of its names.
     """
-    header = check_safetensors(path)
-    stored = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    if checkpoint_shards(ckpt) is not None:
+        path = ckpt / SHARD_INDEX
+        stored = {k: tuple(v["shape"]) for k, v in read_shard_index(ckpt)["model"].items()}
+    else:
+        path = ckpt / "model.safetensors"
+        stored = {k: tuple(v["shape"]) for k, v in check_safetensors(path).items() if k != "__metadata__"}
     if not is_adapted(unwrap(model)) and any(".lora." in k for k in stored):
         raise CheckpointError(f"{path} holds LoRA adapters, not a whole model: `lmforge merge` its run into a full "
                               f"checkpoint first, and use that")
@@ -736,6 +1078,9 @@ def load_training_state(ckpt: str | Path, model: nn.Module, optimizer: Optional[
     """
     ckpt = Path(ckpt)
     manifest = manifest if manifest is not None else verify_checkpoint(ckpt)
+    if checkpoint_shards(ckpt) is not None:
+        load_sharded(ckpt, model, optimizer)
+        return _read_json(ckpt / "state.json", "checkpoint state")
     load_weights(model, ckpt, device)
     if optimizer is not None and "optimizer.safetensors" in manifest["files"]:
         load_optimizer_tensors(optimizer, ckpt / "optimizer.safetensors", model)
@@ -753,9 +1098,7 @@ def load_body_weights(model: nn.Module, ckpt: str | Path, device: torch.device |
     ckpt = Path(ckpt)
     verify_checkpoint(ckpt)
     path = ckpt / "model.safetensors"
-    check_safetensors(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors = read_weights(ckpt)
     if "tok_emb.weight" not in tensors and "lm_head.weight" in tensors:  # tied: stored under the head's name
         tensors["tok_emb.weight"] = tensors["lm_head.weight"]
     tensors.pop("lm_head.weight", None)
@@ -849,7 +1192,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     config = read_run_config(ckpt)
     with torch.device("meta"):  # the shapes config.json describes, checked against the file before allocating
         shape = GPT(config.model)
-        check_weights_fit(shape if config.lora is None else apply_lora(shape, config.lora), ckpt / "model.safetensors")
+        check_weights_fit(shape if config.lora is None else apply_lora(shape, config.lora), ckpt)
     device = resolve_device(device) if isinstance(device, str) else device
     if config.lora is None:
         model = GPT(config.model)

@@ -411,6 +411,13 @@ class TrainConfig:
                                            "difference.", "ddp")
     fsdp_cpu_offload: bool = doc("parallel fsdp: keep the weight shards and the optimizer step in host memory "
                                  "(CPUOffloadPolicy), for a model too big for the GPUs even sharded.", False)
+    checkpoint_format: Literal["full", "sharded"] = doc(
+        "full: each checkpoint is gathered whole to rank 0 and written as model.safetensors and "
+        "optimizer.safetensors (the host of rank 0 must hold the whole state); sharded (parallel fsdp only): each "
+        "process writes its own rows of every weight and optimizer moment (model-rankR-of-N.safetensors, "
+        "optim-rankR-of-N.safetensors) and shards.json says which rows each holds, so no process ever holds the "
+        "whole model. Either resumes into any number of processes; eval, generate, export and serve read both.",
+        "full")
     resume: str = doc("none | auto (newest complete checkpoint in run_dir) | PATH to a checkpoint.", "none")
     init_from: str = doc("none | PATH of a checkpoint or run (e.g. from `lmforge import`) whose model and weights "
                          "a new run starts from; optimizer, step and data start fresh, model.* comes from it.", "none")
@@ -509,6 +516,9 @@ class RunConfig:
         if self.optim.name == "muon" and self.train.parallel == "fsdp":
             raise ConfigError("optim.name=muon is not supported with train.parallel=fsdp: Muon orthogonalises whole "
                               "matrices, each process holds a shard; use optim.name adamw, or train.parallel ddp")
+        if self.train.checkpoint_format == "sharded" and self.train.parallel != "fsdp":
+            raise ConfigError("train.checkpoint_format=sharded writes each FSDP process's shard, but train.parallel is "
+                              f"{self.train.parallel}: add --train.parallel fsdp, or use train.checkpoint_format full")
         if self.train.fsdp_cpu_offload and self.train.parallel != "fsdp":
             raise ConfigError("train.fsdp_cpu_offload offloads FSDP's shards, but train.parallel is "
                               f"{self.train.parallel}: add --train.parallel fsdp, or drop it")

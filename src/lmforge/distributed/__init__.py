@@ -180,9 +180,93 @@ def full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> 
     named = get_optimizer_state_dict(model, optimizer, options=options)
     if not named:  # not rank 0
         return weights, {}
+    return weights, _by_index(named)
+
+
+def _by_index(named: dict) -> dict:
+    """An optimizer state dict keyed by parameter name (the state_dict helpers' form) -> keyed by index, the form
+    optimizer.state_dict() gives one process (indices in the order of the param groups)."""
     index = {name: i for i, name in enumerate(n for group in named["param_groups"] for n in group["params"])}
     groups = [{**group, "params": [index[n] for n in group["params"]]} for group in named["param_groups"]]
-    return weights, {"state": {index[n]: entry for n, entry in named["state"].items()}, "param_groups": groups}
+    return {"state": {index[n]: entry for n, entry in named["state"].items()}, "param_groups": groups}
+
+
+def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """The inverse of _by_index for `optimizer` stepping `model`'s parameters."""
+    names = optimizer_param_names(model, optimizer)
+    return {"state": {names[i]: entry for i, entry in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]}
+
+
+def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter `optimizer` steps, in its index order (param groups in order)."""
+    by_id = {id(p): name for name, p in unwrap(model).named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def local_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, Optional[dict]]:
+    """(model state dict, optimizer state dict keyed by index) as this process holds them, on the CPU: a sharded
+    weight or AdamW moment is a DTensor whose to_local() is this process's rows (FSDP2 shards dim 0, Shard(0));
+    anything else (the step counts; every tensor of an unsharded model) is whole. Nothing is gathered."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=False, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return weights, None
+    return weights, _by_index(get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def held_rows(tensors: dict[str, torch.Tensor]) -> dict[str, Optional[tuple[int, int]]]:
+    """{name: (start, stop)}: the rows along dim 0 of each sharded tensor (a DTensor, FSDP2's Shard(0)) this process
+    holds; None for a whole tensor. With sharded tensors a collective (every process calls it with the same names):
+    the shards lie in rank order, so a process's rows start where the lower ranks' end."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    counts = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, DTensor):
+            if tuple(tensor.placements) != (Shard(0),):
+                raise ValueError(f"{name} is placed {tensor.placements}; sharded checkpoints hold Shard(0) tensors")
+            counts[name] = tensor.to_local().shape[0]
+    rows: dict[str, Optional[tuple[int, int]]] = {name: None for name in tensors}
+    if not counts:
+        return rows
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, counts)
+    for name in counts:
+        start = sum(c[name] for c in every[: dist.get_rank()])
+        rows[name] = (start, start + counts[name])
+        if sum(c[name] for c in every) != tensors[name].shape[0]:
+            raise ValueError(f"the shards of {name} do not add up to its {tensors[name].shape[0]} rows")
+    return rows
+
+
+def load_local_state(model: nn.Module, weights: dict[str, torch.Tensor], optimizer: Optional[torch.optim.Optimizer] = None,
+                     optimizer_state: Optional[dict] = None) -> None:
+    """Load this process's part of the state (`weights` by name, `optimizer_state` keyed by index as local_state
+    gives it): a tensor of a sharded weight or moment holds this process's rows (held_rows), anything else is
+    whole. Each process reads only its rows, so no process ever holds the whole model."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.tensor import DTensor
+
+    def like(target: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        if not isinstance(target, DTensor):
+            return local
+        return DTensor.from_local(local.to(target.device), target.device_mesh, target.placements, run_check=False,
+                                  shape=target.shape, stride=target.stride())
+
+    params = dict(unwrap(model).state_dict(keep_vars=True))
+    options = StateDictOptions(full_state_dict=False)
+    set_model_state_dict(model, {name: like(params[name], t) for name, t in weights.items()}, options=options)
+    if optimizer is not None and optimizer_state is not None:
+        names = optimizer_param_names(model, optimizer)
+        state = {"state": {i: {key: like(params[names[i]], v) if torch.is_tensor(v) and v.ndim > 0 else v
+                               for key, v in entry.items()} for i, entry in optimizer_state["state"].items()},
+                 "param_groups": optimizer_state["param_groups"]}
+        set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, state), options=options)
 
 
 def load_full_state(model: nn.Module, weights: Optional[dict], optimizer: Optional[torch.optim.Optimizer] = None,
@@ -196,12 +280,7 @@ def load_full_state(model: nn.Module, weights: Optional[dict], optimizer: Option
     if weights is not None:
         set_model_state_dict(model, weights, options=options)
     if optimizer is not None and optimizer_state is not None:
-        by_id = {id(p): name for name, p in unwrap(model).named_parameters()}
-        order = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
-        named = {"state": {order[i]: entry for i, entry in optimizer_state["state"].items()},
-                 "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
-                                  for group in optimizer_state["param_groups"]]}
-        set_optimizer_state_dict(model, optimizer, named, options=options)
+        set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, optimizer_state), options=options)
 
 
 @contextlib.contextmanager

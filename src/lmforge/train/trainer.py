@@ -43,6 +43,7 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
                                 resolve_checkpoint,
                                 restore_rng, save_checkpoint, verified_checkpoint)
 from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, lora_base
+from lmforge.checkpoint import has_optimizer_state, save_sharded_checkpoint
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
@@ -688,9 +689,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ checkpoints
     def save(self) -> None:
-        """Checkpoint the current step (every process contributes its RNG and data state; rank 0 writes)."""
+        """Checkpoint the current step (every process contributes its RNG and data state; rank 0 writes, or with
+        train.checkpoint_format sharded every process writes its own rows of the weights and optimizer state)."""
+        sharded = self.config.train.checkpoint_format == "sharded"
         per_rank = gather_objects({"rng": capture_rng(), "data": self.train_data.state_dict()}, self.dist)
-        whole = full_state(self.raw_model, self.optimizer) if is_sharded(self.raw_model) else None  # to rank 0
+        whole = full_state(self.raw_model, self.optimizer) if is_sharded(self.raw_model) and not sharded else None
+        state: dict[str, Any] = {}
         if self.dist.is_main:
             measured_now = self.val_step == self.step  # a stale val loss must not make this the "best" one
             state = {"tokens_seen": self.tokens_seen, "val_loss": self.val_loss if measured_now else None,
@@ -703,11 +707,16 @@ class Trainer:
                 state["task"] = self.task
             if self.base is not None:  # a LoRA run: model.safetensors holds adapters (and heads), the base is named
                 state["lora"], state["base"] = to_dict(self.config.lora), self.base
+        if sharded:  # a collective
+            self.last_checkpoint = save_sharded_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
+                                                           self.config, state, self.tokenizer_file, self.dist)
+        elif self.dist.is_main:
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
                                                    self.config, state, self.tokenizer_file, whole)
-            prune_checkpoints(self.run_dir, self.config.train.keep_last)
         else:  # where rank 0 writes it
             self.last_checkpoint = self.run_dir / CHECKPOINTS / checkpoint_name(self.step)
+        if self.dist.is_main:
+            prune_checkpoints(self.run_dir, self.config.train.keep_last)
 
     def restore(self) -> None:
         """Continue from a checkpoint per train.resume: none | auto (newest intact one, if any) | PATH.
@@ -730,7 +739,7 @@ class Trainer:
                 return  # auto with nothing to resume: a fresh run
         else:
             ckpt, manifest = verified_checkpoint(tc.resume, warn=self.dist.is_main)
-        if "optimizer.safetensors" not in manifest["files"]:  # weights only, e.g. written by `lmforge import`
+        if not has_optimizer_state(manifest):  # weights only, e.g. written by `lmforge import`
             raise CheckpointError(f"{ckpt} holds weights but no training state, so there is nothing to resume; "
                                   f"start a new run from it: --train.init_from {ckpt} --run-dir NEW_DIR")
         saved_model = to_dict(read_run_config(ckpt).model)
