@@ -279,28 +279,36 @@ NAN = "loss@3#1=nan"  # every launch: rank 1's loss at step 3 is NaN, and both p
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_a_killed_rank_ends_the_job_and_resume_matches_the_uninterrupted_job(data, tmp_path, parallel):
-    from safetensors.torch import load_file
+@pytest.mark.parametrize("parallel, checkpoint_format, kill", [
+    ("ddp", "full", "step@5#1=kill"),  # rank 1 SIGKILLed at the start of step 5
+    ("fsdp", "full", "step@5#1=kill"),
+    # rank 1 SIGKILLed in the save of step 4, its files written, rank 0's not: step 4 never counts, resume from 3
+    ("fsdp", "sharded", "save:optim-rank1-of-2.safetensors@4#1=kill"),
+])
+def test_a_killed_rank_ends_the_job_and_resume_matches_the_uninterrupted_job(data, tmp_path, parallel,
+                                                                             checkpoint_format, kill):
+    from lmforge.checkpoint import complete_checkpoints, read_weights
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    job = [*JOB, "--train.parallel", parallel]
+    job = [*JOB, "--train.parallel", parallel, "--train.checkpoint_format", checkpoint_format]
     done = _torchrun_cli(data, reference, *job, fault=NAN)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    crashed = _torchrun_cli(data, killed, *job, fault=f"{NAN},step@5#1=kill")
+    crashed = _torchrun_cli(data, killed, *job, fault=f"{NAN},{kill}")
     ended = time.time()
-    assert crashed.returncode != 0 and "exitcode  : -9" in crashed.stderr  # rank 1 was SIGKILLed at step 5
+    assert crashed.returncode != 0 and "exitcode  : -9" in crashed.stderr
     last_record = max(json.loads(line)["time"] for line in (killed / "metrics.jsonl").read_text().splitlines())
     assert ended - last_record < 20  # the survivor did not hang: well within train.dist_timeout
     assert max(step_losses(killed)) == 4
+    newest = 3 if kill.startswith("save:") else 4
+    assert complete_checkpoints(killed)[-1].name == f"step-{newest:08d}"
 
     resumed = _torchrun_cli(data, killed, *job, "--resume", "auto", fault=NAN)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert step_losses(killed) == step_losses(reference)  # exact: gloo sums two processes in a fixed order
-    a = load_file(str(reference / "checkpoints" / "step-00000008" / "model.safetensors"))
-    b = load_file(str(killed / "checkpoints" / "step-00000008" / "model.safetensors"))
-    assert all(bool((a[k] == b[k]).all()) for k in a)
+    a = read_weights(reference / "checkpoints" / "step-00000008")
+    b = read_weights(killed / "checkpoints" / "step-00000008")
+    assert sorted(a) == sorted(b) and all(bool((a[k] == b[k]).all()) for k in a)
     for run in (reference, killed):  # the NaN step was skipped on both processes, and counted once
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["skipped_nonfinite"] for r in records if r["kind"] == "train"][-1] == 1
