@@ -10,7 +10,12 @@ Table: the plan of char-small, GPT-2 124M, GPT-2 1.5B and a 7B Llama trained on 
 (20 tokens per parameter): FLOPs, memory, and the time on this CPU (fp32, measured peak) against one H100
 (bf16-mixed, 40% MFU), for the README's "Why training takes so much compute".
 
+Per-GPU memory under DDP and FSDP ("parallel"): GPT-2 124M and a Llama-3.2-1B-like model (PARALLEL) on 1, 2 and
+8 H100s, fp32 and bf16-mixed, with and without activation checkpointing, as `lmforge plan --gpus K --parallel
+ddp|fsdp` computes it (no timing: --parallel-only recomputes just this key of an existing results file).
+
     python benchmarks/plan_accuracy.py --json-out benchmarks/results/plan_accuracy-cpu.json
+    python benchmarks/plan_accuracy.py --parallel-only --json-out benchmarks/results/plan_accuracy-cpu.json
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from lmforge.config import load_run_config  # noqa: E402
 from lmforge.files import atomic_write_text  # noqa: E402
-from lmforge.plan import measure, plan  # noqa: E402
+from lmforge.plan import GPUS, measure, plan  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 MEASURED = {  # name: overrides of `lmforge train` (a few steps each, one thread)
@@ -47,6 +52,16 @@ TABLE = {  # name: overrides; batch of about 0.5M tokens per step on the H100 th
                  "model.tie_embeddings": False, "train.batch_size": 1, "train.grad_accum": 128},
 }
 TARGETS = {"memory": 0.20, "step_time": 0.30}
+# name: overrides; the micro-batch is per GPU. llama-1b has Llama 3.2 1B's shape: 16 layers, 2048 wide, 32 query
+# heads and 8 key/value heads of 64, SwiGLU 8192, a 128,256-token vocabulary, tied embeddings (1,235,814,400
+# parameters, Meta's count), here at a 2048-token context.
+PARALLEL = {
+    "gpt2-124m": {"preset": "gpt2-124m", "train.batch_size": 8},
+    "llama-1b": {"preset": "llama-small", "model.vocab_size": 128256, "model.block_size": 2048, "model.n_layer": 16,
+                 "model.n_head": 32, "model.n_kv_head": 8, "model.n_embd": 2048, "model.mlp_hidden": 8192,
+                 "train.batch_size": 4},
+}
+PARALLEL_GPUS = (1, 2, 8)
 
 
 def config(overrides: dict, **more: object):
@@ -95,14 +110,51 @@ def table_row(name: str) -> dict:
     }
 
 
+def parallel_table(device: str = "h100") -> dict:
+    """Per-GPU memory (GiB) of each PARALLEL model: {name: {precision: {"1" | "ddp-K" | "fsdp-K": sizes}}}."""
+    models = {}
+    for name, overrides in PARALLEL.items():
+        row: dict = {}
+        for precision in ("fp32", "bf16-mixed"):
+            cells = {}
+            for gpus in PARALLEL_GPUS:
+                for parallel in (("ddp",) if gpus == 1 else ("ddp", "fsdp")):
+                    p = plan(config(overrides, **{"train.precision": precision}), device=device, gpus=gpus,
+                             parallel=parallel)
+                    cells["1" if gpus == 1 else f"{parallel}-{gpus}"] = {
+                        key: round(getattr(p, key) / 2 ** 30, 2) for key in
+                        ("weights", "gradients", "optimizer", "state", "activations", "activations_checkpointed",
+                         "total_memory", "total_memory_checkpointed")}
+                    cells["1" if gpus == 1 else f"{parallel}-{gpus}"]["fits"] = p.total_memory <= p.device_memory
+            row[precision] = cells
+        m = config(overrides).model
+        models[name] = {"parameters": p.parameters, "parameters_m": round(p.parameters / 1e6, 1),
+                        "micro_batch_per_gpu": config(overrides).train.batch_size, "block_size": m.block_size,
+                        "dims": {"n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
+                                 "n_kv_head": m.n_kv_head, "hidden": m.hidden_dim, "vocab_size": m.vocab_size},
+                        **row}
+    return {"device": device, "device_memory_gb": round(GPUS[device].memory / 1e9), "gpus": list(PARALLEL_GPUS),
+            "unit": "GiB per GPU", "models": models}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="timed steps per config after one warm-up step")
     p.add_argument("--configs", default=",".join(MEASURED))
     p.add_argument("--json-out", default=None)
+    p.add_argument("--parallel-only", action="store_true",
+                   help="recompute only the 'parallel' key (per-GPU memory under DDP/FSDP) of --json-out, no timing")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.parallel_only:
+        if not args.json_out or not Path(args.json_out).exists():
+            raise SystemExit("--parallel-only updates an existing results file: give it with --json-out")
+        summary = json.loads(Path(args.json_out).read_text(encoding="utf-8"))
+        summary["parallel"] = parallel_table()
+        print(json.dumps(summary["parallel"], indent=2))
+        atomic_write_text(Path(args.json_out), json.dumps(summary, indent=2) + "\n")
+        return
     if args.child:
         print(json.dumps(child(args.child, args.steps)))
         return
@@ -120,7 +172,7 @@ def main() -> None:
         print(name, json.dumps(row), file=sys.stderr)
     summary = {"benchmark": "plan_accuracy", "machine": {**started, "load_average_at_end": load_average()},
                "targets": TARGETS, "timed_steps": args.steps, "threads": 1, "accuracy": accuracy,
-               "table": {name: table_row(name) for name in TABLE}}
+               "table": {name: table_row(name) for name in TABLE}, "parallel": parallel_table()}
     summary["machine"]["load_average_at_end"] = load_average()
     print(json.dumps(summary, indent=2))
     if args.json_out:

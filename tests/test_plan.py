@@ -123,3 +123,30 @@ def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(["plan", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_the_readmes_ddp_fsdp_table_is_the_plan_of_today_and_equals_a_hand_count():
+    """benchmarks/plan_accuracy.py's per-GPU table (README, "Why training takes so much compute"): its stored
+    numbers are what lmforge.plan computes now (rerun `--parallel-only` after changing the formulas), and the 1B
+    model's parameters and per-GPU state equal a count by hand from its shape."""
+    import json
+    from pathlib import Path
+
+    import plan_accuracy  # benchmarks/plan_accuracy.py
+
+    stored = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" /
+                         "plan_accuracy-cpu.json").read_text(encoding="utf-8"))["parallel"]
+    assert stored == plan_accuracy.parallel_table(), "rerun benchmarks/plan_accuracy.py --parallel-only --json-out ..."
+    C, L, V, H, kv = 2048, 16, 128256, 8192, 8 * 64  # Llama 3.2 1B: 8 key/value heads of 64
+    block = C * C + 2 * C * kv + C * C + 3 * C * H + 2 * C  # q, k and v, o, SwiGLU's three matrices, two RMSNorms
+    P = V * C + L * block + C  # tied embedding, the blocks, the final norm
+    llama = stored["models"]["llama-1b"]
+    assert llama["parameters"] == P == 1_235_814_400  # Meta's published count
+    gib = lambda n: round(n / 2 ** 30, 2)  # noqa: E731
+    bf16 = llama["bf16-mixed"]  # fp32 weights + a bf16 copy (6 B), fp32 gradients (4 B), AdamW's moments (8 B)
+    assert bf16["1"]["state"] == gib(18 * P)
+    assert bf16["ddp-8"]["state"] == gib(22 * P)  # + DDP's fp32 gradient buckets
+    gathered = 2 * block * 6  # FSDP: the block being computed and the prefetched next one, whole, in weights and grads
+    assert bf16["fsdp-8"]["state"] == gib(18 * P / 8 + 2 * gathered)
+    assert bf16["fsdp-2"]["state"] == gib(18 * P / 2 + 2 * gathered)
+    assert llama["fp32"]["fsdp-8"]["state"] == gib(16 * P / 8 + 2 * 2 * block * 4)
