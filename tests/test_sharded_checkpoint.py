@@ -126,3 +126,22 @@ def test_the_index_names_each_rows_rank_and_shape(runs):
     entry = index["model"]["blocks.0.attn.qkv.weight"]
     assert entry["dtype"] == "float32" and entry["rows"] == [[0, 0, entry["shape"][0]]]
     assert all(e["shape"] == [] for name, e in index["optim"].items() if name.endswith(".step"))
+
+
+def test_a_full_disk_in_a_shards_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC while a rank writes its shard: one CheckpointError saying so, the half-written directory removed,
+    the previous checkpoint intact and still the newest."""
+    from lmforge.checkpoint import complete_checkpoints, verify_checkpoint
+    from lmforge.errors import CheckpointError
+    from tiny_training import tiny_config, tiny_trainer
+
+    run = tmp_path / "run"
+    trainer = tiny_trainer(tiny_config(run, **{"train.parallel": "fsdp", "train.checkpoint_format": "sharded",
+                                               "train.max_steps": 4, "train.save_interval": 2}))
+    monkeypatch.setenv("LMFORGE_FAULT", "save:model-rank0-of-1.safetensors@4=enospc")
+    with pytest.raises(CheckpointError, match="no space left on the device while writing checkpoint .*step-00000004; "
+                                              "the previous checkpoint .*step-00000002 is intact"):
+        trainer.fit()
+    assert [c.name for c in complete_checkpoints(run)] == ["step-00000002"]
+    verify_checkpoint(run / "checkpoints" / "step-00000002")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002"]
