@@ -10,6 +10,10 @@
         tokenizer.json         copied from the prepared data, so the directory alone can generate
         manifest.json          sha256 and size of every file above, written LAST
 
+A sharded checkpoint (train.checkpoint_format sharded, under fsdp) holds model-rank{r}-of-{N}.safetensors and
+optim-rank{r}-of-{N}.safetensors, each process's own rows, and shards.json in place of the two whole files
+(save_sharded_checkpoint, load_sharded); readers outside training assemble it on one host.
+
 A save is written into a hidden sibling directory (every file fsynced, manifest.json last), which is
 fsynced and renamed into place, and the parent directory is fsynced: a crash, a kill or a full disk leaves
 either the old state or a complete new checkpoint, and a directory without manifest.json never counts.
