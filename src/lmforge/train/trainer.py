@@ -53,6 +53,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
+from lmforge.train.allocator import keep_freed_memory
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -283,6 +284,8 @@ class Trainer:
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
         self.device = resolve_device(tc.device, _local_rank())
+        if self.device.type == "cpu":  # each step reuses the memory the last one freed, without page faults
+            keep_freed_memory()
         self.dist = setup_distributed(self.device, tc.dist_timeout)
         self.data_manifest_sha256: Optional[str] = None
         self.val_examples: Optional[Any] = None  # sft data: val Examples for task_eval_every
@@ -369,6 +372,19 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps (continuing a checkpoint if train.resume says so); return a summary."""
         tc = self.config.train
+        self.begin()
+        try:
+            with self.stop_on_signals():
+                while self.step < tc.max_steps and not self.advance():
+                    pass
+        finally:
+            self.logger.close()
+        return self.finish()
+
+    def begin(self) -> None:
+        """Before the first step: restore (train.resume), check the disk space, open the metrics, write config.yaml,
+        describe the run, start the clocks."""
+        tc = self.config.train
         self.restore()
         if self.dist.is_main:  # before anything is written: room for keep_last + 1 (+ the best) checkpoints
             keeps_best = bool(self.val_batches) and tc.eval_interval > 0  # a best measured before the last step
@@ -379,34 +395,33 @@ class Trainer:
         self.describe()
         self.started = time.perf_counter()
         self.throughput = Throughput(self.tokens_seen, self.device)
-        try:
-            with self.stop_on_signals():
-                while self.step < tc.max_steps:
-                    loss_sum, count, grad_norm, lr = self.train_step()
-                    self.step += 1
-                    self.maybe_log(loss_sum, count, grad_norm, lr)
-                    self.maybe_eval()
-                    saved = self.maybe_save()
-                    if self.stop_requested or self.early_stopped or self.stopped_by_hook:
-                        if not saved:
-                            with self.throughput.paused():
-                                self.save()
-                        if self.early_stopped:
-                            sel = self.selection
-                            self.logger.info(f"stopped early at step {self.step}: {sel.metric} has not improved on "
-                                             f"{sel.value:.4f} (step {sel.step}) for {sel.since} evaluations "
-                                             f"(train.patience={sel.patience})")
-                            break
-                        if self.stopped_by_hook:
-                            self.logger.info(f"stopped at step {self.step}: {self.stopped_by_hook}")
-                            break
-                        by = self.stop_signal or "a signal to another process"
-                        self.logger.info(f"stopped at step {self.step} by {by}: checkpoint {self.last_checkpoint}; "
-                                         f"continue with --resume auto")
-                        break
-        finally:
-            self.logger.close()
-        return self.finish()
+
+    def advance(self) -> bool:
+        """One turn of the loop: train_step, then log, evaluate and save when due. True when the run must stop
+        here (a stop signal, patience, or an on_eval hook), after a checkpoint of this step.
+        (benchmarks/train_throughput.py times the loop round by round: begin(), then advance() per step.)"""
+        loss_sum, count, grad_norm, lr = self.train_step()
+        self.step += 1
+        self.maybe_log(loss_sum, count, grad_norm, lr)
+        self.maybe_eval()
+        saved = self.maybe_save()
+        if not (self.stop_requested or self.early_stopped or self.stopped_by_hook):
+            return False
+        if not saved:
+            with self.throughput.paused():
+                self.save()
+        if self.early_stopped:
+            sel = self.selection
+            self.logger.info(f"stopped early at step {self.step}: {sel.metric} has not improved on "
+                             f"{sel.value:.4f} (step {sel.step}) for {sel.since} evaluations "
+                             f"(train.patience={sel.patience})")
+        elif self.stopped_by_hook:
+            self.logger.info(f"stopped at step {self.step}: {self.stopped_by_hook}")
+        else:
+            by = self.stop_signal or "a signal to another process"
+            self.logger.info(f"stopped at step {self.step} by {by}: checkpoint {self.last_checkpoint}; "
+                             f"continue with --resume auto")
+        return True
 
     @contextlib.contextmanager
     def stop_on_signals(self):
