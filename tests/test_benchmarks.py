@@ -22,12 +22,15 @@ def load(name: str):
 def test_train_throughput_runs_and_both_models_agree():
     pytest.importorskip("transformers")
     summary = load("train_throughput").main(["--configs", "char-small", "--rounds", "1", "--seconds", "0.1",
-                                             "--no-bf16"])
+                                             "--no-bf16", "--profile-steps", "3"])
     result = summary["configs"]["char-small"]
     assert result["max_logits_diff"] < 1e-4  # same weights through the converter: same logits
+    # the Trainer's first step and the HF loop's: the same weights on the same first batch of the shards
     assert result["first_step_loss"]["lmforge"] == pytest.approx(result["first_step_loss"]["hf"], abs=1e-4)
     assert result["fp32"]["lmforge_tokens_per_s"] > 0 and result["fp32"]["hf_tokens_per_s"] > 0
-    assert summary["peak_fp32_gflops"] > 0
+    assert len(result["fp32"]["peak_fp32_gflops_samples"]) == 2 and 0 < result["fp32"]["mfu_lmforge"] < 1.5
+    assert sum(result["profile"]["share"].values()) == pytest.approx(1, abs=0.01)
+    assert result["profile"]["self_cpu_ms_per_step"]["matmul"] > 0
 
 
 @pytest.mark.slow
