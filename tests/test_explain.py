@@ -64,7 +64,7 @@ def by_hand(model: GPT, idx: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         if getattr(c, "causal", True):
             scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
         maps.append(torch.softmax(scores, dim=-1))
-        x = block(x, rope)
+        x = block(x, None if rope is None else (rope[0][:, None], rope[1][:, None]))  # (T, 1, hd): the block's layout
     return torch.stack(maps)
 
 

@@ -251,7 +251,7 @@ def test_qk_norm_rms_normalises_each_heads_queries_and_keys_before_rope():
         attn.q_norm.weight.uniform_(0.5, 2.0)
         attn.k_norm.weight.uniform_(0.5, 2.0)
     x = torch.randn(B, T, 32)
-    rope = (model.rope_cos[:T], model.rope_sin[:T])
+    rope = (model.rope_cos[:T, None], model.rope_sin[:T, None])  # (T, 1, hd): over (B, T, n, hd)
 
     def by_hand(norm: bool) -> torch.Tensor:  # softmax(Q K^T / sqrt(hd)) V with Q, K = RMSNorm(q, k) rotated
         q, k, v = attn.qkv(x).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
@@ -259,7 +259,7 @@ def test_qk_norm_rms_normalises_each_heads_queries_and_keys_before_rope():
         if norm:
             q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.q_norm.weight
             k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + 1e-5) * attn.k_norm.weight
-        q, k = apply_rope(q.transpose(1, 2), *rope), apply_rope(k.transpose(1, 2), *rope)  # (B, n, T, hd)
+        q, k = apply_rope(q, *rope).transpose(1, 2), apply_rope(k, *rope).transpose(1, 2)  # (B, n, T, hd)
         k, v = k.repeat_interleave(nh // nkv, 1), v.transpose(1, 2).repeat_interleave(nh // nkv, 1)
         scores = (q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(~torch.ones(T, T).tril().bool(), -math.inf)
         return attn.proj((torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(B, T, nh * hd))
