@@ -4,6 +4,8 @@ Each mutant is an exact text replacement in one file of a copy of src/lmforge (t
 touched); the named tests run against the copy (PYTHONPATH first, ahead of the editable install) and every one
 of them must fail. A mutant whose target text is no longer in the file is an error: update the mutant with the
 code. First the named tests run unmutated and must pass, so that a failure means the break was caught.
+Mutants run --jobs at a time (default 2, one per core of the machine `make test` is sized for), each job in
+its own copy of the package. `make test` runs this after pytest.
 
     .venv/bin/python scripts/mutation_check.py            # every mutant, a table, exit 1 if one survives
     .venv/bin/python scripts/mutation_check.py --list     # the mutants and their tests
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +131,7 @@ def target(copy: Path, mutant: Mutant) -> str:
 def run_tests(package_parent: Path, tests: tuple[str, ...]) -> dict[str, str]:
     """{node id: PASSED | FAILED | SKIPPED | NOT RUN} of `tests` run against the package under package_parent;
     a node id naming a parametrized test stands for all its cases: FAILED if one of them failed."""
+    assert tests, "no tests named: pytest would run the whole suite"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_parent), os.environ.get("PYTHONPATH", "")]),
            "PYTHONDONTWRITEBYTECODE": "1"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-rA",
@@ -144,6 +149,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once, each in its own copy (default 2)")
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
     unknown = set(args.names) - {m.name for m in MUTANTS}
@@ -153,14 +159,20 @@ def main() -> int:
         for m in chosen:
             print(f"{m.name:22} src/lmforge/{m.file:18} {' '.join(m.tests)}")
         return 0
+    jobs = max(1, args.jobs)
     with tempfile.TemporaryDirectory(prefix="lmforge-mutants-") as tmp:
-        copy = Path(tmp) / "lmforge"
-        shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+        copies: queue.Queue[Path] = queue.Queue()  # package parents, one per job: a mutant edits its own copy
+        for i in range(jobs):
+            shutil.copytree(PACKAGE, Path(tmp) / f"job{i}" / "lmforge", ignore=shutil.ignore_patterns("__pycache__"))
+            copies.put(Path(tmp) / f"job{i}")
         for m in chosen:  # every target must be there before anything runs
-            target(copy, m)
+            target(Path(tmp) / "job0" / "lmforge", m)
         tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
         started = time.perf_counter()
-        baseline = run_tests(Path(tmp), tests)
+        with ThreadPoolExecutor(jobs) as pool:  # the unmutated run split over the jobs' copies (none empty)
+            parts = pool.map(lambda part: run_tests(Path(tmp) / f"job{part}", tests[part::jobs]),
+                             range(min(jobs, len(tests))))
+            baseline = {test: outcome for part in parts for test, outcome in part.items()}
         broken = {t: o for t, o in baseline.items() if o not in ("PASSED", "SKIPPED")}
         if broken:
             print("the named tests must pass on the unmutated code first:", file=sys.stderr)
@@ -168,21 +180,25 @@ def main() -> int:
                 print(f"  {outcome}: {test}", file=sys.stderr)
             return 1
         print(f"baseline: {len(tests)} named tests pass ({time.perf_counter() - started:.0f} s)")
-        rows, survivors = [], []
-        for m in chosen:
-            started = time.perf_counter()
+        def run_mutant(m: Mutant) -> tuple[str, str, str, str, float]:
+            """Apply `m` to a free copy, run its tests, undo it: (name, file, failed/named, verdict, seconds)."""
+            started, parent = time.perf_counter(), copies.get()
+            copy = parent / "lmforge"
             original = target(copy, m)
             (copy / m.file).write_text(original.replace(m.old, m.new), encoding="utf-8")
             try:
-                outcomes = run_tests(Path(tmp), m.tests)
+                outcomes = run_tests(parent, m.tests)
             finally:
                 (copy / m.file).write_text(original, encoding="utf-8")
+                copies.put(parent)
             caught = [t for t in m.tests if outcomes[t] == "FAILED"]
             skipped = [t for t in m.tests if outcomes[t] == "SKIPPED" or baseline[t] == "SKIPPED"]
             verdict = "caught" if len(caught) == len(m.tests) else ("not run (skipped here)" if skipped else "SURVIVED")
-            if verdict == "SURVIVED":
-                survivors.append(m.name)
-            rows.append((m.name, m.file, f"{len(caught)}/{len(m.tests)}", verdict, time.perf_counter() - started))
+            return m.name, m.file, f"{len(caught)}/{len(m.tests)}", verdict, time.perf_counter() - started
+
+        with ThreadPoolExecutor(jobs) as pool:
+            rows = list(pool.map(run_mutant, chosen))
+        survivors = [name for name, _, _, verdict, _ in rows if verdict == "SURVIVED"]
     width = max(len(r[0]) for r in rows)
     print(f"{'mutant':{width}}  {'file':18}  tests failed  verdict                 seconds")
     for name, file, failed, verdict, seconds in rows:

@@ -1,5 +1,5 @@
 """scripts/mutation_check.py stays runnable: every mutant's target text is in the code exactly once and every test
-it names exists (the mutants themselves run with `make mutation`, a few minutes)."""
+it names exists (the mutants themselves run with `make mutation`, also at the end of `make test`)."""
 
 from __future__ import annotations
 
