@@ -77,15 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------ timing
 def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n torch.mm in `dtype` (the best of `repeats` after a warm-up)."""
+    """FLOP/s of `repeats` n x n x n torch.mm in `dtype` after a warm-up, over their whole time: like a round's
+    tokens/s, an average over whatever else the machine did meanwhile."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
-    best = float("inf")
+    t0 = time.perf_counter()
     for _ in range(repeats):
-        t0 = time.perf_counter()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return repeats * 2 * n**3 / (time.perf_counter() - t0)
 
 
 def alternate(steps: dict[str, Callable[[], object]], tokens_per_step: int, rounds: int,
@@ -185,7 +184,7 @@ def kind_of(op: str) -> str:
 def profile_steps(trainer: Trainer, steps: int, peak: float) -> dict:
     """torch.profiler over `steps` Trainer steps: self CPU time per step by kind of op, the ten costliest ops, and
     the rate of the matrix products alone (6 * N_matmul FLOPs per token, N_matmul = the weights of the products)
-    against `peak`."""
+    against `peak`, and the MFU ceiling that rate and attention's leave even if all other work were free."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -210,6 +209,9 @@ def profile_steps(trainer: Trainer, steps: int, peak: float) -> dict:
         "matmul_gflops": round(6 * n_matmul * tokens / (kinds["matmul"] / 1e3) / 1e9, 1),
         "matmul_vs_peak": round(6 * n_matmul * tokens / (kinds["matmul"] / 1e3) / peak, 3),
         "attention_gflops": round((flops_per_token(config) - 6 * n_matmul) * tokens / (kinds.get("attention", 1e-9) / 1e3) / 1e9, 1),
+        # the MFU a step would reach if everything but its matrix products and attention took no time at all
+        "mfu_ceiling_matmul_and_attention_only": round(
+            flops_per_token(config) * tokens / ((kinds["matmul"] + kinds.get("attention", 0.0)) / 1e3) / peak, 3),
     }
 
 
@@ -242,7 +244,7 @@ def compare_config(name: str, args: argparse.Namespace, work: Path) -> dict:
     if name == "char-small" and args.profile_steps:
         out["profile"] = profile_steps(trainer, args.profile_steps, max(peaks))
         print(f"[{name}] profile: {out['profile']['share']}, matmuls at {out['profile']['matmul_vs_peak']} of the "
-              f"peak", flush=True)
+              f"peak, MFU ceiling {out['profile']['mfu_ceiling_matmul_and_attention_only']}", flush=True)
     trainer.logger.close()
 
     if args.compile:
