@@ -138,7 +138,8 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     the key/value heads among query heads itself, without copies); on the CPU in bfloat16 with gradients, through
     matmul_attention, whose backward (bf16 batched matmuls) is 2-3x faster there than the fused kernel's."""
     T, S, gqa = q.size(-2), k.size(-2), k.size(1) != q.size(1)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad and T * S <= CPU_BF16_FORMULA_MAX:
+    training = torch.is_grad_enabled() and q.requires_grad
+    if training and q.device.type == "cpu" and q.dtype == torch.bfloat16 and T * S <= CPU_BF16_FORMULA_MAX:
         return matmul_attention(q, k, v, dropout_p, mask, causal)
     if mask is not None:  # a padded batch
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)

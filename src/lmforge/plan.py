@@ -193,10 +193,11 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     tokens_per_step = t.batch_size * t.grad_accum * m.block_size * gpus
     steps = t.max_steps if tokens is None else math.ceil(tokens / tokens_per_step)
     tokens = steps * tokens_per_step if tokens is None else tokens
-    bf16 = t.precision == "bf16-mixed"
+    bf16 = t.precision in ("bf16-mixed", "bf16-compute")
     notes = []
 
-    # state: fp32 weights and gradients, AdamW's two fp32 moments; bf16-mixed adds autocast's bf16 weight copies
+    # state: fp32 weights and gradients, AdamW's two fp32 moments; bf16 adds the bf16 weight copies (autocast's, or
+    # bf16-compute's)
     P = counts.total
     weights, gradients, optimizer = P * (4 + 2 * bf16), 4.0 * P, 8.0 * P
     largest_block = (counts.non_embedding - m.n_embd * (2 if m.bias and m.norm == "layernorm" else 1)) / m.n_layer

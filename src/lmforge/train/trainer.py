@@ -60,7 +60,7 @@ from lmforge.train.memory import check_memory
 from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
-from lmforge.train.precision import autocast
+from lmforge.train.precision import autocast, run_forward
 from lmforge.train.schedule import build_schedule
 from lmforge.train.selection import BestTracker
 
@@ -567,9 +567,8 @@ class Trainer:
         """(logits, labels) of one CPU batch, on the device: a batch is (x, y), or (x, y, attention_mask) for a
         classifier, whose logits (B, K) come from each row's last real token; else logits are (B, T, V)."""
         x, y, *mask = (self.to_device(t) for t in batch)
-        with autocast(self.config.train.precision, self.device):
-            logits = model(x, attention_mask=mask[0]) if mask else model(x)
-        return logits, y
+        kwargs = {"attention_mask": mask[0]} if mask else {}
+        return run_forward(model, self.config.train.precision, self.device, x, **kwargs), y
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Copy a CPU batch tensor to the device; on CUDA from pinned memory, without blocking the host."""

@@ -1,0 +1,137 @@
+"""bf16 against fp32 in lmforge's own Trainer step on the CPU: speed, and the loss after 2000 steps.
+
+The config: 6 layers, 6 heads, 384 wide, block 256, batch 8 (10.7 M parameters) on the built-in Shakespeare char
+shards (vocabulary 65), every other setting lmforge's default (learned positions, LayerNorm, GELU, AdamW with
+clipping, cosine schedule).
+
+speed    one Trainer per precision (fp32, bf16-mixed, bf16-compute; same seed, so the same weights and batches),
+         timed by Trainer.train_step (data, forward, loss, backward, guard, clipping, AdamW: the step users run)
+         in rounds that alternate the order of the precisions, in one process; the median of the per-round
+         ratios fp32 ms / bf16 ms is reported, with the load average at start and end (the machine is shared).
+quality  a full run of max_steps (default 2000) per precision with Trainer.fit, then the loss over the whole
+         val split (lmforge.eval.perplexity.evaluate_tokens); runs of different precisions may be separate
+         processes (their losses do not depend on timing).
+
+    python benchmarks/bf16_speed.py speed --json-out benchmarks/results/bf16_speed-cpu.json
+    python benchmarks/bf16_speed.py quality --precisions fp32 --json-out benchmarks/results/bf16_quality-fp32-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
+
+from lmforge.config import load_run_config  # noqa: E402
+from lmforge.data.shards import load_split  # noqa: E402
+from lmforge.eval.perplexity import evaluate_tokens  # noqa: E402
+from lmforge.files import atomic_write_text  # noqa: E402
+from lmforge.train.trainer import Trainer  # noqa: E402
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+from quality_shakespeare import ensure_data  # noqa: E402
+
+CONFIG = {"model.n_layer": "6", "model.n_head": "6", "model.n_embd": "384", "model.block_size": "256",
+          "train.batch_size": "8", "train.device": "cpu"}
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-compute")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("part", choices=("speed", "quality"))
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, from " + ", ".join(PRECISIONS))
+    p.add_argument("--data", default=str(ROOT / "data" / "shakespeare-char"), help="prepared dataset (made if missing)")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "bf16-speed"), help="run directories go here")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    p.add_argument("--rounds", type=int, default=7, help="speed: alternating rounds")
+    p.add_argument("--steps", type=int, default=5, help="speed: steps per precision per round")
+    p.add_argument("--max-steps", type=int, default=2000, help="quality: steps per run")
+    p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
+    return p.parse_args(argv)
+
+
+def make_trainer(precision: str, args: argparse.Namespace, run: str, extra: dict[str, str]) -> Trainer:
+    run_dir = Path(args.runs) / run
+    shutil.rmtree(run_dir, ignore_errors=True)  # the benchmark's own output directory
+    config = load_run_config(None, {**CONFIG, "data.path": args.data, "train.precision": precision,
+                                    "train.run_dir": str(run_dir), "train.num_threads": str(args.threads), **extra})
+    return Trainer(config, progress=False, tensorboard=False)
+
+
+def time_steps(trainer: Trainer, n: int) -> float:
+    """Seconds per Trainer.train_step over n steps (the loop's own bookkeeping: step count)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        trainer.train_step()
+        trainer.step += 1
+    return (time.perf_counter() - t0) / n
+
+
+def speed(args: argparse.Namespace, precisions: list[str]) -> dict:
+    trainers = {p: make_trainer(p, args, f"speed-{p}", {"train.max_steps": "100000"}) for p in precisions}
+    for trainer in trainers.values():
+        time_steps(trainer, 2)  # warm-up: allocator, oneDNN primitives
+    per_round: dict[str, list[float]] = {p: [] for p in precisions}
+    for r in range(args.rounds):
+        for p in (precisions if r % 2 == 0 else precisions[::-1]):
+            per_round[p].append(time_steps(trainers[p], args.steps))
+        print(f"round {r}: " + ", ".join(f"{p} {per_round[p][-1] * 1000:.0f} ms" for p in precisions)
+              + f"; load {load_average()}", flush=True)
+    out: dict = {"ms_per_step": {p: round(statistics.median(v) * 1000, 1) for p, v in per_round.items()},
+                 "ms_per_step_per_round": {p: [round(t * 1000, 1) for t in v] for p, v in per_round.items()}}
+    if "fp32" in precisions:
+        out["speedup_vs_fp32"] = {}
+        for p in precisions:
+            if p == "fp32":
+                continue
+            ratios = [a / b for a, b in zip(per_round["fp32"], per_round[p])]
+            out["speedup_vs_fp32"][p] = {"median": round(statistics.median(ratios), 2),
+                                         "min": round(min(ratios), 2), "max": round(max(ratios), 2)}
+    tokens = int(CONFIG["train.batch_size"]) * int(CONFIG["model.block_size"])
+    out["tokens_per_s"] = {p: round(tokens / (ms / 1000)) for p, ms in out["ms_per_step"].items()}
+    return out
+
+
+def quality(args: argparse.Namespace, precisions: list[str]) -> dict:
+    val = load_split(Path(args.data), "val")
+    out = {}
+    for p in precisions:
+        trainer = make_trainer(p, args, f"quality-{p}", {"train.max_steps": str(args.max_steps),
+                                                         "train.save_interval": "0", "train.keep_last": "1"})
+        start = time.time()
+        summary = trainer.fit()
+        wall = time.time() - start
+        whole = evaluate_tokens(trainer.raw_model, val, trainer.config.model.block_size, batch_size=16)
+        out[p] = {"steps": summary["steps"], "train_wall_s": round(wall, 1), "train_loss": round(summary["train_loss"], 4),
+                  "val_loss_fixed_batches": round(summary["val_loss"], 4),
+                  "val_loss_whole_split": round(whole["loss"], 4), "val_tokens": whole["tokens"]}
+        print(f"[{p}] whole-val loss {out[p]['val_loss_whole_split']} after {summary['steps']} steps, {wall:.0f} s",
+              flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ensure_data(Path(args.data))
+    precisions = args.precisions.split(",")
+    summary = {"benchmark": f"bf16_{args.part}", "machine": machine(), "config": CONFIG}
+    summary[args.part] = speed(args, precisions) if args.part == "speed" else quality(args, precisions)
+    summary["machine"]["load_average_at_end"] = load_average()
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if args.json_out:
+        atomic_write_text(Path(args.json_out), text + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
