@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation", default="gelu", choices=("gelu", "gelu_tanh"),
                    help="MLP activation: gelu (exact; char-small's own) or gelu_tanh (GPT-2's gelu_new, 4x slower "
                         "than exact gelu on an AVX-512 CPU with torch 2.13)")
-    p.add_argument("--profile-steps", type=int, default=30, help="Trainer steps of char-small under torch.profiler; 0: none")
+    p.add_argument("--profile-steps", type=int, default=30,
+                   help="Trainer steps of char-small under torch.profiler; 0: none")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16-mixed comparison")
     p.add_argument("--compile", action="store_true",
                    help="also time the Trainer with train.compile=true against eager HF")
@@ -199,19 +200,22 @@ def profile_steps(trainer: Trainer, steps: int, peak: float) -> dict:
     total = sum(kinds.values())
     config = trainer.raw_model.config
     tokens = trainer.config.train.batch_size * config.block_size
-    n_matmul = count_parameters(config).non_embedding + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
+    tied_head = config.vocab_size * config.n_embd if config.tie_embeddings else 0  # the LM head's product
+    n_matmul = count_parameters(config).non_embedding + tied_head
+    matmul_flops, attention_flops = 6 * n_matmul * tokens, (flops_per_token(config) - 6 * n_matmul) * tokens
+    seconds = {k: v / 1e3 for k, v in kinds.items()}
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
     return {
         "steps": steps, "wall_ms_per_step_profiled": round(wall * 1e3, 2),
         "self_cpu_ms_per_step": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "share": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1e3 / steps, 2) for e in top},
-        "matmul_gflops": round(6 * n_matmul * tokens / (kinds["matmul"] / 1e3) / 1e9, 1),
-        "matmul_vs_peak": round(6 * n_matmul * tokens / (kinds["matmul"] / 1e3) / peak, 3),
-        "attention_gflops": round((flops_per_token(config) - 6 * n_matmul) * tokens / (kinds.get("attention", 1e-9) / 1e3) / 1e9, 1),
+        "matmul_gflops": round(matmul_flops / seconds["matmul"] / 1e9, 1),
+        "matmul_vs_peak": round(matmul_flops / seconds["matmul"] / peak, 3),
+        "attention_gflops": round(attention_flops / seconds.get("attention", 1e-12) / 1e9, 1),
         # the MFU a step would reach if everything but its matrix products and attention took no time at all
         "mfu_ceiling_matmul_and_attention_only": round(
-            flops_per_token(config) * tokens / ((kinds["matmul"] + kinds.get("attention", 0.0)) / 1e3) / peak, 3),
+            (matmul_flops + attention_flops) / (seconds["matmul"] + seconds.get("attention", 0.0)) / peak, 3),
     }
 
 
