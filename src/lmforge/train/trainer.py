@@ -1,6 +1,7 @@
 """The training loop.
 
-    Trainer(config).fit():  restore -> loop { train_step; maybe_log; maybe_eval; maybe_save } -> finish (plot)
+    Trainer(config).fit():  begin (restore, metrics) -> loop { advance: train_step; maybe_log; maybe_eval; maybe_save }
+                            -> finish (plot)
 
 Everything the loop uses is made by a small build_* function (device and processes, data, model,
 optimizer, schedule), each usable and testable alone. The loop is the same for pretraining and
