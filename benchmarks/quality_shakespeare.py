@@ -5,12 +5,15 @@ Each recipe trains with the real Trainer; afterwards the loss over the WHOLE val
 (lmforge.eval.perplexity.evaluate_tokens, non-overlapping windows of block_size). The wall-clock time to
 reach a val loss of 1.89 is read from the trainer's periodic evals (its fixed validation batches).
 
-Recipes:
-  baseline   lmforge's defaults for preset char-small (learned positions, LayerNorm, GELU, lr 1e-3 cosine)
-  recipe     the built-in recipe shakespeare-char (the best found; target <= 1.85, aim 1.80)
-  word2vec   the recipe with data.embedding_init=word2vec (compare with `recipe`: none vs word2vec)
+Recipes (RECIPES below):
+  baseline    lmforge's defaults for preset char-small (learned positions, LayerNorm, GELU, lr 1e-3 cosine)
+  rope        the defaults with RoPE and lr 3e-3
+  hand-tuned  RoPE, SwiGLU, RMSNorm, lr 5e-3, 128 wide (the shakespeare-char recipe before the sweep)
+  recipe      the built-in recipe shakespeare-char (the sweep's best; target <= 1.85, aim 1.80)
+  word2vec    the recipe with data.embedding_init=word2vec (compare with `recipe`: none vs word2vec)
 
-    python benchmarks/quality_shakespeare.py                          # all three, ~5-20 min on 2 busy cores
+    python benchmarks/quality_shakespeare.py --threads 1 \\
+        --json-out benchmarks/results/quality_shakespeare-cpu.json     # all five, one thread (~15-30 min)
     python benchmarks/quality_shakespeare.py --recipes recipe --set optim.lr=4e-3
 """
 
@@ -30,10 +33,20 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 from lmforge.config import apply_overrides, read_config_file, run_config_from_dict  # noqa: E402
 from lmforge.data.shards import load_split, read_manifest  # noqa: E402
 from lmforge.eval.perplexity import evaluate_tokens  # noqa: E402
+from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.train.trainer import Trainer, with_vocab_size  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 RECIPE = "shakespeare-char"  # the built-in recipe (src/lmforge/configs/shakespeare-char.yaml)
+# Each recipe: the config it starts from (a preset or a built-in recipe) and its overrides.
+RECIPES = {
+    "baseline": ({"preset": "char-small"}, {}),
+    "rope": ({"preset": "char-small"}, {"model.pos_encoding": "rope", "optim.lr": "3e-3"}),
+    "hand-tuned": ({"preset": "char-small"}, {"model.pos_encoding": "rope", "model.mlp": "swiglu",
+                                               "model.norm": "rmsnorm", "optim.lr": "5e-3"}),
+    "recipe": (RECIPE, {}),
+    "word2vec": (RECIPE, {"data.embedding_init": "word2vec"}),
+}
 BUDGET = {"train.max_steps": 2000, "train.batch_size": 12, "train.grad_accum": 1, "model.block_size": 64}
 TARGET, AIM, TIME_TO = 1.85, 1.80, 1.89
 
@@ -42,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/shakespeare-char", help="prepared dataset (made if missing)")
     p.add_argument("--runs", default="runs/quality-shakespeare", help="parent directory of the run directories")
-    p.add_argument("--recipes", default="baseline,recipe,word2vec", help="comma-separated recipe names")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every recipe (repeatable), e.g. optim.lr=4e-3")
     p.add_argument("--tag", default="", help="suffix for the run directories and the JSON")
@@ -61,16 +74,12 @@ def ensure_data(path: Path) -> None:
 
 def recipe_config(name: str, data: Path, run_dir: Path, extra: dict[str, str]) -> dict:
     """The raw config dict of a recipe, with the fixed token budget and the data/run paths."""
-    if name == "baseline":
-        raw = {"preset": "char-small"}
-    else:
-        raw = read_config_file(RECIPE)
+    base, own = RECIPES[name]
+    raw = dict(base) if isinstance(base, dict) else read_config_file(base)
     overrides = {**BUDGET, "data.path": str(data), "train.run_dir": str(run_dir), "train.resume": "none",
-                 "train.save_interval": "0", "train.keep_last": "1", **extra}
-    if name == "word2vec":
-        overrides["data.embedding_init"] = "word2vec"
-    if name == "baseline":
-        overrides.setdefault("train.eval_interval", "100")
+                 "train.save_interval": "0", "train.keep_last": "1", **own, **extra}
+    if isinstance(base, dict):
+        overrides.setdefault("train.eval_interval", "100")  # as the recipe evaluates, for the time to 1.89
     return apply_overrides(raw, overrides)
 
 
@@ -126,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     extra = dict(item.split("=", 1) for item in args.set)
+    unknown = [name for name in args.recipes.split(",") if name not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipe {', '.join(unknown)}; --recipes takes {', '.join(RECIPES)}")
     ensure_data(Path(args.data))
     here = machine()
     results = {name: run_recipe(name, args, extra) for name in args.recipes.split(",")}
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                - results["recipe"]["val_loss_whole_split"], 4)
     print(json.dumps(summary))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(summary, indent=2))
+        atomic_write_text(args.json_out, json.dumps(summary, indent=2))
     return summary
 
 
