@@ -11,9 +11,12 @@ speed    one Trainer per precision (fp32, bf16-mixed, bf16-compute; same seed, s
 quality  a full run of max_steps (default 2000) per precision with Trainer.fit, then the loss over the whole
          val split (lmforge.eval.perplexity.evaluate_tokens); runs of different precisions may be separate
          processes (their losses do not depend on timing).
+compare  the quality runs' evaluations so far (metrics.jsonl: loss on the fixed val batches every eval_interval
+         steps) side by side at each step both reached, for runs stopped before max_steps.
 
     python benchmarks/bf16_speed.py speed --json-out benchmarks/results/bf16_speed-cpu.json
     python benchmarks/bf16_speed.py quality --precisions fp32 --json-out benchmarks/results/bf16_quality-fp32-cpu.json
+    python benchmarks/bf16_speed.py compare --precisions fp32,bf16-compute --json-out benchmarks/results/bf16_quality-cpu.json
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16-compute")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=("speed", "quality"))
+    p.add_argument("part", choices=("speed", "quality", "compare"))
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, from " + ", ".join(PRECISIONS))
     p.add_argument("--data", default=str(ROOT / "data" / "shakespeare-char"), help="prepared dataset (made if missing)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "bf16-speed"), help="run directories go here")
@@ -118,13 +121,31 @@ def quality(args: argparse.Namespace, precisions: list[str]) -> dict:
     return out
 
 
+def compare(args: argparse.Namespace, precisions: list[str]) -> dict:
+    curves = {}
+    for p in precisions:
+        records = [json.loads(line) for line in (Path(args.runs) / f"quality-{p}" / "metrics.jsonl").read_text().splitlines()
+                   if line.strip().endswith("}")]
+        curves[p] = {r["step"]: r["val_loss"] for r in records if r.get("kind") == "eval"}
+    common = sorted(set.intersection(*(set(c) for c in curves.values())))
+    first = precisions[0]
+    rows = [{"step": step, **{p: round(curves[p][step], 4) for p in precisions},
+             **{f"{p}_minus_{first}": round(curves[p][step] - curves[first][step], 4) for p in precisions[1:]}}
+            for step in common]
+    for row in rows:
+        print(row, flush=True)
+    return {"val_loss_fixed_batches_at_common_steps": rows,
+            "steps_reached": {p: max(c, default=0) for p, c in curves.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    ensure_data(Path(args.data))
+    if args.part != "compare":
+        ensure_data(Path(args.data))
     precisions = args.precisions.split(",")
     summary = {"benchmark": f"bf16_{args.part}", "machine": machine(), "config": CONFIG}
-    summary[args.part] = speed(args, precisions) if args.part == "speed" else quality(args, precisions)
+    summary[args.part] = {"speed": speed, "quality": quality, "compare": compare}[args.part](args, precisions)
     summary["machine"]["load_average_at_end"] = load_average()
     text = json.dumps(summary, indent=2)
     print(text)

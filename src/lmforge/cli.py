@@ -717,7 +717,7 @@ def _add_plan(sub: Any) -> None:
     p.add_argument("--preset", metavar="NAME", help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--tokens", type=float, metavar="N", help="training tokens (default: train.max_steps steps)")
     p.add_argument("--max-steps", metavar="N", help="= --train.max_steps N")
-    p.add_argument("--precision", metavar="P", help="= --train.precision: fp32 | bf16-mixed")
+    p.add_argument("--precision", metavar="P", help="= --train.precision: fp32 | bf16-mixed | bf16-compute")
     p.add_argument("--device", default="cpu", metavar="DEV", help="cpu (this machine) | h100 | h200 | a100 (default: cpu)")
     p.add_argument("--peak-tflops", type=float, metavar="F", help="the device's dense peak TFLOP/s instead of the table's")
     p.add_argument("--mfu", type=float, metavar="X", help="model FLOPs utilisation to assume (default: 0.85 of the "
