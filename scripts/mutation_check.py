@@ -49,10 +49,10 @@ MUTANTS = [
            'self.guard.load_state_dict(state.get("guard") or {})', 'pass  # mutant: guard state not restored',
            ("tests/test_faults.py::test_nonfinite_skip_skips_the_step_counts_it_and_resumes_exactly",
             "tests/test_faults.py::test_a_loss_spike_is_skipped_and_the_guard_state_resumes_exactly")),
-    Mutant("sha256-check", "checkpoint.py",
+    Mutant("sha256-check", "checkpoint/manifest.py",
            'if sha256_file(f) != entry.get("sha256"):', 'if False:  # mutant: no sha256 check',
            ("tests/test_faults.py::test_corruption_is_named_and_resume_auto_falls_back_saying_so[flipped-weights]",)),
-    Mutant("manifest-missing-file", "checkpoint.py",
+    Mutant("manifest-missing-file", "checkpoint/manifest.py",
            'if name not in manifest["files"]:\n            raise _unlisted(ckpt, name, why)',
            'if False:  # mutant: a file left out of the manifest is accepted\n            raise _unlisted(ckpt, name, why)',
            ("tests/test_checkpoint_files.py::test_a_manifest_missing_a_required_file_is_refused_by_every_reader"
@@ -106,7 +106,7 @@ MUTANTS = [
     Mutant("best-tracker-not-restored", "train/trainer.py",
            'self.selection.load_state_dict(state.get("selection") or {})', 'pass  # mutant: best/patience not restored',
            ("tests/test_tasks.py::test_patience_stops_when_the_metric_stops_improving_and_a_resumed_run_stops_at_the_same_step",)),
-    Mutant("best-ignores-direction", "checkpoint.py",
+    Mutant("best-ignores-direction", "checkpoint/layout.py",
            'return -float(value) if score.get("higher_is_better") else float(value)', 'return float(value)',
            ("tests/test_tasks.py::test_pruning_keeps_the_best_checkpoint_by_its_recorded_score",)),
     Mutant("encoder-is-causal", "model.py",
@@ -199,10 +199,10 @@ def main() -> int:
         with ThreadPoolExecutor(jobs) as pool:
             rows = list(pool.map(run_mutant, chosen))
         survivors = [name for name, _, _, verdict, _ in rows if verdict == "SURVIVED"]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'mutant':{width}}  {'file':18}  tests failed  verdict                 seconds")
+    width, file_width = max(len(r[0]) for r in rows), max(18, *(len(r[1]) for r in rows))
+    print(f"{'mutant':{width}}  {'file':{file_width}}  tests failed  verdict                 seconds")
     for name, file, failed, verdict, seconds in rows:
-        print(f"{name:{width}}  {file:18}  {failed:>12}  {verdict:22}  {seconds:7.1f}")
+        print(f"{name:{width}}  {file:{file_width}}  {failed:>12}  {verdict:22}  {seconds:7.1f}")
     sys.stdout.flush()
     if survivors:
         print(f"{len(survivors)} mutant(s) survived: {', '.join(survivors)}: a test that names the property does "

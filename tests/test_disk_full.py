@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import lmforge.checkpoint as checkpoint
+import lmforge.checkpoint.save as checkpoint_save
 from lmforge.checkpoint import latest_checkpoint, load_for_inference, verify_checkpoint
 from lmforge.errors import CheckpointError
 from lmforge.cli import main
@@ -62,7 +63,7 @@ def one_error_line(capsys) -> list[str]:
 def test_a_full_disk_in_the_middle_of_a_checkpoint_keeps_the_previous_one(tmp_path, disk, monkeypatch, capsys):
     data = write_prepared_data(tmp_path / "data", {"train": ["some text to learn " * 40], "val": ["more text " * 10]})
     run = disk / "run"
-    real_fault, before = checkpoint.fault_point, {}
+    real_fault, before = checkpoint_save.fault_point, {}
 
     def fill_during_save_3(point, step=None, rank=0):  # the weights of step 3 are written: now the disk fills
         if point == "save:model.safetensors" and step == 3:
@@ -71,7 +72,7 @@ def test_a_full_disk_in_the_middle_of_a_checkpoint_keeps_the_previous_one(tmp_pa
             fill(disk, leave=(previous / "optimizer.safetensors").stat().st_size // 2)
         return real_fault(point, step, rank)
 
-    monkeypatch.setattr(checkpoint, "fault_point", fill_during_save_3)
+    monkeypatch.setattr(checkpoint_save, "fault_point", fill_during_save_3)
     train = ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(run), "--device", "cpu",
                  "--max-steps", "4", "--train.save_interval", "1", "--train.keep_last", "3", "--train.batch_size", "2",
                  "--train.num_threads", "1", "--train.eval_interval", "0"]
@@ -85,7 +86,7 @@ def test_a_full_disk_in_the_middle_of_a_checkpoint_keeps_the_previous_one(tmp_pa
     assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == []  # no half save
     verify_checkpoint(run / "checkpoints" / "step-00000002")
     load_for_inference(run)
-    monkeypatch.setattr(checkpoint, "fault_point", real_fault)
+    monkeypatch.setattr(checkpoint_save, "fault_point", real_fault)
     (disk / "filler").unlink()  # room again: the run continues from the intact checkpoint
     assert main([*train, "--resume", "auto"]) == 0 and latest_checkpoint(run).name == "step-00000004"
 

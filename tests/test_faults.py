@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import lmforge.checkpoint as checkpoint
+import lmforge.checkpoint.layout as checkpoint_layout
+import lmforge.checkpoint.save as checkpoint_save
 import lmforge.train.trainer as trainer_module
 from lmforge.checkpoint import (clean_interrupted_saves, latest_checkpoint, load_for_inference, prune_checkpoints,
                                 save_checkpoint, verify_checkpoint)
@@ -42,7 +44,7 @@ def _crash_at(monkeypatch, point: str, step: int) -> None:
         if name == point and at_step == step:
             raise SimulatedCrash(point)
 
-    monkeypatch.setattr(checkpoint, "fault_point", fault)
+    monkeypatch.setattr(checkpoint_save, "fault_point", fault)  # where the save looks it up
 
 
 def _leftovers(run: Path) -> list[str]:
@@ -151,7 +153,7 @@ def test_enospc_through_the_cli_is_one_line_and_exit_2(tmp_path, monkeypatch, ca
 
 
 def test_too_little_room_for_the_checkpoints_is_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 1 << 20)
+    monkeypatch.setattr(checkpoint_layout, "free_bytes", lambda path: 1 << 20)
     trainer = tiny_trainer(tiny_config(tmp_path / "run", **{"train.keep_last": 2}))
     per_checkpoint = checkpoint.checkpoint_bytes(trainer.raw_model, trainer.optimizer)
     assert per_checkpoint > 3 * 4 * sum(p.numel() for p in trainer.raw_model.parameters())  # weights + 2 moments
@@ -159,7 +161,7 @@ def test_too_little_room_for_the_checkpoints_is_refused_before_training(tmp_path
             as info:  # it evaluates every 5 steps: the best is kept beside the newest two
         trainer.fit()
     assert "\n" not in str(info.value) and not (tmp_path / "run" / "metrics.jsonl").exists()
-    monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 4 * per_checkpoint)
+    monkeypatch.setattr(checkpoint_layout, "free_bytes", lambda path: 4 * per_checkpoint)
     tiny_trainer(tiny_config(tmp_path / "ok", **{"train.keep_last": 2, "train.max_steps": 1})).fit()
 
 

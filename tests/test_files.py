@@ -234,10 +234,12 @@ MODULE_WRITERS = {("os", "replace"), ("os", "rename"), ("shutil", "move"), ("shu
                   ("np", "save"), ("torch", "save")}
 # Files written inside a temporary directory that lmforge.files puts in place whole, and appended logs.
 ALLOWED = {
-    ("checkpoint.py", "save_checkpoint"),          # into the .tmp- directory that replace_dir puts in place
-    ("checkpoint.py", "_write_json"),              # the same
-    ("checkpoint.py", "save_weights"),             # model.safetensors, the same
-    ("checkpoint.py", "clean_interrupted_saves"),  # renames a complete .trash- checkpoint back
+    ("checkpoint/save.py", "save_checkpoint"),     # into the .tmp- directory that replace_dir puts in place
+    ("checkpoint/save.py", "_write_json"),         # the same
+    ("checkpoint/save.py", "_complete_save"),      # tokenizer.json copied in, the same
+    ("checkpoint/weights.py", "save_weights"),     # model.safetensors, the same
+    ("checkpoint/sharded.py", "save_sharded_checkpoint"),  # each rank's shards, the same
+    ("checkpoint/layout.py", "clean_interrupted_saves"),  # renames a complete .trash- checkpoint back
     ("interop/hf_export.py", "_write"),            # into export_hf's atomic_dir temporary directory
     ("data/prepare.py", "_Spool.__init__"),        # the spool, inside atomic_dir's temporary directory
     ("data/prepare.py", "_Spool.reopen_for_append"),
