@@ -341,7 +341,7 @@ def test_train_help_shows_each_choice_list(capsys):
     assert "(auto | cpu | cuda | cuda:N | mps; default: auto)" in lines["--train.device"]
     flat = _flat(out)  # the short flags show the same lists, taken from the same fields
     assert "--precision P = --train.precision: " in flat and "--on-nonfinite POLICY = --train.nonfinite: " in flat
-    assert flat.count("(fp32 | bf16-mixed; default: fp32)") == 2 and flat.count("(stop | skip; default: stop)") == 2
+    assert flat.count("(fp32 | bf16-mixed | bf16-compute; default: fp32)") == 2 and flat.count("(stop | skip; default: stop)") == 2
 
 
 def test_serve_help_has_a_flag_per_field_with_its_doc_choices_and_default(capsys):
