@@ -1,7 +1,7 @@
 """A sweep against the hand-tuned recipe: Shakespeare char-small at the recipe's budget, a fixed wall-clock budget.
 
-Every trial trains the built-in recipe shakespeare-char (2000 steps x 12 x 64 tokens, char-small) with values drawn
-from configs/sweeps/char-small.yaml (lr, min_lr, warm-up, weight decay, beta2, positional encoding, norm, MLP,
+Every trial trains the hand-tuned recipe (benchmarks/configs/shakespeare-char-hand-tuned.yaml: the shakespeare-char
+recipe then; 2000 steps x 12 x 64 tokens, char-small) with values drawn from configs/sweeps/char-small.yaml (lr, min_lr, warm-up, weight decay, beta2, positional encoding, norm, MLP,
 width), `--workers` processes sharing the cores, the median pruner on the trainer's evaluations. No trial starts
 after the budget (the running ones finish; the elapsed time is recorded). Then the best trial's final model is
 evaluated on the WHOLE validation split (lmforge.eval.perplexity.evaluate_tokens, as benchmarks/quality_shakespeare.py
@@ -31,7 +31,7 @@ from lmforge.sweep import create_sweep, report, run_sweep, summary_table  # noqa
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 from quality_shakespeare import ensure_data  # noqa: E402  (the char Shakespeare shards, made once)
 
-RECIPE = "shakespeare-char"
+RECIPE = str(ROOT / "benchmarks" / "configs" / "shakespeare-char-hand-tuned.yaml")  # the recipe then
 SPACE = ROOT / "configs" / "sweeps" / "char-small.yaml"
 RECIPE_RESULT = ROOT / "benchmarks" / "results" / "quality_shakespeare-cpu.json"
 RECIPE_RUN = "hand-tuned"  # RoPE, SwiGLU, RMSNorm, lr 5e-3, 128 wide
