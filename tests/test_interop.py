@@ -308,21 +308,23 @@ def test_imported_model_exports_back_to_what_transformers_had(hf_dirs, tmp_path,
 
 @pytest.mark.parametrize("model,reason", [
     (dict(GPT2_STYLE, pos_encoding="sinusoidal"), "model.pos_encoding='sinusoidal' cannot be converted to GPT-2"),
-    (dict(GPT2_STYLE, pos_encoding="rope"), "model.norm='layernorm' cannot be converted to Llama"),
+    (dict(GPT2_STYLE, pos_encoding="rope"), "model.norm='layernorm', model.mlp='gelu' cannot be converted to Llama"),
     (dict(GPT2_STYLE, qk_norm=True), "model.qk_norm=True cannot be converted to GPT-2"),
     (dict(LLAMA_STYLE, qk_norm=True), "model.qk_norm=True cannot be converted to Llama"),
     (dict(GPT2_STYLE, logit_softcap=15.0), "model.logit_softcap=15.0 cannot be converted to GPT-2"),
     (dict(LLAMA_STYLE, logit_softcap=15.0), "model.logit_softcap=15.0 cannot be converted to Llama"),
     (dict(GPT2_STYLE, mlp="relu2"), "model.mlp='relu2' cannot be converted to GPT-2"),
+    (dict(LLAMA_STYLE, mlp="relu2", qk_norm=True, logit_softcap=10.0),  # the shakespeare-char recipe: all named at once
+     "model.mlp='relu2', model.qk_norm=True, model.logit_softcap=10.0 cannot be converted to Llama"),
 ], ids=["sinusoidal", "gpt2-with-rope", "gpt2-qk-norm", "llama-qk-norm", "gpt2-softcap", "llama-softcap",
-        "relu2"])
+        "relu2", "recipe"])
 def test_export_refuses_models_without_hf_equivalent(tmp_path, capsys, model, reason):
     run = lmforge_run(tmp_path, byte_tokenizer(), **model)
     with pytest.raises(HFExportError, match="no Hugging Face equivalent"):
         export_hf(run, tmp_path / "hf")
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and reason in err[0]
+    assert len(err) == 1 and reason in err[0] and "--format onnx" in err[0]
     assert not (tmp_path / "hf").exists()
 
 

@@ -52,7 +52,8 @@ def converter_for_model(config: ModelConfig):
             return convert
         except ConfigError as e:
             reasons.append(str(e))
-    raise HFExportError("this model has no Hugging Face equivalent: " + "; ".join(reasons))
+    raise HFExportError("this model has no Hugging Face equivalent: " + "; ".join(reasons)
+                        + "; export it with --format onnx, which takes any lmforge model")
 
 
 def hf_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:

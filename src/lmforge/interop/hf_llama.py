@@ -21,13 +21,14 @@ from lmforge.errors import ConfigError
 
 
 def check_llama_compatible(config: ModelConfig) -> None:
-    """Raise ConfigError naming the first model option that Llama's architecture cannot express."""
+    """Raise ConfigError naming every model option that Llama's architecture cannot express (all at once: a user
+    retrains once, not once per option)."""
     required = {"causal": True, "pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
                 "logit_softcap": 0.0}
-    for key, value in required.items():
-        if getattr(config, key) != value:
-            raise ConfigError(f"model.{key}={getattr(config, key)!r} cannot be converted to Llama; "
-                              f"Llama needs model.{key}={value!r}")
+    wrong = [key for key, value in required.items() if getattr(config, key) != value]
+    if wrong:
+        raise ConfigError(f"{', '.join(f'model.{key}={getattr(config, key)!r}' for key in wrong)} cannot be "
+                          f"converted to Llama; Llama needs {', '.join(f'model.{k}={required[k]!r}' for k in wrong)}")
 
 
 def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
