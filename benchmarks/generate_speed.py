@@ -22,7 +22,8 @@ compilation for the -compile ones) is not timed but reported as warmup_s. Each v
 and an uncompiled variant's logits over 256 random tokens with fp32's (largest difference relative to the
 largest logit, and how often the top token is the same).
 
-    python benchmarks/generate_speed.py            # both configs, a few minutes on 2 busy cores
+    python benchmarks/generate_speed.py \\
+        --json-out benchmarks/results/generate_speed-cpu.json   # both configs, a few minutes on 2 busy cores
     python benchmarks/generate_speed.py --quick    # one round, 100 tokens: a check that it runs
 """
 
@@ -42,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.generate import GenerateConfig, apply_compile, apply_inference_dtype, generate_ids  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     here["load_average_at_end"] = load_average()
     print(json.dumps(summary))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(args.json_out, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
