@@ -11,7 +11,9 @@
 Prints MB/s of the prepare encode step and of the whole prepare, MB/s of the library, the ratio
 (target >= 0.9) and the peak RSS (target < 1 GB), then one JSON summary.
 
-    python benchmarks/prepare_throughput.py --size-mb 200
+    python benchmarks/prepare_throughput.py \\
+        --json-out benchmarks/results/prepare_throughput-1gb-cpu.json   # the measurement (1 GB, ~5-10 min)
+    python benchmarks/prepare_throughput.py --size-mb 200               # a quicker look
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from lmforge.data.prepare import BATCH_BYTES, BATCH_DOCS  # noqa: E402  (the reference uses the same batches)
+from lmforge.files import atomic_write_text  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 FILE_MB = 64  # size of each generated .jsonl file
@@ -217,7 +220,7 @@ def main(argv=None) -> None:
     print(f"peak RSS of prepare : {summary['peak_rss_mb']:8.1f} MB  (target < 1024 MB)")
     print(json.dumps(summary))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(args.json_out, json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":
