@@ -6,6 +6,11 @@ Capped by --steps and by --max-seconds (compilation included), so it ends in a f
 
     python benchmarks/gpu_check.py                       # CUDA, ~300 steps, <= 4 minutes
     python benchmarks/gpu_check.py --device cpu --steps 3  # smoke test on a CPU (no compile, short context)
+    python benchmarks/gpu_check.py --parallel fsdp         # the same step through FSDP2 (or ddp) in a 1-process group
+
+--parallel ddp | fsdp wraps the model as a torchrun job of one process would be, if lmforge wrapped it there (it does
+not: one process trains the bare model): DistributedDataParallel, or FSDP2's fully_shard on each block and at the
+root with bf16 compute and fp32 gradient reduction, so the wrappers' own cost on one GPU shows against --parallel none.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=None,
                    help="override gpt2-124m's 50257, e.g. 50304 (a multiple of 128: faster LM-head products)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak, if not detected")
+    p.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default="none",
+                   help="wrap the model in DDP or FSDP2 within a one-process group (nccl on cuda, gloo on cpu)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     return p.parse_args(argv)
@@ -93,6 +100,33 @@ def flash_available(device: torch.device) -> tuple[bool, str]:
         return True, "ok"
     except RuntimeError as e:
         return False, str(e).splitlines()[0][:200]
+
+
+def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
+    """`model` as the step should call it: itself, DDP(model), or the model sharded in place by FSDP2, each in a
+    process group of this one process (lmforge.distributed's wrappers leave a single process unwrapped)."""
+    if parallel == "none":
+        return model
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:  # a free loopback port for the group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1, **({"device_id": device} if device.type == "cuda" else {}))
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
 
 
 def sync(device: torch.device) -> None:
@@ -144,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = preset("gpt2-124m", block_size=T, dropout=0.0, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
     with torch.device(device):
         model = GPT(config)
+    wrapped = wrap(model, args.parallel, device)  # before the optimizer: FSDP2 turns the parameters into DTensors
     optimizer, optimizer_name = build_optimizer(model, device)
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor, net: torch.nn.Module) -> torch.Tensor:
@@ -153,9 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if use_compile and args.compile_scope == "loss":
         compiled = torch.compile(forward_loss)
-        loss_of = lambda x, y: compiled(x, y, model)  # noqa: E731
+        loss_of = lambda x, y: compiled(x, y, wrapped)  # noqa: E731
     else:
-        net = torch.compile(model) if use_compile else model
+        net = torch.compile(wrapped) if use_compile else wrapped
         loss_of = lambda x, y: forward_loss(x, y, net)  # noqa: E731
     flash_ok, flash_note = flash_available(device)
 
@@ -204,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "benchmark": "gpu_check", "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
         "machine": here, "model": "gpt2-124m", "params": sum(p.numel() for p in model.parameters()),
-        "batch_size": B, "block_size": T, "precision": "bf16-mixed", "compile": use_compile,
+        "batch_size": B, "block_size": T, "precision": "bf16-mixed", "compile": use_compile, "parallel": args.parallel,
+        "model_class": type(wrapped).__name__,  # GPT, DistributedDataParallel, or FSDPGPT (fully_shard's subclass)
         "compile_scope": args.compile_scope if use_compile else None, "vocab_size": config.vocab_size,
         "optimizer": optimizer_name, "warmup_steps": warmup, "timed_steps": timed_steps,
         "compile_and_warmup_s": round(compile_s, 1), "timed_s": round(elapsed, 2),
@@ -234,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(summary))
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(summary, indent=2) + "\n")
+    if args.parallel != "none":
+        torch.distributed.destroy_process_group()
     return summary
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -39,6 +40,17 @@ def test_gpu_check_smoke_on_cpu():
     assert summary["timed_steps"] == 2 and summary["tokens_per_s"] > 0
     assert summary["loss_last"] < summary["loss_first"] + 0.5  # it trains, it does not blow up
     assert summary["flash_used"] is False  # no CUDA: no flash kernels
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_the_same_step_through_fsdp():
+    plain = load("gpu_check").main(["--device", "cpu", "--steps", "2", "--compile", "off", "--block-size", "16"])
+    fsdp = load("gpu_check").main(["--device", "cpu", "--steps", "2", "--compile", "off", "--block-size", "16",
+                                   "--parallel", "fsdp"])
+    assert (plain["model_class"], fsdp["model_class"]) == ("GPT", "FSDPGPT")  # really sharded by fully_shard
+    assert not torch.distributed.is_initialized()  # its process group torn down
+    # the same weights and batch: bf16 weights (FSDP's policy) instead of autocast's casts, nothing else
+    assert fsdp["loss_first"] == pytest.approx(plain["loss_first"], abs=0.02)
 
 
 @pytest.mark.slow
