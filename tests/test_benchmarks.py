@@ -142,3 +142,25 @@ def test_time_to_quality_alternates_the_runs_and_reads_the_recipes_curve(tmp_pat
         assert reached["ratio"] == pytest.approx(first["wall_s"] / summary["baseline"]["wall_s"], abs=1e-2)
     assert summary["baseline"]["model"]["bias"] is False and summary["baseline"]["optim"]["lr"] == 1e-3
     assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"] and summary["val_tokens"] == 8192
+
+
+def test_bf16_speed_matmul_times_both_dtypes_and_speed_refuses_a_cpu_without_bf16(tmp_path, monkeypatch):
+    from lmforge.distributed import has_fast_bf16
+
+    bench = load("bf16_speed")
+    monkeypatch.setattr(bench, "MATMUL_SHAPES", ((16, 8, 4),))
+    monkeypatch.setattr(bench, "LINEAR_SHAPES", ((32, 64),))
+    out = tmp_path / "matmul.json"
+    summary = bench.main(["matmul", "--seconds", "0.001", "--json-out", str(out)])
+    part = summary["matmul"]
+    [row] = part["matmul"]
+    assert row["shape"] == "16x8x4" and row["fp32_repeats"] >= 2 and row["bf16_repeats"] >= 2
+    assert row["fp32_gflops"] > 0 and row["bf16_gflops"] > 0 and row["bf16_slower_x"] > 0
+    assert [(r["in"], r["out"], r["batch"]) for r in part["decode_linear"]] == [(32, 64, 1), (32, 64, 8)]
+    assert all(r["int8_us"] > 0 and r["int8_slower_x"] > 0 for r in part["decode_linear"])
+    assert part["has_fast_bf16"] == has_fast_bf16(torch.device("cpu"))
+    assert json.loads(out.read_text()) == summary and summary["machine"]["cpu_flags"]
+    monkeypatch.setattr(bench, "has_fast_bf16", lambda device: False)
+    with pytest.raises(SystemExit) as stopped:  # a bf16 Trainer step would take minutes: points to matmul instead
+        bench.main(["speed", "--data", str(tmp_path / "none")])
+    assert stopped.value.code == 2 and not (tmp_path / "none").exists()

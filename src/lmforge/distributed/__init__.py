@@ -63,6 +63,31 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run in hardware on `device`: a CUDA GPU that supports bf16, or a CPU where
+    torch sends them to oneDNN (its bf16 check: AVX-512 BW/VL/DQ, native with AVX512-BF16 or AMX; or AVX-NE-CONVERT;
+    an ARM CPU with bf16). Without them (an AVX2-only CPU) torch falls back to a scalar bf16 kernel 30-2500x slower
+    than fp32 (benchmarks/results/bf16_speed-cpu-amd-avx2.json), so bf16 must not be used there."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            return False
+    return True  # mps and others: their own kernels
+
+
+def slow_bf16_warning(device: torch.device, setting: str, fix: str) -> Optional[str]:
+    """The one-line warning for `setting` (what asked for bf16, e.g. "train.precision=bf16-mixed") on a CPU
+    `device` where has_fast_bf16 is False, naming `fix` (e.g. "--train.precision fp32"); None where bf16 is fine.
+    A warning, not an error: the results are right, only slow."""
+    if device.type != "cpu" or has_fast_bf16(device):
+        return None
+    return (f"{setting} on a CPU without bf16 matrix instructions (no AVX512-BF16 or AMX): bf16 matrix products "
+            f"run far slower than fp32 here; use {fix}")
+
+
 def setup_distributed(device: torch.device, timeout_s: float = 60.0) -> DistInfo:
     """Join the process group that torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK; a no-op without it.
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import typing
 from typing import Optional
 
 import torch
 
+from lmforge.distributed import slow_bf16_warning
 from lmforge.errors import ConfigError
 from lmforge.generate.config import Dtype, Quantize
 from lmforge.model import GPT
@@ -38,14 +40,19 @@ class Int8Linear(torch.nn.Module):
 def apply_inference_dtype(model: GPT, dtype: str = "fp32", quantize: Optional[str] = None) -> GPT:
     """The model for decoding with fewer bytes read per token: `dtype` fp32 (exact, default) | bf16 | fp16
     casts every weight; `quantize="int8"` replaces every nn.Linear by an Int8Linear (CPU, fp32 model;
-    the token embedding stays fp32). Modifies and returns `model`."""
+    the token embedding stays fp32). Modifies and returns `model`. bf16 on a CPU without bf16 matrix instructions
+    prints one warning line on stderr (distributed.slow_bf16_warning): it decodes, far slower than fp32."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is invalid: choose one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in typing.get_args(Quantize):
         raise ConfigError(f"quantize={quantize!r} is invalid: null or one of {', '.join(typing.get_args(Quantize))}")
+    device = model.tok_emb.weight.device
+    slow = dtype == "bf16" and slow_bf16_warning(device, "dtype=bf16", "--dtype fp32 (the default)")
+    if slow:
+        print(f"warning: {slow}", file=sys.stderr, flush=True)
     model = model.to(DTYPES[dtype])
     if quantize == "int8":
-        if model.tok_emb.weight.device.type != "cpu" or dtype != "fp32":
+        if device.type != "cpu" or dtype != "fp32":
             raise ConfigError("quantize='int8' runs on the CPU with dtype fp32; use --device cpu, or bf16 instead")
         for module in list(model.modules()):
             for name, child in list(module.named_children()):

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
                                  barrier, full_state, gather_objects, is_sharded, no_sync, resolve_device,
-                                 setup_distributed, teardown_distributed, unwrap)
+                                 setup_distributed, slow_bf16_warning, teardown_distributed, unwrap)
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
@@ -288,6 +289,10 @@ class Trainer:
         if self.device.type == "cpu":  # each step reuses the memory the last one freed, without page faults
             keep_freed_memory()
         self.dist = setup_distributed(self.device, tc.dist_timeout)
+        slow = tc.precision != "fp32" and slow_bf16_warning(self.device, f"train.precision={tc.precision}",
+                                                           "--train.precision fp32")
+        if slow and self.dist.is_main:  # bf16 asked of a CPU without bf16 instructions: right, but far slower
+            print(f"warning: {slow}", file=sys.stderr, flush=True)
         self.data_manifest_sha256: Optional[str] = None
         self.val_examples: Optional[Any] = None  # sft data: val Examples for task_eval_every
         self.task: Optional[dict[str, Any]] = None  # task data's {"task", "template"}: generate/serve apply the same
