@@ -66,8 +66,9 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 def has_fast_bf16(device: torch.device) -> bool:
     """Whether bfloat16 matrix products run in hardware on `device`: a CUDA GPU that supports bf16, or a CPU where
     torch sends them to oneDNN (its bf16 check: AVX-512 BW/VL/DQ, native with AVX512-BF16 or AMX; or AVX-NE-CONVERT;
-    an ARM CPU with bf16). Without them (an AVX2-only CPU) torch falls back to a scalar bf16 kernel 30-2500x slower
-    than fp32 (benchmarks/results/bf16_speed-cpu-amd-avx2.json), so bf16 must not be used there."""
+    an ARM CPU with bf16). Without them (an AVX2-only CPU) torch falls back to a scalar bf16 kernel: torch.mm 28-93x
+    slower than fp32 from 128^3 to 1024^3 (benchmarks/results/bf16_speed-cpu-amd-avx2.json), so bf16 must not be
+    used there."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":

@@ -20,7 +20,8 @@ class Int8Linear(torch.nn.Module):
     """nn.Linear with int8 weights, one scale per output channel (weight-only quantization, as torchao's
     int8 weight-only; symmetric: w ~= scale * q, q in [-127, 127]). Decoding one token reads every weight
     once, so a quarter of fp32's bytes is most of the speed; the product runs on bf16 activations
-    (PyTorch's _weight_int8pack_mm kernel) and returns fp32."""
+    (PyTorch's _weight_int8pack_mm kernel) and returns fp32. On an AVX2-only CPU that kernel is still 1.1-1.5x
+    slower than an fp32 nn.Linear at batch 1-8, width 384 (benchmarks/results/bf16_speed-cpu-amd-avx2.json)."""
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
