@@ -57,6 +57,10 @@ MUTANTS = [
            'if False:  # mutant: a file left out of the manifest is accepted\n            raise _unlisted(ckpt, name, why)',
            ("tests/test_checkpoint_files.py::test_a_manifest_missing_a_required_file_is_refused_by_every_reader"
             "[training-model.safetensors]",)),
+    Mutant("muon-orientation", "train/muon.py",
+           "tall = G.size(-2) > G.size(-1)", "tall = G.size(-2) < G.size(-1)  # mutant: the iteration on the long side",
+           ("tests/test_muon.py::test_batched_bf16_step_equals_torch_muon[original-True]",
+            "tests/test_muon.py::test_batched_bf16_step_equals_torch_muon[match_rms_adamw-False]")),
     Mutant("attention-scale", "model.py",
            "y = self.attend(q, k, v,", "y = self.attend(q * 1.01, k, v,",
            ("tests/test_hf_parity.py::test_lmforge_to_hf_same_logits[gelu_new]",

@@ -157,7 +157,8 @@ def test_fsdp_processes_match_one_and_write_the_same_checkpoint(fsdp_run, tmp_pa
                 safe_open(str(fsdp_run / "checkpoints" / "step-00000020" / name), "pt") as b:
             assert sorted(a.keys()) == sorted(b.keys()) and a.metadata() == b.metadata(), name
             for key in a.keys():
-                assert (a.get_tensor(key) - b.get_tensor(key)).abs().max().item() < 1e-5, (name, key)
+                diff = (a.get_tensor(key) - b.get_tensor(key)).abs().max().item()
+                assert diff < 5e-5, (name, key, diff)  # Adam divides by sqrt(v): a near-zero gradient (a bias) amplifies rounding
 
 
 @pytest.mark.distributed

@@ -9,7 +9,8 @@ counts as an embedding.
 Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"; torch.optim.Muon) replaces each update of a
 2-D weight by its momentum orthogonalised with a Newton-Schulz iteration. It is meant for the hidden matrices
 only: the blocks' attn.qkv, attn.proj, mlp.fc and mlp.proj. Embeddings (a lookup, not a matrix product), the
-LM/classify head, norms and biases stay with AdamW, as in the nanoGPT speedrun.
+LM/classify head, norms and biases stay with AdamW, as in the nanoGPT speedrun. Its step (train/muon.py) batches
+the iteration over same-shape matrices, in bf16 only where the device multiplies bf16 matrices in hardware.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch
 from torch import nn
 
 from lmforge.config import OptimConfig
+from lmforge.distributed import has_fast_bf16
 from lmforge.lora import lora_parameters
+from lmforge.train.muon import BatchedMuon
 
 
 def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: float = 0.0,
@@ -118,10 +121,17 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device,
     hidden = [{"params": g["params"], "lr_scale": optim.muon_lr / optim.lr} for g in groups if "muon" in g]
     if not hidden:
         return adamw
-    muon = torch.optim.Muon(hidden, lr=optim.muon_lr,
-                            weight_decay=optim.muon_weight_decay, momentum=optim.muon_momentum,
-                            adjust_lr_fn=optim.muon_adjust_lr)
+    muon = BatchedMuon(hidden, ns_dtype=muon_ns_dtype(optim.muon_ns_dtype, device), lr=optim.muon_lr,
+                       weight_decay=optim.muon_weight_decay, momentum=optim.muon_momentum,
+                       adjust_lr_fn=optim.muon_adjust_lr)
     return MuonWithAdamW(adamw, muon)
+
+
+def muon_ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    """optim.muon_ns_dtype as a torch dtype: auto is bf16 where `device` has bf16 matrix hardware, else fp32."""
+    if name == "auto":
+        name = "bf16" if has_fast_bf16(device) else "fp32"
+    return torch.bfloat16 if name == "bf16" else torch.float32
 
 
 def set_lr(optimizer: torch.optim.Optimizer | MuonWithAdamW, lr: float) -> None:
