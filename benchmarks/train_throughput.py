@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 from lmforge.config import run_config_from_dict  # noqa: E402
 from lmforge.data.batches import TokenBatches  # noqa: E402
 from lmforge.data.shards import load_split  # noqa: E402
+from lmforge.distributed import has_fast_bf16  # noqa: E402
+from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import count_parameters, flops_per_token  # noqa: E402
 from lmforge.train.trainer import Trainer  # noqa: E402
@@ -263,7 +265,9 @@ def compare_config(name: str, args: argparse.Namespace, work: Path) -> dict:
         print(f"[{name}] fp32 compiled Trainer {out['fp32_compiled']['lmforge_compiled_tokens_per_s']:,.0f} tok/s, HF "
               f"eager {out['fp32_compiled']['hf_tokens_per_s']:,.0f}: {out['fp32_compiled']['ratio']}x", flush=True)
 
-    if name == "6l-384" and not args.no_bf16:
+    if name == "6l-384" and not args.no_bf16 and not has_fast_bf16(torch.device("cpu")):
+        out["bf16_mixed"] = {"skipped": "this CPU has no bf16 matrix instructions (benchmarks/bf16_speed.py matmul)"}
+    elif name == "6l-384" and not args.no_bf16:
         bf16 = build_trainer(name, args, work / f"{name}-bf16", precision="bf16-mixed")
         fp32_trainer = build_trainer(name, args, work / f"{name}-fp32")
         res, _ = alternate({"bf16": bf16.advance, "fp32": fp32_trainer.advance}, tokens, args.rounds, args.seconds)
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = json.dumps(summary)
     print(text)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(summary, indent=2))
+        atomic_write_text(args.json_out, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -164,3 +164,17 @@ def test_bf16_speed_matmul_times_both_dtypes_and_speed_refuses_a_cpu_without_bf1
     with pytest.raises(SystemExit) as stopped:  # a bf16 Trainer step would take minutes: points to matmul instead
         bench.main(["speed", "--data", str(tmp_path / "none")])
     assert stopped.value.code == 2 and not (tmp_path / "none").exists()
+
+
+def test_muon_step_times_torch_and_both_batched_precisions_on_the_models_matrices(tmp_path):
+    from lmforge.distributed import has_fast_bf16
+
+    out = tmp_path / "muon.json"
+    summary = load("muon_step").main(["--quick", "--set", "model.n_layer=2", "--set", "model.n_embd=32",
+                                      "--json-out", str(out)])
+    assert summary["matrices"] == 8  # qkv, proj, fc, mlp.proj of each of 2 blocks
+    assert summary["shapes"] == [[32, 32], [32, 128], [96, 32], [128, 32]]  # (as JSON lists)
+    assert set(summary["ms_per_step"]) == {"torch", "batched-bf16", "batched-fp32"}
+    assert all(ms > 0 for ms in summary["ms_per_step"].values())
+    assert summary["auto_ns_dtype_here"] == ("bf16" if has_fast_bf16(torch.device("cpu")) else "fp32")
+    assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
