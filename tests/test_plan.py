@@ -100,6 +100,18 @@ def test_cpu_plan_measures_this_machine(capsys):
 
     assert 0.5 < mib(measured[1], measured[2]) / mib(measured[3], measured[4]) < 2
     assert float(re.search(r"step time +([\d.]+) s, predicted", out)[1]) > 0
+    assert re.search(r"note: peak measured here: a 2048\^3 fp32 matrix product, [\d.]+ GFLOP/s with 1 torch threads; "
+                     r"memory bandwidth measured here \(a copy\) [\d.]+ GB/s", out), out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_a_cpu_plan_with_a_given_peak_says_it_was_given_not_measured(precision):
+    p = plan(config(**{"train.precision": precision}), device="cpu", peak_tflops=0.25)
+    assert p.peak_flops == 0.25e12
+    source = [n for n in p.notes if "peak" in n]
+    assert len(source) == 1 and "measured here: a 2048^3" not in source[0]
+    assert re.fullmatch(r"peak given: 0\.25 TFLOP/s \(--peak-tflops\); memory bandwidth measured here \(a copy\) "
+                        r"[\d.]+ GB/s", source[0]), source[0]
 
 
 def test_a_model_too_large_for_the_device_is_warned_about(capsys):

@@ -21,8 +21,9 @@ The counts, and where each comes from:
                       AdamW's pass over its state (16 bytes read and written per parameter) and about four passes
                       of the element-wise ops over the activations
 
-On a CPU the peak is measured here (a 2048^3 matrix product in the precision's dtype, torch's threads) and so is
-the memory bandwidth (a large copy); the MFU assumed is MFU["cpu"]. GPU figures are the vendors' dense peaks.
+On a CPU the peak is measured here (a 2048^3 matrix product in the precision's dtype, torch's threads; --peak-tflops
+replaces it) and so is the memory bandwidth (a large copy); the MFU assumed is MFU["cpu"]. GPU figures are the
+vendors' dense peaks.
 """
 
 from __future__ import annotations
@@ -223,9 +224,12 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         slow = bf16 and slow_bf16_warning(torch.device("cpu"), f"train.precision={t.precision}", "--precision fp32")
         if slow:  # the measured bf16 peak already makes the estimate slow; say why and what to do
             notes.append(f"WARNING: {slow}")
-        notes.append(f"peak measured here: a 2048^3 {'bf16' if bf16 else 'fp32'} matrix product, {peak / 1e9:.1f} "
-                     f"GFLOP/s with {torch.get_num_threads()} torch threads; memory bandwidth (a copy) "
-                     f"{bandwidth / 1e9:.1f} GB/s")
+        if peak_tflops:  # nothing was measured: say whose number it is
+            source = f"peak given: {peak_tflops:g} TFLOP/s (--peak-tflops)"
+        else:
+            source = (f"peak measured here: a 2048^3 {'bf16' if bf16 else 'fp32'} matrix product, {peak / 1e9:.1f} "
+                      f"GFLOP/s with {torch.get_num_threads()} torch threads")
+        notes.append(f"{source}; memory bandwidth measured here (a copy) {bandwidth / 1e9:.1f} GB/s")
     else:
         d = GPUS[device]
         name = d.name
