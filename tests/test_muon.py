@@ -85,3 +85,16 @@ def test_auto_picks_bf16_only_with_bf16_hardware(monkeypatch):
         assert optimizer.optimizers[1].ns_dtype == dtype
     optimizer = build_optimizer(model, OptimConfig(name="muon", muon_ns_dtype="fp32"), cpu)
     assert optimizer.optimizers[1].ns_dtype == torch.float32  # an explicit choice wins
+
+
+def test_ns_steps_reach_the_iteration_and_are_checked():
+    from lmforge.errors import ConfigError
+
+    model = GPT(preset("tiny", vocab_size=32))
+    optimizer = build_optimizer(model, OptimConfig(name="muon", muon_ns_steps=3), torch.device("cpu"))
+    assert [g["ns_steps"] for g in optimizer.optimizers[1].param_groups] == [3]
+    three, _ = _train(BatchedMuon, ns_dtype=torch.float32, lr=0.02, ns_steps=3)
+    five, _ = _train(BatchedMuon, ns_dtype=torch.float32, lr=0.02, ns_steps=5)
+    assert all((p - q).abs().max() > 1e-4 for p, q in zip(three, five))
+    with pytest.raises(ConfigError, match="muon_ns_steps"):
+        OptimConfig(name="muon", muon_ns_steps=0)

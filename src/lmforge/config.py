@@ -371,6 +371,8 @@ class OptimConfig:
         "name muon: per-matrix scale of Muon's lr: original multiplies by sqrt(max(1, rows/cols)) (Jordan); "
         "match_rms_adamw by 0.2 * sqrt(max(rows, cols)), so AdamW's lr and weight decay carry over (Liu et al. "
         "2025, Moonlight).", "original")
+    muon_ns_steps: int = doc("name muon: Newton-Schulz iterations per step (5 in Jordan's Muon and torch's; each one "
+                             "costs 3 products per hidden matrix).", 5, ge=1, le=20)
     muon_ns_dtype: Literal["auto", "bf16", "fp32"] = doc(
         "name muon: precision of Muon's Newton-Schulz iteration: bf16 (as torch.optim.Muon), fp32, or auto: bf16 "
         "where the device has bf16 matrix hardware (a CUDA GPU, a CPU with AMX or AVX512-BF16), fp32 elsewhere "

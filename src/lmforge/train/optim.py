@@ -123,7 +123,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device,
         return adamw
     muon = BatchedMuon(hidden, ns_dtype=muon_ns_dtype(optim.muon_ns_dtype, device), lr=optim.muon_lr,
                        weight_decay=optim.muon_weight_decay, momentum=optim.muon_momentum,
-                       adjust_lr_fn=optim.muon_adjust_lr)
+                       adjust_lr_fn=optim.muon_adjust_lr, ns_steps=optim.muon_ns_steps)
     return MuonWithAdamW(adamw, muon)
 
 
