@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from lmforge.config import ModelConfig, RunConfig
-from lmforge.distributed import slow_bf16_warning
+from lmforge.distributed import slow_half_warning
 from lmforge.errors import ConfigError
 from lmforge.model import count_parameters, flops_per_token
 
@@ -221,7 +221,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         name = f"this CPU ({torch.get_num_threads()} torch threads)"
         peak = peak_tflops * 1e12 if peak_tflops else matmul_flops(dtype=torch.bfloat16 if bf16 else torch.float32)
         memory, bandwidth, assumed = machine_memory(), copy_bandwidth(), MFU["cpu"]
-        slow = bf16 and slow_bf16_warning(torch.device("cpu"), f"train.precision={t.precision}", "--precision fp32")
+        slow = bf16 and slow_half_warning(torch.device("cpu"), f"train.precision={t.precision}", "--precision fp32")
         if slow:  # the measured bf16 peak already makes the estimate slow; say why and what to do
             notes.append(f"WARNING: {slow}")
         if peak_tflops:  # nothing was measured: say whose number it is

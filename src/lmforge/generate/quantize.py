@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from lmforge.distributed import slow_bf16_warning
+from lmforge.distributed import slow_half_warning
 from lmforge.errors import ConfigError
 from lmforge.generate.config import Dtype, Quantize
 from lmforge.model import GPT
@@ -41,14 +41,14 @@ class Int8Linear(torch.nn.Module):
 def apply_inference_dtype(model: GPT, dtype: str = "fp32", quantize: Optional[str] = None) -> GPT:
     """The model for decoding with fewer bytes read per token: `dtype` fp32 (exact, default) | bf16 | fp16
     casts every weight; `quantize="int8"` replaces every nn.Linear by an Int8Linear (CPU, fp32 model;
-    the token embedding stays fp32). Modifies and returns `model`. bf16 on a CPU without bf16 matrix instructions
-    prints one warning line on stderr (distributed.slow_bf16_warning): it decodes, far slower than fp32."""
+    the token embedding stays fp32). Modifies and returns `model`. bf16 or fp16 on a CPU without matrix instructions
+    for it prints one warning line on stderr (distributed.slow_half_warning): it decodes, far slower than fp32."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is invalid: choose one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in typing.get_args(Quantize):
         raise ConfigError(f"quantize={quantize!r} is invalid: null or one of {', '.join(typing.get_args(Quantize))}")
     device = model.tok_emb.weight.device
-    slow = dtype == "bf16" and slow_bf16_warning(device, "dtype=bf16", "--dtype fp32 (the default)")
+    slow = dtype != "fp32" and slow_half_warning(device, f"dtype={dtype}", "--dtype fp32 (the default)", DTYPES[dtype])
     if slow:
         print(f"warning: {slow}", file=sys.stderr, flush=True)
     model = model.to(DTYPES[dtype])

@@ -50,7 +50,7 @@ from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
                                  barrier, full_state, gather_objects, is_sharded, no_sync, resolve_device,
-                                 setup_distributed, slow_bf16_warning, teardown_distributed, unwrap)
+                                 setup_distributed, slow_half_warning, teardown_distributed, unwrap)
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
@@ -289,7 +289,7 @@ class Trainer:
         if self.device.type == "cpu":  # each step reuses the memory the last one freed, without page faults
             keep_freed_memory()
         self.dist = setup_distributed(self.device, tc.dist_timeout)
-        slow = tc.precision != "fp32" and slow_bf16_warning(self.device, f"train.precision={tc.precision}",
+        slow = tc.precision != "fp32" and slow_half_warning(self.device, f"train.precision={tc.precision}",
                                                            "--train.precision fp32")
         if slow and self.dist.is_main:  # bf16 asked of a CPU without bf16 instructions: right, but far slower
             print(f"warning: {slow}", file=sys.stderr, flush=True)
