@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from lmforge.config import OptimConfig, preset  # noqa: E402
+from lmforge.distributed import shard_model  # noqa: E402
 from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.model import GPT, flops_per_token  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
@@ -104,7 +105,8 @@ def flash_available(device: torch.device) -> tuple[bool, str]:
 
 def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.nn.Module:
     """`model` as the step should call it: itself, DDP(model), or the model sharded in place by FSDP2, each in a
-    process group of this one process (lmforge.distributed's wrappers leave a single process unwrapped)."""
+    process group of this one process (lmforge.distributed's apply_ddp and apply_fsdp leave a single process
+    unwrapped; FSDP2 through distributed.shard_model, apply_fsdp's own sharding)."""
     if parallel == "none":
         return model
     import socket
@@ -120,13 +122,7 @@ def wrap(model: torch.nn.Module, parallel: str, device: torch.device) -> torch.n
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    return model
+    return shard_model(model, "bf16-mixed")  # what apply_fsdp does to a job of several processes
 
 
 def sync(device: torch.device) -> None:

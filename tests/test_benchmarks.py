@@ -53,6 +53,37 @@ def test_gpu_check_runs_the_same_step_through_fsdp():
     assert fsdp["loss_first"] == pytest.approx(plain["loss_first"], abs=0.02)
 
 
+def test_gpu_check_shards_through_the_training_paths_fsdp(monkeypatch):
+    """--parallel fsdp is apply_fsdp's sharding (distributed.shard_model, bf16-mixed), not a copy of it: every block
+    and the root sharded, the blocks computing on bf16 weights; apply_fsdp itself leaves one process unwrapped."""
+    from torch import nn
+    from torch.distributed.fsdp import FSDPModule
+
+    from lmforge.distributed import DistInfo, apply_fsdp, is_sharded
+    from lmforge.model import GPT
+    from tiny_training import tiny_config
+
+    bench = load("gpu_check")
+    asked = []
+    real = bench.shard_model
+    monkeypatch.setattr(bench, "shard_model", lambda model, precision: asked.append(precision) or real(model, precision))
+    config = tiny_config(Path("unused")).model
+    try:
+        model = bench.wrap(GPT(config), "fsdp", torch.device("cpu"))  # joins a process group of this one process
+        assert asked == ["bf16-mixed"]
+        sharded = {name for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+        assert sharded == {""} | {f"blocks.{i}" for i in range(config.n_layer)}
+        dtypes = set()
+        first = next(m for m in model.blocks[0].modules() if isinstance(m, nn.Linear))
+        first.register_forward_pre_hook(lambda module, args: dtypes.add(module.weight.dtype))
+        model(torch.zeros(1, 4, dtype=torch.long))
+        assert dtypes == {torch.bfloat16}
+        plain = GPT(config)  # the training path, one process, in the same group: as is
+        assert apply_fsdp(plain, DistInfo(), torch.device("cpu"), "bf16-mixed") is plain and not is_sharded(plain)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_finetune_tasks_runs_every_variant_against_its_baselines(tmp_path):
     pytest.importorskip("sklearn")

@@ -191,6 +191,13 @@ def apply_fsdp(model: nn.Module, info: DistInfo, device: torch.device, precision
                           f"{device.type} they are there already: drop it")
     if not info.enabled:
         return model
+    return shard_model(model, precision, cpu_offload)
+
+
+def shard_model(model: nn.Module, precision: str = "fp32", cpu_offload: bool = False) -> nn.Module:
+    """apply_fsdp's sharding, done in the current process group whatever its size (apply_fsdp leaves one process
+    unwrapped; benchmarks/gpu_check.py shards a one-process group to time FSDP2's own cost): fully_shard on each
+    block and at the root, with apply_fsdp's precision and cpu_offload policies. Modifies and returns `model`."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     options: dict[str, Any] = {}
