@@ -158,7 +158,9 @@ def test_fsdp_processes_match_one_and_write_the_same_checkpoint(fsdp_run, tmp_pa
             assert sorted(a.keys()) == sorted(b.keys()) and a.metadata() == b.metadata(), name
             for key in a.keys():
                 diff = (a.get_tensor(key) - b.get_tensor(key)).abs().max().item()
-                assert diff < 5e-5, (name, key, diff)  # Adam divides by sqrt(v): a near-zero gradient (a bias) amplifies rounding
+                # 5e-5, not the losses' 1e-5: Adam divides by sqrt(v), so a near-zero gradient (a bias) amplifies
+                # the rounding of a different reduction order (1.1e-5 on an AVX2-only CPU)
+                assert diff < 5e-5, (name, key, diff)
 
 
 @pytest.mark.distributed
