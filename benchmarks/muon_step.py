@@ -7,6 +7,8 @@ alike. Timed (median ms per step over --rounds rounds):
   torch          torch.optim.Muon: one matrix at a time, its Newton-Schulz iteration always in bfloat16
   batched-bf16   lmforge's step (train/muon.py): one batched iteration per matrix shape, in bfloat16
   batched-fp32   the same in float32 (what optim.muon_ns_dtype auto picks on a CPU without bf16 hardware)
+  single-fp32    lmforge's step in float32 with each matrix in its own parameter group, so nothing is batched:
+                 what batching itself gives
 and the ratios to torch's. Also recorded: what optim.muon_ns_dtype auto picks on this machine.
 
     python benchmarks/muon_step.py --json-out benchmarks/results/muon_step-cpu-amd-avx2.json
@@ -34,7 +36,7 @@ from lmforge.train.muon import BatchedMuon  # noqa: E402
 from lmforge.train.optim import muon_ns_dtype, param_groups  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
-VARIANTS = {"torch": None, "batched-bf16": torch.bfloat16, "batched-fp32": torch.float32}
+VARIANTS = {"torch": None, "batched-bf16": torch.bfloat16, "batched-fp32": torch.float32, "single-fp32": torch.float32}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -68,7 +70,8 @@ def optimizer(variant: str, shapes: list[torch.Size], config: RunConfig) -> tupl
                   adjust_lr_fn=o.muon_adjust_lr)
     if VARIANTS[variant] is None:
         return torch.optim.Muon(params, **kwargs), params
-    return BatchedMuon(params, ns_dtype=VARIANTS[variant], **kwargs), params
+    groups = [{"params": [p]} for p in params] if variant.startswith("single") else params  # batching is per group
+    return BatchedMuon(groups, ns_dtype=VARIANTS[variant], **kwargs), params
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -205,7 +205,7 @@ def test_muon_step_times_torch_and_both_batched_precisions_on_the_models_matrice
                                       "--json-out", str(out)])
     assert summary["matrices"] == 8  # qkv, proj, fc, mlp.proj of each of 2 blocks
     assert summary["shapes"] == [[32, 32], [32, 128], [96, 32], [128, 32]]  # (as JSON lists)
-    assert set(summary["ms_per_step"]) == {"torch", "batched-bf16", "batched-fp32"}
+    assert set(summary["ms_per_step"]) == {"torch", "batched-bf16", "batched-fp32", "single-fp32"}
     assert all(ms > 0 for ms in summary["ms_per_step"].values())
     assert summary["auto_ns_dtype_here"] == ("bf16" if has_fast_bf16(torch.device("cpu")) else "fp32")
     assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
