@@ -376,7 +376,7 @@ class OptimConfig:
     muon_ns_dtype: Literal["auto", "bf16", "fp32"] = doc(
         "name muon: precision of Muon's Newton-Schulz iteration: bf16 (as torch.optim.Muon), fp32, or auto: bf16 "
         "where the device has bf16 matrix hardware (a CUDA GPU, a CPU with AMX or AVX512-BF16), fp32 elsewhere "
-        "(an AVX2-only CPU runs bf16 products 30x+ slower than fp32).", "auto")
+        "(an AVX2-only CPU runs bf16 products 28-93x slower than fp32).", "auto")
 
     def __post_init__(self) -> None:
         validate(self, "optim")

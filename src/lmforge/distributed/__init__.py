@@ -63,6 +63,15 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    """torch's own check that oneDNN runs `dtype` (bf16 or fp16) matrix products in CPU instructions made for it."""
+    check = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def has_fast_bf16(device: torch.device) -> bool:
     """Whether bfloat16 matrix products run in hardware on `device`: a CUDA GPU that supports bf16, or a CPU where
     torch sends them to oneDNN (its bf16 check: AVX-512 BW/VL/DQ, native with AVX512-BF16 or AMX; or AVX-NE-CONVERT;
@@ -72,10 +81,7 @@ def has_fast_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a build without oneDNN
-            return False
+        return _onednn_supports(torch.bfloat16)
     return True  # mps and others: their own kernels
 
 
@@ -86,12 +92,7 @@ def has_fast_half(device: torch.device, dtype: torch.dtype) -> bool:
     against fp32's ~1.6 ms, timed by hand); CUDA GPUs, mps and others have fp16 kernels of their own."""
     if dtype == torch.bfloat16:
         return has_fast_bf16(device)
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-        except (AttributeError, RuntimeError):  # a build without oneDNN
-            return False
-    return True
+    return _onednn_supports(dtype) if device.type == "cpu" else True
 
 
 # dtype -> (its name, the CPU instructions that run its matrix products fast)
