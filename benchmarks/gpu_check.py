@@ -1,11 +1,11 @@
-"""GPU check: train gpt2-124m in bf16 with torch.compile and fused (flash) attention on synthetic tokens.
+"""GPU check: train gpt2-124m (or --preset) in bf16 with torch.compile and fused (flash) attention on synthetic tokens.
 
 Prints tokens/s, MFU against the chip's dense bf16 peak (and against a measured matrix-product rate),
 whether the flash-attention backend is available and whether its kernels ran, then one JSON line.
 Capped by --steps and by --max-seconds (compilation included), so it ends in a few minutes.
 
     python benchmarks/gpu_check.py                       # CUDA, ~300 steps, <= 4 minutes
-    python benchmarks/gpu_check.py --device cpu --steps 3  # smoke test on a CPU (no compile, short context)
+    python benchmarks/gpu_check.py --device cpu --steps 3 --preset char-small  # smoke test on a CPU (no compile)
     python benchmarks/gpu_check.py --parallel fsdp         # the same step through FSDP2 (or ddp) in a 1-process group
 
 --parallel ddp | fsdp wraps the model as a torchrun job of one process would be, if lmforge wrapped it there (it does
@@ -40,6 +40,9 @@ BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
+    p.add_argument("--preset", default="gpt2-124m",
+                   help="the model (a preset of lmforge.config.PRESETS); a smaller one for a smoke test on a CPU whose "
+                        "bf16 products have no hardware (gpt2-124m in bf16 takes minutes there)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps at most")
     p.add_argument("--max-seconds", type=float, default=240.0, help="stop after this long, compile included")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32 on cuda, 1 on cpu)")
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True  # only matters for the fp32 pieces outside autocast
         torch.backends.cudnn.allow_tf32 = True
 
-    config = preset("gpt2-124m", block_size=T, dropout=0.0, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
+    config = preset(args.preset, block_size=T, dropout=0.0, **({"vocab_size": args.vocab_size} if args.vocab_size else {}))
     with torch.device(device):
         model = GPT(config)
     wrapped = wrap(model, args.parallel, device)  # before the optimizer: FSDP2 turns the parameters into DTensors
@@ -229,12 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_per_s = timed_steps * B * T / elapsed if timed_steps else 0.0
     fpt = flops_per_token(config)
     peak, peak_source = detect_peak(device, args.peak_tflops)
-    measured = measured_bf16_rate(device, 8192 if on_cuda else 1024)
+    measured = measured_bf16_rate(device, 8192 if on_cuda else 256)  # a CPU without bf16 hardware: 1024^3 takes 2 s
     flash_kernels = flash_kernels_in_profile(lambda: step(0), device)
 
     summary = {
         "benchmark": "gpu_check", "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
-        "machine": here, "model": "gpt2-124m", "params": sum(p.numel() for p in model.parameters()),
+        "machine": here, "model": args.preset, "params": sum(p.numel() for p in model.parameters()),
         "batch_size": B, "block_size": T, "precision": "bf16-mixed", "compile": use_compile, "parallel": args.parallel,
         "model_class": type(wrapped).__name__,  # GPT, DistributedDataParallel, or FSDPGPT (fully_shard's subclass)
         "compile_scope": args.compile_scope if use_compile else None, "vocab_size": config.vocab_size,

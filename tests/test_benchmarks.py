@@ -36,7 +36,7 @@ def test_train_throughput_runs_and_both_models_agree():
 
 @pytest.mark.slow
 def test_gpu_check_smoke_on_cpu():
-    summary = load("gpu_check").main(["--device", "cpu", "--steps", "3", "--compile", "off"])
+    summary = load("gpu_check").main(["--device", "cpu", "--steps", "3", "--compile", "off", "--preset", "char-small"])
     assert summary["timed_steps"] == 2 and summary["tokens_per_s"] > 0
     assert summary["loss_last"] < summary["loss_first"] + 0.5  # it trains, it does not blow up
     assert summary["flash_used"] is False  # no CUDA: no flash kernels
@@ -44,9 +44,9 @@ def test_gpu_check_smoke_on_cpu():
 
 @pytest.mark.slow
 def test_gpu_check_runs_the_same_step_through_fsdp():
-    plain = load("gpu_check").main(["--device", "cpu", "--steps", "2", "--compile", "off", "--block-size", "16"])
-    fsdp = load("gpu_check").main(["--device", "cpu", "--steps", "2", "--compile", "off", "--block-size", "16",
-                                   "--parallel", "fsdp"])
+    small = ["--device", "cpu", "--steps", "2", "--compile", "off", "--block-size", "16", "--preset", "char-small"]
+    plain = load("gpu_check").main(small)
+    fsdp = load("gpu_check").main(small + ["--parallel", "fsdp"])
     assert (plain["model_class"], fsdp["model_class"]) == ("GPT", "FSDPGPT")  # really sharded by fully_shard
     assert not torch.distributed.is_initialized()  # its process group torn down
     # the same weights and batch: bf16 weights (FSDP's policy) instead of autocast's casts, nothing else
