@@ -31,6 +31,7 @@ import typing
 from typing import Any, Callable, Sequence
 
 from lmforge import __version__
+from lmforge.allocator import keep_freed_memory
 from lmforge.errors import ConfigError, LmforgeError
 
 EXIT_USAGE = 2
@@ -984,6 +985,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # every command's CPU tensors reuse freed memory without page faults (allocator.py)
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
