@@ -98,3 +98,37 @@ def test_ns_steps_reach_the_iteration_and_are_checked():
     assert all((p - q).abs().max() > 1e-4 for p, q in zip(three, five))
     with pytest.raises(ConfigError, match="muon_ns_steps"):
         OptimConfig(name="muon", muon_ns_steps=0)
+
+
+def test_a_wide_matrix_goes_through_its_gram_matrix_and_gets_the_same_iteration():
+    """float64: the Gram path (cols > 1.5 rows) is the direct iteration rearranged, equal to rounding; float32:
+    it is the path taken, within 2e-3 of the formula (relative) even with singular values spanning 1e-6..1."""
+    from lmforge.train import muon
+
+    gen = torch.Generator().manual_seed(2)
+    for shape in [(16, 64), (64, 16), (24, 40)]:
+        G = torch.randn(2, *shape, generator=gen, dtype=torch.float64)
+        X = newton_schulz(G, COEFFICIENTS, 5, 1e-7, torch.float64)
+        for g, x in zip(G, X):
+            torch.testing.assert_close(x, _newton_schulz_reference(g), rtol=0, atol=1e-12)
+    wide = torch.randn(2, 16, 64, generator=gen, dtype=torch.float64)
+    direct = _newton_schulz_reference(wide[0], steps=3)
+    for steps in (1, 3):
+        gram = muon.gram_newton_schulz(wide / wide.norm(dim=(-2, -1), keepdim=True), COEFFICIENTS, steps)[0]
+        torch.testing.assert_close(gram, _newton_schulz_reference(wide[0], steps=steps), rtol=0, atol=1e-12)
+    assert (direct - _newton_schulz_reference(wide[0], steps=5)).abs().max() > 1e-3  # the step count shows
+    U, _ = torch.linalg.qr(torch.randn(64, 16, dtype=torch.float64, generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64, generator=gen))
+    ill = (U @ torch.diag(torch.logspace(0, -6, 16, dtype=torch.float64)) @ V.T).T  # (16, 64)
+    calls = []
+    real = muon.gram_newton_schulz
+    try:
+        muon.gram_newton_schulz = lambda *args: calls.append(args[0].shape) or real(*args)
+        x = newton_schulz(ill[None].float(), COEFFICIENTS, 5, 1e-7, torch.float32)[0]
+        newton_schulz(ill[None].float(), COEFFICIENTS, 5, 1e-7, torch.bfloat16)  # bf16: torch's own way
+        newton_schulz(torch.randn(1, 24, 32), COEFFICIENTS, 5, 1e-7, torch.float32)  # nearly square: direct
+    finally:
+        muon.gram_newton_schulz = real
+    assert calls == [torch.Size([1, 16, 64])]
+    reference = _newton_schulz_reference(ill)
+    assert (x.double() - reference).norm() < 2e-3 * reference.norm()  # bf16, torch's way: 0.3

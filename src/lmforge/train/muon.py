@@ -15,6 +15,8 @@ else on G^T and transposed back):
     X <- G / ||G||_F                         (spectral norm <= 1)
     5 times:  A <- X X^T,   B <- b A + c A A,   X <- a X + B X        (a, b, c) = (3.4445, -4.7750, 2.0315)
 
+(in float32, for a matrix more than 1.5x as wide as tall, the same polynomial through X X^T: gram_newton_schulz)
+
 and the parameter moves by -lr * scale * X, after decaying by 1 - lr * weight_decay.
 """
 
@@ -29,18 +31,46 @@ from torch import Tensor
 
 def newton_schulz(G: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype) -> Tensor:
-    """The approximate orthogonalisation of each matrix of the stack G (n, rows, cols), computed in `dtype`."""
+    """The approximate orthogonalisation of each matrix of the stack G (n, rows, cols), computed in `dtype`: in
+    float32 or float64, a wide one (cols > 1.5 rows, in the wide orientation) through its Gram matrix
+    (gram_newton_schulz), the same polynomial in fewer products."""
     a, b, c = coefficients
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    for _ in range(steps):
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
+    if dtype in (torch.float32, torch.float64) and X.size(-1) > 1.5 * X.size(-2):
+        X = gram_newton_schulz(X, coefficients, steps)
+    else:
+        for _ in range(steps):
+            A = X @ X.mT
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
     return X.mT if tall else X
+
+
+def gram_newton_schulz(X: Tensor, coefficients: tuple[float, float, float], steps: int) -> Tensor:
+    """The iteration above on a stack of wide X (n, m, cols), cols > m, carried out on m x m matrices.
+
+    Each step multiplies X on the left by P = a I + b A + c A^2, a polynomial in A = X X^T. So X_k = Q_k X_0 with
+    Q_k = P_{k-1} ... P_0, and since all of them are polynomials in A_0 they commute: A_{k+1} = P_k A_k P_k =
+    P_k (P_k A_k). Per step 4 products of m x m matrices instead of 2 of m x cols and 1 of m x m, plus A_0 and the
+    final Q X: for the recipe's 128 x 512 MLP matrices 44% fewer FLOPs. In float32 it loses some precision on
+    tiny singular values (the Gram matrix squares them): where they span 1e-6..1, its relative error against
+    float64 is 2e-4 (128 x 512) to 8e-4 (16 x 64), against 7e-6 the direct way, and 0.15-0.3 for torch's
+    bf16 iteration.
+    """
+    a, b, c = coefficients
+    A = X @ X.mT  # (n, m, m)
+    identity = torch.eye(A.size(-1), dtype=A.dtype, device=A.device).expand_as(A)
+    Q: Optional[Tensor] = None
+    for k in range(steps):
+        P = torch.baddbmm(A, A, A, beta=b, alpha=c).add_(identity, alpha=a)  # a I + b A + c A A
+        Q = P if Q is None else P @ Q
+        if k < steps - 1:
+            A = P @ (P @ A)
+    return X if Q is None else Q @ X
 
 
 def lr_scale(adjust_lr_fn: Optional[str], shape: torch.Size) -> float:
