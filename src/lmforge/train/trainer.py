@@ -39,6 +39,7 @@ import torch
 import yaml
 from torch import nn
 
+from lmforge.allocator import keep_freed_memory
 from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, checkpoint_bytes, checkpoint_name,
                                 clean_interrupted_saves, fault_point, latest_checkpoint, load_body_weights,
                                 load_training_state, newest_intact_checkpoint, prune_checkpoints, read_run_config,
@@ -55,7 +56,6 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.allocator import keep_freed_memory
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
