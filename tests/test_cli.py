@@ -451,3 +451,48 @@ def test_serve_flags_are_checked_by_the_config_before_anything_loads(tmp_path, c
     assert main(["serve", str(tmp_path / "ghost"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"lmforge serve: error: {message}") and err.count("\n") == 1
+
+
+def test_eval_draws_a_progress_bar_on_a_terminal_and_nothing_in_a_pipe(workspace):
+    """`lmforge eval`: a bar on stderr when it is a terminal (counting the split's tokens), none when stderr is a
+    pipe or with --no-progress; stdout holds the JSON either way."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    exe = Path(sys.executable).parent / "lmforge"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lmforge.cli"]
+    cmd += ["eval", str(workspace / "run"), "--device", "cpu", "--batch-size", "1"]
+
+    def run(flags: list[str], terminal: bool) -> tuple[dict, str]:
+        if not terminal:
+            done = subprocess.run(cmd + flags, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout), done.stderr
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 wide
+        with subprocess.Popen(cmd + flags, stdout=subprocess.PIPE, stderr=follower) as proc:
+            os.close(follower)
+            out = proc.stdout.read()
+            seen = b""
+            while True:  # the terminal's side until the process closes it
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # EIO: every writer is gone
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+            assert proc.wait(timeout=300) == 0, seen
+        os.close(leader)
+        return json.loads(out), seen.decode("utf-8", "replace")
+
+    result, drawn = run([], terminal=True)
+    from tqdm import tqdm
+
+    total = re.escape(tqdm.format_sizeof(result["tokens"]))  # the split's predicted tokens, e.g. 3.25k
+    assert re.search(rf"eval: +\d+%\|.*/{total} \[.*tok/s\]", drawn), drawn
+    for flags, terminal in (([], False), (["--no-progress"], True)):
+        quiet, stderr = run(flags, terminal)
+        assert quiet["loss"] == result["loss"] and "eval:" not in stderr and "%" not in stderr, stderr

@@ -427,6 +427,8 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--out", metavar="DIR", help="task data: where predictions.jsonl and metrics.json go")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch (default: 16)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bar (drawn on stderr, and only when it is a terminal)")
     add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
                          aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
     p.set_defaults(run=_run_eval)
@@ -453,7 +455,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.checkpoint, data_dir=args.data, split=args.split,
                                  max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
                                  task_options={"max_examples": args.max_examples, "out": args.out,
-                                               "generate": generate})
+                                               "generate": generate}, progress=not args.no_progress)
     print(json.dumps(result, indent=2))
     return 0
 

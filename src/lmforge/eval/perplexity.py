@@ -34,14 +34,16 @@ from torch import nn
 
 from lmforge.data.batches import IGNORE_INDEX, mask_tokens
 from lmforge.errors import DataError
+from lmforge.eval.progress import progress_bar
 
 MASK_SEED = 0  # the masking of an encoder's evaluation: fixed, so every model answers the same masked positions
 
 
 @torch.no_grad()
 def evaluate_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size: int = 16,
-                    device: torch.device | str = "cpu") -> dict[str, float]:
-    """Summed and mean next-token loss of `model` over the whole 1-D array `tokens`.
+                    device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
+    """Summed and mean next-token loss of `model` over the whole 1-D array `tokens` (with a progress bar on a
+    terminal when `progress`).
 
     Returns {'loss_sum' (nats), 'tokens' (predicted), 'loss', 'perplexity'}.
     """
@@ -56,15 +58,17 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, batch
     full = [s for s in starts if s + block_size + 1 <= n]
     last = [s for s in starts if s + block_size + 1 > n]  # at most one shorter window at the end
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in last]
-    for group in groups:
-        length = min(block_size, n - 1 - group[0])
-        windows = np.stack([np.asarray(tokens[s:s + length + 1], dtype=np.int64) for s in group])  # (B, T+1)
-        windows = torch.from_numpy(windows).to(device)
-        logits = model(windows[:, :-1])  # (B, T, V)
-        B, T, V = logits.shape
-        loss = F.cross_entropy(logits.float().reshape(B * T, V), windows[:, 1:].reshape(B * T), reduction="sum")
-        loss_sum += loss.double()
-        predicted += B * T
+    with progress_bar(n - 1, "eval", "tok", progress) as bar:
+        for group in groups:
+            length = min(block_size, n - 1 - group[0])
+            windows = np.stack([np.asarray(tokens[s:s + length + 1], dtype=np.int64) for s in group])  # (B, T+1)
+            windows = torch.from_numpy(windows).to(device)
+            logits = model(windows[:, :-1])  # (B, T, V)
+            B, T, V = logits.shape
+            loss = F.cross_entropy(logits.float().reshape(B * T, V), windows[:, 1:].reshape(B * T), reduction="sum")
+            loss_sum += loss.double()
+            predicted += B * T
+            bar.update(B * T)
     model.train(was_training)
     total = float(loss_sum)
     mean = total / predicted
@@ -74,7 +78,7 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, batch
 @torch.no_grad()
 def evaluate_masked_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, mask_id: int, vocab_size: int,
                            probability: float = 0.15, batch_size: int = 16, device: torch.device | str = "cpu",
-                           seed: int = MASK_SEED) -> dict[str, float]:
+                           seed: int = MASK_SEED, progress: bool = False) -> dict[str, float]:
     """Masked-language-model loss and accuracy of an encoder over the whole 1-D array `tokens`.
 
     Consecutive windows of block_size tokens (the last one shorter), each masked with probability `probability`
@@ -88,17 +92,19 @@ def evaluate_masked_tokens(model: nn.Module, tokens: np.ndarray, block_size: int
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # (loss, masked, hits)
-    for group in groups:
-        length = min(block_size, n - group[0])
-        masked = [mask_tokens(torch.from_numpy(np.asarray(tokens[s:s + length], dtype=np.int64))[None], mask_id,
-                              vocab_size, probability, np.random.default_rng([seed, s])) for s in group]
-        x = torch.cat([inputs for inputs, _ in masked]).to(device)  # (B, T)
-        y = torch.cat([labels for _, labels in masked]).to(device)  # (B, T): IGNORE_INDEX where not masked
-        logits = model(x)  # (B, T, V)
-        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                     reduction="sum").double()
-        totals[1] += (y != IGNORE_INDEX).sum()
-        totals[2] += (logits.argmax(-1) == y).sum()  # IGNORE_INDEX never equals a prediction
+    with progress_bar(n, "eval", "tok", progress) as bar:
+        for group in groups:
+            length = min(block_size, n - group[0])
+            masked = [mask_tokens(torch.from_numpy(np.asarray(tokens[s:s + length], dtype=np.int64))[None], mask_id,
+                                  vocab_size, probability, np.random.default_rng([seed, s])) for s in group]
+            x = torch.cat([inputs for inputs, _ in masked]).to(device)  # (B, T)
+            y = torch.cat([labels for _, labels in masked]).to(device)  # (B, T): IGNORE_INDEX where not masked
+            logits = model(x)  # (B, T, V)
+            totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                         reduction="sum").double()
+            totals[1] += (y != IGNORE_INDEX).sum()
+            totals[2] += (logits.argmax(-1) == y).sum()  # IGNORE_INDEX never equals a prediction
+            bar.update(x.numel())
     model.train(was_training)
     loss_sum, count, hits = totals.tolist()
     if count == 0:
@@ -132,8 +138,8 @@ def predicted_bytes(tokenizer: Any, tokens: np.ndarray, chunk: int = 1 << 20) ->
 
 
 def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None, split: str = "val",
-                        max_tokens: Optional[int] = None, batch_size: int = 16,
-                        device: str = "auto", task_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                        max_tokens: Optional[int] = None, batch_size: int = 16, device: str = "auto",
+                        task_options: Optional[dict[str, Any]] = None, progress: bool = False) -> dict[str, Any]:
     """Evaluate a run or checkpoint directory on a split of prepared data.
 
     data_dir defaults to the data the run was trained on (data.path in its config). max_tokens limits
@@ -142,7 +148,7 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
     'masked_accuracy', 'masked_tokens', 'tokens', 'mask_probability', 'mask_seed', 'split', 'checkpoint', 'data'}
     (evaluate_masked_tokens) and no perplexity, which would measure copying. On task data (a fine-tuned model) it
     returns eval.tasks.evaluate_task_split's metrics instead; task_options (max_examples, out, generate)
-    go to it.
+    go to it. progress: a progress bar on stderr when it is a terminal (eval.progress).
     """
     from lmforge.checkpoint import check_data_tokenizer, load_for_inference, verified_checkpoint
     from lmforge.data.shards import load_split, read_manifest
@@ -156,7 +162,7 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
         from lmforge.eval.tasks import evaluate_task_split
 
         return evaluate_task_split(model, tokenizer, config, ckpt, data_dir, split, batch_size=batch_size,
-                                   **(task_options or {}))
+                                   progress=progress, **(task_options or {}))
     manifest = read_manifest(data_dir)
     check_data_tokenizer(ckpt, data_dir / "tokenizer.json")
     if manifest.get("vocab_size") != config.model.vocab_size:
@@ -176,11 +182,11 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
             raise DataError(f"{data_dir}'s tokenizer has no mask token, so this encoder cannot be scored on masked "
                             f"tokens: evaluate on data prepared with --mask-token")
         masked = evaluate_masked_tokens(model, tokens, config.model.block_size, mask_id, config.model.vocab_size, p,
-                                        batch_size, device_t)
+                                        batch_size, device_t, progress=progress)
         return {"objective": "mlm", "loss": masked["loss"], "masked_accuracy": masked["masked_accuracy"],
                 "masked_tokens": masked["masked"], "tokens": len(tokens), "mask_probability": p,
                 "mask_seed": MASK_SEED, **where}
-    result = evaluate_tokens(model, tokens, config.model.block_size, batch_size, device_t)
+    result = evaluate_tokens(model, tokens, config.model.block_size, batch_size, device_t, progress=progress)
     num_bytes = split_bytes(manifest, split) if whole else None
     if num_bytes is None:
         if tokenizer is None:

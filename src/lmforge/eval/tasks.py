@@ -30,22 +30,25 @@ from torch import nn
 
 from lmforge.data.batches import IGNORE_INDEX, Examples, pad_examples
 from lmforge.errors import DataError
+from lmforge.eval.progress import progress_bar
 from lmforge.generate import GenerateConfig, generate_batch_ids
 
 
 @torch.no_grad()
 def completion_loss(model: nn.Module, examples: Examples, batch_size: int = 16,
-                    device: torch.device | str = "cpu") -> dict[str, float]:
+                    device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
     """Summed and mean loss of `model` on the completion tokens of every example: {'loss_sum', 'tokens',
     'loss', 'perplexity'} (what sft training minimises, over the whole split)."""
     loss_sum, counted = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        x, y = pad_examples(examples, np.arange(start, min(start + batch_size, len(examples))))
-        logits = model(x.to(device)).float()  # (B, T, V)
-        y = y.to(device)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum",
-                                                            ignore_index=IGNORE_INDEX))
-        counted += int((y != IGNORE_INDEX).sum())
+    with progress_bar(len(examples), "completion loss", "ex", progress) as bar:
+        for start in range(0, len(examples), batch_size):
+            x, y = pad_examples(examples, np.arange(start, min(start + batch_size, len(examples))))
+            logits = model(x.to(device)).float()  # (B, T, V)
+            y = y.to(device)
+            loss_sum += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum",
+                                                                ignore_index=IGNORE_INDEX))
+            counted += int((y != IGNORE_INDEX).sum())
+            bar.update(len(x))
     mean = loss_sum / max(counted, 1)
     return {"loss_sum": loss_sum, "tokens": counted, "loss": mean, "perplexity": math.exp(min(mean, 700.0))}
 
@@ -65,17 +68,20 @@ def split_prompts(examples: Examples, end_id: Optional[int]) -> tuple[list[list[
 
 
 def predict(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: GenerateConfig,
-            batch_size: int = 16) -> list[list[int]]:
+            batch_size: int = 16, progress: bool = False) -> list[list[int]]:
     """The first continuation of each prompt (token ids, end token excluded), decoded in batches."""
     out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        rows = generate_batch_ids(model, prompts[start:start + batch_size], config, tokenizer.end_id, tokenizer)
-        out += [sequences[0] for sequences in rows]
+    with progress_bar(len(prompts), "generate", "ex", progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            rows = generate_batch_ids(model, prompts[start:start + batch_size], config, tokenizer.end_id, tokenizer)
+            out += [sequences[0] for sequences in rows]
+            bar.update(len(rows))
     return out
 
 
 def evaluate_sft(model: nn.Module, tokenizer: Any, examples: Examples, *, generate: Optional[GenerateConfig] = None,
-                 batch_size: int = 16, device: torch.device | str = "cpu") -> tuple[dict[str, Any], list[dict]]:
+                 batch_size: int = 16, device: torch.device | str = "cpu",
+                 progress: bool = False) -> tuple[dict[str, Any], list[dict]]:
     """(metrics, prediction rows) of a text-to-text model on `examples`; see the module docstring."""
     from lmforge.eval.metrics import example_scores, text_metrics
 
@@ -87,11 +93,11 @@ def evaluate_sft(model: nn.Module, tokenizer: Any, examples: Examples, *, genera
         generate = GenerateConfig(temperature=0.0, max_new_tokens=budget)
     elif generate.max_new_tokens is None and generate.max_length is None:
         generate = replace(generate, max_new_tokens=budget)
-    predicted = predict(model, tokenizer, prompts, generate, batch_size)
+    predicted = predict(model, tokenizer, prompts, generate, batch_size, progress)
     prediction_texts = [tokenizer.decode(ids) for ids in predicted]
     reference_texts = [tokenizer.decode(ids) for ids in references]
     metrics = {**text_metrics(prediction_texts, reference_texts), **{
-        f"completion_{k}": v for k, v in completion_loss(model, examples, batch_size, device).items()}}
+        f"completion_{k}": v for k, v in completion_loss(model, examples, batch_size, device, progress).items()}}
     metrics["generation"] = {k: v for k, v in vars(generate).items() if v is not None}
     rows = [{"input": tokenizer.decode(p), "reference": r, "prediction": q, **example_scores(q, r)}
             for p, r, q in zip(prompts, reference_texts, prediction_texts)]
@@ -129,7 +135,7 @@ def sampled_text_metrics(model: nn.Module, tokenizer: Any, examples: Examples, b
 
 @torch.no_grad()
 def evaluate_classify(model: nn.Module, tokenizer: Any, examples: Examples, labels: list[str], pad_id: int,
-                      batch_size: int = 16) -> tuple[dict[str, Any], list[dict]]:
+                      batch_size: int = 16, progress: bool = False) -> tuple[dict[str, Any], list[dict]]:
     """(metrics, prediction rows) of a classifier on labelled `examples`; see the module docstring."""
     from lmforge.data.batches import pad_labelled_examples
     from lmforge.eval.metrics import classification_metrics
@@ -138,12 +144,14 @@ def evaluate_classify(model: nn.Module, tokenizer: Any, examples: Examples, labe
         raise DataError("the split holds no examples to evaluate")
     device = next(model.parameters()).device
     probs, loss_sum = [], 0.0
-    for start in range(0, len(examples), batch_size):
-        x, gold, mask = pad_labelled_examples(examples, np.arange(start, min(start + batch_size, len(examples))),
-                                              pad_id)
-        logits = model(x.to(device), attention_mask=mask.to(device)).float()  # (B, K)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, gold.to(device), reduction="sum"))
-        probs.append(torch.softmax(logits, dim=-1).cpu())
+    with progress_bar(len(examples), "classify", "ex", progress) as bar:
+        for start in range(0, len(examples), batch_size):
+            x, gold, mask = pad_labelled_examples(examples, np.arange(start, min(start + batch_size, len(examples))),
+                                                  pad_id)
+            logits = model(x.to(device), attention_mask=mask.to(device)).float()  # (B, K)
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, gold.to(device), reduction="sum"))
+            probs.append(torch.softmax(logits, dim=-1).cpu())
+            bar.update(len(x))
     p = torch.cat(probs)  # (n, K)
     gold = [int(y) for y in examples.labels]
     predicted = p.argmax(dim=-1).tolist()
@@ -159,8 +167,8 @@ def evaluate_classify(model: nn.Module, tokenizer: Any, examples: Examples, labe
 
 def evaluate_task_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None, split: str = "val",
                              max_examples: Optional[int] = None, batch_size: int = 16, device: str = "auto",
-                             out: Optional[str | Path] = None,
-                             generate: Optional[GenerateConfig] = None) -> dict[str, Any]:
+                             out: Optional[str | Path] = None, generate: Optional[GenerateConfig] = None,
+                             progress: bool = False) -> dict[str, Any]:
     """Evaluate a fine-tuned run or checkpoint on a split of its task data (data_dir: the data it was trained
     on by default); see evaluate_task_split."""
     from lmforge.checkpoint import load_for_inference, verified_checkpoint
@@ -169,12 +177,12 @@ def evaluate_task_checkpoint(path: str | Path, data_dir: Optional[str | Path] = 
     model, tokenizer, config = load_for_inference(ckpt, device=device, manifest=ckpt_manifest)
     data_dir = Path(data_dir) if data_dir is not None else Path(config.data.path)
     return evaluate_task_split(model, tokenizer, config, ckpt, data_dir, split, max_examples=max_examples,
-                               batch_size=batch_size, out=out, generate=generate)
+                               batch_size=batch_size, out=out, generate=generate, progress=progress)
 
 
 def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Path, data_dir: Path, split: str, *,
                         max_examples: Optional[int] = None, batch_size: int = 16, out: Optional[str | Path] = None,
-                        generate: Optional[GenerateConfig] = None) -> dict[str, Any]:
+                        generate: Optional[GenerateConfig] = None, progress: bool = False) -> dict[str, Any]:
     """Metrics of a loaded fine-tuned model (from checkpoint `ckpt`) on `split` of task data `data_dir` (the
     first max_examples examples when given); writes OUT/predictions.jsonl and OUT/metrics.json (OUT:
     RUN_DIR/eval/SPLIT by default) and returns the metrics with 'split', 'checkpoint', 'data', 'examples',
@@ -202,14 +210,14 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
 
         labels = [str(label) for label in manifest["labels"]]
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.end_id  # as training padded
-        metrics, rows = evaluate_classify(model, tokenizer, examples, labels, pad, batch_size)
+        metrics, rows = evaluate_classify(model, tokenizer, examples, labels, pad, batch_size, progress)
         plot_confusion_matrix(metrics["confusion_matrix"], labels, out_dir / "confusion.png",
                               title=f"{Path(ckpt).parent.parent.name}: {split} ({len(rows)} examples)")
         metrics["confusion_png"] = str(out_dir / "confusion.png")
     else:
         device = next(model.parameters()).device
         metrics, rows = evaluate_sft(model, tokenizer, examples, generate=generate, batch_size=batch_size,
-                                     device=device)
+                                     device=device, progress=progress)
     write_predictions(out_dir / "predictions.jsonl", rows)
     result = {**metrics, "split": split, "checkpoint": str(ckpt), "data": str(data_dir), "examples": len(rows),
               "predictions": str(out_dir / "predictions.jsonl")}
