@@ -64,6 +64,11 @@ MUTANTS = [
     Mutant("muon-gram", "train/muon.py",
            "            A = P @ (P @ A)", "            A = P @ A  # mutant: the Gram matrix updated by P once, not P^2",
            ("tests/test_muon.py::test_a_wide_matrix_goes_through_its_gram_matrix_and_gets_the_same_iteration",)),
+    Mutant("muon-fsdp-local-rows", "train/muon.py",
+           "            sharded = _is_sharded(params[0])",
+           "            sharded = False  # mutant: each FSDP process orthogonalises only its own rows",
+           ("tests/test_distributed.py::test_muon_under_fsdp_matches_one_process_and_resumes_from_full_and_sharded_"
+            "checkpoints",)),
     Mutant("cli-allocator", "cli.py",
            "    keep_freed_memory()  # every command", "    pass  # mutant: no malloc settings; every command",
            ("tests/test_allocator.py::test_every_command_keeps_freed_memory_so_evaluation_does_not_page_fault",)),

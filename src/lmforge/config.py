@@ -521,9 +521,6 @@ class RunConfig:
         if self.lora is not None and self.train.parallel == "fsdp":
             raise ConfigError("train.parallel=fsdp is not supported with lora.*: a LoRA run trains small adapters on a "
                               "frozen base; use train.parallel ddp (the default) for LoRA")
-        if self.optim.name == "muon" and self.train.parallel == "fsdp":
-            raise ConfigError("optim.name=muon is not supported with train.parallel=fsdp: Muon orthogonalises whole "
-                              "matrices, each process holds a shard; use optim.name adamw, or train.parallel ddp")
         if self.train.checkpoint_format == "sharded" and self.train.parallel != "fsdp":
             raise ConfigError("train.checkpoint_format=sharded writes each FSDP process's shard, but train.parallel is "
                               f"{self.train.parallel}: add --train.parallel fsdp, or use train.checkpoint_format full")

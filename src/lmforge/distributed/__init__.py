@@ -233,10 +233,16 @@ def full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> 
     weights = get_model_state_dict(model, options=options)
     if optimizer is None:
         return weights, None
-    named = get_optimizer_state_dict(model, optimizer, options=options)
+    named = get_optimizer_state_dict(model, _torch_optimizers(optimizer), options=options)
     if not named:  # not rank 0
         return weights, {}
     return weights, _by_index(named)
+
+
+def _torch_optimizers(optimizer: Any) -> Any:
+    """What torch's state_dict helpers take: the optimizer, or the torch optimizers of one that steps several
+    (train.optim.MuonWithAdamW: AdamW's groups, then Muon's, the order of its param_groups and state indices)."""
+    return tuple(getattr(optimizer, "optimizers", None) or (optimizer,))
 
 
 def _by_index(named: dict) -> dict:
@@ -271,7 +277,7 @@ def local_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) ->
     weights = get_model_state_dict(model, options=options)
     if optimizer is None:
         return weights, None
-    return weights, _by_index(get_optimizer_state_dict(model, optimizer, options=options))
+    return weights, _by_index(get_optimizer_state_dict(model, _torch_optimizers(optimizer), options=options))
 
 
 def held_rows(tensors: dict[str, torch.Tensor]) -> dict[str, Optional[tuple[int, int]]]:
@@ -322,7 +328,8 @@ def load_local_state(model: nn.Module, weights: dict[str, torch.Tensor], optimiz
         state = {"state": {i: {key: like(params[names[i]], v) if torch.is_tensor(v) and v.ndim > 0 else v
                                for key, v in entry.items()} for i, entry in optimizer_state["state"].items()},
                  "param_groups": optimizer_state["param_groups"]}
-        set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, state), options=options)
+        set_optimizer_state_dict(model, _torch_optimizers(optimizer), _by_name(model, optimizer, state),
+                                 options=options)
 
 
 def load_full_state(model: nn.Module, weights: Optional[dict], optimizer: Optional[torch.optim.Optimizer] = None,
@@ -336,7 +343,8 @@ def load_full_state(model: nn.Module, weights: Optional[dict], optimizer: Option
     if weights is not None:
         set_model_state_dict(model, weights, options=options)
     if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(model, optimizer, _by_name(model, optimizer, optimizer_state), options=options)
+        set_optimizer_state_dict(model, _torch_optimizers(optimizer), _by_name(model, optimizer, optimizer_state),
+                                 options=options)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ torch.optim.Muon orthogonalises each hidden matrix on its own, always in bfloat1
 - where they do (AMX), 16 small matrices mean 160 separate small products per step.
 This Muon is torch.optim.Muon (same arguments, parameter groups, per-parameter momentum_buffer state, so the same
 checkpoints) with its step rewritten: the momentum for all matrices at once, then one batched iteration per shape
-(a block's qkv weights of every layer together), in `ns_dtype`.
+(a block's qkv weights of every layer together), in `ns_dtype`. Under FSDP2 each process holds some rows of each
+matrix: the iteration runs on the gathered whole matrices (see _gather_rows below).
 
 The iteration (Jordan et al. 2024), for an update G of shape (rows, cols), in the wide orientation (rows <= cols,
 else on G^T and transposed back):
@@ -105,17 +106,61 @@ class BatchedMuon(torch.optim.Muon):
             if not params:
                 continue
             momentum, lr = group["momentum"], float(group["lr"])
+            sharded = _is_sharded(params[0])  # FSDP2: each process holds some rows of every matrix (Shard(0))
+            local = [_local(p) for p in params]
+            grads, buffers = [_local(g) for g in grads], [_local(b) for b in buffers]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
             if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+                torch._foreach_mul_(local, 1 - lr * group["weight_decay"])
             by_shape: dict[torch.Size, list[int]] = {}
             for i, p in enumerate(params):
-                by_shape.setdefault(p.shape, []).append(i)
+                by_shape.setdefault(p.shape, []).append(i)  # the whole matrix's shape, sharded or not
             for shape, members in by_shape.items():
-                ortho = newton_schulz(torch.stack([updates[i] for i in members]), group["ns_coefficients"],
-                                      group["ns_steps"], group["eps"], self.ns_dtype)
+                stacked = torch.stack([updates[i] for i in members])  # (n, rows here, cols)
+                if sharded:
+                    stacked = _gather_rows(stacked, params[members[0]], shape)
+                ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                      self.ns_dtype)
+                if sharded:
+                    ortho = _own_rows(ortho, params[members[0]])
                 step = -lr * lr_scale(group["adjust_lr_fn"], shape)
                 for i, X in zip(members, ortho.unbind(0)):
-                    params[i].add_(X, alpha=step)
+                    local[i].add_(X, alpha=step)
         return loss
+
+
+# FSDP2 (distributed.apply_fsdp) shards each matrix by rows (Shard(0)): the momentum is elementwise, so each process
+# updates its own rows, but Newton-Schulz needs whole matrices. Each process gathers the updates of a shape's
+# matrices (one all-gather per shape), orthogonalises them all (the same numbers on every process), and keeps its
+# rows. The gathered matrices live only during the step. Every process computes every iteration (what one process
+# would): simple and exact; handing each process a share of the matrices would divide that work, not done yet.
+def _is_sharded(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This process's rows of a sharded tensor (written in place through it), or the tensor itself."""
+    return t.to_local() if _is_sharded(t) else t
+
+
+def _gather_rows(stacked: Tensor, like: Tensor, shape: torch.Size) -> Tensor:
+    """(n, rows, cols): the whole matrices whose rows this process holds in `stacked` (n, rows here, cols), sharded
+    as the parameter `like`."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    whole = torch.Size((stacked.size(0), *shape))
+    return DTensor.from_local(stacked, like.device_mesh, [Shard(1)], run_check=False, shape=whole,
+                              stride=torch.empty(whole, device="meta").stride()).full_tensor()
+
+
+def _own_rows(whole: Tensor, like: Tensor) -> Tensor:
+    """The rows of each whole matrix of `whole` (n, rows, cols) that this process holds of the parameter `like`."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    rows = DTensor.from_local(whole, like.device_mesh, [Replicate()], run_check=False)
+    return rows.redistribute(like.device_mesh, [Shard(1)]).to_local()  # a slice: no communication
