@@ -198,14 +198,20 @@ def test_fsdp_with_activation_checkpointing_and_bf16_mixed(fsdp_run, tmp_path):
 MUON = {**FSDP, "optim.name": "muon", "optim.muon_ns_dtype": "fp32", "model.mlp_hidden": 33}
 
 
+@pytest.fixture(scope="module")
+def muon_fsdp_run(tmp_path_factory):
+    """20 steps of 2 FSDP processes with Muon (as fsdp_run), checkpoints at 10 and 20."""
+    run = tmp_path_factory.mktemp("muon-fsdp") / "two"
+    _torchrun(run, 2, 2, False, "", json.dumps(MUON))
+    return run
+
+
 @pytest.mark.distributed
-def test_muon_under_fsdp_matches_one_process_and_resumes_from_full_and_sharded_checkpoints(tmp_path):
+def test_muon_under_fsdp_matches_one_process(muon_fsdp_run, tmp_path):
     """Each FSDP process gathers the updates of the hidden matrices, orthogonalises them whole and keeps its rows:
-    20 steps have the losses of one process; the step-10 checkpoint resumes exactly with 2 FSDP processes and
-    within 1e-5 with one; a sharded checkpoint (each process's rows of every weight and momentum) resumes exactly."""
-    _torchrun(tmp_path / "two", 2, 2, False, "", json.dumps(MUON))
+    20 steps have the losses of one process."""
     worker(tmp_path / "one", batch_size=4, grad_accum=2, overrides=json.dumps({**MUON, "train.parallel": "ddp"}))
-    one, two = _read(tmp_path / "one"), _read(tmp_path / "two")
+    one, two = _read(tmp_path / "one"), _read(muon_fsdp_run)
     assert two["sharded"] and 0.4 < two["held"] < 0.6
     assert [l for _, l in two["history"]] == pytest.approx([l for _, l in one["history"]], abs=1e-5)
     worker(tmp_path / "adamw", batch_size=4, grad_accum=2,  # Muon really stepped: AdamW alone gives other losses
@@ -213,7 +219,13 @@ def test_muon_under_fsdp_matches_one_process_and_resumes_from_full_and_sharded_c
     adamw = _read(tmp_path / "adamw")
     assert abs(adamw["history"][-1][1] - one["history"][-1][1]) > 1e-3
 
-    ckpt = tmp_path / "two" / "checkpoints" / "step-00000010"
+
+@pytest.mark.distributed
+def test_muon_under_fsdp_resumes_from_full_and_sharded_checkpoints(muon_fsdp_run, tmp_path):
+    """The step-10 checkpoint resumes exactly with 2 FSDP processes and within 1e-5 with one; a sharded checkpoint
+    (each process's rows of every weight and momentum) resumes exactly."""
+    two = _read(muon_fsdp_run)
+    ckpt = muon_fsdp_run / "checkpoints" / "step-00000010"
     _torchrun(tmp_path / "resumed", 2, 2, False, "", json.dumps({**MUON, "train.resume": str(ckpt)}))
     worker(tmp_path / "resumed-one", batch_size=4, grad_accum=2,
            overrides=json.dumps({**MUON, "train.parallel": "ddp", "train.resume": str(ckpt)}))
