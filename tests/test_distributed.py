@@ -127,12 +127,17 @@ def test_two_compiled_processes_with_accumulation_match_one(tmp_path):
 FSDP = {"train.parallel": "fsdp", "train.max_steps": 20, "train.save_interval": 10}
 
 
+def _two_processes(tmp_path_factory, name: str, overrides: dict) -> Path:
+    """The run directory of a job of 2 processes x 2 sequences x 2 micro-batches with `overrides`."""
+    run = tmp_path_factory.mktemp(name) / "two"
+    _torchrun(run, 2, 2, False, "", json.dumps(overrides))
+    return run
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     """20 steps of 2 FSDP processes x 2 sequences x 2 micro-batches (global batch 8), checkpoints at 10 and 20."""
-    run = tmp_path_factory.mktemp("fsdp") / "two"
-    _torchrun(run, 2, 2, False, "", json.dumps(FSDP))
-    return run
+    return _two_processes(tmp_path_factory, "fsdp", FSDP)
 
 
 def _read(run: Path) -> dict:
@@ -201,9 +206,7 @@ MUON = {**FSDP, "optim.name": "muon", "optim.muon_ns_dtype": "fp32", "model.mlp_
 @pytest.fixture(scope="module")
 def muon_fsdp_run(tmp_path_factory):
     """20 steps of 2 FSDP processes with Muon (as fsdp_run), checkpoints at 10 and 20."""
-    run = tmp_path_factory.mktemp("muon-fsdp") / "two"
-    _torchrun(run, 2, 2, False, "", json.dumps(MUON))
-    return run
+    return _two_processes(tmp_path_factory, "muon-fsdp", MUON)
 
 
 @pytest.mark.distributed
@@ -247,9 +250,7 @@ SHARDED = {**FSDP, "train.checkpoint_format": "sharded"}
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory):
     """The fsdp_run job, writing each checkpoint as per-rank shards (train.checkpoint_format sharded)."""
-    run = tmp_path_factory.mktemp("sharded") / "two"
-    _torchrun(run, 2, 2, False, "", json.dumps(SHARDED))
-    return run
+    return _two_processes(tmp_path_factory, "sharded", SHARDED)
 
 
 @pytest.mark.distributed
