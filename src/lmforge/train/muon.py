@@ -107,8 +107,11 @@ class BatchedMuon(torch.optim.Muon):
                 continue
             momentum, lr = group["momentum"], float(group["lr"])
             sharded = _is_sharded(params[0])  # FSDP2: each process holds some rows of every matrix (Shard(0))
-            local = [_local(p) for p in params]
-            grads, buffers = [_local(g) for g in grads], [_local(b) for b in buffers]
+            if sharded:  # each one's own rows, written in place through them
+                local = [p.to_local() for p in params]
+                grads, buffers = [g.to_local() for g in grads], [b.to_local() for b in buffers]
+            else:
+                local = params
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
             if group["weight_decay"]:
@@ -141,11 +144,6 @@ def _is_sharded(t: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
-
-
-def _local(t: Tensor) -> Tensor:
-    """This process's rows of a sharded tensor (written in place through it), or the tensor itself."""
-    return t.to_local() if _is_sharded(t) else t
 
 
 def _gather_rows(stacked: Tensor, like: Tensor, shape: torch.Size) -> Tensor:
