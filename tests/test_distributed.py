@@ -34,6 +34,11 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
 
     from lmforge.distributed import is_sharded, teardown_distributed, unwrap
     from lmforge.lora import base_fingerprint
+    from lmforge.train import muon
+
+    orthogonalised = []  # the matrices this process put through Newton-Schulz, per call
+    real = muon.newton_schulz
+    muon.newton_schulz = lambda G, *args, **kwargs: orthogonalised.append(G.size(0)) or real(G, *args, **kwargs)
 
     lora = {"train.init_from": base, **LORA} if base else {}
     trainer = tiny_trainer(tiny_config(run_dir, **{**STEPS, "train.batch_size": batch_size,
@@ -51,6 +56,7 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
                                                           "sharded": is_sharded(trainer.raw_model),
                                                           "held": local / summary["parameters"],
                                                           "weight_dtypes": sorted(dtypes),
+                                                          "orthogonalised": sum(orthogonalised),
                                                           "base_fingerprint": base_fingerprint(trainer.raw_model) if base else None}))
     teardown_distributed(synchronize=True)
 
@@ -199,8 +205,9 @@ def test_fsdp_with_activation_checkpointing_and_bf16_mixed(fsdp_run, tmp_path):
 
 
 # Muon under FSDP (fp32 Newton-Schulz: bf16's rounding would turn the reduction order's 1e-7 into 1e-3), with an MLP
-# 33 wide: its fc matrix splits unevenly over 2 processes (17 rows and 16).
-MUON = {**FSDP, "optim.name": "muon", "optim.muon_ns_dtype": "fp32", "model.mlp_hidden": 33}
+# 33 wide: its fc matrix splits unevenly over 2 processes (17 rows and 16); and 3 layers, so each shape's 3 matrices
+# split unevenly too (2 orthogonalised by one process, 1 by the other).
+MUON = {**FSDP, "optim.name": "muon", "optim.muon_ns_dtype": "fp32", "model.mlp_hidden": 33, "model.n_layer": 3}
 
 
 @pytest.fixture(scope="module")
@@ -211,11 +218,13 @@ def muon_fsdp_run(tmp_path_factory):
 
 @pytest.mark.distributed
 def test_muon_under_fsdp_matches_one_process(muon_fsdp_run, tmp_path):
-    """Each FSDP process gathers the updates of the hidden matrices, orthogonalises them whole and keeps its rows:
-    20 steps have the losses of one process."""
+    """The FSDP processes share out the hidden matrices, each orthogonalises its share whole, and each keeps its rows
+    of every result: 20 steps have the losses of one process, and each process does only its share of the work."""
     worker(tmp_path / "one", batch_size=4, grad_accum=2, overrides=json.dumps({**MUON, "train.parallel": "ddp"}))
     one, two = _read(tmp_path / "one"), _read(muon_fsdp_run)
     assert two["sharded"] and 0.4 < two["held"] < 0.6
+    # per step, 4 shapes (qkv, proj, fc, mlp proj) x 3 layers; the first process takes 2 of each shape's 3
+    assert one["orthogonalised"] == 20 * 4 * 3 and two["orthogonalised"] == 20 * 4 * 2
     assert [l for _, l in two["history"]] == pytest.approx([l for _, l in one["history"]], abs=1e-5)
     worker(tmp_path / "adamw", batch_size=4, grad_accum=2,  # Muon really stepped: AdamW alone gives other losses
            overrides=json.dumps({**MUON, "train.parallel": "ddp", "optim.name": "adamw"}))

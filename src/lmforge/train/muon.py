@@ -8,7 +8,8 @@ torch.optim.Muon orthogonalises each hidden matrix on its own, always in bfloat1
 This Muon is torch.optim.Muon (same arguments, parameter groups, per-parameter momentum_buffer state, so the same
 checkpoints) with its step rewritten: the momentum for all matrices at once, then one batched iteration per shape
 (a block's qkv weights of every layer together), in `ns_dtype`. Under FSDP2 each process holds some rows of each
-matrix: the iteration runs on the gathered whole matrices (see _gather_rows below).
+matrix: the processes share out the whole matrices of each shape and orthogonalise a share each (see
+_orthogonalise_shared below).
 
 The iteration (Jordan et al. 2024), for an update G of shape (rows, cols), in the wide orientation (rows <= cols,
 else on G^T and transposed back):
@@ -23,8 +24,9 @@ and the parameter moves by -lr * scale * X, after decaying by 1 - lr * weight_de
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -121,12 +123,12 @@ class BatchedMuon(torch.optim.Muon):
                 by_shape.setdefault(p.shape, []).append(i)  # the whole matrix's shape, sharded or not
             for shape, members in by_shape.items():
                 stacked = torch.stack([updates[i] for i in members])  # (n, rows here, cols)
+                orthogonalise = functools.partial(newton_schulz, coefficients=group["ns_coefficients"],
+                                                  steps=group["ns_steps"], eps=group["eps"], dtype=self.ns_dtype)
                 if sharded:
-                    stacked = _gather_rows(stacked, params[members[0]], shape)
-                ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                      self.ns_dtype)
-                if sharded:
-                    ortho = _own_rows(ortho, params[members[0]])
+                    ortho = _orthogonalise_shared(stacked, params[members[0]], shape, orthogonalise)
+                else:
+                    ortho = orthogonalise(stacked)
                 step = -lr * lr_scale(group["adjust_lr_fn"], shape)
                 for i, X in zip(members, ortho.unbind(0)):
                     local[i].add_(X, alpha=step)
@@ -134,10 +136,10 @@ class BatchedMuon(torch.optim.Muon):
 
 
 # FSDP2 (distributed.apply_fsdp) shards each matrix by rows (Shard(0)): the momentum is elementwise, so each process
-# updates its own rows, but Newton-Schulz needs whole matrices. Each process gathers the updates of a shape's
-# matrices (one all-gather per shape), orthogonalises them all (the same numbers on every process), and keeps its
-# rows. The gathered matrices live only during the step. Every process computes every iteration (what one process
-# would): simple and exact; handing each process a share of the matrices would divide that work, not done yet.
+# updates its own rows, but Newton-Schulz needs whole matrices. For each shape, the stack of its n matrices (each
+# process holding some rows of all n) is redistributed so that each process holds some of the n matrices whole (one
+# all-to-all), each process orthogonalises its share, and the results go back to rows (another): every matrix is
+# orthogonalised once in the job, not once per process. The whole matrices live only during the step.
 def _is_sharded(t: Tensor) -> bool:
     if not torch.distributed.is_available():
         return False
@@ -146,19 +148,17 @@ def _is_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _gather_rows(stacked: Tensor, like: Tensor, shape: torch.Size) -> Tensor:
-    """(n, rows, cols): the whole matrices whose rows this process holds in `stacked` (n, rows here, cols), sharded
-    as the parameter `like`."""
+def _orthogonalise_shared(stacked: Tensor, like: Tensor, shape: torch.Size,
+                          orthogonalise: Callable[[Tensor], Tensor]) -> Tensor:
+    """`orthogonalise` of each whole matrix of a stack that this process holds by rows: `stacked` (n, rows here,
+    cols), sharded as the parameter `like`, whose whole shape is `shape`. Returns this process's rows of the results,
+    (n, rows here, cols); the n matrices are shared out among the processes (torch.chunk's split: some may get none)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    whole = torch.Size((stacked.size(0), *shape))
-    return DTensor.from_local(stacked, like.device_mesh, [Shard(1)], run_check=False, shape=whole,
-                              stride=torch.empty(whole, device="meta").stride()).full_tensor()
-
-
-def _own_rows(whole: Tensor, like: Tensor) -> Tensor:
-    """The rows of each whole matrix of `whole` (n, rows, cols) that this process holds of the parameter `like`."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    rows = DTensor.from_local(whole, like.device_mesh, [Replicate()], run_check=False)
-    return rows.redistribute(like.device_mesh, [Shard(1)]).to_local()  # a slice: no communication
+    mesh, whole = like.device_mesh, torch.Size((stacked.size(0), *shape))
+    stride = torch.empty(whole, device="meta").stride()
+    rows = DTensor.from_local(stacked, mesh, [Shard(1)], run_check=False, shape=whole, stride=stride)
+    mine = rows.redistribute(mesh, [Shard(0)]).to_local()  # (n here, rows, cols): whole matrices
+    done = orthogonalise(mine) if mine.size(0) else mine
+    done = DTensor.from_local(done.to(stacked.dtype), mesh, [Shard(0)], run_check=False, shape=whole, stride=stride)
+    return done.redistribute(mesh, [Shard(1)]).to_local()
