@@ -144,8 +144,23 @@ def test_lora_memory_measures_both_variants_in_their_own_processes(tmp_path):
     assert json.loads(out.read_text()) == summary
 
 
+def test_time_to_quality_screened_watching_pays_for_each_whole_val_evaluation_it_runs():
+    first_reached = load("time_to_quality").first_reached
+    curve = [{"step": 100, "wall_s": 10.0, "val_loss_estimate": 2.10, "val_loss": 2.12, "whole_val_s": 5.0},
+             {"step": 200, "wall_s": 20.0, "val_loss_estimate": 1.85, "val_loss": 1.91, "whole_val_s": 5.0},  # not yet
+             {"step": 300, "wall_s": 30.0, "val_loss_estimate": 1.92, "val_loss": 1.89, "whole_val_s": 5.0},  # unseen
+             {"step": 400, "wall_s": 40.0, "val_loss_estimate": 1.86, "val_loss": 1.86, "whole_val_s": 5.0}]
+    screened = first_reached(curve, 1.9, screened=True, baseline_s=100.0)
+    # evaluated at 200 (estimate 1.85, whole-val 1.91: not yet) and 400; 300's crossing is not seen
+    assert (screened["step"], screened["whole_val_evaluations"], screened["wall_s"]) == (400, 2, 50.0)
+    assert screened["ratio"] == 0.5 and screened["ratio_training_only"] == 0.4
+    every = first_reached(curve, 1.9, screened=False, baseline_s=100.0)
+    assert (every["step"], every["whole_val_evaluations"], every["wall_s"], every["ratio"]) == (300, 3, 45.0, 0.45)
+    assert first_reached(curve, 1.5, screened=True, baseline_s=100.0)["step"] is None
+
+
 @pytest.mark.slow
-def test_time_to_quality_alternates_the_runs_and_reads_the_recipes_curve(tmp_path):
+def test_time_to_quality_alternates_the_runs_and_charges_the_recipes_evaluations(tmp_path):
     from lmforge.checkpoint import load_for_inference
     from lmforge.data.shards import load_split
     from lmforge.eval.perplexity import evaluate_tokens
@@ -165,12 +180,22 @@ def test_time_to_quality_alternates_the_runs_and_reads_the_recipes_curve(tmp_pat
     model, _, config = load_for_inference(runs / "recipe")  # the last point is the trained recipe's whole-val loss
     val = load_split(tmp_path / "data", "val")[:8192]
     assert recipe["val_loss_whole_split"] == round(evaluate_tokens(model, val, 64, batch_size=64)["loss"], 4)
-    first = next((p for p in curve if p["val_loss"] <= summary["baseline"]["val_loss_whole_split"]), None)
-    reached = summary["recipe_reaches_baseline"]
-    assert reached["step"] == (first and first["step"]) and reached["wall_s"] == (first and first["wall_s"])
-    if first:
+    assert all(p["val_loss_estimate"] > 0 and p["whole_val_s"] > 0 for p in curve)
+    assert recipe["whole_val_s"] == pytest.approx(sum(p["whole_val_s"] for p in curve), abs=0.05)
+    target, baseline_s = summary["baseline"]["val_loss_whole_split"], summary["baseline"]["wall_s"]
+    # the two ways of watching, recomputed from the curve: whole-val at every turn, or only where the estimate says so
+    for key, watched in (("recipe_reaches_baseline_whole_val_every_turn", curve),
+                         ("recipe_reaches_baseline", [p for p in curve if p["val_loss_estimate"] <= target])):
+        first = next((i for i, p in enumerate(watched) if p["val_loss"] <= target), None)
+        reached = summary[key]
+        if first is None:
+            assert reached["step"] is None and reached["ratio"] is None
+            continue
+        charged = sum(p["whole_val_s"] for p in watched[:first + 1])  # every whole-val evaluation run until then
+        assert reached["step"] == watched[first]["step"] and reached["whole_val_evaluations"] == first + 1
+        assert reached["wall_s"] == pytest.approx(watched[first]["wall_s"] + charged, abs=0.05)
         # wall times are stored to 0.01 s and the ratio from the unrounded ones: allow that rounding
-        assert reached["ratio"] == pytest.approx(first["wall_s"] / summary["baseline"]["wall_s"], abs=1e-2)
+        assert reached["ratio"] == pytest.approx(reached["wall_s"] / baseline_s, abs=1e-2)
     assert summary["baseline"]["model"]["bias"] is False and summary["baseline"]["optim"]["lr"] == 1e-3
     assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"] and summary["val_tokens"] == 8192
 
