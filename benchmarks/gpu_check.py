@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from lmforge.config import OptimConfig, preset  # noqa: E402
+from lmforge.config import PRESETS, OptimConfig, preset  # noqa: E402
 from lmforge.distributed import shard_model  # noqa: E402
 from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.model import GPT, flops_per_token  # noqa: E402
@@ -40,7 +40,7 @@ BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
-    p.add_argument("--preset", default="gpt2-124m",
+    p.add_argument("--preset", default="gpt2-124m", choices=sorted(PRESETS),
                    help="the model (a preset of lmforge.config.PRESETS); a smaller one for a smoke test on a CPU whose "
                         "bf16 products have no hardware (gpt2-124m in bf16 takes minutes there)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps at most")
