@@ -200,6 +200,20 @@ def test_time_to_quality_alternates_the_runs_and_charges_the_recipes_evaluations
     assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"] and summary["val_tokens"] == 8192
 
 
+@pytest.mark.distributed
+def test_muon_fsdp_step_times_both_ways_and_both_leave_the_same_weights(tmp_path):
+    out = tmp_path / "muon_fsdp_step.json"
+    summary = load("muon_fsdp_step").main(["--quick", "--set", "model.n_layer=3", "--json-out", str(out)])
+    assert summary["processes"] == 2 and summary["matrices"] == 3 * 4  # qkv, proj, fc, mlp proj of each block
+    assert sum(summary["shapes"].values()) == 12 and all(n == 3 for n in summary["shapes"].values())
+    # the same step computed two ways: sharing the matrices out changes who computes, not what
+    assert summary["max_abs_weight_diff_after_one_step"] < 1e-6
+    ms = summary["ms_per_step"]
+    assert ms.keys() == {"shared", "every-process"} and min(ms.values()) > 0
+    assert summary["speedup_shared"] == pytest.approx(ms["every-process"] / ms["shared"], rel=0.02)
+    assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"]
+
+
 def test_bf16_speed_matmul_times_both_dtypes_and_speed_refuses_a_cpu_without_bf16(tmp_path, monkeypatch):
     from lmforge.distributed import has_fast_bf16
 
