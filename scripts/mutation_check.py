@@ -67,13 +67,13 @@ MUTANTS = [
     Mutant("muon-fsdp-local-rows", "train/muon.py",
            "            sharded = _is_sharded(params[0])",
            "            sharded = False  # mutant: each FSDP process orthogonalises only its own rows",
-           ("tests/test_distributed.py::test_muon_under_fsdp_matches_one_process",)),
+           ("tests/test_fsdp.py::test_muon_under_fsdp_matches_one_process",)),
     Mutant("muon-fsdp-unshared", "train/muon.py",
            "    mine = rows.redistribute(mesh, [Shard(0)]).to_local()  # (n here, rows, cols): whole matrices",
            "    from torch.distributed.tensor import Replicate  # mutant: every process orthogonalises every matrix\n"
            "    done = DTensor.from_local(orthogonalise(rows.full_tensor()), mesh, [Replicate()], run_check=False)\n"
            "    return done.redistribute(mesh, [Shard(1)]).to_local()",
-           ("tests/test_distributed.py::test_muon_under_fsdp_matches_one_process",)),
+           ("tests/test_fsdp.py::test_muon_under_fsdp_matches_one_process",)),
     Mutant("cli-allocator", "cli.py",
            "    keep_freed_memory()  # every command", "    pass  # mutant: no malloc settings; every command",
            ("tests/test_allocator.py::test_every_command_keeps_freed_memory_so_evaluation_does_not_page_fault",)),

@@ -1,6 +1,6 @@
 """Faults inside one process: a crash at every point of a save, a full disk, corrupt and planted files,
 non-finite and spiking steps, and resuming on other data. (Real kills and signals: test_faults_process.py;
-fuzzing: test_faults_fuzz.py; several processes: test_distributed.py.)"""
+fuzzing: test_faults_fuzz.py; several processes: test_distributed_faults.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Sharded checkpoints (train.checkpoint_format sharded) written by one process: the readers outside training
 assemble them, a resume continues exactly, and a missing, corrupt or inconsistent shard is refused in one line.
-(Two processes writing and resharding: tests/test_distributed.py.)"""
+(Two processes writing and resharding: tests/test_fsdp.py.)"""
 
 from __future__ import annotations
 
