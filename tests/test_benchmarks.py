@@ -214,6 +214,34 @@ def test_muon_fsdp_step_times_both_ways_and_both_leave_the_same_weights(tmp_path
     assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"]
 
 
+@pytest.mark.slow
+def test_fused_ops_match_the_models_ops_and_time_the_trainer_step_with_each(tmp_path):
+    import lmforge.model
+    from torch import nn
+
+    eager = lmforge.model.MLP.forward, nn.RMSNorm.forward
+    bench = load("fused_ops")
+    out = tmp_path / "fused_ops.json"
+    summary = bench.main(["--quick", "--data", str(tmp_path / "data"), "--json-out", str(out)])
+    assert all(d < 1e-12 for d in summary["max_abs_diff_float64"].values())  # outputs and gradients, float64
+    assert summary["ms_per_step"].keys() == {"eager", "relu2", "rmsnorm", "both"}
+    assert all(len(t) == 2 and min(t) > 0 for t in summary["per_round_ms"].values())
+    assert (lmforge.model.MLP.forward, nn.RMSNorm.forward) == eager  # the model's own ops are back
+    assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"]
+
+
+def test_fused_ops_differ_from_a_wrong_backward():
+    """The float64 check catches a fused op whose backward is wrong (here: 2 g, the factor relu(h) forgotten)."""
+    bench = load("fused_ops")
+    right = bench.FusedReLU2.backward
+    try:
+        bench.FusedReLU2.backward = staticmethod(lambda ctx, g: 2 * g)
+        assert bench.check_against_autograd()["relu2"] > 0.1
+    finally:
+        bench.FusedReLU2.backward = right
+    assert bench.check_against_autograd()["relu2"] == 0.0
+
+
 def test_bf16_speed_matmul_times_both_dtypes_and_speed_refuses_a_cpu_without_bf16(tmp_path, monkeypatch):
     from lmforge.distributed import has_fast_bf16
 
