@@ -95,13 +95,10 @@ def test_muon_under_fsdp_matches_one_process(muon_fsdp_run, tmp_path):
     worker(tmp_path / "one", batch_size=4, grad_accum=2, overrides=json.dumps({**MUON, "train.parallel": "ddp"}))
     one, two = read_history(tmp_path / "one"), read_history(muon_fsdp_run)
     assert two["sharded"] and 0.4 < two["held"] < 0.6
-    # per step, 4 shapes (qkv, proj, fc, mlp proj) x 3 layers; the first process takes 2 of each shape's 3
+    # Muon stepped: per step, 4 shapes (qkv, proj, fc, mlp proj) x 3 layers went through Newton-Schulz in one
+    # process; under FSDP the first process took 2 of each shape's 3
     assert one["orthogonalised"] == 20 * 4 * 3 and two["orthogonalised"] == 20 * 4 * 2
     assert [l for _, l in two["history"]] == pytest.approx([l for _, l in one["history"]], abs=1e-5)
-    worker(tmp_path / "adamw", batch_size=4, grad_accum=2,  # Muon really stepped: AdamW alone gives other losses
-           overrides=json.dumps({**MUON, "train.parallel": "ddp", "optim.name": "adamw"}))
-    adamw = read_history(tmp_path / "adamw")
-    assert abs(adamw["history"][-1][1] - one["history"][-1][1]) > 1e-3
 
 
 @pytest.mark.distributed

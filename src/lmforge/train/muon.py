@@ -139,7 +139,8 @@ class BatchedMuon(torch.optim.Muon):
 # updates its own rows, but Newton-Schulz needs whole matrices. For each shape, the stack of its n matrices (each
 # process holding some rows of all n) is redistributed so that each process holds some of the n matrices whole (one
 # all-to-all), each process orthogonalises its share, and the results go back to rows (another): every matrix is
-# orthogonalised once in the job, not once per process. The whole matrices live only during the step.
+# orthogonalised once in the job, not once per process. The whole matrices live only during the step. (gloo has no
+# all-to-all: there PyTorch exchanges by all-gather, and says so once in a warning.)
 def _is_sharded(t: Tensor) -> bool:
     if not torch.distributed.is_available():
         return False
