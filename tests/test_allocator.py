@@ -52,9 +52,9 @@ def test_cpu_training_steps_do_not_page_fault(tmp_path):
 
 
 # Any lmforge command sets the same before it runs (cli.main): here the help screen, then an evaluation over
-# batches of 64 windows in the same process, measured after a first pass: the fewest faults of 3 passes (with the
-# settings most passes fault no page, and a few 1-4k when the heap's free blocks lie differently; without them every
-# pass faults about 20k).
+# batches of 64 windows in the same process, measured after a first pass: the median of 5 passes (with the settings
+# most passes fault no page, and a few 1-4k when the heap's free blocks lie differently; without them passes fault
+# 16-58k, and once in a full `make test` one faulted none: the fewest of 3 passes then hid the difference).
 COMMAND_THEN_EVAL = textwrap.dedent("""
     import contextlib, io, json, resource, sys
     import numpy as np
@@ -69,11 +69,11 @@ COMMAND_THEN_EVAL = textwrap.dedent("""
     tokens = np.random.default_rng(0).integers(0, 64, 16385)
     evaluate_tokens(model, tokens, 64, batch_size=64)
     faults = []
-    for _ in range(3):
+    for _ in range(5):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         evaluate_tokens(model, tokens, 64, batch_size=64)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(json.dumps({"faults": min(faults)}))
+    print(json.dumps({"faults": sorted(faults)[2]}))
 """)
 
 
