@@ -135,6 +135,13 @@ MUTANTS = [
     Mutant("mlm-labels-everywhere", "data/batches.py",
            "labels = np.where(chosen, ids, IGNORE_INDEX)", "labels = ids",
            ("tests/test_encoder.py::test_bert_masking_chooses_15_percent_and_replaces_80_10_10",)),
+    Mutant("speculative-residual", "generate/speculative.py",
+           "left = (p[j] - q[j]).clamp_(min=0)", "left = p[j].clone()  # mutant: a refusal draws from p, not p - q",
+           ("tests/test_speculative.py::test_speculative_sampling_keeps_the_models_distribution[options0]",)),
+    Mutant("speculative-no-rollback", "generate/speculative.py",
+           "self.cache.pos -= checked - (len(kept) - 1)", "pass  # mutant: refused guesses stay in the cache",
+           ("tests/test_speculative.py::test_greedy_speculation_gives_plain_greedy_tokens_past_the_window"
+            "[options0-learned]",)),
 ]
 
 

@@ -97,3 +97,19 @@ def test_beam_search_with_one_beam_is_greedy(pair):
         greedy = generate_batch_ids(ours, [prompt], end_id=3, temperature=0.0, max_new_tokens=20)[0]
         assert beam_search(ours, [prompt], GenerateConfig(num_beams=1, max_new_tokens=20, early_stopping=True),
                            end_ids=[3]) == [greedy]
+
+
+def test_speculative_greedy_equals_hf_assisted_generation(soft_pair):
+    """Hugging Face's assisted generation (a draft model) and prompt lookup decoding, and lmforge's speculation,
+    give the same tokens (plain greedy's) on the same weights."""
+    ours, theirs = soft_pair
+    torch.manual_seed(5)
+    small = GPT(ModelConfig(vocab_size=23, block_size=64, n_layer=1, n_head=2, n_embd=16, activation="gelu_tanh")).eval()
+    small_hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**to_hf_config(small.config))).eval()
+    small_hf.load_state_dict(to_hf_state_dict(small.state_dict(), small.config), strict=True)
+    for prompt in PROMPTS:
+        want = hf_generate(theirs, [prompt], None, 30)[0]
+        assert hf_generate(theirs, [prompt], None, 30, assistant_model=small_hf)[0] == want
+        assert hf_generate(theirs, [prompt], None, 30, prompt_lookup_num_tokens=4)[0] == want
+        assert generate_batch_ids(ours, [prompt], greedy=True, max_new_tokens=30, assistant_model=small)[0] == want
+        assert generate_batch_ids(ours, [prompt], greedy=True, max_new_tokens=30, prompt_lookup_num_tokens=4)[0] == want

@@ -7,6 +7,8 @@
     decode      the one loop: rows with their own settings in one batch, per-row Events out
     compiled    the decoding step compiled ahead of time (AOTInductor), once for every length
     beam        beam search (num_beams > 1), as Hugging Face's
+    speculative speculative decoding: a drafter (prompt lookup, or a small assistant model) guesses k tokens, the
+                model checks them in one pass; greedy output unchanged, sampling's distribution kept
     quantize    bf16 / fp16 weights, int8 weight-only Linear layers
     api         complete / generate / stream / generate_ids / TextGenerator / load: readers of the loop
     classify    TextClassifier: a classifier's labels with probabilities (load returns one for a classifier)
@@ -38,7 +40,7 @@ _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can re
     "GenerateConfig": "config", "Dtype": "config", "Quantize": "config",
     "TextClassifier": "classify", "MaskFiller": "fill_mask",
     "Completion": "api", "TextGenerator": "api", "complete": "api", "generate": "api", "generate_batch_ids": "api",
-    "generate_ids": "api", "load": "api", "options": "api", "prompt_ids": "api", "stream": "api",
+    "generate_ids": "api", "decode_events": "api", "load": "api", "options": "api", "prompt_ids": "api", "stream": "api",
     "beam_search": "beam", "decode_rows": "decode", "score_prompt": "decode", "CompiledGPT": "compiled",
     "apply_compile": "compiled",
     "banned_ngram_tokens": "processors", "filter_logits": "processors", "next_token": "processors",
@@ -46,6 +48,7 @@ _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can re
     "DTYPES": "quantize", "Int8Linear": "quantize", "apply_inference_dtype": "quantize",
     "Event": "rows", "Logprobs": "rows", "Row": "rows", "Sequences": "rows", "StopText": "rows", "make_rows": "rows",
     "row_generators": "rows",
+    "DraftModel": "speculative", "PromptLookup": "speculative", "speculative_rows": "speculative",
 }
 __all__ = sorted(_WHERE)
 

@@ -18,7 +18,8 @@ from lmforge.generate.config import GenerateConfig
 from lmforge.generate.compiled import apply_compile
 from lmforge.generate.decode import decode_rows
 from lmforge.generate.quantize import apply_inference_dtype
-from lmforge.generate.rows import make_rows
+from lmforge.generate.rows import Event, Row, make_rows
+from lmforge.generate.speculative import DraftModel, PromptLookup, check_assistant, speculative_rows
 from lmforge.model import GPT
 
 
@@ -41,6 +42,27 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return ids
 
 
+def decode_events(model: GPT, rows: list[Row], config: GenerateConfig,
+           assistant_model: Optional[GPT] = None) -> Iterator[list[Event]]:
+    """The Events of decoding `rows`: one token per row per step (decode.decode_rows), or by speculation
+    (generate.speculative) with an assistant (draft) model or with config.prompt_lookup_num_tokens."""
+    if assistant_model is None and config.prompt_lookup_num_tokens is None:
+        return decode_rows(model, rows)
+    if assistant_model is not None and config.prompt_lookup_num_tokens is not None:
+        raise ConfigError("an assistant (draft) model and prompt_lookup_num_tokens both guess tokens: give one")
+    if assistant_model is not None:
+        check_assistant(model, assistant_model)
+        return speculative_rows(model, rows, lambda row: DraftModel(assistant_model), config.num_assistant_tokens)
+    lookup = PromptLookup(config.max_matching_ngram_size)
+    return speculative_rows(model, rows, lambda row: lookup, config.prompt_lookup_num_tokens)
+
+
+def no_beams_with(assistant_model: Optional[GPT], config: GenerateConfig) -> None:
+    if assistant_model is not None and config.num_beams > 1:
+        raise ConfigError(f"an assistant (draft) model speculates on one sequence and beam search (num_beams="
+                          f"{config.num_beams}) keeps several: use one of them")
+
+
 class Completion(NamedTuple):
     """One generated continuation, with what a server reports about it."""
 
@@ -51,33 +73,36 @@ class Completion(NamedTuple):
 
 
 def generate_batch_ids(model: GPT, prompts: Sequence[Sequence[int]], config: Optional[GenerateConfig] = None,
-                       end_id: Optional[int] = None, tokenizer: Any = None,
+                       end_id: Optional[int] = None, tokenizer: Any = None, assistant_model: Optional[GPT] = None,
                        **kwargs: Any) -> list[list[list[int]]]:
     """New token ids for each prompt and each of its num_return_sequences sequences: [prompt][sequence] -> ids
     (without the prompt and without an end id: end_id or a stop_token_ids entry). Options come as a
-    GenerateConfig or as its fields in kwargs; stop_strings need the tokenizer."""
+    GenerateConfig or as its fields in kwargs; stop_strings need the tokenizer. assistant_model: a smaller model
+    with the same vocabulary that drafts tokens for speculative decoding."""
     config = options(config, kwargs)
+    no_beams_with(assistant_model, config)
     if not prompts:
         return []
     if config.num_beams > 1:
         return beam_search(model, prompts, config, config.end_ids(end_id))
     rows = make_rows(model, prompts, config, end_id, tokenizer)
-    for _ in decode_rows(model, rows):
+    for _ in decode_events(model, rows, config, assistant_model):
         pass
     copies = config.num_return_sequences
     return [[row.tokens for row in rows[p * copies:(p + 1) * copies]] for p in range(len(prompts))]
 
 
 def generate_ids(model: GPT, prompt_ids: Sequence[int], config: Optional[GenerateConfig] = None,
-                 end_id: Optional[int] = None, **kwargs: Any) -> list[list[int]]:
+                 end_id: Optional[int] = None, **kwargs: Any) -> list[list[int]]:  # kwargs: also assistant_model
     """New token ids (without the prompt, cut before end_id) for each of num_return_sequences samples."""
     return generate_batch_ids(model, [prompt_ids], config, end_id, **kwargs)[0]
 
 
 def complete(model: GPT, tokenizer: Any, prompts: Sequence[str], config: Optional[GenerateConfig] = None,
-             **kwargs: Any) -> list[list[Completion]]:
+             assistant_model: Optional[GPT] = None, **kwargs: Any) -> list[list[Completion]]:
     """The num_return_sequences Completions of each prompt, all decoded as one batch: [prompt][sequence]."""
     config = options(config, kwargs)
+    no_beams_with(assistant_model, config)
     if not prompts:
         return []
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
@@ -92,14 +117,14 @@ def complete(model: GPT, tokenizer: Any, prompts: Sequence[str], config: Optiona
                         for ids in hypotheses])
         return out
     rows = make_rows(model, encoded, config, tokenizer.end_id, tokenizer)
-    for _ in decode_rows(model, rows):
+    for _ in decode_events(model, rows, config, assistant_model):
         pass
     return [[Completion(row.text.text, row.tokens, row.finish, len(row.prompt))
              for row in rows[p * copies:(p + 1) * copies]] for p in range(len(prompts))]
 
 
 def generate(model: GPT, tokenizer: Any, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,
-             **kwargs: Any) -> Union[str, list[str], list[list[str]]]:
+             assistant_model: Optional[GPT] = None, **kwargs: Any) -> Union[str, list[str], list[list[str]]]:
     """The continuation of `prompt` (the new text only, ending before a stop string).
 
     prompt a str: a str, or a list of num_return_sequences texts when that is above 1.
@@ -108,14 +133,14 @@ def generate(model: GPT, tokenizer: Any, prompt: Union[str, Sequence[str]], conf
     config = options(config, kwargs)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     out: list = []
-    for rows in complete(model, tokenizer, prompts, config):
+    for rows in complete(model, tokenizer, prompts, config, assistant_model):
         texts = [c.text for c in rows]
         out.append(texts[0] if config.num_return_sequences == 1 else texts)
     return out[0] if isinstance(prompt, str) else out
 
 
 def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateConfig] = None,
-           **kwargs: Any) -> Iterator[str]:
+           assistant_model: Optional[GPT] = None, **kwargs: Any) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces while it is generated (one sequence, no beams).
     The pieces join to generate()'s text; text that may begin a stop string is held back until it does not."""
     config = options(config, kwargs)
@@ -123,7 +148,7 @@ def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateCon
         raise ConfigError("stream() generates one sequence without beam search; set num_return_sequences=1 and "
                           "num_beams=1, or use generate()")
     rows = make_rows(model, [prompt_ids(tokenizer, prompt)], config, tokenizer.end_id, tokenizer)
-    return (event.text for events in decode_rows(model, rows) for event in events if event.text)
+    return (event.text for events in decode_events(model, rows, config, assistant_model) for event in events if event.text)
 
 
 class TextGenerator:

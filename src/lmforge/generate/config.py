@@ -58,6 +58,15 @@ class GenerateConfig:
                               ge=0, lt=2**63)
     num_return_sequences: int = doc("Continuations returned per prompt (generated as one batch; with beam "
                                     "search the best ones, at most num_beams).", 1, ge=1)
+    prompt_lookup_num_tokens: Optional[int] = doc(
+        "Speculative decoding without a draft model: guess up to this many tokens per step from the text so far "
+        "(those that followed the latest earlier match of its last n-gram) and check them in one forward pass. "
+        "Greedy output is unchanged, sampling keeps its distribution; pays when the output repeats its input. "
+        "null = off.", None, ge=1, le=1024)
+    max_matching_ngram_size: int = doc("Prompt lookup: the longest n-gram matched (shorter ones next).", 2, ge=1,
+                                       le=1024)
+    num_assistant_tokens: int = doc("Speculative decoding with an assistant (draft) model: tokens it guesses per "
+                                    "step.", 5, ge=1, le=1024)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):
@@ -73,6 +82,9 @@ class GenerateConfig:
             raise ConfigError(f"generate.{next(iter(sampling))}={next(iter(sampling.values()))!r} is a sampling "
                               f"option and beam search (num_beams={self.num_beams}) does not sample: drop it or "
                               "use num_beams=1")
+        if self.num_beams > 1 and self.prompt_lookup_num_tokens is not None:
+            raise ConfigError(f"generate.prompt_lookup_num_tokens={self.prompt_lookup_num_tokens} speculates on one "
+                              f"sequence and beam search (num_beams={self.num_beams}) keeps several: use one of them")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ConfigError(f"generate.num_return_sequences={self.num_return_sequences} is more than "
                               f"num_beams={self.num_beams}: beam search returns at most num_beams sequences")

@@ -160,6 +160,8 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # new tokens so far (an end id is not one)
     finish: Optional[str] = None                # "stop" | "length" | "cancelled" (the reader left)
     top_logprobs: Optional[int] = None          # report each token's Logprobs with this many alternatives
+    drafted: int = 0                            # speculative decoding: tokens guessed for it,
+    accepted: int = 0                           # and of those, kept
 
     def advance(self, index: int, token: int) -> Event:
         """Take this step's token: the one rule that ends a row (an end id, a stop string, the budget)."""

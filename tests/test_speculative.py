@@ -1,0 +1,213 @@
+"""Speculative decoding: greedy gives plain greedy's tokens (and Hugging Face's assisted generation's), sampling
+keeps plain sampling's distribution (exact enumeration against a chi-square), stop rules and logprobs hold, bad
+combinations are refused."""
+
+import functools
+import itertools
+import random
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from lmforge.config import ModelConfig
+from lmforge.errors import ConfigError
+from lmforge.generate import GenerateConfig, complete, generate_batch_ids, make_rows
+from lmforge.generate.api import decode_events
+from lmforge.generate.decode import decode_rows
+from lmforge.generate.speculative import PromptLookup, distributions
+from lmforge.model import GPT
+from lmforge.tokenizer import byte_tokenizer
+
+TOKENIZER = byte_tokenizer()
+
+
+def sentences(n: int, seed: int) -> str:
+    """Text from a small grammar: repeats enough that a draft is often right, varies enough that it is often wrong."""
+    rng = random.Random(seed)
+    who, does, what = ["the cat", "a dog", "my friend", "the king"], ["sees", "eats", "likes", "finds"], \
+        ["the mat.", "a bone.", "the sea.", "his crown.", "a fish."]
+    return " ".join(f"{rng.choice(who)} {rng.choice(does)} {rng.choice(what)}" for _ in range(n))
+
+
+@functools.lru_cache(maxsize=None)
+def trained(n_layer: int, n_embd: int, steps: int, seed: int, pos_encoding: str = "learned") -> GPT:
+    """A small byte-level model trained for a few steps on the grammar's text (a model with something to say)."""
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=TOKENIZER.vocab_size, block_size=32, n_layer=n_layer, n_head=2, n_embd=n_embd,
+                         pos_encoding=pos_encoding)
+    model = GPT(config)
+    data = torch.tensor(TOKENIZER.encode(sentences(400, seed)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 33, (16,), generator=g)
+        x = torch.stack([data[s:s + 33] for s in starts.tolist()])
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def target():
+    return trained(2, 48, 150, seed=0)
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return trained(1, 16, 60, seed=1)
+
+
+PROMPTS = ["the cat sees", "my friend likes a fish. the", "a"]
+
+
+def ids(text: str) -> list[int]:
+    return [TOKENIZER.start_id] + TOKENIZER.encode(text)
+
+
+def speculated(model, prompt, config, assistant=None):
+    """(new tokens, drafted, accepted) of one prompt decoded by speculation."""
+    rows = make_rows(model, [prompt], config, TOKENIZER.end_id, TOKENIZER)
+    for _ in decode_events(model, rows, config, assistant):
+        pass
+    return rows[0].tokens, rows[0].drafted, rows[0].accepted
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+@pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 3}])
+def test_greedy_speculation_gives_plain_greedy_tokens_past_the_window(pos_encoding, options, draft):
+    model = trained(2, 48, 150, seed=0, pos_encoding=pos_encoding)
+    small = trained(1, 16, 60, seed=1, pos_encoding=pos_encoding)
+    totals = {"lookup": [0, 0], "draft": [0, 0]}
+    for text, k in itertools.product(PROMPTS, (1, 4, 9)):
+        plain = GenerateConfig(greedy=True, max_new_tokens=70, **options)  # 70 > block_size 32: the window slides
+        want = generate_batch_ids(model, [ids(text)], plain)[0][0]
+        for name, config, assistant in [
+                ("lookup", GenerateConfig(greedy=True, max_new_tokens=70, prompt_lookup_num_tokens=k, **options),
+                 None),
+                ("draft", GenerateConfig(greedy=True, max_new_tokens=70, num_assistant_tokens=k, **options), small)]:
+            got, drafted, accepted = speculated(model, ids(text), config, assistant)
+            assert got == want, (name, text, k)
+            totals[name][0] += drafted
+            totals[name][1] += accepted
+    for name, (drafted, accepted) in totals.items():  # both paths ran: guesses kept and guesses refused
+        assert 0 < accepted < drafted, (name, drafted, accepted)
+
+
+def test_the_model_as_its_own_draft_keeps_every_guess(target):
+    config = GenerateConfig(greedy=True, max_new_tokens=60, num_assistant_tokens=5)
+    got, drafted, accepted = speculated(target, ids("the king"), config, target)
+    assert got == generate_batch_ids(target, [ids("the king")], greedy=True, max_new_tokens=60)[0][0]
+    assert drafted == accepted > 0
+
+
+@pytest.mark.parametrize("options", [{"stop_strings": ["."]}, {"stop_strings": ["king", "dog"]},
+                                     {"stop_token_ids": [ord(" ") + 3]}, {"max_new_tokens": 3},
+                                     {"max_new_tokens": 1}, {"max_length": 40}])
+def test_stop_rules_and_budgets_end_sequences_as_plain_decoding_does(target, draft, options):
+    base = {"greedy": True, "max_new_tokens": 50, **options}
+    # each prompt alone: a padded batch slides its window when its longest row fills it, speculation row by row
+    want = [complete(target, TOKENIZER, [p], GenerateConfig(**base))[0] for p in PROMPTS]
+    assert complete(target, TOKENIZER, PROMPTS, GenerateConfig(**base, prompt_lookup_num_tokens=6)) == want
+    assert complete(target, TOKENIZER, PROMPTS, GenerateConfig(**base, num_assistant_tokens=6),
+                    assistant_model=draft) == want
+
+
+def test_logprobs_of_each_kept_token_equal_plain_decodings(target, draft):
+    config = GenerateConfig(greedy=True, max_new_tokens=40, num_assistant_tokens=4)
+    plain, fast = (make_rows(target, [ids("the cat")], config, TOKENIZER.end_id, TOKENIZER) for _ in range(2))
+    plain[0].top_logprobs = fast[0].top_logprobs = 3
+    want = [e for events in decode_rows(target, plain) for e in events]
+    got = [e for events in decode_events(target, fast, config, draft) for e in events]
+    assert [e.token for e in got] == [e.token for e in want]
+    for a, b in zip(got, want):
+        assert a.logprobs.token == b.logprobs.token and a.logprobs.logprob == pytest.approx(b.logprobs.logprob, abs=1e-4)
+        assert [t for t, _ in a.logprobs.top] == [t for t, _ in b.logprobs.top]
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    lookup, config = PromptLookup(max_ngram=2), GenerateConfig()
+    assert lookup.propose([5, 6, 7, 8, 5, 6, 9, 5, 6], 3, config, None) == ([9, 5, 6], None)  # latest "5 6"
+    assert lookup.propose([1, 2, 3, 4, 3], 5, config, None) == ([4, 3], None)  # no "4 3" before: one token, "3"
+    assert lookup.propose([1, 2, 3], 4, config, None) == ([], None)  # nothing repeats
+
+
+# ------------------------------------------------------------------------------------ sampling
+VOCAB, NEW = 6, 3
+
+
+def sampling_pair():
+    torch.manual_seed(3)
+    config = ModelConfig(vocab_size=VOCAB, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    model, other = GPT(config).eval(), GPT(config).eval()
+    with torch.no_grad():  # sharper logits, so the draft's q differs from the model's p
+        model.lm_head.weight.mul_(4.0)
+        other.lm_head.weight.mul_(6.0)
+    return model, other
+
+
+def exact_distribution(model: GPT, prompt: list[int], config: GenerateConfig) -> dict[tuple, float]:
+    """P(continuation) for every NEW-token continuation: the product of plain decoding's per-step distributions."""
+    out = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(VOCAB), repeat=NEW):
+            logits = model(torch.tensor([prompt + list(seq)]))[0, len(prompt) - 1:-1]  # (NEW, V)
+            p = distributions(logits, prompt, seq, config)
+            out[seq] = float(torch.prod(p[torch.arange(NEW), torch.tensor(seq)]))
+    return out
+
+
+def chi_square_p(samples: list[tuple], exact: dict[tuple, float]) -> float:
+    """p-value of the samples under the exact distribution (cells expected under 5 pooled into one)."""
+    n = len(samples)
+    counts = {s: 0 for s in exact}
+    for s in samples:
+        counts[s] += 1
+    big = [s for s in exact if exact[s] * n >= 5]
+    observed = [counts[s] for s in big] + [n - sum(counts[s] for s in big)]
+    expected = [exact[s] * n for s in big] + [n - sum(exact[s] * n for s in big)]
+    return float(chisquare(observed, expected).pvalue)
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_k": 4, "repetition_penalty": 1.5}])
+def test_speculative_sampling_keeps_the_models_distribution(options):
+    model, other = sampling_pair()
+    prompt = [0, 1, 2, 0, 1, 2, 0, 1]  # a repeating prompt: prompt lookup guesses 2, 0, 1
+    n = 2000
+    base = dict(max_new_tokens=NEW, seed=11, num_return_sequences=n, **options)
+    exact = exact_distribution(model, prompt, GenerateConfig(**base))
+    for name, config, assistant in [("lookup", GenerateConfig(**base, prompt_lookup_num_tokens=3), None),
+                                    ("draft", GenerateConfig(**base, num_assistant_tokens=3), other)]:
+        rows = make_rows(model, [prompt], config)
+        for _ in decode_events(model, rows, config, assistant):
+            pass
+        drafted, accepted = sum(r.drafted for r in rows), sum(r.accepted for r in rows)
+        assert 0.05 * drafted < accepted < 0.95 * drafted, (name, drafted, accepted)  # both paths ran, often
+        assert chi_square_p([tuple(r.tokens) for r in rows], exact) > 1e-4, name
+    plain = make_rows(model, [prompt], GenerateConfig(**base))  # the test's own sensitivity: a wrong law fails it
+    for _ in decode_rows(model, plain):
+        pass
+    assert chi_square_p([tuple(r.tokens) for r in plain], exact) > 1e-4
+    wrong = exact_distribution(other, prompt, GenerateConfig(**base))
+    assert chi_square_p([tuple(r.tokens) for r in plain], wrong) < 1e-4
+
+
+# ------------------------------------------------------------------------------------ refusals
+def test_bad_combinations_are_refused(target, draft):
+    with pytest.raises(ConfigError, match="beam search"):
+        GenerateConfig(num_beams=2, prompt_lookup_num_tokens=3)
+    with pytest.raises(ConfigError, match="beam search"):
+        generate_batch_ids(target, [ids("a")], num_beams=2, assistant_model=draft)
+    with pytest.raises(ConfigError, match="give one"):
+        generate_batch_ids(target, [ids("a")], prompt_lookup_num_tokens=3, assistant_model=draft)
+    with pytest.raises(ConfigError, match="prompt_lookup_num_tokens=0 is invalid"):
+        GenerateConfig(prompt_lookup_num_tokens=0)
+    other_vocab = GPT(ModelConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    with pytest.raises(ConfigError, match="same tokenizer"):
+        generate_batch_ids(target, [ids("a")], assistant_model=other_vocab)
+    classifier = GPT(ModelConfig(vocab_size=TOKENIZER.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16,
+                                 head="classify", num_labels=2)).eval()
+    with pytest.raises(ConfigError, match="causal language model"):
+        generate_batch_ids(target, [ids("a")], assistant_model=classifier)
