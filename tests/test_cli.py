@@ -211,6 +211,14 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "--max-steps and --train.max_steps"),
         ("generate-two-lengths", ["generate", str(run), "--max-length", "9", "--max-new-tokens", "5"], "give one"),
         ("generate-beams-sampling", ["generate", str(run), "--num-beams", "2", "--top-k", "5"], "generate.top_k=5"),
+        ("generate-bad-lookup", ["generate", str(run), "--prompt-lookup-num-tokens", "0"],
+         "generate.prompt_lookup_num_tokens"),
+        ("generate-lookup-beams", ["generate", str(run), "--num-beams", "2", "--prompt-lookup-num-tokens", "3"],
+         "beam search"),
+        ("generate-missing-assistant", ["generate", str(run), "--assistant-model", str(ws / "ghost"), "--device", "cpu"],
+         "ghost"),
+        ("generate-assistant-and-lookup", ["generate", str(run), "--assistant-model", str(run),
+                                           "--prompt-lookup-num-tokens", "3", "--device", "cpu"], "give one"),
         ("serve-port-in-use", ["serve", str(run), "--port", str(_busy_port()), "--device", "cpu"], "cannot listen"),
         # what an encoder (model.causal false) cannot do: no BERT equivalent, no endpoint
         ("export-hf-encoder", ["export", str(ws / "encoder"), "--format", "hf", "--out", str(ws / "hf-enc")],
@@ -302,7 +310,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 84
+N_CASES = 88
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

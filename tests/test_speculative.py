@@ -211,3 +211,35 @@ def test_bad_combinations_are_refused(target, draft):
                                  head="classify", num_labels=2)).eval()
     with pytest.raises(ConfigError, match="causal language model"):
         generate_batch_ids(target, [ids("a")], assistant_model=classifier)
+
+
+# ------------------------------------------------------------------------------------ the CLI
+def test_cli_speculates_with_an_assistant_run_or_prompt_lookup_and_prints_plain_greedys_text(tmp_path, capsys,
+                                                                                               target, draft):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.cli import main
+    from lmforge.config import RunConfig
+
+    TOKENIZER.save(tmp_path / "tokenizer.json")
+    for name, m in [("big", target), ("small", draft)]:
+        save_checkpoint(tmp_path / name, 10, m, None, RunConfig(model=m.config), {},
+                        tokenizer_file=tmp_path / "tokenizer.json")
+    big, small = str(tmp_path / "big"), str(tmp_path / "small")
+    plain = ["generate", big, "--prompt", "the cat", "--greedy", "--max-new-tokens", "40", "--device", "cpu"]
+    assert main(plain) == 0
+    want = capsys.readouterr().out
+    assert want.startswith("the cat") and len(want) > len("the cat\n")
+    for extra in (["--assistant-model", small, "--num-assistant-tokens", "3"], ["--prompt-lookup-num-tokens", "5"]):
+        assert main(plain + extra) == 0
+        assert capsys.readouterr().out == want, extra
+    # another tokenizer (same vocabulary size, other special tokens) is refused in one line, before generating
+    other = byte_tokenizer(("<BOS>", "<EOS>", "<PAD>"))
+    assert other.vocab_size == TOKENIZER.vocab_size
+    other.save(tmp_path / "other.json")
+    save_checkpoint(tmp_path / "other", 10, draft, None, RunConfig(model=draft.config), {},
+                    tokenizer_file=tmp_path / "other.json")
+    assert main(plain + ["--assistant-model", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another tokenizer" in err and len(err.splitlines()) == 1
+    assert main(plain + ["--assistant-model", str(tmp_path / "missing")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

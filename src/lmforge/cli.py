@@ -479,7 +479,9 @@ def _add_generate(sub: Any) -> None:
               lmforge generate runs/shakespeare-char --temperature 0 --max-new-tokens 50
               lmforge generate runs/shakespeare-char --prompt "ROMEO:" --min-p 0.05 --repetition-penalty 1.2 --stop "JULIET:"
               lmforge generate runs/shakespeare-char --prompt "To be" --num-beams 4 --num-return-sequences 2
-              lmforge generate runs/shakespeare-char --prompt "ROMEO:" --quantize int8   # faster on a CPU"""))
+              lmforge generate runs/shakespeare-char --prompt "ROMEO:" --quantize int8   # faster on a CPU
+              lmforge generate runs/summarizer --prompt "$(cat article.txt)" --greedy --prompt-lookup-num-tokens 10
+              lmforge generate runs/big --prompt "ROMEO:" --greedy --assistant-model runs/small   # speculative"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a document)")
     add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
@@ -495,6 +497,10 @@ def _add_generate(sub: Any) -> None:
                    help="print the text when it is complete (several samples are never streamed)")
     p.add_argument("--no-template", action="store_true",
                    help="a fine-tuned model: continue the prompt as given, not through its prompt template")
+    p.add_argument("--assistant-model", metavar="RUN_OR_CHECKPOINT_DIR",
+                   help="speculative decoding: a smaller model trained with the same tokenizer guesses "
+                        "--num-assistant-tokens tokens per step and the model checks them in one pass (same greedy "
+                        "text, same sampling distribution; faster when most guesses hold)")
     p.set_defaults(run=_run_generate)
 
 
@@ -513,7 +519,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from lmforge.generate import load  # before loading anything
 
     generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
-                     template=not args.no_template)
+                     template=not args.no_template, assistant=args.assistant_model)
     if hasattr(generator, "fill_mask"):  # load gave a MaskFiller
         raise ConfigError(f"{args.checkpoint} is an encoder (model.causal: false): every position sees the whole text, "
                           "so it fills masks and does not generate text; use `lmforge fill-mask`")

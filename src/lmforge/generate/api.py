@@ -154,12 +154,14 @@ def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateCon
 class TextGenerator:
     """A model and its tokenizer, ready to continue prompts: .generate(prompt, **kw), .stream(prompt, **kw),
     .complete(prompts, **kw); kw are GenerateConfig fields. compile=True decodes through apply_compile(model).
+    assistant_model: a smaller model with the same tokenizer that drafts tokens (speculative decoding).
 
     A model fine-tuned on text-to-text task data carries the prompt template it learned with (`template`, as
     data.tasks stores it): every prompt is rendered through it first (`render`), as its training examples were.
     """
 
-    def __init__(self, model: GPT, tokenizer: Any, compile: bool = False, template: Optional[dict] = None) -> None:
+    def __init__(self, model: GPT, tokenizer: Any, compile: bool = False, template: Optional[dict] = None,
+                 assistant_model: Optional[GPT] = None) -> None:
         if model.config.head != "lm":
             raise ConfigError(f"this is a {model.config.head} model (model.head={model.config.head!r}): it scores "
                               "classes and does not generate text")
@@ -169,6 +171,9 @@ class TextGenerator:
         self.model = apply_compile(model.eval()) if compile else model.eval()  # a CompiledGPT decodes like the GPT
         self.tokenizer = tokenizer
         self.template = template
+        self.assistant_model = assistant_model.eval() if assistant_model is not None else None
+        if assistant_model is not None:
+            check_assistant(model, assistant_model)
 
     def render(self, prompt: str, **fields: str) -> str:
         """The text the model continues: `prompt` through the template (its {prompt} field; any other field it
@@ -205,30 +210,35 @@ class TextGenerator:
         """The continuation of prompt, or of each prompt of a list (one batch): a str per prompt, or a list
         of them when num_return_sequences > 1."""
         rendered = self.render(prompt) if isinstance(prompt, str) else [self.render(p) for p in prompt]
-        return generate(self.model, self.tokenizer, rendered, config, **kwargs)
+        return generate(self.model, self.tokenizer, rendered, config, self.assistant_model, **kwargs)
 
     def stream(self, prompt: str, config: Optional[GenerateConfig] = None, **kwargs: Any) -> Iterator[str]:
         """Text pieces of one continuation as they are generated."""
-        return stream(self.model, self.tokenizer, self.render(prompt), config, **kwargs)
+        return stream(self.model, self.tokenizer, self.render(prompt), config, self.assistant_model, **kwargs)
 
     def complete(self, prompts: Sequence[str], config: Optional[GenerateConfig] = None,
                  **kwargs: Any) -> list[list[Completion]]:
         """Completion(text, token_ids, finish_reason, prompt_tokens) per prompt and sequence, as one batch."""
-        return complete(self.model, self.tokenizer, [self.render(p) for p in prompts], config, **kwargs)
+        return complete(self.model, self.tokenizer, [self.render(p) for p in prompts], config, self.assistant_model,
+                        **kwargs)
 
 
 def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional[str] = None,
-         compile: bool = False, template: bool = True) -> Union[TextGenerator, "TextClassifier", "MaskFiller"]:
+         compile: bool = False, template: bool = True,
+         assistant: Optional[str] = None) -> Union[TextGenerator, "TextClassifier", "MaskFiller"]:
     """A TextGenerator over the checkpoint at `path` (a run directory: its newest intact checkpoint);
     dtype / quantize as apply_inference_dtype (default fp32, exact), compile as apply_compile. A fine-tuned
     model's prompt template is applied unless template=False. A classifier (model.head: classify) gives a
     generate.classify.TextClassifier with the label names its checkpoint stores (LABEL_0, ... without them); an
-    encoder trained with mlm (model.causal false), a generate.fill_mask.MaskFiller."""
+    encoder trained with mlm (model.causal false), a generate.fill_mask.MaskFiller. assistant: the run or checkpoint
+    directory of a smaller model with the same tokenizer, which drafts tokens for speculative decoding."""
     from lmforge.checkpoint import load_for_inference, read_task, verified_checkpoint  # on use: reads files
     from lmforge.generate.classify import TextClassifier
 
     ckpt, manifest = verified_checkpoint(path)
     model, tokenizer, _ = load_for_inference(ckpt, device, manifest)
+    if assistant is not None and (model.config.head != "lm" or not model.config.causal):
+        raise ConfigError(f"{path} does not generate text, so an assistant (draft) model has nothing to speed up")
     if model.config.head == "classify":
         task = read_task(ckpt) or {}
         labels = task.get("labels") or [f"LABEL_{k}" for k in range(model.config.num_labels)]
@@ -239,4 +249,14 @@ def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional
         return MaskFiller(apply_inference_dtype(model, dtype, quantize), tokenizer)
     task = read_task(ckpt) if template else None
     learned = task.get("template") if task is not None and task["task"] == "sft" else None
-    return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned)
+    drafter = None
+    if assistant is not None:
+        draft_ckpt, draft_manifest = verified_checkpoint(assistant)
+        drafter, draft_tokenizer, _ = load_for_inference(draft_ckpt, device, draft_manifest)
+        if (draft_tokenizer is None) != (tokenizer is None) or \
+                (tokenizer is not None and draft_tokenizer.to_dict() != tokenizer.to_dict()):
+            raise ConfigError(f"the assistant model {assistant} has another tokenizer than {path}: a draft model must "
+                              "use the model's tokenizer (train it on the same prepared data)")
+        check_assistant(model, drafter)
+        drafter = apply_inference_dtype(drafter, dtype, quantize)
+    return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned, drafter)
