@@ -219,6 +219,9 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "ghost"),
         ("generate-assistant-and-lookup", ["generate", str(run), "--assistant-model", str(run),
                                            "--prompt-lookup-num-tokens", "3", "--device", "cpu"], "give one"),
+        ("generate-assistant-tokens-alone", ["generate", str(run), "--num-assistant-tokens", "3"], "--assistant-model"),
+        ("eval-assistant-on-shards", ["eval", str(run), "--assistant-model", str(run), "--device", "cpu"],
+         "generates nothing"),
         ("serve-port-in-use", ["serve", str(run), "--port", str(_busy_port()), "--device", "cpu"], "cannot listen"),
         # what an encoder (model.causal false) cannot do: no BERT equivalent, no endpoint
         ("export-hf-encoder", ["export", str(ws / "encoder"), "--format", "hf", "--out", str(ws / "hf-enc")],
@@ -310,7 +313,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 88
+N_CASES = 90
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -88,3 +88,28 @@ def test_generate_and_serve_apply_the_template_the_model_learned_with(tuned, cap
     with pytest.raises(Exception, match="needs the field"):
         gen.render("abc")
     assert gen.render("abc", context="x") == "x\nabc\n"
+
+
+def test_eval_decodes_speculatively_to_the_same_predictions(tuned, tmp_path, capsys, monkeypatch):
+    from lmforge.generate.speculative import DraftModel, PromptLookup
+
+    run, _ = tuned
+    calls = {DraftModel: 0, PromptLookup: 0}
+    for cls in calls:  # count the drafters' real guesses: the options reached the decoder
+        def counted(self, *a, _real=cls.propose, _cls=cls, **k):
+            calls[_cls] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(cls, "propose", counted)
+
+    def predictions(*extra: str) -> list[str]:
+        out = tmp_path / "-".join(extra).replace("/", "_").strip("-") or "plain"
+        assert main(["eval", str(run), "--max-examples", "8", "--out", str(out), "--device", "cpu", *extra]) == 0
+        return [json.loads(r)["prediction"] for r in (out / "predictions.jsonl").read_text().splitlines()]
+
+    plain = predictions()
+    assert predictions("--prompt-lookup-num-tokens", "4") == plain
+    assert predictions("--assistant-model", str(run), "--num-assistant-tokens", "3") == plain  # itself as the draft
+    assert calls[DraftModel] > 0 and calls[PromptLookup] > 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--num-assistant-tokens", "3", "--device", "cpu"]) == 2  # no assistant to use it
+    assert "--assistant-model" in capsys.readouterr().err

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 
 def load(path: str, device: str = "auto", dtype: str = "fp32", quantize: str | None = None,
-         compile: bool = False):
+         compile: bool = False, assistant: str | None = None):
     """A trained model ready to generate text, from a run or checkpoint directory alone.
 
     Returns a `lmforge.generate.TextGenerator`: `.generate(prompt_or_prompts, **options)`,
@@ -19,11 +19,13 @@ def load(path: str, device: str = "auto", dtype: str = "fp32", quantize: str | N
     the options are the fields of `lmforge.generate.GenerateConfig`. A classifier (trained on
     `lmforge prepare --task classify` data) gives a `lmforge.generate.TextClassifier` instead:
     `.classify(["text", ...], top_k=None)` -> [[(label, probability), ...] per text]. `dtype` (fp32 | bf16 | fp16),
-    `quantize` ("int8") and `compile` trade exactness for speed; the default fp32 is exact.
+    `quantize` ("int8") and `compile` trade exactness for speed; the default fp32 is exact. `assistant`: the run
+    or checkpoint directory of a smaller model trained with the same tokenizer, which drafts tokens for
+    speculative decoding (same greedy text, same sampling distribution, fewer passes of the model).
     """
     from lmforge.generate import load as _load
 
-    return _load(path, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    return _load(path, device=device, dtype=dtype, quantize=quantize, compile=compile, assistant=assistant)
 
 
 def attention_maps(model_or_path, text: str, device: str = "cpu"):

@@ -400,6 +400,12 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_assistant_flags(args: argparse.Namespace, values: dict) -> None:
+    if "num_assistant_tokens" in values and not args.assistant_model:
+        raise ConfigError("--num-assistant-tokens sets how many tokens an assistant model guesses: give "
+                          "--assistant-model RUN_DIR too (or --prompt-lookup-num-tokens to guess without a model)")
+
+
 # ------------------------------------------------------------------------------------------------ eval
 def _add_eval(sub: Any) -> None:
     from lmforge.generate.config import GenerateConfig
@@ -431,6 +437,9 @@ def _add_eval(sub: Any) -> None:
                    help="hide the progress bar (drawn on stderr, and only when it is a terminal)")
     add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
                          aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
+    p.add_argument("--assistant-model", metavar="RUN_OR_CHECKPOINT_DIR",
+                   help="text-to-text task data: a smaller model with the same tokenizer drafts the predictions' "
+                        "tokens (speculative decoding; greedy predictions unchanged)")
     p.set_defaults(run=_run_eval)
 
 
@@ -449,13 +458,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     from lmforge.generate.config import GenerateConfig
 
     values = config_values(args, GenerateConfig, "generate")
+    _check_assistant_flags(args, values)
     generate = None
     if values:  # task evaluation decodes greedily unless told otherwise
         generate = build_section(GenerateConfig, {"temperature": 0.0, **values}, "generate")
     result = evaluate_checkpoint(args.checkpoint, data_dir=args.data, split=args.split,
                                  max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
                                  task_options={"max_examples": args.max_examples, "out": args.out,
-                                               "generate": generate}, progress=not args.no_progress)
+                                               "generate": generate,
+                                               **({"assistant": args.assistant_model} if args.assistant_model else {})},
+                                 progress=not args.no_progress)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -508,7 +520,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     from lmforge.config import build_section
     from lmforge.generate.config import GenerateConfig
 
-    config = build_section(GenerateConfig, config_values(args, GenerateConfig, "generate"), "generate")  # checked
+    values = config_values(args, GenerateConfig, "generate")
+    _check_assistant_flags(args, values)
+    config = build_section(GenerateConfig, values, "generate")  # checked
     if config.max_length is not None and config.max_new_tokens is not None:  # the library lets max_length win
         raise ConfigError("--max-length and --max-new-tokens both bound the length: give one (--max-length counts "
                           "the prompt, --max-new-tokens does not)")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.batches import IGNORE_INDEX, mask_tokens
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.eval.progress import progress_bar
 
 MASK_SEED = 0  # the masking of an encoder's evaluation: fixed, so every model answers the same masked positions
@@ -163,6 +163,9 @@ def evaluate_checkpoint(path: str | Path, data_dir: Optional[str | Path] = None,
 
         return evaluate_task_split(model, tokenizer, config, ckpt, data_dir, split, batch_size=batch_size,
                                    progress=progress, **(task_options or {}))
+    if (task_options or {}).get("assistant"):
+        raise ConfigError("an assistant (draft) model speeds up generation, and evaluating a language model on token "
+                          "shards generates nothing: drop --assistant-model (it serves fine-tuned text-to-text models)")
     manifest = read_manifest(data_dir)
     check_data_tokenizer(ckpt, data_dir / "tokenizer.json")
     if manifest.get("vocab_size") != config.model.vocab_size:

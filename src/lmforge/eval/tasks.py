@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from lmforge.data.batches import IGNORE_INDEX, Examples, pad_examples
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.eval.progress import progress_bar
-from lmforge.generate import GenerateConfig, generate_batch_ids
+from lmforge.generate import GenerateConfig, generate_batch_ids, load_assistant
 
 
 @torch.no_grad()
@@ -68,20 +68,22 @@ def split_prompts(examples: Examples, end_id: Optional[int]) -> tuple[list[list[
 
 
 def predict(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: GenerateConfig,
-            batch_size: int = 16, progress: bool = False) -> list[list[int]]:
-    """The first continuation of each prompt (token ids, end token excluded), decoded in batches."""
+            batch_size: int = 16, progress: bool = False, assistant_model: Optional[nn.Module] = None) -> list[list[int]]:
+    """The first continuation of each prompt (token ids, end token excluded), decoded in batches (speculatively
+    with an assistant model or config.prompt_lookup_num_tokens: the same tokens when greedy)."""
     out: list[list[int]] = []
     with progress_bar(len(prompts), "generate", "ex", progress) as bar:
         for start in range(0, len(prompts), batch_size):
-            rows = generate_batch_ids(model, prompts[start:start + batch_size], config, tokenizer.end_id, tokenizer)
+            rows = generate_batch_ids(model, prompts[start:start + batch_size], config, tokenizer.end_id, tokenizer,
+                                      assistant_model)
             out += [sequences[0] for sequences in rows]
             bar.update(len(rows))
     return out
 
 
 def evaluate_sft(model: nn.Module, tokenizer: Any, examples: Examples, *, generate: Optional[GenerateConfig] = None,
-                 batch_size: int = 16, device: torch.device | str = "cpu",
-                 progress: bool = False) -> tuple[dict[str, Any], list[dict]]:
+                 batch_size: int = 16, device: torch.device | str = "cpu", progress: bool = False,
+                 assistant_model: Optional[nn.Module] = None) -> tuple[dict[str, Any], list[dict]]:
     """(metrics, prediction rows) of a text-to-text model on `examples`; see the module docstring."""
     from lmforge.eval.metrics import example_scores, text_metrics
 
@@ -93,7 +95,7 @@ def evaluate_sft(model: nn.Module, tokenizer: Any, examples: Examples, *, genera
         generate = GenerateConfig(temperature=0.0, max_new_tokens=budget)
     elif generate.max_new_tokens is None and generate.max_length is None:
         generate = replace(generate, max_new_tokens=budget)
-    predicted = predict(model, tokenizer, prompts, generate, batch_size, progress)
+    predicted = predict(model, tokenizer, prompts, generate, batch_size, progress, assistant_model)
     prediction_texts = [tokenizer.decode(ids) for ids in predicted]
     reference_texts = [tokenizer.decode(ids) for ids in references]
     metrics = {**text_metrics(prediction_texts, reference_texts), **{
@@ -182,11 +184,13 @@ def evaluate_task_checkpoint(path: str | Path, data_dir: Optional[str | Path] = 
 
 def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Path, data_dir: Path, split: str, *,
                         max_examples: Optional[int] = None, batch_size: int = 16, out: Optional[str | Path] = None,
-                        generate: Optional[GenerateConfig] = None, progress: bool = False) -> dict[str, Any]:
+                        generate: Optional[GenerateConfig] = None, progress: bool = False,
+                        assistant: Optional[str] = None) -> dict[str, Any]:
     """Metrics of a loaded fine-tuned model (from checkpoint `ckpt`) on `split` of task data `data_dir` (the
     first max_examples examples when given); writes OUT/predictions.jsonl and OUT/metrics.json (OUT:
     RUN_DIR/eval/SPLIT by default) and returns the metrics with 'split', 'checkpoint', 'data', 'examples',
-    'predictions'."""
+    'predictions'. assistant: a draft model's run or checkpoint directory (speculative decoding of text-to-text
+    predictions)."""
     from lmforge.checkpoint import check_data_tokenizer
     from lmforge.data.tasks import load_examples, read_task_manifest
     from lmforge.eval.metrics import write_metrics, write_predictions
@@ -199,6 +203,9 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
     if manifest["vocab_size"] != config.model.vocab_size:
         raise DataError(f"{data_dir} has vocab_size {manifest['vocab_size']} but the checkpoint's model has "
                         f"{config.model.vocab_size}; evaluate on the data the model was fine-tuned on")
+    if assistant and manifest["task"] == "classify":
+        raise ConfigError("an assistant (draft) model speeds up generation, and a classifier generates nothing: "
+                          "drop --assistant-model")
     if tokenizer is None:
         from lmforge.tokenizer import Tokenizer
 
@@ -216,8 +223,9 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
         metrics["confusion_png"] = str(out_dir / "confusion.png")
     else:
         device = next(model.parameters()).device
+        drafter = load_assistant(assistant, model, tokenizer, str(ckpt), device) if assistant else None
         metrics, rows = evaluate_sft(model, tokenizer, examples, generate=generate, batch_size=batch_size,
-                                     device=device, progress=progress)
+                                     device=device, progress=progress, assistant_model=drafter)
     write_predictions(out_dir / "predictions.jsonl", rows)
     result = {**metrics, "split": split, "checkpoint": str(ckpt), "data": str(data_dir), "examples": len(rows),
               "predictions": str(out_dir / "predictions.jsonl")}

@@ -40,7 +40,7 @@ _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can re
     "GenerateConfig": "config", "Dtype": "config", "Quantize": "config",
     "TextClassifier": "classify", "MaskFiller": "fill_mask",
     "Completion": "api", "TextGenerator": "api", "complete": "api", "generate": "api", "generate_batch_ids": "api",
-    "generate_ids": "api", "decode_events": "api", "load": "api", "options": "api", "prompt_ids": "api", "stream": "api",
+    "generate_ids": "api", "decode_events": "api", "load": "api", "load_assistant": "api", "options": "api", "prompt_ids": "api", "stream": "api",
     "beam_search": "beam", "decode_rows": "decode", "score_prompt": "decode", "CompiledGPT": "compiled",
     "apply_compile": "compiled",
     "banned_ngram_tokens": "processors", "filter_logits": "processors", "next_token": "processors",

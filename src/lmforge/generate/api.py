@@ -249,14 +249,21 @@ def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional
         return MaskFiller(apply_inference_dtype(model, dtype, quantize), tokenizer)
     task = read_task(ckpt) if template else None
     learned = task.get("template") if task is not None and task["task"] == "sft" else None
-    drafter = None
-    if assistant is not None:
-        draft_ckpt, draft_manifest = verified_checkpoint(assistant)
-        drafter, draft_tokenizer, _ = load_for_inference(draft_ckpt, device, draft_manifest)
-        if (draft_tokenizer is None) != (tokenizer is None) or \
-                (tokenizer is not None and draft_tokenizer.to_dict() != tokenizer.to_dict()):
-            raise ConfigError(f"the assistant model {assistant} has another tokenizer than {path}: a draft model must "
-                              "use the model's tokenizer (train it on the same prepared data)")
-        check_assistant(model, drafter)
-        drafter = apply_inference_dtype(drafter, dtype, quantize)
+    drafter = load_assistant(assistant, model, tokenizer, path, device, dtype, quantize) if assistant else None
     return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned, drafter)
+
+
+def load_assistant(path: str, model: GPT, tokenizer: Any, model_path: str, device: Any = "cpu", dtype: str = "fp32",
+                   quantize: Optional[str] = None) -> GPT:
+    """The assistant (draft) model at `path` (a run or checkpoint directory) for `model` (read from model_path),
+    checked: a causal language model with the same tokenizer."""
+    from lmforge.checkpoint import load_for_inference, verified_checkpoint  # on use: reads files
+
+    ckpt, manifest = verified_checkpoint(path)
+    drafter, draft_tokenizer, _ = load_for_inference(ckpt, device, manifest)
+    if (draft_tokenizer is None) != (tokenizer is None) or \
+            (tokenizer is not None and draft_tokenizer.to_dict() != tokenizer.to_dict()):
+        raise ConfigError(f"the assistant model {path} has another tokenizer than {model_path}: a draft model must "
+                          "use the model's tokenizer (train it on the same prepared data)")
+    check_assistant(model, drafter)
+    return apply_inference_dtype(drafter, dtype, quantize)
