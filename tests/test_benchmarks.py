@@ -277,3 +277,22 @@ def test_muon_step_times_torch_and_both_batched_precisions_on_the_models_matrice
     assert all(ms > 0 for ms in summary["ms_per_step"].values())
     assert summary["auto_ns_dtype_here"] == ("bf16" if has_fast_bf16(torch.device("cpu")) else "fp32")
     assert json.loads(out.read_text()) == json.loads(json.dumps(summary))
+
+
+@pytest.mark.slow
+def test_speculative_decoding_times_every_way_and_greedy_ways_agree_with_plain_greedy(tmp_path):
+    out = tmp_path / "speculative.json"
+    summary = load("speculative_decoding").main(["--quick", "--data", str(tmp_path / "data"),
+                                                 "--runs", str(tmp_path / "runs"), "--json-out", str(out)])
+    assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"]
+    assert set(summary["tokens_per_s"]) == {"lmforge", "lmforge-lookup", "lmforge-draft", "hf", "hf-lookup",
+                                            "hf-draft", "hf-draft-default", "lmforge-sample", "lmforge-draft-sample",
+                                            "hf-sample", "hf-draft-sample"}
+    assert all(v > 0 for v in summary["tokens_per_s"].values())
+    for name in ("lmforge-lookup", "lmforge-draft"):  # lmforge's speculation: plain greedy's tokens
+        assert summary["greedy_vs_lmforge_plain"][name]["identical"] == summary["prompts"]
+    for name, share in summary["acceptance"].items():
+        drafted = summary["guesses_per_call"][name]["drafted"]
+        assert drafted > 0 and 0 <= share <= 1, name
+    assert summary["speedup_vs_plain"]["lmforge-draft"] == pytest.approx(
+        summary["tokens_per_s"]["lmforge-draft"] / summary["tokens_per_s"]["lmforge"], abs=2e-3)
