@@ -3,12 +3,14 @@
 Two GPT-2-style char models are trained here on the Shakespeare char shards, --steps steps of 8 x 256 tokens each
 (a 6-layer, 384-wide model and a 2-layer, 128-wide draft, both with a 256-token context; learned positions,
 LayerNorm, tanh GELU, so that transformers' GPT2LMHeadModel holds the same weights). Then, on one thread, each of
---prompts val passages of 64 characters is continued by --new greedy tokens (no end token) in seven ways, rounds
+--prompts val passages of 64 characters is continued by --new greedy tokens (no end token) in eight ways, rounds
 alternating their order:
 
     lmforge             plain greedy decoding (KV cache)
     lmforge-lookup      prompt lookup, 10 tokens guessed per step from the text's last 2-gram
     lmforge-draft       the draft model guessing 5 tokens per step
+    lmforge-draft-compiled    the same, the draft guessing through its compiled step (generate.apply_compile;
+                        compiled in the untimed warm-up call, whose seconds are reported)
     hf                  GPT2LMHeadModel.generate, greedy
     hf-lookup           generate(prompt_lookup_num_tokens=10, max_matching_ngram_size=2)
     hf-draft            generate(assistant_model=..., num_assistant_tokens=5, constant schedule, no confidence
@@ -46,7 +48,7 @@ from lmforge.checkpoint import load_for_inference  # noqa: E402
 from lmforge.config import apply_overrides, run_config_from_dict  # noqa: E402
 from lmforge.data.shards import load_split  # noqa: E402
 from lmforge.files import atomic_write_text  # noqa: E402
-from lmforge.generate import GenerateConfig, make_rows  # noqa: E402
+from lmforge.generate import GenerateConfig, apply_compile, make_rows  # noqa: E402
 from lmforge.generate.api import decode_events  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
@@ -151,9 +153,15 @@ def hf_runner(model: torch.nn.Module, prompts: list[list[int]], new: int, **kwar
     return run
 
 
-def alternate(runners: dict[str, Callable], rounds: int) -> tuple[dict[str, list[float]], dict[str, list]]:
-    """Seconds per round of each runner (one warm-up call each, untimed), order rotating between rounds."""
-    outputs = {name: run() for name, run in runners.items()}
+def alternate(runners: dict[str, Callable], rounds: int) -> tuple[dict[str, list[float]], dict[str, list],
+                                                                  dict[str, float]]:
+    """Seconds per round of each runner, order rotating between rounds, after one warm-up call each (its outputs
+    and seconds returned too: a compiled draft compiles there)."""
+    outputs, warmup = {}, {}
+    for name, run in runners.items():
+        start = time.perf_counter()
+        outputs[name] = run()
+        warmup[name] = round(time.perf_counter() - start, 2)
     seconds: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for r in range(rounds):
@@ -161,7 +169,7 @@ def alternate(runners: dict[str, Callable], rounds: int) -> tuple[dict[str, list
             start = time.perf_counter()
             runners[name]()
             seconds[name].append(time.perf_counter() - start)
-    return seconds, outputs
+    return seconds, outputs, warmup
 
 
 def plain(name: str, library: str) -> str:
@@ -196,13 +204,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     prompts = [[tokenizer.start_id] + [int(t) for t in val[i * step:i * step + 63]] for i in range(args.prompts)]
     new = args.new
     greedy = GenerateConfig(greedy=True, max_new_tokens=new)
-    counts = {name: {"drafted": 0, "accepted": 0} for name in ("lmforge-lookup", "lmforge-draft", "lmforge-draft-sample")}
+    counts = {name: {"drafted": 0, "accepted": 0}
+              for name in ("lmforge-lookup", "lmforge-draft", "lmforge-draft-compiled", "lmforge-draft-sample")}
     lookup = GenerateConfig(greedy=True, max_new_tokens=new, prompt_lookup_num_tokens=LOOKUP, max_matching_ngram_size=2)
     drafted = GenerateConfig(greedy=True, max_new_tokens=new, num_assistant_tokens=DRAFT_TOKENS)
     runners = {
         "lmforge": lmforge_runner(target, prompts, greedy, None, {"drafted": 0, "accepted": 0}),
         "lmforge-lookup": lmforge_runner(target, prompts, lookup, None, counts["lmforge-lookup"]),
         "lmforge-draft": lmforge_runner(target, prompts, drafted, draft, counts["lmforge-draft"]),
+        "lmforge-draft-compiled": lmforge_runner(target, prompts, drafted, apply_compile(draft),
+                                                 counts["lmforge-draft-compiled"]),
         "hf": hf_runner(hf_target, prompts, new, do_sample=False),
         "hf-lookup": hf_runner(hf_target, prompts, new, do_sample=False, prompt_lookup_num_tokens=LOOKUP,
                                max_matching_ngram_size=2),
@@ -222,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     for c in counts.values():
         c["drafted"] = c["accepted"] = 0
-    seconds, outputs = alternate(runners, args.rounds)
+    seconds, outputs, warmup = alternate(runners, args.rounds)
     tokens = args.prompts * new
     tps = {name: round(tokens / statistics.median(s), 1) for name, s in seconds.items()}
     calls = args.rounds + 1  # the warm-up call counted guesses too
@@ -236,6 +247,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "decode_threads": args.threads, "lookup_tokens": LOOKUP, "draft_tokens": DRAFT_TOKENS,
         "tokens_per_s": tps,
         "seconds_per_round": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
+        "warmup_seconds": warmup,
         "speedup_vs_plain": {name: round(tps[name] / tps[plain(name, "lmforge")], 3)
                              for name in tps if name.startswith("lmforge-") and name != "lmforge-sample"},
         "hf_speedup_vs_plain": {name: round(tps[name] / tps[plain(name, "hf")], 3)
@@ -244,14 +256,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                           "plain_sampling": round(tps["lmforge-sample"] / tps["hf-sample"], 3),
                           "lookup": round(tps["lmforge-lookup"] / tps["hf-lookup"], 3),
                           "draft": round(tps["lmforge-draft"] / tps["hf-draft"], 3),
+                          "draft_compiled": round(tps["lmforge-draft-compiled"] / tps["hf-draft"], 3),
                           "draft_vs_hf_default": round(tps["lmforge-draft"] / tps["hf-draft-default"], 3),
                           "draft_sampling": round(tps["lmforge-draft-sample"] / tps["hf-draft-sample"], 3)},
         "acceptance": {name: round(c["accepted"] / c["drafted"], 3) if c["drafted"] else None
                        for name, c in counts.items()},
         "guesses_per_call": {name: {k: v // calls for k, v in c.items()} for name, c in counts.items()},
         "greedy_vs_lmforge_plain": {name: agreement(outputs[name], outputs["lmforge"]) for name in
-                                    ("lmforge-lookup", "lmforge-draft", "hf", "hf-lookup", "hf-draft",
-                                     "hf-draft-default")},
+                                    ("lmforge-lookup", "lmforge-draft", "lmforge-draft-compiled", "hf", "hf-lookup",
+                                     "hf-draft", "hf-draft-default")},
         "sample_text": tokenizer.decode(prompts[0][1:] + outputs["lmforge"][0]),
     }
     summary["machine"]["load_average_at_end"] = load_average()

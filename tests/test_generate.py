@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.generate import (GenerateConfig, StopText, TextGenerator, apply_inference_dtype, banned_ngram_tokens,
-                              decode_rows, filter_logits, generate_batch_ids, generate_ids, make_rows, next_token,
+                              decode_events, decode_rows, filter_logits, generate_batch_ids, generate_ids, make_rows, next_token,
                               process_scores, prompt_ids, repetition_penalty)
 from lmforge.model import GPT
 from lmforge.tokenizer import byte_tokenizer
@@ -381,6 +381,16 @@ def test_compiled_decoding_gives_the_eager_tokens():
     options = dict(max_new_tokens=10, seed=3, top_k=20, num_return_sequences=2)
     assert generate_batch_ids(fast, prompts, **options) == generate_batch_ids(m, prompts, **options)
     assert set(fast.libraries) == {True, False}  # one library for batch 1, one for every larger batch
+    # speculative decoding: the compiled model drafts for the eager one through its compiled step, past the window
+    steps = []
+    step = fast.decode_step
+    fast.decode_step = lambda *a: steps.append(1) or step(*a)
+    config = GenerateConfig(greedy=True, max_new_tokens=40, num_assistant_tokens=4)
+    rows = make_rows(m, [[START, 7, 8]], config)
+    for _ in decode_events(m, rows, config, fast):
+        pass
+    assert [rows[0].tokens] == eager and rows[0].drafted == rows[0].accepted > 0 and len(steps) > 0
+    del fast.decode_step
     llama = model(block_size=32, pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False)
     assert generate_ids(apply_compile(llama), [START, 4], temperature=0.0, max_new_tokens=20) == \
         generate_ids(llama, [START, 4], temperature=0.0, max_new_tokens=20)

@@ -154,7 +154,8 @@ def stream(model: GPT, tokenizer: Any, prompt: str, config: Optional[GenerateCon
 class TextGenerator:
     """A model and its tokenizer, ready to continue prompts: .generate(prompt, **kw), .stream(prompt, **kw),
     .complete(prompts, **kw); kw are GenerateConfig fields. compile=True decodes through apply_compile(model).
-    assistant_model: a smaller model with the same tokenizer that drafts tokens (speculative decoding).
+    assistant_model: a smaller model with the same tokenizer that drafts tokens (speculative decoding; with
+    compile=True it guesses through its own compiled step, while the model checks the guesses eagerly).
 
     A model fine-tuned on text-to-text task data carries the prompt template it learned with (`template`, as
     data.tasks stores it): every prompt is rendered through it first (`render`), as its training examples were.
@@ -171,9 +172,10 @@ class TextGenerator:
         self.model = apply_compile(model.eval()) if compile else model.eval()  # a CompiledGPT decodes like the GPT
         self.tokenizer = tokenizer
         self.template = template
-        self.assistant_model = assistant_model.eval() if assistant_model is not None else None
+        self.assistant_model = None
         if assistant_model is not None:
             check_assistant(model, assistant_model)
+            self.assistant_model = apply_compile(assistant_model.eval()) if compile else assistant_model.eval()
 
     def render(self, prompt: str, **fields: str) -> str:
         """The text the model continues: `prompt` through the template (its {prompt} field; any other field it

@@ -81,12 +81,14 @@ class PromptLookup:
 
 class DraftModel:
     """A smaller causal model with the target's vocabulary, decoding ahead with its own KV cache (one row). The
-    cache keeps what it has read of the text; after a step, the guesses the target refused are forgotten."""
+    cache keeps what it has read of the text; after a step, the guesses the target refused are forgotten. A
+    CompiledGPT (generate.compiled) guesses through its compiled one-token step."""
 
     def __init__(self, model: GPT) -> None:
         self.model = model.eval()
         self.block = model.config.block_size
-        self.cache = KVCache.for_model(model, 1)
+        self.compiled = hasattr(model, "decode_step")
+        self.cache = model.new_cache(1) if self.compiled else KVCache.for_model(model, 1)
         self.fed: list[int] = []  # the tokens the cache holds, from column `start` of the text
         self.start = 0
 
@@ -107,7 +109,12 @@ class DraftModel:
         probs = []
         new = tokens[self.start + len(self.fed):]
         for j in range(k):
-            logits = self.model(torch.tensor([new], device=device), self.cache)[:, -1]  # (1, V)
+            x = torch.tensor([new], device=device)
+            if self.compiled and len(new) == 1 and self.cache.pos > 0:
+                logits = self.model.decode_step(x, torch.ones(1, self.cache.pos + 1, dtype=torch.bool,
+                                                              device=device), self.cache)  # (1, V)
+            else:
+                logits = self.model(x, self.cache)[:, -1]  # (1, V)
             self.fed += new
             scores = distributions(logits, tokens, guesses, config)
             if config.is_greedy:
