@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,44 @@ def test_resume_on_changed_data_is_refused_unless_allowed(tmp_path):
     allowed = Trainer(tiny_config(run, **{**common, "data.path": b, "train.resume": "auto",
                                           "train.allow_data_change": True}), progress=False, tensorboard=False)
     assert allowed.fit()["steps"] == 3
+
+
+def test_a_ctrl_c_landing_inside_the_tensorboard_writer_still_aborts_at_once(tmp_path, monkeypatch):
+    """The second Ctrl-C raises KeyboardInterrupt wherever it lands. Landing inside the TensorBoard writer just after
+    its queue's lock was taken (in Condition.__enter__, before the with-block that would release it), it leaves that
+    lock held for good; closing the writer then (flush, stop) would wait for it forever. The abort must still end:
+    the KeyboardInterrupt leaves fit() and metrics.jsonl holds whole records of the steps taken."""
+    from tensorboard.summary.writer import event_file_writer
+
+    from lmforge.train.metrics import read_metrics
+
+    write, writers = event_file_writer._AsyncWriter.write, []
+
+    def interrupted_write(self, data: bytes) -> None:
+        writers.append(self)
+        if len(writers) == 20:
+            self._byte_queue.mutex.acquire()  # what the interrupt leaves behind: the queue's lock, never released
+            raise KeyboardInterrupt
+        write(self, data)
+
+    monkeypatch.setattr(event_file_writer._AsyncWriter, "write", interrupted_write)
+    trainer = tiny_trainer(tiny_config(tmp_path / "run", **{"train.max_steps": 50}), tensorboard=True)
+    outcome: list[str] = []
+
+    def fit() -> None:  # on a thread, so that a hang fails the test instead of stalling the suite
+        try:
+            trainer.fit()
+            outcome.append("finished")
+        except KeyboardInterrupt:
+            outcome.append("interrupted")
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    thread.join(60)
+    hung = thread.is_alive()
+    writers[-1]._byte_queue.mutex.release()  # let the writer's thread go (and a hung fit end) before asserting
+    assert not hung, "closing the metrics after the interrupt waited for the TensorBoard writer's lock"
+    assert outcome == ["interrupted"]
+    steps = [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert 1 <= len(steps) < 50 and steps == list(range(1, len(steps) + 1))
+    writers[-1].close()

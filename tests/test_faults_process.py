@@ -157,12 +157,22 @@ def test_a_lora_run_killed_9_resumes_bit_identically(data, base, tmp_path, rng):
 
 
 def _start_until(cmd: list[str], run_dir: Path, steps: int) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**process_env(), "PYTHONFAULTHANDLER": "1"}  # SIGABRT prints every thread's stack (see _exit_or_stacks)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while _metric_lines(run_dir) < steps and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     return proc
+
+
+def _exit_or_stacks(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """The (stdout, stderr) of `proc` once it exits; if it does not within `timeout`, fail with the stacks it hung in."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler (PYTHONFAULTHANDLER) writes every thread's stack
+        pytest.fail(f"still running {timeout} s after the signal; its stacks:\n{proc.communicate(timeout=60)[1][-6000:]}")
 
 
 @pytest.mark.slow
@@ -175,7 +185,7 @@ def test_sigterm_and_ctrl_c_save_at_the_step_boundary_exit_0_and_resume_exactly(
     cmd = cli_command(data, run, "--train.max_steps", "100000", *flags)
     proc = _start_until(cmd, run, rng.randint(2, 6))
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+    out, err = _exit_or_stacks(proc)
     assert proc.returncode == 0, err[-2000:]
     ckpt = latest_checkpoint(run)
     state = json.loads((ckpt / "state.json").read_text())
@@ -210,7 +220,7 @@ def test_second_ctrl_c_aborts_at_once_and_keeps_the_last_checkpoint(data, tmp_pa
     else:
         pytest.fail("the first Ctrl-C was not acknowledged")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = _exit_or_stacks(proc)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     ckpt = latest_checkpoint(run)

@@ -115,10 +115,13 @@ class MetricsLogger:
         else:
             print(line, flush=True)
 
-    def close(self) -> None:
+    def close(self, aborted: bool = False) -> None:
+        """Flush and close every sink. aborted: a KeyboardInterrupt (a second Ctrl-C) may have landed inside the
+        TensorBoard writer while it held its queue's lock; closing it would then wait for that lock forever, so
+        its writer thread (a daemon) is left to end with the process and only the JSONL file is closed."""
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
+        if self._tb is not None and not aborted:
             self._tb.close()
         if self._jsonl is not None:
             self._jsonl.close()

@@ -379,12 +379,16 @@ class Trainer:
         """Train to train.max_steps (continuing a checkpoint if train.resume says so); return a summary."""
         tc = self.config.train
         self.begin()
+        aborted = False
         try:
             with self.stop_on_signals():
                 while self.step < tc.max_steps and not self.advance():
                     pass
+        except KeyboardInterrupt:  # the second Ctrl-C, raised wherever it landed: maybe inside a writer's lock
+            aborted = True
+            raise
         finally:
-            self.logger.close()
+            self.logger.close(aborted)
         return self.finish()
 
     def begin(self) -> None:
