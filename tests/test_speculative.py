@@ -115,6 +115,24 @@ def test_stop_rules_and_budgets_end_sequences_as_plain_decoding_does(target, dra
                     assistant_model=draft) == want
 
 
+def test_rows_speculate_in_turn_and_a_row_its_reader_ends_is_not_stepped_again(target, draft):
+    """Each step holds the kept tokens of every unfinished row (n streams interleave, as the server needs them); a
+    row its reader ends (a server's cancel) is not stepped again; every other row's tokens (seeded sampling) are
+    those its prompt gets alone."""
+    config = GenerateConfig(max_new_tokens=30, seed=5, top_k=8, num_return_sequences=3, num_assistant_tokens=4)
+    rows = make_rows(target, [ids("the cat"), ids("a dog")], config, TOKENIZER.end_id, TOKENIZER)
+    steps = decode_events(target, rows, config, draft)
+    assert {e.row for e in next(steps)} == set(range(6))
+    rows[1].finish, cut = "cancelled", len(rows[1].tokens)
+    assert 1 not in {e.row for events in steps for e in events} and len(rows[1].tokens) == cut
+    for p, prompt in enumerate(["the cat", "a dog"]):
+        alone = make_rows(target, [ids(prompt)], config, TOKENIZER.end_id, TOKENIZER)
+        for _ in decode_events(target, alone, config, draft):
+            pass
+        kept = [j for j in range(3) if 3 * p + j != 1]
+        assert [alone[j].tokens for j in kept] == [rows[3 * p + j].tokens for j in kept]
+
+
 def test_logprobs_of_each_kept_token_equal_plain_decodings(target, draft):
     config = GenerateConfig(greedy=True, max_new_tokens=40, num_assistant_tokens=4)
     plain, fast = (make_rows(target, [ids("the cat")], config, TOKENIZER.end_id, TOKENIZER) for _ in range(2))

@@ -20,9 +20,9 @@ Drafters:
     DraftModel    a smaller model with the same vocabulary decodes k tokens ahead with its own KV cache
                   (Hugging Face's assistant_model).
 
-Rows decode one after another (each step's accepted length differs per row). Past the context the window slides
-as in plain decoding (see the package docstring): a checked block never crosses a slide, so every position
-sees exactly the context plain decoding would give it.
+Rows decode in turn, each with its own KV cache (each step keeps a different number of tokens per row). Past the
+context the window slides as in plain decoding (see the package docstring): a checked block never crosses a slide,
+so every position sees exactly the context plain decoding would give it.
 """
 
 from __future__ import annotations
@@ -192,33 +192,44 @@ def accept(guesses: list[int], q: Optional[torch.Tensor], p: torch.Tensor, confi
 
 @torch.inference_mode()
 def speculative_rows(model: GPT, rows: Sequence[Row], drafter_for: Callable[[Row], Drafter], k: int) -> Iterator[list[Event]]:
-    """Decode `rows` one after another by speculation (drafter_for(row) gives each row its Drafter; k guesses per
-    step at most); yield, per step, the Events of the tokens that step kept (several per step). Rows end by
-    Row.advance, as in decode.decode_rows; each row's `drafted` / `accepted` count its guesses."""
-    for index, row in enumerate(rows):
-        target, drafter = Target(model, row.prompt), drafter_for(row)
-        while row.finish is None:
-            room = min(target.room(), row.budget - len(row.tokens) - 1, k)
-            guesses, q = drafter.propose(target.tokens, room, row.config, row.generator) if room > 0 else ([], None)
-            guesses = guesses[:room]
-            q = q[:len(guesses)] if q is not None else None
-            logits = target.check(guesses)  # (len(guesses) + 1, V)
-            p = distributions(logits, target.tokens, guesses, row.config)
-            kept = accept(guesses, q, p, row.config, row.generator)
-            row.drafted += len(guesses)
-            row.accepted += len(kept) - 1
-            target.take(kept, len(guesses))
-            top = token_logprobs(logits[:len(kept)], torch.tensor(kept, device=logits.device), row.top_logprobs) \
-                if row.top_logprobs is not None else None
-            events = []
-            for j, token in enumerate(kept):
-                event = row.advance(index, token)
-                if top is not None and event.token is not None:
-                    event = event._replace(logprobs=top[j]._replace(top=top[j].top[:row.top_logprobs]))
-                events.append(event)
-                if row.finish is not None:
-                    break
-            yield events
+    """Decode `rows` by speculation (drafter_for(row) gives each row its Drafter; k guesses per step at most), each
+    with its own KV cache; yield, per step, the Events of the tokens that step kept for every unfinished row (one
+    speculative step per row, rows in turn: each row's tokens are those it gets alone). Rows end by Row.advance, as
+    in decode.decode_rows; each row's `drafted` / `accepted` count its guesses."""
+    live = [(index, row, Target(model, row.prompt), drafter_for(row)) for index, row in enumerate(rows)]
+    while True:
+        live = [entry for entry in live if entry[1].finish is None]  # a reader may end a row (a server's cancel)
+        if not live:
+            return
+        events: list[Event] = []
+        for index, row, target, drafter in live:
+            events += _step(index, row, target, drafter, k)
+        yield events
+
+
+def _step(index: int, row: Row, target: Target, drafter: Drafter, k: int) -> list[Event]:
+    """One speculative step of one row: guess, check in one pass, keep; the Events of the kept tokens."""
+    room = min(target.room(), row.budget - len(row.tokens) - 1, k)
+    guesses, q = drafter.propose(target.tokens, room, row.config, row.generator) if room > 0 else ([], None)
+    guesses = guesses[:room]
+    q = q[:len(guesses)] if q is not None else None
+    logits = target.check(guesses)  # (len(guesses) + 1, V)
+    p = distributions(logits, target.tokens, guesses, row.config)
+    kept = accept(guesses, q, p, row.config, row.generator)
+    row.drafted += len(guesses)
+    row.accepted += len(kept) - 1
+    target.take(kept, len(guesses))
+    top = token_logprobs(logits[:len(kept)], torch.tensor(kept, device=logits.device), row.top_logprobs) \
+        if row.top_logprobs is not None else None
+    events = []
+    for j, token in enumerate(kept):
+        event = row.advance(index, token)
+        if top is not None and event.token is not None:
+            event = event._replace(logprobs=top[j]._replace(top=top[j].top[:row.top_logprobs]))
+        events.append(event)
+        if row.finish is not None:
+            break
+    return events
 
 
 def check_assistant(model: GPT, assistant: GPT) -> None:
