@@ -223,6 +223,8 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("eval-assistant-on-shards", ["eval", str(run), "--assistant-model", str(run), "--device", "cpu"],
          "generates nothing"),
         ("serve-port-in-use", ["serve", str(run), "--port", str(_busy_port()), "--device", "cpu"], "cannot listen"),
+        ("serve-missing-assistant", ["serve", str(run), "--assistant-model", str(ws / "ghost"), "--port", "0",
+                                     "--device", "cpu"], "ghost"),
         # what an encoder (model.causal false) cannot do: no BERT equivalent, no endpoint
         ("export-hf-encoder", ["export", str(ws / "encoder"), "--format", "hf", "--out", str(ws / "hf-enc")],
          "not a BertForMaskedLM"),
@@ -313,7 +315,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 90
+N_CASES = 91
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
@@ -457,6 +459,9 @@ def test_flags_generated_from_a_config_leave_converting_and_checking_to_it():
     (["--timeout", "soon"], "serve.timeout='soon' has the wrong type: expected float"),
     (["--max-prompt-tokens", "0"], "serve.max_prompt_tokens=0 is invalid: a positive integer or null"),
     (["--max-prompts", "9", "--max-concurrency", "4", "--max-queue", "4"], "serve.max_prompts=9 is more than"),
+    (["--prompt-lookup-num-tokens", "0"], "serve.prompt_lookup_num_tokens=0 is invalid"),
+    (["--assistant-model", "small", "--prompt-lookup-num-tokens", "4"], "serve.assistant_model and serve.prompt_lookup"),
+    (["--num-assistant-tokens", "4"], "serve.num_assistant_tokens sets how many"),
 ])
 def test_serve_flags_are_checked_by_the_config_before_anything_loads(tmp_path, capsys, flags, message):
     assert main(["serve", str(tmp_path / "ghost"), *flags]) == 2

@@ -819,11 +819,15 @@ def _add_serve(sub: Any) -> None:
             --keep-alive-timeout and --max-connections, all before the key is checked. Only Host names in
             --allowed-host are answered (default: localhost, 127.0.0.1, ::1 and --host; with --host 0.0.0.0 name
             the machine's address), so a page that rebinds its DNS name cannot reach you; browser pages on other
-            origins need --cors-origin. GET /metrics gives Prometheus counters."""),
+            origins need --cors-origin. GET /metrics gives Prometheus counters.
+            Speculative decoding (--assistant-model, or --prompt-lookup-num-tokens) guesses tokens and checks them in
+            one pass: greedy text unchanged, sampling keeps its distribution, each request decoded on its own."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge serve runs/shakespeare-char
               lmforge serve runs/shakespeare-char --port 8080 --api-key s3cret --max-tokens 512
+              lmforge serve runs/summarizer --prompt-lookup-num-tokens 10      # speculative: lower latency
+              lmforge serve runs/big --assistant-model runs/small              # speculative, with a draft model
               curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
                    -d '{"prompt": "ROMEO:", "max_tokens": 50, "seed": 1}'"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
@@ -832,7 +836,7 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    add_config_arguments(p, ServeConfig, "serve", metavars={"api_key": "KEY"})
+    add_config_arguments(p, ServeConfig, "serve", metavars={"api_key": "KEY", "assistant_model": "RUN_DIR"})
     p.set_defaults(run=_run_serve)
 
 

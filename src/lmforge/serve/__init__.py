@@ -26,13 +26,15 @@ __all__ = ["ServeConfig", "load_app", "serve"]
 def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "auto", host: str = "127.0.0.1"):
     """The app over the checkpoint at `path` (a run directory: its newest intact checkpoint): a language model's
     generation endpoints, or a classifier's /v1/classify (generate.load gives a TextClassifier for one). An encoder
-    trained with mlm has no endpoint: create_app refuses it, pointing to `lmforge fill-mask`."""
+    trained with mlm has no endpoint: create_app refuses it, pointing to `lmforge fill-mask`. serve.assistant_model is
+    loaded beside it (checked: a causal language model with the same tokenizer)."""
     from lmforge.checkpoint import resolve_checkpoint
     from lmforge.generate import load
     from lmforge.serve.app import create_app
 
+    config = config or ServeConfig()
     ckpt = resolve_checkpoint(path)  # first: a corrupt newest checkpoint is skipped (and said so) once
-    generator = load(str(ckpt), device=device)
+    generator = load(str(ckpt), device=device, assistant=config.assistant_model)
     run_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
     return create_app(generator, config, model_name=run_name or Path(path).resolve().name, host=host)
 

@@ -305,12 +305,19 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
         raise ConfigError(f"serve.max_prompt_tokens={max_prompt_tokens} is larger than the model's block_size="
                           f"{block_size}; use at most {block_size}")
     classifies = isinstance(generator, TextClassifier)
+    if classifies and config.speculation:
+        raise ConfigError("speculative decoding (serve.assistant_model, serve.prompt_lookup_num_tokens) speeds up "
+                          "text generation, and this model is a classifier: leave them out")
+    if config.assistant_model is not None and generator.assistant_model is None:
+        raise ConfigError("serve.assistant_model is set but the generator has no assistant: load it with "
+                          "generate.load(path, assistant=...) or serve with serve.load_app")
     if classifies:
         engine = ClassifyEngine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
                                 config.slots_per_client)
     else:
         engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
-                        config.max_decodes, config.batch_wait, config.slots_per_client, config.stall_timeout)
+                        config.max_decodes, config.batch_wait, config.slots_per_client, config.stall_timeout,
+                        config.speculation)
     created = int(time.time())
     metrics = Metrics(engine)
     allowed_hosts = frozenset(h.lower() for h in (config.allowed_host or (*LOOPBACK_NAMES, host)))

@@ -52,6 +52,20 @@ class ServeConfig:
                                "(uvicorn's limit_concurrency) gets 503.", 256, ge=1)
     allowed_host: Optional[list[str]] = doc("Host header names accepted (DNS rebinding guard); null = localhost, "
                                             "127.0.0.1, ::1 and the bound host; '*' = any.", None)
+    assistant_model: Optional[str] = doc("Speculative decoding: the run or checkpoint directory of a smaller model "
+                                         "with the same tokenizer; it drafts tokens the model checks in one pass "
+                                         "(greedy text unchanged, sampling keeps its distribution). Each request "
+                                         "then decodes on its own, not batched: lower latency, less throughput "
+                                         "under load.", None)
+    num_assistant_tokens: Optional[int] = doc("Tokens the assistant model guesses per step; null = 5.", None, ge=1,
+                                              le=1024)
+    prompt_lookup_num_tokens: Optional[int] = doc("Speculative decoding without a second model: guess up to this many "
+                                                  "tokens per step from the text so far (what followed the latest "
+                                                  "match of its last n-gram); pays when answers repeat their prompt. "
+                                                  "Each request then decodes on its own, not batched.", None, ge=1,
+                                                  le=1024)
+    max_matching_ngram_size: int = doc("Prompt lookup: the longest n-gram matched (shorter ones next).", 2, ge=1,
+                                       le=1024)
     cors_origin: Optional[list[str]] = doc("Origins a browser page may call the API from (CORS), e.g. "
                                            "http://localhost:3000; '*' = any. null = the server's own pages only.",
                                            None)
@@ -61,8 +75,24 @@ class ServeConfig:
         if self.max_prompts > self.max_concurrency + self.max_queue:
             raise ConfigError(f"serve.max_prompts={self.max_prompts} is more than max_concurrency + max_queue = "
                               f"{self.max_concurrency + self.max_queue}: such a request could never be taken; lower it")
+        if self.assistant_model is not None and self.prompt_lookup_num_tokens is not None:
+            raise ConfigError("serve.assistant_model and serve.prompt_lookup_num_tokens both guess tokens: give one")
+        if self.num_assistant_tokens is not None and self.assistant_model is None:
+            raise ConfigError("serve.num_assistant_tokens sets how many tokens an assistant model guesses: give "
+                              "serve.assistant_model RUN_DIR too (or serve.prompt_lookup_num_tokens to guess without "
+                              "a model)")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("serve.api_key is empty: give a key, or leave it out to serve without one")
+
+    @property
+    def speculation(self) -> dict:
+        """The GenerateConfig fields every request decodes with when speculation is on ({} when it is off)."""
+        if self.prompt_lookup_num_tokens is not None:
+            return {"prompt_lookup_num_tokens": self.prompt_lookup_num_tokens,
+                    "max_matching_ngram_size": self.max_matching_ngram_size}
+        if self.assistant_model is not None:
+            return {"num_assistant_tokens": self.num_assistant_tokens or 5}
+        return {}
 
     @property
     def slots_per_client(self) -> int:

@@ -11,6 +11,8 @@ worker loop
      says which may join);
   2. advances every active decode by one token, in turn, so streams interleave and none waits for another;
   3. hands each job's events (text pieces, finish reasons) to its mailbox on the event loop.
+With speculative decoding on (an assistant model, or prompt lookup: ServeConfig), every job decodes on its own
+(generate.speculative: its n rows in turn), since each row keeps a different number of tokens per step.
 A job whose client left (Job.cancel) or whose deadline passed is dropped before the next step (its rows are
 marked cancelled, so the decode stops reporting them); a decode with no job left is closed.
 
@@ -25,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional
 
 from lmforge.generate import (Event, GenerateConfig, Logprobs, Row, TextClassifier, TextGenerator, decode_rows,
                               make_rows, score_prompt)
+from lmforge.generate.api import decode_events
 
 
 MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
@@ -208,9 +211,17 @@ class Engine(Worker):
 
     def __init__(self, generator: TextGenerator, max_concurrency: int = 32, max_queue: int = 64,
                  max_batch_size: int = 32, max_decodes: int = 4, batch_wait: float = 0.05,
-                 max_slots_per_client: Optional[int] = None, stall_timeout: float = 10.0) -> None:
+                 max_slots_per_client: Optional[int] = None, stall_timeout: float = 10.0,
+                 speculation: Optional[dict] = None) -> None:
+        """speculation: GenerateConfig fields of speculative decoding every job decodes with (ServeConfig.speculation);
+        with them, or with the generator's assistant model, each job decodes on its own."""
         super().__init__(max_concurrency + max_queue, max_slots_per_client)
-        self.model, self.tokenizer = generator.model, generator.tokenizer
+        self.model, self.tokenizer, self.assistant = generator.model, generator.tokenizer, generator.assistant_model
+        self.speculation = dict(speculation or {})
+        if self.speculation or self.assistant is not None:
+            GenerateConfig(**self.speculation)  # its values, checked where the library checks them
+        self.speculative = bool(self.speculation) or self.assistant is not None
+        self.drafted = self.accepted = 0  # speculation: tokens guessed, and those the model kept
         self.stall_timeout = stall_timeout
         self.max_concurrency, self.max_queue, self.max_batch_size = max_concurrency, max_queue, max_batch_size
         self.max_decodes, self.batch_wait = max_decodes, batch_wait
@@ -220,8 +231,11 @@ class Engine(Worker):
 
     def stats(self) -> dict:
         with self._lock:
-            return {"running": self._running, "waiting": len(self._waiting), "generated_tokens": self.generated_tokens,
-                    "decodes": self.decodes, "completed": self.jobs_done}
+            stats = {"running": self._running, "waiting": len(self._waiting), "generated_tokens": self.generated_tokens,
+                     "decodes": self.decodes, "completed": self.jobs_done}
+            if self.speculative:
+                stats.update(drafted_tokens=self.drafted, accepted_tokens=self.accepted)
+            return stats
 
     # ---------------------------------------------------------------------------------- worker side
     def _loop(self) -> None:
@@ -276,7 +290,10 @@ class Engine(Worker):
     def fits(self, group: list[Job], job: Job) -> bool:
         """Whether `job` can join the decode of `group`: room in the batch and, for a greedy or seeded job, a
         batch whose longest prompt plus new tokens fit in block_size (within the window a padded row gets the
-        tokens it gets alone; see lmforge.generate). Sampling options, budgets and stops may differ."""
+        tokens it gets alone; see lmforge.generate). Sampling options, budgets and stops may differ. With
+        speculation on, none: each job decodes alone."""
+        if self.speculative:
+            return False
         if sum(j.n for j in group) + job.n > self.max_batch_size:
             return False
         if not any(j.reproducible for j in group + [job]):
@@ -290,6 +307,8 @@ class Engine(Worker):
         for row in job.rows:  # the decode stops reporting them; their tokens are ignored from now on
             row.finish = row.finish or "cancelled"
         with self._lock:
+            self.drafted += sum(row.drafted for row in job.rows)
+            self.accepted += sum(row.accepted for row in job.rows)
             self._running -= 1
             self._forget(job)
 
@@ -312,7 +331,7 @@ class Engine(Worker):
                         self._finish(batch, job)
                     events = []
                 else:
-                    self.generated_tokens += len(batch.owner)
+                    self.generated_tokens += len(events)  # one per token taken (speculation takes several a step)
                 touched = {}
                 for event in events:
                     job, index = batch.owner[event.row]
@@ -346,6 +365,8 @@ class Engine(Worker):
             batch.owner += [(job, i) for i in range(len(job.rows))]
             rows += job.rows
         self.decodes += 1
+        if self.speculative:  # one job (fits): its rows speculate in turn
+            return decode_events(self.model, rows, replace(batch.jobs[0].config, **self.speculation), self.assistant)
         return decode_rows(self.model, rows)
 
     def _take(self, job: Job, index: int, event: Event) -> None:

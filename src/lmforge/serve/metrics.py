@@ -2,9 +2,10 @@
 
     lmforge_requests_total{status="200"}   answers by HTTP status (refusals by the guard included)
     lmforge_running / lmforge_waiting      places in generation (classification) and in the queue
-    lmforge_generated_tokens_total         sequences x steps decoded (a classifier: lmforge_classified_texts_total)
+    lmforge_generated_tokens_total         tokens generated (a classifier: lmforge_classified_texts_total)
     lmforge_completed_total                jobs (prompts, or classify requests) done, failed or cancelled
     lmforge_tokens_per_second              tokens generated per second since the previous scrape (or the start)
+    lmforge_speculative_{drafted,accepted}_tokens_total   with speculative decoding: tokens guessed, and kept
 
 Prometheus' own rate() over lmforge_generated_tokens_total is the better throughput over a chosen window; the
 gauge is for a reader without Prometheus.
@@ -19,7 +20,11 @@ from typing import Any
 HELP = {  # stats() key -> (metric, type, help)
     "running": ("lmforge_running", "gauge", "Places in use by requests being worked on."),
     "waiting": ("lmforge_waiting", "gauge", "Places taken by requests waiting in the queue (queue depth)."),
-    "generated_tokens": ("lmforge_generated_tokens_total", "counter", "Tokens generated (sequences x steps)."),
+    "generated_tokens": ("lmforge_generated_tokens_total", "counter", "Tokens generated (an end token included)."),
+    "drafted_tokens": ("lmforge_speculative_drafted_tokens_total", "counter",
+                       "Speculative decoding: tokens guessed (by the assistant model or prompt lookup), finished jobs."),
+    "accepted_tokens": ("lmforge_speculative_accepted_tokens_total", "counter",
+                        "Speculative decoding: guessed tokens the model kept, finished jobs."),
     "classified": ("lmforge_classified_texts_total", "counter", "Texts classified."),
     "decodes": ("lmforge_decodes_total", "counter", "Batched decodes started."),
     "completed": ("lmforge_completed_total", "counter", "Jobs done, failed or cancelled."),
