@@ -4,8 +4,10 @@ equals the plain server's; /metrics counts the guesses; each job decodes on its 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,7 @@ from lmforge.generate import GenerateConfig, load
 from lmforge.model import GPT
 from lmforge.serve import ServeConfig, load_app
 from lmforge.serve.app import create_app
-from lmforge.serve.engine import Engine, Job
+from lmforge.serve.engine import Engine, Job, Mailbox
 from lmforge.tokenizer import byte_tokenizer
 from test_serve import BLOCK, make_run, running, sse_events
 
@@ -107,13 +109,8 @@ def test_speculative_servers_answer_as_the_plain_server_and_count_their_guesses(
         assert counter(metrics, "lmforge_decodes_total") == prompts, name
 
 
-def test_a_seeded_sample_repeats_and_jobs_never_share_a_decode(runs):
+def test_a_seeded_sample_repeats_and_speculating_jobs_never_share_a_decode(runs):
     run, _ = runs
-    generator = load(str(run), device="cpu")
-    engine = Engine(generator, speculation={"prompt_lookup_num_tokens": 4})
-    plain = Engine(generator)
-    job = lambda: Job([1, 2, 3], GenerateConfig(max_new_tokens=5), False, 0.0, None)  # noqa: E731
-    assert not engine.fits([job()], job()) and plain.fits([job()], job())
     with running(load_app(str(run), ServeConfig(prompt_lookup_num_tokens=5), device="cpu")) as url:
         with httpx.Client(base_url=url, timeout=60) as client:
             body = {"prompt": "seeded", "max_tokens": 40, "seed": 7, "top_k": 20, "n": 2}
@@ -132,6 +129,37 @@ def test_a_seeded_sample_repeats_and_jobs_never_share_a_decode(runs):
     assert answers == [200, 200, 200] and counter(metrics, "lmforge_decodes_total") == 5
 
 
+def test_past_speculative_max_running_jobs_join_plain_batches(runs):
+    """With speculative_max_running=2, the jobs that start while 2 prompts are in generation decode as one plain
+    batch (no guesses); the first two speculate alone; every text is plain greedy's."""
+    run, draft = runs
+    generator = load(str(run), device="cpu", assistant=str(draft))
+    engine = Engine(generator, speculation={"num_assistant_tokens": 4}, speculative_max_running=2)
+
+    async def scenario() -> list[Job]:
+        loop = asyncio.get_running_loop()
+        jobs = [Job([generator.tokenizer.start_id] + generator.tokenizer.encode(p),
+                    GenerateConfig(greedy=True, max_new_tokens=20), False, time.monotonic() + 60, Mailbox(loop))
+                for p in ("one", "two", "three", "four", "five")]
+        for job in jobs:  # all waiting before the worker starts: admitted in one turn
+            engine.submit([job])
+        engine.start()
+        for job in jobs:
+            while (await job.mailbox.get(60))[0] != "done":
+                pass
+        return jobs
+
+    try:
+        jobs = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.decodes == 3  # two speculating alone, then one batch of the other three
+    assert [job.rows[0].drafted > 0 for job in jobs] == [True, True, False, False, False]
+    plain = load(str(run), device="cpu")
+    assert [job.choices[0].text for job in jobs] == [plain.generate(p, greedy=True, max_new_tokens=20)
+                                                     for p in ("one", "two", "three", "four", "five")]
+
+
 def test_bad_speculative_settings_are_refused(runs):
     run, draft = runs
     with pytest.raises(ConfigError, match="give one"):
@@ -140,5 +168,7 @@ def test_bad_speculative_settings_are_refused(runs):
         ServeConfig(num_assistant_tokens=3)
     with pytest.raises(ConfigError, match="prompt_lookup_num_tokens"):
         ServeConfig(prompt_lookup_num_tokens=0)
+    with pytest.raises(ConfigError, match="serve.speculative_max_running limits"):
+        ServeConfig(speculative_max_running=2)
     with pytest.raises(ConfigError, match="has no assistant"):
         create_app(load(str(run), device="cpu"), ServeConfig(assistant_model=str(draft)))

@@ -191,7 +191,8 @@ def accept(guesses: list[int], q: Optional[torch.Tensor], p: torch.Tensor, confi
 
 
 @torch.inference_mode()
-def speculative_rows(model: GPT, rows: Sequence[Row], drafter_for: Callable[[Row], Drafter], k: int) -> Iterator[list[Event]]:
+def speculative_rows(model: GPT, rows: Sequence[Row], drafter_for: Callable[[Row], Drafter],
+                     k: int) -> Iterator[list[Event]]:
     """Decode `rows` by speculation (drafter_for(row) gives each row its Drafter; k guesses per step at most), each
     with its own KV cache; yield, per step, the Events of the tokens that step kept for every unfinished row (one
     speculative step per row, rows in turn: each row's tokens are those it gets alone). Rows end by Row.advance, as

@@ -66,6 +66,10 @@ class ServeConfig:
                                                   le=1024)
     max_matching_ngram_size: int = doc("Prompt lookup: the longest n-gram matched (shorter ones next).", 2, ge=1,
                                        le=1024)
+    speculative_max_running: Optional[int] = doc("Speculate only for requests that start while fewer than this many "
+                                                 "prompts are in generation; later ones join batches without it "
+                                                 "(latency when quiet, throughput when busy). null = always.", None,
+                                                 ge=1)
     cors_origin: Optional[list[str]] = doc("Origins a browser page may call the API from (CORS), e.g. "
                                            "http://localhost:3000; '*' = any. null = the server's own pages only.",
                                            None)
@@ -81,6 +85,9 @@ class ServeConfig:
             raise ConfigError("serve.num_assistant_tokens sets how many tokens an assistant model guesses: give "
                               "serve.assistant_model RUN_DIR too (or serve.prompt_lookup_num_tokens to guess without "
                               "a model)")
+        if self.speculative_max_running is not None and not self.speculation:
+            raise ConfigError("serve.speculative_max_running limits speculative decoding: give serve.assistant_model "
+                              "or serve.prompt_lookup_num_tokens too")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("serve.api_key is empty: give a key, or leave it out to serve without one")
 

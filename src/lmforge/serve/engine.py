@@ -11,8 +11,10 @@ worker loop
      says which may join);
   2. advances every active decode by one token, in turn, so streams interleave and none waits for another;
   3. hands each job's events (text pieces, finish reasons) to its mailbox on the event loop.
-With speculative decoding on (an assistant model, or prompt lookup: ServeConfig), every job decodes on its own
-(generate.speculative: its n rows in turn), since each row keeps a different number of tokens per step.
+With speculative decoding on (an assistant model, or prompt lookup: ServeConfig), a job decodes on its own
+(generate.speculative: its n rows in turn), since each row keeps a different number of tokens per step; with
+serve.speculative_max_running, only a job that starts while fewer prompts are in generation does, the others join
+plain batches (a single stream's latency when the server is quiet, batched throughput when it is busy).
 A job whose client left (Job.cancel) or whose deadline passed is dropped before the next step (its rows are
 marked cancelled, so the decode stops reporting them); a decode with no job left is closed.
 
@@ -142,6 +144,7 @@ class Batch:
     jobs: list[Job]
     owner: list[tuple[Job, int]] = field(default_factory=list)
     steps: Optional[Iterator[list[Event]]] = None
+    speculative: bool = False  # one job, decoded by speculation
 
 
 class Worker:
@@ -212,15 +215,18 @@ class Engine(Worker):
     def __init__(self, generator: TextGenerator, max_concurrency: int = 32, max_queue: int = 64,
                  max_batch_size: int = 32, max_decodes: int = 4, batch_wait: float = 0.05,
                  max_slots_per_client: Optional[int] = None, stall_timeout: float = 10.0,
-                 speculation: Optional[dict] = None) -> None:
+                 speculation: Optional[dict] = None, speculative_max_running: Optional[int] = None) -> None:
         """speculation: GenerateConfig fields of speculative decoding every job decodes with (ServeConfig.speculation);
-        with them, or with the generator's assistant model, each job decodes on its own."""
+        with them, or with the generator's assistant model, a job decodes on its own by speculation when it starts
+        while fewer than speculative_max_running (None: any number of) prompts are in generation, and joins a
+        plain batch otherwise."""
         super().__init__(max_concurrency + max_queue, max_slots_per_client)
         self.model, self.tokenizer, self.assistant = generator.model, generator.tokenizer, generator.assistant_model
         self.speculation = dict(speculation or {})
         if self.speculation or self.assistant is not None:
             GenerateConfig(**self.speculation)  # its values, checked where the library checks them
         self.speculative = bool(self.speculation) or self.assistant is not None
+        self.speculative_max_running = speculative_max_running
         self.drafted = self.accepted = 0  # speculation: tokens guessed, and those the model kept
         self.stall_timeout = stall_timeout
         self.max_concurrency, self.max_queue, self.max_batch_size = max_concurrency, max_queue, max_batch_size
@@ -277,23 +283,23 @@ class Engine(Worker):
                     and now - self._waiting[0].queued_at < self.batch_wait):
                 break  # enough decodes run: let waiting jobs gather into a bigger batch for a while
             group = [self._waiting.pop(0)]
-            for job in list(self._waiting):
+            alone = self.speculative and (self.speculative_max_running is None
+                                          or self._running < self.speculative_max_running)
+            for job in [] if alone else list(self._waiting):
                 if self._running + len(group) >= self.max_concurrency:
                     break
                 if self.fits(group, job):
                     self._waiting.remove(job)
                     group.append(job)
             self._running += len(group)
-            batches.append(Batch(group))
+            batches.append(Batch(group, speculative=alone))
         return batches
 
     def fits(self, group: list[Job], job: Job) -> bool:
         """Whether `job` can join the decode of `group`: room in the batch and, for a greedy or seeded job, a
         batch whose longest prompt plus new tokens fit in block_size (within the window a padded row gets the
-        tokens it gets alone; see lmforge.generate). Sampling options, budgets and stops may differ. With
-        speculation on, none: each job decodes alone."""
-        if self.speculative:
-            return False
+        tokens it gets alone; see lmforge.generate). Sampling options, budgets and stops may differ. (A job that
+        speculates decodes alone: _admit.)"""
         if sum(j.n for j in group) + job.n > self.max_batch_size:
             return False
         if not any(j.reproducible for j in group + [job]):
@@ -365,7 +371,7 @@ class Engine(Worker):
             batch.owner += [(job, i) for i in range(len(job.rows))]
             rows += job.rows
         self.decodes += 1
-        if self.speculative:  # one job (fits): its rows speculate in turn
+        if batch.speculative:  # one job (_admit): its rows speculate in turn
             return decode_events(self.model, rows, replace(batch.jobs[0].config, **self.speculation), self.assistant)
         return decode_rows(self.model, rows)
 

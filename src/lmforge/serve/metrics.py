@@ -22,7 +22,7 @@ HELP = {  # stats() key -> (metric, type, help)
     "waiting": ("lmforge_waiting", "gauge", "Places taken by requests waiting in the queue (queue depth)."),
     "generated_tokens": ("lmforge_generated_tokens_total", "counter", "Tokens generated (an end token included)."),
     "drafted_tokens": ("lmforge_speculative_drafted_tokens_total", "counter",
-                       "Speculative decoding: tokens guessed (by the assistant model or prompt lookup), finished jobs."),
+                       "Speculative decoding: tokens guessed (assistant model or prompt lookup), finished jobs."),
     "accepted_tokens": ("lmforge_speculative_accepted_tokens_total", "counter",
                         "Speculative decoding: guessed tokens the model kept, finished jobs."),
     "classified": ("lmforge_classified_texts_total", "counter", "Texts classified."),
