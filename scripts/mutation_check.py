@@ -142,6 +142,10 @@ MUTANTS = [
            "self.cache.pos -= checked - (len(kept) - 1)", "pass  # mutant: refused guesses stay in the cache",
            ("tests/test_speculative.py::test_greedy_speculation_gives_plain_greedy_tokens_past_the_window"
             "[options0-learned]",)),
+    Mutant("serve-speculation-ignored", "serve/engine.py",
+           "        if batch.speculative:  # one job (_admit): its rows speculate in turn",
+           "        if False:  # mutant: the server decodes plainly whatever its speculation settings",
+           ("tests/test_serve_speculative.py::test_past_speculative_max_running_jobs_join_plain_batches",)),
 ]
 
 
