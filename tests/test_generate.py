@@ -455,3 +455,36 @@ def test_a_classifier_is_refused_with_the_reason(tmp_path, capsys):
         TextGenerator(m, TOKENIZER)
     assert main(["generate", str(tmp_path / "run"), "--device", "cpu"]) == 2
     assert "does not generate text" in capsys.readouterr().err
+
+
+def test_presence_and_frequency_penalties_follow_openais_formula_over_the_generated_tokens_only():
+    """Greedy decoding with the penalties equals a plain loop applying OpenAI's formula by hand, logit[t] -=
+    frequency * c[t] + presence * (c[t] > 0) with c counting the generated tokens (not the prompt's), for rows with
+    different penalties in one batch; beam search refuses them."""
+    m = model(block_size=64)
+
+    def by_hand(prompt: list, new: int, presence: float, frequency: float) -> list:
+        ids, out = list(prompt), []
+        for _ in range(new):
+            with torch.no_grad():
+                logits = m(torch.tensor([ids]))[0, -1].clone()
+            for t in set(out):
+                logits[t] -= frequency * out.count(t) + presence
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+        return out
+
+    plain = generate_ids(m, [START, 9], greedy=True, max_new_tokens=30)[0]
+    repeated = [START] + [plain[0]] * 20  # counted, the prompt would push its token down at once
+    cases = [([START, 9], 1.5, 0.0), ([START, 9], 0.0, 0.7), (repeated, 2.0, 0.5), ([START, 30, 31], -1.0, 0.3)]
+    rows = [make_rows(m, [prompt], GenerateConfig(greedy=True, max_new_tokens=30, presence_penalty=presence,
+                                                  frequency_penalty=frequency))[0] for prompt, presence, frequency in cases]
+    for _ in decode_rows(m, rows):  # one batch, four groups of scoring options
+        pass
+    assert [row.tokens for row in rows] == [by_hand(p, 30, pp, fp) for p, pp, fp in cases]
+    assert rows[0].tokens != plain and rows[1].tokens != plain  # the penalties changed the text
+    assert rows[2].tokens[0] == by_hand([START] + [plain[0]] * 20, 1, 0.0, 0.0)[0]  # the prompt was not counted
+    with pytest.raises(ConfigError, match="presence_penalty=0.5 counts one sequence's tokens"):
+        GenerateConfig(num_beams=2, presence_penalty=0.5)
+    with pytest.raises(ConfigError, match="frequency_penalty=3.0 is invalid"):
+        GenerateConfig(frequency_penalty=3.0)

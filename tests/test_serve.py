@@ -128,7 +128,7 @@ def test_health_models_and_a_completion(client):
     assert out["choices"][0]["text"] != out["choices"][1]["text"]  # two samples, not one twice
 
 
-def test_openai_fields_at_their_neutral_values_and_vllm_extras_are_accepted(client):
+def test_openai_fields_at_their_neutral_values_and_vllm_extras_are_accepted(client, run_dir):
     neutral = dict(frequency_penalty=0, presence_penalty=0.0, best_of=1, logprobs=None, echo=False, logit_bias={},
                    suffix=None, user="me")
     plain = complete(client, prompt="ab", max_tokens=6, seed=2)["choices"][0]["text"]
@@ -137,6 +137,15 @@ def test_openai_fields_at_their_neutral_values_and_vllm_extras_are_accepted(clie
                          min_p=0.01)["choices"][0]["text"]
     chars = penalized.replace("\ufffd", "")  # (a byte that is no UTF-8 character on its own)
     assert len(set(chars)) == len(chars)  # such a penalty never repeats a (byte) token
+    # OpenAI's presence and frequency penalties: the text the Python API gives with them, not the plain one
+    options = dict(prompt="ab", max_tokens=30, temperature=0, presence_penalty=1.5, frequency_penalty=0.5)
+    openai = complete(client, **options)["choices"][0]["text"]
+    assert openai != complete(client, prompt="ab", max_tokens=30, temperature=0)["choices"][0]["text"]
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "ab"}], "max_tokens": 30,
+                                                     "temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 0.5})
+    assert chat.status_code == 200, chat.text
+    assert openai == load(str(run_dir), device="cpu").generate("ab", max_new_tokens=30, greedy=True,
+                                                               presence_penalty=1.5, frequency_penalty=0.5)
 
 
 def test_prompt_list_and_n_give_one_choice_per_prompt_and_sample(client):
@@ -214,6 +223,8 @@ BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the messa
     ("temperature-underflows", {"prompt": "x", "temperature": 1e-300}, 422, "temperature=1e-300 is invalid"),
     ("top-p-underflows", {"prompt": "x", "top_p": 1e-300}, 422, "top_p=1e-300 is invalid"),
     ("penalty-underflows", {"prompt": "x", "repetition_penalty": 1e-300}, 422, "repetition_penalty=1e-300"),
+    ("presence-penalty-over-2", {"prompt": "x", "presence_penalty": 2.5}, 422, "presence_penalty=2.5 is invalid"),
+    ("frequency-penalty-under-2", {"prompt": "x", "frequency_penalty": -3}, 422, "frequency_penalty=-3"),
     ("token-id-outside-vocab", {"prompt": [3, 100_000]}, 422, "token id 100000 is outside"),
     ("token-ids-empty", {"prompt": [[1], []]}, 422, "token ids is empty"),
     ("token-id-negative", {"prompt": [[-1]]}, 422, "token id -1"),

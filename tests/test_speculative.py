@@ -76,7 +76,8 @@ def speculated(model, prompt, config, assistant=None):
 
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
-@pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 3}])
+@pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 3},
+                                     {"presence_penalty": 0.8, "frequency_penalty": 0.4}])
 def test_greedy_speculation_gives_plain_greedy_tokens_past_the_window(pos_encoding, options, draft):
     model = trained(2, 48, 150, seed=0, pos_encoding=pos_encoding)
     small = trained(1, 16, 60, seed=1, pos_encoding=pos_encoding)

@@ -45,6 +45,7 @@ _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can re
     "apply_compile": "compiled",
     "banned_ngram_tokens": "processors", "filter_logits": "processors", "next_token": "processors",
     "process_scores": "processors", "repetition_penalty": "processors", "token_logprobs": "processors",
+    "occurrence_penalties": "processors",
     "DTYPES": "quantize", "Int8Linear": "quantize", "apply_inference_dtype": "quantize",
     "Event": "rows", "Logprobs": "rows", "Row": "rows", "Sequences": "rows", "StopText": "rows", "make_rows": "rows",
     "row_generators": "rows",

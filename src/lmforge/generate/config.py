@@ -43,6 +43,12 @@ class GenerateConfig:
                                     invalid=f"a number in [{1 / MAX_PENALTY}, {MAX_PENALTY}] (1 = off, above 1 "
                                             "discourages repeats)")
     no_repeat_ngram_size: int = doc("Never repeat an n-gram of this size (prompt included); 0 = off.", 0, ge=0)
+    presence_penalty: float = doc("Subtract this from the score of every token already generated (not the prompt's), "
+                                  "once (OpenAI's presence_penalty); 0 = off, above 0 favours new tokens.", 0.0,
+                                  ge=-2, le=2)
+    frequency_penalty: float = doc("Subtract this times the number of times a token was generated so far from its "
+                                   "score (OpenAI's frequency_penalty); 0 = off, above 0 discourages repeats.", 0.0,
+                                   ge=-2, le=2)
     num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.",
                          1, ge=1)
     length_penalty: float = doc("Beam search: a finished beam scores sum(log p) / new_tokens ** length_penalty.",
@@ -82,6 +88,12 @@ class GenerateConfig:
             raise ConfigError(f"generate.{next(iter(sampling))}={next(iter(sampling.values()))!r} is a sampling "
                               f"option and beam search (num_beams={self.num_beams}) does not sample: drop it or "
                               "use num_beams=1")
+        penalties = {k: v for k, v in (("presence_penalty", self.presence_penalty),
+                                       ("frequency_penalty", self.frequency_penalty)) if v != 0.0}
+        if self.num_beams > 1 and penalties:
+            raise ConfigError(f"generate.{next(iter(penalties))}={next(iter(penalties.values()))!r} counts one "
+                              f"sequence's tokens and beam search (num_beams={self.num_beams}) keeps several: use "
+                              "repetition_penalty or no_repeat_ngram_size, or num_beams=1")
         if self.num_beams > 1 and self.prompt_lookup_num_tokens is not None:
             raise ConfigError(f"generate.prompt_lookup_num_tokens={self.prompt_lookup_num_tokens} speculates on one "
                               f"sequence and beam search (num_beams={self.num_beams}) keeps several: use one of them")
@@ -103,10 +115,10 @@ class GenerateConfig:
     @property
     def scoring(self) -> tuple:
         """What turns a row's logits into its next token: rows with equal keys are scored as one group."""
+        penalties = (self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty, self.frequency_penalty)
         if self.is_greedy:
-            return (True, None, None, None, None, self.repetition_penalty, self.no_repeat_ngram_size)
-        return (False, self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
-                self.no_repeat_ngram_size)
+            return (True, None, None, None, None, *penalties)
+        return (False, self.temperature, self.top_k, self.top_p, self.min_p, *penalties)
 
     def new_tokens(self, prompt_len: int) -> int:
         """The new-token budget after a prompt of prompt_len tokens: max_length if set, else max_new_tokens."""

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from lmforge.generate.processors import next_token, process_scores, token_logprobs
+from lmforge.generate.processors import next_token, penalizes, process_scores, token_logprobs
 from lmforge.generate.rows import Event, Logprobs, Row, Sequences
 from lmforge.model import GPT
 
@@ -30,22 +30,23 @@ class Scoring:
             groups.setdefault(row.config.scoring, []).append(i)
         self.groups = [(rows[index[0]].config, torch.tensor(index, device=device),
                         [rows[i].generator for i in index]) for index in groups.values()]
+        self.generated = [[rows[i].tokens for i in index] for index in groups.values()]  # live lists, per group
         self.whole = len(self.groups) == 1  # one group: no gather / scatter
-        self.processed = any(c.repetition_penalty != 1.0 or c.no_repeat_ngram_size > 0 for c, _, _ in self.groups)
+        self.processed = any(penalizes(c) for c, _, _ in self.groups)
 
     def pick(self, logits: torch.Tensor, seqs: Sequences) -> torch.Tensor:
         """The next token (B,) of every row from the last logits (B, V)."""
         tokens, real = seqs.so_far() if self.processed else (None, None)
         if self.whole:
             config, _, generators = self.groups[0]
-            scores = process_scores(logits, tokens, real, config) if self.processed else logits
+            scores = process_scores(logits, tokens, real, config, self.generated[0]) if self.processed else logits
             return next_token(scores, config, None if config.is_greedy else generators)
         out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
-        for config, index, generators in self.groups:
+        for (config, index, generators), generated in zip(self.groups, self.generated):
             scores = logits.index_select(0, index)
             if self.processed:
                 scores = process_scores(scores, tokens.index_select(0, index),
-                                        None if real is None else real.index_select(0, index), config)
+                                        None if real is None else real.index_select(0, index), config, generated)
             out.index_copy_(0, index, next_token(scores, config, None if config.is_greedy else generators))
         return out
 

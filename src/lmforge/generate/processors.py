@@ -45,16 +45,37 @@ def banned_ngram_tokens(tokens: torch.Tensor, real: Optional[torch.Tensor], n: i
     return banned.scatter_(1, candidates, True)[:, :vocab_size]
 
 
+def occurrence_penalties(scores: torch.Tensor, generated: Sequence[Sequence[int]], presence: float,
+                         frequency: float) -> torch.Tensor:
+    """Scores (B, V) minus frequency * c[j] + presence * (c[j] > 0), c[j] the number of times row j generated each
+    token (OpenAI's presence and frequency penalties; the prompt's tokens do not count)."""
+    counts = torch.zeros_like(scores)
+    for j, ids in enumerate(generated):
+        if ids:
+            counts[j].index_add_(0, torch.tensor(list(ids), device=scores.device),
+                                 torch.ones(len(ids), dtype=scores.dtype, device=scores.device))
+    return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+
+
+def penalizes(config: GenerateConfig) -> bool:
+    """Whether process_scores changes anything for rows of `config`."""
+    return (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size > 0 or config.presence_penalty != 0.0
+            or config.frequency_penalty != 0.0)
+
+
 def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[torch.Tensor],
-                   config: GenerateConfig) -> torch.Tensor:
+                   config: GenerateConfig, generated: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
     """Scores (B, V) after the repetition penalty and the no-repeat n-gram ban (Hugging Face's logits
-    processors of the same names) over each row's tokens so far (B, L) (real: (B, L) or None);
+    processors of the same names) over each row's tokens so far (B, L) (real: (B, L) or None), then the presence
+    and frequency penalties over each row's generated tokens (`generated`: B lists; None = those penalties off);
     temperature and the filters come later, in next_token."""
     if config.repetition_penalty != 1.0:
         scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), config.repetition_penalty)
     if config.no_repeat_ngram_size > 0:
         banned = banned_ngram_tokens(tokens, real, config.no_repeat_ngram_size, scores.size(-1))
         scores = scores.masked_fill(banned, -torch.inf)
+    if generated is not None and (config.presence_penalty != 0.0 or config.frequency_penalty != 0.0):
+        scores = occurrence_penalties(scores, generated, config.presence_penalty, config.frequency_penalty)
     return scores
 
 

@@ -33,19 +33,20 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.generate.config import GenerateConfig
-from lmforge.generate.processors import draw, filter_logits, process_scores, token_logprobs
+from lmforge.generate.processors import draw, filter_logits, penalizes, process_scores, token_logprobs
 from lmforge.generate.rows import Event, Row
 from lmforge.model import GPT, KVCache
 
 
 # ------------------------------------------------------------------------------------ scores -> choice
-def distributions(logits: torch.Tensor, prefix: Sequence[int], extra: Sequence[int],
-                  config: GenerateConfig) -> torch.Tensor:
-    """Scores (J, V) -> what plain decoding would pick from at each position j, whose text is prefix + extra[:j]:
-    the processed scores (greedy) or the sampling probabilities (after temperature and the filters)."""
-    if config.repetition_penalty != 1.0 or config.no_repeat_ngram_size > 0:
-        rows = [process_scores(logits[j:j + 1], torch.tensor([list(prefix) + list(extra[:j])],
-                                                              device=logits.device), None, config)
+def distributions(logits: torch.Tensor, prefix: Sequence[int], extra: Sequence[int], config: GenerateConfig,
+                  generated: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Scores (J, V) -> what plain decoding would pick from at each position j, whose text is prefix + extra[:j]
+    (of which generated + extra[:j] was generated: the presence and frequency penalties count those; None = they
+    are off): the processed scores (greedy) or the sampling probabilities (after temperature and the filters)."""
+    if penalizes(config):
+        rows = [process_scores(logits[j:j + 1], torch.tensor([list(prefix) + list(extra[:j])], device=logits.device),
+                               None, config, None if generated is None else [list(generated) + list(extra[:j])])
                 for j in range(logits.size(0))]
         logits = torch.cat(rows)
     if config.is_greedy:
@@ -82,7 +83,9 @@ class PromptLookup:
 class DraftModel:
     """A smaller causal model with the target's vocabulary, decoding ahead with its own KV cache (one row). The
     cache keeps what it has read of the text; after a step, the guesses the target refused are forgotten. A
-    CompiledGPT (generate.compiled) guesses through its compiled one-token step."""
+    CompiledGPT (generate.compiled) guesses through its compiled one-token step. It guesses without the presence
+    and frequency penalties (it is not told which tokens were generated): the model's check applies them, so the
+    output is the same, only fewer guesses may be kept."""
 
     def __init__(self, model: GPT) -> None:
         self.model = model.eval()
@@ -215,7 +218,7 @@ def _step(index: int, row: Row, target: Target, drafter: Drafter, k: int) -> lis
     guesses = guesses[:room]
     q = q[:len(guesses)] if q is not None else None
     logits = target.check(guesses)  # (len(guesses) + 1, V)
-    p = distributions(logits, target.tokens, guesses, row.config)
+    p = distributions(logits, target.tokens, guesses, row.config, row.tokens)
     kept = accept(guesses, q, p, row.config, row.generator)
     row.drafted += len(guesses)
     row.accepted += len(kept) - 1

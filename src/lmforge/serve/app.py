@@ -82,8 +82,8 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """The fields completions and chat share: OpenAI's sampling options, plus top_k, min_p and repetition_penalty
-    as vLLM has them. Their values are checked by GenerateConfig, as for the library and the CLI."""
+    """The fields completions and chat share: OpenAI's sampling options (presence and frequency penalties included),
+    plus top_k, min_p and repetition_penalty as vLLM has them. Their values are checked by GenerateConfig, as for the library and the CLI."""
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
@@ -117,7 +117,7 @@ class CompletionRequest(SamplingRequest):
 
 
 # OpenAI fields that clients (LangChain, ...) send at their neutral value: accepted only at that value
-UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "best_of": 1, "logit_bias": {}, "suffix": None}
+UNSUPPORTED = {"best_of": 1, "logit_bias": {}, "suffix": None}
 
 
 class ChatMessage(BaseModel):
@@ -137,7 +137,7 @@ class ChatRequest(SamplingRequest):
     logprobs: Optional[StrictBool] = None
 
 
-CHAT_UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logprobs": False, "logit_bias": {}}
+CHAT_UNSUPPORTED = {"logprobs": False, "logit_bias": {}}
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat API has no default length; a reply this long unless asked
 
 
@@ -599,7 +599,8 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
                                  top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
                                  min_p=body.min_p, repetition_penalty=1.0 if body.repetition_penalty is None
                                  else body.repetition_penalty, seed=body.seed, num_return_sequences=n,
-                                 stop_strings=stop or None)
+                                 stop_strings=stop or None, presence_penalty=body.presence_penalty or 0.0,
+                                 frequency_penalty=body.frequency_penalty or 0.0)
     except ConfigError as e:
         field = re.match(r"generate\.(\w+)", str(e))
         raise ApiError(422, str(e).removeprefix("generate."), field.group(1) if field else None) from None
