@@ -135,7 +135,19 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "draft": (*limits, "--assistant-model", str(runs["draft"]), "--num-assistant-tokens", str(DRAFT_TOKENS)),
             "draft-when-quiet": (*limits, "--assistant-model", str(runs["draft"]), "--num-assistant-tokens",
                                  str(DRAFT_TOKENS), "--speculative-max-running", str(QUIET))}
-    servers = {name: Server(runs["target"], args, 32, logs / f"{name}.log", extra) for name, extra in ways.items()}
+    with ThreadPoolExecutor(len(ways)) as pool:  # they start (import torch, load the models) side by side
+        started = {name: pool.submit(Server, runs["target"], args, 32, logs / f"{name}.log", extra)
+                   for name, extra in ways.items()}
+    servers, failure = {}, None
+    for name, future in started.items():
+        try:
+            servers[name] = future.result()
+        except BaseException as e:  # serve_load.Server exits when its server does not come up
+            failure = failure or e
+    if failure is not None:
+        for server in servers.values():  # no server left behind
+            server.stop()
+        raise failure
     try:
         for name, server in servers.items():  # warm-up: first-call costs out of the timings
             streamed(server.url, prompts[0], 8)

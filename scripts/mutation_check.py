@@ -176,11 +176,35 @@ def run_tests(package_parent: Path, tests: tuple[str, ...]) -> dict[str, str]:
     return outcomes
 
 
+def junit_outcomes(path: Path, tests: tuple[str, ...]) -> dict[str, str]:
+    """The outcomes run_tests would report for `tests`, read from the JUnit XML of a pytest run of the same code
+    (make test's suite, just run); a test the file does not hold is NOT RUN."""
+    import xml.etree.ElementTree as ET
+
+    cases = {}
+    for case in ET.parse(path).iter("testcase"):
+        parts = case.get("classname", "").split(".")  # tests.test_x[.TestClass]
+        module = next((i for i, part in enumerate(parts) if part.startswith("test_")), len(parts) - 1)
+        node = "/".join(parts[:module + 1]) + ".py::" + "::".join(parts[module + 1:] + [case.get("name", "")])
+        kinds = {child.tag for child in case}
+        outcome = "FAILED" if kinds & {"failure", "error"} else "SKIPPED" if "skipped" in kinds else "PASSED"
+        cases.setdefault(node, set()).add(outcome)
+    outcomes = {}
+    for test in tests:
+        seen = set().union(*(o for node, o in cases.items() if node == test or node.startswith(test + "[")))
+        outcomes[test] = ("FAILED" if "FAILED" in seen else "PASSED" if "PASSED" in seen
+                          else "SKIPPED" if seen else "NOT RUN")
+    return outcomes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests")
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once, each in its own copy (default 2)")
+    parser.add_argument("--baseline", type=Path, metavar="JUNIT_XML",
+                        help="take the unmutated outcomes from this pytest --junitxml file of the same code (make "
+                             "test: the suite that just ran) instead of running the named tests first")
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
     unknown = set(args.names) - {m.name for m in MUTANTS}
@@ -200,17 +224,21 @@ def main() -> int:
             target(Path(tmp) / "job0" / "lmforge", m)
         tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
         started = time.perf_counter()
-        with ThreadPoolExecutor(jobs) as pool:  # the unmutated run split over the jobs' copies (none empty)
-            parts = pool.map(lambda part: run_tests(Path(tmp) / f"job{part}", tests[part::jobs]),
-                             range(min(jobs, len(tests))))
-            baseline = {test: outcome for part in parts for test, outcome in part.items()}
+        if args.baseline is not None:
+            baseline = junit_outcomes(args.baseline, tests)
+        else:
+            with ThreadPoolExecutor(jobs) as pool:  # the unmutated run split over the jobs' copies (none empty)
+                parts = pool.map(lambda part: run_tests(Path(tmp) / f"job{part}", tests[part::jobs]),
+                                 range(min(jobs, len(tests))))
+                baseline = {test: outcome for part in parts for test, outcome in part.items()}
         broken = {t: o for t, o in baseline.items() if o not in ("PASSED", "SKIPPED")}
         if broken:
             print("the named tests must pass on the unmutated code first:", file=sys.stderr)
             for test, outcome in broken.items():
                 print(f"  {outcome}: {test}", file=sys.stderr)
             return 1
-        print(f"baseline: {len(tests)} named tests pass ({time.perf_counter() - started:.0f} s)")
+        print(f"baseline: {len(tests)} named tests pass " + (f"(in {args.baseline})" if args.baseline else
+                                                              f"({time.perf_counter() - started:.0f} s)"))
         def run_mutant(m: Mutant) -> tuple[str, str, str, str, float]:
             """Apply `m` to a free copy, run its tests, undo it: (name, file, failed/named, verdict, seconds)."""
             started, parent = time.perf_counter(), copies.get()
