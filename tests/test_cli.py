@@ -223,6 +223,7 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("eval-assistant-on-shards", ["eval", str(run), "--assistant-model", str(run), "--device", "cpu"],
          "generates nothing"),
         ("serve-port-in-use", ["serve", str(run), "--port", str(_busy_port()), "--device", "cpu"], "cannot listen"),
+        ("chat-beams", ["chat", str(run), "--num-beams", "2", "--device", "cpu"], "one reply per turn"),
         ("serve-missing-assistant", ["serve", str(run), "--assistant-model", str(ws / "ghost"), "--port", "0",
                                      "--device", "cpu"], "ghost"),
         # what an encoder (model.causal false) cannot do: no BERT equivalent, no endpoint
@@ -315,7 +316,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 91
+N_CASES = 92
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

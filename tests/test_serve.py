@@ -31,12 +31,12 @@ from lmforge.tokenizer import byte_tokenizer
 BLOCK = 64
 
 
-def make_run(root: Path) -> Path:
+def make_run(root: Path, block_size: int = BLOCK) -> Path:
     """A run directory holding one checkpoint of a tiny random model with the byte tokenizer, that never ends."""
     tok = byte_tokenizer()
     tok.save(root / "tokenizer.json")
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32,
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
                             tie_embeddings=False)).eval()
     with torch.no_grad():  # never the end token, so generations run as long as asked: feature 0 after the
         model.norm_f.weight[0], model.norm_f.bias[0] = 0.0, 1.0  # final norm is always 1, and it pushes

@@ -556,6 +556,85 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ chat
+def _add_chat(sub: Any) -> None:
+    from lmforge.generate.config import Dtype, GenerateConfig, Quantize
+
+    p = sub.add_parser(
+        "chat", help="talk with a model in the terminal, turn by turn", formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            A conversation with a run or checkpoint directory: each line you type is a user turn; the model's reply
+            is streamed, written through the chat template it was fine-tuned with (`prepare --task sft` on
+            messages data; lmforge's default <|role|> turns for any other model), and kept in the conversation.
+            A reply ends at the end token, a --stop text, --max-new-tokens, or where the model starts the next
+            user turn. When the conversation outgrows the context, the oldest turns (after --system) are left out.
+            Commands: /reset starts a new conversation, /exit (or Ctrl-D) ends; Ctrl-C cuts a reply short.
+            Sampling options are those of `lmforge generate`; speculative decoding works here too."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge chat runs/assistant --temperature 0.7 --top-p 0.9
+              lmforge chat runs/assistant --system "Answer in one sentence." --greedy --max-new-tokens 80
+              echo "What is a sonnet?" | lmforge chat runs/assistant --greedy      # one turn from a pipe"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--system", metavar="TEXT", help="a system prompt, first in every conversation")
+    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
+                         aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
+    p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32",
+                   help="weights for decoding (default: fp32, exact)")
+    p.add_argument("--quantize", choices=typing.get_args(Quantize), help="int8 weights for the Linear layers (CPU)")
+    p.add_argument("--compile", action="store_true", help="compile the decoding step ahead of time first")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--assistant-model", metavar="RUN_OR_CHECKPOINT_DIR",
+                   help="speculative decoding: a smaller model with the same tokenizer guesses tokens the model checks")
+    p.set_defaults(run=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from lmforge.config import build_section
+    from lmforge.generate.config import GenerateConfig
+
+    values = config_values(args, GenerateConfig, "generate")
+    _check_assistant_flags(args, values)
+    config = build_section(GenerateConfig, values, "generate")  # checked
+    from lmforge.generate import load
+    from lmforge.generate.chat import ChatSession
+
+    generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                     compile=args.compile, assistant=args.assistant_model)
+    if not hasattr(generator, "render_chat"):  # a classifier or an encoder
+        raise ConfigError(f"{args.checkpoint} does not generate text (a classifier or an encoder): nothing to chat "
+                          "with; use `lmforge classify` or `lmforge fill-mask`")
+    session = ChatSession(generator, config, args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"lmforge chat with {args.checkpoint}: /reset starts over, /exit or Ctrl-D ends, Ctrl-C cuts a reply",
+              file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            print("(a new conversation)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        if interactive:
+            sys.stdout.write("model> ")
+        try:
+            for piece in session.say(text):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # the reply is cut here; what was said stays in the conversation
+            sys.stdout.write(" [cut]")
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
 # -------------------------------------------------------------------------------------------- classify
 def _add_classify(sub: Any) -> None:
     p = sub.add_parser(
@@ -977,7 +1056,8 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ main
-COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_sweep, _add_eval, _add_generate, _add_classify,
+COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_sweep, _add_eval, _add_generate, _add_chat,
+                                         _add_classify,
                                          _add_fill_mask, _add_plot, _add_attention, _add_plan,
                                          _add_serve, _add_import, _add_export, _add_merge]
 

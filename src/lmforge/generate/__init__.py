@@ -11,6 +11,7 @@
                 model checks them in one pass; greedy output unchanged, sampling's distribution kept
     quantize    bf16 / fp16 weights, int8 weight-only Linear layers
     api         complete / generate / stream / generate_ids / TextGenerator / load: readers of the loop
+    chat        ChatSession: a conversation turn by turn through the model's chat template (lmforge chat)
     classify    TextClassifier: a classifier's labels with probabilities (load returns one for a classifier)
     fill_mask   MaskFiller: an encoder's candidates for each <MASK> (load returns one for an encoder)
 
@@ -50,6 +51,7 @@ _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can re
     "Event": "rows", "Logprobs": "rows", "Row": "rows", "Sequences": "rows", "StopText": "rows", "make_rows": "rows",
     "row_generators": "rows",
     "DraftModel": "speculative", "PromptLookup": "speculative", "speculative_rows": "speculative",
+    "ChatSession": "chat",
 }
 __all__ = sorted(_WHERE)
 
