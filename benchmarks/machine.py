@@ -68,3 +68,19 @@ if __name__ == "__main__":
     import json
 
     print(json.dumps(machine(), indent=2))
+
+
+def report(summary: dict, json_out: "str | None") -> dict:
+    """Finish a benchmark: the load average at the end into summary["machine"], the JSON summary on stdout and,
+    with json_out, into that file (written whole or not at all). Returns the summary."""
+    import json
+
+    from lmforge.files import atomic_write_text
+
+    summary["machine"]["load_average_at_end"] = load_average()
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if json_out:
+        atomic_write_text(json_out, text + "\n")
+    return summary
+

@@ -43,11 +43,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
-from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
 from serve_load import Server  # noqa: E402
 from speculative_decoding import MODELS, ensure_data, last_val_loss, train  # noqa: E402
 
-from lmforge.files import atomic_write_text  # noqa: E402
 
 LOOKUP, DRAFT_TOKENS, QUIET = 10, 5, 2
 
@@ -193,12 +192,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "server_exit_codes": codes,
         "sample_text": prompts[0] + texts["plain"][0],
     }
-    summary["machine"]["load_average_at_end"] = load_average()
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.json_out:
-        atomic_write_text(args.json_out, text + "\n")
-    return summary
+    return report(summary, args.json_out)
 
 
 if __name__ == "__main__":

@@ -47,13 +47,12 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 from lmforge.checkpoint import load_for_inference  # noqa: E402
 from lmforge.config import apply_overrides, run_config_from_dict  # noqa: E402
 from lmforge.data.shards import load_split  # noqa: E402
-from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.generate import GenerateConfig, apply_compile, make_rows  # noqa: E402
 from lmforge.generate.api import decode_events  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 from lmforge.train.trainer import Trainer, with_vocab_size  # noqa: E402
-from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
 from quality_shakespeare import ensure_data  # noqa: E402  (the char Shakespeare shards, made once)
 
 GPT2_STYLE = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "activation": "gelu_tanh", "bias": True,
@@ -267,12 +266,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                      "hf-draft", "hf-draft-default")},
         "sample_text": tokenizer.decode(prompts[0][1:] + outputs["lmforge"][0]),
     }
-    summary["machine"]["load_average_at_end"] = load_average()
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.json_out:
-        atomic_write_text(args.json_out, text + "\n")
-    return summary
+    return report(summary, args.json_out)
 
 
 if __name__ == "__main__":

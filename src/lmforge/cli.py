@@ -474,8 +474,6 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------- generate
 def _add_generate(sub: Any) -> None:
-    from lmforge.generate.config import Dtype, GenerateConfig, Quantize
-
     p = sub.add_parser(
         "generate", help="text from a run or checkpoint directory", formatter_class=_help_formatter,
         description=textwrap.dedent("""\
@@ -496,6 +494,19 @@ def _add_generate(sub: Any) -> None:
               lmforge generate runs/big --prompt "ROMEO:" --greedy --assistant-model runs/small   # speculative"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a document)")
+    _add_decoding_arguments(p)
+    p.add_argument("--no-stream", action="store_true",
+                   help="print the text when it is complete (several samples are never streamed)")
+    p.add_argument("--no-template", action="store_true",
+                   help="a fine-tuned model: continue the prompt as given, not through its prompt template")
+    p.set_defaults(run=_run_generate)
+
+
+def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of decoding a model (generate, chat): GenerateConfig's fields, the weights' dtype, int8, compile,
+    the device and an assistant (draft) model."""
+    from lmforge.generate.config import Dtype, GenerateConfig, Quantize
+
     add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
                          aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
     p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32",
@@ -505,15 +516,10 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--compile", action="store_true", help="compile the decoding step ahead of time first "
                    "(AOTInductor, about 10 s on a CPU; pays off over a few hundred tokens)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--no-stream", action="store_true",
-                   help="print the text when it is complete (several samples are never streamed)")
-    p.add_argument("--no-template", action="store_true",
-                   help="a fine-tuned model: continue the prompt as given, not through its prompt template")
     p.add_argument("--assistant-model", metavar="RUN_OR_CHECKPOINT_DIR",
                    help="speculative decoding: a smaller model trained with the same tokenizer guesses "
                         "--num-assistant-tokens tokens per step and the model checks them in one pass (same greedy "
                         "text, same sampling distribution; faster when most guesses hold)")
-    p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -558,8 +564,6 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ chat
 def _add_chat(sub: Any) -> None:
-    from lmforge.generate.config import Dtype, GenerateConfig, Quantize
-
     p = sub.add_parser(
         "chat", help="talk with a model in the terminal, turn by turn", formatter_class=_help_formatter,
         description=textwrap.dedent("""\
@@ -577,15 +581,7 @@ def _add_chat(sub: Any) -> None:
               echo "What is a sonnet?" | lmforge chat runs/assistant --greedy      # one turn from a pipe"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--system", metavar="TEXT", help="a system prompt, first in every conversation")
-    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
-                         aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
-    p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32",
-                   help="weights for decoding (default: fp32, exact)")
-    p.add_argument("--quantize", choices=typing.get_args(Quantize), help="int8 weights for the Linear layers (CPU)")
-    p.add_argument("--compile", action="store_true", help="compile the decoding step ahead of time first")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--assistant-model", metavar="RUN_OR_CHECKPOINT_DIR",
-                   help="speculative decoding: a smaller model with the same tokenizer guesses tokens the model checks")
+    _add_decoding_arguments(p)
     p.set_defaults(run=_run_chat)
 
 
