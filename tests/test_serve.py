@@ -553,3 +553,19 @@ def test_chat_completion_is_the_rendered_conversation_continued_by_the_one_decod
 def test_each_bad_chat_request_gets_422_and_a_message(client, body, words):
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.slow
+def test_an_int8_compiled_server_decodes_through_its_compiled_step_and_answers_as_the_eager_int8_model(run_dir):
+    """lmforge serve --quantize int8 --compile: the engine decodes through the compiled step (compiled on the first
+    request; tests/test_generate.py checks batched libraries), and its greedy answer is the int8 model's eager one."""
+    from lmforge.generate import CompiledGPT, Int8Linear
+
+    app = load_app(str(run_dir), ServeConfig(), device="cpu", quantize="int8", compile=True)
+    engine = app.state.engine
+    assert isinstance(engine.model, CompiledGPT) and not engine.model.libraries
+    assert any(isinstance(layer, Int8Linear) for layer in engine.model.model.modules())
+    with running(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        text = complete(client, prompt="Hello", max_tokens=20, temperature=0)["choices"][0]["text"]
+    assert set(engine.model.libraries) == {True}  # the batch-1 step ran compiled
+    assert text == load(str(run_dir), device="cpu", quantize="int8").generate("Hello", max_new_tokens=20, greedy=True)

@@ -502,19 +502,26 @@ def _add_generate(sub: Any) -> None:
     p.set_defaults(run=_run_generate)
 
 
-def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of decoding a model (generate, chat): GenerateConfig's fields, the weights' dtype, int8, compile,
-    the device and an assistant (draft) model."""
-    from lmforge.generate.config import Dtype, GenerateConfig, Quantize
+def _add_weight_arguments(p: argparse.ArgumentParser) -> None:
+    """How the weights decode (generate, chat, serve): their dtype, int8, the decoding step compiled."""
+    from lmforge.generate.config import Dtype, Quantize
 
-    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
-                         aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
     p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32",
                    help="weights for decoding (default: fp32, exact)")
     p.add_argument("--quantize", choices=typing.get_args(Quantize), help="int8 weights for the Linear layers (CPU): "
                    "faster, slightly different numbers")
     p.add_argument("--compile", action="store_true", help="compile the decoding step ahead of time first "
                    "(AOTInductor, about 10 s on a CPU; pays off over a few hundred tokens)")
+
+
+def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of decoding a model (generate, chat): GenerateConfig's fields, the weights' dtype, int8, compile,
+    the device and an assistant (draft) model."""
+    from lmforge.generate.config import GenerateConfig
+
+    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
+                         aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
+    _add_weight_arguments(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--assistant-model", metavar="RUN_OR_CHECKPOINT_DIR",
                    help="speculative decoding: a smaller model trained with the same tokenizer guesses "
@@ -901,6 +908,7 @@ def _add_serve(sub: Any) -> None:
             examples:
               lmforge serve runs/shakespeare-char
               lmforge serve runs/shakespeare-char --port 8080 --api-key s3cret --max-tokens 512
+              lmforge serve runs/shakespeare-char --quantize int8 --compile    # the fastest decoding on a CPU
               lmforge serve runs/summarizer --prompt-lookup-num-tokens 10      # speculative: lower latency
               lmforge serve runs/big --assistant-model runs/small              # speculative, with a draft model
               curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -909,6 +917,7 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000; 0 = any free port)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    _add_weight_arguments(p)
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_config_arguments(p, ServeConfig, "serve", metavars={"api_key": "KEY", "assistant_model": "RUN_DIR"})
@@ -954,7 +963,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     _check_port_free(args.host, args.port)
-    serve(args.checkpoint, config, host=args.host, port=args.port, device=args.device, log_level=args.log_level)
+    serve(args.checkpoint, config, host=args.host, port=args.port, device=args.device, log_level=args.log_level,
+          dtype=args.dtype, quantize=args.quantize, compile=args.compile)
     return 0
 
 
