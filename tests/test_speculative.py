@@ -97,10 +97,13 @@ def test_greedy_speculation_gives_plain_greedy_tokens_past_the_window(pos_encodi
         assert 0 < accepted < drafted, (name, drafted, accepted)
 
 
-def test_the_model_as_its_own_draft_keeps_every_guess(target):
-    config = GenerateConfig(greedy=True, max_new_tokens=60, num_assistant_tokens=5)
+@pytest.mark.parametrize("options", [{}, {"presence_penalty": 1.2, "frequency_penalty": 0.6, "repetition_penalty": 1.3}])
+def test_the_model_as_its_own_draft_keeps_every_guess(target, options):
+    """The draft scores its guesses with the row's penalties (the presence and frequency ones over the generated
+    tokens), as the check does: the model drafting for itself has every guess kept."""
+    config = GenerateConfig(greedy=True, max_new_tokens=60, num_assistant_tokens=5, **options)
     got, drafted, accepted = speculated(target, ids("the king"), config, target)
-    assert got == generate_batch_ids(target, [ids("the king")], greedy=True, max_new_tokens=60)[0][0]
+    assert got == generate_batch_ids(target, [ids("the king")], greedy=True, max_new_tokens=60, **options)[0][0]
     assert drafted == accepted > 0
 
 

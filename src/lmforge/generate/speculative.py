@@ -56,10 +56,11 @@ def distributions(logits: torch.Tensor, prefix: Sequence[int], extra: Sequence[i
 
 # ---------------------------------------------------------------------------------------- drafters
 class Drafter(Protocol):
-    def propose(self, tokens: list[int], k: int, config: GenerateConfig,
-                generator: Optional[torch.Generator]) -> tuple[list[int], Optional[torch.Tensor]]:
-        """Up to k guessed next tokens after `tokens`, and the (k', V) distribution each was drawn from (None
-        when the guesses are certain: a one-hot q)."""
+    def propose(self, tokens: list[int], k: int, config: GenerateConfig, generator: Optional[torch.Generator],
+                generated: int = 0) -> tuple[list[int], Optional[torch.Tensor]]:
+        """Up to k guessed next tokens after `tokens` (whose last `generated` were generated: what the presence and
+        frequency penalties count), and the (k', V) distribution each was drawn from (None when the guesses are
+        certain: a one-hot q)."""
 
 
 class PromptLookup:
@@ -69,8 +70,8 @@ class PromptLookup:
     def __init__(self, max_ngram: int = 2) -> None:
         self.max_ngram = max_ngram
 
-    def propose(self, tokens: list[int], k: int, config: GenerateConfig,
-                generator: Optional[torch.Generator]) -> tuple[list[int], Optional[torch.Tensor]]:
+    def propose(self, tokens: list[int], k: int, config: GenerateConfig, generator: Optional[torch.Generator],
+                generated: int = 0) -> tuple[list[int], Optional[torch.Tensor]]:
         L = len(tokens)
         for n in range(min(self.max_ngram, L - 1), 0, -1):
             tail = tokens[L - n:]
@@ -83,9 +84,8 @@ class PromptLookup:
 class DraftModel:
     """A smaller causal model with the target's vocabulary, decoding ahead with its own KV cache (one row). The
     cache keeps what it has read of the text; after a step, the guesses the target refused are forgotten. A
-    CompiledGPT (generate.compiled) guesses through its compiled one-token step. It guesses without the presence
-    and frequency penalties (it is not told which tokens were generated): the model's check applies them, so the
-    output is the same, only fewer guesses may be kept."""
+    CompiledGPT (generate.compiled) guesses through its compiled one-token step. Its guesses go through the row's
+    penalties too (the presence and frequency penalties over the generated tokens), as the model's check will."""
 
     def __init__(self, model: GPT) -> None:
         self.model = model.eval()
@@ -95,8 +95,8 @@ class DraftModel:
         self.fed: list[int] = []  # the tokens the cache holds, from column `start` of the text
         self.start = 0
 
-    def propose(self, tokens: list[int], k: int, config: GenerateConfig,
-                generator: Optional[torch.Generator]) -> tuple[list[int], Optional[torch.Tensor]]:
+    def propose(self, tokens: list[int], k: int, config: GenerateConfig, generator: Optional[torch.Generator],
+                generated: int = 0) -> tuple[list[int], Optional[torch.Tensor]]:
         n = len(tokens)
         same = 0  # how much of the cache is still the text
         for a, b in zip(self.fed, tokens[self.start:]):
@@ -119,7 +119,7 @@ class DraftModel:
             else:
                 logits = self.model(x, self.cache)[:, -1]  # (1, V)
             self.fed += new
-            scores = distributions(logits, tokens, guesses, config)
+            scores = distributions(logits, tokens + guesses, [], config, tokens[n - generated:] + guesses)
             if config.is_greedy:
                 token = int(scores.argmax(-1))
             else:
@@ -214,7 +214,8 @@ def speculative_rows(model: GPT, rows: Sequence[Row], drafter_for: Callable[[Row
 def _step(index: int, row: Row, target: Target, drafter: Drafter, k: int) -> list[Event]:
     """One speculative step of one row: guess, check in one pass, keep; the Events of the kept tokens."""
     room = min(target.room(), row.budget - len(row.tokens) - 1, k)
-    guesses, q = drafter.propose(target.tokens, room, row.config, row.generator) if room > 0 else ([], None)
+    guesses, q = drafter.propose(target.tokens, room, row.config, row.generator, len(row.tokens)) if room > 0 \
+        else ([], None)
     guesses = guesses[:room]
     q = q[:len(guesses)] if q is not None else None
     logits = target.check(guesses)  # (len(guesses) + 1, V)
