@@ -1,5 +1,5 @@
-"""A conversation with a model, turn by turn: what `lmforge chat` runs, and what the server's chat endpoint does for
-one request.
+"""A conversation with a model, turn by turn: what `lmforge chat` runs (the server's chat endpoint renders and stops
+each request's messages the same way).
 
     each turn: the user's text joins the messages -> the messages through the model's chat template (the one it was
     fine-tuned with, lmforge's default <|role|> turns otherwise), the assistant's header last -> the reply is
