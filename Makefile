@@ -35,7 +35,7 @@ demo: $(STAMP)
 # The whole suite, then the mutation check (below): a test that stopped catching its break fails `make test` too.
 # The check takes the unmutated outcomes of its named tests from the suite's JUnit file rather than rerunning them.
 test: $(STAMP) $(CHROMIUM)
-	$(BIN)/python -m pytest -m "not gpu" -n 2 --dist loadfile -q --junitxml=.pytest-results.xml
+	$(BIN)/python -m pytest -m "not gpu" -n 2 --dist loadfile --no-loadscope-reorder -q --junitxml=.pytest-results.xml
 	$(BIN)/python scripts/mutation_check.py --baseline .pytest-results.xml
 
 test-fast: $(STAMP) $(CHROMIUM)
