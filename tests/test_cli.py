@@ -461,7 +461,8 @@ def test_flags_generated_from_a_config_leave_converting_and_checking_to_it():
     (["--max-prompt-tokens", "0"], "serve.max_prompt_tokens=0 is invalid: a positive integer or null"),
     (["--max-prompts", "9", "--max-concurrency", "4", "--max-queue", "4"], "serve.max_prompts=9 is more than"),
     (["--prompt-lookup-num-tokens", "0"], "serve.prompt_lookup_num_tokens=0 is invalid"),
-    (["--assistant-model", "small", "--prompt-lookup-num-tokens", "4"], "serve.assistant_model and serve.prompt_lookup"),
+    (["--assistant-model", "small", "--prompt-lookup-num-tokens", "4"],
+     "serve.assistant_model and serve.prompt_lookup"),
     (["--num-assistant-tokens", "4"], "serve.num_assistant_tokens sets how many"),
 ])
 def test_serve_flags_are_checked_by_the_config_before_anything_loads(tmp_path, capsys, flags, message):

@@ -167,12 +167,14 @@ def _start_until(cmd: list[str], run_dir: Path, steps: int) -> subprocess.Popen:
 
 
 def _exit_or_stacks(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
-    """The (stdout, stderr) of `proc` once it exits; if it does not within `timeout`, fail with the stacks it hung in."""
+    """The (stdout, stderr) of `proc` once it exits; if it does not within `timeout`, fail with the stacks it
+    hung in."""
     try:
         return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGABRT)  # faulthandler (PYTHONFAULTHANDLER) writes every thread's stack
-        pytest.fail(f"still running {timeout} s after the signal; its stacks:\n{proc.communicate(timeout=60)[1][-6000:]}")
+        stacks = proc.communicate(timeout=60)[1][-6000:]
+        pytest.fail(f"still running {timeout} s after the signal; its stacks:\n{stacks}")
 
 
 @pytest.mark.slow

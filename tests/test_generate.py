@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.generate import (GenerateConfig, StopText, TextGenerator, apply_inference_dtype, banned_ngram_tokens,
-                              decode_events, decode_rows, filter_logits, generate_batch_ids, generate_ids, make_rows, next_token,
-                              process_scores, prompt_ids, repetition_penalty)
+                              decode_events, decode_rows, filter_logits, generate_batch_ids, generate_ids, make_rows,
+                              next_token, process_scores, prompt_ids, repetition_penalty)
 from lmforge.model import GPT
 from lmforge.tokenizer import byte_tokenizer
 
@@ -478,7 +478,8 @@ def test_presence_and_frequency_penalties_follow_openais_formula_over_the_genera
     repeated = [START] + [plain[0]] * 20  # counted, the prompt would push its token down at once
     cases = [([START, 9], 1.5, 0.0), ([START, 9], 0.0, 0.7), (repeated, 2.0, 0.5), ([START, 30, 31], -1.0, 0.3)]
     rows = [make_rows(m, [prompt], GenerateConfig(greedy=True, max_new_tokens=30, presence_penalty=presence,
-                                                  frequency_penalty=frequency))[0] for prompt, presence, frequency in cases]
+                                                  frequency_penalty=frequency))[0]
+            for prompt, presence, frequency in cases]
     for _ in decode_rows(m, rows):  # one batch, four groups of scoring options
         pass
     assert [row.tokens for row in rows] == [by_hand(p, 30, pp, fp) for p, pp, fp in cases]

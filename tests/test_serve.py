@@ -141,8 +141,9 @@ def test_openai_fields_at_their_neutral_values_and_vllm_extras_are_accepted(clie
     options = dict(prompt="ab", max_tokens=30, temperature=0, presence_penalty=1.5, frequency_penalty=0.5)
     openai = complete(client, **options)["choices"][0]["text"]
     assert openai != complete(client, prompt="ab", max_tokens=30, temperature=0)["choices"][0]["text"]
-    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "ab"}], "max_tokens": 30,
-                                                     "temperature": 0, "presence_penalty": 1.5, "frequency_penalty": 0.5})
+    chat = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "ab"}], "max_tokens": 30, "temperature": 0, "presence_penalty": 1.5,
+        "frequency_penalty": 0.5})
     assert chat.status_code == 200, chat.text
     assert openai == load(str(run_dir), device="cpu").generate("ab", max_new_tokens=30, greedy=True,
                                                                presence_penalty=1.5, frequency_penalty=0.5)

@@ -97,7 +97,8 @@ def test_greedy_speculation_gives_plain_greedy_tokens_past_the_window(pos_encodi
         assert 0 < accepted < drafted, (name, drafted, accepted)
 
 
-@pytest.mark.parametrize("options", [{}, {"presence_penalty": 1.2, "frequency_penalty": 0.6, "repetition_penalty": 1.3}])
+@pytest.mark.parametrize("options", [{}, {"presence_penalty": 1.2, "frequency_penalty": 0.6,
+                                          "repetition_penalty": 1.3}])
 def test_the_model_as_its_own_draft_keeps_every_guess(target, options):
     """The draft scores its guesses with the row's penalties (the presence and frequency ones over the generated
     tokens), as the check does: the model drafting for itself has every guess kept."""

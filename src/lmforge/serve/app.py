@@ -83,7 +83,8 @@ class StreamOptions(BaseModel):
 
 class SamplingRequest(BaseModel):
     """The fields completions and chat share: OpenAI's sampling options (presence and frequency penalties included),
-    plus top_k, min_p and repetition_penalty as vLLM has them. Their values are checked by GenerateConfig, as for the library and the CLI."""
+    plus top_k, min_p and repetition_penalty as vLLM has them. Their values are checked by GenerateConfig, as for
+    the library and the CLI."""
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
