@@ -141,11 +141,26 @@ MUTANTS = [
     Mutant("speculative-no-rollback", "generate/speculative.py",
            "self.cache.pos -= checked - (len(kept) - 1)", "pass  # mutant: refused guesses stay in the cache",
            ("tests/test_speculative.py::test_greedy_speculation_gives_plain_greedy_tokens_past_the_window"
-            "[options0-learned]",)),
+            "[plain-learned]",)),
     Mutant("serve-speculation-ignored", "serve/engine.py",
            "        if batch.speculative:  # one job (_admit): its rows speculate in turn",
            "        if False:  # mutant: the server decodes plainly whatever its speculation settings",
            ("tests/test_serve_speculative.py::test_past_speculative_max_running_jobs_join_plain_batches",)),
+    Mutant("bias-after-penalty", "generate/processors.py",
+           "        scores = bias_logits(scores, config.logit_bias)\n    if config.repetition_penalty != 1.0:\n"
+           "        scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), "
+           "config.repetition_penalty)\n",
+           "        pass\n    if config.repetition_penalty != 1.0:\n"
+           "        scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), "
+           "config.repetition_penalty)\n    if config.logit_bias:  # mutant: the bias after the penalty\n"
+           "        scores = bias_logits(scores, config.logit_bias)\n",
+           ("tests/test_generate_hf.py::test_process_scores_equals_hfs_processors_in_their_order[2]",)),
+    Mutant("min-new-tokens-ignores-stop-strings", "generate/rows.py",
+           "look=len(self.tokens) >= self.config.min_new_tokens", "look=True",
+           ("tests/test_generate.py::test_min_new_tokens_holds_back_end_ids_and_stop_strings_until_then",)),
+    Mutant("typical-by-probability", "generate/processors.py",
+           "order = (-logp - entropy).abs().sort(dim=-1).indices", "order = (-logp).sort(dim=-1).indices",
+           ("tests/test_generate_hf.py::test_sampling_filters_equal_hf_warpers_alone_and_in_hfs_order",)),
 ]
 
 

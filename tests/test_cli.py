@@ -91,6 +91,15 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
     from lmforge.generate import load
 
     assert zero == "First" + load(str(run)).generate("First", max_new_tokens=20, temperature=0.0) + "\n"
+    # mappings and lists of lists from flags: --logit-bias ID:BIAS, --bad-words-ids per sequence
+    flags = ["--logit-bias", "50:-100,51:2", "--logit-bias", "52:1.5", "--bad-words-ids", "60,61",
+             "--bad-words-ids", "62", "--bad-words", "the", "--min-new-tokens", "15"]
+    assert main(["generate", str(run), "--prompt", "First", "--max-new-tokens", "20", "--greedy", "--device", "cpu",
+                 *flags]) == 0
+    constrained = capsys.readouterr().out
+    assert constrained != zero and constrained == "First" + load(str(run)).generate(
+        "First", max_new_tokens=20, greedy=True, logit_bias={50: -100, 51: 2, 52: 1.5}, bad_words_ids=[[60, 61], [62]],
+        bad_words=["the"], min_new_tokens=15) + "\n"
 
 
 def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
@@ -224,6 +233,12 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "generates nothing"),
         ("serve-port-in-use", ["serve", str(run), "--port", str(_busy_port()), "--device", "cpu"], "cannot listen"),
         ("chat-beams", ["chat", str(run), "--num-beams", "2", "--device", "cpu"], "one reply per turn"),
+        ("generate-logit-bias-no-value", ["generate", str(run), "--logit-bias", "5"], "KEY:VALUE"),
+        ("generate-logit-bias-outside-vocab", ["generate", str(run), "--logit-bias", "99999:-100", "--device", "cpu"],
+         "token id 99999, outside the vocabulary"),
+        ("generate-bad-words-ids-not-ids", ["generate", str(run), "--bad-words-ids", "1,x"], "bad_words_ids[0][1]"),
+        ("generate-typical-beams", ["generate", str(run), "--num-beams", "2", "--typical-p", "0.5"],
+         "generate.typical_p=0.5 is a sampling option"),
         ("serve-missing-assistant", ["serve", str(run), "--assistant-model", str(ws / "ghost"), "--port", "0",
                                      "--device", "cpu"], "ghost"),
         # what an encoder (model.causal false) cannot do: no BERT equivalent, no endpoint
@@ -316,7 +331,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 92
+N_CASES = 96
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass
@@ -290,6 +291,46 @@ def test_text_converts_to_optional_numbers_bool_or_literal_and_lists():
     repeated = build_section(Sampling, {"stop_strings": ["x", "y,z"], "stop_token_ids": ["3", "4"]}, "generate")
     assert repeated.stop_strings == ["x", "y,z"] and repeated.stop_token_ids == [3, 4]
     assert Sampling(early_stopping=True).early_stopping is True and Sampling(stop_token_ids=(0,)).stop_token_ids == (0,)
+
+
+@dataclass
+class Constraints:
+    """A mapping and a list of lists, declared as GenerateConfig's logit_bias and bad_words_ids are."""
+
+    bias: Optional[dict[int, float]] = doc("Bias.", None, ge=-100, le=100)
+    banned: Optional[list[list[int]]] = doc("Banned.", None, ge=0)
+
+    def __post_init__(self) -> None:
+        validate(self, "generate")
+
+
+def test_mappings_and_lists_of_lists_read_from_text_files_and_json():
+    from_text = build_section(Constraints, {"bias": ["5:-100,7:2.5", "9:1"], "banned": ["1,2", "3 4 5", "6"]}, "g")
+    assert from_text == Constraints({5: -100.0, 7: 2.5, 9: 1.0}, [[1, 2], [3, 4, 5], [6]])
+    assert type(from_text.bias[9]) is float
+    from_json = build_section(Constraints, json.loads('{"bias": {"5": -100, "7": 2.5}, "banned": [[1, 2], [6]]}'), "g")
+    assert from_json == Constraints({5: -100.0, 7: 2.5}, [[1, 2], [6]])
+    assert build_section(Constraints, {"bias": "null", "banned": "none"}, "g") == Constraints()
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"bias": "5"}, "generate.bias=['5'] has the wrong type: expected dict[int, float] or null (as text: KEY:VALUE "
+                    "pairs, comma-separated)"),
+    ({"bias": "5:x"}, "generate.bias[5]='x' has the wrong type: expected float"),
+    ({"bias": "a:1"}, "generate.bias has the key 'a': expected int keys"),
+    ({"bias": {"5": 101}}, "generate.bias[5]=101.0 is invalid: a number in [-100, 100]"),
+    ({"bias": [1, 2]}, "generate.bias=[1, 2] has the wrong type: expected dict[int, float] or null (as text: "
+                       "KEY:VALUE pairs, comma-separated)"),
+    ({"banned": [[1, -2]]}, "generate.banned[0][1]=-2 is invalid: 0 or a positive integer"),
+    ({"banned": [1, 2]}, "generate.banned[0]=1 has the wrong type: expected a non-empty list[int]"),
+    ({"banned": [[]]}, "generate.banned[0]=[] has the wrong type: expected a non-empty list[int]"),
+    ({"banned": "1,x"}, "generate.banned[0][1]='x' has the wrong type: expected int"),
+    ({"banned": 3}, "generate.banned=3 has the wrong type: expected list[list[int]] or null"),
+])
+def test_mappings_and_lists_of_lists_refuse_with_one_line(values, message):
+    with pytest.raises(ConfigError) as info:
+        build_section(Constraints, values, "generate")
+    assert str(info.value) == message
 
 
 @pytest.mark.parametrize("values,message", [

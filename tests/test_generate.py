@@ -320,6 +320,38 @@ def test_stop_text_holds_back_a_possible_start():
     assert "".join(free.push(t) for t in TOKENIZER.encode("no stop <")) + free.close() == "no stop <"
 
 
+def test_min_new_tokens_holds_back_end_ids_and_stop_strings_until_then():
+    """vLLM's min_tokens: no end id is chosen, and no stop string counts, before min_new_tokens; a stop string that
+    ends after it does."""
+    gen = TextGenerator(model(block_size=64), TOKENIZER)
+    free = gen.complete(["ab"], max_new_tokens=40, temperature=0.0)[0][0]
+    ends = [t for t in dict.fromkeys(free.token_ids) if free.token_ids.index(t) < 4]
+    early = gen.complete(["ab"], max_new_tokens=40, temperature=0.0, stop_token_ids=ends)[0][0]
+    held = gen.complete(["ab"], max_new_tokens=40, temperature=0.0, stop_token_ids=ends, min_new_tokens=12)[0][0]
+    assert len(early.token_ids) < 4 and len(held.token_ids) >= 12 and not set(held.token_ids[:12]) & set(ends)
+    text = free.text  # one token per character: ASCII bytes
+    stop = next(text[i:i + 2] for i in range(4) if text.find(text[i:i + 2], 14) >= 0)  # early, and again past 14
+    cut = gen.complete(["ab"], max_new_tokens=40, temperature=0.0, stop_strings=[stop], min_new_tokens=14)[0][0]
+    assert text.find(stop) < 4 and cut.finish_reason == "stop" and len(cut.token_ids) >= 14
+    assert cut.text == text[:text.find(stop, 14 - len(stop))]  # the first match that ends with token 14 or later
+
+
+def test_bad_words_never_appear_in_the_text():
+    gen = TextGenerator(model(block_size=64), TOKENIZER)
+    free = gen.generate("ab", max_new_tokens=40, temperature=0.0)
+    words = [free[3:5], free[10:13]]
+    banned = gen.generate("ab", max_new_tokens=40, temperature=0.0, bad_words=words)
+    assert banned != free and not any(w in "ab" + banned for w in words)
+    sampled = gen.complete(["ab"] * 4, max_new_tokens=40, seed=2, bad_words=words)
+    assert not any(w in "ab" + c[0].text for c in sampled for w in words)
+    with pytest.raises(ConfigError, match="bad_words need the tokenizer"):
+        generate_batch_ids(gen.model, [[START, 100]], bad_words=["x"])
+    with pytest.raises(ConfigError, match="logit_bias names the token id 259, outside the vocabulary"):
+        gen.generate("ab", logit_bias={259: 1.0})
+    with pytest.raises(ConfigError, match="bad_words_ids names the token id 300"):
+        generate_batch_ids(gen.model, [[START, 100]], bad_words_ids=[[5, 300]], num_beams=2)
+
+
 def test_stop_token_ids_end_sequences_like_the_end_token():
     m = model(block_size=64)
     free = generate_ids(m, [START, 20], max_new_tokens=30, seed=4)[0]
@@ -422,6 +454,11 @@ def test_rows_with_their_own_budgets_stops_and_sampling_in_one_batch_equal_each_
         ("x", GenerateConfig(max_new_tokens=12, seed=2, temperature=0.7, top_p=0.9, repetition_penalty=1.3)),
         ("yz", GenerateConfig(max_new_tokens=20, seed=5, min_p=0.1, no_repeat_ngram_size=2, num_return_sequences=2)),
         ("ab", GenerateConfig(max_new_tokens=30, seed=11, top_k=5, stop_token_ids=[stop_id])),
+        ("ab", GenerateConfig(max_new_tokens=15, seed=3, typical_p=0.8, eta_cutoff=0.01, min_new_tokens=10,
+                              bad_words_ids=[[free.token_ids[1]]], stop_token_ids=[stop_id])),
+        ("q", GenerateConfig(max_new_tokens=10, temperature=0.0, logit_bias={free.token_ids[0]: 5.0},
+                             bad_words=[free.text[2:4]])),
+        ("q", GenerateConfig(max_new_tokens=10, seed=8, epsilon_cutoff=0.01, logit_bias={free.token_ids[0]: -5.0})),
     ]
 
     def rows_of(prompt, config):
@@ -489,3 +526,29 @@ def test_presence_and_frequency_penalties_follow_openais_formula_over_the_genera
         GenerateConfig(num_beams=2, presence_penalty=0.5)
     with pytest.raises(ConfigError, match="frequency_penalty=3.0 is invalid"):
         GenerateConfig(frequency_penalty=3.0)
+
+
+def test_a_bad_word_is_banned_at_the_start_of_the_text_and_after_a_space():
+    """With BPE, "the" inside a text is another token (" the") than at its start: both are banned, as vLLM does."""
+    from lmforge.generate import with_bad_words
+    from lmforge.tokenizer import train_bpe
+
+    bpe = train_bpe(["the cat and the dog, then the end. " * 50], vocab_size=300)
+    assert bpe.encode("the") != bpe.encode(" the")[1:]  # one word, two token sequences
+    config = with_bad_words(GenerateConfig(bad_words=["the", " cat"], bad_words_ids=[[7]]), bpe)
+    assert config.bad_words is None
+    assert config.bad_words_ids == [[7], bpe.encode("the"), bpe.encode(" the"), bpe.encode("cat"), bpe.encode(" cat")]
+    m = model(vocab_size=bpe.vocab_size, block_size=64)
+    pushed = {seq[-1]: 8.0 for seq in config.bad_words_ids[1:]}  # the model would pick them: the bans must win
+    gen = TextGenerator(m, bpe)
+    for text in ("the", "and", "dog,"):
+        prompt = prompt_ids(bpe, text)
+        free = gen.complete([text], max_new_tokens=30, seed=1, logit_bias=pushed)[0][0].token_ids
+        new = gen.complete([text], max_new_tokens=30, seed=1, logit_bias=pushed, bad_words=["the", "cat"])[0][0]
+        ids = prompt + new.token_ids
+
+        def found(seq, ids):  # an occurrence that ends in the generated tokens
+            return any(ids[i:i + len(seq)] == seq for i in range(len(ids)) if i + len(seq) > len(prompt))
+
+        assert any(found(seq, prompt + free) for seq in config.bad_words_ids[1:])
+        assert not any(found(seq, ids) for seq in config.bad_words_ids[1:])

@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmforge.config import ModelConfig  # noqa: E402
-from lmforge.generate import GenerateConfig, beam_search, generate_batch_ids  # noqa: E402
+from lmforge.generate import GenerateConfig, beam_search, filter_logits, generate_batch_ids  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 from sharp_attention import MAX_ENTROPY, attention_entropy, sharpen  # noqa: E402
@@ -44,13 +44,15 @@ def soft_pair():
 
 
 def hf_generate(theirs, prompts, eos, new, **kwargs) -> list[list[list[int]]]:
-    """HF's new tokens per prompt and returned sequence, cut before eos (as lmforge returns them)."""
+    """HF's new tokens per prompt and returned sequence, cut before the first eos (an id or a list of ids), as
+    lmforge returns them."""
+    ends = eos if isinstance(eos, list) else [] if eos is None else [eos]
     ids = torch.tensor(prompts)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                              eos_token_id=eos, pad_token_id=0 if eos is None else eos, **kwargs)
-    rows = [r[:r.index(eos)] if eos in r else r for r in out[:, ids.size(1):].tolist()]
+                              eos_token_id=eos, pad_token_id=ends[0] if ends else 0, **kwargs)
+    rows = [r[:min([r.index(e) for e in ends if e in r], default=len(r))] for r in out[:, ids.size(1):].tolist()]
     per_prompt = len(rows) // len(prompts)
     return [rows[i * per_prompt:(i + 1) * per_prompt] for i in range(len(prompts))]
 
@@ -113,3 +115,114 @@ def test_speculative_greedy_equals_hf_assisted_generation(soft_pair):
         assert hf_generate(theirs, [prompt], None, 30, prompt_lookup_num_tokens=4)[0] == want
         assert generate_batch_ids(ours, [prompt], greedy=True, max_new_tokens=30, assistant_model=small)[0] == want
         assert generate_batch_ids(ours, [prompt], greedy=True, max_new_tokens=30, prompt_lookup_num_tokens=4)[0] == want
+
+
+# ------------------------------------------------------------------ constraints: Hugging Face's logits processors
+@pytest.mark.parametrize("minimum", [2, 6])
+def test_min_new_tokens_equals_hf_and_holds_back_every_end_id(soft_pair, minimum):
+    """Two end ids (the end token and a stop token id): neither ends a sequence before min_new_tokens, greedy and
+    with beams, as Hugging Face's MinNewTokensLengthLogitsProcessor."""
+    ours, theirs = soft_pair
+    options = dict(end_id=20, stop_token_ids=[16], max_new_tokens=12)
+    plain = generate_batch_ids(ours, PROMPTS, temperature=0.0, **options)
+    assert any(len(rows[0]) < minimum for rows in plain)  # without it, an end id came earlier
+    got = generate_batch_ids(ours, PROMPTS, temperature=0.0, min_new_tokens=minimum, **options)
+    assert got == hf_generate(theirs, PROMPTS, [20, 16], 12, min_new_tokens=minimum)
+    assert all(len(rows[0]) >= minimum for rows in got)
+    beam = dict(num_beams=3, num_return_sequences=3, length_penalty=0.0, early_stopping=True)  # short ones win
+    assert any(len(row) < minimum for rows in generate_batch_ids(ours, PROMPTS, **beam, **options) for row in rows)
+    beams = generate_batch_ids(ours, PROMPTS, min_new_tokens=minimum, **beam, **options)
+    assert beams == hf_generate(theirs, PROMPTS, [20, 16], 12, min_new_tokens=minimum, **beam)
+    assert all(len(row) >= minimum for rows in beams for row in rows)
+
+
+def test_bad_words_ids_equal_hf_and_never_appear(soft_pair):
+    """Banned sequences of one, two and three tokens, each taken from the unconstrained greedy output."""
+    ours, theirs = soft_pair
+    plain = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20)
+    bad = [[plain[0][0][0]], plain[1][0][4:7], plain[2][0][:2]]
+    got = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20, bad_words_ids=bad)
+    assert got == hf_generate(theirs, PROMPTS, None, 20, bad_words_ids=bad)
+    assert all(g != p for g, p in zip(got, plain))  # every prompt's output met a ban
+    for prompt, rows in zip(PROMPTS, got):
+        text = prompt + rows[0]
+        assert not any(text[i:i + len(b)] == b for b in bad for i in range(len(text)))
+    beams = generate_batch_ids(ours, PROMPTS, end_id=3, num_beams=3, max_new_tokens=15, bad_words_ids=bad)
+    assert beams == hf_generate(theirs, PROMPTS, 3, 15, num_beams=3, bad_words_ids=bad)
+
+
+def test_logit_bias_equals_hf_sequence_bias_of_single_tokens(soft_pair):
+    ours, theirs = soft_pair
+    plain = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20)
+    bias = {plain[0][0][0]: -100.0, plain[1][0][0]: -2.5, 7: 4.0}
+    got = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20, logit_bias=bias)
+    sequence_bias = [[[t], b] for t, b in bias.items()]
+    assert got == hf_generate(theirs, PROMPTS, None, 20, sequence_bias=sequence_bias)
+    assert got != plain and plain[0][0][0] not in got[0][0]
+    both = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20, logit_bias=bias,
+                              repetition_penalty=1.4)  # the bias comes first: the penalty reads the biased sign
+    assert both == hf_generate(theirs, PROMPTS, None, 20, sequence_bias=sequence_bias, repetition_penalty=1.4)
+    beams = generate_batch_ids(ours, PROMPTS, end_id=3, num_beams=3, max_new_tokens=15, logit_bias=bias,
+                               repetition_penalty=1.4)
+    assert beams == hf_generate(theirs, PROMPTS, 3, 15, num_beams=3, sequence_bias=sequence_bias,
+                                repetition_penalty=1.4)
+
+
+def test_sampling_filters_equal_hf_warpers_alone_and_in_hfs_order():
+    """typical_p, epsilon_cutoff and eta_cutoff remove exactly the tokens Hugging Face's warpers remove, on logits
+    some earlier filter already cut (-inf) and on raw ones; all filters together, in its order."""
+    from transformers.generation import logits_process as lp
+
+    from lmforge.generate.processors import sampling_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, 60) * torch.linspace(0.5, 4.0, 8)[:, None]  # flat to peaked rows
+    logits[:2, :20] = -torch.inf
+    cases = [(dict(typical_p=p), lp.TypicalLogitsWarper(p)) for p in (0.2, 0.5, 0.9, 0.99)]
+    cases += [(dict(epsilon=e), lp.EpsilonLogitsWarper(e)) for e in (3e-4, 0.01, 0.05, 0.3)]  # 0.3: all
+    cases += [(dict(eta=e), lp.EtaLogitsWarper(e)) for e in (3e-4, 0.01, 0.05)]
+    for kwargs, warper in cases:
+        kept = torch.isfinite(filter_logits(logits, **kwargs))
+        assert torch.equal(kept, torch.isfinite(warper(None, logits.clone()))), kwargs
+        assert kept.sum(-1).min() >= 1 and (kept.sum(-1) < torch.isfinite(logits).sum(-1)).any(), kwargs  # it cut
+    config = GenerateConfig(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, typical_p=0.9, epsilon_cutoff=0.003,
+                            eta_cutoff=0.002)
+    chain = [lp.TemperatureLogitsWarper(0.8), lp.TopKLogitsWarper(40), lp.TopPLogitsWarper(0.95),
+             lp.MinPLogitsWarper(0.02), lp.TypicalLogitsWarper(0.9), lp.EpsilonLogitsWarper(0.003),
+             lp.EtaLogitsWarper(0.002)]
+    theirs = logits.clone()
+    for warper in chain:
+        theirs = warper(None, theirs)
+    ours = sampling_logits(logits, config)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    assert torch.allclose(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
+
+
+@pytest.mark.parametrize("new", [2, 5])
+def test_process_scores_equals_hfs_processors_in_their_order(new):
+    """Every constraint at once on random scores and histories: the values HF's processor list gives, in its order
+    (bias, repetition penalty, n-gram ban, bad words, min_new_tokens)."""
+    from transformers.generation import logits_process as lp
+
+    from lmforge.generate import process_scores
+
+    torch.manual_seed(1)
+    B, V, L = 6, 30, 9
+    tokens = torch.randint(0, 12, (B, L))  # small ids: repeats, n-grams and bad-word prefixes happen
+    scores = torch.randn(B, V) * 3
+    bias = {1: 2.5, 2: -4.0, 5: 6.0, 11: -1.0}
+    bad = [[3], [4, 6], [tokens[0, -2].item(), tokens[0, -1].item(), 8]]
+    config = GenerateConfig(logit_bias=bias, repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=bad,
+                            min_new_tokens=4, temperature=0.0)
+    generated = [tokens[b, L - new:].tolist() for b in range(B)]
+    ours = process_scores(scores, tokens, None, config, generated, [0, 7])
+    chain = [lp.SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()]),
+             lp.RepetitionPenaltyLogitsProcessor(1.3), lp.NoRepeatNGramLogitsProcessor(2),
+             lp.NoBadWordsLogitsProcessor(bad, eos_token_id=None),
+             lp.MinNewTokensLengthLogitsProcessor(L - new, 4, [0, 7])]
+    theirs = scores.clone()
+    for processor in chain:
+        theirs = processor(tokens, theirs)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.allclose(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
+    assert torch.isinf(ours[:, [0, 7]]).all() == (new < 4)  # the end ids are banned only before min_new_tokens

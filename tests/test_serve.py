@@ -149,6 +149,29 @@ def test_openai_fields_at_their_neutral_values_and_vllm_extras_are_accepted(clie
                                                                presence_penalty=1.5, frequency_penalty=0.5)
 
 
+def test_openai_logit_bias_and_vllm_min_tokens_bad_words_typical_p_give_the_python_apis_text(client, run_dir):
+    generator = load(str(run_dir), device="cpu")
+    free = generator.complete(["ab"], max_new_tokens=30, greedy=True)[0][0]
+    first, word = free.token_ids[0], free.text[4:6]
+    options = dict(logit_bias={first: -100.0}, min_new_tokens=25, bad_words=[word])
+    want = generator.generate("ab", max_new_tokens=30, greedy=True, **options)
+    body = dict(prompt="ab", max_tokens=30, temperature=0, logit_bias={str(first): -100}, min_tokens=25,
+                bad_words=[word])
+    got = complete(client, **body)["choices"][0]
+    assert got["text"] == want != free.text and word not in got["text"] and not got["text"].startswith(free.text[0])
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "ab"}],
+                                                     **{k: v for k, v in body.items() if k != "prompt"}})
+    assert chat.status_code == 200, chat.text
+    stop = next(c for c in free.text if c != "\ufffd")  # an early stop string counts only past min_tokens
+    early = complete(client, prompt="ab", max_tokens=30, temperature=0, stop=[stop])["choices"][0]["text"]
+    held = complete(client, prompt="ab", max_tokens=30, temperature=0, stop=[stop], min_tokens=20)["choices"][0]
+    assert len(held["text"]) > len(early) and held["text"] == generator.generate(
+        "ab", max_new_tokens=30, greedy=True, stop_strings=[stop], min_new_tokens=20)
+    sampled = complete(client, prompt="ab", max_tokens=30, seed=4, typical_p=0.7, logit_bias={str(first): 3})
+    assert sampled["choices"][0]["text"] == generator.generate("ab", max_new_tokens=30, seed=4, typical_p=0.7,
+                                                               logit_bias={first: 3.0})
+
+
 def test_prompt_list_and_n_give_one_choice_per_prompt_and_sample(client):
     out = complete(client, prompt=["ab", "xyz"], max_tokens=5, n=2, temperature=0)
     assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
@@ -226,6 +249,14 @@ BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the messa
     ("penalty-underflows", {"prompt": "x", "repetition_penalty": 1e-300}, 422, "repetition_penalty=1e-300"),
     ("presence-penalty-over-2", {"prompt": "x", "presence_penalty": 2.5}, 422, "presence_penalty=2.5 is invalid"),
     ("frequency-penalty-under-2", {"prompt": "x", "frequency_penalty": -3}, 422, "frequency_penalty=-3"),
+    ("logit-bias-key-not-an-id", {"prompt": "x", "logit_bias": {"abc": 1}}, 422, "logit_bias has the key 'abc'"),
+    ("logit-bias-over-100", {"prompt": "x", "logit_bias": {"5": 101}}, 422, "logit_bias[5]=101"),
+    ("logit-bias-outside-vocab", {"prompt": "x", "logit_bias": {"100000": 1}}, 422, "token id 100000, outside"),
+    ("min-tokens-negative", {"prompt": "x", "min_tokens": -1}, 422, "min_tokens"),
+    ("too-many-bad-words", {"prompt": "x", "bad_words": ["a"] * 17}, 422, "17 bad words"),
+    ("bad-word-too-long", {"prompt": "x", "bad_words": ["w" * 65]}, 422, "more than 64 characters"),
+    ("empty-bad-word", {"prompt": "x", "bad_words": [""]}, 422, "bad_words=['']"),
+    ("typical-p-zero", {"prompt": "x", "typical_p": 0}, 422, "typical_p=0"),
     ("token-id-outside-vocab", {"prompt": [3, 100_000]}, 422, "token id 100000 is outside"),
     ("token-ids-empty", {"prompt": [[1], []]}, 422, "token ids is empty"),
     ("token-id-negative", {"prompt": [[-1]]}, 422, "token id -1"),

@@ -75,9 +75,15 @@ def speculated(model, prompt, config, assistant=None):
     return rows[0].tokens, rows[0].drafted, rows[0].accepted
 
 
+B = 3  # byte ids start after the 3 special tokens
+CONSTRAINTS = {"logit_bias": {ord("e") + B: -3.0, ord("s") + B: 2.0}, "bad_words_ids": [[ord("t") + B, ord("h") + B]],
+               "min_new_tokens": 20, "stop_token_ids": [ord(" ") + B]}
+
+
 @pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
 @pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 3},
-                                     {"presence_penalty": 0.8, "frequency_penalty": 0.4}])
+                                     {"presence_penalty": 0.8, "frequency_penalty": 0.4}, CONSTRAINTS],
+                         ids=["plain", "repetition", "ngram", "occurrence", "constraints"])
 def test_greedy_speculation_gives_plain_greedy_tokens_past_the_window(pos_encoding, options, draft):
     model = trained(2, 48, 150, seed=0, pos_encoding=pos_encoding)
     small = trained(1, 16, 60, seed=1, pos_encoding=pos_encoding)
@@ -98,10 +104,10 @@ def test_greedy_speculation_gives_plain_greedy_tokens_past_the_window(pos_encodi
 
 
 @pytest.mark.parametrize("options", [{}, {"presence_penalty": 1.2, "frequency_penalty": 0.6,
-                                          "repetition_penalty": 1.3}])
+                                          "repetition_penalty": 1.3}, CONSTRAINTS])
 def test_the_model_as_its_own_draft_keeps_every_guess(target, options):
-    """The draft scores its guesses with the row's penalties (the presence and frequency ones over the generated
-    tokens), as the check does: the model drafting for itself has every guess kept."""
+    """The draft scores its guesses with the row's penalties and bans (those over the generated tokens and the
+    early end included), as the check does: the model drafting for itself has every guess kept."""
     config = GenerateConfig(greedy=True, max_new_tokens=60, num_assistant_tokens=5, **options)
     got, drafted, accepted = speculated(target, ids("the king"), config, target)
     assert got == generate_batch_ids(target, [ids("the king")], greedy=True, max_new_tokens=60, **options)[0][0]
@@ -110,7 +116,9 @@ def test_the_model_as_its_own_draft_keeps_every_guess(target, options):
 
 @pytest.mark.parametrize("options", [{"stop_strings": ["."]}, {"stop_strings": ["king", "dog"]},
                                      {"stop_token_ids": [ord(" ") + 3]}, {"max_new_tokens": 3},
-                                     {"max_new_tokens": 1}, {"max_length": 40}])
+                                     {"max_new_tokens": 1}, {"max_length": 40},
+                                     {"stop_strings": ["."], "min_new_tokens": 25},
+                                     {"stop_token_ids": [ord(" ") + 3], "min_new_tokens": 9}])
 def test_stop_rules_and_budgets_end_sequences_as_plain_decoding_does(target, draft, options):
     base = {"greedy": True, "max_new_tokens": 50, **options}
     # each prompt alone: a padded batch slides its window when its longest row fills it, speculation row by row

@@ -82,7 +82,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, section: st
                                                    {int: "N", float: "X"}.get(base, "TEXT"))
         if base is bool:
             parser.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif typing.get_origin(base) is list:
+        elif typing.get_origin(base) in (list, dict):
             parser.add_argument(*flags, dest=dest, action="append", metavar=metavar, help=help_text + " (repeatable)")
         else:
             parser.add_argument(*flags, dest=dest, metavar=metavar, help=help_text)
@@ -435,7 +435,8 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no-progress", action="store_true",
                    help="hide the progress bar (drawn on stderr, and only when it is a terminal)")
-    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
+    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID", "logit_bias": "ID:BIAS",
+                                                                  "bad_words_ids": "IDS", "bad_words": "TEXT"},
                          aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
     p.add_argument("--assistant-model", metavar="RUN_OR_CHECKPOINT_DIR",
                    help="text-to-text task data: a smaller model with the same tokenizer drafts the predictions' "
@@ -519,7 +520,8 @@ def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     the device and an assistant (draft) model."""
     from lmforge.generate.config import GenerateConfig
 
-    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID"},
+    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID", "logit_bias": "ID:BIAS",
+                                                                  "bad_words_ids": "IDS", "bad_words": "TEXT"},
                          aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
     _add_weight_arguments(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

@@ -67,12 +67,15 @@ def doc(text: str, default: Any = dataclasses.MISSING, *, ge: Optional[float] = 
 
 class _Shape(typing.NamedTuple):
     """A field's type taken apart: Optional[list[Union[bool, Literal["never"]]]] -> kinds (bool,),
-    choices ("never",), optional, is_list."""
+    choices ("never",), optional, is_list. list[list[int]] is a list (is_list) of lists (nested) of ints;
+    dict[int, float] maps keys of kind `keys` to floats."""
 
     kinds: tuple[Any, ...]  # bool, int, float, str or another class (a nested section)
     choices: tuple[Any, ...]  # the values of its Literal[...] part
     optional: bool  # None is allowed
     is_list: bool  # a list (or tuple) of such items
+    nested: bool = False  # a list of non-empty lists of such items
+    keys: Any = None  # a dict: the kind of its keys (its values are the items)
 
 
 def _shape(hint: Any) -> _Shape:
@@ -82,12 +85,18 @@ def _shape(hint: Any) -> _Shape:
     items = parts(hint)
     optional = type(None) in items
     items = [h for h in items if h is not type(None)]
-    is_list = len(items) == 1 and typing.get_origin(items[0]) is list
+    origin = typing.get_origin(items[0]) if len(items) == 1 else None
+    is_list, nested, keys = origin is list, False, None
     if is_list:
-        items = parts(typing.get_args(items[0])[0])
+        inner = typing.get_args(items[0])[0]
+        nested = typing.get_origin(inner) is list
+        items = parts(typing.get_args(inner)[0] if nested else inner)
+    elif origin is dict:
+        keys, inner = typing.get_args(items[0])
+        items = parts(inner)
     literal = [h for h in items if typing.get_origin(h) is typing.Literal]
     choices = tuple(c for h in literal for c in typing.get_args(h))
-    return _Shape(tuple(h for h in items if h not in literal), choices, optional, is_list)
+    return _Shape(tuple(h for h in items if h not in literal), choices, optional, is_list, nested, keys)
 
 
 class _Declared(typing.NamedTuple):
@@ -138,7 +147,11 @@ def _is_choice(value: Any, choices: tuple[Any, ...]) -> bool:
 
 def _type_name(shape: _Shape) -> str:
     names = " | ".join([getattr(k, "__name__", str(k)) for k in shape.kinds] + [repr(c) for c in shape.choices])
-    return (f"list[{names}]" if shape.is_list else names) + (" or null" if shape.optional else "")
+    if shape.keys is not None:
+        names = f"dict[{shape.keys.__name__}, {names}]"
+    elif shape.is_list:
+        names = f"list[list[{names}]]" if shape.nested else f"list[{names}]"
+    return names + (" or null" if shape.optional else "")
 
 
 def _within(x: float, r: _Rules) -> bool:
@@ -179,7 +192,7 @@ def _allowed(shape: _Shape, r: _Rules) -> str:
         text = f"{a} {noun} {'>=' if lo[1] else '>'} {_number(lo[0])}"
     else:
         text = f"{a} {noun} {'<=' if hi[1] else '<'} {_number(hi[0])}"  # type: ignore[index]
-    return text + (" or null" if shape.optional and not shape.is_list else "")
+    return text + (" or null" if shape.optional and not shape.is_list and shape.keys is None else "")
 
 
 def _invalid(name: str, value: Any, allowed: str) -> ConfigError:
@@ -210,16 +223,30 @@ def validate(config: Any, section: str) -> None:
     after its call to validate.
     """
     for name, declared in _declarations(type(config)).items():
-        value, shape = getattr(config, name), declared.shape
+        value, shape, rules = getattr(config, name), declared.shape, declared.rules
         if value is None and shape.optional:
             continue
-        if shape.is_list and isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                _check_item(f"{section}.{name}[{i}]", item, shape, declared.rules)
-        elif shape.is_list:
-            raise ConfigError(f"{section}.{name}={value!r} has the wrong type: expected {_type_name(shape)}")
+        item = shape._replace(optional=False, is_list=False, nested=False, keys=None)
+        if shape.keys is not None and isinstance(value, dict):
+            for key, v in value.items():
+                if not _is(key, shape.keys):
+                    raise ConfigError(f"{section}.{name} has the key {key!r}: expected {shape.keys.__name__} keys")
+                _check_item(f"{section}.{name}[{key!r}]", v, item, rules)
+        elif shape.is_list and isinstance(value, (list, tuple)):
+            for i, entry in enumerate(value):
+                if not shape.nested:
+                    _check_item(f"{section}.{name}[{i}]", entry, shape, rules)
+                elif not isinstance(entry, (list, tuple)) or not entry:
+                    raise ConfigError(f"{section}.{name}[{i}]={entry!r} has the wrong type: expected a non-empty "
+                                      f"{_type_name(item._replace(is_list=True))}")
+                else:
+                    for j, x in enumerate(entry):
+                        _check_item(f"{section}.{name}[{i}][{j}]", x, item, rules)
+        elif shape.is_list or shape.keys is not None:
+            text = " (as text: KEY:VALUE pairs, comma-separated)" if shape.keys is not None else ""
+            raise ConfigError(f"{section}.{name}={value!r} has the wrong type: expected {_type_name(shape)}{text}")
         else:
-            _check_item(f"{section}.{name}", value, shape, declared.rules)
+            _check_item(f"{section}.{name}", value, shape, rules)
 
 
 def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -581,15 +608,37 @@ def _coerce(value: Any, shape: _Shape) -> Any:
     """
     if shape.optional and (value is None or (isinstance(value, str) and value.lower() in ("null", "none"))):
         return None
+    if shape.keys is not None:
+        return _coerce_mapping(value, shape)
     if not shape.is_list:
         return _coerce_item(value, shape)
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)):
         return value
+    if shape.nested:  # each text is one list: "5,6" or "5 6"
+        return [[_coerce_item(x, shape) for x in (re.split(r"[\s,]+", v.strip()) if isinstance(v, str) else v)]
+                if isinstance(v, (str, list, tuple)) else v for v in value]
     if str not in shape.kinds:  # "1,2" or a repeated flag, either way
         value = [part for v in value for part in (v.split(",") if isinstance(v, str) else [v])]
     return [_coerce_item(v, shape) for v in value]
+
+
+def _coerce_mapping(value: Any, shape: _Shape) -> Any:
+    """A dict field from a mapping (a JSON file's keys are text: "50256" becomes 50256), or from texts KEY:VALUE,
+    separated by commas or given by repeated flags ("50256:-100,13:5"). Text that is not KEY:VALUE comes back as
+    given, for validate to refuse."""
+    key_shape = shape._replace(kinds=(shape.keys,), choices=())
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        pairs = [part.rpartition(":") for v in value for part in v.split(",") if part.strip()]
+        if not pairs or any(not sep or not k.strip() for k, sep, _ in pairs):
+            return value
+        value = {k.strip(): v.strip() for k, _, v in pairs}
+    if not isinstance(value, dict):
+        return value
+    return {_coerce_item(k, key_shape): _coerce_item(v, shape) for k, v in value.items()}
 
 
 def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
@@ -620,8 +669,9 @@ def check_value(dotted: str, value: Any) -> tuple[Any, bool]:
         raise ConfigError(f"unknown config key {dotted}{_closest(name, declared)}")
     shape, rules = declared[name].shape, declared[name].rules
     value = _coerce(value, shape)
-    if shape.is_list:
-        raise ConfigError(f"{dotted} holds a list; give single values (a sweep chooses numbers and names)")
+    if shape.is_list or shape.keys is not None:
+        raise ConfigError(f"{dotted} holds a {'list' if shape.is_list else 'mapping'}; give single values (a sweep "
+                          "chooses numbers and names)")
     if not (value is None and shape.optional):
         _check_item(dotted, value, shape, rules)
     return value, int in shape.kinds and float not in shape.kinds

@@ -3,7 +3,8 @@
     config      GenerateConfig: every option, checked once
     rows        the state of a decode: the batch's tokens and cache (Sequences), each row's settings and
                 progress (Row: budget, end ids, stop strings, generator), the rule that ends a row
-    processors  penalties, n-gram ban, temperature, top-k / top-p / min-p, the pick of a token
+    processors  logit bias, penalties, bans (n-grams, bad words, an early end), temperature, the filters (top-k,
+                top-p, min-p, typical, epsilon, eta), the pick of a token
     decode      the one loop: rows with their own settings in one batch, per-row Events out
     compiled    the decoding step compiled ahead of time (AOTInductor), once for every length
     beam        beam search (num_beams > 1), as Hugging Face's
@@ -46,10 +47,11 @@ _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can re
     "apply_compile": "compiled",
     "banned_ngram_tokens": "processors", "filter_logits": "processors", "next_token": "processors",
     "process_scores": "processors", "repetition_penalty": "processors", "token_logprobs": "processors",
-    "occurrence_penalties": "processors",
+    "occurrence_penalties": "processors", "bad_word_tokens": "processors", "bias_logits": "processors",
+    "sampling_logits": "processors",
     "DTYPES": "quantize", "Int8Linear": "quantize", "apply_inference_dtype": "quantize",
     "Event": "rows", "Logprobs": "rows", "Row": "rows", "Sequences": "rows", "StopText": "rows", "make_rows": "rows",
-    "row_generators": "rows",
+    "row_generators": "rows", "with_bad_words": "rows",
     "DraftModel": "speculative", "PromptLookup": "speculative", "speculative_rows": "speculative",
     "ChatSession": "chat",
 }

@@ -84,7 +84,7 @@ def generate_batch_ids(model: GPT, prompts: Sequence[Sequence[int]], config: Opt
     if not prompts:
         return []
     if config.num_beams > 1:
-        return beam_search(model, prompts, config, config.end_ids(end_id))
+        return beam_search(model, prompts, config, config.end_ids(end_id), tokenizer)
     rows = make_rows(model, prompts, config, end_id, tokenizer)
     for _ in decode_events(model, rows, config, assistant_model):
         pass
@@ -108,7 +108,7 @@ def complete(model: GPT, tokenizer: Any, prompts: Sequence[str], config: Optiona
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     copies = config.num_return_sequences
     if config.num_beams > 1:
-        beams = beam_search(model, encoded, config, config.end_ids(tokenizer.end_id))
+        beams = beam_search(model, encoded, config, config.end_ids(tokenizer.end_id), tokenizer)
         out = []
         for prompt, hypotheses in zip(encoded, beams):
             n_prompt = min(len(prompt), model.config.block_size)

@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lmforge.generate.config import GenerateConfig
 from lmforge.generate.processors import process_scores
-from lmforge.generate.rows import Sequences, crop_prompt
+from lmforge.generate.rows import Sequences, crop_prompt, with_bad_words
 from lmforge.model import GPT
 
 
 @torch.inference_mode()
 def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConfig,
-                end_ids: Sequence[int] = ()) -> list[list[list[int]]]:
+                end_ids: Sequence[int] = (), tokenizer: Any = None) -> list[list[list[int]]]:
     """The num_return_sequences best of num_beams beams for each prompt: [prompt][rank] -> new token ids
-    (an end id ends a beam and is left out). Hugging Face's beam search, step for step:
+    (an end id ends a beam and is left out; bad_words need the tokenizer). Hugging Face's beam search, step for
+    step:
 
     all num_beams * V continuations of the running beams are scored by their summed log-probabilities
-    (after repetition penalty / n-gram ban); of the best K = max(2, 1 + len(end_ids)) * num_beams, those
-    ending in an end id (or reaching the budget) and ranked within the first num_beams become finished
-    hypotheses, scored sum(log p) / new_tokens ** length_penalty (the best num_beams are kept), and the
-    best num_beams others run on. A prompt is done when num_beams hypotheses are finished and either
-    early_stopping is true or no running beam can still beat the worst of them: its score divided by the
-    current length ** length_penalty (the budget's length with 'never' and length_penalty > 0) is no higher.
+    (after the logit bias, repetition penalty, n-gram and bad-word bans, min_new_tokens); of the best
+    K = max(2, 1 + len(end_ids)) * num_beams, those ending in an end id (or reaching the budget) and ranked
+    within the first num_beams become finished hypotheses, scored sum(log p) / new_tokens ** length_penalty
+    (the best num_beams are kept), and the best num_beams others run on. A prompt is done when num_beams
+    hypotheses are finished and either early_stopping is true or no running beam can still beat the worst of
+    them: its score divided by the current length ** length_penalty (the budget's length with 'never' and
+    length_penalty > 0) is no higher.
     """
+    config = with_bad_words(config, tokenizer)
+    config.check_vocabulary(model.config.vocab_size)
     prompts = [crop_prompt(p, model.config.block_size) for p in prompts]
     budgets = [config.new_tokens(len(p)) for p in prompts]
     nb, P = config.num_beams, len(prompts)
@@ -38,12 +42,13 @@ def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateCo
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(P)]  # (score, tokens), best first
     done = [False] * P
     for step in range(max(budgets)):
-        log_probs = process_scores(F.log_softmax(seqs.next_logits(model).float(), dim=-1), *seqs.so_far(), config)
+        history = seqs.new_tokens().tolist()  # (P*nb, new tokens so far)
+        log_probs = process_scores(F.log_softmax(seqs.next_logits(model).float(), dim=-1), *seqs.so_far(), config,
+                                   history, list(end_ids))
         V = log_probs.size(-1)
         totals = (log_probs + beam_scores.view(-1, 1)).view(P, nb * V)  # every continuation of every beam
         top_scores, top_index = totals.topk(K, dim=-1)  # (P, K), best first
         top_scores, top_index = top_scores.tolist(), top_index.tolist()
-        history = seqs.new_tokens().tolist()  # (P*nb, new tokens so far)
         parents, tokens, scores = [], [], []
         for p in range(P):
             if done[p]:  # keep its beams as they are; their tokens are never read

@@ -19,6 +19,7 @@ Quantize = Literal["int8"]  # weight-only quantization of the Linear layers
 MIN_TEMPERATURE = 0.01
 MIN_TOP_P = 1e-6
 MAX_PENALTY = 100.0
+MAX_BIAS = 100.0  # OpenAI's bound on logit_bias
 
 
 @dataclass
@@ -37,6 +38,14 @@ class GenerateConfig:
                                  "= all.", None, ge=MIN_TOP_P, le=1, noun="probability")
     min_p: Optional[float] = doc("Sample only tokens with probability >= min_p * that of the most likely; null = "
                                  "all.", None, ge=0, le=1, noun="probability")
+    typical_p: Optional[float] = doc("Locally typical sampling (Meister et al. 2023): keep the tokens whose surprise "
+                                     "-log p is closest to the entropy, until they hold this much probability; null "
+                                     "= off.", None, gt=0, le=1, noun="probability")
+    epsilon_cutoff: Optional[float] = doc("Epsilon sampling (Hewitt et al. 2022): drop the tokens of probability "
+                                          "below this; null = off.", None, gt=0, lt=1, noun="probability")
+    eta_cutoff: Optional[float] = doc("Eta sampling (Hewitt et al. 2022): drop the tokens of probability below "
+                                      "min(eta, sqrt(eta) * exp(-entropy)); null = off.", None, gt=0, lt=1,
+                                      noun="probability")
     repetition_penalty: float = doc("Divide positive logits (multiply negative ones) of tokens already in the "
                                     "sequence, prompt included, by this (Keskar et al. 2019); 1 = off.", 1.0,
                                     ge=1 / MAX_PENALTY, le=MAX_PENALTY,
@@ -49,6 +58,19 @@ class GenerateConfig:
     frequency_penalty: float = doc("Subtract this times the number of times a token was generated so far from its "
                                    "score (OpenAI's frequency_penalty); 0 = off, above 0 discourages repeats.", 0.0,
                                    ge=-2, le=2)
+    min_new_tokens: int = doc("No sequence ends before this many new tokens: the end token and stop_token_ids are "
+                              "banned until then, and stop strings only count once they end past it (Hugging Face's "
+                              "min_new_tokens, vLLM's min_tokens); 0 = off.", 0, ge=0)
+    logit_bias: Optional[dict[int, float]] = doc(
+        "Added to the scores of these token ids before anything else, {id: bias} (OpenAI's logit_bias; Hugging Face's "
+        "sequence_bias for single tokens): -100 bans a token in practice, 100 all but forces it. Command line: "
+        "ID:BIAS, comma-separated or repeated.", None, ge=-MAX_BIAS, le=MAX_BIAS)
+    bad_words_ids: Optional[list[list[int]]] = doc(
+        "Token sequences never generated: a sequence's last token is banned wherever the text ends with the rest of "
+        "it; a sequence of one token is never generated (Hugging Face's bad_words_ids). Command line: one sequence "
+        "per flag, its ids separated by commas.", None, ge=0)
+    bad_words: Optional[list[str]] = doc("Texts never generated, each banned as the tokens it encodes to, as written "
+                                         "and after a space (vLLM's bad_words); needs the tokenizer.", None)
     num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.",
                          1, ge=1)
     length_penalty: float = doc("Beam search: a finished beam scores sum(log p) / new_tokens ** length_penalty.",
@@ -77,12 +99,20 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         validate(self, "generate")
+        negative = next((t for t in self.logit_bias or {} if t < 0), None)
+        if negative is not None:
+            raise ConfigError(f"generate.logit_bias has the token id {negative}: token ids are 0 or positive")
+        if self.bad_words is not None and not all(self.bad_words):
+            raise ConfigError(f"generate.bad_words={self.bad_words!r} is invalid: a list of non-empty strings")
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise ConfigError(f"generate.temperature={self.temperature!r} is invalid: 0 (greedy) or a number >= "
                               f"{MIN_TEMPERATURE} (smaller ones overflow the logits)")
         sampling = {"temperature": self.temperature if self.temperature not in (0.0, 1.0) else None,
-                    "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
+                    "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p, "typical_p": self.typical_p,
+                    "epsilon_cutoff": self.epsilon_cutoff, "eta_cutoff": self.eta_cutoff}
         sampling = {k: v for k, v in sampling.items() if v is not None}
         if self.num_beams > 1 and sampling:
             raise ConfigError(f"generate.{next(iter(sampling))}={next(iter(sampling.values()))!r} is a sampling "
@@ -115,10 +145,22 @@ class GenerateConfig:
     @property
     def scoring(self) -> tuple:
         """What turns a row's logits into its next token: rows with equal keys are scored as one group."""
-        penalties = (self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty, self.frequency_penalty)
+        constraints = (self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty,
+                       self.frequency_penalty, self.min_new_tokens, tuple(sorted((self.logit_bias or {}).items())),
+                       tuple(tuple(ids) for ids in self.bad_words_ids or ()))
         if self.is_greedy:
-            return (True, None, None, None, None, *penalties)
-        return (False, self.temperature, self.top_k, self.top_p, self.min_p, *penalties)
+            return (True, None, None, None, None, None, None, None, *constraints)
+        return (False, self.temperature, self.top_k, self.top_p, self.min_p, self.typical_p, self.epsilon_cutoff,
+                self.eta_cutoff, *constraints)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """The token ids logit_bias and bad_words_ids name must be the model's."""
+        ids = [*(self.logit_bias or {}), *(t for seq in self.bad_words_ids or () for t in seq)]
+        bad = next((t for t in ids if t >= vocab_size), None)
+        if bad is not None:
+            field = "logit_bias" if bad in (self.logit_bias or {}) else "bad_words_ids"
+            raise ConfigError(f"generate.{field} names the token id {bad}, outside the vocabulary (0 to "
+                              f"{vocab_size - 1})")
 
     def new_tokens(self, prompt_len: int) -> int:
         """The new-token budget after a prompt of prompt_len tokens: max_length if set, else max_new_tokens."""

@@ -1,8 +1,8 @@
 """The one decoding loop: a batch of rows, each with its own settings, one token per row per step.
 
     prefill the prompts once -> per step: last logits -> each group of rows with equal scoring options
-    (penalties, n-gram ban, temperature / top-k / top-p / min-p, greedy or a draw from the row's own
-    generator) picks its tokens -> every running row takes its token (Row.advance: end id, stop string,
+    (bias, penalties, bans, temperature and the filters, greedy or a draw from the row's own generator) and
+    end ids picks its tokens -> every running row takes its token (Row.advance: end id, stop string,
     budget) and reports an Event -> feed the new column through the cache -> ... until every row ended.
 
 complete, stream, the CLI and the server's engine all read these events; none of them applies a stop
@@ -27,10 +27,11 @@ class Scoring:
     def __init__(self, rows: Sequence[Row], device: torch.device) -> None:
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
-            groups.setdefault(row.config.scoring, []).append(i)
+            groups.setdefault((row.config.scoring, row.end_ids), []).append(i)
         self.groups = [(rows[index[0]].config, torch.tensor(index, device=device),
                         [rows[i].generator for i in index]) for index in groups.values()]
         self.generated = [[rows[i].tokens for i in index] for index in groups.values()]  # live lists, per group
+        self.end_ids = [sorted(end_ids) for _, end_ids in groups]
         self.whole = len(self.groups) == 1  # one group: no gather / scatter
         self.processed = any(penalizes(c) for c, _, _ in self.groups)
 
@@ -39,14 +40,16 @@ class Scoring:
         tokens, real = seqs.so_far() if self.processed else (None, None)
         if self.whole:
             config, _, generators = self.groups[0]
-            scores = process_scores(logits, tokens, real, config, self.generated[0]) if self.processed else logits
+            scores = process_scores(logits, tokens, real, config, self.generated[0], self.end_ids[0]) \
+                if self.processed else logits
             return next_token(scores, config, None if config.is_greedy else generators)
         out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
-        for (config, index, generators), generated in zip(self.groups, self.generated):
+        for (config, index, generators), generated, end_ids in zip(self.groups, self.generated, self.end_ids):
             scores = logits.index_select(0, index)
             if self.processed:
                 scores = process_scores(scores, tokens.index_select(0, index),
-                                        None if real is None else real.index_select(0, index), config, generated)
+                                        None if real is None else real.index_select(0, index), config, generated,
+                                        end_ids)
             out.index_copy_(0, index, next_token(scores, config, None if config.is_greedy else generators))
         return out
 

@@ -1,4 +1,5 @@
-"""From a row's last logits to its next token: penalties, n-gram ban, temperature, top-k / top-p / min-p, a pick.
+"""From a row's last logits to its next token: logit bias, penalties, bans (n-grams, bad words, an end before
+min_new_tokens), temperature, the filters (top-k / top-p / min-p / typical / epsilon / eta), a pick.
 
 Each function works on a batch of rows (B, V) that share one GenerateConfig's scoring options; the
 decoding loop groups rows by those options (GenerateConfig.scoring), so rows with different settings
@@ -57,33 +58,81 @@ def occurrence_penalties(scores: torch.Tensor, generated: Sequence[Sequence[int]
     return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
 
 
+def bias_logits(scores: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """Scores (B, V) with bias[t] added to every row's score of token t (OpenAI's logit_bias)."""
+    ids = torch.tensor(list(bias), device=scores.device)
+    values = torch.tensor(list(bias.values()), dtype=scores.dtype, device=scores.device)
+    return scores.index_add(1, ids, values.expand(scores.size(0), -1))
+
+
+def bad_word_tokens(tokens: torch.Tensor, real: Optional[torch.Tensor], sequences: Sequence[Sequence[int]],
+                    vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: the tokens that would complete one of `sequences` in each row of tokens (B, L), the last token
+    of every sequence whose other tokens end the row (those of one token: always). real (B, L) marks real tokens
+    (None = all); a match touching a pad does not count."""
+    B, L = tokens.shape
+    banned = torch.zeros(B, vocab_size, dtype=torch.bool, device=tokens.device)
+    for *prefix, last in sequences:
+        n = len(prefix)
+        if n == 0:
+            banned[:, last] = True
+        elif n <= L:
+            match = (tokens[:, L - n:] == torch.tensor(prefix, device=tokens.device)).all(dim=-1)  # (B,)
+            if real is not None:
+                match &= real[:, L - n:].all(dim=-1)
+            banned[:, last] |= match
+    return banned
+
+
+def early_end_tokens(scores: torch.Tensor, generated: Sequence[Sequence[int]], minimum: int,
+                     end_ids: Sequence[int]) -> torch.Tensor:
+    """(B, V) bool: the end ids, in the rows that generated fewer than `minimum` tokens so far (min_new_tokens)."""
+    banned = torch.zeros_like(scores, dtype=torch.bool)
+    short = torch.tensor([len(ids) < minimum for ids in generated], device=scores.device)
+    banned[:, list(end_ids)] = short[:, None]
+    return banned
+
+
 def penalizes(config: GenerateConfig) -> bool:
     """Whether process_scores changes anything for rows of `config`."""
     return (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size > 0 or config.presence_penalty != 0.0
-            or config.frequency_penalty != 0.0)
+            or config.frequency_penalty != 0.0 or config.min_new_tokens > 0 or bool(config.logit_bias)
+            or bool(config.bad_words_ids))
 
 
 def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[torch.Tensor],
-                   config: GenerateConfig, generated: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
-    """Scores (B, V) after the repetition penalty and the no-repeat n-gram ban (Hugging Face's logits
-    processors of the same names) over each row's tokens so far (B, L) (real: (B, L) or None), then the presence
-    and frequency penalties over each row's generated tokens (`generated`: B lists; None = those penalties off);
-    temperature and the filters come later, in next_token."""
+                   config: GenerateConfig, generated: Optional[Sequence[Sequence[int]]] = None,
+                   end_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Scores (B, V) after, in Hugging Face's order, the logit bias, the repetition penalty and the no-repeat
+    n-gram ban over each row's tokens so far (B, L) (real: (B, L) or None), the bad words, and the ban of the end
+    ids (`end_ids`) in rows with fewer than min_new_tokens generated tokens; then the presence and frequency
+    penalties over each row's generated tokens (`generated`: B lists; None = those penalties and min_new_tokens
+    off). Temperature and the filters come later, in next_token."""
+    if config.logit_bias:
+        scores = bias_logits(scores, config.logit_bias)
     if config.repetition_penalty != 1.0:
         scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), config.repetition_penalty)
     if config.no_repeat_ngram_size > 0:
         banned = banned_ngram_tokens(tokens, real, config.no_repeat_ngram_size, scores.size(-1))
         scores = scores.masked_fill(banned, -torch.inf)
+    if config.bad_words_ids:
+        scores = scores.masked_fill(bad_word_tokens(tokens, real, config.bad_words_ids, scores.size(-1)), -torch.inf)
+    if config.min_new_tokens > 0 and generated is not None and end_ids:
+        scores = scores.masked_fill(early_end_tokens(scores, generated, config.min_new_tokens, end_ids), -torch.inf)
     if generated is not None and (config.presence_penalty != 0.0 or config.frequency_penalty != 0.0):
         scores = occurrence_penalties(scores, generated, config.presence_penalty, config.frequency_penalty)
     return scores
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                  min_p: Optional[float] = None) -> torch.Tensor:
+                  min_p: Optional[float] = None, typical_p: Optional[float] = None,
+                  epsilon: Optional[float] = None, eta: Optional[float] = None) -> torch.Tensor:
     """Set to -inf every logit (B, V) outside the top k, then outside the nucleus of mass top_p
     (Holtzman et al. 2020: the smallest most-likely set whose probability reaches top_p), then below
-    min_p times the top probability (Nguyen et al. 2024). The most likely token always survives."""
+    min_p times the top probability (Nguyen et al. 2024), then outside the typical set of mass typical_p (Meister
+    et al. 2023: tokens taken in order of |-log p - entropy| until their probability reaches typical_p), then of
+    probability below epsilon, then below min(eta, sqrt(eta) * exp(-entropy)) (Hewitt et al. 2022): Hugging
+    Face's warpers, in its order. A token always survives: the most likely one (the most typical for typical_p)."""
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -torch.inf)
@@ -95,7 +144,32 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     if min_p is not None and min_p > 0.0:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, -torch.inf)
+    if typical_p is not None and typical_p < 1.0:
+        logp = logits.log_softmax(dim=-1)
+        entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)  # (B, 1); a -inf logit adds nothing
+        order = (-logp - entropy).abs().sort(dim=-1).indices  # most typical first; -inf logits last
+        probs = logp.exp().gather(-1, order)
+        outside = probs.cumsum(dim=-1) - probs >= typical_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), -torch.inf)
+    if epsilon is not None:
+        logits = _below(logits, epsilon)
+    if eta is not None:
+        logp = logits.log_softmax(dim=-1)
+        entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
+        logits = _below(logits, (eta ** 0.5 * torch.exp(-entropy)).clamp(max=eta))
     return logits
+
+
+def _below(logits: torch.Tensor, cutoff: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Logits (B, V) with those of probability below `cutoff` (a number or (B, 1)) set to -inf, but the top one."""
+    drop = (logits.softmax(dim=-1) < cutoff) & (logits < logits.max(dim=-1, keepdim=True).values)
+    return logits.masked_fill(drop, -torch.inf)
+
+
+def sampling_logits(scores: torch.Tensor, config: GenerateConfig) -> torch.Tensor:
+    """Processed scores (B, V) -> the logits a row samples from: float32, divided by the temperature, filtered."""
+    return filter_logits(scores.float() / config.temperature, config.top_k, config.top_p, config.min_p,
+                         config.typical_p, config.epsilon_cutoff, config.eta_cutoff)
 
 
 def next_token(scores: torch.Tensor, config: GenerateConfig, generator: Union[None, torch.Generator,
@@ -104,8 +178,7 @@ def next_token(scores: torch.Tensor, config: GenerateConfig, generator: Union[No
     the filters. `generator`: one for the whole batch, or one per row (each row then draws alone)."""
     if config.is_greedy:
         return scores.argmax(dim=-1)
-    logits = filter_logits(scores.float() / config.temperature, config.top_k, config.top_p, config.min_p)
-    return draw(logits.softmax(dim=-1), generator)
+    return draw(sampling_logits(scores, config).softmax(dim=-1), generator)
 
 
 def draw(probs: torch.Tensor, generator: Union[None, torch.Generator, Sequence[Optional[torch.Generator]]] = None

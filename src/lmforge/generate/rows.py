@@ -8,6 +8,7 @@ the CLI and the server).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
@@ -103,17 +104,19 @@ class StopText:
         self.longest = max((len(s) for s in self.stops), default=0)
         self.text, self.sent, self.stopped = "", 0, False
 
-    def push(self, token_id: int) -> str:
-        return self._add(self.decoder.push(token_id), final=False)
+    def push(self, token_id: int, look: bool = True) -> str:
+        """look=False: the stop strings are not looked for in this token's text (before min_new_tokens); a stop
+        string that begins in it and ends in a later token's still counts."""
+        return self._add(self.decoder.push(token_id), final=False, look=look)
 
     def close(self) -> str:
         return self._add(self.decoder.flush(), final=True)
 
-    def _add(self, piece: str, final: bool) -> str:
+    def _add(self, piece: str, final: bool, look: bool = True) -> str:
         if piece and not self.stopped:
             start = max(0, len(self.text) - self.longest + 1)  # a new match ends inside the new piece
             self.text += piece
-            cuts = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+            cuts = [i for s in self.stops if (i := self.text.find(s, start)) >= 0] if look else []
             if cuts:
                 self.text, self.stopped = self.text[:min(cuts)], True
         end = len(self.text) if self.stopped or final else len(self.text) - self._held()
@@ -169,7 +172,7 @@ class Row:
             self.finish = "stop"
             return Event(index, None, self.text.close() if self.text else "", "stop")
         self.tokens.append(token)
-        piece = self.text.push(token) if self.text else ""
+        piece = self.text.push(token, look=len(self.tokens) >= self.config.min_new_tokens) if self.text else ""
         if self.text is not None and not self.text.stopped and len(self.tokens) >= self.budget:
             piece += self.text.close()  # the bytes a last, cut character left: a stop string may end in them
         if self.text is not None and self.text.stopped:
@@ -195,6 +198,8 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
     (with a tokenizer) its text. Stop strings need the tokenizer."""
     if config.stop_strings and tokenizer is None:
         raise ConfigError("stop_strings need the tokenizer to read the text; pass tokenizer=")
+    config = with_bad_words(config, tokenizer)
+    config.check_vocabulary(model.config.vocab_size)
     cropped = [crop_prompt(p, model.config.block_size) for p in prompts]
     copies, device = config.num_return_sequences, model.tok_emb.weight.device
     generators = [None] * (len(cropped) * copies) if config.is_greedy else \
@@ -203,3 +208,19 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
     return [Row(prompt, config, config.new_tokens(len(prompt)), end_ids, generators[p * copies + j],
                 StopText(tokenizer, config.stop_strings or ()) if tokenizer is not None else None)
             for p, prompt in enumerate(cropped) for j in range(copies)]
+
+
+def with_bad_words(config: GenerateConfig, tokenizer: Any) -> GenerateConfig:
+    """`config` with its bad_words turned into token sequences in bad_words_ids: each text encoded as written and
+    after a space (a word inside the text is often another token than at its start), as vLLM does."""
+    if not config.bad_words:
+        return config
+    if tokenizer is None:
+        raise ConfigError("bad_words need the tokenizer to encode them; pass tokenizer=, or give bad_words_ids")
+    sequences = [list(ids) for ids in config.bad_words_ids or ()]
+    for word in config.bad_words:
+        for form in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(form)
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return dataclasses.replace(config, bad_words=None, bad_words_ids=sequences)

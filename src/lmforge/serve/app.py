@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from lmforge.errors import ConfigError
-from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids
+from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids, with_bad_words
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.connections import RESET_EXTENSION
 from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
@@ -82,9 +82,9 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """The fields completions and chat share: OpenAI's sampling options (presence and frequency penalties included),
-    plus top_k, min_p and repetition_penalty as vLLM has them. Their values are checked by GenerateConfig, as for
-    the library and the CLI."""
+    """The fields completions and chat share: OpenAI's sampling options (presence and frequency penalties and
+    logit_bias included), plus top_k, min_p, typical_p, repetition_penalty, min_tokens and bad_words as vLLM (and
+    TGI, for typical_p) have them. Their values are checked by GenerateConfig, as for the library and the CLI."""
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
@@ -101,7 +101,10 @@ class SamplingRequest(BaseModel):
     user: Optional[str] = None  # accepted for compatibility, unused
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = None  # token id (as text, as JSON keys are) -> bias
+    typical_p: Optional[float] = None
+    min_tokens: Optional[StrictInt] = Field(None, ge=0)
+    bad_words: Optional[list[Text]] = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -118,7 +121,7 @@ class CompletionRequest(SamplingRequest):
 
 
 # OpenAI fields that clients (LangChain, ...) send at their neutral value: accepted only at that value
-UNSUPPORTED = {"best_of": 1, "logit_bias": {}, "suffix": None}
+UNSUPPORTED = {"best_of": 1, "suffix": None}
 
 
 class ChatMessage(BaseModel):
@@ -138,7 +141,7 @@ class ChatRequest(SamplingRequest):
     logprobs: Optional[StrictBool] = None
 
 
-CHAT_UNSUPPORTED = {"logprobs": False, "logit_bias": {}}
+CHAT_UNSUPPORTED = {"logprobs": False}
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat API has no default length; a reply this long unless asked
 
 
@@ -457,7 +460,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         max_tokens = body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, config.max_tokens)
         ids = _text_ids(generator, text, max_prompt_tokens)
         jobs, prompt_tokens = _jobs_for(body, [ids], request, config, model_id, max_tokens, CHAT_UNSUPPORTED,
-                                        extra_stop=[generator.chat_stop()])
+                                        generator.tokenizer, extra_stop=[generator.chat_stop()])
         try:
             engine.submit(jobs)
         except Busy as e:
@@ -494,7 +497,8 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         ids = [_token_ids(generator, p, max_prompt_tokens) if isinstance(p, list) else
                _text_ids(generator, p, max_prompt_tokens, template=True) for p in prompts]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        jobs, prompt_tokens = _jobs_for(body, ids, request, config, model_id, max_tokens, UNSUPPORTED)
+        jobs, prompt_tokens = _jobs_for(body, ids, request, config, model_id, max_tokens, UNSUPPORTED,
+                                        generator.tokenizer)
         for job in jobs:
             job.logprobs, job.echo = body.logprobs, bool(body.echo)
         try:
@@ -567,10 +571,11 @@ def _token_ids(generator: TextGenerator, ids: list[int], max_prompt_tokens: int)
 
 
 def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[int]], request: Request,
-              config: ServeConfig, model_id: str, max_tokens: int, unsupported: dict[str, Any],
+              config: ServeConfig, model_id: str, max_tokens: int, unsupported: dict[str, Any], tokenizer: Any,
               extra_stop: Optional[list[str]] = None) -> tuple[list[Job], int]:
     """Check a request against the caps and turn each of its prompts (token ids) into a Job; (jobs, prompt
-    tokens). `extra_stop` adds stop strings of the server's own (a chat's next user turn)."""
+    tokens). `tokenizer` encodes the bad words; `extra_stop` adds stop strings of the server's own (a chat's next
+    user turn)."""
     if body.model is not None and body.model != model_id:
         raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
     if max_tokens > config.max_tokens:
@@ -588,6 +593,18 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
         if len(s) > config.max_stop_chars:
             raise ApiError(422, f"a stop sequence of {len(s)} characters; at most {config.max_stop_chars} "
                            "(serve.max_stop_chars)", "stop")
+    bad_words = list(body.bad_words or [])
+    if len(bad_words) > config.max_bad_words:
+        raise ApiError(422, f"{len(bad_words)} bad words; at most {config.max_bad_words} (serve.max_bad_words)",
+                       "bad_words")
+    if any(len(w) > config.max_stop_chars for w in bad_words):
+        raise ApiError(422, f"a bad word of more than {config.max_stop_chars} characters (serve.max_stop_chars)",
+                       "bad_words")
+    bias = {}
+    for key, value in (body.logit_bias or {}).items():
+        if not re.fullmatch(r"[0-9]+", key):
+            raise ApiError(422, f"logit_bias has the key {key!r}: keys are token ids, such as \"50256\"", "logit_bias")
+        bias[int(key)] = value
     for name, neutral in unsupported.items():
         value = getattr(body, name)
         if value is not None and value != neutral:
@@ -601,7 +618,11 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
                                  min_p=body.min_p, repetition_penalty=1.0 if body.repetition_penalty is None
                                  else body.repetition_penalty, seed=body.seed, num_return_sequences=n,
                                  stop_strings=stop or None, presence_penalty=body.presence_penalty or 0.0,
-                                 frequency_penalty=body.frequency_penalty or 0.0)
+                                 frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias or None,
+                                 typical_p=None if body.typical_p in (None, 1.0) else body.typical_p,
+                                 min_new_tokens=body.min_tokens or 0, bad_words=bad_words or None)
+        options = with_bad_words(options, tokenizer)
+        options.check_vocabulary(tokenizer.vocab_size)
     except ConfigError as e:
         field = re.match(r"generate\.(\w+)", str(e))
         raise ApiError(422, str(e).removeprefix("generate."), field.group(1) if field else None) from None
