@@ -100,6 +100,9 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
     assert constrained != zero and constrained == "First" + load(str(run)).generate(
         "First", max_new_tokens=20, greedy=True, logit_bias={50: -100, 51: 2, 52: 1.5}, bad_words_ids=[[60, 61], [62]],
         bad_words=["the"], min_new_tokens=15) + "\n"
+    assert main(["generate", str(run), "--prompt", "Is it? ", "--greedy", "--device", "cpu", "--guided-choice", "Yes",
+                 "--guided-choice", "No"]) == 0
+    assert capsys.readouterr().out in ("Is it? Yes\n", "Is it? No\n")
 
 
 def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
@@ -239,6 +242,8 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("generate-bad-words-ids-not-ids", ["generate", str(run), "--bad-words-ids", "1,x"], "bad_words_ids[0][1]"),
         ("generate-typical-beams", ["generate", str(run), "--num-beams", "2", "--typical-p", "0.5"],
          "generate.typical_p=0.5 is a sampling option"),
+        ("generate-guided-choice-beams", ["generate", str(run), "--num-beams", "2", "--guided-choice", "yes"],
+         "picks the answer token by token"),
         ("serve-missing-assistant", ["serve", str(run), "--assistant-model", str(ws / "ghost"), "--port", "0",
                                      "--device", "cpu"], "ghost"),
         # what an encoder (model.causal false) cannot do: no BERT equivalent, no endpoint
@@ -331,7 +336,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 96
+N_CASES = 97
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

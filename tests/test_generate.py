@@ -344,7 +344,7 @@ def test_bad_words_never_appear_in_the_text():
     assert banned != free and not any(w in "ab" + banned for w in words)
     sampled = gen.complete(["ab"] * 4, max_new_tokens=40, seed=2, bad_words=words)
     assert not any(w in "ab" + c[0].text for c in sampled for w in words)
-    with pytest.raises(ConfigError, match="bad_words need the tokenizer"):
+    with pytest.raises(ConfigError, match="bad_words and guided_choice need the tokenizer"):
         generate_batch_ids(gen.model, [[START, 100]], bad_words=["x"])
     with pytest.raises(ConfigError, match="logit_bias names the token id 259, outside the vocabulary"):
         gen.generate("ab", logit_bias={259: 1.0})
@@ -459,6 +459,7 @@ def test_rows_with_their_own_budgets_stops_and_sampling_in_one_batch_equal_each_
         ("q", GenerateConfig(max_new_tokens=10, temperature=0.0, logit_bias={free.token_ids[0]: 5.0},
                              bad_words=[free.text[2:4]])),
         ("q", GenerateConfig(max_new_tokens=10, seed=8, epsilon_cutoff=0.01, logit_bias={free.token_ids[0]: -5.0})),
+        ("q", GenerateConfig(max_new_tokens=10, seed=9, temperature=2.0, guided_choice=["yes", "no", "maybe"])),
     ]
 
     def rows_of(prompt, config):
@@ -530,12 +531,12 @@ def test_presence_and_frequency_penalties_follow_openais_formula_over_the_genera
 
 def test_a_bad_word_is_banned_at_the_start_of_the_text_and_after_a_space():
     """With BPE, "the" inside a text is another token (" the") than at its start: both are banned, as vLLM does."""
-    from lmforge.generate import with_bad_words
+    from lmforge.generate import with_token_ids
     from lmforge.tokenizer import train_bpe
 
     bpe = train_bpe(["the cat and the dog, then the end. " * 50], vocab_size=300)
     assert bpe.encode("the") != bpe.encode(" the")[1:]  # one word, two token sequences
-    config = with_bad_words(GenerateConfig(bad_words=["the", " cat"], bad_words_ids=[[7]]), bpe)
+    config = with_token_ids(GenerateConfig(bad_words=["the", " cat"], bad_words_ids=[[7]]), bpe)
     assert config.bad_words is None
     assert config.bad_words_ids == [[7], bpe.encode("the"), bpe.encode(" the"), bpe.encode("cat"), bpe.encode(" cat")]
     m = model(vocab_size=bpe.vocab_size, block_size=64)
@@ -552,3 +553,49 @@ def test_a_bad_word_is_banned_at_the_start_of_the_text_and_after_a_space():
 
         assert any(found(seq, prompt + free) for seq in config.bad_words_ids[1:])
         assert not any(found(seq, ids) for seq in config.bad_words_ids[1:])
+
+
+# ---------------------------------------------------------------------------------------------- guided choice
+def guided_by_hand(m: GPT, prompt: list, choices: list, end_ids: list) -> list:
+    """Reference: full forward passes, each step the argmax among the tokens that continue a choice (and the end
+    ids once the tokens are a choice); stops at an end id or at a choice no other one extends."""
+    out = []
+    while True:
+        logits = m(torch.tensor([prompt + out]))[0, -1]
+        allowed = {c[len(out)] for c in choices if len(c) > len(out) and c[:len(out)] == out}
+        allowed |= set(end_ids) if out in choices else set()
+        token = max(allowed, key=lambda t: logits[t].item())
+        if token in end_ids:
+            return out
+        out.append(token)
+        if out in choices and not any(len(c) > len(out) and c[:len(out)] == out for c in choices):
+            return out
+
+
+@pytest.mark.parametrize("choices", [["yes", "no"], ["positive", "negative", "neutral"], ["a", "ab", "abc"],
+                                     ["pos", "post", "positive"]])
+def test_guided_choice_answers_with_one_choice_picking_the_best_allowed_token_each_step(choices):
+    m = model(block_size=64)
+    gen = TextGenerator(m, TOKENIZER)
+    encoded = [TOKENIZER.encode(c) for c in choices]
+    for text in ("Review: great", "x", "The quick brown"):
+        got = gen.complete([text], greedy=True, guided_choice=choices, max_new_tokens=20)[0][0]
+        assert got.text in choices and got.finish_reason == "stop"
+        assert got.token_ids == guided_by_hand(m, prompt_ids(TOKENIZER, text), encoded, [END])
+        # without any end id, a choice that no other one extends still ends the sequence
+        ids = generate_batch_ids(m, [prompt_ids(TOKENIZER, text)], greedy=True, guided_choice_ids=encoded,
+                                 max_new_tokens=20)[0][0]
+        assert ids in encoded and ids == guided_by_hand(m, prompt_ids(TOKENIZER, text), encoded, [])
+    answers = {c.text for c in gen.complete(["Review: great"], temperature=3.0, seed=0, guided_choice=choices,
+                                            max_new_tokens=20, num_return_sequences=40)[0]}
+    assert answers <= set(choices) and len(answers) >= 2  # sampling stays on the choices and reaches several
+
+
+def test_guided_choice_is_refused_where_it_cannot_work():
+    gen = TextGenerator(model(block_size=64), TOKENIZER)
+    for options, words in [(dict(guided_choice=["a"], num_beams=2), "guided_choice picks the answer token by token"),
+                           (dict(guided_choice=[]), "at least one"), (dict(guided_choice=["a", ""]), "non-empty"),
+                           (dict(guided_choice=["a"], guided_choice_ids=[[100]]), "give one"),
+                           (dict(guided_choice_ids=[[100, 400]]), "guided_choice_ids names the token id 400")]:
+        with pytest.raises(ConfigError, match=words):
+            gen.generate("ab", **options)

@@ -167,6 +167,11 @@ def test_openai_logit_bias_and_vllm_min_tokens_bad_words_typical_p_give_the_pyth
     held = complete(client, prompt="ab", max_tokens=30, temperature=0, stop=[stop], min_tokens=20)["choices"][0]
     assert len(held["text"]) > len(early) and held["text"] == generator.generate(
         "ab", max_new_tokens=30, greedy=True, stop_strings=[stop], min_new_tokens=20)
+    choices = ["yes", "no", "not sure"]
+    answers = complete(client, prompt="ab", max_tokens=30, n=4, seed=2, temperature=2.0, guided_choice=choices)
+    assert [c["text"] for c in answers["choices"]] == [c.text for c in generator.complete(
+        ["ab"], max_new_tokens=30, num_return_sequences=4, seed=2, temperature=2.0, guided_choice=choices)[0]]
+    assert all(c["text"] in choices and c["finish_reason"] == "stop" for c in answers["choices"])
     sampled = complete(client, prompt="ab", max_tokens=30, seed=4, typical_p=0.7, logit_bias={str(first): 3})
     assert sampled["choices"][0]["text"] == generator.generate("ab", max_new_tokens=30, seed=4, typical_p=0.7,
                                                                logit_bias={first: 3.0})
@@ -257,6 +262,9 @@ BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the messa
     ("bad-word-too-long", {"prompt": "x", "bad_words": ["w" * 65]}, 422, "more than 64 characters"),
     ("empty-bad-word", {"prompt": "x", "bad_words": [""]}, 422, "bad_words=['']"),
     ("typical-p-zero", {"prompt": "x", "typical_p": 0}, 422, "typical_p=0"),
+    ("too-many-choices", {"prompt": "x", "guided_choice": ["c"] * 65}, 422, "65 guided choices"),
+    ("choice-too-long", {"prompt": "x", "guided_choice": ["c" * 65]}, 422, "guided choice of more than 64"),
+    ("no-choices", {"prompt": "x", "guided_choice": []}, 422, "guided_choice=[] is invalid"),
     ("token-id-outside-vocab", {"prompt": [3, 100_000]}, 422, "token id 100000 is outside"),
     ("token-ids-empty", {"prompt": [[1], []]}, 422, "token ids is empty"),
     ("token-id-negative", {"prompt": [[-1]]}, 422, "token id -1"),

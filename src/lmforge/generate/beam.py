@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lmforge.generate.config import GenerateConfig
 from lmforge.generate.processors import process_scores
-from lmforge.generate.rows import Sequences, crop_prompt, with_bad_words
+from lmforge.generate.rows import Sequences, crop_prompt, with_token_ids
 from lmforge.model import GPT
 
 
@@ -29,7 +29,7 @@ def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateCo
     them: its score divided by the current length ** length_penalty (the budget's length with 'never' and
     length_penalty > 0) is no higher.
     """
-    config = with_bad_words(config, tokenizer)
+    config = with_token_ids(config, tokenizer)
     config.check_vocabulary(model.config.vocab_size)
     prompts = [crop_prompt(p, model.config.block_size) for p in prompts]
     budgets = [config.new_tokens(len(p)) for p in prompts]

@@ -71,6 +71,12 @@ class GenerateConfig:
         "per flag, its ids separated by commas.", None, ge=0)
     bad_words: Optional[list[str]] = doc("Texts never generated, each banned as the tokens it encodes to, as written "
                                          "and after a space (vLLM's bad_words); needs the tokenizer.", None)
+    guided_choice: Optional[list[str]] = doc(
+        "Answer with exactly one of these texts (vLLM's guided_choice): each step allows only the tokens that continue "
+        "one of them as the tokenizer encodes it, and the sequence ends once one is complete; needs the tokenizer. "
+        "Not with beam search.", None)
+    guided_choice_ids: Optional[list[list[int]]] = doc(
+        "guided_choice as token sequences (what guided_choice becomes once encoded; give either).", None, ge=0)
     num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.",
                          1, ge=1)
     length_penalty: float = doc("Beam search: a finished beam scores sum(log p) / new_tokens ** length_penalty.",
@@ -107,6 +113,18 @@ class GenerateConfig:
             raise ConfigError(f"generate.logit_bias has the token id {negative}: token ids are 0 or positive")
         if self.bad_words is not None and not all(self.bad_words):
             raise ConfigError(f"generate.bad_words={self.bad_words!r} is invalid: a list of non-empty strings")
+        if self.guided_choice is not None and not (self.guided_choice and all(self.guided_choice)):
+            raise ConfigError(f"generate.guided_choice={self.guided_choice!r} is invalid: a list of non-empty "
+                              "strings, at least one")
+        if self.guided_choice is not None and self.guided_choice_ids is not None:
+            raise ConfigError("generate.guided_choice and guided_choice_ids both give the choices: give one")
+        if self.guided_choice_ids == []:
+            raise ConfigError("generate.guided_choice_ids=[] allows no answer: give at least one token sequence")
+        guided = "guided_choice" if self.guided_choice is not None else "guided_choice_ids" \
+            if self.guided_choice_ids is not None else None
+        if guided and self.num_beams > 1:
+            raise ConfigError(f"generate.{guided} picks the answer token by token and beam search (num_beams="
+                              f"{self.num_beams}) keeps several: use num_beams=1")
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise ConfigError(f"generate.temperature={self.temperature!r} is invalid: 0 (greedy) or a number >= "
                               f"{MIN_TEMPERATURE} (smaller ones overflow the logits)")
@@ -147,18 +165,20 @@ class GenerateConfig:
         """What turns a row's logits into its next token: rows with equal keys are scored as one group."""
         constraints = (self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty,
                        self.frequency_penalty, self.min_new_tokens, tuple(sorted((self.logit_bias or {}).items())),
-                       tuple(tuple(ids) for ids in self.bad_words_ids or ()))
+                       tuple(tuple(ids) for ids in self.bad_words_ids or ()),
+                       tuple(tuple(ids) for ids in self.guided_choice_ids or ()))
         if self.is_greedy:
             return (True, None, None, None, None, None, None, None, *constraints)
         return (False, self.temperature, self.top_k, self.top_p, self.min_p, self.typical_p, self.epsilon_cutoff,
                 self.eta_cutoff, *constraints)
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        """The token ids logit_bias and bad_words_ids name must be the model's."""
-        ids = [*(self.logit_bias or {}), *(t for seq in self.bad_words_ids or () for t in seq)]
-        bad = next((t for t in ids if t >= vocab_size), None)
+        """The token ids logit_bias, bad_words_ids and guided_choice_ids name must be the model's."""
+        fields = {"logit_bias": list(self.logit_bias or {}),
+                  "bad_words_ids": [t for seq in self.bad_words_ids or () for t in seq],
+                  "guided_choice_ids": [t for seq in self.guided_choice_ids or () for t in seq]}
+        field, bad = next(((f, t) for f, ids in fields.items() for t in ids if t >= vocab_size), (None, None))
         if bad is not None:
-            field = "logit_bias" if bad in (self.logit_bias or {}) else "bad_words_ids"
             raise ConfigError(f"generate.{field} names the token id {bad}, outside the vocabulary (0 to "
                               f"{vocab_size - 1})")
 

@@ -1,5 +1,5 @@
 """From a row's last logits to its next token: logit bias, penalties, bans (n-grams, bad words, an end before
-min_new_tokens), temperature, the filters (top-k / top-p / min-p / typical / epsilon / eta), a pick.
+min_new_tokens), a guided choice, temperature, the filters (top-k / top-p / min-p / typical / epsilon / eta), a pick.
 
 Each function works on a batch of rows (B, V) that share one GenerateConfig's scoring options; the
 decoding loop groups rows by those options (GenerateConfig.scoring), so rows with different settings
@@ -8,6 +8,7 @@ can share one forward pass.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -60,44 +61,86 @@ def occurrence_penalties(scores: torch.Tensor, generated: Sequence[Sequence[int]
 
 def bias_logits(scores: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
     """Scores (B, V) with bias[t] added to every row's score of token t (OpenAI's logit_bias)."""
-    ids = torch.tensor(list(bias), device=scores.device)
-    values = torch.tensor(list(bias.values()), dtype=scores.dtype, device=scores.device)
+    ids, values = _bias_table(tuple(bias.items()), scores.dtype, scores.device)
     return scores.index_add(1, ids, values.expand(scores.size(0), -1))
+
+
+@functools.lru_cache(maxsize=256)
+def _bias_table(items: tuple[tuple[int, float], ...], dtype: torch.dtype, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, values) tensors of a logit bias, made once per bias (a decode asks every step)."""
+    return (torch.tensor([t for t, _ in items], device=device),
+            torch.tensor([b for _, b in items], dtype=dtype, device=device))
 
 
 def bad_word_tokens(tokens: torch.Tensor, real: Optional[torch.Tensor], sequences: Sequence[Sequence[int]],
                     vocab_size: int) -> torch.Tensor:
     """(B, V) bool: the tokens that would complete one of `sequences` in each row of tokens (B, L), the last token
     of every sequence whose other tokens end the row (those of one token: always). real (B, L) marks real tokens
-    (None = all); a match touching a pad does not count."""
+    (None = all); a match touching a pad does not count. Sequences of one length are matched at once."""
     B, L = tokens.shape
-    banned = torch.zeros(B, vocab_size, dtype=torch.bool, device=tokens.device)
-    for *prefix, last in sequences:
-        n = len(prefix)
-        if n == 0:
-            banned[:, last] = True
-        elif n <= L:
-            match = (tokens[:, L - n:] == torch.tensor(prefix, device=tokens.device)).all(dim=-1)  # (B,)
+    singles, groups = _bad_word_table(tuple(tuple(s) for s in sequences), tokens.device)
+    hits = torch.zeros(B, vocab_size, device=tokens.device)
+    if singles is not None:
+        hits[:, singles] = 1.0
+    for prefixes, lasts in groups:  # prefixes (S, n), lasts (S,): the sequences of n + 1 tokens
+        n = prefixes.size(1)
+        if n <= L:
+            match = (tokens[:, None, L - n:] == prefixes[None]).all(dim=-1)  # (B, S)
             if real is not None:
-                match &= real[:, L - n:].all(dim=-1)
-            banned[:, last] |= match
-    return banned
+                match &= real[:, None, L - n:].all(dim=-1)
+            hits.index_add_(1, lasts, match.float())  # several sequences may end in one token
+    return hits > 0
 
 
-def early_end_tokens(scores: torch.Tensor, generated: Sequence[Sequence[int]], minimum: int,
-                     end_ids: Sequence[int]) -> torch.Tensor:
-    """(B, V) bool: the end ids, in the rows that generated fewer than `minimum` tokens so far (min_new_tokens)."""
-    banned = torch.zeros_like(scores, dtype=torch.bool)
-    short = torch.tensor([len(ids) < minimum for ids in generated], device=scores.device)
-    banned[:, list(end_ids)] = short[:, None]
-    return banned
+@functools.lru_cache(maxsize=256)
+def _bad_word_table(sequences: tuple[tuple[int, ...], ...], device: torch.device
+                    ) -> tuple[Optional[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(the one-token sequences' ids or None, [(prefixes (S, n), last tokens (S,)) per length n + 1 >= 2])."""
+    singles = sorted({s[0] for s in sequences if len(s) == 1})
+    by_length: dict[int, list[tuple[int, ...]]] = {}
+    for s in sequences:
+        if len(s) > 1:
+            by_length.setdefault(len(s), []).append(s)
+    groups = [(torch.tensor([s[:-1] for s in seqs], device=device), torch.tensor([s[-1] for s in seqs], device=device))
+              for seqs in by_length.values()]
+    return (torch.tensor(singles, device=device) if singles else None), groups
+
+
+def ban_early_ends(scores: torch.Tensor, generated: Sequence[Sequence[int]], minimum: int,
+                   end_ids: Sequence[int]) -> torch.Tensor:
+    """Scores (B, V) with the end ids at -inf in the rows that generated fewer than `minimum` tokens so far
+    (min_new_tokens)."""
+    short = [j for j, ids in enumerate(generated) if len(ids) < minimum]
+    if not short:
+        return scores
+    scores = scores.clone()
+    rows = slice(None) if len(short) == len(generated) else torch.tensor(short, device=scores.device)[:, None]
+    scores[rows, torch.tensor(list(end_ids), device=scores.device)] = -torch.inf
+    return scores
+
+
+def choice_tokens(generated: Sequence[Sequence[int]], choices: Sequence[Sequence[int]], end_ids: Sequence[int],
+                  vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(B, V) bool: the tokens each row may take next to stay on one of `choices` (token sequences) after its
+    generated tokens: the next token of every choice they begin, and the end ids once they equal a choice. A row on
+    none of them (one that ended) may take any token."""
+    allowed = torch.zeros(len(generated), vocab_size, dtype=torch.bool, device=device)
+    choices = [list(c) for c in choices]
+    for j, ids in enumerate(generated):
+        ids, n = list(ids), len(ids)
+        nexts = [c[n] for c in choices if len(c) > n and c[:n] == ids]
+        if ids in choices:
+            nexts += list(end_ids)
+        allowed[j, nexts or slice(None)] = True
+    return allowed
 
 
 def penalizes(config: GenerateConfig) -> bool:
     """Whether process_scores changes anything for rows of `config`."""
     return (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size > 0 or config.presence_penalty != 0.0
             or config.frequency_penalty != 0.0 or config.min_new_tokens > 0 or bool(config.logit_bias)
-            or bool(config.bad_words_ids))
+            or bool(config.bad_words_ids) or bool(config.guided_choice_ids))
 
 
 def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[torch.Tensor],
@@ -118,9 +161,12 @@ def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[to
     if config.bad_words_ids:
         scores = scores.masked_fill(bad_word_tokens(tokens, real, config.bad_words_ids, scores.size(-1)), -torch.inf)
     if config.min_new_tokens > 0 and generated is not None and end_ids:
-        scores = scores.masked_fill(early_end_tokens(scores, generated, config.min_new_tokens, end_ids), -torch.inf)
+        scores = ban_early_ends(scores, generated, config.min_new_tokens, end_ids)
     if generated is not None and (config.presence_penalty != 0.0 or config.frequency_penalty != 0.0):
         scores = occurrence_penalties(scores, generated, config.presence_penalty, config.frequency_penalty)
+    if generated is not None and config.guided_choice_ids:
+        allowed = choice_tokens(generated, config.guided_choice_ids, end_ids, scores.size(-1), scores.device)
+        scores = scores.masked_fill(~allowed, -torch.inf)
     return scores
 
 

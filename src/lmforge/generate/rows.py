@@ -167,19 +167,28 @@ class Row:
     accepted: int = 0                           # and of those, kept
 
     def advance(self, index: int, token: int) -> Event:
-        """Take this step's token: the one rule that ends a row (an end id, a stop string, the budget)."""
+        """Take this step's token: the one rule that ends a row (an end id, a stop string, a guided choice
+        complete, the budget)."""
         if token in self.end_ids:
             self.finish = "stop"
             return Event(index, None, self.text.close() if self.text else "", "stop")
         self.tokens.append(token)
         piece = self.text.push(token, look=len(self.tokens) >= self.config.min_new_tokens) if self.text else ""
-        if self.text is not None and not self.text.stopped and len(self.tokens) >= self.budget:
+        chosen = self.config.guided_choice_ids is not None and self._chose()
+        if self.text is not None and not self.text.stopped and (len(self.tokens) >= self.budget or chosen):
             piece += self.text.close()  # the bytes a last, cut character left: a stop string may end in them
-        if self.text is not None and self.text.stopped:
+        if (self.text is not None and self.text.stopped) or chosen:
             self.finish = "stop"
         elif len(self.tokens) >= self.budget:
             self.finish = "length"
         return Event(index, token, piece, self.finish)
+
+
+    def _chose(self) -> bool:
+        """Whether the tokens are one of the guided choices and begin no longer one (then an end id decides)."""
+        n = len(self.tokens)
+        choices = [list(c) for c in self.config.guided_choice_ids or ()]
+        return self.tokens in choices and not any(len(c) > n and c[:n] == self.tokens for c in choices)
 
 
 def row_generators(config: GenerateConfig, copies: int, prompts: int, device: torch.device) -> list[torch.Generator]:
@@ -198,7 +207,7 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
     (with a tokenizer) its text. Stop strings need the tokenizer."""
     if config.stop_strings and tokenizer is None:
         raise ConfigError("stop_strings need the tokenizer to read the text; pass tokenizer=")
-    config = with_bad_words(config, tokenizer)
+    config = with_token_ids(config, tokenizer)
     config.check_vocabulary(model.config.vocab_size)
     cropped = [crop_prompt(p, model.config.block_size) for p in prompts]
     copies, device = config.num_return_sequences, model.tok_emb.weight.device
@@ -210,17 +219,24 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
             for p, prompt in enumerate(cropped) for j in range(copies)]
 
 
-def with_bad_words(config: GenerateConfig, tokenizer: Any) -> GenerateConfig:
-    """`config` with its bad_words turned into token sequences in bad_words_ids: each text encoded as written and
-    after a space (a word inside the text is often another token than at its start), as vLLM does."""
-    if not config.bad_words:
+def with_token_ids(config: GenerateConfig, tokenizer: Any) -> GenerateConfig:
+    """`config` with the texts that stand for token sequences encoded: bad_words into bad_words_ids, each text as
+    written and after a space (a word inside the text is often another token than at its start), as vLLM does;
+    guided_choice into guided_choice_ids, each as the tokenizer encodes it."""
+    if not config.bad_words and config.guided_choice is None:
         return config
     if tokenizer is None:
-        raise ConfigError("bad_words need the tokenizer to encode them; pass tokenizer=, or give bad_words_ids")
-    sequences = [list(ids) for ids in config.bad_words_ids or ()]
-    for word in config.bad_words:
-        for form in (word.lstrip(), " " + word.lstrip()):
-            ids = tokenizer.encode(form)
-            if ids and ids not in sequences:
-                sequences.append(ids)
-    return dataclasses.replace(config, bad_words=None, bad_words_ids=sequences)
+        raise ConfigError("bad_words and guided_choice need the tokenizer to encode them; pass tokenizer=, or give "
+                          "bad_words_ids / guided_choice_ids")
+    changes: dict[str, Any] = {}
+    if config.bad_words:
+        sequences = [list(ids) for ids in config.bad_words_ids or ()]
+        for word in config.bad_words:
+            for form in (word.lstrip(), " " + word.lstrip()):
+                ids = tokenizer.encode(form)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        changes.update(bad_words=None, bad_words_ids=sequences)
+    if config.guided_choice is not None:
+        changes.update(guided_choice=None, guided_choice_ids=[tokenizer.encode(c) for c in config.guided_choice])
+    return dataclasses.replace(config, **changes)

@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from lmforge.errors import ConfigError
-from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids, with_bad_words
+from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids, with_token_ids
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.connections import RESET_EXTENSION
 from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
@@ -83,8 +83,9 @@ class StreamOptions(BaseModel):
 
 class SamplingRequest(BaseModel):
     """The fields completions and chat share: OpenAI's sampling options (presence and frequency penalties and
-    logit_bias included), plus top_k, min_p, typical_p, repetition_penalty, min_tokens and bad_words as vLLM (and
-    TGI, for typical_p) have them. Their values are checked by GenerateConfig, as for the library and the CLI."""
+    logit_bias included), plus top_k, min_p, typical_p, repetition_penalty, min_tokens, bad_words and guided_choice
+    as vLLM (and TGI, for typical_p) have them. Their values are checked by GenerateConfig, as for the library and
+    the CLI."""
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
@@ -105,6 +106,7 @@ class SamplingRequest(BaseModel):
     typical_p: Optional[float] = None
     min_tokens: Optional[StrictInt] = Field(None, ge=0)
     bad_words: Optional[list[Text]] = None
+    guided_choice: Optional[list[Text]] = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -600,6 +602,13 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     if any(len(w) > config.max_stop_chars for w in bad_words):
         raise ApiError(422, f"a bad word of more than {config.max_stop_chars} characters (serve.max_stop_chars)",
                        "bad_words")
+    choices = body.guided_choice
+    if choices is not None and len(choices) > config.max_choices:
+        raise ApiError(422, f"{len(choices)} guided choices; at most {config.max_choices} (serve.max_choices)",
+                       "guided_choice")
+    if any(len(c) > config.max_stop_chars for c in choices or ()):
+        raise ApiError(422, f"a guided choice of more than {config.max_stop_chars} characters "
+                       "(serve.max_stop_chars)", "guided_choice")
     bias = {}
     for key, value in (body.logit_bias or {}).items():
         if not re.fullmatch(r"[0-9]+", key):
@@ -620,8 +629,9 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
                                  stop_strings=stop or None, presence_penalty=body.presence_penalty or 0.0,
                                  frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias or None,
                                  typical_p=None if body.typical_p in (None, 1.0) else body.typical_p,
-                                 min_new_tokens=body.min_tokens or 0, bad_words=bad_words or None)
-        options = with_bad_words(options, tokenizer)
+                                 min_new_tokens=body.min_tokens or 0, bad_words=bad_words or None,
+                                 guided_choice=choices)
+        options = with_token_ids(options, tokenizer)
         options.check_vocabulary(tokenizer.vocab_size)
     except ConfigError as e:
         field = re.match(r"generate\.(\w+)", str(e))
