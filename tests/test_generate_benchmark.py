@@ -29,3 +29,25 @@ def test_generate_speed_runs_and_greedy_tokens_agree():
             got = result["results"][mode][v]
             assert got["tokens_per_s"] > 0
             assert got["fraction_of_weight_read_limit"] == pytest.approx(got["tokens_per_s"] / limits[v], abs=1e-3)
+
+
+def test_generate_constraints_compares_every_setting_and_greedy_tokens_agree_with_hf(tmp_path):
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("bench_generate_constraints", SCRIPT.with_name(
+        "generate_constraints.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "constraints.json"
+    summary = module.main(["--quick", "--json-out", str(out)])
+    import json
+
+    assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"]
+    assert set(summary["results"]) == {f"batch{b}-{s}" for b in (1, 2) for s in ("plain", "penalties", "bans",
+                                                                                 "filters")}
+    for key, row in summary["results"].items():
+        assert row["lmforge_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["lengths"] == [40], key
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+        assert row["lmforge_cost_vs_plain"] == pytest.approx(summary["results"][key.split("-")[0] + "-plain"][
+            "lmforge_tokens_per_s"] / row["lmforge_tokens_per_s"], abs=2e-3)
+        if not key.endswith("filters"):  # greedy: every row gives Hugging Face's tokens, constraints included
+            assert row["greedy_identical_prefix"] == [40] * int(key[5]), key
