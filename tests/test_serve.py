@@ -582,12 +582,44 @@ def test_chat_completion_is_the_rendered_conversation_continued_by_the_one_decod
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+def test_chat_logprobs_are_the_models_log_probabilities_of_the_reply_streamed_or_not(client, run_dir):
+    from lmforge.generate import prompt_ids, score_prompt
+
+    body = {"messages": CHAT, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    out = client.post("/v1/chat/completions", json=body)
+    assert out.status_code == 200, out.text
+    choice = out.json()["choices"][0]
+    entries = choice["logprobs"]["content"]
+    gen = load(str(run_dir), device="cpu")
+    prompt = prompt_ids(gen.tokenizer, gen.render_chat(CHAT))
+    reply = gen.complete([gen.render_chat(CHAT)], max_new_tokens=12, greedy=True, stop_strings=[gen.chat_stop()])[0][0]
+    want = score_prompt(gen.model, prompt + reply.token_ids, 3)[len(prompt):]  # the reply given what came before
+    assert len(entries) == len(reply.token_ids) > 0
+    for entry, lp in zip(entries, want):
+        assert entry["token"] == gen.tokenizer.token_text(lp.token) and entry["bytes"] == list(
+            gen.tokenizer.id_to_bytes(lp.token))
+        assert entry["logprob"] == pytest.approx(lp.logprob, abs=1e-4)
+        assert [t["token"] for t in entry["top_logprobs"]] == [gen.tokenizer.token_text(t) for t, _ in lp.top]
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([v for _, v in lp.top], abs=1e-4)
+    assert bytes(b for e in entries for b in e["bytes"]).decode("utf-8", "replace") == choice["message"]["content"]
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r)
+    streamed = [e for ev in events[:-1] for e in ((ev["choices"][0]["logprobs"] or {}).get("content") or [])]
+    assert streamed == entries
+    no_top = client.post("/v1/chat/completions", json={**body, "top_logprobs": None}).json()["choices"][0]
+    assert [e["logprob"] for e in no_top["logprobs"]["content"]] == [e["logprob"] for e in entries]
+    assert all(e["top_logprobs"] == [] for e in no_top["logprobs"]["content"])
+    assert client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4}).json()["choices"][0][
+        "logprobs"] is None
+
+
 @pytest.mark.parametrize("body,words", [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": "x", "mood": 1}]}, "a message takes role, content and name"),
     ({"messages": CHAT, "tools": []}, "/v1/chat/completions takes"),
-    ({"messages": CHAT, "logprobs": True}, "logprobs=True is not supported"),
+    ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": CHAT, "max_tokens": 5, "max_completion_tokens": 6}, "differ"),
 ])
 def test_each_bad_chat_request_gets_422_and_a_message(client, body, words):

@@ -59,6 +59,7 @@ PUBLIC_PATHS = ("/health", "/")  # no API key: liveness, and the static page tha
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees as soon as one request ends
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # the Host names a local server answers to by default
 MAX_LOGPROBS = 5  # OpenAI's cap on completions' logprobs
+MAX_TOP_LOGPROBS = 20  # and on chat's top_logprobs
 log = logging.getLogger("lmforge.serve")
 
 
@@ -141,9 +142,10 @@ class ChatRequest(SamplingRequest):
     max_tokens: Optional[StrictInt] = Field(None, ge=1)
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
     logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
-CHAT_UNSUPPORTED = {"logprobs": False}
+CHAT_UNSUPPORTED: dict[str, Any] = {}
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat API has no default length; a reply this long unless asked
 
 
@@ -461,8 +463,12 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             raise ApiError(422, "max_tokens and max_completion_tokens differ: give one of them", "max_tokens")
         max_tokens = body.max_completion_tokens or body.max_tokens or min(CHAT_DEFAULT_MAX_TOKENS, config.max_tokens)
         ids = _text_ids(generator, text, max_prompt_tokens)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(422, "top_logprobs needs logprobs: true", "top_logprobs")
         jobs, prompt_tokens = _jobs_for(body, [ids], request, config, model_id, max_tokens, CHAT_UNSUPPORTED,
                                         generator.tokenizer, extra_stop=[generator.chat_stop()])
+        if body.logprobs:
+            jobs[0].logprobs = body.top_logprobs or 0
         try:
             engine.submit(jobs)
         except Busy as e:
@@ -473,7 +479,8 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return GuardedStream(_sse(jobs, {**head, "object": "chat.completion.chunk"}, prompt_tokens,
-                                      include_usage, config.timeout, chat=True), config.stall_timeout)
+                                      include_usage, config.timeout, chat=True, tokenizer=generator.tokenizer),
+                                 config.stall_timeout)
         try:
             finished = await _wait_all(jobs, request, config.timeout)
         finally:
@@ -481,7 +488,8 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                 job.cancel()
         if finished is None:
             return Response(status_code=499)
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None if job.logprobs is None else _chat_logprobs(generator.tokenizer, c.logprobs),
                     "finish_reason": c.finish} for job in finished for i, c in enumerate(job.choices)]
         completion_tokens = sum(c.tokens for job in finished for c in job.choices)
         return JSONResponse({**head, "choices": choices, "usage": {
@@ -668,6 +676,16 @@ def _logprobs_json(tokenizer: Any, entries: list[tuple[int, Optional[Logprobs], 
             "text_offset": [at for _, _, at in entries]}
 
 
+def _chat_logprobs(tokenizer: Any, logprobs: list[Logprobs]) -> dict:
+    """Chat's `logprobs` object for these tokens: {"content": [{token, logprob, bytes, top_logprobs}]}, as OpenAI
+    gives it (bytes: the token's UTF-8 bytes, which may be part of a character)."""
+    def entry(token: int, logprob: float) -> dict:
+        return {"token": tokenizer.token_text(token), "logprob": logprob, "bytes": list(tokenizer.id_to_bytes(token))}
+
+    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in logprobs]}
+
+
 LATE = 5.0  # seconds past its deadline that a handler waits for the worker's own 504 (a long step in progress)
 
 
@@ -735,8 +753,9 @@ async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: b
                chat: bool = False, echoed: Optional[list[str]] = None, tokenizer: Any = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text piece or finished choice, then usage (if asked), then [DONE].
     Chat chunks carry `delta`s (the assistant role first), completion chunks `text` (the prompt's text first
-    when `echoed` has it). With `logprobs`, each completion chunk carries those of its own tokens (text offsets
-    in the whole choice's text, as without stream); an echoed prompt's chunk, with its scores, waits for them.
+    when `echoed` has it). With `logprobs`, each chunk carries those of its own tokens (a completion's with text
+    offsets in the whole choice's text, as without stream); an echoed prompt's chunk, with its scores, waits for
+    them.
 
     A client that disconnects cancels this generator (Starlette's disconnect listener); the finally
     clause then tells the worker to drop the jobs before their next token.
@@ -749,7 +768,8 @@ async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: b
         """`logprobs`: (Logprobs, offset in the choice's text) of the engine's event; `entries`: whole entries."""
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "finish_reason": finish,
+                      "logprobs": None if logprobs is None else _chat_logprobs(tokenizer, [lp for lp, _ in logprobs])}
         else:
             if logprobs is not None:
                 entries = [(lp.token, lp, shift[index] + at) for lp, at in logprobs]
