@@ -641,3 +641,25 @@ def test_an_int8_compiled_server_decodes_through_its_compiled_step_and_answers_a
         text = complete(client, prompt="Hello", max_tokens=20, temperature=0)["choices"][0]["text"]
     assert set(engine.model.libraries) == {True}  # the batch-1 step ran compiled
     assert text == load(str(run_dir), device="cpu", quantize="int8").generate("Hello", max_new_tokens=20, greedy=True)
+
+
+def test_tokenize_gives_the_ids_the_model_reads_and_detokenize_the_text(client, run_dir):
+    gen = load(str(run_dir), device="cpu")
+    out = client.post("/tokenize", json={"prompt": "héllo"}).json()
+    assert out["tokens"] == [gen.tokenizer.start_id] + gen.tokenizer.encode("héllo") and out["count"] == 7
+    assert out["max_model_len"] == gen.model.config.block_size and out["token_strs"][0] == "<START>"
+    completion = complete(client, prompt="héllo", max_tokens=2)
+    assert completion["usage"]["prompt_tokens"] == out["count"]  # what /v1/completions counts
+    bare = client.post("/tokenize", json={"prompt": "héllo", "add_special_tokens": False}).json()
+    assert bare["tokens"] == out["tokens"][1:]
+    chat = client.post("/tokenize", json={"messages": CHAT}).json()
+    answer = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2}).json()
+    assert chat["count"] == answer["usage"]["prompt_tokens"]
+    assert client.post("/detokenize", json={"tokens": out["tokens"]}).json() == {"prompt": "héllo"}
+    for path, body, words in [("/tokenize", {}, "give a prompt or messages"),
+                              ("/tokenize", {"prompt": "x", "messages": CHAT}, "give a prompt or messages"),
+                              ("/tokenize", {"prompt": "x", "model": "gpt-4"}, "'gpt-4' is not served"),
+                              ("/detokenize", {"tokens": [5, 100_000]}, "token id 100000 is outside"),
+                              ("/detokenize", {"tokens": "5"}, "tokens")]:
+        r = client.post(path, json=body)
+        assert r.status_code in (404, 422) and words in r.json()["error"]["message"], (path, body, r.text)

@@ -8,6 +8,8 @@
                           (server-sent events ending in `data: [DONE]`), usage counts
     POST /v1/chat/completions  OpenAI chat: messages through the model's chat template, the same options
     POST /v1/classify     a classifier's labels with probabilities for a text or a list of texts (top_k)
+    POST /tokenize        vLLM's: the token ids a prompt (or a chat's messages) becomes, as the model reads it
+    POST /detokenize      vLLM's: the text of token ids
     GET  /                the playground page (static; it asks for the API key itself); for a classifier
                           a note pointing to /v1/classify
 
@@ -147,6 +149,22 @@ class ChatRequest(SamplingRequest):
 
 CHAT_UNSUPPORTED: dict[str, Any] = {}
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat API has no default length; a reply this long unless asked
+
+
+class TokenizeRequest(BaseModel):
+    """The body of POST /tokenize (vLLM's): a prompt, or a chat's messages, as the model would read them."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    prompt: Optional[Text] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    tokens: list[StrictInt]
 
 
 class ClassifyRequest(BaseModel):
@@ -495,6 +513,33 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         return JSONResponse({**head, "choices": choices, "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}})
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        if body.model is not None and body.model != model_id:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(422, "give a prompt or messages (one of them)", "prompt")
+        try:  # the text /v1/completions or /v1/chat/completions would feed the model
+            text = generator.render(body.prompt) if body.messages is None else \
+                generator.render_chat([m.model_dump(exclude={"name"}) for m in body.messages])
+        except ConfigError as e:
+            raise ApiError(422, str(e), "prompt" if body.messages is None else "messages") from None
+        tokenizer = generator.tokenizer
+        ids = prompt_ids(tokenizer, text) if body.add_special_tokens else tokenizer.encode(text)
+        return {"count": len(ids), "max_model_len": generator.model.config.block_size,
+                "max_prompt_tokens": max_prompt_tokens, "tokens": ids,
+                "token_strs": [tokenizer.token_text(t) for t in ids]}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        if body.model is not None and body.model != model_id:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        vocab = generator.tokenizer.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(422, f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", "tokens")
+        return {"prompt": generator.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
