@@ -159,9 +159,13 @@ MUTANTS = [
            "look=len(self.tokens) >= self.config.min_new_tokens", "look=True",
            ("tests/test_generate.py::test_min_new_tokens_holds_back_end_ids_and_stop_strings_until_then",)),
     Mutant("guided-choice-never-ends", "generate/rows.py",
-           "        chosen = self.config.guided_choice_ids is not None and self._chose()", "        chosen = False",
+           "(self.config.guided_choice_ids is not None and self._chose())", "(False)",
            ("tests/test_generate.py::test_guided_choice_answers_with_one_choice_picking_the_best_allowed_token_"
             "each_step[choices0]",)),
+    Mutant("guided-regex-never-ends", "generate/rows.py",
+           "            (self.guide is not None and self.guide.complete(self.tokens))", "            False",
+           ("tests/test_generate.py::test_guided_regex_keeps_the_text_on_the_pattern_and_picks_the_best_allowed_"
+            "token[[0-9]{3}-[0-9]{4}]",)),
     Mutant("typical-by-probability", "generate/processors.py",
            "order = (-logp - entropy).abs().sort(dim=-1).indices", "order = (-logp).sort(dim=-1).indices",
            ("tests/test_generate_hf.py::test_sampling_filters_equal_hf_warpers_alone_and_in_hfs_order",)),

@@ -103,6 +103,9 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
     assert main(["generate", str(run), "--prompt", "Is it? ", "--greedy", "--device", "cpu", "--guided-choice", "Yes",
                  "--guided-choice", "No"]) == 0
     assert capsys.readouterr().out in ("Is it? Yes\n", "Is it? No\n")
+    assert main(["generate", str(run), "--prompt", "Date: ", "--device", "cpu", "--seed", "1", "--guided-regex",
+                 "[0-9]{4}-[0-9]{2}"]) == 0
+    assert re.fullmatch(r"Date: [0-9]{4}-[0-9]{2}\n", capsys.readouterr().out)
 
 
 def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
@@ -244,6 +247,7 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "generate.typical_p=0.5 is a sampling option"),
         ("generate-guided-choice-beams", ["generate", str(run), "--num-beams", "2", "--guided-choice", "yes"],
          "picks the answer token by token"),
+        ("generate-guided-regex-backreference", ["generate", str(run), "--guided-regex", r"(a)\1"], "cannot be used"),
         ("serve-missing-assistant", ["serve", str(run), "--assistant-model", str(ws / "ghost"), "--port", "0",
                                      "--device", "cpu"], "ghost"),
         # what an encoder (model.causal false) cannot do: no BERT equivalent, no endpoint
@@ -336,7 +340,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 97
+N_CASES = 98
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -1,6 +1,7 @@
 """Decoding: greedy equals argmax of a full forward, budgets hold, seeds reproduce, filters filter,
 batches equal their prompts one by one, stop strings and stop ids stop."""
 
+import re
 import warnings
 
 import pytest
@@ -599,3 +600,90 @@ def test_guided_choice_is_refused_where_it_cannot_work():
                            (dict(guided_choice_ids=[[100, 400]]), "guided_choice_ids names the token id 400")]:
         with pytest.raises(ConfigError, match=words):
             gen.generate("ab", **options)
+
+
+# ---------------------------------------------------------------------------------------------- guided regex
+PATTERNS = {  # pattern: (what a prefix of a match looks like, Python's re)
+    r"[0-9]{3}-[0-9]{4}": r"[0-9]{0,3}|[0-9]{3}-[0-9]{0,4}",
+    r"(ab)+c?": r"(ab)*a?|(ab)+c",
+    r"yes|no|maybe": r"|y|ye|yes|n|no|m|ma|may|mayb|maybe",
+}
+
+
+def regex_by_hand(m: GPT, prompt: list, pattern: str, end_ids: list) -> list:
+    """Reference: full forward passes, each step the argmax among the tokens whose text keeps the text a prefix of a
+    match (Python's re on a hand-written prefix pattern) and the end ids once the text matches; stops at an end id
+    or at a match no token extends."""
+    out, text = [], ""
+    texts = {t: bytes([t - 3]).decode() for t in range(3, 3 + 128)}  # the byte tokenizer's ASCII tokens
+
+    def extensions(text):
+        return [t for t, s in texts.items() if re.fullmatch(PATTERNS[pattern], text + s)]
+
+    while True:
+        logits = m(torch.tensor([prompt + out]))[0, -1]
+        allowed = extensions(text) + (end_ids if re.fullmatch(pattern, text) else [])
+        token = max(allowed, key=lambda t: logits[t].item())
+        if token in end_ids:
+            return out
+        out.append(token)
+        text += texts[token]
+        if re.fullmatch(pattern, text) and not extensions(text):
+            return out
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_guided_regex_keeps_the_text_on_the_pattern_and_picks_the_best_allowed_token(pattern):
+    m = model(block_size=64)
+    gen = TextGenerator(m, TOKENIZER)
+    for text in ("Call me at ", "x", "The quick brown"):
+        got = gen.complete([text], greedy=True, guided_regex=pattern, max_new_tokens=20)[0][0]
+        assert re.fullmatch(pattern, got.text) and got.finish_reason == "stop"
+        assert got.token_ids == regex_by_hand(m, prompt_ids(TOKENIZER, text), pattern, [END])
+        ids = generate_batch_ids(m, [prompt_ids(TOKENIZER, text)], greedy=True, guided_regex=pattern,
+                                 tokenizer=TOKENIZER, max_new_tokens=20)[0][0]  # no end id: a full match ends it
+        assert ids == regex_by_hand(m, prompt_ids(TOKENIZER, text), pattern, [])
+    samples = gen.complete(["Call me at "], temperature=2.0, seed=0, guided_regex=pattern, max_new_tokens=20,
+                           num_return_sequences=30)[0]
+    assert all(re.fullmatch(pattern, c.text) and c.finish_reason == "stop" for c in samples)
+    assert len({c.text for c in samples}) >= 2
+
+
+def test_guided_regex_never_enters_a_state_from_which_no_match_is_reachable():
+    """A lookahead gives the automaton dead states ("ac" here can never become a match): the token that leads into
+    one is never allowed, however much the model wants it."""
+    gen = TextGenerator(model(block_size=64), TOKENIZER)
+    pushed = {ord("c") + 3: 30.0, ord("b") + 3: 5.0}
+    for text in ("x", "abc"):
+        out = gen.complete([text], greedy=True, guided_regex="ab*(?!c)", logit_bias=pushed, max_new_tokens=12)[0][0]
+        assert re.fullmatch("ab*", out.text) and "c" not in out.text
+
+
+def test_a_finite_regex_chooses_like_guided_choice_on_a_tokenizer_of_one_character_per_token():
+    gen = TextGenerator(model(block_size=64), TOKENIZER)
+    for text in ("Review: great", "x", "ab"):
+        as_regex = gen.complete([text], greedy=True, guided_regex="yes|no|maybe|not sure")[0][0]
+        as_choice = gen.complete([text], greedy=True, guided_choice=["yes", "no", "maybe", "not sure"])[0][0]
+        assert as_regex == as_choice
+
+
+def test_guided_regex_with_bpe_allows_any_tokenization_and_refuses_what_cannot_work():
+    from lmforge.tokenizer import train_bpe, train_char
+
+    bpe = train_bpe(["the cat and the dog, then the end. " * 50], vocab_size=300)
+    gen = TextGenerator(model(vocab_size=bpe.vocab_size, block_size=64), bpe)
+    pattern = r"(the|a) (cat|dog|end)\."
+    samples = gen.complete(["the"], temperature=1.5, seed=1, guided_regex=pattern, num_return_sequences=12,
+                           max_new_tokens=20)[0]
+    assert all(re.fullmatch(pattern, c.text) and c.finish_reason == "stop" for c in samples)
+    char = train_char(["abc abc"], vocab_size=270)
+    with pytest.raises(ConfigError, match="no token of this vocabulary can begin a match"):
+        TextGenerator(model(vocab_size=char.vocab_size, block_size=64), char).generate("a", guided_regex="é+")
+    for options, words in [(dict(guided_regex="(?<=a)b"), "guided_regex='(?<=a)b' cannot be used"),
+                           (dict(guided_regex="a", num_beams=2), "picks the answer token by token"),
+                           (dict(guided_regex="a", guided_choice=["a"]), "both say what the answer may be"),
+                           (dict(guided_regex="[a"), "cannot be used")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            gen.generate("the", **options)
+    with pytest.raises(ConfigError, match="guided_regex needs the tokenizer"):
+        generate_batch_ids(gen.model, [[5, 6]], guided_regex="a")

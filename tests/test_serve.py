@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -172,6 +173,11 @@ def test_openai_logit_bias_and_vllm_min_tokens_bad_words_typical_p_give_the_pyth
     assert [c["text"] for c in answers["choices"]] == [c.text for c in generator.complete(
         ["ab"], max_new_tokens=30, num_return_sequences=4, seed=2, temperature=2.0, guided_choice=choices)[0]]
     assert all(c["text"] in choices and c["finish_reason"] == "stop" for c in answers["choices"])
+    pattern = r"[0-9]{3}-[0-9]{4}"
+    phones = complete(client, prompt="ab", max_tokens=30, n=3, seed=5, guided_regex=pattern)["choices"]
+    assert [c["text"] for c in phones] == [c.text for c in generator.complete(
+        ["ab"], max_new_tokens=30, num_return_sequences=3, seed=5, guided_regex=pattern)[0]]
+    assert all(re.fullmatch(pattern, c["text"]) and c["finish_reason"] == "stop" for c in phones)
     sampled = complete(client, prompt="ab", max_tokens=30, seed=4, typical_p=0.7, logit_bias={str(first): 3})
     assert sampled["choices"][0]["text"] == generator.generate("ab", max_new_tokens=30, seed=4, typical_p=0.7,
                                                                logit_bias={first: 3.0})
@@ -265,6 +271,9 @@ BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the messa
     ("too-many-choices", {"prompt": "x", "guided_choice": ["c"] * 65}, 422, "65 guided choices"),
     ("choice-too-long", {"prompt": "x", "guided_choice": ["c" * 65]}, 422, "guided choice of more than 64"),
     ("no-choices", {"prompt": "x", "guided_choice": []}, 422, "guided_choice=[] is invalid"),
+    ("regex-lookbehind", {"prompt": "x", "guided_regex": "(?<=a)b"}, 422, "guided_regex='(?<=a)b' cannot be used"),
+    ("regex-too-long", {"prompt": "x", "guided_regex": "a" * 257}, 422, "at most 256 (serve.max_regex_chars)"),
+    ("regex-and-choice", {"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, 422, "give one"),
     ("token-id-outside-vocab", {"prompt": [3, 100_000]}, 422, "token id 100000 is outside"),
     ("token-ids-empty", {"prompt": [[1], []]}, 422, "token ids is empty"),
     ("token-id-negative", {"prompt": [[-1]]}, 422, "token id -1"),

@@ -119,7 +119,8 @@ def test_the_model_as_its_own_draft_keeps_every_guess(target, options):
                                      {"max_new_tokens": 1}, {"max_length": 40},
                                      {"stop_strings": ["."], "min_new_tokens": 25},
                                      {"stop_token_ids": [ord(" ") + 3], "min_new_tokens": 9},
-                                     {"guided_choice": [" a dog", " a fish", " the king", " the kingdom"]}])
+                                     {"guided_choice": [" a dog", " a fish", " the king", " the kingdom"]},
+                                     {"guided_regex": r"( [a-z]+){2,5}\."}])
 def test_stop_rules_and_budgets_end_sequences_as_plain_decoding_does(target, draft, options):
     base = {"greedy": True, "max_new_tokens": 50, **options}
     # each prompt alone: a padded batch slides its window when its longest row fills it, speculation row by row

@@ -223,6 +223,11 @@ class Tokenizer:
         """An incremental decoder for generation; see ``StreamDecoder``."""
         return StreamDecoder(self, skip_special)
 
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """The ids of the special tokens (start, end, pad, and mask where there is one): never text."""
+        return self._special_ids
+
     def token_text(self, token_id: int) -> str:
         """A printable form of one token, for reports (special names, bytes as ``<0xNN>``)."""
         if token_id in self._special_ids:

@@ -7,6 +7,7 @@
                 top-p, min-p, typical, epsilon, eta), the pick of a token
     decode      the one loop: rows with their own settings in one batch, per-row Events out
     compiled    the decoding step compiled ahead of time (AOTInductor), once for every length
+    guided      guided_regex: a regular expression as an automaton, and the tokens each of its states allows
     beam        beam search (num_beams > 1), as Hugging Face's
     speculative speculative decoding: a drafter (prompt lookup, or a small assistant model) guesses k tokens, the
                 model checks them in one pass; greedy output unchanged, sampling's distribution kept
@@ -54,7 +55,7 @@ _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can re
     "Event": "rows", "Logprobs": "rows", "Row": "rows", "Sequences": "rows", "StopText": "rows", "make_rows": "rows",
     "row_generators": "rows", "with_token_ids": "rows",
     "DraftModel": "speculative", "PromptLookup": "speculative", "speculative_rows": "speculative",
-    "ChatSession": "chat",
+    "ChatSession": "chat", "RegexGuide": "guided", "regex_guide": "guided",
 }
 __all__ = sorted(_WHERE)
 

@@ -75,6 +75,10 @@ class GenerateConfig:
         "Answer with exactly one of these texts (vLLM's guided_choice): each step allows only the tokens that continue "
         "one of them as the tokenizer encodes it, and the sequence ends once one is complete; needs the tokenizer. "
         "Not with beam search.", None)
+    guided_regex: Optional[str] = doc(
+        "Generate text that fully matches this regular expression (vLLM's guided_regex): each step allows only the "
+        "tokens that keep a match reachable, and the sequence ends once the match is complete and cannot go on; "
+        "needs the tokenizer. Not with beam search.", None)
     guided_choice_ids: Optional[list[list[int]]] = doc(
         "guided_choice as token sequences (what guided_choice becomes once encoded; give either).", None, ge=0)
     num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.",
@@ -116,12 +120,17 @@ class GenerateConfig:
         if self.guided_choice is not None and not (self.guided_choice and all(self.guided_choice)):
             raise ConfigError(f"generate.guided_choice={self.guided_choice!r} is invalid: a list of non-empty "
                               "strings, at least one")
-        if self.guided_choice is not None and self.guided_choice_ids is not None:
-            raise ConfigError("generate.guided_choice and guided_choice_ids both give the choices: give one")
         if self.guided_choice_ids == []:
             raise ConfigError("generate.guided_choice_ids=[] allows no answer: give at least one token sequence")
-        guided = "guided_choice" if self.guided_choice is not None else "guided_choice_ids" \
-            if self.guided_choice_ids is not None else None
+        guides = [name for name in ("guided_choice", "guided_choice_ids", "guided_regex")
+                  if getattr(self, name) is not None]
+        if len(guides) > 1:
+            raise ConfigError(f"generate.{guides[0]} and {guides[1]} both say what the answer may be: give one")
+        guided = guides[0] if guides else None
+        if self.guided_regex is not None:
+            from lmforge.generate.guided import compile_pattern
+
+            compile_pattern(self.guided_regex)  # a one-line error now, not at the first decode
         if guided and self.num_beams > 1:
             raise ConfigError(f"generate.{guided} picks the answer token by token and beam search (num_beams="
                               f"{self.num_beams}) keeps several: use num_beams=1")
@@ -166,7 +175,7 @@ class GenerateConfig:
         constraints = (self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty,
                        self.frequency_penalty, self.min_new_tokens, tuple(sorted((self.logit_bias or {}).items())),
                        tuple(tuple(ids) for ids in self.bad_words_ids or ()),
-                       tuple(tuple(ids) for ids in self.guided_choice_ids or ()))
+                       tuple(tuple(ids) for ids in self.guided_choice_ids or ()), self.guided_regex)
         if self.is_greedy:
             return (True, None, None, None, None, None, None, None, *constraints)
         return (False, self.temperature, self.top_k, self.top_p, self.min_p, self.typical_p, self.epsilon_cutoff,

@@ -32,6 +32,7 @@ class Scoring:
                         [rows[i].generator for i in index]) for index in groups.values()]
         self.generated = [[rows[i].tokens for i in index] for index in groups.values()]  # live lists, per group
         self.end_ids = [sorted(end_ids) for _, end_ids in groups]
+        self.guides = [rows[index[0]].guide for index in groups.values()]  # equal configs: one pattern, one guide
         self.whole = len(self.groups) == 1  # one group: no gather / scatter
         self.processed = any(penalizes(c) for c, _, _ in self.groups)
 
@@ -40,16 +41,17 @@ class Scoring:
         tokens, real = seqs.so_far() if self.processed else (None, None)
         if self.whole:
             config, _, generators = self.groups[0]
-            scores = process_scores(logits, tokens, real, config, self.generated[0], self.end_ids[0]) \
-                if self.processed else logits
+            scores = process_scores(logits, tokens, real, config, self.generated[0], self.end_ids[0],
+                                    self.guides[0]) if self.processed else logits
             return next_token(scores, config, None if config.is_greedy else generators)
         out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
-        for (config, index, generators), generated, end_ids in zip(self.groups, self.generated, self.end_ids):
+        for (config, index, generators), generated, end_ids, guide in zip(self.groups, self.generated, self.end_ids,
+                                                                          self.guides):
             scores = logits.index_select(0, index)
             if self.processed:
                 scores = process_scores(scores, tokens.index_select(0, index),
                                         None if real is None else real.index_select(0, index), config, generated,
-                                        end_ids)
+                                        end_ids, guide)
             out.index_copy_(0, index, next_token(scores, config, None if config.is_greedy else generators))
         return out
 

@@ -9,7 +9,7 @@ can share one forward pass.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -140,17 +140,19 @@ def penalizes(config: GenerateConfig) -> bool:
     """Whether process_scores changes anything for rows of `config`."""
     return (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size > 0 or config.presence_penalty != 0.0
             or config.frequency_penalty != 0.0 or config.min_new_tokens > 0 or bool(config.logit_bias)
-            or bool(config.bad_words_ids) or bool(config.guided_choice_ids))
+            or bool(config.bad_words_ids) or bool(config.guided_choice_ids) or config.guided_regex is not None)
 
 
 def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[torch.Tensor],
                    config: GenerateConfig, generated: Optional[Sequence[Sequence[int]]] = None,
-                   end_ids: Sequence[int] = ()) -> torch.Tensor:
+                   end_ids: Sequence[int] = (), guide: Any = None) -> torch.Tensor:
     """Scores (B, V) after, in Hugging Face's order, the logit bias, the repetition penalty and the no-repeat
     n-gram ban over each row's tokens so far (B, L) (real: (B, L) or None), the bad words, and the ban of the end
     ids (`end_ids`) in rows with fewer than min_new_tokens generated tokens; then the presence and frequency
-    penalties over each row's generated tokens (`generated`: B lists; None = those penalties and min_new_tokens
-    off). Temperature and the filters come later, in next_token."""
+    penalties over each row's generated tokens (`generated`: B lists; None = those penalties, min_new_tokens and
+    the guides off); last, the guided choice (only tokens that continue one of the choices) or the guided regex
+    (`guide`, a generate.guided.RegexGuide: only tokens that keep a full match reachable). Temperature and the
+    filters come later, in next_token."""
     if config.logit_bias:
         scores = bias_logits(scores, config.logit_bias)
     if config.repetition_penalty != 1.0:
@@ -167,6 +169,8 @@ def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[to
     if generated is not None and config.guided_choice_ids:
         allowed = choice_tokens(generated, config.guided_choice_ids, end_ids, scores.size(-1), scores.device)
         scores = scores.masked_fill(~allowed, -torch.inf)
+    if generated is not None and guide is not None:  # guided_regex: the rows' RegexGuide (generate.guided)
+        scores = scores.masked_fill(~guide.allowed(generated, end_ids, scores.device), -torch.inf)
     return scores
 
 

@@ -163,6 +163,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # new tokens so far (an end id is not one)
     finish: Optional[str] = None                # "stop" | "length" | "cancelled" (the reader left)
     top_logprobs: Optional[int] = None          # report each token's Logprobs with this many alternatives
+    guide: Any = None                           # guided_regex: its generate.guided.RegexGuide
     drafted: int = 0                            # speculative decoding: tokens guessed for it,
     accepted: int = 0                           # and of those, kept
 
@@ -174,7 +175,8 @@ class Row:
             return Event(index, None, self.text.close() if self.text else "", "stop")
         self.tokens.append(token)
         piece = self.text.push(token, look=len(self.tokens) >= self.config.min_new_tokens) if self.text else ""
-        chosen = self.config.guided_choice_ids is not None and self._chose()
+        chosen = (self.config.guided_choice_ids is not None and self._chose()) or \
+            (self.guide is not None and self.guide.complete(self.tokens))
         if self.text is not None and not self.text.stopped and (len(self.tokens) >= self.budget or chosen):
             piece += self.text.close()  # the bytes a last, cut character left: a stop string may end in them
         if (self.text is not None and self.text.stopped) or chosen:
@@ -207,6 +209,8 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
     (with a tokenizer) its text. Stop strings need the tokenizer."""
     if config.stop_strings and tokenizer is None:
         raise ConfigError("stop_strings need the tokenizer to read the text; pass tokenizer=")
+    if config.guided_regex is not None and tokenizer is None:
+        raise ConfigError("guided_regex needs the tokenizer to read the tokens' text; pass tokenizer=")
     config = with_token_ids(config, tokenizer)
     config.check_vocabulary(model.config.vocab_size)
     cropped = [crop_prompt(p, model.config.block_size) for p in prompts]
@@ -214,8 +218,13 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
     generators = [None] * (len(cropped) * copies) if config.is_greedy else \
         row_generators(config, copies, len(cropped), device)
     end_ids = frozenset(config.end_ids(end_id))
+    guide = None
+    if config.guided_regex is not None:
+        from lmforge.generate.guided import regex_guide
+
+        guide = regex_guide(config.guided_regex, tokenizer, model.config.vocab_size)
     return [Row(prompt, config, config.new_tokens(len(prompt)), end_ids, generators[p * copies + j],
-                StopText(tokenizer, config.stop_strings or ()) if tokenizer is not None else None)
+                StopText(tokenizer, config.stop_strings or ()) if tokenizer is not None else None, guide=guide)
             for p, prompt in enumerate(cropped) for j in range(copies)]
 
 

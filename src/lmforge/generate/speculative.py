@@ -27,7 +27,7 @@ so every position sees exactly the context plain decoding would give it.
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterator, Optional, Protocol, Sequence
 
 import torch
 
@@ -40,15 +40,16 @@ from lmforge.model import GPT, KVCache
 
 # ------------------------------------------------------------------------------------ scores -> choice
 def distributions(logits: torch.Tensor, prefix: Sequence[int], extra: Sequence[int], config: GenerateConfig,
-                  generated: Optional[Sequence[int]] = None, end_ids: Collection[int] = ()) -> torch.Tensor:
+                  generated: Optional[Sequence[int]] = None, end_ids: Collection[int] = (), guide: Any = None
+                  ) -> torch.Tensor:
     """Scores (J, V) -> what plain decoding would pick from at each position j, whose text is prefix + extra[:j]
     (of which generated + extra[:j] was generated: the presence and frequency penalties and min_new_tokens count
-    those; None = they are off; `end_ids` the row's): the processed scores (greedy) or the sampling probabilities
-    (after temperature and the filters)."""
+    those; None = they are off; `end_ids` and `guide` (guided_regex) the row's): the processed scores (greedy) or
+    the sampling probabilities (after temperature and the filters)."""
     if penalizes(config):
         rows = [process_scores(logits[j:j + 1], torch.tensor([list(prefix) + list(extra[:j])], device=logits.device),
                                None, config, None if generated is None else [list(generated) + list(extra[:j])],
-                               end_ids)
+                               end_ids, guide)
                 for j in range(logits.size(0))]
         logits = torch.cat(rows)
     if config.is_greedy:
@@ -59,10 +60,11 @@ def distributions(logits: torch.Tensor, prefix: Sequence[int], extra: Sequence[i
 # ---------------------------------------------------------------------------------------- drafters
 class Drafter(Protocol):
     def propose(self, tokens: list[int], k: int, config: GenerateConfig, generator: Optional[torch.Generator],
-                generated: int = 0, end_ids: Collection[int] = ()) -> tuple[list[int], Optional[torch.Tensor]]:
+                generated: int = 0, end_ids: Collection[int] = (), guide: Any = None
+                ) -> tuple[list[int], Optional[torch.Tensor]]:
         """Up to k guessed next tokens after `tokens` (whose last `generated` were generated: what the presence and
-        frequency penalties and min_new_tokens count; `end_ids` the row's), and the (k', V) distribution each was
-        drawn from (None when the guesses are certain: a one-hot q)."""
+        frequency penalties and min_new_tokens count; `end_ids` and `guide` the row's), and the (k', V) distribution
+        each was drawn from (None when the guesses are certain: a one-hot q)."""
 
 
 class PromptLookup:
@@ -73,7 +75,8 @@ class PromptLookup:
         self.max_ngram = max_ngram
 
     def propose(self, tokens: list[int], k: int, config: GenerateConfig, generator: Optional[torch.Generator],
-                generated: int = 0, end_ids: Collection[int] = ()) -> tuple[list[int], Optional[torch.Tensor]]:
+                generated: int = 0, end_ids: Collection[int] = (), guide: Any = None
+                ) -> tuple[list[int], Optional[torch.Tensor]]:
         L = len(tokens)
         for n in range(min(self.max_ngram, L - 1), 0, -1):
             tail = tokens[L - n:]
@@ -98,7 +101,8 @@ class DraftModel:
         self.start = 0
 
     def propose(self, tokens: list[int], k: int, config: GenerateConfig, generator: Optional[torch.Generator],
-                generated: int = 0, end_ids: Collection[int] = ()) -> tuple[list[int], Optional[torch.Tensor]]:
+                generated: int = 0, end_ids: Collection[int] = (), guide: Any = None
+                ) -> tuple[list[int], Optional[torch.Tensor]]:
         n = len(tokens)
         same = 0  # how much of the cache is still the text
         for a, b in zip(self.fed, tokens[self.start:]):
@@ -121,7 +125,8 @@ class DraftModel:
             else:
                 logits = self.model(x, self.cache)[:, -1]  # (1, V)
             self.fed += new
-            scores = distributions(logits, tokens + guesses, [], config, tokens[n - generated:] + guesses, end_ids)
+            scores = distributions(logits, tokens + guesses, [], config, tokens[n - generated:] + guesses, end_ids,
+                                   guide)
             if config.is_greedy:
                 token = int(scores.argmax(-1))
             else:
@@ -216,12 +221,12 @@ def speculative_rows(model: GPT, rows: Sequence[Row], drafter_for: Callable[[Row
 def _step(index: int, row: Row, target: Target, drafter: Drafter, k: int) -> list[Event]:
     """One speculative step of one row: guess, check in one pass, keep; the Events of the kept tokens."""
     room = min(target.room(), row.budget - len(row.tokens) - 1, k)
-    guesses, q = drafter.propose(target.tokens, room, row.config, row.generator, len(row.tokens), row.end_ids) \
-        if room > 0 else ([], None)
+    guesses, q = drafter.propose(target.tokens, room, row.config, row.generator, len(row.tokens), row.end_ids,
+                                 row.guide) if room > 0 else ([], None)
     guesses = guesses[:room]
     q = q[:len(guesses)] if q is not None else None
     logits = target.check(guesses)  # (len(guesses) + 1, V)
-    p = distributions(logits, target.tokens, guesses, row.config, row.tokens, row.end_ids)
+    p = distributions(logits, target.tokens, guesses, row.config, row.tokens, row.end_ids, row.guide)
     kept = accept(guesses, q, p, row.config, row.generator)
     row.drafted += len(guesses)
     row.accepted += len(kept) - 1

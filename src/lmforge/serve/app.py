@@ -86,9 +86,9 @@ class StreamOptions(BaseModel):
 
 class SamplingRequest(BaseModel):
     """The fields completions and chat share: OpenAI's sampling options (presence and frequency penalties and
-    logit_bias included), plus top_k, min_p, typical_p, repetition_penalty, min_tokens, bad_words and guided_choice
-    as vLLM (and TGI, for typical_p) have them. Their values are checked by GenerateConfig, as for the library and
-    the CLI."""
+    logit_bias included), plus top_k, min_p, typical_p, repetition_penalty, min_tokens, bad_words, guided_choice and
+    guided_regex as vLLM (and TGI, for typical_p) have them. Their values are checked by GenerateConfig, as for the
+    library and the CLI."""
 
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
@@ -110,6 +110,7 @@ class SamplingRequest(BaseModel):
     min_tokens: Optional[StrictInt] = Field(None, ge=0)
     bad_words: Optional[list[Text]] = None
     guided_choice: Optional[list[Text]] = None
+    guided_regex: Optional[Text] = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -659,6 +660,9 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     if choices is not None and len(choices) > config.max_choices:
         raise ApiError(422, f"{len(choices)} guided choices; at most {config.max_choices} (serve.max_choices)",
                        "guided_choice")
+    if body.guided_regex is not None and len(body.guided_regex) > config.max_regex_chars:
+        raise ApiError(422, f"a guided_regex of {len(body.guided_regex)} characters; at most {config.max_regex_chars} "
+                       "(serve.max_regex_chars)", "guided_regex")
     if any(len(c) > config.max_stop_chars for c in choices or ()):
         raise ApiError(422, f"a guided choice of more than {config.max_stop_chars} characters "
                        "(serve.max_stop_chars)", "guided_choice")
@@ -683,7 +687,7 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
                                  frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias or None,
                                  typical_p=None if body.typical_p in (None, 1.0) else body.typical_p,
                                  min_new_tokens=body.min_tokens or 0, bad_words=bad_words or None,
-                                 guided_choice=choices)
+                                 guided_choice=choices, guided_regex=body.guided_regex)
         options = with_token_ids(options, tokenizer)
         options.check_vocabulary(tokenizer.vocab_size)
     except ConfigError as e:
