@@ -106,6 +106,14 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
     assert main(["generate", str(run), "--prompt", "Date: ", "--device", "cpu", "--seed", "1", "--guided-regex",
                  "[0-9]{4}-[0-9]{2}"]) == 0
     assert re.fullmatch(r"Date: [0-9]{4}-[0-9]{2}\n", capsys.readouterr().out)
+    schema = workspace / "schema.json"  # --guided-json takes the schema or a file holding it
+    schema.write_text(json.dumps({"type": "object", "properties": {"act": {"enum": ["I", "II"]},
+                                                                   "done": {"type": "boolean"}}}))
+    for given in (str(schema), schema.read_text()):
+        assert main(["generate", str(run), "--prompt", "{", "--device", "cpu", "--seed", "2", "--guided-json",
+                     given]) == 0
+        answer = json.loads(capsys.readouterr().out[1:])
+        assert list(answer) == ["act", "done"] and answer["act"] in ("I", "II") and isinstance(answer["done"], bool)
 
 
 def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
@@ -248,6 +256,8 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("generate-guided-choice-beams", ["generate", str(run), "--num-beams", "2", "--guided-choice", "yes"],
          "picks the answer token by token"),
         ("generate-guided-regex-backreference", ["generate", str(run), "--guided-regex", r"(a)\1"], "cannot be used"),
+        ("generate-guided-json-missing-file", ["generate", str(run), "--guided-json", str(ws / "ghost.json")],
+         "neither a JSON schema"),
         ("serve-missing-assistant", ["serve", str(run), "--assistant-model", str(ws / "ghost"), "--port", "0",
                                      "--device", "cpu"], "ghost"),
         # what an encoder (model.causal false) cannot do: no BERT equivalent, no endpoint
@@ -340,7 +350,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 98
+N_CASES = 99
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -1,6 +1,7 @@
 """Decoding: greedy equals argmax of a full forward, budgets hold, seeds reproduce, filters filter,
 batches equal their prompts one by one, stop strings and stop ids stop."""
 
+import json
 import re
 import warnings
 
@@ -685,5 +686,64 @@ def test_guided_regex_with_bpe_allows_any_tokenization_and_refuses_what_cannot_w
                            (dict(guided_regex="[a"), "cannot be used")]:
         with pytest.raises(ConfigError, match=re.escape(words)):
             gen.generate("the", **options)
-    with pytest.raises(ConfigError, match="guided_regex needs the tokenizer"):
+    with pytest.raises(ConfigError, match="guided_regex and guided_json need the tokenizer"):
         generate_batch_ids(gen.model, [[5, 6]], guided_regex="a")
+
+
+# ----------------------------------------------------------------------------------------- guided JSON schema
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 5}, "age": {"type": "integer"}, "ok": {"type": "boolean"},
+    "mood": {"enum": ["happy", "sad", 3]}, "score": {"type": ["number", "null"]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 2}, "minItems": 1, "maxItems": 3},
+    "home": {"type": "object", "properties": {"city": {"const": "Rome"}, "zip": {"anyOf": [{"type": "integer"},
+                                                                                          {"type": "null"}]}}}}}
+
+
+def follows(obj, schema) -> bool:
+    """Whether a parsed JSON value has the shape of SCHEMA's kind of schema (every property, in order)."""
+    if "const" in schema:
+        return obj == schema["const"]
+    if "enum" in schema:
+        return obj in schema["enum"]
+    if "anyOf" in schema:
+        return any(follows(obj, s) for s in schema["anyOf"])
+    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    checks = {"string": lambda: isinstance(obj, str) and len(obj) <= schema.get("maxLength", len(obj)),
+              "integer": lambda: isinstance(obj, int) and not isinstance(obj, bool),
+              "number": lambda: isinstance(obj, (int, float)) and not isinstance(obj, bool),
+              "boolean": lambda: isinstance(obj, bool), "null": lambda: obj is None,
+              "array": lambda: isinstance(obj, list) and schema.get("minItems", 0) <= len(obj) <= schema.get(
+                  "maxItems", len(obj)) and all(follows(x, schema["items"]) for x in obj),
+              "object": lambda: isinstance(obj, dict) and list(obj) == list(schema["properties"]) and all(
+                  follows(obj[k], s) for k, s in schema["properties"].items())}
+    return any(checks[k]() for k in kinds)
+
+
+def test_a_json_schema_becomes_a_regex_that_matches_exactly_its_documents_written_one_way():
+    from lmforge.generate.guided import json_schema_regex
+
+    pattern = json_schema_regex(SCHEMA)
+    good = {"name": "Bo\u00e9", "age": -12, "ok": True, "mood": 3, "score": 1.5e-3, "tags": ["a", "\n"],
+            "home": {"city": "Rome", "zip": None}}
+    assert re.fullmatch(pattern, json.dumps(good)) and re.fullmatch(pattern, json.dumps(good, ensure_ascii=False))
+    for bad in [{**good, "age": 1.5}, {**good, "name": "toolong"}, {**good, "tags": []}, {**good, "mood": "meh"},
+                {k: good[k] for k in reversed(good)}, {**good, "home": {"city": "Paris", "zip": 1}}]:
+        assert not re.fullmatch(pattern, json.dumps(bad)), bad
+    assert not re.fullmatch(pattern, json.dumps(good, indent=1))  # one way of writing it: ", " and ": "
+
+
+def test_guided_json_generates_documents_of_the_schema():
+    gen = TextGenerator(model(block_size=256), TOKENIZER)
+    samples = gen.complete(["Person: "], temperature=1.3, seed=0, guided_json=SCHEMA, max_new_tokens=250,
+                           num_return_sequences=12)[0]
+    done = [c for c in samples if c.finish_reason == "stop"]
+    assert len(done) >= 8  # (unbounded integers may run out of budget)
+    assert all(follows(json.loads(c.text), SCHEMA) for c in done)
+    as_text = gen.complete(["Person: "], temperature=1.3, seed=0, guided_json=json.dumps(SCHEMA),
+                           max_new_tokens=250, num_return_sequences=12)[0]
+    assert as_text == samples  # a dict or its JSON text: the same schema
+    for schema, words in [({"$ref": "#/defs/x"}, "uses '$ref'"), ({"type": "date"}, "has type 'date'"),
+                          ({"type": "array", "minItems": 3, "maxItems": 1}, "maxItems 1 < minItems 3"),
+                          ("{not json", "guided_json is not valid JSON"), ([1], "is [1]; a schema is a JSON object")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            gen.generate("x", guided_json=schema if not isinstance(schema, list) else json.dumps(schema))

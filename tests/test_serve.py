@@ -178,6 +178,17 @@ def test_openai_logit_bias_and_vllm_min_tokens_bad_words_typical_p_give_the_pyth
     assert [c["text"] for c in phones] == [c.text for c in generator.complete(
         ["ab"], max_new_tokens=30, num_return_sequences=3, seed=5, guided_regex=pattern)[0]]
     assert all(re.fullmatch(pattern, c["text"]) and c["finish_reason"] == "stop" for c in phones)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"},
+                                               "mood": {"enum": ["happy", "sad"]}}}  # bounded: it always ends
+    as_vllm = complete(client, prompt="ab", max_tokens=120, seed=3, guided_json=schema)["choices"][0]["text"]
+    as_openai = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "ab"}], "max_tokens": 120, "seed": 3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}})
+    reply = json.loads(as_openai.json()["choices"][0]["message"]["content"])
+    assert as_vllm == generator.generate("ab", max_new_tokens=120, seed=3, guided_json=schema)
+    for obj in (json.loads(as_vllm), reply):
+        assert list(obj) == ["name", "ok", "mood"] and isinstance(obj["name"], str) and len(obj["name"]) <= 6
+        assert isinstance(obj["ok"], bool) and obj["mood"] in ("happy", "sad")
     sampled = complete(client, prompt="ab", max_tokens=30, seed=4, typical_p=0.7, logit_bias={str(first): 3})
     assert sampled["choices"][0]["text"] == generator.generate("ab", max_new_tokens=30, seed=4, typical_p=0.7,
                                                                logit_bias={first: 3.0})
@@ -272,7 +283,15 @@ BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the messa
     ("choice-too-long", {"prompt": "x", "guided_choice": ["c" * 65]}, 422, "guided choice of more than 64"),
     ("no-choices", {"prompt": "x", "guided_choice": []}, 422, "guided_choice=[] is invalid"),
     ("regex-lookbehind", {"prompt": "x", "guided_regex": "(?<=a)b"}, 422, "guided_regex='(?<=a)b' cannot be used"),
-    ("regex-too-long", {"prompt": "x", "guided_regex": "a" * 257}, 422, "at most 256 (serve.max_regex_chars)"),
+    ("regex-too-long", {"prompt": "x", "guided_regex": "a" * 1025}, 422, "at most 1024 (serve.max_regex_chars)"),
+    ("json-object-format", {"prompt": "x", "response_format": {"type": "json_object"}}, 422, "json_object (any JSON)"),
+    ("format-without-schema", {"prompt": "x", "response_format": {"type": "json_schema"}}, 422,
+     'response_format must be {"type": "text"}'),
+    ("schema-not-json", {"prompt": "x", "guided_json": "{type"}, 422, "guided_json is not valid JSON"),
+    ("schema-with-ref", {"prompt": "x", "guided_json": {"$ref": "#/x"}}, 422, "uses '$ref'"),
+    ("schema-twice", {"prompt": "x", "guided_json": {"type": "integer"},
+                      "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}},
+     422, "guided_json and response_format both give a schema"),
     ("regex-and-choice", {"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, 422, "give one"),
     ("token-id-outside-vocab", {"prompt": [3, 100_000]}, 422, "token id 100000 is outside"),
     ("token-ids-empty", {"prompt": [[1], []]}, 422, "token ids is empty"),

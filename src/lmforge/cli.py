@@ -400,10 +400,25 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+DECODING_METAVARS = {"stop_token_ids": "ID", "logit_bias": "ID:BIAS", "bad_words_ids": "IDS", "bad_words": "TEXT",
+                     "guided_choice_ids": "IDS", "guided_regex": "REGEX", "guided_json": "SCHEMA_OR_FILE"}
+
+
 def _check_assistant_flags(args: argparse.Namespace, values: dict) -> None:
+    """The decoding flags that need another flag, and --guided-json FILE read (generate, chat)."""
+    from pathlib import Path
+
     if "num_assistant_tokens" in values and not args.assistant_model:
         raise ConfigError("--num-assistant-tokens sets how many tokens an assistant model guesses: give "
                           "--assistant-model RUN_DIR too (or --prompt-lookup-num-tokens to guess without a model)")
+    schema = values.get("guided_json")
+    if schema is not None and not schema.lstrip().startswith("{"):  # not JSON text: a schema file
+        try:
+            values["guided_json"] = Path(schema).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--guided-json {schema!r} is neither a JSON schema (text starting with '{{') nor a "
+                              f"readable UTF-8 file ({type(e).__name__}): give the schema or a .json file holding "
+                              "it") from None
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -435,8 +450,7 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no-progress", action="store_true",
                    help="hide the progress bar (drawn on stderr, and only when it is a terminal)")
-    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID", "logit_bias": "ID:BIAS",
-                                                                  "bad_words_ids": "IDS", "bad_words": "TEXT"},
+    add_config_arguments(p, GenerateConfig, "generate", metavars=DECODING_METAVARS,
                          aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
     p.add_argument("--assistant-model", metavar="RUN_OR_CHECKPOINT_DIR",
                    help="text-to-text task data: a smaller model with the same tokenizer drafts the predictions' "
@@ -520,8 +534,7 @@ def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     the device and an assistant (draft) model."""
     from lmforge.generate.config import GenerateConfig
 
-    add_config_arguments(p, GenerateConfig, "generate", metavars={"stop_token_ids": "ID", "logit_bias": "ID:BIAS",
-                                                                  "bad_words_ids": "IDS", "bad_words": "TEXT"},
+    add_config_arguments(p, GenerateConfig, "generate", metavars=DECODING_METAVARS,
                          aliases={"stop_strings": ["--stop"], "stop_token_ids": ["--stop-token-id"]})
     _add_weight_arguments(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

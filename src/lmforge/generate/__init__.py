@@ -7,7 +7,8 @@
                 top-p, min-p, typical, epsilon, eta), the pick of a token
     decode      the one loop: rows with their own settings in one batch, per-row Events out
     compiled    the decoding step compiled ahead of time (AOTInductor), once for every length
-    guided      guided_regex: a regular expression as an automaton, and the tokens each of its states allows
+    guided      guided_regex / guided_json: a regular expression (or a JSON schema made one) as an automaton, and
+                the tokens each of its states allows
     beam        beam search (num_beams > 1), as Hugging Face's
     speculative speculative decoding: a drafter (prompt lookup, or a small assistant model) guesses k tokens, the
                 model checks them in one pass; greedy output unchanged, sampling's distribution kept

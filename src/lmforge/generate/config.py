@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
@@ -79,6 +80,10 @@ class GenerateConfig:
         "Generate text that fully matches this regular expression (vLLM's guided_regex): each step allows only the "
         "tokens that keep a match reachable, and the sequence ends once the match is complete and cannot go on; "
         "needs the tokenizer. Not with beam search.", None)
+    guided_json: Optional[str] = doc(
+        "Generate JSON that follows this JSON schema (vLLM's guided_json; OpenAI's response_format json_schema), "
+        "given as JSON text or, in Python, a dict: the schema becomes a regular expression (properties in its order, "
+        "all present, one space after ':' and ',') and decoding is held to it as with guided_regex.", None)
     guided_choice_ids: Optional[list[list[int]]] = doc(
         "guided_choice as token sequences (what guided_choice becomes once encoded; give either).", None, ge=0)
     num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.",
@@ -107,6 +112,8 @@ class GenerateConfig:
                                     "step.", 5, ge=1, le=1024)
 
     def __post_init__(self) -> None:
+        if isinstance(self.guided_json, dict):
+            self.guided_json = json.dumps(self.guided_json)
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         if isinstance(self.bad_words, str):
@@ -122,15 +129,15 @@ class GenerateConfig:
                               "strings, at least one")
         if self.guided_choice_ids == []:
             raise ConfigError("generate.guided_choice_ids=[] allows no answer: give at least one token sequence")
-        guides = [name for name in ("guided_choice", "guided_choice_ids", "guided_regex")
+        guides = [name for name in ("guided_choice", "guided_choice_ids", "guided_regex", "guided_json")
                   if getattr(self, name) is not None]
         if len(guides) > 1:
             raise ConfigError(f"generate.{guides[0]} and {guides[1]} both say what the answer may be: give one")
         guided = guides[0] if guides else None
-        if self.guided_regex is not None:
+        if self.guided_pattern is not None:
             from lmforge.generate.guided import compile_pattern
 
-            compile_pattern(self.guided_regex)  # a one-line error now, not at the first decode
+            compile_pattern(self.guided_pattern)  # a one-line error now, not at the first decode
         if guided and self.num_beams > 1:
             raise ConfigError(f"generate.{guided} picks the answer token by token and beam search (num_beams="
                               f"{self.num_beams}) keeps several: use num_beams=1")
@@ -175,11 +182,25 @@ class GenerateConfig:
         constraints = (self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty,
                        self.frequency_penalty, self.min_new_tokens, tuple(sorted((self.logit_bias or {}).items())),
                        tuple(tuple(ids) for ids in self.bad_words_ids or ()),
-                       tuple(tuple(ids) for ids in self.guided_choice_ids or ()), self.guided_regex)
+                       tuple(tuple(ids) for ids in self.guided_choice_ids or ()), self.guided_pattern)
         if self.is_greedy:
             return (True, None, None, None, None, None, None, None, *constraints)
         return (False, self.temperature, self.top_k, self.top_p, self.min_p, self.typical_p, self.epsilon_cutoff,
                 self.eta_cutoff, *constraints)
+
+    @property
+    def guided_pattern(self) -> Optional[str]:
+        """The regular expression decoding is held to: guided_regex, or guided_json's schema as one (None: neither)."""
+        if self.guided_json is None:
+            return self.guided_regex
+        from lmforge.generate.guided import json_schema_regex
+
+        try:
+            schema = json.loads(self.guided_json)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"generate.guided_json is not valid JSON ({e.msg} at character {e.pos}): give a JSON "
+                              "schema") from None
+        return json_schema_regex(schema)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """The token ids logit_bias, bad_words_ids and guided_choice_ids name must be the model's."""

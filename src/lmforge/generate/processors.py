@@ -140,7 +140,8 @@ def penalizes(config: GenerateConfig) -> bool:
     """Whether process_scores changes anything for rows of `config`."""
     return (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size > 0 or config.presence_penalty != 0.0
             or config.frequency_penalty != 0.0 or config.min_new_tokens > 0 or bool(config.logit_bias)
-            or bool(config.bad_words_ids) or bool(config.guided_choice_ids) or config.guided_regex is not None)
+            or bool(config.bad_words_ids) or bool(config.guided_choice_ids)
+            or config.guided_regex is not None or config.guided_json is not None)
 
 
 def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[torch.Tensor],

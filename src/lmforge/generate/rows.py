@@ -163,7 +163,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)  # new tokens so far (an end id is not one)
     finish: Optional[str] = None                # "stop" | "length" | "cancelled" (the reader left)
     top_logprobs: Optional[int] = None          # report each token's Logprobs with this many alternatives
-    guide: Any = None                           # guided_regex: its generate.guided.RegexGuide
+    guide: Any = None                           # guided_regex / guided_json: its generate.guided.RegexGuide
     drafted: int = 0                            # speculative decoding: tokens guessed for it,
     accepted: int = 0                           # and of those, kept
 
@@ -209,8 +209,10 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
     (with a tokenizer) its text. Stop strings need the tokenizer."""
     if config.stop_strings and tokenizer is None:
         raise ConfigError("stop_strings need the tokenizer to read the text; pass tokenizer=")
-    if config.guided_regex is not None and tokenizer is None:
-        raise ConfigError("guided_regex needs the tokenizer to read the tokens' text; pass tokenizer=")
+    pattern = config.guided_pattern
+    if pattern is not None and tokenizer is None:
+        raise ConfigError("guided_regex and guided_json need the tokenizer to read the tokens' text; pass "
+                          "tokenizer=")
     config = with_token_ids(config, tokenizer)
     config.check_vocabulary(model.config.vocab_size)
     cropped = [crop_prompt(p, model.config.block_size) for p in prompts]
@@ -219,10 +221,10 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
         row_generators(config, copies, len(cropped), device)
     end_ids = frozenset(config.end_ids(end_id))
     guide = None
-    if config.guided_regex is not None:
+    if pattern is not None:
         from lmforge.generate.guided import regex_guide
 
-        guide = regex_guide(config.guided_regex, tokenizer, model.config.vocab_size)
+        guide = regex_guide(pattern, tokenizer, model.config.vocab_size)
     return [Row(prompt, config, config.new_tokens(len(prompt)), end_ids, generators[p * copies + j],
                 StopText(tokenizer, config.stop_strings or ()) if tokenizer is not None else None, guide=guide)
             for p, prompt in enumerate(cropped) for j in range(copies)]

@@ -111,6 +111,8 @@ class SamplingRequest(BaseModel):
     bad_words: Optional[list[Text]] = None
     guided_choice: Optional[list[Text]] = None
     guided_regex: Optional[Text] = None
+    guided_json: Optional[Union[dict[str, Any], Text]] = None
+    response_format: Optional[dict[str, Any]] = None  # OpenAI's: {"type": "text" | "json_schema", "json_schema": ...}
 
 
 class CompletionRequest(SamplingRequest):
@@ -660,9 +662,11 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     if choices is not None and len(choices) > config.max_choices:
         raise ApiError(422, f"{len(choices)} guided choices; at most {config.max_choices} (serve.max_choices)",
                        "guided_choice")
-    if body.guided_regex is not None and len(body.guided_regex) > config.max_regex_chars:
-        raise ApiError(422, f"a guided_regex of {len(body.guided_regex)} characters; at most {config.max_regex_chars} "
-                       "(serve.max_regex_chars)", "guided_regex")
+    schema, schema_field = _requested_schema(body)
+    for name, text in (("guided_regex", body.guided_regex), (schema_field, schema)):
+        if text is not None and len(text) > config.max_regex_chars:
+            raise ApiError(422, f"a {name} of {len(text)} characters; at most {config.max_regex_chars} "
+                           "(serve.max_regex_chars)", name)
     if any(len(c) > config.max_stop_chars for c in choices or ()):
         raise ApiError(422, f"a guided choice of more than {config.max_stop_chars} characters "
                        "(serve.max_stop_chars)", "guided_choice")
@@ -687,7 +691,7 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
                                  frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias or None,
                                  typical_p=None if body.typical_p in (None, 1.0) else body.typical_p,
                                  min_new_tokens=body.min_tokens or 0, bad_words=bad_words or None,
-                                 guided_choice=choices, guided_regex=body.guided_regex)
+                                 guided_choice=choices, guided_regex=body.guided_regex, guided_json=schema)
         options = with_token_ids(options, tokenizer)
         options.check_vocabulary(tokenizer.vocab_size)
     except ConfigError as e:
@@ -698,6 +702,26 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     jobs = [Job(ids, options, bool(body.stream), deadline, mailbox, first_index=i * n, client=client)
             for i, ids in enumerate(prompts)]
     return jobs, sum(len(ids) for ids in prompts)
+
+
+def _requested_schema(body: SamplingRequest) -> tuple[Optional[str], str]:
+    """(the JSON schema a request asks its output to follow, as JSON text, or None; the field that asked): vLLM's
+    guided_json, or OpenAI's response_format {"type": "json_schema", "json_schema": {"schema": ...}}."""
+    fmt = body.response_format
+    if fmt is None or fmt.get("type") == "text" and set(fmt) == {"type"}:
+        schema = body.guided_json
+        return (schema if isinstance(schema, str) or schema is None else json.dumps(schema)), "guided_json"
+    if body.guided_json is not None:
+        raise ApiError(422, "guided_json and response_format both give a schema: give one", "response_format")
+    if fmt.get("type") == "json_object":
+        raise ApiError(422, "response_format json_object (any JSON) is not supported: give the shape, "
+                       '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}', "response_format")
+    inner = fmt.get("json_schema")
+    if fmt.get("type") != "json_schema" or set(fmt) != {"type", "json_schema"} or not isinstance(inner, dict) \
+            or not isinstance(inner.get("schema"), dict) or set(inner) - {"name", "description", "schema", "strict"}:
+        raise ApiError(422, 'response_format must be {"type": "text"} or {"type": "json_schema", "json_schema": '
+                       '{"name": ..., "schema": {...}}}', "response_format")
+    return json.dumps(inner["schema"]), "response_format"
 
 
 def _logprobs_body(tokenizer: Any, job: Job, choice: Any, echoed: str) -> dict:

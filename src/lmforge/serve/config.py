@@ -29,8 +29,9 @@ class ServeConfig:
     max_stop_chars: int = doc("Longest stop sequence, bad word or guided choice (characters).", 64, ge=1)
     max_bad_words: int = doc("Most bad_words in one request.", 16, ge=0)
     max_choices: int = doc("Most guided_choice texts in one request.", 64, ge=1)
-    max_regex_chars: int = doc("Longest guided_regex (characters): each automaton state it reaches costs a pass "
-                               "over the vocabulary.", 256, ge=1)
+    max_regex_chars: int = doc("Longest guided_regex, or guided_json / response_format schema as JSON text "
+                               "(characters): each automaton state it reaches costs a pass over the vocabulary.",
+                               1024, ge=1)
     max_concurrency: int = doc("Prompts in generation at once (a micro-batch counts each of its prompts).", 32, ge=1)
     max_queue: int = doc("Prompts waiting for a place in generation; beyond that -> 429 with Retry-After.", 64, ge=0)
     max_batch_size: int = doc("Most sequences in one batched decode (1 = no micro-batching).", 32, ge=1)
