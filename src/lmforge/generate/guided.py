@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import weakref
 from typing import Any, Optional, Sequence
 
 import interegular
@@ -101,15 +102,21 @@ class RegexGuide:
         return torch.stack(rows).to(device)
 
 
-def token_texts(tokenizer: Any) -> list[Optional[str]]:
-    """Each token's text (None for special tokens and for bytes that are not whole UTF-8 characters)."""
-    special = set(tokenizer.special_token_ids)
-    texts: list[Optional[str]] = []
-    for t in range(tokenizer.vocab_size):
-        try:
-            texts.append(None if t in special else tokenizer.id_to_bytes(t).decode("utf-8"))
-        except UnicodeDecodeError:
-            texts.append(None)
+_TEXTS: "weakref.WeakKeyDictionary[Any, tuple[Optional[str], ...]]" = weakref.WeakKeyDictionary()
+
+
+def token_texts(tokenizer: Any) -> tuple[Optional[str], ...]:
+    """Each token's text (None for special tokens and for bytes that are not whole UTF-8 characters); read once
+    per tokenizer (a server asks for every request)."""
+    texts = _TEXTS.get(tokenizer)
+    if texts is None:
+        special, found = set(tokenizer.special_token_ids), []
+        for t in range(tokenizer.vocab_size):
+            try:
+                found.append(None if t in special else tokenizer.id_to_bytes(t).decode("utf-8"))
+            except UnicodeDecodeError:
+                found.append(None)
+        texts = _TEXTS[tokenizer] = tuple(found)
     return texts
 
 
@@ -121,7 +128,7 @@ def _guide(pattern: str, texts: tuple[Optional[str], ...], vocab_size: int) -> R
 def regex_guide(pattern: str, tokenizer: Any, vocab_size: int) -> RegexGuide:
     """The guide of `pattern` over `tokenizer` (one per pattern and vocabulary: its masks are kept across decodes);
     a ConfigError where no token can begin a match."""
-    guide = _guide(pattern, tuple(token_texts(tokenizer)), vocab_size)
+    guide = _guide(pattern, token_texts(tokenizer), vocab_size)
     if not guide.continuations(guide.fsm.initial).any() and guide.fsm.initial not in guide.finals:
         raise ConfigError(f"generate.guided_regex={pattern!r}: no token of this vocabulary can begin a match")
     return guide
