@@ -691,3 +691,20 @@ def test_tokenize_gives_the_ids_the_model_reads_and_detokenize_the_text(client, 
                               ("/detokenize", {"tokens": "5"}, "tokens")]:
         r = client.post(path, json=body)
         assert r.status_code in (404, 422) and words in r.json()["error"]["message"], (path, body, r.text)
+
+
+def test_a_regex_whose_automaton_explodes_gets_422_in_time_and_the_server_keeps_answering(run_dir):
+    """"(a|b)*a(a|b){16}" needs 131,073 automaton states and minutes to build: the child process building it is
+    stopped at serve.regex_timeout, the request gets one line, and other requests are served meanwhile."""
+    app = load_app(str(run_dir), ServeConfig(regex_timeout=2.0), device="cpu")
+    with running(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        started = time.monotonic()
+        r = c.post("/v1/completions", json={"prompt": "x", "guided_regex": "(a|b)*a(a|b){16}"})
+        assert r.status_code == 422 and "took over 2 s to build" in r.json()["error"]["message"], r.text
+        assert time.monotonic() - started < 10
+        ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 12, "guided_regex": "(a|b){2}a(a|b){3}"})
+        assert ok.status_code == 200 and re.fullmatch("(a|b){2}a(a|b){3}", ok.json()["choices"][0]["text"]), ok.text
+        schema = {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2}
+        as_json = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 20, "guided_json": schema})
+        assert as_json.status_code == 200 and json.loads(as_json.json()["choices"][0]["text"]) in (
+            [], ["x"], ["y"], ["x", "x"], ["x", "y"], ["y", "x"], ["y", "y"])

@@ -135,9 +135,9 @@ class GenerateConfig:
             raise ConfigError(f"generate.{guides[0]} and {guides[1]} both say what the answer may be: give one")
         guided = guides[0] if guides else None
         if self.guided_pattern is not None:
-            from lmforge.generate.guided import compile_pattern
+            from lmforge.generate.automaton import check_syntax
 
-            compile_pattern(self.guided_pattern)  # a one-line error now, not at the first decode
+            check_syntax(self.guided_pattern)  # a one-line error now (its automaton is built by the first decode)
         if guided and self.num_beams > 1:
             raise ConfigError(f"generate.{guided} picks the answer token by token and beam search (num_beams="
                               f"{self.num_beams}) keeps several: use num_beams=1")

@@ -1,7 +1,8 @@
 """Decoding held to a regular expression (vLLM's guided_regex): the text a row generates always stays a prefix of a
 full match, and the row ends once the match is complete and cannot go on.
 
-    the pattern -> a finite automaton over characters (interegular) -> per automaton state, once: every token whose
+    the pattern -> a finite automaton over characters (generate.automaton: interegular's, built in a child
+    process with limits when a server's client sent the pattern) -> per automaton state, once: every token whose
     text walks from that state to a live one (one from which a final state is reachable) is allowed, and the end
     ids too where the state is final -> per step: walk the row's generated tokens to its state, mask the rest
 
@@ -17,51 +18,35 @@ import re
 import weakref
 from typing import Any, Optional, Sequence
 
-import interegular
 import torch
-from interegular.fsm import anything_else
 
 from lmforge.errors import ConfigError
-
-
-def compile_pattern(pattern: str) -> Any:
-    """The automaton of `pattern` (interegular's FSM), or a one-line ConfigError naming what is wrong with it."""
-    try:
-        fsm = interegular.parse_pattern(pattern).to_fsm()
-    except Exception as e:  # interegular's own errors for syntax it cannot read or turn into an automaton
-        raise ConfigError(f"generate.guided_regex={pattern!r} cannot be used: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else 'not a regular expression it can read'} "
-                          "(a regular expression interegular can read: no backreferences, no anchors)") from None
-    if not fsm.islive(fsm.initial):
-        raise ConfigError(f"generate.guided_regex={pattern!r} matches no text at all")
-    return fsm
+from lmforge.generate.automaton import build
 
 
 class RegexGuide:
-    """The automaton of one pattern over one tokenizer's tokens. state(tokens) walks generated tokens;
-    allowed(state) is the (V,) mask of tokens that keep a match reachable (built once per state)."""
+    """The automaton of one pattern (generate.automaton) over one tokenizer's tokens. state(tokens) walks generated
+    tokens; continuations(state) is the (V,) mask of tokens that keep a match reachable (built once per state)."""
 
     def __init__(self, pattern: str, token_texts: Sequence[Optional[str]], vocab_size: int) -> None:
-        self.pattern, self.fsm = pattern, compile_pattern(pattern)
+        self.pattern, self.automaton = pattern, build(pattern)
         self.texts, self.vocab_size = list(token_texts), vocab_size
-        self.finals, self.map = self.fsm.finals, self.fsm.map
-        self._live = {s: self.fsm.islive(s) for s in self.fsm.states}
+        self.finals, self.map, self._live = self.automaton.finals, self.automaton.map, self.automaton.live
         self._masks: dict[Any, torch.Tensor] = {}
-        self._other = self.fsm.alphabet[anything_else]
 
     def _walk(self, state: Any, text: str) -> Optional[Any]:
         """The state after reading `text` from `state`, or None where the automaton refuses it."""
-        alphabet = self.fsm.alphabet
+        symbols, other = self.automaton.symbols, self.automaton.other
         for ch in text:
-            symbol = alphabet[ch] if ch in alphabet else self._other
-            state = self.map.get(state, {}).get(symbol)
+            symbol = symbols.get(ch, other)
+            state = self.map.get(state, {}).get(symbol) if symbol is not None else None
             if state is None:
                 return None
         return state
 
     def state(self, tokens: Sequence[int]) -> Optional[Any]:
         """The automaton's state after a row's generated tokens (None: off the pattern, which the mask prevents)."""
-        state = self.fsm.initial
+        state = self.automaton.initial
         for t in tokens:
             text = self.texts[t] if 0 <= t < len(self.texts) else None
             state = self._walk(state, text) if text is not None else None
@@ -73,7 +58,7 @@ class RegexGuide:
         """(V,) bool: the tokens whose text leads from `state` to a live state (built once per state)."""
         mask = self._masks.get(state)
         if mask is None:
-            ids = [t for t, text in enumerate(self.texts) if text and self._live.get(self._walk(state, text), False)]
+            ids = [t for t, text in enumerate(self.texts) if text and self._walk(state, text) in self._live]
             mask = torch.zeros(self.vocab_size, dtype=torch.bool)
             mask[ids] = True
             self._masks[state] = mask
@@ -129,7 +114,7 @@ def regex_guide(pattern: str, tokenizer: Any, vocab_size: int) -> RegexGuide:
     """The guide of `pattern` over `tokenizer` (one per pattern and vocabulary: its masks are kept across decodes);
     a ConfigError where no token can begin a match."""
     guide = _guide(pattern, token_texts(tokenizer), vocab_size)
-    if not guide.continuations(guide.fsm.initial).any() and guide.fsm.initial not in guide.finals:
+    if not guide.continuations(guide.automaton.initial).any() and guide.automaton.initial not in guide.finals:
         raise ConfigError(f"generate.guided_regex={pattern!r}: no token of this vocabulary can begin a match")
     return guide
 

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from lmforge.errors import ConfigError
+from lmforge.generate.automaton import build as build_automaton
 from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids, with_token_ids
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.connections import RESET_EXTENSION
@@ -468,6 +469,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
     """A language model's endpoints: the playground, completions, chat completions, and 400 at /v1/classify."""
     _wrong_task(app, ("/v1/classify",), "this model is a language model: it generates text and does not classify, "
                 "so /v1/classify is not served; use POST /v1/completions or /v1/chat/completions")
+    automata = asyncio.Semaphore(1)  # guided_regex / guided_json automata are built one request at a time
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
@@ -490,6 +492,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                                         generator.tokenizer, extra_stop=[generator.chat_stop()])
         if body.logprobs:
             jobs[0].logprobs = body.top_logprobs or 0
+        await _build_automaton(jobs, config, automata)
         try:
             engine.submit(jobs)
         except Busy as e:
@@ -559,6 +562,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                                         generator.tokenizer)
         for job in jobs:
             job.logprobs, job.echo = body.logprobs, bool(body.echo)
+        await _build_automaton(jobs, config, automata)
         try:
             engine.submit(jobs)
         except Busy as e:
@@ -702,6 +706,27 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     jobs = [Job(ids, options, bool(body.stream), deadline, mailbox, first_index=i * n, client=client)
             for i, ids in enumerate(prompts)]
     return jobs, sum(len(ids) for ids in prompts)
+
+
+async def _build_automaton(jobs: list[Job], config: ServeConfig, one_at_a_time: asyncio.Semaphore) -> None:
+    """A request's guided_regex / guided_json as an automaton, built in a child process within serve.regex_timeout
+    (generate.automaton), one request at a time, before its jobs reach the engine; 422 when it cannot be, 429 while
+    another request's takes the whole timeout."""
+    pattern = jobs[0].config.guided_pattern
+    if pattern is None:
+        return
+    try:
+        await asyncio.wait_for(one_at_a_time.acquire(), config.regex_timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(429, "the server is building another request's guided_regex automaton; retry after "
+                       f"{RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    try:
+        await asyncio.to_thread(build_automaton, pattern, config.regex_timeout)
+    except ConfigError as e:
+        field = "guided_regex" if jobs[0].config.guided_regex is not None else "guided_json"
+        raise ApiError(422, str(e).removeprefix("generate."), field) from None
+    finally:
+        one_at_a_time.release()
 
 
 def _requested_schema(body: SamplingRequest) -> tuple[Optional[str], str]:

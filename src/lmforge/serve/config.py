@@ -29,6 +29,10 @@ class ServeConfig:
     max_stop_chars: int = doc("Longest stop sequence, bad word or guided choice (characters).", 64, ge=1)
     max_bad_words: int = doc("Most bad_words in one request.", 16, ge=0)
     max_choices: int = doc("Most guided_choice texts in one request.", 64, ge=1)
+    regex_timeout: float = doc("Seconds a request's guided_regex / guided_json may take to become an automaton (built "
+                               "in a child process with 1 GiB of memory, one at a time; some patterns take "
+                               "exponential time). Built automata are kept for the next requests.", 5.0, gt=0,
+                               le=600)
     max_regex_chars: int = doc("Longest guided_regex, or guided_json / response_format schema as JSON text "
                                "(characters): each automaton state it reaches costs a pass over the vocabulary.",
                                1024, ge=1)
