@@ -645,7 +645,7 @@ def test_chat_logprobs_are_the_models_log_probabilities_of_the_reply_streamed_or
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "role"),
     ({"messages": [{"role": "user", "content": "x", "mood": 1}]}, "a message takes role, content and name"),
-    ({"messages": CHAT, "tools": []}, "/v1/chat/completions takes"),
+    ({"messages": CHAT, "functions": []}, "/v1/chat/completions takes"),
     ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
     ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": CHAT, "max_tokens": 5, "max_completion_tokens": 6}, "differ"),
@@ -708,3 +708,57 @@ def test_a_regex_whose_automaton_explodes_gets_422_in_time_and_the_server_keeps_
         as_json = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 20, "guided_json": schema})
         assert as_json.status_code == 200 and json.loads(as_json.json()["choices"][0]["text"]) in (
             [], ["x"], ["y"], ["x", "x"], ["x", "y"], ["y", "x"], ["y", "y"])
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 8},
+                                                "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+
+
+def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_with_their_results(client, run_dir):
+    """OpenAI's tools with a named tool_choice or "required": the reply is one call whose arguments follow the
+    function's parameters (decoding guided by them, as with guided_json); a conversation holding the call and the
+    tool's result renders through the chat template."""
+    body = {"messages": CHAT, "max_tokens": 120, "seed": 1, "tools": [WEATHER, TIME],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    out = client.post("/v1/chat/completions", json=body)
+    assert out.status_code == 200, out.text
+    choice = out.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]
+    args = json.loads(call["function"]["arguments"])
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+    assert list(args) == ["city", "unit"] and len(args["city"]) <= 8 and args["unit"] in ("C", "F")
+    gen = load(str(run_dir), device="cpu")  # the same text as the Python API guided by that call's schema
+    schema = {"type": "object", "properties": {"name": {"const": "get_weather"},
+                                               "arguments": WEATHER["function"]["parameters"]}}
+    assert json.loads(gen.generate(gen.render_chat(CHAT), max_new_tokens=120, seed=1, guided_json=schema)) == {
+        "name": "get_weather", "arguments": args}
+    required = client.post("/v1/chat/completions", json={**body, "tool_choice": "required", "n": 3}).json()
+    names = {c["message"]["tool_calls"][0]["function"]["name"] for c in required["choices"]}
+    assert names <= {"get_weather", "get_time"}
+    history = CHAT + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": call["id"], "content": "22 degrees"}]
+    rendered = client.post("/tokenize", json={"messages": history}).json()
+    text = client.post("/detokenize", json={"tokens": rendered["tokens"]}).json()["prompt"]
+    assert text.endswith(f'<|assistant|>\n{{"name": "get_weather", "arguments": {json.dumps(args)}}}\n'
+                         "<|tool|>\n22 degrees\n<|assistant|>\n")
+    longer = client.post("/v1/chat/completions", json={"messages": history, "max_tokens": 8})  # (block_size 64)
+    assert longer.status_code == 422 and f"the prompt is {rendered['count']} tokens" in longer.json()["error"][
+        "message"]
+    for extra, words in [({"tool_choice": "auto"}, 'tool_choice "auto"'), ({"tool_choice": None}, '"auto"'),
+                         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+                         ({"stream": True}, "stream with tools"),
+                         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}},
+                          "tools and guided_json / response_format"),
+                         ({"tools": None}, "tool_choice needs tools"),
+                         ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"$ref": "#"}}}],
+                           "tool_choice": "required"}, "uses '$ref'")]:
+        r = client.post("/v1/chat/completions", json={**body, **extra})
+        assert r.status_code == 422 and words in r.json()["error"]["message"], (extra, r.text)
+    bad_call = CHAT + [{"role": "assistant", "tool_calls": [{"function": {"name": "x", "arguments": "{oops"}}]}]
+    r = client.post("/v1/chat/completions", json={"messages": bad_call})
+    assert r.status_code == 422 and "a tool call is" in r.json()["error"]["message"]

@@ -168,8 +168,8 @@ class Row:
     accepted: int = 0                           # and of those, kept
 
     def advance(self, index: int, token: int) -> Event:
-        """Take this step's token: the one rule that ends a row (an end id, a stop string, a guided choice
-        complete, the budget)."""
+        """Take this step's token: the one rule that ends a row (an end id, a stop string, a guided choice or
+        pattern complete, the budget)."""
         if token in self.end_ids:
             self.finish = "stop"
             return Event(index, None, self.text.close() if self.text else "", "stop")
@@ -184,7 +184,6 @@ class Row:
         elif len(self.tokens) >= self.budget:
             self.finish = "length"
         return Event(index, token, piece, self.finish)
-
 
     def _chose(self) -> bool:
         """Whether the tokens are one of the guided choices and begin no longer one (then an end id decides)."""

@@ -50,8 +50,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from lmforge.errors import ConfigError
-from lmforge.generate.automaton import build as build_automaton
 from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids, with_token_ids
+from lmforge.generate.automaton import build as build_automaton
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.connections import RESET_EXTENSION
 from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
@@ -135,9 +135,25 @@ UNSUPPORTED = {"best_of": 1, "suffix": None}
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Optional[Text] = None  # null only in an assistant turn that called tools
     name: Optional[str] = None  # accepted for compatibility, unused
+    tool_calls: Optional[list[dict[str, Any]]] = None  # an assistant turn's calls, as this server answered them
+    tool_call_id: Optional[str] = None  # a tool turn: the call it answers (accepted, unused)
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments
+    strict: Optional[StrictBool] = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: ToolFunction
 
 
 class ChatRequest(SamplingRequest):
@@ -149,6 +165,9 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
     logprobs: Optional[StrictBool] = None
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
+    parallel_tool_calls: Optional[StrictBool] = None  # accepted: a reply calls one tool
 
 
 CHAT_UNSUPPORTED: dict[str, Any] = {}
@@ -478,9 +497,13 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         try:  # the conversation through the model's chat template, the reply's header last
-            text = generator.render_chat([m.model_dump(exclude={"name"}) for m in body.messages])
+            text = generator.render_chat(_turns(body.messages))
         except ConfigError as e:
             raise ApiError(422, str(e), "messages") from None
+        tools = _tool_schema(body)
+        if tools is not None and body.stream:
+            raise ApiError(422, "stream with tools is not supported: the reply is one tool call, sent whole; "
+                           "leave stream out", "stream")
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
             raise ApiError(422, "max_tokens and max_completion_tokens differ: give one of them", "max_tokens")
@@ -489,7 +512,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(422, "top_logprobs needs logprobs: true", "top_logprobs")
         jobs, prompt_tokens = _jobs_for(body, [ids], request, config, model_id, max_tokens, CHAT_UNSUPPORTED,
-                                        generator.tokenizer, extra_stop=[generator.chat_stop()])
+                                        generator.tokenizer, extra_stop=[] if tools else [generator.chat_stop()])
         if body.logprobs:
             jobs[0].logprobs = body.top_logprobs or 0
         await _build_automaton(jobs, config, automata)
@@ -512,9 +535,9 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                 job.cancel()
         if finished is None:
             return Response(status_code=499)
-        choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": None if job.logprobs is None else _chat_logprobs(generator.tokenizer, c.logprobs),
-                    "finish_reason": c.finish} for job in finished for i, c in enumerate(job.choices)]
+        choices = [{"index": i, **_reply(c.text, c.finish, tools is not None),
+                    "logprobs": None if job.logprobs is None else _chat_logprobs(generator.tokenizer, c.logprobs)}
+                   for job in finished for i, c in enumerate(job.choices)]
         completion_tokens = sum(c.tokens for job in finished for c in job.choices)
         return JSONResponse({**head, "choices": choices, "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -528,7 +551,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             raise ApiError(422, "give a prompt or messages (one of them)", "prompt")
         try:  # the text /v1/completions or /v1/chat/completions would feed the model
             text = generator.render(body.prompt) if body.messages is None else \
-                generator.render_chat([m.model_dump(exclude={"name"}) for m in body.messages])
+                generator.render_chat(_turns(body.messages))
         except ConfigError as e:
             raise ApiError(422, str(e), "prompt" if body.messages is None else "messages") from None
         tokenizer = generator.tokenizer
@@ -729,9 +752,76 @@ async def _build_automaton(jobs: list[Job], config: ServeConfig, one_at_a_time: 
         one_at_a_time.release()
 
 
+def _turns(messages: list[ChatMessage]) -> list[dict]:
+    """The chat template's turns ({role, content}) of a conversation; an assistant turn that called tools shows
+    its calls as the model wrote them, {"name": ..., "arguments": {...}}, one per line."""
+    turns = []
+    for m in messages:
+        content = m.content
+        if m.tool_calls:
+            try:
+                calls = [json.dumps({"name": c["function"]["name"],
+                                     "arguments": json.loads(c["function"]["arguments"])}) for c in m.tool_calls]
+            except (KeyError, TypeError, ValueError):
+                raise ApiError(422, 'a tool call is {"id": ..., "type": "function", "function": {"name": ..., '
+                               '"arguments": "<JSON text>"}}', "messages") from None
+            content = "\n".join(([content] if content else []) + calls)
+        if content is None:
+            raise ApiError(422, f"a {m.role} message needs content", "messages")
+        turns.append({"role": m.role, "content": content})
+    return turns
+
+
+def _tool_schema(body: SamplingRequest) -> Optional[dict]:
+    """The JSON schema of the reply a chat request's tools and tool_choice ask for, or None: one call,
+    {"name": <a tool's name>, "arguments": <its parameters>}, of the named tool or ("required") of any."""
+    tools, choice = getattr(body, "tools", None), getattr(body, "tool_choice", None)
+    if not tools:
+        if choice not in (None, "none"):
+            raise ApiError(422, "tool_choice needs tools", "tool_choice")
+        return None
+    if choice == "none":
+        return None
+    if choice in (None, "auto"):
+        raise ApiError(422, 'tool_choice "auto" (the default with tools) lets the model decide whether to call a '
+                       "tool, which lmforge cannot tell from its text: give tool_choice \"required\" or "
+                       '{"type": "function", "function": {"name": ...}}, or "none"', "tool_choice")
+    if choice != "required":
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or name is None:
+            raise ApiError(422, 'tool_choice is "none", "required" or {"type": "function", "function": {"name": '
+                           '...}}', "tool_choice")
+        tools = [t for t in tools if t.function.name == name]
+        if not tools:
+            raise ApiError(422, f"tool_choice names the function {name!r}, which is not among the tools",
+                           "tool_choice")
+    calls = [{"type": "object", "properties": {
+        "name": {"const": t.function.name},
+        "arguments": t.function.parameters or {"type": "object", "properties": {}}}} for t in tools]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def _reply(text: str, finish: str, tool_call: bool) -> dict:
+    """A chat choice's message and finish_reason: the text, or (tools) the tool call it holds once complete."""
+    if tool_call and finish == "stop":
+        call = json.loads(text)  # guided by the tools' schema: a complete reply is one call
+        return {"message": {"role": "assistant", "content": None, "tool_calls": [{
+            "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]},
+            "finish_reason": "tool_calls"}
+    return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+
 def _requested_schema(body: SamplingRequest) -> tuple[Optional[str], str]:
     """(the JSON schema a request asks its output to follow, as JSON text, or None; the field that asked): vLLM's
-    guided_json, or OpenAI's response_format {"type": "json_schema", "json_schema": {"schema": ...}}."""
+    guided_json, OpenAI's response_format {"type": "json_schema", "json_schema": {"schema": ...}}, or a chat's
+    tools with tool_choice "required" or a named function."""
+    tools = _tool_schema(body)
+    if tools is not None:
+        if body.guided_json is not None or body.response_format is not None:
+            raise ApiError(422, "tools and guided_json / response_format both say what the reply must be: give one",
+                           "tools")
+        return json.dumps(tools), "tools"
     fmt = body.response_format
     if fmt is None or fmt.get("type") == "text" and set(fmt) == {"type"}:
         schema = body.guided_json
