@@ -3,6 +3,7 @@ and the `lmforge serve` command itself in a process of its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -60,6 +61,23 @@ def test_the_openai_package_completes_and_streams(server, run_dir):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="run", messages=messages, max_tokens=12, seed=2, stream=True) if c.choices)
     assert streamed == chat.choices[0].message.content
+
+    # structured outputs and tools, as the openai package sends them and reads them back
+    schema = {"type": "object", "properties": {"who": {"enum": ["Romeo", "Juliet"]}, "sure": {"type": "boolean"}},
+              "required": ["who", "sure"], "additionalProperties": False}
+    structured = client.chat.completions.create(model="run", messages=messages, max_tokens=40, seed=3,
+                                                response_format={"type": "json_schema", "json_schema": {
+                                                    "name": "answer", "schema": schema, "strict": True}})
+    assert set(json.loads(structured.choices[0].message.content)) == {"who", "sure"}
+    tool = {"type": "function", "function": {"name": "who_is_there", "parameters": schema}}
+    called = client.chat.completions.create(model="run", messages=messages, max_tokens=100, seed=3, tools=[tool],
+                                            tool_choice={"type": "function", "function": {"name": "who_is_there"}})
+    call = called.choices[0].message.tool_calls[0]
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "who_is_there"
+    assert json.loads(call.function.arguments)["who"] in ("Romeo", "Juliet")
+    with_logprobs = client.chat.completions.create(model="run", messages=messages, max_tokens=5, logprobs=True,
+                                                   top_logprobs=2)
+    assert len(with_logprobs.choices[0].logprobs.content) == with_logprobs.usage.completion_tokens
 
     with pytest.raises(openai.UnprocessableEntityError, match="max_tokens=5000 is above"):
         client.completions.create(model="run", prompt="x", max_tokens=5000)
