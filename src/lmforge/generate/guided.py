@@ -24,6 +24,9 @@ from lmforge.errors import ConfigError
 from lmforge.generate.automaton import build
 
 
+STATES = 1024  # token sequences whose automaton state a guide keeps (a decode's rows, this step and the last)
+
+
 class RegexGuide:
     """The automaton of one pattern (generate.automaton) over one tokenizer's tokens. state(tokens) walks generated
     tokens; continuations(state) is the (V,) mask of tokens that keep a match reachable (built once per state)."""
@@ -33,6 +36,7 @@ class RegexGuide:
         self.texts, self.vocab_size = list(token_texts), vocab_size
         self.finals, self.map, self._live = self.automaton.finals, self.automaton.map, self.automaton.live
         self._masks: dict[Any, torch.Tensor] = {}
+        self._states: dict[tuple[int, ...], Optional[Any]] = {}  # token sequence -> state, the newest STATES
 
     def _walk(self, state: Any, text: str) -> Optional[Any]:
         """The state after reading `text` from `state`, or None where the automaton refuses it."""
@@ -45,13 +49,24 @@ class RegexGuide:
         return state
 
     def state(self, tokens: Sequence[int]) -> Optional[Any]:
-        """The automaton's state after a row's generated tokens (None: off the pattern, which the mask prevents)."""
-        state = self.automaton.initial
-        for t in tokens:
+        """The automaton's state after a row's generated tokens (None: off the pattern, which the mask prevents).
+        Each step of a decode asks for its rows' tokens so far, one token longer than the step before: the states
+        of the newest STATES sequences are kept, so a step walks one token, not the whole text again."""
+        key = tuple(tokens)
+        if key in self._states:
+            return self._states[key]
+        if key[:-1] in self._states:
+            state, rest = self._states[key[:-1]], key[-1:]
+        else:
+            state, rest = self.automaton.initial, key
+        for t in rest:
+            if state is None:
+                break
             text = self.texts[t] if 0 <= t < len(self.texts) else None
             state = self._walk(state, text) if text is not None else None
-            if state is None:
-                return None
+        self._states[key] = state
+        if len(self._states) > STATES:
+            del self._states[next(iter(self._states))]  # the oldest (dicts keep insertion order)
         return state
 
     def continuations(self, state: Any) -> torch.Tensor:
