@@ -5,7 +5,9 @@ touched); the named tests run against the copy (PYTHONPATH first, ahead of the e
 of them must fail. A mutant whose target text is no longer in the file is an error: update the mutant with the
 code. First the named tests run unmutated and must pass, so that a failure means the break was caught.
 Mutants run --jobs at a time (default 2, one per core of the machine `make test` is sized for), each job in
-its own copy of the package. `make test` runs this after pytest.
+its own copy of the package. Each pytest run is a process forked from a server that imported torch, pytest and the
+other test dependencies once (multiprocessing's forkserver), so a mutant pays only for its tests and its copy of
+lmforge, not for seconds of imports. `make test` runs this after pytest.
 
     .venv/bin/python scripts/mutation_check.py            # every mutant, a table, exit 1 if one survives
     .venv/bin/python scripts/mutation_check.py --list     # the mutants and their tests
@@ -15,12 +17,13 @@ its own copy of the package. `make test` runs this after pytest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import multiprocessing
 import os
 import queue
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -182,15 +185,39 @@ def target(copy: Path, mutant: Mutant) -> str:
     return text
 
 
+# What every test run imports before it reaches lmforge: imported once, in the fork server (never lmforge itself,
+# which each run imports from its own copy).
+PRELOAD = ["torch", "numpy", "pytest", "hypothesis", "transformers", "safetensors", "tokenizers", "httpx"]
+FORKS = multiprocessing.get_context("forkserver")
+FORKS.set_forkserver_preload(PRELOAD)
+
+
+def _pytest_in_this_process(package_parent: str, tests: tuple[str, ...], log: str) -> None:
+    """The body of a forked test run: lmforge from package_parent (this process and the processes its tests
+    start), pytest's report into `log`."""
+    os.environ["PYTHONPATH"] = os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+    sys.dont_write_bytecode = True
+    sys.path.insert(0, package_parent)
+    os.chdir(ROOT)
+    import pytest
+
+    with open(log, "w", encoding="utf-8") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = pytest.main(["-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-rA", "--no-header", *tests])
+    sys.exit(int(code))
+
+
 def run_tests(package_parent: Path, tests: tuple[str, ...]) -> dict[str, str]:
     """{node id: PASSED | FAILED | SKIPPED | NOT RUN} of `tests` run against the package under package_parent;
     a node id naming a parametrized test stands for all its cases: FAILED if one of them failed."""
     assert tests, "no tests named: pytest would run the whole suite"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_parent), os.environ.get("PYTHONPATH", "")]),
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-rA",
-                           "--no-header", *tests], cwd=ROOT, env=env, capture_output=True, text=True)
-    reported = [re.match(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)", line) for line in done.stdout.splitlines()]
+    assert "lmforge" not in sys.modules, "the fork server must not hold lmforge: each run imports its own copy"
+    log = package_parent / "pytest.log"
+    run = FORKS.Process(target=_pytest_in_this_process, args=(str(package_parent), tests, str(log)))
+    run.start()
+    run.join()
+    stdout = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    reported = [re.match(r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)", line) for line in stdout.splitlines()]
     outcomes = {}
     for test in tests:  # a node id pytest did not report (a typo, a renamed test) must not count as caught
         seen = {m.group(1) for m in reported if m and (m.group(2) == test or m.group(2).startswith(test + "["))}
