@@ -172,6 +172,10 @@ MUTANTS = [
     Mutant("typical-by-probability", "generate/processors.py",
            "order = (-logp - entropy).abs().sort(dim=-1).indices", "order = (-logp).sort(dim=-1).indices",
            ("tests/test_generate_hf.py::test_sampling_filters_equal_hf_warpers_alone_and_in_hfs_order",)),
+    Mutant("json-optional-always-written", "generate/json_schema.py",
+           'after, first = f"(?:, {text})?{after}", f"(?:{text}{after}|{first})" if first else f"(?:{text})?"',
+           'after, first = f", {text}{after}", f"{text}{after}"  # mutant: optional properties always written',
+           ("tests/test_json_schema.py::test_optional_properties_may_each_be_left_out_and_commas_stay_right",)),
 ]
 
 

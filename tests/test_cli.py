@@ -108,7 +108,8 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
     assert re.fullmatch(r"Date: [0-9]{4}-[0-9]{2}\n", capsys.readouterr().out)
     schema = workspace / "schema.json"  # --guided-json takes the schema or a file holding it
     schema.write_text(json.dumps({"type": "object", "properties": {"act": {"enum": ["I", "II"]},
-                                                                   "done": {"type": "boolean"}}}))
+                                                                   "done": {"type": "boolean"}},
+                                  "required": ["act", "done"]}))
     for given in (str(schema), schema.read_text()):
         assert main(["generate", str(run), "--prompt", "{", "--device", "cpu", "--seed", "2", "--guided-json",
                      given]) == 0

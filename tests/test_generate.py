@@ -696,7 +696,9 @@ SCHEMA = {"type": "object", "properties": {
     "mood": {"enum": ["happy", "sad", 3]}, "score": {"type": ["number", "null"]},
     "tags": {"type": "array", "items": {"type": "string", "maxLength": 2}, "minItems": 1, "maxItems": 3},
     "home": {"type": "object", "properties": {"city": {"const": "Rome"}, "zip": {"anyOf": [{"type": "integer"},
-                                                                                          {"type": "null"}]}}}}}
+                                                                                          {"type": "null"}]}},
+             "required": ["city", "zip"]}},
+    "required": ["name", "age", "ok", "mood", "score", "tags", "home"]}
 
 
 def follows(obj, schema) -> bool:
@@ -720,7 +722,7 @@ def follows(obj, schema) -> bool:
 
 
 def test_a_json_schema_becomes_a_regex_that_matches_exactly_its_documents_written_one_way():
-    from lmforge.generate.guided import json_schema_regex
+    from lmforge.generate.json_schema import json_schema_regex
 
     pattern = json_schema_regex(SCHEMA)
     good = {"name": "Bo\u00e9", "age": -12, "ok": True, "mood": 3, "score": 1.5e-3, "tags": ["a", "\n"],
@@ -742,7 +744,8 @@ def test_guided_json_generates_documents_of_the_schema():
     as_text = gen.complete(["Person: "], temperature=1.3, seed=0, guided_json=json.dumps(SCHEMA),
                            max_new_tokens=250, num_return_sequences=12)[0]
     assert as_text == samples  # a dict or its JSON text: the same schema
-    for schema, words in [({"$ref": "#/defs/x"}, "uses '$ref'"), ({"type": "date"}, "has type 'date'"),
+    for schema, words in [({"$ref": "#/defs/x"}, "refers to #/defs/x, which the schema does not hold"),
+                          ({"type": "date"}, "has type 'date'"),
                           ({"type": "array", "minItems": 3, "maxItems": 1}, "maxItems 1 < minItems 3"),
                           ("{not json", "guided_json is not valid JSON"), ([1], "is [1]; a schema is a JSON object")]:
         with pytest.raises(ConfigError, match=re.escape(words)):

@@ -179,7 +179,8 @@ def test_openai_logit_bias_and_vllm_min_tokens_bad_words_typical_p_give_the_pyth
         ["ab"], max_new_tokens=30, num_return_sequences=3, seed=5, guided_regex=pattern)[0]]
     assert all(re.fullmatch(pattern, c["text"]) and c["finish_reason"] == "stop" for c in phones)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6}, "ok": {"type": "boolean"},
-                                               "mood": {"enum": ["happy", "sad"]}}}  # bounded: it always ends
+                                               "mood": {"enum": ["happy", "sad"]}},
+              "required": ["name", "ok", "mood"]}  # bounded: it always ends
     as_vllm = complete(client, prompt="ab", max_tokens=120, seed=3, guided_json=schema)["choices"][0]["text"]
     as_openai = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "ab"}], "max_tokens": 120, "seed": 3,
@@ -189,6 +190,13 @@ def test_openai_logit_bias_and_vllm_min_tokens_bad_words_typical_p_give_the_pyth
     for obj in (json.loads(as_vllm), reply):
         assert list(obj) == ["name", "ok", "mood"] and isinstance(obj["name"], str) and len(obj["name"]) <= 6
         assert isinstance(obj["ok"], bool) and obj["mood"] in ("happy", "sad")
+    any_object = client.post("/v1/chat/completions", json={  # OpenAI's JSON mode: any object
+        "messages": [{"role": "user", "content": "ab"}], "max_tokens": 300, "seed": 3,
+        "response_format": {"type": "json_object"}}).json()["choices"][0]
+    assert any_object["finish_reason"] == "stop" and isinstance(json.loads(any_object["message"]["content"]), dict)
+    assert any_object["message"]["content"] == generator.generate(generator.render_chat(
+        [{"role": "user", "content": "ab"}]), max_new_tokens=300, seed=3, guided_json={"type": "object"},
+        stop_strings=[generator.chat_stop()])
     sampled = complete(client, prompt="ab", max_tokens=30, seed=4, typical_p=0.7, logit_bias={str(first): 3})
     assert sampled["choices"][0]["text"] == generator.generate("ab", max_new_tokens=30, seed=4, typical_p=0.7,
                                                                logit_bias={first: 3.0})
@@ -284,11 +292,13 @@ BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the messa
     ("no-choices", {"prompt": "x", "guided_choice": []}, 422, "guided_choice=[] is invalid"),
     ("regex-lookbehind", {"prompt": "x", "guided_regex": "(?<=a)b"}, 422, "guided_regex='(?<=a)b' cannot be used"),
     ("regex-too-long", {"prompt": "x", "guided_regex": "a" * 1025}, 422, "at most 1024 (serve.max_regex_chars)"),
-    ("json-object-format", {"prompt": "x", "response_format": {"type": "json_object"}}, 422, "json_object (any JSON)"),
+    ("schema-recursive", {"prompt": "x", "guided_json": {"$defs": {"N": {"type": "object", "properties": {
+        "next": {"anyOf": [{"$ref": "#/$defs/N"}, {"type": "null"}]}}}}, "$ref": "#/$defs/N"}}, 422,
+     "a recursive schema is not a regular language"),
     ("format-without-schema", {"prompt": "x", "response_format": {"type": "json_schema"}}, 422,
      'response_format must be {"type": "text"}'),
     ("schema-not-json", {"prompt": "x", "guided_json": "{type"}, 422, "guided_json is not valid JSON"),
-    ("schema-with-ref", {"prompt": "x", "guided_json": {"$ref": "#/x"}}, 422, "uses '$ref'"),
+    ("schema-with-ref", {"prompt": "x", "guided_json": {"$ref": "#/x"}}, 422, "refers to #/x, which the schema"),
     ("schema-twice", {"prompt": "x", "guided_json": {"type": "integer"},
                       "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}},
      422, "guided_json and response_format both give a schema"),
@@ -327,6 +337,26 @@ def test_each_bad_request_gets_its_status_and_a_message(client, name, body, stat
     error = r.json()["error"]
     assert words in error["message"] and "\n" not in error["message"]
     assert client.get("/health").json()["generated_tokens"] == before  # refused before any model work
+
+
+def test_a_schema_is_held_to_max_schema_chars_and_a_regex_to_max_regex_chars(run_dir):
+    """A Pydantic schema's titles and descriptions make it long: schemas have their own cap, larger than a regex's."""
+    with running(load_app(str(run_dir), ServeConfig(max_schema_chars=200, max_regex_chars=20), device="cpu")) as url, \
+            httpx.Client(base_url=url, timeout=30) as c:
+        def post(**fields) -> httpx.Response:
+            return c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, **fields})
+
+        def schema(chars: int) -> dict:
+            return {"enum": ["a", "b"], "description": "d" * (chars - len(json.dumps({"enum": ["a", "b"],
+                                                                                        "description": ""})))}
+
+        assert len(json.dumps(schema(200))) == 200 and post(guided_json=schema(200)).status_code == 200
+        too_long = post(guided_json=schema(201))
+        assert too_long.status_code == 422 and "a guided_json of 201 characters; at most 200 (serve.max_schema_chars)" \
+            in too_long.json()["error"]["message"]
+        fmt = post(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema(201)}})
+        assert fmt.status_code == 422 and "serve.max_schema_chars" in fmt.json()["error"]["message"]
+        assert post(guided_regex="a" * 20).status_code == 200 and post(guided_regex="a" * 21).status_code == 422
 
 
 def test_a_large_body_without_content_length_is_refused_too(client):
@@ -734,7 +764,8 @@ def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_wit
     assert list(args) == ["city", "unit"] and len(args["city"]) <= 8 and args["unit"] in ("C", "F")
     gen = load(str(run_dir), device="cpu")  # the same text as the Python API guided by that call's schema
     schema = {"type": "object", "properties": {"name": {"const": "get_weather"},
-                                               "arguments": WEATHER["function"]["parameters"]}}
+                                               "arguments": WEATHER["function"]["parameters"]},
+              "required": ["name", "arguments"]}
     assert json.loads(gen.generate(gen.render_chat(CHAT), max_new_tokens=120, seed=1, guided_json=schema)) == {
         "name": "get_weather", "arguments": args}
     required = client.post("/v1/chat/completions", json={**body, "tool_choice": "required", "n": 3}).json()
@@ -756,7 +787,7 @@ def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_wit
                           "tools and guided_json / response_format"),
                          ({"tools": None}, "tool_choice needs tools"),
                          ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"$ref": "#"}}}],
-                           "tool_choice": "required"}, "uses '$ref'")]:
+                           "tool_choice": "required"}, "refers to # inside itself")]:
         r = client.post("/v1/chat/completions", json={**body, **extra})
         assert r.status_code == 422 and words in r.json()["error"]["message"], (extra, r.text)
     bad_call = CHAT + [{"role": "assistant", "tool_calls": [{"function": {"name": "x", "arguments": "{oops"}}]}]

@@ -69,6 +69,25 @@ def test_the_openai_package_completes_and_streams(server, run_dir):
                                                 response_format={"type": "json_schema", "json_schema": {
                                                     "name": "answer", "schema": schema, "strict": True}})
     assert set(json.loads(structured.choices[0].message.content)) == {"who", "sure"}
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, Field
+
+    class Line(BaseModel):
+        who: Literal["Romeo", "Juliet"]
+        act: int = Field(ge=1, le=5)
+
+    class Scene(BaseModel):  # nested: the package's strict schema refers to Line through $defs
+        lines: list[Line] = Field(max_length=2)
+        place: Optional[Literal["Verona", "Mantua"]]
+
+    parsed = client.chat.completions.parse(model="run", messages=messages, max_tokens=150, seed=3,
+                                           response_format=Scene).choices[0].message
+    assert isinstance(parsed.parsed, Scene) and parsed.parsed == Scene.model_validate_json(parsed.content)
+    scene_call = client.chat.completions.parse(model="run", messages=messages, max_tokens=150, seed=4,
+                                               tools=[openai.pydantic_function_tool(Scene)], tool_choice="required")
+    call = scene_call.choices[0].message.tool_calls[0].function  # the parameters' $defs resolve inside them
+    assert call.name == "Scene" and isinstance(call.parsed_arguments, Scene)
     tool = {"type": "function", "function": {"name": "who_is_there", "parameters": schema}}
     called = client.chat.completions.create(model="run", messages=messages, max_tokens=100, seed=3, tools=[tool],
                                             tool_choice={"type": "function", "function": {"name": "who_is_there"}})

@@ -9,6 +9,7 @@
     compiled    the decoding step compiled ahead of time (AOTInductor), once for every length
     guided      guided_regex / guided_json: a regular expression (or a JSON schema made one) as an automaton, and
                 the tokens each of its states allows
+    json_schema a JSON schema ($ref, optional properties, formats, integer bounds...) as a regular expression
     beam        beam search (num_beams > 1), as Hugging Face's
     speculative speculative decoding: a drafter (prompt lookup, or a small assistant model) guesses k tokens, the
                 model checks them in one pass; greedy output unchanged, sampling's distribution kept

@@ -83,7 +83,8 @@ class GenerateConfig:
     guided_json: Optional[str] = doc(
         "Generate JSON that follows this JSON schema (vLLM's guided_json; OpenAI's response_format json_schema), "
         "given as JSON text or, in Python, a dict: the schema becomes a regular expression (properties in its order, "
-        "all present, one space after ':' and ',') and decoding is held to it as with guided_regex.", None)
+        "the required ones present, written as json.dumps writes them; $ref, formats and integer bounds are read) "
+        "and decoding is held to it as with guided_regex.", None)
     guided_choice_ids: Optional[list[list[int]]] = doc(
         "guided_choice as token sequences (what guided_choice becomes once encoded; give either).", None, ge=0)
     num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.",
@@ -193,7 +194,7 @@ class GenerateConfig:
         """The regular expression decoding is held to: guided_regex, or guided_json's schema as one (None: neither)."""
         if self.guided_json is None:
             return self.guided_regex
-        from lmforge.generate.guided import json_schema_regex
+        from lmforge.generate.json_schema import json_schema_regex
 
         try:
             schema = json.loads(self.guided_json)

@@ -13,8 +13,6 @@ nor are special tokens. Any tokenization of the text is allowed, not just the on
 from __future__ import annotations
 
 import functools
-import json
-import re
 import weakref
 from typing import Any, Optional, Sequence
 
@@ -132,64 +130,3 @@ def regex_guide(pattern: str, tokenizer: Any, vocab_size: int) -> RegexGuide:
     if not guide.continuations(guide.automaton.initial).any() and guide.automaton.initial not in guide.finals:
         raise ConfigError(f"generate.guided_regex={pattern!r}: no token of this vocabulary can begin a match")
     return guide
-
-
-# ------------------------------------------------------------------------------------- JSON schema -> regex
-_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'
-_INTEGER = r"-?(?:0|[1-9][0-9]*)"
-_NUMBER = _INTEGER + r"(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
-_SCALARS = {"string": _STRING, "integer": _INTEGER, "number": _NUMBER, "boolean": r"(?:true|false)", "null": "null"}
-
-
-def json_schema_regex(schema: Any, where: str = "the schema") -> str:
-    """A regular expression whose matches are the JSON texts of `schema`, written one way: an object's properties
-    in the schema's order, every one of them present, ", " between items and ": " after keys (so
-    json.loads(match) always succeeds and has the schema's shape). Understood: type (string, integer, number,
-    boolean, null, object with properties, array with items and minItems / maxItems, or a list of types), enum,
-    const, anyOf / oneOf, minLength / maxLength of strings. Anything else is a one-line ConfigError naming it."""
-    if not isinstance(schema, dict):
-        raise ConfigError(f"generate.guided_json: {where} is {schema!r}; a schema is a JSON object")
-    known = {"type", "properties", "items", "enum", "const", "anyOf", "oneOf", "minItems", "maxItems", "minLength",
-             "maxLength", "required", "title", "description", "additionalProperties", "$schema", "default",
-             "examples"}
-    unknown = sorted(set(schema) - known)
-    if unknown:
-        raise ConfigError(f"generate.guided_json: {where} uses {unknown[0]!r}, which lmforge cannot turn into a "
-                          f"regular expression (it reads {', '.join(sorted(known - {'$schema'}))})")
-    if "const" in schema:
-        return _literal(schema["const"])
-    if "enum" in schema:
-        return "(?:" + "|".join(_literal(v) for v in schema["enum"]) + ")"
-    for key in ("anyOf", "oneOf"):
-        if key in schema:
-            return "(?:" + "|".join(json_schema_regex(s, f"{where}.{key}[{i}]")
-                                    for i, s in enumerate(schema[key])) + ")"
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        return "(?:" + "|".join(json_schema_regex({**schema, "type": k}, where) for k in kind) + ")"
-    if kind == "string" and ("minLength" in schema or "maxLength" in schema):
-        char = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
-        return f'"{char}{{{int(schema.get("minLength", 0))},{schema.get("maxLength", "")}}}"'
-    if kind in _SCALARS:
-        return _SCALARS[kind]
-    if kind == "object":
-        properties = schema.get("properties") or {}
-        if not isinstance(properties, dict):
-            raise ConfigError(f"generate.guided_json: {where}.properties must be an object")
-        fields = [re.escape(json.dumps(name)) + ": " + json_schema_regex(sub, f"{where}.properties.{name}")
-                  for name, sub in properties.items()]
-        return r"\{" + ", ".join(fields) + r"\}"
-    if kind == "array":
-        item = json_schema_regex(schema.get("items", {"type": "string"}), f"{where}.items")
-        low, high = int(schema.get("minItems", 0)), schema.get("maxItems")
-        if high is not None and int(high) < low:
-            raise ConfigError(f"generate.guided_json: {where} has maxItems {high} < minItems {low}")
-        more = f"(?:, {item}){{{max(low - 1, 0)},{'' if high is None else int(high) - 1}}}"
-        body = f"{item}{more}"
-        return r"\[" + (body if low > 0 else f"(?:{body})?") + r"\]" if high != 0 else r"\[\]"
-    raise ConfigError(f"generate.guided_json: {where} has type {kind!r}; give one of string, integer, number, "
-                      "boolean, null, object, array (or enum, const, anyOf)")
-
-
-def _literal(value: Any) -> str:
-    return re.escape(json.dumps(value))

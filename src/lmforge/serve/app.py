@@ -113,7 +113,7 @@ class SamplingRequest(BaseModel):
     guided_choice: Optional[list[Text]] = None
     guided_regex: Optional[Text] = None
     guided_json: Optional[Union[dict[str, Any], Text]] = None
-    response_format: Optional[dict[str, Any]] = None  # OpenAI's: {"type": "text" | "json_schema", "json_schema": ...}
+    response_format: Optional[dict[str, Any]] = None  # OpenAI's: {"type": "text" | "json_object" | "json_schema", ...}
 
 
 class CompletionRequest(SamplingRequest):
@@ -690,10 +690,10 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
         raise ApiError(422, f"{len(choices)} guided choices; at most {config.max_choices} (serve.max_choices)",
                        "guided_choice")
     schema, schema_field = _requested_schema(body)
-    for name, text in (("guided_regex", body.guided_regex), (schema_field, schema)):
-        if text is not None and len(text) > config.max_regex_chars:
-            raise ApiError(422, f"a {name} of {len(text)} characters; at most {config.max_regex_chars} "
-                           "(serve.max_regex_chars)", name)
+    for name, text, most, limit in (("guided_regex", body.guided_regex, config.max_regex_chars, "max_regex_chars"),
+                                    (schema_field, schema, config.max_schema_chars, "max_schema_chars")):
+        if text is not None and len(text) > most:
+            raise ApiError(422, f"a {name} of {len(text)} characters; at most {most} (serve.{limit})", name)
     if any(len(c) > config.max_stop_chars for c in choices or ()):
         raise ApiError(422, f"a guided choice of more than {config.max_stop_chars} characters "
                        "(serve.max_stop_chars)", "guided_choice")
@@ -795,9 +795,11 @@ def _tool_schema(body: SamplingRequest) -> Optional[dict]:
         if not tools:
             raise ApiError(422, f"tool_choice names the function {name!r}, which is not among the tools",
                            "tool_choice")
-    calls = [{"type": "object", "properties": {
-        "name": {"const": t.function.name},
-        "arguments": t.function.parameters or {"type": "object", "properties": {}}}} for t in tools]
+    calls = [{"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"const": t.function.name},  # the parameters' own $defs: '#' in them means the parameters ($id)
+        "arguments": {"$id": f"tool:{t.function.name}",
+                      **(t.function.parameters or {"type": "object", "additionalProperties": False})}}}
+             for t in tools]
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
@@ -814,7 +816,7 @@ def _reply(text: str, finish: str, tool_call: bool) -> dict:
 
 def _requested_schema(body: SamplingRequest) -> tuple[Optional[str], str]:
     """(the JSON schema a request asks its output to follow, as JSON text, or None; the field that asked): vLLM's
-    guided_json, OpenAI's response_format {"type": "json_schema", "json_schema": {"schema": ...}}, or a chat's
+    guided_json, OpenAI's response_format (json_schema, or json_object: any object), or a chat's
     tools with tool_choice "required" or a named function."""
     tools = _tool_schema(body)
     if tools is not None:
@@ -828,14 +830,13 @@ def _requested_schema(body: SamplingRequest) -> tuple[Optional[str], str]:
         return (schema if isinstance(schema, str) or schema is None else json.dumps(schema)), "guided_json"
     if body.guided_json is not None:
         raise ApiError(422, "guided_json and response_format both give a schema: give one", "response_format")
-    if fmt.get("type") == "json_object":
-        raise ApiError(422, "response_format json_object (any JSON) is not supported: give the shape, "
-                       '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}', "response_format")
+    if fmt == {"type": "json_object"}:  # any JSON object (its values scalars, or arrays and objects of them)
+        return json.dumps({"type": "object"}), "response_format"
     inner = fmt.get("json_schema")
     if fmt.get("type") != "json_schema" or set(fmt) != {"type", "json_schema"} or not isinstance(inner, dict) \
             or not isinstance(inner.get("schema"), dict) or set(inner) - {"name", "description", "schema", "strict"}:
-        raise ApiError(422, 'response_format must be {"type": "text"} or {"type": "json_schema", "json_schema": '
-                       '{"name": ..., "schema": {...}}}', "response_format")
+        raise ApiError(422, 'response_format must be {"type": "text"}, {"type": "json_object"} or {"type": '
+                       '"json_schema", "json_schema": {"name": ..., "schema": {...}}}', "response_format")
     return json.dumps(inner["schema"]), "response_format"
 
 

@@ -33,9 +33,11 @@ class ServeConfig:
                                "in a child process with 1 GiB of memory, one at a time; some patterns take "
                                "exponential time). Built automata are kept for the next requests.", 5.0, gt=0,
                                le=600)
-    max_regex_chars: int = doc("Longest guided_regex, or guided_json / response_format schema as JSON text "
-                               "(characters): each automaton state it reaches costs a pass over the vocabulary.",
-                               1024, ge=1)
+    max_regex_chars: int = doc("Longest guided_regex (characters): each automaton state it reaches costs a pass "
+                               "over the vocabulary.", 1024, ge=1)
+    max_schema_chars: int = doc("Longest guided_json / response_format / tools schema as JSON text (characters; "
+                                "titles and descriptions count, its automaton is bounded by regex_timeout).", 16384,
+                                ge=1)
     max_concurrency: int = doc("Prompts in generation at once (a micro-batch counts each of its prompts).", 32, ge=1)
     max_queue: int = doc("Prompts waiting for a place in generation; beyond that -> 429 with Retry-After.", 64, ge=0)
     max_batch_size: int = doc("Most sequences in one batched decode (1 = no micro-batching).", 32, ge=1)
