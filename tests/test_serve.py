@@ -748,6 +748,73 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
 
 
+def test_tool_choice_auto_replies_with_a_call_or_with_text_as_the_first_character_decides(client, run_dir):
+    """tool_choice "auto" (the default with tools): a reply that begins with "{" is one call of a tool, following its
+    parameters; any other reply is text. Pushing "{" up or down with logit_bias gives every reply one way."""
+    gen = load(str(run_dir), device="cpu")
+    brace = str(gen.tokenizer.encode("{")[0])
+    body = {"messages": CHAT, "max_tokens": 120, "seed": 5, "n": 4, "temperature": 1.0, "tools": [WEATHER, TIME]}
+    calls = client.post("/v1/chat/completions", json={**body, "logit_bias": {brace: 100}}).json()["choices"]
+    for choice in calls:
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        (call,) = choice["message"]["tool_calls"]
+        args = json.loads(call["function"]["arguments"])
+        if call["function"]["name"] == "get_weather":
+            assert set(args) == {"city", "unit"} and len(args["city"]) <= 8 and args["unit"] in ("C", "F")
+        else:
+            assert call["function"]["name"] == "get_time" and args in ({}, {"zone": "UTC"}, {"zone": "CET"})
+    texts = client.post("/v1/chat/completions", json={**body, "tool_choice": "auto",
+                                                      "logit_bias": {brace: -100}}).json()["choices"]
+    assert all(c["message"].get("tool_calls") is None and c["finish_reason"] in ("stop", "length") for c in texts)
+    assert all(not c["message"]["content"].startswith("{") for c in texts)
+    assert any(len(c["message"]["content"]) >= 20 for c in texts)  # free text, not held to a call
+    free = client.post("/v1/chat/completions", json={**body, "tool_choice": "none", "logit_bias": {brace: 100}})
+    assert all(c["message"]["content"].startswith("{") for c in free.json()["choices"])  # "none": text, even "{"
+
+
+def scripted_run(root: Path, script: str, start: int, block_size: int = 128) -> Path:
+    """A run whose model writes `script` from position `start` on (the token after position start + i is
+    script's i-th), whatever it reads: every block adds nothing, position p is a one-hot, lm_head reads it."""
+    tok = byte_tokenizer()
+    tok.save(root / "tokenizer.json")
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2,
+                            n_embd=block_size, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.zero_()
+        model.norm_f.weight.fill_(1.0)
+        model.pos_emb.weight.copy_(10 * torch.eye(block_size))
+        for i, token in enumerate(tok.encode(script)):
+            model.lm_head.weight[token, start + i] = 20.0  # its logit ~160, every other ~0
+    save_checkpoint(root / "run", 1, model, None, RunConfig(model=model.config), {},
+                    tokenizer_file=root / "tokenizer.json")
+    return root / "run"
+
+
+@pytest.mark.parametrize("script, reply", [
+    ("Hi there.\n<|user|>\nAnd then", {"content": "Hi there.\n", "finish_reason": "stop"}),  # text, to the turn
+    ('{"name": "get_time", "arguments": {"zone": "CET"}} and more', {"call": ("get_time", {"zone": "CET"})}),
+])
+def test_tool_choice_auto_takes_what_the_model_writes_a_call_or_text_ending_at_the_next_turn(tmp_path, script,
+                                                                                               reply):
+    """A model that writes a given text (scripted_run) with tool_choice "auto": a reply beginning with "{" is a
+    call, read back whole; other text ends where the model starts the user's next turn."""
+    run = scripted_run(tmp_path, script, start=50)  # the rendered CHAT is 50 characters, <START> first
+    with running(load_app(str(run), ServeConfig(), device="cpu")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        assert c.post("/tokenize", json={"messages": CHAT}).json()["count"] == 51
+        out = c.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 70, "temperature": 0,
+                                                     "tools": [WEATHER, TIME]})
+        assert out.status_code == 200, out.text
+        choice = out.json()["choices"][0]
+        if "call" in reply:
+            (call,) = choice["message"]["tool_calls"]
+            assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+            assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == reply["call"]
+        else:
+            assert choice["message"] == {"role": "assistant", "content": reply["content"]}
+            assert choice["finish_reason"] == reply["finish_reason"]
+
+
 def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_with_their_results(client, run_dir):
     """OpenAI's tools with a named tool_choice or "required": the reply is one call whose arguments follow the
     function's parameters (decoding guided by them, as with guided_json); a conversation holding the call and the
@@ -780,11 +847,12 @@ def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_wit
     longer = client.post("/v1/chat/completions", json={"messages": history, "max_tokens": 8})  # (block_size 64)
     assert longer.status_code == 422 and f"the prompt is {rendered['count']} tokens" in longer.json()["error"][
         "message"]
-    for extra, words in [({"tool_choice": "auto"}, 'tool_choice "auto"'), ({"tool_choice": None}, '"auto"'),
-                         ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+    for extra, words in [({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+                         ({"tool_choice": {"type": "function"}}, 'tool_choice is "none", "auto", "required" or'),
+                         ({"tool_choice": "auto", "guided_regex": "a+"}, "tools and guided_json / guided_regex"),
                          ({"stream": True}, "stream with tools"),
                          ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}},
-                          "tools and guided_json / response_format"),
+                          "tools and guided_json / guided_regex / response_format"),
                          ({"tools": None}, "tool_choice needs tools"),
                          ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"$ref": "#"}}}],
                            "tool_choice": "required"}, "refers to # inside itself")]:

@@ -94,6 +94,10 @@ def test_the_openai_package_completes_and_streams(server, run_dir):
     call = called.choices[0].message.tool_calls[0]
     assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "who_is_there"
     assert json.loads(call.function.arguments)["who"] in ("Romeo", "Juliet")
+    chosen = client.chat.completions.create(model="run", messages=messages, max_tokens=100, seed=3, tools=[tool])
+    reply = chosen.choices[0]  # tool_choice left out: "auto", the model decides
+    assert (reply.finish_reason == "tool_calls" and json.loads(reply.message.tool_calls[0].function.arguments)) or \
+        (reply.message.tool_calls is None and not reply.message.content.startswith("{"))
     with_logprobs = client.chat.completions.create(model="run", messages=messages, max_tokens=5, logprobs=True,
                                                    top_logprobs=2)
     assert len(with_logprobs.choices[0].logprobs.content) == with_logprobs.usage.completion_tokens

@@ -500,10 +500,10 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             text = generator.render_chat(_turns(body.messages))
         except ConfigError as e:
             raise ApiError(422, str(e), "messages") from None
-        tools = _tool_schema(body)
+        tools, text_too = _tool_schema(body)
         if tools is not None and body.stream:
-            raise ApiError(422, "stream with tools is not supported: the reply is one tool call, sent whole; "
-                           "leave stream out", "stream")
+            raise ApiError(422, "stream with tools is not supported: a reply that is a tool call is sent whole; "
+                           "leave stream out (or tool_choice \"none\")", "stream")
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
             raise ApiError(422, "max_tokens and max_completion_tokens differ: give one of them", "max_tokens")
@@ -511,8 +511,9 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         ids = _text_ids(generator, text, max_prompt_tokens)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(422, "top_logprobs needs logprobs: true", "top_logprobs")
+        stop = [] if tools and not text_too else [generator.chat_stop()]  # a call ends itself; text at the turn
         jobs, prompt_tokens = _jobs_for(body, [ids], request, config, model_id, max_tokens, CHAT_UNSUPPORTED,
-                                        generator.tokenizer, extra_stop=[] if tools else [generator.chat_stop()])
+                                        generator.tokenizer, extra_stop=stop)
         if body.logprobs:
             jobs[0].logprobs = body.top_logprobs or 0
         await _build_automaton(jobs, config, automata)
@@ -697,6 +698,7 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     if any(len(c) > config.max_stop_chars for c in choices or ()):
         raise ApiError(422, f"a guided choice of more than {config.max_stop_chars} characters "
                        "(serve.max_stop_chars)", "guided_choice")
+    regex = body.guided_regex
     bias = {}
     for key, value in (body.logit_bias or {}).items():
         if not re.fullmatch(r"[0-9]+", key):
@@ -710,6 +712,8 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     temperature = 1.0 if body.temperature is None else body.temperature
     stop += [s for s in extra_stop or [] if s not in stop]
     try:  # the sampling values are checked where the library and the CLI check them
+        if schema_field == "tools (auto)":  # a call, or text
+            regex, schema = _call_or_text(schema), None
         options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
                                  top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
                                  min_p=body.min_p, repetition_penalty=1.0 if body.repetition_penalty is None
@@ -718,12 +722,13 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
                                  frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias or None,
                                  typical_p=None if body.typical_p in (None, 1.0) else body.typical_p,
                                  min_new_tokens=body.min_tokens or 0, bad_words=bad_words or None,
-                                 guided_choice=choices, guided_regex=body.guided_regex, guided_json=schema)
+                                 guided_choice=choices, guided_regex=regex, guided_json=schema)
         options = with_token_ids(options, tokenizer)
         options.check_vocabulary(tokenizer.vocab_size)
     except ConfigError as e:
         field = re.match(r"generate\.(\w+)", str(e))
-        raise ApiError(422, str(e).removeprefix("generate."), field.group(1) if field else None) from None
+        field = "tools" if schema_field.startswith("tools") else field.group(1) if field else None
+        raise ApiError(422, str(e).removeprefix("generate."), field) from None
     mailbox = Mailbox(asyncio.get_running_loop())
     deadline, client = time.monotonic() + config.timeout, _client(request)
     jobs = [Job(ids, options, bool(body.stream), deadline, mailbox, first_index=i * n, client=client)
@@ -772,25 +777,22 @@ def _turns(messages: list[ChatMessage]) -> list[dict]:
     return turns
 
 
-def _tool_schema(body: SamplingRequest) -> Optional[dict]:
-    """The JSON schema of the reply a chat request's tools and tool_choice ask for, or None: one call,
-    {"name": <a tool's name>, "arguments": <its parameters>}, of the named tool or ("required") of any."""
+def _tool_schema(body: SamplingRequest) -> tuple[Optional[dict], bool]:
+    """(the JSON schema of a call a chat request's tools and tool_choice allow, or None; whether the reply may be
+    text instead). A call is {"name": <a tool's name>, "arguments": <its parameters>}, of the named tool, or of any
+    ("required", and "auto", the default with tools, where a reply that does not begin with "{" is text)."""
     tools, choice = getattr(body, "tools", None), getattr(body, "tool_choice", None)
     if not tools:
         if choice not in (None, "none"):
             raise ApiError(422, "tool_choice needs tools", "tool_choice")
-        return None
+        return None, True
     if choice == "none":
-        return None
-    if choice in (None, "auto"):
-        raise ApiError(422, 'tool_choice "auto" (the default with tools) lets the model decide whether to call a '
-                       "tool, which lmforge cannot tell from its text: give tool_choice \"required\" or "
-                       '{"type": "function", "function": {"name": ...}}, or "none"', "tool_choice")
-    if choice != "required":
+        return None, True
+    if choice not in (None, "auto", "required"):
         name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
         if choice.get("type") != "function" or name is None:
-            raise ApiError(422, 'tool_choice is "none", "required" or {"type": "function", "function": {"name": '
-                           '...}}', "tool_choice")
+            raise ApiError(422, 'tool_choice is "none", "auto", "required" or {"type": "function", "function": '
+                           '{"name": ...}}', "tool_choice")
         tools = [t for t in tools if t.function.name == name]
         if not tools:
             raise ApiError(422, f"tool_choice names the function {name!r}, which is not among the tools",
@@ -800,13 +802,21 @@ def _tool_schema(body: SamplingRequest) -> Optional[dict]:
         "arguments": {"$id": f"tool:{t.function.name}",
                       **(t.function.parameters or {"type": "object", "additionalProperties": False})}}}
              for t in tools]
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return (calls[0] if len(calls) == 1 else {"anyOf": calls}), choice in (None, "auto")
+
+
+def _call_or_text(schema: str) -> str:
+    """tool_choice "auto": the regular expression of a reply that is one call of `schema` (JSON text), or text that
+    does not begin with "{" (or nothing)."""
+    from lmforge.generate.json_schema import json_schema_regex
+
+    return f"(?:{json_schema_regex(json.loads(schema))}|(?:[^{{][\\s\\S]*)?)"
 
 
 def _reply(text: str, finish: str, tool_call: bool) -> dict:
     """A chat choice's message and finish_reason: the text, or (tools) the tool call it holds once complete."""
-    if tool_call and finish == "stop":
-        call = json.loads(text)  # guided by the tools' schema: a complete reply is one call
+    if tool_call and finish == "stop" and text.startswith("{"):
+        call = json.loads(text)  # guided by the tools' schema: a complete reply beginning with "{" is one call
         return {"message": {"role": "assistant", "content": None, "tool_calls": [{
             "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]},
@@ -816,14 +826,14 @@ def _reply(text: str, finish: str, tool_call: bool) -> dict:
 
 def _requested_schema(body: SamplingRequest) -> tuple[Optional[str], str]:
     """(the JSON schema a request asks its output to follow, as JSON text, or None; the field that asked): vLLM's
-    guided_json, OpenAI's response_format (json_schema, or json_object: any object), or a chat's
-    tools with tool_choice "required" or a named function."""
-    tools = _tool_schema(body)
+    guided_json, OpenAI's response_format (json_schema, or json_object: any object), or a chat's tools ("tools",
+    or "tools (auto)" where the reply may be text instead of a call)."""
+    tools, text_too = _tool_schema(body)
     if tools is not None:
-        if body.guided_json is not None or body.response_format is not None:
-            raise ApiError(422, "tools and guided_json / response_format both say what the reply must be: give one",
-                           "tools")
-        return json.dumps(tools), "tools"
+        if body.guided_json is not None or body.response_format is not None or body.guided_regex is not None:
+            raise ApiError(422, "tools and guided_json / guided_regex / response_format all say what the reply must "
+                           "be: give one (or tool_choice \"none\")", "tools")
+        return json.dumps(tools), "tools" if not text_too else "tools (auto)"
     fmt = body.response_format
     if fmt is None or fmt.get("type") == "text" and set(fmt) == {"type"}:
         schema = body.guided_json
