@@ -100,6 +100,11 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
     assert constrained != zero and constrained == "First" + load(str(run)).generate(
         "First", max_new_tokens=20, greedy=True, logit_bias={50: -100, 51: 2, 52: 1.5}, bad_words_ids=[[60, 61], [62]],
         bad_words=["the"], min_new_tokens=15) + "\n"
+    assert main(["generate", str(run), "--prompt", "First", "--max-new-tokens", "20", "--greedy", "--device", "cpu",
+                 "--guidance-scale", "3", "--negative-prompt", "Second"]) == 0  # classifier-free guidance
+    guided = capsys.readouterr().out
+    assert guided != zero and guided == "First" + load(str(run)).generate(
+        "First", max_new_tokens=20, greedy=True, guidance_scale=3.0, negative_prompt="Second") + "\n"
     assert main(["generate", str(run), "--prompt", "Is it? ", "--greedy", "--device", "cpu", "--guided-choice", "Yes",
                  "--guided-choice", "No"]) == 0
     assert capsys.readouterr().out in ("Is it? Yes\n", "Is it? No\n")
@@ -256,6 +261,8 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "generate.typical_p=0.5 is a sampling option"),
         ("generate-guided-choice-beams", ["generate", str(run), "--num-beams", "2", "--guided-choice", "yes"],
          "picks the answer token by token"),
+        ("generate-negative-prompt-alone", ["generate", str(run), "--negative-prompt", "x"],
+         "negative_prompt is only read by classifier-free guidance"),
         ("generate-guided-regex-backreference", ["generate", str(run), "--guided-regex", r"(a)\1"], "cannot be used"),
         ("generate-guided-json-missing-file", ["generate", str(run), "--guided-json", str(ws / "ghost.json")],
          "neither a JSON schema"),
@@ -351,7 +358,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 99
+N_CASES = 100
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

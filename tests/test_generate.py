@@ -346,7 +346,7 @@ def test_bad_words_never_appear_in_the_text():
     assert banned != free and not any(w in "ab" + banned for w in words)
     sampled = gen.complete(["ab"] * 4, max_new_tokens=40, seed=2, bad_words=words)
     assert not any(w in "ab" + c[0].text for c in sampled for w in words)
-    with pytest.raises(ConfigError, match="bad_words and guided_choice need the tokenizer"):
+    with pytest.raises(ConfigError, match="bad_words, guided_choice and negative_prompt need the tokenizer"):
         generate_batch_ids(gen.model, [[START, 100]], bad_words=["x"])
     with pytest.raises(ConfigError, match="logit_bias names the token id 259, outside the vocabulary"):
         gen.generate("ab", logit_bias={259: 1.0})
@@ -750,3 +750,43 @@ def test_guided_json_generates_documents_of_the_schema():
                           ("{not json", "guided_json is not valid JSON"), ([1], "is [1]; a schema is a JSON object")]:
         with pytest.raises(ConfigError, match=re.escape(words)):
             gen.generate("x", guided_json=schema if not isinstance(schema, list) else json.dumps(schema))
+
+
+def test_classifier_free_guidance_rows_batch_with_others_as_they_decode_alone():
+    """A guided row decodes its unconditional side in the same batch: with unguided rows and rows of other scales
+    and negative prompts, sampled or greedy, every row gets what it gets alone."""
+    m = model(block_size=64)
+    cases = [([START, 5, 6, 7], dict(guidance_scale=2.0, negative_prompt_ids=[START, 9])),
+             ([START, 30, 31], {}),
+             ([START, 40, 41, 42, 43, 44], dict(guidance_scale=0.5, negative_prompt_ids=[START, 1, 2, 3, 4, 5, 6])),
+             ([START, 8], dict(guidance_scale=3.0))]
+    for sampling in (dict(greedy=True), dict(seed=4, temperature=0.9, top_k=30)):
+        rows = []
+        for prompt, options in cases:
+            config = GenerateConfig(max_new_tokens=25, num_return_sequences=2, **sampling, **options)
+            rows += make_rows(m, [prompt], config, END, TOKENIZER)
+        for _ in decode_rows(m, rows):
+            pass
+        alone = [generate_batch_ids(m, [prompt], end_id=END, tokenizer=TOKENIZER, max_new_tokens=25,
+                                    num_return_sequences=2, **sampling, **options)[0] for prompt, options in cases]
+        assert [[r.tokens for r in rows[i:i + 2]] for i in range(0, len(rows), 2)] == alone
+        unguided = generate_batch_ids(m, [cases[0][0]], end_id=END, max_new_tokens=25, num_return_sequences=2,
+                                      **sampling)[0]
+        assert alone[0] != unguided  # guidance changed the text
+    gen = TextGenerator(m, TOKENIZER)  # the negative prompt as text: <START> + its tokens; none given: <START>
+    text = gen.generate("ab", max_new_tokens=20, seed=1, guidance_scale=2.0, negative_prompt="zz")
+    assert text == gen.generate("ab", max_new_tokens=20, seed=1, guidance_scale=2.0,
+                                negative_prompt_ids=[START] + TOKENIZER.encode("zz"))
+    assert gen.generate("ab", max_new_tokens=20, seed=1, guidance_scale=2.0) == gen.generate(
+        "ab", max_new_tokens=20, seed=1, guidance_scale=2.0, negative_prompt_ids=[START])
+    for options, words in [(dict(negative_prompt="x"), "negative_prompt is only read by classifier-free guidance"),
+                           (dict(guidance_scale=2.0, negative_prompt="x", negative_prompt_ids=[1]), "give one"),
+                           (dict(guidance_scale=2.0, num_beams=2), "with beam search (num_beams=2)"),
+                           (dict(guidance_scale=2.0, prompt_lookup_num_tokens=3), "with speculative decoding"),
+                           (dict(guidance_scale=-1.0), "guidance_scale=-1.0 is invalid"),
+                           (dict(guidance_scale=2.0, negative_prompt_ids=[]), "negative_prompt_ids=[] is invalid"),
+                           (dict(guidance_scale=2.0, negative_prompt_ids=[999]), "names the token id 999")]:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            gen.generate("ab", max_new_tokens=5, **options)
+    with pytest.raises(ConfigError, match="with speculative decoding \\(an assistant model\\)"):
+        TextGenerator(m, TOKENIZER, assistant_model=model(block_size=64)).generate("ab", guidance_scale=2.0)

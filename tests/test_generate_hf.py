@@ -226,3 +226,20 @@ def test_process_scores_equals_hfs_processors_in_their_order(new):
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     assert torch.allclose(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
     assert torch.isinf(ours[:, [0, 7]]).all() == (new < 4)  # the end ids are banned only before min_new_tokens
+
+
+@pytest.mark.parametrize("prompt, negative, scale, options", [
+    ([4, 9, 9, 1], [2], 3.0, {}),
+    ([7, 7, 0, 1, 2, 3], [5, 5, 5], 0.5, {}),  # below 1: toward the negative prompt
+    ([1, 2, 3], [6], 2.0, {"repetition_penalty": 1.3}),  # guidance first: the penalty acts on log probabilities
+    ([1, 2, 3], None, 2.0, {}),  # HF's default unconditional side: the prompt's last token
+    ([3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5], 1.5, {"no_repeat_ngram_size": 2}),
+])
+def test_classifier_free_guidance_equals_hf(soft_pair, prompt, negative, scale, options):
+    ours, theirs = soft_pair
+    given = {} if negative is None else {"negative_prompt_ids": torch.tensor([negative])}
+    expected = hf_generate(theirs, [prompt], None, 20, guidance_scale=scale, **given, **options)
+    got = generate_batch_ids(ours, [prompt], max_new_tokens=20, greedy=True, guidance_scale=scale,
+                             negative_prompt_ids=negative or prompt[-1:], **options)
+    assert got == expected
+    assert got != generate_batch_ids(ours, [prompt], max_new_tokens=20, greedy=True, **options)  # it mattered

@@ -197,6 +197,9 @@ def test_openai_logit_bias_and_vllm_min_tokens_bad_words_typical_p_give_the_pyth
     assert any_object["message"]["content"] == generator.generate(generator.render_chat(
         [{"role": "user", "content": "ab"}]), max_new_tokens=300, seed=3, guided_json={"type": "object"},
         stop_strings=[generator.chat_stop()])
+    guided = complete(client, prompt="ab", max_tokens=30, seed=6, n=2, guidance_scale=2.0, negative_prompt="zz")
+    assert [c["text"] for c in guided["choices"]] == generator.generate(
+        "ab", max_new_tokens=30, seed=6, num_return_sequences=2, guidance_scale=2.0, negative_prompt="zz")
     sampled = complete(client, prompt="ab", max_tokens=30, seed=4, typical_p=0.7, logit_bias={str(first): 3})
     assert sampled["choices"][0]["text"] == generator.generate("ab", max_new_tokens=30, seed=4, typical_p=0.7,
                                                                logit_bias={first: 3.0})
@@ -292,6 +295,10 @@ BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the messa
     ("no-choices", {"prompt": "x", "guided_choice": []}, 422, "guided_choice=[] is invalid"),
     ("regex-lookbehind", {"prompt": "x", "guided_regex": "(?<=a)b"}, 422, "guided_regex='(?<=a)b' cannot be used"),
     ("regex-too-long", {"prompt": "x", "guided_regex": "a" * 1025}, 422, "at most 1024 (serve.max_regex_chars)"),
+    ("negative-prompt-alone", {"prompt": "x", "negative_prompt": "y"}, 422, "negative_prompt is only read by"),
+    ("negative-prompt-too-long", {"prompt": "x", "guidance_scale": 2, "negative_prompt": "y" * 64}, 422,
+     "the negative_prompt is 65 tokens (with <START>); at most 64 (serve.max_prompt_tokens)"),
+    ("guidance-scale-negative", {"prompt": "x", "guidance_scale": -2}, 422, "guidance_scale=-2.0 is invalid"),
     ("schema-recursive", {"prompt": "x", "guided_json": {"$defs": {"N": {"type": "object", "properties": {
         "next": {"anyOf": [{"$ref": "#/$defs/N"}, {"type": "null"}]}}}}, "$ref": "#/$defs/N"}}, 422,
      "a recursive schema is not a regular language"),

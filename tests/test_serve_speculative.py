@@ -73,7 +73,9 @@ def requests(plain: dict) -> list[tuple[str, dict]]:
             ("/v1/completions", {"prompt": "scored", "max_tokens": 20, "temperature": 0, "logprobs": 2}),
             ("/v1/completions", {"prompt": "streamed", "max_tokens": 40, "temperature": 0, "stream": True, "n": 2}),
             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 30,
-                                      "temperature": 0})]
+                                      "temperature": 0}),
+            ("/v1/completions", {"prompt": "Hello there", "max_tokens": 30, "temperature": 0, "guidance_scale": 2.5,
+                                 "negative_prompt": "Goodbye"})]  # guidance: decoded without speculation
 
 
 def counter(metrics: str, name: str) -> int:

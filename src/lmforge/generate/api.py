@@ -18,7 +18,7 @@ from lmforge.generate.config import GenerateConfig
 from lmforge.generate.compiled import apply_compile
 from lmforge.generate.decode import decode_rows
 from lmforge.generate.quantize import apply_inference_dtype
-from lmforge.generate.rows import Event, Row, make_rows
+from lmforge.generate.rows import Event, Row, make_rows, prompt_ids
 from lmforge.generate.speculative import DraftModel, PromptLookup, check_assistant, speculative_rows
 from lmforge.model import GPT
 
@@ -30,24 +30,15 @@ def options(config: Optional[GenerateConfig], kwargs: dict[str, Any]) -> Generat
     return replace(config, **kwargs) if kwargs else config
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """<START> + the prompt's tokens, the way training documents begin.
-
-    A tokenizer without a start token (GPT-2's) puts nothing first; an empty prompt then starts from its
-    end token, as GPT-2 samples "from nothing" (its <|endoftext|> separates documents)."""
-    start = [tokenizer.start_id] if tokenizer.start_id is not None else []
-    ids = start + tokenizer.encode(prompt)
-    if not ids and tokenizer.end_id is not None:
-        ids = [tokenizer.end_id]
-    return ids
-
-
 def decode_events(model: GPT, rows: list[Row], config: GenerateConfig,
            assistant_model: Optional[GPT] = None) -> Iterator[list[Event]]:
     """The Events of decoding `rows`: one token per row per step (decode.decode_rows), or by speculation
     (generate.speculative) with an assistant (draft) model or with config.prompt_lookup_num_tokens."""
     if assistant_model is None and config.prompt_lookup_num_tokens is None:
         return decode_rows(model, rows)
+    if config.guidance_scale != 1.0:
+        raise ConfigError(f"generate.guidance_scale={config.guidance_scale!r} with speculative decoding (an "
+                          "assistant model) is not supported: use one of them")
     if assistant_model is not None and config.prompt_lookup_num_tokens is not None:
         raise ConfigError("an assistant (draft) model and prompt_lookup_num_tokens both guess tokens: give one")
     if assistant_model is not None:

@@ -87,6 +87,17 @@ class GenerateConfig:
         "and decoding is held to it as with guided_regex.", None)
     guided_choice_ids: Optional[list[list[int]]] = doc(
         "guided_choice as token sequences (what guided_choice becomes once encoded; give either).", None, ge=0)
+    guidance_scale: float = doc(
+        "Classifier-free guidance (Sanchez et al. 2023, Hugging Face's guidance_scale): each step's scores become "
+        "u + scale * (c - u), c and u the log probabilities given the prompt and given negative_prompt (the "
+        "unconditional side, continued with the same tokens). Above 1 the text follows the prompt more closely, "
+        "below 1 the negative prompt; 1 = off. Each sequence decodes a second row. Not with beam search or "
+        "speculation.", 1.0, ge=0, le=MAX_PENALTY, invalid=f"a number in [0, {MAX_PENALTY}] (1 = off)")
+    negative_prompt: Optional[str] = doc(
+        "Classifier-free guidance: the text of the unconditional side (with <START> first, like a prompt); null = "
+        "<START> alone (without a start token: the prompt's last token, as Hugging Face does).", None)
+    negative_prompt_ids: Optional[list[int]] = doc("negative_prompt as token ids, used as given (give either).",
+                                                   None, ge=0)
     num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.",
                          1, ge=1)
     length_penalty: float = doc("Beam search: a finished beam scores sum(log p) / new_tokens ** length_penalty.",
@@ -139,6 +150,19 @@ class GenerateConfig:
             from lmforge.generate.automaton import check_syntax
 
             check_syntax(self.guided_pattern)  # a one-line error now (its automaton is built by the first decode)
+        if self.negative_prompt is not None and self.negative_prompt_ids is not None:
+            raise ConfigError("generate.negative_prompt and negative_prompt_ids are the same thing: give one")
+        if (self.negative_prompt is not None or self.negative_prompt_ids is not None) and self.guidance_scale == 1.0:
+            raise ConfigError("generate.negative_prompt is only read by classifier-free guidance: set guidance_scale "
+                              "(e.g. 1.5), or leave the negative prompt out")
+        if self.negative_prompt_ids is not None and not self.negative_prompt_ids:
+            raise ConfigError("generate.negative_prompt_ids=[] is invalid: at least one token id")
+        if self.guidance_scale != 1.0 and self.num_beams > 1:
+            raise ConfigError(f"generate.guidance_scale={self.guidance_scale!r} with beam search (num_beams="
+                              f"{self.num_beams}) is not supported: use num_beams=1")
+        if self.guidance_scale != 1.0 and self.prompt_lookup_num_tokens is not None:
+            raise ConfigError(f"generate.guidance_scale={self.guidance_scale!r} with speculative decoding "
+                              "(prompt_lookup_num_tokens) is not supported: use one of them")
         if guided and self.num_beams > 1:
             raise ConfigError(f"generate.{guided} picks the answer token by token and beam search (num_beams="
                               f"{self.num_beams}) keeps several: use num_beams=1")
@@ -180,7 +204,7 @@ class GenerateConfig:
     @property
     def scoring(self) -> tuple:
         """What turns a row's logits into its next token: rows with equal keys are scored as one group."""
-        constraints = (self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty,
+        constraints = (self.guidance_scale, self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty,
                        self.frequency_penalty, self.min_new_tokens, tuple(sorted((self.logit_bias or {}).items())),
                        tuple(tuple(ids) for ids in self.bad_words_ids or ()),
                        tuple(tuple(ids) for ids in self.guided_choice_ids or ()), self.guided_pattern)
@@ -204,8 +228,10 @@ class GenerateConfig:
         return json_schema_regex(schema)
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        """The token ids logit_bias, bad_words_ids and guided_choice_ids name must be the model's."""
+        """The token ids logit_bias, negative_prompt_ids, bad_words_ids and guided_choice_ids name must be the
+        model's."""
         fields = {"logit_bias": list(self.logit_bias or {}),
+                  "negative_prompt_ids": list(self.negative_prompt_ids or ()),
                   "bad_words_ids": [t for seq in self.bad_words_ids or () for t in seq],
                   "guided_choice_ids": [t for seq in self.guided_choice_ids or () for t in seq]}
         field, bad = next(((f, t) for f, ids in fields.items() for t in ids if t >= vocab_size), (None, None))

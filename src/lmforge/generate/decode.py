@@ -5,6 +5,9 @@
     end ids picks its tokens -> every running row takes its token (Row.advance: end id, stop string,
     budget) and reports an Event -> feed the new column through the cache -> ... until every row ended.
 
+Classifier-free guidance (guidance_scale) adds one row per guided row after the others: its negative prompt,
+fed the guided row's tokens; the guided row picks from both sides' log probabilities (processors.guided_scores).
+
 complete, stream, the CLI and the server's engine all read these events; none of them applies a stop
 rule of its own. A row that has ended (or that its reader cancelled) is still fed, its tokens ignored,
 so the others compute exactly what they would alone.
@@ -16,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from lmforge.generate.processors import next_token, penalizes, process_scores, token_logprobs
+from lmforge.generate.processors import guided_scores, next_token, penalizes, process_scores, token_logprobs
 from lmforge.generate.rows import Event, Logprobs, Row, Sequences
 from lmforge.model import GPT
 
@@ -37,8 +40,11 @@ class Scoring:
         self.processed = any(penalizes(c) for c, _, _ in self.groups)
 
     def pick(self, logits: torch.Tensor, seqs: Sequences) -> torch.Tensor:
-        """The next token (B,) of every row from the last logits (B, V)."""
+        """The next token (B,) of every row from the last logits (B, V) (seqs may hold more rows after them: the
+        unconditional sides of classifier-free guidance)."""
         tokens, real = seqs.so_far() if self.processed else (None, None)
+        if tokens is not None and tokens.size(0) > logits.size(0):
+            tokens, real = tokens[:logits.size(0)], None if real is None else real[:logits.size(0)]
         if self.whole:
             config, _, generators = self.groups[0]
             scores = process_scores(logits, tokens, real, config, self.generated[0], self.end_ids[0],
@@ -63,13 +69,21 @@ def decode_rows(model: GPT, rows: Sequence[Row]) -> Iterator[list[Event]]:
     The model should be in eval mode."""
     if not rows:
         return
-    seqs = Sequences(model, [row.prompt for row in rows], max(row.budget for row in rows))
+    guided = [i for i, row in enumerate(rows) if row.negative is not None]  # classifier-free guidance: each has
+    seqs = Sequences(model, [row.prompt for row in rows] + [rows[i].negative for i in guided],  # a second row,
+                     max(row.budget for row in rows))  # after the others, that takes the same tokens
     scoring = Scoring(rows, seqs.tokens.device)
     top = max((row.top_logprobs for row in rows if row.top_logprobs is not None), default=None)
+    B, device = len(rows), seqs.tokens.device
+    shadows = torch.tensor(guided, dtype=torch.long, device=device)
+    scales = torch.tensor([[rows[i].config.guidance_scale] for i in guided], device=device)
     while any(row.finish is None for row in rows):
-        logits = seqs.next_logits(model)  # (B, V)
-        token = scoring.pick(logits, seqs)  # (B,)
-        seqs.append(token)
+        every = seqs.next_logits(model)  # (B + guided rows, V)
+        logits = scores = every[:B]
+        if guided:  # the guided rows' scores from both sides (a new tensor: logits stay the raw ones)
+            scores = scores.float().index_put((shadows,), guided_scores(every[shadows], every[B:], scales))
+        token = scoring.pick(scores, seqs)  # (B,)
+        seqs.append(torch.cat([token, token[shadows]]) if guided else token)
         logprobs = token_logprobs(logits, token, top) if top is not None else None
         events = []
         for i, (row, t) in enumerate(zip(rows, token.tolist())):

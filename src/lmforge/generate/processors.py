@@ -1,5 +1,6 @@
-"""From a row's last logits to its next token: logit bias, penalties, bans (n-grams, bad words, an end before
-min_new_tokens), a guided choice, temperature, the filters (top-k / top-p / min-p / typical / epsilon / eta), a pick.
+"""From a row's last logits to its next token: classifier-free guidance, logit bias, penalties, bans (n-grams, bad
+words, an end before min_new_tokens), a guided choice, temperature, the filters (top-k / top-p / min-p / typical /
+epsilon / eta), a pick.
 
 Each function works on a batch of rows (B, V) that share one GenerateConfig's scoring options; the
 decoding loop groups rows by those options (GenerateConfig.scoring), so rows with different settings
@@ -15,6 +16,14 @@ import torch
 
 from lmforge.generate.config import GenerateConfig
 from lmforge.generate.rows import Logprobs
+
+
+def guided_scores(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Sanchez et al. 2023): u + scale * (c - u) with c, u the log-softmax of the
+    conditional and unconditional logits (B, V), in float32: log probabilities, then the other processors, as
+    Hugging Face applies it (first)."""
+    c, u = conditional.float().log_softmax(dim=-1), unconditional.float().log_softmax(dim=-1)
+    return u + scale * (c - u)
 
 
 def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

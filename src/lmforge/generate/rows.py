@@ -21,6 +21,18 @@ from lmforge.model import GPT, KVCache
 
 
 # --------------------------------------------------------------------------------------------- the batch
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """<START> + the prompt's tokens, the way training documents begin.
+
+    A tokenizer without a start token (GPT-2's) puts nothing first; an empty prompt then starts from its
+    end token, as GPT-2 samples "from nothing" (its <|endoftext|> separates documents)."""
+    start = [tokenizer.start_id] if tokenizer.start_id is not None else []
+    ids = start + tokenizer.encode(prompt)
+    if not ids and tokenizer.end_id is not None:
+        ids = [tokenizer.end_id]
+    return ids
+
+
 def crop_prompt(prompt_ids: Sequence[int], block_size: int) -> list[int]:
     """The prompt's last block_size tokens (with a warning when that drops some)."""
     ids = list(prompt_ids)
@@ -164,6 +176,7 @@ class Row:
     finish: Optional[str] = None                # "stop" | "length" | "cancelled" (the reader left)
     top_logprobs: Optional[int] = None          # report each token's Logprobs with this many alternatives
     guide: Any = None                           # guided_regex / guided_json: its generate.guided.RegexGuide
+    negative: Optional[list[int]] = None        # guidance_scale != 1: the unconditional side's prompt
     drafted: int = 0                            # speculative decoding: tokens guessed for it,
     accepted: int = 0                           # and of those, kept
 
@@ -224,21 +237,29 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
         from lmforge.generate.guided import regex_guide
 
         guide = regex_guide(pattern, tokenizer, model.config.vocab_size)
+    start = tokenizer.start_id if tokenizer is not None else None
+    negatives = [None if config.guidance_scale == 1.0 else crop_prompt(
+        config.negative_prompt_ids or ([start] if start is not None else prompt[-1:]), model.config.block_size)
+        for prompt in cropped]
     return [Row(prompt, config, config.new_tokens(len(prompt)), end_ids, generators[p * copies + j],
-                StopText(tokenizer, config.stop_strings or ()) if tokenizer is not None else None, guide=guide)
+                StopText(tokenizer, config.stop_strings or ()) if tokenizer is not None else None, guide=guide,
+                negative=negatives[p])
             for p, prompt in enumerate(cropped) for j in range(copies)]
 
 
 def with_token_ids(config: GenerateConfig, tokenizer: Any) -> GenerateConfig:
     """`config` with the texts that stand for token sequences encoded: bad_words into bad_words_ids, each text as
     written and after a space (a word inside the text is often another token than at its start), as vLLM does;
-    guided_choice into guided_choice_ids, each as the tokenizer encodes it."""
-    if not config.bad_words and config.guided_choice is None:
+    guided_choice into guided_choice_ids, each as the tokenizer encodes it; negative_prompt into
+    negative_prompt_ids, as a prompt (prompt_ids)."""
+    if not config.bad_words and config.guided_choice is None and config.negative_prompt is None:
         return config
     if tokenizer is None:
-        raise ConfigError("bad_words and guided_choice need the tokenizer to encode them; pass tokenizer=, or give "
-                          "bad_words_ids / guided_choice_ids")
+        raise ConfigError("bad_words, guided_choice and negative_prompt need the tokenizer to encode them; pass "
+                          "tokenizer=, or give bad_words_ids / guided_choice_ids / negative_prompt_ids")
     changes: dict[str, Any] = {}
+    if config.negative_prompt is not None:
+        changes.update(negative_prompt=None, negative_prompt_ids=prompt_ids(tokenizer, config.negative_prompt))
     if config.bad_words:
         sequences = [list(ids) for ids in config.bad_words_ids or ()]
         for word in config.bad_words:

@@ -114,6 +114,8 @@ class SamplingRequest(BaseModel):
     guided_regex: Optional[Text] = None
     guided_json: Optional[Union[dict[str, Any], Text]] = None
     response_format: Optional[dict[str, Any]] = None  # OpenAI's: {"type": "text" | "json_object" | "json_schema", ...}
+    guidance_scale: Optional[float] = None  # classifier-free guidance, as Hugging Face's generate has it
+    negative_prompt: Optional[Text] = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -513,7 +515,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             raise ApiError(422, "top_logprobs needs logprobs: true", "top_logprobs")
         stop = [] if tools and not text_too else [generator.chat_stop()]  # a call ends itself; text at the turn
         jobs, prompt_tokens = _jobs_for(body, [ids], request, config, model_id, max_tokens, CHAT_UNSUPPORTED,
-                                        generator.tokenizer, extra_stop=stop)
+                                        generator.tokenizer, extra_stop=stop, max_prompt_tokens=max_prompt_tokens)
         if body.logprobs:
             jobs[0].logprobs = body.top_logprobs or 0
         await _build_automaton(jobs, config, automata)
@@ -583,7 +585,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                _text_ids(generator, p, max_prompt_tokens, template=True) for p in prompts]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         jobs, prompt_tokens = _jobs_for(body, ids, request, config, model_id, max_tokens, UNSUPPORTED,
-                                        generator.tokenizer)
+                                        generator.tokenizer, max_prompt_tokens=max_prompt_tokens)
         for job in jobs:
             job.logprobs, job.echo = body.logprobs, bool(body.echo)
         await _build_automaton(jobs, config, automata)
@@ -658,7 +660,8 @@ def _token_ids(generator: TextGenerator, ids: list[int], max_prompt_tokens: int)
 
 def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[int]], request: Request,
               config: ServeConfig, model_id: str, max_tokens: int, unsupported: dict[str, Any], tokenizer: Any,
-              extra_stop: Optional[list[str]] = None) -> tuple[list[Job], int]:
+              extra_stop: Optional[list[str]] = None, max_prompt_tokens: Optional[int] = None
+              ) -> tuple[list[Job], int]:
     """Check a request against the caps and turn each of its prompts (token ids) into a Job; (jobs, prompt
     tokens). `tokenizer` encodes the bad words; `extra_stop` adds stop strings of the server's own (a chat's next
     user turn)."""
@@ -722,9 +725,15 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
                                  frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias or None,
                                  typical_p=None if body.typical_p in (None, 1.0) else body.typical_p,
                                  min_new_tokens=body.min_tokens or 0, bad_words=bad_words or None,
-                                 guided_choice=choices, guided_regex=regex, guided_json=schema)
+                                 guided_choice=choices, guided_regex=regex, guided_json=schema,
+                                 guidance_scale=1.0 if body.guidance_scale is None else body.guidance_scale,
+                                 negative_prompt=body.negative_prompt)
         options = with_token_ids(options, tokenizer)
         options.check_vocabulary(tokenizer.vocab_size)
+        negative = len(options.negative_prompt_ids or ())
+        if max_prompt_tokens is not None and negative > max_prompt_tokens:
+            raise ApiError(422, f"the negative_prompt is {negative} tokens (with <START>); at most "
+                           f"{max_prompt_tokens} (serve.max_prompt_tokens)", "negative_prompt")
     except ConfigError as e:
         field = re.match(r"generate\.(\w+)", str(e))
         field = "tools" if schema_field.startswith("tools") else field.group(1) if field else None

@@ -129,6 +129,11 @@ class Job:
         return self.config.num_return_sequences
 
     @property
+    def rows_decoded(self) -> int:
+        """Rows it adds to a batched decode: one per sequence, two with classifier-free guidance."""
+        return self.n * (2 if self.config.guidance_scale != 1.0 else 1)
+
+    @property
     def reproducible(self) -> bool:
         """Greedy or seeded: its text must not depend on the jobs it is batched with."""
         return self.config.is_greedy or self.config.seed is not None
@@ -283,8 +288,8 @@ class Engine(Worker):
                     and now - self._waiting[0].queued_at < self.batch_wait):
                 break  # enough decodes run: let waiting jobs gather into a bigger batch for a while
             group = [self._waiting.pop(0)]
-            alone = self.speculative and (self.speculative_max_running is None
-                                          or self._running < self.speculative_max_running)
+            alone = self.speculative and group[0].config.guidance_scale == 1.0 and (  # guidance: no speculation
+                self.speculative_max_running is None or self._running < self.speculative_max_running)
             for job in [] if alone else list(self._waiting):
                 if self._running + len(group) >= self.max_concurrency:
                     break
@@ -300,7 +305,7 @@ class Engine(Worker):
         batch whose longest prompt plus new tokens fit in block_size (within the window a padded row gets the
         tokens it gets alone; see lmforge.generate). Sampling options, budgets and stops may differ. (A job that
         speculates decodes alone: _admit.)"""
-        if sum(j.n for j in group) + job.n > self.max_batch_size:
+        if sum(j.rows_decoded for j in group) + job.rows_decoded > self.max_batch_size:
             return False
         if not any(j.reproducible for j in group + [job]):
             return True
