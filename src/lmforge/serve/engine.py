@@ -309,7 +309,8 @@ class Engine(Worker):
             return False
         if not any(j.reproducible for j in group + [job]):
             return True
-        longest = max(len(j.prompt_ids) for j in group + [job])
+        longest = max(len(j.prompt_ids) for j in group + [job])  # (and a guided job's negative prompt: a row too)
+        longest = max(longest, *(len(j.config.negative_prompt_ids or ()) for j in group + [job]))
         budget = max(j.config.new_tokens(len(j.prompt_ids)) for j in group + [job])
         return longest + budget <= self.model.config.block_size
 
