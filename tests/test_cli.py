@@ -122,6 +122,30 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
         assert list(answer) == ["act", "done"] and answer["act"] in ("I", "II") and isinstance(answer["done"], bool)
 
 
+def test_embed_prints_or_writes_the_librarys_vectors_and_replaces_only_its_own_file(workspace, capsys):
+    import numpy as np
+
+    from lmforge.generate import TextEmbedder, load
+
+    run, out = workspace / "run", workspace / "vectors.npy"
+    loaded = load(str(run))
+    want = TextEmbedder(loaded.model, loaded.tokenizer).embed(["to be", "or not"]).numpy()
+    capsys.readouterr()
+    assert main(["embed", str(run), "--text", "to be", "--text", "or not", "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["index"], r["text"]) for r in lines] == [(0, "to be"), (1, "or not")]
+    assert np.allclose([r["embedding"] for r in lines], want, atol=1e-7, rtol=0)
+    texts = workspace / "texts.txt"
+    texts.write_text("to be\n\nor not\n", encoding="utf-8")
+    assert main(["embed", str(run), "--file", str(texts), "--pooling", "mean", "--no-normalize", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    raw = TextEmbedder(loaded.model, loaded.tokenizer, "mean", normalize=False).embed(["to be", "or not"]).numpy()
+    assert np.array_equal(np.load(out, allow_pickle=False), raw) and not (raw ** 2).sum(1).round(3).tolist() == [1, 1]
+    assert main(["embed", str(run), "--text", "x", "--out", str(out), "--device", "cpu"]) == 2  # ours, no --force
+    assert main(["embed", str(run), "--text", "x", "--out", str(out), "--force", "--device", "cpu"]) == 0
+    assert np.load(out).shape == (1, loaded.model.config.n_embd)
+
+
 def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
     data, run, corpus = ws / "data", ws / "run", ws / "corpus"
     ckpt = run / "checkpoints" / "step-00000004"
@@ -261,6 +285,11 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "generate.typical_p=0.5 is a sampling option"),
         ("generate-guided-choice-beams", ["generate", str(run), "--num-beams", "2", "--guided-choice", "yes"],
          "picks the answer token by token"),
+        ("embed-nothing", ["embed", str(run)], "nothing to embed"),
+        ("embed-out-not-npy", ["embed", str(run), "--text", "x", "--out", str(ws / "vectors.txt")],
+         "embed writes a .npy array"),
+        ("embed-out-users-file", ["embed", str(run), "--text", "x", "--out", str(ws / "notes.npy"), "--force"],
+         "is not a .npy array"),
         ("generate-negative-prompt-alone", ["generate", str(run), "--negative-prompt", "x"],
          "negative_prompt is only read by classifier-free guidance"),
         ("generate-guided-regex-backreference", ["generate", str(run), "--guided-regex", r"(a)\1"], "cannot be used"),
@@ -335,6 +364,7 @@ def hostile_files(workspace):
     (ws / "mine").mkdir(exist_ok=True)
     (ws / "mine" / "notes.txt").write_text("my notes\n", encoding="utf-8")
     (ws / "notes.png").write_text("not an image\n", encoding="utf-8")
+    (ws / "notes.npy").write_text("not an array\n", encoding="utf-8")
     if not (ws / "hf").exists():
         assert main(["export", str(ws / "run"), "--format", "hf", "--out", str(ws / "hf")]) == 0
         (ws / "hf" / "NOTES.md").write_text("where this came from\n", encoding="utf-8")
@@ -358,7 +388,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 100
+N_CASES = 103
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

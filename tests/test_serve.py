@@ -104,6 +104,27 @@ def sse_events(response: httpx.Response) -> list:
     return events
 
 
+def streamed_choices(client: httpx.Client, body: dict) -> dict[int, dict]:
+    """A streamed chat completion put back together per choice: its content, its tool calls (id, name and
+    arguments joined from their deltas, by tool call index) and its finish reason."""
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    out: dict[int, dict] = {}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            got = out.setdefault(choice["index"], {"content": "", "tool_calls": {}, "finish_reason": None})
+            got["content"] += choice["delta"].get("content") or ""
+            for call in choice["delta"].get("tool_calls") or []:
+                mine = got["tool_calls"].setdefault(call["index"], {"id": None, "name": "", "arguments": ""})
+                mine["id"] = call.get("id") or mine["id"]
+                mine["name"] += call.get("function", {}).get("name") or ""
+                mine["arguments"] += call.get("function", {}).get("arguments") or ""
+            got["finish_reason"] = choice["finish_reason"] or got["finish_reason"]
+    return out
+
+
 def wait_until(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -813,13 +834,20 @@ def test_tool_choice_auto_takes_what_the_model_writes_a_call_or_text_ending_at_t
                                                      "tools": [WEATHER, TIME]})
         assert out.status_code == 200, out.text
         choice = out.json()["choices"][0]
+        streamed = streamed_choices(c, {"messages": CHAT, "max_tokens": 70, "temperature": 0,
+                                        "tools": [WEATHER, TIME]})[0]  # the same reply, in deltas
         if "call" in reply:
             (call,) = choice["message"]["tool_calls"]
             assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
             assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == reply["call"]
+            (piece,) = streamed["tool_calls"].values()
+            assert streamed["content"] == "" and streamed["finish_reason"] == "tool_calls"
+            assert piece["id"].startswith("call_") and piece["name"] == call["function"]["name"]
+            assert piece["arguments"] == call["function"]["arguments"]
         else:
             assert choice["message"] == {"role": "assistant", "content": reply["content"]}
             assert choice["finish_reason"] == reply["finish_reason"]
+            assert streamed == {"content": reply["content"], "tool_calls": {}, "finish_reason": "stop"}
 
 
 def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_with_their_results(client, run_dir):
@@ -842,6 +870,9 @@ def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_wit
               "required": ["name", "arguments"]}
     assert json.loads(gen.generate(gen.render_chat(CHAT), max_new_tokens=120, seed=1, guided_json=schema)) == {
         "name": "get_weather", "arguments": args}
+    streamed = streamed_choices(client, body)[0]  # the same call in deltas: its name, then its arguments piece by piece
+    assert streamed["finish_reason"] == "tool_calls" and streamed["content"] == ""
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed["tool_calls"].values()] == [("get_weather", args)]
     required = client.post("/v1/chat/completions", json={**body, "tool_choice": "required", "n": 3}).json()
     names = {c["message"]["tool_calls"][0]["function"]["name"] for c in required["choices"]}
     assert names <= {"get_weather", "get_time"}
@@ -857,7 +888,6 @@ def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_wit
     for extra, words in [({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
                          ({"tool_choice": {"type": "function"}}, 'tool_choice is "none", "auto", "required" or'),
                          ({"tool_choice": "auto", "guided_regex": "a+"}, "tools and guided_json / guided_regex"),
-                         ({"stream": True}, "stream with tools"),
                          ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}},
                           "tools and guided_json / guided_regex / response_format"),
                          ({"tools": None}, "tool_choice needs tools"),

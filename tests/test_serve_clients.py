@@ -94,6 +94,14 @@ def test_the_openai_package_completes_and_streams(server, run_dir):
     call = called.choices[0].message.tool_calls[0]
     assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "who_is_there"
     assert json.loads(call.function.arguments)["who"] in ("Romeo", "Juliet")
+    name, arguments, finish = "", "", None  # streamed: the package joins nothing itself, the deltas are OpenAI's
+    for chunk in client.chat.completions.create(model="run", messages=messages, max_tokens=100, seed=3, tools=[tool],
+                                                tool_choice="required", stream=True):
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            name += delta.function.name or ""
+            arguments += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and name == "who_is_there" and json.loads(arguments)["who"] in ("Romeo", "Juliet")
     chosen = client.chat.completions.create(model="run", messages=messages, max_tokens=100, seed=3, tools=[tool])
     reply = chosen.choices[0]  # tool_choice left out: "auto", the model decides
     assert (reply.finish_reason == "tool_calls" and json.loads(reply.message.tool_calls[0].function.arguments)) or \

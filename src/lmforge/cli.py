@@ -7,6 +7,7 @@
     lmforge generate text from a run or checkpoint directory
     lmforge classify labels with probabilities from a classifier
     lmforge fill-mask an encoder's top tokens for each <MASK> of a text
+    lmforge embed    a vector per text: the model's hidden states pooled
     lmforge plot     the loss curves of a run as a PNG
     lmforge import   a Hugging Face model directory -> a checkpoint
     lmforge export   a checkpoint -> a Hugging Face directory or an ONNX file
@@ -769,6 +770,76 @@ def _run_fill_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ embed
+def _add_embed(sub: Any) -> None:
+    p = sub.add_parser(
+        "embed", help="a vector per text: the model's hidden states pooled (what POST /v1/embeddings serves)",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Embed texts with any model: each text is read as [start] text [end], the last block's hidden
+            states (after the final norm) are pooled over its tokens, and the vector is scaled to length 1. Prints
+            one JSON line per text, {"index", "text", "embedding"}; with --out, writes the vectors as a float32
+            .npy array (texts x n_embd) instead."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge embed runs/shakespeare-char --text "to be or not to be" --text "a rose by any other name"
+              lmforge embed runs/enc --file sentences.txt --pooling mean --out vectors.npy
+            """))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable)")
+    p.add_argument("--file", help="a UTF-8 .txt file (one text per non-empty line) or .jsonl (its \"text\" fields)")
+    p.add_argument("--pooling", choices=["mean", "last", "first"],
+                   help="mean over the tokens, the last (end) token, or the first (start) token (default: last for a "
+                        "decoder, mean for an encoder)")
+    p.add_argument("--no-normalize", action="store_true", help="keep the pooled vectors as they are (not length 1)")
+    p.add_argument("--out", metavar="FILE.npy", help="write the vectors here (a .npy file) instead of JSON lines")
+    p.add_argument("--force", action="store_true", help="replace an --out file lmforge wrote before")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.set_defaults(run=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    texts = list(args.text)
+    if args.file:
+        texts += _classify_texts(args.file, "text")
+    if not texts:
+        raise ConfigError("nothing to embed: give --text TEXT (repeatable) or --file FILE (one text per line)")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        from lmforge.files import check_output
+
+        if out.suffix != ".npy":
+            raise ConfigError(f"--out {out}: embed writes a .npy array; give a name ending in .npy")
+        check_output(out, force=args.force, ours=_is_npy, what="a .npy array", directory=False)
+    from lmforge.generate import TextEmbedder, load
+
+    loaded = load(args.checkpoint, device=args.device)
+    vectors = TextEmbedder(loaded.model, loaded.tokenizer, args.pooling, not args.no_normalize).embed(texts)
+    if out is None:
+        for i, (text, vector) in enumerate(zip(texts, vectors.tolist())):
+            print(json.dumps({"index": i, "text": text, "embedding": vector}, ensure_ascii=False))
+        return 0
+    import io
+
+    import numpy as np
+
+    from lmforge.files import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.save(buffer, vectors.numpy().astype(np.float32), allow_pickle=False)
+    atomic_write_bytes(out, buffer.getvalue())
+    print(f"{len(texts)} vectors of {vectors.shape[1]} -> {out}", file=sys.stderr)
+    return 0
+
+
+def _is_npy(path: Any) -> bool:
+    with open(path, "rb") as f:
+        return f.read(6) == b"\x93NUMPY"
+
+
 # ------------------------------------------------------------------------------------------- attention
 def _add_attention(sub: Any) -> None:
     p = sub.add_parser(
@@ -1081,7 +1152,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_sweep, _add_eval, _add_generate, _add_chat,
                                          _add_classify,
-                                         _add_fill_mask, _add_plot, _add_attention, _add_plan,
+                                         _add_fill_mask, _add_embed, _add_plot, _add_attention, _add_plan,
                                          _add_serve, _add_import, _add_export, _add_merge]
 
 

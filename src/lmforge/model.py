@@ -310,6 +310,19 @@ class GPT(nn.Module):
         With a static cache (one new token per row, T = 1), S is the cache's length and attention_mask
         marks the columns written so far, this one included, pads excluded.
         """
+        x = self.hidden_states(idx, cache, attention_mask)  # (B, T, C)
+        if self.config.head == "classify":
+            B, T = idx.shape
+            logits = self.classifier(x[torch.arange(B, device=x.device), self.summary_position(attention_mask, B, T)])
+        else:
+            logits = self.lm_head(x)  # (B, T, V)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits  # soft cap (Gemma 2): |logits| < cap
+
+    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T, C): the last block's output after the final norm, what the head reads (and what embeddings
+        pool: generate.embed); arguments as forward's."""
         B, T = idx.shape
         if cache is not None and not self.config.causal:
             raise ValueError("an encoder (model.causal: false) reads the whole text at once: it has no KV cache and "
@@ -342,13 +355,7 @@ class GPT(nn.Module):
                 x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
-        x = self.norm_f(x)
-        if self.config.head == "classify":
-            logits = self.classifier(x[torch.arange(B, device=x.device), self.summary_position(attention_mask, B, T)])
-        else:
-            logits = self.lm_head(x)  # (B, T, V)
-        cap = self.config.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits  # soft cap (Gemma 2): |logits| < cap
+        return self.norm_f(x)
 
     def summary_position(self, attention_mask: Optional[torch.Tensor], B: int, T: int) -> torch.Tensor:
         """(B,) the position whose hidden state a classify head reads: a decoder's last real token (the only one

@@ -17,6 +17,7 @@
     api         complete / generate / stream / generate_ids / TextGenerator / load: readers of the loop
     chat        ChatSession: a conversation turn by turn through the model's chat template (lmforge chat)
     classify    TextClassifier: a classifier's labels with probabilities (load returns one for a classifier)
+    embed       TextEmbedder: a vector per text, the hidden states pooled (any model: load(...).model)
     fill_mask   MaskFiller: an encoder's candidates for each <MASK> (load returns one for an encoder)
 
 Prompts are encoded as <START> + prompt tokens, the way documents were stored for training
@@ -43,7 +44,7 @@ from typing import Any
 
 _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can read GenerateConfig without torch
     "GenerateConfig": "config", "Dtype": "config", "Quantize": "config",
-    "TextClassifier": "classify", "MaskFiller": "fill_mask",
+    "TextClassifier": "classify", "MaskFiller": "fill_mask", "TextEmbedder": "embed",
     "Completion": "api", "TextGenerator": "api", "complete": "api", "generate": "api", "generate_batch_ids": "api",
     "generate_ids": "api", "decode_events": "api", "load": "api", "load_assistant": "api", "options": "api",
     "stream": "api",

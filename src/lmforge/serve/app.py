@@ -33,6 +33,7 @@ cancels its generation; one client address holds at most serve.max_slots_per_cli
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -52,6 +53,7 @@ from starlette.middleware.cors import CORSMiddleware
 from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids, with_token_ids
 from lmforge.generate.automaton import build as build_automaton
+from lmforge.generate.embed import TextEmbedder
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.connections import RESET_EXTENSION
 from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
@@ -199,6 +201,17 @@ class ClassifyRequest(BaseModel):
     model: Optional[str] = None
     input: Union[Text, list[Text]]
     top_k: Optional[StrictInt] = Field(None, ge=1)  # None: every label
+
+
+class EmbeddingRequest(BaseModel):
+    """The body of POST /v1/embeddings: OpenAI's fields; an input is a text, token ids, or a list of either."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    input: Union[Text, list[Text], list[StrictInt], list[list[StrictInt]]]
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai package's)
+    dimensions: Optional[StrictInt] = None  # accepted only as the model's own
+    user: Optional[str] = None  # accepted for compatibility, unused
 
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -424,7 +437,49 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
         _add_classify_routes(app, engine, config, model_id, max_prompt_tokens)
     else:
         _add_generation_routes(app, generator, engine, config, model_id, max_prompt_tokens)
+    _add_embedding_route(app, TextEmbedder(generator.model, generator.tokenizer), config, model_id, max_prompt_tokens)
     return app
+
+
+def _add_embedding_route(app: FastAPI, embedder: TextEmbedder, config: ServeConfig, model_id: str,
+                         max_prompt_tokens: int) -> None:
+    """POST /v1/embeddings (OpenAI's): one vector per input, the model's hidden states pooled (generate.embed),
+    computed beside the engine, one request at a time."""
+    one_at_a_time = asyncio.Semaphore(1)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        if body.model is not None and body.model != model_id:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        given = body.input
+        inputs = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else list(given)
+        if not inputs:
+            raise ApiError(422, "input is empty: give a string, a list of strings or of token id lists", "input")
+        if len(inputs) > config.max_prompts:
+            raise ApiError(422, f"{len(inputs)} inputs in one request; at most {config.max_prompts} "
+                           "(serve.max_prompts)", "input")
+        if body.dimensions is not None and body.dimensions != embedder.dimensions:
+            raise ApiError(422, f"dimensions={body.dimensions}: this model's embeddings have {embedder.dimensions}; "
+                           "leave dimensions out", "dimensions")
+        vocab, tokens = embedder.tokenizer.vocab_size, 0
+        for i, text in enumerate(inputs):
+            if not isinstance(text, str):
+                bad = next((t for t in text if not 0 <= t < vocab), None) if text else -1
+                if bad is not None:
+                    raise ApiError(422, f"input[{i}] holds the token id {bad}: give ids 0 to {vocab - 1}, at least "
+                                   "one", "input")
+            n = embedder.length(text)
+            if n > max_prompt_tokens:
+                raise ApiError(422, f"input[{i}] is {n} tokens (with its start and end tokens); at most "
+                               f"{max_prompt_tokens} (serve.max_prompt_tokens)", "input")
+            tokens += n
+        async with one_at_a_time:
+            vectors = await asyncio.to_thread(embedder.embed, inputs)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": v.tolist() if body.encoding_format == "float" else
+                 base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii")} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": model_id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def _wrong_task(app: FastAPI, paths: tuple[str, ...], message: str) -> None:
@@ -503,9 +558,6 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         except ConfigError as e:
             raise ApiError(422, str(e), "messages") from None
         tools, text_too = _tool_schema(body)
-        if tools is not None and body.stream:
-            raise ApiError(422, "stream with tools is not supported: a reply that is a tool call is sent whole; "
-                           "leave stream out (or tool_choice \"none\")", "stream")
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
             raise ApiError(422, "max_tokens and max_completion_tokens differ: give one of them", "max_tokens")
@@ -529,8 +581,8 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return GuardedStream(_sse(jobs, {**head, "object": "chat.completion.chunk"}, prompt_tokens,
-                                      include_usage, config.timeout, chat=True, tokenizer=generator.tokenizer),
-                                 config.stall_timeout)
+                                      include_usage, config.timeout, chat=True, tokenizer=generator.tokenizer,
+                                      tools=tools is not None), config.stall_timeout)
         try:
             finished = await _wait_all(jobs, request, config.timeout)
         finally:
@@ -822,6 +874,45 @@ def _call_or_text(schema: str) -> str:
     return f"(?:{json_schema_regex(json.loads(schema))}|(?:[^{{][\\s\\S]*)?)"
 
 
+class _CallDeltas:
+    """The deltas of one streamed chat choice under tools: text, or, for a reply that begins with "{" (a call),
+    OpenAI's tool_call deltas: the call's id and name once `{"name": ..., "arguments": ` is complete, then the
+    arguments as they come, the call's closing brace held back (the reply is written as json.dumps writes it)."""
+
+    HEAD = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')
+
+    def __init__(self) -> None:
+        self.text, self.sent, self.call, self.named = "", 0, None, False
+
+    def push(self, piece: str, final: bool = False) -> list[dict]:
+        self.text += piece
+        if self.call is None and self.text:
+            self.call = self.text.startswith("{")
+        if not self.call:  # text (or nothing yet)
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return [{"content": out}] if out else []
+        deltas = []
+        if not self.named:
+            head = self.HEAD.match(self.text)
+            if head is None:
+                return []
+            self.named, self.sent = True, head.end()
+            deltas.append({"tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                           "function": {"name": json.loads(head.group(1)), "arguments": ""}}]})
+        end = len(self.text) if final else len(self.text) - 1  # the last character may close the call
+        if end > self.sent:
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": self.text[self.sent:end]}}]})
+            self.sent = end
+        return deltas
+
+    def finish(self, reason: str) -> tuple[list[dict], str]:
+        """(the last deltas, the finish reason): a complete call drops its closing brace and ends "tool_calls";
+        anything else is sent as it is."""
+        if self.call and self.named and reason == "stop":
+            return [], "tool_calls"
+        return self.push("", final=True), reason
+
+
 def _reply(text: str, finish: str, tool_call: bool) -> dict:
     """A chat choice's message and finish_reason: the text, or (tools) the tool call it holds once complete."""
     if tool_call and finish == "stop" and text.startswith("{"):
@@ -958,12 +1049,13 @@ class GuardedStream(StreamingResponse):
 
 
 async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: bool, timeout: float,
-               chat: bool = False, echoed: Optional[list[str]] = None, tokenizer: Any = None) -> AsyncIterator[str]:
+               chat: bool = False, echoed: Optional[list[str]] = None, tokenizer: Any = None, tools: bool = False
+               ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text piece or finished choice, then usage (if asked), then [DONE].
     Chat chunks carry `delta`s (the assistant role first), completion chunks `text` (the prompt's text first
     when `echoed` has it). With `logprobs`, each chunk carries those of its own tokens (a completion's with text
     offsets in the whole choice's text, as without stream); an echoed prompt's chunk, with its scores, waits for
-    them.
+    them. With `tools`, a chat choice that is a call streams as tool_call deltas (_CallDeltas).
 
     A client that disconnects cancels this generator (Starlette's disconnect listener); the finally
     clause then tells the worker to drop the jobs before their next token.
@@ -971,11 +1063,15 @@ async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: b
     echoed = echoed or [""] * len(jobs)
     shift = {job.first_index + i: len(echo) for job, echo in zip(jobs, echoed) for i in range(job.n)}
 
+    calls = {job.first_index + i: _CallDeltas() for job in jobs for i in range(job.n)} if tools else {}
+
     def chunk(index: int, text: str, finish: Optional[str], role: bool = False, logprobs: Optional[list] = None,
-              entries: Optional[list] = None) -> str:
-        """`logprobs`: (Logprobs, offset in the choice's text) of the engine's event; `entries`: whole entries."""
+              entries: Optional[list] = None, delta: Optional[dict] = None) -> str:
+        """`logprobs`: (Logprobs, offset in the choice's text) of the engine's event; `entries`: whole entries;
+        `delta`: a chat chunk's delta, when not the text."""
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
             choice = {"index": index, "delta": delta, "finish_reason": finish,
                       "logprobs": None if logprobs is None else _chat_logprobs(tokenizer, [lp for lp, _ in logprobs])}
         else:
@@ -993,8 +1089,19 @@ async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: b
                     yield chunk(job.first_index + i, echo, None, role=chat)
         while pending:
             event = await jobs[0].mailbox.get(timeout + LATE) or ("error", 504, "the request timed out")
-            if event[0] == "piece":
+            if event[0] == "piece" and event[1] in calls:
+                deltas = calls[event[1]].push(event[2])
+                for k, delta in enumerate(deltas):  # the logprobs ride on the first
+                    yield chunk(event[1], "", None, logprobs=event[3] if k == 0 else None, delta=delta)
+                if not deltas and event[3]:
+                    yield chunk(event[1], "", None, logprobs=event[3], delta={})
+            elif event[0] == "piece":
                 yield chunk(event[1], event[2], None, logprobs=event[3])
+            elif event[0] == "finish" and event[1] in calls:
+                deltas, reason = calls[event[1]].finish(event[2])
+                for delta in deltas:
+                    yield chunk(event[1], "", None, delta=delta)
+                yield chunk(event[1], "", reason, logprobs=event[3], delta={})
             elif event[0] == "finish":
                 yield chunk(event[1], "", event[2], logprobs=event[3])
             elif event[0] == "prompt":  # an echoed prompt, now scored (before any of the job's pieces)
