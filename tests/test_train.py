@@ -214,7 +214,8 @@ def test_sequential_sampling_walks_the_split_and_wraps():
 
 # ----------------------------------------------------------------------------------- the whole loop
 def test_fit_writes_metrics_tensorboard_plot_and_config(tmp_path):
-    config = tiny_config(tmp_path / "run", **{"train.max_steps": 6, "train.log_interval": 2, "train.eval_interval": 3})
+    config = tiny_config(tmp_path / "run", **{"train.max_steps": 6, "train.log_interval": 2, "train.eval_interval": 3,
+                                              "train.plot": True})
     summary = tiny_trainer(config, tensorboard=True).fit()
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -226,9 +227,11 @@ def test_fit_writes_metrics_tensorboard_plot_and_config(tmp_path):
     assert evals[-1]["val_perplexity"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
     assert summary["val_loss"] == pytest.approx(evals[-1]["val_loss"]) and summary["steps"] == 6
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
-    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and summary["plot"] == str(run / "loss.png")
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["vocab_size"] == VOCAB
     assert summary["checkpoint"].endswith("step-00000006")
+    unplotted = tiny_trainer(tiny_config(tmp_path / "unplotted", **{"train.max_steps": 2})).fit()  # train.plot false
+    assert unplotted["plot"] is None and not (tmp_path / "unplotted" / "loss.png").exists()
 
 
 def test_grad_norm_is_logged_before_clipping(tmp_path):

@@ -23,11 +23,12 @@ VOCAB = 32
 
 
 def tiny_config(run_dir: Path, **overrides: object) -> RunConfig:
-    """A 2-layer, 32-wide model with 16-token context, 4 sequences per batch, one CPU thread."""
+    """A 2-layer, 32-wide model with 16-token context, 4 sequences per batch, one CPU thread, no loss plot."""
     values = {"preset": "tiny", "model.vocab_size": VOCAB, "model.block_size": 16, "train.run_dir": str(run_dir),
               "train.max_steps": 10, "train.batch_size": 4, "train.log_interval": 1, "train.eval_interval": 5,
               "train.eval_batches": 2, "train.save_interval": 0, "train.num_threads": 1, "train.device": "cpu",
-              "train.seed": 7, "optim.warmup_steps": 2, "optim.lr": 3e-3, "optim.min_lr": 3e-4}
+              "train.seed": 7, "optim.warmup_steps": 2, "optim.lr": 3e-3, "optim.min_lr": 3e-4,
+              "train.plot": False}  # (the tests of the plot turn it on)
     values.update(overrides)
     return load_run_config(None, {k: str(v) for k, v in values.items()})
 
@@ -114,11 +115,11 @@ def prepared_corpus(root: Path, documents: int = 24, seed: int = 0) -> Path:
 
 
 def cli_command(data: Path, run_dir: Path, *extra: object) -> list[str]:
-    """`python -m lmforge.cli train` of a tiny model on `data`, one CPU thread, no progress bar noise."""
+    """`python -m lmforge.cli train` of a tiny model on `data`, one CPU thread, no progress bar noise, no plot."""
     return [sys.executable, "-m", "lmforge.cli", "train", "--preset", "tiny", "--data", str(data),
             "--run-dir", str(run_dir), "--device", "cpu", "--train.num_threads", "1", "--train.batch_size", "4",
             "--train.log_interval", "1", "--train.eval_interval", "0", "--train.eval_batches", "1",
-            "--optim.warmup_steps", "2", *map(str, extra)]
+            "--optim.warmup_steps", "2", "--train.plot", "false", *map(str, extra)]
 
 
 def process_env(fault: Optional[str] = None) -> dict[str, str]:

@@ -429,6 +429,8 @@ class TrainConfig:
     log_interval: int = doc("Log train metrics every N steps.", 10, ge=0)
     save_interval: int = doc("Save a checkpoint every N steps (0: only at the end).", 500, ge=0)
     keep_last: int = doc("Keep the newest K checkpoints (the best by train.best_metric is kept too).", 2, ge=1)
+    plot: bool = doc("Draw RUN_DIR/loss.png when the run ends (matplotlib, a second or two; `lmforge plot RUN_DIR` "
+                     "draws it any time): false for many short runs.", True)
     seed: int = doc("Seed for initialisation, data order and dropout.", 1337)
     device: str = doc("Device to train on; auto = cuda, then mps, then cpu.", "auto",
                       pattern=r"auto|cpu|cuda|mps|cuda:.*", forms=("auto", "cpu", "cuda", "cuda:N", "mps"))

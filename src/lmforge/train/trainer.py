@@ -458,8 +458,8 @@ class Trainer:
                 signal.signal(s, handler)
 
     def finish(self) -> dict[str, Any]:
-        """Plot the loss curves, say where everything is, and return the run's summary."""
-        plot = plot_run(self.run_dir) if self.dist.is_main else None
+        """Plot the loss curves (train.plot), say where everything is, and return the run's summary."""
+        plot = plot_run(self.run_dir) if self.dist.is_main and self.config.train.plot else None
         val = f"val loss {self.val_loss:.4f}, " if self.val_loss is not None else ""
         self.logger.info(f"done: {self.step} steps, {self.tokens_seen:,} tokens, {val}"
                          f"checkpoint {self.last_checkpoint}, plot {plot}")
