@@ -570,7 +570,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                                         generator.tokenizer, extra_stop=stop, max_prompt_tokens=max_prompt_tokens)
         if body.logprobs:
             jobs[0].logprobs = body.top_logprobs or 0
-        await _build_automaton(jobs, config, automata)
+        await _build_automaton(jobs, config, automata, "tools" if tools is not None else None)
         try:
             engine.submit(jobs)
         except Busy as e:
@@ -797,7 +797,8 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     return jobs, sum(len(ids) for ids in prompts)
 
 
-async def _build_automaton(jobs: list[Job], config: ServeConfig, one_at_a_time: asyncio.Semaphore) -> None:
+async def _build_automaton(jobs: list[Job], config: ServeConfig, one_at_a_time: asyncio.Semaphore,
+                           field: Optional[str] = None) -> None:
     """A request's guided_regex / guided_json as an automaton, built in a child process within serve.regex_timeout
     (generate.automaton), one request at a time, before its jobs reach the engine; 422 when it cannot be, 429 while
     another request's takes the whole timeout."""
@@ -812,7 +813,7 @@ async def _build_automaton(jobs: list[Job], config: ServeConfig, one_at_a_time: 
     try:
         await asyncio.to_thread(build_automaton, pattern, config.regex_timeout)
     except ConfigError as e:
-        field = "guided_regex" if jobs[0].config.guided_regex is not None else "guided_json"
+        field = field or ("guided_regex" if jobs[0].config.guided_regex is not None else "guided_json")
         raise ApiError(422, str(e).removeprefix("generate."), field) from None
     finally:
         one_at_a_time.release()
