@@ -106,3 +106,23 @@ def test_the_server_embeds_for_the_openai_package_as_the_library_does(run_dir, t
         assert r.status_code == 200 and len(r.json()["data"]) == 2, r.text
         vectors = np.array([d["embedding"] for d in r.json()["data"]])
         assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_embedding_requests_past_the_queue_get_429_and_the_server_goes_on(tmp_path):
+    """serve.max_queue bounds the embedding requests waiting for the model: 8 at once, each about 0.1 s of work,
+    with room for one: the others get 429 with Retry-After, and the server answers the next one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    run = make_run(tmp_path, block_size=256)
+    body = {"input": ["x" * 254] * 16, "encoding_format": "float"}
+    with running(load_app(str(run), ServeConfig(max_queue=1, max_concurrency=16), device="cpu")) as url:
+        def post(_: int) -> httpx.Response:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                return c.post("/v1/embeddings", json=body)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(8)))
+        codes = [r.status_code for r in answers]
+        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+        assert all(r.headers["Retry-After"] == "1" for r in answers if r.status_code == 429)
+        assert post(0).status_code == 200

@@ -444,8 +444,8 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
 def _add_embedding_route(app: FastAPI, embedder: TextEmbedder, config: ServeConfig, model_id: str,
                          max_prompt_tokens: int) -> None:
     """POST /v1/embeddings (OpenAI's): one vector per input, the model's hidden states pooled (generate.embed),
-    computed beside the engine, one request at a time."""
-    one_at_a_time = asyncio.Semaphore(1)
+    computed beside the engine, one request at a time; past serve.max_queue requests waiting, 429."""
+    one_at_a_time, waiting = asyncio.Semaphore(1), [0]
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> dict:
@@ -473,8 +473,15 @@ def _add_embedding_route(app: FastAPI, embedder: TextEmbedder, config: ServeConf
                 raise ApiError(422, f"input[{i}] is {n} tokens (with its start and end tokens); at most "
                                f"{max_prompt_tokens} (serve.max_prompt_tokens)", "input")
             tokens += n
-        async with one_at_a_time:
-            vectors = await asyncio.to_thread(embedder.embed, inputs)
+        if waiting[0] >= max(1, config.max_queue):
+            raise ApiError(429, f"the server is at capacity ({waiting[0]} embedding requests waiting); retry after "
+                           f"{RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
+        waiting[0] += 1
+        try:
+            async with one_at_a_time:
+                vectors = await asyncio.to_thread(embedder.embed, inputs, config.max_batch_size)
+        finally:
+            waiting[0] -= 1
         data = [{"object": "embedding", "index": i,
                  "embedding": v.tolist() if body.encoding_format == "float" else
                  base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii")} for i, v in enumerate(vectors)]
