@@ -850,6 +850,29 @@ def test_tool_choice_auto_takes_what_the_model_writes_a_call_or_text_ending_at_t
             assert streamed == {"content": reply["content"], "tool_calls": {}, "finish_reason": "stop"}
 
 
+def test_a_tool_call_cut_by_max_tokens_is_the_same_whole_and_streamed(tmp_path):
+    """A call cut by max_tokens ends "length": past its name, a tool call with the arguments so far; before, the
+    text as content. Streamed deltas add up to the whole reply."""
+    script = '{"name": "get_time", "arguments": {"zone": "CET"}}'
+    run = scripted_run(tmp_path, script, start=50)
+    with running(load_app(str(run), ServeConfig(), device="cpu")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        head = script.index("{", 1)  # where the arguments begin
+        for max_tokens, want in [(40, {"tool_calls": ("get_time", script[head:40])}), (10, {"content": script[:10]})]:
+            body = {"messages": CHAT, "max_tokens": max_tokens, "temperature": 0, "tools": [WEATHER, TIME],
+                    "tool_choice": "required"}
+            whole = c.post("/v1/chat/completions", json=body).json()["choices"][0]
+            streamed = streamed_choices(c, body)[0]
+            assert whole["finish_reason"] == streamed["finish_reason"] == "length"
+            if "content" in want:
+                assert whole["message"]["content"] == streamed["content"] == want["content"]
+                assert not whole["message"].get("tool_calls") and not streamed["tool_calls"]
+            else:
+                (call,) = whole["message"]["tool_calls"]
+                (piece,) = streamed["tool_calls"].values()
+                assert (call["function"]["name"], call["function"]["arguments"]) == want["tool_calls"]
+                assert (piece["name"], piece["arguments"]) == want["tool_calls"] and streamed["content"] == ""
+
+
 def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_with_their_results(client, run_dir):
     """OpenAI's tools with a named tool_choice or "required": the reply is one call whose arguments follow the
     function's parameters (decoding guided by them, as with guided_json); a conversation holding the call and the

@@ -572,7 +572,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         ids = _text_ids(generator, text, max_prompt_tokens)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(422, "top_logprobs needs logprobs: true", "top_logprobs")
-        stop = [] if tools and not text_too else [generator.chat_stop()]  # a call ends itself; text at the turn
+        stop = [] if tools is not None and not text_too else [generator.chat_stop()]  # a call ends itself
         jobs, prompt_tokens = _jobs_for(body, [ids], request, config, model_id, max_tokens, CHAT_UNSUPPORTED,
                                         generator.tokenizer, extra_stop=stop, max_prompt_tokens=max_prompt_tokens)
         if body.logprobs:
@@ -755,6 +755,7 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     schema, schema_field = _requested_schema(body)
     for name, text, most, limit in (("guided_regex", body.guided_regex, config.max_regex_chars, "max_regex_chars"),
                                     (schema_field, schema, config.max_schema_chars, "max_schema_chars")):
+        name = name.split()[0]  # "tools (auto)": tools
         if text is not None and len(text) > most:
             raise ApiError(422, f"a {name} of {len(text)} characters; at most {most} (serve.{limit})", name)
     if any(len(c) > config.max_stop_chars for c in choices or ()):
@@ -915,21 +916,28 @@ class _CallDeltas:
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
         """(the last deltas, the finish reason): a complete call drops its closing brace and ends "tool_calls";
-        anything else is sent as it is."""
+        a cut one ends with the rest of its arguments (or, cut before its name, its text as content)."""
         if self.call and self.named and reason == "stop":
             return [], "tool_calls"
+        if self.call and not self.named:  # cut before its name was complete: the text, as a whole reply gives it
+            return ([{"content": self.text}] if self.text else []), reason
         return self.push("", final=True), reason
 
 
 def _reply(text: str, finish: str, tool_call: bool) -> dict:
-    """A chat choice's message and finish_reason: the text, or (tools) the tool call it holds once complete."""
-    if tool_call and finish == "stop" and text.startswith("{"):
-        call = json.loads(text)  # guided by the tools' schema: a complete reply beginning with "{" is one call
-        return {"message": {"role": "assistant", "content": None, "tool_calls": [{
-            "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]},
-            "finish_reason": "tool_calls"}
-    return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    """A chat choice's message and finish_reason: the text, or (tools) the call it holds, as its streamed deltas
+    (_CallDeltas) would add up: a complete call ends "tool_calls", a cut one "length" with the arguments so far."""
+    if not tool_call:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    deltas = _CallDeltas()
+    pieces = deltas.push(text)
+    last, finish = deltas.finish(finish)
+    calls = [c for d in pieces + last for c in d.get("tool_calls", [])]
+    if not calls:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    call = {**calls[0], "function": {**calls[0]["function"],
+                                     "arguments": "".join(c["function"]["arguments"] for c in calls)}}
+    return {"message": {"role": "assistant", "content": None, "tool_calls": [call]}, "finish_reason": finish}
 
 
 def _requested_schema(body: SamplingRequest) -> tuple[Optional[str], str]:
