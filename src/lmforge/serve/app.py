@@ -6,8 +6,10 @@
     POST /v1/completions  OpenAI completions: prompt (a string, a list of them, token ids or a list of such
                           lists), max_tokens, temperature, top_p, n, stop, seed, logprobs, echo, stream
                           (server-sent events ending in `data: [DONE]`), usage counts
-    POST /v1/chat/completions  OpenAI chat: messages through the model's chat template, the same options
+    POST /v1/chat/completions  OpenAI chat: messages through the model's chat template, the same options; tools
+                          (a reply held to a call, or with "auto" a call or text; streamed as tool_call deltas)
     POST /v1/classify     a classifier's labels with probabilities for a text or a list of texts (top_k)
+    POST /v1/embeddings   OpenAI embeddings: a vector per text or token id list (generate.embed), any model
     POST /tokenize        vLLM's: the token ids a prompt (or a chat's messages) becomes, as the model reads it
     POST /detokenize      vLLM's: the text of token ids
     GET  /                the playground page (static; it asks for the API key itself); for a classifier
@@ -19,7 +21,7 @@ endpoint to use.
 What a request may ask is capped (ServeConfig); a request over a cap gets 413 (body size) or 422 (with
 a message naming the field), a malformed or unknown field 422, a full server 429 with Retry-After, a
 request past its time 504. Generation runs on the Engine's worker thread, classification on the
-ClassifyEngine's, never on the event loop.
+ClassifyEngine's, embeddings on a thread of their own, never on the event loop.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}, FastAPI's own 404/405/422 and
 an unexpected 500 included.
 

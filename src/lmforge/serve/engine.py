@@ -21,7 +21,9 @@ marked cancelled, so the decode stops reporting them); a decode with no job left
 A classifier is served by ClassifyEngine instead: one worker thread as well (the model is never used by two
 threads), one request at a time, its texts in forward passes of at most max_batch_size. Both share Worker:
 the thread, its lock, start/close, and the admission of a request (all its prompts or none; Busy when the
-places or the client's share of them are taken).
+places or the client's share of them are taken). Embeddings (POST /v1/embeddings, serve.app) are the one
+exception: a thread of their own beside the worker, one request at a time; a forward pass only reads the weights,
+so the two never conflict, they only share the cores.
 """
 
 from __future__ import annotations
