@@ -326,16 +326,33 @@ def test_an_encoder_exports_to_onnx_with_its_bidirectional_logits(encoder_run, t
     assert abs(first[0, :-1] - changed[0, :-1]).max() > 1e-4  # earlier positions see the last token
 
 
-def test_hf_export_and_serving_of_an_encoder_are_refused_with_the_reason(encoder_run, tmp_path):
+def test_hf_export_of_an_encoder_is_refused_and_its_server_embeds_only(encoder_run, tmp_path):
+    import httpx
+
+    from lmforge.generate import TextEmbedder, load
     from lmforge.interop.hf_export import HFExportError, export_hf
-    from lmforge.serve import load_app
+    from lmforge.serve import ServeConfig, load_app
+    from test_serve import running
 
     run, _ = encoder_run
     with pytest.raises(HFExportError, match="not a BertForMaskedLM.*--format onnx"):
         export_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
-    with pytest.raises(ConfigError, match="lmforge fill-mask"):
-        load_app(str(run))
+    filler = load(str(run))
+    want = TextEmbedder(filler.model, filler.tokenizer).embed(["to be or not", "to be"])
+    assert TextEmbedder(filler.model, filler.tokenizer).pooling == "mean"
+    with running(load_app(str(run), ServeConfig(), device="cpu")) as url, httpx.Client(base_url=url) as client:
+        got = client.post("/v1/embeddings", json={"input": ["to be or not", "to be"]}).json()["data"]
+        assert torch.allclose(torch.tensor([d["embedding"] for d in got]), want, atol=1e-6)
+        assert client.get("/v1/models").json()["data"][0]["task"] == "embed"
+        assert client.get("/health").json()["status"] == "ok" and "lmforge_requests_total" in client.get(
+            "/metrics").text
+        assert "/v1/embeddings" in client.get("/").text
+        for path in ("/v1/completions", "/v1/chat/completions", "/v1/classify"):
+            r = client.post(path, json={"prompt": "x"})
+            assert r.status_code == 400 and "is an encoder" in r.json()["error"]["message"], path
+    with pytest.raises(ConfigError, match="and this model is an encoder: leave them out"):
+        load_app(str(run), ServeConfig(prompt_lookup_num_tokens=3))
 
 
 def test_lora_on_an_encoder_trains_masks_and_merges_into_the_same_encoder(encoder_run, mlm_data, tmp_path):

@@ -2,7 +2,7 @@
 
     GET  /health          liveness and load (no API key needed)
     GET  /metrics         Prometheus text: requests by status, queue depth, tokens generated, tokens/s
-    GET  /v1/models       the one model served, with its task: "generate" or "classify" (and its labels)
+    GET  /v1/models       the one model served, with its task: "generate", "classify" (and its labels) or "embed"
     POST /v1/completions  OpenAI completions: prompt (a string, a list of them, token ids or a list of such
                           lists), max_tokens, temperature, top_p, n, stop, seed, logprobs, echo, stream
                           (server-sent events ending in `data: [DONE]`), usage counts
@@ -15,8 +15,8 @@
     GET  /                the playground page (static; it asks for the API key itself); for a classifier
                           a note pointing to /v1/classify
 
-A language model answers /v1/classify, and a classifier the two completion endpoints, with 400 naming the
-endpoint to use.
+A language model answers /v1/classify, a classifier the two completion endpoints, and an encoder (embeddings
+only) all three, with 400 naming the endpoint to use.
 
 What a request may ask is capped (ServeConfig); a request over a cap gets 413 (body size) or 422 (with
 a message naming the field), a malformed or unknown field 422, a full server 429 with Retry-After, a
@@ -53,14 +53,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from lmforge.errors import ConfigError
-from lmforge.generate import GenerateConfig, Logprobs, TextClassifier, TextGenerator, prompt_ids, with_token_ids
+from lmforge.generate import (GenerateConfig, Logprobs, MaskFiller, TextClassifier, TextGenerator, prompt_ids,
+                              with_token_ids)
 from lmforge.generate.automaton import build as build_automaton
 from lmforge.generate.embed import TextEmbedder
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.connections import RESET_EXTENSION
 from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
 from lmforge.serve.metrics import Metrics
-from lmforge.serve.playground import CLASSIFIER_NOTE_HTML, PLAYGROUND_HTML
+from lmforge.serve.playground import CLASSIFIER_NOTE_HTML, ENCODER_NOTE_HTML, PLAYGROUND_HTML
 
 PUBLIC_PATHS = ("/health", "/")  # no API key: liveness, and the static page that asks for the key
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees as soon as one request ends
@@ -354,15 +355,16 @@ class GuardMiddleware:
 
 
 # ------------------------------------------------------------------------------------------------ app
-def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional[ServeConfig] = None,
+def create_app(generator: Union[TextGenerator, TextClassifier, MaskFiller], config: Optional[ServeConfig] = None,
                model_name: str = "lmforge", host: str = "127.0.0.1") -> FastAPI:
-    """The FastAPI app serving `generator` (a language model's TextGenerator, or a classifier's TextClassifier);
-    its worker thread starts and stops with the app's lifespan. `host` is the address it will be bound to: a
-    Host header naming it (or a loopback name) is accepted unless serve.allowed_host says otherwise."""
-    if not isinstance(generator, (TextGenerator, TextClassifier)):  # an encoder's MaskFiller: no endpoint here
-        raise ConfigError("this is an encoder (model.causal false): it fills masks and does not generate, and the "
-                          "server's endpoints generate or classify; use `lmforge fill-mask RUN --text ...` (or "
-                          "generate.MaskFiller)")
+    """The FastAPI app serving `generator` (a language model's TextGenerator, a classifier's TextClassifier, or
+    an encoder's MaskFiller: embeddings only); its worker thread starts and stops with the app's lifespan. `host`
+    is the address it will be bound to: a Host header naming it (or a loopback name) is accepted unless
+    serve.allowed_host says otherwise."""
+    encodes = isinstance(generator, MaskFiller)  # an encoder: embeddings only
+    if not isinstance(generator, (TextGenerator, TextClassifier, MaskFiller)):
+        raise ConfigError(f"create_app serves a TextGenerator, TextClassifier or MaskFiller (generate.load gives one), "
+                          f"not a {type(generator).__name__}")
     config = config or ServeConfig()
     model_id = config.model_name or model_name
     block_size = generator.model.config.block_size
@@ -371,16 +373,18 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
         raise ConfigError(f"serve.max_prompt_tokens={max_prompt_tokens} is larger than the model's block_size="
                           f"{block_size}; use at most {block_size}")
     classifies = isinstance(generator, TextClassifier)
-    if classifies and config.speculation:
+    if (classifies or encodes) and config.speculation:
         raise ConfigError("speculative decoding (serve.assistant_model, serve.prompt_lookup_num_tokens) speeds up "
-                          "text generation, and this model is a classifier: leave them out")
-    if config.assistant_model is not None and generator.assistant_model is None:
+                          f"text generation, and this model is {'a classifier' if classifies else 'an encoder'}: "
+                          "leave them out")
+    if config.assistant_model is not None and getattr(generator, "assistant_model", None) is None:
         raise ConfigError("serve.assistant_model is set but the generator has no assistant: load it with "
                           "generate.load(path, assistant=...) or serve with serve.load_app")
+    engine: Any = None  # an encoder's embeddings run beside no engine (_add_embedding_route)
     if classifies:
         engine = ClassifyEngine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
                                 config.slots_per_client)
-    else:
+    elif not encodes:
         engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
                         config.max_decodes, config.batch_wait, config.slots_per_client, config.stall_timeout,
                         config.speculation, config.speculative_max_running)
@@ -390,9 +394,11 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        if engine is not None:
+            engine.start()
         yield
-        engine.close()
+        if engine is not None:
+            engine.close()
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.config = engine, config
@@ -421,13 +427,13 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id, **engine.stats()}
+        return {"status": "ok", "model": model_id, **(engine.stats() if engine is not None else {})}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    task = {"task": "classify", "labels": generator.labels} if classifies else \
+    task = {"task": "classify", "labels": generator.labels} if classifies else {"task": "embed"} if encodes else \
         {"task": "generate", "template": generator.template is not None}
 
     @app.get("/v1/models")
@@ -437,6 +443,14 @@ def create_app(generator: Union[TextGenerator, TextClassifier], config: Optional
 
     if classifies:
         _add_classify_routes(app, engine, config, model_id, max_prompt_tokens)
+    elif encodes:
+        _wrong_task(app, GENERATION_PATHS + ("/v1/classify",), "this model is an encoder: it embeds text and does not "
+                    "generate or classify it, so {path} is not served; use POST /v1/embeddings (and `lmforge "
+                    "fill-mask` for its masks)")
+
+        @app.get("/", response_class=HTMLResponse)
+        async def note() -> HTMLResponse:
+            return HTMLResponse(ENCODER_NOTE_HTML.replace("{{MODEL}}", model_id))
     else:
         _add_generation_routes(app, generator, engine, config, model_id, max_prompt_tokens)
     _add_embedding_route(app, TextEmbedder(generator.model, generator.tokenizer), config, model_id, max_prompt_tokens)

@@ -45,7 +45,7 @@ class Metrics:
             self.statuses[status] = self.statuses.get(status, 0) + 1
 
     def render(self) -> str:
-        stats = self.engine.stats()
+        stats = self.engine.stats() if self.engine is not None else {}  # (an encoder's server has no engine)
         with self._lock:
             statuses = sorted(self.statuses.items())
             now, tokens = time.monotonic(), stats.get("generated_tokens", 0)

@@ -4,7 +4,8 @@ Plain HTML and JavaScript, no build step and no outside resources. It calls POST
 stream=true and reads the server-sent events with fetch (EventSource cannot POST). Kept as a string here
 so it ships inside the Python package. {{MODEL}} is replaced by the model id.
 
-A classifier has no playground: / shows CLASSIFIER_NOTE_HTML, which says how to call POST /v1/classify.
+A classifier has no playground: / shows CLASSIFIER_NOTE_HTML, which says how to call POST /v1/classify; an
+encoder, ENCODER_NOTE_HTML (POST /v1/embeddings).
 """
 
 PLAYGROUND_HTML = """<!doctype html>
@@ -124,6 +125,25 @@ CLASSIFIER_NOTE_HTML = """<!doctype html>
 <pre>curl http://HOST:PORT/v1/classify -H 'Content-Type: application/json' \\
      -d '{"input": ["a text", "another text"], "top_k": 2}'</pre>
 <p><code>GET /v1/models</code> lists the labels.</p>
+</body>
+</html>
+"""
+
+
+ENCODER_NOTE_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>lmforge encoder</title>
+<style>body { font: 15px/1.4 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }</style>
+</head>
+<body>
+<h1>lmforge encoder</h1>
+<p>Model: <code>{{MODEL}}</code></p>
+<p>This model is an encoder: it reads text from both sides and does not write any; it has no playground. Ask for a
+vector per text with <code>POST /v1/embeddings</code>:</p>
+<pre>curl http://HOST:PORT/v1/embeddings -H 'Content-Type: application/json' \\
+     -d '{"input": ["a text", "another text"]}'</pre>
 </body>
 </html>
 """
