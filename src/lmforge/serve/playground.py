@@ -111,39 +111,31 @@ $("cancel").addEventListener("click", () => controller && controller.abort());
 """
 
 
-CLASSIFIER_NOTE_HTML = """<!doctype html>
+def _note(kind: str, body: str) -> str:
+    """The page at / of a model without a playground: what it is and how to call it ({{MODEL}}: its name)."""
+    return f"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<title>lmforge classifier</title>
-<style>body { font: 15px/1.4 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }</style>
+<title>lmforge {kind}</title>
+<style>body {{ font: 15px/1.4 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }}</style>
 </head>
 <body>
-<h1>lmforge classifier</h1>
-<p>Model: <code>{{MODEL}}</code></p>
-<p>This model classifies text; it has no playground. Ask for labels with <code>POST /v1/classify</code>:</p>
+<h1>lmforge {kind}</h1>
+<p>Model: <code>{{{{MODEL}}}}</code></p>
+{body}
+</body>
+</html>
+"""
+
+
+CLASSIFIER_NOTE_HTML = _note("classifier", """<p>This model classifies text; it has no playground. Ask for labels with \
+<code>POST /v1/classify</code>:</p>
 <pre>curl http://HOST:PORT/v1/classify -H 'Content-Type: application/json' \\
      -d '{"input": ["a text", "another text"], "top_k": 2}'</pre>
-<p><code>GET /v1/models</code> lists the labels.</p>
-</body>
-</html>
-"""
+<p><code>GET /v1/models</code> lists the labels.</p>""")
 
-
-ENCODER_NOTE_HTML = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>lmforge encoder</title>
-<style>body { font: 15px/1.4 system-ui, sans-serif; max-width: 52rem; margin: 2rem auto; padding: 0 1rem; }</style>
-</head>
-<body>
-<h1>lmforge encoder</h1>
-<p>Model: <code>{{MODEL}}</code></p>
-<p>This model is an encoder: it reads text from both sides and does not write any; it has no playground. Ask for a
-vector per text with <code>POST /v1/embeddings</code>:</p>
+ENCODER_NOTE_HTML = _note("encoder", """<p>This model is an encoder: it reads text from both sides and does not write \
+any; it has no playground. Ask for a vector per text with <code>POST /v1/embeddings</code>:</p>
 <pre>curl http://HOST:PORT/v1/embeddings -H 'Content-Type: application/json' \\
-     -d '{"input": ["a text", "another text"]}'</pre>
-</body>
-</html>
-"""
+     -d '{"input": ["a text", "another text"]}'</pre>""")
