@@ -2,7 +2,7 @@
 
 Both models hold the same weights (random, copied with lmforge.interop.hf_gpt2) and continue the same 8-token
 prompt by --new-tokens tokens, at batch 1 and batch 8 (the prompt 8 times; sampling: 8 samples of it),
-under four settings:
+under five settings:
 
     plain        greedy, nothing else
     penalties    greedy, repetition_penalty 1.2 and no_repeat_ngram_size 3
@@ -10,6 +10,9 @@ under four settings:
                  min_new_tokens = the whole budget (two end ids held back every step)
     filters      sampling: temperature 0.9, top_k 50, top_p 0.9, typical_p 0.95 (seeded; the two libraries draw
                  differently, so only the time compares)
+    guidance     greedy, classifier-free guidance at scale 1.5 against each row's last prompt token (Hugging
+                 Face's default unconditional side): lmforge decodes it as a second row of the batch, Hugging Face
+                 with a second forward pass of its own each step
 
 The vocabulary is 8192 tokens (a BPE tokenizer's size: the processors work on (batch, vocab) scores each step).
 Rounds alternate between the libraries; medians are reported. For the greedy settings the tokens are compared
@@ -57,6 +60,7 @@ def settings(new: int) -> dict[str, tuple[dict, dict]]:
                       min_new_tokens=new, eos_token_id=END_IDS)),
         "filters": (dict(temperature=0.9, top_k=50, top_p=0.9, typical_p=0.95, seed=0),
                     dict(do_sample=True, temperature=0.9, top_k=50, top_p=0.9, typical_p=0.95)),
+        "guidance": (dict(temperature=0.0, guidance_scale=1.5), dict(do_sample=False, guidance_scale=1.5)),
     }
 
 

@@ -43,7 +43,7 @@ def test_generate_constraints_compares_every_setting_and_greedy_tokens_agree_wit
 
     assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"]
     assert set(summary["results"]) == {f"batch{b}-{s}" for b in (1, 2) for s in ("plain", "penalties", "bans",
-                                                                                 "filters")}
+                                                                                 "filters", "guidance")}
     for key, row in summary["results"].items():
         assert row["lmforge_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0 and row["lengths"] == [40], key
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
