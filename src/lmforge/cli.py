@@ -822,15 +822,12 @@ def _run_embed(args: argparse.Namespace) -> int:
         for i, (text, vector) in enumerate(zip(texts, vectors.tolist())):
             print(json.dumps({"index": i, "text": text, "embedding": vector}, ensure_ascii=False))
         return 0
-    import io
-
     import numpy as np
 
-    from lmforge.files import atomic_write_bytes
+    from lmforge.files import atomic_file
 
-    buffer = io.BytesIO()
-    np.save(buffer, vectors.numpy().astype(np.float32), allow_pickle=False)
-    atomic_write_bytes(out, buffer.getvalue())
+    with atomic_file(out, "wb") as f:
+        np.save(f, vectors.numpy().astype(np.float32), allow_pickle=False)
     print(f"{len(texts)} vectors of {vectors.shape[1]} -> {out}", file=sys.stderr)
     return 0
 
