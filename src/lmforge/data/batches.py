@@ -21,7 +21,7 @@ to find each row's last real token (a pad id may equal the end token's id, so th
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -266,6 +266,18 @@ def pad_labelled_examples(examples: Examples, index: np.ndarray, pad_id: int = 0
         mask[r, cols] = True
     labels = np.asarray(examples.labels[index], dtype=np.int64)  # (B,)
     return torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(mask)
+
+
+def text_batches(tok: Any, ids: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Encoded texts (each [start] text [end]: data.tasks.encode_text_example) as right-padded batches of at most
+    batch_size, padded as training padded (the pad token, else the end token): (x (B, T), attention_mask (B, T)
+    bool), what a classifier and an embedder read (generate.classify, generate.embed)."""
+    offsets = np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64)
+    examples = Examples(np.concatenate(ids), offsets, None, np.zeros(len(ids), dtype=np.int64))
+    pad = tok.pad_id if tok.pad_id is not None else tok.end_id
+    for start in range(0, len(ids), batch_size):
+        x, _, mask = pad_labelled_examples(examples, np.arange(start, min(start + batch_size, len(ids))), pad)
+        yield x, mask
 
 
 class ExampleBatches:

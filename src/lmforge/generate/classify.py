@@ -4,7 +4,7 @@
 
 A text is encoded as the classifier's training examples were (data.tasks.encode_text_example: [start] + text
 + [end], a text longer than block_size cut from the right), a batch right-padded with an attention mask
-(data.batches.pad_labelled_examples), and the model's class logits (B, K) from each row's last real token go
+(data.batches.text_batches), and the model's class logits (B, K) from each row's last real token go
 through a softmax in fp32. The label names come from the checkpoint (state.json's task entry), ids = their index.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from lmforge.data.batches import Examples, pad_labelled_examples
+from lmforge.data.batches import text_batches
 from lmforge.data.tasks import encode_text_example
 from lmforge.errors import ConfigError
 from lmforge.model import GPT
@@ -40,13 +40,9 @@ class TextClassifier:
         """(len(texts), K) fp32 class probabilities on the CPU, rows summing to 1."""
         tok, block = self.tokenizer, self.model.config.block_size
         ids = [encode_text_example(tok, np.asarray(tok.encode(t), dtype=np.int64), block)[0] for t in texts]
-        offsets = np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64)
-        examples = Examples(np.concatenate(ids), offsets, None, np.zeros(len(ids), dtype=np.int64))
-        pad = tok.pad_id if tok.pad_id is not None else tok.end_id  # as training padded
         device = next(self.model.parameters()).device
         out = []
-        for start in range(0, len(ids), batch_size):
-            x, _, mask = pad_labelled_examples(examples, np.arange(start, min(start + batch_size, len(ids))), pad)
+        for x, mask in text_batches(tok, ids, batch_size):
             logits = self.model(x.to(device), attention_mask=mask.to(device))  # (B, K)
             out.append(torch.softmax(logits.float(), dim=-1).cpu())
         return torch.cat(out)

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from lmforge.data.batches import Examples, pad_labelled_examples
+from lmforge.data.batches import text_batches
 from lmforge.data.tasks import encode_text_example
 from lmforge.errors import ConfigError
 from lmforge.model import GPT
@@ -62,15 +62,9 @@ class TextEmbedder:
             raise ConfigError("embed() takes a list of texts: wrap a single text as [text]")
         if not texts:
             return torch.zeros(0, self.dimensions)
-        ids = [self.encode(t) for t in texts]
-        offsets = np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64)
-        examples = Examples(np.concatenate(ids), offsets, None, np.zeros(len(ids), dtype=np.int64))
-        tok = self.tokenizer
-        pad = tok.pad_id if tok.pad_id is not None else tok.end_id
         device = next(self.model.parameters()).device
         out = []
-        for start in range(0, len(ids), batch_size):
-            x, _, mask = pad_labelled_examples(examples, np.arange(start, min(start + batch_size, len(ids))), pad)
+        for x, mask in text_batches(self.tokenizer, [self.encode(t) for t in texts], batch_size):
             x, mask = x.to(device), mask.to(device)
             out.append(pool(self.model.hidden_states(x, attention_mask=mask).float(), mask, self.pooling).cpu())
         vectors = torch.cat(out)
