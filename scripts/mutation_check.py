@@ -179,6 +179,10 @@ MUTANTS = [
            'after, first = f"(?:, {text})?{after}", f"(?:{text}{after}|{first})" if first else f"(?:{text})?"',
            'after, first = f", {text}{after}", f"{text}{after}"  # mutant: optional properties always written',
            ("tests/test_json_schema.py::test_optional_properties_may_each_be_left_out_and_commas_stay_right",)),
+    Mutant("choices-scored-one-position-early", "eval/choices.py",
+           "cols += range(len(fed) - n, len(fed))",
+           "cols += range(len(fed) - n - 1, len(fed) - 1)  # mutant: each token scored where the one before it is",
+           ("tests/test_choices.py::test_acc_takes_the_likeliest_choice_and_acc_norm_the_likeliest_per_character",)),
 ]
 
 

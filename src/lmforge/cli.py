@@ -437,17 +437,26 @@ def _add_eval(sub: Any) -> None:
             task data (`prepare --task sft`): the loss on the completions, and each example's prompt decoded (greedy
             unless --temperature is given; by default up to the split's longest reference) and scored against
             its reference: BLEU, chrF, ROUGE-1/2/L, exact match and token F1, written with every example to
-            OUT/predictions.jsonl and OUT/metrics.json (OUT: RUN_DIR/eval/SPLIT unless --out)."""),
+            OUT/predictions.jsonl and OUT/metrics.json (OUT: RUN_DIR/eval/SPLIT unless --out).
+            With --choices FILE, a language model answers multiple-choice questions zero- or few-shot, the way
+            lm-evaluation-harness scores HellaSwag or ARC: each choice's log-likelihood as a continuation of the
+            context; acc takes the highest, acc_norm the highest per character (OUT: RUN_DIR/eval/choices-NAME)."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge eval runs/shakespeare-char --split test
-              lmforge eval runs/translate --split test --num-beams 4 --out reports/translate-test"""))
+              lmforge eval runs/translate --split test --num-beams 4 --out reports/translate-test
+              lmforge eval runs/gpt2 --choices quiz.jsonl --num-fewshot 5
+              lmforge eval runs/gpt2 --choices hellaswag_val.jsonl --context-field ctx --choices-field endings \\
+                  --answer-field label
+
+            a --choices record (.jsonl or .parquet):
+              {"context": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0}"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--data", metavar="DIR", help="prepared data (default: the one the run was trained on)")
-    p.add_argument("--split", choices=["val", "test", "train"], default="val")
+    p.add_argument("--split", choices=["val", "test", "train"], help="the split of --data (default: val)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="evaluate only the first N tokens")
-    p.add_argument("--max-examples", type=int, metavar="N", help="task data: evaluate only the first N examples")
-    p.add_argument("--out", metavar="DIR", help="task data: where predictions.jsonl and metrics.json go")
+    p.add_argument("--max-examples", type=int, metavar="N", help="task data or --choices: evaluate only the first N examples")
+    p.add_argument("--out", metavar="DIR", help="task data or --choices: where predictions.jsonl and metrics.json go")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch (default: 16)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--no-progress", action="store_true",
@@ -457,6 +466,25 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--assistant-model", metavar="RUN_OR_CHECKPOINT_DIR",
                    help="text-to-text task data: a smaller model with the same tokenizer drafts the predictions' "
                         "tokens (speculative decoding; greedy predictions unchanged)")
+    c = p.add_argument_group("multiple choice (--choices)")
+    c.add_argument("--choices", metavar="FILE", help="score the multiple-choice questions of this .jsonl or .parquet "
+                   "file instead of a split: {context, choices: [...], answer: index} records")
+    c.add_argument("--context-field", default="context", metavar="NAME", help="record field of the context")
+    c.add_argument("--choices-field", default="choices", metavar="NAME",
+                   help="record field of the choices: a list of strings, or ARC's {text: [...], label: [...]}")
+    c.add_argument("--answer-field", default="answer", metavar="NAME",
+                   help="record field of the right choice: its index, its label or its text")
+    c.add_argument("--choice-delimiter", default=" ", metavar="TEXT",
+                   help="written between a context and a choice (default: a space, as lm-evaluation-harness)")
+    c.add_argument("--num-fewshot", type=int, default=0, metavar="K",
+                   help="solved examples before each context: context + delimiter + right choice (default: 0)")
+    c.add_argument("--fewshot-file", metavar="FILE",
+                   help="draw the shots from this file (e.g. a train split; default: the --choices file, each example "
+                        "leaving itself out)")
+    c.add_argument("--fewshot-seed", type=int, default=1234, metavar="N",
+                   help="seed of the shots drawn for each example (default: 1234)")
+    c.add_argument("--fewshot-delimiter", default="\n\n", metavar="TEXT",
+                   help="written after each shot (default: a blank line; in bash $'\\n' is a newline)")
     p.set_defaults(run=_run_eval)
 
 
@@ -475,16 +503,40 @@ def _run_eval(args: argparse.Namespace) -> int:
     from lmforge.generate.config import GenerateConfig
 
     values = config_values(args, GenerateConfig, "generate")
+    if args.choices is not None:
+        return _run_eval_choices(args, values)
     _check_assistant_flags(args, values)
     generate = None
     if values:  # task evaluation decodes greedily unless told otherwise
         generate = build_section(GenerateConfig, {"temperature": 0.0, **values}, "generate")
-    result = evaluate_checkpoint(args.checkpoint, data_dir=args.data, split=args.split,
+    result = evaluate_checkpoint(args.checkpoint, data_dir=args.data, split=args.split or "val",
                                  max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
                                  task_options={"max_examples": args.max_examples, "out": args.out,
                                                "generate": generate,
                                                **({"assistant": args.assistant_model} if args.assistant_model else {})},
                                  progress=not args.no_progress)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _run_eval_choices(args: argparse.Namespace, decoding: dict) -> int:
+    import json
+
+    from lmforge.eval.choices import ChoiceTask, evaluate_choices_checkpoint
+
+    given = [flag for flag, value in (("--data", args.data), ("--split", args.split), ("--max-tokens", args.max_tokens),
+                                      ("--assistant-model", args.assistant_model)) if value is not None]
+    given += ["--" + name.replace("_", "-") for name in decoding]
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot go with --choices: multiple choice scores the choices of its "
+                          f"file and generates nothing; drop {'them' if len(given) > 1 else 'it'}")
+    if args.num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot {args.num_fewshot} is invalid: use 0 or more")
+    task = ChoiceTask(args.choices, args.context_field, args.choices_field, args.answer_field, args.choice_delimiter,
+                      args.num_fewshot, args.fewshot_seed, args.fewshot_file, args.fewshot_delimiter)
+    result = evaluate_choices_checkpoint(args.checkpoint, task, max_examples=args.max_examples,
+                                         batch_size=args.batch_size, device=args.device, out=args.out,
+                                         progress=not args.no_progress)
     print(json.dumps(result, indent=2))
     return 0
 

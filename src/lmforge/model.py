@@ -313,9 +313,16 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, cache, attention_mask)  # (B, T, C)
         if self.config.head == "classify":
             B, T = idx.shape
-            logits = self.classifier(x[torch.arange(B, device=x.device), self.summary_position(attention_mask, B, T)])
-        else:
-            logits = self.lm_head(x)  # (B, T, V)
+            return self.capped(self.classifier(x[torch.arange(B, device=x.device),
+                                                 self.summary_position(attention_mask, B, T)]))
+        return self.token_logits(x)  # (B, T, V)
+
+    def token_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (..., V) of hidden states x (..., C): the LM head, soft-capped. Scoring that needs
+        only some positions (eval.choices) applies it to those alone."""
+        return self.capped(self.lm_head(x))
+
+    def capped(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits  # soft cap (Gemma 2): |logits| < cap
 

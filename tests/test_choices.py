@@ -1,0 +1,232 @@
+"""Multiple-choice evaluation (eval/choices.py, `lmforge eval --choices`): the log-likelihoods, acc and acc_norm
+lm-evaluation-harness computes for the same model exported to Hugging Face; acc and acc_norm pick what a model
+that writes a known text prefers; shots, records and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.errors import ConfigError, DataError
+from lmforge.eval.choices import ChoiceExample, ChoiceTask, contexts, encode_pair, read_choice_examples
+from lmforge.generate import generate_ids, prompt_ids
+from lmforge.tokenizer import train_bpe
+from test_interop import CORPUS, GPT2_STYLE, lmforge_run
+from test_serve import scripted_run
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def quiz_records(run: Path, tok) -> list[dict]:
+    """Examples that reach every rule of the harness's tokens: a context ending in spaces, an empty one, one longer
+    than the block (truncated), choices of very different lengths, and the model's own greedy continuation."""
+    from lmforge.checkpoint import load_for_inference
+
+    model, _, _ = load_for_inference(run, "cpu")
+    context = "The quick brown fox"
+    greedy = generate_ids(model, prompt_ids(tok, context), greedy=True, max_new_tokens=4, end_id=None)[0]
+    records = [{"context": context, "choices": [" jumps", tok.decode(greedy), " over the lazy dog", "!"], "answer": 1},
+               {"context": "Hello, world!  ", "choices": ["This", "is a small corpus", "Привет"], "answer": 0},
+               {"context": "", "choices": ["Hello", "床前明月光", " the"], "answer": 2},
+               {"context": "床前明月光，" + "q w e r t y " * 8 + "疑是地上霜。", "choices": ["举头望明月", "低头思故乡。", "x"],
+                "answer": 0}]
+    phrases = [s for line in CORPUS[:3] for s in line.replace("!", ".").replace("。", ".").split(".") if s.strip()]
+    for i, phrase in enumerate(phrases):  # more examples, so acc and acc_norm are not all 0 or 1 by chance
+        words = phrase.split(" ")  # split between words: a cut inside one may leave the choice no tokens of its own
+        if len(words) < 3:
+            continue
+        head, tail = " ".join(words[:len(words) // 2]), " " + " ".join(words[len(words) // 2:])
+        records.append({"context": head, "choices": [tail, tail[:2], " the lazy dog jumps over"], "answer": i % 3})
+    return records
+
+
+def test_loglikelihoods_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_exported_model(tmp_path, monkeypatch):
+    """The same checkpoint, exported to Hugging Face, scored by lm-evaluation-harness's own HFLM on the same file:
+    every choice's log-likelihood and is-greedy, acc and acc_norm agree (BPE tokens across the context/choice
+    boundary, trailing whitespace, an empty context, a context cut to the block)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tok = train_bpe(CORPUS, 400)
+    run = lmforge_run(tmp_path, tok, **GPT2_STYLE)
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", quiz_records(run, tok))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "quiz.yaml").write_text(
+        f"task: quiz\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {quiz}\ntest_split: test\n"
+        f"output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: answer\n"
+        f"target_delimiter: ''\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={tmp_path / 'hf'},add_bos_token=True,dtype=float32", tasks=["quiz"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False), log_samples=True,
+        device="cpu", batch_size=4)
+    samples = sorted(theirs["samples"]["quiz"], key=lambda s: s["doc_id"])
+    results = theirs["results"]["quiz"]
+
+    for batch_size in (16, 1):
+        out = tmp_path / f"ours-{batch_size}"
+        assert main(["eval", str(run), "--choices", str(quiz), "--choice-delimiter", "", "--batch-size",
+                     str(batch_size), "--out", str(out), "--no-progress"]) == 0
+        ours = json.loads((out / "metrics.json").read_text())
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == len(samples) == ours["examples"]
+        for row, sample in zip(rows, samples):
+            want = [r[0] for r in sample["resps"]]
+            assert row["loglikelihoods"] == pytest.approx([w[0] for w in want], rel=1e-5, abs=1e-4)
+            assert row["greedy"] == [w[1] for w in want]
+        assert ours["acc"] == pytest.approx(results["acc,none"])
+        assert ours["acc_norm"] == pytest.approx(results["acc_norm,none"])
+        assert ours["acc_stderr"] == pytest.approx(results["acc_stderr,none"])
+    assert rows[0]["greedy"][1] and not any(rows[0]["greedy"][i] for i in (0, 2, 3))  # the model's own text
+    assert any(r["prediction"] != r["prediction_norm"] for r in rows)  # the two metrics really differ here
+    assert 0 < ours["acc"] < 1 and ours["truncated"] >= 1 and rows[3]["truncated"]
+
+
+def test_acc_takes_the_likeliest_choice_and_acc_norm_the_likeliest_per_character(tmp_path):
+    """A model that writes " Paris is" after "The capital of France is" whatever it reads: a choice it would write
+    scores ~0, each other token about -160. "Q" (one wrong token, -160 per character) beats " PaQQQ" (four
+    wrong, -107 per character) on the sum, and loses per character."""
+    context = "The capital of France is"
+    run = scripted_run(tmp_path, " Paris is", start=len(context))  # <START> is position 0: the context ends at 24
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", [
+        {"context": context, "choices": ["Rome", "Paris"], "answer": 1},
+        {"context": context, "choices": ["Paris", "Rome"], "answer": 1},
+        {"context": context, "choices": ["Q", "PaQQQ"], "answer": 0},
+    ])
+    assert main(["eval", str(run), "--choices", str(quiz), "--no-progress"]) == 0
+    out = run / "eval" / "choices-quiz"
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert rows[0]["loglikelihoods"][1] > -1e-3 and rows[0]["loglikelihoods"][0] < -100 and rows[0]["greedy"] == [
+        False, True]
+    assert [r["prediction"] for r in rows] == [1, 0, 0] and [r["prediction_norm"] for r in rows] == [1, 0, 1]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["acc"] == pytest.approx(2 / 3) and metrics["acc_norm"] == pytest.approx(1 / 3)
+    assert metrics["acc_stderr"] == pytest.approx((1 / 3) ** 0.5 / 3 ** 0.5)  # sample std of (1, 0, 1) over sqrt 3
+    assert metrics["chance"] == 0.5 and metrics["choices"] == 6 and metrics["num_fewshot"] == 0
+
+
+def test_encode_pair_gives_a_merge_across_the_boundary_and_trailing_spaces_to_the_choice():
+    tok = train_bpe(CORPUS, 400)
+    context, ids = "The quick brown fox", tok.encode("The quick brown fox jumps")
+    got_context, got_choice = encode_pair(tok, context + " ", "jumps")  # the space moves to the choice
+    assert got_context == [tok.start_id] + tok.encode(context) and got_context + got_choice == [tok.start_id] + ids
+    assert got_choice != tok.encode("jumps")  # " jumps" is not "jumps" in a byte-level BPE
+    assert prompt_ids(tok, "Hel") != prompt_ids(tok, "Hello, world")[:len(prompt_ids(tok, "Hel"))]  # "Hello": 1 token
+    cut = encode_pair(tok, "Hel", "lo, world")  # the whole text's tokens past the context's would be ", world"
+    assert cut == (prompt_ids(tok, "Hel"), tok.encode("lo, world")) and tok.decode(cut[1]) == "lo, world"
+
+
+def test_shots_are_solved_examples_drawn_with_a_seed_leaving_the_example_out():
+    examples = [ChoiceExample(f"q{i}?", [f"a{i}", f"b{i}"], i % 2, f"f:{i}") for i in range(8)]
+    task = ChoiceTask("f", num_fewshot=3)
+    got = contexts(examples, task)
+    for i, text in enumerate(got):
+        *shots, last = text.split("\n\n")
+        assert last == f"q{i}?" and len(shots) == 3 and len(set(shots)) == 3
+        for shot in shots:
+            j = int(shot[1:shot.index("?")])
+            assert j != i and shot == f"q{j}? {'ab'[j % 2]}{j}"  # context, the delimiter, the right choice
+    assert contexts(examples, task) == got and contexts(examples[:3], task, pool=examples) == got[:3]
+    assert contexts(examples, ChoiceTask("f", num_fewshot=3, fewshot_seed=7)) != got
+    assert contexts(examples, ChoiceTask("f")) == [e.context for e in examples]
+    pool = [ChoiceExample("p?", ["yes", "no"], 1, "g:1")]
+    assert contexts(examples[:2], ChoiceTask("f", num_fewshot=1, delimiter="", fewshot_delimiter="|"), pool) == [
+        "p?no|q0?", "p?no|q1?"]
+    with pytest.raises(ConfigError, match="--num-fewshot 8 needs 9 examples"):
+        contexts(examples, ChoiceTask("f", num_fewshot=8))
+
+
+def test_hellaswag_and_arc_shaped_records_read_with_field_names(tmp_path):
+    hellaswag = write_jsonl(tmp_path / "hs.jsonl", [{"ctx": "A man", "endings": ["sits.", "runs.", "a", "b"],
+                                                     "label": "2"}])
+    arc = write_jsonl(tmp_path / "arc.jsonl", [
+        {"question": "Q?", "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]}, "answerKey": "C"},
+        {"question": "R?", "choices": {"text": ["x", "y"], "label": ["1", "2"]}, "answerKey": "1"}])
+    (got,) = read_choice_examples(hellaswag, ChoiceTask("", "ctx", "endings", "label"))
+    assert (got.context, got.choices, got.answer) == ("A man", ["sits.", "runs.", "a", "b"], 2)
+    first, second = read_choice_examples(arc, ChoiceTask("", "question", "choices", "answerKey"))
+    assert (first.choices, first.answer, second.answer) == (["x", "y", "z"], 2, 0)  # labels before digits
+    by_text = write_jsonl(tmp_path / "t.jsonl", [{"context": "c", "choices": ["yes", "no"], "answer": "no"}])
+    assert read_choice_examples(by_text, ChoiceTask(""))[0].answer == 1
+
+
+BAD_RECORDS = [
+    ({"choices": ["a", "b"], "answer": 0}, "no field 'context'.*--context-field"),
+    ({"context": "c", "answer": 0}, "no field 'choices'.*--choices-field"),
+    ({"context": "c", "choices": ["a", "b"]}, "no field 'answer'.*--answer-field"),
+    ({"context": 3, "choices": ["a", "b"], "answer": 0}, "'context' is a int, not a string"),
+    ({"context": "c", "choices": "ab", "answer": 0}, "list of two or more strings"),
+    ({"context": "c", "choices": ["a"], "answer": 0}, "list of two or more strings"),
+    ({"context": "c", "choices": ["a", 2], "answer": 0}, "list of two or more strings"),
+    ({"context": "c", "choices": ["a", "b"], "answer": 2}, "'answer' is '2', not one of the 2 choices"),
+    ({"context": "c", "choices": ["a", "b"], "answer": -1}, "not one of the 2 choices"),
+    ({"context": "c", "choices": ["a", "b"], "answer": "c"}, "not one of the 2 choices"),
+    ({"context": "c", "choices": ["a", "b"], "answer": True}, "not one of the 2 choices"),
+    ({"context": "c", "choices": {"text": ["a", "b"], "label": ["A"]}, "answer": "A"}, "as many labels"),
+]
+
+
+@pytest.mark.parametrize("record, words", BAD_RECORDS)
+def test_a_bad_record_is_one_line_naming_its_line(tmp_path, record, words):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"context": "ok", "choices": ["a", "b"], "answer": 0}, record])
+    with pytest.raises(DataError, match=f"bad.jsonl:2: .*{words}"):
+        read_choice_examples(path, ChoiceTask(""))
+
+
+def test_bad_files_and_flags_are_one_line_with_exit_2_and_write_nothing(tmp_path, capsys):
+    run = scripted_run(tmp_path, "x", start=1)
+    good = write_jsonl(tmp_path / "good.jsonl", [{"context": "c", "choices": ["a", "b"], "answer": 0}])
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "quiz.csv").write_text("context,choices,answer\nc,a,0\n")
+    (tmp_path / "broken.jsonl").write_text('{"context": "c", "choices": ["a", "b"], "answer": 0}\n{"context": \n')
+    (tmp_path / "empty-choice.jsonl").write_text('{"context": "c", "choices": ["", "b"], "answer": 0}\n')
+    cases = [
+        (["--choices", str(tmp_path / "missing.jsonl")], "does not exist"),
+        (["--choices", str(tmp_path / "empty.jsonl")], "holds no records"),
+        (["--choices", str(tmp_path / "quiz.csv")], "read from .jsonl or .parquet"),
+        (["--choices", str(tmp_path / "broken.jsonl")], "broken.jsonl:2: not valid JSON"),
+        (["--choices", str(tmp_path / "empty-choice.jsonl"), "--choice-delimiter", ""], "a choice is empty"),
+        (["--choices", str(good), "--split", "test"], "--split cannot go with --choices"),
+        (["--choices", str(good), "--temperature", "0.5", "--max-tokens", "9"],
+         "--max-tokens, --temperature cannot go with --choices"),
+        (["--choices", str(good), "--num-fewshot", "-1"], "--num-fewshot -1 is invalid"),
+        (["--choices", str(good), "--num-fewshot", "1"], "--num-fewshot 1 needs 2 examples"),
+        (["--choices", str(good), "--fewshot-file", str(tmp_path / "nope.jsonl")], "nope.jsonl does not exist"),
+    ]
+    for flags, words in cases:
+        assert main(["eval", str(run), *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, (flags, err)
+    assert not (run / "eval").exists()
+
+
+@pytest.mark.parametrize("kind", ["classifier", "encoder"])
+def test_a_classifier_or_an_encoder_is_refused_with_the_reason(tmp_path, capsys, kind):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import ModelConfig, RunConfig
+    from lmforge.model import GPT
+    from lmforge.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.save(tmp_path / "tokenizer.json")
+    extra = {"head": "classify", "num_labels": 2} if kind == "classifier" else {"causal": False}
+    config = ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16, **extra)
+    save_checkpoint(tmp_path / "run", 1, GPT(config), None, RunConfig(model=config), {}, tmp_path / "tokenizer.json")
+    quiz = write_jsonl(tmp_path / "q.jsonl", [{"context": "c", "choices": ["a", "b"], "answer": 0}])
+    assert main(["eval", str(tmp_path / "run"), "--choices", str(quiz)]) == 2
+    assert f"this checkpoint is {'a classifier' if kind == 'classifier' else 'an encoder'}" in capsys.readouterr().err
+
+
+def test_a_choice_longer_than_the_block_is_refused(tmp_path, capsys):
+    run = scripted_run(tmp_path, "x", start=1, block_size=16)
+    quiz = write_jsonl(tmp_path / "q.jsonl", [{"context": "c", "choices": ["a" * 20, "b"], "answer": 0}])
+    assert main(["eval", str(run), "--choices", str(quiz)]) == 2
+    assert "a choice of 21 tokens is longer than the model's block_size (16)" in capsys.readouterr().err
