@@ -179,10 +179,11 @@ MUTANTS = [
            'after, first = f"(?:, {text})?{after}", f"(?:{text}{after}|{first})" if first else f"(?:{text})?"',
            'after, first = f", {text}{after}", f"{text}{after}"  # mutant: optional properties always written',
            ("tests/test_json_schema.py::test_optional_properties_may_each_be_left_out_and_commas_stay_right",)),
-    Mutant("choices-scored-one-position-early", "eval/choices.py",
-           "cols += range(len(fed) - n, len(fed))",
-           "cols += range(len(fed) - n - 1, len(fed) - 1)  # mutant: each token scored where the one before it is",
-           ("tests/test_choices.py::test_acc_takes_the_likeliest_choice_and_acc_norm_the_likeliest_per_character",)),
+    Mutant("choices-see-context-pads", "eval/choices.py",
+           "seen = torch.cat([mask[parent], more], dim=1)",
+           "seen = torch.cat([torch.ones_like(mask[parent]), more], dim=1)  # mutant: choices attend to the pads",
+           ("tests/test_choices.py::test_loglikelihoods_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_exported"
+            "_model",)),
 ]
 
 

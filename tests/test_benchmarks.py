@@ -308,3 +308,12 @@ def test_speculative_decoding_times_every_way_and_greedy_ways_agree_with_plain_g
     assert set(served["acceptance"]) == set(ways[1:]) and all(0 <= a <= 1 for a in served["acceptance"].values())
     assert served["stream_speedup_vs_plain"]["draft"] == pytest.approx(
         served["stream_tokens_per_s"]["draft"] / served["stream_tokens_per_s"]["plain"], abs=2e-3)
+
+
+@pytest.mark.slow
+def test_choices_speed_runs_and_lmforge_scores_what_the_harness_scores():
+    pytest.importorskip("lm_eval")
+    summary = load("choices_speed").main(["--quick"])
+    assert summary["max_loglikelihood_diff"] < 1e-4 and summary["max_loglikelihood_diff_scoring"] < 1e-4
+    assert summary["same_acc"] and summary["choices"] == 4 * summary["questions"] == 96
+    assert all(v > 0 for v in summary["questions_per_s"].values())

@@ -31,8 +31,8 @@ index}; the field names are options (HellaSwag: ctx / endings / label). `choices
 {"text": [...], "label": ["A", "B", ...]}; `answer` an index (an int or a string of digits), one of those labels, or
 the text of a choice.
 
-Scoring runs one forward pass per batch of right-padded sequences (longest first) and applies the LM head only at
-the continuation's positions (GPT.token_logits), not at every position of every sequence.
+Scoring (`score_choices`) reads each context once for all its choices, through a KV cache, and applies the LM head
+only at the choices' positions (GPT.token_logits), not at every position of every sequence.
 """
 
 from __future__ import annotations
@@ -185,31 +185,50 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 
 
 # ------------------------------------------------------------------------------------------------- scoring
+Score = tuple[float, bool, bool]  # (log-likelihood, greedy, truncated)
+
+
+def _picked(model: nn.Module, hidden: torch.Tensor, targets: list[int], owner: list[int], n: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability, count of tokens that were not the most likely) for each of n owners: hidden (N, C)
+    holds the states that predict targets (N,), target i belonging to owner[i]."""
+    logp = model.token_logits(hidden).float().log_softmax(-1)  # (N, V): the LM head at the scored positions only
+    target = torch.tensor(targets, device=hidden.device)
+    owner_t = torch.tensor(owner, device=hidden.device)
+    picked = logp.gather(-1, target[:, None])[:, 0].double()
+    sums = torch.zeros(n, dtype=torch.float64, device=hidden.device).index_add_(0, owner_t, picked)
+    misses = torch.zeros(n, device=hidden.device).index_add_(0, owner_t, (logp.argmax(-1) != target).float())
+    return sums.cpu(), misses.cpu()
+
+
+def _check_choice(continuation: list[int], block: int) -> None:
+    if not continuation:
+        raise ValueError("a continuation without tokens has no log-likelihood")
+    if len(continuation) > block:
+        raise DataError(f"a choice of {len(continuation)} tokens is longer than the model's block_size ({block}): "
+                        f"it cannot be scored; shorten it")
+
+
 @torch.no_grad()
 def score_continuations(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
-                        progress: bool = False) -> list[tuple[float, bool, bool]]:
+                        progress: bool = False) -> list[Score]:
     """(log-likelihood, greedy, truncated) of each (context ids, continuation ids): the summed log-probability of
     the continuation's tokens after the context, whether each of them is the most likely token there, and whether
     the context lost tokens on the left to fit block_size. The sequence fed is the last block_size + 1 tokens of
-    context + continuation, less its last token."""
+    context + continuation, less its last token (lm-evaluation-harness's window), one sequence per pair."""
     block = model.config.block_size
     feeds = []
     for context, continuation in pairs:
-        if not continuation:
-            raise ValueError("a continuation without tokens has no log-likelihood")
-        if len(continuation) > block:
-            raise DataError(f"a choice of {len(continuation)} tokens is longer than the model's block_size ({block}): "
-                            f"it cannot be scored; shorten it")
+        _check_choice(continuation, block)
         whole = (context + continuation)[-(block + 1):]
         feeds.append((whole[:-1], continuation, len(context) + len(continuation) > block + 1))
     device = next(model.parameters()).device
     order = sorted(range(len(feeds)), key=lambda i: -len(feeds[i][0]))  # longest first: fewer pads per batch
-    out: list[Optional[tuple[float, bool, bool]]] = [None] * len(feeds)
+    out: list[Optional[Score]] = [None] * len(feeds)
     with progress_bar(len(feeds), "choices", "seq", progress) as bar:
         for at in range(0, len(order), batch_size):
             batch = [feeds[i] for i in order[at:at + batch_size]]
-            width = len(batch[0][0])
-            x = torch.zeros((len(batch), width), dtype=torch.long)
+            x = torch.zeros((len(batch), len(batch[0][0])), dtype=torch.long)
             rows, cols, targets, owner = [], [], [], []
             for b, (fed, continuation, _) in enumerate(batch):
                 x[b, :len(fed)] = torch.tensor(fed)  # right padding: a causal model's real positions never see it
@@ -219,16 +238,86 @@ def score_continuations(model: nn.Module, pairs: Sequence[tuple[list[int], list[
                 targets += continuation
                 owner += [b] * n
             hidden = model.hidden_states(x.to(device))  # (B, T, C)
-            logp = model.token_logits(hidden[rows, cols]).float().log_softmax(-1)  # (N, V): continuation positions
-            target = torch.tensor(targets, device=device)
-            picked = logp.gather(-1, target[:, None])[:, 0]
-            owner_t = torch.tensor(owner, device=device)
-            sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, owner_t, picked.double())
-            misses = torch.zeros(len(batch), device=device).index_add_(0, owner_t, (logp.argmax(-1) != target).float())
+            sums, misses = _picked(model, hidden[rows, cols], targets, owner, len(batch))
             for b, i in enumerate(order[at:at + batch_size]):
                 out[i] = (float(sums[b]), bool(misses[b] == 0), batch[b][2])
             bar.update(len(batch))
     return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def score_choices(model: nn.Module, questions: Sequence[tuple[list[int], list[list[int]]]], batch_size: int = 16,
+                  progress: bool = False) -> list[list[Score]]:
+    """Each question's (context ids, every choice's ids) -> a Score per choice, as score_continuations gives
+    them, reading each context once for all its choices.
+
+    A batch of questions (about batch_size choices in all) runs in two passes over a KV cache: the contexts,
+    left-padded, then each choice's tokens but its last, right-padded, after a copy of its context's cached keys
+    and values (KVCache.reorder); the state after the context predicts a choice's first token. Four choices of
+    12 tokens after a 40-token context feed 88 tokens instead of 4 x 52. A question that does not fit the block
+    whole (some choice would cut its context) goes through score_continuations, sequence by sequence.
+    """
+    from lmforge.model import KVCache
+
+    block = model.config.block_size
+    for _, choices in questions:
+        for continuation in choices:
+            _check_choice(continuation, block)
+    fits = [len(ctx) + max(map(len, choices)) <= block + 1 for ctx, choices in questions]
+    out: list[list[Score]] = [[] for _ in questions]
+    rest = [(i, ctx, c) for i, (ctx, choices) in enumerate(questions) if not fits[i] for c in choices]
+    for (i, _, _), score in zip(rest, score_continuations(model, [(ctx, c) for _, ctx, c in rest], batch_size)):
+        out[i].append(score)
+    device, dtype = model.tok_emb.weight.device, model.tok_emb.weight.dtype
+    order = sorted((i for i in range(len(questions)) if fits[i]), key=lambda i: -len(questions[i][0]))
+    with progress_bar(sum(len(c) for _, c in questions), "choices", "seq", progress) as bar:
+        bar.update(len(rest))
+        at = 0
+        while at < len(order):
+            batch = [order[at]]  # longest context first: then a batch is as wide as its first context
+            width = len(questions[order[at]][0])
+            tail = max(map(len, questions[order[at]][1])) - 1
+            while at + len(batch) < len(order):
+                ctx, choices = questions[order[at + len(batch)]]
+                more_tail = max(tail, max(map(len, choices)) - 1)
+                if sum(len(questions[i][1]) for i in batch) + len(choices) > batch_size or width + more_tail > block:
+                    break
+                batch.append(order[at + len(batch)])
+                tail = more_tail
+            at += len(batch)
+            x = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.bool)
+            for b, i in enumerate(batch):
+                ctx = questions[i][0]
+                x[b, width - len(ctx):], mask[b, width - len(ctx):] = torch.tensor(ctx), True  # left padding
+            cache = KVCache(model.config, len(batch), max_len=width + tail, device=device, dtype=dtype)
+            after_context = model.hidden_states(x.to(device), cache, mask.to(device))[:, -1]  # (E, C)
+            parent = [b for b, i in enumerate(batch) for _ in questions[i][1]]  # each choice's question row
+            choices = [c for i in batch for c in questions[i][1]]
+            hidden = after_context[parent]  # (N, C): predicts every choice's first token
+            targets, owner = [c[0] for c in choices], list(range(len(choices)))
+            if tail > 0:
+                y = torch.zeros((len(choices), tail), dtype=torch.long)
+                more = torch.zeros((len(choices), tail), dtype=torch.bool)
+                rows, cols = [], []
+                for n, c in enumerate(choices):
+                    y[n, :len(c) - 1], more[n, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long), True
+                    rows += [n] * (len(c) - 1)
+                    cols += range(len(c) - 1)
+                    targets += c[1:]
+                    owner += [n] * (len(c) - 1)
+                cache.reorder(torch.tensor(parent, device=device))
+                seen = torch.cat([mask[parent], more], dim=1).to(device)  # (N, width + tail)
+                states = model.hidden_states(y.to(device), cache, seen)  # (N, tail, C)
+                hidden = torch.cat([hidden, states[rows, cols]])
+            sums, misses = _picked(model, hidden, targets, owner, len(choices))
+            n = 0
+            for i in batch:
+                for _ in questions[i][1]:
+                    out[i].append((float(sums[n]), bool(misses[n] == 0), False))
+                    n += 1
+            bar.update(len(choices))
+    return out
 
 
 def mean_stderr(values: Sequence[float]) -> float:
@@ -248,32 +337,30 @@ def evaluate_choices(model: nn.Module, tokenizer: Any, examples: Sequence[Choice
         raise ConfigError("multiple-choice evaluation scores choices as continuations, which needs a language model "
                           "(a decoder with its LM head); this checkpoint is "
                           + ("a classifier" if model.config.head != "lm" else "an encoder (model.causal: false)"))
-    texts = contexts(examples, task, pool)
-    pairs, spans = [], []
-    for context, example in zip(texts, examples):
-        spans.append((len(pairs), len(example.choices)))
-        for choice in example.choices:
-            ids = encode_pair(tokenizer, context, task.delimiter + choice)
-            if not ids[1]:
+    questions = []
+    for context, example in zip(contexts(examples, task, pool), examples):
+        pairs = [encode_pair(tokenizer, context, task.delimiter + choice) for choice in example.choices]
+        for choice, (_, ids) in zip(example.choices, pairs):
+            if not ids:
                 raise DataError(f"{example.where}: the choice {choice!r} has no tokens after its context: give it text")
-            pairs.append(ids)
-    scores = score_continuations(model, pairs, batch_size, progress)
+        questions.append((pairs[0][0], [ids for _, ids in pairs]))  # one context: encode_pair splits it alike
     rows, acc, acc_norm = [], [], []
-    for example, (first, n) in zip(examples, spans):
-        ll = [scores[first + j][0] for j in range(n)]
+    for example, scores in zip(examples, score_choices(model, questions, batch_size, progress)):
+        ll = [score[0] for score in scores]
         norm = [v / max(len(c), 1) for v, c in zip(ll, example.choices)]
+        n = len(ll)
         pred, pred_norm = max(range(n), key=ll.__getitem__), max(range(n), key=norm.__getitem__)
         acc.append(float(pred == example.answer))
         acc_norm.append(float(pred_norm == example.answer))
         rows.append({"where": example.where, "context": example.context, "choices": example.choices,
-                     "answer": example.answer, "loglikelihoods": ll, "greedy": [scores[first + j][1] for j in range(n)],
+                     "answer": example.answer, "loglikelihoods": ll, "greedy": [score[1] for score in scores],
                      "prediction": pred, "prediction_norm": pred_norm, "correct": pred == example.answer,
-                     "correct_norm": pred_norm == example.answer,
-                     "truncated": any(scores[first + j][2] for j in range(n))})
+                     "correct_norm": pred_norm == example.answer, "truncated": any(score[2] for score in scores)})
     metrics = {"acc": sum(acc) / len(acc), "acc_stderr": mean_stderr(acc),
                "acc_norm": sum(acc_norm) / len(acc_norm), "acc_norm_stderr": mean_stderr(acc_norm),
                "chance": sum(1 / len(e.choices) for e in examples) / len(examples),
-               "examples": len(examples), "choices": len(pairs), "num_fewshot": task.num_fewshot,
+               "examples": len(examples), "choices": sum(len(e.choices) for e in examples),
+               "num_fewshot": task.num_fewshot,
                "truncated": sum(r["truncated"] for r in rows)}
     return metrics, rows
 
