@@ -90,6 +90,50 @@ def test_loglikelihoods_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_expo
     assert 0 < ours["acc"] < 1 and ours["truncated"] >= 1 and rows[3]["truncated"]
 
 
+def test_lm_evaluation_harness_scores_through_the_server_what_eval_choices_scores(tmp_path, monkeypatch):
+    """lm-evaluation-harness's `local-completions` model (OpenAI completions with echo and logprobs, token ids sent
+    as prompts, the exported tokenizer) against `lmforge serve` on loopback: the same log-likelihoods, greedy flags,
+    acc and acc_norm as `lmforge eval --choices` (questions that fit the block: for a longer one the harness's API
+    window is one token shorter than its hf model's)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity")  # lm_eval[api]
+    from lm_eval.tasks import TaskManager
+
+    from lmforge.serve import ServeConfig, load_app
+    from test_serve import running
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tok = train_bpe(CORPUS, 400)
+    run = lmforge_run(tmp_path, tok, **GPT2_STYLE)
+    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    records = [r for i, r in enumerate(quiz_records(run, tok)) if i != 3]  # 3: longer than the block
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", records)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "quiz.yaml").write_text(
+        f"task: quiz\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {quiz}\ntest_split: test\n"
+        f"output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: answer\n"
+        f"target_delimiter: ''\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    assert main(["eval", str(run), "--choices", str(quiz), "--choice-delimiter", "", "--out", str(tmp_path / "ours"),
+                 "--no-progress"]) == 0
+    ours = json.loads((tmp_path / "ours" / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "ours" / "predictions.jsonl").read_text().splitlines()]
+    with running(load_app(str(run), ServeConfig(), device="cpu")) as url:
+        theirs = lm_eval.simple_evaluate(
+            model="local-completions", tasks=["quiz"], log_samples=True,
+            model_args=f"base_url={url}/v1/completions,model=run,tokenizer={tmp_path / 'hf'},"
+                       f"tokenizer_backend=huggingface,add_bos_token=True,max_length=48",
+            task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+    samples = sorted(theirs["samples"]["quiz"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(rows) == len(records)
+    for row, sample in zip(rows, samples):
+        assert row["loglikelihoods"] == pytest.approx([r[0][0] for r in sample["resps"]], rel=1e-5, abs=1e-4)
+        assert row["greedy"] == [r[0][1] for r in sample["resps"]]
+    assert ours["acc"] == pytest.approx(theirs["results"]["quiz"]["acc,none"])
+    assert ours["acc_norm"] == pytest.approx(theirs["results"]["quiz"]["acc_norm,none"])
+    assert any(any(row["greedy"]) for row in rows) and ours["truncated"] == 0
+
+
 def test_acc_takes_the_likeliest_choice_and_acc_norm_the_likeliest_per_character(tmp_path):
     """A model that writes " Paris is" after "The capital of France is" whatever it reads: a choice it would write
     scores ~0, each other token about -160. "Q" (one wrong token, -160 per character) beats " PaQQQ" (four
