@@ -97,3 +97,79 @@ def test_byte_count_adds_up_over_chunks():
     tokens = np.asarray([tok.start_id, *tok.encode(text), tok.end_id], dtype=np.uint16)
     expected = len(text.encode("utf-8"))
     assert predicted_bytes(tok, tokens) == predicted_bytes(tok, tokens, chunk=7) == expected
+
+
+@pytest.mark.parametrize("stride", [32, 16, 5, 1])
+def test_strided_perplexity_is_hugging_faces_sliding_window_loop(stride):
+    """Hugging Face's "perplexity of fixed-length models" loop, on GPT2LMHeadModel with the same (sharp) weights:
+    windows of max_length = block_size + 1 tokens every `stride`, labels -100 but for the last end - prev_end; the
+    summed NLL over the counted labels equals lmforge's, every token after the first counted once."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.config import ModelConfig
+    from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict
+    from sharp_attention import sharpen
+
+    block = 32
+    config = ModelConfig(vocab_size=50, block_size=block, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh")
+    torch.manual_seed(0)
+    ours = sharpen(GPT(config)).eval()
+    state = to_hf_state_dict(ours.state_dict(), config)  # one more position: HF's window holds the last label too,
+    state["transformer.wpe.weight"] = torch.cat([state["transformer.wpe.weight"], torch.zeros(1, 32)])  # unread
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**to_hf_config(config), "n_positions": block + 1}))
+    theirs.load_state_dict(state, strict=True)
+    theirs.eval()
+    tokens = np.random.default_rng(0).integers(0, 50, 200)
+    ids = torch.from_numpy(tokens)[None]
+    nll, counted, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, ids.size(1), stride):
+            end = min(begin + block + 1, ids.size(1))
+            target = ids[:, begin:end].clone()
+            target[:, :-(end - prev_end)] = -100
+            n = int((target[:, 1:] != -100).sum())
+            nll += theirs(ids[:, begin:end], labels=target).loss.item() * n
+            counted += n
+            prev_end = end
+            if end == ids.size(1):
+                break
+    got = evaluate_tokens(ours, tokens, block, batch_size=3, stride=stride)
+    assert got["tokens"] == counted == len(tokens) - 1
+    assert got["loss_sum"] == pytest.approx(nll, rel=1e-5)
+    assert evaluate_tokens(ours, tokens, block, batch_size=1, stride=stride)["loss_sum"] == pytest.approx(nll, rel=1e-5)
+    if stride == block:
+        assert evaluate_tokens(ours, tokens, block, batch_size=3) == got  # the default: no overlap
+
+
+def test_eval_of_text_files_encodes_them_as_training_documents_and_bad_input_is_one_line(trained_run, tmp_path,
+                                                                                          capsys):
+    import json
+
+    from lmforge.cli import main
+    from lmforge.tokenizer import byte_tokenizer
+
+    root, _, _ = trained_run
+    text = "the cat sat on mat 3; a dog ran.\nnaïve café\n"
+    (tmp_path / "held_out.txt").write_text(text, encoding="utf-8")
+    assert main(["eval", str(root / "run"), "--text", str(tmp_path / "held_out.txt"), "--stride", "8",
+                 "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    tok = byte_tokenizer()
+    tokens = np.asarray([tok.start_id, *tok.encode(text), tok.end_id])
+    from lmforge.checkpoint import load_for_inference
+
+    model, _, config = load_for_inference(root / "run", "cpu")
+    want = evaluate_tokens(model, tokens, config.model.block_size, stride=8)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6) and got["tokens"] == len(tokens) - 1
+    assert got["bytes"] == len(text.encode("utf-8")) and got["stride"] == 8 and got["text"] == [
+        str(tmp_path / "held_out.txt")]
+    (tmp_path / "blob.bin.txt").write_bytes(b"\x00\x01binary\x00" * 20)
+    for flags, words in [
+        (["--text", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["--text", str(tmp_path / "blob.bin.txt")], "holds no text to evaluate"),
+        (["--text", str(tmp_path / "held_out.txt"), "--split", "test"], "--text evaluates text files"),
+        (["--stride", "0"], "--stride 0 is invalid"),
+        (["--stride", "999"], "stride 999 is invalid: use 1 to block_size"),
+    ]:
+        assert main(["eval", str(root / "run"), *flags, "--no-progress"]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, (flags, err)

@@ -431,8 +431,9 @@ def _add_eval(sub: Any) -> None:
         "eval", help="loss, perplexity and bits per byte of a checkpoint; task metrics of a fine-tuned one",
         formatter_class=_help_formatter,
         description=textwrap.dedent("""\
-            Evaluate a run or checkpoint directory on the whole val or test split (deterministic).
-            A language model: loss, perplexity and bits per byte. An encoder (model.causal false): the MLM loss and
+            Evaluate a run or checkpoint directory on the whole val or test split (deterministic), or on text files
+            (--text). A language model: loss, perplexity and bits per byte, in windows of block_size tokens that
+            overlap with --stride (Hugging Face's sliding-window perplexity). An encoder (model.causal false): the MLM loss and
             masked-token accuracy, the split's windows masked with a fixed seed. A model fine-tuned on text-to-text
             task data (`prepare --task sft`): the loss on the completions, and each example's prompt decoded (greedy
             unless --temperature is given; by default up to the split's longest reference) and scored against
@@ -444,6 +445,8 @@ def _add_eval(sub: Any) -> None:
         epilog=textwrap.dedent("""\
             examples:
               lmforge eval runs/shakespeare-char --split test
+              lmforge eval runs/shakespeare-char --split test --stride 64     # overlapping windows
+              lmforge eval runs/gpt2 --text held_out.txt --stride 512         # any text, its perplexity
               lmforge eval runs/translate --split test --num-beams 4 --out reports/translate-test
               lmforge eval runs/gpt2 --choices quiz.jsonl --num-fewshot 5
               lmforge eval runs/gpt2 --choices hellaswag_val.jsonl --context-field ctx --choices-field endings \\
@@ -455,6 +458,12 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--data", metavar="DIR", help="prepared data (default: the one the run was trained on)")
     p.add_argument("--split", choices=["val", "test", "train"], help="the split of --data (default: val)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="evaluate only the first N tokens")
+    p.add_argument("--stride", type=int, metavar="N",
+                   help="overlapping windows: one every N tokens, each predicting only tokens no earlier window did, "
+                        "with at least block_size - N tokens before them (default: block_size, no overlap)")
+    p.add_argument("--text", action="append", metavar="PATH",
+                   help="evaluate these text files, folders or globs (.txt, .jsonl, .parquet) instead of a split, "
+                        "encoded with the checkpoint's tokenizer (repeat the flag for more)")
     p.add_argument("--max-examples", type=int, metavar="N", help="task data or --choices: evaluate only the first N examples")
     p.add_argument("--out", metavar="DIR", help="task data or --choices: where predictions.jsonl and metrics.json go")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch (default: 16)")
@@ -499,6 +508,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size {args.batch_size} is invalid: use 1 or more")
     if args.max_examples is not None and args.max_examples < 1:
         raise ConfigError(f"--max-examples {args.max_examples} is invalid: use 1 or more")
+    if args.stride is not None and args.stride < 1:
+        raise ConfigError(f"--stride {args.stride} is invalid: use 1 to the model's block_size")
+    if args.text and (args.data is not None or args.split is not None):
+        raise ConfigError(f"--text evaluates text files instead of a split: drop "
+                          f"{'--data' if args.data is not None else '--split'}")
     from lmforge.config import build_section
     from lmforge.generate.config import GenerateConfig
 
@@ -514,7 +528,7 @@ def _run_eval(args: argparse.Namespace) -> int:
                                  task_options={"max_examples": args.max_examples, "out": args.out,
                                                "generate": generate,
                                                **({"assistant": args.assistant_model} if args.assistant_model else {})},
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, stride=args.stride, texts=args.text)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -525,6 +539,7 @@ def _run_eval_choices(args: argparse.Namespace, decoding: dict) -> int:
     from lmforge.eval.choices import ChoiceTask, evaluate_choices_checkpoint
 
     given = [flag for flag, value in (("--data", args.data), ("--split", args.split), ("--max-tokens", args.max_tokens),
+                                      ("--stride", args.stride), ("--text", args.text),
                                       ("--assistant-model", args.assistant_model)) if value is not None]
     given += ["--" + name.replace("_", "-") for name in decoding]
     if given:
