@@ -206,6 +206,7 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("eval-missing-data", ["eval", str(run), "--data", str(ws / "nodata"), "--device", "cpu"], "nodata"),
         ("eval-corrupt-ckpt", ["eval", str(ws / "corrupt"), "--device", "cpu"], "model.safetensors"),
         ("eval-pickle-planted", ["eval", str(ws / "pickled"), "--device", "cpu"], "ckpt.pt"),
+        ("eval-text-binary", ["eval", str(run), "--text", str(ws / "bin")], "holds no text to evaluate"),
         ("eval-choices-binary", ["eval", str(run), "--choices", str(ws / "bin" / "blob.txt")], "blob.txt"),
         ("eval-choices-no-context", ["eval", str(run), "--choices", str(ws / "bad.jsonl")],
          "bad.jsonl:1: no field 'context'"),
@@ -393,7 +394,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 105
+N_CASES = 106
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
