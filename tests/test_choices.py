@@ -274,3 +274,50 @@ def test_a_choice_longer_than_the_block_is_refused(tmp_path, capsys):
     quiz = write_jsonl(tmp_path / "q.jsonl", [{"context": "c", "choices": ["a" * 20, "b"], "answer": 0}])
     assert main(["eval", str(run), "--choices", str(quiz)]) == 2
     assert "a choice of 21 tokens is longer than the model's block_size (16)" in capsys.readouterr().err
+
+
+QUIZ = [{"context": f"the cat sat on mat {i}", "choices": [",", " and", " the dog", "zq"], "answer": i % 4}
+        for i in range(10)]
+
+
+def test_training_logs_the_scores_eval_choices_gives_for_the_same_weights(tmp_path):
+    """train.choices_file: at every second evaluation and at the end the run logs val_choices_acc and
+    val_choices_acc_norm, and at the last step they are what `lmforge eval --choices` gives on its checkpoint."""
+    from lmforge.train import Trainer
+    from test_eval import TEXTS
+    from tiny_training import tiny_config, write_prepared_data
+
+    data = write_prepared_data(tmp_path / "data", TEXTS)
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", QUIZ)
+    config = tiny_config(tmp_path / "run", **{"data.path": str(data), "model.block_size": 32, "train.max_steps": 12,
+                                              "train.eval_interval": 3, "train.choices_file": str(quiz),
+                                              "train.choices_every": 2, "train.best_metric": "val_choices_acc_norm"})
+    Trainer(config, progress=False, tensorboard=False).fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r for r in records if "val_choices_acc" in r}
+    assert sorted(scored) == [6, 12]  # every second evaluation (3, 6, 9, 12), and the last step
+    assert main(["eval", str(tmp_path / "run"), "--choices", str(quiz), "--out", str(tmp_path / "e"),
+                 "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert (scored[12]["val_choices_acc"], scored[12]["val_choices_acc_norm"]) == pytest.approx(
+        (metrics["acc"], metrics["acc_norm"]))
+    assert metrics["checkpoint"].endswith("step-00000012")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"train.choices_file": "missing.jsonl"}, "does not exist"),
+    ({"train.choices_file": "long.jsonl"}, "long.jsonl:1: the choice 'xxxx"),
+    ({"train.best_metric": "val_choices_acc"}, "measured on train.choices_file's questions"),
+])
+def test_a_bad_choices_setting_fails_before_training(tmp_path, overrides, words):
+    from lmforge.train import Trainer
+    from test_eval import TEXTS
+    from tiny_training import tiny_config, write_prepared_data
+
+    data = write_prepared_data(tmp_path / "data", TEXTS)
+    write_jsonl(tmp_path / "quiz.jsonl", QUIZ)
+    write_jsonl(tmp_path / "long.jsonl", [{"context": "a", "choices": ["x" * 40, "y"], "answer": 0}])
+    values = {k: str(tmp_path / v) if k == "train.choices_file" else v for k, v in overrides.items()}
+    with pytest.raises((ConfigError, DataError), match=words):
+        Trainer(tiny_config(tmp_path / "run", **{"data.path": str(data), **values}), progress=False, tensorboard=False)
+    assert not (tmp_path / "run").exists()

@@ -412,7 +412,7 @@ class OptimConfig:
 
 # --------------------------------------------------------------------------------------------- train
 BestMetric = Literal["val_loss", "val_accuracy", "val_macro_f1", "val_bleu", "val_chrf", "val_rouge1", "val_rouge2",
-                     "val_rougeL", "val_exact_match", "val_f1"]
+                     "val_rougeL", "val_exact_match", "val_f1", "val_choices_acc", "val_choices_acc_norm"]
 
 
 @dataclass
@@ -484,11 +484,20 @@ class TrainConfig:
                                "val_bleu, val_chrf, ...; 0 = never.", 0, ge=0)
     task_eval_examples: int = doc("Val examples the task metrics of task_eval_every are computed on (the same ones "
                                   "each time).", 64, ge=1, le=100_000)
+    choices_file: Optional[str] = doc("Multiple-choice questions ({context, choices, answer} records in .jsonl or "
+                                      ".parquet, as `lmforge eval --choices` reads them) scored zero-shot at every "
+                                      "choices_every-th evaluation and at the end, logged as val_choices_acc and "
+                                      "val_choices_acc_norm (HellaSwag during pretraining, as nanoGPT-style runs do); "
+                                      "null = none.", None)
+    choices_every: int = doc("With choices_file: score the questions at every N-th evaluation (and at the end).", 1,
+                             ge=1)
+    choices_examples: int = doc("With choices_file: score its first N questions (the same ones each time).", 1000,
+                                ge=1, le=1_000_000)
     best_metric: BestMetric = doc("The measurement that picks the best checkpoint (kept by pruning, named at the end) "
                                   "and that patience follows: val_loss (lower is better), or a task metric (higher is "
                                   "better): val_accuracy, val_macro_f1 (classify data), val_bleu, val_chrf, val_rouge1, "
-                                  "val_rouge2, val_rougeL, val_exact_match, val_f1 (sft data with task_eval_every).",
-                                  "val_loss")
+                                  "val_rouge2, val_rougeL, val_exact_match, val_f1 (sft data with task_eval_every), "
+                                  "val_choices_acc, val_choices_acc_norm (with choices_file).", "val_loss")
     patience: int = doc("Stop early, with a checkpoint, after this many measurements of best_metric in a row without "
                         "an improvement; 0 = never.", 0, ge=0)
 
@@ -556,6 +565,9 @@ class RunConfig:
         if self.train.precision == "bf16-compute" and self.train.parallel == "fsdp":
             raise ConfigError("train.precision=bf16-compute is not supported with train.parallel=fsdp: FSDP's bf16-mixed "
                               "already computes on bf16 copies of the weights; use --train.precision bf16-mixed")
+        if self.train.choices_file and self.train.parallel == "fsdp":
+            raise ConfigError("train.choices_file scores questions on whole weights, and train.parallel=fsdp shards "
+                              "them: use train.parallel ddp, or score a checkpoint with `lmforge eval --choices`")
         if self.train.fsdp_cpu_offload and self.train.parallel != "fsdp":
             raise ConfigError("train.fsdp_cpu_offload offloads FSDP's shards, but train.parallel is "
                               f"{self.train.parallel}: add --train.parallel fsdp, or drop it")

@@ -217,7 +217,11 @@ def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
     if tc.best_metric in ("val_accuracy", "val_macro_f1") and kind != "classify":
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on classify data (`lmforge prepare --task "
                           f"classify`): use val_loss")
-    if tc.best_metric not in ("val_loss", "val_accuracy", "val_macro_f1") and not (kind == "sft" and tc.task_eval_every):
+    if tc.best_metric.startswith("val_choices") and not tc.choices_file:
+        raise ConfigError(f"train.best_metric={tc.best_metric} is measured on train.choices_file's questions: set "
+                          f"train.choices_file, or use val_loss")
+    if tc.best_metric not in ("val_loss", "val_accuracy", "val_macro_f1", "val_choices_acc", "val_choices_acc_norm") \
+            and not (kind == "sft" and tc.task_eval_every):
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured by generating on sft task data: prepare it "
                           f"with `lmforge prepare --task sft` and set train.task_eval_every (e.g. 1), or use val_loss")
 
@@ -326,6 +330,7 @@ class Trainer:
         self.train_data = train_data
         self.val_batches = val_batches or []
         self.tokenizer_file = Path(tokenizer_file) if tokenizer_file else None
+        self.questions = self.read_questions(config)  # train.choices_file: read and checked before any training
         self.run_dir = Path(tc.run_dir)
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError(f"train.run_dir {self.run_dir} is a file, not a directory: choose another --run-dir")
@@ -370,7 +375,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.throughput = Throughput(self.tokens_seen, self.device)
         self._progress, self._tensorboard = progress, tensorboard
-        self._tokenizer: Optional[Any] = None  # loaded for task metrics
+        self._tokenizer: Optional[Any] = None  # loaded for task metrics and choices
         self.on_eval = on_eval
         self.stopped_by_hook: Optional[str] = None  # the reason of the hook's StopTraining
 
@@ -676,6 +681,11 @@ class Trainer:
                 task = self.task_metrics()
             self.logger.log("eval", self.step, task)
             self.measured.update(task)
+        if self.questions and self.evaluation_due(self.config.train.choices_every):
+            with self.throughput.paused():
+                scores = self.choices_metrics()
+            self.logger.log("eval", self.step, scores)
+            self.measured.update(scores)
         self.selection.update(self.step, self.measured)
         self.early_stopped = self.selection.exhausted
         if self.on_eval is not None:
@@ -686,12 +696,63 @@ class Trainer:
 
     def task_eval_due(self) -> bool:
         """sft data with train.task_eval_every = N: at every N-th evaluation and at the last step."""
+        return self.val_examples is not None and self.evaluation_due(self.config.train.task_eval_every)
+
+    def evaluation_due(self, every: int) -> bool:
+        """At every `every`-th evaluation (never for 0) and at the last step."""
         tc = self.config.train
-        if not tc.task_eval_every or self.val_examples is None:
+        if not every:
             return False
         if self.step == tc.max_steps:
             return True
-        return bool(tc.eval_interval) and (self.step // tc.eval_interval) % tc.task_eval_every == 0
+        return bool(tc.eval_interval) and (self.step // tc.eval_interval) % every == 0
+
+    def read_questions(self, config: RunConfig) -> Optional[list[Any]]:
+        """train.choices_file's first choices_examples questions, and the tokenizer to encode them (None without)."""
+        tc = config.train
+        if not tc.choices_file:
+            return None
+        from lmforge.eval.choices import ChoiceTask, encode_pair, read_choice_examples
+        from lmforge.tokenizer import Tokenizer
+
+        if self.tokenizer_file is None:
+            raise ConfigError("train.choices_file needs a tokenizer to encode its questions, and this run's data has "
+                              "none: train on data made by `lmforge prepare`")
+        if not config.model.causal or config.model.head != "lm":
+            raise ConfigError("train.choices_file scores choices as continuations with the LM head, and this model is "
+                              f"{'an encoder' if not config.model.causal else 'a classifier'}: drop train.choices_file")
+        task = ChoiceTask(tc.choices_file)
+        questions = read_choice_examples(tc.choices_file, task)[:tc.choices_examples]
+        tokenizer, block = Tokenizer.load(self.tokenizer_file), config.model.block_size
+        for question in questions:  # a choice that cannot be scored fails now, not at the first evaluation
+            for choice in question.choices:
+                n = len(encode_pair(tokenizer, question.context, task.delimiter + choice)[1])
+                if not 0 < n <= block:
+                    raise DataError(f"{question.where}: the choice {choice[:40]!r} is {n} tokens, and a choice is scored "
+                                    f"in 1 to block_size ({block}) tokens: shorten it or remove the question")
+        return questions
+
+    def choices_metrics(self) -> dict[str, float]:
+        """val_choices_acc and val_choices_acc_norm of train.choices_file's questions (eval.choices, zero-shot);
+        each process scores every world_size-th question and the counts are summed."""
+        from lmforge.eval.choices import ChoiceTask, evaluate_choices
+        from lmforge.tokenizer import Tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.load(self.tokenizer_file)
+        model = unwrap(self.raw_model)
+        model.eval()
+        share = self.questions[self.dist.rank::self.dist.world_size]
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # (acc hits, acc_norm hits, questions)
+        if share:
+            with autocast(self.config.train.precision, self.device):
+                metrics, _ = evaluate_choices(model, self._tokenizer, share, ChoiceTask(self.config.train.choices_file),
+                                              batch_size=max(self.config.train.batch_size, 8))
+            totals += torch.tensor([metrics["acc"] * len(share), metrics["acc_norm"] * len(share), len(share)],
+                                   dtype=torch.float64, device=self.device)
+        model.train()
+        totals = all_reduce_sum(totals, self.dist)
+        return {"val_choices_acc": float(totals[0] / totals[2]), "val_choices_acc_norm": float(totals[1] / totals[2])}
 
     def task_metrics(self) -> dict[str, float]:
         """BLEU, chrF, ROUGE, exact match, token F1 of greedy predictions for the fixed val sample. Every process
