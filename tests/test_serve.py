@@ -778,10 +778,12 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 def test_tool_choice_auto_replies_with_a_call_or_with_text_as_the_first_character_decides(client, run_dir):
     """tool_choice "auto" (the default with tools): a reply that begins with "{" is one call of a tool, following its
-    parameters; any other reply is text. Pushing "{" up or down with logit_bias gives every reply one way."""
+    parameters; any other reply is text. Pushing "{" up or down with logit_bias gives every reply one way. (One call:
+    with parallel calls a random model pushed to "{" writes call after call.)"""
     gen = load(str(run_dir), device="cpu")
     brace = str(gen.tokenizer.encode("{")[0])
-    body = {"messages": CHAT, "max_tokens": 120, "seed": 5, "n": 4, "temperature": 1.0, "tools": [WEATHER, TIME]}
+    body = {"messages": CHAT, "max_tokens": 120, "seed": 5, "n": 4, "temperature": 1.0, "tools": [WEATHER, TIME],
+            "parallel_tool_calls": False}
     calls = client.post("/v1/chat/completions", json={**body, "logit_bias": {brace: 100}}).json()["choices"]
     for choice in calls:
         assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
@@ -850,6 +852,43 @@ def test_tool_choice_auto_takes_what_the_model_writes_a_call_or_text_ending_at_t
             assert streamed == {"content": reply["content"], "tool_calls": {}, "finish_reason": "stop"}
 
 
+TWO_CALLS = ('{"name": "get_time", "arguments": {"zone": "CET"}}\n'
+             '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}}')
+
+
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_parallel_tool_calls_are_one_per_line_whole_and_streamed_and_render_back_as_written(tmp_path, choice):
+    """parallel_tool_calls (true by default, as OpenAI has it): a model that writes two calls, one per line, gets
+    two tool calls (index 0 and 1, each with its id), whole and in deltas; with parallel_tool_calls false the reply
+    stops after the first; cut by max_tokens inside the second, the first stays whole. The conversation with both
+    calls renders them as the model wrote them."""
+    run = scripted_run(tmp_path, TWO_CALLS, start=50, block_size=192)
+    calls = [("get_time", {"zone": "CET"}), ("get_weather", {"city": "Rome", "unit": "C"})]
+    both = []
+    with running(load_app(str(run), ServeConfig(), device="cpu")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        body = {"messages": CHAT, "max_tokens": 150, "temperature": 0, "tools": [WEATHER, TIME], "tool_choice": choice}
+        for extra, want, finish in [({}, calls, "tool_calls"), ({"parallel_tool_calls": False}, calls[:1], "tool_calls"),
+                                    ({"max_tokens": len(TWO_CALLS) - 5}, None, "length")]:
+            whole = c.post("/v1/chat/completions", json={**body, **extra}).json()["choices"][0]
+            streamed = streamed_choices(c, {**body, **extra})[0]
+            assert whole["finish_reason"] == streamed["finish_reason"] == finish and whole["message"]["content"] is None
+            got = whole["message"]["tool_calls"]
+            assert [p["name"] for p in streamed["tool_calls"].values()] == [g["function"]["name"] for g in got]
+            assert [p["arguments"] for p in streamed["tool_calls"].values()] == [g["function"]["arguments"] for g in got]
+            assert sorted(streamed["tool_calls"]) == list(range(len(got))) and streamed["content"] == ""
+            assert len({g["id"] for g in got}) == len(got) and all(g["id"].startswith("call_") for g in got)
+            if want is not None:
+                assert [(g["function"]["name"], json.loads(g["function"]["arguments"])) for g in got] == want
+                both = both or got
+            else:  # cut inside the second call's arguments: the first whole, the second's arguments so far
+                assert json.loads(got[0]["function"]["arguments"]) == calls[0][1] and len(got) == 2
+                assert got[1]["function"]["arguments"] == TWO_CALLS[TWO_CALLS.index("{", TWO_CALLS.index("\n") + 2):-5]
+        history = CHAT + [{"role": "assistant", "content": None, "tool_calls": both}]
+        rendered = c.post("/tokenize", json={"messages": history}).json()
+        text = c.post("/detokenize", json={"tokens": rendered["tokens"]}).json()["prompt"]
+        assert text.endswith(f"<|user|>\nHello\n<|assistant|>\n{TWO_CALLS}\n<|assistant|>\n")  # the next reply's header
+
+
 def test_a_tool_call_cut_by_max_tokens_is_the_same_whole_and_streamed(tmp_path):
     """A call cut by max_tokens ends "length": past its name, a tool call with the arguments so far; before, the
     text as content. Streamed deltas add up to the whole reply."""
@@ -877,8 +916,8 @@ def test_tool_calls_follow_the_functions_schema_and_the_conversation_goes_on_wit
     """OpenAI's tools with a named tool_choice or "required": the reply is one call whose arguments follow the
     function's parameters (decoding guided by them, as with guided_json); a conversation holding the call and the
     tool's result renders through the chat template."""
-    body = {"messages": CHAT, "max_tokens": 120, "seed": 1, "tools": [WEATHER, TIME],
-            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    body = {"messages": CHAT, "max_tokens": 120, "seed": 1, "tools": [WEATHER, TIME], "parallel_tool_calls": False,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}  # (random weights: one call)
     out = client.post("/v1/chat/completions", json=body)
     assert out.status_code == 200, out.text
     choice = out.json()["choices"][0]

@@ -85,24 +85,27 @@ def test_the_openai_package_completes_and_streams(server, run_dir):
                                            response_format=Scene).choices[0].message
     assert isinstance(parsed.parsed, Scene) and parsed.parsed == Scene.model_validate_json(parsed.content)
     scene_call = client.chat.completions.parse(model="run", messages=messages, max_tokens=150, seed=4,
-                                               tools=[openai.pydantic_function_tool(Scene)], tool_choice="required")
+                                               tools=[openai.pydantic_function_tool(Scene)], tool_choice="required",
+                                               parallel_tool_calls=False)  # random weights: one call
     call = scene_call.choices[0].message.tool_calls[0].function  # the parameters' $defs resolve inside them
     assert call.name == "Scene" and isinstance(call.parsed_arguments, Scene)
     tool = {"type": "function", "function": {"name": "who_is_there", "parameters": schema}}
     called = client.chat.completions.create(model="run", messages=messages, max_tokens=100, seed=3, tools=[tool],
-                                            tool_choice={"type": "function", "function": {"name": "who_is_there"}})
+                                            tool_choice={"type": "function", "function": {"name": "who_is_there"}},
+                                            parallel_tool_calls=False)
     call = called.choices[0].message.tool_calls[0]
     assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "who_is_there"
     assert json.loads(call.function.arguments)["who"] in ("Romeo", "Juliet")
     name, arguments, finish = "", "", None  # streamed: the package joins nothing itself, the deltas are OpenAI's
     for chunk in client.chat.completions.create(model="run", messages=messages, max_tokens=100, seed=3, tools=[tool],
-                                                tool_choice="required", stream=True):
+                                                tool_choice="required", stream=True, parallel_tool_calls=False):
         for delta in chunk.choices[0].delta.tool_calls or []:
             name += delta.function.name or ""
             arguments += delta.function.arguments or ""
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and name == "who_is_there" and json.loads(arguments)["who"] in ("Romeo", "Juliet")
-    chosen = client.chat.completions.create(model="run", messages=messages, max_tokens=100, seed=3, tools=[tool])
+    chosen = client.chat.completions.create(model="run", messages=messages, max_tokens=100, seed=3, tools=[tool],
+                                            parallel_tool_calls=False)
     reply = chosen.choices[0]  # tool_choice left out: "auto", the model decides
     assert (reply.finish_reason == "tool_calls" and json.loads(reply.message.tool_calls[0].function.arguments)) or \
         (reply.message.tool_calls is None and not reply.message.content.startswith("{"))

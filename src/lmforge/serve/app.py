@@ -174,7 +174,7 @@ class ChatRequest(SamplingRequest):
     top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
-    parallel_tool_calls: Optional[StrictBool] = None  # accepted: a reply calls one tool
+    parallel_tool_calls: Optional[StrictBool] = None  # true (the default): a reply may call tools, one per line
 
 
 CHAT_UNSUPPORTED: dict[str, Any] = {}
@@ -791,8 +791,10 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     temperature = 1.0 if body.temperature is None else body.temperature
     stop += [s for s in extra_stop or [] if s not in stop]
     try:  # the sampling values are checked where the library and the CLI check them
-        if schema_field == "tools (auto)":  # a call, or text
-            regex, schema = _call_or_text(schema), None
+        if schema_field.startswith("tools"):  # calls (one per line, or one), or with "auto" text instead
+            regex = _calls_regex(schema, getattr(body, "parallel_tool_calls", None) is not False,
+                                 text_too=schema_field == "tools (auto)")
+            schema = None
         options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
                                  top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
                                  min_p=body.min_p, repetition_penalty=1.0 if body.repetition_penalty is None
@@ -891,25 +893,30 @@ def _tool_schema(body: SamplingRequest) -> tuple[Optional[dict], bool]:
     return (calls[0] if len(calls) == 1 else {"anyOf": calls}), choice in (None, "auto")
 
 
-def _call_or_text(schema: str) -> str:
-    """tool_choice "auto": the regular expression of a reply that is one call of `schema` (JSON text), or text that
-    does not begin with "{" (or nothing)."""
+def _calls_regex(schema: str, parallel: bool, text_too: bool) -> str:
+    """The regular expression of a reply under tools: one call of `schema` (JSON text), or with `parallel` one or
+    more, one per line (as a conversation shows an assistant turn's calls, _turns); with `text_too` ("auto") also
+    text that does not begin with "{" (or nothing)."""
     from lmforge.generate.json_schema import json_schema_regex
 
-    return f"(?:{json_schema_regex(json.loads(schema))}|(?:[^{{][\\s\\S]*)?)"
+    call = json_schema_regex(json.loads(schema))
+    calls = f"{call}(?:\\n{call})*" if parallel else call
+    return f"(?:{calls}|(?:[^{{][\\s\\S]*)?)" if text_too else calls
 
 
 class _CallDeltas:
-    """The deltas of one streamed chat choice under tools: text, or, for a reply that begins with "{" (a call),
-    OpenAI's tool_call deltas: the call's id and name once `{"name": ..., "arguments": ` is complete, then the
-    arguments as they come, the call's closing brace held back (the reply is written as json.dumps writes it)."""
+    """The deltas of one streamed chat choice under tools: text, or, for a reply that begins with "{", OpenAI's
+    tool_call deltas of its calls (one per line), each numbered by its index: the call's id and name once
+    `{"name": ..., "arguments": ` is complete, then its arguments as they come, never the call's own closing brace
+    (a call is complete once its text is a whole JSON object; the reply is written as json.dumps writes it)."""
 
     HEAD = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')
 
     def __init__(self) -> None:
-        self.text, self.sent, self.call, self.named = "", 0, None, False
+        self.text, self.sent, self.call = "", 0, None
+        self.index, self.start, self.named, self.complete = 0, 0, False, False  # the call being written
 
-    def push(self, piece: str, final: bool = False) -> list[dict]:
+    def push(self, piece: str) -> list[dict]:
         self.text += piece
         if self.call is None and self.text:
             self.call = self.text.startswith("{")
@@ -917,43 +924,60 @@ class _CallDeltas:
             out, self.sent = self.text[self.sent:], len(self.text)
             return [{"content": out}] if out else []
         deltas = []
-        if not self.named:
-            head = self.HEAD.match(self.text)
-            if head is None:
-                return []
-            self.named, self.sent = True, head.end()
-            deltas.append({"tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                                           "function": {"name": json.loads(head.group(1)), "arguments": ""}}]})
-        end = len(self.text) if final else len(self.text) - 1  # the last character may close the call
-        if end > self.sent:
-            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": self.text[self.sent:end]}}]})
-            self.sent = end
-        return deltas
+        while True:
+            if self.complete:  # the next call starts after a newline
+                if not self.text.startswith("\n{", self.start - 1):
+                    return deltas
+                self.index, self.named, self.complete = self.index + 1, False, False
+            if not self.named:
+                head = self.HEAD.match(self.text, self.start)
+                if head is None:
+                    return deltas
+                self.named, self.sent = True, head.end()
+                deltas.append({"tool_calls": [{"index": self.index, "id": f"call_{uuid.uuid4().hex[:24]}",
+                                               "type": "function",
+                                               "function": {"name": json.loads(head.group(1)), "arguments": ""}}]})
+            try:
+                end = json.JSONDecoder().raw_decode(self.text, self.start)[1]  # the call is a whole object
+            except ValueError:
+                end = None
+            upto = len(self.text) if end is None else end - 1  # all but the call's closing brace is arguments
+            if upto > self.sent:
+                deltas.append({"tool_calls": [{"index": self.index,
+                                               "function": {"arguments": self.text[self.sent:upto]}}]})
+                self.sent = upto
+            if end is None:
+                return deltas
+            self.complete, self.start = True, end + 1
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
-        """(the last deltas, the finish reason): a complete call drops its closing brace and ends "tool_calls";
-        a cut one ends with the rest of its arguments (or, cut before its name, its text as content)."""
-        if self.call and self.named and reason == "stop":
+        """(the last deltas, the finish reason): complete calls end "tool_calls"; a cut one ends with its arguments
+        so far (cut before the first call's name, the reply is its text, as content)."""
+        if self.call and self.complete and reason == "stop":
             return [], "tool_calls"
-        if self.call and not self.named:  # cut before its name was complete: the text, as a whole reply gives it
+        if self.call and not self.named and self.index == 0:  # cut before a name: the text, as a whole reply gives it
             return ([{"content": self.text}] if self.text else []), reason
-        return self.push("", final=True), reason
+        return [], reason
 
 
 def _reply(text: str, finish: str, tool_call: bool) -> dict:
-    """A chat choice's message and finish_reason: the text, or (tools) the call it holds, as its streamed deltas
-    (_CallDeltas) would add up: a complete call ends "tool_calls", a cut one "length" with the arguments so far."""
+    """A chat choice's message and finish_reason: the text, or (tools) the calls it holds, as its streamed deltas
+    (_CallDeltas) add up: complete calls end "tool_calls", a cut one "length" with its arguments so far."""
     if not tool_call:
         return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
     deltas = _CallDeltas()
     pieces = deltas.push(text)
     last, finish = deltas.finish(finish)
-    calls = [c for d in pieces + last for c in d.get("tool_calls", [])]
+    calls: dict[int, dict] = {}
+    for c in (c for d in pieces + last for c in d.get("tool_calls", [])):
+        if "id" in c:
+            calls[c["index"]] = {"id": c["id"], "type": "function", "function": {**c["function"]}}
+        else:
+            calls[c["index"]]["function"]["arguments"] += c["function"]["arguments"]
     if not calls:
         return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    call = {**calls[0], "function": {**calls[0]["function"],
-                                     "arguments": "".join(c["function"]["arguments"] for c in calls)}}
-    return {"message": {"role": "assistant", "content": None, "tool_calls": [call]}, "finish_reason": finish}
+    return {"message": {"role": "assistant", "content": None, "tool_calls": list(calls.values())},
+            "finish_reason": finish}
 
 
 def _requested_schema(body: SamplingRequest) -> tuple[Optional[str], str]:
