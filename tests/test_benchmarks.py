@@ -317,3 +317,12 @@ def test_choices_speed_runs_and_lmforge_scores_what_the_harness_scores():
     assert summary["max_loglikelihood_diff"] < 1e-4 and summary["max_loglikelihood_diff_scoring"] < 1e-4
     assert summary["same_acc"] and summary["choices"] == 4 * summary["questions"] == 96
     assert all(v > 0 for v in summary["questions_per_s"].values())
+
+
+@pytest.mark.slow
+def test_choices_shakespeare_runs_and_logs_the_questions_at_each_evaluation():
+    summary = load("choices_shakespeare").main(["--quick"])
+    assert [point["step"] for point in summary["curve"]] == [10, 20] and summary["questions"] == 24
+    assert all(0 <= point["acc"] <= 1 and 0 <= point["acc_norm"] <= 1 for point in summary["curve"])
+    question = summary["example_question"]
+    assert len(question["choices"]) == 4 and len(set(question["choices"])) == 4 and question["context"]

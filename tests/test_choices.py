@@ -46,28 +46,34 @@ def quiz_records(run: Path, tok) -> list[dict]:
     return records
 
 
-def test_loglikelihoods_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_exported_model(tmp_path, monkeypatch):
-    """The same checkpoint, exported to Hugging Face, scored by lm-evaluation-harness's own HFLM on the same file:
-    every choice's log-likelihood and is-greedy, acc and acc_norm agree (BPE tokens across the context/choice
-    boundary, trailing whitespace, an empty context, a context cut to the block)."""
-    lm_eval = pytest.importorskip("lm_eval")
+def harness_setup(tmp_path: Path, monkeypatch, skip: int | None = None) -> tuple[Path, Path, object]:
+    """(run, quiz file, lm-evaluation-harness TaskManager holding task "quiz" on it): a random GPT-2-style model with
+    a byte-level BPE, exported to tmp_path/hf; the quiz of quiz_records (less record `skip`), no target delimiter."""
     from lm_eval.tasks import TaskManager
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the harness and datasets read local files only
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tok = train_bpe(CORPUS, 400)
     run = lmforge_run(tmp_path, tok, **GPT2_STYLE)
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    quiz = write_jsonl(tmp_path / "quiz.jsonl", quiz_records(run, tok))
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", [r for i, r in enumerate(quiz_records(run, tok)) if i != skip])
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "quiz.yaml").write_text(
         f"task: quiz\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {quiz}\ntest_split: test\n"
         f"output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: answer\n"
         f"target_delimiter: ''\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return run, quiz, TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+
+
+def test_loglikelihoods_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_exported_model(tmp_path, monkeypatch):
+    """The same checkpoint, exported to Hugging Face, scored by lm-evaluation-harness's own HFLM on the same file:
+    every choice's log-likelihood and is-greedy, acc and acc_norm agree (BPE tokens across the context/choice
+    boundary, trailing whitespace, an empty context, a context cut to the block)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    run, quiz, tasks = harness_setup(tmp_path, monkeypatch)
     theirs = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={tmp_path / 'hf'},add_bos_token=True,dtype=float32", tasks=["quiz"],
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False), log_samples=True,
-        device="cpu", batch_size=4)
+        task_manager=tasks, log_samples=True, device="cpu", batch_size=4)
     samples = sorted(theirs["samples"]["quiz"], key=lambda s: s["doc_id"])
     results = theirs["results"]["quiz"]
 
@@ -97,23 +103,11 @@ def test_lm_evaluation_harness_scores_through_the_server_what_eval_choices_score
     window is one token shorter than its hf model's)."""
     lm_eval = pytest.importorskip("lm_eval")
     pytest.importorskip("tenacity")  # lm_eval[api]
-    from lm_eval.tasks import TaskManager
-
     from lmforge.serve import ServeConfig, load_app
     from test_serve import running
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    tok = train_bpe(CORPUS, 400)
-    run = lmforge_run(tmp_path, tok, **GPT2_STYLE)
-    assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    records = [r for i, r in enumerate(quiz_records(run, tok)) if i != 3]  # 3: longer than the block
-    quiz = write_jsonl(tmp_path / "quiz.jsonl", records)
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "quiz.yaml").write_text(
-        f"task: quiz\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {quiz}\ntest_split: test\n"
-        f"output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: answer\n"
-        f"target_delimiter: ''\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    run, quiz, tasks = harness_setup(tmp_path, monkeypatch, skip=3)  # 3: longer than the block
+    records = quiz.read_text().splitlines()
     assert main(["eval", str(run), "--choices", str(quiz), "--choice-delimiter", "", "--out", str(tmp_path / "ours"),
                  "--no-progress"]) == 0
     ours = json.loads((tmp_path / "ours" / "metrics.json").read_text())
@@ -123,7 +117,7 @@ def test_lm_evaluation_harness_scores_through_the_server_what_eval_choices_score
             model="local-completions", tasks=["quiz"], log_samples=True,
             model_args=f"base_url={url}/v1/completions,model=run,tokenizer={tmp_path / 'hf'},"
                        f"tokenizer_backend=huggingface,add_bos_token=True,max_length=48",
-            task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False))
+            task_manager=tasks)
     samples = sorted(theirs["samples"]["quiz"], key=lambda s: s["doc_id"])
     assert len(samples) == len(rows) == len(records)
     for row, sample in zip(rows, samples):
