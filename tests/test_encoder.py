@@ -355,6 +355,46 @@ def test_hf_export_of_an_encoder_is_refused_and_its_server_embeds_only(encoder_r
         load_app(str(run), ServeConfig(prompt_lookup_num_tokens=3))
 
 
+def test_an_encoders_server_fills_masks_as_the_library_does_in_hugging_faces_shape(encoder_run):
+    """POST /v1/fill-mask: Hugging Face's fill-mask answer (per mask, top_k {score, token, token_str, sequence}) with
+    the library's candidates (MaskFiller.fill_mask); one mask a list, two a list per mask, a list of texts a list per
+    text; bad requests 422, a decoder's server 400... through the routes it has."""
+    import httpx
+
+    from lmforge.generate import load
+    from lmforge.serve import ServeConfig, load_app
+    from test_serve import running
+
+    run, _ = encoder_run
+    filler = load(str(run))
+    one, two = "to be or not to <MASK>e", "<MASK>o be or not to <MASK>e"
+    with running(load_app(str(run), ServeConfig(max_prompts=4), device="cpu")) as url, \
+            httpx.Client(base_url=url) as client:
+        got = client.post("/v1/fill-mask", json={"inputs": one, "parameters": {"top_k": 3}}).json()
+        want = filler.fill_mask(one, top_k=3)[0]
+        assert [(c["token_str"], c["score"]) for c in got] == [(t, pytest.approx(p, abs=1e-6)) for t, p in want]
+        assert all(c["sequence"] == one.replace("<MASK>", c["token_str"]) and filler.tokenizer.token_text(c["token"])
+                   == c["token_str"] for c in got)
+        assert got[0]["score"] >= got[1]["score"] >= got[2]["score"]
+        both = client.post("/v1/fill-mask", json={"inputs": two}).json()  # top_k 5 by default
+        assert len(both) == 2 and all(len(m) == 5 for m in both)
+        assert [[c["token_str"] for c in m] for m in both] == [[t for t, _ in m] for m in filler.fill_mask(two)]
+        assert both[0][0]["sequence"] == both[0][0]["token_str"] + "o be or not to <MASK>e"  # the other mask stays
+        assert both[1][0]["sequence"] == "<MASK>o be or not to " + both[1][0]["token_str"] + "e"
+        listed = client.post("/v1/fill-mask", json={"inputs": [one, two]}).json()
+        assert [c["token"] for c in listed[0]] == [c["token"] for c in client.post(
+            "/v1/fill-mask", json={"inputs": one}).json()] and len(listed[1]) == 2
+        for body, words in [({"inputs": "no mask here"}, "inputs[0]: the text holds no <MASK>"),
+                            ({"inputs": one, "parameters": {"top_k": 0}}, "top_k"),
+                            ({"inputs": one, "parameters": {"top_k": 101}}, "top_k"),
+                            ({"inputs": [one] * 5}, "5 inputs; give 1 to 4"), ({"inputs": []}, "0 inputs"),
+                            ({"inputs": "<MASK>" + "a" * 200}, "more than the model's context"),
+                            ({"inputs": one, "model": "other"}, "'other' is not served here")]:
+            r = client.post("/v1/fill-mask", json=body)
+            assert r.status_code in (404, 422) and words in r.json()["error"]["message"], (body, r.text)
+        assert "/v1/fill-mask" in client.get("/").text
+
+
 def test_lora_on_an_encoder_trains_masks_and_merges_into_the_same_encoder(encoder_run, mlm_data, tmp_path):
     from lmforge.checkpoint import load_for_inference
 

@@ -63,11 +63,13 @@ class MaskFiller:
     def fill_mask(self, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """For each mask in `text`, left to right: the top_k (token text, probability) pairs, most probable first.
         The mask token itself is never proposed."""
-        if not isinstance(top_k, int) or top_k < 1:
+        return [[(self.tokenizer.token_text(i), p) for i, p in top] for top in self.top_tokens(text, top_k)]
+
+    def top_tokens(self, text: str, top_k: int = 5) -> list[list[tuple[int, float]]]:
+        """fill_mask's answer as (token id, probability) pairs."""
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise ConfigError(f"top_k={top_k!r} is invalid: use 1 or more")
         _, probs = self.probabilities(text)
         probs[:, self.tokenizer.mask_id] = 0.0  # the model may put mass there; it is not an answer
-        k = min(top_k, probs.size(-1))
-        top = probs.topk(k, dim=-1)
-        return [[(self.tokenizer.token_text(int(i)), float(p)) for p, i in zip(ps, ix)]
-                for ps, ix in zip(top.values, top.indices)]
+        top = probs.topk(min(top_k, probs.size(-1)), dim=-1)
+        return [[(int(i), float(p)) for p, i in zip(ps, ix)] for ps, ix in zip(top.values, top.indices)]

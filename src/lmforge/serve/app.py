@@ -10,18 +10,19 @@
                           (a reply held to a call, or with "auto" a call or text; streamed as tool_call deltas)
     POST /v1/classify     a classifier's labels with probabilities for a text or a list of texts (top_k)
     POST /v1/embeddings   OpenAI embeddings: a vector per text or token id list (generate.embed), any model
+    POST /v1/fill-mask    an encoder's: Hugging Face's fill-mask answer, the likeliest tokens in each mask
     POST /tokenize        vLLM's: the token ids a prompt (or a chat's messages) becomes, as the model reads it
     POST /detokenize      vLLM's: the text of token ids
     GET  /                the playground page (static; it asks for the API key itself); for a classifier
                           a note pointing to /v1/classify
 
 A language model answers /v1/classify, a classifier the two completion endpoints, and an encoder (embeddings
-only) all three, with 400 naming the endpoint to use.
+and fill-mask only) all three, with 400 naming the endpoint to use.
 
 What a request may ask is capped (ServeConfig); a request over a cap gets 413 (body size) or 422 (with
 a message naming the field), a malformed or unknown field 422, a full server 429 with Retry-After, a
 request past its time 504. Generation runs on the Engine's worker thread, classification on the
-ClassifyEngine's, embeddings on a thread of their own, never on the event loop.
+ClassifyEngine's, embeddings and fill-mask on a thread of their own, never on the event loop.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}, FastAPI's own 404/405/422 and
 an unexpected 500 included.
 
@@ -43,7 +44,7 @@ import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, AsyncIterator, Literal, Optional, Union
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,6 +69,7 @@ RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees as 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # the Host names a local server answers to by default
 MAX_LOGPROBS = 5  # OpenAI's cap on completions' logprobs
 MAX_TOP_LOGPROBS = 20  # and on chat's top_logprobs
+MAX_FILL_TOP_K = 100  # candidates per mask of POST /v1/fill-mask
 log = logging.getLogger("lmforge.serve")
 
 
@@ -215,6 +217,21 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 (the openai package's)
     dimensions: Optional[StrictInt] = None  # accepted only as the model's own
     user: Optional[str] = None  # accepted for compatibility, unused
+
+
+class FillMaskParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    top_k: StrictInt = Field(5, ge=1, le=MAX_FILL_TOP_K)
+
+
+class FillMaskRequest(BaseModel):
+    """The body of POST /v1/fill-mask (an encoder's), Hugging Face's fill-mask task: a text or a list of texts, each
+    with the mask token where a token is to be predicted; parameters.top_k candidates per mask."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    inputs: Union[Text, list[Text]]
+    parameters: FillMaskParameters = FillMaskParameters()
 
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -444,24 +461,78 @@ def create_app(generator: Union[TextGenerator, TextClassifier, MaskFiller], conf
     if classifies:
         _add_classify_routes(app, engine, config, model_id, max_prompt_tokens)
     elif encodes:
-        _wrong_task(app, GENERATION_PATHS + ("/v1/classify",), "this model is an encoder: it embeds text and does not "
-                    "generate or classify it, so {path} is not served; use POST /v1/embeddings (and `lmforge "
-                    "fill-mask` for its masks)")
+        _wrong_task(app, GENERATION_PATHS + ("/v1/classify",), "this model is an encoder: it embeds text and fills "
+                    "its masks, and does not generate or classify it, so {path} is not served; use POST /v1/embeddings "
+                    "or POST /v1/fill-mask")
 
         @app.get("/", response_class=HTMLResponse)
         async def note() -> HTMLResponse:
             return HTMLResponse(ENCODER_NOTE_HTML.replace("{{MODEL}}", model_id))
     else:
         _add_generation_routes(app, generator, engine, config, model_id, max_prompt_tokens)
-    _add_embedding_route(app, TextEmbedder(generator.model, generator.tokenizer), config, model_id, max_prompt_tokens)
+    beside = _Beside(config.max_queue)
+    _add_embedding_route(app, TextEmbedder(generator.model, generator.tokenizer), config, model_id, max_prompt_tokens,
+                         beside)
+    if encodes:
+        _add_fill_mask_route(app, generator, config, model_id, beside)
     return app
 
 
+class _Beside:
+    """Work that runs beside the engine (embeddings, fill-mask): in a thread, one request at a time, the model's
+    weights only read; past `max_queue` requests waiting, 429."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.lock, self.waiting, self.max_queue = asyncio.Semaphore(1), 0, max(1, max_queue)
+
+    async def run(self, work: Callable[..., Any], *args: Any) -> Any:
+        if self.waiting >= self.max_queue:
+            raise ApiError(429, f"the server is at capacity ({self.waiting} requests waiting); retry after "
+                           f"{RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.waiting += 1
+        try:
+            async with self.lock:
+                return await asyncio.to_thread(work, *args)
+        finally:
+            self.waiting -= 1
+
+
+def _add_fill_mask_route(app: FastAPI, filler: MaskFiller, config: ServeConfig, model_id: str, beside: _Beside) -> None:
+    """POST /v1/fill-mask (an encoder's), as Hugging Face's fill-mask pipeline answers: per mask, top_k candidates
+    {score, token, token_str, sequence} (the text with that mask filled), most probable first; a text with one mask
+    gets that list, with several a list per mask, and a list of texts a list per text."""
+
+    @app.post("/v1/fill-mask")
+    async def fill_mask(body: FillMaskRequest) -> Any:
+        if body.model is not None and body.model != model_id:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        if not texts or len(texts) > config.max_prompts:
+            raise ApiError(422, f"{len(texts)} inputs; give 1 to {config.max_prompts} (serve.max_prompts)", "inputs")
+        for i, text in enumerate(texts):
+            try:
+                filler.encode(text)  # a mask present, within the context
+            except ConfigError as e:
+                raise ApiError(422, f"inputs[{i}]: {e}", "inputs") from None
+        top_k = body.parameters.top_k
+        answers = await beside.run(lambda: [filler.top_tokens(text, top_k) for text in texts])
+        tok, mask = filler.tokenizer, filler.tokenizer.mask_token
+        out = []
+        for text, per_mask in zip(texts, answers):
+            pieces = text.split(mask)
+            filled = []
+            for m, candidates in enumerate(per_mask):
+                filled.append([{"score": p, "token": i, "token_str": tok.token_text(i),
+                                "sequence": mask.join(pieces[:m + 1]) + tok.token_text(i) + mask.join(pieces[m + 1:])}
+                               for i, p in candidates])
+            out.append(filled[0] if len(filled) == 1 else filled)
+        return out[0] if isinstance(body.inputs, str) else out
+
+
 def _add_embedding_route(app: FastAPI, embedder: TextEmbedder, config: ServeConfig, model_id: str,
-                         max_prompt_tokens: int) -> None:
+                         max_prompt_tokens: int, beside: _Beside) -> None:
     """POST /v1/embeddings (OpenAI's): one vector per input, the model's hidden states pooled (generate.embed),
     computed beside the engine, one request at a time; past serve.max_queue requests waiting, 429."""
-    one_at_a_time, waiting = asyncio.Semaphore(1), [0]
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> dict:
@@ -489,15 +560,7 @@ def _add_embedding_route(app: FastAPI, embedder: TextEmbedder, config: ServeConf
                 raise ApiError(422, f"input[{i}] is {n} tokens (with its start and end tokens); at most "
                                f"{max_prompt_tokens} (serve.max_prompt_tokens)", "input")
             tokens += n
-        if waiting[0] >= max(1, config.max_queue):
-            raise ApiError(429, f"the server is at capacity ({waiting[0]} embedding requests waiting); retry after "
-                           f"{RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
-        waiting[0] += 1
-        try:
-            async with one_at_a_time:
-                vectors = await asyncio.to_thread(embedder.embed, inputs, config.max_batch_size)
-        finally:
-            waiting[0] -= 1
+        vectors = await beside.run(embedder.embed, inputs, config.max_batch_size)
         data = [{"object": "embedding", "index": i,
                  "embedding": v.tolist() if body.encoding_format == "float" else
                  base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii")} for i, v in enumerate(vectors)]

@@ -5,7 +5,7 @@ stream=true and reads the server-sent events with fetch (EventSource cannot POST
 so it ships inside the Python package. {{MODEL}} is replaced by the model id.
 
 A classifier has no playground: / shows CLASSIFIER_NOTE_HTML, which says how to call POST /v1/classify; an
-encoder, ENCODER_NOTE_HTML (POST /v1/embeddings).
+encoder, ENCODER_NOTE_HTML (POST /v1/embeddings, POST /v1/fill-mask).
 """
 
 PLAYGROUND_HTML = """<!doctype html>
@@ -138,4 +138,8 @@ CLASSIFIER_NOTE_HTML = _note("classifier", """<p>This model classifies text; it 
 ENCODER_NOTE_HTML = _note("encoder", """<p>This model is an encoder: it reads text from both sides and does not write \
 any; it has no playground. Ask for a vector per text with <code>POST /v1/embeddings</code>:</p>
 <pre>curl http://HOST:PORT/v1/embeddings -H 'Content-Type: application/json' \\
-     -d '{"input": ["a text", "another text"]}'</pre>""")
+     -d '{"input": ["a text", "another text"]}'</pre>
+<p>and for the likeliest tokens in each mask with <code>POST /v1/fill-mask</code> (Hugging Face's fill-mask
+answer):</p>
+<pre>curl http://HOST:PORT/v1/fill-mask -H 'Content-Type: application/json' \\
+     -d '{"inputs": "to be or not to &lt;MASK&gt;e", "parameters": {"top_k": 3}}'</pre>""")
