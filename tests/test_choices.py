@@ -194,6 +194,11 @@ def test_hellaswag_and_arc_shaped_records_read_with_field_names(tmp_path):
     assert (first.choices, first.answer, second.answer) == (["x", "y", "z"], 2, 0)  # labels before digits
     by_text = write_jsonl(tmp_path / "t.jsonl", [{"context": "c", "choices": ["yes", "no"], "answer": "no"}])
     assert read_choice_examples(by_text, ChoiceTask(""))[0].answer == 1
+    template = ChoiceTask("", choices_field="choices", answer_field="answerKey",
+                          context_template="Question: {question}\nAnswer:")  # the harness's ARC prompt
+    assert [e.context for e in read_choice_examples(arc, template)] == ["Question: Q?\nAnswer:", "Question: R?\nAnswer:"]
+    with pytest.raises(DataError, match="arc.jsonl:1: no field 'topic'.*--context-template"):
+        read_choice_examples(arc, ChoiceTask("", answer_field="answerKey", context_template="{topic}: {question}"))
 
 
 BAD_RECORDS = [
@@ -238,6 +243,8 @@ def test_bad_files_and_flags_are_one_line_with_exit_2_and_write_nothing(tmp_path
         (["--choices", str(good), "--num-fewshot", "-1"], "--num-fewshot -1 is invalid"),
         (["--choices", str(good), "--num-fewshot", "1"], "--num-fewshot 1 needs 2 examples"),
         (["--choices", str(good), "--fewshot-file", str(tmp_path / "nope.jsonl")], "nope.jsonl does not exist"),
+        (["--choices", str(good), "--context-template", "no fields"], "--context-template 'no fields' names no field"),
+        (["--choices", str(good), "--context-template", "{a!r}"], "use plain record field names"),
     ]
     for flags, words in cases:
         assert main(["eval", str(run), *flags]) == 2, flags

@@ -479,6 +479,9 @@ def _add_eval(sub: Any) -> None:
     c.add_argument("--choices", metavar="FILE", help="score the multiple-choice questions of this .jsonl or .parquet "
                    "file instead of a split: {context, choices: [...], answer: index} records")
     c.add_argument("--context-field", default="context", metavar="NAME", help="record field of the context")
+    c.add_argument("--context-template", metavar="TEXT",
+                   help="write the context from record fields instead, e.g. 'Question: {question}\\nAnswer:' (in "
+                        "bash $'...' for a newline)")
     c.add_argument("--choices-field", default="choices", metavar="NAME",
                    help="record field of the choices: a list of strings, or ARC's {text: [...], label: [...]}")
     c.add_argument("--answer-field", default="answer", metavar="NAME",
@@ -547,8 +550,15 @@ def _run_eval_choices(args: argparse.Namespace, decoding: dict) -> int:
                           f"file and generates nothing; drop {'them' if len(given) > 1 else 'it'}")
     if args.num_fewshot < 0:
         raise ConfigError(f"--num-fewshot {args.num_fewshot} is invalid: use 0 or more")
+    if args.context_template is not None:
+        from lmforge.data.tasks import template_fields
+
+        if not template_fields(args.context_template):
+            raise ConfigError(f"--context-template {args.context_template!r} names no field: write record fields "
+                              f"as {{name}}, e.g. 'Question: {{question}} Answer:'")
     task = ChoiceTask(args.choices, args.context_field, args.choices_field, args.answer_field, args.choice_delimiter,
-                      args.num_fewshot, args.fewshot_seed, args.fewshot_file, args.fewshot_delimiter)
+                      args.num_fewshot, args.fewshot_seed, args.fewshot_file, args.fewshot_delimiter,
+                      args.context_template)
     result = evaluate_choices_checkpoint(args.checkpoint, task, max_examples=args.max_examples,
                                          batch_size=args.batch_size, device=args.device, out=args.out,
                                          progress=not args.no_progress)

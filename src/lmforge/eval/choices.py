@@ -27,7 +27,9 @@ or from `fewshot_file`) written as `context + delimiter + right choice`, joined 
 (a blank line), come before each context.
 
 Records (.jsonl or .parquet, through data.tasks.read_records): {"context": str, "choices": [str, ...], "answer":
-index}; the field names are options (HellaSwag: ctx / endings / label). `choices` may also be ARC's object
+index}; the field names are options (HellaSwag: ctx / endings / label), and the context may be written from
+several fields by a template ("Question: {question}\nAnswer:", as the harness's ARC task writes it). `choices` may
+also be ARC's object
 {"text": [...], "label": ["A", "B", ...]}; `answer` an index (an int or a string of digits), one of those labels, or
 the text of a choice.
 
@@ -46,6 +48,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from lmforge.data.tasks import read_records, template_fields
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.progress import progress_bar
 
@@ -65,6 +68,7 @@ class ChoiceTask:
     fewshot_seed: int = FEWSHOT_SEED
     fewshot_file: Optional[str] = None  # the shots' pool; None: the evaluated file, each example leaving itself out
     fewshot_delimiter: str = "\n\n"   # after each shot
+    context_template: Optional[str] = None  # the context written from record fields: "Question: {question}\nAnswer:"
 
 
 @dataclass
@@ -79,8 +83,6 @@ class ChoiceExample:
 # ------------------------------------------------------------------------------------------------ reading
 def read_choice_examples(path: str | Path, task: ChoiceTask) -> list[ChoiceExample]:
     """The examples of a .jsonl or .parquet file; DataError naming the file, line and field of the first bad one."""
-    from lmforge.data.tasks import read_records
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file: pass a .jsonl file of {{context, choices, answer}} "
@@ -103,15 +105,18 @@ def _example(record: dict, where: str, task: ChoiceTask) -> ChoiceExample:
         return DataError(f"{where}: no field {name!r} (fields: {', '.join(map(repr, record)) or 'none'}): name the "
                          f"right one with {flag}")
 
-    if task.context_field not in record:
-        raise missing(task.context_field, "--context-field")
+    fields = template_fields(task.context_template) if task.context_template else [task.context_field]
+    for name in fields:
+        if name not in record:
+            raise missing(name, "--context-template" if task.context_template else "--context-field")
+        if not isinstance(record[name], str):
+            raise DataError(f"{where}: {name!r} is a {type(record[name]).__name__}, not a string")
     if task.choices_field not in record:
         raise missing(task.choices_field, "--choices-field")
     if task.answer_field not in record:
         raise missing(task.answer_field, "--answer-field")
-    context, choices, labels = record[task.context_field], record[task.choices_field], []
-    if not isinstance(context, str):
-        raise DataError(f"{where}: {task.context_field!r} is a {type(context).__name__}, not a string")
+    context = task.context_template.format_map(record) if task.context_template else record[task.context_field]
+    choices, labels = record[task.choices_field], []
     if isinstance(choices, dict) and set(choices) >= {"text", "label"}:  # ARC: {"text": [...], "label": [...]}
         choices, labels = choices["text"], choices["label"]
         if not (isinstance(choices, list) and isinstance(labels, list) and len(labels) == len(choices)):
