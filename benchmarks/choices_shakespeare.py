@@ -1,10 +1,10 @@
 """What a small model learns, measured by multiple-choice questions during training (train.choices_file).
 
-lmforge's Shakespeare char recipe (configs/shakespeare-char.yaml: 4 layers, 128 wide, context 64) trains on the
-char shards for --steps steps while `train.choices_file` scores --questions cloze questions at each evaluation:
-a line of a play from the held-out test split with its last word cut off, and four choices, the true word and
-three words drawn from the ends of other test lines as often as they end them (chance: 0.25). The untrained model is scored first with
-`lmforge eval --choices`' own function on the same questions, and the trained checkpoint again at the end.
+lmforge's Shakespeare char recipe (configs/shakespeare-char.yaml: 4 layers, 128 wide, context 64) trains on the char
+shards for --steps steps while `train.choices_file` scores --questions cloze questions at each evaluation: a line of
+a play from the held-out test split with its last word cut off, and four choices, the true word and three words
+drawn from the ends of other test lines, as often as they end them (chance: 0.25). The untrained model is scored
+first with `lmforge eval --choices`' own function on the same questions.
 
 Reported: the untrained scores, then val loss, acc and acc_norm at each evaluation, and the time.
 

@@ -98,8 +98,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     here = machine()
     tok = train_bpe(texts, args.vocab)
     tok.save(work / "tokenizer.json")
-    config = ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=args.layers, n_head=max(args.width // 64, 1),
-                         n_embd=args.width, activation="gelu_tanh", dropout=0.0)
+    config = ModelConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=args.layers,
+                         n_head=max(args.width // 64, 1), n_embd=args.width, activation="gelu_tanh", dropout=0.0)
     torch.manual_seed(0)
     save_checkpoint(work / "run", 1, GPT(config), None, RunConfig(model=config), {}, work / "tokenizer.json")
     export_hf(work / "run", work / "hf")

@@ -196,7 +196,8 @@ def test_hellaswag_and_arc_shaped_records_read_with_field_names(tmp_path):
     assert read_choice_examples(by_text, ChoiceTask(""))[0].answer == 1
     template = ChoiceTask("", choices_field="choices", answer_field="answerKey",
                           context_template="Question: {question}\nAnswer:")  # the harness's ARC prompt
-    assert [e.context for e in read_choice_examples(arc, template)] == ["Question: Q?\nAnswer:", "Question: R?\nAnswer:"]
+    assert [e.context for e in read_choice_examples(arc, template)] == ["Question: Q?\nAnswer:",
+                                                                         "Question: R?\nAnswer:"]
     with pytest.raises(DataError, match="arc.jsonl:1: no field 'topic'.*--context-template"):
         read_choice_examples(arc, ChoiceTask("", answer_field="answerKey", context_template="{topic}: {question}"))
 

@@ -867,14 +867,16 @@ def test_parallel_tool_calls_are_one_per_line_whole_and_streamed_and_render_back
     both = []
     with running(load_app(str(run), ServeConfig(), device="cpu")) as url, httpx.Client(base_url=url, timeout=30) as c:
         body = {"messages": CHAT, "max_tokens": 150, "temperature": 0, "tools": [WEATHER, TIME], "tool_choice": choice}
-        for extra, want, finish in [({}, calls, "tool_calls"), ({"parallel_tool_calls": False}, calls[:1], "tool_calls"),
+        for extra, want, finish in [({}, calls, "tool_calls"),
+                                    ({"parallel_tool_calls": False}, calls[:1], "tool_calls"),
                                     ({"max_tokens": len(TWO_CALLS) - 5}, None, "length")]:
             whole = c.post("/v1/chat/completions", json={**body, **extra}).json()["choices"][0]
             streamed = streamed_choices(c, {**body, **extra})[0]
             assert whole["finish_reason"] == streamed["finish_reason"] == finish and whole["message"]["content"] is None
             got = whole["message"]["tool_calls"]
             assert [p["name"] for p in streamed["tool_calls"].values()] == [g["function"]["name"] for g in got]
-            assert [p["arguments"] for p in streamed["tool_calls"].values()] == [g["function"]["arguments"] for g in got]
+            arguments = [g["function"]["arguments"] for g in got]
+            assert [p["arguments"] for p in streamed["tool_calls"].values()] == arguments
             assert sorted(streamed["tool_calls"]) == list(range(len(got))) and streamed["content"] == ""
             assert len({g["id"] for g in got}) == len(got) and all(g["id"].startswith("call_") for g in got)
             if want is not None:

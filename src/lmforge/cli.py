@@ -433,11 +433,11 @@ def _add_eval(sub: Any) -> None:
         description=textwrap.dedent("""\
             Evaluate a run or checkpoint directory on the whole val or test split (deterministic), or on text files
             (--text). A language model: loss, perplexity and bits per byte, in windows of block_size tokens that
-            overlap with --stride (Hugging Face's sliding-window perplexity). An encoder (model.causal false): the MLM loss and
-            masked-token accuracy, the split's windows masked with a fixed seed. A model fine-tuned on text-to-text
-            task data (`prepare --task sft`): the loss on the completions, and each example's prompt decoded (greedy
-            unless --temperature is given; by default up to the split's longest reference) and scored against
-            its reference: BLEU, chrF, ROUGE-1/2/L, exact match and token F1, written with every example to
+            overlap with --stride (Hugging Face's sliding-window perplexity). An encoder (model.causal false): the
+            MLM loss and masked-token accuracy, the split's windows masked with a fixed seed. A model fine-tuned
+            on text-to-text task data (`prepare --task sft`): the loss on the completions, and each example's prompt
+            decoded (greedy unless --temperature is given; by default up to the split's longest reference) and scored
+            against its reference: BLEU, chrF, ROUGE-1/2/L, exact match and token F1, written with every example to
             OUT/predictions.jsonl and OUT/metrics.json (OUT: RUN_DIR/eval/SPLIT unless --out).
             With --choices FILE, a language model answers multiple-choice questions zero- or few-shot, the way
             lm-evaluation-harness scores HellaSwag or ARC: each choice's log-likelihood as a continuation of the
@@ -464,7 +464,8 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--text", action="append", metavar="PATH",
                    help="evaluate these text files, folders or globs (.txt, .jsonl, .parquet) instead of a split, "
                         "encoded with the checkpoint's tokenizer (repeat the flag for more)")
-    p.add_argument("--max-examples", type=int, metavar="N", help="task data or --choices: evaluate only the first N examples")
+    p.add_argument("--max-examples", type=int, metavar="N",
+                   help="task data or --choices: evaluate only the first N examples")
     p.add_argument("--out", metavar="DIR", help="task data or --choices: where predictions.jsonl and metrics.json go")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per batch (default: 16)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

@@ -708,7 +708,7 @@ class Trainer:
         return bool(tc.eval_interval) and (self.step // tc.eval_interval) % every == 0
 
     def read_questions(self, config: RunConfig) -> Optional[list[Any]]:
-        """train.choices_file's first choices_examples questions, and the tokenizer to encode them (None without)."""
+        """train.choices_file's first choices_examples questions (None without one), each choice checked to fit."""
         tc = config.train
         if not tc.choices_file:
             return None
@@ -728,8 +728,8 @@ class Trainer:
             for choice in question.choices:
                 n = len(encode_pair(tokenizer, question.context, task.delimiter + choice)[1])
                 if not 0 < n <= block:
-                    raise DataError(f"{question.where}: the choice {choice[:40]!r} is {n} tokens, and a choice is scored "
-                                    f"in 1 to block_size ({block}) tokens: shorten it or remove the question")
+                    raise DataError(f"{question.where}: the choice {choice[:40]!r} is {n} tokens, and a choice is "
+                                    f"scored in 1 to block_size ({block}) tokens: shorten it or remove the question")
         return questions
 
     def choices_metrics(self) -> dict[str, float]:
