@@ -310,6 +310,7 @@ def test_training_logs_the_scores_eval_choices_gives_for_the_same_weights(tmp_pa
     ({"train.choices_file": "missing.jsonl"}, "does not exist"),
     ({"train.choices_file": "long.jsonl"}, "long.jsonl:1: the choice 'xxxx"),
     ({"train.best_metric": "val_choices_acc"}, "measured on train.choices_file's questions"),
+    ({"train.choices_file": "quiz.jsonl", "train.parallel": "fsdp"}, "train.parallel=fsdp shards them"),
 ])
 def test_a_bad_choices_setting_fails_before_training(tmp_path, overrides, words):
     from lmforge.train import Trainer
