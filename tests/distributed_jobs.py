@@ -34,9 +34,11 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
     muon.newton_schulz = lambda G, *args, **kwargs: orthogonalised.append(G.size(0)) or real(G, *args, **kwargs)
 
     lora = {"train.init_from": base, **LORA} if base else {}
+    settings = json.loads(overrides)
+    tokenizer = settings.pop("tokenizer_file", None)  # not a config key: the Trainer's (train.choices_file needs one)
     trainer = tiny_trainer(tiny_config(run_dir, **{**STEPS, "train.batch_size": batch_size,
                                                    "train.grad_accum": grad_accum, "train.compile": compile, **lora,
-                                                   **json.loads(overrides)}))
+                                                   **settings}), tokenizer_file=tokenizer)
     dtypes = set()  # of the weight a block's first matrix product is given (FSDP: the gathered one)
     first = next(m for m in unwrap(trainer.raw_model).blocks[0].modules() if isinstance(m, nn.Linear))
     first.register_forward_pre_hook(lambda module, args: dtypes.add(str(module.weight.dtype)))
@@ -50,6 +52,8 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
                                                           "held": local / summary["parameters"],
                                                           "weight_dtypes": sorted(dtypes),
                                                           "orthogonalised": sum(orthogonalised),
+                                                          "choices": {k: v for k, v in trainer.measured.items()
+                                                                      if k.startswith("val_choices")},
                                                           "base_fingerprint": base_fingerprint(trainer.raw_model) if base else None}))
     teardown_distributed(synchronize=True)
 

@@ -324,3 +324,23 @@ def test_a_bad_choices_setting_fails_before_training(tmp_path, overrides, words)
     with pytest.raises((ConfigError, DataError), match=words):
         Trainer(tiny_config(tmp_path / "run", **{"data.path": str(data), **values}), progress=False, tensorboard=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.distributed
+def test_two_processes_each_score_a_share_of_the_questions_and_log_what_one_process_logs(tmp_path):
+    """Under torchrun each process scores every second question and the counts are summed: 2 processes log the
+    val_choices_acc and val_choices_acc_norm of 1 process with the same global batch (an odd number of questions,
+    so the shares differ)."""
+    from distributed_jobs import read_history, torchrun_worker, worker
+    from lmforge.tokenizer import byte_tokenizer
+
+    byte_tokenizer().save(tmp_path / "tokenizer.json")
+    quiz = write_jsonl(tmp_path / "quiz.jsonl", QUIZ[:7])
+    overrides = {"train.choices_file": str(quiz), "model.vocab_size": 259, "tokenizer_file": str(tmp_path /
+                                                                                                  "tokenizer.json")}
+    worker(tmp_path / "one", 8, 1, False, "", json.dumps(overrides))
+    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps(overrides))
+    one, two = read_history(tmp_path / "one"), read_history(tmp_path / "two")
+    assert two["world_size"] == 2 and set(one["choices"]) == {"val_choices_acc", "val_choices_acc_norm"}
+    assert two["choices"] == pytest.approx(one["choices"], abs=1e-9)
+    assert all(0 <= v <= 1 and round(v * 7, 6) == round(v * 7) for v in one["choices"].values())  # hits out of 7
