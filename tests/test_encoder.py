@@ -358,7 +358,7 @@ def test_hf_export_of_an_encoder_is_refused_and_its_server_embeds_only(encoder_r
 def test_an_encoders_server_fills_masks_as_the_library_does_in_hugging_faces_shape(encoder_run):
     """POST /v1/fill-mask: Hugging Face's fill-mask answer (per mask, top_k {score, token, token_str, sequence}) with
     the library's candidates (MaskFiller.fill_mask); one mask a list, two a list per mask, a list of texts a list per
-    text; bad requests 422, a decoder's server 400... through the routes it has."""
+    text; bad requests 422 (404 for another model); the API key guards it."""
     import httpx
 
     from lmforge.generate import load
@@ -393,6 +393,11 @@ def test_an_encoders_server_fills_masks_as_the_library_does_in_hugging_faces_sha
             r = client.post("/v1/fill-mask", json=body)
             assert r.status_code in (404, 422) and words in r.json()["error"]["message"], (body, r.text)
         assert "/v1/fill-mask" in client.get("/").text
+    with running(load_app(str(run), ServeConfig(api_key="s3cret"), device="cpu")) as url, \
+            httpx.Client(base_url=url) as client:
+        assert client.post("/v1/fill-mask", json={"inputs": one}).status_code == 401
+        assert client.post("/v1/fill-mask", json={"inputs": one},
+                           headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
 def test_lora_on_an_encoder_trains_masks_and_merges_into_the_same_encoder(encoder_run, mlm_data, tmp_path):

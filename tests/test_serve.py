@@ -397,10 +397,15 @@ def test_a_large_body_without_content_length_is_refused_too(client):
 
 
 def test_api_key_guards_every_endpoint_but_health(run_dir):
+    """Every route the app has (new ones too) answers 401 without the key, but /health and the playground page,
+    which is static and asks for the key itself."""
     app = load_app(str(run_dir), ServeConfig(api_key="s3cret"), device="cpu")
+    routes = [(method, route.path) for route in app.routes for method in getattr(route, "methods", ())
+              if method in ("GET", "POST") and route.path not in ("/health", "/")]
+    assert {("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/models")} <= set(routes)
     with running(app) as url, httpx.Client(base_url=url) as c:
-        assert c.get("/health").status_code == 200
-        for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions")]:
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+        for method, path in routes:
             for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}]:
                 r = c.request(method, path, json={"prompt": "x", "max_tokens": 2}, headers=headers)
                 assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
