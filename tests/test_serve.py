@@ -290,10 +290,36 @@ def test_streaming_with_usage_and_several_choices(client):
     assert [c["text"] for c in plain["choices"]] == [texts[i] for i in range(4)]
 
 
+def test_best_of_returns_the_n_candidates_of_highest_log_probability_per_token(client):
+    """best_of=5, n=2: the five candidates are what n=5 with the same seed samples, and the two returned are the two
+    of highest mean token log probability, best first; usage counts all five; logprobs only when asked."""
+    body = {"prompt": ["ROMEO:", "To be"], "max_tokens": 8, "seed": 11, "temperature": 1.0, "stop": ["e", "o"]}
+    every = complete(client, **body, n=5, logprobs=0)
+    ranked, by_sum = [], []
+    for p in range(2):
+        candidates = [c for c in every["choices"] if c["index"] // 5 == p]
+        sums = [sum(c["logprobs"]["token_logprobs"]) for c in candidates]
+        mean = [total / len(c["logprobs"]["token_logprobs"]) for total, c in zip(sums, candidates)]
+        assert len(set(mean)) == 5  # no ties: the order is the rule's
+        ranked += [c["text"] for _, c in sorted(zip(mean, candidates), key=lambda x: -x[0])[:2]]
+        by_sum += [c["text"] for _, c in sorted(zip(sums, candidates), key=lambda x: -x[0])[:2]]
+    assert ranked != by_sum  # candidates of different lengths (the stops): per token is not the same as in all
+    best = complete(client, **body, n=2, best_of=5)
+    assert [c["text"] for c in best["choices"]] == ranked and [c["index"] for c in best["choices"]] == [0, 1, 2, 3]
+    assert all(c["logprobs"] is None for c in best["choices"])
+    assert best["usage"]["completion_tokens"] == every["usage"]["completion_tokens"]  # all five candidates
+    with_logprobs = complete(client, **body, n=2, best_of=5, logprobs=1)["choices"]
+    assert [c["text"] for c in with_logprobs] == ranked and all(c["logprobs"] for c in with_logprobs)
+
+
 # ------------------------------------------------------------------------------------------ the limits
 BAD_REQUESTS = [  # (name, body as JSON or raw bytes, status, words in the message)
     ("unknown-field", {"prompt": "x", "best_off": 2}, 422, "unknown field 'best_off'"),
-    ("unsupported-field", {"prompt": "x", "best_of": 3}, 422, "best_of=3 is not supported"),
+    ("unsupported-field", {"prompt": "x", "suffix": "y"}, 422, "suffix='y' is not supported"),
+    ("best-of-below-n", {"prompt": "x", "n": 3, "best_of": 2}, 422, "best_of=2 is below n=3"),
+    ("best-of-streamed", {"prompt": "x", "best_of": 2, "stream": True}, 422, "best_of above n cannot be streamed"),
+    ("best-of-greedy", {"prompt": "x", "best_of": 2, "temperature": 0}, 422, "same greedy text 2 times"),
+    ("best-of-over-cap", {"prompt": "x", "best_of": 99}, 422, "best_of=99 is above this server's cap"),
     ("logprobs-over-cap", {"prompt": "x", "logprobs": 6}, 422, "logprobs"),
     ("lone-surrogate-prompt", b'{"prompt": "a\\ud800b"}', 422, "lone surrogate (U+D800 at 1)"),
     ("lone-surrogate-in-a-list", b'{"prompt": ["ok", "\\udfff"]}', 422, "lone surrogate"),

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import json
 import logging
 import re
@@ -139,7 +140,7 @@ class CompletionRequest(SamplingRequest):
 
 
 # OpenAI fields that clients (LangChain, ...) send at their neutral value: accepted only at that value
-UNSUPPORTED = {"best_of": 1, "suffix": None}
+UNSUPPORTED = {"suffix": None}
 
 
 class ChatMessage(BaseModel):
@@ -724,8 +725,9 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         jobs, prompt_tokens = _jobs_for(body, ids, request, config, model_id, max_tokens, UNSUPPORTED,
                                         generator.tokenizer, max_prompt_tokens=max_prompt_tokens)
-        for job in jobs:
-            job.logprobs, job.echo = body.logprobs, bool(body.echo)
+        n, best_of = body.n or 1, body.best_of or body.n or 1
+        for job in jobs:  # best_of ranks its candidates by their tokens' log probabilities
+            job.logprobs, job.echo = body.logprobs if best_of == n else (body.logprobs or 0), bool(body.echo)
         await _build_automaton(jobs, config, automata)
         try:
             engine.submit(jobs)
@@ -746,14 +748,24 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                 job.cancel()
         if finished is None:  # the client left; nobody reads this
             return Response(status_code=499)
-        choices = [{"text": prefix + c.text, "index": job.first_index + i, "finish_reason": c.finish,
-                    "logprobs": None if job.logprobs is None else _logprobs_body(generator.tokenizer, job, c, prefix)}
-                   for job, prefix in zip(finished, echoed) for i, c in enumerate(job.choices)]
-        completion_tokens = sum(c.tokens for job in finished for c in job.choices)
+        completion_tokens = sum(c.tokens for job in finished for c in job.choices)  # every candidate counts
+        choices = [{"text": prefix + c.text, "index": p * n + i, "finish_reason": c.finish,
+                    "logprobs": None if body.logprobs is None else _logprobs_body(generator.tokenizer, job, c, prefix)}
+                   for p, (job, prefix) in enumerate(zip(finished, echoed))
+                   for i, c in enumerate(_best(job.choices, n) if best_of > n else job.choices)]
         return JSONResponse({**head, "choices": choices, "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}})
 
+
+
+def _best(choices: list[Any], n: int) -> list[Any]:
+    """best_of: the n candidates of highest mean log probability per token (OpenAI's rule), best first; a candidate
+    without tokens ranks last."""
+    def per_token(choice: Any) -> float:
+        return sum(lp.logprob for lp in choice.logprobs) / len(choice.logprobs) if choice.logprobs else -math.inf
+
+    return sorted(choices, key=per_token, reverse=True)[:n]
 
 
 def _client(request: Request) -> str:
@@ -811,6 +823,19 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     n = 1 if body.n is None else body.n
     if n > config.max_n:
         raise ApiError(422, f"n={n} is above this server's cap of {config.max_n} (serve.max_n)", "n")
+    best_of = getattr(body, "best_of", None) or n  # completions: candidates generated, the best n returned
+    if best_of < n:
+        raise ApiError(422, f"best_of={best_of} is below n={n}: best_of counts the candidates the n come from",
+                       "best_of")
+    if best_of > config.max_n:
+        raise ApiError(422, f"best_of={best_of} is above this server's cap of {config.max_n} (serve.max_n)",
+                       "best_of")
+    if best_of > n and body.stream:
+        raise ApiError(422, "best_of above n cannot be streamed: the best are known only once all are done",
+                       "best_of")
+    if best_of > n and body.temperature == 0:
+        raise ApiError(422, f"best_of={best_of} with temperature 0 would decode the same greedy text {best_of} "
+                       "times: sample (temperature > 0) or leave best_of out", "best_of")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > config.max_stop:
         raise ApiError(422, f"{len(stop)} stop sequences; at most {config.max_stop} (serve.max_stop)", "stop")
@@ -861,7 +886,7 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
         options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
                                  top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
                                  min_p=body.min_p, repetition_penalty=1.0 if body.repetition_penalty is None
-                                 else body.repetition_penalty, seed=body.seed, num_return_sequences=n,
+                                 else body.repetition_penalty, seed=body.seed, num_return_sequences=best_of,
                                  stop_strings=stop or None, presence_penalty=body.presence_penalty or 0.0,
                                  frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias or None,
                                  typical_p=None if body.typical_p in (None, 1.0) else body.typical_p,
