@@ -725,7 +725,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         jobs, prompt_tokens = _jobs_for(body, ids, request, config, model_id, max_tokens, UNSUPPORTED,
                                         generator.tokenizer, max_prompt_tokens=max_prompt_tokens)
-        n, best_of = body.n or 1, body.best_of or body.n or 1
+        n, best_of = body.n or 1, jobs[0].config.num_return_sequences  # best_of: the candidates _jobs_for asked for
         for job in jobs:  # best_of ranks its candidates by their tokens' log probabilities
             job.logprobs, job.echo = body.logprobs if best_of == n else (body.logprobs or 0), bool(body.echo)
         await _build_automaton(jobs, config, automata)

@@ -103,7 +103,7 @@ class Job:
     """
 
     prompt_ids: list[int]
-    config: GenerateConfig           # num_return_sequences = n, max_new_tokens = max_tokens, stop_strings
+    config: GenerateConfig           # num_return_sequences = n (best_of), max_new_tokens = max_tokens, stop_strings
     stream: bool
     deadline: float                  # time.monotonic() after which the job fails with 504
     mailbox: "Mailbox"               # shared by the jobs of one request
