@@ -105,4 +105,6 @@ def test_every_command_keeps_freed_memory_so_evaluation_does_not_page_fault():
     after_a_command, alone = faults("command"), faults("none")
     assert after_a_command["probe"] < 100, f"{after_a_command['probe']} page faults reusing a freed 30 MiB block"
     assert alone["probe"] > 5000  # glibc's defaults fault it back in: the probe can see the difference
-    assert after_a_command["faults"] < 500, f"{after_a_command['faults']} page faults in an evaluation after a command"
+    # With the settings a pass faults 0 pages, or under load a burst in steps of 512 (one 2 MiB block: 512 once failed
+    # a threshold of 500 in CI); without them a pass faulted 16-58k pages when it faulted at all.
+    assert after_a_command["faults"] < 5000, f"{after_a_command['faults']} page faults in an evaluation after a command"
