@@ -500,7 +500,7 @@ def test_the_event_loop_answers_while_the_model_works(client):
         for _ in range(5):
             start = time.monotonic()
             assert client.get("/health").json()["running"] == 1
-            assert time.monotonic() - start < 0.5
+            assert time.monotonic() - start < 2  # (blocked, it would wait for 100000 tokens)
 
 
 def test_playground_page_is_served(client):
