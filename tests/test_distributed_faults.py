@@ -33,6 +33,20 @@ JOB = ["--train.max_steps", "8", "--train.save_interval", "1", "--train.grad_acc
 NAN = "loss@3#1=nan"  # every launch: rank 1's loss at step 3 is NaN, and both processes skip that step
 
 
+@pytest.fixture(scope="module")
+def references(data, tmp_path_factory):
+    """The uninterrupted job, run once per parallel mode (the checkpoint format changes the files, not the steps)."""
+    made = {}
+
+    def reference(parallel: str) -> Path:
+        if parallel not in made:
+            made[parallel] = tmp_path_factory.mktemp(f"reference-{parallel}")
+            done = _torchrun_cli(data, made[parallel], *JOB, "--train.parallel", parallel, fault=NAN)
+            assert done.returncode == 0, done.stderr[-3000:]
+        return made[parallel]
+    return reference
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel, checkpoint_format, kill", [
@@ -41,15 +55,12 @@ NAN = "loss@3#1=nan"  # every launch: rank 1's loss at step 3 is NaN, and both p
     # rank 1 SIGKILLed in the save of step 4, its files written, rank 0's not: step 4 never counts, resume from 3
     ("fsdp", "sharded", "save:optim-rank1-of-2.safetensors@4#1=kill"),
 ])
-def test_a_killed_rank_ends_the_job_and_resume_matches_the_uninterrupted_job(data, tmp_path, parallel,
+def test_a_killed_rank_ends_the_job_and_resume_matches_the_uninterrupted_job(data, references, tmp_path, parallel,
                                                                              checkpoint_format, kill):
     from lmforge.checkpoint import complete_checkpoints, read_weights
 
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    reference, killed = references(parallel), tmp_path / "killed"
     job = [*JOB, "--train.parallel", parallel, "--train.checkpoint_format", checkpoint_format]
-    done = _torchrun_cli(data, reference, *job, fault=NAN)
-    assert done.returncode == 0, done.stderr[-3000:]
-
     crashed = _torchrun_cli(data, killed, *job, fault=f"{NAN},{kill}")
     ended = time.time()
     assert crashed.returncode != 0 and "exitcode  : -9" in crashed.stderr
