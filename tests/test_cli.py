@@ -101,6 +101,13 @@ def test_the_whole_flow_writes_what_the_next_step_reads(workspace, capsys):
     assert constrained != zero and constrained == "First" + load(str(run)).generate(
         "First", max_new_tokens=20, greedy=True, logit_bias={50: -100, 51: 2, 52: 1.5}, bad_words_ids=[[60, 61], [62]],
         bad_words=["the"], min_new_tokens=15) + "\n"
+    hf_flags = ["--sequence-bias", "50 51:-100", "--sequence-bias", "52:3,53 54:1.5", "--suppress-tokens", "55,56",
+                "--begin-suppress-tokens", "57", "--exponential-decay-length-penalty", "4,1.5"]  # Hugging Face's
+    assert main(["generate", str(run), "--prompt", "First", "--max-new-tokens", "20", "--greedy", "--device", "cpu",
+                 *hf_flags]) == 0
+    assert capsys.readouterr().out == "First" + load(str(run)).generate(
+        "First", max_new_tokens=20, greedy=True, sequence_bias={(50, 51): -100, (52,): 3, (53, 54): 1.5},
+        suppress_tokens=[55, 56], begin_suppress_tokens=[57], exponential_decay_length_penalty=(4, 1.5)) + "\n"
     assert main(["generate", str(run), "--prompt", "First", "--max-new-tokens", "20", "--greedy", "--device", "cpu",
                  "--guidance-scale", "3", "--negative-prompt", "Second"]) == 0  # classifier-free guidance
     guided = capsys.readouterr().out
@@ -286,6 +293,14 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("generate-logit-bias-outside-vocab", ["generate", str(run), "--logit-bias", "99999:-100", "--device", "cpu"],
          "token id 99999, outside the vocabulary"),
         ("generate-bad-words-ids-not-ids", ["generate", str(run), "--bad-words-ids", "1,x"], "bad_words_ids[0][1]"),
+        ("generate-sequence-bias-not-ids", ["generate", str(run), "--sequence-bias", "1,2:3"],
+         "the ids of a sequence separated"),
+        ("generate-sequence-bias-outside-vocab", ["generate", str(run), "--sequence-bias", "5 99999:-1", "--device",
+                                                  "cpu"], "sequence_bias names the token id 99999"),
+        ("generate-decay-one-number", ["generate", str(run), "--exponential-decay-length-penalty", "1.05"],
+         "[start, factor]"),
+        ("generate-top-h-beams", ["generate", str(run), "--num-beams", "2", "--top-h", "0.5"],
+         "generate.top_h=0.5 is a sampling option"),
         ("generate-typical-beams", ["generate", str(run), "--num-beams", "2", "--typical-p", "0.5"],
          "generate.typical_p=0.5 is a sampling option"),
         ("generate-guided-choice-beams", ["generate", str(run), "--num-beams", "2", "--guided-choice", "yes"],
@@ -394,7 +409,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 106
+N_CASES = 110
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

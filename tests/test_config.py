@@ -313,6 +313,32 @@ def test_mappings_and_lists_of_lists_read_from_text_files_and_json():
     assert build_section(Constraints, {"bias": "null", "banned": "none"}, "g") == Constraints()
 
 
+def test_a_mapping_keyed_by_token_sequences_reads_text_json_and_hugging_faces_list():
+    """GenerateConfig.sequence_bias: keys are tuples of token ids; text writes their items apart with spaces."""
+    from lmforge.generate import GenerateConfig
+
+    want = {(10, 45): -5.0, (7,): 2.5}
+    assert build_section(GenerateConfig, {"sequence_bias": ["10 45:-5", "7:2.5"]}, "generate").sequence_bias == want
+    assert build_section(GenerateConfig, {"sequence_bias": "10 45:-5,7:2.5"}, "generate").sequence_bias == want
+    assert build_section(GenerateConfig, json.loads('{"sequence_bias": {"10 45": -5, "7": 2.5}}'),
+                         "generate").sequence_bias == want
+    assert build_section(GenerateConfig, json.loads('{"sequence_bias": [[[10, 45], -5.0], [[7], 2.5]]}'),
+                         "generate").sequence_bias == want
+    assert GenerateConfig(sequence_bias=[[[10, 45], -5.0], [[7], 2.5]]).sequence_bias == want
+    for values, message in [
+            ({"sequence_bias": "10 x:1"}, "generate.sequence_bias has the key (10, 'x'): expected non-empty "
+                                          "tuple[int, ...] keys"),
+            ({"sequence_bias": {"10 -4": 1}},
+             "generate.sequence_bias has the token id -4: token ids are 0 or positive"),
+            ({"sequence_bias": "10:101"}, "generate.sequence_bias[(10,)]=101.0 is invalid: a number in [-100, 100]"),
+            ({"sequence_bias": [[10, 45]]}, "generate.sequence_bias[0]=[10, 45] is invalid: a pair [token ids, bias] "
+                                            "as Hugging Face writes it ([[10, 45], -5.0]), or give a dict {(10, 45): "
+                                            "-5.0}")]:
+        with pytest.raises(ConfigError) as info:
+            build_section(GenerateConfig, values, "generate")
+        assert str(info.value) == message
+
+
 @pytest.mark.parametrize("values,message", [
     ({"bias": "5"}, "generate.bias=['5'] has the wrong type: expected dict[int, float] or null (as text: KEY:VALUE "
                     "pairs, comma-separated)"),

@@ -2,6 +2,7 @@
 
 import itertools
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -168,6 +169,84 @@ def test_logit_bias_equals_hf_sequence_bias_of_single_tokens(soft_pair):
                                 repetition_penalty=1.4)
 
 
+def test_sequence_bias_equals_hf_and_biases_only_where_a_sequence_completes(soft_pair):
+    """Sequences of one, two and three tokens taken from the unconstrained greedy output: -100 on a longer one
+    bans it where its prefix was written (and only there), a positive bias pulls its last token in after its prefix;
+    greedy and beams as Hugging Face's SequenceBiasLogitsProcessor; the dict and Hugging Face's list are one
+    setting."""
+    ours, theirs = soft_pair
+    plain = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20)
+    bias = {tuple(plain[1][0][4:7]): -100.0, tuple(plain[2][0][:2]): -100.0, (plain[2][0][1],): -2.0,
+            (plain[0][0][0], 5): 8.0}
+    as_hf = [[list(ids), b] for ids, b in bias.items()]
+    got = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20, sequence_bias=bias)
+    assert got == hf_generate(theirs, PROMPTS, None, 20, sequence_bias=as_hf)
+    assert got == generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20, sequence_bias=as_hf)
+    assert all(g != p for g, p in zip(got, plain))  # every prompt's output met a bias
+    for prompt, rows in zip(PROMPTS, got):
+        text = prompt + rows[0]
+        banned = [list(ids) for ids, b in bias.items() if b == -100.0]
+        assert not any(text[i:i + len(b)] == b for b in banned for i in range(len(text)))
+    assert got[0][0][:2] == [plain[0][0][0], 5] and plain[0][0][1] != 5  # pulled in after its prefix
+    beams = generate_batch_ids(ours, PROMPTS, end_id=3, num_beams=3, max_new_tokens=15, sequence_bias=bias)
+    assert beams == hf_generate(theirs, PROMPTS, 3, 15, num_beams=3, sequence_bias=as_hf)
+
+
+def test_suppressed_tokens_equal_hf_and_begin_suppress_bans_only_the_first(soft_pair):
+    ours, theirs = soft_pair
+    plain = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20)
+    firsts = sorted({rows[0][0] for rows in plain})
+    begin = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20, begin_suppress_tokens=firsts)
+    assert begin == hf_generate(theirs, PROMPTS, None, 20, begin_suppress_tokens=firsts)
+    assert all(rows[0][0] not in firsts for rows in begin)
+    for prompt, rows in zip(PROMPTS, begin):  # after the first token, plain greedy decoding
+        assert rows[0][1:] == generate_batch_ids(ours, [prompt + rows[0][:1]], temperature=0.0, max_new_tokens=19)[0][0]
+    never = generate_batch_ids(ours, PROMPTS, temperature=0.0, max_new_tokens=20, suppress_tokens=firsts)
+    assert never == hf_generate(theirs, PROMPTS, None, 20, suppress_tokens=firsts)
+    assert not any(t in firsts for rows in never for t in rows[0])
+    beams = generate_batch_ids(ours, PROMPTS, end_id=3, num_beams=3, max_new_tokens=15, suppress_tokens=firsts[:1],
+                               begin_suppress_tokens=firsts[1:])
+    assert beams == hf_generate(theirs, PROMPTS, 3, 15, num_beams=3, suppress_tokens=firsts[:1],
+                                begin_suppress_tokens=firsts[1:])
+
+
+@pytest.mark.parametrize("decay", [(2, 1.5), (0, 3.0), (5, 1.2)])
+def test_exponential_decay_length_penalty_equals_hf_and_ends_sooner(soft_pair, decay):
+    """Two end ids (the end token and a stop token id): their scores grow after `start` new tokens, greedy and
+    with beams, as Hugging Face's ExponentialDecayLengthPenalty."""
+    ours, theirs = soft_pair
+    options = dict(end_id=20, stop_token_ids=[16], max_new_tokens=25)
+    plain = generate_batch_ids(ours, PROMPTS, temperature=0.0, **options)
+    got = generate_batch_ids(ours, PROMPTS, temperature=0.0, exponential_decay_length_penalty=decay, **options)
+    assert got == hf_generate(theirs, PROMPTS, [20, 16], 25, exponential_decay_length_penalty=decay)
+    assert sum(len(rows[0]) for rows in got) < sum(len(rows[0]) for rows in plain)
+    assert all(rows[0] == p[0][:len(rows[0])] for rows, p in zip(got, plain) if len(rows[0]) <= decay[0])
+    beams = generate_batch_ids(ours, PROMPTS, num_beams=3, exponential_decay_length_penalty=decay, **options)
+    assert beams == hf_generate(theirs, PROMPTS, [20, 16], 25, num_beams=3, exponential_decay_length_penalty=decay)
+
+
+def test_top_h_equals_hf_and_ignores_tokens_that_are_already_out():
+    """top_h keeps the tokens Hugging Face's TopHLogitsWarper keeps (the 100 most likely weighed), also where earlier
+    filters cut tokens (-inf); on such a row it keeps what it keeps without them (probability 0 adds no entropy)."""
+    from transformers.generation import logits_process as lp
+
+    torch.manual_seed(0)
+    logits = torch.randn(8, 160) * torch.linspace(0.5, 4.0, 8)[:, None]  # flat to peaked rows, 160 > 100 tokens
+    for h in (0.1, 0.4, 0.8, 0.95, 1.0):
+        kept = torch.isfinite(filter_logits(logits, top_h=h))
+        assert torch.equal(kept, torch.isfinite(lp.TopHLogitsWarper(h)(None, logits.clone()))), h
+        assert kept.sum(-1).min() >= 1 and (kept.sum(-1) > 1).any()
+    assert (torch.isfinite(filter_logits(logits, top_h=0.8)).sum(-1) < 100).all()
+    narrow = logits[:, :60].clone()
+    cut = narrow.clone()
+    cut[:, :20] = -torch.inf
+    for h in (0.4, 0.8):
+        assert torch.equal(torch.isfinite(filter_logits(cut, top_h=h))[:, 20:],
+                           torch.isfinite(filter_logits(narrow[:, 20:], top_h=h)))
+        assert torch.equal(torch.isfinite(filter_logits(cut, top_h=h)),
+                           torch.isfinite(lp.TopHLogitsWarper(h)(None, cut.clone())))
+
+
 def test_sampling_filters_equal_hf_warpers_alone_and_in_hfs_order():
     """typical_p, epsilon_cutoff and eta_cutoff remove exactly the tokens Hugging Face's warpers remove, on logits
     some earlier filter already cut (-inf) and on raw ones; all filters together, in its order."""
@@ -185,9 +264,10 @@ def test_sampling_filters_equal_hf_warpers_alone_and_in_hfs_order():
         kept = torch.isfinite(filter_logits(logits, **kwargs))
         assert torch.equal(kept, torch.isfinite(warper(None, logits.clone()))), kwargs
         assert kept.sum(-1).min() >= 1 and (kept.sum(-1) < torch.isfinite(logits).sum(-1)).any(), kwargs  # it cut
-    config = GenerateConfig(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, typical_p=0.9, epsilon_cutoff=0.003,
-                            eta_cutoff=0.002)
-    chain = [lp.TemperatureLogitsWarper(0.8), lp.TopKLogitsWarper(40), lp.TopPLogitsWarper(0.95),
+    config = GenerateConfig(temperature=0.8, top_h=0.95, top_k=40, top_p=0.95, min_p=0.02, typical_p=0.9,
+                            epsilon_cutoff=0.003, eta_cutoff=0.002)
+    chain = [lp.TemperatureLogitsWarper(0.8), lp.TopHLogitsWarper(0.95), lp.TopKLogitsWarper(40),
+             lp.TopPLogitsWarper(0.95),
              lp.MinPLogitsWarper(0.02), lp.TypicalLogitsWarper(0.9), lp.EpsilonLogitsWarper(0.003),
              lp.EtaLogitsWarper(0.002)]
     theirs = logits.clone()
@@ -198,10 +278,11 @@ def test_sampling_filters_equal_hf_warpers_alone_and_in_hfs_order():
     assert torch.allclose(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
 
 
-@pytest.mark.parametrize("new", [2, 5])
+@pytest.mark.parametrize("new", [0, 1, 2, 5])
 def test_process_scores_equals_hfs_processors_in_their_order(new):
     """Every constraint at once on random scores and histories: the values HF's processor list gives, in its order
-    (bias, repetition penalty, n-gram ban, bad words, min_new_tokens)."""
+    (bias, sequence bias, repetition penalty, n-gram ban, bad words, min_new_tokens, exponential decay length
+    penalty, suppressed tokens, begin-suppressed tokens)."""
     from transformers.generation import logits_process as lp
 
     from lmforge.generate import process_scores
@@ -212,20 +293,30 @@ def test_process_scores_equals_hfs_processors_in_their_order(new):
     scores = torch.randn(B, V) * 3
     bias = {1: 2.5, 2: -4.0, 5: 6.0, 11: -1.0}
     bad = [[3], [4, 6], [tokens[0, -2].item(), tokens[0, -1].item(), 8]]
-    config = GenerateConfig(logit_bias=bias, repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=bad,
-                            min_new_tokens=4, temperature=0.0)
+    sequences = [[[9], 1.5], [[tokens[1, -1].item(), 2], -3.0], [[tokens[2, -2].item(), tokens[2, -1].item(), 10], 5.0]]
+    config = GenerateConfig(logit_bias=bias, sequence_bias=sequences, repetition_penalty=1.3, no_repeat_ngram_size=2,
+                            bad_words_ids=bad, min_new_tokens=1, exponential_decay_length_penalty=[1, 1.6],
+                            suppress_tokens=[13, 14], begin_suppress_tokens=[15, 16], temperature=0.0)
     generated = [tokens[b, L - new:].tolist() for b in range(B)]
     ours = process_scores(scores, tokens, None, config, generated, [0, 7])
-    chain = [lp.SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()]),
+    chain = [lp.SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()] + sequences),
              lp.RepetitionPenaltyLogitsProcessor(1.3), lp.NoRepeatNGramLogitsProcessor(2),
              lp.NoBadWordsLogitsProcessor(bad, eos_token_id=None),
-             lp.MinNewTokensLengthLogitsProcessor(L - new, 4, [0, 7])]
+             lp.MinNewTokensLengthLogitsProcessor(L - new, 1, [0, 7]),
+             lp.ExponentialDecayLengthPenalty((1, 1.6), [0, 7], L - new),
+             lp.SuppressTokensLogitsProcessor([13, 14]), lp.SuppressTokensAtBeginLogitsProcessor([15, 16], L - new)]
     theirs = scores.clone()
     for processor in chain:
         theirs = processor(tokens, theirs)
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     assert torch.allclose(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
-    assert torch.isinf(ours[:, [0, 7]]).all() == (new < 4)  # the end ids are banned only before min_new_tokens
+    assert torch.isinf(ours[:, [0, 7]]).all() == (new < 1)  # the end ids are banned only before min_new_tokens
+    assert torch.isinf(ours[:, [15, 16]]).all() == (new == 0) and torch.isinf(ours[:, [13, 14]]).all()
+    if new > 1:  # past start: the end ids' scores grew (those not banned)
+        before = process_scores(scores, tokens, None, replace(config, exponential_decay_length_penalty=None),
+                                generated, [0, 7])[:, [0, 7]]
+        finite = before.isfinite()
+        assert finite.sum() > 6 and (ours[:, [0, 7]][finite] > before[finite]).all()
 
 
 @pytest.mark.parametrize("prompt, negative, scale, options", [

@@ -78,19 +78,23 @@ def speculated(model, prompt, config, assistant=None):
 B = 3  # byte ids start after the 3 special tokens
 CONSTRAINTS = {"logit_bias": {ord("e") + B: -3.0, ord("s") + B: 2.0}, "bad_words_ids": [[ord("t") + B, ord("h") + B]],
                "min_new_tokens": 20, "stop_token_ids": [ord(" ") + B]}
+HF_CONSTRAINTS = {"sequence_bias": {(ord("t") + B, ord("h") + B): -4.0, (ord("a") + B,): 1.5,
+                                    (ord(" ") + B, ord("k") + B): 3.0},
+                  "suppress_tokens": [ord("z") + B], "begin_suppress_tokens": [ord(" ") + B, ord("t") + B],
+                  "exponential_decay_length_penalty": [40, 1.2]}  # (the end token's score grows)
 
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
 @pytest.mark.parametrize("options", [{}, {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 3},
-                                     {"presence_penalty": 0.8, "frequency_penalty": 0.4}, CONSTRAINTS],
-                         ids=["plain", "repetition", "ngram", "occurrence", "constraints"])
+                                     {"presence_penalty": 0.8, "frequency_penalty": 0.4}, CONSTRAINTS, HF_CONSTRAINTS],
+                         ids=["plain", "repetition", "ngram", "occurrence", "constraints", "hf-constraints"])
 def test_greedy_speculation_gives_plain_greedy_tokens_past_the_window(pos_encoding, options, draft):
     model = trained(2, 48, 150, seed=0, pos_encoding=pos_encoding)
     small = trained(1, 16, 60, seed=1, pos_encoding=pos_encoding)
     totals = {"lookup": [0, 0], "draft": [0, 0]}
     for text, k in itertools.product(PROMPTS, (1, 4, 9)):
         plain = GenerateConfig(greedy=True, max_new_tokens=70, **options)  # 70 > block_size 32: the window slides
-        want = generate_batch_ids(model, [ids(text)], plain)[0][0]
+        want = generate_batch_ids(model, [ids(text)], plain, end_id=TOKENIZER.end_id)[0][0]  # as speculated's rows
         for name, config, assistant in [
                 ("lookup", GenerateConfig(greedy=True, max_new_tokens=70, prompt_lookup_num_tokens=k, **options),
                  None),
@@ -104,13 +108,14 @@ def test_greedy_speculation_gives_plain_greedy_tokens_past_the_window(pos_encodi
 
 
 @pytest.mark.parametrize("options", [{}, {"presence_penalty": 1.2, "frequency_penalty": 0.6,
-                                          "repetition_penalty": 1.3}, CONSTRAINTS])
+                                          "repetition_penalty": 1.3}, CONSTRAINTS, HF_CONSTRAINTS])
 def test_the_model_as_its_own_draft_keeps_every_guess(target, options):
     """The draft scores its guesses with the row's penalties and bans (those over the generated tokens and the
     early end included), as the check does: the model drafting for itself has every guess kept."""
     config = GenerateConfig(greedy=True, max_new_tokens=60, num_assistant_tokens=5, **options)
     got, drafted, accepted = speculated(target, ids("the king"), config, target)
-    assert got == generate_batch_ids(target, [ids("the king")], greedy=True, max_new_tokens=60, **options)[0][0]
+    assert got == generate_batch_ids(target, [ids("the king")], greedy=True, max_new_tokens=60,
+                                     end_id=TOKENIZER.end_id, **options)[0][0]
     assert drafted == accepted > 0
 
 

@@ -68,7 +68,7 @@ def doc(text: str, default: Any = dataclasses.MISSING, *, ge: Optional[float] = 
 class _Shape(typing.NamedTuple):
     """A field's type taken apart: Optional[list[Union[bool, Literal["never"]]]] -> kinds (bool,),
     choices ("never",), optional, is_list. list[list[int]] is a list (is_list) of lists (nested) of ints;
-    dict[int, float] maps keys of kind `keys` to floats."""
+    dict[int, float] maps keys of kind `keys` to floats; dict[tuple[int, ...], float] keys of token sequences."""
 
     kinds: tuple[Any, ...]  # bool, int, float, str or another class (a nested section)
     choices: tuple[Any, ...]  # the values of its Literal[...] part
@@ -138,7 +138,14 @@ def _is(value: Any, kind: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typing.get_origin(kind) is tuple:  # tuple[int, ...]: a non-empty tuple of such items
+        item = typing.get_args(kind)[0]
+        return isinstance(value, tuple) and bool(value) and all(_is(x, item) for x in value)
     return isinstance(value, typing.get_origin(kind) or kind)
+
+
+def _kind_name(kind: Any) -> str:
+    return f"non-empty {kind!r}" if typing.get_origin(kind) is tuple else kind.__name__
 
 
 def _is_choice(value: Any, choices: tuple[Any, ...]) -> bool:
@@ -148,7 +155,7 @@ def _is_choice(value: Any, choices: tuple[Any, ...]) -> bool:
 def _type_name(shape: _Shape) -> str:
     names = " | ".join([getattr(k, "__name__", str(k)) for k in shape.kinds] + [repr(c) for c in shape.choices])
     if shape.keys is not None:
-        names = f"dict[{shape.keys.__name__}, {names}]"
+        names = f"dict[{_kind_name(shape.keys)}, {names}]"
     elif shape.is_list:
         names = f"list[list[{names}]]" if shape.nested else f"list[{names}]"
     return names + (" or null" if shape.optional else "")
@@ -230,7 +237,7 @@ def validate(config: Any, section: str) -> None:
         if shape.keys is not None and isinstance(value, dict):
             for key, v in value.items():
                 if not _is(key, shape.keys):
-                    raise ConfigError(f"{section}.{name} has the key {key!r}: expected {shape.keys.__name__} keys")
+                    raise ConfigError(f"{section}.{name} has the key {key!r}: expected {_kind_name(shape.keys)} keys")
                 _check_item(f"{section}.{name}[{key!r}]", v, item, rules)
         elif shape.is_list and isinstance(value, (list, tuple)):
             for i, entry in enumerate(value):
@@ -640,9 +647,20 @@ def _coerce(value: Any, shape: _Shape) -> Any:
 
 def _coerce_mapping(value: Any, shape: _Shape) -> Any:
     """A dict field from a mapping (a JSON file's keys are text: "50256" becomes 50256), or from texts KEY:VALUE,
-    separated by commas or given by repeated flags ("50256:-100,13:5"). Text that is not KEY:VALUE comes back as
-    given, for validate to refuse."""
+    separated by commas or given by repeated flags ("50256:-100,13:5"). A tuple key is written with its items
+    separated by spaces ("10 45:-2.5" is {(10, 45): -2.5}). Text that is not KEY:VALUE comes back as given, for
+    validate to refuse."""
     key_shape = shape._replace(kinds=(shape.keys,), choices=())
+    if typing.get_origin(shape.keys) is tuple:
+        item_shape = shape._replace(kinds=typing.get_args(shape.keys)[:1], choices=())
+
+        def key(k: Any) -> Any:
+            if isinstance(k, str) and k.split():
+                return tuple(_coerce_item(x, item_shape) for x in k.split())
+            return tuple(_coerce_item(x, item_shape) for x in k) if isinstance(k, list) else k
+    else:
+        def key(k: Any) -> Any:
+            return _coerce_item(k, key_shape)
     if isinstance(value, str):
         value = [value]
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -652,7 +670,7 @@ def _coerce_mapping(value: Any, shape: _Shape) -> Any:
         value = {k.strip(): v.strip() for k, _, v in pairs}
     if not isinstance(value, dict):
         return value
-    return {_coerce_item(k, key_shape): _coerce_item(v, shape) for k, v in value.items()}
+    return {key(k): _coerce_item(v, shape) for k, v in value.items()}
 
 
 def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:

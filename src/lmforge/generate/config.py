@@ -34,6 +34,9 @@ class GenerateConfig:
     greedy: bool = doc("Always take the most likely token (as does temperature 0).", False)
     temperature: float = doc(f"Divide logits by this before sampling; 0 = greedy, else at least {MIN_TEMPERATURE}.",
                              1.0, ge=0, lt=math.inf, invalid=f"0 (greedy) or a number >= {MIN_TEMPERATURE}")
+    top_h: Optional[float] = doc("Top-H sampling (arXiv 2509.02510, Hugging Face's top_h): keep the most likely "
+                                 "tokens while the entropy they add up to stays within top_h times the entropy of "
+                                 "the 100 most likely; null = off.", None, gt=0, le=1, noun="number")
     top_k: Optional[int] = doc("Sample only among the k most likely tokens; null = all.", None, ge=1)
     top_p: Optional[float] = doc("Nucleus sampling: the smallest set of tokens with probability >= top_p; null = 1 "
                                  "= all.", None, ge=MIN_TOP_P, le=1, noun="probability")
@@ -66,12 +69,27 @@ class GenerateConfig:
         "Added to the scores of these token ids before anything else, {id: bias} (OpenAI's logit_bias; Hugging Face's "
         "sequence_bias for single tokens): -100 bans a token in practice, 100 all but forces it. Command line: "
         "ID:BIAS, comma-separated or repeated.", None, ge=-MAX_BIAS, le=MAX_BIAS)
+    sequence_bias: Optional[dict[tuple[int, ...], float]] = doc(
+        "Added to the score of a sequence's last token wherever the text ends with the rest of it, {(ids...): bias} "
+        "(Hugging Face's sequence_bias; a sequence of one token: always, as logit_bias). Python also takes Hugging "
+        "Face's list [[ids, bias], ...]. Command line: IDS:BIAS, the ids separated by spaces ('10 45:-5'), repeated.",
+        None, ge=-MAX_BIAS, le=MAX_BIAS)
     bad_words_ids: Optional[list[list[int]]] = doc(
         "Token sequences never generated: a sequence's last token is banned wherever the text ends with the rest of "
         "it; a sequence of one token is never generated (Hugging Face's bad_words_ids). Command line: one sequence "
         "per flag, its ids separated by commas.", None, ge=0)
     bad_words: Optional[list[str]] = doc("Texts never generated, each banned as the tokens it encodes to, as written "
                                          "and after a space (vLLM's bad_words); needs the tokenizer.", None)
+    suppress_tokens: Optional[list[int]] = doc("Token ids never generated (Hugging Face's suppress_tokens).", None,
+                                               ge=0)
+    begin_suppress_tokens: Optional[list[int]] = doc(
+        "Token ids not generated as the first new token (Hugging Face's begin_suppress_tokens): e.g. the end token, "
+        "so that no answer is empty.", None, ge=0)
+    exponential_decay_length_penalty: Optional[list[float]] = doc(
+        "[start, factor]: once a sequence has start new tokens, each further one adds |s| * (factor ** k - 1) to the "
+        "score s of the end token(s), k the new tokens past start (Hugging Face's exponential_decay_length_penalty): "
+        "sequences end sooner, at a place the model finds fitting, without a hard cut. Command line: START,FACTOR.",
+        None)
     guided_choice: Optional[list[str]] = doc(
         "Answer with exactly one of these texts (vLLM's guided_choice): each step allows only the tokens that continue "
         "one of them as the tokenizer encodes it, and the sequence ends once one is complete; needs the tokenizer. "
@@ -130,10 +148,21 @@ class GenerateConfig:
             self.stop_strings = [self.stop_strings]
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
+        if isinstance(self.sequence_bias, (list, tuple)):
+            self.sequence_bias = _sequence_bias_pairs(self.sequence_bias)
         validate(self, "generate")
-        negative = next((t for t in self.logit_bias or {} if t < 0), None)
-        if negative is not None:
-            raise ConfigError(f"generate.logit_bias has the token id {negative}: token ids are 0 or positive")
+        for name, ids in (("logit_bias", list(self.logit_bias or {})),
+                          ("sequence_bias", [t for seq in self.sequence_bias or {} for t in seq])):
+            negative = next((t for t in ids if t < 0), None)
+            if negative is not None:
+                raise ConfigError(f"generate.{name} has the token id {negative}: token ids are 0 or positive")
+        decay = self.exponential_decay_length_penalty
+        if decay is not None:
+            if len(decay) != 2 or not float(decay[0]).is_integer() or decay[0] < 0 or not 0 < decay[1] <= MAX_PENALTY:
+                raise ConfigError(f"generate.exponential_decay_length_penalty={list(decay)!r} is invalid: [start, "
+                                  "factor], start the new tokens before the end token's score grows (an integer >= "
+                                  f"0), factor its growth per token (a number in (0, {MAX_PENALTY:g}], e.g. 1.05)")
+            self.exponential_decay_length_penalty = [int(decay[0]), float(decay[1])]
         if self.bad_words is not None and not all(self.bad_words):
             raise ConfigError(f"generate.bad_words={self.bad_words!r} is invalid: a list of non-empty strings")
         if self.guided_choice is not None and not (self.guided_choice and all(self.guided_choice)):
@@ -170,7 +199,8 @@ class GenerateConfig:
             raise ConfigError(f"generate.temperature={self.temperature!r} is invalid: 0 (greedy) or a number >= "
                               f"{MIN_TEMPERATURE} (smaller ones overflow the logits)")
         sampling = {"temperature": self.temperature if self.temperature not in (0.0, 1.0) else None,
-                    "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p, "typical_p": self.typical_p,
+                    "top_h": self.top_h, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+                    "typical_p": self.typical_p,
                     "epsilon_cutoff": self.epsilon_cutoff, "eta_cutoff": self.eta_cutoff}
         sampling = {k: v for k, v in sampling.items() if v is not None}
         if self.num_beams > 1 and sampling:
@@ -206,12 +236,14 @@ class GenerateConfig:
         """What turns a row's logits into its next token: rows with equal keys are scored as one group."""
         constraints = (self.guidance_scale, self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty,
                        self.frequency_penalty, self.min_new_tokens, tuple(sorted((self.logit_bias or {}).items())),
-                       tuple(tuple(ids) for ids in self.bad_words_ids or ()),
+                       tuple(sorted((self.sequence_bias or {}).items())),
+                       tuple(tuple(ids) for ids in self.bad_words_ids or ()), tuple(self.suppress_tokens or ()),
+                       tuple(self.begin_suppress_tokens or ()), tuple(self.exponential_decay_length_penalty or ()),
                        tuple(tuple(ids) for ids in self.guided_choice_ids or ()), self.guided_pattern)
         if self.is_greedy:
-            return (True, None, None, None, None, None, None, None, *constraints)
-        return (False, self.temperature, self.top_k, self.top_p, self.min_p, self.typical_p, self.epsilon_cutoff,
-                self.eta_cutoff, *constraints)
+            return (True, None, None, None, None, None, None, None, None, *constraints)
+        return (False, self.temperature, self.top_h, self.top_k, self.top_p, self.min_p, self.typical_p,
+                self.epsilon_cutoff, self.eta_cutoff, *constraints)
 
     @property
     def guided_pattern(self) -> Optional[str]:
@@ -228,9 +260,12 @@ class GenerateConfig:
         return json_schema_regex(schema)
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        """The token ids logit_bias, negative_prompt_ids, bad_words_ids and guided_choice_ids name must be the
-        model's."""
+        """The token ids logit_bias, sequence_bias, negative_prompt_ids, bad_words_ids, suppress_tokens,
+        begin_suppress_tokens and guided_choice_ids name must be the model's."""
         fields = {"logit_bias": list(self.logit_bias or {}),
+                  "sequence_bias": [t for seq in self.sequence_bias or {} for t in seq],
+                  "suppress_tokens": list(self.suppress_tokens or ()),
+                  "begin_suppress_tokens": list(self.begin_suppress_tokens or ()),
                   "negative_prompt_ids": list(self.negative_prompt_ids or ()),
                   "bad_words_ids": [t for seq in self.bad_words_ids or () for t in seq],
                   "guided_choice_ids": [t for seq in self.guided_choice_ids or () for t in seq]}
@@ -252,3 +287,17 @@ class GenerateConfig:
         """The token ids that end a sequence: the tokenizer's end token and stop_token_ids."""
         ids = [end_id] if end_id is not None else []
         return ids + [t for t in (self.stop_token_ids or []) if t not in ids]
+
+
+def _sequence_bias_pairs(pairs: Union[list, tuple]) -> dict:
+    """Hugging Face's form of sequence_bias, [[token ids, bias], ...], as the dict {(token ids...): bias}."""
+    out = {}
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, str):  # text that is not IDS:BIAS
+            raise ConfigError(f"generate.sequence_bias={list(pairs)!r} is invalid: IDS:BIAS pairs, comma-separated, "
+                              "the ids of a sequence separated by spaces ('10 45:-5,7:2.5')")
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], (list, tuple))):
+            raise ConfigError(f"generate.sequence_bias[{i}]={pair!r} is invalid: a pair [token ids, bias] as Hugging "
+                              "Face writes it ([[10, 45], -5.0]), or give a dict {(10, 45): -5.0}")
+        out[tuple(pair[0])] = pair[1]
+    return out

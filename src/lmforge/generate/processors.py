@@ -1,6 +1,6 @@
-"""From a row's last logits to its next token: classifier-free guidance, logit bias, penalties, bans (n-grams, bad
-words, an end before min_new_tokens), a guided choice, temperature, the filters (top-k / top-p / min-p / typical /
-epsilon / eta), a pick.
+"""From a row's last logits to its next token: classifier-free guidance, logit and sequence bias, penalties, bans
+(n-grams, bad words, an end before min_new_tokens, suppressed tokens), the end's exponential decay length penalty, a
+guided choice, temperature, the filters (top-h / top-k / top-p / min-p / typical / epsilon / eta), a pick.
 
 Each function works on a batch of rows (B, V) that share one GenerateConfig's scoring options; the
 decoding loop groups rows by those options (GenerateConfig.scoring), so rows with different settings
@@ -10,12 +10,15 @@ can share one forward pass.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from lmforge.generate.config import GenerateConfig
 from lmforge.generate.rows import Logprobs
+
+TOP_H_TOKENS = 100  # top_h weighs the entropy of this many most likely tokens (Hugging Face's top_n)
 
 
 def guided_scores(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
@@ -82,6 +85,44 @@ def _bias_table(items: tuple[tuple[int, float], ...], dtype: torch.dtype, device
             torch.tensor([b for _, b in items], dtype=dtype, device=device))
 
 
+def sequence_bias(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[torch.Tensor],
+                  bias: dict[tuple[int, ...], float]) -> torch.Tensor:
+    """Scores (B, V) with each sequence's bias added to the score of its last token in the rows of tokens (B, L)
+    that end with the rest of it (a sequence of one token: in every row), as Hugging Face's SequenceBiasLogitsProcessor
+    adds it. real (B, L) marks real tokens (None = all); a match touching a pad does not count."""
+    B, L = tokens.shape
+    singles, groups = _sequence_table(tuple(bias.items()), scores.dtype, tokens.device)
+    added = torch.zeros_like(scores)
+    if singles is not None:
+        added.index_add_(1, singles[0], singles[1].expand(B, -1))
+    for prefixes, lasts, values in groups:  # the sequences of n + 1 tokens: prefixes (S, n), lasts (S,), values (S,)
+        n = prefixes.size(1)
+        if n <= L:
+            match = (tokens[:, None, L - n:] == prefixes[None]).all(dim=-1)  # (B, S)
+            if real is not None:
+                match &= real[:, None, L - n:].all(dim=-1)
+            added.index_add_(1, lasts, match.to(scores.dtype) * values)
+    return scores + added
+
+
+@functools.lru_cache(maxsize=256)
+def _sequence_table(items: tuple[tuple[tuple[int, ...], float], ...], dtype: torch.dtype, device: torch.device
+                    ) -> tuple[Optional[tuple[torch.Tensor, torch.Tensor]],
+                               list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """((ids, biases) of the one-token sequences or None, [(prefixes, last tokens, biases) per length >= 2])."""
+    singles = [(s[0], b) for s, b in items if len(s) == 1]
+    by_length: dict[int, list[tuple[tuple[int, ...], float]]] = {}
+    for s, b in items:
+        if len(s) > 1:
+            by_length.setdefault(len(s), []).append((s, b))
+    groups = [(torch.tensor([s[:-1] for s, _ in group], device=device),
+               torch.tensor([s[-1] for s, _ in group], device=device),
+               torch.tensor([b for _, b in group], dtype=dtype, device=device)) for group in by_length.values()]
+    table = (torch.tensor([t for t, _ in singles], device=device),
+             torch.tensor([b for _, b in singles], dtype=dtype, device=device)) if singles else None
+    return table, groups
+
+
 def bad_word_tokens(tokens: torch.Tensor, real: Optional[torch.Tensor], sequences: Sequence[Sequence[int]],
                     vocab_size: int) -> torch.Tensor:
     """(B, V) bool: the tokens that would complete one of `sequences` in each row of tokens (B, L), the last token
@@ -129,6 +170,40 @@ def ban_early_ends(scores: torch.Tensor, generated: Sequence[Sequence[int]], min
     return scores
 
 
+def decay_length_penalty(scores: torch.Tensor, generated: Sequence[Sequence[int]], start: int, factor: float,
+                         end_ids: Sequence[int]) -> torch.Tensor:
+    """Scores (B, V) with |s| * (factor ** k - 1) added to each end id's score s in the rows that generated start + k
+    tokens so far, k >= 1 (Hugging Face's ExponentialDecayLengthPenalty; an infinite s is left alone, the result
+    kept finite)."""
+    grow = []
+    for ids in generated:
+        k = len(ids) - start
+        try:
+            grow.append(factor ** k - 1.0 if k > 0 else 0.0)
+        except OverflowError:  # factor ** k past a float's range
+            grow.append(math.inf)
+    if not any(grow):
+        return scores
+    ends = torch.tensor(list(end_ids), device=scores.device)
+    s = scores[:, ends]  # (B, E)
+    biggest = torch.finfo(scores.dtype).max
+    added = (s.abs() * torch.tensor(grow, device=scores.device)[:, None].clamp(max=biggest)).clamp(max=biggest)
+    penalized = torch.where(s.isfinite(), (s + added.nan_to_num(0.0)).clamp(max=biggest), s)
+    return scores.index_copy(1, ends, penalized.to(scores.dtype))
+
+
+def first_token_bans(scores: torch.Tensor, generated: Sequence[Sequence[int]], banned: Sequence[int]) -> torch.Tensor:
+    """Scores (B, V) with the `banned` ids at -inf in the rows that have generated nothing yet
+    (begin_suppress_tokens)."""
+    first = [j for j, ids in enumerate(generated) if not ids]
+    if not first:
+        return scores
+    scores = scores.clone()
+    rows = slice(None) if len(first) == len(generated) else torch.tensor(first, device=scores.device)[:, None]
+    scores[rows, torch.tensor(list(banned), device=scores.device)] = -torch.inf
+    return scores
+
+
 def choice_tokens(generated: Sequence[Sequence[int]], choices: Sequence[Sequence[int]], end_ids: Sequence[int],
                   vocab_size: int, device: torch.device) -> torch.Tensor:
     """(B, V) bool: the tokens each row may take next to stay on one of `choices` (token sequences) after its
@@ -149,6 +224,8 @@ def penalizes(config: GenerateConfig) -> bool:
     """Whether process_scores changes anything for rows of `config`."""
     return (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size > 0 or config.presence_penalty != 0.0
             or config.frequency_penalty != 0.0 or config.min_new_tokens > 0 or bool(config.logit_bias)
+            or bool(config.sequence_bias) or bool(config.suppress_tokens) or bool(config.begin_suppress_tokens)
+            or config.exponential_decay_length_penalty is not None
             or bool(config.bad_words_ids) or bool(config.guided_choice_ids)
             or config.guided_regex is not None or config.guided_json is not None)
 
@@ -156,15 +233,18 @@ def penalizes(config: GenerateConfig) -> bool:
 def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[torch.Tensor],
                    config: GenerateConfig, generated: Optional[Sequence[Sequence[int]]] = None,
                    end_ids: Sequence[int] = (), guide: Any = None) -> torch.Tensor:
-    """Scores (B, V) after, in Hugging Face's order, the logit bias, the repetition penalty and the no-repeat
-    n-gram ban over each row's tokens so far (B, L) (real: (B, L) or None), the bad words, and the ban of the end
-    ids (`end_ids`) in rows with fewer than min_new_tokens generated tokens; then the presence and frequency
-    penalties over each row's generated tokens (`generated`: B lists; None = those penalties, min_new_tokens and
-    the guides off); last, the guided choice (only tokens that continue one of the choices) or the guided regex
-    (`guide`, a generate.guided.RegexGuide: only tokens that keep a full match reachable). Temperature and the
-    filters come later, in next_token."""
+    """Scores (B, V) after, in Hugging Face's order, the logit and sequence bias, the repetition penalty and the
+    no-repeat n-gram ban over each row's tokens so far (B, L) (real: (B, L) or None), the bad words, the ban of the
+    end ids (`end_ids`) in rows with fewer than min_new_tokens generated tokens, the exponential decay length penalty
+    of the end ids, the suppressed tokens and, in rows that have generated nothing yet, the begin-suppressed ones;
+    then the presence and frequency penalties over each row's generated tokens (`generated`: B lists; None = those
+    penalties, min_new_tokens, the length penalty, the begin-suppressed tokens and the guides off); last, the guided
+    choice (only tokens that continue one of the choices) or the guided regex (`guide`, a generate.guided.RegexGuide:
+    only tokens that keep a full match reachable). Temperature and the filters come later, in next_token."""
     if config.logit_bias:
         scores = bias_logits(scores, config.logit_bias)
+    if config.sequence_bias:
+        scores = sequence_bias(scores, tokens, real, config.sequence_bias)
     if config.repetition_penalty != 1.0:
         scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), config.repetition_penalty)
     if config.no_repeat_ngram_size > 0:
@@ -174,6 +254,12 @@ def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[to
         scores = scores.masked_fill(bad_word_tokens(tokens, real, config.bad_words_ids, scores.size(-1)), -torch.inf)
     if config.min_new_tokens > 0 and generated is not None and end_ids:
         scores = ban_early_ends(scores, generated, config.min_new_tokens, end_ids)
+    if config.exponential_decay_length_penalty is not None and generated is not None and end_ids:
+        scores = decay_length_penalty(scores, generated, *config.exponential_decay_length_penalty, end_ids)
+    if config.suppress_tokens:
+        scores = scores.index_fill(1, torch.tensor(config.suppress_tokens, device=scores.device), -torch.inf)
+    if config.begin_suppress_tokens and generated is not None:
+        scores = first_token_bans(scores, generated, config.begin_suppress_tokens)
     if generated is not None and (config.presence_penalty != 0.0 or config.frequency_penalty != 0.0):
         scores = occurrence_penalties(scores, generated, config.presence_penalty, config.frequency_penalty)
     if generated is not None and config.guided_choice_ids:
@@ -186,13 +272,26 @@ def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[to
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,
                   min_p: Optional[float] = None, typical_p: Optional[float] = None,
-                  epsilon: Optional[float] = None, eta: Optional[float] = None) -> torch.Tensor:
-    """Set to -inf every logit (B, V) outside the top k, then outside the nucleus of mass top_p
+                  epsilon: Optional[float] = None, eta: Optional[float] = None, top_h: Optional[float] = None
+                  ) -> torch.Tensor:
+    """Set to -inf every logit (B, V) outside the top-h set (arXiv 2509.02510: the most likely of the 100 most
+    likely tokens, in order, while their entropy terms -p log p, p renormalised over those 100, sum to at most
+    top_h times those 100's entropy), then outside the top k, then outside the nucleus of mass top_p
     (Holtzman et al. 2020: the smallest most-likely set whose probability reaches top_p), then below
     min_p times the top probability (Nguyen et al. 2024), then outside the typical set of mass typical_p (Meister
     et al. 2023: tokens taken in order of |-log p - entropy| until their probability reaches typical_p), then of
     probability below epsilon, then below min(eta, sqrt(eta) * exp(-entropy)) (Hewitt et al. 2022): Hugging
     Face's warpers, in its order. A token always survives: the most likely one (the most typical for typical_p)."""
+    if top_h is not None:
+        top, index = logits.topk(min(TOP_H_TOKENS, logits.size(-1)), dim=-1)  # (B, n), most likely first
+        logp = top - top.logsumexp(dim=-1, keepdim=True)
+        p = logp.softmax(dim=-1)
+        entropy = -(logp.clamp(min=torch.finfo(logp.dtype).min) * p).sum(dim=-1, keepdim=True)  # as torch's Categorical
+        terms = torch.special.entr(p)  # -p log p, 0 where p = 0
+        within = terms.cumsum(dim=-1) <= top_h * entropy
+        within[:, 0] = True
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, index, within)
+        logits = logits.masked_fill(~keep, -torch.inf)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -torch.inf)
@@ -229,7 +328,7 @@ def _below(logits: torch.Tensor, cutoff: Union[float, torch.Tensor]) -> torch.Te
 def sampling_logits(scores: torch.Tensor, config: GenerateConfig) -> torch.Tensor:
     """Processed scores (B, V) -> the logits a row samples from: float32, divided by the temperature, filtered."""
     return filter_logits(scores.float() / config.temperature, config.top_k, config.top_p, config.min_p,
-                         config.typical_p, config.epsilon_cutoff, config.eta_cutoff)
+                         config.typical_p, config.epsilon_cutoff, config.eta_cutoff, config.top_h)
 
 
 def next_token(scores: torch.Tensor, config: GenerateConfig, generator: Union[None, torch.Generator,
