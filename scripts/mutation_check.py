@@ -149,10 +149,14 @@ MUTANTS = [
            "        if False:  # mutant: the server decodes plainly whatever its speculation settings",
            ("tests/test_serve_speculative.py::test_past_speculative_max_running_jobs_join_plain_batches",)),
     Mutant("bias-after-penalty", "generate/processors.py",
-           "        scores = bias_logits(scores, config.logit_bias)\n    if config.repetition_penalty != 1.0:\n"
+           "        scores = bias_logits(scores, config.logit_bias)\n    if config.sequence_bias:\n"
+           "        scores = sequence_bias(scores, tokens, real, config.sequence_bias)\n"
+           "    if config.repetition_penalty != 1.0:\n"
            "        scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), "
            "config.repetition_penalty)\n",
-           "        pass\n    if config.repetition_penalty != 1.0:\n"
+           "        pass\n    if config.sequence_bias:\n"
+           "        scores = sequence_bias(scores, tokens, real, config.sequence_bias)\n"
+           "    if config.repetition_penalty != 1.0:\n"
            "        scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), "
            "config.repetition_penalty)\n    if config.logit_bias:  # mutant: the bias after the penalty\n"
            "        scores = bias_logits(scores, config.logit_bias)\n",
@@ -179,6 +183,10 @@ MUTANTS = [
            'after, first = f"(?:, {text})?{after}", f"(?:{text}{after}|{first})" if first else f"(?:{text})?"',
            'after, first = f", {text}{after}", f"{text}{after}"  # mutant: optional properties always written',
            ("tests/test_json_schema.py::test_optional_properties_may_each_be_left_out_and_commas_stay_right",)),
+    Mutant("sequence-bias-ignores-prefix", "generate/processors.py",
+           "added.index_add_(1, lasts, match.to(scores.dtype) * values)",
+           "added.index_add_(1, lasts, values.expand(B, -1))  # mutant: a longer sequence's bias always applies",
+           ("tests/test_generate_hf.py::test_sequence_bias_equals_hf_and_biases_only_where_a_sequence_completes",)),
     Mutant("choices-see-context-pads", "eval/choices.py",
            "seen = torch.cat([mask[parent], more], dim=1)",
            "seen = torch.cat([torch.ones_like(mask[parent]), more], dim=1)  # mutant: choices attend to the pads",
