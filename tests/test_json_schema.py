@@ -194,7 +194,13 @@ def test_references_resolve_in_the_nearest_schema_with_an_id():
     ({"$ref": "#/$defs/A", "type": "object", "$defs": {"A": {}}}, "has 'type' beside '$ref'"),
     ({"allOf": [{"type": "integer"}, {"minimum": 1}]}, "allOf with more than one schema"),
     ({"type": "string", "format": "uri"}, "has format 'uri'; lmforge writes date, time, date-time"),
-    ({"type": "string", "pattern": "a+"}, "uses 'pattern', which lmforge cannot turn into a regular expression"),
+    ({"type": "string", "pattern": "a+", "maxLength": 3}, "has a pattern beside a format or length"),
+    ({"type": "string", "pattern": r"(a)\1"}, "uses a backreference"),
+    ({"type": "string", "pattern": "a(?=b)"}, "uses a lookaround"),
+    ({"type": "string", "pattern": "(?i:a)"}, "uses inline flags"),
+    ({"type": "string", "pattern": "a$b"}, "uses an anchor inside it"),
+    ({"type": "string", "pattern": "a("}, "which is not a regular expression"),
+    ({"type": "string", "pattern": 5}, "has pattern 5; a pattern is a regular expression"),
     ({"type": "string", "format": "date", "maxLength": 3}, "has both a format and a length"),
     ({"type": "number", "maximum": 3}, "lmforge bounds numbers only by minimum 0"),
     ({"type": "integer", "minimum": 5, "maximum": 4}, "allows no integer (between 5 and 4)"),
@@ -212,6 +218,50 @@ def test_what_cannot_be_a_regular_expression_is_one_clear_error(schema, words):
     with pytest.raises(ConfigError, match=re.escape(words)) as caught:
         json_schema_regex(schema)
     assert "\n" not in str(caught.value) and str(caught.value).startswith("generate.guided_json: ")
+
+
+PATTERNS = [r"^[0-9]-[a-z]$", r"a\"b|\\\n", r"(ab|\d)+,?", r".{2}", r"[^a1]+", r"\w\s?\W", r"[\x00-\x1f\"]b*",
+            r"(?:a|b\\){1,3}?", r"\S\D"]
+ALPHABET = ['a', 'b', '1', '2', '-', ',', ' ', '"', '\\', '\n', '\x01']
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_string_pattern_holds_the_json_text_of_exactly_the_strings_that_match_it(pattern):
+    """Every string of up to 3 characters (quotes, backslashes and control characters among them): its JSON text,
+    as json.dumps writes it, matches the string's expression exactly when the string is a whole match of the
+    pattern; Python's re and interegular's automaton (what decoding walks) agree on it."""
+    import itertools
+
+    import interegular
+
+    text_regex = json_schema_regex({"type": "string", "pattern": pattern})
+    automaton = interegular.parse_pattern(text_regex).to_fsm()
+    bare = pattern.removeprefix("^").removesuffix("$")
+    matched = 0
+    for n in range(4):
+        for chars in itertools.product(ALPHABET, repeat=n):
+            value = "".join(chars)
+            want = re.fullmatch(bare, value) is not None
+            assert (re.fullmatch(text_regex, json.dumps(value)) is not None) == want, (pattern, value)
+            assert automaton.accepts(json.dumps(value)) == want, (pattern, value)
+            matched += want
+    assert matched > 0
+
+
+def test_decoding_guided_by_a_pydantic_model_with_patterns_gives_what_pydantic_validates():
+    class Ticket(BaseModel):
+        code: str = Field(pattern=r"^[A-Z]{2}-\d{3}$")
+        note: str = Field(pattern=r'^[a-z"\\ ]{1,6}$')
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=259, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    samples = TextGenerator(model, byte_tokenizer()).complete(
+        ["Ticket: "], temperature=1.5, seed=0, guided_json=Ticket.model_json_schema(), max_new_tokens=60,
+        num_return_sequences=12)[0]
+    done = [Ticket.model_validate_json(c.text) for c in samples if c.finish_reason == "stop"]
+    assert len(done) >= 10
+    assert all(re.fullmatch(r"[A-Z]{2}-\d{3}", t.code) and re.fullmatch(r'[a-z"\\ ]{1,6}', t.note) for t in done)
+    assert any('"' in t.note or "\\" in t.note for t in done)  # written escaped, read back
 
 
 def test_decoding_guided_by_a_nested_pydantic_model_gives_json_that_pydantic_validates():

@@ -12,6 +12,8 @@ succeeds, and the value follows the schema.
     enum, const, anyOf, oneOf, allOf    alternatives (allOf: of one schema, as Pydantic writes it)
     $ref, $defs, definitions            references inside the schema, written out where they are used
     minLength, maxLength, format        strings; format: date, time, date-time, uuid, email, ipv4
+    pattern                             strings the whole of which match it (so they match it as JSON Schema reads
+                                        it, anywhere in the string); characters JSON escapes written escaped
     minimum, maximum, exclusive*        integers between the bounds; numbers: a lower bound of 0 only
     {} or no type                       any JSON value, nested at most ANY_DEPTH deep (json_object too)
 
@@ -49,7 +51,7 @@ ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", 
                "writeOnly", "discriminator", "strict", "name"}
 KEYWORDS = ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
                           "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions",
-                          "minLength", "maxLength", "format", "minimum", "maximum", "exclusiveMinimum",
+                          "minLength", "maxLength", "format", "pattern", "minimum", "maximum", "exclusiveMinimum",
                           "exclusiveMaximum"}
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
@@ -67,6 +69,94 @@ def _literal(value: Any) -> str:
 
 def _either(options: list[str]) -> str:
     return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
+
+
+# ------------------------------------------------------------------------------------------ string patterns
+_UNSAFE = ['"', "\\"] + [chr(c) for c in range(0x20)]  # what a JSON string holds only escaped
+_UNSAFE_CLASS = r'["\\\x00-\x1f]'
+_CATEGORIES = {"CATEGORY_DIGIT": r"\d", "CATEGORY_NOT_DIGIT": r"\D", "CATEGORY_WORD": r"\w",
+               "CATEGORY_NOT_WORD": r"\W", "CATEGORY_SPACE": r"\s", "CATEGORY_NOT_SPACE": r"\S"}
+
+
+def string_pattern(pattern: str, where: str = "the schema") -> str:
+    """The expression of the JSON text between a string's quotes whose value, decoded, is a whole match of `pattern`
+    (JSON Schema's pattern, a leading ^ and trailing $ optional): each character written as json.dumps writes it,
+    so one that JSON escapes (a quote, a backslash, a control character) appears as its escape."""
+    try:
+        from re import _parser as sre_parse  # type: ignore[attr-defined]  (Python >= 3.11)
+    except ImportError:  # pragma: no cover  (Python 3.10)
+        import sre_parse  # type: ignore[no-redef]
+    try:
+        parsed = list(sre_parse.parse(pattern))
+    except re.error as e:
+        raise _fail(where, f"has pattern {pattern!r}, which is not a regular expression ({e})") from None
+    if parsed and str(parsed[0][0]) == "AT" and str(parsed[0][1]) in ("AT_BEGINNING", "AT_BEGINNING_STRING"):
+        parsed = parsed[1:]
+    if parsed and str(parsed[-1][0]) == "AT" and str(parsed[-1][1]) in ("AT_END", "AT_END_STRING"):
+        parsed = parsed[:-1]
+    return _PatternWriter(pattern, where).sequence(parsed)
+
+
+class _PatternWriter:
+    """Python's parse of a pattern (re._parser) written out again for interegular, over JSON's escaped text."""
+
+    def __init__(self, pattern: str, where: str) -> None:
+        self.pattern, self.where = pattern, where
+
+    def refuse(self, what: str) -> ConfigError:
+        return _fail(self.where, f"has pattern {self.pattern!r}, which uses {what}: lmforge writes patterns of "
+                                 "characters, classes, groups, alternatives and repeats (anchors only at the ends)")
+
+    def sequence(self, items: Any) -> str:
+        return "".join(self.item(op, av) for op, av in items)
+
+    def item(self, op: Any, av: Any) -> str:
+        name = str(op)
+        if name == "LITERAL":
+            return re.escape(json.dumps(chr(av))[1:-1])
+        if name in ("NOT_LITERAL", "ANY", "IN"):
+            return self.chars(name, av)
+        if name == "BRANCH":
+            return "(?:" + "|".join(self.sequence(branch) for branch in av[1]) + ")"
+        if name == "SUBPATTERN":
+            if av[1] or av[2]:
+                raise self.refuse("inline flags")
+            return "(?:" + self.sequence(av[3]) + ")"
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, inner = av
+            top = "" if high >= 2**31 - 1 or str(high) == "MAXREPEAT" else str(high)
+            return f"(?:{self.sequence(inner)}){{{low},{top}}}"
+        if name == "ATOMIC_GROUP":
+            return "(?:" + self.sequence(av) + ")"
+        kinds = {"AT": "an anchor inside it", "GROUPREF": "a backreference", "GROUPREF_EXISTS": "a conditional group",
+                 "ASSERT": "a lookaround", "ASSERT_NOT": "a lookaround"}
+        raise self.refuse(kinds.get(name, name.lower()))
+
+    def chars(self, name: str, av: Any) -> str:
+        """A character class: the characters JSON writes as they are, or the escapes of those it escapes."""
+        if name == "ANY":
+            cls = "[^\\n]"
+        elif name == "NOT_LITERAL":
+            cls = f"[^{re.escape(chr(av))}]"
+        else:
+            parts, negate = [], False
+            for op, value in av:
+                kind = str(op)
+                if kind == "NEGATE":
+                    negate = True
+                elif kind == "LITERAL":
+                    parts.append(re.escape(chr(value)))
+                elif kind == "RANGE":
+                    parts.append(f"{re.escape(chr(value[0]))}-{re.escape(chr(value[1]))}")
+                elif kind == "CATEGORY" and str(value) in _CATEGORIES:
+                    parts.append(_CATEGORIES[str(value)])
+                else:
+                    raise self.refuse(f"the class item {kind.lower()} {value}")
+            cls = "[" + ("^" if negate else "") + "".join(parts) + "]"
+        escaped = [re.escape(json.dumps(c)[1:-1]) for c in _UNSAFE if re.fullmatch(cls, c)]
+        if not escaped:
+            return cls
+        return "(?:" + "|".join([f"(?!{_UNSAFE_CLASS}){cls}", *escaped]) + ")"
 
 
 def _fail(where: str, what: str) -> ConfigError:
@@ -176,6 +266,13 @@ class _Converter:
         for name, value in (("minLength", low), ("maxLength", high)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise _fail(where, f"has {name} {value!r}; give a whole number >= 0")
+        if "pattern" in schema:
+            if {"format", "minLength", "maxLength"} & set(schema):
+                raise _fail(where, "has a pattern beside a format or length: give the pattern alone (a length fits "
+                                   "in it: '[a-z]{2,8}')")
+            if not isinstance(schema["pattern"], str):
+                raise _fail(where, f"has pattern {schema['pattern']!r}; a pattern is a regular expression (text)")
+            return f'"{string_pattern(schema["pattern"], where)}"'
         if "format" in schema:
             if "minLength" in schema or "maxLength" in schema:
                 raise _fail(where, "has both a format and a length: give one")
