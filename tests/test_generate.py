@@ -430,6 +430,28 @@ def test_compiled_decoding_gives_the_eager_tokens():
         generate_ids(llama, [START, 4], temperature=0.0, max_new_tokens=20)
 
 
+def test_max_time_ends_every_way_of_decoding_with_the_tokens_it_has():
+    """A long sampled run stops after max_time with the tokens the same call gives without the limit (cut where the
+    time ran out); a limit already spent lets each row, beam search and speculation take one step."""
+    import time
+
+    m = model(block_size=64)
+    gen = TextGenerator(m, TOKENIZER)
+    start = time.monotonic()
+    sampled = dict(seed=0, top_k=50, suppress_tokens=[END])  # (the end token never comes)
+    cut = gen.complete(["ab"], max_new_tokens=100_000, max_time=0.3, **sampled)[0][0]
+    assert cut.finish_reason == "length" and 0 < len(cut.token_ids) < 100_000 and time.monotonic() - start < 30
+    whole = gen.complete(["ab"], max_new_tokens=len(cut.token_ids), **sampled)[0][0]
+    assert cut.token_ids == whole.token_ids and cut.text == whole.text
+    spent = gen.complete(["ab", "c"], max_new_tokens=50, max_time=1e-9, greedy=True, num_return_sequences=2)
+    assert all(len(c.token_ids) == 1 and c.finish_reason == "length" for rows in spent for c in rows)
+    assert [len(b) for b in generate_batch_ids(m, [[START, 5]], num_beams=3, num_return_sequences=3,
+                                               max_new_tokens=50, max_time=1e-9)[0]] == [1, 1, 1]
+    assert len(generate_ids(m, [START, 5, 6, 5, 6], max_new_tokens=50, greedy=True, max_time=1e-9,
+                            prompt_lookup_num_tokens=4)[0]) == 1
+    assert len(generate_ids(m, [START, 5], max_new_tokens=50, greedy=True, max_time=1e-9, assistant_model=m)[0]) == 1
+
+
 def test_complete_reports_tokens_and_why_each_sequence_ended():
     gen = TextGenerator(model(block_size=64), TOKENIZER)
     free = gen.complete(["ab"], max_new_tokens=30, seed=11, top_k=5)[0][0]

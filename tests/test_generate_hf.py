@@ -225,6 +225,13 @@ def test_exponential_decay_length_penalty_equals_hf_and_ends_sooner(soft_pair, d
     assert beams == hf_generate(theirs, PROMPTS, [20, 16], 25, num_beams=3, exponential_decay_length_penalty=decay)
 
 
+def test_max_time_spent_takes_one_step_as_hf_does(soft_pair):
+    ours, theirs = soft_pair
+    assert generate_batch_ids(ours, PROMPTS, greedy=True, max_new_tokens=20, max_time=1e-9) == \
+        hf_generate(theirs, PROMPTS, None, 20, max_time=1e-9)
+    assert [len(rows[0]) for rows in hf_generate(theirs, PROMPTS, None, 20, max_time=1e-9)] == [1, 1, 1]
+
+
 def test_top_h_equals_hf_and_ignores_tokens_that_are_already_out():
     """top_h keeps the tokens Hugging Face's TopHLogitsWarper keeps (the 100 most likely weighed), also where earlier
     filters cut tokens (-inf); on such a row it keeps what it keeps without them (probability 0 adds no entropy)."""

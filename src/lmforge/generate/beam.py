@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import torch
@@ -22,8 +23,8 @@ def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateCo
 
     all num_beams * V continuations of the running beams are scored by their summed log-probabilities
     (after the logit bias, repetition penalty, n-gram and bad-word bans, min_new_tokens); of the best
-    K = max(2, 1 + len(end_ids)) * num_beams, those ending in an end id (or reaching the budget) and ranked
-    within the first num_beams become finished hypotheses, scored sum(log p) / new_tokens ** length_penalty
+    K = max(2, 1 + len(end_ids)) * num_beams, those ending in an end id (or reaching the budget, or max_time) and
+    ranked within the first num_beams become finished hypotheses, scored sum(log p) / new_tokens ** length_penalty
     (the best num_beams are kept), and the best num_beams others run on. A prompt is done when num_beams
     hypotheses are finished and either early_stopping is true or no running beam can still beat the worst of
     them: its score divided by the current length ** length_penalty (the budget's length with 'never' and
@@ -41,7 +42,9 @@ def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateCo
     K = max(2, 1 + len(end_ids)) * nb
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(P)]  # (score, tokens), best first
     done = [False] * P
+    deadline = time.monotonic() + config.max_time if config.max_time is not None else None
     for step in range(max(budgets)):
+        out_of_time = deadline is not None and time.monotonic() >= deadline  # max_time: this step is the last
         history = seqs.new_tokens().tolist()  # (P*nb, new tokens so far)
         log_probs = process_scores(F.log_softmax(seqs.next_logits(model).float(), dim=-1), *seqs.so_far(), config,
                                    history, list(end_ids))
@@ -56,7 +59,7 @@ def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateCo
                 tokens += [0] * nb
                 scores += beam_scores[p].tolist()
                 continue
-            last = step + 1 == budgets[p]
+            last = step + 1 == budgets[p] or out_of_time
             running: list[tuple[int, int, float]] = []
             for rank, (score, index) in enumerate(zip(top_scores[p], top_index[p])):
                 beam, token = divmod(index, V)

@@ -123,6 +123,10 @@ class GenerateConfig:
     early_stopping: Union[bool, Literal["never"]] = doc(
         "Beam search: true = stop when num_beams beams have finished; false = also until no running beam can beat "
         "them (heuristic); never = exact.", False)
+    max_time: Optional[float] = doc(
+        "Stop after this many seconds from the start of the call (the step under way finishes), each sequence ending "
+        "with what it has, finish reason 'length' (Hugging Face's max_time); null = no time limit.", None, gt=0,
+        lt=math.inf, invalid="a positive number of seconds or null")
     stop_strings: Optional[list[str]] = doc("Stop a sequence when its text contains one of these; the text "
                                             "returned ends before it. Not with beam search.", None)
     stop_token_ids: Optional[list[int]] = doc("Token ids that end a sequence, besides the tokenizer's end token "

@@ -9,6 +9,7 @@ the CLI and the server).
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
@@ -177,12 +178,13 @@ class Row:
     top_logprobs: Optional[int] = None          # report each token's Logprobs with this many alternatives
     guide: Any = None                           # guided_regex / guided_json: its generate.guided.RegexGuide
     negative: Optional[list[int]] = None        # guidance_scale != 1: the unconditional side's prompt
+    deadline: Optional[float] = None            # max_time: time.monotonic() past which it ends ("length")
     drafted: int = 0                            # speculative decoding: tokens guessed for it,
     accepted: int = 0                           # and of those, kept
 
     def advance(self, index: int, token: int) -> Event:
         """Take this step's token: the one rule that ends a row (an end id, a stop string, a guided choice or
-        pattern complete, the budget)."""
+        pattern complete, the budget of tokens or of time)."""
         if token in self.end_ids:
             self.finish = "stop"
             return Event(index, None, self.text.close() if self.text else "", "stop")
@@ -190,11 +192,12 @@ class Row:
         piece = self.text.push(token, look=len(self.tokens) >= self.config.min_new_tokens) if self.text else ""
         chosen = (self.config.guided_choice_ids is not None and self._chose()) or \
             (self.guide is not None and self.guide.complete(self.tokens))
-        if self.text is not None and not self.text.stopped and (len(self.tokens) >= self.budget or chosen):
+        spent = len(self.tokens) >= self.budget or (self.deadline is not None and time.monotonic() >= self.deadline)
+        if self.text is not None and not self.text.stopped and (spent or chosen):
             piece += self.text.close()  # the bytes a last, cut character left: a stop string may end in them
         if (self.text is not None and self.text.stopped) or chosen:
             self.finish = "stop"
-        elif len(self.tokens) >= self.budget:
+        elif spent:
             self.finish = "length"
         return Event(index, token, piece, self.finish)
 
@@ -238,12 +241,13 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
 
         guide = regex_guide(pattern, tokenizer, model.config.vocab_size)
     start = tokenizer.start_id if tokenizer is not None else None
+    deadline = time.monotonic() + config.max_time if config.max_time is not None else None
     negatives = [None if config.guidance_scale == 1.0 else crop_prompt(
         config.negative_prompt_ids or ([start] if start is not None else prompt[-1:]), model.config.block_size)
         for prompt in cropped]
     return [Row(prompt, config, config.new_tokens(len(prompt)), end_ids, generators[p * copies + j],
                 StopText(tokenizer, config.stop_strings or ()) if tokenizer is not None else None, guide=guide,
-                negative=negatives[p])
+                negative=negatives[p], deadline=deadline)
             for p, prompt in enumerate(cropped) for j in range(copies)]
 
 
