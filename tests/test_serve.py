@@ -427,7 +427,7 @@ def test_api_key_guards_every_endpoint_but_health(run_dir):
     which is static and asks for the key itself."""
     app = load_app(str(run_dir), ServeConfig(api_key="s3cret"), device="cpu")
     routes = [(method, route.path) for route in app.routes for method in getattr(route, "methods", ())
-              if method in ("GET", "POST") and route.path not in ("/health", "/")]
+              if method in ("GET", "POST", "DELETE") and route.path not in ("/health", "/")]
     assert {("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("GET", "/v1/models")} <= set(routes)
     with running(app) as url, httpx.Client(base_url=url) as c:
         assert c.get("/health").status_code == 200 and c.get("/").status_code == 200

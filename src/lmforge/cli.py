@@ -1055,9 +1055,9 @@ def _add_serve(sub: Any) -> None:
         "serve", help="an OpenAI-compatible HTTP API (completions, chat, or classification) over a checkpoint",
         formatter_class=_help_formatter,
         description=textwrap.dedent("""\
-            Serve a run or checkpoint directory over HTTP: GET /health, GET /v1/models, POST /v1/completions
-            and /v1/chat/completions (OpenAI's APIs, streaming with server-sent events), POST /tokenize and
-            /detokenize (vLLM's), and a playground page at /; a classifier: POST /v1/classify.
+            Serve a run or checkpoint directory over HTTP: GET /health, GET /v1/models, POST /v1/completions,
+            /v1/chat/completions and /v1/responses (OpenAI's APIs, streaming with server-sent events), POST
+            /tokenize and /detokenize (vLLM's), and a playground page at /; a classifier: POST /v1/classify.
             Binds 127.0.0.1 unless --host says otherwise. Requests over a limit are refused with 413 or 422
             and a message, a full server answers 429 with Retry-After, a request past --timeout gets 504.
             The API key can also come from the LMFORGE_API_KEY environment variable (kept out of `ps`).

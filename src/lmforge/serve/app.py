@@ -8,6 +8,9 @@
                           (server-sent events ending in `data: [DONE]`), usage counts
     POST /v1/chat/completions  OpenAI chat: messages through the model's chat template, the same options; tools
                           (a reply held to a call, or with "auto" a call or text; streamed as tool_call deltas)
+    POST /v1/responses    OpenAI's Responses API, as the chat it means (serve.responses): input items,
+                          instructions, previous_response_id, function tools, text.format, its stream events;
+                          GET / DELETE /v1/responses/{id} for a stored one
     POST /v1/classify     a classifier's labels with probabilities for a text or a list of texts (top_k)
     POST /v1/embeddings   OpenAI embeddings: a vector per text or token id list (generate.embed), any model
     POST /v1/fill-mask    an encoder's: Hugging Face's fill-mask answer, the likeliest tokens in each mask
@@ -50,7 +53,7 @@ from typing import Annotated, Any, AsyncIterator, Callable, Literal, Optional, U
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -64,6 +67,8 @@ from lmforge.serve.connections import RESET_EXTENSION
 from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.playground import CLASSIFIER_NOTE_HTML, ENCODER_NOTE_HTML, PLAYGROUND_HTML
+from lmforge.serve.responses import (ResponsesError, ResponsesRequest, ResponseStore, StreamEvents, chat_body,
+                                     history_of, output_items, response_object)
 
 PUBLIC_PATHS = ("/health", "/")  # no API key: liveness, and the static page that asks for the key
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees as soon as one request ends
@@ -235,7 +240,7 @@ class FillMaskRequest(BaseModel):
     parameters: FillMaskParameters = FillMaskParameters()
 
 
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 
 
 class ApiError(Exception):
@@ -273,6 +278,7 @@ def _validation_message(errors: list[dict], path: str = "/v1/completions") -> tu
         if loc and loc[0] == "messages":
             return f"unknown field {field!r}: a message takes role, content and name", field
         request, unsupported = {"/v1/chat/completions": (ChatRequest, CHAT_UNSUPPORTED),
+                                "/v1/responses": (ResponsesRequest, {}),
                                 "/v1/classify": (ClassifyRequest, {})}.get(path, (CompletionRequest, UNSUPPORTED))
         known = [f for f in request.model_fields if f not in unsupported]
         return f"unknown field {field!r}: {path} takes {', '.join(known)}", field
@@ -638,8 +644,8 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_id))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+    async def start_chat(body: ChatRequest, request: Request) -> tuple[list[Job], int, bool]:
+        """(the jobs of a chat request, submitted to the engine; its prompt tokens; whether it has tools)."""
         try:  # the conversation through the model's chat template, the reply's header last
             text = generator.render_chat(_turns(body.messages))
         except ConfigError as e:
@@ -663,13 +669,18 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         except Busy as e:
             raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        return jobs, prompt_tokens, tools is not None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        jobs, prompt_tokens, tools = await start_chat(body, request)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_id}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return GuardedStream(_sse(jobs, {**head, "object": "chat.completion.chunk"}, prompt_tokens,
                                       include_usage, config.timeout, chat=True, tokenizer=generator.tokenizer,
-                                      tools=tools is not None), config.stall_timeout)
+                                      tools=tools), config.stall_timeout)
         try:
             finished = await _wait_all(jobs, request, config.timeout)
         finally:
@@ -677,13 +688,88 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                 job.cancel()
         if finished is None:
             return Response(status_code=499)
-        choices = [{"index": i, **_reply(c.text, c.finish, tools is not None),
+        choices = [{"index": i, **_reply(c.text, c.finish, tools),
                     "logprobs": None if job.logprobs is None else _chat_logprobs(generator.tokenizer, c.logprobs)}
                    for job in finished for i, c in enumerate(job.choices)]
         completion_tokens = sum(c.tokens for job in finished for c in job.choices)
         return JSONResponse({**head, "choices": choices, "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}})
+
+    stored = ResponseStore()
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        history: list[dict] = []
+        if body.previous_response_id is not None:
+            found = stored.get(body.previous_response_id)
+            if found is None:
+                raise ApiError(404, f"no stored response {body.previous_response_id!r} (this server keeps the newest "
+                               "responses stored with store: true, until it restarts)", "previous_response_id")
+            history = found[1]
+        try:
+            chat = ChatRequest(**chat_body(body, history))
+        except ResponsesError as e:
+            raise ApiError(422, e.message, e.param) from None
+        except ValidationError as e:  # on what the translation passed through (a message, a tool)
+            raise ApiError(422, "the request as a chat: "
+                           f"{_validation_message(list(e.errors()), '/v1/chat/completions')[0]}", "input") from None
+        messages = [m.model_dump(exclude_none=True) for m in chat.messages[1 if body.instructions else 0:]]
+        jobs, prompt_tokens, tools = await start_chat(chat, request)
+        response_id = f"resp_{uuid.uuid4().hex[:24]}"
+        if body.stream:  # the chat's stream of chunks, read as Responses events
+            chunks = _sse(jobs, {"id": response_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                                 "model": model_id}, prompt_tokens, True, config.timeout, chat=True,
+                          tokenizer=generator.tokenizer, tools=tools)
+            return GuardedStream(_response_events(body, response_id, chunks, messages), config.stall_timeout)
+        created = time.time()
+        try:
+            finished = await _wait_all(jobs, request, config.timeout)
+        finally:
+            for job in jobs:
+                job.cancel()
+        if finished is None:
+            return Response(status_code=499)
+        choice = finished[0].choices[0]
+        reply = _reply(choice.text, choice.finish, tools)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": choice.tokens,
+                 "total_tokens": prompt_tokens + choice.tokens}
+        response = response_object(body, response_id, created, model_id,
+                                   output_items(reply["message"], reply["finish_reason"]), usage, "completed")
+        if body.store is not False:
+            stored.put(response, history_of(messages, response["output"]))
+        return JSONResponse(response)
+
+    async def _response_events(body: ResponsesRequest, response_id: str, chunks: AsyncIterator[str],
+                               messages: list[dict]) -> AsyncIterator[str]:
+        """The Responses stream events of a chat stream (serve.responses.StreamEvents), stored at the end."""
+        events = StreamEvents(body, response_id, model_id)
+        for event in events.start():
+            yield event
+        try:
+            async for line in chunks:
+                if line.startswith("data: {"):
+                    for event in events.feed(json.loads(line[6:])):
+                        yield event
+            last = events.end()
+            if body.store is not False:
+                stored.put(events.response("completed"), history_of(messages, events.output))
+            yield last
+        finally:
+            await chunks.aclose()
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> dict:
+        found = stored.get(response_id)
+        if found is None:
+            raise ApiError(404, f"no stored response {response_id!r}", "response_id")
+        return found[0]
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict:
+        if not stored.delete(response_id):
+            raise ApiError(404, f"no stored response {response_id!r}", "response_id")
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
