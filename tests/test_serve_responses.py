@@ -71,6 +71,20 @@ def test_the_stream_is_openais_events_and_adds_up_to_the_response(client):
     assert events[-1].response.usage.output_tokens == 10 and events[-1].response.id == events[0].response.id
 
 
+def test_logprobs_are_the_chats_whole_and_streamed(client):
+    chat = client.chat.completions.create(model="run", messages=[{"role": "user", "content": "Who?"}], max_tokens=6,
+                                          seed=4, logprobs=True, top_logprobs=3)
+    want = [c.model_dump() for c in chat.choices[0].logprobs.content]
+    asked = dict(model="run", input="Who?", max_output_tokens=6, include=["message.output_text.logprobs"],
+                 top_logprobs=3, extra_body={"seed": 4})
+    out = client.responses.create(**asked)
+    assert [lp.model_dump() for lp in out.output[0].content[0].logprobs] == want and len(want) == 6
+    assert all(len(lp["top_logprobs"]) == 3 for lp in want)
+    events = list(client.responses.create(**asked, stream=True))
+    streamed = [lp.model_dump() for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert streamed == want == [lp.model_dump() for lp in events[-1].response.output[0].content[0].logprobs]
+
+
 def test_previous_response_id_continues_the_stored_conversation(client, server):
     first = client.responses.create(model="run", input="Who is there?", instructions="Be brief.",
                                     max_output_tokens=8, extra_body={"seed": 1})
@@ -142,6 +156,8 @@ def test_text_format_json_schema_is_structured_output(client):
     ({"input": "x", "text": {"format": {"type": "yaml"}}}, 422, "text.format is"),
     ({"input": "x", "tool_choice": {"type": "function"}}, 422, "tool_choice is"),
     ({"input": "x", "max_output_tokens": 0}, 422, "max_output_tokens"),
+    ({"input": "x", "top_logprobs": 2}, 422, "top_logprobs needs include"),
+    ({"input": "x", "include": ["reasoning.encrypted_content"]}, 422, "include"),
 ])
 def test_a_bad_request_is_one_clear_line(server, body, status, words):
     r = httpx.post(server + "/v1/responses", json=body, timeout=30)

@@ -732,10 +732,12 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             return Response(status_code=499)
         choice = finished[0].choices[0]
         reply = _reply(choice.text, choice.finish, tools)
+        logprobs = None if finished[0].logprobs is None else _chat_logprobs(generator.tokenizer, choice.logprobs)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": choice.tokens,
                  "total_tokens": prompt_tokens + choice.tokens}
         response = response_object(body, response_id, created, model_id,
-                                   output_items(reply["message"], reply["finish_reason"]), usage, "completed")
+                                   output_items(reply["message"], reply["finish_reason"], logprobs), usage,
+                                   "completed")
         if body.store is not False:
             stored.put(response, history_of(messages, response["output"]))
         return JSONResponse(response)

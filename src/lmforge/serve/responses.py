@@ -9,6 +9,7 @@ structured output, limits and cancellation are the chat endpoint's.
     max_output_tokens, temperature, top_p, stream               max_completion_tokens, temperature, top_p, stream
     tools (function tools), tool_choice, parallel_tool_calls    the same, in the chat's shape
     text.format (text, json_object, json_schema)                response_format
+    include ["message.output_text.logprobs"], top_logprobs      logprobs, top_logprobs
     seed, top_k, min_p, repetition_penalty, stop                the same (lmforge's extras, as vLLM takes them)
 
     chat answer                             Response output
@@ -64,10 +65,10 @@ class ResponsesRequest(BaseModel):
     prompt_cache_key: Optional[str] = None  # accepted, unused
     service_tier: Optional[str] = None  # accepted, unused
     truncation: Optional[Literal["disabled"]] = None  # "auto" would drop turns: refused
-    include: Optional[list[str]] = Field(None, max_length=0)  # nothing extra to include
+    include: Optional[list[Literal["message.output_text.logprobs"]]] = None  # the text's token log probabilities
     reasoning: Optional[dict[str, Any]] = Field(None, max_length=0)  # not a reasoning model
     background: Optional[Literal[False]] = None
-    top_logprobs: Optional[Literal[0]] = None
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
     seed: Optional[StrictInt] = None
     top_k: Optional[StrictInt] = None
     min_p: Optional[float] = None
@@ -181,6 +182,10 @@ def chat_body(body: ResponsesRequest, history: list[dict]) -> dict:
             "tool_choice": _tool_choice(body.tool_choice), "parallel_tool_calls": body.parallel_tool_calls,
             "response_format": _response_format(body.text), "seed": body.seed, "top_k": body.top_k,
             "min_p": body.min_p, "repetition_penalty": body.repetition_penalty, "stop": body.stop}
+    if "message.output_text.logprobs" in (body.include or []):
+        chat.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
+    elif body.top_logprobs:
+        raise ResponsesError('top_logprobs needs include: ["message.output_text.logprobs"]', "top_logprobs")
     return {k: v for k, v in chat.items() if v is not None}
 
 
@@ -188,9 +193,9 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def message_item(text: str, status: str) -> dict:
+def message_item(text: str, status: str, logprobs: Optional[list] = None) -> dict:
     return {"id": _id("msg"), "type": "message", "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}
 
 
 def call_item(call: dict, status: str = "completed") -> dict:
@@ -199,12 +204,12 @@ def call_item(call: dict, status: str = "completed") -> dict:
             "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
 
 
-def output_items(message: dict, finish: str) -> list[dict]:
-    """A chat choice's message and finish reason as Response output items."""
+def output_items(message: dict, finish: str, logprobs: Optional[dict] = None) -> list[dict]:
+    """A chat choice's message, finish reason and logprobs ({"content": [...]}) as Response output items."""
     status = "incomplete" if finish == "length" else "completed"
     if message.get("tool_calls"):
         return [call_item(c, status) for c in message["tool_calls"]]
-    return [message_item(message.get("content") or "", status)]
+    return [message_item(message.get("content") or "", status, (logprobs or {}).get("content"))]
 
 
 def history_of(messages: list[dict], output: list[dict]) -> list[dict]:
@@ -266,6 +271,7 @@ class StreamEvents:
         self.open: Optional[dict] = None  # the output item being written
         self.calls: dict[int, dict] = {}  # a chat tool call's index -> its output item
         self.usage: Optional[dict] = None
+        self.logprobs: list[dict] = []  # of tokens whose text is not out yet (held back for stop strings)
         self.number = 0
 
     def _event(self, kind: str, **fields: Any) -> str:
@@ -294,8 +300,9 @@ class StreamEvents:
         index = len(self.output) - 1
         if item["type"] == "message":
             part = item["content"][0]
+            part["logprobs"] += self.logprobs
             events = [self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                  content_index=0, text=part["text"], logprobs=[]),
+                                  content_index=0, text=part["text"], logprobs=part["logprobs"]),
                       self._event("response.content_part.done", item_id=item["id"], output_index=index,
                                   content_index=0, part=part)]
         else:
@@ -312,16 +319,19 @@ class StreamEvents:
         events = []
         for choice in chunk.get("choices", []):
             delta = choice.get("delta") or {}
+            self.logprobs += (choice.get("logprobs") or {}).get("content") or []
             if delta.get("content"):
                 if self.open is None:
                     item = message_item("", "in_progress")
                     events += [self._add(item), self._event(
                         "response.content_part.added", item_id=item["id"], output_index=len(self.output) - 1,
                         content_index=0, part={"type": "output_text", "text": "", "annotations": []})]
+                logprobs, self.logprobs = self.logprobs, []
                 self.open["content"][0]["text"] += delta["content"]
+                self.open["content"][0]["logprobs"] += logprobs
                 events.append(self._event("response.output_text.delta", item_id=self.open["id"],
                                           output_index=len(self.output) - 1, content_index=0,
-                                          delta=delta["content"], logprobs=[]))
+                                          delta=delta["content"], logprobs=logprobs))
             for call in delta.get("tool_calls") or []:
                 if "id" in call:  # a new call: the one before is complete
                     events += self._close("completed")
