@@ -301,6 +301,11 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "[start, factor]"),
         ("generate-top-h-beams", ["generate", str(run), "--num-beams", "2", "--top-h", "0.5"],
          "generate.top_h=0.5 is a sampling option"),
+        ("generate-watermark-key-alone", ["generate", str(run), "--watermark-key", "5"], "only read by the watermark"),
+        ("detect-nothing", ["detect", str(run)], "nothing to test"),
+        ("detect-empty-text", ["detect", str(run), "--text", "", "--device", "cpu"], "give more text"),
+        ("detect-bad-ratio", ["detect", str(run), "--watermark-greenlist-ratio", "1.5"],
+         "generate.watermark_greenlist_ratio=1.5 is invalid"),
         ("generate-typical-beams", ["generate", str(run), "--num-beams", "2", "--typical-p", "0.5"],
          "generate.typical_p=0.5 is a sampling option"),
         ("generate-guided-choice-beams", ["generate", str(run), "--num-beams", "2", "--guided-choice", "yes"],
@@ -409,7 +414,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 110
+N_CASES = 114
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

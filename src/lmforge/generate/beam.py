@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.generate.config import GenerateConfig
-from lmforge.generate.processors import process_scores
+from lmforge.generate.processors import last_tokens, marked, process_scores
 from lmforge.generate.rows import Sequences, crop_prompt, with_token_ids
 from lmforge.model import GPT
 
@@ -46,8 +46,11 @@ def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateCo
     for step in range(max(budgets)):
         out_of_time = deadline is not None and time.monotonic() >= deadline  # max_time: this step is the last
         history = seqs.new_tokens().tolist()  # (P*nb, new tokens so far)
-        log_probs = process_scores(F.log_softmax(seqs.next_logits(model).float(), dim=-1), *seqs.so_far(), config,
+        tokens, real = seqs.so_far()
+        log_probs = process_scores(F.log_softmax(seqs.next_logits(model).float(), dim=-1), tokens, real, config,
                                    history, list(end_ids))
+        if config.watermark:  # (after the processors, as Hugging Face adds it: the beams' scores hold it)
+            log_probs = marked(log_probs, config, last_tokens(tokens, real, config.watermark_context_width))
         V = log_probs.size(-1)
         totals = (log_probs + beam_scores.view(-1, 1)).view(P, nb * V)  # every continuation of every beam
         top_scores, top_index = totals.topk(K, dim=-1)  # (P, K), best first

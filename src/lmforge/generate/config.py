@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Literal, Optional, Union
 
 from lmforge.config import doc, validate
 from lmforge.errors import ConfigError
+from lmforge.generate.watermark import Watermark
 
 
 Dtype = Literal["fp32", "bf16", "fp16"]  # weights for decoding (generate.quantize.apply_inference_dtype)
@@ -116,6 +118,20 @@ class GenerateConfig:
         "<START> alone (without a start token: the prompt's last token, as Hugging Face does).", None)
     negative_prompt_ids: Optional[list[int]] = doc("negative_prompt as token ids, used as given (give either).",
                                                    None, ge=0)
+    watermark: bool = doc(
+        "Watermark the text (Kirchenbauer et al. 2023, Hugging Face's watermarking_config): each step adds "
+        "watermark_bias to a greenlist of the vocabulary seeded by the tokens before it, after temperature and the "
+        "filters; `lmforge detect` (generate.watermark.detect) finds it, given the same watermark_* settings.", False)
+    watermark_bias: float = doc("The watermark: the bias on green tokens (lower keeps more of the model's choices, "
+                                "makes the mark fainter).", 2.0, gt=0, le=MAX_BIAS)
+    watermark_greenlist_ratio: float = doc("The watermark: the share of the vocabulary that is green at each step.",
+                                           0.25, gt=0, lt=1, noun="number")
+    watermark_key: int = doc("The watermark: its hashing key (use your own, kept private: whoever has it can find "
+                             "the mark).", 15485863, ge=0, lt=2**63)
+    watermark_scheme: Literal["lefthash", "selfhash"] = doc(
+        "The watermark: lefthash seeds each greenlist with the previous token; selfhash with the last "
+        "watermark_context_width tokens and the candidate itself (sturdier against edits, slower).", "lefthash")
+    watermark_context_width: int = doc("The watermark: tokens that seed a greenlist (selfhash).", 1, ge=1, le=64)
     num_beams: int = doc("Beam search with this many beams (deterministic: no sampling options apply); 1 = off.",
                          1, ge=1)
     length_penalty: float = doc("Beam search: a finished beam scores sum(log p) / new_tokens ** length_penalty.",
@@ -190,6 +206,11 @@ class GenerateConfig:
                               "(e.g. 1.5), or leave the negative prompt out")
         if self.negative_prompt_ids is not None and not self.negative_prompt_ids:
             raise ConfigError("generate.negative_prompt_ids=[] is invalid: at least one token id")
+        changed = [f for f in ("watermark_bias", "watermark_greenlist_ratio", "watermark_key", "watermark_scheme",
+                               "watermark_context_width") if getattr(self, f) != _DEFAULTS[f]]
+        if changed and not self.watermark:
+            raise ConfigError(f"generate.{changed[0]} is only read by the watermark: set watermark true, or leave it "
+                              "out")
         if self.guidance_scale != 1.0 and self.num_beams > 1:
             raise ConfigError(f"generate.guidance_scale={self.guidance_scale!r} with beam search (num_beams="
                               f"{self.num_beams}) is not supported: use num_beams=1")
@@ -243,11 +264,20 @@ class GenerateConfig:
                        tuple(sorted((self.sequence_bias or {}).items())),
                        tuple(tuple(ids) for ids in self.bad_words_ids or ()), tuple(self.suppress_tokens or ()),
                        tuple(self.begin_suppress_tokens or ()), tuple(self.exponential_decay_length_penalty or ()),
-                       tuple(tuple(ids) for ids in self.guided_choice_ids or ()), self.guided_pattern)
+                       tuple(tuple(ids) for ids in self.guided_choice_ids or ()), self.guided_pattern,
+                       self.watermark_settings)
         if self.is_greedy:
             return (True, None, None, None, None, None, None, None, None, *constraints)
         return (False, self.temperature, self.top_h, self.top_k, self.top_p, self.min_p, self.typical_p,
                 self.epsilon_cutoff, self.eta_cutoff, *constraints)
+
+    @property
+    def watermark_settings(self) -> Optional[Watermark]:
+        """The watermark decoding adds (None: off)."""
+        if not self.watermark:
+            return None
+        return Watermark(self.watermark_greenlist_ratio, self.watermark_bias, self.watermark_key,
+                         self.watermark_scheme, self.watermark_context_width)
 
     @property
     def guided_pattern(self) -> Optional[str]:
@@ -305,3 +335,6 @@ def _sequence_bias_pairs(pairs: Union[list, tuple]) -> dict:
                               "Face writes it ([[10, 45], -5.0]), or give a dict {(10, 45): -5.0}")
         out[tuple(pair[0])] = pair[1]
     return out
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerateConfig)}

@@ -19,7 +19,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from lmforge.generate.processors import guided_scores, next_token, penalizes, process_scores, token_logprobs
+from lmforge.generate.processors import (guided_scores, last_tokens, next_token, penalizes, process_scores,
+                                         token_logprobs)
 from lmforge.generate.rows import Event, Logprobs, Row, Sequences
 from lmforge.model import GPT
 
@@ -38,28 +39,34 @@ class Scoring:
         self.guides = [rows[index[0]].guide for index in groups.values()]  # equal configs: one pattern, one guide
         self.whole = len(self.groups) == 1  # one group: no gather / scatter
         self.processed = any(penalizes(c) for c, _, _ in self.groups)
+        self.widths = [c.watermark_context_width if c.watermark else 0 for c, _, _ in self.groups]  # tokens a
+        # watermark reads before each row's next one
 
     def pick(self, logits: torch.Tensor, seqs: Sequences) -> torch.Tensor:
         """The next token (B,) of every row from the last logits (B, V) (seqs may hold more rows after them: the
         unconditional sides of classifier-free guidance)."""
-        tokens, real = seqs.so_far() if self.processed else (None, None)
+        tokens, real = seqs.so_far() if self.processed or any(self.widths) else (None, None)
         if tokens is not None and tokens.size(0) > logits.size(0):
             tokens, real = tokens[:logits.size(0)], None if real is None else real[:logits.size(0)]
         if self.whole:
             config, _, generators = self.groups[0]
             scores = process_scores(logits, tokens, real, config, self.generated[0], self.end_ids[0],
                                     self.guides[0]) if self.processed else logits
-            return next_token(scores, config, None if config.is_greedy else generators)
+            return next_token(scores, config, None if config.is_greedy else generators,
+                              last_tokens(tokens, real, self.widths[0]))
         out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
-        for (config, index, generators), generated, end_ids, guide in zip(self.groups, self.generated, self.end_ids,
-                                                                          self.guides):
+        for (config, index, generators), generated, end_ids, guide, width in zip(
+                self.groups, self.generated, self.end_ids, self.guides, self.widths):
             scores = logits.index_select(0, index)
             if self.processed:
                 scores = process_scores(scores, tokens.index_select(0, index),
                                         None if real is None else real.index_select(0, index), config, generated,
                                         end_ids, guide)
-            out.index_copy_(0, index, next_token(scores, config, None if config.is_greedy else generators))
+            contexts = last_tokens(tokens.index_select(0, index),
+                                   None if real is None else real.index_select(0, index), width) if width else None
+            out.index_copy_(0, index, next_token(scores, config, None if config.is_greedy else generators, contexts))
         return out
+
 
 
 @torch.inference_mode()

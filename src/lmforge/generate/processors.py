@@ -1,6 +1,7 @@
 """From a row's last logits to its next token: classifier-free guidance, logit and sequence bias, penalties, bans
 (n-grams, bad words, an end before min_new_tokens, suppressed tokens), the end's exponential decay length penalty, a
-guided choice, temperature, the filters (top-h / top-k / top-p / min-p / typical / epsilon / eta), a pick.
+guided choice, temperature, the filters (top-h / top-k / top-p / min-p / typical / epsilon / eta), a watermark, a
+pick.
 
 Each function works on a batch of rows (B, V) that share one GenerateConfig's scoring options; the
 decoding loop groups rows by those options (GenerateConfig.scoring), so rows with different settings
@@ -17,6 +18,7 @@ import torch
 
 from lmforge.generate.config import GenerateConfig
 from lmforge.generate.rows import Logprobs
+from lmforge.generate.watermark import watermark_scores
 
 TOP_H_TOKENS = 100  # top_h weighs the entropy of this many most likely tokens (Hugging Face's top_n)
 
@@ -325,19 +327,47 @@ def _below(logits: torch.Tensor, cutoff: Union[float, torch.Tensor]) -> torch.Te
     return logits.masked_fill(drop, -torch.inf)
 
 
-def sampling_logits(scores: torch.Tensor, config: GenerateConfig) -> torch.Tensor:
-    """Processed scores (B, V) -> the logits a row samples from: float32, divided by the temperature, filtered."""
-    return filter_logits(scores.float() / config.temperature, config.top_k, config.top_p, config.min_p,
-                         config.typical_p, config.epsilon_cutoff, config.eta_cutoff, config.top_h)
+def sampling_logits(scores: torch.Tensor, config: GenerateConfig,
+                    contexts: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+    """Processed scores (B, V) -> the logits a row samples from: float32, divided by the temperature, filtered, and
+    watermarked after each row's tokens so far (`contexts`, needed with config.watermark), as Hugging Face orders
+    them."""
+    logits = filter_logits(scores.float() / config.temperature, config.top_k, config.top_p, config.min_p,
+                           config.typical_p, config.epsilon_cutoff, config.eta_cutoff, config.top_h)
+    return marked(logits, config, contexts)
+
+
+def marked(scores: torch.Tensor, config: GenerateConfig, contexts: Optional[Sequence[Sequence[int]]]
+           ) -> torch.Tensor:
+    """Scores (B, V) with config's watermark after each row's tokens so far (unchanged without a watermark)."""
+    mark = config.watermark_settings
+    if mark is None:
+        return scores
+    if contexts is None:
+        raise ValueError("a watermark needs each row's tokens so far (contexts)")
+    return watermark_scores(scores, contexts, mark)
+
+
+def last_tokens(tokens: Optional[torch.Tensor], real: Optional[torch.Tensor], width: int
+                ) -> Optional[list[list[int]]]:
+    """The last `width` real tokens of each row of tokens (B, L) (real: (B, L) or None): what a watermark reads."""
+    if not width or tokens is None:
+        return None
+    tail = tokens[:, -width:].tolist()
+    if real is None:
+        return tail
+    return [[t for t, r in zip(row, keep) if r] for row, keep in zip(tail, real[:, -width:].tolist())]
 
 
 def next_token(scores: torch.Tensor, config: GenerateConfig, generator: Union[None, torch.Generator,
-               Sequence[Optional[torch.Generator]]] = None) -> torch.Tensor:
+               Sequence[Optional[torch.Generator]]] = None,
+               contexts: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
     """The next token (B,) from last-position scores (B, V): the argmax, or a draw after temperature and
-    the filters. `generator`: one for the whole batch, or one per row (each row then draws alone)."""
+    the filters; with a watermark, after it (`contexts`: each row's tokens so far). `generator`: one for the whole
+    batch, or one per row (each row then draws alone)."""
     if config.is_greedy:
-        return scores.argmax(dim=-1)
-    return draw(sampling_logits(scores, config).softmax(dim=-1), generator)
+        return marked(scores, config, contexts).argmax(dim=-1)
+    return draw(sampling_logits(scores, config, contexts).softmax(dim=-1), generator)
 
 
 def draw(probs: torch.Tensor, generator: Union[None, torch.Generator, Sequence[Optional[torch.Generator]]] = None

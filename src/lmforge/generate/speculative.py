@@ -33,7 +33,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.generate.config import GenerateConfig
-from lmforge.generate.processors import draw, penalizes, process_scores, sampling_logits, token_logprobs
+from lmforge.generate.processors import draw, marked, penalizes, process_scores, sampling_logits, token_logprobs
 from lmforge.generate.rows import Event, Row
 from lmforge.model import GPT, KVCache
 
@@ -45,16 +45,17 @@ def distributions(logits: torch.Tensor, prefix: Sequence[int], extra: Sequence[i
     """Scores (J, V) -> what plain decoding would pick from at each position j, whose text is prefix + extra[:j]
     (of which generated + extra[:j] was generated: the presence and frequency penalties and min_new_tokens count
     those; None = they are off; `end_ids` and `guide` (guided_regex) the row's): the processed scores (greedy) or
-    the sampling probabilities (after temperature and the filters)."""
+    the sampling probabilities (after temperature and the filters), watermarked when the config asks."""
     if penalizes(config):
         rows = [process_scores(logits[j:j + 1], torch.tensor([list(prefix) + list(extra[:j])], device=logits.device),
                                None, config, None if generated is None else [list(generated) + list(extra[:j])],
                                end_ids, guide)
                 for j in range(logits.size(0))]
         logits = torch.cat(rows)
+    contexts = [list(prefix[-64:]) + list(extra[:j]) for j in range(logits.size(0))] if config.watermark else None
     if config.is_greedy:
-        return logits
-    return sampling_logits(logits, config).softmax(-1)
+        return marked(logits, config, contexts)
+    return sampling_logits(logits, config, contexts).softmax(-1)
 
 
 # ---------------------------------------------------------------------------------------- drafters
