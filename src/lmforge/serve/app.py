@@ -620,10 +620,7 @@ def _add_classify_routes(app: FastAPI, engine: ClassifyEngine, config: ServeConf
         except Busy as e:
             raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        try:
-            finished = await _wait_all([job], request, config.timeout)
-        finally:
-            job.cancel()
+        finished = await _wait_all([job], request, config.timeout)
         if finished is None:  # the client left; nobody reads this
             return Response(status_code=499)
         data = [{"index": i, "label": ranked[0][0],
@@ -681,11 +678,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             return GuardedStream(_sse(jobs, {**head, "object": "chat.completion.chunk"}, prompt_tokens,
                                       include_usage, config.timeout, chat=True, tokenizer=generator.tokenizer,
                                       tools=tools), config.stall_timeout)
-        try:
-            finished = await _wait_all(jobs, request, config.timeout)
-        finally:
-            for job in jobs:
-                job.cancel()
+        finished = await _wait_all(jobs, request, config.timeout)
         if finished is None:
             return Response(status_code=499)
         choices = [{"index": i, **_reply(c.text, c.finish, tools),
@@ -723,11 +716,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                           tokenizer=generator.tokenizer, tools=tools)
             return GuardedStream(_response_events(body, response_id, chunks, messages), config.stall_timeout)
         created = time.time()
-        try:
-            finished = await _wait_all(jobs, request, config.timeout)
-        finally:
-            for job in jobs:
-                job.cancel()
+        finished = await _wait_all(jobs, request, config.timeout)
         if finished is None:
             return Response(status_code=499)
         choice = finished[0].choices[0]
@@ -829,11 +818,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return GuardedStream(_sse(jobs, head, prompt_tokens, include_usage, config.timeout, echoed=echoed,
                                       tokenizer=generator.tokenizer), config.stall_timeout)
-        try:
-            finished = await _wait_all(jobs, request, config.timeout)
-        finally:
-            for job in jobs:
-                job.cancel()
+        finished = await _wait_all(jobs, request, config.timeout)
         if finished is None:  # the client left; nobody reads this
             return Response(status_code=499)
         completion_tokens = sum(c.tokens for job in finished for c in job.choices)  # every candidate counts
@@ -1225,21 +1210,26 @@ async def _wait_all(jobs: list[Union[Job, ClassifyJob]], request: Request,
     """The jobs (sharing one mailbox) once all are done, or None if the client disconnected first; raises ApiError
     on an error.
 
-    Polls the connection between events, so a client that leaves stops its generation (the caller cancels).
+    Polls the connection between events, so a client that leaves stops its generation: however this returns, the
+    jobs are cancelled (a finished job has nothing left to stop).
     """
     give_up, pending = time.monotonic() + timeout + LATE, len(jobs)
-    while pending:
-        event = await jobs[0].mailbox.get(0.25)
-        if event is None:
-            if await request.is_disconnected():
-                return None
-            if time.monotonic() > give_up:
-                raise ApiError(504, "the request timed out")
-        elif event[0] == "done":
-            pending -= 1
-        elif event[0] == "error":
-            raise ApiError(event[1], event[2])
-    return jobs
+    try:
+        while pending:
+            event = await jobs[0].mailbox.get(0.25)
+            if event is None:
+                if await request.is_disconnected():
+                    return None
+                if time.monotonic() > give_up:
+                    raise ApiError(504, "the request timed out")
+            elif event[0] == "done":
+                pending -= 1
+            elif event[0] == "error":
+                raise ApiError(event[1], event[2])
+        return jobs
+    finally:
+        for job in jobs:
+            job.cancel()
 
 
 class GuardedStream(StreamingResponse):
