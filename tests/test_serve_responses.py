@@ -172,3 +172,17 @@ def test_a_classifier_server_names_the_endpoint_to_use(tmp_path):
     with running(app) as url:
         r = httpx.post(url + "/v1/responses", json={"input": "x"}, timeout=30)
     assert r.status_code == 400 and "/v1/classify" in r.json()["error"]["message"]
+
+
+def test_the_store_keeps_the_newest_within_its_count_and_bytes():
+    from lmforge.serve.responses import ResponseStore
+
+    store = ResponseStore(size=3, budget=10_000)
+    for i in range(5):
+        store.put({"id": f"r{i}", "text": "x" * 100}, [{"role": "user", "content": "y"}])
+    assert [k for k in ("r0", "r1", "r2", "r3", "r4") if store.get(k)] == ["r2", "r3", "r4"]
+    store.put({"id": "big", "text": "x" * 9_000}, [])  # over the budget with the others: they go, oldest first
+    assert store.get("big") is not None and store.get("r2") is None and store.used <= 10_000
+    store.put({"id": "huge", "text": "x" * 20_000}, [])  # alone over the budget: not kept, the others stay
+    assert store.get("huge") is None and store.get("big") is not None and len(store.items) == 1
+    assert store.delete("nope") is False

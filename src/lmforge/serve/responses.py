@@ -18,7 +18,8 @@ structured output, limits and cancellation are the chat endpoint's.
     finish reason length                    status "incomplete", incomplete_details.reason "max_output_tokens"
 
 A stored response (store, true by default, as OpenAI's) keeps its turns in this server's memory, the newest
-MAX_STORED, for previous_response_id and GET/DELETE /v1/responses/{id}; a restart forgets them.
+MAX_STORED (and MAX_STORED_BYTES of JSON), for previous_response_id and GET/DELETE /v1/responses/{id}; a restart
+forgets them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-MAX_STORED = 1024  # responses kept for previous_response_id, the newest first
+MAX_STORED = 1024  # responses kept for previous_response_id, the newest first,
+MAX_STORED_BYTES = 64 << 20  # and at most this much of their JSON
 
 
 class ResponsesError(ValueError):
@@ -244,21 +246,32 @@ def response_object(body: ResponsesRequest, response_id: str, created: float, mo
 
 
 class ResponseStore:
-    """The newest MAX_STORED stored responses: {id: (Response, the turns it hands on)}."""
+    """The newest stored responses, at most `size` of them and `budget` bytes of their JSON: {id: (Response, the
+    turns it hands on)}; the oldest go first."""
 
-    def __init__(self, size: int = MAX_STORED) -> None:
-        self.size, self.items = size, OrderedDict()
+    def __init__(self, size: int = MAX_STORED, budget: int = MAX_STORED_BYTES) -> None:
+        self.size, self.budget, self.used = size, budget, 0
+        self.items: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
 
     def put(self, response: dict, turns: list[dict]) -> None:
-        self.items[response["id"]] = (response, turns)
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+        cost = len(json.dumps(response)) + len(json.dumps(turns))
+        if cost > self.budget:  # alone over the budget: not kept (nor does it push the others out)
+            return
+        self.delete(response["id"])
+        self.items[response["id"]] = (response, turns, cost)
+        self.used += cost
+        while self.items and (len(self.items) > self.size or self.used > self.budget):
+            self.used -= self.items.popitem(last=False)[1][2]
 
     def get(self, response_id: str) -> Optional[tuple[dict, list[dict]]]:
-        return self.items.get(response_id)
+        found = self.items.get(response_id)
+        return None if found is None else found[:2]
 
     def delete(self, response_id: str) -> bool:
-        return self.items.pop(response_id, None) is not None
+        found = self.items.pop(response_id, None)
+        if found is not None:
+            self.used -= found[2]
+        return found is not None
 
 
 class StreamEvents:
