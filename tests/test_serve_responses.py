@@ -180,9 +180,10 @@ def test_the_store_keeps_the_newest_within_its_count_and_bytes():
     store = ResponseStore(size=3, budget=10_000)
     for i in range(5):
         store.put({"id": f"r{i}", "text": "x" * 100}, [{"role": "user", "content": "y"}])
-    assert [k for k in ("r0", "r1", "r2", "r3", "r4") if store.get(k)] == ["r2", "r3", "r4"]
-    store.put({"id": "big", "text": "x" * 9_000}, [])  # over the budget with the others: they go, oldest first
-    assert store.get("big") is not None and store.get("r2") is None and store.used <= 10_000
+    assert [k for k in ("r0", "r1", "r2", "r3", "r4") if store.get(k)] == ["r2", "r3", "r4"]  # the count
+    store.put({"id": "big", "text": "x" * 6_000}, [])
+    store.put({"id": "big2", "text": "x" * 6_000}, [])  # over the bytes: the oldest go until it fits
+    assert list(store.items) == ["big2"] and 6_000 < store.used <= 10_000
     store.put({"id": "huge", "text": "x" * 20_000}, [])  # alone over the budget: not kept, the others stay
-    assert store.get("huge") is None and store.get("big") is not None and len(store.items) == 1
-    assert store.delete("nope") is False
+    assert store.get("huge") is None and list(store.items) == ["big2"]
+    assert store.delete("big2") and store.used == 0 and store.delete("nope") is False
