@@ -158,10 +158,13 @@ def test_text_format_json_schema_is_structured_output(client):
     ({"input": "x", "max_output_tokens": 0}, 422, "max_output_tokens"),
     ({"input": "x", "top_logprobs": 2}, 422, "top_logprobs needs include"),
     ({"input": "x", "include": ["reasoning.encrypted_content"]}, 422, "include"),
+    ({"input": "x" * 300}, 422, "the prompt is"),
 ])
 def test_a_bad_request_is_one_clear_line(server, body, status, words):
     r = httpx.post(server + "/v1/responses", json=body, timeout=30)
     assert r.status_code == status and words in r.json()["error"]["message"], r.text
+    if words == "the prompt is":  # the field by its name here
+        assert r.json()["error"]["param"] == "input"
     assert "\n" not in r.json()["error"]["message"]
 
 

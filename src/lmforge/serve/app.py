@@ -708,7 +708,12 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             raise ApiError(422, "the request as a chat: "
                            f"{_validation_message(list(e.errors()), '/v1/chat/completions')[0]}", "input") from None
         messages = [m.model_dump(exclude_none=True) for m in chat.messages[1 if body.instructions else 0:]]
-        jobs, prompt_tokens, tools = await start_chat(chat, request)
+        try:
+            jobs, prompt_tokens, tools = await start_chat(chat, request)
+        except ApiError as e:  # the chat's fields, by their names here
+            e.param = {"prompt": "input", "messages": "input", "max_completion_tokens": "max_output_tokens",
+                       "response_format": "text"}.get(e.param, e.param)
+            raise
         response_id = f"resp_{uuid.uuid4().hex[:24]}"
         if body.stream:  # the chat's stream of chunks, read as Responses events
             chunks = _sse(jobs, {"id": response_id, "object": "chat.completion.chunk", "created": int(time.time()),
