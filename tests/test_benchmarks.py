@@ -326,3 +326,16 @@ def test_choices_shakespeare_runs_and_logs_the_questions_at_each_evaluation():
     assert all(0 <= point["acc"] <= 1 and 0 <= point["acc_norm"] <= 1 for point in summary["curve"])
     question = summary["example_question"]
     assert len(question["choices"]) == 4 and len(set(question["choices"])) == 4 and question["context"]
+
+
+@pytest.mark.slow
+def test_watermark_shakespeare_scores_marked_and_unmarked_samples(tmp_path):
+    out = tmp_path / "watermark.json"
+    summary = load("watermark_shakespeare").main(["--quick", "--json-out", str(out)])
+    assert json.loads(out.read_text()) == summary and summary["samples_per_setting"] == 4
+    results = summary["results"]
+    assert set(results) == {"none", "bias 2"} and results["none"]["nll_cost"] == 0
+    assert results["bias 2"]["over_threshold"]["60"] == 1.0 and results["none"]["over_threshold"]["60"] == 0.0
+    assert results["bias 2"]["median_z"]["60"] > results["none"]["median_z"]["60"]
+    assert all(r["nll_per_token"] > 0 for r in results.values())
+    assert set(results["none"]["over_threshold_unique"]) == {"30", "60"}  # each repeated pair once, too

@@ -7,8 +7,8 @@ README.md marks each passage of measured figures with the results files behind i
     ... a table or a paragraph of figures ...
     <!-- /results -->
 
-Inside a passage, a figure is a number with a decimal point ("1.704"), a thousands separator ("13,568"), or a unit
-("2.6x", "20%", "70 s", "18 MB", "10.2 MB/s", "437 TFLOP/s"). Bare integers ("2000 steps", "B=32", "r=8") are
+Inside a passage, a figure is a number with a decimal point ("1.704", "-0.71": a minus sign after a space is its
+sign), a thousands separator ("13,568"), or a unit ("2.6x", "20%", "70 s", "18 MB", "10.2 MB/s", "437 TFLOP/s"). Bare integers ("2000 steps", "B=32", "r=8") are
 settings, not measurements, and are not checked. A figure is backed when some number in the named files (a value,
 or one in a key such as "step_to_1.89") rounds to it at the figure's precision (for "20%" the number times 100, for
 "1.54 M" the number over a million).
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 PASSAGE = re.compile(r"<!-- results: (?P<files>[^>]+?) -->(?P<text>.*?)<!-- /results -->", re.S)
-FIGURE = re.compile(r"(?<![\w.,=])(?P<number>\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)"
+FIGURE = re.compile(r"(?<![\w.,=])(?P<number>-?(?:\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?))"
                     r"(?P<unit>x|%| M\b)?(?=(?P<spaced_unit> (?:s|ms|MB|MB/s|GFLOP/s|TFLOP/s|tokens/s)\b))?(?![\w.])")
 SCALE = {"%": 100.0, " M": 1e-6}
 
@@ -89,6 +89,7 @@ def test_every_readme_figure_is_in_its_results_file():
     ("| **1.6817** (1.89", "| **1.6818** (1.89", "'1.6818' (from quality_shakespeare-cpu.json)"),
     ("**511,023 tokens/s**", "**511,024 tokens/s**", "'511,024' (from gpu_check-h200.json)"),
     ("Peak RSS **684 MB**", "Peak RSS **683 MB**", "'683' (from prepare_throughput-1gb-cpu.json)"),
+    ("; -0.71 with", "; 0.71 with", "'0.71' (from watermark_shakespeare-cpu-amd-avx2.json)"),  # the sign counts
 ])
 def test_a_changed_figure_is_reported(written, changed, source):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
