@@ -8,8 +8,8 @@ README.md marks each passage of measured figures with the results files behind i
     <!-- /results -->
 
 Inside a passage, a figure is a number with a decimal point ("1.704", "-0.71": a minus sign after a space is its
-sign), a thousands separator ("13,568"), or a unit ("2.6x", "20%", "70 s", "18 MB", "10.2 MB/s", "437 TFLOP/s"). Bare integers ("2000 steps", "B=32", "r=8") are
-settings, not measurements, and are not checked. A figure is backed when some number in the named files (a value,
+sign), a thousands separator ("13,568"), or a unit ("2.6x", "20%", "70 s", "18 MB", "10.2 MB/s", "437 TFLOP/s").
+Bare integers ("2000 steps", "B=32", "r=8") are settings, not measurements, and are not checked. A figure is backed when some number in the named files (a value,
 or one in a key such as "step_to_1.89") rounds to it at the figure's precision (for "20%" the number times 100, for
 "1.54 M" the number over a million).
 """
