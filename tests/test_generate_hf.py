@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.errors import ConfigError  # noqa: E402
 from lmforge.generate import GenerateConfig, beam_search, filter_logits, generate_batch_ids  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
@@ -230,6 +231,42 @@ def test_max_time_spent_takes_one_step_as_hf_does(soft_pair):
     assert generate_batch_ids(ours, PROMPTS, greedy=True, max_new_tokens=20, max_time=1e-9) == \
         hf_generate(theirs, PROMPTS, None, 20, max_time=1e-9)
     assert [len(rows[0]) for rows in hf_generate(theirs, PROMPTS, None, 20, max_time=1e-9)] == [1, 1, 1]
+
+
+def test_complete_logprobs_equal_hfs_transition_scores_of_the_raw_logits():
+    """complete(logprobs=k): each new token's log probability is Hugging Face's compute_transition_scores over
+    output_logits (normalize_logits), with a repetition penalty choosing the tokens (the scores are the model's, not
+    the penalized ones); the k alternatives are the k likeliest under the same log-softmax."""
+    from lmforge.generate import complete
+    from lmforge.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32,
+                         activation="gelu_tanh")
+    torch.manual_seed(0)
+    ours = GPT(config).eval()
+    theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(**to_hf_config(config))).eval()
+    theirs.load_state_dict(to_hf_state_dict(ours.state_dict(), config), strict=True)
+    got = complete(ours, tokenizer, ["To be", "or not"], logprobs=3, greedy=True, max_new_tokens=12,
+                   repetition_penalty=1.3, suppress_tokens=[tokenizer.end_id])
+    for prompt, (c,) in zip(["To be", "or not"], got):
+        ids = torch.tensor([[tokenizer.start_id] + tokenizer.encode(prompt)])
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                  repetition_penalty=1.3, suppress_tokens=[tokenizer.end_id], output_logits=True,
+                                  return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+        assert out.sequences[0, ids.size(1):].tolist() == c.token_ids and len(c.logprobs) == 12
+        want = theirs.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)[0]
+        assert [lp.token for lp in c.logprobs] == c.token_ids
+        assert [lp.logprob for lp in c.logprobs] == pytest.approx(want.tolist(), abs=1e-4)
+        for lp, logits in zip(c.logprobs, out.logits):
+            top = logits[0].float().log_softmax(-1).topk(3)
+            assert [t for t, _ in lp.top] == top.indices.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert complete(ours, tokenizer, ["x"], max_new_tokens=3)[0][0].logprobs is None
+    with pytest.raises(ConfigError, match="logprobs with beam search"):
+        complete(ours, tokenizer, ["x"], logprobs=1, num_beams=2, max_new_tokens=3)
 
 
 def test_top_h_equals_hf_and_ignores_tokens_that_are_already_out():

@@ -18,7 +18,7 @@ from lmforge.generate.config import GenerateConfig
 from lmforge.generate.compiled import apply_compile
 from lmforge.generate.decode import decode_rows
 from lmforge.generate.quantize import apply_inference_dtype
-from lmforge.generate.rows import Event, Row, make_rows, prompt_ids
+from lmforge.generate.rows import Event, Logprobs, Row, make_rows, prompt_ids
 from lmforge.generate.speculative import DraftModel, PromptLookup, check_assistant, speculative_rows
 from lmforge.model import GPT
 
@@ -61,6 +61,7 @@ class Completion(NamedTuple):
     token_ids: list[int]  # the new tokens, without an end token (up to the one that completed a stop string)
     finish_reason: str  # "stop" (end token, stop token id or stop string) or "length" (the budget ran out)
     prompt_tokens: int  # tokens of the prompt as the model saw it (<START> included, after cropping)
+    logprobs: Optional[list[Logprobs]] = None  # with complete(logprobs=k): each new token's, and the k likeliest
 
 
 def generate_batch_ids(model: GPT, prompts: Sequence[Sequence[int]], config: Optional[GenerateConfig] = None,
@@ -90,10 +91,20 @@ def generate_ids(model: GPT, prompt_ids: Sequence[int], config: Optional[Generat
 
 
 def complete(model: GPT, tokenizer: Any, prompts: Sequence[str], config: Optional[GenerateConfig] = None,
-             assistant_model: Optional[GPT] = None, **kwargs: Any) -> list[list[Completion]]:
-    """The num_return_sequences Completions of each prompt, all decoded as one batch: [prompt][sequence]."""
+             assistant_model: Optional[GPT] = None, logprobs: Optional[int] = None,
+             **kwargs: Any) -> list[list[Completion]]:
+    """The num_return_sequences Completions of each prompt, all decoded as one batch: [prompt][sequence]. With
+    `logprobs` k, each Completion holds its new tokens' log probabilities and the k likeliest tokens' at each step,
+    from the model's raw logits (before penalties, temperature and filters: Hugging Face's compute_transition_scores
+    of output_logits with normalize_logits, OpenAI's logprobs)."""
     config = options(config, kwargs)
     no_beams_with(assistant_model, config)
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+        raise ConfigError(f"logprobs={logprobs!r} is invalid: the number of likeliest tokens to report at each step "
+                          "(0 or more)")
+    if logprobs is not None and config.num_beams > 1:
+        raise ConfigError(f"logprobs with beam search (num_beams={config.num_beams}) is not supported: a beam's "
+                          "tokens are chosen by their sum, not one at a time; use num_beams=1")
     if not prompts:
         return []
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
@@ -108,10 +119,16 @@ def complete(model: GPT, tokenizer: Any, prompts: Sequence[str], config: Optiona
                         for ids in hypotheses])
         return out
     rows = make_rows(model, encoded, config, tokenizer.end_id, tokenizer)
-    for _ in decode_events(model, rows, config, assistant_model):
-        pass
-    return [[Completion(row.text.text, row.tokens, row.finish, len(row.prompt))
-             for row in rows[p * copies:(p + 1) * copies]] for p in range(len(prompts))]
+    scores: list[list[Logprobs]] = [[] for _ in rows]
+    for row in rows:
+        row.top_logprobs = logprobs
+    for events in decode_events(model, rows, config, assistant_model):
+        for event in events:
+            if event.logprobs is not None:
+                scores[event.row].append(event.logprobs)
+    return [[Completion(row.text.text, row.tokens, row.finish, len(row.prompt),
+                        scores[i] if logprobs is not None else None)
+             for i, row in enumerate(rows[p * copies:(p + 1) * copies], p * copies)] for p in range(len(prompts))]
 
 
 def generate(model: GPT, tokenizer: Any, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,
