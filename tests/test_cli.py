@@ -302,6 +302,8 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("generate-top-h-beams", ["generate", str(run), "--num-beams", "2", "--top-h", "0.5"],
          "generate.top_h=0.5 is a sampling option"),
         ("generate-watermark-key-alone", ["generate", str(run), "--watermark-key", "5"], "only read by the watermark"),
+        ("generate-schedule-alone", ["generate", str(run), "--num-assistant-tokens-schedule", "heuristic"],
+         "--assistant-model RUN_DIR or --prompt-lookup-num-tokens"),
         ("detect-nothing", ["detect", str(run)], "nothing to test"),
         ("detect-empty-text", ["detect", str(run), "--text", "", "--device", "cpu"], "give more text"),
         ("detect-bad-ratio", ["detect", str(run), "--watermark-greenlist-ratio", "1.5"],
@@ -414,7 +416,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 114
+N_CASES = 115
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -119,6 +119,27 @@ def test_the_model_as_its_own_draft_keeps_every_guess(target, options):
     assert drafted == accepted > 0
 
 
+def test_the_heuristic_schedule_grows_after_every_guess_kept_and_shrinks_after_a_miss(target, draft):
+    """num_assistant_tokens_schedule heuristic (Hugging Face's): the model drafting for itself keeps every guess, so
+    each step guesses 2 more and more guesses are made than at a constant 5 (fewer passes); a weaker draft misses,
+    so its guesses shrink and fewer are made than at a constant 8; greedy tokens stay plain greedy's either way."""
+    prompt, plain = ids("the king"), dict(greedy=True, max_new_tokens=60)
+    want = generate_batch_ids(target, [prompt], end_id=TOKENIZER.end_id, **plain)[0][0]
+    counts = {}
+    for schedule in ("constant", "heuristic"):
+        config = GenerateConfig(**plain, num_assistant_tokens=5, num_assistant_tokens_schedule=schedule)
+        got, drafted, accepted = speculated(target, prompt, config, target)
+        assert got == want and drafted == accepted
+        counts[schedule] = drafted
+    assert counts["heuristic"] > counts["constant"]
+    for schedule in ("constant", "heuristic"):
+        config = GenerateConfig(**plain, num_assistant_tokens=8, num_assistant_tokens_schedule=schedule)
+        got, drafted, accepted = speculated(target, prompt, config, draft)
+        assert got == want and accepted < drafted
+        counts[schedule] = drafted
+    assert counts["heuristic"] < counts["constant"]
+
+
 @pytest.mark.parametrize("options", [{"stop_strings": ["."]}, {"stop_strings": ["king", "dog"]},
                                      {"stop_token_ids": [ord(" ") + 3]}, {"max_new_tokens": 3},
                                      {"max_new_tokens": 1}, {"max_length": 40},

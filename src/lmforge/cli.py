@@ -415,6 +415,10 @@ def _check_assistant_flags(args: argparse.Namespace, values: dict) -> None:
     if "num_assistant_tokens" in values and not args.assistant_model:
         raise ConfigError("--num-assistant-tokens sets how many tokens an assistant model guesses: give "
                           "--assistant-model RUN_DIR too (or --prompt-lookup-num-tokens to guess without a model)")
+    if values.get("num_assistant_tokens_schedule") == "heuristic" and not args.assistant_model \
+            and "prompt_lookup_num_tokens" not in values:
+        raise ConfigError("--num-assistant-tokens-schedule heuristic adapts speculative decoding's guesses: give "
+                          "--assistant-model RUN_DIR or --prompt-lookup-num-tokens N too")
     schema = values.get("guided_json")
     if schema is not None and not schema.lstrip().startswith("{"):  # not JSON text: a schema file
         try:

@@ -160,6 +160,10 @@ class GenerateConfig:
                                        le=1024)
     num_assistant_tokens: int = doc("Speculative decoding with an assistant (draft) model: tokens it guesses per "
                                     "step.", 5, ge=1, le=1024)
+    num_assistant_tokens_schedule: Literal["constant", "heuristic"] = doc(
+        "Speculative decoding: constant guesses num_assistant_tokens (or prompt_lookup_num_tokens) per step; "
+        "heuristic starts there and guesses 2 more after a step that kept every guess, 1 fewer (1 at least) after "
+        "one that did not (Hugging Face's schedule of the same name).", "constant")
 
     def __post_init__(self) -> None:
         if isinstance(self.guided_json, dict):

@@ -207,15 +207,22 @@ def speculative_rows(model: GPT, rows: Sequence[Row], drafter_for: Callable[[Row
     """Decode `rows` by speculation (drafter_for(row) gives each row its Drafter; k guesses per step at most), each
     with its own KV cache; yield, per step, the Events of the tokens that step kept for every unfinished row (one
     speculative step per row, rows in turn: each row's tokens are those it gets alone). Rows end by Row.advance, as
-    in decode.decode_rows; each row's `drafted` / `accepted` count its guesses."""
+    in decode.decode_rows; each row's `drafted` / `accepted` count its guesses. A row whose config has the heuristic
+    num_assistant_tokens_schedule guesses 2 more after a step that kept all its guesses, 1 fewer (1 at least) after
+    one that did not."""
     live = [(index, row, Target(model, row.prompt), drafter_for(row)) for index, row in enumerate(rows)]
+    guesses = [k] * len(rows)  # each row's guesses per step
     while True:
         live = [entry for entry in live if entry[1].finish is None]  # a reader may end a row (a server's cancel)
         if not live:
             return
         events: list[Event] = []
         for index, row, target, drafter in live:
-            events += _step(index, row, target, drafter, k)
+            drafted, accepted = row.drafted, row.accepted
+            events += _step(index, row, target, drafter, guesses[index])
+            if row.config.num_assistant_tokens_schedule == "heuristic" and row.drafted > drafted:
+                every = row.accepted - accepted == row.drafted - drafted
+                guesses[index] = guesses[index] + 2 if every else max(1, guesses[index] - 1)
         yield events
 
 
