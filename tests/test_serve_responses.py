@@ -190,3 +190,29 @@ def test_the_store_keeps_the_newest_within_its_count_and_bytes():
     store.put({"id": "huge", "text": "x" * 20_000}, [])  # alone over the budget: not kept, the others stay
     assert store.get("huge") is None and list(store.items) == ["big2"]
     assert store.delete("big2") and store.used == 0 and store.delete("nope") is False
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_a_client_that_leaves_stops_its_response(run_dir, stream):
+    """The stream's events come from the chat's chunks: closing them cancels the generation, as leaving a plain
+    request does."""
+    import time
+
+    from test_serve import wait_until
+
+    app = load_app(str(run_dir), ServeConfig(max_tokens=100_000), device="cpu")
+    engine = app.state.engine
+    body = {"input": "x", "max_output_tokens": 100_000, "stream": stream}
+    with running(app) as url:
+        if stream:
+            with httpx.Client(base_url=url, timeout=30) as c, c.stream("POST", "/v1/responses", json=body) as r:
+                lines = r.iter_lines()
+                while "response.output_text.delta" not in next(lines):  # it is generating
+                    pass
+        else:
+            with httpx.Client(base_url=url, timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/responses", json=body)
+        wait_until(lambda: engine.stats()["running"] == 0)
+        stopped_at = engine.stats()["generated_tokens"]
+        time.sleep(0.3)  # (a pause to see that nothing more is generated)
+        assert engine.stats()["generated_tokens"] == stopped_at < 100_000
