@@ -95,7 +95,11 @@ def test_previous_response_id_continues_the_stored_conversation(client, server):
         {"role": "user", "content": "And then?"}])
     assert second.output_text == chat.choices[0].message.content and second.previous_response_id == first.id
     assert client.responses.retrieve(first.id).output_text == first.output_text
+    items = client.responses.input_items.list(second.id).data  # its own input, as items
+    assert [(i.type, i.role, i.content[0].text) for i in items] == [("message", "user", "And then?")]
     assert client.responses.delete(first.id) is None
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(first.id)
     with pytest.raises(openai.NotFoundError, match="no stored response"):
         client.responses.create(model="run", input="x", previous_response_id=first.id)
     unstored = client.responses.create(model="run", input="x", max_output_tokens=2, store=False)
@@ -132,6 +136,8 @@ def test_function_tools_call_stream_and_take_the_output_back(client):
         {"role": "assistant", "content": None, "tool_calls": [chat_call.model_dump()]},
         {"role": "tool", "tool_call_id": chat_call.id, "content": "sunny"}])
     assert answer.output_text == again.choices[0].message.content
+    (given,) = client.responses.input_items.list(answer.id).data
+    assert (given.type, given.call_id, given.output) == ("function_call_output", call.call_id, "sunny")
 
 
 def test_text_format_json_schema_is_structured_output(client):

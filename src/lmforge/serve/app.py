@@ -10,7 +10,7 @@
                           (a reply held to a call, or with "auto" a call or text; streamed as tool_call deltas)
     POST /v1/responses    OpenAI's Responses API, as the chat it means (serve.responses): input items,
                           instructions, previous_response_id, function tools, text.format, its stream events;
-                          GET / DELETE /v1/responses/{id} for a stored one
+                          GET / DELETE /v1/responses/{id} for a stored one, GET .../input_items its input
     POST /v1/classify     a classifier's labels with probabilities for a text or a list of texts (top_k)
     POST /v1/embeddings   OpenAI embeddings: a vector per text or token id list (generate.embed), any model
     POST /v1/fill-mask    an encoder's: Hugging Face's fill-mask answer, the likeliest tokens in each mask
@@ -68,7 +68,7 @@ from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job,
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.playground import CLASSIFIER_NOTE_HTML, ENCODER_NOTE_HTML, PLAYGROUND_HTML
 from lmforge.serve.responses import (ResponsesError, ResponsesRequest, ResponseStore, StreamEvents, chat_body,
-                                     history_of, output_items, response_object)
+                                     history_of, input_items, input_messages, output_items, response_object)
 
 PUBLIC_PATHS = ("/health", "/")  # no API key: liveness, and the static page that asks for the key
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a queue slot frees as soon as one request ends
@@ -733,7 +733,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                                    output_items(reply["message"], reply["finish_reason"], logprobs), usage,
                                    "completed")
         if body.store is not False:
-            stored.put(response, history_of(messages, response["output"]))
+            stored.put(response, history_of(messages, response["output"]), input_items(input_messages(body.input)))
         return JSONResponse(response)
 
     async def _response_events(body: ResponsesRequest, response_id: str, chunks: AsyncIterator[str],
@@ -749,7 +749,8 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                         yield event
             last = events.end()
             if body.store is not False:
-                stored.put(events.response("completed"), history_of(messages, events.output))
+                stored.put(events.response("completed"), history_of(messages, events.output),
+                           input_items(input_messages(body.input)))
             yield last
         finally:
             await chunks.aclose()
@@ -760,6 +761,15 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         if found is None:
             raise ApiError(404, f"no stored response {response_id!r}", "response_id")
         return found[0]
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def stored_input_items(response_id: str) -> dict:
+        found = stored.get(response_id)
+        if found is None:
+            raise ApiError(404, f"no stored response {response_id!r}", "response_id")
+        items = found[2]
+        return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+                "last_id": items[-1]["id"] if items else None, "has_more": False}
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> dict:

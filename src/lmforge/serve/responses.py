@@ -18,8 +18,8 @@ structured output, limits and cancellation are the chat endpoint's.
     finish reason length                    status "incomplete", incomplete_details.reason "max_output_tokens"
 
 A stored response (store, true by default, as OpenAI's) keeps its turns in this server's memory, the newest
-MAX_STORED (and MAX_STORED_BYTES of JSON), for previous_response_id and GET/DELETE /v1/responses/{id}; a restart
-forgets them.
+MAX_STORED (and MAX_STORED_BYTES of JSON), for previous_response_id, GET/DELETE /v1/responses/{id} and GET
+/v1/responses/{id}/input_items; a restart forgets them.
 """
 
 from __future__ import annotations
@@ -214,6 +214,24 @@ def output_items(message: dict, finish: str, logprobs: Optional[dict] = None) ->
     return [message_item(message.get("content") or "", status, (logprobs or {}).get("content"))]
 
 
+def input_items(messages: list[dict]) -> list[dict]:
+    """Chat messages (input_messages') as Responses input items, each with an id: messages with input_text (an
+    assistant's: output_text), an assistant turn's calls as function_call items, tool turns as function_call_output."""
+    items = []
+    for m in messages:
+        if m.get("tool_calls"):
+            items += [{"id": _id("fc"), "type": "function_call", "status": "completed", "call_id": c["id"],
+                       "name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in m["tool_calls"]]
+        elif m["role"] == "tool":
+            items.append({"id": _id("fco"), "type": "function_call_output", "status": "completed",
+                          "call_id": m["tool_call_id"], "output": m["content"]})
+        else:
+            kind = "output_text" if m["role"] == "assistant" else "input_text"
+            items.append({"id": _id("msg"), "type": "message", "status": "completed", "role": m["role"],
+                          "content": [{"type": kind, "text": m["content"]}]})
+    return items
+
+
 def history_of(messages: list[dict], output: list[dict]) -> list[dict]:
     """The turns a stored response hands on to previous_response_id: its conversation without the instructions (a
     first system message from them), then its output as the assistant's turn."""
@@ -247,30 +265,32 @@ def response_object(body: ResponsesRequest, response_id: str, created: float, mo
 
 class ResponseStore:
     """The newest stored responses, at most `size` of them and `budget` bytes of their JSON: {id: (Response, the
-    turns it hands on)}; the oldest go first."""
+    turns it hands on, its own input items)}; the oldest go first."""
 
     def __init__(self, size: int = MAX_STORED, budget: int = MAX_STORED_BYTES) -> None:
         self.size, self.budget, self.used = size, budget, 0
-        self.items: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
+        self.items: OrderedDict[str, tuple[dict, list[dict], list[dict], int]] = OrderedDict()
 
-    def put(self, response: dict, turns: list[dict]) -> None:
-        cost = len(json.dumps(response)) + len(json.dumps(turns))
+    def put(self, response: dict, turns: list[dict], inputs: Optional[list[dict]] = None) -> None:
+        inputs = inputs or []
+        cost = len(json.dumps(response)) + len(json.dumps(turns)) + len(json.dumps(inputs))
         if cost > self.budget:  # alone over the budget: not kept (nor does it push the others out)
             return
         self.delete(response["id"])
-        self.items[response["id"]] = (response, turns, cost)
+        self.items[response["id"]] = (response, turns, inputs, cost)
         self.used += cost
         while self.items and (len(self.items) > self.size or self.used > self.budget):
-            self.used -= self.items.popitem(last=False)[1][2]
+            self.used -= self.items.popitem(last=False)[1][3]
 
-    def get(self, response_id: str) -> Optional[tuple[dict, list[dict]]]:
+    def get(self, response_id: str) -> Optional[tuple[dict, list[dict], list[dict]]]:
+        """(the Response, the turns it hands on, its input items), or None."""
         found = self.items.get(response_id)
-        return None if found is None else found[:2]
+        return None if found is None else found[:3]
 
     def delete(self, response_id: str) -> bool:
         found = self.items.pop(response_id, None)
         if found is not None:
-            self.used -= found[2]
+            self.used -= found[3]
         return found is not None
 
 
