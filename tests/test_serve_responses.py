@@ -222,3 +222,14 @@ def test_a_client_that_leaves_stops_its_response(run_dir, stream):
         stopped_at = engine.stats()["generated_tokens"]
         time.sleep(0.3)  # (a pause to see that nothing more is generated)
         assert engine.stats()["generated_tokens"] == stopped_at < 100_000
+
+
+def test_a_stream_past_its_time_ends_failed_and_is_not_stored(run_dir):
+    app = load_app(str(run_dir), ServeConfig(timeout=0.5, max_tokens=1_000_000), device="cpu")
+    with running(app) as url:
+        events = list(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0).responses.create(
+            model="run", input="x", max_output_tokens=1_000_000, stream=True))
+        assert events[-2].type == "error" and events[-2].code == "504"
+        assert events[-1].type == "response.failed" and events[-1].response.status == "failed"
+        assert events[-1].response.error.code == "504"
+        assert httpx.get(f"{url}/v1/responses/{events[0].response.id}", timeout=30).status_code == 404

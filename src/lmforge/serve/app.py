@@ -748,7 +748,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                     for event in events.feed(json.loads(line[6:])):
                         yield event
             last = events.end()
-            if body.store is not False:
+            if body.store is not False and events.error is None:
                 stored.put(events.response("completed"), history_of(messages, events.output),
                            input_items(input_messages(body.input)))
             yield last

@@ -305,6 +305,7 @@ class StreamEvents:
         self.calls: dict[int, dict] = {}  # a chat tool call's index -> its output item
         self.usage: Optional[dict] = None
         self.logprobs: list[dict] = []  # of tokens whose text is not out yet (held back for stop strings)
+        self.error: Optional[dict] = None  # what stopped the generation (a timeout), if something did
         self.number = 0
 
     def _event(self, kind: str, **fields: Any) -> str:
@@ -345,8 +346,8 @@ class StreamEvents:
 
     def feed(self, chunk: dict) -> list[str]:
         if "error" in chunk:
-            return [self._event("error", code=str(chunk["error"].get("code")), message=chunk["error"]["message"],
-                                param=chunk["error"].get("param"))]
+            self.error = {"code": str(chunk["error"].get("code")), "message": chunk["error"]["message"]}
+            return [self._event("error", **self.error, param=chunk["error"].get("param"))]
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         events = []
@@ -390,6 +391,9 @@ class StreamEvents:
         return events
 
     def end(self) -> str:
+        """response.completed, response.incomplete (cut by max_output_tokens) or response.failed (an error)."""
+        if self.error is not None:
+            return self._event("response.failed", response={**self.response("failed"), "error": self.error})
         response = self.response("completed")
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return self._event(kind, response=response)
