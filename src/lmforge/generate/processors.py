@@ -162,7 +162,7 @@ def _bad_word_table(sequences: tuple[tuple[int, ...], ...], device: torch.device
 def ban_early_ends(scores: torch.Tensor, generated: Sequence[Sequence[int]], minimum: int,
                    end_ids: Sequence[int]) -> torch.Tensor:
     """Scores (B, V) with the end ids at -inf in the rows that generated fewer than `minimum` tokens so far
-    (min_new_tokens)."""
+    (min_new_tokens; with minimum 1 and other ids, begin_suppress_tokens)."""
     short = [j for j, ids in enumerate(generated) if len(ids) < minimum]
     if not short:
         return scores
@@ -192,18 +192,6 @@ def decay_length_penalty(scores: torch.Tensor, generated: Sequence[Sequence[int]
     added = (s.abs() * torch.tensor(grow, device=scores.device)[:, None].clamp(max=biggest)).clamp(max=biggest)
     penalized = torch.where(s.isfinite(), (s + added.nan_to_num(0.0)).clamp(max=biggest), s)
     return scores.index_copy(1, ends, penalized.to(scores.dtype))
-
-
-def first_token_bans(scores: torch.Tensor, generated: Sequence[Sequence[int]], banned: Sequence[int]) -> torch.Tensor:
-    """Scores (B, V) with the `banned` ids at -inf in the rows that have generated nothing yet
-    (begin_suppress_tokens)."""
-    first = [j for j, ids in enumerate(generated) if not ids]
-    if not first:
-        return scores
-    scores = scores.clone()
-    rows = slice(None) if len(first) == len(generated) else torch.tensor(first, device=scores.device)[:, None]
-    scores[rows, torch.tensor(list(banned), device=scores.device)] = -torch.inf
-    return scores
 
 
 def choice_tokens(generated: Sequence[Sequence[int]], choices: Sequence[Sequence[int]], end_ids: Sequence[int],
@@ -261,7 +249,7 @@ def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[to
     if config.suppress_tokens:
         scores = scores.index_fill(1, torch.tensor(config.suppress_tokens, device=scores.device), -torch.inf)
     if config.begin_suppress_tokens and generated is not None:
-        scores = first_token_bans(scores, generated, config.begin_suppress_tokens)
+        scores = ban_early_ends(scores, generated, 1, config.begin_suppress_tokens)  # (banned before one new token)
     if generated is not None and (config.presence_penalty != 0.0 or config.frequency_penalty != 0.0):
         scores = occurrence_penalties(scores, generated, config.presence_penalty, config.frequency_penalty)
     if generated is not None and config.guided_choice_ids:
