@@ -64,7 +64,10 @@ def torchrun_worker(run_dir: Path, *args: object) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            __file__, str(run_dir), *map(str, args)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[:3000]
+    # the start and the end of stderr: a rank that aborts in native code (faulthandler's stack of every thread) is
+    # often not the first to print, and torchrun's summary of which rank failed and how comes last
+    err = done.stderr if len(done.stderr) <= 8000 else done.stderr[:2000] + "\n[...]\n" + done.stderr[-6000:]
+    assert done.returncode == 0, err
 
 
 def two_processes(tmp_path_factory, name: str, overrides: dict) -> Path:
@@ -79,5 +82,8 @@ def read_history(run: Path) -> dict:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) prints the Python stack where it happened
     sys.path.insert(0, str(Path(__file__).parent))
     worker(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "True", *sys.argv[5:])
