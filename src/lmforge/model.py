@@ -114,16 +114,21 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                      mask: Optional[torch.Tensor] = None, causal: bool = True) -> torch.Tensor:
-    """reference_attention in fewer passes over the (B, nh, T, S) scores: 1/sqrt(d_k) applied to q, the mask
-    written into the scores in place, no dropout call at p = 0. Shapes as reference_attention."""
-    T, S, d_k = q.size(-2), k.size(-2), q.size(-1)
-    if k.size(1) != q.size(1):  # grouped-query: each key/value head serves nh/nkv consecutive query heads
-        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, nh, S, hd)
-        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)  # (B, nh, S, hd)
+    """reference_attention in fewer passes over the (B, nh, T, S) scores: one batched product (baddbmm) scales
+    Q K^T by 1/sqrt(d_k) and adds the mask as 0 / -inf; no dropout call at p = 0. Shapes as reference_attention."""
+    B, nh, T, d_k = q.shape
+    S = k.size(-2)
+    if k.size(1) != nh:  # grouped-query: each key/value head serves nh/nkv consecutive query heads
+        k = k.repeat_interleave(nh // k.size(1), dim=1)  # (B, nh, S, hd)
+        v = v.repeat_interleave(nh // v.size(1), dim=1)  # (B, nh, S, hd)
     allowed = mask if mask is not None else causal_mask(T, S, q.device) if causal else None
-    scores = (q * (1.0 / math.sqrt(d_k))) @ k.transpose(-2, -1)  # (B, nh, T, S)
-    if allowed is not None:
-        scores.masked_fill_(~allowed, -math.inf)  # in place: the product's backward does not read its output
+    if allowed is None:  # an encoder: nothing to add (beta 0 ignores the bias)
+        bias, beta = q.new_zeros(()), 0.0
+    else:  # 0 where a query may see a key, -inf where not: (T, S), or (B, 1, T, S) -> (B * nh, T, S)
+        bias, beta = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf), 1.0
+        bias = bias.expand(B, nh, T, S).flatten(0, 1) if bias.dim() == 4 else bias
+    scores = torch.baddbmm(bias, q.flatten(0, 1), k.transpose(-2, -1).flatten(0, 1), beta=beta,
+                           alpha=1.0 / math.sqrt(d_k)).view(B, nh, T, S)
     weights = torch.softmax(scores, dim=-1)  # (B, nh, T, S)
     return (F.dropout(weights, dropout_p) if dropout_p > 0 else weights) @ v  # (B, nh, T, hd)
 
