@@ -191,6 +191,11 @@ MUTANTS = [
            "    logits = filter_logits(scores.float() / config.temperature,",
            "    logits = filter_logits(marked(scores.float(), config, contexts) / config.temperature,  # mutant",
            ("tests/test_watermark.py::test_sampling_adds_the_mark_after_temperature_and_the_filters_as_hf",)),
+    Mutant("healing-drops-its-text", "generate/rows.py",
+           'piece, self.lead = self.lead + self.decoder.push(token_id), ""',
+           'piece, self.lead = self.decoder.push(token_id), ""  # mutant: the healed token\'s text is lost',
+           ("tests/test_token_healing.py::test_the_prompt_text_and_the_new_text_are_the_text_of_the_healed_prompt_and"
+            "_the_new_tokens",)),
     Mutant("choices-see-context-pads", "eval/choices.py",
            "seen = torch.cat([mask[parent], more], dim=1)",
            "seen = torch.cat([torch.ones_like(mask[parent]), more], dim=1)  # mutant: choices attend to the pads",

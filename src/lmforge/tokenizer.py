@@ -346,6 +346,10 @@ class StreamDecoder:
             ids = [int(ids)]
         return self._utf8.decode(self._tok.decode_bytes(ids, self._skip))
 
+    def push_bytes(self, data: bytes) -> str:
+        """Feed raw bytes (e.g. the part of a healed token past the prompt); returns the newly completed text."""
+        return self._utf8.decode(data)
+
     def flush(self) -> str:
         """Return the held-back tail and reset."""
         return self._utf8.decode(b"", final=True)

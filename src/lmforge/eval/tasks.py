@@ -89,6 +89,9 @@ def evaluate_sft(model: nn.Module, tokenizer: Any, examples: Examples, *, genera
 
     if len(examples) == 0:
         raise DataError("the split holds no examples to evaluate")
+    if generate is not None and generate.token_healing:
+        raise ConfigError("generate.token_healing is for prompts cut inside a word, and an evaluation's prompts end "
+                          "where its training examples' prompts ended: leave token_healing off")
     prompts, references = split_prompts(examples, tokenizer.end_id)
     budget = max(len(r) for r in references) + 1  # room for the longest reference and its end token
     if generate is None:

@@ -18,7 +18,8 @@ from lmforge.generate.config import GenerateConfig
 from lmforge.generate.compiled import apply_compile
 from lmforge.generate.decode import decode_rows
 from lmforge.generate.quantize import apply_inference_dtype
-from lmforge.generate.rows import Event, Logprobs, Row, make_rows, prompt_ids
+from lmforge.generate.healing import heal
+from lmforge.generate.rows import Event, Logprobs, Row, crop_prompt, make_rows, prompt_ids
 from lmforge.generate.speculative import DraftModel, PromptLookup, check_assistant, speculative_rows
 from lmforge.model import GPT
 
@@ -73,6 +74,9 @@ def generate_batch_ids(model: GPT, prompts: Sequence[Sequence[int]], config: Opt
     with the same vocabulary that drafts tokens for speculative decoding."""
     config = options(config, kwargs)
     no_beams_with(assistant_model, config)
+    if config.token_healing:
+        raise ConfigError("token_healing changes the prompt's last token, which new ids alone cannot show: use "
+                          "complete() or generate(), whose text begins with what the healed token adds")
     if not prompts:
         return []
     if config.num_beams > 1:
@@ -110,13 +114,15 @@ def complete(model: GPT, tokenizer: Any, prompts: Sequence[str], config: Optiona
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     copies = config.num_return_sequences
     if config.num_beams > 1:
-        beams = beam_search(model, encoded, config, config.end_ids(tokenizer.end_id), tokenizer)
+        healed = [heal(model, tokenizer, crop_prompt(p, model.config.block_size)) if config.token_healing else
+                  (p, b"") for p in encoded]  # (prompt, the bytes a healed last token adds to its text)
+        beams = beam_search(model, [p for p, _ in healed], config, config.end_ids(tokenizer.end_id), tokenizer)
         out = []
-        for prompt, hypotheses in zip(encoded, beams):
+        for (prompt, lead), hypotheses in zip(healed, beams):
             n_prompt = min(len(prompt), model.config.block_size)
             budget = config.new_tokens(n_prompt)
-            out.append([Completion(tokenizer.decode(ids), ids, "stop" if len(ids) < budget else "length", n_prompt)
-                        for ids in hypotheses])
+            out.append([Completion((lead + tokenizer.decode_bytes(ids)).decode("utf-8", errors="replace"), ids,
+                                   "stop" if len(ids) < budget else "length", n_prompt) for ids in hypotheses])
         return out
     rows = make_rows(model, encoded, config, tokenizer.end_id, tokenizer)
     scores: list[list[Logprobs]] = [[] for _ in rows]

@@ -147,6 +147,11 @@ class GenerateConfig:
                                             "returned ends before it. Not with beam search.", None)
     stop_token_ids: Optional[list[int]] = doc("Token ids that end a sequence, besides the tokenizer's end token "
                                               "(excluded from the output).", None, ge=0)
+    token_healing: bool = doc(
+        "Token healing: back up over the prompt's last token and put in its place the likeliest token (greedy) whose "
+        "text begins with it, so a prompt cut inside a word ('http') can go on as the model would write it "
+        "('https://'); the new text begins with what the healed token adds ('s'). Hugging Face's token_healing. Not "
+        "with guided decoding.", False)
     seed: Optional[int] = doc("Seed of the sampling generators (same seed, same tokens); null = random.", None,
                               ge=0, lt=2**63)
     num_return_sequences: int = doc("Continuations returned per prompt (generated as one batch; with beam "
@@ -221,6 +226,9 @@ class GenerateConfig:
         if self.guidance_scale != 1.0 and self.prompt_lookup_num_tokens is not None:
             raise ConfigError(f"generate.guidance_scale={self.guidance_scale!r} with speculative decoding "
                               "(prompt_lookup_num_tokens) is not supported: use one of them")
+        if guided and self.token_healing:
+            raise ConfigError(f"generate.{guided} holds the new text to a pattern from its start and token_healing "
+                              "begins it with the end of a healed prompt token: use one of them")
         if guided and self.num_beams > 1:
             raise ConfigError(f"generate.{guided} picks the answer token by token and beam search (num_beams="
                               f"{self.num_beams}) keeps several: use num_beams=1")

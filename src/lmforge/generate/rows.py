@@ -18,6 +18,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.generate.config import GenerateConfig
+from lmforge.generate.healing import heal
 from lmforge.model import GPT, KVCache
 
 
@@ -108,22 +109,26 @@ class StopText:
     push(token) decodes one token (the tokenizer's stream decoder holds back the bytes of a character cut
     in the middle) and returns the text now settled: text that can no longer turn out to be the start of
     a stop string. `stopped` turns True when a stop string appears; `text` then ends before it. close()
-    returns what is left at the end. The pieces returned join to `text`.
+    returns what is left at the end. The pieces returned join to `text`. `lead`: bytes the text begins with, before
+    any token (token healing: what the healed last prompt token adds to the prompt's text).
     """
 
-    def __init__(self, tokenizer: Any, stop_strings: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str] = (), lead: bytes = b"") -> None:
         self.decoder = tokenizer.stream_decoder()
         self.stops = tuple(stop_strings)
         self.longest = max((len(s) for s in self.stops), default=0)
         self.text, self.sent, self.stopped = "", 0, False
+        self.lead = self.decoder.push_bytes(lead)  # goes out with the first token's text
 
     def push(self, token_id: int, look: bool = True) -> str:
         """look=False: the stop strings are not looked for in this token's text (before min_new_tokens); a stop
         string that begins in it and ends in a later token's still counts."""
-        return self._add(self.decoder.push(token_id), final=False, look=look)
+        piece, self.lead = self.lead + self.decoder.push(token_id), ""
+        return self._add(piece, final=False, look=look)
 
     def close(self) -> str:
-        return self._add(self.decoder.flush(), final=True)
+        piece, self.lead = self.lead + self.decoder.flush(), ""
+        return self._add(piece, final=True)
 
     def _add(self, piece: str, final: bool, look: bool = True) -> str:
         if piece and not self.stopped:
@@ -221,16 +226,21 @@ def row_generators(config: GenerateConfig, copies: int, prompts: int, device: to
 def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConfig, end_id: Optional[int] = None,
               tokenizer: Any = None) -> list[Row]:
     """num_return_sequences Rows per prompt (prompt-major), each with its budget, end ids, generator and
-    (with a tokenizer) its text. Stop strings need the tokenizer."""
+    (with a tokenizer) its text. Stop strings and token healing need the tokenizer."""
     if config.stop_strings and tokenizer is None:
         raise ConfigError("stop_strings need the tokenizer to read the text; pass tokenizer=")
+    if config.token_healing and tokenizer is None:
+        raise ConfigError("token_healing needs the tokenizer to find the tokens that extend the prompt's last; pass "
+                          "tokenizer=")
     pattern = config.guided_pattern
     if pattern is not None and tokenizer is None:
         raise ConfigError("guided_regex and guided_json need the tokenizer to read the tokens' text; pass "
                           "tokenizer=")
     config = with_token_ids(config, tokenizer)
     config.check_vocabulary(model.config.vocab_size)
-    cropped = [crop_prompt(p, model.config.block_size) for p in prompts]
+    healed = [heal(model, tokenizer, crop_prompt(p, model.config.block_size)) if config.token_healing else
+              (crop_prompt(p, model.config.block_size), b"") for p in prompts]  # (prompt, bytes its text gains)
+    cropped = [prompt for prompt, _ in healed]
     copies, device = config.num_return_sequences, model.tok_emb.weight.device
     generators = [None] * (len(cropped) * copies) if config.is_greedy else \
         row_generators(config, copies, len(cropped), device)
@@ -246,8 +256,8 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
         config.negative_prompt_ids or ([start] if start is not None else prompt[-1:]), model.config.block_size)
         for prompt in cropped]
     return [Row(prompt, config, config.new_tokens(len(prompt)), end_ids, generators[p * copies + j],
-                StopText(tokenizer, config.stop_strings or ()) if tokenizer is not None else None, guide=guide,
-                negative=negatives[p], deadline=deadline)
+                StopText(tokenizer, config.stop_strings or (), healed[p][1]) if tokenizer is not None else None,
+                guide=guide, negative=negatives[p], deadline=deadline)
             for p, prompt in enumerate(cropped) for j in range(copies)]
 
 
