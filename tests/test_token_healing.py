@@ -139,3 +139,30 @@ def test_a_byte_tokenizer_heals_nothing():
     m = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     settings = dict(max_new_tokens=8, temperature=0.0)
     assert complete(m, tok, ["http"], token_healing=True, **settings) == complete(m, tok, ["http"], **settings)
+
+
+def test_the_server_heals_a_completion_prompt_as_the_library_does(bpe, lm, tmp_path):
+    """POST /v1/completions with token_healing (lmforge's field) on a real server: the library's text; a chat, whose
+    prompt ends on its template, does not take the field."""
+    import httpx
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import RunConfig
+    from lmforge.serve import ServeConfig, load_app
+    from test_serve import running
+
+    bpe.save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "run", 1, lm, None, RunConfig(model=lm.config), {},
+                    tokenizer_file=tmp_path / "tokenizer.json")
+    text = bpe.decode(healed_prompt(bpe, lm, changed=True))
+    want = complete(lm, bpe, [text], token_healing=True, max_new_tokens=10, temperature=0.0)[0][0].text
+    body = {"prompt": text, "max_tokens": 10, "temperature": 0}
+    with running(load_app(str(tmp_path / "run"), ServeConfig(), device="cpu")) as url, \
+            httpx.Client(base_url=url, timeout=30) as c:
+        healed = c.post("/v1/completions", json={**body, "token_healing": True})
+        plain = c.post("/v1/completions", json=body)
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                    "token_healing": True})
+    assert healed.status_code == 200, healed.text
+    assert healed.json()["choices"][0]["text"] == want != plain.json()["choices"][0]["text"]
+    assert chat.status_code == 422 and "token_healing" in chat.text

@@ -142,6 +142,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: Optional[StrictBool] = None
     suffix: Optional[str] = None
+    token_healing: Optional[StrictBool] = None  # lmforge's: Hugging Face's token_healing (GenerateConfig's)
 
 
 # OpenAI fields that clients (LangChain, ...) send at their neutral value: accepted only at that value
@@ -981,7 +982,8 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
                                  min_new_tokens=body.min_tokens or 0, bad_words=bad_words or None,
                                  guided_choice=choices, guided_regex=regex, guided_json=schema,
                                  guidance_scale=1.0 if body.guidance_scale is None else body.guidance_scale,
-                                 negative_prompt=body.negative_prompt)
+                                 negative_prompt=body.negative_prompt,
+                                 token_healing=bool(getattr(body, "token_healing", None)))
         options = with_token_ids(options, tokenizer)
         options.check_vocabulary(tokenizer.vocab_size)
         negative = len(options.negative_prompt_ids or ())
