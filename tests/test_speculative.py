@@ -140,6 +140,37 @@ def test_the_heuristic_schedule_grows_after_every_guess_kept_and_shrinks_after_a
     assert counts["heuristic"] < counts["constant"]
 
 
+def test_an_assistant_stops_guessing_after_its_first_unsure_guess(target, draft):
+    """assistant_confidence_threshold (Hugging Face's): a draft ends after the first guess it gives a probability
+    below the threshold (that guess kept); greedy tokens stay plain greedy's, and a higher threshold guesses less."""
+    from lmforge.generate.speculative import DraftModel
+
+    prompt, seq, sure = ids("the king"), ids("the king"), []
+    for _ in range(8):  # the draft's own greedy guesses and the probability it gives each, by hand
+        with torch.no_grad():
+            p = draft(torch.tensor([seq]))[0, -1].softmax(-1)
+        seq.append(int(p.argmax()))
+        sure.append(float(p[seq[-1]]))
+    cut_short = 0
+    for threshold in (0.2, 0.4, 0.6, 0.8):
+        config = GenerateConfig(greedy=True, num_assistant_tokens=8, assistant_confidence_threshold=threshold)
+        with torch.no_grad():
+            guesses, _ = DraftModel(draft).propose(prompt, 8, config, None)
+        first_unsure = next((j for j, q in enumerate(sure[:-1]) if q < threshold), 7)
+        assert guesses == seq[len(prompt):len(prompt) + first_unsure + 1], threshold
+        cut_short += len(guesses) < 8
+    assert cut_short >= 2
+    want = generate_batch_ids(target, [prompt], greedy=True, max_new_tokens=60, end_id=TOKENIZER.end_id)[0][0]
+    counts = []
+    for threshold in (None, 0.3, 0.6):
+        config = GenerateConfig(greedy=True, max_new_tokens=60, num_assistant_tokens=8,
+                                assistant_confidence_threshold=threshold)
+        got, drafted, _ = speculated(target, prompt, config, draft)
+        assert got == want, threshold
+        counts.append(drafted)
+    assert counts[0] > counts[1] > counts[2], counts
+
+
 @pytest.mark.parametrize("options", [{"stop_strings": ["."]}, {"stop_strings": ["king", "dog"]},
                                      {"stop_token_ids": [ord(" ") + 3]}, {"max_new_tokens": 3},
                                      {"max_new_tokens": 1}, {"max_length": 40},
@@ -237,14 +268,19 @@ def test_speculative_sampling_keeps_the_models_distribution(options):
     n = 2000
     base = dict(max_new_tokens=NEW, seed=11, num_return_sequences=n, **options)
     exact = exact_distribution(model, prompt, GenerateConfig(**base))
+    guessed = {}
     for name, config, assistant in [("lookup", GenerateConfig(**base, prompt_lookup_num_tokens=3), None),
-                                    ("draft", GenerateConfig(**base, num_assistant_tokens=3), other)]:
+                                    ("draft", GenerateConfig(**base, num_assistant_tokens=3), other),
+                                    ("unsure-draft", GenerateConfig(**base, num_assistant_tokens=3,
+                                                                    assistant_confidence_threshold=0.5), other)]:
         rows = make_rows(model, [prompt], config)
         for _ in decode_events(model, rows, config, assistant):
             pass
         drafted, accepted = sum(r.drafted for r in rows), sum(r.accepted for r in rows)
         assert 0.05 * drafted < accepted < 0.95 * drafted, (name, drafted, accepted)  # both paths ran, often
         assert chi_square_p([tuple(r.tokens) for r in rows], exact) > 1e-4, name
+        guessed[name] = drafted
+    assert guessed["unsure-draft"] < guessed["draft"]  # drafts cut short at an unsure guess: the law holds still
     plain = make_rows(model, [prompt], GenerateConfig(**base))  # the test's own sensitivity: a wrong law fails it
     for _ in decode_rows(model, plain):
         pass
@@ -263,6 +299,10 @@ def test_bad_combinations_are_refused(target, draft):
         generate_batch_ids(target, [ids("a")], prompt_lookup_num_tokens=3, assistant_model=draft)
     with pytest.raises(ConfigError, match="prompt_lookup_num_tokens=0 is invalid"):
         GenerateConfig(prompt_lookup_num_tokens=0)
+    with pytest.raises(ConfigError, match="prompt lookup guesses without one"):
+        GenerateConfig(prompt_lookup_num_tokens=3, assistant_confidence_threshold=0.4)
+    with pytest.raises(ConfigError, match="assistant_confidence_threshold=1.5 is invalid"):
+        GenerateConfig(assistant_confidence_threshold=1.5)
     other_vocab = GPT(ModelConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     with pytest.raises(ConfigError, match="same tokenizer"):
         generate_batch_ids(target, [ids("a")], assistant_model=other_vocab)

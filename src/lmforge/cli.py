@@ -415,6 +415,9 @@ def _check_assistant_flags(args: argparse.Namespace, values: dict) -> None:
     if "num_assistant_tokens" in values and not args.assistant_model:
         raise ConfigError("--num-assistant-tokens sets how many tokens an assistant model guesses: give "
                           "--assistant-model RUN_DIR too (or --prompt-lookup-num-tokens to guess without a model)")
+    if "assistant_confidence_threshold" in values and not args.assistant_model:
+        raise ConfigError("--assistant-confidence-threshold stops an assistant model's guesses early: give "
+                          "--assistant-model RUN_DIR too")
     if values.get("num_assistant_tokens_schedule") == "heuristic" and not args.assistant_model \
             and "prompt_lookup_num_tokens" not in values:
         raise ConfigError("--num-assistant-tokens-schedule heuristic adapts speculative decoding's guesses: give "

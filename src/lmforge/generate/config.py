@@ -165,6 +165,10 @@ class GenerateConfig:
                                        le=1024)
     num_assistant_tokens: int = doc("Speculative decoding with an assistant (draft) model: tokens it guesses per "
                                     "step.", 5, ge=1, le=1024)
+    assistant_confidence_threshold: Optional[float] = doc(
+        "Speculative decoding with an assistant (draft) model: it stops guessing for the step after a guess it gives "
+        "a probability below this, so a step spends no draft passes on guesses the model will likely refuse "
+        "(Hugging Face's assistant_confidence_threshold, without its online tuning); null = off.", None, gt=0, le=1)
     num_assistant_tokens_schedule: Literal["constant", "heuristic"] = doc(
         "Speculative decoding: constant guesses num_assistant_tokens (or prompt_lookup_num_tokens) per step; "
         "heuristic starts there and guesses 2 more after a step that kept every guess, 1 fewer (1 at least) after "
@@ -250,6 +254,9 @@ class GenerateConfig:
             raise ConfigError(f"generate.{next(iter(penalties))}={next(iter(penalties.values()))!r} counts one "
                               f"sequence's tokens and beam search (num_beams={self.num_beams}) keeps several: use "
                               "repetition_penalty or no_repeat_ngram_size, or num_beams=1")
+        if self.assistant_confidence_threshold is not None and self.prompt_lookup_num_tokens is not None:
+            raise ConfigError("generate.assistant_confidence_threshold is the assistant (draft) model's confidence "
+                              "and prompt lookup guesses without one: drop it, or use an assistant model")
         if self.num_beams > 1 and self.prompt_lookup_num_tokens is not None:
             raise ConfigError(f"generate.prompt_lookup_num_tokens={self.prompt_lookup_num_tokens} speculates on one "
                               f"sequence and beam search (num_beams={self.num_beams}) keeps several: use one of them")

@@ -135,7 +135,16 @@ class DraftModel:
                 probs.append(scores[0])
             guesses.append(token)
             new = [token]
+            threshold = config.assistant_confidence_threshold
+            if threshold is not None and float(_probabilities(scores, config)[0, token]) < threshold:
+                break  # unsure of this guess: the next ones would likely be refused with it
         return guesses, (torch.stack(probs) if probs else None)
+
+
+def _probabilities(scores: torch.Tensor, config: GenerateConfig) -> torch.Tensor:
+    """distributions' (1, V) scores as probabilities: greedy's processed scores through softmax, sampling's as they
+    are (Hugging Face's ConfidenceCriteria reads the softmax of the draft's processed scores)."""
+    return scores.float().softmax(-1) if config.is_greedy else scores
 
 
 # ------------------------------------------------------------------------------------------ one row
