@@ -304,6 +304,10 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("generate-watermark-key-alone", ["generate", str(run), "--watermark-key", "5"], "only read by the watermark"),
         ("generate-schedule-alone", ["generate", str(run), "--num-assistant-tokens-schedule", "heuristic"],
          "--assistant-model RUN_DIR or --prompt-lookup-num-tokens"),
+        ("generate-confidence-alone", ["generate", str(run), "--assistant-confidence-threshold", "0.4"],
+         "--assistant-model RUN_DIR too"),
+        ("generate-healing-guided", ["generate", str(run), "--token-healing", "--guided-regex", "[a-z]+"],
+         "token_healing begins it"),
         ("detect-nothing", ["detect", str(run)], "nothing to test"),
         ("detect-empty-text", ["detect", str(run), "--text", "", "--device", "cpu"], "give more text"),
         ("detect-bad-ratio", ["detect", str(run), "--watermark-greenlist-ratio", "1.5"],
@@ -416,7 +420,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 115
+N_CASES = 117
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
