@@ -9,12 +9,15 @@ alternating their order:
     lmforge             plain greedy decoding (KV cache)
     lmforge-lookup      prompt lookup, 10 tokens guessed per step from the text's last 2-gram
     lmforge-draft       the draft model guessing 5 tokens per step
+    lmforge-draft-confident   the same, each step's guessing cut short after a guess the draft gives a
+                        probability below 0.4 (assistant_confidence_threshold, Hugging Face's default value)
     lmforge-draft-compiled    the same, the draft guessing through its compiled step (generate.apply_compile;
                         compiled in the untimed warm-up call, whose seconds are reported)
     hf                  GPT2LMHeadModel.generate, greedy
     hf-lookup           generate(prompt_lookup_num_tokens=10, max_matching_ngram_size=2)
     hf-draft            generate(assistant_model=..., num_assistant_tokens=5, constant schedule, no confidence
                         cut-off): the same work as lmforge-draft
+    hf-draft-confident  the same with assistant_confidence_threshold=0.4: the same work as lmforge-draft-confident
     hf-draft-default    generate(assistant_model=...) with its defaults (its own schedule and cut-off)
 
 Every greedy output is compared token by token with lmforge's plain greedy output (all should be identical up
@@ -60,6 +63,7 @@ GPT2_STYLE = {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "ac
 MODELS = {"target": {"n_layer": 6, "n_head": 6, "n_embd": 384}, "draft": {"n_layer": 2, "n_head": 4, "n_embd": 128}}
 QUICK_MODELS = {"target": {"n_layer": 2, "n_head": 2, "n_embd": 64}, "draft": {"n_layer": 1, "n_head": 2, "n_embd": 32}}
 LOOKUP, DRAFT_TOKENS = 10, 5  # HF's prompt lookup default; tokens the draft model guesses per step
+CONFIDENCE = 0.4  # Hugging Face's default assistant_confidence_threshold
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -204,13 +208,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     new = args.new
     greedy = GenerateConfig(greedy=True, max_new_tokens=new)
     counts = {name: {"drafted": 0, "accepted": 0}
-              for name in ("lmforge-lookup", "lmforge-draft", "lmforge-draft-compiled", "lmforge-draft-sample")}
+              for name in ("lmforge-lookup", "lmforge-draft", "lmforge-draft-confident", "lmforge-draft-compiled",
+                           "lmforge-draft-sample")}
     lookup = GenerateConfig(greedy=True, max_new_tokens=new, prompt_lookup_num_tokens=LOOKUP, max_matching_ngram_size=2)
     drafted = GenerateConfig(greedy=True, max_new_tokens=new, num_assistant_tokens=DRAFT_TOKENS)
+    confident = GenerateConfig(greedy=True, max_new_tokens=new, num_assistant_tokens=DRAFT_TOKENS,
+                               assistant_confidence_threshold=CONFIDENCE)
     runners = {
         "lmforge": lmforge_runner(target, prompts, greedy, None, {"drafted": 0, "accepted": 0}),
         "lmforge-lookup": lmforge_runner(target, prompts, lookup, None, counts["lmforge-lookup"]),
         "lmforge-draft": lmforge_runner(target, prompts, drafted, draft, counts["lmforge-draft"]),
+        "lmforge-draft-confident": lmforge_runner(target, prompts, confident, draft, counts["lmforge-draft-confident"]),
         "lmforge-draft-compiled": lmforge_runner(target, prompts, drafted, apply_compile(draft),
                                                  counts["lmforge-draft-compiled"]),
         "hf": hf_runner(hf_target, prompts, new, do_sample=False),
@@ -219,6 +227,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "hf-draft": hf_runner(hf_target, prompts, new, do_sample=False, assistant_model=hf_draft,
                               num_assistant_tokens=DRAFT_TOKENS, num_assistant_tokens_schedule="constant",
                               assistant_confidence_threshold=0.0),
+        "hf-draft-confident": hf_runner(hf_target, prompts, new, do_sample=False, assistant_model=hf_draft,
+                                        num_assistant_tokens=DRAFT_TOKENS, num_assistant_tokens_schedule="constant",
+                                        assistant_confidence_threshold=CONFIDENCE),
         "hf-draft-default": hf_runner(hf_target, prompts, new, do_sample=False, assistant_model=hf_draft),
         "lmforge-sample": lmforge_runner(target, prompts, GenerateConfig(temperature=0.8, max_new_tokens=new, seed=0),
                                          None, {"drafted": 0, "accepted": 0}),
@@ -255,6 +266,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                           "plain_sampling": round(tps["lmforge-sample"] / tps["hf-sample"], 3),
                           "lookup": round(tps["lmforge-lookup"] / tps["hf-lookup"], 3),
                           "draft": round(tps["lmforge-draft"] / tps["hf-draft"], 3),
+                          "draft_confident": round(tps["lmforge-draft-confident"] / tps["hf-draft-confident"], 3),
                           "draft_compiled": round(tps["lmforge-draft-compiled"] / tps["hf-draft"], 3),
                           "draft_vs_hf_default": round(tps["lmforge-draft"] / tps["hf-draft-default"], 3),
                           "draft_sampling": round(tps["lmforge-draft-sample"] / tps["hf-draft-sample"], 3)},
@@ -262,8 +274,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                        for name, c in counts.items()},
         "guesses_per_call": {name: {k: v // calls for k, v in c.items()} for name, c in counts.items()},
         "greedy_vs_lmforge_plain": {name: agreement(outputs[name], outputs["lmforge"]) for name in
-                                    ("lmforge-lookup", "lmforge-draft", "lmforge-draft-compiled", "hf", "hf-lookup",
-                                     "hf-draft", "hf-draft-default")},
+                                    ("lmforge-lookup", "lmforge-draft", "lmforge-draft-confident",
+                                     "lmforge-draft-compiled", "hf", "hf-lookup", "hf-draft", "hf-draft-confident",
+                                     "hf-draft-default")},
         "sample_text": tokenizer.decode(prompts[0][1:] + outputs["lmforge"][0]),
     }
     return report(summary, args.json_out)
