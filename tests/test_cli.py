@@ -179,6 +179,8 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-wrong-type", ["train", "--data", str(data), "--model.n_layer", "two"], "model.n_layer"),
         ("train-bad-range", ["train", "--data", str(data), "--optim.lr", "-3"], "optim.lr"),
         ("train-bad-precision", ["train", "--data", str(data), "--precision", "fp4"], "train.precision"),
+        ("train-bf16-compute-recomputed", ["train", "--data", str(data), "--precision", "bf16-compute",
+                                           "--train.activation_checkpointing", "true"], "--train.precision bf16-mixed"),
         ("train-missing-data", ["train", "--data", str(ws / "nodata"), "--run-dir", str(ws / "r1")], "nodata"),
         ("train-missing-config", ["train", "--config", str(ws / "none.yaml")], "none.yaml"),
         ("train-bad-yaml", ["train", "--config", str(ws / "bad.yaml")], "bad.yaml:2:1 is not valid YAML"),
@@ -420,7 +422,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 117
+N_CASES = 118
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -448,7 +448,7 @@ class TrainConfig:
     compile: bool = doc("torch.compile the model.", False)
     activation_checkpointing: bool = doc("Keep only each block's input during the forward pass and recompute the "
                                          "rest in the backward pass: the same gradients, far less activation memory, "
-                                         "about a third more compute.", False)
+                                         "about a third more compute. Not with precision bf16-compute.", False)
     parallel: Literal["ddp", "fsdp"] = doc("Under torchrun: ddp (every process holds the whole model and optimizer) "
                                            "or fsdp (FSDP2: each holds 1/N of every weight, gradient and optimizer "
                                            "moment, for a model that does not fit one device). One process: no "
@@ -572,6 +572,10 @@ class RunConfig:
         if self.train.precision == "bf16-compute" and self.train.parallel == "fsdp":
             raise ConfigError("train.precision=bf16-compute is not supported with train.parallel=fsdp: FSDP's bf16-mixed "
                               "already computes on bf16 copies of the weights; use --train.precision bf16-mixed")
+        if self.train.precision == "bf16-compute" and self.train.activation_checkpointing:
+            raise ConfigError("train.precision=bf16-compute is not supported with train.activation_checkpointing: a "
+                              "block recomputed in the backward pass would meet the float32 weights again; use "
+                              "--train.precision bf16-mixed")
         if self.train.choices_file and self.train.parallel == "fsdp":
             raise ConfigError("train.choices_file scores questions on whole weights, and train.parallel=fsdp shards "
                               "them: use train.parallel ddp, or score a checkpoint with `lmforge eval --choices`")
