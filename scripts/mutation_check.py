@@ -196,6 +196,10 @@ MUTANTS = [
            'piece, self.lead = self.decoder.push(token_id), ""  # mutant: the healed token\'s text is lost',
            ("tests/test_token_healing.py::test_the_prompt_text_and_the_new_text_are_the_text_of_the_healed_prompt_and"
             "_the_new_tokens",)),
+    Mutant("forced-end-past-the-budget", "generate/processors.py",
+           "last = [j for j, (n, budget) in enumerate(zip(counts, budgets)) if n == budget - 1]",
+           "last = [j for j, (n, budget) in enumerate(zip(counts, budgets)) if n == budget]  # mutant: one too late",
+           ("tests/test_generate_hf.py::test_forced_tokens_equal_hf",)),
     Mutant("choices-see-context-pads", "eval/choices.py",
            "seen = torch.cat([mask[parent], more], dim=1)",
            "seen = torch.cat([torch.ones_like(mask[parent]), more], dim=1)  # mutant: choices attend to the pads",

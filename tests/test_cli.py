@@ -301,6 +301,10 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
                                                   "cpu"], "sequence_bias names the token id 99999"),
         ("generate-decay-one-number", ["generate", str(run), "--exponential-decay-length-penalty", "1.05"],
          "[start, factor]"),
+        ("generate-forced-and-suppressed", ["generate", str(run), "--forced-eos-token-id", "4", "--suppress-tokens",
+                                            "4"], "a token cannot be both forced and banned"),
+        ("generate-forced-outside-vocab", ["generate", str(run), "--forced-bos-token-id", "99999", "--device", "cpu"],
+         "forced_bos_token_id names the token id 99999"),
         ("generate-top-h-beams", ["generate", str(run), "--num-beams", "2", "--top-h", "0.5"],
          "generate.top_h=0.5 is a sampling option"),
         ("generate-watermark-key-alone", ["generate", str(run), "--watermark-key", "5"], "only read by the watermark"),
@@ -422,7 +426,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 118
+N_CASES = 120
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

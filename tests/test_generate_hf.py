@@ -378,3 +378,144 @@ def test_classifier_free_guidance_equals_hf(soft_pair, prompt, negative, scale, 
                              negative_prompt_ids=negative or prompt[-1:], **options)
     assert got == expected
     assert got != generate_batch_ids(ours, [prompt], max_new_tokens=20, greedy=True, **options)  # it mattered
+
+
+@pytest.mark.parametrize("penalty", [3.0, 0.5])
+def test_encoder_repetition_penalty_equals_hf(soft_pair, penalty):
+    """The prompt's tokens, favoured (above 1) or avoided (below 1), as Hugging Face's
+    EncoderRepetitionPenaltyLogitsProcessor does it with the prompt as a decoder's encoder input; greedy, with
+    beams, and padded rows of different lengths each as alone."""
+    ours, theirs = soft_pair
+    plain = generate_batch_ids(ours, PROMPTS, greedy=True, max_new_tokens=20)
+    got = generate_batch_ids(ours, PROMPTS, greedy=True, max_new_tokens=20, encoder_repetition_penalty=penalty)
+    assert got == hf_generate(theirs, PROMPTS, None, 20, encoder_repetition_penalty=penalty)
+    assert got != plain  # the penalty changed tokens
+    in_prompt = [sum(t in p for t in rows[0]) for p, rows in zip(PROMPTS, got)]
+    before = [sum(t in p for t in rows[0]) for p, rows in zip(PROMPTS, plain)]
+    assert (sum(in_prompt) > sum(before)) == (penalty > 1)
+    beams = generate_batch_ids(ours, PROMPTS, end_id=3, num_beams=3, max_new_tokens=15, encoder_repetition_penalty=penalty)
+    assert beams == hf_generate(theirs, PROMPTS, 3, 15, num_beams=3, encoder_repetition_penalty=penalty)
+    ragged = [[5], [1, 2, 3, 4, 8]]  # left-padded together: only each row's own prompt counts
+    alone = [generate_batch_ids(ours, [p], greedy=True, max_new_tokens=12, encoder_repetition_penalty=penalty)[0]
+             for p in ragged]
+    assert generate_batch_ids(ours, ragged, greedy=True, max_new_tokens=12, encoder_repetition_penalty=penalty) == alone
+
+
+def test_min_length_counts_the_prompt_and_equals_hf(soft_pair):
+    """min_length bans the end ids while prompt + new tokens are shorter (Hugging Face's MinLengthLogitsProcessor:
+    the prompt counts), greedy and with beams."""
+    ours, theirs = soft_pair
+    options = dict(end_id=20, stop_token_ids=[16], max_new_tokens=25)
+    plain = generate_batch_ids(ours, PROMPTS, greedy=True, **options)
+    assert min(len(rows[0]) for rows in plain) < 6  # some rows end early without it
+    got = generate_batch_ids(ours, PROMPTS, greedy=True, min_length=9, **options)
+    assert got == hf_generate(theirs, PROMPTS, [20, 16], 25, min_length=9)
+    assert all(len(rows[0]) >= 9 - len(p) for p, rows in zip(PROMPTS, got))
+    assert got != plain
+    assert generate_batch_ids(ours, PROMPTS, greedy=True, min_new_tokens=6, **options) == got  # 3 + 6 = 9
+    beams = generate_batch_ids(ours, PROMPTS, num_beams=3, min_length=9, **options)
+    assert beams == hf_generate(theirs, PROMPTS, [20, 16], 25, num_beams=3, min_length=9)
+
+
+def test_forced_tokens_equal_hf(soft_pair):
+    """forced_bos_token_id is the first new token (Hugging Face forces it when the sequence is one token long, so
+    one-token prompts compare), forced_eos_token_id the last the budget allows; greedy and with beams."""
+    ours, theirs = soft_pair
+    prompts = [[1], [4], [7]]
+    plain = generate_batch_ids(ours, prompts, greedy=True, max_new_tokens=12)
+    forced = next(t for t in range(23) if all(rows[0][0] != t for rows in plain))
+    got = generate_batch_ids(ours, prompts, greedy=True, max_new_tokens=12, forced_bos_token_id=forced)
+    assert got == hf_generate(theirs, prompts, None, 12, forced_bos_token_id=forced)
+    assert all(rows[0][0] == forced for rows in got)
+    for prompt, rows in zip(prompts, got):  # then plain greedy decoding after it
+        assert rows[0][1:] == generate_batch_ids(ours, [prompt + [forced]], greedy=True, max_new_tokens=11)[0][0]
+    ends = generate_batch_ids(ours, PROMPTS, greedy=True, max_new_tokens=12, end_id=20, forced_eos_token_id=20)
+    want = hf_generate(theirs, PROMPTS, 20, 12, forced_eos_token_id=20)
+    assert ends == want
+    assert all(len(rows[0]) <= 11 for rows in ends)  # every row stopped on the end token, the last budget place
+    as_listed = generate_batch_ids(ours, PROMPTS, greedy=True, max_new_tokens=12, forced_eos_token_id=[5, 6])
+    assert as_listed == hf_generate(theirs, PROMPTS, None, 12, forced_eos_token_id=[5, 6])
+    assert all(rows[0][-1] in (5, 6) and len(rows[0]) == 12 for rows in as_listed)
+    beams = generate_batch_ids(ours, prompts, end_id=3, num_beams=3, max_new_tokens=10, forced_bos_token_id=forced,
+                               forced_eos_token_id=3, num_return_sequences=3)
+    assert beams == hf_generate(theirs, prompts, 3, 10, num_beams=3, forced_bos_token_id=forced, forced_eos_token_id=3,
+                                num_return_sequences=3)
+    assert all(row[0] == forced for rows in beams for row in rows)
+
+
+def test_forced_tokens_hold_in_speculative_and_sampled_decoding(soft_pair):
+    """Speculation keeps plain decoding's tokens with forced first and last tokens; sampled rows take them too."""
+    ours, _ = soft_pair
+    options = dict(max_new_tokens=14, end_id=20, forced_bos_token_id=11, forced_eos_token_id=20, min_length=9)
+    want = generate_batch_ids(ours, PROMPTS, greedy=True, **options)
+    assert all(rows[0][0] == 11 and len(rows[0]) <= 13 for rows in want)
+    assert generate_batch_ids(ours, PROMPTS, greedy=True, prompt_lookup_num_tokens=3, **options) == want
+    sampled = generate_batch_ids(ours, PROMPTS, temperature=1.5, seed=3, num_return_sequences=4, **options)
+    assert all(row[0] == 11 and 6 <= len(row) <= 13 for rows in sampled for row in rows)
+
+
+@pytest.mark.parametrize("new,budget", [(0, 1), (2, 3), (2, 5), (4, 5)])
+def test_prompt_penalty_min_length_and_forced_end_equal_hfs_processors(new, budget):
+    """On random scores and histories, in Hugging Face's order: the encoder repetition penalty over the prompt (the
+    tokens before the last `new`), the repetition penalty, min_length over prompt + new tokens, and the forced end
+    when one token of the budget is left (HF's ForcedEOSTokenLogitsProcessor at max_length - 1)."""
+    from transformers.generation import logits_process as lp
+
+    from lmforge.generate import process_scores
+
+    torch.manual_seed(2)
+    B, V, L = 5, 30, 8
+    tokens = torch.randint(0, 12, (B, L))
+    scores = torch.randn(B, V) * 3
+    config = GenerateConfig(encoder_repetition_penalty=2.0, repetition_penalty=1.3, min_length=L + 1,
+                            forced_eos_token_id=[7, 9], temperature=0.0)
+    generated = [tokens[b, L - new:].tolist() for b in range(B)]
+    ours = process_scores(scores, tokens, None, config, generated, [0, 7], budgets=[budget] * B)
+    chain = [lp.EncoderRepetitionPenaltyLogitsProcessor(2.0, tokens[:, :L - new]), lp.RepetitionPenaltyLogitsProcessor(1.3),
+             lp.MinLengthLogitsProcessor(L + 1, [0, 7]), lp.ForcedEOSTokenLogitsProcessor(L - new + budget, [7, 9])]
+    theirs = scores.clone()
+    for processor in chain:
+        theirs = processor(tokens, theirs)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert torch.allclose(ours[torch.isfinite(ours)], theirs[torch.isfinite(theirs)])
+    forced = new == budget - 1
+    assert torch.isfinite(ours).sum(dim=1).tolist() == ([2] * B if forced else [V - 2] * B)
+    if not forced:  # the prompt's tokens rose, the others are the repetition penalty's alone
+        alone = process_scores(scores, tokens, None, replace(config, encoder_repetition_penalty=1.0), generated,
+                               [0, 7], budgets=[budget] * B)
+        prompt = torch.zeros(B, V, dtype=torch.bool).scatter_(1, tokens[:, :L - new], True) & alone.isfinite()
+        assert (ours[prompt] > alone[prompt]).all() and torch.equal(ours[~prompt], alone[~prompt])
+
+
+def test_rows_with_their_own_budgets_and_options_are_forced_as_alone(soft_pair):
+    """One batch, two groups of scoring options, and rows of one group with different budgets (as the server batches
+    jobs): each row's forced last token falls at its own budget, as when it is decoded alone."""
+    from lmforge.generate import decode_rows, make_rows
+
+    ours, _ = soft_pair
+    jobs = [(PROMPTS[0], dict(max_new_tokens=6, forced_eos_token_id=[5])),
+            (PROMPTS[1], dict(max_new_tokens=11, forced_eos_token_id=[5])),
+            (PROMPTS[2] + [1, 2], dict(max_length=12, forced_eos_token_id=[5], repetition_penalty=1.4)),
+            (PROMPTS[0], dict(max_new_tokens=9, forced_bos_token_id=4, repetition_penalty=1.4))]
+    rows = [make_rows(ours, [prompt], GenerateConfig(greedy=True, **options))[0] for prompt, options in jobs]
+    for _ in decode_rows(ours, rows):
+        pass
+    alone = [generate_batch_ids(ours, [prompt], greedy=True, **options)[0][0] for prompt, options in jobs]
+    assert [row.tokens for row in rows] == alone
+    assert [len(t) for t in alone] == [6, 11, 7, 9] and [t[-1] for t in alone[:3]] == [5, 5, 5] and alone[3][0] == 4
+
+
+def test_forced_tokens_and_prompt_penalty_refuse_what_cannot_hold(soft_pair):
+    ours, _ = soft_pair
+    for options, message in [(dict(forced_bos_token_id=3, guided_choice_ids=[[1, 2]]), "forces a token into it"),
+                             (dict(forced_eos_token_id=[4], suppress_tokens=[4]), "both forced and banned"),
+                             (dict(forced_bos_token_id=4, begin_suppress_tokens=[4]), "is also in begin_suppress"),
+                             (dict(forced_eos_token_id=[]), "forces no token"),
+                             (dict(encoder_repetition_penalty=0.0), "encoder_repetition_penalty=0.0 is invalid"),
+                             (dict(min_length=-1), "min_length=-1 is invalid")]:
+        with pytest.raises(ConfigError, match=message):
+            GenerateConfig(**options)
+    assert GenerateConfig(forced_eos_token_id=[4, 5], suppress_tokens=[4]).forced_eos_token_id == [4, 5]  # 5 is left
+    assert GenerateConfig(forced_eos_token_id=7).forced_eos_token_id == [7]  # Hugging Face's single id
+    with pytest.raises(ConfigError, match="forced_eos_token_id names the token id 23, outside"):
+        generate_batch_ids(ours, PROMPTS, max_new_tokens=3, forced_eos_token_id=[5, 23])

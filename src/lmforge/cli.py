@@ -405,7 +405,7 @@ DECODING_METAVARS = {"stop_token_ids": "ID", "negative_prompt_ids": "ID", "logit
                      "sequence_bias": "IDS:BIAS", "bad_words_ids": "IDS", "bad_words": "TEXT", "suppress_tokens": "ID",
                      "begin_suppress_tokens": "ID", "exponential_decay_length_penalty": "START,FACTOR",
                      "guided_choice_ids": "IDS", "guided_regex": "REGEX", "guided_json": "SCHEMA_OR_FILE",
-                     "max_time": "SECONDS"}
+                     "max_time": "SECONDS", "forced_bos_token_id": "ID", "forced_eos_token_id": "ID"}
 
 
 def _check_assistant_flags(args: argparse.Namespace, values: dict) -> None:

@@ -48,7 +48,7 @@ def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateCo
         history = seqs.new_tokens().tolist()  # (P*nb, new tokens so far)
         tokens, real = seqs.so_far()
         log_probs = process_scores(F.log_softmax(seqs.next_logits(model).float(), dim=-1), tokens, real, config,
-                                   history, list(end_ids))
+                                   history, list(end_ids), budgets=[b for b in budgets for _ in range(nb)])
         if config.watermark:  # (after the processors, as Hugging Face adds it: the beams' scores hold it)
             log_probs = marked(log_probs, config, last_tokens(tokens, real, config.watermark_context_width))
         V = log_probs.size(-1)

@@ -57,6 +57,12 @@ class GenerateConfig:
                                     ge=1 / MAX_PENALTY, le=MAX_PENALTY,
                                     invalid=f"a number in [{1 / MAX_PENALTY}, {MAX_PENALTY}] (1 = off, above 1 "
                                             "discourages repeats)")
+    encoder_repetition_penalty: float = doc(
+        "Multiply positive logits (divide negative ones) of the prompt's tokens by this (Hugging Face's "
+        "encoder_repetition_penalty, a decoder's 'encoder input' being its prompt): above 1 the answer keeps to the "
+        "prompt's words (summaries, answers from a text), below 1 it avoids them; 1 = off.", 1.0,
+        ge=1 / MAX_PENALTY, le=MAX_PENALTY,
+        invalid=f"a number in [{1 / MAX_PENALTY}, {MAX_PENALTY}] (1 = off, above 1 favours the prompt's tokens)")
     no_repeat_ngram_size: int = doc("Never repeat an n-gram of this size (prompt included); 0 = off.", 0, ge=0)
     presence_penalty: float = doc("Subtract this from the score of every token already generated (not the prompt's), "
                                   "once (OpenAI's presence_penalty); 0 = off, above 0 favours new tokens.", 0.0,
@@ -67,6 +73,16 @@ class GenerateConfig:
     min_new_tokens: int = doc("No sequence ends before this many new tokens: the end token and stop_token_ids are "
                               "banned until then, and stop strings only count once they end past it (Hugging Face's "
                               "min_new_tokens, vLLM's min_tokens); 0 = off.", 0, ge=0)
+    min_length: int = doc("No sequence ends before the prompt (with <START>) and its new tokens are this long: the end "
+                          "token and stop_token_ids are banned until then (Hugging Face's min_length; stop strings "
+                          "still count); 0 = off.", 0, ge=0)
+    forced_bos_token_id: Optional[int] = doc(
+        "The first new token is always this one (Hugging Face's forced_bos_token_id, e.g. a target-language tag "
+        "after a translation prompt).", None, ge=0)
+    forced_eos_token_id: Optional[list[int]] = doc(
+        "The last token the budget allows (max_new_tokens or max_length) is always this one, so a sequence cut by "
+        "the budget still ends properly; with several ids, the likeliest (Hugging Face's forced_eos_token_id).",
+        None, ge=0)
     logit_bias: Optional[dict[int, float]] = doc(
         "Added to the scores of these token ids before anything else, {id: bias} (OpenAI's logit_bias; Hugging Face's "
         "sequence_bias for single tokens): -100 bans a token in practice, 100 all but forces it. Command line: "
@@ -181,6 +197,8 @@ class GenerateConfig:
             self.stop_strings = [self.stop_strings]
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
+        if isinstance(self.forced_eos_token_id, int) and not isinstance(self.forced_eos_token_id, bool):
+            self.forced_eos_token_id = [self.forced_eos_token_id]
         if isinstance(self.sequence_bias, (list, tuple)):
             self.sequence_bias = _sequence_bias_pairs(self.sequence_bias)
         validate(self, "generate")
@@ -230,6 +248,19 @@ class GenerateConfig:
         if self.guidance_scale != 1.0 and self.prompt_lookup_num_tokens is not None:
             raise ConfigError(f"generate.guidance_scale={self.guidance_scale!r} with speculative decoding "
                               "(prompt_lookup_num_tokens) is not supported: use one of them")
+        forced = [name for name in ("forced_bos_token_id", "forced_eos_token_id") if getattr(self, name) is not None]
+        if guided and forced:
+            raise ConfigError(f"generate.{guided} holds the answer to a pattern and {forced[0]} forces a token into "
+                              "it: use one of them")
+        if self.forced_eos_token_id == []:
+            raise ConfigError("generate.forced_eos_token_id=[] forces no token: give at least one id, or leave it out")
+        banned, first_banned = set(self.suppress_tokens or ()), set(self.begin_suppress_tokens or ())
+        for name, ids, blocked in (("forced_bos_token_id", [self.forced_bos_token_id], banned | first_banned),
+                                   ("forced_eos_token_id", self.forced_eos_token_id or [], banned)):
+            if ids[:1] != [None] and ids and all(t in blocked for t in ids):  # nothing left to force
+                which = "suppress_tokens" if ids[0] in banned else "begin_suppress_tokens"
+                raise ConfigError(f"generate.{name}={ids[0]} is also in {which}: a token cannot be both forced and "
+                                  "banned; drop it from one of them")
         if guided and self.token_healing:
             raise ConfigError(f"generate.{guided} holds the new text to a pattern from its start and token_healing "
                               "begins it with the end of a healed prompt token: use one of them")
@@ -279,7 +310,8 @@ class GenerateConfig:
     def scoring(self) -> tuple:
         """What turns a row's logits into its next token: rows with equal keys are scored as one group."""
         constraints = (self.guidance_scale, self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty,
-                       self.frequency_penalty, self.min_new_tokens, tuple(sorted((self.logit_bias or {}).items())),
+                       self.frequency_penalty, self.min_new_tokens, self.encoder_repetition_penalty, self.min_length,
+                       self.forced_bos_token_id, tuple(self.forced_eos_token_id or ()), tuple(sorted((self.logit_bias or {}).items())),
                        tuple(sorted((self.sequence_bias or {}).items())),
                        tuple(tuple(ids) for ids in self.bad_words_ids or ()), tuple(self.suppress_tokens or ()),
                        tuple(self.begin_suppress_tokens or ()), tuple(self.exponential_decay_length_penalty or ()),
@@ -314,14 +346,16 @@ class GenerateConfig:
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """The token ids logit_bias, sequence_bias, negative_prompt_ids, bad_words_ids, suppress_tokens,
-        begin_suppress_tokens and guided_choice_ids name must be the model's."""
+        begin_suppress_tokens, guided_choice_ids and the forced tokens name must be the model's."""
         fields = {"logit_bias": list(self.logit_bias or {}),
                   "sequence_bias": [t for seq in self.sequence_bias or {} for t in seq],
                   "suppress_tokens": list(self.suppress_tokens or ()),
                   "begin_suppress_tokens": list(self.begin_suppress_tokens or ()),
                   "negative_prompt_ids": list(self.negative_prompt_ids or ()),
                   "bad_words_ids": [t for seq in self.bad_words_ids or () for t in seq],
-                  "guided_choice_ids": [t for seq in self.guided_choice_ids or () for t in seq]}
+                  "guided_choice_ids": [t for seq in self.guided_choice_ids or () for t in seq],
+                  "forced_bos_token_id": [t for t in [self.forced_bos_token_id] if t is not None],
+                  "forced_eos_token_id": list(self.forced_eos_token_id or ())}
         field, bad = next(((f, t) for f, ids in fields.items() for t in ids if t >= vocab_size), (None, None))
         if bad is not None:
             raise ConfigError(f"generate.{field} names the token id {bad}, outside the vocabulary (0 to "

@@ -37,6 +37,7 @@ class Scoring:
         self.generated = [[rows[i].tokens for i in index] for index in groups.values()]  # live lists, per group
         self.end_ids = [sorted(end_ids) for _, end_ids in groups]
         self.guides = [rows[index[0]].guide for index in groups.values()]  # equal configs: one pattern, one guide
+        self.budgets = [[rows[i].budget for i in index] for index in groups.values()]
         self.whole = len(self.groups) == 1  # one group: no gather / scatter
         self.processed = any(penalizes(c) for c, _, _ in self.groups)
         self.widths = [c.watermark_context_width if c.watermark else 0 for c, _, _ in self.groups]  # tokens a
@@ -51,17 +52,17 @@ class Scoring:
         if self.whole:
             config, _, generators = self.groups[0]
             scores = process_scores(logits, tokens, real, config, self.generated[0], self.end_ids[0],
-                                    self.guides[0]) if self.processed else logits
+                                    self.guides[0], self.budgets[0]) if self.processed else logits
             return next_token(scores, config, None if config.is_greedy else generators,
                               last_tokens(tokens, real, self.widths[0]))
         out = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
-        for (config, index, generators), generated, end_ids, guide, width in zip(
-                self.groups, self.generated, self.end_ids, self.guides, self.widths):
+        for (config, index, generators), generated, end_ids, guide, budgets, width in zip(
+                self.groups, self.generated, self.end_ids, self.guides, self.budgets, self.widths):
             scores = logits.index_select(0, index)
             if self.processed:
                 scores = process_scores(scores, tokens.index_select(0, index),
                                         None if real is None else real.index_select(0, index), config, generated,
-                                        end_ids, guide)
+                                        end_ids, guide, budgets)
             contexts = last_tokens(tokens.index_select(0, index),
                                    None if real is None else real.index_select(0, index), width) if width else None
             out.index_copy_(0, index, next_token(scores, config, None if config.is_greedy else generators, contexts))

@@ -1,7 +1,7 @@
 """From a row's last logits to its next token: classifier-free guidance, logit and sequence bias, penalties, bans
-(n-grams, bad words, an end before min_new_tokens, suppressed tokens), the end's exponential decay length penalty, a
-guided choice, temperature, the filters (top-h / top-k / top-p / min-p / typical / epsilon / eta), a watermark, a
-pick.
+(n-grams, bad words, an end before min_new_tokens or min_length, suppressed tokens), forced first and last tokens,
+the end's exponential decay length penalty, a guided choice, temperature, the filters (top-h / top-k / top-p / min-p
+/ typical / epsilon / eta), a watermark, a pick.
 
 Each function works on a batch of rows (B, V) that share one GenerateConfig's scoring options; the
 decoding loop groups rows by those options (GenerateConfig.scoring), so rows with different settings
@@ -36,6 +36,13 @@ def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float)
     multiplied (CTRL, Keskar et al. 2019, sec. 4.1, as Hugging Face applies it), so above 1 they all drop."""
     penalized = torch.where(scores > 0, scores / penalty, scores * penalty)
     return torch.where(seen, penalized, scores)
+
+
+def prompt_penalty(scores: torch.Tensor, in_prompt: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Scores (B, V) of the prompt's tokens (B, V) bool: positive ones multiplied by `penalty`, negative ones divided
+    (Hugging Face's encoder_repetition_penalty: the repetition penalty turned around), so above 1 they all rise."""
+    favoured = torch.where(scores > 0, scores * penalty, scores / penalty)
+    return torch.where(in_prompt, favoured, scores)
 
 
 def seen_tokens(tokens: torch.Tensor, real: Optional[torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -159,16 +166,28 @@ def _bad_word_table(sequences: tuple[tuple[int, ...], ...], device: torch.device
     return (torch.tensor(singles, device=device) if singles else None), groups
 
 
-def ban_early_ends(scores: torch.Tensor, generated: Sequence[Sequence[int]], minimum: int,
-                   end_ids: Sequence[int]) -> torch.Tensor:
-    """Scores (B, V) with the end ids at -inf in the rows that generated fewer than `minimum` tokens so far
-    (min_new_tokens; with minimum 1 and other ids, begin_suppress_tokens)."""
-    short = [j for j, ids in enumerate(generated) if len(ids) < minimum]
+def ban_early_ends(scores: torch.Tensor, lengths: Sequence[int], minimum: int, end_ids: Sequence[int]) -> torch.Tensor:
+    """Scores (B, V) with the end ids at -inf in the rows whose length so far (`lengths`: new tokens for
+    min_new_tokens and, with minimum 1 and other ids, begin_suppress_tokens; prompt and new tokens for min_length)
+    is below `minimum`."""
+    short = [j for j, n in enumerate(lengths) if n < minimum]
     if not short:
         return scores
     scores = scores.clone()
-    rows = slice(None) if len(short) == len(generated) else torch.tensor(short, device=scores.device)[:, None]
+    rows = slice(None) if len(short) == len(lengths) else torch.tensor(short, device=scores.device)[:, None]
     scores[rows, torch.tensor(list(end_ids), device=scores.device)] = -torch.inf
+    return scores
+
+
+def force_tokens(scores: torch.Tensor, rows: Sequence[int], ids: Sequence[int]) -> torch.Tensor:
+    """Scores (B, V) with every token of `rows` at -inf but `ids`, at 0: those rows can take nothing else (Hugging
+    Face's ForcedBOSTokenLogitsProcessor and ForcedEOSTokenLogitsProcessor)."""
+    if not rows:
+        return scores
+    scores = scores.clone()
+    index = torch.tensor(list(rows), device=scores.device)
+    scores[index] = -torch.inf
+    scores[index[:, None], torch.tensor(list(ids), device=scores.device)] = 0.0
     return scores
 
 
@@ -214,6 +233,8 @@ def penalizes(config: GenerateConfig) -> bool:
     """Whether process_scores changes anything for rows of `config`."""
     return (config.repetition_penalty != 1.0 or config.no_repeat_ngram_size > 0 or config.presence_penalty != 0.0
             or config.frequency_penalty != 0.0 or config.min_new_tokens > 0 or bool(config.logit_bias)
+            or config.encoder_repetition_penalty != 1.0 or config.min_length > 0
+            or config.forced_bos_token_id is not None or config.forced_eos_token_id is not None
             or bool(config.sequence_bias) or bool(config.suppress_tokens) or bool(config.begin_suppress_tokens)
             or config.exponential_decay_length_penalty is not None
             or bool(config.bad_words_ids) or bool(config.guided_choice_ids)
@@ -222,19 +243,28 @@ def penalizes(config: GenerateConfig) -> bool:
 
 def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[torch.Tensor],
                    config: GenerateConfig, generated: Optional[Sequence[Sequence[int]]] = None,
-                   end_ids: Sequence[int] = (), guide: Any = None) -> torch.Tensor:
-    """Scores (B, V) after, in Hugging Face's order, the logit and sequence bias, the repetition penalty and the
-    no-repeat n-gram ban over each row's tokens so far (B, L) (real: (B, L) or None), the bad words, the ban of the
-    end ids (`end_ids`) in rows with fewer than min_new_tokens generated tokens, the exponential decay length penalty
-    of the end ids, the suppressed tokens and, in rows that have generated nothing yet, the begin-suppressed ones;
-    then the presence and frequency penalties over each row's generated tokens (`generated`: B lists; None = those
-    penalties, min_new_tokens, the length penalty, the begin-suppressed tokens and the guides off); last, the guided
-    choice (only tokens that continue one of the choices) or the guided regex (`guide`, a generate.guided.RegexGuide:
-    only tokens that keep a full match reachable). Temperature and the filters come later, in next_token."""
+                   end_ids: Sequence[int] = (), guide: Any = None, budgets: Optional[Sequence[int]] = None
+                   ) -> torch.Tensor:
+    """Scores (B, V) after, in Hugging Face's order, the logit and sequence bias, the prompt's (encoder) repetition
+    penalty, the repetition penalty and the no-repeat n-gram ban over each row's tokens so far (B, L) (real: (B, L)
+    or None), the bad words, the ban of the end ids (`end_ids`) in rows with fewer than min_new_tokens generated
+    tokens or shorter than min_length, the forced first token (rows that have generated nothing yet) and last token
+    (rows one token short of their budget: `budgets`, B new-token budgets; None = not forced), the exponential decay
+    length penalty of the end ids, the suppressed tokens and, in rows that have generated nothing yet, the
+    begin-suppressed ones; then the presence and frequency penalties over each row's generated tokens (`generated`:
+    B lists, the last of each row's tokens; None = those penalties, the prompt's penalty, min_new_tokens,
+    min_length, the forced tokens, the length penalty, the begin-suppressed tokens and the guides off); last, the
+    guided choice (only tokens that continue one of the choices) or the guided regex (`guide`, a
+    generate.guided.RegexGuide: only tokens that keep a full match reachable). Temperature and the filters come
+    later, in next_token."""
+    counts = [len(ids) for ids in generated] if generated is not None else []  # each row's new tokens so far
     if config.logit_bias:
         scores = bias_logits(scores, config.logit_bias)
     if config.sequence_bias:
         scores = sequence_bias(scores, tokens, real, config.sequence_bias)
+    if config.encoder_repetition_penalty != 1.0 and generated is not None:
+        scores = prompt_penalty(scores, seen_tokens(tokens, prompt_columns(tokens, real, generated), scores.size(-1)),
+                                config.encoder_repetition_penalty)
     if config.repetition_penalty != 1.0:
         scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), config.repetition_penalty)
     if config.no_repeat_ngram_size > 0:
@@ -243,13 +273,21 @@ def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[to
     if config.bad_words_ids:
         scores = scores.masked_fill(bad_word_tokens(tokens, real, config.bad_words_ids, scores.size(-1)), -torch.inf)
     if config.min_new_tokens > 0 and generated is not None and end_ids:
-        scores = ban_early_ends(scores, generated, config.min_new_tokens, end_ids)
+        scores = ban_early_ends(scores, counts, config.min_new_tokens, end_ids)
+    if config.min_length > 0 and end_ids:
+        lengths = real.sum(dim=1).tolist() if real is not None else [tokens.size(1)] * tokens.size(0)
+        scores = ban_early_ends(scores, lengths, config.min_length, end_ids)
+    if config.forced_bos_token_id is not None and generated is not None:
+        scores = force_tokens(scores, [j for j, n in enumerate(counts) if n == 0], [config.forced_bos_token_id])
+    if config.forced_eos_token_id is not None and generated is not None and budgets is not None:
+        last = [j for j, (n, budget) in enumerate(zip(counts, budgets)) if n == budget - 1]
+        scores = force_tokens(scores, last, config.forced_eos_token_id)
     if config.exponential_decay_length_penalty is not None and generated is not None and end_ids:
         scores = decay_length_penalty(scores, generated, *config.exponential_decay_length_penalty, end_ids)
     if config.suppress_tokens:
         scores = scores.index_fill(1, torch.tensor(config.suppress_tokens, device=scores.device), -torch.inf)
     if config.begin_suppress_tokens and generated is not None:
-        scores = ban_early_ends(scores, generated, 1, config.begin_suppress_tokens)  # (banned before one new token)
+        scores = ban_early_ends(scores, counts, 1, config.begin_suppress_tokens)  # (banned before one new token)
     if generated is not None and (config.presence_penalty != 0.0 or config.frequency_penalty != 0.0):
         scores = occurrence_penalties(scores, generated, config.presence_penalty, config.frequency_penalty)
     if generated is not None and config.guided_choice_ids:
@@ -258,6 +296,16 @@ def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[to
     if generated is not None and guide is not None:  # guided_regex: the rows' RegexGuide (generate.guided)
         scores = scores.masked_fill(~guide.allowed(generated, end_ids, scores.device), -torch.inf)
     return scores
+
+
+def prompt_columns(tokens: torch.Tensor, real: Optional[torch.Tensor], generated: Sequence[Sequence[int]]
+                   ) -> torch.Tensor:
+    """(B, L) bool: the real columns of tokens (B, L) that hold each row's prompt, the rest being its last
+    len(generated[j]) tokens."""
+    B, L = tokens.shape
+    ends = torch.tensor([L - len(ids) for ids in generated], device=tokens.device)
+    prompt = torch.arange(L, device=tokens.device)[None, :] < ends[:, None]
+    return prompt if real is None else prompt & real
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,

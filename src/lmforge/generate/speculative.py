@@ -40,16 +40,17 @@ from lmforge.model import GPT, KVCache
 
 # ------------------------------------------------------------------------------------ scores -> choice
 def distributions(logits: torch.Tensor, prefix: Sequence[int], extra: Sequence[int], config: GenerateConfig,
-                  generated: Optional[Sequence[int]] = None, end_ids: Collection[int] = (), guide: Any = None
-                  ) -> torch.Tensor:
+                  generated: Optional[Sequence[int]] = None, end_ids: Collection[int] = (), guide: Any = None,
+                  budget: Optional[int] = None) -> torch.Tensor:
     """Scores (J, V) -> what plain decoding would pick from at each position j, whose text is prefix + extra[:j]
     (of which generated + extra[:j] was generated: the presence and frequency penalties and min_new_tokens count
-    those; None = they are off; `end_ids` and `guide` (guided_regex) the row's): the processed scores (greedy) or
-    the sampling probabilities (after temperature and the filters), watermarked when the config asks."""
+    those; None = they are off; `end_ids`, `guide` (guided_regex) and `budget` (new tokens at most: where
+    forced_eos_token_id applies; None = nowhere) the row's): the processed scores (greedy) or the sampling
+    probabilities (after temperature and the filters), watermarked when the config asks."""
     if penalizes(config):
         rows = [process_scores(logits[j:j + 1], torch.tensor([list(prefix) + list(extra[:j])], device=logits.device),
                                None, config, None if generated is None else [list(generated) + list(extra[:j])],
-                               end_ids, guide)
+                               end_ids, guide, None if budget is None else [budget])
                 for j in range(logits.size(0))]
         logits = torch.cat(rows)
     contexts = [list(prefix[-64:]) + list(extra[:j]) for j in range(logits.size(0))] if config.watermark else None
@@ -243,7 +244,7 @@ def _step(index: int, row: Row, target: Target, drafter: Drafter, k: int) -> lis
     guesses = guesses[:room]
     q = q[:len(guesses)] if q is not None else None
     logits = target.check(guesses)  # (len(guesses) + 1, V)
-    p = distributions(logits, target.tokens, guesses, row.config, row.tokens, row.end_ids, row.guide)
+    p = distributions(logits, target.tokens, guesses, row.config, row.tokens, row.end_ids, row.guide, row.budget)
     kept = accept(guesses, q, p, row.config, row.generator)
     row.drafted += len(guesses)
     row.accepted += len(kept) - 1
