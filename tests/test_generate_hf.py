@@ -393,7 +393,8 @@ def test_encoder_repetition_penalty_equals_hf(soft_pair, penalty):
     in_prompt = [sum(t in p for t in rows[0]) for p, rows in zip(PROMPTS, got)]
     before = [sum(t in p for t in rows[0]) for p, rows in zip(PROMPTS, plain)]
     assert (sum(in_prompt) > sum(before)) == (penalty > 1)
-    beams = generate_batch_ids(ours, PROMPTS, end_id=3, num_beams=3, max_new_tokens=15, encoder_repetition_penalty=penalty)
+    beams = generate_batch_ids(ours, PROMPTS, end_id=3, num_beams=3, max_new_tokens=15,
+                               encoder_repetition_penalty=penalty)
     assert beams == hf_generate(theirs, PROMPTS, 3, 15, num_beams=3, encoder_repetition_penalty=penalty)
     ragged = [[5], [1, 2, 3, 4, 8]]  # left-padded together: only each row's own prompt counts
     alone = [generate_batch_ids(ours, [p], greedy=True, max_new_tokens=12, encoder_repetition_penalty=penalty)[0]
@@ -471,7 +472,8 @@ def test_prompt_penalty_min_length_and_forced_end_equal_hfs_processors(new, budg
                             forced_eos_token_id=[7, 9], temperature=0.0)
     generated = [tokens[b, L - new:].tolist() for b in range(B)]
     ours = process_scores(scores, tokens, None, config, generated, [0, 7], budgets=[budget] * B)
-    chain = [lp.EncoderRepetitionPenaltyLogitsProcessor(2.0, tokens[:, :L - new]), lp.RepetitionPenaltyLogitsProcessor(1.3),
+    chain = [lp.EncoderRepetitionPenaltyLogitsProcessor(2.0, tokens[:, :L - new]),
+             lp.RepetitionPenaltyLogitsProcessor(1.3),
              lp.MinLengthLogitsProcessor(L + 1, [0, 7]), lp.ForcedEOSTokenLogitsProcessor(L - new + budget, [7, 9])]
     theirs = scores.clone()
     for processor in chain:

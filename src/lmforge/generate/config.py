@@ -311,7 +311,8 @@ class GenerateConfig:
         """What turns a row's logits into its next token: rows with equal keys are scored as one group."""
         constraints = (self.guidance_scale, self.repetition_penalty, self.no_repeat_ngram_size, self.presence_penalty,
                        self.frequency_penalty, self.min_new_tokens, self.encoder_repetition_penalty, self.min_length,
-                       self.forced_bos_token_id, tuple(self.forced_eos_token_id or ()), tuple(sorted((self.logit_bias or {}).items())),
+                       self.forced_bos_token_id, tuple(self.forced_eos_token_id or ()),
+                       tuple(sorted((self.logit_bias or {}).items())),
                        tuple(sorted((self.sequence_bias or {}).items())),
                        tuple(tuple(ids) for ids in self.bad_words_ids or ()), tuple(self.suppress_tokens or ()),
                        tuple(self.begin_suppress_tokens or ()), tuple(self.exponential_decay_length_penalty or ()),
