@@ -13,6 +13,10 @@ alternating their order:
                         probability below 0.4 (assistant_confidence_threshold, Hugging Face's default value)
     lmforge-draft-compiled    the same, the draft guessing through its compiled step (generate.apply_compile;
                         compiled in the untimed warm-up call, whose seconds are reported)
+    lmforge-early-exit  self-speculation: the target's own first half of its layers (then its final norm and head)
+                        guessing 3 tokens per step (assistant_early_exit; no second model). Hugging Face's
+                        assistant_early_exit cannot cut GPT2LMHeadModel (its loop over the blocks ignores
+                        num_hidden_layers), so this way is compared with HF's plain greedy decoding
     hf                  GPT2LMHeadModel.generate, greedy
     hf-lookup           generate(prompt_lookup_num_tokens=10, max_matching_ngram_size=2)
     hf-draft            generate(assistant_model=..., num_assistant_tokens=5, constant schedule, no confidence
@@ -23,8 +27,8 @@ alternating their order:
 Every greedy output is compared token by token with lmforge's plain greedy output (all should be identical up
 to float rounding in near ties). Reported: tokens/s (median of rounds), lmforge's speed-up from speculation,
 lmforge against HF for the same method, and lmforge's acceptance (guesses kept / guesses made). Sampling
-(temperature 0.8) is timed plain and with the draft model for lmforge and HF too, without a token comparison (the
-draws differ).
+(temperature 0.8) is timed plain and with the draft model for lmforge and HF too, and with early exit for lmforge,
+without a token comparison (the draws differ).
 
     python benchmarks/speculative_decoding.py --json-out benchmarks/results/speculative_decoding-cpu-X.json
     python benchmarks/speculative_decoding.py --quick     # small models, 2 prompts, 1 round: a check that it runs
@@ -64,6 +68,8 @@ MODELS = {"target": {"n_layer": 6, "n_head": 6, "n_embd": 384}, "draft": {"n_lay
 QUICK_MODELS = {"target": {"n_layer": 2, "n_head": 2, "n_embd": 64}, "draft": {"n_layer": 1, "n_head": 2, "n_embd": 32}}
 LOOKUP, DRAFT_TOKENS = 10, 5  # HF's prompt lookup default; tokens the draft model guesses per step
 CONFIDENCE = 0.4  # Hugging Face's default assistant_confidence_threshold
+EARLY_EXIT_TOKENS = 3  # tokens the target's first layers guess per step (its half-depth draft is slower than the
+# small draft model, so fewer guesses pay)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -209,7 +215,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     greedy = GenerateConfig(greedy=True, max_new_tokens=new)
     counts = {name: {"drafted": 0, "accepted": 0}
               for name in ("lmforge-lookup", "lmforge-draft", "lmforge-draft-confident", "lmforge-draft-compiled",
-                           "lmforge-draft-sample")}
+                           "lmforge-early-exit", "lmforge-draft-sample", "lmforge-early-exit-sample")}
+    exit_layers = target.config.n_layer // 2
+    early = dict(max_new_tokens=new, assistant_early_exit=exit_layers, num_assistant_tokens=EARLY_EXIT_TOKENS)
     lookup = GenerateConfig(greedy=True, max_new_tokens=new, prompt_lookup_num_tokens=LOOKUP, max_matching_ngram_size=2)
     drafted = GenerateConfig(greedy=True, max_new_tokens=new, num_assistant_tokens=DRAFT_TOKENS)
     confident = GenerateConfig(greedy=True, max_new_tokens=new, num_assistant_tokens=DRAFT_TOKENS,
@@ -221,6 +229,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "lmforge-draft-confident": lmforge_runner(target, prompts, confident, draft, counts["lmforge-draft-confident"]),
         "lmforge-draft-compiled": lmforge_runner(target, prompts, drafted, apply_compile(draft),
                                                  counts["lmforge-draft-compiled"]),
+        "lmforge-early-exit": lmforge_runner(target, prompts, GenerateConfig(greedy=True, **early), None,
+                                             counts["lmforge-early-exit"]),
         "hf": hf_runner(hf_target, prompts, new, do_sample=False),
         "hf-lookup": hf_runner(hf_target, prompts, new, do_sample=False, prompt_lookup_num_tokens=LOOKUP,
                                max_matching_ngram_size=2),
@@ -236,6 +246,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "lmforge-draft-sample": lmforge_runner(target, prompts, GenerateConfig(
             temperature=0.8, max_new_tokens=new, num_assistant_tokens=DRAFT_TOKENS, seed=0), draft,
             counts["lmforge-draft-sample"]),
+        "lmforge-early-exit-sample": lmforge_runner(target, prompts, GenerateConfig(temperature=0.8, seed=0, **early),
+                                                    None, counts["lmforge-early-exit-sample"]),
         "hf-sample": hf_runner(hf_target, prompts, new, do_sample=True, temperature=0.8, top_k=0, top_p=1.0),
         "hf-draft-sample": hf_runner(hf_target, prompts, new, do_sample=True, temperature=0.8, top_k=0, top_p=1.0,
                                      assistant_model=hf_draft, num_assistant_tokens=DRAFT_TOKENS,
@@ -255,6 +267,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "val_loss": {name: last_val_loss(runs[name]) for name in MODELS},
         "prompts": args.prompts, "prompt_tokens": 64, "new_tokens": new, "rounds": args.rounds,
         "decode_threads": args.threads, "lookup_tokens": LOOKUP, "draft_tokens": DRAFT_TOKENS,
+        "early_exit_layers": exit_layers, "early_exit_tokens": EARLY_EXIT_TOKENS,
         "tokens_per_s": tps,
         "seconds_per_round": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
         "warmup_seconds": warmup,
@@ -269,13 +282,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                           "draft_confident": round(tps["lmforge-draft-confident"] / tps["hf-draft-confident"], 3),
                           "draft_compiled": round(tps["lmforge-draft-compiled"] / tps["hf-draft"], 3),
                           "draft_vs_hf_default": round(tps["lmforge-draft"] / tps["hf-draft-default"], 3),
-                          "draft_sampling": round(tps["lmforge-draft-sample"] / tps["hf-draft-sample"], 3)},
+                          "draft_sampling": round(tps["lmforge-draft-sample"] / tps["hf-draft-sample"], 3),
+                          "early_exit_vs_hf_plain": round(tps["lmforge-early-exit"] / tps["hf"], 3),
+                          "early_exit_sampling_vs_hf_plain": round(tps["lmforge-early-exit-sample"] / tps["hf-sample"],
+                                                                   3)},
         "acceptance": {name: round(c["accepted"] / c["drafted"], 3) if c["drafted"] else None
                        for name, c in counts.items()},
         "guesses_per_call": {name: {k: v // calls for k, v in c.items()} for name, c in counts.items()},
         "greedy_vs_lmforge_plain": {name: agreement(outputs[name], outputs["lmforge"]) for name in
                                     ("lmforge-lookup", "lmforge-draft", "lmforge-draft-confident",
-                                     "lmforge-draft-compiled", "hf", "hf-lookup", "hf-draft", "hf-draft-confident",
+                                     "lmforge-draft-compiled", "lmforge-early-exit", "hf", "hf-lookup", "hf-draft", "hf-draft-confident",
                                      "hf-draft-default")},
         "sample_text": tokenizer.decode(prompts[0][1:] + outputs["lmforge"][0]),
     }

@@ -286,11 +286,13 @@ def test_speculative_decoding_times_every_way_and_greedy_ways_agree_with_plain_g
                                                  "--runs", str(tmp_path / "runs"), "--json-out", str(out)])
     assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"]
     assert set(summary["tokens_per_s"]) == {"lmforge", "lmforge-lookup", "lmforge-draft", "lmforge-draft-confident",
-                                            "lmforge-draft-compiled", "hf", "hf-lookup", "hf-draft",
-                                            "hf-draft-confident", "hf-draft-default", "lmforge-sample",
-                                            "lmforge-draft-sample", "hf-sample", "hf-draft-sample"}
+                                            "lmforge-draft-compiled", "lmforge-early-exit", "hf", "hf-lookup",
+                                            "hf-draft", "hf-draft-confident", "hf-draft-default", "lmforge-sample",
+                                            "lmforge-draft-sample", "lmforge-early-exit-sample", "hf-sample",
+                                            "hf-draft-sample"}
     assert all(v > 0 for v in summary["tokens_per_s"].values())
-    for name in ("lmforge-lookup", "lmforge-draft", "lmforge-draft-confident", "lmforge-draft-compiled"):  # speculation:
+    for name in ("lmforge-lookup", "lmforge-draft", "lmforge-draft-confident", "lmforge-draft-compiled",
+                 "lmforge-early-exit"):  # speculation:
         # plain greedy's tokens
         assert summary["greedy_vs_lmforge_plain"][name]["identical"] == summary["prompts"]
     for name, share in summary["acceptance"].items():

@@ -309,9 +309,11 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "generate.top_h=0.5 is a sampling option"),
         ("generate-watermark-key-alone", ["generate", str(run), "--watermark-key", "5"], "only read by the watermark"),
         ("generate-schedule-alone", ["generate", str(run), "--num-assistant-tokens-schedule", "heuristic"],
-         "--assistant-model RUN_DIR or --prompt-lookup-num-tokens"),
+         "--assistant-model RUN_DIR, --assistant-early-exit N or --prompt-lookup-num-tokens"),
         ("generate-confidence-alone", ["generate", str(run), "--assistant-confidence-threshold", "0.4"],
-         "--assistant-model RUN_DIR too"),
+         "--assistant-model RUN_DIR or --assistant-early-exit N too"),
+        ("generate-early-exit-whole-model", ["generate", str(run), "--assistant-early-exit", "99", "--device", "cpu"],
+         "assistant_early_exit=99 is not below the model's"),
         ("generate-healing-guided", ["generate", str(run), "--token-healing", "--guided-regex", "[a-z]+"],
          "token_healing begins it"),
         ("detect-nothing", ["detect", str(run)], "nothing to test"),
@@ -426,7 +428,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 120
+N_CASES = 121
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -15,7 +15,7 @@ from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, complete, generate_batch_ids, make_rows
 from lmforge.generate.api import decode_events
 from lmforge.generate.decode import decode_rows
-from lmforge.generate.speculative import PromptLookup, distributions
+from lmforge.generate.speculative import PromptLookup, distributions, early_exit
 from lmforge.model import GPT
 from lmforge.tokenizer import byte_tokenizer
 
@@ -289,6 +289,71 @@ def test_speculative_sampling_keeps_the_models_distribution(options):
     assert chi_square_p([tuple(r.tokens) for r in plain], wrong) < 1e-4
 
 
+def test_early_exit_speculative_sampling_keeps_the_models_distribution():
+    """The model's own first layer as the draft (assistant_early_exit): plain sampling's law, by a chi-square
+    against the exact enumeration, on a 2-layer model whose first layer alone predicts otherwise."""
+    torch.manual_seed(4)
+    model = GPT(ModelConfig(vocab_size=VOCAB, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():  # a second layer with its say: the draft is often, not always, refused
+        model.lm_head.weight.mul_(5.0)
+        model.blocks[1].mlp.proj.weight.mul_(30.0)
+    prompt, n = [0, 1, 2, 0, 1, 2, 0, 1], 2000
+    base = dict(max_new_tokens=NEW, seed=12, num_return_sequences=n, temperature=0.9)
+    exact = exact_distribution(model, prompt, GenerateConfig(**base))
+    config = GenerateConfig(**base, assistant_early_exit=1, num_assistant_tokens=3)
+    rows = make_rows(model, [prompt], config)
+    for _ in decode_events(model, rows, config):
+        pass
+    drafted, accepted = sum(r.drafted for r in rows), sum(r.accepted for r in rows)
+    assert 0.05 * drafted < accepted < 0.95 * drafted, (drafted, accepted)
+    assert chi_square_p([tuple(r.tokens) for r in rows], exact) > 1e-4
+    assert chi_square_p([tuple(r.tokens) for r in rows], exact_distribution(early_exit(model, 1), prompt,
+                                                                            GenerateConfig(**base))) < 1e-4
+
+
+@pytest.mark.parametrize("options", [{}, CONSTRAINTS, {"num_assistant_tokens_schedule": "heuristic",
+                                                      "assistant_confidence_threshold": 0.5}])
+def test_early_exit_greedy_gives_plain_greedys_tokens(options):
+    """Self-speculation with the first 1 or 2 of 3 layers as the draft: plain greedy's tokens, guesses made and
+    kept, and the model itself untouched (its layers, its config, its weights shared, not copied)."""
+    model = trained(3, 48, 150, seed=2)
+    for layers in (1, 2):
+        for prompt in PROMPTS:
+            config = GenerateConfig(greedy=True, max_new_tokens=40, **options)
+            want = generate_batch_ids(model, [ids(prompt)], config, end_id=TOKENIZER.end_id)[0][0]
+            tokens, drafted, accepted = speculated(model, ids(prompt),
+                                                   GenerateConfig(greedy=True, max_new_tokens=40,
+                                                                  assistant_early_exit=layers, **options))
+            assert tokens == want and drafted > 0 and accepted > 0, (layers, prompt)
+    assert len(model.blocks) == 3 and model.config.n_layer == 3
+    cut = early_exit(model, 2)
+    assert [b.attn.qkv.weight.data_ptr() for b in cut.blocks] == \
+        [b.attn.qkv.weight.data_ptr() for b in model.blocks[:2]]
+    assert cut.lm_head is model.lm_head and cut.norm_f is model.norm_f and cut.config.n_layer == 2
+
+
+def test_early_exit_draft_reads_the_first_layers_as_hf_llama_does():
+    """early_exit(model, n) gives the logits Hugging Face's LlamaForCausalLM gives with num_hidden_layers = n (what its
+    EarlyExitCandidateGenerator sets), on the same weights; and not the whole model's."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.interop import hf_llama
+
+    config = ModelConfig(vocab_size=41, block_size=24, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm",
+                         mlp="swiglu", pos_encoding="rope", bias=False, tie_embeddings=False)
+    torch.manual_seed(5)
+    ours = GPT(config).eval()
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_llama.to_hf_config(config))).eval()
+    theirs.load_state_dict(hf_llama.to_hf_state_dict(ours.state_dict(), config), strict=True)
+    idx = torch.randint(0, config.vocab_size, (2, 24))
+    with torch.no_grad():
+        whole = ours(idx)
+        for layers in (1, 2):
+            theirs.model.config.num_hidden_layers = layers
+            want = theirs(idx).logits
+            got = early_exit(ours, layers)(idx)
+            assert (got - want).abs().max() < 1e-4 and (whole - want).abs().max() > 1e-2, layers
+
+
 # ------------------------------------------------------------------------------------ refusals
 def test_bad_combinations_are_refused(target, draft):
     with pytest.raises(ConfigError, match="beam search"):
@@ -303,6 +368,14 @@ def test_bad_combinations_are_refused(target, draft):
         GenerateConfig(prompt_lookup_num_tokens=3, assistant_confidence_threshold=0.4)
     with pytest.raises(ConfigError, match="assistant_confidence_threshold=1.5 is invalid"):
         GenerateConfig(assistant_confidence_threshold=1.5)
+    with pytest.raises(ConfigError, match="assistant_early_exit=2 is not below the model's 2 layers"):
+        generate_batch_ids(target, [ids("a")], assistant_early_exit=2)
+    with pytest.raises(ConfigError, match="assistant_early_exit and prompt_lookup_num_tokens both guess"):
+        GenerateConfig(assistant_early_exit=1, prompt_lookup_num_tokens=3)
+    with pytest.raises(ConfigError, match="assistant_early_exit speculates on one sequence"):
+        GenerateConfig(assistant_early_exit=1, num_beams=2)
+    with pytest.raises(ConfigError, match="both guess tokens: give one"):
+        generate_batch_ids(target, [ids("a")], assistant_early_exit=1, assistant_model=draft)
     other_vocab = GPT(ModelConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     with pytest.raises(ConfigError, match="same tokenizer"):
         generate_batch_ids(target, [ids("a")], assistant_model=other_vocab)
@@ -328,7 +401,8 @@ def test_cli_speculates_with_an_assistant_run_or_prompt_lookup_and_prints_plain_
     assert main(plain) == 0
     want = capsys.readouterr().out
     assert want.startswith("the cat") and len(want) > len("the cat\n")
-    for extra in (["--assistant-model", small, "--num-assistant-tokens", "3"], ["--prompt-lookup-num-tokens", "5"]):
+    for extra in (["--assistant-model", small, "--num-assistant-tokens", "3"], ["--prompt-lookup-num-tokens", "5"],
+                  ["--assistant-early-exit", "1", "--num-assistant-tokens-schedule", "heuristic"]):
         assert main(plain + extra) == 0
         assert capsys.readouterr().out == want, extra
     # another tokenizer (same vocabulary size, other special tokens) is refused in one line, before generating

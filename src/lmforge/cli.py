@@ -412,16 +412,18 @@ def _check_assistant_flags(args: argparse.Namespace, values: dict) -> None:
     """The decoding flags that need another flag, and --guided-json FILE read (generate, chat)."""
     from pathlib import Path
 
-    if "num_assistant_tokens" in values and not args.assistant_model:
+    drafter = args.assistant_model or "assistant_early_exit" in values  # a model guesses: another, or its layers
+    if "num_assistant_tokens" in values and not drafter:
         raise ConfigError("--num-assistant-tokens sets how many tokens an assistant model guesses: give "
-                          "--assistant-model RUN_DIR too (or --prompt-lookup-num-tokens to guess without a model)")
-    if "assistant_confidence_threshold" in values and not args.assistant_model:
+                          "--assistant-model RUN_DIR or --assistant-early-exit N too (or --prompt-lookup-num-tokens "
+                          "to guess without a model)")
+    if "assistant_confidence_threshold" in values and not drafter:
         raise ConfigError("--assistant-confidence-threshold stops an assistant model's guesses early: give "
-                          "--assistant-model RUN_DIR too")
-    if values.get("num_assistant_tokens_schedule") == "heuristic" and not args.assistant_model \
+                          "--assistant-model RUN_DIR or --assistant-early-exit N too")
+    if values.get("num_assistant_tokens_schedule") == "heuristic" and not drafter \
             and "prompt_lookup_num_tokens" not in values:
         raise ConfigError("--num-assistant-tokens-schedule heuristic adapts speculative decoding's guesses: give "
-                          "--assistant-model RUN_DIR or --prompt-lookup-num-tokens N too")
+                          "--assistant-model RUN_DIR, --assistant-early-exit N or --prompt-lookup-num-tokens N too")
     schema = values.get("guided_json")
     if schema is not None and not schema.lstrip().startswith("{"):  # not JSON text: a schema file
         try:

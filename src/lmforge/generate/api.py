@@ -20,7 +20,7 @@ from lmforge.generate.decode import decode_rows
 from lmforge.generate.quantize import apply_inference_dtype
 from lmforge.generate.healing import heal
 from lmforge.generate.rows import Event, Logprobs, Row, crop_prompt, make_rows, prompt_ids
-from lmforge.generate.speculative import DraftModel, PromptLookup, check_assistant, speculative_rows
+from lmforge.generate.speculative import DraftModel, PromptLookup, check_assistant, early_exit, speculative_rows
 from lmforge.model import GPT
 
 
@@ -34,14 +34,21 @@ def options(config: Optional[GenerateConfig], kwargs: dict[str, Any]) -> Generat
 def decode_events(model: GPT, rows: list[Row], config: GenerateConfig,
            assistant_model: Optional[GPT] = None) -> Iterator[list[Event]]:
     """The Events of decoding `rows`: one token per row per step (decode.decode_rows), or by speculation
-    (generate.speculative) with an assistant (draft) model or with config.prompt_lookup_num_tokens."""
-    if assistant_model is None and config.prompt_lookup_num_tokens is None:
+    (generate.speculative) with an assistant (draft) model, the model's own first layers
+    (config.assistant_early_exit) or config.prompt_lookup_num_tokens."""
+    if assistant_model is None and config.prompt_lookup_num_tokens is None and config.assistant_early_exit is None:
         return decode_rows(model, rows)
     if config.guidance_scale != 1.0:
         raise ConfigError(f"generate.guidance_scale={config.guidance_scale!r} with speculative decoding (an "
                           "assistant model) is not supported: use one of them")
     if assistant_model is not None and config.prompt_lookup_num_tokens is not None:
         raise ConfigError("an assistant (draft) model and prompt_lookup_num_tokens both guess tokens: give one")
+    if assistant_model is not None and config.assistant_early_exit is not None:
+        raise ConfigError("an assistant (draft) model and assistant_early_exit (the model's own first layers) both "
+                          "guess tokens: give one")
+    if config.assistant_early_exit is not None:
+        cut = early_exit(model, config.assistant_early_exit)
+        return speculative_rows(model, rows, lambda row: DraftModel(cut), config.num_assistant_tokens)
     if assistant_model is not None:
         check_assistant(model, assistant_model)
         return speculative_rows(model, rows, lambda row: DraftModel(assistant_model), config.num_assistant_tokens)

@@ -185,6 +185,10 @@ class GenerateConfig:
         "Speculative decoding with an assistant (draft) model: it stops guessing for the step after a guess it gives "
         "a probability below this, so a step spends no draft passes on guesses the model will likely refuse "
         "(Hugging Face's assistant_confidence_threshold, without its online tuning); null = off.", None, gt=0, le=1)
+    assistant_early_exit: Optional[int] = doc(
+        "Self-speculative decoding (LayerSkip, Elhoushi et al. 2024; Hugging Face's assistant_early_exit): the model's "
+        "own first N layers, then its final norm and head, are the draft model (no second model to train or load); "
+        "pays on a model whose early layers already predict well. null = off.", None, ge=1)
     num_assistant_tokens_schedule: Literal["constant", "heuristic"] = doc(
         "Speculative decoding: constant guesses num_assistant_tokens (or prompt_lookup_num_tokens) per step; "
         "heuristic starts there and guesses 2 more after a step that kept every guess, 1 fewer (1 at least) after "
@@ -288,6 +292,11 @@ class GenerateConfig:
         if self.assistant_confidence_threshold is not None and self.prompt_lookup_num_tokens is not None:
             raise ConfigError("generate.assistant_confidence_threshold is the assistant (draft) model's confidence "
                               "and prompt lookup guesses without one: drop it, or use an assistant model")
+        if self.assistant_early_exit is not None and self.prompt_lookup_num_tokens is not None:
+            raise ConfigError("generate.assistant_early_exit and prompt_lookup_num_tokens both guess tokens: give one")
+        if self.assistant_early_exit is not None and self.num_beams > 1:
+            raise ConfigError(f"generate.assistant_early_exit speculates on one sequence and beam search (num_beams="
+                              f"{self.num_beams}) keeps several: use one of them")
         if self.num_beams > 1 and self.prompt_lookup_num_tokens is not None:
             raise ConfigError(f"generate.prompt_lookup_num_tokens={self.prompt_lookup_num_tokens} speculates on one "
                               f"sequence and beam search (num_beams={self.num_beams}) keeps several: use one of them")

@@ -18,7 +18,8 @@ Drafters:
                   (n from max_matching_ngram_size down to 1); pays where the output repeats its input
                   (summaries, answers quoted from a context, code edits). Hugging Face's prompt_lookup_num_tokens.
     DraftModel    a smaller model with the same vocabulary decodes k tokens ahead with its own KV cache
-                  (Hugging Face's assistant_model).
+                  (Hugging Face's assistant_model); or the model's own first layers (early_exit: LayerSkip,
+                  Hugging Face's assistant_early_exit).
 
 Rows decode in turn, each with its own KV cache (each step keeps a different number of tokens per row). Past the
 context the window slides as in plain decoding (see the package docstring): a checked block never crosses a slide,
@@ -27,6 +28,8 @@ so every position sees exactly the context plain decoding would give it.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any, Callable, Collection, Iterator, Optional, Protocol, Sequence
 
 import torch
@@ -260,6 +263,22 @@ def _step(index: int, row: Row, target: Target, drafter: Drafter, k: int) -> lis
         if row.finish is not None:
             break
     return events
+
+
+def early_exit(model: GPT, layers: int) -> GPT:
+    """`model` cut after its first `layers` blocks: the same modules and weights (nothing copied), then the final
+    norm and the head, which read the layer's output as they read the last one's (self-speculative decoding's draft).
+    A compiled model's eager model is cut."""
+    model = getattr(model, "model", model)  # a CompiledGPT (generate.compiled) holds the model it compiled
+    n = model.config.n_layer
+    if not 1 <= layers < n:
+        raise ConfigError(f"generate.assistant_early_exit={layers} is not below the model's {n} layers: the draft is "
+                          f"the model's first layers, 1 to {n - 1}")
+    cut = copy.copy(model)  # a shallow copy: its own table of submodules, the same submodules
+    cut._modules = dict(model._modules)
+    cut.blocks = torch.nn.ModuleList(list(model.blocks)[:layers])
+    cut.config = dataclasses.replace(model.config, n_layer=layers)
+    return cut
 
 
 def check_assistant(model: GPT, assistant: GPT) -> None:
