@@ -1,6 +1,7 @@
-"""`lmforge serve` with speculative decoding (serve.assistant_model, serve.prompt_lookup_num_tokens), on a real
-uvicorn server on loopback: every greedy answer (plain, n > 1, several prompts, stop strings, logprobs, streamed, chat)
-equals the plain server's; /metrics counts the guesses; each job decodes on its own; bad settings are refused."""
+"""`lmforge serve` with speculative decoding (serve.assistant_model, serve.assistant_early_exit,
+serve.prompt_lookup_num_tokens), on a real uvicorn server on loopback: every greedy answer (plain, n > 1, several
+prompts, stop strings, logprobs, streamed, chat) equals the plain server's; /metrics counts the guesses; each job
+decodes on its own; bad settings are refused."""
 
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def test_speculative_servers_answer_as_the_plain_server_and_count_their_guesses(
     assert want[2][0][:2] == (first[:first.find(plain["stop"])], "stop")  # cut where the stop string began
     for name, config in [("lookup", ServeConfig(prompt_lookup_num_tokens=6)),
                          ("itself", ServeConfig(assistant_model=str(run), num_assistant_tokens=4)),
+                         ("early-exit", ServeConfig(assistant_early_exit=1)),
                          ("draft", ServeConfig(assistant_model=str(draft)))]:
         app = load_app(str(run), config, device="cpu")
         with running(app) as url:
@@ -168,6 +170,10 @@ def test_bad_speculative_settings_are_refused(runs):
         ServeConfig(assistant_model=str(draft), prompt_lookup_num_tokens=3)
     with pytest.raises(ConfigError, match="serve.assistant_model RUN_DIR"):
         ServeConfig(num_assistant_tokens=3)
+    with pytest.raises(ConfigError, match="serve.assistant_early_exit and serve.prompt_lookup_num_tokens both guess"):
+        ServeConfig(assistant_early_exit=1, prompt_lookup_num_tokens=3)
+    with pytest.raises(ConfigError, match="is not below the model's 2 layers"):  # at start, not at a request
+        load_app(str(run), ServeConfig(assistant_early_exit=2), device="cpu")
     with pytest.raises(ConfigError, match="prompt_lookup_num_tokens"):
         ServeConfig(prompt_lookup_num_tokens=0)
     with pytest.raises(ConfigError, match="serve.speculative_max_running limits"):

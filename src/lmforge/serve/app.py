@@ -399,9 +399,9 @@ def create_app(generator: Union[TextGenerator, TextClassifier, MaskFiller], conf
                           f"{block_size}; use at most {block_size}")
     classifies = isinstance(generator, TextClassifier)
     if (classifies or encodes) and config.speculation:
-        raise ConfigError("speculative decoding (serve.assistant_model, serve.prompt_lookup_num_tokens) speeds up "
-                          f"text generation, and this model is {'a classifier' if classifies else 'an encoder'}: "
-                          "leave them out")
+        raise ConfigError("speculative decoding (serve.assistant_model, serve.assistant_early_exit, "
+                          "serve.prompt_lookup_num_tokens) speeds up text generation, and this model is "
+                          f"{'a classifier' if classifies else 'an encoder'}: leave them out")
     if config.assistant_model is not None and getattr(generator, "assistant_model", None) is None:
         raise ConfigError("serve.assistant_model is set but the generator has no assistant: load it with "
                           "generate.load(path, assistant=...) or serve with serve.load_app")

@@ -68,8 +68,12 @@ class ServeConfig:
                                          "(greedy text unchanged, sampling keeps its distribution). Each request "
                                          "then decodes on its own, not batched: lower latency, less throughput "
                                          "under load.", None)
-    num_assistant_tokens: Optional[int] = doc("Tokens the assistant model guesses per step; null = 5.", None, ge=1,
-                                              le=1024)
+    assistant_early_exit: Optional[int] = doc("Self-speculative decoding: the model's own first N layers (then its "
+                                              "final norm and head) draft tokens it checks in one pass (LayerSkip, "
+                                              "Hugging Face's assistant_early_exit); no second model. Each request "
+                                              "then decodes on its own, not batched.", None, ge=1)
+    num_assistant_tokens: Optional[int] = doc("Tokens the assistant model (or the early exit) guesses per step; null = "
+                                              "5 (3 with assistant_early_exit).", None, ge=1, le=1024)
     prompt_lookup_num_tokens: Optional[int] = doc("Speculative decoding without a second model: guess up to this many "
                                                   "tokens per step from the text so far (what followed the latest "
                                                   "match of its last n-gram); pays when answers repeat their prompt. "
@@ -90,15 +94,17 @@ class ServeConfig:
         if self.max_prompts > self.max_concurrency + self.max_queue:
             raise ConfigError(f"serve.max_prompts={self.max_prompts} is more than max_concurrency + max_queue = "
                               f"{self.max_concurrency + self.max_queue}: such a request could never be taken; lower it")
-        if self.assistant_model is not None and self.prompt_lookup_num_tokens is not None:
-            raise ConfigError("serve.assistant_model and serve.prompt_lookup_num_tokens both guess tokens: give one")
-        if self.num_assistant_tokens is not None and self.assistant_model is None:
+        drafters = [name for name in ("assistant_model", "assistant_early_exit", "prompt_lookup_num_tokens")
+                     if getattr(self, name) is not None]
+        if len(drafters) > 1:
+            raise ConfigError(f"serve.{drafters[0]} and serve.{drafters[1]} both guess tokens: give one")
+        if self.num_assistant_tokens is not None and self.assistant_model is None and self.assistant_early_exit is None:
             raise ConfigError("serve.num_assistant_tokens sets how many tokens an assistant model guesses: give "
-                              "serve.assistant_model RUN_DIR too (or serve.prompt_lookup_num_tokens to guess without "
-                              "a model)")
+                              "serve.assistant_model RUN_DIR or serve.assistant_early_exit N too (or "
+                              "serve.prompt_lookup_num_tokens to guess without a model)")
         if self.speculative_max_running is not None and not self.speculation:
-            raise ConfigError("serve.speculative_max_running limits speculative decoding: give serve.assistant_model "
-                              "or serve.prompt_lookup_num_tokens too")
+            raise ConfigError("serve.speculative_max_running limits speculative decoding: give serve.assistant_model, "
+                              "serve.assistant_early_exit or serve.prompt_lookup_num_tokens too")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("serve.api_key is empty: give a key, or leave it out to serve without one")
 
@@ -110,6 +116,9 @@ class ServeConfig:
                     "max_matching_ngram_size": self.max_matching_ngram_size}
         if self.assistant_model is not None:
             return {"num_assistant_tokens": self.num_assistant_tokens or 5}
+        if self.assistant_early_exit is not None:
+            return {"assistant_early_exit": self.assistant_early_exit,
+                    "num_assistant_tokens": self.num_assistant_tokens or 3}
         return {}
 
     @property

@@ -11,10 +11,11 @@ worker loop
      says which may join);
   2. advances every active decode by one token, in turn, so streams interleave and none waits for another;
   3. hands each job's events (text pieces, finish reasons) to its mailbox on the event loop.
-With speculative decoding on (an assistant model, or prompt lookup: ServeConfig), a job decodes on its own
-(generate.speculative: its n rows in turn), since each row keeps a different number of tokens per step; with
-serve.speculative_max_running, only a job that starts while fewer prompts are in generation does, the others join
-plain batches (a single stream's latency when the server is quiet, batched throughput when it is busy).
+With speculative decoding on (an assistant model, the model's early exit, or prompt lookup: ServeConfig), a job
+decodes on its own (generate.speculative: its n rows in turn), since each row keeps a different number of tokens
+per step; with serve.speculative_max_running, only a job that starts while fewer prompts are in generation does,
+the others join plain batches (a single stream's latency when the server is quiet, batched throughput when it is
+busy).
 A job whose client left (Job.cancel) or whose deadline passed is dropped before the next step (its rows are
 marked cancelled, so the decode stops reporting them); a decode with no job left is closed.
 
@@ -37,6 +38,7 @@ from typing import Any, Iterator, Optional
 from lmforge.generate import (Event, GenerateConfig, Logprobs, Row, TextClassifier, TextGenerator, decode_rows,
                               make_rows, score_prompt)
 from lmforge.generate.api import decode_events
+from lmforge.generate.speculative import early_exit
 
 
 MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
@@ -232,6 +234,8 @@ class Engine(Worker):
         self.speculation = dict(speculation or {})
         if self.speculation or self.assistant is not None:
             GenerateConfig(**self.speculation)  # its values, checked where the library checks them
+        if "assistant_early_exit" in self.speculation:  # layers the model has: checked now, not at a request
+            early_exit(self.model, self.speculation["assistant_early_exit"])
         self.speculative = bool(self.speculation) or self.assistant is not None
         self.speculative_max_running = speculative_max_running
         self.drafted = self.accepted = 0  # speculation: tokens guessed, and those the model kept
