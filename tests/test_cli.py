@@ -179,6 +179,8 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-wrong-type", ["train", "--data", str(data), "--model.n_layer", "two"], "model.n_layer"),
         ("train-bad-range", ["train", "--data", str(data), "--optim.lr", "-3"], "optim.lr"),
         ("train-bad-precision", ["train", "--data", str(data), "--precision", "fp4"], "train.precision"),
+        ("train-early-exit-past-the-model", ["train", "--data", str(data), "--model.n_layer", "2",
+                                             "--train.early_exit_layer", "2"], "is not below model.n_layer=2"),
         ("train-bf16-compute-recomputed", ["train", "--data", str(data), "--precision", "bf16-compute",
                                            "--train.activation_checkpointing", "true"], "--train.precision bf16-mixed"),
         ("train-missing-data", ["train", "--data", str(ws / "nodata"), "--run-dir", str(ws / "r1")], "nodata"),
@@ -428,7 +430,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 121
+N_CASES = 122
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -186,3 +186,21 @@ def test_fsdp_cpu_offload_on_the_cpu_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="fsdp_cpu_offload .* on device cpu they are there already"):
         tiny_trainer(tiny_config(tmp_path / "run", **{"train.parallel": "fsdp", "train.fsdp_cpu_offload": True}))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.distributed
+def test_the_early_exit_loss_under_fsdp_matches_one_process(tmp_path_factory, tmp_path):
+    """train.early_exit_layer with 2 FSDP processes: the early exit's norm and head run inside the sharded root's
+    forward, and the losses and val losses (the model's and the early exit's) are those of one process."""
+    settings = {**FSDP, "model.n_layer": 3, "train.early_exit_layer": 1, "train.max_steps": 8, "train.save_interval": 8,
+                "train.eval_interval": 8}
+    two = two_processes(tmp_path_factory, "fsdp-early-exit", settings)
+    worker(tmp_path / "one", batch_size=4, grad_accum=2, overrides=json.dumps({**settings, "train.parallel": "ddp"}))
+    one, fsdp = read_history(tmp_path / "one"), read_history(two)
+    assert [l for _, l in fsdp["history"]] == pytest.approx([l for _, l in one["history"]], abs=1e-5)
+    assert fsdp["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
+    logged = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    early = [r["val_early_exit_loss"] for r in logged if "val_early_exit_loss" in r]
+    alone = [r["val_early_exit_loss"] for r in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text()
+                                                    .splitlines()) if "val_early_exit_loss" in r]
+    assert early and early == pytest.approx(alone, abs=1e-5)

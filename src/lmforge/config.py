@@ -486,6 +486,13 @@ class TrainConfig:
                                            "(an encoder, model.causal false; data prepared with --mask-token).", "clm")
     mlm_probability: float = doc("mlm: the fraction of positions chosen for prediction (of those 80% become the "
                                  "mask token, 10% a random token, 10% stay).", 0.15, gt=0, lt=1, noun="probability")
+    early_exit_layer: Optional[int] = doc(
+        "LayerSkip's early-exit loss (Elhoushi et al. 2024): also train the model's first N layers, read by its final "
+        "norm and head, to predict the next token, adding early_exit_weight times their loss; they then draft well "
+        "for self-speculative decoding (generate --assistant-early-exit N). The logged loss stays the whole model's; "
+        "evaluations add val_early_exit_loss. null = off.", None, ge=1)
+    early_exit_weight: float = doc("With early_exit_layer: the weight of the early exit's loss in the loss trained "
+                                   "on.", 0.2, gt=0, le=10)
     task_eval_every: int = doc("sft task data: every N evaluations (and at the end), generate greedily for the first "
                                "task_eval_examples val examples and log BLEU, chrF, ROUGE, exact match and token F1 as "
                                "val_bleu, val_chrf, ...; 0 = never.", 0, ge=0)
@@ -576,6 +583,17 @@ class RunConfig:
             raise ConfigError("train.precision=bf16-compute is not supported with train.activation_checkpointing: a "
                               "block recomputed in the backward pass would meet the float32 weights again; use "
                               "--train.precision bf16-mixed")
+        exit_layer = self.train.early_exit_layer
+        if exit_layer is not None and exit_layer >= self.model.n_layer:
+            raise ConfigError(f"train.early_exit_layer={exit_layer} is not below model.n_layer={self.model.n_layer}: "
+                              f"the early exit reads one of the first {self.model.n_layer - 1} layers")
+        if exit_layer is not None and (self.model.head != "lm" or not self.model.causal):
+            raise ConfigError("train.early_exit_layer trains a decoder's first layers to predict the next token, and "
+                              "this model is " + ("a classifier (model.head classify)" if self.model.head != "lm" else
+                                                  "an encoder (model.causal false)") + ": leave it out")
+        if exit_layer is None and self.train.early_exit_weight != 0.2:
+            raise ConfigError("train.early_exit_weight weighs the early exit's loss: set train.early_exit_layer N "
+                              "too, or leave it out")
         if self.train.choices_file and self.train.parallel == "fsdp":
             raise ConfigError("train.choices_file scores questions on whole weights, and train.parallel=fsdp shards "
                               "them: use train.parallel ddp, or score a checkpoint with `lmforge eval --choices`")

@@ -16,7 +16,7 @@ parameters: tok_emb, pos_emb (learned positions only), blocks.N.{norm_1, attn.qk
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -300,7 +300,7 @@ class GPT(nn.Module):
                     nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None, exit_layer: Optional[int] = None) -> Any:
         """Logits (B, T, V) for token ids idx (B, T); with head: classify, class logits (B, num_labels) from
         each row's last real token (its last True in attention_mask; the last column without one); either soft-
         capped to (-logit_softcap, logit_softcap) when it is set. With a
@@ -314,7 +314,13 @@ class GPT(nn.Module):
         1, 2, 3, ... instead of True: each example then attends only to itself and its positions start at 0.
         With a static cache (one new token per row, T = 1), S is the cache's length and attention_mask
         marks the columns written so far, this one included, pads excluded.
+
+        exit_layer=N (training with an early-exit loss, LayerSkip): (logits, early logits), the second what the final
+        norm and the head read from the N-th block's output: the draft of self-speculative decoding.
         """
+        if exit_layer is not None:
+            x, early = self.hidden_states(idx, cache, attention_mask, exit_layer)
+            return self.token_logits(x), self.token_logits(early)
         x = self.hidden_states(idx, cache, attention_mask)  # (B, T, C)
         if self.config.head == "classify":
             B, T = idx.shape
@@ -332,9 +338,10 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits  # soft cap (Gemma 2): |logits| < cap
 
     def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
-                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      attention_mask: Optional[torch.Tensor] = None, exit_layer: Optional[int] = None) -> Any:
         """(B, T, C): the last block's output after the final norm, what the head reads (and what embeddings
-        pool: generate.embed); arguments as forward's."""
+        pool: generate.embed); arguments as forward's. With exit_layer=N, a pair: that and the N-th block's output
+        after the same norm."""
         B, T = idx.shape
         if cache is not None and not self.config.causal:
             raise ValueError("an encoder (model.causal: false) reads the whole text at once: it has no KV cache and "
@@ -360,14 +367,17 @@ class GPT(nn.Module):
         if self.config.pos_encoding == "rope":  # (T, 1, hd), or (B, T, 1, hd): broadcast over the heads
             rope = self.rope_cos[positions].unsqueeze(-2), self.rope_sin[positions].unsqueeze(-2)
         x = self.drop(x)
-        for block in self.blocks:
+        early = None
+        for layer, block in enumerate(self.blocks):
             if self.checkpoint_blocks and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, mask, use_reentrant=False)
             else:
                 x = block(x, rope, cache, mask)
+            if layer + 1 == exit_layer:
+                early = self.norm_f(x)
         if cache is not None:
             cache.pos += T
-        return self.norm_f(x)
+        return self.norm_f(x) if exit_layer is None else (self.norm_f(x), early)
 
     def summary_position(self, attention_mask: Optional[torch.Tensor], B: int, T: int) -> torch.Tensor:
         """(B,) the position whose hidden state a classify head reads: a decoder's last real token (the only one

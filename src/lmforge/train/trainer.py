@@ -369,6 +369,8 @@ class Trainer:
         self.history: list[tuple[int, float]] = []  # (step, train loss) at every log step
         self.guard = StepGuard(tc.nonfinite, tc.spike_zscore, tc.spike_window)
         self.step_loss = math.nan  # global mean loss of the last step
+        self.early_exit_loss: Optional[torch.Tensor] = None  # train.early_exit_layer: the last step's early exit loss
+        # (this process's labels)
         self.stop_signal: Optional[str] = None  # set by SIGTERM / SIGINT: save at the end of the step, then stop
         self.stop_requested = False  # some process got a stop signal (agreed by all processes each step)
         self.logger: Optional[MetricsLogger] = None
@@ -559,30 +561,43 @@ class Trainer:
         tc = self.config.train
         micro = [self.train_data.next_batch() for _ in range(tc.grad_accum)]
         count = torch.tensor(float(sum(count_labels(batch[1]) for batch in micro)))
+        local_count = float(count)
         if self.dist.enabled:  # labels in the global batch: one small all-reduce, no host sync
             count = all_reduce_sum(count.to(self.device), self.dist)
         scale = self.dist.world_size / count.clamp(min=1.0)
         loss_sum = torch.zeros((), device=self.device)
+        exit_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last else no_sync(self.ddp_model, self.dist)
             with sync:  # DDP all-reduces (FSDP reduce-scatters) gradients once, after the last micro-batch
-                logits, y = self.forward(self.model, batch)
+                logits, y = self.forward(self.model, batch, tc.early_exit_layer)
+                if tc.early_exit_layer is not None:  # LayerSkip: the first layers' prediction is trained too
+                    logits, early = logits
+                    exit_loss = cross_entropy_sum(early, y)
+                    exit_sum += exit_loss.detach()
                 loss = cross_entropy_sum(logits, y, self.class_weights)
                 if i == 0 and fault_point("loss", self.step + 1, self.dist.rank) == "nan":  # tests only
                     loss = loss * math.nan
-                (loss * scale).backward()  # scale: 0-dim, a scalar argument on any device
+                trained = loss if tc.early_exit_layer is None else loss + tc.early_exit_weight * exit_loss
+                (trained * scale).backward()  # scale: 0-dim, a scalar argument on any device
             loss_sum += loss.detach()
             self.tokens_seen += batch[0].numel() * self.dist.world_size
         if fault_point("grad", self.step + 1, self.dist.rank) == "nan":  # tests only: one poisoned gradient
             next(p for p in self.raw_model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
+        if tc.early_exit_layer is not None:  # this process's mean (a float at logging time: no sync here)
+            self.early_exit_loss = exit_sum / max(local_count, 1.0)
         return loss_sum, count
 
-    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None
+                ) -> tuple[Any, torch.Tensor]:
         """(logits, labels) of one CPU batch, on the device: a batch is (x, y), or (x, y, attention_mask) for a
-        classifier, whose logits (B, K) come from each row's last real token; else logits are (B, T, V)."""
+        classifier, whose logits (B, K) come from each row's last real token; else logits are (B, T, V). With
+        exit_layer (train.early_exit_layer), logits is the pair (logits, early exit's logits)."""
         x, y, *mask = (self.to_device(t) for t in batch)
         kwargs = {"attention_mask": mask[0]} if mask else {}
+        if exit_layer is not None:
+            kwargs["exit_layer"] = exit_layer
         return run_forward(model, self.config.train.precision, self.device, x, **kwargs), y
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -625,23 +640,29 @@ class Trainer:
         model = self.model
         model.eval()  # dropout off
         K = len(self.labels) if self.labels is not None else 0
-        totals = torch.zeros(3 + K * K, dtype=torch.float64, device=self.device)  # (loss, labels, hits, confusion)
-        for batch in self.val_batches:
-            logits, y = self.forward(model, batch)
+        exit_layer = self.config.train.early_exit_layer
+        totals = torch.zeros(4 + K * K, dtype=torch.float64, device=self.device)  # (loss, labels, hits, early exit's
+        for batch in self.val_batches:  # loss, confusion)
+            logits, y = self.forward(model, batch, exit_layer)
+            if exit_layer is not None:
+                logits, early = logits
+                totals[3] += cross_entropy_sum(early, y).double()
             totals[0] += cross_entropy_sum(logits, y, self.class_weights).double()
             totals[1] += count_labels(y)
             totals[2] += (logits.argmax(-1) == y).sum().double()  # IGNORE_INDEX never equals a prediction
             if K:  # entry [gold, predicted] of the (K, K) confusion matrix
-                totals[3:] += torch.bincount(y * K + logits.argmax(-1), minlength=K * K).double()
+                totals[4:] += torch.bincount(y * K + logits.argmax(-1), minlength=K * K).double()
         model.train()
         totals = all_reduce_sum(totals, self.dist)
         if K:
             from lmforge.eval.metrics import confusion_metrics
 
-            scores = confusion_metrics(totals[3:].long().view(K, K).cpu().numpy(), self.labels)
+            scores = confusion_metrics(totals[4:].long().view(K, K).cpu().numpy(), self.labels)
             self.val_metrics = {"val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"]}
         elif self.config.train.objective == "mlm":
             self.val_metrics = {"val_masked_accuracy": float(totals[2] / totals[1].clamp(min=1))}
+        elif exit_layer is not None:
+            self.val_metrics = {"val_early_exit_loss": float(totals[3] / totals[1].clamp(min=1))}
         return float(totals[0] / totals[1].clamp(min=1))
 
     def maybe_log(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
@@ -652,7 +673,8 @@ class Trainer:
         loss = self.step_loss  # judge_step waited for the device, so the rate below is true
         tokens_per_s = self.throughput.rate(self.tokens_seen)
         self.history.append((self.step, loss))
-        self.logger.log("train", self.step, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+        early = {"early_exit_loss": float(self.early_exit_loss)} if self.early_exit_loss is not None else {}
+        self.logger.log("train", self.step, {"loss": loss, **early, "lr": lr, "grad_norm": float(grad_norm),
                                              "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
                                              "elapsed_s": time.perf_counter() - self.started,
                                              "skipped_nonfinite": self.guard.skipped_nonfinite,
