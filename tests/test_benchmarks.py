@@ -280,6 +280,22 @@ def test_muon_step_times_torch_and_both_batched_precisions_on_the_models_matrice
 
 
 @pytest.mark.slow
+def test_early_exit_trains_both_models_and_self_speculation_keeps_each_models_greedy_tokens(tmp_path):
+    out = tmp_path / "early_exit.json"
+    summary = load("early_exit").main(["--quick", "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"),
+                                       "--json-out", str(out)])
+    assert json.loads(out.read_text()) == summary and summary["machine"]["cpu"]
+    assert set(summary["tokens_per_s"]) == {"plain", "plain-early-exit", "trained", "trained-early-exit"}
+    assert all(v > 0 for v in summary["tokens_per_s"].values())
+    for name in ("plain", "trained"):
+        assert summary["greedy_vs_plain_decoding"][f"{name}-early-exit"]["identical"] == summary["prompts"]
+        assert 0 <= summary["acceptance"][f"{name}-early-exit"] <= 1
+        assert set(summary["val_loss"][name]) == {"model", "early_exit"}
+    logged = {name: (tmp_path / "runs" / name / "metrics.jsonl").read_text() for name in ("plain", "trained")}
+    assert "val_early_exit_loss" in logged["trained"] and "val_early_exit_loss" not in logged["plain"]
+
+
+@pytest.mark.slow
 def test_speculative_decoding_times_every_way_and_greedy_ways_agree_with_plain_greedy(tmp_path):
     out = tmp_path / "speculative.json"
     summary = load("speculative_decoding").main(["--quick", "--data", str(tmp_path / "data"),

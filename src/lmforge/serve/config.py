@@ -73,7 +73,7 @@ class ServeConfig:
                                               "Hugging Face's assistant_early_exit); no second model. Each request "
                                               "then decodes on its own, not batched.", None, ge=1)
     num_assistant_tokens: Optional[int] = doc("Tokens the assistant model (or the early exit) guesses per step; null = "
-                                              "5 (3 with assistant_early_exit).", None, ge=1, le=1024)
+                                              "5.", None, ge=1, le=1024)
     prompt_lookup_num_tokens: Optional[int] = doc("Speculative decoding without a second model: guess up to this many "
                                                   "tokens per step from the text so far (what followed the latest "
                                                   "match of its last n-gram); pays when answers repeat their prompt. "
@@ -118,7 +118,7 @@ class ServeConfig:
             return {"num_assistant_tokens": self.num_assistant_tokens or 5}
         if self.assistant_early_exit is not None:
             return {"assistant_early_exit": self.assistant_early_exit,
-                    "num_assistant_tokens": self.num_assistant_tokens or 3}
+                    "num_assistant_tokens": self.num_assistant_tokens or 5}
         return {}
 
     @property
