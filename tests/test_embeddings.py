@@ -244,3 +244,31 @@ def test_train_starts_from_the_word_vectors(prepared, tmp_path):
     assert int(changed.sum()) == report["rows_initialised"]  # the same seed: only covered rows differ
     row = tok.encode("e")[0]
     assert changed[row]
+
+
+def test_glove_prefers_the_exact_word_then_stripped_then_lower_cased_and_the_first_of_a_repeated_word(tmp_path):
+    """'Dog' takes the vector of 'Dog' although 'dog' is there too; 'Cat ' takes 'Cat' (stripped) before 'cat'
+    (lower-cased); 'the' listed twice takes its first line (as gensim reads a word2vec file)."""
+    tok = WordTokenizer(["Dog", "Cat ", "the"])  # ids 3, 4, 5
+    lines = [("dog", [9.0, 0.0, 0.0, 1.0]), ("Dog", [1.0, 2.0, 0.0, 0.0]), ("cat", [0.0, 0.0, 9.0, 2.0]),
+             ("Cat", [0.0, 3.0, 1.0, 0.0]), ("the", [2.0, 0.0, 0.0, 5.0]), ("the", [-4.0, 7.0, 7.0, -4.0])]
+    path = tmp_path / "g.txt"
+    path.write_text("".join(w + " " + " ".join(f"{x:.1f}" for x in v) + "\n" for w, v in lines), encoding="utf-8")
+    weight = fresh_weight(tok.vocab_size, 4)
+    report = init_embeddings(weight, f"glove:{path}", str(tmp_path), tok, seed=0)
+    assert report["rows_initialised"] == 3
+    v = np.array([[1.0, 2.0, 0.0, 0.0], [0.0, 3.0, 1.0, 0.0], [2.0, 0.0, 0.0, 5.0]])  # Dog, Cat, the (first)
+    v -= v.mean(axis=0)
+    got = weight[[3, 4, 5]].double().numpy()
+    np.testing.assert_allclose(got, v * ((got * v).sum() / (v * v).sum()), rtol=1e-5, atol=1e-7)  # one factor
+
+
+def test_word2vec_sentences_are_the_documents_between_start_and_end_without_special_tokens():
+    """Each document of the train split is one word2vec sentence (words never pair across a document boundary);
+    the prefix of max_tokens tokens is what is read."""
+    from lmforge.data.embeddings import _documents
+
+    tok = WordTokenizer(PIECES)  # 0 start, 1 end, 2 pad
+    tokens = np.array([0, 5, 6, 1, 0, 7, 2, 1, 0, 8, 3, 1], dtype=np.uint16)
+    assert _documents(tokens, tok, max_tokens=100) == [["5", "6"], ["7"], ["8", "3"]]
+    assert _documents(tokens, tok, max_tokens=6) == [["5", "6"], ["7"]]

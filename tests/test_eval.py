@@ -173,3 +173,16 @@ def test_eval_of_text_files_encodes_them_as_training_documents_and_bad_input_is_
         assert main(["eval", str(root / "run"), *flags, "--no-progress"]) == 2, flags
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err, (flags, err)
+
+
+def test_byte_count_leaves_out_the_first_token_which_nothing_predicts():
+    """Without a start token (an imported GPT-2 tokenizer has none) the first token is text, and it is not
+    predicted: bits per byte divides by the bytes of tokens[1:] only."""
+    from lmforge.eval.perplexity import predicted_bytes
+    from lmforge.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = "héllo wörld"
+    tokens = np.asarray(tok.encode(text), dtype=np.uint16)
+    expected = len(text.encode("utf-8")) - 1  # 'h' is the first token
+    assert predicted_bytes(tok, tokens) == predicted_bytes(tok, tokens, chunk=3) == expected

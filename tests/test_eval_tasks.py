@@ -113,3 +113,88 @@ def test_eval_decodes_speculatively_to_the_same_predictions(tuned, tmp_path, cap
     capsys.readouterr()
     assert main(["eval", str(run), "--num-assistant-tokens", "3", "--device", "cpu"]) == 2  # no assistant to use it
     assert "--assistant-model" in capsys.readouterr().err
+
+
+def test_completion_loss_counts_only_completion_tokens_and_is_batch_independent():
+    """Sums -log p over the completion tokens (and end token) of each example, the prompt excluded, and divides by
+    their number; reference: each example alone, unpadded, scored by hand."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.config import ModelConfig
+    from lmforge.data.batches import Examples
+    from lmforge.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    lengths, prompts = [6, 11, 4, 9], [3, 5, 2, 1]
+    tokens = np.random.default_rng(0).integers(3, 32, sum(lengths))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    examples = Examples(tokens, offsets, np.array(prompts))
+    loss_sum, counted = 0.0, 0
+    with torch.no_grad():
+        for (a, b), p in zip(zip(offsets[:-1], offsets[1:]), prompts):
+            ids = torch.from_numpy(tokens[a:b])
+            logits = model(ids[None, :-1])[0]  # (L-1, V): position j predicts ids[j + 1]
+            loss_sum += float(F.cross_entropy(logits[p - 1:], ids[p:], reduction="sum"))
+            counted += len(ids) - p
+    for batch_size in (1, 3):
+        got = completion_loss(model, examples, batch_size=batch_size)
+        assert got["tokens"] == counted == sum(lengths) - sum(prompts)
+        assert got["loss_sum"] == pytest.approx(loss_sum, rel=1e-5)
+        assert got["loss"] == pytest.approx(loss_sum / counted, rel=1e-5)
+        assert got["perplexity"] == pytest.approx(math.exp(loss_sum / counted), rel=1e-5)
+
+
+def test_classifier_evaluation_reports_the_mean_loss_and_the_predicted_and_gold_probabilities():
+    """evaluate_classify on an untrained classifier (so some predictions are wrong): loss is the mean cross-entropy
+    over the examples, each row's probability is that of the predicted class and reference_probability that of
+    the gold class; reference: each example alone, unpadded."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.config import ModelConfig
+    from lmforge.data.batches import Examples
+    from lmforge.eval.tasks import evaluate_classify
+    from lmforge.model import GPT
+    from lmforge.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, head="classify",
+                            num_labels=3)).eval()
+    lengths, gold = [3, 9, 5, 2, 7, 4], [0, 2, 1, 2, 0, 1]
+    tokens = np.random.default_rng(1).integers(3, 32, sum(lengths))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    examples = Examples(tokens, offsets, None, np.array(gold))
+    with torch.no_grad():
+        logits = torch.cat([model(torch.from_numpy(tokens[a:b])[None]) for a, b in zip(offsets[:-1], offsets[1:])])
+    probs = torch.softmax(logits.float(), -1)
+    predicted = probs.argmax(-1).tolist()
+    assert predicted != gold  # the check below needs wrong predictions
+    metrics, rows = evaluate_classify(model, byte_tokenizer(), examples, ["a", "b", "c"], pad_id=2, batch_size=4)
+    assert metrics["loss"] == pytest.approx(float(F.cross_entropy(logits.float(), torch.tensor(gold))), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(np.mean(np.array(predicted) == np.array(gold)))
+    assert [r["prediction"] for r in rows] == [["a", "b", "c"][q] for q in predicted]
+    assert [r["correct"] for r in rows] == [q == g for q, g in zip(predicted, gold)]
+    for i, (row, q, g) in enumerate(zip(rows, predicted, gold)):
+        assert row["probability"] == pytest.approx(float(probs[i, q]), abs=1e-5)
+        assert row["reference_probability"] == pytest.approx(float(probs[i, g]), abs=1e-5)
+
+
+def test_split_prompts_cuts_at_the_prompt_length_and_drops_only_a_final_end_token():
+    """References are the completions without their end token (so the decoding budget is the longest reference + 1
+    for the end token); an example cut before its end token keeps its whole completion."""
+    import numpy as np
+
+    from lmforge.data.batches import Examples
+
+    start, end = 0, 1
+    rows = [[start, 5, 6, 7, 8, end], [start, 9, 4, end, 4], [start, 3, end]]
+    examples = Examples(np.array(sum(rows, [])), np.cumsum([0] + [len(r) for r in rows]), np.array([3, 2, 2]))
+    prompts, references = split_prompts(examples, end)
+    assert prompts == [[start, 5, 6], [start, 9], [start, 3]]
+    assert references == [[7, 8], [4, end, 4], []]

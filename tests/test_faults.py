@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import threading
 from pathlib import Path
 
@@ -380,6 +381,34 @@ def test_step_guard_judges_spikes_against_a_window():
     assert guard.state_dict() == {"recent": [1.9, 2.1, 2.0, 2.05], "skipped_nonfinite": 1, "skipped_spike": 1}
     off = StepGuard("stop")
     assert all(off.judge(x, True) == "ok" for x in (1.0, 1.0, 1.0, 50.0))
+
+
+def test_step_guard_z_score_uses_the_window_population_standard_deviation():
+    """The z-score is (loss - mean) / std over the window, std the population one (divided by n): a loss just
+    above mean + z * pstdev is a spike, one just below is not."""
+    window = [1.0, 2.0, 3.0, 4.0]
+    threshold = statistics.fmean(window) + 2.0 * statistics.pstdev(window)  # 2.5 + 2 * 1.118 = 4.736
+    for loss, verdict in ((threshold + 0.02, "spike"), (threshold - 0.02, "ok")):
+        guard = StepGuard("skip", spike_zscore=2.0, spike_window=4)
+        assert [guard.judge(x, True) for x in window] == ["ok"] * 4
+        assert guard.judge(loss, True) == verdict
+
+
+def test_step_guard_resumed_with_a_smaller_window_judges_by_the_newest_losses_only():
+    """A checkpoint written with spike_window 5, resumed with 3: only the 3 newest losses form the window."""
+    guard = StepGuard("skip", spike_zscore=3.0, spike_window=3)
+    guard.load_state_dict({"recent": [100.0, 100.0, 1.0, 2.0, 3.0], "skipped_nonfinite": 0, "skipped_spike": 0})
+    assert guard.state_dict()["recent"] == [1.0, 2.0, 3.0]
+    assert 5.0 > 2.0 + 3.0 * statistics.pstdev([1.0, 2.0, 3.0])  # mean 2, pstdev 0.816: 5 is a spike
+    assert guard.judge(5.0, True) == "spike" and guard.skipped_spike == 1
+
+
+def test_step_guard_never_calls_a_spike_over_a_window_of_equal_losses():
+    """A window of equal losses (ln V of an untrained model, say) has no spread to measure a z-score against:
+    the next loss is accepted, whatever it is."""
+    guard = StepGuard("skip", spike_zscore=3.0, spike_window=3)
+    assert [guard.judge(x, True) for x in (2.0, 2.0, 2.0)] == ["ok"] * 3
+    assert guard.judge(2.5, True) == "ok" and guard.skipped_spike == 0
 
 
 # ------------------------------------------------------------------------------------ data change on resume

@@ -812,3 +812,40 @@ def test_classifier_free_guidance_rows_batch_with_others_as_they_decode_alone():
             gen.generate("ab", max_new_tokens=5, **options)
     with pytest.raises(ConfigError, match="with speculative decoding \\(an assistant model\\)"):
         TextGenerator(m, TOKENIZER, assistant_model=model(block_size=64)).generate("ab", guidance_scale=2.0)
+
+
+def test_int8_linear_has_one_scale_per_output_channel():
+    """Rows of very different magnitudes (1e-3 to 10): each output channel is quantized with its own scale,
+    max |w_row| / 127, so even the smallest row keeps its precision (a single scale for the whole tensor would
+    round it to zero)."""
+    from lmforge.generate import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-3, 1, 8)[:, None])
+    q = Int8Linear(linear)
+    w = linear.weight.detach()
+    assert q.qweight.dtype == torch.int8 and (q.qweight.abs().amax(dim=1) == 127).all()
+    torch.testing.assert_close(q.scale.float(), (w.abs().amax(dim=1) / 127).to(torch.bfloat16).float())
+    dequantized = q.qweight.float() * q.scale.float()[:, None]
+    assert ((dequantized - w).abs() <= 0.51 * q.scale.float()[:, None] + 0.01 * w.abs()).all()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        got, exact = q(x), linear(x)
+    per_channel = (got - exact).abs().amax(dim=0) / exact.abs().amax(dim=0)
+    assert (per_channel < 0.03).all(), per_channel
+
+
+def test_int8_linear_keeps_the_bias_in_fp32():
+    from lmforge.generate import Int8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 6)
+    with torch.no_grad():
+        linear.bias.copy_(torch.tensor([3.0, -2.0, 0.5, 10.0, -7.0, 1.0]))
+    q = Int8Linear(linear)
+    assert q.bias.dtype == torch.float32 and torch.equal(q.bias, linear.bias.detach())
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        assert (q(x) - linear(x)).abs().max() < 0.05  # the bias is added exactly; only the product is approximate

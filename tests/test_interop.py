@@ -521,3 +521,56 @@ def test_resuming_an_imported_checkpoint_points_to_init_from(hf_dirs, tmp_path, 
                  "--resume", "auto", "--max-steps", "2", "--train.num_threads", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--train.init_from" in err[0], err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_export_stores_a_tied_lm_head_once_and_an_untied_one_as_its_own_tensor(tmp_path, tied):
+    """model.safetensors holds lm_head.weight only for an untied head (transformers ties a missing one to wte on
+    load); the untied head is stored as it is, and either way transformers' lm_head equals lmforge's."""
+    from safetensors.torch import load_file
+
+    run = lmforge_run(tmp_path, byte_tokenizer(), **{**GPT2_STYLE, "tie_embeddings": tied})
+    model, _, _ = load_for_inference(run, "cpu")
+    if not tied:
+        assert not torch.equal(model.lm_head.weight, model.tok_emb.weight)
+    export_hf(run, tmp_path / "hf")
+    stored = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert ("lm_head.weight" in stored) == (not tied)
+    assert torch.equal(stored["transformer.wte.weight"], model.tok_emb.weight)
+    if not tied:
+        assert torch.equal(stored["lm_head.weight"], model.lm_head.weight)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert torch.equal(theirs.lm_head.weight, model.lm_head.weight)
+    assert (theirs.lm_head.weight.data_ptr() == theirs.transformer.wte.weight.data_ptr()) == tied
+
+
+def test_export_writes_the_tokenizers_start_end_and_pad_ids_into_both_configs(tmp_path):
+    tok = byte_tokenizer(("<s>", "</s>", "<pad>"))
+    run = lmforge_run(tmp_path, tok, **GPT2_STYLE)
+    export_hf(run, tmp_path / "hf")
+    want = {"bos_token_id": tok.start_id, "eos_token_id": tok.end_id, "pad_token_id": tok.pad_id}
+    assert want == {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+    for name in ("config.json", "generation_config.json"):
+        written = json.loads((tmp_path / "hf" / name).read_text(encoding="utf-8"))
+        assert {k: written[k] for k in want} == want, name
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (0, 1, 2)
+
+
+def test_import_refuses_a_tokenizer_with_ids_beyond_the_models_vocabulary(tmp_path):
+    """A tokenizer that can emit ids the embedding has no row for (it belongs to another model) is refused at
+    import, even when the weights fit config.json."""
+    tok = byte_level_bpe(["<|endoftext|>"])
+    small = tok.get_vocab_size() - 5
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=small, n_positions=32, n_layer=1, n_head=2,
+                                                         n_embd=16)).save_pretrained(tmp_path / "hf")
+    transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>").save_pretrained(tmp_path / "hf")
+    with pytest.raises(HFImportError, match=rf"the tokenizer has {tok.get_vocab_size()} tokens but the model only "
+                                            rf"vocab_size={small}"):
+        hf_to_lmforge(tmp_path / "hf")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(HFImportError):
+        import_hf(tmp_path / "hf", tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

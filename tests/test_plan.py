@@ -162,3 +162,17 @@ def test_the_readmes_ddp_fsdp_table_is_the_plan_of_today_and_equals_a_hand_count
     assert bf16["fsdp-8"]["state"] == gib(18 * P / 8 + 2 * gathered)
     assert bf16["fsdp-2"]["state"] == gib(18 * P / 2 + 2 * gathered)
     assert llama["fp32"]["fsdp-8"]["state"] == gib(16 * P / 8 + 2 * 2 * block * 4)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_time_on_several_gpus_splits_the_tokens_and_fsdp_splits_the_optimizer_pass(parallel):
+    """K GPUs: each computes 1/K of a step's tokens; AdamW's pass over its state (16 B read + 16 B written per
+    parameter) is the whole model on each DDP replica but 1/K of it on each FSDP shard."""
+    K = 8
+    p = plan(config(), device="h100", gpus=K, parallel=parallel)
+    h100 = GPUS["h100"]
+    assert p.tokens_per_step == B * T * K
+    compute = p.flops_per_token * B * T * K / K / (h100.peak_fp32 * MFU["gpu"])
+    optimizer_pass = 32 * p.parameters / (K if parallel == "fsdp" else 1)
+    memory = (optimizer_pass + 4 * p.activations) / h100.bandwidth
+    assert p.step_time == pytest.approx(compute + memory, rel=1e-12)

@@ -421,3 +421,44 @@ def test_manifest_counts_characters_and_bytes_of_each_split(tmp_path, corpus, ki
     for split, entry in manifest["splits"].items():
         text = tok.decode(load_split(tmp_path / "out", split).tolist(), skip_special=True)
         assert entry["characters"] == len(text) and entry["bytes"] == len(text.encode("utf-8")), split
+
+
+def test_split_counts_give_val_and_test_their_own_fractions(tmp_path):
+    assert split_counts(100, (0.8, 0.05, 0.15)) == (80, 5, 15)
+    assert split_counts(20, (0.7, 0.1, 0.2)) == (14, 2, 4)
+    rng = random.Random(3)
+    texts = [f"{i} " + words(rng, 10) for i in range(20)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    run([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer="byte", split=(0.7, 0.1, 0.2))
+    docs = split_documents(tmp_path / "out")
+    assert [len(docs[s]) for s in ("train", "val", "test")] == [14, 2, 4]
+
+
+def test_tokenizer_and_token_statistics_come_from_the_train_split_and_counts_are_per_split(tmp_path):
+    """Each document holds a character no other has: the char vocabulary holds exactly the train documents'
+    characters (val/test never leak into it), report.json's most frequent tokens are counted on train.bin, and
+    each split's characters and UTF-8 bytes are those of its documents."""
+    rng = random.Random(5)
+    texts = [words(rng, 8) + f" {chr(0x4E00 + i)}é" for i in range(12)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    report = run([tmp_path / "c.jsonl"], tmp_path / "out", tokenizer="char", vocab_size=1000)
+    out = tmp_path / "out"
+    docs = split_documents(out)
+    tok = Tokenizer.load(out / "tokenizer.json")
+    assert tok.to_dict()["chars"] == sorted(set("".join(docs["train"])))
+    assert not set(tok.to_dict()["chars"]) & {chr(0x4E00 + texts.index(d)) for d in docs["val"] + docs["test"]}
+    train_counts = np.bincount(np.asarray(load_split(out, "train")), minlength=tok.vocab_size)
+    frequent = report["tokenizer"]["most_frequent"]
+    assert frequent and all(entry["count"] == train_counts[entry["id"]] for entry in frequent)
+    assert [entry["count"] for entry in frequent] == sorted(train_counts, reverse=True)[:len(frequent)]
+    manifest = read_manifest(out)
+    for split in ("train", "val", "test"):
+        assert manifest["splits"][split]["characters"] == sum(len(d) for d in docs[split])
+        assert report["splits"][split]["characters"] == sum(len(d) for d in docs[split])
+        assert manifest["splits"][split]["bytes"] == sum(len(d.encode("utf-8")) for d in docs[split])
+
+
+def test_parquet_text_has_crlf_made_lf_like_every_other_format(tmp_path):
+    pq.write_table(pa.table({"text": ["one\r\ntwo\r\n", "three", "four\r\nfive"]}), tmp_path / "c.parquet")
+    run([tmp_path / "c.parquet"], tmp_path / "out")
+    assert sorted(sum(split_documents(tmp_path / "out").values(), [])) == ["four\nfive", "one\ntwo\n", "three"]

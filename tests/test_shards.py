@@ -9,7 +9,8 @@ import pytest
 
 from lmforge.data.prepare import prepare
 from lmforge.data.report import find_leakage, shingle_hashes
-from lmforge.data.shards import ShardWriter, document_bounds, dtype_for_vocab, load_split, read_manifest
+from lmforge.data.shards import (ShardFile, ShardWriter, document_bounds, dtype_for_vocab, load_split,
+                                  read_manifest)
 from lmforge.errors import DataError
 from lmforge.tokenizer import Tokenizer
 
@@ -144,3 +145,41 @@ def test_find_leakage_on_handmade_shards(tmp_path):
     [example] = result["examples"]
     assert (example["split"], example["document"], example["train_document"]) == ("val", 1, 5)
     assert 0.8 < example["shared"] < 1.0
+
+
+def test_the_first_id_past_the_vocabulary_is_refused_when_checked(data):
+    vocab = read_manifest(data)["vocab_size"]
+    ids = np.fromfile(data / "test.bin", dtype="<u2")
+    ids[3] = vocab  # ids run 0 .. vocab_size - 1
+    ids.tofile(data / "test.bin")
+    with pytest.raises(DataError, match=rf"token id {vocab} >= vocab_size {vocab}"):
+        load_split(data, "test", check_ids=True)
+
+
+def test_shard_file_slices_read_the_same_tokens_as_the_memmap(data):
+    ids = np.asarray(load_split(data, "train"))
+    shard = ShardFile(data, "train")
+    assert len(shard) == len(ids) and ids.dtype.itemsize == 2
+    for a, b in ((0, 10), (7, 40), (len(ids) - 5, len(ids)), (3, 3), (-20, None)):
+        assert np.array_equal(shard[a:b], ids[a:b]), (a, b)
+
+
+def test_document_bounds_are_the_positions_just_after_each_end_token():
+    start, end = 0, 1
+    ids = np.array([start, 5, 6, end, start, 7, end, start, end])
+    assert document_bounds(ids, end).tolist() == [4, 7, 9]
+    docs = np.split(ids, document_bounds(ids, end)[:-1])
+    assert [d.tolist() for d in docs] == [[start, 5, 6, end], [start, 7, end], [start, end]]
+
+
+@pytest.mark.parametrize("name", ["sub/train.bin", "../outside.bin"])
+def test_a_split_file_outside_the_dataset_directory_is_refused(data, name):
+    """The manifest names files inside the dataset directory only: a path with a folder in it is refused, even
+    when a valid shard lies there."""
+    target = (data / name).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "train.bin", target)
+    manifest = read_manifest(data)
+    edit_manifest(data, splits={**manifest["splits"], "train": {**manifest["splits"]["train"], "file": name}})
+    with pytest.raises(DataError, match=r"the entry of split 'train' needs a file name"):
+        load_split(data, "train")

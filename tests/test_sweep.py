@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from lmforge.cli import main
 from lmforge.sweep import create_sweep, load_sweep, run_sweep
-from lmforge.sweep.space import read_space, sample
+from lmforge.sweep.space import apply_values, read_space, sample
 from lmforge.sweep.study import STUDY_NAME
 from lmforge.config import load_run_config, to_dict
 from lmforge.train.metrics import read_metrics
@@ -209,3 +209,38 @@ def test_fractions_and_conditions_follow_the_sampled_values(tmp_path):
     rope = sample(optuna.trial.FixedTrial({"optim.lr": 1e-2, "optim.warmup_steps/train.max_steps": 0.0,
                                            "model.pos_encoding": "rope", "model.rope_theta": 500.0}), params, base)
     assert rope["model.rope_theta"] == 500.0 and rope["optim.warmup_steps"] == 0
+
+
+def test_a_fraction_of_a_searched_key_scales_that_trials_value_not_the_base_one(tmp_path):
+    """warmup_steps as a fraction of train.max_steps, itself searched: 0.1 x the trial's 300 steps is 30 (the base
+    config's 200 would give 20)."""
+    base = to_dict(load_run_config(None, {"preset": "tiny", "train.max_steps": "200"}))
+    text = ("train.max_steps: {low: 100, high: 400}\n"
+            "optim.warmup_steps: {fraction_of: train.max_steps, low: 0.0, high: 0.3}\n")
+    _, params = read_space(space_file(tmp_path, text), base)
+    values = sample(optuna.trial.FixedTrial({"train.max_steps": 300, "optim.warmup_steps/train.max_steps": 0.1}),
+                    params, base)
+    assert values == {"train.max_steps": 300, "optim.warmup_steps": 30}
+
+
+def test_apply_values_returns_a_new_config_and_leaves_the_base_for_the_next_trial():
+    base = to_dict(load_run_config(None, {"preset": "tiny", "train.max_steps": "200"}))
+    before = json.loads(json.dumps(base))
+    trial = apply_values(base, {"optim.lr": 0.02, "train.max_steps": 50})
+    assert trial["optim"]["lr"] == 0.02 and trial["train"]["max_steps"] == 50
+    assert {k: v for k, v in trial["optim"].items() if k != "lr"} == {k: v for k, v in before["optim"].items()
+                                                                     if k != "lr"}
+    assert base == before  # the next trial samples against the unchanged base
+
+
+def test_a_parameter_with_two_conditions_is_sampled_only_when_both_hold(tmp_path):
+    base = to_dict(load_run_config(None, {"preset": "tiny"}))
+    text = ("model.pos_encoding: {choices: [learned, rope]}\n"
+            "model.mlp: {choices: [gelu, swiglu]}\n"
+            "model.rope_theta: {low: 100, high: 10000, log: true,\n"
+            "                   when: {model.pos_encoding: rope, model.mlp: swiglu}}\n")
+    _, params = read_space(space_file(tmp_path, text), base)
+    for pos, mlp in (("rope", "swiglu"), ("rope", "gelu"), ("learned", "swiglu"), ("learned", "gelu")):
+        fixed = {"model.pos_encoding": pos, "model.mlp": mlp, "model.rope_theta": 500.0}
+        values = sample(optuna.trial.FixedTrial(fixed), params, base)
+        assert ("model.rope_theta" in values) == (pos == "rope" and mlp == "swiglu"), (pos, mlp)

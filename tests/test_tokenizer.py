@@ -134,3 +134,24 @@ def test_bpe_refuses_special_names_it_could_learn():
         train_bpe(["endoftext and endoftext"] * 20, vocab_size=300, special_tokens=("endoftext", "<eos>", "<pad>"))
     tok = train_bpe(["<s> and </s> <s>"] * 20, vocab_size=300, special_tokens=("<s>", "</s>", "<pad>"))
     assert 0 not in tok.encode("<s>") and tok.decode(tok.encode("<s> x</s>")) == "<s> x</s>"
+
+
+def test_char_vocabulary_keeps_the_most_frequent_characters_and_breaks_ties_by_lowest_code_point():
+    """vocab_size 262 leaves room for 3 characters: 'z' (3 times), then two of the four tied ones (once each):
+    the lowest code points, 'a' and 'b'."""
+    tok = train_char(["dcba", "zzz"], vocab_size=259 + 3)
+    assert tok.to_dict()["chars"] == ["a", "b", "z"]
+    assert tok.encode("abz") == [259, 260, 261]
+    assert tok.encode("c") == [3 + ord("c")]  # out of the vocabulary: its UTF-8 byte
+
+
+def test_a_mask_token_is_special_and_dropped_from_decoded_text(tmp_path):
+    tok = byte_tokenizer().with_mask_token("<MASK>")
+    assert tok.mask_id == 259 and tok.vocab_size == 260 and tok.mask_id in tok.special_token_ids
+    ids = [tok.start_id, tok.mask_id, *tok.encode("hi"), tok.mask_id, tok.end_id]
+    assert tok.decode(ids) == "hi"
+    assert tok.decode(ids, skip_special=False) == "<START><MASK>hi<MASK><END>"
+    tok.save(tmp_path / "tokenizer.json")
+    loaded = Tokenizer.load(tmp_path / "tokenizer.json")
+    stream = loaded.stream_decoder()
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == "hi"

@@ -289,3 +289,20 @@ def test_activation_checkpointing_trains_bit_identically(tmp_path):
         assert trainer.raw_model.checkpoint_blocks is on
         losses[on] = [loss for _, loss in trainer.history]
     assert losses[True] == losses[False]
+
+
+def test_wsd_decay_that_would_overlap_the_warmup_starts_after_it_and_still_ends_at_min_lr():
+    """decay_fraction 0.8 of 100 steps with 30 warm-up steps: the decay runs from step 30 (not 20, inside the
+    warm-up) to step 100, linearly over those 70 steps, so it still reaches min_lr at max_steps."""
+    o = OptimConfig(lr=1.0, min_lr=0.1, schedule="wsd", warmup_steps=30, decay_fraction=0.8)
+    assert lr_at(29, o, 100) == pytest.approx(1.0)  # last warm-up step: (29 + 1) / 30
+    assert lr_at(30, o, 100) == pytest.approx(1.0)  # no drop where the warm-up hands over
+    for step in (31, 65, 99):
+        assert lr_at(step, o, 100) == pytest.approx(1.0 + (step - 30) / 70 * (0.1 - 1.0))
+    assert lr_at(100, o, 100) == pytest.approx(0.1)
+
+
+def test_wsd_decay_length_is_the_nearest_whole_number_of_steps():
+    """decay_fraction 0.19 of 10 steps is 1.9 steps: the decay takes the last 2 (nearest), starting at step 8."""
+    o = OptimConfig(lr=1.0, min_lr=0.0, schedule="wsd", warmup_steps=0, decay_fraction=0.19)
+    assert [lr_at(s, o, 10) for s in (7, 8, 9, 10)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
