@@ -151,11 +151,17 @@ MUTANTS = [
     Mutant("bias-after-penalty", "generate/processors.py",
            "        scores = bias_logits(scores, config.logit_bias)\n    if config.sequence_bias:\n"
            "        scores = sequence_bias(scores, tokens, real, config.sequence_bias)\n"
+           "    if config.encoder_repetition_penalty != 1.0 and generated is not None:\n"
+           "        scores = prompt_penalty(scores, seen_tokens(tokens, prompt_columns(tokens, real, generated), "
+           "scores.size(-1)),\n                                config.encoder_repetition_penalty)\n"
            "    if config.repetition_penalty != 1.0:\n"
            "        scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), "
            "config.repetition_penalty)\n",
            "        pass\n    if config.sequence_bias:\n"
            "        scores = sequence_bias(scores, tokens, real, config.sequence_bias)\n"
+           "    if config.encoder_repetition_penalty != 1.0 and generated is not None:\n"
+           "        scores = prompt_penalty(scores, seen_tokens(tokens, prompt_columns(tokens, real, generated), "
+           "scores.size(-1)),\n                                config.encoder_repetition_penalty)\n"
            "    if config.repetition_penalty != 1.0:\n"
            "        scores = repetition_penalty(scores, seen_tokens(tokens, real, scores.size(-1)), "
            "config.repetition_penalty)\n    if config.logit_bias:  # mutant: the bias after the penalty\n"
