@@ -24,7 +24,6 @@ the share of guesses kept.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import time
@@ -38,16 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 from lmforge.checkpoint import load_for_inference  # noqa: E402
-from lmforge.config import apply_overrides, run_config_from_dict  # noqa: E402
 from lmforge.data.batches import fixed_batches  # noqa: E402
 from lmforge.data.shards import load_split, read_manifest  # noqa: E402
 from lmforge.generate import GenerateConfig, make_rows  # noqa: E402
 from lmforge.generate.api import decode_events  # noqa: E402
 from lmforge.generate.speculative import early_exit  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
-from lmforge.train.trainer import Trainer, with_vocab_size  # noqa: E402
 from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
 from quality_shakespeare import ensure_data  # noqa: E402  (the char Shakespeare shards, made once)
+import speculative_decoding as speculative  # noqa: E402
 from speculative_decoding import GPT2_STYLE, MODELS, QUICK_MODELS, agreement, alternate  # noqa: E402
 
 GUESSES = 3  # tokens the early exit guesses per step (half the model's depth per guess: few guesses pay)
@@ -83,25 +81,11 @@ def shape(args: argparse.Namespace) -> dict[str, int]:
 
 
 def train(name: str, args: argparse.Namespace, vocab_size: int) -> Path:
-    """The run directory of the plain model ("plain") or of the one trained with the early-exit loss ("trained")."""
-    run_dir = Path(args.runs) / name
-    if args.reuse and (run_dir / "checkpoints").is_dir():
-        return run_dir
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # this script's own run (--runs)
-    raw = {"model": {**GPT2_STYLE, **shape(args)},
-           "optim": {"name": "adamw", "lr": 2e-3, "min_lr": 1e-4, "schedule": "cosine",
-                     "warmup_steps": min(100, args.steps // 10), "weight_decay": 0.1, "grad_clip": 1.0}}
-    overrides = {"data.path": args.data, "train.run_dir": str(run_dir), "train.resume": "none",
-                 "train.max_steps": str(args.steps), "train.batch_size": "8", "train.eval_interval": str(args.steps),
-                 "train.eval_batches": "4", "train.save_interval": "0", "train.keep_last": "1",
-                 **({"train.num_threads": str(args.train_threads)} if args.train_threads else {})}
-    if name == "trained":
-        overrides.update({"train.early_exit_layer": str(shape(args)["n_layer"] // 2),
-                          "train.early_exit_weight": str(args.weight)})
-    config = with_vocab_size(run_config_from_dict(apply_overrides(raw, overrides)), vocab_size)
-    Trainer(config, progress=False, tensorboard=False).fit()
-    return run_dir
+    """The run directory of the plain model ("plain") or of the one trained with the early-exit loss ("trained"):
+    speculative_decoding's target model and recipe, the same seed and batches."""
+    extra = {"train.early_exit_layer": str(shape(args)["n_layer"] // 2),
+             "train.early_exit_weight": str(args.weight)} if name == "trained" else {}
+    return speculative.train(name, args, vocab_size, shape(args), extra)
 
 
 @torch.inference_mode()

@@ -100,19 +100,23 @@ def models(args: argparse.Namespace) -> dict[str, dict[str, int]]:
     return QUICK_MODELS if args.quick else MODELS
 
 
-def train(name: str, args: argparse.Namespace, vocab_size: int) -> Path:
+def train(name: str, args: argparse.Namespace, vocab_size: int, shape: Optional[dict[str, int]] = None,
+          extra: Optional[dict[str, str]] = None) -> Path:
+    """The run directory of model `name` (trained unless --reuse finds it): `shape` its layers, heads and width
+    (default: this script's models), `extra` more config overrides (benchmarks/early_exit.py's early-exit loss)."""
     run_dir = Path(args.runs) / name
     if args.reuse and (run_dir / "checkpoints").is_dir():
         return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)  # this script's own run (--runs)
-    raw = {"model": {**GPT2_STYLE, **models(args)[name]},
+    raw = {"model": {**GPT2_STYLE, **(shape or models(args)[name])},
            "optim": {"name": "adamw", "lr": 3e-3 if name == "draft" else 2e-3, "min_lr": 1e-4, "schedule": "cosine",
                      "warmup_steps": min(100, args.steps // 10), "weight_decay": 0.1, "grad_clip": 1.0}}
     overrides = {"data.path": args.data, "train.run_dir": str(run_dir), "train.resume": "none",
                  "train.max_steps": str(args.steps), "train.batch_size": "8", "train.eval_interval": str(args.steps),
                  "train.eval_batches": "4", "train.save_interval": "0", "train.keep_last": "1",
-                 **({"train.num_threads": str(args.train_threads)} if args.train_threads else {})}
+                 **({"train.num_threads": str(args.train_threads)} if args.train_threads else {}),
+                 **(extra or {})}
     config = with_vocab_size(run_config_from_dict(apply_overrides(raw, overrides)), vocab_size)
     Trainer(config, progress=False, tensorboard=False).fit()
     return run_dir
