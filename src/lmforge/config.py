@@ -488,9 +488,10 @@ class TrainConfig:
                                  "mask token, 10% a random token, 10% stay).", 0.15, gt=0, lt=1, noun="probability")
     early_exit_layer: Optional[int] = doc(
         "LayerSkip's early-exit loss (Elhoushi et al. 2024): also train the model's first N layers, read by its final "
-        "norm and head, to predict the next token, adding early_exit_weight times their loss; they then draft well "
-        "for self-speculative decoding (generate --assistant-early-exit N). The logged loss stays the whole model's; "
-        "evaluations add val_early_exit_loss. null = off.", None, ge=1)
+        "norm and head, to predict the next token, adding early_exit_weight times their loss, as the draft of "
+        "self-speculative decoding (generate --assistant-early-exit N); on a small char model it cost quality and "
+        "bought no speed (README). The logged loss stays the whole model's; evaluations add val_early_exit_loss. "
+        "null = off.", None, ge=1)
     early_exit_weight: float = doc("With early_exit_layer: the weight of the early exit's loss in the loss trained "
                                    "on.", 0.2, gt=0, le=10)
     task_eval_every: int = doc("sft task data: every N evaluations (and at the end), generate greedily for the first "
