@@ -571,12 +571,9 @@ class Trainer:
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last else no_sync(self.ddp_model, self.dist)
             with sync:  # DDP all-reduces (FSDP reduce-scatters) gradients once, after the last micro-batch
-                logits, y = self.forward(self.model, batch, tc.early_exit_layer)
-                if tc.early_exit_layer is not None:  # LayerSkip: the first layers' prediction is trained too
-                    logits, early = logits
-                    exit_loss = cross_entropy_sum(early, y)
+                loss, exit_loss, _ = self.batch_loss(self.model, batch, tc.early_exit_layer)
+                if exit_loss is not None:  # LayerSkip: the first layers' prediction is trained too
                     exit_sum += exit_loss.detach()
-                loss = cross_entropy_sum(logits, y, self.class_weights)
                 if i == 0 and fault_point("loss", self.step + 1, self.dist.rank) == "nan":  # tests only
                     loss = loss * math.nan
                 trained = loss if tc.early_exit_layer is None else loss + tc.early_exit_weight * exit_loss
@@ -589,15 +586,33 @@ class Trainer:
             self.early_exit_loss = exit_sum / max(local_count, 1.0)
         return loss_sum, count
 
-    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None
-                ) -> tuple[Any, torch.Tensor]:
+    def batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
+                   need_logits: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], Any]:
+        """(summed loss, early exit's summed loss or None, (logits, labels) or None) of one CPU batch.
+
+        An LM head's loss comes fused with the head (train.loss_chunk > 0, model.token_loss: no logits are kept);
+        a classifier's, or any when need_logits, from the logits, which then come back with the labels."""
+        if self.config.train.loss_chunk > 0 and self.config.model.head != "classify" and not need_logits:
+            out, _ = self.forward(model, batch, exit_layer, fused=True)
+            loss, exit_loss = out if exit_layer is not None else (out, None)
+            return loss, exit_loss, None
+        logits, y = self.forward(model, batch, exit_layer)
+        logits, early = logits if exit_layer is not None else (logits, None)
+        exit_loss = cross_entropy_sum(early, y) if early is not None else None
+        return cross_entropy_sum(logits, y, self.class_weights), exit_loss, (logits, y)
+
+    def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
+                fused: bool = False) -> tuple[Any, torch.Tensor]:
         """(logits, labels) of one CPU batch, on the device: a batch is (x, y), or (x, y, attention_mask) for a
-        classifier, whose logits (B, K) come from each row's last real token; else logits are (B, T, V). With
-        exit_layer (train.early_exit_layer), logits is the pair (logits, early exit's logits)."""
+        classifier, whose logits (B, K) come from each row's last real token, or for packed examples; else logits
+        are (B, T, V). With exit_layer (train.early_exit_layer), logits is the pair (logits, early exit's logits).
+        fused: the summed loss (or the pair of losses) in place of the logits (GPT.forward's targets)."""
         x, y, *mask = (self.to_device(t) for t in batch)
-        kwargs = {"attention_mask": mask[0]} if mask else {}
+        kwargs: dict[str, Any] = {"attention_mask": mask[0]} if mask else {}
         if exit_layer is not None:
             kwargs["exit_layer"] = exit_layer
+        if fused:
+            kwargs.update(targets=y, loss_chunk=self.config.train.loss_chunk)
         return run_forward(model, self.config.train.precision, self.device, x, **kwargs), y
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -642,14 +657,16 @@ class Trainer:
         K = len(self.labels) if self.labels is not None else 0
         exit_layer = self.config.train.early_exit_layer
         totals = torch.zeros(4 + K * K, dtype=torch.float64, device=self.device)  # (loss, labels, hits, early exit's
+        hits = K > 0 or self.config.train.objective == "mlm"  # accuracy needs the logits
         for batch in self.val_batches:  # loss, confusion)
-            logits, y = self.forward(model, batch, exit_layer)
-            if exit_layer is not None:
-                logits, early = logits
-                totals[3] += cross_entropy_sum(early, y).double()
-            totals[0] += cross_entropy_sum(logits, y, self.class_weights).double()
-            totals[1] += count_labels(y)
-            totals[2] += (logits.argmax(-1) == y).sum().double()  # IGNORE_INDEX never equals a prediction
+            loss, exit_loss, out = self.batch_loss(model, batch, exit_layer, need_logits=hits)
+            totals[0] += loss.double()
+            totals[1] += count_labels(batch[1])
+            if exit_loss is not None:
+                totals[3] += exit_loss.double()
+            if out is not None:
+                logits, y = out
+                totals[2] += (logits.argmax(-1) == y).sum().double()  # IGNORE_INDEX never equals a prediction
             if K:  # entry [gold, predicted] of the (K, K) confusion matrix
                 totals[4:] += torch.bincount(y * K + logits.argmax(-1), minlength=K * K).double()
         model.train()
