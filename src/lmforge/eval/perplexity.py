@@ -80,8 +80,8 @@ def evaluate_tokens(model: nn.Module, tokens: np.ndarray, block_size: int, batch
             hidden = model.hidden_states(rows[:, :-1])  # (B, T, C)
             keep = torch.cat([torch.arange(b * length + length - k, (b + 1) * length) for b, (_, _, k) in
                               enumerate(group)]).to(device)  # the new targets of each window, flattened
-            logits = model.token_logits(hidden.reshape(-1, hidden.size(-1))[keep])  # (kept, V): only where counted
-            loss = F.cross_entropy(logits.float(), rows[:, 1:].reshape(-1)[keep], reduction="sum")
+            # the head and the loss only where counted, a chunk at a time: the (kept, V) logits never exist whole
+            loss = model.token_loss(hidden.reshape(-1, hidden.size(-1))[keep], rows[:, 1:].reshape(-1)[keep], 1024)
             loss_sum += loss.double()
             bar.update(len(keep))
     predicted = n - 1
