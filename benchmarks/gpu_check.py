@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak, if not detected")
     p.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default="none",
                    help="wrap the model in DDP or FSDP2 within a one-process group (nccl on cuda, gloo on cpu)")
+    p.add_argument("--loss-chunk", type=int, default=1024,
+                   help="tokens per chunk of the head fused with its loss (train.loss_chunk); 0: the whole logits, "
+                        "then F.cross_entropy")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     return p.parse_args(argv)
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor, net: torch.nn.Module) -> torch.Tensor:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            if args.loss_chunk:  # what the Trainer does: the summed loss of the head fused with it, chunk by chunk
+                return net(x, targets=y, loss_chunk=args.loss_chunk) / y.numel()
             logits = net(x)  # (B, T, V)
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
@@ -233,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     fpt = flops_per_token(config)
     peak, peak_source = detect_peak(device, args.peak_tflops)
     measured = measured_bf16_rate(device, 8192 if on_cuda else 256)  # a CPU without bf16 hardware: 1024^3 takes 2 s
+    peak_memory = torch.cuda.max_memory_allocated(device) if on_cuda else None
     flash_kernels = flash_kernels_in_profile(lambda: step(0), device)
 
     summary = {
@@ -241,7 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": B, "block_size": T, "precision": "bf16-mixed", "compile": use_compile, "parallel": args.parallel,
         "model_class": type(wrapped).__name__,  # GPT, DistributedDataParallel, or FSDPGPT (fully_shard's subclass)
         "compile_scope": args.compile_scope if use_compile else None, "vocab_size": config.vocab_size,
-        "optimizer": optimizer_name, "warmup_steps": warmup, "timed_steps": timed_steps,
+        "optimizer": optimizer_name, "loss_chunk": args.loss_chunk,
+        "peak_memory_allocated_gib": round(peak_memory / 2**30, 2) if peak_memory else None,
+        "warmup_steps": warmup, "timed_steps": timed_steps,
         "compile_and_warmup_s": round(compile_s, 1), "timed_s": round(elapsed, 2),
         "tokens_per_s": round(tokens_per_s), "flops_per_token": fpt,
         "achieved_tflops": round(fpt * tokens_per_s / 1e12, 3),
@@ -259,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     here["load_average_at_end"] = load_average()
     print(f"device {summary['device']}  compile={use_compile} ({summary['compile_scope']})  B={B} T={T} "
-          f"V={config.vocab_size}  steps timed {timed_steps}  optimizer {optimizer_name}")
+          f"V={config.vocab_size}  loss_chunk {args.loss_chunk}  steps timed {timed_steps}  optimizer {optimizer_name}"
+          f"  peak memory {summary['peak_memory_allocated_gib']} GiB")
     print(f"tokens/s {tokens_per_s:,.0f}  achieved {summary['achieved_tflops']} TFLOP/s  "
           f"MFU {summary['mfu']} (peak {summary['peak_bf16_tflops']} TFLOP/s from {peak_source})  "
           f"vs measured matmul {summary['measured_bf16_matmul_tflops']} TFLOP/s: {summary['mfu_vs_measured_matmul']}")

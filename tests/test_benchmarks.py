@@ -40,6 +40,10 @@ def test_gpu_check_smoke_on_cpu():
     assert summary["timed_steps"] == 2 and summary["tokens_per_s"] > 0
     assert summary["loss_last"] < summary["loss_first"] + 0.5  # it trains, it does not blow up
     assert summary["flash_used"] is False  # no CUDA: no flash kernels
+    assert summary["loss_chunk"] == 1024  # the head fused with its loss, as the Trainer trains
+    whole = load("gpu_check").main(["--device", "cpu", "--steps", "3", "--compile", "off", "--preset", "char-small",
+                                    "--loss-chunk", "0"])
+    assert whole["loss_first"] == pytest.approx(summary["loss_first"], abs=0.01)  # the same step, to bf16 rounding
 
 
 @pytest.mark.slow
@@ -123,6 +127,25 @@ def test_encoder_vs_decoder_trains_both_alike_and_shows_what_each_can_do(tmp_pat
 
 
 @pytest.mark.slow
+def test_fused_loss_benchmark_trains_the_same_steps_fused_or_not(tmp_path):
+    """benchmarks/fused_loss.py: the fused and whole-logits variants are the same training (equal losses), each in
+    its own process; HF's GPT-2 of the same shape runs beside them; the ratios are those of the numbers written."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "fused_loss.json"
+    summary = load("fused_loss").main(["--layers", "2", "--width", "64", "--heads", "2", "--vocab", "512",
+                                       "--block", "64", "--seq", "32", "--batch", "2", "--chunk", "16", "--steps", "2",
+                                       "--rounds", "1", "--json-out", str(out)])
+    fused, whole, hf = (summary["variants"][v] for v in ("lmforge-fused", "lmforge-whole-logits", "hf"))
+    assert (fused["runs"][0]["loss_chunk"], whole["runs"][0]["loss_chunk"]) == (16, 0)
+    assert fused["runs"][0]["losses"] == pytest.approx(whole["runs"][0]["losses"], rel=1e-4)
+    assert len(hf["runs"][0]["losses"]) == 3 and all(loss > 0 for loss in hf["runs"][0]["losses"])
+    for v in (fused, whole, hf):
+        assert v["peak_training_rss_mib"] >= v["rss_after_build_mib"] > 0 and v["step_seconds_median"] > 0
+    assert summary["peak_rss_fused_over_hf"] == round(fused["peak_training_rss_mib"] / hf["peak_training_rss_mib"], 3)
+    assert summary["fp32_logits_of_one_step_mib"] == round(2 * 32 * 512 * 4 / 2**20, 1)
+    assert json.loads(out.read_text()) == summary
+
+
 def test_lora_memory_measures_both_variants_in_their_own_processes(tmp_path):
     out = tmp_path / "lora_memory.json"
     summary = load("lora_memory").main(["--layers", "2", "--width", "64", "--heads", "2", "--vocab", "512",
