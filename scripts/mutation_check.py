@@ -224,6 +224,14 @@ MUTANTS = [
            "seen = torch.cat([torch.ones_like(mask[parent]), more], dim=1)  # mutant: choices attend to the pads",
            ("tests/test_choices.py::test_loglikelihoods_acc_and_acc_norm_equal_lm_evaluation_harness_on_the_exported"
             "_model",)),
+    Mutant("fused-loss-trains-ignored-targets", "head_loss.py",
+           "            dz *= counted[:, None]\n",
+           "            pass  # mutant: positions with target -100 still send gradients\n",
+           ("tests/test_chunked_loss.py::test_loss_and_gradients_equal_the_unfused_ones[4-0.0]",)),
+    Mutant("trainer-makes-the-whole-logits", "train/trainer.py",
+           'if self.config.train.loss_chunk > 0 and self.config.model.head != "classify" and not need_logits:',
+           "if False:  # mutant: the head is never fused with its loss",
+           ("tests/test_chunked_loss.py::test_a_training_step_never_holds_the_whole_logits[16]",)),
 ]
 
 
