@@ -181,6 +181,7 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-bad-precision", ["train", "--data", str(data), "--precision", "fp4"], "train.precision"),
         ("train-early-exit-past-the-model", ["train", "--data", str(data), "--model.n_layer", "2",
                                              "--train.early_exit_layer", "2"], "is not below model.n_layer=2"),
+        ("train-negative-loss-chunk", ["train", "--data", str(data), "--train.loss_chunk", "-1"], "train.loss_chunk"),
         ("train-bf16-compute-recomputed", ["train", "--data", str(data), "--precision", "bf16-compute",
                                            "--train.activation_checkpointing", "true"], "--train.precision bf16-mixed"),
         ("train-missing-data", ["train", "--data", str(ws / "nodata"), "--run-dir", str(ws / "r1")], "nodata"),
@@ -430,7 +431,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 122
+N_CASES = 123
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
