@@ -48,10 +48,18 @@ def test_memory_equals_the_hand_calculation():
     p = plan(config(), device="h100")
     assert (p.weights, p.gradients, p.optimizer) == (4 * P, 4 * P, 8 * P)  # fp32 weights, grads, AdamW's 2 moments
     per_token_block = 4 * C + 3 * C + 2 * C + 2 * 4 * C  # inputs, norms, qkv, attention out x2, fc and gelu outputs
-    per_token_head = 2 * C + 4 * V
-    assert p.activations == B * T * 4 * ((L + 1) * per_token_block + per_token_head)
-    assert p.activations_checkpointed == B * T * 4 * (L * C + 2 * per_token_block + per_token_head)
+    # the head fused with its loss (train.loss_chunk): norm_f's input and output and the hidden states' gradient per
+    # token, and one chunk's logits (1024 tokens at most, here the whole micro-batch of B x T)
+    head = B * T * 4 * 3 * C + min(1024, B * T) * V * 4
+    assert p.activations == B * T * 4 * (L + 1) * per_token_block + head
+    assert p.activations_checkpointed == B * T * 4 * (L * C + 2 * per_token_block) + head
     assert p.total_memory == 16 * P + p.activations
+    chunked = plan(config(**{"train.loss_chunk": 16}), device="h100")
+    assert chunked.activations == p.activations - (B * T - 16) * V * 4  # a smaller chunk: fewer logits at once
+    whole = plan(config(**{"train.loss_chunk": 0}), device="h100")  # the logits, their log-softmax, both gradients
+    per_token_head = 2 * C + 4 * V
+    assert whole.activations == B * T * 4 * ((L + 1) * per_token_block + per_token_head)
+    assert whole.activations_checkpointed == B * T * 4 * (L * C + 2 * per_token_block + per_token_head)
     bf16 = plan(config(**{"train.precision": "bf16-mixed"}), device="h100")
     assert bf16.weights == 6 * P and bf16.gradients == 4 * P and bf16.optimizer == 8 * P
     ddp = plan(config(), device="h100", gpus=4)
@@ -67,7 +75,10 @@ def test_speedrun_options_change_the_counts_where_they_add_tensors():
     assert qk.parameters - base.parameters == L * 2 * (C // 4)  # a gain per head dimension for q and for k
     assert qk.activations - base.activations == B * T * 4 * (L + 1) * 2 * C  # normalised q and k, each C wide
     capped = plan(config(**{"model.logit_softcap": 30.0}), device="h100")
-    assert capped.activations - base.activations == B * T * 4 * V  # tanh's output, before the cap
+    assert capped.activations - base.activations == B * T * 4 * V  # one chunk's tanh (the chunk: all B x T tokens)
+    unfused = {"train.loss_chunk": 0}
+    capped_whole = plan(config(**{"model.logit_softcap": 30.0, **unfused}), device="h100")
+    assert capped_whole.activations - plan(config(**unfused), device="h100").activations == B * T * 4 * V
     relu2 = plan(config(**{"model.mlp": "relu2"}), device="h100")
     assert (relu2.parameters, relu2.flops_per_token, relu2.activations) == (
         base.parameters, base.flops_per_token, base.activations)  # relu and its square replace fc out and gelu

@@ -68,7 +68,7 @@ MFU = {"cpu": 0.85, "gpu": 0.4}
 
 
 # ------------------------------------------------------------------------------------------- activations
-def activation_elements(model: ModelConfig, seq_len: int) -> tuple[float, float]:
+def activation_elements(model: ModelConfig, seq_len: int, fused: bool = False) -> tuple[float, float]:
     """(per block, for the output head) elements autograd keeps per token of training, counted from model.py.
 
     A block keeps: its input (norm_1's), norm_1's output (qkv's input), the qkv output (q, k, v), rotated q and
@@ -76,7 +76,9 @@ def activation_elements(model: ModelConfig, seq_len: int) -> tuple[float, float]
     (proj's input), the residual after attention (norm_2's input), norm_2's output (fc's input), and the MLP's
     hidden activations: fc's output and gelu's (2H), relu's and its square (relu2, 2H), or SwiGLU's fc output,
     silu(gate) and the product (4H). The reference attention path also keeps the softmax weights (n_head x T per
-    query; sdpa recomputes them). The head keeps norm_f's input and output, and the logits (the trainer holds them
+    query; sdpa recomputes them). The head keeps norm_f's input and output and, fused with its loss (fused: the
+    trainer's default, train.loss_chunk > 0), the loss's gradient for the hidden states (C): one chunk's logits
+    exist at a time, counted apart (head_chunk_elements). Unfused, it keeps the logits (the trainer holds them
     through the backward pass), their log-softmax and, during the backward pass, the gradients of both (4V), and
     with logit_softcap the tanh before the cap (V).
     """
@@ -87,8 +89,14 @@ def activation_elements(model: ModelConfig, seq_len: int) -> tuple[float, float]
         attention += nh * seq_len
     mlp = 4 * H if model.mlp == "swiglu" else 2 * H
     block = 4 * C + attention + mlp  # input, norm_1 out, residual mid, norm_2 out
-    head = 2 * C + (4 + (model.logit_softcap > 0)) * model.vocab_size
+    head = 3 * C if fused else 2 * C + (4 + (model.logit_softcap > 0)) * model.vocab_size
     return block, head
+
+
+def head_chunk_elements(model: ModelConfig, chunk: int) -> float:
+    """Elements of the head fused with its loss that do not grow with the batch (lmforge.head_loss): one chunk's
+    logits (their softmax and gradient are computed in place) and, with logit_softcap, its tanh."""
+    return chunk * model.vocab_size * (1 + (model.logit_softcap > 0))
 
 
 # ------------------------------------------------------------------------------------------ the estimate
@@ -210,10 +218,13 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         weights, gradients, optimizer = weights / gpus + gathered, gradients / gpus + gathered, optimizer / gpus
 
     # activations of one micro-batch: bf16-mixed keeps the matrix products' inputs and outputs in bf16
-    block, head = activation_elements(m, m.block_size)
+    fused = t.loss_chunk > 0 and m.head != "classify"
+    block, head = activation_elements(m, m.block_size, fused)
     micro_tokens = t.batch_size * m.block_size
     act_block = micro_tokens * block * (3.0 if bf16 else 4.0)  # bf16: about half the tensors are bf16
     act_head = micro_tokens * head * 4.0  # the loss is computed in fp32
+    if fused:
+        act_head += head_chunk_elements(m, min(t.loss_chunk, micro_tokens)) * 4.0
     activations = (m.n_layer + 1) * act_block + act_head  # + the gradients inside the block being back-propagated
     checkpointed = m.n_layer * micro_tokens * m.n_embd * 4.0 + 2 * act_block + act_head
 
