@@ -43,10 +43,8 @@ def completion_loss(model: nn.Module, examples: Examples, batch_size: int = 16,
     with progress_bar(len(examples), "completion loss", "ex", progress) as bar:
         for start in range(0, len(examples), batch_size):
             x, y = pad_examples(examples, np.arange(start, min(start + batch_size, len(examples))))
-            logits = model(x.to(device)).float()  # (B, T, V)
-            y = y.to(device)
-            loss_sum += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum",
-                                                                ignore_index=IGNORE_INDEX))
+            y = y.to(device)  # the head fused with the loss (GPT.forward's targets): no (B, T, V) logits
+            loss_sum += float(model(x.to(device), targets=y, loss_chunk=1024))
             counted += int((y != IGNORE_INDEX).sum())
             bar.update(len(x))
     mean = loss_sum / max(counted, 1)
