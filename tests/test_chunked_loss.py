@@ -172,3 +172,28 @@ def test_training_fused_or_not_gives_the_same_run(tmp_path):
     for name, tensor in plain_weights.items():
         # AdamW divides by sqrt(v): where a gradient is near 0, rounding moves a weight by up to ~1% of one step
         torch.testing.assert_close(fused_weights[name], tensor, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_a_frozen_head_gets_no_gradient_and_costs_none():
+    """With the head's weight frozen (LoRA on other layers), only the hidden states get their gradient: the weight's
+    is neither returned nor computed (no V x C product per chunk)."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 6, 8, generator=g).requires_grad_()
+    weight = torch.randn(30, 8, generator=g)
+    targets = torch.randint(0, 30, (2, 6), generator=g)
+    products = []
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm_.default, torch.ops.aten.addmm.default):
+                products.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Products():
+        loss = linear_cross_entropy_sum(h, weight, targets, 0.0, 4)
+    assert len(products) == 2 * 3  # 3 chunks: the logits and dloss/dh, no dloss/dweight
+    loss.backward()
+    h64 = h.detach().double().requires_grad_()
+    reference(h64, weight.double(), targets, 0.0).backward()
+    torch.testing.assert_close(h.grad, h64.grad.float(), rtol=1e-4, atol=1e-6)
+    assert weight.grad is None

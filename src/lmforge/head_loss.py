@@ -39,34 +39,35 @@ def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: tor
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h2, weight, flat, cap, chunk)
     with torch.no_grad():
-        return _chunks(h2, weight, flat, cap, chunk, grads=False)[0]
+        return _chunks(h2, weight, flat, cap, chunk, False, False)[0]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
                 chunk: int) -> torch.Tensor:
-        loss, ctx.dh, ctx.dw = _chunks(h, weight, targets, cap, chunk, grads=True)
+        need_h, need_w = ctx.needs_input_grad[:2]  # a frozen head (LoRA elsewhere) needs no dloss/dweight
+        loss, ctx.dh, ctx.dw = _chunks(h, weight, targets, cap, chunk, need_h, need_w)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        dh, dw = ctx.dh.mul_(grad.to(ctx.dh.dtype)), ctx.dw.mul_(grad.to(ctx.dw.dtype))  # the trainer's loss scale
+        dh, dw = (None if d is None else d.mul_(grad.to(d.dtype)) for d in (ctx.dh, ctx.dw))  # the loss scale
         ctx.dh = ctx.dw = None
         return dh, dw, None, None, None
 
 
 def _chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, chunk: int,
-            grads: bool) -> tuple[torch.Tensor, Any, Any]:
-    """(loss sum, dloss/dh or None, dloss/dweight or None), one chunk of tokens at a time."""
+            grad_h: bool, grad_w: bool) -> tuple[torch.Tensor, Any, Any]:
+    """(loss sum, dloss/dh if grad_h else None, dloss/dweight if grad_w else None), a chunk of tokens at a time."""
     kind = h.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
     with torch.autocast(kind, enabled=False):
         w = weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grads else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grads else None
+        dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grad_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad_w else None
         for start in range(0, h.size(0), chunk):
             x, y = h[start:start + chunk].to(dtype), targets[start:start + chunk]
             counted = y != IGNORED
@@ -77,7 +78,7 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: f
                 z = slope * cap
             lse = torch.logsumexp(z, dim=-1)
             loss += ((lse - z.gather(1, y[:, None])[:, 0]) * counted).sum()
-            if not grads:
+            if not (grad_h or grad_w):
                 continue
             dz = z.sub_(lse[:, None]).exp_()  # softmax, in z's memory (z is not needed after this)
             dz[torch.arange(len(y), device=dz.device), y] -= 1.0
@@ -85,9 +86,10 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: f
             if cap > 0:
                 dz *= slope.square_().neg_().add_(1.0)
             dz = dz.to(dtype)
-            dh[start:start + chunk] = dz @ w
-            if dtype == torch.float32:
+            if dh is not None:
+                dh[start:start + chunk] = dz @ w
+            if dw is not None and dtype == torch.float32:
                 dw.addmm_(dz.t(), x)
-            else:
+            elif dw is not None:
                 dw += (dz.t() @ x).float()
-        return loss, dh, (dw.to(weight.dtype) if grads else None)
+        return loss, dh, (None if dw is None else dw.to(weight.dtype))
