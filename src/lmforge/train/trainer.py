@@ -604,7 +604,7 @@ class Trainer:
     def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
                 fused: bool = False) -> tuple[Any, torch.Tensor]:
         """(logits, labels) of one CPU batch, on the device: a batch is (x, y), or (x, y, attention_mask) for a
-        classifier, whose logits (B, K) come from each row's last real token, or for packed examples; else logits
+        classifier (its logits (B, K) come from each row's last real token) and for packed examples; else logits
         are (B, T, V). With exit_layer (train.early_exit_layer), logits is the pair (logits, early exit's logits).
         fused: the summed loss (or the pair of losses) in place of the logits (GPT.forward's targets)."""
         x, y, *mask = (self.to_device(t) for t in batch)
@@ -656,8 +656,8 @@ class Trainer:
         model.eval()  # dropout off
         K = len(self.labels) if self.labels is not None else 0
         exit_layer = self.config.train.early_exit_layer
-        totals = torch.zeros(4 + K * K, dtype=torch.float64, device=self.device)  # (loss, labels, hits, early exit's
         hits = K > 0 or self.config.train.objective == "mlm"  # accuracy needs the logits
+        totals = torch.zeros(4 + K * K, dtype=torch.float64, device=self.device)  # (loss, labels, hits, early exit's
         for batch in self.val_batches:  # loss, confusion)
             loss, exit_loss, out = self.batch_loss(model, batch, exit_layer, need_logits=hits)
             totals[0] += loss.double()
