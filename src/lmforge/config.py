@@ -451,7 +451,8 @@ class TrainConfig:
                                          "about a third more compute. Not with precision bf16-compute.", False)
     loss_chunk: int = doc("Tokens per chunk of the LM head fused with its cross-entropy: training computes the loss "
                           "and its gradients a chunk at a time, so the batch's logits (tokens x vocabulary) never "
-                          "exist whole; the same loss and gradients. 0: the head makes every logit, then the loss.",
+                          "exist whole; the same loss and gradients. Smaller: less memory, more (smaller) matrix "
+                          "products. 0: the head makes every logit, then the loss.",
                           1024, ge=0, le=1048576)
     parallel: Literal["ddp", "fsdp"] = doc("Under torchrun: ddp (every process holds the whole model and optimizer) "
                                            "or fsdp (FSDP2: each holds 1/N of every weight, gradient and optimizer "
