@@ -232,6 +232,20 @@ MUTANTS = [
            'if self.config.train.loss_chunk > 0 and self.config.model.head != "classify" and not need_logits:',
            "if False:  # mutant: the head is never fused with its loss",
            ("tests/test_chunked_loss.py::test_a_training_step_never_holds_the_whole_logits[16]",)),
+    Mutant("peft-alpha-per-rank", "interop/peft_export.py",
+           '"lora_alpha": _number(lora_config.alpha * default_r / lora_config.r),',
+           '"lora_alpha": _number(lora_config.alpha),  # mutant: alpha not scaled with the stacked rank',
+           ("tests/test_peft_export_guards.py::test_a_gpt2_adapter_on_q_and_v_only_has_rank_2r_and_alpha_2alpha_and"
+            "_peft_gives_its_logits",)),
+    Mutant("serve-seeded-batched-past-block", "serve/engine.py",
+           "return self.config.is_greedy or self.config.seed is not None",
+           "return self.config.is_greedy  # mutant: a seeded job may join a batch that slides its window",
+           ("tests/test_serve_guards.py::test_a_seeded_job_is_not_batched_where_a_longer_prompt_would_push_it_past_the"
+            "_block",)),
+    Mutant("serve-end-token-counted", "serve/engine.py",
+           "choice.tokens += event.token is not None",
+           "choice.tokens += 1  # mutant: the end token counts as a completion token",
+           ("tests/test_serve_guards.py::test_an_end_token_is_not_counted_as_a_completion_token",)),
 ]
 
 
