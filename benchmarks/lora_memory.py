@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per variant (1: on a CPU shared with other processes, more threads wait on "
                         "each other; see benchmarks/train_throughput.py)")
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="train.loss_chunk of every variant (default: the config's; 0: the whole logits)")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: VARIANT,SEQ,BASE_CKPT,WORK_DIR
     return p.parse_args(argv)
@@ -83,6 +85,8 @@ def measure(variant: str, seq: int, base: Path, work: Path, args: argparse.Names
     overrides = {"train.init_from": str(base), "train.run_dir": str(work / f"{variant}-{seq}"), "train.device": "cpu",
                  "train.num_threads": args.threads, "train.batch_size": args.batch, "train.max_steps": args.steps + 1,
                  "train.seed": 0, **VARIANTS[variant]}
+    if args.loss_chunk is not None:
+        overrides["train.loss_chunk"] = args.loss_chunk
     config = load_run_config(None, {k: str(v) for k, v in overrides.items()})
     tokens = np.random.default_rng(0).integers(0, args.vocab, size=args.batch * (seq + 1) * 8, dtype=np.uint16)
     trainer = Trainer(config, train_data=TokenBatches(tokens, seq, args.batch, seed=0), val_batches=[],
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head,
                   "vocab_size": config.vocab_size, "block_size": config.block_size, "weights": "random"},
         "batch_size": args.batch, "timed_steps": args.steps, "threads": args.threads,
+        "loss_chunk": args.loss_chunk if args.loss_chunk is not None else RunConfig().train.loss_chunk,
         "optimizer": "lmforge AdamW (fused), defaults of `lmforge train`", "lora": LORA, "variants": VARIANTS,
         "target_ratio": TARGET, "sequence_tokens": by_length,
     }

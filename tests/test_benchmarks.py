@@ -164,6 +164,7 @@ def test_lora_memory_measures_both_variants_in_their_own_processes(tmp_path):
         assert checkpointed["trainable_parameters"] == at32["variants"][name]["trainable_parameters"]
         assert checkpointed["final_loss"] == at32["variants"][name]["final_loss"]
     assert summary["machine"]["cpu_flags"].keys() >= {"avx512f", "amx_tile"} and summary["model"]["n_layer"] == 2
+    assert summary["loss_chunk"] == 1024  # the Trainer's default: the head fused with its loss
     assert json.loads(out.read_text()) == summary
 
 
