@@ -246,6 +246,14 @@ MUTANTS = [
            "choice.tokens += event.token is not None",
            "choice.tokens += 1  # mutant: the end token counts as a completion token",
            ("tests/test_serve_guards.py::test_an_end_token_is_not_counted_as_a_completion_token",)),
+    Mutant("prepare-dedupe-joined-texts", "data/tasks.py",
+           'f"{len(prompt)}:{prompt}{completion}"',
+           'f"{prompt}{completion}"',  # mutant: pairs that join to the same text count as duplicates
+           ("tests/test_tasks_guards2.py::test_pairs_whose_texts_join_the_same_are_not_duplicates",)),
+    Mutant("repetition-penalty-sees-pads", "generate/processors.py",
+           "ids = tokens if real is None else tokens.masked_fill(~real, vocab_size)",
+           "ids = tokens  # mutant: a padded row's pads count as seen tokens",
+           ("tests/test_processors_guards2.py::test_each_row_of_a_padded_batch_scores_as_it_would_alone[options0]",)),
 ]
 
 
