@@ -137,22 +137,28 @@ def _add_prepare(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2, metavar="N", help="encoding processes (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t = p.add_argument_group("task data (--task): records -> examples for fine-tuning a base model")
-    t.add_argument("--task", choices=["sft", "classify"], help="sft: text to text, prompt -> completion; classify: "
-                   "text -> label (.jsonl, .csv, .tsv, .parquet records); --tokenizer is then the base model "
-                   "RUN_OR_CHECKPOINT")
+    t.add_argument("--task", choices=["sft", "classify", "preference"],
+                   help="sft: text to text, prompt -> completion; classify: text -> label; preference: a prompt with a "
+                   "chosen and a rejected completion, for DPO (.jsonl, .csv, .tsv, .parquet records); --tokenizer is "
+                   "then the base model RUN_OR_CHECKPOINT")
     t.add_argument("--template", default="plain", metavar="NAME_OR_STRING",
                    help="prompt template: plain ('{prompt}\\n'), instruct, or your own string with {field}s of the "
                         "record, {prompt} being the prompt field (default: plain)")
     t.add_argument("--prompt-field", default="prompt", metavar="NAME", help="record field of the prompt")
     t.add_argument("--completion-field", default="completion", metavar="NAME", help="record field of the completion")
+    t.add_argument("--chosen-field", default="chosen", metavar="NAME",
+                   help="preference: record field of the preferred completion")
+    t.add_argument("--rejected-field", default="rejected", metavar="NAME",
+                   help="preference: record field of the other completion")
     t.add_argument("--text-field", default="text", metavar="NAME", help="classify: record field of the text")
     t.add_argument("--label-field", default="label", metavar="NAME", help="classify: record field of the label")
     t.add_argument("--messages-field", default="messages", metavar="NAME",
                    help="record field of a conversation (a list of {role, content} turns, the last the reply)")
     t.add_argument("--max-length", type=int, metavar="N",
-                   help="most tokens per example (default: the base model's block_size + 1 for sft, block_size for "
-                        "classify); longer sft examples lose prompt tokens from the left, then completion tokens "
-                        "from the right; a longer classify text loses tokens from the right")
+                   help="most tokens per example (default: the base model's block_size + 1 for sft and preference, "
+                        "block_size for classify); longer sft examples lose prompt tokens from the left, then "
+                        "completion tokens from the right (a preference pair keeps one prompt for both); a longer "
+                        "classify text loses tokens from the right")
     t.add_argument("--drop-long", action="store_true", help="drop examples longer than --max-length (counted)")
     t.add_argument("--skip-bad", action="store_true",
                    help="skip bad records (counted and listed in the report) instead of stopping at the first")
@@ -217,11 +223,12 @@ def _run_prepare_task(args: argparse.Namespace) -> int:
         raise ConfigError(f"checkpoint {ckpt} holds no tokenizer.json: give a base model trained on prepared data "
                           "or imported with `lmforge import`")
     block_size = read_run_config(ckpt).model.block_size  # an sft example of L tokens trains on L-1 inputs
-    max_length = args.max_length if args.max_length is not None else block_size + (args.task == "sft")
+    max_length = args.max_length if args.max_length is not None else block_size + (args.task != "classify")
     report = prepare_task(
         args.inputs, args.out, task=args.task, tokenizer_file=ckpt / "tokenizer.json", base=str(ckpt),
         max_length=max_length, template=args.template, drop_long=args.drop_long, skip_bad=args.skip_bad,
-        fields=Fields(args.prompt_field, args.completion_field, args.messages_field, args.text_field, args.label_field),
+        fields=Fields(args.prompt_field, args.completion_field, args.messages_field, args.text_field, args.label_field,
+                      args.chosen_field, args.rejected_field),
         keep_duplicates=args.keep_duplicates, split=_parse_split(args.split), seed=args.seed, force=args.force)
     print(format_task_report(report))
     return 0

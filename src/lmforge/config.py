@@ -419,7 +419,8 @@ class OptimConfig:
 
 # --------------------------------------------------------------------------------------------- train
 BestMetric = Literal["val_loss", "val_accuracy", "val_macro_f1", "val_bleu", "val_chrf", "val_rouge1", "val_rouge2",
-                     "val_rougeL", "val_exact_match", "val_f1", "val_choices_acc", "val_choices_acc_norm"]
+                     "val_rougeL", "val_exact_match", "val_f1", "val_choices_acc", "val_choices_acc_norm",
+                     "val_reward_accuracy", "val_reward_margin"]
 
 
 @dataclass
@@ -513,11 +514,18 @@ class TrainConfig:
                              ge=1)
     choices_examples: int = doc("With choices_file: score its first N questions (the same ones each time).", 1000,
                                 ge=1, le=1_000_000)
+    dpo_beta: float = doc("Preference data (`lmforge prepare --task preference`), trained with DPO against the frozen "
+                          "train.init_from model: beta, how strongly the loss holds the model near that reference "
+                          "(the implicit reward is beta times the log-probability ratio; TRL's default 0.1).", 0.1,
+                          gt=0, le=100)
+    dpo_label_smoothing: float = doc("Preference data: the probability that a pair's preference is wrong "
+                                     "(conservative DPO; 0 = plain DPO).", 0.0, ge=0, lt=0.5, noun="probability")
     best_metric: BestMetric = doc("The measurement that picks the best checkpoint (kept by pruning, named at the end) "
                                   "and that patience follows: val_loss (lower is better), or a task metric (higher is "
                                   "better): val_accuracy, val_macro_f1 (classify data), val_bleu, val_chrf, val_rouge1, "
                                   "val_rouge2, val_rougeL, val_exact_match, val_f1 (sft data with task_eval_every), "
-                                  "val_choices_acc, val_choices_acc_norm (with choices_file).", "val_loss")
+                                  "val_choices_acc, val_choices_acc_norm (with choices_file), val_reward_accuracy, "
+                                  "val_reward_margin (preference data).", "val_loss")
     patience: int = doc("Stop early, with a checkpoint, after this many measurements of best_metric in a row without "
                         "an improvement; 0 = never.", 0, ge=0)
 

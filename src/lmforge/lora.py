@@ -29,8 +29,10 @@ frozen weights, so adapters saved on one base can refuse another.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -98,10 +100,11 @@ class LoRALinear(nn.Module):
         self.scale = alpha / r
         self.drop = make_dropout(dropout)
         self.merged = False  # True while the adapters are folded into weight (see merge)
+        self.enabled = True  # False inside adapters_off: the frozen base alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # (..., out)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         h = self.drop(x)  # (..., in)
         pieces, end = [], 0
@@ -193,6 +196,22 @@ def merge_lora(model: GPT) -> GPT:
 
 
 # ------------------------------------------------------------------------------- adapter state dicts
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block `model` computes what its frozen base does: every adapter is skipped (the model DPO trains
+    with LoRA is its own reference this way, with no copy). Refused while merged: the base is not apart then."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if any(m.merged for m in layers):
+        raise ValueError("adapters_off needs unmerged adapters: the merged weights hold the base and the adapters")
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only, {"blocks.0.attn.qkv.lora.q.A": (r, C), ...} (see the module docstring),
     sharing storage with the model."""

@@ -293,10 +293,14 @@ class ExampleBatches:
     ``packing`` (sft): a global micro-batch is B * W rows filled with the next draws in order, as many whole
     examples to a row as fit in block_size (see ``pack_examples``); it takes as many draws as it holds, so the
     stream and its state are the same as without packing, only cut into batches differently.
+
+    ``pairs`` (preference data, examples 2i chosen and 2i+1 rejected): a draw is a pair, and a batch of B draws is
+    2B rows, chosen and rejected alternating (``pair_rows``), so a pair never straddles batches or processes.
     """
 
     def __init__(self, examples: Examples, block_size: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, pad_id: int = 0, packing: bool = False) -> None:
+                 rank: int = 0, world_size: int = 1, pad_id: int = 0, packing: bool = False,
+                 pairs: bool = False) -> None:
         if len(examples) == 0:
             raise DataError("the split holds no examples: prepare more data or change --split")
         longest = int(examples.lengths.max())
@@ -315,7 +319,15 @@ class ExampleBatches:
         if packing and examples.labels is not None:
             raise DataError("data.packing packs sft examples (text to text); a classifier reads one example per row: "
                             "drop data.packing")
+        if packing and pairs:
+            raise DataError("data.packing packs sft examples; preference pairs are scored one completion to a row: "
+                            "drop data.packing")
+        if pairs and len(examples) % 2:
+            raise DataError(f"preference data holds pairs of examples, but the split has {len(examples)}: re-run "
+                            "`lmforge prepare --task preference --force`")
         self.packing = packing
+        self.pairs = pairs
+        self.draws = len(examples) // 2 if pairs else len(examples)  # what one epoch draws: examples or pairs
         self.position = 0  # examples drawn so far, over all processes
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) last used
 
@@ -326,20 +338,21 @@ class ExampleBatches:
     def order(self, epoch: int) -> np.ndarray:
         """The example order of one epoch."""
         if not self.shuffle:
-            return np.arange(len(self.examples))
+            return np.arange(self.draws)
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed % 2**63, epoch]).permutation(len(self.examples)))
+            self._order = (epoch, np.random.default_rng([self.seed % 2**63, epoch]).permutation(self.draws))
         return self._order[1]
 
     def example_index(self, first: int, count: int) -> np.ndarray:
-        """The examples of draws first .. first+count-1 of the stream."""
-        n = len(self.examples)
+        """The examples (pairs, with ``pairs``) of draws first .. first+count-1 of the stream."""
+        n = self.draws
         draws = np.arange(first, first + count)
         return np.array([self.order(i // n)[i % n] for i in draws.tolist()], dtype=np.int64)
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         """This process's rows of the next global micro-batch: x, y of shape (batch_size, T), T <= block_size;
-        classify examples: x, labels (batch_size,), attention_mask (batch_size, T)."""
+        classify examples: x, labels (batch_size,), attention_mask (batch_size, T); preference pairs: x, y of shape
+        (2 * batch_size, T), rows 2k and 2k + 1 the chosen and the rejected example of pair k."""
         if self.packing:
             rows, drawn = self.packed_rows(self.position)
             self.position += drawn
@@ -347,6 +360,8 @@ class ExampleBatches:
                                  self.pad_id)
         index = self.example_index(self.position + self.rank * self.batch_size, self.batch_size)
         self.position += self.batch_size * self.world_size
+        if self.pairs:
+            return pad_examples(self.examples, pair_rows(index), self.pad_id)
         if self.examples.labels is not None:
             return pad_labelled_examples(self.examples, index, self.pad_id)
         return pad_examples(self.examples, index, self.pad_id)
@@ -383,17 +398,26 @@ class ExampleBatches:
         self.position = int(state["position"])
 
 
+def pair_rows(pairs: np.ndarray) -> np.ndarray:
+    """The example rows of preference pairs ``pairs``: 2p (chosen) and 2p + 1 (rejected) for each, in turn."""
+    return np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+
+
 def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, num_batches: int, *,
-                          rank: int = 0, world_size: int = 1, pad_id: int = 0) -> list[tuple[torch.Tensor, ...]]:
+                          rank: int = 0, world_size: int = 1, pad_id: int = 0,
+                          pairs: bool = False) -> list[tuple[torch.Tensor, ...]]:
     """Validation batches of task data: the split in its stored order, at most ``num_batches`` global batches
     (fewer when they cover it; the last one wraps to the start); this process's rows of each. Classify examples
-    do not wrap (accuracy and F1 count each example once): the last batch is shorter, a process may get none."""
+    and preference pairs (batch_size pairs to a batch) do not wrap (accuracy counts each once): the last batch is
+    shorter, a process may get none."""
     stream = ExampleBatches(examples, block_size, batch_size, shuffle=False, rank=rank, world_size=world_size,
-                            pad_id=pad_id)
-    if examples.labels is not None:
-        n = min(len(examples), num_batches * batch_size * world_size)
+                            pad_id=pad_id, pairs=pairs)
+    if examples.labels is not None or pairs:
+        n = min(stream.draws, num_batches * batch_size * world_size)
         rows = [np.arange(g + rank * batch_size, min(g + (rank + 1) * batch_size, n))
                 for g in range(0, n, batch_size * world_size)]
+        if pairs:
+            return [pad_examples(examples, pair_rows(index), pad_id) for index in rows if len(index)]
         return [pad_labelled_examples(examples, index, pad_id) for index in rows if len(index)]
     needed = -(-len(examples) // (batch_size * world_size))
     return [stream.next_batch() for _ in range(min(num_batches, needed))]

@@ -44,6 +44,8 @@ Leakage: a val or test example whose prompt text is also the prompt of a train e
            from the right (its beginning is kept, the end token stays), counted as truncated; with
            ``drop_long`` dropped instead (an error if that leaves a val/test label without train examples).
 - write    DIR/{train,val,test}.safetensors (``tokens`` int32, ``offsets`` int64 (n+1), ``labels`` int64 (n)).
+
+`lmforge prepare --task preference` (pairs of completions for DPO): lmforge.data.preference, on these readers.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ from lmforge.files import atomic_dir, atomic_path, atomic_write_bytes, atomic_wr
 from lmforge.tokenizer import Tokenizer
 
 FORMAT = "lmforge-task-v1"
-TASKS = ("sft", "classify")
+TASKS = ("sft", "classify", "preference")
 RECORD_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 REPORT = "report.json"
 # Named prompt templates: fields in braces are record fields; {prompt} is the prompt field, whatever its name.
@@ -135,13 +137,15 @@ def render_chat(template: dict, turns: list[dict]) -> str:
 @dataclass
 class Fields:
     """Which record fields hold the prompt, the completion and a conversation (sft), the text and the label
-    (classify)."""
+    (classify), the preferred and the other completion (preference)."""
 
     prompt: str = "prompt"
     completion: str = "completion"
     messages: str = "messages"
     text: str = "text"
     label: str = "label"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
 
 
 class BadRecord(Exception):
@@ -420,7 +424,7 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
     if len(split) != 3 or any(f <= 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
         raise DataError(f"split={tuple(split)} is invalid: give three positive fractions (train, val, test) summing to 1")
     fields = fields or Fields()
-    tmpl = resolve_template(template) if task == "sft" else None
+    tmpl = resolve_template(template) if task in ("sft", "preference") else None
     out_dir = Path(out)
     check_dataset_output(out_dir, force=force, inputs=[i for i in inputs if not glob.has_magic(i)])
     tok = Tokenizer.load(tokenizer_file)
@@ -438,6 +442,11 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
     if task == "classify":
         return _prepare_classify(fields, skip_bad, keep_duplicates, split, seed, max_length, drop_long, warnings,
                                  **common)
+    if task == "preference":
+        from lmforge.data.preference import prepare_preference  # it builds on this module's readers and writers
+
+        return prepare_preference(tmpl, fields, skip_bad, keep_duplicates, split, seed, max_length, drop_long,
+                                  warnings, **common)
     pairs, bad, records, chat = _read(files, tmpl, fields, skip_bad)
     if not pairs:
         raise DataError(f"no usable records in {len(files)} file(s) ({records} read, {len(bad)} bad): give records with "
@@ -622,6 +631,10 @@ def format_task_report(report: dict) -> str:
     """The report of a task dataset as text for the terminal."""
     if report["task"] == "classify":
         return _format_classify_report(report)
+    if report["task"] == "preference":
+        from lmforge.data.preference import format_preference_report
+
+        return format_preference_report(report)
     lines = [f"{'split':<6} {'examples':>9} {'tokens':>11} {'completion':>11} {'truncated':>10} {'dropped':>8}"]
     for name, s in report["splits"].items():
         lines.append(f"{name:<6} {s['examples']:>9,} {s['tokens']:>11,} {s['completion_tokens']:>11,} "
@@ -709,7 +722,8 @@ def load_examples(data_dir: str | Path, split: str) -> Examples:
     n = entry.get("examples")
     ok = (tokens is not None and offsets is not None and values is not None and isinstance(n, int)
           and tokens.ndim == offsets.ndim == values.ndim == 1 and len(offsets) == n + 1
-          and len(values) == n and n > 0 and offsets[0] == 0 and offsets[-1] == len(tokens)
+          and len(values) == n and n > 0 and (manifest["task"] != "preference" or n % 2 == 0)
+          and offsets[0] == 0 and offsets[-1] == len(tokens)
           and bool(np.all(np.diff(offsets) >= (1 if classify else 2))) and bool(np.all(values >= 0))
           and bool(np.all(values < (len(manifest["labels"]) if classify else np.diff(offsets))))
           and len(tokens) and int(tokens.min()) >= 0 and int(tokens.max()) < manifest["vocab_size"])

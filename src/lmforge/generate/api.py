@@ -271,7 +271,7 @@ def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional
 
         return MaskFiller(apply_inference_dtype(model, dtype, quantize), tokenizer)
     task = read_task(ckpt) if template else None
-    learned = task.get("template") if task is not None and task["task"] == "sft" else None
+    learned = task.get("template") if task is not None and task["task"] in ("sft", "preference") else None
     drafter = load_assistant(assistant, model, tokenizer, path, device, dtype, quantize) if assistant else None
     return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned, drafter)
 

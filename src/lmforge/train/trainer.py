@@ -63,6 +63,7 @@ from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
 from lmforge.train.precision import autocast, run_forward
+from lmforge.train.preference import frozen_reference, pair_terms, reference_model
 from lmforge.train.schedule import build_schedule
 from lmforge.train.selection import BestTracker
 
@@ -175,11 +176,13 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
     T, B, seed = config.model.block_size, config.train.batch_size, config.train.seed
     specials = manifest["special_tokens"]
     pad = specials["pad"] if specials.get("pad") is not None else specials["end"]
+    pairs = manifest["task"] == "preference"  # batches of B pairs: 2B rows, chosen and rejected in turn
     train = ExampleBatches(load_examples(data_dir, "train"), T, B, seed=seed, shuffle=config.data.sampling == "random",
-                           rank=info.rank, world_size=info.world_size, pad_id=pad, packing=config.data.packing)
+                           rank=info.rank, world_size=info.world_size, pad_id=pad, packing=config.data.packing,
+                           pairs=pairs)
     val_examples = load_examples(data_dir, "val")
     val = fixed_example_batches(val_examples, T, B, config.train.eval_batches, rank=info.rank,
-                                world_size=info.world_size, pad_id=pad)
+                                world_size=info.world_size, pad_id=pad, pairs=pairs)
     if manifest["task"] == "classify":  # batches (x, labels (B,), attention_mask): a classify head reads them
         labels = manifest["labels"]
         return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
@@ -187,7 +190,8 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
                             label_counts=[int(manifest["label_counts"]["train"][name]) for name in labels])
     return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
                         _sha256_or_none(data_dir / "manifest.json"),
-                        task={"task": manifest["task"], "template": manifest["template"]}, val_examples=val_examples)
+                        task={"task": manifest["task"], "template": manifest["template"]},
+                        val_examples=None if pairs else val_examples)
 
 
 def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
@@ -200,9 +204,19 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
     if objective == "mlm" and kind is not None:
         raise ConfigError(f"train.objective=mlm pretrains on token data, but {config.data.path} is {kind} task data: "
                           f"drop train.objective")
-    if not causal and kind == "sft":
-        raise ConfigError("an encoder (model.causal false) does not generate, so it cannot learn text to text (sft) "
-                          "data: fine-tune a decoder, or use classify data")
+    if not causal and kind in ("sft", "preference"):
+        raise ConfigError(f"an encoder (model.causal false) does not generate, so it cannot learn text to text "
+                          f"({kind}) data: fine-tune a decoder, or use classify data")
+    if kind == "preference" and config.train.init_from == "none":
+        raise ConfigError("preference data trains a model against a frozen reference, the model it starts from: set "
+                          "train.init_from to that checkpoint or run (most often the sft model)")
+    if kind == "preference" and config.train.early_exit_layer is not None:
+        raise ConfigError("train.early_exit_layer adds a next-token loss; preference data is trained with DPO's: "
+                          "drop train.early_exit_layer")
+    tc = config.train
+    if kind != "preference" and (tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0):
+        raise ConfigError(f"train.dpo_beta / train.dpo_label_smoothing set DPO's loss, but {config.data.path} is not "
+                          "preference data (`lmforge prepare --task preference`): drop them")
     if not causal and objective == "clm" and kind is None:
         raise ConfigError("model.causal=false lets every position see the next token, so next-token training "
                           "(train.objective clm) would only learn to copy it: set train.objective mlm")
@@ -217,10 +231,14 @@ def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
     if tc.best_metric in ("val_accuracy", "val_macro_f1") and kind != "classify":
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on classify data (`lmforge prepare --task "
                           f"classify`): use val_loss")
+    if tc.best_metric in ("val_reward_accuracy", "val_reward_margin") and kind != "preference":
+        raise ConfigError(f"train.best_metric={tc.best_metric} is measured on preference data (`lmforge prepare --task "
+                          f"preference`): use val_loss")
     if tc.best_metric.startswith("val_choices") and not tc.choices_file:
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on train.choices_file's questions: set "
                           f"train.choices_file, or use val_loss")
-    if tc.best_metric not in ("val_loss", "val_accuracy", "val_macro_f1", "val_choices_acc", "val_choices_acc_norm") \
+    if tc.best_metric not in ("val_loss", "val_accuracy", "val_macro_f1", "val_choices_acc", "val_choices_acc_norm",
+                              "val_reward_accuracy", "val_reward_margin") \
             and not (kind == "sft" and tc.task_eval_every):
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured by generating on sft task data: prepare it "
                           f"with `lmforge prepare --task sft` and set train.task_eval_every (e.g. 1), or use val_loss")
@@ -321,6 +339,9 @@ class Trainer:
         elif tc.class_weights != "none":
             raise ConfigError(f"train.class_weights={tc.class_weights!r} weighs classes, but {config.data.path} is not "
                               "classify data (`lmforge prepare --task classify`); drop the setting")
+        self.preference = self.task is not None and self.task["task"] == "preference"  # DPO (train/preference.py)
+        if self.preference:  # dropout off: the policy's log-probabilities must be comparable with the reference's
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
         check_objective(config, self.task)
         check_selection(config.train, self.task)
         self.selection = BestTracker(tc.best_metric, tc.patience)  # the best checkpoint, and early stopping
@@ -344,6 +365,8 @@ class Trainer:
             load_init_weights(self.raw_model, init_ckpt, self.device, self.tokenizer_file)
         elif model is None and config.data.embedding_init != "none":
             self.embedding_report = init_token_embeddings(self.raw_model, config, self.tokenizer_file)
+        # preference data: the frozen reference, the model as it starts (LoRA: the policy with its adapters off)
+        self.reference = frozen_reference(self.raw_model) if self.preference and config.lora is None else None
         self.base: Optional[dict[str, str]] = None  # LoRA: {"path", "fingerprint"} of the frozen base (state.json)
         if config.lora is not None and init_ckpt is not None:  # RunConfig refuses lora without init_from
             self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
@@ -560,7 +583,7 @@ class Trainer:
         """
         tc = self.config.train
         micro = [self.train_data.next_batch() for _ in range(tc.grad_accum)]
-        count = torch.tensor(float(sum(count_labels(batch[1]) for batch in micro)))
+        count = torch.tensor(float(sum(self.batch_count(batch) for batch in micro)))
         local_count = float(count)
         if self.dist.enabled:  # labels in the global batch: one small all-reduce, no host sync
             count = all_reduce_sum(count.to(self.device), self.dist)
@@ -586,12 +609,19 @@ class Trainer:
             self.early_exit_loss = exit_sum / max(local_count, 1.0)
         return loss_sum, count
 
+    def batch_count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """What a batch's summed loss is divided by: its counted labels, or its pairs (preference data)."""
+        return batch[0].size(0) // 2 if self.preference else count_labels(batch[1])
+
     def batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
                    need_logits: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], Any]:
         """(summed loss, early exit's summed loss or None, (logits, labels) or None) of one CPU batch.
 
         An LM head's loss comes fused with the head (train.loss_chunk > 0, model.token_loss: no logits are kept);
-        a classifier's, or any when need_logits, from the logits, which then come back with the labels."""
+        a classifier's, or any when need_logits, from the logits, which then come back with the labels. Preference
+        pairs: DPO's loss summed over the pairs (preference_terms)."""
+        if self.preference:
+            return self.preference_terms(model, batch)[0].sum(), None, None
         if self.config.train.loss_chunk > 0 and self.config.model.head != "classify" and not need_logits:
             out, _ = self.forward(model, batch, exit_layer, fused=True)
             loss, exit_loss = out if exit_layer is not None else (out, None)
@@ -600,6 +630,16 @@ class Trainer:
         logits, early = logits if exit_layer is not None else (logits, None)
         exit_loss = cross_entropy_sum(early, y) if early is not None else None
         return cross_entropy_sum(logits, y, self.class_weights), exit_loss, (logits, y)
+
+    def preference_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DPO's (loss, chosen reward, rejected reward) per pair of one batch of pairs (train/preference.py): the
+        completions' log-probabilities under `model` and, without gradients, under the frozen reference."""
+        logits, y = self.forward(model, batch)
+        with torch.no_grad(), reference_model(self.reference, self.raw_model) as reference:
+            reference_logits, _ = self.forward(reference, batch)
+        tc = self.config.train
+        return pair_terms(logits, reference_logits, y, tc.dpo_beta, tc.dpo_label_smoothing)
 
     def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
                 fused: bool = False) -> tuple[Any, torch.Tensor]:
@@ -652,6 +692,8 @@ class Trainer:
         """
         if not self.val_batches:
             return None
+        if self.preference:
+            return self.evaluate_preference()
         model = self.model
         model.eval()  # dropout off
         K = len(self.labels) if self.labels is not None else 0
@@ -682,6 +724,23 @@ class Trainer:
             self.val_metrics = {"val_early_exit_loss": float(totals[3] / totals[1].clamp(min=1))}
         return float(totals[0] / totals[1].clamp(min=1))
 
+    def evaluate_preference(self) -> float:
+        """Preference data: DPO's mean loss over the val pairs, and in self.val_metrics the fraction of pairs whose
+        chosen completion gets the higher reward (val_reward_accuracy), the mean reward margin (val_reward_margin)
+        and the mean rewards of the chosen and the rejected completions (val_chosen_reward, val_rejected_reward)."""
+        self.model.eval()
+        totals = torch.zeros(5, dtype=torch.float64, device=self.device)  # (loss, pairs, wins, chosen, rejected)
+        for batch in self.val_batches:
+            loss, chosen, rejected = self.preference_terms(self.model, batch)
+            totals += torch.stack([loss.sum(), torch.tensor(float(len(loss)), device=self.device),
+                                   (chosen > rejected).sum(), chosen.sum(), rejected.sum()]).double()
+        self.model.train()
+        totals = all_reduce_sum(totals, self.dist)
+        loss, wins, chosen, rejected = (float(t / totals[1].clamp(min=1)) for t in totals[[0, 2, 3, 4]])
+        self.val_metrics = {"val_reward_accuracy": wins, "val_reward_margin": chosen - rejected,
+                            "val_chosen_reward": chosen, "val_rejected_reward": rejected}
+        return loss
+
     def maybe_log(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
         """Every log_interval steps (and the last): loss, lr, pre-clip gradient norm, tokens/s."""
         tc = self.config.train
@@ -710,7 +769,7 @@ class Trainer:
         if self.best_val_loss is None or self.val_loss < self.best_val_loss:
             self.best_val_loss = self.val_loss
         self.measured = {"val_loss": self.val_loss, **self.val_metrics}
-        if self.labels is not None:  # a classifier: accuracy and macro-F1 instead of a perplexity over labels
+        if self.labels is not None or self.preference:  # no perplexity of a loss over labels or pairs
             self.logger.log("eval", self.step, self.measured)
         else:
             self.logger.log("eval", self.step, {"val_loss": self.val_loss, **self.val_metrics,
@@ -943,8 +1002,10 @@ class Trainer:
         else:
             size = f"{sum(p.numel() for p in model.parameters()):,} parameters"
         global_batch = tc.batch_size * tc.grad_accum * self.dist.world_size
+        rows = global_batch * (2 if self.preference else 1)  # a preference pair is two sequences
+        what = f"{global_batch} pairs ({rows} sequences)" if self.preference else f"{rows} sequences"
         self.logger.info(f"model: {size}")
-        self.logger.info(f"batch: {global_batch} sequences x {mc.block_size} tokens = {global_batch * mc.block_size:,} "
+        self.logger.info(f"batch: {what} x {mc.block_size} tokens = {rows * mc.block_size:,} "
                          f"tokens/step ({tc.batch_size} x {tc.grad_accum} accum x {self.dist.world_size} processes); "
                          f"device {self.device}, {tc.precision}{', compiled' if tc.compile else ''}")
         if self.embedding_report:

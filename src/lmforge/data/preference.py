@@ -1,0 +1,176 @@
+"""`lmforge prepare --task preference`: records (prompt, chosen, rejected) -> pairs of examples for DPO.
+
+A record holds a prompt and two completions of it: the one people preferred (chosen) and the other (rejected), the
+layout of TRL's preference datasets (Anthropic HH, UltraFeedback binarized). The same readers as sft (.jsonl, .csv,
+.tsv, .parquet, folders) and the same template: a string prompt is rendered by the template; a prompt that is a list
+of {"role", "content"} turns (a conversation so far) by the chat template, ending with the reply's header. chosen
+and rejected are strings, or lists holding one assistant turn (TRL's conversational form).
+
+- bad      a missing or empty field, a wrong type, or chosen equal to rejected (nothing to prefer): an error naming
+           FILE:N, or with ``skip_bad`` counted and listed in the report.
+- dedupe   exact duplicates of (prompt text, chosen, rejected) are removed and counted (unless ``keep_duplicates``).
+- split    pairs shuffled with ``seed`` and cut by the split fractions; leakage as sft's (a val/test pair whose
+           prompt text is a train pair's).
+- encode   pair i is example 2i = [start] + prompt + chosen + [end] and example 2i + 1 = [start] + prompt + rejected
+           + [end], stored as sft examples (``tokens``, ``offsets``, ``prompt_lengths``; layout in docs/CONTRACTS.md),
+           so that each completion carries the loss mask sft's does. Both keep the same prompt tokens: a pair longer
+           than ``max_length`` loses prompt tokens from the left until the longer completion fits, then a completion
+           still too long is cut from the right (its end token goes), as sft's; with ``drop_long`` the pair is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from lmforge.data.prepare import split_counts
+from lmforge.data.shards import SPLITS
+from lmforge.data.tasks import (MAX_LISTED_BAD, BadRecord, Encoded, Fields, _leakage, _read_records, _text,
+                                _write_task_dir, check_template_fields, encode_example, render_chat, render_prompt)
+from lmforge.errors import DataError
+from lmforge.tokenizer import Tokenizer
+
+
+def record_preference(record: dict, template: dict, fields: Fields) -> tuple[str, str, str, bool]:
+    """(prompt text, chosen, rejected, whether the prompt is a conversation) of one record; BadRecord says why not."""
+    if record.get(fields.prompt) is None:
+        raise BadRecord(f"no field {fields.prompt!r} (prompt)")
+    turns = record[fields.prompt]
+    chat = isinstance(turns, list)
+    if chat:
+        if not turns or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                and isinstance(t.get("content"), str) for t in turns):
+            raise BadRecord(f"field {fields.prompt!r} is a list but not of {{\"role\": string, \"content\": string}} "
+                            "turns")
+        prompt = render_chat(template, [{"role": t["role"], "content": t["content"].replace("\r\n", "\n")}
+                                        for t in turns])
+    else:
+        values = {name: _text(record, fields.prompt if name == "prompt" else name, "used by the template")
+                  for name in template["fields"]}
+        prompt = render_prompt(template, values)
+    chosen, rejected = (_completion(record, name, role) for name, role in ((fields.chosen, "chosen"),
+                                                                             (fields.rejected, "rejected")))
+    if chosen == rejected:
+        raise BadRecord(f"{fields.chosen!r} and {fields.rejected!r} are the same text: a pair needs two different "
+                        "completions to prefer one")
+    return prompt, chosen, rejected, chat
+
+
+def _completion(record: dict, name: str, role: str) -> str:
+    """A completion field: a string, or a list of one assistant turn."""
+    value = record.get(name)
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant" \
+                or not isinstance(value[0].get("content"), str):
+            raise BadRecord(f"field {name!r} ({role}) is a list but not one {{\"role\": \"assistant\", \"content\": "
+                            "string}} turn")
+        value = value[0]["content"].replace("\r\n", "\n")
+    else:
+        value = _text(record, name, role)
+    if not value.strip():
+        raise BadRecord(f"empty {role} completion (field {name!r})")
+    return value
+
+
+def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str, str]], max_length: int, drop_long: bool) -> Encoded:
+    """Encode (prompt, chosen, rejected) texts as examples 2i, 2i + 1 (module docstring); counts are per pair."""
+    out = Encoded()
+    start = 0 if tok.start_id is None else 1
+    prompts = tok.encode_batch_arrays([p for p, _, _ in pairs])
+    chosen = tok.encode_batch_arrays([c for _, c, _ in pairs])
+    rejected = tok.encode_batch_arrays([r for _, _, r in pairs])
+    for prompt, c, r in zip(prompts, chosen, rejected):
+        longest = max(len(c), len(r))
+        cut = start + len(prompt) + longest + 1 > max_length
+        if cut and drop_long:
+            out.dropped += 1
+            continue
+        if cut:  # the same prompt tokens for both: shortened for the longer completion
+            room = max(max_length - start - longest - 1, 0)
+            prompt = prompt[len(prompt) - room:] if room else prompt[:0]
+        encoded = [encode_example(tok, prompt, completion, max_length, False) for completion in (c, r)]
+        out.truncated += cut
+        for ids, prompt_length, _ in encoded:
+            out.tokens.append(ids)
+            out.prompt_lengths.append(prompt_length)
+            out.completion_tokens += len(ids) - prompt_length
+    return out
+
+
+def prepare_preference(template: dict, fields: Fields, skip_bad: bool, keep_duplicates: bool,
+                       split: tuple[float, float, float], seed: int, max_length: int, drop_long: bool,
+                       warnings: list[str], *, header: dict, **common: Any) -> dict:
+    """prepare_task for --task preference: read, dedupe, split, encode pairs, write (module docstring)."""
+    found: list[tuple[str, str, str, bool]] = []
+    checked = False
+
+    def parse(record: dict, where: str) -> tuple[str, str, str, bool]:
+        nonlocal checked
+        if not checked and isinstance(record.get(fields.prompt), str):
+            check_template_fields(template, record, fields, where)
+            checked = True
+        return record_preference(record, template, fields)
+
+    bad, records = _read_records(common["files"], parse, skip_bad, found, [])
+    if not found:
+        raise DataError(f"no usable records in {len(common['files'])} file(s) ({records} read, {len(bad)} bad): give "
+                        f"records with the fields {fields.prompt!r}, {fields.chosen!r} and {fields.rejected!r}")
+    triples = [(p, c, r) for p, c, r, _ in found]
+    kept, duplicates = _dedupe_triples(triples, keep_duplicates)
+    if len(kept) < 3:
+        raise DataError(f"only {len(kept)} distinct pair(s): give at least 3, one each for train, val and test")
+    order = np.random.default_rng(seed).permutation(np.array(kept, dtype=np.int64))
+    n_train, n_val, _ = split_counts(len(order), split)
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    encoded = {name: encode_pairs(common["tok"], [triples[i] for i in idx], max_length, drop_long)
+               for name, idx in parts.items()}
+    for name, enc in encoded.items():
+        if not enc.tokens:
+            raise DataError(f"the {name} split has no pairs left: all {enc.dropped} were longer than "
+                            f"max_length={max_length} and --drop-long dropped them; raise --max-length")
+    header = {"task": "preference", "template": template,
+              "fields": {"prompt": fields.prompt, "chosen": fields.chosen, "rejected": fields.rejected},
+              "example": "pair i: examples 2i ([start] prompt chosen [end]) and 2i+1 ([start] prompt rejected [end])",
+              **header}
+    return _write_task_dir(encoded, header, lambda entries: {
+        "task": "preference", "records": records, "chat_records": sum(chat for *_, chat in found),
+        "pairs": len(found), "duplicates": duplicates, "bad_records": len(bad), "bad": bad[:MAX_LISTED_BAD],
+        "leakage": _leakage([(p, c) for p, c, _ in triples], parts),
+        "splits": {name: {"pairs": entries[name]["examples"] // 2, "tokens": entries[name]["tokens"],
+                          "completion_tokens": encoded[name].completion_tokens,
+                          "truncated": encoded[name].truncated, "dropped": encoded[name].dropped}
+                   for name in SPLITS},
+        "max_length": max_length, "template": template["name"], "warnings": warnings, "seed": seed}, **common)
+
+
+def _dedupe_triples(triples: list[tuple[str, str, str]], keep_duplicates: bool) -> tuple[list[int], int]:
+    """Indices of the first occurrence of each (prompt, chosen, rejected), and the number of duplicates removed."""
+    if keep_duplicates:
+        return list(range(len(triples))), 0
+    seen: dict[bytes, int] = {}
+    for i, (prompt, chosen, rejected) in enumerate(triples):
+        key = hashlib.blake2b(f"{len(prompt)}:{len(chosen)}:{prompt}{chosen}{rejected}".encode("utf-8"),
+                              digest_size=16).digest()
+        seen.setdefault(key, i)
+    kept = sorted(seen.values())
+    return kept, len(triples) - len(kept)
+
+
+def format_preference_report(report: dict) -> str:
+    """The report of a preference dataset as text for the terminal."""
+    lines = [f"{'split':<6} {'pairs':>9} {'tokens':>11} {'completion':>11} {'truncated':>10} {'dropped':>8}"]
+    for name, s in report["splits"].items():
+        lines.append(f"{name:<6} {s['pairs']:>9,} {s['tokens']:>11,} {s['completion_tokens']:>11,} "
+                     f"{s['truncated']:>10,} {s['dropped']:>8,}")
+    lines.append(f"records: {report['records']:,} read ({report['chat_records']:,} conversations), "
+                 f"{report['bad_records']:,} bad (skipped), {report['duplicates']:,} duplicate(s) removed; "
+                 f"template {report['template']!r}, max_length {report['max_length']}")
+    lines += [f"  bad {b['where']}: {b['reason']}" for b in report["bad"][:20]]
+    if report["bad_records"] > 20:
+        lines.append(f"  ... {report['bad_records'] - 20} more in report.json")
+    lk = report["leakage"]
+    lines.append(f"leakage ({lk['rule']}): val {lk['val']['leaked']}/{lk['val']['examples']}, "
+                 f"test {lk['test']['leaked']}/{lk['test']['examples']} pair(s)")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Preference fine-tuning (DPO) in the one training loop: the reference model, and the loss of a batch of pairs.
+
+Preference data (`lmforge prepare --task preference`) comes in batches of 2P rows: rows 2k and 2k + 1 are pair k's
+chosen and rejected example, each [start] prompt completion [end] with labels only on the completion, as sft's.
+The loss is lmforge.preference_loss's: the policy's and the reference's log-probabilities of each completion give
+the two implicit rewards, and -log sigmoid of their difference (beta, label smoothing from train.dpo_*). The
+trainer sums it over pairs and divides by the pairs of the global batch, as it divides a token loss by its labels.
+
+The reference is the model the run starts from (train.init_from), frozen: a copy of it for full fine-tuning, and
+for LoRA the trained model itself with its adapters off (lmforge.lora.adapters_off), which costs no memory. A
+resumed run rebuilds it from train.init_from, so it never drifts. Dropout is off in preference training (the
+trainer sets model.dropout 0, as TRL does): otherwise the policy's log-probabilities would be noisy against the
+reference's and the first step's loss would not be log 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lmforge.lora import adapters_off, is_adapted
+from lmforge.preference_loss import dpo_loss, sequence_logprobs
+
+
+def frozen_reference(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` (eval mode, no gradients): the reference of full-model preference training."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+@contextlib.contextmanager
+def reference_model(reference: Optional[nn.Module], policy: nn.Module) -> Iterator[nn.Module]:
+    """The module that computes the reference's logits: `reference`, or (LoRA) the policy with its adapters off."""
+    if reference is not None:
+        yield reference
+        return
+    if not is_adapted(policy):
+        raise ValueError("preference training needs a frozen reference model, or a LoRA-adapted policy")
+    with adapters_off(policy):
+        yield policy
+
+
+def pair_terms(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor, beta: float,
+               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward), each (P,), of a batch of P pairs: logits and reference_logits
+    (2P, T, V), labels (2P, T) with -100 off the completions; rows 2k / 2k + 1 are pair k's chosen / rejected."""
+    policy = sequence_logprobs(logits, labels)  # (2P,)
+    reference = sequence_logprobs(reference_logits, labels).detach()  # (2P,)
+    return dpo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2], beta, label_smoothing)
