@@ -14,6 +14,8 @@ Classification: the model's class probabilities for every example (as the classi
 text [end], right-padded with an attention mask), the mean cross-entropy, accuracy, macro-F1, per-class
 precision/recall/F1 and the confusion matrix (eval.metrics.classification_metrics), also drawn as OUT/confusion.png.
 
+Preference pairs (DPO): DPO's loss, reward accuracy and margin against the run's reference model (eval/preference.py).
+
 Writes OUT/predictions.jsonl (input, reference, prediction, scores per example) and OUT/metrics.json.
 """
 
@@ -211,9 +213,12 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
         from lmforge.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
-    examples = first_examples(load_examples(data_dir, split), max_examples)
     out_dir = Path(out) if out is not None else Path(ckpt).parent.parent / "eval" / split
-    if manifest["task"] == "classify":
+    if manifest["task"] == "preference":  # pairs: max_examples counts pairs
+        metrics, rows = _evaluate_preference_split(model, tokenizer, config, ckpt, load_examples(data_dir, split),
+                                                   max_examples, batch_size, progress)
+    elif manifest["task"] == "classify":
+        examples = first_examples(load_examples(data_dir, split), max_examples)
         from lmforge.eval.metrics import plot_confusion_matrix
 
         labels = [str(label) for label in manifest["labels"]]
@@ -223,6 +228,7 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
                               title=f"{Path(ckpt).parent.parent.name}: {split} ({len(rows)} examples)")
         metrics["confusion_png"] = str(out_dir / "confusion.png")
     else:
+        examples = first_examples(load_examples(data_dir, split), max_examples)
         device = next(model.parameters()).device
         drafter = load_assistant(assistant, model, tokenizer, str(ckpt), device) if assistant else None
         metrics, rows = evaluate_sft(model, tokenizer, examples, generate=generate, batch_size=batch_size,
@@ -232,3 +238,19 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
               "predictions": str(out_dir / "predictions.jsonl")}
     write_metrics(out_dir / "metrics.json", result)
     return result
+
+
+def _evaluate_preference_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Path, examples: Examples,
+                               max_pairs: Optional[int], batch_size: int, progress: bool
+                               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """DPO's metrics of a checkpoint against its reference, the run's train.init_from (eval/preference.py)."""
+    from lmforge.eval.preference import evaluate_preference, load_reference
+
+    if config.train.init_from == "none":
+        raise ConfigError(f"preference metrics compare a model with its reference, the model its run started from "
+                          f"(train.init_from), and {ckpt} was trained from scratch: evaluate a model fine-tuned "
+                          "with `--train.init_from`")
+    device = next(model.parameters()).device
+    reference = load_reference(config, ckpt, device)
+    return evaluate_preference(model, reference, tokenizer, examples, config.train.dpo_beta,
+                               config.train.dpo_label_smoothing, batch_size, device, progress, max_pairs)

@@ -1,0 +1,93 @@
+"""Evaluation of a model trained on preference data (DPO) on a split of its pairs.
+
+For every pair (examples 2i chosen, 2i + 1 rejected: lmforge.data.preference) the log-probability of each
+completion under the model and under its reference (the train.init_from model the run started from) gives DPO's
+implicit rewards r = beta * (log pi - log pi_ref) and loss (lmforge.preference_loss). Metrics over the split:
+
+    loss                 DPO's mean loss (the training objective, with the run's beta and label smoothing)
+    reward_accuracy      the fraction of pairs whose chosen completion gets the higher reward
+    reward_margin        the mean of r(chosen) - r(rejected); chosen_reward, rejected_reward their means
+    logp_accuracy        the fraction of pairs whose chosen completion is the more probable under the model
+    reference_logp_accuracy   the same under the reference: what training changed
+
+OUT/predictions.jsonl holds one row per pair: prompt, chosen, rejected, both rewards and log-probabilities, and
+whether the chosen one won.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.data.batches import Examples, pad_examples, pair_rows
+from lmforge.errors import CheckpointError
+from lmforge.eval.progress import progress_bar
+from lmforge.preference_loss import dpo_loss, sequence_logprobs
+
+
+def load_reference(config: Any, ckpt: Path, device: torch.device) -> nn.Module:
+    """The reference of a preference-trained checkpoint: its run's train.init_from model, loaded for inference."""
+    from lmforge.checkpoint import load_for_inference
+
+    init_from = config.train.init_from
+    try:
+        reference, _, _ = load_for_inference(init_from, device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"the reference model of {ckpt} (its train.init_from {init_from}) cannot be loaded: "
+                              f"{e}") from None
+    return reference
+
+
+@torch.no_grad()
+def pair_logprobs(model: nn.Module, examples: Examples, pairs: np.ndarray, pad_id: int,
+                  device: torch.device) -> torch.Tensor:
+    """(P, 2) fp32 log-probabilities of the chosen and the rejected completion of `pairs` under `model`."""
+    x, y = pad_examples(examples, pair_rows(pairs), pad_id)
+    logits = model(x.to(device))  # (2P, T, V)
+    return sequence_logprobs(logits, y.to(device)).view(-1, 2).cpu()
+
+
+def evaluate_preference(model: nn.Module, reference: nn.Module, tokenizer: Any, examples: Examples, beta: float,
+                        label_smoothing: float = 0.0, batch_size: int = 16, device: torch.device | str = "cpu",
+                        progress: bool = False, max_pairs: Optional[int] = None
+                        ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(metrics, one row per pair) of `model` against `reference` on preference examples (module docstring)."""
+    device = torch.device(device)
+    n = len(examples) // 2 if max_pairs is None else min(len(examples) // 2, max_pairs)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.end_id  # as training padded
+    policy, ref = [], []
+    with progress_bar(n, "preference pairs", "pair", progress) as bar:
+        for start in range(0, n, batch_size):
+            pairs = np.arange(start, min(start + batch_size, n))
+            policy.append(pair_logprobs(model, examples, pairs, pad, device))
+            ref.append(pair_logprobs(reference, examples, pairs, pad, device))
+            bar.update(len(pairs))
+    policy_t, ref_t = torch.cat(policy), torch.cat(ref)  # (n, 2)
+    loss, chosen, rejected = dpo_loss(policy_t[:, 0], policy_t[:, 1], ref_t[:, 0], ref_t[:, 1], beta,
+                                      label_smoothing)
+    metrics = {"pairs": n, "loss": float(loss.mean()), "reward_accuracy": float((chosen > rejected).float().mean()),
+               "reward_margin": float((chosen - rejected).mean()), "chosen_reward": float(chosen.mean()),
+               "rejected_reward": float(rejected.mean()),
+               "logp_accuracy": float((policy_t[:, 0] > policy_t[:, 1]).float().mean()),
+               "reference_logp_accuracy": float((ref_t[:, 0] > ref_t[:, 1]).float().mean()),
+               "beta": beta}
+    rows = []
+    for i in range(n):
+        prompt, chosen_text = _texts(tokenizer, examples, 2 * i)
+        _, rejected_text = _texts(tokenizer, examples, 2 * i + 1)
+        rows.append({"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text,
+                     "chosen_reward": float(chosen[i]), "rejected_reward": float(rejected[i]),
+                     "chosen_logp": float(policy_t[i, 0]), "rejected_logp": float(policy_t[i, 1]),
+                     "correct": bool(chosen[i] > rejected[i])})
+    return metrics, rows
+
+
+def _texts(tokenizer: Any, examples: Examples, e: int) -> tuple[str, str]:
+    """(prompt text, completion text) of example e, special tokens dropped."""
+    a, b, p = int(examples.offsets[e]), int(examples.offsets[e + 1]), int(examples.prompt_lengths[e])
+    ids = np.asarray(examples.tokens[a:b]).tolist()
+    return tokenizer.decode(ids[:p]), tokenizer.decode(ids[p:])
