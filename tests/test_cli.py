@@ -182,6 +182,12 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-early-exit-past-the-model", ["train", "--data", str(data), "--model.n_layer", "2",
                                              "--train.early_exit_layer", "2"], "is not below model.n_layer=2"),
         ("train-negative-loss-chunk", ["train", "--data", str(data), "--train.loss_chunk", "-1"], "train.loss_chunk"),
+        ("train-dpo-beta-zero", ["train", "--data", str(data), "--train.dpo_beta", "0"], "train.dpo_beta"),
+        ("train-dpo-on-token-data", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r-dpo"),
+                                     "--device", "cpu", "--train.dpo_beta", "0.5"], "is not preference data"),
+        ("prepare-preference-same-completions", ["prepare", str(ws / "same-pair.jsonl"), "--task", "preference",
+                                                 "--tokenizer", str(run), "--out", str(ws / "o-pref")],
+         "same-pair.jsonl:2: 'chosen' and 'rejected' are the same text"),
         ("train-bf16-compute-recomputed", ["train", "--data", str(data), "--precision", "bf16-compute",
                                            "--train.activation_checkpointing", "true"], "--train.precision bf16-mixed"),
         ("train-missing-data", ["train", "--data", str(ws / "nodata"), "--run-dir", str(ws / "r1")], "nodata"),
@@ -419,6 +425,8 @@ def hostile_files(workspace):
     (ws / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
     (ws / "bigint.jsonl").write_text('{"text": "fine"}\n{"text": "x", "n": ' + "7" * 5000 + "}\n", encoding="utf-8")
     (ws / "afile").write_text("a file, not a folder\n", encoding="utf-8")
+    (ws / "same-pair.jsonl").write_text('{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}\n'
+                                        '{"prompt": "Hi", "chosen": "Hello!", "rejected": "Hello!"}\n', encoding="utf-8")
     if not (ws / "pipe.txt").exists():
         os.mkfifo(ws / "pipe.txt")
     if not (ws / "encoder").exists():  # a tiny BERT-style encoder trained with mlm
@@ -431,7 +439,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 123
+N_CASES = 126
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -28,8 +28,9 @@ from tiny_training import step_losses, tiny_config, write_prepared_data
 BLOCK = 16  # the base model's block_size: examples hold at most 17 tokens by default
 
 
-def make_base(root: Path, tokenizer: Tokenizer | None = None) -> Path:
-    """A tiny base model (byte tokenizer unless given, block_size 16) trained for one step: its run directory."""
+def make_base(root: Path, tokenizer: Tokenizer | None = None, **overrides: object) -> Path:
+    """A tiny base model (byte tokenizer unless given, block_size 16; config overrides) trained for one step: its
+    run directory."""
     data = write_prepared_data(root / "pre", {"train": ["hello world " * 20], "val": ["hello there " * 5],
                                               "test": ["goodbye " * 5]})
     if tokenizer is not None:  # the same ids, another tokenizer file
@@ -37,7 +38,8 @@ def make_base(root: Path, tokenizer: Tokenizer | None = None) -> Path:
         manifest = json.loads((data / "manifest.json").read_text())
         manifest["tokenizer"]["sha256"] = sha
         (data / "manifest.json").write_text(json.dumps(manifest))
-    config = tiny_config(root / "base", **{"data.path": str(data), "train.max_steps": 1, "model.block_size": BLOCK})
+    config = tiny_config(root / "base", **{"data.path": str(data), "train.max_steps": 1, "model.block_size": BLOCK,
+                                           **overrides})
     Trainer(config, progress=False, tensorboard=False).fit()
     return root / "base"
 

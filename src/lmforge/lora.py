@@ -201,6 +201,8 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block `model` computes what its frozen base does: every adapter is skipped (the model DPO trains
     with LoRA is its own reference this way, with no copy). Refused while merged: the base is not apart then."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("adapters_off needs a model with LoRA adapters (apply_lora); this one has none")
     if any(m.merged for m in layers):
         raise ValueError("adapters_off needs unmerged adapters: the merged weights hold the base and the adapters")
     for m in layers:
