@@ -254,6 +254,14 @@ MUTANTS = [
            "ids = tokens if real is None else tokens.masked_fill(~real, vocab_size)",
            "ids = tokens  # mutant: a padded row's pads count as seen tokens",
            ("tests/test_processors_guards2.py::test_each_row_of_a_padded_batch_scores_as_it_would_alone[options0]",)),
+    Mutant("dpo-chosen-rejected-swapped", "train/preference.py",
+           "dpo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2]",
+           "dpo_loss(policy[1::2], policy[0::2], reference[1::2], reference[0::2]",  # mutant: rows 2k+1 as chosen
+           ("tests/test_preference.py::test_the_trainers_val_loss_and_lmforge_eval_are_dpo_by_hand",)),
+    Mutant("dpo-lora-reference-keeps-adapters", "train/preference.py",
+           "    with adapters_off(policy):\n        yield policy",
+           "    yield policy  # mutant: the LoRA policy is its own reference, adapters on",
+           ("tests/test_preference.py::test_the_first_step_loss_is_log_2_and_training_leaves_the_reference_alone",)),
 ]
 
 
