@@ -361,6 +361,41 @@ def test_a_split_holding_half_a_pair_is_refused(pairs, tmp_path):
         load_examples(tmp_path / "d", "val")
 
 
+def test_the_val_loss_and_rewards_equal_trls_dpo_trainer_on_the_same_weights(trained, base, pairs, tmp_path):
+    """TRL's DPOTrainer (sigmoid loss) on the Hugging Face exports of the trained model and its reference, fed
+    every val pair as token ids through TRL's own collator: the same mean loss and mean rewards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from datasets import Dataset
+
+    assert main(["export", str(trained.run_dir), "--format", "hf", "--out", str(tmp_path / "policy")]) == 0
+    assert main(["export", str(base), "--format", "hf", "--out", str(tmp_path / "reference")]) == 0
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    ex = load_examples(pairs, "val")
+    rows = []
+    for i in range(0, len(ex), 2):
+        row = {}
+        for e, name in ((i, "chosen_ids"), (i + 1, "rejected_ids")):
+            ids, p = ex.tokens[ex.offsets[e]:ex.offsets[e + 1]].tolist(), int(ex.prompt_lengths[e])
+            row["prompt_ids"], row[name] = ids[:p], ids[p:]
+        rows.append(row)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=trained.config.train.dpo_beta, loss_type=["sigmoid"],
+                     report_to=[], use_cpu=True, max_length=None)
+    trl = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tokenizer,
+                     train_dataset=Dataset.from_list([{"prompt": "ab\n", "chosen": "AB", "rejected": "ab"}]))
+    trl.model.eval()
+    with torch.no_grad():
+        loss = trl._compute_loss(trl.model, DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(rows), False)
+    metrics = {k: v[-1] for k, v in trl._metrics["eval"].items()}
+    assert float(loss) == pytest.approx(trained.val_loss, abs=2e-5)
+    assert metrics["rewards/chosen"] == pytest.approx(trained.val_metrics["val_chosen_reward"], abs=1e-4)
+    assert metrics["rewards/rejected"] == pytest.approx(trained.val_metrics["val_rejected_reward"], abs=1e-4)
+    assert metrics["rewards/accuracies"] == trained.val_metrics["val_reward_accuracy"]
+
+
 def test_a_dpo_model_generates_with_the_template_it_learned(trained):
     from lmforge.generate import load
 
