@@ -15,6 +15,11 @@ in PyTorch) and keeps dh and dW; the backward pass only scales them by the incom
 and at most one chunk's logits exist at a time. Targets equal to -100 (PyTorch's ignore_index, the trainer's
 IGNORE_INDEX) count nothing. The matrix products run in the autocast dtype when autocast is on (bf16-mixed), else in
 the weight's; softmax and the sums always in fp32, like the unfused loss.
+
+Each row's own sum (linear_cross_entropy_rows: minus a completion's log-probability, what DPO compares) has a
+gradient that differs from row to row, known only in the backward pass, so dW cannot be summed ahead: that one
+keeps each counted token's logsumexp and recomputes its chunk's logits in the backward pass (one more head matrix
+product), and scores only the counted positions (a prompt's tokens cost nothing), as TRL's fused LM head does.
 """
 
 from __future__ import annotations
@@ -93,3 +98,91 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: f
             elif dw is not None:
                 dw += (dz.t() @ x).float()
         return loss, dh, (None if dw is None else dw.to(weight.dtype))
+
+
+def linear_cross_entropy_rows(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float = 0.0,
+                              chunk: int = 1024) -> torch.Tensor:
+    """(B,) fp32: each row's summed cross-entropy of cap(h @ weight^T) against its counted targets (minus its
+    log-probability), without ever holding every logit.
+
+    h: (B, T, C); weight: (V, C); targets: (B, T) long, -100 where nothing is counted (a row of none sums to 0).
+    Only the counted positions reach the head; differentiable once in h and weight (the logits of a chunk are
+    recomputed in the backward pass).
+    """
+    B, T = targets.shape
+    flat = targets.reshape(-1)
+    where = torch.nonzero(flat != IGNORED).squeeze(1)  # (M,) the counted positions
+    x, y = h.reshape(-1, h.size(-1)).index_select(0, where), flat.index_select(0, where)  # (M, C), (M,)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        losses = _TokenCrossEntropy.apply(x, weight, y, cap, chunk)
+    else:
+        with torch.no_grad():
+            losses = _token_losses(x, weight, y, cap, chunk, _compute_dtype(x, weight))[0]
+    return torch.zeros(B, dtype=torch.float32, device=h.device).index_add_(0, where // T, losses)
+
+
+def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matrix products' dtype: autocast's when it is on (bf16-mixed), else the weight's."""
+    kind = h.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+
+
+def _chunk_logits(x: torch.Tensor, w: torch.Tensor, cap: float) -> tuple[torch.Tensor, Any]:
+    """(fp32 logits of one chunk, soft-capped; tanh(z / cap) under the cap, else None)."""
+    z = (x @ w.t()).float()
+    if cap <= 0:
+        return z, None
+    slope = torch.tanh(z.div_(cap))
+    return slope * cap, slope
+
+
+def _token_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, chunk: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy of every token (M,), its logsumexp (M,)), both fp32, a chunk at a time; no target is -100."""
+    with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(dtype)
+        losses = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
+        lse = torch.empty_like(losses)
+        for start in range(0, h.size(0), chunk):
+            rows = slice(start, start + chunk)
+            z, _ = _chunk_logits(h[rows].to(dtype), w, cap)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            losses[rows] = lse[rows] - z.gather(1, targets[rows, None])[:, 0]
+        return losses, lse
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
+                chunk: int) -> torch.Tensor:
+        ctx.dtype, ctx.cap, ctx.chunk = _compute_dtype(h, weight), cap, chunk
+        losses, lse = _token_losses(h, weight, targets, cap, chunk, ctx.dtype)
+        ctx.save_for_backward(h, weight, targets, lse)
+        return losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        """dloss_i/dz_i = grad_i (softmax(z_i) - onehot(y_i)), recomputed a chunk at a time from the saved lse."""
+        h, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        dtype, cap = ctx.dtype, ctx.cap
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+            for start in range(0, h.size(0), ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                x, y, g = h[rows].to(dtype), targets[rows], grad[rows].float()
+                z, slope = _chunk_logits(x, w, cap)
+                dz = z.sub_(lse[rows, None]).exp_()  # softmax
+                dz[torch.arange(len(y), device=dz.device), y] -= 1.0
+                dz *= g[:, None]
+                if slope is not None:
+                    dz *= slope.square_().neg_().add_(1.0)
+                dz = dz.to(dtype)
+                if dh is not None:
+                    dh[rows] = dz @ w
+                if dw is not None:
+                    dw += (dz.t() @ x).float()
+        return dh, (None if dw is None else dw.to(weight.dtype)), None, None, None

@@ -26,7 +26,7 @@ from torch import nn
 from lmforge.data.batches import Examples, pad_examples, pair_rows
 from lmforge.errors import CheckpointError
 from lmforge.eval.progress import progress_bar
-from lmforge.preference_loss import dpo_loss, sequence_logprobs
+from lmforge.preference_loss import dpo_loss
 
 
 def load_reference(config: Any, ckpt: Path, device: torch.device) -> nn.Module:
@@ -47,8 +47,8 @@ def pair_logprobs(model: nn.Module, examples: Examples, pairs: np.ndarray, pad_i
                   device: torch.device) -> torch.Tensor:
     """(P, 2) fp32 log-probabilities of the chosen and the rejected completion of `pairs` under `model`."""
     x, y = pad_examples(examples, pair_rows(pairs), pad_id)
-    logits = model(x.to(device))  # (2P, T, V)
-    return sequence_logprobs(logits, y.to(device)).view(-1, 2).cpu()
+    losses = model(x.to(device), targets=y.to(device), per_row=True)  # (2P,): the head fused with the loss, per row
+    return (-losses).view(-1, 2).cpu()
 
 
 def evaluate_preference(model: nn.Module, reference: nn.Module, tokenizer: Any, examples: Examples, beta: float,

@@ -6,6 +6,10 @@ The loss is lmforge.preference_loss's: the policy's and the reference's log-prob
 the two implicit rewards, and -log sigmoid of their difference (beta, label smoothing from train.dpo_*). The
 trainer sums it over pairs and divides by the pairs of the global batch, as it divides a token loss by its labels.
 
+A completion's log-probability comes from the LM head fused with its loss, row by row (GPT.forward's per_row,
+lmforge.head_loss: only the completion's positions reach the head, no (2P, T, V) logits), or with
+train.loss_chunk 0 from the whole logits (preference_loss.sequence_logprobs).
+
 The reference is the model the run starts from (train.init_from), frozen: a copy of it for full fine-tuning, and
 for LoRA the trained model itself with its adapters off (lmforge.lora.adapters_off), which costs no memory. A
 resumed run rebuilds it from train.init_from, so it never drifts. Dropout is off in preference training (the
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 from lmforge.lora import adapters_off, is_adapted
-from lmforge.preference_loss import dpo_loss, sequence_logprobs
+from lmforge.preference_loss import dpo_loss
 
 
 def frozen_reference(model: nn.Module) -> nn.Module:
@@ -46,10 +50,9 @@ def reference_model(reference: Optional[nn.Module], policy: nn.Module) -> Iterat
         yield policy
 
 
-def pair_terms(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor, beta: float,
-               label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, chosen reward, rejected reward), each (P,), of a batch of P pairs: logits and reference_logits
-    (2P, T, V), labels (2P, T) with -100 off the completions; rows 2k / 2k + 1 are pair k's chosen / rejected."""
-    policy = sequence_logprobs(logits, labels)  # (2P,)
-    reference = sequence_logprobs(reference_logits, labels).detach()  # (2P,)
+def pair_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float, label_smoothing: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward), each (P,), of a batch of P pairs from each row's completion
+    log-probability (2P,) under the policy and the reference; rows 2k / 2k + 1 are pair k's chosen / rejected."""
+    reference = reference.detach()
     return dpo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2], beta, label_smoothing)

@@ -63,6 +63,7 @@ from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
 from lmforge.train.precision import autocast, run_forward
+from lmforge.preference_loss import sequence_logprobs
 from lmforge.train.preference import frozen_reference, pair_terms, reference_model
 from lmforge.train.schedule import build_schedule
 from lmforge.train.selection import BestTracker
@@ -635,24 +636,34 @@ class Trainer:
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DPO's (loss, chosen reward, rejected reward) per pair of one batch of pairs (train/preference.py): the
         completions' log-probabilities under `model` and, without gradients, under the frozen reference."""
-        logits, y = self.forward(model, batch)
+        policy = self.completion_logprobs(model, batch)
         with torch.no_grad(), reference_model(self.reference, self.raw_model) as reference:
-            reference_logits, _ = self.forward(reference, batch)
+            ref = self.completion_logprobs(reference, batch)
         tc = self.config.train
-        return pair_terms(logits, reference_logits, y, tc.dpo_beta, tc.dpo_label_smoothing)
+        return pair_terms(policy, ref, tc.dpo_beta, tc.dpo_label_smoothing)
+
+    def completion_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(rows,) each row's summed log-probability of its labels: the head fused with the loss row by row
+        (train.loss_chunk > 0), else from the whole logits."""
+        if self.config.train.loss_chunk > 0:
+            losses, _ = self.forward(model, batch, fused=True, per_row=True)
+            return -losses
+        logits, y = self.forward(model, batch)
+        return sequence_logprobs(logits, y)
 
     def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
-                fused: bool = False) -> tuple[Any, torch.Tensor]:
+                fused: bool = False, per_row: bool = False) -> tuple[Any, torch.Tensor]:
         """(logits, labels) of one CPU batch, on the device: a batch is (x, y), or (x, y, attention_mask) for a
         classifier (its logits (B, K) come from each row's last real token) and for packed examples; else logits
         are (B, T, V). With exit_layer (train.early_exit_layer), logits is the pair (logits, early exit's logits).
-        fused: the summed loss (or the pair of losses) in place of the logits (GPT.forward's targets)."""
+        fused: the summed loss (or the pair of losses) in place of the logits (GPT.forward's targets); per_row: each
+        row's sum (B,)."""
         x, y, *mask = (self.to_device(t) for t in batch)
         kwargs: dict[str, Any] = {"attention_mask": mask[0]} if mask else {}
         if exit_layer is not None:
             kwargs["exit_layer"] = exit_layer
         if fused:
-            kwargs.update(targets=y, loss_chunk=self.config.train.loss_chunk)
+            kwargs.update(targets=y, loss_chunk=self.config.train.loss_chunk, **({"per_row": True} if per_row else {}))
         return run_forward(model, self.config.train.precision, self.device, x, **kwargs), y
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
