@@ -1,0 +1,241 @@
+"""A DPO training step: lmforge's Trainer against TRL's DPOTrainer on the same model, reference and pairs (CPU).
+
+The model is gpt2-124m-shaped with random weights and GPT-2's 50,257-token vocabulary, saved once as an lmforge
+checkpoint (the base, with the byte tokenizer: every id is below 259, the head still scores all 50,257) and
+exported to Hugging Face (`lmforge export --format hf`). The pairs are random byte texts: a prompt of --prompt
+tokens and two completions of --completion tokens, so each row scores --completion + 1 tokens (its end token).
+
+- lmforge: `lmforge prepare --task preference` data and the Trainer that `lmforge train --train.init_from BASE`
+  builds (full fine-tuning, the frozen reference a copy of the base), timed through Trainer.train_step: the policy's
+  and the reference's forward passes, DPO's loss, backward, clipping, AdamW. With the head fused with its loss row
+  by row (the default) and with the whole logits (--train.loss_chunk 0).
+- TRL: DPOTrainer (sigmoid loss, beta 0.1, the same learning rate; fp32 and no activation checkpointing, as
+  lmforge's default, where TRL's own defaults are bf16 autocast and checkpointing) on the Hugging Face export of the
+  base as policy
+  and as reference; the same pairs, as token ids, through TRL's own DataCollatorForPreference; each step is
+  trainer.training_step (TRL's loss with its fused LM head, accelerate's backward), clipping to 1.0 and the optimizer
+  TRL's trainer creates, the loop transformers' Trainer runs.
+
+Each variant runs in a fresh subprocess, so its peak resident memory is its own (VmHWM reset once everything is
+built); variants alternate over --rounds, so a change in the machine's load falls on all of them. The first step of
+each process is a warm-up and is not timed. Also checked: the first step's loss is log 2 for all three (policy =
+reference; TRL's within rounding, its policy and reference passes taking different paths).
+
+    python benchmarks/dpo_step.py --json-out benchmarks/results/dpo_step-cpu.json
+    python benchmarks/dpo_step.py --layers 2 --width 64 --heads 2 --vocab 512 --prompt 16 --completion 8   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+
+from lmforge.checkpoint import save_checkpoint  # noqa: E402
+from lmforge.config import ModelConfig, RunConfig, load_run_config  # noqa: E402
+from lmforge.data.tasks import load_examples, prepare_task  # noqa: E402
+from lmforge.files import atomic_write_text  # noqa: E402
+from lmforge.model import GPT  # noqa: E402
+from lmforge.plan import reset_peak_rss, status_kib  # noqa: E402  (the peak RSS of what follows)
+from lmforge.tokenizer import byte_tokenizer  # noqa: E402
+from lmforge.train import Trainer  # noqa: E402
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+
+VARIANTS = ("lmforge", "lmforge-whole-logits", "trl")
+LR, BETA = 1e-5, 0.1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=768, help="n_embd")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--block", type=int, default=1024, help="model.block_size (the position table)")
+    p.add_argument("--prompt", type=int, default=192, help="prompt tokens of every pair")
+    p.add_argument("--completion", type=int, default=63, help="tokens of each completion (its end token aside)")
+    p.add_argument("--pairs", type=int, default=4, help="pairs per step (2x as many rows)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step, per process")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per variant, taking turns")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per variant")
+    p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: VARIANT,WORK_DIR
+    return p.parse_args(argv)
+
+
+def mib(kib: int) -> float:
+    return round(kib / 1024, 1)
+
+
+def write_inputs(root: Path, args: argparse.Namespace) -> None:
+    """root/base (a random-weight checkpoint with the byte tokenizer), root/hf (its HF export), root/data (pairs)."""
+    from lmforge.cli import main as lmforge_main
+
+    config = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.layers, n_head=args.heads,
+                         n_embd=args.width, activation="gelu_tanh")
+    byte_tokenizer().save(root / "tokenizer.json")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(root / "base", 0, GPT(config), None, RunConfig(model=config), {"tokens_seen": 0},
+                           root / "tokenizer.json")
+    assert lmforge_main(["export", str(root / "base"), "--format", "hf", "--out", str(root / "hf")]) == 0
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+
+    def text(n: int) -> str:
+        return "".join(rng.choice(letters) for _ in range(n))
+    n_pairs = args.pairs * (args.steps + 1) * 2 + 10
+    records = [{"prompt": text(args.prompt - 2), "chosen": text(args.completion), "rejected": text(args.completion)}
+               for _ in range(n_pairs)]  # the plain template adds "\n", the start token one more
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    prepare_task([str(root / "pairs.jsonl")], str(root / "data"), tokenizer_file=ckpt / "tokenizer.json",
+                 base=str(root / "base"), max_length=args.prompt + args.completion + 1, task="preference",
+                 split=(0.9, 0.05, 0.05), warn=lambda m: None)
+
+
+def lmforge_step(variant: str, root: Path, args: argparse.Namespace):
+    overrides = {"data.path": str(root / "data"), "train.init_from": str(root / "base"),
+                 "train.run_dir": str(root / f"run-{variant}-{os.getpid()}"), "train.device": "cpu",
+                 "train.num_threads": args.threads, "train.batch_size": args.pairs, "train.max_steps": args.steps + 1,
+                 "train.seed": 0, "train.dpo_beta": BETA, "optim.lr": LR, "optim.min_lr": LR, "optim.warmup_steps": 0,
+                 "train.eval_interval": 0, "train.plot": False}
+    if variant == "lmforge-whole-logits":
+        overrides["train.loss_chunk"] = 0
+    trainer = Trainer(load_run_config(None, {k: str(v) for k, v in overrides.items()}), progress=False,
+                      tensorboard=False)
+
+    def step() -> float:
+        loss_sum, count, _, _ = trainer.train_step()
+        trainer.step += 1
+        return float(loss_sum / count)
+    return step
+
+
+def trl_step(root: Path, args: argparse.Namespace):
+    """TRL's DPOTrainer on the HF export; batches of the same pairs (token ids) through TRL's collator."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    policy = AutoModelForCausalLM.from_pretrained(root / "hf")
+    reference = AutoModelForCausalLM.from_pretrained(root / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    # the same work as lmforge's default: fp32 (TRL's default is bf16 autocast) and no activation checkpointing
+    # (TRL's default recomputes each layer in the backward pass)
+    config = DPOConfig(output_dir=str(root / f"trl-{os.getpid()}"), beta=BETA, loss_type=["sigmoid"], report_to=[],
+                       use_cpu=True, learning_rate=LR, max_grad_norm=1.0, max_length=None, bf16=False,
+                       gradient_checkpointing=False, per_device_train_batch_size=args.pairs,
+                       dataloader_num_workers=0)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=config, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": "ab\n", "chosen": "AB", "rejected": "ab"}]))
+    optimizer = trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets before its loop calls training_step
+    ex = load_examples(root / "data", "train")
+    rows = []
+    for i in range(0, len(ex), 2):
+        row = {}
+        for e, name in ((i, "chosen_ids"), (i + 1, "rejected_ids")):
+            ids, p = ex.tokens[ex.offsets[e]:ex.offsets[e + 1]].tolist(), int(ex.prompt_lengths[e])
+            row["prompt_ids"], row[name] = ids[:p], ids[p:]
+        rows.append(row)
+    collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
+    count = [0]
+
+    def step() -> float:
+        batch = collate(rows[count[0] * args.pairs:(count[0] + 1) * args.pairs])
+        count[0] += 1
+        loss = trainer.training_step(trainer.model, batch)
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+    return step
+
+
+def measure(variant: str, root: Path, args: argparse.Namespace) -> dict:
+    """Build `variant`, run 1 + args.steps steps; peak training RSS, step times, losses."""
+    torch.set_num_threads(args.threads)
+    step = trl_step(root, args) if variant == "trl" else lmforge_step(variant, root, args)
+    rss_built = status_kib("VmRSS")
+    reset_peak_rss()
+    times, losses = [], []
+    for _ in range(args.steps + 1):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    return {"peak_training_rss_mib": mib(status_kib("VmHWM")), "rss_after_build_mib": mib(rss_built),
+            "step_seconds": [round(t, 3) for t in times], "losses": losses}
+
+
+def run_variant(variant: str, root: Path, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--child", f"{variant},{root}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.child:
+        variant, root = args.child.split(",")
+        print(json.dumps(measure(variant, Path(root), args)))
+        return {}
+    if args.prompt + args.completion + 1 > args.block:
+        raise SystemExit(f"--prompt + --completion + 1 is above --block {args.block}: lower them")
+    torch.set_num_threads(args.threads)
+    started_on = machine()
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="dpo-step-") as tmp:
+        write_inputs(Path(tmp), args)
+        for r in range(args.rounds):
+            for variant in VARIANTS:
+                runs[variant].append(run_variant(variant, Path(tmp), argv))
+                print(f"round {r + 1}: {variant}: peak {runs[variant][-1]['peak_training_rss_mib']} MiB, steps "
+                      f"{runs[variant][-1]['step_seconds']} s, losses {runs[variant][-1]['losses']}", file=sys.stderr)
+    results = {}
+    for variant, done in runs.items():
+        results[variant] = {"peak_training_rss_mib": max(d["peak_training_rss_mib"] for d in done),
+                            "rss_after_build_mib": max(d["rss_after_build_mib"] for d in done),
+                            "step_seconds_median": round(statistics.median(t for d in done
+                                                                           for t in d["step_seconds"][1:]), 3),
+                            "first_step_loss": [d["losses"][0] for d in done], "runs": done}
+    ours, whole, trl = (results[v] for v in VARIANTS)
+    rows_logits_mib = 2 * args.pairs * (args.prompt + args.completion) * args.vocab * 4 / 2**20
+    summary = {
+        "benchmark": "dpo_step", "machine": {**started_on, "load_average_at_end": load_average()},
+        "model": {"n_layer": args.layers, "n_embd": args.width, "n_head": args.heads, "vocab_size": args.vocab,
+                  "block_size": args.block, "weights": "random"},
+        "pairs_per_step": args.pairs, "prompt_tokens": args.prompt, "completion_tokens": args.completion + 1,
+        "timed_steps_per_process": args.steps, "rounds": args.rounds, "threads": args.threads, "beta": BETA,
+        "fp32_logits_of_the_rows_mib": round(rows_logits_mib, 1), "variants": results,
+        # policy = reference at the first step: log 2, up to the rounding of two ways of summing the same terms
+        "first_step_losses_within_1e-4_of_log_2": all(abs(loss - math.log(2)) < 1e-4
+                                                      for v in results.values() for loss in v["first_step_loss"]),
+        "step_time_lmforge_over_trl": round(ours["step_seconds_median"] / trl["step_seconds_median"], 3),
+        "step_time_whole_logits_over_trl": round(whole["step_seconds_median"] / trl["step_seconds_median"], 3),
+        "peak_rss_lmforge_over_trl": round(ours["peak_training_rss_mib"] / trl["peak_training_rss_mib"], 3),
+        "peak_rss_lmforge_over_whole_logits": round(ours["peak_training_rss_mib"] / whole["peak_training_rss_mib"],
+                                                    3),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json_out:
+        atomic_write_text(Path(args.json_out), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
