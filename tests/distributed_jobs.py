@@ -36,9 +36,14 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
     lora = {"train.init_from": base, **LORA} if base else {}
     settings = json.loads(overrides)
     tokenizer = settings.pop("tokenizer_file", None)  # not a config key: the Trainer's (train.choices_file needs one)
-    trainer = tiny_trainer(tiny_config(run_dir, **{**STEPS, "train.batch_size": batch_size,
-                                                   "train.grad_accum": grad_accum, "train.compile": compile, **lora,
-                                                   **settings}), tokenizer_file=tokenizer)
+    config = tiny_config(run_dir, **{**STEPS, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+                                     "train.compile": compile, **lora, **settings})
+    if "data.path" in settings:  # a prepared data directory (task data: preference pairs) instead of synthetic tokens
+        from lmforge.train import Trainer
+
+        trainer = Trainer(config, progress=False, tensorboard=False)
+    else:
+        trainer = tiny_trainer(config, tokenizer_file=tokenizer)
     dtypes = set()  # of the weight a block's first matrix product is given (FSDP: the gathered one)
     first = next(m for m in unwrap(trainer.raw_model).blocks[0].modules() if isinstance(m, nn.Linear))
     first.register_forward_pre_hook(lambda module, args: dtypes.add(str(module.weight.dtype)))

@@ -56,6 +56,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
+from lmforge.preference_loss import sequence_logprobs
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -63,7 +64,6 @@ from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
 from lmforge.train.precision import autocast, run_forward
-from lmforge.preference_loss import sequence_logprobs
 from lmforge.train.preference import frozen_reference, pair_terms, reference_model
 from lmforge.train.schedule import build_schedule
 from lmforge.train.selection import BestTracker
