@@ -255,13 +255,21 @@ MUTANTS = [
            "ids = tokens  # mutant: a padded row's pads count as seen tokens",
            ("tests/test_processors_guards2.py::test_each_row_of_a_padded_batch_scores_as_it_would_alone[options0]",)),
     Mutant("dpo-chosen-rejected-swapped", "train/preference.py",
-           "dpo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2]",
-           "dpo_loss(policy[1::2], policy[0::2], reference[1::2], reference[0::2]",  # mutant: rows 2k+1 as chosen
+           "chosen, rejected = slice(0, None, 2), slice(1, None, 2)",
+           "chosen, rejected = slice(1, None, 2), slice(0, None, 2)",  # mutant: rows 2k+1 as chosen
            ("tests/test_preference.py::test_the_trainers_val_loss_and_lmforge_eval_are_dpo_by_hand",)),
     Mutant("dpo-lora-reference-keeps-adapters", "train/preference.py",
            "    with adapters_off(policy):\n        yield policy",
            "    yield policy  # mutant: the LoRA policy is its own reference, adapters on",
            ("tests/test_preference.py::test_the_first_step_loss_is_log_2_and_training_leaves_the_reference_alone",)),
+    Mutant("reference-free-loss-keeps-a-reference", "train/trainer.py",
+           "and self.preference_loss.needs_reference else None)",
+           "else None)  # mutant: simpo / orpo still copy the model as a reference",
+           ("tests/test_preference_losses.py::test_a_reference_free_loss_keeps_and_runs_no_reference",)),
+    Mutant("ipo-counts-one-token-less", "preference_loss.py",
+           "nc, nr = chosen_tokens.float().clamp(min=1)",
+           "nc, nr = (chosen_tokens - 1).float().clamp(min=1)",  # mutant: the end token left out of the average
+           ("tests/test_preference_losses.py::test_the_reference_losses_equal_trls_dpo_trainer[ipo]",)),
 ]
 
 

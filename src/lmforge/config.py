@@ -514,12 +514,22 @@ class TrainConfig:
                              ge=1)
     choices_examples: int = doc("With choices_file: score its first N questions (the same ones each time).", 1000,
                                 ge=1, le=1_000_000)
-    dpo_beta: float = doc("Preference data (`lmforge prepare --task preference`), trained with DPO against the frozen "
-                          "train.init_from model: beta, how strongly the loss holds the model near that reference "
-                          "(the implicit reward is beta times the log-probability ratio; TRL's default 0.1).", 0.1,
-                          gt=0, le=100)
-    dpo_label_smoothing: float = doc("Preference data: the probability that a pair's preference is wrong "
-                                     "(conservative DPO; 0 = plain DPO).", 0.0, ge=0, lt=0.5, noun="probability")
+    preference_loss: Literal["dpo", "robust", "hinge", "ipo", "simpo", "orpo"] = doc(
+        "Preference data (`lmforge prepare --task preference`): the loss. dpo (Direct Preference Optimization), "
+        "robust (DPO unbiased under dpo_label_smoothing's label noise), hinge (SLiC) and ipo (IPO: per-token "
+        "log-ratios held at a margin of 1/(2 beta)) train against the frozen train.init_from model; simpo (SimPO: "
+        "per-token log-probabilities with a target margin simpo_gamma) and orpo (ORPO: next-token loss on the "
+        "chosen completion plus beta times an odds-ratio term) need no reference model: less memory, a quarter less "
+        "compute per step.", "dpo")
+    dpo_beta: float = doc("Preference data: beta, how strongly the loss holds the model near its reference (the "
+                          "implicit reward is beta times the log-probability ratio; TRL's default 0.1); IPO's "
+                          "regularisation tau, SimPO's reward scale, ORPO's weight lambda of its odds-ratio term.",
+                          0.1, gt=0, le=100)
+    dpo_label_smoothing: float = doc("Preference data (dpo, robust, simpo): the probability that a pair's preference "
+                                     "is wrong (conservative DPO; 0 = plain DPO).", 0.0, ge=0, lt=0.5,
+                                     noun="probability")
+    simpo_gamma: float = doc("Preference data with preference_loss simpo: gamma, the reward margin SimPO aims for "
+                             "(TRL's default 0.5).", 0.5, ge=0, le=100)
     best_metric: BestMetric = doc("The measurement that picks the best checkpoint (kept by pruning, named at the end) "
                                   "and that patience follows: val_loss (lower is better), or a task metric (higher is "
                                   "better): val_accuracy, val_macro_f1 (classify data), val_bleu, val_chrf, val_rouge1, "

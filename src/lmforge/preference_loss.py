@@ -12,15 +12,44 @@ sft trains on. Label smoothing eps (conservative DPO: a preference label is wron
 -(1 - eps) log sigmoid(m) - eps log sigmoid(-m) for the margin m = r_w - r_l. At the start, policy = reference,
 every reward is 0 and every pair's loss is log 2.
 
+The other preference losses (train.preference_loss; `PreferenceLoss` computes each from the same log-probabilities),
+with m = beta * ((log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))), DPO's margin, and a_w, a_l the
+mean per-token log-probability of each completion under the policy (its sum over its token count):
+
+    dpo      -(1 - eps) log sigmoid(m) - eps log sigmoid(-m)                              (above)
+    robust   (-(1 - eps) log sigmoid(m) + eps log sigmoid(-m)) / (1 - 2 eps)    an unbiased loss under label noise eps
+                                                                                (Chowdhury et al. 2024)
+    hinge    max(0, 1 - m)                                                      SLiC (Zhao et al. 2023)
+    ipo      (d - 1 / (2 beta))^2, d the per-token mean log-ratios' difference  IPO (Azar et al. 2023): the margin
+             ((log pi(y_w) - log pi_ref(y_w)) / |y_w| - (same for y_l) / |y_l|)  is held at 1/(2 beta), never pushed
+                                                                                to infinity
+    simpo    -(1 - eps) log sigmoid(beta (a_w - a_l) - gamma) - eps log sigmoid(...)   SimPO (Meng et al. 2024): no
+                                                                                reference, a target margin gamma
+    orpo     -a_w - beta log sigmoid(log odds(y_w) - log odds(y_l)),           ORPO (Hong et al. 2024): no reference;
+             odds(y) = p / (1 - p) of p = exp(a)                                next-token training on the chosen
+                                                                                completion plus an odds-ratio term
+
+Rewards (what reward accuracy and margin are measured on): beta times the log-ratio to the reference for the
+reference losses, beta times a_w and a_l for simpo and orpo (as TRL's DPO, CPO and ORPO trainers log them).
+IPO's length normalisation is TRL's (its authors' own choice); ORPO's next-token term averages each chosen
+completion's tokens, then the pairs (the paper's; TRL's ORPOTrainer averages the batch's chosen tokens at once,
+the same with batches of one pair).
+
 Imports only torch: the trainer trains on it and `lmforge eval` measures it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import torch
 import torch.nn.functional as F
 
 IGNORED = -100  # the label of a position that is not part of the completion (prompt, padding)
+LOSSES = ("dpo", "robust", "hinge", "ipo", "simpo", "orpo")
+REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of the policy alone: no reference model is kept or run
+SMOOTHED = frozenset({"dpo", "robust", "simpo"})  # losses that take a label smoothing eps
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -42,3 +71,63 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     margin = chosen - rejected
     loss = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return loss, chosen.detach(), rejected.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and for large |x| (Maechler 2012)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One of LOSSES with its settings (the module docstring): called on a batch of P pairs' completion
+    log-probabilities, it gives (loss per pair, chosen reward, rejected reward), each (P,) fp32."""
+
+    kind: str = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSSES:
+            raise ValueError(f"unknown preference loss {self.kind!r}: one of {', '.join(LOSSES)}")
+
+    @classmethod
+    def of(cls, train: Any) -> "PreferenceLoss":
+        """The loss a run's train config (train.preference_loss, dpo_beta, dpo_label_smoothing, simpo_gamma) sets."""
+        return cls(train.preference_loss, train.dpo_beta, train.dpo_label_smoothing, train.simpo_gamma)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kind not in REFERENCE_FREE
+
+    def __call__(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+                 rejected_tokens: torch.Tensor, reference_chosen: Optional[torch.Tensor] = None,
+                 reference_rejected: Optional[torch.Tensor] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """policy_* / reference_*: (P,) summed log-probabilities of each completion (reference_* None for the
+        reference-free losses); *_tokens: (P,) how many tokens each completion has (its labels)."""
+        beta, eps = self.beta, self.label_smoothing
+        if self.kind == "dpo":
+            return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, eps)
+        pc, pr = policy_chosen.float(), policy_rejected.float()
+        nc, nr = chosen_tokens.float().clamp(min=1), rejected_tokens.float().clamp(min=1)
+        if self.kind in REFERENCE_FREE:
+            mean_c, mean_r = pc / nc, pr / nr  # a_w, a_l
+            if self.kind == "simpo":
+                margin = beta * (mean_c - mean_r) - self.simpo_gamma
+                loss = -(1.0 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
+            else:  # orpo
+                log_odds = (mean_c - mean_r) - (log1mexp(mean_c) - log1mexp(mean_r))
+                loss = -mean_c - beta * F.logsigmoid(log_odds)
+            return loss, beta * mean_c.detach(), beta * mean_r.detach()
+        ratio_c = pc - reference_chosen.float()
+        ratio_r = pr - reference_rejected.float()
+        margin = beta * (ratio_c - ratio_r)
+        if self.kind == "robust":
+            loss = (-(1.0 - eps) * F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1.0 - 2.0 * eps)
+        elif self.kind == "hinge":
+            loss = torch.relu(1.0 - margin)
+        else:  # ipo
+            loss = (ratio_c / nc - ratio_r / nr - 1.0 / (2.0 * beta)) ** 2
+        return loss, beta * ratio_c.detach(), beta * ratio_r.detach()

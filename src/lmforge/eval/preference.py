@@ -1,14 +1,15 @@
-"""Evaluation of a model trained on preference data (DPO) on a split of its pairs.
+"""Evaluation of a model trained on preference data (DPO and the other preference losses) on a split of its pairs.
 
 For every pair (examples 2i chosen, 2i + 1 rejected: lmforge.data.preference) the log-probability of each
 completion under the model and under its reference (the train.init_from model the run started from) gives DPO's
-implicit rewards r = beta * (log pi - log pi_ref) and loss (lmforge.preference_loss). Metrics over the split:
+implicit rewards r = beta * (log pi - log pi_ref) and loss, or the run's other preference loss and its rewards
+(lmforge.preference_loss; simpo and orpo need no reference, and none is loaded). Metrics over the split:
 
-    loss                 DPO's mean loss (the training objective, with the run's beta and label smoothing)
+    loss                 the run's mean preference loss (the training objective, with its settings)
     reward_accuracy      the fraction of pairs whose chosen completion gets the higher reward
     reward_margin        the mean of r(chosen) - r(rejected); chosen_reward, rejected_reward their means
     logp_accuracy        the fraction of pairs whose chosen completion is the more probable under the model
-    reference_logp_accuracy   the same under the reference: what training changed
+    reference_logp_accuracy   the same under the reference: what training changed (reference losses only)
 
 OUT/predictions.jsonl holds one row per pair: prompt, chosen, rejected, both rewards and log-probabilities, and
 whether the chosen one won.
@@ -26,7 +27,7 @@ from torch import nn
 from lmforge.data.batches import Examples, pad_examples, pair_rows
 from lmforge.errors import CheckpointError
 from lmforge.eval.progress import progress_bar
-from lmforge.preference_loss import dpo_loss
+from lmforge.preference_loss import IGNORED, PreferenceLoss
 
 
 def load_reference(config: Any, ckpt: Path, device: torch.device) -> nn.Module:
@@ -44,37 +45,45 @@ def load_reference(config: Any, ckpt: Path, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def pair_logprobs(model: nn.Module, examples: Examples, pairs: np.ndarray, pad_id: int,
-                  device: torch.device) -> torch.Tensor:
-    """(P, 2) fp32 log-probabilities of the chosen and the rejected completion of `pairs` under `model`."""
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """((P, 2) fp32 log-probabilities, (P, 2) token counts) of the chosen and the rejected completion of `pairs`
+    under `model`."""
     x, y = pad_examples(examples, pair_rows(pairs), pad_id)
     losses = model(x.to(device), targets=y.to(device), per_row=True)  # (2P,): the head fused with the loss, per row
-    return (-losses).view(-1, 2).cpu()
+    return (-losses).view(-1, 2).cpu(), (y != IGNORED).sum(dim=1).view(-1, 2)
 
 
-def evaluate_preference(model: nn.Module, reference: nn.Module, tokenizer: Any, examples: Examples, beta: float,
-                        label_smoothing: float = 0.0, batch_size: int = 16, device: torch.device | str = "cpu",
+def evaluate_preference(model: nn.Module, reference: Optional[nn.Module], tokenizer: Any, examples: Examples,
+                        loss: PreferenceLoss, batch_size: int = 16, device: torch.device | str = "cpu",
                         progress: bool = False, max_pairs: Optional[int] = None
                         ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(metrics, one row per pair) of `model` against `reference` on preference examples (module docstring)."""
+    """(metrics, one row per pair) of `model` against `reference` (None for a reference-free loss) on preference
+    examples (module docstring)."""
     device = torch.device(device)
     n = len(examples) // 2 if max_pairs is None else min(len(examples) // 2, max_pairs)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.end_id  # as training padded
-    policy, ref = [], []
+    policy, ref, tokens = [], [], []
     with progress_bar(n, "preference pairs", "pair", progress) as bar:
         for start in range(0, n, batch_size):
             pairs = np.arange(start, min(start + batch_size, n))
-            policy.append(pair_logprobs(model, examples, pairs, pad, device))
-            ref.append(pair_logprobs(reference, examples, pairs, pad, device))
+            logps, counts = pair_logprobs(model, examples, pairs, pad, device)
+            policy.append(logps)
+            tokens.append(counts)
+            if reference is not None:
+                ref.append(pair_logprobs(reference, examples, pairs, pad, device)[0])
             bar.update(len(pairs))
-    policy_t, ref_t = torch.cat(policy), torch.cat(ref)  # (n, 2)
-    loss, chosen, rejected = dpo_loss(policy_t[:, 0], policy_t[:, 1], ref_t[:, 0], ref_t[:, 1], beta,
-                                      label_smoothing)
-    metrics = {"pairs": n, "loss": float(loss.mean()), "reward_accuracy": float((chosen > rejected).float().mean()),
+    policy_t, tokens_t = torch.cat(policy), torch.cat(tokens)  # (n, 2)
+    ref_t = torch.cat(ref) if reference is not None else None
+    losses, chosen, rejected = loss(policy_t[:, 0], policy_t[:, 1], tokens_t[:, 0], tokens_t[:, 1],
+                                    *((ref_t[:, 0], ref_t[:, 1]) if ref_t is not None else ()))
+    metrics = {"pairs": n, "loss": float(losses.mean()),
+               "reward_accuracy": float((chosen > rejected).float().mean()),
                "reward_margin": float((chosen - rejected).mean()), "chosen_reward": float(chosen.mean()),
                "rejected_reward": float(rejected.mean()),
                "logp_accuracy": float((policy_t[:, 0] > policy_t[:, 1]).float().mean()),
-               "reference_logp_accuracy": float((ref_t[:, 0] > ref_t[:, 1]).float().mean()),
-               "beta": beta}
+               **({"reference_logp_accuracy": float((ref_t[:, 0] > ref_t[:, 1]).float().mean())}
+                  if ref_t is not None else {}),
+               "preference_loss": loss.kind, "beta": loss.beta}
     rows = []
     for i in range(n):
         prompt, chosen_text = _texts(tokenizer, examples, 2 * i)

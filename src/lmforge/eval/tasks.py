@@ -243,14 +243,16 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
 def _evaluate_preference_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Path, examples: Examples,
                                max_pairs: Optional[int], batch_size: int, progress: bool
                                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """DPO's metrics of a checkpoint against its reference, the run's train.init_from (eval/preference.py)."""
+    """The preference loss's metrics of a checkpoint against its reference, the run's train.init_from (none for
+    simpo and orpo) (eval/preference.py)."""
     from lmforge.eval.preference import evaluate_preference, load_reference
+    from lmforge.preference_loss import PreferenceLoss
 
-    if config.train.init_from == "none":
+    loss = PreferenceLoss.of(config.train)
+    if loss.needs_reference and config.train.init_from == "none":
         raise ConfigError(f"preference metrics compare a model with its reference, the model its run started from "
                           f"(train.init_from), and {ckpt} was trained from scratch: evaluate a model fine-tuned "
                           "with `--train.init_from`")
     device = next(model.parameters()).device
-    reference = load_reference(config, ckpt, device)
-    return evaluate_preference(model, reference, tokenizer, examples, config.train.dpo_beta,
-                               config.train.dpo_label_smoothing, batch_size, device, progress, max_pairs)
+    reference = load_reference(config, ckpt, device) if loss.needs_reference else None
+    return evaluate_preference(model, reference, tokenizer, examples, loss, batch_size, device, progress, max_pairs)

@@ -3,18 +3,19 @@
 Preference data (`lmforge prepare --task preference`) comes in batches of 2P rows: rows 2k and 2k + 1 are pair k's
 chosen and rejected example, each [start] prompt completion [end] with labels only on the completion, as sft's.
 The loss is lmforge.preference_loss's: the policy's and the reference's log-probabilities of each completion give
-the two implicit rewards, and -log sigmoid of their difference (beta, label smoothing from train.dpo_*). The
+the two implicit rewards, and -log sigmoid of their difference (beta, label smoothing from train.dpo_*), or another
+preference loss (train.preference_loss: robust, hinge, ipo, or simpo and orpo, which need no reference). The
 trainer sums it over pairs and divides by the pairs of the global batch, as it divides a token loss by its labels.
 
 A completion's log-probability comes from the LM head fused with its loss, row by row (GPT.forward's per_row,
 lmforge.head_loss: only the completion's positions reach the head, no (2P, T, V) logits), or with
 train.loss_chunk 0 from the whole logits (preference_loss.sequence_logprobs).
 
-The reference is the model the run starts from (train.init_from), frozen: a copy of it for full fine-tuning, and
-for LoRA the trained model itself with its adapters off (lmforge.lora.adapters_off), which costs no memory. A
-resumed run rebuilds it from train.init_from, so it never drifts. Dropout is off in preference training (the
-trainer sets model.dropout 0, as TRL does): otherwise the policy's log-probabilities would be noisy against the
-reference's and the first step's loss would not be log 2.
+The reference is the model the run starts from (train.init_from), frozen (none for simpo and orpo): a copy of it
+for full fine-tuning, and for LoRA the trained model itself with its adapters off (lmforge.lora.adapters_off),
+which costs no memory. A resumed run rebuilds it from train.init_from, so it never drifts. Dropout is off in
+preference training (the trainer sets model.dropout 0, as TRL does): otherwise the policy's log-probabilities would
+be noisy against the reference's and the first step's loss would not be log 2.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from lmforge.lora import adapters_off, is_adapted
-from lmforge.preference_loss import dpo_loss
+from lmforge.preference_loss import PreferenceLoss
 
 
 def frozen_reference(model: nn.Module) -> nn.Module:
@@ -50,9 +51,11 @@ def reference_model(reference: Optional[nn.Module], policy: nn.Module) -> Iterat
         yield policy
 
 
-def pair_terms(policy: torch.Tensor, reference: torch.Tensor, beta: float, label_smoothing: float
+def pair_terms(loss: PreferenceLoss, policy: torch.Tensor, reference: Optional[torch.Tensor], tokens: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, chosen reward, rejected reward), each (P,), of a batch of P pairs from each row's completion
-    log-probability (2P,) under the policy and the reference; rows 2k / 2k + 1 are pair k's chosen / rejected."""
-    reference = reference.detach()
-    return dpo_loss(policy[0::2], policy[1::2], reference[0::2], reference[1::2], beta, label_smoothing)
+    log-probability (2P,) under the policy and the reference (None for a reference-free loss) and its completion
+    tokens (2P,); rows 2k / 2k + 1 are pair k's chosen / rejected."""
+    chosen, rejected = slice(0, None, 2), slice(1, None, 2)  # rows 2k, 2k + 1
+    ref = (None, None) if reference is None else (reference.detach()[chosen], reference.detach()[rejected])
+    return loss(policy[chosen], policy[rejected], tokens[chosen], tokens[rejected], *ref)

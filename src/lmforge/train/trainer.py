@@ -48,7 +48,7 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
 from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, lora_base
 from lmforge.checkpoint import has_optimizer_state, save_sharded_checkpoint
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
-from lmforge.data.batches import Batches, TokenBatches, fixed_batches
+from lmforge.data.batches import IGNORE_INDEX, Batches, TokenBatches, fixed_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
                                  barrier, full_state, gather_objects, is_sharded, no_sync, resolve_device,
                                  setup_distributed, slow_half_warning, teardown_distributed, unwrap)
@@ -56,7 +56,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.preference_loss import sequence_logprobs
+from lmforge.preference_loss import SMOOTHED, PreferenceLoss, sequence_logprobs
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -208,19 +208,35 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
     if not causal and kind in ("sft", "preference"):
         raise ConfigError(f"an encoder (model.causal false) does not generate, so it cannot learn text to text "
                           f"({kind}) data: fine-tune a decoder, or use classify data")
-    if kind == "preference" and config.train.init_from == "none":
-        raise ConfigError("preference data trains a model against a frozen reference, the model it starts from: set "
-                          "train.init_from to that checkpoint or run (most often the sft model)")
-    if kind == "preference" and config.train.early_exit_layer is not None:
-        raise ConfigError("train.early_exit_layer adds a next-token loss; preference data is trained with DPO's: "
-                          "drop train.early_exit_layer")
     tc = config.train
-    if kind != "preference" and (tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0):
-        raise ConfigError(f"train.dpo_beta / train.dpo_label_smoothing set DPO's loss, but {config.data.path} is not "
-                          "preference data (`lmforge prepare --task preference`): drop them")
+    if kind == "preference":
+        check_preference_loss(tc)
+    if kind != "preference" and (tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0 or tc.preference_loss != "dpo"
+                                 or tc.simpo_gamma != 0.5):
+        raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma set a preference "
+                          f"loss, but {config.data.path} is not preference data (`lmforge prepare --task "
+                          "preference`): drop them")
     if not causal and objective == "clm" and kind is None:
         raise ConfigError("model.causal=false lets every position see the next token, so next-token training "
                           "(train.objective clm) would only learn to copy it: set train.objective mlm")
+
+
+def check_preference_loss(tc: Any) -> None:
+    """Refuse preference-loss settings that cannot work or would be ignored."""
+    name = tc.preference_loss
+    if PreferenceLoss.of(tc).needs_reference and tc.init_from == "none":
+        raise ConfigError(f"preference data trains a model with {name} against a frozen reference, the model it starts "
+                          "from: set train.init_from to that checkpoint or run (most often the sft model), or use "
+                          "train.preference_loss simpo or orpo, which need no reference")
+    if tc.early_exit_layer is not None:
+        raise ConfigError("train.early_exit_layer adds a next-token loss; preference data is trained with a "
+                          "preference loss: drop train.early_exit_layer")
+    if tc.dpo_label_smoothing and name not in SMOOTHED:
+        raise ConfigError(f"train.dpo_label_smoothing is used by the dpo, robust and simpo losses, not by {name}: "
+                          "drop it")
+    if tc.simpo_gamma != 0.5 and name != "simpo":
+        raise ConfigError(f"train.simpo_gamma is SimPO's margin, and train.preference_loss is {name}: drop it, or set "
+                          "train.preference_loss simpo")
 
 
 def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
@@ -341,6 +357,7 @@ class Trainer:
             raise ConfigError(f"train.class_weights={tc.class_weights!r} weighs classes, but {config.data.path} is not "
                               "classify data (`lmforge prepare --task classify`); drop the setting")
         self.preference = self.task is not None and self.task["task"] == "preference"  # DPO (train/preference.py)
+        self.preference_loss = PreferenceLoss.of(tc)
         if self.preference:  # dropout off: the policy's log-probabilities must be comparable with the reference's
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
         check_objective(config, self.task)
@@ -366,8 +383,10 @@ class Trainer:
             load_init_weights(self.raw_model, init_ckpt, self.device, self.tokenizer_file)
         elif model is None and config.data.embedding_init != "none":
             self.embedding_report = init_token_embeddings(self.raw_model, config, self.tokenizer_file)
-        # preference data: the frozen reference, the model as it starts (LoRA: the policy with its adapters off)
-        self.reference = frozen_reference(self.raw_model) if self.preference and config.lora is None else None
+        # preference data: the frozen reference, the model as it starts (LoRA: the policy with its adapters off;
+        # none for a reference-free loss)
+        self.reference = (frozen_reference(self.raw_model) if self.preference and config.lora is None
+                          and self.preference_loss.needs_reference else None)
         self.base: Optional[dict[str, str]] = None  # LoRA: {"path", "fingerprint"} of the frozen base (state.json)
         if config.lora is not None and init_ckpt is not None:  # RunConfig refuses lora without init_from
             self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
@@ -634,13 +653,16 @@ class Trainer:
 
     def preference_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DPO's (loss, chosen reward, rejected reward) per pair of one batch of pairs (train/preference.py): the
-        completions' log-probabilities under `model` and, without gradients, under the frozen reference."""
+        """The preference loss's (loss, chosen reward, rejected reward) per pair of one batch of pairs
+        (train/preference.py): the completions' log-probabilities under `model` and, without gradients, under the
+        frozen reference (unless the loss needs none)."""
         policy = self.completion_logprobs(model, batch)
-        with torch.no_grad(), reference_model(self.reference, self.raw_model) as reference:
-            ref = self.completion_logprobs(reference, batch)
-        tc = self.config.train
-        return pair_terms(policy, ref, tc.dpo_beta, tc.dpo_label_smoothing)
+        ref = None
+        if self.preference_loss.needs_reference:
+            with torch.no_grad(), reference_model(self.reference, self.raw_model) as reference:
+                ref = self.completion_logprobs(reference, batch)
+        tokens = (batch[1] != IGNORE_INDEX).sum(dim=1).to(policy.device)  # each row's completion tokens
+        return pair_terms(self.preference_loss, policy, ref, tokens)
 
     def completion_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(rows,) each row's summed log-probability of its labels: the head fused with the loss row by row
