@@ -185,6 +185,11 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-dpo-beta-zero", ["train", "--data", str(data), "--train.dpo_beta", "0"], "train.dpo_beta"),
         ("train-dpo-on-token-data", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r-dpo"),
                                      "--device", "cpu", "--train.dpo_beta", "0.5"], "is not preference data"),
+        ("train-unknown-preference-loss", ["train", "--data", str(data), "--train.preference_loss", "kto"],
+         "train.preference_loss"),
+        ("train-simpo-gamma-negative", ["train", "--data", str(data), "--train.simpo_gamma", "-1"], "train.simpo_gamma"),
+        ("train-orpo-on-token-data", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r-orpo"),
+                                      "--device", "cpu", "--train.preference_loss", "orpo"], "is not preference data"),
         ("prepare-preference-same-completions", ["prepare", str(ws / "same-pair.jsonl"), "--task", "preference",
                                                  "--tokenizer", str(run), "--out", str(ws / "o-pref")],
          "same-pair.jsonl:2: 'chosen' and 'rejected' are the same text"),
@@ -439,9 +444,9 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 126
+N_CASES = 129
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
-PROGRESS_BAR = re.compile(r"[\w ]+: .*\[[\d:]+(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
+PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
 
 def test_bad_inputs_table_has_enough_rows(workspace):
