@@ -49,12 +49,17 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
     first.register_forward_pre_hook(lambda module, args: dtypes.add(str(module.weight.dtype)))
     summary = trainer.fit()
     local = sum(getattr(p, "to_local", lambda: p)().numel() for p in trainer.raw_model.parameters())
+    reference = trainer.reference  # preference data: the frozen reference model, when the loss keeps one
+    reference_local = sum(getattr(p, "to_local", lambda: p)().numel() for p in reference.parameters()) if reference \
+        is not None else None
     if trainer.dist.is_main:
         trainable = [name for name, p in trainer.raw_model.named_parameters() if p.requires_grad]
         (run_dir / "history.json").write_text(json.dumps({"history": trainer.history, "val_loss": summary["val_loss"],
                                                           "world_size": trainer.dist.world_size, "trainable": trainable,
                                                           "sharded": is_sharded(trainer.raw_model),
                                                           "held": local / summary["parameters"],
+                                                          "reference_held": None if reference is None
+                                                          else reference_local / summary["parameters"],
                                                           "weight_dtypes": sorted(dtypes),
                                                           "orthogonalised": sum(orthogonalised),
                                                           "choices": {k: v for k, v in trainer.measured.items()

@@ -41,9 +41,15 @@ def frozen_reference(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def reference_model(reference: Optional[nn.Module], policy: nn.Module) -> Iterator[nn.Module]:
-    """The module that computes the reference's logits: `reference`, or (LoRA) the policy with its adapters off."""
+    """The module that computes the reference's logits: `reference`, or (LoRA) the policy with its adapters off.
+    A reference sharded with FSDP2 (train.parallel fsdp) is resharded after its use: FSDP keeps the root's gathered
+    weights (embeddings, head) after a forward for the backward that follows, and the reference has none."""
     if reference is not None:
-        yield reference
+        try:
+            yield reference
+        finally:
+            if hasattr(reference, "reshard"):  # an FSDPModule
+                reference.reshard()
         return
     if not is_adapted(policy):
         raise ValueError("preference training needs a frozen reference model, or a LoRA-adapted policy")

@@ -393,6 +393,8 @@ class Trainer:
         unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
         if tc.parallel == "fsdp":  # sharding replaces the parameters (DTensors): before the optimizer takes them
             apply_fsdp(self.raw_model, self.dist, self.device, tc.precision, tc.fsdp_cpu_offload)
+            if self.reference is not None:  # the frozen reference is sharded too: no process holds it whole
+                apply_fsdp(self.reference, self.dist, self.device, tc.precision, tc.fsdp_cpu_offload)
         self.optimizer = build_optimizer(self.raw_model, config.optim, self.device,
                                          config.lora.weight_decay if config.lora is not None else 0.0)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
