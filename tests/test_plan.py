@@ -7,6 +7,7 @@ benchmarks/plan_accuracy.py on real configs; here the arithmetic is checked, ter
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -141,6 +142,9 @@ def test_a_model_too_large_for_the_device_is_warned_about(capsys):
     (["--preset", "tiny", "--device", "h100", "--gpus", "0"], "--gpus 0 is invalid"),
     (["--preset", "tiny", "--device", "h100", "--measure"], "--measure runs steps on this machine's CPU"),
     (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "tiny", "--task", "pairs"], "--task 'pairs' is unknown"),
+    (["--preset", "tiny", "--device", "h100", "--gpus", "2", "--parallel", "fsdp", "--lora.r", "4",
+      "--train.init_from", "base"], "plan it with --parallel ddp"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(["plan", *argv]) == 2
@@ -187,3 +191,99 @@ def test_time_on_several_gpus_splits_the_tokens_and_fsdp_splits_the_optimizer_pa
     optimizer_pass = 32 * p.parameters / (K if parallel == "fsdp" else 1)
     memory = (optimizer_pass + 4 * p.activations) / h100.bandwidth
     assert p.step_time == pytest.approx(compute + memory, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+R = 4
+
+
+def test_lora_trains_and_stores_only_the_adapters_and_skips_the_frozen_weight_gradients():
+    """LoRA r=4 on q and v (the default targets): A (r x C) and B (C x r) per slice, two slices a layer. The frozen
+    base's weights stay; gradients and AdamW state are the adapters'; each adapter keeps its r-wide A output per
+    token; a step computes the forward (2N) and the input gradients (2N) of the frozen matrices, not their weight
+    gradients, plus the adapters' 6 FLOPs per parameter."""
+    P, _ = hand_parameters()
+    full = plan(config(), device="h100")
+    p = plan(config(**{"lora.r": R, "train.init_from": "base"}), device="h100")
+    adapters = L * 2 * (R * C + C * R)
+    assert p.parameters == P and p.trained_parameters == adapters
+    assert (p.weights, p.gradients, p.optimizer) == (4 * P + 4 * adapters, 4 * adapters, 8 * adapters)
+    assert p.activations == full.activations + B * T * 4 * (L + 1) * (2 * R)  # two adapters' outputs a layer
+    attention = 12 * L * C * T
+    N = (full.flops_per_token - attention) // 6
+    assert p.flops_per_token == full.flops_per_token
+    assert p.step_flops_per_token == 4 * N + 6 * adapters + attention
+    assert p.total_flops == p.step_flops_per_token * p.tokens and p.reference == 0 and not p.reference_forward
+    ddp = plan(config(**{"lora.r": R, "train.init_from": "base"}), device="h100", gpus=4)
+    assert ddp.gradients == 8 * adapters  # DDP's buckets hold the adapters' gradients only
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "orpo"])
+def test_preference_pairs_double_the_sequences_and_dpo_keeps_and_runs_a_reference(loss):
+    """A batch of B pairs is 2B sequences: the activations of a 2B batch, twice the tokens a step. DPO-style losses
+    keep a frozen fp32 copy of the model (4 B a parameter; split over FSDP's processes) and run its forward on every
+    sequence (2N + a third of the attention FLOPs); ORPO keeps and runs nothing more."""
+    P, _ = hand_parameters()
+    settings = {"train.preference_loss": loss}
+    p = plan(config(**settings), device="h100", task="preference")
+    doubled = plan(config(**{"train.batch_size": 2 * B}), device="h100")
+    assert p.tokens_per_step == 2 * B * T and p.activations == doubled.activations
+    attention = 12 * L * C * T
+    N = (p.flops_per_token - attention) // 6
+    if loss == "orpo":
+        assert p.reference == 0 and p.step_flops_per_token == p.flops_per_token and not p.reference_forward
+    else:
+        assert p.reference == 4 * P and p.reference_forward
+        assert p.step_flops_per_token == p.flops_per_token + 2 * N + attention // 3
+        assert p.total_memory == 16 * P + 4 * P + p.activations
+        fsdp = plan(config(**settings), device="h100", gpus=4, parallel="fsdp", task="preference")
+        assert fsdp.reference == 4 * P / 4
+        lora = plan(config(**settings, **{"lora.r": R, "train.init_from": "base"}), device="h100", task="preference")
+        assert lora.reference == 0 and lora.reference_forward  # the adapters turn off: no copy, but its forward
+        assert lora.step_flops_per_token == 4 * N + 6 * lora.trained_parameters + attention + 2 * N + attention // 3
+
+
+def test_plan_reads_the_task_from_the_datas_manifest_and_says_what_it_counted(tmp_path, capsys):
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"task": "preference"}))
+    assert main(["plan", "--preset", "tiny", "--model.vocab_size", "64", "--device", "h100", "--data.path",
+                 str(tmp_path), "--json"]) == 0
+    from_manifest = json.loads(capsys.readouterr().out)
+    assert from_manifest["task"] == "preference" and from_manifest["reference"] > 0
+    assert main(["plan", "--preset", "tiny", "--model.vocab_size", "64", "--device", "h100", "--task", "preference",
+                 "--lora.r", "4", "--train.init_from", "base"]) == 0
+    out = capsys.readouterr().out
+    assert "trained (LoRA)" in out and "the reference's forward on every sequence" in out
+    assert "preference pairs: 2 sequences each" in out and "frozen reference" not in out
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert main(["plan", "--preset", "tiny", "--data.path", str(tmp_path)]) == 2
+    assert "is not a readable manifest" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings", [{"train.preference_loss": "dpo"}, {"lora.r": 4, "train.init_from": "base"}])
+def test_measure_trains_random_preference_pairs_and_lora_from_a_random_base(settings, monkeypatch):
+    """--measure of preference data and of LoRA: real Trainer steps on random pairs (2 sequences each, the frozen
+    reference built and run) and on adapters over a random base saved for the purpose, in a temporary directory."""
+    import lmforge.train.trainer as trainer_module
+    from lmforge.plan import measure
+
+    built = []
+    real = trainer_module.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(trainer_module.Trainer, "__init__", spy)
+    task = "preference" if "train.preference_loss" in settings else "tokens"
+    cfg = config(**{"train.num_threads": 1, **settings})
+    measured = measure(cfg, steps=1, task=task)
+    assert measured["peak_rss"] > measured["runtime_rss"] > 0 and measured["step_time"] > 0
+    trainer = built[-1]
+    assert trainer.step == 2 and trainer.tokens_seen == 2 * B * T * (2 if task == "preference" else 1)
+    if task == "preference":
+        assert trainer.preference and trainer.reference is not None
+    else:
+        assert trainer.base is not None and sum(p.requires_grad for p in trainer.raw_model.parameters()) > 0
+    assert not Path(trainer.run_dir).exists()  # the temporary directory is gone

@@ -1087,14 +1087,19 @@ def _add_plan(sub: Any) -> None:
     p.add_argument("--measure", action="store_true", help="also run a few real training steps here (cpu) and print "
                    "measured peak memory and step time against the prediction")
     p.add_argument("--measure-steps", type=int, default=3, metavar="N", help="timed steps of --measure (default: 3)")
+    p.add_argument("--task", metavar="KIND", help="the training data: tokens | sft | classify | preference (pairs of "
+                   "completions: twice the sequences, and a reference model for DPO) (default: what data.path's "
+                   "manifest.json says, else tokens)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_run_plan, takes_overrides=True)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from lmforge.config import load_run_config
+    from lmforge.errors import DataError
 
     overrides = parse_overrides(args.overrides)
     for flag, key in (("max_steps", "train.max_steps"), ("precision", "train.precision"), ("preset", "preset")):
@@ -1107,11 +1112,20 @@ def _run_plan(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, overrides)
     from lmforge.plan import format_plan, gib, measure, plan
 
+    task = args.task
+    manifest = Path(config.data.path) / "manifest.json"
+    if task is None and manifest.is_file():  # what `lmforge train` would train on
+        try:
+            task = json.loads(manifest.read_text(encoding="utf-8")).get("task") or "tokens"
+        except (OSError, ValueError, AttributeError):
+            raise DataError(f"{manifest} is not a readable manifest: prepare the data again with `lmforge "
+                            f"prepare`, or give --task") from None
     estimate = plan(config, tokens=None if args.tokens is None else int(args.tokens), device=args.device,
-                    gpus=args.gpus, peak_tflops=args.peak_tflops, parallel=args.parallel, mfu=args.mfu)
+                    gpus=args.gpus, peak_tflops=args.peak_tflops, parallel=args.parallel, mfu=args.mfu,
+                    task=task or "tokens")
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else format_plan(estimate))
     if args.measure:
-        measured = measure(config, args.measure_steps)
+        measured = measure(config, args.measure_steps, task=task or "tokens")
         predicted = measured["runtime_rss"] + estimate.total_memory
         print(f"measured here ({args.measure_steps} steps after a warm-up, through lmforge's Trainer):\n"
               f"  peak memory       {gib(measured['peak_rss'])} resident, predicted {gib(predicted)} "

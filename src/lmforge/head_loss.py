@@ -81,11 +81,12 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: f
             if cap > 0:
                 slope = torch.tanh(z.div_(cap))  # d(c tanh(u / c))/du = 1 - tanh(u / c)^2, kept for the backward
                 z = slope * cap
-            lse = torch.logsumexp(z, dim=-1)
-            loss += ((lse - z.gather(1, y[:, None])[:, 0]) * counted).sum()
+            picked = z.gather(1, y[:, None])[:, 0]
+            lse, sums = _exp_shifted_(z)  # z now holds exp(z - max)
+            loss += ((lse - picked) * counted).sum()
             if not (grad_h or grad_w):
                 continue
-            dz = z.sub_(lse[:, None]).exp_()  # softmax, in z's memory (z is not needed after this)
+            dz = z.div_(sums[:, None])  # softmax, in z's memory
             dz[torch.arange(len(y), device=dz.device), y] -= 1.0
             dz *= counted[:, None]
             if cap > 0:
@@ -121,6 +122,14 @@ def linear_cross_entropy_rows(h: torch.Tensor, weight: torch.Tensor, targets: to
     return torch.zeros(B, dtype=torch.float32, device=h.device).index_add_(0, where // T, losses)
 
 
+def _exp_shifted_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp of each row of z (M,), each row's sum of exp(z - its max) (M,)) of fp32 logits z (M, V), leaving
+    exp(z - max) in z's memory: torch.logsumexp(z) would hold another (M, V) temporary, as large as the chunk."""
+    top = z.amax(dim=-1, keepdim=True)
+    sums = z.sub_(top).exp_().sum(dim=-1)
+    return sums.log() + top[:, 0], sums
+
+
 def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The matrix products' dtype: autocast's when it is on (bf16-mixed), else the weight's."""
     kind = h.device.type
@@ -146,8 +155,9 @@ def _token_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
         for start in range(0, h.size(0), chunk):
             rows = slice(start, start + chunk)
             z, _ = _chunk_logits(h[rows].to(dtype), w, cap)
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            losses[rows] = lse[rows] - z.gather(1, targets[rows, None])[:, 0]
+            picked = z.gather(1, targets[rows, None])[:, 0]
+            lse[rows] = _exp_shifted_(z)[0]
+            losses[rows] = lse[rows] - picked
         return losses, lse
 
 

@@ -14,6 +14,14 @@ The counts, and where each comes from:
   activations         what autograd keeps for the backward pass, counted per token from lmforge's own blocks
                       (activation_elements); sdpa keeps no T x T matrix; with activation checkpointing only each
                       block's input is kept, plus one block's activations while it is recomputed
+  LoRA (lora.*)       the frozen base's weights, the adapters' weights, gradients and AdamW state, and each
+                      adapter's r-wide output per token on top of the full model's activations (an upper bound:
+                      a frozen matrix keeps no input for a weight gradient); the steps compute no weight gradients
+                      of the frozen matrices: 4N + 6 x adapters + attention FLOPs per token
+  preference data     (data.path's manifest, or --task preference) a batch of B pairs is 2B sequences; DPO and
+                      the other reference losses keep a frozen fp32 copy of the model (none with LoRA: the
+                      adapters turn off) and run its forward on every sequence: 2N + attention/3 more FLOPs per
+                      token; simpo and orpo keep and run no reference
   DDP / FSDP          DDP: every GPU holds everything, and its gradient buckets hold another fp32 copy of the
                       gradients; FSDP (full shard): weights, gradients and optimizer state are split over the GPUs,
                       plus the largest block gathered whole (two while the next one is prefetched)
@@ -41,7 +49,10 @@ import torch
 from lmforge.config import ModelConfig, RunConfig
 from lmforge.distributed import slow_half_warning
 from lmforge.errors import ConfigError
-from lmforge.model import count_parameters, flops_per_token
+from lmforge.model import GPT, count_parameters, flops_per_token
+from lmforge.preference_loss import PreferenceLoss
+
+TASKS = ("tokens", "sft", "classify", "preference")  # the kinds of training data (`lmforge prepare --task`)
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022: compute-optimal tokens grow with the parameters, ~20x
 
@@ -106,7 +117,11 @@ class Plan:
 
     parameters: int
     non_embedding_parameters: int
+    trained_parameters: int  # all of them, or LoRA's adapters
     flops_per_token: int
+    step_flops_per_token: int  # what a step computes per token: flops_per_token less LoRA's frozen weight
+    # gradients, plus a preference reference's forward
+    task: str
     tokens_per_step: int
     steps: int
     tokens: int
@@ -120,6 +135,8 @@ class Plan:
     optimizer: float
     activations: float
     activations_checkpointed: float
+    reference: float  # preference data: the frozen reference model's weights, per GPU
+    reference_forward: bool  # preference data: a reference's forward runs on every sequence
     device: str
     device_name: str
     device_memory: float
@@ -132,8 +149,8 @@ class Plan:
 
     @property
     def state(self) -> float:
-        """Weights, gradients and optimizer state, per GPU."""
-        return self.weights + self.gradients + self.optimizer
+        """Weights, gradients and optimizer state (and a preference reference's weights), per GPU."""
+        return self.weights + self.gradients + self.optimizer + self.reference
 
     @property
     def total_memory(self) -> float:
@@ -179,11 +196,29 @@ def machine_memory() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def lora_counts(config: RunConfig) -> tuple[int, int]:
+    """(adapter parameters, adapter activations per token) of config.lora on config.model: the model built on the
+    meta device and adapted as training adapts it; (0, 0) without lora."""
+    from lmforge.lora import LoRALinear, apply_lora
+
+    if config.lora is None:
+        return 0, 0
+    with torch.device("meta"):
+        model = apply_lora(GPT(config.model), config.lora)
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(len(m.lora) for m in adapters) * config.lora.r)  # each adapter keeps its r-wide A output
+
+
 def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", gpus: int = 1,
-         peak_tflops: Optional[float] = None, parallel: str = "ddp", mfu: Optional[float] = None) -> Plan:
+         peak_tflops: Optional[float] = None, parallel: str = "ddp", mfu: Optional[float] = None,
+         task: str = "tokens") -> Plan:
     """The estimate for training `config` on `gpus` devices of kind `device` (cpu | h100 | h200 | a100) for
-    `tokens` tokens (default: train.max_steps steps of batch_size x grad_accum x block_size per device).
-    `peak_tflops` replaces the device's peak (e.g. a GPU not in the table); `mfu` the assumed utilisation."""
+    `tokens` tokens (default: train.max_steps steps of batch_size x grad_accum x block_size per device; twice
+    that for preference data, whose batches count pairs) of `task` data (TASKS). `peak_tflops` replaces the
+    device's peak (e.g. a GPU not in the table); `mfu` the assumed utilisation."""
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r} is unknown: choose one of {', '.join(TASKS)}")
     if device not in DEVICES:
         raise ConfigError(f"--device {device!r} is unknown: choose one of {', '.join(DEVICES)}, or give "
                           "--peak-tflops F for another accelerator")
@@ -197,10 +232,22 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         raise ConfigError(f"--peak-tflops {peak_tflops} is invalid: give the accelerator's dense TFLOP/s, e.g. 989")
     if mfu is not None and not 0 < mfu <= 1:
         raise ConfigError(f"--mfu {mfu} is invalid: give a fraction in (0, 1], e.g. 0.4")
+    if config.lora is not None and gpus > 1 and parallel == "fsdp":
+        raise ConfigError("--parallel fsdp is not supported with lora.*: a LoRA run trains small adapters on a "
+                          "frozen base; plan it with --parallel ddp")
     m, t = config.model, config.train
     counts = count_parameters(m)
     fpt = flops_per_token(m, m.block_size)
-    tokens_per_step = t.batch_size * t.grad_accum * m.block_size * gpus
+    adapters, adapter_activations = lora_counts(config)
+    preference = task == "preference"
+    rows = 2 if preference else 1  # a preference batch of B pairs is 2B sequences
+    attention = 12 * m.n_layer * m.n_head * m.head_dim * m.block_size  # flops_per_token's attention term
+    matrices = (fpt - attention) // 6  # N: the weights in matrix products
+    step_fpt = fpt if config.lora is None else 4 * matrices + 6 * adapters + attention
+    runs_reference = preference and PreferenceLoss.of(t).needs_reference
+    if runs_reference:  # the reference's forward on every sequence (LoRA: the model with its adapters off)
+        step_fpt += 2 * matrices + attention // 3
+    tokens_per_step = t.batch_size * t.grad_accum * m.block_size * gpus * rows
     steps = t.max_steps if tokens is None else math.ceil(tokens / tokens_per_step)
     tokens = steps * tokens_per_step if tokens is None else tokens
     bf16 = t.precision in ("bf16-mixed", "bf16-compute")
@@ -209,18 +256,22 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     # state: fp32 weights and gradients, AdamW's two fp32 moments; bf16 adds the bf16 weight copies (autocast's, or
     # bf16-compute's)
     P = counts.total
-    weights, gradients, optimizer = P * (4 + 2 * bf16), 4.0 * P, 8.0 * P
+    trained = adapters if config.lora is not None else P
+    weights, gradients, optimizer = P * (4 + 2 * bf16) + 4.0 * adapters, 4.0 * trained, 8.0 * trained
+    reference = 4.0 * P if runs_reference and config.lora is None else 0.0  # a frozen fp32 copy, no autocast cache
     largest_block = (counts.non_embedding - m.n_embd * (2 if m.bias and m.norm == "layernorm" else 1)) / m.n_layer
     if gpus > 1 and parallel == "ddp":
-        gradients += 4.0 * P  # DDP's buckets: a second fp32 copy of the gradients, all-reduced in place
+        gradients += 4.0 * trained  # DDP's buckets: a second fp32 copy of the gradients, all-reduced in place
     elif gpus > 1:  # FSDP full shard: 1/K of everything, plus the gathered block (and the prefetched next one)
         gathered = 2 * largest_block * (4 + 2 * bf16)
         weights, gradients, optimizer = weights / gpus + gathered, gradients / gpus + gathered, optimizer / gpus
+        reference /= gpus  # sharded like the policy; its gathered blocks come and go with the policy's
 
     # activations of one micro-batch: bf16-mixed keeps the matrix products' inputs and outputs in bf16
     fused = t.loss_chunk > 0 and m.head != "classify"
     block, head = activation_elements(m, m.block_size, fused)
-    micro_tokens = t.batch_size * m.block_size
+    micro_tokens = t.batch_size * m.block_size * rows
+    block += adapter_activations / m.n_layer  # LoRA: each adapter's A output (a head adapter's counted with them)
     act_block = micro_tokens * block * (3.0 if bf16 else 4.0)  # bf16: about half the tensors are bf16
     act_head = micro_tokens * head * 4.0  # the loss is computed in fp32
     if fused:
@@ -249,19 +300,20 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         if not bf16:
             notes.append("fp32 at the TF32 tensor-core rate; bf16-mixed (--precision bf16-mixed) doubles the peak")
     mfu = mfu or assumed
-    compute_time = fpt * tokens_per_step / gpus / (peak * mfu)
+    compute_time = step_fpt * tokens_per_step / gpus / (peak * mfu)
     # memory-bound work: AdamW reads and writes 16 B per parameter; the element-wise ops (norms, activations,
     # softmax, residual adds) write each kept activation in the forward pass, read it and write and read its
     # gradient in the backward pass: about 4 passes over the activations
-    optimizer_bytes = 2 * 16.0 * P / (gpus if parallel == "fsdp" else 1)
+    optimizer_bytes = 2 * 16.0 * trained / (gpus if parallel == "fsdp" else 1)
     memory_time = (optimizer_bytes + 4 * activations * t.grad_accum) / bandwidth
     step_time = compute_time + memory_time
     estimate = Plan(
-        parameters=P, non_embedding_parameters=counts.non_embedding, flops_per_token=fpt,
-        tokens_per_step=tokens_per_step, steps=steps, tokens=tokens, total_flops=float(fpt) * tokens,
+        parameters=P, non_embedding_parameters=counts.non_embedding, trained_parameters=trained, flops_per_token=fpt,
+        step_flops_per_token=step_fpt, task=task, tokens_per_step=tokens_per_step, steps=steps, tokens=tokens,
+        total_flops=float(step_fpt) * tokens,
         compute_optimal_tokens=CHINCHILLA_TOKENS_PER_PARAMETER * P, precision=t.precision, parallel=parallel,
         gpus=gpus, weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
-        activations_checkpointed=checkpointed, device=device, device_name=name, device_memory=memory, peak_flops=peak,
+        activations_checkpointed=checkpointed, reference=reference, reference_forward=runs_reference, device=device, device_name=name, device_memory=memory, peak_flops=peak,
         mfu=mfu, bandwidth=bandwidth, step_time=step_time, total_time=step_time * tokens / tokens_per_step, notes=notes)
     where = "this machine's RAM" if device == "cpu" else f"the {gpus if gpus > 1 else ''} {name}'s memory".replace("  ", " ")
     if estimate.total_memory_checkpointed > memory:
@@ -289,16 +341,22 @@ def duration(seconds: float) -> str:
 def format_plan(p: Plan) -> str:
     """The plan as the lines `lmforge plan` prints."""
     per = "per GPU, " if p.gpus > 1 else ""
+    trained = f", {p.trained_parameters:,} trained (LoRA)" if p.trained_parameters != p.parameters else ""
+    reasons = ((["no weight gradients of the frozen matrices"] if trained else [])
+               + (["the reference's forward on every sequence"] if p.reference_forward else []))
+    step = f"; these steps {p.step_flops_per_token:,} ({', '.join(reasons)})" if reasons else ""
+    pairs = " (preference pairs: 2 sequences each)" if p.task == "preference" else ""
     lines = [
-        f"parameters          {p.parameters:,} total, {p.non_embedding_parameters:,} non-embedding",
-        f"FLOPs per token     {p.flops_per_token:,} (6N + attention, forward and backward)",
+        f"parameters          {p.parameters:,} total, {p.non_embedding_parameters:,} non-embedding{trained}",
+        f"FLOPs per token     {p.flops_per_token:,} (6N + attention, forward and backward){step}",
         f"training tokens     {p.tokens:,} = {p.steps:,} steps x {p.tokens_per_step:,} tokens "
-        f"(compute-optimal: ~{p.compute_optimal_tokens:,}, 20 per parameter)",
+        f"(compute-optimal: ~{p.compute_optimal_tokens:,}, 20 per parameter){pairs}",
         f"training FLOPs      {p.total_flops:.3e}",
         f"memory ({per}{p.precision}, {p.parallel if p.gpus > 1 else 'one device'})",
         f"  weights           {gib(p.weights)}",
         f"  gradients         {gib(p.gradients)}",
         f"  optimizer (AdamW) {gib(p.optimizer)}",
+        *([f"  frozen reference  {gib(p.reference)}"] if p.reference else []),
         f"  activations       {gib(p.activations)} ({gib(p.activations_checkpointed)} with activation checkpointing)",
         f"  total             {gib(p.total_memory)} ({gib(p.total_memory_checkpointed)} with checkpointing), "
         f"of {gib(p.device_memory)}",
@@ -326,33 +384,59 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def measure(config: RunConfig, steps: int = 3) -> dict[str, float]:
+def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str, float]:
     """Run 1 + `steps` real training steps of `config` here through lmforge's Trainer on random tokens, in this
-    process (CPU, Linux): {"runtime_rss": the resident bytes of everything but the model once the Trainer is built
-    (Python, torch, lmforge's training code, the allocator's arenas: what a plan does not count), "peak_rss": the
-    peak resident bytes of the steps, "step_time": median seconds of the timed steps (the first one warms up)}.
-    The plan's prediction of the peak is runtime_rss + Plan.total_memory."""
+    process (CPU, Linux): {"runtime_rss": the resident bytes of everything but the model (and a preference
+    reference) once the Trainer is built (Python, torch, lmforge's training code, the allocator's arenas: what a
+    plan does not count), "peak_rss": the peak resident bytes of the steps, "step_time": median seconds of the
+    timed steps (the first one warms up)}. The plan's prediction of the peak is runtime_rss + Plan.total_memory.
+
+    task "preference" trains on random pairs (batches of train.batch_size pairs, half of each sequence prompt);
+    LoRA and a preference loss with a reference start from a random model saved in a temporary directory as
+    train.init_from. Other tasks train as token data (the plan counts them alike)."""
+    import tempfile
+
     import numpy as np
 
-    from lmforge.data.batches import TokenBatches
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.data.batches import ExampleBatches, Examples, TokenBatches
     from lmforge.train import Trainer
 
     if steps < 1:
         raise ConfigError(f"--measure-steps {steps} is invalid: use 1 or more")
+    if task not in TASKS:
+        raise ConfigError(f"--task {task!r} is unknown: choose one of {', '.join(TASKS)}")
     m, t = config.model, config.train
-    config = dataclasses.replace(config, train=dataclasses.replace(t, device="cpu", max_steps=steps + 1))
-    length = (t.batch_size * t.grad_accum * (steps + 1) + 1) * (m.block_size + 1)
-    tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=length, dtype=np.int64).astype(np.uint32)
-    trainer = Trainer(config, train_data=TokenBatches(tokens, m.block_size, t.batch_size, seed=0), val_batches=[],
-                      progress=False, tensorboard=False)
-    weights = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
-    runtime = status_kib("VmRSS") * 1024 - weights  # Python, torch, the trainer's code and allocator arenas
-    reset_peak_rss()
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        trainer.train_step()
-        trainer.step += 1
-        times.append(time.perf_counter() - start)
+    preference = task == "preference"
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="lmforge-measure-") as tmp:
+        train = dataclasses.replace(t, device="cpu", max_steps=steps + 1, run_dir=str(Path(tmp) / "run"),
+                                    save_interval=0, plot=False)
+        if config.lora is not None or (preference and PreferenceLoss.of(t).needs_reference):
+            torch.manual_seed(t.seed)
+            train = dataclasses.replace(train, init_from=str(save_checkpoint(
+                Path(tmp) / "base", 0, GPT(m), None, RunConfig(model=m), {"tokens_seen": 0})))
+        config = dataclasses.replace(config, train=train)
+        if preference:  # 2 rows a pair, each block_size + 1 tokens, the first half prompt
+            rows, length = 2 * t.batch_size * t.grad_accum * (steps + 1), m.block_size + 1
+            examples = Examples(rng.integers(0, m.vocab_size, size=rows * length).astype(np.uint32),
+                                np.arange(rows + 1, dtype=np.int64) * length, np.full(rows, length // 2))
+            data: Any = ExampleBatches(examples, m.block_size, t.batch_size, seed=0, pairs=True)
+        else:
+            length = (t.batch_size * t.grad_accum * (steps + 1) + 1) * (m.block_size + 1)
+            data = TokenBatches(rng.integers(0, m.vocab_size, size=length, dtype=np.int64).astype(np.uint32),
+                                m.block_size, t.batch_size, seed=0)
+        trainer = Trainer(config, train_data=data, val_batches=[], progress=False, tensorboard=False,
+                          task={"task": "preference", "template": None} if preference else None)
+        models = [trainer.raw_model] + ([trainer.reference] if trainer.reference is not None else [])
+        weights = sum(p.numel() * p.element_size() for model in models for p in model.parameters())
+        runtime = status_kib("VmRSS") * 1024 - weights  # Python, torch, the trainer's code and allocator arenas
+        reset_peak_rss()
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            trainer.train_step()
+            trainer.step += 1
+            times.append(time.perf_counter() - start)
     return {"runtime_rss": float(runtime), "peak_rss": float(status_kib("VmHWM") * 1024),
             "step_time": statistics.median(times[1:])}

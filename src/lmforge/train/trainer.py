@@ -315,12 +315,14 @@ class Trainer:
     progress / tensorboard: switch the progress bar and TensorBoard events off (tests).
     on_eval: called after each evaluation with (step, the measurements: val_loss, task metrics), on every process;
     it may raise StopTraining to stop the run there (a sweep reports each evaluation to its trial this way).
+    task: with train_data, what a prepared directory's manifest would say of it ({"task": "preference",
+    "template": None}: train_data's batches are pairs; lmforge.plan.measure trains on random pairs this way).
     """
 
     def __init__(self, config: RunConfig, *, train_data: Optional[Batches] = None,
                  val_batches: Optional[ValBatches] = None, tokenizer_file: Optional[str | Path] = None,
                  model: Optional[nn.Module] = None, progress: bool = True, tensorboard: bool = True,
-                 on_eval: Optional[EvalHook] = None) -> None:
+                 on_eval: Optional[EvalHook] = None, task: Optional[dict[str, Any]] = None) -> None:
         tc = config.train
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
@@ -334,7 +336,7 @@ class Trainer:
             print(f"warning: {slow}", file=sys.stderr, flush=True)
         self.data_manifest_sha256: Optional[str] = None
         self.val_examples: Optional[Any] = None  # sft data: val Examples for task_eval_every
-        self.task: Optional[dict[str, Any]] = None  # task data's {"task", "template"}: generate/serve apply the same
+        self.task: Optional[dict[str, Any]] = task  # task data's {"task", "template"}: generate/serve apply the same
         config, init_ckpt = with_init_model(config)
         if train_data is None:
             data = build_data(config, self.dist)
