@@ -1,7 +1,8 @@
 """How close `lmforge plan` comes to real training runs on this CPU, and the plan of four model sizes.
 
-Accuracy: for char-small, llama-small and gpt2-124m (random weights, random tokens), each in a fresh process with one
-torch thread, `lmforge.plan.plan` predicts the peak resident memory and the step time of training on this CPU, and
+Accuracy: for char-small, llama-small and gpt2-124m (random weights, random tokens), and gpt2-124m fine-tuned with LoRA,
+with DPO on random pairs and with both (lmforge.plan.measure starts them from a random base), each in a fresh
+process with one torch thread, `lmforge.plan.plan` predicts the peak resident memory and the step time of training on this CPU, and
 `lmforge.plan.measure` runs 1 + --steps real steps through lmforge's Trainer (forward, backward, clipping, AdamW).
 Predicted peak RSS = what the process holds besides the model once the Trainer is built (measured) + the plan's
 weights, gradients, optimizer state and activations. Targets (issue 12): memory within 20%, step time within 30%.
@@ -41,6 +42,12 @@ MEASURED = {  # name: overrides of `lmforge train` (a few steps each, one thread
     "char-small": {"preset": "char-small", "model.vocab_size": 65, "train.batch_size": 12},
     "llama-small": {"preset": "llama-small", "model.vocab_size": 8192, "train.batch_size": 4},
     "gpt2-124m": {"preset": "gpt2-124m", "train.batch_size": 1},
+    # fine-tuning (plan and measure start from a random base): LoRA r 8 on q and v, DPO on 1 pair (2 sequences) with
+    # its frozen reference, and the two together (the reference is the model with its adapters off)
+    "gpt2-124m-lora": {"preset": "gpt2-124m", "train.batch_size": 1, "lora.r": 8, "train.init_from": "random"},
+    "gpt2-124m-dpo": {"preset": "gpt2-124m", "train.batch_size": 1, "task": "preference"},
+    "gpt2-124m-lora-dpo": {"preset": "gpt2-124m", "train.batch_size": 1, "lora.r": 8, "train.init_from": "random",
+                           "task": "preference"},
 }
 TABLE = {  # name: overrides; batch of about 0.5M tokens per step on the H100 through grad_accum
     "char-small": {"preset": "char-small", "model.vocab_size": 65, "train.batch_size": 64},
@@ -71,12 +78,15 @@ def config(overrides: dict, **more: object):
 
 def child(name: str, steps: int) -> dict:
     """Plan and measure one config in this (fresh) process."""
-    cfg = config(MEASURED[name])
-    predicted = plan(cfg, device="cpu")
-    measured = measure(cfg, steps)
+    overrides = dict(MEASURED[name])
+    task = overrides.pop("task", "tokens")
+    cfg = config(overrides)
+    predicted = plan(cfg, device="cpu", task=task)
+    measured = measure(cfg, steps, task=task)
     memory = measured["runtime_rss"] + predicted.total_memory
     return {
-        "parameters": predicted.parameters, "batch_size": cfg.train.batch_size, "block_size": cfg.model.block_size,
+        "parameters": predicted.parameters, "trained_parameters": predicted.trained_parameters, "task": task,
+        "batch_size": cfg.train.batch_size, "block_size": cfg.model.block_size,
         "predicted_peak_rss_mib": round(memory / 2 ** 20, 1),
         "measured_peak_rss_mib": round(measured["peak_rss"] / 2 ** 20, 1),
         "runtime_rss_mib": round(measured["runtime_rss"] / 2 ** 20, 1),

@@ -21,23 +21,9 @@ from lmforge.data.tasks import load_examples
 from lmforge.errors import ConfigError
 from lmforge.eval.preference import evaluate_preference
 from lmforge.preference_loss import LOSSES, PreferenceLoss
-from lmforge.tokenizer import Tokenizer
 from lmforge.train import Trainer
-from test_preference import LOG2, dpo, prepare_pairs, preference_records
-from test_tasks import make_base, reverse_records, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_base(tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
-def pairs(base, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("pairs")
-    assert prepare_pairs(base, root / "data", write_jsonl(root / "p.jsonl", preference_records(300)),
-                         extra=("--split", "0.8,0.1,0.1")) == 0
-    return root / "data"
+from test_preference import LOG2, base, dpo, pairs  # noqa: F401  (base, pairs: the module's fixtures too)
+from test_tasks import reverse_records, write_jsonl
 
 
 @pytest.fixture(scope="module")
