@@ -1,4 +1,4 @@
-"""A DPO training step: lmforge's Trainer against TRL's DPOTrainer on the same model, reference and pairs (CPU).
+"""A DPO (or SimPO) training step: lmforge's Trainer against TRL's trainer on the same model and pairs (CPU).
 
 The model is gpt2-124m-shaped with random weights and GPT-2's 50,257-token vocabulary, saved once as an lmforge
 checkpoint (the base, with the byte tokenizer: every id is below 259, the head still scores all 50,257) and
@@ -16,12 +16,18 @@ tokens and two completions of --completion tokens, so each row scores --completi
   trainer.training_step (TRL's loss with its fused LM head, accelerate's backward), clipping to 1.0 and the optimizer
   TRL's trainer creates, the loop transformers' Trainer runs.
 
+--loss simpo (SimPO, no reference: lmforge's train.preference_loss simpo against TRL's CPOTrainer with loss_type
+simpo and cpo_alpha 0, its pure SimPO; beta 2, gamma 0.5 for both): the same steps without the reference, the pairs
+taken in order by both (lmforge's data.sampling sequential), batches of the same token ids built as TRL's own
+tokenize_row builds them (labels -100 on the prompt), so the first step's losses must agree.
+
 Each variant runs in a fresh subprocess, so its peak resident memory is its own (VmHWM reset once everything is
 built); variants alternate over --rounds, so a change in the machine's load falls on all of them. The first step of
 each process is a warm-up and is not timed. Also checked: the first step's loss is log 2 for all three (policy =
 reference; TRL's within rounding, its policy and reference passes taking different paths).
 
     python benchmarks/dpo_step.py --json-out benchmarks/results/dpo_step-cpu.json
+    python benchmarks/dpo_step.py --loss simpo --json-out benchmarks/results/simpo_step-cpu.json
     python benchmarks/dpo_step.py --layers 2 --width 64 --heads 2 --vocab 512 --prompt 16 --completion 8   # quick
 """
 
@@ -54,7 +60,7 @@ from lmforge.train import Trainer  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 VARIANTS = ("lmforge", "lmforge-whole-logits", "trl")
-LR, BETA = 1e-5, 0.1
+LR, BETA, SIMPO_BETA, SIMPO_GAMMA = 1e-5, 0.1, 2.0, 0.5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step, per process")
     p.add_argument("--rounds", type=int, default=2, help="fresh processes per variant, taking turns")
     p.add_argument("--threads", type=int, default=1, help="torch threads per variant")
+    p.add_argument("--loss", choices=("dpo", "simpo"), default="dpo",
+                   help="dpo: against TRL's DPOTrainer; simpo: against TRL's CPOTrainer (loss_type simpo)")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: VARIANT,WORK_DIR
     return p.parse_args(argv)
@@ -110,6 +118,9 @@ def lmforge_step(variant: str, root: Path, args: argparse.Namespace):
                  "train.num_threads": args.threads, "train.batch_size": args.pairs, "train.max_steps": args.steps + 1,
                  "train.seed": 0, "train.dpo_beta": BETA, "optim.lr": LR, "optim.min_lr": LR, "optim.warmup_steps": 0,
                  "train.eval_interval": 0, "train.plot": False}
+    if args.loss == "simpo":  # no reference; the pairs in order, as TRL's rows below
+        overrides.update({"train.preference_loss": "simpo", "train.dpo_beta": SIMPO_BETA,
+                          "train.simpo_gamma": SIMPO_GAMMA, "data.sampling": "sequential"})
     if variant == "lmforge-whole-logits":
         overrides["train.loss_chunk"] = 0
     trainer = Trainer(load_run_config(None, {k: str(v) for k, v in overrides.items()}), progress=False,
@@ -164,10 +175,67 @@ def trl_step(root: Path, args: argparse.Namespace):
     return step
 
 
+def trl_simpo_step(root: Path, args: argparse.Namespace):
+    """TRL's CPOTrainer (loss_type simpo, cpo_alpha 0) on the HF export; the pairs in order, each batch the keys
+    its concatenated_forward reads, as its tokenize_row and collator make them: prompt + completion ids, attention
+    masks, labels -100 on the prompt, right padding (labels -100, ids the pad token)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    policy = AutoModelForCausalLM.from_pretrained(root / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    config = CPOConfig(output_dir=str(root / f"trl-{os.getpid()}"), beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA,
+                       loss_type="simpo", cpo_alpha=0.0, report_to=[], use_cpu=True, learning_rate=LR,
+                       max_grad_norm=1.0, bf16=False, gradient_checkpointing=False,
+                       per_device_train_batch_size=args.pairs, dataloader_num_workers=0)
+    trainer = CPOTrainer(model=policy, args=config, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": "ab\n", "chosen": "AB", "rejected": "ab"}]))
+    optimizer = trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    ex = load_examples(root / "data", "train")
+    pad = tokenizer.pad_token_id
+
+    def padded(rows: list[list[int]], value: int, width: int) -> torch.Tensor:
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+    def batch(first: int) -> dict:
+        out: dict = {}
+        seqs = {}
+        for side, offset in (("chosen", 0), ("rejected", 1)):
+            rows, labels = [], []
+            for i in range(first, first + args.pairs):
+                e = 2 * i + offset
+                ids, p = ex.tokens[ex.offsets[e]:ex.offsets[e + 1]].tolist(), int(ex.prompt_lengths[e])
+                rows.append(ids)
+                labels.append([-100] * p + ids[p:])
+            seqs[side] = (rows, labels)
+        width = max(len(r) for rows, _ in seqs.values() for r in rows)
+        for side, (rows, labels) in seqs.items():
+            out[f"{side}_input_ids"] = padded(rows, pad, width)
+            out[f"{side}_attention_mask"] = padded([[1] * len(r) for r in rows], 0, width)
+            out[f"{side}_labels"] = padded(labels, -100, width)
+        return out
+    count = [0]
+
+    def step() -> float:
+        inputs = batch(count[0] * args.pairs)
+        count[0] += 1
+        loss = trainer.training_step(trainer.model, inputs)
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+    return step
+
+
 def measure(variant: str, root: Path, args: argparse.Namespace) -> dict:
     """Build `variant`, run 1 + args.steps steps; peak training RSS, step times, losses."""
     torch.set_num_threads(args.threads)
-    step = trl_step(root, args) if variant == "trl" else lmforge_step(variant, root, args)
+    if variant == "trl":
+        step = trl_simpo_step(root, args) if args.loss == "simpo" else trl_step(root, args)
+    else:
+        step = lmforge_step(variant, root, args)
     rss_built = status_kib("VmRSS")
     reset_peak_rss()
     times, losses = [], []
@@ -220,17 +288,21 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"n_layer": args.layers, "n_embd": args.width, "n_head": args.heads, "vocab_size": args.vocab,
                   "block_size": args.block, "weights": "random"},
         "pairs_per_step": args.pairs, "prompt_tokens": args.prompt, "completion_tokens": args.completion + 1,
-        "timed_steps_per_process": args.steps, "rounds": args.rounds, "threads": args.threads, "beta": BETA,
+        "timed_steps_per_process": args.steps, "rounds": args.rounds, "threads": args.threads, "loss": args.loss,
+        "beta": SIMPO_BETA if args.loss == "simpo" else BETA,
+        **({"simpo_gamma": SIMPO_GAMMA} if args.loss == "simpo" else {}),
         "fp32_logits_of_the_rows_mib": round(rows_logits_mib, 1), "variants": results,
-        # policy = reference at the first step: log 2, up to the rounding of two ways of summing the same terms
-        "first_step_losses_within_1e-4_of_log_2": all(abs(loss - math.log(2)) < 1e-4
-                                                      for v in results.values() for loss in v["first_step_loss"]),
         "step_time_lmforge_over_trl": round(ours["step_seconds_median"] / trl["step_seconds_median"], 3),
         "step_time_whole_logits_over_trl": round(whole["step_seconds_median"] / trl["step_seconds_median"], 3),
         "peak_rss_lmforge_over_trl": round(ours["peak_training_rss_mib"] / trl["peak_training_rss_mib"], 3),
         "peak_rss_lmforge_over_whole_logits": round(ours["peak_training_rss_mib"] / whole["peak_training_rss_mib"],
                                                     3),
     }
+    first = [loss for v in results.values() for loss in v["first_step_loss"]]
+    if args.loss == "dpo":  # policy = reference at the first step: log 2, up to the rounding of two ways of summing
+        summary["first_step_losses_within_1e-4_of_log_2"] = all(abs(loss - math.log(2)) < 1e-4 for loss in first)
+    else:  # the same model on the same first pairs: the same SimPO loss
+        summary["first_step_losses_within_1e-4"] = max(first) - min(first) < 1e-4
     print(json.dumps(summary, indent=2))
     if args.json_out:
         atomic_write_text(Path(args.json_out), json.dumps(summary, indent=2) + "\n")

@@ -382,3 +382,25 @@ def test_watermark_shakespeare_scores_marked_and_unmarked_samples(tmp_path):
     assert results["bias 2"]["median_z"]["60"] > results["none"]["median_z"]["60"]
     assert all(r["nll_per_token"] > 0 for r in results.values())
     assert set(results["none"]["over_threshold_unique"]) == {"30", "60"}  # each repeated pair once, too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+def test_dpo_step_trains_lmforge_and_trl_alike(tmp_path, loss):
+    """benchmarks/dpo_step.py on a tiny model: DPO's first step is log 2 for every variant (policy = reference);
+    SimPO's three variants (fused head, whole logits, TRL's CPOTrainer) take the same pairs in order and give the
+    same loss at every step, updates included."""
+    out = tmp_path / f"{loss}.json"
+    summary = load("dpo_step").main(["--layers", "2", "--width", "64", "--heads", "2", "--vocab", "512", "--prompt",
+                                     "16", "--completion", "8", "--rounds", "1", "--loss", loss, "--json-out",
+                                     str(out)])
+    assert summary["loss"] == loss and json.loads(out.read_text()) == summary
+    variants = summary["variants"]
+    assert set(variants) == {"lmforge", "lmforge-whole-logits", "trl"}
+    if loss == "dpo":
+        assert summary["first_step_losses_within_1e-4_of_log_2"]
+    else:
+        assert summary["first_step_losses_within_1e-4"] and summary["simpo_gamma"] == 0.5
+        ours, theirs = (variants[v]["runs"][0]["losses"] for v in ("lmforge", "trl"))
+        assert len(ours) == 3 and ours == pytest.approx(theirs, abs=1e-5) and ours[0] != pytest.approx(ours[1])
+    assert all(v["peak_training_rss_mib"] > 0 and v["step_seconds_median"] > 0 for v in variants.values())
