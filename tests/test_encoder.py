@@ -260,7 +260,7 @@ def test_an_encoder_fine_tunes_into_a_classifier_through_the_task_path(encoder_r
     assert main(["prepare", str(tmp_path / "r.jsonl"), "--task", "classify", "--tokenizer", str(run), "--out",
                  str(tmp_path / "data"), "--keep-duplicates"]) == 0
     trainer = Trainer(tiny_config(tmp_path / "cls", **{"data.path": str(tmp_path / "data"), "train.init_from": str(run),
-                                                       "train.max_steps": 40, "train.batch_size": 8,
+                                                       "train.max_steps": 80, "train.batch_size": 8,
                                                        "train.eval_interval": 20, "optim.lr": 1e-2}),
                       progress=False, tensorboard=False)
     trainer.fit()
