@@ -155,12 +155,9 @@ def trl_step(root: Path, args: argparse.Namespace):
     trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets before its loop calls training_step
     ex = load_examples(root / "data", "train")
     rows = []
-    for i in range(0, len(ex), 2):
-        row = {}
-        for e, name in ((i, "chosen_ids"), (i + 1, "rejected_ids")):
-            ids, p = ex.tokens[ex.offsets[e]:ex.offsets[e + 1]].tolist(), int(ex.prompt_lengths[e])
-            row["prompt_ids"], row[name] = ids[:p], ids[p:]
-        rows.append(row)
+    for i in range(0, len(ex), 2):  # a pair: chosen then rejected, one prompt
+        prompt, chosen = ex.prompt_and_completion(i)
+        rows.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": ex.prompt_and_completion(i + 1)[1]})
     collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
     count = [0]
 
@@ -206,9 +203,9 @@ def trl_simpo_step(root: Path, args: argparse.Namespace):
             rows, labels = [], []
             for i in range(first, first + args.pairs):
                 e = 2 * i + offset
-                ids, p = ex.tokens[ex.offsets[e]:ex.offsets[e + 1]].tolist(), int(ex.prompt_lengths[e])
-                rows.append(ids)
-                labels.append([-100] * p + ids[p:])
+                prompt, completion = ex.prompt_and_completion(e)
+                rows.append(prompt + completion)
+                labels.append([-100] * len(prompt) + completion)
             seqs[side] = (rows, labels)
         width = max(len(r) for rows, _ in seqs.values() for r in rows)
         for side, (rows, labels) in seqs.items():

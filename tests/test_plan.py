@@ -261,21 +261,28 @@ def test_plan_reads_the_task_from_the_datas_manifest_and_says_what_it_counted(tm
     assert "is not a readable manifest" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("settings", [{"train.preference_loss": "dpo"}, {"lora.r": 4, "train.init_from": "base"}])
-def test_measure_trains_random_preference_pairs_and_lora_from_a_random_base(settings, monkeypatch):
-    """--measure of preference data and of LoRA: real Trainer steps on random pairs (2 sequences each, the frozen
-    reference built and run) and on adapters over a random base saved for the purpose, in a temporary directory."""
+@pytest.fixture
+def built(monkeypatch) -> list:
+    """Every Trainer built while the test runs, in order (measure() builds its own and keeps none)."""
     import lmforge.train.trainer as trainer_module
-    from lmforge.plan import measure
 
-    built = []
+    trainers = []
     real = trainer_module.Trainer.__init__
 
     def spy(self, *args, **kwargs):
         real(self, *args, **kwargs)
-        built.append(self)
+        trainers.append(self)
 
     monkeypatch.setattr(trainer_module.Trainer, "__init__", spy)
+    return trainers
+
+
+@pytest.mark.parametrize("settings", [{"train.preference_loss": "dpo"}, {"lora.r": 4, "train.init_from": "base"}])
+def test_measure_trains_random_preference_pairs_and_lora_from_a_random_base(settings, built):
+    """--measure of preference data and of LoRA: real Trainer steps on random pairs (2 sequences each, the frozen
+    reference built and run) and on adapters over a random base saved for the purpose, in a temporary directory."""
+    from lmforge.plan import measure
+
     task = "preference" if "train.preference_loss" in settings else "tokens"
     cfg = config(**{"train.num_threads": 1, **settings})
     measured = measure(cfg, steps=1, task=task)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from lmforge.plan import format_plan, plan
-from test_plan import B, C, L, T, config, hand_parameters
+from test_plan import B, C, L, T, built, config, hand_parameters  # noqa: F401  (built: a fixture)
 
 
 def test_the_printed_plan_names_pairs_and_a_reference_only_where_they_are():
@@ -33,20 +33,11 @@ def test_the_printed_plan_names_pairs_and_a_reference_only_where_they_are():
 
 
 @pytest.mark.parametrize("loss", ["dpo", "orpo"])
-def test_measure_trains_half_prompt_pairs_and_saves_a_base_only_for_a_reference(loss, monkeypatch):
+def test_measure_trains_half_prompt_pairs_and_saves_a_base_only_for_a_reference(loss, built):
     """--measure's random pairs: each sequence's first half is prompt (no loss), the rest completion; a base model
     is saved as train.init_from only when the loss runs a reference."""
-    import lmforge.train.trainer as trainer_module
     from lmforge.plan import measure
 
-    built = []
-    real = trainer_module.Trainer.__init__
-
-    def spy(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        built.append(self)
-
-    monkeypatch.setattr(trainer_module.Trainer, "__init__", spy)
     measure(config(**{"train.num_threads": 1, "train.preference_loss": loss}), steps=1, task="preference")
     trainer = built[-1]
     examples = trainer.train_data.examples

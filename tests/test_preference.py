@@ -71,14 +71,25 @@ def dpo(run_dir: Path, data: Path, base: Path, **overrides: object):
 def decoded_pairs(data: Path, split: str) -> list[tuple[list[int], list[int], list[int], list[int]]]:
     """(chosen prompt ids, chosen completion ids, rejected prompt ids, rejected completion ids) of every pair."""
     ex = load_examples(data, split)
+    return [ex.prompt_and_completion(i) + ex.prompt_and_completion(i + 1) for i in range(0, len(ex), 2)]
+
+
+def trl_rows(examples: Examples, reference: torch.nn.Module | None = None) -> list[dict]:
+    """The pairs as the token-id rows TRL's DataCollatorForPreference takes (prompt_ids, chosen_ids, rejected_ids),
+    with a reference model: also ref_chosen_logps / ref_rejected_logps, each completion's summed log-probability
+    under that Hugging Face model's own forward (float64 log-softmax), for TRL's precomputed-reference path."""
     rows = []
-    for i in range(0, len(ex), 2):
-        parts = []
-        for e in (i, i + 1):
-            ids = ex.tokens[ex.offsets[e]:ex.offsets[e + 1]].tolist()
-            p = int(ex.prompt_lengths[e])
-            parts += [ids[:p], ids[p:]]
-        rows.append(tuple(parts))
+    for i in range(0, len(examples), 2):
+        row = {}
+        for e, side in ((i, "chosen"), (i + 1, "rejected")):
+            prompt, completion = examples.prompt_and_completion(e)
+            row["prompt_ids"], row[f"{side}_ids"] = prompt, completion
+            if reference is not None:
+                ids, p = prompt + completion, len(prompt)
+                with torch.no_grad():
+                    logp = reference(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+                row[f"ref_{side}_logps"] = sum(float(logp[t - 1, ids[t]]) for t in range(p, len(ids)))
+        rows.append(row)
     return rows
 
 
@@ -374,14 +385,7 @@ def test_the_val_loss_and_rewards_equal_trls_dpo_trainer_on_the_same_weights(tra
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
-    ex = load_examples(pairs, "val")
-    rows = []
-    for i in range(0, len(ex), 2):
-        row = {}
-        for e, name in ((i, "chosen_ids"), (i + 1, "rejected_ids")):
-            ids, p = ex.tokens[ex.offsets[e]:ex.offsets[e + 1]].tolist(), int(ex.prompt_lengths[e])
-            row["prompt_ids"], row[name] = ids[:p], ids[p:]
-        rows.append(row)
+    rows = trl_rows(load_examples(pairs, "val"))
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=trained.config.train.dpo_beta, loss_type=["sigmoid"],
                      report_to=[], use_cpu=True, max_length=None)
     trl = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=tokenizer,

@@ -22,7 +22,7 @@ from lmforge.errors import ConfigError
 from lmforge.eval.preference import evaluate_preference
 from lmforge.preference_loss import LOSSES, PreferenceLoss
 from lmforge.train import Trainer
-from test_preference import LOG2, base, dpo, pairs  # noqa: F401  (base, pairs: the module's fixtures too)
+from test_preference import LOG2, base, dpo, pairs, trl_rows  # noqa: F401  (base, pairs: the module's fixtures too)
 from test_tasks import reverse_records, write_jsonl
 
 
@@ -162,17 +162,7 @@ def test_the_reference_losses_equal_trls_dpo_trainer(orpo_run, base, pairs, tmp_
     hf_reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
     hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
     examples = load_examples(pairs, "val")
-    rows = []
-    for i in range(0, len(examples), 2):
-        row = {}
-        for e, name in ((i, "chosen_ids"), (i + 1, "rejected_ids")):
-            ids = examples.tokens[examples.offsets[e]:examples.offsets[e + 1]].tolist()
-            p = int(examples.prompt_lengths[e])
-            row["prompt_ids"], row[name] = ids[:p], ids[p:]
-            with torch.no_grad():
-                logp = hf_reference(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
-            row["ref_" + name.replace("_ids", "_logps")] = sum(float(logp[t - 1, ids[t]]) for t in range(p, len(ids)))
-        rows.append(row)
+    rows = trl_rows(examples, hf_reference)
     beta, eps = 0.5, (0.2 if kind == "robust" else 0.0)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=[kind], label_smoothing=eps,
                      report_to=[], use_cpu=True, max_length=None)

@@ -196,6 +196,12 @@ class Examples:
         """(n,) tokens per example."""
         return np.diff(self.offsets)
 
+    def prompt_and_completion(self, e: int) -> tuple[list[int], list[int]]:
+        """The token ids of example ``e`` (sft or preference) split where its loss starts: (prompt, completion)."""
+        ids = np.asarray(self.tokens[int(self.offsets[e]):int(self.offsets[e + 1])]).tolist()
+        p = int(self.prompt_lengths[e])
+        return ids[:p], ids[p:]
+
 
 def example_pair(examples: Examples, e: int) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and targets of sft example ``e`` of L tokens t: x = t[:-1], y = t[1:], with IGNORE_INDEX where

@@ -28,7 +28,8 @@ import numpy as np
 from lmforge.data.prepare import split_counts
 from lmforge.data.shards import SPLITS
 from lmforge.data.tasks import (MAX_LISTED_BAD, BadRecord, Encoded, Fields, _leakage, _read_records, _text,
-                                _write_task_dir, check_template_fields, encode_example, render_chat, render_prompt)
+                                _write_task_dir, check_template_fields, encode_example, render_chat, render_prompt,
+                                report_tail_lines)
 from lmforge.errors import DataError
 from lmforge.tokenizer import Tokenizer
 
@@ -167,10 +168,4 @@ def format_preference_report(report: dict) -> str:
     lines.append(f"records: {report['records']:,} read ({report['chat_records']:,} conversations), "
                  f"{report['bad_records']:,} bad (skipped), {report['duplicates']:,} duplicate(s) removed; "
                  f"template {report['template']!r}, max_length {report['max_length']}")
-    lines += [f"  bad {b['where']}: {b['reason']}" for b in report["bad"][:20]]
-    if report["bad_records"] > 20:
-        lines.append(f"  ... {report['bad_records'] - 20} more in report.json")
-    lk = report["leakage"]
-    lines.append(f"leakage ({lk['rule']}): val {lk['val']['leaked']}/{lk['val']['examples']}, "
-                 f"test {lk['test']['leaked']}/{lk['test']['examples']} pair(s)")
-    return "\n".join(lines)
+    return "\n".join(lines + report_tail_lines(report, "pair(s)"))

@@ -642,14 +642,7 @@ def format_task_report(report: dict) -> str:
     lines.append(f"records: {report['records']:,} read ({report['chat_records']:,} conversations), "
                  f"{report['bad_records']:,} bad (skipped), {report['duplicates']:,} duplicate(s) removed; "
                  f"template {report['template']!r}, max_length {report['max_length']}")
-    for b in report["bad"][:20]:
-        lines.append(f"  bad {b['where']}: {b['reason']}")
-    if report["bad_records"] > 20:
-        lines.append(f"  ... {report['bad_records'] - 20} more in report.json")
-    lk = report["leakage"]
-    lines.append(f"leakage ({lk['rule']}): val {lk['val']['leaked']}/{lk['val']['examples']}, "
-                 f"test {lk['test']['leaked']}/{lk['test']['examples']} example(s)")
-    return "\n".join(lines)
+    return "\n".join(lines + report_tail_lines(report, "example(s)"))
 
 
 def _format_classify_report(report: dict) -> str:
@@ -661,13 +654,19 @@ def _format_classify_report(report: dict) -> str:
     lines.append(f"records: {report['records']:,} read, {report['bad_records']:,} bad (skipped), "
                  f"{report['duplicates']:,} duplicate(s) removed, {report['conflicts']:,} text(s) with more than one "
                  f"label; {len(names)} labels, max_length {report['max_length']}")
-    lines += [f"  bad {b['where']}: {b['reason']}" for b in report["bad"][:20]]
-    if report["bad_records"] > 20:
-        lines.append(f"  ... {report['bad_records'] - 20} more in report.json")
+    return "\n".join(lines + report_tail_lines(report, "example(s)", rule="same text as a train example"))
+
+
+def report_tail_lines(report: dict, unit: str, rule: str | None = None) -> list[str]:
+    """The lines every task report ends with: the first bad records by place and reason, then the leakage count."""
+    shown = 20
+    lines = [f"  bad {b['where']}: {b['reason']}" for b in report["bad"][:shown]]
+    if report["bad_records"] > shown:
+        lines.append(f"  ... {report['bad_records'] - shown} more in report.json")
     lk = report["leakage"]
-    lines.append(f"leakage (same text as a train example): val {lk['val']['leaked']}/{lk['val']['examples']}, "
-                 f"test {lk['test']['leaked']}/{lk['test']['examples']} example(s)")
-    return "\n".join(lines)
+    lines.append(f"leakage ({rule or lk['rule']}): val {lk['val']['leaked']}/{lk['val']['examples']}, "
+                 f"test {lk['test']['leaked']}/{lk['test']['examples']} {unit}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -97,6 +97,5 @@ def evaluate_preference(model: nn.Module, reference: Optional[nn.Module], tokeni
 
 def _texts(tokenizer: Any, examples: Examples, e: int) -> tuple[str, str]:
     """(prompt text, completion text) of example e, special tokens dropped."""
-    a, b, p = int(examples.offsets[e]), int(examples.offsets[e + 1]), int(examples.prompt_lengths[e])
-    ids = np.asarray(examples.tokens[a:b]).tolist()
-    return tokenizer.decode(ids[:p]), tokenizer.decode(ids[p:])
+    prompt, completion = examples.prompt_and_completion(e)
+    return tokenizer.decode(prompt), tokenizer.decode(completion)
