@@ -159,17 +159,7 @@ def trl_step(root: Path, args: argparse.Namespace):
         prompt, chosen = ex.prompt_and_completion(i)
         rows.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": ex.prompt_and_completion(i + 1)[1]})
     collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
-    count = [0]
-
-    def step() -> float:
-        batch = collate(rows[count[0] * args.pairs:(count[0] + 1) * args.pairs])
-        count[0] += 1
-        loss = trainer.training_step(trainer.model, batch)
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
-    return step
+    return trl_training_step(trainer, optimizer, lambda k: collate(rows[k * args.pairs:(k + 1) * args.pairs]))
 
 
 def trl_simpo_step(root: Path, args: argparse.Namespace):
@@ -213,10 +203,16 @@ def trl_simpo_step(root: Path, args: argparse.Namespace):
             out[f"{side}_attention_mask"] = padded([[1] * len(r) for r in rows], 0, width)
             out[f"{side}_labels"] = padded(labels, -100, width)
         return out
+    return trl_training_step(trainer, optimizer, lambda k: batch(k * args.pairs))
+
+
+def trl_training_step(trainer, optimizer, batch):
+    """One step of a TRL trainer as transformers' Trainer loop runs it: training_step on batch(k) for the k-th call
+    (its loss and accelerate's backward), clipping to 1.0, the optimizer's step; returns the loss."""
     count = [0]
 
     def step() -> float:
-        inputs = batch(count[0] * args.pairs)
+        inputs = batch(count[0])
         count[0] += 1
         loss = trainer.training_step(trainer.model, inputs)
         torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
