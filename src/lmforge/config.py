@@ -530,6 +530,14 @@ class TrainConfig:
                                      noun="probability")
     simpo_gamma: float = doc("Preference data with preference_loss simpo: gamma, the reward margin SimPO aims for "
                              "(TRL's default 0.5).", 0.5, ge=0, le=100)
+    precompute_reference: bool = doc("Preference data with a reference loss (dpo, robust, hinge, ipo): score every "
+                                     "train and val completion with the frozen reference once, before the first "
+                                     "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
+                                     "fine-tuning then keeps no frozen copy of the model (a model's weights less "
+                                     "memory) and each step skips the reference's forward pass (about a quarter of "
+                                     "its compute); the scoring costs one forward pass over the data, at every "
+                                     "start (a resumed run scores again: the same reference, the same values).",
+                                     False)
     best_metric: BestMetric = doc("The measurement that picks the best checkpoint (kept by pruning, named at the end) "
                                   "and that patience follows: val_loss (lower is better), or a task metric (higher is "
                                   "better): val_accuracy, val_macro_f1 (classify data), val_bleu, val_chrf, val_rouge1, "

@@ -21,7 +21,7 @@ The counts, and where each comes from:
   preference data     (data.path's manifest, or --task preference) a batch of B pairs is 2B sequences; DPO and
                       the other reference losses keep a frozen fp32 copy of the model (none with LoRA: the
                       adapters turn off) and run its forward on every sequence: 2N + attention/3 more FLOPs per
-                      token; simpo and orpo keep and run no reference
+                      token; simpo and orpo keep and run no reference, nor does train.precompute_reference
   DDP / FSDP          DDP: every GPU holds everything, and its gradient buckets hold another fp32 copy of the
                       gradients; FSDP (full shard): weights, gradients and optimizer state are split over the GPUs,
                       plus the largest block gathered whole (two while the next one is prefetched)
@@ -244,7 +244,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     attention = 12 * m.n_layer * m.n_head * m.head_dim * m.block_size  # flops_per_token's attention term
     matrices = (fpt - attention) // 6  # N: the weights in matrix products
     step_fpt = fpt if config.lora is None else 4 * matrices + 6 * adapters + attention
-    runs_reference = preference and PreferenceLoss.of(t).needs_reference
+    # the reference's forward on every step, unless train.precompute_reference scored the data before the first one
+    runs_reference = preference and PreferenceLoss.of(t).needs_reference and not t.precompute_reference
     if runs_reference:  # the reference's forward on every sequence (LoRA: the model with its adapters off)
         step_fpt += 2 * matrices + attention // 3
     tokens_per_step = t.batch_size * t.grad_accum * m.block_size * gpus * rows
@@ -252,6 +253,9 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     tokens = steps * tokens_per_step if tokens is None else tokens
     bf16 = t.precision in ("bf16-mixed", "bf16-compute")
     notes = []
+    if preference and t.precompute_reference:
+        notes.append("train.precompute_reference: no frozen copy and no reference forward in the steps; the reference "
+                     "scores the data once before the first step (one forward pass over it, not counted here)")
 
     # state: fp32 weights and gradients, AdamW's two fp32 moments; bf16 adds the bf16 weight copies (autocast's, or
     # bf16-compute's)

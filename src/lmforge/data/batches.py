@@ -181,12 +181,15 @@ class Examples:
 
     tokens: (N,) integer ids; offsets: (n+1,) int64, example i is tokens[offsets[i]:offsets[i+1]];
     prompt_lengths: (n,) tokens at the start of each example that carry no loss (start token and prompt), or
-    None; labels: (n,) int64 class ids (classify), or None.
+    None; labels: (n,) int64 class ids (classify), or None. reference_logps: (n,) float32, preference data's
+    completion log-probabilities under the frozen reference when precomputed (train.precompute_reference), or None:
+    then every batch of pairs carries its rows' values as a third tensor (``pair_batch``).
     """
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, prompt_lengths: Optional[np.ndarray],
                  labels: Optional[np.ndarray] = None) -> None:
         self.tokens, self.offsets, self.prompt_lengths, self.labels = tokens, offsets, prompt_lengths, labels
+        self.reference_logps: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -367,7 +370,7 @@ class ExampleBatches:
         index = self.example_index(self.position + self.rank * self.batch_size, self.batch_size)
         self.position += self.batch_size * self.world_size
         if self.pairs:
-            return pad_examples(self.examples, pair_rows(index), self.pad_id)
+            return pair_batch(self.examples, index, self.pad_id)
         if self.examples.labels is not None:
             return pad_labelled_examples(self.examples, index, self.pad_id)
         return pad_examples(self.examples, index, self.pad_id)
@@ -409,6 +412,16 @@ def pair_rows(pairs: np.ndarray) -> np.ndarray:
     return np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
 
 
+def pair_batch(examples: Examples, pairs: np.ndarray, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """The batch of preference pairs ``pairs``: x, y of 2P rows (``pair_rows``, right-padded as ``pad_examples``),
+    and the rows' precomputed reference log-probabilities (2P,) when the examples have them."""
+    rows = pair_rows(pairs)
+    x, y = pad_examples(examples, rows, pad_id)
+    if examples.reference_logps is None:
+        return x, y
+    return x, y, torch.from_numpy(examples.reference_logps[rows])
+
+
 def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, num_batches: int, *,
                           rank: int = 0, world_size: int = 1, pad_id: int = 0,
                           pairs: bool = False) -> list[tuple[torch.Tensor, ...]]:
@@ -423,7 +436,7 @@ def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, 
         rows = [np.arange(g + rank * batch_size, min(g + (rank + 1) * batch_size, n))
                 for g in range(0, n, batch_size * world_size)]
         if pairs:
-            return [pad_examples(examples, pair_rows(index), pad_id) for index in rows if len(index)]
+            return [pair_batch(examples, index, pad_id) for index in rows if len(index)]
         return [pad_labelled_examples(examples, index, pad_id) for index in rows if len(index)]
     needed = -(-len(examples) // (batch_size * world_size))
     return [stream.next_batch() for _ in range(min(num_batches, needed))]

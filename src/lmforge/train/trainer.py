@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 from torch import nn
 
 from lmforge.allocator import keep_freed_memory
@@ -48,7 +49,8 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
 from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, lora_base
 from lmforge.checkpoint import has_optimizer_state, save_sharded_checkpoint
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
-from lmforge.data.batches import IGNORE_INDEX, Batches, TokenBatches, fixed_batches
+from lmforge.data.batches import (IGNORE_INDEX, Batches, TokenBatches, fixed_batches, fixed_example_batches,
+                                  pad_examples, pair_rows)
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
                                  barrier, full_state, gather_objects, is_sharded, no_sync, resolve_device,
                                  setup_distributed, slow_half_warning, teardown_distributed, unwrap)
@@ -120,6 +122,7 @@ class PreparedData:
     task: Optional[dict[str, Any]] = None  # task data: {"task", "template"} or {"task", "labels"}, into checkpoints
     label_counts: Optional[list[int]] = None  # classify data: train examples per label id (class weights)
     val_examples: Optional[Any] = None  # sft data: the val split's Examples (task metrics by generation)
+    val_pairs: Optional[Any] = None  # preference data: the val split's Examples (train.precompute_reference)
 
 
 def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
@@ -169,7 +172,7 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
     """Batches of whole examples from task data (`lmforge prepare --task sft`): the train stream right-padded
     to each batch's longest example (or packed, data.packing), labels IGNORE_INDEX on prompt tokens and padding;
     fixed val batches."""
-    from lmforge.data.batches import ExampleBatches, fixed_example_batches
+    from lmforge.data.batches import ExampleBatches
     from lmforge.data.tasks import load_examples, read_task_manifest
 
     data_dir = Path(config.data.path)
@@ -192,7 +195,7 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
     return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
                         _sha256_or_none(data_dir / "manifest.json"),
                         task={"task": manifest["task"], "template": manifest["template"]},
-                        val_examples=None if pairs else val_examples)
+                        val_examples=None if pairs else val_examples, val_pairs=val_examples if pairs else None)
 
 
 def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
@@ -212,10 +215,10 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
     if kind == "preference":
         check_preference_loss(tc)
     if kind != "preference" and (tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0 or tc.preference_loss != "dpo"
-                                 or tc.simpo_gamma != 0.5):
-        raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma set a preference "
-                          f"loss, but {config.data.path} is not preference data (`lmforge prepare --task "
-                          "preference`): drop them")
+                                 or tc.simpo_gamma != 0.5 or tc.precompute_reference):
+        raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / "
+                          f"precompute_reference set a preference loss, but {config.data.path} is not preference "
+                          "data (`lmforge prepare --task preference`): drop them")
     if not causal and objective == "clm" and kind is None:
         raise ConfigError("model.causal=false lets every position see the next token, so next-token training "
                           "(train.objective clm) would only learn to copy it: set train.objective mlm")
@@ -237,6 +240,9 @@ def check_preference_loss(tc: Any) -> None:
     if tc.simpo_gamma != 0.5 and name != "simpo":
         raise ConfigError(f"train.simpo_gamma is SimPO's margin, and train.preference_loss is {name}: drop it, or set "
                           "train.preference_loss simpo")
+    if tc.precompute_reference and not PreferenceLoss.of(tc).needs_reference:
+        raise ConfigError(f"train.precompute_reference scores the completions with the frozen reference, and "
+                          f"train.preference_loss {name} has none: drop it")
 
 
 def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
@@ -347,6 +353,9 @@ class Trainer:
                                 f"{init_ckpt} ({config.model.vocab_size}); prepare it with that model's tokenizer")
             train_data, val_batches, tokenizer_file = data.train, data.val, data.tokenizer_file
             self.data_manifest_sha256, self.task, self.val_examples = data.manifest_sha256, data.task, data.val_examples
+            val_pairs = data.val_pairs
+        else:
+            val_pairs = None  # given batches: val_batches, if any, as they are
         self.labels: Optional[list[str]] = None  # classify data: the label names, ids = their index
         self.val_metrics: dict[str, float] = {}  # classify: val_accuracy, val_macro_f1 of the last evaluation
         self.class_weights: Optional[torch.Tensor] = None  # (K,) train.class_weights: balanced
@@ -386,9 +395,11 @@ class Trainer:
         elif model is None and config.data.embedding_init != "none":
             self.embedding_report = init_token_embeddings(self.raw_model, config, self.tokenizer_file)
         # preference data: the frozen reference, the model as it starts (LoRA: the policy with its adapters off;
-        # none for a reference-free loss)
+        # none for a reference-free loss, or when its log-probabilities are computed now, once)
+        if self.preference and tc.precompute_reference:
+            self.precompute_reference(val_pairs, progress)
         self.reference = (frozen_reference(self.raw_model) if self.preference and config.lora is None
-                          and self.preference_loss.needs_reference else None)
+                          and self.preference_loss.needs_reference and not tc.precompute_reference else None)
         self.base: Optional[dict[str, str]] = None  # LoRA: {"path", "fingerprint"} of the frozen base (state.json)
         if config.lora is not None and init_ckpt is not None:  # RunConfig refuses lora without init_from
             self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
@@ -659,14 +670,49 @@ class Trainer:
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The preference loss's (loss, chosen reward, rejected reward) per pair of one batch of pairs
         (train/preference.py): the completions' log-probabilities under `model` and, without gradients, under the
-        frozen reference (unless the loss needs none)."""
-        policy = self.completion_logprobs(model, batch)
+        frozen reference (unless the loss needs none), or the reference's precomputed ones, the batch's third
+        tensor (train.precompute_reference)."""
+        policy = self.completion_logprobs(model, batch[:2])
         ref = None
-        if self.preference_loss.needs_reference:
+        if len(batch) == 3:
+            ref = self.to_device(batch[2])
+        elif self.preference_loss.needs_reference:
             with torch.no_grad(), reference_model(self.reference, self.raw_model) as reference:
                 ref = self.completion_logprobs(reference, batch)
         tokens = (batch[1] != IGNORE_INDEX).sum(dim=1).to(policy.device)  # each row's completion tokens
         return pair_terms(self.preference_loss, policy, ref, tokens)
+
+    def precompute_reference(self, val_pairs: Optional[Any], progress: bool) -> None:
+        """train.precompute_reference: every train (and val) completion's log-probability under the model as it
+        starts, the reference, with the train and val batches carrying their rows' values from now on. Called
+        before LoRA's adapters, FSDP or DDP touch the model; each process scores its share of the pairs."""
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        try:
+            self.train_data.examples.reference_logps = self.score_completions(model, self.train_data.examples, progress)
+            if val_pairs is not None:
+                val_pairs.reference_logps = self.score_completions(model, val_pairs, progress)
+                self.val_batches = fixed_example_batches(
+                    val_pairs, self.config.model.block_size, self.config.train.batch_size,
+                    self.config.train.eval_batches, rank=self.dist.rank, world_size=self.dist.world_size,
+                    pad_id=self.train_data.pad_id, pairs=True)
+        finally:
+            model.train(was_training)
+
+    def score_completions(self, model: nn.Module, examples: Any, progress: bool) -> np.ndarray:
+        """(n,) float32: each example's summed completion log-probability under `model`, in batches of
+        train.batch_size pairs in stored order, process r scoring batches r, r + W, ... (summed across them)."""
+        pairs, size = len(examples) // 2, self.config.train.batch_size
+        scores = torch.zeros(len(examples), dtype=torch.float64, device=self.device)
+        starts = range(self.dist.rank * size, pairs, size * self.dist.world_size)
+        with torch.no_grad():
+            for first in tqdm(starts, desc="scoring completions with the reference", unit="batch", leave=False,
+                              dynamic_ncols=True, disable=not (progress and self.dist.is_main)):
+                rows = pair_rows(np.arange(first, min(first + size, pairs)))
+                scores[torch.from_numpy(rows).to(self.device)] = self.completion_logprobs(
+                    model, pad_examples(examples, rows, self.train_data.pad_id)).double()
+        return all_reduce_sum(scores, self.dist).float().cpu().numpy()
 
     def completion_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(rows,) each row's summed log-probability of its labels: the head fused with the loss row by row
