@@ -190,6 +190,11 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-simpo-gamma-negative", ["train", "--data", str(data), "--train.simpo_gamma", "-1"], "train.simpo_gamma"),
         ("train-orpo-on-token-data", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r-orpo"),
                                       "--device", "cpu", "--train.preference_loss", "orpo"], "is not preference data"),
+        ("train-precompute-reference-on-token-data", ["train", "--preset", "tiny", "--data", str(data), "--run-dir",
+                                                     str(ws / "r-pre"), "--device", "cpu",
+                                                     "--train.precompute_reference", "true"], "is not preference data"),
+        ("train-precompute-reference-not-a-bool", ["train", "--data", str(data), "--train.precompute_reference",
+                                                   "maybe"], "train.precompute_reference"),
         ("prepare-preference-same-completions", ["prepare", str(ws / "same-pair.jsonl"), "--task", "preference",
                                                  "--tokenizer", str(run), "--out", str(ws / "o-pref")],
          "same-pair.jsonl:2: 'chosen' and 'rejected' are the same text"),
@@ -444,7 +449,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 129
+N_CASES = 131
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
