@@ -16,6 +16,11 @@ tokens and two completions of --completion tokens, so each row scores --completi
   trainer.training_step (TRL's loss with its fused LM head, accelerate's backward), clipping to 1.0 and the optimizer
   TRL's trainer creates, the loop transformers' Trainer runs.
 
+--precompute (DPO): the reference scores every pair before the first step in both, and neither keeps it:
+lmforge's train.precompute_reference, TRL's precompute_ref_log_probs with no ref_model (its compute_ref_log_probs on
+each batch of the rows, what its precompute pass runs); both take the pairs in order, so every step's loss must
+agree. The scoring pass is timed apart (build_seconds), not in the steps.
+
 --loss simpo (SimPO, no reference: lmforge's train.preference_loss simpo against TRL's CPOTrainer with loss_type
 simpo and cpo_alpha 0, its pure SimPO; beta 2, gamma 0.5 for both): the same steps without the reference, the pairs
 taken in order by both (lmforge's data.sampling sequential), batches of the same token ids built as TRL's own
@@ -28,6 +33,7 @@ reference; TRL's within rounding, its policy and reference passes taking differe
 
     python benchmarks/dpo_step.py --json-out benchmarks/results/dpo_step-cpu.json
     python benchmarks/dpo_step.py --loss simpo --json-out benchmarks/results/simpo_step-cpu.json
+    python benchmarks/dpo_step.py --precompute --json-out benchmarks/results/dpo_step-precomputed-cpu.json
     python benchmarks/dpo_step.py --layers 2 --width 64 --heads 2 --vocab 512 --prompt 16 --completion 8   # quick
 """
 
@@ -78,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     p.add_argument("--loss", choices=("dpo", "simpo"), default="dpo",
                    help="dpo: against TRL's DPOTrainer; simpo: against TRL's CPOTrainer (loss_type simpo)")
+    p.add_argument("--precompute", action="store_true",
+                   help="dpo: the reference scores the pairs before the first step, in both (lmforge's "
+                        "train.precompute_reference, TRL's precompute_ref_log_probs): no frozen copy is kept")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: VARIANT,WORK_DIR
     return p.parse_args(argv)
@@ -123,6 +132,8 @@ def lmforge_step(variant: str, root: Path, args: argparse.Namespace):
                           "train.simpo_gamma": SIMPO_GAMMA, "data.sampling": "sequential"})
     if variant == "lmforge-whole-logits":
         overrides["train.loss_chunk"] = 0
+    if args.precompute:  # and the pairs in order, as TRL's rows: the same batches, so the same losses every step
+        overrides.update({"train.precompute_reference": True, "data.sampling": "sequential"})
     trainer = Trainer(load_run_config(None, {k: str(v) for k, v in overrides.items()}), progress=False,
                       tensorboard=False)
 
@@ -141,14 +152,15 @@ def trl_step(root: Path, args: argparse.Namespace):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     policy = AutoModelForCausalLM.from_pretrained(root / "hf")
-    reference = AutoModelForCausalLM.from_pretrained(root / "hf")
+    # --precompute: no reference model; TRL scores with the policy as it starts (what its precompute does)
+    reference = None if args.precompute else AutoModelForCausalLM.from_pretrained(root / "hf")
     tokenizer = AutoTokenizer.from_pretrained(root / "hf")
     # the same work as lmforge's default: fp32 (TRL's default is bf16 autocast) and no activation checkpointing
     # (TRL's default recomputes each layer in the backward pass)
     config = DPOConfig(output_dir=str(root / f"trl-{os.getpid()}"), beta=BETA, loss_type=["sigmoid"], report_to=[],
                        use_cpu=True, learning_rate=LR, max_grad_norm=1.0, max_length=None, bf16=False,
                        gradient_checkpointing=False, per_device_train_batch_size=args.pairs,
-                       dataloader_num_workers=0)
+                       dataloader_num_workers=0, precompute_ref_log_probs=args.precompute)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=config, processing_class=tokenizer,
                          train_dataset=Dataset.from_list([{"prompt": "ab\n", "chosen": "AB", "rejected": "ab"}]))
     optimizer = trainer.create_optimizer()
@@ -159,6 +171,11 @@ def trl_step(root: Path, args: argparse.Namespace):
         prompt, chosen = ex.prompt_and_completion(i)
         rows.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": ex.prompt_and_completion(i + 1)[1]})
     collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
+    if args.precompute:  # TRL's own scoring of each batch (compute_ref_log_probs, as its precompute pass calls it)
+        for first in range(0, len(rows), args.pairs):
+            chosen, rejected = trainer.compute_ref_log_probs(trainer.model, collate(rows[first:first + args.pairs]))
+            for row, c, r in zip(rows[first:first + args.pairs], chosen.tolist(), rejected.tolist()):
+                row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
     return trl_training_step(trainer, optimizer, lambda k: collate(rows[k * args.pairs:(k + 1) * args.pairs]))
 
 
@@ -225,10 +242,12 @@ def trl_training_step(trainer, optimizer, batch):
 def measure(variant: str, root: Path, args: argparse.Namespace) -> dict:
     """Build `variant`, run 1 + args.steps steps; peak training RSS, step times, losses."""
     torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
     if variant == "trl":
         step = trl_simpo_step(root, args) if args.loss == "simpo" else trl_step(root, args)
     else:
         step = lmforge_step(variant, root, args)
+    build_seconds = time.perf_counter() - t0  # with --precompute: the reference's scoring pass included
     rss_built = status_kib("VmRSS")
     reset_peak_rss()
     times, losses = [], []
@@ -237,7 +256,7 @@ def measure(variant: str, root: Path, args: argparse.Namespace) -> dict:
         losses.append(step())
         times.append(time.perf_counter() - t0)
     return {"peak_training_rss_mib": mib(status_kib("VmHWM")), "rss_after_build_mib": mib(rss_built),
-            "step_seconds": [round(t, 3) for t in times], "losses": losses}
+            "step_seconds": [round(t, 3) for t in times], "losses": losses, "build_seconds": round(build_seconds, 3)}
 
 
 def run_variant(variant: str, root: Path, argv: list[str]) -> dict:
@@ -255,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
         variant, root = args.child.split(",")
         print(json.dumps(measure(variant, Path(root), args)))
         return {}
+    if args.precompute and args.loss != "dpo":
+        raise SystemExit("--precompute scores with a reference, and --loss simpo has none: drop one")
     if args.prompt + args.completion + 1 > args.block:
         raise SystemExit(f"--prompt + --completion + 1 is above --block {args.block}: lower them")
     torch.set_num_threads(args.threads)
@@ -273,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
                             "rss_after_build_mib": max(d["rss_after_build_mib"] for d in done),
                             "step_seconds_median": round(statistics.median(t for d in done
                                                                            for t in d["step_seconds"][1:]), 3),
+                            "build_seconds_median": round(statistics.median(d["build_seconds"] for d in done), 3),
                             "first_step_loss": [d["losses"][0] for d in done], "runs": done}
     ours, whole, trl = (results[v] for v in VARIANTS)
     rows_logits_mib = 2 * args.pairs * (args.prompt + args.completion) * args.vocab * 4 / 2**20
@@ -282,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "block_size": args.block, "weights": "random"},
         "pairs_per_step": args.pairs, "prompt_tokens": args.prompt, "completion_tokens": args.completion + 1,
         "timed_steps_per_process": args.steps, "rounds": args.rounds, "threads": args.threads, "loss": args.loss,
+        "reference_precomputed": args.precompute,
         "beta": SIMPO_BETA if args.loss == "simpo" else BETA,
         **({"simpo_gamma": SIMPO_GAMMA} if args.loss == "simpo" else {}),
         "fp32_logits_of_the_rows_mib": round(rows_logits_mib, 1), "variants": results,
@@ -294,6 +317,10 @@ def main(argv: list[str] | None = None) -> dict:
     first = [loss for v in results.values() for loss in v["first_step_loss"]]
     if args.loss == "dpo":  # policy = reference at the first step: log 2, up to the rounding of two ways of summing
         summary["first_step_losses_within_1e-4_of_log_2"] = all(abs(loss - math.log(2)) < 1e-4 for loss in first)
+    if args.precompute:  # the same pairs in order and the same precomputed values: the same loss at every step
+        every = [loss for v in results.values() for d in v["runs"] for loss in d["losses"]]
+        steps = [[d["losses"][k] for v in results.values() for d in v["runs"]] for k in range(args.steps + 1)]
+        summary["losses_within_1e-4_at_every_step"] = bool(every) and all(max(s) - min(s) < 1e-4 for s in steps)
     else:  # the same model on the same first pairs: the same SimPO loss
         summary["first_step_losses_within_1e-4"] = max(first) - min(first) < 1e-4
     print(json.dumps(summary, indent=2))

@@ -385,16 +385,23 @@ def test_watermark_shakespeare_scores_marked_and_unmarked_samples(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+@pytest.mark.parametrize("loss", ["dpo", "simpo", "dpo-precomputed"])
 def test_dpo_step_trains_lmforge_and_trl_alike(tmp_path, loss):
     """benchmarks/dpo_step.py on a tiny model: DPO's first step is log 2 for every variant (policy = reference);
-    SimPO's three variants (fused head, whole logits, TRL's CPOTrainer) take the same pairs in order and give the
-    same loss at every step, updates included."""
+    SimPO's three variants (fused head, whole logits, TRL's CPOTrainer), and DPO's with the reference's values
+    precomputed, take the same pairs in order and give the same loss at every step, updates included."""
     out = tmp_path / f"{loss}.json"
+    precompute = loss == "dpo-precomputed"
+    loss = loss.removesuffix("-precomputed")
     summary = load("dpo_step").main(["--layers", "2", "--width", "64", "--heads", "2", "--vocab", "512", "--prompt",
                                      "16", "--completion", "8", "--rounds", "1", "--loss", loss, "--json-out",
-                                     str(out)])
+                                     str(out), *(["--precompute"] if precompute else [])])
     assert summary["loss"] == loss and json.loads(out.read_text()) == summary
+    assert summary["reference_precomputed"] == precompute
+    if precompute:
+        ours, theirs = (summary["variants"][v]["runs"][0]["losses"] for v in ("lmforge", "trl"))
+        assert summary["losses_within_1e-4_at_every_step"] and ours == pytest.approx(theirs, abs=1e-5)
+        assert ours[1] != pytest.approx(ours[2])
     variants = summary["variants"]
     assert set(variants) == {"lmforge", "lmforge-whole-logits", "trl"}
     if loss == "dpo":
