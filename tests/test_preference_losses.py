@@ -53,15 +53,31 @@ def by_hand(kind: str, pc: float, pr: float, rc: float, rr: float, nc: int, nr: 
             loss = -aw - beta * math.log(sigmoid(math.log(odds_w / odds_l)))
         return loss, beta * aw, beta * al
     m = beta * ((pc - rc) - (pr - rr))
+    r_w, r_l = beta * (pc - rc), beta * (pr - rr)  # each completion's implicit reward
     if kind == "dpo":
         loss = -(1 - eps) * math.log(sigmoid(m)) - eps * math.log(sigmoid(-m))
     elif kind == "robust":
         loss = (-(1 - eps) * math.log(sigmoid(m)) + eps * math.log(sigmoid(-m))) / (1 - 2 * eps)
     elif kind == "hinge":
         loss = max(0.0, 1.0 - m)
-    else:  # ipo
+    elif kind == "ipo":
         loss = ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2
-    return loss, beta * (pc - rc), beta * (pr - rr)
+    elif kind == "dpo_norm":
+        loss = -math.log(sigmoid(beta * ((pc - rc) / nc - (pr - rr) / nr)))
+    elif kind == "exo":  # KL(q || (1 - eps, eps)) over {chosen wins, rejected wins}, q = (sigmoid(m), sigmoid(-m))
+        q = sigmoid(m)
+        loss = q * math.log(q / (1 - eps)) + (1 - q) * math.log((1 - q) / eps)
+    elif kind == "nca":
+        loss = -math.log(sigmoid(r_w)) - 0.5 * math.log(sigmoid(-r_w)) - 0.5 * math.log(sigmoid(-r_l))
+    elif kind == "bco":
+        loss = -math.log(sigmoid(r_w)) - math.log(sigmoid(-r_l))
+    elif kind == "sppo_hard":  # the chosen log-ratio pulled to +1/(2 beta), the rejected to -1/(2 beta)
+        loss = ((pc - rc) - 1 / (2 * beta)) ** 2 + ((pr - rr) + 1 / (2 * beta)) ** 2
+    elif kind == "apo_zero":
+        loss = (1 - sigmoid(r_w)) + sigmoid(r_l)
+    else:  # apo_down
+        loss = sigmoid(r_w) + (1 - sigmoid(m))
+    return loss, r_w, r_l
 
 
 # ---------------------------------------------------------------------------------------------- the formulas
@@ -73,7 +89,7 @@ def test_each_loss_is_its_papers_formula_by_hand(kind):
     rc, rr = (x + torch.randn(n, generator=g, dtype=torch.float64) for x in (pc, pr))
     nc, nr = torch.randint(1, 12, (n,), generator=g), torch.randint(1, 12, (n,), generator=g)
     beta, gamma = 0.7, 0.4
-    eps = 0.2 if kind in ("dpo", "robust", "simpo") else 0.0
+    eps = 0.2 if kind in ("dpo", "robust", "exo", "simpo") else 0.0
     loss = PreferenceLoss(kind, beta, eps, gamma)
     ref = (rc, rr) if loss.needs_reference else ()
     got, chosen, rejected = loss(pc, pr, nc, nr, *ref)
@@ -143,10 +159,15 @@ def test_the_reference_free_losses_equal_trls_cpo_and_orpo_code(orpo_run, pairs,
     assert "reference_logp_accuracy" not in metrics and metrics["preference_loss"] == kind
 
 
-@pytest.mark.parametrize("kind", ["robust", "hinge", "ipo"])
+TRL_NAMES = {"robust": "robust", "hinge": "hinge", "ipo": "ipo", "dpo_norm": "sigmoid_norm", "exo": "exo_pair",
+             "nca": "nca_pair", "bco": "bco_pair", "sppo_hard": "sppo_hard", "apo_zero": "apo_zero",
+             "apo_down": "apo_down"}
+
+
+@pytest.mark.parametrize("kind", list(TRL_NAMES))
 def test_the_reference_losses_equal_trls_dpo_trainer(orpo_run, base, pairs, tmp_path, kind):
-    """TRL's DPOTrainer with loss_type robust / hinge / ipo on the Hugging Face export of the trained model, every
-    val pair fed as token ids through TRL's collator, with the reference's log-probabilities from the exported base
+    """TRL's DPOTrainer with the loss_type of each reference loss (TRL_NAMES) on the Hugging Face export of the
+    trained model, every val pair fed as token ids through TRL's collator, with the reference's log-probabilities from the exported base
     run by transformers itself: lmforge's evaluation gives the same loss and rewards (IPO's per-token normalisation
     counts the same completion tokens). (TRL's fused LM head on its ref_model was measured 2e-3 nats per completion
     away from transformers' own forward on the same weights, while on the policy it agrees to 1e-6: so the
@@ -163,8 +184,8 @@ def test_the_reference_losses_equal_trls_dpo_trainer(orpo_run, base, pairs, tmp_
     hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
     examples = load_examples(pairs, "val")
     rows = trl_rows(examples, hf_reference)
-    beta, eps = 0.5, (0.2 if kind == "robust" else 0.0)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=[kind], label_smoothing=eps,
+    beta, eps = 0.5, (0.2 if kind in ("robust", "exo") else 0.0)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=[TRL_NAMES[kind]], label_smoothing=eps,
                      report_to=[], use_cpu=True, max_length=None)
     trl = DPOTrainer(model=policy, ref_model=hf_reference, args=args, processing_class=hf_tokenizer,
                      train_dataset=Dataset.from_list([{"prompt": "ab\n", "chosen": "AB", "rejected": "ab"}]))
@@ -185,11 +206,17 @@ def test_the_reference_losses_equal_trls_dpo_trainer(orpo_run, base, pairs, tmp_
 
 
 # ---------------------------------------------------------------------------------------------- in the trainer
-@pytest.mark.parametrize("kind, first", [("robust", LOG2), ("hinge", 1.0), ("ipo", 0.25)])
+EXO_FIRST = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)  # KL((1/2, 1/2) || (0.8, 0.2))
+
+
+@pytest.mark.parametrize("kind, first", [("robust", LOG2), ("hinge", 1.0), ("ipo", 0.25), ("dpo_norm", LOG2),
+                                         ("exo", EXO_FIRST), ("nca", 2 * LOG2), ("bco", 2 * LOG2),
+                                         ("sppo_hard", 0.5), ("apo_zero", 1.0), ("apo_down", 1.0)])
 def test_a_reference_loss_starts_where_policy_equals_reference_and_learns(base, pairs, tmp_path, kind, first):
-    """At step 1 the policy is its reference: every margin is 0, so robust's loss is log 2 at any label smoothing,
-    hinge's 1, and IPO's (1 / (2 beta))^2 = 0.25 at beta 1; after 20 steps the chosen completion wins every pair."""
-    extra = {"train.dpo_label_smoothing": 0.2} if kind == "robust" else {}
+    """At step 1 the policy is its reference: every log-ratio is 0, so robust's loss is log 2 at any label
+    smoothing, hinge's 1, IPO's (1 / (2 beta))^2 = 0.25 at beta 1, EXO's KL of (1/2, 1/2) from (1 - eps, eps),
+    SPPO's 2 (1 / (2 beta))^2, ...; after 20 steps the chosen completion wins every pair."""
+    extra = {"train.dpo_label_smoothing": 0.2} if kind in ("robust", "exo") else {}
     trainer = Trainer(dpo(tmp_path / "run", pairs, base, **{"train.preference_loss": kind, "train.max_steps": 20,
                                                             "optim.warmup_steps": 5, **extra}),
                       progress=False, tensorboard=False)

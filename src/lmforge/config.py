@@ -514,10 +514,13 @@ class TrainConfig:
                              ge=1)
     choices_examples: int = doc("With choices_file: score its first N questions (the same ones each time).", 1000,
                                 ge=1, le=1_000_000)
-    preference_loss: Literal["dpo", "robust", "hinge", "ipo", "simpo", "orpo"] = doc(
+    preference_loss: Literal["dpo", "robust", "hinge", "ipo", "dpo_norm", "exo", "nca", "bco", "sppo_hard",
+                             "apo_zero", "apo_down", "simpo", "orpo"] = doc(
         "Preference data (`lmforge prepare --task preference`): the loss. dpo (Direct Preference Optimization), "
         "robust (DPO unbiased under dpo_label_smoothing's label noise), hinge (SLiC) and ipo (IPO: per-token "
-        "log-ratios held at a margin of 1/(2 beta)) train against the frozen train.init_from model; simpo (SimPO: "
+        "log-ratios held at a margin of 1/(2 beta)), and TRL's dpo_norm (DPO on per-token log-ratios), exo (EXO, "
+        "needs dpo_label_smoothing > 0), nca, bco (paired), sppo_hard, apo_zero and apo_down train against the "
+        "frozen train.init_from model; simpo (SimPO: "
         "per-token log-probabilities with a target margin simpo_gamma) and orpo (ORPO: next-token loss on the "
         "chosen completion plus beta times an odds-ratio term) need no reference model: less memory, a quarter less "
         "compute per step.", "dpo")
@@ -525,12 +528,13 @@ class TrainConfig:
                           "implicit reward is beta times the log-probability ratio; TRL's default 0.1); IPO's "
                           "regularisation tau, SimPO's reward scale, ORPO's weight lambda of its odds-ratio term.",
                           0.1, gt=0, le=100)
-    dpo_label_smoothing: float = doc("Preference data (dpo, robust, simpo): the probability that a pair's preference "
-                                     "is wrong (conservative DPO; 0 = plain DPO).", 0.0, ge=0, lt=0.5,
+    dpo_label_smoothing: float = doc("Preference data (dpo, robust, exo, simpo): the probability that a pair's "
+                                     "preference is wrong (conservative DPO; 0 = plain DPO; exo needs it above 0).",
+                                     0.0, ge=0, lt=0.5,
                                      noun="probability")
     simpo_gamma: float = doc("Preference data with preference_loss simpo: gamma, the reward margin SimPO aims for "
                              "(TRL's default 0.5).", 0.5, ge=0, le=100)
-    precompute_reference: bool = doc("Preference data with a reference loss (dpo, robust, hinge, ipo): score every "
+    precompute_reference: bool = doc("Preference data with a reference loss (all but simpo and orpo): score every "
                                      "train and val completion with the frozen reference once, before the first "
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
                                      "fine-tuning then keeps no frozen copy of the model (a model's weights less "
@@ -549,6 +553,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self, "train")
+        if self.preference_loss == "exo" and self.dpo_label_smoothing == 0:
+            raise ConfigError("train.preference_loss exo is the KL divergence from a smoothed label: set "
+                              "train.dpo_label_smoothing above 0 (the paper's 0.001)")
 
 
 # ---------------------------------------------------------------------------------------------- lora

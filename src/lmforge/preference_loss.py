@@ -23,6 +23,20 @@ mean per-token log-probability of each completion under the policy (its sum over
     ipo      (d - 1 / (2 beta))^2, d the per-token mean log-ratios' difference  IPO (Azar et al. 2023): the margin
              ((log pi(y_w) - log pi_ref(y_w)) / |y_w| - (same for y_l) / |y_l|)  is held at 1/(2 beta), never pushed
                                                                                 to infinity
+    dpo_norm -log sigmoid(beta d), d as IPO's                                  DPO on per-token log-ratios (TRL's
+                                                                                sigmoid_norm)
+    exo      q log(q / (1 - eps)) + (1 - q) log((1 - q) / eps), q = sigmoid(m)  EXO (Ji et al. 2024): the reverse KL
+                                                                                from the smoothed label (eps > 0)
+    nca      -log sigmoid(r_w) - log sigmoid(-r_w) / 2 - log sigmoid(-r_l) / 2  NCA (Chen et al. 2024), r_w, r_l each
+                                                                                completion's own reward
+    bco      -log sigmoid(r_w) - log sigmoid(-r_l)                              BCO's paired form (Jung et al. 2024,
+                                                                                without its running reward mean)
+    sppo_hard (r_w / beta - 1 / (2 beta))^2 + (r_l / beta + 1 / (2 beta))^2     SPPO (Wu et al. 2024) with hard
+                                                                                win probabilities 1 and 0
+    apo_zero 1 - sigmoid(r_w) + sigmoid(r_l)                                    APO (D'Oosterlinck et al. 2024): the
+                                                                                chosen up, the rejected down
+    apo_down sigmoid(r_w) + 1 - sigmoid(m)                                      APO for chosen completions worse than
+                                                                                the model's own: both down
     simpo    -(1 - eps) log sigmoid(beta (a_w - a_l) - gamma) - eps log sigmoid(...)   SimPO (Meng et al. 2024): no
                                                                                 reference, a target margin gamma
     orpo     -a_w - beta log sigmoid(log odds(y_w) - log odds(y_l)),           ORPO (Hong et al. 2024): no reference;
@@ -31,15 +45,17 @@ mean per-token log-probability of each completion under the policy (its sum over
 
 Rewards (what reward accuracy and margin are measured on): beta times the log-ratio to the reference for the
 reference losses, beta times a_w and a_l for simpo and orpo (as TRL's DPO, CPO and ORPO trainers log them).
-IPO's length normalisation is TRL's (its authors' own choice); ORPO's next-token term averages each chosen
-completion's tokens, then the pairs (the paper's; TRL's ORPOTrainer averages the batch's chosen tokens at once,
-the same with batches of one pair).
+The formulas from dpo_norm to apo_down are TRL's DPOTrainer loss types of the same names (sigmoid_norm, exo_pair,
+nca_pair, bco_pair, ...). IPO's length normalisation is TRL's (its authors' own choice); ORPO's next-token term
+averages each chosen completion's tokens, then the pairs (the paper's; TRL's ORPOTrainer averages the batch's
+chosen tokens at once, the same with batches of one pair).
 
 Imports only torch: the trainer trains on it and `lmforge eval` measures it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -47,9 +63,10 @@ import torch
 import torch.nn.functional as F
 
 IGNORED = -100  # the label of a position that is not part of the completion (prompt, padding)
-LOSSES = ("dpo", "robust", "hinge", "ipo", "simpo", "orpo")
+LOSSES = ("dpo", "robust", "hinge", "ipo", "dpo_norm", "exo", "nca", "bco", "sppo_hard", "apo_zero", "apo_down",
+          "simpo", "orpo")
 REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of the policy alone: no reference model is kept or run
-SMOOTHED = frozenset({"dpo", "robust", "simpo"})  # losses that take a label smoothing eps
+SMOOTHED = frozenset({"dpo", "robust", "exo", "simpo"})  # losses that take a label smoothing eps
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -91,6 +108,9 @@ class PreferenceLoss:
     def __post_init__(self) -> None:
         if self.kind not in LOSSES:
             raise ValueError(f"unknown preference loss {self.kind!r}: one of {', '.join(LOSSES)}")
+        if self.kind == "exo" and not 0.0 < self.label_smoothing < 0.5:
+            raise ValueError("exo is the KL divergence from a smoothed label: it needs a label smoothing in (0, 0.5) "
+                             "(train.dpo_label_smoothing; the paper's 1e-3)")
 
     @classmethod
     def of(cls, train: Any) -> "PreferenceLoss":
@@ -124,10 +144,27 @@ class PreferenceLoss:
         ratio_c = pc - reference_chosen.float()
         ratio_r = pr - reference_rejected.float()
         margin = beta * (ratio_c - ratio_r)
+        reward_c, reward_r = beta * ratio_c, beta * ratio_r
         if self.kind == "robust":
             loss = (-(1.0 - eps) * F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1.0 - 2.0 * eps)
         elif self.kind == "hinge":
             loss = torch.relu(1.0 - margin)
-        else:  # ipo
+        elif self.kind == "ipo":
             loss = (ratio_c / nc - ratio_r / nr - 1.0 / (2.0 * beta)) ** 2
-        return loss, beta * ratio_c.detach(), beta * ratio_r.detach()
+        elif self.kind == "dpo_norm":
+            loss = -F.logsigmoid(beta * (ratio_c / nc - ratio_r / nr))
+        elif self.kind == "exo":
+            q = torch.sigmoid(margin)
+            loss = (q * (F.logsigmoid(margin) - math.log1p(-eps))
+                    + (1.0 - q) * (F.logsigmoid(-margin) - math.log(eps)))
+        elif self.kind == "nca":
+            loss = -F.logsigmoid(reward_c) - 0.5 * F.logsigmoid(-reward_c) - 0.5 * F.logsigmoid(-reward_r)
+        elif self.kind == "bco":
+            loss = -F.logsigmoid(reward_c) - F.logsigmoid(-reward_r)
+        elif self.kind == "sppo_hard":
+            loss = (ratio_c - 0.5 / beta) ** 2 + (ratio_r + 0.5 / beta) ** 2
+        elif self.kind == "apo_zero":
+            loss = 1.0 - torch.sigmoid(reward_c) + torch.sigmoid(reward_r)
+        else:  # apo_down
+            loss = torch.sigmoid(reward_c) + 1.0 - torch.sigmoid(margin)
+        return loss, reward_c.detach(), reward_r.detach()

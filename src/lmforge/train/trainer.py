@@ -235,8 +235,8 @@ def check_preference_loss(tc: Any) -> None:
         raise ConfigError("train.early_exit_layer adds a next-token loss; preference data is trained with a "
                           "preference loss: drop train.early_exit_layer")
     if tc.dpo_label_smoothing and name not in SMOOTHED:
-        raise ConfigError(f"train.dpo_label_smoothing is used by the dpo, robust and simpo losses, not by {name}: "
-                          "drop it")
+        raise ConfigError(f"train.dpo_label_smoothing is used by the {', '.join(sorted(SMOOTHED))} losses, not by "
+                          f"{name}: drop it")
     if tc.simpo_gamma != 0.5 and name != "simpo":
         raise ConfigError(f"train.simpo_gamma is SimPO's margin, and train.preference_loss is {name}: drop it, or set "
                           "train.preference_loss simpo")
@@ -368,10 +368,10 @@ class Trainer:
             raise ConfigError(f"train.class_weights={tc.class_weights!r} weighs classes, but {config.data.path} is not "
                               "classify data (`lmforge prepare --task classify`); drop the setting")
         self.preference = self.task is not None and self.task["task"] == "preference"  # DPO (train/preference.py)
-        self.preference_loss = PreferenceLoss.of(tc)
         if self.preference:  # dropout off: the policy's log-probabilities must be comparable with the reference's
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
         check_objective(config, self.task)
+        self.preference_loss = PreferenceLoss.of(tc)
         check_selection(config.train, self.task)
         self.selection = BestTracker(tc.best_metric, tc.patience)  # the best checkpoint, and early stopping
         self.measured: dict[str, float] = {}  # the last evaluation's measurements (val_loss, task metrics)
