@@ -147,7 +147,8 @@ def test_a_bad_choice_is_one_line_listing_exactly_the_choices_of_the_type(sectio
 
 
 # other fields a choice needs so that the checks between fields pass
-CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2}, "train.preference_loss=exo": {"dpo_label_smoothing": 0.1}}
+CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2},
+                     "train.preference_loss=exo": {"dpo_label_smoothing": 0.1}}
 
 
 # other fields an edge value needs so that the checks between fields pass
