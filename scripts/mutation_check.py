@@ -263,13 +263,25 @@ MUTANTS = [
            "    yield policy  # mutant: the LoRA policy is its own reference, adapters on",
            ("tests/test_preference.py::test_the_first_step_loss_is_log_2_and_training_leaves_the_reference_alone",)),
     Mutant("reference-free-loss-keeps-a-reference", "train/trainer.py",
-           "and self.preference_loss.needs_reference else None)",
-           "else None)  # mutant: simpo / orpo still copy the model as a reference",
+           "and self.preference_loss.needs_reference and not tc.precompute_reference else None)",
+           "and not tc.precompute_reference else None)  # mutant: simpo / orpo still copy the model as a reference",
            ("tests/test_preference_losses.py::test_a_reference_free_loss_keeps_and_runs_no_reference",)),
     Mutant("ipo-counts-one-token-less", "preference_loss.py",
            "nc, nr = chosen_tokens.float().clamp(min=1)",
            "nc, nr = (chosen_tokens - 1).float().clamp(min=1)",  # mutant: the end token left out of the average
            ("tests/test_preference_losses.py::test_the_reference_losses_equal_trls_dpo_trainer[ipo]",)),
+    Mutant("precomputed-reference-values-on-other-rows", "data/batches.py",
+           "torch.from_numpy(examples.reference_logps[rows])",
+           "torch.from_numpy(examples.reference_logps[rows[::-1].copy()])",  # mutant: the batch's rows reversed
+           ("tests/test_preference_precompute.py::test_precomputed_reference_trains_and_evaluates_as_the_live_one",)),
+    Mutant("precompute-every-process-scores-the-first-share", "train/trainer.py",
+           "starts = range(self.dist.rank * size, pairs, size * self.dist.world_size)",
+           "starts = range(0, pairs, size * self.dist.world_size)",  # mutant: rank 1 scores rank 0's batches again
+           ("tests/test_preference_precompute.py::test_two_processes_score_their_shares_and_train_like_one",)),
+    Mutant("nca-weighs-the-chosen-push-down-fully", "preference_loss.py",
+           "loss = -F.logsigmoid(reward_c) - 0.5 * F.logsigmoid(-reward_c)",
+           "loss = -F.logsigmoid(reward_c) - F.logsigmoid(-reward_c)",
+           ("tests/test_preference_losses.py::test_each_loss_is_its_papers_formula_by_hand[nca]",)),
 ]
 
 
