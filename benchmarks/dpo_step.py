@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
         every = [loss for v in results.values() for d in v["runs"] for loss in d["losses"]]
         steps = [[d["losses"][k] for v in results.values() for d in v["runs"]] for k in range(args.steps + 1)]
         summary["losses_within_1e-4_at_every_step"] = bool(every) and all(max(s) - min(s) < 1e-4 for s in steps)
+        summary["loss_spread_per_step"] = [max(s) - min(s) for s in steps]
     else:  # the same model on the same first pairs: the same SimPO loss
         summary["first_step_losses_within_1e-4"] = max(first) - min(first) < 1e-4
     print(json.dumps(summary, indent=2))
