@@ -167,8 +167,8 @@ TRL_NAMES = {"robust": "robust", "hinge": "hinge", "ipo": "ipo", "dpo_norm": "si
 @pytest.mark.parametrize("kind", list(TRL_NAMES))
 def test_the_reference_losses_equal_trls_dpo_trainer(orpo_run, base, pairs, tmp_path, kind):
     """TRL's DPOTrainer with the loss_type of each reference loss (TRL_NAMES) on the Hugging Face export of the
-    trained model, every val pair fed as token ids through TRL's collator, with the reference's log-probabilities from the exported base
-    run by transformers itself: lmforge's evaluation gives the same loss and rewards (IPO's per-token normalisation
+    trained model, every val pair fed as token ids through TRL's collator, with the reference's log-probabilities
+    from the exported base run by transformers itself: lmforge's evaluation gives the same loss and rewards (IPO's per-token normalisation
     counts the same completion tokens). (TRL's fused LM head on its ref_model was measured 2e-3 nats per completion
     away from transformers' own forward on the same weights, while on the policy it agrees to 1e-6: so the
     reference's log-probabilities are handed to TRL as precomputed ones.)"""
