@@ -416,10 +416,9 @@ def test_splitting_the_batch_into_micro_batches_gives_the_same_losses(base, pair
     assert [loss for _, loss in split.history] == pytest.approx([loss for _, loss in whole.history], abs=1e-6)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_a_resumed_dpo_run_is_bit_identical(base, pairs, tmp_path, lora):
-    extra = {"train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3,
-             **({"lora.r": 4, "lora.targets": "q,v,mlp"} if lora else {})}
+def full_and_resumed(tmp_path: Path, pairs: Path, base: Path, **extra: object) -> tuple[Trainer, Trainer]:
+    """A 6-step run that saves and evaluates at step 3, and another resumed from that one checkpoint alone."""
+    extra = {"train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3, **extra}
     full = Trainer(dpo(tmp_path / "full", pairs, base, **extra), progress=False, tensorboard=False)
     full.fit()
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
@@ -428,6 +427,13 @@ def test_a_resumed_dpo_run_is_bit_identical(base, pairs, tmp_path, lora):
     resumed = Trainer(dpo(tmp_path / "resumed", pairs, base, **{**extra, "train.resume": "auto"}),
                       progress=False, tensorboard=False)
     resumed.fit()
+    return full, resumed
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_resumed_dpo_run_is_bit_identical(base, pairs, tmp_path, lora):
+    lora_settings = {"lora.r": 4, "lora.targets": "q,v,mlp"} if lora else {}
+    full, resumed = full_and_resumed(tmp_path, pairs, base, **lora_settings)
     assert [step for step, _ in resumed.history] == [4, 5, 6]
     assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 3]
     assert resumed.val_loss == full.val_loss and resumed.val_metrics == full.val_metrics

@@ -6,7 +6,6 @@ processes without changing a value."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from lmforge.errors import ConfigError
 from lmforge.preference_loss import sequence_logprobs
 from lmforge.train import Trainer
 from test_plan import built  # noqa: F401  (a fixture: the Trainers built)
-from test_preference import LOG2, base, dpo, pairs  # noqa: F401  (base, pairs: the module's fixtures)
+from test_preference import LOG2, base, dpo, full_and_resumed, pairs  # noqa: F401  (base, pairs: fixtures)
 
 LORA = {"lora.r": 4, "lora.targets": "q,v,mlp"}
 
@@ -62,16 +61,7 @@ def test_precomputed_reference_trains_and_evaluates_as_the_live_one(base, pairs,
 def test_a_resumed_run_scores_with_the_base_not_the_checkpoint(base, pairs, tmp_path):
     """A resume scores again with train.init_from's model (the policy at step 3 would give other values): the
     resumed steps and val measurements equal the uninterrupted run's bit for bit."""
-    extra = {"train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3,
-             "train.precompute_reference": True}
-    full = Trainer(dpo(tmp_path / "full", pairs, base, **extra), progress=False, tensorboard=False)
-    full.fit()
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003",
-                    tmp_path / "resumed" / "checkpoints" / "step-00000003")
-    resumed = Trainer(dpo(tmp_path / "resumed", pairs, base, **{**extra, "train.resume": "auto"}),
-                      progress=False, tensorboard=False)
-    resumed.fit()
+    full, resumed = full_and_resumed(tmp_path, pairs, base, **{"train.precompute_reference": True})
     assert [step for step, _ in resumed.history] == [4, 5, 6]
     assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 3]
     assert resumed.val_loss == full.val_loss and resumed.val_metrics == full.val_metrics
