@@ -6,6 +6,7 @@ processes without changing a value."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -121,3 +122,63 @@ def test_plan_counts_no_reference_copy_nor_forward_when_precomputed(built):
     measured = measure(config(**settings, **{"train.num_threads": 1}), steps=1, task="preference")
     assert measured["step_time"] > 0 and built[-1].reference is None
     assert built[-1].train_data.examples.reference_logps is not None
+
+
+def test_a_resume_reads_the_saved_scores_and_a_stale_or_broken_file_is_scored_again(base, pairs, tmp_path,
+                                                                                     monkeypatch):
+    """RUN_DIR/reference_logps.safetensors holds the scores a run made; a resume with the same base, data and
+    settings reads them instead of scoring (scoring is made to fail here, and the resumed steps still equal the
+    whole run's), while a file made under another key, or one that is not safetensors, is scored again."""
+    from lmforge.train.preference import SCORES_FILE, read_scores, write_scores
+
+    full, _ = full_and_resumed(tmp_path, pairs, base, **{"train.precompute_reference": True})
+    saved = tmp_path / "full" / SCORES_FILE
+    assert saved.is_file()
+    cached = json.loads(__import__("safetensors").safe_open(str(saved), "np").metadata()["key"])
+    scores = read_scores(saved, cached)
+    np.testing.assert_array_equal(scores["train"], full.train_data.examples.reference_logps)
+    assert set(scores) == {"train", "val"} and cached["sizes"]["train"] == len(full.train_data.examples)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored again although the saved scores fit")
+
+    resumed_dir = tmp_path / "again"
+    shutil.copytree(tmp_path / "full", resumed_dir)
+    monkeypatch.setattr(Trainer, "score_completions", refuse)
+    extra = {"train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3,
+             "train.precompute_reference": True, "train.resume": str(resumed_dir / "checkpoints" / "step-00000003")}
+    resumed = Trainer(dpo(resumed_dir, pairs, base, **extra), progress=False, tensorboard=False)
+    resumed.fit()
+    assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 3]
+    monkeypatch.undo()
+
+    for name, damage in (("stale", lambda p: write_scores(p, {**cached, "base": "another"}, {
+            k: np.zeros_like(v) for k, v in scores.items()})), ("broken", lambda p: p.write_bytes(b"not a file"))):
+        run = tmp_path / name
+        run.mkdir()
+        damage(run / SCORES_FILE)
+        trainer = Trainer(dpo(run, pairs, base, **{"train.precompute_reference": True}), progress=False,
+                          tensorboard=False)
+        np.testing.assert_array_equal(trainer.train_data.examples.reference_logps, scores["train"])
+        assert read_scores(run / SCORES_FILE, cached) is not None  # rewritten under the right key
+
+
+@pytest.mark.parametrize("change", [{"train.loss_chunk": 0}, {"train.batch_size": 5}, {"train.precision": "bf16-mixed"},
+                                    {}])
+def test_saved_scores_are_reused_only_under_the_same_arithmetic(base, pairs, tmp_path, monkeypatch, change):
+    """Another loss_chunk (whole logits), batch size (other padding) or precision scores again; the same settings
+    read the saved scores."""
+    first = Trainer(dpo(tmp_path / "run", pairs, base, **{"train.precompute_reference": True}), progress=False,
+                    tensorboard=False)
+    assert first.train_data.examples.reference_logps is not None
+    calls = []
+    real = Trainer.score_completions
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "score_completions", counted)
+    Trainer(dpo(tmp_path / "run", pairs, base, **{"train.precompute_reference": True, **change}), progress=False,
+            tensorboard=False)
+    assert len(calls) == (2 if change else 0)  # train and val scored again, or neither

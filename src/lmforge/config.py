@@ -539,8 +539,9 @@ class TrainConfig:
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
                                      "fine-tuning then keeps no frozen copy of the model (a model's weights less "
                                      "memory) and each step skips the reference's forward pass (about a quarter of "
-                                     "its compute); the scoring costs one forward pass over the data, at every "
-                                     "start (a resumed run scores again: the same reference, the same values).",
+                                     "its compute); the scoring costs one forward pass over the data, once: the "
+                                     "scores are kept in RUN_DIR/reference_logps.safetensors and a resume reads "
+                                     "them back (when base, data and settings are unchanged; else it scores again).",
                                      False)
     best_metric: BestMetric = doc("The measurement that picks the best checkpoint (kept by pruning, named at the end) "
                                   "and that patience follows: val_loss (lower is better), or a task metric (higher is "

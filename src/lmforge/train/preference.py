@@ -13,7 +13,10 @@ train.loss_chunk 0 from the whole logits (preference_loss.sequence_logprobs).
 
 The reference is the model the run starts from (train.init_from), frozen (none for simpo and orpo): a copy of it
 for full fine-tuning, and for LoRA the trained model itself with its adapters off (lmforge.lora.adapters_off),
-which costs no memory. A resumed run rebuilds it from train.init_from, so it never drifts. Dropout is off in
+which costs no memory. A resumed run rebuilds it from train.init_from, so it never drifts. With
+train.precompute_reference it scores every completion once instead, and RUN_DIR/reference_logps.safetensors keeps
+the scores (read_scores / write_scores): a resumed run reads them back when they were made by the same weights on
+the same data with the same arithmetic settings, else it scores again. Dropout is off in
 preference training (the trainer sets model.dropout 0, as TRL does): otherwise the policy's log-probabilities would
 be noisy against the reference's and the first step's loss would not be log 2.
 """
@@ -22,9 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections.abc import Iterator
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,3 +71,36 @@ def pair_terms(loss: PreferenceLoss, policy: torch.Tensor, reference: Optional[t
     chosen, rejected = slice(0, None, 2), slice(1, None, 2)  # rows 2k, 2k + 1
     ref = (None, None) if reference is None else (reference.detach()[chosen], reference.detach()[rejected])
     return loss(policy[chosen], policy[rejected], tokens[chosen], tokens[rejected], *ref)
+
+
+SCORES_FILE = "reference_logps.safetensors"  # in the run directory: train.precompute_reference's scores
+SCORES_FORMAT = "lmforge-reference-logps-v1"
+
+
+def read_scores(path: Path, key: dict[str, Any]) -> Optional[dict[str, np.ndarray]]:
+    """The scores {split: (n,) float32} saved at `path` under exactly `key` (format, the base's fingerprint, the
+    data's manifest, the settings that change the arithmetic, each split's size), or None: no file, another key, or
+    a file that cannot be read (it is a cache: scoring again is always right)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            saved = json.loads((f.metadata() or {}).get("key", "null"))
+            scores = {name: f.get_tensor(name) for name in f.keys()}
+    except (OSError, SafetensorError, ValueError, RecursionError):
+        return None
+    if saved != key or set(scores) != {k for k in key["sizes"]}:
+        return None
+    if any(scores[k].dtype != np.float32 or scores[k].shape != (n,) for k, n in key["sizes"].items()):
+        return None
+    return scores
+
+
+def write_scores(path: Path, key: dict[str, Any], scores: dict[str, np.ndarray]) -> None:
+    """Save `scores` with `key` (read_scores), atomically: a half-written file is never found."""
+    from safetensors.numpy import save
+
+    from lmforge.files import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in scores.items()},
+                                  metadata={"format": SCORES_FORMAT, "key": json.dumps(key, sort_keys=True)}))

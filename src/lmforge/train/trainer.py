@@ -66,7 +66,8 @@ from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
 from lmforge.train.precision import autocast, run_forward
-from lmforge.train.preference import frozen_reference, pair_terms, reference_model
+from lmforge.train.preference import (SCORES_FILE, SCORES_FORMAT, frozen_reference, pair_terms, read_scores,
+                                     reference_model, write_scores)
 from lmforge.train.schedule import build_schedule
 from lmforge.train.selection import BestTracker
 
@@ -685,20 +686,34 @@ class Trainer:
     def precompute_reference(self, val_pairs: Optional[Any], progress: bool) -> None:
         """train.precompute_reference: every train (and val) completion's log-probability under the model as it
         starts, the reference, with the train and val batches carrying their rows' values from now on. Called
-        before LoRA's adapters, FSDP or DDP touch the model; each process scores its share of the pairs."""
-        model = self.raw_model
-        was_training = model.training
-        model.eval()
-        try:
-            self.train_data.examples.reference_logps = self.score_completions(model, self.train_data.examples, progress)
-            if val_pairs is not None:
-                val_pairs.reference_logps = self.score_completions(model, val_pairs, progress)
-                self.val_batches = fixed_example_batches(
-                    val_pairs, self.config.model.block_size, self.config.train.batch_size,
-                    self.config.train.eval_batches, rank=self.dist.rank, world_size=self.dist.world_size,
-                    pad_id=self.train_data.pad_id, pairs=True)
-        finally:
-            model.train(was_training)
+        before LoRA's adapters, FSDP or DDP touch the model; each process scores its share of the pairs. The scores
+        are kept in RUN_DIR/reference_logps.safetensors and read back by a later start whose weights, data and
+        settings are the same (a resume); prepared data only (given batches are scored every time)."""
+        model, tc = self.raw_model, self.config.train
+        splits = {"train": self.train_data.examples, **({"val": val_pairs} if val_pairs is not None else {})}
+        path, key = self.run_dir / SCORES_FILE, None
+        if self.data_manifest_sha256 is not None:
+            key = {"format": SCORES_FORMAT, "base": base_fingerprint(model), "data": self.data_manifest_sha256,
+                   "precision": tc.precision, "loss_chunk": tc.loss_chunk, "batch_size": tc.batch_size,
+                   "sizes": {name: len(examples) for name, examples in splits.items()}}
+        scores = read_scores(path, key) if key is not None else None
+        if scores is None:
+            was_training = model.training
+            model.eval()
+            try:
+                scores = {name: self.score_completions(model, examples, progress) for name, examples in splits.items()}
+            finally:
+                model.train(was_training)
+            if key is not None and self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_scores(path, key, scores)
+        for name, examples in splits.items():
+            examples.reference_logps = scores[name]
+        if val_pairs is not None:
+            self.val_batches = fixed_example_batches(val_pairs, self.config.model.block_size, tc.batch_size,
+                                                     tc.eval_batches, rank=self.dist.rank,
+                                                     world_size=self.dist.world_size, pad_id=self.train_data.pad_id,
+                                                     pairs=True)
 
     def score_completions(self, model: nn.Module, examples: Any, progress: bool) -> np.ndarray:
         """(n,) float32: each example's summed completion log-probability under `model`, in batches of
