@@ -274,9 +274,9 @@ MUTANTS = [
            "torch.from_numpy(examples.reference_logps[rows])",
            "torch.from_numpy(examples.reference_logps[rows[::-1].copy()])",  # mutant: the batch's rows reversed
            ("tests/test_preference_precompute.py::test_precomputed_reference_trains_and_evaluates_as_the_live_one",)),
-    Mutant("precompute-every-process-scores-the-first-share", "train/trainer.py",
-           "starts = range(self.dist.rank * size, pairs, size * self.dist.world_size)",
-           "starts = range(0, pairs, size * self.dist.world_size)",  # mutant: rank 1 scores rank 0's batches again
+    Mutant("precompute-every-process-scores-the-first-share", "train/preference.py",
+           "starts = range(dist.rank * batch_size, pairs, batch_size * dist.world_size)",
+           "starts = range(0, pairs, batch_size * dist.world_size)",  # mutant: rank 1 scores rank 0's batches again
            ("tests/test_preference_precompute.py::test_two_processes_score_their_shares_and_train_like_one",)),
     Mutant("nca-weighs-the-chosen-push-down-fully", "preference_loss.py",
            "loss = -F.logsigmoid(reward_c) - 0.5 * F.logsigmoid(-reward_c)",

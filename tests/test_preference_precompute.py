@@ -17,6 +17,7 @@ from lmforge.data.batches import pad_examples
 from lmforge.data.tasks import load_examples
 from lmforge.errors import ConfigError
 from lmforge.preference_loss import sequence_logprobs
+import lmforge.train.trainer as trainer_module
 from lmforge.train import Trainer
 from test_plan import built  # noqa: F401  (a fixture: the Trainers built)
 from test_preference import LOG2, base, dpo, full_and_resumed, pairs  # noqa: F401  (base, pairs: fixtures)
@@ -144,7 +145,7 @@ def test_a_resume_reads_the_saved_scores_and_a_stale_or_broken_file_is_scored_ag
 
     resumed_dir = tmp_path / "again"
     shutil.copytree(tmp_path / "full", resumed_dir)
-    monkeypatch.setattr(Trainer, "score_completions", refuse)
+    monkeypatch.setattr(trainer_module, "score_pairs", refuse)
     extra = {"train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3,
              "train.precompute_reference": True, "train.resume": str(resumed_dir / "checkpoints" / "step-00000003")}
     resumed = Trainer(dpo(resumed_dir, pairs, base, **extra), progress=False, tensorboard=False)
@@ -172,13 +173,13 @@ def test_saved_scores_are_reused_only_under_the_same_arithmetic(base, pairs, tmp
                     tensorboard=False)
     assert first.train_data.examples.reference_logps is not None
     calls = []
-    real = Trainer.score_completions
+    real = trainer_module.score_pairs
 
-    def counted(self, *args, **kwargs):
+    def counted(*args, **kwargs):
         calls.append(1)
-        return real(self, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "score_completions", counted)
+    monkeypatch.setattr(trainer_module, "score_pairs", counted)
     Trainer(dpo(tmp_path / "run", pairs, base, **{"train.precompute_reference": True, **change}), progress=False,
             tensorboard=False)
     assert len(calls) == (2 if change else 0)  # train and val scored again, or neither

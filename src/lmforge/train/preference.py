@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmforge.data.batches import Examples, pad_examples, pair_rows
+from lmforge.distributed import DistInfo, all_reduce_sum
 from lmforge.lora import adapters_off, is_adapted
 from lmforge.preference_loss import PreferenceLoss
 
@@ -104,3 +106,21 @@ def write_scores(path: Path, key: dict[str, Any], scores: dict[str, np.ndarray])
 
     atomic_write_bytes(path, save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in scores.items()},
                                   metadata={"format": SCORES_FORMAT, "key": json.dumps(key, sort_keys=True)}))
+
+
+def score_pairs(logprobs: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor], examples: Examples,
+                batch_size: int, pad_id: int, dist: DistInfo, device: torch.device, progress: bool) -> np.ndarray:
+    """(n,) float32: each example's summed completion log-probability, `logprobs` of each batch (x, y) of
+    `batch_size` pairs in stored order, without gradients; process r scores batches r, r + W, ... and the sums
+    are shared, so every process returns every score."""
+    from tqdm.auto import tqdm
+
+    pairs = len(examples) // 2
+    scores = torch.zeros(len(examples), dtype=torch.float64, device=device)
+    starts = range(dist.rank * batch_size, pairs, batch_size * dist.world_size)
+    with torch.no_grad():
+        for first in tqdm(starts, desc="scoring completions with the reference", unit="batch", leave=False,
+                          dynamic_ncols=True, disable=not (progress and dist.is_main)):
+            rows = pair_rows(np.arange(first, min(first + batch_size, pairs)))
+            scores[torch.from_numpy(rows).to(device)] = logprobs(pad_examples(examples, rows, pad_id)).double()
+    return all_reduce_sum(scores, dist).float().cpu().numpy()

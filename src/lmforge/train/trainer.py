@@ -37,7 +37,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 from torch import nn
 
 from lmforge.allocator import keep_freed_memory
@@ -49,8 +48,7 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
 from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, lora_base
 from lmforge.checkpoint import has_optimizer_state, save_sharded_checkpoint
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
-from lmforge.data.batches import (IGNORE_INDEX, Batches, TokenBatches, fixed_batches, fixed_example_batches,
-                                  pad_examples, pair_rows)
+from lmforge.data.batches import IGNORE_INDEX, Batches, TokenBatches, fixed_batches, fixed_example_batches
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
                                  barrier, full_state, gather_objects, is_sharded, no_sync, resolve_device,
                                  setup_distributed, slow_half_warning, teardown_distributed, unwrap)
@@ -67,7 +65,7 @@ from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
 from lmforge.train.precision import autocast, run_forward
 from lmforge.train.preference import (SCORES_FILE, SCORES_FORMAT, frozen_reference, pair_terms, read_scores,
-                                     reference_model, write_scores)
+                                     reference_model, score_pairs, write_scores)
 from lmforge.train.schedule import build_schedule
 from lmforge.train.selection import BestTracker
 
@@ -701,7 +699,9 @@ class Trainer:
             was_training = model.training
             model.eval()
             try:
-                scores = {name: self.score_completions(model, examples, progress) for name, examples in splits.items()}
+                scores = {name: score_pairs(lambda batch: self.completion_logprobs(model, batch), examples,
+                                            tc.batch_size, self.train_data.pad_id, self.dist, self.device, progress)
+                          for name, examples in splits.items()}
             finally:
                 model.train(was_training)
             if key is not None and self.dist.is_main:
@@ -714,20 +714,6 @@ class Trainer:
                                                      tc.eval_batches, rank=self.dist.rank,
                                                      world_size=self.dist.world_size, pad_id=self.train_data.pad_id,
                                                      pairs=True)
-
-    def score_completions(self, model: nn.Module, examples: Any, progress: bool) -> np.ndarray:
-        """(n,) float32: each example's summed completion log-probability under `model`, in batches of
-        train.batch_size pairs in stored order, process r scoring batches r, r + W, ... (summed across them)."""
-        pairs, size = len(examples) // 2, self.config.train.batch_size
-        scores = torch.zeros(len(examples), dtype=torch.float64, device=self.device)
-        starts = range(self.dist.rank * size, pairs, size * self.dist.world_size)
-        with torch.no_grad():
-            for first in tqdm(starts, desc="scoring completions with the reference", unit="batch", leave=False,
-                              dynamic_ncols=True, disable=not (progress and self.dist.is_main)):
-                rows = pair_rows(np.arange(first, min(first + size, pairs)))
-                scores[torch.from_numpy(rows).to(self.device)] = self.completion_logprobs(
-                    model, pad_examples(examples, rows, self.train_data.pad_id)).double()
-        return all_reduce_sum(scores, self.dist).float().cpu().numpy()
 
     def completion_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(rows,) each row's summed log-probability of its labels: the head fused with the loss row by row
