@@ -88,14 +88,17 @@ def test_precompute_reference_is_refused_where_there_is_no_reference(base, pairs
 
 
 @pytest.mark.distributed
-def test_two_processes_score_their_shares_and_train_like_one(base, pairs, tmp_path):
-    """DDP with precomputed reference values: each of 2 processes scores every other batch of pairs and the sums
-    are shared, so 2 x 4 pairs train and evaluate as 1 x 8 pairs with the live reference."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_score_their_shares_and_train_like_one(base, pairs, tmp_path, parallel):
+    """DDP or FSDP with precomputed reference values: each of 2 processes scores every other batch of pairs and the
+    sums are shared, so 2 x 4 pairs train and evaluate as 1 x 8 pairs with the live reference, and no process
+    holds any of a frozen copy."""
     from distributed_jobs import torchrun_worker, worker
 
     settings = {"data.path": str(pairs), "train.init_from": str(base), "train.dpo_beta": 1.0}
     worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
-    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps({**settings, "train.precompute_reference": True}))
+    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps({**settings, "train.precompute_reference": True,
+                                                                  "train.parallel": parallel}))
     one = json.loads((tmp_path / "one" / "history.json").read_text())
     two = json.loads((tmp_path / "two" / "history.json").read_text())
     assert two["world_size"] == 2 and [s for s, _ in two["history"]] == list(range(1, 7))
