@@ -282,6 +282,10 @@ MUTANTS = [
            "loss = -F.logsigmoid(reward_c) - 0.5 * F.logsigmoid(-reward_c)",
            "loss = -F.logsigmoid(reward_c) - F.logsigmoid(-reward_c)",
            ("tests/test_preference_losses.py::test_each_loss_is_its_papers_formula_by_hand[nca]",)),
+    Mutant("nll-term-averages-over-the-rejected-tokens", "preference_loss.py",
+           "loss = loss - self.nll_weight * policy_chosen.float() / chosen_tokens.float().clamp(min=1)",
+           "loss = loss - self.nll_weight * policy_chosen.float() / rejected_tokens.float().clamp(min=1)",
+           ("tests/test_preference_nll.py::test_the_nll_term_is_alpha_times_the_chosen_mean_negative_logprob[dpo]",)),
 ]
 
 

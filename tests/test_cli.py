@@ -195,6 +195,8 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
                                                      "--train.precompute_reference", "true"], "is not preference data"),
         ("train-exo-without-label-smoothing", ["train", "--data", str(data), "--train.preference_loss", "exo"],
          "set train.dpo_label_smoothing above 0"),
+        ("train-nll-weight-with-orpo", ["train", "--data", str(data), "--train.preference_loss", "orpo",
+                                        "--train.preference_nll_weight", "0.5"], "orpo has its own: drop it"),
         ("train-precompute-reference-not-a-bool", ["train", "--data", str(data), "--train.precompute_reference",
                                                    "maybe"], "train.precompute_reference"),
         ("prepare-preference-same-completions", ["prepare", str(ws / "same-pair.jsonl"), "--task", "preference",
@@ -451,7 +453,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 132
+N_CASES = 133
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -534,6 +534,10 @@ class TrainConfig:
                                      noun="probability")
     simpo_gamma: float = doc("Preference data with preference_loss simpo: gamma, the reward margin SimPO aims for "
                              "(TRL's default 0.5).", 0.5, ge=0, le=100)
+    preference_nll_weight: float = doc("Preference data: alpha, the weight of a next-token term on each pair's chosen "
+                                       "completion added to the loss (its mean negative log-probability per token: "
+                                       "RPO, DPO + NLL as in Llama 3's post-training; TRL's sft loss type beside "
+                                       "another); 0 = none. Not with orpo, which has its own.", 0.0, ge=0, le=100)
     precompute_reference: bool = doc("Preference data with a reference loss (all but simpo and orpo): score every "
                                      "train and val completion with the frozen reference once, before the first "
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
@@ -557,6 +561,9 @@ class TrainConfig:
         if self.preference_loss == "exo" and self.dpo_label_smoothing == 0:
             raise ConfigError("train.preference_loss exo is the KL divergence from a smoothed label: set "
                               "train.dpo_label_smoothing above 0 (the paper's 0.001)")
+        if self.preference_loss == "orpo" and self.preference_nll_weight:
+            raise ConfigError("train.preference_nll_weight adds a next-token term on the chosen completion, and "
+                              "train.preference_loss orpo has its own: drop it")
 
 
 # ---------------------------------------------------------------------------------------------- lora

@@ -104,18 +104,24 @@ class PreferenceLoss:
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5  # SimPO's target reward margin gamma
+    nll_weight: float = 0.0  # alpha: + alpha x the chosen completion's mean negative log-probability per token
 
     def __post_init__(self) -> None:
         if self.kind not in LOSSES:
             raise ValueError(f"unknown preference loss {self.kind!r}: one of {', '.join(LOSSES)}")
+        if self.nll_weight and self.kind == "orpo":
+            raise ValueError("orpo has its own next-token term on the chosen completion: an nll weight would add a "
+                             "second one")
         if self.kind == "exo" and not 0.0 < self.label_smoothing < 0.5:
             raise ValueError("exo is the KL divergence from a smoothed label: it needs a label smoothing in (0, 0.5) "
                              "(train.dpo_label_smoothing; the paper's 1e-3)")
 
     @classmethod
     def of(cls, train: Any) -> "PreferenceLoss":
-        """The loss a run's train config (train.preference_loss, dpo_beta, dpo_label_smoothing, simpo_gamma) sets."""
-        return cls(train.preference_loss, train.dpo_beta, train.dpo_label_smoothing, train.simpo_gamma)
+        """The loss a run's train config (train.preference_loss, dpo_beta, dpo_label_smoothing, simpo_gamma,
+        preference_nll_weight) sets."""
+        return cls(train.preference_loss, train.dpo_beta, train.dpo_label_smoothing, train.simpo_gamma,
+                   train.preference_nll_weight)
 
     @property
     def needs_reference(self) -> bool:
@@ -126,7 +132,19 @@ class PreferenceLoss:
                  reference_rejected: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """policy_* / reference_*: (P,) summed log-probabilities of each completion (reference_* None for the
-        reference-free losses); *_tokens: (P,) how many tokens each completion has (its labels)."""
+        reference-free losses); *_tokens: (P,) how many tokens each completion has (its labels). With nll_weight
+        alpha, each pair's loss also has alpha times its chosen completion's mean negative log-probability per
+        token (RPO, Pang et al. 2024; TRL's "sft" loss type beside another)."""
+        loss, chosen, rejected = self.pair_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens,
+                                                reference_chosen, reference_rejected)
+        if self.nll_weight:
+            loss = loss - self.nll_weight * policy_chosen.float() / chosen_tokens.float().clamp(min=1)
+        return loss, chosen, rejected
+
+    def pair_loss(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+                  rejected_tokens: torch.Tensor, reference_chosen: Optional[torch.Tensor],
+                  reference_rejected: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss of `kind` alone (the module docstring's formulas), with the rewards."""
         beta, eps = self.beta, self.label_smoothing
         if self.kind == "dpo":
             return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, eps)

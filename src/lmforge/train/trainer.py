@@ -214,9 +214,10 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
     if kind == "preference":
         check_preference_loss(tc)
     if kind != "preference" and (tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0 or tc.preference_loss != "dpo"
-                                 or tc.simpo_gamma != 0.5 or tc.precompute_reference):
+                                 or tc.simpo_gamma != 0.5 or tc.precompute_reference
+                                 or tc.preference_nll_weight):
         raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / "
-                          f"precompute_reference set a preference loss, but {config.data.path} is not preference "
+                          f"preference_nll_weight / precompute_reference set a preference loss, but {config.data.path} is not preference "
                           "data (`lmforge prepare --task preference`): drop them")
     if not causal and objective == "clm" and kind is None:
         raise ConfigError("model.causal=false lets every position see the next token, so next-token training "
