@@ -43,6 +43,9 @@ mean per-token log-probability of each completion under the policy (its sum over
              odds(y) = p / (1 - p) of p = exp(a)                                next-token training on the chosen
                                                                                 completion plus an odds-ratio term
 
+Any of them but orpo (which has its own) can add alpha (-log pi(y_w) / |y_w|), a next-token term on the chosen
+completion (nll_weight, train.preference_nll_weight: RPO, Pang et al. 2024; TRL's "sft" loss type beside another).
+
 Rewards (what reward accuracy and margin are measured on): beta times the log-ratio to the reference for the
 reference losses, beta times a_w and a_l for simpo and orpo (as TRL's DPO, CPO and ORPO trainers log them).
 The formulas from dpo_norm to apo_down are TRL's DPOTrainer loss types of the same names (sigmoid_norm, exo_pair,
