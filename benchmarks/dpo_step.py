@@ -16,7 +16,8 @@ tokens and two completions of --completion tokens, so each row scores --completi
   trainer.training_step (TRL's loss with its fused LM head, accelerate's backward), clipping to 1.0 and the optimizer
   TRL's trainer creates, the loop transformers' Trainer runs.
 
---precompute (DPO): the reference scores every pair before the first step in both, and neither keeps it:
+--precompute (DPO): the reference scores every pair before the first step in both, and neither keeps it (one
+more variant, lmforge-live-reference, runs lmforge's frozen copy at every step on the same ordered pairs):
 lmforge's train.precompute_reference, TRL's precompute_ref_log_probs with no ref_model (its compute_ref_log_probs on
 each batch of the rows, what its precompute pass runs); both take the pairs in order, so every step's loss must
 agree. The scoring pass is timed apart (build_seconds), not in the steps.
@@ -66,6 +67,7 @@ from lmforge.train import Trainer  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
 VARIANTS = ("lmforge", "lmforge-whole-logits", "trl")
+LIVE = "lmforge-live-reference"  # --precompute: lmforge with the frozen copy run at every step, for comparison
 LR, BETA, SIMPO_BETA, SIMPO_GAMMA = 1e-5, 0.1, 2.0, 0.5
 
 
@@ -133,7 +135,7 @@ def lmforge_step(variant: str, root: Path, args: argparse.Namespace):
     if variant == "lmforge-whole-logits":
         overrides["train.loss_chunk"] = 0
     if args.precompute:  # and the pairs in order, as TRL's rows: the same batches, so the same losses every step
-        overrides.update({"train.precompute_reference": True, "data.sampling": "sequential"})
+        overrides.update({"train.precompute_reference": variant != LIVE, "data.sampling": "sequential"})
     trainer = Trainer(load_run_config(None, {k: str(v) for k, v in overrides.items()}), progress=False,
                       tensorboard=False)
 
@@ -280,11 +282,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--prompt + --completion + 1 is above --block {args.block}: lower them")
     torch.set_num_threads(args.threads)
     started_on = machine()
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = VARIANTS + ((LIVE,) if args.precompute else ())
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="dpo-step-") as tmp:
         write_inputs(Path(tmp), args)
         for r in range(args.rounds):
-            for variant in VARIANTS:
+            for variant in variants:
                 runs[variant].append(run_variant(variant, Path(tmp), argv))
                 print(f"round {r + 1}: {variant}: peak {runs[variant][-1]['peak_training_rss_mib']} MiB, steps "
                       f"{runs[variant][-1]['step_seconds']} s, losses {runs[variant][-1]['losses']}", file=sys.stderr)
@@ -318,6 +321,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.loss == "dpo":  # policy = reference at the first step: log 2, up to the rounding of two ways of summing
         summary["first_step_losses_within_1e-4_of_log_2"] = all(abs(loss - math.log(2)) < 1e-4 for loss in first)
     if args.precompute:  # the same pairs in order and the same precomputed values: the same loss at every step
+        live = results[LIVE]
+        summary["step_time_precomputed_over_live"] = round(ours["step_seconds_median"] / live["step_seconds_median"],
+                                                           3)
+        summary["peak_rss_precomputed_over_live"] = round(ours["peak_training_rss_mib"] / live["peak_training_rss_mib"],
+                                                          3)
         every = [loss for v in results.values() for d in v["runs"] for loss in d["losses"]]
         steps = [[d["losses"][k] for v in results.values() for d in v["runs"]] for k in range(args.steps + 1)]
         summary["losses_within_1e-4_at_every_step"] = bool(every) and all(max(s) - min(s) < 1e-4 for s in steps)

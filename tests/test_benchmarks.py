@@ -398,12 +398,16 @@ def test_dpo_step_trains_lmforge_and_trl_alike(tmp_path, loss):
                                      str(out), *(["--precompute"] if precompute else [])])
     assert summary["loss"] == loss and json.loads(out.read_text()) == summary
     assert summary["reference_precomputed"] == precompute
+    variants = summary["variants"]
     if precompute:
-        ours, theirs = (summary["variants"][v]["runs"][0]["losses"] for v in ("lmforge", "trl"))
+        ours, theirs = (variants[v]["runs"][0]["losses"] for v in ("lmforge", "trl"))
         assert summary["losses_within_1e-4_at_every_step"] and ours == pytest.approx(theirs, abs=1e-5)
         assert ours[1] != pytest.approx(ours[2])
-    variants = summary["variants"]
-    assert set(variants) == {"lmforge", "lmforge-whole-logits", "trl"}
+        live = variants["lmforge-live-reference"]["runs"][0]["losses"]
+        assert live == pytest.approx(ours, abs=1e-5)  # the live frozen copy: the same values, so the same steps
+        assert summary["step_time_precomputed_over_live"] > 0 and summary["peak_rss_precomputed_over_live"] > 0
+    assert set(variants) == {"lmforge", "lmforge-whole-logits", "trl", *(["lmforge-live-reference"] if precompute
+                                                                         else [])}
     if loss == "dpo":
         assert summary["first_step_losses_within_1e-4_of_log_2"]
     else:
