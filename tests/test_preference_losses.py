@@ -159,6 +159,32 @@ def test_the_reference_free_losses_equal_trls_cpo_and_orpo_code(orpo_run, pairs,
     assert "reference_logp_accuracy" not in metrics and metrics["preference_loss"] == kind
 
 
+def trl_on_exports(policy_run: Trainer, base: Path, pairs: Path, tmp_path: Path, **settings: object):
+    """TRL's DPOTrainer (DPOConfig `settings`: beta, loss_type, ...) on the Hugging Face exports of `policy_run` and
+    of `base`, its reference, in eval mode; and the val pairs as TRL's token-id rows with its collator. The rows
+    carry the reference's log-probabilities from transformers' own forward, which TRL takes as precomputed ones:
+    TRL's fused LM head on its ref_model was measured 2e-3 nats per completion away from that forward on the same
+    weights (on the policy it agrees to 1e-6). Returns (trainer, rows, collate, lmforge's val Examples)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    assert main(["export", str(policy_run.run_dir), "--format", "hf", "--out", str(tmp_path / "policy")]) == 0
+    assert main(["export", str(base), "--format", "hf", "--out", str(tmp_path / "reference")]) == 0
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    hf_reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    examples = load_examples(pairs, "val")
+    rows = trl_rows(examples, hf_reference)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, max_length=None, **settings)
+    trl = DPOTrainer(model=policy, ref_model=hf_reference, args=args, processing_class=hf_tokenizer,
+                     train_dataset=Dataset.from_list([{"prompt": "ab\n", "chosen": "AB", "rejected": "ab"}]))
+    trl.model.eval()
+    trl.precompute_ref_logps = True  # take the rows' ref_chosen_logps / ref_rejected_logps
+    return trl, rows, DataCollatorForPreference(pad_token_id=hf_tokenizer.pad_token_id), examples
+
+
 TRL_NAMES = {"robust": "robust", "hinge": "hinge", "ipo": "ipo", "dpo_norm": "sigmoid_norm", "exo": "exo_pair",
              "nca": "nca_pair", "bco": "bco_pair", "sppo_hard": "sppo_hard", "apo_zero": "apo_zero",
              "apo_down": "apo_down"}
@@ -167,33 +193,13 @@ TRL_NAMES = {"robust": "robust", "hinge": "hinge", "ipo": "ipo", "dpo_norm": "si
 @pytest.mark.parametrize("kind", list(TRL_NAMES))
 def test_the_reference_losses_equal_trls_dpo_trainer(orpo_run, base, pairs, tmp_path, kind):
     """TRL's DPOTrainer with the loss_type of each reference loss (TRL_NAMES) on the Hugging Face export of the
-    trained model, every val pair fed as token ids through TRL's collator, with the reference's log-probabilities
-    from the exported base run by transformers itself: lmforge's evaluation gives the same loss and rewards (IPO's per-token normalisation
-    counts the same completion tokens). (TRL's fused LM head on its ref_model was measured 2e-3 nats per completion
-    away from transformers' own forward on the same weights, while on the policy it agrees to 1e-6: so the
-    reference's log-probabilities are handed to TRL as precomputed ones.)"""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    assert main(["export", str(orpo_run.run_dir), "--format", "hf", "--out", str(tmp_path / "policy")]) == 0
-    assert main(["export", str(base), "--format", "hf", "--out", str(tmp_path / "reference")]) == 0
-    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
-    hf_reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
-    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
-    examples = load_examples(pairs, "val")
-    rows = trl_rows(examples, hf_reference)
+    trained model, every val pair fed as token ids through TRL's collator: lmforge's evaluation gives the same loss
+    and rewards (IPO's per-token normalisation counts the same completion tokens)."""
     beta, eps = 0.5, (0.2 if kind in ("robust", "exo") else 0.0)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=[TRL_NAMES[kind]], label_smoothing=eps,
-                     report_to=[], use_cpu=True, max_length=None)
-    trl = DPOTrainer(model=policy, ref_model=hf_reference, args=args, processing_class=hf_tokenizer,
-                     train_dataset=Dataset.from_list([{"prompt": "ab\n", "chosen": "AB", "rejected": "ab"}]))
-    trl.model.eval()
-    trl.precompute_ref_logps = True  # take the rows' ref_chosen_logps / ref_rejected_logps
+    trl, rows, collate, examples = trl_on_exports(orpo_run, base, pairs, tmp_path, beta=beta,
+                                                  loss_type=[TRL_NAMES[kind]], label_smoothing=eps)
     with torch.no_grad():
-        expected = trl._compute_loss(trl.model, DataCollatorForPreference(pad_token_id=hf_tokenizer.pad_token_id)(rows),
-                                     False)
+        expected = trl._compute_loss(trl.model, collate(rows), False)
     trl_metrics = {k: v[-1] for k, v in trl._metrics["eval"].items()}
     model, tokenizer, _ = load_for_inference(orpo_run.last_checkpoint)
     reference, _, _ = load_for_inference(base)

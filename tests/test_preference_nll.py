@@ -12,13 +12,12 @@ import torch
 from lmforge.checkpoint import load_for_inference
 from lmforge.cli import main
 from lmforge.config import TrainConfig
-from lmforge.data.tasks import load_examples
 from lmforge.errors import ConfigError
 from lmforge.eval.preference import evaluate_preference
 from lmforge.preference_loss import LOSSES, PreferenceLoss
 from lmforge.train import Trainer
-from test_preference import LOG2, base, dpo, pairs, trl_rows  # noqa: F401  (base, pairs: fixtures)
-from test_preference_losses import orpo_run  # noqa: F401  (a fixture: a trained policy)
+from test_preference import LOG2, base, dpo, pairs  # noqa: F401  (base, pairs: fixtures)
+from test_preference_losses import orpo_run, trl_on_exports  # noqa: F401  (orpo_run: a fixture, a trained policy)
 
 
 @pytest.mark.parametrize("kind", [k for k in LOSSES if k != "orpo"])
@@ -49,26 +48,9 @@ def test_dpo_with_nll_equals_trls_sigmoid_plus_sft(orpo_run, base, pairs, tmp_pa
     """TRL's DPOTrainer with loss_type ["sigmoid", "sft"] and loss_weights [1, alpha] on the HF exports, one pair a
     batch (its sft term averages the batch's chosen tokens, lmforge each pair's: the same for one pair): the mean of
     TRL's losses over the val pairs equals lmforge's evaluation with train.preference_nll_weight alpha."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-    assert main(["export", str(orpo_run.run_dir), "--format", "hf", "--out", str(tmp_path / "policy")]) == 0
-    assert main(["export", str(base), "--format", "hf", "--out", str(tmp_path / "reference")]) == 0
-    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
-    hf_reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
-    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
-    examples = load_examples(pairs, "val")
-    rows = trl_rows(examples, hf_reference)
     beta, alpha = 0.5, 0.8
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=["sigmoid", "sft"],
-                     loss_weights=[1.0, alpha], report_to=[], use_cpu=True, max_length=None)
-    trl = DPOTrainer(model=policy, ref_model=hf_reference, args=args, processing_class=hf_tokenizer,
-                     train_dataset=Dataset.from_list([{"prompt": "ab\n", "chosen": "AB", "rejected": "ab"}]))
-    trl.model.eval()
-    trl.precompute_ref_logps = True
-    collate = DataCollatorForPreference(pad_token_id=hf_tokenizer.pad_token_id)
+    trl, rows, collate, examples = trl_on_exports(orpo_run, base, pairs, tmp_path, beta=beta,
+                                                  loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha])
     with torch.no_grad():
         expected = [float(trl._compute_loss(trl.model, collate([row]), False)) for row in rows]
     model, tokenizer, _ = load_for_inference(orpo_run.last_checkpoint)
