@@ -185,7 +185,7 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-dpo-beta-zero", ["train", "--data", str(data), "--train.dpo_beta", "0"], "train.dpo_beta"),
         ("train-dpo-on-token-data", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r-dpo"),
                                      "--device", "cpu", "--train.dpo_beta", "0.5"], "is not preference data"),
-        ("train-unknown-preference-loss", ["train", "--data", str(data), "--train.preference_loss", "kto"],
+        ("train-unknown-preference-loss", ["train", "--data", str(data), "--train.preference_loss", "ppo"],
          "train.preference_loss"),
         ("train-simpo-gamma-negative", ["train", "--data", str(data), "--train.simpo_gamma", "-1"], "train.simpo_gamma"),
         ("train-orpo-on-token-data", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r-orpo"),
@@ -202,6 +202,13 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("prepare-preference-same-completions", ["prepare", str(ws / "same-pair.jsonl"), "--task", "preference",
                                                  "--tokenizer", str(run), "--out", str(ws / "o-pref")],
          "same-pair.jsonl:2: 'chosen' and 'rejected' are the same text"),
+        ("prepare-unpaired-bad-label", ["prepare", str(ws / "bad-label.jsonl"), "--task", "unpaired",
+                                        "--tokenizer", str(run), "--out", str(ws / "o-unpaired")],
+         "bad-label.jsonl:2: field 'label' (label) is 'maybe': give true or false"),
+        ("train-kto-on-token-data", ["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(ws / "r-kto"),
+                                     "--device", "cpu", "--train.preference_loss", "kto"], "is not preference data"),
+        ("train-kto-weight-zero", ["train", "--data", str(data), "--train.kto_undesirable_weight", "0"],
+         "train.kto_undesirable_weight"),
         ("train-bf16-compute-recomputed", ["train", "--data", str(data), "--precision", "bf16-compute",
                                            "--train.activation_checkpointing", "true"], "--train.precision bf16-mixed"),
         ("train-missing-data", ["train", "--data", str(ws / "nodata"), "--run-dir", str(ws / "r1")], "nodata"),
@@ -439,6 +446,8 @@ def hostile_files(workspace):
     (ws / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
     (ws / "bigint.jsonl").write_text('{"text": "fine"}\n{"text": "x", "n": ' + "7" * 5000 + "}\n", encoding="utf-8")
     (ws / "afile").write_text("a file, not a folder\n", encoding="utf-8")
+    (ws / "bad-label.jsonl").write_text('{"prompt": "Hi", "completion": "Hello!", "label": true}\n'
+                                        '{"prompt": "Hi", "completion": "Go away.", "label": "maybe"}\n')
     (ws / "same-pair.jsonl").write_text('{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}\n'
                                         '{"prompt": "Hi", "chosen": "Hello!", "rejected": "Hello!"}\n', encoding="utf-8")
     if not (ws / "pipe.txt").exists():
@@ -453,7 +462,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 133
+N_CASES = 136
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

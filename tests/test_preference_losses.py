@@ -101,8 +101,8 @@ def test_each_loss_is_its_papers_formula_by_hand(kind):
 
 
 def test_an_unknown_loss_is_refused():
-    with pytest.raises(ValueError, match="unknown preference loss 'kto'"):
-        PreferenceLoss("kto")
+    with pytest.raises(ValueError, match="unknown preference loss 'ppo'"):
+        PreferenceLoss("ppo")
 
 
 def test_orpo_stays_finite_for_a_completion_of_probability_near_1():
@@ -281,7 +281,8 @@ def test_preference_loss_settings_that_cannot_work_are_refused(base, pairs, tmp_
              ({"train.preference_loss": "hinge", "train.dpo_label_smoothing": 0.1}, "not by hinge: drop it"),
              ({"train.preference_loss": "orpo", "train.dpo_label_smoothing": 0.1}, "not by orpo: drop it"),
              ({"train.simpo_gamma": 1.0}, "and train.preference_loss is dpo"),
-             ({"train.preference_loss": "kto"}, "kto")]
+             ({"train.preference_loss": "ppo"}, "ppo"),
+             ({"train.preference_loss": "kto"}, "this is pair data")]
     for i, (overrides, message) in enumerate(cases):
         with pytest.raises(ConfigError, match=message):
             Trainer(dpo(tmp_path / f"run{i}", pairs, base, **overrides), progress=False, tensorboard=False)

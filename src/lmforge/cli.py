@@ -137,9 +137,10 @@ def _add_prepare(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2, metavar="N", help="encoding processes (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t = p.add_argument_group("task data (--task): records -> examples for fine-tuning a base model")
-    t.add_argument("--task", choices=["sft", "classify", "preference"],
+    t.add_argument("--task", choices=["sft", "classify", "preference", "unpaired"],
                    help="sft: text to text, prompt -> completion; classify: text -> label; preference: a prompt with a "
-                   "chosen and a rejected completion, for DPO (.jsonl, .csv, .tsv, .parquet records); --tokenizer is "
+                   "chosen and a rejected completion, for DPO; unpaired: a prompt, one completion and a label "
+                   "(true: desirable, false: not), for KTO (.jsonl, .csv, .tsv, .parquet records); --tokenizer is "
                    "then the base model RUN_OR_CHECKPOINT")
     t.add_argument("--template", default="plain", metavar="NAME_OR_STRING",
                    help="prompt template: plain ('{prompt}\\n'), instruct, or your own string with {field}s of the "
@@ -151,7 +152,8 @@ def _add_prepare(sub: Any) -> None:
     t.add_argument("--rejected-field", default="rejected", metavar="NAME",
                    help="preference: record field of the other completion")
     t.add_argument("--text-field", default="text", metavar="NAME", help="classify: record field of the text")
-    t.add_argument("--label-field", default="label", metavar="NAME", help="classify: record field of the label")
+    t.add_argument("--label-field", default="label", metavar="NAME",
+                   help="classify and unpaired: record field of the label")
     t.add_argument("--messages-field", default="messages", metavar="NAME",
                    help="record field of a conversation (a list of {role, content} turns, the last the reply)")
     t.add_argument("--max-length", type=int, metavar="N",

@@ -515,7 +515,7 @@ class TrainConfig:
     choices_examples: int = doc("With choices_file: score its first N questions (the same ones each time).", 1000,
                                 ge=1, le=1_000_000)
     preference_loss: Literal["dpo", "robust", "hinge", "ipo", "dpo_norm", "exo", "nca", "bco", "sppo_hard",
-                             "apo_zero", "apo_down", "simpo", "orpo"] = doc(
+                             "apo_zero", "apo_down", "simpo", "orpo", "kto", "apo_zero_unpaired"] = doc(
         "Preference data (`lmforge prepare --task preference`): the loss. dpo (Direct Preference Optimization), "
         "robust (DPO unbiased under dpo_label_smoothing's label noise), hinge (SLiC) and ipo (IPO: per-token "
         "log-ratios held at a margin of 1/(2 beta)), and TRL's dpo_norm (DPO on per-token log-ratios), exo (EXO, "
@@ -523,7 +523,8 @@ class TrainConfig:
         "frozen train.init_from model; simpo (SimPO: "
         "per-token log-probabilities with a target margin simpo_gamma) and orpo (ORPO: next-token loss on the "
         "chosen completion plus beta times an odds-ratio term) need no reference model: less memory, a quarter less "
-        "compute per step.", "dpo")
+        "compute per step. Unpaired preference data (`lmforge prepare --task unpaired`: completions labelled "
+        "desirable or not) trains with kto (KTO, against a KL reference point) or apo_zero_unpaired.", "dpo")
     dpo_beta: float = doc("Preference data: beta, how strongly the loss holds the model near its reference (the "
                           "implicit reward is beta times the log-probability ratio; TRL's default 0.1); IPO's "
                           "regularisation tau, SimPO's reward scale, ORPO's weight lambda of its odds-ratio term.",
@@ -538,6 +539,11 @@ class TrainConfig:
                                        "completion added to the loss (its mean negative log-probability per token: "
                                        "RPO, DPO + NLL as in Llama 3's post-training; TRL's sft loss type beside "
                                        "another); 0 = none. Not with orpo, which has its own.", 0.0, ge=0, le=100)
+    kto_desirable_weight: float = doc("Unpaired preference data: lambda_D, the weight of a desirable completion's "
+                                      "loss (KTO's paper: keep lambda_D x desirable count / (lambda_U x undesirable "
+                                      "count) between 1 and 4/3).", 1.0, gt=0, le=100)
+    kto_undesirable_weight: float = doc("Unpaired preference data: lambda_U, the weight of an undesirable completion's "
+                                        "loss.", 1.0, gt=0, le=100)
     precompute_reference: bool = doc("Preference data with a reference loss (all but simpo and orpo): score every "
                                      "train and val completion with the frozen reference once, before the first "
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "

@@ -46,6 +46,19 @@ mean per-token log-probability of each completion under the policy (its sum over
 Any of them but orpo (which has its own) can add alpha (-log pi(y_w) / |y_w|), a next-token term on the chosen
 completion (nll_weight, train.preference_nll_weight: RPO, Pang et al. 2024; TRL's "sft" loss type beside another).
 
+Unpaired preference data (`lmforge prepare --task unpaired`: one completion y of a prompt x, labelled desirable or
+undesirable, with no second completion) trains with a loss of each completion alone, r = beta * (log pi(y | x) -
+log pi_ref(y | x)) its reward and lambda_D, lambda_U the weights of the two kinds (unpaired_loss):
+
+    kto      desirable: lambda_D (1 - sigmoid(r - beta z)), undesirable: lambda_U (1 - sigmoid(beta z - r))
+             KTO (Ethayarajh et al. 2024): z, the reference point, estimates the KL divergence of the policy from
+             the reference, the mean of log pi(y' | x) - log pi_ref(y' | x) over mismatched rows (each prompt with
+             another example's completion: data.batches.unpaired_batch), clamped at 0 and never differentiated
+    apo_zero_unpaired  desirable: lambda_D (1 - sigmoid(r)), undesirable: lambda_U sigmoid(r)   APO-zero per
+             completion (TRL's KTOTrainer loss type of that name): no reference point
+
+both TRL's KTOTrainer loss types; the loss of a batch is the mean over its completions, as TRL's.
+
 Rewards (what reward accuracy and margin are measured on): beta times the log-ratio to the reference for the
 reference losses, beta times a_w and a_l for simpo and orpo (as TRL's DPO, CPO and ORPO trainers log them).
 The formulas from dpo_norm to apo_down are TRL's DPOTrainer loss types of the same names (sigmoid_norm, exo_pair,
@@ -68,6 +81,7 @@ import torch.nn.functional as F
 IGNORED = -100  # the label of a position that is not part of the completion (prompt, padding)
 LOSSES = ("dpo", "robust", "hinge", "ipo", "dpo_norm", "exo", "nca", "bco", "sppo_hard", "apo_zero", "apo_down",
           "simpo", "orpo")
+UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired")  # losses of single completions (unpaired preference data)
 REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of the policy alone: no reference model is kept or run
 SMOOTHED = frozenset({"dpo", "robust", "exo", "simpo"})  # losses that take a label smoothing eps
 
@@ -93,6 +107,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return loss, chosen.detach(), rejected.detach()
 
 
+def reference_point(log_ratio_sum: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z from the sum of the mismatched rows' log-ratios log pi(y' | x) - log pi_ref(y' | x)
+    and their number: their mean, clamped at 0 (it estimates a KL divergence, never negative), detached, fp32."""
+    return (log_ratio_sum.detach().double() / rows.double().clamp(min=1)).clamp(min=0).float()
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, accurate near 0 and for large |x| (Maechler 2012)."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -108,10 +128,15 @@ class PreferenceLoss:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5  # SimPO's target reward margin gamma
     nll_weight: float = 0.0  # alpha: + alpha x the chosen completion's mean negative log-probability per token
+    desirable_weight: float = 1.0  # lambda_D of the unpaired losses
+    undesirable_weight: float = 1.0  # lambda_U of the unpaired losses
 
     def __post_init__(self) -> None:
-        if self.kind not in LOSSES:
-            raise ValueError(f"unknown preference loss {self.kind!r}: one of {', '.join(LOSSES)}")
+        if self.kind not in LOSSES + UNPAIRED_LOSSES:
+            raise ValueError(f"unknown preference loss {self.kind!r}: one of {', '.join(LOSSES + UNPAIRED_LOSSES)}")
+        if self.nll_weight and self.unpaired:
+            raise ValueError(f"{self.kind} trains on single completions: an nll weight on a pair's chosen completion "
+                             "has none to apply to")
         if self.nll_weight and self.kind == "orpo":
             raise ValueError("orpo has its own next-token term on the chosen completion: an nll weight would add a "
                              "second one")
@@ -124,11 +149,37 @@ class PreferenceLoss:
         """The loss a run's train config (train.preference_loss, dpo_beta, dpo_label_smoothing, simpo_gamma,
         preference_nll_weight) sets."""
         return cls(train.preference_loss, train.dpo_beta, train.dpo_label_smoothing, train.simpo_gamma,
-                   train.preference_nll_weight)
+                   train.preference_nll_weight, train.kto_desirable_weight, train.kto_undesirable_weight)
 
     @property
     def needs_reference(self) -> bool:
         return self.kind not in REFERENCE_FREE
+
+    @property
+    def unpaired(self) -> bool:
+        """A loss of single completions (unpaired preference data), not of pairs."""
+        return self.kind in UNPAIRED_LOSSES
+
+    @property
+    def needs_kl(self) -> bool:
+        """Whether the loss needs KTO's reference point z (the mismatched rows' log-ratios)."""
+        return self.kind == "kto"
+
+    def unpaired_loss(self, policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor,
+                      kl: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, reward), each (n,) fp32, of n single completions: policy / reference their summed log-probabilities
+        (n,), desirable (n,) bool their labels, kl KTO's reference point z (a scalar, detached, >= 0; kto only)."""
+        if not self.unpaired:
+            raise ValueError(f"{self.kind} is a loss of pairs; unpaired data trains with "
+                             f"{' or '.join(UNPAIRED_LOSSES)}")
+        ratio = policy.float() - reference.float()
+        if self.kind == "kto":
+            z = kl.detach().float()
+            good, bad = 1.0 - torch.sigmoid(self.beta * (ratio - z)), 1.0 - torch.sigmoid(self.beta * (z - ratio))
+        else:  # apo_zero_unpaired
+            good, bad = 1.0 - torch.sigmoid(self.beta * ratio), torch.sigmoid(self.beta * ratio)
+        loss = torch.where(desirable, self.desirable_weight * good, self.undesirable_weight * bad)
+        return loss, self.beta * ratio.detach()
 
     def __call__(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
                  rejected_tokens: torch.Tensor, reference_chosen: Optional[torch.Tensor] = None,
@@ -148,6 +199,8 @@ class PreferenceLoss:
                   rejected_tokens: torch.Tensor, reference_chosen: Optional[torch.Tensor],
                   reference_rejected: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loss of `kind` alone (the module docstring's formulas), with the rewards."""
+        if self.unpaired:
+            raise ValueError(f"{self.kind} is a loss of single completions (unpaired preference data), not of pairs")
         beta, eps = self.beta, self.label_smoothing
         if self.kind == "dpo":
             return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, eps)

@@ -181,14 +181,16 @@ class Examples:
 
     tokens: (N,) integer ids; offsets: (n+1,) int64, example i is tokens[offsets[i]:offsets[i+1]];
     prompt_lengths: (n,) tokens at the start of each example that carry no loss (start token and prompt), or
-    None; labels: (n,) int64 class ids (classify), or None. reference_logps: (n,) float32, preference data's
+    None; labels: (n,) int64 class ids (classify), or None; desirable: (n,) bool, unpaired preference data's label
+    of each completion (`prepare --task unpaired`), or None. reference_logps: (n,) float32, preference data's
     completion log-probabilities under the frozen reference when precomputed (train.precompute_reference), or None:
     then every batch of pairs carries its rows' values as a third tensor (``pair_batch``).
     """
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, prompt_lengths: Optional[np.ndarray],
-                 labels: Optional[np.ndarray] = None) -> None:
+                 labels: Optional[np.ndarray] = None, *, desirable: Optional[np.ndarray] = None) -> None:
         self.tokens, self.offsets, self.prompt_lengths, self.labels = tokens, offsets, prompt_lengths, labels
+        self.desirable = desirable
         self.reference_logps: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
@@ -305,11 +307,15 @@ class ExampleBatches:
 
     ``pairs`` (preference data, examples 2i chosen and 2i+1 rejected): a draw is a pair, and a batch of B draws is
     2B rows, chosen and rejected alternating (``pair_rows``), so a pair never straddles batches or processes.
+
+    ``unpaired`` (unpaired preference data, for KTO): a batch is ``unpaired_batch``, whose mismatched rows pair each
+    draw's prompt with the previous draw's completion within the global micro-batch (the first draw's with the
+    last's), so W processes with B draws each build the rows one process with B * W builds.
     """
 
     def __init__(self, examples: Examples, block_size: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1, pad_id: int = 0, packing: bool = False,
-                 pairs: bool = False) -> None:
+                 pairs: bool = False, unpaired: bool = False) -> None:
         if len(examples) == 0:
             raise DataError("the split holds no examples: prepare more data or change --split")
         longest = int(examples.lengths.max())
@@ -331,11 +337,18 @@ class ExampleBatches:
         if packing and pairs:
             raise DataError("data.packing packs sft examples; preference pairs are scored one completion to a row: "
                             "drop data.packing")
+        if packing and unpaired:
+            raise DataError("data.packing packs sft examples; unpaired preference data is scored one completion to a "
+                            "row: drop data.packing")
+        if unpaired and examples.desirable is None:
+            raise DataError("unpaired preference training needs each example's desirable label: prepare the data with "
+                            "`lmforge prepare --task unpaired`")
         if pairs and len(examples) % 2:
             raise DataError(f"preference data holds pairs of examples, but the split has {len(examples)}: re-run "
                             "`lmforge prepare --task preference --force`")
         self.packing = packing
         self.pairs = pairs
+        self.unpaired = unpaired
         self.draws = len(examples) // 2 if pairs else len(examples)  # what one epoch draws: examples or pairs
         self.position = 0  # examples drawn so far, over all processes
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) last used
@@ -367,6 +380,12 @@ class ExampleBatches:
             self.position += drawn
             return pack_examples(self.examples, rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size],
                                  self.pad_id)
+        if self.unpaired:
+            drawn = self.example_index(self.position, self.batch_size * self.world_size)  # the global micro-batch
+            self.position += len(drawn)
+            mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            return unpaired_batch(self.examples, drawn[mine], np.roll(drawn, 1)[mine], self.pad_id,
+                                  self.block_size + 1)
         index = self.example_index(self.position + self.rank * self.batch_size, self.batch_size)
         self.position += self.batch_size * self.world_size
         if self.pairs:
@@ -422,19 +441,46 @@ def pair_batch(examples: Examples, pairs: np.ndarray, pad_id: int) -> tuple[torc
     return x, y, torch.from_numpy(examples.reference_logps[rows])
 
 
+def unpaired_batch(examples: Examples, index: np.ndarray, partners: np.ndarray, pad_id: int, max_length: int
+                   ) -> tuple[torch.Tensor, ...]:
+    """A batch of unpaired preference examples ``index`` for KTO: (x, y, kl_x, kl_y, desirable).
+
+    x, y: the examples, right-padded as ``pad_examples``; kl_x, kl_y: the mismatched rows KTO estimates its KL term
+    from, row r the prompt of example index[r] followed by the completion of example partners[r] (its end token
+    included), cut from the right to ``max_length`` tokens, labels on the completion only, padded the same way;
+    desirable: (B,) bool, each example's label."""
+    x, y = pad_examples(examples, index, pad_id)
+    rows, prompt_lengths = [], []
+    for e, f in zip(index.tolist(), partners.tolist()):
+        prompt, _ = examples.prompt_and_completion(e)
+        _, completion = examples.prompt_and_completion(f)
+        ids = (prompt + completion)[:max_length]
+        rows.append(np.array(ids, dtype=np.int64))
+        prompt_lengths.append(min(len(prompt), len(ids)))
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    mismatched = Examples(np.concatenate(rows), np.concatenate([[0], np.cumsum(lengths)]),
+                          np.array(prompt_lengths, dtype=np.int64))
+    kl_x, kl_y = pad_examples(mismatched, np.arange(len(rows)), pad_id)
+    return x, y, kl_x, kl_y, torch.from_numpy(np.asarray(examples.desirable[index], dtype=bool))
+
+
 def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, num_batches: int, *,
                           rank: int = 0, world_size: int = 1, pad_id: int = 0,
-                          pairs: bool = False) -> list[tuple[torch.Tensor, ...]]:
+                          pairs: bool = False, unpaired: bool = False) -> list[tuple[torch.Tensor, ...]]:
     """Validation batches of task data: the split in its stored order, at most ``num_batches`` global batches
-    (fewer when they cover it; the last one wraps to the start); this process's rows of each. Classify examples
-    and preference pairs (batch_size pairs to a batch) do not wrap (accuracy counts each once): the last batch is
-    shorter, a process may get none."""
+    (fewer when they cover it; the last one wraps to the start); this process's rows of each. Classify examples,
+    preference pairs (batch_size pairs to a batch) and unpaired examples do not wrap (accuracy counts each once):
+    the last batch is shorter, a process may get none. An unpaired example's mismatched row takes the previous
+    evaluated example's completion (the first takes the last's), whatever the batches and processes."""
     stream = ExampleBatches(examples, block_size, batch_size, shuffle=False, rank=rank, world_size=world_size,
-                            pad_id=pad_id, pairs=pairs)
-    if examples.labels is not None or pairs:
+                            pad_id=pad_id, pairs=pairs, unpaired=unpaired)
+    if examples.labels is not None or pairs or unpaired:
         n = min(stream.draws, num_batches * batch_size * world_size)
         rows = [np.arange(g + rank * batch_size, min(g + (rank + 1) * batch_size, n))
                 for g in range(0, n, batch_size * world_size)]
+        if unpaired:
+            return [unpaired_batch(examples, index, (index - 1) % n, pad_id, block_size + 1)
+                    for index in rows if len(index)]
         if pairs:
             return [pair_batch(examples, index, pad_id) for index in rows if len(index)]
         return [pad_labelled_examples(examples, index, pad_id) for index in rows if len(index)]

@@ -36,6 +36,18 @@ from lmforge.tokenizer import Tokenizer
 
 def record_preference(record: dict, template: dict, fields: Fields) -> tuple[str, str, str, bool]:
     """(prompt text, chosen, rejected, whether the prompt is a conversation) of one record; BadRecord says why not."""
+    prompt, chat = record_prompt(record, template, fields)
+    chosen, rejected = (completion_field(record, name, role) for name, role in ((fields.chosen, "chosen"),
+                                                                                  (fields.rejected, "rejected")))
+    if chosen == rejected:
+        raise BadRecord(f"{fields.chosen!r} and {fields.rejected!r} are the same text: a pair needs two different "
+                        "completions to prefer one")
+    return prompt, chosen, rejected, chat
+
+
+def record_prompt(record: dict, template: dict, fields: Fields) -> tuple[str, bool]:
+    """(prompt text, whether it is a conversation) of a preference record: a string prompt rendered by the template,
+    or a list of {"role", "content"} turns by the chat template, ending with the reply's header."""
     if record.get(fields.prompt) is None:
         raise BadRecord(f"no field {fields.prompt!r} (prompt)")
     turns = record[fields.prompt]
@@ -51,15 +63,10 @@ def record_preference(record: dict, template: dict, fields: Fields) -> tuple[str
         values = {name: _text(record, fields.prompt if name == "prompt" else name, "used by the template")
                   for name in template["fields"]}
         prompt = render_prompt(template, values)
-    chosen, rejected = (_completion(record, name, role) for name, role in ((fields.chosen, "chosen"),
-                                                                             (fields.rejected, "rejected")))
-    if chosen == rejected:
-        raise BadRecord(f"{fields.chosen!r} and {fields.rejected!r} are the same text: a pair needs two different "
-                        "completions to prefer one")
-    return prompt, chosen, rejected, chat
+    return prompt, chat
 
 
-def _completion(record: dict, name: str, role: str) -> str:
+def completion_field(record: dict, name: str, role: str) -> str:
     """A completion field: a string, or a list of one assistant turn."""
     value = record.get(name)
     if isinstance(value, list):

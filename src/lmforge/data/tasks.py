@@ -45,7 +45,8 @@ Leakage: a val or test example whose prompt text is also the prompt of a train e
            ``drop_long`` dropped instead (an error if that leaves a val/test label without train examples).
 - write    DIR/{train,val,test}.safetensors (``tokens`` int32, ``offsets`` int64 (n+1), ``labels`` int64 (n)).
 
-`lmforge prepare --task preference` (pairs of completions for DPO): lmforge.data.preference, on these readers.
+`lmforge prepare --task preference` (pairs of completions for DPO): lmforge.data.preference, on these readers;
+`--task unpaired` (single completions marked desirable or not, for KTO): lmforge.data.unpaired.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ from lmforge.files import atomic_dir, atomic_path, atomic_write_bytes, atomic_wr
 from lmforge.tokenizer import Tokenizer
 
 FORMAT = "lmforge-task-v1"
-TASKS = ("sft", "classify", "preference")
+TASKS = ("sft", "classify", "preference", "unpaired")
 RECORD_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 REPORT = "report.json"
 # Named prompt templates: fields in braces are record fields; {prompt} is the prompt field, whatever its name.
@@ -82,6 +83,7 @@ TEMPLATES = {
     "instruct": "### Instruction:\n{prompt}\n\n### Response:\n",
 }
 DEFAULT_TEMPLATE = "plain"
+TEXT_TASKS = ("sft", "preference", "unpaired")  # tasks whose examples are prompt + completion, with a template
 # Records with a messages field: every turn before the reply, then the reply's header; the reply is the completion.
 CHAT_TEMPLATE = {"turn": "<|{role}|>\n{content}\n", "reply": "<|assistant|>\n"}
 MAX_LISTED_BAD = 1000  # bad records listed by name in the report (all are counted)
@@ -297,6 +299,7 @@ class Encoded:
     tokens: list[np.ndarray] = field(default_factory=list)
     prompt_lengths: list[int] = field(default_factory=list)
     labels: Optional[list[int]] = None  # classify: the class id of each example
+    desirable: Optional[list[int]] = None  # unpaired preference data: 1 for a desirable completion, 0 for not
     truncated: int = 0
     dropped: int = 0
     completion_tokens: int = 0
@@ -324,16 +327,20 @@ def encode_example(tok: Tokenizer, prompt: np.ndarray, completion: np.ndarray, m
     return ids, len(start) + len(prompt), status
 
 
-def encode_split(tok: Tokenizer, pairs: list[tuple[str, str]], max_length: int, drop_long: bool) -> Encoded:
-    """Encode (prompt text, completion text) pairs into examples (see encode_example)."""
+def encode_split(tok: Tokenizer, pairs: list[tuple[str, str]], max_length: int, drop_long: bool,
+                 kept: Optional[list[int]] = None) -> Encoded:
+    """Encode (prompt text, completion text) pairs into examples (see encode_example); `kept`, if given, receives
+    the index of each pair that became an example (not dropped)."""
     out = Encoded()
     prompts = tok.encode_batch_arrays([p for p, _ in pairs])
     completions = tok.encode_batch_arrays([c for _, c in pairs])
-    for prompt, completion in zip(prompts, completions):
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         ids, prompt_length, status = encode_example(tok, prompt, completion, max_length, drop_long)
         out.truncated += status == "truncated"
         out.dropped += status == "dropped"
         if ids is not None:
+            if kept is not None:
+                kept.append(i)
             out.tokens.append(ids)
             out.prompt_lengths.append(prompt_length)
             out.completion_tokens += len(ids) - prompt_length
@@ -396,6 +403,8 @@ def write_examples(path: Path, encoded: Encoded) -> dict:
         tensors["prompt_lengths"] = np.array(encoded.prompt_lengths, dtype=np.int32)
     else:
         tensors["labels"] = np.array(encoded.labels, dtype=np.int64)
+    if encoded.desirable is not None:
+        tensors["desirable"] = np.array(encoded.desirable, dtype=np.uint8)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT})
     return {"file": path.name, "examples": len(lengths), "tokens": int(lengths.sum()),
@@ -424,7 +433,7 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
     if len(split) != 3 or any(f <= 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
         raise DataError(f"split={tuple(split)} is invalid: give three positive fractions (train, val, test) summing to 1")
     fields = fields or Fields()
-    tmpl = resolve_template(template) if task in ("sft", "preference") else None
+    tmpl = resolve_template(template) if task in TEXT_TASKS else None
     out_dir = Path(out)
     check_dataset_output(out_dir, force=force, inputs=[i for i in inputs if not glob.has_magic(i)])
     tok = Tokenizer.load(tokenizer_file)
@@ -447,6 +456,11 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
 
         return prepare_preference(tmpl, fields, skip_bad, keep_duplicates, split, seed, max_length, drop_long,
                                   warnings, **common)
+    if task == "unpaired":
+        from lmforge.data.unpaired import prepare_unpaired
+
+        return prepare_unpaired(tmpl, fields, skip_bad, keep_duplicates, split, seed, max_length, drop_long,
+                                warnings, warn_line, **common)
     pairs, bad, records, chat = _read(files, tmpl, fields, skip_bad)
     if not pairs:
         raise DataError(f"no usable records in {len(files)} file(s) ({records} read, {len(bad)} bad): give records with "
@@ -635,6 +649,10 @@ def format_task_report(report: dict) -> str:
         from lmforge.data.preference import format_preference_report
 
         return format_preference_report(report)
+    if report["task"] == "unpaired":
+        from lmforge.data.unpaired import format_unpaired_report
+
+        return format_unpaired_report(report)
     lines = [f"{'split':<6} {'examples':>9} {'tokens':>11} {'completion':>11} {'truncated':>10} {'dropped':>8}"]
     for name, s in report["splits"].items():
         lines.append(f"{name:<6} {s['examples']:>9,} {s['tokens']:>11,} {s['completion_tokens']:>11,} "
@@ -726,7 +744,13 @@ def load_examples(data_dir: str | Path, split: str) -> Examples:
           and bool(np.all(np.diff(offsets) >= (1 if classify else 2))) and bool(np.all(values >= 0))
           and bool(np.all(values < (len(manifest["labels"]) if classify else np.diff(offsets))))
           and len(tokens) and int(tokens.min()) >= 0 and int(tokens.max()) < manifest["vocab_size"])
+    desirable = arrays.get("desirable") if manifest["task"] == "unpaired" else None
+    if manifest["task"] == "unpaired":
+        per_example += ", desirable"
+        ok = ok and desirable is not None and desirable.shape == (n,) and bool(np.all(desirable <= 1))
     if not ok:
         raise DataError(f"{path} does not hold the {n} examples its manifest describes (tokens, offsets, "
                         f"{per_example}): the file is damaged, re-run `lmforge prepare --force`")
-    return Examples(tokens, offsets, None, values) if classify else Examples(tokens, offsets, values)
+    if classify:
+        return Examples(tokens, offsets, None, values)
+    return Examples(tokens, offsets, values, desirable=None if desirable is None else desirable.astype(bool))

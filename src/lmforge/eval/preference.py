@@ -13,6 +13,12 @@ implicit rewards r = beta * (log pi - log pi_ref) and loss, or the run's other p
 
 OUT/predictions.jsonl holds one row per pair: prompt, chosen, rejected, both rewards and log-probabilities, and
 whether the chosen one won.
+
+Unpaired preference data (`lmforge prepare --task unpaired`, trained with kto or apo_zero_unpaired) is measured by
+``evaluate_unpaired``: the loss over the split (KTO's reference point z estimated once from every evaluated
+example's mismatched row: its prompt with the previous example's completion, as the trainer's validation does), z
+itself (kl), the mean reward of the desirable and of the undesirable completions and their difference
+(reward_margin); one row per completion (prompt, completion, desirable, reward, log-probability).
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.data.batches import Examples, pad_examples, pair_rows
+from lmforge.data.batches import Examples, pad_examples, pair_rows, unpaired_batch
 from lmforge.errors import CheckpointError
 from lmforge.eval.progress import progress_bar
-from lmforge.preference_loss import IGNORED, PreferenceLoss
+from lmforge.preference_loss import IGNORED, PreferenceLoss, reference_point
 
 
 def load_reference(config: Any, ckpt: Path, device: torch.device) -> nn.Module:
@@ -49,8 +55,7 @@ def pair_logprobs(model: nn.Module, examples: Examples, pairs: np.ndarray, pad_i
     """((P, 2) fp32 log-probabilities, (P, 2) token counts) of the chosen and the rejected completion of `pairs`
     under `model`."""
     x, y = pad_examples(examples, pair_rows(pairs), pad_id)
-    losses = model(x.to(device), targets=y.to(device), per_row=True)  # (2P,): the head fused with the loss, per row
-    return (-losses).view(-1, 2).cpu(), (y != IGNORED).sum(dim=1).view(-1, 2)
+    return row_logprobs(model, x, y, device).view(-1, 2), (y != IGNORED).sum(dim=1).view(-1, 2)
 
 
 def evaluate_preference(model: nn.Module, reference: Optional[nn.Module], tokenizer: Any, examples: Examples,
@@ -92,6 +97,52 @@ def evaluate_preference(model: nn.Module, reference: Optional[nn.Module], tokeni
                      "chosen_reward": float(chosen[i]), "rejected_reward": float(rejected[i]),
                      "chosen_logp": float(policy_t[i, 0]), "rejected_logp": float(policy_t[i, 1]),
                      "correct": bool(chosen[i] > rejected[i])})
+    return metrics, rows
+
+
+@torch.no_grad()
+def row_logprobs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(rows,) fp32 on the CPU: each row's summed log-probability of its labels under `model`."""
+    return (-model(x.to(device), targets=y.to(device), per_row=True)).cpu()  # the head fused with the loss, per row
+
+
+def evaluate_unpaired(model: nn.Module, reference: nn.Module, tokenizer: Any, examples: Examples,
+                      loss: PreferenceLoss, max_length: int, batch_size: int = 16, device: torch.device | str = "cpu",
+                      progress: bool = False, max_examples: Optional[int] = None
+                      ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(metrics, one row per completion) of `model` against `reference` on unpaired preference examples (module
+    docstring); max_length: the longest row the model takes (its block_size + 1), mismatched rows are cut to it."""
+    device = torch.device(device)
+    n = len(examples) if max_examples is None else min(len(examples), max_examples)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.end_id  # as training padded
+    policy, ref, mismatched, desirable = [], [], [], []
+    with progress_bar(n, "unpaired completions", "completion", progress) as bar:
+        for start in range(0, n, batch_size):
+            index = np.arange(start, min(start + batch_size, n))
+            x, y, kl_x, kl_y, labels = unpaired_batch(examples, index, (index - 1) % n, pad, max_length)
+            policy.append(row_logprobs(model, x, y, device))
+            ref.append(row_logprobs(reference, x, y, device))
+            if loss.needs_kl:
+                mismatched.append(row_logprobs(model, kl_x, kl_y, device) - row_logprobs(reference, kl_x, kl_y, device))
+            desirable.append(labels)
+            bar.update(len(index))
+    policy_t, ref_t, desirable_t = torch.cat(policy), torch.cat(ref), torch.cat(desirable)
+    z = None
+    if loss.needs_kl:
+        log_ratios = torch.cat(mismatched)
+        z = reference_point(log_ratios.double().sum(), torch.tensor(float(len(log_ratios))))
+    losses, rewards = loss.unpaired_loss(policy_t, ref_t, desirable_t, z)
+    good = rewards[desirable_t].mean() if desirable_t.any() else torch.tensor(0.0)
+    bad = rewards[~desirable_t].mean() if not desirable_t.all() else torch.tensor(0.0)
+    metrics = {"examples": n, "desirable": int(desirable_t.sum()), "undesirable": int((~desirable_t).sum()),
+               "loss": float(losses.mean()), **({"kl": float(z)} if z is not None else {}),
+               "reward_margin": float(good - bad), "desirable_reward": float(good), "undesirable_reward": float(bad),
+               "preference_loss": loss.kind, "beta": loss.beta}
+    rows = []
+    for i in range(n):
+        prompt, completion = _texts(tokenizer, examples, i)
+        rows.append({"prompt": prompt, "completion": completion, "desirable": bool(desirable_t[i]),
+                     "reward": float(rewards[i]), "logp": float(policy_t[i])})
     return metrics, rows
 
 

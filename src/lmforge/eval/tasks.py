@@ -214,9 +214,9 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
 
         tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
     out_dir = Path(out) if out is not None else Path(ckpt).parent.parent / "eval" / split
-    if manifest["task"] == "preference":  # pairs: max_examples counts pairs
+    if manifest["task"] in ("preference", "unpaired"):  # pairs: max_examples counts pairs
         metrics, rows = _evaluate_preference_split(model, tokenizer, config, ckpt, load_examples(data_dir, split),
-                                                   max_examples, batch_size, progress)
+                                                   max_examples, batch_size, progress, manifest["task"])
     elif manifest["task"] == "classify":
         examples = first_examples(load_examples(data_dir, split), max_examples)
         from lmforge.eval.metrics import plot_confusion_matrix
@@ -241,18 +241,26 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
 
 
 def _evaluate_preference_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Path, examples: Examples,
-                               max_pairs: Optional[int], batch_size: int, progress: bool
+                               max_examples: Optional[int], batch_size: int, progress: bool, kind: str
                                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The preference loss's metrics of a checkpoint against its reference, the run's train.init_from (none for
-    simpo and orpo) (eval/preference.py)."""
-    from lmforge.eval.preference import evaluate_preference, load_reference
+    simpo and orpo) (eval/preference.py), on pairs (kind preference; max_examples counts pairs) or on unpaired
+    completions (kind unpaired)."""
+    from lmforge.eval.preference import evaluate_preference, evaluate_unpaired, load_reference
     from lmforge.preference_loss import PreferenceLoss
 
     loss = PreferenceLoss.of(config.train)
+    if loss.unpaired != (kind == "unpaired"):
+        raise DataError(f"{ckpt} was trained with train.preference_loss {loss.kind}, a loss of "
+                        f"{'single completions' if loss.unpaired else 'pairs'}, and this is {kind} data: evaluate on "
+                        "the data the model was fine-tuned on")
     if loss.needs_reference and config.train.init_from == "none":
         raise ConfigError(f"preference metrics compare a model with its reference, the model its run started from "
                           f"(train.init_from), and {ckpt} was trained from scratch: evaluate a model fine-tuned "
                           "with `--train.init_from`")
     device = next(model.parameters()).device
     reference = load_reference(config, ckpt, device) if loss.needs_reference else None
-    return evaluate_preference(model, reference, tokenizer, examples, loss, batch_size, device, progress, max_pairs)
+    if kind == "unpaired":
+        return evaluate_unpaired(model, reference, tokenizer, examples, loss, config.model.block_size + 1, batch_size,
+                                 device, progress, max_examples)
+    return evaluate_preference(model, reference, tokenizer, examples, loss, batch_size, device, progress, max_examples)

@@ -270,8 +270,10 @@ def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional
         from lmforge.generate.fill_mask import MaskFiller
 
         return MaskFiller(apply_inference_dtype(model, dtype, quantize), tokenizer)
+    from lmforge.data.tasks import TEXT_TASKS
+
     task = read_task(ckpt) if template else None
-    learned = task.get("template") if task is not None and task["task"] in ("sft", "preference") else None
+    learned = task.get("template") if task is not None and task["task"] in TEXT_TASKS else None
     drafter = load_assistant(assistant, model, tokenizer, path, device, dtype, quantize) if assistant else None
     return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned, drafter)
 

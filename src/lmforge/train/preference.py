@@ -1,4 +1,4 @@
-"""Preference fine-tuning (DPO) in the one training loop: the reference model, and the loss of a batch of pairs.
+"""Preference fine-tuning (DPO, KTO) in the one training loop: the reference model, and the loss of a batch.
 
 Preference data (`lmforge prepare --task preference`) comes in batches of 2P rows: rows 2k and 2k + 1 are pair k's
 chosen and rejected example, each [start] prompt completion [end] with labels only on the completion, as sft's.
@@ -6,6 +6,12 @@ The loss is lmforge.preference_loss's: the policy's and the reference's log-prob
 the two implicit rewards, and -log sigmoid of their difference (beta, label smoothing from train.dpo_*), or another
 preference loss (train.preference_loss: robust, hinge, ipo, or simpo and orpo, which need no reference). The
 trainer sums it over pairs and divides by the pairs of the global batch, as it divides a token loss by its labels.
+
+Unpaired preference data (`lmforge prepare --task unpaired`) comes in batches of B completions, each labelled
+desirable or not, with B mismatched rows beside them (data.batches.unpaired_batch: each prompt followed by another
+example's completion). KTO's loss compares each completion's log-ratio to the policy with a reference point z, an
+estimate of the KL divergence of the policy from the reference: the mean log-ratio of the mismatched rows of the
+global micro-batch (kl_reference_point; computed without gradients, as TRL's KTOTrainer does).
 
 A completion's log-probability comes from the LM head fused with its loss, row by row (GPT.forward's per_row,
 lmforge.head_loss: only the completion's positions reach the head, no (2P, T, V) logits), or with
@@ -37,7 +43,7 @@ from torch import nn
 from lmforge.data.batches import Examples, pad_examples, pair_rows
 from lmforge.distributed import DistInfo, all_reduce_sum
 from lmforge.lora import adapters_off, is_adapted
-from lmforge.preference_loss import PreferenceLoss
+from lmforge.preference_loss import PreferenceLoss, reference_point
 
 
 def frozen_reference(model: nn.Module) -> nn.Module:
@@ -73,6 +79,15 @@ def pair_terms(loss: PreferenceLoss, policy: torch.Tensor, reference: Optional[t
     chosen, rejected = slice(0, None, 2), slice(1, None, 2)  # rows 2k, 2k + 1
     ref = (None, None) if reference is None else (reference.detach()[chosen], reference.detach()[rejected])
     return loss(policy[chosen], policy[rejected], tokens[chosen], tokens[rejected], *ref)
+
+
+def kl_reference_point(log_ratios: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """KTO's reference point z: the mean of the mismatched rows' log-ratios log pi(y' | x) - log pi_ref(y' | x) over
+    every process's rows (the global micro-batch), clamped at 0 (a KL divergence is never negative), detached."""
+    totals = torch.stack([log_ratios.detach().double().sum(),
+                          torch.tensor(float(len(log_ratios)), dtype=torch.float64, device=log_ratios.device)])
+    totals = all_reduce_sum(totals, dist)
+    return reference_point(totals[0], totals[1])
 
 
 SCORES_FILE = "reference_logps.safetensors"  # in the run directory: train.precompute_reference's scores

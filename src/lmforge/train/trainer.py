@@ -49,6 +49,7 @@ from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer
 from lmforge.checkpoint import has_optimizer_state, save_sharded_checkpoint
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
 from lmforge.data.batches import IGNORE_INDEX, Batches, TokenBatches, fixed_batches, fixed_example_batches
+from lmforge.data.tasks import TEXT_TASKS
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
                                  barrier, full_state, gather_objects, is_sharded, no_sync, resolve_device,
                                  setup_distributed, slow_half_warning, teardown_distributed, unwrap)
@@ -56,7 +57,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.preference_loss import SMOOTHED, PreferenceLoss, sequence_logprobs
+from lmforge.preference_loss import SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, sequence_logprobs
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -64,8 +65,8 @@ from lmforge.train.metrics import MetricsLogger, Throughput
 from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
 from lmforge.train.precision import autocast, run_forward
-from lmforge.train.preference import (SCORES_FILE, SCORES_FORMAT, frozen_reference, pair_terms, read_scores,
-                                     reference_model, score_pairs, write_scores)
+from lmforge.train.preference import (SCORES_FILE, SCORES_FORMAT, frozen_reference, kl_reference_point, pair_terms,
+                                     read_scores, reference_model, score_pairs, write_scores)
 from lmforge.train.schedule import build_schedule
 from lmforge.train.selection import BestTracker
 
@@ -180,12 +181,13 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
     specials = manifest["special_tokens"]
     pad = specials["pad"] if specials.get("pad") is not None else specials["end"]
     pairs = manifest["task"] == "preference"  # batches of B pairs: 2B rows, chosen and rejected in turn
+    unpaired = manifest["task"] == "unpaired"  # B completions and their mismatched rows (KTO)
     train = ExampleBatches(load_examples(data_dir, "train"), T, B, seed=seed, shuffle=config.data.sampling == "random",
                            rank=info.rank, world_size=info.world_size, pad_id=pad, packing=config.data.packing,
-                           pairs=pairs)
+                           pairs=pairs, unpaired=unpaired)
     val_examples = load_examples(data_dir, "val")
     val = fixed_example_batches(val_examples, T, B, config.train.eval_batches, rank=info.rank,
-                                world_size=info.world_size, pad_id=pad, pairs=pairs)
+                                world_size=info.world_size, pad_id=pad, pairs=pairs, unpaired=unpaired)
     if manifest["task"] == "classify":  # batches (x, labels (B,), attention_mask): a classify head reads them
         labels = manifest["labels"]
         return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
@@ -194,7 +196,8 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
     return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
                         _sha256_or_none(data_dir / "manifest.json"),
                         task={"task": manifest["task"], "template": manifest["template"]},
-                        val_examples=None if pairs else val_examples, val_pairs=val_examples if pairs else None)
+                        val_examples=None if pairs or unpaired else val_examples,
+                        val_pairs=val_examples if pairs else None)
 
 
 def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
@@ -207,26 +210,45 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
     if objective == "mlm" and kind is not None:
         raise ConfigError(f"train.objective=mlm pretrains on token data, but {config.data.path} is {kind} task data: "
                           f"drop train.objective")
-    if not causal and kind in ("sft", "preference"):
+    if not causal and kind in TEXT_TASKS:
         raise ConfigError(f"an encoder (model.causal false) does not generate, so it cannot learn text to text "
                           f"({kind}) data: fine-tune a decoder, or use classify data")
     tc = config.train
-    if kind == "preference":
-        check_preference_loss(tc)
-    if kind != "preference" and (tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0 or tc.preference_loss != "dpo"
-                                 or tc.simpo_gamma != 0.5 or tc.precompute_reference
-                                 or tc.preference_nll_weight):
+    if kind in ("preference", "unpaired"):
+        check_preference_loss(tc, kind)
+    if kind not in ("preference", "unpaired") and (
+            tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0 or tc.preference_loss != "dpo" or tc.simpo_gamma != 0.5
+            or tc.precompute_reference or tc.preference_nll_weight or tc.kto_desirable_weight != 1.0
+            or tc.kto_undesirable_weight != 1.0):
         raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / "
-                          f"preference_nll_weight / precompute_reference set a preference loss, but {config.data.path} is not preference "
-                          "data (`lmforge prepare --task preference`): drop them")
+                          f"preference_nll_weight / precompute_reference / kto_*_weight set a preference loss, but "
+                          f"{config.data.path} is not preference data (`lmforge prepare --task preference` or "
+                          "`--task unpaired`): drop them")
     if not causal and objective == "clm" and kind is None:
         raise ConfigError("model.causal=false lets every position see the next token, so next-token training "
                           "(train.objective clm) would only learn to copy it: set train.objective mlm")
 
 
-def check_preference_loss(tc: Any) -> None:
-    """Refuse preference-loss settings that cannot work or would be ignored."""
+def check_preference_loss(tc: Any, kind: str = "preference") -> None:
+    """Refuse preference-loss settings that cannot work or would be ignored on `kind` data (preference: pairs;
+    unpaired: single completions labelled desirable or not)."""
     name = tc.preference_loss
+    if kind == "unpaired" and name not in UNPAIRED_LOSSES:
+        raise ConfigError(f"unpaired preference data (single completions labelled desirable or not) trains with a loss "
+                          f"of single completions, and train.preference_loss is {name}, a loss of pairs: set "
+                          f"--train.preference_loss kto (or apo_zero_unpaired)")
+    if kind == "preference" and name in UNPAIRED_LOSSES:
+        raise ConfigError(f"train.preference_loss {name} trains on single completions labelled desirable or not "
+                          "(`lmforge prepare --task unpaired`), and this is pair data: use dpo or another pair loss")
+    if kind == "preference" and (tc.kto_desirable_weight != 1.0 or tc.kto_undesirable_weight != 1.0):
+        raise ConfigError("train.kto_desirable_weight / kto_undesirable_weight weigh unpaired completions, and this "
+                          "is pair data: drop them")
+    if kind == "unpaired" and tc.preference_nll_weight:
+        raise ConfigError("train.preference_nll_weight adds a next-token term on a pair's chosen completion, and "
+                          "unpaired data has no pairs: drop it")
+    if kind == "unpaired" and tc.precompute_reference:
+        raise ConfigError("train.precompute_reference scores fixed completions once, and KTO's mismatched rows change "
+                          "with every batch: drop it (the reference runs at each step)")
     if PreferenceLoss.of(tc).needs_reference and tc.init_from == "none":
         raise ConfigError(f"preference data trains a model with {name} against a frozen reference, the model it starts "
                           "from: set train.init_from to that checkpoint or run (most often the sft model), or use "
@@ -254,9 +276,11 @@ def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
     if tc.best_metric in ("val_accuracy", "val_macro_f1") and kind != "classify":
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on classify data (`lmforge prepare --task "
                           f"classify`): use val_loss")
-    if tc.best_metric in ("val_reward_accuracy", "val_reward_margin") and kind != "preference":
+    if tc.best_metric in ("val_reward_accuracy", "val_reward_margin") and kind != "preference" and not (
+            tc.best_metric == "val_reward_margin" and kind == "unpaired"):
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on preference data (`lmforge prepare --task "
-                          f"preference`): use val_loss")
+                          f"preference`{'' if tc.best_metric == 'val_reward_accuracy' else ' or --task unpaired'}): "
+                          "use val_loss")
     if tc.best_metric.startswith("val_choices") and not tc.choices_file:
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on train.choices_file's questions: set "
                           f"train.choices_file, or use val_loss")
@@ -367,7 +391,9 @@ class Trainer:
         elif tc.class_weights != "none":
             raise ConfigError(f"train.class_weights={tc.class_weights!r} weighs classes, but {config.data.path} is not "
                               "classify data (`lmforge prepare --task classify`); drop the setting")
-        self.preference = self.task is not None and self.task["task"] == "preference"  # DPO (train/preference.py)
+        kind = self.task["task"] if self.task is not None else None
+        self.preference = kind in ("preference", "unpaired")  # DPO, KTO, ... (train/preference.py)
+        self.unpaired = kind == "unpaired"  # single completions labelled desirable or not (KTO)
         if self.preference:  # dropout off: the policy's log-probabilities must be comparable with the reference's
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
         check_objective(config, self.task)
@@ -645,7 +671,10 @@ class Trainer:
         return loss_sum, count
 
     def batch_count(self, batch: tuple[torch.Tensor, ...]) -> int:
-        """What a batch's summed loss is divided by: its counted labels, or its pairs (preference data)."""
+        """What a batch's summed loss is divided by: its counted labels, its pairs (preference data) or its
+        completions (unpaired preference data)."""
+        if self.unpaired:
+            return batch[0].size(0)
         return batch[0].size(0) // 2 if self.preference else count_labels(batch[1])
 
     def batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
@@ -655,6 +684,8 @@ class Trainer:
         An LM head's loss comes fused with the head (train.loss_chunk > 0, model.token_loss: no logits are kept);
         a classifier's, or any when need_logits, from the logits, which then come back with the labels. Preference
         pairs: DPO's loss summed over the pairs (preference_terms)."""
+        if self.unpaired:
+            return self.unpaired_terms(model, batch)[0].sum(), None, None
         if self.preference:
             return self.preference_terms(model, batch)[0].sum(), None, None
         if self.config.train.loss_chunk > 0 and self.config.model.head != "classify" and not need_logits:
@@ -681,6 +712,32 @@ class Trainer:
                 ref = self.completion_logprobs(reference, batch)
         tokens = (batch[1] != IGNORE_INDEX).sum(dim=1).to(policy.device)  # each row's completion tokens
         return pair_terms(self.preference_loss, policy, ref, tokens)
+
+    def unpaired_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
+                          ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(policy, reference, mismatched) of a batch of unpaired completions (data.batches.unpaired_batch): each
+        completion's log-probability under `model` and, without gradients, under the frozen reference, and for KTO
+        each mismatched row's log-ratio log pi - log pi_ref, all without gradients but the policy's (None when the
+        loss needs no reference point)."""
+        x, y, kl_x, kl_y, _ = batch
+        policy = self.completion_logprobs(model, (x, y))
+        mismatched = None
+        with torch.no_grad():
+            if self.preference_loss.needs_kl:
+                mismatched = self.completion_logprobs(model, (kl_x, kl_y))
+            with reference_model(self.reference, self.raw_model) as reference:
+                ref = self.completion_logprobs(reference, (x, y))
+                if mismatched is not None:
+                    mismatched = mismatched - self.completion_logprobs(reference, (kl_x, kl_y))
+        return policy, ref, mismatched
+
+    def unpaired_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, reward) per completion of one batch of unpaired preference data: KTO's reference point z is the
+        mean log-ratio of the mismatched rows of the whole global micro-batch (summed over processes), >= 0."""
+        policy, ref, mismatched = self.unpaired_logprobs(model, batch)
+        z = kl_reference_point(mismatched, self.dist) if mismatched is not None else None
+        return self.preference_loss.unpaired_loss(policy, ref, self.to_device(batch[4]), z)
 
     def precompute_reference(self, val_pairs: Optional[Any], progress: bool) -> None:
         """train.precompute_reference: every train (and val) completion's log-probability under the model as it
@@ -777,6 +834,8 @@ class Trainer:
         """
         if not self.val_batches:
             return None
+        if self.unpaired:
+            return self.evaluate_unpaired()
         if self.preference:
             return self.evaluate_preference()
         model = self.model
@@ -825,6 +884,32 @@ class Trainer:
         self.val_metrics = {"val_reward_accuracy": wins, "val_reward_margin": chosen - rejected,
                             "val_chosen_reward": chosen, "val_rejected_reward": rejected}
         return loss
+
+    def evaluate_unpaired(self) -> float:
+        """Unpaired preference data: the mean loss over the val completions, KTO's reference point z estimated from
+        every val batch's mismatched rows (one estimate for the evaluated examples, as `lmforge eval` makes it), and in
+        self.val_metrics the mean reward of the desirable and of the undesirable completions, their difference
+        (val_reward_margin) and z (val_kl)."""
+        self.model.eval()
+        terms, log_ratios = [], [torch.zeros(0, device=self.device)]  # a process may have no val batch
+        with torch.no_grad():
+            for batch in self.val_batches:
+                policy, ref, mismatched = self.unpaired_logprobs(self.model, batch)
+                terms.append((policy, ref, self.to_device(batch[4])))
+                log_ratios += [mismatched] if mismatched is not None else []
+        self.model.train()
+        z = kl_reference_point(torch.cat(log_ratios), self.dist) if self.preference_loss.needs_kl else None
+        totals = torch.zeros(5, dtype=torch.float64, device=self.device)  # (loss, n, desirable n, their rewards, other)
+        for policy, ref, desirable in terms:
+            loss, reward = self.preference_loss.unpaired_loss(policy, ref, desirable, z)
+            totals += torch.stack([loss.sum(), torch.tensor(float(len(loss)), device=self.device), desirable.sum(),
+                                   reward[desirable].sum(), reward[~desirable].sum()]).double()
+        totals = all_reduce_sum(totals, self.dist)
+        good = float(totals[3] / totals[2].clamp(min=1))
+        bad = float(totals[4] / (totals[1] - totals[2]).clamp(min=1))
+        self.val_metrics = {"val_reward_margin": good - bad, "val_desirable_reward": good,
+                            "val_undesirable_reward": bad, **({"val_kl": float(z)} if z is not None else {})}
+        return float(totals[0] / totals[1].clamp(min=1))
 
     def maybe_log(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
         """Every log_interval steps (and the last): loss, lr, pre-clip gradient norm, tokens/s."""
@@ -1089,6 +1174,10 @@ class Trainer:
         global_batch = tc.batch_size * tc.grad_accum * self.dist.world_size
         rows = global_batch * (2 if self.preference else 1)  # a preference pair is two sequences
         what = f"{global_batch} pairs ({rows} sequences)" if self.preference else f"{rows} sequences"
+        if self.unpaired:  # a completion, and the mismatched row of KTO's reference point
+            rows = global_batch * (2 if self.preference_loss.needs_kl else 1)
+            what = (f"{global_batch} completions" + (f" + {global_batch} mismatched rows"
+                                                     if self.preference_loss.needs_kl else ""))
         self.logger.info(f"model: {size}")
         self.logger.info(f"batch: {what} x {mc.block_size} tokens = {rows * mc.block_size:,} "
                          f"tokens/step ({tc.batch_size} x {tc.grad_accum} accum x {self.dist.world_size} processes); "

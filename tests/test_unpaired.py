@@ -1,0 +1,397 @@
+"""Unpaired preference data and KTO: `lmforge prepare --task unpaired`, batches with KTO's mismatched rows, the
+kto and apo_zero_unpaired losses by hand and against TRL's KTOTrainer on the same weights, the loss in the one
+training loop (full and LoRA, DDP, resume) and `lmforge eval` on unpaired completions."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.checkpoint import load_for_inference
+from lmforge.cli import main
+from lmforge.data.batches import ExampleBatches, fixed_example_batches, unpaired_batch
+from lmforge.data.tasks import load_examples, read_task_manifest
+from lmforge.errors import ConfigError, DataError
+from lmforge.eval.preference import evaluate_unpaired
+from lmforge.preference_loss import PreferenceLoss, reference_point
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import Trainer
+from test_preference import base, preference_records  # noqa: F401  (base: the module's fixture too)
+from test_tasks import reverse_records, write_csv, write_jsonl
+from tiny_training import step_losses, tiny_config
+
+
+def unpaired_records(n: int, seed: int = 0) -> list[dict]:
+    """n distinct words: the even ones with their capitals (desirable), the odd ones with a copy (undesirable)."""
+    return [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 == 0 else r["rejected"], "label": i % 2 == 0}
+            for i, r in enumerate(preference_records(n, seed))]
+
+
+def prepare_unpaired(base: Path, out: Path, *inputs: Path, extra: tuple = ()) -> int:
+    return main(["prepare", *map(str, inputs), "--task", "unpaired", "--tokenizer", str(base), "--out", str(out),
+                 *map(str, extra)])
+
+
+@pytest.fixture(scope="module")
+def unpaired(base, tmp_path_factory) -> Path:
+    """Unpaired data of 300 records (150 desirable capitals, 150 undesirable copies), 80/10/10."""
+    root = tmp_path_factory.mktemp("unpaired")
+    assert prepare_unpaired(base, root / "data", write_jsonl(root / "u.jsonl", unpaired_records(300)),
+                            extra=("--split", "0.8,0.1,0.1")) == 0
+    return root / "data"
+
+
+def kto(run_dir: Path, data: Path, base: Path, **overrides: object):
+    values = {"data.path": str(data), "train.init_from": str(base), "train.max_steps": 6, "train.batch_size": 8,
+              "train.eval_interval": 0, "train.eval_batches": 4, "optim.lr": 3e-3, "train.dpo_beta": 1.0,
+              "train.preference_loss": "kto"}
+    values.update(overrides)
+    return tiny_config(run_dir, **values)
+
+
+@pytest.fixture(scope="module")
+def kto_run(base, unpaired, tmp_path_factory) -> Trainer:
+    """KTO for 30 steps, evaluated at the end."""
+    trainer = Trainer(kto(tmp_path_factory.mktemp("kto") / "run", unpaired, base, **{"train.max_steps": 30}),
+                      progress=False, tensorboard=False)
+    trainer.fit()
+    return trainer
+
+
+def texts(data: Path, split: str) -> list[tuple[str, str, bool]]:
+    """(prompt, completion, desirable) of every example of a split, decoded."""
+    ex, tok = load_examples(data, split), Tokenizer.load(data / "tokenizer.json")
+    return [(tok.decode(p), tok.decode(c), bool(ex.desirable[e]))
+            for e, (p, c) in enumerate(ex.prompt_and_completion(e) for e in range(len(ex)))]
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+def test_prepare_keeps_each_completion_with_its_label_split_by_label(unpaired):
+    records = {(r["prompt"] + "\n", r["completion"]): r["label"] for r in unpaired_records(300)}
+    seen = []
+    for split, size in (("train", 240), ("val", 30), ("test", 30)):
+        rows = texts(unpaired, split)
+        assert len(rows) == size
+        assert all(records[(prompt, completion)] == desirable for prompt, completion, desirable in rows)
+        assert sum(d for *_, d in rows) == size // 2  # stratified: half of each split desirable
+        seen += [(p, c) for p, c, _ in rows]
+    assert sorted(seen) == sorted(records)  # every record once
+    manifest = read_task_manifest(unpaired)
+    assert manifest["task"] == "unpaired" and manifest["fields"]["label"] == "label"
+    report = json.loads((unpaired / "report.json").read_text())
+    assert report["splits"]["val"] == {**report["splits"]["val"], "examples": 30, "desirable": 15, "undesirable": 15}
+
+
+def test_labels_in_every_form_and_chat_records_are_read(base, tmp_path):
+    words = [r["prompt"] for r in preference_records(12)]
+    forms = [True, False, 1, 0, "true", "FALSE", " 1 ", "0"]
+    records = [{"prompt": w, "completion": w.upper(), "label": forms[i % len(forms)]} for i, w in enumerate(words[:8])]
+    records += [{"prompt": [{"role": "user", "content": w}], "completion": [{"role": "assistant", "content": w[::-1]}],
+                 "label": i % 2 == 0} for i, w in enumerate(words[8:])]
+    assert prepare_unpaired(base, tmp_path / "data", write_jsonl(tmp_path / "u.jsonl", records),
+                            extra=("--split", "0.5,0.25,0.25")) == 0
+    expected = {w.upper(): f in (True, 1, "true", " 1 ") for w, f in zip(words, forms)}
+    expected.update({w[::-1]: i % 2 == 0 for i, w in enumerate(words[8:])})
+    rows = [row for split in ("train", "val", "test") for row in texts(tmp_path / "data", split)]
+    assert {completion: desirable for _, completion, desirable in rows} == expected
+    chat = [prompt for prompt, completion, _ in rows if completion in {w[::-1] for w in words[8:]}]
+    assert len(chat) == 4 and all(p.endswith("sistant|>\n") for p in chat)  # the chat template (cut on the left)
+    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    assert report["chat_records"] == 4
+    csv_dir = tmp_path / "csv"  # CSV cells are strings
+    assert prepare_unpaired(base, csv_dir, write_csv(tmp_path / "u.csv", [{**r, "label": str(r["label"]).lower()}
+                                                                         for r in unpaired_records(20)])) == 0
+    assert sum(d for split in ("train", "val", "test") for *_, d in texts(csv_dir, split)) == 10
+
+
+def test_bad_labels_duplicates_and_conflicts(base, tmp_path, capsys):
+    good = unpaired_records(20)
+    bad = [{"prompt": "x", "completion": "y", "label": "maybe"}, {"prompt": "x", "completion": "y"},
+           {"prompt": "x", "completion": "y", "label": 2}, {"prompt": "x", "completion": "", "label": True}]
+    path = write_jsonl(tmp_path / "u.jsonl", good + bad)
+    assert prepare_unpaired(base, tmp_path / "a", path) == 2
+    assert f"{path}:21: field 'label' (label) is 'maybe': give true or false" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    twice = good + [good[0], {**good[1], "label": not good[1]["label"]}]
+    assert prepare_unpaired(base, tmp_path / "b", write_jsonl(tmp_path / "d.jsonl", twice + bad),
+                            extra=("--skip-bad",)) == 0
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert (report["bad_records"], report["duplicates"], report["conflicts"]) == (4, 1, 1)
+    assert sum(s["examples"] for s in report["splits"].values()) == 21
+    assert "labelled both ways" in capsys.readouterr().out
+
+
+def test_one_kind_only_warns(base, tmp_path, capsys):
+    records = [{**r, "label": True} for r in unpaired_records(20)]
+    assert prepare_unpaired(base, tmp_path / "data", write_jsonl(tmp_path / "u.jsonl", records)) == 0
+    assert "every example is labelled desirable" in capsys.readouterr().err
+    assert json.loads((tmp_path / "data" / "report.json").read_text())["warnings"]
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def test_a_mismatched_row_is_a_prompt_with_the_previous_draws_completion(unpaired):
+    ex = load_examples(unpaired, "train")
+    index, partners = np.array([5, 9, 2]), np.array([2, 5, 9])
+    x, y, kl_x, kl_y, desirable = unpaired_batch(ex, index, partners, 0, 17)
+    assert desirable.tolist() == ex.desirable[index].tolist()
+    for r, (e, f) in enumerate(zip(index, partners)):
+        prompt, _ = ex.prompt_and_completion(e)
+        _, completion = ex.prompt_and_completion(f)
+        ids = prompt + completion
+        assert kl_x[r, :len(ids) - 1].tolist() == ids[:-1]
+        labels = kl_y[r][kl_y[r] != -100].tolist()
+        assert labels == completion  # the loss counts the other example's completion, its end token included
+    stream = ExampleBatches(ex, 16, 4, seed=3, unpaired=True)
+    for _ in range(3):
+        order = stream.example_index(stream.position, 4)
+        x, y, kl_x, kl_y, _ = stream.next_batch()
+        assert [ex.prompt_and_completion(int(e))[1] for e in np.roll(order, 1)] == \
+            [kl_y[r][kl_y[r] != -100].tolist() for r in range(4)]
+
+
+def test_two_processes_build_the_rows_one_process_builds(unpaired):
+    ex = load_examples(unpaired, "train")
+
+    def rows(batch):
+        x, y, kl_x, kl_y, desirable = batch
+        return [(x[r][y[r] != -100].tolist(), kl_x[r].tolist(), kl_y[r][kl_y[r] != -100].tolist(), bool(desirable[r]))
+                for r in range(len(x))]
+
+    one = ExampleBatches(ex, 16, 4, seed=1, unpaired=True)
+    two = [ExampleBatches(ex, 16, 2, seed=1, unpaired=True, rank=r, world_size=2) for r in range(2)]
+    for _ in range(5):
+        whole, halves = rows(one.next_batch()), [rows(s.next_batch()) for s in two]
+        strip = [(a, c, d) for a, _, c, d in whole]
+        assert strip == [(a, c, d) for half in halves for a, _, c, d in half]
+    val = [rows(b) for b in fixed_example_batches(ex, 16, 4, 2, unpaired=True)]
+    assert [c for batch in val for _, _, c, _ in batch] == \
+        [ex.prompt_and_completion(e)[1] for e in [7] + list(range(7))]  # 8 evaluated: the first takes the last's
+
+
+# ------------------------------------------------------------------------------------------------- the loss
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@pytest.mark.parametrize("kind", ["kto", "apo_zero_unpaired"])
+def test_the_unpaired_losses_are_the_papers_formulas_by_hand(kind):
+    g = torch.Generator().manual_seed(0)
+    policy, ref = (torch.randn(9, generator=g, dtype=torch.float64) * 4 for _ in range(2))
+    desirable = torch.tensor([True, False, True, True, False, False, True, False, True])
+    beta, wd, wu, z = 0.3, 1.5, 0.7, 0.8
+    loss_fn = PreferenceLoss(kind, beta, desirable_weight=wd, undesirable_weight=wu)
+    loss, reward = loss_fn.unpaired_loss(policy, ref, desirable, torch.tensor(z))
+    for i in range(9):
+        r = float(policy[i]) - float(ref[i])
+        if kind == "kto":
+            expected = wd * (1 - sigmoid(beta * (r - z))) if desirable[i] else wu * (1 - sigmoid(beta * (z - r)))
+        else:
+            expected = wd * (1 - sigmoid(beta * r)) if desirable[i] else wu * sigmoid(beta * r)
+        assert float(loss[i]) == pytest.approx(expected, rel=1e-6)
+        assert float(reward[i]) == pytest.approx(beta * r, rel=1e-6)
+    p = policy.clone().requires_grad_(True)
+    z_in = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    loss_fn.unpaired_loss(p, ref, desirable, z_in)[0].sum().backward()
+    assert z_in.grad is None  # the reference point is never differentiated
+    for i in range(9):  # d/dr of w (1 - sigmoid(beta (r - z))) = -w beta s (1 - s), of w (1 - sigmoid(beta (z - r)))
+        s = sigmoid(beta * ((float(policy[i]) - float(ref[i])) - (z if kind == "kto" else 0.0)))
+        w = wd if desirable[i] else wu
+        assert float(p.grad[i]) == pytest.approx((-1 if desirable[i] else 1) * w * beta * s * (1 - s), rel=1e-5)
+
+
+def test_the_reference_point_is_the_mean_log_ratio_clamped_at_zero():
+    assert float(reference_point(torch.tensor(6.0), torch.tensor(4.0))) == 1.5
+    assert float(reference_point(torch.tensor(-6.0), torch.tensor(4.0))) == 0.0
+    assert float(reference_point(torch.tensor(0.0), torch.tensor(0.0))) == 0.0
+
+
+def test_losses_of_pairs_and_of_single_completions_do_not_mix():
+    with pytest.raises(ValueError, match="loss of single completions"):
+        PreferenceLoss("kto")(torch.zeros(2), torch.zeros(2), torch.ones(2), torch.ones(2), torch.zeros(2),
+                              torch.zeros(2))
+    with pytest.raises(ValueError, match="a loss of pairs"):
+        PreferenceLoss("dpo").unpaired_loss(torch.zeros(2), torch.zeros(2), torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="trains on single completions"):
+        PreferenceLoss("kto", nll_weight=0.5)
+
+
+# --------------------------------------------------------------------------------------------------- TRL
+@pytest.mark.parametrize("kind", ["kto", "apo_zero_unpaired"])
+def test_kto_equals_trls_kto_trainer(kto_run, base, unpaired, tmp_path, kind):
+    """TRL's KTOTrainer (_compute_loss, loss_type kto and apo_zero_unpaired, with weights) on the Hugging Face
+    exports of the trained model and of its base, the val completions as its token-id rows with each one's
+    mismatched completion the previous one's (KL_completion_ids rotated by one, as TRL builds them): lmforge's
+    evaluation gives the same loss, KL reference point and rewards. The reference's log-probabilities are TRL's
+    precomputed ones, from transformers' own forward (see test_preference_losses.trl_on_exports)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    assert main(["export", str(kto_run.run_dir), "--format", "hf", "--out", str(tmp_path / "policy")]) == 0
+    assert main(["export", str(base), "--format", "hf", "--out", str(tmp_path / "reference")]) == 0
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    hf_reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    examples = load_examples(unpaired, "val")
+    n = len(examples)
+
+    def ref_logp(prompt: list[int], completion: list[int]) -> float:
+        ids = prompt + completion
+        with torch.no_grad():
+            logp = hf_reference(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+        return sum(float(logp[t - 1, ids[t]]) for t in range(len(prompt), len(ids)))
+
+    parts = [examples.prompt_and_completion(e) for e in range(n)]
+    rows = [{"prompt_ids": p, "completion_ids": c, "KL_completion_ids": parts[e - 1][1],
+             "label": bool(examples.desirable[e]), "ref_logps": ref_logp(p, c), "ref_KL_logps": ref_logp(p, parts[e - 1][1])}
+            for e, (p, c) in enumerate(parts)]
+    beta, wd, wu = 0.7, 1.3, 0.8
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, max_length=None, beta=beta,
+                     loss_type=kind, desirable_weight=wd, undesirable_weight=wu)
+    trl = KTOTrainer(model=policy, ref_model=hf_reference, args=args, processing_class=hf_tokenizer,
+                     train_dataset=Dataset.from_list([{"prompt": "ab\n", "completion": "AB", "label": True}]))
+    trl.model.eval()
+    trl.precompute_ref_logps = True  # take the rows' ref_logps / ref_KL_logps
+    with torch.no_grad():
+        expected = trl._compute_loss(trl.model, DataCollatorForUnpairedPreference(hf_tokenizer.pad_token_id)(rows),
+                                     False)
+    trl_metrics = {k: v[-1] for k, v in trl._metrics["eval"].items()}
+    model, tokenizer, _ = load_for_inference(kto_run.last_checkpoint)
+    reference, _, _ = load_for_inference(base)
+    metrics, _ = evaluate_unpaired(model, reference, tokenizer, examples,
+                                   PreferenceLoss(kind, beta, desirable_weight=wd, undesirable_weight=wu), 17,
+                                   batch_size=7)
+    assert metrics["loss"] == pytest.approx(float(expected), abs=2e-5)
+    assert metrics["desirable_reward"] == pytest.approx(trl_metrics["rewards/chosen"], abs=1e-4)
+    assert metrics["undesirable_reward"] == pytest.approx(trl_metrics["rewards/rejected"], abs=1e-4)
+    if kind == "kto":
+        assert metrics["kl"] == pytest.approx(trl_metrics["kl"], abs=1e-4) and metrics["kl"] > 0.1
+    else:
+        assert "kl" not in metrics
+
+
+# ------------------------------------------------------------------------------------------- in the trainer
+@pytest.mark.parametrize("lora", [False, True])
+def test_kto_starts_at_half_the_weights_and_learns_the_preference(base, unpaired, tmp_path, lora):
+    """Step 1: the policy is its reference, every log-ratio and the reference point are 0, so each completion's loss
+    is its weight x (1 - sigmoid(0)) = weight / 2; the run then rewards the desirable completions and not the
+    others, on val completions it never trained on."""
+    settings = {"lora.r": 4, "lora.targets": "q,v,mlp", "optim.lr": 1e-2} if lora else {}
+    config = kto(tmp_path / "run", unpaired, base, **{"train.max_steps": 25, "train.kto_desirable_weight": 2.0,
+                                                      **settings})
+    trainer = Trainer(config, progress=False, tensorboard=False)
+    first = trainer.train_data.example_index(0, 8)
+    desirable = trainer.train_data.examples.desirable[first]
+    trainer.fit()
+    assert trainer.history[0][1] == pytest.approx((2.0 * desirable.sum() + (~desirable).sum()) / 2 / 8, abs=1e-6)
+    assert trainer.val_metrics["val_desirable_reward"] > 0.5 > -0.5 > trainer.val_metrics["val_undesirable_reward"]
+    assert trainer.val_metrics["val_reward_margin"] == pytest.approx(
+        trainer.val_metrics["val_desirable_reward"] - trainer.val_metrics["val_undesirable_reward"])
+    assert trainer.val_loss < trainer.history[0][1] * (0.8 if lora else 0.3)
+
+
+def test_the_trainers_val_loss_is_lmforge_evals(kto_run, unpaired, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", str(kto_run.last_checkpoint), "--data", str(unpaired), "--split", "val", "--out",
+                 str(out), "--batch-size", "5"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["loss"] == pytest.approx(kto_run.val_loss, abs=1e-6)
+    assert result["kl"] == pytest.approx(kto_run.val_metrics["val_kl"], abs=1e-5) and result["kl"] > 0.1
+    assert result["reward_margin"] == pytest.approx(kto_run.val_metrics["val_reward_margin"], abs=1e-5)
+    assert (result["examples"], result["desirable"], result["undesirable"]) == (30, 15, 15)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["completion"], r["desirable"]) for r in rows] == texts(unpaired, "val")
+    assert all((r["reward"] > 0) == r["desirable"] for r in rows)  # what it learned, one completion at a time
+
+
+def test_the_reference_point_moves_the_loss(kto_run):
+    """z > 0 after training: KTO's loss of a desirable completion is above apo_zero_unpaired's (the same weights and
+    rewards, without the reference point) and an undesirable one's below."""
+    batch = kto_run.val_batches[0]
+    with torch.no_grad():
+        policy, ref, mismatched = kto_run.unpaired_logprobs(kto_run.model, batch)
+    z = float(mismatched.mean())
+    assert z > 0.1
+    with_z, _ = kto_run.preference_loss.unpaired_loss(policy, ref, batch[4], torch.tensor(z))
+    without, _ = PreferenceLoss("apo_zero_unpaired", 1.0).unpaired_loss(policy, ref, batch[4])
+    desirable = batch[4]
+    assert bool((with_z[desirable] > without[desirable]).all())
+    assert bool((with_z[~desirable] < without[~desirable]).all())
+
+
+def test_a_resumed_kto_run_is_bit_identical(base, unpaired, tmp_path):
+    extra = {"train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3}
+    full = Trainer(kto(tmp_path / "full", unpaired, base, **extra), progress=False, tensorboard=False)
+    full.fit()
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003",
+                    tmp_path / "resumed" / "checkpoints" / "step-00000003")
+    resumed = Trainer(kto(tmp_path / "resumed", unpaired, base, **{**extra, "train.resume": "auto"}),
+                      progress=False, tensorboard=False)
+    resumed.fit()
+    assert [step for step, _ in resumed.history] == [4, 5, 6]
+    assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 3]
+    assert resumed.val_loss == full.val_loss and resumed.val_metrics == full.val_metrics
+    assert step_losses(tmp_path / "resumed")[6] == step_losses(tmp_path / "full")[6]
+
+
+@pytest.mark.distributed
+def test_two_processes_train_kto_like_one(base, unpaired, tmp_path):
+    """DDP: 2 processes x 4 completions give the losses and val loss of 1 process x 8: the mismatched rows are
+    drawn within the global micro-batch and the reference point is averaged over both processes."""
+    from distributed_jobs import torchrun_worker, worker
+
+    settings = {"data.path": str(unpaired), "train.init_from": str(base), "train.dpo_beta": 1.0,
+                "train.preference_loss": "kto", "optim.lr": 1e-2}
+    worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
+    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps(settings))
+    one = json.loads((tmp_path / "one" / "history.json").read_text())
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert two["world_size"] == 2 and [s for s, _ in two["history"]] == list(range(1, 7))
+    assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
+    assert one["history"][-1][1] < one["history"][0][1]
+
+
+def test_settings_that_cannot_work_on_unpaired_data_are_refused(base, unpaired, tmp_path):
+    cases = [({"train.preference_loss": "dpo"}, "set --train.preference_loss kto"),
+             ({"train.preference_nll_weight": 0.5}, "unpaired data has no pairs"),
+             ({"train.precompute_reference": True}, "mismatched rows change"),
+             ({"train.init_from": "none"}, "set train.init_from"),
+             ({"train.best_metric": "val_reward_accuracy"}, "measured on preference data"),
+             ({"train.dpo_label_smoothing": 0.1}, "not by kto"),
+             ({"data.packing": True}, "drop data.packing")]
+    for i, (overrides, message) in enumerate(cases):
+        with pytest.raises((ConfigError, DataError), match=message):
+            Trainer(kto(tmp_path / f"run{i}", unpaired, base, **overrides), progress=False, tensorboard=False)
+    sft = tmp_path / "sft"
+    assert main(["prepare", str(write_jsonl(tmp_path / "r.jsonl", reverse_records(30))), "--task", "sft",
+                 "--tokenizer", str(base), "--out", str(sft)]) == 0
+    with pytest.raises(ConfigError, match="is not preference data"):
+        Trainer(kto(tmp_path / "sftrun", sft, base, **{"train.preference_loss": "dpo",
+                                                       "train.kto_undesirable_weight": 2.0}),
+                progress=False, tensorboard=False)
+    assert not any(p.name.startswith("run") or p.name == "sftrun" for p in tmp_path.iterdir())
+
+
+def test_kto_on_pairs_and_a_pair_loss_checkpoint_on_unpaired_data_are_refused(base, unpaired, tmp_path):
+    from test_preference import prepare_pairs
+
+    pairs = tmp_path / "pairs"
+    assert prepare_pairs(base, pairs, write_jsonl(tmp_path / "p.jsonl", preference_records(30))) == 0
+    with pytest.raises(ConfigError, match="this is pair data"):
+        Trainer(kto(tmp_path / "a", pairs, base), progress=False, tensorboard=False)
+    with pytest.raises(ConfigError, match="weigh unpaired completions"):
+        Trainer(kto(tmp_path / "b", pairs, base, **{"train.preference_loss": "dpo", "train.kto_desirable_weight": 2}),
+                progress=False, tensorboard=False)
+    dpo_run = Trainer(kto(tmp_path / "dpo", pairs, base, **{"train.preference_loss": "dpo", "train.max_steps": 1}),
+                      progress=False, tensorboard=False)
+    dpo_run.fit()
+    assert main(["eval", str(dpo_run.last_checkpoint), "--data", str(unpaired), "--split", "val"]) == 2
