@@ -286,6 +286,20 @@ MUTANTS = [
            "loss = loss - self.nll_weight * policy_chosen.float() / chosen_tokens.float().clamp(min=1)",
            "loss = loss - self.nll_weight * policy_chosen.float() / rejected_tokens.float().clamp(min=1)",
            ("tests/test_preference_nll.py::test_the_nll_term_is_alpha_times_the_chosen_mean_negative_logprob[dpo]",)),
+    Mutant("kto-reference-point-of-one-process", "train/preference.py",
+           "    totals = all_reduce_sum(totals, dist)\n    return reference_point(totals[0], totals[1])",
+           "    return reference_point(totals[0], totals[1])  # mutant: each process its own reference point",
+           ("tests/test_unpaired.py::test_two_processes_train_kto_like_one",)),
+    Mutant("kto-mismatched-row-is-the-examples-own", "data/batches.py",
+           "np.roll(drawn, 1)[mine]", "drawn[mine]",
+           ("tests/test_unpaired.py::test_a_mismatched_row_is_a_prompt_with_the_previous_draws_completion",)),
+    Mutant("kto-weights-swapped", "preference_loss.py",
+           "torch.where(desirable, self.desirable_weight * good, self.undesirable_weight * bad)",
+           "torch.where(desirable, self.undesirable_weight * good, self.desirable_weight * bad)",
+           ("tests/test_unpaired.py::test_kto_equals_trls_kto_trainer[kto]",)),
+    Mutant("kto-reference-point-not-clamped", "preference_loss.py",
+           "rows.double().clamp(min=1)).clamp(min=0).float()", "rows.double().clamp(min=1)).float()",
+           ("tests/test_unpaired.py::test_the_reference_point_is_the_mean_log_ratio_clamped_at_zero",)),
 ]
 
 

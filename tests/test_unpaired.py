@@ -395,3 +395,25 @@ def test_kto_on_pairs_and_a_pair_loss_checkpoint_on_unpaired_data_are_refused(ba
                       progress=False, tensorboard=False)
     dpo_run.fit()
     assert main(["eval", str(dpo_run.last_checkpoint), "--data", str(unpaired), "--split", "val"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------------ plan
+@pytest.mark.parametrize("loss, forwards", [("kto", 3), ("apo_zero_unpaired", 1)])
+def test_plan_counts_the_reference_and_the_mismatched_rows(loss, forwards):
+    """A batch of B unpaired completions trains B sequences; the frozen copy is kept and its forward runs on them,
+    and kto also runs the policy's and the reference's forward on the B mismatched rows: 3 forwards of 2N +
+    attention/3 FLOPs per token in all (apo_zero_unpaired: 1). --measure trains real Trainer steps on random
+    completions."""
+    from lmforge.plan import measure, plan
+    from test_plan import B, L, C, T, config, hand_parameters
+
+    P, _ = hand_parameters()
+    p = plan(config(**{"train.preference_loss": loss}), device="h100", task="unpaired")
+    tokens = plan(config(), device="h100")
+    attention = 12 * L * C * T
+    N = (p.flops_per_token - attention) // 6
+    assert p.tokens_per_step == B * T and p.activations == tokens.activations
+    assert p.reference == 4 * P and p.reference_forward
+    assert p.step_flops_per_token == p.flops_per_token + forwards * (2 * N + attention // 3)
+    measured = measure(config(**{"train.num_threads": 1, "train.preference_loss": loss}), steps=1, task="unpaired")
+    assert measured["peak_rss"] > measured["runtime_rss"] > 0 and measured["step_time"] > 0

@@ -1090,8 +1090,9 @@ def _add_plan(sub: Any) -> None:
                    "measured peak memory and step time against the prediction")
     p.add_argument("--measure-steps", type=int, default=3, metavar="N", help="timed steps of --measure (default: 3)")
     p.add_argument("--task", metavar="KIND", help="the training data: tokens | sft | classify | preference (pairs of "
-                   "completions: twice the sequences, and a reference model for DPO) (default: what data.path's "
-                   "manifest.json says, else tokens)")
+                   "completions: twice the sequences, and a reference model for DPO) | unpaired (completions "
+                   "labelled desirable or not: a reference model and, for KTO, the mismatched rows' forward) "
+                   "(default: what data.path's manifest.json says, else tokens)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_run_plan, takes_overrides=True)
 

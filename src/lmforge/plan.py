@@ -22,6 +22,9 @@ The counts, and where each comes from:
                       the other reference losses keep a frozen fp32 copy of the model (none with LoRA: the
                       adapters turn off) and run its forward on every sequence: 2N + attention/3 more FLOPs per
                       token; simpo and orpo keep and run no reference, nor does train.precompute_reference
+  unpaired data       (--task unpaired, KTO) a batch of B completions trains B sequences; the reference's forward
+                      runs on them and, for kto, the policy's and the reference's on the B mismatched rows
+                      too (no gradients): 3 x (2N + attention/3) more FLOPs per token (apo_zero_unpaired: 1 x)
   DDP / FSDP          DDP: every GPU holds everything, and its gradient buckets hold another fp32 copy of the
                       gradients; FSDP (full shard): weights, gradients and optimizer state are split over the GPUs,
                       plus the largest block gathered whole (two while the next one is prefetched)
@@ -52,7 +55,7 @@ from lmforge.errors import ConfigError
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.preference_loss import PreferenceLoss
 
-TASKS = ("tokens", "sft", "classify", "preference")  # the kinds of training data (`lmforge prepare --task`)
+TASKS = ("tokens", "sft", "classify", "preference", "unpaired")  # the kinds of training data (`lmforge prepare --task`)
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022: compute-optimal tokens grow with the parameters, ~20x
 
@@ -239,15 +242,16 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     counts = count_parameters(m)
     fpt = flops_per_token(m, m.block_size)
     adapters, adapter_activations = lora_counts(config)
-    preference = task == "preference"
+    preference, unpaired = task == "preference", task == "unpaired"
     rows = 2 if preference else 1  # a preference batch of B pairs is 2B sequences
     attention = 12 * m.n_layer * m.n_head * m.head_dim * m.block_size  # flops_per_token's attention term
     matrices = (fpt - attention) // 6  # N: the weights in matrix products
     step_fpt = fpt if config.lora is None else 4 * matrices + 6 * adapters + attention
     # the reference's forward on every step, unless train.precompute_reference scored the data before the first one
-    runs_reference = preference and PreferenceLoss.of(t).needs_reference and not t.precompute_reference
-    if runs_reference:  # the reference's forward on every sequence (LoRA: the model with its adapters off)
-        step_fpt += 2 * matrices + attention // 3
+    runs_reference = (preference or unpaired) and PreferenceLoss.of(t).needs_reference and not t.precompute_reference
+    if runs_reference:  # the reference's forward on every sequence (LoRA: the model with its adapters off); KTO's
+        forwards = 3 if unpaired and t.preference_loss == "kto" else 1  # mismatched rows: the policy's and its own
+        step_fpt += forwards * (2 * matrices + attention // 3)
     tokens_per_step = t.batch_size * t.grad_accum * m.block_size * gpus * rows
     steps = t.max_steps if tokens is None else math.ceil(tokens / tokens_per_step)
     tokens = steps * tokens_per_step if tokens is None else tokens
@@ -349,7 +353,8 @@ def format_plan(p: Plan) -> str:
     reasons = ((["no weight gradients of the frozen matrices"] if trained else [])
                + (["the reference's forward on every sequence"] if p.reference_forward else []))
     step = f"; these steps {p.step_flops_per_token:,} ({', '.join(reasons)})" if reasons else ""
-    pairs = " (preference pairs: 2 sequences each)" if p.task == "preference" else ""
+    pairs = {"preference": " (preference pairs: 2 sequences each)",
+             "unpaired": " (unpaired completions, with their mismatched rows' forward)"}.get(p.task, "")
     lines = [
         f"parameters          {p.parameters:,} total, {p.non_embedding_parameters:,} non-embedding{trained}",
         f"FLOPs per token     {p.flops_per_token:,} (6N + attention, forward and backward){step}",
@@ -395,7 +400,8 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
     plan does not count), "peak_rss": the peak resident bytes of the steps, "step_time": median seconds of the
     timed steps (the first one warms up)}. The plan's prediction of the peak is runtime_rss + Plan.total_memory.
 
-    task "preference" trains on random pairs (batches of train.batch_size pairs, half of each sequence prompt);
+    task "preference" trains on random pairs (batches of train.batch_size pairs, half of each sequence prompt),
+    "unpaired" on random completions (half of them desirable) with train.preference_loss (kto or apo_zero_unpaired);
     LoRA and a preference loss with a reference start from a random model saved in a temporary directory as
     train.init_from. Other tasks train as token data (the plan counts them alike)."""
     import tempfile
@@ -411,7 +417,7 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is unknown: choose one of {', '.join(TASKS)}")
     m, t = config.model, config.train
-    preference = task == "preference"
+    preference = task in ("preference", "unpaired")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="lmforge-measure-") as tmp:
         train = dataclasses.replace(t, device="cpu", max_steps=steps + 1, run_dir=str(Path(tmp) / "run"),
@@ -421,17 +427,19 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
             train = dataclasses.replace(train, init_from=str(save_checkpoint(
                 Path(tmp) / "base", 0, GPT(m), None, RunConfig(model=m), {"tokens_seen": 0})))
         config = dataclasses.replace(config, train=train)
-        if preference:  # 2 rows a pair, each block_size + 1 tokens, the first half prompt
-            rows, length = 2 * t.batch_size * t.grad_accum * (steps + 1), m.block_size + 1
+        if preference:  # 2 rows a pair (1 an unpaired completion), each block_size + 1 tokens, the first half prompt
+            rows, length = (2 - (task == "unpaired")) * t.batch_size * t.grad_accum * (steps + 1), m.block_size + 1
             examples = Examples(rng.integers(0, m.vocab_size, size=rows * length).astype(np.uint32),
-                                np.arange(rows + 1, dtype=np.int64) * length, np.full(rows, length // 2))
-            data: Any = ExampleBatches(examples, m.block_size, t.batch_size, seed=0, pairs=True)
+                                np.arange(rows + 1, dtype=np.int64) * length, np.full(rows, length // 2),
+                                desirable=np.arange(rows) % 2 == 0)
+            data: Any = ExampleBatches(examples, m.block_size, t.batch_size, seed=0, pairs=task == "preference",
+                                       unpaired=task == "unpaired")
         else:
             length = (t.batch_size * t.grad_accum * (steps + 1) + 1) * (m.block_size + 1)
             data = TokenBatches(rng.integers(0, m.vocab_size, size=length, dtype=np.int64).astype(np.uint32),
                                 m.block_size, t.batch_size, seed=0)
         trainer = Trainer(config, train_data=data, val_batches=[], progress=False, tensorboard=False,
-                          task={"task": "preference", "template": None} if preference else None)
+                          task={"task": task, "template": None} if preference else None)
         models = [trainer.raw_model] + ([trainer.reference] if trainer.reference is not None else [])
         weights = sum(p.numel() * p.element_size() for model in models for p in model.parameters())
         runtime = status_kib("VmRSS") * 1024 - weights  # Python, torch, the trainer's code and allocator arenas
