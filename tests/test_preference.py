@@ -85,12 +85,18 @@ def trl_rows(examples: Examples, reference: torch.nn.Module | None = None) -> li
             prompt, completion = examples.prompt_and_completion(e)
             row["prompt_ids"], row[f"{side}_ids"] = prompt, completion
             if reference is not None:
-                ids, p = prompt + completion, len(prompt)
-                with torch.no_grad():
-                    logp = reference(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
-                row[f"ref_{side}_logps"] = sum(float(logp[t - 1, ids[t]]) for t in range(p, len(ids)))
+                row[f"ref_{side}_logps"] = hf_completion_logp(reference, prompt, completion)
         rows.append(row)
     return rows
+
+
+def hf_completion_logp(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> float:
+    """The summed log-probability of `completion` after `prompt` under a Hugging Face model's own forward (float64
+    log-softmax): the reference values the TRL parity tests hand TRL as precomputed ones."""
+    ids = prompt + completion
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+    return sum(float(logp[t - 1, ids[t]]) for t in range(len(prompt), len(ids)))
 
 
 # ---------------------------------------------------------------------------------------------- the loss

@@ -159,6 +159,17 @@ def test_the_reference_free_losses_equal_trls_cpo_and_orpo_code(orpo_run, pairs,
     assert "reference_logp_accuracy" not in metrics and metrics["preference_loss"] == kind
 
 
+def hf_exports(policy_run: Trainer, base: Path, tmp_path: Path) -> tuple:
+    """(policy, reference, tokenizer) in transformers: `lmforge export --format hf` of the run and of its base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["export", str(policy_run.run_dir), "--format", "hf", "--out", str(tmp_path / "policy")]) == 0
+    assert main(["export", str(base), "--format", "hf", "--out", str(tmp_path / "reference")]) == 0
+    return (AutoModelForCausalLM.from_pretrained(tmp_path / "policy"),
+            AutoModelForCausalLM.from_pretrained(tmp_path / "reference"),
+            AutoTokenizer.from_pretrained(tmp_path / "policy"))
+
+
 def trl_on_exports(policy_run: Trainer, base: Path, pairs: Path, tmp_path: Path, **settings: object):
     """TRL's DPOTrainer (DPOConfig `settings`: beta, loss_type, ...) on the Hugging Face exports of `policy_run` and
     of `base`, its reference, in eval mode; and the val pairs as TRL's token-id rows with its collator. The rows
@@ -166,15 +177,10 @@ def trl_on_exports(policy_run: Trainer, base: Path, pairs: Path, tmp_path: Path,
     TRL's fused LM head on its ref_model was measured 2e-3 nats per completion away from that forward on the same
     weights (on the policy it agrees to 1e-6). Returns (trainer, rows, collate, lmforge's val Examples)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    assert main(["export", str(policy_run.run_dir), "--format", "hf", "--out", str(tmp_path / "policy")]) == 0
-    assert main(["export", str(base), "--format", "hf", "--out", str(tmp_path / "reference")]) == 0
-    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
-    hf_reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
-    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    policy, hf_reference, hf_tokenizer = hf_exports(policy_run, base, tmp_path)
     examples = load_examples(pairs, "val")
     rows = trl_rows(examples, hf_reference)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, max_length=None, **settings)

@@ -230,27 +230,23 @@ def test_kto_equals_trls_kto_trainer(kto_run, base, unpaired, tmp_path, kind):
     evaluation gives the same loss, KL reference point and rewards. The reference's log-probabilities are TRL's
     precomputed ones, from transformers' own forward (see test_preference_losses.trl_on_exports)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
-    assert main(["export", str(kto_run.run_dir), "--format", "hf", "--out", str(tmp_path / "policy")]) == 0
-    assert main(["export", str(base), "--format", "hf", "--out", str(tmp_path / "reference")]) == 0
-    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
-    hf_reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
-    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "policy")
+    from test_preference import hf_completion_logp
+    from test_preference_losses import hf_exports
+
+    policy, hf_reference, hf_tokenizer = hf_exports(kto_run, base, tmp_path)
     examples = load_examples(unpaired, "val")
     n = len(examples)
 
     def ref_logp(prompt: list[int], completion: list[int]) -> float:
-        ids = prompt + completion
-        with torch.no_grad():
-            logp = hf_reference(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
-        return sum(float(logp[t - 1, ids[t]]) for t in range(len(prompt), len(ids)))
+        return hf_completion_logp(hf_reference, prompt, completion)
 
     parts = [examples.prompt_and_completion(e) for e in range(n)]
     rows = [{"prompt_ids": p, "completion_ids": c, "KL_completion_ids": parts[e - 1][1],
-             "label": bool(examples.desirable[e]), "ref_logps": ref_logp(p, c), "ref_KL_logps": ref_logp(p, parts[e - 1][1])}
+             "label": bool(examples.desirable[e]), "ref_logps": ref_logp(p, c),
+             "ref_KL_logps": ref_logp(p, parts[e - 1][1])}
             for e, (p, c) in enumerate(parts)]
     beta, wd, wu = 0.7, 1.3, 0.8
     args = KTOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, max_length=None, beta=beta,

@@ -21,6 +21,8 @@ and rejected are strings, or lists holding one assistant turn (TRL's conversatio
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,6 +84,29 @@ def completion_field(record: dict, name: str, role: str) -> str:
     return value
 
 
+def read_prompted_records(files: list[Path], template: dict, fields: Fields, skip_bad: bool,
+                          parse: Callable[[dict, dict, Fields], tuple], field_names: str
+                          ) -> tuple[list, list[dict], int]:
+    """(``parse(record, template, fields)`` of every usable record, the bad records, the records read) of preference
+    or unpaired records; the first record whose prompt is a string is checked against the template's fields.
+    DataError when no record is usable, naming the fields (``field_names``) a record needs."""
+    found: list = []
+    checked = False
+
+    def parse_checked(record: dict, where: str) -> tuple:
+        nonlocal checked
+        if not checked and isinstance(record.get(fields.prompt), str):
+            check_template_fields(template, record, fields, where)
+            checked = True
+        return parse(record, template, fields)
+
+    bad, records = _read_records(files, parse_checked, skip_bad, found, [])
+    if not found:
+        raise DataError(f"no usable records in {len(files)} file(s) ({records} read, {len(bad)} bad): give records "
+                        f"with the fields {field_names}")
+    return found, bad, records
+
+
 def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str, str]], max_length: int, drop_long: bool) -> Encoded:
     """Encode (prompt, chosen, rejected) texts as examples 2i, 2i + 1 (module docstring); counts are per pair."""
     out = Encoded()
@@ -111,20 +136,8 @@ def prepare_preference(template: dict, fields: Fields, skip_bad: bool, keep_dupl
                        split: tuple[float, float, float], seed: int, max_length: int, drop_long: bool,
                        warnings: list[str], *, header: dict, **common: Any) -> dict:
     """prepare_task for --task preference: read, dedupe, split, encode pairs, write (module docstring)."""
-    found: list[tuple[str, str, str, bool]] = []
-    checked = False
-
-    def parse(record: dict, where: str) -> tuple[str, str, str, bool]:
-        nonlocal checked
-        if not checked and isinstance(record.get(fields.prompt), str):
-            check_template_fields(template, record, fields, where)
-            checked = True
-        return record_preference(record, template, fields)
-
-    bad, records = _read_records(common["files"], parse, skip_bad, found, [])
-    if not found:
-        raise DataError(f"no usable records in {len(common['files'])} file(s) ({records} read, {len(bad)} bad): give "
-                        f"records with the fields {fields.prompt!r}, {fields.chosen!r} and {fields.rejected!r}")
+    found, bad, records = read_prompted_records(common["files"], template, fields, skip_bad, record_preference,
+                                                f"{fields.prompt!r}, {fields.chosen!r} and {fields.rejected!r}")
     triples = [(p, c, r) for p, c, r, _ in found]
     kept, duplicates = _dedupe_triples(triples, keep_duplicates)
     if len(kept) < 3:

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.preference import completion_field, record_prompt
+from lmforge.data.preference import completion_field, read_prompted_records, record_prompt
 from lmforge.data.shards import SPLITS
-from lmforge.data.tasks import (MAX_LISTED_BAD, BadRecord, Fields, _leakage, _read_records, _write_task_dir,
-                                check_template_fields, encode_split, report_tail_lines, stratified_split)
+from lmforge.data.tasks import (MAX_LISTED_BAD, BadRecord, Fields, _leakage, _write_task_dir, encode_split,
+                                report_tail_lines, stratified_split)
 from lmforge.errors import DataError
 
 LABELS = {"true": 1, "false": 0, "1": 1, "0": 0}
@@ -55,20 +55,8 @@ def prepare_unpaired(template: dict, fields: Fields, skip_bad: bool, keep_duplic
                      warnings: list[str], warn: Callable[[str], None], *, header: dict, **common: Any) -> dict:
     """prepare_task for --task unpaired: read, dedupe, split by label, encode, write (module docstring); `warn`
     prints a warning and adds it to `warnings`, the report's (prepare_task's)."""
-    found: list[tuple[str, str, int, bool]] = []
-    checked = False
-
-    def parse(record: dict, where: str) -> tuple[str, str, int, bool]:
-        nonlocal checked
-        if not checked and isinstance(record.get(fields.prompt), str):
-            check_template_fields(template, record, fields, where)
-            checked = True
-        return record_unpaired(record, template, fields)
-
-    bad, records = _read_records(common["files"], parse, skip_bad, found, [])
-    if not found:
-        raise DataError(f"no usable records in {len(common['files'])} file(s) ({records} read, {len(bad)} bad): give "
-                        f"records with the fields {fields.prompt!r}, {fields.completion!r} and {fields.label!r}")
+    found, bad, records = read_prompted_records(common["files"], template, fields, skip_bad, record_unpaired,
+                                                f"{fields.prompt!r}, {fields.completion!r} and {fields.label!r}")
     kept, duplicates = _dedupe(found, keep_duplicates)
     if len(kept) < 3:
         raise DataError(f"only {len(kept)} distinct example(s): give at least 3, one each for train, val and test")
