@@ -1,4 +1,4 @@
-"""A DPO (or SimPO) training step: lmforge's Trainer against TRL's trainer on the same model and pairs (CPU).
+"""A DPO (SimPO, KTO) training step: lmforge's Trainer against TRL's trainer on the same model and data (CPU).
 
 The model is gpt2-124m-shaped with random weights and GPT-2's 50,257-token vocabulary, saved once as an lmforge
 checkpoint (the base, with the byte tokenizer: every id is below 259, the head still scores all 50,257) and
@@ -27,6 +27,13 @@ simpo and cpo_alpha 0, its pure SimPO; beta 2, gamma 0.5 for both): the same ste
 taken in order by both (lmforge's data.sampling sequential), batches of the same token ids built as TRL's own
 tokenize_row builds them (labels -100 on the prompt), so the first step's losses must agree.
 
+--loss kto (KTO on unpaired data: lmforge's `prepare --task unpaired` and train.preference_loss kto against TRL's
+KTOTrainer, loss_type kto, beta 0.1, desirable and undesirable weights 1): a step trains 2 x --pairs completions
+(the sequences a DPO step trains), half of them desirable, with the reference's forward on them and the policy's and
+the reference's on as many mismatched rows (each prompt with the previous completion of the batch). Both take the
+completions in order (lmforge's data.sampling sequential; TRL's rows with KL_completion_ids rotated by one within
+each batch, as its own dataset map builds them), so every step's batch, and so its loss, must agree.
+
 Each variant runs in a fresh subprocess, so its peak resident memory is its own (VmHWM reset once everything is
 built); variants alternate over --rounds, so a change in the machine's load falls on all of them. The first step of
 each process is a warm-up and is not timed. Also checked: the first step's loss is log 2 for all three (policy =
@@ -35,6 +42,7 @@ reference; TRL's within rounding, its policy and reference passes taking differe
     python benchmarks/dpo_step.py --json-out benchmarks/results/dpo_step-cpu.json
     python benchmarks/dpo_step.py --loss simpo --json-out benchmarks/results/simpo_step-cpu.json
     python benchmarks/dpo_step.py --precompute --json-out benchmarks/results/dpo_step-precomputed-cpu.json
+    python benchmarks/dpo_step.py --loss kto --json-out benchmarks/results/kto_step-cpu.json
     python benchmarks/dpo_step.py --layers 2 --width 64 --heads 2 --vocab 512 --prompt 16 --completion 8   # quick
 """
 
@@ -84,8 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step, per process")
     p.add_argument("--rounds", type=int, default=2, help="fresh processes per variant, taking turns")
     p.add_argument("--threads", type=int, default=1, help="torch threads per variant")
-    p.add_argument("--loss", choices=("dpo", "simpo"), default="dpo",
-                   help="dpo: against TRL's DPOTrainer; simpo: against TRL's CPOTrainer (loss_type simpo)")
+    p.add_argument("--loss", choices=("dpo", "simpo", "kto"), default="dpo",
+                   help="dpo: against TRL's DPOTrainer; simpo: against TRL's CPOTrainer (loss_type simpo); kto: "
+                        "unpaired completions (2 x --pairs a step) against TRL's KTOTrainer")
     p.add_argument("--precompute", action="store_true",
                    help="dpo: the reference scores the pairs before the first step, in both (lmforge's "
                         "train.precompute_reference, TRL's precompute_ref_log_probs): no frozen copy is kept")
@@ -115,12 +124,17 @@ def write_inputs(root: Path, args: argparse.Namespace) -> None:
     def text(n: int) -> str:
         return "".join(rng.choice(letters) for _ in range(n))
     n_pairs = args.pairs * (args.steps + 1) * 2 + 10
-    records = [{"prompt": text(args.prompt - 2), "chosen": text(args.completion), "rejected": text(args.completion)}
-               for _ in range(n_pairs)]  # the plain template adds "\n", the start token one more
+    if args.loss == "kto":  # 2 completions per pair's worth, alternately desirable and not
+        records = [{"prompt": text(args.prompt - 2), "completion": text(args.completion), "label": i % 2 == 0}
+                   for i in range(2 * n_pairs)]
+    else:
+        records = [{"prompt": text(args.prompt - 2), "chosen": text(args.completion),
+                    "rejected": text(args.completion)} for _ in range(n_pairs)]  # the template adds "\n", start 1
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     prepare_task([str(root / "pairs.jsonl")], str(root / "data"), tokenizer_file=ckpt / "tokenizer.json",
-                 base=str(root / "base"), max_length=args.prompt + args.completion + 1, task="preference",
-                 split=(0.9, 0.05, 0.05), warn=lambda m: None)
+                 base=str(root / "base"), max_length=args.prompt + args.completion + 1,
+                 task="unpaired" if args.loss == "kto" else "preference", split=(0.9, 0.05, 0.05),
+                 warn=lambda m: None)
 
 
 def lmforge_step(variant: str, root: Path, args: argparse.Namespace):
@@ -132,6 +146,9 @@ def lmforge_step(variant: str, root: Path, args: argparse.Namespace):
     if args.loss == "simpo":  # no reference; the pairs in order, as TRL's rows below
         overrides.update({"train.preference_loss": "simpo", "train.dpo_beta": SIMPO_BETA,
                           "train.simpo_gamma": SIMPO_GAMMA, "data.sampling": "sequential"})
+    if args.loss == "kto":  # 2 x pairs completions a step, in order, as TRL's rows below
+        overrides.update({"train.preference_loss": "kto", "train.batch_size": 2 * args.pairs,
+                          "data.sampling": "sequential"})
     if variant == "lmforge-whole-logits":
         overrides["train.loss_chunk"] = 0
     if args.precompute:  # and the pairs in order, as TRL's rows: the same batches, so the same losses every step
@@ -225,6 +242,38 @@ def trl_simpo_step(root: Path, args: argparse.Namespace):
     return trl_training_step(trainer, optimizer, lambda k: batch(k * args.pairs))
 
 
+def trl_kto_step(root: Path, args: argparse.Namespace):
+    """TRL's KTOTrainer (loss_type kto) on the HF export as policy and as reference; the completions in order, 2 x
+    --pairs a batch, each row's KL_completion_ids the previous completion of its batch (the first the last's: what
+    TRL's own dataset map builds per batch), through TRL's DataCollatorForUnpairedPreference."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
+
+    policy = AutoModelForCausalLM.from_pretrained(root / "hf")
+    reference = AutoModelForCausalLM.from_pretrained(root / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    B = 2 * args.pairs
+    config = KTOConfig(output_dir=str(root / f"trl-{os.getpid()}"), beta=BETA, loss_type="kto", report_to=[],
+                       use_cpu=True, learning_rate=LR, max_grad_norm=1.0, max_length=None, bf16=False,
+                       gradient_checkpointing=False, per_device_train_batch_size=B, dataloader_num_workers=0)
+    trainer = KTOTrainer(model=policy, ref_model=reference, args=config, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": "ab\n", "completion": "AB", "label": True}]))
+    optimizer = trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    ex = load_examples(root / "data", "train")
+    parts = [ex.prompt_and_completion(e) for e in range(len(ex))]
+    collate = DataCollatorForUnpairedPreference(pad_token_id=tokenizer.pad_token_id)
+
+    def batch(k: int) -> dict:
+        index = list(range(k * B, (k + 1) * B))
+        return collate([{"prompt_ids": parts[e][0], "completion_ids": parts[e][1],
+                         "KL_completion_ids": parts[index[(r - 1) % B]][1], "label": bool(ex.desirable[e])}
+                        for r, e in enumerate(index)])
+    return trl_training_step(trainer, optimizer, batch)
+
+
 def trl_training_step(trainer, optimizer, batch):
     """One step of a TRL trainer as transformers' Trainer loop runs it: training_step on batch(k) for the k-th call
     (its loss and accelerate's backward), clipping to 1.0, the optimizer's step; returns the loss."""
@@ -246,7 +295,7 @@ def measure(variant: str, root: Path, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if variant == "trl":
-        step = trl_simpo_step(root, args) if args.loss == "simpo" else trl_step(root, args)
+        step = {"simpo": trl_simpo_step, "kto": trl_kto_step, "dpo": trl_step}[args.loss](root, args)
     else:
         step = lmforge_step(variant, root, args)
     build_seconds = time.perf_counter() - t0  # with --precompute: the reference's scoring pass included
@@ -277,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(measure(variant, Path(root), args)))
         return {}
     if args.precompute and args.loss != "dpo":
-        raise SystemExit("--precompute scores with a reference, and --loss simpo has none: drop one")
+        raise SystemExit(f"--precompute scores with DPO's reference (--loss {args.loss}: drop one)")
     if args.prompt + args.completion + 1 > args.block:
         raise SystemExit(f"--prompt + --completion + 1 is above --block {args.block}: lower them")
     torch.set_num_threads(args.threads)
@@ -305,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "dpo_step", "machine": {**started_on, "load_average_at_end": load_average()},
         "model": {"n_layer": args.layers, "n_embd": args.width, "n_head": args.heads, "vocab_size": args.vocab,
                   "block_size": args.block, "weights": "random"},
-        "pairs_per_step": args.pairs, "prompt_tokens": args.prompt, "completion_tokens": args.completion + 1,
+        "pairs_per_step": args.pairs, **({"completions_per_step": 2 * args.pairs} if args.loss == "kto" else {}),
+        "prompt_tokens": args.prompt, "completion_tokens": args.completion + 1,
         "timed_steps_per_process": args.steps, "rounds": args.rounds, "threads": args.threads, "loss": args.loss,
         "reference_precomputed": args.precompute,
         "beta": SIMPO_BETA if args.loss == "simpo" else BETA,
@@ -320,17 +370,20 @@ def main(argv: list[str] | None = None) -> dict:
     first = [loss for v in results.values() for loss in v["first_step_loss"]]
     if args.loss == "dpo":  # policy = reference at the first step: log 2, up to the rounding of two ways of summing
         summary["first_step_losses_within_1e-4_of_log_2"] = all(abs(loss - math.log(2)) < 1e-4 for loss in first)
+    if args.loss == "kto":  # policy = reference, every log-ratio and the KL estimate 0: 1 - sigmoid(0) each
+        summary["first_step_losses_within_1e-4_of_one_half"] = all(abs(loss - 0.5) < 1e-4 for loss in first)
+    if args.precompute or args.loss == "kto":  # the same batches in order: the same loss at every step
+        every = [loss for v in results.values() for d in v["runs"] for loss in d["losses"]]
+        steps = [[d["losses"][k] for v in results.values() for d in v["runs"]] for k in range(args.steps + 1)]
+        summary["losses_within_1e-4_at_every_step"] = bool(every) and all(max(s) - min(s) < 1e-4 for s in steps)
+        summary["loss_spread_per_step"] = [max(s) - min(s) for s in steps]
     if args.precompute:  # the same pairs in order and the same precomputed values: the same loss at every step
         live = results[LIVE]
         summary["step_time_precomputed_over_live"] = round(ours["step_seconds_median"] / live["step_seconds_median"],
                                                            3)
         summary["peak_rss_precomputed_over_live"] = round(ours["peak_training_rss_mib"] / live["peak_training_rss_mib"],
                                                           3)
-        every = [loss for v in results.values() for d in v["runs"] for loss in d["losses"]]
-        steps = [[d["losses"][k] for v in results.values() for d in v["runs"]] for k in range(args.steps + 1)]
-        summary["losses_within_1e-4_at_every_step"] = bool(every) and all(max(s) - min(s) < 1e-4 for s in steps)
-        summary["loss_spread_per_step"] = [max(s) - min(s) for s in steps]
-    else:  # the same model on the same first pairs: the same SimPO loss
+    elif args.loss == "simpo":  # the same model on the same first pairs: the same SimPO loss
         summary["first_step_losses_within_1e-4"] = max(first) - min(first) < 1e-4
     print(json.dumps(summary, indent=2))
     if args.json_out:
