@@ -356,6 +356,26 @@ def test_two_processes_train_kto_like_one(base, unpaired, tmp_path):
     assert one["history"][-1][1] < one["history"][0][1]
 
 
+@pytest.mark.distributed
+def test_fsdp_trains_kto_like_one_process_with_the_reference_sharded(base, unpaired, tmp_path):
+    """FSDP (train.parallel fsdp): 2 processes x 4 completions give the losses and val loss of 1 process x 8, with
+    the policy's no-gradient forward on the mismatched rows and the sharded reference's on both kinds of rows; each
+    process holds half of the reference."""
+    from distributed_jobs import torchrun_worker, worker
+
+    settings = {"data.path": str(unpaired), "train.init_from": str(base), "train.dpo_beta": 1.0,
+                "train.preference_loss": "kto", "optim.lr": 1e-2}
+    worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
+    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps({**settings, "train.parallel": "fsdp"}))
+    one = json.loads((tmp_path / "one" / "history.json").read_text())
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert two["world_size"] == 2 and two["sharded"] and [s for s, _ in two["history"]] == list(range(1, 7))
+    assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
+    assert two["held"] < 0.6 and one["reference_held"] == 1.0
+    assert two["reference_held"] == pytest.approx(two["held"])
+
+
 def test_settings_that_cannot_work_on_unpaired_data_are_refused(base, unpaired, tmp_path):
     cases = [({"train.preference_loss": "dpo"}, "set --train.preference_loss kto"),
              ({"train.preference_nll_weight": 0.5}, "unpaired data has no pairs"),
