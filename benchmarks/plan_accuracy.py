@@ -1,7 +1,8 @@
 """How close `lmforge plan` comes to real training runs on this CPU, and the plan of four model sizes.
 
 Accuracy: for char-small, llama-small and gpt2-124m (random weights, random tokens), and gpt2-124m fine-tuned with LoRA,
-with DPO on random pairs and with both (lmforge.plan.measure starts them from a random base), each in a fresh
+with DPO on random pairs, with both, and with KTO on random unpaired completions (lmforge.plan.measure starts them
+from a random base), each in a fresh
 process with one torch thread, `lmforge.plan.plan` predicts the peak resident memory and the step time of training on this CPU, and
 `lmforge.plan.measure` runs 1 + --steps real steps through lmforge's Trainer (forward, backward, clipping, AdamW).
 Predicted peak RSS = what the process holds besides the model once the Trainer is built (measured) + the plan's
@@ -17,6 +18,7 @@ ddp|fsdp` computes it (no timing: --parallel-only recomputes just this key of an
 
     python benchmarks/plan_accuracy.py --json-out benchmarks/results/plan_accuracy-cpu.json
     python benchmarks/plan_accuracy.py --parallel-only --json-out benchmarks/results/plan_accuracy-cpu.json
+    python benchmarks/plan_accuracy.py --configs gpt2-124m-kto --json-out benchmarks/results/plan_accuracy-kto-cpu.json
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ MEASURED = {  # name: overrides of `lmforge train` (a few steps each, one thread
     "gpt2-124m-dpo": {"preset": "gpt2-124m", "train.batch_size": 1, "task": "preference"},
     "gpt2-124m-lora-dpo": {"preset": "gpt2-124m", "train.batch_size": 1, "lora.r": 8, "train.init_from": "random",
                            "task": "preference"},
+    # KTO on 2 unpaired completions: their 2 mismatched rows through the policy (no gradients) and the reference
+    "gpt2-124m-kto": {"preset": "gpt2-124m", "train.batch_size": 2, "task": "unpaired", "train.preference_loss": "kto"},
 }
 TABLE = {  # name: overrides; batch of about 0.5M tokens per step on the H100 through grad_accum
     "char-small": {"preset": "char-small", "model.vocab_size": 65, "train.batch_size": 64},

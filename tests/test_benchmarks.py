@@ -385,11 +385,12 @@ def test_watermark_shakespeare_scores_marked_and_unmarked_samples(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["dpo", "simpo", "dpo-precomputed"])
+@pytest.mark.parametrize("loss", ["dpo", "simpo", "dpo-precomputed", "kto"])
 def test_dpo_step_trains_lmforge_and_trl_alike(tmp_path, loss):
     """benchmarks/dpo_step.py on a tiny model: DPO's first step is log 2 for every variant (policy = reference);
-    SimPO's three variants (fused head, whole logits, TRL's CPOTrainer), and DPO's with the reference's values
-    precomputed, take the same pairs in order and give the same loss at every step, updates included."""
+    SimPO's three variants (fused head, whole logits, TRL's CPOTrainer), DPO's with the reference's values
+    precomputed, and KTO's (TRL's KTOTrainer, the same mismatched rows) take the same data in order and give the same
+    loss at every step, updates included; KTO's first step is 1/2."""
     out = tmp_path / f"{loss}.json"
     precompute = loss == "dpo-precomputed"
     loss = loss.removesuffix("-precomputed")
@@ -410,6 +411,11 @@ def test_dpo_step_trains_lmforge_and_trl_alike(tmp_path, loss):
                                                                          else [])}
     if loss == "dpo":
         assert summary["first_step_losses_within_1e-4_of_log_2"]
+    elif loss == "kto":
+        assert summary["first_step_losses_within_1e-4_of_one_half"] and summary["losses_within_1e-4_at_every_step"]
+        assert summary["completions_per_step"] == 8
+        ours, theirs = (variants[v]["runs"][0]["losses"] for v in ("lmforge", "trl"))
+        assert len(ours) == 3 and ours == pytest.approx(theirs, abs=1e-5) and ours[0] != pytest.approx(ours[2])
     else:
         assert summary["first_step_losses_within_1e-4"] and summary["simpo_gamma"] == 0.5
         ours, theirs = (variants[v]["runs"][0]["losses"] for v in ("lmforge", "trl"))

@@ -291,6 +291,9 @@ def test_kto_starts_at_half_the_weights_and_learns_the_preference(base, unpaired
     assert trainer.val_metrics["val_reward_margin"] == pytest.approx(
         trainer.val_metrics["val_desirable_reward"] - trainer.val_metrics["val_undesirable_reward"])
     assert trainer.val_loss < trainer.history[0][1] * (0.8 if lora else 0.3)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kl = [row["kl"] for row in logged if row.get("kind") == "train"]
+    assert len(kl) == 25 and kl[0] == 0.0 and max(kl) > 0.05  # z: 0 at the start, then the policy moves away
 
 
 def test_the_trainers_val_loss_is_lmforge_evals(kto_run, unpaired, tmp_path, capsys):

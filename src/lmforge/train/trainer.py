@@ -220,8 +220,8 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
             tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0 or tc.preference_loss != "dpo" or tc.simpo_gamma != 0.5
             or tc.precompute_reference or tc.preference_nll_weight or tc.kto_desirable_weight != 1.0
             or tc.kto_undesirable_weight != 1.0):
-        raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / "
-                          f"preference_nll_weight / precompute_reference / kto_*_weight set a preference loss, but "
+        raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / kto_*_weight / "
+                          f"preference_nll_weight / precompute_reference set a preference loss, but "
                           f"{config.data.path} is not preference data (`lmforge prepare --task preference` or "
                           "`--task unpaired`): drop them")
     if not causal and objective == "clm" and kind is None:
@@ -454,6 +454,7 @@ class Trainer:
         self.guard = StepGuard(tc.nonfinite, tc.spike_zscore, tc.spike_window)
         self.step_loss = math.nan  # global mean loss of the last step
         self.early_exit_loss: Optional[torch.Tensor] = None  # train.early_exit_layer: the last step's early exit loss
+        self.kl: Optional[torch.Tensor] = None  # kto: the reference point z of the last micro-batch trained on
         # (this process's labels)
         self.stop_signal: Optional[str] = None  # set by SIGTERM / SIGINT: save at the end of the step, then stop
         self.stop_requested = False  # some process got a stop signal (agreed by all processes each step)
@@ -737,6 +738,7 @@ class Trainer:
         mean log-ratio of the mismatched rows of the whole global micro-batch (summed over processes), >= 0."""
         policy, ref, mismatched = self.unpaired_logprobs(model, batch)
         z = kl_reference_point(mismatched, self.dist) if mismatched is not None else None
+        self.kl = z
         return self.preference_loss.unpaired_loss(policy, ref, self.to_device(batch[4]), z)
 
     def precompute_reference(self, val_pairs: Optional[Any], progress: bool) -> None:
@@ -920,6 +922,8 @@ class Trainer:
         tokens_per_s = self.throughput.rate(self.tokens_seen)
         self.history.append((self.step, loss))
         early = {"early_exit_loss": float(self.early_exit_loss)} if self.early_exit_loss is not None else {}
+        if self.kl is not None:  # KTO's reference point, as TRL's KTOTrainer logs it
+            early["kl"] = float(self.kl)
         self.logger.log("train", self.step, {"loss": loss, **early, "lr": lr, "grad_norm": float(grad_norm),
                                              "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
                                              "elapsed_s": time.perf_counter() - self.started,
