@@ -205,6 +205,37 @@ def test_the_unpaired_losses_are_the_papers_formulas_by_hand(kind):
         assert float(p.grad[i]) == pytest.approx((-1 if desirable[i] else 1) * w * beta * s * (1 - s), rel=1e-5)
 
 
+def test_kto_weight_advice_is_the_papers_balance_rule():
+    """KTO's eq. 8: lambda_D n_D / (lambda_U n_U) in [1, 4/3]; outside it the advice names a range of each weight,
+    and a weight at either end of its range (or inside) balances the data."""
+    from lmforge.preference_loss import kto_weight_advice
+
+    assert kto_weight_advice(100, 100, 1.0, 1.0) is None and kto_weight_advice(120, 100, 1.0, 1.0) is None
+    assert kto_weight_advice(0, 100, 1.0, 1.0) is None  # one kind only: nothing to balance
+    advice = kto_weight_advice(30, 100, 1.0, 1.0)
+    assert "= 0.3, outside" in advice and "kto_desirable_weight in [3.33, 4.44]" in advice
+    assert "kto_undesirable_weight in [0.225, 0.3]" in advice
+    for wd in (100 / 30, 4 / 3 * 100 / 30, 4.0):
+        assert kto_weight_advice(30, 100, wd, 1.0) is None
+    for wu in (0.225, 0.3, 0.25):
+        assert kto_weight_advice(30, 100, 1.0, wu) is None
+    assert kto_weight_advice(30, 100, 4.5, 1.0) is not None and kto_weight_advice(100, 100, 1.4, 1.0) is not None
+
+
+def test_a_run_on_unbalanced_data_warns_and_goes_on(base, tmp_path, capsys):
+    records = [{**r, "label": i % 4 == 0} for i, r in enumerate(unpaired_records(80))]  # 1 desirable in 4
+    assert prepare_unpaired(base, tmp_path / "data", write_jsonl(tmp_path / "u.jsonl", records)) == 0
+    capsys.readouterr()
+    Trainer(kto(tmp_path / "run", tmp_path / "data", base, **{"train.max_steps": 1}), progress=False,
+            tensorboard=False).fit()
+    err = capsys.readouterr().err
+    assert "warning: 18 desirable and 54 undesirable train completions" in err and "kto_desirable_weight in [3" in err
+    Trainer(kto(tmp_path / "run2", tmp_path / "data", base, **{"train.max_steps": 1,
+                                                               "train.kto_desirable_weight": 3.5}),
+            progress=False, tensorboard=False).fit()
+    assert "lambda_D n_D" not in capsys.readouterr().err
+
+
 def test_the_reference_point_is_the_mean_log_ratio_clamped_at_zero():
     assert float(reference_point(torch.tensor(6.0), torch.tensor(4.0))) == 1.5
     assert float(reference_point(torch.tensor(-6.0), torch.tensor(4.0))) == 0.0

@@ -113,6 +113,24 @@ def reference_point(log_ratio_sum: torch.Tensor, rows: torch.Tensor) -> torch.Te
     return (log_ratio_sum.detach().double() / rows.double().clamp(min=1)).clamp(min=0).float()
 
 
+def kto_weight_advice(desirable: int, undesirable: int, desirable_weight: float, undesirable_weight: float
+                      ) -> Optional[str]:
+    """A warning when KTO's weights do not balance the two kinds of completions as its paper advises (its eq. 8:
+    lambda_D n_D / (lambda_U n_U) in [1, 4/3]), with the ranges of either weight that would; None when they do, or
+    when one kind is missing (nothing to balance)."""
+    if not desirable or not undesirable:
+        return None
+    ratio = desirable_weight * desirable / (undesirable_weight * undesirable)
+    if 1.0 - 1e-9 <= ratio <= 4.0 / 3.0 + 1e-9:
+        return None
+    d_low = undesirable_weight * undesirable / desirable
+    u_high = desirable_weight * desirable / undesirable
+    return (f"{desirable} desirable and {undesirable} undesirable train completions with kto weights "
+            f"{desirable_weight:g} and {undesirable_weight:g} give lambda_D n_D / (lambda_U n_U) = {ratio:.3g}, outside "
+            f"KTO's advised [1, 4/3]: set --train.kto_desirable_weight in [{d_low:.3g}, {4 * d_low / 3:.3g}] or "
+            f"--train.kto_undesirable_weight in [{3 * u_high / 4:.3g}, {u_high:.3g}]")
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, accurate near 0 and for large |x| (Maechler 2012)."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

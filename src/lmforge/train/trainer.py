@@ -57,7 +57,8 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.preference_loss import SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, sequence_logprobs
+from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, kto_weight_advice,
+                                     sequence_logprobs)
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -398,6 +399,12 @@ class Trainer:
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
         check_objective(config, self.task)
         self.preference_loss = PreferenceLoss.of(tc)
+        desirable = getattr(getattr(train_data, "examples", None), "desirable", None)
+        if self.unpaired and self.preference_loss.needs_kl and desirable is not None and self.dist.is_main:
+            advice = kto_weight_advice(int(desirable.sum()), int((~desirable).sum()), tc.kto_desirable_weight,
+                                       tc.kto_undesirable_weight)
+            if advice:  # the run goes on: a user may mean it (the paper's own one-kind-heavy runs)
+                print(f"warning: {advice}", file=sys.stderr, flush=True)
         check_selection(config.train, self.task)
         self.selection = BestTracker(tc.best_metric, tc.patience)  # the best checkpoint, and early stopping
         self.measured: dict[str, float] = {}  # the last evaluation's measurements (val_loss, task metrics)
