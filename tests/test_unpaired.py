@@ -341,6 +341,17 @@ def test_the_trainers_val_loss_is_lmforge_evals(kto_run, unpaired, tmp_path, cap
     assert all((r["reward"] > 0) == r["desirable"] for r in rows)  # what it learned, one completion at a time
 
 
+def test_a_kto_model_generates_and_serves_with_the_template_it_learned(kto_run):
+    """state.json's task is {"task": "unpaired", "template"}: generation (and so `lmforge serve`) wraps a prompt in
+    the template the model was fine-tuned with, as for sft and DPO."""
+    from lmforge.generate import load
+
+    state = json.loads((Path(kto_run.last_checkpoint) / "state.json").read_text())
+    assert state["task"]["task"] == "unpaired"
+    generator = load(str(kto_run.run_dir))
+    assert generator.template is not None and generator.template["prompt"] == "{prompt}\n"
+
+
 def test_the_reference_point_moves_the_loss(kto_run):
     """z > 0 after training: KTO's loss of a desirable completion is above apo_zero_unpaired's (the same weights and
     rewards, without the reference point) and an undesirable one's below."""
