@@ -458,7 +458,10 @@ def _add_eval(sub: Any) -> None:
             on text-to-text task data (`prepare --task sft`): the loss on the completions, and each example's prompt
             decoded (greedy unless --temperature is given; by default up to the split's longest reference) and scored
             against its reference: BLEU, chrF, ROUGE-1/2/L, exact match and token F1, written with every example to
-            OUT/predictions.jsonl and OUT/metrics.json (OUT: RUN_DIR/eval/SPLIT unless --out).
+            OUT/predictions.jsonl and OUT/metrics.json (OUT: RUN_DIR/eval/SPLIT unless --out). A model fine-tuned on
+            preference pairs: its preference loss against its reference (train.init_from), reward accuracy and margin;
+            on unpaired completions (`prepare --task unpaired`, KTO): the loss, KTO's KL reference point and the mean
+            reward of each kind; one row per pair or completion in OUT/predictions.jsonl.
             With --choices FILE, a language model answers multiple-choice questions zero- or few-shot, the way
             lm-evaluation-harness scores HellaSwag or ARC: each choice's log-likelihood as a continuation of the
             context; acc takes the highest, acc_norm the highest per character (OUT: RUN_DIR/eval/choices-NAME)."""),
