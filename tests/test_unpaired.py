@@ -110,6 +110,34 @@ def test_labels_in_every_form_and_chat_records_are_read(base, tmp_path):
     assert sum(d for split in ("train", "val", "test") for *_, d in texts(csv_dir, split)) == 10
 
 
+def test_preference_pairs_become_two_examples_kept_in_one_split(base, tmp_path):
+    """A record with chosen and rejected and no completion (preference data, as TRL's unpair_preference_dataset
+    takes it) gives a desirable and an undesirable example of its prompt, both in one split (no prompt leaks from
+    train into val or test through its other half), beside ordinary unpaired records."""
+    pairs = preference_records(60, seed=3)
+    singles = [r for r in unpaired_records(40) if r["prompt"] not in {p["prompt"] for p in pairs}][:20]
+    path = write_jsonl(tmp_path / "mixed.jsonl", pairs[:30] + singles)
+    assert prepare_unpaired(base, tmp_path / "data", path, extra=("--split", "0.6,0.2,0.2")) == 0
+    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    assert (report["records"], report["pair_records"], report["examples"]) == (50, 30, 80)
+    assert report["leakage"]["val"]["leaked"] == report["leakage"]["test"]["leaked"] == 0
+    where: dict[str, set] = {}
+    for split in ("train", "val", "test"):
+        rows = texts(tmp_path / "data", split)
+        assert 0 < sum(d for *_, d in rows) < len(rows)  # both kinds in every split
+        for prompt, completion, desirable in rows:
+            where.setdefault(prompt, set()).add(split)
+            pair = next((p for p in pairs[:30] if p["prompt"] + "\n" == prompt), None)
+            if pair is not None:
+                assert completion == (pair["chosen"] if desirable else pair["rejected"])
+    assert all(len(splits) == 1 for splits in where.values()) and len(where) == 50
+    train = [prompt for prompt, _, _ in texts(tmp_path / "data", "train")]  # shuffled: a pair's halves seldom meet,
+    adjacent = sum(a == b for a, b in zip(train, train[1:]))  # so a mismatched row rarely shares its prompt
+    assert adjacent <= sum(p["prompt"] + "\n" in train for p in pairs[:30]) // 3
+    same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "x", "chosen": "y", "rejected": "y"}] + singles)
+    assert prepare_unpaired(base, tmp_path / "bad", same) == 2
+
+
 def test_bad_labels_duplicates_and_conflicts(base, tmp_path, capsys):
     good = unpaired_records(20)
     bad = [{"prompt": "x", "completion": "y", "label": "maybe"}, {"prompt": "x", "completion": "y"},
@@ -353,12 +381,12 @@ def test_a_kto_model_generates_and_serves_with_the_template_it_learned(kto_run):
 
 
 def test_the_reference_point_moves_the_loss(kto_run):
-    """z > 0 after training: KTO's loss of a desirable completion is above apo_zero_unpaired's (the same weights and
-    rewards, without the reference point) and an undesirable one's below."""
+    """z > 0 after training (the val split's): KTO's loss of a desirable completion is above apo_zero_unpaired's (the
+    same weights and rewards, without the reference point) and an undesirable one's below."""
     batch = kto_run.val_batches[0]
     with torch.no_grad():
-        policy, ref, mismatched = kto_run.unpaired_logprobs(kto_run.model, batch)
-    z = float(mismatched.mean())
+        policy, ref, _ = kto_run.unpaired_logprobs(kto_run.model, batch)
+    z = kto_run.val_metrics["val_kl"]
     assert z > 0.1
     with_z, _ = kto_run.preference_loss.unpaired_loss(policy, ref, batch[4], torch.tensor(z))
     without, _ = PreferenceLoss("apo_zero_unpaired", 1.0).unpaired_loss(policy, ref, batch[4])
