@@ -241,13 +241,31 @@ def test_kto_weight_advice_is_the_papers_balance_rule():
     assert kto_weight_advice(100, 100, 1.0, 1.0) is None and kto_weight_advice(120, 100, 1.0, 1.0) is None
     assert kto_weight_advice(0, 100, 1.0, 1.0) is None  # one kind only: nothing to balance
     advice = kto_weight_advice(30, 100, 1.0, 1.0)
-    assert "= 0.3, outside" in advice and "kto_desirable_weight in [3.33, 4.44]" in advice
+    assert "= 0.3, outside" in advice and "kto_desirable_weight in [3.34, 4.44]" in advice  # printed inside
     assert "kto_undesirable_weight in [0.225, 0.3]" in advice
     for wd in (100 / 30, 4 / 3 * 100 / 30, 4.0):
         assert kto_weight_advice(30, 100, wd, 1.0) is None
     for wu in (0.225, 0.3, 0.25):
         assert kto_weight_advice(30, 100, 1.0, wu) is None
     assert kto_weight_advice(30, 100, 4.5, 1.0) is not None and kto_weight_advice(100, 100, 1.4, 1.0) is not None
+
+
+def test_the_printed_ends_of_the_advised_ranges_keep_the_rule():
+    """Each end of an advised range is printed rounded inward (3 significant digits), so that a user who sets the
+    printed value gets no second warning, for any counts."""
+    import re
+
+    from lmforge.preference_loss import kto_weight_advice
+
+    for nd, nu in [(30, 100), (7, 61), (1, 3), (100, 37), (3, 1000), (999, 7)]:
+        advice = kto_weight_advice(nd, nu, 1.0, 1.0)
+        (d_low, d_high), (u_low, u_high) = (map(float, pair) for pair in
+                                            re.findall(r"weight in \[([0-9.e+-]+), ([0-9.e+-]+)\]", advice))
+        assert d_low < d_high and u_low < u_high
+        for wd in (d_low, d_high):
+            assert kto_weight_advice(nd, nu, wd, 1.0) is None, (nd, nu, wd)
+        for wu in (u_low, u_high):
+            assert kto_weight_advice(nd, nu, 1.0, wu) is None, (nd, nu, wu)
 
 
 def test_a_run_on_unbalanced_data_warns_and_goes_on(base, tmp_path, capsys):
@@ -504,5 +522,10 @@ def test_plan_counts_the_reference_and_the_mismatched_rows(loss, forwards):
     assert p.tokens_per_step == B * T and p.activations == tokens.activations
     assert p.reference == 4 * P and p.reference_forward
     assert p.step_flops_per_token == p.flops_per_token + forwards * (2 * N + attention // 3)
+    from lmforge.plan import format_plan
+
+    note = "(unpaired completions, with their mismatched rows' forward)" if loss == "kto" else "(unpaired completions)"
+    assert [line for line in format_plan(p).splitlines() if line.startswith("training tokens")][0].endswith(note)
+    assert p.mismatched_forward == (loss == "kto")
     measured = measure(config(**{"train.num_threads": 1, "train.preference_loss": loss}), steps=1, task="unpaired")
     assert measured["peak_rss"] > measured["runtime_rss"] > 0 and measured["step_time"] > 0

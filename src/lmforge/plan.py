@@ -140,6 +140,7 @@ class Plan:
     activations_checkpointed: float
     reference: float  # preference data: the frozen reference model's weights, per GPU
     reference_forward: bool  # preference data: a reference's forward runs on every sequence
+    mismatched_forward: bool  # unpaired data with kto: the policy's and the reference's forwards on mismatched rows
     device: str
     device_name: str
     device_memory: float
@@ -243,6 +244,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     fpt = flops_per_token(m, m.block_size)
     adapters, adapter_activations = lora_counts(config)
     preference, unpaired = task == "preference", task == "unpaired"
+    mismatched = unpaired and PreferenceLoss.of(t).needs_kl
     rows = 2 if preference else 1  # a preference batch of B pairs is 2B sequences
     attention = 12 * m.n_layer * m.n_head * m.head_dim * m.block_size  # flops_per_token's attention term
     matrices = (fpt - attention) // 6  # N: the weights in matrix products
@@ -250,7 +252,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     # the reference's forward on every step, unless train.precompute_reference scored the data before the first one
     runs_reference = (preference or unpaired) and PreferenceLoss.of(t).needs_reference and not t.precompute_reference
     if runs_reference:  # the reference's forward on every sequence (LoRA: the model with its adapters off); KTO's
-        forwards = 3 if unpaired and t.preference_loss == "kto" else 1  # mismatched rows: the policy's and its own
+        forwards = 3 if mismatched else 1  # KTO's mismatched rows: the policy's forward and the reference's
         step_fpt += forwards * (2 * matrices + attention // 3)
     tokens_per_step = t.batch_size * t.grad_accum * m.block_size * gpus * rows
     steps = t.max_steps if tokens is None else math.ceil(tokens / tokens_per_step)
@@ -321,7 +323,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         total_flops=float(step_fpt) * tokens,
         compute_optimal_tokens=CHINCHILLA_TOKENS_PER_PARAMETER * P, precision=t.precision, parallel=parallel,
         gpus=gpus, weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
-        activations_checkpointed=checkpointed, reference=reference, reference_forward=runs_reference, device=device, device_name=name, device_memory=memory, peak_flops=peak,
+        activations_checkpointed=checkpointed, reference=reference, reference_forward=runs_reference,
+        mismatched_forward=mismatched, device=device, device_name=name, device_memory=memory, peak_flops=peak,
         mfu=mfu, bandwidth=bandwidth, step_time=step_time, total_time=step_time * tokens / tokens_per_step, notes=notes)
     where = "this machine's RAM" if device == "cpu" else f"the {gpus if gpus > 1 else ''} {name}'s memory".replace("  ", " ")
     if estimate.total_memory_checkpointed > memory:
@@ -354,7 +357,8 @@ def format_plan(p: Plan) -> str:
                + (["the reference's forward on every sequence"] if p.reference_forward else []))
     step = f"; these steps {p.step_flops_per_token:,} ({', '.join(reasons)})" if reasons else ""
     pairs = {"preference": " (preference pairs: 2 sequences each)",
-             "unpaired": " (unpaired completions, with their mismatched rows' forward)"}.get(p.task, "")
+             "unpaired": " (unpaired completions, with their mismatched rows' forward)" if p.mismatched_forward
+             else " (unpaired completions)"}.get(p.task, "")
     lines = [
         f"parameters          {p.parameters:,} total, {p.non_embedding_parameters:,} non-embedding{trained}",
         f"FLOPs per token     {p.flops_per_token:,} (6N + attention, forward and backward){step}",

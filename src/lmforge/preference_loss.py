@@ -127,8 +127,18 @@ def kto_weight_advice(desirable: int, undesirable: int, desirable_weight: float,
     u_high = desirable_weight * desirable / undesirable
     return (f"{desirable} desirable and {undesirable} undesirable train completions with kto weights "
             f"{desirable_weight:g} and {undesirable_weight:g} give lambda_D n_D / (lambda_U n_U) = {ratio:.3g}, outside "
-            f"KTO's advised [1, 4/3]: set --train.kto_desirable_weight in [{d_low:.3g}, {4 * d_low / 3:.3g}] or "
-            f"--train.kto_undesirable_weight in [{3 * u_high / 4:.3g}, {u_high:.3g}]")
+            f"KTO's advised [1, 4/3]: set --train.kto_desirable_weight in [{_sig3(d_low, up=True)}, "
+            f"{_sig3(4 * d_low / 3, up=False)}] or --train.kto_undesirable_weight in [{_sig3(3 * u_high / 4, up=True)}, "
+            f"{_sig3(u_high, up=False)}]")
+
+
+def _sig3(x: float, up: bool) -> str:
+    """`x` (> 0) to 3 significant digits, rounded up or down: an end of an advised range printed inside it, so that
+    the printed value itself keeps the rule."""
+    scale = 10.0 ** (2 - math.floor(math.log10(x)))
+    digits = x * scale
+    rounded = math.ceil(digits - 1e-9) if up else math.floor(digits + 1e-9)
+    return f"{rounded / scale:g}"
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
