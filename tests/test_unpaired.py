@@ -280,6 +280,10 @@ def test_a_run_on_unbalanced_data_warns_and_goes_on(base, tmp_path, capsys):
                                                                "train.kto_desirable_weight": 3.5}),
             progress=False, tensorboard=False).fit()
     assert "lambda_D n_D" not in capsys.readouterr().err
+    Trainer(kto(tmp_path / "run3", tmp_path / "data", base, **{"train.max_steps": 1,
+                                                               "train.preference_loss": "apo_zero_unpaired"}),
+            progress=False, tensorboard=False)  # its weights multiply the two kinds' losses too (TRL warns alike)
+    assert "warning: 18 desirable and 54 undesirable" in capsys.readouterr().err
 
 
 def test_the_reference_point_is_the_mean_log_ratio_clamped_at_zero():

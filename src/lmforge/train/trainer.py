@@ -400,7 +400,7 @@ class Trainer:
         check_objective(config, self.task)
         self.preference_loss = PreferenceLoss.of(tc)
         desirable = getattr(getattr(train_data, "examples", None), "desirable", None)
-        if self.unpaired and self.preference_loss.needs_kl and desirable is not None and self.dist.is_main:
+        if self.unpaired and desirable is not None and self.dist.is_main:  # both unpaired losses weigh the kinds
             advice = kto_weight_advice(int(desirable.sum()), int((~desirable).sum()), tc.kto_desirable_weight,
                                        tc.kto_undesirable_weight)
             if advice:  # the run goes on: a user may mean it (the paper's own one-kind-heavy runs)
