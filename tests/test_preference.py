@@ -42,8 +42,8 @@ def preference_records(n: int, seed: int = 0) -> list[dict]:
     return [{"prompt": word, "chosen": word.upper(), "rejected": word} for word in words]
 
 
-def prepare_pairs(base: Path, out: Path, *inputs: Path, extra: tuple = ()) -> int:
-    return main(["prepare", *map(str, inputs), "--task", "preference", "--tokenizer", str(base), "--out", str(out),
+def prepare_pairs(base: Path, out: Path, *inputs: Path, extra: tuple = (), task: str = "preference") -> int:
+    return main(["prepare", *map(str, inputs), "--task", task, "--tokenizer", str(base), "--out", str(out),
                  *map(str, extra)])
 
 

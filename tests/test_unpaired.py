@@ -22,9 +22,9 @@ from lmforge.eval.preference import evaluate_unpaired
 from lmforge.preference_loss import PreferenceLoss, reference_point
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import Trainer
-from test_preference import base, preference_records  # noqa: F401  (base: the module's fixture too)
+from test_preference import base, dpo, prepare_pairs, preference_records  # noqa: F401  (base: the module's fixture)
 from test_tasks import reverse_records, write_csv, write_jsonl
-from tiny_training import step_losses, tiny_config
+from tiny_training import step_losses
 
 
 def unpaired_records(n: int, seed: int = 0) -> list[dict]:
@@ -34,8 +34,7 @@ def unpaired_records(n: int, seed: int = 0) -> list[dict]:
 
 
 def prepare_unpaired(base: Path, out: Path, *inputs: Path, extra: tuple = ()) -> int:
-    return main(["prepare", *map(str, inputs), "--task", "unpaired", "--tokenizer", str(base), "--out", str(out),
-                 *map(str, extra)])
+    return prepare_pairs(base, out, *inputs, extra=extra, task="unpaired")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +47,8 @@ def unpaired(base, tmp_path_factory) -> Path:
 
 
 def kto(run_dir: Path, data: Path, base: Path, **overrides: object):
-    values = {"data.path": str(data), "train.init_from": str(base), "train.max_steps": 6, "train.batch_size": 8,
-              "train.eval_interval": 0, "train.eval_batches": 4, "optim.lr": 3e-3, "train.dpo_beta": 1.0,
-              "train.preference_loss": "kto"}
-    values.update(overrides)
-    return tiny_config(run_dir, **values)
+    """test_preference.dpo's run with train.preference_loss kto (unless overridden)."""
+    return dpo(run_dir, data, base, **{"train.preference_loss": "kto", **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -493,8 +489,6 @@ def test_settings_that_cannot_work_on_unpaired_data_are_refused(base, unpaired, 
 
 
 def test_kto_on_pairs_and_a_pair_loss_checkpoint_on_unpaired_data_are_refused(base, unpaired, tmp_path):
-    from test_preference import prepare_pairs
-
     pairs = tmp_path / "pairs"
     assert prepare_pairs(base, pairs, write_jsonl(tmp_path / "p.jsonl", preference_records(30))) == 0
     with pytest.raises(ConfigError, match="this is pair data"):
