@@ -52,13 +52,18 @@ def base(tmp_path_factory) -> Path:
     return make_base(tmp_path_factory.mktemp("base"))
 
 
+def prepared(base: Path, tmp_path_factory, task: str, records: list[dict]) -> Path:
+    """`records` prepared as `task` data (preference or unpaired) with the base's tokenizer, 80/10/10."""
+    root = tmp_path_factory.mktemp(task)
+    assert prepare_pairs(base, root / "data", write_jsonl(root / "records.jsonl", records),
+                         extra=("--split", "0.8,0.1,0.1"), task=task) == 0
+    return root / "data"
+
+
 @pytest.fixture(scope="module")
 def pairs(base, tmp_path_factory) -> Path:
     """Preference data of 300 capitals records (distinct words), 80/10/10."""
-    root = tmp_path_factory.mktemp("pairs")
-    assert prepare_pairs(base, root / "data", write_jsonl(root / "p.jsonl", preference_records(300)),
-                         extra=("--split", "0.8,0.1,0.1")) == 0
-    return root / "data"
+    return prepared(base, tmp_path_factory, "preference", preference_records(300))
 
 
 def dpo(run_dir: Path, data: Path, base: Path, **overrides: object):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from lmforge.eval.preference import evaluate_unpaired
 from lmforge.preference_loss import PreferenceLoss, reference_point
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import Trainer
-from test_preference import base, dpo, prepare_pairs, preference_records  # noqa: F401  (base: the module's fixture)
+from test_preference import base, dpo, prepare_pairs, prepared, preference_records  # noqa: F401  (base: fixture)
 from test_tasks import reverse_records, write_csv, write_jsonl
 from tiny_training import step_losses
 
@@ -40,10 +39,7 @@ def prepare_unpaired(base: Path, out: Path, *inputs: Path, extra: tuple = ()) ->
 @pytest.fixture(scope="module")
 def unpaired(base, tmp_path_factory) -> Path:
     """Unpaired data of 300 records (150 desirable capitals, 150 undesirable copies), 80/10/10."""
-    root = tmp_path_factory.mktemp("unpaired")
-    assert prepare_unpaired(base, root / "data", write_jsonl(root / "u.jsonl", unpaired_records(300)),
-                            extra=("--split", "0.8,0.1,0.1")) == 0
-    return root / "data"
+    return prepared(base, tmp_path_factory, "unpaired", unpaired_records(300))
 
 
 def kto(run_dir: Path, data: Path, base: Path, **overrides: object):
@@ -414,15 +410,10 @@ def test_the_reference_point_moves_the_loss(kto_run):
 
 
 def test_a_resumed_kto_run_is_bit_identical(base, unpaired, tmp_path):
-    extra = {"train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3}
-    full = Trainer(kto(tmp_path / "full", unpaired, base, **extra), progress=False, tensorboard=False)
-    full.fit()
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003",
-                    tmp_path / "resumed" / "checkpoints" / "step-00000003")
-    resumed = Trainer(kto(tmp_path / "resumed", unpaired, base, **{**extra, "train.resume": "auto"}),
-                      progress=False, tensorboard=False)
-    resumed.fit()
+    from test_preference import full_and_resumed
+
+    full, resumed = full_and_resumed(tmp_path, unpaired, base, **{"train.preference_loss": "kto"})
+    assert full.unpaired and full.preference_loss.kind == "kto"
     assert [step for step, _ in resumed.history] == [4, 5, 6]
     assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 3]
     assert resumed.val_loss == full.val_loss and resumed.val_metrics == full.val_metrics
