@@ -6,6 +6,7 @@
     lmforge eval     loss, perplexity and bits per byte of a checkpoint on a split; task metrics when fine-tuned
     lmforge generate text from a run or checkpoint directory
     lmforge classify labels with probabilities from a classifier
+    lmforge reward   a reward model's score of prompt/completion pairs
     lmforge fill-mask an encoder's top tokens for each <MASK> of a text
     lmforge embed    a vector per text: the model's hidden states pooled
     lmforge plot     the loss curves of a run as a PNG
@@ -609,7 +610,8 @@ def _add_generate(sub: Any) -> None:
               lmforge generate runs/shakespeare-char --prompt "To be" --num-beams 4 --num-return-sequences 2
               lmforge generate runs/shakespeare-char --prompt "ROMEO:" --quantize int8   # faster on a CPU
               lmforge generate runs/summarizer --prompt "$(cat article.txt)" --greedy --prompt-lookup-num-tokens 10
-              lmforge generate runs/big --prompt "ROMEO:" --greedy --assistant-model runs/small   # speculative"""))
+              lmforge generate runs/big --prompt "ROMEO:" --greedy --assistant-model runs/small   # speculative
+              lmforge generate runs/qa --prompt "Who wrote Hamlet?" --num-return-sequences 8 --reward-model runs/rm"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: empty, start of a document)")
     _add_decoding_arguments(p)
@@ -617,6 +619,9 @@ def _add_generate(sub: Any) -> None:
                    help="print the text when it is complete (several samples are never streamed)")
     p.add_argument("--no-template", action="store_true",
                    help="a fine-tuned model: continue the prompt as given, not through its prompt template")
+    p.add_argument("--reward-model", metavar="RUN_OR_CHECKPOINT_DIR",
+                   help="best-of-n: score each sample (--num-return-sequences N) with this reward model (`lmforge "
+                        "train --train.objective reward`) and print them best first, each with its reward")
     p.set_defaults(run=_run_generate)
 
 
@@ -668,16 +673,22 @@ def _run_generate(args: argparse.Namespace) -> int:
     if hasattr(generator, "fill_mask"):  # load gave a MaskFiller
         raise ConfigError(f"{args.checkpoint} is an encoder (model.causal: false): every position sees the whole text, "
                           "so it fills masks and does not generate text; use `lmforge fill-mask`")
-    if not hasattr(generator, "generate"):  # load gave a TextClassifier
-        raise ConfigError(f"{args.checkpoint} is a classifier (model.head: classify): it scores labels and does not "
-                          "generate text; use `lmforge classify`")
-    if args.no_stream or config.num_return_sequences > 1 or config.num_beams > 1:  # decoded together, as one batch
+    if not hasattr(generator, "generate"):  # load gave a TextClassifier or a RewardModel
+        raise ConfigError(f"{args.checkpoint} is a {'reward model' if hasattr(generator, 'score') else 'classifier'} "
+                          f"(model.head: classify): it scores and does not generate text; use `lmforge "
+                          f"{'reward' if hasattr(generator, 'score') else 'classify'}`")
+    judge = _load_reward_model(args.reward_model, args.device) if args.reward_model else None
+    if judge is not None or args.no_stream or config.num_return_sequences > 1 or config.num_beams > 1:  # one batch
         samples = generator.generate(args.prompt, config)
         samples = [samples] if isinstance(samples, str) else samples
-        for i, text in enumerate(samples):
-            if len(samples) > 1:
+        rewards = judge.score([args.prompt] * len(samples), samples) if judge is not None else None
+        order = sorted(range(len(samples)), key=lambda i: -rewards[i]) if rewards is not None else range(len(samples))
+        for rank, i in enumerate(order):
+            if rewards is not None:
+                print(f"--- sample {i + 1}: reward {rewards[i]:.4f}{' (best)' if rank == 0 else ''} ---")
+            elif len(samples) > 1:
                 print(f"--- sample {i + 1} ---")
-            print(args.prompt + text)
+            print(args.prompt + samples[i])
     else:
         sys.stdout.write(args.prompt)
         for piece in generator.stream(args.prompt, config):
@@ -780,8 +791,9 @@ def _add_classify(sub: Any) -> None:
     p.set_defaults(run=_run_classify)
 
 
-def _classify_texts(path: str, field: str) -> list[str]:
-    """The texts of a --file: .txt lines (empty ones skipped) or the `field` of each .jsonl object."""
+def _classify_texts(path: str, field: str, flag: str = "--text-field") -> list[str]:
+    """The texts of a --file: .txt lines (empty ones skipped) or the `field` (named by `flag`) of each .jsonl
+    object."""
     import json
 
     from lmforge.data.corpus import JSON_ERRORS, json_problem
@@ -803,7 +815,7 @@ def _classify_texts(path: str, field: str) -> list[str]:
         except JSON_ERRORS as e:
             raise ConfigError(f"{path}:{number}: not valid JSON ({json_problem(e)}): fix the line") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise ConfigError(f"{path}:{number}: no string field {field!r}: fix the line or choose --text-field")
+            raise ConfigError(f"{path}:{number}: no string field {field!r}: fix the line or choose {flag}")
         texts.append(record[field])
     return texts
 
@@ -821,6 +833,9 @@ def _run_classify(args: argparse.Namespace) -> int:
     from lmforge.generate import TextClassifier, load
 
     classifier = load(args.checkpoint, device=args.device)
+    if hasattr(classifier, "score"):  # a RewardModel
+        raise ConfigError(f"{args.checkpoint} is a reward model: it scores a prompt's completions and has no labels; "
+                          "use `lmforge reward`")
     if not isinstance(classifier, TextClassifier):
         raise ConfigError(f"{args.checkpoint} is a language model (model.head: lm): it generates text; use "
                           "`lmforge generate`, or fine-tune a classifier on `lmforge prepare --task classify` data")
@@ -828,6 +843,69 @@ def _run_classify(args: argparse.Namespace) -> int:
         print(json.dumps({"text": text, "label": ranked[0][0],
                           "predictions": [{"label": label, "probability": p} for label, p in ranked]},
                          ensure_ascii=False))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- reward
+def _add_reward(sub: Any) -> None:
+    p = sub.add_parser(
+        "reward", help="a reward model's score of prompt/completion pairs", formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Score completions with a reward model (`lmforge train --train.objective reward` on `lmforge prepare
+            --task preference` data): the higher the reward, the more the completion is preferred. The prompt
+            goes through the template the model was trained with. Prints one JSON line per completion,
+            {"prompt", "completion", "reward"}, in the order given (--rank: best first). Pairs come from --prompt
+            with --completion (repeatable) and from --file (.jsonl objects with prompt and completion fields)."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge reward runs/rm --prompt "Who wrote Hamlet?" --completion "Shakespeare." --completion "Dickens."
+              lmforge reward runs/rm --file answers.jsonl --rank
+              lmforge generate runs/qa --prompt "Who wrote Hamlet?" --num-return-sequences 8 --reward-model runs/rm"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--prompt", help="the prompt of every --completion")
+    p.add_argument("--completion", action="append", default=[], help="a completion of --prompt to score (repeatable)")
+    p.add_argument("--file", metavar="F", help=".jsonl: objects with --prompt-field and --completion-field")
+    p.add_argument("--prompt-field", default="prompt", metavar="NAME", help="prompt field of --file objects")
+    p.add_argument("--completion-field", default="completion", metavar="NAME",
+                   help="completion field of --file objects")
+    p.add_argument("--rank", action="store_true", help="print the completions best first")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="pairs per batch (default: 32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.set_defaults(run=_run_reward)
+
+
+def _load_reward_model(path: str, device: str) -> Any:
+    """The RewardModel of a run or checkpoint directory; a one-line error for any other model."""
+    from lmforge.generate import RewardModel, load
+
+    judge = load(path, device=device)
+    if not isinstance(judge, RewardModel):
+        raise ConfigError(f"{path} is not a reward model: train one with `lmforge train --train.objective reward` on "
+                          "`lmforge prepare --task preference` data")
+    return judge
+
+
+def _run_reward(args: argparse.Namespace) -> int:
+    import json
+
+    if args.completion and args.prompt is None:
+        raise ConfigError("--completion needs the --prompt it answers: give --prompt TEXT")
+    pairs = [(args.prompt, c) for c in args.completion]
+    if args.file:
+        if not args.file.lower().endswith(".jsonl"):
+            raise ConfigError(f"--file {args.file}: give a .jsonl file of objects with {args.prompt_field!r} and "
+                              f"{args.completion_field!r} fields")
+        pairs += list(zip(_classify_texts(args.file, args.prompt_field, "--prompt-field"),
+                          _classify_texts(args.file, args.completion_field, "--completion-field")))
+    if not pairs:
+        raise ConfigError("nothing to score: give --prompt TEXT with --completion TEXT (repeatable), or --file F")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} is invalid: use 1 or more")
+    judge = _load_reward_model(args.checkpoint, args.device)
+    rewards = judge.score([p for p, _ in pairs], [c for _, c in pairs], args.batch_size)
+    order = sorted(range(len(pairs)), key=lambda i: -rewards[i]) if args.rank else range(len(pairs))
+    for i in order:
+        print(json.dumps({"prompt": pairs[i][0], "completion": pairs[i][1], "reward": rewards[i]}, ensure_ascii=False))
     return 0
 
 
@@ -1339,7 +1417,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_sweep, _add_eval, _add_generate, _add_chat,
-                                         _add_classify,
+                                         _add_classify, _add_reward,
                                          _add_fill_mask, _add_embed, _add_detect, _add_plot, _add_attention, _add_plan,
                                          _add_serve, _add_import, _add_export, _add_merge]
 

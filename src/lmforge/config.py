@@ -310,13 +310,13 @@ class ModelConfig:
                                           "encoder's: the masked one); classify gives num_labels class logits from "
                                           "the last real token's hidden state (an encoder's: the first, its start "
                                           "token).", "lm")
-    num_labels: Optional[int] = doc("Classes of the classify head; taken from the prepared task data.", None,
-                                    ge=2, le=MAX_SIZE)
+    num_labels: Optional[int] = doc("Classes of the classify head, taken from the prepared task data; 1: a reward "
+                                    "model's one score (train.objective reward).", None, ge=1, le=MAX_SIZE)
 
     def __post_init__(self) -> None:
         validate(self, "model")
         _check((self.head == "classify") == (self.num_labels is not None), "model.num_labels", self.num_labels,
-               "a number of classes (2 or more) with head: classify, and null with head: lm")
+               "a number of classes (1 or more) with head: classify, and null with head: lm")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         _check(0 < self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0,
@@ -487,9 +487,12 @@ class TrainConfig:
     class_weights: Literal["none", "balanced"] = doc("Classify data: weigh each example's loss by its class, none "
                                                      "(1) or balanced (n / (K * n_k) from the train split's counts).",
                                                      "none")
-    objective: Literal["clm", "mlm"] = doc("Training objective on token data: clm predicts each next token (a decoder, "
-                                           "model.causal true); mlm predicts masked tokens from both sides, as BERT "
-                                           "(an encoder, model.causal false; data prepared with --mask-token).", "clm")
+    objective: Literal["clm", "mlm", "reward"] = doc(
+        "Training objective: clm predicts each next token (a decoder, model.causal true); mlm predicts masked tokens "
+        "from both sides, as BERT (an encoder, model.causal false; token data prepared with --mask-token); reward "
+        "trains a reward model on preference pairs (`lmforge prepare --task preference`): a scalar head on each "
+        "example's last token, the chosen completion's reward pushed above the rejected one's (Bradley-Terry: "
+        "-log sigmoid(r_chosen - r_rejected), as InstructGPT and TRL's RewardTrainer).", "clm")
     mlm_probability: float = doc("mlm: the fraction of positions chosen for prediction (of those 80% become the "
                                  "mask token, 10% a random token, 10% stay).", 0.15, gt=0, lt=1, noun="probability")
     early_exit_layer: Optional[int] = doc(
@@ -544,6 +547,10 @@ class TrainConfig:
                                       "count) between 1 and 4/3).", 1.0, gt=0, le=100)
     kto_undesirable_weight: float = doc("Unpaired preference data: lambda_U, the weight of an undesirable completion's "
                                         "loss.", 1.0, gt=0, le=100)
+    reward_center_coefficient: float = doc("Reward model (objective reward): adds this times the mean of (r_chosen + "
+                                           "r_rejected)^2 over the pairs to the loss, which keeps the rewards centred "
+                                           "on 0 (Eisenstein et al. 2023; TRL's center_rewards_coefficient, suggested "
+                                           "0.01); 0 = off.", 0.0, ge=0, le=100)
     precompute_reference: bool = doc("Preference data with a reference loss (all but simpo and orpo): score every "
                                      "train and val completion with the frozen reference once, before the first "
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
@@ -558,7 +565,7 @@ class TrainConfig:
                                   "better): val_accuracy, val_macro_f1 (classify data), val_bleu, val_chrf, val_rouge1, "
                                   "val_rouge2, val_rougeL, val_exact_match, val_f1 (sft data with task_eval_every), "
                                   "val_choices_acc, val_choices_acc_norm (with choices_file), val_reward_accuracy, "
-                                  "val_reward_margin (preference data).", "val_loss")
+                                  "val_reward_margin (preference data, and a reward model's).", "val_loss")
     patience: int = doc("Stop early, with a checkpoint, after this many measurements of best_metric in a row without "
                         "an improvement; 0 = never.", 0, ge=0)
 

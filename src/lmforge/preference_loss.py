@@ -59,6 +59,13 @@ log pi_ref(y | x)) its reward and lambda_D, lambda_U the weights of the two kind
 
 both TRL's KTOTrainer loss types; the loss of a batch is the mean over its completions, as TRL's.
 
+A reward model (train.objective reward; reward_model_loss) learns from the same pairs with no reference and no
+log-probabilities: a scalar head reads each whole example (prompt, completion, end token), r(x, y) its output, and
+
+    reward   -log sigmoid(r(x, y_w) - r(x, y_l)) + c (r(x, y_w) + r(x, y_l))^2          Bradley-Terry, as InstructGPT
+             (Ouyang et al. 2022) and TRL's RewardTrainer; c (train.reward_center_coefficient) keeps rewards
+             centred on 0 (Eisenstein et al. 2023)
+
 Rewards (what reward accuracy and margin are measured on): beta times the log-ratio to the reference for the
 reference losses, beta times a_w and a_l for simpo and orpo (as TRL's DPO, CPO and ORPO trainers log them).
 The formulas from dpo_norm to apo_down are TRL's DPOTrainer loss types of the same names (sigmoid_norm, exo_pair,
@@ -105,6 +112,15 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     margin = chosen - rejected
     loss = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return loss, chosen.detach(), rejected.detach()
+
+
+def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, center: float = 0.0) -> torch.Tensor:
+    """(P,) fp32 loss per pair of a reward model from its rewards of the chosen and the rejected completions (each
+    (P,)): -log sigmoid(r_w - r_l) + center (r_w + r_l)^2 (module docstring). Their mean over the pairs is TRL's
+    RewardTrainer loss (its center_rewards_coefficient term is a mean over the pairs too)."""
+    chosen, rejected = chosen.float(), rejected.float()
+    loss = -F.logsigmoid(chosen - rejected)
+    return loss + center * (chosen + rejected) ** 2 if center else loss
 
 
 def reference_point(log_ratio_sum: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -265,18 +265,43 @@ def pad_labelled_examples(examples: Examples, index: np.ndarray, pad_id: int = 0
     real token, no shift), padded on the right (default) or the left with ``pad_id``; attention_mask is True at
     real tokens. The model gives each row the same logits either way (tests check it).
     """
+    rows = [examples.tokens[a:b] for a, b in zip(examples.offsets[index], examples.offsets[index + 1])]
+    x, mask = pad_rows(rows, pad_id, side)
+    return x, torch.from_numpy(np.asarray(examples.labels[index], dtype=np.int64)), mask
+
+
+def pad_rows(rows: Sequence[np.ndarray], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole token rows as one padded batch: x (B, T), T the longest row, and attention_mask (B, T) bool, True at
+    real tokens; padded with ``pad_id`` on the right or the left."""
     if side not in ("right", "left"):
         raise ValueError(f"side={side!r}: choose right or left")
-    starts, ends = examples.offsets[index], examples.offsets[index + 1]
-    T = int((ends - starts).max())
-    x = np.full((len(index), T), pad_id, dtype=np.int64)  # (B, T)
-    mask = np.zeros((len(index), T), dtype=bool)  # (B, T)
-    for r, (a, b) in enumerate(zip(starts, ends)):
-        cols = slice(0, b - a) if side == "right" else slice(T - (b - a), T)
-        x[r, cols] = np.asarray(examples.tokens[a:b], dtype=np.int64)
+    T = max(len(row) for row in rows)
+    x = np.full((len(rows), T), pad_id, dtype=np.int64)  # (B, T)
+    mask = np.zeros((len(rows), T), dtype=bool)  # (B, T)
+    for r, row in enumerate(rows):
+        cols = slice(0, len(row)) if side == "right" else slice(T - len(row), T)
+        x[r, cols] = np.asarray(row, dtype=np.int64)
         mask[r, cols] = True
-    labels = np.asarray(examples.labels[index], dtype=np.int64)  # (B,)
-    return torch.from_numpy(x), torch.from_numpy(labels), torch.from_numpy(mask)
+    return torch.from_numpy(x), torch.from_numpy(mask)
+
+
+def fit_context(ids: np.ndarray, max_tokens: int, keep: int) -> np.ndarray:
+    """Example ids cut to at most max_tokens: a longer example loses the tokens right after its first ``keep`` (its
+    start token, when the tokenizer has one), its earliest prompt tokens, as preparing shortens prompts. A reward
+    model reads whole examples, one token more than the inputs of next-token training, and this is how both its
+    training and its scoring fit them to the context (block_size)."""
+    excess = len(ids) - max_tokens
+    return ids if excess <= 0 else np.concatenate([ids[:keep], ids[keep + excess:]])
+
+
+def reward_pair_batch(examples: Examples, pairs: np.ndarray, pad_id: int, max_tokens: int, keep: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reward model's batch of preference pairs ``pairs``: x (2P, T) and attention_mask (2P, T), rows 2k and
+    2k + 1 pair k's chosen and rejected example whole (prompt, completion, end token: the head reads the last),
+    each fitted to max_tokens (``fit_context``), right-padded."""
+    rows = [fit_context(np.asarray(examples.tokens[examples.offsets[e]:examples.offsets[e + 1]]), max_tokens, keep)
+            for e in pair_rows(pairs)]
+    return pad_rows(rows, pad_id)
 
 
 def text_batches(tok: Any, ids: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -311,11 +336,14 @@ class ExampleBatches:
     ``unpaired`` (unpaired preference data, for KTO): a batch is ``unpaired_batch``, whose mismatched rows pair each
     draw's prompt with the previous draw's completion within the global micro-batch (the first draw's with the
     last's), so W processes with B draws each build the rows one process with B * W builds.
+
+    ``whole`` (with ``pairs``, for a reward model): a batch is ``reward_pair_batch``, each example whole, those longer
+    than block_size losing the prompt tokens after their first ``whole`` tokens (1: a start token; else 0).
     """
 
     def __init__(self, examples: Examples, block_size: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  rank: int = 0, world_size: int = 1, pad_id: int = 0, packing: bool = False,
-                 pairs: bool = False, unpaired: bool = False) -> None:
+                 pairs: bool = False, unpaired: bool = False, whole: Optional[int] = None) -> None:
         if len(examples) == 0:
             raise DataError("the split holds no examples: prepare more data or change --split")
         longest = int(examples.lengths.max())
@@ -346,8 +374,12 @@ class ExampleBatches:
         if pairs and len(examples) % 2:
             raise DataError(f"preference data holds pairs of examples, but the split has {len(examples)}: re-run "
                             "`lmforge prepare --task preference --force`")
+        if whole is not None and not pairs:
+            raise DataError("a reward model learns from preference pairs: prepare them with `lmforge prepare --task "
+                            "preference`")
         self.packing = packing
         self.pairs = pairs
+        self.whole = whole
         self.unpaired = unpaired
         self.draws = len(examples) // 2 if pairs else len(examples)  # what one epoch draws: examples or pairs
         self.position = 0  # examples drawn so far, over all processes
@@ -389,10 +421,16 @@ class ExampleBatches:
         index = self.example_index(self.position + self.rank * self.batch_size, self.batch_size)
         self.position += self.batch_size * self.world_size
         if self.pairs:
-            return pair_batch(self.examples, index, self.pad_id)
+            return self.pair_batch(index)
         if self.examples.labels is not None:
             return pad_labelled_examples(self.examples, index, self.pad_id)
         return pad_examples(self.examples, index, self.pad_id)
+
+    def pair_batch(self, pairs: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The batch of preference pairs ``pairs``: for a policy's loss (``pair_batch``), or whole (``whole``)."""
+        if self.whole is not None:
+            return reward_pair_batch(self.examples, pairs, self.pad_id, self.block_size, self.whole)
+        return pair_batch(self.examples, pairs, self.pad_id)
 
     def packed_rows(self, first: int) -> tuple[list[list[int]], int]:
         """The B * W rows of the global micro-batch whose first draw is ``first``, and the draws they hold."""
@@ -466,14 +504,15 @@ def unpaired_batch(examples: Examples, index: np.ndarray, partners: np.ndarray, 
 
 def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, num_batches: int, *,
                           rank: int = 0, world_size: int = 1, pad_id: int = 0,
-                          pairs: bool = False, unpaired: bool = False) -> list[tuple[torch.Tensor, ...]]:
+                          pairs: bool = False, unpaired: bool = False, whole: Optional[int] = None
+                          ) -> list[tuple[torch.Tensor, ...]]:
     """Validation batches of task data: the split in its stored order, at most ``num_batches`` global batches
     (fewer when they cover it; the last one wraps to the start); this process's rows of each. Classify examples,
     preference pairs (batch_size pairs to a batch) and unpaired examples do not wrap (accuracy counts each once):
     the last batch is shorter, a process may get none. An unpaired example's mismatched row takes the previous
     evaluated example's completion (the first takes the last's), whatever the batches and processes."""
     stream = ExampleBatches(examples, block_size, batch_size, shuffle=False, rank=rank, world_size=world_size,
-                            pad_id=pad_id, pairs=pairs, unpaired=unpaired)
+                            pad_id=pad_id, pairs=pairs, unpaired=unpaired, whole=whole)
     if examples.labels is not None or pairs or unpaired:
         n = min(stream.draws, num_batches * batch_size * world_size)
         rows = [np.arange(g + rank * batch_size, min(g + (rank + 1) * batch_size, n))
@@ -482,7 +521,7 @@ def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, 
             return [unpaired_batch(examples, index, (index - 1) % n, pad_id, block_size + 1)
                     for index in rows if len(index)]
         if pairs:
-            return [pair_batch(examples, index, pad_id) for index in rows if len(index)]
+            return [stream.pair_batch(index) for index in rows if len(index)]
         return [pad_labelled_examples(examples, index, pad_id) for index in rows if len(index)]
     needed = -(-len(examples) // (batch_size * world_size))
     return [stream.next_batch() for _ in range(min(num_batches, needed))]

@@ -19,6 +19,11 @@ Unpaired preference data (`lmforge prepare --task unpaired`, trained with kto or
 example's mismatched row: its prompt with the previous example's completion, as the trainer's validation does), z
 itself (kl), the mean reward of the desirable and of the undesirable completions and their difference
 (reward_margin); one row per completion (prompt, completion, desirable, reward, log-probability).
+
+A reward model (train.objective reward) is measured by ``evaluate_reward_model``: its Bradley-Terry loss (with the
+run's reward_center_coefficient), reward_accuracy, reward_margin, chosen_reward, rejected_reward over the pairs, each
+example read whole as training read it (data.batches.reward_pair_batch); one row per pair (prompt, chosen,
+rejected, both rewards, whether the chosen one won).
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.data.batches import Examples, pad_examples, pair_rows, unpaired_batch
+from lmforge.data.batches import Examples, pad_examples, pair_rows, reward_pair_batch, unpaired_batch
 from lmforge.errors import CheckpointError
 from lmforge.eval.progress import progress_bar
-from lmforge.preference_loss import IGNORED, PreferenceLoss, reference_point
+from lmforge.preference_loss import IGNORED, PreferenceLoss, reference_point, reward_model_loss
 
 
 def load_reference(config: Any, ckpt: Path, device: torch.device) -> nn.Module:
@@ -96,6 +101,39 @@ def evaluate_preference(model: nn.Module, reference: Optional[nn.Module], tokeni
         rows.append({"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text,
                      "chosen_reward": float(chosen[i]), "rejected_reward": float(rejected[i]),
                      "chosen_logp": float(policy_t[i, 0]), "rejected_logp": float(policy_t[i, 1]),
+                     "correct": bool(chosen[i] > rejected[i])})
+    return metrics, rows
+
+
+@torch.no_grad()
+def evaluate_reward_model(model: nn.Module, tokenizer: Any, examples: Examples, center: float = 0.0,
+                          batch_size: int = 16, device: torch.device | str = "cpu", progress: bool = False,
+                          max_pairs: Optional[int] = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(metrics, one row per pair) of a reward model on preference examples (module docstring); center: the run's
+    train.reward_center_coefficient, part of the loss it trained on."""
+    device = torch.device(device)
+    n = len(examples) // 2 if max_pairs is None else min(len(examples) // 2, max_pairs)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.end_id  # as training padded
+    keep, block = int(tokenizer.start_id is not None), model.config.block_size
+    rewards = []
+    with progress_bar(n, "preference pairs", "pair", progress) as bar:
+        for start in range(0, n, batch_size):
+            pairs = np.arange(start, min(start + batch_size, n))
+            x, mask = reward_pair_batch(examples, pairs, pad, block, keep)
+            rewards.append(model(x.to(device), attention_mask=mask.to(device))[:, 0].float().view(-1, 2).cpu())
+            bar.update(len(pairs))
+    both = torch.cat(rewards) if rewards else torch.zeros(0, 2)  # (n, 2): chosen, rejected
+    chosen, rejected = both[:, 0], both[:, 1]
+    metrics = {"pairs": n, "loss": float(reward_model_loss(chosen, rejected, center).mean()),
+               "reward_accuracy": float((chosen > rejected).float().mean()),
+               "reward_margin": float((chosen - rejected).mean()), "chosen_reward": float(chosen.mean()),
+               "rejected_reward": float(rejected.mean()), "objective": "reward", "center": center}
+    rows = []
+    for i in range(n):
+        prompt, chosen_text = _texts(tokenizer, examples, 2 * i)
+        _, rejected_text = _texts(tokenizer, examples, 2 * i + 1)
+        rows.append({"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text,
+                     "chosen_reward": float(chosen[i]), "rejected_reward": float(rejected[i]),
                      "correct": bool(chosen[i] > rejected[i])})
     return metrics, rows
 

@@ -200,13 +200,17 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
 
     manifest = read_task_manifest(data_dir)
     check_data_tokenizer(ckpt, Path(data_dir) / "tokenizer.json")
-    if (manifest["task"] == "classify") != (config.model.head == "classify"):
+    reward = config.train.objective == "reward"  # a reward model: a classify head's one score, on pairs
+    if reward and manifest["task"] != "preference":
+        raise DataError(f"{ckpt} is a reward model, measured on preference pairs, and {data_dir} holds "
+                        f"{manifest['task']} data: evaluate on `lmforge prepare --task preference` data")
+    if not reward and (manifest["task"] == "classify") != (config.model.head == "classify"):
         raise DataError(f"{data_dir} holds {manifest['task']} data but the checkpoint's model has head "
                         f"{config.model.head!r}; evaluate on the data the model was fine-tuned on")
     if manifest["vocab_size"] != config.model.vocab_size:
         raise DataError(f"{data_dir} has vocab_size {manifest['vocab_size']} but the checkpoint's model has "
                         f"{config.model.vocab_size}; evaluate on the data the model was fine-tuned on")
-    if assistant and manifest["task"] == "classify":
+    if assistant and (manifest["task"] == "classify" or reward):
         raise ConfigError("an assistant (draft) model speeds up generation, and a classifier generates nothing: "
                           "drop --assistant-model")
     if tokenizer is None:
@@ -214,7 +218,13 @@ def evaluate_task_split(model: nn.Module, tokenizer: Any, config: Any, ckpt: Pat
 
         tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
     out_dir = Path(out) if out is not None else Path(ckpt).parent.parent / "eval" / split
-    if manifest["task"] in ("preference", "unpaired"):  # pairs: max_examples counts pairs
+    if reward:  # pairs: max_examples counts pairs
+        from lmforge.eval.preference import evaluate_reward_model
+
+        metrics, rows = evaluate_reward_model(model, tokenizer, load_examples(data_dir, split),
+                                              config.train.reward_center_coefficient, batch_size,
+                                              next(model.parameters()).device, progress, max_examples)
+    elif manifest["task"] in ("preference", "unpaired"):  # pairs: max_examples counts pairs
         metrics, rows = _evaluate_preference_split(model, tokenizer, config, ckpt, load_examples(data_dir, split),
                                                    max_examples, batch_size, progress, manifest["task"])
     elif manifest["task"] == "classify":

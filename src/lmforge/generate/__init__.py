@@ -19,6 +19,8 @@
     classify    TextClassifier: a classifier's labels with probabilities (load returns one for a classifier)
     embed       TextEmbedder: a vector per text, the hidden states pooled (any model: load(...).model)
     fill_mask   MaskFiller: an encoder's candidates for each <MASK> (load returns one for an encoder)
+    reward      RewardModel: a reward model's score of (prompt, completion) pairs, best-of-n ranking (load returns
+                one for a model trained with train.objective reward)
 
 Prompts are encoded as <START> + prompt tokens, the way documents were stored for training
 (<START> text <END>). A prompt longer than block_size is cropped from the left, with a warning.
@@ -44,7 +46,7 @@ from typing import Any
 
 _WHERE = {  # name -> submodule; loaded on first use, so `lmforge --help` can read GenerateConfig without torch
     "GenerateConfig": "config", "Dtype": "config", "Quantize": "config",
-    "TextClassifier": "classify", "MaskFiller": "fill_mask", "TextEmbedder": "embed",
+    "TextClassifier": "classify", "MaskFiller": "fill_mask", "TextEmbedder": "embed", "RewardModel": "reward",
     "Completion": "api", "TextGenerator": "api", "complete": "api", "generate": "api", "generate_batch_ids": "api",
     "generate_ids": "api", "decode_events": "api", "load": "api", "load_assistant": "api", "options": "api",
     "stream": "api",

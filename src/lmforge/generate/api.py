@@ -248,11 +248,12 @@ class TextGenerator:
 
 def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional[str] = None,
          compile: bool = False, template: bool = True,
-         assistant: Optional[str] = None) -> Union[TextGenerator, "TextClassifier", "MaskFiller"]:
+         assistant: Optional[str] = None) -> Union[TextGenerator, "TextClassifier", "MaskFiller", "RewardModel"]:
     """A TextGenerator over the checkpoint at `path` (a run directory: its newest intact checkpoint);
     dtype / quantize as apply_inference_dtype (default fp32, exact), compile as apply_compile. A fine-tuned
     model's prompt template is applied unless template=False. A classifier (model.head: classify) gives a
-    generate.classify.TextClassifier with the label names its checkpoint stores (LABEL_0, ... without them); an
+    generate.classify.TextClassifier with the label names its checkpoint stores (LABEL_0, ... without them), or a
+    generate.reward.RewardModel for a reward model (train.objective reward, with its data's template); an
     encoder trained with mlm (model.causal false), a generate.fill_mask.MaskFiller. assistant: the run or checkpoint
     directory of a smaller model with the same tokenizer, which drafts tokens for speculative decoding."""
     from lmforge.checkpoint import load_for_inference, read_task, verified_checkpoint  # on use: reads files
@@ -264,6 +265,11 @@ def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional
         raise ConfigError(f"{path} does not generate text, so an assistant (draft) model has nothing to speed up")
     if model.config.head == "classify":
         task = read_task(ckpt) or {}
+        if task.get("task") == "reward":
+            from lmforge.generate.reward import RewardModel
+
+            return RewardModel(apply_inference_dtype(model, dtype, quantize), tokenizer,
+                               task.get("template") if template else None)
         labels = task.get("labels") or [f"LABEL_{k}" for k in range(model.config.num_labels)]
         return TextClassifier(apply_inference_dtype(model, dtype, quantize), tokenizer, labels)
     if not model.config.causal:

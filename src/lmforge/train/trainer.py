@@ -57,7 +57,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, kto_weight_advice,
+from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, kto_weight_advice, reward_model_loss,
                                      sequence_logprobs)
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
@@ -183,12 +183,14 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
     pad = specials["pad"] if specials.get("pad") is not None else specials["end"]
     pairs = manifest["task"] == "preference"  # batches of B pairs: 2B rows, chosen and rejected in turn
     unpaired = manifest["task"] == "unpaired"  # B completions and their mismatched rows (KTO)
+    # a reward model reads pairs whole (a too-long one loses prompt tokens after its start token)
+    whole = int(specials.get("start") is not None) if pairs and config.train.objective == "reward" else None
     train = ExampleBatches(load_examples(data_dir, "train"), T, B, seed=seed, shuffle=config.data.sampling == "random",
                            rank=info.rank, world_size=info.world_size, pad_id=pad, packing=config.data.packing,
-                           pairs=pairs, unpaired=unpaired)
+                           pairs=pairs, unpaired=unpaired, whole=whole)
     val_examples = load_examples(data_dir, "val")
     val = fixed_example_batches(val_examples, T, B, config.train.eval_batches, rank=info.rank,
-                                world_size=info.world_size, pad_id=pad, pairs=pairs, unpaired=unpaired)
+                                world_size=info.world_size, pad_id=pad, pairs=pairs, unpaired=unpaired, whole=whole)
     if manifest["task"] == "classify":  # batches (x, labels (B,), attention_mask): a classify head reads them
         labels = manifest["labels"]
         return PreparedData(train, val, int(manifest["vocab_size"]), data_dir / "tokenizer.json",
@@ -211,16 +213,31 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
     if objective == "mlm" and kind is not None:
         raise ConfigError(f"train.objective=mlm pretrains on token data, but {config.data.path} is {kind} task data: "
                           f"drop train.objective")
-    if not causal and kind in TEXT_TASKS:
+    if objective == "reward" and kind != "preference":
+        raise ConfigError(f"train.objective=reward trains a reward model on preference pairs, and {config.data.path} "
+                          f"is {f'{kind} task data' if kind else 'a token stream'}: prepare pairs with `lmforge "
+                          "prepare --task preference`")
+    if not causal and kind in TEXT_TASKS and objective != "reward":
         raise ConfigError(f"an encoder (model.causal false) does not generate, so it cannot learn text to text "
                           f"({kind}) data: fine-tune a decoder, or use classify data")
     tc = config.train
-    if kind in ("preference", "unpaired"):
+    if tc.reward_center_coefficient and objective != "reward":
+        raise ConfigError("train.reward_center_coefficient centres a reward model's rewards: drop it, or set "
+                          "train.objective reward")
+    policy_loss_set = (tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0 or tc.preference_loss != "dpo"
+                       or tc.simpo_gamma != 0.5 or tc.precompute_reference or tc.preference_nll_weight
+                       or tc.kto_desirable_weight != 1.0 or tc.kto_undesirable_weight != 1.0)
+    if objective == "reward" and policy_loss_set:
+        raise ConfigError("train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / kto_*_weight / "
+                          "preference_nll_weight / precompute_reference set a language model's preference loss, and "
+                          "train.objective reward trains a reward model (its loss has only "
+                          "train.reward_center_coefficient): drop them")
+    if objective == "reward" and tc.early_exit_layer is not None:
+        raise ConfigError("train.early_exit_layer adds a next-token loss, and a reward model predicts no tokens: drop "
+                          "train.early_exit_layer")
+    if kind in ("preference", "unpaired") and objective != "reward":
         check_preference_loss(tc, kind)
-    if kind not in ("preference", "unpaired") and (
-            tc.dpo_beta != 0.1 or tc.dpo_label_smoothing != 0.0 or tc.preference_loss != "dpo" or tc.simpo_gamma != 0.5
-            or tc.precompute_reference or tc.preference_nll_weight or tc.kto_desirable_weight != 1.0
-            or tc.kto_undesirable_weight != 1.0):
+    if kind not in ("preference", "unpaired") and policy_loss_set:
         raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / kto_*_weight / "
                           f"preference_nll_weight / precompute_reference set a preference loss, but "
                           f"{config.data.path} is not preference data (`lmforge prepare --task preference` or "
@@ -277,7 +294,7 @@ def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
     if tc.best_metric in ("val_accuracy", "val_macro_f1") and kind != "classify":
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on classify data (`lmforge prepare --task "
                           f"classify`): use val_loss")
-    if tc.best_metric in ("val_reward_accuracy", "val_reward_margin") and kind != "preference" and not (
+    if tc.best_metric in ("val_reward_accuracy", "val_reward_margin") and kind not in ("preference", "reward") and not (
             tc.best_metric == "val_reward_margin" and kind == "unpaired"):
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on preference data (`lmforge prepare --task "
                           f"preference`{'' if tc.best_metric == 'val_reward_accuracy' else ' or --task unpaired'}): "
@@ -393,11 +410,16 @@ class Trainer:
             raise ConfigError(f"train.class_weights={tc.class_weights!r} weighs classes, but {config.data.path} is not "
                               "classify data (`lmforge prepare --task classify`); drop the setting")
         kind = self.task["task"] if self.task is not None else None
-        self.preference = kind in ("preference", "unpaired")  # DPO, KTO, ... (train/preference.py)
+        self.reward = tc.objective == "reward"  # a reward model: a scalar head trained on preference pairs
+        self.preference = kind in ("preference", "unpaired") and not self.reward  # DPO, KTO, ... (train/preference.py)
         self.unpaired = kind == "unpaired"  # single completions labelled desirable or not (KTO)
-        if self.preference:  # dropout off: the policy's log-probabilities must be comparable with the reference's
+        if self.preference or self.reward:  # dropout off: log-probabilities comparable with the reference's, and a
+            # chosen and rejected reward from the same function (as TRL's trainers)
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
         check_objective(config, self.task)
+        if self.reward:  # the checkpoint says what it is: generate, eval and serve score with it
+            config = with_classify_head(config, 1)
+            self.task = {**self.task, "task": "reward"}
         self.preference_loss = PreferenceLoss.of(tc)
         desirable = getattr(getattr(train_data, "examples", None), "desirable", None)
         if self.unpaired and desirable is not None and self.dist.is_main:  # both unpaired losses weigh the kinds
@@ -683,7 +705,7 @@ class Trainer:
         completions (unpaired preference data)."""
         if self.unpaired:
             return batch[0].size(0)
-        return batch[0].size(0) // 2 if self.preference else count_labels(batch[1])
+        return batch[0].size(0) // 2 if self.preference or self.reward else count_labels(batch[1])
 
     def batch_loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
                    need_logits: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor], Any]:
@@ -696,6 +718,8 @@ class Trainer:
             return self.unpaired_terms(model, batch)[0].sum(), None, None
         if self.preference:
             return self.preference_terms(model, batch)[0].sum(), None, None
+        if self.reward:
+            return self.reward_terms(model, batch)[0].sum(), None, None
         if self.config.train.loss_chunk > 0 and self.config.model.head != "classify" and not need_logits:
             out, _ = self.forward(model, batch, exit_layer, fused=True)
             loss, exit_loss = out if exit_layer is not None else (out, None)
@@ -720,6 +744,16 @@ class Trainer:
                 ref = self.completion_logprobs(reference, batch)
         tokens = (batch[1] != IGNORE_INDEX).sum(dim=1).to(policy.device)  # each row's completion tokens
         return pair_terms(self.preference_loss, policy, ref, tokens)
+
+    def reward_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A reward model's (loss, chosen reward, rejected reward) per pair of one batch of whole pairs
+        (data.batches.reward_pair_batch: x, attention_mask): the head's scalar at each row's last real token."""
+        x, mask = (self.to_device(t) for t in batch)
+        rewards = run_forward(model, self.config.train.precision, self.device, x, attention_mask=mask)  # (2P, 1)
+        chosen, rejected = rewards[0::2, 0].float(), rewards[1::2, 0].float()
+        loss = reward_model_loss(chosen, rejected, self.config.train.reward_center_coefficient)
+        return loss, chosen.detach(), rejected.detach()
 
     def unpaired_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
                           ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -845,7 +879,7 @@ class Trainer:
             return None
         if self.unpaired:
             return self.evaluate_unpaired()
-        if self.preference:
+        if self.preference or self.reward:
             return self.evaluate_preference()
         model = self.model
         model.eval()  # dropout off
@@ -878,13 +912,15 @@ class Trainer:
         return float(totals[0] / totals[1].clamp(min=1))
 
     def evaluate_preference(self) -> float:
-        """Preference data: DPO's mean loss over the val pairs, and in self.val_metrics the fraction of pairs whose
-        chosen completion gets the higher reward (val_reward_accuracy), the mean reward margin (val_reward_margin)
-        and the mean rewards of the chosen and the rejected completions (val_chosen_reward, val_rejected_reward)."""
+        """Preference data: the preference loss's (or a reward model's) mean over the val pairs, and in
+        self.val_metrics the fraction of pairs whose chosen completion gets the higher reward (val_reward_accuracy),
+        the mean reward margin (val_reward_margin) and the mean rewards of the chosen and the rejected completions
+        (val_chosen_reward, val_rejected_reward)."""
         self.model.eval()
+        terms = self.reward_terms if self.reward else self.preference_terms
         totals = torch.zeros(5, dtype=torch.float64, device=self.device)  # (loss, pairs, wins, chosen, rejected)
         for batch in self.val_batches:
-            loss, chosen, rejected = self.preference_terms(self.model, batch)
+            loss, chosen, rejected = terms(self.model, batch)
             totals += torch.stack([loss.sum(), torch.tensor(float(len(loss)), device=self.device),
                                    (chosen > rejected).sum(), chosen.sum(), rejected.sum()]).double()
         self.model.train()
@@ -950,7 +986,7 @@ class Trainer:
         if self.best_val_loss is None or self.val_loss < self.best_val_loss:
             self.best_val_loss = self.val_loss
         self.measured = {"val_loss": self.val_loss, **self.val_metrics}
-        if self.labels is not None or self.preference:  # no perplexity of a loss over labels or pairs
+        if self.labels is not None or self.preference or self.reward:  # no perplexity of a loss over labels, pairs
             self.logger.log("eval", self.step, self.measured)
         else:
             self.logger.log("eval", self.step, {"val_loss": self.val_loss, **self.val_metrics,
@@ -1183,8 +1219,9 @@ class Trainer:
         else:
             size = f"{sum(p.numel() for p in model.parameters()):,} parameters"
         global_batch = tc.batch_size * tc.grad_accum * self.dist.world_size
-        rows = global_batch * (2 if self.preference else 1)  # a preference pair is two sequences
-        what = f"{global_batch} pairs ({rows} sequences)" if self.preference else f"{rows} sequences"
+        pairs = self.preference or self.reward
+        rows = global_batch * (2 if pairs else 1)  # a preference pair is two sequences
+        what = f"{global_batch} pairs ({rows} sequences)" if pairs else f"{rows} sequences"
         if self.unpaired:  # a completion, and the mismatched row of KTO's reference point
             rows = global_batch * (2 if self.preference_loss.needs_kl else 1)
             what = (f"{global_batch} completions" + (f" + {global_batch} mismatched rows"
