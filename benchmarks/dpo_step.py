@@ -1,4 +1,5 @@
-"""A DPO (SimPO, KTO) training step: lmforge's Trainer against TRL's trainer on the same model and data (CPU).
+"""A DPO (SimPO, KTO, reward model) training step: lmforge's Trainer against TRL's trainer on the same model and data
+(CPU).
 
 The model is gpt2-124m-shaped with random weights and GPT-2's 50,257-token vocabulary, saved once as an lmforge
 checkpoint (the base, with the byte tokenizer: every id is below 259, the head still scores all 50,257) and
@@ -34,6 +35,12 @@ the reference's on as many mismatched rows (each prompt with the previous comple
 completions in order (lmforge's data.sampling sequential; TRL's rows with KL_completion_ids rotated by one within
 each batch, as its own dataset map builds them), so every step's batch, and so its loss, must agree.
 
+--loss reward (a reward model: lmforge's train.objective reward against TRL's RewardTrainer, no centring term): the
+base is the same body with a one-output classify head (random weights), saved as an lmforge checkpoint and exported as
+a GPT2ForSequenceClassification; each step reads every pair's two examples whole (no reference, no LM head). Both
+take the pairs in order (lmforge's data.sampling sequential; TRL's rows the same token ids through its
+DataCollatorForPreference), so every step's loss must agree. No whole-logits variant: a reward model has no logits.
+
 Each variant runs in a fresh subprocess, so its peak resident memory is its own (VmHWM reset once everything is
 built); variants alternate over --rounds, so a change in the machine's load falls on all of them. The first step of
 each process is a warm-up and is not timed. Also checked: the first step's loss is log 2 for all three (policy =
@@ -43,12 +50,14 @@ reference; TRL's within rounding, its policy and reference passes taking differe
     python benchmarks/dpo_step.py --loss simpo --json-out benchmarks/results/simpo_step-cpu.json
     python benchmarks/dpo_step.py --precompute --json-out benchmarks/results/dpo_step-precomputed-cpu.json
     python benchmarks/dpo_step.py --loss kto --json-out benchmarks/results/kto_step-cpu.json
+    python benchmarks/dpo_step.py --loss reward --json-out benchmarks/results/reward_step-cpu.json
     python benchmarks/dpo_step.py --layers 2 --width 64 --heads 2 --vocab 512 --prompt 16 --completion 8   # quick
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -92,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step, per process")
     p.add_argument("--rounds", type=int, default=2, help="fresh processes per variant, taking turns")
     p.add_argument("--threads", type=int, default=1, help="torch threads per variant")
-    p.add_argument("--loss", choices=("dpo", "simpo", "kto"), default="dpo",
+    p.add_argument("--loss", choices=("dpo", "simpo", "kto", "reward"), default="dpo",
                    help="dpo: against TRL's DPOTrainer; simpo: against TRL's CPOTrainer (loss_type simpo); kto: "
                         "unpaired completions (2 x --pairs a step) against TRL's KTOTrainer")
     p.add_argument("--precompute", action="store_true",
@@ -115,6 +124,8 @@ def write_inputs(root: Path, args: argparse.Namespace) -> None:
                          n_embd=args.width, activation="gelu_tanh")
     byte_tokenizer().save(root / "tokenizer.json")
     torch.manual_seed(0)
+    if args.loss == "reward":  # the same body with a fresh one-output head: both trainers start from its weights
+        config = dataclasses.replace(config, head="classify", num_labels=1)
     ckpt = save_checkpoint(root / "base", 0, GPT(config), None, RunConfig(model=config), {"tokens_seen": 0},
                            root / "tokenizer.json")
     assert lmforge_main(["export", str(root / "base"), "--format", "hf", "--out", str(root / "hf")]) == 0
@@ -149,6 +160,8 @@ def lmforge_step(variant: str, root: Path, args: argparse.Namespace):
     if args.loss == "kto":  # 2 x pairs completions a step, in order, as TRL's rows below
         overrides.update({"train.preference_loss": "kto", "train.batch_size": 2 * args.pairs,
                           "data.sampling": "sequential"})
+    if args.loss == "reward":  # the pairs in order, as TRL's rows below
+        overrides.update({"train.objective": "reward", "data.sampling": "sequential"})
     if variant == "lmforge-whole-logits":
         overrides["train.loss_chunk"] = 0
     if args.precompute:  # and the pairs in order, as TRL's rows: the same batches, so the same losses every step
@@ -274,6 +287,30 @@ def trl_kto_step(root: Path, args: argparse.Namespace):
     return trl_training_step(trainer, optimizer, batch)
 
 
+def trl_reward_step(root: Path, args: argparse.Namespace):
+    """TRL's RewardTrainer on the HF export (GPT2ForSequenceClassification, one label); the pairs in order, each
+    example whole as token ids (what lmforge's reward model reads), through TRL's DataCollatorForPreference."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    model = AutoModelForSequenceClassification.from_pretrained(root / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
+    config = RewardConfig(output_dir=str(root / f"trl-{os.getpid()}"), report_to=[], use_cpu=True, learning_rate=LR,
+                          max_grad_norm=1.0, max_length=None, bf16=False, gradient_checkpointing=False,
+                          per_device_train_batch_size=args.pairs, dataloader_num_workers=0)
+    trainer = RewardTrainer(model=model, args=config, processing_class=tokenizer,
+                            train_dataset=Dataset.from_list([{"chosen": "AB", "rejected": "ab"}]))
+    optimizer = trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    ex = load_examples(root / "data", "train")
+    whole = [sum(ex.prompt_and_completion(e), []) for e in range(len(ex))]
+    rows = [{"chosen_ids": whole[i], "rejected_ids": whole[i + 1]} for i in range(0, len(ex), 2)]
+    collate = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
+    return trl_training_step(trainer, optimizer, lambda k: collate(rows[k * args.pairs:(k + 1) * args.pairs]))
+
+
 def trl_training_step(trainer, optimizer, batch):
     """One step of a TRL trainer as transformers' Trainer loop runs it: training_step on batch(k) for the k-th call
     (its loss and accelerate's backward), clipping to 1.0, the optimizer's step; returns the loss."""
@@ -295,7 +332,8 @@ def measure(variant: str, root: Path, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     if variant == "trl":
-        step = {"simpo": trl_simpo_step, "kto": trl_kto_step, "dpo": trl_step}[args.loss](root, args)
+        step = {"simpo": trl_simpo_step, "kto": trl_kto_step, "dpo": trl_step, "reward": trl_reward_step}[args.loss](
+            root, args)
     else:
         step = lmforge_step(variant, root, args)
     build_seconds = time.perf_counter() - t0  # with --precompute: the reference's scoring pass included
@@ -327,11 +365,11 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if args.precompute and args.loss != "dpo":
         raise SystemExit(f"--precompute scores with DPO's reference (--loss {args.loss}: drop one)")
-    if args.prompt + args.completion + 1 > args.block:
+    if args.prompt + args.completion + 1 > args.block - (args.loss == "reward"):  # a reward model reads it whole
         raise SystemExit(f"--prompt + --completion + 1 is above --block {args.block}: lower them")
     torch.set_num_threads(args.threads)
     started_on = machine()
-    variants = VARIANTS + ((LIVE,) if args.precompute else ())
+    variants = (("lmforge", "trl") if args.loss == "reward" else VARIANTS) + ((LIVE,) if args.precompute else ())
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="dpo-step-") as tmp:
         write_inputs(Path(tmp), args)
@@ -348,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                            for t in d["step_seconds"][1:]), 3),
                             "build_seconds_median": round(statistics.median(d["build_seconds"] for d in done), 3),
                             "first_step_loss": [d["losses"][0] for d in done], "runs": done}
-    ours, whole, trl = (results[v] for v in VARIANTS)
+    ours, trl = results["lmforge"], results["trl"]
+    whole = results.get("lmforge-whole-logits")
     rows_logits_mib = 2 * args.pairs * (args.prompt + args.completion) * args.vocab * 4 / 2**20
     summary = {
         "benchmark": "dpo_step", "machine": {**started_on, "load_average_at_end": load_average()},
@@ -362,17 +401,18 @@ def main(argv: list[str] | None = None) -> dict:
         **({"simpo_gamma": SIMPO_GAMMA} if args.loss == "simpo" else {}),
         "fp32_logits_of_the_rows_mib": round(rows_logits_mib, 1), "variants": results,
         "step_time_lmforge_over_trl": round(ours["step_seconds_median"] / trl["step_seconds_median"], 3),
-        "step_time_whole_logits_over_trl": round(whole["step_seconds_median"] / trl["step_seconds_median"], 3),
         "peak_rss_lmforge_over_trl": round(ours["peak_training_rss_mib"] / trl["peak_training_rss_mib"], 3),
-        "peak_rss_lmforge_over_whole_logits": round(ours["peak_training_rss_mib"] / whole["peak_training_rss_mib"],
-                                                    3),
     }
+    if whole is not None:
+        summary["step_time_whole_logits_over_trl"] = round(whole["step_seconds_median"] / trl["step_seconds_median"], 3)
+        summary["peak_rss_lmforge_over_whole_logits"] = round(
+            ours["peak_training_rss_mib"] / whole["peak_training_rss_mib"], 3)
     first = [loss for v in results.values() for loss in v["first_step_loss"]]
     if args.loss == "dpo":  # policy = reference at the first step: log 2, up to the rounding of two ways of summing
         summary["first_step_losses_within_1e-4_of_log_2"] = all(abs(loss - math.log(2)) < 1e-4 for loss in first)
     if args.loss == "kto":  # policy = reference, every log-ratio and the KL estimate 0: 1 - sigmoid(0) each
         summary["first_step_losses_within_1e-4_of_one_half"] = all(abs(loss - 0.5) < 1e-4 for loss in first)
-    if args.precompute or args.loss == "kto":  # the same batches in order: the same loss at every step
+    if args.precompute or args.loss in ("kto", "reward"):  # the same batches in order: the same loss at every step
         every = [loss for v in results.values() for d in v["runs"] for loss in d["losses"]]
         steps = [[d["losses"][k] for v in results.values() for d in v["runs"]] for k in range(args.steps + 1)]
         summary["losses_within_1e-4_at_every_step"] = bool(every) and all(max(s) - min(s) < 1e-4 for s in steps)

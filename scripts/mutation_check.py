@@ -300,6 +300,20 @@ MUTANTS = [
     Mutant("kto-reference-point-not-clamped", "preference_loss.py",
            "rows.double().clamp(min=1)).clamp(min=0).float()", "rows.double().clamp(min=1)).float()",
            ("tests/test_unpaired.py::test_the_reference_point_is_the_mean_log_ratio_clamped_at_zero",)),
+    Mutant("reward-model-chosen-and-rejected-swapped", "train/trainer.py",
+           "chosen, rejected = rewards[0::2, 0].float(), rewards[1::2, 0].float()",
+           "rejected, chosen = rewards[0::2, 0].float(), rewards[1::2, 0].float()",
+           ("tests/test_reward_model.py::test_the_first_step_and_the_val_loss_are_the_loss_by_hand_with_the_centring_"
+            "term[0.0]",)),
+    Mutant("reward-model-centring-term-dropped", "train/trainer.py",
+           "loss = reward_model_loss(chosen, rejected, self.config.train.reward_center_coefficient)",
+           "loss = reward_model_loss(chosen, rejected, 0.0)",
+           ("tests/test_reward_model.py::test_the_first_step_and_the_val_loss_are_the_loss_by_hand_with_the_centring_"
+            "term[0.0]",)),
+    Mutant("reward-model-reads-past-the-padding", "generate/reward.py",
+           "out += self.model(x.to(device), attention_mask=mask.to(device))[:, 0].float().tolist()",
+           "out += self.model(x.to(device))[:, 0].float().tolist()",
+           ("tests/test_reward_model.py::test_the_python_reward_model_scores_text_as_training_read_it",)),
 ]
 
 

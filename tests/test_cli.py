@@ -209,6 +209,16 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
                                      "--device", "cpu", "--train.preference_loss", "kto"], "is not preference data"),
         ("train-kto-weight-zero", ["train", "--data", str(data), "--train.kto_undesirable_weight", "0"],
          "train.kto_undesirable_weight"),
+        ("train-reward-on-token-data", ["train", "--preset", "tiny", "--data", str(data), "--run-dir",
+                                        str(ws / "r-rm"), "--device", "cpu", "--train.objective", "reward"],
+         "trains a reward model on preference pairs"),
+        ("train-reward-center-negative", ["train", "--data", str(data), "--train.reward_center_coefficient", "-1"],
+         "train.reward_center_coefficient"),
+        ("reward-with-a-language-model", ["reward", str(run), "--prompt", "Hi", "--completion", "Hello"],
+         "is not a reward model"),
+        ("reward-file-missing", ["reward", str(run), "--file", str(ws / "none.jsonl")], "none.jsonl"),
+        ("generate-reward-model-missing", ["generate", str(run), "--prompt", "Hi", "--num-return-sequences", "2",
+                                           "--reward-model", str(ws / "no-rm")], "no-rm"),
         ("train-bf16-compute-recomputed", ["train", "--data", str(data), "--precision", "bf16-compute",
                                            "--train.activation_checkpointing", "true"], "--train.precision bf16-mixed"),
         ("train-missing-data", ["train", "--data", str(ws / "nodata"), "--run-dir", str(ws / "r1")], "nodata"),
@@ -462,7 +472,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 136
+N_CASES = 141
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -8,6 +8,7 @@ checkpoint (no padding), and the loss against TRL's RewardTrainer on the Hugging
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -24,6 +25,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.generate import RewardModel, load
 from lmforge.preference_loss import reward_model_loss
 from lmforge.train import Trainer
+from test_plan import built  # noqa: F401 (a fixture)
 from test_preference import base, dpo, pairs, prepared, preference_records  # noqa: F401 (fixtures)
 from test_tasks import make_base, reverse_records, write_jsonl
 from tiny_training import step_losses
@@ -290,7 +292,8 @@ def test_the_cli_scores_ranks_and_picks_the_best_of_n(reward_run, base, tmp_path
     assert [r["completion"] for r in lines] == ["CAB", "cab"] and lines[0]["reward"] > lines[1]["reward"]
     judge = load(run)
     assert [r["reward"] for r in lines] == pytest.approx(judge.score(["cab", "cab"], ["CAB", "cab"]), abs=1e-6)
-    records = write_jsonl(tmp_path / "answers.jsonl", [{"q": "fa", "completion": "fa"}, {"q": "fa", "completion": "FA"}])
+    records = write_jsonl(tmp_path / "answers.jsonl", [{"q": "fa", "completion": "fa"},
+                                                       {"q": "fa", "completion": "FA"}])
     assert main(["reward", run, "--file", str(records), "--prompt-field", "q"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["completion"] for r in lines] == ["fa", "FA"] and lines[1]["reward"] > lines[0]["reward"]
@@ -329,3 +332,47 @@ def test_eval_of_a_reward_model_on_other_data_is_refused(reward_run, base, tmp_p
     capsys.readouterr()
     assert main(["eval", str(reward_run.run_dir), "--data", str(sft), "--split", "val"]) == 2
     assert "is a reward model, measured on preference pairs" in capsys.readouterr().err
+
+
+def test_the_plan_of_a_reward_model_counts_a_one_output_head_and_no_reference(built):
+    """`lmforge plan --task preference --train.objective reward`: 2 sequences a pair, no frozen copy and no reference
+    forward, the FLOPs of a model without the LM head (6 C (V - 1) a token less than the language model's), the head's
+    activations two C-vectors a token (no logits); --measure trains it on random whole pairs. On other data: refused."""
+    from test_plan import B, C, T, V, config
+
+    from lmforge.model import flops_per_token
+    from lmforge.plan import activation_elements, measure, plan
+
+    settings = {"train.objective": "reward"}
+    p = plan(config(**settings), device="h100", task="preference")
+    lm = plan(config(), device="h100", task="preference")
+    assert p.tokens_per_step == lm.tokens_per_step == 2 * B * T
+    assert p.reference == 0 and not p.reference_forward and p.step_flops_per_token == p.flops_per_token
+    assert p.flops_per_token == lm.flops_per_token - 6 * V * C + 6 * C  # the LM head out, a C x 1 head in
+    classify = dataclasses.replace(config().model, head="classify", num_labels=1)
+    assert p.flops_per_token == flops_per_token(classify, T)
+    block, head = activation_elements(classify, T)
+    assert head == 2 * C and p.activations == (classify.n_layer + 1) * 2 * B * T * block * 4.0 + 2 * B * T * head * 4.0
+    with pytest.raises(ConfigError, match="plan it with --task preference"):
+        plan(config(**settings), device="h100", task="sft")
+    measured = measure(config(**settings, **{"train.num_threads": 1}), steps=1, task="preference")
+    assert measured["peak_rss"] > measured["runtime_rss"] > 0
+    trainer = built[-1]
+    assert trainer.reward and trainer.reference is None and trainer.config.model.num_labels == 1
+    assert trainer.step == 2 and trainer.tokens_seen == 2 * (2 * B * T)  # whole rows: block_size tokens each
+
+
+def test_a_reward_model_continues_as_one_and_is_no_start_for_a_language_model(reward_run, pairs, base, tmp_path):
+    """init_from a reward model: another reward run takes its head and body (and starts where it ended); DPO or sft
+    from it is refused with one line (it has no LM head), and nothing is written."""
+    sft = tmp_path / "sft"
+    assert main(["prepare", str(write_jsonl(tmp_path / "r.jsonl", reverse_records(30))), "--task", "sft",
+                 "--tokenizer", str(base), "--out", str(sft)]) == 0
+    for name, data, kind in (("dpo", pairs, "preference"), ("sft", sft, "sft")):
+        with pytest.raises(ConfigError, match=f"no language-model head to train on {kind} data"):
+            Trainer(dpo(tmp_path / f"run-{name}", data, reward_run.run_dir, **{"train.dpo_beta": 0.1}),
+                    progress=False, tensorboard=False)
+        assert not (tmp_path / f"run-{name}").exists()
+    more = Trainer(reward_config(tmp_path / "more", pairs, reward_run.run_dir, **{"train.max_steps": 1}),
+                   progress=False, tensorboard=False)
+    assert more.evaluate() == pytest.approx(reward_run.val_loss, abs=1e-5)  # the same weights, head included

@@ -492,9 +492,10 @@ def flops_per_token(config: ModelConfig, seq_len: Optional[int] = None) -> int:
 
     PaLM (Chowdhery et al. 2022), appendix B; Chinchilla (Hoffmann et al. 2022), appendix F counts the
     same terms. N counts the weights used in matrix products: the non-embedding parameters plus the
-    LM head (V * C, also when it is tied to the embedding). The attention term is QK^T and AV over
+    LM head (V * C, also when it is tied to the embedding; a classifier has none). The attention term is QK^T and AV over
     T = seq_len (default block_size) keys, without discounting the causal half (as PaLM).
     """
     T = seq_len or config.block_size
-    N = count_parameters(config).non_embedding + (config.vocab_size * config.n_embd if config.tie_embeddings else 0)
+    tied_head = config.tie_embeddings and config.head == "lm"  # a head that is the embedding: not in non_embedding
+    N = count_parameters(config).non_embedding + (config.vocab_size * config.n_embd if tied_head else 0)
     return 6 * N + 12 * config.n_layer * config.n_head * config.head_dim * T

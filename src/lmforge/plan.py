@@ -21,7 +21,8 @@ The counts, and where each comes from:
   preference data     (data.path's manifest, or --task preference) a batch of B pairs is 2B sequences; DPO and
                       the other reference losses keep a frozen fp32 copy of the model (none with LoRA: the
                       adapters turn off) and run its forward on every sequence: 2N + attention/3 more FLOPs per
-                      token; simpo and orpo keep and run no reference, nor does train.precompute_reference
+                      token; simpo and orpo keep and run no reference, nor does train.precompute_reference;
+                      a reward model (train.objective reward) neither: its one-output head reads each example whole
   unpaired data       (--task unpaired, KTO) a batch of B completions trains B sequences; the reference's forward
                       runs on them and, for kto, the policy's and the reference's on the B mismatched rows
                       too (no gradients): 3 x (2N + attention/3) more FLOPs per token (apo_zero_unpaired: 1 x)
@@ -94,7 +95,8 @@ def activation_elements(model: ModelConfig, seq_len: int, fused: bool = False) -
     trainer's default, train.loss_chunk > 0), the loss's gradient for the hidden states (C): one chunk's logits
     exist at a time, counted apart (head_chunk_elements). Unfused, it keeps the logits (the trainer holds them
     through the backward pass), their log-softmax and, during the backward pass, the gradients of both (4V), and
-    with logit_softcap the tanh before the cap (V).
+    with logit_softcap the tanh before the cap (V). A classify head (a classifier, a reward model) keeps norm_f's
+    input and output only: its logits are one row of a few labels per example, not per token.
     """
     C, nh, nkv, hd, H = model.n_embd, model.n_head, model.n_kv_head, model.head_dim, model.hidden_dim
     qkv = (nh + 2 * nkv) * hd
@@ -103,6 +105,8 @@ def activation_elements(model: ModelConfig, seq_len: int, fused: bool = False) -
         attention += nh * seq_len
     mlp = 4 * H if model.mlp == "swiglu" else 2 * H
     block = 4 * C + attention + mlp  # input, norm_1 out, residual mid, norm_2 out
+    if model.head == "classify":
+        return block, 2 * C
     head = 3 * C if fused else 2 * C + (4 + (model.logit_softcap > 0)) * model.vocab_size
     return block, head
 
@@ -240,17 +244,23 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         raise ConfigError("--parallel fsdp is not supported with lora.*: a LoRA run trains small adapters on a "
                           "frozen base; plan it with --parallel ddp")
     m, t = config.model, config.train
+    preference, unpaired, reward = task == "preference", task == "unpaired", t.objective == "reward"
+    if reward:  # a reward model: a one-output classify head, no reference
+        if not preference:
+            raise ConfigError("train.objective reward trains a reward model on preference pairs: plan it with --task "
+                              "preference")
+        m = dataclasses.replace(m, head="classify", num_labels=1)
     counts = count_parameters(m)
     fpt = flops_per_token(m, m.block_size)
     adapters, adapter_activations = lora_counts(config)
-    preference, unpaired = task == "preference", task == "unpaired"
     mismatched = unpaired and PreferenceLoss.of(t).needs_kl
     rows = 2 if preference else 1  # a preference batch of B pairs is 2B sequences
     attention = 12 * m.n_layer * m.n_head * m.head_dim * m.block_size  # flops_per_token's attention term
     matrices = (fpt - attention) // 6  # N: the weights in matrix products
     step_fpt = fpt if config.lora is None else 4 * matrices + 6 * adapters + attention
     # the reference's forward on every step, unless train.precompute_reference scored the data before the first one
-    runs_reference = (preference or unpaired) and PreferenceLoss.of(t).needs_reference and not t.precompute_reference
+    runs_reference = ((preference or unpaired) and not reward and PreferenceLoss.of(t).needs_reference
+                      and not t.precompute_reference)
     if runs_reference:  # the reference's forward on every sequence (LoRA: the model with its adapters off); KTO's
         forwards = 3 if mismatched else 1  # KTO's mismatched rows: the policy's forward and the reference's
         step_fpt += forwards * (2 * matrices + attention // 3)
@@ -259,6 +269,9 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     tokens = steps * tokens_per_step if tokens is None else tokens
     bf16 = t.precision in ("bf16-mixed", "bf16-compute")
     notes = []
+    if reward:
+        notes.append("train.objective reward: a reward model reads each pair's two examples whole through a one-output "
+                     "head; no reference, no LM head")
     if preference and t.precompute_reference:
         notes.append("train.precompute_reference: no frozen copy and no reference forward in the steps; the reference "
                      "scores the data once before the first step (one forward pass over it, not counted here)")
@@ -426,7 +439,8 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
     with tempfile.TemporaryDirectory(prefix="lmforge-measure-") as tmp:
         train = dataclasses.replace(t, device="cpu", max_steps=steps + 1, run_dir=str(Path(tmp) / "run"),
                                     save_interval=0, plot=False)
-        if config.lora is not None or (preference and PreferenceLoss.of(t).needs_reference):
+        reward = t.objective == "reward"  # a reward model: pairs read whole, no reference
+        if config.lora is not None or (preference and not reward and PreferenceLoss.of(t).needs_reference):
             torch.manual_seed(t.seed)
             train = dataclasses.replace(train, init_from=str(save_checkpoint(
                 Path(tmp) / "base", 0, GPT(m), None, RunConfig(model=m), {"tokens_seen": 0})))
@@ -437,7 +451,7 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
                                 np.arange(rows + 1, dtype=np.int64) * length, np.full(rows, length // 2),
                                 desirable=np.arange(rows) % 2 == 0)
             data: Any = ExampleBatches(examples, m.block_size, t.batch_size, seed=0, pairs=task == "preference",
-                                       unpaired=task == "unpaired")
+                                       unpaired=task == "unpaired", whole=1 if reward else None)
         else:
             length = (t.batch_size * t.grad_accum * (steps + 1) + 1) * (m.block_size + 1)
             data = TokenBatches(rng.integers(0, m.vocab_size, size=length, dtype=np.int64).astype(np.uint32),

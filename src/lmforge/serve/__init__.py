@@ -1,14 +1,15 @@
 """`lmforge serve`: an OpenAI-compatible HTTP API over a trained checkpoint: completions and chat for a language
-model, POST /v1/classify for a classifier (model.head: classify), POST /v1/embeddings for every model (an
-encoder: only that).
+model, POST /v1/classify for a classifier (model.head: classify), POST /v1/reward for a reward model
+(train.objective reward), POST /v1/embeddings for every model (an encoder: only that).
 
     config.py      ServeConfig: the limits (body size, token caps, concurrency, queue, timeouts, API key, hosts)
     app.py         the FastAPI app: endpoints, request checks and caps, Host/Origin and API key, server-sent events
     connections.py uvicorn's settings: header deadline, keep-alive, connection cap
     metrics.py     GET /metrics in Prometheus' text format
     engine.py      the worker thread that owns the model: admission, micro-batching, cancellation, timeouts
-                   (Engine for generation, ClassifyEngine for a classifier)
-    playground.py  the page at / (prompt box, options, streamed text; a note for a classifier or an encoder)
+                   (Engine for generation, ClassifyEngine for a classifier, RewardEngine for a reward model)
+    playground.py  the page at / (prompt box, options, streamed text; a note for a classifier, a reward model or
+                   an encoder)
 
     from lmforge.serve import ServeConfig, serve
     serve("runs/shakespeare", ServeConfig(api_key="secret"), port=8000)
@@ -27,7 +28,8 @@ __all__ = ["ServeConfig", "load_app", "serve"]
 def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "auto", host: str = "127.0.0.1",
              dtype: str = "fp32", quantize: Optional[str] = None, compile: bool = False):
     """The app over the checkpoint at `path` (a run directory: its newest intact checkpoint): a language model's
-    generation endpoints, or a classifier's /v1/classify (generate.load gives a TextClassifier for one), and
+    generation endpoints, a classifier's /v1/classify (generate.load gives a TextClassifier for one), or a reward
+    model's /v1/reward (a RewardModel), and
     /v1/embeddings for every model (an encoder trained with mlm serves only that). serve.assistant_model is
     loaded beside it (checked: a causal language model with the same tokenizer). dtype, quantize and compile as
     generate.load: int8 weights and the decoding step compiled ahead of time serve faster on a CPU."""

@@ -2,7 +2,8 @@
 
     GET  /health          liveness and load (no API key needed)
     GET  /metrics         Prometheus text: requests by status, queue depth, tokens generated, tokens/s
-    GET  /v1/models       the one model served, with its task: "generate", "classify" (and its labels) or "embed"
+    GET  /v1/models       the one model served, with its task: "generate", "classify" (and its labels), "reward"
+                          or "embed"
     POST /v1/completions  OpenAI completions: prompt (a string, a list of them, token ids or a list of such
                           lists), max_tokens, temperature, top_p, n, stop, seed, logprobs, echo, stream
                           (server-sent events ending in `data: [DONE]`), usage counts
@@ -12,6 +13,7 @@
                           instructions, previous_response_id, function tools, text.format, its stream events;
                           GET / DELETE /v1/responses/{id} for a stored one, GET .../input_items its input
     POST /v1/classify     a classifier's labels with probabilities for a text or a list of texts (top_k)
+    POST /v1/reward       a reward model's reward for each (prompt, completion) pair
     POST /v1/embeddings   OpenAI embeddings: a vector per text or token id list (generate.embed), any model
     POST /v1/fill-mask    an encoder's: Hugging Face's fill-mask answer, the likeliest tokens in each mask
     POST /tokenize        vLLM's: the token ids a prompt (or a chat's messages) becomes, as the model reads it
@@ -19,13 +21,14 @@
     GET  /                the playground page (static; it asks for the API key itself); for a classifier
                           a note pointing to /v1/classify
 
-A language model answers /v1/classify, a classifier the two completion endpoints, and an encoder (embeddings
-and fill-mask only) all three, with 400 naming the endpoint to use.
+A language model answers /v1/classify and /v1/reward, a classifier and a reward model the generation endpoints and
+each other's, and an encoder (embeddings and fill-mask only) all of them, with 400 naming the endpoint to use.
 
 What a request may ask is capped (ServeConfig); a request over a cap gets 413 (body size) or 422 (with
 a message naming the field), a malformed or unknown field 422, a full server 429 with Retry-After, a
 request past its time 504. Generation runs on the Engine's worker thread, classification on the
-ClassifyEngine's, embeddings and fill-mask on a thread of their own, never on the event loop.
+ClassifyEngine's (a reward model's scoring on the RewardEngine's), embeddings and fill-mask on a thread of their
+own, never on the event loop.
 Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}, FastAPI's own 404/405/422 and
 an unexpected 500 included.
 
@@ -58,15 +61,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from lmforge.errors import ConfigError
-from lmforge.generate import (GenerateConfig, Logprobs, MaskFiller, TextClassifier, TextGenerator, prompt_ids,
-                              with_token_ids)
+from lmforge.generate import (GenerateConfig, Logprobs, MaskFiller, RewardModel, TextClassifier, TextGenerator,
+                              prompt_ids, with_token_ids)
 from lmforge.generate.automaton import build as build_automaton
 from lmforge.generate.embed import TextEmbedder
 from lmforge.serve.config import ServeConfig
 from lmforge.serve.connections import RESET_EXTENSION
-from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox
+from lmforge.serve.engine import Busy, ClassifyEngine, ClassifyJob, Engine, Job, Mailbox, RewardEngine
 from lmforge.serve.metrics import Metrics
-from lmforge.serve.playground import CLASSIFIER_NOTE_HTML, ENCODER_NOTE_HTML, PLAYGROUND_HTML
+from lmforge.serve.playground import CLASSIFIER_NOTE_HTML, ENCODER_NOTE_HTML, PLAYGROUND_HTML, REWARD_NOTE_HTML
 from lmforge.serve.responses import (ResponsesError, ResponsesRequest, ResponseStore, StreamEvents, chat_body,
                                      history_of, input_items, input_messages, output_items, response_object)
 
@@ -215,6 +218,28 @@ class ClassifyRequest(BaseModel):
     top_k: Optional[StrictInt] = Field(None, ge=1)  # None: every label
 
 
+class RewardTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Text
+    content: Text
+
+
+class RewardPair(BaseModel):
+    """A prompt (a string, or a conversation of {role, content} turns the completion answers) and a completion."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: Union[Text, list[RewardTurn]]
+    completion: Text
+
+
+class RewardRequest(BaseModel):
+    """The body of POST /v1/reward: one (prompt, completion) pair or a list of them."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    input: Union[RewardPair, list[RewardPair]]
+
+
 class EmbeddingRequest(BaseModel):
     """The body of POST /v1/embeddings: OpenAI's fields; an input is a text, token ids, or a list of either."""
 
@@ -242,6 +267,7 @@ class FillMaskRequest(BaseModel):
 
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+SCORING_PATHS = ("/v1/classify", "/v1/reward")  # a classifier's and a reward model's
 
 
 class ApiError(Exception):
@@ -280,7 +306,8 @@ def _validation_message(errors: list[dict], path: str = "/v1/completions") -> tu
             return f"unknown field {field!r}: a message takes role, content and name", field
         request, unsupported = {"/v1/chat/completions": (ChatRequest, CHAT_UNSUPPORTED),
                                 "/v1/responses": (ResponsesRequest, {}),
-                                "/v1/classify": (ClassifyRequest, {})}.get(path, (CompletionRequest, UNSUPPORTED))
+                                "/v1/classify": (ClassifyRequest, {}),
+                                "/v1/reward": (RewardRequest, {})}.get(path, (CompletionRequest, UNSUPPORTED))
         known = [f for f in request.model_fields if f not in unsupported]
         return f"unknown field {field!r}: {path} takes {', '.join(known)}", field
     if first.get("type") == "json_invalid":
@@ -380,16 +407,17 @@ class GuardMiddleware:
 
 
 # ------------------------------------------------------------------------------------------------ app
-def create_app(generator: Union[TextGenerator, TextClassifier, MaskFiller], config: Optional[ServeConfig] = None,
-               model_name: str = "lmforge", host: str = "127.0.0.1") -> FastAPI:
-    """The FastAPI app serving `generator` (a language model's TextGenerator, a classifier's TextClassifier, or
-    an encoder's MaskFiller: embeddings only); its worker thread starts and stops with the app's lifespan. `host`
+def create_app(generator: Union[TextGenerator, TextClassifier, RewardModel, MaskFiller],
+               config: Optional[ServeConfig] = None, model_name: str = "lmforge", host: str = "127.0.0.1") -> FastAPI:
+    """The FastAPI app serving `generator` (a language model's TextGenerator, a classifier's TextClassifier, a reward
+    model's RewardModel, or an encoder's MaskFiller: embeddings only); its worker thread starts and stops with the
+    app's lifespan. `host`
     is the address it will be bound to: a Host header naming it (or a loopback name) is accepted unless
     serve.allowed_host says otherwise."""
     encodes = isinstance(generator, MaskFiller)  # an encoder: embeddings only
-    if not isinstance(generator, (TextGenerator, TextClassifier, MaskFiller)):
-        raise ConfigError(f"create_app serves a TextGenerator, TextClassifier or MaskFiller (generate.load gives one), "
-                          f"not a {type(generator).__name__}")
+    if not isinstance(generator, (TextGenerator, TextClassifier, RewardModel, MaskFiller)):
+        raise ConfigError(f"create_app serves a TextGenerator, TextClassifier, RewardModel or MaskFiller "
+                          f"(generate.load gives one), not a {type(generator).__name__}")
     config = config or ServeConfig()
     model_id = config.model_name or model_name
     block_size = generator.model.config.block_size
@@ -397,18 +425,19 @@ def create_app(generator: Union[TextGenerator, TextClassifier, MaskFiller], conf
     if max_prompt_tokens > block_size:
         raise ConfigError(f"serve.max_prompt_tokens={max_prompt_tokens} is larger than the model's block_size="
                           f"{block_size}; use at most {block_size}")
-    classifies = isinstance(generator, TextClassifier)
-    if (classifies or encodes) and config.speculation:
+    classifies, rewards = isinstance(generator, TextClassifier), isinstance(generator, RewardModel)
+    if (classifies or rewards or encodes) and config.speculation:
         raise ConfigError("speculative decoding (serve.assistant_model, serve.assistant_early_exit, "
                           "serve.prompt_lookup_num_tokens) speeds up text generation, and this model is "
-                          f"{'a classifier' if classifies else 'an encoder'}: leave them out")
+                          f"{'a classifier' if classifies else 'a reward model' if rewards else 'an encoder'}: leave "
+                          "them out")
     if config.assistant_model is not None and getattr(generator, "assistant_model", None) is None:
         raise ConfigError("serve.assistant_model is set but the generator has no assistant: load it with "
                           "generate.load(path, assistant=...) or serve with serve.load_app")
     engine: Any = None  # an encoder's embeddings run beside no engine (_add_embedding_route)
-    if classifies:
-        engine = ClassifyEngine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
-                                config.slots_per_client)
+    if classifies or rewards:
+        engine = (RewardEngine if rewards else ClassifyEngine)(generator, config.max_concurrency, config.max_queue,
+                                                               config.max_batch_size, config.slots_per_client)
     elif not encodes:
         engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
                         config.max_decodes, config.batch_wait, config.slots_per_client, config.stall_timeout,
@@ -458,8 +487,8 @@ def create_app(generator: Union[TextGenerator, TextClassifier, MaskFiller], conf
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    task = {"task": "classify", "labels": generator.labels} if classifies else {"task": "embed"} if encodes else \
-        {"task": "generate", "template": generator.template is not None}
+    task = {"task": "classify", "labels": generator.labels} if classifies else {"task": "reward"} if rewards else \
+        {"task": "embed"} if encodes else {"task": "generate", "template": generator.template is not None}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -468,10 +497,12 @@ def create_app(generator: Union[TextGenerator, TextClassifier, MaskFiller], conf
 
     if classifies:
         _add_classify_routes(app, engine, config, model_id, max_prompt_tokens)
+    elif rewards:
+        _add_reward_routes(app, engine, config, model_id, max_prompt_tokens)
     elif encodes:
-        _wrong_task(app, GENERATION_PATHS + ("/v1/classify",), "this model is an encoder: it embeds text and fills "
-                    "its masks, and does not generate or classify it, so {path} is not served; use POST /v1/embeddings "
-                    "or POST /v1/fill-mask")
+        _wrong_task(app, GENERATION_PATHS + SCORING_PATHS, "this model is an encoder: it embeds text and fills "
+                    "its masks, and does not generate, classify or score it, so {path} is not served; use POST "
+                    "/v1/embeddings or POST /v1/fill-mask")
 
         @app.get("/", response_class=HTMLResponse)
         async def note() -> HTMLResponse:
@@ -589,8 +620,9 @@ def _add_classify_routes(app: FastAPI, engine: ClassifyEngine, config: ServeConf
                          max_prompt_tokens: int) -> None:
     """A classifier's endpoints: POST /v1/classify, the note at /, and 400 at the generation endpoints."""
     classifier = engine.classifier
-    _wrong_task(app, GENERATION_PATHS, "this model is a classifier: it classifies text and does not generate it, "
-                "so {path} is not served; use POST /v1/classify (GET /v1/models lists its labels)")
+    _wrong_task(app, GENERATION_PATHS + ("/v1/reward",), "this model is a classifier: it classifies text and does "
+                "not generate or score it, so {path} is not served; use POST /v1/classify (GET /v1/models lists its "
+                "labels)")
 
     @app.get("/", response_class=HTMLResponse)
     async def note() -> HTMLResponse:
@@ -616,13 +648,7 @@ def _add_classify_routes(app: FastAPI, engine: ClassifyEngine, config: ServeConf
             prompt_tokens += n
         job = ClassifyJob(texts, body.top_k, time.monotonic() + config.timeout, Mailbox(asyncio.get_running_loop()),
                           client=_client(request))
-        try:
-            engine.submit([job])
-        except Busy as e:
-            raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        finished = await _wait_all([job], request, config.timeout)
-        if finished is None:  # the client left; nobody reads this
+        if await _scored(engine, job, request, config) is None:  # the client left; nobody reads this
             return Response(status_code=499)
         data = [{"index": i, "label": ranked[0][0],
                  "predictions": [{"label": label, "probability": p} for label, p in ranked]}
@@ -631,11 +657,69 @@ def _add_classify_routes(app: FastAPI, engine: ClassifyEngine, config: ServeConf
                              "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
 
 
+async def _scored(engine: ClassifyEngine, job: ClassifyJob, request: Request, config: ServeConfig
+                  ) -> Optional[ClassifyJob]:
+    """`job` run on a classifier's or a reward model's worker: the job with its predictions, None when the client
+    left; 429 when the server is full."""
+    try:
+        engine.submit([job])
+    except Busy as e:
+        raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+    finished = await _wait_all([job], request, config.timeout)
+    return None if finished is None else job
+
+
+def _add_reward_routes(app: FastAPI, engine: RewardEngine, config: ServeConfig, model_id: str,
+                       max_prompt_tokens: int) -> None:
+    """A reward model's endpoints: POST /v1/reward, the note at /, and 400 at the generation endpoints and
+    /v1/classify."""
+    judge = engine.classifier
+    _wrong_task(app, GENERATION_PATHS + ("/v1/classify",), "this model is a reward model: it scores a prompt's "
+                "completions and does not generate or classify text, so {path} is not served; use POST /v1/reward")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def note() -> HTMLResponse:
+        return HTMLResponse(REWARD_NOTE_HTML.replace("{{MODEL}}", model_id))
+
+    @app.post("/v1/reward")
+    async def reward(body: RewardRequest, request: Request) -> Response:
+        if body.model is not None and body.model != model_id:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        items = [body.input] if isinstance(body.input, RewardPair) else body.input
+        if not items:
+            raise ApiError(422, "input is an empty list: give a {prompt, completion} object or a list of them",
+                           "input")
+        if len(items) > config.max_prompts:
+            raise ApiError(422, f"{len(items)} pairs in one request; at most {config.max_prompts} (serve.max_prompts)",
+                           "input")
+        pairs = [(item.prompt if isinstance(item.prompt, str) else [t.model_dump() for t in item.prompt],
+                  item.completion) for item in items]
+        tok, specials = judge.tokenizer, 1 + (judge.tokenizer.start_id is not None)
+        prompt_tokens = 0
+        for i, (prompt, completion) in enumerate(pairs):  # counted as RewardModel encodes them, before any cut
+            try:
+                n = len(tok.encode(judge.render(prompt))) + len(tok.encode(completion)) + specials
+            except ConfigError as e:
+                raise ApiError(422, f"input[{i}].prompt: {e}", "input") from None
+            if n > max_prompt_tokens:
+                raise ApiError(422, f"input[{i}] is {n} tokens (prompt, completion, start and end tokens); at most "
+                               f"{max_prompt_tokens} (serve.max_prompt_tokens)", "input")
+            prompt_tokens += n
+        job = ClassifyJob(pairs, None, time.monotonic() + config.timeout, Mailbox(asyncio.get_running_loop()),
+                          client=_client(request))
+        if await _scored(engine, job, request, config) is None:  # the client left; nobody reads this
+            return Response(status_code=499)
+        return JSONResponse({"object": "list", "model": model_id,
+                             "data": [{"index": i, "reward": r} for i, r in enumerate(job.predictions)],
+                             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+
+
 def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engine, config: ServeConfig,
                            model_id: str, max_prompt_tokens: int) -> None:
     """A language model's endpoints: the playground, completions, chat completions, and 400 at /v1/classify."""
-    _wrong_task(app, ("/v1/classify",), "this model is a language model: it generates text and does not classify, "
-                "so /v1/classify is not served; use POST /v1/completions or /v1/chat/completions")
+    _wrong_task(app, SCORING_PATHS, "this model is a language model: it generates text and does not classify or "
+                "score it, so {path} is not served; use POST /v1/completions or /v1/chat/completions")
     automata = asyncio.Semaphore(1)  # guided_regex / guided_json automata are built one request at a time
 
     @app.get("/", response_class=HTMLResponse)

@@ -422,11 +422,11 @@ class ClassifyJob:
     """The texts of one /v1/classify request; its one event goes to its mailbox: ("done", job) with
     `predictions` set, or ("error", status, message)."""
 
-    texts: list[str]
+    texts: list[Any]                 # texts (a reward model's: (prompt, completion) pairs)
     top_k: Optional[int]
     deadline: float                  # time.monotonic() after which the job fails with 504
     mailbox: "Mailbox"
-    predictions: list[list[tuple[str, float]]] = field(default_factory=list)
+    predictions: list[Any] = field(default_factory=list)  # ranked (label, probability) pairs, or rewards
     cancelled: bool = False
     client: str = ""                 # the client's address (Worker.submit counts its places)
     queued_at: float = 0.0
@@ -459,6 +459,10 @@ class ClassifyEngine(Worker):
             return {"running": self._running, "waiting": sum(len(j.texts) for j in self._waiting),
                     "classified": self.classified, "completed": self.jobs_done}
 
+    def predict(self, job: ClassifyJob) -> list[Any]:
+        """What a job's texts get: each one's ranked (label, probability) pairs."""
+        return self.classifier.classify(job.texts, job.top_k, self.max_batch_size)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -476,7 +480,7 @@ class ClassifyEngine(Worker):
                 elif time.monotonic() > job.deadline:
                     job.mailbox.put(("error", 504, "the request timed out while waiting for the model"))
                 else:
-                    job.predictions = self.classifier.classify(job.texts, job.top_k, self.max_batch_size)
+                    job.predictions = self.predict(job)
                     if time.monotonic() > job.deadline:
                         job.mailbox.put(("error", 504, "the request timed out during classification"))
                     else:
@@ -487,3 +491,13 @@ class ClassifyEngine(Worker):
                 self._running = 0
                 self.classified += len(job.predictions)
                 self._forget(job)
+
+
+class RewardEngine(ClassifyEngine):
+    """A reward model's scoring on one worker thread, as ClassifyEngine's: a job's texts are (prompt, completion)
+    pairs, its predictions their rewards (RewardModel.score)."""
+
+    thread_name = "lmforge-serve-reward"
+
+    def predict(self, job: ClassifyJob) -> list[Any]:
+        return self.classifier.score([p for p, _ in job.texts], [c for _, c in job.texts], self.max_batch_size)

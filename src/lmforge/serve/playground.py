@@ -135,6 +135,12 @@ CLASSIFIER_NOTE_HTML = _note("classifier", """<p>This model classifies text; it 
      -d '{"input": ["a text", "another text"], "top_k": 2}'</pre>
 <p><code>GET /v1/models</code> lists the labels.</p>""")
 
+REWARD_NOTE_HTML = _note("reward model", """<p>This model is a reward model: it scores a prompt's completions and \
+writes none; it has no playground. Ask for each completion's reward with <code>POST /v1/reward</code> (the higher, the \
+more preferred):</p>
+<pre>curl http://HOST:PORT/v1/reward -H 'Content-Type: application/json' \\
+     -d '{"input": [{"prompt": "Who wrote Hamlet?", "completion": "Shakespeare."}]}'</pre>""")
+
 ENCODER_NOTE_HTML = _note("encoder", """<p>This model is an encoder: it reads text from both sides and does not write \
 any; it has no playground. Ask for a vector per text with <code>POST /v1/embeddings</code>:</p>
 <pre>curl http://HOST:PORT/v1/embeddings -H 'Content-Type: application/json' \\

@@ -417,6 +417,10 @@ class Trainer:
             # chosen and rejected reward from the same function (as TRL's trainers)
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, dropout=0.0))
         check_objective(config, self.task)
+        if config.model.head == "classify" and self.labels is None and not self.reward:  # init_from's model
+            raise ConfigError(f"train.init_from {tc.init_from} is a classifier or reward model (model.head: classify): "
+                              f"it has no language-model head to train on {kind or 'token'} data; start from a "
+                              "language model (the one it was fine-tuned from)")
         if self.reward:  # the checkpoint says what it is: generate, eval and serve score with it
             config = with_classify_head(config, 1)
             self.task = {**self.task, "task": "reward"}
