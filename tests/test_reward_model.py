@@ -376,3 +376,66 @@ def test_a_reward_model_continues_as_one_and_is_no_start_for_a_language_model(re
     more = Trainer(reward_config(tmp_path / "more", pairs, reward_run.run_dir, **{"train.max_steps": 1}),
                    progress=False, tensorboard=False)
     assert more.evaluate() == pytest.approx(reward_run.val_loss, abs=1e-5)  # the same weights, head included
+
+
+def test_best_of_n_writes_ranked_samples_that_prepare_reads_as_pairs(reward_run, base, tmp_path, capsys):
+    """`lmforge best-of-n`: for each prompt the policy's N samples (the ones generate gives with the same seed, in any
+    batch size), each scored as RewardModel.score scores it, best first; chosen the best, rejected the worst,
+    completion the best; `lmforge prepare --task preference` and `--task sft` read the file as it is."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("cab\n\nfed\nab\n", encoding="utf-8")
+    common = ["best-of-n", str(base), "--reward-model", str(reward_run.run_dir), "--prompts", str(prompts),
+              "--num-return-sequences", "4", "--max-new-tokens", "4", "--seed", "3", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "a.jsonl"), "--batch-size", "2"]) == 0
+    assert "3 prompt(s) ranked" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in records] == ["cab", "fed", "ab"]
+    judge, policy = load(str(reward_run.run_dir)), load(str(base))
+    empty = 0
+    for r in records:
+        texts = [s["text"] for s in r["samples"]]
+        rewards = [s["reward"] for s in r["samples"]]
+        assert sorted(texts) == sorted(policy.generate(r["prompt"], num_return_sequences=4, max_new_tokens=4, seed=3))
+        assert rewards == sorted(rewards, reverse=True)
+        assert rewards == pytest.approx(judge.score([r["prompt"]] * 4, texts), abs=1e-5)
+        usable = [(t, w) for t, w in zip(texts, rewards) if t.strip()]  # the best and worst non-empty samples
+        assert (r["chosen"], r["rejected"], r["completion"]) == (usable[0][0], usable[-1][0], usable[0][0])
+        assert (r["chosen_reward"], r["rejected_reward"]) == (usable[0][1], usable[-1][1])
+        empty += len(texts) - len(usable)
+    assert main([*common, "--out", str(tmp_path / "b.jsonl"), "--batch-size", "8"]) == 0
+    assert empty > 0  # this policy ends some samples at once: they are ranked, but make no pair
+    again = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [[s["text"] for s in r["samples"]] for r in again] == [[s["text"] for s in r["samples"]] for r in records]
+    assert [r["chosen_reward"] for r in again] == pytest.approx([r["chosen_reward"] for r in records], abs=1e-5)
+    for task in ("preference", "sft"):
+        assert main(["prepare", str(tmp_path / "a.jsonl"), "--task", task, "--tokenizer", str(base), "--out",
+                     str(tmp_path / f"data-{task}"), "--split", "0.34,0.33,0.33"]) == 0
+    report = json.loads((tmp_path / "data-preference" / "report.json").read_text())
+    assert sum(split["pairs"] for split in report["splits"].values()) == 3
+
+
+def test_best_of_n_leaves_out_prompts_without_a_pair_and_refuses_misuse(reward_run, base, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("cab\nfed\n", encoding="utf-8")
+    common = ["best-of-n", str(base), "--reward-model", str(reward_run.run_dir), "--prompts", str(prompts),
+              "--max-new-tokens", "3", "--no-progress"]
+    out = tmp_path / "greedy.jsonl"
+    assert main([*common, "--num-return-sequences", "2", "--greedy", "--out", str(out)]) == 0  # the same sample
+    assert out.read_text() == "" and "2 prompt(s) left out: fewer than two" in capsys.readouterr().err
+    assert main([*common, "--num-return-sequences", "2", "--greedy", "--out", str(out), "--force"]) == 0
+    capsys.readouterr()  # an empty output of its own is replaced
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"prompt": "keep me"}\n', encoding="utf-8")
+    cases = [([*common, "--out", str(tmp_path / "x.jsonl")], "give --num-return-sequences N (2 or more)"),
+             ([*common, "--num-return-sequences", "2", "--out", str(mine), "--force"], "is not a file `lmforge "),
+             ([*common, "--num-return-sequences", "2", "--out", str(tmp_path / "x.txt")], "ending in .jsonl"),
+             (["best-of-n", str(reward_run.run_dir), "--reward-model", str(reward_run.run_dir), "--prompts",
+               str(prompts), "--num-return-sequences", "2", "--out", str(tmp_path / "y.jsonl")], "does not generate"),
+             (["best-of-n", str(base), "--reward-model", str(base), "--prompts", str(prompts),
+               "--num-return-sequences", "2", "--out", str(tmp_path / "z.jsonl")], "is not a reward model")]
+    for argv, words in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert mine.read_text() == '{"prompt": "keep me"}\n'
+    assert not any((tmp_path / name).exists() for name in ("x.jsonl", "x.txt", "y.jsonl", "z.jsonl"))

@@ -7,6 +7,7 @@
     lmforge generate text from a run or checkpoint directory
     lmforge classify labels with probabilities from a classifier
     lmforge reward   a reward model's score of prompt/completion pairs
+    lmforge best-of-n  samples of each prompt ranked by a reward model: preference pairs and sft examples
     lmforge fill-mask an encoder's top tokens for each <MASK> of a text
     lmforge embed    a vector per text: the model's hidden states pooled
     lmforge plot     the loss curves of a run as a PNG
@@ -909,6 +910,109 @@ def _run_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- best-of-n
+def _add_best_of_n(sub: Any) -> None:
+    p = sub.add_parser(
+        "best-of-n", help="samples of each prompt ranked by a reward model: preference pairs and sft examples",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            Sample --num-return-sequences N completions of every prompt of --prompts with a language model, score
+            them with --reward-model, and write one JSON line per prompt to --out: {"prompt", "chosen" (the best
+            sample), "rejected" (the worst), "completion" (the best again), "chosen_reward", "rejected_reward",
+            "samples": [{"text", "reward"}, ...] best first}. The file is ready for `lmforge prepare --task
+            preference` (on-policy pairs: the data of iterative DPO) and `--task sft` (the best samples:
+            rejection-sampling fine-tuning). chosen and rejected are the best and worst non-empty samples (an empty
+            completion is no training example); a prompt without two different ones is left out (counted). Each
+            model renders the prompt through its own template."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge best-of-n runs/qa --reward-model runs/rm --prompts questions.jsonl --num-return-sequences 8 \\
+                  --temperature 0.8 --out ranked.jsonl
+              lmforge prepare ranked.jsonl --task preference --tokenizer runs/qa --out data/round2"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR", help="the language model that samples")
+    p.add_argument("--reward-model", required=True, metavar="RUN_OR_CHECKPOINT_DIR",
+                   help="the reward model that ranks the samples (`lmforge train --train.objective reward`)")
+    p.add_argument("--prompts", required=True, metavar="F",
+                   help=".txt (one prompt per non-empty line) or .jsonl (objects with --prompt-field)")
+    p.add_argument("--prompt-field", default="prompt", metavar="NAME", help="prompt field of --prompts objects")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="where the ranked samples go")
+    p.add_argument("--force", action="store_true", help="replace an --out file `lmforge best-of-n` wrote before")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts sampled together (default: 8)")
+    p.add_argument("--no-template", action="store_true",
+                   help="give the prompts to the language model as they are, not through its prompt template")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_decoding_arguments(p)
+    p.set_defaults(run=_run_best_of_n)
+
+
+RANKED_KEYS = {"prompt", "chosen", "rejected", "completion", "chosen_reward", "rejected_reward", "samples"}
+
+
+def _is_ranked(path: Any) -> bool:
+    """Whether `path` is a file `lmforge best-of-n` wrote: its first line a record with exactly its keys, or empty
+    (every prompt left out; replacing an empty file loses nothing)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline()
+            first = json.loads(line) if line else {key: None for key in RANKED_KEYS}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(first, dict) and set(first) == RANKED_KEYS
+
+
+def _run_best_of_n(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lmforge.config import build_section
+    from lmforge.files import atomic_file, check_output
+    from lmforge.generate.config import GenerateConfig
+
+    values = config_values(args, GenerateConfig, "generate")
+    _check_assistant_flags(args, values)
+    config = build_section(GenerateConfig, values, "generate")
+    if config.num_return_sequences < 2:
+        raise ConfigError("best-of-n ranks several samples of each prompt: give --num-return-sequences N (2 or more)")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} is invalid: use 1 or more")
+    out = Path(args.out)
+    if out.suffix != ".jsonl":
+        raise ConfigError(f"--out {out}: best-of-n writes JSON lines; give a name ending in .jsonl")
+    check_output(out, force=args.force, ours=_is_ranked, what="a file `lmforge best-of-n` wrote", directory=False,
+                 inputs=[args.prompts])
+    prompts = _classify_texts(args.prompts, args.prompt_field, "--prompt-field")
+    if not prompts:
+        raise ConfigError(f"--prompts {args.prompts} holds no prompt: give one per line (.txt) or JSON objects with "
+                          f"{args.prompt_field!r} (.jsonl)")
+    from lmforge.eval.progress import progress_bar
+    from lmforge.generate import load
+    from lmforge.generate.reward import rank_samples
+
+    judge = _load_reward_model(args.reward_model, args.device)
+    generator = load(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                     compile=args.compile, template=not args.no_template, assistant=args.assistant_model)
+    if not hasattr(generator, "generate") or hasattr(generator, "fill_mask"):
+        raise ConfigError(f"{args.checkpoint} does not generate text: give the language model that samples")
+    written = same = 0
+    with atomic_file(out) as f, progress_bar(len(prompts), "best-of-n", "prompt", not args.no_progress) as bar:
+        for prompt, ranked in zip(prompts, rank_samples(generator, judge, prompts, config, args.batch_size)):
+            bar.update(1)
+            usable = [(text, reward) for text, reward in ranked if text.strip()]  # prepare refuses empty ones
+            if len({text for text, _ in usable}) < 2:  # every sample the same text, or empty: no pair
+                same += 1
+                continue
+            (best, high), (worst, low) = usable[0], usable[-1]
+            f.write(json.dumps({"prompt": prompt, "chosen": best, "rejected": worst, "completion": best,
+                                "chosen_reward": high, "rejected_reward": low,
+                                "samples": [{"text": t, "reward": r} for t, r in ranked]}, ensure_ascii=False) + "\n")
+            written += 1
+    left = f"; {same} prompt(s) left out: fewer than two different non-empty samples" if same else ""
+    print(f"{written} prompt(s) ranked -> {out}{left}", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- fill-mask
 def _add_fill_mask(sub: Any) -> None:
     p = sub.add_parser(
@@ -1417,7 +1521,7 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_sweep, _add_eval, _add_generate, _add_chat,
-                                         _add_classify, _add_reward,
+                                         _add_classify, _add_reward, _add_best_of_n,
                                          _add_fill_mask, _add_embed, _add_detect, _add_plot, _add_attention, _add_plan,
                                          _add_serve, _add_import, _add_export, _add_merge]
 

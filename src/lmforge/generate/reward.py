@@ -2,6 +2,7 @@
 
     RewardModel(model, tokenizer, template).score(prompts, completions) -> [reward]
     RewardModel.best_of(prompt, completions)                              -> the completions, best first
+    rank_samples(generator, judge, prompts, config)                       -> per prompt, n samples best first
 
 A reward model is a decoder or encoder with a one-output classify head trained on preference pairs
 (train.objective reward): the higher its score, the more people would prefer the completion. A pair is encoded
@@ -10,11 +11,15 @@ its prompt template, a list of {"role", "content"} turns through its chat templa
 [start] + prompt + completion + [end] (data.tasks.encode_example), fitted to the context as training fitted it
 (data.batches.fit_context: the earliest prompt tokens go first), right-padded with an attention mask; the head
 reads the last real token (the end token).
+
+Best-of-n (rank_samples, `lmforge best-of-n`): a policy samples n completions of each prompt and the reward model
+ranks them. The best and the worst make an on-policy preference pair (the data of iterative DPO), the best alone an
+sft example (rejection-sampling fine-tuning, as Llama 2's).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -88,3 +93,19 @@ class RewardModel:
         generate n completions, keep the first)."""
         rewards = self.score([prompt] * len(completions), list(completions), batch_size)
         return sorted(zip(completions, rewards), key=lambda item: -item[1])
+
+
+def rank_samples(generator: Any, judge: RewardModel, prompts: Sequence[Prompt], config: Any,
+                 batch_size: int = 8) -> Iterator[list[tuple[str, float]]]:
+    """For each prompt, in order: the config.num_return_sequences samples of `generator` (a TextGenerator, which
+    renders the prompt through its own template), each with its reward under `judge` (which renders it through its
+    own), the highest first. Prompts are sampled batch_size at a time, each batch's samples scored together."""
+    n = config.num_return_sequences
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        texts = generator.generate(chunk, config)
+        texts = [[t] if isinstance(t, str) else list(t) for t in texts]  # [prompt][sample]
+        rewards = judge.score([p for p, samples in zip(chunk, texts) for _ in samples],
+                              [t for samples in texts for t in samples])
+        for i, samples in enumerate(texts):
+            yield sorted(zip(samples, rewards[i * n:(i + 1) * n]), key=lambda item: -item[1])
