@@ -314,6 +314,15 @@ MUTANTS = [
            "out += self.model(x.to(device), attention_mask=mask.to(device))[:, 0].float().tolist()",
            "out += self.model(x.to(device))[:, 0].float().tolist()",
            ("tests/test_reward_model.py::test_the_python_reward_model_scores_text_as_training_read_it",)),
+    Mutant("online-pairs-ranked-upside-down", "train/online.py",
+           "order += [a, b] if rewards[a] >= rewards[b] else [b, a]",
+           "order += [b, a] if rewards[a] >= rewards[b] else [a, b]",
+           ("tests/test_online_preference.py::test_the_pairs_are_the_policys_samples_ranked_by_the_reward_model",
+            "tests/test_online_preference.py::test_online_dpo_makes_the_policy_write_what_the_reward_model_prefers")),
+    Mutant("online-training-on-the-datas-pairs", "train/trainer.py",
+           "return self.preference_terms(model, batch, online=True)[0].sum(), None, None",
+           "return self.preference_terms(model, batch)[0].sum(), None, None",
+           ("tests/test_online_preference.py::test_online_dpo_makes_the_policy_write_what_the_reward_model_prefers",)),
 ]
 
 

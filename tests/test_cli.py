@@ -214,6 +214,10 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "trains a reward model on preference pairs"),
         ("train-reward-center-negative", ["train", "--data", str(data), "--train.reward_center_coefficient", "-1"],
          "train.reward_center_coefficient"),
+        ("train-online-on-token-data", ["train", "--data", str(data), "--train.online_reward_model",
+                                        str(ws / "no-judge")], "train on preference data"),
+        ("train-online-temperature-zero", ["train", "--data", str(data), "--train.online_temperature", "0"],
+         "train.online_temperature"),
         ("reward-with-a-language-model", ["reward", str(run), "--prompt", "Hi", "--completion", "Hello"],
          "is not a reward model"),
         ("reward-file-missing", ["reward", str(run), "--file", str(ws / "none.jsonl")], "none.jsonl"),
@@ -472,7 +476,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 141
+N_CASES = 143
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -155,7 +155,9 @@ CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2},
 COMPANIONS = {"model.n_head": lambda v: {"n_embd": v}, "model.n_embd": lambda v: {"n_head": 1},
               "optim.lr": lambda v: {"min_lr": 0.0}, "model.num_labels": lambda v: {"head": "classify"},
               "serve.num_assistant_tokens": lambda v: {"assistant_model": "runs/small"},
-              "serve.speculative_max_running": lambda v: {"prompt_lookup_num_tokens": 4}}
+              "serve.speculative_max_running": lambda v: {"prompt_lookup_num_tokens": 4},
+              "train.online_max_new_tokens": lambda v: {"online_reward_model": "runs/rm"},
+              "train.online_temperature": lambda v: {"online_reward_model": "runs/rm"}}
 
 
 def _bounded_fields():

@@ -551,6 +551,15 @@ class TrainConfig:
                                            "r_rejected)^2 over the pairs to the loss, which keeps the rewards centred "
                                            "on 0 (Eisenstein et al. 2023; TRL's center_rewards_coefficient, suggested "
                                            "0.01); 0 = off.", 0.0, ge=0, le=100)
+    online_reward_model: Optional[str] = doc(
+        "Online preference training (online DPO, Guo et al. 2024): a reward model's run or checkpoint directory "
+        "(train.objective reward, the same tokenizer). At every step the model samples two completions of each "
+        "prompt of the batch's pairs, the reward model ranks them, and the preference loss trains on those pairs "
+        "instead of the data's (validation stays on the data's pairs); the log carries the samples' mean reward. "
+        "null = off (the data's pairs).", None)
+    online_max_new_tokens: int = doc("Online preference training: the longest sampled completion, in tokens.", 64,
+                                     ge=1, le=MAX_SIZE)
+    online_temperature: float = doc("Online preference training: the sampling temperature.", 1.0, gt=0, le=100)
     precompute_reference: bool = doc("Preference data with a reference loss (all but simpo and orpo): score every "
                                      "train and val completion with the frozen reference once, before the first "
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
@@ -574,6 +583,9 @@ class TrainConfig:
         if self.preference_loss == "exo" and self.dpo_label_smoothing == 0:
             raise ConfigError("train.preference_loss exo is the KL divergence from a smoothed label: set "
                               "train.dpo_label_smoothing above 0 (the paper's 0.001)")
+        if self.online_reward_model is None and (self.online_max_new_tokens != 64 or self.online_temperature != 1.0):
+            raise ConfigError("train.online_max_new_tokens / online_temperature set online preference training, which "
+                              "needs train.online_reward_model: set it, or drop them")
         if self.preference_loss == "orpo" and self.preference_nll_weight:
             raise ConfigError("train.preference_nll_weight adds a next-token term on the chosen completion, and "
                               "train.preference_loss orpo has its own: drop it")

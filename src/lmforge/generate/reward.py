@@ -76,9 +76,12 @@ class RewardModel:
         if len(prompts) != len(completions):
             raise ConfigError(f"{len(prompts)} prompts and {len(completions)} completions: give one prompt per "
                               "completion")
-        rows = [self.encode(p, c) for p, c in zip(prompts, completions)]
-        if not rows:
-            return []
+        return self.score_ids([self.encode(p, c) for p, c in zip(prompts, completions)], batch_size)
+
+    @torch.no_grad()
+    def score_ids(self, rows: Sequence[np.ndarray], batch_size: int = 32) -> list[float]:
+        """The reward of each example given as token ids ([start] prompt completion [end] in this model's tokenizer,
+        at most block_size tokens), in fp32."""
         tok = self.tokenizer
         pad = tok.pad_id if tok.pad_id is not None else tok.end_id  # as training padded
         device = next(self.model.parameters()).device

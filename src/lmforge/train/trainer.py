@@ -237,6 +237,16 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
                           "train.early_exit_layer")
     if kind in ("preference", "unpaired") and objective != "reward":
         check_preference_loss(tc, kind)
+    if tc.online_reward_model is not None and (kind != "preference" or objective == "reward"):
+        raise ConfigError("train.online_reward_model samples pairs for a language model's preference loss: train on "
+                          "preference data (`lmforge prepare --task preference`) without train.objective reward, or "
+                          "drop it")
+    if tc.online_reward_model is not None and tc.precompute_reference:
+        raise ConfigError("train.online_reward_model samples new completions at every step, which "
+                          "train.precompute_reference cannot score ahead: drop one")
+    if tc.online_reward_model is not None and tc.parallel == "fsdp":
+        raise ConfigError("train.online_reward_model samples from the whole model, which FSDP shards over the "
+                          "processes: use train.parallel ddp")
     if kind not in ("preference", "unpaired") and policy_loss_set:
         raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / kto_*_weight / "
                           f"preference_nll_weight / precompute_reference set a preference loss, but "
@@ -463,6 +473,13 @@ class Trainer:
         if config.lora is not None and init_ckpt is not None:  # RunConfig refuses lora without init_from
             self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
         unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
+        self.online: Optional[Any] = None  # train.online_reward_model: on-policy pairs at every step (train/online.py)
+        self.online_reward: Optional[float] = None  # their mean reward in the last micro-batch trained on
+        if tc.online_reward_model is not None:
+            from lmforge.train.online import load_online_pairs
+
+            self.online = load_online_pairs(config, self.tokenizer_file, self.train_data.pad_id, self.device)
+        self.micro = 0  # the micro-batch of the step being trained (online sampling's seed)
         if tc.parallel == "fsdp":  # sharding replaces the parameters (DTensors): before the optimizer takes them
             apply_fsdp(self.raw_model, self.dist, self.device, tc.precision, tc.fsdp_cpu_offload)
             if self.reference is not None:  # the frozen reference is sharded too: no process holds it whole
@@ -686,6 +703,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         exit_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
+            self.micro = i
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last else no_sync(self.ddp_model, self.dist)
             with sync:  # DDP all-reduces (FSDP reduce-scatters) gradients once, after the last micro-batch
@@ -721,7 +739,7 @@ class Trainer:
         if self.unpaired:
             return self.unpaired_terms(model, batch)[0].sum(), None, None
         if self.preference:
-            return self.preference_terms(model, batch)[0].sum(), None, None
+            return self.preference_terms(model, batch, online=True)[0].sum(), None, None
         if self.reward:
             return self.reward_terms(model, batch)[0].sum(), None, None
         if self.config.train.loss_chunk > 0 and self.config.model.head != "classify" and not need_logits:
@@ -733,12 +751,15 @@ class Trainer:
         exit_loss = cross_entropy_sum(early, y) if early is not None else None
         return cross_entropy_sum(logits, y, self.class_weights), exit_loss, (logits, y)
 
-    def preference_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
+    def preference_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...], online: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The preference loss's (loss, chosen reward, rejected reward) per pair of one batch of pairs
         (train/preference.py): the completions' log-probabilities under `model` and, without gradients, under the
         frozen reference (unless the loss needs none), or the reference's precomputed ones, the batch's third
-        tensor (train.precompute_reference)."""
+        tensor (train.precompute_reference). online (training with train.online_reward_model): the pairs are the
+        policy's own samples of the batch's prompts, ranked by the reward model (train/online.py)."""
+        if online and self.online is not None:
+            batch, self.online_reward = self.online(unwrap(self.raw_model), batch, self.step, self.micro)
         policy = self.completion_logprobs(model, batch[:2])
         ref = None
         if len(batch) == 3:
@@ -971,6 +992,8 @@ class Trainer:
         early = {"early_exit_loss": float(self.early_exit_loss)} if self.early_exit_loss is not None else {}
         if self.kl is not None:  # KTO's reference point, as TRL's KTOTrainer logs it
             early["kl"] = float(self.kl)
+        if self.online_reward is not None:  # online preference training: the samples' mean reward
+            early["online_reward"] = self.online_reward
         self.logger.log("train", self.step, {"loss": loss, **early, "lr": lr, "grad_norm": float(grad_norm),
                                              "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
                                              "elapsed_s": time.perf_counter() - self.started,

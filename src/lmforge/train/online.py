@@ -1,0 +1,107 @@
+"""Online preference training (online DPO, Guo et al. 2024; TRL's OnlineDPOTrainer): on-policy pairs at every step.
+
+Offline DPO learns from pairs someone else's model wrote. Online, the model being trained writes them: for each
+prompt of a batch of preference pairs (its own completions are not used), the policy as it is now samples two
+completions (no gradients, eval mode, train.online_temperature, at most train.online_max_new_tokens tokens), a
+reward model (train.online_reward_model, trained with train.objective reward on the same tokenizer) scores
+[start] prompt completion [end] of each, and the higher one becomes the pair's chosen example. The pair batch that
+comes out has the layout of the data's (data.batches.pair_batch: rows 2k chosen, 2k + 1 rejected, labels on the
+completion and its end token), so the preference loss, its reference and the division by the global batch's pairs
+are the offline ones.
+
+A sample that ran out of tokens has no end token (and none is trained). A prompt too long to leave room for the
+completion loses its earliest tokens after the start token (data.batches.fit_context), as preparing shortens
+prompts. Sampling is seeded from (train.seed, step, micro-batch), and each prompt's two samples from that seed
+alone (generate.rows.row_generators: a prompt draws the same tokens alone or batched), so a resumed run samples
+what the uninterrupted one did, and W processes sample what one process does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.data.batches import IGNORE_INDEX, Examples, fit_context, pad_examples
+from lmforge.generate import GenerateConfig, generate_batch_ids
+from lmforge.generate.reward import RewardModel
+
+
+class OnlinePairs:
+    """Turns a batch of preference pairs into on-policy pairs: (x, y) of the batch's prompts, each with two of the
+    policy's samples ranked by `judge`, and the samples' mean reward (module docstring)."""
+
+    def __init__(self, judge: RewardModel, block_size: int, max_new_tokens: int, temperature: float, seed: int,
+                 start_id: Any, end_id: int, pad_id: int) -> None:
+        self.judge, self.block_size, self.max_new_tokens = judge, block_size, max_new_tokens
+        self.temperature, self.seed = temperature, seed
+        self.keep, self.end_id, self.pad_id = int(start_id is not None), end_id, pad_id
+
+    def prompts(self, batch: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+        """The prompt ([start] + prompt tokens) of each pair of a pair batch: the inputs of its chosen row up to the
+        first labelled position, cut to leave max_new_tokens + 1 of the context free."""
+        x, y = batch[0][0::2], batch[1][0::2]  # the chosen rows: their prompt is the pair's
+        out = []
+        for row, labels in zip(x.numpy(), y.numpy()):
+            length = int(np.argmax(labels != IGNORE_INDEX)) + 1  # inputs up to the one that predicts the first label
+            out.append(fit_context(row[:length], self.block_size - self.max_new_tokens, self.keep))
+        return out
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...], step: int, micro: int
+                 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+        prompts = self.prompts(batch)
+        seed = int(np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
+        config = GenerateConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                num_return_sequences=2, seed=seed)
+        was_training = model.training
+        model.eval()
+        try:
+            samples = generate_batch_ids(model, [p.tolist() for p in prompts], config, end_id=self.end_id)
+        finally:
+            model.train(was_training)
+        rows, lengths = [], []
+        for prompt, pair in zip(prompts, samples):
+            for ids in pair:  # an end token where the sample ended, none where it ran out of tokens
+                ended = [self.end_id] if len(ids) < self.max_new_tokens else []
+                rows.append(np.concatenate([prompt, np.asarray(ids + ended, dtype=np.int64)]))
+                lengths.append(len(prompt))
+        judge_block = self.judge.model.config.block_size
+        rewards = self.judge.score_ids([fit_context(r, judge_block, self.keep) for r in rows])
+        order = []
+        for k in range(len(prompts)):  # the higher reward first: chosen, then rejected (a tie keeps the draw order)
+            a, b = 2 * k, 2 * k + 1
+            order += [a, b] if rewards[a] >= rewards[b] else [b, a]
+        examples = Examples(np.concatenate([rows[i] for i in order]),
+                            np.concatenate([[0], np.cumsum([len(rows[i]) for i in order])]).astype(np.int64),
+                            np.asarray([lengths[i] for i in order], dtype=np.int64))
+        return pad_examples(examples, np.arange(len(rows)), self.pad_id), float(np.mean(rewards))
+
+
+def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: torch.device) -> OnlinePairs:
+    """The OnlinePairs of train.online_reward_model, checked: a reward model whose tokenizer is the data's (its ids
+    are read as they are), and a context with room for train.online_max_new_tokens after a prompt."""
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.errors import ConfigError
+    from lmforge.files import sha256_file
+    from lmforge.generate import load
+    from lmforge.tokenizer import Tokenizer
+
+    tc, block = config.train, config.model.block_size
+    if tc.online_max_new_tokens >= block:
+        raise ConfigError(f"train.online_max_new_tokens={tc.online_max_new_tokens} leaves no room for a prompt in the "
+                          f"model's context (block_size {block}): lower it")
+    ckpt = resolve_checkpoint(tc.online_reward_model)
+    judge = load(str(ckpt), device=str(device), template=False)
+    if not isinstance(judge, RewardModel):
+        raise ConfigError(f"train.online_reward_model {tc.online_reward_model} is not a reward model: train one with "
+                          "`lmforge train --train.objective reward` on preference data")
+    theirs = ckpt / "tokenizer.json"
+    if tokenizer_file is None or not theirs.is_file() or sha256_file(theirs) != sha256_file(tokenizer_file):
+        raise ConfigError(f"train.online_reward_model {tc.online_reward_model} reads another tokenizer than this data's: "
+                          "train the reward model on data prepared with this model's tokenizer")
+    tok = Tokenizer.load(tokenizer_file)
+    return OnlinePairs(judge, block, tc.online_max_new_tokens, tc.online_temperature, tc.seed, tok.start_id,
+                       tok.end_id, pad_id)
