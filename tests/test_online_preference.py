@@ -191,3 +191,23 @@ def test_online_settings_that_cannot_work_are_refused(base, a_pairs, policy, jud
         assert not (tmp_path / f"run{i}").exists()
     with pytest.raises(ConfigError, match="needs train.online_reward_model"):
         dpo(tmp_path / "x", a_pairs, policy, **{"train.online_temperature": 0.7})
+
+
+def test_lora_trains_online_against_its_adapters_off_and_counts_the_sampled_tokens(a_pairs, policy, judge_run,
+                                                                                   tmp_path):
+    """With LoRA the reference is the policy with its adapters off: log 2 at the first step, then not; tokens_seen
+    counts the rows the samples made, not the data's pairs."""
+    trainer = Trainer(online(tmp_path / "run", a_pairs, policy, judge_run, **{
+        "lora.r": 4, "lora.targets": "q,v", "train.max_steps": 3, "optim.lr": 1e-2}), progress=False, tensorboard=False)
+    real, seen = trainer.online, []
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(out[0][0].numel())
+        return out
+    trainer.online = spy
+    trainer.fit()
+    losses = [loss for _, loss in trainer.history]
+    assert losses[0] == pytest.approx(LOG2, abs=1e-6) and losses[-1] != pytest.approx(LOG2, abs=1e-4)
+    assert len(seen) == 3 and trainer.tokens_seen == sum(seen)
+    assert trainer.base is not None

@@ -272,6 +272,9 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     if reward:
         notes.append("train.objective reward: a reward model reads each pair's two examples whole through a one-output "
                      "head; no reference, no LM head")
+    if preference and t.online_reward_model is not None:
+        notes.append("train.online_reward_model: each step also samples two completions of every prompt (a forward "
+                     "pass per new token) and scores them with the reward model; not counted here")
     if preference and t.precompute_reference:
         notes.append("train.precompute_reference: no frozen copy and no reference forward in the steps; the reference "
                      "scores the data once before the first step (one forward pass over it, not counted here)")

@@ -480,6 +480,7 @@ class Trainer:
 
             self.online = load_online_pairs(config, self.tokenizer_file, self.train_data.pad_id, self.device)
         self.micro = 0  # the micro-batch of the step being trained (online sampling's seed)
+        self.trained_rows = 0  # tokens of the micro-batch trained on last (tokens_seen counts them)
         if tc.parallel == "fsdp":  # sharding replaces the parameters (DTensors): before the optimizer takes them
             apply_fsdp(self.raw_model, self.dist, self.device, tc.precision, tc.fsdp_cpu_offload)
             if self.reference is not None:  # the frozen reference is sharded too: no process holds it whole
@@ -706,6 +707,7 @@ class Trainer:
             self.micro = i
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last else no_sync(self.ddp_model, self.dist)
+            self.trained_rows = batch[0].numel()  # tokens (padding included) of the rows trained on
             with sync:  # DDP all-reduces (FSDP reduce-scatters) gradients once, after the last micro-batch
                 loss, exit_loss, _ = self.batch_loss(self.model, batch, tc.early_exit_layer)
                 if exit_loss is not None:  # LayerSkip: the first layers' prediction is trained too
@@ -715,7 +717,7 @@ class Trainer:
                 trained = loss if tc.early_exit_layer is None else loss + tc.early_exit_weight * exit_loss
                 (trained * scale).backward()  # scale: 0-dim, a scalar argument on any device
             loss_sum += loss.detach()
-            self.tokens_seen += batch[0].numel() * self.dist.world_size
+            self.tokens_seen += self.trained_rows * self.dist.world_size
         if fault_point("grad", self.step + 1, self.dist.rank) == "nan":  # tests only: one poisoned gradient
             next(p for p in self.raw_model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
         if tc.early_exit_layer is not None:  # this process's mean (a float at logging time: no sync here)
@@ -760,6 +762,7 @@ class Trainer:
         policy's own samples of the batch's prompts, ranked by the reward model (train/online.py)."""
         if online and self.online is not None:
             batch, self.online_reward = self.online(unwrap(self.raw_model), batch, self.step, self.micro)
+            self.trained_rows = batch[0].numel()  # the samples' rows, not the data's
         policy = self.completion_logprobs(model, batch[:2])
         ref = None
         if len(batch) == 3:
