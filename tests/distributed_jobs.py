@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from tiny_training import tiny_config, tiny_trainer
 
@@ -89,6 +90,16 @@ def two_processes(tmp_path_factory, name: str, overrides: dict) -> Path:
 
 def read_history(run: Path) -> dict:
     return json.loads((run / "history.json").read_text())
+
+
+def one_and_two(tmp_path: Path, settings: dict, two_extra: Optional[dict] = None) -> tuple[dict, dict]:
+    """The summaries of 6 steps of `settings` trained by 1 process x 8 rows (tmp_path/one) and by 2 processes x 4
+    (tmp_path/two, with `two_extra` too, e.g. FSDP), the second checked to have run in 2 processes, steps 1 to 6."""
+    worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
+    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps({**settings, **(two_extra or {})}))
+    one, two = read_history(tmp_path / "one"), read_history(tmp_path / "two")
+    assert two["world_size"] == 2 and [s for s, _ in two["history"]] == list(range(1, 7))
+    return one, two
 
 
 if __name__ == "__main__":

@@ -147,15 +147,11 @@ def test_a_resumed_online_run_is_bit_identical(a_pairs, policy, judge_run, tmp_p
 
 @pytest.mark.distributed
 def test_two_processes_sample_and_train_online_like_one(a_pairs, policy, judge_run, tmp_path):
-    from distributed_jobs import torchrun_worker, worker
+    from distributed_jobs import one_and_two
 
     settings = {"data.path": str(a_pairs), "train.init_from": str(policy), "train.dpo_beta": 0.1,
                 "train.online_reward_model": str(judge_run), "train.online_max_new_tokens": 5}
-    worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
-    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps(settings))
-    one = json.loads((tmp_path / "one" / "history.json").read_text())
-    two = json.loads((tmp_path / "two" / "history.json").read_text())
-    assert two["world_size"] == 2 and [s for s, _ in two["history"]] == list(range(1, 7))
+    one, two = one_and_two(tmp_path, settings)
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
     assert one["history"][0][1] == pytest.approx(LOG2, abs=1e-6)
 

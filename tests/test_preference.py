@@ -474,15 +474,11 @@ def test_preference_settings_that_cannot_work_are_refused(base, pairs, tmp_path)
 def test_two_processes_train_dpo_like_one(base, pairs, tmp_path, lora):
     """DDP: 2 processes x 4 pairs give the losses, val loss and rewards of 1 process x 8 pairs (full fine-tuning with
     its frozen copy, and LoRA with the adapters-off reference on each process)."""
-    from distributed_jobs import torchrun_worker, worker
+    from distributed_jobs import one_and_two
 
     settings = {"data.path": str(pairs), "train.init_from": str(base), "train.dpo_beta": 1.0,
                 **({"lora.r": 4, "lora.targets": "q,v,mlp", "optim.lr": 1e-2} if lora else {})}
-    worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
-    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps(settings))
-    one = json.loads((tmp_path / "one" / "history.json").read_text())
-    two = json.loads((tmp_path / "two" / "history.json").read_text())
-    assert two["world_size"] == 2 and [s for s, _ in two["history"]] == list(range(1, 7))
+    one, two = one_and_two(tmp_path, settings)
     assert one["history"][0][1] == pytest.approx(LOG2, abs=1e-6)
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5) and one["val_loss"] != pytest.approx(LOG2)
@@ -493,15 +489,12 @@ def test_two_processes_train_dpo_like_one(base, pairs, tmp_path, lora):
 def test_fsdp_trains_preference_pairs_like_one_process_with_the_reference_sharded(base, pairs, tmp_path, loss):
     """FSDP (train.parallel fsdp): 2 processes x 4 pairs give the losses and val loss of 1 process x 8 pairs, and each
     process holds half of the frozen DPO reference as of the policy (ORPO keeps none)."""
-    from distributed_jobs import torchrun_worker, worker
+    from distributed_jobs import one_and_two
 
     settings = {"data.path": str(pairs), "train.init_from": str(base), "train.dpo_beta": 1.0,
                 "train.preference_loss": loss}
-    worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
-    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps({**settings, "train.parallel": "fsdp"}))
-    one = json.loads((tmp_path / "one" / "history.json").read_text())
-    two = json.loads((tmp_path / "two" / "history.json").read_text())
-    assert two["world_size"] == 2 and two["sharded"] and [s for s, _ in two["history"]] == list(range(1, 7))
+    one, two = one_and_two(tmp_path, settings, {"train.parallel": "fsdp"})
+    assert two["sharded"]
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
     assert two["held"] < 0.6

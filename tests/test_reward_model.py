@@ -252,14 +252,10 @@ def test_splitting_the_batch_into_micro_batches_gives_the_same_losses(base, pair
 
 @pytest.mark.distributed
 def test_two_processes_train_a_reward_model_like_one(base, pairs, tmp_path):
-    from distributed_jobs import torchrun_worker, worker
+    from distributed_jobs import one_and_two
 
     settings = {"data.path": str(pairs), "train.init_from": str(base), "train.objective": "reward"}
-    worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
-    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps(settings))
-    one = json.loads((tmp_path / "one" / "history.json").read_text())
-    two = json.loads((tmp_path / "two" / "history.json").read_text())
-    assert two["world_size"] == 2 and [s for s, _ in two["history"]] == list(range(1, 7))
+    one, two = one_and_two(tmp_path, settings)
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
     assert one["history"][0][1] != pytest.approx(one["history"][-1][1], abs=1e-3)

@@ -424,15 +424,11 @@ def test_a_resumed_kto_run_is_bit_identical(base, unpaired, tmp_path):
 def test_two_processes_train_kto_like_one(base, unpaired, tmp_path):
     """DDP: 2 processes x 4 completions give the losses and val loss of 1 process x 8: the mismatched rows are
     drawn within the global micro-batch and the reference point is averaged over both processes."""
-    from distributed_jobs import torchrun_worker, worker
+    from distributed_jobs import one_and_two
 
     settings = {"data.path": str(unpaired), "train.init_from": str(base), "train.dpo_beta": 1.0,
                 "train.preference_loss": "kto", "optim.lr": 1e-2}
-    worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
-    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps(settings))
-    one = json.loads((tmp_path / "one" / "history.json").read_text())
-    two = json.loads((tmp_path / "two" / "history.json").read_text())
-    assert two["world_size"] == 2 and [s for s, _ in two["history"]] == list(range(1, 7))
+    one, two = one_and_two(tmp_path, settings)
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
     assert one["history"][-1][1] < one["history"][0][1]
@@ -443,15 +439,12 @@ def test_fsdp_trains_kto_like_one_process_with_the_reference_sharded(base, unpai
     """FSDP (train.parallel fsdp): 2 processes x 4 completions give the losses and val loss of 1 process x 8, with
     the policy's no-gradient forward on the mismatched rows and the sharded reference's on both kinds of rows; each
     process holds half of the reference."""
-    from distributed_jobs import torchrun_worker, worker
+    from distributed_jobs import one_and_two
 
     settings = {"data.path": str(unpaired), "train.init_from": str(base), "train.dpo_beta": 1.0,
                 "train.preference_loss": "kto", "optim.lr": 1e-2}
-    worker(tmp_path / "one", 8, 1, False, "", json.dumps(settings))
-    torchrun_worker(tmp_path / "two", 4, 1, False, "", json.dumps({**settings, "train.parallel": "fsdp"}))
-    one = json.loads((tmp_path / "one" / "history.json").read_text())
-    two = json.loads((tmp_path / "two" / "history.json").read_text())
-    assert two["world_size"] == 2 and two["sharded"] and [s for s, _ in two["history"]] == list(range(1, 7))
+    one, two = one_and_two(tmp_path, settings, {"train.parallel": "fsdp"})
+    assert two["sharded"]
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
     assert two["held"] < 0.6 and one["reference_held"] == 1.0

@@ -86,23 +86,36 @@ def evaluate_preference(model: nn.Module, reference: Optional[nn.Module], tokeni
     ref_t = torch.cat(ref) if reference is not None else None
     losses, chosen, rejected = loss(policy_t[:, 0], policy_t[:, 1], tokens_t[:, 0], tokens_t[:, 1],
                                     *((ref_t[:, 0], ref_t[:, 1]) if ref_t is not None else ()))
-    metrics = {"pairs": n, "loss": float(losses.mean()),
-               "reward_accuracy": float((chosen > rejected).float().mean()),
-               "reward_margin": float((chosen - rejected).mean()), "chosen_reward": float(chosen.mean()),
-               "rejected_reward": float(rejected.mean()),
+    metrics = {"pairs": n, "loss": float(losses.mean()), **reward_metrics(chosen, rejected),
                "logp_accuracy": float((policy_t[:, 0] > policy_t[:, 1]).float().mean()),
                **({"reference_logp_accuracy": float((ref_t[:, 0] > ref_t[:, 1]).float().mean())}
                   if ref_t is not None else {}),
                "preference_loss": loss.kind, "beta": loss.beta}
+    return metrics, pair_rows_out(tokenizer, examples, chosen, rejected, chosen_logp=policy_t[:, 0],
+                                  rejected_logp=policy_t[:, 1])
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """reward_accuracy (the share of pairs whose chosen completion gets the higher reward; a tie is no win),
+    reward_margin and the mean rewards of the pairs' chosen and rejected completions (each (n,))."""
+    return {"reward_accuracy": float((chosen > rejected).float().mean()),
+            "reward_margin": float((chosen - rejected).mean()), "chosen_reward": float(chosen.mean()),
+            "rejected_reward": float(rejected.mean())}
+
+
+def pair_rows_out(tokenizer: Any, examples: Examples, chosen: torch.Tensor, rejected: torch.Tensor,
+                  **columns: torch.Tensor) -> list[dict[str, Any]]:
+    """One predictions.jsonl row per evaluated pair: its texts, both rewards, `columns` (name -> (n,) values), and
+    whether the chosen completion won."""
     rows = []
-    for i in range(n):
+    for i in range(len(chosen)):
         prompt, chosen_text = _texts(tokenizer, examples, 2 * i)
         _, rejected_text = _texts(tokenizer, examples, 2 * i + 1)
         rows.append({"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text,
                      "chosen_reward": float(chosen[i]), "rejected_reward": float(rejected[i]),
-                     "chosen_logp": float(policy_t[i, 0]), "rejected_logp": float(policy_t[i, 1]),
+                     **{name: float(values[i]) for name, values in columns.items()},
                      "correct": bool(chosen[i] > rejected[i])})
-    return metrics, rows
+    return rows
 
 
 @torch.no_grad()
@@ -125,17 +138,8 @@ def evaluate_reward_model(model: nn.Module, tokenizer: Any, examples: Examples, 
     both = torch.cat(rewards) if rewards else torch.zeros(0, 2)  # (n, 2): chosen, rejected
     chosen, rejected = both[:, 0], both[:, 1]
     metrics = {"pairs": n, "loss": float(reward_model_loss(chosen, rejected, center).mean()),
-               "reward_accuracy": float((chosen > rejected).float().mean()),
-               "reward_margin": float((chosen - rejected).mean()), "chosen_reward": float(chosen.mean()),
-               "rejected_reward": float(rejected.mean()), "objective": "reward", "center": center}
-    rows = []
-    for i in range(n):
-        prompt, chosen_text = _texts(tokenizer, examples, 2 * i)
-        _, rejected_text = _texts(tokenizer, examples, 2 * i + 1)
-        rows.append({"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text,
-                     "chosen_reward": float(chosen[i]), "rejected_reward": float(rejected[i]),
-                     "correct": bool(chosen[i] > rejected[i])})
-    return metrics, rows
+               **reward_metrics(chosen, rejected), "objective": "reward", "center": center}
+    return metrics, pair_rows_out(tokenizer, examples, chosen, rejected)
 
 
 @torch.no_grad()

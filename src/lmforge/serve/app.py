@@ -543,8 +543,7 @@ def _add_fill_mask_route(app: FastAPI, filler: MaskFiller, config: ServeConfig, 
 
     @app.post("/v1/fill-mask")
     async def fill_mask(body: FillMaskRequest) -> Any:
-        if body.model is not None and body.model != model_id:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        _check_model(body.model, model_id)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         if not texts or len(texts) > config.max_prompts:
             raise ApiError(422, f"{len(texts)} inputs; give 1 to {config.max_prompts} (serve.max_prompts)", "inputs")
@@ -575,8 +574,7 @@ def _add_embedding_route(app: FastAPI, embedder: TextEmbedder, config: ServeConf
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> dict:
-        if body.model is not None and body.model != model_id:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        _check_model(body.model, model_id)
         given = body.input
         inputs = [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else list(given)
         if not inputs:
@@ -630,8 +628,7 @@ def _add_classify_routes(app: FastAPI, engine: ClassifyEngine, config: ServeConf
 
     @app.post("/v1/classify")
     async def classify(body: ClassifyRequest, request: Request) -> Response:
-        if body.model is not None and body.model != model_id:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        _check_model(body.model, model_id)
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise ApiError(422, "input is an empty list: give a string or a list of strings", "input")
@@ -655,6 +652,12 @@ def _add_classify_routes(app: FastAPI, engine: ClassifyEngine, config: ServeConf
                 for i, ranked in enumerate(job.predictions)]
         return JSONResponse({"object": "list", "model": model_id, "data": data,
                              "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
+
+
+def _check_model(name: Optional[str], model_id: str) -> None:
+    """404 for a request naming another model than the one served (none named: this one)."""
+    if name is not None and name != model_id:
+        raise ApiError(404, f"model {name!r} is not served here; this server serves {model_id!r}", "model")
 
 
 async def _scored(engine: ClassifyEngine, job: ClassifyJob, request: Request, config: ServeConfig
@@ -684,8 +687,7 @@ def _add_reward_routes(app: FastAPI, engine: RewardEngine, config: ServeConfig, 
 
     @app.post("/v1/reward")
     async def reward(body: RewardRequest, request: Request) -> Response:
-        if body.model is not None and body.model != model_id:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        _check_model(body.model, model_id)
         items = [body.input] if isinstance(body.input, RewardPair) else body.input
         if not items:
             raise ApiError(422, "input is an empty list: give a {prompt, completion} object or a list of them",
@@ -864,8 +866,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        if body.model is not None and body.model != model_id:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        _check_model(body.model, model_id)
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(422, "give a prompt or messages (one of them)", "prompt")
         try:  # the text /v1/completions or /v1/chat/completions would feed the model
@@ -881,8 +882,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        if body.model is not None and body.model != model_id:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+        _check_model(body.model, model_id)
         vocab = generator.tokenizer.vocab_size
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
@@ -988,8 +988,7 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     """Check a request against the caps and turn each of its prompts (token ids) into a Job; (jobs, prompt
     tokens). `tokenizer` encodes the bad words; `extra_stop` adds stop strings of the server's own (a chat's next
     user turn)."""
-    if body.model is not None and body.model != model_id:
-        raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}", "model")
+    _check_model(body.model, model_id)
     if max_tokens > config.max_tokens:
         raise ApiError(422, f"max_tokens={max_tokens} is above this server's cap of {config.max_tokens} "
                        "(serve.max_tokens)", "max_tokens")
