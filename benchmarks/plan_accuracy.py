@@ -19,6 +19,7 @@ ddp|fsdp` computes it (no timing: --parallel-only recomputes just this key of an
     python benchmarks/plan_accuracy.py --json-out benchmarks/results/plan_accuracy-cpu.json
     python benchmarks/plan_accuracy.py --parallel-only --json-out benchmarks/results/plan_accuracy-cpu.json
     python benchmarks/plan_accuracy.py --configs gpt2-124m-kto --json-out benchmarks/results/plan_accuracy-kto-cpu.json
+    python benchmarks/plan_accuracy.py --configs gpt2-124m-reward --json-out benchmarks/results/plan_accuracy-reward-cpu.json
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ MEASURED = {  # name: overrides of `lmforge train` (a few steps each, one thread
                            "task": "preference"},
     # KTO on 2 unpaired completions: their 2 mismatched rows through the policy (no gradients) and the reference
     "gpt2-124m-kto": {"preset": "gpt2-124m", "train.batch_size": 2, "task": "unpaired", "train.preference_loss": "kto"},
+    # a reward model on 1 pair (2 whole sequences): a one-output head, no reference, no logits
+    "gpt2-124m-reward": {"preset": "gpt2-124m", "train.batch_size": 1, "task": "preference",
+                         "train.objective": "reward"},
 }
 TABLE = {  # name: overrides; batch of about 0.5M tokens per step on the H100 through grad_accum
     "char-small": {"preset": "char-small", "model.vocab_size": 65, "train.batch_size": 64},
