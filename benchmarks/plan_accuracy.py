@@ -19,7 +19,8 @@ ddp|fsdp` computes it (no timing: --parallel-only recomputes just this key of an
     python benchmarks/plan_accuracy.py --json-out benchmarks/results/plan_accuracy-cpu.json
     python benchmarks/plan_accuracy.py --parallel-only --json-out benchmarks/results/plan_accuracy-cpu.json
     python benchmarks/plan_accuracy.py --configs gpt2-124m-kto --json-out benchmarks/results/plan_accuracy-kto-cpu.json
-    python benchmarks/plan_accuracy.py --configs gpt2-124m-reward --json-out benchmarks/results/plan_accuracy-reward-cpu.json
+    python benchmarks/plan_accuracy.py --configs gpt2-124m-reward \
+        --json-out benchmarks/results/plan_accuracy-reward-cpu.json
 """
 
 from __future__ import annotations
