@@ -80,23 +80,31 @@ def online(run_dir: Path, data: Path, policy: Path, judge: Path, **overrides: ob
 
 def sampled(trainer: Trainer) -> tuple[float, float]:
     """(mean reward, share of A among the completion tokens) of the policy's samples of every val batch's prompts,
-    drawn with one fixed seed."""
-    rewards, share = [], []
+    drawn with the seed of the trainer's evaluations."""
+    from lmforge.train.trainer import VAL_SAMPLING_STEP
+
+    rewards, samples, share = 0.0, 0, []
     for k, batch in enumerate(trainer.val_batches):
-        (x, y), reward = trainer.online(trainer.raw_model, batch, 10**6, k)
+        (x, y), reward = trainer.online(trainer.raw_model, batch, VAL_SAMPLING_STEP, k)
         labels = y[y != IGNORE_INDEX]
-        rewards.append(reward)
+        rewards, samples = rewards + reward * len(x), samples + len(x)  # the batch's mean over its samples
         share.append(float((labels == A).float().mean()))
-    return float(np.mean(rewards)), float(np.mean(share))
+    return rewards / samples, float(np.mean(share))
 
 
 def test_online_dpo_makes_the_policy_write_what_the_reward_model_prefers(a_pairs, policy, judge_run, tmp_path):
-    trainer = Trainer(online(tmp_path / "run", a_pairs, policy, judge_run, **{"train.max_steps": 20,
-                                                                              "train.eval_batches": 4}),
-                      progress=False, tensorboard=False)
+    """20 online steps raise the share of A's in the policy's samples and their reward; the evaluations measure it:
+    val_online_reward is the mean reward of two samples of every val prompt (the same draws as `sampled`), and it
+    can pick the best checkpoint."""
+    trainer = Trainer(online(tmp_path / "run", a_pairs, policy, judge_run, **{
+        "train.max_steps": 20, "train.eval_batches": 4, "train.eval_interval": 10,
+        "train.best_metric": "val_online_reward"}), progress=False, tensorboard=False)
     reward_before, a_before = sampled(trainer)
+    trainer.evaluate()
+    assert trainer.val_metrics["val_online_reward"] == pytest.approx(reward_before, abs=1e-5)
     trainer.fit()
     reward_after, a_after = sampled(trainer)
+    assert trainer.val_metrics["val_online_reward"] == pytest.approx(reward_after, abs=1e-5)
     assert trainer.history[0][1] == pytest.approx(LOG2, abs=1e-6)  # the policy is its reference at step 1
     assert reward_after > reward_before + 0.5 and a_after > a_before + 0.2
     logged = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
@@ -185,6 +193,10 @@ def test_online_settings_that_cannot_work_are_refused(base, a_pairs, policy, jud
             Trainer(online(tmp_path / f"run{i}", data, policy, judge_run, **extra), progress=False,
                     tensorboard=False)
         assert not (tmp_path / f"run{i}").exists()
+    with pytest.raises(ConfigError, match="val_online_reward is measured with train.online_reward_model"):
+        Trainer(dpo(tmp_path / "y", a_pairs, policy, **{"train.dpo_beta": 0.1,
+                                                          "train.best_metric": "val_online_reward"}),
+                progress=False, tensorboard=False)
     with pytest.raises(ConfigError, match="needs train.online_reward_model"):
         dpo(tmp_path / "x", a_pairs, policy, **{"train.online_temperature": 0.7})
 
@@ -197,9 +209,10 @@ def test_lora_trains_online_against_its_adapters_off_and_counts_the_sampled_toke
         "lora.r": 4, "lora.targets": "q,v", "train.max_steps": 3, "optim.lr": 1e-2}), progress=False, tensorboard=False)
     real, seen = trainer.online, []
 
-    def spy(*args):
-        out = real(*args)
-        seen.append(out[0][0].numel())
+    def spy(model, batch, step, micro):
+        out = real(model, batch, step, micro)
+        if step < trainer.config.train.max_steps:  # a training step's samples (evaluations sample too)
+            seen.append(out[0][0].numel())
         return out
     trainer.online = spy
     trainer.fit()

@@ -420,7 +420,7 @@ class OptimConfig:
 # --------------------------------------------------------------------------------------------- train
 BestMetric = Literal["val_loss", "val_accuracy", "val_macro_f1", "val_bleu", "val_chrf", "val_rouge1", "val_rouge2",
                      "val_rougeL", "val_exact_match", "val_f1", "val_choices_acc", "val_choices_acc_norm",
-                     "val_reward_accuracy", "val_reward_margin"]
+                     "val_reward_accuracy", "val_reward_margin", "val_online_reward"]
 
 
 @dataclass
@@ -555,7 +555,8 @@ class TrainConfig:
         "Online preference training (online DPO, Guo et al. 2024): a reward model's run or checkpoint directory "
         "(train.objective reward, the same tokenizer). At every step the model samples two completions of each "
         "prompt of the batch's pairs, the reward model ranks them, and the preference loss trains on those pairs "
-        "instead of the data's (validation stays on the data's pairs); the log carries the samples' mean reward. "
+        "instead of the data's (validation stays on the data's pairs, and adds val_online_reward: the mean reward "
+        "of two samples of each val prompt, drawn with one fixed seed); the log carries the samples' mean reward. "
         "null = off (the data's pairs).", None)
     online_max_new_tokens: int = doc("Online preference training: the longest sampled completion, in tokens.", 64,
                                      ge=1, le=MAX_SIZE)
@@ -574,7 +575,8 @@ class TrainConfig:
                                   "better): val_accuracy, val_macro_f1 (classify data), val_bleu, val_chrf, val_rouge1, "
                                   "val_rouge2, val_rougeL, val_exact_match, val_f1 (sft data with task_eval_every), "
                                   "val_choices_acc, val_choices_acc_norm (with choices_file), val_reward_accuracy, "
-                                  "val_reward_margin (preference data, and a reward model's).", "val_loss")
+                                  "val_reward_margin (preference data, and a reward model's), val_online_reward (with "
+                                  "online_reward_model).", "val_loss")
     patience: int = doc("Stop early, with a checkpoint, after this many measurements of best_metric in a row without "
                         "an improvement; 0 = never.", 0, ge=0)
 

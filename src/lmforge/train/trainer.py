@@ -85,6 +85,9 @@ class StopTraining(Exception):
 
 
 # ------------------------------------------------------------------------------------------- builders
+VAL_SAMPLING_STEP = 2**40  # the step online sampling's seed takes at every evaluation (no training step): one draw
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy's global RNG and torch (CPU and every CUDA device)."""
     random.seed(seed)
@@ -312,8 +315,11 @@ def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
     if tc.best_metric.startswith("val_choices") and not tc.choices_file:
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on train.choices_file's questions: set "
                           f"train.choices_file, or use val_loss")
+    if tc.best_metric == "val_online_reward" and tc.online_reward_model is None:
+        raise ConfigError("train.best_metric=val_online_reward is measured with train.online_reward_model: set it, or "
+                          "use val_loss")
     if tc.best_metric not in ("val_loss", "val_accuracy", "val_macro_f1", "val_choices_acc", "val_choices_acc_norm",
-                              "val_reward_accuracy", "val_reward_margin") \
+                              "val_reward_accuracy", "val_reward_margin", "val_online_reward") \
             and not (kind == "sft" and tc.task_eval_every):
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured by generating on sft task data: prepare it "
                           f"with `lmforge prepare --task sft` and set train.task_eval_every (e.g. 1), or use val_loss")
@@ -946,16 +952,23 @@ class Trainer:
         (val_chosen_reward, val_rejected_reward)."""
         self.model.eval()
         terms = self.reward_terms if self.reward else self.preference_terms
-        totals = torch.zeros(5, dtype=torch.float64, device=self.device)  # (loss, pairs, wins, chosen, rejected)
-        for batch in self.val_batches:
+        totals = torch.zeros(6, dtype=torch.float64, device=self.device)  # (loss, pairs, wins, chosen, rejected,
+        for k, batch in enumerate(self.val_batches):  # online: the samples' rewards summed)
             loss, chosen, rejected = terms(self.model, batch)
-            totals += torch.stack([loss.sum(), torch.tensor(float(len(loss)), device=self.device),
-                                   (chosen > rejected).sum(), chosen.sum(), rejected.sum()]).double()
+            sampled = 0.0
+            if self.online is not None:  # two samples of each val prompt, drawn with one seed at every evaluation
+                _, mean = self.online(unwrap(self.raw_model), batch, VAL_SAMPLING_STEP, k)
+                sampled = 2 * len(loss) * mean
+            totals += torch.tensor([float(loss.sum()), float(len(loss)), float((chosen > rejected).sum()),
+                                    float(chosen.sum()), float(rejected.sum()), sampled],
+                                   dtype=torch.float64, device=self.device)
         self.model.train()
         totals = all_reduce_sum(totals, self.dist)
         loss, wins, chosen, rejected = (float(t / totals[1].clamp(min=1)) for t in totals[[0, 2, 3, 4]])
         self.val_metrics = {"val_reward_accuracy": wins, "val_reward_margin": chosen - rejected,
                             "val_chosen_reward": chosen, "val_rejected_reward": rejected}
+        if self.online is not None:
+            self.val_metrics["val_online_reward"] = float(totals[5] / (2 * totals[1]).clamp(min=1))
         return loss
 
     def evaluate_unpaired(self) -> float:
