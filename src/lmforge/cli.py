@@ -141,7 +141,7 @@ def _add_prepare(sub: Any) -> None:
     t = p.add_argument_group("task data (--task): records -> examples for fine-tuning a base model")
     t.add_argument("--task", choices=["sft", "classify", "preference", "unpaired"],
                    help="sft: text to text, prompt -> completion; classify: text -> label; preference: a prompt with a "
-                   "chosen and a rejected completion, for DPO; unpaired: a prompt, one completion and a label "
+                   "chosen and a rejected completion, for DPO or a reward model; unpaired: a prompt, one completion and a label "
                    "(true: desirable, false: not), for KTO (.jsonl, .csv, .tsv, .parquet records); --tokenizer is "
                    "then the base model RUN_OR_CHECKPOINT")
     t.add_argument("--template", default="plain", metavar="NAME_OR_STRING",
