@@ -12,8 +12,9 @@ are the offline ones.
 A sample that ran out of tokens has no end token (and none is trained). A prompt too long to leave room for the
 completion loses its earliest tokens after the start token (data.batches.fit_context), as preparing shortens
 prompts. Sampling is seeded from (train.seed, step, micro-batch), and each prompt's two samples from that seed
-alone (generate.rows.row_generators: a prompt draws the same tokens alone or batched), so a resumed run samples
-what the uninterrupted one did, and W processes sample what one process does.
+alone (generate.rows.row_generators: a prompt draws the same tokens alone or batched; the prompts of one micro-batch
+share the two streams), so a resumed run samples what the uninterrupted one did, and W processes sample what one
+process does with the same micro-batches (train.grad_accum) per step.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class OnlinePairs:
 
     def prompts(self, batch: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
         """The prompt ([start] + prompt tokens) of each pair of a pair batch: the inputs of its chosen row up to the
-        first labelled position, cut to leave max_new_tokens + 1 of the context free."""
+        first labelled position, cut to at most block_size - max_new_tokens tokens (a full sample then makes a row of at
+        most block_size + 1 tokens: block_size inputs)."""
         x, y = batch[0][0::2], batch[1][0::2]  # the chosen rows: their prompt is the pair's
         out = []
         for row, labels in zip(x.numpy(), y.numpy()):
@@ -100,8 +102,8 @@ def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: tor
                           "`lmforge train --train.objective reward` on preference data")
     theirs = ckpt / "tokenizer.json"
     if tokenizer_file is None or not theirs.is_file() or sha256_file(theirs) != sha256_file(tokenizer_file):
-        raise ConfigError(f"train.online_reward_model {tc.online_reward_model} reads another tokenizer than this data's: "
-                          "train the reward model on data prepared with this model's tokenizer")
+        raise ConfigError(f"train.online_reward_model {tc.online_reward_model} reads another tokenizer than this "
+                          "data's: train the reward model on data prepared with this model's tokenizer")
     tok = Tokenizer.load(tokenizer_file)
     return OnlinePairs(judge, block, tc.online_max_new_tokens, tc.online_temperature, tc.seed, tok.start_id,
                        tok.end_id, pad_id)
