@@ -420,11 +420,15 @@ def test_best_of_n_leaves_out_prompts_without_a_pair_and_refuses_misuse(reward_r
     assert out.read_text() == "" and "2 prompt(s) left out: fewer than two" in capsys.readouterr().err
     assert main([*common, "--num-return-sequences", "2", "--greedy", "--out", str(out), "--force"]) == 0
     capsys.readouterr()  # an empty output of its own is replaced
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
     mine = tmp_path / "mine.jsonl"
     mine.write_text('{"prompt": "keep me"}\n', encoding="utf-8")
     cases = [([*common, "--out", str(tmp_path / "x.jsonl")], "give --num-return-sequences N (2 or more)"),
              ([*common, "--num-return-sequences", "2", "--out", str(mine), "--force"], "is not a file `lmforge "),
              ([*common, "--num-return-sequences", "2", "--out", str(tmp_path / "x.txt")], "ending in .jsonl"),
+             ([*common[:5], str(latin), *common[6:], "--num-return-sequences", "2", "--out", str(tmp_path / "x.jsonl")],
+              f"--prompts {latin} cannot be read (UnicodeDecodeError)"),
              (["best-of-n", str(reward_run.run_dir), "--reward-model", str(reward_run.run_dir), "--prompts",
                str(prompts), "--num-return-sequences", "2", "--out", str(tmp_path / "y.jsonl")], "does not generate"),
              (["best-of-n", str(base), "--reward-model", str(base), "--prompts", str(prompts),

@@ -141,8 +141,8 @@ def _add_prepare(sub: Any) -> None:
     t = p.add_argument_group("task data (--task): records -> examples for fine-tuning a base model")
     t.add_argument("--task", choices=["sft", "classify", "preference", "unpaired"],
                    help="sft: text to text, prompt -> completion; classify: text -> label; preference: a prompt with a "
-                   "chosen and a rejected completion, for DPO or a reward model; unpaired: a prompt, one completion and a label "
-                   "(true: desirable, false: not), for KTO (.jsonl, .csv, .tsv, .parquet records); --tokenizer is "
+                   "chosen and a rejected completion, for DPO or a reward model; unpaired: a prompt, one completion "
+                   "and a label (true: desirable, false: not), for KTO (.jsonl, .csv, .tsv, .parquet records); --tokenizer is "
                    "then the base model RUN_OR_CHECKPOINT")
     t.add_argument("--template", default="plain", metavar="NAME_OR_STRING",
                    help="prompt template: plain ('{prompt}\\n'), instruct, or your own string with {field}s of the "
@@ -792,9 +792,9 @@ def _add_classify(sub: Any) -> None:
     p.set_defaults(run=_run_classify)
 
 
-def _classify_texts(path: str, field: str, flag: str = "--text-field") -> list[str]:
-    """The texts of a --file: .txt lines (empty ones skipped) or the `field` (named by `flag`) of each .jsonl
-    object."""
+def _classify_texts(path: str, field: str, flag: str = "--text-field", file_flag: str = "--file") -> list[str]:
+    """The texts of a --file (`file_flag`): .txt lines (empty ones skipped) or the `field` (named by `flag`) of each
+    .jsonl object."""
     import json
 
     from lmforge.data.corpus import JSON_ERRORS, json_problem
@@ -804,7 +804,8 @@ def _classify_texts(path: str, field: str, flag: str = "--text-field") -> list[s
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--file {path} cannot be read ({type(e).__name__}): give a UTF-8 .txt or .jsonl file") from None
+        raise ConfigError(f"{file_flag} {path} cannot be read ({type(e).__name__}): give a UTF-8 .txt or .jsonl "
+                          "file") from None
     if file.suffix.lower() != ".jsonl":
         return [line for line in lines if line.strip()]
     texts = []
@@ -982,7 +983,7 @@ def _run_best_of_n(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out}: best-of-n writes JSON lines; give a name ending in .jsonl")
     check_output(out, force=args.force, ours=_is_ranked, what="a file `lmforge best-of-n` wrote", directory=False,
                  inputs=[args.prompts])
-    prompts = _classify_texts(args.prompts, args.prompt_field, "--prompt-field")
+    prompts = _classify_texts(args.prompts, args.prompt_field, "--prompt-field", "--prompts")
     if not prompts:
         raise ConfigError(f"--prompts {args.prompts} holds no prompt: give one per line (.txt) or JSON objects with "
                           f"{args.prompt_field!r} (.jsonl)")
