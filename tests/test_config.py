@@ -148,7 +148,11 @@ def test_a_bad_choice_is_one_line_listing_exactly_the_choices_of_the_type(sectio
 
 # other fields a choice needs so that the checks between fields pass
 CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2},
-                     "train.preference_loss=exo": {"dpo_label_smoothing": 0.1}}
+                     "train.preference_loss=exo": {"dpo_label_smoothing": 0.1},
+                     "train.preference_loss=grpo": {"online_reward_model": "runs/rm"},
+                     "train.grpo_loss_type=grpo": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
+                     "train.grpo_loss_type=dr_grpo": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
+                     "train.grpo_scale_rewards=none": {"preference_loss": "grpo", "online_reward_model": "runs/rm"}}
 
 
 # other fields an edge value needs so that the checks between fields pass
@@ -157,7 +161,9 @@ COMPANIONS = {"model.n_head": lambda v: {"n_embd": v}, "model.n_embd": lambda v:
               "serve.num_assistant_tokens": lambda v: {"assistant_model": "runs/small"},
               "serve.speculative_max_running": lambda v: {"prompt_lookup_num_tokens": 4},
               "train.online_max_new_tokens": lambda v: {"online_reward_model": "runs/rm"},
-              "train.online_temperature": lambda v: {"online_reward_model": "runs/rm"}}
+              "train.online_temperature": lambda v: {"online_reward_model": "runs/rm"},
+              "train.grpo_group_size": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
+              "train.grpo_beta": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"}}
 
 
 def _bounded_fields():

@@ -518,7 +518,7 @@ class TrainConfig:
     choices_examples: int = doc("With choices_file: score its first N questions (the same ones each time).", 1000,
                                 ge=1, le=1_000_000)
     preference_loss: Literal["dpo", "robust", "hinge", "ipo", "dpo_norm", "exo", "nca", "bco", "sppo_hard",
-                             "apo_zero", "apo_down", "simpo", "orpo", "kto", "apo_zero_unpaired"] = doc(
+                             "apo_zero", "apo_down", "simpo", "orpo", "kto", "apo_zero_unpaired", "grpo"] = doc(
         "Preference data (`lmforge prepare --task preference`): the loss. dpo (Direct Preference Optimization), "
         "robust (DPO unbiased under dpo_label_smoothing's label noise), hinge (SLiC) and ipo (IPO: per-token "
         "log-ratios held at a margin of 1/(2 beta)), and TRL's dpo_norm (DPO on per-token log-ratios), exo (EXO, "
@@ -527,7 +527,9 @@ class TrainConfig:
         "per-token log-probabilities with a target margin simpo_gamma) and orpo (ORPO: next-token loss on the "
         "chosen completion plus beta times an odds-ratio term) need no reference model: less memory, a quarter less "
         "compute per step. Unpaired preference data (`lmforge prepare --task unpaired`: completions labelled "
-        "desirable or not) trains with kto (KTO, against a KL reference point) or apo_zero_unpaired.", "dpo")
+        "desirable or not) trains with kto (KTO, against a KL reference point) or apo_zero_unpaired. grpo (GRPO, "
+        "DeepSeekMath's) is online reinforcement learning with online_reward_model: grpo_group_size samples of each "
+        "prompt, each trained on its reward against its group's (the grpo_* keys).", "dpo")
     dpo_beta: float = doc("Preference data: beta, how strongly the loss holds the model near its reference (the "
                           "implicit reward is beta times the log-probability ratio; TRL's default 0.1); IPO's "
                           "regularisation tau, SimPO's reward scale, ORPO's weight lambda of its odds-ratio term.",
@@ -561,6 +563,19 @@ class TrainConfig:
     online_max_new_tokens: int = doc("Online preference training: the longest sampled completion, in tokens.", 64,
                                      ge=1, le=MAX_SIZE)
     online_temperature: float = doc("Online preference training: the sampling temperature.", 1.0, gt=0, le=100)
+    grpo_group_size: int = doc("preference_loss grpo: G, the completions sampled of each prompt at every step (TRL's "
+                               "num_generations); each is trained on its reward against the other G - 1's.", 4, ge=2,
+                               le=256)
+    grpo_beta: float = doc("preference_loss grpo: the weight of the KL divergence from the train.init_from model "
+                           "(a frozen reference); 0 = none, and no reference is kept (TRL's default; DeepSeekMath "
+                           "used 0.04).", 0.0, ge=0, le=100)
+    grpo_loss_type: Literal["dapo", "grpo", "dr_grpo"] = doc(
+        "preference_loss grpo: what the tokens' summed losses are divided by: dapo (the batch's completion tokens; "
+        "TRL's default), grpo (each completion's length, then the completions: favours short right answers and "
+        "long wrong ones) or dr_grpo (max_new_tokens times the completions).", "dapo")
+    grpo_scale_rewards: Literal["group", "none"] = doc(
+        "preference_loss grpo: group divides each advantage (reward minus its group's mean) by its group's standard "
+        "deviation (GRPO); none does not (Dr. GRPO: no bias towards groups the model finds easy or hard).", "group")
     precompute_reference: bool = doc("Preference data with a reference loss (all but simpo and orpo): score every "
                                      "train and val completion with the frozen reference once, before the first "
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
@@ -588,6 +603,19 @@ class TrainConfig:
         if self.online_reward_model is None and (self.online_max_new_tokens != 64 or self.online_temperature != 1.0):
             raise ConfigError("train.online_max_new_tokens / online_temperature set online preference training, which "
                               "needs train.online_reward_model: set it, or drop them")
+        grpo_set = (self.grpo_group_size != 4 or self.grpo_beta != 0.0 or self.grpo_loss_type != "dapo"
+                    or self.grpo_scale_rewards != "group")
+        if grpo_set and self.preference_loss != "grpo":
+            raise ConfigError("train.grpo_group_size / grpo_beta / grpo_loss_type / grpo_scale_rewards set GRPO, and "
+                              f"train.preference_loss is {self.preference_loss}: drop them, or set "
+                              "train.preference_loss grpo")
+        if self.preference_loss == "grpo" and self.online_reward_model is None:
+            raise ConfigError("train.preference_loss grpo learns from the rewards of the model's own samples: set "
+                              "train.online_reward_model to a reward model's run (`lmforge train --train.objective "
+                              "reward`)")
+        if self.preference_loss == "grpo" and (self.dpo_beta != 0.1 or self.preference_nll_weight):
+            raise ConfigError("train.dpo_beta / preference_nll_weight belong to the pair losses, and GRPO's KL weight "
+                              "is train.grpo_beta: drop them")
         if self.preference_loss == "orpo" and self.preference_nll_weight:
             raise ConfigError("train.preference_nll_weight adds a next-token term on the chosen completion, and "
                               "train.preference_loss orpo has its own: drop it")

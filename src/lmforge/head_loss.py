@@ -110,16 +110,30 @@ def linear_cross_entropy_rows(h: torch.Tensor, weight: torch.Tensor, targets: to
     Only the counted positions reach the head; differentiable once in h and weight (the logits of a chunk are
     recomputed in the backward pass).
     """
+    losses, where = _counted_losses(h, weight, targets, cap, chunk)
     B, T = targets.shape
+    return torch.zeros(B, dtype=torch.float32, device=h.device).index_add_(0, where // T, losses)
+
+
+def linear_cross_entropy_tokens(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float = 0.0,
+                                chunk: int = 1024) -> torch.Tensor:
+    """(B, T) fp32: each counted target's cross-entropy (minus its log-probability), 0 where nothing is counted;
+    arguments and gradients as linear_cross_entropy_rows (GRPO weighs each token of a sample on its own)."""
+    losses, where = _counted_losses(h, weight, targets, cap, chunk)
+    return torch.zeros(targets.numel(), dtype=torch.float32, device=h.device).index_add(0, where, losses).view(
+        targets.shape)
+
+
+def _counted_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, chunk: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy of each counted position (M,), those positions' flat indices into targets (M,))."""
     flat = targets.reshape(-1)
     where = torch.nonzero(flat != IGNORED).squeeze(1)  # (M,) the counted positions
     x, y = h.reshape(-1, h.size(-1)).index_select(0, where), flat.index_select(0, where)  # (M, C), (M,)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        losses = _TokenCrossEntropy.apply(x, weight, y, cap, chunk)
-    else:
-        with torch.no_grad():
-            losses = _token_losses(x, weight, y, cap, chunk, _compute_dtype(x, weight))[0]
-    return torch.zeros(B, dtype=torch.float32, device=h.device).index_add_(0, where // T, losses)
+        return _TokenCrossEntropy.apply(x, weight, y, cap, chunk), where
+    with torch.no_grad():
+        return _token_losses(x, weight, y, cap, chunk, _compute_dtype(x, weight))[0], where
 
 
 def _exp_shifted_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

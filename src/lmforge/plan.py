@@ -154,6 +154,7 @@ class Plan:
     step_time: float
     total_time: float
     notes: list[str]
+    group_size: int = 0  # GRPO: the samples of each prompt trained on (0: not GRPO)
 
     @property
     def state(self) -> float:
@@ -254,7 +255,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     fpt = flops_per_token(m, m.block_size)
     adapters, adapter_activations = lora_counts(config)
     mismatched = unpaired and PreferenceLoss.of(t).needs_kl
-    rows = 2 if preference else 1  # a preference batch of B pairs is 2B sequences
+    grpo = preference and PreferenceLoss.of(t).group  # a batch of B prompts is B x grpo_group_size samples
+    rows = t.grpo_group_size if grpo else 2 if preference else 1  # a preference batch of B pairs is 2B sequences
     attention = 12 * m.n_layer * m.n_head * m.head_dim * m.block_size  # flops_per_token's attention term
     matrices = (fpt - attention) // 6  # N: the weights in matrix products
     step_fpt = fpt if config.lora is None else 4 * matrices + 6 * adapters + attention
@@ -273,7 +275,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         notes.append("train.objective reward: a reward model reads each pair's two examples whole through a one-output "
                      "head; no reference, no LM head")
     if preference and t.online_reward_model is not None:
-        notes.append("train.online_reward_model: each step also samples two completions of every prompt (a forward "
+        samples = f"{t.grpo_group_size} completions" if grpo else "two completions"
+        notes.append(f"train.online_reward_model: each step also samples {samples} of every prompt (a forward "
                      "pass per new token) and scores them with the reward model; not counted here")
     if preference and t.precompute_reference:
         notes.append("train.precompute_reference: no frozen copy and no reference forward in the steps; the reference "
@@ -341,7 +344,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         gpus=gpus, weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
         activations_checkpointed=checkpointed, reference=reference, reference_forward=runs_reference,
         mismatched_forward=mismatched, device=device, device_name=name, device_memory=memory, peak_flops=peak,
-        mfu=mfu, bandwidth=bandwidth, step_time=step_time, total_time=step_time * tokens / tokens_per_step, notes=notes)
+        mfu=mfu, bandwidth=bandwidth, step_time=step_time, total_time=step_time * tokens / tokens_per_step, notes=notes,
+        group_size=t.grpo_group_size if grpo else 0)
     where = "this machine's RAM" if device == "cpu" else f"the {gpus if gpus > 1 else ''} {name}'s memory".replace("  ", " ")
     if estimate.total_memory_checkpointed > memory:
         notes.append(f"WARNING: does not fit: {gib(estimate.total_memory_checkpointed)} per device even with "
@@ -372,7 +376,8 @@ def format_plan(p: Plan) -> str:
     reasons = ((["no weight gradients of the frozen matrices"] if trained else [])
                + (["the reference's forward on every sequence"] if p.reference_forward else []))
     step = f"; these steps {p.step_flops_per_token:,} ({', '.join(reasons)})" if reasons else ""
-    pairs = {"preference": " (preference pairs: 2 sequences each)",
+    pairs = {"preference": f" (GRPO: {p.group_size} samples of each prompt)" if p.group_size
+             else " (preference pairs: 2 sequences each)",
              "unpaired": " (unpaired completions, with their mismatched rows' forward)" if p.mismatched_forward
              else " (unpaired completions)"}.get(p.task, "")
     lines = [

@@ -66,6 +66,19 @@ log-probabilities: a scalar head reads each whole example (prompt, completion, e
              (Ouyang et al. 2022) and TRL's RewardTrainer; c (train.reward_center_coefficient) keeps rewards
              centred on 0 (Eisenstein et al. 2023)
 
+Group Relative Policy Optimization (grpo; Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer) is online only
+(train.online_reward_model): the policy samples G completions o_1..o_G of each prompt, the reward model scores them
+r_1..r_G, and each completion's advantage is its reward against its group's (group_advantages):
+
+    A_i      = (r_i - mean(r)) / (std(r) + 1e-4)        or r_i - mean(r) unscaled (Dr. GRPO, Liu et al. 2025)
+    l_i,t    = -A_i pi(o_i,t) / pi_old(o_i,t) + beta KL_t,   KL_t = exp(d) - d - 1, d = log pi_ref(o_i,t) - log pi(o_i,t)
+               (grpo_token_loss; pi_old is the policy that sampled, the same one: each group trains one update, so
+               the ratio is 1 with the gradient of log pi and PPO's clip never bites; KL_t is Schulman's k3 estimate)
+
+and the tokens' losses are summed and divided (grpo_sequence_loss and the trainer's count) by each completion's
+length and the number of completions (grpo), by the batch's completion tokens (dapo: DAPO, Yu et al. 2025; TRL's
+default) or by max_new_tokens and the number of completions (dr_grpo). beta 0 keeps no reference (TRL's default).
+
 Rewards (what reward accuracy and margin are measured on): beta times the log-ratio to the reference for the
 reference losses, beta times a_w and a_l for simpo and orpo (as TRL's DPO, CPO and ORPO trainers log them).
 The formulas from dpo_norm to apo_down are TRL's DPOTrainer loss types of the same names (sigmoid_norm, exo_pair,
@@ -91,6 +104,8 @@ LOSSES = ("dpo", "robust", "hinge", "ipo", "dpo_norm", "exo", "nca", "bco", "spp
 UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired")  # losses of single completions (unpaired preference data)
 REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of the policy alone: no reference model is kept or run
 SMOOTHED = frozenset({"dpo", "robust", "exo", "simpo"})  # losses that take a label smoothing eps
+GROUP_LOSSES = ("grpo",)  # online losses of groups of the policy's own samples, scored by a reward model
+GRPO_NORMS = ("dapo", "grpo", "dr_grpo")  # what GRPO's summed token losses are divided by (module docstring)
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -157,6 +172,44 @@ def _sig3(x: float, up: bool) -> str:
     return f"{rounded / scale:g}"
 
 
+def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
+    """(P, G) fp32 advantages of P groups of G samples from their rewards (P, G): each reward minus its group's mean,
+    divided by the group's standard deviation (Bessel-corrected) + 1e-4 when scale (GRPO; TRL's scale_rewards
+    "group"), not divided when not (Dr. GRPO; scale_rewards "none"). A group whose rewards are all equal has
+    advantages 0: it teaches nothing."""
+    r = rewards.float()
+    advantages = r - r.mean(dim=1, keepdim=True)
+    return advantages / (r.std(dim=1, keepdim=True) + 1e-4) if scale else advantages
+
+
+def grpo_token_loss(logps: torch.Tensor, advantages: torch.Tensor, reference: Optional[torch.Tensor] = None,
+                    beta: float = 0.0) -> torch.Tensor:
+    """(N, T) fp32 GRPO loss of each token of N sampled completions (module docstring): logps (N, T) the policy's
+    log-probability of each token, advantages (N,) each completion's, reference (N, T) the reference's
+    log-probabilities (needed when beta > 0). Positions that are not completion tokens are masked by the caller."""
+    logps = logps.float()
+    ratio = torch.exp(logps - logps.detach())  # pi / pi_old = 1, with the gradient of log pi
+    loss = -ratio * advantages.float()[:, None]
+    if beta:
+        d = reference.detach().float() - logps
+        loss = loss + beta * (torch.exp(d) - d - 1.0)
+    return loss
+
+
+def grpo_sequence_loss(token_loss: torch.Tensor, mask: torch.Tensor, norm: str, max_new_tokens: int) -> torch.Tensor:
+    """(N,) each completion's share of the GRPO loss from its tokens' (N, T) and their mask (N, T) (True on the
+    completion's tokens): the sum divided by its length (grpo), by max_new_tokens (dr_grpo) or not at all (dapo);
+    the trainer then divides the batch's sum by its completions (grpo, dr_grpo) or completion tokens (dapo)."""
+    summed = (token_loss * mask).sum(dim=-1)
+    if norm == "grpo":
+        return summed / mask.sum(dim=-1).clamp(min=1)
+    if norm == "dr_grpo":
+        return summed / max_new_tokens
+    if norm == "dapo":
+        return summed
+    raise ValueError(f"unknown GRPO normalisation {norm!r}: one of {', '.join(GRPO_NORMS)}")
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, accurate near 0 and for large |x| (Maechler 2012)."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -176,8 +229,9 @@ class PreferenceLoss:
     undesirable_weight: float = 1.0  # lambda_U of the unpaired losses
 
     def __post_init__(self) -> None:
-        if self.kind not in LOSSES + UNPAIRED_LOSSES:
-            raise ValueError(f"unknown preference loss {self.kind!r}: one of {', '.join(LOSSES + UNPAIRED_LOSSES)}")
+        known = LOSSES + UNPAIRED_LOSSES + GROUP_LOSSES
+        if self.kind not in known:
+            raise ValueError(f"unknown preference loss {self.kind!r}: one of {', '.join(known)}")
         if self.nll_weight and self.unpaired:
             raise ValueError(f"{self.kind} trains on single completions: an nll weight on a pair's chosen completion "
                              "has none to apply to")
@@ -191,13 +245,19 @@ class PreferenceLoss:
     @classmethod
     def of(cls, train: Any) -> "PreferenceLoss":
         """The loss a run's train config (train.preference_loss, dpo_beta, dpo_label_smoothing, simpo_gamma,
-        preference_nll_weight) sets."""
-        return cls(train.preference_loss, train.dpo_beta, train.dpo_label_smoothing, train.simpo_gamma,
+        preference_nll_weight; grpo_beta for grpo, its beta) sets."""
+        beta = train.grpo_beta if train.preference_loss in GROUP_LOSSES else train.dpo_beta
+        return cls(train.preference_loss, beta, train.dpo_label_smoothing, train.simpo_gamma,
                    train.preference_nll_weight, train.kto_desirable_weight, train.kto_undesirable_weight)
 
     @property
     def needs_reference(self) -> bool:
-        return self.kind not in REFERENCE_FREE
+        return self.beta > 0 if self.group else self.kind not in REFERENCE_FREE
+
+    @property
+    def group(self) -> bool:
+        """A loss of groups of the policy's own samples (grpo: online only), not of the data's completions."""
+        return self.kind in GROUP_LOSSES
 
     @property
     def unpaired(self) -> bool:
@@ -243,8 +303,9 @@ class PreferenceLoss:
                   rejected_tokens: torch.Tensor, reference_chosen: Optional[torch.Tensor],
                   reference_rejected: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The loss of `kind` alone (the module docstring's formulas), with the rewards."""
-        if self.unpaired:
-            raise ValueError(f"{self.kind} is a loss of single completions (unpaired preference data), not of pairs")
+        if self.unpaired or self.group:
+            what = "single completions (unpaired preference data)" if self.unpaired else "groups of sampled completions"
+            raise ValueError(f"{self.kind} is a loss of {what}, not of pairs")
         beta, eps = self.beta, self.label_smoothing
         if self.kind == "dpo":
             return dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, eps)

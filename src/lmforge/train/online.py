@@ -28,6 +28,7 @@ from torch import nn
 from lmforge.data.batches import IGNORE_INDEX, Examples, fit_context, pad_examples
 from lmforge.generate import GenerateConfig, generate_batch_ids
 from lmforge.generate.reward import RewardModel
+from lmforge.preference_loss import group_advantages
 
 
 class OnlinePairs:
@@ -52,12 +53,13 @@ class OnlinePairs:
         return out
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...], step: int, micro: int
-                 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
-        prompts = self.prompts(batch)
+    def sample(self, model: nn.Module, prompts: list[np.ndarray], n: int, step: int, micro: int
+               ) -> tuple[list[np.ndarray], list[int], np.ndarray]:
+        """n samples of each prompt by `model` (eval mode, no gradients) and the judge's reward of each: (rows, each
+        [start] + prompt + sample (+ end token where it ended), prompt-major; each row's prompt length; rewards (P, n))."""
         seed = int(np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
         config = GenerateConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                num_return_sequences=2, seed=seed)
+                                num_return_sequences=n, seed=seed)
         was_training = model.training
         model.eval()
         try:
@@ -65,21 +67,40 @@ class OnlinePairs:
         finally:
             model.train(was_training)
         rows, lengths = [], []
-        for prompt, pair in zip(prompts, samples):
-            for ids in pair:  # an end token where the sample ended, none where it ran out of tokens
+        for prompt, group in zip(prompts, samples):
+            for ids in group:  # an end token where the sample ended, none where it ran out of tokens
                 ended = [self.end_id] if len(ids) < self.max_new_tokens else []
                 rows.append(np.concatenate([prompt, np.asarray(ids + ended, dtype=np.int64)]))
                 lengths.append(len(prompt))
         judge_block = self.judge.model.config.block_size
         rewards = self.judge.score_ids([fit_context(r, judge_block, self.keep) for r in rows])
+        return rows, lengths, np.asarray(rewards, dtype=np.float64).reshape(len(prompts), n)
+
+    def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...], step: int, micro: int
+                 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+        prompts = self.prompts(batch)
+        rows, lengths, rewards = self.sample(model, prompts, 2, step, micro)
         order = []
         for k in range(len(prompts)):  # the higher reward first: chosen, then rejected (a tie keeps the draw order)
-            a, b = 2 * k, 2 * k + 1
-            order += [a, b] if rewards[a] >= rewards[b] else [b, a]
+            order += [2 * k, 2 * k + 1] if rewards[k, 0] >= rewards[k, 1] else [2 * k + 1, 2 * k]
+        return self.rows_batch(rows, lengths, order), float(np.mean(rewards))
+
+    def groups(self, model: nn.Module, batch: tuple[torch.Tensor, ...], n: int, step: int, micro: int,
+               scale: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """GRPO's batch: n samples of each prompt of a pair batch as (x, y, advantages) rows (prompt-major: rows
+        k n .. k n + n - 1 are prompt k's; labels on each sample and its end token; advantages (P n,) of
+        preference_loss.group_advantages, scaled or not), and their rewards (P, n) float32."""
+        rows, lengths, rewards = self.sample(model, self.prompts(batch), n, step, micro)
+        rewards = torch.from_numpy(rewards).float()
+        return (*self.rows_batch(rows, lengths, range(len(rows))), group_advantages(rewards, scale).flatten()), rewards
+
+    def rows_batch(self, rows: list[np.ndarray], lengths: list[int], order: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the rows in `order`, padded, labels on each row's tokens after its prompt."""
+        order = list(order)
         examples = Examples(np.concatenate([rows[i] for i in order]),
                             np.concatenate([[0], np.cumsum([len(rows[i]) for i in order])]).astype(np.int64),
                             np.asarray([lengths[i] for i in order], dtype=np.int64))
-        return pad_examples(examples, np.arange(len(rows)), self.pad_id), float(np.mean(rewards))
+        return pad_examples(examples, np.arange(len(order)), self.pad_id)
 
 
 def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: torch.device) -> OnlinePairs:

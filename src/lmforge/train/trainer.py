@@ -57,8 +57,8 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, kto_weight_advice, reward_model_loss,
-                                     sequence_logprobs)
+from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, grpo_sequence_loss, grpo_token_loss,
+                                     kto_weight_advice, reward_model_loss, sequence_logprobs)
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -315,6 +315,9 @@ def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
     if tc.best_metric.startswith("val_choices") and not tc.choices_file:
         raise ConfigError(f"train.best_metric={tc.best_metric} is measured on train.choices_file's questions: set "
                           f"train.choices_file, or use val_loss")
+    if tc.preference_loss == "grpo" and tc.best_metric in ("val_reward_accuracy", "val_reward_margin"):
+        raise ConfigError(f"train.best_metric={tc.best_metric} compares the rewards of a pair's completions, and GRPO "
+                          "trains on groups of its own samples: use val_online_reward (their mean reward) or val_loss")
     if tc.best_metric == "val_online_reward" and tc.online_reward_model is None:
         raise ConfigError("train.best_metric=val_online_reward is measured with train.online_reward_model: set it, or "
                           "use val_loss")
@@ -441,6 +444,7 @@ class Trainer:
             config = with_classify_head(config, 1)
             self.task = {**self.task, "task": "reward"}
         self.preference_loss = PreferenceLoss.of(tc)
+        self.grpo = self.preference and self.preference_loss.group  # GRPO: groups of samples (train/online.py)
         desirable = getattr(getattr(train_data, "examples", None), "desirable", None)
         if self.unpaired and desirable is not None and self.dist.is_main:  # both unpaired losses weigh the kinds
             advice = kto_weight_advice(int(desirable.sum()), int((~desirable).sum()), tc.kto_desirable_weight,
@@ -702,6 +706,8 @@ class Trainer:
         """
         tc = self.config.train
         micro = [self.train_data.next_batch() for _ in range(tc.grad_accum)]
+        if self.grpo:  # every micro-batch sampled first: DAPO divides by the global batch's sampled tokens
+            micro = [self.grpo_batch(batch, self.step, i) for i, batch in enumerate(micro)]
         count = torch.tensor(float(sum(self.batch_count(batch) for batch in micro)))
         local_count = float(count)
         if self.dist.enabled:  # labels in the global batch: one small all-reduce, no host sync
@@ -733,6 +739,8 @@ class Trainer:
     def batch_count(self, batch: tuple[torch.Tensor, ...]) -> int:
         """What a batch's summed loss is divided by: its counted labels, its pairs (preference data) or its
         completions (unpaired preference data)."""
+        if self.grpo:  # GRPO: its completion tokens (dapo), or its completions
+            return count_labels(batch[1]) if self.config.train.grpo_loss_type == "dapo" else batch[0].size(0)
         if self.unpaired:
             return batch[0].size(0)
         return batch[0].size(0) // 2 if self.preference or self.reward else count_labels(batch[1])
@@ -744,6 +752,8 @@ class Trainer:
         An LM head's loss comes fused with the head (train.loss_chunk > 0, model.token_loss: no logits are kept);
         a classifier's, or any when need_logits, from the logits, which then come back with the labels. Preference
         pairs: DPO's loss summed over the pairs (preference_terms)."""
+        if self.grpo:
+            return self.grpo_terms(model, batch).sum(), None, None
         if self.unpaired:
             return self.unpaired_terms(model, batch)[0].sum(), None, None
         if self.preference:
@@ -778,6 +788,39 @@ class Trainer:
                 ref = self.completion_logprobs(reference, batch)
         tokens = (batch[1] != IGNORE_INDEX).sum(dim=1).to(policy.device)  # each row's completion tokens
         return pair_terms(self.preference_loss, policy, ref, tokens)
+
+    def grpo_batch(self, batch: tuple[torch.Tensor, ...], step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        """GRPO's (x, y, advantages) in place of a batch of pairs: grpo_group_size samples of each of its prompts by
+        the policy as it is, each with its advantage (train/online.py); their mean reward goes to the log."""
+        tc = self.config.train
+        batch, rewards = self.online.groups(unwrap(self.raw_model), batch, tc.grpo_group_size, step, micro,
+                                            tc.grpo_scale_rewards == "group")
+        self.online_reward = float(rewards.mean())
+        return batch
+
+    def grpo_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(N,) each sampled completion's share of the GRPO loss (preference_loss.grpo_token_loss and
+        grpo_sequence_loss) from its tokens' log-probabilities under `model` and, when grpo_beta > 0, under the frozen
+        reference."""
+        tc = self.config.train
+        x, y, advantages = batch
+        logps = self.token_logprobs(model, (x, y))
+        reference = None
+        if self.preference_loss.needs_reference:
+            with torch.no_grad(), reference_model(self.reference, self.raw_model) as frozen:
+                reference = self.token_logprobs(frozen, (x, y))
+        losses = grpo_token_loss(logps, self.to_device(advantages), reference, tc.grpo_beta)
+        return grpo_sequence_loss(losses, self.to_device(y) != IGNORE_INDEX, tc.grpo_loss_type,
+                                  tc.online_max_new_tokens)
+
+    def token_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(B, T) each label's log-probability, 0 where there is none: the head fused with the loss token by token
+        (train.loss_chunk > 0), else from the whole logits."""
+        if self.config.train.loss_chunk > 0:
+            return -self.forward(model, batch, fused=True, per_token=True)[0]
+        logits, y = self.forward(model, batch)
+        return -torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX,
+                                                  reduction="none")
 
     def reward_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -860,18 +903,19 @@ class Trainer:
         return sequence_logprobs(logits, y)
 
     def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
-                fused: bool = False, per_row: bool = False) -> tuple[Any, torch.Tensor]:
+                fused: bool = False, per_row: bool = False, per_token: bool = False) -> tuple[Any, torch.Tensor]:
         """(logits, labels) of one CPU batch, on the device: a batch is (x, y), or (x, y, attention_mask) for a
         classifier (its logits (B, K) come from each row's last real token) and for packed examples; else logits
         are (B, T, V). With exit_layer (train.early_exit_layer), logits is the pair (logits, early exit's logits).
         fused: the summed loss (or the pair of losses) in place of the logits (GPT.forward's targets); per_row: each
-        row's sum (B,)."""
+        row's sum (B,); per_token: each label's (B, T)."""
         x, y, *mask = (self.to_device(t) for t in batch)
         kwargs: dict[str, Any] = {"attention_mask": mask[0]} if mask else {}
         if exit_layer is not None:
             kwargs["exit_layer"] = exit_layer
         if fused:
-            kwargs.update(targets=y, loss_chunk=self.config.train.loss_chunk, **({"per_row": True} if per_row else {}))
+            kwargs.update(targets=y, loss_chunk=self.config.train.loss_chunk, **({"per_row": True} if per_row else {}),
+                          **({"per_token": True} if per_token else {}))
         return run_forward(model, self.config.train.precision, self.device, x, **kwargs), y
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -911,6 +955,8 @@ class Trainer:
         """
         if not self.val_batches:
             return None
+        if self.grpo:
+            return self.evaluate_grpo()
         if self.unpaired:
             return self.evaluate_unpaired()
         if self.preference or self.reward:
@@ -970,6 +1016,22 @@ class Trainer:
         if self.online is not None:
             self.val_metrics["val_online_reward"] = float(totals[5] / (2 * totals[1]).clamp(min=1))
         return loss
+
+    def evaluate_grpo(self) -> float:
+        """GRPO: its loss over grpo_group_size samples of each val prompt, drawn with one seed at every evaluation,
+        and in self.val_metrics the samples' mean reward (val_online_reward: what GRPO raises)."""
+        self.model.eval()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # (loss, count, rewards, samples)
+        for k, batch in enumerate(self.val_batches):
+            tc = self.config.train
+            sampled, rewards = self.online.groups(unwrap(self.raw_model), batch, tc.grpo_group_size, VAL_SAMPLING_STEP,
+                                                  k, tc.grpo_scale_rewards == "group")
+            totals += torch.tensor([float(self.grpo_terms(self.model, sampled).sum()), self.batch_count(sampled),
+                                    float(rewards.sum()), rewards.numel()], dtype=torch.float64, device=self.device)
+        self.model.train()
+        totals = all_reduce_sum(totals, self.dist)
+        self.val_metrics = {"val_online_reward": float(totals[2] / totals[3].clamp(min=1))}
+        return float(totals[0] / totals[1].clamp(min=1))
 
     def evaluate_unpaired(self) -> float:
         """Unpaired preference data: the mean loss over the val completions, KTO's reference point z estimated from
@@ -1265,6 +1327,9 @@ class Trainer:
         pairs = self.preference or self.reward
         rows = global_batch * (2 if pairs else 1)  # a preference pair is two sequences
         what = f"{global_batch} pairs ({rows} sequences)" if pairs else f"{rows} sequences"
+        if self.grpo:  # G samples of each prompt
+            rows = global_batch * tc.grpo_group_size
+            what = f"{global_batch} prompts x {tc.grpo_group_size} samples ({rows} sequences)"
         if self.unpaired:  # a completion, and the mismatched row of KTO's reference point
             rows = global_batch * (2 if self.preference_loss.needs_kl else 1)
             what = (f"{global_batch} completions" + (f" + {global_batch} mismatched rows"
