@@ -559,6 +559,7 @@ class TrainConfig:
         "prompt of the batch's pairs, the reward model ranks them, and the preference loss trains on those pairs "
         "instead of the data's (validation stays on the data's pairs, and adds val_online_reward: the mean reward "
         "of two samples of each val prompt, drawn with one fixed seed); the log carries the samples' mean reward. "
+        "With preference_loss grpo: grpo_group_size samples of each prompt, scored (GRPO). "
         "null = off (the data's pairs).", None)
     online_max_new_tokens: int = doc("Online preference training: the longest sampled completion, in tokens.", 64,
                                      ge=1, le=MAX_SIZE)

@@ -15,6 +15,9 @@ prompts. Sampling is seeded from (train.seed, step, micro-batch), and each promp
 alone (generate.rows.row_generators: a prompt draws the same tokens alone or batched; the prompts of one micro-batch
 share the two streams), so a resumed run samples what the uninterrupted one did, and W processes sample what one
 process does with the same micro-batches (train.grad_accum) per step.
+
+GRPO (train.preference_loss grpo) draws its groups the same way (OnlinePairs.groups): train.grpo_group_size samples
+of each prompt, all kept, each with its advantage (preference_loss.group_advantages of the rewards).
 """
 
 from __future__ import annotations
