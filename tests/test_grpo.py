@@ -288,3 +288,26 @@ def test_the_plan_counts_g_samples_of_each_prompt_and_a_reference_only_with_beta
     assert held.reference == dpo_plan.reference and held.reference_forward
     assert any("samples 6 completions" in n for n in plain.notes)
     assert "(GRPO: 6 samples of each prompt)" in format_plan(plain)
+
+
+def test_grpo_trains_on_the_prompts_of_sft_data(a_pairs, policy, judge_run, tmp_path):
+    """sft data (prompt and completion records) serves GRPO its prompts, one per example, its completions unused:
+    each group's rows start with an example's prompt, and 20 steps raise the reward as on pair data; the checkpoint
+    stays an sft model (its template). Online DPO on sft data is refused: its evaluations score the data's pairs."""
+    sft = policy.parent / "data"
+    trainer = Trainer(grpo(tmp_path / "run", sft, policy, judge_run, **{
+        "train.max_steps": 20, "train.eval_batches": 4, "train.eval_interval": 20}), progress=False, tensorboard=False)
+    batch = trainer.val_batches[0]
+    x, y = batch[0], batch[1]
+    prompts = trainer.online.prompts(batch)
+    assert len(prompts) == x.size(0)
+    for row, labels, prompt in zip(x, y, prompts):
+        first = int((labels != IGNORE_INDEX).nonzero()[0])
+        assert prompt.tolist() == row[:first + 1].tolist()
+    reward_before, _ = sampled(trainer)
+    trainer.fit()
+    reward_after, _ = sampled(trainer)
+    assert reward_after > reward_before + 0.5
+    assert trainer.task["task"] == "sft"
+    with pytest.raises(ConfigError, match="train.preference_loss grpo"):
+        Trainer(online(tmp_path / "dpo", sft, policy, judge_run), progress=False, tensorboard=False)

@@ -181,7 +181,7 @@ def test_online_settings_that_cannot_work_are_refused(base, a_pairs, policy, jud
                                             [{"prompt": f"q{i}", "completion": "x"} for i in range(20)])),
                  "--task", "sft", "--tokenizer", str(base), "--out", str(sft)]) == 0
     other = other_tokenizer_judge(tmp_path)
-    cases = [(sft, {}, "train on preference data"),
+    cases = [(sft, {}, "on sft data trains with GRPO"),
              (a_pairs, {"train.objective": "reward"}, "without train.objective reward"),
              (a_pairs, {"train.precompute_reference": True}, "cannot score ahead"),
              (a_pairs, {"train.parallel": "fsdp"}, "use train.parallel ddp"),

@@ -39,16 +39,18 @@ class OnlinePairs:
     policy's samples ranked by `judge`, and the samples' mean reward (module docstring)."""
 
     def __init__(self, judge: RewardModel, block_size: int, max_new_tokens: int, temperature: float, seed: int,
-                 start_id: Any, end_id: int, pad_id: int) -> None:
+                 start_id: Any, end_id: int, pad_id: int, rows_per_prompt: int = 2) -> None:
         self.judge, self.block_size, self.max_new_tokens = judge, block_size, max_new_tokens
+        self.rows_per_prompt = rows_per_prompt  # 2: a batch of pairs (its chosen rows); 1: of sft examples
         self.temperature, self.seed = temperature, seed
         self.keep, self.end_id, self.pad_id = int(start_id is not None), end_id, pad_id
 
     def prompts(self, batch: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
-        """The prompt ([start] + prompt tokens) of each pair of a pair batch: the inputs of its chosen row up to the
-        first labelled position, cut to at most block_size - max_new_tokens tokens (a full sample then makes a row of at
-        most block_size + 1 tokens: block_size inputs)."""
-        x, y = batch[0][0::2], batch[1][0::2]  # the chosen rows: their prompt is the pair's
+        """The prompt ([start] + prompt tokens) of each pair of a pair batch (of each example of an sft batch): the
+        inputs of its chosen row up to the first labelled position, cut to at most block_size - max_new_tokens tokens
+        (a full sample then makes a row of at most block_size + 1 tokens: block_size inputs)."""
+        every = self.rows_per_prompt
+        x, y = batch[0][0::every], batch[1][0::every]  # the chosen rows: their prompt is the pair's
         out = []
         for row, labels in zip(x.numpy(), y.numpy()):
             length = int(np.argmax(labels != IGNORE_INDEX)) + 1  # inputs up to the one that predicts the first label
@@ -106,9 +108,11 @@ class OnlinePairs:
         return pad_examples(examples, np.arange(len(order)), self.pad_id)
 
 
-def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: torch.device) -> OnlinePairs:
+def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: torch.device, rows_per_prompt: int = 2
+                      ) -> OnlinePairs:
     """The OnlinePairs of train.online_reward_model, checked: a reward model whose tokenizer is the data's (its ids
-    are read as they are), and a context with room for train.online_max_new_tokens after a prompt."""
+    are read as they are), and a context with room for train.online_max_new_tokens after a prompt; rows_per_prompt 2
+    for pair batches, 1 for sft batches (GRPO)."""
     from lmforge.checkpoint import resolve_checkpoint
     from lmforge.errors import ConfigError
     from lmforge.files import sha256_file
@@ -130,4 +134,4 @@ def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: tor
                           "data's: train the reward model on data prepared with this model's tokenizer")
     tok = Tokenizer.load(tokenizer_file)
     return OnlinePairs(judge, block, tc.online_max_new_tokens, tc.online_temperature, tc.seed, tok.start_id,
-                       tok.end_id, pad_id)
+                       tok.end_id, pad_id, rows_per_prompt)

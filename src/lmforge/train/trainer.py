@@ -238,19 +238,24 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
     if objective == "reward" and tc.early_exit_layer is not None:
         raise ConfigError("train.early_exit_layer adds a next-token loss, and a reward model predicts no tokens: drop "
                           "train.early_exit_layer")
-    if kind in ("preference", "unpaired") and objective != "reward":
+    grpo_on_sft = kind == "sft" and tc.preference_loss == "grpo"  # GRPO needs prompts only: sft data has them
+    if (kind in ("preference", "unpaired") or grpo_on_sft) and objective != "reward":
         check_preference_loss(tc, kind)
-    if tc.online_reward_model is not None and (kind != "preference" or objective == "reward"):
+    if tc.online_reward_model is not None and (kind not in ("preference", "sft") or objective == "reward"):
         raise ConfigError("train.online_reward_model samples pairs for a language model's preference loss: train on "
                           "preference data (`lmforge prepare --task preference`) without train.objective reward, or "
                           "drop it")
+    if tc.online_reward_model is not None and kind == "sft" and not grpo_on_sft:
+        raise ConfigError("train.online_reward_model on sft data trains with GRPO, which needs only the prompts: set "
+                          "train.preference_loss grpo, or prepare preference pairs (`--task preference`) for online "
+                          "DPO, whose evaluations score the data's pairs")
     if tc.online_reward_model is not None and tc.precompute_reference:
         raise ConfigError("train.online_reward_model samples new completions at every step, which "
                           "train.precompute_reference cannot score ahead: drop one")
     if tc.online_reward_model is not None and tc.parallel == "fsdp":
         raise ConfigError("train.online_reward_model samples from the whole model, which FSDP shards over the "
                           "processes: use train.parallel ddp")
-    if kind not in ("preference", "unpaired") and policy_loss_set:
+    if kind not in ("preference", "unpaired") and policy_loss_set and not grpo_on_sft:
         raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / kto_*_weight / "
                           f"preference_nll_weight / precompute_reference set a preference loss, but "
                           f"{config.data.path} is not preference data (`lmforge prepare --task preference` or "
@@ -430,7 +435,8 @@ class Trainer:
                               "classify data (`lmforge prepare --task classify`); drop the setting")
         kind = self.task["task"] if self.task is not None else None
         self.reward = tc.objective == "reward"  # a reward model: a scalar head trained on preference pairs
-        self.preference = kind in ("preference", "unpaired") and not self.reward  # DPO, KTO, ... (train/preference.py)
+        self.preference = ((kind in ("preference", "unpaired") or (kind == "sft" and tc.preference_loss == "grpo"))
+                           and not self.reward)  # DPO, KTO, GRPO (also on sft data's prompts) ... (train/preference.py)
         self.unpaired = kind == "unpaired"  # single completions labelled desirable or not (KTO)
         if self.preference or self.reward:  # dropout off: log-probabilities comparable with the reference's, and a
             # chosen and rejected reward from the same function (as TRL's trainers)
@@ -488,7 +494,8 @@ class Trainer:
         if tc.online_reward_model is not None:
             from lmforge.train.online import load_online_pairs
 
-            self.online = load_online_pairs(config, self.tokenizer_file, self.train_data.pad_id, self.device)
+            self.online = load_online_pairs(config, self.tokenizer_file, self.train_data.pad_id, self.device,
+                                            rows_per_prompt=2 if kind == "preference" else 1)
         self.micro = 0  # the micro-batch of the step being trained (online sampling's seed)
         self.trained_rows = 0  # tokens of the micro-batch trained on last (tokens_seen counts them)
         if tc.parallel == "fsdp":  # sharding replaces the parameters (DTensors): before the optimizer takes them
