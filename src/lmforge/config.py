@@ -561,6 +561,13 @@ class TrainConfig:
         "of two samples of each val prompt, drawn with one fixed seed); the log carries the samples' mean reward. "
         "With preference_loss grpo: grpo_group_size samples of each prompt, scored (GRPO). "
         "null = off (the data's pairs).", None)
+    online_reward_function: Optional[str] = doc(
+        "Online preference training and GRPO: a Python function that scores the samples, FILE.py:NAME or "
+        "package.module:NAME, called as NAME(prompts, completions, references) with three lists of str (the prompt "
+        "as the model reads it, template included; the sample; the data's own completion of that prompt: an sft "
+        "example's answer, or a pair's chosen one) and returning one float per sample (rule-based rewards: a right "
+        "answer, a format; TRL's reward_funcs). With online_reward_model too, the two rewards add up. null = none.",
+        None)
     online_max_new_tokens: int = doc("Online preference training: the longest sampled completion, in tokens.", 64,
                                      ge=1, le=MAX_SIZE)
     online_temperature: float = doc("Online preference training: the sampling temperature.", 1.0, gt=0, le=100)
@@ -601,25 +608,30 @@ class TrainConfig:
         if self.preference_loss == "exo" and self.dpo_label_smoothing == 0:
             raise ConfigError("train.preference_loss exo is the KL divergence from a smoothed label: set "
                               "train.dpo_label_smoothing above 0 (the paper's 0.001)")
-        if self.online_reward_model is None and (self.online_max_new_tokens != 64 or self.online_temperature != 1.0):
+        if not self.online and (self.online_max_new_tokens != 64 or self.online_temperature != 1.0):
             raise ConfigError("train.online_max_new_tokens / online_temperature set online preference training, which "
-                              "needs train.online_reward_model: set it, or drop them")
+                              "needs train.online_reward_model (or online_reward_function): set it, or drop them")
         grpo_set = (self.grpo_group_size != 4 or self.grpo_beta != 0.0 or self.grpo_loss_type != "dapo"
                     or self.grpo_scale_rewards != "group")
         if grpo_set and self.preference_loss != "grpo":
             raise ConfigError("train.grpo_group_size / grpo_beta / grpo_loss_type / grpo_scale_rewards set GRPO, and "
                               f"train.preference_loss is {self.preference_loss}: drop them, or set "
                               "train.preference_loss grpo")
-        if self.preference_loss == "grpo" and self.online_reward_model is None:
+        if self.preference_loss == "grpo" and not self.online:
             raise ConfigError("train.preference_loss grpo learns from the rewards of the model's own samples: set "
                               "train.online_reward_model to a reward model's run (`lmforge train --train.objective "
-                              "reward`)")
+                              "reward`) or train.online_reward_function to a Python function FILE.py:NAME")
         if self.preference_loss == "grpo" and (self.dpo_beta != 0.1 or self.preference_nll_weight):
             raise ConfigError("train.dpo_beta / preference_nll_weight belong to the pair losses, and GRPO's KL weight "
                               "is train.grpo_beta: drop them")
         if self.preference_loss == "orpo" and self.preference_nll_weight:
             raise ConfigError("train.preference_nll_weight adds a next-token term on the chosen completion, and "
                               "train.preference_loss orpo has its own: drop it")
+
+    @property
+    def online(self) -> bool:
+        """Online preference training (or GRPO): the model's own samples, scored by a reward model or function."""
+        return self.online_reward_model is not None or self.online_reward_function is not None
 
 
 # ---------------------------------------------------------------------------------------------- lora

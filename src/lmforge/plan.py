@@ -274,7 +274,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     if reward:
         notes.append("train.objective reward: a reward model reads each pair's two examples whole through a one-output "
                      "head; no reference, no LM head")
-    if preference and t.online_reward_model is not None:
+    if preference and t.online:
         samples = f"{t.grpo_group_size} completions" if grpo else "two completions"
         notes.append(f"train.online_reward_model: each step also samples {samples} of every prompt (a forward "
                      "pass per new token) and scores them with the reward model; not counted here")

@@ -22,7 +22,11 @@ of each prompt, all kept, each with its advantage (preference_loss.group_advanta
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -34,13 +38,67 @@ from lmforge.generate.reward import RewardModel
 from lmforge.preference_loss import group_advantages
 
 
+class RewardFunction:
+    """train.online_reward_function: a user's Python function as a judge, NAME(prompts, completions, references)
+    -> one float per completion (three lists of str of one length). Its file or module is imported once; a call that
+    raises, or returns anything but that many finite numbers, stops the run with one line naming the function."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec, self.fn = spec, load_function(spec)
+
+    def __call__(self, prompts: list[str], completions: list[str], references: list[str]) -> np.ndarray:
+        from lmforge.errors import ConfigError
+
+        try:
+            out = self.fn(list(prompts), list(completions), list(references))
+            rewards = [float(r) for r in out]
+        except Exception as e:  # the user's code: name it, and what it raised
+            raise ConfigError(f"train.online_reward_function {self.spec} failed: {type(e).__name__}: {e}") from None
+        if len(rewards) != len(completions) or not all(math.isfinite(r) for r in rewards):
+            raise ConfigError(f"train.online_reward_function {self.spec} must return one finite number per completion: "
+                              f"got {len(rewards)} for {len(completions)}"
+                              f"{'' if all(math.isfinite(r) for r in rewards) else ', not all finite'}")
+        return np.asarray(rewards, dtype=np.float64)
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """The function FILE.py:NAME (a file, imported under its own name) or package.module:NAME names; a ConfigError
+    naming what is wrong otherwise."""
+    from lmforge.errors import ConfigError
+
+    where, _, name = spec.rpartition(":")
+    if not where or not name.isidentifier():
+        raise ConfigError(f"train.online_reward_function {spec!r} is not FILE.py:NAME or package.module:NAME")
+    try:
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.is_file():
+                raise ConfigError(f"train.online_reward_function: {where} does not exist: give the path of a .py file")
+            loaded = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as e:  # a file or module that does not import
+        raise ConfigError(f"train.online_reward_function: importing {where} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"train.online_reward_function: {where} has no function {name}")
+    return fn
+
+
 class OnlinePairs:
     """Turns a batch of preference pairs into on-policy pairs: (x, y) of the batch's prompts, each with two of the
-    policy's samples ranked by `judge`, and the samples' mean reward (module docstring)."""
+    policy's samples ranked by `judge` (a reward model) and/or `function` (a RewardFunction: their rewards add up),
+    and the samples' mean reward (module docstring)."""
 
-    def __init__(self, judge: RewardModel, block_size: int, max_new_tokens: int, temperature: float, seed: int,
-                 start_id: Any, end_id: int, pad_id: int, rows_per_prompt: int = 2) -> None:
-        self.judge, self.block_size, self.max_new_tokens = judge, block_size, max_new_tokens
+    def __init__(self, judge: Optional[RewardModel], block_size: int, max_new_tokens: int, temperature: float,
+                 seed: int, start_id: Any, end_id: int, pad_id: int, rows_per_prompt: int = 2,
+                 function: Optional[RewardFunction] = None, tokenizer: Any = None) -> None:
+        self.judge, self.function, self.tokenizer = judge, function, tokenizer
+        self.block_size, self.max_new_tokens = block_size, max_new_tokens
         self.rows_per_prompt = rows_per_prompt  # 2: a batch of pairs (its chosen rows); 1: of sft examples
         self.temperature, self.seed = temperature, seed
         self.keep, self.end_id, self.pad_id = int(start_id is not None), end_id, pad_id
@@ -58,10 +116,19 @@ class OnlinePairs:
         return out
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, prompts: list[np.ndarray], n: int, step: int, micro: int
-               ) -> tuple[list[np.ndarray], list[int], np.ndarray]:
-        """n samples of each prompt by `model` (eval mode, no gradients) and the judge's reward of each: (rows, each
-        [start] + prompt + sample (+ end token where it ended), prompt-major; each row's prompt length; rewards (P, n))."""
+    def references(self, batch: tuple[torch.Tensor, ...]) -> Optional[list[str]]:
+        """The data's own completion of each prompt of `batch` (a pair's chosen one, an sft example's), as text: what
+        a reward function may compare a sample with (a reference answer); None without a reward function."""
+        if self.function is None:
+            return None
+        every = self.rows_per_prompt
+        return [self.tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()) for labels in batch[1][0::every]]
+
+    def sample(self, model: nn.Module, prompts: list[np.ndarray], n: int, step: int, micro: int,
+               references: Optional[list[str]] = None) -> tuple[list[np.ndarray], list[int], np.ndarray]:
+        """n samples of each prompt by `model` (eval mode, no gradients) and the judges' reward of each: (rows, each
+        [start] + prompt + sample (+ end token where it ended), prompt-major; each row's prompt length; rewards (P, n)).
+        references: the data's completion of each prompt (for a reward function)."""
         seed = int(np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
         config = GenerateConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                 num_return_sequences=n, seed=seed)
@@ -77,14 +144,21 @@ class OnlinePairs:
                 ended = [self.end_id] if len(ids) < self.max_new_tokens else []
                 rows.append(np.concatenate([prompt, np.asarray(ids + ended, dtype=np.int64)]))
                 lengths.append(len(prompt))
-        judge_block = self.judge.model.config.block_size
-        rewards = self.judge.score_ids([fit_context(r, judge_block, self.keep) for r in rows])
-        return rows, lengths, np.asarray(rewards, dtype=np.float64).reshape(len(prompts), n)
+        rewards = np.zeros(len(rows))
+        if self.judge is not None:
+            judge_block = self.judge.model.config.block_size
+            rewards += self.judge.score_ids([fit_context(r, judge_block, self.keep) for r in rows])
+        if self.function is not None:
+            decode = self.tokenizer.decode  # special tokens (start, end) dropped
+            rewards += self.function([decode(r[:k]) for r, k in zip(rows, lengths)],
+                                     [decode(r[k:]) for r, k in zip(rows, lengths)],
+                                     [text for text in (references or [""] * len(prompts)) for _ in range(n)])
+        return rows, lengths, rewards.reshape(len(prompts), n)
 
     def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...], step: int, micro: int
                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
         prompts = self.prompts(batch)
-        rows, lengths, rewards = self.sample(model, prompts, 2, step, micro)
+        rows, lengths, rewards = self.sample(model, prompts, 2, step, micro, self.references(batch))
         order = []
         for k in range(len(prompts)):  # the higher reward first: chosen, then rejected (a tie keeps the draw order)
             order += [2 * k, 2 * k + 1] if rewards[k, 0] >= rewards[k, 1] else [2 * k + 1, 2 * k]
@@ -95,7 +169,7 @@ class OnlinePairs:
         """GRPO's batch: n samples of each prompt of a pair batch as (x, y, advantages) rows (prompt-major: rows
         k n .. k n + n - 1 are prompt k's; labels on each sample and its end token; advantages (P n,) of
         preference_loss.group_advantages, scaled or not), and their rewards (P, n) float32."""
-        rows, lengths, rewards = self.sample(model, self.prompts(batch), n, step, micro)
+        rows, lengths, rewards = self.sample(model, self.prompts(batch), n, step, micro, self.references(batch))
         rewards = torch.from_numpy(rewards).float()
         return (*self.rows_batch(rows, lengths, range(len(rows))), group_advantages(rewards, scale).flatten()), rewards
 
@@ -123,15 +197,18 @@ def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: tor
     if tc.online_max_new_tokens >= block:
         raise ConfigError(f"train.online_max_new_tokens={tc.online_max_new_tokens} leaves no room for a prompt in the "
                           f"model's context (block_size {block}): lower it")
-    ckpt = resolve_checkpoint(tc.online_reward_model)
-    judge = load(str(ckpt), device=str(device), template=False)
-    if not isinstance(judge, RewardModel):
-        raise ConfigError(f"train.online_reward_model {tc.online_reward_model} is not a reward model: train one with "
-                          "`lmforge train --train.objective reward` on preference data")
-    theirs = ckpt / "tokenizer.json"
-    if tokenizer_file is None or not theirs.is_file() or sha256_file(theirs) != sha256_file(tokenizer_file):
-        raise ConfigError(f"train.online_reward_model {tc.online_reward_model} reads another tokenizer than this "
-                          "data's: train the reward model on data prepared with this model's tokenizer")
+    judge = None
+    if tc.online_reward_model is not None:
+        ckpt = resolve_checkpoint(tc.online_reward_model)
+        judge = load(str(ckpt), device=str(device), template=False)
+        if not isinstance(judge, RewardModel):
+            raise ConfigError(f"train.online_reward_model {tc.online_reward_model} is not a reward model: train one "
+                              "with `lmforge train --train.objective reward` on preference data")
+        theirs = ckpt / "tokenizer.json"
+        if tokenizer_file is None or not theirs.is_file() or sha256_file(theirs) != sha256_file(tokenizer_file):
+            raise ConfigError(f"train.online_reward_model {tc.online_reward_model} reads another tokenizer than this "
+                              "data's: train the reward model on data prepared with this model's tokenizer")
+    function = RewardFunction(tc.online_reward_function) if tc.online_reward_function is not None else None
     tok = Tokenizer.load(tokenizer_file)
     return OnlinePairs(judge, block, tc.online_max_new_tokens, tc.online_temperature, tc.seed, tok.start_id,
-                       tok.end_id, pad_id, rows_per_prompt)
+                       tok.end_id, pad_id, rows_per_prompt, function, tok)

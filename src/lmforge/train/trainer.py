@@ -241,18 +241,18 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
     grpo_on_sft = kind == "sft" and tc.preference_loss == "grpo"  # GRPO needs prompts only: sft data has them
     if (kind in ("preference", "unpaired") or grpo_on_sft) and objective != "reward":
         check_preference_loss(tc, kind)
-    if tc.online_reward_model is not None and (kind not in ("preference", "sft") or objective == "reward"):
+    if tc.online and (kind not in ("preference", "sft") or objective == "reward"):
         raise ConfigError("train.online_reward_model samples pairs for a language model's preference loss: train on "
                           "preference data (`lmforge prepare --task preference`) without train.objective reward, or "
                           "drop it")
-    if tc.online_reward_model is not None and kind == "sft" and not grpo_on_sft:
+    if tc.online and kind == "sft" and not grpo_on_sft:
         raise ConfigError("train.online_reward_model on sft data trains with GRPO, which needs only the prompts: set "
                           "train.preference_loss grpo, or prepare preference pairs (`--task preference`) for online "
                           "DPO, whose evaluations score the data's pairs")
-    if tc.online_reward_model is not None and tc.precompute_reference:
+    if tc.online and tc.precompute_reference:
         raise ConfigError("train.online_reward_model samples new completions at every step, which "
                           "train.precompute_reference cannot score ahead: drop one")
-    if tc.online_reward_model is not None and tc.parallel == "fsdp":
+    if tc.online and tc.parallel == "fsdp":
         raise ConfigError("train.online_reward_model samples from the whole model, which FSDP shards over the "
                           "processes: use train.parallel ddp")
     if kind not in ("preference", "unpaired") and policy_loss_set and not grpo_on_sft:
@@ -323,7 +323,7 @@ def check_selection(tc: Any, task: Optional[dict[str, Any]]) -> None:
     if tc.preference_loss == "grpo" and tc.best_metric in ("val_reward_accuracy", "val_reward_margin"):
         raise ConfigError(f"train.best_metric={tc.best_metric} compares the rewards of a pair's completions, and GRPO "
                           "trains on groups of its own samples: use val_online_reward (their mean reward) or val_loss")
-    if tc.best_metric == "val_online_reward" and tc.online_reward_model is None:
+    if tc.best_metric == "val_online_reward" and not tc.online:
         raise ConfigError("train.best_metric=val_online_reward is measured with train.online_reward_model: set it, or "
                           "use val_loss")
     if tc.best_metric not in ("val_loss", "val_accuracy", "val_macro_f1", "val_choices_acc", "val_choices_acc_norm",
@@ -491,7 +491,7 @@ class Trainer:
         unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
         self.online: Optional[Any] = None  # train.online_reward_model: on-policy pairs at every step (train/online.py)
         self.online_reward: Optional[float] = None  # their mean reward in the last micro-batch trained on
-        if tc.online_reward_model is not None:
+        if tc.online:
             from lmforge.train.online import load_online_pairs
 
             self.online = load_online_pairs(config, self.tokenizer_file, self.train_data.pad_id, self.device,

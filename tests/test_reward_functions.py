@@ -1,0 +1,122 @@
+"""train.online_reward_function: a user's Python function as the judge of online training and GRPO (rule-based
+rewards, TRL's reward_funcs), alone or beside a reward model.
+
+It is called with the prompts as the model reads them, the samples and the data's own completions (the reference
+answers), as text; its rewards are what GRPO trains on (20 steps raise the share of A's when the function counts
+them), they add to a reward model's; a function that cannot be loaded, raises, or returns the wrong number of values
+or a non-finite one stops the run with one line naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.data.batches import IGNORE_INDEX
+from lmforge.errors import ConfigError
+from lmforge.train import Trainer
+from test_grpo import grpo
+from test_online_preference import A, a_pairs, judge_run, online, policy  # noqa: F401 (fixtures)
+from test_preference import base, dpo  # noqa: F401 (fixtures)
+
+A_SHARE = '''
+CALLS = []
+
+
+def a_share(prompts, completions, references):
+    CALLS.append((list(prompts), list(completions), list(references)))
+    return [sum(c == "A" for c in text) / max(len(text), 1) for text in completions]
+'''
+
+
+def function_file(tmp_path: Path, body: str = A_SHARE, name: str = "rewards.py") -> Path:
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+def test_grpo_learns_from_a_reward_function_alone(a_pairs, policy, judge_run, tmp_path):
+    """No reward model: the function sees each prompt as the model reads it, each sample and the example's own
+    completion as text (G samples a prompt, prompt-major), and 20 GRPO steps on sft data raise its reward."""
+    sft = policy.parent / "data"
+    spec = f"{function_file(tmp_path)}:a_share"
+    settings = {"train.online_reward_model": None, "train.online_reward_function": spec, "train.max_steps": 20,
+                "train.eval_batches": 4, "train.eval_interval": 20}
+    trainer = Trainer(grpo(tmp_path / "run", sft, policy, judge_run, **settings), progress=False, tensorboard=False)
+    assert trainer.online.judge is None
+    calls = trainer.online.function.fn.__globals__["CALLS"]
+    batch = trainer.val_batches[0]
+    (x, y, _), rewards = trainer.online.groups(trainer.raw_model, batch, 4, 7, 0)
+    prompts, completions, references = calls[-1]
+    tok = trainer.online.tokenizer
+    for k, (row, labels) in enumerate(zip(batch[0], batch[1])):
+        first = int((labels != IGNORE_INDEX).nonzero()[0])
+        for g in range(4):
+            assert prompts[4 * k + g] == tok.decode(row[:first + 1].tolist())
+            assert references[4 * k + g] == tok.decode(labels[labels != IGNORE_INDEX].tolist())
+            sample = y[4 * k + g]
+            assert completions[4 * k + g] == tok.decode(sample[sample != IGNORE_INDEX].tolist())
+    want = [sum(c == "A" for c in text) / max(len(text), 1) for text in completions]
+    assert rewards.flatten().tolist() == pytest.approx(want)
+    assert any(r for r in references) and len(set(references)) > 1
+    trainer.evaluate()
+    before = trainer.val_metrics["val_online_reward"]
+    trainer.fit()
+    assert trainer.val_metrics["val_online_reward"] > before + 0.2
+
+
+def test_a_functions_rewards_add_to_the_reward_models(a_pairs, policy, judge_run, tmp_path):
+    spec = f"{function_file(tmp_path)}:a_share"
+    both = Trainer(grpo(tmp_path / "both", a_pairs, policy, judge_run, **{"train.online_reward_function": spec}),
+                   progress=False, tensorboard=False)
+    alone = Trainer(grpo(tmp_path / "alone", a_pairs, policy, judge_run), progress=False, tensorboard=False)
+    batch = both.train_data.next_batch()
+    _, summed = both.online.groups(both.raw_model, batch, 4, 3, 0)
+    _, model_only = alone.online.groups(alone.raw_model, batch, 4, 3, 0)
+    _, completions, _ = both.online.function.fn.__globals__["CALLS"][-1]
+    function = torch.tensor([sum(c == "A" for c in t) / max(len(t), 1) for t in completions]).view(-1, 4)
+    torch.testing.assert_close(summed, model_only + function)
+    assert function.abs().max() > 0
+
+
+@pytest.mark.parametrize("body,spec,words", [
+    (A_SHARE, "{path}", "is not FILE.py:NAME"),
+    (A_SHARE, "{dir}/missing.py:a_share", "missing.py does not exist"),
+    ("import not_a_module_anywhere\n", "{path}:f", "importing .* failed: ModuleNotFoundError"),
+    (A_SHARE, "{path}:nope", "has no function nope"),
+    (A_SHARE, "no_such_package_x.mod:f", "importing no_such_package_x.mod failed"),
+])
+def test_a_function_that_cannot_be_loaded_is_refused(a_pairs, policy, judge_run, tmp_path, body, spec, words):
+    path = function_file(tmp_path, body)
+    spec = spec.format(path=path, dir=tmp_path)
+    with pytest.raises(ConfigError, match=words):
+        Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **{"train.online_reward_function": spec}),
+                progress=False, tensorboard=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("body,words", [
+    ("def f(p, c, r):\n    raise KeyError('answer')\n", "failed: KeyError: 'answer'"),
+    ("def f(p, c, r):\n    return [1.0]\n", "one finite number per completion: got 1 for 32"),
+    ("def f(p, c, r):\n    return [float('nan')] * len(c)\n", "not all finite"),
+    ("def f(p, c, r):\n    return ['x'] * len(c)\n", "failed: ValueError"),
+])
+def test_a_function_that_fails_stops_the_run_with_one_line(a_pairs, policy, judge_run, tmp_path, body, words):
+    spec = f"{function_file(tmp_path, body)}:f"
+    trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **{"train.online_reward_function": spec}),
+                      progress=False, tensorboard=False)
+    with pytest.raises(ConfigError, match=words) as info:
+        trainer.fit()
+    assert "\n" not in str(info.value) and "train.online_reward_function" in str(info.value)
+
+
+def test_the_cli_names_a_bad_function_in_one_line(a_pairs, policy, tmp_path, capsys):
+    code = main(["train", "--data", str(a_pairs), "--train.init_from", str(policy), "--run-dir", str(tmp_path / "r"),
+                 "--train.preference_loss", "grpo", "--train.online_reward_function", f"{tmp_path}/none.py:f",
+                 "--train.online_max_new_tokens", "5", "--train.max_steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "none.py does not exist" in err[0]
