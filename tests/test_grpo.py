@@ -25,7 +25,7 @@ from lmforge.generate import GenerateConfig, generate_batch_ids
 from lmforge.preference_loss import group_advantages, grpo_sequence_loss, grpo_token_loss
 from lmforge.train import Trainer
 from lmforge.train.metrics import read_metrics
-from test_online_preference import A, a_pairs, judge_run, online, policy  # noqa: F401 (fixtures)
+from test_online_preference import A, a_pairs, fit_and_sample, judge_run, online, policy  # noqa: F401
 from test_preference import base, dpo  # noqa: F401 (fixture)
 
 
@@ -202,12 +202,7 @@ def test_grpo_makes_the_policy_write_what_the_reward_model_prefers(a_pairs, poli
     trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **{
         "train.max_steps": 20, "train.eval_batches": 4, "train.eval_interval": 10,
         "train.best_metric": "val_online_reward"}), progress=False, tensorboard=False)
-    reward_before, a_before = sampled(trainer)
-    trainer.evaluate()
-    assert trainer.val_metrics["val_online_reward"] == pytest.approx(reward_before, abs=1e-5)
-    trainer.fit()
-    reward_after, a_after = sampled(trainer)
-    assert trainer.val_metrics["val_online_reward"] == pytest.approx(reward_after, abs=1e-5)
+    reward_before, reward_after, a_before, a_after = fit_and_sample(trainer, sampled)
     assert reward_after > reward_before + 0.5 and a_after > a_before + 0.2
     logged = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
     assert len(logged) == 20 and all(isinstance(r["online_reward"], float) for r in logged)

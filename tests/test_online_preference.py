@@ -14,6 +14,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,6 +93,18 @@ def sampled(trainer: Trainer) -> tuple[float, float]:
     return rewards / samples, float(np.mean(share))
 
 
+def fit_and_sample(trainer: Trainer, sampled: Any) -> tuple[float, float, float, float]:
+    """(reward before, reward after, share of A's before, after) of `sampled(trainer)` around trainer.fit(), each
+    reward checked to be what the trainer's evaluation reports as val_online_reward."""
+    reward_before, a_before = sampled(trainer)
+    trainer.evaluate()
+    assert trainer.val_metrics["val_online_reward"] == pytest.approx(reward_before, abs=1e-5)
+    trainer.fit()
+    reward_after, a_after = sampled(trainer)
+    assert trainer.val_metrics["val_online_reward"] == pytest.approx(reward_after, abs=1e-5)
+    return reward_before, reward_after, a_before, a_after
+
+
 def test_online_dpo_makes_the_policy_write_what_the_reward_model_prefers(a_pairs, policy, judge_run, tmp_path):
     """20 online steps raise the share of A's in the policy's samples and their reward; the evaluations measure it:
     val_online_reward is the mean reward of two samples of every val prompt (the same draws as `sampled`), and it
@@ -99,12 +112,7 @@ def test_online_dpo_makes_the_policy_write_what_the_reward_model_prefers(a_pairs
     trainer = Trainer(online(tmp_path / "run", a_pairs, policy, judge_run, **{
         "train.max_steps": 20, "train.eval_batches": 4, "train.eval_interval": 10,
         "train.best_metric": "val_online_reward"}), progress=False, tensorboard=False)
-    reward_before, a_before = sampled(trainer)
-    trainer.evaluate()
-    assert trainer.val_metrics["val_online_reward"] == pytest.approx(reward_before, abs=1e-5)
-    trainer.fit()
-    reward_after, a_after = sampled(trainer)
-    assert trainer.val_metrics["val_online_reward"] == pytest.approx(reward_after, abs=1e-5)
+    reward_before, reward_after, a_before, a_after = fit_and_sample(trainer, sampled)
     assert trainer.history[0][1] == pytest.approx(LOG2, abs=1e-6)  # the policy is its reference at step 1
     assert reward_after > reward_before + 0.5 and a_after > a_before + 0.2
     logged = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
