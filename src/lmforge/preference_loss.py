@@ -67,11 +67,12 @@ log-probabilities: a scalar head reads each whole example (prompt, completion, e
              centred on 0 (Eisenstein et al. 2023)
 
 Group Relative Policy Optimization (grpo; Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer) is online only
-(train.online_reward_model): the policy samples G completions o_1..o_G of each prompt, the reward model scores them
-r_1..r_G, and each completion's advantage is its reward against its group's (group_advantages):
+(train.online_reward_model or online_reward_function): the policy samples G completions o_1..o_G of each prompt,
+the reward model (or function) scores them r_1..r_G, and each completion's advantage is its reward against its group's (group_advantages):
 
     A_i      = (r_i - mean(r)) / (std(r) + 1e-4)        or r_i - mean(r) unscaled (Dr. GRPO, Liu et al. 2025)
-    l_i,t    = -A_i pi(o_i,t) / pi_old(o_i,t) + beta KL_t,   KL_t = exp(d) - d - 1, d = log pi_ref(o_i,t) - log pi(o_i,t)
+    l_i,t    = -A_i pi(o_i,t) / pi_old(o_i,t) + beta KL_t,
+    KL_t     = exp(d) - d - 1,  d = log pi_ref(o_i,t) - log pi(o_i,t)
                (grpo_token_loss; pi_old is the policy that sampled, the same one: each group trains one update, so
                the ratio is 1 with the gradient of log pi and PPO's clip never bites; KL_t is Schulman's k3 estimate)
 

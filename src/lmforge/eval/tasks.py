@@ -261,9 +261,9 @@ def _evaluate_preference_split(model: nn.Module, tokenizer: Any, config: Any, ck
 
     loss = PreferenceLoss.of(config.train)
     if loss.group:
-        raise ConfigError(f"{ckpt} was trained with GRPO on its own samples, and `lmforge eval` measures a pair loss it "
-                          "never had: the run's val_online_reward (metrics.jsonl) is its measure; score its samples "
-                          "with `lmforge best-of-n` or `lmforge reward`")
+        raise ConfigError(f"{ckpt} was trained with GRPO on its own samples, and `lmforge eval` measures a pair "
+                          "loss it never had: the run's val_online_reward (metrics.jsonl) is its measure; score its "
+                          "samples with `lmforge best-of-n` or `lmforge reward`")
     if loss.unpaired != (kind == "unpaired"):
         raise DataError(f"{ckpt} was trained with train.preference_loss {loss.kind}, a loss of "
                         f"{'single completions' if loss.unpaired else 'pairs'}, and this is {kind} data: evaluate on "
