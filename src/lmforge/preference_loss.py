@@ -68,7 +68,8 @@ log-probabilities: a scalar head reads each whole example (prompt, completion, e
 
 Group Relative Policy Optimization (grpo; Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer) is online only
 (train.online_reward_model or online_reward_function): the policy samples G completions o_1..o_G of each prompt,
-the reward model (or function) scores them r_1..r_G, and each completion's advantage is its reward against its group's (group_advantages):
+the reward model (or function) scores them r_1..r_G, and each completion's advantage is its reward against its
+group's (group_advantages):
 
     A_i      = (r_i - mean(r)) / (std(r) + 1e-4)        or r_i - mean(r) unscaled (Dr. GRPO, Liu et al. 2025)
     l_i,t    = -A_i pi(o_i,t) / pi_old(o_i,t) + beta KL_t,
