@@ -306,3 +306,17 @@ def test_grpo_trains_on_the_prompts_of_sft_data(a_pairs, policy, judge_run, tmp_
     assert trainer.task["task"] == "sft"
     with pytest.raises(ConfigError, match="train.preference_loss grpo"):
         Trainer(online(tmp_path / "dpo", sft, policy, judge_run), progress=False, tensorboard=False)
+
+
+def test_lora_grpo_holds_the_adapters_to_the_base_with_the_kl_term(a_pairs, policy, judge_run, tmp_path):
+    """LoRA keeps no frozen copy: its reference is the model with its adapters off, so grpo_beta's KL term is 0 at
+    step 1 (adapters start at 0) and positive at step 2, as with full fine-tuning."""
+    lora = {"lora.r": 4, "lora.targets": "q,v,mlp", "train.max_steps": 2, "optim.lr": 1e-2}
+    runs = [Trainer(grpo(tmp_path / f"beta{beta}", a_pairs, policy, judge_run, **{**lora, "train.grpo_beta": beta}),
+                    progress=False, tensorboard=False) for beta in (0.0, 2.0)]
+    assert all(trainer.reference is None for trainer in runs)
+    for trainer in runs:
+        trainer.fit()
+    (_, plain1), (_, plain2) = runs[0].history
+    (_, held1), (_, held2) = runs[1].history
+    assert held1 == pytest.approx(plain1, abs=1e-6) and held2 > plain2 + 1e-4
