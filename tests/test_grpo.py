@@ -320,3 +320,23 @@ def test_lora_grpo_holds_the_adapters_to_the_base_with_the_kl_term(a_pairs, poli
     (_, plain1), (_, plain2) = runs[0].history
     (_, held1), (_, held2) = runs[1].history
     assert held1 == pytest.approx(plain1, abs=1e-6) and held2 > plain2 + 1e-4
+
+
+def test_mask_truncated_trains_only_the_samples_that_ended(a_pairs, policy, judge_run, tmp_path):
+    """grpo_mask_truncated: a sample that ran out of tokens (no end token) keeps its reward and advantage but no
+    label, so step 1's DAPO loss is the formula's over the samples that ended, divided by their tokens alone."""
+    settings = {"train.max_steps": 1, "train.grpo_mask_truncated": True}
+    trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **settings), progress=False,
+                      tensorboard=False)
+    data_state = trainer.train_data.state_dict()
+    batch = trainer.train_data.next_batch()
+    (x, y, advantages), rewards = trainer.online.groups(trainer.raw_model, batch, 4, 0, 0)
+    (_, masked, masked_advantages), _ = trainer.sample_groups(batch, 0, 0)
+    trainer.train_data.load_state_dict(data_state)
+    ended = torch.tensor([bool((row[row != IGNORE_INDEX] == 1).any()) for row in y])  # an end token among the labels
+    assert 0 < int(ended.sum()) < len(ended)
+    assert (masked[~ended] == IGNORE_INDEX).all() and torch.equal(masked[ended], y[ended])
+    torch.testing.assert_close(masked_advantages, advantages)
+    trainer.fit()
+    assert trainer.history[0][1] == pytest.approx(first_step_loss(masked, advantages, "dapo", 5), abs=1e-5)
+    assert first_step_loss(masked, advantages, "dapo", 5) != pytest.approx(first_step_loss(y, advantages, "dapo", 5))

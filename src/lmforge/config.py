@@ -584,6 +584,10 @@ class TrainConfig:
     grpo_scale_rewards: Literal["group", "none"] = doc(
         "preference_loss grpo: group divides each advantage (reward minus its group's mean) by its group's standard "
         "deviation (GRPO); none does not (Dr. GRPO: no bias towards groups the model finds easy or hard).", "group")
+    grpo_mask_truncated: bool = doc("preference_loss grpo: a sample that ran out of tokens (online_max_new_tokens, no "
+                                    "end token) trains nothing (DAPO's overlong filtering; TRL's "
+                                    "mask_truncated_completions); its reward still counts in its group's advantages.",
+                                    False)
     precompute_reference: bool = doc("Preference data with a reference loss (all but simpo and orpo): score every "
                                      "train and val completion with the frozen reference once, before the first "
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
@@ -612,10 +616,11 @@ class TrainConfig:
             raise ConfigError("train.online_max_new_tokens / online_temperature set online preference training, which "
                               "needs train.online_reward_model (or online_reward_function): set it, or drop them")
         grpo_set = (self.grpo_group_size != 4 or self.grpo_beta != 0.0 or self.grpo_loss_type != "dapo"
-                    or self.grpo_scale_rewards != "group")
+                    or self.grpo_scale_rewards != "group" or self.grpo_mask_truncated)
         if grpo_set and self.preference_loss != "grpo":
-            raise ConfigError("train.grpo_group_size / grpo_beta / grpo_loss_type / grpo_scale_rewards set GRPO, and "
-                              f"train.preference_loss is {self.preference_loss}: drop them, or set "
+            raise ConfigError("train.grpo_group_size / grpo_beta / grpo_loss_type / grpo_scale_rewards / "
+                              f"grpo_mask_truncated set GRPO, and train.preference_loss is {self.preference_loss}: "
+                              "drop them, or set "
                               "train.preference_loss grpo")
         if self.preference_loss == "grpo" and not self.online:
             raise ConfigError("train.preference_loss grpo learns from the rewards of the model's own samples: set "

@@ -165,13 +165,18 @@ class OnlinePairs:
         return self.rows_batch(rows, lengths, order), float(np.mean(rewards))
 
     def groups(self, model: nn.Module, batch: tuple[torch.Tensor, ...], n: int, step: int, micro: int,
-               scale: bool = True) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+               scale: bool = True, mask_truncated: bool = False
+               ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         """GRPO's batch: n samples of each prompt of a pair batch as (x, y, advantages) rows (prompt-major: rows
-        k n .. k n + n - 1 are prompt k's; labels on each sample and its end token; advantages (P n,) of
-        preference_loss.group_advantages, scaled or not), and their rewards (P, n) float32."""
+        k n .. k n + n - 1 are prompt k's; labels on each sample and its end token, none on a sample that ran out of
+        tokens when mask_truncated; advantages (P n,) of preference_loss.group_advantages, scaled or not), and their
+        rewards (P, n) float32."""
         rows, lengths, rewards = self.sample(model, self.prompts(batch), n, step, micro, self.references(batch))
         rewards = torch.from_numpy(rewards).float()
-        return (*self.rows_batch(rows, lengths, range(len(rows))), group_advantages(rewards, scale).flatten()), rewards
+        x, y = self.rows_batch(rows, lengths, range(len(rows)))
+        if mask_truncated:  # DAPO's overlong filtering: a sample with no end token trains nothing
+            y[torch.tensor([int(row[-1]) != self.end_id for row in rows])] = IGNORE_INDEX
+        return (x, y, group_advantages(rewards, scale).flatten()), rewards
 
     def rows_batch(self, rows: list[np.ndarray], lengths: list[int], order: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of the rows in `order`, padded, labels on each row's tokens after its prompt."""

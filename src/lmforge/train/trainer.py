@@ -799,11 +799,16 @@ class Trainer:
     def grpo_batch(self, batch: tuple[torch.Tensor, ...], step: int, micro: int) -> tuple[torch.Tensor, ...]:
         """GRPO's (x, y, advantages) in place of a batch of pairs: grpo_group_size samples of each of its prompts by
         the policy as it is, each with its advantage (train/online.py); their mean reward goes to the log."""
-        tc = self.config.train
-        batch, rewards = self.online.groups(unwrap(self.raw_model), batch, tc.grpo_group_size, step, micro,
-                                            tc.grpo_scale_rewards == "group")
+        batch, rewards = self.sample_groups(batch, step, micro)
         self.online_reward = float(rewards.mean())
         return batch
+
+    def sample_groups(self, batch: tuple[torch.Tensor, ...], step: int, micro: int
+                      ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """OnlinePairs.groups with the run's GRPO settings: ((x, y, advantages), rewards (P, G))."""
+        tc = self.config.train
+        return self.online.groups(unwrap(self.raw_model), batch, tc.grpo_group_size, step, micro,
+                                  tc.grpo_scale_rewards == "group", tc.grpo_mask_truncated)
 
     def grpo_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(N,) each sampled completion's share of the GRPO loss (preference_loss.grpo_token_loss and
@@ -1030,9 +1035,7 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # (loss, count, rewards, samples)
         for k, batch in enumerate(self.val_batches):
-            tc = self.config.train
-            sampled, rewards = self.online.groups(unwrap(self.raw_model), batch, tc.grpo_group_size, VAL_SAMPLING_STEP,
-                                                  k, tc.grpo_scale_rewards == "group")
+            sampled, rewards = self.sample_groups(batch, VAL_SAMPLING_STEP, k)
             totals += torch.tensor([float(self.grpo_terms(self.model, sampled).sum()), self.batch_count(sampled),
                                     float(rewards.sum()), rewards.numel()], dtype=torch.float64, device=self.device)
         self.model.train()
