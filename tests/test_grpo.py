@@ -340,3 +340,22 @@ def test_mask_truncated_trains_only_the_samples_that_ended(a_pairs, policy, judg
     trainer.fit()
     assert trainer.history[0][1] == pytest.approx(first_step_loss(masked, advantages, "dapo", 5), abs=1e-5)
     assert first_step_loss(masked, advantages, "dapo", 5) != pytest.approx(first_step_loss(y, advantages, "dapo", 5))
+
+
+def test_the_logged_reward_is_the_whole_steps_and_pair_weights_are_refused(a_pairs, policy, judge_run, tmp_path):
+    """With two micro-batches the logged online_reward is the mean over both micro-batches' samples (GRPO samples
+    them all before the step); KTO's weights, like DPO's beta, are refused with GRPO on any data."""
+    trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **{
+        "train.max_steps": 1, "train.grad_accum": 2, "train.batch_size": 3, "train.log_interval": 1}),
+        progress=False, tensorboard=False)
+    data_state = trainer.train_data.state_dict()
+    rewards = torch.cat([trainer.sample_groups(trainer.train_data.next_batch(), 0, i)[1].flatten() for i in range(2)])
+    trainer.train_data.load_state_dict(data_state)
+    trainer.fit()
+    logged = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert logged[0]["online_reward"] == pytest.approx(float(rewards.mean()), abs=1e-6)
+    assert logged[0]["online_reward"] != pytest.approx(float(rewards[12:].mean()), abs=1e-6)
+    for key in ("train.kto_desirable_weight", "train.kto_undesirable_weight"):
+        for data in (a_pairs, policy.parent / "data"):
+            with pytest.raises(ConfigError, match="kto_\\*_weight belong to the pair and unpaired losses"):
+                grpo(tmp_path / "x", data, policy, judge_run, **{key: 2.0})

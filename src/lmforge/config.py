@@ -626,9 +626,11 @@ class TrainConfig:
             raise ConfigError("train.preference_loss grpo learns from the rewards of the model's own samples: set "
                               "train.online_reward_model to a reward model's run (`lmforge train --train.objective "
                               "reward`) or train.online_reward_function to a Python function FILE.py:NAME")
-        if self.preference_loss == "grpo" and (self.dpo_beta != 0.1 or self.preference_nll_weight):
-            raise ConfigError("train.dpo_beta / preference_nll_weight belong to the pair losses, and GRPO's KL weight "
-                              "is train.grpo_beta: drop them")
+        pair_settings = (self.dpo_beta != 0.1 or self.preference_nll_weight or self.kto_desirable_weight != 1.0
+                         or self.kto_undesirable_weight != 1.0)
+        if self.preference_loss == "grpo" and pair_settings:
+            raise ConfigError("train.dpo_beta / preference_nll_weight / kto_*_weight belong to the pair and unpaired "
+                              "losses, and GRPO's KL weight is train.grpo_beta: drop them")
         if self.preference_loss == "orpo" and self.preference_nll_weight:
             raise ConfigError("train.preference_nll_weight adds a next-token term on the chosen completion, and "
                               "train.preference_loss orpo has its own: drop it")

@@ -490,7 +490,7 @@ class Trainer:
             self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
         unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
         self.online: Optional[Any] = None  # train.online_reward_model: on-policy pairs at every step (train/online.py)
-        self.online_reward: Optional[float] = None  # their mean reward in the last micro-batch trained on
+        self.online_reward: Optional[float] = None  # samples' mean reward (online DPO: last micro-batch; GRPO: step)
         if tc.online:
             from lmforge.train.online import load_online_pairs
 
@@ -714,7 +714,9 @@ class Trainer:
         tc = self.config.train
         micro = [self.train_data.next_batch() for _ in range(tc.grad_accum)]
         if self.grpo:  # every micro-batch sampled first: DAPO divides by the global batch's sampled tokens
-            micro = [self.grpo_batch(batch, self.step, i) for i, batch in enumerate(micro)]
+            sampled = [self.sample_groups(batch, self.step, i) for i, batch in enumerate(micro)]
+            micro = [batch for batch, _ in sampled]
+            self.online_reward = float(torch.cat([rewards.flatten() for _, rewards in sampled]).mean())  # the log's
         count = torch.tensor(float(sum(self.batch_count(batch) for batch in micro)))
         local_count = float(count)
         if self.dist.enabled:  # labels in the global batch: one small all-reduce, no host sync
@@ -796,16 +798,11 @@ class Trainer:
         tokens = (batch[1] != IGNORE_INDEX).sum(dim=1).to(policy.device)  # each row's completion tokens
         return pair_terms(self.preference_loss, policy, ref, tokens)
 
-    def grpo_batch(self, batch: tuple[torch.Tensor, ...], step: int, micro: int) -> tuple[torch.Tensor, ...]:
-        """GRPO's (x, y, advantages) in place of a batch of pairs: grpo_group_size samples of each of its prompts by
-        the policy as it is, each with its advantage (train/online.py); their mean reward goes to the log."""
-        batch, rewards = self.sample_groups(batch, step, micro)
-        self.online_reward = float(rewards.mean())
-        return batch
-
     def sample_groups(self, batch: tuple[torch.Tensor, ...], step: int, micro: int
                       ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """OnlinePairs.groups with the run's GRPO settings: ((x, y, advantages), rewards (P, G))."""
+        """GRPO's (x, y, advantages) in place of a batch of pairs, and their rewards (P, G): grpo_group_size samples
+        of each of its prompts by the policy as it is, each with its advantage (OnlinePairs.groups with the run's
+        settings)."""
         tc = self.config.train
         return self.online.groups(unwrap(self.raw_model), batch, tc.grpo_group_size, step, micro,
                                   tc.grpo_scale_rewards == "group", tc.grpo_mask_truncated)
