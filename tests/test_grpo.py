@@ -283,6 +283,10 @@ def test_the_plan_counts_g_samples_of_each_prompt_and_a_reference_only_with_beta
     assert held.reference == dpo_plan.reference and held.reference_forward
     assert any("samples 6 completions" in n for n in plain.notes)
     assert "(GRPO: 6 samples of each prompt)" in format_plan(plain)
+    from lmforge.plan import measure
+
+    with pytest.raises(ConfigError, match="--measure trains on random tokens, which have no prompts to sample"):
+        measure(config(**settings), steps=1, task="preference")
 
 
 def test_grpo_trains_on_the_prompts_of_sft_data(a_pairs, policy, judge_run, tmp_path):

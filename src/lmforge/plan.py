@@ -442,6 +442,10 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is unknown: choose one of {', '.join(TASKS)}")
     m, t = config.model, config.train
+    if t.online:
+        raise ConfigError("--measure trains on random tokens, which have no prompts to sample online (train."
+                          "online_reward_model / online_reward_function, GRPO): drop --measure; the estimate counts "
+                          "the update, not the sampling")
     preference = task in ("preference", "unpaired")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="lmforge-measure-") as tmp:
