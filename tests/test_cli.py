@@ -218,6 +218,17 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
                                         str(ws / "no-judge")], "train on preference data"),
         ("train-online-temperature-zero", ["train", "--data", str(data), "--train.online_temperature", "0"],
          "train.online_temperature"),
+        ("train-grpo-without-a-judge", ["train", "--data", str(data), "--train.preference_loss", "grpo"],
+         "set train.online_reward_model"),
+        ("train-grpo-group-of-one", ["train", "--data", str(data), "--train.grpo_group_size", "1"],
+         "train.grpo_group_size"),
+        ("train-grpo-key-without-grpo", ["train", "--data", str(data), "--train.grpo_beta", "0.1"], "set GRPO"),
+        ("train-reward-function-missing", ["train", "--preset", "tiny", "--data", str(data), "--run-dir",
+                                           str(ws / "r-fn"), "--device", "cpu", "--train.online_reward_function",
+                                           str(ws / "none.py") + ":f"], "train on preference data"),
+        ("plan-measure-online", ["plan", "--measure", "--task", "preference", "--train.preference_loss", "grpo",
+                                 "--train.online_reward_function", str(ws / "none.py") + ":f"],
+         "--measure trains on random tokens"),
         ("reward-with-a-language-model", ["reward", str(run), "--prompt", "Hi", "--completion", "Hello"],
          "is not a reward model"),
         ("reward-file-missing", ["reward", str(run), "--file", str(ws / "none.jsonl")], "none.jsonl"),
@@ -476,7 +487,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 143
+N_CASES = 148
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

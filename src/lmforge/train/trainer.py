@@ -242,18 +242,18 @@ def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
     if (kind in ("preference", "unpaired") or grpo_on_sft) and objective != "reward":
         check_preference_loss(tc, kind)
     if tc.online and (kind not in ("preference", "sft") or objective == "reward"):
-        raise ConfigError("train.online_reward_model samples pairs for a language model's preference loss: train on "
-                          "preference data (`lmforge prepare --task preference`) without train.objective reward, or "
-                          "drop it")
+        raise ConfigError("online training (train.online_reward_model / online_reward_function) samples completions "
+                          "for a language model's preference loss: train on preference data (`lmforge prepare --task "
+                          "preference`; with GRPO also sft data) without train.objective reward, or drop it")
     if tc.online and kind == "sft" and not grpo_on_sft:
-        raise ConfigError("train.online_reward_model on sft data trains with GRPO, which needs only the prompts: set "
+        raise ConfigError("online training on sft data trains with GRPO, which needs only the prompts: set "
                           "train.preference_loss grpo, or prepare preference pairs (`--task preference`) for online "
                           "DPO, whose evaluations score the data's pairs")
     if tc.online and tc.precompute_reference:
-        raise ConfigError("train.online_reward_model samples new completions at every step, which "
+        raise ConfigError("online training samples new completions at every step, which "
                           "train.precompute_reference cannot score ahead: drop one")
     if tc.online and tc.parallel == "fsdp":
-        raise ConfigError("train.online_reward_model samples from the whole model, which FSDP shards over the "
+        raise ConfigError("online training samples from the whole model, which FSDP shards over the "
                           "processes: use train.parallel ddp")
     if kind not in ("preference", "unpaired") and policy_loss_set and not grpo_on_sft:
         raise ConfigError(f"train.preference_loss / dpo_beta / dpo_label_smoothing / simpo_gamma / kto_*_weight / "
