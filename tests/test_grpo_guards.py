@@ -171,3 +171,17 @@ def test_sampling_and_evaluating_run_in_eval_mode_and_leave_the_models_mode(a_pa
     assert model.training and torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(rewards, rewards2)
     trainer.evaluate()
     assert trainer.model.training and model.training
+
+
+def test_sampling_builds_no_autograd_graph(a_pairs, policy, judge_run, tmp_path):
+    """OnlinePairs.sample runs under no_grad even when called with gradients on: the samples' rows and rewards carry
+    no graph (a graph would hold every sampling step's activations)."""
+    trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run), progress=False, tensorboard=False)
+    seen = []
+    hook = trainer.raw_model.register_forward_hook(lambda module, args, out: seen.append(torch.is_grad_enabled()))
+    try:
+        with torch.enable_grad():
+            trainer.online.sample(trainer.raw_model, trainer.online.prompts(trainer.train_data.next_batch()), 2, 0, 0)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)

@@ -528,8 +528,9 @@ class TrainConfig:
         "chosen completion plus beta times an odds-ratio term) need no reference model: less memory, a quarter less "
         "compute per step. Unpaired preference data (`lmforge prepare --task unpaired`: completions labelled "
         "desirable or not) trains with kto (KTO, against a KL reference point) or apo_zero_unpaired. grpo (GRPO, "
-        "DeepSeekMath's) is online reinforcement learning with online_reward_model: grpo_group_size samples of each "
-        "prompt, each trained on its reward against its group's (the grpo_* keys).", "dpo")
+        "DeepSeekMath's) is online reinforcement learning with online_reward_model and/or online_reward_function: "
+        "grpo_group_size samples of each prompt, each trained on its reward against its group's (the grpo_* keys; "
+        "preference or sft data: only their prompts are used).", "dpo")
     dpo_beta: float = doc("Preference data: beta, how strongly the loss holds the model near its reference (the "
                           "implicit reward is beta times the log-probability ratio; TRL's default 0.1); IPO's "
                           "regularisation tau, SimPO's reward scale, ORPO's weight lambda of its odds-ratio term.",
@@ -620,8 +621,7 @@ class TrainConfig:
         if grpo_set and self.preference_loss != "grpo":
             raise ConfigError("train.grpo_group_size / grpo_beta / grpo_loss_type / grpo_scale_rewards / "
                               f"grpo_mask_truncated set GRPO, and train.preference_loss is {self.preference_loss}: "
-                              "drop them, or set "
-                              "train.preference_loss grpo")
+                              "drop them, or set train.preference_loss grpo")
         if self.preference_loss == "grpo" and not self.online:
             raise ConfigError("train.preference_loss grpo learns from the rewards of the model's own samples: set "
                               "train.online_reward_model to a reward model's run (`lmforge train --train.objective "

@@ -115,7 +115,6 @@ class OnlinePairs:
             out.append(fit_context(row[:length], self.block_size - self.max_new_tokens, self.keep))
         return out
 
-    @torch.no_grad()
     def references(self, batch: tuple[torch.Tensor, ...]) -> Optional[list[str]]:
         """The data's own completion of each prompt of `batch` (a pair's chosen one, an sft example's), as text: what
         a reward function may compare a sample with (a reference answer); None without a reward function."""
@@ -124,6 +123,7 @@ class OnlinePairs:
         every = self.rows_per_prompt
         return [self.tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()) for labels in batch[1][0::every]]
 
+    @torch.no_grad()
     def sample(self, model: nn.Module, prompts: list[np.ndarray], n: int, step: int, micro: int,
                references: Optional[list[str]] = None) -> tuple[list[np.ndarray], list[int], np.ndarray]:
         """n samples of each prompt by `model` (eval mode, no gradients) and the judges' reward of each: (rows, each
