@@ -48,7 +48,7 @@ def test_grpo_learns_from_a_reward_function_alone(a_pairs, policy, judge_run, tm
                 "train.eval_batches": 4, "train.eval_interval": 20}
     trainer = Trainer(grpo(tmp_path / "run", sft, policy, judge_run, **settings), progress=False, tensorboard=False)
     assert trainer.online.judge is None
-    calls = trainer.online.function.fn.__globals__["CALLS"]
+    calls = trainer.online.function.fns[0][1].__globals__["CALLS"]
     batch = trainer.val_batches[0]
     (x, y, _), rewards = trainer.online.groups(trainer.raw_model, batch, 4, 7, 0)
     prompts, completions, references = calls[-1]
@@ -77,7 +77,7 @@ def test_a_functions_rewards_add_to_the_reward_models(a_pairs, policy, judge_run
     batch = both.train_data.next_batch()
     _, summed = both.online.groups(both.raw_model, batch, 4, 3, 0)
     _, model_only = alone.online.groups(alone.raw_model, batch, 4, 3, 0)
-    _, completions, _ = both.online.function.fn.__globals__["CALLS"][-1]
+    _, completions, _ = both.online.function.fns[0][1].__globals__["CALLS"][-1]
     function = torch.tensor([sum(c == "A" for c in t) / max(len(t), 1) for t in completions]).view(-1, 4)
     torch.testing.assert_close(summed, model_only + function)
     assert function.abs().max() > 0
@@ -120,3 +120,25 @@ def test_the_cli_names_a_bad_function_in_one_line(a_pairs, policy, tmp_path, cap
                  "--train.online_max_new_tokens", "5", "--train.max_steps", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "none.py does not exist" in err[0]
+
+
+def test_several_functions_add_up(a_pairs, policy, judge_run, tmp_path):
+    """A comma-separated list of functions (a format reward and a correctness reward, say): each is called on the same
+    texts and their rewards are summed; one that fails is named alone."""
+    path = function_file(tmp_path, A_SHARE + "\n\ndef length(prompts, completions, references):\n"
+                                            "    return [float(len(c)) for c in completions]\n"
+                                            "\n\ndef broken(prompts, completions, references):\n"
+                                            "    raise RuntimeError('no answer field')\n")
+    spec = f"{path}:a_share, {path}:length"
+    trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **{"train.online_reward_model": None,
+                                                                             "train.online_reward_function": spec}),
+                      progress=False, tensorboard=False)
+    assert [name for name, _ in trainer.online.function.fns] == [f"{path}:a_share", f"{path}:length"]
+    _, rewards = trainer.online.groups(trainer.raw_model, trainer.train_data.next_batch(), 4, 1, 0)
+    _, completions, _ = trainer.online.function.fns[0][1].__globals__["CALLS"][-1]
+    want = [sum(c == "A" for c in t) / max(len(t), 1) + len(t) for t in completions]
+    assert rewards.flatten().tolist() == pytest.approx(want)
+    failing = Trainer(grpo(tmp_path / "bad", a_pairs, policy, judge_run, **{
+        "train.online_reward_function": f"{path}:a_share,{path}:broken"}), progress=False, tensorboard=False)
+    with pytest.raises(ConfigError, match=f"train.online_reward_function {path}:broken failed: RuntimeError"):
+        failing.online.groups(failing.raw_model, failing.train_data.next_batch(), 4, 1, 0)

@@ -567,7 +567,8 @@ class TrainConfig:
         "package.module:NAME, called as NAME(prompts, completions, references) with three lists of str (the prompt "
         "as the model reads it, template included; the sample; the data's own completion of that prompt: an sft "
         "example's answer, or a pair's chosen one) and returning one float per sample (rule-based rewards: a right "
-        "answer, a format; TRL's reward_funcs). With online_reward_model too, the two rewards add up. null = none.",
+        "answer, a format; TRL's reward_funcs). Several, comma-separated, add up; with online_reward_model too, "
+        "its reward is added. null = none.",
         None)
     online_max_new_tokens: int = doc("Online preference training: the longest sampled completion, in tokens.", 64,
                                      ge=1, le=MAX_SIZE)

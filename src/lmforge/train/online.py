@@ -39,23 +39,34 @@ from lmforge.preference_loss import group_advantages
 
 
 class RewardFunction:
-    """train.online_reward_function: a user's Python function as a judge, NAME(prompts, completions, references)
-    -> one float per completion (three lists of str of one length). Its file or module is imported once; a call that
-    raises, or returns anything but that many finite numbers, stops the run with one line naming the function."""
+    """train.online_reward_function: a user's Python functions as a judge, each NAME(prompts, completions,
+    references) -> one float per completion (three lists of str of one length), their rewards summed (several,
+    comma-separated: e.g. a format reward and a correctness reward, as TRL's list of reward_funcs). Each file or module
+    is imported once; a call that raises, or returns anything but that many finite numbers, stops the run with one
+    line naming the function."""
 
     def __init__(self, spec: str) -> None:
-        self.spec, self.fn = spec, load_function(spec)
+        self.spec = spec
+        self.fns = [(one.strip(), load_function(one.strip())) for one in spec.split(",")]
 
     def __call__(self, prompts: list[str], completions: list[str], references: list[str]) -> np.ndarray:
+        total = np.zeros(len(completions))
+        for spec, fn in self.fns:
+            total += self.call(spec, fn, prompts, completions, references)
+        return total
+
+    @staticmethod
+    def call(spec: str, fn: Callable[..., Any], prompts: list[str], completions: list[str], references: list[str]
+             ) -> np.ndarray:
         from lmforge.errors import ConfigError
 
         try:
-            out = self.fn(list(prompts), list(completions), list(references))
+            out = fn(list(prompts), list(completions), list(references))
             rewards = [float(r) for r in out]
         except Exception as e:  # the user's code: name it, and what it raised
-            raise ConfigError(f"train.online_reward_function {self.spec} failed: {type(e).__name__}: {e}") from None
+            raise ConfigError(f"train.online_reward_function {spec} failed: {type(e).__name__}: {e}") from None
         if len(rewards) != len(completions) or not all(math.isfinite(r) for r in rewards):
-            raise ConfigError(f"train.online_reward_function {self.spec} must return one finite number per completion: "
+            raise ConfigError(f"train.online_reward_function {spec} must return one finite number per completion: "
                               f"got {len(rewards)} for {len(completions)}"
                               f"{'' if all(math.isfinite(r) for r in rewards) else ', not all finite'}")
         return np.asarray(rewards, dtype=np.float64)
