@@ -126,18 +126,20 @@ def test_several_functions_add_up(a_pairs, policy, judge_run, tmp_path):
     """A comma-separated list of functions (a format reward and a correctness reward, say): each is called on the same
     texts and their rewards are summed; one that fails is named alone."""
     path = function_file(tmp_path, A_SHARE + "\n\ndef length(prompts, completions, references):\n"
-                                            "    return [float(len(c)) for c in completions]\n"
+                                            "    CALLS.append((prompts, completions, references))\n"
+                                            "    return [float(len(c)) + 0.25 for c in completions]\n"
+                                            "\n\ndef half(prompts, completions, references):\n"
+                                            "    return [0.5] * len(completions)\n"
                                             "\n\ndef broken(prompts, completions, references):\n"
                                             "    raise RuntimeError('no answer field')\n")
-    spec = f"{path}:a_share, {path}:length"
+    spec = f"{path}:length, {path}:half"
     trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **{"train.online_reward_model": None,
                                                                              "train.online_reward_function": spec}),
                       progress=False, tensorboard=False)
-    assert [name for name, _ in trainer.online.function.fns] == [f"{path}:a_share", f"{path}:length"]
+    assert [name for name, _ in trainer.online.function.fns] == [f"{path}:length", f"{path}:half"]
     _, rewards = trainer.online.groups(trainer.raw_model, trainer.train_data.next_batch(), 4, 1, 0)
     _, completions, _ = trainer.online.function.fns[0][1].__globals__["CALLS"][-1]
-    want = [sum(c == "A" for c in t) / max(len(t), 1) + len(t) for t in completions]
-    assert rewards.flatten().tolist() == pytest.approx(want)
+    assert rewards.flatten().tolist() == pytest.approx([len(t) + 0.75 for t in completions])
     failing = Trainer(grpo(tmp_path / "bad", a_pairs, policy, judge_run, **{
         "train.online_reward_function": f"{path}:a_share,{path}:broken"}), progress=False, tensorboard=False)
     with pytest.raises(ConfigError, match=f"train.online_reward_function {path}:broken failed: RuntimeError"):
