@@ -19,6 +19,7 @@ from lmforge.cli import main
 from lmforge.data.batches import IGNORE_INDEX
 from lmforge.errors import ConfigError
 from lmforge.train import Trainer
+from lmforge.train.metrics import read_metrics
 from test_grpo import grpo
 from test_online_preference import A, a_pairs, judge_run, online, policy  # noqa: F401 (fixtures)
 from test_preference import base, dpo  # noqa: F401 (fixtures)
@@ -144,3 +145,33 @@ def test_several_functions_add_up(a_pairs, policy, judge_run, tmp_path):
         "train.online_reward_function": f"{path}:a_share,{path}:broken"}), progress=False, tensorboard=False)
     with pytest.raises(ConfigError, match=f"train.online_reward_function {path}:broken failed: RuntimeError"):
         failing.online.groups(failing.raw_model, failing.train_data.next_batch(), 4, 1, 0)
+
+
+def test_the_log_carries_each_judges_mean_reward(a_pairs, policy, judge_run, tmp_path):
+    """With a reward model and two functions, each train record carries online_reward and each judge's mean reward
+    (online_reward/reward_model, online_reward/NAME) over the step's samples, which add up to online_reward; with one
+    judge only the total is logged."""
+    path = function_file(tmp_path, "def length(p, c, r):\n    return [float(len(x)) for x in c]\n"
+                                   "\n\ndef half(p, c, r):\n    return [0.5] * len(c)\n")
+    trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **{
+        "train.online_reward_function": f"{path}:length,{path}:half", "train.max_steps": 2, "train.grad_accum": 2,
+        "train.batch_size": 3, "train.log_interval": 1}), progress=False, tensorboard=False)
+    data_state = trainer.train_data.state_dict()
+    parts = []
+    for i in range(2):
+        trainer.sample_groups(trainer.train_data.next_batch(), 0, i)
+        parts.append(dict(trainer.online.last_parts))
+    trainer.train_data.load_state_dict(data_state)
+    trainer.fit()
+    first = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"][0]
+    keys = ["online_reward/reward_model", "online_reward/length", "online_reward/half"]
+    assert [k for k in first if k.startswith("online_reward/")] == keys
+    for key in keys:
+        assert first[key] == pytest.approx(np.mean([p[key.partition("/")[2]] for p in parts]), abs=1e-9)
+    assert first["online_reward/half"] == 0.5
+    assert sum(first[k] for k in keys) == pytest.approx(first["online_reward"], abs=1e-6)
+    alone = Trainer(grpo(tmp_path / "alone", a_pairs, policy, judge_run, **{"train.max_steps": 1}),
+                    progress=False, tensorboard=False)
+    alone.fit()
+    record = [r for r in read_metrics(tmp_path / "alone") if r["kind"] == "train"][0]
+    assert "online_reward" in record and not any(k.startswith("online_reward/") for k in record)

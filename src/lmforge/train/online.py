@@ -49,11 +49,12 @@ class RewardFunction:
         self.spec = spec
         self.fns = [(one.strip(), load_function(one.strip())) for one in spec.split(",")]
 
-    def __call__(self, prompts: list[str], completions: list[str], references: list[str]) -> np.ndarray:
-        total = np.zeros(len(completions))
-        for spec, fn in self.fns:
-            total += self.call(spec, fn, prompts, completions, references)
-        return total
+    def __call__(self, prompts: list[str], completions: list[str], references: list[str]) -> dict[str, np.ndarray]:
+        """{name: one reward per completion} of each function, named by its NAME (by its whole spec when two
+        share a NAME)."""
+        names = [spec.rpartition(":")[2] for spec, _ in self.fns]
+        return {(name if names.count(name) == 1 else spec): self.call(spec, fn, prompts, completions, references)
+                for name, (spec, fn) in zip(names, self.fns)}
 
     @staticmethod
     def call(spec: str, fn: Callable[..., Any], prompts: list[str], completions: list[str], references: list[str]
@@ -111,6 +112,7 @@ class OnlinePairs:
         self.judge, self.function, self.tokenizer = judge, function, tokenizer
         self.block_size, self.max_new_tokens = block_size, max_new_tokens
         self.rows_per_prompt = rows_per_prompt  # 2: a batch of pairs (its chosen rows); 1: of sft examples
+        self.last_parts: dict[str, float] = {}  # each judge's mean reward over the last call's samples
         self.temperature, self.seed = temperature, seed
         self.keep, self.end_id, self.pad_id = int(start_id is not None), end_id, pad_id
 
@@ -155,15 +157,20 @@ class OnlinePairs:
                 ended = [self.end_id] if len(ids) < self.max_new_tokens else []
                 rows.append(np.concatenate([prompt, np.asarray(ids + ended, dtype=np.int64)]))
                 lengths.append(len(prompt))
-        rewards = np.zeros(len(rows))
+        parts: dict[str, np.ndarray] = {}  # each judge's rewards, summed below
         if self.judge is not None:
             judge_block = self.judge.model.config.block_size
-            rewards += self.judge.score_ids([fit_context(r, judge_block, self.keep) for r in rows])
+            parts["reward_model"] = np.asarray(self.judge.score_ids([fit_context(r, judge_block, self.keep)
+                                                                     for r in rows]), dtype=np.float64)
         if self.function is not None:
             decode = self.tokenizer.decode  # special tokens (start, end) dropped
-            rewards += self.function([decode(r[:k]) for r, k in zip(rows, lengths)],
-                                     [decode(r[k:]) for r, k in zip(rows, lengths)],
-                                     [text for text in (references or [""] * len(prompts)) for _ in range(n)])
+            parts.update(self.function([decode(r[:k]) for r, k in zip(rows, lengths)],
+                                       [decode(r[k:]) for r, k in zip(rows, lengths)],
+                                       [text for text in (references or [""] * len(prompts)) for _ in range(n)]))
+        rewards = np.zeros(len(rows))
+        for values in parts.values():
+            rewards += values
+        self.last_parts = {name: float(values.mean()) for name, values in parts.items()}  # the log's, per judge
         return rows, lengths, rewards.reshape(len(prompts), n)
 
     def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...], step: int, micro: int

@@ -491,6 +491,7 @@ class Trainer:
         unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
         self.online: Optional[Any] = None  # train.online_reward_model: on-policy pairs at every step (train/online.py)
         self.online_reward: Optional[float] = None  # samples' mean reward (online DPO: last micro-batch; GRPO: step)
+        self.online_parts: dict[str, float] = {}  # the same, per judge (reward model, each reward function)
         if tc.online:
             from lmforge.train.online import load_online_pairs
 
@@ -714,9 +715,13 @@ class Trainer:
         tc = self.config.train
         micro = [self.train_data.next_batch() for _ in range(tc.grad_accum)]
         if self.grpo:  # every micro-batch sampled first: DAPO divides by the global batch's sampled tokens
-            sampled = [self.sample_groups(batch, self.step, i) for i, batch in enumerate(micro)]
+            sampled, parts = [], []
+            for i, batch in enumerate(micro):
+                sampled.append(self.sample_groups(batch, self.step, i))
+                parts.append(self.online.last_parts)
             micro = [batch for batch, _ in sampled]
             self.online_reward = float(torch.cat([rewards.flatten() for _, rewards in sampled]).mean())  # the log's
+            self.online_parts = {name: float(np.mean([p[name] for p in parts])) for name in parts[0]}
         count = torch.tensor(float(sum(self.batch_count(batch) for batch in micro)))
         local_count = float(count)
         if self.dist.enabled:  # labels in the global batch: one small all-reduce, no host sync
@@ -787,6 +792,7 @@ class Trainer:
         policy's own samples of the batch's prompts, ranked by the reward model (train/online.py)."""
         if online and self.online is not None:
             batch, self.online_reward = self.online(unwrap(self.raw_model), batch, self.step, self.micro)
+            self.online_parts = dict(self.online.last_parts)
             self.trained_rows = batch[0].numel()  # the samples' rows, not the data's
         policy = self.completion_logprobs(model, batch[:2])
         ref = None
@@ -1079,6 +1085,8 @@ class Trainer:
             early["kl"] = float(self.kl)
         if self.online_reward is not None:  # online preference training: the samples' mean reward
             early["online_reward"] = self.online_reward
+            if len(self.online_parts) > 1:  # and each judge's part of it (TRL logs rewards/NAME/mean)
+                early.update({f"online_reward/{name}": value for name, value in self.online_parts.items()})
         self.logger.log("train", self.step, {"loss": loss, **early, "lr": lr, "grad_norm": float(grad_norm),
                                              "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
                                              "elapsed_s": time.perf_counter() - self.started,
