@@ -153,6 +153,7 @@ CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2},
                      "train.grpo_loss_type=grpo": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
                      "train.grpo_loss_type=dr_grpo": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
                      "train.grpo_scale_rewards=none": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
+                     "train.grpo_scale_rewards=batch": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
                      "train.grpo_mask_truncated=true": {"preference_loss": "grpo", "online_reward_model": "runs/rm"}}
 
 

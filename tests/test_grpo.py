@@ -210,6 +210,36 @@ def test_grpo_makes_the_policy_write_what_the_reward_model_prefers(a_pairs, poli
     assert [r["step"] for r in evals] == [10, 20] and evals[-1]["val_online_reward"] == pytest.approx(reward_after)
 
 
+def test_batch_scaling_divides_by_the_std_of_every_reward_of_the_step(a_pairs, policy, judge_run, tmp_path):
+    """grpo_scale_rewards batch (TRL's "batch", PPO-Lite): each advantage is its reward minus its group's mean over the
+    Bessel-corrected standard deviation (TRL's nanstd) of all the step's rewards, both micro-batches, + 1e-4; step 1's
+    loss is the formula's with those advantages; the evaluation scales by all its val rewards the same way."""
+    from trl.trainer.utils import nanstd
+
+    settings = {"train.max_steps": 1, "train.grad_accum": 2, "train.batch_size": 3, "train.grpo_scale_rewards": "batch",
+                "train.eval_batches": 2}
+    trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **settings), progress=False,
+                      tensorboard=False)
+    data_state = trainer.train_data.state_dict()
+    groups = [trainer.online.groups(trainer.raw_model, trainer.train_data.next_batch(), 4, 0, i) for i in range(2)]
+    trainer.train_data.load_state_dict(data_state)
+    rewards = torch.cat([r for _, r in groups])  # (6, 4)
+    want = ((rewards - rewards.mean(dim=1, keepdim=True)) / (nanstd(rewards) + 1e-4)).flatten()
+    got = torch.cat([batch[2] for batch in trainer.scaled_by_batch(
+        [(tuple(batch[:2]) + ((r - r.mean(dim=1, keepdim=True)).flatten(),), r) for batch, r in groups])])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want, group_advantages(rewards).flatten(), atol=1e-3)
+    y = torch.cat([torch.nn.functional.pad(g[1], (0, 32 - g[1].size(1)), value=IGNORE_INDEX) for g, _ in groups])
+    trainer.fit()
+    assert trainer.history[0][1] == pytest.approx(first_step_loss(y, want, "dapo", 5), abs=1e-5)
+    drawn = [trainer.sample_groups(batch, 2**40, k) for k, batch in enumerate(trainer.val_batches)]
+    val_rewards = torch.cat([r.flatten() for _, r in drawn])
+    scaled = trainer.scaled_by_batch(drawn)
+    for (batch, r), out in zip(drawn, scaled):
+        unscaled = (r - r.mean(dim=1, keepdim=True)).flatten()
+        torch.testing.assert_close(out[2], unscaled / (nanstd(val_rewards) + 1e-4), rtol=1e-5, atol=1e-6)
+
+
 def test_the_kl_term_holds_the_policy_from_step_2_on(a_pairs, policy, judge_run, tmp_path):
     """With grpo_beta the first step is the one without it (the policy is its reference: KL 0, and so is its
     gradient), so step 2 samples the same groups; its loss is then higher by beta times a KL divergence > 0."""
@@ -225,7 +255,7 @@ def test_the_kl_term_holds_the_policy_from_step_2_on(a_pairs, policy, judge_run,
 @pytest.mark.distributed
 def test_two_processes_train_grpo_like_one(a_pairs, policy, judge_run, tmp_path):
     """2 processes x 4 prompts sample the groups 1 process x 8 does, and DAPO's division by the global batch's
-    completion tokens makes their losses equal."""
+    completion tokens makes their losses equal; so does batch scaling's standard deviation over both processes."""
     from distributed_jobs import one_and_two
 
     settings = {"data.path": str(a_pairs), "train.init_from": str(policy), "train.online_reward_model": str(judge_run),
@@ -233,6 +263,9 @@ def test_two_processes_train_grpo_like_one(a_pairs, policy, judge_run, tmp_path)
     one, two = one_and_two(tmp_path, settings)
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
     assert len({round(loss, 4) for _, loss in one["history"]}) > 3
+    # batch scaling: the standard deviation of the rewards of both processes (one all-reduce), not of each one's
+    one, two = one_and_two(tmp_path / "batch", {**settings, "train.grpo_scale_rewards": "batch"})
+    assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
 
 
 def test_a_resumed_grpo_run_is_bit_identical(a_pairs, policy, judge_run, tmp_path):

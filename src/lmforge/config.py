@@ -583,9 +583,11 @@ class TrainConfig:
         "preference_loss grpo: what the tokens' summed losses are divided by: dapo (the batch's completion tokens; "
         "TRL's default), grpo (each completion's length, then the completions: favours short right answers and "
         "long wrong ones) or dr_grpo (max_new_tokens times the completions).", "dapo")
-    grpo_scale_rewards: Literal["group", "none"] = doc(
+    grpo_scale_rewards: Literal["group", "batch", "none"] = doc(
         "preference_loss grpo: group divides each advantage (reward minus its group's mean) by its group's standard "
-        "deviation (GRPO); none does not (Dr. GRPO: no bias towards groups the model finds easy or hard).", "group")
+        "deviation (GRPO); batch by the standard deviation of all the step's rewards, every micro-batch and process "
+        "(PPO-Lite; TRL's batch); none does not divide (Dr. GRPO: no bias towards groups the model finds easy or "
+        "hard).", "group")
     grpo_mask_truncated: bool = doc("preference_loss grpo: a sample that ran out of tokens (online_max_new_tokens, no "
                                     "end token) trains nothing (DAPO's overlong filtering; TRL's "
                                     "mask_truncated_completions); its reward still counts in its group's advantages.",

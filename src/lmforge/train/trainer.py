@@ -719,7 +719,7 @@ class Trainer:
             for i, batch in enumerate(micro):
                 sampled.append(self.sample_groups(batch, self.step, i))
                 parts.append(self.online.last_parts)
-            micro = [batch for batch, _ in sampled]
+            micro = self.scaled_by_batch(sampled)
             self.online_reward = float(torch.cat([rewards.flatten() for _, rewards in sampled]).mean())  # the log's
             self.online_parts = {name: float(np.mean([p[name] for p in parts])) for name in parts[0]}
         count = torch.tensor(float(sum(self.batch_count(batch) for batch in micro)))
@@ -812,6 +812,21 @@ class Trainer:
         tc = self.config.train
         return self.online.groups(unwrap(self.raw_model), batch, tc.grpo_group_size, step, micro,
                                   tc.grpo_scale_rewards == "group", tc.grpo_mask_truncated)
+
+    def scaled_by_batch(self, sampled: list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]
+                        ) -> list[tuple[torch.Tensor, ...]]:
+        """The batches of `sampled` ((x, y, advantages), rewards), with grpo_scale_rewards batch their advantages
+        divided by the standard deviation (Bessel-corrected) of every reward in `sampled` on every process, + 1e-4
+        (TRL's scale_rewards "batch"); as they are otherwise."""
+        if self.config.train.grpo_scale_rewards != "batch":
+            return [batch for batch, _ in sampled]
+        rewards = torch.cat([r.flatten() for _, r in sampled] or [torch.zeros(0)]).double()  # none: no val batch here
+        totals = all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()), dtype=torch.float64)]
+                                            ).to(self.device), self.dist)
+        mean, n = totals[0] / totals[1], totals[1]
+        squares = all_reduce_sum(((rewards.to(self.device) - mean) ** 2).sum(), self.dist)
+        std = float((squares / (n - 1).clamp(min=1)).sqrt())
+        return [(x, y, (advantages.double() / (std + 1e-4)).float()) for (x, y, advantages), _ in sampled]
 
     def grpo_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(N,) each sampled completion's share of the GRPO loss (preference_loss.grpo_token_loss and
@@ -1037,8 +1052,8 @@ class Trainer:
         and in self.val_metrics the samples' mean reward (val_online_reward: what GRPO raises)."""
         self.model.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # (loss, count, rewards, samples)
-        for k, batch in enumerate(self.val_batches):
-            sampled, rewards = self.sample_groups(batch, VAL_SAMPLING_STEP, k)
+        drawn = [self.sample_groups(batch, VAL_SAMPLING_STEP, k) for k, batch in enumerate(self.val_batches)]
+        for sampled, (_, rewards) in zip(self.scaled_by_batch(drawn), drawn):
             totals += torch.tensor([float(self.grpo_terms(self.model, sampled).sum()), self.batch_count(sampled),
                                     float(rewards.sum()), rewards.numel()], dtype=torch.float64, device=self.device)
         self.model.train()
