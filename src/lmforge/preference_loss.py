@@ -110,13 +110,17 @@ GROUP_LOSSES = ("grpo",)  # online losses of groups of the policy's own samples,
 GRPO_NORMS = ("dapo", "grpo", "dr_grpo")  # what GRPO's summed token losses are divided by (module docstring)
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) fp32: each row's summed log-probability of its labels that are not -100.
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) fp32: each label's log-probability, 0 where the label is -100.
 
     logits: (B, T, V) any float dtype (log-softmax in fp32); labels: (B, T) long, the next token of each position.
     """
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORED, reduction="none")  # (B, T)
-    return -nll.sum(dim=1)
+    return -F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORED, reduction="none")
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) fp32: each row's summed log-probability of its labels that are not -100 (label_logprobs' rows)."""
+    return label_logprobs(logits, labels).sum(dim=1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,

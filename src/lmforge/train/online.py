@@ -66,10 +66,10 @@ class RewardFunction:
             rewards = [float(r) for r in out]
         except Exception as e:  # the user's code: name it, and what it raised
             raise ConfigError(f"train.online_reward_function {spec} failed: {type(e).__name__}: {e}") from None
-        if len(rewards) != len(completions) or not all(math.isfinite(r) for r in rewards):
+        finite = all(math.isfinite(r) for r in rewards)
+        if len(rewards) != len(completions) or not finite:
             raise ConfigError(f"train.online_reward_function {spec} must return one finite number per completion: "
-                              f"got {len(rewards)} for {len(completions)}"
-                              f"{'' if all(math.isfinite(r) for r in rewards) else ', not all finite'}")
+                              f"got {len(rewards)} for {len(completions)}{'' if finite else ', not all finite'}")
         return np.asarray(rewards, dtype=np.float64)
 
 

@@ -58,7 +58,8 @@ from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, grpo_sequence_loss, grpo_token_loss,
-                                     kto_weight_advice, reward_model_loss, sequence_logprobs)
+                                     kto_weight_advice, reward_model_loss, sequence_logprobs,
+                                     label_logprobs)
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -849,8 +850,7 @@ class Trainer:
         if self.config.train.loss_chunk > 0:
             return -self.forward(model, batch, fused=True, per_token=True)[0]
         logits, y = self.forward(model, batch)
-        return -torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX,
-                                                  reduction="none")
+        return label_logprobs(logits, y)
 
     def reward_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
