@@ -154,7 +154,9 @@ CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2},
                      "train.grpo_loss_type=dr_grpo": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
                      "train.grpo_scale_rewards=none": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
                      "train.grpo_scale_rewards=batch": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
-                     "train.grpo_mask_truncated=true": {"preference_loss": "grpo", "online_reward_model": "runs/rm"}}
+                     "train.grpo_mask_truncated=true": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
+                     "train.grpo_importance_sampling=sequence": {"preference_loss": "grpo", "grpo_iterations": 2,
+                                                                 "online_reward_model": "runs/rm"}}
 
 
 # other fields an edge value needs so that the checks between fields pass
@@ -165,7 +167,11 @@ COMPANIONS = {"model.n_head": lambda v: {"n_embd": v}, "model.n_embd": lambda v:
               "train.online_max_new_tokens": lambda v: {"online_reward_model": "runs/rm"},
               "train.online_temperature": lambda v: {"online_reward_model": "runs/rm"},
               "train.grpo_group_size": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
-              "train.grpo_beta": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"}}
+              "train.grpo_beta": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
+              "train.grpo_iterations": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
+              **{f"train.grpo_{key}": lambda v: {"preference_loss": "grpo", "grpo_iterations": 2,
+                                                 "online_reward_model": "runs/rm"}
+                 for key in ("epsilon", "epsilon_high", "delta")}}
 
 
 def _bounded_fields():

@@ -592,6 +592,23 @@ class TrainConfig:
                                     "end token) trains nothing (DAPO's overlong filtering; TRL's "
                                     "mask_truncated_completions); its reward still counts in its group's advantages.",
                                     False)
+    grpo_iterations: int = doc("preference_loss grpo: the optimizer steps each generation of samples trains (mu, "
+                               "DeepSeekMath's; TRL's num_iterations): the samples, their advantages and their "
+                               "log-probabilities at sampling time are kept, and every step after the first weighs "
+                               "each token by pi / pi_old, clipped to [1 - grpo_epsilon, 1 + grpo_epsilon_high] (PPO's "
+                               "clip). New prompts are read only when new samples are drawn.", 1, ge=1, le=64)
+    grpo_epsilon: float = doc("preference_loss grpo with grpo_iterations > 1: eps_low, the clip range's lower side.",
+                              0.2, gt=0, lt=1)
+    grpo_epsilon_high: Optional[float] = doc("preference_loss grpo with grpo_iterations > 1: eps_high, the upper "
+                                             "side; null = grpo_epsilon (DAPO's clip-higher used 0.28).", None, gt=0,
+                                             le=10)
+    grpo_delta: Optional[float] = doc("preference_loss grpo with grpo_iterations > 1: two-sided clipping (TRL's delta): "
+                                      "the ratio is also capped at delta where the advantage is negative; null = no "
+                                      "cap.", None, gt=1, le=100)
+    grpo_importance_sampling: Literal["token", "sequence"] = doc(
+        "preference_loss grpo with grpo_iterations > 1: token weighs each token by its own ratio (GRPO), sequence each "
+        "completion by exp of its tokens' mean log-ratio (GSPO, Zheng et al. 2025; it used much smaller epsilons, "
+        "e.g. 3e-4 and 4e-4).", "token")
     precompute_reference: bool = doc("Preference data with a reference loss (all but simpo and orpo): score every "
                                      "train and val completion with the frozen reference once, before the first "
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
@@ -619,12 +636,20 @@ class TrainConfig:
         if not self.online and (self.online_max_new_tokens != 64 or self.online_temperature != 1.0):
             raise ConfigError("train.online_max_new_tokens / online_temperature set online preference training, which "
                               "needs train.online_reward_model (or online_reward_function): set it, or drop them")
+        clip_set = (self.grpo_epsilon != 0.2 or self.grpo_epsilon_high is not None or self.grpo_delta is not None
+                    or self.grpo_importance_sampling != "token")
         grpo_set = (self.grpo_group_size != 4 or self.grpo_beta != 0.0 or self.grpo_loss_type != "dapo"
-                    or self.grpo_scale_rewards != "group" or self.grpo_mask_truncated)
+                    or self.grpo_scale_rewards != "group" or self.grpo_mask_truncated or self.grpo_iterations != 1
+                    or clip_set)
         if grpo_set and self.preference_loss != "grpo":
             raise ConfigError("train.grpo_group_size / grpo_beta / grpo_loss_type / grpo_scale_rewards / "
-                              f"grpo_mask_truncated set GRPO, and train.preference_loss is {self.preference_loss}: "
+                              "grpo_mask_truncated / grpo_iterations / grpo_epsilon* / grpo_delta / "
+                              f"grpo_importance_sampling set GRPO, and train.preference_loss is {self.preference_loss}: "
                               "drop them, or set train.preference_loss grpo")
+        if clip_set and self.grpo_iterations == 1:
+            raise ConfigError("train.grpo_epsilon / grpo_epsilon_high / grpo_delta / grpo_importance_sampling shape "
+                              "the ratio pi / pi_old, which is 1 when each generation trains one step: set "
+                              "train.grpo_iterations above 1, or drop them")
         if self.preference_loss == "grpo" and not self.online:
             raise ConfigError("train.preference_loss grpo learns from the rewards of the model's own samples: set "
                               "train.online_reward_model to a reward model's run (`lmforge train --train.objective "

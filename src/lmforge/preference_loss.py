@@ -72,10 +72,15 @@ the reward model (or function) scores them r_1..r_G, and each completion's advan
 group's (group_advantages):
 
     A_i      = (r_i - mean(r)) / (std(r) + 1e-4)        or r_i - mean(r) unscaled (Dr. GRPO, Liu et al. 2025)
-    l_i,t    = -A_i pi(o_i,t) / pi_old(o_i,t) + beta KL_t,
+    l_i,t    = -min(w A_i, clip(w, 1 - eps_low, 1 + eps_high) A_i) + beta KL_t,   w = pi(o_i,t) / pi_old(o_i,t)
     KL_t     = exp(d) - d - 1,  d = log pi_ref(o_i,t) - log pi(o_i,t)
-               (grpo_token_loss; pi_old is the policy that sampled, the same one: each group trains one update, so
-               the ratio is 1 with the gradient of log pi and PPO's clip never bites; KL_t is Schulman's k3 estimate)
+               (grpo_token_loss; KL_t is Schulman's k3 estimate). pi_old is the policy that sampled: with one update
+               per generation (train.grpo_iterations 1) it is the policy itself, so w is 1 with the gradient of log
+               pi and PPO's clip never bites; with mu updates per generation (DeepSeekMath's mu, TRL's
+               num_iterations) the samples' log-probabilities at sampling time are kept and from the second update
+               on w moves and the clip holds each token within its range (eps_high > eps_low: DAPO's clip-higher).
+               delta (two-sided clipping, TRL's) also caps w for negative advantages. GSPO (Zheng et al. 2025;
+               grpo_importance_sampling sequence) uses one w per completion, exp of its tokens' mean log-ratio.
 
 and the tokens' losses are summed and divided (grpo_sequence_loss and the trainer's count) by each completion's
 length and the number of completions (grpo), by the batch's completion tokens (dapo: DAPO, Yu et al. 2025; TRL's
@@ -188,18 +193,44 @@ def group_advantages(rewards: torch.Tensor, scale: bool = True) -> torch.Tensor:
     return advantages / (r.std(dim=1, keepdim=True) + 1e-4) if scale else advantages
 
 
+def grpo_log_ratio(logps: torch.Tensor, old: Optional[torch.Tensor] = None,
+                   sequence_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log w = log pi - log pi_old (N, T) of each token of N sampled completions (module docstring), or (N, 1) of
+    each completion (GSPO: the mean over its tokens, sequence_mask (N, T) True on them). old None: the samples are
+    the policy's own (one update per generation), so log w is 0 with the gradient of log pi."""
+    log_ratio = logps - (logps.detach() if old is None else old.float())
+    if sequence_mask is not None:
+        counted = sequence_mask.to(log_ratio.dtype)
+        log_ratio = (log_ratio * counted).sum(-1, keepdim=True) / counted.sum(-1, keepdim=True).clamp(min=1.0)
+    return log_ratio
+
+
 def grpo_token_loss(logps: torch.Tensor, advantages: torch.Tensor, reference: Optional[torch.Tensor] = None,
-                    beta: float = 0.0) -> torch.Tensor:
+                    beta: float = 0.0, old: Optional[torch.Tensor] = None, epsilon: tuple[float, float] = (0.2, 0.2),
+                    delta: Optional[float] = None, sequence_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, T) fp32 GRPO loss of each token of N sampled completions (module docstring): logps (N, T) the policy's
     log-probability of each token, advantages (N,) each completion's, reference (N, T) the reference's
-    log-probabilities (needed when beta > 0). Positions that are not completion tokens are masked by the caller."""
+    log-probabilities (needed when beta > 0), old (N, T) the sampling policy's (None: the policy itself), epsilon
+    (eps_low, eps_high) the clip range, delta the cap of two-sided clipping (None: none), sequence_mask for GSPO's
+    one ratio per completion (grpo_log_ratio). Positions that are not completion tokens are masked by the caller."""
     logps = logps.float()
-    ratio = torch.exp(logps - logps.detach())  # pi / pi_old = 1, with the gradient of log pi
-    loss = -ratio * advantages.float()[:, None]
+    ratio = torch.exp(grpo_log_ratio(logps, old, sequence_mask))
+    a = advantages.float()[:, None]
+    clipped = torch.clamp(ratio, 1.0 - epsilon[0], 1.0 + epsilon[1])
+    if delta is not None:
+        ratio = torch.clamp(ratio, max=delta)
+    loss = -torch.minimum(ratio * a, clipped * a).expand_as(logps)
     if beta:
         d = reference.detach().float() - logps
         loss = loss + beta * (torch.exp(d) - d - 1.0)
     return loss
+
+
+def grpo_clipped(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: tuple[float, float]) -> torch.Tensor:
+    """Where PPO's clip bites (bool, the shape of ratio): the ratio is past 1 + eps_high with a positive advantage or
+    below 1 - eps_low with a negative one, so the token (or GSPO's completion) adds no gradient (TRL's clip_ratio)."""
+    a = advantages[:, None]
+    return ((ratio > 1.0 + epsilon[1]) & (a > 0)) | ((ratio < 1.0 - epsilon[0]) & (a < 0))
 
 
 def grpo_sequence_loss(token_loss: torch.Tensor, mask: torch.Tensor, norm: str, max_new_tokens: int) -> torch.Tensor:

@@ -17,7 +17,10 @@ share the two streams), so a resumed run samples what the uninterrupted one did,
 process does with the same micro-batches (train.grad_accum) per step.
 
 GRPO (train.preference_loss grpo) draws its groups the same way (OnlinePairs.groups): train.grpo_group_size samples
-of each prompt, all kept, each with its advantage (preference_loss.group_advantages of the rewards).
+of each prompt, all kept, each with its advantage (preference_loss.group_advantages of the rewards). With
+train.grpo_iterations > 1 a generation trains several steps: Rollouts keeps it, with the policy's log-probabilities
+of the samples at sampling time, and goes into each process's state of a checkpoint taken inside the generation, so
+a resumed run trains on the samples the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -203,6 +207,30 @@ class OnlinePairs:
                             np.concatenate([[0], np.cumsum([len(rows[i]) for i in order])]).astype(np.int64),
                             np.asarray([lengths[i] for i in order], dtype=np.int64))
         return pad_examples(examples, np.arange(len(order)), self.pad_id)
+
+
+@dataclass
+class Rollouts:
+    """One generation of GRPO samples, trained for train.grpo_iterations steps: each micro-batch's (x, y, advantages,
+    log-probabilities at sampling time), the samples' mean reward and each judge's part of it (what the log shows at
+    every step of the generation)."""
+
+    batches: list[tuple[torch.Tensor, ...]]
+    reward: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+    DTYPES = (torch.long, torch.long, torch.float32, torch.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe and exact: ids as ints, float32 values as the floats they are (JSON keeps a double exactly)."""
+        return {"batches": [[t.tolist() for t in batch] for batch in self.batches], "reward": self.reward,
+                "parts": self.parts}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Rollouts":
+        batches = [tuple(torch.tensor(values, dtype=dtype) for values, dtype in zip(batch, cls.DTYPES, strict=True))
+                   for batch in state["batches"]]
+        return cls(batches, float(state["reward"]), {str(k): float(v) for k, v in state["parts"].items()})
 
 
 def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: torch.device, rows_per_prompt: int = 2

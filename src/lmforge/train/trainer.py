@@ -57,9 +57,9 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, grpo_sequence_loss, grpo_token_loss,
-                                     kto_weight_advice, reward_model_loss, sequence_logprobs,
-                                     label_logprobs)
+from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, grpo_clipped, grpo_log_ratio,
+                                     grpo_sequence_loss, grpo_token_loss, kto_weight_advice, label_logprobs,
+                                     reward_model_loss, sequence_logprobs)
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -493,6 +493,8 @@ class Trainer:
         self.online: Optional[Any] = None  # train.online_reward_model: on-policy pairs at every step (train/online.py)
         self.online_reward: Optional[float] = None  # samples' mean reward (online DPO: last micro-batch; GRPO: step)
         self.online_parts: dict[str, float] = {}  # the same, per judge (reward model, each reward function)
+        self.rollouts: Optional[Any] = None  # GRPO: the generation of samples the steps train on (online.Rollouts)
+        self.clipped = [0.0, 0.0]  # GRPO with grpo_iterations > 1: the step's clipped and all completion tokens
         if tc.online:
             from lmforge.train.online import load_online_pairs
 
@@ -714,15 +716,7 @@ class Trainer:
         averages the gradients over processes, which leaves the gradient of the global mean loss.
         """
         tc = self.config.train
-        micro = [self.train_data.next_batch() for _ in range(tc.grad_accum)]
-        if self.grpo:  # every micro-batch sampled first: DAPO divides by the global batch's sampled tokens
-            sampled, parts = [], []
-            for i, batch in enumerate(micro):
-                sampled.append(self.sample_groups(batch, self.step, i))
-                parts.append(self.online.last_parts)
-            micro = self.scaled_by_batch(sampled)
-            self.online_reward = float(torch.cat([rewards.flatten() for _, rewards in sampled]).mean())  # the log's
-            self.online_parts = {name: float(np.mean([p[name] for p in parts])) for name in parts[0]}
+        micro = self.grpo_batches() if self.grpo else [self.train_data.next_batch() for _ in range(tc.grad_accum)]
         count = torch.tensor(float(sum(self.batch_count(batch) for batch in micro)))
         local_count = float(count)
         if self.dist.enabled:  # labels in the global batch: one small all-reduce, no host sync
@@ -805,6 +799,30 @@ class Trainer:
         tokens = (batch[1] != IGNORE_INDEX).sum(dim=1).to(policy.device)  # each row's completion tokens
         return pair_terms(self.preference_loss, policy, ref, tokens)
 
+    def grpo_batches(self) -> list[tuple[torch.Tensor, ...]]:
+        """GRPO's micro-batches of this step: at the first step of a generation (every grpo_iterations steps) new
+        samples of grad_accum batches of prompts, all drawn first (DAPO divides by the global batch's sampled tokens),
+        with their advantages and, when the generation trains more than one step, the policy's log-probabilities of
+        them now (pi_old; no gradients); at the other steps of the generation, the same ones again."""
+        tc = self.config.train
+        from lmforge.train.online import Rollouts
+
+        if self.rollouts is None or self.step % tc.grpo_iterations == 0:
+            sampled, parts = [], []
+            for i in range(tc.grad_accum):
+                sampled.append(self.sample_groups(self.train_data.next_batch(), self.step, i))
+                parts.append(self.online.last_parts)
+            batches = self.scaled_by_batch(sampled)
+            if tc.grpo_iterations > 1:
+                with torch.no_grad():
+                    batches = [(*batch, self.token_logprobs(self.raw_model, batch[:2]).float().cpu())
+                               for batch in batches]
+            self.rollouts = Rollouts(batches, float(torch.cat([rewards.flatten() for _, rewards in sampled]).mean()),
+                                     {name: float(np.mean([p[name] for p in parts])) for name in parts[0]})
+        self.online_reward, self.online_parts = self.rollouts.reward, dict(self.rollouts.parts)  # the log's
+        self.clipped = [0.0, 0.0]
+        return self.rollouts.batches
+
     def sample_groups(self, batch: tuple[torch.Tensor, ...], step: int, micro: int
                       ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """GRPO's (x, y, advantages) in place of a batch of pairs, and their rewards (P, G): grpo_group_size samples
@@ -831,18 +849,27 @@ class Trainer:
 
     def grpo_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(N,) each sampled completion's share of the GRPO loss (preference_loss.grpo_token_loss and
-        grpo_sequence_loss) from its tokens' log-probabilities under `model` and, when grpo_beta > 0, under the frozen
-        reference."""
+        grpo_sequence_loss) from its tokens' log-probabilities under `model`, the sampling policy's (the batch's
+        fourth tensor when a generation trains several steps; else the policy is its own) and, when grpo_beta > 0,
+        the frozen reference's."""
         tc = self.config.train
-        x, y, advantages = batch
+        x, y, advantages, *old = batch
         logps = self.token_logprobs(model, (x, y))
         reference = None
         if self.preference_loss.needs_reference:
             with torch.no_grad(), reference_model(self.reference, self.raw_model) as frozen:
                 reference = self.token_logprobs(frozen, (x, y))
-        losses = grpo_token_loss(logps, self.to_device(advantages), reference, tc.grpo_beta)
-        return grpo_sequence_loss(losses, self.to_device(y) != IGNORE_INDEX, tc.grpo_loss_type,
-                                  tc.online_max_new_tokens)
+        mask, advantages = self.to_device(y) != IGNORE_INDEX, self.to_device(advantages)
+        old = self.to_device(old[0]) if old else None
+        epsilon = (tc.grpo_epsilon, tc.grpo_epsilon if tc.grpo_epsilon_high is None else tc.grpo_epsilon_high)
+        sequence = mask if tc.grpo_importance_sampling == "sequence" else None
+        losses = grpo_token_loss(logps, advantages, reference, tc.grpo_beta, old, epsilon, tc.grpo_delta, sequence)
+        if old is not None:  # the log's share of clipped tokens
+            with torch.no_grad():
+                ratio = torch.exp(grpo_log_ratio(logps.float(), old, sequence))
+                self.clipped[0] += float((grpo_clipped(ratio, advantages, epsilon).expand_as(mask) & mask).sum())
+                self.clipped[1] += float(mask.sum())
+        return grpo_sequence_loss(losses, mask, tc.grpo_loss_type, tc.online_max_new_tokens)
 
     def token_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(B, T) each label's log-probability, 0 where there is none: the head fused with the loss token by token
@@ -1102,6 +1129,8 @@ class Trainer:
             early["online_reward"] = self.online_reward
             if len(self.online_parts) > 1:  # and each judge's part of it (TRL logs rewards/NAME/mean)
                 early.update({f"online_reward/{name}": value for name, value in self.online_parts.items()})
+        if self.grpo and self.config.train.grpo_iterations > 1:  # this process's share (TRL's clip_ratio/region_mean)
+            early["clip_fraction"] = self.clipped[0] / max(self.clipped[1], 1.0)
         self.logger.log("train", self.step, {"loss": loss, **early, "lr": lr, "grad_norm": float(grad_norm),
                                              "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
                                              "elapsed_s": time.perf_counter() - self.started,
@@ -1230,7 +1259,10 @@ class Trainer:
         """Checkpoint the current step (every process contributes its RNG and data state; rank 0 writes, or with
         train.checkpoint_format sharded every process writes its own rows of the weights and optimizer state)."""
         sharded = self.config.train.checkpoint_format == "sharded"
-        per_rank = gather_objects({"rng": capture_rng(), "data": self.train_data.state_dict()}, self.dist)
+        mine: dict[str, Any] = {"rng": capture_rng(), "data": self.train_data.state_dict()}
+        if self.rollouts is not None and self.step % self.config.train.grpo_iterations != 0:  # inside a generation
+            mine["rollouts"] = self.rollouts.state_dict()
+        per_rank = gather_objects(mine, self.dist)
         whole = full_state(self.raw_model, self.optimizer) if is_sharded(self.raw_model) and not sharded else None
         state: dict[str, Any] = {}
         if self.dist.is_main:
@@ -1308,6 +1340,10 @@ class Trainer:
             self.train_data.load_state_dict(mine["data"])
             if len(ranks) == self.dist.world_size:  # another process count cannot continue the same RNG streams
                 restore_rng(mine["rng"])
+                if mine.get("rollouts") is not None:  # GRPO, inside a generation: train on its samples (else new ones)
+                    from lmforge.train.online import Rollouts
+
+                    self.rollouts = Rollouts.from_state(mine["rollouts"])
             self.guard.load_state_dict(state.get("guard") or {})
             self.selection.load_state_dict(state.get("selection") or {})
         except LmforgeError:
