@@ -332,9 +332,17 @@ MUTANTS = [
            "return batch[0].size(0)",
            ("tests/test_grpo.py::test_the_first_step_trains_on_its_own_samples_with_the_formulas_loss[dapo]",)),
     Mutant("grpo-kl-term-dropped", "train/trainer.py",
-           "losses = grpo_token_loss(logps, self.to_device(advantages), reference, tc.grpo_beta)",
-           "losses = grpo_token_loss(logps, self.to_device(advantages), reference, 0.0)",
+           "losses = grpo_token_loss(logps, advantages, reference, tc.grpo_beta, old,",
+           "losses = grpo_token_loss(logps, advantages, reference, 0.0, old,",
            ("tests/test_grpo.py::test_the_kl_term_holds_the_policy_from_step_2_on",)),
+    Mutant("grpo-clip-never-bites", "preference_loss.py",
+           "clipped = torch.clamp(ratio, 1.0 - epsilon[0], 1.0 + epsilon[1])", "clipped = ratio",
+           ("tests/test_grpo_iterations.py::test_the_clipped_loss_and_its_gradient_are_trls[dapo-None-token]",
+            "tests/test_grpo_iterations.py::"
+            "test_a_generation_trains_grpo_iterations_steps_with_the_clipped_ratio[token]")),
+    Mutant("grpo-generation-not-kept-in-a-checkpoint", "train/trainer.py",
+           'mine["rollouts"] = self.rollouts.state_dict()', "pass",
+           ("tests/test_grpo_iterations.py::test_a_checkpoint_inside_a_generation_resumes_bit_identically",)),
 ]
 
 

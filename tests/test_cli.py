@@ -223,6 +223,11 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-grpo-group-of-one", ["train", "--data", str(data), "--train.grpo_group_size", "1"],
          "train.grpo_group_size"),
         ("train-grpo-key-without-grpo", ["train", "--data", str(data), "--train.grpo_beta", "0.1"], "set GRPO"),
+        ("train-grpo-clip-with-one-step", ["train", "--data", str(data), "--train.preference_loss", "grpo",
+                                           "--train.online_reward_function", str(ws / "none.py") + ":f",
+                                           "--train.grpo_epsilon_high", "0.28"], "set train.grpo_iterations above 1"),
+        ("train-grpo-iterations-zero", ["train", "--data", str(data), "--train.grpo_iterations", "0"],
+         "train.grpo_iterations"),
         ("train-reward-function-missing", ["train", "--preset", "tiny", "--data", str(data), "--run-dir",
                                            str(ws / "r-fn"), "--device", "cpu", "--train.online_reward_function",
                                            str(ws / "none.py") + ":f"], "train on preference data"),
@@ -487,7 +492,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 148
+N_CASES = 150
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -114,7 +114,8 @@ def test_a_generation_trains_grpo_iterations_steps_with_the_clipped_ratio(a_pair
     unclipped one nor the one without delta."""
     epsilon = (0.02, 0.03)
     settings = {"train.grpo_iterations": 2, "train.grpo_epsilon": epsilon[0], "train.grpo_epsilon_high": epsilon[1],
-                "train.grpo_importance_sampling": level, "train.grpo_delta": 1.01, "train.grad_accum": 2, "train.batch_size": 3,
+                "train.grpo_importance_sampling": level, "train.grpo_delta": 1.01, "train.grad_accum": 2,
+                "train.batch_size": 3,
                 "optim.lr": 2e-2, "train.max_steps": 3, "train.log_interval": 1}
     trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **settings), progress=False,
                       tensorboard=False)

@@ -602,8 +602,8 @@ class TrainConfig:
     grpo_epsilon_high: Optional[float] = doc("preference_loss grpo with grpo_iterations > 1: eps_high, the upper "
                                              "side; null = grpo_epsilon (DAPO's clip-higher used 0.28).", None, gt=0,
                                              le=10)
-    grpo_delta: Optional[float] = doc("preference_loss grpo with grpo_iterations > 1: two-sided clipping (TRL's delta): "
-                                      "the ratio is also capped at delta where the advantage is negative; null = no "
+    grpo_delta: Optional[float] = doc("preference_loss grpo with grpo_iterations > 1: two-sided clipping (TRL's "
+                                      "delta): the ratio is also capped at delta where the advantage is negative; null = no "
                                       "cap.", None, gt=1, le=100)
     grpo_importance_sampling: Literal["token", "sequence"] = doc(
         "preference_loss grpo with grpo_iterations > 1: token weighs each token by its own ratio (GRPO), sequence each "
@@ -644,8 +644,8 @@ class TrainConfig:
         if grpo_set and self.preference_loss != "grpo":
             raise ConfigError("train.grpo_group_size / grpo_beta / grpo_loss_type / grpo_scale_rewards / "
                               "grpo_mask_truncated / grpo_iterations / grpo_epsilon* / grpo_delta / "
-                              f"grpo_importance_sampling set GRPO, and train.preference_loss is {self.preference_loss}: "
-                              "drop them, or set train.preference_loss grpo")
+                              "grpo_importance_sampling set GRPO, and train.preference_loss is "
+                              f"{self.preference_loss}: drop them, or set train.preference_loss grpo")
         if clip_set and self.grpo_iterations == 1:
             raise ConfigError("train.grpo_epsilon / grpo_epsilon_high / grpo_delta / grpo_importance_sampling shape "
                               "the ratio pi / pi_old, which is 1 when each generation trains one step: set "
