@@ -228,6 +228,9 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
                                            "--train.grpo_epsilon_high", "0.28"], "set train.grpo_iterations above 1"),
         ("train-grpo-iterations-zero", ["train", "--data", str(data), "--train.grpo_iterations", "0"],
          "train.grpo_iterations"),
+        ("train-reward-weights-miscounted", ["train", "--data", str(data), "--train.online_reward_function",
+                                             str(ws / "none.py") + ":f", "--train.online_reward_weights", "1,2"],
+         "2 weight(s) for 1 judge(s)"),
         ("train-reward-function-missing", ["train", "--preset", "tiny", "--data", str(data), "--run-dir",
                                            str(ws / "r-fn"), "--device", "cpu", "--train.online_reward_function",
                                            str(ws / "none.py") + ":f"], "train on preference data"),
@@ -492,7 +495,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 150
+N_CASES = 151
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

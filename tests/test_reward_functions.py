@@ -9,6 +9,7 @@ or a non-finite one stops the run with one line naming it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,42 @@ def test_the_log_carries_each_judges_mean_reward(a_pairs, policy, judge_run, tmp
     alone.fit()
     record = [r for r in read_metrics(tmp_path / "alone") if r["kind"] == "train"][0]
     assert "online_reward" in record and not any(k.startswith("online_reward/") for k in record)
+
+
+def test_reward_weights_weigh_each_judge(a_pairs, policy, judge_run, tmp_path):
+    """train.online_reward_weights (TRL's reward_weights): one weight per function in order, then the reward model's;
+    the reward is the weighted sum of each judge's rewards on the same samples, the log's parts stay unweighted, and
+    a negative weight makes a penalty."""
+    path = function_file(tmp_path, A_SHARE + "\n\ndef length(prompts, completions, references):\n"
+                                            "    return [float(len(c)) for c in completions]\n")
+    spec = f"{path}:a_share,{path}:length"
+    runs = {}
+    for name, weights in (("plain", None), ("weighted", "2,-0.5,0.25")):
+        runs[name] = Trainer(grpo(tmp_path / name, a_pairs, policy, judge_run, **{
+            "train.online_reward_function": spec, "train.online_reward_weights": weights}), progress=False,
+            tensorboard=False)
+    batch = runs["plain"].train_data.next_batch()
+    _, plain = runs["plain"].online.groups(runs["plain"].raw_model, batch, 4, 3, 0)
+    calls = runs["plain"].online.function.fns[0][1].__globals__["CALLS"]
+    _, completions, _ = calls[-1]
+    share = np.asarray([sum(c == "A" for c in t) / max(len(t), 1) for t in completions])
+    length = np.asarray([float(len(t)) for t in completions])
+    model = plain.flatten().double().numpy() - share - length  # the reward model's part of the unweighted sum
+    _, weighted = runs["weighted"].online.groups(runs["weighted"].raw_model, batch, 4, 3, 0)
+    assert runs["weighted"].online.function.fns[0][1].__globals__["CALLS"][-1][1] == completions  # the same samples
+    want = 2 * share - 0.5 * length + 0.25 * model
+    assert weighted.flatten().tolist() == pytest.approx(want.tolist(), abs=1e-4)
+    assert not np.allclose(want, plain.flatten().numpy(), atol=1e-2) and np.ptp(length) > 0
+    parts = runs["weighted"].online.last_parts
+    assert parts["length"] == pytest.approx(length.mean()) and parts["a_share"] == pytest.approx(share.mean())
+
+
+@pytest.mark.parametrize("weights, words", [("1", "1 weight(s) for 2 judge(s)"), ("1,2,3", "3 weight(s) for 2"),
+                                            ("1,x", "finite numbers"), ("1,nan", "finite numbers")])
+def test_reward_weights_that_do_not_fit_the_judges_are_refused(a_pairs, policy, judge_run, tmp_path, weights, words):
+    path = function_file(tmp_path)
+    with pytest.raises(ConfigError, match=f"online_reward_weights.*{re.escape(words)}"):
+        grpo(tmp_path / "run", a_pairs, policy, judge_run, **{"train.online_reward_function": f"{path}:a_share",
+                                                               "train.online_reward_weights": weights})
+    with pytest.raises(ConfigError, match="online_reward_weights weighs .* there are none"):
+        dpo(tmp_path / "dpo", a_pairs, policy, **{"train.online_reward_weights": "1"})

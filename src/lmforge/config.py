@@ -570,6 +570,11 @@ class TrainConfig:
         "answer, a format; TRL's reward_funcs). Several, comma-separated, add up; with online_reward_model too, "
         "its reward is added. null = none.",
         None)
+    online_reward_weights: Optional[str] = doc(
+        "Online preference training and GRPO: comma-separated weights of the judges' rewards, one per reward function "
+        "in online_reward_function's order, then one for online_reward_model when set (TRL's reward_weights); the "
+        "reward is their weighted sum (the log's online_reward/NAME stay each judge's own). null = each weighs 1.",
+        None)
     online_max_new_tokens: int = doc("Online preference training: the longest sampled completion, in tokens.", 64,
                                      ge=1, le=MAX_SIZE)
     online_temperature: float = doc("Online preference training: the sampling temperature.", 1.0, gt=0, le=100)
@@ -654,6 +659,16 @@ class TrainConfig:
             raise ConfigError("train.preference_loss grpo learns from the rewards of the model's own samples: set "
                               "train.online_reward_model to a reward model's run (`lmforge train --train.objective "
                               "reward`) or train.online_reward_function to a Python function FILE.py:NAME")
+        if self.online_reward_weights is not None:
+            judges = (len(self.online_reward_function.split(",")) if self.online_reward_function is not None else 0) \
+                + (self.online_reward_model is not None)
+            if not self.online:
+                raise ConfigError("train.online_reward_weights weighs the rewards of online training's judges, and "
+                                  "there are none: set train.online_reward_function or online_reward_model, or drop it")
+            if len(self.reward_weights) != judges:
+                raise ConfigError(f"train.online_reward_weights has {len(self.reward_weights)} weight(s) for {judges} "
+                                  "judge(s): give one per reward function, in train.online_reward_function's order, "
+                                  "then one for train.online_reward_model when it is set")
         pair_settings = (self.dpo_beta != 0.1 or self.preference_nll_weight or self.kto_desirable_weight != 1.0
                          or self.kto_undesirable_weight != 1.0)
         if self.preference_loss == "grpo" and pair_settings:
@@ -662,6 +677,20 @@ class TrainConfig:
         if self.preference_loss == "orpo" and self.preference_nll_weight:
             raise ConfigError("train.preference_nll_weight adds a next-token term on the chosen completion, and "
                               "train.preference_loss orpo has its own: drop it")
+
+    @property
+    def reward_weights(self) -> list[float]:
+        """online_reward_weights as numbers (ConfigError if any is not a finite number); [] when unset."""
+        if self.online_reward_weights is None:
+            return []
+        try:
+            weights = [float(w) for w in self.online_reward_weights.split(",")]
+        except ValueError:
+            weights = [math.nan]
+        if not all(math.isfinite(w) for w in weights):
+            raise ConfigError(f"train.online_reward_weights {self.online_reward_weights!r} must be comma-separated "
+                              "finite numbers, e.g. 1,0.5")
+        return weights
 
     @property
     def online(self) -> bool:

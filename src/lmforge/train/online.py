@@ -52,13 +52,14 @@ class RewardFunction:
     def __init__(self, spec: str) -> None:
         self.spec = spec
         self.fns = [(one.strip(), load_function(one.strip())) for one in spec.split(",")]
+        short = [one.rpartition(":")[2] for one, _ in self.fns]
+        self.names = [name if short.count(name) == 1 else one for name, (one, _) in zip(short, self.fns)]
 
     def __call__(self, prompts: list[str], completions: list[str], references: list[str]) -> dict[str, np.ndarray]:
         """{name: one reward per completion} of each function, named by its NAME (by its whole spec when two
-        share a NAME)."""
-        names = [spec.rpartition(":")[2] for spec, _ in self.fns]
-        return {(name if names.count(name) == 1 else spec): self.call(spec, fn, prompts, completions, references)
-                for name, (spec, fn) in zip(names, self.fns)}
+        share a NAME): self.names, in the spec's order."""
+        return {name: self.call(spec, fn, prompts, completions, references)
+                for name, (spec, fn) in zip(self.names, self.fns)}
 
     @staticmethod
     def call(spec: str, fn: Callable[..., Any], prompts: list[str], completions: list[str], references: list[str]
@@ -107,13 +108,16 @@ def load_function(spec: str) -> Callable[..., Any]:
 
 class OnlinePairs:
     """Turns a batch of preference pairs into on-policy pairs: (x, y) of the batch's prompts, each with two of the
-    policy's samples ranked by `judge` (a reward model) and/or `function` (a RewardFunction: their rewards add up),
-    and the samples' mean reward (module docstring)."""
+    policy's samples ranked by `judge` (a reward model) and/or `function` (a RewardFunction: their rewards add up,
+    each times its weight in `weights`, {judge name: weight}, 1 when not there), and the samples' mean reward (module
+    docstring)."""
 
     def __init__(self, judge: Optional[RewardModel], block_size: int, max_new_tokens: int, temperature: float,
                  seed: int, start_id: Any, end_id: int, pad_id: int, rows_per_prompt: int = 2,
-                 function: Optional[RewardFunction] = None, tokenizer: Any = None) -> None:
+                 function: Optional[RewardFunction] = None, tokenizer: Any = None,
+                 weights: Optional[dict[str, float]] = None) -> None:
         self.judge, self.function, self.tokenizer = judge, function, tokenizer
+        self.weights = dict(weights or {})
         self.block_size, self.max_new_tokens = block_size, max_new_tokens
         self.rows_per_prompt = rows_per_prompt  # 2: a batch of pairs (its chosen rows); 1: of sft examples
         self.last_parts: dict[str, float] = {}  # each judge's mean reward over the last call's samples
@@ -172,9 +176,9 @@ class OnlinePairs:
                                        [decode(r[k:]) for r, k in zip(rows, lengths)],
                                        [text for text in (references or [""] * len(prompts)) for _ in range(n)]))
         rewards = np.zeros(len(rows))
-        for values in parts.values():
-            rewards += values
-        self.last_parts = {name: float(values.mean()) for name, values in parts.items()}  # the log's, per judge
+        for name, values in parts.items():
+            rewards += self.weights.get(name, 1.0) * values
+        self.last_parts = {name: float(values.mean()) for name, values in parts.items()}  # the log's: each unweighted
         return rows, lengths, rewards.reshape(len(prompts), n)
 
     def __call__(self, model: nn.Module, batch: tuple[torch.Tensor, ...], step: int, micro: int
@@ -260,6 +264,8 @@ def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: tor
             raise ConfigError(f"train.online_reward_model {tc.online_reward_model} reads another tokenizer than this "
                               "data's: train the reward model on data prepared with this model's tokenizer")
     function = RewardFunction(tc.online_reward_function) if tc.online_reward_function is not None else None
+    names = (function.names if function is not None else []) + (["reward_model"] if judge is not None else [])
+    weights = dict(zip(names, tc.reward_weights, strict=True)) if tc.online_reward_weights is not None else None
     tok = Tokenizer.load(tokenizer_file)
     return OnlinePairs(judge, block, tc.online_max_new_tokens, tc.online_temperature, tc.seed, tok.start_id,
-                       tok.end_id, pad_id, rows_per_prompt, function, tok)
+                       tok.end_id, pad_id, rows_per_prompt, function, tok, weights)
