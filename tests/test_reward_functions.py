@@ -215,3 +215,31 @@ def test_reward_weights_that_do_not_fit_the_judges_are_refused(a_pairs, policy, 
                                                                "train.online_reward_weights": weights})
     with pytest.raises(ConfigError, match="online_reward_weights weighs .* there are none"):
         dpo(tmp_path / "dpo", a_pairs, policy, **{"train.online_reward_weights": "1"})
+
+
+def test_a_padded_vocabulary_samples_only_the_tokenizers_ids(a_pairs, policy, judge_run, tmp_path):
+    """A policy whose embedding has rows past the tokenizer's (as imported models often pad it) never samples those
+    ids: the reward function gets text and the reward model real tokens. The padded rows here score as high as the
+    end token, so without the limit they are drawn."""
+    import dataclasses
+
+    trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **{
+        "train.online_reward_function": f"{function_file(tmp_path)}:a_share"}), progress=False, tensorboard=False)
+    model, vocab, extra = trainer.raw_model, trainer.online.tokenizer.vocab_size, 16
+    assert model.config.vocab_size == vocab
+    head = torch.nn.Linear(model.config.n_embd, vocab + extra, bias=False)
+    embedding = torch.nn.Embedding(vocab + extra, model.config.n_embd)
+    with torch.no_grad():
+        head.weight[:vocab] = model.lm_head.weight
+        head.weight[vocab:] = model.lm_head.weight[trainer.online.end_id]  # as likely as the end token
+        embedding.weight[:vocab] = model.tok_emb.weight
+    model.lm_head, model.tok_emb = head, embedding
+    model.config = dataclasses.replace(model.config, vocab_size=vocab + extra)
+    (x, y, _), rewards = trainer.online.groups(model, trainer.train_data.next_batch(), 4, 1, 0)
+    sampled = y[y != IGNORE_INDEX]
+    assert sampled.max() < vocab and sampled.numel() > 20 and torch.isfinite(rewards).all()
+    from lmforge.generate import GenerateConfig, generate_batch_ids
+
+    drawn = generate_batch_ids(model, [p.tolist() for p in trainer.online.prompts(trainer.train_data.next_batch())],
+                               GenerateConfig(max_new_tokens=5, num_return_sequences=4, seed=1), end_id=1)
+    assert max(t for rows in drawn for ids in rows for t in ids) >= vocab  # without the limit they come up

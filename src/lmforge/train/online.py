@@ -9,7 +9,9 @@ comes out has the layout of the data's (data.batches.pair_batch: rows 2k chosen,
 completion and its end token), so the preference loss, its reference and the division by the global batch's pairs
 are the offline ones.
 
-A sample that ran out of tokens has no end token (and none is trained). A prompt too long to leave room for the
+A sample that ran out of tokens has no end token (and none is trained). A model whose vocabulary is larger than the
+tokenizer's (a padded embedding, as many imported models have) never samples the ids past the tokenizer's: they have
+no text for a reward function, and no row in a reward model's embedding. A prompt too long to leave room for the
 completion loses its earliest tokens after the start token (data.batches.fit_context), as preparing shortens
 prompts. Sampling is seeded from (train.seed, step, micro-batch), and each prompt's two samples from that seed
 alone (generate.rows.row_generators: a prompt draws the same tokens alone or batched; the prompts of one micro-batch
@@ -151,8 +153,11 @@ class OnlinePairs:
         [start] + prompt + sample (+ end token where it ended), prompt-major; each row's prompt length; rewards (P, n)).
         references: the data's completion of each prompt (for a reward function)."""
         seed = int(np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
+        vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
+        rows_beyond = model.config.vocab_size - vocab if vocab is not None else 0  # a padded embedding's extra ids
         config = GenerateConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                num_return_sequences=n, seed=seed)
+                                num_return_sequences=n, seed=seed,
+                                suppress_tokens=list(range(vocab, vocab + rows_beyond)) if rows_beyond > 0 else None)
         was_training = model.training
         model.eval()
         try:
