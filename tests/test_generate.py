@@ -849,3 +849,20 @@ def test_int8_linear_keeps_the_bias_in_fp32():
     x = torch.randn(4, 32)
     with torch.no_grad():
         assert (q(x) - linear(x)).abs().max() < 0.05  # the bias is added exactly; only the product is approximate
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_padded_vocabulary_never_generates_ids_the_tokenizer_lacks(beams):
+    """A model with more rows than its tokenizer has tokens (a padded embedding, as many imported models have),
+    its extra rows scored highest: sampling, greedy and beam search given the tokenizer draw only the tokenizer's
+    ids, so the text always decodes; without the tokenizer (ids alone) the extra ids come up."""
+    m = model(vocab_size=TOKENIZER.vocab_size + 13)
+    with torch.no_grad():
+        m.lm_head.weight[TOKENIZER.vocab_size:] = m.lm_head.weight[40] * 4  # far likelier than any real token
+    generator = TextGenerator(m, TOKENIZER)
+    for temperature in (0.0, 1.0):
+        rows = generator.complete(["ab", "cd"], max_new_tokens=6, temperature=temperature, num_beams=beams, seed=3)
+        ids = [t for completions in rows for c in completions for t in c.token_ids]
+        assert ids and max(ids) < TOKENIZER.vocab_size
+    assert max(generate_ids(m, [START, 40], max_new_tokens=6, temperature=0.0, num_beams=beams)[0]) \
+        >= TOKENIZER.vocab_size

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lmforge.generate.config import GenerateConfig
 from lmforge.generate.processors import last_tokens, marked, process_scores
-from lmforge.generate.rows import Sequences, crop_prompt, with_token_ids
+from lmforge.generate.rows import Sequences, crop_prompt, with_token_ids, within_tokenizer
 from lmforge.model import GPT
 
 
@@ -30,7 +30,7 @@ def beam_search(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateCo
     them: its score divided by the current length ** length_penalty (the budget's length with 'never' and
     length_penalty > 0) is no higher.
     """
-    config = with_token_ids(config, tokenizer)
+    config = within_tokenizer(with_token_ids(config, tokenizer), model.config.vocab_size, tokenizer)
     config.check_vocabulary(model.config.vocab_size)
     prompts = [crop_prompt(p, model.config.block_size) for p in prompts]
     budgets = [config.new_tokens(len(p)) for p in prompts]

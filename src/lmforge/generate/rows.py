@@ -236,7 +236,7 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
     if pattern is not None and tokenizer is None:
         raise ConfigError("guided_regex and guided_json need the tokenizer to read the tokens' text; pass "
                           "tokenizer=")
-    config = with_token_ids(config, tokenizer)
+    config = within_tokenizer(with_token_ids(config, tokenizer), model.config.vocab_size, tokenizer)
     config.check_vocabulary(model.config.vocab_size)
     healed = [heal(model, tokenizer, crop_prompt(p, model.config.block_size)) if config.token_healing else
               (crop_prompt(p, model.config.block_size), b"") for p in prompts]  # (prompt, bytes its text gains)
@@ -259,6 +259,16 @@ def make_rows(model: GPT, prompts: Sequence[Sequence[int]], config: GenerateConf
                 StopText(tokenizer, config.stop_strings or (), healed[p][1]) if tokenizer is not None else None,
                 guide=guide, negative=negatives[p], deadline=deadline)
             for p, prompt in enumerate(cropped) for j in range(copies)]
+
+
+def within_tokenizer(config: GenerateConfig, vocab_size: int, tokenizer: Any) -> GenerateConfig:
+    """`config` with the ids of a model of vocab_size that the tokenizer has no token for suppressed: a padded
+    embedding's extra rows (many imported models round their vocabulary up) would otherwise be drawn now and then,
+    and no text stands for them."""
+    if tokenizer is None or tokenizer.vocab_size >= vocab_size:
+        return config
+    past = set(range(tokenizer.vocab_size, vocab_size))
+    return dataclasses.replace(config, suppress_tokens=sorted(set(config.suppress_tokens or ()) | past))
 
 
 def with_token_ids(config: GenerateConfig, tokenizer: Any) -> GenerateConfig:

@@ -41,6 +41,7 @@ from torch import nn
 from lmforge.data.batches import IGNORE_INDEX, Examples, fit_context, pad_examples
 from lmforge.generate import GenerateConfig, generate_batch_ids
 from lmforge.generate.reward import RewardModel
+from lmforge.generate.rows import within_tokenizer
 from lmforge.preference_loss import group_advantages
 
 
@@ -153,11 +154,9 @@ class OnlinePairs:
         [start] + prompt + sample (+ end token where it ended), prompt-major; each row's prompt length; rewards (P, n)).
         references: the data's completion of each prompt (for a reward function)."""
         seed = int(np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0] >> 1)
-        vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
-        rows_beyond = model.config.vocab_size - vocab if vocab is not None else 0  # a padded embedding's extra ids
-        config = GenerateConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                num_return_sequences=n, seed=seed,
-                                suppress_tokens=list(range(vocab, vocab + rows_beyond)) if rows_beyond > 0 else None)
+        config = within_tokenizer(GenerateConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                                 num_return_sequences=n, seed=seed),
+                                  model.config.vocab_size, self.tokenizer)  # no id past the tokenizer's
         was_training = model.training
         model.eval()
         try:
