@@ -45,6 +45,13 @@ def prompt_penalty(scores: torch.Tensor, in_prompt: torch.Tensor, penalty: float
     return torch.where(in_prompt, favoured, scores)
 
 
+@functools.lru_cache(maxsize=16)
+def id_tensor(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The ids as a long tensor, made once per list and device (a padded vocabulary suppresses thousands of ids at
+    every step: within_tokenizer)."""
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def seen_tokens(tokens: torch.Tensor, real: Optional[torch.Tensor], vocab_size: int) -> torch.Tensor:
     """(B, V) bool: the tokens present in each row of tokens (B, L); real (B, L) marks real tokens (None = all)."""
     ids = tokens if real is None else tokens.masked_fill(~real, vocab_size)  # pads go to an extra column
@@ -285,7 +292,7 @@ def process_scores(scores: torch.Tensor, tokens: torch.Tensor, real: Optional[to
     if config.exponential_decay_length_penalty is not None and generated is not None and end_ids:
         scores = decay_length_penalty(scores, generated, *config.exponential_decay_length_penalty, end_ids)
     if config.suppress_tokens:
-        scores = scores.index_fill(1, torch.tensor(config.suppress_tokens, device=scores.device), -torch.inf)
+        scores = scores.index_fill(1, id_tensor(tuple(config.suppress_tokens), scores.device), -torch.inf)
     if config.begin_suppress_tokens and generated is not None:
         scores = ban_early_ends(scores, counts, 1, config.begin_suppress_tokens)  # (banned before one new token)
     if generated is not None and (config.presence_penalty != 0.0 or config.frequency_penalty != 0.0):
