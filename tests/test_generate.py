@@ -866,3 +866,15 @@ def test_a_padded_vocabulary_never_generates_ids_the_tokenizer_lacks(beams):
         assert ids and max(ids) < TOKENIZER.vocab_size
     assert max(generate_ids(m, [START, 40], max_new_tokens=6, temperature=0.0, num_beams=beams)[0]) \
         >= TOKENIZER.vocab_size
+
+
+def test_the_kv_cache_holds_only_the_columns_the_rows_can_fill():
+    """A cache of block_size columns for prompts of 3 tokens and 5 new ones would zero-fill memory nobody reads
+    (1.2 GB for 16 rows of GPT-2 124M): it holds width + budget columns, block_size once they would pass it."""
+    from lmforge.generate.rows import Sequences
+
+    m = model(block_size=16)
+    assert Sequences(m, [[START, 40, 41], [START, 42]], 5).cache.k[0].size(2) == 3 + 5
+    assert Sequences(m, [[START, 40, 41]], 40).cache.k[0].size(2) == 16
+    prompt = [START, 40, 41]
+    assert generate_ids(m, prompt, temperature=0.0, max_new_tokens=5)[0] == full_forward_greedy(m, prompt, 5)

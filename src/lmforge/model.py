@@ -443,9 +443,10 @@ class KVCache:
         self.static = False
 
     @classmethod
-    def for_model(cls, model: GPT, batch_size: int) -> KVCache:
+    def for_model(cls, model: GPT, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        """A cache of max_len columns (block_size when None) in the model's device and dtype."""
         weight = model.tok_emb.weight
-        return cls(model.config, batch_size, device=weight.device, dtype=weight.dtype)
+        return cls(model.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
 
     @classmethod
     def static_view(cls, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], pos: torch.Tensor,

@@ -67,8 +67,10 @@ class Sequences:
             self.real = torch.arange(self.tokens.size(1), device=device)[None, :] >= pads[:, None]  # (B, width+budget)
         self.n, self.start = self.width, 0
         self.compiled = hasattr(model, "decode_step")  # a CompiledGPT (generate.compiled): its step, its cache
-        self.cache = model.new_cache(B) if self.compiled else KVCache.for_model(model, B)
         self.block = model.config.block_size
+        # as many columns as the rows can fill before the window slides: not block_size's when they end sooner
+        self.cache = model.new_cache(B) if self.compiled else \
+            KVCache.for_model(model, B, min(self.block, self.width + budget))
 
     def next_logits(self, model: GPT) -> torch.Tensor:
         """Last-position logits (B, V), feeding the cache what it lacks: the prompts, one new column, or,
