@@ -320,7 +320,7 @@ def test_the_plan_counts_g_samples_of_each_prompt_and_a_reference_only_with_beta
     assert plain.tokens_per_step == 3 * dpo_plan.tokens_per_step and plain.activations > dpo_plan.activations
     assert dpo_plan.reference > 0 and plain.reference == 0 and not plain.reference_forward
     assert held.reference == dpo_plan.reference and held.reference_forward
-    assert any("samples 6 completions" in n for n in plain.notes)
+    assert any("online sampling counted (every step): 6 samples of each prompt" in n for n in plain.notes)
     assert "(GRPO: 6 samples of each prompt)" in format_plan(plain)
     from lmforge.plan import measure
 

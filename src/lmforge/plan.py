@@ -26,6 +26,16 @@ The counts, and where each comes from:
   unpaired data       (--task unpaired, KTO) a batch of B completions trains B sequences; the reference's forward
                       runs on them and, for kto, the policy's and the reference's on the B mismatched rows
                       too (no gradients): 3 x (2N + attention/3) more FLOPs per token (apo_zero_unpaired: 1 x)
+  online sampling     (train.online_reward_model / online_reward_function: online DPO, GRPO) each generation
+                      samples n completions of every prompt (2, or grpo_group_size) to online_max_new_tokens, the
+                      longest case: the prompt cut to block_size - max_new_tokens, every sample to the limit. Its
+                      forward passes (prefill and one per new token, a KV cache) are fpt/3 FLOPs per token of the
+                      rows, and each new token reads the weights and the cache so far once more (memory-bound at
+                      small batches); a reward model's forward over the rows (when its run can be read), and with
+                      grpo_iterations > 1 the policy's log-probabilities of them, add up; all of it divided by
+                      grpo_iterations (one generation trains that many steps). Its KV cache lives only while
+                      sampling, when the training activations do not: the peak counts the larger of the two.
+                      A reward function's own time is not counted.
   DDP / FSDP          DDP: every GPU holds everything, and its gradient buckets hold another fp32 copy of the
                       gradients; FSDP (full shard): weights, gradients and optimizer state are split over the GPUs,
                       plus the largest block gathered whole (two while the next one is prefetched)
@@ -155,6 +165,9 @@ class Plan:
     total_time: float
     notes: list[str]
     group_size: int = 0  # GRPO: the samples of each prompt trained on (0: not GRPO)
+    sampling_time: float = 0.0  # online training: sampling and scoring per step (in step_time), per GPU
+    sampling_memory: float = 0.0  # online training: the KV cache while sampling a micro-batch, per GPU
+    sampled_tokens_per_step: int = 0  # online training: new tokens sampled per step and GPU (the longest case)
 
     @property
     def state(self) -> float:
@@ -162,12 +175,12 @@ class Plan:
         return self.weights + self.gradients + self.optimizer + self.reference
 
     @property
-    def total_memory(self) -> float:
-        return self.state + self.activations
+    def total_memory(self) -> float:  # sampling's KV cache and the training activations are never alive together
+        return self.state + max(self.activations, self.sampling_memory)
 
     @property
     def total_memory_checkpointed(self) -> float:
-        return self.state + self.activations_checkpointed
+        return self.state + max(self.activations_checkpointed, self.sampling_memory)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "state": self.state, "total_memory": self.total_memory,
@@ -255,7 +268,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     fpt = flops_per_token(m, m.block_size)
     adapters, adapter_activations = lora_counts(config)
     mismatched = unpaired and PreferenceLoss.of(t).needs_kl
-    grpo = preference and PreferenceLoss.of(t).group  # a batch of B prompts is B x grpo_group_size samples
+    grpo = task in ("preference", "sft") and PreferenceLoss.of(t).group  # B prompts: B x grpo_group_size samples
     rows = t.grpo_group_size if grpo else 2 if preference else 1  # a preference batch of B pairs is 2B sequences
     attention = 12 * m.n_layer * m.n_head * m.head_dim * m.block_size  # flops_per_token's attention term
     matrices = (fpt - attention) // 6  # N: the weights in matrix products
@@ -274,10 +287,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     if reward:
         notes.append("train.objective reward: a reward model reads each pair's two examples whole through a one-output "
                      "head; no reference, no LM head")
-    if preference and t.online:
-        samples = f"{t.grpo_group_size} completions" if grpo else "two completions"
-        notes.append(f"train.online_reward_model: each step also samples {samples} of every prompt (a forward "
-                     "pass per new token) and scores them with the reward model; not counted here")
+    online = t.online and (preference or grpo)
     if preference and t.precompute_reference:
         notes.append("train.precompute_reference: no frozen copy and no reference forward in the steps; the reference "
                      "scores the data once before the first step (one forward pass over it, not counted here)")
@@ -335,7 +345,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     # gradient in the backward pass: about 4 passes over the activations
     optimizer_bytes = 2 * 16.0 * trained / (gpus if parallel == "fsdp" else 1)
     memory_time = (optimizer_bytes + 4 * activations * t.grad_accum) / bandwidth
-    step_time = compute_time + memory_time
+    sampling = online_sampling(config, fpt, P, bf16, peak * mfu, bandwidth, notes) if online else (0.0, 0.0, 0)
+    step_time = compute_time + memory_time + sampling[0]
     estimate = Plan(
         parameters=P, non_embedding_parameters=counts.non_embedding, trained_parameters=trained, flops_per_token=fpt,
         step_flops_per_token=step_fpt, task=task, tokens_per_step=tokens_per_step, steps=steps, tokens=tokens,
@@ -345,7 +356,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         activations_checkpointed=checkpointed, reference=reference, reference_forward=runs_reference,
         mismatched_forward=mismatched, device=device, device_name=name, device_memory=memory, peak_flops=peak,
         mfu=mfu, bandwidth=bandwidth, step_time=step_time, total_time=step_time * tokens / tokens_per_step, notes=notes,
-        group_size=t.grpo_group_size if grpo else 0)
+        group_size=t.grpo_group_size if grpo else 0, sampling_time=sampling[0], sampling_memory=sampling[1],
+        sampled_tokens_per_step=sampling[2])
     where = "this machine's RAM" if device == "cpu" else f"the {gpus if gpus > 1 else ''} {name}'s memory".replace("  ", " ")
     if estimate.total_memory_checkpointed > memory:
         notes.append(f"WARNING: does not fit: {gib(estimate.total_memory_checkpointed)} per device even with "
@@ -358,6 +370,40 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
 
 
 # ------------------------------------------------------------------------------------------- printing
+def online_sampling(config: RunConfig, fpt: int, parameters: int, bf16: bool, flops: float, bandwidth: float,
+                    notes: list[str]) -> tuple[float, float, int]:
+    """(seconds per step, KV cache bytes, new tokens per step) of online training's sampling and scoring, per
+    device: the module docstring's "online sampling"; `flops` the FLOP/s assumed (peak x MFU), `notes` gets what is
+    and is not counted."""
+    m, t = config.model, config.train
+    grpo = PreferenceLoss.of(t).group
+    n = t.grpo_group_size if grpo else 2
+    rows, new, mu = t.batch_size * n, t.online_max_new_tokens, t.grpo_iterations if grpo else 1
+    forward = fpt / 3  # FLOPs of one token's forward pass (prefill or a new token)
+    flop = rows * m.block_size * forward * (2 if mu > 1 else 1)  # sampling, and pi_old's pass over the rows
+    scorer = "the reward function's own time is not counted" if t.online_reward_function is not None else ""
+    if t.online_reward_model is not None:
+        try:
+            from lmforge.checkpoint import read_run_config, resolve_checkpoint
+
+            judge = read_run_config(resolve_checkpoint(t.online_reward_model)).model
+            flop += rows * m.block_size * flops_per_token(judge, judge.block_size) / 3
+            scorer = ", ".join(filter(None, ["the reward model's forward counted", scorer]))
+        except Exception:  # a run not made yet: plan anyway, say so
+            scorer = ", ".join(filter(None, [f"the reward model {t.online_reward_model} could not be read: its "
+                                             "forward is not counted", scorer]))
+    kv_per_token = 2 * m.n_layer * m.n_kv_head * m.head_dim * (2 if t.precision == "bf16-compute" else 4)
+    prompt = m.block_size - new
+    weights = parameters * (2 if t.precision == "bf16-compute" else 4)
+    reads = new * weights + rows * kv_per_token * new * (prompt + new / 2)  # each new token: the weights, the cache
+    seconds = t.grad_accum * (flop / flops + reads / bandwidth) / mu
+    kv_cache = rows * m.block_size * kv_per_token
+    every = f"every {mu} steps" if mu > 1 else "every step"
+    notes.append(f"online sampling counted ({every}): {n} samples of each prompt, {new} new tokens each at most, "
+                 f"{duration(seconds)} per step{'; ' + scorer if scorer else ''}")
+    return seconds, float(kv_cache), t.grad_accum * rows * new // mu
+
+
 def gib(n: float) -> str:
     return f"{n / 2 ** 30:,.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:,.1f} MiB"
 
@@ -392,11 +438,14 @@ def format_plan(p: Plan) -> str:
         f"  optimizer (AdamW) {gib(p.optimizer)}",
         *([f"  frozen reference  {gib(p.reference)}"] if p.reference else []),
         f"  activations       {gib(p.activations)} ({gib(p.activations_checkpointed)} with activation checkpointing)",
+        *([f"  sampling KV cache {gib(p.sampling_memory)} (while sampling, without the activations)"]
+          if p.sampling_memory else []),
         f"  total             {gib(p.total_memory)} ({gib(p.total_memory_checkpointed)} with checkpointing), "
         f"of {gib(p.device_memory)}",
         f"time on {p.gpus} x {p.device_name}" if p.gpus > 1 else f"time on {p.device_name}",
         f"  peak              {p.peak_flops / 1e12:,.3f} TFLOP/s, MFU assumed {p.mfu:.0%}",
-        f"  per step          {duration(p.step_time)}",
+        f"  per step          {duration(p.step_time)}"
+        + (f" (sampling {duration(p.sampling_time)} of it)" if p.sampling_time else ""),
         f"  whole run         {duration(p.total_time)}",
     ]
     return "\n".join(lines + [f"note: {n}" for n in p.notes])
