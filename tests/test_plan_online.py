@@ -96,3 +96,26 @@ def test_grpo_on_sft_data_counts_its_group():
     pairs = plan(config(**GRPO), device="h100", task="preference")
     assert sft.tokens_per_step == pairs.tokens_per_step == 3 * 5 * T and sft.group_size == 5
     assert sft.sampling_time == pytest.approx(pairs.sampling_time) and torch.tensor(sft.sampling_time) > 0
+
+
+def test_on_a_cpu_the_new_tokens_run_at_the_measured_small_batch_rates(monkeypatch):
+    """On a CPU a new token's products have a few rows (far below the peak): the plan times F.linear of rows x n_embd
+    by 4 n_embd (the blocks) and by the vocabulary (the head) here and charges each new token's FLOPs at those rates;
+    the prompts' pass runs at the peak x MFU. Rates fixed here to check the formula."""
+    import lmforge.plan as plan_module
+
+    calls = []
+
+    def rate(m=2048, k=2048, n=2048, dtype=torch.float32, seconds=0.3, linear=False):
+        calls.append((m, k, n, linear))
+        return {4 * C: 2e9, 100: 5e8}.get(n, 4e10) if linear else 4e10
+
+    monkeypatch.setattr(plan_module, "matmul_flops", rate)
+    monkeypatch.setattr(plan_module, "copy_bandwidth", lambda: 1e10)
+    p = plan(config(**GRPO), device="cpu", task="preference")
+    rows, new, forward, head = 15, 12, p.flops_per_token / 3, 2 * 100 * C
+    kv_per_token = 2 * L * C * 4
+    want = (rows * (T - new) * forward / (4e10 * p.mfu) + rows * new * ((forward - head) / 2e9 + head / 5e8)
+            + rows * kv_per_token * new * (T - new + new / 2) / 1e10)
+    assert p.sampling_time == pytest.approx(want, rel=1e-9)
+    assert (rows, C, 4 * C, True) in calls and (rows, C, 100, True) in calls

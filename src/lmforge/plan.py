@@ -30,8 +30,9 @@ The counts, and where each comes from:
                       samples n completions of every prompt (2, or grpo_group_size) to online_max_new_tokens, the
                       longest case: the prompt cut to block_size - max_new_tokens, every sample to the limit. Its
                       forward passes (prefill and one per new token, a KV cache) are fpt/3 FLOPs per token of the
-                      rows, and each new token reads the weights and the cache so far once more (memory-bound at
-                      small batches); a reward model's forward over the rows (when its run can be read), and with
+                      rows; each new token reads the cache so far, and the weights: on a GPU at the bandwidth, on a
+                      CPU within the products of a few rows, timed here for the model's shapes (F.linear of rows x
+                      n_embd by 4 n_embd, and by the vocabulary: far below the peak); a reward model's forward over the rows (when its run can be read), and with
                       grpo_iterations > 1 the policy's log-probabilities of them, add up; all of it divided by
                       grpo_iterations (one generation trains that many steps). Its KV cache lives only while
                       sampling, when the training activations do not: the peak counts the larger of the two.
@@ -188,15 +189,17 @@ class Plan:
 
 
 def matmul_flops(m: int = 2048, k: int = 2048, n: int = 2048, dtype: torch.dtype = torch.float32,
-                 seconds: float = 0.3) -> float:
-    """FLOP/s of an (m, k) @ (k, n) torch.mm in `dtype` here: the median over about `seconds` of repeats after a
-    warm-up (on a shared machine the other processes slow it as they slow the training steps)."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    torch.mm(a, b)
+                 seconds: float = 0.3, linear: bool = False) -> float:
+    """FLOP/s of an (m, k) @ (k, n) torch.mm in `dtype` here (linear: F.linear of an (m, k) input and an (n, k)
+    weight, as a model's layers run it): the median over about `seconds` of repeats after a warm-up (on a shared
+    machine the other processes slow it as they slow the training steps)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype) if linear else torch.randn(k, n, dtype=dtype)
+    product = (lambda: torch.nn.functional.linear(a, b)) if linear else (lambda: torch.mm(a, b))
+    product()
     times: list[float] = []
     while sum(times) < seconds or len(times) < 5:
         start = time.perf_counter()
-        torch.mm(a, b)
+        product()
         times.append(time.perf_counter() - start)
     return 2 * m * k * n / statistics.median(times)
 
@@ -345,7 +348,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     # gradient in the backward pass: about 4 passes over the activations
     optimizer_bytes = 2 * 16.0 * trained / (gpus if parallel == "fsdp" else 1)
     memory_time = (optimizer_bytes + 4 * activations * t.grad_accum) / bandwidth
-    sampling = online_sampling(config, fpt, P, bf16, peak * mfu, bandwidth, notes) if online else (0.0, 0.0, 0)
+    sampling = online_sampling(config, fpt, P, peak * mfu, bandwidth, device == "cpu", notes) if online else \
+        (0.0, 0.0, 0)
     step_time = compute_time + memory_time + sampling[0]
     estimate = Plan(
         parameters=P, non_embedding_parameters=counts.non_embedding, trained_parameters=trained, flops_per_token=fpt,
@@ -370,17 +374,30 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
 
 
 # ------------------------------------------------------------------------------------------- printing
-def online_sampling(config: RunConfig, fpt: int, parameters: int, bf16: bool, flops: float, bandwidth: float,
+def online_sampling(config: RunConfig, fpt: int, parameters: int, flops: float, bandwidth: float, cpu: bool,
                     notes: list[str]) -> tuple[float, float, int]:
     """(seconds per step, KV cache bytes, new tokens per step) of online training's sampling and scoring, per
     device: the module docstring's "online sampling"; `flops` the FLOP/s assumed (peak x MFU), `notes` gets what is
-    and is not counted."""
+    and is not counted. On a CPU the new tokens' products (a few rows each: far below the peak) run at the rate
+    measured here for the model's shapes, weight reads included; on a GPU at the peak, plus the weights' reads."""
     m, t = config.model, config.train
     grpo = PreferenceLoss.of(t).group
     n = t.grpo_group_size if grpo else 2
     rows, new, mu = t.batch_size * n, t.online_max_new_tokens, t.grpo_iterations if grpo else 1
     forward = fpt / 3  # FLOPs of one token's forward pass (prefill or a new token)
-    flop = rows * m.block_size * forward * (2 if mu > 1 else 1)  # sampling, and pi_old's pass over the rows
+    head = 2 * m.vocab_size * m.n_embd  # of which the LM head's
+    prompt = m.block_size - new
+    weights = parameters * (2 if t.precision == "bf16-compute" else 4)
+    if cpu:  # each new token: rows x (the blocks' products, the head's) at their measured small-batch rates
+        dtype = torch.bfloat16 if t.precision == "bf16-compute" else torch.float32
+        body_rate = matmul_flops(rows, m.n_embd, 4 * m.n_embd, dtype, seconds=0.1, linear=True)
+        head_rate = matmul_flops(rows, m.n_embd, m.vocab_size, dtype, seconds=0.1, linear=True)
+        decode = rows * new * ((forward - head) / body_rate + head / head_rate)
+        flop = rows * prompt * forward  # the prompts' pass, at the large products' rate
+    else:  # the products at the peak, and each new token reads the weights once
+        decode = new * weights / bandwidth
+        flop = rows * m.block_size * forward
+    flop += rows * m.block_size * forward * (mu > 1)  # pi_old's pass over the rows
     scorer = "the reward function's own time is not counted" if t.online_reward_function is not None else ""
     if t.online_reward_model is not None:
         try:
@@ -393,10 +410,8 @@ def online_sampling(config: RunConfig, fpt: int, parameters: int, bf16: bool, fl
             scorer = ", ".join(filter(None, [f"the reward model {t.online_reward_model} could not be read: its "
                                              "forward is not counted", scorer]))
     kv_per_token = 2 * m.n_layer * m.n_kv_head * m.head_dim * (2 if t.precision == "bf16-compute" else 4)
-    prompt = m.block_size - new
-    weights = parameters * (2 if t.precision == "bf16-compute" else 4)
-    reads = new * weights + rows * kv_per_token * new * (prompt + new / 2)  # each new token: the weights, the cache
-    seconds = t.grad_accum * (flop / flops + reads / bandwidth) / mu
+    reads = rows * kv_per_token * new * (prompt + new / 2)  # each new token reads the cache so far
+    seconds = t.grad_accum * (flop / flops + decode + reads / bandwidth) / mu
     kv_cache = rows * m.block_size * kv_per_token
     every = f"every {mu} steps" if mu > 1 else "every step"
     notes.append(f"online sampling counted ({every}): {n} samples of each prompt, {new} new tokens each at most, "
