@@ -202,6 +202,9 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("prepare-preference-same-completions", ["prepare", str(ws / "same-pair.jsonl"), "--task", "preference",
                                                  "--tokenizer", str(run), "--out", str(ws / "o-pref")],
          "same-pair.jsonl:2: 'chosen' and 'rejected' are the same text"),
+        ("prepare-preference-bad-margin", ["prepare", str(ws / "bad-margin.jsonl"), "--task", "preference",
+                                           "--tokenizer", str(run), "--out", str(ws / "o-margin")],
+         "bad-margin.jsonl:2: field 'margin' is 'high': give a finite number"),
         ("prepare-unpaired-bad-label", ["prepare", str(ws / "bad-label.jsonl"), "--task", "unpaired",
                                         "--tokenizer", str(run), "--out", str(ws / "o-unpaired")],
          "bad-label.jsonl:2: field 'label' (label) is 'maybe': give true or false"),
@@ -481,6 +484,8 @@ def hostile_files(workspace):
     (ws / "afile").write_text("a file, not a folder\n", encoding="utf-8")
     (ws / "bad-label.jsonl").write_text('{"prompt": "Hi", "completion": "Hello!", "label": true}\n'
                                         '{"prompt": "Hi", "completion": "Go away.", "label": "maybe"}\n')
+    (ws / "bad-margin.jsonl").write_text('{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "margin": 1}\n'
+                                         '{"prompt": "Yo", "chosen": "Hey!", "rejected": "No.", "margin": "high"}\n')
     (ws / "same-pair.jsonl").write_text('{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}\n'
                                         '{"prompt": "Hi", "chosen": "Hello!", "rejected": "Hello!"}\n', encoding="utf-8")
     if not (ws / "pipe.txt").exists():
@@ -495,7 +500,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 151
+N_CASES = 152
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

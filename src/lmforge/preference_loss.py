@@ -62,9 +62,10 @@ both TRL's KTOTrainer loss types; the loss of a batch is the mean over its compl
 A reward model (train.objective reward; reward_model_loss) learns from the same pairs with no reference and no
 log-probabilities: a scalar head reads each whole example (prompt, completion, end token), r(x, y) its output, and
 
-    reward   -log sigmoid(r(x, y_w) - r(x, y_l)) + c (r(x, y_w) + r(x, y_l))^2          Bradley-Terry, as InstructGPT
+    reward   -log sigmoid(r(x, y_w) - r(x, y_l) - m) + c (r(x, y_w) + r(x, y_l))^2     Bradley-Terry, as InstructGPT
              (Ouyang et al. 2022) and TRL's RewardTrainer; c (train.reward_center_coefficient) keeps rewards
-             centred on 0 (Eisenstein et al. 2023)
+             centred on 0 (Eisenstein et al. 2023); m the pair's margin when the data has one (Llama 2's
+             preference-strength margin, TRL's "margin" column), else 0
 
 Group Relative Policy Optimization (grpo; Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer) is online only
 (train.online_reward_model or online_reward_function): the policy samples G completions o_1..o_G of each prompt,
@@ -140,12 +141,14 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return loss, chosen.detach(), rejected.detach()
 
 
-def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, center: float = 0.0) -> torch.Tensor:
+def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, center: float = 0.0,
+                      margin: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(P,) fp32 loss per pair of a reward model from its rewards of the chosen and the rejected completions (each
-    (P,)): -log sigmoid(r_w - r_l) + center (r_w + r_l)^2 (module docstring). Their mean over the pairs is TRL's
-    RewardTrainer loss (its center_rewards_coefficient term is a mean over the pairs too)."""
+    (P,)): -log sigmoid(r_w - r_l - m) + center (r_w + r_l)^2 (module docstring), m each pair's margin (P,) or 0.
+    Their mean over the pairs is TRL's RewardTrainer loss (its center_rewards_coefficient term is a mean over the
+    pairs too; its "margin" column is m)."""
     chosen, rejected = chosen.float(), rejected.float()
-    loss = -F.logsigmoid(chosen - rejected)
+    loss = -F.logsigmoid(chosen - rejected - (margin.float() if margin is not None else 0.0))
     return loss + center * (chosen + rejected) ** 2 if center else loss
 
 

@@ -182,15 +182,18 @@ class Examples:
     tokens: (N,) integer ids; offsets: (n+1,) int64, example i is tokens[offsets[i]:offsets[i+1]];
     prompt_lengths: (n,) tokens at the start of each example that carry no loss (start token and prompt), or
     None; labels: (n,) int64 class ids (classify), or None; desirable: (n,) bool, unpaired preference data's label
-    of each completion (`prepare --task unpaired`), or None. reference_logps: (n,) float32, preference data's
-    completion log-probabilities under the frozen reference when precomputed (train.precompute_reference), or None:
-    then every batch of pairs carries its rows' values as a third tensor (``pair_batch``).
+    of each completion (`prepare --task unpaired`), or None; margins: (n,) float32, preference data's margin of each
+    example's pair (the same on both; `prepare` of records with a "margin"), or None. reference_logps: (n,) float32,
+    preference data's completion log-probabilities under the frozen reference when precomputed
+    (train.precompute_reference), or None: then every batch of pairs carries its rows' values as a third tensor
+    (``pair_batch``).
     """
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, prompt_lengths: Optional[np.ndarray],
-                 labels: Optional[np.ndarray] = None, *, desirable: Optional[np.ndarray] = None) -> None:
+                 labels: Optional[np.ndarray] = None, *, desirable: Optional[np.ndarray] = None,
+                 margins: Optional[np.ndarray] = None) -> None:
         self.tokens, self.offsets, self.prompt_lengths, self.labels = tokens, offsets, prompt_lengths, labels
-        self.desirable = desirable
+        self.desirable, self.margins = desirable, margins
         self.reference_logps: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
@@ -295,13 +298,16 @@ def fit_context(ids: np.ndarray, max_tokens: int, keep: int) -> np.ndarray:
 
 
 def reward_pair_batch(examples: Examples, pairs: np.ndarray, pad_id: int, max_tokens: int, keep: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      ) -> tuple[torch.Tensor, ...]:
     """A reward model's batch of preference pairs ``pairs``: x (2P, T) and attention_mask (2P, T), rows 2k and
     2k + 1 pair k's chosen and rejected example whole (prompt, completion, end token: the head reads the last),
-    each fitted to max_tokens (``fit_context``), right-padded."""
+    each fitted to max_tokens (``fit_context``), right-padded; with margins in the data, each pair's (P,) third."""
     rows = [fit_context(np.asarray(examples.tokens[examples.offsets[e]:examples.offsets[e + 1]]), max_tokens, keep)
             for e in pair_rows(pairs)]
-    return pad_rows(rows, pad_id)
+    x, mask = pad_rows(rows, pad_id)
+    if examples.margins is None:
+        return x, mask
+    return x, mask, torch.from_numpy(np.asarray(examples.margins[2 * np.asarray(pairs)], dtype=np.float32))
 
 
 def text_batches(tok: Any, ids: Sequence[np.ndarray], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

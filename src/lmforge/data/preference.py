@@ -8,6 +8,10 @@ and rejected are strings, or lists holding one assistant turn (TRL's conversatio
 
 - bad      a missing or empty field, a wrong type, or chosen equal to rejected (nothing to prefer): an error naming
            FILE:N, or with ``skip_bad`` counted and listed in the report.
+- margin   an optional number per record ("margin", TRL's RewardTrainer column): how much more the chosen completion
+           is preferred (e.g. from ratings), which a reward model's loss then asks its rewards to differ by; a
+           dataset with margins stores one for every pair (0 for a record without one), a margin that is not a finite
+           number is a bad record. Other losses ignore it.
 - dedupe   exact duplicates of (prompt text, chosen, rejected) are removed and counted (unless ``keep_duplicates``).
 - split    pairs shuffled with ``seed`` and cut by the split fractions; leakage as sft's (a val/test pair whose
            prompt text is a train pair's).
@@ -21,9 +25,10 @@ and rejected are strings, or lists holding one assistant turn (TRL's conversatio
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -35,16 +40,24 @@ from lmforge.data.tasks import (MAX_LISTED_BAD, BadRecord, Encoded, Fields, _lea
 from lmforge.errors import DataError
 from lmforge.tokenizer import Tokenizer
 
+MARGIN = "margin"  # the record field of a pair's margin (TRL's RewardTrainer column)
 
-def record_preference(record: dict, template: dict, fields: Fields) -> tuple[str, str, str, bool]:
-    """(prompt text, chosen, rejected, whether the prompt is a conversation) of one record; BadRecord says why not."""
+
+def record_preference(record: dict, template: dict, fields: Fields) -> tuple[str, str, str, bool, Optional[float]]:
+    """(prompt text, chosen, rejected, whether the prompt is a conversation, margin or None) of one record;
+    BadRecord says why not."""
     prompt, chat = record_prompt(record, template, fields)
     chosen, rejected = (completion_field(record, name, role) for name, role in ((fields.chosen, "chosen"),
                                                                                   (fields.rejected, "rejected")))
     if chosen == rejected:
         raise BadRecord(f"{fields.chosen!r} and {fields.rejected!r} are the same text: a pair needs two different "
                         "completions to prefer one")
-    return prompt, chosen, rejected, chat
+    margin = record.get(MARGIN)
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        raise BadRecord(f"field {MARGIN!r} is {margin!r}: give a finite number (how much more the chosen completion "
+                        "is preferred), or leave it out")
+    return prompt, chosen, rejected, chat, None if margin is None else float(margin)
 
 
 def record_prompt(record: dict, template: dict, fields: Fields) -> tuple[str, bool]:
@@ -107,14 +120,16 @@ def read_prompted_records(files: list[Path], template: dict, fields: Fields, ski
     return found, bad, records
 
 
-def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str, str]], max_length: int, drop_long: bool) -> Encoded:
-    """Encode (prompt, chosen, rejected) texts as examples 2i, 2i + 1 (module docstring); counts are per pair."""
-    out = Encoded()
+def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str, str]], max_length: int, drop_long: bool,
+                 margins: Optional[list[float]] = None) -> Encoded:
+    """Encode (prompt, chosen, rejected) texts as examples 2i, 2i + 1 (module docstring); counts are per pair;
+    margins: each pair's, kept on both its examples (None: the dataset has none)."""
+    out = Encoded(margins=None if margins is None else [])
     start = 0 if tok.start_id is None else 1
     prompts = tok.encode_batch_arrays([p for p, _, _ in pairs])
     chosen = tok.encode_batch_arrays([c for _, c, _ in pairs])
     rejected = tok.encode_batch_arrays([r for _, _, r in pairs])
-    for prompt, c, r in zip(prompts, chosen, rejected):
+    for k, (prompt, c, r) in enumerate(zip(prompts, chosen, rejected)):
         longest = max(len(c), len(r))
         cut = start + len(prompt) + longest + 1 > max_length
         if cut and drop_long:
@@ -124,6 +139,8 @@ def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str, str]], max_length: 
             room = max(max_length - start - longest - 1, 0)
             prompt = prompt[len(prompt) - room:] if room else prompt[:0]
         encoded = [encode_example(tok, prompt, completion, max_length, False) for completion in (c, r)]
+        if out.margins is not None:
+            out.margins += [margins[k]] * 2
         out.truncated += cut
         for ids, prompt_length, _ in encoded:
             out.tokens.append(ids)
@@ -138,14 +155,17 @@ def prepare_preference(template: dict, fields: Fields, skip_bad: bool, keep_dupl
     """prepare_task for --task preference: read, dedupe, split, encode pairs, write (module docstring)."""
     found, bad, records = read_prompted_records(common["files"], template, fields, skip_bad, record_preference,
                                                 f"{fields.prompt!r}, {fields.chosen!r} and {fields.rejected!r}")
-    triples = [(p, c, r) for p, c, r, _ in found]
+    triples = [(p, c, r) for p, c, r, _, _ in found]
+    has_margins = any(m is not None for *_, m in found)
+    margins = [0.0 if m is None else m for *_, m in found]
     kept, duplicates = _dedupe_triples(triples, keep_duplicates)
     if len(kept) < 3:
         raise DataError(f"only {len(kept)} distinct pair(s): give at least 3, one each for train, val and test")
     order = np.random.default_rng(seed).permutation(np.array(kept, dtype=np.int64))
     n_train, n_val, _ = split_counts(len(order), split)
     parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
-    encoded = {name: encode_pairs(common["tok"], [triples[i] for i in idx], max_length, drop_long)
+    encoded = {name: encode_pairs(common["tok"], [triples[i] for i in idx], max_length, drop_long,
+                                  [margins[i] for i in idx] if has_margins else None)
                for name, idx in parts.items()}
     for name, enc in encoded.items():
         if not enc.tokens:
@@ -156,7 +176,8 @@ def prepare_preference(template: dict, fields: Fields, skip_bad: bool, keep_dupl
               "example": "pair i: examples 2i ([start] prompt chosen [end]) and 2i+1 ([start] prompt rejected [end])",
               **header}
     return _write_task_dir(encoded, header, lambda entries: {
-        "task": "preference", "records": records, "chat_records": sum(chat for *_, chat in found),
+        "task": "preference", "records": records, "chat_records": sum(chat for *_, chat, _ in found),
+        "pairs_with_margin": sum(m is not None for *_, m in found),
         "pairs": len(found), "duplicates": duplicates, "bad_records": len(bad), "bad": bad[:MAX_LISTED_BAD],
         "leakage": _leakage([(p, c) for p, c, _ in triples], parts),
         "splits": {name: {"pairs": entries[name]["examples"] // 2, "tokens": entries[name]["tokens"],

@@ -300,6 +300,7 @@ class Encoded:
     prompt_lengths: list[int] = field(default_factory=list)
     labels: Optional[list[int]] = None  # classify: the class id of each example
     desirable: Optional[list[int]] = None  # unpaired preference data: 1 for a desirable completion, 0 for not
+    margins: Optional[list[float]] = None  # preference data with margins: each example's pair's margin
     truncated: int = 0
     dropped: int = 0
     completion_tokens: int = 0
@@ -405,6 +406,8 @@ def write_examples(path: Path, encoded: Encoded) -> dict:
         tensors["labels"] = np.array(encoded.labels, dtype=np.int64)
     if encoded.desirable is not None:
         tensors["desirable"] = np.array(encoded.desirable, dtype=np.uint8)
+    if encoded.margins is not None:
+        tensors["margins"] = np.array(encoded.margins, dtype=np.float32)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT})
     return {"file": path.name, "examples": len(lengths), "tokens": int(lengths.sum()),
@@ -748,9 +751,15 @@ def load_examples(data_dir: str | Path, split: str) -> Examples:
     if manifest["task"] == "unpaired":
         per_example += ", desirable"
         ok = ok and desirable is not None and desirable.shape == (n,) and bool(np.all(desirable <= 1))
+    margins = arrays.get("margins") if manifest["task"] == "preference" else None
+    if margins is not None:  # one per example, finite, the same on both examples of a pair
+        per_example += ", margins"
+        ok = ok and margins.shape == (n,) and bool(np.all(np.isfinite(margins))) and \
+            bool(np.all(margins[0::2] == margins[1::2]))
     if not ok:
         raise DataError(f"{path} does not hold the {n} examples its manifest describes (tokens, offsets, "
                         f"{per_example}): the file is damaged, re-run `lmforge prepare --force`")
     if classify:
         return Examples(tokens, offsets, None, values)
-    return Examples(tokens, offsets, values, desirable=None if desirable is None else desirable.astype(bool))
+    return Examples(tokens, offsets, values, desirable=None if desirable is None else desirable.astype(bool),
+                    margins=margins)

@@ -132,12 +132,13 @@ def evaluate_reward_model(model: nn.Module, tokenizer: Any, examples: Examples, 
     with progress_bar(n, "preference pairs", "pair", progress) as bar:
         for start in range(0, n, batch_size):
             pairs = np.arange(start, min(start + batch_size, n))
-            x, mask = reward_pair_batch(examples, pairs, pad, block, keep)
+            x, mask, *_ = reward_pair_batch(examples, pairs, pad, block, keep)
             rewards.append(model(x.to(device), attention_mask=mask.to(device))[:, 0].float().view(-1, 2).cpu())
             bar.update(len(pairs))
     both = torch.cat(rewards) if rewards else torch.zeros(0, 2)  # (n, 2): chosen, rejected
     chosen, rejected = both[:, 0], both[:, 1]
-    metrics = {"pairs": n, "loss": float(reward_model_loss(chosen, rejected, center).mean()),
+    margin = None if examples.margins is None else torch.from_numpy(examples.margins[0:2 * n:2].astype(np.float32))
+    metrics = {"pairs": n, "loss": float(reward_model_loss(chosen, rejected, center, margin).mean()),
                **reward_metrics(chosen, rejected), "objective": "reward", "center": center}
     return metrics, pair_rows_out(tokenizer, examples, chosen, rejected)
 

@@ -882,11 +882,12 @@ class Trainer:
     def reward_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A reward model's (loss, chosen reward, rejected reward) per pair of one batch of whole pairs
-        (data.batches.reward_pair_batch: x, attention_mask): the head's scalar at each row's last real token."""
-        x, mask = (self.to_device(t) for t in batch)
+        (data.batches.reward_pair_batch: x, attention_mask, and each pair's margin when the data has them): the head's
+        scalar at each row's last real token."""
+        x, mask, *margin = (self.to_device(t) for t in batch)
         rewards = run_forward(model, self.config.train.precision, self.device, x, attention_mask=mask)  # (2P, 1)
         chosen, rejected = rewards[0::2, 0].float(), rewards[1::2, 0].float()
-        loss = reward_model_loss(chosen, rejected, self.config.train.reward_center_coefficient)
+        loss = reward_model_loss(chosen, rejected, self.config.train.reward_center_coefficient, *margin)
         return loss, chosen.detach(), rejected.detach()
 
     def unpaired_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
