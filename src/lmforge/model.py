@@ -343,6 +343,12 @@ class GPT(nn.Module):
                                                  self.summary_position(attention_mask, B, T)]))
         return self.token_logits(x)  # (B, T, V)
 
+    def last_logits(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
+                    attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, V) at the last position of idx only (arguments as forward's): what decoding samples from. A
+        prompt's pass then runs the head on one position per row, not on every prompt position."""
+        return self.token_logits(self.hidden_states(idx, cache, attention_mask)[:, -1])
+
     def token_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Next-token logits (..., V) of hidden states x (..., C): the LM head, soft-capped. Scoring that needs
         only some positions (eval.choices) applies it to those alone."""

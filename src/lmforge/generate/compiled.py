@@ -61,6 +61,9 @@ class CompiledGPT(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.model(*args, **kwargs)
 
+    def last_logits(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model.last_logits(*args, **kwargs)
+
     def new_cache(self, batch_size: int) -> KVCache:
         """A cache for decode_step: one spare column, so the attention length S is always below the
         buffers' length (the compiled code would otherwise special-case S = max_len)."""

@@ -84,7 +84,7 @@ class Sequences:
                 torch.ones(self.tokens.size(0), self.n - self.start, dtype=torch.bool, device=self.tokens.device)
             return model.decode_step(self.tokens[:, first:self.n], keys, self.cache)
         mask = self.real[:, self.start:self.n] if self.real is not None else None
-        return model(self.tokens[:, first:self.n], self.cache, mask)[:, -1]
+        return model.last_logits(self.tokens[:, first:self.n], self.cache, mask)
 
     def append(self, token: torch.Tensor) -> None:
         self.tokens[:, self.n] = token
