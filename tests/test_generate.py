@@ -878,3 +878,17 @@ def test_the_kv_cache_holds_only_the_columns_the_rows_can_fill():
     assert Sequences(m, [[START, 40, 41]], 40).cache.k[0].size(2) == 16
     prompt = [START, 40, 41]
     assert generate_ids(m, prompt, temperature=0.0, max_new_tokens=5)[0] == full_forward_greedy(m, prompt, 5)
+
+
+def test_decoding_runs_the_head_on_the_last_position_only():
+    """The prompt's pass feeds the cache with every prompt position but scores only the last: the head sees one row
+    per sequence at every step (not B x prompt length rows, all but one thrown away), and the tokens are greedy's."""
+    m = model()
+    rows = []
+    handle = m.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape))
+    try:
+        got = generate_batch_ids(m, [[START, 40, 41, 42, 43], [START, 44, 45]], temperature=0.0, max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert rows and all(shape == (2, 32) for shape in rows) and len(rows) == 4
+    assert got[0][0] == full_forward_greedy(m, [START, 40, 41, 42, 43], 4)
