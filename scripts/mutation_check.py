@@ -306,8 +306,8 @@ MUTANTS = [
            ("tests/test_reward_model.py::test_the_first_step_and_the_val_loss_are_the_loss_by_hand_with_the_centring_"
             "term[0.0]",)),
     Mutant("reward-model-centring-term-dropped", "train/trainer.py",
-           "loss = reward_model_loss(chosen, rejected, self.config.train.reward_center_coefficient)",
-           "loss = reward_model_loss(chosen, rejected, 0.0)",
+           "loss = reward_model_loss(chosen, rejected, self.config.train.reward_center_coefficient, *margin)",
+           "loss = reward_model_loss(chosen, rejected, 0.0, *margin)",
            ("tests/test_reward_model.py::test_the_first_step_and_the_val_loss_are_the_loss_by_hand_with_the_centring_"
             "term[0.0]",)),
     Mutant("reward-model-reads-past-the-padding", "generate/reward.py",

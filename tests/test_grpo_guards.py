@@ -178,7 +178,8 @@ def test_sampling_builds_no_autograd_graph(a_pairs, policy, judge_run, tmp_path)
     no graph (a graph would hold every sampling step's activations)."""
     trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run), progress=False, tensorboard=False)
     seen = []
-    hook = trainer.raw_model.register_forward_hook(lambda module, args, out: seen.append(torch.is_grad_enabled()))
+    hook = trainer.raw_model.blocks[0].register_forward_hook(lambda module, args, out: seen.append(
+        torch.is_grad_enabled()))
     try:
         with torch.enable_grad():
             trainer.online.sample(trainer.raw_model, trainer.online.prompts(trainer.train_data.next_batch()), 2, 0, 0)

@@ -309,13 +309,13 @@ def test_best_of_n_no_template_gives_the_prompts_as_they_are(policy, judge_run, 
 
 
 def test_the_plan_notes_online_sampling_only_for_online_preference_runs():
-    """`lmforge plan`: the note on sampling appears for preference data with train.online_reward_model only."""
+    """`lmforge plan`: the sampling is counted (and noted) for preference data with train.online_reward_model only."""
     from test_plan import config
 
     from lmforge.plan import plan
 
     def noted(task: str, **settings: object) -> bool:
-        return any("train.online_reward_model" in n for n in plan(config(**settings), device="h100", task=task).notes)
+        return any("online sampling counted" in n for n in plan(config(**settings), device="h100", task=task).notes)
 
     assert noted("preference", **{"train.online_reward_model": "runs/rm"})
     assert not noted("preference")

@@ -43,7 +43,7 @@ def record_unpaired(record: dict, template: dict, fields: Fields) -> list[tuple[
     """The examples of one record, each (prompt text, completion, 1 if desirable else 0, whether the prompt is a
     conversation): one, or two for a preference pair (module docstring); BadRecord says why it cannot be used."""
     if fields.completion not in record and fields.chosen in record and fields.rejected in record:
-        prompt, chosen, rejected, chat = record_preference(record, template, fields)
+        prompt, chosen, rejected, chat, _ = record_preference(record, template, fields)  # (a margin: unused)
         return [(prompt, chosen, 1, chat), (prompt, rejected, 0, chat)]
     prompt, chat = record_prompt(record, template, fields)
     completion = completion_field(record, fields.completion, "completion")
