@@ -119,3 +119,21 @@ def test_on_a_cpu_the_new_tokens_run_at_the_measured_small_batch_rates(monkeypat
             + rows * kv_per_token * new * (T - new + new / 2) / 1e10)
     assert p.sampling_time == pytest.approx(want, rel=1e-9)
     assert (rows, C, 4 * C, True) in calls and (rows, C, 100, True) in calls
+
+
+def test_the_plan_of_a_run_from_a_checkpoint_is_the_checkpoints_model(tmp_path):
+    """train.init_from: `lmforge train` trains the checkpoint's model, so the plan counts it (its parameters, its
+    context), not the config's model section; a checkpoint that cannot be read yet plans the config's model, saying
+    so."""
+    small = dataclasses.replace(config().model, n_layer=1, n_embd=16, n_head=2, n_kv_head=2, block_size=16)
+    byte_tokenizer().save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "sft", 1, GPT(small), None, RunConfig(model=small), {"tokens_seen": 0},
+                    tmp_path / "tokenizer.json")
+    from lmforge.model import count_parameters
+
+    planned = plan(config(**GRPO, **{"train.init_from": str(tmp_path / "sft")}), device="h100", task="preference")
+    assert planned.parameters == count_parameters(small).total != plan(config(**GRPO), device="h100").parameters
+    assert planned.tokens_per_step == 3 * 5 * 16 and any("the model of train.init_from" in n for n in planned.notes)
+    unread = plan(config(**GRPO, **{"train.init_from": str(tmp_path / "none")}), device="h100", task="preference")
+    assert unread.parameters == plan(config(**GRPO), device="h100", task="preference").parameters
+    assert any("could not be read: planned with the config's model section" in n for n in unread.notes)

@@ -37,6 +37,8 @@ The counts, and where each comes from:
                       grpo_iterations (one generation trains that many steps). Its KV cache lives only while
                       sampling, when the training activations do not: the peak counts the larger of the two.
                       A reward function's own time is not counted.
+  train.init_from     the plan (and --measure) counts that checkpoint's model, as `lmforge train` trains it (the
+                      config's model section when the checkpoint cannot be read yet, with a note)
   DDP / FSDP          DDP: every GPU holds everything, and its gradient buckets hold another fp32 copy of the
                       gradients; FSDP (full shard): weights, gradients and optimizer state are split over the GPUs,
                       plus the largest block gathered whole (two while the next one is prefetched)
@@ -260,6 +262,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     if config.lora is not None and gpus > 1 and parallel == "fsdp":
         raise ConfigError("--parallel fsdp is not supported with lora.*: a LoRA run trains small adapters on a "
                           "frozen base; plan it with --parallel ddp")
+    config, base_note = with_base_model(config)
     m, t = config.model, config.train
     preference, unpaired, reward = task == "preference", task == "unpaired", t.objective == "reward"
     if reward:  # a reward model: a one-output classify head, no reference
@@ -286,7 +289,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     steps = t.max_steps if tokens is None else math.ceil(tokens / tokens_per_step)
     tokens = steps * tokens_per_step if tokens is None else tokens
     bf16 = t.precision in ("bf16-mixed", "bf16-compute")
-    notes = []
+    notes = [base_note] if base_note else []
     if reward:
         notes.append("train.objective reward: a reward model reads each pair's two examples whole through a one-output "
                      "head; no reference, no LM head")
@@ -374,6 +377,21 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
 
 
 # ------------------------------------------------------------------------------------------- printing
+def with_base_model(config: RunConfig) -> tuple[RunConfig, str]:
+    """(config with train.init_from's model section, as `lmforge train` trains it; a note), or the config as it is
+    when there is no init_from, or with a note when it cannot be read yet (planned before the base exists)."""
+    if config.train.init_from == "none":
+        return config, ""
+    try:
+        from lmforge.checkpoint import read_run_config, resolve_checkpoint
+
+        model = read_run_config(resolve_checkpoint(config.train.init_from)).model
+    except Exception:  # not trained yet, or not a checkpoint: plan the config's model, and say so
+        return config, (f"train.init_from {config.train.init_from} could not be read: planned with the config's "
+                        "model section")
+    return dataclasses.replace(config, model=model), f"the model of train.init_from {config.train.init_from}"
+
+
 def online_sampling(config: RunConfig, fpt: int, parameters: int, flops: float, bandwidth: float, cpu: bool,
                     notes: list[str]) -> tuple[float, float, int]:
     """(seconds per step, KV cache bytes, new tokens per step) of online training's sampling and scoring, per
@@ -383,7 +401,8 @@ def online_sampling(config: RunConfig, fpt: int, parameters: int, flops: float, 
     m, t = config.model, config.train
     grpo = PreferenceLoss.of(t).group
     n = t.grpo_group_size if grpo else 2
-    rows, new, mu = t.batch_size * n, t.online_max_new_tokens, t.grpo_iterations if grpo else 1
+    rows, mu = t.batch_size * n, t.grpo_iterations if grpo else 1
+    new = min(t.online_max_new_tokens, m.block_size - 1)  # (training refuses more: the prompt needs a token)
     forward = fpt / 3  # FLOPs of one token's forward pass (prefill or a new token)
     head = 2 * m.vocab_size * m.n_embd  # of which the LM head's
     prompt = m.block_size - new
@@ -505,6 +524,7 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
         raise ConfigError(f"--measure-steps {steps} is invalid: use 1 or more")
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is unknown: choose one of {', '.join(TASKS)}")
+    config, _ = with_base_model(config)  # the model the plan counts (train.init_from's), with random weights
     m, t = config.model, config.train
     if t.online:
         raise ConfigError("--measure trains on random tokens, which have no prompts to sample online (train."
