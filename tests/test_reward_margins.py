@@ -65,6 +65,9 @@ def test_prepare_keeps_each_pairs_margin_on_both_its_examples(margin_pairs, base
     assert seen == len(want) and len({m for m in want.values()}) > 3
     report = json.loads((margin_pairs / "report.json").read_text())
     assert report["pairs_with_margin"] == sum("margin" in r for r in margin_records()) == 40
+    from lmforge.data.preference import format_preference_report
+
+    assert "margins: 40 of 60 pairs" in format_preference_report(report)
     plain = tmp_path / "plain"
     assert prepare_pairs(base, plain, write_jsonl(tmp_path / "p.jsonl", preference_records(30))) == 0
     assert load_examples(plain, "train").margins is None

@@ -209,4 +209,6 @@ def format_preference_report(report: dict) -> str:
     lines.append(f"records: {report['records']:,} read ({report['chat_records']:,} conversations), "
                  f"{report['bad_records']:,} bad (skipped), {report['duplicates']:,} duplicate(s) removed; "
                  f"template {report['template']!r}, max_length {report['max_length']}")
+    if report.get("pairs_with_margin"):  # reward models' margins (0 for the pairs without one)
+        lines.append(f"margins: {report['pairs_with_margin']:,} of {report['pairs']:,} pairs (0 for the others)")
     return "\n".join(lines + report_tail_lines(report, "pair(s)"))
