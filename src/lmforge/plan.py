@@ -32,8 +32,9 @@ The counts, and where each comes from:
                       forward passes (prefill and one per new token, a KV cache) are fpt/3 FLOPs per token of the
                       rows; each new token reads the cache so far, and the weights: on a GPU at the bandwidth, on a
                       CPU within the products of a few rows, timed here for the model's shapes (F.linear of rows x
-                      n_embd by 4 n_embd, and by the vocabulary: far below the peak); a reward model's forward over the rows (when its run can be read), and with
-                      grpo_iterations > 1 the policy's log-probabilities of them, add up; all of it divided by
+                      n_embd by 4 n_embd, and by the vocabulary: far below the peak); a reward model's forward over
+                      the rows (when its run can be read), and with grpo_iterations > 1 the policy's
+                      log-probabilities of them, add up; all of it divided by
                       grpo_iterations (one generation trains that many steps). Its KV cache lives only while
                       sampling, when the training activations do not: the peak counts the larger of the two.
                       A reward function's own time is not counted.
@@ -376,7 +377,6 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     return estimate
 
 
-# ------------------------------------------------------------------------------------------- printing
 def with_base_model(config: RunConfig) -> tuple[RunConfig, str]:
     """(config with train.init_from's model section, as `lmforge train` trains it; a note), or the config as it is
     when there is no init_from, or with a note when it cannot be read yet (planned before the base exists)."""
@@ -438,6 +438,7 @@ def online_sampling(config: RunConfig, fpt: int, parameters: int, flops: float, 
     return seconds, float(kv_cache), t.grad_accum * rows * new // mu
 
 
+# ------------------------------------------------------------------------------------------- printing
 def gib(n: float) -> str:
     return f"{n / 2 ** 30:,.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:,.1f} MiB"
 
