@@ -608,8 +608,8 @@ class TrainConfig:
                                              "side; null = grpo_epsilon (DAPO's clip-higher used 0.28).", None, gt=0,
                                              le=10)
     grpo_delta: Optional[float] = doc("preference_loss grpo with grpo_iterations > 1: two-sided clipping (TRL's "
-                                      "delta): the ratio is also capped at delta where the advantage is negative; null = no "
-                                      "cap.", None, gt=1, le=100)
+                                      "delta): the ratio is also capped at delta where the advantage is negative; "
+                                      "null = no cap.", None, gt=1, le=100)
     grpo_importance_sampling: Literal["token", "sequence"] = doc(
         "preference_loss grpo with grpo_iterations > 1: token weighs each token by its own ratio (GRPO), sequence each "
         "completion by exp of its tokens' mean log-ratio (GSPO, Zheng et al. 2025; it used much smaller epsilons, "
