@@ -11,8 +11,10 @@ step's loss is the clipped formula on the kept samples, a checkpoint inside a ge
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ from lmforge.errors import ConfigError
 from lmforge.preference_loss import grpo_clipped, grpo_log_ratio, grpo_sequence_loss, grpo_token_loss
 from lmforge.train import Trainer
 from lmforge.train.metrics import read_metrics
+from lmforge.train.online import Rollouts
 from test_grpo import grpo, trl_grpo_loss
 from test_online_preference import a_pairs, judge_run, policy  # noqa: F401 (fixtures)
 from test_preference import base  # noqa: F401 (fixture)
@@ -212,3 +215,38 @@ def test_clip_settings_need_several_steps_per_generation(base, a_pairs, policy, 
             load_run_config(None, {"data.path": str(a_pairs), "train.preference_loss": "grpo",
                                    "train.online_reward_function": "f.py:f", "train.grpo_iterations": "2",
                                    f"train.{key}": value})
+
+
+def test_the_log_carries_the_samples_length_and_the_share_that_ran_out_of_tokens(a_pairs, policy, judge_run,
+                                                                                  tmp_path):
+    """Each GRPO train record has completion_length, the mean new tokens of the step's samples (their end token
+    aside; TRL's completions/mean_length), and truncated_fraction, the share of samples that ran out of tokens
+    (TRL's completions/clipped_ratio), read here off the samples each step trained on; a generation kept in a
+    checkpoint keeps them."""
+    trainer = Trainer(grpo(tmp_path / "run", a_pairs, policy, judge_run, **{
+        "train.max_steps": 3, "train.log_interval": 1, "train.grad_accum": 2, "train.batch_size": 3,
+        "train.online_max_new_tokens": 3}), progress=False, tensorboard=False)
+    end, generations, batches = trainer.online.end_id, [], trainer.grpo_batches
+
+    def kept():
+        out = batches()
+        generations.append(trainer.rollouts)
+        return out
+    trainer.grpo_batches = kept
+    trainer.fit()
+    records = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    shares = []
+    assert len(records) == 3, (len(records), len(generations))
+    for record, rollouts in zip(records, generations, strict=True):
+        lengths, ended = [], []
+        for _, y, *_ in rollouts.batches:
+            for labels in y:
+                labels = labels[labels != IGNORE_INDEX]
+                ended.append(bool(labels[-1] == end))
+                lengths.append(len(labels) - ended[-1])
+        assert record["completion_length"] == pytest.approx(np.mean(lengths))
+        assert record["truncated_fraction"] == pytest.approx(1 - np.mean(ended))
+        shares.append(1 - np.mean(ended))
+    assert any(0 < share < 1 for share in shares)
+    back = Rollouts.from_state(json.loads(json.dumps(generations[-1].state_dict())))
+    assert back.lengths == generations[-1].lengths and set(back.lengths) == {"completion_length", "truncated_fraction"}

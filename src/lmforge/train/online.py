@@ -124,6 +124,8 @@ class OnlinePairs:
         self.block_size, self.max_new_tokens = block_size, max_new_tokens
         self.rows_per_prompt = rows_per_prompt  # 2: a batch of pairs (its chosen rows); 1: of sft examples
         self.last_parts: dict[str, float] = {}  # each judge's mean reward over the last call's samples
+        self.last_lengths: list[int] = []  # the last groups' samples: new tokens of each (its end token aside)
+        self.last_ended: list[bool] = []  # and whether each ended with the end token (else it ran out of tokens)
         self.temperature, self.seed = temperature, seed
         self.keep, self.end_id, self.pad_id = int(start_id is not None), end_id, pad_id
 
@@ -202,6 +204,8 @@ class OnlinePairs:
         tokens when mask_truncated; advantages (P n,) of preference_loss.group_advantages, scaled or not), and their
         rewards (P, n) float32."""
         rows, lengths, rewards = self.sample(model, self.prompts(batch), n, step, micro, self.references(batch))
+        self.last_ended = [int(row[-1]) == self.end_id and len(row) > k for row, k in zip(rows, lengths)]
+        self.last_lengths = [len(row) - k - ended for row, k, ended in zip(rows, lengths, self.last_ended)]
         rewards = torch.from_numpy(rewards).float()
         x, y = self.rows_batch(rows, lengths, range(len(rows)))
         if mask_truncated:  # DAPO's overlong filtering: a sample with no end token trains nothing
@@ -226,19 +230,22 @@ class Rollouts:
     batches: list[tuple[torch.Tensor, ...]]
     reward: float
     parts: dict[str, float] = field(default_factory=dict)
+    lengths: dict[str, float] = field(default_factory=dict)  # completion_length, truncated_fraction (the log's)
 
     DTYPES = (torch.long, torch.long, torch.float32, torch.float32)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-safe and exact: ids as ints, float32 values as the floats they are (JSON keeps a double exactly)."""
         return {"batches": [[t.tolist() for t in batch] for batch in self.batches], "reward": self.reward,
-                "parts": self.parts}
+                "parts": self.parts, "lengths": self.lengths}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Rollouts":
-        batches = [tuple(torch.tensor(values, dtype=dtype) for values, dtype in zip(batch, cls.DTYPES, strict=True))
+        batches = [tuple(torch.tensor(values, dtype=dtype)  # (x, y, advantages), and pi_old when kept
+                         for values, dtype in zip(batch, cls.DTYPES[:max(len(batch), 3)], strict=True))
                    for batch in state["batches"]]
-        return cls(batches, float(state["reward"]), {str(k): float(v) for k, v in state["parts"].items()})
+        return cls(batches, float(state["reward"]), {str(k): float(v) for k, v in state["parts"].items()},
+                   {str(k): float(v) for k, v in state.get("lengths", {}).items()})
 
 
 def load_online_pairs(config: Any, tokenizer_file: Any, pad_id: int, device: torch.device, rows_per_prompt: int = 2

@@ -808,17 +808,21 @@ class Trainer:
         from lmforge.train.online import Rollouts
 
         if self.rollouts is None or self.step % tc.grpo_iterations == 0:
-            sampled, parts = [], []
+            sampled, parts, lengths, ended = [], [], [], []
             for i in range(tc.grad_accum):
                 sampled.append(self.sample_groups(self.train_data.next_batch(), self.step, i))
                 parts.append(self.online.last_parts)
+                lengths += self.online.last_lengths
+                ended += self.online.last_ended
             batches = self.scaled_by_batch(sampled)
             if tc.grpo_iterations > 1:
                 with torch.no_grad():
                     batches = [(*batch, self.token_logprobs(self.raw_model, batch[:2]).float().cpu())
                                for batch in batches]
             self.rollouts = Rollouts(batches, float(torch.cat([rewards.flatten() for _, rewards in sampled]).mean()),
-                                     {name: float(np.mean([p[name] for p in parts])) for name in parts[0]})
+                                     {name: float(np.mean([p[name] for p in parts])) for name in parts[0]},
+                                     {"completion_length": float(np.mean(lengths)),  # TRL's completions/mean_length
+                                      "truncated_fraction": 1.0 - float(np.mean(ended))})  # its clipped_ratio
         self.online_reward, self.online_parts = self.rollouts.reward, dict(self.rollouts.parts)  # the log's
         self.clipped = [0.0, 0.0]
         return self.rollouts.batches
@@ -1130,6 +1134,8 @@ class Trainer:
             early["online_reward"] = self.online_reward
             if len(self.online_parts) > 1:  # and each judge's part of it (TRL logs rewards/NAME/mean)
                 early.update({f"online_reward/{name}": value for name, value in self.online_parts.items()})
+        if self.grpo:  # this process's samples: their mean length and the share that ran out of tokens
+            early.update(self.rollouts.lengths if self.rollouts is not None else {})
         if self.grpo and self.config.train.grpo_iterations > 1:  # this process's share (TRL's clip_ratio/region_mean)
             early["clip_fraction"] = self.clipped[0] / max(self.clipped[1], 1.0)
         self.logger.log("train", self.step, {"loss": loss, **early, "lr": lr, "grad_norm": float(grad_norm),
