@@ -95,7 +95,7 @@ def test_grpo_on_sft_data_counts_its_group():
     sft = plan(config(**GRPO), device="h100", task="sft")
     pairs = plan(config(**GRPO), device="h100", task="preference")
     assert sft.tokens_per_step == pairs.tokens_per_step == 3 * 5 * T and sft.group_size == 5
-    assert sft.sampling_time == pytest.approx(pairs.sampling_time) and torch.tensor(sft.sampling_time) > 0
+    assert sft.sampling_time == pytest.approx(pairs.sampling_time) and sft.sampling_time > 0
 
 
 def test_on_a_cpu_the_new_tokens_run_at_the_measured_small_batch_rates(monkeypatch):
