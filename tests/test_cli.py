@@ -231,6 +231,12 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
                                            "--train.grpo_epsilon_high", "0.28"], "set train.grpo_iterations above 1"),
         ("train-grpo-iterations-zero", ["train", "--data", str(data), "--train.grpo_iterations", "0"],
          "train.grpo_iterations"),
+        ("train-grpo-cispo-with-eps-low", ["train", "--data", str(data), "--train.preference_loss", "grpo",
+                                           "--train.online_reward_function", str(ws / "none.py") + ":f",
+                                           "--train.grpo_iterations", "2", "--train.grpo_objective", "cispo",
+                                           "--train.grpo_epsilon", "0.3"], "train.grpo_epsilon is not read"),
+        ("train-grpo-top-entropy-above-one", ["train", "--data", str(data), "--train.grpo_top_entropy", "2"],
+         "train.grpo_top_entropy"),
         ("train-reward-weights-miscounted", ["train", "--data", str(data), "--train.online_reward_function",
                                              str(ws / "none.py") + ":f", "--train.online_reward_weights", "1,2"],
          "2 weight(s) for 1 judge(s)"),
@@ -500,7 +506,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 152
+N_CASES = 154
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -156,7 +156,9 @@ CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2},
                      "train.grpo_scale_rewards=batch": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
                      "train.grpo_mask_truncated=true": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
                      "train.grpo_importance_sampling=sequence": {"preference_loss": "grpo", "grpo_iterations": 2,
-                                                                 "online_reward_model": "runs/rm"}}
+                                                                 "online_reward_model": "runs/rm"},
+                     **{f"train.grpo_objective={o}": {"preference_loss": "grpo", "grpo_iterations": 2,
+                                                      "online_reward_model": "runs/rm"} for o in ("cispo", "sapo")}}
 
 
 # other fields an edge value needs so that the checks between fields pass
@@ -171,7 +173,11 @@ COMPANIONS = {"model.n_head": lambda v: {"n_embd": v}, "model.n_embd": lambda v:
               "train.grpo_iterations": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
               **{f"train.grpo_{key}": lambda v: {"preference_loss": "grpo", "grpo_iterations": 2,
                                                  "online_reward_model": "runs/rm"}
-                 for key in ("epsilon", "epsilon_high", "delta")}}
+                 for key in ("epsilon", "epsilon_high", "delta")},
+              **{f"train.grpo_sapo_tau_{key}": lambda v: {"preference_loss": "grpo", "grpo_iterations": 2,
+                                                          "grpo_objective": "sapo", "online_reward_model": "runs/rm"}
+                 for key in ("pos", "neg")},
+              "train.grpo_top_entropy": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"}}
 
 
 def _bounded_fields():

@@ -37,12 +37,14 @@ def grpo(run_dir: Path, data: Path, policy: Path, judge: Path, **overrides: obje
 # ------------------------------------------------------------------------------------------- the loss
 def trl_grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor,
                   beta: float, loss_type: str, max_new_tokens: int, old: torch.Tensor | None = None,
-                  epsilon: tuple[float, float] = (0.2, 0.2), delta: float | None = None, level: str = "token"
-                  ) -> torch.Tensor:
+                  epsilon: tuple[float, float] = (0.2, 0.2), delta: float | None = None, level: str = "token",
+                  sapo: tuple[float, float] = (1.0, 1.05), entropies: torch.Tensor | None = None,
+                  top_entropy_quantile: float = 1.0) -> torch.Tensor:
     """TRL's GRPOTrainer._compute_loss on per-token log-probabilities (the model call replaced by them), one process,
     no accumulation; one update per generation (TRL's defaults), or with `old`, the log-probabilities of the policy
     that sampled (num_iterations > 1), clipped to `epsilon` (epsilon_low, epsilon_high), `delta` and importance
-    sampling `level` (token; sequence: GSPO)."""
+    sampling `level` (token; sequence: GSPO); `sapo` its (temperature_pos, temperature_neg); `entropies` the
+    per-token entropies the model call would give, with `top_entropy_quantile`."""
     from trl import GRPOTrainer
 
     class OneProcess:
@@ -56,15 +58,21 @@ def trl_grpo_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Ten
         def reduce(self, x, reduction="sum"):
             return x
 
+        def pad_across_processes(self, x, dim=0, pad_index=0):
+            return x
+
     trainer = object.__new__(GRPOTrainer)
     trainer.__dict__.update(
-        loss_type=loss_type, beta=beta, epsilon_low=epsilon[0], epsilon_high=epsilon[1], top_entropy_quantile=1.0,
+        loss_type=loss_type, beta=beta, epsilon_low=epsilon[0], epsilon_high=epsilon[1],
+        top_entropy_quantile=top_entropy_quantile,
         off_policy_mask_threshold=None, importance_sampling_level=level, use_vllm=False, aux_loss_enabled=False,
         current_gradient_accumulation_steps=1, max_completion_length=max_new_tokens, _entropy_bonus_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, accelerator=OneProcess(),
-        args=types.SimpleNamespace(delta=delta, use_bias_correction_kl=False, steps_per_generation=1),
+        args=types.SimpleNamespace(delta=delta, use_bias_correction_kl=False, steps_per_generation=1,
+                                   sapo_temperature_pos=sapo[0], sapo_temperature_neg=sapo[1]),
         model=types.SimpleNamespace(training=True))
-    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, torch.zeros_like(logps), None)
+    entropies = torch.zeros_like(logps) if entropies is None else entropies
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logps, entropies, None)
     n, t = logps.shape
     inputs = {"prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
               "completion_ids": torch.zeros(n, t, dtype=torch.long), "completion_mask": mask.long(),

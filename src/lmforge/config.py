@@ -614,6 +614,20 @@ class TrainConfig:
         "preference_loss grpo with grpo_iterations > 1: token weighs each token by its own ratio (GRPO), sequence each "
         "completion by exp of its tokens' mean log-ratio (GSPO, Zheng et al. 2025; it used much smaller epsilons, "
         "e.g. 3e-4 and 4e-4).", "token")
+    grpo_objective: Literal["clip", "cispo", "sapo"] = doc(
+        "preference_loss grpo with grpo_iterations > 1: how a token's ratio w = pi / pi_old weighs it: clip (PPO's "
+        "clip, the grpo_epsilon* and grpo_delta keys), cispo (CISPO, MiniMax-M1: the gradient of log pi times A and "
+        "min(w, 1 + grpo_epsilon_high) held constant, so a clipped token still learns; ScaleRL used a cap of 5, "
+        "grpo_epsilon_high 4) or sapo (SAPO: a soft gate 4 / tau sigmoid(tau (w - 1)), the grpo_sapo_tau_* keys).",
+        "clip")
+    grpo_sapo_tau_pos: float = doc("grpo_objective sapo: the gate's temperature tau for tokens of a completion with a "
+                                   "positive advantage (the paper's and TRL's 1.0).", 1.0, gt=0, le=100)
+    grpo_sapo_tau_neg: float = doc("grpo_objective sapo: tau for the others (1.05: negative advantages' gate "
+                                   "closes faster).", 1.05, gt=0, le=100)
+    grpo_top_entropy: float = doc("preference_loss grpo: rho, the share of completion tokens that train: only the "
+                                  "tokens whose entropy (of the policy's next-token distribution) is in the top rho "
+                                  "of their micro-batch's, on all processes (\"Beyond the 80/20 rule\", Wang et al. "
+                                  "2025, trained the top 0.2; TRL's top_entropy_quantile); 1 = all.", 1.0, ge=0, le=1)
     precompute_reference: bool = doc("Preference data with a reference loss (all but simpo and orpo): score every "
                                      "train and val completion with the frozen reference once, before the first "
                                      "step, instead of at every step (TRL's precompute_ref_log_probs). Full "
@@ -641,20 +655,35 @@ class TrainConfig:
         if not self.online and (self.online_max_new_tokens != 64 or self.online_temperature != 1.0):
             raise ConfigError("train.online_max_new_tokens / online_temperature set online preference training, which "
                               "needs train.online_reward_model (or online_reward_function): set it, or drop them")
+        sapo_set = self.grpo_sapo_tau_pos != 1.0 or self.grpo_sapo_tau_neg != 1.05
         clip_set = (self.grpo_epsilon != 0.2 or self.grpo_epsilon_high is not None or self.grpo_delta is not None
-                    or self.grpo_importance_sampling != "token")
+                    or self.grpo_importance_sampling != "token" or self.grpo_objective != "clip" or sapo_set)
         grpo_set = (self.grpo_group_size != 4 or self.grpo_beta != 0.0 or self.grpo_loss_type != "dapo"
                     or self.grpo_scale_rewards != "group" or self.grpo_mask_truncated or self.grpo_iterations != 1
-                    or clip_set)
+                    or self.grpo_top_entropy != 1.0 or clip_set)
         if grpo_set and self.preference_loss != "grpo":
             raise ConfigError("train.grpo_group_size / grpo_beta / grpo_loss_type / grpo_scale_rewards / "
                               "grpo_mask_truncated / grpo_iterations / grpo_epsilon* / grpo_delta / "
-                              "grpo_importance_sampling set GRPO, and train.preference_loss is "
-                              f"{self.preference_loss}: drop them, or set train.preference_loss grpo")
+                              "grpo_importance_sampling / grpo_objective / grpo_sapo_tau_* / grpo_top_entropy set "
+                              f"GRPO, and train.preference_loss is {self.preference_loss}: drop them, or set "
+                              "train.preference_loss grpo")
         if clip_set and self.grpo_iterations == 1:
-            raise ConfigError("train.grpo_epsilon / grpo_epsilon_high / grpo_delta / grpo_importance_sampling shape "
-                              "the ratio pi / pi_old, which is 1 when each generation trains one step: set "
-                              "train.grpo_iterations above 1, or drop them")
+            raise ConfigError("train.grpo_epsilon / grpo_epsilon_high / grpo_delta / grpo_importance_sampling / "
+                              "grpo_objective / grpo_sapo_tau_* shape the ratio pi / pi_old, which is 1 when each "
+                              "generation trains one step: set train.grpo_iterations above 1, or drop them")
+        unused = {"clip": ["grpo_sapo_tau_*"] if sapo_set else [],
+                  "cispo": [name for name, is_set in (("grpo_epsilon", self.grpo_epsilon != 0.2),
+                                                      ("grpo_delta", self.grpo_delta is not None),
+                                                      ("grpo_sapo_tau_*", sapo_set)) if is_set],
+                  "sapo": [name for name, is_set in (("grpo_epsilon", self.grpo_epsilon != 0.2),
+                                                     ("grpo_epsilon_high", self.grpo_epsilon_high is not None),
+                                                     ("grpo_delta", self.grpo_delta is not None)) if is_set]
+                  }[self.grpo_objective]
+        if unused:
+            raise ConfigError(f"train.{' / '.join(unused)} {'is' if len(unused) == 1 else 'are'} not read by "
+                              f"train.grpo_objective {self.grpo_objective}: drop {'it' if len(unused) == 1 else 'them'}"
+                              ", or choose the objective that reads them (grpo_sapo_tau_*: sapo; grpo_epsilon and "
+                              "grpo_delta: clip)")
         if self.preference_loss == "grpo" and not self.online:
             raise ConfigError("train.preference_loss grpo learns from the rewards of the model's own samples: set "
                               "train.online_reward_model to a reward model's run (`lmforge train --train.objective "

@@ -20,11 +20,14 @@ Each row's own sum (linear_cross_entropy_rows: minus a completion's log-probabil
 gradient that differs from row to row, known only in the backward pass, so dW cannot be summed ahead: that one
 keeps each counted token's logsumexp and recomputes its chunk's logits in the backward pass (one more head matrix
 product), and scores only the counted positions (a prompt's tokens cost nothing), as TRL's fused LM head does.
+Each token's own (linear_cross_entropy_tokens, GRPO's) can also be of the logits divided by a sampling temperature
+(the distribution the tokens were drawn from) and come with each position's entropy, -sum_v p_v log p_v of that
+distribution (no gradient), from the same chunks.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -110,30 +113,54 @@ def linear_cross_entropy_rows(h: torch.Tensor, weight: torch.Tensor, targets: to
     Only the counted positions reach the head; differentiable once in h and weight (the logits of a chunk are
     recomputed in the backward pass).
     """
-    losses, where = _counted_losses(h, weight, targets, cap, chunk)
+    losses, where, _ = _counted_losses(h, weight, targets, cap, chunk)
     B, T = targets.shape
     return torch.zeros(B, dtype=torch.float32, device=h.device).index_add_(0, where // T, losses)
 
 
 def linear_cross_entropy_tokens(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float = 0.0,
-                                chunk: int = 1024) -> torch.Tensor:
-    """(B, T) fp32: each counted target's cross-entropy (minus its log-probability), 0 where nothing is counted;
-    arguments and gradients as linear_cross_entropy_rows (GRPO weighs each token of a sample on its own)."""
-    losses, where = _counted_losses(h, weight, targets, cap, chunk)
-    return torch.zeros(targets.numel(), dtype=torch.float32, device=h.device).index_add(0, where, losses).view(
-        targets.shape)
+                                chunk: int = 1024, temperature: float = 1.0, entropies: bool = False) -> Any:
+    """(B, T) fp32: each counted target's cross-entropy (minus its log-probability) under cap(h @ weight^T) /
+    temperature, 0 where nothing is counted; arguments and gradients as linear_cross_entropy_rows (GRPO weighs each
+    token of a sample on its own). entropies: the pair (that, each counted position's entropy (B, T), 0 elsewhere,
+    without gradient)."""
+    losses, where, entropy = _counted_losses(h, weight, targets, cap, chunk, temperature, entropies)
+    by_position = [torch.zeros(targets.numel(), dtype=torch.float32, device=h.device).index_add(0, where, t).view(
+        targets.shape) for t in ((losses, entropy) if entropies else (losses,))]
+    return tuple(by_position) if entropies else by_position[0]
 
 
-def _counted_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, chunk: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy of each counted position (M,), those positions' flat indices into targets (M,))."""
+def logits_cross_entropy_tokens(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                                entropies: bool = False) -> Any:
+    """linear_cross_entropy_tokens of logits (B, T, V) that exist whole (a head LoRA adapts; train.loss_chunk 0):
+    (B, T) fp32 cross-entropy of softmax(logits / temperature) at each target, 0 where it is -100; entropies: the
+    pair (that, each counted position's entropy, without gradient)."""
+    z = logits.float() / temperature
+    losses = torch.nn.functional.cross_entropy(z.flatten(0, -2), targets.flatten(), ignore_index=IGNORED,
+                                               reduction="none").view(targets.shape)
+    if not entropies:
+        return losses
+    with torch.no_grad():
+        logp = torch.log_softmax(z, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1) * (targets != IGNORED)
+    return losses, entropy
+
+
+def _counted_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, chunk: int,
+                    temperature: float = 1.0, entropies: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(cross-entropy of each counted position (M,), those positions' flat indices into targets (M,), their
+    entropies (M,) when asked for, else None)."""
     flat = targets.reshape(-1)
     where = torch.nonzero(flat != IGNORED).squeeze(1)  # (M,) the counted positions
     x, y = h.reshape(-1, h.size(-1)).index_select(0, where), flat.index_select(0, where)  # (M, C), (M,)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _TokenCrossEntropy.apply(x, weight, y, cap, chunk), where
+        losses, entropy = _TokenCrossEntropy.apply(x, weight, y, cap, chunk, temperature, entropies)
+        return losses, where, entropy
     with torch.no_grad():
-        return _token_losses(x, weight, y, cap, chunk, _compute_dtype(x, weight))[0], where
+        losses, _, entropy = _token_losses(x, weight, y, cap, chunk, _compute_dtype(x, weight), temperature,
+                                           entropies)
+        return losses, where, entropy
 
 
 def _exp_shifted_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,50 +171,79 @@ def _exp_shifted_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sums.log() + top[:, 0], sums
 
 
+def _entropy_shifted_(z: torch.Tensor, rows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logsumexp of each row of z (M,), the entropy of softmax(z) (M,)) of fp32 logits z (M, V), leaving z minus
+    its rows' max in z's memory: H = log S - sum_v e_v z_v / S, e = exp(z - max), S = sum_v e_v. On a CPU e is made
+    `rows` rows at a time in one small buffer that stays in cache (a whole (M, V) e costs three times the time)."""
+    top = z.amax(dim=-1, keepdim=True)
+    z.sub_(top)
+    rows = rows if z.device.type == "cpu" else z.size(0)
+    sums, dots = torch.empty(2, z.size(0), dtype=z.dtype, device=z.device)
+    scratch = torch.empty(min(rows, z.size(0)), z.size(1), dtype=z.dtype, device=z.device)
+    for start in range(0, z.size(0), rows):
+        block = z[start:start + rows]
+        e = torch.exp(block, out=scratch[:block.size(0)])
+        sums[start:start + rows] = e.sum(dim=-1)
+        dots[start:start + rows] = e.mul_(block).sum(dim=-1)
+    return sums.log() + top[:, 0], sums.log() - dots / sums
+
+
 def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The matrix products' dtype: autocast's when it is on (bf16-mixed), else the weight's."""
     kind = h.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
 
 
-def _chunk_logits(x: torch.Tensor, w: torch.Tensor, cap: float) -> tuple[torch.Tensor, Any]:
-    """(fp32 logits of one chunk, soft-capped; tanh(z / cap) under the cap, else None)."""
+def _chunk_logits(x: torch.Tensor, w: torch.Tensor, cap: float, temperature: float = 1.0
+                  ) -> tuple[torch.Tensor, Any]:
+    """(fp32 logits of one chunk, soft-capped, then divided by temperature; tanh(z / cap) under the cap, else
+    None)."""
     z = (x @ w.t()).float()
-    if cap <= 0:
-        return z, None
-    slope = torch.tanh(z.div_(cap))
-    return slope * cap, slope
+    slope = None
+    if cap > 0:
+        slope = torch.tanh(z.div_(cap))
+        z = slope * cap
+    return (z.div_(temperature) if temperature != 1.0 else z), slope
 
 
 def _token_losses(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, chunk: int,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy of every token (M,), its logsumexp (M,)), both fp32, a chunk at a time; no target is -100."""
+                  dtype: torch.dtype, temperature: float = 1.0, entropies: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(cross-entropy of every token (M,), its logsumexp (M,), its entropy (M,) or None when not asked for), all
+    fp32, a chunk at a time, of the logits divided by temperature; no target is -100."""
     with torch.autocast(h.device.type, enabled=False):
         w = weight.to(dtype)
         losses = torch.empty(h.size(0), dtype=torch.float32, device=h.device)
         lse = torch.empty_like(losses)
+        entropy = torch.empty_like(losses) if entropies else None
         for start in range(0, h.size(0), chunk):
             rows = slice(start, start + chunk)
-            z, _ = _chunk_logits(h[rows].to(dtype), w, cap)
+            z, _ = _chunk_logits(h[rows].to(dtype), w, cap, temperature)
             picked = z.gather(1, targets[rows, None])[:, 0]
-            lse[rows] = _exp_shifted_(z)[0]
+            if entropy is None:
+                lse[rows] = _exp_shifted_(z)[0]
+            else:
+                lse[rows], entropy[rows] = _entropy_shifted_(z)
             losses[rows] = lse[rows] - picked
-        return losses, lse
+        return losses, lse, entropy
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
-                chunk: int) -> torch.Tensor:
-        ctx.dtype, ctx.cap, ctx.chunk = _compute_dtype(h, weight), cap, chunk
-        losses, lse = _token_losses(h, weight, targets, cap, chunk, ctx.dtype)
+                chunk: int, temperature: float, entropies: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        ctx.dtype, ctx.cap, ctx.chunk, ctx.temperature = _compute_dtype(h, weight), cap, chunk, temperature
+        losses, lse, entropy = _token_losses(h, weight, targets, cap, chunk, ctx.dtype, temperature, entropies)
         ctx.save_for_backward(h, weight, targets, lse)
-        return losses
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return losses, entropy
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        """dloss_i/dz_i = grad_i (softmax(z_i) - onehot(y_i)), recomputed a chunk at a time from the saved lse."""
+    def backward(ctx: Any, grad: torch.Tensor, _: Any = None) -> tuple[Any, ...]:
+        """dloss_i/dz_i = grad_i (softmax(z_i) - onehot(y_i)) / temperature, recomputed a chunk at a time from the
+        saved lse (of the logits divided by temperature)."""
         h, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         dtype, cap = ctx.dtype, ctx.cap
@@ -198,10 +254,10 @@ class _TokenCrossEntropy(torch.autograd.Function):
             for start in range(0, h.size(0), ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
                 x, y, g = h[rows].to(dtype), targets[rows], grad[rows].float()
-                z, slope = _chunk_logits(x, w, cap)
+                z, slope = _chunk_logits(x, w, cap, ctx.temperature)
                 dz = z.sub_(lse[rows, None]).exp_()  # softmax
                 dz[torch.arange(len(y), device=dz.device), y] -= 1.0
-                dz *= g[:, None]
+                dz *= g[:, None] / ctx.temperature
                 if slope is not None:
                     dz *= slope.square_().neg_().add_(1.0)
                 dz = dz.to(dtype)
@@ -209,4 +265,4 @@ class _TokenCrossEntropy(torch.autograd.Function):
                     dh[rows] = dz @ w
                 if dw is not None:
                     dw += (dz.t() @ x).float()
-        return dh, (None if dw is None else dw.to(weight.dtype)), None, None, None
+        return dh, (None if dw is None else dw.to(weight.dtype)), None, None, None, None, None

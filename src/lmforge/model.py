@@ -24,7 +24,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.head_loss import linear_cross_entropy_rows, linear_cross_entropy_sum, linear_cross_entropy_tokens
+from lmforge.head_loss import (linear_cross_entropy_rows, linear_cross_entropy_sum, linear_cross_entropy_tokens,
+                               logits_cross_entropy_tokens)
 
 
 # ------------------------------------------------------------------------------ positional encodings
@@ -303,7 +304,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
                 attention_mask: Optional[torch.Tensor] = None, exit_layer: Optional[int] = None,
                 targets: Optional[torch.Tensor] = None, loss_chunk: int = 1024, per_row: bool = False,
-                per_token: bool = False) -> Any:
+                per_token: bool = False, temperature: float = 1.0, entropies: bool = False) -> Any:
         """Logits (B, T, V) for token ids idx (B, T); with head: classify, class logits (B, num_labels) from
         each row's last real token (its last True in attention_mask; the last column without one); either soft-
         capped to (-logit_softcap, logit_softcap) when it is set. With a
@@ -325,12 +326,13 @@ class GPT(nn.Module):
         (-100: not counted), the head and the loss fused loss_chunk tokens at a time (token_loss), so the (B, T, V)
         logits never exist whole; with exit_layer, the pair (loss, early exit's loss). per_row: each row's sum (B,)
         instead (minus each row's log-probability of its targets: preference training's); per_token: each
-        target's own (B, T), 0 where not counted (GRPO's).
+        target's own (B, T), 0 where not counted (GRPO's), of the logits divided by temperature (the distribution
+        the targets were sampled from), with entropies the pair (that, each counted position's entropy (B, T)).
         """
         if targets is not None:
             if exit_layer is None:
                 return self.token_loss(self.hidden_states(idx, cache, attention_mask), targets, loss_chunk, per_row,
-                                       per_token)
+                                       per_token, temperature, entropies)
             x, early = self.hidden_states(idx, cache, attention_mask, exit_layer)
             return self.token_loss(x, targets, loss_chunk), self.token_loss(early, targets, loss_chunk)
         if exit_layer is not None:
@@ -355,20 +357,23 @@ class GPT(nn.Module):
         return self.capped(self.lm_head(x))
 
     def token_loss(self, x: torch.Tensor, targets: torch.Tensor, chunk: int, per_row: bool = False,
-                   per_token: bool = False) -> torch.Tensor:
+                   per_token: bool = False, temperature: float = 1.0, entropies: bool = False) -> Any:
         """Summed cross-entropy of token_logits(x) (B, T, V) against targets (B, T) (-100: not counted), 0-dim fp32
-        (per_row: (B,), each row's; per_token: (B, T), each target's, 0 where not counted): the plain head fused with
+        (per_row: (B,), each row's; per_token: (B, T), each target's, 0 where not counted, of the logits divided by
+        temperature, with entropies the pair (that, each counted position's entropy)): the plain head fused with
         the loss, chunk tokens at a time (head_loss); a head LoRA adapts makes its logits whole first."""
         head = self.lm_head
         if isinstance(head, nn.Linear) and head.bias is None:
-            fused = (linear_cross_entropy_tokens if per_token else linear_cross_entropy_rows if per_row
-                     else linear_cross_entropy_sum)
+            if per_token:
+                return linear_cross_entropy_tokens(x, head.weight, targets, self.config.logit_softcap, chunk,
+                                                   temperature, entropies)
+            fused = linear_cross_entropy_rows if per_row else linear_cross_entropy_sum
             return fused(x, head.weight, targets, self.config.logit_softcap, chunk)
-        logits = self.token_logits(x)
-        losses = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none")
-        if per_token or per_row:
-            return losses.view(targets.shape) if per_token else losses.view(targets.shape).sum(-1)
-        return losses.sum()
+        logits = self.token_logits(x).float()
+        if per_token:
+            return logits_cross_entropy_tokens(logits, targets, temperature, entropies)
+        losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
+        return losses.view(targets.shape).sum(-1) if per_row else losses.sum()
 
     def capped(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.logit_softcap

@@ -82,8 +82,18 @@ group's (group_advantages):
                on w moves and the clip holds each token within its range (eps_high > eps_low: DAPO's clip-higher).
                delta (two-sided clipping, TRL's) also caps w for negative advantages. GSPO (Zheng et al. 2025;
                grpo_importance_sampling sequence) uses one w per completion, exp of its tokens' mean log-ratio.
+and grpo_objective puts another weight in PPO's clip's place:
+    cispo    l_i,t = -sg(min(w, 1 + eps_high)) A_i log pi(o_i,t) + beta KL_t   (CISPO, MiniMax-M1 2025; TRL's loss_type
+               cispo with epsilon_high = 1 + eps_high): the capped weight is a constant (sg: no gradient), so a token
+               past the cap still learns, at the capped rate, where PPO's clip drops it
+    sapo     l_i,t = -(4 / tau) sigmoid(tau (w - 1)) A_i + beta KL_t   (SAPO, Gao et al. 2025; TRL's): a soft gate in
+               place of the hard clip, tau = tau_pos for A_i > 0 and tau_neg otherwise
+With one update per generation (w = 1) all three have the gradient of -A_i log pi. grpo_top_entropy rho keeps the
+policy term of only the tokens whose entropy is in the top rho of their micro-batch's completion tokens on all
+processes (Wang et al. 2025, "Beyond the 80/20 rule"; TRL's top_entropy_quantile; high_entropy_mask); the others
+keep their KL term and their place in the count below.
 
-and the tokens' losses are summed and divided (grpo_sequence_loss and the trainer's count) by each completion's
+The tokens' losses are summed and divided (grpo_sequence_loss and the trainer's count) by each completion's
 length and the number of completions (grpo), by the batch's completion tokens (dapo: DAPO, Yu et al. 2025; TRL's
 default) or by max_new_tokens and the number of completions (dr_grpo). beta 0 keeps no reference (TRL's default).
 
@@ -114,6 +124,7 @@ REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of the policy alone: no 
 SMOOTHED = frozenset({"dpo", "robust", "exo", "simpo"})  # losses that take a label smoothing eps
 GROUP_LOSSES = ("grpo",)  # online losses of groups of the policy's own samples, scored by a reward model
 GRPO_NORMS = ("dapo", "grpo", "dr_grpo")  # what GRPO's summed token losses are divided by (module docstring)
+GRPO_OBJECTIVES = ("clip", "cispo", "sapo")  # how GRPO weighs a token by its ratio pi / pi_old (module docstring)
 
 
 def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -210,30 +221,60 @@ def grpo_log_ratio(logps: torch.Tensor, old: Optional[torch.Tensor] = None,
 
 def grpo_token_loss(logps: torch.Tensor, advantages: torch.Tensor, reference: Optional[torch.Tensor] = None,
                     beta: float = 0.0, old: Optional[torch.Tensor] = None, epsilon: tuple[float, float] = (0.2, 0.2),
-                    delta: Optional[float] = None, sequence_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    delta: Optional[float] = None, sequence_mask: Optional[torch.Tensor] = None,
+                    objective: str = "clip", sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+                    keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, T) fp32 GRPO loss of each token of N sampled completions (module docstring): logps (N, T) the policy's
     log-probability of each token, advantages (N,) each completion's, reference (N, T) the reference's
     log-probabilities (needed when beta > 0), old (N, T) the sampling policy's (None: the policy itself), epsilon
     (eps_low, eps_high) the clip range, delta the cap of two-sided clipping (None: none), sequence_mask for GSPO's
-    one ratio per completion (grpo_log_ratio). Positions that are not completion tokens are masked by the caller."""
+    one ratio per completion (grpo_log_ratio), objective one of GRPO_OBJECTIVES (clip: PPO's; cispo: only eps_high
+    is read; sapo: sapo_temperatures (tau_pos, tau_neg), no epsilon), keep (N, T) bool the tokens whose policy term
+    counts (high_entropy_mask; None: all). Positions that are not completion tokens are masked by the caller."""
     logps = logps.float()
     ratio = torch.exp(grpo_log_ratio(logps, old, sequence_mask))
     a = advantages.float()[:, None]
-    clipped = torch.clamp(ratio, 1.0 - epsilon[0], 1.0 + epsilon[1])
-    if delta is not None:
-        ratio = torch.clamp(ratio, max=delta)
-    loss = -torch.minimum(ratio * a, clipped * a).expand_as(logps)
+    if objective == "cispo":
+        loss = -torch.clamp(ratio, max=1.0 + epsilon[1]).detach() * a * logps
+    elif objective == "sapo":
+        tau = torch.where(a > 0, sapo_temperatures[0], sapo_temperatures[1])
+        loss = (-torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * a).expand_as(logps)
+    elif objective == "clip":
+        clipped = torch.clamp(ratio, 1.0 - epsilon[0], 1.0 + epsilon[1])
+        if delta is not None:
+            ratio = torch.clamp(ratio, max=delta)
+        loss = -torch.minimum(ratio * a, clipped * a).expand_as(logps)
+    else:
+        raise ValueError(f"unknown GRPO objective {objective!r}: one of {', '.join(GRPO_OBJECTIVES)}")
+    if keep is not None:
+        loss = loss * keep
     if beta:
         d = reference.detach().float() - logps
         loss = loss + beta * (torch.exp(d) - d - 1.0)
     return loss
 
 
-def grpo_clipped(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: tuple[float, float]) -> torch.Tensor:
-    """Where PPO's clip bites (bool, the shape of ratio): the ratio is past 1 + eps_high with a positive advantage or
-    below 1 - eps_low with a negative one, so the token (or GSPO's completion) adds no gradient (TRL's clip_ratio)."""
+def grpo_clipped(ratio: torch.Tensor, advantages: torch.Tensor, epsilon: tuple[float, float],
+                 objective: str = "clip") -> torch.Tensor:
+    """Where the clip bites (bool, the shape of ratio): the ratio is past 1 + eps_high with a positive advantage or
+    (clip only) below 1 - eps_low with a negative one. PPO's clip (TRL's clip_ratio) then adds no gradient from the
+    token (or GSPO's completion); CISPO's (TRL's cispo_clip_ratio) caps its weight."""
     a = advantages[:, None]
-    return ((ratio > 1.0 + epsilon[1]) & (a > 0)) | ((ratio < 1.0 - epsilon[0]) & (a < 0))
+    high = (ratio > 1.0 + epsilon[1]) & (a > 0)
+    return high if objective == "cispo" else high | ((ratio < 1.0 - epsilon[0]) & (a < 0))
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, rho: float,
+                      everyone: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N, T) bool: the completion tokens (mask True) whose entropy is at least the (1 - rho) quantile (linear
+    interpolation, torch.quantile's) of every completion token's entropy, `everyone` (M,) when given (all
+    processes' tokens, this one's included), else entropies[mask]: the top rho of them (TRL's get_high_entropy_mask;
+    rho 0 keeps the highest only). No completion token anywhere: none."""
+    pool = entropies[mask].float() if everyone is None else everyone.float()
+    if pool.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(pool.to(entropies.device), 1.0 - rho)
+    return (entropies.float() >= threshold) & mask
 
 
 def grpo_sequence_loss(token_loss: torch.Tensor, mask: torch.Tensor, norm: str, max_new_tokens: int) -> torch.Tensor:

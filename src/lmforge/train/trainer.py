@@ -57,8 +57,9 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
+from lmforge.head_loss import logits_cross_entropy_tokens
 from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, grpo_clipped, grpo_log_ratio,
-                                     grpo_sequence_loss, grpo_token_loss, kto_weight_advice, label_logprobs,
+                                     grpo_sequence_loss, grpo_token_loss, high_entropy_mask, kto_weight_advice,
                                      reward_model_loss, sequence_logprobs)
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
@@ -495,6 +496,7 @@ class Trainer:
         self.online_parts: dict[str, float] = {}  # the same, per judge (reward model, each reward function)
         self.rollouts: Optional[Any] = None  # GRPO: the generation of samples the steps train on (online.Rollouts)
         self.clipped = [0.0, 0.0]  # GRPO with grpo_iterations > 1: the step's clipped and all completion tokens
+        self.entropy = [0.0, 0.0]  # GRPO: the step's summed entropy at its completion tokens, and their count
         if tc.online:
             from lmforge.train.online import load_online_pairs
 
@@ -824,7 +826,7 @@ class Trainer:
                                      {"completion_length": float(np.mean(lengths)),  # TRL's completions/mean_length
                                       "truncated_fraction": 1.0 - float(np.mean(ended))})  # its clipped_ratio
         self.online_reward, self.online_parts = self.rollouts.reward, dict(self.rollouts.parts)  # the log's
-        self.clipped = [0.0, 0.0]
+        self.clipped, self.entropy = [0.0, 0.0], [0.0, 0.0]
         return self.rollouts.batches
 
     def sample_groups(self, batch: tuple[torch.Tensor, ...], step: int, micro: int
@@ -855,10 +857,11 @@ class Trainer:
         """(N,) each sampled completion's share of the GRPO loss (preference_loss.grpo_token_loss and
         grpo_sequence_loss) from its tokens' log-probabilities under `model`, the sampling policy's (the batch's
         fourth tensor when a generation trains several steps; else the policy is its own) and, when grpo_beta > 0,
-        the frozen reference's."""
+        the frozen reference's; with grpo_top_entropy < 1 only its high-entropy tokens' policy terms (their entropy
+        quantile over all processes' tokens of this micro-batch in training, this process's in evaluation)."""
         tc = self.config.train
         x, y, advantages, *old = batch
-        logps = self.token_logprobs(model, (x, y))
+        logps, entropies = self.token_logprobs(model, (x, y), entropies=True)
         reference = None
         if self.preference_loss.needs_reference:
             with torch.no_grad(), reference_model(self.reference, self.raw_model) as frozen:
@@ -867,21 +870,39 @@ class Trainer:
         old = self.to_device(old[0]) if old else None
         epsilon = (tc.grpo_epsilon, tc.grpo_epsilon if tc.grpo_epsilon_high is None else tc.grpo_epsilon_high)
         sequence = mask if tc.grpo_importance_sampling == "sequence" else None
-        losses = grpo_token_loss(logps, advantages, reference, tc.grpo_beta, old, epsilon, tc.grpo_delta, sequence)
-        if old is not None:  # the log's share of clipped tokens
+        keep = None
+        if tc.grpo_top_entropy < 1.0:
+            everyone = None
+            if model.training and self.dist.enabled:  # every process's completion tokens of this micro-batch
+                everyone = torch.tensor([e for part in gather_objects(entropies[mask].tolist(), self.dist)
+                                         for e in part])
+            keep = high_entropy_mask(entropies, mask, tc.grpo_top_entropy, everyone)
+        losses = grpo_token_loss(logps, advantages, reference, tc.grpo_beta, old, epsilon, tc.grpo_delta, sequence,
+                                 tc.grpo_objective, (tc.grpo_sapo_tau_pos, tc.grpo_sapo_tau_neg), keep)
+        if model.training:  # the log's mean entropy (TRL's entropy)
+            self.entropy[0] += float((entropies * mask).sum())
+            self.entropy[1] += float(mask.sum())
+        if old is not None and tc.grpo_objective != "sapo":  # the log's share of clipped tokens
             with torch.no_grad():
                 ratio = torch.exp(grpo_log_ratio(logps.float(), old, sequence))
-                self.clipped[0] += float((grpo_clipped(ratio, advantages, epsilon).expand_as(mask) & mask).sum())
+                clipped = grpo_clipped(ratio, advantages, epsilon, tc.grpo_objective).expand_as(mask) & mask
+                self.clipped[0] += float(clipped.sum())
                 self.clipped[1] += float(mask.sum())
         return grpo_sequence_loss(losses, mask, tc.grpo_loss_type, tc.online_max_new_tokens)
 
-    def token_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """(B, T) each label's log-probability, 0 where there is none: the head fused with the loss token by token
-        (train.loss_chunk > 0), else from the whole logits."""
+    def token_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...], entropies: bool = False) -> Any:
+        """(B, T) each label's log-probability under the distribution the samples were drawn from (the logits
+        divided by train.online_temperature, as TRL's GRPOTrainer), 0 where there is none; entropies: the pair
+        (that, each label position's entropy of that distribution, no gradient). The head fused with the loss token
+        by token (train.loss_chunk > 0), else from the whole logits."""
+        temperature = self.config.train.online_temperature
         if self.config.train.loss_chunk > 0:
-            return -self.forward(model, batch, fused=True, per_token=True)[0]
-        logits, y = self.forward(model, batch)
-        return label_logprobs(logits, y)
+            out = self.forward(model, batch, fused=True, per_token=True, temperature=temperature,
+                               entropies=entropies)[0]
+        else:
+            logits, y = self.forward(model, batch)
+            out = logits_cross_entropy_tokens(logits, y, temperature, entropies)
+        return (-out[0], out[1]) if entropies else -out
 
     def reward_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -965,19 +986,22 @@ class Trainer:
         return sequence_logprobs(logits, y)
 
     def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
-                fused: bool = False, per_row: bool = False, per_token: bool = False) -> tuple[Any, torch.Tensor]:
+                fused: bool = False, per_row: bool = False, per_token: bool = False, temperature: float = 1.0,
+                entropies: bool = False) -> tuple[Any, torch.Tensor]:
         """(logits, labels) of one CPU batch, on the device: a batch is (x, y), or (x, y, attention_mask) for a
         classifier (its logits (B, K) come from each row's last real token) and for packed examples; else logits
         are (B, T, V). With exit_layer (train.early_exit_layer), logits is the pair (logits, early exit's logits).
         fused: the summed loss (or the pair of losses) in place of the logits (GPT.forward's targets); per_row: each
-        row's sum (B,); per_token: each label's (B, T)."""
+        row's sum (B,); per_token: each label's (B, T), of the logits divided by temperature, with entropies the pair
+        (that, each label position's entropy)."""
         x, y, *mask = (self.to_device(t) for t in batch)
         kwargs: dict[str, Any] = {"attention_mask": mask[0]} if mask else {}
         if exit_layer is not None:
             kwargs["exit_layer"] = exit_layer
         if fused:
             kwargs.update(targets=y, loss_chunk=self.config.train.loss_chunk, **({"per_row": True} if per_row else {}),
-                          **({"per_token": True} if per_token else {}))
+                          **({"per_token": True, "temperature": temperature, "entropies": entropies} if per_token
+                             else {}))
         return run_forward(model, self.config.train.precision, self.device, x, **kwargs), y
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -1136,8 +1160,10 @@ class Trainer:
                 early.update({f"online_reward/{name}": value for name, value in self.online_parts.items()})
         if self.grpo:  # this process's samples: their mean length and the share that ran out of tokens
             early.update(self.rollouts.lengths if self.rollouts is not None else {})
-        if self.grpo and self.config.train.grpo_iterations > 1:  # this process's share (TRL's clip_ratio/region_mean)
-            early["clip_fraction"] = self.clipped[0] / max(self.clipped[1], 1.0)
+        if self.grpo:  # this process's mean entropy at the step's completion tokens (TRL's entropy)
+            early["entropy"] = self.entropy[0] / max(self.entropy[1], 1.0)
+        if self.grpo and self.config.train.grpo_iterations > 1 and self.config.train.grpo_objective != "sapo":
+            early["clip_fraction"] = self.clipped[0] / max(self.clipped[1], 1.0)  # TRL's clip_ratio/region_mean
         self.logger.log("train", self.step, {"loss": loss, **early, "lr": lr, "grad_norm": float(grad_norm),
                                              "tokens_seen": self.tokens_seen, "tokens_per_s": tokens_per_s,
                                              "elapsed_s": time.perf_counter() - self.started,
