@@ -237,6 +237,11 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
                                            "--train.grpo_epsilon", "0.3"], "train.grpo_epsilon is not read"),
         ("train-grpo-top-entropy-above-one", ["train", "--data", str(data), "--train.grpo_top_entropy", "2"],
          "train.grpo_top_entropy"),
+        ("train-distill-teacher-missing", ["train", "--preset", "tiny", "--data", str(data), "--run-dir",
+                                           str(ws / "r-kd"), "--device", "cpu", "--train.distill_from",
+                                           str(ws / "no-teacher")], "no-teacher"),
+        ("train-distill-setting-without-teacher", ["train", "--data", str(data), "--train.distill_beta", "0.5"],
+         "set train.distill_from"),
         ("train-reward-weights-miscounted", ["train", "--data", str(data), "--train.online_reward_function",
                                              str(ws / "none.py") + ":f", "--train.online_reward_weights", "1,2"],
          "2 weight(s) for 1 judge(s)"),
@@ -506,7 +511,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 154
+N_CASES = 156
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

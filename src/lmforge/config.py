@@ -554,6 +554,24 @@ class TrainConfig:
                                            "r_rejected)^2 over the pairs to the loss, which keeps the rewards centred "
                                            "on 0 (Eisenstein et al. 2023; TRL's center_rewards_coefficient, suggested "
                                            "0.01); 0 = off.", 0.0, ge=0, le=100)
+    distill_from: Optional[str] = doc(
+        "Knowledge distillation: a teacher's run or checkpoint directory (a language model with this data's "
+        "tokenizer, any size). The teacher reads every batch too, and the model (the student) learns the teacher's "
+        "next-token distribution at each trained position: the loss is distill_alpha times its divergence "
+        "(distill_beta) plus 1 - distill_alpha times the cross-entropy of the data's tokens; the log carries both "
+        "(distill_divergence, lm_loss), validation the divergence (val_distill_divergence) beside val_loss, the "
+        "model's own cross-entropy. Token data or sft data (the completion's positions). null = off.", None)
+    distill_alpha: float = doc("Knowledge distillation: the divergence's weight; the data's cross-entropy gets "
+                               "1 - alpha (Hinton et al. 2015's mixture; 1 = the teacher alone, TRL's).", 1.0, ge=0,
+                               le=1)
+    distill_beta: float = doc("Knowledge distillation: 0 = forward KL(teacher || student) (mode-covering; Hinton's), "
+                              "1 = reverse KL(student || teacher) (mode-seeking; MiniLLM), between = the generalized "
+                              "Jensen-Shannon divergence of GKD (Agarwal et al. 2024) with the mixture beta teacher + "
+                              "(1 - beta) student (TRL's beta).", 0.0, ge=0, le=1)
+    distill_temperature: float = doc("Knowledge distillation: both models' logits are divided by T before their "
+                                     "divergence (T > 1 shows the student more of the teacher's unlikely tokens); "
+                                     "not multiplied by T^2 (TRL's), so a high T also shrinks the gradient.", 1.0,
+                                     gt=0, le=100)
     online_reward_model: Optional[str] = doc(
         "Online preference training (online DPO, Guo et al. 2024): a reward model's run or checkpoint directory "
         "(train.objective reward, the same tokenizer). At every step the model samples two completions of each "
@@ -649,6 +667,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self, "train")
+        if self.distill_from is None and (self.distill_alpha != 1.0 or self.distill_beta != 0.0
+                                          or self.distill_temperature != 1.0):
+            raise ConfigError("train.distill_alpha / distill_beta / distill_temperature set knowledge distillation, "
+                              "which needs a teacher: set train.distill_from to its run directory, or drop them")
+        if self.distill_from is not None and (self.objective != "clm" or self.online):
+            raise ConfigError("train.distill_from teaches a language model the teacher's next-token distribution, and "
+                              + (f"train.objective is {self.objective}" if self.objective != "clm" else
+                                 "online training learns from its own samples' rewards")
+                              + ": drop train.distill_from, or train with objective clm on token or sft data")
         if self.preference_loss == "exo" and self.dpo_label_smoothing == 0:
             raise ConfigError("train.preference_loss exo is the KL divergence from a smoothed label: set "
                               "train.dpo_label_smoothing above 0 (the paper's 0.001)")
@@ -805,6 +832,10 @@ class RunConfig:
         if self.train.choices_file and self.train.parallel == "fsdp":
             raise ConfigError("train.choices_file scores questions on whole weights, and train.parallel=fsdp shards "
                               "them: use train.parallel ddp, or score a checkpoint with `lmforge eval --choices`")
+        if self.train.distill_from is not None and (self.model.head != "lm" or self.train.parallel == "fsdp"
+                                                    or exit_layer is not None):
+            raise ConfigError("train.distill_from needs a language model's head (model.head lm), whole weights (not "
+                              "train.parallel fsdp) and no train.early_exit_layer: drop one or the other")
         if self.train.fsdp_cpu_offload and self.train.parallel != "fsdp":
             raise ConfigError("train.fsdp_cpu_offload offloads FSDP's shards, but train.parallel is "
                               f"{self.train.parallel}: add --train.parallel fsdp, or drop it")

@@ -27,7 +27,8 @@ distribution (no gradient), from the same chunks.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -266,3 +267,110 @@ class _TokenCrossEntropy(torch.autograd.Function):
                 if dw is not None:
                     dw += (dz.t() @ x).float()
         return dh, (None if dw is None else dw.to(weight.dtype)), None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------ distillation
+class Teacher(NamedTuple):
+    """What knowledge distillation reads of a frozen teacher at the student's positions (linear_distillation):
+    its last hidden states (B, T, C_t) after its final norm, its head's weight (V, C_t), its logit soft-cap (0: none),
+    and the settings: alpha (the divergence's weight; 1 - alpha goes to the data's cross-entropy), beta (0: forward
+    KL(p_t || p_s), 1: reverse KL(p_s || p_t), between: the generalized JSD), temperature (both distributions')."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    cap: float = 0.0
+    alpha: float = 1.0
+    beta: float = 0.0
+    temperature: float = 1.0
+
+
+def linear_distillation(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, teacher: Teacher,
+                        cap: float = 0.0, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha D + (1 - alpha) CE, CE, D): sums over the counted targets (not -100) of the student's cross-entropy
+    against them, CE (softmax of cap(h @ weight^T)), and of the divergence D of its distribution from the teacher's,
+    both at teacher.temperature (divergence_of), without ever holding every logit of either model. Only the first is
+    differentiable, in h and weight (computed in the forward pass, as linear_cross_entropy_sum's); the teacher gets
+    no gradient."""
+    flat = targets.reshape(-1)
+    where = torch.nonzero(flat != IGNORED).squeeze(1)
+    x, y = h.reshape(-1, h.size(-1)).index_select(0, where), flat.index_select(0, where)
+    x_t = teacher.hidden.reshape(-1, teacher.hidden.size(-1)).index_select(0, where)
+    chunk = chunk if chunk > 0 else max(1, x.size(0))
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _Distillation.apply(x, weight, y, x_t, teacher, cap, chunk)
+    with torch.no_grad():
+        return _distill_chunks(x, weight, y, x_t, teacher, cap, chunk, False, False)[:3]
+
+
+def divergence_of(log_ps: torch.Tensor, log_pt: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D (M,), dD/dz_s (M, V)) of the student's and the teacher's log-probabilities (M, V), z_s the student's logits
+    (divided by the temperature): beta 0 KL(p_t || p_s), gradient p_s - p_t; beta 1 KL(p_s || p_t), gradient
+    p_s (log p_s - log p_t - D); else beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s,
+    gradient (1 - beta) p_s (log p_s - log m - KL(p_s || m)) (GKD's generalized JSD; TRL's)."""
+    ps, pt = log_ps.exp(), log_pt.exp()
+    if beta == 0.0:
+        return (pt * (log_pt - log_ps)).sum(-1), ps.sub_(pt)
+    if beta == 1.0:
+        gap = log_ps - log_pt
+        d = (ps * gap).sum(-1)
+        return d, gap.sub_(d[:, None]).mul_(ps)
+    log_m = torch.logaddexp(log_ps + math.log(1.0 - beta), log_pt + math.log(beta))
+    gap = log_ps - log_m
+    kl_s = (ps * gap).sum(-1)
+    d = beta * (pt * (log_pt - log_m)).sum(-1) + (1.0 - beta) * kl_s
+    return d, gap.sub_(kl_s[:, None]).mul_(ps).mul_(1.0 - beta)
+
+
+class _Distillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, x_t: torch.Tensor,
+                teacher: Teacher, cap: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        need_h, need_w = ctx.needs_input_grad[:2]
+        loss, ce, d, ctx.dh, ctx.dw = _distill_chunks(h, weight, targets, x_t, teacher, cap, chunk, need_h, need_w)
+        ctx.mark_non_differentiable(ce, d)
+        return loss, ce, d
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        dh, dw = (None if d is None else d.mul_(grad.to(d.dtype)) for d in (ctx.dh, ctx.dw))
+        ctx.dh = ctx.dw = None
+        return dh, dw, None, None, None, None, None
+
+
+def _distill_chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, x_t: torch.Tensor,
+                    teacher: Teacher, cap: float, chunk: int, grad_h: bool, grad_w: bool) -> tuple[Any, ...]:
+    """(loss, CE, D, dloss/dh or None, dloss/dweight or None) of linear_distillation, a chunk of tokens at a time;
+    no target is -100."""
+    dtype, t = _compute_dtype(h, weight), teacher.temperature
+    with torch.autocast(h.device.type, enabled=False):
+        w, w_t = weight.to(dtype), teacher.weight
+        ce, d = (torch.zeros((), dtype=torch.float32, device=h.device) for _ in range(2))
+        dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grad_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad_w else None
+        for start in range(0, h.size(0), chunk):
+            rows = slice(start, start + chunk)
+            x, y = h[rows].to(dtype), targets[rows]
+            z, slope = _chunk_logits(x, w, cap)
+            with torch.no_grad():
+                z_t, _ = _chunk_logits(x_t[rows].to(w_t.dtype), w_t, teacher.cap, t)
+            log_ps = torch.log_softmax(z / t, dim=-1)
+            divergence, dz = divergence_of(log_ps, torch.log_softmax(z_t, dim=-1), teacher.beta)
+            d += divergence.sum()
+            log_p = log_ps if t == 1.0 else torch.log_softmax(z, dim=-1)
+            ce -= log_p.gather(1, y[:, None]).sum()
+            if not (grad_h or grad_w):
+                continue
+            dz.mul_(teacher.alpha / t)  # the divergence's part, through z / t
+            if teacher.alpha < 1.0:  # the cross-entropy's: softmax(z) - onehot(y)
+                d_ce = log_p.exp()
+                d_ce[torch.arange(len(y), device=z.device), y] -= 1.0
+                dz.add_(d_ce, alpha=1.0 - teacher.alpha)
+            if slope is not None:
+                dz *= slope.square_().neg_().add_(1.0)
+            dz = dz.to(dtype)
+            if dh is not None:
+                dh[rows] = dz @ w
+            if dw is not None:
+                dw += (dz.t() @ x).float()
+        loss = teacher.alpha * d + (1.0 - teacher.alpha) * ce
+        return loss, ce, d, dh, (None if dw is None else dw.to(weight.dtype))

@@ -24,8 +24,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.head_loss import (linear_cross_entropy_rows, linear_cross_entropy_sum, linear_cross_entropy_tokens,
-                               logits_cross_entropy_tokens)
+from lmforge.head_loss import (Teacher, linear_cross_entropy_rows, linear_cross_entropy_sum,
+                               linear_cross_entropy_tokens, linear_distillation, logits_cross_entropy_tokens)
 
 
 # ------------------------------------------------------------------------------ positional encodings
@@ -304,7 +304,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
                 attention_mask: Optional[torch.Tensor] = None, exit_layer: Optional[int] = None,
                 targets: Optional[torch.Tensor] = None, loss_chunk: int = 1024, per_row: bool = False,
-                per_token: bool = False, temperature: float = 1.0, entropies: bool = False) -> Any:
+                per_token: bool = False, temperature: float = 1.0, entropies: bool = False,
+                teacher: Optional[Teacher] = None) -> Any:
         """Logits (B, T, V) for token ids idx (B, T); with head: classify, class logits (B, num_labels) from
         each row's last real token (its last True in attention_mask; the last column without one); either soft-
         capped to (-logit_softcap, logit_softcap) when it is set. With a
@@ -327,9 +328,14 @@ class GPT(nn.Module):
         logits never exist whole; with exit_layer, the pair (loss, early exit's loss). per_row: each row's sum (B,)
         instead (minus each row's log-probability of its targets: preference training's); per_token: each
         target's own (B, T), 0 where not counted (GRPO's), of the logits divided by temperature (the distribution
-        the targets were sampled from), with entropies the pair (that, each counted position's entropy (B, T)).
+        the targets were sampled from), with entropies the pair (that, each counted position's entropy (B, T));
+        teacher (knowledge distillation): the triple (alpha D + (1 - alpha) CE, CE, D) of head_loss.linear_distillation
+        against the teacher's hidden states at the same positions.
         """
         if targets is not None:
+            if teacher is not None:
+                return linear_distillation(self.hidden_states(idx, cache, attention_mask), self.lm_head.weight,
+                                           targets, teacher, self.config.logit_softcap, loss_chunk)
             if exit_layer is None:
                 return self.token_loss(self.hidden_states(idx, cache, attention_mask), targets, loss_chunk, per_row,
                                        per_token, temperature, entropies)

@@ -502,6 +502,11 @@ class Trainer:
 
             self.online = load_online_pairs(config, self.tokenizer_file, self.train_data.pad_id, self.device,
                                             rows_per_prompt=2 if kind == "preference" else 1)
+        self.teacher: Optional[GPT] = None  # train.distill_from: the frozen teacher (train/distill.py)
+        self.distilled = torch.zeros(2, dtype=torch.float64, device=self.device)  # this process's summed (CE, D)
+        self.distill_count = 0.0  # and the labels they sum over (this step's: the log's means)
+        if tc.distill_from is not None:
+            self.teacher = self.load_teacher(kind)
         self.micro = 0  # the micro-batch of the step being trained (online sampling's seed)
         self.trained_rows = 0  # tokens of the micro-batch trained on last (tokens_seen counts them)
         if tc.parallel == "fsdp":  # sharding replaces the parameters (DTensors): before the optimizer takes them
@@ -719,6 +724,7 @@ class Trainer:
         """
         tc = self.config.train
         micro = self.grpo_batches() if self.grpo else [self.train_data.next_batch() for _ in range(tc.grad_accum)]
+        self.distilled.zero_()
         count = torch.tensor(float(sum(self.batch_count(batch) for batch in micro)))
         local_count = float(count)
         if self.dist.enabled:  # labels in the global batch: one small all-reduce, no host sync
@@ -745,7 +751,33 @@ class Trainer:
             next(p for p in self.raw_model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
         if tc.early_exit_layer is not None:  # this process's mean (a float at logging time: no sync here)
             self.early_exit_loss = exit_sum / max(local_count, 1.0)
+        self.distill_count = local_count
         return loss_sum, count
+
+    def load_teacher(self, kind: Optional[str]) -> GPT:
+        """The teacher of train.distill_from (train/distill.py), for token or sft data and a head the loss can fuse
+        with (a LoRA adapting the head makes whole logits instead: refused)."""
+        from lmforge.train.distill import load_teacher
+
+        if kind not in (None, "sft"):
+            raise ConfigError(f"train.distill_from teaches next tokens from token or sft data, and this is {kind} "
+                              "data: drop train.distill_from")
+        head = unwrap(self.raw_model).lm_head
+        if not isinstance(head, nn.Linear) or head.bias is not None:
+            raise ConfigError("train.distill_from computes the divergence fused with the plain LM head, and "
+                              "lora.targets adapts the head: leave lm_head out of lora.targets")
+        return load_teacher(self.config, self.tokenizer_file, self.device)
+
+    def distill_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Knowledge distillation's summed loss of one batch, alpha D + (1 - alpha) CE (head_loss.linear_distillation
+        against the teacher's hidden states of the same tokens); adds (CE, D) to self.distilled."""
+        from lmforge.train.distill import teacher_reading
+
+        x, _, *mask = (self.to_device(t) for t in batch)
+        teacher = teacher_reading(self.teacher, x, mask[0] if mask else None, self.config)
+        (loss, ce, divergence), _ = self.forward(model, batch, fused=True, teacher=teacher)
+        self.distilled += torch.stack([ce.detach(), divergence.detach()]).double()
+        return loss
 
     def batch_count(self, batch: tuple[torch.Tensor, ...]) -> int:
         """What a batch's summed loss is divided by: its counted labels, its pairs (preference data) or its
@@ -771,6 +803,8 @@ class Trainer:
             return self.preference_terms(model, batch, online=True)[0].sum(), None, None
         if self.reward:
             return self.reward_terms(model, batch)[0].sum(), None, None
+        if self.teacher is not None:
+            return self.distill_terms(model, batch), None, None
         if self.config.train.loss_chunk > 0 and self.config.model.head != "classify" and not need_logits:
             out, _ = self.forward(model, batch, exit_layer, fused=True)
             loss, exit_loss = out if exit_layer is not None else (out, None)
@@ -987,13 +1021,14 @@ class Trainer:
 
     def forward(self, model: nn.Module, batch: tuple[torch.Tensor, ...], exit_layer: Optional[int] = None,
                 fused: bool = False, per_row: bool = False, per_token: bool = False, temperature: float = 1.0,
-                entropies: bool = False) -> tuple[Any, torch.Tensor]:
+                entropies: bool = False, teacher: Optional[Any] = None) -> tuple[Any, torch.Tensor]:
         """(logits, labels) of one CPU batch, on the device: a batch is (x, y), or (x, y, attention_mask) for a
         classifier (its logits (B, K) come from each row's last real token) and for packed examples; else logits
         are (B, T, V). With exit_layer (train.early_exit_layer), logits is the pair (logits, early exit's logits).
         fused: the summed loss (or the pair of losses) in place of the logits (GPT.forward's targets); per_row: each
         row's sum (B,); per_token: each label's (B, T), of the logits divided by temperature, with entropies the pair
-        (that, each label position's entropy)."""
+        (that, each label position's entropy); teacher (head_loss.Teacher, knowledge distillation): the triple
+        (loss, CE, D) of GPT.forward's teacher."""
         x, y, *mask = (self.to_device(t) for t in batch)
         kwargs: dict[str, Any] = {"attention_mask": mask[0]} if mask else {}
         if exit_layer is not None:
@@ -1001,7 +1036,7 @@ class Trainer:
         if fused:
             kwargs.update(targets=y, loss_chunk=self.config.train.loss_chunk, **({"per_row": True} if per_row else {}),
                           **({"per_token": True, "temperature": temperature, "entropies": entropies} if per_token
-                             else {}))
+                             else {}), **({"teacher": teacher} if teacher is not None else {}))
         return run_forward(model, self.config.train.precision, self.device, x, **kwargs), y
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -1043,6 +1078,8 @@ class Trainer:
             return None
         if self.grpo:
             return self.evaluate_grpo()
+        if self.teacher is not None:
+            return self.evaluate_distillation()
         if self.unpaired:
             return self.evaluate_unpaired()
         if self.preference or self.reward:
@@ -1076,6 +1113,23 @@ class Trainer:
         elif exit_layer is not None:
             self.val_metrics = {"val_early_exit_loss": float(totals[3] / totals[1].clamp(min=1))}
         return float(totals[0] / totals[1].clamp(min=1))
+
+    def evaluate_distillation(self) -> float:
+        """Knowledge distillation: the model's own cross-entropy over the val batches (val_loss, comparable with any
+        language model's), and in self.val_metrics the mean divergence from the teacher (val_distill_divergence)."""
+        self.model.eval()
+        before = self.distilled.clone()
+        self.distilled.zero_()
+        count = 0
+        for batch in self.val_batches:
+            self.distill_terms(self.model, batch)
+            count += count_labels(batch[1])
+        self.model.train()
+        totals = all_reduce_sum(torch.cat([self.distilled, torch.tensor([float(count)], dtype=torch.float64,
+                                                                         device=self.device)]), self.dist)
+        self.distilled = before
+        self.val_metrics = {"val_distill_divergence": float(totals[1] / totals[2].clamp(min=1))}
+        return float(totals[0] / totals[2].clamp(min=1))
 
     def evaluate_preference(self) -> float:
         """Preference data: the preference loss's (or a reward model's) mean over the val pairs, and in
@@ -1160,6 +1214,9 @@ class Trainer:
                 early.update({f"online_reward/{name}": value for name, value in self.online_parts.items()})
         if self.grpo:  # this process's samples: their mean length and the share that ran out of tokens
             early.update(self.rollouts.lengths if self.rollouts is not None else {})
+        if self.teacher is not None:  # this process's means: the model's own cross-entropy, its divergence
+            lm_loss, divergence = (self.distilled / max(self.distill_count, 1.0)).tolist()
+            early.update(lm_loss=lm_loss, distill_divergence=divergence)
         if self.grpo:  # this process's mean entropy at the step's completion tokens (TRL's entropy)
             early["entropy"] = self.entropy[0] / max(self.entropy[1], 1.0)
         if self.grpo and self.config.train.grpo_iterations > 1 and self.config.train.grpo_objective != "sapo":
