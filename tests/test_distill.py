@@ -311,3 +311,27 @@ def test_the_teacher_is_frozen_and_gets_no_gradient(corpus, teacher, tmp_path):
     assert all(not p.requires_grad and p.grad is None for p in trainer.teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in trainer.teacher.state_dict().items())
     assert all(math.isfinite(loss) for _, loss in trainer.history)
+
+
+def test_the_plan_counts_the_teachers_forward_and_weights(corpus, teacher, tmp_path):
+    """`lmforge plan` of a distillation adds the teacher's forward pass on the student's rows to each step's FLOPs
+    and its weights (and hidden states) to the memory; an unreadable teacher is named in a note and not counted;
+    --measure refuses it in one line."""
+    from lmforge.checkpoint import read_run_config, resolve_checkpoint
+    from lmforge.model import count_parameters, flops_per_token
+    from lmforge.plan import measure, plan
+
+    student = config(tmp_path / "run", corpus)
+    distilled = config(tmp_path / "run", corpus, **{"train.distill_from": teacher})
+    theirs = read_run_config(resolve_checkpoint(teacher)).model
+    alone, with_teacher = plan(student), plan(distilled)
+    forward = flops_per_token(theirs, 16) // 3
+    assert with_teacher.teacher_flops_per_token == forward > 0
+    assert with_teacher.step_flops_per_token == alone.step_flops_per_token + forward
+    assert with_teacher.teacher >= 4.0 * count_parameters(theirs).total
+    assert with_teacher.total_memory > alone.total_memory + 4.0 * count_parameters(theirs).total
+    assert with_teacher.step_time > alone.step_time
+    missing = plan(config(tmp_path / "run", corpus, **{"train.distill_from": tmp_path / "none"}))
+    assert missing.teacher == 0 and any("cannot be read" in n for n in missing.notes)
+    with pytest.raises(ConfigError, match="--measure trains on random tokens"):
+        measure(distilled)

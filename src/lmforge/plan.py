@@ -172,11 +172,13 @@ class Plan:
     sampling_time: float = 0.0  # online training: sampling and scoring per step (in step_time), per GPU
     sampling_memory: float = 0.0  # online training: the KV cache while sampling a micro-batch, per GPU
     sampled_tokens_per_step: int = 0  # online training: new tokens sampled per step and GPU (the longest case)
+    teacher: float = 0.0  # knowledge distillation: the frozen teacher's weights (and its hidden states), per GPU
+    teacher_flops_per_token: int = 0  # knowledge distillation: the teacher's forward pass, in step_flops_per_token
 
     @property
     def state(self) -> float:
-        """Weights, gradients and optimizer state (and a preference reference's weights), per GPU."""
-        return self.weights + self.gradients + self.optimizer + self.reference
+        """Weights, gradients and optimizer state (and a preference reference's or a teacher's weights), per GPU."""
+        return self.weights + self.gradients + self.optimizer + self.reference + self.teacher
 
     @property
     def total_memory(self) -> float:  # sampling's KV cache and the training activations are never alive together
@@ -264,6 +266,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         raise ConfigError("--parallel fsdp is not supported with lora.*: a LoRA run trains small adapters on a "
                           "frozen base; plan it with --parallel ddp")
     config, base_note = with_base_model(config)
+    notes = [base_note] if base_note else []
     m, t = config.model, config.train
     preference, unpaired, reward = task == "preference", task == "unpaired", t.objective == "reward"
     if reward:  # a reward model: a one-output classify head, no reference
@@ -286,11 +289,13 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     if runs_reference:  # the reference's forward on every sequence (LoRA: the model with its adapters off); KTO's
         forwards = 3 if mismatched else 1  # KTO's mismatched rows: the policy's forward and the reference's
         step_fpt += forwards * (2 * matrices + attention // 3)
+    teacher_fpt, teacher_bytes = distillation(config, bf16=t.precision != "fp32", notes=notes) \
+        if t.distill_from is not None else (0, 0.0)
+    step_fpt += teacher_fpt
     tokens_per_step = t.batch_size * t.grad_accum * m.block_size * gpus * rows
     steps = t.max_steps if tokens is None else math.ceil(tokens / tokens_per_step)
     tokens = steps * tokens_per_step if tokens is None else tokens
     bf16 = t.precision in ("bf16-mixed", "bf16-compute")
-    notes = [base_note] if base_note else []
     if reward:
         notes.append("train.objective reward: a reward model reads each pair's two examples whole through a one-output "
                      "head; no reference, no LM head")
@@ -320,8 +325,9 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     block += adapter_activations / m.n_layer  # LoRA: each adapter's A output (a head adapter's counted with them)
     act_block = micro_tokens * block * (3.0 if bf16 else 4.0)  # bf16: about half the tensors are bf16
     act_head = micro_tokens * head * 4.0  # the loss is computed in fp32
-    if fused:
-        act_head += head_chunk_elements(m, min(t.loss_chunk, micro_tokens)) * 4.0
+    if fused:  # distillation holds about six (chunk, V) arrays of both models' logits and their softmaxes
+        act_head += head_chunk_elements(m, min(t.loss_chunk, micro_tokens)) * 4.0 * (6 if teacher_fpt else 1)
+    teacher_hidden = micro_tokens * teacher_width(config) * (2 if bf16 else 4) if teacher_fpt else 0.0
     activations = (m.n_layer + 1) * act_block + act_head  # + the gradients inside the block being back-propagated
     checkpointed = m.n_layer * micro_tokens * m.n_embd * 4.0 + 2 * act_block + act_head
 
@@ -365,7 +371,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         mismatched_forward=mismatched, device=device, device_name=name, device_memory=memory, peak_flops=peak,
         mfu=mfu, bandwidth=bandwidth, step_time=step_time, total_time=step_time * tokens / tokens_per_step, notes=notes,
         group_size=t.grpo_group_size if grpo else 0, sampling_time=sampling[0], sampling_memory=sampling[1],
-        sampled_tokens_per_step=sampling[2])
+        sampled_tokens_per_step=sampling[2], teacher=teacher_bytes + teacher_hidden,
+        teacher_flops_per_token=teacher_fpt)
     where = "this machine's RAM" if device == "cpu" else f"the {gpus if gpus > 1 else ''} {name}'s memory".replace("  ", " ")
     if estimate.total_memory_checkpointed > memory:
         notes.append(f"WARNING: does not fit: {gib(estimate.total_memory_checkpointed)} per device even with "
@@ -375,6 +382,35 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         notes.append(f"WARNING: does not fit without activation checkpointing: {gib(estimate.total_memory)} over "
                      f"the {gib(memory)} of {where}; with it, {gib(estimate.total_memory_checkpointed)} fits")
     return estimate
+
+
+def distillation(config: RunConfig, bf16: bool, notes: list[str]) -> tuple[int, float]:
+    """(the teacher's forward FLOPs per trained token, its weights' bytes: bf16 when the run trains in bf16) of
+    train.distill_from; (0, 0) with a note when its run cannot be read."""
+    teacher = teacher_model(config)
+    if teacher is None:
+        notes.append(f"train.distill_from {config.train.distill_from} cannot be read: its forward pass and weights "
+                     "are not counted")
+        return 0, 0.0
+    notes.append(f"knowledge distillation: the teacher ({count_parameters(teacher).total:,} parameters) reads every "
+                 "sequence (its forward pass only, counted in these steps' FLOPs)")
+    forward = flops_per_token(teacher, config.model.block_size) // 3  # on the student's rows
+    return forward, count_parameters(teacher).total * (2.0 if bf16 else 4.0)
+
+
+def teacher_model(config: RunConfig) -> Optional[ModelConfig]:
+    """The model section of train.distill_from's checkpoint, or None when it cannot be read."""
+    try:
+        from lmforge.checkpoint import read_run_config, resolve_checkpoint
+
+        return read_run_config(resolve_checkpoint(config.train.distill_from)).model
+    except Exception:  # a teacher not trained yet: plan anyway, say so
+        return None
+
+
+def teacher_width(config: RunConfig) -> int:
+    teacher = teacher_model(config)
+    return teacher.n_embd if teacher is not None else 0
 
 
 def with_base_model(config: RunConfig) -> tuple[RunConfig, str]:
@@ -455,7 +491,8 @@ def format_plan(p: Plan) -> str:
     per = "per GPU, " if p.gpus > 1 else ""
     trained = f", {p.trained_parameters:,} trained (LoRA)" if p.trained_parameters != p.parameters else ""
     reasons = ((["no weight gradients of the frozen matrices"] if trained else [])
-               + (["the reference's forward on every sequence"] if p.reference_forward else []))
+               + (["the reference's forward on every sequence"] if p.reference_forward else [])
+               + ([f"the teacher's forward, {p.teacher_flops_per_token:,}"] if p.teacher_flops_per_token else []))
     step = f"; these steps {p.step_flops_per_token:,} ({', '.join(reasons)})" if reasons else ""
     pairs = {"preference": f" (GRPO: {p.group_size} samples of each prompt)" if p.group_size
              else " (preference pairs: 2 sequences each)",
@@ -472,6 +509,7 @@ def format_plan(p: Plan) -> str:
         f"  gradients         {gib(p.gradients)}",
         f"  optimizer (AdamW) {gib(p.optimizer)}",
         *([f"  frozen reference  {gib(p.reference)}"] if p.reference else []),
+        *([f"  frozen teacher    {gib(p.teacher)}"] if p.teacher else []),
         f"  activations       {gib(p.activations)} ({gib(p.activations_checkpointed)} with activation checkpointing)",
         *([f"  sampling KV cache {gib(p.sampling_memory)} (while sampling, without the activations)"]
           if p.sampling_memory else []),
@@ -531,6 +569,9 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
         raise ConfigError("--measure trains on random tokens, which have no prompts to sample online (train."
                           "online_reward_model / online_reward_function, GRPO): drop --measure; the estimate counts "
                           "the update, not the sampling")
+    if t.distill_from is not None:
+        raise ConfigError("--measure trains on random tokens, which no teacher's tokenizer reads (train.distill_from): "
+                          "drop --measure; the estimate counts the teacher")
     preference = task in ("preference", "unpaired")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="lmforge-measure-") as tmp:
