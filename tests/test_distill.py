@@ -187,25 +187,37 @@ def test_validation_reports_the_students_cross_entropy_and_its_divergence(corpus
     assert trainer.val_metrics["val_distill_divergence"] == pytest.approx(d / n, rel=1e-5)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_sft_data_distills_the_completions_positions_only(tmp_path, packing):
-    """On sft data the divergence and the cross-entropy count the completion's positions (labels not -100) only:
-    the step's loss is the formula over those, not over every position; packed rows (data.packing) are read by the
-    teacher as by the student, each example attending to itself only."""
+def sft_teacher_and_data(root: Path) -> tuple[Path, Path]:
+    """(a byte-tokenizer teacher trained 40 steps with a 48-token context, sft data of short records prepared with
+    its tokenizer)."""
     from test_online_preference import a_records
     from test_preference import write_jsonl
     from test_tasks import make_base
 
     from lmforge.cli import main
 
-    base = make_base(tmp_path / "base", **{"train.max_steps": 40, "optim.lr": 1e-2,  # a teacher with opinions
-                                           "model.block_size": 48})  # rows that hold several packed examples
+    base = make_base(root / "base", **{"train.max_steps": 40, "optim.lr": 1e-2,  # a teacher with opinions
+                                       "model.block_size": 48})  # rows that hold several packed examples
     records = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in a_records()]
-    assert main(["prepare", str(write_jsonl(tmp_path / "sft.jsonl", records)), "--task", "sft", "--tokenizer",
-                 str(base), "--out", str(tmp_path / "data")]) == 0
-    trainer = Trainer(config(tmp_path / "run", tmp_path / "data", **{"train.distill_from": base,
-                                                                      "train.max_steps": 1, "data.packing": packing,
-                                                                      "model.block_size": 48}),
+    assert main(["prepare", str(write_jsonl(root / "sft.jsonl", records)), "--task", "sft", "--tokenizer",
+                 str(base), "--out", str(root / "data")]) == 0
+    return base, root / "data"
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory) -> tuple[Path, Path]:
+    return sft_teacher_and_data(tmp_path_factory.mktemp("sft"))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_data_distills_the_completions_positions_only(sft, tmp_path, packing):
+    """On sft data the divergence and the cross-entropy count the completion's positions (labels not -100) only:
+    the step's loss is the formula over those, not over every position; packed rows (data.packing) are read by the
+    teacher as by the student, each example attending to itself only."""
+    base, data = sft
+    trainer = Trainer(config(tmp_path / "run", data, **{"train.distill_from": base,
+                                                         "train.max_steps": 1, "data.packing": packing,
+                                                         "model.block_size": 48}),
                       progress=False, tensorboard=False)
     student = copy.deepcopy(trainer.raw_model)
     x, y, *mask = copy.deepcopy(trainer.train_data).next_batch()
@@ -335,3 +347,80 @@ def test_the_plan_counts_the_teachers_forward_and_weights(corpus, teacher, tmp_p
     assert missing.teacher == 0 and any("cannot be read" in n for n in missing.notes)
     with pytest.raises(ConfigError, match="--measure trains on random tokens"):
         measure(distilled)
+
+
+def divergence_of_batch(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+                        ) -> tuple[float, int]:
+    """(summed forward KL over the labelled positions, their count) from whole logits."""
+    with torch.no_grad():
+        z, z_t = student(x).flatten(0, 1), teacher(x).float().flatten(0, 1)
+    counted = y.flatten() != IGNORE_INDEX
+    d = divergence(F.log_softmax(z[counted], -1), F.log_softmax(z_t[counted], -1), 0.0)
+    return float(d.sum()), int(counted.sum())
+
+
+def test_on_policy_distillation_trains_on_the_students_own_samples(sft, tmp_path):
+    """distill_on_policy 1: each micro-batch is one sample of each of its prompts by the student as it was at the
+    step (temperature, at most online_max_new_tokens), labelled on the sample, and the step's loss is the divergence
+    over the sampled tokens of both micro-batches, divided by their count; the data's completions are not trained."""
+    base, data = sft
+    trainer = Trainer(config(tmp_path / "run", data, **{
+        "train.distill_from": base, "train.distill_on_policy": 1.0, "train.online_max_new_tokens": 6,
+        "train.online_temperature": 0.7, "train.grad_accum": 2, "train.max_steps": 1, "model.block_size": 48}),
+        progress=False, tensorboard=False)
+    student = copy.deepcopy(trainer.raw_model)
+    data_batches = copy.deepcopy(trainer.train_data)
+    batches = [data_batches.next_batch() for _ in range(2)]
+    sampled = [trainer.sampler.groups(copy.deepcopy(student), b, 1, 0, i, scale=False)[0][:2]
+               for i, b in enumerate(batches)]
+    trainer.fit()
+    total = count = 0
+    for (x, y), (_, data_y) in zip(sampled, batches):
+        labelled = (y != IGNORE_INDEX).sum(dim=1)
+        assert int(labelled.max()) <= 7 and int(labelled.min()) >= 1  # a sample (and its end token) of <= 6 tokens
+        assert not torch.equal(y[y != IGNORE_INDEX], data_y[data_y != IGNORE_INDEX])
+        d, n = divergence_of_batch(student, trainer.teacher, x, y)
+        total, count = total + d, count + n
+    assert trainer.history[0][1] == pytest.approx(total / count, rel=1e-5)
+    on_data = sum(divergence_of_batch(student, trainer.teacher, *b)[0] for b in batches)
+    assert abs(on_data / sum(int((b[1] != IGNORE_INDEX).sum()) for b in batches) - total / count) > 1e-4
+
+
+def test_a_share_of_micro_batches_is_sampled_and_a_resume_draws_the_same(sft, tmp_path):
+    """distill_on_policy 0.5: which micro-batches are the student's samples depends on the seed, the step and the
+    micro-batch only (some are, some are not over 6 steps x 2); a run resumed from step 3 trains bit-identically."""
+    from lmforge.train.distill import samples_this_time
+
+    base, data = sft
+    extra = {"train.distill_from": base, "train.distill_on_policy": 0.5, "train.online_max_new_tokens": 5,
+             "train.grad_accum": 2, "train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3,
+             "model.block_size": 48}
+    full = Trainer(config(tmp_path / "full", data, **extra), progress=False, tensorboard=False)
+    draws = [samples_this_time(full.config, step, micro) for step in range(6) for micro in range(2)]
+    assert any(draws) and not all(draws)
+    assert any(draws[2 * k] != draws[2 * k + 1] for k in range(6))  # each micro-batch draws its own
+    assert draws == [samples_this_time(full.config, step, micro) for step in range(6) for micro in range(2)]
+    full.fit()
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003",
+                    tmp_path / "resumed" / "checkpoints" / "step-00000003")
+    resumed = Trainer(config(tmp_path / "resumed", data, **{**extra, "train.resume": "auto"}), progress=False,
+                      tensorboard=False)
+    resumed.fit()
+    assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 3]
+
+
+def test_on_policy_distillation_is_refused_where_it_cannot_sample(corpus, teacher, sft, tmp_path):
+    """Token data has no prompts, packed rows hold several, a teacher is needed, and the sampling keys need
+    sampling: each refused in one line naming the fix."""
+    with pytest.raises(ConfigError, match="token data has none"):
+        Trainer(config(tmp_path / "a", corpus, **{"train.distill_from": teacher, "train.distill_on_policy": 1}),
+                progress=False, tensorboard=False)
+    base, data = sft
+    with pytest.raises(ConfigError, match="drop data.packing"):
+        config(tmp_path / "b", data, **{"train.distill_from": base, "train.distill_on_policy": 1,
+                                        "data.packing": True})
+    with pytest.raises(ConfigError, match="set train.distill_from"):
+        config(tmp_path / "c", data, **{"train.distill_on_policy": 0.5})
+    with pytest.raises(ConfigError, match="on-policy distillation"):
+        config(tmp_path / "d", data, **{"train.distill_from": base, "train.online_temperature": 0.5})

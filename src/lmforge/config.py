@@ -568,6 +568,11 @@ class TrainConfig:
                               "1 = reverse KL(student || teacher) (mode-seeking; MiniLLM), between = the generalized "
                               "Jensen-Shannon divergence of GKD (Agarwal et al. 2024) with the mixture beta teacher + "
                               "(1 - beta) student (TRL's beta).", 0.0, ge=0, le=1)
+    distill_on_policy: float = doc("Knowledge distillation on sft data: the share of micro-batches whose completions "
+                                   "are the student's own samples of the data's prompts (online_max_new_tokens, "
+                                   "online_temperature), drawn anew each step and scored by the teacher token by "
+                                   "token (GKD's lambda; 1 = on-policy distillation, TRL's DistillationTrainer); 0 = "
+                                   "the data's completions.", 0.0, ge=0, le=1)
     distill_temperature: float = doc("Knowledge distillation: both models' logits are divided by T before their "
                                      "divergence (T > 1 shows the student more of the teacher's unlikely tokens); "
                                      "not multiplied by T^2 (TRL's), so a high T also shrinks the gradient.", 1.0,
@@ -668,8 +673,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         validate(self, "train")
         if self.distill_from is None and (self.distill_alpha != 1.0 or self.distill_beta != 0.0
-                                          or self.distill_temperature != 1.0):
-            raise ConfigError("train.distill_alpha / distill_beta / distill_temperature set knowledge distillation, "
+                                          or self.distill_temperature != 1.0 or self.distill_on_policy):
+            raise ConfigError("train.distill_alpha / distill_beta / distill_temperature / distill_on_policy set "
+                              "knowledge distillation, "
                               "which needs a teacher: set train.distill_from to its run directory, or drop them")
         if self.distill_from is not None and (self.objective != "clm" or self.online):
             raise ConfigError("train.distill_from teaches a language model the teacher's next-token distribution, and "
@@ -679,9 +685,11 @@ class TrainConfig:
         if self.preference_loss == "exo" and self.dpo_label_smoothing == 0:
             raise ConfigError("train.preference_loss exo is the KL divergence from a smoothed label: set "
                               "train.dpo_label_smoothing above 0 (the paper's 0.001)")
-        if not self.online and (self.online_max_new_tokens != 64 or self.online_temperature != 1.0):
-            raise ConfigError("train.online_max_new_tokens / online_temperature set online preference training, which "
-                              "needs train.online_reward_model (or online_reward_function): set it, or drop them")
+        if not self.online and not self.distill_on_policy and (self.online_max_new_tokens != 64
+                                                               or self.online_temperature != 1.0):
+            raise ConfigError("train.online_max_new_tokens / online_temperature set the sampling of online preference "
+                              "training, which needs train.online_reward_model (or online_reward_function), or of "
+                              "on-policy distillation (train.distill_on_policy): set one, or drop them")
         sapo_set = self.grpo_sapo_tau_pos != 1.0 or self.grpo_sapo_tau_neg != 1.05
         clip_set = (self.grpo_epsilon != 0.2 or self.grpo_epsilon_high is not None or self.grpo_delta is not None
                     or self.grpo_importance_sampling != "token" or self.grpo_objective != "clip" or sapo_set)
@@ -832,6 +840,9 @@ class RunConfig:
         if self.train.choices_file and self.train.parallel == "fsdp":
             raise ConfigError("train.choices_file scores questions on whole weights, and train.parallel=fsdp shards "
                               "them: use train.parallel ddp, or score a checkpoint with `lmforge eval --choices`")
+        if self.train.distill_on_policy and self.data.packing:
+            raise ConfigError("train.distill_on_policy samples a completion of each example's prompt, and data.packing "
+                              "puts several examples in a row: drop data.packing")
         if self.train.distill_from is not None and (self.model.head != "lm" or self.train.parallel == "fsdp"
                                                     or exit_layer is not None):
             raise ConfigError("train.distill_from needs a language model's head (model.head lm), whole weights (not "

@@ -1,13 +1,18 @@
 """Knowledge distillation's teacher (train.distill_from): a frozen language model read from its run, checked to
 speak the student's vocabulary, whose last hidden states at every batch the student's loss compares with
-(head_loss.linear_distillation; GPT.forward's teacher)."""
+(head_loss.linear_distillation; GPT.forward's teacher); and on-policy distillation's batches (train.distill_on_policy,
+GKD's lambda): a share of the micro-batches replaced by the student's own samples of their prompts, drawn as online
+training draws them (train/online.py: seeded by the run's seed, the step and the micro-batch, so a resume and any
+number of processes draw the same)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+
+import numpy as np
 
 from lmforge.checkpoint import load_for_inference, verified_checkpoint
 from lmforge.config import RunConfig
@@ -51,3 +56,25 @@ def teacher_reading(teacher: GPT, x: torch.Tensor, attention_mask: Optional[torc
         hidden = teacher.hidden_states(x, attention_mask=attention_mask)
     return Teacher(hidden, teacher.lm_head.weight, teacher.config.logit_softcap, tc.distill_alpha, tc.distill_beta,
                    tc.distill_temperature)
+
+
+def student_sampler(config: RunConfig, tokenizer_file: Optional[str | Path], pad_id: int) -> Any:
+    """The sampler of on-policy distillation: online.OnlinePairs with no judge, one sample of each sft example's
+    prompt (online_max_new_tokens, online_temperature)."""
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.online import OnlinePairs
+
+    tc, block = config.train, config.model.block_size
+    if tc.online_max_new_tokens >= block:
+        raise ConfigError(f"train.online_max_new_tokens={tc.online_max_new_tokens} leaves no room for a prompt in the "
+                          f"model's context (block_size {block}): lower it")
+    tok = Tokenizer.load(tokenizer_file)
+    return OnlinePairs(None, block, tc.online_max_new_tokens, tc.online_temperature, tc.seed, tok.start_id,
+                       tok.end_id, pad_id, rows_per_prompt=1, tokenizer=tok)
+
+
+def samples_this_time(config: RunConfig, step: int, micro: int) -> bool:
+    """Whether micro-batch `micro` of `step` is the student's samples (probability train.distill_on_policy; the draw
+    depends on the seed, the step and the micro-batch only)."""
+    share = config.train.distill_on_policy
+    return share > 0 and np.random.default_rng([config.train.seed, step, micro, 1]).random() < share

@@ -505,6 +505,7 @@ class Trainer:
         self.teacher: Optional[GPT] = None  # train.distill_from: the frozen teacher (train/distill.py)
         self.distilled = torch.zeros(2, dtype=torch.float64, device=self.device)  # this process's summed (CE, D)
         self.distill_count = 0.0  # and the labels they sum over (this step's: the log's means)
+        self.sampler: Optional[Any] = None  # train.distill_on_policy: the student's samples (train/distill.py)
         if tc.distill_from is not None:
             self.teacher = self.load_teacher(kind)
         self.micro = 0  # the micro-batch of the step being trained (online sampling's seed)
@@ -724,6 +725,8 @@ class Trainer:
         """
         tc = self.config.train
         micro = self.grpo_batches() if self.grpo else [self.train_data.next_batch() for _ in range(tc.grad_accum)]
+        if self.sampler is not None:  # on-policy distillation: drawn before any count (they decide the labels)
+            micro = [self.distill_batch(batch, i) for i, batch in enumerate(micro)]
         self.distilled.zero_()
         count = torch.tensor(float(sum(self.batch_count(batch) for batch in micro)))
         local_count = float(count)
@@ -762,11 +765,28 @@ class Trainer:
         if kind not in (None, "sft"):
             raise ConfigError(f"train.distill_from teaches next tokens from token or sft data, and this is {kind} "
                               "data: drop train.distill_from")
+        if self.config.train.distill_on_policy and kind != "sft":
+            raise ConfigError("train.distill_on_policy samples completions of the data's prompts, and token data has "
+                              "none: prepare sft data (`lmforge prepare --task sft`), or drop it")
         head = unwrap(self.raw_model).lm_head
         if not isinstance(head, nn.Linear) or head.bias is not None:
             raise ConfigError("train.distill_from computes the divergence fused with the plain LM head, and "
                               "lora.targets adapts the head: leave lm_head out of lora.targets")
+        if self.config.train.distill_on_policy:
+            from lmforge.train.distill import student_sampler
+
+            self.sampler = student_sampler(self.config, self.tokenizer_file, self.train_data.pad_id)
         return load_teacher(self.config, self.tokenizer_file, self.device)
+
+    def distill_batch(self, batch: tuple[torch.Tensor, ...], micro: int) -> tuple[torch.Tensor, ...]:
+        """On-policy distillation: micro-batch `micro` of this step as it is, or (as often as train.distill_on_policy
+        says) one sample of each of its prompts by the student as it is now, labelled on the sample."""
+        from lmforge.train.distill import samples_this_time
+
+        if not samples_this_time(self.config, self.step, micro):
+            return batch
+        (x, y, _), _ = self.sampler.groups(unwrap(self.raw_model), batch, 1, self.step, micro, scale=False)
+        return x, y
 
     def distill_terms(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Knowledge distillation's summed loss of one batch, alpha D + (1 - alpha) CE (head_loss.linear_distillation
