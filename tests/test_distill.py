@@ -342,7 +342,7 @@ def test_the_plan_counts_the_teachers_forward_and_weights(corpus, teacher, tmp_p
     assert with_teacher.step_flops_per_token == alone.step_flops_per_token + forward
     assert with_teacher.teacher >= 4.0 * count_parameters(theirs).total
     assert with_teacher.total_memory > alone.total_memory + 4.0 * count_parameters(theirs).total
-    assert with_teacher.step_time > alone.step_time
+    assert with_teacher.total_flops > alone.total_flops
     missing = plan(config(tmp_path / "run", corpus, **{"train.distill_from": tmp_path / "none"}))
     assert missing.teacher == 0 and any("cannot be read" in n for n in missing.notes)
     with pytest.raises(ConfigError, match="--measure trains on random tokens"):
@@ -424,3 +424,20 @@ def test_on_policy_distillation_is_refused_where_it_cannot_sample(corpus, teache
         config(tmp_path / "c", data, **{"train.distill_on_policy": 0.5})
     with pytest.raises(ConfigError, match="on-policy distillation"):
         config(tmp_path / "d", data, **{"train.distill_from": base, "train.online_temperature": 0.5})
+
+
+def test_the_plan_counts_on_policy_sampling_in_its_share_of_micro_batches(sft, tmp_path):
+    """On sft data with distill_on_policy the plan counts one sample of each prompt (online_max_new_tokens) in that
+    share of the micro-batches: half the sampled tokens at 0.5 of 1's, none at 0."""
+    from lmforge.plan import plan
+
+    base, data = sft
+    plans = {share: plan(config(tmp_path / "run", data, **{
+        "train.distill_from": base, "model.block_size": 48, "train.grad_accum": 2,
+        **({"train.distill_on_policy": share, "train.online_max_new_tokens": 8} if share else {})}), task="sft")
+        for share in (0.0, 0.5, 1.0)}
+    assert plans[0.0].sampling_time == 0 and plans[0.0].sampled_tokens_per_step == 0
+    assert plans[1.0].sampled_tokens_per_step == 2 * 4 * 8  # grad_accum x batch x new tokens, one sample a prompt
+    assert plans[0.5].sampled_tokens_per_step == 32
+    assert plans[0.5].sampling_time > 0 and plans[1.0].sampling_time > 0
+    assert any("0.5 of the micro-batches" in note for note in plans[0.5].notes)

@@ -37,7 +37,11 @@ The counts, and where each comes from:
                       log-probabilities of them, add up; all of it divided by
                       grpo_iterations (one generation trains that many steps). Its KV cache lives only while
                       sampling, when the training activations do not: the peak counts the larger of the two.
-                      A reward function's own time is not counted.
+                      A reward function's own time is not counted. On-policy distillation (train.distill_on_policy
+                      lambda) samples one completion of each prompt in a share lambda of the micro-batches.
+  distillation        (train.distill_from) the teacher's forward on every row, fpt_teacher/3 FLOPs per token at the
+                      student's row length, its weights (bf16 under a bf16 precision) and hidden states; the fused
+                      divergence holds about six (chunk x vocabulary) fp32 arrays where the cross-entropy holds one
   train.init_from     the plan (and --measure) counts that checkpoint's model, as `lmforge train` trains it (the
                       config's model section when the checkpoint cannot be read yet, with a note)
   DDP / FSDP          DDP: every GPU holds everything, and its gradient buckets hold another fp32 copy of the
@@ -299,7 +303,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     if reward:
         notes.append("train.objective reward: a reward model reads each pair's two examples whole through a one-output "
                      "head; no reference, no LM head")
-    online = t.online and (preference or grpo)
+    online = (t.online and (preference or grpo)) or (t.distill_on_policy > 0 and task == "sft")
     if preference and t.precompute_reference:
         notes.append("train.precompute_reference: no frozen copy and no reference forward in the steps; the reference "
                      "scores the data once before the first step (one forward pass over it, not counted here)")
@@ -435,9 +439,9 @@ def online_sampling(config: RunConfig, fpt: int, parameters: int, flops: float, 
     and is not counted. On a CPU the new tokens' products (a few rows each: far below the peak) run at the rate
     measured here for the model's shapes, weight reads included; on a GPU at the peak, plus the weights' reads."""
     m, t = config.model, config.train
-    grpo = PreferenceLoss.of(t).group
-    n = t.grpo_group_size if grpo else 2
-    rows, mu = t.batch_size * n, t.grpo_iterations if grpo else 1
+    grpo, distill = PreferenceLoss.of(t).group, t.distill_from is not None  # on-policy distillation: one sample
+    n = t.grpo_group_size if grpo else 1 if distill else 2  # of each prompt, in a share of the micro-batches
+    rows, mu, share = t.batch_size * n, t.grpo_iterations if grpo else 1, t.distill_on_policy if distill else 1.0
     new = min(t.online_max_new_tokens, m.block_size - 1)  # (training refuses more: the prompt needs a token)
     forward = fpt / 3  # FLOPs of one token's forward pass (prefill or a new token)
     head = 2 * m.vocab_size * m.n_embd  # of which the LM head's
@@ -466,12 +470,12 @@ def online_sampling(config: RunConfig, fpt: int, parameters: int, flops: float, 
                                              "forward is not counted", scorer]))
     kv_per_token = 2 * m.n_layer * m.n_kv_head * m.head_dim * (2 if t.precision == "bf16-compute" else 4)
     reads = rows * kv_per_token * new * (prompt + new / 2)  # each new token reads the cache so far
-    seconds = t.grad_accum * (flop / flops + decode + reads / bandwidth) / mu
+    seconds = share * t.grad_accum * (flop / flops + decode + reads / bandwidth) / mu
     kv_cache = rows * m.block_size * kv_per_token
-    every = f"every {mu} steps" if mu > 1 else "every step"
+    every = f"every {mu} steps" if mu > 1 else f"{share:g} of the micro-batches" if share < 1 else "every step"
     notes.append(f"online sampling counted ({every}): {n} samples of each prompt, {new} new tokens each at most, "
                  f"{duration(seconds)} per step{'; ' + scorer if scorer else ''}")
-    return seconds, float(kv_cache), t.grad_accum * rows * new // mu
+    return seconds, float(kv_cache), round(share * t.grad_accum * rows * new / mu)
 
 
 # ------------------------------------------------------------------------------------------- printing
