@@ -444,3 +444,25 @@ def test_grpo_step_samples_the_same_work_in_lmforge_and_trl(tmp_path):
     again = bench.main(["--plan-only", "--json-out", str(out), "--layers", "2", "--width", "64", "--heads", "2",
                         "--vocab", "512", "--prompt", "16", "--completion", "8"])
     assert again["variants"] == summary["variants"] and again["plan"]["step_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_distill_step_samples_the_same_work_in_lmforge_and_trl(tmp_path):
+    """benchmarks/distill_step.py on tiny models: lmforge and TRL's DistillationTrainer each sample exactly
+    --completion tokens of every prompt with the student and train it on the teacher's reverse KL there: both first
+    losses are positive and near each other (the same divergence of the same models, on their own draws); the plan's
+    prediction is recorded."""
+    out = tmp_path / "distill.json"
+    summary = load("distill_step").main([
+        "--layers", "2", "--width", "64", "--heads", "2", "--teacher-layers", "2", "--teacher-width", "96",
+        "--teacher-heads", "2", "--vocab", "512", "--prompt", "16", "--completion", "8", "--rounds", "1",
+        "--json-out", str(out)])
+    assert json.loads(out.read_text()) == summary
+    first = {}
+    for name in ("lmforge", "trl"):
+        run = summary["variants"][name]["runs"][0]
+        assert run["completion_tokens_mean"] == [8.0] * 3 and len(run["step_seconds"]) == 3
+        first[name] = run["losses"][0]
+    assert 0 < first["lmforge"] and 0 < first["trl"] and abs(first["lmforge"] / first["trl"] - 1) < 0.25
+    assert summary["variants"]["lmforge"]["runs"][0]["sampling_seconds"][0] > 0
+    assert summary["plan"]["step_seconds"] > 0 and summary["plan"]["sampling_seconds"] > 0
