@@ -441,3 +441,19 @@ def test_the_plan_counts_on_policy_sampling_in_its_share_of_micro_batches(sft, t
     assert plans[0.5].sampled_tokens_per_step == 32
     assert plans[0.5].sampling_time > 0 and plans[1.0].sampling_time > 0
     assert any("0.5 of the micro-batches" in note for note in plans[0.5].notes)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_two_processes_distill_like_one(sft, tmp_path, on_policy):
+    """2 processes x 4 examples distill as 1 process x 8: the same losses (each process runs the teacher on its own
+    rows; on-policy, each samples its own prompts with the seed rule of online training)."""
+    from distributed_jobs import one_and_two
+
+    base, data = sft
+    settings = {"data.path": str(data), "train.distill_from": str(base), "model.block_size": 48,
+                "train.distill_alpha": 0.5, "optim.lr": 1e-2,
+                **({"train.distill_on_policy": 1.0, "train.online_max_new_tokens": 5} if on_policy else {})}
+    one, two = one_and_two(tmp_path, settings)
+    assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
+    assert len({round(loss, 4) for _, loss in one["history"]}) > 3

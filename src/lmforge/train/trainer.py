@@ -55,9 +55,9 @@ from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_
                                  setup_distributed, slow_half_warning, teardown_distributed, unwrap)
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
+from lmforge.head_loss import logits_cross_entropy_tokens
 from lmforge.lora import apply_lora, base_fingerprint, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.head_loss import logits_cross_entropy_tokens
 from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, grpo_clipped, grpo_log_ratio,
                                      grpo_sequence_loss, grpo_token_loss, high_entropy_mask, kto_weight_advice,
                                      reward_model_loss, sequence_logprobs)
@@ -508,6 +508,10 @@ class Trainer:
         self.sampler: Optional[Any] = None  # train.distill_on_policy: the student's samples (train/distill.py)
         if tc.distill_from is not None:
             self.teacher = self.load_teacher(kind)
+        if tc.distill_on_policy:
+            from lmforge.train.distill import student_sampler
+
+            self.sampler = student_sampler(config, self.tokenizer_file, self.train_data.pad_id)
         self.micro = 0  # the micro-batch of the step being trained (online sampling's seed)
         self.trained_rows = 0  # tokens of the micro-batch trained on last (tokens_seen counts them)
         if tc.parallel == "fsdp":  # sharding replaces the parameters (DTensors): before the optimizer takes them
@@ -772,10 +776,6 @@ class Trainer:
         if not isinstance(head, nn.Linear) or head.bias is not None:
             raise ConfigError("train.distill_from computes the divergence fused with the plain LM head, and "
                               "lora.targets adapts the head: leave lm_head out of lora.targets")
-        if self.config.train.distill_on_policy:
-            from lmforge.train.distill import student_sampler
-
-            self.sampler = student_sampler(self.config, self.tokenizer_file, self.train_data.pad_id)
         return load_teacher(self.config, self.tokenizer_file, self.device)
 
     def distill_batch(self, batch: tuple[torch.Tensor, ...], micro: int) -> tuple[torch.Tensor, ...]:
