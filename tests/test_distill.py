@@ -424,6 +424,9 @@ def test_on_policy_distillation_is_refused_where_it_cannot_sample(corpus, teache
         config(tmp_path / "c", data, **{"train.distill_on_policy": 0.5})
     with pytest.raises(ConfigError, match="on-policy distillation"):
         config(tmp_path / "d", data, **{"train.distill_from": base, "train.online_temperature": 0.5})
+    with pytest.raises(ConfigError, match="the student's own samples"):
+        config(tmp_path / "e", data, **{"train.distill_from": base, "train.distill_on_policy": 0.5,
+                                        "train.distill_alpha": 0.5})
 
 
 def test_the_plan_counts_on_policy_sampling_in_its_share_of_micro_batches(sft, tmp_path):
@@ -452,8 +455,31 @@ def test_two_processes_distill_like_one(sft, tmp_path, on_policy):
 
     base, data = sft
     settings = {"data.path": str(data), "train.distill_from": str(base), "model.block_size": 48,
-                "train.distill_alpha": 0.5, "optim.lr": 1e-2,
-                **({"train.distill_on_policy": 1.0, "train.online_max_new_tokens": 5} if on_policy else {})}
+                "optim.lr": 1e-2, **({"train.distill_on_policy": 1.0, "train.online_max_new_tokens": 5} if on_policy
+                                     else {"train.distill_alpha": 0.5})}
     one, two = one_and_two(tmp_path, settings)
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
     assert len({round(loss, 4) for _, loss in one["history"]}) > 3
+
+
+def test_a_resume_refuses_a_teacher_that_changed(corpus, teacher, tmp_path):
+    """A checkpoint names its teacher's checkpoint and fingerprint; resuming when train.distill_from gives another
+    one (here: a newer checkpoint of the teacher's run) is refused in one line naming the original; the original
+    resumes."""
+    run = tmp_path / "teacher-run"
+    shutil.copytree(teacher, run)
+    extra = {"train.distill_from": run, "train.max_steps": 2, "train.save_interval": 2}
+    Trainer(config(tmp_path / "student", corpus, **extra), progress=False, tensorboard=False).fit()
+    state = json.loads(next((tmp_path / "student" / "checkpoints").iterdir()).joinpath("state.json").read_text())
+    original = state["teacher"]["path"]
+    assert Path(original).parent.parent == run and len(state["teacher"]["fingerprint"]) == 64
+    Trainer(config(run, corpus, **{"model.n_embd": 48, "model.n_head": 3, "train.max_steps": 121,
+                                   "train.resume": "auto", "train.save_interval": 1}), progress=False,
+            tensorboard=False).fit()  # the teacher's run moves on: its newest checkpoint is another one
+    more = {**extra, "train.max_steps": 3, "train.resume": "auto"}
+    with pytest.raises(CheckpointError, match=f"pass --train.distill_from {original}"):
+        Trainer(config(tmp_path / "student", corpus, **more), progress=False, tensorboard=False).fit()
+    resumed = Trainer(config(tmp_path / "student", corpus, **{**more, "train.distill_from": original}),
+                      progress=False, tensorboard=False)
+    resumed.fit()
+    assert [step for step, _ in resumed.history] == [3]

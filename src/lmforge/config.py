@@ -677,6 +677,9 @@ class TrainConfig:
             raise ConfigError("train.distill_alpha / distill_beta / distill_temperature / distill_on_policy set "
                               "knowledge distillation, "
                               "which needs a teacher: set train.distill_from to its run directory, or drop them")
+        if self.distill_on_policy and self.distill_alpha < 1.0:
+            raise ConfigError("train.distill_alpha below 1 trains the cross-entropy of the batch's tokens, which "
+                              "train.distill_on_policy makes the student's own samples: drop one of them")
         if self.distill_from is not None and (self.objective != "clm" or self.online):
             raise ConfigError("train.distill_from teaches a language model the teacher's next-token distribution, and "
                               + (f"train.objective is {self.objective}" if self.objective != "clm" else

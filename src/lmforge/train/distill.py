@@ -7,6 +7,8 @@ number of processes draw the same)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,10 +24,13 @@ from lmforge.head_loss import Teacher
 from lmforge.model import GPT
 
 
-def load_teacher(config: RunConfig, tokenizer_file: Optional[str | Path], device: torch.device) -> GPT:
-    """The teacher of train.distill_from on `device`, frozen, in eval mode, in bf16 when the run trains in bf16
-    (its forward pass is all it does). Refused in one line: a classifier or encoder, another tokenizer than the
-    data's, another vocabulary size than the student's, or a context shorter than the student's."""
+def load_teacher(config: RunConfig, tokenizer_file: Optional[str | Path], device: torch.device
+                 ) -> tuple[GPT, dict[str, str]]:
+    """(the teacher of train.distill_from on `device`, frozen, in eval mode, in bf16 when the run trains in bf16 (its
+    forward pass is all it does); {"path": its checkpoint, "fingerprint": a sha256 of its files' sha256s}, which a
+    checkpoint keeps so that a resume can tell the same teacher from a newer one). Refused in one line: a classifier
+    or encoder, another tokenizer than the data's, another vocabulary size than the student's, or a context shorter
+    than the student's."""
     tc, student = config.train, config.model
     ckpt, manifest = verified_checkpoint(tc.distill_from)
     teacher, _, theirs = load_for_inference(ckpt, device, manifest)
@@ -44,7 +49,9 @@ def load_teacher(config: RunConfig, tokenizer_file: Optional[str | Path], device
         raise ConfigError(f"{where} reads {theirs.model.block_size} tokens at most and this model's rows are "
                           f"{student.block_size}: lower model.block_size to the teacher's")
     teacher.requires_grad_(False)
-    return teacher.to(torch.bfloat16) if tc.precision != "fp32" else teacher
+    files = {name: entry["sha256"] for name, entry in manifest["files"].items() if name != "state.json"}
+    source = {"path": str(ckpt), "fingerprint": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
+    return (teacher.to(torch.bfloat16) if tc.precision != "fp32" else teacher), source
 
 
 def teacher_reading(teacher: GPT, x: torch.Tensor, attention_mask: Optional[torch.Tensor], config: RunConfig

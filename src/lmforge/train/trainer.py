@@ -503,11 +503,12 @@ class Trainer:
             self.online = load_online_pairs(config, self.tokenizer_file, self.train_data.pad_id, self.device,
                                             rows_per_prompt=2 if kind == "preference" else 1)
         self.teacher: Optional[GPT] = None  # train.distill_from: the frozen teacher (train/distill.py)
+        self.teacher_source: Optional[dict[str, str]] = None  # its checkpoint and fingerprint (state.json)
         self.distilled = torch.zeros(2, dtype=torch.float64, device=self.device)  # this process's summed (CE, D)
         self.distill_count = 0.0  # and the labels they sum over (this step's: the log's means)
         self.sampler: Optional[Any] = None  # train.distill_on_policy: the student's samples (train/distill.py)
         if tc.distill_from is not None:
-            self.teacher = self.load_teacher(kind)
+            self.teacher, self.teacher_source = self.load_teacher(kind)
         if tc.distill_on_policy:
             from lmforge.train.distill import student_sampler
 
@@ -761,9 +762,9 @@ class Trainer:
         self.distill_count = local_count
         return loss_sum, count
 
-    def load_teacher(self, kind: Optional[str]) -> GPT:
-        """The teacher of train.distill_from (train/distill.py), for token or sft data and a head the loss can fuse
-        with (a LoRA adapting the head makes whole logits instead: refused)."""
+    def load_teacher(self, kind: Optional[str]) -> tuple[GPT, dict[str, str]]:
+        """The teacher of train.distill_from and where it came from (train/distill.py), for token or sft data and a
+        head the loss can fuse with (a LoRA adapting the head makes whole logits instead: refused)."""
         from lmforge.train.distill import load_teacher
 
         if kind not in (None, "sft"):
@@ -1387,6 +1388,8 @@ class Trainer:
                 state["task"] = self.task
             if self.base is not None:  # a LoRA run: model.safetensors holds adapters (and heads), the base is named
                 state["lora"], state["base"] = to_dict(self.config.lora), self.base
+            if self.teacher_source is not None:  # distillation: which teacher (a resume checks it is the same)
+                state["teacher"] = self.teacher_source
         if sharded:  # a collective
             self.last_checkpoint = save_sharded_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
                                                            self.config, state, self.tokenizer_file, self.dist)
@@ -1441,6 +1444,13 @@ class Trainer:
                                   f"{Path(self.config.data.path) / 'manifest.json'}); resume on the data it was trained on "
                                   f"({state.get('data_path')}): {self.as_trained(ckpt)}; or pass --allow-data-change "
                                   f"to continue on this data")
+        saved_teacher = state.get("teacher")
+        if saved_teacher and self.teacher_source and saved_teacher.get("fingerprint") != \
+                self.teacher_source["fingerprint"]:
+            raise CheckpointError(f"{ckpt} was distilled from the teacher {saved_teacher.get('path')}, and "
+                                  f"train.distill_from now gives {self.teacher_source['path']}, whose files differ (a "
+                                  f"newer checkpoint or another model); pass --train.distill_from "
+                                  f"{saved_teacher.get('path')} to resume exactly, or start a new run_dir")
         try:
             self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
             self.val_loss, self.best_val_loss = state.get("last_val_loss"), state.get("best_val_loss")
