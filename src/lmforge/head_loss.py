@@ -259,14 +259,21 @@ class _TokenCrossEntropy(torch.autograd.Function):
                 dz = z.sub_(lse[rows, None]).exp_()  # softmax
                 dz[torch.arange(len(y), device=dz.device), y] -= 1.0
                 dz *= g[:, None] / ctx.temperature
-                if slope is not None:
-                    dz *= slope.square_().neg_().add_(1.0)
-                dz = dz.to(dtype)
-                if dh is not None:
-                    dh[rows] = dz @ w
-                if dw is not None:
-                    dw += (dz.t() @ x).float()
+                _through_head(dz, slope, x, w, rows, dh, dw)
         return dh, (None if dw is None else dw.to(weight.dtype)), None, None, None, None, None
+
+
+def _through_head(dz: torch.Tensor, slope: Any, x: torch.Tensor, w: torch.Tensor, rows: slice, dh: Any,
+                  dw: Any) -> None:
+    """One chunk's gradient: dz (fp32, with respect to its capped logits) through the soft-cap (slope: its tanh, or
+    None) and the head w, into dh[rows] (the chunk's hidden states x) and added to dw; in w's dtype."""
+    if slope is not None:
+        dz *= slope.square_().neg_().add_(1.0)
+    dz = dz.to(w.dtype)
+    if dh is not None:
+        dh[rows] = dz @ w
+    if dw is not None:
+        dw += (dz.t() @ x).float()
 
 
 # ------------------------------------------------------------------------------------------ distillation
@@ -365,12 +372,6 @@ def _distill_chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                 d_ce = log_p.exp()
                 d_ce[torch.arange(len(y), device=z.device), y] -= 1.0
                 dz.add_(d_ce, alpha=1.0 - teacher.alpha)
-            if slope is not None:
-                dz *= slope.square_().neg_().add_(1.0)
-            dz = dz.to(dtype)
-            if dh is not None:
-                dh[rows] = dz @ w
-            if dw is not None:
-                dw += (dz.t() @ x).float()
+            _through_head(dz, slope, x, w, rows, dh, dw)
         loss = teacher.alpha * d + (1.0 - teacher.alpha) * ce
         return loss, ce, d, dh, (None if dw is None else dw.to(weight.dtype))
