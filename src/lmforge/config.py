@@ -598,9 +598,12 @@ class TrainConfig:
         "in online_reward_function's order, then one for online_reward_model when set (TRL's reward_weights); the "
         "reward is their weighted sum (the log's online_reward/NAME stay each judge's own). null = each weighs 1.",
         None)
-    online_max_new_tokens: int = doc("Online preference training: the longest sampled completion, in tokens.", 64,
+    online_max_new_tokens: int = doc("Online training (online DPO, GRPO, on-policy distillation): the longest "
+                                     "sampled completion, in tokens.", 64,
                                      ge=1, le=MAX_SIZE)
-    online_temperature: float = doc("Online preference training: the sampling temperature.", 1.0, gt=0, le=100)
+    online_temperature: float = doc("Online training (online DPO, GRPO, on-policy distillation): the sampling "
+                                    "temperature (GRPO's log-probabilities are of the same tempered distribution).",
+                                    1.0, gt=0, le=100)
     grpo_group_size: int = doc("preference_loss grpo: G, the completions sampled of each prompt at every step (TRL's "
                                "num_generations); each is trained on its reward against the other G - 1's.", 4, ge=2,
                                le=256)
