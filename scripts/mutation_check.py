@@ -343,6 +343,15 @@ MUTANTS = [
     Mutant("grpo-generation-not-kept-in-a-checkpoint", "train/trainer.py",
            'mine["rollouts"] = self.rollouts.state_dict()', "pass",
            ("tests/test_grpo_iterations.py::test_a_checkpoint_inside_a_generation_resumes_bit_identically",)),
+    Mutant("grpo-logps-untempered", "train/trainer.py",
+           "temperature = self.config.train.online_temperature", "temperature = 1.0",
+           ("tests/test_grpo_objectives.py::test_grpo_scores_the_samples_under_the_tempered_distribution[64]",)),
+    Mutant("distill-gradient-ignores-temperature", "head_loss.py",
+           "dz.mul_(teacher.alpha / t)", "dz.mul_(teacher.alpha)",
+           ("tests/test_distill.py::test_the_divergence_and_its_gradient_are_trls[0.0-1.7-0.0]",)),
+    Mutant("distill-teacher-reads-packed-rows-whole", "train/distill.py",
+           "hidden = teacher.hidden_states(x, attention_mask=attention_mask)", "hidden = teacher.hidden_states(x)",
+           ("tests/test_distill.py::test_sft_data_distills_the_completions_positions_only[True]",)),
 ]
 
 
