@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
                "teacher_model": {"n_layer": args.teacher_layers, "n_embd": args.teacher_width,
                                  "n_head": args.teacher_heads},
                "student_model": {"n_layer": args.layers, "n_embd": args.width, "n_head": args.heads},
-               "block_size": args.block, "batch_size": args.batch, "lr": 3e-3, "teacher": teacher, "students": students,
+               "block_size": args.block, "batch_size": args.batch, "lr": 3e-3, "variants": VARIANTS,
+               "teacher": teacher, "students": students,
                "gain_over_data_only": {name: round(plain - s["val_loss_whole_split"], 4)
                                        for name, s in students.items() if name != "data"}}
     print(json.dumps(summary, indent=2))

@@ -466,3 +466,23 @@ def test_distill_step_samples_the_same_work_in_lmforge_and_trl(tmp_path):
     assert 0 < first["lmforge"] and 0 < first["trl"] and abs(first["lmforge"] / first["trl"] - 1) < 0.25
     assert summary["variants"]["lmforge"]["runs"][0]["sampling_seconds"][0] > 0
     assert summary["plan"]["step_seconds"] > 0 and summary["plan"]["sampling_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_distill_quality_trains_a_teacher_and_three_students(tmp_path):
+    """benchmarks/distill_quality.py on a small corpus: the teacher, then the student from the data alone, distilled
+    and mixed, each evaluated over the whole val split; the gains are the data-only loss minus each one's."""
+    from tiny_training import prepared_corpus
+
+    data = prepared_corpus(tmp_path)
+    out = tmp_path / "quality.json"
+    summary = load("distill_quality").main([
+        "--data", str(data), "--runs", str(tmp_path / "runs"), "--teacher-steps", "3", "--student-steps", "3",
+        "--teacher-width", "32", "--teacher-heads", "2", "--block", "32", "--batch", "4", "--json-out", str(out)])
+    assert json.loads(out.read_text()) == summary
+    students = summary["students"]
+    assert set(students) == {"data", "distill", "mixed"} and summary["teacher"]["steps"] == 3
+    for name in ("distill", "mixed"):
+        assert summary["gain_over_data_only"][name] == pytest.approx(
+            students["data"]["val_loss_whole_split"] - students[name]["val_loss_whole_split"], abs=2e-4)
+        assert students[name]["val_distill_divergence_fixed_batches"] > 0
