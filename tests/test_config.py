@@ -177,7 +177,9 @@ COMPANIONS = {"model.n_head": lambda v: {"n_embd": v}, "model.n_embd": lambda v:
               **{f"train.grpo_sapo_tau_{key}": lambda v: {"preference_loss": "grpo", "grpo_iterations": 2,
                                                           "grpo_objective": "sapo", "online_reward_model": "runs/rm"}
                  for key in ("pos", "neg")},
-              "train.grpo_top_entropy": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"}}
+              "train.grpo_top_entropy": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
+              **{f"train.distill_{key}": lambda v: {"distill_from": "runs/teacher"}
+                 for key in ("alpha", "beta", "temperature", "on_policy")}}
 
 
 def _bounded_fields():
