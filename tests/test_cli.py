@@ -318,6 +318,14 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("export-into-the-run", ["export", str(run), "--format", "hf", "--out", str(run / "hf")], "lies inside"),
         ("export-onnx-force-folder", ["export", str(run), "--format", "onnx", "--out", str(ws / "mine"), "--force"],
          "is a directory"),
+        ("export-gguf-force-onto-a-text", ["export", str(run), "--format", "gguf", "--out", str(ws / "notes.png"),
+                                          "--force"], "not a GGUF export written by lmforge"),
+        ("export-gguf-into-the-run", ["export", str(run), "--format", "gguf", "--out", str(run / "m.gguf")],
+         "lies inside"),
+        ("export-gguf-type-with-hf", ["export", str(run), "--format", "hf", "--gguf-type", "f16", "--out",
+                                      str(ws / "hf-typed")], "--gguf-type applies to --format gguf"),
+        ("export-gguf-encoder", ["export", str(ws / "encoder"), "--format", "gguf", "--out", str(ws / "enc.gguf")],
+         "encoder"),
         ("export-force-keeps-notes", ["export", str(run), "--format", "hf", "--out", str(ws / "hf"), "--force"],
          "NOTES.md"),
         ("export-force-symlink", ["export", str(run), "--format", "hf", "--out", str(ws / "hf-link"), "--force"],
@@ -511,7 +519,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 156
+N_CASES = 160
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

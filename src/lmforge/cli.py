@@ -12,7 +12,7 @@
     lmforge embed    a vector per text: the model's hidden states pooled
     lmforge plot     the loss curves of a run as a PNG
     lmforge import   a Hugging Face model directory -> a checkpoint
-    lmforge export   a checkpoint -> a Hugging Face directory or an ONNX file
+    lmforge export   a checkpoint -> a Hugging Face directory, an ONNX file or a GGUF file
     lmforge merge    a LoRA run -> a full checkpoint with the adapters folded into the weights
     lmforge serve    an OpenAI-compatible HTTP API over a run or checkpoint directory
 
@@ -1459,7 +1459,7 @@ def _run_import(args: argparse.Namespace) -> int:
 
 def _add_export(sub: Any) -> None:
     p = sub.add_parser(
-        "export", help="a checkpoint -> a Hugging Face directory or an ONNX file",
+        "export", help="a checkpoint -> a Hugging Face directory, an ONNX file or a GGUF file",
         formatter_class=_help_formatter,
         description=textwrap.dedent("""\
             --format hf: config.json (GPT2LMHeadModel or LlamaForCausalLM, whichever the model matches),
@@ -1467,14 +1467,20 @@ def _add_export(sub: Any) -> None:
             and AutoTokenizer load the directory offline. Models with options neither architecture has
             (e.g. sinusoidal positions, or an encoder: it is not a BertForMaskedLM) are refused with the reason.
             --format onnx: one graph input_ids (batch, sequence) -> logits (batch, sequence, vocab), both
-            axes dynamic, for onnxruntime and other ONNX runtimes (TensorFlow through onnx-tf)."""),
+            axes dynamic, for onnxruntime and other ONNX runtimes (TensorFlow through onnx-tf).
+            --format gguf: one file for llama.cpp, Ollama, LM Studio and other ggml programs (a GPT-2 or
+            Llama-style language model, as for hf), the tokenizer inside; --gguf-type f32 (exact) or f16."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge export runs/shakespeare-char --format hf --out exports/shakespeare-hf
-              lmforge export runs/shakespeare-char --format onnx --out exports/shakespeare.onnx"""))
+              lmforge export runs/shakespeare-char --format onnx --out exports/shakespeare.onnx
+              lmforge export runs/shakespeare-char --format gguf --out exports/shakespeare.gguf"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
-    p.add_argument("--format", required=True, choices=["hf", "onnx"], help="hf (Hugging Face directory) | onnx (file)")
-    p.add_argument("--out", required=True, metavar="PATH", help="output directory (hf) or .onnx file (onnx)")
+    p.add_argument("--format", required=True, choices=["hf", "onnx", "gguf"],
+                   help="hf (Hugging Face directory) | onnx (file) | gguf (file)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output directory (hf), .onnx or .gguf file")
+    p.add_argument("--gguf-type", choices=["f32", "f16"], default=None,
+                   help="gguf: the matrices' type, f32 (exact, the default) or f16 (half the size)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--merge", action="store_true", help="hf, a LoRA run: one model with the adapters merged in "
                    "(default: the base in OUT and the adapters in PEFT's format in OUT/adapter)")
@@ -1482,7 +1488,13 @@ def _add_export(sub: Any) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    if args.format == "hf":
+    if args.gguf_type is not None and args.format != "gguf":
+        raise ConfigError(f"--gguf-type applies to --format gguf, not --format {args.format}: drop it")
+    if args.format == "gguf":
+        from lmforge.interop.gguf_export import export_gguf
+
+        print(export_gguf(args.checkpoint, args.out, force=args.force, dtype=args.gguf_type or "f32"))
+    elif args.format == "hf":
         from lmforge.interop.hf_export import export_hf
 
         print(export_hf(args.checkpoint, args.out, force=args.force, merge=args.merge))

@@ -1,0 +1,231 @@
+"""`lmforge export --format gguf`: an lmforge checkpoint -> one GGUF file for llama.cpp, Ollama, LM Studio and the
+other programs built on ggml (transformers loads it too: from_pretrained(dir, gguf_file=...)).
+
+A GGUF file holds the weights under llama.cpp's tensor names and everything else as typed key/value metadata: the
+architecture's hyperparameters and the tokenizer (its tokens, their types, BPE merges, special token ids). Written
+with the `gguf` package (llama.cpp's own Python writer), for a model of either architecture the Hugging Face export
+takes (interop.hf_export.converter_for_model):
+
+    gpt2   learned positions, LayerNorm, GELU, biases: the fused q/k/v and MLP weights as they are
+    llama  RoPE, RMSNorm, SwiGLU, grouped-query heads: q, k and v apart, the MLP's gate and up apart, and the rows
+           of each q and k head reordered. lmforge (like Hugging Face) rotates dimension i with i + hd/2; llama.cpp's
+           llama graph rotates neighbours 2i and 2i + 1 (the original Meta layout), so row i of a head moves to 2i
+           and row i + hd/2 to 2i + 1: the same attention scores, since q and k move alike.
+
+Tokenizers: lmforge's bpe kind (byte-level BPE) is GGUF's "gpt2" model (tokens in GPT-2's byte-to-unicode spelling,
+the merges in order). The char and byte kinds are GGUF's "llama" model, SentencePiece's rule that is theirs too:
+each character in the vocabulary is one token, any other character its UTF-8 bytes as <0xNN> tokens; a space is
+spelled U+2581 there, and no space is added in front of a text. Every text begins with the start token
+(tokenizer.ggml.add_bos_token). An imported Hugging Face tokenizer (kind hf) is written only when it is byte-level BPE
+with GPT-2's rule.
+
+Weights are float32 (exact) or float16 (half the bytes; vectors such as norms and biases stay float32, as llama.cpp's
+own converter does). The file records lmforge.version; --force replaces only such a file, through
+lmforge.files.atomic_path (the old file stays whole until the new one is complete).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from lmforge import __version__
+from lmforge.checkpoint import load_for_inference
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.files import atomic_path, check_output
+from lmforge.interop import hf_gpt2
+from lmforge.interop.hf_export import HFExportError, converter_for_model
+from lmforge.interop.hf_tokenizer import hf_tokenizer_files
+from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
+
+GGUF_TYPES = ("f32", "f16")
+SPACE = "\u2581"  # SentencePiece's spelling of a space
+
+
+class GGUFExportError(LmforgeError):
+    """A checkpoint that cannot be written as GGUF, or an output that must not be replaced."""
+
+
+def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32") -> Path:
+    """Write the checkpoint (a run directory: its newest complete checkpoint) as a GGUF file; return its path.
+
+    dtype: f32 | f16, the matrices' type. An existing out_path is replaced only with force and only if it is a
+    GGUF file lmforge wrote."""
+    try:
+        import gguf
+    except ModuleNotFoundError:
+        raise GGUFExportError("GGUF export needs the gguf package: pip install gguf") from None
+    if dtype not in GGUF_TYPES:
+        raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 half "
+                              "the size")
+    out_path = Path(out_path)
+    check_output(out_path, force=force, ours=_is_gguf_export, what="a GGUF export written by lmforge",
+                 error=GGUFExportError, directory=False, inputs=[checkpoint])
+    model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
+    config: ModelConfig = model.config
+    if config.head != "lm":
+        raise GGUFExportError(f"{checkpoint} holds a {config.head} model; GGUF export writes language models")
+    try:
+        arch = "gpt2" if converter_for_model(config) is hf_gpt2 else "llama"
+    except HFExportError as e:
+        raise GGUFExportError(str(e).replace("Hugging Face equivalent", "GGUF equivalent (gpt2 or llama)")) from None
+    if tokenizer is None:
+        raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(out_path.stem)
+        writer.add_string("lmforge.version", __version__)
+        _add_hyperparameters(writer, config, arch, dtype)
+        _add_tokenizer(writer, tokenizer, config.vocab_size)
+        for name, tensor in _tensors(model.state_dict(), config, arch):
+            data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+            writer.add_tensor(name, data.astype(np.float16) if dtype == "f16" and data.ndim > 1 else data)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def _interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows (heads * hd, ...) of q or k, each head's rows [first half; second half] -> [x_0, x_hd/2, x_1, ...]."""
+    hd = w.size(0) // heads
+    return w.reshape(heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _tensors(state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF tensor name, tensor) for every weight the architecture reads, in llama.cpp's (out, in) layout."""
+    yield "token_embd.weight", state["tok_emb.weight"]
+    if arch == "gpt2":
+        yield "position_embd.weight", state["pos_emb.weight"]
+    q_rows, kv_rows = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    for i in range(config.n_layer):
+        block = {name[len(f"blocks.{i}."):]: t for name, t in state.items() if name.startswith(f"blocks.{i}.")}
+        for kind in ("weight", "bias"):
+            renamed = {"norm_1": "attn_norm", "attn.proj": "attn_output", "norm_2": "ffn_norm", "mlp.proj": "ffn_down"}
+            if arch == "gpt2":
+                renamed.update({"attn.qkv": "attn_qkv", "mlp.fc": "ffn_up"})
+            for ours, theirs in renamed.items():
+                if f"{ours}.{kind}" in block:
+                    yield f"blk.{i}.{theirs}.{kind}", block[f"{ours}.{kind}"]
+            if arch == "llama" and f"attn.qkv.{kind}" in block:
+                q, k, v = block[f"attn.qkv.{kind}"].split((q_rows, kv_rows, kv_rows))
+                yield f"blk.{i}.attn_q.{kind}", _interleave_halves(q, config.n_head)
+                yield f"blk.{i}.attn_k.{kind}", _interleave_halves(k, config.n_kv_head)
+                yield f"blk.{i}.attn_v.{kind}", v
+            if arch == "llama" and f"mlp.fc.{kind}" in block:
+                gate, up = block[f"mlp.fc.{kind}"].chunk(2)  # MLP.forward: silu(gate) * up
+                yield f"blk.{i}.ffn_gate.{kind}", gate
+                yield f"blk.{i}.ffn_up.{kind}", up
+    for kind in ("weight", "bias"):
+        if f"norm_f.{kind}" in state:
+            yield f"output_norm.{kind}", state[f"norm_f.{kind}"]
+    if not config.tie_embeddings:  # tied: llama.cpp reads token_embd for the head when output is absent
+        yield "output.weight", state["lm_head.weight"]
+
+
+def _add_hyperparameters(writer: Any, config: ModelConfig, arch: str, dtype: str) -> None:
+    import gguf
+
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(config.hidden_dim)
+    writer.add_block_count(config.n_layer)
+    writer.add_head_count(config.n_head)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(config.norm_eps)
+        return
+    writer.add_head_count_kv(config.n_kv_head)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_vocab_size(config.vocab_size)
+    if config.head_dim * config.n_head != config.n_embd:  # llama.cpp assumes n_embd / n_head otherwise
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def _add_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """The tokenizer as GGUF metadata: gpt2 (byte-level BPE) or llama (characters with byte fallback)."""
+    import gguf
+
+    if tokenizer.kind in ("char", "byte"):
+        tokens, types, merges = _character_vocabulary(tokenizer), None, None
+        model = "llama"
+    else:
+        tokens, merges = _byte_level_bpe(tokenizer)
+        model = "gpt2"
+    special = tokenizer.special_token_ids
+    types = [gguf.TokenType.CONTROL if i in special
+             else gguf.TokenType.BYTE if model == "llama" and BYTE_OFFSET <= i < BYTE_OFFSET + 256 and token != SPACE
+             else gguf.TokenType.NORMAL for i, token in enumerate(tokens)]
+    for i in range(len(tokens), vocab_size):  # the model's vocabulary may be wider than the tokenizer's
+        tokens.append(f"[PAD{i}]")
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre("gpt-2" if model == "gpt2" else "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if model == "llama":
+        writer.add_token_scores([0.0] * len(tokens))
+        writer.add_add_space_prefix(False)
+    if merges:
+        writer.add_token_merges(merges)
+    for role, add in (("start", writer.add_bos_token_id), ("end", writer.add_eos_token_id),
+                      ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{role}_id")
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(tokenizer.kind != HF_KIND and tokenizer.start_id is not None)
+    writer.add_add_eos_token(False)
+
+
+def _character_vocabulary(tokenizer: Tokenizer) -> list[str]:
+    """Token strings of a char/byte tokenizer in id order: specials, <0xNN> bytes, characters. SentencePiece spells
+    a space U+2581 before it looks it up, so the space character is spelled so; without one (the byte kind), the byte
+    0x20 is, which is the token lmforge gives a space then."""
+    chars = list(tokenizer._chars)
+    if SPACE in chars:
+        raise GGUFExportError(f"the tokenizer's vocabulary holds {SPACE!r} (U+2581), which GGUF's SentencePiece rule "
+                              "reads as a space; retrain the tokenizer without it to export as GGUF")
+    tokens = list(tokenizer.special_tokens) + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [SPACE if c == " " else c for c in chars]
+    if " " not in chars:
+        tokens[BYTE_OFFSET + 0x20] = SPACE
+    if tokenizer.mask_token is not None:
+        tokens.append(tokenizer.mask_token)
+    return tokens
+
+
+def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[list[str], list[str]]:
+    """(tokens in id order, merges "a b") of a byte-level BPE tokenizer with GPT-2's pre-tokenizer rule."""
+    hf = hf_tokenizer_files(tokenizer, 0)["tokenizer.json"]
+    model = hf.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in json.dumps(hf.get("pre_tokenizer")):
+        raise GGUFExportError("this tokenizer is not byte-level BPE (GPT-2's rule), the only kind of imported "
+                              "tokenizer GGUF export writes; lmforge's own char, byte and bpe tokenizers all export")
+    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in hf.get("added_tokens") or []}}
+    tokens = [""] * (max(vocab.values()) + 1)
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return tokens, merges
+
+
+def _is_gguf_export(path: Path) -> bool:
+    """Whether `path` is a GGUF file that export_gguf wrote (its metadata records lmforge.version)."""
+    import gguf
+
+    try:
+        return "lmforge.version" in gguf.GGUFReader(str(path)).fields
+    except Exception:  # noqa: BLE001  (not a GGUF file: the reader raises ValueError, struct and numpy errors)
+        return False
