@@ -85,6 +85,21 @@ def test_f16_halves_the_matrices_and_keeps_vectors_f32(tmp_path):
     assert 0 < (ours - other).abs().max() <= 2e-3 * ours.abs().max()
 
 
+@pytest.mark.parametrize("n_embd,matrix_type", [(32, "Q8_0"), (48, "F16")])  # 48: rows of 1.5 blocks of 32
+def test_q8_0_quantizes_whole_blocks_and_stays_close(tmp_path, n_embd, matrix_type):
+    run = lmforge_run(tmp_path, MAKERS["char"](), **{**LLAMA_STYLE, "n_embd": n_embd})
+    path = export_gguf(run, tmp_path / "out" / "q8.gguf", dtype="q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.ffn_up.weight"] == matrix_type and types["output_norm.weight"] == "F32"
+    assert fields(path)["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+    model, _, _ = load_for_inference(run, "cpu")
+    theirs, _ = load_theirs(path, model.config)  # transformers dequantizes Q8_0 as llama.cpp stores it
+    ids = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        ours, other = model(ids), theirs(ids).logits
+    assert 0 < (ours - other).abs().max() <= 3e-2 * ours.abs().max()
+
+
 def test_each_q_and_k_head_has_its_halves_interleaved_and_the_mlp_is_split_gate_first(tmp_path):
     run = lmforge_run(tmp_path, byte_tokenizer(), **LLAMA_STYLE)
     path = export_gguf(run, tmp_path / "m.gguf")

@@ -19,8 +19,9 @@ spelled U+2581 there, and no space is added in front of a text. Every text begin
 (tokenizer.ggml.add_bos_token). An imported Hugging Face tokenizer (kind hf) is written only when it is byte-level BPE
 with GPT-2's rule.
 
-Weights are float32 (exact) or float16 (half the bytes; vectors such as norms and biases stay float32, as llama.cpp's
-own converter does). The file records lmforge.version; --force replaces only such a file, through
+Matrices are float32 (exact), float16 (half the bytes) or q8_0 (8-bit integers with a float16 scale per block of 32,
+about a quarter of the bytes; a matrix whose rows are not a whole number of blocks is float16); vectors such as norms
+and biases stay float32, as llama.cpp's own converter does. The file records lmforge.version; --force replaces only such a file, through
 lmforge.files.atomic_path (the old file stays whole until the new one is complete).
 """
 
@@ -43,7 +44,7 @@ from lmforge.interop.hf_export import HFExportError, converter_for_model
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
 from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
 
-GGUF_TYPES = ("f32", "f16")
+GGUF_TYPES = ("f32", "f16", "q8_0")
 SPACE = "\u2581"  # SentencePiece's spelling of a space
 
 
@@ -54,7 +55,7 @@ class GGUFExportError(LmforgeError):
 def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32") -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a GGUF file; return its path.
 
-    dtype: f32 | f16, the matrices' type. An existing out_path is replaced only with force and only if it is a
+    dtype: f32 | f16 | q8_0, the matrices' type. An existing out_path is replaced only with force and only if it is a
     GGUF file lmforge wrote."""
     try:
         import gguf
@@ -62,7 +63,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         raise GGUFExportError("GGUF export needs the gguf package: pip install gguf") from None
     if dtype not in GGUF_TYPES:
         raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 half "
-                              "the size")
+                              "the size, q8_0 about a quarter")
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=_is_gguf_export, what="a GGUF export written by lmforge",
                  error=GGUFExportError, directory=False, inputs=[checkpoint])
@@ -84,8 +85,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         _add_hyperparameters(writer, config, arch, dtype)
         _add_tokenizer(writer, tokenizer, config.vocab_size)
         for name, tensor in _tensors(model.state_dict(), config, arch):
-            data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
-            writer.add_tensor(name, data.astype(np.float16) if dtype == "f16" and data.ndim > 1 else data)
+            _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -94,6 +94,20 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
 
 
 # ---------------------------------------------------------------------------------------------- weights
+def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str) -> None:
+    """One tensor in `dtype` (a matrix) or float32 (a vector)."""
+    import gguf
+
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    if data.ndim == 1 or dtype == "f32":
+        writer.add_tensor(name, data)
+    elif dtype == "q8_0" and data.shape[-1] % block == 0:
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        writer.add_tensor(name, gguf.quants.quantize(data, q8), raw_dtype=q8)  # bytes: (rows, blocks * 34)
+    else:
+        writer.add_tensor(name, data.astype(np.float16))
+
+
 def _interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows (heads * hd, ...) of q or k, each head's rows [first half; second half] -> [x_0, x_hd/2, x_1, ...]."""
     hd = w.size(0) // heads
@@ -139,7 +153,8 @@ def _add_hyperparameters(writer: Any, config: ModelConfig, arch: str, dtype: str
     writer.add_feed_forward_length(config.hidden_dim)
     writer.add_block_count(config.n_layer)
     writer.add_head_count(config.n_head)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     if arch == "gpt2":
         writer.add_layer_norm_eps(config.norm_eps)
         return
