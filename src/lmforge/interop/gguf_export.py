@@ -21,13 +21,12 @@ with GPT-2's rule.
 
 Matrices are float32 (exact), float16 (half the bytes) or q8_0 (8-bit integers with a float16 scale per block of 32,
 about a quarter of the bytes; a matrix whose rows are not a whole number of blocks is float16); vectors such as norms
-and biases stay float32, as llama.cpp's own converter does. The file records lmforge.version; --force replaces only such a file, through
-lmforge.files.atomic_path (the old file stays whole until the new one is complete).
+and biases stay float32, as llama.cpp's own converter does. The file records lmforge.version; --force replaces only
+such a file, through lmforge.files.atomic_path (the old file stays whole until the new one is complete).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,7 +41,7 @@ from lmforge.files import atomic_path, check_output
 from lmforge.interop import hf_gpt2
 from lmforge.interop.hf_export import HFExportError, converter_for_model
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
-from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
+from lmforge.tokenizer import BYTE_OFFSET, Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 SPACE = "\u2581"  # SentencePiece's spelling of a space
@@ -77,13 +76,14 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         raise GGUFExportError(str(e).replace("Hugging Face equivalent", "GGUF equivalent (gpt2 or llama)")) from None
     if tokenizer is None:
         raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
+    vocabulary = _vocabulary(tokenizer, config.vocab_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(out_path.stem)
         writer.add_string("lmforge.version", __version__)
         _add_hyperparameters(writer, config, arch, dtype)
-        _add_tokenizer(writer, tokenizer, config.vocab_size)
+        _add_tokenizer(writer, tokenizer, vocabulary)
         for name, tensor in _tensors(model.state_dict(), config, arch):
             _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype)
         writer.write_header_to_file()
@@ -95,11 +95,12 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
 
 # ---------------------------------------------------------------------------------------------- weights
 def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str) -> None:
-    """One tensor in `dtype` (a matrix) or float32 (a vector)."""
+    """One tensor in `dtype` (a matrix) or float32 (a vector, and the position table, as llama.cpp's converter
+    keeps it: its graph adds the rows it reads to float32 activations)."""
     import gguf
 
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    if data.ndim == 1 or dtype == "f32":
+    if data.ndim == 1 or dtype == "f32" or name == "position_embd.weight":
         writer.add_tensor(name, data)
     elif dtype == "q8_0" and data.shape[-1] % block == 0:
         q8 = gguf.GGMLQuantizationType.Q8_0
@@ -169,23 +170,30 @@ def _add_hyperparameters(writer: Any, config: ModelConfig, arch: str, dtype: str
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def _add_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """The tokenizer as GGUF metadata: gpt2 (byte-level BPE) or llama (characters with byte fallback)."""
+def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[str, list[str], list[int], list[str]]:
+    """(GGUF tokenizer model, token strings, token types, merges) for the model's vocab_size ids: gpt2 (byte-level
+    BPE) or llama (characters with byte fallback); ids past the tokenizer's are unused tokens."""
     import gguf
 
     if tokenizer.kind in ("char", "byte"):
-        tokens, types, merges = _character_vocabulary(tokenizer), None, None
-        model = "llama"
+        model, tokens, merges = "llama", _character_vocabulary(tokenizer), []
     else:
-        tokens, merges = _byte_level_bpe(tokenizer)
-        model = "gpt2"
+        model, (tokens, merges) = "gpt2", _byte_level_bpe(tokenizer)
+    if len(tokens) > vocab_size:
+        raise GGUFExportError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size}; export a "
+                              "checkpoint whose tokenizer it was trained with")
     special = tokenizer.special_token_ids
     types = [gguf.TokenType.CONTROL if i in special
              else gguf.TokenType.BYTE if model == "llama" and BYTE_OFFSET <= i < BYTE_OFFSET + 256 and token != SPACE
              else gguf.TokenType.NORMAL for i, token in enumerate(tokens)]
-    for i in range(len(tokens), vocab_size):  # the model's vocabulary may be wider than the tokenizer's
-        tokens.append(f"[PAD{i}]")
-        types.append(gguf.TokenType.UNUSED)
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    types += [gguf.TokenType.UNUSED] * (vocab_size - len(types))
+    return model, tokens, types, merges
+
+
+def _add_tokenizer(writer: Any, tokenizer: Tokenizer, vocabulary: tuple[str, list[str], list[int], list[str]]) -> None:
+    """The tokenizer as GGUF metadata (vocabulary: _vocabulary's)."""
+    model, tokens, types, merges = vocabulary
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre("gpt-2" if model == "gpt2" else "default")
     writer.add_token_list(tokens)
@@ -200,7 +208,7 @@ def _add_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
         token_id = getattr(tokenizer, f"{role}_id")
         if token_id is not None:
             add(token_id)
-    writer.add_add_bos_token(tokenizer.kind != HF_KIND and tokenizer.start_id is not None)
+    writer.add_add_bos_token(tokenizer.start_id is not None)  # as generate.prompt_ids begins a prompt
     writer.add_add_eos_token(False)
 
 
@@ -224,8 +232,10 @@ def _character_vocabulary(tokenizer: Tokenizer) -> list[str]:
 def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[list[str], list[str]]:
     """(tokens in id order, merges "a b") of a byte-level BPE tokenizer with GPT-2's pre-tokenizer rule."""
     hf = hf_tokenizer_files(tokenizer, 0)["tokenizer.json"]
-    model = hf.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in json.dumps(hf.get("pre_tokenizer")):
+    model, pre = hf.get("model") or {}, hf.get("pre_tokenizer") or {}
+    gpt2_rule = (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+                 and not hf.get("normalizer"))
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not gpt2_rule:
         raise GGUFExportError("this tokenizer is not byte-level BPE (GPT-2's rule), the only kind of imported "
                               "tokenizer GGUF export writes; lmforge's own char, byte and bpe tokenizers all export")
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in hf.get("added_tokens") or []}}

