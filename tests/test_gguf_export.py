@@ -10,7 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_interop import CORPUS, GPT2_STYLE, LLAMA_STYLE, hidden, lmforge_run, perturb_norms  # noqa: E402
+from test_interop import (CORPUS, GPT2_STYLE, LLAMA_STYLE, hf_dirs, hidden, lmforge_run,  # noqa: E402,F401
+                          perturb_norms)
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -20,6 +21,7 @@ from lmforge.cli import main  # noqa: E402
 from lmforge.config import ModelConfig, RunConfig  # noqa: E402
 from lmforge.generate import prompt_ids  # noqa: E402
 from lmforge.interop.gguf_export import SPACE, GGUFExportError, export_gguf  # noqa: E402
+from lmforge.interop.hf_import import import_hf  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 from lmforge.tokenizer import byte_tokenizer, train_bpe, train_char  # noqa: E402
 
@@ -66,6 +68,52 @@ def test_gguf_loads_in_transformers_with_the_same_logits_and_token_ids(tmp_path,
     assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
             meta["tokenizer.ggml.padding_token_id"]) == (tok.start_id, tok.end_id, tok.pad_id)
     assert meta["tokenizer.ggml.add_bos_token"] is True and len(meta["tokenizer.ggml.tokens"]) == tok.vocab_size
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_an_imported_hf_model_exports_to_a_gguf_that_computes_and_tokenizes_like_the_original(hf_dirs, tmp_path, name):
+    run = import_hf(hf_dirs[name], tmp_path / "run")
+    model, tok, _ = load_for_inference(run, "cpu")
+    path = export_gguf(run, tmp_path / "out" / "m.gguf")
+    theirs, hf_tok = load_theirs(path, model.config)
+    original = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[name]).eval()
+    original_tok = transformers.AutoTokenizer.from_pretrained(hf_dirs[name])
+    ids = torch.randint(0, tok.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert (original(ids).logits - theirs(ids).logits).abs().max() <= 1e-5
+    for text in TEXTS:  # Llama 3 style: the start token first, from the file's add_bos_token
+        assert hf_tok(text).input_ids == original_tok(text).input_ids == prompt_ids(tok, text), text
+    assert fields(path)["tokenizer.ggml.add_bos_token"] is (name == "llama")
+
+
+@pytest.mark.parametrize("pre", ["own-split", "prefix-space"])
+def test_an_imported_tokenizer_without_gpt2s_byte_level_rule_is_refused_before_anything_is_written(tmp_path, pre):
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lmforge.tokenizer import HF_KIND, Tokenizer
+
+    hf = HFTokenizer(models.BPE())
+    hf.decoder = decoders.ByteLevel()
+    own_split = pre_tokenizers.Split(Regex(r"\p{N}{1,3}| ?\p{L}+|\s+"), "isolated")  # Llama 3's kind of rule
+    hf.pre_tokenizer = (pre_tokenizers.Sequence([own_split, pre_tokenizers.ByteLevel(use_regex=False)])
+                        if pre == "own-split" else pre_tokenizers.ByteLevel(add_prefix_space=True))
+    hf.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False))
+    tok = Tokenizer(HF_KIND, hf_json=hf.to_str(), special_ids={"start": None, "end": 0, "pad": None})
+    config = ModelConfig(vocab_size=tok.vocab_size, **GPT2_STYLE)
+    tok.save(tmp_path / "tokenizer.json")
+    save_checkpoint(tmp_path / "run", 1, GPT(config), None, RunConfig(model=config), {"tokens_seen": 0},
+                    tmp_path / "tokenizer.json")
+    with pytest.raises(GGUFExportError, match="not byte-level BPE \\(GPT-2's rule\\)"):
+        export_gguf(tmp_path / "run", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists() and hidden(tmp_path) == []
+
+
+def test_gguf_keeps_the_position_table_f32_as_llama_cpp_does(tmp_path):
+    run = lmforge_run(tmp_path, byte_tokenizer(), **GPT2_STYLE)
+    for dtype in ("f16", "q8_0"):
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(export_gguf(run, tmp_path / f"{dtype}.gguf",
+                                                                                     dtype=dtype))).tensors}
+        assert types["position_embd.weight"] == "F32" and types["token_embd.weight"] == dtype.upper()
 
 
 def test_f16_halves_the_matrices_and_keeps_vectors_f32(tmp_path):
