@@ -352,6 +352,15 @@ MUTANTS = [
     Mutant("distill-teacher-reads-packed-rows-whole", "train/distill.py",
            "hidden = teacher.hidden_states(x, attention_mask=attention_mask)", "hidden = teacher.hidden_states(x)",
            ("tests/test_distill.py::test_sft_data_distills_the_completions_positions_only[True]",)),
+    Mutant("gguf-rope-halves-not-interleaved", "interop/gguf_export.py",
+           'yield f"blk.{i}.attn_k.{kind}", _interleave_halves(k, config.n_kv_head)',
+           'yield f"blk.{i}.attn_k.{kind}", k',
+           ("tests/test_gguf_export.py::"
+            "test_gguf_loads_in_transformers_with_the_same_logits_and_token_ids[llama-char]",)),
+    Mutant("gguf-space-not-spelled-for-sentencepiece", "interop/gguf_export.py",
+           'tokens += [SPACE if c == " " else c for c in chars]', "tokens += chars",
+           ("tests/test_gguf_export.py::"
+            "test_gguf_loads_in_transformers_with_the_same_logits_and_token_ids[llama-char]",)),
 ]
 
 
