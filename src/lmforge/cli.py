@@ -1472,9 +1472,9 @@ def _add_export(sub: Any) -> None:
             Llama-style language model, as for hf), the tokenizer inside; --gguf-type f32 (exact), f16 or q8_0."""),
         epilog=textwrap.dedent("""\
             examples:
-              lmforge export runs/shakespeare-char --format hf --out exports/shakespeare-hf
-              lmforge export runs/shakespeare-char --format onnx --out exports/shakespeare.onnx
-              lmforge export runs/shakespeare-char --format gguf --out exports/shakespeare.gguf"""))
+              lmforge export runs/char-small --format hf --out exports/char-small-hf
+              lmforge export runs/shakespeare-char --format onnx --out exports/shakespeare.onnx   (any model)
+              lmforge export runs/char-small --format gguf --gguf-type f16 --out exports/char-small.gguf"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--format", required=True, choices=["hf", "onnx", "gguf"],
                    help="hf (Hugging Face directory) | onnx (file) | gguf (file)")
