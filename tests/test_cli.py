@@ -318,6 +318,9 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("export-into-the-run", ["export", str(run), "--format", "hf", "--out", str(run / "hf")], "lies inside"),
         ("export-onnx-force-folder", ["export", str(run), "--format", "onnx", "--out", str(ws / "mine"), "--force"],
          "is a directory"),
+        ("import-gguf-not-gguf", ["import", str(ws / "notes.png"), "--out", str(ws / "imported")],
+         "is not a GGUF file"),
+        ("import-gguf-missing", ["import", str(ws / "ghost.gguf"), "--out", str(ws / "imported")], "does not exist"),
         ("export-gguf-force-onto-a-text", ["export", str(run), "--format", "gguf", "--out", str(ws / "notes.png"),
                                           "--force"], "not a GGUF export written by lmforge"),
         ("export-gguf-into-the-run", ["export", str(run), "--format", "gguf", "--out", str(run / "m.gguf")],
@@ -519,7 +522,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 160
+N_CASES = 162
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -1430,7 +1430,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- import/export
 def _add_import(sub: Any) -> None:
     p = sub.add_parser(
-        "import", help="a Hugging Face model directory (GPT-2, Llama) -> an lmforge checkpoint",
+        "import", help="a Hugging Face model directory or a GGUF file (GPT-2, Llama) -> an lmforge checkpoint",
         formatter_class=_help_formatter,
         description=textwrap.dedent("""\
             Read a local Hugging Face causal LM directory (config.json of a gpt2 or llama model,
@@ -1438,19 +1438,30 @@ def _add_import(sub: Any) -> None:
             vocab.json + merges.txt) and write it as RUN_DIR/checkpoints/step-00000000/. generate, eval
             and serve use it directly; training starts from it with --train.init_from RUN_DIR.
             Weights are read with safetensors only: pickle files (pytorch_model.bin) are refused unopened.
-            The tokenizer keeps its own special tokens (GPT-2: <|endoftext|> ends a text)."""),
+            The tokenizer keeps its own special tokens (GPT-2: <|endoftext|> ends a text).
+            A .gguf file (llama.cpp's format: a gpt2 or llama model, any quantization, dequantized to fp32;
+            a byte-level BPE tokenizer, or a char/byte tokenizer lmforge exported) is imported the same way."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge import ~/models/gpt2 --out runs/gpt2
               lmforge generate runs/gpt2 --prompt "Hello, world!" --max-new-tokens 100 --greedy
               lmforge prepare corpus/ --tokenizer runs/gpt2/checkpoints/step-00000000/tokenizer.json --out data/mine
-              lmforge train --data data/mine --run-dir runs/gpt2-mine --train.init_from runs/gpt2"""))
-    p.add_argument("hf_dir", metavar="HF_DIR", help="directory a Hugging Face model was saved to")
+              lmforge train --data data/mine --run-dir runs/gpt2-mine --train.init_from runs/gpt2
+              lmforge import exports/char-small.gguf --out runs/from-gguf"""))
+    p.add_argument("hf_dir", metavar="HF_DIR_OR_GGUF",
+                   help="directory a Hugging Face model was saved to, or a .gguf file")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create the checkpoint in")
     p.set_defaults(run=_run_import)
 
 
 def _run_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if Path(args.hf_dir).suffix == ".gguf" or Path(args.hf_dir).is_file():
+        from lmforge.interop.gguf_import import import_gguf
+
+        print(import_gguf(args.hf_dir, args.out))
+        return 0
     from lmforge.interop.hf_import import import_hf
 
     print(import_hf(args.hf_dir, args.out))

@@ -115,18 +115,22 @@ def _interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# A block's tensors that only change name (lmforge -> GGUF); GPT-2's fused q/k/v and MLP input too. The rest of a
+# Llama block is split: attn.qkv -> attn_q, attn_k, attn_v; mlp.fc -> ffn_gate, ffn_up.
+RENAMED = {"norm_1": "attn_norm", "attn.proj": "attn_output", "norm_2": "ffn_norm", "mlp.proj": "ffn_down"}
+RENAMED_GPT2 = {**RENAMED, "attn.qkv": "attn_qkv", "mlp.fc": "ffn_up"}
+
+
 def _tensors(state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF tensor name, tensor) for every weight the architecture reads, in llama.cpp's (out, in) layout."""
     yield "token_embd.weight", state["tok_emb.weight"]
     if arch == "gpt2":
         yield "position_embd.weight", state["pos_emb.weight"]
     q_rows, kv_rows = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    renamed = RENAMED_GPT2 if arch == "gpt2" else RENAMED
     for i in range(config.n_layer):
         block = {name[len(f"blocks.{i}."):]: t for name, t in state.items() if name.startswith(f"blocks.{i}.")}
         for kind in ("weight", "bias"):
-            renamed = {"norm_1": "attn_norm", "attn.proj": "attn_output", "norm_2": "ffn_norm", "mlp.proj": "ffn_down"}
-            if arch == "gpt2":
-                renamed.update({"attn.qkv": "attn_qkv", "mlp.fc": "ffn_up"})
             for ours, theirs in renamed.items():
                 if f"{ours}.{kind}" in block:
                     yield f"blk.{i}.{theirs}.{kind}", block[f"{ours}.{kind}"]
@@ -164,9 +168,6 @@ def _add_hyperparameters(writer: Any, config: ModelConfig, arch: str, dtype: str
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_vocab_size(config.vocab_size)
-    if config.head_dim * config.n_head != config.n_embd:  # llama.cpp assumes n_embd / n_head otherwise
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

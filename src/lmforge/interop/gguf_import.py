@@ -1,0 +1,206 @@
+"""`lmforge import MODEL.gguf`: a GGUF file (llama.cpp's format) -> an lmforge checkpoint, to evaluate, generate from
+or fine-tune (--train.init_from) a model that was shared as GGUF.
+
+The inverse of gguf_export, for the two architectures it writes: gpt2 and llama (a Llama-style model: RoPE over the
+whole head, RMSNorm, SwiGLU, grouped-query heads, biases everywhere or nowhere). Quantized tensors (q8_0, q4_k, ...)
+are dequantized to float32 with the `gguf` package (llama.cpp's own Python reader): the model computes what the file
+holds, in lmforge's fp32. Each q and k head's rows go back from llama.cpp's order (neighbours rotate together) to
+lmforge's (dimension i with i + hd/2). A GPT-2 file computes GELU by its tanh approximation in llama.cpp, so the
+model gets activation gelu_tanh.
+
+Tokenizers: GGUF's byte-level BPE ("gpt2" with GPT-2's pre-tokenizer rule) becomes an lmforge tokenizer of kind hf
+(start token: the file's bos when it adds one to every text); a char or byte tokenizer that lmforge exported (GGUF's
+"llama" model with lmforge's layout: three special tokens, 256 byte tokens, then characters) becomes that tokenizer
+again. Other tokenizers (SentencePiece vocabularies with merges, other pre-tokenizer rules) and architectures are
+refused in one line naming what is supported.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.checkpoint import complete_checkpoints, save_checkpoint
+from lmforge.config import ModelConfig, RunConfig, TrainConfig
+from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.interop.gguf_export import RENAMED, RENAMED_GPT2, SPACE
+from lmforge.interop.hf_tokenizer import read_hf_tokenizer
+from lmforge.model import GPT
+from lmforge.tokenizer import BYTE_OFFSET, Tokenizer
+
+SUPPORTED = "gpt2 and llama (RoPE, RMSNorm, SwiGLU, grouped-query attention)"
+
+
+class GGUFImportError(LmforgeError):
+    """A GGUF file that cannot be imported."""
+
+
+def import_gguf(path: str | Path, run_dir: str | Path) -> Path:
+    """Write the model in the GGUF file `path` as RUN_DIR/checkpoints/step-00000000; return that path. Refuses a run
+    directory that already holds checkpoints (nothing on disk is changed then)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {run_dir} is a file, not a directory: choose another --out")
+    if complete_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch not in ("gpt2", "llama"):
+        raise GGUFImportError(f"{path} holds a {arch!r} model; lmforge imports {SUPPORTED}")
+    config = _model_config(meta, tensors, arch, path)
+    tokenizer = _tokenizer(meta, path)
+    model = GPT(config)
+    model.load_state_dict(_state_dict(tensors, config, arch))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok_file = run_dir / ".imported-tokenizer.json"
+    tokenizer.save(tok_file)
+    try:
+        source = {"path": str(Path(path).resolve()), "gguf_architecture": arch}
+        run_config = RunConfig(model=config, train=TrainConfig(run_dir=str(run_dir)))
+        return save_checkpoint(run_dir, 0, model, None, run_config, {"tokens_seen": 0, "imported_from": source},
+                               tok_file)
+    finally:
+        tok_file.unlink(missing_ok=True)
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata as Python values, {tensor name: float32 tensor in llama.cpp's (out, in) layout}) of a GGUF file."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except FileNotFoundError:
+        raise GGUFImportError(f"{path} does not exist: give the path of a .gguf file") from None
+    except Exception as e:  # noqa: BLE001  (not GGUF: the reader raises ValueError, struct and numpy errors)
+        raise GGUFImportError(f"{path} is not a GGUF file ({e}); give a file llama.cpp reads") from None
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    tensors = {}
+    for t in reader.tensors:
+        data = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        tensors[t.name] = torch.from_numpy(data.reshape(tuple(int(n) for n in reversed(t.shape))).copy())
+    return meta, tensors
+
+
+def _model_config(meta: dict[str, Any], tensors: dict[str, torch.Tensor], arch: str, path: Any) -> ModelConfig:
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise GGUFImportError(f"{path} lacks {arch}.{name}, which a {arch} model needs; the file is incomplete")
+        return float(f"{value:.7g}") if isinstance(value, float) else value  # GGUF keeps float32: 1e-5, not 9.99e-6
+
+    n_embd, n_head = key("embedding_length"), key("attention.head_count")
+    common = dict(vocab_size=tensors["token_embd.weight"].shape[0], block_size=key("context_length"),
+                  n_layer=key("block_count"), n_head=n_head, n_embd=n_embd,
+                  tie_embeddings="output.weight" not in tensors)
+    if arch == "gpt2":
+        config = ModelConfig(**common, activation="gelu_tanh", norm_eps=key("attention.layer_norm_epsilon", 1e-5))
+    else:
+        head_dim = n_embd // n_head
+        unsupported = [f"{arch}.{name}={meta[f'{arch}.{name}']}" for name in ("expert_count", "rope.scaling.type")
+                       if meta.get(f"{arch}.{name}") not in (None, 0, "none")]
+        if key("rope.dimension_count", head_dim) != head_dim:
+            rotated = meta[f"{arch}.rope.dimension_count"]
+            unsupported.append(f"{arch}.rope.dimension_count={rotated} (a partial rotation)")
+        if key("attention.key_length", head_dim) != head_dim:
+            unsupported.append(f"{arch}.attention.key_length={meta[f'{arch}.attention.key_length']}")
+        biases = {name.split(".")[-2] for name in tensors if name.startswith("blk.0.") and name.endswith(".bias")}
+        if biases and biases != {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}:
+            unsupported.append(f"biases on {', '.join(sorted(biases))} only")
+        if unsupported:
+            raise GGUFImportError(f"{path} has {'; '.join(unsupported)}, which lmforge's Llama-style model lacks; "
+                                  f"lmforge imports {SUPPORTED}")
+        config = ModelConfig(**common, n_kv_head=key("attention.head_count_kv", n_head), norm="rmsnorm",
+                             norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5), mlp="swiglu", pos_encoding="rope",
+                             rope_theta=float(key("rope.freq_base", 10000.0)), bias=bool(biases))
+    if config.hidden_dim != key("feed_forward_length"):  # null when it is lmforge's own default width
+        config.mlp_hidden = key("feed_forward_length")
+    return config
+
+
+def _halves_from_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """gguf_export._interleave_halves undone: each head's rows [x_0, x_hd/2, x_1, ...] -> [first half; second half]."""
+    hd = w.size(0) // heads
+    return w.reshape(heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """lmforge's GPT state dict from the file's tensors (gguf_export._tensors inverted)."""
+    state = {"tok_emb.weight": tensors["token_embd.weight"]}
+    if arch == "gpt2":
+        state["pos_emb.weight"] = tensors["position_embd.weight"]
+    for i in range(config.n_layer):
+        for kind in ("weight", "bias"):
+            for ours, theirs in (RENAMED_GPT2 if arch == "gpt2" else RENAMED).items():
+                if f"blk.{i}.{theirs}.{kind}" in tensors:
+                    state[f"blocks.{i}.{ours}.{kind}"] = tensors[f"blk.{i}.{theirs}.{kind}"]
+            if arch == "llama" and f"blk.{i}.attn_q.{kind}" in tensors:
+                q = _halves_from_interleaved(tensors[f"blk.{i}.attn_q.{kind}"], config.n_head)
+                k = _halves_from_interleaved(tensors[f"blk.{i}.attn_k.{kind}"], config.n_kv_head)
+                state[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([q, k, tensors[f"blk.{i}.attn_v.{kind}"]])
+                state[f"blocks.{i}.mlp.fc.{kind}"] = torch.cat([tensors[f"blk.{i}.ffn_gate.{kind}"],
+                                                               tensors[f"blk.{i}.ffn_up.{kind}"]])
+    for kind in ("weight", "bias"):
+        if f"output_norm.{kind}" in tensors:
+            state[f"norm_f.{kind}"] = tensors[f"output_norm.{kind}"]
+    state["lm_head.weight"] = tensors.get("output.weight", state["tok_emb.weight"])
+    return state
+
+
+def _tokenizer(meta: dict[str, Any], path: Any) -> Tokenizer:
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    if model == "llama" and _lmforge_character_layout(tokens):
+        return _character_tokenizer(tokens)
+    if model != "gpt2" or pre not in ("gpt-2", "default"):
+        raise GGUFImportError(f"{path} has a {model!r} tokenizer with pre-tokenizer {pre!r}; lmforge imports "
+                              "byte-level BPE with GPT-2's rule (tokenizer.ggml.model gpt2, pre gpt-2), and the char "
+                              "and byte tokenizers it exports itself")
+    return _byte_level_bpe(meta, tokens)
+
+
+def _lmforge_character_layout(tokens: list[str]) -> bool:
+    """Whether `tokens` are a char/byte vocabulary as gguf_export writes it (the byte 0x20 may be spelled U+2581)."""
+    first = BYTE_OFFSET + 256
+    return len(tokens) >= first and all(tokens[BYTE_OFFSET + b] in (f"<0x{b:02X}>", SPACE) for b in range(256))
+
+
+def _character_tokenizer(tokens: list[str]) -> Tokenizer:
+    specials = tuple(tokens[:BYTE_OFFSET])
+    chars = [" " if t == SPACE else t for t in tokens[BYTE_OFFSET + 256:] if not t.startswith("[PAD")]
+    return Tokenizer("char", specials, chars=chars) if chars else Tokenizer("byte", specials)
+
+
+def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> Tokenizer:
+    """The file's BPE as a Hugging Face tokenizer directory read by hf_tokenizer.read_hf_tokenizer."""
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    control = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+                "special": True} for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3]
+    ids = {role: meta.get(f"tokenizer.ggml.{key}_token_id") for role, key in
+           (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+    bos = ids["bos"] if meta.get("tokenizer.ggml.add_bos_token") and ids["bos"] is not None else None
+    hf = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": control, "normalizer": None,
+          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+          "post_processor": None if bos is None else {
+              "type": "TemplateProcessing",
+              "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+              "pair": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                       {"Sequence": {"id": "B", "type_id": 1}}],
+              "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}},
+          "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "vocab": {t: i for i, t in enumerate(tokens) if not (types[i] == 5 and t.startswith("[PAD"))},
+                    "merges": list(meta.get("tokenizer.ggml.merges") or [])}}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(hf), encoding="utf-8")
+        names = {key: tokens[i] for key, i in (("bos_token", ids["bos"]), ("eos_token", ids["eos"]),
+                                               ("pad_token", ids["pad"])) if i is not None}
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(
+            {**names, "add_bos_token": bos is not None}), encoding="utf-8")
+        return read_hf_tokenizer(tmp, {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
+                                       "pad_token_id": ids["pad"]})
