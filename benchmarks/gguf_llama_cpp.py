@@ -11,6 +11,9 @@ f16 and q8_0. For each export, llama.cpp (one thread) against lmforge (fp32, one
            largest logit, and how often the top token is the same
   greedy   --new-tokens greedy tokens from the same prompt: the length of the common prefix
   q8_0     the export's bytes against llama.cpp's own quantizer (llama_model_quantize) run on the f32 export
+  import   (BPE models) llama.cpp quantizes the f32 export to Q4_K_M and Q6_K; `lmforge import` reads those files:
+           its logits against transformers' GGUF reader on the same file (both dequantize), and against the f32
+           model (what the quantization costs)
   speed    (--speed-preset, f32 and f16 exports) decoding --speed-tokens tokens at batch 1, tokens/s of each, in
            alternating rounds (medians), and the ratio lmforge / llama.cpp
 Each comparison runs in a child process, so a crash inside llama.cpp is recorded (its signal) instead of ending the run.
@@ -150,6 +153,37 @@ def same_bytes_as_llama_cpp_quantizer(f32_path: Path, ours: Path) -> dict:
     return {"tensors": len(a), "identical_to_llama_cpp_quantizer": len(same), "tensors_in_theirs": len(b)}
 
 
+def imported_k_quants(f32_path: Path, model: GPT, tokenizer, args: argparse.Namespace) -> dict:
+    """llama.cpp's Q4_K_M and Q6_K of the f32 export, imported by lmforge, against transformers and the f32 model."""
+    import ctypes
+
+    import llama_cpp
+    import transformers
+
+    from lmforge.checkpoint import load_for_inference
+    from lmforge.interop.gguf_import import import_gguf
+
+    ids = torch.tensor([prompt_ids(tokenizer, " ".join(shakespeare_lines(40)))[: args.positions]])
+    with torch.no_grad():
+        exact = model(ids)[0]
+    out = {}
+    for ftype in ("Q4_K_M", "Q6_K"):
+        path = f32_path.with_name(f"model-{ftype}.gguf")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        assert llama_cpp.llama_model_quantize(str(f32_path).encode(), str(path).encode(), ctypes.byref(params)) == 0
+        imported, _, _ = load_for_inference(import_gguf(path, path.with_name(f"imported-{ftype}")), "cpu")
+        extra = {"n_positions": model.config.block_size} if model.config.pos_encoding == "learned" else {}
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **extra).eval()
+        with torch.no_grad():
+            ours, hf = imported(ids)[0], theirs(ids).logits[0]
+        out[ftype] = {"vs_transformers_max_diff_relative": round(float((ours - hf).abs().max() / hf.abs().max()), 7),
+                      "vs_f32_max_diff_relative": round(float((ours - exact).abs().max() / exact.abs().max()), 5),
+                      "top1_agreement_with_f32": round(float((ours.argmax(-1) == exact.argmax(-1)).float().mean()), 4),
+                      "bytes": path.stat().st_size, "f32_bytes": f32_path.stat().st_size}
+    return out
+
+
 def in_child(f, *a) -> dict:
     """f(*a) in a forked process: its result, or the signal that ended it."""
     import multiprocessing
@@ -231,6 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
                         result.update(same_bytes_as_llama_cpp_quantizer(path.with_name("model-f32.gguf"), path))
                     summary["results"][f"{arch}-{kind}-{t}"] = result
                     print(f"{arch} {kind} {t}: {json.dumps(result)}", flush=True)
+                if kind == "bpe":  # k-quants need rows of 256: the widths below fall back where they must
+                    result = imported_k_quants(work / f"{arch}-{kind}" / "model-f32.gguf", model, tokenizer, args)
+                    summary["results"][f"{arch}-{kind}-imported"] = result
+                    print(f"{arch} {kind} imported: {json.dumps(result)}", flush=True)
         if args.speed_preset:
             summary["speed"] = in_child(speed, work, args, tokenizers["bpe"])
     here["load_average_at_end"] = load_average()
