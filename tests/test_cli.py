@@ -565,6 +565,16 @@ def test_each_bad_input_is_one_clear_line(workspace, hostile_files, capsys, monk
     assert not hostile_files.exists(), "a pickle payload was executed"
 
 
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`lmforge ... | head`: stdout's reader is gone before the command writes; no traceback, no internal error."""
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "plan", "--preset", "tiny"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader went away
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "internal error" not in err and "Traceback" not in err and "Exception ignored" not in err, err
+
+
 def test_the_installed_command_reports_and_exits_like_main(workspace, tmp_path):
     """A real process: the console script prints one line and exits 2; --debug shows the traceback."""
     exe = Path(sys.executable).parent / "lmforge"

@@ -1607,6 +1607,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read stdout stopped (`lmforge generate ... | head`): stop quietly, as cat does
+        _stdout_to_devnull()
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
     except Exception as e:  # an lmforge bug, not a user error: still one line unless --debug
         if debug:
             raise
@@ -1621,6 +1624,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lmforge {args.command}: internal error: {type(e).__name__}: {e} "
               "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
         return 1
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is left does not fail again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file descriptor (captured, in tests): nothing is flushed to a pipe
+        pass
 
 
 if __name__ == "__main__":
