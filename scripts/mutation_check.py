@@ -357,6 +357,10 @@ MUTANTS = [
            'yield f"blk.{i}.attn_k.{kind}", k',
            ("tests/test_gguf_export.py::"
             "test_gguf_loads_in_transformers_with_the_same_logits_and_token_ids[llama-char]",)),
+    Mutant("gguf-import-leaves-llama-cpp-row-order", "interop/gguf_import.py",
+           'q = _halves_from_interleaved(tensors[f"blk.{i}.attn_q.{kind}"], config.n_head)',
+           'q = tensors[f"blk.{i}.attn_q.{kind}"]',
+           ("tests/test_gguf_import.py::test_rows_of_each_q_and_k_head_go_back_to_lmforges_order",)),
     Mutant("gguf-space-not-spelled-for-sentencepiece", "interop/gguf_export.py",
            'tokens += [SPACE if c == " " else c for c in chars]', "tokens += chars",
            ("tests/test_gguf_export.py::"
