@@ -243,6 +243,8 @@ def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[list[str], list[str]]:
     tokens = [""] * (max(vocab.values()) + 1)
     for token, token_id in vocab.items():
         tokens[token_id] = token
+    if tokenizer.mask_token is not None and tokenizer.mask_id == len(tokens):  # kept outside the BPE's own vocabulary
+        tokens.append(tokenizer.mask_token)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     return tokens, merges
 
