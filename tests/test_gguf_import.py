@@ -10,8 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_interop import (CORPUS, GPT2_STYLE, LLAMA_STYLE, hf_dirs, lmforge_run,  # noqa: E402,F401
-                          perturb_norms)
+from test_gguf_export import MAKERS, TEXTS  # noqa: E402  (the same tokenizers and texts as the export's tests)
+from test_interop import GPT2_STYLE, LLAMA_STYLE, hf_dirs, lmforge_run  # noqa: E402,F401
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -23,10 +23,7 @@ from lmforge.generate import prompt_ids  # noqa: E402
 from lmforge.interop.gguf_export import export_gguf  # noqa: E402
 from lmforge.interop.gguf_import import GGUFImportError, import_gguf, read_gguf  # noqa: E402
 from lmforge.interop.hf_import import import_hf  # noqa: E402
-from lmforge.tokenizer import byte_tokenizer, train_bpe, train_char  # noqa: E402
-
-TEXTS = ["Hello, wörld!", "床前明月光 q", " two  spaces\nand a tab\t."]
-MAKERS = {"bpe": lambda: train_bpe(CORPUS, 400), "char": lambda: train_char(CORPUS, 300), "byte": byte_tokenizer}
+from lmforge.tokenizer import byte_tokenizer  # noqa: E402
 
 
 @pytest.mark.parametrize("arch,kind,dtype", [("gpt2", "bpe", "f32"), ("llama", "char", "f32"), ("gpt2", "byte", "f16"),
