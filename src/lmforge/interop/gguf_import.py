@@ -18,7 +18,6 @@ refused in one line naming what is supported.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,8 @@ from lmforge.checkpoint import complete_checkpoints, save_checkpoint
 from lmforge.config import ModelConfig, RunConfig, TrainConfig
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.interop.gguf_export import RENAMED, RENAMED_GPT2, SPACE
-from lmforge.interop.hf_tokenizer import read_hf_tokenizer
 from lmforge.model import GPT
-from lmforge.tokenizer import BYTE_OFFSET, Tokenizer
+from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
 
 SUPPORTED = "gpt2 and llama (RoPE, RMSNorm, SwiGLU, grouped-query attention)"
 
@@ -156,7 +154,7 @@ def _tokenizer(meta: dict[str, Any], path: Any) -> Tokenizer:
     tokens = meta.get("tokenizer.ggml.tokens") or []
     if model == "llama" and _lmforge_character_layout(tokens):
         return _character_tokenizer(tokens)
-    if model != "gpt2" or pre not in ("gpt-2", "default"):
+    if model != "gpt2" or pre != "gpt-2":  # llama.cpp's "default" BPE rule splits text unlike GPT-2's
         raise GGUFImportError(f"{path} has a {model!r} tokenizer with pre-tokenizer {pre!r}; lmforge imports "
                               "byte-level BPE with GPT-2's rule (tokenizer.ggml.model gpt2, pre gpt-2), and the char "
                               "and byte tokenizers it exports itself")
@@ -176,13 +174,14 @@ def _character_tokenizer(tokens: list[str]) -> Tokenizer:
 
 
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> Tokenizer:
-    """The file's BPE as a Hugging Face tokenizer directory read by hf_tokenizer.read_hf_tokenizer."""
+    """The file's BPE as an lmforge tokenizer of kind hf: start token the file's bos when it adds one to every text."""
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     control = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
                 "special": True} for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3]
     ids = {role: meta.get(f"tokenizer.ggml.{key}_token_id") for role, key in
            (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
-    bos = ids["bos"] if meta.get("tokenizer.ggml.add_bos_token") and ids["bos"] is not None else None
+    ids = {role: i if isinstance(i, int) and 0 <= i < len(tokens) else None for role, i in ids.items()}
+    bos = ids["bos"] if meta.get("tokenizer.ggml.add_bos_token") else None
     hf = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": control, "normalizer": None,
           "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
           "post_processor": None if bos is None else {
@@ -196,11 +195,4 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> Tokenizer:
                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                     "vocab": {t: i for i, t in enumerate(tokens) if not (types[i] == 5 and t.startswith("[PAD"))},
                     "merges": list(meta.get("tokenizer.ggml.merges") or [])}}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tokenizer.json").write_text(json.dumps(hf), encoding="utf-8")
-        names = {key: tokens[i] for key, i in (("bos_token", ids["bos"]), ("eos_token", ids["eos"]),
-                                               ("pad_token", ids["pad"])) if i is not None}
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(
-            {**names, "add_bos_token": bos is not None}), encoding="utf-8")
-        return read_hf_tokenizer(tmp, {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-                                       "pad_token_id": ids["pad"]})
+    return Tokenizer(HF_KIND, hf_json=json.dumps(hf), special_ids={"start": bos, "end": ids["eos"], "pad": ids["pad"]})
