@@ -557,6 +557,20 @@ def test_export_writes_the_tokenizers_start_end_and_pad_ids_into_both_configs(tm
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (0, 1, 2)
 
 
+@pytest.mark.parametrize("kind", ["bpe", "char", "byte"])
+def test_export_keeps_a_mask_token_at_its_id_as_a_special_token(tmp_path, kind):
+    makers = {"bpe": lambda: train_bpe(CORPUS, 400), "char": lambda: train_char(CORPUS, 300), "byte": byte_tokenizer}
+    tok = makers[kind]().with_mask_token("<MASK>")
+    run = lmforge_run(tmp_path, tok, **GPT2_STYLE)
+    export_hf(run, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert len(hf_tok) == tok.vocab_size == tok.mask_id + 1
+    assert (hf_tok.mask_token, hf_tok.mask_token_id) == ("<MASK>", tok.mask_id)
+    # written in a text, the mask is its one id (never split into characters), the rest encodes as lmforge does
+    assert hf_tok("ab <MASK> cd").input_ids == [*prompt_ids(tok, "ab "), tok.mask_id, *tok.encode(" cd")]
+    assert hf_tok.decode([tok.mask_id]) == "<MASK>"
+
+
 def test_import_refuses_a_tokenizer_with_ids_beyond_the_models_vocabulary(tmp_path):
     """A tokenizer that can emit ids the embedding has no row for (it belongs to another model) is refused at
     import, even when the weights fit config.json."""

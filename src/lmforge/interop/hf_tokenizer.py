@@ -136,10 +136,13 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
         hf = dict(data["hf_tokenizer"])
     else:
         hf = _byte_fallback_json(tokenizer)
-    if tokenizer.kind != HF_KIND:  # lmforge's special tokens: ids 0, 1, 2, never split into pieces
+    if tokenizer.kind != HF_KIND:  # lmforge's special tokens (ids 0, 1, 2; the mask: the last id), never split
         present = {t["id"] for t in hf.get("added_tokens") or []}
+        specials = dict(enumerate(tokenizer.special_tokens))
+        if tokenizer.mask_token is not None:
+            specials[tokenizer.mask_id] = tokenizer.mask_token
         hf["added_tokens"] = [*(hf.get("added_tokens") or []),
-                              *(_added_token(n, i) for i, n in enumerate(tokenizer.special_tokens) if i not in present)]
+                              *(_added_token(n, i) for i, n in specials.items() if i not in present)]
         start = tokenizer.special_tokens[0]
         # Every text begins with the start token, as lmforge's documents and prompts do.
         hf["post_processor"] = {
@@ -151,11 +154,13 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
         }
     roles = data["special_tokens"]
     special_map = {SPECIAL_KEYS[role]: roles[role]["token"] for role in SPECIAL_KEYS if roles.get(role)}
+    if tokenizer.mask_token is not None:
+        special_map["mask_token"] = tokenizer.mask_token
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
-        **{key: special_map.get(key) for key in SPECIAL_KEYS.values()},
+        **{key: special_map.get(key) for key in [*SPECIAL_KEYS.values(), "mask_token"]},
         "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
                                  for t in hf.get("added_tokens") or []},
     }
