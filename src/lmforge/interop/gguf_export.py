@@ -16,8 +16,8 @@ Tokenizers: lmforge's bpe kind (byte-level BPE) is GGUF's "gpt2" model (tokens i
 the merges in order). The char and byte kinds are GGUF's "llama" model, SentencePiece's rule that is theirs too:
 each character in the vocabulary is one token, any other character its UTF-8 bytes as <0xNN> tokens; a space is
 spelled U+2581 there, and no space is added in front of a text. Every text begins with the start token
-(tokenizer.ggml.add_bos_token). An imported Hugging Face tokenizer (kind hf) is written only when it is byte-level BPE
-with GPT-2's rule.
+(tokenizer.ggml.add_bos_token). An imported Hugging Face tokenizer (kind hf) is written when it is byte-level BPE
+with a pre-tokenizer rule that llama.cpp names (gguf_pretokenizers: GPT-2's, Llama 3's, SmolLM's).
 
 Matrices are float32 (exact), float16 (half the bytes) or q8_0 (8-bit integers with a float16 scale per block of 32,
 about a quarter of the bytes; a matrix whose rows are not a whole number of blocks is float16); vectors such as norms
@@ -39,6 +39,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
 from lmforge.interop import hf_gpt2
+from lmforge.interop.gguf_pretokenizers import RULES, rule_name
 from lmforge.interop.hf_export import HFExportError, converter_for_model
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
 from lmforge.tokenizer import BYTE_OFFSET, Tokenizer
@@ -171,15 +172,15 @@ def _add_hyperparameters(writer: Any, config: ModelConfig, arch: str, dtype: str
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[str, list[str], list[int], list[str]]:
-    """(GGUF tokenizer model, token strings, token types, merges) for the model's vocab_size ids: gpt2 (byte-level
-    BPE) or llama (characters with byte fallback); ids past the tokenizer's are unused tokens."""
+def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[str, str, list[str], list[int], list[str]]:
+    """(GGUF tokenizer model, pre-tokenizer rule, token strings, token types, merges) for the model's vocab_size ids:
+    gpt2 (byte-level BPE) or llama (characters with byte fallback); ids past the tokenizer's are unused tokens."""
     import gguf
 
     if tokenizer.kind in ("char", "byte"):
-        model, tokens, merges = "llama", _character_vocabulary(tokenizer), []
+        model, pre, tokens, merges = "llama", "default", _character_vocabulary(tokenizer), []
     else:
-        model, (tokens, merges) = "gpt2", _byte_level_bpe(tokenizer)
+        model, (pre, tokens, merges) = "gpt2", _byte_level_bpe(tokenizer)
     if len(tokens) > vocab_size:
         raise GGUFExportError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size}; export a "
                               "checkpoint whose tokenizer it was trained with")
@@ -189,14 +190,15 @@ def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[str, list[str], 
              else gguf.TokenType.NORMAL for i, token in enumerate(tokens)]
     tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
     types += [gguf.TokenType.UNUSED] * (vocab_size - len(types))
-    return model, tokens, types, merges
+    return model, pre, tokens, types, merges
 
 
-def _add_tokenizer(writer: Any, tokenizer: Tokenizer, vocabulary: tuple[str, list[str], list[int], list[str]]) -> None:
+def _add_tokenizer(writer: Any, tokenizer: Tokenizer,
+                   vocabulary: tuple[str, str, list[str], list[int], list[str]]) -> None:
     """The tokenizer as GGUF metadata (vocabulary: _vocabulary's)."""
-    model, tokens, types, merges = vocabulary
+    model, pre, tokens, types, merges = vocabulary
     writer.add_tokenizer_model(model)
-    writer.add_tokenizer_pre("gpt-2" if model == "gpt2" else "default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if model == "llama":
@@ -230,15 +232,15 @@ def _character_vocabulary(tokenizer: Tokenizer) -> list[str]:
     return tokens
 
 
-def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[list[str], list[str]]:
-    """(tokens in id order, merges "a b") of a byte-level BPE tokenizer with GPT-2's pre-tokenizer rule."""
+def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[str, list[str], list[str]]:
+    """(llama.cpp's name of its pre-tokenizer rule, tokens in id order, merges "a b") of a byte-level BPE tokenizer
+    whose rule GGUF names (gguf_pretokenizers.RULES)."""
     hf = hf_tokenizer_files(tokenizer, 0)["tokenizer.json"]
-    model, pre = hf.get("model") or {}, hf.get("pre_tokenizer") or {}
-    gpt2_rule = (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
-                 and not hf.get("normalizer"))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not gpt2_rule:
-        raise GGUFExportError("this tokenizer is not byte-level BPE (GPT-2's rule), the only kind of imported "
-                              "tokenizer GGUF export writes; lmforge's own char, byte and bpe tokenizers all export")
+    model, pre = hf.get("model") or {}, rule_name(hf)
+    if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
+        raise GGUFExportError(f"this tokenizer is not byte-level BPE with a pre-tokenizer rule GGUF names "
+                              f"({', '.join(RULES)}), the imported tokenizers GGUF export writes; lmforge's own "
+                              "char, byte and bpe tokenizers all export")
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in hf.get("added_tokens") or []}}
     tokens = [""] * (max(vocab.values()) + 1)
     for token, token_id in vocab.items():
@@ -246,7 +248,7 @@ def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[list[str], list[str]]:
     if tokenizer.mask_token is not None and tokenizer.mask_id == len(tokens):  # kept outside the BPE's own vocabulary
         tokens.append(tokenizer.mask_token)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    return tokens, merges
+    return pre, tokens, merges
 
 
 def _is_gguf_export(path: Path) -> bool:

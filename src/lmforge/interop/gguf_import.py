@@ -8,11 +8,11 @@ holds, in lmforge's fp32. Each q and k head's rows go back from llama.cpp's orde
 lmforge's (dimension i with i + hd/2). A GPT-2 file computes GELU by its tanh approximation in llama.cpp, so the
 model gets activation gelu_tanh.
 
-Tokenizers: GGUF's byte-level BPE ("gpt2" with GPT-2's pre-tokenizer rule) becomes an lmforge tokenizer of kind hf
-(start token: the file's bos when it adds one to every text); a char or byte tokenizer that lmforge exported (GGUF's
-"llama" model with lmforge's layout: three special tokens, 256 byte tokens, then characters) becomes that tokenizer
-again. Other tokenizers (SentencePiece vocabularies with merges, other pre-tokenizer rules) and architectures are
-refused in one line naming what is supported.
+Tokenizers: GGUF's byte-level BPE ("gpt2") with a pre-tokenizer rule lmforge knows (gguf_pretokenizers: GPT-2's,
+Llama 3's, SmolLM's) becomes an lmforge tokenizer of kind hf (start token: the file's bos when it adds one to every
+text); a char or byte tokenizer that lmforge exported (GGUF's "llama" model with lmforge's layout: three special
+tokens, 256 byte tokens, then characters) becomes that tokenizer again. Other tokenizers (SentencePiece vocabularies
+with merges, other pre-tokenizer rules) and architectures are refused in one line naming what is supported.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from lmforge.checkpoint import complete_checkpoints, save_checkpoint
 from lmforge.config import ModelConfig, RunConfig, TrainConfig
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.interop.gguf_export import RENAMED, RENAMED_GPT2, SPACE
+from lmforge.interop.gguf_pretokenizers import ADDS_BOS, RULES, known_rules, rule_for
 from lmforge.model import GPT
 from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
 
@@ -154,11 +155,11 @@ def _tokenizer(meta: dict[str, Any], path: Any) -> Tokenizer:
     tokens = meta.get("tokenizer.ggml.tokens") or []
     if model == "llama" and _lmforge_character_layout(tokens):
         return _character_tokenizer(tokens)
-    if model != "gpt2" or pre != "gpt-2":  # llama.cpp's "default" BPE rule splits text unlike GPT-2's
+    if model != "gpt2" or rule_for(pre) is None:  # e.g. llama.cpp's "default" BPE rule, which no HF tokenizer has
         raise GGUFImportError(f"{path} has a {model!r} tokenizer with pre-tokenizer {pre!r}; lmforge imports "
-                              "byte-level BPE with GPT-2's rule (tokenizer.ggml.model gpt2, pre gpt-2), and the char "
+                              f"byte-level BPE (tokenizer.ggml.model gpt2) with pre {known_rules()}, and the char "
                               "and byte tokenizers it exports itself")
-    return _byte_level_bpe(meta, tokens)
+    return _byte_level_bpe(meta, tokens, rule_for(pre))
 
 
 def _lmforge_character_layout(tokens: list[str]) -> bool:
@@ -173,17 +174,19 @@ def _character_tokenizer(tokens: list[str]) -> Tokenizer:
     return Tokenizer("char", specials, chars=chars) if chars else Tokenizer("byte", specials)
 
 
-def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> Tokenizer:
-    """The file's BPE as an lmforge tokenizer of kind hf: start token the file's bos when it adds one to every text."""
+def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], rule: str) -> Tokenizer:
+    """The file's BPE, cutting words by `rule` (a name in RULES), as an lmforge tokenizer of kind hf: start token the
+    file's bos when it adds one to every text (llama.cpp's default for the rule when the file does not say)."""
+    pre, ignore_merges = RULES[rule]
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     control = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
                 "special": True} for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3]
     ids = {role: meta.get(f"tokenizer.ggml.{key}_token_id") for role, key in
            (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
     ids = {role: i if isinstance(i, int) and 0 <= i < len(tokens) else None for role, i in ids.items()}
-    bos = ids["bos"] if meta.get("tokenizer.ggml.add_bos_token") else None
+    bos = ids["bos"] if meta.get("tokenizer.ggml.add_bos_token", rule in ADDS_BOS) else None
     hf = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": control, "normalizer": None,
-          "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+          "pre_tokenizer": pre,
           "post_processor": None if bos is None else {
               "type": "TemplateProcessing",
               "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -192,7 +195,8 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> Tokenizer:
               "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}},
           "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                    "ignore_merges": ignore_merges,
                     "vocab": {t: i for i, t in enumerate(tokens) if not (types[i] == 5 and t.startswith("[PAD"))},
                     "merges": list(meta.get("tokenizer.ggml.merges") or [])}}
     return Tokenizer(HF_KIND, hf_json=json.dumps(hf), special_ids={"start": bos, "end": ids["eos"], "pad": ids["pad"]})

@@ -1,0 +1,153 @@
+"""GGUF's named pre-tokenizer rules (gguf_pretokenizers): a byte-level BPE with Llama 3's or SmolLM's rule exports to
+a GGUF file naming that rule, and imports back to a tokenizer that cuts text as the original Hugging Face tokenizer
+does; llama.cpp's other names for the same rules are read; rules lmforge lacks are refused, naming the ones it has."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gguf_export import fields, load_theirs  # noqa: E402
+from test_gguf_import import rewrite  # noqa: E402
+from test_interop import LLAMA_STYLE, lmforge_run  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from lmforge.checkpoint import load_for_inference  # noqa: E402
+from lmforge.cli import main  # noqa: E402
+from lmforge.generate import prompt_ids  # noqa: E402
+from lmforge.interop.gguf_export import GGUFExportError, export_gguf  # noqa: E402
+from lmforge.interop.gguf_import import import_gguf  # noqa: E402
+from lmforge.interop.gguf_pretokenizers import LLAMA3_REGEX, RULES, known_rules, rule_name  # noqa: E402
+from lmforge.tokenizer import HF_KIND, Tokenizer  # noqa: E402
+
+# Texts where the rules cut differently: digit runs (3-digit groups, single digits, GPT-2's whole runs),
+# contractions in capitals (Llama 3's are case-insensitive), newlines and runs of spaces, letters after punctuation.
+CORPUS = ["It's 2024 and we'RE counting: 1234567 apples, 89 pears.\nDon'T stop!\n\n  Indented line",
+          "Numbers 3.14159 and 271828; IDs abc123def, x86_64.\r\nWindows line\tand tab",
+          "Naïve café owners said: \"we'll see\" -- 1,000,000 times... 床前明月光 2048",
+          "print(f'{x}')\n    return x**2  # squared\n"] * 20
+TEXTS = ["It'S 12345 o'clock:\n\n  spaced   out", "abc123def 3.14159 x86_64", "DON'T we'LL 1,000 床前 2048\r\n\tok",
+         "  (hello)world...!!  7", "print(f'{x}')\n    return x**2", "a xyzzy here"]
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+UNMERGED = "\u0120xyzzy"  # " xyzzy" in the byte-level alphabet
+
+
+def hf_tokenizer(rule: str):
+    """A byte-level BPE trained with the rule's pre-tokenizer as the model's own tokenizer.json has it (written out
+    here, not taken from gguf_pretokenizers), bos added to every text."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import trainers
+
+    if rule == "llama-bpe":  # Meta's Llama 3 tokenizer.json: this split, ByteLevel without its regex, ignore_merges
+        llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+        tok = HFTokenizer(models.BPE(ignore_merges=True))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:  # SmolLM's: each digit apart, then GPT-2's ByteLevel
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=360, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    if rule == "llama-bpe":  # a word in the vocabulary that no merge makes: one token only under ignore_merges
+        spec = json.loads(tok.to_str())
+        spec["model"]["vocab"][UNMERGED] = len(spec["model"]["vocab"])
+        tok = HFTokenizer.from_str(json.dumps(spec))
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in (BOS, EOS)])
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return tok
+
+
+def as_lmforge(hf) -> Tokenizer:
+    return Tokenizer(HF_KIND, hf_json=hf.to_str(), special_ids={"start": hf.token_to_id(BOS),
+                                                               "end": hf.token_to_id(EOS), "pad": None})
+
+
+@pytest.mark.parametrize("rule", ["llama-bpe", "smollm"])
+def test_a_bpe_with_a_named_rule_goes_through_gguf_and_back_cutting_text_as_the_original(tmp_path, rule):
+    hf = hf_tokenizer(rule)
+    # the texts tell the rules apart: the same vocabulary and merges under any other rule give other ids somewhere
+    for other in RULES:
+        if other != rule:
+            spec = json.loads(hf.to_str())
+            spec["pre_tokenizer"], spec["model"]["ignore_merges"] = RULES[other]
+            cut_otherwise = tokenizers.Tokenizer.from_str(json.dumps(spec))
+            assert any(cut_otherwise.encode(t).ids != hf.encode(t).ids for t in TEXTS), other
+    tok = as_lmforge(hf)
+    assert rule_name(json.loads(hf.to_str())) == rule
+    if rule == "llama-bpe":
+        assert hf.encode(" xyzzy", add_special_tokens=False).tokens == [UNMERGED]
+    run = lmforge_run(tmp_path, tok, **LLAMA_STYLE)
+    path = export_gguf(run, tmp_path / "gguf" / "m.gguf")  # alone in its directory, for transformers' reader
+    meta = fields(path)
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", rule)
+    back, back_tok, _ = load_for_inference(import_gguf(path, tmp_path / "back"), "cpu")
+    ours, _, _ = load_for_inference(run, "cpu")
+    for text in TEXTS:
+        assert prompt_ids(back_tok, text) == hf.encode(text).ids == prompt_ids(tok, text), text
+        assert back_tok.decode(prompt_ids(back_tok, text)) == text
+    ids = torch.randint(0, tok.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(back(ids), ours(ids))
+    if rule == "llama-bpe":  # transformers' GGUF reader knows Llama 3's rule (not SmolLM's): it cuts text alike
+        _, theirs = load_theirs(path, ours.config)  # (but merges every word, as llama.cpp does not: no xyzzy here)
+        for text in TEXTS[:-1]:
+            assert theirs(text).input_ids == hf.encode(text).ids, text
+
+
+def test_llama_cpps_other_names_of_a_rule_and_its_default_bos_are_read(tmp_path):
+    hf = hf_tokenizer("llama-bpe")
+    run = lmforge_run(tmp_path, as_lmforge(hf), **LLAMA_STYLE)
+    path = export_gguf(run, tmp_path / "m.gguf")
+    # llama3 is llama.cpp's other name for the rule; without add_bos_token, llama.cpp adds bos for it
+    renamed = rewrite(path, tmp_path / "llama3.gguf", {"tokenizer.ggml.pre": "llama3"}, ("tokenizer.ggml.add_bos_token",))
+    _, back_tok, _ = load_for_inference(import_gguf(renamed, tmp_path / "back"), "cpu")
+    for text in TEXTS:
+        assert prompt_ids(back_tok, text) == hf.encode(text).ids, text
+    assert back_tok.start_id == hf.token_to_id(BOS)
+    # the file's own add_bos_token false wins
+    no_bos = rewrite(path, tmp_path / "no-bos.gguf", {"tokenizer.ggml.add_bos_token": False})
+    _, plain, _ = load_for_inference(import_gguf(no_bos, tmp_path / "back2"), "cpu")
+    assert plain.start_id is None and prompt_ids(plain, TEXTS[0]) == hf.encode(TEXTS[0]).ids[1:]
+
+
+def test_a_rule_lmforge_lacks_is_refused_on_import_and_export_naming_the_ones_it_has(tmp_path, capsys):
+    hf = hf_tokenizer("llama-bpe")
+    run = lmforge_run(tmp_path, as_lmforge(hf), **LLAMA_STYLE)
+    path = rewrite(export_gguf(run, tmp_path / "m.gguf"), tmp_path / "qwen.gguf", {"tokenizer.ggml.pre": "qwen2"})
+    assert main(["import", str(path), "--out", str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pre-tokenizer 'qwen2'" in err and known_rules() in err and "llama-bpe (also llama3" in err, err
+    assert not (tmp_path / "back").exists()
+    # Qwen2's regex (single digits) is not Llama 3's: not exported under a wrong name
+    spec = json.loads(hf.to_str())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+    qwen = tmp_path / "qwen"
+    qwen_run = lmforge_run(qwen, Tokenizer(HF_KIND, hf_json=json.dumps(spec), special_ids={"start": 0}),
+                           **LLAMA_STYLE)
+    with pytest.raises(GGUFExportError, match="pre-tokenizer rule GGUF names \\(gpt-2, llama-bpe, smollm\\)"):
+        export_gguf(qwen_run, tmp_path / "q.gguf")
+    assert not (tmp_path / "q.gguf").exists()
+    # Llama 3's rule without ignore_merges is not what llama.cpp runs for llama-bpe
+    spec = json.loads(hf.to_str())
+    spec["model"]["ignore_merges"] = False
+    assert rule_name(spec) is None
+    spec["model"]["ignore_merges"] = True
+    spec["pre_tokenizer"]["pretokenizers"][1]["trim_offsets"] = False  # offsets only: the same rule
+    assert rule_name(spec) == "llama-bpe"
+    spec["normalizer"] = {"type": "NFC"}  # GGUF has no place for a normalizer
+    assert rule_name(spec) is None
+    # an older tokenizer.json's ByteLevel without use_regex (it defaults to true): GPT-2's rule
+    assert rule_name({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}, "model": {}}) == "gpt-2"
