@@ -5,7 +5,9 @@ does; llama.cpp's other names for the same rules are read; rules lmforge lacks a
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -35,23 +37,27 @@ CORPUS = ["It's 2024 and we'RE counting: 1234567 apples, 89 pears.\nDon'T stop!\
           "Naïve café owners said: \"we'll see\" -- 1,000,000 times... 床前明月光 2048",
           "print(f'{x}')\n    return x**2  # squared\n"] * 20
 TEXTS = ["It'S 12345 o'clock:\n\n  spaced   out", "abc123def 3.14159 x86_64", "DON'T we'LL 1,000 床前 2048\r\n\tok",
-         "  (hello)world...!!  7", "print(f'{x}')\n    return x**2", "a xyzzy here"]
+         "  (hello)world...!!  7", "print(f'{x}')\n    return x**2",
+         "Cafe\u0301 na\u0308ive", "a xyzzy here"]  # decomposed accents: NFC changes them
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 UNMERGED = "\u0120xyzzy"  # " xyzzy" in the byte-level alphabet
 
 
-def hf_tokenizer(rule: str):
+def hf_tokenizer(rule: str, bos: bool = True):
     """A byte-level BPE trained with the rule's pre-tokenizer as the model's own tokenizer.json has it (written out
-    here, not taken from gguf_pretokenizers), bos added to every text."""
-    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
-    from tokenizers import trainers
+    here, not taken from gguf_pretokenizers), bos added to every text (when `bos`)."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import processors, trainers
 
-    if rule == "llama-bpe":  # Meta's Llama 3 tokenizer.json: this split, ByteLevel without its regex, ignore_merges
-        llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
-        tok = HFTokenizer(models.BPE(ignore_merges=True))
+    digits = r"\p{N}{1,3}" if rule == "llama-bpe" else r"\p{N}"
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + digits + r"| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+    if rule in ("llama-bpe", "qwen2"):  # Meta's Llama 3 tokenizer.json (Qwen2's: single digits, NFC, merges always)
+        tok = HFTokenizer(models.BPE(ignore_merges=rule == "llama-bpe"))
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), behavior="isolated"),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if rule == "qwen2":
+            tok.normalizer = normalizers.NFC()
     else:  # SmolLM's: each digit apart, then GPT-2's ByteLevel
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -65,24 +71,25 @@ def hf_tokenizer(rule: str):
         spec["model"]["vocab"][UNMERGED] = len(spec["model"]["vocab"])
         tok = HFTokenizer.from_str(json.dumps(spec))
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in (BOS, EOS)])
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                       special_tokens=[(BOS, tok.token_to_id(BOS))])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                           special_tokens=[(BOS, tok.token_to_id(BOS))])
     return tok
 
 
-def as_lmforge(hf) -> Tokenizer:
-    return Tokenizer(HF_KIND, hf_json=hf.to_str(), special_ids={"start": hf.token_to_id(BOS),
+def as_lmforge(hf, bos: bool = True) -> Tokenizer:
+    return Tokenizer(HF_KIND, hf_json=hf.to_str(), special_ids={"start": hf.token_to_id(BOS) if bos else None,
                                                                "end": hf.token_to_id(EOS), "pad": None})
 
 
-@pytest.mark.parametrize("rule", ["llama-bpe", "smollm"])
+@pytest.mark.parametrize("rule", ["llama-bpe", "smollm", "qwen2"])
 def test_a_bpe_with_a_named_rule_goes_through_gguf_and_back_cutting_text_as_the_original(tmp_path, rule):
     hf = hf_tokenizer(rule)
     # the texts tell the rules apart: the same vocabulary and merges under any other rule give other ids somewhere
     for other in RULES:
         if other != rule:
             spec = json.loads(hf.to_str())
-            spec["pre_tokenizer"], spec["model"]["ignore_merges"] = RULES[other]
+            spec["pre_tokenizer"], spec["model"]["ignore_merges"], spec["normalizer"] = RULES[other]
             cut_otherwise = tokenizers.Tokenizer.from_str(json.dumps(spec))
             assert any(cut_otherwise.encode(t).ids != hf.encode(t).ids for t in TEXTS), other
     tok = as_lmforge(hf)
@@ -97,7 +104,8 @@ def test_a_bpe_with_a_named_rule_goes_through_gguf_and_back_cutting_text_as_the_
     ours, _, _ = load_for_inference(run, "cpu")
     for text in TEXTS:
         assert prompt_ids(back_tok, text) == hf.encode(text).ids == prompt_ids(tok, text), text
-        assert back_tok.decode(prompt_ids(back_tok, text)) == text
+        assert back_tok.decode(prompt_ids(back_tok, text)) == (unicodedata.normalize("NFC", text) if rule == "qwen2"
+                                                               else text)
     ids = torch.randint(0, tok.vocab_size, (2, 40))
     with torch.no_grad():
         assert torch.equal(back(ids), ours(ids))
@@ -112,7 +120,8 @@ def test_llama_cpps_other_names_of_a_rule_and_its_default_bos_are_read(tmp_path)
     run = lmforge_run(tmp_path, as_lmforge(hf), **LLAMA_STYLE)
     path = export_gguf(run, tmp_path / "m.gguf")
     # llama3 is llama.cpp's other name for the rule; without add_bos_token, llama.cpp adds bos for it
-    renamed = rewrite(path, tmp_path / "llama3.gguf", {"tokenizer.ggml.pre": "llama3"}, ("tokenizer.ggml.add_bos_token",))
+    renamed = rewrite(path, tmp_path / "llama3.gguf", {"tokenizer.ggml.pre": "llama3"},
+                      drop=("tokenizer.ggml.add_bos_token",))
     _, back_tok, _ = load_for_inference(import_gguf(renamed, tmp_path / "back"), "cpu")
     for text in TEXTS:
         assert prompt_ids(back_tok, text) == hf.encode(text).ids, text
@@ -126,20 +135,26 @@ def test_llama_cpps_other_names_of_a_rule_and_its_default_bos_are_read(tmp_path)
 def test_a_rule_lmforge_lacks_is_refused_on_import_and_export_naming_the_ones_it_has(tmp_path, capsys):
     hf = hf_tokenizer("llama-bpe")
     run = lmforge_run(tmp_path, as_lmforge(hf), **LLAMA_STYLE)
-    path = rewrite(export_gguf(run, tmp_path / "m.gguf"), tmp_path / "qwen.gguf", {"tokenizer.ggml.pre": "qwen2"})
+    path = rewrite(export_gguf(run, tmp_path / "m.gguf"), tmp_path / "ds.gguf", {"tokenizer.ggml.pre": "deepseek-llm"})
     assert main(["import", str(path), "--out", str(tmp_path / "back")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "pre-tokenizer 'qwen2'" in err and known_rules() in err and "llama-bpe (also llama3" in err, err
+    assert "pre-tokenizer 'deepseek-llm'" in err and known_rules() in err and "llama-bpe (also llama3" in err, err
     assert not (tmp_path / "back").exists()
-    # Qwen2's regex (single digits) is not Llama 3's: not exported under a wrong name
-    spec = json.loads(hf.to_str())
-    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
-    qwen = tmp_path / "qwen"
-    qwen_run = lmforge_run(qwen, Tokenizer(HF_KIND, hf_json=json.dumps(spec), special_ids={"start": 0}),
-                           **LLAMA_STYLE)
-    with pytest.raises(GGUFExportError, match="pre-tokenizer rule GGUF names \\(gpt-2, llama-bpe, smollm\\)"):
-        export_gguf(qwen_run, tmp_path / "q.gguf")
-    assert not (tmp_path / "q.gguf").exists()
+    # digits in runs of any length are neither Llama 3's groups of three nor Qwen2's single digits: not exported
+    # under a wrong name; nor is Qwen2's rule without its NFC normalizer
+    for regex, normalizer in ((LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}+"), None),
+                              (LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"), None)):
+        spec = json.loads(hf.to_str())
+        spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = regex
+        spec["model"]["ignore_merges"], spec["normalizer"] = False, normalizer
+        assert rule_name(spec) is None
+        other = tmp_path / "other"
+        other_run = lmforge_run(other, Tokenizer(HF_KIND, hf_json=json.dumps(spec), special_ids={"start": 0}),
+                                **LLAMA_STYLE)
+        with pytest.raises(GGUFExportError, match=f"pre-tokenizer rule GGUF names \\({', '.join(RULES)}\\)"):
+            export_gguf(other_run, tmp_path / "o.gguf")
+        assert not (tmp_path / "o.gguf").exists()
+        shutil.rmtree(other)
     # Llama 3's rule without ignore_merges is not what llama.cpp runs for llama-bpe
     spec = json.loads(hf.to_str())
     spec["model"]["ignore_merges"] = False

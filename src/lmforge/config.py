@@ -281,6 +281,8 @@ class ModelConfig:
     dropout: float = doc("Dropout probability on attention weights and residual branches.", 0.0,
                          ge=0, lt=1, noun="probability")
     bias: bool = doc("Bias terms in Linear layers and norms (GPT-2 style).", True)
+    qkv_bias: bool = doc("Bias terms on the attention's query, key and value projections even with bias false (Qwen2's "
+                         "layout: HF and GGUF export write such a Llama-style model as qwen2).", False)
     norm: Literal["layernorm", "rmsnorm"] = doc("Normalisation.", "layernorm")
     norm_eps: float = doc("Epsilon of the normalisation layers.", 1e-5, gt=0, lt=1)
     mlp: Literal["gelu", "swiglu", "relu2"] = doc("Feed-forward block: proj(act(fc(x))) with act gelu, or relu2 "

@@ -170,7 +170,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer  # index into the KV cache
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                             bias=config.bias or config.qkv_bias)
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_drop = dropout(config.dropout)

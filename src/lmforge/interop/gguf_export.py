@@ -3,7 +3,7 @@ other programs built on ggml (transformers loads it too: from_pretrained(dir, gg
 
 A GGUF file holds the weights under llama.cpp's tensor names and everything else as typed key/value metadata: the
 architecture's hyperparameters and the tokenizer (its tokens, their types, BPE merges, special token ids). Written
-with the `gguf` package (llama.cpp's own Python writer), for a model of either architecture the Hugging Face export
+with the `gguf` package (llama.cpp's own Python writer), for a model of an architecture the Hugging Face export
 takes (interop.hf_export.converter_for_model):
 
     gpt2   learned positions, LayerNorm, GELU, biases: the fused q/k/v and MLP weights as they are
@@ -11,6 +11,8 @@ takes (interop.hf_export.converter_for_model):
            of each q and k head reordered. lmforge (like Hugging Face) rotates dimension i with i + hd/2; llama.cpp's
            llama graph rotates neighbours 2i and 2i + 1 (the original Meta layout), so row i of a head moves to 2i
            and row i + hd/2 to 2i + 1: the same attention scores, since q and k move alike.
+    qwen2  the same with biases on q, k and v only (model.qkv_bias); llama.cpp's qwen2 graph rotates halves as
+           lmforge does, so the rows stay in order.
 
 Tokenizers: lmforge's bpe kind (byte-level BPE) is GGUF's "gpt2" model (tokens in GPT-2's byte-to-unicode spelling,
 the merges in order). The char and byte kinds are GGUF's "llama" model, SentencePiece's rule that is theirs too:
@@ -39,6 +41,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
 from lmforge.interop import hf_gpt2
+from lmforge.interop.hf_llama import is_qwen2
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
 from lmforge.interop.hf_export import HFExportError, converter_for_model
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
@@ -72,9 +75,10 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     if config.head != "lm":
         raise GGUFExportError(f"{checkpoint} holds a {config.head} model; GGUF export writes language models")
     try:
-        arch = "gpt2" if converter_for_model(config) is hf_gpt2 else "llama"
+        arch = "gpt2" if converter_for_model(config) is hf_gpt2 else "qwen2" if is_qwen2(config) else "llama"
     except HFExportError as e:
-        raise GGUFExportError(str(e).replace("Hugging Face equivalent", "GGUF equivalent (gpt2 or llama)")) from None
+        raise GGUFExportError(str(e).replace("Hugging Face equivalent",
+                                             "GGUF equivalent (gpt2, llama or qwen2)")) from None
     if tokenizer is None:
         raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
     vocabulary = _vocabulary(tokenizer, config.vocab_size)
@@ -135,12 +139,14 @@ def _tensors(state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> 
             for ours, theirs in renamed.items():
                 if f"{ours}.{kind}" in block:
                     yield f"blk.{i}.{theirs}.{kind}", block[f"{ours}.{kind}"]
-            if arch == "llama" and f"attn.qkv.{kind}" in block:
+            if arch != "gpt2" and f"attn.qkv.{kind}" in block:
                 q, k, v = block[f"attn.qkv.{kind}"].split((q_rows, kv_rows, kv_rows))
-                yield f"blk.{i}.attn_q.{kind}", _interleave_halves(q, config.n_head)
-                yield f"blk.{i}.attn_k.{kind}", _interleave_halves(k, config.n_kv_head)
+                if arch == "llama":
+                    q, k = _interleave_halves(q, config.n_head), _interleave_halves(k, config.n_kv_head)
+                yield f"blk.{i}.attn_q.{kind}", q
+                yield f"blk.{i}.attn_k.{kind}", k
                 yield f"blk.{i}.attn_v.{kind}", v
-            if arch == "llama" and f"mlp.fc.{kind}" in block:
+            if arch != "gpt2" and f"mlp.fc.{kind}" in block:
                 gate, up = block[f"mlp.fc.{kind}"].chunk(2)  # MLP.forward: silu(gate) * up
                 yield f"blk.{i}.ffn_gate.{kind}", gate
                 yield f"blk.{i}.ffn_up.{kind}", up

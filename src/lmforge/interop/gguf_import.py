@@ -1,8 +1,9 @@
 """`lmforge import MODEL.gguf`: a GGUF file (llama.cpp's format) -> an lmforge checkpoint, to evaluate, generate from
 or fine-tune (--train.init_from) a model that was shared as GGUF.
 
-The inverse of gguf_export, for the two architectures it writes: gpt2 and llama (a Llama-style model: RoPE over the
-whole head, RMSNorm, SwiGLU, grouped-query heads, biases everywhere or nowhere). Quantized tensors (q8_0, q4_k, ...)
+The inverse of gguf_export, for the architectures it writes: gpt2, llama (a Llama-style model: RoPE over the whole
+head, RMSNorm, SwiGLU, grouped-query heads, biases everywhere or nowhere) and qwen2 (the same with biases on q, k and
+v only: Qwen2, Qwen2.5). Quantized tensors (q8_0, q4_k, ...)
 are dequantized to float32 with the `gguf` package (llama.cpp's own Python reader): the model computes what the file
 holds, in lmforge's fp32. Each q and k head's rows go back from llama.cpp's order (neighbours rotate together) to
 lmforge's (dimension i with i + hd/2). A GPT-2 file computes GELU by its tanh approximation in llama.cpp, so the
@@ -32,7 +33,7 @@ from lmforge.interop.gguf_pretokenizers import ADDS_BOS, RULES, known_rules, rul
 from lmforge.model import GPT
 from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
 
-SUPPORTED = "gpt2 and llama (RoPE, RMSNorm, SwiGLU, grouped-query attention)"
+SUPPORTED = "gpt2, llama (RoPE, RMSNorm, SwiGLU, grouped-query attention) and qwen2 (llama with q/k/v biases)"
 
 
 class GGUFImportError(LmforgeError):
@@ -49,7 +50,7 @@ def import_gguf(path: str | Path, run_dir: str | Path) -> Path:
         raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
-    if arch not in ("gpt2", "llama"):
+    if arch not in ("gpt2", "llama", "qwen2"):
         raise GGUFImportError(f"{path} holds a {arch!r} model; lmforge imports {SUPPORTED}")
     config = _model_config(meta, tensors, arch, path)
     tokenizer = _tokenizer(meta, path)
@@ -108,14 +109,17 @@ def _model_config(meta: dict[str, Any], tensors: dict[str, torch.Tensor], arch: 
         if key("attention.key_length", head_dim) != head_dim:
             unsupported.append(f"{arch}.attention.key_length={meta[f'{arch}.attention.key_length']}")
         biases = {name.split(".")[-2] for name in tensors if name.startswith("blk.0.") and name.endswith(".bias")}
-        if biases and biases != {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}:
-            unsupported.append(f"biases on {', '.join(sorted(biases))} only")
+        allowed = ({"attn_q", "attn_k", "attn_v"},) if arch == "qwen2" else (
+            set(), {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
+        if biases not in allowed:
+            unsupported.append(f"biases on {', '.join(sorted(biases)) or 'nothing'} only")
         if unsupported:
             raise GGUFImportError(f"{path} has {'; '.join(unsupported)}, which lmforge's Llama-style model lacks; "
                                   f"lmforge imports {SUPPORTED}")
         config = ModelConfig(**common, n_kv_head=key("attention.head_count_kv", n_head), norm="rmsnorm",
                              norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5), mlp="swiglu", pos_encoding="rope",
-                             rope_theta=float(key("rope.freq_base", 10000.0)), bias=bool(biases))
+                             rope_theta=float(key("rope.freq_base", 10000.0)), bias=arch == "llama" and bool(biases),
+                             qkv_bias=arch == "qwen2")
     if config.hidden_dim != key("feed_forward_length"):  # null when it is lmforge's own default width
         config.mlp_hidden = key("feed_forward_length")
     return config
@@ -137,10 +141,12 @@ def _state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, arch: str
             for ours, theirs in (RENAMED_GPT2 if arch == "gpt2" else RENAMED).items():
                 if f"blk.{i}.{theirs}.{kind}" in tensors:
                     state[f"blocks.{i}.{ours}.{kind}"] = tensors[f"blk.{i}.{theirs}.{kind}"]
-            if arch == "llama" and f"blk.{i}.attn_q.{kind}" in tensors:
-                q = _halves_from_interleaved(tensors[f"blk.{i}.attn_q.{kind}"], config.n_head)
-                k = _halves_from_interleaved(tensors[f"blk.{i}.attn_k.{kind}"], config.n_kv_head)
+            if arch != "gpt2" and f"blk.{i}.attn_q.{kind}" in tensors:
+                q, k = tensors[f"blk.{i}.attn_q.{kind}"], tensors[f"blk.{i}.attn_k.{kind}"]
+                if arch == "llama":  # qwen2's graph rotates halves, as lmforge does
+                    q, k = _halves_from_interleaved(q, config.n_head), _halves_from_interleaved(k, config.n_kv_head)
                 state[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([q, k, tensors[f"blk.{i}.attn_v.{kind}"]])
+            if arch != "gpt2" and f"blk.{i}.ffn_gate.{kind}" in tensors:
                 state[f"blocks.{i}.mlp.fc.{kind}"] = torch.cat([tensors[f"blk.{i}.ffn_gate.{kind}"],
                                                                tensors[f"blk.{i}.ffn_up.{kind}"]])
     for kind in ("weight", "bias"):
@@ -177,7 +183,7 @@ def _character_tokenizer(tokens: list[str]) -> Tokenizer:
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], rule: str) -> Tokenizer:
     """The file's BPE, cutting words by `rule` (a name in RULES), as an lmforge tokenizer of kind hf: start token the
     file's bos when it adds one to every text (llama.cpp's default for the rule when the file does not say)."""
-    pre, ignore_merges = RULES[rule]
+    pre, ignore_merges, normalizer = RULES[rule]
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     control = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
                 "special": True} for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3]
@@ -185,7 +191,7 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], rule: str) -> Token
            (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
     ids = {role: i if isinstance(i, int) and 0 <= i < len(tokens) else None for role, i in ids.items()}
     bos = ids["bos"] if meta.get("tokenizer.ggml.add_bos_token", rule in ADDS_BOS) else None
-    hf = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": control, "normalizer": None,
+    hf = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": control, "normalizer": normalizer,
           "pre_tokenizer": pre,
           "post_processor": None if bos is None else {
               "type": "TemplateProcessing",

@@ -1,7 +1,9 @@
-"""Convert between lmforge's GPT and Hugging Face's LlamaForCausalLM (configs and state dicts).
+"""Convert between lmforge's GPT and Hugging Face's LlamaForCausalLM and Qwen2ForCausalLM (configs and state dicts).
 
 A Llama-style lmforge config is: RoPE positions, RMSNorm, the SwiGLU MLP, any number of key/value heads
-(grouped-query attention), biases either everywhere (HF attention_bias=mlp_bias=True) or nowhere.
+(grouped-query attention), biases either everywhere (HF attention_bias=mlp_bias=True) or nowhere. Qwen2 is the same
+model with biases on the q, k and v projections only (lmforge's model.qkv_bias with bias false), and no sliding
+window (use_sliding_window false, as Qwen2 and Qwen2.5 ship).
 Both libraries rotate dimension i with i + head_dim/2 (HF's rotate_half, the GPT-NeoX layout), so
 q_proj/k_proj weights are copied as they are, no permutation.
 
@@ -31,16 +33,26 @@ def check_llama_compatible(config: ModelConfig) -> None:
                           f"converted to Llama; Llama needs {', '.join(f'model.{k}={required[k]!r}' for k in wrong)}")
 
 
+def is_qwen2(config: ModelConfig) -> bool:
+    """Whether a Llama-style config is Qwen2's layout: biases on q, k and v and nowhere else."""
+    return config.qkv_bias and not config.bias
+
+
 def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
-    """LlamaConfig keyword arguments (config.json) for a Llama-style ModelConfig; `extra` is added.
+    """LlamaConfig (or, for is_qwen2, Qwen2Config) keyword arguments (config.json) for a Llama-style ModelConfig;
+    `extra` is added.
 
     HF Llama has one dropout, on attention weights (lmforge also drops residual branches): it gets
     model.dropout, which changes nothing at inference.
     """
     check_llama_compatible(config)
+    family = "Qwen2" if is_qwen2(config) else "Llama"
+    own = ({"use_sliding_window": False} if is_qwen2(config) else
+           {"head_dim": config.head_dim, "attention_bias": config.bias, "mlp_bias": config.bias, "pretraining_tp": 1})
     return {
-        "model_type": "llama",
-        "architectures": ["LlamaForSequenceClassification" if config.head == "classify" else "LlamaForCausalLM"],
+        "model_type": family.lower(),
+        "architectures": [f"{family}ForSequenceClassification" if config.head == "classify"
+                          else f"{family}ForCausalLM"],
         **({"num_labels": config.num_labels} if config.head == "classify" else {}),
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
@@ -48,7 +60,6 @@ def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
         "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_kv_head,
-        "head_dim": config.head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": config.block_size,
         "initializer_range": config.init_std,
@@ -56,10 +67,8 @@ def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_embeddings,
         "rope_theta": config.rope_theta,  # transformers < 5 reads this key, 5.x reads rope_parameters
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "attention_bias": config.bias,
-        "mlp_bias": config.bias,
+        **own,
         "attention_dropout": config.dropout,
-        "pretraining_tp": 1,
         "bos_token_id": None,
         "eos_token_id": None,
         **extra,
@@ -78,10 +87,16 @@ def _rope_theta(d: Mapping[str, Any]) -> float:
 
 
 def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
-    """A ModelConfig from a LlamaConfig or its dict (config.json). Raises ConfigError for what lmforge lacks."""
+    """A ModelConfig from a LlamaConfig or Qwen2Config or its dict (config.json). Raises ConfigError for what lmforge
+    lacks."""
     d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
-    if d.get("model_type", "llama") != "llama":
-        raise ConfigError(f"model_type={d.get('model_type')!r} is not llama; only Llama configs convert here")
+    qwen2 = d.get("model_type", "llama") == "qwen2"
+    if d.get("model_type", "llama") not in ("llama", "qwen2"):
+        raise ConfigError(f"model_type={d.get('model_type')!r} is not llama or qwen2; only their configs convert here")
+    sliding = [t for t in d.get("layer_types") or [] if t != "full_attention"]
+    if d.get("use_sliding_window") or sliding:
+        raise ConfigError("use_sliding_window=true (attention within a window on some layers) has no lmforge "
+                          "equivalent; supported: full attention on every layer (use_sliding_window false)")
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={d.get('hidden_act')!r} has no lmforge equivalent; supported: silu (SwiGLU)")
     attention_bias, mlp_bias = bool(d.get("attention_bias", False)), bool(d.get("mlp_bias", False))
@@ -98,7 +113,7 @@ def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
     config = ModelConfig(
         vocab_size=d["vocab_size"], block_size=d.get("max_position_embeddings", 2048), n_layer=d["num_hidden_layers"],
         n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=n_embd,
-        mlp_hidden=None, dropout=float(d.get("attention_dropout", 0.0)), bias=attention_bias,
+        mlp_hidden=None, dropout=float(d.get("attention_dropout", 0.0)), bias=attention_bias, qkv_bias=qwen2,
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", pos_encoding="rope",
         rope_theta=_rope_theta(d), tie_embeddings=d.get("tie_word_embeddings", False),
         init_std=d.get("initializer_range", 0.02),
@@ -106,6 +121,11 @@ def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
     if config.hidden_dim != d["intermediate_size"]:  # null when it is lmforge's own default width
         config.mlp_hidden = d["intermediate_size"]
     return config
+
+
+def _kinds(config: ModelConfig, qkv: bool) -> tuple[str, ...]:
+    """The tensors each projection has: q/k/v (qkv) get a bias with bias or qkv_bias, the others with bias."""
+    return ("weight", "bias") if config.bias or (qkv and config.qkv_bias) else ("weight",)
 
 
 def _split_sizes(config: ModelConfig) -> tuple[int, int, int]:
@@ -118,17 +138,17 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
     LlamaForSequenceClassification's (model.*, score.weight)."""
     check_llama_compatible(config)
     out = {"model.embed_tokens.weight": state_dict["tok_emb.weight"], "model.norm.weight": state_dict["norm_f.weight"]}
-    kinds = ("weight", "bias") if config.bias else ("weight",)
     for i in range(config.n_layer):
         ours, hf = f"blocks.{i}.", f"model.layers.{i}."
         out[hf + "input_layernorm.weight"] = state_dict[ours + "norm_1.weight"]
         out[hf + "post_attention_layernorm.weight"] = state_dict[ours + "norm_2.weight"]
-        for kind in kinds:
+        for kind in _kinds(config, qkv=True):
             q, k, v = state_dict[f"{ours}attn.qkv.{kind}"].split(_split_sizes(config), dim=0)
-            gate, up = state_dict[f"{ours}mlp.fc.{kind}"].chunk(2, dim=0)
             out.update({f"{hf}self_attn.q_proj.{kind}": q.contiguous(), f"{hf}self_attn.k_proj.{kind}": k.contiguous(),
-                        f"{hf}self_attn.v_proj.{kind}": v.contiguous(),
-                        f"{hf}self_attn.o_proj.{kind}": state_dict[f"{ours}attn.proj.{kind}"],
+                        f"{hf}self_attn.v_proj.{kind}": v.contiguous()})
+        for kind in _kinds(config, qkv=False):
+            gate, up = state_dict[f"{ours}mlp.fc.{kind}"].chunk(2, dim=0)
+            out.update({f"{hf}self_attn.o_proj.{kind}": state_dict[f"{ours}attn.proj.{kind}"],
                         f"{hf}mlp.gate_proj.{kind}": gate.contiguous(), f"{hf}mlp.up_proj.{kind}": up.contiguous(),
                         f"{hf}mlp.down_proj.{kind}": state_dict[f"{ours}mlp.proj.{kind}"]})
     if config.head == "classify":
@@ -142,15 +162,15 @@ def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor], config: ModelC
     """lmforge GPT state dict from a LlamaForCausalLM state dict. A missing lm_head.weight (tied) is the embedding."""
     check_llama_compatible(config)
     sd = hf_state_dict
-    kinds = ("weight", "bias") if config.bias else ("weight",)
     try:
         out = {"tok_emb.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}
         for i in range(config.n_layer):
             ours, hf = f"blocks.{i}.", f"model.layers.{i}."
             out[ours + "norm_1.weight"] = sd[hf + "input_layernorm.weight"]
             out[ours + "norm_2.weight"] = sd[hf + "post_attention_layernorm.weight"]
-            for kind in kinds:
+            for kind in _kinds(config, qkv=True):
                 out[f"{ours}attn.qkv.{kind}"] = torch.cat([sd[f"{hf}self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
+            for kind in _kinds(config, qkv=False):
                 out[f"{ours}attn.proj.{kind}"] = sd[f"{hf}self_attn.o_proj.{kind}"]
                 gate, up = sd[f"{hf}mlp.gate_proj.{kind}"], sd[f"{hf}mlp.up_proj.{kind}"]
                 out[f"{ours}mlp.fc.{kind}"] = torch.cat([gate, up], dim=0)
