@@ -88,6 +88,7 @@ class Tokenizer:
     pad_id: int | None = 2
     mask_id: int | None = None  # the last id, when the tokenizer has a mask token
     mask_token: str | None = None
+    chat_template: str | None = None  # an imported model's own (Jinja) chat template: data.chat_template
 
     def __init__(self, kind: str, special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS, *,
                  chars: list[str] | None = None, hf_json: str | None = None,
@@ -255,6 +256,8 @@ class Tokenizer:
             data["hf_tokenizer"] = json.loads(self._hf.to_str())
         if self.mask_id is not None:
             data["mask_token"] = {"token": self.mask_token, "id": self.mask_id}
+        if self.chat_template is not None:
+            data["chat_template"] = self.chat_template
         return data
 
     def with_mask_token(self, name: str = "<MASK>") -> "Tokenizer":
@@ -305,6 +308,7 @@ class Tokenizer:
                         raise ValueError(f"{r} token {roles[r]['token']!r} is not id {roles[r]['id']}")
                 if tok.vocab_size != data.get("vocab_size"):
                     raise ValueError(f"vocab_size={data.get('vocab_size')} but the tokenizer holds {tok.vocab_size}")
+                tok.chat_template = _chat_template(data)
                 return tok
             specials = tuple(data["special_tokens"][r]["token"] for r in ("start", "end", "pad"))
             chars = data.get("chars")
@@ -317,6 +321,7 @@ class Tokenizer:
                       mask_token=None if mask is None else mask["token"])
             if mask is not None and mask["id"] != tok.mask_id:
                 raise ValueError(f"mask token id {mask['id']} is not the last id {tok.mask_id}")
+            tok.chat_template = _chat_template(data)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
             raise TokenizerError(f"tokenizer file {source} is incomplete or corrupt ({type(e).__name__}: {e}): "
                                  "re-run `lmforge prepare`") from None
@@ -324,6 +329,13 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer file {source} says vocab_size={data.get('vocab_size')} but holds "
                                  f"{tok.vocab_size} tokens: the file is corrupt, re-run `lmforge prepare`")
         return tok
+
+
+def _chat_template(data: dict) -> str | None:
+    template = data.get("chat_template")
+    if template is not None and not (isinstance(template, str) and template):
+        raise ValueError("'chat_template' must be a non-empty string (a Jinja chat template)")
+    return template
 
 
 class StreamDecoder:

@@ -19,7 +19,9 @@ the merges in order). The char and byte kinds are GGUF's "llama" model, Sentence
 each character in the vocabulary is one token, any other character its UTF-8 bytes as <0xNN> tokens; a space is
 spelled U+2581 there, and no space is added in front of a text. Every text begins with the start token
 (tokenizer.ggml.add_bos_token). An imported Hugging Face tokenizer (kind hf) is written when it is byte-level BPE
-with a pre-tokenizer rule that llama.cpp names (gguf_pretokenizers: GPT-2's, Llama 3's, SmolLM's).
+with a pre-tokenizer rule that llama.cpp names (gguf_pretokenizers: GPT-2's, Llama 3's, SmolLM's, Qwen2's). The
+chat template goes in as tokenizer.chat_template (hf_export.model_chat_template: lmforge's own format for a model
+fine-tuned on task data, else an imported model's own).
 
 Matrices are float32 (exact), float16 (half the bytes) or q8_0 (8-bit integers with a float16 scale per block of 32,
 about a quarter of the bytes; a matrix whose rows are not a whole number of blocks is float16); vectors such as norms
@@ -36,14 +38,14 @@ import numpy as np
 import torch
 
 from lmforge import __version__
-from lmforge.checkpoint import load_for_inference
+from lmforge.checkpoint import load_for_inference, verified_checkpoint
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
 from lmforge.interop import hf_gpt2
 from lmforge.interop.hf_llama import is_qwen2
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
-from lmforge.interop.hf_export import HFExportError, converter_for_model
+from lmforge.interop.hf_export import HFExportError, converter_for_model, model_chat_template
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
 from lmforge.tokenizer import BYTE_OFFSET, Tokenizer
 
@@ -70,7 +72,8 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=_is_gguf_export, what="a GGUF export written by lmforge",
                  error=GGUFExportError, directory=False, inputs=[checkpoint])
-    model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
+    ckpt, manifest = verified_checkpoint(checkpoint)
+    model, tokenizer, _ = load_for_inference(ckpt, "cpu", manifest)
     config: ModelConfig = model.config
     if config.head != "lm":
         raise GGUFExportError(f"{checkpoint} holds a {config.head} model; GGUF export writes language models")
@@ -89,6 +92,9 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         writer.add_string("lmforge.version", __version__)
         _add_hyperparameters(writer, config, arch, dtype)
         _add_tokenizer(writer, tokenizer, vocabulary)
+        chat_template = model_chat_template(ckpt, tokenizer)
+        if chat_template is not None:
+            writer.add_chat_template(chat_template)
         for name, tensor in _tensors(model.state_dict(), config, arch):
             _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype)
         writer.write_header_to_file()

@@ -13,7 +13,9 @@ Tokenizers: GGUF's byte-level BPE ("gpt2") with a pre-tokenizer rule lmforge kno
 Llama 3's, SmolLM's) becomes an lmforge tokenizer of kind hf (start token: the file's bos when it adds one to every
 text); a char or byte tokenizer that lmforge exported (GGUF's "llama" model with lmforge's layout: three special
 tokens, 256 byte tokens, then characters) becomes that tokenizer again. Other tokenizers (SentencePiece vocabularies
-with merges, other pre-tokenizer rules) and architectures are refused in one line naming what is supported.
+with merges, other pre-tokenizer rules) and architectures are refused in one line naming what is supported. The
+file's tokenizer.chat_template (an instruct model's) comes along: `lmforge chat` and serve render conversations with
+it (data.chat_template).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def import_gguf(path: str | Path, run_dir: str | Path) -> Path:
         raise GGUFImportError(f"{path} holds a {arch!r} model; lmforge imports {SUPPORTED}")
     config = _model_config(meta, tensors, arch, path)
     tokenizer = _tokenizer(meta, path)
+    chat_template = meta.get("tokenizer.chat_template")
+    tokenizer.chat_template = chat_template if isinstance(chat_template, str) and chat_template else None
     model = GPT(config)
     model.load_state_dict(_state_dict(tensors, config, arch))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -57,8 +57,23 @@ def converter_for_model(config: ModelConfig):
                         + "; export it with --format onnx, which takes any lmforge model")
 
 
-def hf_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
-    """{file name: content} of the Hugging Face directory: dicts (JSON) and the weights (a tensor dict)."""
+def model_chat_template(ckpt: str | Path, tokenizer: Any) -> Optional[str]:
+    """The Jinja chat template an export writes: lmforge's own format for a model fine-tuned on task data (written
+    as Jinja: what `lmforge chat` renders for it), else the model's own (an imported instruct model's), else none."""
+    from lmforge.checkpoint import read_task
+    from lmforge.data.chat_template import to_jinja
+    from lmforge.data.tasks import TEXT_TASKS
+
+    task = read_task(ckpt)
+    if task is not None and task["task"] in TEXT_TASKS and (task.get("template") or {}).get("chat"):
+        chat = task["template"]["chat"]
+        return to_jinja(chat["turn"], chat["reply"])
+    return getattr(tokenizer, "chat_template", None)
+
+
+def hf_files(model: torch.nn.Module, tokenizer: Any, chat_template: Optional[str] = None) -> dict[str, Any]:
+    """{file name: content} of the Hugging Face directory: dicts (JSON) and the weights (a tensor dict);
+    chat_template (Jinja) goes into tokenizer_config.json."""
     config: ModelConfig = model.config
     convert = converter_for_model(config)
     ids = {}
@@ -75,7 +90,7 @@ def hf_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
     files: dict[str, Any] = {"config.json": hf_config, "model.safetensors": weights,
                              "generation_config.json": {"_from_model_config": False, **ids}}
     if tokenizer is not None:
-        files.update(hf_tokenizer_files(tokenizer, config.block_size))
+        files.update(hf_tokenizer_files(tokenizer, config.block_size, chat_template))
     return files
 
 
@@ -103,7 +118,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = Fals
     if merge and config.lora is None:
         raise HFExportError(f"--merge applies to a LoRA run; {ckpt} holds a whole model: export it without --merge")
     model, tokenizer, _ = load_for_inference(ckpt, "cpu", manifest)  # a LoRA run: its adapters merged
-    files = hf_files(model, tokenizer)
+    files = hf_files(model, tokenizer, model_chat_template(ckpt, tokenizer))
     adapter: dict[str, Any] = {}
     if config.lora is not None and not merge:
         from lmforge.interop.peft_export import base_files, peft_adapter_files

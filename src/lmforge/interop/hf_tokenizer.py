@@ -103,7 +103,25 @@ def read_hf_tokenizer(hf_dir: str | Path, model_config: Mapping[str, Any]) -> To
         ids["start"] = added_first[0]
     elif not settings.get("add_bos_token", False):
         ids["start"] = None
-    return Tokenizer(HF_KIND, hf_json=hf.to_str(), special_ids=ids)
+    tokenizer = Tokenizer(HF_KIND, hf_json=hf.to_str(), special_ids=ids)
+    tokenizer.chat_template = _read_chat_template(hf_dir, settings)
+    return tokenizer
+
+
+def _read_chat_template(hf_dir: Path, settings: Mapping[str, Any]) -> Optional[str]:
+    """The directory's chat template (an instruct model's Jinja program): chat_template.jinja, as transformers 5
+    saves it, else tokenizer_config.json's chat_template (a string, or named templates: the "default" one)."""
+    path = hf_dir / "chat_template.jinja"
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8") or None
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{path} cannot be read as UTF-8 text ({e}); fix or remove the file") from None
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    return template if isinstance(template, str) and template else None
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -129,8 +147,10 @@ def _added_token(content: str, token_id: int) -> dict:
             "normalized": False, "special": True}
 
 
-def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str, dict]:
-    """{file name: JSON content} of tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int,
+                       chat_template: Optional[str] = None) -> dict[str, dict]:
+    """{file name: JSON content} of tokenizer.json, tokenizer_config.json and special_tokens_map.json;
+    chat_template (Jinja) goes into tokenizer_config.json."""
     data = tokenizer.to_dict()
     if tokenizer.kind in ("bpe", HF_KIND):
         hf = dict(data["hf_tokenizer"])
@@ -166,4 +186,6 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int) -> dict[str,
     }
     if tokenizer.kind != HF_KIND:
         config["add_bos_token"] = True  # what the post-processor template does
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     return {"tokenizer.json": hf, "tokenizer_config.json": config, "special_tokens_map.json": special_map}
