@@ -353,18 +353,30 @@ MUTANTS = [
            "hidden = teacher.hidden_states(x, attention_mask=attention_mask)", "hidden = teacher.hidden_states(x)",
            ("tests/test_distill.py::test_sft_data_distills_the_completions_positions_only[True]",)),
     Mutant("gguf-rope-halves-not-interleaved", "interop/gguf_export.py",
-           'yield f"blk.{i}.attn_k.{kind}", _interleave_halves(k, config.n_kv_head)',
-           'yield f"blk.{i}.attn_k.{kind}", k',
+           "q, k = _interleave_halves(q, config.n_head), _interleave_halves(k, config.n_kv_head)",
+           "q, k = _interleave_halves(q, config.n_head), k",
            ("tests/test_gguf_export.py::"
             "test_gguf_loads_in_transformers_with_the_same_logits_and_token_ids[llama-char]",)),
     Mutant("gguf-import-leaves-llama-cpp-row-order", "interop/gguf_import.py",
-           'q = _halves_from_interleaved(tensors[f"blk.{i}.attn_q.{kind}"], config.n_head)',
-           'q = tensors[f"blk.{i}.attn_q.{kind}"]',
+           "q, k = _halves_from_interleaved(q, config.n_head), _halves_from_interleaved(k, config.n_kv_head)",
+           "q, k = q, _halves_from_interleaved(k, config.n_kv_head)",
            ("tests/test_gguf_import.py::test_rows_of_each_q_and_k_head_go_back_to_lmforges_order",)),
     Mutant("gguf-space-not-spelled-for-sentencepiece", "interop/gguf_export.py",
            'tokens += [SPACE if c == " " else c for c in chars]', "tokens += chars",
            ("tests/test_gguf_export.py::"
             "test_gguf_loads_in_transformers_with_the_same_logits_and_token_ids[llama-char]",)),
+    Mutant("gguf-qwen2-rows-interleaved-like-llama", "interop/gguf_export.py",
+           '                if arch == "llama":\n                    q, k = _interleave_halves(',
+           '                if arch != "gpt2":\n                    q, k = _interleave_halves(',
+           ("tests/test_qwen2.py::test_a_qwen2_model_goes_to_gguf_as_llama_cpps_qwen2_and_back",)),
+    Mutant("gguf-llama3-digits-not-in-threes", "interop/gguf_pretokenizers.py",
+           r"\p{N}{1,3}| ?", r"\p{N}+| ?",
+           ("tests/test_gguf_pretokenizers.py::"
+            "test_a_bpe_with_a_named_rule_goes_through_gguf_and_back_cutting_text_as_the_original[llama-bpe]",)),
+    Mutant("chat-template-bos-twice", "generate/api.py",
+           "return text[len(bos):] if bos and text.startswith(bos) else text", "return text",
+           ("tests/test_chat_template.py::"
+            "test_an_imported_instruct_model_chats_in_its_own_template_as_transformers_renders_it[llama3]",)),
 ]
 
 
