@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 import lmforge  # noqa: E402
+import lmforge.cli  # noqa: E402
 from lmforge.checkpoint import load_for_inference, save_checkpoint  # noqa: E402
 from lmforge.config import ModelConfig, RunConfig  # noqa: E402
 from lmforge.data.chat_template import render, to_jinja, user_header  # noqa: E402
@@ -133,6 +134,12 @@ def test_named_templates_in_tokenizer_config_give_the_default_one(tmp_path):
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     generator = lmforge.load(str(import_hf(hf_dir, tmp_path / "run").parent.parent))
     assert generator.tokenizer.chat_template == CHATML
+    # a template that writes the end token itself gets the tokenizer's, as in transformers
+    ends = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+    generator.tokenizer.chat_template = ends
+    assert generator.render_chat(MESSAGES) == transformers.AutoTokenizer.from_pretrained(hf_dir).apply_chat_template(
+        MESSAGES, chat_template=ends, add_generation_prompt=True, tokenize=False) == \
+        "".join(f"{m['role']}: {m['content']}<|im_end|>" for m in MESSAGES)
 
 
 def test_lmforges_own_chat_format_exports_as_an_equivalent_jinja_template(tmp_path):
@@ -183,3 +190,43 @@ def test_a_corrupt_chat_template_entry_in_a_tokenizer_file_is_refused(tmp_path):
     with pytest.raises(TokenizerError, match="chat_template"):
         Tokenizer.load(tmp_path / "tokenizer.json")
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3"])
+def test_sft_on_conversations_uses_the_base_models_own_template_and_the_fine_tuned_model_keeps_it(tmp_path, style):
+    from lmforge.data.tasks import load_examples, read_task_manifest
+
+    hf_dir = instruct_dir(tmp_path / "hf", style)
+    run = import_hf(hf_dir, tmp_path / "run").parent.parent
+    records = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                             {"role": "assistant", "content": f"{2 * i}."}]} for i in range(10)]
+    bad = [{"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]}] * (style == "chatml")
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*records, *bad]), encoding="utf-8")
+    assert lmforge.cli.main(["prepare", str(tmp_path / "chat.jsonl"), "--task", "sft", "--tokenizer", str(run),
+                             "--out", str(tmp_path / "data"), "--skip-bad", "--split", "0.8,0.1,0.1"]) == 0
+    manifest = read_task_manifest(tmp_path / "data")
+    assert manifest["template"]["chat"]["jinja"] == STYLES[style][3]
+    tok = load_for_inference(run, "cpu")[1]
+    examples = [load_examples(tmp_path / "data", s) for s in ("train", "val", "test")]
+    seen = 0
+    for ex in examples:
+        for i in range(len(ex)):
+            ids = ex.tokens[ex.offsets[i]:ex.offsets[i + 1]].tolist()
+            p = int(ex.prompt_lengths[i])
+            answer = tok.decode(ids[p:-1])
+            n = int(answer[:-1]) // 2
+            # the prompt: what transformers renders for the conversation so far (one start token at most)
+            assert ids[:p] == their_ids(hf_dir, records[n]["messages"][:1]), answer
+            assert ids[p:] == [*tok.encode(f"{2 * n}."), tok.end_id]  # the reply, then the end-of-turn token
+            seen += 1
+    assert seen == 10  # a conversation the template refuses (ChatML's: role tool) is a bad record, skipped
+    report = (tmp_path / "data" / "report.json").read_text(encoding="utf-8")
+    assert ("Unknown role: tool" in report) == (style == "chatml")
+    # fine-tuned on it, the model chats (and exports) in that same format
+    assert lmforge.cli.main(["train", "--data", str(tmp_path / "data"), "--run-dir", str(tmp_path / "ft"),
+                             "--max-steps", "2", "--train.init_from", str(run), "--train.batch_size", "2"]) == 0
+    tuned = lmforge.load(str(tmp_path / "ft"))
+    assert tuned.template["chat"]["jinja"] == STYLES[style][3]
+    assert prompt_ids(tuned.tokenizer, tuned.render_chat(MESSAGES)) == their_ids(hf_dir, MESSAGES)
+    export_hf(tmp_path / "ft", tmp_path / "out")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == STYLES[style][3]

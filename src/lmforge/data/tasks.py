@@ -69,7 +69,7 @@ from lmforge.data.batches import Examples
 from lmforge.data.corpus import JSON_ERRORS, decode_clean, find_files, json_problem
 from lmforge.data.prepare import split_counts
 from lmforge.data.shards import MANIFEST, SPLITS, check_dataset_output
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.files import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text, check_apart, sha256_file
 from lmforge.tokenizer import Tokenizer
 
@@ -129,10 +129,38 @@ def render_prompt(template: dict, values: dict[str, str]) -> str:
     return template["prompt"].format_map(values)
 
 
+def own_chat(tok: Tokenizer) -> Optional[dict]:
+    """The "chat" entry of a template for a tokenizer with its model's own Jinja chat template (an imported instruct
+    model's: data.chat_template), with the special tokens it may write; None without one."""
+    if getattr(tok, "chat_template", None) is None:
+        return None
+    names = tok.special_tokens
+    return {"jinja": tok.chat_template, "bos_token": names[0] if tok.start_id is not None else None,
+            "eos_token": names[1] if tok.end_id is not None else None}
+
+
 def render_chat(template: dict, turns: list[dict]) -> str:
-    """The prompt text of a conversation: every turn before the reply, then the reply's header."""
+    """The prompt text of a conversation: every turn before the reply, then the reply's header. A model's own Jinja
+    template is rendered without its leading start token: the encoding puts the start token first itself."""
     chat = template["chat"]
+    if "jinja" in chat:
+        from lmforge.data import chat_template
+
+        text = chat_template.render(chat["jinja"], turns, add_generation_prompt=True, bos_token=chat["bos_token"],
+                                    eos_token=chat["eos_token"])
+        bos = chat["bos_token"]
+        return text[len(bos):] if bos and text.startswith(bos) else text
     return "".join(chat["turn"].format(role=t["role"], content=t["content"]) for t in turns) + chat["reply"]
+
+
+def chat_stop(template: dict) -> str:
+    """The text that opens a user turn: a model that goes on past its reply would write it next."""
+    chat = template["chat"]
+    if "jinja" in chat:
+        from lmforge.data import chat_template
+
+        return chat_template.user_header(chat["jinja"], chat["bos_token"], chat["eos_token"])
+    return chat["turn"][:chat["turn"].index("{content}")].format(role="user")
 
 
 # -------------------------------------------------------------------------------------------- records
@@ -279,7 +307,10 @@ def _chat_texts(record: dict, template: dict, fields: Fields) -> tuple[str, str]
         raise BadRecord(f"the last turn of {fields.messages!r} is {turns[-1]['role']!r}, not the assistant's reply")
     if not turns[-1]["content"].strip():
         raise BadRecord(f"empty completion (the last assistant turn of {fields.messages!r})")
-    return render_chat(template, turns[:-1]), turns[-1]["content"]
+    try:
+        return render_chat(template, turns[:-1]), turns[-1]["content"]
+    except ConfigError as e:  # the model's own chat template refuses this conversation
+        raise BadRecord(str(e)) from None
 
 
 def check_template_fields(template: dict, record: dict, fields: Fields, where: str) -> None:
@@ -440,6 +471,8 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
     out_dir = Path(out)
     check_dataset_output(out_dir, force=force, inputs=[i for i in inputs if not glob.has_magic(i)])
     tok = Tokenizer.load(tokenizer_file)
+    if tmpl is not None and own_chat(tok) is not None:  # conversations in the base model's own chat format
+        tmpl["chat"] = own_chat(tok)
     warnings: list[str] = []
 
     def warn_line(message: str) -> None:

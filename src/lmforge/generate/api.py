@@ -213,44 +213,27 @@ class TextGenerator:
                               "load(..., template=False))")
         return render_prompt(self.template, {**fields, "prompt": prompt})
 
-    def _own_chat_template(self) -> Optional[str]:
-        """The model's own Jinja chat template (an imported instruct model's), unless it was fine-tuned with
-        lmforge's template, which then wins."""
-        return getattr(self.tokenizer, "chat_template", None) if self.template is None else None
+    def _chat_template(self) -> dict:
+        """The template conversations go through: the one the model was fine-tuned with, else the model's own (an
+        imported instruct model's Jinja template), else lmforge's default <|role|> turns."""
+        from lmforge.data.tasks import CHAT_TEMPLATE, own_chat
 
-    def _template_tokens(self) -> dict[str, Optional[str]]:
-        names = getattr(self.tokenizer, "special_tokens", (None, None, None))
-        return {"bos_token": names[0] if self.tokenizer.start_id is not None else None,
-                "eos_token": names[1] if self.tokenizer.end_id is not None else None}
+        if self.template is not None:
+            return self.template
+        return {"chat": own_chat(self.tokenizer) or CHAT_TEMPLATE}
 
     def render_chat(self, messages: Sequence[dict]) -> str:
         """The text the model continues for a conversation ([{"role", "content"}, ...]): every turn through the
-        chat template the model was fine-tuned with (else the model's own, an imported instruct model's; lmforge's
-        default one for any other model), then the header of the assistant's reply."""
-        from lmforge.data.tasks import CHAT_TEMPLATE, render_chat
+        model's chat template (see _chat_template), then the header of the assistant's reply."""
+        from lmforge.data.tasks import render_chat
 
-        own = self._own_chat_template()
-        if own is None:
-            return render_chat(self.template if self.template is not None else {"chat": CHAT_TEMPLATE},
-                               list(messages))
-        from lmforge.data import chat_template
-
-        tokens = self._template_tokens()
-        text = chat_template.render(own, messages, add_generation_prompt=True, **tokens)
-        bos = tokens["bos_token"]  # prompt_ids puts the start token first itself: not twice
-        return text[len(bos):] if bos and text.startswith(bos) else text
+        return render_chat(self._chat_template(), list(messages))
 
     def chat_stop(self) -> str:
         """The header of a user turn: a model that goes on past its reply would write it next."""
-        from lmforge.data.tasks import CHAT_TEMPLATE
+        from lmforge.data.tasks import chat_stop
 
-        own = self._own_chat_template()
-        if own is not None:
-            from lmforge.data import chat_template
-
-            return chat_template.user_header(own, **self._template_tokens())
-        turn = (self.template or {"chat": CHAT_TEMPLATE})["chat"]["turn"]
-        return turn[:turn.index("{content}")].format(role="user")
+        return chat_stop(self._chat_template())
 
     def generate(self, prompt: Union[str, Sequence[str]], config: Optional[GenerateConfig] = None,
                  **kwargs: Any) -> Union[str, list[str], list[list[str]]]:

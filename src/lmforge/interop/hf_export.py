@@ -58,16 +58,17 @@ def converter_for_model(config: ModelConfig):
 
 
 def model_chat_template(ckpt: str | Path, tokenizer: Any) -> Optional[str]:
-    """The Jinja chat template an export writes: lmforge's own format for a model fine-tuned on task data (written
-    as Jinja: what `lmforge chat` renders for it), else the model's own (an imported instruct model's), else none."""
+    """The Jinja chat template an export writes: the one a model fine-tuned on task data learned (lmforge's own
+    format written as Jinja, or the base model's own), else the model's own (an imported instruct model's), else
+    none: what `lmforge chat` renders for it."""
     from lmforge.checkpoint import read_task
     from lmforge.data.chat_template import to_jinja
     from lmforge.data.tasks import TEXT_TASKS
 
     task = read_task(ckpt)
     if task is not None and task["task"] in TEXT_TASKS and (task.get("template") or {}).get("chat"):
-        chat = task["template"]["chat"]
-        return to_jinja(chat["turn"], chat["reply"])
+        chat = task["template"]["chat"]  # fine-tuned in the base model's own Jinja format, or in lmforge's
+        return chat["jinja"] if "jinja" in chat else to_jinja(chat["turn"], chat["reply"])
     return getattr(tokenizer, "chat_template", None)
 
 
