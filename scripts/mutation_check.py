@@ -373,7 +373,7 @@ MUTANTS = [
            r"\p{N}{1,3}| ?", r"\p{N}+| ?",
            ("tests/test_gguf_pretokenizers.py::"
             "test_a_bpe_with_a_named_rule_goes_through_gguf_and_back_cutting_text_as_the_original[llama-bpe]",)),
-    Mutant("chat-template-bos-twice", "generate/api.py",
+    Mutant("chat-template-bos-twice", "data/tasks.py",
            "return text[len(bos):] if bos and text.startswith(bos) else text", "return text",
            ("tests/test_chat_template.py::"
             "test_an_imported_instruct_model_chats_in_its_own_template_as_transformers_renders_it[llama3]",)),

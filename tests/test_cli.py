@@ -739,4 +739,6 @@ def test_eval_draws_a_progress_bar_on_a_terminal_and_nothing_in_a_pipe(workspace
     assert re.search(rf"eval: +\d+%\|.*/{total} \[.*tok/s\]", drawn), drawn
     for flags, terminal in (([], False), (["--no-progress"], True)):
         quiet, stderr = run(flags, terminal)
-        assert quiet["loss"] == result["loss"] and "eval:" not in stderr and "%" not in stderr, stderr
+        # the same evaluation; the last bits may differ between processes (the CPU kernels' summation order)
+        assert quiet["loss"] == pytest.approx(result["loss"], rel=1e-6), (quiet, result)
+        assert "eval:" not in stderr and "%" not in stderr, stderr
