@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import string
 from datetime import datetime
 from typing import Any, Optional, Sequence
 
@@ -92,16 +93,9 @@ def to_jinja(turn: str, reply: str) -> str:
     def literal(text: str) -> str:
         return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
 
-    def fields(text: str) -> str:
-        out, rest = "", text
-        while rest:
-            cuts = [(rest.find(f), f) for f in ("{role}", "{content}") if f in rest]
-            if not cuts:
-                return out + literal(rest)
-            cut, field = min(cuts)
-            out += literal(rest[:cut]) + "{{ message['" + field[1:-1] + "'] }}"
-            rest = rest[cut + len(field):]
-        return out
+    def fields(text: str) -> str:  # a format string's literal text (braces unescaped) and its {role}/{content}
+        return "".join(literal(piece) + ("{{ message['" + name + "'] }}" if name is not None else "")
+                       for piece, name, _, _ in string.Formatter().parse(text))
 
     return ("{% for message in messages %}" + fields(turn) + "{% endfor %}"
             "{% if add_generation_prompt %}" + literal(reply) + "{% endif %}")
