@@ -24,8 +24,13 @@ the bytes of a character that is not complete yet, so printing its pieces gives 
 A tokenizer is saved as ONE JSON file (``format: lmforge-tokenizer-v1``); for ``bpe`` the Hugging
 Face tokenizer JSON is embedded under ``"hf_tokenizer"``.
 
-The fourth kind, ``hf``, wraps the byte-level BPE tokenizer.json of a model imported from Hugging Face
-(GPT-2, Llama 3, ...) and keeps ITS special tokens and ids: GPT-2's ``<|endoftext|>`` is id 50256 and
+The fourth kind, ``hf``, wraps the tokenizer.json of a model imported from Hugging Face: byte-level BPE (GPT-2,
+Llama 3, Qwen, ...) or SentencePiece-style (Llama 2, TinyLlama, Mistral, Gemma: U+2581 spells a space, characters
+outside the vocabulary are <0xNN> byte tokens, and most write a space before a text's first word, which ``decode``
+drops as their own decoder does: ``decode(encode(s)) == s`` save for a space ``s`` itself begins with, where the
+source tokenizer loses it too; a ``StreamDecoder``, continuing a prompt, keeps a first word's space). Bytes that
+are not UTF-8 (a model can emit any ids) become one U+FFFD per broken character, where transformers writes one per
+byte token. The ``hf`` kind keeps ITS special tokens and ids: GPT-2's ``<|endoftext|>`` is id 50256 and
 is its end token; its start token is None because GPT-2's tokenizer adds nothing before a text (a
 tokenizer whose post-processor adds BOS, like Llama's, has that BOS as start token). It encodes as the
 source tokenizer does without its post-processor, special tokens written in the text included (so
@@ -89,6 +94,8 @@ class Tokenizer:
     mask_id: int | None = None  # the last id, when the tokenizer has a mask token
     mask_token: str | None = None
     chat_template: str | None = None  # an imported model's own (Jinja) chat template: data.chat_template
+    strips_leading_space: int = 0  # SentencePiece-style (kind hf): spaces decode drops from a text's start
+    _first_token_bytes: dict[int, bytes] = {}  # SentencePiece's Metaspace decoder: {id: bytes as a text's first}
 
     def __init__(self, kind: str, special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS, *,
                  chars: list[str] | None = None, hf_json: str | None = None,
@@ -135,7 +142,7 @@ class Tokenizer:
         self.kind = HF_KIND
         self._chars = []
         self._char_table = None
-        self._id_bytes = _hf_all_id_bytes(self._hf)
+        self._id_bytes, self.strips_leading_space, self._first_token_bytes = _hf_all_id_bytes(self._hf)
         self.vocab_size = len(self._id_bytes)
         for role in SPECIAL_ROLES:
             token_id = special_ids.get(role)
@@ -213,9 +220,20 @@ class Tokenizer:
         return b"".join(table[int(i)] for i in ids)
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        """Ids -> text. Invalid UTF-8 (possible in model output) becomes U+FFFD."""
+        """Ids -> text. Invalid UTF-8 (possible in model output) becomes U+FFFD. A SentencePiece-style tokenizer
+        writes a space before a text's first word: decode drops it, as its own decoder does (a StreamDecoder, which
+        continues a prompt, keeps it)."""
         try:
-            return self.decode_bytes(ids, skip_special).decode("utf-8", errors="replace")
+            if self._first_token_bytes:  # SentencePiece's Metaspace decoder: a text's first token loses its spaces
+                ids = [int(i) for i in ids if not (skip_special and int(i) in self._special_ids)]
+                if ids and ids[0] in self._first_token_bytes:
+                    return (self._first_token_bytes[ids[0]] + self.decode_bytes(ids[1:], False)).decode(
+                        "utf-8", errors="replace")
+            raw = self.decode_bytes(ids, skip_special)
+            if self.strips_leading_space:
+                cut = len(raw) - len(raw.lstrip(b" "))
+                raw = raw[min(cut, self.strips_leading_space):]
+            return raw.decode("utf-8", errors="replace")
         except IndexError:
             bad = next(int(i) for i in ids if not 0 <= int(i) < self.vocab_size)
             raise TokenizerError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})") from None
@@ -344,7 +362,8 @@ class StreamDecoder:
     ``push(ids)`` returns the text that is complete so far; the bytes of a character cut in the middle
     (byte tokens, BPE pieces) are held back until the character is complete. ``flush()`` returns what is
     left (an unfinished character as U+FFFD). The concatenation of all returned pieces equals
-    ``tokenizer.decode(all_ids, skip_special)``.
+    ``tokenizer.decode(all_ids, skip_special)``, save for the space a SentencePiece-style tokenizer writes before a
+    text's first word: decode drops it, a stream (the continuation of a prompt) keeps it.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
@@ -487,30 +506,82 @@ def _hf_id_bytes(hf) -> list[bytes]:
     return [bytes(to_byte[c] for c in token) for token in by_id[N_SPECIAL:]]
 
 
-def _hf_all_id_bytes(hf) -> list[bytes]:
-    """The bytes of every id of an imported byte-level tokenizer (added tokens: their text as UTF-8).
+def _hf_all_id_bytes(hf) -> tuple[list[bytes], int, dict[int, bytes]]:
+    """The decoding of an imported tokenizer: (the bytes of every id, the spaces decoding drops from a text's start,
+    {id: its bytes when it is a text's first token} where they differ). Byte-level BPE (GPT-2, Llama 3, Qwen, ...),
+    or SentencePiece-style (Llama 2, TinyLlama, Mistral, Gemma: U+2581 for a space, <0xNN> byte tokens, usually a
+    space written before the first word). Added tokens: their text as UTF-8.
 
-    Raises TokenizerError for tokenizers that are not byte-level (e.g. SentencePiece-style ones).
+    Raises TokenizerError for other decoders (WordPiece, ...) and corrupt vocabularies.
     """
     decoder = json.loads(hf.to_str()).get("decoder") or {}
-    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
-    if "ByteLevel" not in kinds:
-        raise TokenizerError(f"the tokenizer's decoder is {decoder.get('type')!r}, not byte-level: lmforge imports "
-                             "byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, ...)")
-    to_byte = {c: b for b, c in _gpt2_byte_to_unicode().items()}
+    steps = decoder.get("decoders") or [] if decoder.get("type") == "Sequence" else [decoder]
+    if "ByteLevel" in {d.get("type") for d in steps}:
+        token_bytes, strip, space = _byte_level_bytes, 0, None
+    else:
+        token_bytes, strip, space = _sentencepiece_rule(steps, decoder)
     added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}
     vocab = hf.get_vocab(with_added_tokens=True)
     if not vocab or max(vocab.values()) >= 2 * len(vocab) + 1024:  # ids far beyond the vocabulary: not a real file
         raise TokenizerError(f"the tokenizer's ids go up to {max(vocab.values(), default=None)} for {len(vocab)} tokens: "
                              "the file is corrupt")
     out = [b""] * (max(vocab.values()) + 1)
+    first = {}
     for token, i in vocab.items():
-        if i in added:
-            out[i] = added[i].encode("utf-8")
-        elif all(c in to_byte for c in token):
-            out[i] = bytes(to_byte[c] for c in token)
-        else:  # not in the byte alphabet: a model vocabulary entry no text encodes to
-            out[i] = token.encode("utf-8")
-    return out
+        out[i] = added[i].encode("utf-8") if i in added else token_bytes(token)
+        if space and i not in added and space in token:  # Metaspace: a text's first token loses its spaces
+            first[i] = token_bytes(token.replace(space, ""))
+    return out, strip, first
+
+
+_TO_BYTE = {c: b for b, c in _gpt2_byte_to_unicode().items()}
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    if all(c in _TO_BYTE for c in token):
+        return bytes(_TO_BYTE[c] for c in token)
+    return token.encode("utf-8")  # not in the byte alphabet: a model vocabulary entry no text encodes to
+
+
+def _sentencepiece_rule(steps: list[dict], decoder: dict):
+    """(token -> bytes, spaces Strip drops from a text's start, the space character when Metaspace drops a first
+    token's spaces) of a SentencePiece-style decoder: Replace(U+2581, " ") or Metaspace, ByteFallback (<0xNN> tokens
+    are bytes), Fuse, Strip(" ", n). Byte fallback alone (lmforge's own char and byte kinds as exported to Hugging
+    Face) is taken too."""
+    space, byte_fallback, strip, first_drops = None, False, 0, False
+    for step in steps:
+        kind, pattern = step.get("type"), (step.get("pattern") or {}).get("String")
+        if kind == "Replace" and step.get("content") == " " and isinstance(pattern, str) and pattern:
+            space = pattern
+        elif kind == "Metaspace" and step.get("replacement", "\u2581"):
+            space = step.get("replacement", "\u2581")
+            first_drops = step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never") \
+                != "never"
+        elif kind == "ByteFallback":
+            byte_fallback = True
+        elif kind == "Strip" and step.get("content") == " " and not step.get("stop"):
+            strip = int(step.get("start") or 0)
+        elif kind != "Fuse":
+            space = byte_fallback = None
+            break
+    if not space and not byte_fallback:
+        raise TokenizerError(f"the tokenizer's decoder ({_decoder_name(decoder)}) is neither byte-level nor "
+                             "SentencePiece-style: lmforge imports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, ...) "
+                             "and SentencePiece-style ones (Llama 2, TinyLlama, Mistral, Gemma)")
+
+    def token_bytes(token: str) -> bytes:
+        if byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            try:
+                return bytes([int(token[3:5], 16)])
+            except ValueError:
+                pass
+        return (token.replace(space, " ") if space else token).encode("utf-8")
+
+    return token_bytes, strip, space if first_drops else None
+
+
+def _decoder_name(decoder: dict) -> str:
+    steps = decoder.get("decoders") if decoder.get("type") == "Sequence" else None
+    return "+".join(str(d.get("type")) for d in steps) if steps else repr(decoder.get("type"))
 
 

@@ -1277,10 +1277,16 @@ def _logprobs_body(tokenizer: Any, job: Job, choice: Any, echoed: str) -> dict:
 
 def _prompt_entries(tokenizer: Any, job: Job) -> list[tuple[int, Optional[Logprobs], int]]:
     """(token, its Logprobs or None, where its text starts) for each prompt token of an echoed job."""
+    pieces, stream = [], tokenizer.stream_decoder()
+    for token in job.prompt_ids:
+        pieces.append(stream.push(token))
+    pieces.append(stream.flush())
+    # the echoed text is the prompt decoded whole: SentencePiece-style tokenizers drop the first word's space there
+    dropped = sum(map(len, pieces)) - len(tokenizer.decode(job.prompt_ids))
     entries, offset = [], 0
-    for token, lp in zip(job.prompt_ids, job.prompt_logprobs):
-        entries.append((token, lp, offset))
-        offset += len(tokenizer.decode([token]))
+    for token, lp, piece in zip(job.prompt_ids, job.prompt_logprobs, pieces):
+        entries.append((token, lp, max(0, offset - dropped)))
+        offset += len(piece)
     return entries
 
 
