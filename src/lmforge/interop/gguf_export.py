@@ -19,7 +19,10 @@ the merges in order). The char and byte kinds are GGUF's "llama" model, Sentence
 each character in the vocabulary is one token, any other character its UTF-8 bytes as <0xNN> tokens; a space is
 spelled U+2581 there, and no space is added in front of a text. Every text begins with the start token
 (tokenizer.ggml.add_bos_token). An imported Hugging Face tokenizer (kind hf) is written when it is byte-level BPE
-with a pre-tokenizer rule that llama.cpp names (gguf_pretokenizers: GPT-2's, Llama 3's, SmolLM's, Qwen2's). The
+with a pre-tokenizer rule that llama.cpp names (gguf_pretokenizers: GPT-2's, Llama 3's, SmolLM's, Qwen2's), or a
+SentencePiece-style BPE with byte fallback (Llama 2, TinyLlama, Mistral, Gemma): GGUF's "llama" model, with scores
+that make llama.cpp merge in the BPE's order (minus the rank of the merge that makes each token), the merges
+themselves (transformers reads those), and add_space_prefix. The
 chat template goes in as tokenizer.chat_template (hf_export.model_chat_template: lmforge's own format for a model
 fine-tuned on task data, else an imported model's own).
 
@@ -32,7 +35,7 @@ such a file, through lmforge.files.atomic_path (the old file stays whole until t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -184,40 +187,66 @@ def _add_hyperparameters(writer: Any, config: ModelConfig, arch: str, dtype: str
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[str, str, list[str], list[int], list[str]]:
-    """(GGUF tokenizer model, pre-tokenizer rule, token strings, token types, merges) for the model's vocab_size ids:
-    gpt2 (byte-level BPE) or llama (characters with byte fallback); ids past the tokenizer's are unused tokens."""
+class Vocabulary(NamedTuple):
+    """A tokenizer as GGUF metadata."""
+
+    model: str  # GGUF's tokenizer model: gpt2 (byte-level BPE) or llama (SentencePiece's rule)
+    pre: str  # llama.cpp's name of the pre-tokenizer rule
+    tokens: list[str]
+    types: list[int]  # gguf.TokenType per token
+    merges: list[str]  # "a b", in order
+    scores: list[float]  # llama: the higher, the earlier llama.cpp merges into that token
+    space_prefix: bool  # llama: a space written before a text's first word
+
+
+def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Vocabulary:
+    """The tokenizer for the model's vocab_size ids: gpt2 (byte-level BPE) or llama (characters with byte fallback,
+    or an imported SentencePiece-style BPE); ids past the tokenizer's are unused tokens."""
     import gguf
 
+    scores, prefix, unknown, plain = None, False, None, set()
     if tokenizer.kind in ("char", "byte"):
         model, pre, tokens, merges = "llama", "default", _character_vocabulary(tokenizer), []
+    elif _sentencepiece_json(tokenizer) is not None:
+        model, pre = "llama", "default"
+        tokens, merges, scores, prefix, unknown, plain = _sentencepiece(tokenizer)
     else:
         model, (pre, tokens, merges) = "gpt2", _byte_level_bpe(tokenizer)
     if len(tokens) > vocab_size:
         raise GGUFExportError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size}; export a "
                               "checkpoint whose tokenizer it was trained with")
     special = tokenizer.special_token_ids
-    types = [gguf.TokenType.CONTROL if i in special
-             else gguf.TokenType.BYTE if model == "llama" and BYTE_OFFSET <= i < BYTE_OFFSET + 256 and token != SPACE
-             else gguf.TokenType.NORMAL for i, token in enumerate(tokens)]
+    byte_ids = range(BYTE_OFFSET, BYTE_OFFSET + 256) if tokenizer.kind in ("char", "byte") else ()
+
+    def kind(i: int, token: str) -> int:
+        if i == unknown:
+            return gguf.TokenType.UNKNOWN
+        if i in special:
+            return gguf.TokenType.CONTROL
+        if i in plain:
+            return gguf.TokenType.USER_DEFINED
+        if model == "llama" and (i in byte_ids and token != SPACE or not byte_ids and _is_byte_token(token)):
+            return gguf.TokenType.BYTE
+        return gguf.TokenType.NORMAL
+
+    types = [kind(i, token) for i, token in enumerate(tokens)]
+    scores = (scores or [0.0] * len(tokens)) + [0.0] * (vocab_size - len(tokens)) if model == "llama" else []
     tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
     types += [gguf.TokenType.UNUSED] * (vocab_size - len(types))
-    return model, pre, tokens, types, merges
+    return Vocabulary(model, pre, tokens, types, merges, scores, prefix)
 
 
-def _add_tokenizer(writer: Any, tokenizer: Tokenizer,
-                   vocabulary: tuple[str, str, list[str], list[int], list[str]]) -> None:
-    """The tokenizer as GGUF metadata (vocabulary: _vocabulary's)."""
-    model, pre, tokens, types, merges = vocabulary
-    writer.add_tokenizer_model(model)
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    if model == "llama":
-        writer.add_token_scores([0.0] * len(tokens))
-        writer.add_add_space_prefix(False)
-    if merges:
-        writer.add_token_merges(merges)
+def _add_tokenizer(writer: Any, tokenizer: Tokenizer, vocabulary: Vocabulary) -> None:
+    """The tokenizer as GGUF metadata."""
+    writer.add_tokenizer_model(vocabulary.model)
+    writer.add_tokenizer_pre(vocabulary.pre)
+    writer.add_token_list(vocabulary.tokens)
+    writer.add_token_types(vocabulary.types)
+    if vocabulary.model == "llama":
+        writer.add_token_scores(vocabulary.scores)
+        writer.add_add_space_prefix(vocabulary.space_prefix)
+    if vocabulary.merges:
+        writer.add_token_merges(vocabulary.merges)
     for role, add in (("start", writer.add_bos_token_id), ("end", writer.add_eos_token_id),
                       ("pad", writer.add_pad_token_id)):
         token_id = getattr(tokenizer, f"{role}_id")
@@ -225,6 +254,57 @@ def _add_tokenizer(writer: Any, tokenizer: Tokenizer,
             add(token_id)
     writer.add_add_bos_token(tokenizer.start_id is not None)  # as generate.prompt_ids begins a prompt
     writer.add_add_eos_token(False)
+
+
+def _is_byte_token(token: str) -> bool:
+    return len(token) == 6 and token.startswith("<0x") and token.endswith(">") and \
+        all(c in "0123456789ABCDEFabcdef" for c in token[3:5])
+
+
+def _sentencepiece_json(tokenizer: Tokenizer) -> Optional[tuple[dict, bool]]:
+    """(tokenizer.json, whether a space is written before a text's first word) of an imported SentencePiece-style
+    BPE that llama.cpp's rule (tokenizer model llama) reads the same: spaces spelled U+2581 by a normalizer or an
+    unsplit Metaspace, byte fallback; None for another tokenizer."""
+    if tokenizer.kind != "hf":
+        return None
+    hf = tokenizer.to_dict()["hf_tokenizer"]
+    model, normalizer, pre = hf.get("model") or {}, hf.get("normalizer"), hf.get("pre_tokenizer")
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return None
+    steps = (normalizer or {}).get("normalizers") if (normalizer or {}).get("type") == "Sequence" else \
+        [normalizer] if normalizer else []
+    to_space = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    if pre is None and steps and steps[-1] == to_space:
+        prepends = [s for s in steps[:-1] if s != {"type": "Prepend", "prepend": SPACE}]
+        return (hf, len(steps) == 2) if not prepends else None
+    if normalizer is None and (pre or {}).get("type") == "Metaspace" and pre.get("replacement") == SPACE \
+            and not pre.get("split", True):
+        return hf, pre.get("prepend_scheme", "always") != "never"
+    return None
+
+
+def _sentencepiece(tokenizer: Tokenizer) -> tuple[list[str], list[str], list[float], bool, Optional[int], set[int]]:
+    """(tokens, merges, scores, space prefix, the unknown token's id, ids of added tokens that are not special) of an
+    imported SentencePiece-style BPE. llama.cpp merges by score, the token a merge makes: its score is minus the
+    merge's rank, so llama.cpp merges in the order the BPE does; the merges are written too (transformers reads
+    them)."""
+    hf, prefix = _sentencepiece_json(tokenizer)
+    model = hf["model"]
+    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in hf.get("added_tokens") or []}}
+    tokens = [""] * (max(vocab.values()) + 1)
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    scores = [0.0] * len(tokens)
+    made: set[int] = set()
+    for rank, merge in enumerate(merges):
+        token_id = vocab.get(merge.replace(" ", "", 1))
+        if token_id is not None and token_id not in made:
+            scores[token_id] = -float(rank)
+            made.add(token_id)
+    plain = {t["id"] for t in hf.get("added_tokens") or [] if not t.get("special")}
+    unknown = vocab.get(model.get("unk_token") or "<unk>")  # transformers' LlamaTokenizer names it in its config only
+    return tokens, merges, scores, prefix, unknown, plain
 
 
 def _character_vocabulary(tokenizer: Tokenizer) -> list[str]:
@@ -251,8 +331,9 @@ def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[str, list[str], list[str]]:
     model, pre = hf.get("model") or {}, rule_name(hf)
     if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
         raise GGUFExportError(f"this tokenizer is not byte-level BPE with a pre-tokenizer rule GGUF names "
-                              f"({', '.join(RULES)}), the imported tokenizers GGUF export writes; lmforge's own "
-                              "char, byte and bpe tokenizers all export")
+                              f"({', '.join(RULES)}) nor a SentencePiece-style BPE with byte fallback (Llama 2's), the "
+                              "imported tokenizers GGUF export writes; lmforge's own char, byte and bpe tokenizers "
+                              "all export")
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in hf.get("added_tokens") or []}}
     tokens = [""] * (max(vocab.values()) + 1)
     for token, token_id in vocab.items():

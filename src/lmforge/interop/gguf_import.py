@@ -12,8 +12,12 @@ model gets activation gelu_tanh.
 Tokenizers: GGUF's byte-level BPE ("gpt2") with a pre-tokenizer rule lmforge knows (gguf_pretokenizers: GPT-2's,
 Llama 3's, SmolLM's) becomes an lmforge tokenizer of kind hf (start token: the file's bos when it adds one to every
 text); a char or byte tokenizer that lmforge exported (GGUF's "llama" model with lmforge's layout: three special
-tokens, 256 byte tokens, then characters) becomes that tokenizer again. Other tokenizers (SentencePiece vocabularies
-with merges, other pre-tokenizer rules) and architectures are refused in one line naming what is supported. The
+tokens, 256 byte tokens, then characters) becomes that tokenizer again; any other "llama" vocabulary (SentencePiece:
+Llama 2, TinyLlama, Mistral) becomes a SentencePiece-style BPE of kind hf that cuts text as llama.cpp does (a space
+before the first word when tokenizer.ggml.add_space_prefix says so, spaces as U+2581, <0xNN> bytes for characters
+outside the vocabulary), with the file's merges or, where it has none, the merges its scores imply (llama.cpp merges
+the pair that makes the best-scoring token first). Other pre-tokenizer rules and architectures are refused in one
+line naming what is supported. The
 file's tokenizer.chat_template (an instruct model's) comes along: `lmforge chat` and serve render conversations with
 it (data.chat_template).
 """
@@ -163,19 +167,24 @@ def _state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, arch: str
 def _tokenizer(meta: dict[str, Any], path: Any) -> Tokenizer:
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     tokens = meta.get("tokenizer.ggml.tokens") or []
-    if model == "llama" and _lmforge_character_layout(tokens):
+    if model == "llama" and _lmforge_character_layout(tokens, meta.get("tokenizer.ggml.token_type")):
         return _character_tokenizer(tokens)
+    if model == "llama" and tokens:
+        return _sentencepiece(meta, tokens)
     if model != "gpt2" or rule_for(pre) is None:  # e.g. llama.cpp's "default" BPE rule, which no HF tokenizer has
         raise GGUFImportError(f"{path} has a {model!r} tokenizer with pre-tokenizer {pre!r}; lmforge imports "
-                              f"byte-level BPE (tokenizer.ggml.model gpt2) with pre {known_rules()}, and the char "
-                              "and byte tokenizers it exports itself")
+                              f"byte-level BPE (tokenizer.ggml.model gpt2) with pre {known_rules()}, SentencePiece "
+                              "vocabularies (llama), and the char and byte tokenizers it exports itself")
     return _byte_level_bpe(meta, tokens, rule_for(pre))
 
 
-def _lmforge_character_layout(tokens: list[str]) -> bool:
-    """Whether `tokens` are a char/byte vocabulary as gguf_export writes it (the byte 0x20 may be spelled U+2581)."""
+def _lmforge_character_layout(tokens: list[str], types: Any) -> bool:
+    """Whether `tokens` are a char/byte vocabulary as gguf_export writes it (the byte 0x20 may be spelled U+2581):
+    past the bytes, every ordinary token is one character."""
     first = BYTE_OFFSET + 256
-    return len(tokens) >= first and all(tokens[BYTE_OFFSET + b] in (f"<0x{b:02X}>", SPACE) for b in range(256))
+    types = types or [1] * len(tokens)
+    return len(tokens) >= first and all(tokens[BYTE_OFFSET + b] in (f"<0x{b:02X}>", SPACE) for b in range(256)) \
+        and all(len(token) == 1 for token, kind in zip(tokens[first:], types[first:]) if kind == 1)
 
 
 def _character_tokenizer(tokens: list[str]) -> Tokenizer:
@@ -184,29 +193,84 @@ def _character_tokenizer(tokens: list[str]) -> Tokenizer:
     return Tokenizer("char", specials, chars=chars) if chars else Tokenizer("byte", specials)
 
 
+def _special_ids(meta: dict[str, Any], tokens: list[str], adds_bos: bool) -> dict[str, Any]:
+    """{start, end, pad: id or None} from the file: start is its bos when it adds one to every text."""
+    ids = {role: meta.get(f"tokenizer.ggml.{key}_token_id") for role, key in
+           (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+    ids = {role: i if isinstance(i, int) and 0 <= i < len(tokens) else None for role, i in ids.items()}
+    return {"start": ids["bos"] if meta.get("tokenizer.ggml.add_bos_token", adds_bos) else None, "end": ids["eos"],
+            "pad": ids["pad"]}
+
+
+def _added_tokens(tokens: list[str], types: list[int]) -> list[dict]:
+    """Control tokens (special) and user-defined ones (matched whole in text, not special), as tokenizer.json's."""
+    return [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": kind == 3} for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)]
+
+
+def _bos_template(tokens: list[str], bos: Any) -> Any:
+    """tokenizer.json's post-processor that begins every text with the token `bos` (None: nothing)."""
+    if bos is None:
+        return None
+    first = {"SpecialToken": {"id": tokens[bos], "type_id": 0}}
+    return {"type": "TemplateProcessing", "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [first, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}}
+
+
+def _sentencepiece(meta: dict[str, Any], tokens: list[str]) -> Tokenizer:
+    """A SentencePiece vocabulary (GGUF's llama model) as a BPE of kind hf that cuts text as llama.cpp does; llama.cpp
+    adds bos to such a vocabulary's texts unless the file says otherwise."""
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] != 5 or not t.startswith("[PAD")}
+    merges = list(meta.get("tokenizer.ggml.merges") or []) or _merges_from_scores(tokens, types, scores, vocab)
+    unknown = meta.get("tokenizer.ggml.unknown_token_id")
+    unknown = unknown if isinstance(unknown, int) and 0 <= unknown < len(tokens) else next(
+        (i for i, kind in enumerate(types) if kind == 2), None)
+    space = [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
+    hf = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": _added_tokens(tokens, types),
+          "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE}] * prefix + space},
+          "pre_tokenizer": None, "post_processor": None,
+          "decoder": {"type": "Sequence", "decoders": [
+              {"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
+              {"type": "Fuse"}, *[{"type": "Strip", "content": " ", "start": 1, "stop": 0}] * prefix]},
+          "model": {"type": "BPE", "dropout": None, "unk_token": None if unknown is None else tokens[unknown],
+                    "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                    "byte_fallback": True, "ignore_merges": False, "vocab": vocab, "merges": merges}}
+    ids = _special_ids(meta, tokens, adds_bos=True)
+    hf["post_processor"] = _bos_template(tokens, ids["start"])
+    return Tokenizer(HF_KIND, hf_json=json.dumps(hf), special_ids=ids)
+
+
+def _merges_from_scores(tokens: list[str], types: list[int], scores: list[float], vocab: dict[str, int]) -> list[str]:
+    """BPE merges equivalent to llama.cpp's SentencePiece rule (merge first the adjacent pair whose joined text is the
+    best-scoring token): every split of each ordinary token into two tokens, the best token's first; a token's own
+    splits in the order of their parts' ids."""
+    merges = []
+    for i, token in enumerate(tokens):
+        if types[i] != 1:
+            continue
+        splits = sorted(((vocab[token[:k]], vocab[token[k:]]) for k in range(1, len(token))
+                         if token[:k] in vocab and token[k:] in vocab))
+        merges += [(-scores[i], n, f"{tokens[a]} {tokens[b]}") for n, (a, b) in enumerate(splits)]
+    merges.sort(key=lambda m: (m[0], m[1]))
+    return [m[2] for m in merges]
+
+
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], rule: str) -> Tokenizer:
     """The file's BPE, cutting words by `rule` (a name in RULES), as an lmforge tokenizer of kind hf: start token the
     file's bos when it adds one to every text (llama.cpp's default for the rule when the file does not say)."""
     pre, ignore_merges, normalizer = RULES[rule]
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    control = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-                "special": True} for i, (t, kind) in enumerate(zip(tokens, types)) if kind == 3]
-    ids = {role: meta.get(f"tokenizer.ggml.{key}_token_id") for role, key in
-           (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
-    ids = {role: i if isinstance(i, int) and 0 <= i < len(tokens) else None for role, i in ids.items()}
-    bos = ids["bos"] if meta.get("tokenizer.ggml.add_bos_token", rule in ADDS_BOS) else None
-    hf = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": control, "normalizer": normalizer,
-          "pre_tokenizer": pre,
-          "post_processor": None if bos is None else {
-              "type": "TemplateProcessing",
-              "single": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-              "pair": [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                       {"Sequence": {"id": "B", "type_id": 1}}],
-              "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}}},
+    ids = _special_ids(meta, tokens, adds_bos=rule in ADDS_BOS)
+    hf = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": _added_tokens(tokens, types),
+          "normalizer": normalizer, "pre_tokenizer": pre, "post_processor": _bos_template(tokens, ids["start"]),
           "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                     "ignore_merges": ignore_merges,
                     "vocab": {t: i for i, t in enumerate(tokens) if not (types[i] == 5 and t.startswith("[PAD"))},
                     "merges": list(meta.get("tokenizer.ggml.merges") or [])}}
-    return Tokenizer(HF_KIND, hf_json=json.dumps(hf), special_ids={"start": bos, "end": ids["eos"], "pad": ids["pad"]})
+    return Tokenizer(HF_KIND, hf_json=json.dumps(hf), special_ids=ids)
