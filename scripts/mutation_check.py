@@ -377,6 +377,21 @@ MUTANTS = [
            "return text[len(bos):] if bos and text.startswith(bos) else text", "return text",
            ("tests/test_chat_template.py::"
             "test_an_imported_instruct_model_chats_in_its_own_template_as_transformers_renders_it[llama3]",)),
+    Mutant("sentencepiece-first-word-space-kept", "tokenizer.py",
+           "raw = raw[min(cut, self.strips_leading_space):]", "pass",
+           ("tests/test_sentencepiece.py::test_ids_and_text_are_transformers[llama]",)),
+    Mutant("sentencepiece-continuation-loses-its-space", "tokenizer.py",
+           "return self._utf8.decode(self._tok.decode_bytes(ids, self._skip))",
+           "return self._utf8.decode(self._tok.decode(ids, self._skip).encode())",
+           ("tests/test_sentencepiece.py::test_a_continuation_keeps_the_space_a_whole_text_drops",)),
+    Mutant("gguf-sentencepiece-scores-against-merge-order", "interop/gguf_export.py",
+           "scores[token_id] = -float(rank)", "scores[token_id] = float(rank)",
+           ("tests/test_gguf_sentencepiece.py::"
+            "test_the_vocabulary_is_written_as_sentencepiece_with_scores_in_merge_order[llama]",)),
+    Mutant("gguf-sentencepiece-merges-from-scores-worst-first", "interop/gguf_import.py",
+           "merges.sort(key=lambda m: (m[0], m[1]))", "merges.sort(key=lambda m: (-m[0], m[1]))",
+           ("tests/test_gguf_sentencepiece.py::"
+            "test_a_file_with_scores_only_imports_the_merges_its_scores_imply[llama2-legacy]",)),
 ]
 
 
