@@ -373,8 +373,9 @@ MUTANTS = [
            r"\p{N}{1,3}| ?", r"\p{N}+| ?",
            ("tests/test_gguf_pretokenizers.py::"
             "test_a_bpe_with_a_named_rule_goes_through_gguf_and_back_cutting_text_as_the_original[llama-bpe]",)),
-    Mutant("chat-template-bos-twice", "data/tasks.py",
-           "return text[len(bos):] if bos and text.startswith(bos) else text", "return text",
+    Mutant("chat-template-bos-twice", "generate/rows.py",
+           "if tokenizer.start_id is not None and ids[:1] != [tokenizer.start_id]:",
+           "if tokenizer.start_id is not None:",
            ("tests/test_chat_template.py::"
             "test_an_imported_instruct_model_chats_in_its_own_template_as_transformers_renders_it[llama3]",)),
     Mutant("sentencepiece-first-word-space-kept", "tokenizer.py",
@@ -392,6 +393,18 @@ MUTANTS = [
            "merges.sort(key=lambda m: (m[0], m[1]))", "merges.sort(key=lambda m: (-m[0], m[1]))",
            ("tests/test_gguf_sentencepiece.py::"
             "test_a_file_with_scores_only_imports_the_merges_its_scores_imply[llama2-legacy]",)),
+    Mutant("sentencepiece-completion-encoded-as-a-text-of-its-own", "data/tasks.py",
+           "completions = tok.encode_continuations([c for _, c in pairs])",
+           "completions = tok.encode_batch_arrays([c for _, c in pairs])",
+           ("tests/test_sentencepiece_uses.py::"
+            "test_an_sft_example_is_transformers_tokenization_of_the_prompt_followed_by_the_completion[llama]",)),
+    Mutant("sentencepiece-guided-choice-after-a-space", "generate/rows.py",
+           "guided_choice_ids=[tokenizer.encode_continuation(c) for c in config.guided_choice]",
+           "guided_choice_ids=[tokenizer.encode(c) for c in config.guided_choice]",
+           ("tests/test_sentencepiece_uses.py::test_guided_choice_answers_with_exactly_one_of_the_choices[llama]",)),
+    Mutant("sentencepiece-bits-per-byte-count-the-first-space", "eval/perplexity.py",
+           "total -= len(tokenizer.id_to_bytes(first)) - len(tokenizer.text_start_bytes(first))", "pass",
+           ("tests/test_sentencepiece_uses.py::test_bits_per_byte_of_text_files_count_the_texts_utf8_bytes[llama]",)),
 ]
 
 

@@ -27,6 +27,7 @@ from lmforge.config import ModelConfig, RunConfig  # noqa: E402
 from lmforge.data.chat_template import render, to_jinja, user_header  # noqa: E402
 from lmforge.data.tasks import CHAT_TEMPLATE, render_chat, resolve_template  # noqa: E402
 from lmforge.errors import ConfigError, TokenizerError  # noqa: E402
+from lmforge.generate import prompt_ids  # noqa: E402
 from lmforge.generate.api import TextGenerator  # noqa: E402
 from lmforge.interop.gguf_export import export_gguf  # noqa: E402
 from lmforge.interop.hf_export import export_hf  # noqa: E402
@@ -228,7 +229,10 @@ def test_a_template_gets_the_start_and_end_tokens_transformers_gives_it(tmp_path
     bos = {"chatml": "", "llama3": "<|begin_of_text|>"}[style]
     eos = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[style]
     assert theirs.startswith(f"{bos}[{bos}]<|im_start|>user\nHello, who are you?{eos}\n")
-    assert generator.render_chat(MESSAGES) == theirs[len(bos):]  # the leading start token: prompt_ids puts it
+    assert generator.render_chat(MESSAGES) == theirs  # its start token too: prompt_ids puts no second one
+    their_ids = transformers.AutoTokenizer.from_pretrained(hf_dir).apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert prompt_ids(generator.tokenizer, theirs) == their_ids
     assert generator.chat_stop() == "<|im_start|>user\n"  # what follows every reply (eos) is no part of it
 
 
@@ -239,7 +243,8 @@ def test_the_stop_string_of_a_template_that_opens_user_turns_with_the_start_toke
         "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}", encoding="utf-8")
     generator = _imported(hf_dir, tmp_path / "run")
     assert generator.chat_stop() == "<|begin_of_text|>[INST] "
-    assert generator.render_chat(MESSAGES) == "[INST] Hello, who are you? [/INST]A small model.  <|eot_id|>" \
+    assert generator.render_chat(MESSAGES) == "<|begin_of_text|>[INST] Hello, who are you? [/INST]A small model.  " \
+        "<|eot_id|>" \
         "<|begin_of_text|>[INST] Say 42 in French.\n [/INST]"
 
 

@@ -35,6 +35,12 @@ TEXTS = ["Hello, world!", " a leading space", "two  spaces and a tab\there", "na
 STYLES = ("llama", "llama2-legacy", "gemma")
 
 
+def single_start(ids: list[int]) -> list[int]:
+    """transformers' ids of a text that writes the start token itself, as lmforge's prompt_ids gives them: one start
+    token, not a second before it (transformers adds one regardless)."""
+    return ids[1:] if ids[:2] == [1, 1] else ids
+
+
 def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A BPE vocabulary learned on CORPUS in Llama 2's layout: <unk> <s> </s>, the 256 <0xNN> bytes, the rest."""
     from tokenizers import models, pre_tokenizers, trainers
@@ -116,7 +122,7 @@ def test_ids_and_text_are_transformers(hf_dirs, runs, style):
     assert tok.strips_leading_space == (0 if style == "gemma" else 1)
     for text in TEXTS:
         ids = theirs(text).input_ids
-        assert prompt_ids(tok, text) == ids, text
+        assert prompt_ids(tok, text) == single_start(ids), text
         assert tok.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
         assert tok.decode(ids, skip_special=False) == theirs.decode(ids), text
     batch = [prompt_ids(tok, "")[:1] + ids.tolist() for ids in tok.encode_batch_arrays(TEXTS)]

@@ -96,6 +96,7 @@ class Tokenizer:
     chat_template: str | None = None  # an imported model's own (Jinja) chat template: data.chat_template
     strips_leading_space: int = 0  # SentencePiece-style (kind hf): spaces decode drops from a text's start
     _first_token_bytes: dict[int, bytes] = {}  # SentencePiece's Metaspace decoder: {id: bytes as a text's first}
+    _hf_continuing = None  # SentencePiece-style: the tokenizer without the space before a text's first word
 
     def __init__(self, kind: str, special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS, *,
                  chars: list[str] | None = None, hf_json: str | None = None,
@@ -143,6 +144,7 @@ class Tokenizer:
         self._chars = []
         self._char_table = None
         self._id_bytes, self.strips_leading_space, self._first_token_bytes = _hf_all_id_bytes(self._hf)
+        self._hf_continuing = _without_prefix_space(self._hf)
         self.vocab_size = len(self._id_bytes)
         for role in SPECIAL_ROLES:
             token_id = special_ids.get(role)
@@ -204,6 +206,27 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts; ``encode_batch(ts)[i] == encode(ts[i])``."""
         return [a.tolist() for a in self.encode_batch_arrays(texts)]
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """The ids of ``text`` written right after other text (a completion after its prompt, a choice after the
+        prompt it answers): ``encode`` but for a SentencePiece-style tokenizer, which writes a space before a text's
+        first word, without that space (as the text would be cut inside a longer one)."""
+        return self.encode_continuations([text])[0].tolist()
+
+    def encode_continuations(self, texts: list[str]) -> list[np.ndarray]:
+        """encode_continuation of many texts, as int64 arrays."""
+        hf = getattr(self, "_hf_continuing", None)
+        if hf is None:
+            return self.encode_batch_arrays(texts)
+        return [np.asarray(e.ids, dtype=np.int64) for e in hf.encode_batch(texts, add_special_tokens=False)]
+
+    def text_start_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` adds as a text's first token (decode drops a SentencePiece-style first space)."""
+        raw = self.id_to_bytes(token_id)
+        if token_id in self._first_token_bytes:
+            return self._first_token_bytes[token_id]
+        cut = min(len(raw) - len(raw.lstrip(b" ")), self.strips_leading_space)
+        return raw[cut:]
 
     # ------------------------------------------------------------------------------------ decoding
     def id_to_bytes(self, token_id: int) -> bytes:
@@ -534,6 +557,28 @@ def _hf_all_id_bytes(hf) -> tuple[list[bytes], int, dict[int, bytes]]:
     return out, strip, first
 
 
+def _without_prefix_space(hf):
+    """A copy of an imported tokenizer that writes no space before a text's first word (its Prepend normalizer left
+    out, its Metaspace pre-tokenizer set to prepend never), or None when it writes none anyway."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    spec = json.loads(hf.to_str())
+    normalizer, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    changed = False
+    if normalizer.get("type") == "Prepend":
+        spec["normalizer"], changed = None, True
+    elif normalizer.get("type") == "Sequence" and any(n.get("type") == "Prepend" for n in normalizer["normalizers"]):
+        normalizer["normalizers"] = [n for n in normalizer["normalizers"] if n.get("type") != "Prepend"]
+        changed = True
+    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
+    for step in steps:
+        if step.get("type") == "Metaspace" and (step.get("prepend_scheme") or "always") != "never" \
+                and step.get("add_prefix_space", True):
+            step["prepend_scheme"], changed = "never", True
+            step.pop("add_prefix_space", None)
+    return HFTokenizer.from_str(json.dumps(spec)) if changed else None
+
+
 _TO_BYTE = {c: b for b, c in _gpt2_byte_to_unicode().items()}
 
 
@@ -566,8 +611,8 @@ def _sentencepiece_rule(steps: list[dict], decoder: dict):
             break
     if not space and not byte_fallback:
         raise TokenizerError(f"the tokenizer's decoder ({_decoder_name(decoder)}) is neither byte-level nor "
-                             "SentencePiece-style: lmforge imports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, ...) "
-                             "and SentencePiece-style ones (Llama 2, TinyLlama, Mistral, Gemma)")
+                             "SentencePiece-style: lmforge imports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, "
+                             "...) and SentencePiece-style ones (Llama 2, TinyLlama, Mistral, Gemma)")
 
     def token_bytes(token: str) -> bytes:
         if byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):

@@ -127,8 +127,8 @@ def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str, str]], max_length: 
     out = Encoded(margins=None if margins is None else [])
     start = 0 if tok.start_id is None else 1
     prompts = tok.encode_batch_arrays([p for p, _, _ in pairs])
-    chosen = tok.encode_batch_arrays([c for _, c, _ in pairs])
-    rejected = tok.encode_batch_arrays([r for _, _, r in pairs])
+    chosen = tok.encode_continuations([c for _, c, _ in pairs])  # cut as inside prompt + completion
+    rejected = tok.encode_continuations([r for _, _, r in pairs])
     for k, (prompt, c, r) in enumerate(zip(prompts, chosen, rejected)):
         longest = max(len(c), len(r))
         cut = start + len(prompt) + longest + 1 > max_length

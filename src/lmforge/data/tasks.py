@@ -71,7 +71,7 @@ from lmforge.data.prepare import split_counts
 from lmforge.data.shards import MANIFEST, SPLITS, check_dataset_output
 from lmforge.errors import ConfigError, DataError
 from lmforge.files import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text, check_apart, sha256_file
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import HF_KIND, Tokenizer
 
 FORMAT = "lmforge-task-v1"
 TASKS = ("sft", "classify", "preference", "unpaired")
@@ -136,12 +136,17 @@ def own_chat(tok: Tokenizer) -> Optional[dict]:
         return None
     names = tok.special_tokens
     return {"jinja": tok.chat_template, "bos_token": names[0] if tok.start_id is not None else None,
-            "eos_token": names[1] if tok.end_id is not None else None}
+            "eos_token": names[1] if tok.end_id is not None else None,
+            # an imported tokenizer reads a bos written in the text as the start token, and cuts what follows as
+            # text after a special token (as apply_chat_template does); lmforge's own kinds would spell it out
+            "keep_bos": tok.kind == HF_KIND}
 
 
 def render_chat(template: dict, turns: list[dict]) -> str:
     """The prompt text of a conversation: every turn before the reply, then the reply's header. A model's own Jinja
-    template is rendered without its leading start token: the encoding puts the start token first itself."""
+    template keeps the start token it writes where the tokenizer reads it in text (kind hf: the text is then what
+    apply_chat_template gives, and prompt_ids adds no second); for lmforge's own kinds it is left out (the encoding
+    puts the start token first itself)."""
     chat = template["chat"]
     if "jinja" in chat:
         from lmforge.data import chat_template
@@ -149,7 +154,7 @@ def render_chat(template: dict, turns: list[dict]) -> str:
         text = chat_template.render(chat["jinja"], turns, add_generation_prompt=True, bos_token=chat["bos_token"],
                                     eos_token=chat["eos_token"])
         bos = chat["bos_token"]
-        return text[len(bos):] if bos and text.startswith(bos) else text
+        return text[len(bos):] if bos and text.startswith(bos) and not chat.get("keep_bos") else text
     return "".join(chat["turn"].format(role=t["role"], content=t["content"]) for t in turns) + chat["reply"]
 
 
@@ -341,10 +346,12 @@ def encode_example(tok: Tokenizer, prompt: np.ndarray, completion: np.ndarray, m
                    drop_long: bool) -> tuple[Optional[np.ndarray], int, str]:
     """(ids, prompt_length, "ok" | "truncated" | "dropped") of one example; ids is None when dropped.
 
-    ids = [start] + prompt + completion + [end]; prompt_length = tokens before the completion. The truncation
-    policy is the module docstring's (step 5).
+    ids = [start] + prompt + completion + [end] (no second start when the prompt writes it: a model's own chat
+    template with its bos); prompt_length = tokens before the completion. The truncation policy is the module
+    docstring's (step 5).
     """
-    start = np.array([] if tok.start_id is None else [tok.start_id], dtype=np.int64)
+    writes_start = tok.start_id is None or (len(prompt) > 0 and prompt[0] == tok.start_id)  # a chat template's bos
+    start = np.array([] if writes_start else [tok.start_id], dtype=np.int64)
     end = np.array([tok.end_id], dtype=np.int64)
     status = "ok"
     if len(start) + len(prompt) + len(completion) + 1 > max_length:
@@ -365,7 +372,7 @@ def encode_split(tok: Tokenizer, pairs: list[tuple[str, str]], max_length: int, 
     the index of each pair that became an example (not dropped)."""
     out = Encoded()
     prompts = tok.encode_batch_arrays([p for p, _ in pairs])
-    completions = tok.encode_batch_arrays([c for _, c in pairs])
+    completions = tok.encode_continuations([c for _, c in pairs])  # cut as inside prompt + completion
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         ids, prompt_length, status = encode_example(tok, prompt, completion, max_length, drop_long)
         out.truncated += status == "truncated"

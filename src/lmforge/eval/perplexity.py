@@ -147,10 +147,19 @@ def split_bytes(manifest: dict, split: str) -> Optional[int]:
 def predicted_bytes(tokenizer: Any, tokens: np.ndarray, chunk: int = 1 << 20) -> int:
     """UTF-8 bytes of the text of tokens[1:] (the predicted ones), decoded a chunk at a time.
 
-    Every tokenizer maps each id to a fixed byte string, so the count adds up over chunks.
+    Every tokenizer maps each id to a fixed byte string, so the count adds up over chunks; a document's first token
+    (after a start token) counts the bytes it adds to a text's start (a SentencePiece-style tokenizer's first-word
+    space is no text).
     """
-    return sum(len(tokenizer.decode_bytes(np.asarray(tokens[s:s + chunk]).tolist(), skip_special=True))
-               for s in range(1, len(tokens), chunk))
+    tokens = np.asarray(tokens)
+    total = sum(len(tokenizer.decode_bytes(tokens[s:s + chunk].tolist(), skip_special=True))
+                for s in range(1, len(tokens), chunk))
+    if getattr(tokenizer, "strips_leading_space", 0) or getattr(tokenizer, "_first_token_bytes", None):
+        for i in np.flatnonzero(tokens[:-1] == tokenizer.start_id) + 1:
+            first = int(tokens[i])
+            if first not in tokenizer.special_token_ids:
+                total -= len(tokenizer.id_to_bytes(first)) - len(tokenizer.text_start_bytes(first))
+    return total
 
 
 def text_tokens(inputs: list[str], tokenizer: Any) -> np.ndarray:

@@ -27,9 +27,11 @@ def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     """<START> + the prompt's tokens, the way training documents begin.
 
     A tokenizer without a start token (GPT-2's) puts nothing first; an empty prompt then starts from its
-    end token, as GPT-2 samples "from nothing" (its <|endoftext|> separates documents)."""
-    start = [tokenizer.start_id] if tokenizer.start_id is not None else []
-    ids = start + tokenizer.encode(prompt)
+    end token, as GPT-2 samples "from nothing" (its <|endoftext|> separates documents). A prompt that writes the
+    start token itself (an imported tokenizer reads special tokens in text: a chat template's bos) gets no second."""
+    ids = tokenizer.encode(prompt)
+    if tokenizer.start_id is not None and ids[:1] != [tokenizer.start_id]:
+        ids = [tokenizer.start_id] + ids
     if not ids and tokenizer.end_id is not None:
         ids = [tokenizer.end_id]
     return ids
@@ -276,7 +278,8 @@ def within_tokenizer(config: GenerateConfig, vocab_size: int, tokenizer: Any) ->
 def with_token_ids(config: GenerateConfig, tokenizer: Any) -> GenerateConfig:
     """`config` with the texts that stand for token sequences encoded: bad_words into bad_words_ids, each text as
     written and after a space (a word inside the text is often another token than at its start), as vLLM does;
-    guided_choice into guided_choice_ids, each as the tokenizer encodes it; negative_prompt into
+    guided_choice into guided_choice_ids, each as the tokenizer encodes it after the prompt (encode_continuation:
+    no SentencePiece first-word space); negative_prompt into
     negative_prompt_ids, as a prompt (prompt_ids)."""
     if not config.bad_words and config.guided_choice is None and config.negative_prompt is None:
         return config
@@ -290,10 +293,11 @@ def with_token_ids(config: GenerateConfig, tokenizer: Any) -> GenerateConfig:
         sequences = [list(ids) for ids in config.bad_words_ids or ()]
         for word in config.bad_words:
             for form in (word.lstrip(), " " + word.lstrip()):
-                ids = tokenizer.encode(form)
+                ids = tokenizer.encode_continuation(form)
                 if ids and ids not in sequences:
                     sequences.append(ids)
         changes.update(bad_words=None, bad_words_ids=sequences)
     if config.guided_choice is not None:
-        changes.update(guided_choice=None, guided_choice_ids=[tokenizer.encode(c) for c in config.guided_choice])
+        changes.update(guided_choice=None,
+                       guided_choice_ids=[tokenizer.encode_continuation(c) for c in config.guided_choice])
     return dataclasses.replace(config, **changes)
