@@ -350,8 +350,9 @@ def encode_example(tok: Tokenizer, prompt: np.ndarray, completion: np.ndarray, m
     template with its bos); prompt_length = tokens before the completion. The truncation policy is the module
     docstring's (step 5).
     """
-    writes_start = tok.start_id is None or (len(prompt) > 0 and prompt[0] == tok.start_id)  # a chat template's bos
-    start = np.array([] if writes_start else [tok.start_id], dtype=np.int64)
+    if tok.start_id is not None and len(prompt) > 0 and prompt[0] == tok.start_id:  # a chat template's own bos
+        prompt = prompt[1:]  # stands first as the start token (kept when the prompt is cut from the left)
+    start = np.array([] if tok.start_id is None else [tok.start_id], dtype=np.int64)
     end = np.array([tok.end_id], dtype=np.int64)
     status = "ok"
     if len(start) + len(prompt) + len(completion) + 1 > max_length:
