@@ -220,6 +220,11 @@ class Tokenizer:
             return self.encode_batch_arrays(texts)
         return [np.asarray(e.ids, dtype=np.int64) for e in hf.encode_batch(texts, add_special_tokens=False)]
 
+    @property
+    def writes_first_space(self) -> bool:
+        """Whether the encoding writes a space before a text's first word that decode drops (SentencePiece-style)."""
+        return bool(self.strips_leading_space or self._first_token_bytes)
+
     def text_start_bytes(self, token_id: int) -> bytes:
         """The bytes ``token_id`` adds as a text's first token (decode drops a SentencePiece-style first space)."""
         raw = self.id_to_bytes(token_id)

@@ -154,7 +154,7 @@ def predicted_bytes(tokenizer: Any, tokens: np.ndarray, chunk: int = 1 << 20) ->
     tokens = np.asarray(tokens)
     total = sum(len(tokenizer.decode_bytes(tokens[s:s + chunk].tolist(), skip_special=True))
                 for s in range(1, len(tokens), chunk))
-    if getattr(tokenizer, "strips_leading_space", 0) or getattr(tokenizer, "_first_token_bytes", None):
+    if getattr(tokenizer, "writes_first_space", False):
         for i in np.flatnonzero(tokens[:-1] == tokenizer.start_id) + 1:
             first = int(tokens[i])
             if first not in tokenizer.special_token_ids:

@@ -205,11 +205,12 @@ def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Vocabulary:
     import gguf
 
     scores, prefix, unknown, plain = None, False, None, set()
+    sentencepiece = _sentencepiece_json(tokenizer)
     if tokenizer.kind in ("char", "byte"):
         model, pre, tokens, merges = "llama", "default", _character_vocabulary(tokenizer), []
-    elif _sentencepiece_json(tokenizer) is not None:
+    elif sentencepiece is not None:
         model, pre = "llama", "default"
-        tokens, merges, scores, prefix, unknown, plain = _sentencepiece(tokenizer)
+        tokens, merges, scores, prefix, unknown, plain = _sentencepiece(*sentencepiece)
     else:
         model, (pre, tokens, merges) = "gpt2", _byte_level_bpe(tokenizer)
     if len(tokens) > vocab_size:
@@ -283,12 +284,11 @@ def _sentencepiece_json(tokenizer: Tokenizer) -> Optional[tuple[dict, bool]]:
     return None
 
 
-def _sentencepiece(tokenizer: Tokenizer) -> tuple[list[str], list[str], list[float], bool, Optional[int], set[int]]:
+def _sentencepiece(hf: dict, prefix: bool) -> tuple[list[str], list[str], list[float], bool, Optional[int], set[int]]:
     """(tokens, merges, scores, space prefix, the unknown token's id, ids of added tokens that are not special) of an
-    imported SentencePiece-style BPE. llama.cpp merges by score, the token a merge makes: its score is minus the
-    merge's rank, so llama.cpp merges in the order the BPE does; the merges are written too (transformers reads
-    them)."""
-    hf, prefix = _sentencepiece_json(tokenizer)
+    imported SentencePiece-style BPE (its tokenizer.json, _sentencepiece_json's). llama.cpp merges by score, the
+    token a merge makes: its score is minus the merge's rank, so llama.cpp merges in the order the BPE does; the
+    merges are written too (transformers reads them)."""
     model = hf["model"]
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in hf.get("added_tokens") or []}}
     tokens = [""] * (max(vocab.values()) + 1)
