@@ -157,7 +157,11 @@ def _add_prepare(sub: Any) -> None:
     t.add_argument("--label-field", default="label", metavar="NAME",
                    help="classify and unpaired: record field of the label")
     t.add_argument("--messages-field", default="messages", metavar="NAME",
-                   help="record field of a conversation (a list of {role, content} turns, the last the reply)")
+                   help="record field of a conversation (a list of {role, content} turns, the last the reply; an "
+                   "assistant turn may have tool_calls, a tool turn their result)")
+    t.add_argument("--tools-field", default="tools", metavar="NAME",
+                   help="with --messages-field: record field of the function tools the conversation may call "
+                   "([{type: function, function: {name, description, parameters}}], as apply_chat_template's tools)")
     t.add_argument("--max-length", type=int, metavar="N",
                    help="most tokens per example (default: the base model's block_size + 1 for sft and preference, "
                         "block_size for classify); longer sft examples lose prompt tokens from the left, then "
@@ -232,7 +236,7 @@ def _run_prepare_task(args: argparse.Namespace) -> int:
         args.inputs, args.out, task=args.task, tokenizer_file=ckpt / "tokenizer.json", base=str(ckpt),
         max_length=max_length, template=args.template, drop_long=args.drop_long, skip_bad=args.skip_bad,
         fields=Fields(args.prompt_field, args.completion_field, args.messages_field, args.text_field, args.label_field,
-                      args.chosen_field, args.rejected_field),
+                      args.chosen_field, args.rejected_field, args.tools_field),
         keep_duplicates=args.keep_duplicates, split=_parse_split(args.split), seed=args.seed, force=args.force)
     print(format_task_report(report))
     return 0

@@ -3,9 +3,11 @@ SmolLM2-Instruct, ...) expects a conversation to be written. Hugging Face keeps 
 tokenizer_config.json (or chat_template.jinja), GGUF as tokenizer.chat_template; lmforge keeps it with the tokenizer
 (Tokenizer.chat_template), so it travels into fine-tuned runs and out again through every export.
 
-It is rendered as transformers' apply_chat_template renders it: Jinja with `messages` ([{"role", "content"}, ...]),
-`add_generation_prompt` (end with the header of the assistant's reply), `bos_token`, `eos_token`, `raise_exception`
-and `strftime_now`. A template is data from a file, so it runs in Jinja's immutable sandbox: it reads what it is
+It is rendered as transformers' apply_chat_template renders it: Jinja with `messages` ([{"role", "content"}, ...];
+an assistant turn may hold `tool_calls`, a tool turn answers one: data.conversation), `tools` (function tools, or
+None), `add_generation_prompt` (end with the header of the assistant's reply), `bos_token`, `eos_token`,
+`raise_exception`, `strftime_now`, transformers' `tojson` (keys kept in order, no HTML escapes) and its
+`{% generation %}` blocks. A template is data from a file, so it runs in Jinja's immutable sandbox: it reads what it is
 given and calls those functions, never Python's internals.
 
 A model trained by lmforge on chat records has lmforge's own format instead (data.tasks.CHAT_TEMPLATE); to_jinja
@@ -34,12 +36,37 @@ def _raise_exception(message: str) -> None:
     raise _TemplateRaised(message)
 
 
+def _tojson(value: Any, ensure_ascii: bool = False, indent: Optional[int] = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """transformers' tojson filter: json.dumps as it is (keys in their order, no HTML escapes), not Jinja's own."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _generation_tag() -> Any:
+    """The {% generation %} ... {% endgeneration %} block transformers' templates may mark the assistant's text
+    with (for its assistant masks): rendered as its body."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return Generation
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(source: str) -> Any:
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols", _generation_tag()])
+    env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
@@ -50,16 +77,19 @@ def _compiled(source: str) -> Any:
 
 
 def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool = True,
-           bos_token: Optional[str] = None, eos_token: Optional[str] = None) -> str:
+           bos_token: Optional[str] = None, eos_token: Optional[str] = None,
+           tools: Optional[Sequence[dict]] = None) -> str:
     """The conversation as the template writes it (ConfigError, in one line, when the template refuses the
-    conversation or fails)."""
+    conversation or fails). tools: function tools the template may list (transformers' apply_chat_template(tools=...):
+    [{"type": "function", "function": {...}}]; None when there are none, as there)."""
     from jinja2 import TemplateError
     from jinja2.exceptions import SecurityError
 
     template = _compiled(source)
     try:
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token or "", eos_token=eos_token or "")
+        return template.render(messages=list(messages), tools=list(tools) if tools else None,
+                               add_generation_prompt=add_generation_prompt, bos_token=bos_token or "",
+                               eos_token=eos_token or "")
     except _TemplateRaised as e:
         raise ConfigError(f"the model's chat template refuses this conversation: {e}") from None
     except SecurityError as e:

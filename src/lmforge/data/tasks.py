@@ -66,6 +66,7 @@ import numpy as np
 
 import lmforge
 from lmforge.data.batches import Examples
+from lmforge.data.conversation import calls_as_text, chat_tools, chat_turns, tools_turn, writes_calls
 from lmforge.data.corpus import JSON_ERRORS, decode_clean, find_files, json_problem
 from lmforge.data.prepare import split_counts
 from lmforge.data.shards import MANIFEST, SPLITS, check_dataset_output
@@ -86,6 +87,7 @@ DEFAULT_TEMPLATE = "plain"
 TEXT_TASKS = ("sft", "preference", "unpaired")  # tasks whose examples are prompt + completion, with a template
 # Records with a messages field: every turn before the reply, then the reply's header; the reply is the completion.
 CHAT_TEMPLATE = {"turn": "<|{role}|>\n{content}\n", "reply": "<|assistant|>\n"}
+REPLY_PROBE = "lmforgeprobereply"  # a plain word no template changes: where a reply's text ends in a template
 MAX_LISTED_BAD = 1000  # bad records listed by name in the report (all are counted)
 
 
@@ -142,20 +144,54 @@ def own_chat(tok: Tokenizer) -> Optional[dict]:
             "keep_bos": tok.kind == HF_KIND}
 
 
-def render_chat(template: dict, turns: list[dict]) -> str:
+def render_chat(template: dict, turns: list[dict], tools: Any = None) -> str:
     """The prompt text of a conversation: every turn before the reply, then the reply's header. A model's own Jinja
     template keeps the start token it writes where the tokenizer reads it in text (kind hf: the text is then what
     apply_chat_template gives, and prompt_ids adds no second); for lmforge's own kinds it is left out (the encoding
-    puts the start token first itself)."""
+    puts the start token first itself). Turns may call tools and tools may be given (data.conversation: a template
+    that writes calls gets them as transformers gives them; lmforge's own format lists the tools in a first turn).
+    ConfigError, in one line, for a malformed conversation or one the template refuses."""
+    turns, tools = chat_turns(turns), chat_tools(tools)
     chat = template["chat"]
     if "jinja" in chat:
-        from lmforge.data import chat_template
-
-        text = chat_template.render(chat["jinja"], turns, add_generation_prompt=True, bos_token=chat["bos_token"],
-                                    eos_token=chat["eos_token"])
+        text = _render_jinja(chat, turns, tools, add_generation_prompt=True)
         bos = chat["bos_token"]
         return text[len(bos):] if bos and text.startswith(bos) and not chat.get("keep_bos") else text
+    listed = tools and chat.get("tools_turn", True)  # False: a model never fine-tuned on conversations
+    turns = ([tools_turn(tools)] if listed else []) + [calls_as_text(t) for t in turns]
     return "".join(chat["turn"].format(role=t["role"], content=t["content"]) for t in turns) + chat["reply"]
+
+
+def _render_jinja(chat: dict, turns: list[dict], tools: Optional[list[dict]], add_generation_prompt: bool) -> str:
+    from lmforge.data import chat_template
+
+    source = chat["jinja"]
+    if not writes_calls(source):  # a template that knows no calls reads them as the turn's text
+        turns = [calls_as_text(t) for t in turns]
+    return chat_template.render(source, turns, add_generation_prompt=add_generation_prompt, tools=tools,
+                                bos_token=chat["bos_token"], eos_token=chat["eos_token"])
+
+
+def reply_text(template: dict, turns: list[dict], tools: Any = None) -> str:
+    """The completion a conversation ending in the assistant's turn teaches: the turn's text; for a turn that calls
+    tools, the calls as the template writes them after the reply's header (a model's own Jinja template: the whole
+    conversation less render_chat's prompt and the turn's end, which the end token stands for; other templates: one
+    JSON object per call, as render_chat writes past turns). ConfigError, in one line, when the template's text
+    for the turn does not follow its prompt."""
+    turns, tools = chat_turns(turns), chat_tools(tools)
+    last, chat = turns[-1], template["chat"]
+    if not last.get("tool_calls"):
+        return last["content"]
+    if "jinja" not in chat or not writes_calls(chat["jinja"]):
+        return calls_as_text(last)["content"]
+    prompt = _render_jinja(chat, turns[:-1], tools, add_generation_prompt=True)
+    whole = _render_jinja(chat, turns, tools, add_generation_prompt=False)
+    probe = _render_jinja(chat, turns[:-1] + [{"role": "assistant", "content": REPLY_PROBE}], tools, False)
+    end = probe[probe.rindex(REPLY_PROBE) + len(REPLY_PROBE):] if REPLY_PROBE in probe else ""
+    if not whole.startswith(prompt) or not whole.endswith(end) or len(whole) - len(end) <= len(prompt):
+        raise ConfigError("the model's chat template does not write this turn's tool calls after the reply's header "
+                          "it writes for the prompt, so they cannot be learned as a completion")
+    return whole[len(prompt):len(whole) - len(end)]
 
 
 def chat_stop(template: dict) -> str:
@@ -181,6 +217,7 @@ class Fields:
     label: str = "label"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    tools: str = "tools"  # with messages: the function tools the conversation may call (data.conversation)
 
 
 class BadRecord(Exception):
@@ -305,16 +342,16 @@ def _chat_texts(record: dict, template: dict, fields: Fields) -> tuple[str, str]
     turns = record[fields.messages]
     if not isinstance(turns, list) or not turns:
         raise BadRecord(f"field {fields.messages!r} must be a non-empty list of {{\"role\", \"content\"}} turns")
-    for i, turn in enumerate(turns):
-        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
-            raise BadRecord(f"{fields.messages}[{i}] is not a {{\"role\": string, \"content\": string}} turn")
-    if turns[-1]["role"] != "assistant":
-        raise BadRecord(f"the last turn of {fields.messages!r} is {turns[-1]['role']!r}, not the assistant's reply")
-    if not turns[-1]["content"].strip():
-        raise BadRecord(f"empty completion (the last assistant turn of {fields.messages!r})")
     try:
-        return render_chat(template, turns[:-1]), turns[-1]["content"]
-    except ConfigError as e:  # the model's own chat template refuses this conversation
+        turns, tools = chat_turns(turns, fields.messages), chat_tools(record.get(fields.tools), fields.tools)
+        if turns[-1]["role"] != "assistant":
+            raise BadRecord(f"the last turn of {fields.messages!r} is {turns[-1]['role']!r}, not the assistant's "
+                            "reply")
+        completion = reply_text(template, turns, tools)
+        if not completion.strip():
+            raise BadRecord(f"empty completion (the last assistant turn of {fields.messages!r})")
+        return render_chat(template, turns[:-1], tools), completion
+    except ConfigError as e:  # a malformed conversation, or one the model's own chat template refuses
         raise BadRecord(str(e)) from None
 
 
@@ -522,7 +559,8 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
             raise DataError(f"the {name} split has no examples left: all {enc.dropped} were longer than "
                             f"max_length={max_length} and --drop-long dropped them; raise --max-length")
     header = {"task": task, "template": tmpl,
-              "fields": {"prompt": fields.prompt, "completion": fields.completion, "messages": fields.messages},
+              "fields": {"prompt": fields.prompt, "completion": fields.completion, "messages": fields.messages,
+                         "tools": fields.tools},
               **common.pop("header")}
     return _write_task_dir(encoded, header, lambda entries: {
         "task": task, "records": records, "chat_records": chat, "examples": len(pairs),

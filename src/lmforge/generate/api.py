@@ -220,14 +220,17 @@ class TextGenerator:
 
         if self.template is not None:
             return self.template
-        return {"chat": own_chat(self.tokenizer) or CHAT_TEMPLATE}
+        # a model never fine-tuned on conversations knows no tools turn: tools are not listed for it
+        return {"chat": own_chat(self.tokenizer) or {**CHAT_TEMPLATE, "tools_turn": False}}
 
-    def render_chat(self, messages: Sequence[dict]) -> str:
+    def render_chat(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None) -> str:
         """The text the model continues for a conversation ([{"role", "content"}, ...]): every turn through the
-        model's chat template (see _chat_template), then the header of the assistant's reply."""
+        model's chat template (see _chat_template), then the header of the assistant's reply. An assistant turn may
+        hold tool_calls and tools lists the functions the model may call, as in apply_chat_template
+        (lmforge.data.conversation)."""
         from lmforge.data.tasks import render_chat
 
-        return render_chat(self._chat_template(), list(messages))
+        return render_chat(self._chat_template(), list(messages), list(tools) if tools else None)
 
     def chat_stop(self) -> str:
         """The header of a user turn: a model that goes on past its reply would write it next."""

@@ -200,6 +200,7 @@ class TokenizeRequest(BaseModel):
     model: Optional[str] = None
     prompt: Optional[Text] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[Tool]] = None  # with messages: the function tools the chat template lists
     add_special_tokens: StrictBool = True
 
 
@@ -731,7 +732,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
     async def start_chat(body: ChatRequest, request: Request) -> tuple[list[Job], int, bool]:
         """(the jobs of a chat request, submitted to the engine; its prompt tokens; whether it has tools)."""
         try:  # the conversation through the model's chat template, the reply's header last
-            text = generator.render_chat(_turns(body.messages))
+            text = generator.render_chat(_turns(body.messages), _tools(body))
         except ConfigError as e:
             raise ApiError(422, str(e), "messages") from None
         tools, text_too = _tool_schema(body)
@@ -871,7 +872,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             raise ApiError(422, "give a prompt or messages (one of them)", "prompt")
         try:  # the text /v1/completions or /v1/chat/completions would feed the model
             text = generator.render(body.prompt) if body.messages is None else \
-                generator.render_chat(_turns(body.messages))
+                generator.render_chat(_turns(body.messages), _tools(body))
         except ConfigError as e:
             raise ApiError(422, str(e), "prompt" if body.messages is None else "messages") from None
         tokenizer = generator.tokenizer
@@ -1107,23 +1108,16 @@ async def _build_automaton(jobs: list[Job], config: ServeConfig, one_at_a_time: 
 
 
 def _turns(messages: list[ChatMessage]) -> list[dict]:
-    """The chat template's turns ({role, content}) of a conversation; an assistant turn that called tools shows
-    its calls as the model wrote them, {"name": ..., "arguments": {...}}, one per line."""
-    turns = []
-    for m in messages:
-        content = m.content
-        if m.tool_calls:
-            try:
-                calls = [json.dumps({"name": c["function"]["name"],
-                                     "arguments": json.loads(c["function"]["arguments"])}) for c in m.tool_calls]
-            except (KeyError, TypeError, ValueError):
-                raise ApiError(422, 'a tool call is {"id": ..., "type": "function", "function": {"name": ..., '
-                               '"arguments": "<JSON text>"}}', "messages") from None
-            content = "\n".join(([content] if content else []) + calls)
-        if content is None:
-            raise ApiError(422, f"a {m.role} message needs content", "messages")
-        turns.append({"role": m.role, "content": content})
-    return turns
+    """The conversation's turns as the chat template reads them (data.conversation: an assistant turn's tool_calls
+    kept, their arguments read from JSON text; render_chat checks them)."""
+    return [m.model_dump(include={"role", "content", "tool_calls", "tool_call_id", "name"}, exclude_none=True)
+            | {"content": m.content} for m in messages]
+
+
+def _tools(body: Any) -> Optional[list[dict]]:
+    """The request's function tools as the chat template lists them (apply_chat_template's tools), or None."""
+    tools = getattr(body, "tools", None)
+    return [t.model_dump(exclude_none=True) for t in tools] if tools else None
 
 
 def _tool_schema(body: SamplingRequest) -> tuple[Optional[dict], bool]:
