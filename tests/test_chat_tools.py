@@ -233,3 +233,146 @@ def test_a_bad_tool_record_names_its_line_and_is_skipped_with_skip_bad(tools_mod
     report = json.loads((tmp_path / "data" / "report.json").read_text(encoding="utf-8"))
     assert report["bad_records"] == 1 and "a tool call is" in report["bad"][0]["reason"]
     assert report["bad"][0]["where"].endswith("r.jsonl:6")
+
+
+# ------------------------------------------------------------------------------ the form calls are written in
+LLAMA_TOOLS = """{{- bos_token }}
+{%- if tools %}{{- 'system: tools\\n' }}{%- for t in tools %}{{- t | tojson + '\\n' }}{%- endfor %}{%- endif %}
+{%- for message in messages %}
+{%- if message.tool_calls %}
+{%- if message.tool_calls | length != 1 %}{{- raise_exception('one tool call at a time') }}{%- endif %}
+{%- set call = message.tool_calls[0].function %}
+{{- 'assistant: {"name": "' + call.name + '", "parameters": ' + call.arguments | tojson + '}<|eot_id|>' }}
+{%- else %}{{- message.role + ': ' + message.content + '<|eot_id|>' }}{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"""
+MISTRAL_TOOLS = """{%- if tools %}{{- '[AVAILABLE_TOOLS]' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}{{- '[INST] ' + message.content + '[/INST]' }}
+{%- elif message.tool_calls %}{{- '[TOOL_CALLS][' }}
+{%- for c in message.tool_calls %}
+{{- '{"name": "' + c.function.name + '", "arguments": ' + c.function.arguments | tojson + '}' }}
+{%- if not loop.last %}{{- ', ' }}{%- endif %}
+{%- endfor %}{{- ']' + eos_token }}
+{%- elif message.role == 'tool' %}{{- '[TOOL_RESULTS]' + message.content + '[/TOOL_RESULTS]' }}
+{%- else %}{{- message.content + eos_token }}{%- endif %}
+{%- endfor %}"""
+XML_TOOLS = """{%- for message in messages %}{%- if message.tool_calls %}
+{%- for c in message.tool_calls %}{{- '<call name="' + c.function.name + '"/>' }}{%- endfor %}
+{%- else %}{{- message.role + ': ' + message.content + '\\n' }}{%- endif %}{%- endfor %}
+{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"""
+
+
+def jinja(source: str) -> dict:
+    return {"chat": {"jinja": source, "bos_token": "<s>", "eos_token": "</s>"}}
+
+
+def test_the_form_of_a_templates_calls_is_found_from_the_template():
+    from lmforge.data.tasks import CALL_LINES, CallFormat, call_format
+
+    assert call_format(jinja(TOOLS_TEMPLATE)) == CallFormat("<tool_call>\n", "\n</tool_call>\n<tool_call>\n",
+                                                            "\n</tool_call>")
+    assert call_format(jinja(LLAMA_TOOLS)) == CallFormat("", None, "", "name", "parameters")  # one call per turn
+    assert call_format(jinja(MISTRAL_TOOLS)) == CallFormat("[TOOL_CALLS][", ", ", "]")  # one list for all
+    assert call_format(jinja(XML_TOOLS)) == CALL_LINES  # calls not written as JSON: lmforge's own lines
+    assert call_format({"chat": dict(CHAT_TEMPLATE)}) == CALL_LINES == CallFormat("", "\n", "")
+    assert call_format(jinja("{% for m in messages %}{{ m.content }}{% endfor %}")) == CALL_LINES  # no calls
+
+
+def scripted_chat_run(root: Path, template: str, script: str, messages: list[dict], tools: list[dict]) -> Path:
+    """A run with the byte tokenizer and `template` as its chat template, whose model writes `script` right after
+    the prompt of `messages` with `tools`, whatever it reads (one-hot positions read by lm_head)."""
+    import torch
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import ModelConfig, RunConfig
+    from lmforge.data.tasks import own_chat
+    from lmforge.model import GPT
+    from lmforge.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = template
+    tok.save(root / "tokenizer.json")
+    start = len(prompt_ids(tok, render_chat({"chat": own_chat(tok)}, messages, tools))) - 1  # the prompt's last
+    block = 64 * ((start + len(script) + 8) // 64 + 1)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=1, n_head=2, n_embd=block,
+                            tie_embeddings=False)).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.zero_()
+        model.norm_f.weight.fill_(1.0)
+        model.pos_emb.weight.copy_(10 * torch.eye(block))
+        for i, token in enumerate(tok.encode(script) + [tok.end_id]):
+            model.lm_head.weight[token, start + i] = 20.0
+    save_checkpoint(root / "run", 1, model, None, RunConfig(model=model.config), {},
+                    tokenizer_file=root / "tokenizer.json")
+    return root / "run"
+
+
+ASK = [{"role": "user", "content": "Time in Rome and Oslo?"}]
+ZONES = [("get_time", {"zone": "CET"}), ("get_time", {"zone": "UTC"})]
+ZONE_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+
+
+def in_form(template: str, calls: list[tuple[str, dict]]) -> str:
+    from lmforge.data.tasks import call_format
+
+    fmt = call_format(jinja(template))
+    keys = (fmt.name_key, fmt.args_key)
+    return fmt.lead + fmt.mid.join(json.dumps(dict(zip(keys, c))) for c in calls) + fmt.tail
+
+
+@pytest.mark.parametrize("template", [TOOLS_TEMPLATE, MISTRAL_TOOLS])
+def test_the_server_reads_calls_written_in_the_templates_form_whole_and_streamed(tmp_path, template):
+    """A model that writes two calls as its template writes them (Qwen-style <tool_call> per call, or Mistral-style
+    one list) gets two tool calls, whole and in deltas, with tool_choice "required" and "auto"; the reply is held
+    to that form (an "auto" reply in it is a call, not text), and the conversation with those calls renders them
+    in the same form."""
+    import httpx
+
+    from lmforge.serve import ServeConfig, load_app
+    from test_serve import running, streamed_choices
+
+    script = in_form(template, ZONES)
+    run = scripted_chat_run(tmp_path, template, script, ASK, [ZONE_TOOL])
+    with running(load_app(str(run), ServeConfig(), device="cpu")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        for choice in ("required", "auto"):
+            body = {"messages": ASK, "max_tokens": len(script) + 4, "temperature": 0, "tools": [ZONE_TOOL],
+                    "tool_choice": choice}
+            whole = c.post("/v1/chat/completions", json=body)
+            assert whole.status_code == 200, whole.text
+            reply = whole.json()["choices"][0]
+            assert reply["finish_reason"] == "tool_calls" and reply["message"]["content"] is None
+            got = reply["message"]["tool_calls"]
+            assert [(g["function"]["name"], json.loads(g["function"]["arguments"])) for g in got] == ZONES
+            streamed = streamed_choices(c, body)[0]
+            assert streamed["finish_reason"] == "tool_calls" and streamed["content"] == ""
+            assert [(p["name"], p["arguments"]) for p in streamed["tool_calls"].values()] == [
+                (g["function"]["name"], g["function"]["arguments"]) for g in got]
+        one = c.post("/v1/chat/completions", json={**body, "parallel_tool_calls": False}).json()["choices"][0]
+        assert [json.loads(g["function"]["arguments"]) for g in one["message"]["tool_calls"]] == [ZONES[0][1]]
+        history = ASK + [{"role": "assistant", "content": None, "tool_calls": got}]
+        tokens = c.post("/tokenize", json={"messages": history, "tools": [ZONE_TOOL]}).json()["tokens"]
+        assert script in c.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+
+
+def test_a_call_in_another_form_is_held_to_the_templates_form(tmp_path):
+    """A model that writes lmforge's bare JSON line under a template whose calls are wrapped in <tool_call>: with
+    tool_choice "required" its reply is still a call in the template's form; with "auto" the same bare JSON is
+    text (it does not begin as the template's calls do)."""
+    import httpx
+
+    from lmforge.serve import ServeConfig, load_app
+    from test_serve import running
+
+    script = json.dumps({"name": "get_time", "arguments": {"zone": "CET"}})
+    run = scripted_chat_run(tmp_path, TOOLS_TEMPLATE, script, ASK, [ZONE_TOOL])
+    with running(load_app(str(run), ServeConfig(), device="cpu")) as url, httpx.Client(base_url=url, timeout=30) as c:
+        body = {"messages": ASK, "max_tokens": 80, "temperature": 0, "tools": [ZONE_TOOL]}
+        held = c.post("/v1/chat/completions", json={**body, "tool_choice": "required"}).json()["choices"][0]
+        (call,) = held["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_time" and json.loads(call["function"]["arguments"])["zone"] in (
+            "UTC", "CET")
+        text = c.post("/v1/chat/completions", json={**body, "tool_choice": "auto"}).json()["choices"][0]
+        assert text["message"]["content"] == script and "tool_calls" not in text["message"]

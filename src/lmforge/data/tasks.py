@@ -60,7 +60,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -192,6 +192,68 @@ def reply_text(template: dict, turns: list[dict], tools: Any = None) -> str:
         raise ConfigError("the model's chat template does not write this turn's tool calls after the reply's header "
                           "it writes for the prompt, so they cannot be learned as a completion")
     return whole[len(prompt):len(whole) - len(end)]
+
+
+class CallFormat(NamedTuple):
+    """How an assistant turn's tool calls are written: lead + call (+ mid + call ...) + tail, each call the JSON
+    text json.dumps writes for {name_key: <the tool's name>, args_key: <its arguments>}."""
+
+    lead: str = ""
+    mid: Optional[str] = "\n"  # None: one call per turn
+    tail: str = ""
+    name_key: str = "name"
+    args_key: str = "arguments"
+
+
+CALL_LINES = CallFormat()  # lmforge's: one call per line (data.conversation.calls_as_text)
+_PROBE_CALLS = [{"type": "function", "function": {"name": f"lmforgeprobetool{i}", "arguments": {"lmforgeprobearg": i}}}
+                for i in range(2)]
+_PROBE_TOOLS = [{"type": "function", "function": {"name": c["function"]["name"], "parameters": {
+    "type": "object", "properties": {"lmforgeprobearg": {"type": "integer"}}}}} for c in _PROBE_CALLS]
+
+
+def call_format(template: dict) -> CallFormat:
+    """The form the template writes a reply's tool calls in, found by rendering probe calls (reply_text): a model's
+    own Jinja template that writes calls as JSON objects with the name first, wrapped or not (Qwen2.5's and
+    Hermes' <tool_call>{"name": ..., "arguments": ...}</tool_call> per call, Llama 3.1's bare {"name": ...,
+    "parameters": ...}, one list [{...}, {...}] for all of them); CALL_LINES for lmforge's own format, for a template
+    that writes no calls and for one whose calls are written otherwise."""
+    chat = template["chat"]
+    if "jinja" not in chat or not writes_calls(chat["jinja"]):
+        return CALL_LINES
+    asked = [{"role": "user", "content": REPLY_PROBE}]
+
+    def written(n: int) -> Optional[str]:
+        try:
+            return reply_text(template, asked + [{"role": "assistant", "content": None,
+                                                  "tool_calls": _PROBE_CALLS[:n]}], _PROBE_TOOLS)
+        except ConfigError:  # the template refuses such a turn (e.g. more than one call)
+            return None
+
+    one, two = written(1), written(2)
+    if one is None:
+        return CALL_LINES
+    name, args = (_PROBE_CALLS[0]["function"][k] for k in ("name", "arguments"))
+    for start in (i for i, c in enumerate(one) if c == "{"):
+        try:
+            obj, end = json.JSONDecoder().raw_decode(one, start)
+        except ValueError:
+            continue
+        keys = list(obj) if isinstance(obj, dict) else []
+        if len(keys) == 2 and obj[keys[0]] == name and obj[keys[1]] == args and one[start:end] == json.dumps(obj):
+            break
+    else:
+        return CALL_LINES
+    lead, tail, mid = one[:start], one[end:], None
+
+    def call_text(i: int) -> str:
+        return json.dumps({keys[0]: _PROBE_CALLS[i]["function"]["name"], keys[1]: _PROBE_CALLS[i]["function"][
+            "arguments"]})
+
+    first, second = lead + call_text(0), call_text(1) + tail
+    if two is not None and two.startswith(first) and two.endswith(second) and len(two) > len(first) + len(second):
+        mid = two[len(first):len(two) - len(second)]
+    return CallFormat(lead, mid, tail, keys[0], keys[1])
 
 
 def chat_stop(template: dict) -> str:

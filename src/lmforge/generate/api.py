@@ -232,6 +232,13 @@ class TextGenerator:
 
         return render_chat(self._chat_template(), list(messages), list(tools) if tools else None)
 
+    def call_format(self) -> Any:
+        """How the model's chat template writes an assistant turn's tool calls (data.tasks.call_format): the form
+        the server holds a reply with tools to and reads its calls from."""
+        from lmforge.data.tasks import call_format
+
+        return call_format(self._chat_template())
+
     def chat_stop(self) -> str:
         """The header of a user turn: a model that goes on past its reply would write it next."""
         from lmforge.data.tasks import chat_stop

@@ -60,6 +60,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from lmforge.data.tasks import CALL_LINES, CallFormat
 from lmforge.errors import ConfigError
 from lmforge.generate import (GenerateConfig, Logprobs, MaskFiller, RewardModel, TextClassifier, TextGenerator,
                               prompt_ids, with_token_ids)
@@ -724,13 +725,15 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
     _wrong_task(app, SCORING_PATHS, "this model is a language model: it generates text and does not classify or "
                 "score it, so {path} is not served; use POST /v1/completions or /v1/chat/completions")
     automata = asyncio.Semaphore(1)  # guided_regex / guided_json automata are built one request at a time
+    calls_in = generator.call_format()  # how the chat template writes tool calls: the form replies are held to
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_id))
 
-    async def start_chat(body: ChatRequest, request: Request) -> tuple[list[Job], int, bool]:
-        """(the jobs of a chat request, submitted to the engine; its prompt tokens; whether it has tools)."""
+    async def start_chat(body: ChatRequest, request: Request) -> tuple[list[Job], int, Optional[CallFormat]]:
+        """(the jobs of a chat request, submitted to the engine; its prompt tokens; with tools, the form the reply's
+        calls are written in, else None)."""
         try:  # the conversation through the model's chat template, the reply's header last
             text = generator.render_chat(_turns(body.messages), _tools(body))
         except ConfigError as e:
@@ -745,7 +748,8 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             raise ApiError(422, "top_logprobs needs logprobs: true", "top_logprobs")
         stop = [] if tools is not None and not text_too else [generator.chat_stop()]  # a call ends itself
         jobs, prompt_tokens = _jobs_for(body, [ids], request, config, model_id, max_tokens, CHAT_UNSUPPORTED,
-                                        generator.tokenizer, extra_stop=stop, max_prompt_tokens=max_prompt_tokens)
+                                        generator.tokenizer, extra_stop=stop, max_prompt_tokens=max_prompt_tokens,
+                                        calls_in=calls_in)
         if body.logprobs:
             jobs[0].logprobs = body.top_logprobs or 0
         await _build_automaton(jobs, config, automata, "tools" if tools is not None else None)
@@ -754,7 +758,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         except Busy as e:
             raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        return jobs, prompt_tokens, tools is not None
+        return jobs, prompt_tokens, (calls_in if tools is not None else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -984,11 +988,11 @@ def _token_ids(generator: TextGenerator, ids: list[int], max_prompt_tokens: int)
 
 def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[int]], request: Request,
               config: ServeConfig, model_id: str, max_tokens: int, unsupported: dict[str, Any], tokenizer: Any,
-              extra_stop: Optional[list[str]] = None, max_prompt_tokens: Optional[int] = None
-              ) -> tuple[list[Job], int]:
+              extra_stop: Optional[list[str]] = None, max_prompt_tokens: Optional[int] = None,
+              calls_in: CallFormat = CALL_LINES) -> tuple[list[Job], int]:
     """Check a request against the caps and turn each of its prompts (token ids) into a Job; (jobs, prompt
     tokens). `tokenizer` encodes the bad words; `extra_stop` adds stop strings of the server's own (a chat's next
-    user turn)."""
+    user turn); `calls_in`: the form a chat's tool calls are written in."""
     _check_model(body.model, model_id)
     if max_tokens > config.max_tokens:
         raise ApiError(422, f"max_tokens={max_tokens} is above this server's cap of {config.max_tokens} "
@@ -1054,7 +1058,7 @@ def _jobs_for(body: Union[CompletionRequest, ChatRequest], prompts: list[list[in
     try:  # the sampling values are checked where the library and the CLI check them
         if schema_field.startswith("tools"):  # calls (one per line, or one), or with "auto" text instead
             regex = _calls_regex(schema, getattr(body, "parallel_tool_calls", None) is not False,
-                                 text_too=schema_field == "tools (auto)")
+                                 text_too=schema_field == "tools (auto)", fmt=calls_in)
             schema = None
         options = GenerateConfig(max_new_tokens=max_tokens, greedy=temperature == 0.0, temperature=temperature,
                                  top_k=body.top_k, top_p=None if body.top_p in (None, 1.0) else body.top_p,
@@ -1148,44 +1152,57 @@ def _tool_schema(body: SamplingRequest) -> tuple[Optional[dict], bool]:
     return (calls[0] if len(calls) == 1 else {"anyOf": calls}), choice in (None, "auto")
 
 
-def _calls_regex(schema: str, parallel: bool, text_too: bool) -> str:
+def _calls_regex(schema: str, parallel: bool, text_too: bool, fmt: CallFormat = CALL_LINES) -> str:
     """The regular expression of a reply under tools: one call of `schema` (JSON text), or with `parallel` one or
-    more, one per line (as a conversation shows an assistant turn's calls, _turns); with `text_too` ("auto") also
-    text that does not begin with "{" (or nothing)."""
+    more, in the form the chat template writes them (`fmt`: data.tasks.call_format; lmforge's own, one per line, as a
+    conversation shows an assistant turn's calls); with `text_too` ("auto") also text that does not begin as a call
+    does (with "{", or the form's first character), or nothing."""
     from lmforge.generate.json_schema import json_schema_regex
 
-    call = json_schema_regex(json.loads(schema))
-    calls = f"{call}(?:\\n{call})*" if parallel else call
-    return f"(?:{calls}|(?:[^{{][\\s\\S]*)?)" if text_too else calls
+    calls_schema = json.loads(schema)
+    for call in calls_schema.get("anyOf", [calls_schema]):  # the form's own key names
+        keys = {"name": fmt.name_key, "arguments": fmt.args_key}
+        call["properties"] = {keys[k]: v for k, v in call["properties"].items()}
+        call["required"] = [keys[k] for k in call["required"]]
+    call = json_schema_regex(calls_schema)
+    more = f"(?:{re.escape(fmt.mid)}{call})*" if parallel and fmt.mid is not None else ""
+    calls = f"{re.escape(fmt.lead)}{call}{more}{re.escape(fmt.tail)}"
+    return f"(?:{calls}|(?:[^{re.escape((fmt.lead + '{')[0])}][\\s\\S]*)?)" if text_too else calls
 
 
 class _CallDeltas:
-    """The deltas of one streamed chat choice under tools: text, or, for a reply that begins with "{", OpenAI's
-    tool_call deltas of its calls (one per line), each numbered by its index: the call's id and name once
-    `{"name": ..., "arguments": ` is complete, then its arguments as they come, never the call's own closing brace
-    (a call is complete once its text is a whole JSON object; the reply is written as json.dumps writes it)."""
+    """The deltas of one streamed chat choice under tools: text, or, for a reply that begins as a call (with "{",
+    or the first character of the form the chat template writes calls in: data.tasks.CallFormat), OpenAI's
+    tool_call deltas of its calls, each numbered by its index: the call's id and name once `{"name": ...,
+    "arguments": ` (in the form's key names) is complete, then its arguments as they come, never the call's own
+    closing brace (a call is complete once its text is a whole JSON object; the reply is written as json.dumps
+    writes it). What the form writes around and between calls is not part of them."""
 
-    HEAD = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": ')
-
-    def __init__(self) -> None:
+    def __init__(self, fmt: CallFormat = CALL_LINES) -> None:
+        self.fmt = fmt
+        self.head = re.compile(r"\{" + re.escape(json.dumps(fmt.name_key)) + r': ("(?:[^"\\]|\\.)*"), '
+                               + re.escape(json.dumps(fmt.args_key)) + ": ")
         self.text, self.sent, self.call = "", 0, None
-        self.index, self.start, self.named, self.complete = 0, 0, False, False  # the call being written
+        self.index, self.start, self.named, self.complete = 0, len(fmt.lead), False, False  # the call being written
+        self.end = 0  # where the last complete call ended
 
     def push(self, piece: str) -> list[dict]:
         self.text += piece
         if self.call is None and self.text:
-            self.call = self.text.startswith("{")
+            self.call = self.text.startswith((self.fmt.lead + "{")[0])
         if not self.call:  # text (or nothing yet)
             out, self.sent = self.text[self.sent:], len(self.text)
             return [{"content": out}] if out else []
         deltas = []
         while True:
-            if self.complete:  # the next call starts after a newline
-                if not self.text.startswith("\n{", self.start - 1):
+            if self.complete:  # the next call starts after the form's text between two calls
+                mid = self.fmt.mid
+                if mid is None or not self.text.startswith(mid + "{", self.end):
                     return deltas
                 self.index, self.named, self.complete = self.index + 1, False, False
+                self.start = self.end + len(mid)
             if not self.named:
-                head = self.HEAD.match(self.text, self.start)
+                head = self.head.match(self.text, self.start)
                 if head is None:
                     return deltas
                 self.named, self.sent = True, head.end()
@@ -1203,7 +1220,7 @@ class _CallDeltas:
                 self.sent = upto
             if end is None:
                 return deltas
-            self.complete, self.start = True, end + 1
+            self.complete, self.end = True, end
 
     def finish(self, reason: str) -> tuple[list[dict], str]:
         """(the last deltas, the finish reason): complete calls end "tool_calls"; a cut one ends with its arguments
@@ -1215,12 +1232,13 @@ class _CallDeltas:
         return [], reason
 
 
-def _reply(text: str, finish: str, tool_call: bool) -> dict:
-    """A chat choice's message and finish_reason: the text, or (tools) the calls it holds, as its streamed deltas
-    (_CallDeltas) add up: complete calls end "tool_calls", a cut one "length" with its arguments so far."""
-    if not tool_call:
+def _reply(text: str, finish: str, calls_in: Optional[CallFormat]) -> dict:
+    """A chat choice's message and finish_reason: the text, or (tools: the form calls are written in) the calls it
+    holds, as its streamed deltas (_CallDeltas) add up: complete calls end "tool_calls", a cut one "length" with its
+    arguments so far."""
+    if calls_in is None:
         return {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    deltas = _CallDeltas()
+    deltas = _CallDeltas(calls_in)
     pieces = deltas.push(text)
     last, finish = deltas.finish(finish)
     calls: dict[int, dict] = {}
@@ -1371,8 +1389,8 @@ class GuardedStream(StreamingResponse):
 
 
 async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: bool, timeout: float,
-               chat: bool = False, echoed: Optional[list[str]] = None, tokenizer: Any = None, tools: bool = False
-               ) -> AsyncIterator[str]:
+               chat: bool = False, echoed: Optional[list[str]] = None, tokenizer: Any = None,
+               tools: Optional[CallFormat] = None) -> AsyncIterator[str]:
     """Server-sent events: one chunk per text piece or finished choice, then usage (if asked), then [DONE].
     Chat chunks carry `delta`s (the assistant role first), completion chunks `text` (the prompt's text first
     when `echoed` has it). With `logprobs`, each chunk carries those of its own tokens (a completion's with text
@@ -1385,7 +1403,7 @@ async def _sse(jobs: list[Job], head: dict, prompt_tokens: int, include_usage: b
     echoed = echoed or [""] * len(jobs)
     shift = {job.first_index + i: len(echo) for job, echo in zip(jobs, echoed) for i in range(job.n)}
 
-    calls = {job.first_index + i: _CallDeltas() for job in jobs for i in range(job.n)} if tools else {}
+    calls = {job.first_index + i: _CallDeltas(tools) for job in jobs for i in range(job.n)} if tools else {}
 
     def chunk(index: int, text: str, finish: Optional[str], role: bool = False, logprobs: Optional[list] = None,
               entries: Optional[list] = None, delta: Optional[dict] = None) -> str:
