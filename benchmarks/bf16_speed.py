@@ -4,13 +4,14 @@ The config: 6 layers, 6 heads, 384 wide, block 256, batch 8 (10.7 M parameters) 
 shards (vocabulary 65), every other setting lmforge's default (learned positions, LayerNorm, GELU, AdamW with
 clipping, cosine schedule).
 
-speed    one Trainer per precision (fp32, bf16-mixed, bf16-compute; same seed, so the same weights and batches),
+speed    one Trainer per precision (fp32, bf16-mixed, bf16-compute; same seed, so the same weights and batches;
+         with --compile also each one with train.compile, against eager and compiled fp32),
          timed by Trainer.train_step (data, forward, loss, backward, guard, clipping, AdamW: the step users run)
          in rounds that alternate the order of the precisions, in one process; the median of the per-round
          ratios fp32 ms / bf16 ms is reported, with the load average at start and end (the machine is shared).
-quality  a full run of max_steps (default 2000) per precision with Trainer.fit, then the loss over the whole
-         val split (lmforge.eval.perplexity.evaluate_tokens); runs of different precisions may be separate
-         processes (their losses do not depend on timing).
+quality  a full run of max_steps (default 2000) per precision (--compile: compiled) with Trainer.fit, then the
+         loss over the whole val split (lmforge.eval.perplexity.evaluate_tokens); runs of different precisions may
+         be separate processes (their losses do not depend on timing).
 compare  the quality runs' evaluations so far (metrics.jsonl: loss on the fixed val batches every eval_interval
          steps) side by side at each step both reached, for runs stopped before max_steps.
 matmul   for a CPU without bf16 matrix instructions (lmforge.distributed.has_fast_bf16 False, e.g. AVX2 only), where
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=str(ROOT / "data" / "shakespeare-char"), help="prepared dataset (made if missing)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "bf16-speed"), help="run directories go here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    p.add_argument("--compile", action="store_true", help="speed: also time each precision with train.compile "
+                   "(torch.compile; named PRECISION+compile in the output); quality: train with it")
     p.add_argument("--rounds", type=int, default=7, help="speed: alternating rounds")
     p.add_argument("--steps", type=int, default=5, help="speed: steps per precision per round")
     p.add_argument("--max-steps", type=int, default=2000, help="quality: steps per run")
@@ -93,9 +96,14 @@ def time_steps(trainer: Trainer, n: int) -> float:
 
 
 def speed(args: argparse.Namespace, precisions: list[str]) -> dict:
-    trainers = {p: make_trainer(p, args, f"speed-{p}", {"train.max_steps": "100000"}) for p in precisions}
+    variants = [(p, False) for p in precisions] + ([(p, True) for p in precisions] if args.compile else [])
+    trainers = {p + ("+compile" if compiled else ""):
+                make_trainer(p, args, f"speed-{p}{'-compile' if compiled else ''}",
+                             {"train.max_steps": "100000", "train.compile": str(compiled).lower()})
+                for p, compiled in variants}
+    precisions = list(trainers)
     for trainer in trainers.values():
-        time_steps(trainer, 2)  # warm-up: allocator, oneDNN primitives
+        time_steps(trainer, 3)  # warm-up: allocator, oneDNN primitives, torch.compile's graphs
     per_round: dict[str, list[float]] = {p: [] for p in precisions}
     for r in range(args.rounds):
         for p in (precisions if r % 2 == 0 else precisions[::-1]):
@@ -104,14 +112,16 @@ def speed(args: argparse.Namespace, precisions: list[str]) -> dict:
               + f"; load {load_average()}", flush=True)
     out: dict = {"ms_per_step": {p: round(statistics.median(v) * 1000, 1) for p, v in per_round.items()},
                  "ms_per_step_per_round": {p: [round(t * 1000, 1) for t in v] for p, v in per_round.items()}}
-    if "fp32" in precisions:
-        out["speedup_vs_fp32"] = {}
+    for base in ("fp32", "fp32+compile"):  # each variant against eager fp32 and against compiled fp32
+        if base not in precisions:
+            continue
+        out[f"speedup_vs_{base}"] = {}
         for p in precisions:
-            if p == "fp32":
+            if p == base:
                 continue
-            ratios = [a / b for a, b in zip(per_round["fp32"], per_round[p])]
-            out["speedup_vs_fp32"][p] = {"median": round(statistics.median(ratios), 2),
-                                         "min": round(min(ratios), 2), "max": round(max(ratios), 2)}
+            ratios = [a / b for a, b in zip(per_round[base], per_round[p])]
+            out[f"speedup_vs_{base}"][p] = {"median": round(statistics.median(ratios), 2),
+                                            "min": round(min(ratios), 2), "max": round(max(ratios), 2)}
     tokens = int(CONFIG["train.batch_size"]) * int(CONFIG["model.block_size"])
     out["tokens_per_s"] = {p: round(tokens / (ms / 1000)) for p, ms in out["ms_per_step"].items()}
     return out
@@ -120,9 +130,11 @@ def speed(args: argparse.Namespace, precisions: list[str]) -> dict:
 def quality(args: argparse.Namespace, precisions: list[str]) -> dict:
     val = load_split(Path(args.data), "val")
     out = {}
-    for p in precisions:
-        trainer = make_trainer(p, args, f"quality-{p}", {"train.max_steps": str(args.max_steps),
-                                                         "train.save_interval": "0", "train.keep_last": "1"})
+    for precision in precisions:
+        p = precision + ("+compile" if args.compile else "")  # --compile: each run with train.compile
+        trainer = make_trainer(precision, args, f"quality-{p.replace('+', '-')}",
+                               {"train.max_steps": str(args.max_steps), "train.save_interval": "0",
+                                "train.keep_last": "1", "train.compile": str(args.compile).lower()})
         start = time.time()
         summary = trainer.fit()
         wall = time.time() - start
@@ -138,8 +150,8 @@ def quality(args: argparse.Namespace, precisions: list[str]) -> dict:
 def compare(args: argparse.Namespace, precisions: list[str]) -> dict:
     curves = {}
     for p in precisions:
-        records = [json.loads(line) for line in (Path(args.runs) / f"quality-{p}" / "metrics.jsonl").read_text().splitlines()
-                   if line.strip().endswith("}")]
+        lines = (Path(args.runs) / f"quality-{p.replace('+', '-')}" / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.strip().endswith("}")]
         curves[p] = {r["step"]: r["val_loss"] for r in records if r.get("kind") == "eval"}
     common = sorted(set.intersection(*(set(c) for c in curves.values())))
     first = precisions[0]
