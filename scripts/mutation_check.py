@@ -405,6 +405,18 @@ MUTANTS = [
     Mutant("sentencepiece-bits-per-byte-count-the-first-space", "eval/perplexity.py",
            "total -= len(tokenizer.id_to_bytes(first)) - len(tokenizer.text_start_bytes(first))", "pass",
            ("tests/test_sentencepiece_uses.py::test_bits_per_byte_of_text_files_count_the_texts_utf8_bytes[llama]",)),
+    Mutant("chat-template-jinjas-own-tojson", "data/chat_template.py", 'env.filters["tojson"] = _tojson', "pass",
+           ("tests/test_chat_tools.py::"
+            "test_the_models_template_lists_tools_and_writes_calls_and_results_as_transformers_does",)),
+    Mutant("tool-call-completion-keeps-the-turns-end", "data/tasks.py",
+           "return whole[len(prompt):len(whole) - len(end)]", "return whole[len(prompt):]",
+           ("tests/test_chat_tools.py::"
+            "test_fine_tuning_records_with_tools_learn_the_call_as_the_template_writes_it",)),
+    Mutant("tool-calls-read-without-the-templates-lead", "serve/app.py",
+           "self.index, self.start, self.named, self.complete = 0, len(fmt.lead), False, False",
+           "self.index, self.start, self.named, self.complete = 0, 0, False, False",
+           ("tests/test_chat_tools.py::"
+            "test_the_server_reads_calls_written_in_the_templates_form_whole_and_streamed",)),
 ]
 
 
