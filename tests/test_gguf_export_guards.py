@@ -168,8 +168,8 @@ def refused_setup(case: str, root: Path) -> tuple[Path, dict, str]:
         tok = train_char(CORPUS + [f"a{SPACE}b"], 1000)
         assert SPACE in tok._chars
         return checkpoint(root, tok, tok.vocab_size, **LLAMA_STYLE), {}, "holds '\u2581' \\(U\\+2581\\)"
-    return checkpoint(root, tok, tok.vocab_size, **GPT2_STYLE), {"dtype": "bf16"}, \
-        "--gguf-type 'bf16' is not one of f32, f16, q8_0"
+    return checkpoint(root, tok, tok.vocab_size, **GPT2_STYLE), {"dtype": "q4_k"}, \
+        "--gguf-type 'q4_k' is not one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"
 
 
 @pytest.mark.parametrize("case", ["classifier", "relu2", "no-tokenizer", "narrow-model", "u2581", "bad-type"])

@@ -1484,7 +1484,8 @@ def _add_export(sub: Any) -> None:
             --format onnx: one graph input_ids (batch, sequence) -> logits (batch, sequence, vocab), both
             axes dynamic, for onnxruntime and other ONNX runtimes (TensorFlow through onnx-tf).
             --format gguf: one file for llama.cpp, Ollama, LM Studio and other ggml programs (a GPT-2 or
-            Llama-style language model, as for hf), the tokenizer inside; --gguf-type f32 (exact), f16 or q8_0."""),
+            Llama-style language model, as for hf), the tokenizer inside; --gguf-type f32 (exact), f16, bf16, q8_0,
+            or 5- and 4-bit q5_1, q5_0, q4_1, q4_0."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge export runs/char-small --format hf --out exports/char-small-hf
@@ -1494,9 +1495,9 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--format", required=True, choices=["hf", "onnx", "gguf"],
                    help="hf (Hugging Face directory) | onnx (file) | gguf (file)")
     p.add_argument("--out", required=True, metavar="PATH", help="output directory (hf), .onnx or .gguf file")
-    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default=None,
-                   help="gguf: the matrices' type, f32 (exact, the default), f16 (half the size) or q8_0 (8-bit, "
-                   "about a quarter)")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"], default=None,
+                   help="gguf: the matrices' type, f32 (exact, the default), f16 or bf16 (half the size), q8_0 (8-bit, "
+                   "about a quarter), q5_1, q5_0, q4_1 or q4_0 (5 and 4 bits per weight, the head's matrix q8_0)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--merge", action="store_true", help="hf, a LoRA run: one model with the adapters merged in "
                    "(default: the base in OUT and the adapters in PEFT's format in OUT/adapter)")

@@ -26,10 +26,12 @@ themselves (transformers reads those), and add_space_prefix. The
 chat template goes in as tokenizer.chat_template (hf_export.model_chat_template: lmforge's own format for a model
 fine-tuned on task data, else an imported model's own).
 
-Matrices are float32 (exact), float16 (half the bytes) or q8_0 (8-bit integers with a float16 scale per block of 32,
-about a quarter of the bytes; a matrix whose rows are not a whole number of blocks is float16); vectors such as norms
-and biases stay float32, as llama.cpp's own converter does. The file records lmforge.version; --force replaces only
-such a file, through lmforge.files.atomic_path (the old file stays whole until the new one is complete).
+Matrices are float32 (exact), float16 or bfloat16 (half the bytes), q8_0 (8-bit integers with a float16 scale per
+block of 32, about a quarter of the bytes) or q5_1, q5_0, q4_1, q4_0 (5 or 4 bits per weight, with a scale and for
+*_1 a minimum per block of 32; the head's matrix stays q8_0); a matrix whose rows are not a whole number of blocks is
+float16; vectors such as norms and biases stay float32, as llama.cpp's own converter does. The file records
+lmforge.version; --force replaces only such a file, through lmforge.files.atomic_path (the old file stays whole
+until the new one is complete).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from lmforge.interop.hf_export import HFExportError, converter_for_model, model_
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
 from lmforge.tokenizer import BYTE_OFFSET, Tokenizer
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # the head's matrix keeps q8_0 under these
 SPACE = "\u2581"  # SentencePiece's spelling of a space
 
 
@@ -63,15 +66,15 @@ class GGUFExportError(LmforgeError):
 def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32") -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a GGUF file; return its path.
 
-    dtype: f32 | f16 | q8_0, the matrices' type. An existing out_path is replaced only with force and only if it is a
-    GGUF file lmforge wrote."""
+    dtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0, the matrices' type. An existing out_path is replaced
+    only with force and only if it is a GGUF file lmforge wrote."""
     try:
         import gguf
     except ModuleNotFoundError:
         raise GGUFExportError("GGUF export needs the gguf package: pip install gguf") from None
     if dtype not in GGUF_TYPES:
-        raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 half "
-                              "the size, q8_0 about a quarter")
+        raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 and "
+                              "bf16 half the size, q8_0 about a quarter, q5_* and q4_* less, with more error")
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=_is_gguf_export, what="a GGUF export written by lmforge",
                  error=GGUFExportError, directory=False, inputs=[checkpoint])
@@ -99,7 +102,8 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         if chat_template is not None:
             writer.add_chat_template(chat_template)
         for name, tensor in _tensors(model.state_dict(), config, arch):
-            _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype)
+            _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype,
+                        head=name == "output.weight" or (name == "token_embd.weight" and config.tie_embeddings))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -108,19 +112,22 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str) -> None:
+def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool = False) -> None:
     """One tensor in `dtype` (a matrix) or float32 (a vector, and the position table, as llama.cpp's converter
-    keeps it: its graph adds the rows it reads to float32 activations)."""
+    keeps it: its graph adds the rows it reads to float32 activations). Block types (q8_0, q5_*, q4_*: gguf's own
+    quantizers) need rows of whole blocks of 32, else the matrix is float16; under the 4- and 5-bit types the
+    head's matrix (`head`: output, or token_embd when the head reads it) is q8_0, as llama.cpp's quantizer keeps
+    the output at more bits than the rest."""
     import gguf
 
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
-    if data.ndim == 1 or dtype == "f32" or name == "position_embd.weight":
+    kind = "q8_0" if head and dtype in LOW_BIT else dtype
+    if data.ndim == 1 or kind == "f32" or name == "position_embd.weight":
         writer.add_tensor(name, data)
-    elif dtype == "q8_0" and data.shape[-1] % block == 0:
-        q8 = gguf.GGMLQuantizationType.Q8_0
-        writer.add_tensor(name, gguf.quants.quantize(data, q8), raw_dtype=q8)  # bytes: (rows, blocks * 34)
-    else:
+    elif kind == "f16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] != 0:
         writer.add_tensor(name, data.astype(np.float16))
+    else:  # bf16 and the block types: bytes as gguf's quantizers write them
+        raw = gguf.GGMLQuantizationType[kind.upper()]
+        writer.add_tensor(name, gguf.quants.quantize(data, raw), raw_dtype=raw)
 
 
 def _interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -174,8 +181,8 @@ def _add_hyperparameters(writer: Any, config: ModelConfig, arch: str, dtype: str
     writer.add_feed_forward_length(config.hidden_dim)
     writer.add_block_count(config.n_layer)
     writer.add_head_count(config.n_head)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32"
+                         else gguf.LlamaFileType["MOSTLY_" + dtype.upper()])
     if arch == "gpt2":
         writer.add_layer_norm_eps(config.norm_eps)
         return
