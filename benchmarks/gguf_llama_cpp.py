@@ -6,14 +6,17 @@ char tokenizer trained on the Shakespeare corpus and with a byte-level BPE (--vo
 also with a SentencePiece-style BPE in Llama 2's layout (spm: <unk> <s> </s>, 256 <0xNN> byte tokens, pieces learned
 within words, a space before a text's first word; as `lmforge import` takes it from a Hugging Face directory), random
 weights with the norms perturbed (so a misplaced weight shows), exported with
-`lmforge.interop.gguf_export.export_gguf` as f32, f16 and q8_0. For each export, llama.cpp (one thread) against
+`lmforge.interop.gguf_export.export_gguf` as f32, f16 and q8_0 (--types: also bf16, q5_1, q5_0, q4_1, q4_0). For
+each export, llama.cpp (one thread) against
 lmforge (fp32, one thread):
   tokens   llama.cpp's tokenize(text, add_bos) == lmforge's prompt ids, over Shakespeare lines and a few
            texts with accents, CJK and runs of spaces (count of equal lists)
   logits   one sequence of --positions tokens evaluated whole (logits_all): the largest difference, relative to the
            largest logit, and how often the top token is the same
   greedy   --new-tokens greedy tokens from the same prompt: the length of the common prefix
-  q8_0     the export's bytes against llama.cpp's own quantizer (llama_model_quantize) run on the f32 export
+  bytes    (every type but f32 and f16) the export's bytes against llama.cpp's own quantizer (llama_model_quantize)
+           run on the f32 export, tensor by tensor, and the tensors it writes in another type (the head under 4- and
+           5-bit types)
   spm      (spm) the export imported back (`lmforge import M.gguf`, merges rebuilt from the scores alone as for a
            file converted from a SentencePiece model): its ids against llama.cpp's and against the original's
   import   (BPE models) llama.cpp quantizes the f32 export to Q4_K_M and Q6_K; `lmforge import` reads those files:
@@ -73,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-tokens", type=int, default=64, help="tokens decoded per timed run")
     p.add_argument("--rounds", type=int, default=3, help="speed: alternating rounds")
     p.add_argument("--kinds", default="char,bpe,spm", help="tokenizers compared (spm: with the llama model only)")
+    p.add_argument("--types", default=",".join(TYPES), help="GGUF types exported and compared (f32 always, first: "
+                   "the quantizers read it), from f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0")
     p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     args = p.parse_args(argv)
@@ -181,8 +186,9 @@ def compare(model: GPT, tokenizer, path: Path, texts: list[str], args: argparse.
             "greedy_common_prefix": common, "greedy_tokens": args.new_tokens}
 
 
-def same_bytes_as_llama_cpp_quantizer(f32_path: Path, ours: Path) -> dict:
-    """Quantize the f32 export to q8_0 with llama.cpp itself and compare every tensor's bytes with ours."""
+def same_bytes_as_llama_cpp_quantizer(f32_path: Path, ours: Path, dtype: str = "q8_0") -> dict:
+    """Quantize the f32 export to `dtype` with llama.cpp itself and compare every tensor's bytes with ours; the
+    tensors llama.cpp writes in another type than ours are listed (name: [ours, theirs])."""
     import ctypes
 
     import gguf
@@ -191,13 +197,16 @@ def same_bytes_as_llama_cpp_quantizer(f32_path: Path, ours: Path) -> dict:
 
     theirs = ours.with_name(ours.stem + "-by-llama-cpp.gguf")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{dtype.upper()}")
     assert llama_cpp.llama_model_quantize(str(f32_path).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
     a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
     b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
     same = [n for n in a if n in b and a[n].tensor_type == b[n].tensor_type
             and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))]
-    return {"tensors": len(a), "identical_to_llama_cpp_quantizer": len(same), "tensors_in_theirs": len(b)}
+    other = {n: [a[n].tensor_type.name, b[n].tensor_type.name] for n in a
+             if n in b and a[n].tensor_type != b[n].tensor_type}
+    return {"tensors": len(a), "identical_to_llama_cpp_quantizer": len(same), "tensors_in_theirs": len(b),
+            "other_type_in_theirs": other}
 
 
 def imported_k_quants(f32_path: Path, model: GPT, tokenizer, args: argparse.Namespace) -> dict:
@@ -309,11 +318,11 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 run = make_run(work / f"{arch}-{kind}", tokenizer, shape, max(args.positions, 64))
                 model, _, _ = load_for_inference(run, "cpu")
-                for t in TYPES:
+                for t in ["f32"] + [t for t in args.types.split(",") if t != "f32"]:
                     path = export_gguf(run, work / f"{arch}-{kind}" / f"model-{t}.gguf", dtype=t)
                     result = in_child(compare, model, tokenizer, path, texts, args)
-                    if t == "q8_0":
-                        result.update(same_bytes_as_llama_cpp_quantizer(path.with_name("model-f32.gguf"), path))
+                    if t not in ("f32", "f16"):
+                        result.update(same_bytes_as_llama_cpp_quantizer(path.with_name("model-f32.gguf"), path, t))
                     summary["results"][f"{arch}-{kind}-{t}"] = result
                     print(f"{arch} {kind} {t}: {json.dumps(result)}", flush=True)
                 if kind == "spm":
