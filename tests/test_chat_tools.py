@@ -376,3 +376,25 @@ def test_a_call_in_another_form_is_held_to_the_templates_form(tmp_path):
             "UTC", "CET")
         text = c.post("/v1/chat/completions", json={**body, "tool_choice": "auto"}).json()["choices"][0]
         assert text["message"]["content"] == script and "tool_calls" not in text["message"]
+
+
+def test_preference_records_with_tools_prefer_a_call_as_the_template_writes_it(tools_model):
+    """A DPO pair over a conversation with tools (TRL's conversational preference records): the prompt is what
+    transformers writes for its turns and tools, the chosen call what the template writes for that turn."""
+    from lmforge.data.preference import record_preference
+    from lmforge.data.tasks import Fields, own_chat
+    from lmforge.data.unpaired import record_unpaired
+
+    hf_dir, run = tools_model
+    template = {"chat": own_chat(load_for_inference(run, "cpu")[1])}
+    call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]}
+    record = {"prompt": CONVERSATION[:2], "tools": [WEATHER], "chosen": [call],
+              "rejected": [{"role": "assistant", "content": "No idea."}]}
+    prompt, chosen, rejected, chat, _ = record_preference(record, template, Fields())
+    assert chat and prompt == theirs(hf_dir, CONVERSATION[:2], [WEATHER])[0]
+    assert chosen == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert rejected == "No idea."
+    (kto,) = record_unpaired({"prompt": CONVERSATION[:2], "tools": [WEATHER], "completion": [call], "label": True},
+                             template, Fields())
+    assert kto[:3] == (prompt, chosen, 1)

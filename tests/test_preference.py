@@ -177,7 +177,7 @@ def test_a_conversation_prompt_and_assistant_turn_completions(base, tmp_path):
     ({"prompt": "ab", "chosen": "  ", "rejected": "ab"}, "empty chosen completion"),
     ({"prompt": "ab", "chosen": [{"role": "assistant", "content": "b"}, {"role": "assistant", "content": "a"}],
       "rejected": "ab"}, "not one {\"role\": \"assistant\""),
-    ({"prompt": [{"role": "user"}], "chosen": "ba", "rejected": "ab"}, "not of {\"role\": string"),
+    ({"prompt": [{"role": "user"}], "chosen": "ba", "rejected": "ab"}, "prompt[0] is not a {\"role\": string"),
     ({"prompt": 7, "chosen": "ba", "rejected": "ab"}, "is a int, not a string"),
 ])
 def test_a_bad_pair_is_one_clear_error_or_skipped_and_counted(base, tmp_path, capsys, bad, reason):

@@ -32,12 +32,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lmforge.data.conversation import chat_turns
 from lmforge.data.prepare import split_counts
 from lmforge.data.shards import SPLITS
 from lmforge.data.tasks import (MAX_LISTED_BAD, BadRecord, Encoded, Fields, _leakage, _read_records, _text,
                                 _write_task_dir, check_template_fields, encode_example, render_chat, render_prompt,
-                                report_tail_lines)
-from lmforge.errors import DataError
+                                reply_text, report_tail_lines)
+from lmforge.errors import ConfigError, DataError
 from lmforge.tokenizer import Tokenizer
 
 MARGIN = "margin"  # the record field of a pair's margin (TRL's RewardTrainer column)
@@ -47,8 +48,8 @@ def record_preference(record: dict, template: dict, fields: Fields) -> tuple[str
     """(prompt text, chosen, rejected, whether the prompt is a conversation, margin or None) of one record;
     BadRecord says why not."""
     prompt, chat = record_prompt(record, template, fields)
-    chosen, rejected = (completion_field(record, name, role) for name, role in ((fields.chosen, "chosen"),
-                                                                                  (fields.rejected, "rejected")))
+    chosen, rejected = (completion_field(record, name, role, template, fields)
+                        for name, role in ((fields.chosen, "chosen"), (fields.rejected, "rejected")))
     if chosen == rejected:
         raise BadRecord(f"{fields.chosen!r} and {fields.rejected!r} are the same text: a pair needs two different "
                         "completions to prefer one")
@@ -62,18 +63,17 @@ def record_preference(record: dict, template: dict, fields: Fields) -> tuple[str
 
 def record_prompt(record: dict, template: dict, fields: Fields) -> tuple[str, bool]:
     """(prompt text, whether it is a conversation) of a preference record: a string prompt rendered by the template,
-    or a list of {"role", "content"} turns by the chat template, ending with the reply's header."""
+    or a list of {"role", "content"} turns (tool calls and results too, with the record's tools: data.conversation)
+    by the chat template, ending with the reply's header."""
     if record.get(fields.prompt) is None:
         raise BadRecord(f"no field {fields.prompt!r} (prompt)")
     turns = record[fields.prompt]
     chat = isinstance(turns, list)
     if chat:
-        if not turns or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
-                                and isinstance(t.get("content"), str) for t in turns):
-            raise BadRecord(f"field {fields.prompt!r} is a list but not of {{\"role\": string, \"content\": string}} "
-                            "turns")
-        prompt = render_chat(template, [{"role": t["role"], "content": t["content"].replace("\r\n", "\n")}
-                                        for t in turns])
+        try:
+            prompt = render_chat(template, _turns(turns, fields.prompt), record.get(fields.tools))
+        except ConfigError as e:  # a malformed conversation, or one the model's own chat template refuses
+            raise BadRecord(str(e)) from None
     else:
         values = {name: _text(record, fields.prompt if name == "prompt" else name, "used by the template")
                   for name in template["fields"]}
@@ -81,15 +81,30 @@ def record_prompt(record: dict, template: dict, fields: Fields) -> tuple[str, bo
     return prompt, chat
 
 
-def completion_field(record: dict, name: str, role: str) -> str:
-    """A completion field: a string, or a list of one assistant turn."""
+def _turns(turns: list, where: str) -> list[dict]:
+    """A conversation's turns (data.conversation.chat_turns), their text with Windows line ends made plain."""
+    if not turns:
+        raise BadRecord(f"field {where!r} is a list but not of {{\"role\": string, \"content\": string}} turns")
+    return [{**t, "content": t["content"].replace("\r\n", "\n")} if t["content"] else t
+            for t in chat_turns(turns, where)]
+
+
+def completion_field(record: dict, name: str, role: str, template: dict, fields: Fields) -> str:
+    """A completion field: a string, or a list of one assistant turn (its text; for a turn that calls tools, the
+    calls as the template writes them after the record's prompt turns: data.tasks.reply_text)."""
     value = record.get(name)
     if isinstance(value, list):
-        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant" \
-                or not isinstance(value[0].get("content"), str):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
             raise BadRecord(f"field {name!r} ({role}) is a list but not one {{\"role\": \"assistant\", \"content\": "
                             "string}} turn")
-        value = value[0]["content"].replace("\r\n", "\n")
+        try:
+            turn = chat_turns(value, name)
+            prompt = record.get(fields.prompt) if turn[0].get("tool_calls") else None
+            value = reply_text(template, (_turns(prompt, fields.prompt) if isinstance(prompt, list) else []) + turn,
+                               record.get(fields.tools))
+        except ConfigError as e:
+            raise BadRecord(str(e)) from None
+        value = value.replace("\r\n", "\n")
     else:
         value = _text(record, name, role)
     if not value.strip():

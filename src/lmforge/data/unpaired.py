@@ -46,7 +46,7 @@ def record_unpaired(record: dict, template: dict, fields: Fields) -> list[tuple[
         prompt, chosen, rejected, chat, _ = record_preference(record, template, fields)  # (a margin: unused)
         return [(prompt, chosen, 1, chat), (prompt, rejected, 0, chat)]
     prompt, chat = record_prompt(record, template, fields)
-    completion = completion_field(record, fields.completion, "completion")
+    completion = completion_field(record, fields.completion, "completion", template, fields)
     label = record.get(fields.label)
     if label is None:
         raise BadRecord(f"no field {fields.label!r} (label: true for a desirable completion, false for not)")
