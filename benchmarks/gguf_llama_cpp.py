@@ -1,7 +1,8 @@
 """lmforge's GGUF export read by llama.cpp itself (llama-cpp-python), in one process: the same token ids, the same
 logits, the same greedy text, and decoding speed side by side.
 
-The models: a GPT-2-style and a Llama-style one (RoPE, RMSNorm, SwiGLU, grouped-query heads), each with lmforge's
+The models: a GPT-2-style and a Llama-style one (RoPE, RMSNorm, SwiGLU, grouped-query heads; --archs qwen3: also
+Qwen3's layout, queries and keys normalised per head, heads wider than the stream's share), each with lmforge's
 char tokenizer trained on the Shakespeare corpus and with a byte-level BPE (--vocab-size), and the Llama-style one
 also with a SentencePiece-style BPE in Llama 2's layout (spm: <unk> <s> </s>, 256 <0xNN> byte tokens, pieces learned
 within words, a space before a text's first word; as `lmforge import` takes it from a Hugging Face directory), random
@@ -60,6 +61,9 @@ ARCHS = {
     "gpt2": dict(n_layer=2, n_head=4, n_embd=64, activation="gelu_tanh"),  # llama.cpp's GPT-2 GELU is tanh's
     "llama": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, norm="rmsnorm", mlp="swiglu", pos_encoding="rope",
                   bias=False, tie_embeddings=False, rope_theta=20000.0),
+    # Qwen3's layout: each head's queries and keys RMS-normalised, heads wider than n_embd / n_head
+    "qwen3": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_size=32, norm="rmsnorm", mlp="swiglu",
+                  pos_encoding="rope", bias=False, tie_embeddings=False, rope_theta=20000.0, qk_norm=True),
 }
 EXTRA_TEXTS = ["Hello, wörld!", "床前明月光 q", " two  spaces\nand a tab\t.", "naïve café — “quoted”",
                "ROMEO:\n"]
@@ -75,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-preset", default="gpt2-124m", help="the model shape timed ('' to skip the speed part)")
     p.add_argument("--speed-tokens", type=int, default=64, help="tokens decoded per timed run")
     p.add_argument("--rounds", type=int, default=3, help="speed: alternating rounds")
+    p.add_argument("--archs", default="gpt2,llama", help="model layouts compared, from " + ", ".join(ARCHS))
     p.add_argument("--kinds", default="char,bpe,spm", help="tokenizers compared (spm: with the llama model only)")
     p.add_argument("--types", default=",".join(TYPES), help="GGUF types exported and compared (f32 always, first: "
                    "the quantizers read it), from f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0")
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for arch, shape in ARCHS.items():
+        for arch, shape in ((a, ARCHS[a]) for a in args.archs.split(",")):
             for kind, tokenizer in tokenizers.items():
                 if kind == "spm" and arch != "llama":
                     continue
@@ -329,7 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
                     result = in_child(spm_import, work / f"{arch}-{kind}" / "model-f32.gguf", tokenizer, texts)
                     summary["results"][f"{arch}-{kind}-imported"] = result
                     print(f"{arch} {kind} imported: {json.dumps(result)}", flush=True)
-                if kind == "bpe":  # k-quants need rows of 256: the widths below fall back where they must
+                # k-quants need rows of 256: the widths below fall back where they must. (transformers' GGUF reader
+                # builds qwen3 heads as wide as the stream's share, not attention.key_length: not for qwen3 here)
+                if kind == "bpe" and arch != "qwen3":
                     result = imported_k_quants(work / f"{arch}-{kind}" / "model-f32.gguf", model, tokenizer, args)
                     summary["results"][f"{arch}-{kind}-imported"] = result
                     print(f"{arch} {kind} imported: {json.dumps(result)}", flush=True)

@@ -412,6 +412,10 @@ MUTANTS = [
            "return whole[len(prompt):len(whole) - len(end)]", "return whole[len(prompt):]",
            ("tests/test_chat_tools.py::"
             "test_fine_tuning_records_with_tools_learn_the_call_as_the_template_writes_it",)),
+    Mutant("qwen3-gguf-rows-interleaved-as-llamas", "interop/gguf_export.py",
+           'if arch == "llama":\n                    q, k = _interleave_halves',
+           'if arch in ("llama", "qwen3"):\n                    q, k = _interleave_halves',
+           ("tests/test_qwen3.py::test_qwen3_travels_through_gguf_and_back",)),
     Mutant("tool-calls-read-without-the-templates-lead", "serve/app.py",
            "self.index, self.start, self.named, self.complete = 0, len(fmt.lead), False, False",
            "self.index, self.start, self.named, self.complete = 0, 0, False, False",

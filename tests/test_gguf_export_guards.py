@@ -158,7 +158,7 @@ def refused_setup(case: str, root: Path) -> tuple[Path, dict, str]:
             "holds a classify model; GGUF export writes language models"
     if case == "relu2":
         return checkpoint(root, tok, tok.vocab_size, **{**LLAMA_STYLE, "mlp": "relu2"}), {}, \
-            "has no GGUF equivalent \\(gpt2, llama or qwen2\\): .*model.mlp='relu2'"
+            "has no GGUF equivalent \\(gpt2, llama, qwen2 or qwen3\\): .*model.mlp='relu2'"
     if case == "no-tokenizer":
         return checkpoint(root, None, tok.vocab_size, **GPT2_STYLE), {}, "has no tokenizer"
     if case == "narrow-model":

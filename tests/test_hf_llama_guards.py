@@ -19,12 +19,13 @@ def test_a_plain_llama_config_converts():
     assert (config.n_head, config.n_kv_head, config.n_embd, config.hidden_dim) == (4, 2, 32, 64)
     assert config.rope_theta == 20000.0 and not config.bias
     assert from_hf_config({**LLAMA, "attention_bias": True, "mlp_bias": True}).bias
+    assert from_hf_config({**LLAMA, "head_dim": 16}).head_dim == 16  # wider than hidden_size / num_attention_heads
 
 
 @pytest.mark.parametrize("changes, words", [
     ({"attention_bias": True, "mlp_bias": False}, "attention_bias=True with mlp_bias=False"),
     ({"attention_bias": False, "mlp_bias": True}, "attention_bias=False with mlp_bias=True"),
-    ({"head_dim": 16}, "head_dim=16"),
+    ({"head_dim": 7}, "model.head_size=7 is invalid: an even head width"),  # (16: heads of their own width)
     ({"pretraining_tp": 2}, "pretraining_tp=2"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_type='linear'"),

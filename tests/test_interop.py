@@ -312,12 +312,13 @@ def test_imported_model_exports_back_to_what_transformers_had(hf_dirs, tmp_path,
     (dict(GPT2_STYLE, pos_encoding="sinusoidal"), "model.pos_encoding='sinusoidal' cannot be converted to GPT-2"),
     (dict(GPT2_STYLE, pos_encoding="rope"), "model.norm='layernorm', model.mlp='gelu' cannot be converted to Llama"),
     (dict(GPT2_STYLE, qk_norm=True), "model.qk_norm=True cannot be converted to GPT-2"),
-    (dict(LLAMA_STYLE, qk_norm=True), "model.qk_norm=True cannot be converted to Llama"),
+    (dict(LLAMA_STYLE, qk_norm=True, bias=True), "model.bias=True cannot be converted to Llama (Qwen3, with "
+                                                 "model.qk_norm); it needs model.bias=False"),
     (dict(GPT2_STYLE, logit_softcap=15.0), "model.logit_softcap=15.0 cannot be converted to GPT-2"),
     (dict(LLAMA_STYLE, logit_softcap=15.0), "model.logit_softcap=15.0 cannot be converted to Llama"),
     (dict(GPT2_STYLE, mlp="relu2"), "model.mlp='relu2' cannot be converted to GPT-2"),
     (dict(LLAMA_STYLE, mlp="relu2", qk_norm=True, logit_softcap=10.0),  # the shakespeare-char recipe: all named at once
-     "model.mlp='relu2', model.qk_norm=True, model.logit_softcap=10.0 cannot be converted to Llama"),
+     "model.mlp='relu2', model.logit_softcap=10.0 cannot be converted to Llama (Qwen3, with model.qk_norm)"),
 ], ids=["sinusoidal", "gpt2-with-rope", "gpt2-qk-norm", "llama-qk-norm", "gpt2-softcap", "llama-softcap",
         "relu2", "recipe"])
 def test_export_refuses_models_without_hf_equivalent(tmp_path, capsys, model, reason):

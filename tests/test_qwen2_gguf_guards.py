@@ -50,7 +50,7 @@ def test_qwen2s_config_json_says_no_sliding_window_reads_back_and_sliding_layers
     for layer_types in (["full_attention", "sliding_attention"], ["sliding", "full_attention"]):
         with pytest.raises(ConfigError, match="use_sliding_window=true .* no lmforge equivalent"):
             from_hf_config({**hf, "layer_types": layer_types, "sliding_window": 16})
-    with pytest.raises(ConfigError, match="model_type='mistral' is not llama or qwen2"):
+    with pytest.raises(ConfigError, match="model_type='mistral' is not llama, qwen2 or qwen3"):
         from_hf_config({**hf, "model_type": "mistral"})  # called directly, not through import's dispatch
     # a Llama config with attention biases is biases everywhere, not Qwen2's q/k/v-only layout
     llama = from_hf_config(to_hf_config(ModelConfig(vocab_size=300, **{**LLAMA_STYLE, "bias": True})))

@@ -276,6 +276,9 @@ class ModelConfig:
     n_head: int = doc("Number of attention heads (query heads).", 4, ge=1, le=MAX_SIZE)
     n_kv_head: Optional[int] = doc("Key/value heads for grouped-query attention; null = n_head.", None)
     n_embd: int = doc("Width of the residual stream (embedding size).", 128, ge=1, le=MAX_SIZE)
+    head_size: Optional[int] = doc("Width of each attention head; null = n_embd / n_head (Qwen3 and Gemma set their "
+                                   "own: heads that together are wider or narrower than the stream).", None, ge=1,
+                                   le=MAX_SIZE)
     mlp_hidden: Optional[int] = doc("Hidden width of the MLP; null = 4*n_embd (gelu, relu2) or 8/3*n_embd (swiglu).",
                                     None, gt=0)
     dropout: float = doc("Dropout probability on attention weights and residual branches.", 0.0,
@@ -298,7 +301,8 @@ class ModelConfig:
     init_std: float = doc("Std of the normal weight init (GPT-2: 0.02).", 0.02, gt=0, lt=1)
     qk_norm: bool = doc("RMSNorm (a learned gain per head dimension) of each head's queries and keys before RoPE and "
                         "attention (Dehghani et al. 2023), which keeps attention logits bounded at high learning "
-                        "rates; no GPT-2/Llama equivalent (HF export refuses it).", False)
+                        "rates; Qwen3's (a Llama-style model with it and no biases exports as Qwen3; no GPT-2 "
+                        "equivalent).", False)
     zero_init_proj: bool = doc("Initialise attn.proj and mlp.proj, the projections into the residual stream, to zero "
                                "so each block starts as the identity (the nanoGPT speedrun); false: GPT-2's "
                                "N(0, init_std/sqrt(2*n_layer)). Only the init: HF export is unaffected.", False)
@@ -323,14 +327,17 @@ class ModelConfig:
             self.n_kv_head = self.n_head
         _check(0 < self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0,
                "model.n_kv_head", self.n_kv_head, f"a divisor of n_head={self.n_head}")
-        _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd,
-               f"a multiple of n_head={self.n_head}")
+        if self.head_size is None:
+            _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd,
+                   f"a multiple of n_head={self.n_head} (or set model.head_size)")
         if self.pos_encoding == "rope":
-            _check(self.head_dim % 2 == 0, "model.n_embd", self.n_embd, "n_embd/n_head must be even for rope")
+            _check(self.head_dim % 2 == 0, "model.head_size" if self.head_size else "model.n_embd",
+                   self.head_size or self.n_embd, "an even head width (n_embd/n_head, or head_size) for rope")
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        """Each attention head's width: head_size, else n_embd / n_head."""
+        return self.head_size if self.head_size is not None else self.n_embd // self.n_head
 
     @property
     def hidden_dim(self) -> int:

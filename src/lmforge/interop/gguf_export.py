@@ -13,6 +13,9 @@ takes (interop.hf_export.converter_for_model):
            and row i + hd/2 to 2i + 1: the same attention scores, since q and k move alike.
     qwen2  the same with biases on q, k and v only (model.qkv_bias); llama.cpp's qwen2 graph rotates halves as
            lmforge does, so the rows stay in order.
+    qwen3  the same without biases, each head's queries and keys RMS-normalised (model.qk_norm: attn_q_norm,
+           attn_k_norm); halves rotated, rows in order.
+Heads of their own width (model.head_size) are written as attention.key_length and value_length.
 
 Tokenizers: lmforge's bpe kind (byte-level BPE) is GGUF's "gpt2" model (tokens in GPT-2's byte-to-unicode spelling,
 the merges in order). The char and byte kinds are GGUF's "llama" model, SentencePiece's rule that is theirs too:
@@ -48,7 +51,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
 from lmforge.interop import hf_gpt2
-from lmforge.interop.hf_llama import is_qwen2
+from lmforge.interop.hf_llama import is_qwen2, is_qwen3
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
 from lmforge.interop.hf_export import HFExportError, converter_for_model, model_chat_template
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
@@ -84,10 +87,11 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     if config.head != "lm":
         raise GGUFExportError(f"{checkpoint} holds a {config.head} model; GGUF export writes language models")
     try:
-        arch = "gpt2" if converter_for_model(config) is hf_gpt2 else "qwen2" if is_qwen2(config) else "llama"
+        arch = ("gpt2" if converter_for_model(config) is hf_gpt2 else "qwen3" if is_qwen3(config)
+                else "qwen2" if is_qwen2(config) else "llama")
     except HFExportError as e:
         raise GGUFExportError(str(e).replace("Hugging Face equivalent",
-                                             "GGUF equivalent (gpt2, llama or qwen2)")) from None
+                                             "GGUF equivalent (gpt2, llama, qwen2 or qwen3)")) from None
     if tokenizer is None:
         raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
     vocabulary = _vocabulary(tokenizer, config.vocab_size)
@@ -138,7 +142,8 @@ def _interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 # A block's tensors that only change name (lmforge -> GGUF); GPT-2's fused q/k/v and MLP input too. The rest of a
 # Llama block is split: attn.qkv -> attn_q, attn_k, attn_v; mlp.fc -> ffn_gate, ffn_up.
-RENAMED = {"norm_1": "attn_norm", "attn.proj": "attn_output", "norm_2": "ffn_norm", "mlp.proj": "ffn_down"}
+RENAMED = {"norm_1": "attn_norm", "attn.proj": "attn_output", "norm_2": "ffn_norm", "mlp.proj": "ffn_down",
+           "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm"}  # (qk norms: qwen3 only)
 RENAMED_GPT2 = {**RENAMED, "attn.qkv": "attn_qkv", "mlp.fc": "ffn_up"}
 
 
@@ -189,6 +194,9 @@ def _add_hyperparameters(writer: Any, config: ModelConfig, arch: str, dtype: str
     writer.add_head_count_kv(config.n_kv_head)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_rope_dimension_count(config.head_dim)
+    if config.head_dim * config.n_head != config.n_embd:  # heads of their own width
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_vocab_size(config.vocab_size)
 

@@ -2,8 +2,9 @@
 or fine-tune (--train.init_from) a model that was shared as GGUF.
 
 The inverse of gguf_export, for the architectures it writes: gpt2, llama (a Llama-style model: RoPE over the whole
-head, RMSNorm, SwiGLU, grouped-query heads, biases everywhere or nowhere) and qwen2 (the same with biases on q, k and
-v only: Qwen2, Qwen2.5). Quantized tensors (q8_0, q4_k, ...)
+head, RMSNorm, SwiGLU, grouped-query heads, biases everywhere or nowhere), qwen2 (the same with biases on q, k and
+v only: Qwen2, Qwen2.5) and qwen3 (no biases, each head's queries and keys RMS-normalised: Qwen3); heads of their own
+width (attention.key_length) too. Quantized tensors (q8_0, q4_k, ...)
 are dequantized to float32 with the `gguf` package (llama.cpp's own Python reader): the model computes what the file
 holds, in lmforge's fp32. Each q and k head's rows go back from llama.cpp's order (neighbours rotate together) to
 lmforge's (dimension i with i + hd/2). A GPT-2 file computes GELU by its tanh approximation in llama.cpp, so the
@@ -39,7 +40,8 @@ from lmforge.interop.gguf_pretokenizers import ADDS_BOS, RULES, known_rules, rul
 from lmforge.model import GPT
 from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
 
-SUPPORTED = "gpt2, llama (RoPE, RMSNorm, SwiGLU, grouped-query attention) and qwen2 (llama with q/k/v biases)"
+SUPPORTED = ("gpt2, llama (RoPE, RMSNorm, SwiGLU, grouped-query attention), qwen2 (llama with q/k/v biases) and qwen3 "
+             "(llama with each head's queries and keys RMS-normalised)")
 
 
 class GGUFImportError(LmforgeError):
@@ -56,7 +58,7 @@ def import_gguf(path: str | Path, run_dir: str | Path) -> Path:
         raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
-    if arch not in ("gpt2", "llama", "qwen2"):
+    if arch not in ("gpt2", "llama", "qwen2", "qwen3"):
         raise GGUFImportError(f"{path} holds a {arch!r} model; lmforge imports {SUPPORTED}")
     config = _model_config(meta, tensors, arch, path)
     tokenizer = _tokenizer(meta, path)
@@ -108,16 +110,17 @@ def _model_config(meta: dict[str, Any], tensors: dict[str, torch.Tensor], arch: 
     if arch == "gpt2":
         config = ModelConfig(**common, activation="gelu_tanh", norm_eps=key("attention.layer_norm_epsilon", 1e-5))
     else:
-        head_dim = n_embd // n_head
+        head_dim = key("attention.key_length", n_embd // n_head)  # heads may have their own width
         unsupported = [f"{arch}.{name}={meta[f'{arch}.{name}']}" for name in ("expert_count", "rope.scaling.type")
                        if meta.get(f"{arch}.{name}") not in (None, 0, "none")]
         if key("rope.dimension_count", head_dim) != head_dim:
             rotated = meta[f"{arch}.rope.dimension_count"]
             unsupported.append(f"{arch}.rope.dimension_count={rotated} (a partial rotation)")
-        if key("attention.key_length", head_dim) != head_dim:
-            unsupported.append(f"{arch}.attention.key_length={meta[f'{arch}.attention.key_length']}")
+        if key("attention.value_length", head_dim) != head_dim:
+            unsupported.append(f"{arch}.attention.value_length={meta[f'{arch}.attention.value_length']} (values "
+                               "and keys of different widths)")
         biases = {name.split(".")[-2] for name in tensors if name.startswith("blk.0.") and name.endswith(".bias")}
-        allowed = ({"attn_q", "attn_k", "attn_v"},) if arch == "qwen2" else (
+        allowed = ({"attn_q", "attn_k", "attn_v"},) if arch == "qwen2" else (set(),) if arch == "qwen3" else (
             set(), {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
         if biases not in allowed:
             unsupported.append(f"biases on {', '.join(sorted(biases)) or 'nothing'} only")
@@ -127,7 +130,8 @@ def _model_config(meta: dict[str, Any], tensors: dict[str, torch.Tensor], arch: 
         config = ModelConfig(**common, n_kv_head=key("attention.head_count_kv", n_head), norm="rmsnorm",
                              norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5), mlp="swiglu", pos_encoding="rope",
                              rope_theta=float(key("rope.freq_base", 10000.0)), bias=arch == "llama" and bool(biases),
-                             qkv_bias=arch == "qwen2")
+                             qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+                             head_size=None if head_dim * n_head == n_embd else head_dim)
     if config.hidden_dim != key("feed_forward_length"):  # null when it is lmforge's own default width
         config.mlp_hidden = key("feed_forward_length")
     return config
@@ -151,7 +155,7 @@ def _state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, arch: str
                     state[f"blocks.{i}.{ours}.{kind}"] = tensors[f"blk.{i}.{theirs}.{kind}"]
             if arch != "gpt2" and f"blk.{i}.attn_q.{kind}" in tensors:
                 q, k = tensors[f"blk.{i}.attn_q.{kind}"], tensors[f"blk.{i}.attn_k.{kind}"]
-                if arch == "llama":  # qwen2's graph rotates halves, as lmforge does
+                if arch == "llama":  # qwen2's and qwen3's graphs rotate halves, as lmforge does
                     q, k = _halves_from_interleaved(q, config.n_head), _halves_from_interleaved(k, config.n_kv_head)
                 state[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([q, k, tensors[f"blk.{i}.attn_v.{kind}"]])
             if arch != "gpt2" and f"blk.{i}.ffn_gate.{kind}" in tensors:

@@ -1,8 +1,8 @@
 """`lmforge export --format hf`: an lmforge checkpoint -> a directory transformers loads offline.
 
     OUT/config.json               GPT2LMHeadModel or LlamaForCausalLM (Qwen2ForCausalLM: a Llama-style model with
-                                  model.qkv_bias), whichever the model matches (a classifier:
-                                  ...ForSequenceClassification)
+                                  model.qkv_bias; Qwen3ForCausalLM: with model.qk_norm), whichever the model matches
+                                  (a classifier: ...ForSequenceClassification)
     OUT/model.safetensors         fp32 weights in Hugging Face names (a tied LM head stored once)
     OUT/generation_config.json    bos/eos/pad token ids (generation stops at the end token, as in lmforge)
     OUT/tokenizer.json, tokenizer_config.json, special_tokens_map.json   (see interop.hf_tokenizer)

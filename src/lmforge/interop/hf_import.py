@@ -1,6 +1,6 @@
 """`lmforge import`: a local Hugging Face model directory -> an lmforge checkpoint.
 
-    HF_DIR/config.json                         model_type gpt2, llama or qwen2
+    HF_DIR/config.json                         model_type gpt2, llama, qwen2 or qwen3
     HF_DIR/model.safetensors                   or model.safetensors.index.json + its shards
     HF_DIR/tokenizer.json                      or vocab.json + merges.txt (+ tokenizer_config.json)
   ->
@@ -29,9 +29,10 @@ from lmforge.interop import hf_gpt2, hf_llama
 from lmforge.interop.hf_tokenizer import read_hf_tokenizer
 from lmforge.model import GPT
 
-CONVERTERS = {"gpt2": hf_gpt2, "llama": hf_llama, "qwen2": hf_llama}
-SUPPORTED = ("gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM: RoPE, RMSNorm, SwiGLU, grouped-query attention) and "
-             "qwen2 (Qwen2ForCausalLM: Llama with q/k/v biases, without sliding windows)")
+CONVERTERS = {"gpt2": hf_gpt2, "llama": hf_llama, "qwen2": hf_llama, "qwen3": hf_llama}
+SUPPORTED = ("gpt2 (GPT2LMHeadModel), llama (LlamaForCausalLM: RoPE, RMSNorm, SwiGLU, grouped-query attention), "
+             "qwen2 (Qwen2ForCausalLM: Llama with q/k/v biases, without sliding windows) and qwen3 (Qwen3ForCausalLM: "
+             "Llama with each head's queries and keys RMS-normalised, without sliding windows)")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 CONVERT_HINT = ("convert it to safetensors with transformers, where you trust the file: "
                 "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")

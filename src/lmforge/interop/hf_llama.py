@@ -1,9 +1,12 @@
-"""Convert between lmforge's GPT and Hugging Face's LlamaForCausalLM and Qwen2ForCausalLM (configs and state dicts).
+"""Convert between lmforge's GPT and Hugging Face's LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM (configs
+and state dicts).
 
 A Llama-style lmforge config is: RoPE positions, RMSNorm, the SwiGLU MLP, any number of key/value heads
-(grouped-query attention), biases either everywhere (HF attention_bias=mlp_bias=True) or nowhere. Qwen2 is the same
-model with biases on the q, k and v projections only (lmforge's model.qkv_bias with bias false), and no sliding
-window (use_sliding_window false, as Qwen2 and Qwen2.5 ship).
+(grouped-query attention), biases either everywhere (HF attention_bias=mlp_bias=True) or nowhere, heads of any width
+(head_dim: lmforge's model.head_size). Qwen2 is the same model with biases on the q, k and v projections only
+(lmforge's model.qkv_bias with bias false), and no sliding window (use_sliding_window false, as Qwen2 and Qwen2.5
+ship); Qwen3 has no biases and RMS-normalises each head's queries and keys before RoPE (q_norm, k_norm: lmforge's
+model.qk_norm).
 Both libraries rotate dimension i with i + head_dim/2 (HF's rotate_half, the GPT-NeoX layout), so
 q_proj/k_proj weights are copied as they are, no permutation.
 
@@ -25,17 +28,24 @@ from lmforge.errors import ConfigError
 def check_llama_compatible(config: ModelConfig) -> None:
     """Raise ConfigError naming every model option that Llama's architecture cannot express (all at once: a user
     retrains once, not once per option)."""
-    required = {"causal": True, "pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False,
-                "logit_softcap": 0.0}
+    required = {"causal": True, "pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "logit_softcap": 0.0}
+    if config.qk_norm:  # Qwen3's layout has no biases
+        required.update(bias=False, qkv_bias=False)
     wrong = [key for key, value in required.items() if getattr(config, key) != value]
     if wrong:
         raise ConfigError(f"{', '.join(f'model.{key}={getattr(config, key)!r}' for key in wrong)} cannot be "
-                          f"converted to Llama; Llama needs {', '.join(f'model.{k}={required[k]!r}' for k in wrong)}")
+                          f"converted to Llama{' (Qwen3, with model.qk_norm)' if config.qk_norm else ''}; it needs "
+                          f"{', '.join(f'model.{k}={required[k]!r}' for k in wrong)}")
 
 
 def is_qwen2(config: ModelConfig) -> bool:
     """Whether a Llama-style config is Qwen2's layout: biases on q, k and v and nowhere else."""
     return config.qkv_bias and not config.bias
+
+
+def is_qwen3(config: ModelConfig) -> bool:
+    """Whether a Llama-style config is Qwen3's layout: queries and keys RMS-normalised per head (no biases)."""
+    return config.qk_norm
 
 
 def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
@@ -46,8 +56,9 @@ def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
     model.dropout, which changes nothing at inference.
     """
     check_llama_compatible(config)
-    family = "Qwen2" if is_qwen2(config) else "Llama"
-    own = ({"use_sliding_window": False} if is_qwen2(config) else
+    family = "Qwen3" if is_qwen3(config) else "Qwen2" if is_qwen2(config) else "Llama"
+    own = ({"use_sliding_window": False, "head_dim": config.head_dim} if family == "Qwen2" else
+           {"use_sliding_window": False, "head_dim": config.head_dim, "attention_bias": False} if family == "Qwen3" else
            {"head_dim": config.head_dim, "attention_bias": config.bias, "mlp_bias": config.bias, "pretraining_tp": 1})
     return {
         "model_type": family.lower(),
@@ -87,12 +98,13 @@ def _rope_theta(d: Mapping[str, Any]) -> float:
 
 
 def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
-    """A ModelConfig from a LlamaConfig or Qwen2Config or its dict (config.json). Raises ConfigError for what lmforge
-    lacks."""
+    """A ModelConfig from a LlamaConfig, Qwen2Config or Qwen3Config or its dict (config.json). Raises ConfigError for
+    what lmforge lacks."""
     d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
-    qwen2 = d.get("model_type", "llama") == "qwen2"
-    if d.get("model_type", "llama") not in ("llama", "qwen2"):
-        raise ConfigError(f"model_type={d.get('model_type')!r} is not llama or qwen2; only their configs convert here")
+    model_type = d.get("model_type", "llama")
+    if model_type not in ("llama", "qwen2", "qwen3"):
+        raise ConfigError(f"model_type={d.get('model_type')!r} is not llama, qwen2 or qwen3; only their configs "
+                          "convert here")
     sliding = [t for t in d.get("layer_types") or [] if t != "full_attention"]
     if d.get("use_sliding_window") or sliding:
         raise ConfigError("use_sliding_window=true (attention within a window on some layers) has no lmforge "
@@ -105,15 +117,14 @@ def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
                           "supported: both true or both false")
     n_embd, n_head = d["hidden_size"], d["num_attention_heads"]
     head_dim = d.get("head_dim") or n_embd // n_head
-    if head_dim * n_head != n_embd:
-        raise ConfigError(f"head_dim={head_dim} with num_attention_heads={n_head} and hidden_size={n_embd} has no "
-                          "lmforge equivalent; supported: head_dim = hidden_size / num_attention_heads")
     if d.get("pretraining_tp", 1) != 1:
         raise ConfigError(f"pretraining_tp={d['pretraining_tp']} has no lmforge equivalent; supported: 1")
     config = ModelConfig(
         vocab_size=d["vocab_size"], block_size=d.get("max_position_embeddings", 2048), n_layer=d["num_hidden_layers"],
         n_head=n_head, n_kv_head=d.get("num_key_value_heads") or n_head, n_embd=n_embd,
-        mlp_hidden=None, dropout=float(d.get("attention_dropout", 0.0)), bias=attention_bias, qkv_bias=qwen2,
+        head_size=None if head_dim * n_head == n_embd else head_dim, qk_norm=model_type == "qwen3",
+        mlp_hidden=None, dropout=float(d.get("attention_dropout", 0.0)), bias=attention_bias,
+        qkv_bias=model_type == "qwen2",
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", pos_encoding="rope",
         rope_theta=_rope_theta(d), tie_embeddings=d.get("tie_word_embeddings", False),
         init_std=d.get("initializer_range", 0.02),
@@ -142,6 +153,9 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig
         ours, hf = f"blocks.{i}.", f"model.layers.{i}."
         out[hf + "input_layernorm.weight"] = state_dict[ours + "norm_1.weight"]
         out[hf + "post_attention_layernorm.weight"] = state_dict[ours + "norm_2.weight"]
+        if config.qk_norm:
+            out[hf + "self_attn.q_norm.weight"] = state_dict[ours + "attn.q_norm.weight"]
+            out[hf + "self_attn.k_norm.weight"] = state_dict[ours + "attn.k_norm.weight"]
         for kind in _kinds(config, qkv=True):
             q, k, v = state_dict[f"{ours}attn.qkv.{kind}"].split(_split_sizes(config), dim=0)
             out.update({f"{hf}self_attn.q_proj.{kind}": q.contiguous(), f"{hf}self_attn.k_proj.{kind}": k.contiguous(),
@@ -168,6 +182,9 @@ def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor], config: ModelC
             ours, hf = f"blocks.{i}.", f"model.layers.{i}."
             out[ours + "norm_1.weight"] = sd[hf + "input_layernorm.weight"]
             out[ours + "norm_2.weight"] = sd[hf + "post_attention_layernorm.weight"]
+            if config.qk_norm:
+                out[ours + "attn.q_norm.weight"] = sd[hf + "self_attn.q_norm.weight"]
+                out[ours + "attn.k_norm.weight"] = sd[hf + "self_attn.k_norm.weight"]
             for kind in _kinds(config, qkv=True):
                 out[f"{ours}attn.qkv.{kind}"] = torch.cat([sd[f"{hf}self_attn.{p}_proj.{kind}"] for p in "qkv"], dim=0)
             for kind in _kinds(config, qkv=False):
