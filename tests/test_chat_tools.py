@@ -398,3 +398,14 @@ def test_preference_records_with_tools_prefer_a_call_as_the_template_writes_it(t
     (kto,) = record_unpaired({"prompt": CONVERSATION[:2], "tools": [WEATHER], "completion": [call], "label": True},
                              template, Fields())
     assert kto[:3] == (prompt, chosen, 1)
+
+
+def test_a_turns_other_keys_reach_the_template_as_transformers_passes_them():
+    """A template may show keys of a turn other than role and content (a reasoning trace, a tool result's name):
+    they are passed on, as apply_chat_template passes the messages."""
+    source = ("{% for m in messages %}{{ m.role }}{% if m.name %}[{{ m.name }}]{% endif %}: "
+              "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}\n"
+              "{% endfor %}")
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "sum"},
+             {"role": "tool", "name": "calc", "content": "4"}]
+    assert render_chat(jinja(source), turns) == "user: 2+2?\nassistant: <think>sum</think>4\ntool[calc]: 4\n"

@@ -3,8 +3,8 @@
 A conversation is a list of turns {"role", "content"}. An assistant turn may call tools, instead of its text or
 after it: "tool_calls", [{"type": "function", "function": {"name", "arguments"}}], the arguments a JSON object
 (OpenAI's JSON text is read into one, as transformers' templates expect a dict); a "tool" turn holds a call's result
-("tool_call_id" and "name" are kept for templates that show them). Function tools are
-[{"type": "function", "function": {"name", "description", "parameters"}}] (a bare {"name", ...} is wrapped), what
+(its "tool_call_id" and "name", and any other key of a turn, are kept for templates that show them). Function tools
+are [{"type": "function", "function": {"name", "description", "parameters"}}] (a bare {"name", ...} is wrapped), what
 apply_chat_template(tools=...) passes to a template.
 
 How a template writes them:
@@ -83,12 +83,9 @@ def chat_turns(turns: Any, where: str = "messages") -> list[dict]:
             raise ConfigError(f'{where}[{i}] is not a {{"role": string, "content": string}} turn'
                               + (" (content may be null only in an assistant turn that calls tools)"
                                  if content is None else ""))
-        kept = {"role": turn["role"], "content": content}
+        kept = {**turn, "content": content}  # other keys (a tool turn's tool_call_id, name, ...) as given
         if calls:
             kept["tool_calls"] = [_call(c) for c in calls]
-        for key in ("tool_call_id", "name"):
-            if isinstance(turn.get(key), str):
-                kept[key] = turn[key]
         out.append(kept)
     return out
 
