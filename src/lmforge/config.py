@@ -295,6 +295,18 @@ class ModelConfig:
                                                    "tanh approximation (GPT-2's gelu_new).", "gelu")
     pos_encoding: Literal["learned", "sinusoidal", "rope"] = doc("Positional encoding.", "learned")
     rope_theta: float = doc("RoPE base frequency.", 10000.0, gt=0)
+    rope_scaling: Literal["none", "llama3"] = doc("RoPE frequency scaling: none, or llama3 (Llama 3.1's and 3.2's: "
+                                                  "frequencies whose wavelength exceeds rope_original_context / "
+                                                  "rope_low_freq_factor are divided by rope_factor, those shorter "
+                                                  "than rope_original_context / rope_high_freq_factor kept, a smooth "
+                                                  "ramp between).", "none")
+    rope_factor: float = doc("llama3 scaling: what the lowest frequencies are divided by.", 8.0, gt=0, lt=1e6)
+    rope_low_freq_factor: float = doc("llama3 scaling: sets the longest wavelength that is kept whole.", 1.0, gt=0,
+                                      lt=1e6)
+    rope_high_freq_factor: float = doc("llama3 scaling: sets the shortest wavelength that is fully divided.", 4.0,
+                                       gt=0, lt=1e6)
+    rope_original_context: int = doc("llama3 scaling: the context length the unscaled frequencies were trained for.",
+                                     8192, ge=1, le=MAX_SIZE)
     tie_embeddings: bool = doc("Share the token embedding with the LM head.", True)
     attention: Literal["sdpa", "reference"] = doc("Attention path: sdpa is fused (the default), reference writes "
                                                   "the formula out.", "sdpa")
@@ -330,6 +342,9 @@ class ModelConfig:
         if self.head_size is None:
             _check(self.n_embd % self.n_head == 0, "model.n_embd", self.n_embd,
                    f"a multiple of n_head={self.n_head} (or set model.head_size)")
+        if self.rope_scaling == "llama3":
+            _check(self.rope_high_freq_factor > self.rope_low_freq_factor, "model.rope_high_freq_factor",
+                   self.rope_high_freq_factor, f"above rope_low_freq_factor={self.rope_low_freq_factor}")
         if self.pos_encoding == "rope":
             _check(self.head_dim % 2 == 0, "model.head_size" if self.head_size else "model.n_embd",
                    self.head_size or self.n_embd, "an even head width (n_embd/n_head, or head_size) for rope")

@@ -40,13 +40,27 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_tables(length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_context: int) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling of the frequencies: a wavelength 2 pi / f longer than original_context /
+    low_freq_factor is divided by `factor`, one shorter than original_context / high_freq_factor is kept, and in
+    between f is interpolated: (1 - s) f / factor + s f, s = (original_context / wavelength - low) / (high - low)."""
+    wavelength = 2 * math.pi / inv_freq
+    s = ((original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
+    return (1 - s) * inv_freq / factor + s * inv_freq
+
+
+def rope_tables(length: int, head_dim: int, theta: float,
+                scaling: Optional[tuple[float, float, float, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (length, hd), for rotary embeddings (Su et al. 2021, RoFormer eq. 34).
 
     Dimension i is paired with i + hd/2 (the GPT-NeoX / Llama layout: RoFormer's rotation with the
-    head dimensions permuted), rotated by angle p * theta^(-2i/hd); both halves share a frequency.
+    head dimensions permuted), rotated by angle p * theta^(-2i/hd); both halves share a frequency. `scaling`:
+    llama3_frequencies' (factor, low_freq_factor, high_freq_factor, original_context).
     """
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, *scaling)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, hd/2)
     angles = torch.cat((angles, angles), dim=-1)  # (length, hd)
     return angles.cos(), angles.sin()
@@ -281,7 +295,9 @@ class GPT(nn.Module):
             if c.pos_encoding == "sinusoidal":
                 self.register_buffer("pos_table", sinusoidal_table(c.block_size, c.n_embd), persistent=False)
             if c.pos_encoding == "rope":
-                cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta)
+                scaling = (c.rope_factor, c.rope_low_freq_factor, c.rope_high_freq_factor, c.rope_original_context)
+                cos, sin = rope_tables(c.block_size, c.head_dim, c.rope_theta,
+                                       scaling if c.rope_scaling == "llama3" else None)
                 self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hd)
                 self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hd)
 

@@ -86,6 +86,10 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     config: ModelConfig = model.config
     if config.head != "lm":
         raise GGUFExportError(f"{checkpoint} holds a {config.head} model; GGUF export writes language models")
+    if config.rope_scaling != "none":
+        raise GGUFExportError(f"{checkpoint} scales its RoPE frequencies (model.rope_scaling={config.rope_scaling!r}), "
+                              "which lmforge's GGUF export does not write yet; export it with --format hf and convert "
+                              "that directory with llama.cpp's convert_hf_to_gguf.py")
     try:
         arch = ("gpt2" if converter_for_model(config) is hf_gpt2 else "qwen3" if is_qwen3(config)
                 else "qwen2" if is_qwen2(config) else "llama")

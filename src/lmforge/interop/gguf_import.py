@@ -65,7 +65,15 @@ def import_gguf(path: str | Path, run_dir: str | Path) -> Path:
     chat_template = meta.get("tokenizer.chat_template")
     tokenizer.chat_template = chat_template if isinstance(chat_template, str) and chat_template else None
     model = GPT(config)
-    model.load_state_dict(_state_dict(tensors, config, arch))
+    read = _ReadTensors(tensors)
+    state = _state_dict(read, config, arch)
+    unused = sorted(set(tensors) - read.read)
+    if unused:  # a tensor the model has no place for would be dropped, and the model compute something else
+        why = (" (rope_freqs.weight: Llama 3.1's RoPE frequency scaling; import the model's Hugging Face directory, "
+               "which lmforge reads with it)" if "rope_freqs.weight" in unused else "")
+        raise GGUFImportError(f"{path} holds tensors lmforge's {arch} model has no place for: "
+                              f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}{why}")
+    model.load_state_dict(state)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_file = run_dir / ".imported-tokenizer.json"
     tokenizer.save(tok_file)
@@ -135,6 +143,23 @@ def _model_config(meta: dict[str, Any], tensors: dict[str, torch.Tensor], arch: 
     if config.hidden_dim != key("feed_forward_length"):  # null when it is lmforge's own default width
         config.mlp_hidden = key("feed_forward_length")
     return config
+
+
+class _ReadTensors(dict):
+    """The file's tensors, remembering which were read (`read`)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__(tensors)
+        self.read: set[str] = set()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.read.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self:
+            self.read.add(name)
+        return super().get(name, default)
 
 
 def _halves_from_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:

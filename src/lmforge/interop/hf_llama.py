@@ -57,6 +57,10 @@ def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
     """
     check_llama_compatible(config)
     family = "Qwen3" if is_qwen3(config) else "Qwen2" if is_qwen2(config) else "Llama"
+    scaling = ({"factor": config.rope_factor, "low_freq_factor": config.rope_low_freq_factor,
+                "high_freq_factor": config.rope_high_freq_factor,
+                "original_max_position_embeddings": config.rope_original_context}
+               if config.rope_scaling == "llama3" else {})
     own = ({"use_sliding_window": False, "head_dim": config.head_dim} if family == "Qwen2" else
            {"use_sliding_window": False, "head_dim": config.head_dim, "attention_bias": False} if family == "Qwen3" else
            {"head_dim": config.head_dim, "attention_bias": config.bias, "mlp_bias": config.bias, "pretraining_tp": 1})
@@ -77,7 +81,9 @@ def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
         "rms_norm_eps": config.norm_eps,
         "tie_word_embeddings": config.tie_embeddings,
         "rope_theta": config.rope_theta,  # transformers < 5 reads this key, 5.x reads rope_parameters
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": {"rope_type": "llama3" if scaling else "default", "rope_theta": config.rope_theta,
+                            **scaling},
+        "rope_scaling": {"rope_type": "llama3", **scaling} if scaling else None,
         **own,
         "attention_dropout": config.dropout,
         "bos_token_id": None,
@@ -86,15 +92,27 @@ def to_hf_config(config: ModelConfig, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _rope_theta(d: Mapping[str, Any]) -> float:
-    """The RoPE base of a Llama config.json (transformers 5: rope_parameters; earlier: rope_theta, rope_scaling)."""
+def _rope(d: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig's RoPE settings from a Llama config.json (transformers 5: rope_parameters; earlier: rope_theta,
+    rope_scaling): the base, and Llama 3.1's frequency scaling (rope_type llama3) where it is set."""
     params = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type != "default":
+    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", d.get("rope_theta", 10000.0)))}
+    if rope_type == "llama3":
+        given = {**scaling, **params}
+        try:
+            out.update(rope_scaling="llama3", rope_factor=float(given["factor"]),
+                       rope_low_freq_factor=float(given["low_freq_factor"]),
+                       rope_high_freq_factor=float(given["high_freq_factor"]),
+                       rope_original_context=int(given["original_max_position_embeddings"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"rope_type='llama3' needs factor, low_freq_factor, high_freq_factor and "
+                              f"original_max_position_embeddings; this config lacks or garbles {e}") from None
+    elif rope_type != "default":
         raise ConfigError(f"rope_type={rope_type!r} (RoPE scaling) has no lmforge equivalent; "
-                          "supported: default RoPE (rope_scaling null)")
-    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+                          "supported: default RoPE (rope_scaling null) and llama3 (Llama 3.1, 3.2)")
+    return out
 
 
 def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
@@ -126,7 +144,7 @@ def from_hf_config(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
         mlp_hidden=None, dropout=float(d.get("attention_dropout", 0.0)), bias=attention_bias,
         qkv_bias=model_type == "qwen2",
         norm="rmsnorm", norm_eps=d.get("rms_norm_eps", 1e-6), mlp="swiglu", pos_encoding="rope",
-        rope_theta=_rope_theta(d), tie_embeddings=d.get("tie_word_embeddings", False),
+        **_rope(d), tie_embeddings=d.get("tie_word_embeddings", False),
         init_std=d.get("initializer_range", 0.02),
     )
     if config.hidden_dim != d["intermediate_size"]:  # null when it is lmforge's own default width
