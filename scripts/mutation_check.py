@@ -88,7 +88,7 @@ MUTANTS = [
            "nn.LayerNorm(config.n_embd, eps=config.norm_eps,", "nn.LayerNorm(config.n_embd, eps=config.norm_eps * 1.01,",
            ("tests/test_hf_parity.py::test_lmforge_to_hf_same_logits[n_inner]",)),
     Mutant("rope-base", "model.py",
-           "rope_tables(c.block_size, c.head_dim, c.rope_theta)", "rope_tables(c.block_size, c.head_dim, c.rope_theta * 1.01)",
+           "rope_tables(c.block_size, c.head_dim, c.rope_theta,", "rope_tables(c.block_size, c.head_dim, c.rope_theta * 1.01,",
            ("tests/test_hf_parity.py::test_llama_style_same_logits",)),
     Mutant("mlp-activation", "model.py",
            'self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"',
