@@ -409,3 +409,40 @@ def test_a_turns_other_keys_reach_the_template_as_transformers_passes_them():
     turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "sum"},
              {"role": "tool", "name": "calc", "content": "4"}]
     assert render_chat(jinja(source), turns) == "user: 2+2?\nassistant: <think>sum</think>4\ntool[calc]: 4\n"
+
+
+THINKING = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+            "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+            "{% endif %}")
+
+
+def test_chat_template_variables_reach_the_template_as_apply_chat_templates_keyword_arguments(tools_model, tmp_path):
+    """Qwen3's enable_thinking and the like: the Python API's keyword arguments and the server's
+    chat_template_kwargs (vLLM's field) reach the template as apply_chat_template's extra keyword arguments do; the
+    names lmforge sets itself are refused in one line."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+
+    hf_dir, run = tools_model
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf_tok.chat_template = THINKING
+    hf_tok.save_pretrained(tmp_path / "hf")
+    generator = lmforge.load(str(run))
+    generator.tokenizer.chat_template = THINKING
+    asked = CONVERSATION[:2]
+    for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        theirs_text = hf_tok.apply_chat_template(asked, add_generation_prompt=True, tokenize=False, **kwargs)
+        assert generator.render_chat(asked, **kwargs) == theirs_text
+        assert generator.render_chat(asked, variables=kwargs) == theirs_text
+    assert generator.render_chat(asked, enable_thinking=False).endswith("<think>\n\n</think>\n\n")
+    with pytest.raises(ConfigError, match="may not set add_generation_prompt, messages"):
+        generator.render_chat(asked, variables={"messages": [], "add_generation_prompt": False})
+    with TestClient(create_app(generator), base_url="http://127.0.0.1") as client:
+        ids = client.post("/tokenize", json={"messages": asked, "chat_template_kwargs": {"enable_thinking": False}})
+        assert ids.json()["tokens"] == list(hf_tok.apply_chat_template(
+            asked, add_generation_prompt=True, tokenize=True, return_dict=True, enable_thinking=False)["input_ids"])
+        bad = client.post("/v1/chat/completions", json={"messages": asked, "max_tokens": 2,
+                                                         "chat_template_kwargs": {"tools": []}})
+        assert bad.status_code == 422 and "may not set tools" in bad.json()["error"]["message"]

@@ -76,18 +76,26 @@ def _compiled(source: str) -> Any:
                           "chat_template in its tokenizer files") from None
 
 
+RESERVED = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")  # what render itself sets
+
+
 def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool = True,
            bos_token: Optional[str] = None, eos_token: Optional[str] = None,
-           tools: Optional[Sequence[dict]] = None) -> str:
+           tools: Optional[Sequence[dict]] = None, variables: Optional[dict[str, Any]] = None) -> str:
     """The conversation as the template writes it (ConfigError, in one line, when the template refuses the
     conversation or fails). tools: function tools the template may list (transformers' apply_chat_template(tools=...):
-    [{"type": "function", "function": {...}}]; None when there are none, as there)."""
+    [{"type": "function", "function": {...}}]; None when there are none, as there). variables: other values the
+    template reads, as apply_chat_template's extra keyword arguments (Qwen3's enable_thinking)."""
     from jinja2 import TemplateError
     from jinja2.exceptions import SecurityError
 
     template = _compiled(source)
+    taken = sorted(set(variables or {}) & set(RESERVED))
+    if taken:
+        raise ConfigError(f"chat template variables may not set {', '.join(taken)}: lmforge sets them from the "
+                          "conversation")
     try:
-        return template.render(messages=list(messages), tools=list(tools) if tools else None,
+        return template.render(**(variables or {}), messages=list(messages), tools=list(tools) if tools else None,
                                add_generation_prompt=add_generation_prompt, bos_token=bos_token or "",
                                eos_token=eos_token or "")
     except _TemplateRaised as e:

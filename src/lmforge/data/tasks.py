@@ -144,17 +144,18 @@ def own_chat(tok: Tokenizer) -> Optional[dict]:
             "keep_bos": tok.kind == HF_KIND}
 
 
-def render_chat(template: dict, turns: list[dict], tools: Any = None) -> str:
+def render_chat(template: dict, turns: list[dict], tools: Any = None, variables: Optional[dict] = None) -> str:
     """The prompt text of a conversation: every turn before the reply, then the reply's header. A model's own Jinja
     template keeps the start token it writes where the tokenizer reads it in text (kind hf: the text is then what
     apply_chat_template gives, and prompt_ids adds no second); for lmforge's own kinds it is left out (the encoding
     puts the start token first itself). Turns may call tools and tools may be given (data.conversation: a template
     that writes calls gets them as transformers gives them; lmforge's own format lists the tools in a first turn).
-    ConfigError, in one line, for a malformed conversation or one the template refuses."""
+    `variables`: other values a model's own template reads (chat_template.render). ConfigError, in one line, for a
+    malformed conversation or one the template refuses."""
     turns, tools = chat_turns(turns), chat_tools(tools)
     chat = template["chat"]
     if "jinja" in chat:
-        text = _render_jinja(chat, turns, tools, add_generation_prompt=True)
+        text = _render_jinja(chat, turns, tools, add_generation_prompt=True, variables=variables)
         bos = chat["bos_token"]
         return text[len(bos):] if bos and text.startswith(bos) and not chat.get("keep_bos") else text
     listed = tools and chat.get("tools_turn", True)  # False: a model never fine-tuned on conversations
@@ -162,14 +163,15 @@ def render_chat(template: dict, turns: list[dict], tools: Any = None) -> str:
     return "".join(chat["turn"].format(role=t["role"], content=t["content"]) for t in turns) + chat["reply"]
 
 
-def _render_jinja(chat: dict, turns: list[dict], tools: Optional[list[dict]], add_generation_prompt: bool) -> str:
+def _render_jinja(chat: dict, turns: list[dict], tools: Optional[list[dict]], add_generation_prompt: bool,
+                  variables: Optional[dict] = None) -> str:
     from lmforge.data import chat_template
 
     source = chat["jinja"]
     if not writes_calls(source):  # a template that knows no calls reads them as the turn's text
         turns = [calls_as_text(t) for t in turns]
     return chat_template.render(source, turns, add_generation_prompt=add_generation_prompt, tools=tools,
-                                bos_token=chat["bos_token"], eos_token=chat["eos_token"])
+                                bos_token=chat["bos_token"], eos_token=chat["eos_token"], variables=variables)
 
 
 def reply_text(template: dict, turns: list[dict], tools: Any = None) -> str:

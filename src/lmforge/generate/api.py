@@ -223,14 +223,17 @@ class TextGenerator:
         # a model never fine-tuned on conversations knows no tools turn: tools are not listed for it
         return {"chat": own_chat(self.tokenizer) or {**CHAT_TEMPLATE, "tools_turn": False}}
 
-    def render_chat(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None) -> str:
+    def render_chat(self, messages: Sequence[dict], tools: Optional[Sequence[dict]] = None,
+                    variables: Optional[dict[str, Any]] = None, **more: Any) -> str:
         """The text the model continues for a conversation ([{"role", "content"}, ...]): every turn through the
         model's chat template (see _chat_template), then the header of the assistant's reply. An assistant turn may
         hold tool_calls and tools lists the functions the model may call, as in apply_chat_template
-        (lmforge.data.conversation)."""
+        (lmforge.data.conversation); `variables` and other keyword arguments are values a model's own template
+        reads, as apply_chat_template's extra keyword arguments (enable_thinking=False for Qwen3)."""
         from lmforge.data.tasks import render_chat
 
-        return render_chat(self._chat_template(), list(messages), list(tools) if tools else None)
+        values = {**(variables or {}), **more}
+        return render_chat(self._chat_template(), list(messages), list(tools) if tools else None, values or None)
 
     def call_format(self) -> Any:
         """How the model's chat template writes an assistant turn's tool calls (data.tasks.call_format): the form

@@ -188,6 +188,7 @@ class ChatRequest(SamplingRequest):
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[StrictBool] = None  # true (the default): a reply may call tools, one per line
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: other values the model's template reads
 
 
 CHAT_UNSUPPORTED: dict[str, Any] = {}
@@ -202,6 +203,7 @@ class TokenizeRequest(BaseModel):
     prompt: Optional[Text] = None
     messages: Optional[list[ChatMessage]] = None
     tools: Optional[list[Tool]] = None  # with messages: the function tools the chat template lists
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # with messages: other values the template reads
     add_special_tokens: StrictBool = True
 
 
@@ -735,7 +737,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         """(the jobs of a chat request, submitted to the engine; its prompt tokens; with tools, the form the reply's
         calls are written in, else None)."""
         try:  # the conversation through the model's chat template, the reply's header last
-            text = generator.render_chat(_turns(body.messages), _tools(body))
+            text = generator.render_chat(_turns(body.messages), _tools(body), body.chat_template_kwargs)
         except ConfigError as e:
             raise ApiError(422, str(e), "messages") from None
         tools, text_too = _tool_schema(body)
@@ -876,7 +878,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             raise ApiError(422, "give a prompt or messages (one of them)", "prompt")
         try:  # the text /v1/completions or /v1/chat/completions would feed the model
             text = generator.render(body.prompt) if body.messages is None else \
-                generator.render_chat(_turns(body.messages), _tools(body))
+                generator.render_chat(_turns(body.messages), _tools(body), body.chat_template_kwargs)
         except ConfigError as e:
             raise ApiError(422, str(e), "prompt" if body.messages is None else "messages") from None
         tokenizer = generator.tokenizer
