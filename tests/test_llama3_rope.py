@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_chat_template import instruct_dir  # noqa: E402
+from test_qwen3 import imported_instruct  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,7 +21,6 @@ from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.errors import ConfigError  # noqa: E402
 from lmforge.interop.gguf_export import GGUFExportError, export_gguf  # noqa: E402
 from lmforge.interop.hf_export import export_hf  # noqa: E402
-from lmforge.interop.hf_import import import_hf  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 
 # numbers that reach every kind of frequency of 16-wide heads (theta 500000): wavelengths below 32 kept, above 256
@@ -32,18 +31,10 @@ SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_f
 
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llama3")
-    hf_dir = instruct_dir(root / "hf", "llama3")
-    vocab = len(transformers.AutoTokenizer.from_pretrained(hf_dir))
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        rope_parameters={"rope_theta": 500000.0, **SCALING})).eval()
-    for f in ("model.safetensors", "config.json"):
-        (hf_dir / f).unlink()
-    model.save_pretrained(hf_dir)
-    return hf_dir, import_hf(hf_dir, root / "run").parent.parent, model
+    return imported_instruct(tmp_path_factory.mktemp("llama3"), "llama3", lambda vocab: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=True, rope_parameters={"rope_theta": 500000.0, **SCALING})))
 
 
 def test_an_imported_llama3_scaled_model_computes_transformers_logits(llama3):

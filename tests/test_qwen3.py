@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_chat_template import instruct_dir  # noqa: E402
+from test_interop import perturb_norms  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -30,26 +31,26 @@ from lmforge.interop.hf_import import import_hf  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def qwen3(tmp_path_factory) -> tuple[Path, Path, "transformers.Qwen3ForCausalLM"]:
-    """(a tiny random Qwen3 instruct directory, its lmforge import, the transformers model): heads of 16 over a
-    32-wide stream (4 query heads, 2 key/value heads), its norms perturbed so a misplaced gain shows."""
-    root = tmp_path_factory.mktemp("qwen3")
-    hf_dir = instruct_dir(root / "hf", "chatml")
-    vocab = len(transformers.AutoTokenizer.from_pretrained(hf_dir))
+def imported_instruct(root: Path, style: str, make_model) -> tuple[Path, Path, torch.nn.Module]:
+    """(an instruct directory of `style` (test_chat_template.instruct_dir) holding make_model(vocab_size) instead,
+    its norms perturbed so a misplaced gain shows; its lmforge import; the transformers model)."""
+    hf_dir = instruct_dir(root / "hf", style)
     torch.manual_seed(0)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True, rope_theta=1e6,
-        rms_norm_eps=1e-6)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    model = make_model(len(transformers.AutoTokenizer.from_pretrained(hf_dir))).eval()
+    perturb_norms(model)
     for f in ("model.safetensors", "config.json"):
         (hf_dir / f).unlink()
     model.save_pretrained(hf_dir)
     return hf_dir, import_hf(hf_dir, root / "run").parent.parent, model
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory) -> tuple[Path, Path, "transformers.Qwen3ForCausalLM"]:
+    """A tiny random Qwen3 (imported_instruct): heads of 16 over a 32-wide stream (4 query heads, 2 key/value)."""
+    return imported_instruct(tmp_path_factory.mktemp("qwen3"), "chatml", lambda vocab: transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                                 tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6)))
 
 
 def test_an_imported_qwen3_computes_transformers_logits_and_greedy_tokens(qwen3):
