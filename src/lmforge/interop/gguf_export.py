@@ -31,7 +31,9 @@ fine-tuned on task data, else an imported model's own).
 
 Matrices are float32 (exact), float16 or bfloat16 (half the bytes), q8_0 (8-bit integers with a float16 scale per
 block of 32, about a quarter of the bytes) or q5_1, q5_0, q4_1, q4_0 (5 or 4 bits per weight, with a scale and for
-*_1 a minimum per block of 32; the head's matrix stays q8_0); a matrix whose rows are not a whole number of blocks is
+*_1 a minimum per block of 32; the head's matrix stays q8_0), or one of llama.cpp's K-quant mixes q4_k_m (the usual
+way GGUF models are shared), q4_k_s, q5_k_m, q5_k_s, q6_k (gguf_kquants: blocks of 256 with scales per sub-block, a
+type chosen per tensor as llama-quantize chooses it); a matrix whose rows are not a whole number of blocks is
 float16; vectors such as norms and biases stay float32, as llama.cpp's own converter does. The file records
 lmforge.version; --force replaces only such a file, through lmforge.files.atomic_path (the old file stays whole
 until the new one is complete).
@@ -50,14 +52,14 @@ from lmforge.checkpoint import load_for_inference, verified_checkpoint
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
-from lmforge.interop import hf_gpt2
+from lmforge.interop import gguf_kquants, hf_gpt2
 from lmforge.interop.hf_llama import is_qwen2, is_qwen3
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
 from lmforge.interop.hf_export import HFExportError, converter_for_model, model_chat_template
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
 from lmforge.tokenizer import BYTE_OFFSET, Tokenizer
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", *gguf_kquants.MIXES)
 LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # the head's matrix keeps q8_0 under these
 SPACE = "\u2581"  # SentencePiece's spelling of a space
 
@@ -69,15 +71,16 @@ class GGUFExportError(LmforgeError):
 def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32") -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a GGUF file; return its path.
 
-    dtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0, the matrices' type. An existing out_path is replaced
-    only with force and only if it is a GGUF file lmforge wrote."""
+    dtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0, the matrices' type, or a K-quant mix (q4_k_m,
+    q4_k_s, q5_k_m, q5_k_s, q6_k). An existing out_path is replaced only with force and only if it is a GGUF file
+    lmforge wrote."""
     try:
         import gguf
     except ModuleNotFoundError:
         raise GGUFExportError("GGUF export needs the gguf package: pip install gguf") from None
     if dtype not in GGUF_TYPES:
         raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 and "
-                              "bf16 half the size, q8_0 about a quarter, q5_* and q4_* less, with more error")
+                              "bf16 half the size, q8_0 about a quarter, q6_k, q5_* and q4_* less, with more error")
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=_is_gguf_export, what="a GGUF export written by lmforge",
                  error=GGUFExportError, directory=False, inputs=[checkpoint])
@@ -111,7 +114,8 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
             writer.add_chat_template(chat_template)
         for name, tensor in _tensors(model.state_dict(), config, arch):
             _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype,
-                        head=name == "output.weight" or (name == "token_embd.weight" and config.tie_embeddings))
+                        head=name == "output.weight" or (name == "token_embd.weight" and config.tie_embeddings),
+                        n_layer=config.n_layer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -120,17 +124,24 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool = False) -> None:
+def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool = False, n_layer: int = 1) -> None:
     """One tensor in `dtype` (a matrix) or float32 (a vector, and the position table, as llama.cpp's converter
     keeps it: its graph adds the rows it reads to float32 activations). Block types (q8_0, q5_*, q4_*: gguf's own
     quantizers) need rows of whole blocks of 32, else the matrix is float16; under the 4- and 5-bit types the
     head's matrix (`head`: output, or token_embd when the head reads it) is q8_0, as llama.cpp's quantizer keeps
-    the output at more bits than the rest."""
+    the output at more bits than the rest. A K-quant mix (q4_k_m, ...) picks each matrix's type as llama-quantize
+    does (gguf_kquants.tensor_type) and writes q4_k, q5_k and q6_k with lmforge's own quantizer."""
     import gguf
 
     kind = "q8_0" if head and dtype in LOW_BIT else dtype
     if data.ndim == 1 or kind == "f32" or name == "position_embd.weight":
         writer.add_tensor(name, data)
+        return
+    if dtype in gguf_kquants.MIXES:
+        kind = gguf_kquants.tensor_type(dtype, name, n_layer, head, data.shape[-1])
+    if kind in gguf_kquants.BYTES:
+        raw = gguf.GGMLQuantizationType[kind.upper()]
+        writer.add_tensor(name, gguf_kquants.quantize(data, kind), raw_dtype=raw)
     elif kind == "f16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] != 0:
         writer.add_tensor(name, data.astype(np.float16))
     else:  # bf16 and the block types: bytes as gguf's quantizers write them

@@ -1,0 +1,237 @@
+"""llama.cpp's K-quants, written by lmforge: Q4_K, Q5_K and Q6_K blocks, and the mixes named after them (Q4_K_M,
+the format most GGUF models are shared in, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K) that choose a type per tensor.
+
+A K-quant block covers 256 weights of a row (a "super-block") in sub-blocks with scales of their own:
+
+    Q4_K  8 sub-blocks of 32; each weight w ~ d * sc_j * q - dmin * m_j, q in 0..15; sc_j and m_j are 6-bit
+          integers packed in 12 bytes, d and dmin float16. 144 bytes: 4.5 bits per weight.
+    Q5_K  the same with q in 0..31 (the fifth bit of each q apart, in qh). 176 bytes: 5.5 bits per weight.
+    Q6_K  16 sub-blocks of 16; w ~ d * sc_j * (q - 32), q in 0..63 (low four bits in ql, high two in qh), sc_j a
+          signed 8-bit integer, d float16. 210 bytes: 6.5625 bits per weight.
+
+The quantizers follow llama.cpp's reference ones (quantize_row_q4_K_ref, ..._q5_K_ref, ..._q6_K_ref: what
+llama-quantize runs without an importance matrix), vectorised over all blocks with numpy in float32: each sub-block
+searches a few candidate scales for the one of least weighted squared error (and, for Q4_K and Q5_K, the best
+minimum by least squares), the sub-block scales are then quantized against the super-block's largest, and every
+weight is rounded once more against the scale it will really be read with. The bytes are llama.cpp's layout
+(the gguf package's dequantizers and llama.cpp read them); a sum in another order can round a tie the other way,
+so a few blocks may differ from llama-quantize's in their last bit (benchmarks/gguf_llama_cpp.py counts them).
+
+The mixes follow llama.cpp's llama_tensor_get_type: the head (output, or token_embd when it is also the head) is
+Q6_K; under *_M, attn_v (or GPT-2's fused attn_qkv) and ffn_down of the first and last eighth of the layers and of
+every third layer between are Q6_K; under Q4_K_S the first four attn_v and the first eighth of the ffn_down are
+Q5_K. A matrix whose rows are not a whole number of 256 weights takes llama.cpp's fallback: Q4_K ->
+Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (and float16 when the rows are not whole blocks of 32 either).
+"""
+
+from __future__ import annotations
+
+import re
+import numpy as np
+
+QK_K = 256  # weights per super-block
+MIXES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s")
+BASE = {"q6_k": "q6_k", "q5_k_m": "q5_k", "q5_k_s": "q5_k", "q4_k_m": "q4_k", "q4_k_s": "q4_k"}
+FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # rows not a whole number of super-blocks
+BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}  # per super-block
+_CHUNK = 4096  # super-blocks quantized at once (bounds the temporaries of a large matrix)
+_EPS = np.float32(1e-15)  # llama.cpp's GROUP_MAX_EPS: a sub-block below it is all zeros
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+# ------------------------------------------------------------------------------------------ which type
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third layer between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int) -> str:
+    """The type a matrix of `columns` weights per row takes under `mix` (q4_k_m, ...): q4_k, q5_k, q6_k, or a
+    fallback block type (q5_0, q5_1, q8_0) or f16 when its rows are not whole super-blocks."""
+    base = BASE[mix]
+    if head:
+        return "q6_k" if columns % QK_K == 0 else "q8_0"
+    match = _LAYER.match(name)
+    layer = int(match.group(1)) if match else 0
+    kind = base
+    values = name.endswith("attn_v.weight") or name.endswith("attn_qkv.weight")  # GPT-2's fused q, k, v count
+    if values or name.endswith("ffn_down.weight"):
+        if mix in ("q4_k_m", "q5_k_m") and _more_bits(layer, n_layer):
+            kind = "q6_k"
+        elif mix == "q4_k_s" and (layer < 4 if values else layer < n_layer // 8):
+            kind = "q5_k"
+    if columns % QK_K == 0:
+        return kind
+    fallback = FALLBACK[kind]
+    return fallback if columns % 32 == 0 else "f16"
+
+
+# ------------------------------------------------------------------------------------------ quantizers
+def quantize(data: np.ndarray, kind: str) -> np.ndarray:
+    """A float matrix (rows, columns), columns a multiple of 256 -> its bytes (rows, columns / 256 * block bytes)
+    as llama.cpp stores a `kind` (q4_k | q5_k | q6_k) tensor."""
+    rows, columns = data.shape
+    if columns % QK_K:
+        raise ValueError(f"{kind} needs rows of whole blocks of {QK_K} weights, not {columns}")
+    blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, QK_K)
+    encode = {"q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k}[kind]
+    out = np.concatenate([encode(blocks[i:i + _CHUNK]) for i in range(0, len(blocks), _CHUNK)])
+    return out.reshape(rows, columns // QK_K * BYTES[kind])
+
+
+def _round(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's nearest_int: to the nearest integer, ties to even (the float trick it uses rounds so)."""
+    return np.rint(x).astype(np.int32)
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    """Float16 as stored (round to nearest even), and the float32 it reads back as."""
+    half = x.astype(np.float16)
+    return half, half.astype(np.float32)
+
+
+def _scale_and_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                   nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """llama.cpp's make_qkx2_quants for M sub-blocks at once, each a column: x, w (n, M) -> scale (M,), minimum
+    (M,, >= 0: the value read is scale * q - minimum) and q (n, M) in 0..nmax, the candidate of least weighted
+    squared error. Sums run down the columns (numpy adds the rows of an (n, M) array in order), as llama.cpp's
+    loops do: a sum in another order can make another candidate win a near tie."""
+    f32 = np.float32
+    low = np.minimum(x.min(axis=0), f32(0))
+    high = x.max(axis=0)
+    flat = high == low
+    span = np.where(flat, f32(1), high - low)
+    iscale = f32(nmax) / span
+    scale = f32(1) / iscale
+    q = np.clip(_round(iscale * (x - low)), 0, nmax)
+    best = (w * (scale * q + low - x) ** 2).sum(axis=0, dtype=f32)
+    sum_w, sum_x = w.sum(axis=0, dtype=f32), (w * x).sum(axis=0, dtype=f32)
+    for step in range(nstep + 1):  # llama.cpp measures each candidate from the best minimum so far
+        span = high - low
+        span = np.where(span == 0, f32(1), span)
+        iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / span
+        trial = np.clip(_round(iscale * (x - low)), 0, nmax)
+        lf = trial.astype(f32)
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = wl.sum(0, dtype=f32), (wl * lf).sum(0, dtype=f32), (wl * x).sum(0, dtype=f32)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        ok = det > 0
+        safe = np.where(ok, det, f32(1))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe
+        positive = this_min > 0
+        this_min = np.where(positive, f32(0), this_min)
+        this_scale = np.where(positive, sum_xl / np.where(sum_l2 > 0, sum_l2, f32(1)), this_scale)
+        error = (w * (this_scale * lf + this_min - x) ** 2).sum(axis=0, dtype=f32)
+        better = ok & (error < best) & ~flat
+        q = np.where(better, trial, q)
+        best = np.where(better, error, best)
+        scale = np.where(better, this_scale, scale)
+        low = np.where(better, this_min, low)
+    q = np.where(flat, 0, q)
+    scale = np.where(flat, f32(0), scale)
+    return scale.astype(f32), (-low).astype(f32), q
+
+
+def _pack_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """8 six-bit scales and 8 six-bit minimums per block (N, 8) -> llama.cpp's 12 bytes (get_scale_min_k4)."""
+    out = np.zeros((len(ls), 12), dtype=np.uint8)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _with_minimums(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, ...]:
+    """Q4_K and Q5_K's shared part: -> d, dmin (float16 bytes), the 12 scale bytes and q (N, 256) in 0..nmax."""
+    f32 = np.float32
+    n = len(blocks)
+    x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)  # (32, sub-blocks): sums in llama.cpp's order
+    av_x = np.sqrt((x * x).sum(axis=0, dtype=f32) / f32(32))
+    scales, mins, q = _scale_and_min(x, av_x + np.abs(x), nmax, rmin, 0.1, nstep)
+    q = q.T
+    scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+    max_scale = np.maximum(scales.max(axis=1), f32(0))
+    max_min = np.maximum(mins.max(axis=1), f32(0))
+    inv_scale = np.where(max_scale > 0, f32(63) / np.where(max_scale > 0, max_scale, f32(1)), f32(0))
+    inv_min = np.where(max_min > 0, f32(63) / np.where(max_min > 0, max_min, f32(1)), f32(0))
+    ls = np.clip(_round(inv_scale[:, None] * scales), 0, 63).astype(np.uint8)
+    lm = np.clip(_round(inv_min[:, None] * mins), 0, 63).astype(np.uint8)
+    d_half, d = _f16(max_scale / f32(63))
+    dmin_half, dmin = _f16(max_min / f32(63))
+    step = d[:, None] * ls.astype(f32)  # each sub-block's scale as it will be read
+    shift = dmin[:, None] * lm.astype(f32)
+    x = blocks.reshape(n, 8, 32)
+    again = np.clip(_round((x + shift[..., None]) / np.where(step == 0, f32(1), step)[..., None]), 0, nmax)
+    q = np.where((step == 0)[..., None], q.reshape(n, 8, 32), again).reshape(n, QK_K)
+    return d_half, dmin_half, _pack_scales(ls, lm), q.astype(np.uint8)
+
+
+def _q4_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin, scales, q = _with_minimums(blocks, 15, -1.0, 20)
+    q = q.reshape(-1, 4, 2, 32)  # 64 weights at a time: the first 32 in the low nibbles, the next 32 in the high
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), scales, qs], axis=1)
+
+
+def _q5_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin, scales, q = _with_minimums(blocks, 31, -0.5, 15)
+    q = q.reshape(-1, 4, 2, 32)
+    qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+    high = (q >> 4).astype(np.uint8)  # the fifth bit: chunk c's first half at bit 2c, its second at 2c + 1
+    qh = np.zeros((len(q), 32), dtype=np.uint8)
+    for c in range(4):
+        qh |= (high[:, c, 0] << (2 * c)) | (high[:, c, 1] << (2 * c + 1))
+    return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), scales, qh, qs], axis=1)
+
+
+def _signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's make_qx_quants (weights x^2) for M sub-blocks at once, each a column: x (n, M) -> scale (M,)
+    and q (n, M) in 0..2 nmax - 1 (the value read is scale * (q - nmax)), the best of 19 candidate scales."""
+    f32 = np.float32
+    at = np.abs(x).argmax(axis=0)  # the first of equal largest magnitudes, as llama.cpp's strict > keeps
+    peak = np.take_along_axis(x, at[None], axis=0)[0]
+    zero = np.abs(peak) < _EPS
+    peak = np.where(zero, f32(1), peak)
+    w = x * x
+
+    def candidate(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q = np.clip(_round(iscale * x), -nmax, nmax - 1)
+        lf = q.astype(f32)
+        return q, (w * x * lf).sum(axis=0, dtype=f32), (w * lf * lf).sum(axis=0, dtype=f32)  # llama.cpp's order
+
+    q, sumlx, suml2 = candidate(f32(-nmax) / peak)
+    scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, f32(1)), f32(0))
+    best = scale * sumlx
+    for step in (*range(-9, 0), *range(1, 10)):
+        trial, slx, sl2 = candidate(-(f32(nmax) + f32(0.1) * f32(step)) / peak)
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        q = np.where(better, trial, q)
+        scale = np.where(better, slx / np.where(sl2 > 0, sl2, f32(1)), scale)
+        best = np.where(better, scale * slx, best)
+    return np.where(zero, f32(0), scale), np.where(zero, 0, q + nmax)
+
+
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    f32 = np.float32
+    n = len(blocks)
+    scales, q = _signed_scale(np.ascontiguousarray(blocks.reshape(n * 16, 16).T), 32)
+    scales, q = scales.reshape(n, 16), q.T.reshape(n, 16, 16)
+    at = np.abs(scales).argmax(axis=1)
+    max_scale = np.take_along_axis(scales, at[:, None], axis=1)[:, 0]
+    empty = np.abs(max_scale) < _EPS
+    iscale = f32(-128) / np.where(empty, f32(1), max_scale)
+    d_half, d = _f16(f32(1) / iscale)
+    sc = np.minimum(127, _round(iscale[:, None] * scales)).astype(np.int8)
+    step = d[:, None] * sc.astype(f32)
+    x = blocks.reshape(n, 16, 16)
+    again = np.clip(_round(x / np.where(step == 0, f32(1), step)[..., None]), -32, 31) + 32
+    q = np.where((step == 0)[..., None], q, again).reshape(n, 2, 4, 32).astype(np.uint8)
+    low, high = q & 0xF, q >> 4  # per half of 128: four runs of 32
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
+    qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+    out = np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), d_half[:, None].view(np.uint8)],
+                         axis=1)
+    out[empty] = 0  # llama.cpp writes an all-zero block (d = 0) for a block of zeros
+    return out
+

@@ -1,0 +1,188 @@
+"""llama.cpp's K-quants written by lmforge (interop.gguf_kquants): Q4_K, Q5_K and Q6_K blocks that the gguf
+package's dequantizers (llama.cpp's layout) read back close to the weights, closer than the older types of as many
+bits; the Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S and Q6_K mixes choose each tensor's type as llama-quantize does; an export
+loads in transformers with logits close to the model's and imports back to what the file holds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gguf_export import MAKERS, fields, load_theirs  # noqa: E402
+from test_interop import GPT2_STYLE, LLAMA_STYLE, lmforge_run  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+from lmforge.checkpoint import load_for_inference  # noqa: E402
+from lmforge.cli import main  # noqa: E402
+from lmforge.interop.gguf_export import GGUF_TYPES, export_gguf  # noqa: E402
+from lmforge.interop.gguf_import import import_gguf, read_gguf  # noqa: E402
+from lmforge.interop.gguf_kquants import MIXES, quantize, tensor_type  # noqa: E402
+
+QT = gguf.GGMLQuantizationType
+
+
+def weights(rows: int = 96, columns: int = 512, seed: int = 0) -> np.ndarray:
+    """A matrix like a trained one: mostly small, a few outliers, one row of zeros, one all positive, one all
+    negative, one constant."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, columns)) * 0.02).astype(np.float32)
+    x[rng.integers(0, rows, 20), rng.integers(0, columns, 20)] *= 25
+    x[1], x[2], x[3], x[4] = 0, np.abs(x[2]), -np.abs(x[3]), 0.01
+    return x
+
+
+def error(x: np.ndarray, kind: str, raw: np.ndarray | None = None) -> float:
+    """Relative RMS error of `kind`'s bytes as llama.cpp's layout reads them (the gguf package's dequantizer)."""
+    qt = QT[kind.upper()]
+    raw = quantize(x, kind) if raw is None else raw
+    assert raw.dtype == np.uint8 and raw.shape == (x.shape[0], x.shape[1] // 256 * gguf.GGML_QUANT_SIZES[qt][1])
+    back = gguf.quants.dequantize(raw, qt)
+    return float(np.sqrt(((back - x) ** 2).mean() / (x ** 2).mean()))
+
+
+def legacy_error(x: np.ndarray, kind: str) -> float:
+    qt = QT[kind.upper()]
+    return float(np.sqrt(((gguf.quants.dequantize(gguf.quants.quantize(x, qt), qt) - x) ** 2).mean()
+                         / (x ** 2).mean()))
+
+
+def test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits():
+    x = weights()
+    q4, q5, q6 = error(x, "q4_k"), error(x, "q5_k"), error(x, "q6_k")
+    assert q6 < q5 < q4
+    # Q4_K (4.5 bits per weight) against Q4_0 (4.5) and Q4_1 (5); Q5_K (5.5) against Q5_0 (5.5); Q6_K (6.56)
+    # against Q5_1 (6): the searched scales and minimums of 256-weight super-blocks win at the same size
+    assert q4 < 0.8 * legacy_error(x, "q4_0") and q4 < legacy_error(x, "q4_1")
+    assert q5 < 0.8 * legacy_error(x, "q5_0") and q6 < 0.55 * legacy_error(x, "q5_1")
+    # measured 0.0753, 0.0381, 0.0203; without the search over candidate scales Q4_K is 0.083 and Q5_K 0.041
+    for kind, bound in (("q4_k", 0.079), ("q5_k", 0.0395), ("q6_k", 0.0215)):
+        assert error(x, kind) < bound, kind
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_every_weight_comes_back_from_its_own_place(kind):
+    """Sub-blocks of scales 20x apart, so a weight packed into the wrong nibble, bit or sub-block, or a sub-block
+    read with another's scale, shows: every weight must read back within a fifth of its sub-block's range (measured:
+    0.12 for Q4_K and Q5_K, whose 6-bit sub-block scales are coarse next to the largest, 0.02 for Q6_K)."""
+    rng = np.random.default_rng(1)
+    sub = 16 if kind == "q6_k" else 32
+    x = rng.uniform(-1, 1, (8, 512)).astype(np.float32)
+    x *= np.repeat(rng.uniform(0.1, 2.0, (8, 512 // sub)), sub, axis=1).astype(np.float32)  # scales differ
+    back = gguf.quants.dequantize(quantize(x, kind), QT[kind.upper()])
+    blocks, backs = x.reshape(-1, sub), back.reshape(-1, sub)
+    span = blocks.max(1) - blocks.min(1)
+    assert np.all(np.abs(backs - blocks) <= span[:, None] / 5)
+
+
+def test_a_grid_the_blocks_can_hold_is_held_to_float16_precision_and_zeros_stay_zero():
+    grid = (np.arange(256) % 16).astype(np.float32) * 0.125  # 0 .. 1.875 in steps of 1/8: Q4_K's levels, min 0
+    x = np.stack([grid, -grid[::-1], np.zeros(256, np.float32)])
+    for kind in ("q4_k", "q5_k"):
+        back = gguf.quants.dequantize(quantize(x[:1], kind), QT[kind.upper()])
+        assert np.abs(back - x[:1]).max() <= 2e-3 * 1.875, kind
+    for kind in ("q4_k", "q5_k", "q6_k"):
+        raw = quantize(x[2:], kind)
+        assert not gguf.quants.dequantize(raw, QT[kind.upper()]).any(), kind
+    assert not quantize(x[2:], "q6_k").any()  # llama.cpp writes a block of zeros as zero bytes
+
+
+def test_rows_not_a_whole_number_of_super_blocks_are_refused_by_the_quantizer():
+    with pytest.raises(ValueError, match="256"):
+        quantize(np.ones((2, 96), np.float32), "q4_k")
+
+
+def test_mixes_choose_each_tensors_type_as_llama_quantize_does():
+    n = 32  # Llama 7B's depth: llama.cpp's Q4_K_M gives Q6_K to layers 0-3, 28-31 and every third from 6 to 27
+    more = [i for i in range(n) if tensor_type("q4_k_m", f"blk.{i}.ffn_down.weight", n, False, 4096) == "q6_k"]
+    assert more == [0, 1, 2, 3, *range(6, 28, 3), 28, 29, 30, 31]
+    assert [i for i in range(n) if tensor_type("q4_k_m", f"blk.{i}.attn_v.weight", n, False, 4096) == "q6_k"] == more
+    assert {tensor_type("q4_k_m", f"blk.{i}.attn_q.weight", n, False, 4096) for i in range(n)} == {"q4_k"}
+    # GPT-2's fused q, k, v: as attn_v (llama.cpp's ATTENTION_QKV counts as attention values)
+    assert [i for i in range(n) if tensor_type("q4_k_m", f"blk.{i}.attn_qkv.weight", n, False, 4096) == "q6_k"] == more
+    assert tensor_type("q4_k_s", "blk.3.attn_qkv.weight", n, False, 4096) == "q5_k"
+    assert tensor_type("q5_k_m", "blk.3.ffn_down.weight", n, False, 4096) == "q6_k"
+    assert tensor_type("q5_k_m", "blk.4.ffn_down.weight", n, False, 4096) == "q5_k"
+    assert [i for i in range(n) if tensor_type("q4_k_s", f"blk.{i}.attn_v.weight", n, False, 4096) == "q5_k"] == [
+        0, 1, 2, 3]
+    assert [i for i in range(n) if tensor_type("q4_k_s", f"blk.{i}.ffn_down.weight", n, False, 4096) == "q5_k"] == [
+        0, 1, 2, 3]
+    assert {tensor_type("q5_k_s", f"blk.{i}.ffn_down.weight", n, False, 4096) for i in range(n)} == {"q5_k"}
+    for mix in MIXES:  # the head is Q6_K, or Q8_0 when its rows are not whole super-blocks
+        assert tensor_type(mix, "output.weight", n, True, 4096) == "q6_k"
+        assert tensor_type(mix, "token_embd.weight", n, True, 4000) == "q8_0"
+    # llama.cpp's fallback for rows that are not whole super-blocks: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
+    assert tensor_type("q4_k_m", "blk.5.attn_q.weight", n, False, 96) == "q5_0"
+    assert tensor_type("q5_k_s", "blk.5.attn_q.weight", n, False, 96) == "q5_1"
+    assert tensor_type("q4_k_m", "blk.0.ffn_down.weight", n, False, 96) == "q8_0"
+    assert tensor_type("q4_k_m", "blk.5.attn_q.weight", n, False, 100) == "f16"
+
+
+WIDE = dict(n_embd=256, n_layer=4)  # rows of whole super-blocks (GPT-2's MLP: 1024 wide)
+WIDE_LLAMA = dict(WIDE, mlp_hidden=512)
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q6_k"])
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_imports_back(tmp_path, mix, style):
+    tied = style == "gpt2"
+    shape = {**GPT2_STYLE, **WIDE} if tied else {**LLAMA_STYLE, **WIDE_LLAMA}
+    run = lmforge_run(tmp_path, MAKERS["char"](), **shape)
+    path = export_gguf(run, tmp_path / "out" / f"{mix}.gguf", dtype=mix)
+    model, _, _ = load_for_inference(run, "cpu")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name, t in tensors.items():
+        if len(t.shape) == 2 and name != "position_embd.weight":
+            head = name == ("token_embd.weight" if tied else "output.weight")
+            assert t.tensor_type == QT[tensor_type(mix, name, 4, head, int(t.shape[0])).upper()], name
+        else:
+            assert t.tensor_type == QT.F32, name
+    if mix == "q4_k_m":  # layers 2 and 3 of 4 get more bits
+        down = [tensors[f"blk.{i}.ffn_down.weight"].tensor_type for i in range(4)]
+        assert down == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
+        w = model.blocks[1].mlp.proj.weight.detach().numpy()
+        assert np.array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(-1),
+                              quantize(w, "q4_k").reshape(-1))
+    assert fields(path)["general.file_type"] == int(gguf.LlamaFileType["MOSTLY_" + mix.upper()])
+    theirs, _ = load_theirs(path, model.config)  # transformers dequantizes with the gguf package
+    ids = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        ours, other = model(ids), theirs(ids).logits
+    tolerance = {"q4_k_m": 0.25, "q6_k": 0.08}[mix]  # four random layers amplify (q8_0: 0.016, q4_0: 0.2)
+    assert 0 < (ours - other).abs().max() <= tolerance * ours.abs().max()
+    back, _, _ = load_for_inference(import_gguf(path, tmp_path / "back"), "cpu")
+    _, stored = read_gguf(path)
+    assert torch.equal(back.blocks[1].mlp.proj.weight, stored["blk.1.ffn_down.weight"])
+    with torch.no_grad():
+        assert (back(ids) - other).abs().max() <= 1e-4 * other.abs().max()
+
+
+def test_k_quant_mixes_through_the_cli_make_files_between_q8_0_and_q4_0_and_narrow_models_fall_back(tmp_path):
+    run = lmforge_run(tmp_path, MAKERS["char"](), **{**LLAMA_STYLE, **WIDE_LLAMA})
+    sizes = {}
+    for dtype in ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0"):
+        out = tmp_path / f"{dtype}.gguf"
+        assert main(["export", str(run), "--format", "gguf", "--gguf-type", dtype, "--out", str(out)]) == 0
+        sizes[dtype] = out.stat().st_size
+    order = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s"]
+    assert all(sizes[a] > sizes[b] for a, b in zip(order, order[1:])), sizes
+    narrow = lmforge_run(tmp_path / "narrow", MAKERS["char"](), **{**LLAMA_STYLE, "n_embd": 64})
+    path = export_gguf(narrow, tmp_path / "narrow.gguf", dtype="q4_k_m")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == QT.Q5_0 and types["output.weight"] == QT.Q8_0
+    assert types["blk.1.ffn_down.weight"] == QT.Q8_0  # the last layer's gets more bits: Q6_K's fallback
+
+
+def test_the_cli_offers_every_type_the_exporter_writes():
+    from lmforge.cli import build_parser
+
+    parser = build_parser()
+    export = next(a for a in parser._subparsers._group_actions[0].choices["export"]._actions
+                  if a.dest == "gguf_type")
+    assert list(export.choices) == list(GGUF_TYPES)
