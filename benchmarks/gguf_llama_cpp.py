@@ -2,13 +2,15 @@
 logits, the same greedy text, and decoding speed side by side.
 
 The models: a GPT-2-style and a Llama-style one (RoPE, RMSNorm, SwiGLU, grouped-query heads; --archs qwen3: also
-Qwen3's layout, queries and keys normalised per head, heads wider than the stream's share), each with lmforge's
+Qwen3's layout, queries and keys normalised per head, heads wider than the stream's share; --archs llama3: the
+Llama-style one with Llama 3.1's RoPE scaling over a 64-token original context), each with lmforge's
 char tokenizer trained on the Shakespeare corpus and with a byte-level BPE (--vocab-size), and the Llama-style one
 also with a SentencePiece-style BPE in Llama 2's layout (spm: <unk> <s> </s>, 256 <0xNN> byte tokens, pieces learned
 within words, a space before a text's first word; as `lmforge import` takes it from a Hugging Face directory), random
 weights with the norms perturbed (so a misplaced weight shows), exported with
-`lmforge.interop.gguf_export.export_gguf` as f32, f16 and q8_0 (--types: also bf16, q5_1, q5_0, q4_1, q4_0). For
-each export, llama.cpp (one thread) against
+`lmforge.interop.gguf_export.export_gguf` as f32, f16 and q8_0 (--types: also bf16, q5_1, q5_0, q4_1, q4_0 and the
+K-quant mixes q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, whose blocks need rows of 256: --n-embd 256). For each export,
+llama.cpp (one thread) against
 lmforge (fp32, one thread):
   tokens   llama.cpp's tokenize(text, add_bos) == lmforge's prompt ids, over Shakespeare lines and a few
            texts with accents, CJK and runs of spaces (count of equal lists)
@@ -17,7 +19,7 @@ lmforge (fp32, one thread):
   greedy   --new-tokens greedy tokens from the same prompt: the length of the common prefix
   bytes    (every type but f32 and f16) the export's bytes against llama.cpp's own quantizer (llama_model_quantize)
            run on the f32 export, tensor by tensor, and the tensors it writes in another type (the head under 4- and
-           5-bit types)
+           5-bit types; for a K-quant mix, any tensor whose type lmforge chose otherwise)
   spm      (spm) the export imported back (`lmforge import M.gguf`, merges rebuilt from the scores alone as for a
            file converted from a SentencePiece model): its ids against llama.cpp's and against the original's
   import   (BPE models) llama.cpp quantizes the f32 export to Q4_K_M and Q6_K; `lmforge import` reads those files:
@@ -25,6 +27,8 @@ lmforge (fp32, one thread):
            model (what the quantization costs)
   speed    (--speed-preset, f32 and f16 exports) decoding --speed-tokens tokens at batch 1, tokens/s of each, in
            alternating rounds (medians), and the ratio lmforge / llama.cpp
+  quantize (--quantize-speed, instead of speed) seconds to a Q4_K_M file of the --speed-preset model: lmforge's export against
+           llama.cpp's quantizer on the f32 export (1 and 2 threads), and whether the files' tensors are the same
 Each comparison runs in a child process, so a crash inside llama.cpp is recorded (its signal) instead of ending the run.
 
     pip install llama-cpp-python          # builds llama.cpp (a few minutes on 2 cores)
@@ -64,6 +68,11 @@ ARCHS = {
     # Qwen3's layout: each head's queries and keys RMS-normalised, heads wider than n_embd / n_head
     "qwen3": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_size=32, norm="rmsnorm", mlp="swiglu",
                   pos_encoding="rope", bias=False, tie_embeddings=False, rope_theta=20000.0, qk_norm=True),
+    # Llama 3.1's RoPE scaling (written as rope_freqs.weight), over a context short enough that the positions
+    # compared reach the divided frequencies
+    "llama3": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, norm="rmsnorm", mlp="swiglu", pos_encoding="rope",
+                   bias=False, tie_embeddings=False, rope_theta=500000.0, rope_scaling="llama3", rope_factor=8.0,
+                   rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_context=64),
 }
 EXTRA_TEXTS = ["Hello, wörld!", "床前明月光 q", " two  spaces\nand a tab\t.", "naïve café — “quoted”",
                "ROMEO:\n"]
@@ -82,7 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--archs", default="gpt2,llama", help="model layouts compared, from " + ", ".join(ARCHS))
     p.add_argument("--kinds", default="char,bpe,spm", help="tokenizers compared (spm: with the llama model only)")
     p.add_argument("--types", default=",".join(TYPES), help="GGUF types exported and compared (f32 always, first: "
-                   "the quantizers read it), from f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0")
+                   "the quantizers read it), from f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k_m, q5_k_s, "
+                   "q4_k_m, q4_k_s")
+    p.add_argument("--n-embd", type=int, default=64, help="the models' width (256: rows of whole K-quant blocks; "
+                   "Llama-style MLPs then 4x as wide)")
+    p.add_argument("--quantize-speed", action="store_true", help="time a Q4_K_M file of the --speed-preset model "
+                   "(lmforge's export against llama.cpp's quantizer) instead of decoding")
     p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     args = p.parse_args(argv)
@@ -185,10 +199,17 @@ def compare(model: GPT, tokenizer, path: Path, texts: list[str], args: argparse.
             break
     common = next((i for i, (a, b) in enumerate(zip(ours_greedy, theirs_greedy)) if a != b),
                   min(len(ours_greedy), len(theirs_greedy)))
-    return {"texts": len(texts), "same_token_ids": same,
-            "logits_max_diff_relative": round(float((ours - theirs).abs().max() / ours.abs().max()), 7),
-            "top1_agreement": round(float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()), 4),
-            "greedy_common_prefix": common, "greedy_tokens": args.new_tokens}
+    out = {"texts": len(texts), "same_token_ids": same,
+           "logits_max_diff_relative": round(float((ours - theirs).abs().max() / ours.abs().max()), 7),
+           "top1_agreement": round(float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()), 4),
+           "greedy_common_prefix": common, "greedy_tokens": args.new_tokens}
+    if model.config.rope_scaling != "none":  # the control: the same weights without the scaling
+        plain = GPT(ModelConfig(**{**vars(model.config), "rope_scaling": "none"})).eval()
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            unscaled = plain(torch.tensor([ids]))[0].float()
+        out["unscaled_logits_max_diff_relative"] = round(float((unscaled - theirs).abs().max() / ours.abs().max()), 7)
+    return out
 
 
 def same_bytes_as_llama_cpp_quantizer(f32_path: Path, ours: Path, dtype: str = "q8_0") -> dict:
@@ -298,6 +319,47 @@ def speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
             "lmforge_over_llama_cpp_f32": round(tps["lmforge-fp32"] / tps["llama.cpp-f32"], 3)}
 
 
+def quantize_speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
+    """Seconds to a Q4_K_M file of the --speed-preset model: lmforge's export from the checkpoint against
+    llama.cpp's quantizer (llama_model_quantize, 1 and 2 threads) from the f32 export, alternating (medians); and
+    whether the two files hold the same bytes."""
+    import ctypes
+
+    import llama_cpp
+
+    from lmforge.config import PRESETS
+
+    run = make_run(work / "quantize", tokenizer, {**PRESETS[args.speed_preset], "activation": "gelu_tanh"}, 512)
+    f32 = export_gguf(run, work / "quantize" / "model-f32.gguf", dtype="f32")
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        export_gguf(run, work / "quantize" / "model-q4_k_m.gguf", dtype="q4_k_m", force=True)
+        return time.perf_counter() - t0
+
+    def theirs(threads: int) -> float:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, threads
+        out = work / "quantize" / f"theirs-{threads}.gguf"
+        t0 = time.perf_counter()
+        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+        return time.perf_counter() - t0
+
+    runs = {"lmforge-export": ours, "llama.cpp-quantize-1-thread": lambda: theirs(1),
+            "llama.cpp-quantize-2-threads": lambda: theirs(2)}
+    per_round: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(args.rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            per_round[name].append(runs[name]())
+        print(f"quantize round {r}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in per_round.items()), flush=True)
+    seconds = {name: round(statistics.median(v), 3) for name, v in per_round.items()}
+    same = same_bytes_as_llama_cpp_quantizer(f32, work / "quantize" / "model-q4_k_m.gguf", "q4_k_m")
+    return {"preset": args.speed_preset, "type": "q4_k_m", "seconds": seconds,
+            "seconds_per_round": {n: [round(x, 3) for x in v] for n, v in per_round.items()},
+            "lmforge_over_llama_cpp_1_thread": round(seconds["lmforge-export"]
+                                                     / seconds["llama.cpp-quantize-1-thread"], 3), **same}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
@@ -312,12 +374,14 @@ def main(argv: list[str] | None = None) -> dict:
               "spm": lambda: sentencepiece_tokenizer(lines, args.vocab_size)}
     tokenizers = {kind: makers[kind]() for kind in args.kinds.split(",")}
     summary: dict = {"benchmark": "gguf_llama_cpp", "machine": here, "llama_cpp_python": llama_cpp.__version__,
-                     "positions": args.positions, "results": {}}
+                     "positions": args.positions, "n_embd": args.n_embd, "results": {}}
     from lmforge.checkpoint import load_for_inference
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for arch, shape in ((a, ARCHS[a]) for a in args.archs.split(",")):
+            if args.n_embd != 64:
+                shape = {**shape, "n_embd": args.n_embd, **({"mlp_hidden": 4 * args.n_embd} if arch != "gpt2" else {})}
             for kind, tokenizer in tokenizers.items():
                 if kind == "spm" and arch != "llama":
                     continue
@@ -336,12 +400,13 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"{arch} {kind} imported: {json.dumps(result)}", flush=True)
                 # k-quants need rows of 256: the widths below fall back where they must. (transformers' GGUF reader
                 # builds qwen3 heads as wide as the stream's share, not attention.key_length: not for qwen3 here)
-                if kind == "bpe" and arch != "qwen3":
+                if kind == "bpe" and arch not in ("qwen3", "llama3"):  # (nor rope_freqs: llama3)
                     result = imported_k_quants(work / f"{arch}-{kind}" / "model-f32.gguf", model, tokenizer, args)
                     summary["results"][f"{arch}-{kind}-imported"] = result
                     print(f"{arch} {kind} imported: {json.dumps(result)}", flush=True)
         if args.speed_preset and "bpe" in tokenizers:
-            summary["speed"] = in_child(speed, work, args, tokenizers["bpe"])
+            timed = quantize_speed if args.quantize_speed else speed
+            summary[timed.__name__] = in_child(timed, work, args, tokenizers["bpe"])
     here["load_average_at_end"] = load_average()
     print(json.dumps(summary))
     if args.json_out:

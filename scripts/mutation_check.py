@@ -373,6 +373,17 @@ MUTANTS = [
            r"\p{N}{1,3}| ?", r"\p{N}+| ?",
            ("tests/test_gguf_pretokenizers.py::"
             "test_a_bpe_with_a_named_rule_goes_through_gguf_and_back_cutting_text_as_the_original[llama-bpe]",)),
+    Mutant("kquant-candidates-from-the-first-minimum", "interop/gguf_kquants.py",
+           "        span = high - low\n        span = np.where(span == 0, f32(1), span)\n", "",
+           ("tests/test_gguf_kquants.py::"
+            "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[q4_k]",)),
+    Mutant("kquant-no-search-over-scales", "interop/gguf_kquants.py",
+           "for step in range(nstep + 1):", "for step in range(0):",
+           ("tests/test_gguf_kquants.py::test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits",)),
+    Mutant("kquant-fused-qkv-not-counted-as-values", "interop/gguf_kquants.py",
+           '    if values or name.endswith("ffn_down.weight"):', '    if name.endswith("ffn_down.weight"):',
+           ("tests/test_gguf_kquants.py::"
+            "test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_imports_back[gpt2-q4_k_m]",)),
     Mutant("chat-template-bos-twice", "generate/rows.py",
            "if tokenizer.start_id is not None and ids[:1] != [tokenizer.start_id]:",
            "if tokenizer.start_id is not None:",
@@ -421,7 +432,16 @@ MUTANTS = [
            ("tests/test_llama3_rope.py::test_an_imported_llama3_scaled_model_computes_transformers_logits",)),
     Mutant("gguf-import-drops-a-tensor-it-has-no-place-for", "interop/gguf_import.py", "if unused:  # a tensor",
            "if False:  # a tensor",
-           ("tests/test_llama3_rope.py::test_a_gguf_with_rope_freqs_is_refused_not_imported_without_them",)),
+           ("tests/test_gguf_import.py::"
+            "test_a_tensor_the_model_has_no_place_for_is_refused_not_dropped[llama-blk.0.attn_extra.weight]",)),
+    Mutant("gguf-llama3-rope-freqs-not-written", "interop/gguf_export.py",
+           'yield "rope_freqs.weight", rope_factors(config)', "pass",
+           ("tests/test_llama3_rope.py::"
+            "test_gguf_export_writes_llama_cpps_rope_freqs_and_imports_back_to_the_same_scaling",)),
+    Mutant("gguf-llama3-settings-not-scaled-to-an-integer-context", "interop/gguf_import.py",
+           "    scale = rounded / context if rounded > 0 else 1.0", "    scale = 1.0",
+           ("tests/test_llama3_rope.py::"
+            "test_llama3_settings_scaled_alike_import_as_the_same_frequencies_and_bad_factors_are_refused",)),
     Mutant("tool-calls-read-without-the-templates-lead", "serve/app.py",
            "self.index, self.start, self.named, self.complete = 0, len(fmt.lead), False, False",
            "self.index, self.start, self.named, self.complete = 0, 0, False, False",

@@ -119,3 +119,23 @@ def test_a_file_that_is_not_gguf_and_a_run_with_checkpoints_are_refused(tmp_path
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         import_gguf(path, run)
     assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("arch,extra", [("llama", "blk.0.attn_extra.weight"), ("gpt2", "rope_freqs.weight")])
+def test_a_tensor_the_model_has_no_place_for_is_refused_not_dropped(tmp_path, monkeypatch, arch, extra):
+    """An import that dropped a tensor would compute another model than the file's (a GPT-2 has no use for Llama 3.1's
+    rope_freqs.weight): it is refused, naming the tensor, and nothing is written."""
+    import lmforge.interop.gguf_export as gguf_export
+
+    run = lmforge_run(tmp_path, MAKERS["char"](), **(GPT2_STYLE if arch == "gpt2" else LLAMA_STYLE))
+    plain = gguf_export._tensors
+
+    def with_extra(state, config, arch):
+        yield from plain(state, config, arch)
+        yield extra, torch.ones(config.head_dim // 2)
+
+    monkeypatch.setattr(gguf_export, "_tensors", with_extra)
+    path = export_gguf(run, tmp_path / "m.gguf")
+    with pytest.raises(GGUFImportError, match=f"no place for: {extra}$"):
+        import_gguf(path, tmp_path / "back")
+    assert not (tmp_path / "back").exists()

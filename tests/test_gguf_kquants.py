@@ -93,6 +93,164 @@ def test_a_grid_the_blocks_can_hold_is_held_to_float16_precision_and_zeros_stay_
     assert not quantize(x[2:], "q6_k").any()  # llama.cpp writes a block of zeros as zero bytes
 
 
+# A scalar reference: llama.cpp's quantize_row_q4_K_ref / q5_K_ref / q6_K_ref written as plain loops over one block,
+# in float32 and in llama.cpp's order of operations, to hold the vectorised quantizer to the same bytes.
+F = np.float32
+
+
+def _ref_qkx2(x, w, nmax, rmin, rdelta, nstep):
+    lo, hi, sum_w, sum_x = x[0], x[0], w[0], F(w[0] * x[0])
+    for i in range(1, len(x)):
+        lo, hi = min(lo, x[i]), max(hi, x[i])
+        sum_w, sum_x = F(sum_w + w[i]), F(sum_x + F(w[i] * x[i]))
+    lo = min(lo, F(0))
+    if hi == lo:
+        return F(0), F(-lo), [0] * len(x)
+    iscale = F(F(nmax) / F(hi - lo))
+    scale = F(F(1) / iscale)
+    q = [min(nmax, max(0, int(np.rint(F(iscale * F(v - lo)))))) for v in x]
+    best = F(0)
+    for v, wi, l in zip(x, w, q):
+        diff = F(F(F(scale * F(l)) + lo) - v)
+        best = F(best + F(wi * F(diff * diff)))
+    for step in range(nstep + 1):
+        iscale = F(F(F(F(rmin) + F(F(rdelta) * F(step))) + F(nmax)) / F(hi - lo))
+        trial = [min(nmax, max(0, int(np.rint(F(iscale * F(v - lo)))))) for v in x]
+        sum_l = sum_l2 = sum_xl = F(0)
+        for v, wi, l in zip(x, w, trial):
+            wl = F(wi * F(l))
+            sum_l, sum_l2, sum_xl = F(sum_l + wl), F(sum_l2 + F(wl * F(l))), F(sum_xl + F(wl * v))
+        det = F(F(sum_w * sum_l2) - F(sum_l * sum_l))
+        if det > 0:
+            this_scale = F(F(F(sum_w * sum_xl) - F(sum_x * sum_l)) / det)
+            this_min = F(F(F(sum_l2 * sum_x) - F(sum_l * sum_xl)) / det)
+            if this_min > 0:
+                this_min, this_scale = F(0), F(sum_xl / sum_l2)
+            error = F(0)
+            for v, wi, l in zip(x, w, trial):
+                diff = F(F(F(this_scale * F(l)) + this_min) - v)
+                error = F(error + F(wi * F(diff * diff)))
+            if error < best:
+                q, best, scale, lo = trial, error, this_scale, this_min
+    return scale, F(-lo), q
+
+
+def _ref_q45_k(block, nmax, rmin, nstep):
+    scales, mins, q = [], [], []
+    for j in range(8):
+        x = block[32 * j:32 * j + 32]
+        sum_x2 = F(0)
+        for v in x:
+            sum_x2 = F(sum_x2 + F(v * v))
+        av_x = F(np.sqrt(F(sum_x2 / F(32))))
+        sc, mn, l = _ref_qkx2(x, [F(av_x + abs(v)) for v in x], nmax, rmin, 0.1, nstep)
+        scales.append(sc), mins.append(mn), q.extend(l)
+    max_scale = max_min = F(0)  # C's `if (v > largest)`: a -0.0 minimum leaves it +0.0
+    for sc, mn in zip(scales, mins):
+        max_scale, max_min = sc if sc > max_scale else max_scale, mn if mn > max_min else max_min
+    inv_scale = F(F(63) / max_scale) if max_scale > 0 else F(0)
+    inv_min = F(F(63) / max_min) if max_min > 0 else F(0)
+    ls = [min(63, int(np.rint(F(inv_scale * v)))) for v in scales]
+    lm = [min(63, int(np.rint(F(inv_min * v)))) for v in mins]
+    packed = bytearray(12)
+    for j in range(8):
+        if j < 4:
+            packed[j], packed[j + 4] = ls[j], lm[j]
+        else:
+            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
+            packed[j - 4] |= (ls[j] >> 4) << 6
+            packed[j] |= (lm[j] >> 4) << 6
+    d, dmin = np.float16(F(max_scale / F(63))), np.float16(F(max_min / F(63)))
+    for j in range(8):
+        step = F(F(d) * F(ls[j]))
+        if step:
+            shift = F(F(dmin) * F(lm[j]))
+            for i in range(32 * j, 32 * j + 32):
+                q[i] = min(nmax, max(0, int(np.rint(F(F(block[i] + shift) / step)))))
+    out = bytearray(d.tobytes() + dmin.tobytes()) + packed
+    if nmax == 31:  # Q5_K: the fifth bits, then the low four
+        high = bytearray(32)
+        for c in range(4):
+            for i in range(32):
+                high[i] |= ((q[64 * c + i] >> 4) << (2 * c)) | ((q[64 * c + 32 + i] >> 4) << (2 * c + 1))
+        out += high
+    for c in range(4):
+        out += bytes((q[64 * c + i] & 0xF) | ((q[64 * c + 32 + i] & 0xF) << 4) for i in range(32))
+    return bytes(out)
+
+
+def _ref_qx(x, nmax):
+    peak = F(0)
+    for v in x:
+        if abs(v) > abs(peak):
+            peak = v
+    if abs(peak) < F(1e-15):
+        return F(0), [0] * len(x)
+
+    def candidate(iscale):
+        q = [max(-nmax, min(nmax - 1, int(np.rint(F(iscale * v))))) for v in x]
+        sumlx = suml2 = F(0)
+        for v, l in zip(x, q):
+            w = F(v * v)
+            sumlx, suml2 = F(sumlx + F(F(w * v) * F(l))), F(suml2 + F(F(w * F(l)) * F(l)))
+        return q, sumlx, suml2
+
+    q, sumlx, suml2 = candidate(F(F(-nmax) / peak))
+    scale = F(sumlx / suml2) if suml2 else F(0)
+    best = F(scale * sumlx)
+    for step in [*range(-9, 0), *range(1, 10)]:
+        trial, slx, sl2 = candidate(F(F(-F(F(nmax) + F(F(0.1) * F(step)))) / peak))
+        if sl2 > 0 and F(slx * slx) > F(best * sl2):
+            q, scale = trial, F(slx / sl2)
+            best = F(scale * slx)
+    return scale, [l + nmax for l in q]
+
+
+def _ref_q6_k(block):
+    scales, q = [], []
+    for j in range(16):
+        sc, l = _ref_qx(block[16 * j:16 * j + 16], 32)
+        scales.append(sc), q.extend(l)
+    max_scale = F(0)
+    for sc in scales:
+        if abs(sc) > abs(max_scale):
+            max_scale = sc
+    if abs(max_scale) < F(1e-15):
+        return bytes(210)
+    iscale = F(F(-128) / max_scale)
+    d = np.float16(F(F(1) / iscale))
+    sc8 = [min(127, int(np.rint(F(iscale * v)))) for v in scales]
+    for j in range(16):
+        step = F(F(d) * F(sc8[j]))
+        if step:
+            for i in range(16 * j, 16 * j + 16):
+                q[i] = max(-32, min(31, int(np.rint(F(block[i] / step))))) + 32
+    ql, qh = bytearray(128), bytearray(64)
+    for half in range(2):
+        for i in range(32):
+            a, b, c, e = (q[128 * half + i + 32 * k] for k in range(4))
+            ql[64 * half + i] = (a & 0xF) | ((c & 0xF) << 4)
+            ql[64 * half + 32 + i] = (b & 0xF) | ((e & 0xF) << 4)
+            qh[32 * half + i] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6)
+    return bytes(ql + qh + np.array(sc8, np.int8).tobytes() + d.tobytes())
+
+
+REFERENCE = {"q4_k": lambda b: _ref_q45_k(b, 15, -1.0, 20), "q5_k": lambda b: _ref_q45_k(b, 31, -0.5, 15),
+             "q6_k": _ref_q6_k}
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops(kind):
+    """Same bytes, block for block, as the scalar loops above (llama.cpp's reference quantizers; its own
+    llama-quantize writes these bytes too: benchmarks/gguf_llama_cpp.py compares whole files). The order of each
+    sum, and each candidate measured from the best minimum so far, decide near ties between candidate scales."""
+    x = weights(6, 512, seed=5)  # with rows of zeros, of one sign, constant; and outliers
+    x[0, 256:] = -0.25
+    ours = quantize(x, kind).reshape(-1, {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind])
+    for block, raw in zip(x.reshape(-1, 256), ours):
+        assert raw.tobytes() == REFERENCE[kind](list(block)), kind
+
+
 def test_rows_not_a_whole_number_of_super_blocks_are_refused_by_the_quantizer():
     with pytest.raises(ValueError, match="256"):
         quantize(np.ones((2, 96), np.float32), "q4_k")
@@ -143,9 +301,10 @@ def test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_im
             assert t.tensor_type == QT[tensor_type(mix, name, 4, head, int(t.shape[0])).upper()], name
         else:
             assert t.tensor_type == QT.F32, name
-    if mix == "q4_k_m":  # layers 2 and 3 of 4 get more bits
-        down = [tensors[f"blk.{i}.ffn_down.weight"].tensor_type for i in range(4)]
-        assert down == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K]
+    if mix == "q4_k_m":  # layers 2 and 3 of 4 get more bits, in the MLP's output and the attention's values
+        for part in ("ffn_down", "attn_qkv" if tied else "attn_v"):
+            types = [tensors[f"blk.{i}.{part}.weight"].tensor_type for i in range(4)]
+            assert types == [QT.Q4_K, QT.Q4_K, QT.Q6_K, QT.Q6_K], part
         w = model.blocks[1].mlp.proj.weight.detach().numpy()
         assert np.array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(-1),
                               quantize(w, "q4_k").reshape(-1))

@@ -15,7 +15,9 @@ takes (interop.hf_export.converter_for_model):
            lmforge does, so the rows stay in order.
     qwen3  the same without biases, each head's queries and keys RMS-normalised (model.qk_norm: attn_q_norm,
            attn_k_norm); halves rotated, rows in order.
-Heads of their own width (model.head_size) are written as attention.key_length and value_length.
+Heads of their own width (model.head_size) are written as attention.key_length and value_length. Llama 3.1's RoPE
+scaling (model.rope_scaling llama3; llama only) is written as llama.cpp's converter writes it: a rope_freqs.weight
+vector that each frequency is divided by.
 
 Tokenizers: lmforge's bpe kind (byte-level BPE) is GGUF's "gpt2" model (tokens in GPT-2's byte-to-unicode spelling,
 the merges in order). The char and byte kinds are GGUF's "llama" model, SentencePiece's rule that is theirs too:
@@ -57,6 +59,7 @@ from lmforge.interop.hf_llama import is_qwen2, is_qwen3
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
 from lmforge.interop.hf_export import HFExportError, converter_for_model, model_chat_template
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
+from lmforge.model import llama3_frequencies
 from lmforge.tokenizer import BYTE_OFFSET, Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", *gguf_kquants.MIXES)
@@ -89,16 +92,16 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     config: ModelConfig = model.config
     if config.head != "lm":
         raise GGUFExportError(f"{checkpoint} holds a {config.head} model; GGUF export writes language models")
-    if config.rope_scaling != "none":
-        raise GGUFExportError(f"{checkpoint} scales its RoPE frequencies (model.rope_scaling={config.rope_scaling!r}), "
-                              "which lmforge's GGUF export does not write yet; export it with --format hf and convert "
-                              "that directory with llama.cpp's convert_hf_to_gguf.py")
     try:
         arch = ("gpt2" if converter_for_model(config) is hf_gpt2 else "qwen3" if is_qwen3(config)
                 else "qwen2" if is_qwen2(config) else "llama")
     except HFExportError as e:
         raise GGUFExportError(str(e).replace("Hugging Face equivalent",
                                              "GGUF equivalent (gpt2, llama, qwen2 or qwen3)")) from None
+    if config.rope_scaling != "none" and arch != "llama":
+        raise GGUFExportError(f"{checkpoint} scales its RoPE frequencies (model.rope_scaling={config.rope_scaling!r}), "
+                              f"which llama.cpp reads for its llama architecture, not {arch}; export it with "
+                              "--format hf instead")
     if tokenizer is None:
         raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
     vocabulary = _vocabulary(tokenizer, config.vocab_size)
@@ -191,6 +194,19 @@ def _tensors(state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> 
             yield f"output_norm.{kind}", state[f"norm_f.{kind}"]
     if not config.tie_embeddings:  # tied: llama.cpp reads token_embd for the head when output is absent
         yield "output.weight", state["lm_head.weight"]
+    if config.rope_scaling == "llama3":
+        yield "rope_freqs.weight", rope_factors(config)
+
+
+def rope_factors(config: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling as llama.cpp reads it: a float32 vector, one number per frequency, that llama.cpp
+    divides each frequency by (rope_freqs.weight: 1 for the kept ones, model.rope_factor for the divided ones, the
+    ramp between), computed in float64 from float32 frequencies as llama.cpp's converter computes it."""
+    hd = config.head_dim
+    inv_freq = (config.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)).double()
+    scaled = llama3_frequencies(inv_freq, config.rope_factor, config.rope_low_freq_factor,
+                                config.rope_high_freq_factor, config.rope_original_context)
+    return (inv_freq / scaled).float()
 
 
 def _add_hyperparameters(writer: Any, config: ModelConfig, arch: str, dtype: str) -> None:

@@ -8,7 +8,9 @@ width (attention.key_length) too. Quantized tensors (q8_0, q4_k, ...)
 are dequantized to float32 with the `gguf` package (llama.cpp's own Python reader): the model computes what the file
 holds, in lmforge's fp32. Each q and k head's rows go back from llama.cpp's order (neighbours rotate together) to
 lmforge's (dimension i with i + hd/2). A GPT-2 file computes GELU by its tanh approximation in llama.cpp, so the
-model gets activation gelu_tanh.
+model gets activation gelu_tanh. A Llama 3.1 / 3.2 file's rope_freqs.weight (what llama.cpp divides each RoPE
+frequency by) becomes model.rope_scaling llama3 with the settings that make those factors (_llama3_scaling); a tensor
+the model has no place for is refused rather than dropped.
 
 Tokenizers: GGUF's byte-level BPE ("gpt2") with a pre-tokenizer rule lmforge knows (gguf_pretokenizers: GPT-2's,
 Llama 3's, SmolLM's) becomes an lmforge tokenizer of kind hf (start token: the file's bos when it adds one to every
@@ -26,6 +28,7 @@ it (data.chat_template).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ from lmforge.config import ModelConfig, RunConfig, TrainConfig
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.interop.gguf_export import RENAMED, RENAMED_GPT2, SPACE
 from lmforge.interop.gguf_pretokenizers import ADDS_BOS, RULES, known_rules, rule_for
-from lmforge.model import GPT
+from lmforge.model import GPT, llama3_frequencies
 from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
 
 SUPPORTED = ("gpt2, llama (RoPE, RMSNorm, SwiGLU, grouped-query attention), qwen2 (llama with q/k/v biases) and qwen3 "
@@ -67,12 +70,12 @@ def import_gguf(path: str | Path, run_dir: str | Path) -> Path:
     model = GPT(config)
     read = _ReadTensors(tensors)
     state = _state_dict(read, config, arch)
+    if "rope_freqs.weight" in tensors and arch == "llama":  # read into model.rope_scaling by _model_config
+        read["rope_freqs.weight"]
     unused = sorted(set(tensors) - read.read)
     if unused:  # a tensor the model has no place for would be dropped, and the model compute something else
-        why = (" (rope_freqs.weight: Llama 3.1's RoPE frequency scaling; import the model's Hugging Face directory, "
-               "which lmforge reads with it)" if "rope_freqs.weight" in unused else "")
         raise GGUFImportError(f"{path} holds tensors lmforge's {arch} model has no place for: "
-                              f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}{why}")
+                              f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
     model.load_state_dict(state)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_file = run_dir / ".imported-tokenizer.json"
@@ -135,14 +138,55 @@ def _model_config(meta: dict[str, Any], tensors: dict[str, torch.Tensor], arch: 
         if unsupported:
             raise GGUFImportError(f"{path} has {'; '.join(unsupported)}, which lmforge's Llama-style model lacks; "
                                   f"lmforge imports {SUPPORTED}")
+        theta = float(key("rope.freq_base", 10000.0))
+        scaling = (_llama3_scaling(tensors["rope_freqs.weight"], head_dim, theta, path)
+                   if "rope_freqs.weight" in tensors and arch == "llama" else {})
         config = ModelConfig(**common, n_kv_head=key("attention.head_count_kv", n_head), norm="rmsnorm",
                              norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5), mlp="swiglu", pos_encoding="rope",
-                             rope_theta=float(key("rope.freq_base", 10000.0)), bias=arch == "llama" and bool(biases),
+                             rope_theta=theta, bias=arch == "llama" and bool(biases),
                              qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
-                             head_size=None if head_dim * n_head == n_embd else head_dim)
+                             head_size=None if head_dim * n_head == n_embd else head_dim, **scaling)
     if config.hidden_dim != key("feed_forward_length"):  # null when it is lmforge's own default width
         config.mlp_hidden = key("feed_forward_length")
     return config
+
+
+def _llama3_scaling(factors: torch.Tensor, head_dim: int, theta: float, path: Any) -> dict[str, Any]:
+    """model.rope_scaling llama3 and its settings from llama.cpp's rope_freqs.weight (what each frequency is divided
+    by: 1 where kept, rope_factor where divided, a ramp between), or {} when it divides nothing.
+
+    On the ramp, s = (1/f - 1/factor) / (1 - 1/factor) = (original_context / wavelength - low) / (high - low) is a
+    line in 1 / wavelength, fitted through the ramp's points; scaling original_context, low and high alike computes
+    the same frequencies, so low is set to 1 (Llama 3's own value) and the others follow. Factors that no such
+    setting reproduces, or a ramp of fewer than two points, are refused in one line."""
+    f = factors.double()
+    inv_freq = (theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)).double()
+    refuse = GGUFImportError(f"{path} scales its RoPE frequencies by a rope_freqs.weight that is not Llama 3.1's "
+                             "scaling (model.rope_scaling llama3); lmforge imports only that one")
+    if f.shape != inv_freq.shape or not torch.isfinite(f).all() or (f < 1 - 1e-6).any():
+        raise refuse
+    factor = float(f.max())
+    if factor <= 1 + 1e-6:
+        return {}
+    s = (1 / f - 1 / factor) / (1 - 1 / factor)
+    ramp = (s > 1e-4) & (s < 1 - 1e-4)
+    if int(ramp.sum()) < 2:
+        raise GGUFImportError(f"{path} scales its RoPE frequencies with {int(ramp.sum())} on the ramp between kept "
+                              "and divided ones; lmforge needs two to recover Llama 3.1's settings")
+    x = inv_freq[ramp] / (2 * math.pi)  # 1 / wavelength
+    slope, intercept = np.polyfit(x.numpy(), s[ramp].numpy(), 1)
+    if intercept >= 0 or slope <= 0:
+        raise refuse
+    high, context = 1 - 1 / intercept, -slope / intercept  # with low = 1
+    rounded = round(context)
+    scale = rounded / context if rounded > 0 else 1.0  # an integer context: low and high scale with it
+    low, high = float(f"{scale:.6g}"), float(f"{high * scale:.6g}")  # float32's digits: 1 and 4, not 0.9999999
+    settings = dict(rope_scaling="llama3", rope_factor=float(f"{factor:.6g}"), rope_low_freq_factor=low,
+                    rope_high_freq_factor=high, rope_original_context=rounded)
+    again = inv_freq / llama3_frequencies(inv_freq, settings["rope_factor"], low, high, rounded)
+    if not torch.allclose(again, f, rtol=1e-4, atol=0):
+        raise refuse
+    return settings
 
 
 class _ReadTensors(dict):
