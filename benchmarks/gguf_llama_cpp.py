@@ -27,6 +27,8 @@ lmforge (fp32, one thread):
            model (what the quantization costs)
   speed    (--speed-preset, f32 and f16 exports) decoding --speed-tokens tokens at batch 1, tokens/s of each, in
            alternating rounds (medians), and the ratio lmforge / llama.cpp
+  lora     (--lora) llama.cpp loading the f32 base with lmforge's LoRA adapter file (random adapters on q, k, v, o
+           and the MLP) against lmforge's merged model, and without the adapter as the control
   quantize (--quantize-speed, instead of speed) seconds to a Q4_K_M file of the --speed-preset model: lmforge's export against
            llama.cpp's quantizer on the f32 export (1 and 2 threads), and whether the files' tensors are the same
 Each comparison runs in a child process, so a crash inside llama.cpp is recorded (its signal) instead of ending the run.
@@ -97,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "Llama-style MLPs then 4x as wide)")
     p.add_argument("--quantize-speed", action="store_true", help="time a Q4_K_M file of the --speed-preset model "
                    "(lmforge's export against llama.cpp's quantizer) instead of decoding")
+    p.add_argument("--lora", action="store_true", help="also llama.cpp with the f32 base and lmforge's LoRA "
+                   "adapter file (--adapter) against lmforge's merged model (char tokenizer)")
     p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     args = p.parse_args(argv)
@@ -266,6 +270,44 @@ def imported_k_quants(f32_path: Path, model: GPT, tokenizer, args: argparse.Name
     return out
 
 
+def lora_adapter(run: Path, model: GPT, tokenizer, arch: str, args: argparse.Namespace) -> dict:
+    """llama.cpp with the base's f32 GGUF and lmforge's LoRA adapter file (random adapters of std 0.05 on q, k, v, o
+    and the MLP, rank 4, alpha 8) against lmforge's merged model: the logits over --positions tokens, and, as the
+    control, llama.cpp without the adapter against the same merged model."""
+    import copy
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    from lmforge.interop.gguf_export import gguf_architecture
+    from lmforge.interop.gguf_lora import adapter_tensors, write_gguf_adapter
+    from lmforge.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora
+
+    lora = LoRAConfig(r=4, alpha=8.0, targets=["q", "k", "v", "o", "mlp"])
+    adapted = apply_lora(copy.deepcopy(model), lora)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in lora_parameters(adapted):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    gguf_arch = gguf_architecture(model.config, run)
+    tensors = adapter_tensors(adapted, lora, gguf_arch)
+    adapter = write_gguf_adapter(tensors, gguf_arch, lora.alpha, run.parent / "adapter.gguf")
+    base = export_gguf(run, run.parent / "base-f32.gguf", force=True)
+    ids = prompt_ids(tokenizer, " ".join(shakespeare_lines(40)))[: args.positions]
+    with torch.no_grad():
+        merged = merge_lora(adapted)(torch.tensor([ids]))[0].float()
+    out = {"adapter_tensors": len(tensors), "adapter_bytes": adapter.stat().st_size}
+    for label, extra in (("with_adapter", {"lora_path": str(adapter)}), ("without_adapter", {})):
+        llm = Llama(model_path=str(base), n_ctx=model.config.block_size, n_threads=1, n_threads_batch=1, logits_all=True,
+                    verbose=False,
+                    **extra)
+        llm.eval(ids)
+        theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        out[f"{label}_logits_max_diff_relative"] = round(float((merged - theirs).abs().max() / merged.abs().max()), 7)
+        out[f"{label}_top1_agreement"] = round(float((merged.argmax(-1) == theirs.argmax(-1)).float().mean()), 4)
+    return out
+
+
 def in_child(f, *a) -> dict:
     """f(*a) in a forked process: its result, or the signal that ended it."""
     import multiprocessing
@@ -394,6 +436,10 @@ def main(argv: list[str] | None = None) -> dict:
                         result.update(same_bytes_as_llama_cpp_quantizer(path.with_name("model-f32.gguf"), path, t))
                     summary["results"][f"{arch}-{kind}-{t}"] = result
                     print(f"{arch} {kind} {t}: {json.dumps(result)}", flush=True)
+                if args.lora and kind == "char":
+                    result = in_child(lora_adapter, run, model, tokenizer, arch, args)
+                    summary["results"][f"{arch}-{kind}-lora"] = result
+                    print(f"{arch} {kind} lora: {json.dumps(result)}", flush=True)
                 if kind == "spm":
                     result = in_child(spm_import, work / f"{arch}-{kind}" / "model-f32.gguf", tokenizer, texts)
                     summary["results"][f"{arch}-{kind}-imported"] = result

@@ -353,8 +353,8 @@ MUTANTS = [
            "hidden = teacher.hidden_states(x, attention_mask=attention_mask)", "hidden = teacher.hidden_states(x)",
            ("tests/test_distill.py::test_sft_data_distills_the_completions_positions_only[True]",)),
     Mutant("gguf-rope-halves-not-interleaved", "interop/gguf_export.py",
-           "q, k = _interleave_halves(q, config.n_head), _interleave_halves(k, config.n_kv_head)",
-           "q, k = _interleave_halves(q, config.n_head), k",
+           "q, k = interleave_halves(q, config.n_head), interleave_halves(k, config.n_kv_head)",
+           "q, k = interleave_halves(q, config.n_head), k",
            ("tests/test_gguf_export.py::"
             "test_gguf_loads_in_transformers_with_the_same_logits_and_token_ids[llama-char]",)),
     Mutant("gguf-import-leaves-llama-cpp-row-order", "interop/gguf_import.py",
@@ -366,8 +366,8 @@ MUTANTS = [
            ("tests/test_gguf_export.py::"
             "test_gguf_loads_in_transformers_with_the_same_logits_and_token_ids[llama-char]",)),
     Mutant("gguf-qwen2-rows-interleaved-like-llama", "interop/gguf_export.py",
-           '                if arch == "llama":\n                    q, k = _interleave_halves(',
-           '                if arch != "gpt2":\n                    q, k = _interleave_halves(',
+           '                if arch == "llama":\n                    q, k = interleave_halves(',
+           '                if arch != "gpt2":\n                    q, k = interleave_halves(',
            ("tests/test_qwen2.py::test_a_qwen2_model_goes_to_gguf_as_llama_cpps_qwen2_and_back",)),
     Mutant("gguf-llama3-digits-not-in-threes", "interop/gguf_pretokenizers.py",
            r"\p{N}{1,3}| ?", r"\p{N}+| ?",
@@ -384,6 +384,14 @@ MUTANTS = [
            '    if values or name.endswith("ffn_down.weight"):', '    if name.endswith("ffn_down.weight"):',
            ("tests/test_gguf_kquants.py::"
             "test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_imports_back[gpt2-q4_k_m]",)),
+    Mutant("gguf-lora-fused-rank-not-rescaled", "interop/gguf_lora.py",
+           "b = tensor.float() * (rank / lora.r)", "b = tensor.float()",
+           ("tests/test_gguf_lora.py::test_base_plus_the_adapter_as_llama_cpp_applies_it_is_the_merged_model"
+            "[gpt2-qvo-mlp]",)),
+    Mutant("gguf-lora-b-rows-not-reordered-like-the-base", "interop/gguf_lora.py",
+           'if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):', "if False:",
+           ("tests/test_gguf_lora.py::test_base_plus_the_adapter_as_llama_cpp_applies_it_is_the_merged_model"
+            "[llama-qvo-mlp]",)),
     Mutant("chat-template-bos-twice", "generate/rows.py",
            "if tokenizer.start_id is not None and ids[:1] != [tokenizer.start_id]:",
            "if tokenizer.start_id is not None:",
@@ -424,8 +432,8 @@ MUTANTS = [
            ("tests/test_chat_tools.py::"
             "test_fine_tuning_records_with_tools_learn_the_call_as_the_template_writes_it",)),
     Mutant("qwen3-gguf-rows-interleaved-as-llamas", "interop/gguf_export.py",
-           'if arch == "llama":\n                    q, k = _interleave_halves',
-           'if arch in ("llama", "qwen3"):\n                    q, k = _interleave_halves',
+           'if arch == "llama":\n                    q, k = interleave_halves',
+           'if arch in ("llama", "qwen3"):\n                    q, k = interleave_halves',
            ("tests/test_qwen3.py::test_qwen3_travels_through_gguf_and_back",)),
     Mutant("llama3-rope-without-the-ramp", "model.py", "return (1 - s) * inv_freq / factor + s * inv_freq",
            "return torch.where(s < 0.5, inv_freq / factor, inv_freq)",

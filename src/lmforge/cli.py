@@ -1486,12 +1486,14 @@ def _add_export(sub: Any) -> None:
             --format gguf: one file for llama.cpp, Ollama, LM Studio and other ggml programs (a GPT-2 or
             Llama-style language model, as for hf), the tokenizer inside; --gguf-type f32 (exact), f16, bf16, q8_0,
             5- and 4-bit q5_1, q5_0, q4_1, q4_0, or llama.cpp's K-quant mixes q6_k, q5_k_m, q5_k_s, q4_k_m (the
-            usual choice to share a model), q4_k_s."""),
+            usual choice to share a model), q4_k_s. A LoRA run is written merged, or with --adapter as a llama.cpp
+            LoRA adapter that applies onto the GGUF of its base."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge export runs/char-small --format hf --out exports/char-small-hf
               lmforge export runs/shakespeare-char --format onnx --out exports/shakespeare.onnx   (any model)
-              lmforge export runs/char-small --format gguf --gguf-type f16 --out exports/char-small.gguf"""))
+              lmforge export runs/char-small --format gguf --gguf-type f16 --out exports/char-small.gguf
+              lmforge export runs/lora --format gguf --adapter --out exports/lora.gguf   (with the base's GGUF)"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--format", required=True, choices=["hf", "onnx", "gguf"],
                    help="hf (Hugging Face directory) | onnx (file) | gguf (file)")
@@ -1506,13 +1508,25 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--merge", action="store_true", help="hf, a LoRA run: one model with the adapters merged in "
                    "(default: the base in OUT and the adapters in PEFT's format in OUT/adapter)")
+    p.add_argument("--adapter", action="store_true", help="gguf, a LoRA run: only its adapters, as a llama.cpp LoRA "
+                   "adapter for the GGUF of its base (llama-cli -m base.gguf --lora OUT; Ollama's ADAPTER); "
+                   "without it a LoRA run is written merged")
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     if args.gguf_type is not None and args.format != "gguf":
         raise ConfigError(f"--gguf-type applies to --format gguf, not --format {args.format}: drop it")
-    if args.format == "gguf":
+    if args.adapter and args.format != "gguf":
+        raise ConfigError(f"--adapter applies to --format gguf, not --format {args.format} (hf writes a LoRA run's "
+                          "adapters in PEFT's format by default): drop it")
+    if args.adapter and args.gguf_type not in (None, "f32"):
+        raise ConfigError(f"--adapter writes the adapters in f32 (they are small): drop --gguf-type {args.gguf_type}")
+    if args.format == "gguf" and args.adapter:
+        from lmforge.interop.gguf_lora import export_gguf_adapter
+
+        print(export_gguf_adapter(args.checkpoint, args.out, force=args.force))
+    elif args.format == "gguf":
         from lmforge.interop.gguf_export import export_gguf
 
         print(export_gguf(args.checkpoint, args.out, force=args.force, dtype=args.gguf_type or "f32"))

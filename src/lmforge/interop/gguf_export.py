@@ -85,23 +85,14 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 and "
                               "bf16 half the size, q8_0 about a quarter, q6_k, q5_* and q4_* less, with more error")
     out_path = Path(out_path)
-    check_output(out_path, force=force, ours=_is_gguf_export, what="a GGUF export written by lmforge",
+    check_output(out_path, force=force, ours=is_gguf_export, what="a GGUF export written by lmforge",
                  error=GGUFExportError, directory=False, inputs=[checkpoint])
     ckpt, manifest = verified_checkpoint(checkpoint)
     model, tokenizer, _ = load_for_inference(ckpt, "cpu", manifest)
     config: ModelConfig = model.config
     if config.head != "lm":
         raise GGUFExportError(f"{checkpoint} holds a {config.head} model; GGUF export writes language models")
-    try:
-        arch = ("gpt2" if converter_for_model(config) is hf_gpt2 else "qwen3" if is_qwen3(config)
-                else "qwen2" if is_qwen2(config) else "llama")
-    except HFExportError as e:
-        raise GGUFExportError(str(e).replace("Hugging Face equivalent",
-                                             "GGUF equivalent (gpt2, llama, qwen2 or qwen3)")) from None
-    if config.rope_scaling != "none" and arch != "llama":
-        raise GGUFExportError(f"{checkpoint} scales its RoPE frequencies (model.rope_scaling={config.rope_scaling!r}), "
-                              f"which llama.cpp reads for its llama architecture, not {arch}; export it with "
-                              "--format hf instead")
+    arch = gguf_architecture(config, checkpoint)
     if tokenizer is None:
         raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
     vocabulary = _vocabulary(tokenizer, config.vocab_size)
@@ -124,6 +115,22 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         writer.write_tensors_to_file()
         writer.close()
     return out_path
+
+
+def gguf_architecture(config: ModelConfig, checkpoint: str | Path) -> str:
+    """llama.cpp's architecture for a model config: gpt2, llama, qwen2 or qwen3; GGUFExportError naming what has
+    none (the Hugging Face export's reasons), or a scaled RoPE outside llama."""
+    try:
+        arch = ("gpt2" if converter_for_model(config) is hf_gpt2 else "qwen3" if is_qwen3(config)
+                else "qwen2" if is_qwen2(config) else "llama")
+    except HFExportError as e:
+        raise GGUFExportError(str(e).replace("Hugging Face equivalent",
+                                             "GGUF equivalent (gpt2, llama, qwen2 or qwen3)")) from None
+    if config.rope_scaling != "none" and arch != "llama":
+        raise GGUFExportError(f"{checkpoint} scales its RoPE frequencies (model.rope_scaling={config.rope_scaling!r}), "
+                              f"which llama.cpp reads for its llama architecture, not {arch}; export it with "
+                              "--format hf instead")
+    return arch
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -152,7 +159,7 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
         writer.add_tensor(name, gguf.quants.quantize(data, raw), raw_dtype=raw)
 
 
-def _interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+def interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows (heads * hd, ...) of q or k, each head's rows [first half; second half] -> [x_0, x_hd/2, x_1, ...]."""
     hd = w.size(0) // heads
     return w.reshape(heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
@@ -181,7 +188,7 @@ def _tensors(state: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> 
             if arch != "gpt2" and f"attn.qkv.{kind}" in block:
                 q, k, v = block[f"attn.qkv.{kind}"].split((q_rows, kv_rows, kv_rows))
                 if arch == "llama":
-                    q, k = _interleave_halves(q, config.n_head), _interleave_halves(k, config.n_kv_head)
+                    q, k = interleave_halves(q, config.n_head), interleave_halves(k, config.n_kv_head)
                 yield f"blk.{i}.attn_q.{kind}", q
                 yield f"blk.{i}.attn_k.{kind}", k
                 yield f"blk.{i}.attn_v.{kind}", v
@@ -390,7 +397,7 @@ def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[str, list[str], list[str]]:
     return pre, tokens, merges
 
 
-def _is_gguf_export(path: Path) -> bool:
+def is_gguf_export(path: Path) -> bool:
     """Whether `path` is a GGUF file that export_gguf wrote (its metadata records lmforge.version)."""
     import gguf
 

@@ -207,7 +207,7 @@ class _ReadTensors(dict):
 
 
 def _halves_from_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """gguf_export._interleave_halves undone: each head's rows [x_0, x_hd/2, x_1, ...] -> [first half; second half]."""
+    """gguf_export.interleave_halves undone: each head's rows [x_0, x_hd/2, x_1, ...] -> [first half; second half]."""
     hd = w.size(0) // heads
     return w.reshape(heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 

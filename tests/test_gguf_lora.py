@@ -1,0 +1,117 @@
+"""A LoRA run's adapters as a llama.cpp LoRA adapter (`lmforge export RUN --format gguf --adapter`): for every
+adapted matrix, the base's GGUF tensor plus (alpha / rank) B A, as llama.cpp computes it from the file, is the
+merged model's GGUF tensor (rows of Llama's q and k heads reordered alike, fused modules' ranks and slices, the
+head); the file says what it is; misuse is one line."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_lora_train import lora_config  # noqa: E402
+from test_peft import CASES, LLAMA_STYLE, R, adapted_model, random_adapters, sharp_model  # noqa: E402
+from tiny_training import tiny_trainer, write_base  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+
+from lmforge.cli import main  # noqa: E402
+from lmforge.interop import gguf_export  # noqa: E402
+from lmforge.interop.gguf_export import GGUFExportError  # noqa: E402
+from lmforge.interop.gguf_lora import adapter_tensors, export_gguf_adapter  # noqa: E402
+from lmforge.lora import LoRAConfig, apply_lora, merge_lora  # noqa: E402
+
+# the llama.cpp tensors each case adapts, with their ranks (CASES' Hugging Face modules under llama.cpp's names)
+ADAPTED = {
+    "gpt2-qvo-mlp": {"attn_qkv": 2 * R, "attn_output": R, "ffn_up": R, "ffn_down": R},
+    "gpt2-k": {"attn_qkv": R},
+    "gpt2-qkv-head": {"attn_qkv": 3 * R, "output": R},
+    "llama-qvo-mlp": {"attn_q": R, "attn_v": R, "attn_output": R, "ffn_gate": R, "ffn_up": R, "ffn_down": R},
+    "llama-k-head": {"attn_k": R, "output": R},
+}
+
+
+def applied(base: dict, adapter: dict, alpha: float) -> dict:
+    """What llama.cpp computes with the adapter loaded: each adapted tensor W + (alpha / rank) B A."""
+    out = dict(base)
+    for name in base:
+        if f"{name}.lora_a" in adapter:
+            a, b = adapter[f"{name}.lora_a"], adapter[f"{name}.lora_b"]
+            assert a.shape == (b.shape[1], base[name].shape[1]) and b.shape[0] == base[name].shape[0], name
+            out[name] = base[name] + (alpha / b.shape[1]) * b @ a
+    return out
+
+
+def check_against_merged(model, lora: LoRAConfig, arch: str, base_model, adapter_arch: str = "") -> dict:
+    adapter = adapter_tensors(model, lora, adapter_arch or arch)
+    base = dict(gguf_export._tensors(base_model.state_dict(), base_model.config, arch))
+    merged_model = merge_lora(copy.deepcopy(model))
+    merged = dict(gguf_export._tensors(merged_model.state_dict(), merged_model.config, arch))
+    ours = applied(base, adapter, lora.alpha)
+    assert ours.keys() == merged.keys()
+    for name in merged:
+        assert torch.allclose(ours[name], merged[name], atol=1e-5), name
+    return adapter
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c in ADAPTED])
+def test_base_plus_the_adapter_as_llama_cpp_applies_it_is_the_merged_model(case):
+    model, lora, _ = adapted_model(case)
+    model_options = CASES[case][0]
+    arch = "gpt2" if case.startswith("gpt2") else "llama"
+    adapter = check_against_merged(model, lora, arch, sharp_model(model_options))
+    ranks = {name.rsplit(".", 2)[0].split(".")[-1]: t.shape[1] for name, t in adapter.items()
+             if name.endswith(".lora_b")}
+    assert ranks == ADAPTED[case]
+    assert {n.split(".")[1] for n in adapter if n.startswith("blk.")} == {"0", "1"}  # every layer
+
+
+def test_a_qwen2_layout_keeps_its_rows_in_order():
+    """llama.cpp's qwen2 rotates halves as lmforge does: B's rows, like the base's, are not reordered."""
+    options = dict(LLAMA_STYLE, qkv_bias=True)
+    lora = LoRAConfig(r=R, alpha=6.0, targets=["q", "k", "v"])
+    model = random_adapters(apply_lora(sharp_model(options), lora))
+    check_against_merged(model, lora, "qwen2", sharp_model(options))
+    with pytest.raises(AssertionError, match="attn_q"):  # B's rows reordered as for a llama file: another model
+        check_against_merged(model, lora, "qwen2", sharp_model(options), adapter_arch="llama")
+
+
+def test_a_lora_run_exports_its_adapter_and_the_cli_refuses_misuse_in_one_line(tmp_path, capsys):
+    base = write_base(tmp_path)
+    run = tmp_path / "run"
+    tiny_trainer(lora_config(run, base, **{"lora.alpha": 12.0, "lora.targets": "q,v,o,mlp"}),
+                 tokenizer_file=tmp_path / "tokenizer.json").fit()
+    adapter_path, merged_path, base_path = tmp_path / "a.gguf", tmp_path / "merged.gguf", tmp_path / "base.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--adapter", "--out", str(adapter_path)]) == 0
+    assert main(["export", str(run), "--format", "gguf", "--out", str(merged_path)]) == 0
+    assert main(["export", str(base), "--format", "gguf", "--out", str(base_path)]) == 0
+    reader = gguf.GGUFReader(str(adapter_path))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert (fields["general.type"], fields["adapter.type"], fields["adapter.lora.alpha"]) == ("adapter", "lora", 12.0)
+
+    def tensors(path):
+        return {t.name: torch.from_numpy(t.data.copy()).reshape(tuple(int(n) for n in reversed(t.shape)))
+                for t in gguf.GGUFReader(str(path)).tensors}
+
+    adapter, merged = tensors(adapter_path), tensors(merged_path)
+    ours = applied(tensors(base_path), adapter, fields["adapter.lora.alpha"])
+    assert len(adapter) == 2 * 4 * 2  # 2 layers x (attn_qkv, attn_output, ffn_up, ffn_down) x (a, b)
+    for name in merged:
+        assert torch.allclose(ours[name], merged[name], atol=1e-5), name
+    capsys.readouterr()
+    for argv, message in (
+            ([str(base), "--format", "gguf", "--adapter"], "is not a LoRA run"),
+            ([str(run), "--format", "hf", "--adapter"], "--adapter applies to --format gguf"),
+            ([str(run), "--format", "gguf", "--adapter", "--gguf-type", "q8_0"], "drop --gguf-type q8_0")):
+        assert main(["export", *argv, "--out", str(tmp_path / "x.gguf")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.gguf").exists()
+    with pytest.raises(GGUFExportError, match="not a GGUF export written by lmforge|written by lmforge"):
+        (tmp_path / "mine.gguf").write_bytes(b"my notes")
+        export_gguf_adapter(run, tmp_path / "mine.gguf", force=True)
+    assert (tmp_path / "mine.gguf").read_bytes() == b"my notes"
