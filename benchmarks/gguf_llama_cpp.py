@@ -9,7 +9,8 @@ also with a SentencePiece-style BPE in Llama 2's layout (spm: <unk> <s> </s>, 25
 within words, a space before a text's first word; as `lmforge import` takes it from a Hugging Face directory), random
 weights with the norms perturbed (so a misplaced weight shows), exported with
 `lmforge.interop.gguf_export.export_gguf` as f32, f16 and q8_0 (--types: also bf16, q5_1, q5_0, q4_1, q4_0 and the
-K-quant mixes q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, whose blocks need rows of 256: --n-embd 256). For each export,
+K-quant mixes q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, whose blocks need rows of 256:
+--n-embd 256). For each export,
 llama.cpp (one thread) against
 lmforge (fp32, one thread):
   tokens   llama.cpp's tokenize(text, add_bos) == lmforge's prompt ids, over Shakespeare lines and a few
@@ -94,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kinds", default="char,bpe,spm", help="tokenizers compared (spm: with the llama model only)")
     p.add_argument("--types", default=",".join(TYPES), help="GGUF types exported and compared (f32 always, first: "
                    "the quantizers read it), from f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k, q5_k_m, q5_k_s, "
-                   "q4_k_m, q4_k_s")
+                   "q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k")
     p.add_argument("--n-embd", type=int, default=64, help="the models' width (256: rows of whole K-quant blocks; "
                    "Llama-style MLPs then 4x as wide)")
     p.add_argument("--quantize-speed", action="store_true", help="time a Q4_K_M file of the --speed-preset model "

@@ -380,6 +380,15 @@ MUTANTS = [
     Mutant("kquant-no-search-over-scales", "interop/gguf_kquants.py",
            "for step in range(nstep + 1):", "for step in range(0):",
            ("tests/test_gguf_kquants.py::test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits",)),
+    Mutant("kquant-q3-levels-not-refined", "interop/gguf_kquants.py",
+           "    for _ in range(5):\n        changed = False", "    for _ in range(0):\n        changed = False",
+           ("tests/test_gguf_kquants.py::"
+            "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[q3_k]",)),
+    Mutant("kquant-q2-squared-not-absolute-error", "interop/gguf_kquants.py",
+           "_scale_and_min(x, np.abs(x), 3, -0.5, 0.1, 15, mad=True)",
+           "_scale_and_min(x, np.abs(x), 3, -0.5, 0.1, 15, mad=False)",
+           ("tests/test_gguf_kquants.py::"
+            "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[q2_k]",)),
     Mutant("kquant-fused-qkv-not-counted-as-values", "interop/gguf_kquants.py",
            '    if values or name.endswith("ffn_down.weight"):', '    if name.endswith("ffn_down.weight"):',
            ("tests/test_gguf_kquants.py::"

@@ -1,7 +1,8 @@
-"""llama.cpp's K-quants written by lmforge (interop.gguf_kquants): Q4_K, Q5_K and Q6_K blocks that the gguf
-package's dequantizers (llama.cpp's layout) read back close to the weights, closer than the older types of as many
-bits; the Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S and Q6_K mixes choose each tensor's type as llama-quantize does; an export
-loads in transformers with logits close to the model's and imports back to what the file holds."""
+"""llama.cpp's K-quants written by lmforge (interop.gguf_kquants): Q2_K, Q3_K, Q4_K, Q5_K and Q6_K blocks, the bytes
+of a scalar transcription of llama.cpp's reference loops, that the gguf package's dequantizers (llama.cpp's layout)
+read back close to the weights, closer than the older types of as many bits; the mixes (Q6_K down to Q2_K) choose
+each tensor's type as llama-quantize does; an export loads in transformers with logits close to the model's and
+imports back to what the file holds."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from lmforge.checkpoint import load_for_inference  # noqa: E402
 from lmforge.cli import main  # noqa: E402
 from lmforge.interop.gguf_export import GGUF_TYPES, export_gguf  # noqa: E402
 from lmforge.interop.gguf_import import import_gguf, read_gguf  # noqa: E402
-from lmforge.interop.gguf_kquants import MIXES, quantize, tensor_type  # noqa: E402
+from lmforge.interop.gguf_kquants import BYTES, MIXES, quantize, tensor_type  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
 
@@ -55,8 +56,8 @@ def legacy_error(x: np.ndarray, kind: str) -> float:
 
 def test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits():
     x = weights()
-    q4, q5, q6 = error(x, "q4_k"), error(x, "q5_k"), error(x, "q6_k")
-    assert q6 < q5 < q4
+    q2, q3, q4, q5, q6 = (error(x, kind) for kind in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"))
+    assert q6 < q5 < q4 < q3 < q2 < 0.35
     # Q4_K (4.5 bits per weight) against Q4_0 (4.5) and Q4_1 (5); Q5_K (5.5) against Q5_0 (5.5); Q6_K (6.56)
     # against Q5_1 (6): the searched scales and minimums of 256-weight super-blocks win at the same size
     assert q4 < 0.8 * legacy_error(x, "q4_0") and q4 < legacy_error(x, "q4_1")
@@ -66,19 +67,21 @@ def test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits
         assert error(x, kind) < bound, kind
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("kind", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
 def test_every_weight_comes_back_from_its_own_place(kind):
     """Sub-blocks of scales 20x apart, so a weight packed into the wrong nibble, bit or sub-block, or a sub-block
     read with another's scale, shows: every weight must read back within a fifth of its sub-block's range (measured:
-    0.12 for Q4_K and Q5_K, whose 6-bit sub-block scales are coarse next to the largest, 0.02 for Q6_K)."""
+    0.12 for Q4_K and Q5_K, whose 6-bit sub-block scales are coarse next to the largest, 0.02 for Q6_K; Q2_K and
+    Q3_K, of 4 and 8 levels and 4- and 6-bit scales, get scales 4x apart and a third of the range: 0.25 and 0.11)."""
     rng = np.random.default_rng(1)
-    sub = 16 if kind == "q6_k" else 32
+    sub = 32 if kind in ("q4_k", "q5_k") else 16
+    few = kind in ("q2_k", "q3_k")
     x = rng.uniform(-1, 1, (8, 512)).astype(np.float32)
-    x *= np.repeat(rng.uniform(0.1, 2.0, (8, 512 // sub)), sub, axis=1).astype(np.float32)  # scales differ
+    x *= np.repeat(rng.uniform(0.5 if few else 0.1, 2.0, (8, 512 // sub)), sub, axis=1).astype(np.float32)
     back = gguf.quants.dequantize(quantize(x, kind), QT[kind.upper()])
     blocks, backs = x.reshape(-1, sub), back.reshape(-1, sub)
     span = blocks.max(1) - blocks.min(1)
-    assert np.all(np.abs(backs - blocks) <= span[:, None] / 5)
+    assert np.all(np.abs(backs - blocks) <= span[:, None] / (3 if few else 5))
 
 
 def test_a_grid_the_blocks_can_hold_is_held_to_float16_precision_and_zeros_stay_zero():
@@ -93,12 +96,12 @@ def test_a_grid_the_blocks_can_hold_is_held_to_float16_precision_and_zeros_stay_
     assert not quantize(x[2:], "q6_k").any()  # llama.cpp writes a block of zeros as zero bytes
 
 
-# A scalar reference: llama.cpp's quantize_row_q4_K_ref / q5_K_ref / q6_K_ref written as plain loops over one block,
+# A scalar reference: llama.cpp's quantize_row_q2_K_ref ... q6_K_ref written as plain loops over one block,
 # in float32 and in llama.cpp's order of operations, to hold the vectorised quantizer to the same bytes.
 F = np.float32
 
 
-def _ref_qkx2(x, w, nmax, rmin, rdelta, nstep):
+def _ref_qkx2(x, w, nmax, rmin, rdelta, nstep, mad=False):
     lo, hi, sum_w, sum_x = x[0], x[0], w[0], F(w[0] * x[0])
     for i in range(1, len(x)):
         lo, hi = min(lo, x[i]), max(hi, x[i])
@@ -112,7 +115,7 @@ def _ref_qkx2(x, w, nmax, rmin, rdelta, nstep):
     best = F(0)
     for v, wi, l in zip(x, w, q):
         diff = F(F(F(scale * F(l)) + lo) - v)
-        best = F(best + F(wi * F(diff * diff)))
+        best = F(best + F(wi * (abs(diff) if mad else F(diff * diff))))
     for step in range(nstep + 1):
         iscale = F(F(F(F(rmin) + F(F(rdelta) * F(step))) + F(nmax)) / F(hi - lo))
         trial = [min(nmax, max(0, int(np.rint(F(iscale * F(v - lo)))))) for v in x]
@@ -129,10 +132,98 @@ def _ref_qkx2(x, w, nmax, rmin, rdelta, nstep):
             error = F(0)
             for v, wi, l in zip(x, w, trial):
                 diff = F(F(F(this_scale * F(l)) + this_min) - v)
-                error = F(error + F(wi * F(diff * diff)))
+                error = F(error + F(wi * (abs(diff) if mad else F(diff * diff))))
             if error < best:
                 q, best, scale, lo = trial, error, this_scale, this_min
     return scale, F(-lo), q
+
+
+def _ref_q2_k(block):
+    scales, mins, q = [], [], []
+    for j in range(16):
+        x = block[16 * j:16 * j + 16]
+        sc, mn, l = _ref_qkx2(x, [F(abs(v)) for v in x], 3, -0.5, 0.1, 15, mad=True)
+        scales.append(sc), mins.append(mn), q.extend(l)
+    max_scale = max_min = F(0)
+    for sc, mn in zip(scales, mins):
+        max_scale, max_min = sc if sc > max_scale else max_scale, mn if mn > max_min else max_min
+    ls = [int(np.rint(F(F(F(15) / max_scale) * v))) if max_scale > 0 else 0 for v in scales]
+    lm = [int(np.rint(F(F(F(15) / max_min) * v))) if max_min > 0 else 0 for v in mins]
+    d = np.float16(F(max_scale / F(15))) if max_scale > 0 else np.float16(0)
+    dmin = np.float16(F(max_min / F(15))) if max_min > 0 else np.float16(0)
+    for j in range(16):
+        step = F(F(d) * F(ls[j]))
+        if step:
+            shift = F(F(dmin) * F(lm[j]))
+            for i in range(16 * j, 16 * j + 16):
+                q[i] = min(3, max(0, int(np.rint(F(F(block[i] + shift) / step)))))
+    return bytes([a | (b << 4) for a, b in zip(ls, lm)]) + _ref_2bit(q) + d.tobytes() + dmin.tobytes()
+
+
+def _ref_2bit(q):
+    return bytes(q[h + i] | (q[h + i + 32] << 2) | (q[h + i + 64] << 4) | (q[h + i + 96] << 6)
+                 for h in (0, 128) for i in range(32))
+
+
+def _ref_q3(x, nmax):
+    peak = F(0)
+    for v in x:
+        if abs(v) > abs(peak):
+            peak = v
+    if abs(peak) < F(1e-15):
+        return F(0), [0] * len(x)
+    iscale = F(F(-nmax) / peak)
+    q = [max(-nmax, min(nmax - 1, int(np.rint(F(iscale * v))))) for v in x]
+    sumlx = suml2 = F(0)
+    for v, l in zip(x, q):
+        w = F(v * v)
+        sumlx, suml2 = F(sumlx + F(F(w * v) * F(l))), F(suml2 + F(F(w * F(l)) * F(l)))
+    for _ in range(5):
+        changed = 0
+        for i, v in enumerate(x):
+            w = F(v * v)
+            slx = F(sumlx - F(F(w * v) * F(q[i])))
+            if slx > 0:
+                sl2 = F(suml2 - F(F(w * F(q[i])) * F(q[i])))
+                new = max(-nmax, min(nmax - 1, int(np.rint(F(F(v * sl2) / slx)))))
+                if new != q[i]:
+                    slx, sl2 = F(slx + F(F(w * v) * F(new))), F(sl2 + F(F(w * F(new)) * F(new)))
+                    if sl2 > 0 and F(F(slx * slx) * suml2) > F(F(sumlx * sumlx) * sl2):
+                        q[i], sumlx, suml2, changed = new, slx, sl2, changed + 1
+        if not changed:
+            break
+    return (F(sumlx / suml2) if suml2 > 0 else F(0)), [l + nmax for l in q]
+
+
+def _ref_q3_k(block):
+    scales, q = [], []
+    for j in range(16):
+        sc, l = _ref_q3(block[16 * j:16 * j + 16], 4)
+        scales.append(sc), q.extend(l)
+    max_scale = F(0)
+    for sc in scales:
+        if abs(sc) > abs(max_scale):
+            max_scale = sc
+    packed, d = bytearray(12), np.float16(0)
+    if max_scale:
+        iscale = F(F(-32) / max_scale)
+        for j, sc in enumerate(scales):
+            level = max(-32, min(31, int(np.rint(F(iscale * sc))))) + 32
+            packed[j % 8] |= (level & 0xF) << (4 * (j // 8))
+            packed[8 + j % 4] |= (level >> 4) << (2 * (j // 4))
+        d = np.float16(F(F(1) / iscale))
+    for j in range(16):
+        level = ((packed[j % 8] >> (4 * (j // 8))) & 0xF) | (((packed[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)
+        step = F(F(d) * F(level - 32))
+        if step:
+            for i in range(16 * j, 16 * j + 16):
+                q[i] = max(-4, min(3, int(np.rint(F(block[i] / step))))) + 4
+    hmask = bytearray(32)
+    for i in range(256):
+        if q[i] > 3:
+            hmask[i % 32] |= 1 << (i // 32)
+            q[i] -= 4
+    return bytes(hmask) + _ref_2bit(q) + bytes(packed) + d.tobytes()
 
 
 def _ref_q45_k(block, nmax, rmin, nstep):
@@ -235,18 +326,18 @@ def _ref_q6_k(block):
     return bytes(ql + qh + np.array(sc8, np.int8).tobytes() + d.tobytes())
 
 
-REFERENCE = {"q4_k": lambda b: _ref_q45_k(b, 15, -1.0, 20), "q5_k": lambda b: _ref_q45_k(b, 31, -0.5, 15),
-             "q6_k": _ref_q6_k}
+REFERENCE = {"q2_k": _ref_q2_k, "q3_k": _ref_q3_k, "q4_k": lambda b: _ref_q45_k(b, 15, -1.0, 20),
+             "q5_k": lambda b: _ref_q45_k(b, 31, -0.5, 15), "q6_k": _ref_q6_k}
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("kind", list(REFERENCE))
 def test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops(kind):
     """Same bytes, block for block, as the scalar loops above (llama.cpp's reference quantizers; its own
     llama-quantize writes these bytes too: benchmarks/gguf_llama_cpp.py compares whole files). The order of each
     sum, and each candidate measured from the best minimum so far, decide near ties between candidate scales."""
     x = weights(6, 512, seed=5)  # with rows of zeros, of one sign, constant; and outliers
     x[0, 256:] = -0.25
-    ours = quantize(x, kind).reshape(-1, {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind])
+    ours = quantize(x, kind).reshape(-1, BYTES[kind])
     for block, raw in zip(x.reshape(-1, 256), ours):
         assert raw.tobytes() == REFERENCE[kind](list(block)), kind
 
@@ -275,6 +366,19 @@ def test_mixes_choose_each_tensors_type_as_llama_quantize_does():
     for mix in MIXES:  # the head is Q6_K, or Q8_0 when its rows are not whole super-blocks
         assert tensor_type(mix, "output.weight", n, True, 4096) == "q6_k"
         assert tensor_type(mix, "token_embd.weight", n, True, 4000) == "q8_0"
+    def types(mix, part, gqa=1):
+        return [tensor_type(mix, f"blk.{i}.{part}.weight", n, False, 4096, gqa) for i in range(n)]
+
+    assert types("q3_k_m", "attn_v") == ["q5_k"] * 2 + ["q4_k"] * 30  # the first two attn_v
+    assert types("q3_k_m", "ffn_down") == ["q5_k"] * 2 + ["q4_k"] * 30  # the first sixteenth
+    assert set(types("q3_k_m", "attn_output")) == {"q4_k"} and set(types("q3_k_m", "attn_q")) == {"q3_k"}
+    assert {t for part in ("attn_v", "ffn_down", "attn_output") for t in types("q3_k_l", part)} == {"q5_k"}
+    assert {t for part in ("attn_v", "ffn_down", "attn_output", "ffn_up") for t in types("q3_k_s", part)} == {"q3_k"}
+    assert set(types("q2_k", "attn_v")) == {"q3_k"} and set(types("q2_k", "attn_v", gqa=4)) == {"q4_k"}
+    assert set(types("q2_k", "ffn_down")) == set(types("q2_k", "attn_output")) == {"q3_k"}
+    assert set(types("q2_k", "attn_q")) == set(types("q2_k", "ffn_gate")) == {"q2_k"}
+    assert tensor_type("q2_k", "blk.5.attn_q.weight", n, False, 96) == "q4_0"
+    assert tensor_type("q3_k_s", "blk.5.attn_q.weight", n, False, 96) == "q4_0"
     # llama.cpp's fallback for rows that are not whole super-blocks: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
     assert tensor_type("q4_k_m", "blk.5.attn_q.weight", n, False, 96) == "q5_0"
     assert tensor_type("q5_k_s", "blk.5.attn_q.weight", n, False, 96) == "q5_1"
@@ -286,7 +390,7 @@ WIDE = dict(n_embd=256, n_layer=4)  # rows of whole super-blocks (GPT-2's MLP: 1
 WIDE_LLAMA = dict(WIDE, mlp_hidden=512)
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q6_k"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q6_k", "q3_k_m"])
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_imports_back(tmp_path, mix, style):
     tied = style == "gpt2"
@@ -298,7 +402,8 @@ def test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_im
     for name, t in tensors.items():
         if len(t.shape) == 2 and name != "position_embd.weight":
             head = name == ("token_embd.weight" if tied else "output.weight")
-            assert t.tensor_type == QT[tensor_type(mix, name, 4, head, int(t.shape[0])).upper()], name
+            gqa = model.config.n_head // model.config.n_kv_head
+            assert t.tensor_type == QT[tensor_type(mix, name, 4, head, int(t.shape[0]), gqa).upper()], name
         else:
             assert t.tensor_type == QT.F32, name
     if mix == "q4_k_m":  # layers 2 and 3 of 4 get more bits, in the MLP's output and the attention's values
@@ -313,7 +418,7 @@ def test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_im
     ids = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
         ours, other = model(ids), theirs(ids).logits
-    tolerance = {"q4_k_m": 0.25, "q6_k": 0.08}[mix]  # four random layers amplify (q8_0: 0.016, q4_0: 0.2)
+    tolerance = {"q4_k_m": 0.25, "q6_k": 0.08, "q3_k_m": 0.5}[mix]  # random layers amplify (q8_0: 0.016, q4_0: 0.2)
     assert 0 < (ours - other).abs().max() <= tolerance * ours.abs().max()
     back, _, _ = load_for_inference(import_gguf(path, tmp_path / "back"), "cpu")
     _, stored = read_gguf(path)
@@ -322,14 +427,14 @@ def test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_im
         assert (back(ids) - other).abs().max() <= 1e-4 * other.abs().max()
 
 
-def test_k_quant_mixes_through_the_cli_make_files_between_q8_0_and_q4_0_and_narrow_models_fall_back(tmp_path):
+def test_k_quant_mixes_through_the_cli_make_smaller_files_as_they_drop_bits_and_narrow_models_fall_back(tmp_path):
     run = lmforge_run(tmp_path, MAKERS["char"](), **{**LLAMA_STYLE, **WIDE_LLAMA})
     sizes = {}
-    for dtype in ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0"):
+    order = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
+    for dtype in order:
         out = tmp_path / f"{dtype}.gguf"
         assert main(["export", str(run), "--format", "gguf", "--gguf-type", dtype, "--out", str(out)]) == 0
         sizes[dtype] = out.stat().st_size
-    order = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s"]
     assert all(sizes[a] > sizes[b] for a, b in zip(order, order[1:])), sizes
     narrow = lmforge_run(tmp_path / "narrow", MAKERS["char"](), **{**LLAMA_STYLE, "n_embd": 64})
     path = export_gguf(narrow, tmp_path / "narrow.gguf", dtype="q4_k_m")

@@ -34,8 +34,8 @@ fine-tuned on task data, else an imported model's own).
 Matrices are float32 (exact), float16 or bfloat16 (half the bytes), q8_0 (8-bit integers with a float16 scale per
 block of 32, about a quarter of the bytes) or q5_1, q5_0, q4_1, q4_0 (5 or 4 bits per weight, with a scale and for
 *_1 a minimum per block of 32; the head's matrix stays q8_0), or one of llama.cpp's K-quant mixes q4_k_m (the usual
-way GGUF models are shared), q4_k_s, q5_k_m, q5_k_s, q6_k (gguf_kquants: blocks of 256 with scales per sub-block, a
-type chosen per tensor as llama-quantize chooses it); a matrix whose rows are not a whole number of blocks is
+way GGUF models are shared), q4_k_s, q5_k_m, q5_k_s, q6_k, q3_k_l, q3_k_m, q3_k_s, q2_k (gguf_kquants: blocks of 256
+with scales per sub-block, a type chosen per tensor as llama-quantize chooses it); a matrix whose rows are not a whole number of blocks is
 float16; vectors such as norms and biases stay float32, as llama.cpp's own converter does. The file records
 lmforge.version; --force replaces only such a file, through lmforge.files.atomic_path (the old file stays whole
 until the new one is complete).
@@ -74,16 +74,16 @@ class GGUFExportError(LmforgeError):
 def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32") -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a GGUF file; return its path.
 
-    dtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0, the matrices' type, or a K-quant mix (q4_k_m,
-    q4_k_s, q5_k_m, q5_k_s, q6_k). An existing out_path is replaced only with force and only if it is a GGUF file
-    lmforge wrote."""
+    dtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0, the matrices' type, or a K-quant mix (q6_k,
+    q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k). An existing out_path is replaced only with force
+    and only if it is a GGUF file lmforge wrote."""
     try:
         import gguf
     except ModuleNotFoundError:
         raise GGUFExportError("GGUF export needs the gguf package: pip install gguf") from None
     if dtype not in GGUF_TYPES:
         raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 and "
-                              "bf16 half the size, q8_0 about a quarter, q6_k, q5_* and q4_* less, with more error")
+                              "bf16 half the size, q8_0 about a quarter, q6_k down to q2_k less, with more error")
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=is_gguf_export, what="a GGUF export written by lmforge",
                  error=GGUFExportError, directory=False, inputs=[checkpoint])
@@ -109,7 +109,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         for name, tensor in _tensors(model.state_dict(), config, arch):
             _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype,
                         head=name == "output.weight" or (name == "token_embd.weight" and config.tie_embeddings),
-                        n_layer=config.n_layer)
+                        n_layer=config.n_layer, gqa=config.n_head // config.n_kv_head)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -134,13 +134,14 @@ def gguf_architecture(config: ModelConfig, checkpoint: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool = False, n_layer: int = 1) -> None:
+def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool = False, n_layer: int = 1,
+                gqa: int = 1) -> None:
     """One tensor in `dtype` (a matrix) or float32 (a vector, and the position table, as llama.cpp's converter
     keeps it: its graph adds the rows it reads to float32 activations). Block types (q8_0, q5_*, q4_*: gguf's own
     quantizers) need rows of whole blocks of 32, else the matrix is float16; under the 4- and 5-bit types the
     head's matrix (`head`: output, or token_embd when the head reads it) is q8_0, as llama.cpp's quantizer keeps
     the output at more bits than the rest. A K-quant mix (q4_k_m, ...) picks each matrix's type as llama-quantize
-    does (gguf_kquants.tensor_type) and writes q4_k, q5_k and q6_k with lmforge's own quantizer."""
+    does (gguf_kquants.tensor_type) and writes q2_k to q6_k with lmforge's own quantizer."""
     import gguf
 
     kind = "q8_0" if head and dtype in LOW_BIT else dtype
@@ -148,7 +149,7 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
         writer.add_tensor(name, data)
         return
     if dtype in gguf_kquants.MIXES:
-        kind = gguf_kquants.tensor_type(dtype, name, n_layer, head, data.shape[-1])
+        kind = gguf_kquants.tensor_type(dtype, name, n_layer, head, data.shape[-1], gqa)
     if kind in gguf_kquants.BYTES:
         raw = gguf.GGMLQuantizationType[kind.upper()]
         writer.add_tensor(name, gguf_kquants.quantize(data, kind), raw_dtype=raw)

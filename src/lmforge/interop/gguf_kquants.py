@@ -1,27 +1,35 @@
-"""llama.cpp's K-quants, written by lmforge: Q4_K, Q5_K and Q6_K blocks, and the mixes named after them (Q4_K_M,
-the format most GGUF models are shared in, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K) that choose a type per tensor.
+"""llama.cpp's K-quants, written by lmforge: Q2_K, Q3_K, Q4_K, Q5_K and Q6_K blocks, and the mixes named after them
+(Q4_K_M, the format most GGUF models are shared in, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K) that
+choose a type per tensor.
 
 A K-quant block covers 256 weights of a row (a "super-block") in sub-blocks with scales of their own:
 
+    Q2_K  16 sub-blocks of 16; w ~ d * sc_j * q - dmin * m_j, q in 0..3, sc_j and m_j 4-bit. 84 bytes: 2.625 bits.
+    Q3_K  16 sub-blocks of 16; w ~ d * sc_j * (q - 4), q in 0..7 (the third bit apart, in hmask), sc_j a 6-bit
+          signed integer. 110 bytes: 3.4375 bits per weight.
     Q4_K  8 sub-blocks of 32; each weight w ~ d * sc_j * q - dmin * m_j, q in 0..15; sc_j and m_j are 6-bit
           integers packed in 12 bytes, d and dmin float16. 144 bytes: 4.5 bits per weight.
     Q5_K  the same with q in 0..31 (the fifth bit of each q apart, in qh). 176 bytes: 5.5 bits per weight.
     Q6_K  16 sub-blocks of 16; w ~ d * sc_j * (q - 32), q in 0..63 (low four bits in ql, high two in qh), sc_j a
           signed 8-bit integer, d float16. 210 bytes: 6.5625 bits per weight.
 
-The quantizers follow llama.cpp's reference ones (quantize_row_q4_K_ref, ..._q5_K_ref, ..._q6_K_ref: what
-llama-quantize runs without an importance matrix), vectorised over all blocks with numpy in float32: each sub-block
-searches a few candidate scales for the one of least weighted squared error (and, for Q4_K and Q5_K, the best
-minimum by least squares), the sub-block scales are then quantized against the super-block's largest, and every
-weight is rounded once more against the scale it will really be read with. The bytes are llama.cpp's layout
-(the gguf package's dequantizers and llama.cpp read them); a sum in another order can round a tie the other way,
-so a few blocks may differ from llama-quantize's in their last bit (benchmarks/gguf_llama_cpp.py counts them).
+The quantizers follow llama.cpp's reference ones (quantize_row_q2_K_ref ... q6_K_ref: what llama-quantize runs
+without an importance matrix), vectorised over all blocks with numpy in float32: each sub-block searches a few
+candidate scales for the one of least weighted error (Q2_K, Q4_K, Q5_K also the best minimum by least squares;
+Q3_K refines its levels one weight at a time), the sub-block scales are then quantized against the super-block's
+largest, and every weight is rounded once more against the scale it will really be read with. Each sub-block is a
+column of an (n, M) array, so every sum runs in llama.cpp's order: a sum in another order can make another
+candidate win a near tie, and the bytes are llama-quantize's own (benchmarks/gguf_llama_cpp.py compares whole
+files). Blocks are quantized in cache-sized chunks on all cores (numpy's loops release the GIL).
 
 The mixes follow llama.cpp's llama_tensor_get_type: the head (output, or token_embd when it is also the head) is
 Q6_K; under *_M, attn_v (or GPT-2's fused attn_qkv) and ffn_down of the first and last eighth of the layers and of
 every third layer between are Q6_K; under Q4_K_S the first four attn_v and the first eighth of the ffn_down are
-Q5_K. A matrix whose rows are not a whole number of 256 weights takes llama.cpp's fallback: Q4_K ->
-Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (and float16 when the rows are not whole blocks of 32 either).
+Q5_K; Q3_K_M gives the first two attn_v Q5_K and the rest Q4_K, the first sixteenth of the ffn_down Q5_K and the
+rest Q4_K, attn_output Q4_K; Q3_K_L gives those three Q5_K; Q2_K gives attn_v Q3_K (Q4_K with four or more query
+heads per key/value head), ffn_down and attn_output Q3_K. A matrix whose rows are not a whole number of 256 weights
+takes llama.cpp's fallback: Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (and float16 when the
+rows are not whole blocks of 32 either).
 """
 
 from __future__ import annotations
@@ -32,10 +40,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 QK_K = 256  # weights per super-block
-MIXES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s")
-BASE = {"q6_k": "q6_k", "q5_k_m": "q5_k", "q5_k_s": "q5_k", "q4_k_m": "q4_k", "q4_k_s": "q4_k"}
-FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # rows not a whole number of super-blocks
-BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}  # per super-block
+MIXES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
+BASE = {"q6_k": "q6_k", "q5_k_m": "q5_k", "q5_k_s": "q5_k", "q4_k_m": "q4_k", "q4_k_s": "q4_k", "q3_k_l": "q3_k",
+        "q3_k_m": "q3_k", "q3_k_s": "q3_k", "q2_k": "q2_k"}
+# rows not a whole number of super-blocks
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}  # per super-block
 _CHUNK = 1024  # super-blocks quantized at once: temporaries of 1 MiB stay in cache (1.75x faster than 4096)
 _EPS = np.float32(1e-15)  # llama.cpp's GROUP_MAX_EPS: a sub-block below it is all zeros
 _LAYER = re.compile(r"blk\.(\d+)\.")
@@ -47,9 +57,10 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int) -> str:
-    """The type a matrix of `columns` weights per row takes under `mix` (q4_k_m, ...): q4_k, q5_k, q6_k, or a
-    fallback block type (q5_0, q5_1, q8_0) or f16 when its rows are not whole super-blocks."""
+def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int, gqa: int = 1) -> str:
+    """The type a matrix of `columns` weights per row takes under `mix` (q4_k_m, ...): q2_k .. q6_k, or a fallback
+    block type (q4_0, q5_0, q5_1, q8_0) or f16 when its rows are not whole super-blocks. `gqa`: query heads per
+    key/value head (Q2_K gives the values more bits from 4)."""
     base = BASE[mix]
     if head:
         return "q6_k" if columns % QK_K == 0 else "q8_0"
@@ -57,6 +68,13 @@ def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int) -> 
     layer = int(match.group(1)) if match else 0
     kind = base
     values = name.endswith("attn_v.weight") or name.endswith("attn_qkv.weight")  # GPT-2's fused q, k, v count
+    if values:
+        kind = {"q2_k": "q4_k" if gqa >= 4 else "q3_k", "q3_k_m": "q5_k" if layer < 2 else "q4_k",
+                "q3_k_l": "q5_k"}.get(mix, kind)
+    elif name.endswith("ffn_down.weight"):
+        kind = {"q2_k": "q3_k", "q3_k_m": "q5_k" if layer < n_layer // 16 else "q4_k", "q3_k_l": "q5_k"}.get(mix, kind)
+    elif name.endswith("attn_output.weight"):
+        kind = {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(mix, kind)
     if values or name.endswith("ffn_down.weight"):
         if mix in ("q4_k_m", "q5_k_m") and _more_bits(layer, n_layer):
             kind = "q6_k"
@@ -71,12 +89,12 @@ def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int) -> 
 # ------------------------------------------------------------------------------------------ quantizers
 def quantize(data: np.ndarray, kind: str) -> np.ndarray:
     """A float matrix (rows, columns), columns a multiple of 256 -> its bytes (rows, columns / 256 * block bytes)
-    as llama.cpp stores a `kind` (q4_k | q5_k | q6_k) tensor."""
+    as llama.cpp stores a `kind` (q2_k | q3_k | q4_k | q5_k | q6_k) tensor."""
     rows, columns = data.shape
     if columns % QK_K:
         raise ValueError(f"{kind} needs rows of whole blocks of {QK_K} weights, not {columns}")
     blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, QK_K)
-    encode = {"q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k}[kind]
+    encode = {"q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k}[kind]
     chunks = [blocks[i:i + _CHUNK] for i in range(0, len(blocks), _CHUNK)]
     with ThreadPoolExecutor(max(1, min(len(chunks), os.cpu_count() or 1))) as pool:  # numpy's loops free the GIL
         out = np.concatenate(list(pool.map(encode, chunks)))
@@ -95,10 +113,10 @@ def _f16(x: np.ndarray) -> np.ndarray:
 
 
 def _scale_and_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                   nstep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   nstep: int, mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """llama.cpp's make_qkx2_quants for M sub-blocks at once, each a column: x, w (n, M) -> scale (M,), minimum
     (M,, >= 0: the value read is scale * q - minimum) and q (n, M) in 0..nmax, the candidate of least weighted
-    squared error. Sums run down the columns (numpy adds the rows of an (n, M) array in order), as llama.cpp's
+    squared error (absolute error with `mad`, as Q2_K measures it). Sums run down the columns (numpy adds the rows of an (n, M) array in order), as llama.cpp's
     loops do: a sum in another order can make another candidate win a near tie."""
     f32 = np.float32
     low = np.minimum(x.min(axis=0), f32(0))
@@ -108,7 +126,8 @@ def _scale_and_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta:
     iscale = f32(nmax) / span
     scale = f32(1) / iscale
     q = np.clip(np.rint(iscale * (x - low)), 0, nmax)  # levels as floats (exact): no conversions in the loop
-    best = (w * (scale * q + low - x) ** 2).sum(axis=0, dtype=f32)
+    first = scale * q + low - x
+    best = (w * (np.abs(first) if mad else first * first)).sum(axis=0, dtype=f32)
     sum_w, sum_x = w.sum(axis=0, dtype=f32), (w * x).sum(axis=0, dtype=f32)
     for step in range(nstep + 1):  # llama.cpp measures each candidate from the best minimum so far
         span = high - low
@@ -131,7 +150,10 @@ def _scale_and_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta:
         diff = this_scale * trial
         diff += this_min
         diff -= x
-        diff *= diff
+        if mad:
+            np.abs(diff, out=diff)
+        else:
+            diff *= diff
         diff *= w
         error = diff.sum(axis=0, dtype=f32)
         better = ok & (error < best) & ~flat
@@ -194,6 +216,98 @@ def _q5_k(blocks: np.ndarray) -> np.ndarray:
     for c in range(4):
         qh |= (high[:, c, 0] << (2 * c)) | (high[:, c, 1] << (2 * c + 1))
     return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), scales, qh, qs], axis=1)
+
+
+def _pack_2bit(q: np.ndarray) -> np.ndarray:
+    """Levels 0..3 (N, 256) -> 64 bytes each: per half of 128, byte l holds weights l, l + 32, l + 64, l + 96."""
+    q = q.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _q2_k(blocks: np.ndarray) -> np.ndarray:
+    """16 sub-blocks of 16, w ~ d * sc_j * q - dmin * m_j, q in 0..3, sc_j and m_j 4 bits (one byte per
+    sub-block), the scale search weighing absolute errors by |x|."""
+    f32 = np.float32
+    n = len(blocks)
+    x = np.ascontiguousarray(blocks.reshape(n * 16, 16).T)
+    scales, mins, q = _scale_and_min(x, np.abs(x), 3, -0.5, 0.1, 15, mad=True)
+    scales, mins, q = scales.reshape(n, 16), mins.reshape(n, 16), q.T.reshape(n, 16, 16)
+    max_scale = np.maximum(scales.max(axis=1), f32(0))
+    max_min = np.maximum(mins.max(axis=1), f32(0))
+    inv_scale = np.where(max_scale > 0, f32(15) / np.where(max_scale > 0, max_scale, f32(1)), f32(0))
+    inv_min = np.where(max_min > 0, f32(15) / np.where(max_min > 0, max_min, f32(1)), f32(0))
+    ls = np.clip(_round(inv_scale[:, None] * scales), 0, 15).astype(np.uint8)
+    lm = np.clip(_round(inv_min[:, None] * mins), 0, 15).astype(np.uint8)
+    d_half, d = _f16(max_scale / f32(15))
+    dmin_half, dmin = _f16(max_min / f32(15))
+    step = d[:, None] * ls.astype(f32)
+    shift = dmin[:, None] * lm.astype(f32)
+    x = blocks.reshape(n, 16, 16)
+    again = np.clip(_round((x + shift[..., None]) / np.where(step == 0, f32(1), step)[..., None]), 0, 3)
+    q = np.where((step == 0)[..., None], q, again).reshape(n, QK_K)
+    return np.concatenate([ls | (lm << 4), _pack_2bit(q), d_half[:, None].view(np.uint8),
+                           dmin_half[:, None].view(np.uint8)], axis=1)
+
+
+def _q3_levels(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's make_q3_quants with its refinement, for M sub-blocks at once, each a column: x (n, M) -> scale
+    (M,) and q (n, M) in 0..2 nmax - 1. Starting from the largest magnitude's scale, each weight in turn (in
+    order: a change moves the sums the next one sees) takes the level that best raises sum(w x l)^2 / sum(w l^2),
+    w = x^2, for up to five passes."""
+    f32 = np.float32
+    at = np.abs(x).argmax(axis=0)
+    peak = np.take_along_axis(x, at[None], axis=0)[0]
+    zero = np.abs(peak) < _EPS
+    iscale = f32(-nmax) / np.where(zero, f32(1), peak)
+    q = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    sumlx, suml2 = (wx * q).sum(axis=0, dtype=f32), (w * q * q).sum(axis=0, dtype=f32)
+    for _ in range(5):
+        changed = False
+        for i in range(len(x)):  # llama.cpp stops a sub-block after a pass without changes: another changes nothing
+            wi, xi, li = w[i], x[i], q[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - wi * li * li
+            new = np.clip(np.rint(xi * sl2 / np.where(slx > 0, slx, f32(1))), -nmax, nmax - 1)
+            slx2, sl22 = slx + wx[i] * new, sl2 + wi * new * new
+            take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            q[i] = np.where(take, new, li)
+            sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
+            changed = changed or bool(take.any())
+        if not changed:
+            break
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
+    return np.where(zero, f32(0), scale), np.where(zero, 0, q.astype(np.int32) + nmax)
+
+
+def _q3_k(blocks: np.ndarray) -> np.ndarray:
+    """16 sub-blocks of 16, w ~ d * sc_j * (q - 4), q in 0..7 (its third bit apart, in hmask), sc_j a 6-bit
+    signed scale packed into 12 bytes."""
+    f32 = np.float32
+    n = len(blocks)
+    scales, q = _q3_levels(np.ascontiguousarray(blocks.reshape(n * 16, 16).T), 4)
+    scales, q = scales.reshape(n, 16), q.T.reshape(n, 16, 16)
+    at = np.abs(scales).argmax(axis=1)
+    max_scale = np.take_along_axis(scales, at[:, None], axis=1)[:, 0]
+    empty = max_scale == 0
+    iscale = f32(-32) / np.where(empty, f32(1), max_scale)
+    levels = np.where(empty[:, None], 32, np.clip(_round(iscale[:, None] * scales), -32, 31) + 32).astype(np.uint8)
+    packed = np.zeros((n, 12), dtype=np.uint8)
+    packed[:, :8] = (levels[:, :8] & 0xF) | ((levels[:, 8:] & 0xF) << 4)
+    high = levels >> 4
+    packed[:, 8:] = high[:, 0:4] | (high[:, 4:8] << 2) | (high[:, 8:12] << 4) | (high[:, 12:16] << 6)
+    packed[empty] = 0
+    d_half, d = _f16(np.where(empty, f32(0), f32(1) / iscale))
+    step = d[:, None] * (levels.astype(f32) - f32(32))
+    x = blocks.reshape(n, 16, 16)
+    again = np.clip(_round(x / np.where(step == 0, f32(1), step)[..., None]), -4, 3) + 4
+    q = np.where((step == 0)[..., None], q, again).reshape(n, 8, 32)
+    hmask = np.zeros((n, 32), dtype=np.uint8)  # weight j's third bit: byte j % 32, bit j // 32
+    for bit in range(8):
+        hmask |= (q[:, bit] > 3).astype(np.uint8) << bit
+    q = np.where(q > 3, q - 4, q).reshape(n, QK_K)
+    return np.concatenate([hmask, _pack_2bit(q), packed, d_half[:, None].view(np.uint8)], axis=1)
 
 
 def _signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
