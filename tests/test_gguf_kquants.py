@@ -166,10 +166,7 @@ def _ref_2bit(q):
 
 
 def _ref_q3(x, nmax):
-    peak = F(0)
-    for v in x:
-        if abs(v) > abs(peak):
-            peak = v
+    peak = _ref_largest(x)
     if abs(peak) < F(1e-15):
         return F(0), [0] * len(x)
     iscale = F(F(-nmax) / peak)
@@ -195,15 +192,26 @@ def _ref_q3(x, nmax):
     return (F(sumlx / suml2) if suml2 > 0 else F(0)), [l + nmax for l in q]
 
 
-def _ref_q3_k(block):
+def _ref_signed(block, levels, nmax):
+    """Q3_K's and Q6_K's first part: each sub-block of 16's scale and levels, and the scale of largest magnitude."""
     scales, q = [], []
     for j in range(16):
-        sc, l = _ref_q3(block[16 * j:16 * j + 16], 4)
+        sc, l = levels(block[16 * j:16 * j + 16], nmax)
         scales.append(sc), q.extend(l)
-    max_scale = F(0)
-    for sc in scales:
-        if abs(sc) > abs(max_scale):
-            max_scale = sc
+    return scales, q, _ref_largest(scales)
+
+
+def _ref_largest(values):
+    """The value of largest magnitude, the first of equals (C's `if (fabsf(v) > amax)`)."""
+    largest = F(0)
+    for v in values:
+        if abs(v) > abs(largest):
+            largest = v
+    return largest
+
+
+def _ref_q3_k(block):
+    scales, q, max_scale = _ref_signed(block, _ref_q3, 4)
     packed, d = bytearray(12), np.float16(0)
     if max_scale:
         iscale = F(F(-32) / max_scale)
@@ -271,10 +279,7 @@ def _ref_q45_k(block, nmax, rmin, nstep):
 
 
 def _ref_qx(x, nmax):
-    peak = F(0)
-    for v in x:
-        if abs(v) > abs(peak):
-            peak = v
+    peak = _ref_largest(x)
     if abs(peak) < F(1e-15):
         return F(0), [0] * len(x)
 
@@ -298,14 +303,7 @@ def _ref_qx(x, nmax):
 
 
 def _ref_q6_k(block):
-    scales, q = [], []
-    for j in range(16):
-        sc, l = _ref_qx(block[16 * j:16 * j + 16], 32)
-        scales.append(sc), q.extend(l)
-    max_scale = F(0)
-    for sc in scales:
-        if abs(sc) > abs(max_scale):
-            max_scale = sc
+    scales, q, max_scale = _ref_signed(block, _ref_qx, 32)
     if abs(max_scale) < F(1e-15):
         return bytes(210)
     iscale = F(F(-128) / max_scale)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 import numpy as np
 
 QK_K = 256  # weights per super-block
@@ -175,47 +176,58 @@ def _pack_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _with_minimums(blocks: np.ndarray, nmax: int, rmin: float, nstep: int) -> tuple[np.ndarray, ...]:
-    """Q4_K and Q5_K's shared part: -> d, dmin (float16 bytes), the 12 scale bytes and q (N, 256) in 0..nmax."""
+def _with_minimums(blocks: np.ndarray, size: int, nmax: int, rmin: float, nstep: int, levels: int,
+                   weights: Callable[[np.ndarray], np.ndarray], mad: bool = False) -> tuple[np.ndarray, ...]:
+    """Q2_K, Q4_K and Q5_K's shared part, sub-blocks of `size` with a scale and a minimum each, quantized to
+    0..`levels` against the block's largest: -> d, dmin (float16), the sub-blocks' scale and minimum levels
+    (N, 256 / size) and q (N, 256) in 0..nmax."""
     f32 = np.float32
-    n = len(blocks)
-    x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)  # (32, sub-blocks): sums in llama.cpp's order
-    av_x = np.sqrt((x * x).sum(axis=0, dtype=f32) / f32(32))
-    scales, mins, q = _scale_and_min(x, av_x + np.abs(x), nmax, rmin, 0.1, nstep)
-    q = q.T
-    scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+    n, per = len(blocks), QK_K // size
+    x = np.ascontiguousarray(blocks.reshape(n * per, size).T)  # (size, sub-blocks): sums in llama.cpp's order
+    scales, mins, q = _scale_and_min(x, weights(x), nmax, rmin, 0.1, nstep, mad)
+    scales, mins, q = scales.reshape(n, per), mins.reshape(n, per), q.T.reshape(n, per, size)
     max_scale = np.maximum(scales.max(axis=1), f32(0))
     max_min = np.maximum(mins.max(axis=1), f32(0))
-    inv_scale = np.where(max_scale > 0, f32(63) / np.where(max_scale > 0, max_scale, f32(1)), f32(0))
-    inv_min = np.where(max_min > 0, f32(63) / np.where(max_min > 0, max_min, f32(1)), f32(0))
-    ls = np.clip(_round(inv_scale[:, None] * scales), 0, 63).astype(np.uint8)
-    lm = np.clip(_round(inv_min[:, None] * mins), 0, 63).astype(np.uint8)
-    d_half, d = _f16(max_scale / f32(63))
-    dmin_half, dmin = _f16(max_min / f32(63))
+    inv_scale = np.where(max_scale > 0, f32(levels) / np.where(max_scale > 0, max_scale, f32(1)), f32(0))
+    inv_min = np.where(max_min > 0, f32(levels) / np.where(max_min > 0, max_min, f32(1)), f32(0))
+    ls = np.clip(_round(inv_scale[:, None] * scales), 0, levels).astype(np.uint8)
+    lm = np.clip(_round(inv_min[:, None] * mins), 0, levels).astype(np.uint8)
+    d_half, d = _f16(max_scale / f32(levels))
+    dmin_half, dmin = _f16(max_min / f32(levels))
     step = d[:, None] * ls.astype(f32)  # each sub-block's scale as it will be read
     shift = dmin[:, None] * lm.astype(f32)
-    x = blocks.reshape(n, 8, 32)
+    x = blocks.reshape(n, per, size)
     again = np.clip(_round((x + shift[..., None]) / np.where(step == 0, f32(1), step)[..., None]), 0, nmax)
-    q = np.where((step == 0)[..., None], q.reshape(n, 8, 32), again).reshape(n, QK_K)
-    return d_half, dmin_half, _pack_scales(ls, lm), q.astype(np.uint8)
+    q = np.where((step == 0)[..., None], q, again).reshape(n, QK_K)
+    return d_half[:, None].view(np.uint8), dmin_half[:, None].view(np.uint8), ls, lm, q.astype(np.uint8)
+
+
+def _around_mean(x: np.ndarray) -> np.ndarray:
+    """Q4_K and Q5_K's weights: the sub-block's RMS plus each weight's magnitude."""
+    return np.sqrt((x * x).sum(axis=0, dtype=np.float32) / np.float32(len(x))) + np.abs(x)
 
 
 def _q4_k(blocks: np.ndarray) -> np.ndarray:
-    d, dmin, scales, q = _with_minimums(blocks, 15, -1.0, 20)
+    d, dmin, ls, lm, q = _with_minimums(blocks, 32, 15, -1.0, 20, 63, _around_mean)
     q = q.reshape(-1, 4, 2, 32)  # 64 weights at a time: the first 32 in the low nibbles, the next 32 in the high
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), scales, qs], axis=1)
+    return np.concatenate([d, dmin, _pack_scales(ls, lm), qs], axis=1)
 
 
 def _q5_k(blocks: np.ndarray) -> np.ndarray:
-    d, dmin, scales, q = _with_minimums(blocks, 31, -0.5, 15)
+    d, dmin, ls, lm, q = _with_minimums(blocks, 32, 31, -0.5, 15, 63, _around_mean)
     q = q.reshape(-1, 4, 2, 32)
     qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
     high = (q >> 4).astype(np.uint8)  # the fifth bit: chunk c's first half at bit 2c, its second at 2c + 1
     qh = np.zeros((len(q), 32), dtype=np.uint8)
     for c in range(4):
         qh |= (high[:, c, 0] << (2 * c)) | (high[:, c, 1] << (2 * c + 1))
-    return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), scales, qh, qs], axis=1)
+    return np.concatenate([d, dmin, _pack_scales(ls, lm), qh, qs], axis=1)
+
+
+def _largest(x: np.ndarray, axis: int) -> np.ndarray:
+    """The signed value of largest magnitude along `axis`: the first of equals, as llama.cpp's strict > keeps."""
+    return np.take_along_axis(x, np.expand_dims(np.abs(x).argmax(axis=axis), axis), axis=axis).squeeze(axis)
 
 
 def _pack_2bit(q: np.ndarray) -> np.ndarray:
@@ -227,26 +239,8 @@ def _pack_2bit(q: np.ndarray) -> np.ndarray:
 def _q2_k(blocks: np.ndarray) -> np.ndarray:
     """16 sub-blocks of 16, w ~ d * sc_j * q - dmin * m_j, q in 0..3, sc_j and m_j 4 bits (one byte per
     sub-block), the scale search weighing absolute errors by |x|."""
-    f32 = np.float32
-    n = len(blocks)
-    x = np.ascontiguousarray(blocks.reshape(n * 16, 16).T)
-    scales, mins, q = _scale_and_min(x, np.abs(x), 3, -0.5, 0.1, 15, mad=True)
-    scales, mins, q = scales.reshape(n, 16), mins.reshape(n, 16), q.T.reshape(n, 16, 16)
-    max_scale = np.maximum(scales.max(axis=1), f32(0))
-    max_min = np.maximum(mins.max(axis=1), f32(0))
-    inv_scale = np.where(max_scale > 0, f32(15) / np.where(max_scale > 0, max_scale, f32(1)), f32(0))
-    inv_min = np.where(max_min > 0, f32(15) / np.where(max_min > 0, max_min, f32(1)), f32(0))
-    ls = np.clip(_round(inv_scale[:, None] * scales), 0, 15).astype(np.uint8)
-    lm = np.clip(_round(inv_min[:, None] * mins), 0, 15).astype(np.uint8)
-    d_half, d = _f16(max_scale / f32(15))
-    dmin_half, dmin = _f16(max_min / f32(15))
-    step = d[:, None] * ls.astype(f32)
-    shift = dmin[:, None] * lm.astype(f32)
-    x = blocks.reshape(n, 16, 16)
-    again = np.clip(_round((x + shift[..., None]) / np.where(step == 0, f32(1), step)[..., None]), 0, 3)
-    q = np.where((step == 0)[..., None], q, again).reshape(n, QK_K)
-    return np.concatenate([ls | (lm << 4), _pack_2bit(q), d_half[:, None].view(np.uint8),
-                           dmin_half[:, None].view(np.uint8)], axis=1)
+    d, dmin, ls, lm, q = _with_minimums(blocks, 16, 3, -0.5, 15, 15, np.abs, mad=True)
+    return np.concatenate([ls | (lm << 4), _pack_2bit(q), d, dmin], axis=1)
 
 
 def _q3_levels(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,8 +249,7 @@ def _q3_levels(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     order: a change moves the sums the next one sees) takes the level that best raises sum(w x l)^2 / sum(w l^2),
     w = x^2, for up to five passes."""
     f32 = np.float32
-    at = np.abs(x).argmax(axis=0)
-    peak = np.take_along_axis(x, at[None], axis=0)[0]
+    peak = _largest(x, axis=0)
     zero = np.abs(peak) < _EPS
     iscale = f32(-nmax) / np.where(zero, f32(1), peak)
     q = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
@@ -288,8 +281,7 @@ def _q3_k(blocks: np.ndarray) -> np.ndarray:
     n = len(blocks)
     scales, q = _q3_levels(np.ascontiguousarray(blocks.reshape(n * 16, 16).T), 4)
     scales, q = scales.reshape(n, 16), q.T.reshape(n, 16, 16)
-    at = np.abs(scales).argmax(axis=1)
-    max_scale = np.take_along_axis(scales, at[:, None], axis=1)[:, 0]
+    max_scale = _largest(scales, axis=1)
     empty = max_scale == 0
     iscale = f32(-32) / np.where(empty, f32(1), max_scale)
     levels = np.where(empty[:, None], 32, np.clip(_round(iscale[:, None] * scales), -32, 31) + 32).astype(np.uint8)
@@ -314,8 +306,7 @@ def _signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """llama.cpp's make_qx_quants (weights x^2) for M sub-blocks at once, each a column: x (n, M) -> scale (M,)
     and q (n, M) in 0..2 nmax - 1 (the value read is scale * (q - nmax)), the best of 19 candidate scales."""
     f32 = np.float32
-    at = np.abs(x).argmax(axis=0)  # the first of equal largest magnitudes, as llama.cpp's strict > keeps
-    peak = np.take_along_axis(x, at[None], axis=0)[0]
+    peak = _largest(x, axis=0)
     zero = np.abs(peak) < _EPS
     peak = np.where(zero, f32(1), peak)
     w = x * x
@@ -345,8 +336,7 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
     n = len(blocks)
     scales, q = _signed_scale(np.ascontiguousarray(blocks.reshape(n * 16, 16).T), 32)
     scales, q = scales.reshape(n, 16), q.T.reshape(n, 16, 16)
-    at = np.abs(scales).argmax(axis=1)
-    max_scale = np.take_along_axis(scales, at[:, None], axis=1)[:, 0]
+    max_scale = _largest(scales, axis=1)
     empty = np.abs(max_scale) < _EPS
     iscale = f32(-128) / np.where(empty, f32(1), max_scale)
     d_half, d = _f16(f32(1) / iscale)
