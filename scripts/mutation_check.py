@@ -385,8 +385,8 @@ MUTANTS = [
            ("tests/test_gguf_kquants.py::"
             "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[q3_k]",)),
     Mutant("kquant-q2-squared-not-absolute-error", "interop/gguf_kquants.py",
-           "_scale_and_min(x, np.abs(x), 3, -0.5, 0.1, 15, mad=True)",
-           "_scale_and_min(x, np.abs(x), 3, -0.5, 0.1, 15, mad=False)",
+           "_with_minimums(blocks, 16, 3, -0.5, 15, 15, np.abs, mad=True)",
+           "_with_minimums(blocks, 16, 3, -0.5, 15, 15, np.abs, mad=False)",
            ("tests/test_gguf_kquants.py::"
             "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[q2_k]",)),
     Mutant("kquant-fused-qkv-not-counted-as-values", "interop/gguf_kquants.py",
