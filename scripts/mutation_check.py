@@ -389,6 +389,14 @@ MUTANTS = [
            "_with_minimums(blocks, 16, 3, -0.5, 15, 15, np.abs, mad=False)",
            ("tests/test_gguf_kquants.py::"
             "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[q2_k]",)),
+    Mutant("iq4-no-search-over-scales", "interop/gguf_kquants.py",
+           "    for step in range(-ntry, ntry + 1):", "    for step in range(0):",
+           ("tests/test_gguf_kquants.py::"
+            "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[iq4_nl]",)),
+    Mutant("iq4-xs-super-scale-sign-flipped", "interop/gguf_kquants.py",
+           "    d = -_largest(scales, axis=1) / f32(32)", "    d = _largest(scales, axis=1) / f32(32)",
+           ("tests/test_gguf_kquants.py::"
+            "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[iq4_xs]",)),
     Mutant("kquant-fused-qkv-not-counted-as-values", "interop/gguf_kquants.py",
            '    if values or name.endswith("ffn_down.weight"):', '    if name.endswith("ffn_down.weight"):',
            ("tests/test_gguf_kquants.py::"

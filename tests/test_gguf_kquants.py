@@ -1,4 +1,4 @@
-"""llama.cpp's K-quants written by lmforge (interop.gguf_kquants): Q2_K, Q3_K, Q4_K, Q5_K and Q6_K blocks, the bytes
+"""llama.cpp's K-quants written by lmforge (interop.gguf_kquants): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS and IQ4_NL blocks, the bytes
 of a scalar transcription of llama.cpp's reference loops, that the gguf package's dequantizers (llama.cpp's layout)
 read back close to the weights, closer than the older types of as many bits; the mixes (Q6_K down to Q2_K) choose
 each tensor's type as llama-quantize does; an export loads in transformers with logits close to the model's and
@@ -43,7 +43,8 @@ def error(x: np.ndarray, kind: str, raw: np.ndarray | None = None) -> float:
     """Relative RMS error of `kind`'s bytes as llama.cpp's layout reads them (the gguf package's dequantizer)."""
     qt = QT[kind.upper()]
     raw = quantize(x, kind) if raw is None else raw
-    assert raw.dtype == np.uint8 and raw.shape == (x.shape[0], x.shape[1] // 256 * gguf.GGML_QUANT_SIZES[qt][1])
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    assert raw.dtype == np.uint8 and raw.shape == (x.shape[0], x.shape[1] // block * size)
     back = gguf.quants.dequantize(raw, qt)
     return float(np.sqrt(((back - x) ** 2).mean() / (x ** 2).mean()))
 
@@ -58,6 +59,8 @@ def test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits
     x = weights()
     q2, q3, q4, q5, q6 = (error(x, kind) for kind in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"))
     assert q6 < q5 < q4 < q3 < q2 < 0.35
+    # IQ4_NL (4.5 bits per weight) and IQ4_XS (4.25): a non-linear grid beats Q4_0's even steps of as many bits
+    assert error(x, "iq4_nl") < 0.92 * legacy_error(x, "q4_0") and error(x, "iq4_xs") < legacy_error(x, "q4_0")
     # Q4_K (4.5 bits per weight) against Q4_0 (4.5) and Q4_1 (5); Q5_K (5.5) against Q5_0 (5.5); Q6_K (6.56)
     # against Q5_1 (6): the searched scales and minimums of 256-weight super-blocks win at the same size
     assert q4 < 0.8 * legacy_error(x, "q4_0") and q4 < legacy_error(x, "q4_1")
@@ -67,14 +70,14 @@ def test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits
         assert error(x, kind) < bound, kind
 
 
-@pytest.mark.parametrize("kind", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("kind", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "iq4_nl"])
 def test_every_weight_comes_back_from_its_own_place(kind):
     """Sub-blocks of scales 20x apart, so a weight packed into the wrong nibble, bit or sub-block, or a sub-block
     read with another's scale, shows: every weight must read back within a fifth of its sub-block's range (measured:
     0.12 for Q4_K and Q5_K, whose 6-bit sub-block scales are coarse next to the largest, 0.02 for Q6_K; Q2_K and
     Q3_K, of 4 and 8 levels and 4- and 6-bit scales, get scales 4x apart and a third of the range: 0.25 and 0.11)."""
     rng = np.random.default_rng(1)
-    sub = 32 if kind in ("q4_k", "q5_k") else 16
+    sub = 32 if kind in ("q4_k", "q5_k", "iq4_xs", "iq4_nl") else 16
     few = kind in ("q2_k", "q3_k")
     x = rng.uniform(-1, 1, (8, 512)).astype(np.float32)
     x *= np.repeat(rng.uniform(0.5 if few else 0.1, 2.0, (8, 512 // sub)), sub, axis=1).astype(np.float32)
@@ -324,7 +327,76 @@ def _ref_q6_k(block):
     return bytes(ql + qh + np.array(sc8, np.int8).tobytes() + d.tobytes())
 
 
-REFERENCE = {"q2_k": _ref_q2_k, "q3_k": _ref_q3_k, "q4_k": lambda b: _ref_q45_k(b, 15, -1.0, 20),
+IQ4 = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
+def _ref_nearest(v):
+    """llama.cpp's best_index_int8: binary search, a tie to the upper value."""
+    if v <= IQ4[0]:
+        return 0
+    if v >= IQ4[-1]:
+        return 15
+    lo, hi = 0, 15
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if v < IQ4[mid] else (mid, hi)
+    return hi - 1 if F(v - F(IQ4[hi - 1])) < F(F(IQ4[hi]) - v) else hi
+
+
+def _ref_iq4_scale(x):
+    peak = _ref_largest(x)
+    if abs(peak) < F(1e-15):
+        return F(0)
+
+    def sums(iscale):
+        sqx = sq2 = F(0)
+        for v in x:
+            q, w = F(IQ4[_ref_nearest(F(iscale * v))]), F(v * v)
+            sqx, sq2 = F(sqx + F(F(w * q) * v)), F(sq2 + F(F(w * q) * q))
+        return sqx, sq2
+
+    d = F(F(-peak) / F(IQ4[0]))
+    sqx, sq2 = sums(F(F(1) / d))
+    d = F(sqx / sq2)
+    best = F(d * sqx)
+    for step in range(-7, 8):
+        sqx, sq2 = sums(F(F(step + IQ4[0]) / peak))
+        if sq2 > 0 and F(sqx * sqx) > F(best * sq2):
+            d = F(sqx / sq2)
+            best = F(d * sqx)
+    return d
+
+
+def _ref_iq4_pack(index):
+    return bytes(index[32 * g + j] | (index[32 * g + 16 + j] << 4) for g in range(len(index) // 32) for j in range(16))
+
+
+def _ref_iq4_nl(block):
+    out = b""
+    for g in range(8):
+        x = block[32 * g:32 * g + 32]
+        d = _ref_iq4_scale(x)
+        inv = F(F(1) / d) if d else F(0)
+        out += np.float16(d).tobytes() + _ref_iq4_pack([_ref_nearest(F(inv * v)) for v in x])
+    return out
+
+
+def _ref_iq4_xs(block):
+    scales = [_ref_iq4_scale(block[32 * g:32 * g + 32]) for g in range(8)]
+    d = F(-_ref_largest(scales) / F(32))
+    inv = F(F(1) / d) if d else F(0)
+    index, low, high = [], bytearray(4), 0
+    for g, sc in enumerate(scales):
+        level = max(-32, min(31, int(np.rint(F(inv * sc)))))
+        step = F(d * F(level))
+        inv_step = F(F(1) / step) if step else F(0)
+        index += [_ref_nearest(F(inv_step * v)) for v in block[32 * g:32 * g + 32]]
+        low[g // 2] |= ((level + 32) & 0xF) << (4 * (g % 2))
+        high |= ((level + 32) >> 4) << (2 * g)
+    return np.float16(d).tobytes() + high.to_bytes(2, "little") + bytes(low) + _ref_iq4_pack(index)
+
+
+REFERENCE = {"iq4_nl": _ref_iq4_nl, "iq4_xs": _ref_iq4_xs, "q2_k": _ref_q2_k, "q3_k": _ref_q3_k, "q4_k": lambda b: _ref_q45_k(b, 15, -1.0, 20),
              "q5_k": lambda b: _ref_q45_k(b, 31, -0.5, 15), "q6_k": _ref_q6_k}
 
 
@@ -335,7 +407,7 @@ def test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops
     sum, and each candidate measured from the best minimum so far, decide near ties between candidate scales."""
     x = weights(6, 512, seed=5)  # with rows of zeros, of one sign, constant; and outliers
     x[0, 256:] = -0.25
-    ours = quantize(x, kind).reshape(-1, BYTES[kind])
+    ours = quantize(x, kind).reshape(-1, BYTES[kind])  # per 256 weights
     for block, raw in zip(x.reshape(-1, 256), ours):
         assert raw.tobytes() == REFERENCE[kind](list(block)), kind
 
@@ -375,6 +447,11 @@ def test_mixes_choose_each_tensors_type_as_llama_quantize_does():
     assert set(types("q2_k", "attn_v")) == {"q3_k"} and set(types("q2_k", "attn_v", gqa=4)) == {"q4_k"}
     assert set(types("q2_k", "ffn_down")) == set(types("q2_k", "attn_output")) == {"q3_k"}
     assert set(types("q2_k", "attn_q")) == set(types("q2_k", "ffn_gate")) == {"q2_k"}
+    assert types("iq4_xs", "ffn_down") == ["q5_k"] * 4 + ["iq4_xs"] * 28  # the first eighth, without an imatrix
+    assert set(types("iq4_xs", "attn_v")) == {"iq4_xs"} and set(types("iq4_nl", "attn_v", gqa=4)) == {"q5_k"}
+    assert tensor_type("iq4_xs", "blk.5.attn_q.weight", n, False, 96) == "iq4_nl"  # blocks of 32 fit
+    assert tensor_type("iq4_nl", "blk.5.attn_q.weight", n, False, 96) == "iq4_nl"
+    assert tensor_type("iq4_nl", "blk.5.attn_q.weight", n, False, 100) == "f16"
     assert tensor_type("q2_k", "blk.5.attn_q.weight", n, False, 96) == "q4_0"
     assert tensor_type("q3_k_s", "blk.5.attn_q.weight", n, False, 96) == "q4_0"
     # llama.cpp's fallback for rows that are not whole super-blocks: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
@@ -429,11 +506,12 @@ def test_k_quant_mixes_through_the_cli_make_smaller_files_as_they_drop_bits_and_
     run = lmforge_run(tmp_path, MAKERS["char"](), **{**LLAMA_STYLE, **WIDE_LLAMA})
     sizes = {}
     order = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
-    for dtype in order:
+    for dtype in order + ["iq4_xs", "iq4_nl"]:
         out = tmp_path / f"{dtype}.gguf"
         assert main(["export", str(run), "--format", "gguf", "--gguf-type", dtype, "--out", str(out)]) == 0
         sizes[dtype] = out.stat().st_size
     assert all(sizes[a] > sizes[b] for a, b in zip(order, order[1:])), sizes
+    assert sizes["q4_k_m"] > sizes["iq4_nl"] > sizes["iq4_xs"] > sizes["q3_k_m"], sizes
     narrow = lmforge_run(tmp_path / "narrow", MAKERS["char"](), **{**LLAMA_STYLE, "n_embd": 64})
     path = export_gguf(narrow, tmp_path / "narrow.gguf", dtype="q4_k_m")
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}

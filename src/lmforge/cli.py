@@ -1486,7 +1486,7 @@ def _add_export(sub: Any) -> None:
             --format gguf: one file for llama.cpp, Ollama, LM Studio and other ggml programs (a GPT-2 or
             Llama-style language model, as for hf), the tokenizer inside; --gguf-type f32 (exact), f16, bf16, q8_0,
             5- and 4-bit q5_1, q5_0, q4_1, q4_0, or llama.cpp's K-quant mixes q6_k, q5_k_m, q5_k_s, q4_k_m (the
-            usual choice to share a model), q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k. A LoRA run is written merged, or with --adapter as a llama.cpp
+            usual choice to share a model), q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, and iq4_xs, iq4_nl. A LoRA run is written merged, or with --adapter as a llama.cpp
             LoRA adapter that applies onto the GGUF of its base."""),
         epilog=textwrap.dedent("""\
             examples:
@@ -1500,12 +1500,14 @@ def _add_export(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="PATH", help="output directory (hf), .onnx or .gguf file")
     p.add_argument("--gguf-type", default=None, metavar="TYPE",
                    choices=["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0",
-                            "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"],
+                            "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+                            "iq4_xs", "iq4_nl"],
                    # gguf_export.GGUF_TYPES
                    help="gguf: the matrices' type, f32 (exact, the default), f16 or bf16 (half the size), q8_0 (8-bit, "
                    "about a quarter), q5_1, q5_0, q4_1 or q4_0 (5 and 4 bits per weight, the head's matrix q8_0), or a "
                    "K-quant mix chosen per tensor as llama-quantize does: q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, "
-                   "q3_k_l, q3_k_m, q3_k_s, q2_k (2.6 to 6.6 bits per weight; the head q6_k)")
+                   "q3_k_l, q3_k_m, q3_k_s, q2_k (2.6 to 6.6 bits per weight; the head q6_k), or iq4_xs, iq4_nl "
+                   "(4.25 and 4.5 bits on a non-linear grid)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--merge", action="store_true", help="hf, a LoRA run: one model with the adapters merged in "
                    "(default: the base in OUT and the adapters in PEFT's format in OUT/adapter)")

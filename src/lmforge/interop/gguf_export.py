@@ -34,8 +34,9 @@ fine-tuned on task data, else an imported model's own).
 Matrices are float32 (exact), float16 or bfloat16 (half the bytes), q8_0 (8-bit integers with a float16 scale per
 block of 32, about a quarter of the bytes) or q5_1, q5_0, q4_1, q4_0 (5 or 4 bits per weight, with a scale and for
 *_1 a minimum per block of 32; the head's matrix stays q8_0), or one of llama.cpp's K-quant mixes q4_k_m (the usual
-way GGUF models are shared), q4_k_s, q5_k_m, q5_k_s, q6_k, q3_k_l, q3_k_m, q3_k_s, q2_k (gguf_kquants: blocks of 256
-with scales per sub-block, a type chosen per tensor as llama-quantize chooses it); a matrix whose rows are not a whole number of blocks is
+way GGUF models are shared), q4_k_s, q5_k_m, q5_k_s, q6_k, q3_k_l, q3_k_m, q3_k_s, q2_k, iq4_xs, iq4_nl
+(gguf_kquants: blocks of 256 with scales per sub-block, or IQ4's non-linear grid; a type chosen per tensor as
+llama-quantize chooses it); a matrix whose rows are not a whole number of blocks is
 float16; vectors such as norms and biases stay float32, as llama.cpp's own converter does. The file records
 lmforge.version; --force replaces only such a file, through lmforge.files.atomic_path (the old file stays whole
 until the new one is complete).
@@ -75,8 +76,8 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a GGUF file; return its path.
 
     dtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0, the matrices' type, or a K-quant mix (q6_k,
-    q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k). An existing out_path is replaced only with force
-    and only if it is a GGUF file lmforge wrote."""
+    q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, iq4_xs, iq4_nl). An existing out_path is
+    replaced only with force and only if it is a GGUF file lmforge wrote."""
     try:
         import gguf
     except ModuleNotFoundError:
@@ -141,7 +142,7 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
     quantizers) need rows of whole blocks of 32, else the matrix is float16; under the 4- and 5-bit types the
     head's matrix (`head`: output, or token_embd when the head reads it) is q8_0, as llama.cpp's quantizer keeps
     the output at more bits than the rest. A K-quant mix (q4_k_m, ...) picks each matrix's type as llama-quantize
-    does (gguf_kquants.tensor_type) and writes q2_k to q6_k with lmforge's own quantizer."""
+    does (gguf_kquants.tensor_type) and writes q2_k to q6_k, iq4_xs and iq4_nl with lmforge's own quantizer."""
     import gguf
 
     kind = "q8_0" if head and dtype in LOW_BIT else dtype

@@ -1,6 +1,6 @@
-"""llama.cpp's K-quants, written by lmforge: Q2_K, Q3_K, Q4_K, Q5_K and Q6_K blocks, and the mixes named after them
-(Q4_K_M, the format most GGUF models are shared in, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K) that
-choose a type per tensor.
+"""llama.cpp's K-quants and 4-bit non-linear quants, written by lmforge: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS and
+IQ4_NL blocks, and the file types named after them (Q4_K_M, the format most GGUF models are shared in, Q4_K_S, Q5_K_M,
+Q5_K_S, Q6_K, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, IQ4_XS, IQ4_NL) that choose a type per tensor.
 
 A K-quant block covers 256 weights of a row (a "super-block") in sub-blocks with scales of their own:
 
@@ -12,6 +12,10 @@ A K-quant block covers 256 weights of a row (a "super-block") in sub-blocks with
     Q5_K  the same with q in 0..31 (the fifth bit of each q apart, in qh). 176 bytes: 5.5 bits per weight.
     Q6_K  16 sub-blocks of 16; w ~ d * sc_j * (q - 32), q in 0..63 (low four bits in ql, high two in qh), sc_j a
           signed 8-bit integer, d float16. 210 bytes: 6.5625 bits per weight.
+    IQ4_NL  blocks of 32 (not 256); w ~ d * v[q], q in 0..15 indexing 16 fixed non-linear values (denser near 0,
+          where most weights are), d float16. 18 bytes: 4.5 bits per weight.
+    IQ4_XS  the same values in super-blocks of 256: 8 sub-blocks of 32 with 6-bit scales against one float16.
+          136 bytes: 4.25 bits per weight.
 
 The quantizers follow llama.cpp's reference ones (quantize_row_q2_K_ref ... q6_K_ref: what llama-quantize runs
 without an importance matrix), vectorised over all blocks with numpy in float32: each sub-block searches a few
@@ -27,9 +31,10 @@ Q6_K; under *_M, attn_v (or GPT-2's fused attn_qkv) and ffn_down of the first an
 every third layer between are Q6_K; under Q4_K_S the first four attn_v and the first eighth of the ffn_down are
 Q5_K; Q3_K_M gives the first two attn_v Q5_K and the rest Q4_K, the first sixteenth of the ffn_down Q5_K and the
 rest Q4_K, attn_output Q4_K; Q3_K_L gives those three Q5_K; Q2_K gives attn_v Q3_K (Q4_K with four or more query
-heads per key/value head), ffn_down and attn_output Q3_K. A matrix whose rows are not a whole number of 256 weights
-takes llama.cpp's fallback: Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (and float16 when the
-rows are not whole blocks of 32 either).
+heads per key/value head), ffn_down and attn_output Q3_K; IQ4_XS and IQ4_NL give the first eighth of the ffn_down
+Q5_K, and attn_v too with four or more query heads per key/value head. A matrix whose rows are not a whole number
+of 256 weights takes llama.cpp's fallback: Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS ->
+IQ4_NL (and float16 when the rows are not whole blocks of 32 either).
 """
 
 from __future__ import annotations
@@ -41,12 +46,12 @@ from typing import Callable
 import numpy as np
 
 QK_K = 256  # weights per super-block
-MIXES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
+MIXES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs", "iq4_nl")
 BASE = {"q6_k": "q6_k", "q5_k_m": "q5_k", "q5_k_s": "q5_k", "q4_k_m": "q4_k", "q4_k_s": "q4_k", "q3_k_l": "q3_k",
-        "q3_k_m": "q3_k", "q3_k_s": "q3_k", "q2_k": "q2_k"}
+        "q3_k_m": "q3_k", "q3_k_s": "q3_k", "q2_k": "q2_k", "iq4_xs": "iq4_xs", "iq4_nl": "iq4_nl"}
 # rows not a whole number of super-blocks
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
-BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}  # per super-block
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
+BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "iq4_xs": 136, "iq4_nl": 144}  # per 256
 _CHUNK = 1024  # super-blocks quantized at once: temporaries of 1 MiB stay in cache (1.75x faster than 4096)
 _EPS = np.float32(1e-15)  # llama.cpp's GROUP_MAX_EPS: a sub-block below it is all zeros
 _LAYER = re.compile(r"blk\.(\d+)\.")
@@ -76,30 +81,37 @@ def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int, gqa
         kind = {"q2_k": "q3_k", "q3_k_m": "q5_k" if layer < n_layer // 16 else "q4_k", "q3_k_l": "q5_k"}.get(mix, kind)
     elif name.endswith("attn_output.weight"):
         kind = {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(mix, kind)
+    if mix in ("iq4_xs", "iq4_nl") and ((values and gqa >= 4)
+                                        or (name.endswith("ffn_down.weight") and layer < n_layer // 8)):
+        kind = "q5_k"
     if values or name.endswith("ffn_down.weight"):
         if mix in ("q4_k_m", "q5_k_m") and _more_bits(layer, n_layer):
             kind = "q6_k"
         elif mix == "q4_k_s" and (layer < 4 if values else layer < n_layer // 8):
             kind = "q5_k"
-    if columns % QK_K == 0:
+    if columns % (32 if kind == "iq4_nl" else QK_K) == 0:
         return kind
-    fallback = FALLBACK[kind]
+    fallback = FALLBACK.get(kind, "f16")
     return fallback if columns % 32 == 0 else "f16"
 
 
 # ------------------------------------------------------------------------------------------ quantizers
 def quantize(data: np.ndarray, kind: str) -> np.ndarray:
     """A float matrix (rows, columns), columns a multiple of 256 -> its bytes (rows, columns / 256 * block bytes)
-    as llama.cpp stores a `kind` (q2_k | q3_k | q4_k | q5_k | q6_k) tensor."""
+    as llama.cpp stores a `kind` (q2_k | q3_k | q4_k | q5_k | q6_k | iq4_xs | iq4_nl) tensor; iq4_nl takes rows of
+    whole blocks of 32."""
     rows, columns = data.shape
-    if columns % QK_K:
-        raise ValueError(f"{kind} needs rows of whole blocks of {QK_K} weights, not {columns}")
-    blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, QK_K)
-    encode = {"q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k}[kind]
-    chunks = [blocks[i:i + _CHUNK] for i in range(0, len(blocks), _CHUNK)]
+    size = 32 if kind == "iq4_nl" else QK_K
+    if columns % size:
+        raise ValueError(f"{kind} needs rows of whole blocks of {size} weights, not {columns}")
+    blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, size)
+    encode = {"q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k, "iq4_xs": _iq4_xs,
+              "iq4_nl": _iq4_nl}[kind]
+    per = _CHUNK * QK_K // size
+    chunks = [blocks[i:i + per] for i in range(0, len(blocks), per)]
     with ThreadPoolExecutor(max(1, min(len(chunks), os.cpu_count() or 1))) as pool:  # numpy's loops free the GIL
         out = np.concatenate(list(pool.map(encode, chunks)))
-    return out.reshape(rows, columns // QK_K * BYTES[kind])
+    return out.reshape(rows, columns * BYTES[kind] // QK_K)
 
 
 def _round(x: np.ndarray) -> np.ndarray:
@@ -353,3 +365,81 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
     out[empty] = 0  # llama.cpp writes an all-zero block (d = 0) for a block of zeros
     return out
 
+
+# ------------------------------------------------------------------------------------------ IQ4
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def _nearest_value(v: np.ndarray) -> np.ndarray:
+    """llama.cpp's best_index_int8 over IQ4_VALUES: the index of the nearest value, a tie to the upper one."""
+    upper = np.clip(np.searchsorted(IQ4_VALUES, v, side="right"), 1, 15)
+    lower = upper - 1
+    pick = np.where((v - IQ4_VALUES[lower]) < (IQ4_VALUES[upper] - v), lower, upper)
+    return np.where(v <= IQ4_VALUES[0], 0, np.where(v >= IQ4_VALUES[15], 15, pick))
+
+
+def _iq4_scales(x: np.ndarray, ntry: int = 7) -> np.ndarray:
+    """llama.cpp's IQ4 sub-block scale (weights x^2), for M sub-blocks of 32 at once, each a column: x (32, M) ->
+    d (M,): the value read is d * IQ4_VALUES[index]; 0 for a sub-block below GROUP_MAX_EPS."""
+    f32 = np.float32
+    peak = _largest(x, axis=0)
+    zero = np.abs(peak) < _EPS
+    peak = np.where(zero, f32(1), peak)
+    w = x * x
+
+    def sums(iscale):
+        q = IQ4_VALUES[_nearest_value(iscale * x)]
+        wq = w * q
+        return (wq * x).sum(axis=0, dtype=f32), (wq * q).sum(axis=0, dtype=f32)
+
+    d = -peak / IQ4_VALUES[0]
+    sumqx, sumq2 = sums(f32(1) / d)
+    d = sumqx / np.where(sumq2 > 0, sumq2, f32(1))
+    best = d * sumqx
+    for step in range(-ntry, ntry + 1):
+        sqx, sq2 = sums((f32(step) + IQ4_VALUES[0]) / peak)
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = np.where(better, sqx / np.where(sq2 > 0, sq2, f32(1)), d)
+        best = np.where(better, d * sqx, best)
+    return np.where(zero, f32(0), d)
+
+
+def _pack_iq4(index: np.ndarray) -> np.ndarray:
+    """Indices (N, 32 k) -> 16 k bytes: per group of 32, byte j holds index j (low nibble) and j + 16 (high)."""
+    q = index.reshape(len(index), -1, 2, 16).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(len(index), -1)
+
+
+def _iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    """Blocks of 32 (here rows of (N, 256) as 8 blocks each), w ~ d * IQ4_VALUES[index]: 18 bytes per 32."""
+    f32 = np.float32
+    x = np.ascontiguousarray(blocks.reshape(-1, 32).T)
+    d = _iq4_scales(x)
+    inv = np.where(d != 0, f32(1) / np.where(d != 0, d, f32(1)), f32(0))
+    index = _nearest_value(inv * x).T
+    d_half, _ = _f16(d)
+    out = np.concatenate([d_half[:, None].view(np.uint8), _pack_iq4(index)], axis=1)  # (N*8, 18)
+    return out.reshape(len(blocks), -1)
+
+
+def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    """Super-blocks of 256: 8 sub-blocks of 32 with 6-bit scales against one float16: 136 bytes."""
+    f32 = np.float32
+    n = len(blocks)
+    x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)
+    scales = _iq4_scales(x).reshape(n, 8)
+    d = -_largest(scales, axis=1) / f32(32)
+    inv = np.where(d != 0, f32(1) / np.where(d != 0, d, f32(1)), f32(0))
+    levels = np.clip(_round(inv[:, None] * scales), -32, 31)
+    step = d[:, None] * levels.astype(f32)
+    inv_step = np.where(step != 0, f32(1) / np.where(step != 0, step, f32(1)), f32(0))
+    index = _nearest_value(inv_step[..., None] * blocks.reshape(n, 8, 32)).reshape(n, QK_K)
+    levels = (levels + 32).astype(np.uint16)
+    low, high = (levels & 0xF).astype(np.uint8), levels >> 4
+    scales_l = low[:, 0::2] | (low[:, 1::2] << 4)
+    scales_h = np.zeros(n, dtype=np.uint16)
+    for ib in range(8):
+        scales_h |= high[:, ib] << (2 * ib)
+    d_half, _ = _f16(d)
+    return np.concatenate([d_half[:, None].view(np.uint8), scales_h[:, None].view(np.uint8), scales_l,
+                           _pack_iq4(index)], axis=1)
