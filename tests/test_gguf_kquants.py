@@ -502,14 +502,23 @@ def test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_im
         assert (back(ids) - other).abs().max() <= 1e-4 * other.abs().max()
 
 
-def test_k_quant_mixes_through_the_cli_make_smaller_files_as_they_drop_bits_and_narrow_models_fall_back(tmp_path):
+def test_k_quant_mixes_through_the_cli_make_smaller_files_as_they_drop_bits_and_narrow_models_fall_back(tmp_path,
+                                                                                                       capsys):
     run = lmforge_run(tmp_path, MAKERS["char"](), **{**LLAMA_STYLE, **WIDE_LLAMA})
-    sizes = {}
+    sizes, summaries = {}, {}
     order = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
     for dtype in order + ["iq4_xs", "iq4_nl"]:
         out = tmp_path / f"{dtype}.gguf"
+        capsys.readouterr()
         assert main(["export", str(run), "--format", "gguf", "--gguf-type", dtype, "--out", str(out)]) == 0
         sizes[dtype] = out.stat().st_size
+        printed = capsys.readouterr()
+        assert printed.out.strip() == str(out)  # stdout: the path alone, for scripts
+        summaries[dtype] = printed.err.strip()  # stderr: one line on what was written
+    # q8_0: 34 bytes per 32 weights; q4_k_m: 4 layers' q4_k with q6_k for the head and 2 layers' attn_v and ffn_down
+    assert summaries["q8_0"].endswith(f"(30 q8_0, 9 f32), {sizes['q8_0'] / 2**20:.1f} MiB, 8.50 bits per matrix "
+                                      "weight"), summaries["q8_0"]
+    assert "(25 q4_k, 9 f32, 5 q6_k)" in summaries["q4_k_m"], summaries["q4_k_m"]
     assert all(sizes[a] > sizes[b] for a, b in zip(order, order[1:])), sizes
     assert sizes["q4_k_m"] > sizes["iq4_nl"] > sizes["iq4_xs"] > sizes["q3_k_m"], sizes
     narrow = lmforge_run(tmp_path / "narrow", MAKERS["char"](), **{**LLAMA_STYLE, "n_embd": 64})

@@ -1530,9 +1530,11 @@ def _run_export(args: argparse.Namespace) -> int:
 
         print(export_gguf_adapter(args.checkpoint, args.out, force=args.force))
     elif args.format == "gguf":
-        from lmforge.interop.gguf_export import export_gguf
+        from lmforge.interop.gguf_export import export_gguf, gguf_summary
 
-        print(export_gguf(args.checkpoint, args.out, force=args.force, dtype=args.gguf_type or "f32"))
+        path = export_gguf(args.checkpoint, args.out, force=args.force, dtype=args.gguf_type or "f32", progress=True)
+        print(gguf_summary(path), file=sys.stderr)
+        print(path)
     elif args.format == "hf":
         from lmforge.interop.hf_export import export_hf
 

@@ -44,11 +44,13 @@ until the new one is complete).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lmforge import __version__
 from lmforge.checkpoint import load_for_inference, verified_checkpoint
@@ -72,12 +74,14 @@ class GGUFExportError(LmforgeError):
     """A checkpoint that cannot be written as GGUF, or an output that must not be replaced."""
 
 
-def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32") -> Path:
+def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32",
+                progress: bool = False) -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a GGUF file; return its path.
 
     dtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0, the matrices' type, or a K-quant mix (q6_k,
     q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, iq4_xs, iq4_nl). An existing out_path is
-    replaced only with force and only if it is a GGUF file lmforge wrote."""
+    replaced only with force and only if it is a GGUF file lmforge wrote. `progress`: a bar over the weights
+    written, on stderr when it is a terminal."""
     try:
         import gguf
     except ModuleNotFoundError:
@@ -107,10 +111,14 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         chat_template = model_chat_template(ckpt, tokenizer)
         if chat_template is not None:
             writer.add_chat_template(chat_template)
-        for name, tensor in _tensors(model.state_dict(), config, arch):
-            _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype,
-                        head=name == "output.weight" or (name == "token_embd.weight" and config.tie_embeddings),
-                        n_layer=config.n_layer, gqa=config.n_head // config.n_kv_head)
+        total = sum(t.numel() for _, t in _tensors(model.state_dict(), config, arch))
+        with tqdm(total=total, desc=f"gguf {dtype}", unit="weights", unit_scale=True, file=sys.stderr, leave=False,
+                  dynamic_ncols=True, disable=None if progress else True) as bar:  # None: only on a terminal
+            for name, tensor in _tensors(model.state_dict(), config, arch):
+                _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype,
+                            head=name == "output.weight" or (name == "token_embd.weight" and config.tie_embeddings),
+                            n_layer=config.n_layer, gqa=config.n_head // config.n_kv_head)
+                bar.update(tensor.numel())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -397,6 +405,21 @@ def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[str, list[str], list[str]]:
         tokens.append(tokenizer.mask_token)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     return pre, tokens, merges
+
+
+def gguf_summary(path: str | Path) -> str:
+    """One line on a GGUF file: its tensors by type, its size, and the bits per weight of its matrices."""
+    import gguf
+
+    tensors = gguf.GGUFReader(str(path)).tensors
+    types: dict[str, int] = {}
+    for t in tensors:
+        types[t.tensor_type.name.lower()] = types.get(t.tensor_type.name.lower(), 0) + 1
+    matrices = [t for t in tensors if len(t.shape) == 2]
+    bits = 8 * sum(int(t.n_bytes) for t in matrices) / max(1, sum(int(t.n_elements) for t in matrices))
+    kinds = ", ".join(f"{count} {name}" for name, count in sorted(types.items(), key=lambda kv: -kv[1]))
+    return (f"{path}: {len(tensors)} tensors ({kinds}), {Path(path).stat().st_size / 2**20:.1f} MiB, "
+            f"{bits:.2f} bits per matrix weight")
 
 
 def is_gguf_export(path: Path) -> bool:
