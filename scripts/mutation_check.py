@@ -409,6 +409,9 @@ MUTANTS = [
            'if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):', "if False:",
            ("tests/test_gguf_lora.py::test_base_plus_the_adapter_as_llama_cpp_applies_it_is_the_merged_model"
             "[llama-qvo-mlp]",)),
+    Mutant("empty-model-keeps-garbage-rope-tables", "model.py",
+           "        model.reset_buffers()\n        if config.head", "        if config.head",
+           ("tests/test_interop.py::test_imported_model_gives_the_same_logits_and_greedy_text[llama]",)),
     Mutant("chat-template-bos-twice", "generate/rows.py",
            "if tokenizer.start_id is not None and ids[:1] != [tokenizer.start_id]:",
            "if tokenizer.start_id is not None:",

@@ -199,7 +199,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
         check_weights_fit(shape if config.lora is None else apply_lora(shape, config.lora), ckpt)
     device = resolve_device(device) if isinstance(device, str) else device
     if config.lora is None:
-        model = GPT(config.model)
+        model = GPT.empty(config.model)  # every weight comes from the file: no random initialisation first
         load_weights(model, ckpt, "cpu")
     else:
         model = load_merged_lora(ckpt, config)

@@ -130,12 +130,7 @@ def hf_to_lmforge(hf_dir: str | Path) -> tuple[GPT, Any, dict[str, Any]]:
         raise HFImportError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"vocab_size={model_config.vocab_size}; the tokenizer belongs to another model")
     state = convert.from_hf_state_dict(read_hf_weights(files), model_config)
-    with torch.device("meta"):
-        model = GPT(model_config)
-    model = model.to_empty(device="cpu")
-    model.reset_buffers()
-    if model_config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
+    model = GPT.empty(model_config)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as e:
