@@ -30,8 +30,9 @@ lmforge (fp32, one thread):
            alternating rounds (medians), and the ratio lmforge / llama.cpp
   lora     (--lora) llama.cpp loading the f32 base with lmforge's LoRA adapter file (random adapters on q, k, v, o
            and the MLP) against lmforge's merged model, and without the adapter as the control
-  quantize (--quantize-speed, instead of speed) seconds to a Q4_K_M file of the --speed-preset model: lmforge's export against
-           llama.cpp's quantizer on the f32 export (1 and 2 threads), and whether the files' tensors are the same
+  quantize (--quantize-speed, instead of speed) seconds to a Q4_K_M file of the --speed-preset model: lmforge's
+           export against llama.cpp's quantizer on the f32 export (1 and 2 threads), and whether the files' tensors
+           are the same
 Each comparison runs in a child process, so a crash inside llama.cpp is recorded (its signal) instead of ending the run.
 
     pip install llama-cpp-python          # builds llama.cpp (a few minutes on 2 cores)
@@ -299,9 +300,8 @@ def lora_adapter(run: Path, model: GPT, tokenizer, arch: str, args: argparse.Nam
         merged = merge_lora(adapted)(torch.tensor([ids]))[0].float()
     out = {"adapter_tensors": len(tensors), "adapter_bytes": adapter.stat().st_size}
     for label, extra in (("with_adapter", {"lora_path": str(adapter)}), ("without_adapter", {})):
-        llm = Llama(model_path=str(base), n_ctx=model.config.block_size, n_threads=1, n_threads_batch=1, logits_all=True,
-                    verbose=False,
-                    **extra)
+        llm = Llama(model_path=str(base), n_ctx=model.config.block_size, n_threads=1, n_threads_batch=1,
+                    logits_all=True, verbose=False, **extra)
         llm.eval(ids)
         theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
         out[f"{label}_logits_max_diff_relative"] = round(float((merged - theirs).abs().max() / merged.abs().max()), 7)

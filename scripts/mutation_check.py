@@ -379,7 +379,8 @@ MUTANTS = [
             "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[q4_k]",)),
     Mutant("kquant-no-search-over-scales", "interop/gguf_kquants.py",
            "for step in range(nstep + 1):", "for step in range(0):",
-           ("tests/test_gguf_kquants.py::test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits",)),
+           ("tests/test_gguf_kquants.py::"
+            "test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits",)),
     Mutant("kquant-q3-levels-not-refined", "interop/gguf_kquants.py",
            "    for _ in range(5):\n        changed = False", "    for _ in range(0):\n        changed = False",
            ("tests/test_gguf_kquants.py::"

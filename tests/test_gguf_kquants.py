@@ -1,8 +1,8 @@
-"""llama.cpp's K-quants written by lmforge (interop.gguf_kquants): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS and IQ4_NL blocks, the bytes
-of a scalar transcription of llama.cpp's reference loops, that the gguf package's dequantizers (llama.cpp's layout)
-read back close to the weights, closer than the older types of as many bits; the mixes (Q6_K down to Q2_K) choose
-each tensor's type as llama-quantize does; an export loads in transformers with logits close to the model's and
-imports back to what the file holds."""
+"""llama.cpp's K-quants written by lmforge (interop.gguf_kquants): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS and IQ4_NL
+blocks, the bytes of a scalar transcription of llama.cpp's reference loops, that the gguf package's dequantizers
+(llama.cpp's layout) read back close to the weights, closer than the older types of as many bits; the mixes (Q6_K
+down to Q2_K, IQ4) choose each tensor's type as llama-quantize does; an export loads in transformers with logits close
+to the model's and imports back to what the file holds."""
 
 from __future__ import annotations
 
@@ -396,8 +396,9 @@ def _ref_iq4_xs(block):
     return np.float16(d).tobytes() + high.to_bytes(2, "little") + bytes(low) + _ref_iq4_pack(index)
 
 
-REFERENCE = {"iq4_nl": _ref_iq4_nl, "iq4_xs": _ref_iq4_xs, "q2_k": _ref_q2_k, "q3_k": _ref_q3_k, "q4_k": lambda b: _ref_q45_k(b, 15, -1.0, 20),
-             "q5_k": lambda b: _ref_q45_k(b, 31, -0.5, 15), "q6_k": _ref_q6_k}
+REFERENCE = {"iq4_nl": _ref_iq4_nl, "iq4_xs": _ref_iq4_xs, "q2_k": _ref_q2_k, "q3_k": _ref_q3_k,
+             "q4_k": lambda b: _ref_q45_k(b, 15, -1.0, 20), "q5_k": lambda b: _ref_q45_k(b, 31, -0.5, 15),
+             "q6_k": _ref_q6_k}
 
 
 @pytest.mark.parametrize("kind", list(REFERENCE))
@@ -490,10 +491,11 @@ def test_a_k_quant_export_has_llama_quantizes_types_loads_in_transformers_and_im
                               quantize(w, "q4_k").reshape(-1))
     assert fields(path)["general.file_type"] == int(gguf.LlamaFileType["MOSTLY_" + mix.upper()])
     theirs, _ = load_theirs(path, model.config)  # transformers dequantizes with the gguf package
-    ids = torch.randint(0, 300, (2, 40))
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, other = model(ids), theirs(ids).logits
-    tolerance = {"q4_k_m": 0.25, "q6_k": 0.08, "q3_k_m": 0.5}[mix]  # random layers amplify (q8_0: 0.016, q4_0: 0.2)
+    # measured on these ids: Llama-style 0.149, 0.042, 0.247 (four random layers amplify); GPT-2 less
+    tolerance = {"q4_k_m": 0.25, "q6_k": 0.08, "q3_k_m": 0.4}[mix]
     assert 0 < (ours - other).abs().max() <= tolerance * ours.abs().max()
     back, _, _ = load_for_inference(import_gguf(path, tmp_path / "back"), "cpu")
     _, stored = read_gguf(path)

@@ -1486,8 +1486,9 @@ def _add_export(sub: Any) -> None:
             --format gguf: one file for llama.cpp, Ollama, LM Studio and other ggml programs (a GPT-2 or
             Llama-style language model, as for hf), the tokenizer inside; --gguf-type f32 (exact), f16, bf16, q8_0,
             5- and 4-bit q5_1, q5_0, q4_1, q4_0, or llama.cpp's K-quant mixes q6_k, q5_k_m, q5_k_s, q4_k_m (the
-            usual choice to share a model), q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, and iq4_xs, iq4_nl. A LoRA run is written merged, or with --adapter as a llama.cpp
-            LoRA adapter that applies onto the GGUF of its base."""),
+            usual choice to share a model), q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, and iq4_xs, iq4_nl. A LoRA run
+            is written merged, or with --adapter as a llama.cpp LoRA adapter that applies onto the GGUF of its
+            base."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge export runs/char-small --format hf --out exports/char-small-hf

@@ -43,6 +43,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
+
 import numpy as np
 
 QK_K = 256  # weights per super-block
@@ -129,8 +130,9 @@ def _scale_and_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta:
                    nstep: int, mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """llama.cpp's make_qkx2_quants for M sub-blocks at once, each a column: x, w (n, M) -> scale (M,), minimum
     (M,, >= 0: the value read is scale * q - minimum) and q (n, M) in 0..nmax, the candidate of least weighted
-    squared error (absolute error with `mad`, as Q2_K measures it). Sums run down the columns (numpy adds the rows of an (n, M) array in order), as llama.cpp's
-    loops do: a sum in another order can make another candidate win a near tie."""
+    squared error (absolute error with `mad`, as Q2_K measures it). Sums run down the columns (numpy adds the
+    rows of an (n, M) array in order), as llama.cpp's loops do: a sum in another order can make another candidate
+    win a near tie."""
     f32 = np.float32
     low = np.minimum(x.min(axis=0), f32(0))
     high = x.max(axis=0)
