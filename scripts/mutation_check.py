@@ -382,7 +382,7 @@ MUTANTS = [
            ("tests/test_gguf_kquants.py::"
             "test_k_quant_blocks_read_back_close_and_beat_the_older_types_of_as_many_bits",)),
     Mutant("kquant-q3-levels-not-refined", "interop/gguf_kquants.py",
-           "    for _ in range(5):\n        changed = False", "    for _ in range(0):\n        changed = False",
+           "    for _ in range(5):\n        xa, wa", "    for _ in range(0):\n        xa, wa",
            ("tests/test_gguf_kquants.py::"
             "test_the_vectorised_quantizer_writes_the_bytes_of_llama_cpps_reference_loops[q3_k]",)),
     Mutant("kquant-q2-squared-not-absolute-error", "interop/gguf_kquants.py",

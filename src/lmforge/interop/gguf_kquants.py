@@ -65,9 +65,9 @@ def _more_bits(i: int, n: int) -> bool:
 
 
 def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int, gqa: int = 1) -> str:
-    """The type a matrix of `columns` weights per row takes under `mix` (q4_k_m, ...): q2_k .. q6_k, or a fallback
-    block type (q4_0, q5_0, q5_1, q8_0) or f16 when its rows are not whole super-blocks. `gqa`: query heads per
-    key/value head (Q2_K gives the values more bits from 4)."""
+    """The type a matrix of `columns` weights per row takes under `mix` (q4_k_m, ..., iq4_xs): q2_k .. q6_k,
+    iq4_xs, iq4_nl, or a fallback block type (q4_0, q5_0, q5_1, q8_0, iq4_nl) or f16 when its rows are not whole
+    blocks. `gqa`: query heads per key/value head (Q2_K and IQ4 give the values more bits from 4)."""
     base = BASE[mix]
     if head:
         return "q6_k" if columns % QK_K == 0 else "q8_0"
@@ -270,19 +270,23 @@ def _q3_levels(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     w = x * x
     wx = w * x
     sumlx, suml2 = (wx * q).sum(axis=0, dtype=f32), (w * q * q).sum(axis=0, dtype=f32)
+    active = np.arange(x.shape[1])  # llama.cpp stops a sub-block after a pass without changes
     for _ in range(5):
-        changed = False
-        for i in range(len(x)):  # llama.cpp stops a sub-block after a pass without changes: another changes nothing
-            wi, xi, li = w[i], x[i], q[i]
-            slx = sumlx - wx[i] * li
-            sl2 = suml2 - wi * li * li
+        xa, wa, wxa, qa, lx, l2 = x[:, active], w[:, active], wx[:, active], q[:, active], sumlx[active], suml2[active]
+        changed = np.zeros(len(active), dtype=bool)
+        for i in range(len(x)):
+            wi, xi, li = wa[i], xa[i], qa[i]
+            slx = lx - wxa[i] * li
+            sl2 = l2 - wi * li * li
             new = np.clip(np.rint(xi * sl2 / np.where(slx > 0, slx, f32(1))), -nmax, nmax - 1)
-            slx2, sl22 = slx + wx[i] * new, sl2 + wi * new * new
-            take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            q[i] = np.where(take, new, li)
-            sumlx, suml2 = np.where(take, slx2, sumlx), np.where(take, sl22, suml2)
-            changed = changed or bool(take.any())
-        if not changed:
+            slx2, sl22 = slx + wxa[i] * new, sl2 + wi * new * new
+            take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * l2 > lx * lx * sl22)
+            qa[i] = np.where(take, new, li)
+            lx, l2 = np.where(take, slx2, lx), np.where(take, sl22, l2)
+            changed |= take
+        q[:, active], sumlx[active], suml2[active] = qa, lx, l2
+        active = active[changed]
+        if not len(active):
             break
     scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
     return np.where(zero, f32(0), scale), np.where(zero, 0, q.astype(np.int32) + nmax)
