@@ -321,6 +321,17 @@ def in_child(f, *a) -> dict:
     return queue.get() if child.exitcode == 0 else {"llama_cpp_crashed": True, "exit_code": child.exitcode}
 
 
+def alternating_rounds(runs: dict, rounds: int, label: str, fmt: str) -> dict[str, list[float]]:
+    """{name: [each round's value]} of runs[name]() over `rounds` rounds, the order reversed every other round (so a
+    drift of the machine's load falls on every run alike); each round printed with `fmt`."""
+    per_round: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            per_round[name].append(runs[name]())
+        print(f"{label} {r}: " + ", ".join(f"{n} {fmt.format(v[-1])}" for n, v in per_round.items()), flush=True)
+    return per_round
+
+
 def speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
     """Batch-1 decoding tokens/s: lmforge (fp32) against llama.cpp reading the f32 and f16 exports."""
     from lmforge.config import PRESETS
@@ -351,11 +362,7 @@ def speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
     runs = {"lmforge-fp32": ours, "llama.cpp-f32": lambda: theirs("f32"), "llama.cpp-f16": lambda: theirs("f16")}
     for f in runs.values():
         f()  # warm-up
-    per_round: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(args.rounds):
-        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            per_round[name].append(runs[name]())
-        print(f"round {r}: " + ", ".join(f"{n} {v[-1]:.1f} tok/s" for n, v in per_round.items()), flush=True)
+    per_round = alternating_rounds(runs, args.rounds, "round", "{:.1f} tok/s")
     tps = {name: round(statistics.median(v), 2) for name, v in per_round.items()}
     return {"preset": args.speed_preset, "new_tokens": args.speed_tokens, "tokens_per_s": tps,
             "tokens_per_s_per_round": {n: [round(x, 2) for x in v] for n, v in per_round.items()},
@@ -390,11 +397,7 @@ def quantize_speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
 
     runs = {"lmforge-export": ours, "llama.cpp-quantize-1-thread": lambda: theirs(1),
             "llama.cpp-quantize-2-threads": lambda: theirs(2)}
-    per_round: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(args.rounds):
-        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            per_round[name].append(runs[name]())
-        print(f"quantize round {r}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in per_round.items()), flush=True)
+    per_round = alternating_rounds(runs, args.rounds, "quantize round", "{:.2f} s")
     seconds = {name: round(statistics.median(v), 3) for name, v in per_round.items()}
     same = same_bytes_as_llama_cpp_quantizer(f32, work / "quantize" / "model-q4_k_m.gguf", "q4_k_m")
     return {"preset": args.speed_preset, "type": "q4_k_m", "seconds": seconds,
