@@ -148,8 +148,30 @@ def build_optimizer(model: torch.nn.Module, device: torch.device) -> tuple[torch
     return lmforge_build_optimizer(model, optim, device), "lmforge.train.optim.build_optimizer"
 
 
-def flash_kernels_in_profile(step, device: torch.device) -> list[str]:
-    """Names of the CUDA kernels of one training step that belong to flash attention."""
+def kernel_kind(name: str) -> str:
+    """The kind of work a CUDA kernel does, by its name: attention, matmul, fused (inductor's Triton) or other."""
+    low = name.lower()
+    if "flash" in low or "fmha" in low or "sdpa" in low:
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
+        return "matmul"
+    return "fused" if low.startswith("triton") else "other"
+
+
+def kernel_table(kernels: list[tuple[str, float]], top: int = 15) -> dict:
+    """(name, device ms) of a step's kernels -> total ms, ms and share by kind, and the `top` longest kernels."""
+    total = sum(ms for _, ms in kernels) or 1.0
+    by_kind: dict[str, float] = {}
+    for name, ms in kernels:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    longest = sorted(kernels, key=lambda k: -k[1])[:top]
+    return {"device_ms": round(total, 3), "ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items())},
+            "share_by_kind": {k: round(v / total, 4) for k, v in sorted(by_kind.items())},
+            "top": [{"kernel": n[:120], "kind": kernel_kind(n), "ms": round(ms, 3)} for n, ms in longest]}
+
+
+def profile_step(step, device: torch.device) -> list[tuple[str, float]]:
+    """(kernel name, device ms summed over its calls) of one training step's CUDA kernels; [] off CUDA."""
     if device.type != "cuda":
         return []
     from torch.profiler import ProfilerActivity, profile
@@ -157,8 +179,11 @@ def flash_kernels_in_profile(step, device: torch.device) -> list[str]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         sync(device)
-    names = {e.key for e in prof.key_averages()}
-    return sorted(n[:120] for n in names if "flash" in n.lower() or "fmha" in n.lower())
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        kernels.append((e.key, (us if us is not None else e.self_cuda_time_total) / 1000))
+    return kernels
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -239,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     peak, peak_source = detect_peak(device, args.peak_tflops)
     measured = measured_bf16_rate(device, 8192 if on_cuda else 256)  # a CPU without bf16 hardware: 1024^3 takes 2 s
     peak_memory = torch.cuda.max_memory_allocated(device) if on_cuda else None
-    flash_kernels = flash_kernels_in_profile(lambda: step(0), device)
+    kernels = profile_step(lambda: step(0), device)
+    flash_kernels = sorted(n[:120] for n, _ in kernels if "flash" in n.lower() or "fmha" in n.lower())
 
     summary = {
         "benchmark": "gpu_check", "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
@@ -262,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         # which implementation of flash attention ran: cuDNN's (SDPBackend.CUDNN_ATTENTION) or PyTorch's FA2 kernels
         "flash_implementation": ("cudnn" if any("cudnn" in k for k in flash_kernels)
                                  else "pytorch-flash" if flash_kernels else None),
+        "kernels": kernel_table(kernels) if kernels else None,  # where one step's device time goes
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
         "total_s": round(time.perf_counter() - start, 1),
     }
@@ -274,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"vs measured matmul {summary['measured_bf16_matmul_tflops']} TFLOP/s: {summary['mfu_vs_measured_matmul']}")
     print(f"flash attention backend available: {flash_ok} ({flash_note}); flash kernels in a step: "
           f"{flash_kernels[:3] or 'none'}")
+    if kernels:
+        print(f"one step's kernels: {summary['kernels']['device_ms']} ms on the device, by kind "
+              f"{summary['kernels']['ms_by_kind']}")
     print(f"loss {summary['loss_first']} -> {summary['loss_last']}  total {summary['total_s']} s")
     print(json.dumps(summary))
     if args.json_out:

@@ -486,3 +486,14 @@ def test_distill_quality_trains_a_teacher_and_three_students(tmp_path):
         assert summary["gain_over_data_only"][name] == pytest.approx(
             students["data"]["val_loss_whole_split"] - students[name]["val_loss_whole_split"], abs=2e-4)
         assert students[name]["val_distill_divergence_fixed_batches"] > 0
+
+
+def test_gpu_check_sorts_a_steps_kernels_by_kind():
+    bench = load("gpu_check")
+    kernels = [("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", 6.0), ("sm90_xmma_gemm_bf16bf16_bf16f32", 2.0),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 1.5),
+               ("triton_per_fused_add_native_layer_norm_0", 0.4), ("void at::native::vectorized_elementwise", 0.1)]
+    table = bench.kernel_table(kernels, top=2)
+    assert table["ms_by_kind"] == {"attention": 1.5, "fused": 0.4, "matmul": 8.0, "other": 0.1}
+    assert table["device_ms"] == 10.0 and sum(table["share_by_kind"].values()) == pytest.approx(1)
+    assert [k["ms"] for k in table["top"]] == [6.0, 2.0]
