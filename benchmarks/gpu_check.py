@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     on_cuda = device.type == "cuda"
     if on_cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device is visible; run with --device cpu for the smoke test")
+    if on_cuda and device.index is None:  # a process group's device_id needs the index
+        device = torch.device("cuda", torch.cuda.current_device())
     B = args.batch_size or (32 if on_cuda else 1)
     T = args.block_size or (1024 if on_cuda else 64)
     use_compile = args.compile == "on" or (args.compile == "auto" and on_cuda)

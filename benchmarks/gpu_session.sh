@@ -7,7 +7,7 @@
 #   device time goes (matmul, attention, fused elementwise kernels). Results go to $OUT (the device tool brings back
 #   at most 8 files: this writes 7), or benchmarks/results/ without it.
 # Run from the repository root on the GPU machine, after `make install` (or with torch already there):
-#   bash benchmarks/gpu_session.sh
+#   bash benchmarks/gpu_session.sh [PART...]   (PART: chunk1024 chunk8192 whole-logits ddp fsdp tests; default all)
 # A dry run of the script on a CPU: GPU_CHECK_EXTRA="--device cpu --preset char-small --compile off" bash ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,14 +22,20 @@ check() {  # check NAME ARGS...: one gpu_check run of 200 steps at most, its JSO
   timeout 150 "$PY" benchmarks/gpu_check.py --steps 200 --max-seconds 110 --vocab-size 50304 --compile-scope loss \
       "$@" ${GPU_CHECK_EXTRA:-} --json-out "$OUT/gpu_check-$name-h200.json" || status=1
 }
-check chunk1024 --loss-chunk 1024
-check chunk8192 --loss-chunk 8192
-check whole-logits --loss-chunk 0
-check ddp --parallel ddp --loss-chunk 1024
-check fsdp --parallel fsdp --loss-chunk 1024
-timeout 200 "$PY" -m pytest -q -s -m gpu tests/test_train_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1 \
-    || status=1
-tail -4 "$OUT/gpu_tests.txt"
+# the parts to run, in this order (default: all; a rerun names the ones that failed, e.g. `... tests ddp`)
+parts=${*:-chunk1024 chunk8192 whole-logits ddp fsdp tests}
+for part in $parts; do
+  case $part in
+    chunk1024) check chunk1024 --loss-chunk 1024 ;;
+    chunk8192) check chunk8192 --loss-chunk 8192 ;;
+    whole-logits) check whole-logits --loss-chunk 0 ;;
+    ddp|fsdp) check "$part" --parallel "$part" --loss-chunk 1024 ;;
+    tests) timeout 200 "$PY" -m pytest -q -s -m gpu tests/test_train_gpu.py -p no:cacheprovider > "$OUT/gpu_tests.txt" \
+             2>&1 || status=1
+           tail -4 "$OUT/gpu_tests.txt" ;;
+    *) echo "unknown part $part (chunk1024 chunk8192 whole-logits ddp fsdp tests)"; exit 2 ;;
+  esac
+done
 "$PY" - "$OUT" <<'PY'
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("gpu_check-*-h200.json")):

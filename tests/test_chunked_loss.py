@@ -197,3 +197,35 @@ def test_a_frozen_head_gets_no_gradient_and_costs_none():
     reference(h64, weight.double(), targets, 0.0).backward()
     torch.testing.assert_close(h.grad, h64.grad.float(), rtol=1e-4, atol=1e-6)
     assert weight.grad is None
+
+
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_compiled_it_gives_the_eager_gradients(frozen_head):
+    """torch.compile traces the fused loss into the step's graph: the same loss and gradients as eager, none zero
+    (torch 2.11 on a GPU once compiled it into a step whose gradients were all zero), and a frozen head still gets
+    none."""
+    from lmforge.config import preset
+    from lmforge.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(preset("char-small", block_size=16, dropout=0.0, n_layer=2))
+    model.lm_head.weight.requires_grad_(not frozen_head)  # tied: the embedding frozen with it
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, model.config.vocab_size, (2, 16), generator=g) for _ in range(2))
+
+    def step(loss_of):
+        model.zero_grad(set_to_none=True)
+        loss = loss_of(x, y)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_of(x, y):
+        return model(x, targets=y, loss_chunk=8) / y.numel()
+
+    eager_loss, eager = step(loss_of)
+    compiled_loss, compiled = step(torch.compile(loss_of))
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    assert compiled.keys() == eager.keys() and ("tok_emb.weight" in eager) != frozen_head  # tied to the head
+    for name, grad in eager.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-3, atol=1e-6, msg=name)
