@@ -201,9 +201,9 @@ def test_a_frozen_head_gets_no_gradient_and_costs_none():
 
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_compiled_it_gives_the_eager_gradients(frozen_head):
-    """torch.compile traces the fused loss into the step's graph: the same loss and gradients as eager, none zero
-    (torch 2.11 on a GPU once compiled it into a step whose gradients were all zero), and a frozen head still gets
-    none."""
+    """torch.compile traces the fused loss into the step's graph: the same loss and gradients as eager, none zero,
+    and a frozen head still gets none. (Under torch 2.11 every gradient came out 0 while the loss summed in place:
+    see the next test, which holds that on any torch.)"""
     from lmforge.config import preset
     from lmforge.model import GPT
 
@@ -229,3 +229,21 @@ def test_compiled_it_gives_the_eager_gradients(frozen_head):
     for name, grad in eager.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(compiled[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_no_loss_is_a_tensor_added_to_in_place():
+    """The fused losses' outputs are never tensors made and then added to in place (their version counter stays 0):
+    torch 2.11's torch.compile traced such an output of an autograd Function as one that needs no gradient, and a
+    compiled training step got every gradient 0 (seen on an H200, and on a CPU with torch 2.11)."""
+    from lmforge.head_loss import Teacher, linear_distillation
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 8, generator=g).requires_grad_()
+    weight = torch.randn(30, 8, generator=g).requires_grad_()
+    targets = torch.randint(0, 30, (2, 5), generator=g)
+    teacher = Teacher(torch.randn(2, 5, 8, generator=g), torch.randn(30, 8, generator=g), alpha=0.5)
+    outputs = [linear_cross_entropy_sum(h, weight, targets, 0.0, 3), *linear_distillation(h, weight, targets,
+                                                                                           teacher, 0.0, 3)]
+    with torch.no_grad():
+        outputs.append(linear_cross_entropy_sum(h, weight, targets, 0.0, 3))
+    assert [t._version for t in outputs] == [0] * 5

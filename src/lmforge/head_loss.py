@@ -46,28 +46,25 @@ def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: tor
     """
     h2, flat = h.reshape(-1, h.size(-1)), targets.reshape(-1)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h2, weight, flat, cap, chunk, h.requires_grad, weight.requires_grad)
+        return _LinearCrossEntropy.apply(h2, weight, flat, cap, chunk)
     with torch.no_grad():
         return _chunks(h2, weight, flat, cap, chunk, False, False)[0]
 
 
-# The two autograd Functions below that compute their gradients in the forward pass keep them with
-# ctx.save_for_backward and are told by their caller which inputs need one (a frozen head, LoRA elsewhere, needs no
-# dloss/dweight): torch.compile traces them into its graph, and torch 2.11's tracing of ctx.needs_input_grad inside a
-# forward gave False for every input, so a compiled step trained nothing (seen on an H200, 2026-12-04).
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float,
-                chunk: int, need_h: bool, need_w: bool) -> torch.Tensor:
-        loss, dh, dw = _chunks(h, weight, targets, cap, chunk, need_h, need_w)
-        ctx.save_for_backward(dh, dw)
+                chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[:2]  # a frozen head (LoRA elsewhere) needs no dloss/dweight
+        loss, ctx.dh, ctx.dw = _chunks(h, weight, targets, cap, chunk, need_h, need_w)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        dh, dw = (None if d is None else d * grad.to(d.dtype) for d in ctx.saved_tensors)  # the loss scale
-        return dh, dw, None, None, None, None, None
+        dh, dw = (None if d is None else d.mul_(grad.to(d.dtype)) for d in (ctx.dh, ctx.dw))  # the loss scale
+        ctx.dh = ctx.dw = None
+        return dh, dw, None, None, None
 
 
 def _chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float, chunk: int,
@@ -77,6 +74,8 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: f
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
     with torch.autocast(kind, enabled=False):
         w = weight.to(dtype)
+        # the sums grow out of place (loss = loss + ..., not +=): torch 2.11's torch.compile took a Function's output
+        # that was a new tensor added to in place for one needing no gradient, and every gradient came out 0
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if grad_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad_w else None
@@ -90,7 +89,7 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: f
                 z = slope * cap
             picked = z.gather(1, y[:, None])[:, 0]
             lse, sums = _exp_shifted_(z)  # z now holds exp(z - max)
-            loss += ((lse - picked) * counted).sum()
+            loss = loss + ((lse - picked) * counted).sum()
             if not (grad_h or grad_w):
                 continue
             dz = z.div_(sums[:, None])  # softmax, in z's memory
@@ -306,7 +305,7 @@ def linear_distillation(h: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     x_t = teacher.hidden.reshape(-1, teacher.hidden.size(-1)).index_select(0, where)
     chunk = chunk if chunk > 0 else max(1, x.size(0))
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _Distillation.apply(x, weight, y, x_t, teacher, cap, chunk, h.requires_grad, weight.requires_grad)
+        return _Distillation.apply(x, weight, y, x_t, teacher, cap, chunk)
     with torch.no_grad():
         return _distill_chunks(x, weight, y, x_t, teacher, cap, chunk, False, False)[:3]
 
@@ -333,18 +332,18 @@ def divergence_of(log_ps: torch.Tensor, log_pt: torch.Tensor, beta: float) -> tu
 class _Distillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, x_t: torch.Tensor,
-                teacher: Teacher, cap: float, chunk: int, need_h: bool,
-                need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        loss, ce, d, dh, dw = _distill_chunks(h, weight, targets, x_t, teacher, cap, chunk, need_h, need_w)
-        ctx.save_for_backward(dh, dw)
+                teacher: Teacher, cap: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        need_h, need_w = ctx.needs_input_grad[:2]
+        loss, ce, d, ctx.dh, ctx.dw = _distill_chunks(h, weight, targets, x_t, teacher, cap, chunk, need_h, need_w)
         ctx.mark_non_differentiable(ce, d)
         return loss, ce, d
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-        dh, dw = (None if d is None else d * grad.to(d.dtype) for d in ctx.saved_tensors)
-        return dh, dw, None, None, None, None, None, None, None
+        dh, dw = (None if d is None else d.mul_(grad.to(d.dtype)) for d in (ctx.dh, ctx.dw))
+        ctx.dh = ctx.dw = None
+        return dh, dw, None, None, None, None, None
 
 
 def _distill_chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, x_t: torch.Tensor,
@@ -365,9 +364,9 @@ def _distill_chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
                 z_t, _ = _chunk_logits(x_t[rows].to(w_t.dtype), w_t, teacher.cap, t)
             log_ps = torch.log_softmax(z / t, dim=-1)
             divergence, dz = divergence_of(log_ps, torch.log_softmax(z_t, dim=-1), teacher.beta)
-            d += divergence.sum()
+            d = d + divergence.sum()  # out of place: see _chunks
             log_p = log_ps if t == 1.0 else torch.log_softmax(z, dim=-1)
-            ce -= log_p.gather(1, y[:, None]).sum()
+            ce = ce - log_p.gather(1, y[:, None]).sum()
             if not (grad_h or grad_w):
                 continue
             dz.mul_(teacher.alpha / t)  # the divergence's part, through z / t
