@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-scope", choices=("model", "loss"), default="model",
                    help="model: compile the model alone (as the trainer does; run on an H200); loss: compile model + "
                         "cross-entropy together, so the fp32 upcast of the (B, T, V) logits fuses into the loss")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
+                   help="torch.compile's mode: reduce-overhead replays the step's kernels as CUDA graphs (no launch "
+                        "gaps); max-autotune also times Triton matmul templates (minutes of compiling)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="override gpt2-124m's 50257, e.g. 50304 (a multiple of 128: faster LM-head products)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the chip's dense bf16 peak, if not detected")
@@ -217,11 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
             logits = net(x)  # (B, T, V)
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
+    mode = None if args.compile_mode == "default" else args.compile_mode
     if use_compile and args.compile_scope == "loss":
-        compiled = torch.compile(forward_loss)
+        compiled = torch.compile(forward_loss, mode=mode)
         loss_of = lambda x, y: compiled(x, y, wrapped)  # noqa: E731
     else:
-        net = torch.compile(wrapped) if use_compile else wrapped
+        net = torch.compile(wrapped, mode=mode) if use_compile else wrapped
         loss_of = lambda x, y: forward_loss(x, y, net)  # noqa: E731
     flash_ok, flash_note = flash_available(device)
 
@@ -274,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": here, "model": args.preset, "params": sum(p.numel() for p in model.parameters()),
         "batch_size": B, "block_size": T, "precision": "bf16-mixed", "compile": use_compile, "parallel": args.parallel,
         "model_class": type(wrapped).__name__,  # GPT, DistributedDataParallel, or FSDPGPT (fully_shard's subclass)
-        "compile_scope": args.compile_scope if use_compile else None, "vocab_size": config.vocab_size,
+        "compile_scope": args.compile_scope if use_compile else None,
+        "compile_mode": args.compile_mode if use_compile else None, "vocab_size": config.vocab_size,
         "optimizer": optimizer_name, "loss_chunk": args.loss_chunk,
         "peak_memory_allocated_gib": round(peak_memory / 2**30, 2) if peak_memory else None,
         "warmup_steps": warmup, "timed_steps": timed_steps,

@@ -41,6 +41,7 @@ def test_gpu_check_smoke_on_cpu():
     assert summary["loss_last"] < summary["loss_first"] + 0.5  # it trains, it does not blow up
     assert summary["flash_used"] is False  # no CUDA: no flash kernels
     assert summary["loss_chunk"] == 1024  # the head fused with its loss, as the Trainer trains
+    assert summary["compile_mode"] is None  # not compiled
     whole = load("gpu_check").main(["--device", "cpu", "--steps", "3", "--compile", "off", "--preset", "char-small",
                                     "--loss-chunk", "0"])
     assert whole["loss_first"] == pytest.approx(summary["loss_first"], abs=0.01)  # the same step, to bf16 rounding
