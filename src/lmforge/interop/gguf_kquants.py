@@ -97,21 +97,36 @@ def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int, gqa
 
 
 # ------------------------------------------------------------------------------------------ quantizers
-def quantize(data: np.ndarray, kind: str) -> np.ndarray:
+WEIGHTED = ("q4_k", "q5_k", "q6_k")  # the types whose llama.cpp quantizers take an importance matrix here
+
+
+def quantize(data: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
     """A float matrix (rows, columns), columns a multiple of 256 -> its bytes (rows, columns / 256 * block bytes)
     as llama.cpp stores a `kind` (q2_k | q3_k | q4_k | q5_k | q6_k | iq4_xs | iq4_nl) tensor; iq4_nl takes rows of
-    whole blocks of 32."""
+    whole blocks of 32. importance (columns,): how much each column's error costs (an importance matrix's entry for
+    this tensor, the mean square of the activations each column multiplies), for q4_k, q5_k and q6_k: then the
+    quantizers are llama.cpp's quantize_row_*_impl, which weigh each weight's error by it."""
     rows, columns = data.shape
     size = 32 if kind == "iq4_nl" else QK_K
     if columns % size:
         raise ValueError(f"{kind} needs rows of whole blocks of {size} weights, not {columns}")
+    if importance is not None and kind not in WEIGHTED:
+        raise ValueError(f"an importance matrix is taken by {', '.join(WEIGHTED)} here, not {kind}")
+    if importance is not None and np.shape(importance) != (columns,):
+        raise ValueError(f"the importance has {np.size(importance)} values for {columns} columns")
     blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, size)
     encode = {"q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k, "iq4_xs": _iq4_xs,
               "iq4_nl": _iq4_nl}[kind]
     per = _CHUNK * QK_K // size
-    chunks = [blocks[i:i + per] for i in range(0, len(blocks), per)]
-    with ThreadPoolExecutor(max(1, min(len(chunks), os.cpu_count() or 1))) as pool:  # numpy's loops free the GIL
-        out = np.concatenate(list(pool.map(encode, chunks)))
+    starts = range(0, len(blocks), per)
+    if importance is None:
+        work = [(encode, blocks[i:i + per]) for i in starts]
+    else:  # block b of the matrix covers columns (b % blocks per row) * 256 onwards
+        by_block = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1, QK_K)
+        work = [(encode, blocks[i:i + per], by_block[np.arange(i, min(i + per, len(blocks))) % len(by_block)])
+                for i in starts]
+    with ThreadPoolExecutor(max(1, min(len(work), os.cpu_count() or 1))) as pool:  # numpy's loops free the GIL
+        out = np.concatenate(list(pool.map(lambda job: job[0](*job[1:]), work)))
     return out.reshape(rows, columns * BYTES[kind] // QK_K)
 
 
@@ -208,6 +223,15 @@ def _with_minimums(blocks: np.ndarray, size: int, nmax: int, rmin: float, nstep:
     lm = np.clip(_round(inv_min[:, None] * mins), 0, levels).astype(np.uint8)
     d_half, d = _f16(max_scale / f32(levels))
     dmin_half, dmin = _f16(max_min / f32(levels))
+    return _requantized(blocks, q, d_half, d, dmin_half, dmin, ls, lm, nmax)
+
+
+def _requantized(blocks: np.ndarray, q: np.ndarray, d_half: np.ndarray, d: np.ndarray, dmin_half: np.ndarray,
+                 dmin: np.ndarray, ls: np.ndarray, lm: np.ndarray, nmax: int) -> tuple[np.ndarray, ...]:
+    """Every weight rounded again against the scale and minimum it will be read with (a sub-block whose scale reads
+    as 0 keeps its levels q (N, per, size)) -> d, dmin as bytes, ls, lm, q (N, 256)."""
+    f32 = np.float32
+    n, per, size = q.shape
     step = d[:, None] * ls.astype(f32)  # each sub-block's scale as it will be read
     shift = dmin[:, None] * lm.astype(f32)
     x = blocks.reshape(n, per, size)
@@ -221,15 +245,81 @@ def _around_mean(x: np.ndarray) -> np.ndarray:
     return np.sqrt((x * x).sum(axis=0, dtype=np.float32) / np.float32(len(x))) + np.abs(x)
 
 
-def _q4_k(blocks: np.ndarray) -> np.ndarray:
-    d, dmin, ls, lm, q = _with_minimums(blocks, 32, 15, -1.0, 20, 63, _around_mean)
+def _importance_weights(blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """llama.cpp's weights under an importance matrix: qw * sqrt(sigma2 + x^2), sigma2 twice the block's mean
+    square (summed in order)."""
+    xt = np.ascontiguousarray(blocks.T)
+    sigma2 = np.float32(2) * (xt * xt).sum(axis=0, dtype=np.float32) / np.float32(QK_K)
+    return qw * np.sqrt(sigma2[:, None] + blocks * blocks)
+
+
+def _scale_levels(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's make_qp_quants for N sets of k non-negative values at once: x, w (k, N) -> the scale (N,) and
+    levels (k, N) in 0..nmax of least weighted squared error: the best of 9 candidate scales, then each level moved
+    one at a time while that improves the fit (five passes). Levels are stored as llama.cpp's uint8 would hold them."""
+    f32 = np.float32
+    top = np.maximum(x.max(axis=0), f32(0))
+    zero = top == 0
+    top = np.where(zero, f32(1), top)
+    iscale = f32(nmax) / top
+    levels = np.rint(iscale * x)
+    scale = f32(1) / iscale
+    diff = x - scale * levels
+    best = ((w * diff) * diff).sum(axis=0, dtype=f32)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial_iscale = (f32(0.1) * f32(step) + f32(nmax)) / top
+        trial = np.minimum(f32(nmax), np.rint(trial_iscale * x))
+        diff = x - (f32(1) / trial_iscale) * trial
+        error = ((w * diff) * diff).sum(axis=0, dtype=f32)
+        better = error < best
+        best = np.where(better, error, best)
+        iscale = np.where(better, trial_iscale, iscale)
+    levels = np.mod(np.minimum(f32(nmax), np.rint(iscale * x)), f32(256))
+    wx = w * x
+    sum_lx, sum_l2 = (wx * levels).sum(axis=0, dtype=f32), ((w * levels) * levels).sum(axis=0, dtype=f32)
+    for _ in range(5):  # a set whose pass changed nothing would change nothing again: no need to stop it apart
+        for i in range(len(x)):
+            l_i = levels[i]
+            slx, sl2 = sum_lx - wx[i] * l_i, sum_l2 - (w[i] * l_i) * l_i
+            ok = (slx > 0) & (sl2 > 0)
+            new = np.minimum(f32(nmax), np.rint((x[i] * sl2) / np.where(ok, slx, f32(1))))
+            slx, sl2 = slx + wx[i] * new, sl2 + (w[i] * new) * new
+            take = ok & (new != l_i) & ((slx * slx) * sum_l2 > (sum_lx * sum_lx) * sl2)
+            levels[i] = np.where(take, np.mod(new, f32(256)), l_i)
+            sum_lx, sum_l2 = np.where(take, slx, sum_lx), np.where(take, sl2, sum_l2)
+    scale = np.where(zero, f32(0), sum_lx / np.where(zero, f32(1), sum_l2))
+    return scale.astype(f32), np.where(zero, 0, levels).astype(np.uint8)
+
+
+def _weighted_minimums(blocks: np.ndarray, qw: np.ndarray, size: int, nmax: int) -> tuple[np.ndarray, ...]:
+    """_with_minimums under an importance matrix (llama.cpp's quantize_row_q4_K_impl, q5_K_impl): the sub-blocks'
+    scales and minimums of least weighted error (make_qkx3_quants), then quantized to 6 bits by make_qp_quants,
+    each sub-block weighing as much as its weights' sum."""
+    f32 = np.float32
+    n, per = len(blocks), QK_K // size
+    w = _importance_weights(blocks, qw)
+    x = np.ascontiguousarray(blocks.reshape(n * per, size).T)
+    w = np.ascontiguousarray(w.reshape(n * per, size).T)
+    scales, mins, q = _scale_and_min(x, w, nmax, -0.9, 0.05, 36)
+    sub_weight = np.ascontiguousarray(w.sum(axis=0, dtype=f32).reshape(n, per).T)
+    d_block, ls = _scale_levels(np.ascontiguousarray(scales.reshape(n, per).T), sub_weight, 63)
+    m_block, lm = _scale_levels(np.ascontiguousarray(mins.reshape(n, per).T), sub_weight, 63)
+    d_half, d = _f16(d_block)
+    dmin_half, dmin = _f16(m_block)
+    return _requantized(blocks, q.T.reshape(n, per, size), d_half, d, dmin_half, dmin, ls.T, lm.T, nmax)
+
+
+def _q4_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    d, dmin, ls, lm, q = (_with_minimums(blocks, 32, 15, -1.0, 20, 63, _around_mean) if qw is None
+                          else _weighted_minimums(blocks, qw, 32, 15))
     q = q.reshape(-1, 4, 2, 32)  # 64 weights at a time: the first 32 in the low nibbles, the next 32 in the high
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
     return np.concatenate([d, dmin, _pack_scales(ls, lm), qs], axis=1)
 
 
-def _q5_k(blocks: np.ndarray) -> np.ndarray:
-    d, dmin, ls, lm, q = _with_minimums(blocks, 32, 31, -0.5, 15, 63, _around_mean)
+def _q5_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    d, dmin, ls, lm, q = (_with_minimums(blocks, 32, 31, -0.5, 15, 63, _around_mean) if qw is None
+                          else _weighted_minimums(blocks, qw, 32, 31))
     q = q.reshape(-1, 4, 2, 32)
     qs = ((q[:, :, 0] & 0xF) | ((q[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
     high = (q >> 4).astype(np.uint8)  # the fifth bit: chunk c's first half at bit 2c, its second at 2c + 1
@@ -320,14 +410,14 @@ def _q3_k(blocks: np.ndarray) -> np.ndarray:
     return np.concatenate([hmask, _pack_2bit(q), packed, d_half[:, None].view(np.uint8)], axis=1)
 
 
-def _signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """llama.cpp's make_qx_quants (weights x^2) for M sub-blocks at once, each a column: x (n, M) -> scale (M,)
-    and q (n, M) in 0..2 nmax - 1 (the value read is scale * (q - nmax)), the best of 19 candidate scales."""
+def _signed_scale(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """llama.cpp's make_qx_quants (weights w, else x^2) for M sub-blocks at once, each a column: x (n, M) -> scale
+    (M,) and q (n, M) in 0..2 nmax - 1 (the value read is scale * (q - nmax)), the best of 19 candidate scales."""
     f32 = np.float32
     peak = _largest(x, axis=0)
     zero = np.abs(peak) < _EPS
     peak = np.where(zero, f32(1), peak)
-    w = x * x
+    w = x * x if w is None else w
     wx = w * x  # llama.cpp's w * x * l, left to right
 
     def candidate(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -349,10 +439,12 @@ def _signed_scale(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, f32(0), scale), np.where(zero, 0, q.astype(np.int32) + nmax)
 
 
-def _q6_k(blocks: np.ndarray) -> np.ndarray:
+def _q6_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Under an importance matrix the sub-blocks' scales weigh each error by it alone (quantize_row_q6_K_impl)."""
     f32 = np.float32
     n = len(blocks)
-    scales, q = _signed_scale(np.ascontiguousarray(blocks.reshape(n * 16, 16).T), 32)
+    columns = None if qw is None else np.ascontiguousarray(qw.reshape(n * 16, 16).T)
+    scales, q = _signed_scale(np.ascontiguousarray(blocks.reshape(n * 16, 16).T), 32, columns)
     scales, q = scales.reshape(n, 16), q.T.reshape(n, 16, 16)
     max_scale = _largest(scales, axis=1)
     empty = np.abs(max_scale) < _EPS
