@@ -467,6 +467,18 @@ MUTANTS = [
            'yield "rope_freqs.weight", rope_factors(config)', "pass",
            ("tests/test_llama3_rope.py::"
             "test_gguf_export_writes_llama_cpps_rope_freqs_and_imports_back_to_the_same_scaling",)),
+    Mutant("imatrix-scale-levels-not-refined", "interop/gguf_kquants.py",
+           "    for _ in range(5):  # a set whose pass", "    for _ in range(0):  # a set whose pass",
+           ("tests/test_gguf_imatrix.py::"
+            "test_the_weighted_quantizers_write_the_bytes_of_llama_cpps_impl_loops[q4_k]",)),
+    Mutant("imatrix-measured-but-not-used-by-export", "interop/gguf_export.py",
+           "                            importance=importance.get(source_module(name) or \"\"))",
+           "                            importance=None)",
+           ("tests/test_gguf_imatrix.py::test_export_with_imatrix_text_weighs_the_block_matrices_not_the_head",)),
+    Mutant("fused-loss-summed-in-place", "head_loss.py",
+           "            loss = loss + ((lse - picked) * counted).sum()\n",
+           "            loss += ((lse - picked) * counted).sum()\n",
+           ("tests/test_chunked_loss.py::test_no_loss_is_a_tensor_added_to_in_place",)),
     Mutant("gguf-llama3-settings-not-scaled-to-an-integer-context", "interop/gguf_import.py",
            "    scale = rounded / context if rounded > 0 else 1.0", "    scale = 1.0",
            ("tests/test_llama3_rope.py::"

@@ -1494,7 +1494,9 @@ def _add_export(sub: Any) -> None:
               lmforge export runs/char-small --format hf --out exports/char-small-hf
               lmforge export runs/shakespeare-char --format onnx --out exports/shakespeare.onnx   (any model)
               lmforge export runs/char-small --format gguf --gguf-type f16 --out exports/char-small.gguf
-              lmforge export runs/lora --format gguf --adapter --out exports/lora.gguf   (with the base's GGUF)"""))
+              lmforge export runs/lora --format gguf --adapter --out exports/lora.gguf   (with the base's GGUF)
+              lmforge export runs/llama --format gguf --gguf-type q4_k_m --imatrix-text calibration.txt \\
+                  --out exports/llama-q4_k_m.gguf"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--format", required=True, choices=["hf", "onnx", "gguf"],
                    help="hf (Hugging Face directory) | onnx (file) | gguf (file)")
@@ -1509,6 +1511,11 @@ def _add_export(sub: Any) -> None:
                    "K-quant mix chosen per tensor as llama-quantize does: q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, "
                    "q3_k_l, q3_k_m, q3_k_s, q2_k (2.6 to 6.6 bits per weight; the head q6_k), or iq4_xs, iq4_nl "
                    "(4.25 and 4.5 bits on a non-linear grid)")
+    p.add_argument("--imatrix-text", default=None, metavar="TEXT_FILE",
+                   help="gguf with --gguf-type q6_k, q5_k_m, q5_k_s, q4_k_m or q4_k_s: calibration text (UTF-8) the "
+                   "model reads first to measure an importance matrix, the mean square of the activations each "
+                   "weight multiplies, which the Q4_K, Q5_K and Q6_K tensors are then quantized under (llama-imatrix "
+                   "+ llama-quantize --imatrix): less error where the text needs it")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--merge", action="store_true", help="hf, a LoRA run: one model with the adapters merged in "
                    "(default: the base in OUT and the adapters in PEFT's format in OUT/adapter)")
@@ -1524,6 +1531,9 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.adapter and args.format != "gguf":
         raise ConfigError(f"--adapter applies to --format gguf, not --format {args.format} (hf writes a LoRA run's "
                           "adapters in PEFT's format by default): drop it")
+    if args.imatrix_text is not None and (args.format != "gguf" or args.adapter):
+        raise ConfigError("--imatrix-text weighs the quantization of a --format gguf model (not an --adapter): "
+                          "drop it")
     if args.adapter and args.gguf_type not in (None, "f32"):
         raise ConfigError(f"--adapter writes the adapters in f32 (they are small): drop --gguf-type {args.gguf_type}")
     if args.format == "gguf" and args.adapter:
@@ -1533,7 +1543,8 @@ def _run_export(args: argparse.Namespace) -> int:
     elif args.format == "gguf":
         from lmforge.interop.gguf_export import export_gguf, gguf_summary
 
-        path = export_gguf(args.checkpoint, args.out, force=args.force, dtype=args.gguf_type or "f32", progress=True)
+        path = export_gguf(args.checkpoint, args.out, force=args.force, dtype=args.gguf_type or "f32", progress=True,
+                           imatrix_text=args.imatrix_text)
         print(gguf_summary(path), file=sys.stderr)
         print(path)
     elif args.format == "hf":

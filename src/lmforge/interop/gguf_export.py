@@ -58,6 +58,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
 from lmforge.interop import gguf_kquants, hf_gpt2
+from lmforge.interop.gguf_imatrix import measure_importance, source_module
 from lmforge.interop.hf_llama import is_qwen2, is_qwen3
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
 from lmforge.interop.hf_export import HFExportError, converter_for_model, model_chat_template
@@ -74,14 +75,19 @@ class GGUFExportError(LmforgeError):
     """A checkpoint that cannot be written as GGUF, or an output that must not be replaced."""
 
 
+IMATRIX_TYPES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s")  # the mixes whose types take an importance matrix
+
+
 def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32",
-                progress: bool = False) -> Path:
+                progress: bool = False, imatrix_text: str | Path | None = None) -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a GGUF file; return its path.
 
     dtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0, the matrices' type, or a K-quant mix (q6_k,
     q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, iq4_xs, iq4_nl). An existing out_path is
     replaced only with force and only if it is a GGUF file lmforge wrote. `progress`: a bar over the weights
-    written, on stderr when it is a terminal."""
+    written, on stderr when it is a terminal. imatrix_text: a UTF-8 text file the model reads first to measure an
+    importance matrix (gguf_imatrix) that the Q4_K, Q5_K and Q6_K tensors of dtype's mix are quantized under, as
+    llama-quantize --imatrix does."""
     try:
         import gguf
     except ModuleNotFoundError:
@@ -89,6 +95,10 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     if dtype not in GGUF_TYPES:
         raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 and "
                               "bf16 half the size, q8_0 about a quarter, q6_k down to q2_k less, with more error")
+    if imatrix_text is not None and dtype not in IMATRIX_TYPES:
+        raise GGUFExportError(f"--imatrix-text weighs the Q4_K, Q5_K and Q6_K tensors of --gguf-type "
+                              f"{', '.join(IMATRIX_TYPES)}, not {dtype}: pick one of those or drop it")
+    calibration = None if imatrix_text is None else _calibration_text(imatrix_text)
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=is_gguf_export, what="a GGUF export written by lmforge",
                  error=GGUFExportError, directory=False, inputs=[checkpoint])
@@ -101,12 +111,24 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     if tokenizer is None:
         raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
     vocabulary = _vocabulary(tokenizer, config.vocab_size)
+    importance: dict[str, np.ndarray] = {}
+    if calibration is not None:
+        tokens = torch.from_numpy(tokenizer.encode_array(calibration).astype(np.int64))
+        if len(tokens) < 2:
+            raise GGUFExportError(f"--imatrix-text {imatrix_text} holds {len(tokens)} token(s): give text the model "
+                                  "reads, ideally like what it will be used on (thousands of tokens)")
+        importance = measure_importance(model, tokens, config.block_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(out_path.stem)
         writer.add_string("lmforge.version", __version__)
         _add_hyperparameters(writer, config, arch, dtype)
+        if calibration is not None:  # as llama-quantize records the importance matrix it used
+            writer.add_string("quantize.imatrix.file", Path(imatrix_text).name)
+            writer.add_string("quantize.imatrix.dataset", Path(imatrix_text).name)
+            writer.add_int32("quantize.imatrix.entries_count", len(importance))
+            writer.add_int32("quantize.imatrix.chunks_count", -(-len(tokens) // config.block_size))
         _add_tokenizer(writer, tokenizer, vocabulary)
         chat_template = model_chat_template(ckpt, tokenizer)
         if chat_template is not None:
@@ -117,7 +139,8 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
             for name, tensor in _tensors(model.state_dict(), config, arch):
                 _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype,
                             head=name == "output.weight" or (name == "token_embd.weight" and config.tie_embeddings),
-                            n_layer=config.n_layer, gqa=config.n_head // config.n_kv_head)
+                            n_layer=config.n_layer, gqa=config.n_head // config.n_kv_head,
+                            importance=importance.get(source_module(name) or ""))
                 bar.update(tensor.numel())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -142,15 +165,30 @@ def gguf_architecture(config: ModelConfig, checkpoint: str | Path) -> str:
     return arch
 
 
+def _calibration_text(path: str | Path) -> str:
+    """The text of --imatrix-text, or one line saying why it cannot be used."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GGUFExportError(f"--imatrix-text {path} cannot be read ({type(e).__name__}): give a UTF-8 text file "
+                              "of calibration text") from None
+    if not text.strip():
+        raise GGUFExportError(f"--imatrix-text {path} is empty: give text the model reads, ideally like what it will "
+                              "be used on (thousands of tokens)")
+    return text
+
+
 # ---------------------------------------------------------------------------------------------- weights
 def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool = False, n_layer: int = 1,
-                gqa: int = 1) -> None:
+                gqa: int = 1, importance: np.ndarray | None = None) -> None:
     """One tensor in `dtype` (a matrix) or float32 (a vector, and the position table, as llama.cpp's converter
     keeps it: its graph adds the rows it reads to float32 activations). Block types (q8_0, q5_*, q4_*: gguf's own
     quantizers) need rows of whole blocks of 32, else the matrix is float16; under the 4- and 5-bit types the
     head's matrix (`head`: output, or token_embd when the head reads it) is q8_0, as llama.cpp's quantizer keeps
     the output at more bits than the rest. A K-quant mix (q4_k_m, ...) picks each matrix's type as llama-quantize
-    does (gguf_kquants.tensor_type) and writes q2_k to q6_k, iq4_xs and iq4_nl with lmforge's own quantizer."""
+    does (gguf_kquants.tensor_type) and writes q2_k to q6_k, iq4_xs and iq4_nl with lmforge's own quantizer;
+    `importance` (columns,), an importance matrix's entry, weighs the q4_k, q5_k and q6_k ones (a row that falls
+    back to a legacy type is written without it, where llama-quantize would weigh that too)."""
     import gguf
 
     kind = "q8_0" if head and dtype in LOW_BIT else dtype
@@ -161,7 +199,8 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
         kind = gguf_kquants.tensor_type(dtype, name, n_layer, head, data.shape[-1], gqa)
     if kind in gguf_kquants.BYTES:
         raw = gguf.GGMLQuantizationType[kind.upper()]
-        writer.add_tensor(name, gguf_kquants.quantize(data, kind), raw_dtype=raw)
+        weighted = importance if kind in gguf_kquants.WEIGHTED else None
+        writer.add_tensor(name, gguf_kquants.quantize(data, kind, weighted), raw_dtype=raw)
     elif kind == "f16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] != 0:
         writer.add_tensor(name, data.astype(np.float16))
     else:  # bf16 and the block types: bytes as gguf's quantizers write them

@@ -1,0 +1,69 @@
+"""An importance matrix for GGUF's K-quants, measured by lmforge on calibration text (what llama.cpp's
+llama-imatrix measures, then hands to llama-quantize with --imatrix).
+
+Rounding a weight matters in proportion to the activations it multiplies: a matrix W (out, in) turns x into W x,
+so an error e in row r, column c moves output r by e * x_c, whose expected square is e^2 * E[x_c^2]. The
+importance of column c is therefore the mean of x_c^2 over real text, one number per input column of every
+matrix; the quantizers of Q4_K, Q5_K and Q6_K (gguf_kquants.quantize(..., importance)) then weigh each weight's
+error by it, as llama.cpp's quantize_row_*_impl do, and spend their few levels where the text needs them.
+
+Measured here by forward pre-hooks on the blocks' matrices while the model reads the calibration text in windows
+of its context: q, k and v (and Llama's gate and up) read the same input, so the tensors split from one lmforge
+matrix share its importance. Like llama-imatrix's default, the head (output.weight) gets none.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+# GGUF tensor -> the lmforge matrix whose input it reads (blk.N. prefix apart)
+SOURCES = {"attn_q": "attn.qkv", "attn_k": "attn.qkv", "attn_v": "attn.qkv", "attn_qkv": "attn.qkv",
+           "attn_output": "attn.proj", "ffn_gate": "mlp.fc", "ffn_up": "mlp.fc", "ffn_down": "mlp.proj"}
+_GGUF_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def source_module(gguf_name: str) -> Optional[str]:
+    """The lmforge module whose input a GGUF matrix multiplies ("blk.3.attn_q.weight" -> "blocks.3.attn.qkv"),
+    or None (embeddings, norms, the head)."""
+    match = _GGUF_NAME.fullmatch(gguf_name)
+    if match is None or match[2] not in SOURCES:
+        return None
+    return f"blocks.{match[1]}.{SOURCES[match[2]]}"
+
+
+def measure_importance(model: nn.Module, tokens: torch.Tensor, context: int,
+                       batch_size: int = 8) -> dict[str, np.ndarray]:
+    """{module name: mean square of its input per column (in,) float32} for every block matrix of `model`, over
+    `tokens` (1-D) read in windows of `context` tokens (the last, shorter one too)."""
+    wanted = {f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in set(SOURCES.values())}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.size(0)
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in model.named_modules()
+               if name in wanted]
+    windows = [tokens[i:i + context] for i in range(0, len(tokens), context)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(windows), batch_size):
+                group = windows[i:i + batch_size]
+                for length in sorted({len(w) for w in group}):  # the last window may be shorter
+                    model.hidden_states(torch.stack([w for w in group if len(w) == length]))  # the head not needed
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: (sums[name] / counts[name]).float().numpy() for name in sums}

@@ -1,0 +1,292 @@
+"""GGUF K-quants under an importance matrix (interop.gguf_imatrix, gguf_kquants.quantize(..., importance), export
+--imatrix-text): the bytes of a scalar transcription of llama.cpp's quantize_row_q4_K_impl, q5_K_impl and q6_K_impl;
+less importance-weighted error than without; the importance is the mean square of each matrix's input columns over
+the calibration text; the CLI writes it into the file's matrices (not the head's) and refuses what it cannot use."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gguf_kquants import F, _ref_largest, _ref_qkx2, weights  # noqa: E402
+from test_gguf_export import MAKERS  # noqa: E402
+from test_interop import LLAMA_STYLE, lmforge_run  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+
+from lmforge.checkpoint import load_for_inference  # noqa: E402
+from lmforge.cli import main  # noqa: E402
+from lmforge.interop.gguf_imatrix import measure_importance, source_module  # noqa: E402
+from lmforge.interop.gguf_kquants import BYTES, quantize  # noqa: E402
+
+QT = gguf.GGMLQuantizationType
+
+
+def _ref_qp(x, w, nmax):
+    """make_qp_quants: levels stored as uint8 (a negative int wraps, as C's does)."""
+    top = F(0)
+    for v in x:
+        top = max(top, v)
+    if not top:
+        return F(0), [0] * len(x)
+    iscale = F(F(nmax) / top)
+    levels = [int(np.rint(F(iscale * v))) % 256 for v in x]
+    scale = F(F(1) / iscale)
+    best = F(0)
+    for v, wi, l in zip(x, w, levels):
+        diff = F(v - F(scale * F(l)))
+        best = F(best + F(F(wi * diff) * diff))
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        trial = F(F(F(F(0.1) * F(step)) + F(nmax)) / top)
+        trial_scale = F(F(1) / trial)
+        error = F(0)
+        for v, wi in zip(x, w):
+            diff = F(v - F(trial_scale * F(min(nmax, int(np.rint(F(trial * v)))))))
+            error = F(error + F(F(wi * diff) * diff))
+        if error < best:
+            best, iscale = error, trial
+    sumlx = suml2 = F(0)
+    for i, (v, wi) in enumerate(zip(x, w)):
+        levels[i] = min(nmax, int(np.rint(F(iscale * v))))
+        sumlx = F(sumlx + F(F(wi * v) * F(levels[i])))
+        suml2 = F(suml2 + F(F(wi * F(levels[i])) * F(levels[i])))
+        levels[i] %= 256
+    for _ in range(5):
+        changed = 0
+        for i, (v, wi) in enumerate(zip(x, w)):
+            slx = F(sumlx - F(F(wi * v) * F(levels[i])))
+            sl2 = F(suml2 - F(F(wi * F(levels[i])) * F(levels[i])))
+            if slx > 0 and sl2 > 0:
+                new = min(nmax, int(np.rint(F(F(v * sl2) / slx))))
+                if new != levels[i]:
+                    slx, sl2 = F(slx + F(F(wi * v) * F(new))), F(sl2 + F(F(wi * F(new)) * F(new)))
+                    if F(F(slx * slx) * suml2) > F(F(sumlx * sumlx) * sl2):
+                        levels[i], sumlx, suml2, changed = new % 256, slx, sl2, changed + 1
+        if not changed:
+            break
+    return F(sumlx / suml2), levels
+
+
+def _ref_sigma2(block):
+    total = F(0)
+    for v in block:
+        total = F(total + F(v * v))
+    return F(F(F(2) * total) / F(256))
+
+
+def _ref_q45_k_impl(block, qw, nmax):
+    sigma2 = _ref_sigma2(block)
+    scales, mins, sums, q = [], [], [], []
+    for j in range(8):
+        x = block[32 * j:32 * j + 32]
+        w = [F(F(qw[32 * j + i]) * F(np.sqrt(F(sigma2 + F(v * v))))) for i, v in enumerate(x)]
+        total = F(0)
+        for wi in w:
+            total = F(total + wi)
+        sc, mn, l = _ref_qkx2(x, w, nmax, -0.9, 0.05, 36)  # make_qkx3_quants: the same loop with given weights
+        scales.append(sc), mins.append(mn), sums.append(total), q.extend(l)
+    d_block, ls = _ref_qp(scales, sums, 63)
+    m_block, lm = _ref_qp(mins, sums, 63)
+    packed = bytearray(12)
+    for j in range(8):
+        if j < 4:
+            packed[j], packed[j + 4] = ls[j], lm[j]
+        else:
+            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
+            packed[j - 4] |= (ls[j] >> 4) << 6
+            packed[j] |= (lm[j] >> 4) << 6
+    d, dmin = np.float16(d_block), np.float16(m_block)
+    for j in range(8):
+        step = F(F(d) * F(ls[j]))
+        if step:
+            shift = F(F(dmin) * F(lm[j]))
+            for i in range(32 * j, 32 * j + 32):
+                q[i] = min(nmax, max(0, int(np.rint(F(F(block[i] + shift) / step)))))
+    out = bytearray(d.tobytes() + dmin.tobytes()) + packed
+    if nmax == 31:
+        high = bytearray(32)
+        for c in range(4):
+            for i in range(32):
+                high[i] |= ((q[64 * c + i] >> 4) << (2 * c)) | ((q[64 * c + 32 + i] >> 4) << (2 * c + 1))
+        out += high
+    for c in range(4):
+        out += bytes((q[64 * c + i] & 0xF) | ((q[64 * c + 32 + i] & 0xF) << 4) for i in range(32))
+    return bytes(out)
+
+
+def _ref_qx_weighted(x, w, nmax):
+    """make_qx_quants(n, nmax, x, L, 1, w)."""
+    peak = _ref_largest(x)
+    if abs(peak) < F(1e-15):
+        return F(0), [0] * len(x)
+
+    def candidate(iscale):
+        q = [max(-nmax, min(nmax - 1, int(np.rint(F(iscale * v))))) for v in x]
+        sumlx = suml2 = F(0)
+        for v, wi, l in zip(x, w, q):
+            sumlx, suml2 = F(sumlx + F(F(wi * v) * F(l))), F(suml2 + F(F(wi * F(l)) * F(l)))
+        return q, sumlx, suml2
+
+    q, sumlx, suml2 = candidate(F(F(-nmax) / peak))
+    scale = F(sumlx / suml2) if suml2 else F(0)
+    best = F(scale * sumlx)
+    for step in [*range(-9, 0), *range(1, 10)]:
+        trial, slx, sl2 = candidate(F(F(-F(F(nmax) + F(F(0.1) * F(step)))) / peak))
+        if sl2 > 0 and F(slx * slx) > F(best * sl2):
+            q, scale = trial, F(slx / sl2)
+            best = F(scale * slx)
+    return scale, [l + nmax for l in q]
+
+
+def _ref_q6_k_impl(block, qw):
+    scales, q = [], []
+    for j in range(16):
+        sc, l = _ref_qx_weighted(block[16 * j:16 * j + 16], [F(v) for v in qw[16 * j:16 * j + 16]], 32)
+        scales.append(sc), q.extend(l)
+    max_scale = _ref_largest(scales)
+    if abs(max_scale) < F(1e-15):
+        return bytes(210)
+    iscale = F(F(-128) / max_scale)
+    d = np.float16(F(F(1) / iscale))
+    sc8 = [min(127, int(np.rint(F(iscale * v)))) for v in scales]
+    for j in range(16):
+        step = F(F(d) * F(sc8[j]))
+        if step:
+            for i in range(16 * j, 16 * j + 16):
+                q[i] = max(-32, min(31, int(np.rint(F(block[i] / step))))) + 32
+    ql, qh = bytearray(128), bytearray(64)
+    for half in range(2):
+        for i in range(32):
+            a, b, c, e = (q[128 * half + i + 32 * k] for k in range(4))
+            ql[64 * half + i] = (a & 0xF) | ((c & 0xF) << 4)
+            ql[64 * half + 32 + i] = (b & 0xF) | ((e & 0xF) << 4)
+            qh[32 * half + i] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6)
+    return bytes(ql + qh + np.array(sc8, np.int8).tobytes() + d.tobytes())
+
+
+REFERENCE = {"q4_k": lambda b, w: _ref_q45_k_impl(b, w, 15), "q5_k": lambda b, w: _ref_q45_k_impl(b, w, 31),
+             "q6_k": _ref_q6_k_impl}
+
+
+def importance_like(columns, seed):
+    """Column importances like an imatrix's: spread over orders of magnitude, some columns never used (0)."""
+    rng = np.random.default_rng(seed)
+    imp = (rng.gamma(0.5, 1.0, columns) ** 2).astype(np.float32)
+    imp[rng.integers(0, columns, columns // 20)] = 0
+    return imp
+
+
+@pytest.mark.parametrize("kind", list(REFERENCE))
+def test_the_weighted_quantizers_write_the_bytes_of_llama_cpps_impl_loops(kind):
+    """Block for block the bytes of the scalar loops above (llama.cpp's quantize_row_*_impl; libggml's own
+    ggml_quantize_chunk given the same importance writes them too: benchmarks/gguf_llama_cpp.py --imatrix)."""
+    x = weights(6, 512, seed=7)  # rows of zeros, of one sign, constant; outliers
+    imp = importance_like(512, seed=8)
+    ours = quantize(x, kind, imp).reshape(-1, BYTES[kind])
+    by_block = imp.reshape(-1, 256)
+    for b, (block, raw) in enumerate(zip(x.reshape(-1, 256), ours)):
+        assert raw.tobytes() == REFERENCE[kind](list(block), list(by_block[b % 2])), (kind, b)
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_the_importance_buys_less_error_where_it_is_large(kind):
+    """The sum of importance x squared error falls against the quantizer without it (what the importance asks
+    for), while the bytes differ."""
+    from gguf.quants import dequantize
+
+    x = weights(64, 1024, seed=9)
+    imp = importance_like(1024, seed=10)
+    plain, weighted = quantize(x, kind), quantize(x, kind, imp)
+    assert not np.array_equal(plain, weighted)
+    raw = QT[kind.upper()]
+    cost = [float((imp * (dequantize(q, raw).reshape(x.shape) - x) ** 2).sum()) for q in (plain, weighted)]
+    assert cost[1] < 0.9 * cost[0], cost
+
+
+def test_an_importance_is_refused_for_types_without_it_and_of_the_wrong_length():
+    x = weights(6, 512)
+    with pytest.raises(ValueError, match="q3_k"):
+        quantize(x, "q3_k", np.ones(512, np.float32))
+    with pytest.raises(ValueError, match="256 values for 512 columns"):
+        quantize(x, "q4_k", np.ones(256, np.float32))
+
+
+def test_gguf_names_map_to_the_matrix_whose_input_they_read():
+    assert source_module("blk.3.attn_q.weight") == source_module("blk.3.attn_v.weight") == "blocks.3.attn.qkv"
+    assert source_module("blk.0.ffn_gate.weight") == "blocks.0.mlp.fc"
+    assert source_module("blk.11.ffn_down.weight") == "blocks.11.mlp.proj"
+    assert source_module("blk.2.attn_output.weight") == "blocks.2.attn.proj"
+    assert source_module("output.weight") is None and source_module("blk.0.attn_norm.weight") is None
+
+
+def test_the_importance_is_each_input_columns_mean_square_over_the_text(tmp_path):
+    run = lmforge_run(tmp_path, MAKERS["char"](), **LLAMA_STYLE)
+    model, _, _ = load_for_inference(run, "cpu")
+    context = model.config.block_size
+    tokens = torch.randint(0, model.config.vocab_size, (2 * context + 5,), generator=torch.Generator().manual_seed(1))
+    model.train()
+    measured = measure_importance(model, tokens, context, batch_size=2)
+    assert model.training  # left in the mode it was found in
+    assert set(measured) == {f"blocks.{i}.{p}" for i in range(model.config.n_layer)
+                             for p in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    with torch.no_grad():  # the first block's q/k/v read its first norm of the embeddings, window by window
+        inputs = torch.cat([model.blocks[0].norm_1(model.tok_emb(tokens[i:i + context]))
+                            for i in range(0, len(tokens), context)])
+    expected = (inputs.double() ** 2).mean(0).float().numpy()
+    np.testing.assert_allclose(measured["blocks.0.attn.qkv"], expected, rtol=1e-5)
+    assert measured["blocks.0.mlp.proj"].shape == (model.blocks[0].mlp.proj.in_features,)
+
+
+def test_export_with_imatrix_text_weighs_the_block_matrices_not_the_head(tmp_path, capsys):
+    from test_gguf_kquants import WIDE_LLAMA
+
+    run = lmforge_run(tmp_path, MAKERS["char"](), **{**LLAMA_STYLE, **WIDE_LLAMA})
+    text = tmp_path / "calibration.txt"
+    text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 20)
+    out = tmp_path / "q4_k_m.gguf"
+    assert main(["export", str(run), "--format", "gguf", "--gguf-type", "q4_k_m", "--imatrix-text", str(text),
+                 "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    model, tokenizer, _ = load_for_inference(run, "cpu")
+    tokens = torch.from_numpy(tokenizer.encode_array(text.read_text()).astype(np.int64))
+    importance = measure_importance(model, tokens, model.config.block_size)
+    w = model.blocks[1].mlp.fc.weight.detach().numpy()  # ffn_gate: the first half of Llama's fused fc
+    gate = w[:w.shape[0] // 2]
+    stored = np.asarray(tensors["blk.1.ffn_gate.weight"].data).reshape(-1)
+    assert np.array_equal(stored, quantize(gate, "q4_k", importance["blocks.1.mlp.fc"]).reshape(-1))
+    assert not np.array_equal(stored, quantize(gate, "q4_k").reshape(-1))
+    head = model.lm_head.weight.detach().numpy()
+    assert np.array_equal(np.asarray(tensors["output.weight"].data).reshape(-1), quantize(head, "q6_k").reshape(-1))
+    field = reader.fields["quantize.imatrix.entries_count"]
+    assert int(field.parts[field.data[0]][0]) == 4 * model.config.n_layer
+    assert "quantize.imatrix.file" in reader.fields
+
+
+@pytest.mark.parametrize("case", ["type", "hf", "empty", "binary", "missing"])
+def test_imatrix_text_misuse_is_one_line_and_writes_nothing(tmp_path, capsys, case):
+    run = lmforge_run(tmp_path, MAKERS["char"](), **LLAMA_STYLE)
+    text = tmp_path / "calibration.txt"
+    text.write_text("some text to read\n")
+    args = ["export", str(run), "--format", "gguf", "--gguf-type", "q4_k_m", "--imatrix-text", str(text)]
+    if case == "type":
+        args[args.index("q4_k_m")] = "q8_0"
+    elif case == "hf":
+        args = ["export", str(run), "--format", "hf", "--imatrix-text", str(text)]
+    elif case == "empty":
+        text.write_text("  \n")
+    elif case == "binary":
+        text.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    else:
+        text.unlink()
+    out = tmp_path / "out.gguf"
+    capsys.readouterr()
+    assert main(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--imatrix-text" in err, err
+    assert not out.exists()
