@@ -1,5 +1,5 @@
 """GGUF K-quants under an importance matrix (interop.gguf_imatrix, gguf_kquants.quantize(..., importance), export
---imatrix-text): the bytes of a scalar transcription of llama.cpp's quantize_row_q4_K_impl, q5_K_impl and q6_K_impl;
+--imatrix-text): the bytes of a scalar transcription of llama.cpp's quantize_row_q2_K_impl to q6_K_impl;
 less importance-weighted error than without; the importance is the mean square of each matrix's input columns over
 the calibration text; the CLI writes it into the file's matrices (not the head's) and refuses what it cannot use."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_gguf_kquants import F, _ref_largest, _ref_qkx2, weights  # noqa: E402
+from test_gguf_kquants import F, _ref_2bit, _ref_largest, _ref_qkx2, weights  # noqa: E402
 from test_gguf_export import MAKERS  # noqa: E402
 from test_interop import LLAMA_STYLE, lmforge_run  # noqa: E402
 
@@ -72,11 +72,22 @@ def _ref_qp(x, w, nmax):
     return F(sumlx / suml2), levels
 
 
-def _ref_sigma2(block):
+def _ref_sigma2(block, times=2):
     total = F(0)
     for v in block:
         total = F(total + F(v * v))
-    return F(F(F(2) * total) / F(256))
+    return F(F(F(times) * total) / F(256))
+
+
+def _ref_weights(block, qw, sigma2):
+    return [F(F(qw[i]) * F(np.sqrt(F(sigma2 + F(v * v))))) for i, v in enumerate(block)]
+
+
+def _ref_sum(values):
+    total = F(0)
+    for v in values:
+        total = F(total + v)
+    return total
 
 
 def _ref_q45_k_impl(block, qw, nmax):
@@ -169,8 +180,55 @@ def _ref_q6_k_impl(block, qw):
     return bytes(ql + qh + np.array(sc8, np.int8).tobytes() + d.tobytes())
 
 
-REFERENCE = {"q4_k": lambda b, w: _ref_q45_k_impl(b, w, 15), "q5_k": lambda b, w: _ref_q45_k_impl(b, w, 31),
-             "q6_k": _ref_q6_k_impl}
+def _ref_q2_k_impl(block, qw):
+    weight = _ref_weights(block, qw, _ref_sigma2(block, times=1))
+    scales, mins, sums, q = [], [], [], []
+    for j in range(16):
+        w = weight[16 * j:16 * j + 16]
+        sc, mn, l = _ref_qkx2(block[16 * j:16 * j + 16], w, 3, -0.9, 0.05, 36)  # make_qkx3_quants, squared error
+        scales.append(sc), mins.append(mn), sums.append(_ref_sum(w)), q.extend(l)
+    dm, ls = _ref_qp(scales, sums, 15)
+    mm, lm = _ref_qp(mins, sums, 15)
+    packed = [(a | (b << 4)) & 0xFF for a, b in zip(ls, lm)]  # C's uint8
+    d, dmin = np.float16(dm), np.float16(mm)
+    for j in range(16):
+        step = F(F(d) * F(packed[j] & 0xF))
+        if step:
+            shift = F(F(dmin) * F(packed[j] >> 4))
+            for i in range(16 * j, 16 * j + 16):
+                q[i] = min(3, max(0, int(np.rint(F(F(block[i] + shift) / step)))))
+    return bytes(packed) + _ref_2bit(q) + d.tobytes() + dmin.tobytes()
+
+
+def _ref_q3_k_impl(block, qw):
+    weight = _ref_weights(block, qw, _ref_sigma2(block))
+    scales, sums, q = [], [], []
+    for j in range(16):
+        w = weight[16 * j:16 * j + 16]
+        sc, l = _ref_qx_weighted(block[16 * j:16 * j + 16], w, 4)
+        scales.append(sc), sums.append(_ref_sum(w)), q.extend(l)
+    d_block, levels = _ref_qx_weighted(scales, sums, 32)
+    packed = bytearray(12)
+    for j, level in enumerate(levels):
+        packed[j % 8] |= (level & 0xF) << (4 * (j // 8))
+        packed[8 + j % 4] |= (level >> 4) << (2 * (j // 4))
+    d = np.float16(d_block)
+    for j in range(16):
+        level = ((packed[j % 8] >> (4 * (j // 8))) & 0xF) | (((packed[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)
+        step = F(F(d) * F(level - 32))
+        if step:
+            for i in range(16 * j, 16 * j + 16):
+                q[i] = max(-4, min(3, int(np.rint(F(block[i] / step))))) + 4
+    hmask = bytearray(32)
+    for i in range(256):
+        if q[i] > 3:
+            hmask[i % 32] |= 1 << (i // 32)
+            q[i] -= 4
+    return bytes(hmask) + _ref_2bit(q) + bytes(packed) + d.tobytes()
+
+
+REFERENCE = {"q2_k": _ref_q2_k_impl, "q3_k": _ref_q3_k_impl, "q4_k": lambda b, w: _ref_q45_k_impl(b, w, 15),
+             "q5_k": lambda b, w: _ref_q45_k_impl(b, w, 31), "q6_k": _ref_q6_k_impl}
 
 
 def importance_like(columns, seed):
@@ -193,7 +251,7 @@ def test_the_weighted_quantizers_write_the_bytes_of_llama_cpps_impl_loops(kind):
         assert raw.tobytes() == REFERENCE[kind](list(block), list(by_block[b % 2])), (kind, b)
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("kind", list(REFERENCE))
 def test_the_importance_buys_less_error_where_it_is_large(kind):
     """The sum of importance x squared error falls against the quantizer without it (what the importance asks
     for), while the bytes differ."""
@@ -210,8 +268,8 @@ def test_the_importance_buys_less_error_where_it_is_large(kind):
 
 def test_an_importance_is_refused_for_types_without_it_and_of_the_wrong_length():
     x = weights(6, 512)
-    with pytest.raises(ValueError, match="q3_k"):
-        quantize(x, "q3_k", np.ones(512, np.float32))
+    with pytest.raises(ValueError, match="iq4_xs"):
+        quantize(x, "iq4_xs", np.ones(512, np.float32))
     with pytest.raises(ValueError, match="256 values for 512 columns"):
         quantize(x, "q4_k", np.ones(256, np.float32))
 

@@ -75,7 +75,7 @@ class GGUFExportError(LmforgeError):
     """A checkpoint that cannot be written as GGUF, or an output that must not be replaced."""
 
 
-IMATRIX_TYPES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s")  # the mixes whose types take an importance matrix
+IMATRIX_TYPES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")  # K-quants
 
 
 def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32",
@@ -86,7 +86,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, iq4_xs, iq4_nl). An existing out_path is
     replaced only with force and only if it is a GGUF file lmforge wrote. `progress`: a bar over the weights
     written, on stderr when it is a terminal. imatrix_text: a UTF-8 text file the model reads first to measure an
-    importance matrix (gguf_imatrix) that the Q4_K, Q5_K and Q6_K tensors of dtype's mix are quantized under, as
+    importance matrix (gguf_imatrix) that the Q2_K to Q6_K tensors of dtype's K-quant mix are quantized under, as
     llama-quantize --imatrix does."""
     try:
         import gguf
@@ -96,7 +96,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
         raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 and "
                               "bf16 half the size, q8_0 about a quarter, q6_k down to q2_k less, with more error")
     if imatrix_text is not None and dtype not in IMATRIX_TYPES:
-        raise GGUFExportError(f"--imatrix-text weighs the Q4_K, Q5_K and Q6_K tensors of --gguf-type "
+        raise GGUFExportError(f"--imatrix-text weighs the K-quant tensors of --gguf-type "
                               f"{', '.join(IMATRIX_TYPES)}, not {dtype}: pick one of those or drop it")
     calibration = None if imatrix_text is None else _calibration_text(imatrix_text)
     out_path = Path(out_path)
@@ -187,8 +187,8 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
     head's matrix (`head`: output, or token_embd when the head reads it) is q8_0, as llama.cpp's quantizer keeps
     the output at more bits than the rest. A K-quant mix (q4_k_m, ...) picks each matrix's type as llama-quantize
     does (gguf_kquants.tensor_type) and writes q2_k to q6_k, iq4_xs and iq4_nl with lmforge's own quantizer;
-    `importance` (columns,), an importance matrix's entry, weighs the q4_k, q5_k and q6_k ones (a row that falls
-    back to a legacy type is written without it, where llama-quantize would weigh that too)."""
+    `importance` (columns,), an importance matrix's entry, weighs the q2_k to q6_k ones (a row that falls back to
+    a legacy type is written without it, where llama-quantize would weigh that too)."""
     import gguf
 
     kind = "q8_0" if head and dtype in LOW_BIT else dtype

@@ -97,15 +97,15 @@ def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int, gqa
 
 
 # ------------------------------------------------------------------------------------------ quantizers
-WEIGHTED = ("q4_k", "q5_k", "q6_k")  # the types whose llama.cpp quantizers take an importance matrix here
+WEIGHTED = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")  # the types whose quantizers take an importance matrix here
 
 
 def quantize(data: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
     """A float matrix (rows, columns), columns a multiple of 256 -> its bytes (rows, columns / 256 * block bytes)
     as llama.cpp stores a `kind` (q2_k | q3_k | q4_k | q5_k | q6_k | iq4_xs | iq4_nl) tensor; iq4_nl takes rows of
     whole blocks of 32. importance (columns,): how much each column's error costs (an importance matrix's entry for
-    this tensor, the mean square of the activations each column multiplies), for q4_k, q5_k and q6_k: then the
-    quantizers are llama.cpp's quantize_row_*_impl, which weigh each weight's error by it."""
+    this tensor, the mean square of the activations each column multiplies), for q2_k to q6_k: then the quantizers
+    are llama.cpp's quantize_row_*_impl, which weigh each weight's error by it."""
     rows, columns = data.shape
     size = 32 if kind == "iq4_nl" else QK_K
     if columns % size:
@@ -245,11 +245,11 @@ def _around_mean(x: np.ndarray) -> np.ndarray:
     return np.sqrt((x * x).sum(axis=0, dtype=np.float32) / np.float32(len(x))) + np.abs(x)
 
 
-def _importance_weights(blocks: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    """llama.cpp's weights under an importance matrix: qw * sqrt(sigma2 + x^2), sigma2 twice the block's mean
-    square (summed in order)."""
+def _importance_weights(blocks: np.ndarray, qw: np.ndarray, times: int = 2) -> np.ndarray:
+    """llama.cpp's weights under an importance matrix: qw * sqrt(sigma2 + x^2), sigma2 `times` the block's mean
+    square (summed in order; Q2_K takes it once, the others twice)."""
     xt = np.ascontiguousarray(blocks.T)
-    sigma2 = np.float32(2) * (xt * xt).sum(axis=0, dtype=np.float32) / np.float32(QK_K)
+    sigma2 = np.float32(times) * (xt * xt).sum(axis=0, dtype=np.float32) / np.float32(QK_K)
     return qw * np.sqrt(sigma2[:, None] + blocks * blocks)
 
 
@@ -291,22 +291,28 @@ def _scale_levels(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, 
     return scale.astype(f32), np.where(zero, 0, levels).astype(np.uint8)
 
 
-def _weighted_minimums(blocks: np.ndarray, qw: np.ndarray, size: int, nmax: int) -> tuple[np.ndarray, ...]:
-    """_with_minimums under an importance matrix (llama.cpp's quantize_row_q4_K_impl, q5_K_impl): the sub-blocks'
-    scales and minimums of least weighted error (make_qkx3_quants), then quantized to 6 bits by make_qp_quants,
-    each sub-block weighing as much as its weights' sum."""
+def _weighted_minimums(blocks: np.ndarray, qw: np.ndarray, size: int, nmax: int, levels: int = 63,
+                       times: int = 2) -> tuple[np.ndarray, ...]:
+    """_with_minimums under an importance matrix (llama.cpp's quantize_row_q4_K_impl, q5_K_impl, q2_K_impl): the
+    sub-blocks' scales and minimums of least weighted error (make_qkx3_quants), then quantized to 0..`levels` by
+    make_qp_quants, each sub-block weighing as much as its weights' sum. Q2_K's levels share a byte, (ls | lm << 4)
+    as C's uint8 keeps it, which is what its weights are read with."""
     f32 = np.float32
     n, per = len(blocks), QK_K // size
-    w = _importance_weights(blocks, qw)
+    w = _importance_weights(blocks, qw, times)
     x = np.ascontiguousarray(blocks.reshape(n * per, size).T)
     w = np.ascontiguousarray(w.reshape(n * per, size).T)
     scales, mins, q = _scale_and_min(x, w, nmax, -0.9, 0.05, 36)
     sub_weight = np.ascontiguousarray(w.sum(axis=0, dtype=f32).reshape(n, per).T)
-    d_block, ls = _scale_levels(np.ascontiguousarray(scales.reshape(n, per).T), sub_weight, 63)
-    m_block, lm = _scale_levels(np.ascontiguousarray(mins.reshape(n, per).T), sub_weight, 63)
+    d_block, ls = _scale_levels(np.ascontiguousarray(scales.reshape(n, per).T), sub_weight, levels)
+    m_block, lm = _scale_levels(np.ascontiguousarray(mins.reshape(n, per).T), sub_weight, levels)
+    ls, lm = ls.T, lm.T
+    if levels == 15:  # one byte per sub-block
+        both = ls | (lm << 4)
+        ls, lm = both & 0xF, both >> 4
     d_half, d = _f16(d_block)
     dmin_half, dmin = _f16(m_block)
-    return _requantized(blocks, q.T.reshape(n, per, size), d_half, d, dmin_half, dmin, ls.T, lm.T, nmax)
+    return _requantized(blocks, q.T.reshape(n, per, size), d_half, d, dmin_half, dmin, ls, lm, nmax)
 
 
 def _q4_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
@@ -340,10 +346,11 @@ def _pack_2bit(q: np.ndarray) -> np.ndarray:
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
 
 
-def _q2_k(blocks: np.ndarray) -> np.ndarray:
+def _q2_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """16 sub-blocks of 16, w ~ d * sc_j * q - dmin * m_j, q in 0..3, sc_j and m_j 4 bits (one byte per
-    sub-block), the scale search weighing absolute errors by |x|."""
-    d, dmin, ls, lm, q = _with_minimums(blocks, 16, 3, -0.5, 15, 15, np.abs, mad=True)
+    sub-block), the scale search weighing absolute errors by |x| (squared ones by the importance, given one)."""
+    d, dmin, ls, lm, q = (_with_minimums(blocks, 16, 3, -0.5, 15, 15, np.abs, mad=True) if qw is None
+                          else _weighted_minimums(blocks, qw, 16, 3, levels=15, times=1))
     return np.concatenate([ls | (lm << 4), _pack_2bit(q), d, dmin], axis=1)
 
 
@@ -382,23 +389,35 @@ def _q3_levels(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, f32(0), scale), np.where(zero, 0, q.astype(np.int32) + nmax)
 
 
-def _q3_k(blocks: np.ndarray) -> np.ndarray:
+def _q3_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """16 sub-blocks of 16, w ~ d * sc_j * (q - 4), q in 0..7 (its third bit apart, in hmask), sc_j a 6-bit
-    signed scale packed into 12 bytes."""
+    signed scale packed into 12 bytes. Under an importance matrix (quantize_row_q3_K_impl) each sub-block's scale is
+    make_qx_quants's under the weights, and the scales' own scale too, each sub-block weighing its weights' sum."""
     f32 = np.float32
     n = len(blocks)
-    scales, q = _q3_levels(np.ascontiguousarray(blocks.reshape(n * 16, 16).T), 4)
-    scales, q = scales.reshape(n, 16), q.T.reshape(n, 16, 16)
-    max_scale = _largest(scales, axis=1)
-    empty = max_scale == 0
-    iscale = f32(-32) / np.where(empty, f32(1), max_scale)
-    levels = np.where(empty[:, None], 32, np.clip(_round(iscale[:, None] * scales), -32, 31) + 32).astype(np.uint8)
+    x = np.ascontiguousarray(blocks.reshape(n * 16, 16).T)
+    if qw is None:
+        scales, q = _q3_levels(x, 4)
+        scales, q = scales.reshape(n, 16), q.T.reshape(n, 16, 16)
+        max_scale = _largest(scales, axis=1)
+        empty = max_scale == 0
+        iscale = f32(-32) / np.where(empty, f32(1), max_scale)
+        levels = np.where(empty[:, None], 32, np.clip(_round(iscale[:, None] * scales), -32, 31) + 32)
+        d_block = np.where(empty, f32(0), f32(1) / iscale)
+    else:
+        w = np.ascontiguousarray(_importance_weights(blocks, qw).reshape(n * 16, 16).T)
+        scales, q = _signed_scale(x, 4, w)
+        scales, q = scales.reshape(n, 16), q.T.reshape(n, 16, 16)
+        sub_weight = np.ascontiguousarray(w.sum(axis=0, dtype=f32).reshape(n, 16).T)
+        d_block, levels = _signed_scale(np.ascontiguousarray(scales.T), 32, sub_weight)
+        levels, empty = levels.T, np.zeros(n, dtype=bool)  # an all-zero block: levels 0 and d 0, as C's
+    levels = levels.astype(np.uint8)
     packed = np.zeros((n, 12), dtype=np.uint8)
     packed[:, :8] = (levels[:, :8] & 0xF) | ((levels[:, 8:] & 0xF) << 4)
     high = levels >> 4
     packed[:, 8:] = high[:, 0:4] | (high[:, 4:8] << 2) | (high[:, 8:12] << 4) | (high[:, 12:16] << 6)
     packed[empty] = 0
-    d_half, d = _f16(np.where(empty, f32(0), f32(1) / iscale))
+    d_half, d = _f16(d_block.astype(f32))
     step = d[:, None] * (levels.astype(f32) - f32(32))
     x = blocks.reshape(n, 16, 16)
     again = np.clip(_round(x / np.where(step == 0, f32(1), step)[..., None]), -4, 3) + 4
