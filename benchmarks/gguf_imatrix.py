@@ -5,7 +5,7 @@ the importance buys in llama.cpp's output.
 A Llama-style char model (RoPE, RMSNorm, SwiGLU, 256 wide so that rows are whole K-quant blocks) is trained on the
 Shakespeare corpus by lmforge's Trainer (--steps), then exported as f32 and, for each --types mix, without and with
 an importance matrix measured on calibration text (--calibration-chars of one play). Then:
-  bytes   every Q4_K, Q5_K and Q6_K tensor of the imatrix export against libggml's ggml_quantize_chunk (through
+  bytes   every Q2_K to Q6_K tensor of the imatrix export against libggml's ggml_quantize_chunk (through
           ctypes) run on the model's float32 matrix with the same importance: tensors identical
   quality llama.cpp (one thread) evaluates --eval-tokens tokens of another play in windows of the context, reading
           the f32 file and each quantized one: the mean KL divergence of the quantized model's next-token
@@ -37,13 +37,14 @@ from lmforge.interop.gguf_imatrix import measure_importance, source_module  # no
 from lmforge.interop.gguf_kquants import BYTES  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
 
-GGML_TYPE = {"Q4_K": 12, "Q5_K": 13, "Q6_K": 14}  # ggml's type numbers
+GGML_TYPE = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}  # ggml's type numbers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=600, help="training steps of the model (12 x 64 tokens each)")
-    p.add_argument("--types", default="q4_k_m,q4_k_s,q5_k_s,q6_k", help="mixes exported without and with it")
+    p.add_argument("--types", default="q6_k,q5_k_s,q4_k_m,q4_k_s,q3_k_m,q3_k_s,q2_k",
+                   help="mixes exported without and with it")
     p.add_argument("--calibration-chars", type=int, default=40000, help="characters of calibration text")
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of another play evaluated by llama.cpp")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
