@@ -13,7 +13,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_gguf_kquants import F, _ref_2bit, _ref_largest, _ref_qkx2, weights  # noqa: E402
+from test_gguf_kquants import (F, _ref_2bit, _ref_largest, _ref_q3_tail, _ref_q45_tail, _ref_q6_tail,  # noqa: E402
+                               _ref_qkx2, _ref_qx, weights)
 from test_gguf_export import MAKERS  # noqa: E402
 from test_interop import LLAMA_STYLE, lmforge_run  # noqa: E402
 
@@ -95,89 +96,20 @@ def _ref_q45_k_impl(block, qw, nmax):
     scales, mins, sums, q = [], [], [], []
     for j in range(8):
         x = block[32 * j:32 * j + 32]
-        w = [F(F(qw[32 * j + i]) * F(np.sqrt(F(sigma2 + F(v * v))))) for i, v in enumerate(x)]
-        total = F(0)
-        for wi in w:
-            total = F(total + wi)
+        w = _ref_weights(x, qw[32 * j:32 * j + 32], sigma2)
         sc, mn, l = _ref_qkx2(x, w, nmax, -0.9, 0.05, 36)  # make_qkx3_quants: the same loop with given weights
-        scales.append(sc), mins.append(mn), sums.append(total), q.extend(l)
+        scales.append(sc), mins.append(mn), sums.append(_ref_sum(w)), q.extend(l)
     d_block, ls = _ref_qp(scales, sums, 63)
     m_block, lm = _ref_qp(mins, sums, 63)
-    packed = bytearray(12)
-    for j in range(8):
-        if j < 4:
-            packed[j], packed[j + 4] = ls[j], lm[j]
-        else:
-            packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
-            packed[j - 4] |= (ls[j] >> 4) << 6
-            packed[j] |= (lm[j] >> 4) << 6
-    d, dmin = np.float16(d_block), np.float16(m_block)
-    for j in range(8):
-        step = F(F(d) * F(ls[j]))
-        if step:
-            shift = F(F(dmin) * F(lm[j]))
-            for i in range(32 * j, 32 * j + 32):
-                q[i] = min(nmax, max(0, int(np.rint(F(F(block[i] + shift) / step)))))
-    out = bytearray(d.tobytes() + dmin.tobytes()) + packed
-    if nmax == 31:
-        high = bytearray(32)
-        for c in range(4):
-            for i in range(32):
-                high[i] |= ((q[64 * c + i] >> 4) << (2 * c)) | ((q[64 * c + 32 + i] >> 4) << (2 * c + 1))
-        out += high
-    for c in range(4):
-        out += bytes((q[64 * c + i] & 0xF) | ((q[64 * c + 32 + i] & 0xF) << 4) for i in range(32))
-    return bytes(out)
-
-
-def _ref_qx_weighted(x, w, nmax):
-    """make_qx_quants(n, nmax, x, L, 1, w)."""
-    peak = _ref_largest(x)
-    if abs(peak) < F(1e-15):
-        return F(0), [0] * len(x)
-
-    def candidate(iscale):
-        q = [max(-nmax, min(nmax - 1, int(np.rint(F(iscale * v))))) for v in x]
-        sumlx = suml2 = F(0)
-        for v, wi, l in zip(x, w, q):
-            sumlx, suml2 = F(sumlx + F(F(wi * v) * F(l))), F(suml2 + F(F(wi * F(l)) * F(l)))
-        return q, sumlx, suml2
-
-    q, sumlx, suml2 = candidate(F(F(-nmax) / peak))
-    scale = F(sumlx / suml2) if suml2 else F(0)
-    best = F(scale * sumlx)
-    for step in [*range(-9, 0), *range(1, 10)]:
-        trial, slx, sl2 = candidate(F(F(-F(F(nmax) + F(F(0.1) * F(step)))) / peak))
-        if sl2 > 0 and F(slx * slx) > F(best * sl2):
-            q, scale = trial, F(slx / sl2)
-            best = F(scale * slx)
-    return scale, [l + nmax for l in q]
+    return _ref_q45_tail(block, q, ls, lm, np.float16(d_block), np.float16(m_block), nmax)
 
 
 def _ref_q6_k_impl(block, qw):
     scales, q = [], []
     for j in range(16):
-        sc, l = _ref_qx_weighted(block[16 * j:16 * j + 16], [F(v) for v in qw[16 * j:16 * j + 16]], 32)
+        sc, l = _ref_qx(block[16 * j:16 * j + 16], 32, [F(v) for v in qw[16 * j:16 * j + 16]])
         scales.append(sc), q.extend(l)
-    max_scale = _ref_largest(scales)
-    if abs(max_scale) < F(1e-15):
-        return bytes(210)
-    iscale = F(F(-128) / max_scale)
-    d = np.float16(F(F(1) / iscale))
-    sc8 = [min(127, int(np.rint(F(iscale * v)))) for v in scales]
-    for j in range(16):
-        step = F(F(d) * F(sc8[j]))
-        if step:
-            for i in range(16 * j, 16 * j + 16):
-                q[i] = max(-32, min(31, int(np.rint(F(block[i] / step))))) + 32
-    ql, qh = bytearray(128), bytearray(64)
-    for half in range(2):
-        for i in range(32):
-            a, b, c, e = (q[128 * half + i + 32 * k] for k in range(4))
-            ql[64 * half + i] = (a & 0xF) | ((c & 0xF) << 4)
-            ql[64 * half + 32 + i] = (b & 0xF) | ((e & 0xF) << 4)
-            qh[32 * half + i] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6)
-    return bytes(ql + qh + np.array(sc8, np.int8).tobytes() + d.tobytes())
+    return _ref_q6_tail(block, scales, q, _ref_largest(scales))
 
 
 def _ref_q2_k_impl(block, qw):
@@ -205,26 +137,14 @@ def _ref_q3_k_impl(block, qw):
     scales, sums, q = [], [], []
     for j in range(16):
         w = weight[16 * j:16 * j + 16]
-        sc, l = _ref_qx_weighted(block[16 * j:16 * j + 16], w, 4)
+        sc, l = _ref_qx(block[16 * j:16 * j + 16], 4, w)
         scales.append(sc), sums.append(_ref_sum(w)), q.extend(l)
-    d_block, levels = _ref_qx_weighted(scales, sums, 32)
+    d_block, levels = _ref_qx(scales, 32, sums)
     packed = bytearray(12)
     for j, level in enumerate(levels):
         packed[j % 8] |= (level & 0xF) << (4 * (j // 8))
         packed[8 + j % 4] |= (level >> 4) << (2 * (j // 4))
-    d = np.float16(d_block)
-    for j in range(16):
-        level = ((packed[j % 8] >> (4 * (j // 8))) & 0xF) | (((packed[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)
-        step = F(F(d) * F(level - 32))
-        if step:
-            for i in range(16 * j, 16 * j + 16):
-                q[i] = max(-4, min(3, int(np.rint(F(block[i] / step))))) + 4
-    hmask = bytearray(32)
-    for i in range(256):
-        if q[i] > 3:
-            hmask[i % 32] |= 1 << (i // 32)
-            q[i] -= 4
-    return bytes(hmask) + _ref_2bit(q) + bytes(packed) + d.tobytes()
+    return _ref_q3_tail(block, q, packed, np.float16(d_block))
 
 
 REFERENCE = {"q2_k": _ref_q2_k_impl, "q3_k": _ref_q3_k_impl, "q4_k": lambda b, w: _ref_q45_k_impl(b, w, 15),

@@ -223,6 +223,11 @@ def _ref_q3_k(block):
             packed[j % 8] |= (level & 0xF) << (4 * (j // 8))
             packed[8 + j % 4] |= (level >> 4) << (2 * (j // 4))
         d = np.float16(F(F(1) / iscale))
+    return _ref_q3_tail(block, q, packed, d)
+
+
+def _ref_q3_tail(block, q, packed, d):
+    """Q3_K's end: the weights rounded again against the stored scales, the third bits apart, packed."""
     for j in range(16):
         level = ((packed[j % 8] >> (4 * (j // 8))) & 0xF) | (((packed[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)
         step = F(F(d) * F(level - 32))
@@ -254,6 +259,11 @@ def _ref_q45_k(block, nmax, rmin, nstep):
     inv_min = F(F(63) / max_min) if max_min > 0 else F(0)
     ls = [min(63, int(np.rint(F(inv_scale * v)))) for v in scales]
     lm = [min(63, int(np.rint(F(inv_min * v)))) for v in mins]
+    return _ref_q45_tail(block, q, ls, lm, np.float16(F(max_scale / F(63))), np.float16(F(max_min / F(63))), nmax)
+
+
+def _ref_q45_tail(block, q, ls, lm, d, dmin, nmax):
+    """Q4_K and Q5_K's end: the weights rounded again against the stored scales, then packed."""
     packed = bytearray(12)
     for j in range(8):
         if j < 4:
@@ -262,7 +272,6 @@ def _ref_q45_k(block, nmax, rmin, nstep):
             packed[j + 4] = (ls[j] & 0xF) | ((lm[j] & 0xF) << 4)
             packed[j - 4] |= (ls[j] >> 4) << 6
             packed[j] |= (lm[j] >> 4) << 6
-    d, dmin = np.float16(F(max_scale / F(63))), np.float16(F(max_min / F(63)))
     for j in range(8):
         step = F(F(d) * F(ls[j]))
         if step:
@@ -281,16 +290,17 @@ def _ref_q45_k(block, nmax, rmin, nstep):
     return bytes(out)
 
 
-def _ref_qx(x, nmax):
+def _ref_qx(x, nmax, weights=None):
+    """make_qx_quants(n, nmax, x, L, 1, weights): weights x^2 when none are given."""
     peak = _ref_largest(x)
     if abs(peak) < F(1e-15):
         return F(0), [0] * len(x)
+    weights = [F(v * v) for v in x] if weights is None else weights
 
     def candidate(iscale):
         q = [max(-nmax, min(nmax - 1, int(np.rint(F(iscale * v))))) for v in x]
         sumlx = suml2 = F(0)
-        for v, l in zip(x, q):
-            w = F(v * v)
+        for v, w, l in zip(x, weights, q):
             sumlx, suml2 = F(sumlx + F(F(w * v) * F(l))), F(suml2 + F(F(w * F(l)) * F(l)))
         return q, sumlx, suml2
 
@@ -307,6 +317,11 @@ def _ref_qx(x, nmax):
 
 def _ref_q6_k(block):
     scales, q, max_scale = _ref_signed(block, _ref_qx, 32)
+    return _ref_q6_tail(block, scales, q, max_scale)
+
+
+def _ref_q6_tail(block, scales, q, max_scale):
+    """Q6_K's end: the sub-blocks' scales quantized against the largest, the weights rounded again, packed."""
     if abs(max_scale) < F(1e-15):
         return bytes(210)
     iscale = F(F(-128) / max_scale)
