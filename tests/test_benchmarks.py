@@ -498,3 +498,23 @@ def test_gpu_check_sorts_a_steps_kernels_by_kind():
     assert table["ms_by_kind"] == {"attention": 1.5, "fused": 0.4, "matmul": 8.0, "other": 0.1}
     assert table["device_ms"] == 10.0 and sum(table["share_by_kind"].values()) == pytest.approx(1)
     assert [k["ms"] for k in table["top"]] == [6.0, 2.0]
+
+
+def test_gguf_imatrix_scores_kl_from_f32_perplexity_and_top1():
+    """The benchmark's quality(): the mean KL(p_f32 || p_quantized) over positions, the perplexity of the targets
+    and the share of positions whose top token is the f32 model's, against torch's own functions."""
+    bench = load("gguf_imatrix")
+    g = torch.Generator().manual_seed(4)
+    reference = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    quantized = reference + 0.3 * torch.randn(40, 9, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 9, (40,), generator=g)
+    same = bench.quality(reference.numpy(), reference.numpy(), targets.numpy())
+    assert same["mean_kl_from_f32"] == 0 and same["top1_same_as_f32"] == 1.0
+    result = bench.quality(quantized.numpy(), reference.numpy(), targets.numpy())
+    kl = torch.nn.functional.kl_div(quantized.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean()
+    assert result["mean_kl_from_f32"] == pytest.approx(float(kl), abs=1e-6) and result["mean_kl_from_f32"] > 0
+    ppl = torch.exp(torch.nn.functional.cross_entropy(quantized, targets))
+    assert result["perplexity"] == pytest.approx(float(ppl), abs=1e-4)
+    agree = (quantized.argmax(-1) == reference.argmax(-1)).double().mean()
+    assert result["top1_same_as_f32"] == pytest.approx(float(agree), abs=1e-4) and result["top1_same_as_f32"] < 1
