@@ -26,6 +26,12 @@ column of an (n, M) array, so every sum runs in llama.cpp's order: a sum in anot
 candidate win a near tie, and the bytes are llama-quantize's own (benchmarks/gguf_llama_cpp.py compares whole
 files). Blocks are quantized in cache-sized chunks on all cores (numpy's loops release the GIL).
 
+Given an importance matrix (quantize(..., importance): per column, the mean square of the activations it multiplies;
+gguf_imatrix measures it), Q2_K to Q6_K follow llama.cpp's quantize_row_*_impl instead, what llama-quantize --imatrix
+runs: each weight's error weighed by its column's importance times sqrt(sigma2 + x^2), the sub-blocks' scales and
+minimums fitted under those weights (make_qkx3_quants, make_qx_quants), and the scales themselves quantized by
+make_qp_quants (or make_qx_quants for Q3_K) with each sub-block weighing its weights' sum.
+
 The mixes follow llama.cpp's llama_tensor_get_type: the head (output, or token_embd when it is also the head) is
 Q6_K; under *_M, attn_v (or GPT-2's fused attn_qkv) and ffn_down of the first and last eighth of the layers and of
 every third layer between are Q6_K; under Q4_K_S the first four attn_v and the first eighth of the ffn_down are
