@@ -246,7 +246,7 @@ def test_export_with_imatrix_text_weighs_the_block_matrices_not_the_head(tmp_pat
     assert "quantize.imatrix.file" in reader.fields
 
 
-@pytest.mark.parametrize("case", ["type", "hf", "empty", "binary", "missing"])
+@pytest.mark.parametrize("case", ["type", "hf", "adapter", "empty", "binary", "missing"])
 def test_imatrix_text_misuse_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     run = lmforge_run(tmp_path, MAKERS["char"](), **LLAMA_STYLE)
     text = tmp_path / "calibration.txt"
@@ -256,6 +256,8 @@ def test_imatrix_text_misuse_is_one_line_and_writes_nothing(tmp_path, capsys, ca
         args[args.index("q4_k_m")] = "q8_0"
     elif case == "hf":
         args = ["export", str(run), "--format", "hf", "--imatrix-text", str(text)]
+    elif case == "adapter":  # an adapter file holds no quantized matrices
+        args = ["export", str(run), "--format", "gguf", "--adapter", "--imatrix-text", str(text)]
     elif case == "empty":
         text.write_text("  \n")
     elif case == "binary":
