@@ -472,9 +472,16 @@ MUTANTS = [
            ("tests/test_gguf_imatrix.py::"
             "test_the_weighted_quantizers_write_the_bytes_of_llama_cpps_impl_loops[q4_k]",)),
     Mutant("imatrix-measured-but-not-used-by-export", "interop/gguf_export.py",
-           "                            importance=importance.get(source_module(name) or \"\"))",
+           "                            importance=importance.get(name))",
            "                            importance=None)",
            ("tests/test_gguf_imatrix.py::test_export_with_imatrix_text_weighs_the_block_matrices_not_the_head",)),
+    Mutant("imatrix-file-holds-means-not-sums", "interop/gguf_imatrix_file.py",
+           "a.sum2.astype(np.float32)", "(a.sum2 / a.count).astype(np.float32)",
+           ("tests/test_gguf_imatrix_file.py::"
+            "test_lmforge_imatrix_writes_llama_cpps_gguf_layout_with_each_matrixs_sums",)),
+    Mutant("imatrix-dat-values-not-divided-by-calls", "interop/gguf_imatrix_file.py",
+           "(v / calls if calls > 0 else v)", "(v)",
+           ("tests/test_gguf_imatrix_file.py::test_a_dat_imatrix_reads_as_llama_quantize_derives_it",)),
     Mutant("fused-loss-summed-in-place", "head_loss.py",
            "            loss = loss + ((lse - picked) * counted).sum()\n",
            "            loss += ((lse - picked) * counted).sum()\n",

@@ -199,7 +199,8 @@ def test_gguf_names_map_to_the_matrix_whose_input_they_read():
     assert source_module("blk.0.ffn_gate.weight") == "blocks.0.mlp.fc"
     assert source_module("blk.11.ffn_down.weight") == "blocks.11.mlp.proj"
     assert source_module("blk.2.attn_output.weight") == "blocks.2.attn.proj"
-    assert source_module("output.weight") is None and source_module("blk.0.attn_norm.weight") is None
+    assert source_module("output.weight") == "lm_head"  # measured only when asked (lmforge imatrix --process-output)
+    assert source_module("blk.0.attn_norm.weight") is None and source_module("token_embd.weight") is None
 
 
 def test_the_importance_is_each_input_columns_mean_square_over_the_text(tmp_path):
@@ -242,7 +243,7 @@ def test_export_with_imatrix_text_weighs_the_block_matrices_not_the_head(tmp_pat
     head = model.lm_head.weight.detach().numpy()
     assert np.array_equal(np.asarray(tensors["output.weight"].data).reshape(-1), quantize(head, "q6_k").reshape(-1))
     field = reader.fields["quantize.imatrix.entries_count"]
-    assert int(field.parts[field.data[0]][0]) == 4 * model.config.n_layer
+    assert int(field.parts[field.data[0]][0]) == 7 * model.config.n_layer  # q, k, v, output, gate, up, down
     assert "quantize.imatrix.file" in reader.fields
 
 

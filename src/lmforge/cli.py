@@ -1496,7 +1496,9 @@ def _add_export(sub: Any) -> None:
               lmforge export runs/char-small --format gguf --gguf-type f16 --out exports/char-small.gguf
               lmforge export runs/lora --format gguf --adapter --out exports/lora.gguf   (with the base's GGUF)
               lmforge export runs/llama --format gguf --gguf-type q4_k_m --imatrix-text calibration.txt \\
-                  --out exports/llama-q4_k_m.gguf"""))
+                  --out exports/llama-q4_k_m.gguf
+              lmforge export runs/llama --format gguf --gguf-type q3_k_m --imatrix exports/llama.imatrix.gguf \\
+                  --out exports/llama-q3_k_m.gguf   (an imatrix from `lmforge imatrix` or llama-imatrix)"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
     p.add_argument("--format", required=True, choices=["hf", "onnx", "gguf"],
                    help="hf (Hugging Face directory) | onnx (file) | gguf (file)")
@@ -1516,6 +1518,10 @@ def _add_export(sub: Any) -> None:
                    "first to measure an importance matrix, the mean square of the activations each weight "
                    "multiplies, which the Q2_K to Q6_K tensors are then quantized under (llama-imatrix + "
                    "llama-quantize --imatrix): less error where the text needs it, most at 2 and 3 bits")
+    p.add_argument("--imatrix", default=None, metavar="IMATRIX_FILE",
+                   help="gguf with a K-quant --gguf-type: quantize under an importance matrix read from a file, "
+                   "llama.cpp's GGUF or older .dat format (what `lmforge imatrix` or llama-imatrix wrote for this "
+                   "model), instead of measuring one with --imatrix-text")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--merge", action="store_true", help="hf, a LoRA run: one model with the adapters merged in "
                    "(default: the base in OUT and the adapters in PEFT's format in OUT/adapter)")
@@ -1531,9 +1537,10 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.adapter and args.format != "gguf":
         raise ConfigError(f"--adapter applies to --format gguf, not --format {args.format} (hf writes a LoRA run's "
                           "adapters in PEFT's format by default): drop it")
-    if args.imatrix_text is not None and (args.format != "gguf" or args.adapter):
-        raise ConfigError("--imatrix-text weighs the quantization of a --format gguf model (not an --adapter): "
-                          "drop it")
+    for option, value in (("--imatrix-text", args.imatrix_text), ("--imatrix", args.imatrix)):
+        if value is not None and (args.format != "gguf" or args.adapter):
+            raise ConfigError(f"{option} weighs the quantization of a --format gguf model (not an --adapter): "
+                              "drop it")
     if args.adapter and args.gguf_type not in (None, "f32"):
         raise ConfigError(f"--adapter writes the adapters in f32 (they are small): drop --gguf-type {args.gguf_type}")
     if args.format == "gguf" and args.adapter:
@@ -1544,7 +1551,7 @@ def _run_export(args: argparse.Namespace) -> int:
         from lmforge.interop.gguf_export import export_gguf, gguf_summary
 
         path = export_gguf(args.checkpoint, args.out, force=args.force, dtype=args.gguf_type or "f32", progress=True,
-                           imatrix_text=args.imatrix_text)
+                           imatrix_text=args.imatrix_text, imatrix=args.imatrix)
         print(gguf_summary(path), file=sys.stderr)
         print(path)
     elif args.format == "hf":
@@ -1585,11 +1592,48 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_imatrix(sub: Any) -> None:
+    p = sub.add_parser(
+        "imatrix", help="measure a model's importance matrix on calibration text, as llama.cpp's llama-imatrix",
+        formatter_class=_help_formatter,
+        description=textwrap.dedent("""\
+            The model reads the text in windows of its context, and for each matrix of its blocks (with
+            --process-output the head's too) lmforge adds up the squares of the activations each input column
+            multiplies: a rounding error in a weight moves the output in proportion to them. The sums are written
+            as llama.cpp's GGUF imatrix file (imatrix.datasets, in_sum2, counts), under the tensor names of
+            `lmforge export --format gguf`: `lmforge export --imatrix FILE` quantizes the K-quant mixes under it,
+            and llama.cpp's llama-quantize --imatrix FILE reads it too, also for the 1- to 3-bit IQ types that
+            need one and lmforge does not write. Text like what the model will be used on, some thousands of
+            tokens, is the usual choice."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              lmforge imatrix runs/llama --text calibration.txt --out exports/llama.imatrix.gguf
+              lmforge export runs/llama --format gguf --gguf-type q3_k_m --imatrix exports/llama.imatrix.gguf \\
+                  --out exports/llama-q3_k_m.gguf
+              lmforge export runs/llama --format gguf --gguf-type f16 --out exports/llama-f16.gguf
+              llama-quantize --imatrix exports/llama.imatrix.gguf exports/llama-f16.gguf iq2_xs.gguf IQ2_XS"""))
+    p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
+    p.add_argument("--text", required=True, metavar="TEXT_FILE", help="calibration text (UTF-8) the model reads")
+    p.add_argument("--out", required=True, metavar="IMATRIX_FILE", help="the .gguf imatrix file to write")
+    p.add_argument("--process-output", action="store_true",
+                   help="measure the head's input too (output.weight; llama-imatrix's option of the same name); "
+                   "without it the head is quantized unweighted, as llama.cpp's default")
+    p.add_argument("--force", action="store_true", help="replace an imatrix file lmforge wrote")
+    p.set_defaults(run=_run_imatrix)
+
+
+def _run_imatrix(args: argparse.Namespace) -> int:
+    from lmforge.interop.gguf_export import export_imatrix
+
+    print(export_imatrix(args.checkpoint, args.text, args.out, force=args.force, head=args.process_output))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 COMMANDS: list[Callable[[Any], None]] = [_add_prepare, _add_train, _add_sweep, _add_eval, _add_generate, _add_chat,
                                          _add_classify, _add_reward, _add_best_of_n,
                                          _add_fill_mask, _add_embed, _add_detect, _add_plot, _add_attention, _add_plan,
-                                         _add_serve, _add_import, _add_export, _add_merge]
+                                         _add_serve, _add_import, _add_export, _add_imatrix, _add_merge]
 
 
 def build_parser() -> argparse.ArgumentParser:

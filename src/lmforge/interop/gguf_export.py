@@ -58,7 +58,8 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
 from lmforge.interop import gguf_kquants, hf_gpt2
-from lmforge.interop.gguf_imatrix import measure_importance, source_module
+from lmforge.interop.gguf_imatrix import Activations, measure_activations, source_module
+from lmforge.interop.gguf_imatrix_file import ImportanceMatrix, read_imatrix, write_imatrix
 from lmforge.interop.hf_llama import is_qwen2, is_qwen3
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
 from lmforge.interop.hf_export import HFExportError, converter_for_model, model_chat_template
@@ -79,7 +80,8 @@ IMATRIX_TYPES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k
 
 
 def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32",
-                progress: bool = False, imatrix_text: str | Path | None = None) -> Path:
+                progress: bool = False, imatrix_text: str | Path | None = None,
+                imatrix: str | Path | None = None) -> Path:
     """Write the checkpoint (a run directory: its newest complete checkpoint) as a GGUF file; return its path.
 
     dtype: f32 | f16 | bf16 | q8_0 | q5_1 | q5_0 | q4_1 | q4_0, the matrices' type, or a K-quant mix (q6_k,
@@ -87,7 +89,8 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     replaced only with force and only if it is a GGUF file lmforge wrote. `progress`: a bar over the weights
     written, on stderr when it is a terminal. imatrix_text: a UTF-8 text file the model reads first to measure an
     importance matrix (gguf_imatrix) that the Q2_K to Q6_K tensors of dtype's K-quant mix are quantized under, as
-    llama-quantize --imatrix does."""
+    llama-quantize --imatrix does; imatrix: such a matrix from a file instead (gguf_imatrix_file: what
+    export_imatrix or llama.cpp's llama-imatrix wrote)."""
     try:
         import gguf
     except ModuleNotFoundError:
@@ -95,13 +98,18 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     if dtype not in GGUF_TYPES:
         raise GGUFExportError(f"--gguf-type {dtype!r} is not one of {', '.join(GGUF_TYPES)}; f32 is exact, f16 and "
                               "bf16 half the size, q8_0 about a quarter, q6_k down to q2_k less, with more error")
-    if imatrix_text is not None and dtype not in IMATRIX_TYPES:
-        raise GGUFExportError(f"--imatrix-text weighs the K-quant tensors of --gguf-type "
+    option = "--imatrix-text" if imatrix_text is not None else "--imatrix" if imatrix is not None else None
+    if imatrix_text is not None and imatrix is not None:
+        raise GGUFExportError("--imatrix-text measures an importance matrix and --imatrix reads one: give one of them")
+    if option is not None and dtype not in IMATRIX_TYPES:
+        raise GGUFExportError(f"{option} weighs the K-quant tensors of --gguf-type "
                               f"{', '.join(IMATRIX_TYPES)}, not {dtype}: pick one of those or drop it")
     calibration = None if imatrix_text is None else _calibration_text(imatrix_text)
+    from_file = None if imatrix is None else read_imatrix(imatrix)
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=is_gguf_export, what="a GGUF export written by lmforge",
-                 error=GGUFExportError, directory=False, inputs=[checkpoint])
+                 error=GGUFExportError, directory=False,
+                 inputs=[checkpoint, *(p for p in (imatrix_text, imatrix) if p is not None)])
     ckpt, manifest = verified_checkpoint(checkpoint)
     model, tokenizer, _ = load_for_inference(ckpt, "cpu", manifest)
     config: ModelConfig = model.config
@@ -111,24 +119,24 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     if tokenizer is None:
         raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
     vocabulary = _vocabulary(tokenizer, config.vocab_size)
-    importance: dict[str, np.ndarray] = {}
+    matrices = {name: t.shape[-1] for name, t in _tensors(model.state_dict(), config, arch) if t.dim() == 2}
     if calibration is not None:
-        tokens = torch.from_numpy(tokenizer.encode_array(calibration).astype(np.int64))
-        if len(tokens) < 2:
-            raise GGUFExportError(f"--imatrix-text {imatrix_text} holds {len(tokens)} token(s): give text the model "
-                                  "reads, ideally like what it will be used on (thousands of tokens)")
-        importance = measure_importance(model, tokens, config.block_size)
+        measured = _measured(model, tokenizer, calibration, imatrix_text, matrices)
+        from_file = ImportanceMatrix({name: a.importance() for name, a in measured.items()},
+                                     [Path(imatrix_text).name], _windows(measured, config.block_size))
+    importance = {} if from_file is None else _matching(from_file, matrices, imatrix)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(out_path.stem)
         writer.add_string("lmforge.version", __version__)
         _add_hyperparameters(writer, config, arch, dtype)
-        if calibration is not None:  # as llama-quantize records the importance matrix it used
-            writer.add_string("quantize.imatrix.file", Path(imatrix_text).name)
-            writer.add_string("quantize.imatrix.dataset", Path(imatrix_text).name)
-            writer.add_int32("quantize.imatrix.entries_count", len(importance))
-            writer.add_int32("quantize.imatrix.chunks_count", -(-len(tokens) // config.block_size))
+        if from_file is not None:  # as llama-quantize records the importance matrix it used
+            writer.add_string("quantize.imatrix.file", Path(imatrix_text or imatrix).name)
+            if from_file.datasets:
+                writer.add_string("quantize.imatrix.dataset", from_file.datasets[0])
+            writer.add_int32("quantize.imatrix.entries_count", len(from_file.values))
+            writer.add_int32("quantize.imatrix.chunks_count", from_file.chunk_count)
         _add_tokenizer(writer, tokenizer, vocabulary)
         chat_template = model_chat_template(ckpt, tokenizer)
         if chat_template is not None:
@@ -140,7 +148,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
                 _add_tensor(writer, name, tensor.detach().to("cpu", torch.float32).contiguous().numpy(), dtype,
                             head=name == "output.weight" or (name == "token_embd.weight" and config.tie_embeddings),
                             n_layer=config.n_layer, gqa=config.n_head // config.n_kv_head,
-                            importance=importance.get(source_module(name) or ""))
+                            importance=importance.get(name))
                 bar.update(tensor.numel())
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -165,15 +173,76 @@ def gguf_architecture(config: ModelConfig, checkpoint: str | Path) -> str:
     return arch
 
 
-def _calibration_text(path: str | Path) -> str:
+def export_imatrix(checkpoint: str | Path, text: str | Path, out_path: str | Path, *, force: bool = False,
+                   head: bool = False) -> Path:
+    """Measure the checkpoint's importance matrix on the calibration `text` file (gguf_imatrix; with `head` the
+    head's too, as llama-imatrix --process-output) and write it as llama-imatrix's GGUF file (gguf_imatrix_file),
+    keyed by the names export_gguf gives the matrices: for `lmforge export --imatrix` or llama.cpp's
+    llama-quantize --imatrix (which also takes it for the IQ types lmforge does not write). An existing out_path is
+    replaced only with force and only if lmforge wrote it; returns the path."""
+    calibration = _calibration_text(text, "--text")
+    out_path = Path(out_path)
+    check_output(out_path, force=force, ours=is_gguf_export, what="an imatrix file written by lmforge",
+                 error=GGUFExportError, directory=False, inputs=[checkpoint, text])
+    ckpt, manifest = verified_checkpoint(checkpoint)
+    model, tokenizer, _ = load_for_inference(ckpt, "cpu", manifest)
+    config: ModelConfig = model.config
+    if config.head != "lm":
+        raise GGUFExportError(f"{checkpoint} holds a {config.head} model; an importance matrix is for the GGUF "
+                              "export of a language model")
+    arch = gguf_architecture(config, checkpoint)
+    if tokenizer is None:
+        raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data) to read the text with")
+    matrices = {name: t.shape[-1] for name, t in _tensors(model.state_dict(), config, arch) if t.dim() == 2}
+    measured = _measured(model, tokenizer, calibration, text, matrices, head=head, option="--text")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        write_imatrix(tmp, measured, arch=arch, datasets=[Path(text).name],
+                      chunk_count=_windows(measured, config.block_size), chunk_size=config.block_size)
+    return out_path
+
+
+def _measured(model: Any, tokenizer: Tokenizer, calibration: str, path: str | Path, matrices: dict[str, int], *,
+              head: bool = False, option: str = "--imatrix-text") -> dict[str, Activations]:
+    """{GGUF matrix name: its input's Activations} over the calibration text; the split q/k/v and gate/up share
+    their lmforge matrix's."""
+    tokens = torch.from_numpy(tokenizer.encode_array(calibration).astype(np.int64))
+    if len(tokens) < 2:
+        raise GGUFExportError(f"{option} {path} holds {len(tokens)} token(s): give text the model reads, ideally "
+                              "like what it will be used on (thousands of tokens)")
+    by_module = measure_activations(model, tokens, model.config.block_size, head=head)
+    return {name: by_module[source_module(name)] for name in matrices if source_module(name) in by_module}
+
+
+def _windows(measured: dict[str, Activations], context: int) -> int:
+    """The windows of `context` tokens the text was read in (llama.cpp's chunks)."""
+    count = next(iter(measured.values())).count
+    return -(-count // context)
+
+
+def _matching(imatrix: ImportanceMatrix, matrices: dict[str, int], path: str | Path | None) -> dict[str, np.ndarray]:
+    """The importance matrix's entries for this model's matrices ({GGUF name: columns}), each as long as its rows;
+    entries for other tensors are left out (as llama-quantize does), none at all or a wrong length is an error."""
+    found = {name: v for name, v in imatrix.values.items() if name in matrices}
+    if not found:
+        raise GGUFExportError(f"--imatrix {path}: none of its {len(imatrix.values)} entries names a matrix of this "
+                              f"model (e.g. {min(imatrix.values)}); it was measured on another model")
+    for name, v in found.items():
+        if len(v) != matrices[name]:
+            raise GGUFExportError(f"--imatrix {path} holds {len(v)} values for {name}, whose rows have "
+                                  f"{matrices[name]} columns: it was measured on another model")
+    return found
+
+
+def _calibration_text(path: str | Path, option: str = "--imatrix-text") -> str:
     """The text of --imatrix-text, or one line saying why it cannot be used."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise GGUFExportError(f"--imatrix-text {path} cannot be read ({type(e).__name__}): give a UTF-8 text file "
+        raise GGUFExportError(f"{option} {path} cannot be read ({type(e).__name__}): give a UTF-8 text file "
                               "of calibration text") from None
     if not text.strip():
-        raise GGUFExportError(f"--imatrix-text {path} is empty: give text the model reads, ideally like what it will "
+        raise GGUFExportError(f"{option} {path} is empty: give text the model reads, ideally like what it will "
                               "be used on (thousands of tokens)")
     return text
 

@@ -1,0 +1,218 @@
+"""llama.cpp's importance-matrix files (interop.gguf_imatrix_file, `lmforge imatrix`, `export --imatrix`): what
+lmforge writes is llama-imatrix's GGUF layout as llama.cpp's own gguf package reads it, with each matrix's sums
+against a hand computation; files llama.cpp wrote (its GGUF layout written by its gguf package, its older .dat
+layout) read back as the importance llama-quantize derives from them; an export under a file quantizes each matrix
+under that file's entry (the head's too with --process-output); misuse is one line and writes nothing."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gguf_export import MAKERS  # noqa: E402
+from test_gguf_kquants import WIDE_LLAMA  # noqa: E402
+from test_interop import LLAMA_STYLE, lmforge_run  # noqa: E402
+
+gguf = pytest.importorskip("gguf")
+
+from lmforge.checkpoint import load_for_inference  # noqa: E402
+from lmforge.cli import main  # noqa: E402
+from lmforge.interop.gguf_imatrix_file import read_imatrix  # noqa: E402
+from lmforge.interop.gguf_kquants import quantize  # noqa: E402
+
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 6
+
+
+def _field(reader, key):
+    field = reader.fields[key]
+    if field.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode()
+    if field.types[0] == gguf.GGUFValueType.ARRAY:
+        return [bytes(field.parts[i]).decode() for i in field.data]
+    return int(field.parts[field.data[0]][0])
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imatrix")
+    run = lmforge_run(root, MAKERS["char"](), **LLAMA_STYLE)
+    text = root / "calibration.txt"
+    text.write_text(TEXT)
+    return run, text
+
+
+def test_lmforge_imatrix_writes_llama_cpps_gguf_layout_with_each_matrixs_sums(llama, tmp_path):
+    run, text = llama
+    out = tmp_path / "llama.imatrix.gguf"
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(out), "--process-output"]) == 0
+    reader = gguf.GGUFReader(str(out))  # llama.cpp's own reader
+    model, tokenizer, _ = load_for_inference(run, "cpu")
+    context, n_layer = model.config.block_size, model.config.n_layer
+    tokens = torch.from_numpy(tokenizer.encode_array(TEXT).astype(np.int64))
+    assert _field(reader, "general.type") == "imatrix"
+    assert _field(reader, "imatrix.datasets") == ["calibration.txt"]
+    assert _field(reader, "imatrix.chunk_size") == context
+    assert _field(reader, "imatrix.chunk_count") == -(-len(tokens) // context)
+    tensors = {t.name: t for t in reader.tensors}
+    parts = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    names = {f"blk.{i}.{p}.weight" for i in range(n_layer) for p in parts} | {"output.weight"}
+    assert set(tensors) == {f"{n}.{s}" for n in names for s in ("in_sum", "in_sum2", "counts")}
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in reader.tensors)
+    with torch.no_grad():  # block 0's q/k/v read its first norm of the embeddings; the head the final hidden states
+        windows = [tokens[i:i + context] for i in range(0, len(tokens), context)]
+        first = torch.cat([model.blocks[0].norm_1(model.tok_emb(w)) for w in windows]).double()
+        final = torch.cat([model.hidden_states(w[None])[0] for w in windows]).double()
+    for name, x in (("blk.0.attn_k.weight", first), ("output.weight", final)):
+        assert list(tensors[f"{name}.in_sum2"].shape) == [x.size(1), 1]  # ggml's (columns, matrices)
+        np.testing.assert_allclose(np.asarray(tensors[f"{name}.in_sum2"].data).reshape(-1),
+                                   (x ** 2).sum(0).numpy(), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(tensors[f"{name}.in_sum"].data).reshape(-1), x.sum(0).numpy(),
+                                   rtol=1e-4, atol=1e-4)
+        assert np.asarray(tensors[f"{name}.counts"].data).reshape(-1).tolist() == [len(tokens)]
+    assert np.array_equal(tensors["blk.1.attn_q.weight.in_sum2"].data, tensors["blk.1.attn_v.weight.in_sum2"].data)
+    assert not np.array_equal(tensors["blk.1.attn_q.weight.in_sum2"].data,
+                              tensors["blk.1.ffn_down.weight.in_sum2"].data)
+    out.unlink()  # without --process-output the head gets no entry, as llama-imatrix's default
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(out)]) == 0
+    assert "output.weight.in_sum2" not in {t.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(out), "--force"]) == 0  # ours: replaced
+
+
+def test_a_gguf_imatrix_as_llama_imatrix_writes_it_reads_as_llama_quantize_derives_it(tmp_path):
+    path = tmp_path / "theirs.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")  # llama.cpp's gguf package, llama-imatrix's layout
+    writer.add_type("imatrix")
+    writer.add_array("imatrix.datasets", ["wiki.train.raw", "code.txt"])
+    writer.add_uint32("imatrix.chunk_count", 125)
+    writer.add_uint32("imatrix.chunk_size", 512)
+    rng = np.random.default_rng(0)
+    dense = rng.random((1, 64), dtype=np.float32) * 100
+    experts = rng.random((2, 32), dtype=np.float32) * 10  # two matrices (a MoE's experts), the second never used
+    writer.add_tensor("blk.0.attn_q.weight.in_sum2", dense)
+    writer.add_tensor("blk.0.attn_q.weight.counts", np.array([[64000.0]], dtype=np.float32))
+    writer.add_tensor("blk.0.ffn_up_exps.weight.in_sum2", experts)
+    writer.add_tensor("blk.0.ffn_up_exps.weight.counts", np.array([[300.0], [0.0]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    read = read_imatrix(path)
+    assert read.datasets == ["wiki.train.raw", "code.txt"] and read.chunk_count == 125
+    np.testing.assert_allclose(read.values["blk.0.attn_q.weight"], dense[0] / 64000, rtol=1e-6)
+    np.testing.assert_allclose(read.values["blk.0.ffn_up_exps.weight"],
+                               np.concatenate([experts[0] / 300, np.ones(32)]), rtol=1e-6)  # unused: 1
+
+
+def _dat(path: Path, entries: dict[str, tuple[int, np.ndarray]], tail: bytes | None = None) -> None:
+    """llama-imatrix's .dat layout (save_imatrix_legacy): values are the mean squares times the calls."""
+    out = struct.pack("<i", len(entries))
+    for name, (calls, values) in entries.items():
+        out += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", calls, len(values))
+        out += values.astype("<f4").tobytes()
+    path.write_bytes(out + (struct.pack("<i", 40) + struct.pack("<i", 9) + b"wiki.test" if tail is None else tail))
+
+
+def test_a_dat_imatrix_reads_as_llama_quantize_derives_it(tmp_path):
+    mean_square = np.random.default_rng(1).random(48, dtype=np.float32)
+    _dat(tmp_path / "a.dat", {"blk.0.ffn_down.weight": (40, mean_square * 40), "blk.1.attn_v.weight": (0, mean_square)})
+    read = read_imatrix(tmp_path / "a.dat")
+    np.testing.assert_allclose(read.values["blk.0.ffn_down.weight"], mean_square, rtol=1e-6)
+    np.testing.assert_allclose(read.values["blk.1.attn_v.weight"], mean_square)  # no calls: as stored
+    assert read.chunk_count == 40 and read.datasets == ["wiki.test"]
+    _dat(tmp_path / "b.dat", {"blk.0.ffn_down.weight": (40, mean_square * 40)}, tail=b"")  # the tail is optional
+    assert read_imatrix(tmp_path / "b.dat").chunk_count == 0
+
+
+def test_export_under_an_imatrix_file_quantizes_each_matrix_under_its_entry(tmp_path):
+    run = lmforge_run(tmp_path, MAKERS["char"](), **{**LLAMA_STYLE, **WIDE_LLAMA})
+    text, imatrix, out = tmp_path / "calibration.txt", tmp_path / "m.imatrix.gguf", tmp_path / "q3_k_m.gguf"
+    text.write_text(TEXT)
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(imatrix), "--process-output"]) == 0
+    assert main(["export", str(run), "--format", "gguf", "--gguf-type", "q3_k_m", "--imatrix", str(imatrix),
+                 "--out", str(out)]) == 0
+    importance = read_imatrix(imatrix).values
+    model, _, _ = load_for_inference(run, "cpu")
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    w = model.blocks[2].mlp.proj.weight.detach().numpy()
+    kind = tensors["blk.2.ffn_down.weight"].tensor_type.name.lower()
+    stored = np.asarray(tensors["blk.2.ffn_down.weight"].data).reshape(-1)
+    assert np.array_equal(stored, quantize(w, kind, importance["blk.2.ffn_down.weight"]).reshape(-1))
+    assert not np.array_equal(stored, quantize(w, kind).reshape(-1))
+    head = model.lm_head.weight.detach().numpy()  # measured with --process-output: the head is weighed too
+    stored = np.asarray(tensors["output.weight"].data).reshape(-1)
+    assert np.array_equal(stored, quantize(head, "q6_k", importance["output.weight"]).reshape(-1))
+    assert not np.array_equal(stored, quantize(head, "q6_k").reshape(-1))
+    assert _field(reader, "quantize.imatrix.file") == imatrix.name
+    assert _field(reader, "quantize.imatrix.dataset") == text.name
+    assert _field(reader, "quantize.imatrix.entries_count") == len(importance) == 7 * model.config.n_layer + 1
+
+
+CASES = ["missing", "a model", "random bytes", "truncated dat", "another model", "wider model", "both options",
+         "type", "hf", "over its input"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_imatrix_file_misuse_is_one_line_and_writes_nothing(llama, tmp_path, capsys, case):
+    run, text = llama
+    imatrix, out = tmp_path / "m.imatrix", tmp_path / "out.gguf"
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(imatrix)]) == 0
+    args = ["export", str(run), "--format", "gguf", "--gguf-type", "q4_k_m", "--imatrix", str(imatrix)]
+    if case == "missing":
+        imatrix.unlink()
+    elif case == "a model":  # a GGUF file, but a model's
+        assert main(["export", str(run), "--format", "gguf", "--out", str(imatrix), "--force"]) == 0
+    elif case == "random bytes":
+        imatrix.write_bytes(np.random.default_rng(2).bytes(3000))
+    elif case == "truncated dat":
+        _dat(imatrix, {"blk.0.attn_q.weight": (1, np.ones(32))})
+        imatrix.write_bytes(imatrix.read_bytes()[:60])
+    elif case == "another model":  # no entry names a matrix of this one
+        _dat(imatrix, {"model.layers.0.mlp.down_proj.weight": (1, np.ones(32))})
+    elif case == "wider model":
+        _dat(imatrix, {"blk.0.attn_q.weight": (1, np.ones(64))})
+    elif case == "both options":
+        args += ["--imatrix-text", str(text)]
+    elif case == "type":
+        args[args.index("q4_k_m")] = "q8_0"
+    elif case == "hf":
+        args = ["export", str(run), "--format", "hf", "--imatrix", str(imatrix)]
+    else:
+        out = imatrix
+    before = imatrix.read_bytes() if imatrix.exists() else None
+    capsys.readouterr()
+    assert main(args + ["--out", str(out)] + (["--force"] if case == "over its input" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("input" if case == "over its input" else "--imatrix") in err, err
+    if case != "over its input":
+        assert not out.exists()
+    assert (imatrix.read_bytes() if imatrix.exists() else None) == before
+
+
+@pytest.mark.parametrize("case", ["missing text", "empty text", "not ours", "classifier"])
+def test_imatrix_command_misuse_is_one_line_and_writes_nothing(llama, tmp_path, capsys, case):
+    run, text = llama
+    out = tmp_path / "m.imatrix.gguf"
+    if case == "missing text":
+        text = tmp_path / "nothing.txt"
+    elif case == "empty text":
+        text = tmp_path / "empty.txt"
+        text.write_text("\n \n")
+    elif case == "not ours":
+        out.write_text("the user's notes\n")
+    else:
+        run = lmforge_run(tmp_path / "cls", MAKERS["char"](), **LLAMA_STYLE, head="classify", num_labels=3)
+    capsys.readouterr()
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    if case == "not ours":
+        assert out.read_text() == "the user's notes\n"
+    else:
+        assert not out.exists()
