@@ -13,8 +13,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_gguf_kquants import (F, _ref_2bit, _ref_largest, _ref_q3_tail, _ref_q45_tail, _ref_q6_tail,  # noqa: E402
-                               _ref_qkx2, _ref_qx, weights)
+from test_gguf_kquants import (F, _ref_2bit, _ref_iq4_nl, _ref_iq4_xs, _ref_largest, _ref_q3_tail,  # noqa: E402
+                               _ref_q45_tail, _ref_q6_tail, _ref_qkx2, _ref_qx, weights)
 from test_gguf_export import MAKERS  # noqa: E402
 from test_interop import LLAMA_STYLE, lmforge_run  # noqa: E402
 
@@ -147,7 +147,22 @@ def _ref_q3_k_impl(block, qw):
     return _ref_q3_tail(block, q, packed, np.float16(d_block))
 
 
-REFERENCE = {"q2_k": _ref_q2_k_impl, "q3_k": _ref_q3_k_impl, "q4_k": lambda b, w: _ref_q45_k_impl(b, w, 15),
+def _ref_iq4_weights(x, qw):
+    """quantize_row_iq4_nl_impl's weights: qw * sqrt(sigma2 + x^2), sigma2 twice the mean square of `x` (the
+    super-block: 32 weights for IQ4_NL, 256 for IQ4_XS), summed in order."""
+    sigma2 = F(0)
+    for v in x:
+        sigma2 = F(sigma2 + F(v * v))
+    sigma2 = F(sigma2 * F(F(2) / F(len(x))))
+    return [F(q * F(np.sqrt(F(sigma2 + F(v * v))))) for v, q in zip(x, qw)]
+
+
+def _ref_iq4_nl_impl(block, qw):
+    return _ref_iq4_nl(block, [w for g in range(0, 256, 32) for w in _ref_iq4_weights(block[g:g + 32], qw[g:g + 32])])
+
+
+REFERENCE = {"iq4_nl": _ref_iq4_nl_impl, "iq4_xs": lambda b, w: _ref_iq4_xs(b, _ref_iq4_weights(b, w)),
+             "q2_k": _ref_q2_k_impl, "q3_k": _ref_q3_k_impl, "q4_k": lambda b, w: _ref_q45_k_impl(b, w, 15),
              "q5_k": lambda b, w: _ref_q45_k_impl(b, w, 31), "q6_k": _ref_q6_k_impl}
 
 
@@ -162,7 +177,7 @@ def importance_like(columns, seed):
 @pytest.mark.parametrize("kind", list(REFERENCE))
 def test_the_weighted_quantizers_write_the_bytes_of_llama_cpps_impl_loops(kind):
     """Block for block the bytes of the scalar loops above (llama.cpp's quantize_row_*_impl; libggml's own
-    ggml_quantize_chunk given the same importance writes them too: benchmarks/gguf_llama_cpp.py --imatrix)."""
+    ggml_quantize_chunk given the same importance writes them too: benchmarks/gguf_imatrix.py)."""
     x = weights(6, 512, seed=7)  # rows of zeros, of one sign, constant; outliers
     imp = importance_like(512, seed=8)
     ours = quantize(x, kind, imp).reshape(-1, BYTES[kind])
@@ -188,8 +203,8 @@ def test_the_importance_buys_less_error_where_it_is_large(kind):
 
 def test_an_importance_is_refused_for_types_without_it_and_of_the_wrong_length():
     x = weights(6, 512)
-    with pytest.raises(ValueError, match="iq4_xs"):
-        quantize(x, "iq4_xs", np.ones(512, np.float32))
+    with pytest.raises(ValueError, match="q5_k, q6_k, iq4_xs, iq4_nl here, not q8_0"):
+        quantize(x, "q8_0", np.ones(512, np.float32))
     with pytest.raises(ValueError, match="256 values for 512 columns"):
         quantize(x, "q4_k", np.ones(256, np.float32))
 

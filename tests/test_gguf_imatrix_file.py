@@ -129,12 +129,13 @@ def test_a_dat_imatrix_reads_as_llama_quantize_derives_it(tmp_path):
     assert read_imatrix(tmp_path / "b.dat").chunk_count == 0
 
 
-def test_export_under_an_imatrix_file_quantizes_each_matrix_under_its_entry(tmp_path):
+@pytest.mark.parametrize("mix", ["q3_k_m", "iq4_xs"])
+def test_export_under_an_imatrix_file_quantizes_each_matrix_under_its_entry(tmp_path, mix):
     run = lmforge_run(tmp_path, MAKERS["char"](), **{**LLAMA_STYLE, **WIDE_LLAMA})
-    text, imatrix, out = tmp_path / "calibration.txt", tmp_path / "m.imatrix.gguf", tmp_path / "q3_k_m.gguf"
+    text, imatrix, out = tmp_path / "calibration.txt", tmp_path / "m.imatrix.gguf", tmp_path / f"{mix}.gguf"
     text.write_text(TEXT)
     assert main(["imatrix", str(run), "--text", str(text), "--out", str(imatrix), "--process-output"]) == 0
-    assert main(["export", str(run), "--format", "gguf", "--gguf-type", "q3_k_m", "--imatrix", str(imatrix),
+    assert main(["export", str(run), "--format", "gguf", "--gguf-type", mix, "--imatrix", str(imatrix),
                  "--out", str(out)]) == 0
     importance = read_imatrix(imatrix).values
     model, _, _ = load_for_inference(run, "cpu")
@@ -146,9 +147,10 @@ def test_export_under_an_imatrix_file_quantizes_each_matrix_under_its_entry(tmp_
     assert np.array_equal(stored, quantize(w, kind, importance["blk.2.ffn_down.weight"]).reshape(-1))
     assert not np.array_equal(stored, quantize(w, kind).reshape(-1))
     head = model.lm_head.weight.detach().numpy()  # measured with --process-output: the head is weighed too
+    kind = tensors["output.weight"].tensor_type.name.lower()
     stored = np.asarray(tensors["output.weight"].data).reshape(-1)
-    assert np.array_equal(stored, quantize(head, "q6_k", importance["output.weight"]).reshape(-1))
-    assert not np.array_equal(stored, quantize(head, "q6_k").reshape(-1))
+    assert np.array_equal(stored, quantize(head, kind, importance["output.weight"]).reshape(-1))
+    assert not np.array_equal(stored, quantize(head, kind).reshape(-1))
     assert _field(reader, "quantize.imatrix.file") == imatrix.name
     assert _field(reader, "quantize.imatrix.dataset") == text.name
     assert _field(reader, "quantize.imatrix.entries_count") == len(importance) == 7 * model.config.n_layer + 1

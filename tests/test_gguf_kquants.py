@@ -358,15 +358,17 @@ def _ref_nearest(v):
     return hi - 1 if F(v - F(IQ4[hi - 1])) < F(F(IQ4[hi]) - v) else hi
 
 
-def _ref_iq4_scale(x):
+def _ref_iq4_scale(x, weight=None):
+    """The sub-block's scale; each error weighs v^2, or `weight` (an importance matrix's, test_gguf_imatrix)."""
     peak = _ref_largest(x)
     if abs(peak) < F(1e-15):
         return F(0)
+    weight = [F(v * v) for v in x] if weight is None else weight
 
     def sums(iscale):
         sqx = sq2 = F(0)
-        for v in x:
-            q, w = F(IQ4[_ref_nearest(F(iscale * v))]), F(v * v)
+        for v, w in zip(x, weight):
+            q = F(IQ4[_ref_nearest(F(iscale * v))])
             sqx, sq2 = F(sqx + F(F(w * q) * v)), F(sq2 + F(F(w * q) * q))
         return sqx, sq2
 
@@ -386,18 +388,19 @@ def _ref_iq4_pack(index):
     return bytes(index[32 * g + j] | (index[32 * g + 16 + j] << 4) for g in range(len(index) // 32) for j in range(16))
 
 
-def _ref_iq4_nl(block):
+def _ref_iq4_nl(block, weight=None):
     out = b""
     for g in range(8):
         x = block[32 * g:32 * g + 32]
-        d = _ref_iq4_scale(x)
+        d = _ref_iq4_scale(x, None if weight is None else weight[32 * g:32 * g + 32])
         inv = F(F(1) / d) if d else F(0)
         out += np.float16(d).tobytes() + _ref_iq4_pack([_ref_nearest(F(inv * v)) for v in x])
     return out
 
 
-def _ref_iq4_xs(block):
-    scales = [_ref_iq4_scale(block[32 * g:32 * g + 32]) for g in range(8)]
+def _ref_iq4_xs(block, weight=None):
+    scales = [_ref_iq4_scale(block[32 * g:32 * g + 32], None if weight is None else weight[32 * g:32 * g + 32])
+              for g in range(8)]
     d = F(-_ref_largest(scales) / F(32))
     inv = F(F(1) / d) if d else F(0)
     index, low, high = [], bytearray(4), 0

@@ -76,7 +76,8 @@ class GGUFExportError(LmforgeError):
     """A checkpoint that cannot be written as GGUF, or an output that must not be replaced."""
 
 
-IMATRIX_TYPES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")  # K-quants
+IMATRIX_TYPES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs",
+                 "iq4_nl")  # the mixes whose quantizers weigh an importance matrix (gguf_kquants.WEIGHTED)
 
 
 def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32",
@@ -88,7 +89,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k, iq4_xs, iq4_nl). An existing out_path is
     replaced only with force and only if it is a GGUF file lmforge wrote. `progress`: a bar over the weights
     written, on stderr when it is a terminal. imatrix_text: a UTF-8 text file the model reads first to measure an
-    importance matrix (gguf_imatrix) that the Q2_K to Q6_K tensors of dtype's K-quant mix are quantized under, as
+    importance matrix (gguf_imatrix) that the Q2_K to Q6_K and IQ4 tensors of dtype's mix are quantized under, as
     llama-quantize --imatrix does; imatrix: such a matrix from a file instead (gguf_imatrix_file: what
     export_imatrix or llama.cpp's llama-imatrix wrote)."""
     try:
@@ -256,7 +257,7 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
     head's matrix (`head`: output, or token_embd when the head reads it) is q8_0, as llama.cpp's quantizer keeps
     the output at more bits than the rest. A K-quant mix (q4_k_m, ...) picks each matrix's type as llama-quantize
     does (gguf_kquants.tensor_type) and writes q2_k to q6_k, iq4_xs and iq4_nl with lmforge's own quantizer;
-    `importance` (columns,), an importance matrix's entry, weighs the q2_k to q6_k ones (a row that falls back to
+    `importance` (columns,), an importance matrix's entry, weighs those (a row that falls back to
     a legacy type is written without it, where llama-quantize would weigh that too)."""
     import gguf
 

@@ -4,8 +4,8 @@ llama-imatrix measures, then hands to llama-quantize with --imatrix).
 Rounding a weight matters in proportion to the activations it multiplies: a matrix W (out, in) turns x into W x,
 so an error e in row r, column c moves output r by e * x_c, whose expected square is e^2 * E[x_c^2]. The
 importance of column c is therefore the mean of x_c^2 over real text, one number per input column of every
-matrix; the quantizers of Q2_K to Q6_K (gguf_kquants.quantize(..., importance)) then weigh each weight's error by
-it, as llama.cpp's quantize_row_*_impl do, and spend their few levels where the text needs them.
+matrix; the quantizers of Q2_K to Q6_K and IQ4 (gguf_kquants.quantize(..., importance)) then weigh each weight's
+error by it, as llama.cpp's quantize_row_*_impl do, and spend their few levels where the text needs them.
 
 Measured here by forward pre-hooks on the blocks' matrices while the model reads the calibration text in windows
 of its context: q, k and v (and Llama's gate and up) read the same input, so the tensors split from one lmforge

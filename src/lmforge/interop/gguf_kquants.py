@@ -30,7 +30,9 @@ Given an importance matrix (quantize(..., importance): per column, the mean squa
 gguf_imatrix measures it), Q2_K to Q6_K follow llama.cpp's quantize_row_*_impl instead, what llama-quantize --imatrix
 runs: each weight's error weighed by its column's importance times sqrt(sigma2 + x^2), the sub-blocks' scales and
 minimums fitted under those weights (make_qkx3_quants, make_qx_quants), and the scales themselves quantized by
-make_qp_quants (or make_qx_quants for Q3_K) with each sub-block weighing its weights' sum.
+make_qp_quants (or make_qx_quants for Q3_K) with each sub-block weighing its weights' sum. IQ4_XS and IQ4_NL
+(quantize_row_iq4_nl_impl) search each sub-block's scale under the same weights, sigma2 taken over the super-block
+(256 weights for IQ4_XS, the block of 32 for IQ4_NL).
 
 The mixes follow llama.cpp's llama_tensor_get_type: the head (output, or token_embd when it is also the head) is
 Q6_K; under *_M, attn_v (or GPT-2's fused attn_qkv) and ffn_down of the first and last eighth of the layers and of
@@ -103,15 +105,15 @@ def tensor_type(mix: str, name: str, n_layer: int, head: bool, columns: int, gqa
 
 
 # ------------------------------------------------------------------------------------------ quantizers
-WEIGHTED = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")  # the types whose quantizers take an importance matrix here
+WEIGHTED = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "iq4_nl")  # those that take an importance matrix here
 
 
 def quantize(data: np.ndarray, kind: str, importance: np.ndarray | None = None) -> np.ndarray:
     """A float matrix (rows, columns), columns a multiple of 256 -> its bytes (rows, columns / 256 * block bytes)
     as llama.cpp stores a `kind` (q2_k | q3_k | q4_k | q5_k | q6_k | iq4_xs | iq4_nl) tensor; iq4_nl takes rows of
     whole blocks of 32. importance (columns,): how much each column's error costs (an importance matrix's entry for
-    this tensor, the mean square of the activations each column multiplies), for q2_k to q6_k: then the quantizers
-    are llama.cpp's quantize_row_*_impl, which weigh each weight's error by it."""
+    this tensor, the mean square of the activations each column multiplies): then the quantizers are llama.cpp's
+    quantize_row_*_impl, which weigh each weight's error by it."""
     rows, columns = data.shape
     size = 32 if kind == "iq4_nl" else QK_K
     if columns % size:
@@ -127,8 +129,8 @@ def quantize(data: np.ndarray, kind: str, importance: np.ndarray | None = None) 
     starts = range(0, len(blocks), per)
     if importance is None:
         work = [(encode, blocks[i:i + per]) for i in starts]
-    else:  # block b of the matrix covers columns (b % blocks per row) * 256 onwards
-        by_block = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1, QK_K)
+    else:  # block b of the matrix covers columns (b % blocks per row) * size onwards
+        by_block = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1, size)
         work = [(encode, blocks[i:i + per], by_block[np.arange(i, min(i + per, len(blocks))) % len(by_block)])
                 for i in starts]
     with ThreadPoolExecutor(max(1, min(len(work), os.cpu_count() or 1))) as pool:  # numpy's loops free the GIL
@@ -501,14 +503,15 @@ def _nearest_value(v: np.ndarray) -> np.ndarray:
     return np.where(v <= IQ4_VALUES[0], 0, np.where(v >= IQ4_VALUES[15], 15, pick))
 
 
-def _iq4_scales(x: np.ndarray, ntry: int = 7) -> np.ndarray:
-    """llama.cpp's IQ4 sub-block scale (weights x^2), for M sub-blocks of 32 at once, each a column: x (32, M) ->
-    d (M,): the value read is d * IQ4_VALUES[index]; 0 for a sub-block below GROUP_MAX_EPS."""
+def _iq4_scales(x: np.ndarray, w: np.ndarray | None = None, ntry: int = 7) -> np.ndarray:
+    """llama.cpp's IQ4 sub-block scale, for M sub-blocks of 32 at once, each a column: x (32, M) -> d (M,): the value
+    read is d * IQ4_VALUES[index]; 0 for a sub-block below GROUP_MAX_EPS. Each weight's error weighs w (32, M):
+    x^2, or under an importance matrix qw * sqrt(sigma2 + x^2)."""
     f32 = np.float32
     peak = _largest(x, axis=0)
     zero = np.abs(peak) < _EPS
     peak = np.where(zero, f32(1), peak)
-    w = x * x
+    w = x * x if w is None else w
 
     def sums(iscale):
         q = IQ4_VALUES[_nearest_value(iscale * x)]
@@ -533,11 +536,16 @@ def _pack_iq4(index: np.ndarray) -> np.ndarray:
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(len(index), -1)
 
 
-def _iq4_nl(blocks: np.ndarray) -> np.ndarray:
-    """Blocks of 32 (here rows of (N, 256) as 8 blocks each), w ~ d * IQ4_VALUES[index]: 18 bytes per 32."""
+def _iq4_nl(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Blocks of 32 (N, 32), w ~ d * IQ4_VALUES[index]: 18 bytes per 32. qw (N, 32): the blocks' importance (its
+    sigma2 is twice a block's mean square: IQ4_NL's super-block is the block)."""
     f32 = np.float32
     x = np.ascontiguousarray(blocks.reshape(-1, 32).T)
-    d = _iq4_scales(x)
+    w = None
+    if qw is not None:
+        sigma2 = f32(2) * (x * x).sum(axis=0, dtype=f32) / f32(32)
+        w = np.ascontiguousarray(qw.reshape(-1, 32).T) * np.sqrt(sigma2 + x * x)
+    d = _iq4_scales(x, w)
     inv = np.where(d != 0, f32(1) / np.where(d != 0, d, f32(1)), f32(0))
     index = _nearest_value(inv * x).T
     d_half, _ = _f16(d)
@@ -545,12 +553,14 @@ def _iq4_nl(blocks: np.ndarray) -> np.ndarray:
     return out.reshape(len(blocks), -1)
 
 
-def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
-    """Super-blocks of 256: 8 sub-blocks of 32 with 6-bit scales against one float16: 136 bytes."""
+def _iq4_xs(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """Super-blocks of 256: 8 sub-blocks of 32 with 6-bit scales against one float16: 136 bytes. qw (N, 256): the
+    importance, its sigma2 twice the super-block's mean square (as the K-quants')."""
     f32 = np.float32
     n = len(blocks)
     x = np.ascontiguousarray(blocks.reshape(n * 8, 32).T)
-    scales = _iq4_scales(x).reshape(n, 8)
+    w = None if qw is None else np.ascontiguousarray(_importance_weights(blocks, qw).reshape(n * 8, 32).T)
+    scales = _iq4_scales(x, w).reshape(n, 8)
     d = -_largest(scales, axis=1) / f32(32)
     inv = np.where(d != 0, f32(1) / np.where(d != 0, d, f32(1)), f32(0))
     levels = np.clip(_round(inv[:, None] * scales), -32, 31)
