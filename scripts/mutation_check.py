@@ -475,6 +475,10 @@ MUTANTS = [
            "                            importance=importance.get(name))",
            "                            importance=None)",
            ("tests/test_gguf_imatrix.py::test_export_with_imatrix_text_weighs_the_block_matrices_not_the_head",)),
+    Mutant("imatrix-iq4-scale-search-ignores-the-importance", "interop/gguf_kquants.py",
+           "    w = x * x if w is None else w\n\n    def sums(iscale):", "    w = x * x\n\n    def sums(iscale):",
+           ("tests/test_gguf_imatrix.py::"
+            "test_the_weighted_quantizers_write_the_bytes_of_llama_cpps_impl_loops[iq4_xs]",)),
     Mutant("imatrix-file-holds-means-not-sums", "interop/gguf_imatrix_file.py",
            "a.sum2.astype(np.float32)", "(a.sum2 / a.count).astype(np.float32)",
            ("tests/test_gguf_imatrix_file.py::"
