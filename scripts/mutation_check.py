@@ -479,6 +479,9 @@ MUTANTS = [
            "    w = x * x if w is None else w\n\n    def sums(iscale):", "    w = x * x\n\n    def sums(iscale):",
            ("tests/test_gguf_imatrix.py::"
             "test_the_weighted_quantizers_write_the_bytes_of_llama_cpps_impl_loops[iq4_xs]",)),
+    Mutant("imatrix-fallback-rows-not-weighted", "interop/gguf_export.py",
+           "    elif kind in gguf_kquants.LEGACY_WEIGHTED and importance is not None:", "    elif False:",
+           ("tests/test_gguf_imatrix_file.py::test_rows_that_fall_back_and_the_legacy_types_are_weighed_too[q4_k_m]",)),
     Mutant("imatrix-file-holds-means-not-sums", "interop/gguf_imatrix_file.py",
            "a.sum2.astype(np.float32)", "(a.sum2 / a.count).astype(np.float32)",
            ("tests/test_gguf_imatrix_file.py::"

@@ -23,7 +23,7 @@ gguf = pytest.importorskip("gguf")
 from lmforge.checkpoint import load_for_inference  # noqa: E402
 from lmforge.cli import main  # noqa: E402
 from lmforge.interop.gguf_imatrix import measure_importance, source_module  # noqa: E402
-from lmforge.interop.gguf_kquants import BYTES, quantize  # noqa: E402
+from lmforge.interop.gguf_kquants import BYTES, quantize, quantize_legacy  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
 
@@ -184,6 +184,46 @@ def test_the_weighted_quantizers_write_the_bytes_of_llama_cpps_impl_loops(kind):
     by_block = imp.reshape(-1, 256)
     for b, (block, raw) in enumerate(zip(x.reshape(-1, 256), ours)):
         assert raw.tobytes() == REFERENCE[kind](list(block), list(by_block[b % 2])), (kind, b)
+
+
+def _ref_legacy_impl(row, qw, kind):
+    """quantize_row_q4_0_impl ... q5_1_impl over one row: sigma2 the row's mean square (summed in order, divided by
+    its length), then per block of 32 make_qx_quants (q4_0, q5_0) or make_qkx3_quants (q4_1, q5_1)."""
+    sigma2 = F(_ref_sum([F(v * v) for v in row]) / F(len(row)))
+    out = b""
+    for b in range(0, len(row), 32):
+        x = row[b:b + 32]
+        w = _ref_weights(x, qw[b:b + 32], sigma2)
+        if kind in ("q4_0", "q5_0"):
+            scale, q = _ref_qx(x, 8 if kind == "q4_0" else 16, w)
+            out += np.float16(scale).tobytes()
+        else:
+            scale, minimum, q = _ref_qkx2(x, w, 15 if kind == "q4_1" else 31, -0.9, 0.05, 36)
+            out += np.float16(scale).tobytes() + np.float16(-minimum).tobytes()
+        if kind in ("q5_0", "q5_1"):
+            out += sum((l >> 4) << j for j, l in enumerate(q)).to_bytes(4, "little")
+        out += bytes((q[j] & 0xF) | ((q[j + 16] & 0xF) << 4) for j in range(16))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q5_0", "q5_1"])
+def test_the_legacy_types_under_an_importance_write_the_bytes_of_llama_cpps_impl_loops(kind):
+    """What a K-quant's rows of whole blocks of 32 but not 256 fall back to (and --gguf-type q4_0 ... q5_1 with an
+    importance matrix): the bytes of the scalar loops, row by row (libggml's ggml_quantize_chunk writes them too);
+    and less importance-weighted error than llama.cpp's reference quantizer without it."""
+    from gguf.quants import dequantize, quantize as reference
+
+    x = weights(6, 384, seed=11)  # 384 columns: 12 blocks of 32, not whole blocks of 256
+    imp = importance_like(384, seed=12)
+    ours = quantize_legacy(x, kind, imp)
+    for r, row in enumerate(x):
+        assert ours[r].tobytes() == _ref_legacy_impl(list(row), list(imp), kind), (kind, r)
+    x = weights(64, 1024, seed=13)
+    imp = importance_like(1024, seed=14)
+    raw = QT[kind.upper()]
+    plain, weighted = reference(x, raw), quantize_legacy(x, kind, imp)
+    cost = [float((imp * (dequantize(q, raw).reshape(x.shape) - x) ** 2).sum()) for q in (plain, weighted)]
+    assert cost[1] < 0.9 * cost[0], cost
 
 
 @pytest.mark.parametrize("kind", list(REFERENCE))

@@ -24,7 +24,7 @@ gguf = pytest.importorskip("gguf")
 from lmforge.checkpoint import load_for_inference  # noqa: E402
 from lmforge.cli import main  # noqa: E402
 from lmforge.interop.gguf_imatrix_file import read_imatrix  # noqa: E402
-from lmforge.interop.gguf_kquants import quantize  # noqa: E402
+from lmforge.interop.gguf_kquants import quantize, quantize_legacy  # noqa: E402
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 6
 
@@ -154,6 +154,34 @@ def test_export_under_an_imatrix_file_quantizes_each_matrix_under_its_entry(tmp_
     assert _field(reader, "quantize.imatrix.file") == imatrix.name
     assert _field(reader, "quantize.imatrix.dataset") == text.name
     assert _field(reader, "quantize.imatrix.entries_count") == len(importance) == 7 * model.config.n_layer + 1
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_0"])
+def test_rows_that_fall_back_and_the_legacy_types_are_weighed_too(llama, tmp_path, mix):
+    """LLAMA_STYLE's rows are 32 wide: under q4_k_m they fall back to q5_0 (and q5_1 ...), as llama-quantize's do,
+    and are quantized under the importance there as llama.cpp's quantize_row_*_impl are; so is a q5_0 export. The
+    head under q5_0 stays q8_0, which llama.cpp weighs under no importance either."""
+    from gguf.quants import quantize as reference
+
+    run, text = llama
+    imatrix, out = tmp_path / "m.imatrix.gguf", tmp_path / f"{mix}.gguf"
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(imatrix), "--process-output"]) == 0
+    assert main(["export", str(run), "--format", "gguf", "--gguf-type", mix, "--imatrix", str(imatrix),
+                 "--out", str(out)]) == 0
+    importance = read_imatrix(imatrix).values
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    model, _, _ = load_for_inference(run, "cpu")
+    w = model.blocks[0].attn.proj.weight.detach().numpy()
+    kind = tensors["blk.0.attn_output.weight"].tensor_type.name.lower()
+    assert kind in ("q4_0", "q4_1", "q5_0", "q5_1")
+    stored = np.asarray(tensors["blk.0.attn_output.weight"].data).view(np.uint8)
+    assert np.array_equal(stored, quantize_legacy(w, kind, importance["blk.0.attn_output.weight"]))
+    assert not np.array_equal(stored, reference(w, gguf.GGMLQuantizationType[kind.upper()]))
+    head = tensors["output.weight"]
+    if mix == "q5_0":
+        assert head.tensor_type == gguf.GGMLQuantizationType.Q8_0
+        assert np.array_equal(np.asarray(head.data).view(np.uint8), reference(
+            model.lm_head.weight.detach().numpy(), gguf.GGMLQuantizationType.Q8_0))
 
 
 CASES = ["missing", "a model", "random bytes", "truncated dat", "another model", "wider model", "both options",

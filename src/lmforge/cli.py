@@ -1514,12 +1514,12 @@ def _add_export(sub: Any) -> None:
                    "q3_k_l, q3_k_m, q3_k_s, q2_k (2.6 to 6.6 bits per weight; the head q6_k), or iq4_xs, iq4_nl "
                    "(4.25 and 4.5 bits on a non-linear grid)")
     p.add_argument("--imatrix-text", default=None, metavar="TEXT_FILE",
-                   help="gguf with a K-quant --gguf-type (q6_k ... q2_k, iq4_xs, iq4_nl): calibration text (UTF-8) "
-                   "the model reads first to measure an importance matrix, the mean square of the activations each "
-                   "weight multiplies, which the Q2_K to Q6_K and IQ4 tensors are then quantized under (llama-imatrix "
-                   "+ llama-quantize --imatrix): less error where the text needs it, most at 2 and 3 bits")
+                   help="gguf with a --gguf-type of 2 to 6 bits (q6_k ... q2_k, iq4_*, q5_1 ... q4_0): calibration "
+                   "text (UTF-8) the model reads first to measure an importance matrix, the mean square of the "
+                   "activations each weight multiplies, which those tensors are then quantized under (llama-imatrix + "
+                   "llama-quantize --imatrix): less error where the text needs it, most at 2 and 3 bits")
     p.add_argument("--imatrix", default=None, metavar="IMATRIX_FILE",
-                   help="gguf with a K-quant --gguf-type: quantize under an importance matrix read from a file, "
+                   help="gguf with a --gguf-type of 2 to 6 bits: quantize under an importance matrix read from a file, "
                    "llama.cpp's GGUF or older .dat format (what `lmforge imatrix` or llama-imatrix wrote for this "
                    "model), instead of measuring one with --imatrix-text")
     p.add_argument("--force", action="store_true", help="replace an existing output")

@@ -77,7 +77,7 @@ class GGUFExportError(LmforgeError):
 
 
 IMATRIX_TYPES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_xs",
-                 "iq4_nl")  # the mixes whose quantizers weigh an importance matrix (gguf_kquants.WEIGHTED)
+                 "iq4_nl", *LOW_BIT)  # the types whose quantizers weigh an importance matrix, as llama-quantize's do
 
 
 def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = False, dtype: str = "f32",
@@ -103,7 +103,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     if imatrix_text is not None and imatrix is not None:
         raise GGUFExportError("--imatrix-text measures an importance matrix and --imatrix reads one: give one of them")
     if option is not None and dtype not in IMATRIX_TYPES:
-        raise GGUFExportError(f"{option} weighs the K-quant tensors of --gguf-type "
+        raise GGUFExportError(f"{option} weighs the quantization of --gguf-type "
                               f"{', '.join(IMATRIX_TYPES)}, not {dtype}: pick one of those or drop it")
     calibration = None if imatrix_text is None else _calibration_text(imatrix_text)
     from_file = None if imatrix is None else read_imatrix(imatrix)
@@ -257,8 +257,9 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
     head's matrix (`head`: output, or token_embd when the head reads it) is q8_0, as llama.cpp's quantizer keeps
     the output at more bits than the rest. A K-quant mix (q4_k_m, ...) picks each matrix's type as llama-quantize
     does (gguf_kquants.tensor_type) and writes q2_k to q6_k, iq4_xs and iq4_nl with lmforge's own quantizer;
-    `importance` (columns,), an importance matrix's entry, weighs those (a row that falls back to
-    a legacy type is written without it, where llama-quantize would weigh that too)."""
+    `importance` (columns,), an importance matrix's entry, weighs those and q4_0, q4_1, q5_0, q5_1 (as a type of
+    their own, or where a K-quant's rows fall back to them: gguf_kquants.quantize_legacy), as llama-quantize
+    --imatrix does; q8_0 and the float types take none there either."""
     import gguf
 
     kind = "q8_0" if head and dtype in LOW_BIT else dtype
@@ -273,6 +274,9 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
         writer.add_tensor(name, gguf_kquants.quantize(data, kind, weighted), raw_dtype=raw)
     elif kind == "f16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] != 0:
         writer.add_tensor(name, data.astype(np.float16))
+    elif kind in gguf_kquants.LEGACY_WEIGHTED and importance is not None:
+        raw = gguf.GGMLQuantizationType[kind.upper()]
+        writer.add_tensor(name, gguf_kquants.quantize_legacy(data, kind, importance), raw_dtype=raw)
     else:  # bf16 and the block types: bytes as gguf's quantizers write them
         raw = gguf.GGMLQuantizationType[kind.upper()]
         writer.add_tensor(name, gguf.quants.quantize(data, raw), raw_dtype=raw)

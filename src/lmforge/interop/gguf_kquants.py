@@ -42,7 +42,8 @@ rest Q4_K, attn_output Q4_K; Q3_K_L gives those three Q5_K; Q2_K gives attn_v Q3
 heads per key/value head), ffn_down and attn_output Q3_K; IQ4_XS and IQ4_NL give the first eighth of the ffn_down
 Q5_K, and attn_v too with four or more query heads per key/value head. A matrix whose rows are not a whole number
 of 256 weights takes llama.cpp's fallback: Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS ->
-IQ4_NL (and float16 when the rows are not whole blocks of 32 either).
+IQ4_NL (and float16 when the rows are not whole blocks of 32 either); under an importance matrix those Q4_0, Q5_0
+and Q5_1 rows are weighed too (quantize_legacy: llama.cpp's quantize_row_q4_0_impl ... q5_1_impl; Q8_0 takes none).
 """
 
 from __future__ import annotations
@@ -576,3 +577,39 @@ def _iq4_xs(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     d_half, _ = _f16(d)
     return np.concatenate([d_half[:, None].view(np.uint8), scales_h[:, None].view(np.uint8), scales_l,
                            _pack_iq4(index)], axis=1)
+
+
+# ------------------------------------------------------------------------------------------ legacy types, weighted
+LEGACY_WEIGHTED = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}  # bytes per block of 32
+
+
+def quantize_legacy(data: np.ndarray, kind: str, importance: np.ndarray) -> np.ndarray:
+    """A float matrix (rows, columns), columns a multiple of 32 -> its `kind` (q4_0 | q4_1 | q5_0 | q5_1) bytes
+    (rows, columns / 32 * block bytes) under an importance matrix's entry (columns,), as llama.cpp's
+    quantize_row_*_impl write them (llama-quantize --imatrix; without one, gguf's quantizers write llama.cpp's
+    reference bytes): each weight's error weighs importance * sqrt(sigma2 + x^2), sigma2 the row's mean square
+    (summed in order); the scale of q4_0 and q5_0 by make_qx_quants, the scale and minimum of q4_1 and q5_1 by
+    make_qkx3_quants (their levels as found: no second rounding)."""
+    f32 = np.float32
+    rows, columns = data.shape
+    if columns % 32 or np.shape(importance) != (columns,):
+        raise ValueError(f"{kind} takes rows of whole blocks of 32 and an importance per column")
+    x = np.ascontiguousarray(data, dtype=f32)
+    sigma2 = np.cumsum(x * x, axis=1, dtype=f32)[:, -1] / f32(columns)  # cumsum adds in order, as C's loop does
+    w = np.asarray(importance, dtype=f32)[None, :] * np.sqrt(sigma2[:, None] + x * x)
+    xt, wt = np.ascontiguousarray(x.reshape(-1, 32).T), np.ascontiguousarray(w.reshape(-1, 32).T)  # (32, blocks)
+    parts = []
+    if kind in ("q4_0", "q5_0"):
+        nmax = 8 if kind == "q4_0" else 16
+        d, q = _signed_scale(xt, nmax, wt)
+        parts.append(_f16(d)[0][:, None].view(np.uint8))
+    else:
+        nmax = 15 if kind == "q4_1" else 31
+        d, minimum, q = _scale_and_min(xt, wt, nmax, -0.9, 0.05, 36)
+        parts += [_f16(d)[0][:, None].view(np.uint8), _f16(-minimum)[0][:, None].view(np.uint8)]
+    q = q.T.astype(np.uint32)  # (blocks, 32)
+    if kind in ("q5_0", "q5_1"):  # the fifth bits: weight j's at bit j of a little-endian uint32
+        high = ((q >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+        parts.append(high[:, None].view(np.uint8))
+    parts.append(((q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)).astype(np.uint8))
+    return np.concatenate(parts, axis=1).reshape(rows, columns // 32 * LEGACY_WEIGHTED[kind])
