@@ -47,10 +47,9 @@ from lmforge.config import load_run_config  # noqa: E402
 from lmforge.data.shards import load_split  # noqa: E402
 from lmforge.distributed import has_fast_bf16  # noqa: E402
 from lmforge.eval.perplexity import evaluate_tokens  # noqa: E402
-from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.generate.quantize import Int8Linear  # noqa: E402
 from lmforge.train.trainer import Trainer  # noqa: E402
-from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+from machine import load_average, machine, report  # noqa: E402  (benchmarks/machine.py)
 from quality_shakespeare import ensure_data  # noqa: E402
 
 CONFIG = {"model.n_layer": "6", "model.n_head": "6", "model.n_embd": "384", "model.block_size": "256",
@@ -224,11 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "linear_shapes_in_out": [list(s) for s in LINEAR_SHAPES], "seconds": args.seconds}
     summary[args.part] = {"speed": speed, "quality": quality, "compare": compare, "matmul": matmul}[args.part](
         args, precisions)
-    summary["machine"]["load_average_at_end"] = load_average()
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json_out:
-        atomic_write_text(Path(args.json_out), text + "\n")
+    report(summary, args.json_out, indent=2)
     return summary
 
 

@@ -24,7 +24,6 @@ Why is an encoder better at understanding and a decoder at generating? Measure i
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -33,10 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # finetune_tasks and machine, also when loaded by path
 
 from finetune_tasks import fine_tune_classifier, prepare_sentiment, run  # noqa: E402  (it puts src/ on sys.path)
-from machine import load_average, machine  # noqa: E402
+from machine import machine, report  # noqa: E402
 
 from lmforge.errors import ConfigError  # noqa: E402
-from lmforge.files import atomic_write_text  # noqa: E402
 
 QUICK = {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 64, "batch_size": 4, "steps": 10, "tune_steps": 5,
          "eval_tokens": 2048}
@@ -126,11 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary["sentiment"] = sentiment
     summary["abilities"] = abilities(work / "decoder", work / "encoder", args.prompt, args.fill_text)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    summary["machine"]["load_average_at_end"] = load_average()
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
-    if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    return summary
+    return report(summary, args.json_out, indent=2, ascii_only=False)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
 from lmforge.cli import main as lmforge  # noqa: E402
 from lmforge.eval.metrics import text_metrics  # noqa: E402
-from lmforge.files import atomic_write_text  # noqa: E402
-from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -233,11 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "sentiment" in tasks:
         summary["tasks"]["sentiment"] = sentiment_task(work, base, args.tune_steps, variants)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    summary["machine"]["load_average_at_end"] = load_average()
-    print(json.dumps(summary, indent=2))
-    if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(summary, indent=2) + "\n")
-    return summary
+    return report(summary, args.json_out, indent=2)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -43,11 +42,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from lmforge.config import ModelConfig  # noqa: E402
-from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.generate import GenerateConfig, apply_compile, apply_inference_dtype, generate_ids  # noqa: E402
 from lmforge.interop.hf_gpt2 import to_hf_config, to_hf_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
-from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
 
 CONFIGS = {
     "char-small": dict(vocab_size=96, block_size=512, n_layer=4, n_head=4, n_embd=128),
@@ -237,11 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     summary = {"benchmark": "generate_speed", "machine": here, "transformers": transformers.__version__,
                "rounds": args.rounds, "configs": {name: compare(name, args) for name in args.configs.split(",")}}
-    here["load_average_at_end"] = load_average()
-    print(json.dumps(summary))
-    if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(summary, indent=2) + "\n")
-    return summary
+    return report(summary, args.json_out, indent=2)
 
 
 if __name__ == "__main__":

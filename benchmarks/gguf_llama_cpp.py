@@ -58,12 +58,11 @@ sys.path.insert(1, str(ROOT / "tests"))
 
 from lmforge.checkpoint import save_checkpoint  # noqa: E402
 from lmforge.config import ModelConfig, RunConfig  # noqa: E402
-from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.generate import GenerateConfig, generate_ids, prompt_ids  # noqa: E402
 from lmforge.interop.gguf_export import export_gguf  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 from lmforge.tokenizer import train_bpe, train_char  # noqa: E402
-from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
+from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
 
 ARCHS = {
     "gpt2": dict(n_layer=2, n_head=4, n_embd=64, activation="gelu_tanh"),  # llama.cpp's GPT-2 GELU is tanh's
@@ -457,11 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.speed_preset and "bpe" in tokenizers:
             timed = quantize_speed if args.quantize_speed else speed
             summary[timed.__name__] = in_child(timed, work, args, tokenizers["bpe"])
-    here["load_average_at_end"] = load_average()
-    print(json.dumps(summary))
-    if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(summary, indent=2) + "\n")
-    return summary
+    return report(summary, args.json_out, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ build and on the CPU features it finds (AVX-512, bf16 dot products, AMX tiles). 
     from machine import load_average, machine
     summary = {"benchmark": "x", "machine": machine(), ...}    # after torch.set_num_threads
     ...
-    summary["machine"]["load_average_at_end"] = load_average()
+    return report(summary, args.json_out)    # the load average at the end, the summary printed and written
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from datetime import datetime, timezone
@@ -64,23 +65,18 @@ def machine() -> dict:
     }
 
 
-if __name__ == "__main__":
-    import json
-
-    print(json.dumps(machine(), indent=2))
-
-
-def report(summary: dict, json_out: "str | None") -> dict:
+def report(summary: dict, json_out: "str | Path | None", *, indent: int = 1, ascii_only: bool = True) -> dict:
     """Finish a benchmark: the load average at the end into summary["machine"], the JSON summary on stdout and,
     with json_out, into that file (written whole or not at all). Returns the summary."""
-    import json
-
     from lmforge.files import atomic_write_text
 
     summary["machine"]["load_average_at_end"] = load_average()
-    text = json.dumps(summary, indent=1)
+    text = json.dumps(summary, indent=indent, ensure_ascii=ascii_only)
     print(text)
     if json_out:
         atomic_write_text(json_out, text + "\n")
     return summary
 
+
+if __name__ == "__main__":
+    print(json.dumps(machine(), indent=2))
