@@ -496,12 +496,23 @@ def _q6_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 
 
-def _nearest_value(v: np.ndarray) -> np.ndarray:
-    """llama.cpp's best_index_int8 over IQ4_VALUES: the index of the nearest value, a tie to the upper one."""
-    upper = np.clip(np.searchsorted(IQ4_VALUES, v, side="right"), 1, 15)
-    lower = upper - 1
-    pick = np.where((v - IQ4_VALUES[lower]) < (IQ4_VALUES[upper] - v), lower, upper)
-    return np.where(v <= IQ4_VALUES[0], 0, np.where(v >= IQ4_VALUES[15], 15, pick))
+# The grid's values are integers, so the two values around v depend only on floor(v): per floor k in -128..127, the
+# index of the last value <= k (at least 0, at most 14) and the two values there; v's nearest is then one comparison.
+_FLOOR_INDEX = np.clip(np.searchsorted(IQ4_VALUES, np.arange(-128, 128), side="right") - 1, 0, 14).astype(np.intp)
+_FLOOR_LOW, _FLOOR_HIGH = IQ4_VALUES[_FLOOR_INDEX], IQ4_VALUES[_FLOOR_INDEX + 1]
+
+
+def _nearest_value(v: np.ndarray, index: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """llama.cpp's best_index_int8 over IQ4_VALUES: the index of the nearest value (None without `index`), a tie to
+    the upper one (x - low < high - x in float, as C compares), and that value. Below the first value or above the
+    last, the comparison itself picks the end."""
+    k = np.floor(v)
+    np.clip(k, -128, 127, out=k)
+    j = k.astype(np.intp)
+    j += 128
+    low, high = np.take(_FLOOR_LOW, j), np.take(_FLOOR_HIGH, j)
+    upper = (v - low) >= (high - v)
+    return (np.take(_FLOOR_INDEX, j) + upper if index else None), np.where(upper, high, low)
 
 
 def _iq4_scales(x: np.ndarray, w: np.ndarray | None = None, ntry: int = 7) -> np.ndarray:
@@ -515,7 +526,7 @@ def _iq4_scales(x: np.ndarray, w: np.ndarray | None = None, ntry: int = 7) -> np
     w = x * x if w is None else w
 
     def sums(iscale):
-        q = IQ4_VALUES[_nearest_value(iscale * x)]
+        q = _nearest_value(iscale * x, index=False)[1]
         wq = w * q
         return (wq * x).sum(axis=0, dtype=f32), (wq * q).sum(axis=0, dtype=f32)
 
@@ -548,7 +559,7 @@ def _iq4_nl(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         w = np.ascontiguousarray(qw.reshape(-1, 32).T) * np.sqrt(sigma2 + x * x)
     d = _iq4_scales(x, w)
     inv = np.where(d != 0, f32(1) / np.where(d != 0, d, f32(1)), f32(0))
-    index = _nearest_value(inv * x).T
+    index = _nearest_value(inv * x)[0].T
     d_half, _ = _f16(d)
     out = np.concatenate([d_half[:, None].view(np.uint8), _pack_iq4(index)], axis=1)  # (N*8, 18)
     return out.reshape(len(blocks), -1)
@@ -567,7 +578,7 @@ def _iq4_xs(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     levels = np.clip(_round(inv[:, None] * scales), -32, 31)
     step = d[:, None] * levels.astype(f32)
     inv_step = np.where(step != 0, f32(1) / np.where(step != 0, step, f32(1)), f32(0))
-    index = _nearest_value(inv_step[..., None] * blocks.reshape(n, 8, 32)).reshape(n, QK_K)
+    index = _nearest_value(inv_step[..., None] * blocks.reshape(n, 8, 32))[0].reshape(n, QK_K)
     levels = (levels + 32).astype(np.uint16)
     low, high = (levels & 0xF).astype(np.uint8), levels >> 4
     scales_l = low[:, 0::2] | (low[:, 1::2] << 4)
