@@ -1,16 +1,23 @@
-"""GGUF K-quants under lmforge's importance matrix (`export --imatrix-text`), read by llama.cpp itself
-(llama-cpp-python), in one process: the bytes against libggml's own quantizer given the same importance, and what
-the importance buys in llama.cpp's output.
+"""GGUF K-quants and IQ4 under lmforge's importance matrix (`lmforge imatrix`, `export --imatrix`), read by
+llama.cpp itself (llama-cpp-python), in one process: the bytes against llama.cpp's own quantizer given the same
+importance, and what the importance buys in llama.cpp's output.
 
 A Llama-style char model (RoPE, RMSNorm, SwiGLU, 256 wide so that rows are whole K-quant blocks) is trained on the
-Shakespeare corpus by lmforge's Trainer (--steps), then exported as f32 and, for each --types mix, without and with
-an importance matrix measured on calibration text (--calibration-chars of one play). Then:
-  bytes   every Q2_K to Q6_K tensor of the imatrix export against libggml's ggml_quantize_chunk (through
-          ctypes) run on the model's float32 matrix with the same importance: tensors identical
+Shakespeare corpus by lmforge's Trainer (--steps), then exported as f32, its importance matrix measured on
+calibration text (--calibration-chars of one play) by `lmforge imatrix` into llama.cpp's imatrix file, once for
+the blocks only (llama-imatrix's default) and once with the head (--process-output), and for each --types mix
+exported without an importance matrix and under each file. Then:
+  bytes   each imatrix export, every tensor, against llama.cpp quantizing the f32 file to the same mix with the same
+          importance (llama_model_quantize given the file's entries, as llama-quantize hands them over): tensors
+          identical, and any whose type differs
   quality llama.cpp (one thread) evaluates --eval-tokens tokens of another play in windows of the context, reading
           the f32 file and each quantized one: the mean KL divergence of the quantized model's next-token
           distribution from the f32 model's (what llama-perplexity --kl-divergence reports), the perplexity, and how
-          often the top token is the f32 model's; without and with the importance matrix
+          often the top token is the f32 model's
+With --llama-bin DIR (llama.cpp's llama-imatrix and llama-quantize built from source, e.g. from llama-cpp-python's
+sdist: cmake --build build --target llama-imatrix llama-quantize): llama-imatrix measures its own matrix on the same
+text and the f32 file (its entries against lmforge's: the median and largest relative difference per column), and
+llama-quantize --imatrix reads lmforge's file for each mix (every tensor against lmforge's export).
 Run with llama-cpp-python installed (pip install llama-cpp-python):
     python benchmarks/gguf_imatrix.py --json-out benchmarks/results/gguf_imatrix-cpu-amd.json
 """
@@ -21,6 +28,7 @@ import argparse
 import ctypes
 import importlib.resources
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,19 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from lmforge.checkpoint import load_for_inference  # noqa: E402
 from lmforge.cli import main as lmforge  # noqa: E402
-from lmforge.files import atomic_write_text  # noqa: E402
-from lmforge.interop.gguf_imatrix import measure_importance, source_module  # noqa: E402
-from lmforge.interop.gguf_kquants import BYTES  # noqa: E402
-from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
-
-GGML_TYPE = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}  # ggml's type numbers
+from lmforge.interop.gguf_imatrix import measure_activations, source_module  # noqa: E402
+from lmforge.interop.gguf_imatrix_file import read_imatrix  # noqa: E402
+from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=600, help="training steps of the model (12 x 64 tokens each)")
-    p.add_argument("--types", default="q6_k,q5_k_s,q4_k_m,q4_k_s,q3_k_m,q3_k_s,q2_k",
+    p.add_argument("--types", default="q6_k,q5_k_s,q4_k_m,q4_k_s,q3_k_m,q3_k_s,q2_k,iq4_xs,iq4_nl,q5_1,q4_0",
                    help="mixes exported without and with it")
+    p.add_argument("--llama-bin", default=None, metavar="DIR",
+                   help="a folder holding llama.cpp's llama-imatrix and llama-quantize: compare with them too")
     p.add_argument("--calibration-chars", type=int, default=40000, help="characters of calibration text")
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of another play evaluated by llama.cpp")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
@@ -56,40 +63,74 @@ def play(index: int) -> str:
     return texts[index].read_text(encoding="utf-8")
 
 
-def libggml() -> ctypes.CDLL:
+def same_bytes_as_llama_cpp(f32_path: Path, ours: Path, mix: str, imatrix: Path) -> dict:
+    """llama.cpp quantizes the f32 file to `mix` under the importance in `imatrix` (llama_model_quantize given its
+    entries as llama-quantize hands them over); every tensor's bytes against `ours`."""
     import llama_cpp
 
-    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    return lib
+    entries = read_imatrix(imatrix).values
+    arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in entries.values()]
+    table = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()  # ends with an empty entry
+    for i, (name, values) in enumerate(zip(entries, arrays)):
+        table[i].name = name.encode()
+        table[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        table[i].size = len(values)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
+    params.imatrix = table
+    theirs = ours.with_name(ours.stem + "-by-llama-cpp.gguf")
+    assert llama_cpp.llama_model_quantize(str(f32_path).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    return compare_tensors(ours, theirs)
 
 
-def same_bytes_as_libggml(path: Path, f32_path: Path, importance: dict[str, np.ndarray]) -> dict:
-    """Each K-quant tensor of `path` against libggml quantizing f32_path's matrix with the same importance."""
+def compare_tensors(ours: Path, theirs: Path) -> dict:
+    """Every tensor of `ours` against the same-named one of `theirs`: how many are identical, which differ in type."""
     import gguf
 
-    lib = libggml()
-    ours = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-    floats = {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(str(f32_path)).tensors}
-    compared = identical = weighted = 0
-    for name, t in ours.items():
-        kind = t.tensor_type.name
-        if kind not in GGML_TYPE:
-            continue
-        data = np.ascontiguousarray(floats[name].reshape(-1, floats[name].shape[-1]))
-        imp = importance.get(source_module(name) or "")
-        rows, columns = data.shape
-        theirs = np.zeros(rows * columns * BYTES[kind.lower()] // 256, dtype=np.uint8)
-        lib.ggml_quantize_init(GGML_TYPE[kind])
-        lib.ggml_quantize_chunk(GGML_TYPE[kind], data.ctypes.data, theirs.ctypes.data, 0, rows, columns,
-                                None if imp is None else np.ascontiguousarray(imp, dtype=np.float32).ctypes.data)
-        compared += 1
-        weighted += imp is not None
-        identical += bool(np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), theirs))
-    return {"k_quant_tensors": compared, "with_importance": weighted, "identical_to_libggml": identical}
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
+    same = [n for n in a if n in b and a[n].tensor_type == b[n].tensor_type
+            and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))]
+    other = {n: [a[n].tensor_type.name, b[n].tensor_type.name] for n in a
+             if n in b and a[n].tensor_type != b[n].tensor_type}
+    return {"tensors": len(a), "identical_to_llama_cpp": len(same), "other_type_in_llama_cpp": other}
+
+
+def with_llama_cpp_tools(bin_dir: Path, work: Path, f32: Path, calibration: Path, ours: Path, model,
+                         exports: dict[str, Path]) -> dict:
+    """llama-imatrix's own matrix for the f32 file and the same text against lmforge's file (as measured, and on
+    llama-imatrix's own chunks: llama.cpp's tokens of the text, cut into whole windows that each begin with the
+    start token, which is what it reads); llama-quantize --imatrix reading lmforge's file, each mix against
+    lmforge's export under it."""
+    import llama_cpp
+
+    context = model.config.block_size
+    theirs = work / "llama-imatrix.gguf"
+    subprocess.run([str(bin_dir / "llama-imatrix"), "-m", str(f32), "-f", str(calibration), "-o", str(theirs),
+                    "-c", str(context), "-t", "2", "--no-ppl"], check=True, capture_output=True)
+    b = read_imatrix(theirs).values
+    vocab = llama_cpp.Llama(model_path=str(f32), vocab_only=True, verbose=False)
+    ids = vocab.tokenize(calibration.read_bytes(), add_bos=True, special=False)
+    ids = ids[: len(ids) // context * context]
+    ids[::context] = [vocab.token_bos()] * (len(ids) // context)
+    chunks = measure_activations(model, torch.tensor(ids), context)
+
+    def differences(values: dict[str, np.ndarray]) -> dict:
+        rel = np.concatenate([np.abs(values[n] - b[n]) / np.maximum(np.abs(b[n]), 1e-30) for n in values if n in b])
+        return {"entries_in_both": sum(n in b for n in values), "median_relative_difference": float(np.median(rel)),
+                "p99_relative_difference": float(np.quantile(rel, 0.99)),
+                "max_relative_difference": float(rel.max())}
+
+    same_chunks = {n: chunks[source_module(n)].importance() for n in b if source_module(n) in chunks}
+    result = {"llama_imatrix_entries": len(b), "llama_imatrix_chunks": read_imatrix(theirs).chunk_count,
+              "as_measured": differences(read_imatrix(ours).values),
+              "on_llama_imatrix_chunks": differences(same_chunks), "quantize": {}}
+    for mix, path in exports.items():
+        out = work / f"{mix}-by-llama-quantize.gguf"
+        subprocess.run([str(bin_dir / "llama-quantize"), "--imatrix", str(ours), str(f32), str(out), mix.upper(),
+                        "2"], check=True, capture_output=True)
+        result["quantize"][mix] = compare_tensors(path, out)
+    return result
 
 
 def llama_logits(path: Path, windows: list[list[int]], n_ctx: int) -> np.ndarray:
@@ -140,8 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
         context = model.config.block_size
         calibration = work / "calibration.txt"
         calibration.write_text(play(0)[: args.calibration_chars], encoding="utf-8")
-        importance = measure_importance(model, torch.from_numpy(tokenizer.encode_array(calibration.read_text())
-                                                                .astype(np.int64)), context)
+        files = {"imatrix": work / "blocks.imatrix.gguf", "imatrix-head": work / "head.imatrix.gguf"}
+        for key, path in files.items():
+            head = ["--process-output"] if key == "imatrix-head" else []
+            assert lmforge(["imatrix", str(run), "--text", str(calibration), "--out", str(path), *head]) == 0
         ids = tokenizer.encode(play(5)[: args.eval_tokens * 2])[: args.eval_tokens + 1]
         windows = [ids[i:i + context] for i in range(0, len(ids) - 1, context)]
         windows = [w for w in windows if len(w) == context]
@@ -151,24 +194,27 @@ def main(argv: list[str] | None = None) -> dict:
         assert lmforge(["export", str(run), "--format", "gguf", "--out", str(f32)]) == 0
         reference = llama_logits(f32, windows, context)[keep]
         summary["results"]["f32"] = quality(reference, reference, targets)
+        exports = {}
         for mix in args.types.split(","):
-            for weighted in (False, True):
-                path = work / f"{mix}{'-imatrix' if weighted else ''}.gguf"
-                extra = ["--imatrix-text", str(calibration)] if weighted else []
+            for variant in ("", *files):
+                key = f"{mix}-{variant}" if variant else mix
+                path = work / f"{key}.gguf"
+                extra = ["--imatrix", str(files[variant])] if variant else []
                 assert lmforge(["export", str(run), "--format", "gguf", "--gguf-type", mix, "--out", str(path),
                                 *extra]) == 0
                 result = quality(llama_logits(path, windows, context)[keep], reference, targets)
-                if weighted:
-                    result.update(same_bytes_as_libggml(path, f32, importance))
-                key = f"{mix}{'-imatrix' if weighted else ''}"
+                if variant:
+                    result.update(same_bytes_as_llama_cpp(f32, path, mix, files[variant]))
+                if variant == "imatrix":
+                    exports[mix] = path
                 summary["results"][key] = result
                 print(f"{key}: {json.dumps(result)}", flush=True)
+        if args.llama_bin:
+            summary["llama_cpp_tools"] = with_llama_cpp_tools(Path(args.llama_bin), work, f32, calibration,
+                                                              files["imatrix"], model, exports)
+            print(f"llama.cpp's tools: {json.dumps(summary['llama_cpp_tools'])}", flush=True)
     summary["eval_positions"] = int(len(targets))
-    here["load_average_at_end"] = load_average()
-    print(json.dumps(summary))
-    if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(summary, indent=2) + "\n")
-    return summary
+    return report(summary, args.json_out, indent=2)
 
 
 if __name__ == "__main__":
