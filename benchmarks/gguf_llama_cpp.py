@@ -30,9 +30,9 @@ lmforge (fp32, one thread):
            alternating rounds (medians), and the ratio lmforge / llama.cpp
   lora     (--lora) llama.cpp loading the f32 base with lmforge's LoRA adapter file (random adapters on q, k, v, o
            and the MLP) against lmforge's merged model, and without the adapter as the control
-  quantize (--quantize-speed, instead of speed) seconds to a Q4_K_M file of the --speed-preset model: lmforge's
-           export against llama.cpp's quantizer on the f32 export (1 and 2 threads), and whether the files' tensors
-           are the same
+  quantize (--quantize-speed, instead of speed) seconds to a --quantize-type (Q4_K_M) file of the --speed-preset
+           model: lmforge's export against llama.cpp's quantizer on the f32 export (1 and 2 threads), and whether
+           the files' tensors are the same
 Each comparison runs in a child process, so a crash inside llama.cpp is recorded (its signal) instead of ending the run.
 
     pip install llama-cpp-python          # builds llama.cpp (a few minutes on 2 cores)
@@ -98,8 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "q4_k_m, q4_k_s, q3_k_l, q3_k_m, q3_k_s, q2_k")
     p.add_argument("--n-embd", type=int, default=64, help="the models' width (256: rows of whole K-quant blocks; "
                    "Llama-style MLPs then 4x as wide)")
-    p.add_argument("--quantize-speed", action="store_true", help="time a Q4_K_M file of the --speed-preset model "
-                   "(lmforge's export against llama.cpp's quantizer) instead of decoding")
+    p.add_argument("--quantize-speed", action="store_true", help="time a --quantize-type file of the --speed-preset "
+                   "model (lmforge's export against llama.cpp's quantizer) instead of decoding")
+    p.add_argument("--quantize-type", default="q4_k_m", help="the mix --quantize-speed writes (q4_k_m, iq4_xs, ...)")
     p.add_argument("--lora", action="store_true", help="also llama.cpp with the f32 base and lmforge's LoRA "
                    "adapter file (--adapter) against lmforge's merged model (char tokenizer)")
     p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
@@ -369,7 +370,7 @@ def speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
 
 
 def quantize_speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
-    """Seconds to a Q4_K_M file of the --speed-preset model: lmforge's export from the checkpoint against
+    """Seconds to a --quantize-type file of the --speed-preset model: lmforge's export from the checkpoint against
     llama.cpp's quantizer (llama_model_quantize, 1 and 2 threads) from the f32 export, alternating (medians); and
     whether the two files hold the same bytes."""
     import ctypes
@@ -381,14 +382,16 @@ def quantize_speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
     run = make_run(work / "quantize", tokenizer, {**PRESETS[args.speed_preset], "activation": "gelu_tanh"}, 512)
     f32 = export_gguf(run, work / "quantize" / "model-f32.gguf", dtype="f32")
 
+    kind = args.quantize_type
+
     def ours() -> float:
         t0 = time.perf_counter()
-        export_gguf(run, work / "quantize" / "model-q4_k_m.gguf", dtype="q4_k_m", force=True)
+        export_gguf(run, work / "quantize" / f"model-{kind}.gguf", dtype=kind, force=True)
         return time.perf_counter() - t0
 
     def theirs(threads: int) -> float:
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, threads
+        params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}"), threads
         out = work / "quantize" / f"theirs-{threads}.gguf"
         t0 = time.perf_counter()
         assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
@@ -398,8 +401,8 @@ def quantize_speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
             "llama.cpp-quantize-2-threads": lambda: theirs(2)}
     per_round = alternating_rounds(runs, args.rounds, "quantize round", "{:.2f} s")
     seconds = {name: round(statistics.median(v), 3) for name, v in per_round.items()}
-    same = same_bytes_as_llama_cpp_quantizer(f32, work / "quantize" / "model-q4_k_m.gguf", "q4_k_m")
-    return {"preset": args.speed_preset, "type": "q4_k_m", "seconds": seconds,
+    same = same_bytes_as_llama_cpp_quantizer(f32, work / "quantize" / f"model-{kind}.gguf", kind)
+    return {"preset": args.speed_preset, "type": kind, "seconds": seconds,
             "seconds_per_round": {n: [round(x, 3) for x in v] for n, v in per_round.items()},
             "lmforge_over_llama_cpp_1_thread": round(seconds["lmforge-export"]
                                                      / seconds["llama.cpp-quantize-1-thread"], 3), **same}
