@@ -47,10 +47,13 @@ def llama(tmp_path_factory):
     return run, text
 
 
-def test_lmforge_imatrix_writes_llama_cpps_gguf_layout_with_each_matrixs_sums(llama, tmp_path):
+def test_lmforge_imatrix_writes_llama_cpps_gguf_layout_with_each_matrixs_sums(llama, tmp_path, capsys):
     run, text = llama
     out = tmp_path / "llama.imatrix.gguf"
+    capsys.readouterr()
     assert main(["imatrix", str(run), "--text", str(text), "--out", str(out), "--process-output"]) == 0
+    printed, said = capsys.readouterr()
+    assert printed == f"{out}\n"  # stdout: only the path; stderr: one line on it, no progress bar in a pipe
     reader = gguf.GGUFReader(str(out))  # llama.cpp's own reader
     model, tokenizer, _ = load_for_inference(run, "cpu")
     context, n_layer = model.config.block_size, model.config.n_layer
@@ -59,6 +62,8 @@ def test_lmforge_imatrix_writes_llama_cpps_gguf_layout_with_each_matrixs_sums(ll
     assert _field(reader, "imatrix.datasets") == ["calibration.txt"]
     assert _field(reader, "imatrix.chunk_size") == context
     assert _field(reader, "imatrix.chunk_count") == -(-len(tokens) // context)
+    assert said == (f"{out}: {7 * n_layer + 1} matrices (the head's too), measured over {-(-len(tokens) // context)} "
+                    "windows of calibration.txt\n"), said
     tensors = {t.name: t for t in reader.tensors}
     parts = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     names = {f"blk.{i}.{p}.weight" for i in range(n_layer) for p in parts} | {"output.weight"}

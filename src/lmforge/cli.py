@@ -1624,8 +1624,12 @@ def _add_imatrix(sub: Any) -> None:
 
 def _run_imatrix(args: argparse.Namespace) -> int:
     from lmforge.interop.gguf_export import export_imatrix
+    from lmforge.interop.gguf_imatrix_file import imatrix_summary
 
-    print(export_imatrix(args.checkpoint, args.text, args.out, force=args.force, head=args.process_output))
+    path = export_imatrix(args.checkpoint, args.text, args.out, force=args.force, head=args.process_output,
+                          progress=True)
+    print(imatrix_summary(path), file=sys.stderr)
+    print(path)
     return 0
 
 

@@ -122,7 +122,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     vocabulary = _vocabulary(tokenizer, config.vocab_size)
     matrices = {name: t.shape[-1] for name, t in _tensors(model.state_dict(), config, arch) if t.dim() == 2}
     if calibration is not None:
-        measured = _measured(model, tokenizer, calibration, imatrix_text, matrices)
+        measured = _measured(model, tokenizer, calibration, imatrix_text, matrices, progress=progress)
         from_file = ImportanceMatrix({name: a.importance() for name, a in measured.items()},
                                      [Path(imatrix_text).name], _windows(measured, config.block_size))
     importance = {} if from_file is None else _matching(from_file, matrices, imatrix)
@@ -175,12 +175,13 @@ def gguf_architecture(config: ModelConfig, checkpoint: str | Path) -> str:
 
 
 def export_imatrix(checkpoint: str | Path, text: str | Path, out_path: str | Path, *, force: bool = False,
-                   head: bool = False) -> Path:
+                   head: bool = False, progress: bool = False) -> Path:
     """Measure the checkpoint's importance matrix on the calibration `text` file (gguf_imatrix; with `head` the
     head's too, as llama-imatrix --process-output) and write it as llama-imatrix's GGUF file (gguf_imatrix_file),
     keyed by the names export_gguf gives the matrices: for `lmforge export --imatrix` or llama.cpp's
     llama-quantize --imatrix (which also takes it for the IQ types lmforge does not write). An existing out_path is
-    replaced only with force and only if lmforge wrote it; returns the path."""
+    replaced only with force and only if lmforge wrote it; returns the path. `progress`: a bar over the tokens
+    read, on stderr when it is a terminal."""
     calibration = _calibration_text(text, "--text")
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=is_gguf_export, what="an imatrix file written by lmforge",
@@ -195,7 +196,7 @@ def export_imatrix(checkpoint: str | Path, text: str | Path, out_path: str | Pat
     if tokenizer is None:
         raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data) to read the text with")
     matrices = {name: t.shape[-1] for name, t in _tensors(model.state_dict(), config, arch) if t.dim() == 2}
-    measured = _measured(model, tokenizer, calibration, text, matrices, head=head, option="--text")
+    measured = _measured(model, tokenizer, calibration, text, matrices, head=head, option="--text", progress=progress)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         write_imatrix(tmp, measured, arch=arch, datasets=[Path(text).name],
@@ -204,14 +205,14 @@ def export_imatrix(checkpoint: str | Path, text: str | Path, out_path: str | Pat
 
 
 def _measured(model: Any, tokenizer: Tokenizer, calibration: str, path: str | Path, matrices: dict[str, int], *,
-              head: bool = False, option: str = "--imatrix-text") -> dict[str, Activations]:
+              head: bool = False, option: str = "--imatrix-text", progress: bool = False) -> dict[str, Activations]:
     """{GGUF matrix name: its input's Activations} over the calibration text; the split q/k/v and gate/up share
     their lmforge matrix's."""
     tokens = torch.from_numpy(tokenizer.encode_array(calibration).astype(np.int64))
     if len(tokens) < 2:
         raise GGUFExportError(f"{option} {path} holds {len(tokens)} token(s): give text the model reads, ideally "
                               "like what it will be used on (thousands of tokens)")
-    by_module = measure_activations(model, tokens, model.config.block_size, head=head)
+    by_module = measure_activations(model, tokens, model.config.block_size, head=head, progress=progress)
     return {name: by_module[source_module(name)] for name in matrices if source_module(name) in by_module}
 
 

@@ -17,11 +17,13 @@ keeps them (Activations), so that gguf_imatrix_file can write them in llama.cpp'
 from __future__ import annotations
 
 import re
+import sys
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 # GGUF tensor -> the lmforge matrix whose input it reads (blk.N. prefix apart)
 SOURCES = {"attn_q": "attn.qkv", "attn_k": "attn.qkv", "attn_v": "attn.qkv", "attn_qkv": "attn.qkv",
@@ -60,10 +62,10 @@ def measure_importance(model: nn.Module, tokens: torch.Tensor, context: int,
 
 
 def measure_activations(model: nn.Module, tokens: torch.Tensor, context: int, batch_size: int = 8,
-                        head: bool = False) -> dict[str, Activations]:
+                        head: bool = False, progress: bool = False) -> dict[str, Activations]:
     """{module name: Activations} for every block matrix of `model` (and with `head` the head, "lm_head": the
     final hidden states it reads), over `tokens` (1-D) read in windows of `context` tokens (the last, shorter one
-    too)."""
+    too). `progress`: a bar over the tokens read, on stderr when it is a terminal."""
     wanted = {f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in set(SOURCES.values())}
     sums: dict[str, torch.Tensor] = {}
     totals: dict[str, torch.Tensor] = {}
@@ -84,13 +86,15 @@ def measure_activations(model: nn.Module, tokens: torch.Tensor, context: int, ba
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tqdm(total=len(tokens), desc="imatrix", unit="tok", unit_scale=True, file=sys.stderr,
+                                   leave=False, dynamic_ncols=True, disable=None if progress else True) as bar:
             for i in range(0, len(windows), batch_size):
                 group = windows[i:i + batch_size]
                 for length in sorted({len(w) for w in group}):  # the last window may be shorter
                     hidden = model.hidden_states(torch.stack([w for w in group if len(w) == length]))
                     if head:  # what the head multiplies (its product itself is not needed)
                         record(HEAD, hidden)
+                bar.update(sum(len(w) for w in group))
     finally:
         for handle in handles:
             handle.remove()

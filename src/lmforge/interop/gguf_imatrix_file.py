@@ -153,3 +153,11 @@ def _read_dat(path: Path) -> ImportanceMatrix:
             if 0 < length <= len(data) - at:
                 datasets = [take(length, "the dataset name").decode("utf-8", "replace")]
     return ImportanceMatrix(values, datasets, chunks)
+
+
+def imatrix_summary(path: str | Path) -> str:
+    """One line on an imatrix file: its matrices, the windows of text they were measured over, and that text."""
+    imatrix = read_imatrix(path)
+    head = " (the head's too)" if "output.weight" in imatrix.values else ""
+    return (f"{path}: {len(imatrix.values)} matrices{head}, measured over {imatrix.chunk_count} windows of "
+            f"{', '.join(imatrix.datasets) or 'unnamed text'}")
