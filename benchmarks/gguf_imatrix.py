@@ -17,7 +17,8 @@ exported without an importance matrix and under each file. Then:
 With --llama-bin DIR (llama.cpp's llama-imatrix and llama-quantize built from source, e.g. from llama-cpp-python's
 sdist: cmake --build build --target llama-imatrix llama-quantize): llama-imatrix measures its own matrix on the same
 text and the f32 file (its entries against lmforge's: the median and largest relative difference per column), and
-llama-quantize --imatrix reads lmforge's file for each mix (every tensor against lmforge's export).
+llama-quantize --imatrix reads lmforge's file for each mix (every tensor against lmforge's export); its .dat
+format, read by lmforge, against its GGUF one.
 Run with llama-cpp-python installed (pip install llama-cpp-python):
     python benchmarks/gguf_imatrix.py --json-out benchmarks/results/gguf_imatrix-cpu-amd.json
 """
@@ -105,10 +106,12 @@ def with_llama_cpp_tools(bin_dir: Path, work: Path, f32: Path, calibration: Path
     import llama_cpp
 
     context = model.config.block_size
-    theirs = work / "llama-imatrix.gguf"
-    subprocess.run([str(bin_dir / "llama-imatrix"), "-m", str(f32), "-f", str(calibration), "-o", str(theirs),
-                    "-c", str(context), "-t", "2", "--no-ppl"], check=True, capture_output=True)
-    b = read_imatrix(theirs).values
+    theirs, dat = work / "llama-imatrix.gguf", work / "llama-imatrix.dat"
+    for path, form in ((theirs, "gguf"), (dat, "dat")):  # its two formats, each read by lmforge
+        subprocess.run([str(bin_dir / "llama-imatrix"), "-m", str(f32), "-f", str(calibration), "-o", str(path),
+                        "-c", str(context), "-t", "2", "--no-ppl", "--output-format", form], check=True,
+                       capture_output=True)
+    b, in_dat = read_imatrix(theirs).values, read_imatrix(dat).values
     vocab = llama_cpp.Llama(model_path=str(f32), vocab_only=True, verbose=False)
     ids = vocab.tokenize(calibration.read_bytes(), add_bos=True, special=False)
     ids = ids[: len(ids) // context * context]
@@ -123,6 +126,8 @@ def with_llama_cpp_tools(bin_dir: Path, work: Path, f32: Path, calibration: Path
 
     same_chunks = {n: chunks[source_module(n)].importance() for n in b if source_module(n) in chunks}
     result = {"llama_imatrix_entries": len(b), "llama_imatrix_chunks": read_imatrix(theirs).chunk_count,
+              "dat_entries": len(in_dat), "dat_against_gguf_max_relative_difference": float(max(
+                  np.max(np.abs(in_dat[n] - b[n]) / np.maximum(np.abs(b[n]), 1e-30)) for n in b)),
               "as_measured": differences(read_imatrix(ours).values),
               "on_llama_imatrix_chunks": differences(same_chunks), "quantize": {}}
     for mix, path in exports.items():
