@@ -111,16 +111,9 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     check_output(out_path, force=force, ours=is_gguf_export, what="a GGUF export written by lmforge",
                  error=GGUFExportError, directory=False,
                  inputs=[checkpoint, *(p for p in (imatrix_text, imatrix) if p is not None)])
-    ckpt, manifest = verified_checkpoint(checkpoint)
-    model, tokenizer, _ = load_for_inference(ckpt, "cpu", manifest)
+    ckpt, model, tokenizer, arch, matrices = _language_model(checkpoint)
     config: ModelConfig = model.config
-    if config.head != "lm":
-        raise GGUFExportError(f"{checkpoint} holds a {config.head} model; GGUF export writes language models")
-    arch = gguf_architecture(config, checkpoint)
-    if tokenizer is None:
-        raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
     vocabulary = _vocabulary(tokenizer, config.vocab_size)
-    matrices = {name: t.shape[-1] for name, t in _tensors(model.state_dict(), config, arch) if t.dim() == 2}
     if calibration is not None:
         measured = _measured(model, tokenizer, calibration, imatrix_text, matrices, progress=progress)
         from_file = ImportanceMatrix({name: a.importance() for name, a in measured.items()},
@@ -186,22 +179,30 @@ def export_imatrix(checkpoint: str | Path, text: str | Path, out_path: str | Pat
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=is_gguf_export, what="an imatrix file written by lmforge",
                  error=GGUFExportError, directory=False, inputs=[checkpoint, text])
-    ckpt, manifest = verified_checkpoint(checkpoint)
-    model, tokenizer, _ = load_for_inference(ckpt, "cpu", manifest)
+    _, model, tokenizer, arch, matrices = _language_model(checkpoint)
     config: ModelConfig = model.config
-    if config.head != "lm":
-        raise GGUFExportError(f"{checkpoint} holds a {config.head} model; an importance matrix is for the GGUF "
-                              "export of a language model")
-    arch = gguf_architecture(config, checkpoint)
-    if tokenizer is None:
-        raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data) to read the text with")
-    matrices = {name: t.shape[-1] for name, t in _tensors(model.state_dict(), config, arch) if t.dim() == 2}
     measured = _measured(model, tokenizer, calibration, text, matrices, head=head, option="--text", progress=progress)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         write_imatrix(tmp, measured, arch=arch, datasets=[Path(text).name],
                       chunk_count=_windows(measured, config.block_size), chunk_size=config.block_size)
     return out_path
+
+
+def _language_model(checkpoint: str | Path) -> tuple[Path, Any, Tokenizer, str, dict[str, int]]:
+    """The checkpoint's newest complete checkpoint directory, its model and tokenizer (on the CPU), llama.cpp's
+    architecture for it and its GGUF matrices {name: columns}; GGUFExportError when it is no language model with a
+    tokenizer."""
+    ckpt, manifest = verified_checkpoint(checkpoint)
+    model, tokenizer, _ = load_for_inference(ckpt, "cpu", manifest)
+    config: ModelConfig = model.config
+    if config.head != "lm":
+        raise GGUFExportError(f"{checkpoint} holds a {config.head} model; GGUF export writes language models")
+    arch = gguf_architecture(config, checkpoint)
+    if tokenizer is None:
+        raise GGUFExportError(f"{checkpoint} has no tokenizer (trained without prepared data); a GGUF file needs one")
+    matrices = {name: t.shape[-1] for name, t in _tensors(model.state_dict(), config, arch) if t.dim() == 2}
+    return ckpt, model, tokenizer, arch, matrices
 
 
 def _measured(model: Any, tokenizer: Tokenizer, calibration: str, path: str | Path, matrices: dict[str, int], *,
