@@ -218,19 +218,37 @@ def compare(model: GPT, tokenizer, path: Path, texts: list[str], args: argparse.
     return out
 
 
-def same_bytes_as_llama_cpp_quantizer(f32_path: Path, ours: Path, dtype: str = "q8_0") -> dict:
-    """Quantize the f32 export to `dtype` with llama.cpp itself and compare every tensor's bytes with ours; the
-    tensors llama.cpp writes in another type than ours are listed (name: [ours, theirs])."""
+def same_bytes_as_llama_cpp_quantizer(f32_path: Path, ours: Path, dtype: str = "q8_0",
+                                     importance: dict | None = None) -> dict:
+    """Quantize the f32 export to `dtype` with llama.cpp itself and compare every tensor's bytes with ours
+    (compare_tensors). `importance` ({GGUF tensor name: values}, an imatrix file's entries): llama.cpp quantizes
+    under it, handed over as llama-quantize --imatrix hands a file's entries to llama_model_quantize."""
     import ctypes
 
-    import gguf
     import llama_cpp
     import numpy as np
 
     theirs = ours.with_name(ours.stem + "-by-llama-cpp.gguf")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{dtype.upper()}")
+    if importance:
+        arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in importance.values()]
+        table = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()  # ends with an empty entry
+        for i, (name, values) in enumerate(zip(importance, arrays)):
+            table[i].name = name.encode()
+            table[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            table[i].size = len(values)
+        params.imatrix = table
     assert llama_cpp.llama_model_quantize(str(f32_path).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    return compare_tensors(ours, theirs)
+
+
+def compare_tensors(ours: Path, theirs: Path) -> dict:
+    """Every tensor of `ours` against the same-named one of `theirs` (llama.cpp's): how many hold the same bytes in
+    the same type, and which llama.cpp writes in another type (name: [ours, theirs])."""
+    import gguf
+    import numpy as np
+
     a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
     b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
     same = [n for n in a if n in b and a[n].tensor_type == b[n].tensor_type
