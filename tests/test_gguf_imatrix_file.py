@@ -189,7 +189,7 @@ def test_rows_that_fall_back_and_the_legacy_types_are_weighed_too(llama, tmp_pat
             model.lm_head.weight.detach().numpy(), gguf.GGMLQuantizationType.Q8_0))
 
 
-CASES = ["missing", "a model", "random bytes", "truncated dat", "another model", "wider model", "both options",
+CASES = ["missing", "empty", "a model", "random bytes", "truncated dat", "another model", "wider model", "both options",
          "type", "hf", "over its input"]
 
 
@@ -201,6 +201,8 @@ def test_imatrix_file_misuse_is_one_line_and_writes_nothing(llama, tmp_path, cap
     args = ["export", str(run), "--format", "gguf", "--gguf-type", "q4_k_m", "--imatrix", str(imatrix)]
     if case == "missing":
         imatrix.unlink()
+    elif case == "empty":
+        imatrix.write_bytes(b"")
     elif case == "a model":  # a GGUF file, but a model's
         assert main(["export", str(run), "--format", "gguf", "--out", str(imatrix), "--force"]) == 0
     elif case == "random bytes":

@@ -17,6 +17,7 @@ struct, every length checked against what is left of the file.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -115,7 +116,14 @@ def _integer(reader, key: str) -> int:
 
 
 def _read_dat(path: Path) -> ImportanceMatrix:
-    data = path.read_bytes()
+    if path.stat().st_size < 4:
+        raise ImatrixFileError(f"--imatrix {path} is neither an imatrix GGUF file nor llama.cpp's .dat one (it holds "
+                               f"{path.stat().st_size} bytes); give the file llama-imatrix or `lmforge imatrix` wrote")
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # not read whole: a wrong
+        return _parse_dat(path, data)  # file given by mistake may be large
+
+
+def _parse_dat(path: Path, data: mmap.mmap) -> ImportanceMatrix:
     at = 0
 
     def take(n: int, what: str) -> bytes:
