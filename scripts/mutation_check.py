@@ -482,6 +482,9 @@ MUTANTS = [
     Mutant("imatrix-fallback-rows-not-weighted", "interop/gguf_export.py",
            "    elif kind in gguf_kquants.LEGACY_WEIGHTED and importance is not None:", "    elif False:",
            ("tests/test_gguf_imatrix_file.py::test_rows_that_fall_back_and_the_legacy_types_are_weighed_too[q4_k_m]",)),
+    Mutant("low-bit-head-q8_0-where-llama-quantize-writes-q6_k", "interop/gguf_export.py",
+           'kind = "q6_k" if data.shape[-1] % gguf_kquants.QK_K == 0 else "q8_0"', 'kind = "q8_0"',
+           ("tests/test_gguf_low_bit.py::test_a_head_of_whole_256_blocks_is_q6_k_as_llama_quantize_makes_it[q4_0]",)),
     Mutant("imatrix-file-holds-means-not-sums", "interop/gguf_imatrix_file.py",
            "a.sum2.astype(np.float32)", "(a.sum2 / a.count).astype(np.float32)",
            ("tests/test_gguf_imatrix_file.py::"

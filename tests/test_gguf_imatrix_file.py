@@ -165,7 +165,8 @@ def test_export_under_an_imatrix_file_quantizes_each_matrix_under_its_entry(tmp_
 def test_rows_that_fall_back_and_the_legacy_types_are_weighed_too(llama, tmp_path, mix):
     """LLAMA_STYLE's rows are 32 wide: under q4_k_m they fall back to q5_0 (and q5_1 ...), as llama-quantize's do,
     and are quantized under the importance there as llama.cpp's quantize_row_*_impl are; so is a q5_0 export. The
-    head under q5_0 stays q8_0, which llama.cpp weighs under no importance either."""
+    head under q5_0 is q8_0 (its rows are not whole blocks of 256), which llama.cpp weighs under no importance
+    either."""
     from gguf.quants import quantize as reference
 
     run, text = llama

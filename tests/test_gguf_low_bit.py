@@ -1,7 +1,7 @@
 """GGUF export in bf16 and the 5- and 4-bit block types (q5_1, q5_0, q4_1, q4_0): each matrix holds the bytes the
-gguf package's quantizer writes for it, the head's matrix stays q8_0 as llama.cpp's quantizer keeps the output at
-more bits, transformers' GGUF reader computes logits close to the model's, and lmforge imports the file back to
-exactly what it holds."""
+gguf package's quantizer writes for it, the head's matrix is q8_0 (q6_k when its rows are whole blocks of 256) as
+llama.cpp's quantizer keeps the output at more bits, transformers' GGUF reader computes logits close to the model's,
+and lmforge imports the file back to exactly what it holds."""
 
 from __future__ import annotations
 
@@ -55,6 +55,23 @@ def test_low_bit_matrices_are_gguf_quantizer_bytes_the_head_stays_q8_0_and_logit
     assert torch.equal(back.blocks[1].mlp.proj.weight, stored["blk.1.ffn_down.weight"])
     with torch.no_grad():
         assert (back(ids) - other).abs().max() <= 1e-4 * other.abs().max()
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q5_1"])
+def test_a_head_of_whole_256_blocks_is_q6_k_as_llama_quantize_makes_it(tmp_path, dtype):
+    """llama-quantize gives the output Q6_K under the legacy types, Q8_0 only where its rows are not whole blocks
+    of 256 (the narrow models above); lmforge's files are then llama.cpp's, head included."""
+    from test_gguf_kquants import WIDE_LLAMA
+
+    from lmforge.interop.gguf_kquants import quantize
+
+    run = lmforge_run(tmp_path, MAKERS["char"](), **{**LLAMA_STYLE, **WIDE_LLAMA})
+    path = export_gguf(run, tmp_path / f"{dtype}.gguf", dtype=dtype)
+    model, _, _ = load_for_inference(run, "cpu")
+    head = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}["output.weight"]
+    assert head.tensor_type == gguf.GGMLQuantizationType.Q6_K
+    assert np.array_equal(np.asarray(head.data).reshape(-1),
+                          quantize(model.lm_head.weight.detach().numpy(), "q6_k").reshape(-1))
 
 
 def test_fewer_bits_make_smaller_files_and_the_cli_takes_every_type(tmp_path):

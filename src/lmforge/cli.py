@@ -1509,7 +1509,7 @@ def _add_export(sub: Any) -> None:
                             "iq4_xs", "iq4_nl"],
                    # gguf_export.GGUF_TYPES
                    help="gguf: the matrices' type, f32 (exact, the default), f16 or bf16 (half the size), q8_0 (8-bit, "
-                   "about a quarter), q5_1, q5_0, q4_1 or q4_0 (5 and 4 bits per weight, the head's matrix q8_0), or a "
+                   "about a quarter), q5_1, q5_0, q4_1 or q4_0 (5 and 4 bits per weight, the head q6_k or q8_0), or a "
                    "K-quant mix chosen per tensor as llama-quantize does: q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, "
                    "q3_k_l, q3_k_m, q3_k_s, q2_k (2.6 to 6.6 bits per weight; the head q6_k), or iq4_xs, iq4_nl "
                    "(4.25 and 4.5 bits on a non-linear grid)")

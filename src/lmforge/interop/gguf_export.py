@@ -33,7 +33,8 @@ fine-tuned on task data, else an imported model's own).
 
 Matrices are float32 (exact), float16 or bfloat16 (half the bytes), q8_0 (8-bit integers with a float16 scale per
 block of 32, about a quarter of the bytes) or q5_1, q5_0, q4_1, q4_0 (5 or 4 bits per weight, with a scale and for
-*_1 a minimum per block of 32; the head's matrix stays q8_0), or one of llama.cpp's K-quant mixes q4_k_m (the usual
+*_1 a minimum per block of 32; the head's matrix q6_k, or q8_0 where its rows are not whole blocks of 256, as
+llama-quantize's), or one of llama.cpp's K-quant mixes q4_k_m (the usual
 way GGUF models are shared), q4_k_s, q5_k_m, q5_k_s, q6_k, q3_k_l, q3_k_m, q3_k_s, q2_k, iq4_xs, iq4_nl
 (gguf_kquants: blocks of 256 with scales per sub-block, or IQ4's non-linear grid; a type chosen per tensor as
 llama-quantize chooses it); a matrix whose rows are not a whole number of blocks is
@@ -68,7 +69,7 @@ from lmforge.model import llama3_frequencies
 from lmforge.tokenizer import BYTE_OFFSET, Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", *gguf_kquants.MIXES)
-LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # the head's matrix keeps q8_0 under these
+LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")  # the head's matrix is q6_k (rows of whole 256 blocks) or q8_0 here
 SPACE = "\u2581"  # SentencePiece's spelling of a space
 
 
@@ -256,15 +257,18 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
     """One tensor in `dtype` (a matrix) or float32 (a vector, and the position table, as llama.cpp's converter
     keeps it: its graph adds the rows it reads to float32 activations). Block types (q8_0, q5_*, q4_*: gguf's own
     quantizers) need rows of whole blocks of 32, else the matrix is float16; under the 4- and 5-bit types the
-    head's matrix (`head`: output, or token_embd when the head reads it) is q8_0, as llama.cpp's quantizer keeps
-    the output at more bits than the rest. A K-quant mix (q4_k_m, ...) picks each matrix's type as llama-quantize
-    does (gguf_kquants.tensor_type) and writes q2_k to q6_k, iq4_xs and iq4_nl with lmforge's own quantizer;
+    head's matrix (`head`: output, or token_embd when the head reads it) takes more bits, as llama.cpp's quantizer
+    gives it: q6_k where its rows are whole blocks of 256, else q8_0. A K-quant mix (q4_k_m, ...) picks each
+    matrix's type as llama-quantize does (gguf_kquants.tensor_type) and writes q2_k to q6_k, iq4_xs and iq4_nl with
+    lmforge's own quantizer;
     `importance` (columns,), an importance matrix's entry, weighs those and q4_0, q4_1, q5_0, q5_1 (as a type of
     their own, or where a K-quant's rows fall back to them: gguf_kquants.quantize_legacy), as llama-quantize
     --imatrix does; q8_0 and the float types take none there either."""
     import gguf
 
-    kind = "q8_0" if head and dtype in LOW_BIT else dtype
+    kind = dtype
+    if head and dtype in LOW_BIT:
+        kind = "q6_k" if data.shape[-1] % gguf_kquants.QK_K == 0 else "q8_0"
     if data.ndim == 1 or kind == "f32" or name == "position_embd.weight":
         writer.add_tensor(name, data)
         return
