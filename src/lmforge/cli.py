@@ -1601,8 +1601,8 @@ def _add_imatrix(sub: Any) -> None:
             --process-output the head's too) lmforge adds up the squares of the activations each input column
             multiplies: a rounding error in a weight moves the output in proportion to them. The sums are written
             as llama.cpp's GGUF imatrix file (imatrix.datasets, in_sum2, counts), under the tensor names of
-            `lmforge export --format gguf`: `lmforge export --imatrix FILE` quantizes the K-quant mixes under it,
-            and llama.cpp's llama-quantize --imatrix FILE reads it too, also for the 1- to 3-bit IQ types that
+            `lmforge export --format gguf`: `lmforge export --imatrix FILE` quantizes the 2- to 6-bit types under
+            it, and llama.cpp's llama-quantize --imatrix FILE reads it too, also for the 1- to 3-bit IQ types that
             need one and lmforge does not write. Text like what the model will be used on, some thousands of
             tokens, is the usual choice."""),
         epilog=textwrap.dedent("""\

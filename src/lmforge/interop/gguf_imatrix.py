@@ -1,4 +1,4 @@
-"""An importance matrix for GGUF's K-quants, measured by lmforge on calibration text (what llama.cpp's
+"""An importance matrix for GGUF's 2- to 6-bit types, measured by lmforge on calibration text (what llama.cpp's
 llama-imatrix measures, then hands to llama-quantize with --imatrix).
 
 Rounding a weight matters in proportion to the activations it multiplies: a matrix W (out, in) turns x into W x,
