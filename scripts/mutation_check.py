@@ -485,6 +485,10 @@ MUTANTS = [
     Mutant("low-bit-head-q8_0-where-llama-quantize-writes-q6_k", "interop/gguf_export.py",
            'kind = "q6_k" if data.shape[-1] % gguf_kquants.QK_K == 0 else "q8_0"', 'kind = "q8_0"',
            ("tests/test_gguf_low_bit.py::test_a_head_of_whole_256_blocks_is_q6_k_as_llama_quantize_makes_it[q4_0]",)),
+    Mutant("imatrix-in-file-replaced-not-added-to", "interop/gguf_export.py",
+           "            measured[name] = measured[name].merged(a) if name in measured else a",
+           "            measured[name] = a",
+           ("tests/test_gguf_imatrix_file.py::test_in_files_add_their_sums_as_llama_imatrix_does",)),
     Mutant("imatrix-file-holds-means-not-sums", "interop/gguf_imatrix_file.py",
            "a.sum2.astype(np.float32)", "(a.sum2 / a.count).astype(np.float32)",
            ("tests/test_gguf_imatrix_file.py::"

@@ -89,6 +89,35 @@ def test_lmforge_imatrix_writes_llama_cpps_gguf_layout_with_each_matrixs_sums(ll
     assert main(["imatrix", str(run), "--text", str(text), "--out", str(out), "--force"]) == 0  # ours: replaced
 
 
+def _tensors(path):
+    return {t.name: np.asarray(t.data, dtype=np.float64).reshape(-1) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_in_files_add_their_sums_as_llama_imatrix_does(llama, tmp_path):
+    run, text = llama
+    other = tmp_path / "winter.txt"
+    other.write_text("Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 8)
+    a, b, ab, again = (tmp_path / f"{n}.imatrix.gguf" for n in ("a", "b", "ab", "again"))
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(a), "--process-output"]) == 0
+    assert main(["imatrix", str(run), "--text", str(other), "--out", str(b)]) == 0
+    assert main(["imatrix", str(run), "--in-file", str(a), "--in-file", str(b), "--out", str(ab)]) == 0
+    ta, tb, tab = _tensors(a), _tensors(b), _tensors(ab)
+    assert set(tab) == set(ta) | set(tb)  # the head's entry, in a only, is kept with a's counts
+    for name in tab:
+        expected = ta.get(name, 0) + tb.get(name, 0)
+        assert np.array_equal(tab[name], np.float32(expected) if np.ndim(expected) else expected), name
+    reader = gguf.GGUFReader(str(ab))
+    assert _field(reader, "imatrix.datasets") == ["calibration.txt", "winter.txt"]
+    assert _field(reader, "imatrix.chunk_count") == sum(_field(gguf.GGUFReader(str(f)), "imatrix.chunk_count")
+                                                        for f in (a, b))
+    # reading the second text anew on top of the first file: the same sums (to float32 rounding)
+    assert main(["imatrix", str(run), "--text", str(other), "--in-file", str(a), "--out", str(again)]) == 0
+    tagain = _tensors(again)
+    assert set(tagain) == set(tab)
+    for name in tab:
+        np.testing.assert_allclose(tagain[name], tab[name], rtol=1e-6, err_msg=name)
+
+
 def test_a_gguf_imatrix_as_llama_imatrix_writes_it_reads_as_llama_quantize_derives_it(tmp_path):
     path = tmp_path / "theirs.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")  # llama.cpp's gguf package, llama-imatrix's layout
@@ -233,7 +262,8 @@ def test_imatrix_file_misuse_is_one_line_and_writes_nothing(llama, tmp_path, cap
     assert (imatrix.read_bytes() if imatrix.exists() else None) == before
 
 
-@pytest.mark.parametrize("case", ["missing text", "empty text", "not ours", "classifier"])
+@pytest.mark.parametrize("case", ["missing text", "empty text", "not ours", "classifier", "neither", "in-file dat",
+                                  "in-file of another model", "in-file missing"])
 def test_imatrix_command_misuse_is_one_line_and_writes_nothing(llama, tmp_path, capsys, case):
     run, text = llama
     out = tmp_path / "m.imatrix.gguf"
@@ -244,12 +274,27 @@ def test_imatrix_command_misuse_is_one_line_and_writes_nothing(llama, tmp_path, 
         text.write_text("\n \n")
     elif case == "not ours":
         out.write_text("the user's notes\n")
-    else:
+    elif case == "classifier":
         run = lmforge_run(tmp_path / "cls", MAKERS["char"](), **LLAMA_STYLE, head="classify", num_labels=3)
+    args = ["imatrix", str(run), "--text", str(text), "--out", str(out), "--force"]
+    if case == "neither":
+        args.remove("--text"), args.remove(str(text))
+    elif case.startswith("in-file"):
+        given = tmp_path / "given.imatrix"
+        if case == "in-file dat":
+            _dat(given, {"blk.0.attn_q.weight": (1, np.ones(32))})
+        elif case == "in-file of another model":
+            wide = lmforge_run(tmp_path / "wide", MAKERS["char"](), **{**LLAMA_STYLE, "n_embd": 64})
+            assert main(["imatrix", str(wide), "--text", str(text), "--out", str(given)]) == 0
+        args += ["--in-file", str(given)]
     capsys.readouterr()
-    assert main(["imatrix", str(run), "--text", str(text), "--out", str(out), "--force"]) == 2
+    assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
+    word = {"neither": "--in-file", "in-file dat": ".dat", "in-file of another model": "another model",
+            "in-file missing": "no such file", "classifier": "classify"}.get(case, str(out) if case == "not ours"
+                                                                            else "--text")
+    assert word in err, (case, err)
     if case == "not ours":
         assert out.read_text() == "the user's notes\n"
     else:

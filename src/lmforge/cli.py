@@ -1608,12 +1608,16 @@ def _add_imatrix(sub: Any) -> None:
         epilog=textwrap.dedent("""\
             examples:
               lmforge imatrix runs/llama --text calibration.txt --out exports/llama.imatrix.gguf
+              lmforge imatrix runs/llama --text code.txt --in-file exports/llama.imatrix.gguf --out both.imatrix.gguf
               lmforge export runs/llama --format gguf --gguf-type q3_k_m --imatrix exports/llama.imatrix.gguf \\
                   --out exports/llama-q3_k_m.gguf
               lmforge export runs/llama --format gguf --gguf-type f16 --out exports/llama-f16.gguf
               llama-quantize --imatrix exports/llama.imatrix.gguf exports/llama-f16.gguf iq2_xs.gguf IQ2_XS"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
-    p.add_argument("--text", required=True, metavar="TEXT_FILE", help="calibration text (UTF-8) the model reads")
+    p.add_argument("--text", default=None, metavar="TEXT_FILE", help="calibration text (UTF-8) the model reads")
+    p.add_argument("--in-file", action="append", default=[], metavar="IMATRIX_FILE",
+                   help="an imatrix .gguf file of this model (lmforge's or llama-imatrix's) whose sums the text's are "
+                   "added to, as llama-imatrix --in-file; repeatable, and without --text the files are only added up")
     p.add_argument("--out", required=True, metavar="IMATRIX_FILE", help="the .gguf imatrix file to write")
     p.add_argument("--process-output", action="store_true",
                    help="measure the head's input too (output.weight; llama-imatrix's option of the same name); "
@@ -1627,7 +1631,7 @@ def _run_imatrix(args: argparse.Namespace) -> int:
     from lmforge.interop.gguf_imatrix_file import imatrix_summary
 
     path = export_imatrix(args.checkpoint, args.text, args.out, force=args.force, head=args.process_output,
-                          progress=True)
+                          progress=True, in_files=args.in_file)
     print(imatrix_summary(path), file=sys.stderr)
     print(path)
     return 0

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
 from lmforge.interop import gguf_kquants, hf_gpt2
 from lmforge.interop.gguf_imatrix import Activations, measure_activations, source_module
-from lmforge.interop.gguf_imatrix_file import ImportanceMatrix, read_imatrix, write_imatrix
+from lmforge.interop.gguf_imatrix_file import ImportanceMatrix, read_imatrix, read_sums, write_imatrix
 from lmforge.interop.hf_llama import is_qwen2, is_qwen3
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
 from lmforge.interop.hf_export import HFExportError, converter_for_model, model_chat_template
@@ -168,25 +168,41 @@ def gguf_architecture(config: ModelConfig, checkpoint: str | Path) -> str:
     return arch
 
 
-def export_imatrix(checkpoint: str | Path, text: str | Path, out_path: str | Path, *, force: bool = False,
-                   head: bool = False, progress: bool = False) -> Path:
+def export_imatrix(checkpoint: str | Path, text: str | Path | None, out_path: str | Path, *, force: bool = False,
+                   head: bool = False, progress: bool = False, in_files: Sequence[str | Path] = ()) -> Path:
     """Measure the checkpoint's importance matrix on the calibration `text` file (gguf_imatrix; with `head` the
     head's too, as llama-imatrix --process-output) and write it as llama-imatrix's GGUF file (gguf_imatrix_file),
     keyed by the names export_gguf gives the matrices: for `lmforge export --imatrix` or llama.cpp's
-    llama-quantize --imatrix (which also takes it for the IQ types lmforge does not write). An existing out_path is
-    replaced only with force and only if lmforge wrote it; returns the path. `progress`: a bar over the tokens
-    read, on stderr when it is a terminal."""
-    calibration = _calibration_text(text, "--text")
+    llama-quantize --imatrix (which also takes it for the IQ types lmforge does not write). `in_files`: imatrix GGUF
+    files of this model whose sums the new text's are added to (llama-imatrix --in-file; `text` None: only them).
+    An existing out_path is replaced only with force and only if lmforge wrote it; returns the path. `progress`: a
+    bar over the tokens read, on stderr when it is a terminal."""
+    if text is None and not in_files:
+        raise GGUFExportError("give calibration text (--text) or imatrix files to add up (--in-file), or both")
+    calibration = None if text is None else _calibration_text(text, "--text")
     out_path = Path(out_path)
     check_output(out_path, force=force, ours=is_gguf_export, what="an imatrix file written by lmforge",
-                 error=GGUFExportError, directory=False, inputs=[checkpoint, text])
+                 error=GGUFExportError, directory=False, inputs=[checkpoint, *([text] if text else []), *in_files])
     _, model, tokenizer, arch, matrices = _language_model(checkpoint)
     config: ModelConfig = model.config
-    measured = _measured(model, tokenizer, calibration, text, matrices, head=head, option="--text", progress=progress)
+    measured: dict[str, Activations] = {}
+    datasets, chunks = [], 0
+
+    def add(entries: dict[str, Activations]) -> None:
+        for name, a in entries.items():
+            measured[name] = measured[name].merged(a) if name in measured else a
+
+    for path in in_files:
+        sums, their_datasets, their_chunks = read_sums(path, matrices)
+        add(sums)
+        datasets, chunks = datasets + their_datasets, chunks + their_chunks
+    if calibration is not None:
+        new = _measured(model, tokenizer, calibration, text, matrices, head=head, option="--text", progress=progress)
+        add(new)
+        datasets, chunks = datasets + [Path(text).name], chunks + _windows(new, config.block_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
-        write_imatrix(tmp, measured, arch=arch, datasets=[Path(text).name],
-                      chunk_count=_windows(measured, config.block_size), chunk_size=config.block_size)
+        write_imatrix(tmp, measured, arch=arch, datasets=datasets, chunk_count=chunks, chunk_size=config.block_size)
     return out_path
 
 

@@ -35,12 +35,17 @@ HEAD = "lm_head"  # the module the head's GGUF matrix (output.weight) belongs to
 class Activations(NamedTuple):
     """What one matrix's input added up to over the calibration text, as llama-imatrix keeps it."""
     sum2: np.ndarray  # (in,) float64: each input column's sum of squares
-    sum: np.ndarray  # (in,) float64: each input column's sum (llama.cpp's in_sum)
+    sum: Optional[np.ndarray]  # (in,) float64: each input column's sum (llama.cpp's in_sum; optional in its files)
     count: int  # the vectors read (tokens)
 
     def importance(self) -> np.ndarray:
         """The column's mean square (in,) float32: what the quantizers weigh each weight's error by."""
         return (self.sum2 / self.count).astype(np.float32)
+
+    def merged(self, other: "Activations") -> "Activations":
+        """The two texts' statistics together (llama-imatrix --in-file): sums and counts add."""
+        total = None if self.sum is None or other.sum is None else self.sum + other.sum
+        return Activations(self.sum2 + other.sum2, total, self.count + other.count)
 
 
 def source_module(gguf_name: str) -> Optional[str]:

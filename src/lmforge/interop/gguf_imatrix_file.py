@@ -55,7 +55,8 @@ def write_imatrix(path: Path, entries: dict[str, Activations], *, arch: str, dat
     writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, chunk_size)
     for name in sorted(entries):
         a = entries[name]
-        writer.add_tensor(f"{name}.in_sum", a.sum.astype(np.float32).reshape(1, -1))  # ggml (columns, 1)
+        if a.sum is not None:  # (a file added to that had none: in_sum is optional to llama.cpp)
+            writer.add_tensor(f"{name}.in_sum", a.sum.astype(np.float32).reshape(1, -1))  # ggml (columns, 1)
         writer.add_tensor(f"{name}.in_sum2", a.sum2.astype(np.float32).reshape(1, -1))
         writer.add_tensor(f"{name}.counts", np.array([[a.count]], dtype=np.float32))
     writer.write_header_to_file()
@@ -77,30 +78,70 @@ def read_imatrix(path: str | Path) -> ImportanceMatrix:
 
 
 def _read_gguf(path: Path) -> ImportanceMatrix:
+    reader, entries = _gguf_entries(path)
+    values = {name: np.where(n[:, None] > 0, sum2 / np.maximum(n, 1)[:, None], 1.0).reshape(-1).astype(np.float32)
+              for name, (sum2, _, n) in entries.items()}
+    return ImportanceMatrix(values, *_metadata(reader))
+
+
+def read_sums(path: str | Path, model_matrices: dict[str, int]) -> tuple[dict[str, Activations], list[str], int]:
+    """The sums of a GGUF imatrix file ({GGUF name: Activations}, its datasets, its chunk count), to add more text to
+    (llama-imatrix --in-file): every entry one dense matrix of `model_matrices` ({name: columns}) as long as its
+    rows; ImatrixFileError in one line otherwise (a .dat file keeps means, not sums)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImatrixFileError(f"--in-file {path}: no such file; give an imatrix file `lmforge imatrix` or "
+                               "llama-imatrix wrote")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ImatrixFileError(f"--in-file {path} is not an imatrix GGUF file (llama.cpp's older .dat files keep "
+                                   "means, not the sums to add to): give a .gguf one")
+    reader, entries = _gguf_entries(path, "--in-file")
+    found = {}
+    for name, (sum2, total, n) in entries.items():
+        if len(n) != 1 or name not in model_matrices or sum2.shape[1] != model_matrices[name]:
+            raise ImatrixFileError(f"--in-file {path}: its entry {name} ({sum2.shape[1]} columns, {len(n)} "
+                                   "matrices) is no matrix of this model; it was measured on another model")
+        found[name] = Activations(sum2[0], None if total is None else total[0], int(n[0]))
+    return found, *_metadata(reader)
+
+
+def _gguf_entries(path: Path, option: str = "--imatrix") -> tuple[object, dict]:
+    """gguf's reader of `path` and {name: (in_sum2 (matrices, columns) float64, in_sum likewise or None, counts
+    (matrices,) rounded)}; ImatrixFileError for a damaged file, one without importance data or mismatched tensors."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # noqa: BLE001  (a damaged file: the reader raises ValueError, struct and numpy errors)
-        raise ImatrixFileError(f"--imatrix {path} is a damaged GGUF file ({type(e).__name__}): write it again with "
+        raise ImatrixFileError(f"{option} {path} is a damaged GGUF file ({type(e).__name__}): write it again with "
                                "`lmforge imatrix` or llama-imatrix") from None
     tensors = {t.name: t for t in reader.tensors}
     names = sorted(n[:-len(".in_sum2")] for n in tensors if n.endswith(".in_sum2"))
     if not names:
-        raise ImatrixFileError(f"--imatrix {path} is a GGUF file without importance data (no .in_sum2 tensors: a "
+        raise ImatrixFileError(f"{option} {path} is a GGUF file without importance data (no .in_sum2 tensors: a "
                                "model?); give the imatrix file that `lmforge imatrix` or llama-imatrix wrote")
-    values = {}
+    entries = {}
+    f32 = gguf.GGMLQuantizationType.F32
     for name in names:
-        sum2, counts = tensors[f"{name}.in_sum2"], tensors.get(f"{name}.counts")
-        if counts is None or sum2.tensor_type != gguf.GGMLQuantizationType.F32 \
-                or counts.tensor_type != gguf.GGMLQuantizationType.F32 or sum2.n_elements % counts.n_elements:
-            raise ImatrixFileError(f"--imatrix {path}: the sums and counts of {name} do not match (both float32, "
+        sum2, counts, total = tensors[f"{name}.in_sum2"], tensors.get(f"{name}.counts"), tensors.get(f"{name}.in_sum")
+        if counts is None or sum2.tensor_type != f32 or counts.tensor_type != f32 \
+                or sum2.n_elements % counts.n_elements \
+                or (total is not None and (total.tensor_type != f32 or total.n_elements != sum2.n_elements)):
+            raise ImatrixFileError(f"{option} {path}: the sums and counts of {name} do not match (all float32, "
                                    "one count per matrix); write the file again")
         n = np.rint(np.asarray(counts.data, dtype=np.float64).reshape(-1))
-        sums = np.asarray(sum2.data, dtype=np.float64).reshape(len(n), -1)
-        values[name] = np.where(n[:, None] > 0, sums / np.maximum(n, 1)[:, None], 1.0).reshape(-1).astype(np.float32)
-    return ImportanceMatrix(values, _strings(reader, gguf.Keys.IMatrix.DATASETS),
-                            _integer(reader, gguf.Keys.IMatrix.CHUNK_COUNT))
+        shape = (len(n), -1)
+        entries[name] = (np.asarray(sum2.data, dtype=np.float64).reshape(shape),
+                         None if total is None else np.asarray(total.data, dtype=np.float64).reshape(shape), n)
+    return reader, entries
+
+
+def _metadata(reader) -> tuple[list[str], int]:
+    """An imatrix GGUF file's datasets and chunk count (empty and 0 where it has none)."""
+    import gguf
+
+    return _strings(reader, gguf.Keys.IMatrix.DATASETS), _integer(reader, gguf.Keys.IMatrix.CHUNK_COUNT)
 
 
 def _strings(reader, key: str) -> list[str]:
