@@ -16,7 +16,8 @@ exported without an importance matrix and under each file. Then:
           often the top token is the f32 model's
 With --llama-bin DIR (llama.cpp's llama-imatrix and llama-quantize built from source, e.g. from llama-cpp-python's
 sdist: cmake --build build --target llama-imatrix llama-quantize): llama-imatrix measures its own matrix on the same
-text and the f32 file (its entries against lmforge's: the median and largest relative difference per column), and
+text and the f32 file (its entries against lmforge's, in plain windows and with --start-each-window: the median and
+largest relative difference per column), and
 llama-quantize --imatrix reads lmforge's file for each mix (every tensor against lmforge's export); its .dat
 format, read by lmforge, against its GGUF one.
 Run with llama-cpp-python installed (pip install llama-cpp-python):
@@ -40,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from lmforge.checkpoint import load_for_inference  # noqa: E402
 from lmforge.cli import main as lmforge  # noqa: E402
-from lmforge.interop.gguf_imatrix import measure_activations, source_module  # noqa: E402
 from lmforge.interop.gguf_imatrix_file import read_imatrix  # noqa: E402
 from gguf_llama_cpp import compare_tensors, same_bytes_as_llama_cpp_quantizer  # noqa: E402  (benchmarks/)
 from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
@@ -64,26 +64,20 @@ def play(index: int) -> str:
     return texts[index].read_text(encoding="utf-8")
 
 
-def with_llama_cpp_tools(bin_dir: Path, work: Path, f32: Path, calibration: Path, ours: Path, model,
-                         exports: dict[str, Path]) -> dict:
-    """llama-imatrix's own matrix for the f32 file and the same text against lmforge's file (as measured, and on
-    llama-imatrix's own chunks: llama.cpp's tokens of the text, cut into whole windows that each begin with the
-    start token, which is what it reads); llama-quantize --imatrix reading lmforge's file, each mix against
-    lmforge's export under it."""
-    import llama_cpp
-
-    context = model.config.block_size
+def with_llama_cpp_tools(bin_dir: Path, work: Path, f32: Path, calibration: Path, ours: Path, run: Path,
+                         context: int, exports: dict[str, Path]) -> dict:
+    """llama-imatrix's own matrix for the f32 file and the same text against lmforge's files: the one measured in
+    lmforge's plain windows, and `lmforge imatrix --start-each-window`'s (the text read as llama-imatrix reads it);
+    llama-quantize --imatrix reading lmforge's file, each mix against lmforge's export under it."""
     theirs, dat = work / "llama-imatrix.gguf", work / "llama-imatrix.dat"
     for path, form in ((theirs, "gguf"), (dat, "dat")):  # its two formats, each read by lmforge
         subprocess.run([str(bin_dir / "llama-imatrix"), "-m", str(f32), "-f", str(calibration), "-o", str(path),
                         "-c", str(context), "-t", "2", "--no-ppl", "--output-format", form], check=True,
                        capture_output=True)
     b, in_dat = read_imatrix(theirs).values, read_imatrix(dat).values
-    vocab = llama_cpp.Llama(model_path=str(f32), vocab_only=True, verbose=False)
-    ids = vocab.tokenize(calibration.read_bytes(), add_bos=True, special=False)
-    ids = ids[: len(ids) // context * context]
-    ids[::context] = [vocab.token_bos()] * (len(ids) // context)
-    chunks = measure_activations(model, torch.tensor(ids), context)
+    like_llama = work / "start-each-window.imatrix.gguf"
+    assert lmforge(["imatrix", str(run), "--text", str(calibration), "--out", str(like_llama),
+                    "--start-each-window"]) == 0
 
     def differences(values: dict[str, np.ndarray]) -> dict:
         rel = np.concatenate([np.abs(values[n] - b[n]) / np.maximum(np.abs(b[n]), 1e-30) for n in values if n in b])
@@ -91,12 +85,12 @@ def with_llama_cpp_tools(bin_dir: Path, work: Path, f32: Path, calibration: Path
                 "p99_relative_difference": float(np.quantile(rel, 0.99)),
                 "max_relative_difference": float(rel.max())}
 
-    same_chunks = {n: chunks[source_module(n)].importance() for n in b if source_module(n) in chunks}
     result = {"llama_imatrix_entries": len(b), "llama_imatrix_chunks": read_imatrix(theirs).chunk_count,
+              "start_each_window_chunks": read_imatrix(like_llama).chunk_count,
               "dat_entries": len(in_dat), "dat_against_gguf_max_relative_difference": float(max(
                   np.max(np.abs(in_dat[n] - b[n]) / np.maximum(np.abs(b[n]), 1e-30)) for n in b)),
               "as_measured": differences(read_imatrix(ours).values),
-              "on_llama_imatrix_chunks": differences(same_chunks), "quantize": {}}
+              "start_each_window": differences(read_imatrix(like_llama).values), "quantize": {}}
     for mix, path in exports.items():
         out = work / f"{mix}-by-llama-quantize.gguf"
         subprocess.run([str(bin_dir / "llama-quantize"), "--imatrix", str(ours), str(f32), str(out), mix.upper(),
@@ -184,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{key}: {json.dumps(result)}", flush=True)
         if args.llama_bin:
             summary["llama_cpp_tools"] = with_llama_cpp_tools(Path(args.llama_bin), work, f32, calibration,
-                                                              files["imatrix"], model, exports)
+                                                              files["imatrix"], run, context, exports)
             print(f"llama.cpp's tools: {json.dumps(summary['llama_cpp_tools'])}", flush=True)
     summary["eval_positions"] = int(len(targets))
     return report(summary, args.json_out, indent=2)

@@ -489,6 +489,9 @@ MUTANTS = [
            "            measured[name] = measured[name].merged(a) if name in measured else a",
            "            measured[name] = a",
            ("tests/test_gguf_imatrix_file.py::test_in_files_add_their_sums_as_llama_imatrix_does",)),
+    Mutant("imatrix-windows-not-begun-with-the-start-token", "interop/gguf_imatrix.py",
+           "    ids[::context] = start_id", "    pass",
+           ("tests/test_gguf_imatrix_file.py::test_start_each_window_reads_the_text_as_llama_imatrix_does",)),
     Mutant("imatrix-file-holds-means-not-sums", "interop/gguf_imatrix_file.py",
            "a.sum2.astype(np.float32)", "(a.sum2 / a.count).astype(np.float32)",
            ("tests/test_gguf_imatrix_file.py::"

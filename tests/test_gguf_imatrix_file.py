@@ -118,6 +118,34 @@ def test_in_files_add_their_sums_as_llama_imatrix_does(llama, tmp_path):
         np.testing.assert_allclose(tagain[name], tab[name], rtol=1e-6, err_msg=name)
 
 
+def test_start_each_window_reads_the_text_as_llama_imatrix_does(llama, tmp_path, capsys):
+    from lmforge.interop.gguf_imatrix import start_each_window
+
+    ids = start_each_window(torch.arange(1, 131), 64, 0)  # the start token in front, whole windows, each begun with it
+    assert ids.tolist() == [0, *range(1, 64), 0, *range(65, 128)]
+    run, text = llama
+    out = tmp_path / "llama-like.imatrix.gguf"
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(out), "--start-each-window"]) == 0
+    model, tokenizer, _ = load_for_inference(run, "cpu")
+    context = model.config.block_size
+    tokens = torch.from_numpy(tokenizer.encode_array(TEXT).astype(np.int64))
+    windows = start_each_window(tokens, context, tokenizer.start_id).reshape(-1, context)
+    assert len(windows) == (len(tokens) + 1) // context and (windows[:, 0] == tokenizer.start_id).all()
+    with torch.no_grad():
+        x = model.blocks[0].norm_1(model.tok_emb(windows)).reshape(-1, model.config.n_embd).double()
+    tensors = _tensors(out)
+    np.testing.assert_allclose(tensors["blk.0.attn_q.weight.in_sum2"], (x ** 2).sum(0).numpy(), rtol=1e-5)
+    assert tensors["blk.0.attn_q.weight.counts"].tolist() == [windows.numel()]
+    assert _field(gguf.GGUFReader(str(out)), "imatrix.chunk_count") == len(windows)
+    short = tmp_path / "short.txt"
+    short.write_text("To be")
+    capsys.readouterr()
+    assert main(["imatrix", str(run), "--text", str(short), "--out", str(tmp_path / "no.gguf"),
+                 "--start-each-window"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "less than one window" in err, err
+
+
 def test_a_gguf_imatrix_as_llama_imatrix_writes_it_reads_as_llama_quantize_derives_it(tmp_path):
     path = tmp_path / "theirs.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")  # llama.cpp's gguf package, llama-imatrix's layout

@@ -1622,6 +1622,10 @@ def _add_imatrix(sub: Any) -> None:
     p.add_argument("--process-output", action="store_true",
                    help="measure the head's input too (output.weight; llama-imatrix's option of the same name); "
                    "without it the head is quantized unweighted, as llama.cpp's default")
+    p.add_argument("--start-each-window", action="store_true",
+                   help="read the text as llama-imatrix does: the start token in front, whole windows of the context "
+                   "only, each begun with the start token (the importance then equals llama-imatrix's to float "
+                   "rounding); by default the text is read in plain windows, as the model saw text in training")
     p.add_argument("--force", action="store_true", help="replace an imatrix file lmforge wrote")
     p.set_defaults(run=_run_imatrix)
 
@@ -1631,7 +1635,7 @@ def _run_imatrix(args: argparse.Namespace) -> int:
     from lmforge.interop.gguf_imatrix_file import imatrix_summary
 
     path = export_imatrix(args.checkpoint, args.text, args.out, force=args.force, head=args.process_output,
-                          progress=True, in_files=args.in_file)
+                          progress=True, in_files=args.in_file, start_windows=args.start_each_window)
     print(imatrix_summary(path), file=sys.stderr)
     print(path)
     return 0

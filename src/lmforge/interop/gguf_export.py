@@ -59,7 +59,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
 from lmforge.interop import gguf_kquants, hf_gpt2
-from lmforge.interop.gguf_imatrix import Activations, measure_activations, source_module
+from lmforge.interop.gguf_imatrix import Activations, measure_activations, source_module, start_each_window
 from lmforge.interop.gguf_imatrix_file import ImportanceMatrix, read_imatrix, read_sums, write_imatrix
 from lmforge.interop.hf_llama import is_qwen2, is_qwen3
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
@@ -169,12 +169,14 @@ def gguf_architecture(config: ModelConfig, checkpoint: str | Path) -> str:
 
 
 def export_imatrix(checkpoint: str | Path, text: str | Path | None, out_path: str | Path, *, force: bool = False,
-                   head: bool = False, progress: bool = False, in_files: Sequence[str | Path] = ()) -> Path:
+                   head: bool = False, progress: bool = False, in_files: Sequence[str | Path] = (),
+                   start_windows: bool = False) -> Path:
     """Measure the checkpoint's importance matrix on the calibration `text` file (gguf_imatrix; with `head` the
     head's too, as llama-imatrix --process-output) and write it as llama-imatrix's GGUF file (gguf_imatrix_file),
     keyed by the names export_gguf gives the matrices: for `lmforge export --imatrix` or llama.cpp's
     llama-quantize --imatrix (which also takes it for the IQ types lmforge does not write). `in_files`: imatrix GGUF
     files of this model whose sums the new text's are added to (llama-imatrix --in-file; `text` None: only them).
+    `start_windows`: the text read in whole windows each begun with the start token, as llama-imatrix reads it.
     An existing out_path is replaced only with force and only if lmforge wrote it; returns the path. `progress`: a
     bar over the tokens read, on stderr when it is a terminal."""
     if text is None and not in_files:
@@ -197,7 +199,8 @@ def export_imatrix(checkpoint: str | Path, text: str | Path | None, out_path: st
         add(sums)
         datasets, chunks = datasets + their_datasets, chunks + their_chunks
     if calibration is not None:
-        new = _measured(model, tokenizer, calibration, text, matrices, head=head, option="--text", progress=progress)
+        new = _measured(model, tokenizer, calibration, text, matrices, head=head, option="--text", progress=progress,
+                        start_windows=start_windows)
         add(new)
         datasets, chunks = datasets + [Path(text).name], chunks + _windows(new, config.block_size)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,13 +226,22 @@ def _language_model(checkpoint: str | Path) -> tuple[Path, Any, Tokenizer, str, 
 
 
 def _measured(model: Any, tokenizer: Tokenizer, calibration: str, path: str | Path, matrices: dict[str, int], *,
-              head: bool = False, option: str = "--imatrix-text", progress: bool = False) -> dict[str, Activations]:
-    """{GGUF matrix name: its input's Activations} over the calibration text; the split q/k/v and gate/up share
-    their lmforge matrix's."""
+              head: bool = False, option: str = "--imatrix-text", progress: bool = False,
+              start_windows: bool = False) -> dict[str, Activations]:
+    """{GGUF matrix name: its input's Activations} over the calibration text (`start_windows`: in whole windows each
+    begun with the start token, as llama-imatrix reads it); the split q/k/v and gate/up share their lmforge
+    matrix's."""
     tokens = torch.from_numpy(tokenizer.encode_array(calibration).astype(np.int64))
     if len(tokens) < 2:
         raise GGUFExportError(f"{option} {path} holds {len(tokens)} token(s): give text the model reads, ideally "
                               "like what it will be used on (thousands of tokens)")
+    if start_windows:
+        context = model.config.block_size
+        if tokenizer.start_id is None or len(tokens) + 1 < context:
+            why = ("its tokenizer has no start token" if tokenizer.start_id is None
+                   else f"{option} {path} holds {len(tokens)} tokens, less than one window of {context}")
+            raise GGUFExportError(f"--start-each-window: {why}; drop the option")
+        tokens = start_each_window(tokens, context, tokenizer.start_id)
     by_module = measure_activations(model, tokens, model.config.block_size, head=head, progress=progress)
     return {name: by_module[source_module(name)] for name in matrices if source_module(name) in by_module}
 

@@ -59,6 +59,16 @@ def source_module(gguf_name: str) -> Optional[str]:
     return f"blocks.{match[1]}.{SOURCES[match[2]]}"
 
 
+def start_each_window(tokens: torch.Tensor, context: int, start_id: int) -> torch.Tensor:
+    """The text's tokens as llama-imatrix reads them: the start token in front, whole windows of `context` tokens
+    only (the tail shorter than a window left out), and each window's first token replaced by the start token.
+    Windows read in this order measure what llama-imatrix measures, to float rounding."""
+    ids = torch.cat([torch.tensor([start_id], dtype=tokens.dtype), tokens])
+    ids = ids[: len(ids) // context * context].clone()
+    ids[::context] = start_id
+    return ids
+
+
 def measure_importance(model: nn.Module, tokens: torch.Tensor, context: int,
                        batch_size: int = 8) -> dict[str, np.ndarray]:
     """{module name: mean square of its input per column (in,) float32} for every block matrix of `model`, over
