@@ -146,6 +146,21 @@ def test_start_each_window_reads_the_text_as_llama_imatrix_does(llama, tmp_path,
     assert len(err.splitlines()) == 1 and "less than one window" in err, err
 
 
+def test_a_tied_head_gets_no_entry_and_process_output_says_so(tmp_path, capsys):
+    from test_interop import GPT2_STYLE
+
+    run = lmforge_run(tmp_path, MAKERS["char"](), **GPT2_STYLE)  # GPT-2 reads its head from token_embd
+    text, out = tmp_path / "calibration.txt", tmp_path / "gpt2.imatrix.gguf"
+    text.write_text(TEXT)
+    capsys.readouterr()
+    assert main(["imatrix", str(run), "--text", str(text), "--out", str(out), "--process-output"]) == 0
+    said = capsys.readouterr().err.splitlines()
+    assert said[0].startswith("warning: --process-output: this model's head is its token embedding (tied)"), said
+    names = {t.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert "output.weight.in_sum2" not in names and "token_embd.weight.in_sum2" not in names
+    assert "blk.0.attn_qkv.weight.in_sum2" in names and "blk.1.ffn_up.weight.in_sum2" in names  # GPT-2's fused ones
+
+
 def test_a_gguf_imatrix_as_llama_imatrix_writes_it_reads_as_llama_quantize_derives_it(tmp_path):
     path = tmp_path / "theirs.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")  # llama.cpp's gguf package, llama-imatrix's layout

@@ -187,6 +187,9 @@ def export_imatrix(checkpoint: str | Path, text: str | Path | None, out_path: st
                  error=GGUFExportError, directory=False, inputs=[checkpoint, *([text] if text else []), *in_files])
     _, model, tokenizer, arch, matrices = _language_model(checkpoint)
     config: ModelConfig = model.config
+    if head and "output.weight" not in matrices:
+        print("warning: --process-output: this model's head is its token embedding (tied), which llama.cpp reads no "
+              "importance for; the file holds the blocks' matrices only", file=sys.stderr)
     measured: dict[str, Activations] = {}
     datasets, chunks = [], 0
 

@@ -12,7 +12,7 @@ Two formats, both keyed by GGUF tensor names ("blk.0.attn_q.weight"):
         optionally, int32 chunks and int32 length + the dataset's name. A column's importance is its value over the
         calls.
 Read without unpickling anything: the GGUF by the gguf package's reader (numpy views of the file), the .dat by
-struct, every length checked against what is left of the file.
+struct over a memory map of it, every length checked against what is left of the file.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def read_sums(path: str | Path, model_matrices: dict[str, int]) -> tuple[dict[st
     found = {}
     for name, (sum2, total, n) in entries.items():
         if len(n) != 1 or name not in model_matrices or sum2.shape[1] != model_matrices[name]:
-            raise ImatrixFileError(f"--in-file {path}: its entry {name} ({sum2.shape[1]} columns, {len(n)} "
-                                   "matrices) is no matrix of this model; it was measured on another model")
+            raise ImatrixFileError(f"--in-file {path}: its entry {name} ({len(n)} x {sum2.shape[1]} columns) is no "
+                                   "matrix of this model; it was measured on another model")
         found[name] = Activations(sum2[0], None if total is None else total[0], int(n[0]))
     return found, *_metadata(reader)
 
