@@ -289,13 +289,18 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     @classmethod
+    def shapes(cls, config: ModelConfig) -> "GPT":
+        """A model of `config` on the meta device: its parameters' shapes, no memory, no random initialisation
+        (on meta it fills nothing, and torch's meta normal_ first imports torch._dynamo: a second of start-up)."""
+        with torch.device("meta"), _SkipInit():
+            return cls(config)
+
+    @classmethod
     def empty(cls, config: ModelConfig) -> "GPT":
         """A model of `config` whose weights are left uninitialised, to be loaded (a checkpoint, an imported model):
         built on the meta device and given memory on the CPU, its tables computed and its tied weights tied. It skips
         the random initialisation that loading would overwrite (about a second and a half for gpt2-124m)."""
-        with torch.device("meta"):
-            model = cls(config)
-        model = model.to_empty(device="cpu")
+        model = cls.shapes(config).to_empty(device="cpu")
         model.reset_buffers()
         if config.head != "classify" and config.tie_embeddings:  # to_empty gave each name a tensor of its own
             model.lm_head.weight = model.tok_emb.weight
@@ -525,6 +530,17 @@ class KVCache:
         self.pos = 0
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Inside it, torch.nn.init's in-place fills (normal_, uniform_, zeros_, kaiming_uniform_, ...) return their
+    tensor untouched: for modules built on the meta device, where there is nothing to fill."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
+
+
 # ------------------------------------------------------------------------------ parameters and FLOPs
 class ParameterCount(NamedTuple):
     total: int  # every distinct parameter (a tied embedding counted once)
@@ -533,8 +549,7 @@ class ParameterCount(NamedTuple):
 
 def count_parameters(config: ModelConfig) -> ParameterCount:
     """Parameter counts of GPT(config), found by building it on the meta device (no memory used)."""
-    with torch.device("meta"):
-        model = GPT(config)
+    model = GPT.shapes(config)
     total = sum(p.numel() for p in model.parameters())
     embedding = model.tok_emb.weight.numel()
     if config.pos_encoding == "learned":

@@ -237,8 +237,7 @@ def lora_counts(config: RunConfig) -> tuple[int, int]:
 
     if config.lora is None:
         return 0, 0
-    with torch.device("meta"):
-        model = apply_lora(GPT(config.model), config.lora)
+    model = apply_lora(GPT.shapes(config.model), config.lora)
     adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
     return (sum(p.numel() for p in model.parameters() if p.requires_grad),
             sum(len(m.lora) for m in adapters) * config.lora.r)  # each adapter keeps its r-wide A output

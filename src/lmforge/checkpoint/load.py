@@ -194,8 +194,8 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
 
     ckpt, manifest = (Path(path), manifest) if manifest is not None else verified_checkpoint(path)
     config = read_run_config(ckpt)
-    with torch.device("meta"):  # the shapes config.json describes, checked against the file before allocating
-        shape = GPT(config.model)
+    shape = GPT.shapes(config.model)  # the shapes config.json describes, checked against the file before allocating
+    with torch.device("meta"):
         check_weights_fit(shape if config.lora is None else apply_lora(shape, config.lora), ckpt)
     device = resolve_device(device) if isinstance(device, str) else device
     if config.lora is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -213,10 +214,10 @@ def shard_model(model: nn.Module, precision: str = "fp32", cpu_offload: bool = F
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` was sharded by apply_fsdp (its parameters are DTensor shards)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(unwrap(model), FSDPModule)
+    """Whether `model` was sharded by apply_fsdp (its parameters are DTensor shards). Not importing FSDP to find out
+    (a quarter of a second): a model can be an FSDPModule only once torch.distributed.fsdp was imported."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(unwrap(model), fsdp.FSDPModule)
 
 
 def full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, Optional[dict]]:

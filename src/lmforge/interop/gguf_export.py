@@ -59,6 +59,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.files import atomic_path, check_output
 from lmforge.interop import gguf_kquants, hf_gpt2
+from lmforge.interop.gguf_header import GGUFHeaderError, read_header
 from lmforge.interop.gguf_imatrix import Activations, measure_activations, source_module, start_each_window
 from lmforge.interop.gguf_imatrix_file import ImportanceMatrix, read_imatrix, read_sums, write_imatrix
 from lmforge.interop.hf_llama import is_qwen2, is_qwen3
@@ -559,24 +560,26 @@ def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[str, list[str], list[str]]:
 
 def gguf_summary(path: str | Path) -> str:
     """One line on a GGUF file: its tensors by type, its size, and the bits per weight of its matrices."""
-    import gguf
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    tensors = gguf.GGUFReader(str(path)).tensors
+    tensors = read_header(path).tensors
     types: dict[str, int] = {}
     for t in tensors:
-        types[t.tensor_type.name.lower()] = types.get(t.tensor_type.name.lower(), 0) + 1
-    matrices = [t for t in tensors if len(t.shape) == 2]
-    bits = 8 * sum(int(t.n_bytes) for t in matrices) / max(1, sum(int(t.n_elements) for t in matrices))
+        name = GGMLQuantizationType(t.type).name.lower()
+        types[name] = types.get(name, 0) + 1
+    weights = bytes_ = 0
+    for t in (t for t in tensors if len(t.shape) == 2):
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(t.type)]
+        weights += t.shape[0] * t.shape[1]
+        bytes_ += t.shape[0] * t.shape[1] // block * block_bytes
     kinds = ", ".join(f"{count} {name}" for name, count in sorted(types.items(), key=lambda kv: -kv[1]))
     return (f"{path}: {len(tensors)} tensors ({kinds}), {Path(path).stat().st_size / 2**20:.1f} MiB, "
-            f"{bits:.2f} bits per matrix weight")
+            f"{8 * bytes_ / max(1, weights):.2f} bits per matrix weight")
 
 
 def is_gguf_export(path: Path) -> bool:
     """Whether `path` is a GGUF file that export_gguf wrote (its metadata records lmforge.version)."""
-    import gguf
-
     try:
-        return "lmforge.version" in gguf.GGUFReader(str(path)).fields
-    except Exception:  # noqa: BLE001  (not a GGUF file: the reader raises ValueError, struct and numpy errors)
+        return "lmforge.version" in read_header(path).metadata
+    except (GGUFHeaderError, OSError, ValueError):  # not a GGUF file, or not one to read
         return False
