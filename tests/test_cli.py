@@ -620,6 +620,14 @@ def test_help_teaches_every_command():
         main(["train", "--help"])
 
 
+def test_help_starts_without_loading_torch():
+    """`lmforge COMMAND --help` builds every command's parser, and none of them needs torch (a second and a half)."""
+    code = ("import sys; from lmforge.cli import main\ntry: main(['generate', '--help'])\nexcept SystemExit: pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--prompt" in out and out.strip().endswith("False")
+
+
 def test_parse_overrides_forms():
     assert parse_overrides(["--model.n_layer", "3", "--optim.lr=0.1"]) == {"model.n_layer": "3", "optim.lr": "0.1"}
     with pytest.raises(ConfigError, match="needs a value"):

@@ -6,11 +6,13 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from lmforge.config import doc, validate
 from lmforge.errors import ConfigError
-from lmforge.generate.watermark import Watermark
+
+if TYPE_CHECKING:  # (imported where used: it needs torch, which `lmforge --help` need not load)
+    from lmforge.generate.watermark import Watermark
 
 
 Dtype = Literal["fp32", "bf16", "fp16"]  # weights for decoding (generate.quantize.apply_inference_dtype)
@@ -337,6 +339,8 @@ class GenerateConfig:
         """The watermark decoding adds (None: off)."""
         if not self.watermark:
             return None
+        from lmforge.generate.watermark import Watermark
+
         return Watermark(self.watermark_greenlist_ratio, self.watermark_bias, self.watermark_key,
                          self.watermark_scheme, self.watermark_context_width)
 
