@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,6 +106,18 @@ def test_load_for_inference_from_the_directory_alone(full_run, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(idx), trainer.raw_model(idx), rtol=0, atol=0)
     assert resolve_checkpoint(run) == run / "checkpoints" / "step-00000020"  # a run dir resolves to its newest
+
+
+def test_loading_a_model_imports_neither_the_compiler_nor_fsdp(full_run):
+    """Every command that reads a checkpoint starts faster for it: building the model on the meta device to check the
+    file's shapes, then on the CPU without its random initialisation, imports neither torch._dynamo nor sympy (torch's
+    symbolic shapes) and FSDP is not imported to learn that the model is not sharded: nearly two seconds."""
+    run, _, _ = full_run
+    code = ("import sys; from lmforge.checkpoint import load_for_inference; from lmforge.model import count_parameters;"
+            f" m, _, c = load_for_inference({str(run)!r}); count_parameters(c.model);"
+            " print(sorted(n for n in ('torch._dynamo', 'sympy', 'torch.distributed.fsdp') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_checkpoint_without_manifest_is_invisible(full_run, tmp_path):
