@@ -18,7 +18,7 @@ from test_interop import GPT2_STYLE, lmforge_run  # noqa: E402
 gguf = pytest.importorskip("gguf")
 
 from lmforge.interop.gguf_export import export_gguf, gguf_summary, is_gguf_export  # noqa: E402
-from lmforge.interop.gguf_header import GGUFArray, GGUFHeaderError, read_header  # noqa: E402
+from lmforge.interop.gguf_header import GGUFArray, GGUFHeaderError, read_header, tensor_bytes  # noqa: E402
 from lmforge.tokenizer import byte_tokenizer  # noqa: E402
 
 
@@ -69,6 +69,16 @@ def same_as_gguf_reader(path: Path) -> None:
         [(t.name, tuple(int(n) for n in t.shape), int(t.tensor_type), int(t.data_offset) - reader.data_offset)
          for t in reader.tensors]
     assert header.version == int(reader.fields["GGUF.version"].contents())
+    assert header.data_offset == reader.data_offset
+    whole = read_header(path, values=True)
+    for key, field in theirs.items():
+        ours = whole.metadata[key]
+        if isinstance(header.metadata[key], GGUFArray) and header.metadata[key].type == 9:
+            ours = [v for part in ours for v in part]  # gguf's reader flattens an array of arrays
+        assert ours == field.contents() or np.array_equal(np.float32(ours), field.contents()), key
+    for info, t in zip(whole.tensors, reader.tensors):
+        ours = gguf.quants.dequantize(tensor_bytes(path, whole, info), gguf.GGMLQuantizationType(info.type))
+        assert np.array_equal(ours, gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)), info.name
 
 
 def test_every_value_type_and_tensor_reads_as_ggufs_reader_reads_it(tmp_path):
@@ -77,6 +87,9 @@ def test_every_value_type_and_tensor_reads_as_ggufs_reader_reads_it(tmp_path):
     meta = read_header(path).metadata
     assert meta["t.str"] == "naïve — 床" and meta["t.u64"] == 2**60 and meta["t.bool"] is True
     assert meta["t.strings"] == GGUFArray(8, 3) and meta["t.nested"] == GGUFArray(9, 2)
+    values = read_header(path, values=True).metadata
+    assert values["t.strings"] == ["a", "", "ü" * 300] and values["t.nested"] == [[1, 2], [3]]
+    assert values["t.ints"] == [1, 2, 3, 4, 5] and values["t.floats"] == [0.5, 1.5]
     assert [t.shape for t in read_header(path).tensors] == [(64, 3), (32, 2), (64, 4), (7,)]  # ggml's order
 
 

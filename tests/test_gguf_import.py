@@ -118,6 +118,10 @@ def test_a_file_that_is_not_gguf_and_a_run_with_checkpoints_are_refused(tmp_path
     path = export_gguf(run, tmp_path / "m.gguf")
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         import_gguf(path, run)
+    cut = tmp_path / "cut.gguf"  # whole header, the last tensor's data short by a byte
+    cut.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(GGUFImportError, match="a damaged one .*ends inside the data of tensor"):
+        import_gguf(cut, tmp_path / "back")
     assert not (tmp_path / "back").exists()
 
 

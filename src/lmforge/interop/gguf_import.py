@@ -4,9 +4,9 @@ or fine-tune (--train.init_from) a model that was shared as GGUF.
 The inverse of gguf_export, for the architectures it writes: gpt2, llama (a Llama-style model: RoPE over the whole
 head, RMSNorm, SwiGLU, grouped-query heads, biases everywhere or nowhere), qwen2 (the same with biases on q, k and
 v only: Qwen2, Qwen2.5) and qwen3 (no biases, each head's queries and keys RMS-normalised: Qwen3); heads of their own
-width (attention.key_length) too. Quantized tensors (q8_0, q4_k, ...)
-are dequantized to float32 with the `gguf` package (llama.cpp's own Python reader): the model computes what the file
-holds, in lmforge's fp32. Each q and k head's rows go back from llama.cpp's order (neighbours rotate together) to
+width (attention.key_length) too. The file is read by gguf_header (its header by struct, tensors memory-mapped) and
+quantized tensors (q8_0, q4_k, ...) dequantized to float32 by the `gguf` package's quantizers (llama.cpp's own
+Python code): the model computes what the file holds, in lmforge's fp32. Each q and k head's rows go back from llama.cpp's order (neighbours rotate together) to
 lmforge's (dimension i with i + hd/2). A GPT-2 file computes GELU by its tanh approximation in llama.cpp, so the
 model gets activation gelu_tanh. A Llama 3.1 / 3.2 file's rope_freqs.weight (what llama.cpp divides each RoPE
 frequency by) becomes model.rope_scaling llama3 with the settings that make those factors (_llama3_scaling); a tensor
@@ -39,6 +39,7 @@ from lmforge.checkpoint import complete_checkpoints, save_checkpoint
 from lmforge.config import ModelConfig, RunConfig, TrainConfig
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.interop.gguf_export import RENAMED, RENAMED_GPT2, SPACE
+from lmforge.interop.gguf_header import GGUFHeaderError, read_header, tensor_bytes
 from lmforge.interop.gguf_pretokenizers import ADDS_BOS, RULES, known_rules, rule_for
 from lmforge.model import GPT, llama3_frequencies
 from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
@@ -67,7 +68,7 @@ def import_gguf(path: str | Path, run_dir: str | Path) -> Path:
     tokenizer = _tokenizer(meta, path)
     chat_template = meta.get("tokenizer.chat_template")
     tokenizer.chat_template = chat_template if isinstance(chat_template, str) and chat_template else None
-    model = GPT(config)
+    model = GPT.empty(config)  # every weight comes from the file
     read = _ReadTensors(tensors)
     state = _state_dict(read, config, arch)
     if "rope_freqs.weight" in tensors and arch == "llama":  # read into model.rope_scaling by _model_config
@@ -94,17 +95,23 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        header = read_header(path, values=True)
+        stored = {t.name: (t, tensor_bytes(path, header, t)) for t in header.tensors}
     except FileNotFoundError:
         raise GGUFImportError(f"{path} does not exist: give the path of a .gguf file") from None
-    except Exception as e:  # noqa: BLE001  (not GGUF: the reader raises ValueError, struct and numpy errors)
-        raise GGUFImportError(f"{path} is not a GGUF file ({e}); give a file llama.cpp reads") from None
-    meta = {name: field.contents() for name, field in reader.fields.items()}
+    except (GGUFHeaderError, OSError) as e:
+        raise GGUFImportError(f"{path} is not a GGUF file, or a damaged one (it {e}); give a file llama.cpp "
+                              "reads") from None
     tensors = {}
-    for t in reader.tensors:
-        data = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        tensors[t.name] = torch.from_numpy(data.reshape(tuple(int(n) for n in reversed(t.shape))).copy())
-    return meta, tensors
+    for name, (t, raw) in stored.items():
+        try:
+            data = np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.type)), dtype=np.float32)
+        except NotImplementedError:
+            raise GGUFImportError(f"{path} stores {name} as {gguf.GGMLQuantizationType(t.type).name}, which "
+                                  "lmforge cannot read back yet; convert the file to Q8_0 or F16 with "
+                                  "llama-quantize first") from None
+        tensors[name] = torch.from_numpy(data.reshape(tuple(reversed(t.shape))).copy())
+    return header.metadata, tensors
 
 
 def _model_config(meta: dict[str, Any], tensors: dict[str, torch.Tensor], arch: str, path: Any) -> ModelConfig:
