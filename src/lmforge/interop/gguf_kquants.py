@@ -168,14 +168,13 @@ def _scale_and_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta:
     first = scale * q + low - x
     best = (w * (np.abs(first) if mad else first * first)).sum(axis=0, dtype=f32)
     sum_w, sum_x = w.sum(axis=0, dtype=f32), (w * x).sum(axis=0, dtype=f32)
+    # q is a function of (the minimum it was measured from, the inverse scale): keep the winner's, remake q once
+    from_low, from_iscale = low, iscale
     for step in range(nstep + 1):  # llama.cpp measures each candidate from the best minimum so far
         span = high - low
         span = np.where(span == 0, f32(1), span)
         iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / span
-        trial = x - low
-        trial *= iscale
-        np.rint(trial, out=trial)
-        np.clip(trial, 0, nmax, out=trial)
+        trial = _levels(x, low, iscale, nmax)
         wl = w * trial
         sum_l, sum_l2, sum_xl = wl.sum(0, dtype=f32), (wl * trial).sum(0, dtype=f32), (wl * x).sum(0, dtype=f32)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -196,13 +195,21 @@ def _scale_and_min(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta:
         diff *= w
         error = diff.sum(axis=0, dtype=f32)
         better = ok & (error < best) & ~flat
-        q = np.where(better, trial, q)
+        from_low, from_iscale = np.where(better, low, from_low), np.where(better, iscale, from_iscale)
         best = np.where(better, error, best)
         scale = np.where(better, this_scale, scale)
         low = np.where(better, this_min, low)
-    q = np.where(flat, 0, q)
+    q = np.where(flat, 0, _levels(x, from_low, from_iscale, nmax))
     scale = np.where(flat, f32(0), scale)
     return scale.astype(f32), (-low).astype(f32), q.astype(np.int32)
+
+
+def _levels(x: np.ndarray, low: np.ndarray, iscale: np.ndarray, nmax: int) -> np.ndarray:
+    """round((x - low) * iscale) within 0..nmax, as floats: a candidate's levels in _scale_and_min."""
+    q = x - low
+    q *= iscale
+    np.rint(q, out=q)
+    return np.clip(q, 0, nmax, out=q)
 
 
 def _pack_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -376,26 +383,51 @@ def _q3_levels(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     w = x * x
     wx = w * x
     sumlx, suml2 = (wx * q).sum(axis=0, dtype=f32), (w * q * q).sum(axis=0, dtype=f32)
-    active = np.arange(x.shape[1])  # llama.cpp stops a sub-block after a pass without changes
-    for _ in range(5):
-        xa, wa, wxa, qa, lx, l2 = x[:, active], w[:, active], wx[:, active], q[:, active], sumlx[active], suml2[active]
-        changed = np.zeros(len(active), dtype=bool)
-        for i in range(len(x)):
-            wi, xi, li = wa[i], xa[i], qa[i]
-            slx = lx - wxa[i] * li
-            sl2 = l2 - wi * li * li
-            new = np.clip(np.rint(xi * sl2 / np.where(slx > 0, slx, f32(1))), -nmax, nmax - 1)
-            slx2, sl22 = slx + wxa[i] * new, sl2 + wi * new * new
-            take = (slx > 0) & (new != li) & (sl22 > 0) & (slx2 * slx2 * l2 > lx * lx * sl22)
-            qa[i] = np.where(take, new, li)
-            lx, l2 = np.where(take, slx2, lx), np.where(take, sl22, l2)
-            changed |= take
-        q[:, active], sumlx[active], suml2[active] = qa, lx, l2
-        active = active[changed]
+    changed = _q3_pass(x, w, wx, q, sumlx, suml2, nmax)  # the first pass over every sub-block, in place
+    active = np.flatnonzero(changed)  # llama.cpp stops a sub-block after a pass without changes
+    for _ in range(4):
         if not len(active):
             break
+        xa, wa, wxa, qa, lx, l2 = x[:, active], w[:, active], wx[:, active], q[:, active], sumlx[active], suml2[active]
+        changed = _q3_pass(xa, wa, wxa, qa, lx, l2, nmax)
+        q[:, active], sumlx[active], suml2[active] = qa, lx, l2
+        active = active[changed]
     scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, f32(1)), f32(0))
     return np.where(zero, f32(0), scale), np.where(zero, 0, q.astype(np.int32) + nmax)
+
+
+def _q3_pass(x: np.ndarray, w: np.ndarray, wx: np.ndarray, q: np.ndarray, lx: np.ndarray, l2: np.ndarray,
+             nmax: int) -> np.ndarray:
+    """One pass of make_q3_quants's refinement over the columns of x (n, M), updating the levels q and the sums
+    lx = sum(w x q), l2 = sum(w q^2) in place, weight by weight in order; -> which columns changed. llama.cpp's
+    expressions, in its order: slx = lx - w x l, sl2 = l2 - w l l, new = round(x sl2 / slx) where slx > 0, taken
+    when it raises slx^2 / sl2 above lx^2 / l2."""
+    f32 = np.float32
+    m = x.shape[1]
+    changed = np.zeros(m, dtype=bool)
+    slx, sl2, new, t, slx2, sl22 = (np.empty(m, dtype=f32) for _ in range(6))
+    for i in range(len(x)):
+        li = q[i]  # a view: levels are taken in place
+        np.subtract(lx, np.multiply(wx[i], li, out=t), out=slx)
+        np.multiply(w[i], li, out=t)
+        np.subtract(l2, np.multiply(t, li, out=t), out=sl2)
+        positive = slx > 0
+        np.multiply(x[i], sl2, out=new)
+        np.divide(new, slx, out=new, where=positive)
+        np.rint(new, out=new)
+        np.clip(new, -nmax, nmax - 1, out=new)
+        np.add(slx, np.multiply(wx[i], new, out=t), out=slx2)
+        np.multiply(w[i], new, out=t)
+        np.add(sl2, np.multiply(t, new, out=t), out=sl22)
+        take = positive
+        take &= new != li
+        take &= sl22 > 0
+        take &= (slx2 * slx2) * l2 > (lx * lx) * sl22
+        np.copyto(li, new, where=take)
+        np.copyto(lx, slx2, where=take)
+        np.copyto(l2, sl22, where=take)
+        changed |= take
+    return changed
 
 
 def _q3_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
@@ -448,23 +480,30 @@ def _signed_scale(x: np.ndarray, nmax: int, w: np.ndarray | None = None) -> tupl
     w = x * x if w is None else w
     wx = w * x  # llama.cpp's w * x * l, left to right
 
-    def candidate(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        q = np.rint(iscale * x)  # levels as floats (exact)
-        np.clip(q, -nmax, nmax - 1, out=q)
+    def levels(iscale: np.ndarray) -> np.ndarray:
+        q = np.multiply(iscale, x)  # levels as floats (exact)
+        np.rint(q, out=q)
+        return np.clip(q, -nmax, nmax - 1, out=q)
+
+    def candidate(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = levels(iscale)
         wq = w * q
         wq *= q
-        return q, (wx * q).sum(axis=0, dtype=f32), wq.sum(axis=0, dtype=f32)
+        q *= wx
+        return q.sum(axis=0, dtype=f32), wq.sum(axis=0, dtype=f32)
 
-    q, sumlx, suml2 = candidate(f32(-nmax) / peak)
+    chosen = f32(-nmax) / peak  # the winner's inverse scale: its levels are made once, at the end
+    sumlx, suml2 = candidate(chosen)
     scale = np.where(suml2 != 0, sumlx / np.where(suml2 != 0, suml2, f32(1)), f32(0))
     best = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
-        trial, slx, sl2 = candidate(-(f32(nmax) + f32(0.1) * f32(step)) / peak)
+        iscale = -(f32(nmax) + f32(0.1) * f32(step)) / peak
+        slx, sl2 = candidate(iscale)
         better = (sl2 > 0) & (slx * slx > best * sl2)
-        q = np.where(better, trial, q)
+        chosen = np.where(better, iscale, chosen)
         scale = np.where(better, slx / np.where(sl2 > 0, sl2, f32(1)), scale)
         best = np.where(better, scale * slx, best)
-    return np.where(zero, f32(0), scale), np.where(zero, 0, q.astype(np.int32) + nmax)
+    return np.where(zero, f32(0), scale), np.where(zero, 0, levels(chosen).astype(np.int32) + nmax)
 
 
 def _q6_k(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
