@@ -100,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "Llama-style MLPs then 4x as wide)")
     p.add_argument("--quantize-speed", action="store_true", help="time a --quantize-type file of the --speed-preset "
                    "model (lmforge's export against llama.cpp's quantizer) instead of decoding")
-    p.add_argument("--quantize-type", default="q4_k_m", help="the mix --quantize-speed writes (q4_k_m, iq4_xs, ...)")
+    p.add_argument("--quantize-type", default="q4_k_m", help="the mixes --quantize-speed writes, comma-separated "
+                   "(q4_k_m, iq4_xs, q8_0, ...)")
     p.add_argument("--lora", action="store_true", help="also llama.cpp with the f32 base and lmforge's LoRA "
                    "adapter file (--adapter) against lmforge's merged model (char tokenizer)")
     p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
@@ -388,9 +389,9 @@ def speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
 
 
 def quantize_speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
-    """Seconds to a --quantize-type file of the --speed-preset model: lmforge's export from the checkpoint against
-    llama.cpp's quantizer (llama_model_quantize, 1 and 2 threads) from the f32 export, alternating (medians); and
-    whether the two files hold the same bytes."""
+    """Seconds to a file of the --speed-preset model in each --quantize-type: lmforge's export from the checkpoint
+    against llama.cpp's quantizer (llama_model_quantize, 1 and 2 threads) from the f32 export, alternating (medians);
+    and whether the two files hold the same bytes."""
     import ctypes
 
     import llama_cpp
@@ -399,31 +400,33 @@ def quantize_speed(work: Path, args: argparse.Namespace, tokenizer) -> dict:
 
     run = make_run(work / "quantize", tokenizer, {**PRESETS[args.speed_preset], "activation": "gelu_tanh"}, 512)
     f32 = export_gguf(run, work / "quantize" / "model-f32.gguf", dtype="f32")
+    by_type = {}
+    for kind in args.quantize_type.split(","):
+        def ours() -> float:
+            t0 = time.perf_counter()
+            export_gguf(run, work / "quantize" / f"model-{kind}.gguf", dtype=kind, force=True)
+            return time.perf_counter() - t0
 
-    kind = args.quantize_type
+        def theirs(threads: int) -> float:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}"), threads
+            out = work / "quantize" / f"theirs-{threads}.gguf"
+            t0 = time.perf_counter()
+            assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+            return time.perf_counter() - t0
 
-    def ours() -> float:
-        t0 = time.perf_counter()
-        export_gguf(run, work / "quantize" / f"model-{kind}.gguf", dtype=kind, force=True)
-        return time.perf_counter() - t0
-
-    def theirs(threads: int) -> float:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}"), threads
-        out = work / "quantize" / f"theirs-{threads}.gguf"
-        t0 = time.perf_counter()
-        assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
-        return time.perf_counter() - t0
-
-    runs = {"lmforge-export": ours, "llama.cpp-quantize-1-thread": lambda: theirs(1),
-            "llama.cpp-quantize-2-threads": lambda: theirs(2)}
-    per_round = alternating_rounds(runs, args.rounds, "quantize round", "{:.2f} s")
-    seconds = {name: round(statistics.median(v), 3) for name, v in per_round.items()}
-    same = same_bytes_as_llama_cpp_quantizer(f32, work / "quantize" / f"model-{kind}.gguf", kind)
-    return {"preset": args.speed_preset, "type": kind, "seconds": seconds,
-            "seconds_per_round": {n: [round(x, 3) for x in v] for n, v in per_round.items()},
-            "lmforge_over_llama_cpp_1_thread": round(seconds["lmforge-export"]
-                                                     / seconds["llama.cpp-quantize-1-thread"], 3), **same}
+        runs = {"lmforge-export": ours, "llama.cpp-quantize-1-thread": lambda: theirs(1),
+                "llama.cpp-quantize-2-threads": lambda: theirs(2)}
+        per_round = alternating_rounds(runs, args.rounds, f"{kind} round", "{:.2f} s")
+        seconds = {name: round(statistics.median(v), 3) for name, v in per_round.items()}
+        same = same_bytes_as_llama_cpp_quantizer(f32, work / "quantize" / f"model-{kind}.gguf", kind)
+        by_type[kind] = {"seconds": seconds, "seconds_per_round": {n: [round(x, 3) for x in v]
+                                                                   for n, v in per_round.items()},
+                         "lmforge_over_llama_cpp_1_thread": round(seconds["lmforge-export"]
+                                                                  / seconds["llama.cpp-quantize-1-thread"], 3), **same}
+        print(f"quantize {kind}: {json.dumps(by_type[kind])}", flush=True)
+    return {"preset": args.speed_preset, "by_type": by_type} if len(by_type) > 1 else \
+        {"preset": args.speed_preset, "type": kind, **by_type[kind]}
 
 
 def main(argv: list[str] | None = None) -> dict:
