@@ -30,9 +30,12 @@ lmforge (fp32, one thread):
            alternating rounds (medians), and the ratio lmforge / llama.cpp
   lora     (--lora) llama.cpp loading the f32 base with lmforge's LoRA adapter file (random adapters on q, k, v, o
            and the MLP) against lmforge's merged model, and without the adapter as the control
-  quantize (--quantize-speed, instead of speed) seconds to a --quantize-type (Q4_K_M) file of the --speed-preset
-           model: lmforge's export against llama.cpp's quantizer on the f32 export (1 and 2 threads), and whether
-           the files' tensors are the same
+  quantize (--quantize-speed, instead of speed) seconds to a file of the --speed-preset model in each
+           --quantize-type: lmforge's export against llama.cpp's quantizer on the f32 export (1 and 2 threads), and
+           whether the files' tensors are the same
+  rules    (--rules) for each named pre-tokenizer rule (lmforge.interop.gguf_pretokenizers.RULES), a byte-level BPE
+           trained under the rule as lmforge writes it for Hugging Face's tokenizers, exported naming the rule:
+           llama.cpp's ids for each text (Shakespeare, code, a dozen scripts) against the tokenizer's own
 Each comparison runs in a child process, so a crash inside llama.cpp is recorded (its signal) instead of ending the run.
 
     pip install llama-cpp-python          # builds llama.cpp (a few minutes on 2 cores)
@@ -104,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(q4_k_m, iq4_xs, q8_0, ...)")
     p.add_argument("--lora", action="store_true", help="also llama.cpp with the f32 base and lmforge's LoRA "
                    "adapter file (--adapter) against lmforge's merged model (char tokenizer)")
+    p.add_argument("--rules", default="", help="pre-tokenizer rules whose cut llama.cpp checks, comma-separated "
+                   "(gpt-2, llama-bpe, smollm, qwen2, deepseek-coder, deepseek-llm, tekken; 'all')")
     p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     args = p.parse_args(argv)
@@ -158,6 +163,52 @@ def spm_import(path: Path, tokenizer, texts: list[str]) -> dict:
     return {"texts": len(texts), "same_ids_as_llama_cpp": sum(prompt_ids(back, t) == ids for t, ids in zip(texts, theirs)),
             "same_ids_as_original": sum(prompt_ids(back, t) == prompt_ids(tokenizer, t) for t in texts),
             "same_text_decoded": sum(back.decode(prompt_ids(tokenizer, t)) == t for t in texts)}
+
+
+RULE_VOCAB = 2000
+RULE_TEXTS = ["It's 12345 o'clock:\n\n  spaced   out; DON'T we'LL", "def parseJSONValue(x_1, y2):\n\treturn x[i]+=(y+z);",
+              "a+b=c $5 ^_^ ~/x|y <tag> // comment", "Ἀθῆναι ώρα Ωμέγα Kelvin ΐ", "Привет, мир! Ёлка",
+              "مرحبا بالعالم ١٢٣", "नमस्ते दुनिया", "こんにちは世界 カタカナ", "안녕하세요 세계", "床前明月光，疑是地上霜。",
+              "Naïve café — “quoted” ‘single’ … ！？", "emoji 👍🏽 and ZWJ 👨‍👩‍👧", "line\r\nbreaks\rand\ttabs   ",
+              "CamelCaseWords HTTPServer iPhone McDonald's", "3.14159 1,000,000 x86_64 0xFF"]
+
+
+def rule_check(work: Path, rule: str, lines: list[str], drop_step: int | None = None) -> dict:
+    """A byte-level BPE trained under `rule` (gguf_pretokenizers.RULES, as Hugging Face's tokenizers runs it),
+    exported naming the rule: llama.cpp's ids (no bos) against the tokenizer's for every text. `drop_step`: the
+    control, the rule's pre-tokenizer without that step (the file still naming the rule)."""
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lmforge.interop.gguf_pretokenizers import RULES
+    from lmforge.tokenizer import HF_KIND, Tokenizer
+
+    pre, ignore_merges, normalizer = RULES[rule]
+    if drop_step is not None:
+        pre = {**pre, "pretokenizers": [p for i, p in enumerate(pre["pretokenizers"]) if i != drop_step]}
+    spec = json.loads(HFTokenizer(models.BPE()).to_str())
+    spec.update(pre_tokenizer=pre, normalizer=normalizer)
+    hf = HFTokenizer.from_str(json.dumps(spec))
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=RULE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|start|>", "<|end|>"], show_progress=False)
+    hf.train_from_iterator(lines + RULE_TEXTS * 20, trainer)
+    trained = json.loads(hf.to_str())
+    trained["model"]["ignore_merges"] = ignore_merges
+    hf = HFTokenizer.from_str(json.dumps(trained))
+    tok = Tokenizer(HF_KIND, hf_json=hf.to_str(), special_ids={"start": 0, "end": 1, "pad": None})
+    if drop_step is not None:  # (export names a rule only for its exact steps: name it in the file afterwards)
+        tok = Tokenizer(HF_KIND, hf_json=json.dumps({**json.loads(hf.to_str()), "pre_tokenizer": RULES[rule][0]}),
+                        special_ids={"start": 0, "end": 1, "pad": None})
+    name = f"rule-{rule}" + ("" if drop_step is None else f"-without-step-{drop_step}")
+    run = make_run(work / name, tok, ARCHS["llama"], 64)
+    path = export_gguf(run, work / name / "model.gguf")
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    texts = lines + RULE_TEXTS + EXTRA_TEXTS
+    differ = [t for t in texts if llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)
+              != hf.encode(t, add_special_tokens=False).ids]
+    return {"vocab_size": RULE_VOCAB, "texts": len(texts), "same_token_ids": len(texts) - len(differ),
+            "differ": differ[:5]}
 
 
 def make_run(root: Path, tokenizer, shape: dict, block_size: int) -> Path:
@@ -477,6 +528,15 @@ def main(argv: list[str] | None = None) -> dict:
                     result = imported_k_quants(work / f"{arch}-{kind}" / "model-f32.gguf", model, tokenizer, args)
                     summary["results"][f"{arch}-{kind}-imported"] = result
                     print(f"{arch} {kind} imported: {json.dumps(result)}", flush=True)
+        from lmforge.interop.gguf_pretokenizers import RULES
+
+        for rule in (list(RULES) if args.rules == "all" else [r for r in args.rules.split(",") if r]):
+            summary.setdefault("rules", {})[rule] = result = in_child(rule_check, work, rule, lines)
+            print(f"rule {rule}: {json.dumps(result, ensure_ascii=False)}", flush=True)
+        if "deepseek-coder" in summary.get("rules", {}):  # the control: the check sees a rule that cuts otherwise
+            result = in_child(rule_check, work, "deepseek-coder", lines, 2)
+            summary["rules_control"] = {"what": "deepseek-coder's rule without its punctuation step", **result}
+            print(f"control: {json.dumps(summary['rules_control'], ensure_ascii=False)}", flush=True)
         if args.speed_preset and "bpe" in tokenizers:
             timed = quantize_speed if args.quantize_speed else speed
             summary[timed.__name__] = in_child(timed, work, args, tokenizers["bpe"])
