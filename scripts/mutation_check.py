@@ -514,6 +514,21 @@ MUTANTS = [
            "self.index, self.start, self.named, self.complete = 0, 0, False, False",
            ("tests/test_chat_tools.py::"
             "test_the_server_reads_calls_written_in_the_templates_form_whole_and_streamed",)),
+    Mutant("gguf-header-skips-past-the-files-end", "interop/gguf_header.py",
+           "    def skip(self, size: int) -> None:\n        if self.at + size > len(self.buffer):",
+           "    def skip(self, size: int) -> None:\n        if False:",
+           ("tests/test_gguf_header.py::test_a_damaged_header_is_refused_not_read_past",)),
+    Mutant("gguf-import-reads-tensor-data-past-the-files-end", "interop/gguf_header.py",
+           "    if start + size > Path(path).stat().st_size:", "    if False:",
+           ("tests/test_gguf_import.py::test_a_file_that_is_not_gguf_and_a_run_with_checkpoints_are_refused",)),
+    Mutant("gguf-rule-deepseek-coder-keeps-digit-runs", "interop/gguf_pretokenizers.py",
+           'r"\\s?\\p{P}+", CJK, digits=True)', 'r"\\s?\\p{P}+", CJK, digits=False)',
+           ("tests/test_gguf_pretokenizers.py::"
+            "test_a_bpe_with_a_named_rule_goes_through_gguf_and_back_cutting_text_as_the_original[deepseek-coder]",)),
+    Mutant("kquant-scale-search-keeps-the-first-candidates-levels", "interop/gguf_kquants.py",
+           "        chosen = np.where(better, iscale, chosen)\n", "",  # (q4_0 keeps the levels found; Q6_K rounds again)
+           ("tests/test_gguf_imatrix.py::"
+            "test_the_legacy_types_under_an_importance_write_the_bytes_of_llama_cpps_impl_loops[q4_0]",)),
 ]
 
 
