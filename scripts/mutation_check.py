@@ -529,6 +529,18 @@ MUTANTS = [
            "        chosen = np.where(better, iscale, chosen)\n", "",  # (q4_0 keeps the levels found; Q6_K rounds again)
            ("tests/test_gguf_imatrix.py::"
             "test_the_legacy_types_under_an_importance_write_the_bytes_of_llama_cpps_impl_loops[q4_0]",)),
+    Mutant("peft-import-ignores-alpha-pattern", "interop/peft_import.py",
+           "            alpha = value\n            break", "            break",
+           ("tests/test_peft_import.py::"
+            "test_an_adapter_peft_made_computes_peft_s_logits_adapted_and_merged[llama-patterns-rslora]",)),
+    Mutant("peft-import-gpt2-c-attn-rows-misplaced", "interop/peft_import.py",
+           '(("q", 0, q), ("k", q, kv), ("v", q + kv, kv))', '(("q", 0, q), ("k", 0, kv), ("v", q + kv, kv))',
+           ("tests/test_peft_import.py::"
+            "test_an_adapter_peft_made_computes_peft_s_logits_adapted_and_merged[gpt2-attention-and-mlp]",)),
+    Mutant("peft-import-head-weights-not-compared-with-the-base", "interop/peft_import.py",
+           "if own.shape != tensors[key].shape or not torch.equal(own.detach().float(), tensors[key]):",
+           "if False:",
+           ("tests/test_peft_import.py::test_an_adapter_that_saved_its_heads_weights_is_refused_on_another_base",)),
 ]
 
 

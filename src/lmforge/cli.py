@@ -1434,7 +1434,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------- import/export
 def _add_import(sub: Any) -> None:
     p = sub.add_parser(
-        "import", help="a Hugging Face model directory or a GGUF file (GPT-2, Llama) -> an lmforge checkpoint",
+        "import", help="a Hugging Face model directory, a GGUF file or a PEFT LoRA adapter -> an lmforge checkpoint",
         formatter_class=_help_formatter,
         description=textwrap.dedent("""\
             Read a local Hugging Face causal LM directory (config.json of a gpt2 or llama model,
@@ -1444,23 +1444,40 @@ def _add_import(sub: Any) -> None:
             Weights are read with safetensors only: pickle files (pytorch_model.bin) are refused unopened.
             The tokenizer keeps its own special tokens (GPT-2: <|endoftext|> ends a text).
             A .gguf file (llama.cpp's format: a gpt2 or llama model, any quantization, dequantized to fp32;
-            a byte-level BPE tokenizer, or a char/byte tokenizer lmforge exported) is imported the same way."""),
+            a byte-level BPE tokenizer, or a char/byte tokenizer lmforge exported) is imported the same way.
+            A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) becomes a LoRA
+            checkpoint on --base, the lmforge run of the model it was trained on (imported first): generate,
+            eval, serve, merge and export use it as any LoRA run; it computes what peft computes."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge import ~/models/gpt2 --out runs/gpt2
               lmforge generate runs/gpt2 --prompt "Hello, world!" --max-new-tokens 100 --greedy
               lmforge prepare corpus/ --tokenizer runs/gpt2/checkpoints/step-00000000/tokenizer.json --out data/mine
               lmforge train --data data/mine --run-dir runs/gpt2-mine --train.init_from runs/gpt2
-              lmforge import exports/char-small.gguf --out runs/from-gguf"""))
+              lmforge import exports/char-small.gguf --out runs/from-gguf
+              lmforge import ~/adapters/my-lora --base runs/llama --out runs/llama-my-lora   # a PEFT adapter"""))
     p.add_argument("hf_dir", metavar="HF_DIR_OR_GGUF",
-                   help="directory a Hugging Face model was saved to, or a .gguf file")
+                   help="directory a Hugging Face model or PEFT adapter was saved to, or a .gguf file")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create the checkpoint in")
+    p.add_argument("--base", metavar="RUN", default=None,
+                   help="for a PEFT adapter: the lmforge run (or checkpoint) of the model it adapts")
     p.set_defaults(run=_run_import)
 
 
 def _run_import(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from lmforge.interop.peft_import import PEFTImportError, import_peft, is_peft_adapter
+
+    if is_peft_adapter(args.hf_dir):
+        if args.base is None:
+            raise PEFTImportError(f"{args.hf_dir} is a PEFT adapter: give --base RUN, the lmforge run of the model it "
+                                  f"adapts (`lmforge import HF_DIR --out RUN` imports that model)")
+        print(import_peft(args.hf_dir, args.base, args.out))
+        return 0
+    if args.base is not None:
+        raise PEFTImportError(f"--base applies to a PEFT adapter directory (with adapter_config.json); {args.hf_dir} "
+                              "is none: drop --base")
     if Path(args.hf_dir).suffix == ".gguf" or Path(args.hf_dir).is_file():
         from lmforge.interop.gguf_import import import_gguf
 

@@ -1,0 +1,256 @@
+"""`lmforge import ADAPTER_DIR --base RUN --out OUT`: a Hugging Face PEFT LoRA adapter -> an lmforge LoRA checkpoint
+on the lmforge model of its base (imported with `lmforge import HF_DIR`), which generate, eval, serve, export and
+merge use as any LoRA run's. The inverse of peft_export:
+
+    adapter_config.json             peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, rank_pattern, alpha_pattern,
+                                    use_rslora (scale alpha / sqrt(r)), lora_dropout, target_modules
+    adapter_model.safetensors       base_model.model.<HF module>.lora_A.weight (r, in) and .lora_B.weight (out, r)
+                                    (adapter_model.bin, a pickle, is refused unopened)
+
+PEFT adds, per HF module, s * x A^T B^T with s = lora_alpha / r (or / sqrt(r)). An HF module computes rows
+[lo, lo + n) of an lmforge Linear (peft_export.HF_MODULES: Llama's q_proj, k_proj and v_proj are slices of attn.qkv,
+gate_proj and up_proj the halves of mlp.fc; GPT-2's c_attn is all of attn.qkv). Each lmforge adapter (a target's
+slice of a Linear: q, k, v, o, mlp, head) gets, from every HF module whose rows it covers, its A stacked and its B
+rows in a block of their own, scaled by s / s' (s' = lmforge's alpha / r):
+
+    s' B' A' = sum_m  s_m B_m[rows] A_m                 GPT-2 c_attn -> q, k, v: each A' = A, B' = its rows of B
+                                                        Llama gate_proj, up_proj -> mlp.fc: A' = [A_g; A_u],
+                                                        B' = [[B_g, 0], [0, B_u]]
+
+lmforge has one rank for every adapter: the largest this needs; an adapter needing less, and the Linears the target
+adapts that PEFT left alone (a layer outside layers_to_transform, down_proj when only gate and up were adapted), get
+B's columns zero and A's rows random: they add nothing, and further training can use them as a fresh adapter's.
+lmforge's alpha keeps the adapter's own scale (s' = s of the config's r and lora_alpha), so training goes on as it
+was going. Adapters PEFT computes otherwise (DoRA, biases, embedding adapters, other modules) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lmforge.checkpoint import complete_checkpoints, load_for_inference, read_run_config, save_checkpoint
+from lmforge.checkpoint import verified_checkpoint
+from lmforge.config import LoRAConfig, RunConfig, TrainConfig, to_dict
+from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.interop import hf_gpt2
+from lmforge.interop.hf_export import HFExportError, converter_for_model
+from lmforge.interop.peft_export import CONFIG, HF_BLOCK, HF_MODULES, PREFIX, WEIGHTS, _row_sizes
+from lmforge.lora import LoRALinear, apply_lora, base_fingerprint, lora_plan
+
+PICKLE = "adapter_model.bin"
+# lmforge Linear (within a block) -> the target whose adapters it holds (attn.qkv: by slice, q / k / v)
+TARGET_OF = {"attn.proj": "o", "mlp.fc": "mlp", "mlp.proj": "mlp", "lm_head": "head"}
+
+
+class PEFTImportError(LmforgeError):
+    """A PEFT adapter lmforge cannot read, or one that does not fit the base it was given."""
+
+
+def is_peft_adapter(path: str | Path) -> bool:
+    """Whether `path` is a directory holding a PEFT adapter's config."""
+    return (Path(path) / CONFIG).is_file()
+
+
+def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path) -> Path:
+    """Write the PEFT LoRA adapter in `adapter_dir`, applied to the lmforge checkpoint `base` (a run or checkpoint
+    directory of a plain model: its HF model imported), as RUN_DIR/checkpoints/step-00000000; return that path.
+    PEFTImportError (one line naming the cause) for an adapter lmforge cannot express or that does not fit the base;
+    CheckpointError for a run directory holding checkpoints already. Nothing is written then."""
+    adapter_dir, run_dir = Path(adapter_dir), Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {run_dir} is a file, not a directory: choose another --out")
+    if complete_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
+    settings = _adapter_config(adapter_dir)
+    tensors = _adapter_tensors(adapter_dir)
+    base_ckpt, manifest = verified_checkpoint(base)
+    base_config = read_run_config(base_ckpt)
+    if base_config.lora is not None:
+        raise PEFTImportError(f"--base {base} is a LoRA run itself; merge it first (lmforge merge) and give the merged "
+                              "model as --base")
+    model, _, _ = load_for_inference(base_ckpt, "cpu", manifest)
+    try:
+        arch = "gpt2" if converter_for_model(model.config) is hf_gpt2 else "llama"
+    except HFExportError as e:
+        raise PEFTImportError(f"--base {base} has no Hugging Face equivalent for a PEFT adapter to apply to: {e}") \
+            from None
+    contributions = _contributions(settings, tensors, model, arch, adapter_dir)
+    lora, adapters = _lmforge_adapters(settings, contributions, model)
+    fingerprint = base_fingerprint(model)
+    adapted = apply_lora(model, lora)
+    with torch.no_grad():
+        for (linear, target), (A, B) in adapters.items():
+            module: LoRALinear = adapted.get_submodule(linear)
+            module.lora[target].A.copy_(A)
+            module.lora[target].B.copy_(B)
+    config = RunConfig(model=base_config.model, lora=lora,
+                       train=TrainConfig(run_dir=str(run_dir), init_from=str(base_ckpt.resolve())))
+    state = {"tokens_seen": 0, "lora": to_dict(lora), "base": {"path": str(base_ckpt.resolve()),
+                                                               "fingerprint": fingerprint},
+             "imported_from": {"path": str(adapter_dir.resolve()), "format": "peft",
+                               "base_model_name_or_path": settings.get("base_model_name_or_path")}}
+    tokenizer = base_ckpt / "tokenizer.json" if "tokenizer.json" in manifest["files"] else None
+    return save_checkpoint(run_dir, 0, adapted, None, config, state, tokenizer)
+
+
+def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """adapter_config.json, checked for what lmforge computes as PEFT does."""
+    path = adapter_dir / CONFIG
+    if not adapter_dir.is_dir():
+        raise PEFTImportError(f"{adapter_dir} is not a directory: give the directory a PEFT adapter was saved to "
+                              f"(with {CONFIG} and {WEIGHTS})")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PEFTImportError(f"{adapter_dir} has no {CONFIG}: give the directory a PEFT adapter was saved to") \
+            from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PEFTImportError(f"{path} is not readable JSON ({type(e).__name__}): save the adapter again") from None
+    if not isinstance(settings, dict):
+        raise PEFTImportError(f"{path} is not a JSON object: save the adapter again")
+    unsupported = []
+    if settings.get("peft_type") != "LORA":
+        unsupported.append(f"peft_type {settings.get('peft_type')!r} (lmforge reads LORA)")
+    if settings.get("task_type") not in (None, "CAUSAL_LM"):
+        unsupported.append(f"task_type {settings.get('task_type')!r} (lmforge reads CAUSAL_LM adapters)")
+    if settings.get("use_dora"):
+        unsupported.append("use_dora (DoRA rescales each weight's norm, which lmforge's LoRA does not)")
+    if settings.get("bias", "none") != "none" or settings.get("lora_bias"):
+        unsupported.append(f"bias {settings.get('bias')!r} (trained biases beside the adapters)")
+    if settings.get("modules_to_save"):
+        unsupported.append(f"modules_to_save {settings['modules_to_save']} (whole modules trained beside the "
+                           "adapters)")
+    if settings.get("layer_replication"):
+        unsupported.append("layer_replication")
+    if unsupported:
+        raise PEFTImportError(f"{path} has {'; '.join(unsupported)}, which lmforge's LoRA does not compute")
+    for key in ("r", "lora_alpha"):
+        value = settings.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise PEFTImportError(f"{path} has {key}={value!r}: a positive number is needed")
+    return settings
+
+
+def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    path = adapter_dir / WEIGHTS
+    if not path.is_file():
+        found = " (it has adapter_model.bin, a pickle, which lmforge never opens: save the adapter with " \
+                "safe_serialization=True, PEFT's default)" if (adapter_dir / PICKLE).exists() else ""
+        raise PEFTImportError(f"{adapter_dir} has no {WEIGHTS}{found}")
+    try:
+        with safe_open(path, "pt") as f:
+            return {name: f.get_tensor(name).float() for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise PEFTImportError(f"{path} is not a readable safetensors file ({e}); save the adapter again") from None
+
+
+def _scale(settings: dict[str, Any], module: str, rank: int) -> float:
+    r"""PEFT's scale of `module` (its full name): its lora_alpha over its rank, or over sqrt(rank) with use_rslora;
+    alpha_pattern's first key that matches the name's end (PEFT's rule: the regex (.*\.)?KEY$) gives its alpha."""
+    alpha = settings["lora_alpha"]
+    for key, value in (settings.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            alpha = value
+            break
+    return alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
+
+
+def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], model: Any, arch: str,
+                   adapter_dir: Path) -> dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor, int]]]:
+    """{(lmforge Linear, target): [(A (r_m, in), s_m B_m (n, r_m), first row of B_m within the target's slice)]} of
+    every adapted HF module, checked against the model's shapes."""
+    config = model.config
+    where: dict[str, tuple[str, str, int]] = {}  # HF module -> (lmforge Linear, target, row offset in the slice)
+    for i in range(config.n_layer):
+        for linear, modules in HF_MODULES[arch].items():
+            out = model.get_submodule(f"blocks.{i}.{linear}").out_features
+            lo = 0
+            for hf, n in zip(modules, _row_sizes(arch, linear, config, out)):
+                if linear == "attn.qkv" and arch == "llama":
+                    target = hf.rsplit(".", 1)[-1][0]  # self_attn.q_proj -> q
+                    where[HF_BLOCK[arch].format(i) + hf] = (f"blocks.{i}.{linear}", target, 0)
+                elif linear == "attn.qkv":  # GPT-2's c_attn covers q, k and v: split by row
+                    where[HF_BLOCK[arch].format(i) + hf] = (f"blocks.{i}.{linear}", "qkv", 0)
+                else:
+                    where[HF_BLOCK[arch].format(i) + hf] = (f"blocks.{i}.{linear}", TARGET_OF[linear], lo)
+                lo += n
+    if not config.tie_embeddings and config.head != "classify":
+        where["lm_head"] = ("lm_head", "head", 0)
+    names = {}
+    for key in list(tensors):
+        module, _, part = key.removeprefix(PREFIX).rpartition(".base_layer.")
+        if key.startswith(PREFIX) and module in where and part in ("weight", "bias"):  # PEFT saves a targeted head's
+            own = model.get_submodule(where[module][0]).get_parameter(part)  # own weights too: they must be the base's
+            if own.shape != tensors[key].shape or not torch.equal(own.detach().float(), tensors[key]):
+                raise PEFTImportError(f"{adapter_dir / WEIGHTS} holds {module}'s own {part}, which differs from the "
+                                      "base's: the adapter was trained on another model than --base")
+            del tensors[key]
+    for key in tensors:
+        module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
+        if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight") or module not in where:
+            raise PEFTImportError(f"{adapter_dir / WEIGHTS} holds {key}, which lmforge's {arch} model has no adapter "
+                                  f"for (it adapts {', '.join(sorted({m.split('.', 3)[-1] for m in where}))})")
+        names.setdefault(module, {})[part[0]] = tensors[key]
+    contributions: dict[tuple[str, str], list] = {}
+    q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    for module, pair in sorted(names.items()):
+        if set(pair) != {"A", "B"}:
+            raise PEFTImportError(f"{adapter_dir / WEIGHTS} has lora_{'A' if 'B' in pair else 'B'} of {module} "
+                                  "without its other half; save the adapter again")
+        A, B = pair["A"], pair["B"]
+        linear, target, offset = where[module]
+        layer = model.get_submodule(linear)
+        rows = B.shape[0]
+        expected = {"qkv": layer.out_features, "q": q, "k": kv, "v": kv}.get(target)
+        if target == "mlp" and linear.endswith("mlp.fc") and arch == "llama":
+            expected = layer.out_features // 2
+        expected = layer.out_features if expected is None else expected
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != layer.in_features or B.shape[1] != A.shape[0] \
+                or rows != expected:
+            raise PEFTImportError(f"{module}'s adapter has A {tuple(A.shape)} and B {tuple(B.shape)}, but the base's "
+                                  f"{linear} takes {layer.in_features} inputs to {expected} outputs there: the "
+                                  "adapter was trained on another model than --base")
+        s = _scale(settings, module, A.shape[0])
+        if target == "qkv":  # one PEFT adapter over q, k and v: each slice its rows of B
+            for name, lo, n in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+                contributions.setdefault((linear, name), []).append((A, s * B[lo:lo + n], 0))
+        else:
+            contributions.setdefault((linear, target), []).append((A, s * B, offset))
+    if not contributions:
+        raise PEFTImportError(f"{adapter_dir / WEIGHTS} holds no adapters (no lora_A / lora_B tensors)")
+    return contributions
+
+
+def _lmforge_adapters(settings: dict[str, Any], contributions: dict, model: Any
+                      ) -> tuple[LoRAConfig, dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]]:
+    """lmforge's LoRAConfig (the targets touched, one rank for all: the largest needed) and each adapter's (A, B),
+    B divided by lmforge's scale; every other adapter the targets make: zero B, random A."""
+    r = max(sum(A.shape[0] for A, _, _ in parts) for parts in contributions.values())
+    default_r = settings["r"]
+    own_scale = settings["lora_alpha"] / (math.sqrt(default_r) if settings.get("use_rslora") else default_r)
+    targets = sorted({target for _, target in contributions})
+    lora = LoRAConfig(r=r, alpha=own_scale * r, dropout=float(settings.get("lora_dropout") or 0.0),
+                      targets=targets)
+    generator = torch.Generator().manual_seed(0)
+    adapters = {}
+    for linear, slices in lora_plan(model, lora).items():
+        layer = model.get_submodule(linear)
+        for target, (_, size) in slices.items():
+            A = torch.empty(r, layer.in_features)
+            torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # as a new adapter's A
+            B = torch.zeros(size, r)
+            column = 0
+            for A_m, sB_m, offset in contributions.get((linear, target), []):
+                k = A_m.shape[0]
+                A[column:column + k] = A_m
+                B[offset:offset + sB_m.shape[0], column:column + k] = sB_m / lora.scale
+                column += k
+            adapters[(linear, target)] = (A, B)
+    return lora, adapters
