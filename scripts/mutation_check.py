@@ -541,6 +541,14 @@ MUTANTS = [
            "if own.shape != tensors[key].shape or not torch.equal(own.detach().float(), tensors[key]):",
            "if False:",
            ("tests/test_peft_import.py::test_an_adapter_that_saved_its_heads_weights_is_refused_on_another_base",)),
+    Mutant("gguf-adapter-import-keeps-llama-cpp-row-order", "interop/gguf_lora.py",
+           "            tensor = _halves_from_interleaved(tensor, heads)", "            pass",
+           ("tests/test_gguf_lora.py::"
+            "test_an_adapter_file_read_back_onto_its_base_is_the_adapted_model[llama-qvo-mlp]",)),
+    Mutant("gguf-adapter-import-alpha-0-scales-by-the-largest-rank", "interop/gguf_lora.py",
+           '"alpha_pattern": {} if alpha else', '"alpha_pattern": {} if True else',
+           ("tests/test_gguf_lora.py::"
+            "test_an_adapter_file_read_back_onto_its_base_is_the_adapted_model[gpt2-qvo-mlp]",)),
 ]
 
 

@@ -1,7 +1,9 @@
 """A LoRA run's adapters as a llama.cpp LoRA adapter (`lmforge export RUN --format gguf --adapter`): for every
 adapted matrix, the base's GGUF tensor plus (alpha / rank) B A, as llama.cpp computes it from the file, is the
 merged model's GGUF tensor (rows of Llama's q and k heads reordered alike, fused modules' ranks and slices, the
-head); the file says what it is; misuse is one line."""
+head); the file says what it is; misuse is one line. Read back onto its base (`lmforge import adapter.gguf --base
+RUN`), an adapter file is the adapted model again, also one whose tensors are f16 or q8_0 as llama.cpp's converter
+writes them."""
 
 from __future__ import annotations
 
@@ -22,7 +24,10 @@ gguf = pytest.importorskip("gguf")
 from lmforge.cli import main  # noqa: E402
 from lmforge.interop import gguf_export  # noqa: E402
 from lmforge.interop.gguf_export import GGUFExportError  # noqa: E402
-from lmforge.interop.gguf_lora import adapter_tensors, export_gguf_adapter  # noqa: E402
+from lmforge.checkpoint import load_adapted_lora, read_run_config, save_checkpoint  # noqa: E402
+from lmforge.config import RunConfig  # noqa: E402
+from lmforge.interop.gguf_lora import adapter_tensors, export_gguf_adapter, write_gguf_adapter  # noqa: E402
+from lmforge.interop.peft_import import PEFTImportError  # noqa: E402
 from lmforge.lora import LoRAConfig, apply_lora, merge_lora  # noqa: E402
 
 # the llama.cpp tensors each case adapts, with their ranks (CASES' Hugging Face modules under llama.cpp's names)
@@ -115,3 +120,68 @@ def test_a_lora_run_exports_its_adapter_and_the_cli_refuses_misuse_in_one_line(t
         (tmp_path / "mine.gguf").write_bytes(b"my notes")
         export_gguf_adapter(run, tmp_path / "mine.gguf", force=True)
     assert (tmp_path / "mine.gguf").read_bytes() == b"my notes"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c in ADAPTED])
+def test_an_adapter_file_read_back_onto_its_base_is_the_adapted_model(tmp_path, case, capsys):
+    model, lora, _ = adapted_model(case)
+    arch = "gpt2" if case.startswith("gpt2") else "llama"
+    base = sharp_model(CASES[case][0])  # the same seed: the adapted model's base
+    save_checkpoint(tmp_path / "base", 0, base, None, RunConfig(model=base.config), {"tokens_seen": 0})
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids)
+    path = write_gguf_adapter(adapter_tensors(model, lora, arch), arch, lora.alpha, tmp_path / "a.gguf")
+    assert main(["import", str(path), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "back")]) == 0
+    ckpt = tmp_path / "back" / "checkpoints" / "step-00000000"
+    assert capsys.readouterr().out.strip() == str(ckpt)
+    with torch.no_grad():
+        assert (load_adapted_lora(ckpt, read_run_config(ckpt))(ids) - expected).abs().max() <= 3e-5
+    if case in ("llama-qvo-mlp", "gpt2-qvo-mlp"):  # as llama.cpp's converter may write them: A in q8_0 and B in
+        # f16, alpha 0 (scale 1 for every matrix, whatever its rank: GPT-2's attn_qkv has twice the others')
+        tensors = adapter_tensors(model, lora, arch)
+        writer = gguf.GGUFWriter(str(tmp_path / "converted.gguf"), arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        for name, t in tensors.items():
+            if name.endswith("lora_a"):  # rows of 32 inputs: whole q8_0 blocks
+                writer.add_tensor(name, gguf.quants.quantize(t.numpy(), q8), raw_dtype=q8)
+            else:  # scale 1 where llama.cpp's was alpha / rank: B carries the scale
+                writer.add_tensor(name, (t * lora.alpha / t.shape[1]).half().numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        assert main(["import", str(tmp_path / "converted.gguf"), "--base", str(tmp_path / "base"), "--out",
+                     str(tmp_path / "converted")]) == 0
+        ckpt = tmp_path / "converted" / "checkpoints" / "step-00000000"
+        with torch.no_grad():
+            got = load_adapted_lora(ckpt, read_run_config(ckpt))(ids)
+        error = (got - expected).abs().max() / expected.abs().max()
+        assert 0 < error < 0.1, error  # 8 bits of A and 11 of B, amplified by sharp weights: close, not equal
+
+
+def test_an_adapter_of_another_architecture_or_no_adapter_is_refused_in_one_line(tmp_path, capsys):
+    model, lora, _ = adapted_model("llama-qvo-mlp")
+    gpt2 = sharp_model(CASES["gpt2-k"][0])
+    save_checkpoint(tmp_path / "gpt2", 0, gpt2, None, RunConfig(model=gpt2.config), {"tokens_seen": 0})
+    path = write_gguf_adapter(adapter_tensors(model, lora, "llama"), "llama", lora.alpha, tmp_path / "a.gguf")
+    assert main(["import", str(path), "--base", str(tmp_path / "gguf-base"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["import", str(path), "--base", str(tmp_path / "gpt2"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "does not exist" in err[0] or "gguf-base" in err[0]
+    assert "adapts a 'llama' model and --base" in err[1] and "'gpt2'" in err[1], err
+    assert main(["import", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "is a llama.cpp LoRA adapter: give --base RUN" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    llama = sharp_model(CASES["llama-qvo-mlp"][0])
+    save_checkpoint(tmp_path / "llama", 0, llama, None, RunConfig(model=llama.config), {"tokens_seen": 0})
+    wide = {n: torch.cat([t, t], dim=1) if n.endswith("lora_a") else t
+            for n, t in adapter_tensors(model, lora, "llama").items()}  # A over 64 inputs: another model's
+    path = write_gguf_adapter(wide, "llama", lora.alpha, tmp_path / "wide.gguf")
+    with pytest.raises(PEFTImportError, match="trained on another model than --base"):
+        from lmforge.interop.gguf_lora import import_gguf_adapter
+        import_gguf_adapter(path, tmp_path / "llama", tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -135,7 +135,7 @@ def test_the_cli_imports_an_adapter_onto_base_and_refuses_one_without_it(tmp_pat
     assert main(["import", str(tmp_path / "adapter"), "--base", str(base), "--out", str(tmp_path / "x")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "x" / "checkpoints" / "step-00000000")
     assert main(["import", str(hf), "--base", str(base), "--out", str(tmp_path / "y")]) == 2  # not an adapter
-    assert "--base applies to a PEFT adapter" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert "--base applies to an adapter" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 GOOD = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}

@@ -1445,9 +1445,10 @@ def _add_import(sub: Any) -> None:
             The tokenizer keeps its own special tokens (GPT-2: <|endoftext|> ends a text).
             A .gguf file (llama.cpp's format: a gpt2 or llama model, any quantization, dequantized to fp32;
             a byte-level BPE tokenizer, or a char/byte tokenizer lmforge exported) is imported the same way.
-            A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) becomes a LoRA
-            checkpoint on --base, the lmforge run of the model it was trained on (imported first): generate,
-            eval, serve, merge and export use it as any LoRA run; it computes what peft computes."""),
+            A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) or a llama.cpp LoRA
+            adapter (.gguf) becomes a LoRA checkpoint on --base, the lmforge run of the model it was trained on
+            (imported first): generate, eval, serve, merge and export use it as any LoRA run; it computes what
+            peft (or llama.cpp) computes."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge import ~/models/gpt2 --out runs/gpt2
@@ -1460,7 +1461,8 @@ def _add_import(sub: Any) -> None:
                    help="directory a Hugging Face model or PEFT adapter was saved to, or a .gguf file")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create the checkpoint in")
     p.add_argument("--base", metavar="RUN", default=None,
-                   help="for a PEFT adapter: the lmforge run (or checkpoint) of the model it adapts")
+                   help="for an adapter (PEFT or llama.cpp LoRA): the lmforge run (or checkpoint) of the model it "
+                   "adapts")
     p.set_defaults(run=_run_import)
 
 
@@ -1469,15 +1471,20 @@ def _run_import(args: argparse.Namespace) -> int:
 
     from lmforge.interop.peft_import import PEFTImportError, import_peft, is_peft_adapter
 
-    if is_peft_adapter(args.hf_dir):
+    from lmforge.interop.gguf_lora import import_gguf_adapter, is_gguf_adapter
+
+    adapter = ("a PEFT adapter" if is_peft_adapter(args.hf_dir) else
+               "a llama.cpp LoRA adapter" if Path(args.hf_dir).is_file() and is_gguf_adapter(args.hf_dir) else None)
+    if adapter is not None:
         if args.base is None:
-            raise PEFTImportError(f"{args.hf_dir} is a PEFT adapter: give --base RUN, the lmforge run of the model it "
-                                  f"adapts (`lmforge import HF_DIR --out RUN` imports that model)")
-        print(import_peft(args.hf_dir, args.base, args.out))
+            raise PEFTImportError(f"{args.hf_dir} is {adapter}: give --base RUN, the lmforge run of the model it "
+                                  f"adapts (`lmforge import MODEL --out RUN` imports that model)")
+        read = import_peft if adapter == "a PEFT adapter" else import_gguf_adapter
+        print(read(args.hf_dir, args.base, args.out))
         return 0
     if args.base is not None:
-        raise PEFTImportError(f"--base applies to a PEFT adapter directory (with adapter_config.json); {args.hf_dir} "
-                              "is none: drop --base")
+        raise PEFTImportError(f"--base applies to an adapter (a PEFT adapter directory, a llama.cpp LoRA adapter "
+                              f"file); {args.hf_dir} is none: drop --base")
     if Path(args.hf_dir).suffix == ".gguf" or Path(args.hf_dir).is_file():
         from lmforge.interop.gguf_import import import_gguf
 

@@ -14,10 +14,16 @@ base's rows of each q and k head are reordered for llama.cpp's rotation in a `ll
 B. A module where several of lmforge's adapters meet (GPT-2's c_attn with q and v adapted: rank 2r) gets its B
 multiplied by rank / r, so that llama.cpp's alpha / rank is lmforge's alpha / r there too, with one alpha for the
 file.
+
+`lmforge import adapter.gguf --base RUN --out OUT` reads such a file back (import_gguf_adapter), lmforge's or one
+llama.cpp's convert_lora_to_gguf.py wrote (f32, f16, bf16 or q8_0 tensors): each matrix's rows back in lmforge's
+order, under its Hugging Face module's name, with alpha / rank as its scale (alpha 0: scale 1, as llama.cpp reads
+it), and on through peft_import's mapping onto lmforge's adapters.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -26,8 +32,11 @@ from lmforge import __version__
 from lmforge.checkpoint import load_adapted_lora, read_run_config, verified_checkpoint
 from lmforge.files import atomic_path, check_output
 from lmforge.interop.gguf_export import GGUFExportError, interleave_halves, is_gguf_export, gguf_architecture
+from lmforge.interop.gguf_header import GGUFHeaderError, read_header, tensor_bytes
 from lmforge.interop.hf_export import HFExportError
 from lmforge.interop.peft_export import HF_BLOCK, PREFIX, WEIGHTS, peft_adapter_files
+from lmforge.interop.peft_import import PEFTImportError, check_new_run, import_lora
+from lmforge.interop.gguf_import import _halves_from_interleaved
 from lmforge.lora import LoRAConfig
 
 # Hugging Face module inside a block -> llama.cpp's tensor inside blk.N (PEFT's naming: gpt2, or llama for every
@@ -114,3 +123,67 @@ def write_gguf_adapter(tensors: dict[str, torch.Tensor], arch: str, alpha: float
         writer.write_tensors_to_file()
         writer.close()
     return out_path
+
+
+def is_gguf_adapter(path: str | Path) -> bool:
+    """Whether `path` is a GGUF file of general.type adapter (a llama.cpp LoRA adapter, not a model)."""
+    try:
+        return read_header(path).metadata.get("general.type") == "adapter"
+    except (GGUFHeaderError, OSError):
+        return False
+
+
+def import_gguf_adapter(path: str | Path, base: str | Path, run_dir: str | Path) -> Path:
+    """Write the llama.cpp LoRA adapter file `path`, applied to the lmforge checkpoint `base` (the model of the GGUF
+    it adapts), as RUN_DIR/checkpoints/step-00000000; return that path. PEFTImportError in one line for a file
+    that is not a LoRA adapter, of another architecture, or of another model."""
+    import gguf
+
+    path = Path(path)
+    check_new_run(Path(run_dir))
+    try:
+        header = read_header(path, values=True)
+        stored = {t.name: (t, tensor_bytes(path, header, t)) for t in header.tensors}
+    except (GGUFHeaderError, OSError) as e:
+        raise PEFTImportError(f"{path} is not a GGUF file, or a damaged one (it {e})") from None
+    meta = header.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise PEFTImportError(f"{path} is not a llama.cpp LoRA adapter (general.type {meta.get('general.type')!r}, "
+                              f"adapter.type {meta.get('adapter.type')!r}); import a model without --base")
+    base_ckpt, _ = verified_checkpoint(base)
+    config = read_run_config(base_ckpt)
+    arch = meta.get("general.architecture")
+    try:
+        theirs = gguf_architecture(config.model, base)
+    except GGUFExportError as e:
+        raise PEFTImportError(f"--base {base} has no GGUF architecture for the adapter to apply to: {e}") from None
+    if arch != theirs:
+        raise PEFTImportError(f"{path} adapts a {arch!r} model and --base {base} is a {theirs!r} one: give the base "
+                              "the adapter was made for")
+    family = "gpt2" if arch == "gpt2" else "llama"
+    hf_name = {gguf_name: hf for hf, gguf_name in GGUF_NAMES[family].items()}
+    tensors, ranks = {}, {}
+    for name, (info, raw) in stored.items():
+        found = re.fullmatch(r"(?:blk\.(\d+)\.(\w+)|output)\.weight\.lora_([ab])", name)
+        inner = found and found.group(2)
+        if not found or (inner is not None and inner not in hf_name):
+            raise PEFTImportError(f"{path} holds {name}, which is no adapter of a matrix lmforge's {arch} model has")
+        part = found.group(3)
+        module = "lm_head" if inner is None else HF_BLOCK[family].format(int(found.group(1))) + hf_name[inner]
+        try:
+            data = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.type))
+        except NotImplementedError:
+            raise PEFTImportError(f"{path} stores {name} as {gguf.GGMLQuantizationType(info.type).name}, which lmforge "
+                                  "cannot read back; write the adapter in f32, f16 or q8_0") from None
+        tensor = torch.from_numpy(data.reshape(tuple(reversed(info.shape))).astype("float32"))
+        if part == "b" and arch == "llama" and inner in ("attn_q", "attn_k"):  # llama.cpp's rotation order, undone
+            heads = config.model.n_head if inner == "attn_q" else config.model.n_kv_head
+            tensor = _halves_from_interleaved(tensor, heads)
+        tensors[f"{PREFIX}{module}.lora_{part.upper()}.weight"] = tensor
+        if part == "b":
+            ranks[module] = tensor.shape[1]
+    # llama.cpp's scale is alpha / rank, each matrix's own rank, as PEFT's lora_alpha / r; alpha 0 means scale 1
+    alpha, r = float(meta.get("adapter.lora.alpha") or 0.0), max(ranks.values(), default=1)
+    settings = {"r": r, "lora_alpha": alpha or r, "lora_dropout": 0.0,
+                "alpha_pattern": {} if alpha else {re.escape(module): rank for module, rank in ranks.items()}}
+    return import_lora(settings, tensors, base, Path(run_dir), path, {"path": str(path.resolve()), "format": "gguf"})

@@ -64,12 +64,28 @@ def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path) 
     PEFTImportError (one line naming the cause) for an adapter lmforge cannot express or that does not fit the base;
     CheckpointError for a run directory holding checkpoints already. Nothing is written then."""
     adapter_dir, run_dir = Path(adapter_dir), Path(run_dir)
+    check_new_run(run_dir)
+    settings = _adapter_config(adapter_dir)
+    tensors = _adapter_tensors(adapter_dir)
+    return import_lora(settings, tensors, base, run_dir, adapter_dir / WEIGHTS,
+                       {"path": str(adapter_dir.resolve()), "format": "peft",
+                        "base_model_name_or_path": settings.get("base_model_name_or_path")})
+
+
+def check_new_run(run_dir: Path) -> None:
+    """CheckpointError unless `run_dir` is free for an imported checkpoint (no file there, no checkpoints in it)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"--out {run_dir} is a file, not a directory: choose another --out")
     if complete_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
-    settings = _adapter_config(adapter_dir)
-    tensors = _adapter_tensors(adapter_dir)
+
+
+def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base: str | Path, run_dir: Path,
+                source: Path, imported_from: dict[str, Any]) -> Path:
+    """The LoRA checkpoint RUN_DIR/checkpoints/step-00000000 of an adapter in PEFT's terms (`settings`: r,
+    lora_alpha, alpha_pattern, use_rslora, lora_dropout; `tensors`: PEFT's names, float32) on the lmforge checkpoint
+    `base`; `source` names the tensors' file in messages, `imported_from` is recorded in the checkpoint's state."""
+    check_new_run(run_dir)
     base_ckpt, manifest = verified_checkpoint(base)
     base_config = read_run_config(base_ckpt)
     if base_config.lora is not None:
@@ -81,7 +97,7 @@ def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path) 
     except HFExportError as e:
         raise PEFTImportError(f"--base {base} has no Hugging Face equivalent for a PEFT adapter to apply to: {e}") \
             from None
-    contributions = _contributions(settings, tensors, model, arch, adapter_dir)
+    contributions = _contributions(settings, tensors, model, arch, source)
     lora, adapters = _lmforge_adapters(settings, contributions, model)
     fingerprint = base_fingerprint(model)
     adapted = apply_lora(model, lora)
@@ -94,8 +110,7 @@ def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path) 
                        train=TrainConfig(run_dir=str(run_dir), init_from=str(base_ckpt.resolve())))
     state = {"tokens_seen": 0, "lora": to_dict(lora), "base": {"path": str(base_ckpt.resolve()),
                                                                "fingerprint": fingerprint},
-             "imported_from": {"path": str(adapter_dir.resolve()), "format": "peft",
-                               "base_model_name_or_path": settings.get("base_model_name_or_path")}}
+             "imported_from": imported_from}
     tokenizer = base_ckpt / "tokenizer.json" if "tokenizer.json" in manifest["files"] else None
     return save_checkpoint(run_dir, 0, adapted, None, config, state, tokenizer)
 
@@ -163,7 +178,7 @@ def _scale(settings: dict[str, Any], module: str, rank: int) -> float:
 
 
 def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], model: Any, arch: str,
-                   adapter_dir: Path) -> dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor, int]]]:
+                   source: Path) -> dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor, int]]]:
     """{(lmforge Linear, target): [(A (r_m, in), s_m B_m (n, r_m), first row of B_m within the target's slice)]} of
     every adapted HF module, checked against the model's shapes."""
     config = model.config
@@ -189,20 +204,20 @@ def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], m
         if key.startswith(PREFIX) and module in where and part in ("weight", "bias"):  # PEFT saves a targeted head's
             own = model.get_submodule(where[module][0]).get_parameter(part)  # own weights too: they must be the base's
             if own.shape != tensors[key].shape or not torch.equal(own.detach().float(), tensors[key]):
-                raise PEFTImportError(f"{adapter_dir / WEIGHTS} holds {module}'s own {part}, which differs from the "
+                raise PEFTImportError(f"{source} holds {module}'s own {part}, which differs from the "
                                       "base's: the adapter was trained on another model than --base")
             del tensors[key]
     for key in tensors:
         module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
         if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight") or module not in where:
-            raise PEFTImportError(f"{adapter_dir / WEIGHTS} holds {key}, which lmforge's {arch} model has no adapter "
+            raise PEFTImportError(f"{source} holds {key}, which lmforge's {arch} model has no adapter "
                                   f"for (it adapts {', '.join(sorted({m.split('.', 3)[-1] for m in where}))})")
         names.setdefault(module, {})[part[0]] = tensors[key]
     contributions: dict[tuple[str, str], list] = {}
     q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
     for module, pair in sorted(names.items()):
         if set(pair) != {"A", "B"}:
-            raise PEFTImportError(f"{adapter_dir / WEIGHTS} has lora_{'A' if 'B' in pair else 'B'} of {module} "
+            raise PEFTImportError(f"{source} has lora_{'A' if 'B' in pair else 'B'} of {module} "
                                   "without its other half; save the adapter again")
         A, B = pair["A"], pair["B"]
         linear, target, offset = where[module]
@@ -224,7 +239,7 @@ def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], m
         else:
             contributions.setdefault((linear, target), []).append((A, s * B, offset))
     if not contributions:
-        raise PEFTImportError(f"{adapter_dir / WEIGHTS} holds no adapters (no lora_A / lora_B tensors)")
+        raise PEFTImportError(f"{source} holds no adapters (no lora_A / lora_B tensors)")
     return contributions
 
 
