@@ -33,6 +33,9 @@ lmforge (fp32, one thread):
   quantize (--quantize-speed, instead of speed) seconds to a file of the --speed-preset model in each
            --quantize-type: lmforge's export against llama.cpp's quantizer on the f32 export (1 and 2 threads), and
            whether the files' tensors are the same
+  convert  (--llama-src DIR: llama.cpp's source, as in llama-cpp-python's sdist) an adapter made by peft, converted
+           by llama.cpp's own convert_lora_to_gguf.py (f32 and q8_0), read back by `lmforge import adapter.gguf --base`:
+           its logits against peft's (GPT-2 and Llama layouts)
   rules    (--rules) for each named pre-tokenizer rule (lmforge.interop.gguf_pretokenizers.RULES), a byte-level BPE
            trained under the rule as lmforge writes it for Hugging Face's tokenizers, exported naming the rule:
            llama.cpp's ids for each text (Shakespeare, code, a dozen scripts) against the tokenizer's own
@@ -109,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "adapter file (--adapter) against lmforge's merged model (char tokenizer)")
     p.add_argument("--rules", default="", help="pre-tokenizer rules whose cut llama.cpp checks, comma-separated "
                    "(gpt-2, llama-bpe, smollm, qwen2, deepseek-coder, deepseek-llm, tekken; 'all')")
+    p.add_argument("--llama-src", default="", help="llama.cpp's source directory (convert_lora_to_gguf.py and "
+                   "gguf-py): also read adapters its converter writes")
     p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     args = p.parse_args(argv)
@@ -209,6 +214,46 @@ def rule_check(work: Path, rule: str, lines: list[str], drop_step: int | None = 
               != hf.encode(t, add_special_tokens=False).ids]
     return {"vocab_size": RULE_VOCAB, "texts": len(texts), "same_token_ids": len(texts) - len(differ),
             "differ": differ[:5]}
+
+
+def converted_adapter(work: Path, src: Path, arch: str, outtype: str) -> dict:
+    """An adapter peft makes on a sharp random model, converted by llama.cpp's convert_lora_to_gguf.py, imported by
+    lmforge onto the same model: the largest logit difference from peft's, relative to the largest logit."""
+    import os
+    import subprocess
+
+    from test_peft import GPT2_STYLE, LLAMA_STYLE, logits
+    from test_peft_import import base_run, peft_adapter
+
+    from lmforge.checkpoint import load_adapted_lora, read_run_config
+    from lmforge.interop.gguf_lora import import_gguf_adapter
+    from lmforge.interop.peft_import import PEFTImportError
+
+    root = work / f"convert-{arch}-{outtype}"
+    root.mkdir()
+    base, hf = base_run(root, GPT2_STYLE if arch == "gpt2" else LLAMA_STYLE)
+    modules = (["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else
+               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    theirs = peft_adapter(hf, root / "adapter", r=4, lora_alpha=6, target_modules=modules)
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(2))
+    expected = logits(theirs, ids)
+    with theirs.disable_adapter():
+        plain = logits(theirs, ids)
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    done = subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), "--base", str(hf), "--outtype",
+                           outtype, "--outfile", str(root / "adapter.gguf"), str(root / "adapter")],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"converter_failed": done.stderr.strip().splitlines()[-1:]}
+    try:
+        ckpt = import_gguf_adapter(root / "adapter.gguf", base, root / "imported")
+    except PEFTImportError as e:
+        return {"outtype": outtype, "modules": modules, "refused": str(e).replace(str(root), "...")}
+    ours = logits(load_adapted_lora(ckpt, read_run_config(ckpt)), ids)
+    return {"outtype": outtype, "modules": modules,
+            "max_diff_relative": round(float((ours - expected).abs().max() / expected.abs().max()), 7),
+            "adapter_changes_logits_by_relative": round(float((plain - expected).abs().max() / expected.abs().max()),
+                                                        4)}
 
 
 def make_run(root: Path, tokenizer, shape: dict, block_size: int) -> Path:
@@ -537,6 +582,12 @@ def main(argv: list[str] | None = None) -> dict:
             result = in_child(rule_check, work, "deepseek-coder", lines, 2)
             summary["rules_control"] = {"what": "deepseek-coder's rule without its punctuation step", **result}
             print(f"control: {json.dumps(summary['rules_control'], ensure_ascii=False)}", flush=True)
+        if args.llama_src:
+            for arch in ("gpt2", "llama"):
+                for outtype in ("f32", "q8_0"):
+                    result = in_child(converted_adapter, work, Path(args.llama_src), arch, outtype)
+                    summary.setdefault("converted_adapters", {})[f"{arch}-{outtype}"] = result
+                    print(f"converted adapter {arch} {outtype}: {json.dumps(result)}", flush=True)
         if args.speed_preset and "bpe" in tokenizers:
             timed = quantize_speed if args.quantize_speed else speed
             summary[timed.__name__] = in_child(timed, work, args, tokenizers["bpe"])

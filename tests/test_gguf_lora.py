@@ -176,6 +176,14 @@ def test_an_adapter_of_another_architecture_or_no_adapter_is_refused_in_one_line
     assert main(["import", str(path), "--out", str(tmp_path / "x")]) == 2
     assert "is a llama.cpp LoRA adapter: give --base RUN" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    gpt2_model, gpt2_lora, _ = adapted_model("gpt2-k")  # A and B transposed, as llama.cpp's converter writes GPT-2's
+    tensors = adapter_tensors(gpt2_model, gpt2_lora, "gpt2")
+    flipped = {name: tensors[name[:-1] + ("b" if name.endswith("a") else "a")].T.contiguous()  # A' = B^T, B' = A^T
+               for name in tensors}
+    path = write_gguf_adapter(flipped, "gpt2", gpt2_lora.alpha, tmp_path / "flipped.gguf")
+    with pytest.raises(PEFTImportError, match=r"attn.c_attn's adapter is transposed, A \(4, 96\) and B \(32, 4\)"):
+        from lmforge.interop.gguf_lora import import_gguf_adapter
+        import_gguf_adapter(path, tmp_path / "gpt2", tmp_path / "x")
     llama = sharp_model(CASES["llama-qvo-mlp"][0])
     save_checkpoint(tmp_path / "llama", 0, llama, None, RunConfig(model=llama.config), {"tokens_seen": 0})
     wide = {n: torch.cat([t, t], dim=1) if n.endswith("lora_a") else t

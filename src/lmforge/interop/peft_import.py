@@ -227,6 +227,12 @@ def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], m
         if target == "mlp" and linear.endswith("mlp.fc") and arch == "llama":
             expected = layer.out_features // 2
         expected = layer.out_features if expected is None else expected
+        if A.dim() == 2 and B.dim() == 2 and A.shape[1] == expected and B.shape[0] == layer.in_features \
+                and A.shape[1] != layer.in_features:
+            raise PEFTImportError(f"{module}'s adapter is transposed, A {tuple(A.shape)} and B {tuple(B.shape)}, where "
+                                  f"PEFT and llama.cpp read A (r, {layer.in_features}) and B ({expected}, r), as "
+                                  "llama.cpp's converter writes GPT-2's Conv1D adapters; import the PEFT adapter "
+                                  "directory itself")
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != layer.in_features or B.shape[1] != A.shape[0] \
                 or rows != expected:
             raise PEFTImportError(f"{module}'s adapter has A {tuple(A.shape)} and B {tuple(B.shape)}, but the base's "
