@@ -20,15 +20,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from safetensors.torch import save_file  # noqa: E402
-from test_peft import (CASES, GPT2_STYLE, LLAMA_STYLE, MERGED_TOLERANCE, TOLERANCE, adapted_model,  # noqa: E402
-                       export_both, logits, sharp_model)
+from safetensors.torch import load_file, save_file  # noqa: E402
+from test_peft import (CASES, CLASSIFIERS, GPT2_STYLE, LLAMA_STYLE, MERGED_TOLERANCE, TOLERANCE,  # noqa: E402
+                       adapted_classifier, adapted_model, export_both, logits, sharp_model)
 
 from lmforge.checkpoint import load_adapted_lora, load_for_inference, read_run_config, save_checkpoint  # noqa: E402
 from lmforge.cli import main  # noqa: E402
 from lmforge.config import RunConfig, TrainConfig  # noqa: E402
 from lmforge.errors import CheckpointError  # noqa: E402
 from lmforge.interop.hf_export import hf_files  # noqa: E402
+from lmforge.interop.peft_export import WEIGHTS  # noqa: E402
 from lmforge.interop.peft_import import PEFTImportError, import_peft  # noqa: E402
 from lmforge.lora import LoRAConfig, apply_lora  # noqa: E402
 
@@ -117,6 +118,35 @@ def test_an_adapter_that_saved_its_heads_weights_is_refused_on_another_base(tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("arch", CLASSIFIERS)
+def test_a_seq_cls_adapter_with_its_head_comes_back_as_the_classifier_on_the_language_models_body(tmp_path, arch):
+    model, lora, tok = adapted_classifier(arch)
+    _, adapter = export_both(model, lora, tmp_path, tok)  # peft's SEQ_CLS layout: score saved as modules_to_save
+    lm = sharp_model(dict(CLASSIFIERS[arch], vocab_size=tok.vocab_size))  # a language model of the classifier's body
+    body = {k: v for k, v in model.state_dict().items() if "lora" not in k and not k.startswith("classifier")}
+    lm.load_state_dict({**lm.state_dict(), **body})
+    save_checkpoint(tmp_path / "lm", 0, lm, None, RunConfig(model=lm.config), {"tokens_seen": 0})
+    ckpt = import_peft(adapter, tmp_path / "lm", tmp_path / "back")
+    config = read_run_config(ckpt)
+    assert (config.model.head, config.model.num_labels) == ("classify", 3)
+    ids = torch.randint(3, tok.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    ids[1, 12:] = tok.pad_id
+    mask = ids != tok.pad_id
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask)
+        assert expected.abs().max() > 1.0
+        got = load_adapted_lora(ckpt, config)(ids, attention_mask=mask)
+    assert (got - expected).abs().max() <= TOLERANCE
+    merged, _, _ = load_for_inference(tmp_path / "back", "cpu")
+    with torch.no_grad():
+        assert (merged(ids, attention_mask=mask) - expected).abs().max() <= MERGED_TOLERANCE
+    without_head = json.loads((adapter / "adapter_config.json").read_text())
+    write_adapter(tmp_path / "headless", without_head, {k: v for k, v in load_file(adapter / WEIGHTS).items()
+                                                        if "score" not in k})
+    with pytest.raises(PEFTImportError, match="SEQ_CLS adapter without its trained head"):
+        import_peft(tmp_path / "headless", tmp_path / "lm", tmp_path / "x")
+
+
 def write_adapter(root: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "adapter_config.json").write_text(json.dumps(config))
@@ -148,7 +178,7 @@ GOOD_TENSORS = {A: torch.ones(2, 32), B: torch.ones(32, 2)}
     ("dora", {**GOOD, "use_dora": True}, GOOD_TENSORS, "use_dora"),
     ("bias", {**GOOD, "bias": "all"}, GOOD_TENSORS, "bias 'all'"),
     ("modules-to-save", {**GOOD, "modules_to_save": ["lm_head"]}, GOOD_TENSORS, "modules_to_save"),
-    ("seq-cls", {**GOOD, "task_type": "SEQ_CLS"}, GOOD_TENSORS, "task_type 'SEQ_CLS'"),
+    ("token-cls", {**GOOD, "task_type": "TOKEN_CLS"}, GOOD_TENSORS, "task_type 'TOKEN_CLS'"),
     ("prefix-tuning", {**GOOD, "peft_type": "PREFIX_TUNING"}, GOOD_TENSORS, "peft_type 'PREFIX_TUNING'"),
     ("zero-alpha", {**GOOD, "lora_alpha": 0}, GOOD_TENSORS, "lora_alpha=0"),
     ("embedding", GOOD, {**GOOD_TENSORS, "base_model.model.model.embed_tokens.lora_A.weight": torch.ones(2, 61)},

@@ -2,8 +2,9 @@
 on the lmforge model of its base (imported with `lmforge import HF_DIR`), which generate, eval, serve, export and
 merge use as any LoRA run's. The inverse of peft_export:
 
-    adapter_config.json             peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, rank_pattern, alpha_pattern,
-                                    use_rslora (scale alpha / sqrt(r)), lora_dropout, target_modules
+    adapter_config.json             peft_type LORA, task_type CAUSAL_LM or SEQ_CLS (its head, score, saved whole as
+                                    modules_to_save), r, lora_alpha, rank_pattern, alpha_pattern, use_rslora (scale
+                                    alpha / sqrt(r)), lora_dropout, target_modules
     adapter_model.safetensors       base_model.model.<HF module>.lora_A.weight (r, in) and .lora_B.weight (out, r)
                                     (adapter_model.bin, a pickle, is refused unopened)
 
@@ -26,6 +27,7 @@ was going. Adapters PEFT computes otherwise (DoRA, biases, embedding adapters, o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -35,7 +37,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lmforge.checkpoint import complete_checkpoints, load_for_inference, read_run_config, save_checkpoint
+from lmforge.checkpoint import (complete_checkpoints, load_body_weights, load_for_inference, read_run_config,
+                                save_checkpoint)
 from lmforge.checkpoint import verified_checkpoint
 from lmforge.config import LoRAConfig, RunConfig, TrainConfig, to_dict
 from lmforge.errors import CheckpointError, LmforgeError
@@ -43,8 +46,10 @@ from lmforge.interop import hf_gpt2
 from lmforge.interop.hf_export import HFExportError, converter_for_model
 from lmforge.interop.peft_export import CONFIG, HF_BLOCK, HF_MODULES, PREFIX, WEIGHTS, _row_sizes
 from lmforge.lora import LoRALinear, apply_lora, base_fingerprint, lora_plan
+from lmforge.model import GPT
 
 PICKLE = "adapter_model.bin"
+HEADS = ("score", "classifier")  # the names PEFT saves a SEQ_CLS head under (GPT-2 and Llama: score)
 # lmforge Linear (within a block) -> the target whose adapters it holds (attn.qkv: by slice, q / k / v)
 TARGET_OF = {"attn.proj": "o", "mlp.fc": "mlp", "mlp.proj": "mlp", "lm_head": "head"}
 
@@ -91,7 +96,21 @@ def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base
     if base_config.lora is not None:
         raise PEFTImportError(f"--base {base} is a LoRA run itself; merge it first (lmforge merge) and give the merged "
                               "model as --base")
-    model, _, _ = load_for_inference(base_ckpt, "cpu", manifest)
+    head = _classifier_head(settings, tensors, source)
+    if head is None:
+        model, _, _ = load_for_inference(base_ckpt, "cpu", manifest)
+    else:  # a SEQ_CLS adapter: the base's body under a classifier of the adapter's labels, its trained head
+        if base_config.model.head != "lm":
+            raise PEFTImportError(f"--base {base} is a {base_config.model.head} model; a SEQ_CLS adapter's base is the "
+                                  "language model whose body its classifier reads: give that one")
+        model = GPT(dataclasses.replace(base_config.model, head="classify", num_labels=head.shape[0]))
+        load_body_weights(model, base_ckpt)
+        if head.shape[1] != model.config.n_embd:
+            raise PEFTImportError(f"{source} holds a score head over {head.shape[1]} features, the base's hidden state "
+                                  f"has {model.config.n_embd}: the adapter was trained on another model than --base")
+        with torch.no_grad():
+            model.classifier.weight.copy_(head)
+        model.eval()
     try:
         arch = "gpt2" if converter_for_model(model.config) is hf_gpt2 else "llama"
     except HFExportError as e:
@@ -106,7 +125,7 @@ def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base
             module: LoRALinear = adapted.get_submodule(linear)
             module.lora[target].A.copy_(A)
             module.lora[target].B.copy_(B)
-    config = RunConfig(model=base_config.model, lora=lora,
+    config = RunConfig(model=model.config, lora=lora,
                        train=TrainConfig(run_dir=str(run_dir), init_from=str(base_ckpt.resolve())))
     state = {"tokens_seen": 0, "lora": to_dict(lora), "base": {"path": str(base_ckpt.resolve()),
                                                                "fingerprint": fingerprint},
@@ -133,13 +152,14 @@ def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
     unsupported = []
     if settings.get("peft_type") != "LORA":
         unsupported.append(f"peft_type {settings.get('peft_type')!r} (lmforge reads LORA)")
-    if settings.get("task_type") not in (None, "CAUSAL_LM"):
-        unsupported.append(f"task_type {settings.get('task_type')!r} (lmforge reads CAUSAL_LM adapters)")
+    if settings.get("task_type") not in (None, "CAUSAL_LM", "SEQ_CLS"):
+        unsupported.append(f"task_type {settings.get('task_type')!r} (lmforge reads CAUSAL_LM and SEQ_CLS adapters)")
     if settings.get("use_dora"):
         unsupported.append("use_dora (DoRA rescales each weight's norm, which lmforge's LoRA does not)")
     if settings.get("bias", "none") != "none" or settings.get("lora_bias"):
         unsupported.append(f"bias {settings.get('bias')!r} (trained biases beside the adapters)")
-    if settings.get("modules_to_save"):
+    heads = set(HEADS) if settings.get("task_type") == "SEQ_CLS" else set()  # a classifier's head trains whole
+    if set(settings.get("modules_to_save") or ()) - heads:
         unsupported.append(f"modules_to_save {settings['modules_to_save']} (whole modules trained beside the "
                            "adapters)")
     if settings.get("layer_replication"):
@@ -164,6 +184,19 @@ def _adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
             return {name: f.get_tensor(name).float() for name in f.keys()}
     except (SafetensorError, OSError) as e:
         raise PEFTImportError(f"{path} is not a readable safetensors file ({e}); save the adapter again") from None
+
+
+def _classifier_head(settings: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path
+                     ) -> torch.Tensor | None:
+    """A SEQ_CLS adapter's trained head, (num_labels, C), taken out of `tensors`; None for a CAUSAL_LM adapter."""
+    if settings.get("task_type") != "SEQ_CLS":
+        return None
+    found = [key for key in tensors if key.removeprefix(PREFIX).split(".", 1)[0] in HEADS
+             and key.endswith(".weight") and ".lora_" not in key]
+    if len(found) != 1 or tensors[found[0]].dim() != 2:
+        raise PEFTImportError(f"{source} is a SEQ_CLS adapter without its trained head ({' or '.join(HEADS)} weight, "
+                              "saved as modules_to_save); save the adapter with the head")
+    return tensors.pop(found[0])
 
 
 def _scale(settings: dict[str, Any], module: str, rank: int) -> float:
