@@ -321,6 +321,12 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("import-gguf-not-gguf", ["import", str(ws / "notes.png"), "--out", str(ws / "imported")],
          "is not a GGUF file"),
         ("import-gguf-missing", ["import", str(ws / "ghost.gguf"), "--out", str(ws / "imported")], "does not exist"),
+        ("import-peft-pickle", ["import", str(ws / "peft-pickled"), "--base", str(run), "--out", str(ws / "imported")],
+         "a pickle, which lmforge never opens"),
+        ("import-peft-without-base", ["import", str(ws / "peft-pickled"), "--out", str(ws / "imported")],
+         "give --base RUN"),
+        ("import-base-for-a-model", ["import", str(ws / "hf"), "--base", str(run), "--out", str(ws / "imported")],
+         "--base applies to an adapter"),
         ("export-gguf-force-onto-a-text", ["export", str(run), "--format", "gguf", "--out", str(ws / "notes.png"),
                                           "--force"], "not a GGUF export written by lmforge"),
         ("export-gguf-into-the-run", ["export", str(run), "--format", "gguf", "--out", str(run / "m.gguf")],
@@ -476,6 +482,10 @@ def hostile_files(workspace):
     payload = (b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
     (pickled / "ckpt.pt").write_bytes(payload)
     (pickled / "optimizer.pt").write_bytes(payload)
+    adapter = ws / "peft-pickled"  # a PEFT adapter whose weights are a pickle
+    adapter.mkdir(exist_ok=True)
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}', encoding="utf-8")
+    (adapter / "adapter_model.bin").write_bytes(payload)
     # data the run was not trained on: the same tokenizer on another corpus, and another vocabulary
     from lmforge.data.prepare import prepare
 
@@ -522,7 +532,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 162
+N_CASES = 165
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
