@@ -189,7 +189,32 @@ def test_an_adapter_of_another_architecture_or_no_adapter_is_refused_in_one_line
     wide = {n: torch.cat([t, t], dim=1) if n.endswith("lora_a") else t
             for n, t in adapter_tensors(model, lora, "llama").items()}  # A over 64 inputs: another model's
     path = write_gguf_adapter(wide, "llama", lora.alpha, tmp_path / "wide.gguf")
+    from lmforge.interop.gguf_lora import import_gguf_adapter
     with pytest.raises(PEFTImportError, match="trained on another model than --base"):
-        from lmforge.interop.gguf_lora import import_gguf_adapter
         import_gguf_adapter(path, tmp_path / "llama", tmp_path / "x")
+    taller = {n: torch.cat([t, t]) if n.endswith("attn_q.weight.lora_b") else t  # q's B: 64 rows for 32
+              for n, t in adapter_tensors(model, lora, "llama").items()}
+    path = write_gguf_adapter(taller, "llama", lora.alpha, tmp_path / "taller.gguf")
+    with pytest.raises(PEFTImportError, match="trained on another model than --base"):
+        import_gguf_adapter(path, tmp_path / "llama", tmp_path / "x")
+    path = write_gguf_adapter(adapter_tensors(model, lora, "llama"), "llama", lora.alpha, tmp_path / "alpha.gguf")
+    with pytest.raises(PEFTImportError, match="adapter.lora.alpha 'six': a number >= 0 is needed"):
+        import_gguf_adapter(_rewritten_alpha(path, "six"), tmp_path / "llama", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def _rewritten_alpha(path: Path, alpha) -> Path:
+    """A copy of the adapter file with adapter.lora.alpha set to `alpha` (a string here: a damaged file)."""
+    reader = gguf.GGUFReader(str(path))
+    out = path.with_name("rewritten.gguf")
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_string(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, t.data.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

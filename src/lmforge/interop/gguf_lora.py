@@ -23,6 +23,7 @@ it), and on through peft_import's mapping onto lmforge's adapters.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -33,10 +34,10 @@ from lmforge.checkpoint import load_adapted_lora, read_run_config, verified_chec
 from lmforge.files import atomic_path, check_output
 from lmforge.interop.gguf_export import GGUFExportError, interleave_halves, is_gguf_export, gguf_architecture
 from lmforge.interop.gguf_header import GGUFHeaderError, read_header, tensor_bytes
+from lmforge.interop.gguf_import import _halves_from_interleaved
 from lmforge.interop.hf_export import HFExportError
 from lmforge.interop.peft_export import HF_BLOCK, PREFIX, WEIGHTS, peft_adapter_files
 from lmforge.interop.peft_import import PEFTImportError, check_new_run, import_lora
-from lmforge.interop.gguf_import import _halves_from_interleaved
 from lmforge.lora import LoRAConfig
 
 # Hugging Face module inside a block -> llama.cpp's tensor inside blk.N (PEFT's naming: gpt2, or llama for every
@@ -178,12 +179,15 @@ def import_gguf_adapter(path: str | Path, base: str | Path, run_dir: str | Path)
         tensor = torch.from_numpy(data.reshape(tuple(reversed(info.shape))).astype("float32"))
         if part == "b" and arch == "llama" and inner in ("attn_q", "attn_k"):  # llama.cpp's rotation order, undone
             heads = config.model.n_head if inner == "attn_q" else config.model.n_kv_head
-            tensor = _halves_from_interleaved(tensor, heads)
+            if tensor.shape[0] == heads * config.model.head_dim:  # (another model's: refused below, naming shapes)
+                tensor = _halves_from_interleaved(tensor, heads)
         tensors[f"{PREFIX}{module}.lora_{part.upper()}.weight"] = tensor
         if part == "b":
             ranks[module] = tensor.shape[1]
     # llama.cpp's scale is alpha / rank, each matrix's own rank, as PEFT's lora_alpha / r; alpha 0 means scale 1
-    alpha, r = float(meta.get("adapter.lora.alpha") or 0.0), max(ranks.values(), default=1)
+    alpha, r = meta.get("adapter.lora.alpha") or 0.0, max(ranks.values(), default=1)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < math.inf:
+        raise PEFTImportError(f"{path} has adapter.lora.alpha {alpha!r}: a number >= 0 is needed")
     settings = {"r": r, "lora_alpha": alpha or r, "lora_dropout": 0.0,
                 "alpha_pattern": {} if alpha else {re.escape(module): rank for module, rank in ranks.items()}}
     return import_lora(settings, tensors, base, Path(run_dir), path, {"path": str(path.resolve()), "format": "gguf"})

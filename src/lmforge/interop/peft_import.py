@@ -38,8 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lmforge.checkpoint import (complete_checkpoints, load_body_weights, load_for_inference, read_run_config,
-                                save_checkpoint)
-from lmforge.checkpoint import verified_checkpoint
+                                save_checkpoint, verified_checkpoint)
 from lmforge.config import LoRAConfig, RunConfig, TrainConfig, to_dict
 from lmforge.errors import CheckpointError, LmforgeError
 from lmforge.interop import hf_gpt2
@@ -103,8 +102,8 @@ def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base
         if base_config.model.head != "lm":
             raise PEFTImportError(f"--base {base} is a {base_config.model.head} model; a SEQ_CLS adapter's base is the "
                                   "language model whose body its classifier reads: give that one")
-        model = GPT(dataclasses.replace(base_config.model, head="classify", num_labels=head.shape[0]))
-        load_body_weights(model, base_ckpt)
+        model = GPT.empty(dataclasses.replace(base_config.model, head="classify", num_labels=head.shape[0]))
+        load_body_weights(model, base_ckpt)  # every weight but the classifier, set below
         if head.shape[1] != model.config.n_embd:
             raise PEFTImportError(f"{source} holds a score head over {head.shape[1]} features, the base's hidden state "
                                   f"has {model.config.n_embd}: the adapter was trained on another model than --base")
