@@ -192,8 +192,8 @@ def test_an_adapter_of_another_architecture_or_no_adapter_is_refused_in_one_line
     from lmforge.interop.gguf_lora import import_gguf_adapter
     with pytest.raises(PEFTImportError, match="trained on another model than --base"):
         import_gguf_adapter(path, tmp_path / "llama", tmp_path / "x")
-    taller = {n: torch.cat([t, t]) if n.endswith("attn_q.weight.lora_b") else t  # q's B: 64 rows for 32
-              for n, t in adapter_tensors(model, lora, "llama").items()}
+    taller = {n: torch.cat([t, t[:1]]) if n.endswith("attn_q.weight.lora_b") else t  # q's B: 33 rows for 32, not
+              for n, t in adapter_tensors(model, lora, "llama").items()}  # whole heads either
     path = write_gguf_adapter(taller, "llama", lora.alpha, tmp_path / "taller.gguf")
     with pytest.raises(PEFTImportError, match="trained on another model than --base"):
         import_gguf_adapter(path, tmp_path / "llama", tmp_path / "x")
