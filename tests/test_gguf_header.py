@@ -1,11 +1,11 @@
 """gguf_header: a GGUF file's metadata and tensor table read without the gguf package's reader, checked against that
 reader on files gguf's own writer makes (every value type, arrays of strings and of arrays, tensors of several
-types) and on lmforge's export; a damaged file (cut anywhere inside its header, wrong magic or version) is refused
-with GGUFHeaderError, never read past its end; and loading a model for inference no longer imports torch._dynamo,
-sympy (torch's symbolic shapes) or FSDP (nearly two seconds of every command's start-up)."""
+types) and on lmforge's export; a damaged file (cut anywhere inside its header, wrong magic or version, arrays
+nested deep enough to overflow a recursive reader) is refused with GGUFHeaderError, never read past its end."""
 
 from __future__ import annotations
 
+import struct
 import sys
 from pathlib import Path
 
@@ -122,6 +122,12 @@ def test_a_damaged_header_is_refused_not_read_past(tmp_path):
     cut.write_bytes(only_metadata.read_bytes()[:-8])
     with pytest.raises(GGUFHeaderError, match="ends inside its header"):
         read_header(cut)
+    key = b"deep"  # arrays nested 200,000 deep, each of one: a recursion that would overflow Python's stack
+    nested = b"".join(struct.pack("<IQ", 9, 1) for _ in range(200_000)) + struct.pack("<IQ", 4, 0)
+    cut.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, len(key)) + key + struct.pack("<I", 9) + nested)
+    for values in (False, True):
+        with pytest.raises(GGUFHeaderError, match="nests arrays more than 16 deep"):
+            read_header(cut, values=values)
     for bad, why in ((b"GGUX" + whole[4:], "magic"), (whole[:4] + b"\x01\x00\x00\x00" + whole[8:], "version 1")):
         cut.write_bytes(bad)
         with pytest.raises(GGUFHeaderError, match=why):

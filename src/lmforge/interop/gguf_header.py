@@ -25,6 +25,7 @@ from lmforge.errors import LmforgeError
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _ALIGNMENT = 32  # where general.alignment does not say otherwise
+_DEPTH = 16  # arrays nested deeper are refused (GGUF files nest two at most; a hostile one, deep enough to overflow)
 
 
 class GGUFHeaderError(LmforgeError):
@@ -77,37 +78,41 @@ class _Cursor:
         except UnicodeDecodeError:
             raise GGUFHeaderError("holds a string that is not UTF-8") from None
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind in _SCALARS:
             return self.take(_SCALARS[kind])
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
+            if depth >= _DEPTH:
+                raise GGUFHeaderError(f"nests arrays more than {_DEPTH} deep")
             element, length = self.take("<I"), self.take("<Q")
             if self.values:
-                return self.array(element, length)
-            self.skip_array(element, length)
+                return self.array(element, length, depth + 1)
+            self.skip_array(element, length, depth + 1)
             return GGUFArray(element, length)
         raise GGUFHeaderError(f"holds a value of unknown type {kind}")
 
-    def array(self, element: int, length: int) -> list:
+    def array(self, element: int, length: int, depth: int) -> list:
         if element in _SCALARS:
             start = self.at
             self.skip(length * struct.calcsize(_SCALARS[element]))
             return np.frombuffer(self.buffer, np.dtype(_SCALARS[element]), length, start).tolist()
         if element in (_STRING, _ARRAY):
-            return [self.value(element) for _ in range(length)]
+            return [self.value(element, depth) for _ in range(length)]
         raise GGUFHeaderError(f"holds an array of unknown type {element}")
 
-    def skip_array(self, element: int, length: int) -> None:
+    def skip_array(self, element: int, length: int, depth: int) -> None:
         if element in _SCALARS:
             self.skip(length * struct.calcsize(_SCALARS[element]))
         elif element == _STRING:
             for _ in range(length):
                 self.skip(self.take("<Q"))
         elif element == _ARRAY:
+            if depth >= _DEPTH:
+                raise GGUFHeaderError(f"nests arrays more than {_DEPTH} deep")
             for _ in range(length):
-                self.skip_array(self.take("<I"), self.take("<Q"))
+                self.skip_array(self.take("<I"), self.take("<Q"), depth + 1)
         else:
             raise GGUFHeaderError(f"holds an array of unknown type {element}")
 
