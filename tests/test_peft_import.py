@@ -181,6 +181,9 @@ GOOD_TENSORS = {A: torch.ones(2, 32), B: torch.ones(32, 2)}
     ("token-cls", {**GOOD, "task_type": "TOKEN_CLS"}, GOOD_TENSORS, "task_type 'TOKEN_CLS'"),
     ("prefix-tuning", {**GOOD, "peft_type": "PREFIX_TUNING"}, GOOD_TENSORS, "peft_type 'PREFIX_TUNING'"),
     ("zero-alpha", {**GOOD, "lora_alpha": 0}, GOOD_TENSORS, "lora_alpha=0"),
+    ("bad-pattern", {**GOOD, "alpha_pattern": {"q_proj(": 8}}, GOOD_TENSORS, "not a regular expression"),
+    ("pattern-value", {**GOOD, "alpha_pattern": {"q_proj": "8"}}, GOOD_TENSORS, "alpha_pattern 'q_proj': '8'"),
+    ("dropout", {**GOOD, "lora_dropout": "0.1"}, GOOD_TENSORS, "lora_dropout='0.1'"),
     ("embedding", GOOD, {**GOOD_TENSORS, "base_model.model.model.embed_tokens.lora_A.weight": torch.ones(2, 61)},
      "embed_tokens"),
     ("half", GOOD, {A: torch.ones(2, 32)}, "without its other half"),
@@ -195,6 +198,15 @@ def test_what_lmforge_cannot_compute_or_does_not_fit_is_refused_in_one_line(tmp_
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_nested_too_deep_for_json_is_one_line(tmp_path, capsys):
+    base, _ = base_run(tmp_path, LLAMA_STYLE)
+    adapter = write_adapter(tmp_path / "adapter", GOOD, GOOD_TENSORS)
+    (adapter / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["import", str(adapter), "--base", str(base), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not readable JSON (RecursionError)" in err and "\n" not in err, err
 
 
 def test_a_pickle_is_never_opened_and_the_base_must_be_plain_and_the_out_new(tmp_path):

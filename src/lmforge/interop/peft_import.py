@@ -144,7 +144,7 @@ def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise PEFTImportError(f"{adapter_dir} has no {CONFIG}: give the directory a PEFT adapter was saved to") \
             from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise PEFTImportError(f"{path} is not readable JSON ({type(e).__name__}): save the adapter again") from None
     if not isinstance(settings, dict):
         raise PEFTImportError(f"{path} is not a JSON object: save the adapter again")
@@ -169,6 +169,21 @@ def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
         value = settings.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise PEFTImportError(f"{path} has {key}={value!r}: a positive number is needed")
+    dropout = settings.get("lora_dropout") or 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise PEFTImportError(f"{path} has lora_dropout={dropout!r}: a probability in [0, 1) is needed")
+    patterns = settings.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise PEFTImportError(f"{path} has alpha_pattern {patterns!r}: an object of module patterns and alphas is "
+                              "needed")
+    for key, value in patterns.items():
+        try:
+            re.compile(key)
+        except (re.error, TypeError):
+            raise PEFTImportError(f"{path} has alpha_pattern key {key!r}, which is not a regular expression of "
+                                  "module names") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise PEFTImportError(f"{path} has alpha_pattern {key!r}: {value!r}: a positive number is needed")
     return settings
 
 
