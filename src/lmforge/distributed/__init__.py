@@ -183,8 +183,7 @@ def apply_fsdp(model: nn.Module, info: DistInfo, device: torch.device, precision
     """Shard `model` in place with FSDP2 (fully_shard) on each block and at the root; returns it (one process: as is).
 
     Each process keeps 1/world_size of every weight, gradient and optimizer moment; a block's weights are
-    all-gathered just before its forward and backward and freed after (the last block's kept from its forward to
-    its backward, which follows at once: one gather fewer per step), and gradients are reduce-scattered
+    all-gathered just before its forward and backward and freed after, and gradients are reduce-scattered
     (averaged over processes, like DDP). Call it before building the optimizer: the parameters become DTensors.
     precision bf16-mixed computes in bfloat16 and reduces gradients in fp32 (MixedPrecisionPolicy); cpu_offload
     keeps the shards and the optimizer step on the host (CPUOffloadPolicy), for a model too big for the GPUs.
@@ -208,9 +207,8 @@ def shard_model(model: nn.Module, precision: str = "fp32", cpu_offload: bool = F
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
-    blocks = list(getattr(unwrap(model), "blocks", []))
-    for i, block in enumerate(blocks):  # the last block's backward follows its forward at once: it keeps its weights
-        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **options)  # gathered between them (torchtitan)
+    for block in getattr(unwrap(model), "blocks", []):
+        fully_shard(block, **options)
     fully_shard(model, **options)  # the rest: embeddings, final norm, head (a tied head shares the embedding's shard)
     return model
 
