@@ -529,7 +529,8 @@ class KVCache:
 
 class _SkipInit(torch.overrides.TorchFunctionMode):
     """Inside it, torch.nn.init's in-place fills (normal_, uniform_, zeros_, kaiming_uniform_, ...) return their
-    tensor untouched: for modules built on the meta device, where there is nothing to fill."""
+    tensor untouched: for modules built on the meta device, where there is nothing to fill, or whose every weight
+    is loaded next (GPT.shapes, GPT.empty). Other torch functions run as usual."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
