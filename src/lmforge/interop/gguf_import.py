@@ -35,12 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.checkpoint import complete_checkpoints, save_checkpoint
+from lmforge.checkpoint import save_checkpoint
 from lmforge.config import ModelConfig, RunConfig, TrainConfig
-from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.errors import LmforgeError
 from lmforge.interop.gguf_export import RENAMED, RENAMED_GPT2, SPACE
 from lmforge.interop.gguf_header import GGUFHeaderError, read_header, tensor_bytes
 from lmforge.interop.gguf_pretokenizers import ADDS_BOS, RULES, known_rules, rule_for
+from lmforge.interop.hf_import import check_new_run
 from lmforge.model import GPT, llama3_frequencies
 from lmforge.tokenizer import BYTE_OFFSET, HF_KIND, Tokenizer
 
@@ -56,10 +57,7 @@ def import_gguf(path: str | Path, run_dir: str | Path) -> Path:
     """Write the model in the GGUF file `path` as RUN_DIR/checkpoints/step-00000000; return that path. Refuses a run
     directory that already holds checkpoints (nothing on disk is changed then)."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"--out {run_dir} is a file, not a directory: choose another --out")
-    if complete_checkpoints(run_dir):
-        raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
+    check_new_run(run_dir)
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
     if arch not in ("gpt2", "llama", "qwen2", "qwen3"):

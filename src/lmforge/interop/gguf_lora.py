@@ -36,8 +36,9 @@ from lmforge.interop.gguf_export import GGUFExportError, interleave_halves, is_g
 from lmforge.interop.gguf_header import GGUFHeaderError, read_header, tensor_bytes
 from lmforge.interop.gguf_import import _halves_from_interleaved
 from lmforge.interop.hf_export import HFExportError
+from lmforge.interop.hf_import import check_new_run
 from lmforge.interop.peft_export import HF_BLOCK, PREFIX, WEIGHTS, peft_adapter_files
-from lmforge.interop.peft_import import PEFTImportError, check_new_run, import_lora
+from lmforge.interop.peft_import import PEFTImportError, import_lora
 from lmforge.lora import LoRAConfig
 
 # Hugging Face module inside a block -> llama.cpp's tensor inside blk.N (PEFT's naming: gpt2, or llama for every

@@ -139,16 +139,22 @@ def hf_to_lmforge(hf_dir: str | Path) -> tuple[GPT, Any, dict[str, Any]]:
     return model.eval(), tokenizer, hf_config
 
 
+def check_new_run(run_dir: Path) -> None:
+    """CheckpointError unless `run_dir` is free for an imported checkpoint (no file there, no checkpoints in it):
+    every `lmforge import` (a model, a GGUF file, an adapter) checks it before reading anything."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {run_dir} is a file, not a directory: choose another --out")
+    if complete_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
+
+
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     """Write the Hugging Face model in `hf_dir` as RUN_DIR/checkpoints/step-00000000; return that path.
 
     Refuses a run directory that already holds checkpoints (nothing on disk is changed then).
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"--out {run_dir} is a file, not a directory: choose another --out")
-    if complete_checkpoints(run_dir):
-        raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
+    check_new_run(run_dir)
     model, tokenizer, hf_config = hf_to_lmforge(hf_dir)
     config = RunConfig(model=model.config, train=TrainConfig(run_dir=str(run_dir)))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -37,12 +37,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lmforge.checkpoint import (complete_checkpoints, load_body_weights, load_for_inference, read_run_config,
-                                save_checkpoint, verified_checkpoint)
+from lmforge.checkpoint import (load_body_weights, load_for_inference, read_run_config, save_checkpoint,
+                                verified_checkpoint)
 from lmforge.config import LoRAConfig, RunConfig, TrainConfig, to_dict
-from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.errors import LmforgeError
 from lmforge.interop import hf_gpt2
 from lmforge.interop.hf_export import HFExportError, converter_for_model
+from lmforge.interop.hf_import import check_new_run
 from lmforge.interop.peft_export import CONFIG, HF_BLOCK, HF_MODULES, PREFIX, WEIGHTS, _row_sizes
 from lmforge.lora import LoRALinear, apply_lora, base_fingerprint, lora_plan
 from lmforge.model import GPT
@@ -66,7 +67,7 @@ def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path) 
     """Write the PEFT LoRA adapter in `adapter_dir`, applied to the lmforge checkpoint `base` (a run or checkpoint
     directory of a plain model: its HF model imported), as RUN_DIR/checkpoints/step-00000000; return that path.
     PEFTImportError (one line naming the cause) for an adapter lmforge cannot express or that does not fit the base;
-    CheckpointError for a run directory holding checkpoints already. Nothing is written then."""
+    CheckpointError for a run directory holding checkpoints already (hf_import.check_new_run). Nothing is written then."""
     adapter_dir, run_dir = Path(adapter_dir), Path(run_dir)
     check_new_run(run_dir)
     settings = _adapter_config(adapter_dir)
@@ -74,14 +75,6 @@ def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path) 
     return import_lora(settings, tensors, base, run_dir, adapter_dir / WEIGHTS,
                        {"path": str(adapter_dir.resolve()), "format": "peft",
                         "base_model_name_or_path": settings.get("base_model_name_or_path")})
-
-
-def check_new_run(run_dir: Path) -> None:
-    """CheckpointError unless `run_dir` is free for an imported checkpoint (no file there, no checkpoints in it)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"--out {run_dir} is a file, not a directory: choose another --out")
-    if complete_checkpoints(run_dir):
-        raise CheckpointError(f"{run_dir} already holds checkpoints; import into a new --out directory")
 
 
 def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base: str | Path, run_dir: Path,
