@@ -549,6 +549,17 @@ MUTANTS = [
            '"alpha_pattern": {} if alpha else', '"alpha_pattern": {} if True else',
            ("tests/test_gguf_lora.py::"
             "test_an_adapter_file_read_back_onto_its_base_is_the_adapted_model[gpt2-qvo-mlp]",)),
+    Mutant("lora-continued-run-drops-the-adapters-it-starts-from", "train/trainer.py",
+           "        load_training_state(ckpt, model, None, device)  # verified; the adapters and heads", "        pass",
+           ("tests/test_lora_continue.py::"
+            "test_a_run_from_a_lora_run_starts_at_its_model_and_trains_its_adapters_on",)),
+    Mutant("lora-continued-preference-reference-is-the-bare-base", "train/trainer.py",
+           "and (config.lora is None or self.adapters_loaded) and", "and config.lora is None and",
+           ("tests/test_lora_continue.py::"
+            "test_preference_from_a_lora_run_takes_its_model_as_the_reference[False]",)),
+    Mutant("lora-continued-reference-scores-keyed-without-the-adapters", "train/trainer.py",
+           "base_fingerprint(model, adapters=self.adapters_loaded)", "base_fingerprint(model)",
+           ("tests/test_lora_continue.py::test_precomputed_scores_of_other_adapters_are_not_reused",)),
 ]
 
 

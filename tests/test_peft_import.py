@@ -97,6 +97,24 @@ def test_an_adapter_peft_made_computes_peft_s_logits_adapted_and_merged(tmp_path
         assert config.lora.r == 4  # the largest rank the adapters need: q's 4 (up's 3 in mlp.fc's lower half)
 
 
+def test_an_imported_adapter_trains_on_from_peft_s_model(tmp_path):
+    """`lmforge train --train.init_from IMPORTED`: the run starts at PeftModel's logits and trains the adapters."""
+    from tiny_training import tiny_config, tiny_trainer
+
+    options, lora = PEFT_CASES["llama-patterns-rslora"]
+    base, hf = base_run(tmp_path, options)
+    expected = logits(peft_adapter(hf, tmp_path / "adapter", **lora), IDS)
+    import_peft(tmp_path / "adapter", base, tmp_path / "lora")
+    trainer = tiny_trainer(tiny_config(tmp_path / "next", **{"train.init_from": tmp_path / "lora", "train.max_steps": 2,
+                                                              "optim.lr": 1e-2}))
+    assert trainer.config.lora == read_run_config(tmp_path / "lora" / "checkpoints" / "step-00000000").lora
+    assert (logits(trainer.raw_model.eval(), IDS) - expected).abs().max() <= IMPORTED
+    before = logits(trainer.raw_model, IDS)
+    trainer.raw_model.train()
+    trainer.fit()
+    assert (logits(trainer.raw_model.eval(), IDS) - before).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("case", ["gpt2-qvo-mlp", "llama-qvo-mlp", "llama-k-head"])
 def test_lmforge_s_own_peft_export_comes_back_as_the_same_model(tmp_path, case):
     model, lora, _ = adapted_model(case)

@@ -1448,7 +1448,7 @@ def _add_import(sub: Any) -> None:
             A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) or a llama.cpp LoRA
             adapter (.gguf) becomes a LoRA checkpoint on --base, the lmforge run of the model it was trained on
             (imported first): generate, eval, serve, merge and export use it as any LoRA run; it computes what
-            peft (or llama.cpp) computes."""),
+            peft (or llama.cpp) computes. --train.init_from it trains its adapters on."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge import ~/models/gpt2 --out runs/gpt2
@@ -1456,7 +1456,8 @@ def _add_import(sub: Any) -> None:
               lmforge prepare corpus/ --tokenizer runs/gpt2/checkpoints/step-00000000/tokenizer.json --out data/mine
               lmforge train --data data/mine --run-dir runs/gpt2-mine --train.init_from runs/gpt2
               lmforge import exports/char-small.gguf --out runs/from-gguf
-              lmforge import ~/adapters/my-lora --base runs/llama --out runs/llama-my-lora   # a PEFT adapter"""))
+              lmforge import ~/adapters/my-lora --base runs/llama --out runs/llama-my-lora   # a PEFT adapter
+              lmforge train --data data/mine --run-dir runs/llama-my-lora-2 --train.init_from runs/llama-my-lora"""))
     p.add_argument("hf_dir", metavar="HF_DIR_OR_GGUF",
                    help="directory a Hugging Face model or PEFT adapter was saved to, or a .gguf file")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create the checkpoint in")

@@ -494,7 +494,8 @@ class TrainConfig:
         "full")
     resume: str = doc("none | auto (newest complete checkpoint in run_dir) | PATH to a checkpoint.", "none")
     init_from: str = doc("none | PATH of a checkpoint or run (e.g. from `lmforge import`) whose model and weights "
-                         "a new run starts from; optimizer, step and data start fresh, model.* comes from it.", "none")
+                         "a new run starts from; optimizer, step and data start fresh, model.* comes from it (and "
+                         "lora.* from a LoRA run, whose adapters train on).", "none")
     num_threads: int = doc("CPU threads for torch; 0 = torch's default.", 0, ge=0)
     nonfinite: Literal["stop", "skip"] = doc("On a NaN/Inf loss or gradient (the weights are never updated by it): "
                                              "stop writes RUN_DIR/nonfinite-step-N.json and exits with code 3, skip "
@@ -884,6 +885,27 @@ class RunConfig:
             raise ConfigError("lora.* is set but train.init_from is none: LoRA adapts a trained model; pass "
                               "--train.init_from RUN_OR_CHECKPOINT (e.g. one `lmforge import` wrote), or drop the "
                               "lora settings to train every weight")
+
+
+def with_init_sections(config: RunConfig, init: RunConfig, source: str | Path) -> RunConfig:
+    """`config` as a run started from the checkpoint `source` (train.init_from, whose config is `init`) trains it:
+    with that checkpoint's model section, and when it is a LoRA run's, its lora section too: the new run trains
+    those adapters on, on their base. lora.* of `config` may repeat the checkpoint's r, alpha and targets (and change
+    dropout and weight_decay); other adapters on top of adapters are refused (merge the LoRA run first)."""
+    if init.lora is None:
+        return dataclasses.replace(config, model=init.model)
+    ours, theirs = config.lora, init.lora
+    if ours is None:
+        return dataclasses.replace(config, model=init.model, lora=init.lora)
+    shape = [(x.r, x.alpha, sorted(x.targets)) for x in (ours, theirs)]
+    if shape[0] != shape[1]:
+        raise ConfigError(f"train.init_from {source} is a LoRA run with r={theirs.r}, alpha={theirs.alpha:g}, "
+                          f"targets={','.join(theirs.targets)}, and lora.* asks r={ours.r}, alpha={ours.alpha:g}, "
+                          f"targets={','.join(ours.targets)}: a run started from it trains its adapters on, so drop "
+                          f"lora.r/alpha/targets (dropout and weight_decay may change), or `lmforge merge` it and "
+                          f"start new adapters from the merged checkpoint")
+    return dataclasses.replace(config, model=init.model, lora=dataclasses.replace(theirs, dropout=ours.dropout,
+                                                                                   weight_decay=ours.weight_decay))
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "lora": LoRAConfig}

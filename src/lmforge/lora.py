@@ -274,14 +274,15 @@ def is_adapted(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def base_fingerprint(model: nn.Module) -> str:
+def base_fingerprint(model: nn.Module, adapters: bool = False) -> str:
     """Hex sha256 over the model's parameters that are not adapters and not task heads (HEADS, trained whole
     by a LoRA run), in name order: each name, dtype, shape and bytes. The same for a plain model and for it
-    after apply_lora (names unchanged); a merged adapter is part of the weights. Tied weights count once."""
-    adapters = set(lora_state_dict(model))
+    after apply_lora (names unchanged); a merged adapter is part of the weights. Tied weights count once.
+    adapters=True: the adapters count too (what the adapted model computes, not only its base)."""
+    skip = set() if adapters else set(lora_state_dict(model))
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
-        if name in adapters or _is_head(name):
+        if name in skip or _is_head(name):
             continue
         if p.is_meta:
             raise ValueError(f"{name} is on the meta device: it has no values to fingerprint")

@@ -19,10 +19,11 @@ The counts, and where each comes from:
                       a frozen matrix keeps no input for a weight gradient); the steps compute no weight gradients
                       of the frozen matrices: 4N + 6 x adapters + attention FLOPs per token
   preference data     (data.path's manifest, or --task preference) a batch of B pairs is 2B sequences; DPO and
-                      the other reference losses keep a frozen fp32 copy of the model (none with LoRA: the
-                      adapters turn off) and run its forward on every sequence: 2N + attention/3 more FLOPs per
-                      token; simpo and orpo keep and run no reference, nor does train.precompute_reference;
-                      a reward model (train.objective reward) neither: its one-output head reads each example whole
+                      the other reference losses keep a frozen fp32 copy of the model (none with new LoRA
+                      adapters: they turn off; one when they come from a LoRA run) and run its forward on every
+                      sequence: 2N + attention/3 more FLOPs per token; simpo and orpo keep and run no reference,
+                      nor does train.precompute_reference; a reward model (train.objective reward) neither: its
+                      one-output head reads each example whole
   unpaired data       (--task unpaired, KTO) a batch of B completions trains B sequences; the reference's forward
                       runs on them and, for kto, the policy's and the reference's on the B mismatched rows
                       too (no gradients): 3 x (2N + attention/3) more FLOPs per token (apo_zero_unpaired: 1 x)
@@ -68,7 +69,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from lmforge.config import ModelConfig, RunConfig
+from lmforge.config import ModelConfig, RunConfig, TrainConfig, with_init_sections
 from lmforge.distributed import slow_half_warning
 from lmforge.errors import ConfigError
 from lmforge.model import GPT, count_parameters, flops_per_token
@@ -268,7 +269,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     if config.lora is not None and gpus > 1 and parallel == "fsdp":
         raise ConfigError("--parallel fsdp is not supported with lora.*: a LoRA run trains small adapters on a "
                           "frozen base; plan it with --parallel ddp")
-    config, base_note = with_base_model(config)
+    config, base_note, continued = with_base_model(config)
     notes = [base_note] if base_note else []
     m, t = config.model, config.train
     preference, unpaired, reward = task == "preference", task == "unpaired", t.objective == "reward"
@@ -312,7 +313,8 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     P = counts.total
     trained = adapters if config.lora is not None else P
     weights, gradients, optimizer = P * (4 + 2 * bf16) + 4.0 * adapters, 4.0 * trained, 8.0 * trained
-    reference = 4.0 * P if runs_reference and config.lora is None else 0.0  # a frozen fp32 copy, no autocast cache
+    # a frozen fp32 copy, no autocast cache (new LoRA adapters: the base with them off; continued ones: merged copy)
+    reference = 4.0 * P if runs_reference and (config.lora is None or continued) else 0.0
     largest_block = (counts.non_embedding - m.n_embd * (2 if m.bias and m.norm == "layernorm" else 1)) / m.n_layer
     if gpus > 1 and parallel == "ddp":
         gradients += 4.0 * trained  # DDP's buckets: a second fp32 copy of the gradients, all-reduced in place
@@ -416,19 +418,23 @@ def teacher_width(config: RunConfig) -> int:
     return teacher.n_embd if teacher is not None else 0
 
 
-def with_base_model(config: RunConfig) -> tuple[RunConfig, str]:
-    """(config with train.init_from's model section, as `lmforge train` trains it; a note), or the config as it is
-    when there is no init_from, or with a note when it cannot be read yet (planned before the base exists)."""
+def with_base_model(config: RunConfig) -> tuple[RunConfig, str, bool]:
+    """(config with train.init_from's model section, as `lmforge train` trains it; a note; whether its adapters
+    continue: init_from is a LoRA run, whose lora section comes too), or the config as it is when there is no
+    init_from, or with a note when it cannot be read yet (planned before the base exists)."""
     if config.train.init_from == "none":
-        return config, ""
+        return config, "", False
     try:
         from lmforge.checkpoint import read_run_config, resolve_checkpoint
 
-        model = read_run_config(resolve_checkpoint(config.train.init_from)).model
+        ckpt = resolve_checkpoint(config.train.init_from)
+        init = read_run_config(ckpt)
     except Exception:  # not trained yet, or not a checkpoint: plan the config's model, and say so
         return config, (f"train.init_from {config.train.init_from} could not be read: planned with the config's "
-                        "model section")
-    return dataclasses.replace(config, model=model), f"the model of train.init_from {config.train.init_from}"
+                        "model section"), False
+    continued = init.lora is not None
+    return (with_init_sections(config, init, ckpt), f"the model of train.init_from {config.train.init_from}"
+            + (" and its LoRA adapters, which train on" if continued else ""), continued)
 
 
 def online_sampling(config: RunConfig, fpt: int, parameters: int, flops: float, bandwidth: float, cpu: bool,
@@ -560,13 +566,14 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
 
     from lmforge.checkpoint import save_checkpoint
     from lmforge.data.batches import ExampleBatches, Examples, TokenBatches
+    from lmforge.lora import apply_lora, base_fingerprint
     from lmforge.train import Trainer
 
     if steps < 1:
         raise ConfigError(f"--measure-steps {steps} is invalid: use 1 or more")
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is unknown: choose one of {', '.join(TASKS)}")
-    config, _ = with_base_model(config)  # the model the plan counts (train.init_from's), with random weights
+    config, _, continued = with_base_model(config)  # the model the plan counts (train.init_from's), random weights
     m, t = config.model, config.train
     if t.online:
         raise ConfigError("--measure trains on random tokens, which have no prompts to sample online (train."
@@ -583,8 +590,15 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
         reward = t.objective == "reward"  # a reward model: pairs read whole, no reference
         if config.lora is not None or (preference and not reward and PreferenceLoss.of(t).needs_reference):
             torch.manual_seed(t.seed)
-            train = dataclasses.replace(train, init_from=str(save_checkpoint(
-                Path(tmp) / "base", 0, GPT(m), None, RunConfig(model=m), {"tokens_seen": 0})))
+            model = GPT(m)
+            init = save_checkpoint(Path(tmp) / "base", 0, model, None, RunConfig(model=m), {"tokens_seen": 0})
+            if continued:  # init_from a LoRA run: random adapters of its shape on that base, as a LoRA checkpoint
+                base = {"path": str(init.resolve()), "fingerprint": base_fingerprint(model)}
+                apply_lora(model, config.lora)
+                init = save_checkpoint(Path(tmp) / "lora", 0, model, None, RunConfig(
+                    model=m, lora=config.lora, train=TrainConfig(init_from=str(init))), {"tokens_seen": 0,
+                                                                                         "base": base})
+            train = dataclasses.replace(train, init_from=str(init))
         config = dataclasses.replace(config, train=train)
         if preference:  # 2 rows a pair (1 an unpaired completion), each block_size + 1 tokens, the first half prompt
             rows, length = (2 - (task == "unpaired")) * t.batch_size * t.grad_accum * (steps + 1), m.block_size + 1

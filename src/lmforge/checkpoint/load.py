@@ -165,20 +165,29 @@ def load_adapted_lora(ckpt: str | Path, config: RunConfig) -> nn.Module:
     its heads loaded, on the CPU: what the run trained, e.g. to export the adapters on their own."""
     from lmforge.model import GPT
 
+    model = GPT(config.model)
+    load_lora_base(model, ckpt, "cpu")
+    apply_lora(model, config.lora)
+    load_weights(model, ckpt, "cpu")
+    return model.eval()
+
+
+def load_lora_base(model: nn.Module, ckpt: str | Path, device: torch.device | str = "cpu") -> dict[str, str]:
+    """Load into the plain `model` the base whose adapters the LoRA checkpoint `ckpt` holds (a classifier's body
+    from a language model, as the trainer loaded it), refusing a base whose weights changed since (check_base).
+    Returns the base's record {"path": its checkpoint, "fingerprint"} as the LoRA run's state.json has it."""
     saved = lora_base(ckpt)
     if not Path(saved["path"]).exists():
         raise CheckpointError(f"{ckpt} holds LoRA adapters of the base {saved['path']}, which no longer exists; "
                               f"restore that base checkpoint to use them")
     base_ckpt = resolve_checkpoint(saved["path"])
-    model = GPT(config.model)
-    if config.model.head == "classify" and read_run_config(base_ckpt).model.head == "lm":  # as the trainer loaded it
-        load_body_weights(model, base_ckpt)
-    else:
-        load_weights(model, base_ckpt, "cpu")
-    check_base(ckpt, saved, base_fingerprint(model), base_ckpt)
-    apply_lora(model, config.lora)
-    load_weights(model, ckpt, "cpu")
-    return model.eval()
+    if unwrap(model).config.head == "classify" and read_run_config(base_ckpt).model.head == "lm":
+        load_body_weights(model, base_ckpt, device)
+    else:  # unverified: the fingerprint below compares every weight's bytes
+        load_weights(model, base_ckpt, device)
+    fingerprint = base_fingerprint(model)
+    check_base(ckpt, saved, fingerprint, base_ckpt)
+    return {"path": str(Path(base_ckpt).resolve()), "fingerprint": fingerprint}
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu",

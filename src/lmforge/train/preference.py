@@ -18,7 +18,8 @@ lmforge.head_loss: only the completion's positions reach the head, no (2P, T, V)
 train.loss_chunk 0 from the whole logits (preference_loss.sequence_logprobs).
 
 The reference is the model the run starts from (train.init_from), frozen (none for simpo and orpo): a copy of it
-for full fine-tuning, and for LoRA the trained model itself with its adapters off (lmforge.lora.adapters_off),
+for full fine-tuning (and for LoRA adapters that start from a LoRA run's: merged into the copy), and for new LoRA
+adapters the trained model itself with its adapters off (lmforge.lora.adapters_off),
 which costs no memory. A resumed run rebuilds it from train.init_from, so it never drifts. With
 train.precompute_reference it scores every completion once instead, and RUN_DIR/reference_logps.safetensors keeps
 the scores (read_scores / write_scores): a resumed run reads them back when they were made by the same weights on
@@ -42,15 +43,16 @@ from torch import nn
 
 from lmforge.data.batches import Examples, pad_examples, pair_rows
 from lmforge.distributed import DistInfo, all_reduce_sum
-from lmforge.lora import adapters_off, is_adapted
+from lmforge.lora import adapters_off, is_adapted, merge_lora
 from lmforge.preference_loss import PreferenceLoss, reference_point
 
 
 def frozen_reference(model: nn.Module) -> nn.Module:
-    """A frozen copy of `model` (eval mode, no gradients): the reference of full-model preference training."""
+    """A frozen copy of `model` (eval mode, no gradients): the reference of full-model preference training, and of
+    a LoRA run whose adapters start from another LoRA run's (folded into the copy's weights: a plain GPT)."""
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
-    return reference
+    return merge_lora(reference) if is_adapted(reference) else reference
 
 
 @contextlib.contextmanager

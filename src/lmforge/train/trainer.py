@@ -45,9 +45,9 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
                                 load_training_state, newest_intact_checkpoint, prune_checkpoints, read_run_config,
                                 resolve_checkpoint,
                                 restore_rng, save_checkpoint, verified_checkpoint)
-from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, lora_base
+from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, load_lora_base, lora_base
 from lmforge.checkpoint import has_optimizer_state, save_sharded_checkpoint
-from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict
+from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict, with_init_sections
 from lmforge.data.batches import IGNORE_INDEX, Batches, TokenBatches, fixed_batches, fixed_example_batches
 from lmforge.data.tasks import TEXT_TASKS
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
@@ -340,22 +340,35 @@ def with_init_model(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
 
     A run started from a checkpoint (e.g. one `lmforge import` wrote) trains that model: architecture and
     vocabulary come from the checkpoint, the Trainer loads its weights; optimizer, step and data start fresh.
+    A LoRA run's checkpoint gives its lora section too: its adapters train on (config.with_init_sections).
     """
     if config.train.init_from == "none":
         return config, None
     ckpt = resolve_checkpoint(config.train.init_from)
-    return dataclasses.replace(config, model=read_run_config(ckpt).model), ckpt
+    return with_init_sections(config, read_run_config(ckpt), ckpt), ckpt
 
 
-def load_init_weights(model: nn.Module, ckpt: Path, device: torch.device, tokenizer_file: Optional[Path]) -> None:
+def load_init_weights(model: nn.Module, ckpt: Path, lora: Optional[LoRAConfig], device: torch.device,
+                      tokenizer_file: Optional[Path]) -> tuple[Optional[dict[str, str]], bool]:
     """Load the weights of the train.init_from checkpoint, refusing data made with another tokenizer. A classifier
-    started from a language model takes its body only (load_body_weights: the classifier starts fresh)."""
+    started from a language model takes its body only (load_body_weights: the classifier starts fresh).
+
+    With `lora` the model is then frozen and adapted (apply_lora_for_training); when `ckpt` is a LoRA run's, its
+    base loads first (checked against the fingerprint the run recorded) and then its adapters and heads, which train
+    on. Returns (the base's {"path", "fingerprint"} for a LoRA run, else None; whether adapters were loaded)."""
     check_data_tokenizer(ckpt, tokenizer_file)
+    if lora is not None and read_run_config(ckpt).lora is not None:  # with_init_sections matched the two
+        base = load_lora_base(model, ckpt, device)
+        apply_lora(model, lora)
+        train_heads(model)
+        load_training_state(ckpt, model, None, device)  # verified; the adapters and heads
+        return base, True
     head = getattr(getattr(unwrap(model), "config", None), "head", "lm")
     if head == "classify" and read_run_config(ckpt).model.head == "lm":
         load_body_weights(model, ckpt, device)
     else:
         load_training_state(ckpt, model, None, device)
+    return (apply_lora_for_training(model, lora, ckpt) if lora is not None else None), False
 
 
 def with_classify_head(config: RunConfig, num_labels: int) -> RunConfig:
@@ -477,19 +490,20 @@ class Trainer:
         seed_everything(tc.seed)
         self.raw_model = model.to(self.device) if model is not None else build_model(config.model, self.device, tc.seed)
         self.embedding_report: Optional[dict[str, Any]] = None
-        if init_ckpt is not None:
-            load_init_weights(self.raw_model, init_ckpt, self.device, self.tokenizer_file)
+        self.base: Optional[dict[str, str]] = None  # LoRA: {"path", "fingerprint"} of the frozen base (state.json)
+        self.adapters_loaded = False  # train.init_from is a LoRA run: its adapters were loaded and train on
+        if init_ckpt is not None:  # RunConfig refuses lora without init_from
+            self.base, self.adapters_loaded = load_init_weights(self.raw_model, init_ckpt, config.lora, self.device,
+                                                                self.tokenizer_file)
         elif model is None and config.data.embedding_init != "none":
             self.embedding_report = init_token_embeddings(self.raw_model, config, self.tokenizer_file)
-        # preference data: the frozen reference, the model as it starts (LoRA: the policy with its adapters off;
-        # none for a reference-free loss, or when its log-probabilities are computed now, once)
+        # preference data: the frozen reference, the model as it starts (a new LoRA run's adapters add nothing yet:
+        # the policy with its adapters off; adapters loaded from a LoRA run are part of it: a merged copy); none for
+        # a reference-free loss, or when its log-probabilities are computed now, once
         if self.preference and tc.precompute_reference:
             self.precompute_reference(val_pairs, progress)
-        self.reference = (frozen_reference(self.raw_model) if self.preference and config.lora is None
-                          and self.preference_loss.needs_reference and not tc.precompute_reference else None)
-        self.base: Optional[dict[str, str]] = None  # LoRA: {"path", "fingerprint"} of the frozen base (state.json)
-        if config.lora is not None and init_ckpt is not None:  # RunConfig refuses lora without init_from
-            self.base = apply_lora_for_training(self.raw_model, config.lora, init_ckpt)
+        self.reference = (frozen_reference(self.raw_model) if self.preference and self.preference_loss.needs_reference
+                          and (config.lora is None or self.adapters_loaded) and not tc.precompute_reference else None)
         unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
         self.online: Optional[Any] = None  # train.online_reward_model: on-policy pairs at every step (train/online.py)
         self.online_reward: Optional[float] = None  # samples' mean reward (online DPO: last micro-batch; GRPO: step)
@@ -999,15 +1013,17 @@ class Trainer:
 
     def precompute_reference(self, val_pairs: Optional[Any], progress: bool) -> None:
         """train.precompute_reference: every train (and val) completion's log-probability under the model as it
-        starts, the reference, with the train and val batches carrying their rows' values from now on. Called
-        before LoRA's adapters, FSDP or DDP touch the model; each process scores its share of the pairs. The scores
-        are kept in RUN_DIR/reference_logps.safetensors and read back by a later start whose weights, data and
-        settings are the same (a resume); prepared data only (given batches are scored every time)."""
+        starts, the reference, with the train and val batches carrying their rows' values from now on. Called with
+        LoRA's adapters on (a new run's add nothing yet), before FSDP or DDP touch the model; each process scores
+        its share of the pairs. The scores are kept in RUN_DIR/reference_logps.safetensors and read back by a later
+        start whose weights, data and settings are the same (a resume); prepared data only (given batches are scored
+        every time)."""
         model, tc = self.raw_model, self.config.train
         splits = {"train": self.train_data.examples, **({"val": val_pairs} if val_pairs is not None else {})}
         path, key = self.run_dir / SCORES_FILE, None
         if self.data_manifest_sha256 is not None:
-            key = {"format": SCORES_FORMAT, "base": base_fingerprint(model), "data": self.data_manifest_sha256,
+            key = {"format": SCORES_FORMAT, "base": base_fingerprint(model, adapters=self.adapters_loaded),
+                   "data": self.data_manifest_sha256,
                    "precision": tc.precision, "loss_chunk": tc.loss_chunk, "batch_size": tc.batch_size,
                    "sizes": {name: len(examples) for name, examples in splits.items()}}
         scores = read_scores(path, key) if key is not None else None
