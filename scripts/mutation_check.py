@@ -560,6 +560,21 @@ MUTANTS = [
     Mutant("lora-continued-reference-scores-keyed-without-the-adapters", "train/trainer.py",
            "base_fingerprint(model, adapters=self.adapters_loaded)", "base_fingerprint(model)",
            ("tests/test_lora_continue.py::test_precomputed_scores_of_other_adapters_are_not_reused",)),
+    Mutant("dora-norm-takes-gradient", "lora.py",
+           "        with torch.no_grad():\n            rows = self.weight[adapter.start:adapter.start + adapter.size]\n"
+           "            return torch.linalg.vector_norm(rows + self.scale * adapter.delta().to(rows.dtype), dim=1)",
+           "        rows = self.weight[adapter.start:adapter.start + adapter.size]\n"
+           "        return torch.linalg.vector_norm(rows + self.scale * adapter.delta().to(rows.dtype), dim=1)",
+           ("tests/test_dora.py::test_a_dora_linear_is_the_papers_formula_with_the_norm_taken_without_gradient[0.0]",)),
+    Mutant("dora-export-scales-rows-no-adapter-covers", "interop/peft_export.py",
+           "magnitude = torch.linalg.vector_norm(module.weight[lo:lo + n].float(), dim=1).cpu()",
+           "magnitude = torch.ones(n)",
+           ("tests/test_dora.py::test_peft_computes_the_exported_dora_adapter_as_lmforge_does[gpt2-k]",)),
+    Mutant("dora-import-mlp-magnitudes-misplaced", "interop/peft_import.py",
+           "                magnitudes.setdefault((linear, target), []).append((offset, M))",
+           "                magnitudes.setdefault((linear, target), []).append((0, M))",
+           ("tests/test_peft_import.py::"
+            "test_a_dora_adapter_peft_made_computes_peft_s_logits_adapted_and_merged[llama-every-module]",)),
 ]
 
 

@@ -97,6 +97,21 @@ def test_an_adapter_peft_made_computes_peft_s_logits_adapted_and_merged(tmp_path
         assert config.lora.r == 4  # the largest rank the adapters need: q's 4 (up's 3 in mlp.fc's lower half)
 
 
+@pytest.mark.parametrize("case", PEFT_CASES)
+def test_a_dora_adapter_peft_made_computes_peft_s_logits_adapted_and_merged(tmp_path, case):
+    """use_dora: the magnitudes come to the rows they scale (Llama's gate alone: the up rows keep their own norm)."""
+    options, lora = PEFT_CASES[case]
+    base, hf = base_run(tmp_path, options)
+    theirs = peft_adapter(hf, tmp_path / "adapter", **lora, use_dora=True)
+    expected = logits(theirs, IDS)
+    ckpt = import_peft(tmp_path / "adapter", base, tmp_path / "lora")
+    config = read_run_config(ckpt)
+    assert config.lora.dora
+    assert (logits(load_adapted_lora(ckpt, config), IDS) - expected).abs().max() <= IMPORTED
+    merged, _, _ = load_for_inference(tmp_path / "lora", "cpu")
+    assert (logits(merged, IDS) - expected).abs().max() <= MERGED_TOLERANCE
+
+
 def test_an_imported_adapter_trains_on_from_peft_s_model(tmp_path):
     """`lmforge train --train.init_from IMPORTED`: the run starts at PeftModel's logits and trains the adapters."""
     from tiny_training import tiny_config, tiny_trainer
@@ -193,7 +208,7 @@ GOOD_TENSORS = {A: torch.ones(2, 32), B: torch.ones(32, 2)}
 
 
 @pytest.mark.parametrize("case,config,tensors,needle", [
-    ("dora", {**GOOD, "use_dora": True}, GOOD_TENSORS, "use_dora"),
+    ("dora-without-magnitudes", {**GOOD, "use_dora": True}, GOOD_TENSORS, "lora_magnitude_vector"),
     ("bias", {**GOOD, "bias": "all"}, GOOD_TENSORS, "bias 'all'"),
     ("modules-to-save", {**GOOD, "modules_to_save": ["lm_head"]}, GOOD_TENSORS, "modules_to_save"),
     ("token-cls", {**GOOD, "task_type": "TOKEN_CLS"}, GOOD_TENSORS, "task_type 'TOKEN_CLS'"),

@@ -812,6 +812,9 @@ class LoRAConfig:
                                     "mlp.proj), head (lm_head, when untied).", default_factory=lambda: ["q", "v"])
     weight_decay: float = doc("AdamW weight decay of the adapters (optim.weight_decay applies to full training and "
                               "to a classification head).", 0.0, ge=0, lt=10)
+    dora: bool = doc("DoRA (Liu et al. 2024, peft's use_dora): each adapted row of a weight is split into a "
+                     "magnitude, trained, and the direction of W + (alpha / r) B A; often closer to full fine-tuning "
+                     "at a low rank, each step a little slower.", False)
 
     def __post_init__(self) -> None:
         validate(self, "lora")
@@ -897,13 +900,14 @@ def with_init_sections(config: RunConfig, init: RunConfig, source: str | Path) -
     ours, theirs = config.lora, init.lora
     if ours is None:
         return dataclasses.replace(config, model=init.model, lora=init.lora)
-    shape = [(x.r, x.alpha, sorted(x.targets)) for x in (ours, theirs)]
+    shape = [(x.r, x.alpha, sorted(x.targets), x.dora) for x in (ours, theirs)]
     if shape[0] != shape[1]:
+        dora = [", dora" if x.dora else "" for x in (theirs, ours)]
         raise ConfigError(f"train.init_from {source} is a LoRA run with r={theirs.r}, alpha={theirs.alpha:g}, "
-                          f"targets={','.join(theirs.targets)}, and lora.* asks r={ours.r}, alpha={ours.alpha:g}, "
-                          f"targets={','.join(ours.targets)}: a run started from it trains its adapters on, so drop "
-                          f"lora.r/alpha/targets (dropout and weight_decay may change), or `lmforge merge` it and "
-                          f"start new adapters from the merged checkpoint")
+                          f"targets={','.join(theirs.targets)}{dora[0]}, and lora.* asks r={ours.r}, "
+                          f"alpha={ours.alpha:g}, targets={','.join(ours.targets)}{dora[1]}: a run started from it "
+                          f"trains its adapters on, so drop lora.r/alpha/targets/dora (dropout and weight_decay may "
+                          f"change), or `lmforge merge` it and start new adapters from the merged checkpoint")
     return dataclasses.replace(config, model=init.model, lora=dataclasses.replace(theirs, dropout=ours.dropout,
                                                                                    weight_decay=ours.weight_decay))
 

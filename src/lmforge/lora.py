@@ -4,7 +4,10 @@ A targeted Linear y = x W^T + b becomes
 
     y = x W^T + b + (alpha / r) * dropout(x) A^T B^T      A (r, in), B (out, r), W and b frozen
 
-with B = 0 at init, so the adapted model starts as the base model exactly. Only A and B train.
+with B = 0 at init, so the adapted model starts as the base model exactly. Only A and B train. With lora.dora
+(DoRA, Liu et al. 2024) each adapted row also has a trained magnitude m (see LoRALinear):
+
+    y_i = m_i / ||(W + (alpha / r) B A)_i|| * (x (W + (alpha / r) B A)_i^T) + b_i      m starts at ||W_i||
 
 Targets name what to adapt (LoRAConfig.targets), mapped onto the model's Linear layers:
 
@@ -21,6 +24,7 @@ under the same names, so an adapted model's state_dict is the plain model's plus
     blocks.0.attn.qkv.lora.q.A    (r, C)         blocks.0.attn.qkv.lora.q.B    (nh*hd, r)
     blocks.0.attn.qkv.lora.v.A    (r, C)         blocks.0.attn.qkv.lora.v.B    (nkv*hd, r)
     blocks.0.attn.proj.lora.o.A   (r, nh*hd)     blocks.0.mlp.fc.lora.mlp.A    (r, C)       lm_head.lora.head.B (V, r)
+    blocks.0.attn.qkv.lora.q.magnitude (nh*hd,)  with DoRA only
 
 Apply it before wrapping the model (DDP, FSDP, torch.compile add prefixes to these names).
 `merge_lora` folds the adapters into the weights and gives back a plain GPT; `base_fingerprint` hashes the
@@ -51,16 +55,18 @@ HEADS = ("classifier",)  # task heads a LoRA run trains whole beside the adapter
 
 # ------------------------------------------------------------------------------------------ adapters
 class Adapter(nn.Module):
-    """One low-rank update B A, (size, in), for `size` output features of a Linear starting at `start`."""
+    """One low-rank update B A, (size, in), for `size` output features of a Linear starting at `start`; with DoRA
+    also their magnitudes m (size,), set by LoRALinear to the norms of the weight's rows."""
 
     def __init__(self, in_features: int, start: int, size: int, r: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, dora: bool = False) -> None:
         super().__init__()
         self.start, self.size = start, size
         self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(size, r, device=device, dtype=dtype))
         # A as nn.Linear initialises a (r, in) weight (as Microsoft's loralib); B = 0 makes B A = 0 (Hu et al. sec. 4.1)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.magnitude = nn.Parameter(torch.empty(size, device=device, dtype=dtype)) if dora else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.A), self.B)  # (..., in) -> (..., r) -> (..., size)
@@ -76,10 +82,16 @@ class LoRALinear(nn.Module):
     `slices` maps a name to (start, size), output features start..start+size-1, each with its own A, B
     (default: one adapter "all" over the whole output). The Linear's weight and bias Parameters are kept
     as they are (the same objects, under the same names) and frozen.
+
+    dora (Liu et al. 2024, DoRA): each adapted row of the weight is a magnitude times a direction,
+    W'_i = m_i (W + s B A)_i / ||(W + s B A)_i||, with m (trained) starting at ||W_i||, so the model starts as the base;
+    the norm is taken without gradient (the paper's sec. 4.3, as peft does). The output is computed as peft's
+    DoraLinearLayer does, y + (m / n - 1) x W^T + (m / n) s x A^T B^T (x dropped out for both terms while training
+    with dropout), so y - b is never scaled twice.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 slices: Optional[dict[str, tuple[int, int]]] = None) -> None:
+                 slices: Optional[dict[str, tuple[int, int]]] = None, dora: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) or None
@@ -95,12 +107,17 @@ class LoRALinear(nn.Module):
                                  f"{self.out_features} output features")
             end = start + size
         device, dtype = self.weight.device, self.weight.dtype
-        self.lora = nn.ModuleDict({name: Adapter(self.in_features, start, size, r, device, dtype)
+        self.lora = nn.ModuleDict({name: Adapter(self.in_features, start, size, r, device, dtype, dora)
                                    for name, (start, size) in ordered})  # in output order, for forward
         self.scale = alpha / r
         self.drop = make_dropout(dropout)
         self.merged = False  # True while the adapters are folded into weight (see merge)
         self.enabled = True  # False inside adapters_off: the frozen base alone
+        self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA while merged: each adapter's row norms (unmerge)
+        if dora and self.weight.device.type != "meta":
+            with torch.no_grad():
+                for adapter in self.lora.values():
+                    adapter.magnitude.copy_(self.row_norms(adapter))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # (..., out)
@@ -110,30 +127,64 @@ class LoRALinear(nn.Module):
         pieces, end = [], 0
         for adapter in self.lora.values():  # the output, cut at the slices: untouched, adapted, untouched, ...
             start, stop = adapter.start, adapter.start + adapter.size
-            pieces += [y[..., end:start], y[..., start:stop] + self.scale * adapter(h)]
+            rows = y[..., start:stop]
+            if adapter.magnitude is None:
+                rows = rows + self.scale * adapter(h)
+            else:
+                rows = rows + self.dora_update(adapter, rows, h)
+            pieces += [y[..., end:start], rows]
             end = stop
         pieces.append(y[..., end:])
         return torch.cat(pieces, dim=-1)  # (..., out)
 
+    def row_norms(self, adapter: Adapter) -> torch.Tensor:
+        """||(W + s B A)_i|| of the adapter's rows, (size,), in the weight's dtype, without gradient."""
+        with torch.no_grad():
+            rows = self.weight[adapter.start:adapter.start + adapter.size]
+            return torch.linalg.vector_norm(rows + self.scale * adapter.delta().to(rows.dtype), dim=1)
+
+    def dora_update(self, adapter: Adapter, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the adapter's rows y (..., size) of the frozen output: (g - 1) x W^T + g s x A^T B^T,
+        g = m / ||W + s B A|| per row; x is h (dropped out) when dropout acts, else the frozen y less its bias."""
+        start, stop = adapter.start, adapter.start + adapter.size
+        g = adapter.magnitude / self.row_norms(adapter)  # (size,)
+        if isinstance(self.drop, nn.Identity) or not self.training:
+            plain = y if self.bias is None else y - self.bias[start:stop]
+        else:
+            plain = F.linear(h, self.weight[start:stop])
+        return (g - 1) * plain + g * (self.scale * adapter(h))
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold scale * B A into the weight rows of each slice; forward is then the plain Linear. For inference:
-        adapters get no gradient while merged. `unmerge` takes them out again."""
-        if not self.merged:
-            self._add(+1.0)
-            self.merged = True
+        """Fold scale * B A into the weight rows of each slice (DoRA: then scale each row to its magnitude m);
+        forward is then the plain Linear. For inference: adapters get no gradient while merged. `unmerge` takes
+        them out again."""
+        if self.merged:
+            return
+        for name, adapter in self.lora.items():
+            rows = self.weight[adapter.start:adapter.start + adapter.size]  # (size, in), a view
+            if adapter.magnitude is None:
+                rows += (self.scale * adapter.delta()).to(rows.dtype)
+                continue
+            norms = self.row_norms(adapter)
+            self.merged_norms[name] = norms
+            g = (adapter.magnitude.float() / norms.float())[:, None]
+            rows.copy_((g * (rows.float() + self.scale * adapter.delta())).to(rows.dtype))
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract what `merge` added (equal to the weight before merging up to rounding)."""
-        if self.merged:
-            self._add(-1.0)
-            self.merged = False
-
-    def _add(self, sign: float) -> None:
-        for adapter in self.lora.values():
-            rows = self.weight[adapter.start:adapter.start + adapter.size]  # (size, in), a view
-            rows += (sign * self.scale * adapter.delta()).to(rows.dtype)
+        """Take out what `merge` put in (equal to the weight before merging up to rounding)."""
+        if not self.merged:
+            return
+        for name, adapter in self.lora.items():
+            rows = self.weight[adapter.start:adapter.start + adapter.size]
+            if adapter.magnitude is None:
+                rows -= (self.scale * adapter.delta()).to(rows.dtype)
+                continue
+            g = (adapter.magnitude.float() / self.merged_norms.pop(name).float())[:, None]
+            rows.copy_((rows.float() / g - self.scale * adapter.delta()).to(rows.dtype))
+        self.merged = False
 
     def extra_repr(self) -> str:
         slices = ", ".join(f"{n}=({a.start}, {a.size})" for n, a in self.lora.items())
@@ -177,7 +228,8 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
     for name, slices in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.alpha, config.dropout, slices))
+        setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.alpha, config.dropout, slices,
+                                          config.dora))
     return model
 
 

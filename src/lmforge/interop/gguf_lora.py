@@ -100,6 +100,9 @@ def export_gguf_adapter(checkpoint: str | Path, out_path: str | Path, *, force: 
     if run_config.model.head != "lm":
         raise GGUFExportError(f"{checkpoint} holds a {run_config.model.head} model; GGUF export writes language "
                               "models")
+    if run_config.lora.dora:
+        raise GGUFExportError(f"{checkpoint} trained DoRA adapters (lora.dora), and a llama.cpp LoRA adapter holds "
+                              "only A and B, no magnitudes: export the run merged (without --adapter)")
     arch = gguf_architecture(run_config.model, checkpoint)
     model = load_adapted_lora(ckpt, run_config)
     return write_gguf_adapter(adapter_tensors(model, run_config.lora, arch), arch, run_config.lora.alpha, out_path)

@@ -4,6 +4,8 @@
                                      lora_alpha, target_modules, rank_pattern / alpha_pattern where modules differ in
                                      rank, fan_in_fan_out (GPT-2), modules_to_save (a classifier: ["score"])
     OUT/adapter_model.safetensors    base_model.model.<HF module>.lora_A.weight (r, in), .lora_B.weight (out, r), fp32;
+                                     with DoRA (use_dora) .lora_magnitude_vector (out,): rows no lmforge adapter
+                                     covers get their weight's own norm, which DoRA leaves as they are;
                                      a classifier's head, trained whole: base_model.model.score.weight (num_labels, C)
 
 The base is the model hf_export writes for the adapted model (base_files: its state_dict holds the frozen weights
@@ -127,6 +129,12 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
                 first, last = max(a.start, lo), min(a.start + a.size, lo + n)  # overlapping rows of the Linear
                 B[first - lo:last - lo, j * r:(j + 1) * r] = a.B[first - a.start:last - a.start].float().cpu()
             weights[f"{PREFIX}{hf}.lora_A.weight"], weights[f"{PREFIX}{hf}.lora_B.weight"] = A, B
+            if lora_config.dora:  # the module's row magnitudes: the adapters', else the rows' own norms (m / n = 1)
+                magnitude = torch.linalg.vector_norm(module.weight[lo:lo + n].float(), dim=1).cpu()
+                for a in overlapping:
+                    first, last = max(a.start, lo), min(a.start + a.size, lo + n)
+                    magnitude[first - lo:last - lo] = a.magnitude[first - a.start:last - a.start].float().cpu()
+                weights[f"{PREFIX}{hf}.lora_magnitude_vector"] = magnitude
             ranks[hf.split(".", 3)[-1]] = A.shape[0]  # "attn.c_attn", "self_attn.q_proj", "lm_head"
     if modules_to_save:  # the trained head under its HF name (the converter's mapping), e.g. score.weight
         heads = _trained_heads(hf_files(model, tokenizer=None)["model.safetensors"], modules_to_save)
@@ -147,7 +155,7 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
         "lora_dropout": lora_config.dropout,
         "bias": "none",
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": lora_config.dora,
         "modules_to_save": list(modules_to_save) or None,
         "inference_mode": True,
     }

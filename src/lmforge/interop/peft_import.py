@@ -4,9 +4,10 @@ merge use as any LoRA run's. The inverse of peft_export:
 
     adapter_config.json             peft_type LORA, task_type CAUSAL_LM or SEQ_CLS (its head, score, saved whole as
                                     modules_to_save), r, lora_alpha, rank_pattern, alpha_pattern, use_rslora (scale
-                                    alpha / sqrt(r)), lora_dropout, target_modules
-    adapter_model.safetensors       base_model.model.<HF module>.lora_A.weight (r, in) and .lora_B.weight (out, r)
-                                    (adapter_model.bin, a pickle, is refused unopened)
+                                    alpha / sqrt(r)), lora_dropout, target_modules, use_dora
+    adapter_model.safetensors       base_model.model.<HF module>.lora_A.weight (r, in) and .lora_B.weight (out, r),
+                                    with DoRA .lora_magnitude_vector (out,) (adapter_model.bin, a pickle, is refused
+                                    unopened)
 
 PEFT adds, per HF module, s * x A^T B^T with s = lora_alpha / r (or / sqrt(r)). An HF module computes rows
 [lo, lo + n) of an lmforge Linear (peft_export.HF_MODULES: Llama's q_proj, k_proj and v_proj are slices of attn.qkv,
@@ -22,7 +23,9 @@ lmforge has one rank for every adapter: the largest this needs; an adapter needi
 adapts that PEFT left alone (a layer outside layers_to_transform, down_proj when only gate and up were adapted), get
 B's columns zero and A's rows random: they add nothing, and further training can use them as a fresh adapter's.
 lmforge's alpha keeps the adapter's own scale (s' = s of the config's r and lora_alpha), so training goes on as it
-was going. Adapters PEFT computes otherwise (DoRA, biases, embedding adapters, other modules) are refused.
+was going. DoRA's magnitudes go to the same rows (DoRA normalises each row alone, so slices and fused Linears do not
+change it); rows PEFT left alone keep their own norm, which leaves them as they are. Adapters PEFT computes otherwise
+(biases, embedding adapters, other modules) are refused.
 """
 
 from __future__ import annotations
@@ -108,15 +111,17 @@ def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base
     except HFExportError as e:
         raise PEFTImportError(f"--base {base} has no Hugging Face equivalent for a PEFT adapter to apply to: {e}") \
             from None
-    contributions = _contributions(settings, tensors, model, arch, source)
+    contributions, magnitudes = _contributions(settings, tensors, model, arch, source)
     lora, adapters = _lmforge_adapters(settings, contributions, model)
     fingerprint = base_fingerprint(model)
-    adapted = apply_lora(model, lora)
+    adapted = apply_lora(model, lora)  # DoRA: every magnitude starts at its row's norm (rows PEFT left alone keep it)
     with torch.no_grad():
         for (linear, target), (A, B) in adapters.items():
             module: LoRALinear = adapted.get_submodule(linear)
             module.lora[target].A.copy_(A)
             module.lora[target].B.copy_(B)
+            for offset, magnitude in magnitudes.get((linear, target), []):
+                module.lora[target].magnitude[offset:offset + magnitude.shape[0]] = magnitude
     config = RunConfig(model=model.config, lora=lora,
                        train=TrainConfig(run_dir=str(run_dir), init_from=str(base_ckpt.resolve())))
     state = {"tokens_seen": 0, "lora": to_dict(lora), "base": {"path": str(base_ckpt.resolve()),
@@ -146,8 +151,6 @@ def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
         unsupported.append(f"peft_type {settings.get('peft_type')!r} (lmforge reads LORA)")
     if settings.get("task_type") not in (None, "CAUSAL_LM", "SEQ_CLS"):
         unsupported.append(f"task_type {settings.get('task_type')!r} (lmforge reads CAUSAL_LM and SEQ_CLS adapters)")
-    if settings.get("use_dora"):
-        unsupported.append("use_dora (DoRA rescales each weight's norm, which lmforge's LoRA does not)")
     if settings.get("bias", "none") != "none" or settings.get("lora_bias"):
         unsupported.append(f"bias {settings.get('bias')!r} (trained biases beside the adapters)")
     heads = set(HEADS) if settings.get("task_type") == "SEQ_CLS" else set()  # a classifier's head trains whole
@@ -218,9 +221,12 @@ def _scale(settings: dict[str, Any], module: str, rank: int) -> float:
 
 
 def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], model: Any, arch: str,
-                   source: Path) -> dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor, int]]]:
+                   source: Path) -> tuple[dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor, int]]],
+                                          dict[tuple[str, str], list[tuple[int, torch.Tensor]]]]:
     """{(lmforge Linear, target): [(A (r_m, in), s_m B_m (n, r_m), first row of B_m within the target's slice)]} of
-    every adapted HF module, checked against the model's shapes."""
+    every adapted HF module, checked against the model's shapes; and with DoRA (use_dora) the modules' magnitudes,
+    {(lmforge Linear, target): [(first row within the target's slice, m (n,))]}."""
+    dora = bool(settings.get("use_dora"))
     config = model.config
     where: dict[str, tuple[str, str, int]] = {}  # HF module -> (lmforge Linear, target, row offset in the slice)
     for i in range(config.n_layer):
@@ -249,16 +255,21 @@ def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], m
             del tensors[key]
     for key in tensors:
         module, _, part = key.removeprefix(PREFIX).rpartition(".lora_")
-        if not key.startswith(PREFIX) or part not in ("A.weight", "B.weight") or module not in where:
+        parts = ("A.weight", "B.weight") + (("magnitude_vector",) if dora else ())
+        if not key.startswith(PREFIX) or part not in parts or module not in where:
             raise PEFTImportError(f"{source} holds {key}, which lmforge's {arch} model has no adapter "
                                   f"for (it adapts {', '.join(sorted({m.split('.', 3)[-1] for m in where}))})")
-        names.setdefault(module, {})[part[0]] = tensors[key]
+        names.setdefault(module, {})[part[0].upper()] = tensors[key]
     contributions: dict[tuple[str, str], list] = {}
+    magnitudes: dict[tuple[str, str], list] = {}
     q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
     for module, pair in sorted(names.items()):
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             raise PEFTImportError(f"{source} has lora_{'A' if 'B' in pair else 'B'} of {module} "
                                   "without its other half; save the adapter again")
+        if dora and "M" not in pair:
+            raise PEFTImportError(f"{source} is a DoRA adapter (use_dora) without {module}'s lora_magnitude_vector; "
+                                  "save the adapter again")
         A, B = pair["A"], pair["B"]
         linear, target, offset = where[module]
         layer = model.get_submodule(linear)
@@ -278,15 +289,23 @@ def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], m
             raise PEFTImportError(f"{module}'s adapter has A {tuple(A.shape)} and B {tuple(B.shape)}, but the base's "
                                   f"{linear} takes {layer.in_features} inputs to {expected} outputs there: the "
                                   "adapter was trained on another model than --base")
+        M = pair.get("M")
+        if M is not None and tuple(M.shape) != (rows,):
+            raise PEFTImportError(f"{module}'s lora_magnitude_vector has shape {tuple(M.shape)}, its adapter {rows} "
+                                  "rows: the adapter was trained on another model than --base")
         s = _scale(settings, module, A.shape[0])
         if target == "qkv":  # one PEFT adapter over q, k and v: each slice its rows of B
             for name, lo, n in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
                 contributions.setdefault((linear, name), []).append((A, s * B[lo:lo + n], 0))
+                if M is not None:
+                    magnitudes.setdefault((linear, name), []).append((0, M[lo:lo + n]))
         else:
             contributions.setdefault((linear, target), []).append((A, s * B, offset))
+            if M is not None:
+                magnitudes.setdefault((linear, target), []).append((offset, M))
     if not contributions:
         raise PEFTImportError(f"{source} holds no adapters (no lora_A / lora_B tensors)")
-    return contributions
+    return contributions, magnitudes
 
 
 def _lmforge_adapters(settings: dict[str, Any], contributions: dict, model: Any
@@ -298,7 +317,7 @@ def _lmforge_adapters(settings: dict[str, Any], contributions: dict, model: Any
     own_scale = settings["lora_alpha"] / (math.sqrt(default_r) if settings.get("use_rslora") else default_r)
     targets = sorted({target for _, target in contributions})
     lora = LoRAConfig(r=r, alpha=own_scale * r, dropout=float(settings.get("lora_dropout") or 0.0),
-                      targets=targets)
+                      targets=targets, dora=bool(settings.get("use_dora")))
     generator = torch.Generator().manual_seed(0)
     adapters = {}
     for linear, slices in lora_plan(model, lora).items():
