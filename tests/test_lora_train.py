@@ -154,3 +154,38 @@ def test_export_of_a_lora_run_gives_the_base_and_a_peft_adapter_or_one_merged_mo
     assert not (tmp_path / "merged" / "adapter").exists()
     with torch.no_grad():
         assert (merged(ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_lora_plus_moves_B_at_lr_ratio_times_the_learning_rate_and_A_at_it(tmp_path):
+    """lora.lr_ratio 16 (LoRA+): B (and nothing else) in a group at 16 x the schedule's lr. AdamW's first update is
+    lr x g / (|g| + eps), about lr per element, so B's first move is 16 x what a plain LoRA run's would be."""
+    base = write_base(tmp_path)
+    moves = {}
+    for ratio in (1, 16):
+        trainer = tiny_trainer(lora_config(tmp_path / f"run{ratio}", base, **{
+            "lora.lr_ratio": ratio, "lora.dropout": 0.0, "train.grad_accum": 1, "optim.warmup_steps": 0}))
+        groups = trainer.optimizer.param_groups
+        B = [p for name, p in trainer.raw_model.named_parameters() if name.endswith(".B")]
+        before = [p.detach().clone() for p in B]
+        trainer.train_step()
+        moves[ratio] = max(float((p - q).abs().max()) for p, q in zip(B, before))
+        if ratio == 16:
+            (fast,) = [g for g in groups if g.get("lr_scale")]
+            assert {id(p) for p in fast["params"]} == {id(p) for p in B} and fast["lr"] == 16 * groups[-2]["lr"]
+        else:
+            assert not any("lr_scale" in g for g in groups)
+    assert moves[16] == pytest.approx(16 * moves[1], rel=0.02)
+
+
+def test_a_lora_plus_dora_run_resumes_bit_identically(tmp_path):
+    base = write_base(tmp_path)
+    settings = {"lora.lr_ratio": 16, "lora.dora": True, "train.max_steps": 4, "train.save_interval": 2}
+    full = tiny_trainer(lora_config(tmp_path / "full", base, **settings))
+    full.fit()
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step-00000002")
+    resumed = tiny_trainer(lora_config(tmp_path / "resumed", base, **settings, **{"train.resume": "auto"}))
+    assert [g.get("lr_scale") for g in resumed.optimizer.param_groups] == [None, 16]
+    resumed.fit()
+    assert resumed.history == full.history[2:] and len(resumed.history) == 2

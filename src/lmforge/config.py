@@ -812,6 +812,9 @@ class LoRAConfig:
                                     "mlp.proj), head (lm_head, when untied).", default_factory=lambda: ["q", "v"])
     weight_decay: float = doc("AdamW weight decay of the adapters (optim.weight_decay applies to full training and "
                               "to a classification head).", 0.0, ge=0, lt=10)
+    lr_ratio: float = doc("LoRA+ (Hayou et al. 2024): the B matrices (and DoRA magnitudes) learn at optim.lr times "
+                          "this, A at optim.lr; the paper suggests 16 (peft's loraplus_lr_ratio); 1 = plain LoRA.",
+                          1.0, gt=0, le=1000)
     dora: bool = doc("DoRA (Liu et al. 2024, peft's use_dora): each adapted row of a weight is split into a "
                      "magnitude, trained, and the direction of W + (alpha / r) B A; often closer to full fine-tuning "
                      "at a low rank, each step a little slower.", False)

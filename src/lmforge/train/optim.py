@@ -27,7 +27,7 @@ from lmforge.train.muon import BatchedMuon
 
 
 def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: float = 0.0,
-                 muon: bool = False) -> list[dict]:
+                 muon: bool = False, adapter_lr_ratio: float = 1.0) -> list[dict]:
     """[{params: decayed, weight_decay}, {params: not decayed, weight_decay: 0}] and, for a model with LoRA
     adapters, {params: adapters, weight_decay: adapter_weight_decay}, and with `muon`, {params: the blocks'
     hidden matrices, muon: True} (taken out of the decayed group), each with names for inspection; frozen
@@ -36,12 +36,14 @@ def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: fl
     Not decayed: parameters of nn.Embedding modules, and every parameter with fewer than 2 dimensions
     (biases, LayerNorm/RMSNorm gains). The adapters (lmforge.lora) have their own decay (lora.weight_decay,
     0 by default): decaying A and B pulls the update B A toward 0, i.e. toward the base, not toward small weights.
+    adapter_lr_ratio != 1 (LoRA+, lora.lr_ratio): the adapters' B matrices and DoRA magnitudes (peft's LoRA+ takes
+    every 1-D adapter tensor with B) get a group of their own with lr_scale = adapter_lr_ratio.
     """
     embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     adapter_ids = {id(p) for p in lora_parameters(model)}
     hidden_ids = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)} if muon else set()
     groups: dict[str, tuple[list, list]] = {"decay": ([], []), "no_decay": ([], []), "adapters": ([], []),
-                                            "muon": ([], [])}
+                                            "adapters_b": ([], []), "muon": ([], [])}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
@@ -51,10 +53,14 @@ def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: fl
             full = f"{module_name}.{name}" if module_name else name
             kind = ("adapters" if id(p) in adapter_ids else "muon" if id(p) in hidden_ids else
                     "no_decay" if id(p) in embedding_ids or p.ndim < 2 else "decay")
+            if kind == "adapters" and adapter_lr_ratio != 1.0 and (name == "B" or p.ndim < 2):
+                kind = "adapters_b"
             groups[kind][0].append(p)
             groups[kind][1].append(full)
-    decays = {"decay": weight_decay, "no_decay": 0.0, "adapters": adapter_weight_decay}
-    return [{"params": params, "names": names, **({"muon": True} if kind == "muon" else {"weight_decay": decays[kind]})}
+    decays = {"decay": weight_decay, "no_decay": 0.0, "adapters": adapter_weight_decay,
+              "adapters_b": adapter_weight_decay}
+    return [{"params": params, "names": names, **({"muon": True} if kind == "muon" else {"weight_decay": decays[kind]}),
+             **({"lr_scale": adapter_lr_ratio} if kind == "adapters_b" else {})}
             for kind, (params, names) in groups.items() if kind in ("decay", "no_decay") or params]
 
 
@@ -103,17 +109,19 @@ class MuonWithAdamW:
             offset += count
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device,
-                    adapter_weight_decay: float = 0.0) -> torch.optim.AdamW | MuonWithAdamW:
+def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device, adapter_weight_decay: float = 0.0,
+                    adapter_lr_ratio: float = 1.0) -> torch.optim.AdamW | MuonWithAdamW:
     """AdamW over `model`'s trainable parameters, fused (one kernel for all tensors) on CUDA and the CPU, foreach
     elsewhere; with optim.name muon, Muon (optim.muon_*) on the blocks' hidden matrices and that AdamW on the rest.
     Empty groups are dropped (a full run has two AdamW groups, a LoRA run the adapters and perhaps a classification
-    head). A Muon group carries lr_scale = muon_lr / lr, so the one schedule (set_lr) drives both.
+    head). A Muon group carries lr_scale = muon_lr / lr, so the one schedule (set_lr) drives both; so does LoRA+'s
+    group of B matrices (lr_scale = adapter_lr_ratio, param_groups).
 
     On the CPU, foreach falls back to a loop of per-tensor ops: fused is 7-20x faster there (a third of a
     char-small step; benchmarks/train_throughput.py)."""
     groups = [{k: v for k, v in g.items() if k != "names"}
-              for g in param_groups(model, optim.weight_decay, adapter_weight_decay, muon=optim.name == "muon")]
+              for g in param_groups(model, optim.weight_decay, adapter_weight_decay, muon=optim.name == "muon",
+                                    adapter_lr_ratio=adapter_lr_ratio)]
     groups = [g for g in groups if g["params"]]
     fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     adamw = torch.optim.AdamW([g for g in groups if "muon" not in g], lr=optim.lr,
@@ -135,6 +143,7 @@ def muon_ns_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def set_lr(optimizer: torch.optim.Optimizer | MuonWithAdamW, lr: float) -> None:
-    """Set the learning rate of every parameter group: lr, times the group's lr_scale where it has one (Muon)."""
+    """Set the learning rate of every parameter group: lr, times the group's lr_scale where it has one (Muon,
+    LoRA+'s B matrices)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

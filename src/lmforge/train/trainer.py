@@ -533,8 +533,8 @@ class Trainer:
             apply_fsdp(self.raw_model, self.dist, self.device, tc.precision, tc.fsdp_cpu_offload)
             if self.reference is not None:  # the frozen reference is sharded too: no process holds it whole
                 apply_fsdp(self.reference, self.dist, self.device, tc.precision, tc.fsdp_cpu_offload)
-        self.optimizer = build_optimizer(self.raw_model, config.optim, self.device,
-                                         config.lora.weight_decay if config.lora is not None else 0.0)
+        lora = config.lora if config.lora is not None else LoRAConfig()  # (no adapters: its settings do nothing)
+        self.optimizer = build_optimizer(self.raw_model, config.optim, self.device, lora.weight_decay, lora.lr_ratio)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
         # DDP first, then compile: the compiler splits the graph at DDP's gradient buckets so that the
         # all-reduce of one bucket overlaps the backward of the next (PyTorch's DDPOptimizer).
