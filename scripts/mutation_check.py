@@ -263,8 +263,8 @@ MUTANTS = [
            "    yield policy  # mutant: the LoRA policy is its own reference, adapters on",
            ("tests/test_preference.py::test_the_first_step_loss_is_log_2_and_training_leaves_the_reference_alone",)),
     Mutant("reference-free-loss-keeps-a-reference", "train/trainer.py",
-           "and self.preference_loss.needs_reference and not tc.precompute_reference else None)",
-           "and not tc.precompute_reference else None)  # mutant: simpo / orpo still copy the model as a reference",
+           "if self.preference and self.preference_loss.needs_reference",
+           "if self.preference  # mutant: simpo / orpo still copy the model as a reference\n",
            ("tests/test_preference_losses.py::test_a_reference_free_loss_keeps_and_runs_no_reference",)),
     Mutant("ipo-counts-one-token-less", "preference_loss.py",
            "nc, nr = chosen_tokens.float().clamp(min=1)",
@@ -575,6 +575,13 @@ MUTANTS = [
            "                magnitudes.setdefault((linear, target), []).append((0, M))",
            ("tests/test_peft_import.py::"
             "test_a_dora_adapter_peft_made_computes_peft_s_logits_adapted_and_merged[llama-every-module]",)),
+    Mutant("lora-plus-b-at-the-plain-learning-rate", "train/optim.py",
+           '            kind = "adapters_b"\n', "            pass\n",
+           ("tests/test_lora_train.py::test_lora_plus_moves_B_at_lr_ratio_times_the_learning_rate_and_A_at_it",)),
+    Mutant("rslora-gguf-adapter-keeps-plain-alpha", "interop/gguf_lora.py",
+           "run_config.lora.plain_alpha,", "run_config.lora.alpha,",
+           ("tests/test_gguf_lora.py::"
+            "test_a_lora_run_exports_its_adapter_and_the_cli_refuses_misuse_in_one_line[True]",)),
 ]
 
 

@@ -85,10 +85,12 @@ def test_a_qwen2_layout_keeps_its_rows_in_order():
         check_against_merged(model, lora, "qwen2", sharp_model(options), adapter_arch="llama")
 
 
-def test_a_lora_run_exports_its_adapter_and_the_cli_refuses_misuse_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_lora_run_exports_its_adapter_and_the_cli_refuses_misuse_in_one_line(tmp_path, capsys, rslora):
+    """rsLoRA (r 4: scale alpha / 2) is written as the alpha llama.cpp's alpha / rank gives that scale with: 24."""
     base = write_base(tmp_path)
     run = tmp_path / "run"
-    tiny_trainer(lora_config(run, base, **{"lora.alpha": 12.0, "lora.targets": "q,v,o,mlp"}),
+    tiny_trainer(lora_config(run, base, **{"lora.alpha": 12.0, "lora.targets": "q,v,o,mlp", "lora.rslora": rslora}),
                  tokenizer_file=tmp_path / "tokenizer.json").fit()
     adapter_path, merged_path, base_path = tmp_path / "a.gguf", tmp_path / "merged.gguf", tmp_path / "base.gguf"
     assert main(["export", str(run), "--format", "gguf", "--adapter", "--out", str(adapter_path)]) == 0
@@ -96,7 +98,8 @@ def test_a_lora_run_exports_its_adapter_and_the_cli_refuses_misuse_in_one_line(t
     assert main(["export", str(base), "--format", "gguf", "--out", str(base_path)]) == 0
     reader = gguf.GGUFReader(str(adapter_path))
     fields = {name: field.contents() for name, field in reader.fields.items()}
-    assert (fields["general.type"], fields["adapter.type"], fields["adapter.lora.alpha"]) == ("adapter", "lora", 12.0)
+    assert (fields["general.type"], fields["adapter.type"], fields["adapter.lora.alpha"]) == (
+        "adapter", "lora", 24.0 if rslora else 12.0)
 
     def tensors(path):
         return {t.name: torch.from_numpy(t.data.copy()).reshape(tuple(int(n) for n in reversed(t.shape)))

@@ -226,3 +226,18 @@ def test_dropout_reaches_only_the_adapters_input():
     assert not torch.equal(layer(x), layer(x))  # a new mask each call
     layer.eval()
     assert torch.equal(layer(x), layer(x))
+
+
+def test_rslora_scales_by_alpha_over_the_square_root_of_r():
+    lora = LoRAConfig(r=16, alpha=8.0, rslora=True, targets=["q", "o"])
+    assert lora.scale == 2.0 and LoRAConfig(r=16, alpha=8.0).scale == 0.5
+    adapted = apply_lora(build(), lora)
+    randomize(adapted)
+    layers = [m for m in adapted.modules() if isinstance(m, LoRALinear)]
+    assert layers and all(m.scale == 2.0 for m in layers)
+    x = torch.randn(3, 32)
+    layer = layers[0]
+    expected = F.linear(x, layer.weight, layer.bias)
+    for a in layer.lora.values():
+        expected[:, a.start:a.start + a.size] += 2.0 * x @ a.A.T @ a.B.T
+    assert torch.allclose(layer(x), expected, atol=1e-5)

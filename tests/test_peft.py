@@ -331,3 +331,19 @@ def test_lora_head_target_on_a_classifier_is_one_line_and_writes_nothing(tmp_pat
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "classifier (model.head: classify)" in err and "drop head from lora.targets" in err
     assert not (tmp_path / "head").exists()
+
+
+@pytest.mark.parametrize("case", ["gpt2-qvo-mlp", "llama-qvo-mlp"])
+def test_an_rslora_adapter_exports_with_its_scale_alpha_over_sqrt_r(tmp_path, case):
+    """lora.rslora: scale alpha / sqrt(r) = 3; written as plain LoRA's alpha for each module's rank (c_attn holds
+    two adapters, rank 2r), peft scales every module by 3 and computes the same logits."""
+    options, targets, _ = CASES[case]
+    lora = LoRAConfig(r=R, alpha=ALPHA, targets=targets, rslora=True)
+    model = random_adapters(apply_lora(sharp_model(options), lora))
+    base_dir, adapter_dir = export_both(model, lora, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                            adapter_dir).eval()
+    scales = [m.scaling["default"] for name, m in loaded.named_modules() if hasattr(m, "lora_A")]
+    assert scales and scales == pytest.approx([3.0] * len(scales))
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(2))
+    assert (logits(loaded, ids) - logits(model, ids)).abs().max() <= TOLERANCE

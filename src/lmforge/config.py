@@ -812,6 +812,8 @@ class LoRAConfig:
                                     "mlp.proj), head (lm_head, when untied).", default_factory=lambda: ["q", "v"])
     weight_decay: float = doc("AdamW weight decay of the adapters (optim.weight_decay applies to full training and "
                               "to a classification head).", 0.0, ge=0, lt=10)
+    rslora: bool = doc("rsLoRA (Kalajdzievski 2023, peft's use_rslora): scale adapters by alpha / sqrt(r) instead "
+                       "of alpha / r, so a high rank still learns.", False)
     lr_ratio: float = doc("LoRA+ (Hayou et al. 2024): the B matrices (and DoRA magnitudes) learn at optim.lr times "
                           "this, A at optim.lr; the paper suggests 16 (peft's loraplus_lr_ratio); 1 = plain LoRA.",
                           1.0, gt=0, le=1000)
@@ -830,7 +832,13 @@ class LoRAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.r
+        """What an adapter's B A is multiplied by: alpha / r (rsLoRA: alpha / sqrt(r))."""
+        return self.plain_alpha / self.r
+
+    @property
+    def plain_alpha(self) -> float:
+        """The alpha plain LoRA gives the same scale with at rank r: alpha (rsLoRA: alpha sqrt(r))."""
+        return self.alpha * math.sqrt(self.r) if self.rslora else self.alpha
 
 
 @dataclass
@@ -903,7 +911,7 @@ def with_init_sections(config: RunConfig, init: RunConfig, source: str | Path) -
     ours, theirs = config.lora, init.lora
     if ours is None:
         return dataclasses.replace(config, model=init.model, lora=init.lora)
-    shape = [(x.r, x.alpha, sorted(x.targets), x.dora) for x in (ours, theirs)]
+    shape = [(x.r, x.scale, sorted(x.targets), x.dora) for x in (ours, theirs)]
     if shape[0] != shape[1]:
         dora = [", dora" if x.dora else "" for x in (theirs, ours)]
         raise ConfigError(f"train.init_from {source} is a LoRA run with r={theirs.r}, alpha={theirs.alpha:g}, "

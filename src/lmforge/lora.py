@@ -228,7 +228,7 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
     for name, slices in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.alpha, config.dropout, slices,
+        setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.plain_alpha, config.dropout, slices,
                                           config.dora))
     return model
 

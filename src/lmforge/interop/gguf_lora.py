@@ -105,7 +105,8 @@ def export_gguf_adapter(checkpoint: str | Path, out_path: str | Path, *, force: 
                               "only A and B, no magnitudes: export the run merged (without --adapter)")
     arch = gguf_architecture(run_config.model, checkpoint)
     model = load_adapted_lora(ckpt, run_config)
-    return write_gguf_adapter(adapter_tensors(model, run_config.lora, arch), arch, run_config.lora.alpha, out_path)
+    return write_gguf_adapter(adapter_tensors(model, run_config.lora, arch), arch, run_config.lora.plain_alpha,
+                              out_path)
 
 
 def write_gguf_adapter(tensors: dict[str, torch.Tensor], arch: str, alpha: float, out_path: str | Path) -> Path:

@@ -25,7 +25,8 @@ them contributes A_s to A' (stacked) and its overlapping rows of B_s to B' (bloc
     Llama q_proj, lmforge q:         A' = A_q, B' = B_q                   (k_proj, v_proj alike)
     Llama gate_proj / up_proj, lmforge mlp (one adapter over [gate; up]): both A' = A, B' = top / bottom half of B
 
-A module of rank m r gets lora_alpha = m alpha, so its scale lora_alpha / rank stays lmforge's alpha / r.
+A module of rank m r gets lora_alpha = m alpha, so its scale lora_alpha / rank stays lmforge's alpha / r (rsLoRA's
+alpha / sqrt(r) is written as plain LoRA's: lora_alpha = m alpha sqrt(r), use_rslora false).
 """
 
 from __future__ import annotations
@@ -147,9 +148,9 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
         "task_type": task_type,
         "base_model_name_or_path": base_name_or_path,
         "r": default_r,
-        "lora_alpha": _number(lora_config.alpha * default_r / lora_config.r),
+        "lora_alpha": _number(lora_config.plain_alpha * default_r / lora_config.r),
         "rank_pattern": rank_pattern,
-        "alpha_pattern": {m: _number(lora_config.alpha * k / lora_config.r) for m, k in rank_pattern.items()},
+        "alpha_pattern": {m: _number(lora_config.plain_alpha * k / lora_config.r) for m, k in rank_pattern.items()},
         "target_modules": sorted(ranks),
         "fan_in_fan_out": arch == "gpt2",  # GPT-2's Conv1D stores (in, out) weights
         "lora_dropout": lora_config.dropout,
