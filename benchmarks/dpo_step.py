@@ -17,8 +17,9 @@ tokens and two completions of --completion tokens, so each row scores --completi
   trainer.training_step (TRL's loss with its fused LM head, accelerate's backward), clipping to 1.0 and the optimizer
   TRL's trainer creates, the loop transformers' Trainer runs.
 
---precompute (DPO): the reference scores every pair before the first step in both, and neither keeps it (one
-more variant, lmforge-live-reference, runs lmforge's frozen copy at every step on the same ordered pairs):
+--precompute (DPO, KTO): the reference scores every pair (KTO: every completion and its mismatched row, the partners
+as both fix them: the previous completion of its batch in stored order) before the first step in both, and neither
+keeps it (one more variant, lmforge-live-reference, runs lmforge's frozen copy at every step on the same ordered pairs):
 lmforge's train.precompute_reference, TRL's precompute_ref_log_probs with no ref_model (its compute_ref_log_probs on
 each batch of the rows, what its precompute pass runs); both take the pairs in order, so every step's loss must
 agree. The scoring pass is timed apart (build_seconds), not in the steps.
@@ -105,8 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dpo: against TRL's DPOTrainer; simpo: against TRL's CPOTrainer (loss_type simpo); kto: "
                         "unpaired completions (2 x --pairs a step) against TRL's KTOTrainer")
     p.add_argument("--precompute", action="store_true",
-                   help="dpo: the reference scores the pairs before the first step, in both (lmforge's "
-                        "train.precompute_reference, TRL's precompute_ref_log_probs): no frozen copy is kept")
+                   help="dpo, kto: the reference scores the pairs (completions and their mismatched rows) before the "
+                        "first step, in both (lmforge's train.precompute_reference, TRL's precompute_ref_log_probs): "
+                        "no frozen copy is kept")
     p.add_argument("--json-out", default=None, help="also write the JSON summary to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: VARIANT,WORK_DIR
     return p.parse_args(argv)
@@ -265,12 +267,14 @@ def trl_kto_step(root: Path, args: argparse.Namespace):
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
     policy = AutoModelForCausalLM.from_pretrained(root / "hf")
-    reference = AutoModelForCausalLM.from_pretrained(root / "hf")
+    # --precompute: no reference model; TRL scores with the policy as it starts (what its precompute does)
+    reference = None if args.precompute else AutoModelForCausalLM.from_pretrained(root / "hf")
     tokenizer = AutoTokenizer.from_pretrained(root / "hf")
     B = 2 * args.pairs
     config = KTOConfig(output_dir=str(root / f"trl-{os.getpid()}"), beta=BETA, loss_type="kto", report_to=[],
                        use_cpu=True, learning_rate=LR, max_grad_norm=1.0, max_length=None, bf16=False,
-                       gradient_checkpointing=False, per_device_train_batch_size=B, dataloader_num_workers=0)
+                       gradient_checkpointing=False, per_device_train_batch_size=B, dataloader_num_workers=0,
+                       precompute_ref_log_probs=args.precompute)
     trainer = KTOTrainer(model=policy, ref_model=reference, args=config, processing_class=tokenizer,
                          train_dataset=Dataset.from_list([{"prompt": "ab\n", "completion": "AB", "label": True}]))
     optimizer = trainer.create_optimizer()
@@ -279,12 +283,15 @@ def trl_kto_step(root: Path, args: argparse.Namespace):
     parts = [ex.prompt_and_completion(e) for e in range(len(ex))]
     collate = DataCollatorForUnpairedPreference(pad_token_id=tokenizer.pad_token_id)
 
-    def batch(k: int) -> dict:
-        index = list(range(k * B, (k + 1) * B))
-        return collate([{"prompt_ids": parts[e][0], "completion_ids": parts[e][1],
-                         "KL_completion_ids": parts[index[(r - 1) % B]][1], "label": bool(ex.desirable[e])}
-                        for r, e in enumerate(index)])
-    return trl_training_step(trainer, optimizer, batch)
+    rows = [{"prompt_ids": parts[e][0], "completion_ids": parts[e][1],
+             "KL_completion_ids": parts[e - e % B + (e % B - 1) % B][1], "label": bool(ex.desirable[e])}
+            for e in range(len(ex) - len(ex) % B)]  # each with the previous completion of its batch (the first: last)
+    if args.precompute:  # TRL's own scoring of each batch (compute_ref_log_probs, as its precompute pass calls it)
+        for first in range(0, len(rows), B):
+            ref, ref_kl = trainer.compute_ref_log_probs(trainer.model, collate(rows[first:first + B]))
+            for row, a, b in zip(rows[first:first + B], ref.tolist(), ref_kl.tolist()):
+                row["ref_logps"], row["ref_KL_logps"] = a, b
+    return trl_training_step(trainer, optimizer, lambda k: collate(rows[k * B:(k + 1) * B]))
 
 
 def trl_reward_step(root: Path, args: argparse.Namespace):
@@ -363,8 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
         variant, root = args.child.split(",")
         print(json.dumps(measure(variant, Path(root), args)))
         return {}
-    if args.precompute and args.loss != "dpo":
-        raise SystemExit(f"--precompute scores with DPO's reference (--loss {args.loss}: drop one)")
+    if args.precompute and args.loss not in ("dpo", "kto"):
+        raise SystemExit(f"--precompute scores with DPO's or KTO's reference (--loss {args.loss}: drop one)")
     if args.prompt + args.completion + 1 > args.block - (args.loss == "reward"):  # a reward model reads it whole
         raise SystemExit(f"--prompt + --completion + 1 is above --block {args.block}: lower them")
     torch.set_num_threads(args.threads)

@@ -582,6 +582,15 @@ MUTANTS = [
            "run_config.lora.plain_alpha,", "run_config.lora.alpha,",
            ("tests/test_gguf_lora.py::"
             "test_a_lora_run_exports_its_adapter_and_the_cli_refuses_misuse_in_one_line[True]",)),
+    Mutant("kto-precomputed-partners-not-the-streams", "data/batches.py",
+           "    partners = np.where(e == first, last, e - 1)", "    partners = np.where(e == first, e + 1, e - 1)",
+           ("tests/test_unpaired_precompute.py::"
+            "test_a_precomputed_kto_run_trains_and_evaluates_as_the_live_one[kto]",)),
+    Mutant("kto-precomputed-kl-uses-the-completions-reference", "train/trainer.py",
+           "(mismatched - ref_kl if mismatched is not None else None)",
+           "(mismatched - ref if mismatched is not None else None)",
+           ("tests/test_unpaired_precompute.py::"
+            "test_a_precomputed_kto_run_trains_and_evaluates_as_the_live_one[kto]",)),
 ]
 
 

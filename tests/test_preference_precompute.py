@@ -148,7 +148,7 @@ def test_a_resume_reads_the_saved_scores_and_a_stale_or_broken_file_is_scored_ag
 
     resumed_dir = tmp_path / "again"
     shutil.copytree(tmp_path / "full", resumed_dir)
-    monkeypatch.setattr(trainer_module, "score_pairs", refuse)
+    monkeypatch.setattr(trainer_module, "score_completions", refuse)
     extra = {"train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3,
              "train.precompute_reference": True, "train.resume": str(resumed_dir / "checkpoints" / "step-00000003")}
     resumed = Trainer(dpo(resumed_dir, pairs, base, **extra), progress=False, tensorboard=False)
@@ -176,13 +176,13 @@ def test_saved_scores_are_reused_only_under_the_same_arithmetic(base, pairs, tmp
                     tensorboard=False)
     assert first.train_data.examples.reference_logps is not None
     calls = []
-    real = trainer_module.score_pairs
+    real = trainer_module.score_completions
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "score_pairs", counted)
+    monkeypatch.setattr(trainer_module, "score_completions", counted)
     Trainer(dpo(tmp_path / "run", pairs, base, **{"train.precompute_reference": True, **change}), progress=False,
             tensorboard=False)
     assert len(calls) == (2 if change else 0)  # train and val scored again, or neither

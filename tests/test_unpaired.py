@@ -454,7 +454,6 @@ def test_fsdp_trains_kto_like_one_process_with_the_reference_sharded(base, unpai
 def test_settings_that_cannot_work_on_unpaired_data_are_refused(base, unpaired, tmp_path):
     cases = [({"train.preference_loss": "dpo"}, "set --train.preference_loss kto"),
              ({"train.preference_nll_weight": 0.5}, "unpaired data has no pairs"),
-             ({"train.precompute_reference": True}, "mismatched rows change"),
              ({"train.init_from": "none"}, "set train.init_from"),
              ({"train.best_metric": "val_reward_accuracy"}, "measured on preference data"),
              ({"train.dpo_label_smoothing": 0.1}, "not by kto"),

@@ -686,7 +686,9 @@ class TrainConfig:
                                      "memory) and each step skips the reference's forward pass (about a quarter of "
                                      "its compute); the scoring costs one forward pass over the data, once: the "
                                      "scores are kept in RUN_DIR/reference_logps.safetensors and a resume reads "
-                                     "them back (when base, data and settings are unchanged; else it scores again).",
+                                     "them back (when base, data and settings are unchanged; else it scores again). "
+                                     "Unpaired data (KTO): each example's mismatched row is fixed, as a sequential "
+                                     "stream's batches pair them (TRL's KTO fixes them too), and scored with it.",
                                      False)
     best_metric: BestMetric = doc("The measurement that picks the best checkpoint (kept by pruning, named at the end) "
                                   "and that patience follows: val_loss (lower is better), or a task metric (higher is "

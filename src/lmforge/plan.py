@@ -304,7 +304,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         notes.append("train.objective reward: a reward model reads each pair's two examples whole through a one-output "
                      "head; no reference, no LM head")
     online = (t.online and (preference or grpo)) or (t.distill_on_policy > 0 and task == "sft")
-    if preference and t.precompute_reference:
+    if (preference or unpaired) and t.precompute_reference:
         notes.append("train.precompute_reference: no frozen copy and no reference forward in the steps; the reference "
                      "scores the data once before the first step (one forward pass over it, not counted here)")
 

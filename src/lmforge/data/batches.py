@@ -186,7 +186,9 @@ class Examples:
     example's pair (the same on both; `prepare` of records with a "margin"), or None. reference_logps: (n,) float32,
     preference data's completion log-probabilities under the frozen reference when precomputed
     (train.precompute_reference), or None: then every batch of pairs carries its rows' values as a third tensor
-    (``pair_batch``).
+    (``pair_batch``). Unpaired data precomputed also fixes each example's mismatched row: kl_partners (n,) int64,
+    whose completion follows the example's prompt there, and reference_kl_logps (n,) float32, that row's reference
+    log-probability; its batches carry both values (``unpaired_batch``).
     """
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, prompt_lengths: Optional[np.ndarray],
@@ -195,6 +197,8 @@ class Examples:
         self.tokens, self.offsets, self.prompt_lengths, self.labels = tokens, offsets, prompt_lengths, labels
         self.desirable, self.margins = desirable, margins
         self.reference_logps: Optional[np.ndarray] = None
+        self.kl_partners: Optional[np.ndarray] = None
+        self.reference_kl_logps: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -422,8 +426,8 @@ class ExampleBatches:
             drawn = self.example_index(self.position, self.batch_size * self.world_size)  # the global micro-batch
             self.position += len(drawn)
             mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-            return unpaired_batch(self.examples, drawn[mine], np.roll(drawn, 1)[mine], self.pad_id,
-                                  self.block_size + 1)
+            partners = np.roll(drawn, 1) if self.examples.kl_partners is None else self.examples.kl_partners[drawn]
+            return unpaired_batch(self.examples, drawn[mine], partners[mine], self.pad_id, self.block_size + 1)
         index = self.example_index(self.position + self.rank * self.batch_size, self.batch_size)
         self.position += self.batch_size * self.world_size
         if self.pairs:
@@ -487,7 +491,8 @@ def pair_batch(examples: Examples, pairs: np.ndarray, pad_id: int) -> tuple[torc
 
 def unpaired_batch(examples: Examples, index: np.ndarray, partners: np.ndarray, pad_id: int, max_length: int
                    ) -> tuple[torch.Tensor, ...]:
-    """A batch of unpaired preference examples ``index`` for KTO: (x, y, kl_x, kl_y, desirable).
+    """A batch of unpaired preference examples ``index`` for KTO: (x, y, kl_x, kl_y, desirable), and when the
+    reference was precomputed (examples.reference_logps) its values of the examples and of their mismatched rows.
 
     x, y: the examples, right-padded as ``pad_examples``; kl_x, kl_y: the mismatched rows KTO estimates its KL term
     from, row r the prompt of example index[r] followed by the completion of example partners[r] (its end token
@@ -505,7 +510,24 @@ def unpaired_batch(examples: Examples, index: np.ndarray, partners: np.ndarray, 
     mismatched = Examples(np.concatenate(rows), np.concatenate([[0], np.cumsum(lengths)]),
                           np.array(prompt_lengths, dtype=np.int64))
     kl_x, kl_y = pad_examples(mismatched, np.arange(len(rows)), pad_id)
-    return x, y, kl_x, kl_y, torch.from_numpy(np.asarray(examples.desirable[index], dtype=bool))
+    desirable = torch.from_numpy(np.asarray(examples.desirable[index], dtype=bool))
+    if examples.reference_logps is None:
+        return x, y, kl_x, kl_y, desirable
+    return (x, y, kl_x, kl_y, desirable, torch.from_numpy(examples.reference_logps[index]),
+            torch.from_numpy(examples.reference_kl_logps[index]))
+
+
+def kl_partners(n: int, group: int) -> np.ndarray:
+    """(n,) the mismatched partner of each of n unpaired examples when they are fixed (train.precompute_reference):
+    the examples in stored order in groups of `group` (the global micro-batch), each group rotated by one, as a
+    sequential stream's batches pair them (ExampleBatches: each example with the one before it in its batch, the
+    first with the last); TRL's KTO fixes its rows' partners the same way. A last group of one takes the example
+    before it."""
+    e = np.arange(n)
+    first = e - e % group
+    last = np.minimum(first + group, n) - 1
+    partners = np.where(e == first, last, e - 1)
+    return np.where(partners == e, (e - 1) % max(n, 1), partners)
 
 
 def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, num_batches: int, *,
@@ -524,7 +546,8 @@ def fixed_example_batches(examples: Examples, block_size: int, batch_size: int, 
         rows = [np.arange(g + rank * batch_size, min(g + (rank + 1) * batch_size, n))
                 for g in range(0, n, batch_size * world_size)]
         if unpaired:
-            return [unpaired_batch(examples, index, (index - 1) % n, pad_id, block_size + 1)
+            partners = examples.kl_partners if examples.kl_partners is not None else (np.arange(n) - 1) % n
+            return [unpaired_batch(examples, index, partners[index], pad_id, block_size + 1)
                     for index in rows if len(index)]
         if pairs:
             return [stream.pair_batch(index) for index in rows if len(index)]

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.data.batches import Examples, pad_examples, pair_rows
+from lmforge.data.batches import Examples, pad_examples, pair_rows, unpaired_batch
 from lmforge.distributed import DistInfo, all_reduce_sum
 from lmforge.lora import adapters_off, is_adapted, merge_lora
 from lmforge.preference_loss import PreferenceLoss, reference_point
@@ -125,19 +125,30 @@ def write_scores(path: Path, key: dict[str, Any], scores: dict[str, np.ndarray])
                                   metadata={"format": SCORES_FORMAT, "key": json.dumps(key, sort_keys=True)}))
 
 
-def score_pairs(logprobs: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor], examples: Examples,
-                batch_size: int, pad_id: int, dist: DistInfo, device: torch.device, progress: bool) -> np.ndarray:
-    """(n,) float32: each example's summed completion log-probability, `logprobs` of each batch (x, y) of
-    `batch_size` pairs in stored order, without gradients; process r scores batches r, r + W, ... and the sums
-    are shared, so every process returns every score."""
+def score_completions(logprobs: Callable[[tuple[torch.Tensor, torch.Tensor]], torch.Tensor], examples: Examples,
+                      batch_size: int, pad_id: int, dist: DistInfo, device: torch.device, progress: bool,
+                      partners: Optional[np.ndarray] = None, max_length: int = 0) -> np.ndarray:
+    """The reference's scores of preference data, `logprobs` of each batch (x, y) without gradients: (1, n) float32,
+    each example's summed completion log-probability, in batches of `batch_size` pairs in stored order; unpaired data
+    (`partners`: each example's mismatched partner) (2, n): each example's and its mismatched row's
+    (unpaired_batch, cut to `max_length` tokens), batch_size examples a batch. Process r scores batches r, r + W, ...
+    and the sums are shared, so every process returns every score."""
     from tqdm.auto import tqdm
 
-    pairs = len(examples) // 2
-    scores = torch.zeros(len(examples), dtype=torch.float64, device=device)
-    starts = range(dist.rank * batch_size, pairs, batch_size * dist.world_size)
+    unpaired = partners is not None
+    units = len(examples) if unpaired else len(examples) // 2
+    scores = torch.zeros(2 if unpaired else 1, len(examples), dtype=torch.float64, device=device)
+    starts = range(dist.rank * batch_size, units, batch_size * dist.world_size)
     with torch.no_grad():
         for first in tqdm(starts, desc="scoring completions with the reference", unit="batch", leave=False,
                           dynamic_ncols=True, disable=not (progress and dist.is_main)):
-            rows = pair_rows(np.arange(first, min(first + batch_size, pairs)))
-            scores[torch.from_numpy(rows).to(device)] = logprobs(pad_examples(examples, rows, pad_id)).double()
+            index = np.arange(first, min(first + batch_size, units))
+            if unpaired:
+                x, y, kl_x, kl_y, _ = unpaired_batch(examples, index, partners[index], pad_id, max_length)[:5]
+                rows = torch.from_numpy(index).to(device)
+                scores[0, rows] = logprobs((x, y)).double()
+                scores[1, rows] = logprobs((kl_x, kl_y)).double()
+            else:
+                rows = pair_rows(index)
+                scores[0, torch.from_numpy(rows).to(device)] = logprobs(pad_examples(examples, rows, pad_id)).double()
     return all_reduce_sum(scores, dist).float().cpu().numpy()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -48,7 +49,8 @@ from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, chec
 from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, load_lora_base, lora_base
 from lmforge.checkpoint import has_optimizer_state, save_sharded_checkpoint
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict, with_init_sections
-from lmforge.data.batches import IGNORE_INDEX, Batches, TokenBatches, fixed_batches, fixed_example_batches
+from lmforge.data.batches import (IGNORE_INDEX, Batches, TokenBatches, fixed_batches, fixed_example_batches,
+                                  kl_partners)
 from lmforge.data.tasks import TEXT_TASKS
 from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_ddp, apply_fsdp, as_peer_failure,
                                  barrier, full_state, gather_objects, is_sharded, no_sync, resolve_device,
@@ -69,7 +71,7 @@ from lmforge.train.optim import build_optimizer, set_lr
 from lmforge.train.plot import plot_run
 from lmforge.train.precision import autocast, run_forward
 from lmforge.train.preference import (SCORES_FILE, SCORES_FORMAT, frozen_reference, kl_reference_point, pair_terms,
-                                     read_scores, reference_model, score_pairs, write_scores)
+                                     read_scores, reference_model, score_completions, write_scores)
 from lmforge.train.schedule import build_schedule
 from lmforge.train.selection import BestTracker
 
@@ -128,7 +130,7 @@ class PreparedData:
     task: Optional[dict[str, Any]] = None  # task data: {"task", "template"} or {"task", "labels"}, into checkpoints
     label_counts: Optional[list[int]] = None  # classify data: train examples per label id (class weights)
     val_examples: Optional[Any] = None  # sft data: the val split's Examples (task metrics by generation)
-    val_pairs: Optional[Any] = None  # preference data: the val split's Examples (train.precompute_reference)
+    val_pairs: Optional[Any] = None  # (un)paired preference data: the val split's Examples (precompute_reference)
 
 
 def build_data(config: RunConfig, info: DistInfo) -> PreparedData:
@@ -205,7 +207,7 @@ def build_task_data(config: RunConfig, info: DistInfo) -> PreparedData:
                         _sha256_or_none(data_dir / "manifest.json"),
                         task={"task": manifest["task"], "template": manifest["template"]},
                         val_examples=None if pairs or unpaired else val_examples,
-                        val_pairs=val_examples if pairs else None)
+                        val_pairs=val_examples if pairs or unpaired else None)
 
 
 def check_objective(config: RunConfig, task: Optional[dict[str, Any]]) -> None:
@@ -284,9 +286,6 @@ def check_preference_loss(tc: Any, kind: str = "preference") -> None:
     if kind == "unpaired" and tc.preference_nll_weight:
         raise ConfigError("train.preference_nll_weight adds a next-token term on a pair's chosen completion, and "
                           "unpaired data has no pairs: drop it")
-    if kind == "unpaired" and tc.precompute_reference:
-        raise ConfigError("train.precompute_reference scores fixed completions once, and KTO's mismatched rows change "
-                          "with every batch: drop it (the reference runs at each step)")
     if PreferenceLoss.of(tc).needs_reference and tc.init_from == "none":
         raise ConfigError(f"preference data trains a model with {name} against a frozen reference, the model it starts "
                           "from: set train.init_from to that checkpoint or run (most often the sft model), or use "
@@ -990,12 +989,15 @@ class Trainer:
         completion's log-probability under `model` and, without gradients, under the frozen reference, and for KTO
         each mismatched row's log-ratio log pi - log pi_ref, all without gradients but the policy's (None when the
         loss needs no reference point)."""
-        x, y, kl_x, kl_y, _ = batch
+        x, y, kl_x, kl_y, _, *precomputed = batch  # precomputed: the reference's values of both rows
         policy = self.completion_logprobs(model, (x, y))
         mismatched = None
         with torch.no_grad():
             if self.preference_loss.needs_kl:
                 mismatched = self.completion_logprobs(model, (kl_x, kl_y))
+            if precomputed:
+                ref, ref_kl = (self.to_device(t) for t in precomputed)
+                return policy, ref, (mismatched - ref_kl if mismatched is not None else None)
             with reference_model(self.reference, self.raw_model) as reference:
                 ref = self.completion_logprobs(reference, (x, y))
                 if mismatched is not None:
@@ -1015,25 +1017,40 @@ class Trainer:
         """train.precompute_reference: every train (and val) completion's log-probability under the model as it
         starts, the reference, with the train and val batches carrying their rows' values from now on. Called with
         LoRA's adapters on (a new run's add nothing yet), before FSDP or DDP touch the model; each process scores
-        its share of the pairs. The scores are kept in RUN_DIR/reference_logps.safetensors and read back by a later
-        start whose weights, data and settings are the same (a resume); prepared data only (given batches are scored
-        every time)."""
+        its share of the pairs (unpaired data: of the examples and their mismatched rows, each example's partner
+        fixed by data.batches.kl_partners). The scores are kept in RUN_DIR/reference_logps.safetensors and read back
+        by a later start whose weights, data and settings are the same (a resume); prepared data only (given batches
+        are scored every time)."""
         model, tc = self.raw_model, self.config.train
         splits = {"train": self.train_data.examples, **({"val": val_pairs} if val_pairs is not None else {})}
+        partners: dict[str, np.ndarray] = {}  # unpaired data: each example's fixed mismatched partner (KTO)
+        if self.unpaired:  # train: as a sequential stream pairs them; val: as the evaluation does (the one before)
+            group = tc.batch_size * self.dist.world_size
+            partners["train"] = kl_partners(len(splits["train"]), group)
+            if val_pairs is not None:
+                evaluated = min(len(val_pairs), tc.eval_batches * group)
+                partners["val"] = (np.arange(len(val_pairs)) - 1) % max(evaluated, 1)
         path, key = self.run_dir / SCORES_FILE, None
         if self.data_manifest_sha256 is not None:
             key = {"format": SCORES_FORMAT, "base": base_fingerprint(model, adapters=self.adapters_loaded),
                    "data": self.data_manifest_sha256,
                    "precision": tc.precision, "loss_chunk": tc.loss_chunk, "batch_size": tc.batch_size,
-                   "sizes": {name: len(examples) for name, examples in splits.items()}}
+                   "sizes": {f"{name}{kind}": len(examples) for name, examples in splits.items()
+                             for kind in ("", "_kl")[:1 + self.unpaired]}}
+            if self.unpaired:  # the mismatched rows scored
+                key["partners"] = {name: hashlib.sha256(p.astype("<i8").tobytes()).hexdigest()
+                                   for name, p in partners.items()}
         scores = read_scores(path, key) if key is not None else None
         if scores is None:
             was_training = model.training
             model.eval()
             try:
-                scores = {name: score_pairs(lambda batch: self.completion_logprobs(model, batch), examples,
-                                            tc.batch_size, self.train_data.pad_id, self.dist, self.device, progress)
-                          for name, examples in splits.items()}
+                scores = {}
+                for name, examples in splits.items():
+                    both = score_completions(lambda batch: self.completion_logprobs(model, batch), examples,
+                                             tc.batch_size, self.train_data.pad_id, self.dist, self.device, progress,
+                                             partners.get(name), self.config.model.block_size + 1)
+                    scores.update({f"{name}{kind}": row for kind, row in zip(("", "_kl"), both)})
             finally:
                 model.train(was_training)
             if key is not None and self.dist.is_main:
@@ -1041,11 +1058,13 @@ class Trainer:
                 write_scores(path, key, scores)
         for name, examples in splits.items():
             examples.reference_logps = scores[name]
+            if self.unpaired:
+                examples.kl_partners, examples.reference_kl_logps = partners[name], scores[f"{name}_kl"]
         if val_pairs is not None:
             self.val_batches = fixed_example_batches(val_pairs, self.config.model.block_size, tc.batch_size,
                                                      tc.eval_batches, rank=self.dist.rank,
                                                      world_size=self.dist.world_size, pad_id=self.train_data.pad_id,
-                                                     pairs=True)
+                                                     pairs=not self.unpaired, unpaired=self.unpaired)
 
     def completion_logprobs(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(rows,) each row's summed log-probability of its labels: the head fused with the loss row by row
