@@ -807,7 +807,8 @@ class LoRAConfig:
     line, trains adapters on the train.init_from model instead of every weight."""
 
     r: int = doc("Rank of each adapter (A is r x in, B is out x r).", 8, ge=1)
-    alpha: float = doc("Scale numerator: an adapter's output is multiplied by alpha / r.", 16.0, gt=0, lt=math.inf)
+    alpha: float = doc("Scale numerator: an adapter's output is multiplied by alpha / r (alpha / sqrt(r) "
+                       "with rslora).", 16.0, gt=0, lt=math.inf)
     dropout: float = doc("Dropout on an adapter's input (the frozen path sees x unchanged).", 0.0, ge=0, lt=1,
                          noun="probability")
     targets: list[LoRATarget] = doc("What to adapt: q, k, v (slices of attn.qkv), o (attn.proj), mlp (mlp.fc and "
@@ -820,8 +821,8 @@ class LoRAConfig:
                           "this, A at optim.lr; the paper suggests 16 (peft's loraplus_lr_ratio); 1 = plain LoRA.",
                           1.0, gt=0, le=1000)
     dora: bool = doc("DoRA (Liu et al. 2024, peft's use_dora): each adapted row of a weight is split into a "
-                     "magnitude, trained, and the direction of W + (alpha / r) B A; often closer to full fine-tuning "
-                     "at a low rank, each step a little slower.", False)
+                     "magnitude, trained, and the direction of W + (alpha / r) B A (the paper: closer to full "
+                     "fine-tuning at low ranks); each step a little slower.", False)
 
     def __post_init__(self) -> None:
         validate(self, "lora")
