@@ -591,6 +591,10 @@ MUTANTS = [
            "(mismatched - ref if mismatched is not None else None)",
            ("tests/test_unpaired_precompute.py::"
             "test_a_precomputed_kto_run_trains_and_evaluates_as_the_live_one[kto]",)),
+    Mutant("fsdp-teacher-stays-gathered-after-reading", "train/distill.py",
+           '    if hasattr(teacher, "reshard"):  # an FSDPModule: the root keeps its gathered weights after a forward\n'
+           "        teacher.reshard()\n", "    pass\n",
+           ("tests/test_distill.py::test_two_processes_distill_like_one[False-fsdp]",)),
 ]
 
 

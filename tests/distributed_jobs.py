@@ -53,6 +53,10 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
     reference = trainer.reference  # preference data: the frozen reference model, when the loss keeps one
     reference_local = sum(getattr(p, "to_local", lambda: p)().numel() for p in reference.parameters()) if reference \
         is not None else None
+    teacher = trainer.teacher  # distillation: the frozen teacher (FSDP: sharded, its head kept whole apart)
+    teacher_held = None if teacher is None else (
+        sum(getattr(p, "to_local", lambda: p)().numel() for p in teacher.parameters())
+        / sum(getattr(p, "full_tensor", lambda: p)().numel() for p in teacher.parameters()))
     if trainer.dist.is_main:
         trainable = [name for name, p in trainer.raw_model.named_parameters() if p.requires_grad]
         (run_dir / "history.json").write_text(json.dumps({"history": trainer.history, "val_loss": summary["val_loss"],
@@ -61,6 +65,7 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
                                                           "held": local / summary["parameters"],
                                                           "reference_held": None if reference is None
                                                           else reference_local / summary["parameters"],
+                                                          "teacher_held": teacher_held,
                                                           "weight_dtypes": sorted(dtypes),
                                                           "orthogonalised": sum(orthogonalised),
                                                           "choices": {k: v for k, v in trainer.measured.items()

@@ -343,6 +343,9 @@ def test_the_plan_counts_the_teachers_forward_and_weights(corpus, teacher, tmp_p
     assert with_teacher.teacher >= 4.0 * count_parameters(theirs).total
     assert with_teacher.total_memory > alone.total_memory + 4.0 * count_parameters(theirs).total
     assert with_teacher.total_flops > alone.total_flops
+    ddp, fsdp = (plan(distilled, device="h100", gpus=4, parallel=p) for p in ("ddp", "fsdp"))
+    head = 4.0 * theirs.vocab_size * theirs.n_embd  # FSDP shards the teacher, but keeps its head whole on every GPU
+    assert fsdp.teacher - ddp.teacher == pytest.approx(4.0 * count_parameters(theirs).total * (1 / 4 - 1) + head)
     missing = plan(config(tmp_path / "run", corpus, **{"train.distill_from": tmp_path / "none"}))
     assert missing.teacher == 0 and any("cannot be read" in n for n in missing.notes)
     with pytest.raises(ConfigError, match="--measure trains on random tokens"):
@@ -447,19 +450,23 @@ def test_the_plan_counts_on_policy_sampling_in_its_share_of_micro_batches(sft, t
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("on_policy", [False, True])
-def test_two_processes_distill_like_one(sft, tmp_path, on_policy):
-    """2 processes x 4 examples distill as 1 process x 8: the same losses (each process runs the teacher on its own
-    rows; on-policy, each samples its own prompts with the seed rule of online training)."""
+@pytest.mark.parametrize("on_policy,parallel", [(False, "ddp"), (True, "ddp"), (False, "fsdp")])
+def test_two_processes_distill_like_one(sft, tmp_path, on_policy, parallel):
+    """2 processes x 4 examples distill as 1 process x 8: the same losses and val loss (each process runs the teacher
+    on its own rows; on-policy, each samples its own prompts with the seed rule of online training). FSDP shards the
+    teacher like the student: each process holds about half of it."""
     from distributed_jobs import one_and_two
 
     base, data = sft
     settings = {"data.path": str(data), "train.distill_from": str(base), "model.block_size": 48,
                 "optim.lr": 1e-2, **({"train.distill_on_policy": 1.0, "train.online_max_new_tokens": 5} if on_policy
                                      else {"train.distill_alpha": 0.5})}
-    one, two = one_and_two(tmp_path, settings)
+    one, two = one_and_two(tmp_path, settings, {"train.parallel": parallel})
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)
     assert len({round(loss, 4) for _, loss in one["history"]}) > 3
+    assert one["teacher_held"] == 1.0 and two["teacher_held"] == (pytest.approx(0.5, abs=0.01) if parallel == "fsdp"
+                                                                   else 1.0)
 
 
 def test_a_resume_refuses_a_teacher_that_changed(corpus, teacher, tmp_path):

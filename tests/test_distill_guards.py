@@ -247,8 +247,9 @@ def test_settings_that_need_or_refuse_a_teacher(corpus, teacher, tmp_path):  # n
             config(tmp_path / "a", corpus, **{f"train.{key}": value})
     with pytest.raises(ConfigError, match="online training learns from its own samples"):
         config(tmp_path / "b", corpus, **{"train.distill_from": teacher, "train.online_reward_model": teacher})
-    with pytest.raises(ConfigError, match="whole weights"):
-        config(tmp_path / "c", corpus, **{"train.distill_from": teacher, "train.parallel": "fsdp"})
+    with pytest.raises(ConfigError, match="samples from the whole student"):
+        config(tmp_path / "c", corpus, **{"train.distill_from": teacher, "train.parallel": "fsdp",
+                                          "train.distill_on_policy": 0.5})
 
 
 # ------------------------------------------------------------------------------------------- the plan

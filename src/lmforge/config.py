@@ -891,10 +891,12 @@ class RunConfig:
         if self.train.distill_on_policy and self.data.packing:
             raise ConfigError("train.distill_on_policy samples a completion of each example's prompt, and data.packing "
                               "puts several examples in a row: drop data.packing")
-        if self.train.distill_from is not None and (self.model.head != "lm" or self.train.parallel == "fsdp"
-                                                    or exit_layer is not None):
-            raise ConfigError("train.distill_from needs a language model's head (model.head lm), whole weights (not "
-                              "train.parallel fsdp) and no train.early_exit_layer: drop one or the other")
+        if self.train.distill_from is not None and (self.model.head != "lm" or exit_layer is not None):
+            raise ConfigError("train.distill_from needs a language model's head (model.head lm) and no "
+                              "train.early_exit_layer: drop one or the other")
+        if self.train.distill_on_policy and self.train.parallel == "fsdp":
+            raise ConfigError("train.distill_on_policy samples from the whole student, which FSDP shards over the "
+                              "processes: use train.parallel ddp, or drop it")
         if self.train.fsdp_cpu_offload and self.train.parallel != "fsdp":
             raise ConfigError("train.fsdp_cpu_offload offloads FSDP's shards, but train.parallel is "
                               f"{self.train.parallel}: add --train.parallel fsdp, or drop it")

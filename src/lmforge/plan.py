@@ -322,6 +322,10 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         gathered = 2 * largest_block * (4 + 2 * bf16)
         weights, gradients, optimizer = weights / gpus + gathered, gradients / gpus + gathered, optimizer / gpus
         reference /= gpus  # sharded like the policy; its gathered blocks come and go with the policy's
+        teacher = teacher_model(config) if teacher_bytes else None
+        if teacher is not None:  # sharded too, its head kept whole on every GPU (the loss reads it)
+            head = teacher.vocab_size * teacher.n_embd * (2.0 if t.precision != "fp32" else 4.0)
+            teacher_bytes = teacher_bytes / gpus + head
 
     # activations of one micro-batch: bf16-mixed keeps the matrix products' inputs and outputs in bf16
     fused = t.loss_chunk > 0 and m.head != "classify"

@@ -18,6 +18,7 @@ import numpy as np
 
 from lmforge.checkpoint import load_for_inference, verified_checkpoint
 from lmforge.config import RunConfig
+from lmforge.distributed import DistInfo, apply_fsdp
 from lmforge.errors import ConfigError
 from lmforge.files import sha256_file
 from lmforge.head_loss import Teacher
@@ -54,15 +55,31 @@ def load_teacher(config: RunConfig, tokenizer_file: Optional[str | Path], device
     return (teacher.to(torch.bfloat16) if tc.precision != "fp32" else teacher), source
 
 
-def teacher_reading(teacher: GPT, x: torch.Tensor, attention_mask: Optional[torch.Tensor], config: RunConfig
-                    ) -> Teacher:
+def shard_teacher(teacher: GPT, dist: DistInfo, device: torch.device) -> tuple[GPT, torch.Tensor]:
+    """The teacher sharded with FSDP2 like the student (train.parallel fsdp: no process holds its body whole), and a
+    whole copy of its head's weight (V, C_t), which the student's loss reads outside the teacher's forward (one
+    matrix kept whole on every process). hidden_states gathers the blocks as forward does
+    (register_fsdp_forward_method); teacher_reading reshards the rest after each use."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    head = teacher.lm_head.weight.detach().clone()
+    apply_fsdp(teacher, dist, device)  # in its own dtype (bf16 when the run is): it only reads
+    if dist.enabled:
+        register_fsdp_forward_method(teacher, "hidden_states")
+    return teacher, head
+
+
+def teacher_reading(teacher: GPT, x: torch.Tensor, attention_mask: Optional[torch.Tensor], config: RunConfig,
+                    head: Optional[torch.Tensor] = None) -> Teacher:
     """What the student's loss needs of the teacher for a batch of ids x (B, T): its hidden states (no gradient),
-    its head and the run's distillation settings."""
+    its head (`head`: shard_teacher's whole copy) and the run's distillation settings."""
     tc = config.train
     with torch.no_grad():
         hidden = teacher.hidden_states(x, attention_mask=attention_mask)
-    return Teacher(hidden, teacher.lm_head.weight, teacher.config.logit_softcap, tc.distill_alpha, tc.distill_beta,
-                   tc.distill_temperature)
+    if hasattr(teacher, "reshard"):  # an FSDPModule: the root keeps its gathered weights after a forward
+        teacher.reshard()
+    return Teacher(hidden, teacher.lm_head.weight if head is None else head, teacher.config.logit_softcap,
+                   tc.distill_alpha, tc.distill_beta, tc.distill_temperature)
 
 
 def student_sampler(config: RunConfig, tokenizer_file: Optional[str | Path], pad_id: int) -> Any:

@@ -517,6 +517,7 @@ class Trainer:
                                             rows_per_prompt=2 if kind == "preference" else 1)
         self.teacher: Optional[GPT] = None  # train.distill_from: the frozen teacher (train/distill.py)
         self.teacher_source: Optional[dict[str, str]] = None  # its checkpoint and fingerprint (state.json)
+        self.teacher_head: Optional[torch.Tensor] = None  # train.parallel fsdp: the sharded teacher's head, whole
         self.distilled = torch.zeros(2, dtype=torch.float64, device=self.device)  # this process's summed (CE, D)
         self.distill_count = 0.0  # and the labels they sum over (this step's: the log's means)
         self.sampler: Optional[Any] = None  # train.distill_on_policy: the student's samples (train/distill.py)
@@ -532,6 +533,10 @@ class Trainer:
             apply_fsdp(self.raw_model, self.dist, self.device, tc.precision, tc.fsdp_cpu_offload)
             if self.reference is not None:  # the frozen reference is sharded too: no process holds it whole
                 apply_fsdp(self.reference, self.dist, self.device, tc.precision, tc.fsdp_cpu_offload)
+            if self.teacher is not None:  # and so is a teacher's body (its head kept whole: the loss reads it)
+                from lmforge.train.distill import shard_teacher
+
+                self.teacher, self.teacher_head = shard_teacher(self.teacher, self.dist, self.device)
         lora = config.lora if config.lora is not None else LoRAConfig()  # (no adapters: its settings do nothing)
         self.optimizer = build_optimizer(self.raw_model, config.optim, self.device, lora.weight_decay, lora.lr_ratio)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
@@ -808,7 +813,7 @@ class Trainer:
         from lmforge.train.distill import teacher_reading
 
         x, _, *mask = (self.to_device(t) for t in batch)
-        teacher = teacher_reading(self.teacher, x, mask[0] if mask else None, self.config)
+        teacher = teacher_reading(self.teacher, x, mask[0] if mask else None, self.config, self.teacher_head)
         (loss, ce, divergence), _ = self.forward(model, batch, fused=True, teacher=teacher)
         self.distilled += torch.stack([ce.detach(), divergence.detach()]).double()
         return loss
