@@ -327,6 +327,12 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
          "give --base RUN"),
         ("import-base-for-a-model", ["import", str(ws / "hf"), "--base", str(run), "--out", str(ws / "imported")],
          "--base applies to an adapter"),
+        ("import-dora-without-magnitudes", ["import", str(ws / "dora-bare"), "--base", str(run), "--out",
+                                            str(ws / "imported")], "without transformer.h.0.attn.c_attn's "
+                                                                   "lora_magnitude_vector"),
+        ("train-from-a-lora-run-with-other-adapters", ["train", "--data", str(data), "--run-dir", str(ws / "lora-2"),
+                                                       "--train.init_from", str(ws / "lora-run"), "--lora.r", "4"],
+         "is a LoRA run with r=2"),
         ("export-gguf-force-onto-a-text", ["export", str(run), "--format", "gguf", "--out", str(ws / "notes.png"),
                                           "--force"], "not a GGUF export written by lmforge"),
         ("export-gguf-into-the-run", ["export", str(run), "--format", "gguf", "--out", str(run / "m.gguf")],
@@ -482,6 +488,21 @@ def hostile_files(workspace):
     payload = (b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")
     (pickled / "ckpt.pt").write_bytes(payload)
     (pickled / "optimizer.pt").write_bytes(payload)
+    dora = ws / "dora-bare"  # a PEFT DoRA adapter saved without its magnitudes
+    dora.mkdir(exist_ok=True)
+    (dora / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["c_attn"], "use_dora": True,
+        "fan_in_fan_out": True}), encoding="utf-8")
+    import torch
+    from safetensors.torch import save_file
+
+    name = "base_model.model.transformer.h.0.attn.c_attn.lora_"
+    save_file({name + "A.weight": torch.ones(2, 32), name + "B.weight": torch.ones(96, 2)},
+              str(dora / "adapter_model.safetensors"))
+    if not (ws / "lora-run").exists():  # a LoRA run of rank 2 on the tiny run
+        assert main(["train", "--data", str(ws / "data"), "--run-dir", str(ws / "lora-run"), "--train.init_from",
+                     str(ws / "run"), "--lora.r", "2", "--max-steps", "1", "--device", "cpu", "--train.batch_size",
+                     "4", "--train.eval_interval", "0", "--train.save_interval", "1", "--no-progress"]) == 0
     adapter = ws / "peft-pickled"  # a PEFT adapter whose weights are a pickle
     adapter.mkdir(exist_ok=True)
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}', encoding="utf-8")
@@ -532,7 +553,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 165
+N_CASES = 167
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
