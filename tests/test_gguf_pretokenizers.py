@@ -39,12 +39,15 @@ CORPUS = ["It's 2024 and we'RE counting: 1234567 apples, 89 pears.\nDon'T stop!\
           "Numbers 3.14159 and 271828; IDs abc123def, x86_64.\r\nWindows line\tand tab",
           "Naïve café owners said: \"we'll see\" -- 1,000,000 times... 床前明月光 2048",
           "print(f'{x}')\n    return x**2  # squared\n",
-          "a[i] += b[j]*(c+d); x[i]+=(y+z); // x^2 ~ |y| <tag> Cafe\u0301 na\u0308ive"] * 20
+          "a[i] += b[j]*(c+d); x[i]+=(y+z); // x^2 ~ |y| <tag> Cafe\u0301 na\u0308ive",
+          "\u0643\u0627 \u0628\u0627 \u0643\u0627 \u0628\u0627"] * 20  # Arabic: letters of no case
 TEXTS = ["It'S 12345 o'clock:\n\n  spaced   out", "abc123def 3.14159 x86_64", "DON'T we'LL 1,000 床前 2048\r\n\tok",
          "  (hello)world...!!  7", "print(f'{x}')\n    return x**2",
          "Cafe\u0301 na\u0308ive", "parseJSONValue camelCase a+b=c $5 ^_^ ~/x|y", "line\tand tab", "x[i]+=(y+z);",
          "Na\u00efve ~ |y| <tag>",
-         "a xyzzy here"]  # decomposed accents: NFC changes them; xyzzy: a whole-word token
+         "x \u3072\u3089\u304c\u306a\u30ab\u30bf\u30ab\u30ca!ok",  # hiragana, katakana: DeepSeek-V3's runs
+         "\u0643\u0627 \u0628\u0627",  # DeepSeek-LLM's letters are cased scripts' only: one word for it
+         "a xyzzy here"]  # decomposed accents: NFC changes them; xyzzy: a whole-word token (last)
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 UNMERGED = "\u0120xyzzy"  # " xyzzy" in the byte-level alphabet
 
@@ -67,7 +70,17 @@ def hf_tokenizer(rule: str, bos: bool = True):
     def isolated(regex):
         return pre_tokenizers.Split(Regex(regex), behavior="isolated")
 
-    if rule in ("llama-bpe", "qwen2", "tekken"):  # Meta's Llama 3 tokenizer.json (Qwen2's: single digits, NFC,
+    o200k = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+             r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+             r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    # DeepSeek-V3's steps, as JSON in its tokenizer.json
+    deepseek3 = json.loads(r"""["\\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+        "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"]""")
+    if rule in ("gpt-4o", "deepseek-v3"):  # GPT-4o's (o200k) and DeepSeek-V3's tokenizer.json: merges always
+        tok = HFTokenizer(models.BPE())
+        steps = [o200k] if rule == "gpt-4o" else deepseek3
+        tok.pre_tokenizer = pre_tokenizers.Sequence([*map(isolated, steps), byte_level])
+    elif rule in ("llama-bpe", "qwen2", "tekken"):  # Meta's Llama 3 tokenizer.json (Qwen2's: single digits, NFC,
         tok = HFTokenizer(models.BPE(ignore_merges=rule != "qwen2"))  # merges always; Mistral's tekken)
         tok.pre_tokenizer = pre_tokenizers.Sequence([isolated(tekken if rule == "tekken" else llama3), byte_level])
         if rule == "qwen2":
@@ -101,7 +114,8 @@ def as_lmforge(hf, bos: bool = True) -> Tokenizer:
                                                                "end": hf.token_to_id(EOS), "pad": None})
 
 
-@pytest.mark.parametrize("rule", ["llama-bpe", "smollm", "qwen2", "deepseek-coder", "deepseek-llm", "tekken"])
+@pytest.mark.parametrize("rule", ["llama-bpe", "smollm", "qwen2", "deepseek-coder", "deepseek-llm", "tekken", "gpt-4o",
+                                  "deepseek-v3"])
 def test_a_bpe_with_a_named_rule_goes_through_gguf_and_back_cutting_text_as_the_original(tmp_path, rule):
     hf = hf_tokenizer(rule)
     # the texts tell the rules apart: the same vocabulary and merges under any other rule give other ids somewhere
@@ -155,10 +169,10 @@ def test_llama_cpps_other_names_of_a_rule_and_its_default_bos_are_read(tmp_path)
 def test_a_rule_lmforge_lacks_is_refused_on_import_and_export_naming_the_ones_it_has(tmp_path, capsys):
     hf = hf_tokenizer("llama-bpe")
     run = lmforge_run(tmp_path, as_lmforge(hf), **LLAMA_STYLE)
-    path = rewrite(export_gguf(run, tmp_path / "m.gguf"), tmp_path / "ds.gguf", {"tokenizer.ggml.pre": "deepseek-v3"})
+    path = rewrite(export_gguf(run, tmp_path / "m.gguf"), tmp_path / "k2.gguf", {"tokenizer.ggml.pre": "kimi-k2"})
     assert main(["import", str(path), "--out", str(tmp_path / "back")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "pre-tokenizer 'deepseek-v3'" in err and known_rules() in err and "llama-bpe (also llama3" in err, err
+    assert "pre-tokenizer 'kimi-k2'" in err and known_rules() in err and "llama-bpe (also llama3" in err, err
     assert not (tmp_path / "back").exists()
     # digits in runs of any length are neither Llama 3's groups of three nor Qwen2's single digits: not exported
     # under a wrong name; nor is Qwen2's rule without its NFC normalizer

@@ -25,8 +25,16 @@ rebuild it:
                ones (the same cut for text in Latin scripts) and reads a word that is a token whole, as for Llama 3
 
 Other names llama.cpp gives these rules (ALIASES) are read too: falcon3, falcon-h1, pixtral, lfm2 (Llama 3's),
-deepseek-r1-qwen (the Qwen distils of DeepSeek-R1: Qwen2's), phi-2, mpt, olmo (GPT-2's), codeshell, exaone (SmolLM's).
-llama.cpp knows many more rules (DeepSeek-V3's, GPT-4o's, ...); files with those are refused on import, naming these.
+deepseek-r1-qwen (the Qwen distils of DeepSeek-R1: Qwen2's), phi-2, mpt, olmo (GPT-2's), codeshell, exaone (SmolLM's),
+llama4, kanana2, talkie, minimax-m2 (GPT-4o's), hunyuan-dense, hy_v4, joyai-llm (DeepSeek-V3's).
+    gpt-4o     tiktoken's o200k (GPT-4o; Llama 4, MiniMax-M2): tekken's words with contractions kept on them (any
+               case) and digits in groups of at most three; llama.cpp's ASCII approximation of the letter classes
+               as for tekken; merges always
+    deepseek-v3  digits in groups of at most three, runs of CJK ideographs and kana, then letters (marks joined) with
+               one non-letter before them or ASCII punctuation before Latin letters, punctuation and symbols apart
+               (DeepSeek-V3, R1; Hunyuan's dense models, JoyAI)
+
+llama.cpp knows more rules (Kimi K2's, ChatGLM4's, ...); files with those are refused on import, naming these.
 """
 
 from __future__ import annotations
@@ -74,6 +82,15 @@ DEEPSEEK_LETTERS = (
     "\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2"
     "\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+")
 DEEPSEEK_PUNCTUATION = "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+"  # ASCII, full-width
+CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+# GPT-4o's (tiktoken's o200k, also Llama 4's): tekken's words with contractions kept on them, digits in threes
+GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + CONTRACTION + "|"
+               r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + CONTRACTION + "|"
+               r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+CJK_KANA = "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"  # DeepSeek-V3's: CJK ideographs, hiragana, katakana
+# DeepSeek-V3's last step as its tokenizer.json has it (line breaks as the characters themselves, not escapes)
+DEEPSEEK3_REGEX = ("[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+|"
+                   " ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+")
 TEKKEN_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
                 r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -88,10 +105,14 @@ RULES: dict[str, Rule] = {
     "deepseek-coder": Rule(_split("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK, digits=True), False),
     "deepseek-llm": Rule(_split("[\r\n]", DEEPSEEK_LETTERS, DEEPSEEK_PUNCTUATION, r"\s+$", CJK, digits=True), False),
     "tekken": Rule(_split(TEKKEN_REGEX), True),
+    "gpt-4o": Rule(_split(GPT4O_REGEX), False),
+    "deepseek-v3": Rule(_split(r"\p{N}{1,3}", CJK_KANA, DEEPSEEK3_REGEX), False),
 }
 ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe", "falcon-h1": "llama-bpe",
            "pixtral": "llama-bpe", "lfm2": "llama-bpe", "deepseek-r1-qwen": "qwen2", "phi-2": "gpt-2", "mpt": "gpt-2",
-           "olmo": "gpt-2", "starcoder": "smollm", "refact": "smollm", "codeshell": "smollm", "exaone": "smollm"}
+           "olmo": "gpt-2", "starcoder": "smollm", "refact": "smollm", "codeshell": "smollm", "exaone": "smollm",
+           "llama4": "gpt-4o", "kanana2": "gpt-4o", "talkie": "gpt-4o", "minimax-m2": "gpt-4o",
+           "hunyuan-dense": "deepseek-v3", "hy_v4": "deepseek-v3", "joyai-llm": "deepseek-v3"}
 ADDS_BOS = ("llama-bpe", "tekken")  # llama.cpp's default add_bos_token for the rule, where the file does not say
 
 
