@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora", action="store_true", help="also llama.cpp with the f32 base and lmforge's LoRA "
                    "adapter file (--adapter) against lmforge's merged model (char tokenizer)")
     p.add_argument("--rules", default="", help="pre-tokenizer rules whose cut llama.cpp checks, comma-separated "
-                   "(gpt-2, llama-bpe, smollm, qwen2, deepseek-coder, deepseek-llm, tekken; 'all')")
+                   "(gpt-2, llama-bpe, smollm, qwen2, deepseek-coder, deepseek-llm, tekken, gpt-4o, deepseek-v3; 'all')")
     p.add_argument("--llama-src", default="", help="llama.cpp's source directory (convert_lora_to_gguf.py and "
                    "gguf-py): also read adapters its converter writes")
     p.add_argument("--quick", action="store_true", help="a check that it runs: few lines, no speed part")
