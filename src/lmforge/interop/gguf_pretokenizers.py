@@ -28,7 +28,7 @@ Other names llama.cpp gives these rules (ALIASES) are read too: falcon3, falcon-
 deepseek-r1-qwen (the Qwen distils of DeepSeek-R1: Qwen2's), phi-2, mpt, olmo (GPT-2's), codeshell, exaone (SmolLM's),
 llama4, kanana2, talkie, minimax-m2 (GPT-4o's), hunyuan-dense, hy_v4, joyai-llm (DeepSeek-V3's).
     gpt-4o     tiktoken's o200k (GPT-4o; Llama 4, MiniMax-M2): tekken's words with contractions kept on them (any
-               case) and digits in groups of at most three; llama.cpp's ASCII approximation of the letter classes
+               case) and digits in groups of at most three; llama.cpp approximates the letter classes with ASCII ones,
                as for tekken; merges always
     deepseek-v3  digits in groups of at most three, runs of CJK ideographs and kana, then letters (marks joined) with
                one non-letter before them or ASCII punctuation before Latin letters, punctuation and symbols apart
