@@ -71,6 +71,7 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
                                                           "choices": {k: v for k, v in trainer.measured.items()
                                                                       if k.startswith("val_choices")},
                                                           "base_fingerprint": base_fingerprint(trainer.raw_model) if base else None}))
+    del trainer, reference, teacher, first  # the run's models (and the group its DDP wrapper holds) go before the group
     teardown_distributed(synchronize=True)
 
 

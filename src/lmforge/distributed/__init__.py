@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -157,6 +158,9 @@ def teardown_distributed(synchronize: bool = False) -> None:
     if dist.is_available() and dist.is_initialized():
         if synchronize:
             dist.barrier()
+        # what a finished run left in reference cycles (a DDP wrapper holds the group) goes now, with the group:
+        # a gloo group destroyed during interpreter shutdown instead can abort the process (SIGABRT) as it exits
+        gc.collect()
         dist.destroy_process_group()
 
 
