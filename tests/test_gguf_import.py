@@ -96,7 +96,7 @@ def rewrite(src: Path, dst: Path, change: dict, drop: tuple[str, ...] = ()) -> P
     ({"general.architecture": "phi3"}, (), "holds a 'phi3' model; lmforge imports gpt2, llama"),
     ({"llama.rope.dimension_count": 4}, (), "a partial rotation"),
     ({"llama.expert_count": 8}, (), "llama.expert_count=8"),
-    ({"tokenizer.ggml.pre": "deepseek-v3", "tokenizer.ggml.model": "gpt2"}, (), "pre-tokenizer 'deepseek-v3'"),
+    ({"tokenizer.ggml.pre": "kimi-k2", "tokenizer.ggml.model": "gpt2"}, (), "pre-tokenizer 'kimi-k2'"),
     ({}, ("llama.context_length",), "lacks llama.context_length"),
 ])
 def test_files_lmforge_cannot_read_are_refused_in_one_line_writing_nothing(tmp_path, capsys, change, drop, needle):
