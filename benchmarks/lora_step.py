@@ -2,7 +2,7 @@
 
 The model is Llama-shaped (12 layers, 768 wide, 12 heads, 4 key/value heads, SwiGLU, RoPE, RMSNorm, a 32,000-token
 untied head: about 135M weights) with random weights, built once by lmforge and exported to a transformers
-LlamaForCausalLM with the files `lmforge export --format hf` writes, so both sides hold the same weights (checked:
+LlamaForCausalLM by `lmforge export --format hf`'s exporter, so both sides hold the same weights (checked:
 the logits of one sequence agree within 1e-4). Llama's q_proj, k_proj, v_proj and o_proj are separate modules,
 so lmforge's targets q,k,v,o and peft's target_modules are the same adapters: r=8, alpha=16, the same number of
 trained weights (checked).
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 from lmforge.checkpoint import save_checkpoint  # noqa: E402
 from lmforge.config import ModelConfig, RunConfig, load_run_config  # noqa: E402
 from lmforge.data.batches import TokenBatches  # noqa: E402
-from lmforge.interop.hf_export import hf_files  # noqa: E402
+from lmforge.interop.hf_export import export_hf  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 from lmforge.train import Trainer  # noqa: E402
 from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
@@ -75,22 +75,10 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def write_base(root: Path, config: ModelConfig) -> tuple[Path, Path]:
-    """The base as an lmforge checkpoint and as a transformers directory (hf_files, as `lmforge export` writes it)."""
-    from safetensors.torch import save_file
-
+    """The base as an lmforge checkpoint and as the transformers directory `lmforge export --format hf` writes."""
     torch.manual_seed(0)
-    model = GPT(config)
-    ckpt = save_checkpoint(root / "base", 0, model, None, RunConfig(model=config), {"tokens_seen": 0})
-    hf = root / "hf"
-    hf.mkdir()
-    import json
-
-    for name, content in hf_files(model, tokenizer=None).items():
-        if name.endswith(".safetensors"):
-            save_file(content, str(hf / name), metadata={"format": "pt"})
-        else:
-            (hf / name).write_text(json.dumps(content))
-    return ckpt, hf
+    ckpt = save_checkpoint(root / "base", 0, GPT(config), None, RunConfig(model=config), {"tokens_seen": 0})
+    return ckpt, export_hf(ckpt, root / "hf")
 
 
 def lmforge_variant(ckpt: Path, root: Path, tokens: np.ndarray, args: argparse.Namespace, dora: bool):
