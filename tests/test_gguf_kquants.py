@@ -555,3 +555,19 @@ def test_the_cli_offers_every_type_the_exporter_writes():
     export = next(a for a in parser._subparsers._group_actions[0].choices["export"]._actions
                   if a.dest == "gguf_type")
     assert list(export.choices) == list(GGUF_TYPES)
+
+
+def test_q8_0_writes_the_bytes_ggufs_own_quantizer_writes():
+    """lmforge's threaded q8_0 against gguf.quants (llama.cpp's reference bytes): random rows of several widths, a
+    block of zeros, a block whose values land exactly halfway between two levels (rounded away from zero), tiny and
+    huge values."""
+    from lmforge.interop.gguf_kquants import quantize_q8_0
+
+    rng = np.random.default_rng(3)
+    for shape in [(300, 96), (7, 32), (40, 8192)]:
+        x = (rng.standard_normal(shape) * rng.choice([1e-6, 0.02, 3e3], size=(shape[0], 1))).astype(np.float32)
+        x[0, :32] = 0
+        x[1, :32] = [127.0] + [k + 0.5 for k in range(-15, 16)]  # d = 1: x / d lands on halves
+        assert np.array_equal(quantize_q8_0(x), gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)), shape
+    with pytest.raises(ValueError, match="whole blocks of 32"):
+        quantize_q8_0(np.zeros((2, 48), dtype=np.float32))

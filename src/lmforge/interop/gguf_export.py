@@ -315,7 +315,9 @@ def _add_tensor(writer: Any, name: str, data: np.ndarray, dtype: str, head: bool
     elif kind in gguf_kquants.LEGACY_WEIGHTED and importance is not None:
         raw = gguf.GGMLQuantizationType[kind.upper()]
         writer.add_tensor(name, gguf_kquants.quantize_legacy(data, kind, importance), raw_dtype=raw)
-    else:  # bf16 and the block types: bytes as gguf's quantizers write them
+    elif kind == "q8_0":  # gguf's bytes, on every core
+        writer.add_tensor(name, gguf_kquants.quantize_q8_0(data), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:  # bf16 and the other block types: bytes as gguf's quantizers write them
         raw = gguf.GGMLQuantizationType[kind.upper()]
         writer.add_tensor(name, gguf.quants.quantize(data, raw), raw_dtype=raw)
 

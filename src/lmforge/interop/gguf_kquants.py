@@ -629,6 +629,35 @@ def _iq4_xs(blocks: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
                            _pack_iq4(index)], axis=1)
 
 
+# ------------------------------------------------------------------------------------------------------------ q8_0
+def quantize_q8_0(data: np.ndarray) -> np.ndarray:
+    """A float matrix (rows, columns), columns a multiple of 32 -> its q8_0 bytes (rows, columns / 32 * 34), the bytes
+    gguf's quantizer (and llama.cpp's reference) writes: per block of 32 the scale d = max |x| / 127 as float16, then
+    each x / d rounded half away from zero (by x times 1 / d, in float32, as gguf's numpy does) as int8. In chunks on
+    every core (numpy frees the GIL), where gguf's own goes through the rows 16 at a time in one thread."""
+    rows, columns = data.shape
+    if columns % 32:
+        raise ValueError(f"q8_0 needs rows of whole blocks of 32 weights, not {columns}")
+    blocks = np.ascontiguousarray(data, dtype=np.float32).reshape(-1, 32)
+    per = _CHUNK * 8
+    work = [blocks[i:i + per] for i in range(0, len(blocks), per)]
+    with ThreadPoolExecutor(max(1, min(len(work), os.cpu_count() or 1))) as pool:
+        out = np.concatenate(list(pool.map(_q8_0, work)))
+    return out.reshape(rows, columns // 32 * 34)
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray:
+    f32 = np.float32
+    d = np.abs(blocks).max(axis=1, keepdims=True) / f32(127)  # (n, 1)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d == 0, f32(0), f32(1) / d)
+    v = blocks * inverse
+    a = np.abs(v)
+    whole = np.floor(a)
+    q = np.sign(v) * (whole + np.floor(f32(2) * (a - whole)))  # half away from zero (gguf's np_roundf)
+    return np.concatenate([d.astype(np.float16).view(np.uint8), q.astype(np.int8).view(np.uint8)], axis=1)
+
+
 # ------------------------------------------------------------------------------------------ legacy types, weighted
 LEGACY_WEIGHTED = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}  # bytes per block of 32
 
