@@ -595,6 +595,10 @@ MUTANTS = [
            '    if hasattr(teacher, "reshard"):  # an FSDPModule: the root keeps its gathered weights after a forward\n'
            "        teacher.reshard()\n", "    pass\n",
            ("tests/test_distill.py::test_two_processes_distill_like_one[False-fsdp]",)),
+    Mutant("q8-0-rounds-halves-to-even", "interop/gguf_kquants.py",
+           "    q = np.sign(v) * (whole + np.floor(f32(2) * (a - whole)))  # half away from zero (gguf's np_roundf)",
+           "    q = np.rint(v)",
+           ("tests/test_gguf_kquants.py::test_q8_0_writes_the_bytes_ggufs_own_quantizer_writes",)),
 ]
 
 
