@@ -41,7 +41,7 @@ def continued_config(run_dir, init, **overrides):
     return tiny_config(run_dir, **{"train.init_from": init, "train.max_steps": 4, "optim.lr": 1e-2, **overrides})
 
 
-def test_a_run_from_a_lora_run_starts_at_its_model_and_trains_its_adapters_on(lora_run, tmp_path):
+def test_a_run_from_a_lora_run_starts_at_its_model_and_trains_its_adapters_on(lora_run, tmp_path, capsys):
     trainer = tiny_trainer(continued_config(tmp_path / "next", lora_run / "run", **{"train.save_interval": 4}))
     lora = trainer.config.lora
     assert (lora.r, lora.alpha, lora.targets) == (4, 8.0, ["q", "v", "o"])  # the LoRA run's section, not asked for
@@ -57,6 +57,7 @@ def test_a_run_from_a_lora_run_starts_at_its_model_and_trains_its_adapters_on(lo
     assert trained == {id(p) for p in lora_parameters(model)}  # the adapters train, the base stays frozen
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.fit()
+    assert f"adapters from {lora_run / 'run'}" in capsys.readouterr().out  # the log says which adapters go on
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == set(lora_state_dict(model))
     ckpt = tmp_path / "next" / "checkpoints" / "step-00000004"

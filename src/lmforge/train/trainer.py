@@ -1572,7 +1572,8 @@ class Trainer:
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
             total = sum(p.numel() for p in model.parameters())
             self.logger.info(f"lora: r={self.config.lora.r} on {','.join(self.config.lora.targets)}, {trained:,} of "
-                             f"{total:,} parameters trained ({trained / total:.2%}); base {self.base['path']}")
+                             f"{total:,} parameters trained ({trained / total:.2%}); base {self.base['path']}"
+                             + (f"; adapters from {self.config.train.init_from}" if self.adapters_loaded else ""))
         if self.step:
             self.logger.info(f"resumed from {self.last_checkpoint} at step {self.step}")
 
