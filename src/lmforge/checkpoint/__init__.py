@@ -49,7 +49,8 @@ from lmforge.checkpoint.layout import (CHECKPOINTS, best_checkpoint, check_free_
                                        newest_intact_checkpoint, prune_checkpoints, resolve_checkpoint,
                                        verified_checkpoint)
 from lmforge.checkpoint.load import (check_base, check_data_tokenizer, load_adapted_lora, load_body_weights,
-                                     load_for_inference, load_lora_base, load_training_state, load_weights, lora_base,
+                                     load_for_inference, load_lora_base, load_start_weights,
+                                     load_training_state, load_weights, lora_base,
                                      read_run_config, read_task)
 from lmforge.checkpoint.manifest import check_safetensors, expected_files, has_optimizer_state, verify_checkpoint
 from lmforge.checkpoint.rng import capture_rng, restore_rng
@@ -61,7 +62,7 @@ from lmforge.checkpoint.weights import checkpoint_bytes, read_weights
 __all__ = [
     "CHECKPOINTS", "best_checkpoint", "capture_rng", "check_base", "check_data_tokenizer", "check_free_space",
     "check_safetensors", "checkpoint_bytes", "checkpoint_name", "clean_interrupted_saves", "complete_checkpoints",
-    "expected_files", "fault_point", "has_optimizer_state", "latest_checkpoint", "load_adapted_lora", "load_lora_base",
+    "expected_files", "fault_point", "has_optimizer_state", "latest_checkpoint", "load_adapted_lora", "load_lora_base", "load_start_weights",
     "load_body_weights", "load_for_inference", "load_training_state", "load_weights", "lora_base",
     "newest_intact_checkpoint", "prune_checkpoints", "read_run_config", "read_shard_index", "read_task",
     "read_weights", "resolve_checkpoint", "restore_rng", "save_checkpoint", "save_sharded_checkpoint",

@@ -119,6 +119,20 @@ def load_body_weights(model: nn.Module, ckpt: str | Path, device: torch.device |
     unwrap(model).load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=False)
 
 
+def load_start_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str = "cpu",
+                       verify: bool = True) -> None:
+    """The weights a run starting from `ckpt` takes: a classifier started from a language model its body only
+    (load_body_weights: the classifier starts fresh), any other model all of them (load_training_state, or
+    load_weights unverified with verify=False)."""
+    head = getattr(getattr(unwrap(model), "config", None), "head", "lm")
+    if head == "classify" and read_run_config(ckpt).model.head == "lm":
+        load_body_weights(model, ckpt, device)
+    elif verify:
+        load_training_state(ckpt, model, None, device)
+    else:
+        load_weights(model, ckpt, device)
+
+
 def check_data_tokenizer(ckpt: str | Path, data_tokenizer: Optional[str | Path]) -> None:
     """Refuse data (token shards or task examples) tokenized by another tokenizer than the checkpoint's: the same
     ids would stand for other text, and with an equal vocabulary size nothing else notices (a wrong loss, wrong
@@ -181,10 +195,7 @@ def load_lora_base(model: nn.Module, ckpt: str | Path, device: torch.device | st
         raise CheckpointError(f"{ckpt} holds LoRA adapters of the base {saved['path']}, which no longer exists; "
                               f"restore that base checkpoint to use them")
     base_ckpt = resolve_checkpoint(saved["path"])
-    if unwrap(model).config.head == "classify" and read_run_config(base_ckpt).model.head == "lm":
-        load_body_weights(model, base_ckpt, device)
-    else:  # unverified: the fingerprint below compares every weight's bytes
-        load_weights(model, base_ckpt, device)
+    load_start_weights(model, base_ckpt, device, verify=False)  # the fingerprint below compares every weight's bytes
     fingerprint = base_fingerprint(model)
     check_base(ckpt, saved, fingerprint, base_ckpt)
     return {"path": str(Path(base_ckpt).resolve()), "fingerprint": fingerprint}

@@ -42,11 +42,12 @@ from torch import nn
 
 from lmforge.allocator import keep_freed_memory
 from lmforge.checkpoint import (CHECKPOINTS, capture_rng, check_free_space, checkpoint_bytes, checkpoint_name,
-                                clean_interrupted_saves, fault_point, latest_checkpoint, load_body_weights,
+                                clean_interrupted_saves, fault_point, latest_checkpoint,
                                 load_training_state, newest_intact_checkpoint, prune_checkpoints, read_run_config,
                                 resolve_checkpoint,
                                 restore_rng, save_checkpoint, verified_checkpoint)
-from lmforge.checkpoint import best_checkpoint, check_base, check_data_tokenizer, load_lora_base, lora_base
+from lmforge.checkpoint import (best_checkpoint, check_base, check_data_tokenizer, load_lora_base,
+                                load_start_weights, lora_base)
 from lmforge.checkpoint import has_optimizer_state, save_sharded_checkpoint
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig, to_dict, with_init_sections
 from lmforge.data.batches import (IGNORE_INDEX, Batches, TokenBatches, fixed_batches, fixed_example_batches,
@@ -362,11 +363,7 @@ def load_init_weights(model: nn.Module, ckpt: Path, lora: Optional[LoRAConfig], 
         train_heads(model)
         load_training_state(ckpt, model, None, device)  # verified; the adapters and heads
         return base, True
-    head = getattr(getattr(unwrap(model), "config", None), "head", "lm")
-    if head == "classify" and read_run_config(ckpt).model.head == "lm":
-        load_body_weights(model, ckpt, device)
-    else:
-        load_training_state(ckpt, model, None, device)
+    load_start_weights(model, ckpt, device)
     return (apply_lora_for_training(model, lora, ckpt) if lora is not None else None), False
 
 
