@@ -554,7 +554,7 @@ MUTANTS = [
            ("tests/test_lora_continue.py::"
             "test_a_run_from_a_lora_run_starts_at_its_model_and_trains_its_adapters_on",)),
     Mutant("lora-continued-preference-reference-is-the-bare-base", "train/trainer.py",
-           "and (config.lora is None or self.adapters_loaded) and", "and config.lora is None and",
+           "own_copy = config.lora is None or self.adapters_loaded or", "own_copy = config.lora is None or",
            ("tests/test_lora_continue.py::"
             "test_preference_from_a_lora_run_takes_its_model_as_the_reference[False]",)),
     Mutant("lora-continued-reference-scores-keyed-without-the-adapters", "train/trainer.py",
@@ -599,6 +599,34 @@ MUTANTS = [
            "    q = np.sign(v) * (whole + np.floor(f32(2) * (a - whole)))  # half away from zero (gguf's np_roundf)",
            "    q = np.rint(v)",
            ("tests/test_gguf_kquants.py::test_q8_0_writes_the_bytes_ggufs_own_quantizer_writes",)),
+    Mutant("added-tokens-match-the-shortest-name-first", "tokenizer.py",
+           "sorted(added_tokens, key=len, reverse=True)", "sorted(added_tokens, key=len)",
+           ("tests/test_added_tokens.py::test_added_tokens_encode_as_transformers_added_tokens_and_move_no_other_id"
+            "[char]",)),
+    Mutant("added-tokens-extend-any-tokenizer", "tokenizer.py",
+           "return count if self.without_added(count) == base.to_dict() else 0", "return count",
+           ("tests/test_added_tokens.py::test_extends_counts_the_tokens_added_to_exactly_that_tokenizer[bpe]",)),
+    Mutant("added-token-rows-start-at-zero", "model.py",
+           "mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)", "mean = torch.zeros_like(weight[:1])",
+           ("tests/test_added_tokens.py::test_resizing_the_vocabulary_keeps_every_logit_and_starts_new_rows_at_the_mean"
+            "[False]",)),
+    Mutant("lora-added-rows-train-the-base-rows-too", "lora.py",
+           "        p.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:first]), grad[first:]]))",
+           "        pass",
+           ("tests/test_added_tokens.py::test_a_lora_run_trains_only_the_added_rows_of_the_embedding_and_head"
+            "[gpt2-tied]",)),
+    Mutant("lora-added-rows-of-an-untied-head-decay", "train/optim.py",
+           "        embedding_ids |= {id(p) for p in added_row_weights(model).values()}", "        pass",
+           ("tests/test_added_tokens.py::test_a_lora_run_trains_only_the_added_rows_of_the_embedding_and_head"
+            "[llama-untied]",)),
+    Mutant("lora-added-rows-reference-is-the-trained-policy", "train/trainer.py",
+           "self.adapters_loaded or bool(added_row_weights(self.raw_model))", "self.adapters_loaded",
+           ("tests/test_added_tokens.py::"
+            "test_dpo_with_lora_on_added_tokens_keeps_their_starting_rows_in_the_reference",)),
+    Mutant("added-tokens-are-control-tokens-in-gguf", "interop/gguf_export.py",
+           "    plain = plain | set(tokenizer.added_token_ids.values())", "",
+           ("tests/test_added_tokens.py::"
+            "test_the_grown_model_exports_to_transformers_and_gguf_with_its_added_tokens",)),
 ]
 
 

@@ -173,6 +173,16 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("prepare-dup-specials", ["prepare", str(corpus), "--out", str(ws / "o7"), "--special-tokens", "<S>,<S>,<P>"], "--special-tokens"),
         ("prepare-bad-jsonl", ["prepare", str(ws / "bad.jsonl"), "--out", str(ws / "o8")], "bad.jsonl"),
         ("prepare-unknown-flag", ["prepare", str(corpus), "--out", str(ws / "o9"), "--shuffle"], "--shuffle"),
+        ("prepare-add-a-token-there-already", ["prepare", str(corpus), "--out", str(ws / "o9"), "--add-tokens",
+                                               "<|user|>,e"], "'e' is one token of the vocabulary already"),
+        ("prepare-add-an-empty-token", ["prepare", str(corpus), "--out", str(ws / "o9"), "--add-tokens", "<a>,,<b>"],
+         "'' is empty or holds whitespace"),
+        ("prepare-add-tokens-after-a-mask", ["prepare", str(corpus), "--out", str(ws / "o9"), "--mask-token",
+                                             "--add-tokens", "<|user|>"], "has a mask token"),
+        ("eval-data-with-added-tokens", ["eval", str(run), "--data", str(ws / "data-added"), "--device", "cpu"],
+         "adds 1 token(s) to the tokenizer"),
+        ("export-gguf-adapter-with-added-rows", ["export", str(ws / "lora-added"), "--format", "gguf", "--adapter",
+                                                 "--out", str(ws / "added.gguf")], "cannot carry"),
         ("prepare-vocab-not-int", ["prepare", str(corpus), "--out", str(ws / "o9"), "--vocab-size", "lots"], "--vocab-size"),
         # train
         ("train-unknown-key", ["train", "--data", str(data), "--model.n_layr", "2"], "did you mean 'n_layer'"),
@@ -517,6 +527,14 @@ def hostile_files(workspace):
     if not (ws / "data2").exists():
         prepare([str(other)], str(ws / "data2"), tokenizer=str(ws / "data" / "tokenizer.json"), split=(0.8, 0.1, 0.1),
                 workers=1, progress=False)
+    if not (ws / "data-added").exists():  # the run's tokenizer and one token more
+        prepare([str(other)], str(ws / "data-added"), tokenizer=str(ws / "data" / "tokenizer.json"),
+                split=(0.8, 0.1, 0.1), workers=1, progress=False, add_tokens=["<|user|>"])
+    if not (ws / "lora-added").exists():  # a LoRA run that learned that token's rows
+        assert main(["train", "--data", str(ws / "data-added"), "--run-dir", str(ws / "lora-added"),
+                     "--train.init_from", str(ws / "run"), "--lora.r", "2", "--max-steps", "1", "--device", "cpu",
+                     "--train.batch_size", "4", "--train.eval_interval", "0", "--train.save_interval", "1",
+                     "--no-progress"]) == 0
     if not (ws / "data-bytes").exists():
         prepare([str(other)], str(ws / "data-bytes"), tokenizer="byte", split=(0.8, 0.1, 0.1), workers=1, progress=False)
     # outputs --force must not replace: a folder of the user's, an lmforge output with a note added, a link
@@ -553,7 +571,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 167
+N_CASES = 172
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -115,7 +115,9 @@ def _add_prepare(sub: Any) -> None:
               lmforge prepare --dataset shakespeare --tokenizer char --out data/shakespeare-char
               lmforge prepare corpus/ notes/*.txt --tokenizer bpe --vocab-size 8192 --out data/mine
               lmforge prepare dump.jsonl --jsonl-field body --split 0.98,0.01,0.01 --out data/web
-              lmforge prepare qa.jsonl --task sft --tokenizer runs/base --template instruct --out data/qa"""))
+              lmforge prepare qa.jsonl --task sft --tokenizer runs/base --template instruct --out data/qa
+              lmforge prepare chats.jsonl --task sft --tokenizer runs/base --out data/chat \\
+                  --add-tokens '<|system|>,<|user|>,<|assistant|>'"""))
     p.add_argument("inputs", nargs="*", metavar="PATH", help="files, folders or globs (quote globs)")
     p.add_argument("--dataset", choices=["shakespeare"], help="a built-in corpus instead of PATHs")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for shards, manifest, report")
@@ -136,6 +138,10 @@ def _add_prepare(sub: Any) -> None:
     p.add_argument("--mask-token", nargs="?", const="<MASK>", metavar="NAME",
                    help="add a mask token (default name <MASK>) for training an encoder with train.objective mlm; "
                         "text never produces it")
+    p.add_argument("--add-tokens", metavar="A,B,...", type=_token_names,
+                   help="add tokens to the tokenizer at the next ids (e.g. chat markers <|user|>,<|assistant|>): a "
+                        "text that spells one encodes it as its one id; with --tokenizer of a trained model, `lmforge "
+                        "train` from that model grows its embedding by their rows (each starting at the mean row)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="encoding processes (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t = p.add_argument_group("task data (--task): records -> examples for fine-tuning a base model")
@@ -173,6 +179,11 @@ def _add_prepare(sub: Any) -> None:
     p.set_defaults(run=_run_prepare)
 
 
+def _token_names(text: str) -> list[str]:
+    """--add-tokens A,B,...: the names, which Tokenizer.with_added_tokens checks."""
+    return [name.strip() for name in text.split(",")]
+
+
 def _parse_split(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in text.split(","))
@@ -205,7 +216,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
         args.inputs, args.out, dataset=args.dataset, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         split=_parse_split(args.split), seed=args.seed, doc_split=args.doc_split, jsonl_field=args.jsonl_field,
         parquet_column=args.parquet_column, keep_duplicates=args.keep_duplicates, force=args.force,
-        special_tokens=specials, workers=args.workers, progress=not args.no_progress, mask_token=args.mask_token)
+        special_tokens=specials, workers=args.workers, progress=not args.no_progress, mask_token=args.mask_token,
+        add_tokens=args.add_tokens or ())
     print(format_report(report))
     return 0
 
@@ -237,7 +249,8 @@ def _run_prepare_task(args: argparse.Namespace) -> int:
         max_length=max_length, template=args.template, drop_long=args.drop_long, skip_bad=args.skip_bad,
         fields=Fields(args.prompt_field, args.completion_field, args.messages_field, args.text_field, args.label_field,
                       args.chosen_field, args.rejected_field, args.tools_field),
-        keep_duplicates=args.keep_duplicates, split=_parse_split(args.split), seed=args.seed, force=args.force)
+        keep_duplicates=args.keep_duplicates, split=_parse_split(args.split), seed=args.seed, force=args.force,
+        add_tokens=args.add_tokens or ())
     print(format_task_report(report))
     return 0
 

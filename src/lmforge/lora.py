@@ -51,6 +51,7 @@ from lmforge.model import dropout as make_dropout
 Target = LoRATarget  # what LoRAConfig.targets names; LoRAConfig lives in config (a RunConfig section), re-exported here
 WHOLE_LINEARS = {"o": ("attn.proj",), "mlp": ("mlp.fc", "mlp.proj")}  # target -> Linears of each block it adapts
 HEADS = ("classifier",)  # task heads a LoRA run trains whole beside the adapters (a new head has no base to adapt)
+ROW_WEIGHTS = ("tok_emb.weight", "lm_head.weight")  # a row per token: added tokens' rows train (train_added_rows)
 
 
 # ------------------------------------------------------------------------------------------ adapters
@@ -314,11 +315,34 @@ def train_heads(model: nn.Module) -> list[str]:
     return list(heads)
 
 
+def added_row_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: weight} of the embedding and the lm_head (both names when tied) of a model with rows for tokens added to
+    its base's tokenizer (GPT.resize_vocabulary set added_rows_from); {} for any other model."""
+    if getattr(model, "added_rows_from", None) is None:
+        return {}
+    return {name: p for name, p in model.named_parameters(remove_duplicate=False) if name in ROW_WEIGHTS}
+
+
+def train_added_rows(model: nn.Module) -> list[str]:
+    """Let an adapted model learn the rows of tokens added to its base's tokenizer (rows added_rows_from.. of the
+    embedding and of an untied lm_head; what peft's trainable_token_indices trains): those weights become trainable
+    with a gradient hook that zeroes the base's rows, which AdamW then leaves exactly as they are (their moments stay
+    0; optim.param_groups does not decay these weights). A LoRA checkpoint holds them whole (trained_state_dict).
+    Returns their names; none for a model without added rows."""
+    weights = added_row_weights(model)
+    first = getattr(model, "added_rows_from", None)
+    for p in {id(p): p for p in weights.values()}.values():
+        p.requires_grad_(True)
+        p.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:first]), grad[first:]]))
+    return list(weights)
+
+
 def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What a LoRA checkpoint holds: the adapters (lora_state_dict) plus the task heads' parameters
-    ({"classifier.weight": (num_labels, C)} when the model has one), sharing storage with the model."""
+    ({"classifier.weight": (num_labels, C)} when the model has one) and, with tokens added to the base's tokenizer,
+    the embedding and lm_head whole (added_row_weights), sharing storage with the model."""
     heads = {name: p for name, p in model.named_parameters() if _is_head(name)}
-    return {**lora_state_dict(model), **heads}
+    return {**lora_state_dict(model), **heads, **added_row_weights(model)}
 
 
 def is_adapted(model: nn.Module) -> bool:

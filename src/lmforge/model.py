@@ -15,6 +15,7 @@ parameters: tok_emb, pos_emb (learned positions only), blocks.N.{norm_1, attn.qk
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -267,6 +268,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only Transformer: forward(idx (B, T) long) -> logits (B, T, V), or (B, num_labels) for a classifier."""
 
+    added_rows_from: Optional[int] = None  # resize_vocabulary: rows from here on are added tokens' (a LoRA run trains
+    # them: lora.train_added_rows)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -302,6 +306,30 @@ class GPT(nn.Module):
         second and a half for gpt2-124m); its tables are computed and its tied weights tied as GPT(config)'s."""
         with torch.device("cpu"), _SkipInit():
             return cls(config)
+
+    @torch.no_grad()
+    def resize_vocabulary(self, vocab_size: int) -> None:
+        """Give the embedding (and an untied lm_head) vocab_size rows, as transformers' resize_token_embeddings: past
+        the existing V, rows for tokens added to the tokenizer (Tokenizer.with_added_tokens), each starting at the
+        mean of the existing rows (without transformers' tiny random spread), so a new token's logit starts as an
+        average one's, and added_rows_from = V; fewer rows keep the first vocab_size (to load a checkpoint of that
+        vocabulary into). No kept row changes; config.vocab_size becomes vocab_size."""
+        old = self.tok_emb.weight
+        V = old.shape[0]
+
+        def resized(weight: torch.Tensor) -> nn.Parameter:  # (V, C) -> (vocab_size, C)
+            mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)  # (1, C)
+            rows = torch.cat([weight, mean.expand(vocab_size - V, -1)]) if vocab_size > V else weight[:vocab_size]
+            return nn.Parameter(rows.clone(), requires_grad=weight.requires_grad)
+
+        tied = hasattr(self, "lm_head") and self.lm_head.weight is old
+        self.tok_emb.weight = resized(old)
+        self.tok_emb.num_embeddings = vocab_size
+        if hasattr(self, "lm_head"):
+            self.lm_head.weight = self.tok_emb.weight if tied else resized(self.lm_head.weight)
+            self.lm_head.out_features = vocab_size
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
+        self.added_rows_from = V if vocab_size > V else None
 
     def reset_buffers(self) -> None:
         """(Re)compute the derived, non-persistent tables, e.g. after `to_empty()` from the meta device."""

@@ -16,6 +16,12 @@ Special ids are never produced by ``encode``: a text containing the literal ``"<
 as ordinary characters. A mask token for masked-language-model training (``lmforge prepare --mask-token``,
 default name ``<MASK>``) takes the last id, after everything else, so adding it moves no other id.
 
+Added tokens (``lmforge prepare --add-tokens``: chat markers such as ``<|user|>`` for a model that never had them)
+take the next ids after a tokenizer's own, in order, so adding them moves no other id either; unlike special tokens
+they are text: a text that spells one encodes it as its one id (matched before any other rule, leftmost and
+longest first, as Hugging Face's added tokens), and it decodes to its spelling. A tokenizer with added tokens
+``extends`` the one they were added to: a model trained with that one can learn the new ids (its embedding grows).
+
 Decoding joins each id's bytes and decodes them as UTF-8, replacing invalid sequences (a model can
 emit any id sequence). ``StreamDecoder`` does the same incrementally for generation: it holds back
 the bytes of a character that is not complete yet, so printing its pieces gives exactly
@@ -42,6 +48,9 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
+import unicodedata
+from collections.abc import Sequence
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -58,6 +67,7 @@ DEFAULT_SPECIAL_TOKENS = ("<START>", "<END>", "<PAD>")
 N_SPECIAL = 3
 BYTE_OFFSET = N_SPECIAL  # id of byte 0 in the byte and char kinds
 UNICODE_SIZE = 0x110000
+MAX_ADDED_TOKENS = 10_000  # with_added_tokens: more is a mistake (a vocabulary is trained, not listed)
 
 
 def check_special_tokens(names) -> None:
@@ -97,12 +107,17 @@ class Tokenizer:
     strips_leading_space: int = 0  # SentencePiece-style (kind hf): spaces decode drops from a text's start
     _first_token_bytes: dict[int, bytes] = {}  # SentencePiece's Metaspace decoder: {id: bytes as a text's first}
     _hf_continuing = None  # SentencePiece-style: the tokenizer without the space before a text's first word
+    added_tokens: tuple[str, ...] = ()  # with_added_tokens: text tokens at the last ids, in id order
+    _added_split = None  # char and byte kinds with added tokens: a regex cutting a text at them (see encode_array)
+    _added_ids: dict[str, int] = {}
 
     def __init__(self, kind: str, special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS, *,
                  chars: list[str] | None = None, hf_json: str | None = None,
-                 special_ids: dict[str, int | None] | None = None, mask_token: str | None = None) -> None:
+                 special_ids: dict[str, int | None] | None = None, mask_token: str | None = None,
+                 added_tokens: Sequence[str] = ()) -> None:
         if kind == HF_KIND:
             self._init_hf(hf_json, special_ids or {})
+            self._check_added(added_tokens)
             return
         if kind not in KINDS:
             raise TokenizerError(f"unknown tokenizer kind {kind!r}: choose one of char, byte, bpe or a tokenizer.json path")
@@ -128,9 +143,25 @@ class Tokenizer:
             self.mask_token, self.mask_id = mask_token, len(id_bytes)
             id_bytes.append(mask_token.encode("utf-8"))
             self._special_ids = self._special_ids | {self.mask_id}
+        if added_tokens and kind in ("char", "byte"):  # bpe: the Hugging Face tokenizer holds them (and matches them)
+            id_bytes += [name.encode("utf-8") for name in added_tokens]
+            longest_first = sorted(added_tokens, key=len, reverse=True)  # at one position the longest matches
+            self._added_split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
         self._id_bytes = id_bytes
         self.vocab_size = len(id_bytes)
         self.sha256: str | None = None  # of the file this tokenizer was last saved to or loaded from
+        self._check_added(added_tokens)
+
+    def _check_added(self, names: Sequence[str]) -> None:
+        """Set added_tokens, checking they are the last ids, in order (and, in a Hugging Face tokenizer, its added
+        tokens of those ids)."""
+        first = self.vocab_size - len(names)
+        self._added_ids = {name: first + i for i, name in enumerate(names)}
+        if len(self._added_ids) != len(names) or first < 0 or (self.mask_id is not None and names):
+            raise ValueError("added tokens must be distinct, the last ids, and not beside a mask token")
+        if self._hf is not None and any(self._hf.token_to_id(n) != i for n, i in self._added_ids.items()):
+            raise ValueError("the added tokens are not the Hugging Face tokenizer's tokens of their ids")
+        self.added_tokens = tuple(names)
 
     def _init_hf(self, hf_json: str | None, special_ids: dict[str, int | None]) -> None:
         """Kind ``hf``: an imported byte-level BPE tokenizer.json with its own special tokens."""
@@ -170,7 +201,15 @@ class Tokenizer:
         return table
 
     def encode_array(self, text: str) -> np.ndarray:
-        """Encode one text into a 1-D int64 array of ids (never a special id)."""
+        """Encode one text into a 1-D int64 array of ids (never a special id; an added token's id where the text
+        spells it)."""
+        if self._added_split is not None:  # split() with a group: text, added token, text, ..., text
+            pieces = self._added_split.split(text)
+            return np.concatenate([np.array([self._added_ids[p]], dtype=np.int64) if i % 2 else self._encode_plain(p)
+                                   for i, p in enumerate(pieces)])
+        return self._encode_plain(text)
+
+    def _encode_plain(self, text: str) -> np.ndarray:
         if self.kind == "byte":
             return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
         if self.kind == "char":
@@ -275,6 +314,11 @@ class Tokenizer:
         """The ids of the special tokens (start, end, pad, and mask where there is one): never text."""
         return self._special_ids
 
+    @property
+    def added_token_ids(self) -> dict[str, int]:
+        """{added token: its id} (with_added_tokens), in id order."""
+        return dict(self._added_ids)
+
     def token_text(self, token_id: int) -> str:
         """A printable form of one token, for reports (special names, bytes as ``<0xNN>``)."""
         if token_id in self._special_ids:
@@ -304,7 +348,72 @@ class Tokenizer:
             data["mask_token"] = {"token": self.mask_token, "id": self.mask_id}
         if self.chat_template is not None:
             data["chat_template"] = self.chat_template
+        if self.added_tokens:
+            data["added_tokens"] = [{"token": name, "id": i} for name, i in self.added_token_ids.items()]
         return data
+
+    def with_added_tokens(self, names: Sequence[str]) -> "Tokenizer":
+        """This tokenizer with `names` added as text tokens at the next ids, in order (see the module docstring).
+        TokenizerError, naming the token, for an empty name, one with whitespace or control characters, a repeat, a
+        special token's name, a name that is one token already, or a tokenizer with a mask token."""
+        names = list(names)
+        if not names or len(names) > MAX_ADDED_TOKENS:
+            raise TokenizerError(f"{len(names)} tokens to add: give 1 to {MAX_ADDED_TOKENS:,} names")
+        taken = set(self.special_tokens) | set(self.added_tokens) | {self.mask_token}
+        for name in names:
+            if not isinstance(name, str) or not name or any(c.isspace() or unicodedata.category(c)[0] == "C"
+                                                            for c in name):
+                raise TokenizerError(f"token to add {name!r} is empty or holds whitespace or control characters: "
+                                     f"give names such as <|user|>")
+            if name in taken or names.count(name) > 1:
+                raise TokenizerError(f"token to add {name!r} is a special token, added already or named twice: "
+                                     f"give each new name once")
+            ids = self.encode(name)
+            if len(ids) == 1:
+                raise TokenizerError(f"token to add {name!r} is one token of the vocabulary already (id {ids[0]}): "
+                                     f"drop it from the list")
+        if self.mask_id is not None:
+            raise TokenizerError("this tokenizer has a mask token (an encoder's, at its last id): tokens cannot be "
+                                 "added after it")
+        data = self.to_dict()
+        if self._hf is not None:
+            from tokenizers import AddedToken, Tokenizer as HFTokenizer
+
+            hf = HFTokenizer.from_str(self._hf.to_str())
+            hf.add_tokens([AddedToken(n, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                                      special=False) for n in names])
+            data["hf_tokenizer"] = json.loads(hf.to_str())
+        data["added_tokens"] = [*data.get("added_tokens", []),
+                                *({"token": n, "id": self.vocab_size + i} for i, n in enumerate(names))]
+        data["vocab_size"] = self.vocab_size + len(names)
+        try:
+            return Tokenizer.from_dict(data)
+        except TokenizerError:  # an imported vocabulary with holes in its ids gives the new tokens other ids
+            raise TokenizerError(f"this tokenizer's ids do not end at its vocabulary size {self.vocab_size}: "
+                                 f"tokens cannot be added to it") from None
+
+    def without_added(self, count: int) -> dict:
+        """The to_dict form of this tokenizer before its last `count` added tokens were added."""
+        data = self.to_dict()
+        keep = len(self.added_tokens) - count
+        size = self.vocab_size - count
+        data["vocab_size"] = size
+        if keep > 0:
+            data["added_tokens"] = data["added_tokens"][:keep]
+        else:
+            data.pop("added_tokens", None)
+        if "hf_tokenizer" in data:
+            hf = data["hf_tokenizer"]
+            hf["added_tokens"] = [t for t in hf.get("added_tokens") or [] if t["id"] < size]
+        return data
+
+    def extends(self, base: "Tokenizer") -> int:
+        """How many tokens this tokenizer added to `base` (with_added_tokens, once or more); 0 when it is not
+        `base` with tokens added."""
+        count = len(self.added_tokens) - len(base.added_tokens)
+        if count <= 0 or self.added_tokens[:len(base.added_tokens)] != base.added_tokens:
+            return 0
+        return count if self.without_added(count) == base.to_dict() else 0
 
     def with_mask_token(self, name: str = "<MASK>") -> "Tokenizer":
         """This tokenizer with a mask token added at the next id (itself if it has one already)."""
@@ -348,7 +457,8 @@ class Tokenizer:
             if data["kind"] == HF_KIND:
                 roles = data["special_tokens"]
                 special_ids = {r: roles[r]["id"] if roles.get(r) else None for r in SPECIAL_ROLES}
-                tok = cls(HF_KIND, hf_json=json.dumps(data["hf_tokenizer"]), special_ids=special_ids)
+                tok = cls(HF_KIND, hf_json=json.dumps(data["hf_tokenizer"]), special_ids=special_ids,
+                          added_tokens=_added_names(data))
                 for r in SPECIAL_ROLES:
                     if roles.get(r) and tok._hf.id_to_token(roles[r]["id"]) != roles[r]["token"]:
                         raise ValueError(f"{r} token {roles[r]['token']!r} is not id {roles[r]['id']}")
@@ -364,7 +474,7 @@ class Tokenizer:
             mask = data.get("mask_token")
             tok = cls(data["kind"], specials, chars=chars,
                       hf_json=json.dumps(data["hf_tokenizer"]) if data["kind"] == "bpe" else None,
-                      mask_token=None if mask is None else mask["token"])
+                      mask_token=None if mask is None else mask["token"], added_tokens=_added_names(data))
             if mask is not None and mask["id"] != tok.mask_id:
                 raise ValueError(f"mask token id {mask['id']} is not the last id {tok.mask_id}")
             tok.chat_template = _chat_template(data)
@@ -375,6 +485,17 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer file {source} says vocab_size={data.get('vocab_size')} but holds "
                                  f"{tok.vocab_size} tokens: the file is corrupt, re-run `lmforge prepare`")
         return tok
+
+
+def _added_names(data: dict) -> list[str]:
+    """The added tokens of a to_dict form, checked to be [{"token": name, "id": the id it must have}, ...]."""
+    entries = data.get("added_tokens") or []
+    names = [entry["token"] for entry in entries]
+    first = data["vocab_size"] - len(names)
+    if not all(isinstance(n, str) and n for n in names) or [e["id"] for e in entries] != list(
+            range(first, first + len(names))):
+        raise ValueError("'added_tokens' must name tokens at the last ids, in order")
+    return names
 
 
 def _chat_template(data: dict) -> str | None:
@@ -531,7 +652,9 @@ def _hf_id_bytes(hf) -> list[bytes]:
     by_id = [""] * len(vocab)
     for token, i in vocab.items():
         by_id[i] = token
-    return [bytes(to_byte[c] for c in token) for token in by_id[N_SPECIAL:]]
+    added = {i: t.content for i, t in hf.get_added_tokens_decoder().items() if not t.special}  # their text as is
+    return [added[i].encode("utf-8") if i in added else bytes(to_byte[c] for c in by_id[i])
+            for i in range(N_SPECIAL, len(by_id))]
 
 
 def _hf_all_id_bytes(hf) -> tuple[list[bytes], int, dict[int, bytes]]:

@@ -24,6 +24,8 @@ from lmforge.distributed import is_sharded, load_full_state, resolve_device, unw
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.files import sha256_file
 from lmforge.lora import apply_lora, base_fingerprint, is_adapted, merge_lora
+from lmforge.tokenizer import Tokenizer
+
 
 def read_run_config(ckpt: str | Path) -> RunConfig:
     """The resolved RunConfig stored in a checkpoint directory's config.json."""
@@ -58,8 +60,9 @@ def load_weights(model: nn.Module, ckpt: str | Path, device: torch.device | str 
     check_weights_fit(model, Path(ckpt))
     if is_adapted(unwrap(model)):
         with torch.no_grad(), safe_open(str(path), framework="pt", device="cpu") as f:
-            for name, tensor in saved_tensors(model).items():
-                tensor.copy_(f.get_tensor(name))
+            stored, own = set(f.keys()), saved_tensors(model)
+            for names in tied_names(model):  # a tied weight (an embedding with added rows) is stored once
+                own[names[0]].copy_(f.get_tensor(next(n for n in names if n in stored)))
         return
     try:
         if is_sharded(model):  # every process reads the whole file and keeps its shard
@@ -123,29 +126,46 @@ def load_start_weights(model: nn.Module, ckpt: str | Path, device: torch.device 
                        verify: bool = True) -> None:
     """The weights a run starting from `ckpt` takes: a classifier started from a language model its body only
     (load_body_weights: the classifier starts fresh), any other model all of them (load_training_state, or
-    load_weights unverified with verify=False)."""
-    head = getattr(getattr(unwrap(model), "config", None), "head", "lm")
-    if head == "classify" and read_run_config(ckpt).model.head == "lm":
+    load_weights unverified with verify=False). A model with a larger vocabulary than the checkpoint's (tokens added
+    to its tokenizer: train.with_added_tokens) takes the checkpoint's rows and starts the others at their mean
+    (GPT.resize_vocabulary)."""
+    own, theirs = unwrap(model), read_run_config(ckpt).model
+    size = getattr(getattr(own, "config", None), "vocab_size", theirs.vocab_size)
+    if size > theirs.vocab_size:
+        own.resize_vocabulary(theirs.vocab_size)
+    head = getattr(getattr(own, "config", None), "head", "lm")
+    if head == "classify" and theirs.head == "lm":
         load_body_weights(model, ckpt, device)
     elif verify:
         load_training_state(ckpt, model, None, device)
     else:
         load_weights(model, ckpt, device)
+    if size > theirs.vocab_size:
+        own.resize_vocabulary(size)
 
 
-def check_data_tokenizer(ckpt: str | Path, data_tokenizer: Optional[str | Path]) -> None:
+def check_data_tokenizer(ckpt: str | Path, data_tokenizer: Optional[str | Path], added_ok: bool = False) -> int:
     """Refuse data (token shards or task examples) tokenized by another tokenizer than the checkpoint's: the same
     ids would stand for other text, and with an equal vocabulary size nothing else notices (a wrong loss, wrong
     bits per byte). The one check of every reader that pairs a checkpoint with data: train (init_from, resume)
     and eval. Compares the sha256 of the checkpoint's tokenizer.json with the data's tokenizer file; nothing to
-    compare when either has none."""
+    compare when either has none. added_ok (a run starting from the checkpoint): the data's tokenizer may be the
+    checkpoint's with tokens added (`lmforge prepare --add-tokens`); returns how many, else 0."""
     ckpt, theirs = Path(ckpt), Path(ckpt) / "tokenizer.json"
     if data_tokenizer is None or not Path(data_tokenizer).is_file() or not theirs.is_file():
-        return
-    if sha256_file(theirs) != sha256_file(Path(data_tokenizer)):
-        raise CheckpointError(f"{ckpt} was trained with another tokenizer than {data_tokenizer}: the same ids mean "
-                              f"other text; use data prepared with `lmforge prepare --tokenizer {theirs}` (or the "
-                              f"data the model was trained on)")
+        return 0
+    if sha256_file(theirs) == sha256_file(Path(data_tokenizer)):
+        return 0
+    added = Tokenizer.load(data_tokenizer).extends(Tokenizer.load(theirs))
+    if added and added_ok:
+        return added
+    if added:
+        raise CheckpointError(f"{data_tokenizer} adds {added} token(s) to the tokenizer {ckpt} was trained with, "
+                              f"which has no embedding rows for them: train from {ckpt} on this data first "
+                              f"(--train.init_from), then use the run it makes")
+    raise CheckpointError(f"{ckpt} was trained with another tokenizer than {data_tokenizer}: the same ids mean "
+                          f"other text; use data prepared with `lmforge prepare --tokenizer {theirs}` (or the "
+                          f"data the model was trained on)")
 
 
 def lora_base(ckpt: str | Path) -> dict:
@@ -201,6 +221,16 @@ def load_lora_base(model: nn.Module, ckpt: str | Path, device: torch.device | st
     return {"path": str(Path(base_ckpt).resolve()), "fingerprint": fingerprint}
 
 
+def _lora_base_vocab(ckpt: Path, config: RunConfig) -> Optional[int]:
+    """The vocab_size of a LoRA checkpoint's base when smaller than the run's (tokens added: rows the run trained);
+    None when equal, or when the base is gone (load_lora_base says so)."""
+    base = Path(lora_base(ckpt)["path"])
+    if not base.exists():
+        return None
+    size = read_run_config(resolve_checkpoint(base)).model.vocab_size
+    return size if size < config.model.vocab_size else None
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
                        manifest: Optional[dict] = None) -> tuple[nn.Module, Any, RunConfig]:
     """(model in eval mode on `device`, Tokenizer or None, RunConfig) from a run or checkpoint directory.
@@ -215,8 +245,11 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     ckpt, manifest = (Path(path), manifest) if manifest is not None else verified_checkpoint(path)
     config = read_run_config(ckpt)
     shape = GPT.shapes(config.model)  # the shapes config.json describes, checked against the file before allocating
-    with torch.device("meta"):
-        check_weights_fit(shape if config.lora is None else apply_lora(shape, config.lora), ckpt)
+    if config.lora is not None:  # what a LoRA checkpoint holds: its adapters and heads (and rows of added tokens)
+        shape.added_rows_from = _lora_base_vocab(ckpt, config)
+        with torch.device("meta"):
+            apply_lora(shape, config.lora)
+    check_weights_fit(shape, ckpt)
     device = resolve_device(device) if isinstance(device, str) else device
     if config.lora is None:
         model = GPT.empty(config.model)  # every weight comes from the file: no random initialisation first
@@ -227,7 +260,5 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     model.eval()
     tokenizer = None
     if "tokenizer.json" in manifest["files"]:
-        from lmforge.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
     return model, tokenizer, config

@@ -35,21 +35,19 @@ def tied_names(model: nn.Module) -> list[list[str]]:
 
 
 def save_weights(model: nn.Module, path: Path, weights: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """Write model.safetensors: every weight (a tied one once), or a LoRA model's adapters and heads.
+    """Write model.safetensors: every weight (a tied one once), or a LoRA model's adapters and heads (and rows).
 
     weights: a sharded model's whole state dict (distributed.full_state); a tied weight is stored under the name
     safetensors' save_model keeps (the first in sorted order), so the file is the one a single process writes."""
-    if weights is not None:
-        groups = tied_names(model)
-        tensors = {min(names): weights[min(names)].contiguous() for names in groups}
-        tied = {name: min(names) for names in groups for name in names if name != min(names)}
-        save_file(tensors, str(path), metadata={**tied, "format": "lmforge-model-v1"})
-        return
-    if not is_adapted(unwrap(model)):
+    adapted = is_adapted(unwrap(model))
+    if weights is None and not adapted:
         save_model(unwrap(model), str(path), metadata={"format": "lmforge-model-v1"})
         return
-    tensors = {k: v.detach().contiguous() for k, v in saved_tensors(model).items()}
-    save_file(tensors, str(path), metadata={"format": "lmforge-lora-v1"})
+    weights = saved_tensors(model) if weights is None else weights
+    groups = tied_names(model)  # a LoRA run's tied embedding and head, when it trains added tokens' rows: once
+    tensors = {min(names): weights[min(names)].detach().contiguous() for names in groups}
+    tied = {name: min(names) for names in groups for name in names if name != min(names)}
+    save_file(tensors, str(path), metadata={**tied, "format": "lmforge-lora-v1" if adapted else "lmforge-model-v1"})
 
 
 def check_weights_fit(model: nn.Module, ckpt: Path) -> None:

@@ -30,6 +30,7 @@ import sys
 import time
 from array import array
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,11 +58,12 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
             doc_split: str = "file", jsonl_field: str = "text", parquet_column: str = "text",
             keep_duplicates: bool = False, force: bool = False,
             special_tokens: tuple[str, str, str] = ("<START>", "<END>", "<PAD>"), workers: int = 2,
-            progress: bool = True, mask_token: str | None = None) -> dict:
+            progress: bool = True, mask_token: str | None = None, add_tokens: Sequence[str] = ()) -> dict:
     """Prepare a dataset directory ``out`` from ``inputs`` (files, folders, globs) or ``dataset="shakespeare"``.
 
     ``tokenizer`` is char | byte | bpe or the path of an lmforge tokenizer.json (its own special
-    tokens are then used); ``mask_token`` adds a mask token at the last id (masked-language-model training).
+    tokens are then used); ``mask_token`` adds a mask token at the last id (masked-language-model training);
+    ``add_tokens`` adds text tokens at the next ids (Tokenizer.with_added_tokens: chat markers).
     Returns the report (also written to ``out/report.json``). Raises DataError
     or TokenizerError with a one-line message; on error nothing is written and an existing ``out``
     is left untouched. An existing dataset is replaced only with ``force=True``.
@@ -72,6 +74,8 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
     given = None if tokenizer in KINDS else Tokenizer.load(tokenizer)  # fail before reading the corpus
     if given is not None and mask_token is not None:
         given = given.with_mask_token(mask_token)
+    if given is not None and add_tokens:
+        given = given.with_added_tokens(add_tokens)
     log = _Log(progress)
     stats = CorpusStats()
     if dataset is not None:
@@ -83,7 +87,7 @@ def prepare(inputs: list[str], out: str, *, dataset: str | None = None, tokenize
         report = _Pipeline(tmp, log, stats, workers=workers, progress=progress).run(
             files, tokenizer=given or tokenizer, vocab_size=vocab_size, split=split, seed=seed, doc_split=doc_split,
             jsonl_field=jsonl_field, parquet_column=parquet_column, keep_duplicates=keep_duplicates,
-            special_tokens=special_tokens, mask_token=mask_token)
+            special_tokens=special_tokens, mask_token=mask_token, add_tokens=() if given else add_tokens)
     return report
 
 
@@ -226,7 +230,7 @@ class _Pipeline:
 
     def run(self, files: list[Path], *, tokenizer: str | Tokenizer, vocab_size: int, split, seed: int, doc_split: str,
             jsonl_field: str, parquet_column: str, keep_duplicates: bool, special_tokens,
-            mask_token: str | None = None) -> dict:
+            mask_token: str | None = None, add_tokens: Sequence[str] = ()) -> dict:
         spool = _Spool(self.tmp / "documents.spool")
         try:
             t0 = time.perf_counter()
@@ -239,6 +243,8 @@ class _Pipeline:
             tok = self._tokenizer(spool, splits["train"], tokenizer, vocab_size, special_tokens)
             if mask_token is not None:
                 tok = tok.with_mask_token(mask_token)
+            if add_tokens:
+                tok = tok.with_added_tokens(add_tokens)
             tok_sha = tok.save(self.tmp / "tokenizer.json")
             self.timings["tokenizer"] = time.perf_counter() - t0
 

@@ -57,7 +57,7 @@ import hashlib
 import json
 import string
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -559,10 +559,11 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
                  task: str = "sft", template: str = DEFAULT_TEMPLATE, fields: Optional[Fields] = None,
                  drop_long: bool = False, skip_bad: bool = False, keep_duplicates: bool = False,
                  split: tuple[float, float, float] = (0.9, 0.05, 0.05), seed: int = 1337, force: bool = False,
-                 warn=None) -> dict:
+                 warn=None, add_tokens: Sequence[str] = ()) -> dict:
     """Prepare the task dataset ``out`` from record files ``inputs``, encoded with the base model's tokenizer.
 
-    tokenizer_file: the base checkpoint's tokenizer.json (copied unchanged); base: the path the user gave
+    tokenizer_file: the base checkpoint's tokenizer.json (copied unchanged, or with add_tokens added: chat markers the
+    model learns, its embedding grown by `lmforge train`); base: the path the user gave
     (recorded); max_length: most tokens per example (an example of L tokens trains on L-1 positions, so the
     base's block_size + 1 fills its context). Returns the report (also DIR/report.json). Raises DataError with
     one line; on error nothing is written and an existing ``out`` is untouched (replaced only with ``force``).
@@ -580,6 +581,8 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
     out_dir = Path(out)
     check_dataset_output(out_dir, force=force, inputs=[i for i in inputs if not glob.has_magic(i)])
     tok = Tokenizer.load(tokenizer_file)
+    if add_tokens:
+        tok = tok.with_added_tokens(add_tokens)
     if tmpl is not None and own_chat(tok) is not None:  # conversations in the base model's own chat format
         tmpl["chat"] = own_chat(tok)
     warnings: list[str] = []
@@ -639,10 +642,14 @@ def prepare_task(inputs: list[str], out: str, *, tokenizer_file: str | Path, bas
 
 def _write_task_dir(encoded: dict[str, Encoded], header: dict, report_of, *, tok: Tokenizer,
                     tokenizer_file: str | Path, files: list[Path], out_dir: Path) -> dict:
-    """Write the dataset directory atomically: the base's tokenizer.json, every split, manifest.json (``header``
-    plus what every task shares) and report.json (``report_of(manifest splits)``); returns the report."""
+    """Write the dataset directory atomically: the base's tokenizer.json (`tok`, when tokens were added), every
+    split, manifest.json (``header`` plus what every task shares) and report.json (``report_of(manifest splits)``);
+    returns the report."""
     with atomic_dir(out_dir) as tmp:
-        atomic_write_bytes(tmp / "tokenizer.json", Path(tokenizer_file).read_bytes())  # the base's, byte for byte
+        if tok.sha256 is not None:  # read from tokenizer_file as it is (with_added_tokens makes one with no sha256)
+            atomic_write_bytes(tmp / "tokenizer.json", Path(tokenizer_file).read_bytes())  # the base's, byte for byte
+        else:  # the base's with tokens added
+            tok.save(tmp / "tokenizer.json")
         entries = {name: write_examples(tmp / f"{name}.safetensors", enc) for name, enc in encoded.items()}
         manifest = {"format": FORMAT, "lmforge_version": lmforge.__version__, **header,
                     "vocab_size": tok.vocab_size,

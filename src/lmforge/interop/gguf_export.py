@@ -433,6 +433,7 @@ def _vocabulary(tokenizer: Tokenizer, vocab_size: int) -> Vocabulary:
         raise GGUFExportError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size}; export a "
                               "checkpoint whose tokenizer it was trained with")
     special = tokenizer.special_token_ids
+    plain = plain | set(tokenizer.added_token_ids.values())  # text llama.cpp matches as one token, as HF does
     byte_ids = range(BYTE_OFFSET, BYTE_OFFSET + 256) if tokenizer.kind in ("char", "byte") else ()
 
     def kind(i: int, token: str) -> int:
@@ -537,7 +538,7 @@ def _character_vocabulary(tokenizer: Tokenizer) -> list[str]:
         tokens[BYTE_OFFSET + 0x20] = SPACE
     if tokenizer.mask_token is not None:
         tokens.append(tokenizer.mask_token)
-    return tokens
+    return tokens + list(tokenizer.added_tokens)
 
 
 def _byte_level_bpe(tokenizer: Tokenizer) -> tuple[str, list[str], list[str]]:

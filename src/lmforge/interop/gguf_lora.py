@@ -105,6 +105,10 @@ def export_gguf_adapter(checkpoint: str | Path, out_path: str | Path, *, force: 
                               "only A and B, no magnitudes: export the run merged (without --adapter)")
     arch = gguf_architecture(run_config.model, checkpoint)
     model = load_adapted_lora(ckpt, run_config)
+    if model.added_rows_from is not None:
+        raise GGUFExportError(f"{checkpoint} learned rows for {run_config.model.vocab_size - model.added_rows_from} "
+                              f"token(s) added to its base's tokenizer, which a llama.cpp LoRA adapter cannot carry "
+                              f"(the base's GGUF has no such tokens): export the run merged (without --adapter)")
     return write_gguf_adapter(adapter_tensors(model, run_config.lora, arch), arch, run_config.lora.plain_alpha,
                               out_path)
 

@@ -133,7 +133,8 @@ def _byte_fallback_json(tokenizer: Tokenizer) -> dict:
     first = BYTE_OFFSET + 256
     vocab.update({c: first + i for i, c in enumerate(tokenizer._chars)})
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [_added_token(n, i, special=False) for n, i in tokenizer.added_token_ids.items()],
         "normalizer": None, "pre_tokenizer": None, "post_processor": None,
         "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -142,9 +143,9 @@ def _byte_fallback_json(tokenizer: Tokenizer) -> dict:
     }
 
 
-def _added_token(content: str, token_id: int) -> dict:
+def _added_token(content: str, token_id: int, special: bool = True) -> dict:
     return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": True}
+            "normalized": False, "special": special}
 
 
 def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int,

@@ -6,7 +6,10 @@
     OUT/adapter_model.safetensors    base_model.model.<HF module>.lora_A.weight (r, in), .lora_B.weight (out, r), fp32;
                                      with DoRA (use_dora) .lora_magnitude_vector (out,): rows no lmforge adapter
                                      covers get their weight's own norm, which DoRA leaves as they are;
-                                     a classifier's head, trained whole: base_model.model.score.weight (num_labels, C)
+                                     a classifier's head, trained whole: base_model.model.score.weight (num_labels, C);
+                                     with tokens added to the base's tokenizer, the embedding and lm_head whole
+                                     (modules_to_save: wte / embed_tokens and lm_head; the base holds their new
+                                     rows as they started, at the mean row: transformers' resize_token_embeddings)
 
 The base is the model hf_export writes for the adapted model (base_files: its state_dict holds the frozen weights
 under their plain names). A classifier's head is not frozen: a LoRA run trains it whole, so it travels in the
@@ -44,7 +47,7 @@ from lmforge.config import ModelConfig
 from lmforge.files import atomic_dir, atomic_path, atomic_write_text, check_output
 from lmforge.interop import hf_gpt2
 from lmforge.interop.hf_export import HFExportError, converter_for_model, hf_files
-from lmforge.lora import LoRAConfig, LoRALinear
+from lmforge.lora import LoRAConfig, LoRALinear, added_row_weights
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel puts before the HF model's module names
@@ -59,6 +62,7 @@ HF_MODULES = {
               "mlp.fc": ("mlp.gate_proj", "mlp.up_proj"), "mlp.proj": ("mlp.down_proj",)},
 }
 HF_BLOCK = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}."}
+EMBEDDING = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}  # lmforge's tok_emb
 # model.head -> PEFT's task_type, and the HF modules the run trained whole (lora.HEADS), saved as modules_to_save
 TASKS = {"lm": ("CAUSAL_LM", ()), "classify": ("SEQ_CLS", ("score",))}
 
@@ -137,9 +141,15 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
                     magnitude[first - lo:last - lo] = a.magnitude[first - a.start:last - a.start].float().cpu()
                 weights[f"{PREFIX}{hf}.lora_magnitude_vector"] = magnitude
             ranks[hf.split(".", 3)[-1]] = A.shape[0]  # "attn.c_attn", "self_attn.q_proj", "lm_head"
-    if modules_to_save:  # the trained head under its HF name (the converter's mapping), e.g. score.weight
-        heads = _trained_heads(hf_files(model, tokenizer=None)["model.safetensors"], modules_to_save)
+    rows = _row_modules(model, arch)
+    if modules_to_save or rows:  # the trained head under its HF name (the converter's mapping), e.g. score.weight
+        hf_weights = hf_files(model, tokenizer=None)["model.safetensors"]
+        heads = _trained_heads(hf_weights, modules_to_save)
         weights.update({PREFIX + name: tensor for name, tensor in heads.items()})
+        for module in rows:  # a tied lm_head (not in the HF weights) is the embedding; PEFT saves each module whole
+            weights[f"{PREFIX}{module}.weight"] = hf_weights.get(f"{module}.weight",
+                                                                 hf_weights[f"{EMBEDDING[arch]}.weight"]).clone()
+        modules_to_save = (*modules_to_save, *(module.rsplit(".", 1)[-1] for module in rows))
     # Default r: the smallest rank (lmforge's r wherever a module holds one adapter); the others as patterns.
     default_r = min(ranks.values())
     rank_pattern = {m: k for m, k in ranks.items() if k != default_r}
@@ -160,7 +170,17 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
         "modules_to_save": list(modules_to_save) or None,
         "inference_mode": True,
     }
+    if rows and config.tie_embeddings:  # one trained copy serves the embedding and the tied head, as in lmforge
+        adapter_config["ensure_weight_tying"] = True
     return {CONFIG: adapter_config, WEIGHTS: weights}
+
+
+def _row_modules(model: torch.nn.Module, arch: str) -> tuple[str, ...]:
+    """The HF modules with rows of tokens added to the base's tokenizer, which the run trained whole
+    (lora.train_added_rows): the embedding, and lm_head for a language model; () when it added none."""
+    if not added_row_weights(model):
+        return ()
+    return (EMBEDDING[arch], "lm_head") if model.config.head == "lm" else (EMBEDDING[arch],)
 
 
 def _trained_heads(hf_weights: dict[str, torch.Tensor], modules: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -175,6 +195,12 @@ def base_files(model: torch.nn.Module, tokenizer: Any) -> dict[str, Any]:
     files = hf_files(model, tokenizer)
     for tensor in _trained_heads(files["model.safetensors"], TASKS[model.config.head][1]).values():
         tensor.zero_()
+    first = model.added_rows_from
+    arch = "gpt2" if converter_for_model(model.config) is hf_gpt2 else "llama"
+    for module in _row_modules(model, arch):  # added tokens' rows as they started (the mean of the base's rows)
+        tensor = files["model.safetensors"].get(f"{module}.weight")
+        if tensor is not None:
+            tensor[first:] = tensor[:first].mean(dim=0)
     return files
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from lmforge.config import OptimConfig
 from lmforge.distributed import has_fast_bf16
-from lmforge.lora import lora_parameters
+from lmforge.lora import added_row_weights, lora_parameters
 from lmforge.train.muon import BatchedMuon
 
 
@@ -37,10 +37,14 @@ def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: fl
     (biases, LayerNorm/RMSNorm gains). The adapters (lmforge.lora) have their own decay (lora.weight_decay,
     0 by default): decaying A and B pulls the update B A toward 0, i.e. toward the base, not toward small weights.
     adapter_lr_ratio != 1 (LoRA+, lora.lr_ratio): the adapters' B matrices and DoRA magnitudes (peft's LoRA+ takes
-    every 1-D adapter tensor with B) get a group of their own with lr_scale = adapter_lr_ratio.
+    every 1-D adapter tensor with B) get a group of their own with lr_scale = adapter_lr_ratio. An adapted model's
+    weights with rows for added tokens (lora.train_added_rows: an untied lm_head too) are not decayed: decay would
+    move the base's rows, which must stay as they are.
     """
     embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     adapter_ids = {id(p) for p in lora_parameters(model)}
+    if adapter_ids:  # weights with added tokens' rows
+        embedding_ids |= {id(p) for p in added_row_weights(model).values()}
     hidden_ids = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)} if muon else set()
     groups: dict[str, tuple[list, list]] = {"decay": ([], []), "no_decay": ([], []), "adapters": ([], []),
                                             "adapters_b": ([], []), "muon": ([], [])}

@@ -59,7 +59,7 @@ from lmforge.distributed import (DistInfo, all_reduce_sum, apply_compile, apply_
 from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.head_loss import logits_cross_entropy_tokens
-from lmforge.lora import apply_lora, base_fingerprint, train_heads
+from lmforge.lora import added_row_weights, apply_lora, base_fingerprint, train_added_rows, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, grpo_clipped, grpo_log_ratio,
                                      grpo_sequence_loss, grpo_token_loss, high_entropy_mask, kto_weight_advice,
@@ -348,6 +348,21 @@ def with_init_model(config: RunConfig) -> tuple[RunConfig, Optional[Path]]:
     return with_init_sections(config, read_run_config(ckpt), ckpt), ckpt
 
 
+def with_added_tokens(config: RunConfig, ckpt: Path, data: PreparedData) -> RunConfig:
+    """For a run from `ckpt` on `data`: `config` when the data's ids fit the model; with the data's vocab_size when
+    the data's tokenizer is the checkpoint's with tokens added (`lmforge prepare --add-tokens`): the model loads
+    the checkpoint's rows and starts the new ones at their mean (checkpoint.load_start_weights); a LoRA run trains
+    those rows beside its adapters (lora.train_added_rows). DataError for other data past the model's vocabulary."""
+    added = check_data_tokenizer(ckpt, data.tokenizer_file, added_ok=True)
+    size = config.model.vocab_size
+    if data.vocab_size <= size:  # an imported model may have rows past its tokenizer's ids: the new tokens take them
+        return config
+    if not added:
+        raise DataError(f"{config.data.path} has vocab_size={data.vocab_size}, more than the model of "
+                        f"{ckpt} ({size}); prepare it with that model's tokenizer")
+    return with_vocab_size(config, data.vocab_size)
+
+
 def load_init_weights(model: nn.Module, ckpt: Path, lora: Optional[LoRAConfig], device: torch.device,
                       tokenizer_file: Optional[Path]) -> tuple[Optional[dict[str, str]], bool]:
     """Load the weights of the train.init_from checkpoint, refusing data made with another tokenizer. A classifier
@@ -356,11 +371,12 @@ def load_init_weights(model: nn.Module, ckpt: Path, lora: Optional[LoRAConfig], 
     With `lora` the model is then frozen and adapted (apply_lora_for_training); when `ckpt` is a LoRA run's, its
     base loads first (checked against the fingerprint the run recorded) and then its adapters and heads, which train
     on. Returns (the base's {"path", "fingerprint"} for a LoRA run, else None; whether adapters were loaded)."""
-    check_data_tokenizer(ckpt, tokenizer_file)
+    check_data_tokenizer(ckpt, tokenizer_file, added_ok=True)  # with_added_tokens made room for added tokens
     if lora is not None and read_run_config(ckpt).lora is not None:  # with_init_sections matched the two
         base = load_lora_base(model, ckpt, device)
         apply_lora(model, lora)
         train_heads(model)
+        train_added_rows(model)
         load_training_state(ckpt, model, None, device)  # verified; the adapters and heads
         return base, True
     load_start_weights(model, ckpt, device)
@@ -374,11 +390,13 @@ def with_classify_head(config: RunConfig, num_labels: int) -> RunConfig:
 
 def apply_lora_for_training(model: nn.Module, lora: LoRAConfig, base_ckpt: Path) -> dict[str, str]:
     """Freeze `model` (its base weights loaded from base_ckpt), put adapters on it (lmforge.lora.apply_lora, A drawn
-    from torch's global generator) and keep its task heads trainable. Returns {"path", "fingerprint"} of the base:
+    from torch's global generator) and keep its task heads and added tokens' rows trainable (lora.train_heads,
+    train_added_rows). Returns {"path", "fingerprint"} of the base:
     every checkpoint records it, and resume and load_for_inference refuse another base."""
     fingerprint = base_fingerprint(model)
     apply_lora(model, lora)
     train_heads(model)
+    train_added_rows(model)
     return {"path": str(Path(base_ckpt).resolve()), "fingerprint": fingerprint}
 
 
@@ -425,9 +443,8 @@ class Trainer:
             data = build_data(config, self.dist)
             if init_ckpt is None:
                 config = with_vocab_size(config, data.vocab_size)
-            elif data.vocab_size > config.model.vocab_size:
-                raise DataError(f"{config.data.path} has vocab_size={data.vocab_size}, more than the model of "
-                                f"{init_ckpt} ({config.model.vocab_size}); prepare it with that model's tokenizer")
+            else:
+                config = with_added_tokens(config, init_ckpt, data)
             train_data, val_batches, tokenizer_file = data.train, data.val, data.tokenizer_file
             self.data_manifest_sha256, self.task, self.val_examples = data.manifest_sha256, data.task, data.val_examples
             val_pairs = data.val_pairs
@@ -494,12 +511,13 @@ class Trainer:
         elif model is None and config.data.embedding_init != "none":
             self.embedding_report = init_token_embeddings(self.raw_model, config, self.tokenizer_file)
         # preference data: the frozen reference, the model as it starts (a new LoRA run's adapters add nothing yet:
-        # the policy with its adapters off; adapters loaded from a LoRA run are part of it: a merged copy); none for
-        # a reference-free loss, or when its log-probabilities are computed now, once
+        # the policy with its adapters off; adapters loaded from a LoRA run, or added tokens' rows, which train, are
+        # part of it: a merged copy); none for a reference-free loss, or when its log-probabilities are computed now
         if self.preference and tc.precompute_reference:
             self.precompute_reference(val_pairs, progress)
+        own_copy = config.lora is None or self.adapters_loaded or bool(added_row_weights(self.raw_model))
         self.reference = (frozen_reference(self.raw_model) if self.preference and self.preference_loss.needs_reference
-                          and (config.lora is None or self.adapters_loaded) and not tc.precompute_reference else None)
+                          and own_copy and not tc.precompute_reference else None)
         unwrap(self.raw_model).checkpoint_blocks = tc.activation_checkpointing
         self.online: Optional[Any] = None  # train.online_reward_model: on-policy pairs at every step (train/online.py)
         self.online_reward: Optional[float] = None  # samples' mean reward (online DPO: last micro-batch; GRPO: step)
