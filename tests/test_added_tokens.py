@@ -318,3 +318,16 @@ def test_dpo_with_lora_on_added_tokens_keeps_their_starting_rows_in_the_referenc
     trained = trainer.raw_model.tok_emb.weight.detach()
     assert torch.equal(trained[:259], start[:259]) and not torch.allclose(trained[259:], start[259:], atol=1e-4)
     assert torch.equal(trainer.reference.tok_emb.weight, start)  # the reference: the model as it started
+
+
+def test_plan_counts_the_grown_vocabulary_and_the_rows_a_lora_run_trains(lora_chat, tmp_path):
+    from lmforge.plan import plan
+
+    base, data, _ = lora_chat
+    config = tiny_config(tmp_path / "run", **{"data.path": str(data), "train.init_from": str(base), "lora.r": 4,
+                                              "lora.targets": "q,v,o"})
+    estimate = plan(config, task="sft")
+    trainer = Trainer(config, progress=False, tensorboard=False)  # what the run trains
+    assert trainer.config.model.vocab_size == 261 and estimate.parameters == sum(
+        p.numel() for name, p in trainer.raw_model.named_parameters() if ".lora." not in name)  # the model's own
+    assert estimate.trained_parameters == sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)

@@ -60,6 +60,7 @@ vendors' dense peaks.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -231,14 +232,17 @@ def machine_memory() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def lora_counts(config: RunConfig) -> tuple[int, int]:
-    """(adapter parameters, adapter activations per token) of config.lora on config.model: the model built on the
-    meta device and adapted as training adapts it; (0, 0) without lora."""
-    from lmforge.lora import LoRALinear, apply_lora
+def lora_counts(config: RunConfig, added_from: Optional[int] = None) -> tuple[int, int]:
+    """(trained parameters, adapter activations per token) of config.lora on config.model: the model built on the
+    meta device and adapted as training adapts it (with rows of added tokens from added_from on: the embedding and
+    an untied head train whole, their gradients and moments full-size); (0, 0) without lora."""
+    from lmforge.lora import LoRALinear, apply_lora, train_added_rows
 
     if config.lora is None:
         return 0, 0
     model = apply_lora(GPT.shapes(config.model), config.lora)
+    model.added_rows_from = added_from
+    train_added_rows(model)
     adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
     return (sum(p.numel() for p in model.parameters() if p.requires_grad),
             sum(len(m.lora) for m in adapters) * config.lora.r)  # each adapter keeps its r-wide A output
@@ -269,7 +273,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     if config.lora is not None and gpus > 1 and parallel == "fsdp":
         raise ConfigError("--parallel fsdp is not supported with lora.*: a LoRA run trains small adapters on a "
                           "frozen base; plan it with --parallel ddp")
-    config, base_note, continued = with_base_model(config)
+    config, base_note, continued, added_from = with_base_model(config)
     notes = [base_note] if base_note else []
     m, t = config.model, config.train
     preference, unpaired, reward = task == "preference", task == "unpaired", t.objective == "reward"
@@ -280,7 +284,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
         m = dataclasses.replace(m, head="classify", num_labels=1)
     counts = count_parameters(m)
     fpt = flops_per_token(m, m.block_size)
-    adapters, adapter_activations = lora_counts(config)
+    adapters, adapter_activations = lora_counts(config, added_from)
     mismatched = unpaired and PreferenceLoss.of(t).needs_kl
     grpo = task in ("preference", "sft") and PreferenceLoss.of(t).group  # B prompts: B x grpo_group_size samples
     rows = t.grpo_group_size if grpo else 2 if preference else 1  # a preference batch of B pairs is 2B sequences
@@ -314,7 +318,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     trained = adapters if config.lora is not None else P
     weights, gradients, optimizer = P * (4 + 2 * bf16) + 4.0 * adapters, 4.0 * trained, 8.0 * trained
     # a frozen fp32 copy, no autocast cache (new LoRA adapters: the base with them off; continued ones: merged copy)
-    reference = 4.0 * P if runs_reference and (config.lora is None or continued) else 0.0
+    reference = 4.0 * P if runs_reference and (config.lora is None or continued or added_from) else 0.0
     largest_block = (counts.non_embedding - m.n_embd * (2 if m.bias and m.norm == "layernorm" else 1)) / m.n_layer
     if gpus > 1 and parallel == "ddp":
         gradients += 4.0 * trained  # DDP's buckets: a second fp32 copy of the gradients, all-reduced in place
@@ -422,12 +426,13 @@ def teacher_width(config: RunConfig) -> int:
     return teacher.n_embd if teacher is not None else 0
 
 
-def with_base_model(config: RunConfig) -> tuple[RunConfig, str, bool]:
+def with_base_model(config: RunConfig) -> tuple[RunConfig, str, bool, Optional[int]]:
     """(config with train.init_from's model section, as `lmforge train` trains it; a note; whether its adapters
-    continue: init_from is a LoRA run, whose lora section comes too), or the config as it is when there is no
-    init_from, or with a note when it cannot be read yet (planned before the base exists)."""
+    continue: init_from is a LoRA run, whose lora section comes too; the base's vocab_size when the data's tokenizer
+    adds tokens, whose rows the model grows), or the config as it is when there is no init_from, or with a note when
+    it cannot be read yet (planned before the base exists)."""
     if config.train.init_from == "none":
-        return config, "", False
+        return config, "", False, None
     try:
         from lmforge.checkpoint import read_run_config, resolve_checkpoint
 
@@ -435,10 +440,34 @@ def with_base_model(config: RunConfig) -> tuple[RunConfig, str, bool]:
         init = read_run_config(ckpt)
     except Exception:  # not trained yet, or not a checkpoint: plan the config's model, and say so
         return config, (f"train.init_from {config.train.init_from} could not be read: planned with the config's "
-                        "model section"), False
+                        "model section"), False, None
     continued = init.lora is not None
-    return (with_init_sections(config, init, ckpt), f"the model of train.init_from {config.train.init_from}"
-            + (" and its LoRA adapters, which train on" if continued else ""), continued)
+    config = with_init_sections(config, init, ckpt)
+    note = f"the model of train.init_from {config.train.init_from}" + (
+        " and its LoRA adapters, which train on" if continued else "")
+    size = _vocab_with_added_tokens(config, ckpt)
+    if size is None:
+        return config, note, continued, None
+    base = config.model.vocab_size
+    note += f", and rows for the {size - base} token(s) its data's tokenizer adds" + (
+        " (trained whole beside the adapters)" if config.lora is not None else "")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=size)), note, continued, base
+
+
+def _vocab_with_added_tokens(config: RunConfig, ckpt: Any) -> Optional[int]:
+    """The vocab_size of config.data.path when its tokenizer adds tokens to the checkpoint's past the model's rows
+    (train.with_added_tokens grows the model to it); None otherwise, or when the data cannot be read yet."""
+    from lmforge.checkpoint import check_data_tokenizer
+
+    try:
+        data = Path(config.data.path)
+        manifest = json.loads((data / "manifest.json").read_text(encoding="utf-8"))
+        tokenizer = data / manifest["tokenizer"]["file"]
+        size = int(manifest["vocab_size"])
+        added = check_data_tokenizer(ckpt, tokenizer, added_ok=True)
+    except Exception:  # not prepared yet, another tokenizer (train says so): plan the model as it is
+        return None
+    return size if added and size > config.model.vocab_size else None
 
 
 def online_sampling(config: RunConfig, fpt: int, parameters: int, flops: float, bandwidth: float, cpu: bool,
@@ -577,7 +606,7 @@ def measure(config: RunConfig, steps: int = 3, task: str = "tokens") -> dict[str
         raise ConfigError(f"--measure-steps {steps} is invalid: use 1 or more")
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is unknown: choose one of {', '.join(TASKS)}")
-    config, _, continued = with_base_model(config)  # the model the plan counts (train.init_from's), random weights
+    config, _, continued, _ = with_base_model(config)  # the model the plan counts (train.init_from's), random weights
     m, t = config.model, config.train
     if t.online:
         raise ConfigError("--measure trains on random tokens, which have no prompts to sample online (train."
