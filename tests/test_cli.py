@@ -181,6 +181,10 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
                                              "--add-tokens", "<|user|>"], "has a mask token"),
         ("eval-data-with-added-tokens", ["eval", str(run), "--data", str(ws / "data-added"), "--device", "cpu"],
          "adds 1 token(s) to the tokenizer"),
+        ("serve-lora-module-that-is-a-whole-model", ["serve", str(run), "--lora-modules", f"x={run}", "--device",
+                                                     "cpu", "--port", "0"], "holds a whole model, not LoRA adapters"),
+        ("serve-lora-module-without-a-name", ["serve", str(run), "--lora-modules", str(ws / "lora-run"), "--port",
+                                              "0"], "is not NAME=RUN_DIR"),
         ("export-gguf-adapter-with-added-rows", ["export", str(ws / "lora-added"), "--format", "gguf", "--adapter",
                                                  "--out", str(ws / "added.gguf")], "cannot carry"),
         ("prepare-vocab-not-int", ["prepare", str(corpus), "--out", str(ws / "o9"), "--vocab-size", "lots"], "--vocab-size"),
@@ -571,7 +575,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 172
+N_CASES = 174
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -1379,7 +1379,9 @@ def _add_serve(sub: Any) -> None:
             the machine's address), so a page that rebinds its DNS name cannot reach you; browser pages on other
             origins need --cors-origin. GET /metrics gives Prometheus counters.
             Speculative decoding (--assistant-model, or --prompt-lookup-num-tokens) guesses tokens and checks them in
-            one pass: greedy text unchanged, sampling keeps its distribution, each request decoded on its own."""),
+            one pass: greedy text unchanged, sampling keeps its distribution, each request decoded on its own.
+            --lora-modules NAME=RUN_DIR (repeatable) serves LoRA runs of this checkpoint beside it from one copy
+            of the base: a request's "model" picks one."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge serve runs/shakespeare-char
@@ -1387,6 +1389,7 @@ def _add_serve(sub: Any) -> None:
               lmforge serve runs/shakespeare-char --quantize int8 --compile    # the fastest decoding on a CPU
               lmforge serve runs/summarizer --prompt-lookup-num-tokens 10      # speculative: lower latency
               lmforge serve runs/big --assistant-model runs/small              # speculative, with a draft model
+              lmforge serve runs/base --lora-modules sql=runs/sql-lora --lora-modules chat=runs/chat-lora
               curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
                    -d '{"prompt": "ROMEO:", "max_tokens": 50, "seed": 1}'"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")
@@ -1396,7 +1399,8 @@ def _add_serve(sub: Any) -> None:
     _add_weight_arguments(p)
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    add_config_arguments(p, ServeConfig, "serve", metavars={"api_key": "KEY", "assistant_model": "RUN_DIR"})
+    add_config_arguments(p, ServeConfig, "serve", metavars={"api_key": "KEY", "assistant_model": "RUN_DIR",
+                                                            "lora_modules": "NAME=RUN_DIR"})
     p.set_defaults(run=_run_serve)
 
 

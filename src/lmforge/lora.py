@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import threading
 from collections.abc import Iterator
 from typing import Optional
 
@@ -246,6 +247,72 @@ def merge_lora(model: GPT) -> GPT:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, linear)
     return model
+
+
+# ------------------------------------------------------------------------- several adapters on one base
+class AdapterSwitch(nn.Module):
+    """A frozen Linear with several named sets of adapters (a LoRALinear each, sharing its weight and bias): the set
+    use_adapter names on the calling thread computes the output, no set the Linear alone. One copy of a base serves
+    the LoRA runs trained on it (vLLM's --lora-modules): add_adapter_set puts them on."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.sets = nn.ModuleDict()  # name -> LoRALinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        adapted = self.sets[name] if (name := getattr(_ACTIVE, "name", None)) in self.sets else None
+        return adapted(x) if adapted is not None else F.linear(x, self.weight, self.bias)
+
+
+_ACTIVE = threading.local()  # use_adapter's name, per thread: a server's embeddings thread keeps the base
+
+
+@contextlib.contextmanager
+def use_adapter(name: Optional[str]) -> Iterator[None]:
+    """Inside the block, on this thread, every AdapterSwitch computes with its set `name` (None, or a set it does not
+    have: the base Linear alone)."""
+    previous = getattr(_ACTIVE, "name", None)
+    _ACTIVE.name = name
+    try:
+        yield
+    finally:
+        _ACTIVE.name = previous
+
+
+@torch.no_grad()
+def add_adapter_set(model: GPT, name: str, config: LoRAConfig, adapters: dict[str, torch.Tensor]) -> None:
+    """Put the adapters of one LoRA run (its lora_state_dict: "blocks.0.attn.qkv.lora.q.A", ...; `config` its lora
+    section) on `model`, a plain GPT or one with sets already, as the set `name`: each Linear config.targets names
+    becomes an AdapterSwitch (once) holding a LoRALinear of those adapters. In eval mode, for inference. Strict as
+    load_lora_state_dict: CheckpointError naming missing, unexpected or misshapen tensors."""
+    if name in {n for m in model.modules() if isinstance(m, AdapterSwitch) for n in m.sets}:
+        raise ValueError(f"the model has an adapter set named {name!r} already")
+    added: dict[str, LoRALinear] = {}
+    for linear, slices in lora_plan(model, config).items():
+        parent_name, _, child = linear.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        switch = getattr(parent, child)
+        if not isinstance(switch, AdapterSwitch):
+            switch = AdapterSwitch(switch)
+            setattr(parent, child, switch)
+        base = nn.Linear(switch.in_features, switch.out_features, bias=switch.bias is not None, device="meta")
+        base.weight, base.bias = switch.weight, switch.bias
+        added[linear] = LoRALinear(base, config.r, config.plain_alpha, 0.0, slices, config.dora).eval()
+    own = {f"{linear}.lora.{key}": t for linear, m in added.items() for key, t in m.lora.state_dict().items()}
+    missing, unexpected = [k for k in own if k not in adapters], [k for k in adapters if k not in own]
+    if missing or unexpected:
+        parts = ([f"missing {_names(missing)}"] if missing else []) + (
+            [f"unexpected {_names(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"the adapters of {name!r} do not match their lora section: {'; '.join(parts)}")
+    for key, tensor in own.items():
+        if adapters[key].shape != tensor.shape:
+            raise CheckpointError(f"adapter {key} of {name!r} has shape {tuple(adapters[key].shape)}, its lora "
+                                  f"section's {tuple(tensor.shape)}")
+        tensor.copy_(adapters[key])
+    for linear, module in added.items():
+        model.get_submodule(linear).sets[name] = module
 
 
 # ------------------------------------------------------------------------------- adapter state dicts

@@ -21,6 +21,7 @@ from lmforge.generate.quantize import apply_inference_dtype
 from lmforge.generate.healing import heal
 from lmforge.generate.rows import Event, Logprobs, Row, crop_prompt, make_rows, prompt_ids
 from lmforge.generate.speculative import DraftModel, PromptLookup, check_assistant, early_exit, speculative_rows
+from lmforge.lora import use_adapter
 from lmforge.model import GPT
 
 
@@ -183,7 +184,7 @@ class TextGenerator:
     """
 
     def __init__(self, model: GPT, tokenizer: Any, compile: bool = False, template: Optional[dict] = None,
-                 assistant_model: Optional[GPT] = None) -> None:
+                 assistant_model: Optional[GPT] = None, adapter: Optional[str] = None) -> None:
         if model.config.head != "lm":
             raise ConfigError(f"this is a {model.config.head} model (model.head={model.config.head!r}): it scores "
                               "classes and does not generate text")
@@ -193,6 +194,7 @@ class TextGenerator:
         self.model = apply_compile(model.eval()) if compile else model.eval()  # a CompiledGPT decodes like the GPT
         self.tokenizer = tokenizer
         self.template = template
+        self.adapter = adapter  # load_adapters: the model's adapter set this generator decodes with (lora.use_adapter)
         self.assistant_model = None
         if assistant_model is not None:
             check_assistant(model, assistant_model)
@@ -253,17 +255,30 @@ class TextGenerator:
         """The continuation of prompt, or of each prompt of a list (one batch): a str per prompt, or a list
         of them when num_return_sequences > 1."""
         rendered = self.render(prompt) if isinstance(prompt, str) else [self.render(p) for p in prompt]
-        return generate(self.model, self.tokenizer, rendered, config, self.assistant_model, **kwargs)
+        with use_adapter(self.adapter):
+            return generate(self.model, self.tokenizer, rendered, config, self.assistant_model, **kwargs)
 
     def stream(self, prompt: str, config: Optional[GenerateConfig] = None, **kwargs: Any) -> Iterator[str]:
         """Text pieces of one continuation as they are generated."""
-        return stream(self.model, self.tokenizer, self.render(prompt), config, self.assistant_model, **kwargs)
+        pieces = stream(self.model, self.tokenizer, self.render(prompt), config, self.assistant_model, **kwargs)
+        return pieces if self.adapter is None else _with_adapter(self.adapter, pieces)
 
     def complete(self, prompts: Sequence[str], config: Optional[GenerateConfig] = None,
                  **kwargs: Any) -> list[list[Completion]]:
         """Completion(text, token_ids, finish_reason, prompt_tokens) per prompt and sequence, as one batch."""
-        return complete(self.model, self.tokenizer, [self.render(p) for p in prompts], config, self.assistant_model,
-                        **kwargs)
+        with use_adapter(self.adapter):
+            return complete(self.model, self.tokenizer, [self.render(p) for p in prompts], config,
+                            self.assistant_model, **kwargs)
+
+
+def _with_adapter(adapter: str, pieces: Iterator[str]) -> Iterator[str]:
+    """`pieces`, each made with the adapter set `adapter` chosen (lora.use_adapter), not while the caller holds it."""
+    while True:
+        with use_adapter(adapter):
+            piece = next(pieces, None)
+        if piece is None:
+            return
+        yield piece
 
 
 def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional[str] = None,
@@ -302,6 +317,47 @@ def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional
     learned = task.get("template") if task is not None and task["task"] in TEXT_TASKS else None
     drafter = load_assistant(assistant, model, tokenizer, path, device, dtype, quantize) if assistant else None
     return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned, drafter)
+
+
+def load_adapters(generator: TextGenerator, modules: dict[str, str], base_path: str) -> dict[str, TextGenerator]:
+    """{name: TextGenerator} of LoRA runs trained on the model of `generator` (loaded from base_path, in fp32: the
+    fingerprint compares its bytes), each over that same model with its adapters added as the set `name`
+    (lora.add_adapter_set: lora.use_adapter picks it) and the prompt template the run learned. ConfigError, naming the
+    run, for one that is not a LoRA run of a language model on exactly these weights and this tokenizer, or that
+    learned rows for added tokens (its vocabulary is not the base's)."""
+    from lmforge.checkpoint import lora_base, read_run_config, read_task, verified_checkpoint  # on use: reads files
+    from lmforge.checkpoint.weights import read_weights
+    from lmforge.data.tasks import TEXT_TASKS
+    from lmforge.lora import add_adapter_set, base_fingerprint
+    from lmforge.tokenizer import Tokenizer
+
+    model, fingerprint, out = generator.model, None, {}
+    for name, path in modules.items():
+        ckpt, manifest = verified_checkpoint(path)
+        config = read_run_config(ckpt)
+        where = f"serve.lora_modules {name}={path}"
+        if config.lora is None:
+            raise ConfigError(f"{where} holds a whole model, not LoRA adapters: serve it on its own")
+        if config.model.vocab_size != model.config.vocab_size or config.model.head != "lm":
+            raise ConfigError(f"{where} is not a language model of {base_path}'s vocabulary (it learned rows for "
+                              f"added tokens, or scores instead): serve it on its own (its base is loaded with it)")
+        fingerprint = fingerprint or base_fingerprint(model)
+        if lora_base(ckpt)["fingerprint"] != fingerprint:
+            raise ConfigError(f"{where} was trained on other weights than {base_path}'s: serve it with its own base "
+                              f"({lora_base(ckpt)['path']})")
+        theirs = Tokenizer.load(ckpt / "tokenizer.json") if "tokenizer.json" in manifest["files"] else None
+        if (theirs is None) != (generator.tokenizer is None) or (
+                theirs is not None and theirs.to_dict() != generator.tokenizer.to_dict()):
+            raise ConfigError(f"{where} has another tokenizer than {base_path}: serve it on its own")
+        weights = read_weights(ckpt)
+        heads = sorted(k for k in weights if ".lora." not in k)
+        if heads:
+            raise ConfigError(f"{where} trained {', '.join(heads[:3])} whole beside its adapters: serve it on its own")
+        add_adapter_set(model, name, config.lora, weights)
+        task = read_task(ckpt)
+        learned = task.get("template") if task is not None and task["task"] in TEXT_TASKS else None
+        out[name] = TextGenerator(model, generator.tokenizer, template=learned, adapter=name)
+    return out
 
 
 def load_assistant(path: str, model: GPT, tokenizer: Any, model_path: str, device: Any = "cpu", dtype: str = "fp32",

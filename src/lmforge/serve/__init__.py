@@ -39,10 +39,27 @@ def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "aut
 
     config = config or ServeConfig()
     ckpt = resolve_checkpoint(path)  # first: a corrupt newest checkpoint is skipped (and said so) once
-    generator = load(str(ckpt), device=device, dtype=dtype, quantize=quantize, compile=compile,
-                     assistant=config.assistant_model)
+    adapters = {}
+    if config.lora_modules:  # the base in fp32 (its fingerprint), the adapters added, then the dtype for all
+        from lmforge.errors import ConfigError
+        from lmforge.generate import TextGenerator
+        from lmforge.generate.api import load_adapters
+        from lmforge.generate.quantize import apply_inference_dtype
+
+        if quantize is not None or compile:
+            raise ConfigError("serve.lora_modules with --quantize or --compile is not supported: their adapters run "
+                              "beside the base's plain Linear layers; leave those out")
+        generator = load(str(ckpt), device=device)
+        if not isinstance(generator, TextGenerator):
+            raise ConfigError(f"serve.lora_modules adapts a language model, and {path} is not one")
+        adapters = load_adapters(generator, config.adapters, path)
+        apply_inference_dtype(generator.model, dtype)
+    else:
+        generator = load(str(ckpt), device=device, dtype=dtype, quantize=quantize, compile=compile,
+                         assistant=config.assistant_model)
     run_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
-    return create_app(generator, config, model_name=run_name or Path(path).resolve().name, host=host)
+    return create_app(generator, config, model_name=run_name or Path(path).resolve().name, host=host,
+                      adapters=adapters)
 
 
 def serve(path: str, config: Optional[ServeConfig] = None, host: str = "127.0.0.1", port: int = 8000,

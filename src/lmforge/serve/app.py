@@ -412,12 +412,16 @@ class GuardMiddleware:
 
 # ------------------------------------------------------------------------------------------------ app
 def create_app(generator: Union[TextGenerator, TextClassifier, RewardModel, MaskFiller],
-               config: Optional[ServeConfig] = None, model_name: str = "lmforge", host: str = "127.0.0.1") -> FastAPI:
+               config: Optional[ServeConfig] = None, model_name: str = "lmforge", host: str = "127.0.0.1",
+               adapters: Optional[dict[str, TextGenerator]] = None) -> FastAPI:
     """The FastAPI app serving `generator` (a language model's TextGenerator, a classifier's TextClassifier, a reward
     model's RewardModel, or an encoder's MaskFiller: embeddings only); its worker thread starts and stops with the
     app's lifespan. `host`
     is the address it will be bound to: a Host header naming it (or a loopback name) is accepted unless
-    serve.allowed_host says otherwise."""
+    serve.allowed_host says otherwise. `adapters`: LoRA runs of the language model served beside it by name
+    (generate.load_adapters: each a TextGenerator over the same model, its adapter set of that name), as vLLM's
+    --lora-modules; a request's "model" picks one."""
+    adapters = adapters or {}
     encodes = isinstance(generator, MaskFiller)  # an encoder: embeddings only
     if not isinstance(generator, (TextGenerator, TextClassifier, RewardModel, MaskFiller)):
         raise ConfigError(f"create_app serves a TextGenerator, TextClassifier, RewardModel or MaskFiller "
@@ -497,7 +501,10 @@ def create_app(generator: Union[TextGenerator, TextClassifier, RewardModel, Mask
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "lmforge", "max_model_len": block_size, **task}]}
+                                            "owned_by": "lmforge", "max_model_len": block_size, **task}] + [
+            {"id": name, "object": "model", "created": created, "owned_by": "lmforge", "max_model_len": block_size,
+             "parent": model_id, "task": "generate", "template": adapter.template is not None}
+            for name, adapter in adapters.items()]}
 
     if classifies:
         _add_classify_routes(app, engine, config, model_id, max_prompt_tokens)
@@ -512,7 +519,7 @@ def create_app(generator: Union[TextGenerator, TextClassifier, RewardModel, Mask
         async def note() -> HTMLResponse:
             return HTMLResponse(ENCODER_NOTE_HTML.replace("{{MODEL}}", model_id))
     else:
-        _add_generation_routes(app, generator, engine, config, model_id, max_prompt_tokens)
+        _add_generation_routes(app, generator, engine, config, model_id, max_prompt_tokens, adapters)
     beside = _Beside(config.max_queue)
     _add_embedding_route(app, TextEmbedder(generator.model, generator.tokenizer), config, model_id, max_prompt_tokens,
                          beside)
@@ -722,20 +729,33 @@ def _add_reward_routes(app: FastAPI, engine: RewardEngine, config: ServeConfig, 
 
 
 def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engine, config: ServeConfig,
-                           model_id: str, max_prompt_tokens: int) -> None:
-    """A language model's endpoints: the playground, completions, chat completions, and 400 at /v1/classify."""
+                           model_id: str, max_prompt_tokens: int, adapters: dict[str, TextGenerator]) -> None:
+    """A language model's endpoints: the playground, completions, chat completions, and 400 at /v1/classify; a
+    request naming one of `adapters` decodes with that LoRA run's adapters (and its template)."""
     _wrong_task(app, SCORING_PATHS, "this model is a language model: it generates text and does not classify or "
                 "score it, so {path} is not served; use POST /v1/completions or /v1/chat/completions")
     automata = asyncio.Semaphore(1)  # guided_regex / guided_json automata are built one request at a time
-    calls_in = generator.call_format()  # how the chat template writes tool calls: the form replies are held to
+    served = {model_id: (generator, None), **{name: (adapter, name) for name, adapter in adapters.items()}}
+    # how each one's chat template writes tool calls: the form replies are held to
+    calls = {name: served_generator.call_format() for name, (served_generator, _) in served.items()}
+
+    def pick(name: Optional[str]) -> tuple[str, TextGenerator, Optional[str]]:
+        """(the model a request names, none: the base; its TextGenerator; its adapter set); 404 for another."""
+        name = model_id if name is None else name
+        if name not in served:
+            raise ApiError(404, f"model {name!r} is not served here; this server serves "
+                           f"{', '.join(repr(n) for n in served)}", "model")
+        return (name, *served[name])
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND_HTML.replace("{{MODEL}}", model_id))
 
-    async def start_chat(body: ChatRequest, request: Request) -> tuple[list[Job], int, Optional[CallFormat]]:
+    async def start_chat(body: ChatRequest, request: Request) -> tuple[list[Job], int, Optional[CallFormat], str]:
         """(the jobs of a chat request, submitted to the engine; its prompt tokens; with tools, the form the reply's
-        calls are written in, else None)."""
+        calls are written in, else None; the model it names)."""
+        name, generator, adapter = pick(body.model)
+        calls_in = calls[name]
         try:  # the conversation through the model's chat template, the reply's header last
             text = generator.render_chat(_turns(body.messages), _tools(body), body.chat_template_kwargs)
         except ConfigError as e:
@@ -749,9 +769,10 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(422, "top_logprobs needs logprobs: true", "top_logprobs")
         stop = [] if tools is not None and not text_too else [generator.chat_stop()]  # a call ends itself
-        jobs, prompt_tokens = _jobs_for(body, [ids], request, config, model_id, max_tokens, CHAT_UNSUPPORTED,
+        jobs, prompt_tokens = _jobs_for(body, [ids], request, config, name, max_tokens, CHAT_UNSUPPORTED,
                                         generator.tokenizer, extra_stop=stop, max_prompt_tokens=max_prompt_tokens,
                                         calls_in=calls_in)
+        jobs[0].adapter = adapter
         if body.logprobs:
             jobs[0].logprobs = body.top_logprobs or 0
         await _build_automaton(jobs, config, automata, "tools" if tools is not None else None)
@@ -760,13 +781,13 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         except Busy as e:
             raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        return jobs, prompt_tokens, (calls_in if tools is not None else None)
+        return jobs, prompt_tokens, (calls_in if tools is not None else None), name
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        jobs, prompt_tokens, tools = await start_chat(body, request)
+        jobs, prompt_tokens, tools, name = await start_chat(body, request)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": model_id}
+                "model": name}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return GuardedStream(_sse(jobs, {**head, "object": "chat.completion.chunk"}, prompt_tokens,
@@ -803,7 +824,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
                            f"{_validation_message(list(e.errors()), '/v1/chat/completions')[0]}", "input") from None
         messages = [m.model_dump(exclude_none=True) for m in chat.messages[1 if body.instructions else 0:]]
         try:
-            jobs, prompt_tokens, tools = await start_chat(chat, request)
+            jobs, prompt_tokens, tools, name = await start_chat(chat, request)
         except ApiError as e:  # the chat's fields, by their names here
             e.param = {"prompt": "input", "messages": "input", "max_completion_tokens": "max_output_tokens",
                        "response_format": "text"}.get(e.param, e.param)
@@ -811,9 +832,9 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         response_id = f"resp_{uuid.uuid4().hex[:24]}"
         if body.stream:  # the chat's stream of chunks, read as Responses events
             chunks = _sse(jobs, {"id": response_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                                 "model": model_id}, prompt_tokens, True, config.timeout, chat=True,
+                                 "model": name}, prompt_tokens, True, config.timeout, chat=True,
                           tokenizer=generator.tokenizer, tools=tools)
-            return GuardedStream(_response_events(body, response_id, chunks, messages), config.stall_timeout)
+            return GuardedStream(_response_events(body, response_id, chunks, messages, name), config.stall_timeout)
         created = time.time()
         finished = await _wait_all(jobs, request, config.timeout)
         if finished is None:
@@ -823,7 +844,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         logprobs = None if finished[0].logprobs is None else _chat_logprobs(generator.tokenizer, choice.logprobs)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": choice.tokens,
                  "total_tokens": prompt_tokens + choice.tokens}
-        response = response_object(body, response_id, created, model_id,
+        response = response_object(body, response_id, created, name,
                                    output_items(reply["message"], reply["finish_reason"], logprobs), usage,
                                    "completed")
         if body.store is not False:
@@ -831,9 +852,9 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         return JSONResponse(response)
 
     async def _response_events(body: ResponsesRequest, response_id: str, chunks: AsyncIterator[str],
-                               messages: list[dict]) -> AsyncIterator[str]:
+                               messages: list[dict], name: str) -> AsyncIterator[str]:
         """The Responses stream events of a chat stream (serve.responses.StreamEvents), stored at the end."""
-        events = StreamEvents(body, response_id, model_id)
+        events = StreamEvents(body, response_id, name)
         for event in events.start():
             yield event
         try:
@@ -873,7 +894,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        _check_model(body.model, model_id)
+        _, generator, _ = pick(body.model)  # its template
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(422, "give a prompt or messages (one of them)", "prompt")
         try:  # the text /v1/completions or /v1/chat/completions would feed the model
@@ -889,7 +910,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        _check_model(body.model, model_id)
+        pick(body.model)  # all share the base's tokenizer
         vocab = generator.tokenizer.vocab_size
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
@@ -898,6 +919,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        name, generator, adapter = pick(body.model)
         prompts = body.prompt if isinstance(body.prompt, list) and not _is_ids(body.prompt) else [body.prompt]
         if not prompts:
             raise ApiError(422, "prompt is an empty list: give a string, a list of strings or token ids", "prompt")
@@ -907,11 +929,12 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
         ids = [_token_ids(generator, p, max_prompt_tokens) if isinstance(p, list) else
                _text_ids(generator, p, max_prompt_tokens, template=True) for p in prompts]
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
-        jobs, prompt_tokens = _jobs_for(body, ids, request, config, model_id, max_tokens, UNSUPPORTED,
+        jobs, prompt_tokens = _jobs_for(body, ids, request, config, name, max_tokens, UNSUPPORTED,
                                         generator.tokenizer, max_prompt_tokens=max_prompt_tokens)
         n, best_of = body.n or 1, jobs[0].config.num_return_sequences  # best_of: the candidates _jobs_for asked for
         for job in jobs:  # best_of ranks its candidates by their tokens' log probabilities
             job.logprobs, job.echo = body.logprobs if best_of == n else (body.logprobs or 0), bool(body.echo)
+            job.adapter = adapter
         await _build_automaton(jobs, config, automata)
         try:
             engine.submit(jobs)
@@ -919,7 +942,7 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             raise ApiError(429, f"the server is at capacity ({e}); retry after {RETRY_AFTER_S} s",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": model_id}
+                "model": name}
         echoed = [generator.tokenizer.decode(job.prompt_ids) if body.echo else "" for job in jobs]
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage

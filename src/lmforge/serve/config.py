@@ -5,11 +5,15 @@ Kept apart from the app so that `lmforge --help` can list them without importing
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 from lmforge.config import doc, validate
 from lmforge.errors import ConfigError
+
+
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a serve.lora_modules name (a module key: no dots)
 
 
 @dataclass
@@ -85,6 +89,10 @@ class ServeConfig:
                                                  "prompts are in generation; later ones join batches without it "
                                                  "(latency when quiet, throughput when busy). null = always.", None,
                                                  ge=1)
+    lora_modules: Optional[list[str]] = doc("LoRA runs of the served model to serve beside it, each NAME=RUN_DIR "
+                                            "(vLLM's --lora-modules): a request's model NAME decodes with that run's "
+                                            "adapters (and its prompt template) on the one copy of the base, which "
+                                            "every run must have been trained on; batches never mix two.", None)
     cors_origin: Optional[list[str]] = doc("Origins a browser page may call the API from (CORS), e.g. "
                                            "http://localhost:3000; '*' = any. null = the server's own pages only.",
                                            None)
@@ -105,6 +113,11 @@ class ServeConfig:
         if self.speculative_max_running is not None and not self.speculation:
             raise ConfigError("serve.speculative_max_running limits speculative decoding: give serve.assistant_model, "
                               "serve.assistant_early_exit or serve.prompt_lookup_num_tokens too")
+        _ = self.adapters  # NAME=RUN_DIR entries, checked
+        if self.lora_modules and self.speculation:
+            raise ConfigError("serve.lora_modules and speculative decoding (serve.assistant_model, "
+                              "assistant_early_exit, prompt_lookup_num_tokens) together are not supported: give one "
+                              "of them")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("serve.api_key is empty: give a key, or leave it out to serve without one")
 
@@ -120,6 +133,20 @@ class ServeConfig:
             return {"assistant_early_exit": self.assistant_early_exit,
                     "num_assistant_tokens": self.num_assistant_tokens or 5}
         return {}
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """{name: run directory} of lora_modules, in their order."""
+        out: dict[str, str] = {}
+        for entry in self.lora_modules or []:
+            name, sep, path = entry.partition("=")
+            if not sep or not ADAPTER_NAME.fullmatch(name) or not path:
+                raise ConfigError(f"serve.lora_modules entry {entry!r} is not NAME=RUN_DIR with a NAME of letters, "
+                                  f"digits, '-' and '_' (e.g. sql=runs/sql-lora)")
+            if name in out:
+                raise ConfigError(f"serve.lora_modules names {name!r} twice: give each LoRA run its own name")
+            out[name] = path
+        return out
 
     @property
     def slots_per_client(self) -> int:

@@ -39,6 +39,7 @@ from lmforge.generate import (Event, GenerateConfig, Logprobs, Row, TextClassifi
                               make_rows, score_prompt)
 from lmforge.generate.api import decode_events
 from lmforge.generate.speculative import early_exit
+from lmforge.lora import use_adapter
 
 
 MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
@@ -118,6 +119,7 @@ class Job:
     logprobs: Optional[int] = None   # report each token's log probability and this many alternatives
     echo: bool = False               # with logprobs: also score the prompt (prompt_logprobs)
     prompt_logprobs: list[Optional[Logprobs]] = field(default_factory=list)
+    adapter: Optional[str] = None    # the LoRA run's adapter set it decodes with (serve.lora_modules); None: the base
 
     def cancel(self) -> None:
         """Ask the worker to drop this job before its next step (thread-safe: a flag the worker reads)."""
@@ -154,6 +156,7 @@ class Batch:
     owner: list[tuple[Job, int]] = field(default_factory=list)
     steps: Optional[Iterator[list[Event]]] = None
     speculative: bool = False  # one job, decoded by speculation
+    adapter: Optional[str] = None  # the adapter set every job of the batch decodes with (lora.use_adapter)
 
 
 class Worker:
@@ -303,14 +306,16 @@ class Engine(Worker):
                     self._waiting.remove(job)
                     group.append(job)
             self._running += len(group)
-            batches.append(Batch(group, speculative=alone))
+            batches.append(Batch(group, speculative=alone, adapter=group[0].adapter))
         return batches
 
     def fits(self, group: list[Job], job: Job) -> bool:
         """Whether `job` can join the decode of `group`: room in the batch and, for a greedy or seeded job, a
         batch whose longest prompt plus new tokens fit in block_size (within the window a padded row gets the
         tokens it gets alone; see lmforge.generate). Sampling options, budgets and stops may differ. (A job that
-        speculates decodes alone: _admit.)"""
+        speculates decodes alone: _admit.) A batch decodes with one adapter set: a job of another joins another."""
+        if job.adapter != group[0].adapter:
+            return False
         if sum(j.rows_decoded for j in group) + job.rows_decoded > self.max_batch_size:
             return False
         if not any(j.reproducible for j in group + [job]):
@@ -341,9 +346,10 @@ class Engine(Worker):
                 self._release(batch, job)
         try:
             if batch.jobs:
-                if batch.steps is None:
-                    batch.steps = self._start(batch)
-                events = next(batch.steps, None)
+                with use_adapter(batch.adapter):  # this decode's model: the base, or one LoRA run's adapters on it
+                    if batch.steps is None:
+                        batch.steps = self._start(batch)
+                    events = next(batch.steps, None)
                 if events is None:  # every row has ended, so every job has finished: nothing left to do
                     for job in list(batch.jobs):
                         self._finish(batch, job)

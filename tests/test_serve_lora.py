@@ -1,0 +1,129 @@
+"""Several LoRA runs of one base served from one copy of it (`lmforge serve BASE --lora-modules NAME=RUN`, vLLM's
+--lora-modules): a request's model picks the adapters; each generates what its run generates alone (its merged model,
+its template), batches never mix two, and what cannot be served so is one clear line."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lmforge.errors import ConfigError
+from lmforge.generate import GenerateConfig, load
+from lmforge.serve import ServeConfig, load_app
+from lmforge.serve.engine import Engine, Job, Mailbox
+from lmforge.train import Trainer
+from test_serve import running
+from test_tasks import make_base, prepare, reverse_records, write_jsonl
+from tiny_training import tiny_config
+
+PROMPTS = ["abc", "fed", "dcba", "bad"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """A base and three LoRA runs on it: rev (sft with the instruct template, q and v), dora (DoRA on everything,
+    the plain template), and other (a LoRA run of another base)."""
+    root = tmp_path_factory.mktemp("serve-lora")
+    base = make_base(root, **{"model.block_size": 48})
+    assert prepare(base, root / "rev-data", write_jsonl(root / "r.jsonl", reverse_records(200)),
+                   extra=("--template", "instruct")) == 0
+    assert prepare(base, root / "plain-data", write_jsonl(root / "p.jsonl", reverse_records(200, seed=1))) == 0
+    common = {"train.init_from": str(base), "train.max_steps": 8, "train.batch_size": 8, "optim.lr": 3e-2}
+    for name, values in {"rev": {"data.path": str(root / "rev-data"), "lora.r": 4, "lora.targets": "q,v"},
+                         "dora": {"data.path": str(root / "plain-data"), "lora.r": 2, "lora.dora": True,
+                                  "lora.targets": "q,k,v,o,mlp"}}.items():
+        Trainer(tiny_config(root / name, **common, **values), progress=False, tensorboard=False).fit()
+    other = make_base(root / "other", **{"train.seed": 8, "model.block_size": 48})
+    Trainer(tiny_config(root / "other-lora", **{**common, "train.init_from": str(other), "lora.r": 4,
+                                                  "data.path": str(root / "plain-data")}),
+            progress=False, tensorboard=False).fit()
+    return {"base": base, "rev": root / "rev", "dora": root / "dora", "other": root / "other-lora"}
+
+
+def alone(run: Path, prompt: str) -> str:
+    return load(str(run), device="cpu").generate(prompt, max_new_tokens=10, temperature=0.0)
+
+
+def test_each_named_run_generates_what_it_generates_alone_also_when_requests_mix(runs):
+    expected = {name: [alone(runs[name], p) for p in PROMPTS] for name in ("base", "rev", "dora")}
+    assert expected["dora"] != expected["base"]  # the adapters change the text (the same prompts, no template)
+    app = load_app(str(runs["base"]), ServeConfig(lora_modules=[f"rev={runs['rev']}", f"dora={runs['dora']}"]),
+                   device="cpu")
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        listed = client.get("/v1/models").json()["data"]
+        assert [(m["id"], m.get("parent")) for m in listed] == [("base", None), ("rev", "base"), ("dora", "base")]
+
+        def ask(name: str, prompt: str) -> str:
+            body = {"prompt": prompt, "max_tokens": 10, "temperature": 0.0, **({} if name == "base" else
+                                                                                {"model": name})}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200 and r.json()["model"] == name, r.text
+            return r.json()["choices"][0]["text"]
+
+        asks = [(name, p) for p in PROMPTS for name in ("dora", "base", "rev")]  # interleaved, all at once
+        with ThreadPoolExecutor(len(asks)) as pool:
+            got = dict(zip(asks, pool.map(lambda a: ask(*a), asks)))
+        assert {name: [got[(name, p)] for p in PROMPTS] for name in expected} == expected
+        r = client.post("/v1/completions", json={"model": "nope", "prompt": "a", "max_tokens": 1})
+        assert r.status_code == 404 and "'base', 'rev', 'dora'" in r.json()["error"]["message"]
+        tokens = client.post("/tokenize", json={"model": "rev", "prompt": "abc"}).json()["tokens"]
+        rev = load(str(runs["rev"]), device="cpu")
+        assert tokens == [rev.tokenizer.start_id] + rev.tokenizer.encode(rev.render("abc"))  # its template
+
+
+def test_jobs_of_different_adapters_never_share_a_decode(runs):
+    from lmforge.generate.api import load_adapters
+
+    generator = load(str(runs["base"]), device="cpu")
+    adapters = load_adapters(generator, {"dora": str(runs["dora"])}, str(runs["base"]))
+    engine = Engine(generator, max_concurrency=16, max_queue=16, max_batch_size=32)
+
+    async def scenario() -> list[Job]:
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for i, prompt in enumerate(PROMPTS * 2):
+            ids = [generator.tokenizer.start_id] + generator.tokenizer.encode(prompt)
+            jobs.append(Job(ids, GenerateConfig(max_new_tokens=10, temperature=0.0), False, time.monotonic() + 30,
+                            Mailbox(loop), adapter="dora" if i % 2 else None))
+        engine.submit(jobs)
+        engine.start()
+        for job in jobs:
+            while (await job.mailbox.get(30))[0] != "done":
+                pass
+        return jobs
+
+    try:
+        jobs = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.decodes == 2  # one batch per adapter set (the base's and dora's), each of 4 jobs
+    texts = [job.choices[0].text for job in jobs]
+    assert texts == [alone(runs["dora" if i % 2 else "base"], p) for i, p in enumerate(PROMPTS * 2)]
+    for prompt in PROMPTS:  # in Python: each generator decodes with its own set, its template applied
+        assert adapters["dora"].generate(prompt, max_new_tokens=10, temperature=0.0) == alone(runs["dora"], prompt)
+        assert "".join(adapters["dora"].stream(prompt, max_new_tokens=10, temperature=0.0)) == alone(runs["dora"],
+                                                                                                   prompt)
+        assert generator.generate(prompt, max_new_tokens=10, temperature=0.0) == alone(runs["base"], prompt)
+
+
+@pytest.mark.parametrize("which,extra,needle", [
+    ("base", {}, "holds a whole model, not LoRA adapters"),
+    ("other", {}, "was trained on other weights"),
+    ("rev", {"lora_modules": ["re.v={rev}"]}, "is not NAME=RUN_DIR"),
+    ("rev", {"lora_modules": ["a={rev}", "a={dora}"]}, "names 'a' twice"),
+    ("rev", {"prompt_lookup_num_tokens": 3}, "together are not supported"),
+], ids=["a-whole-model", "another-base", "a-dotted-name", "a-name-twice", "with-speculation"])
+def test_what_cannot_be_served_beside_the_base_is_one_clear_line(runs, which, extra, needle):
+    modules = [m.format(**runs) for m in extra.pop("lora_modules", [f"x={runs[which]}"])]
+    with pytest.raises(ConfigError, match=needle):
+        load_app(str(runs["base"]), ServeConfig(lora_modules=modules, **extra), device="cpu")
+
+
+def test_lora_modules_refuse_int8_weights(runs):
+    with pytest.raises(ConfigError, match="--quantize or --compile"):
+        load_app(str(runs["base"]), ServeConfig(lora_modules=[f"rev={runs['rev']}"]), device="cpu", quantize="int8")
