@@ -608,6 +608,15 @@ MUTANTS = [
     Mutant("served-lora-of-another-base-accepted", "generate/api.py",
            '        if lora_base(ckpt)["fingerprint"] != fingerprint:', "        if False:",
            ("tests/test_serve_lora.py::test_what_cannot_be_served_beside_the_base_is_one_clear_line[another-base]",)),
+    Mutant("served-lora-stacked-b-on-the-first-rows", "lora.py",
+           "            B[rows, j * r:(j + 1) * r] = adapter.B.detach()",
+           "            B[:adapter.size, j * r:(j + 1) * r] = adapter.B.detach()",
+           ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
+            "[False]",)),
+    Mutant("served-dora-row-gains-dropped", "lora.py",
+           "        if self.gain is None:\n            return y + update", "        if True:\n            return y + update",
+           ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
+            "[True]",)),
     Mutant("added-tokens-match-the-shortest-name-first", "tokenizer.py",
            "sorted(added_tokens, key=len, reverse=True)", "sorted(added_tokens, key=len)",
            ("tests/test_added_tokens.py::test_added_tokens_encode_as_transformers_added_tokens_and_move_no_other_id"

@@ -518,3 +518,15 @@ def test_gguf_imatrix_scores_kl_from_f32_perplexity_and_top1():
     assert result["perplexity"] == pytest.approx(float(ppl), abs=1e-4)
     agree = (quantized.argmax(-1) == reference.argmax(-1)).double().mean()
     assert result["top1_same_as_f32"] == pytest.approx(float(agree), abs=1e-4) and result["top1_same_as_f32"] < 1
+
+
+def test_lora_decode_times_every_variant_and_all_give_the_same_tokens(tmp_path):
+    out = tmp_path / "lora_decode.json"
+    summary = load("lora_decode").main(["--layers", "2", "--width", "64", "--heads", "4", "--kv-heads", "2", "--vocab",
+                                        "512", "--new-tokens", "12", "--batch-sizes", "1,3", "--rounds", "1",
+                                        "--json-out", str(out)])
+    for result in summary["results"]:
+        assert set(result["tokens_per_s"]) == {"lmforge-adapter", "lmforge-merged", "peft-adapter", "peft-merged"}
+        assert all(n == 12 for n in result["same_tokens_as_lmforge_merged"].values())  # one model four ways
+        assert result["time_vs_lmforge_adapter"]["lmforge-adapter"] == 1.0
+    assert [r["batch"] for r in summary["results"]] == [1, 3] and json.loads(out.read_text()) == summary

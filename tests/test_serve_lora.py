@@ -127,3 +127,37 @@ def test_what_cannot_be_served_beside_the_base_is_one_clear_line(runs, which, ex
 def test_lora_modules_refuse_int8_weights(runs):
     with pytest.raises(ConfigError, match="--quantize or --compile"):
         load_app(str(runs["base"]), ServeConfig(lora_modules=[f"rev={runs['rev']}"]), device="cpu", quantize="int8")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base(dora):
+    import copy
+
+    import torch
+
+    from lmforge.config import LoRAConfig, ModelConfig
+    from lmforge.lora import Adapter, add_adapter_set, apply_lora, lora_state_dict, use_adapter
+    from lmforge.model import GPT
+
+    torch.manual_seed(0)
+    base = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    served = copy.deepcopy(base)
+    adapted = {}
+    for name, targets in (("x", ["q", "v", "o", "mlp"]), ("y", ["k", "v"])):
+        lora = LoRAConfig(r=3, alpha=5.0, targets=targets, dora=dora)
+        adapted[name] = apply_lora(copy.deepcopy(base), lora).eval()
+        with torch.no_grad():
+            for adapter in (m for m in adapted[name].modules() if isinstance(m, Adapter)):
+                adapter.B.normal_(0.0, 0.2)
+                if dora:  # magnitudes away from the rows' norms
+                    adapter.magnitude.mul_(1.0 + torch.rand_like(adapter.magnitude))
+        add_adapter_set(served, name, lora, {k: v.detach().clone() for k, v in lora_state_dict(adapted[name]).items()})
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        for name in ("x", "y"):
+            with use_adapter(name):
+                assert (served(idx) - adapted[name](idx)).abs().max() <= 1e-5, name
+            assert (adapted[name](idx) - base(idx)).abs().max() > 1e-2  # the sets change the output
+        assert torch.equal(served(idx), base(idx))  # no set chosen: the base, exactly
+        with use_adapter("z"):
+            assert torch.equal(served(idx), base(idx))

@@ -251,9 +251,9 @@ def merge_lora(model: GPT) -> GPT:
 
 # ------------------------------------------------------------------------- several adapters on one base
 class AdapterSwitch(nn.Module):
-    """A frozen Linear with several named sets of adapters (a LoRALinear each, sharing its weight and bias): the set
-    use_adapter names on the calling thread computes the output, no set the Linear alone. One copy of a base serves
-    the LoRA runs trained on it (vLLM's --lora-modules): add_adapter_set puts them on."""
+    """A frozen Linear with several named sets of adapters (a StackedAdapters each): the set use_adapter names on the
+    calling thread turns the Linear's output into its own, no set leaves it as it is. One copy of a base serves the
+    LoRA runs trained on it (vLLM's --lora-modules): add_adapter_set puts them on."""
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
@@ -262,8 +262,41 @@ class AdapterSwitch(nn.Module):
         self.sets = nn.ModuleDict()  # name -> LoRALinear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
         adapted = self.sets[name] if (name := getattr(_ACTIVE, "name", None)) in self.sets else None
-        return adapted(x) if adapted is not None else F.linear(x, self.weight, self.bias)
+        return y if adapted is None else adapted(x, y, self.bias)
+
+
+class StackedAdapters(nn.Module):
+    """The adapters of a LoRALinear folded for inference into two matrices: A of all of them stacked (m r, in), and
+    B block-structured (out, m r), adapter j's B on its rows in columns j r .. j r + r - 1, zeros elsewhere, so
+    s x A^T B^T is every adapter's update on its own rows in two products (no slices to cut and join). DoRA's row
+    gains g = m / ||W + s B A|| are fixed then too (1 on rows no adapter covers): forward(x, y, b) turns the frozen
+    output y = x W^T + b into g (y - b) + b + g s x A^T B^T, LoRALinear's output (for plain LoRA: y + s x A^T B^T)."""
+
+    def __init__(self, module: LoRALinear) -> None:
+        super().__init__()
+        adapters = list(module.lora.values())
+        r = adapters[0].A.shape[0]
+        weight = module.weight
+        B = torch.zeros(module.out_features, r * len(adapters), dtype=weight.dtype, device=weight.device)
+        gain = torch.ones(module.out_features, dtype=weight.dtype, device=weight.device)
+        for j, adapter in enumerate(adapters):
+            rows = slice(adapter.start, adapter.start + adapter.size)
+            B[rows, j * r:(j + 1) * r] = adapter.B.detach()
+            if adapter.magnitude is not None:
+                gain[rows] = adapter.magnitude.detach() / module.row_norms(adapter)
+        self.register_buffer("A", torch.cat([a.A.detach() for a in adapters]))  # (m r, in)
+        self.register_buffer("B", B)
+        self.register_buffer("gain", gain if adapters[0].magnitude is not None else None)  # DoRA's
+        self.scale = module.scale
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        update = self.scale * F.linear(F.linear(x, self.A), self.B)  # (..., out)
+        if self.gain is None:
+            return y + update
+        plain = y if bias is None else y - bias
+        return self.gain * (plain + update) + (0 if bias is None else bias)
 
 
 _ACTIVE = threading.local()  # use_adapter's name, per thread: a server's embeddings thread keeps the base
@@ -285,8 +318,8 @@ def use_adapter(name: Optional[str]) -> Iterator[None]:
 def add_adapter_set(model: GPT, name: str, config: LoRAConfig, adapters: dict[str, torch.Tensor]) -> None:
     """Put the adapters of one LoRA run (its lora_state_dict: "blocks.0.attn.qkv.lora.q.A", ...; `config` its lora
     section) on `model`, a plain GPT or one with sets already, as the set `name`: each Linear config.targets names
-    becomes an AdapterSwitch (once) holding a LoRALinear of those adapters. In eval mode, for inference. Strict as
-    load_lora_state_dict: CheckpointError naming missing, unexpected or misshapen tensors."""
+    becomes an AdapterSwitch (once) holding those adapters (StackedAdapters: folded, for inference only).
+    Strict as load_lora_state_dict: CheckpointError naming missing, unexpected or misshapen tensors."""
     if name in {n for m in model.modules() if isinstance(m, AdapterSwitch) for n in m.sets}:
         raise ValueError(f"the model has an adapter set named {name!r} already")
     added: dict[str, LoRALinear] = {}
@@ -312,7 +345,7 @@ def add_adapter_set(model: GPT, name: str, config: LoRAConfig, adapters: dict[st
                                   f"section's {tuple(tensor.shape)}")
         tensor.copy_(adapters[key])
     for linear, module in added.items():
-        model.get_submodule(linear).sets[name] = module
+        model.get_submodule(linear).sets[name] = StackedAdapters(module)
 
 
 # ------------------------------------------------------------------------------- adapter state dicts
