@@ -614,7 +614,8 @@ MUTANTS = [
            ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
             "[False]",)),
     Mutant("served-dora-row-gains-dropped", "lora.py",
-           "        if self.gain is None:\n            return y + update", "        if True:\n            return y + update",
+           "        if self.gain is None:\n            return y + update",
+           "        if True:\n            return y + update",
            ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
             "[True]",)),
     Mutant("added-tokens-match-the-shortest-name-first", "tokenizer.py",
