@@ -129,8 +129,9 @@ def test_lora_modules_refuse_int8_weights(runs):
         load_app(str(runs["base"]), ServeConfig(lora_modules=[f"rev={runs['rev']}"]), device="cpu", quantize="int8")
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base(dora):
+@pytest.mark.parametrize("dora,init", [(False, "default"), (True, "default"), (False, "pissa")],
+                         ids=["lora", "dora", "pissa"])
+def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base(dora, init):
     import copy
 
     import torch
@@ -144,7 +145,7 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
     served = copy.deepcopy(base)
     adapted = {}
     for name, targets in (("x", ["q", "v", "o", "mlp"]), ("y", ["k", "v"])):
-        lora = LoRAConfig(r=3, alpha=5.0, targets=targets, dora=dora)
+        lora = LoRAConfig(r=3, alpha=5.0, targets=targets, dora=dora, init=init)
         adapted[name] = apply_lora(copy.deepcopy(base), lora).eval()
         with torch.no_grad():
             for adapter in (m for m in adapted[name].modules() if isinstance(m, Adapter)):

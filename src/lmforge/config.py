@@ -797,6 +797,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- lora
 LoRATarget = Literal["q", "k", "v", "o", "mlp", "head"]
+LoRAInit = Literal["default", "pissa", "olora"]
 
 
 @dataclass
@@ -820,6 +821,11 @@ class LoRAConfig:
     lr_ratio: float = doc("LoRA+ (Hayou et al. 2024): the B matrices (and DoRA magnitudes) learn at optim.lr times "
                           "this, A at optim.lr; the paper suggests 16 (peft's loraplus_lr_ratio); 1 = plain LoRA.",
                           1.0, gt=0, le=1000)
+    init: LoRAInit = doc("How adapters start, the model as its base either way: default (A random, B = 0; Hu et al. "
+                         "2021), pissa (Meng et al. 2024: A and B from each weight's top-r singular vectors, so "
+                         "training moves its principal directions; the paper: converges faster than default) or "
+                         "olora (Buyukakyuz 2024: from its QR decomposition), as peft's init_lora_weights.",
+                         "default")
     dora: bool = doc("DoRA (Liu et al. 2024, peft's use_dora): each adapted row of a weight is split into a "
                      "magnitude, trained, and the direction of W + (alpha / r) B A (the paper: closer to full "
                      "fine-tuning at low ranks); each step a little slower.", False)
@@ -828,6 +834,9 @@ class LoRAConfig:
         validate(self, "lora")
         if not self.targets:
             raise ConfigError(f"lora.targets is empty: name at least one of {', '.join(typing.get_args(LoRATarget))}")
+        if self.dora and self.init != "default":
+            raise ConfigError(f"lora.init={self.init} with lora.dora is not supported: DoRA's magnitudes start at the "
+                              f"rows' norms; use lora.init default with DoRA, or drop lora.dora")
         repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
         if repeated:
             raise ConfigError(f"lora.targets={self.targets!r} names {', '.join(repeated)} more than once: "
@@ -916,14 +925,14 @@ def with_init_sections(config: RunConfig, init: RunConfig, source: str | Path) -
     ours, theirs = config.lora, init.lora
     if ours is None:
         return dataclasses.replace(config, model=init.model, lora=init.lora)
-    shape = [(x.r, x.scale, sorted(x.targets), x.dora) for x in (ours, theirs)]
+    shape = [(x.r, x.scale, sorted(x.targets), x.dora, x.init) for x in (ours, theirs)]
     if shape[0] != shape[1]:
         dora = [", dora" if x.dora else "" for x in (theirs, ours)]
         raise ConfigError(f"train.init_from {source} is a LoRA run with r={theirs.r}, alpha={theirs.alpha:g}, "
                           f"targets={','.join(theirs.targets)}{dora[0]}, and lora.* asks r={ours.r}, "
                           f"alpha={ours.alpha:g}, targets={','.join(ours.targets)}{dora[1]}: a run started from it "
-                          f"trains its adapters on, so drop lora.r/alpha/targets/dora (dropout and weight_decay may "
-                          f"change), or `lmforge merge` it and start new adapters from the merged checkpoint")
+                          f"trains its adapters on, so drop lora.r/alpha/targets/dora/init (dropout and weight_decay "
+                          f"may change), or `lmforge merge` it and start new adapters from the merged checkpoint")
     return dataclasses.replace(config, model=init.model, lora=dataclasses.replace(theirs, dropout=ours.dropout,
                                                                                    weight_decay=ours.weight_decay))
 

@@ -58,10 +58,12 @@ ROW_WEIGHTS = ("tok_emb.weight", "lm_head.weight")  # a row per token: added tok
 # ------------------------------------------------------------------------------------------ adapters
 class Adapter(nn.Module):
     """One low-rank update B A, (size, in), for `size` output features of a Linear starting at `start`; with DoRA
-    also their magnitudes m (size,), set by LoRALinear to the norms of the weight's rows."""
+    also their magnitudes m (size,), set by LoRALinear to the norms of the weight's rows. With `offset` (lora.init
+    pissa or olora) A and B start at A0, B0 (buffers, kept) that LoRALinear computes from the weight, and the update
+    is B A - B0 A0: zero at the start, as peft's W - s B0 A0 + s B A with the weight left as it is."""
 
     def __init__(self, in_features: int, start: int, size: int, r: int, device: torch.device,
-                 dtype: torch.dtype, dora: bool = False) -> None:
+                 dtype: torch.dtype, dora: bool = False, offset: bool = False) -> None:
         super().__init__()
         self.start, self.size = start, size
         self.A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
@@ -69,13 +71,36 @@ class Adapter(nn.Module):
         # A as nn.Linear initialises a (r, in) weight (as Microsoft's loralib); B = 0 makes B A = 0 (Hu et al. sec. 4.1)
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.magnitude = nn.Parameter(torch.empty(size, device=device, dtype=dtype)) if dora else None
+        self.register_buffer("A0", torch.zeros_like(self.A) if offset else None)
+        self.register_buffer("B0", torch.zeros_like(self.B) if offset else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B)  # (..., in) -> (..., r) -> (..., size)
+        y = F.linear(F.linear(x, self.A), self.B)  # (..., in) -> (..., r) -> (..., size)
+        return y if self.A0 is None else y - F.linear(F.linear(x, self.A0), self.B0)
 
     def delta(self) -> torch.Tensor:
-        """B A in fp32, (size, in): what the adapter adds to its rows of the weight."""
-        return self.B.float() @ self.A.float()
+        """B A (- B0 A0) in fp32, (size, in): what the adapter adds to its rows of the weight."""
+        return sum(b.float() @ a.float() for a, b in self.terms())
+
+    def terms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The low-rank products the update sums, as (A, B) pairs: [(A, B)], or [(A, B), (A0, -B0)] with an offset."""
+        return [(self.A, self.B)] + ([] if self.A0 is None else [(self.A0, -self.B0)])
+
+
+def initial_adapters(weight: torch.Tensor, r: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0 (r, in), B0 (out, r)) in fp32 for the rows `weight` (out, in), as peft's pissa_init / olora_init compute
+    them. pissa (Meng et al. 2024): W = U S V^T, A0 = sqrt(S_r / s) V_r^T, B0 = U_r sqrt(S_r / s), so s B0 A0 is W's
+    best rank-r approximation; olora (Buyukakyuz 2024): W = Q R, A0 = R[:r], B0 = Q[:, :r]."""
+    if r > min(weight.shape):
+        raise ConfigError(f"lora.init={init} takes r={r} directions of a {tuple(weight.shape)} weight, which has at "
+                          f"most {min(weight.shape)}: lower lora.r, or use lora.init default")
+    w = weight.detach().float()
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        root = torch.sqrt(S[:r] / scale)
+        return root[:, None] * Vh[:r], U[:, :r] * root
+    Q, R = torch.linalg.qr(w)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
 
 
 class LoRALinear(nn.Module):
@@ -93,7 +118,8 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 slices: Optional[dict[str, tuple[int, int]]] = None, dora: bool = False) -> None:
+                 slices: Optional[dict[str, tuple[int, int]]] = None, dora: bool = False,
+                 init: str = "default") -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) or None
@@ -109,13 +135,21 @@ class LoRALinear(nn.Module):
                                  f"{self.out_features} output features")
             end = start + size
         device, dtype = self.weight.device, self.weight.dtype
-        self.lora = nn.ModuleDict({name: Adapter(self.in_features, start, size, r, device, dtype, dora)
+        offset = init != "default"
+        self.lora = nn.ModuleDict({name: Adapter(self.in_features, start, size, r, device, dtype, dora, offset)
                                    for name, (start, size) in ordered})  # in output order, for forward
         self.scale = alpha / r
         self.drop = make_dropout(dropout)
         self.merged = False  # True while the adapters are folded into weight (see merge)
         self.enabled = True  # False inside adapters_off: the frozen base alone
         self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA while merged: each adapter's row norms (unmerge)
+        if offset and self.weight.device.type != "meta":  # PiSSA / OLoRA: A and B start at A0, B0 of the rows
+            with torch.no_grad():
+                for adapter in self.lora.values():
+                    A0, B0 = initial_adapters(self.weight[adapter.start:adapter.start + adapter.size], r, self.scale,
+                                              init)
+                    for tensor, value in ((adapter.A, A0), (adapter.B, B0), (adapter.A0, A0), (adapter.B0, B0)):
+                        tensor.copy_(value)
         if dora and self.weight.device.type != "meta":
             with torch.no_grad():
                 for adapter in self.lora.values():
@@ -231,7 +265,7 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.plain_alpha, config.dropout, slices,
-                                          config.dora))
+                                          config.dora, config.init))
     return model
 
 
@@ -277,16 +311,17 @@ class StackedAdapters(nn.Module):
     def __init__(self, module: LoRALinear) -> None:
         super().__init__()
         adapters = list(module.lora.values())
+        terms = [(adapter, a, b) for adapter in adapters for a, b in adapter.terms()]  # (PiSSA: B A and -B0 A0)
         r = adapters[0].A.shape[0]
         weight = module.weight
-        B = torch.zeros(module.out_features, r * len(adapters), dtype=weight.dtype, device=weight.device)
+        B = torch.zeros(module.out_features, r * len(terms), dtype=weight.dtype, device=weight.device)
         gain = torch.ones(module.out_features, dtype=weight.dtype, device=weight.device)
-        for j, adapter in enumerate(adapters):
+        for j, (adapter, _, b) in enumerate(terms):
             rows = slice(adapter.start, adapter.start + adapter.size)
-            B[rows, j * r:(j + 1) * r] = adapter.B.detach()
+            B[rows, j * r:(j + 1) * r] = b.detach()
             if adapter.magnitude is not None:
                 gain[rows] = adapter.magnitude.detach() / module.row_norms(adapter)
-        self.register_buffer("A", torch.cat([a.A.detach() for a in adapters]))  # (m r, in)
+        self.register_buffer("A", torch.cat([a.detach() for _, a, _ in terms]))  # (m r, in)
         self.register_buffer("B", B)
         self.register_buffer("gain", gain if adapters[0].magnitude is not None else None)  # DoRA's
         self.scale = module.scale
@@ -332,7 +367,7 @@ def add_adapter_set(model: GPT, name: str, config: LoRAConfig, adapters: dict[st
             setattr(parent, child, switch)
         base = nn.Linear(switch.in_features, switch.out_features, bias=switch.bias is not None, device="meta")
         base.weight, base.bias = switch.weight, switch.bias
-        added[linear] = LoRALinear(base, config.r, config.plain_alpha, 0.0, slices, config.dora).eval()
+        added[linear] = LoRALinear(base, config.r, config.plain_alpha, 0.0, slices, config.dora, config.init).eval()
     own = {f"{linear}.lora.{key}": t for linear, m in added.items() for key, t in m.lora.state_dict().items()}
     missing, unexpected = [k for k in own if k not in adapters], [k for k in adapters if k not in own]
     if missing or unexpected:

@@ -29,7 +29,10 @@ them contributes A_s to A' (stacked) and its overlapping rows of B_s to B' (bloc
     Llama gate_proj / up_proj, lmforge mlp (one adapter over [gate; up]): both A' = A, B' = top / bottom half of B
 
 A module of rank m r gets lora_alpha = m alpha, so its scale lora_alpha / rank stays lmforge's alpha / r (rsLoRA's
-alpha / sqrt(r) is written as plain LoRA's: lora_alpha = m alpha sqrt(r), use_rslora false).
+alpha / sqrt(r) is written as plain LoRA's: lora_alpha = m alpha sqrt(r), use_rslora false). An adapter started by
+PiSSA or OLoRA (lora.init) updates by B A - B0 A0 on the unchanged weight: two terms, (A, B) and (A0, -B0), each
+stacked like an adapter of its own, so it reaches peft as a plain LoRA of rank 2r on the plain base (peft's own
+conversion of a PiSSA adapter for sharing).
 """
 
 from __future__ import annotations
@@ -128,11 +131,12 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
             if not overlapping:  # e.g. Llama k_proj when only q and v are adapted
                 continue
             r = lora_config.r
-            A = torch.cat([a.A.float() for a in overlapping]).cpu()  # (m r, in) for m overlapping adapters; own memory
-            B = torch.zeros(n, r * len(overlapping))  # (n, m r): adapter j's block in columns j r .. j r + r - 1
-            for j, a in enumerate(overlapping):
+            terms = [(a, A_, B_) for a in overlapping for A_, B_ in a.terms()]  # PiSSA / OLoRA: B A and -B0 A0
+            A = torch.cat([A_.float() for _, A_, _ in terms]).cpu()  # (m r, in) for m terms; own memory
+            B = torch.zeros(n, r * len(terms))  # (n, m r): term j's block in columns j r .. j r + r - 1
+            for j, (a, _, B_) in enumerate(terms):
                 first, last = max(a.start, lo), min(a.start + a.size, lo + n)  # overlapping rows of the Linear
-                B[first - lo:last - lo, j * r:(j + 1) * r] = a.B[first - a.start:last - a.start].float().cpu()
+                B[first - lo:last - lo, j * r:(j + 1) * r] = B_[first - a.start:last - a.start].float().cpu()
             weights[f"{PREFIX}{hf}.lora_A.weight"], weights[f"{PREFIX}{hf}.lora_B.weight"] = A, B
             if lora_config.dora:  # the module's row magnitudes: the adapters', else the rows' own norms (m / n = 1)
                 magnitude = torch.linalg.vector_norm(module.weight[lo:lo + n].float(), dim=1).cpu()
