@@ -643,6 +643,12 @@ MUTANTS = [
            "    shape = [(x.r, x.scale, sorted(x.targets), x.dora, x.init) for x in (ours, theirs)]",
            "    shape = [(x.r, x.scale, sorted(x.targets), x.dora) for x in (ours, theirs)]",
            ("tests/test_lora_init.py::test_init_with_dora_and_a_changed_init_when_continuing_are_one_line",)),
+    Mutant("unloaded-lora-decodes-with-the-base", "serve/engine.py",
+           "                    or (j.adapter is not None and j.adapter not in self.adapters)]:", "]:",
+           ("tests/test_serve_lora.py::test_an_adapter_is_unloaded_only_once_no_request_decodes_with_it",)),
+    Mutant("lora-unloaded-while-in-use", "serve/app.py",
+           "            if engine.in_use(name):\n                return False\n", "",
+           ("tests/test_serve_lora.py::test_runs_load_and_unload_while_serving_when_allowed",)),
     Mutant("added-tokens-match-the-shortest-name-first", "tokenizer.py",
            "sorted(added_tokens, key=len, reverse=True)", "sorted(added_tokens, key=len)",
            ("tests/test_added_tokens.py::test_added_tokens_encode_as_transformers_added_tokens_and_move_no_other_id"

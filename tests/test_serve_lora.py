@@ -5,6 +5,7 @@ its template), batches never mix two, and what cannot be served so is one clear 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +18,7 @@ from lmforge.generate import GenerateConfig, load
 from lmforge.serve import ServeConfig, load_app
 from lmforge.serve.engine import Engine, Job, Mailbox
 from lmforge.train import Trainer
-from test_serve import running
+from test_serve import running, wait_until
 from test_tasks import make_base, prepare, reverse_records, write_jsonl
 from tiny_training import tiny_config
 
@@ -162,3 +163,79 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
         assert torch.equal(served(idx), base(idx))  # no set chosen: the base, exactly
         with use_adapter("z"):
             assert torch.equal(served(idx), base(idx))
+
+
+def test_runs_load_and_unload_while_serving_when_allowed(runs):
+    app = load_app(str(runs["base"]), ServeConfig(allow_runtime_lora=True), device="cpu")
+    body = {"model": "dora", "prompt": "abc", "max_tokens": 10, "temperature": 0.0}
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        def models() -> list[str]:
+            return [m["id"] for m in client.get("/v1/models").json()["data"]]
+
+        assert client.post("/v1/completions", json=body).status_code == 404
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(runs["dora"])})
+        assert r.status_code == 200 and models() == ["base", "dora"], r.text
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == alone(runs["dora"], "abc")
+        for name, path, status, words in [("dora", runs["rev"], 400, "served already"),
+                                          ("x", runs["other"], 400, "trained on other weights"),
+                                          ("x.y", runs["rev"], 400, "is not letters"),
+                                          ("x", runs["base"] / "nope", 400, "nope")]:
+            r = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+            assert r.status_code == status and words in r.json()["error"]["message"], r.text
+        assert models() == ["base", "dora"]
+        engine, gate = app.state.engine, threading.Event()
+        engine.call(lambda: gate.wait(30))  # the worker busy: a request that comes now waits
+        with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=url, timeout=60) as other, \
+                httpx.Client(base_url=url, timeout=60) as third:
+            pending = pool.submit(other.post, "/v1/completions", json={**body, "min_tokens": 10})  # 10 steps
+            wait_until(lambda: engine.stats()["waiting"] == 1)
+            unloading = pool.submit(third.post, "/v1/unload_lora_adapter", json={"lora_name": "dora"})
+            wait_until(lambda: len(engine._calls) == 1)  # queued behind the gate, after the request
+            gate.set()
+            r = unloading.result()
+            assert r.status_code == 409 and "generating for requests" in r.json()["error"]["message"]
+            assert pending.result().status_code == 200
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "dora"}).status_code == 200
+        assert models() == ["base"] and client.post("/v1/completions", json=body).status_code == 404
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "dora"}).status_code == 404
+        plain = client.post("/v1/completions", json={**body, "model": None}).json()["choices"][0]["text"]
+        assert plain == alone(runs["base"], "abc")
+    app = load_app(str(runs["base"]), ServeConfig(), device="cpu")  # not allowed: no such endpoints
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(runs["dora"])})
+        assert r.status_code == 404
+
+
+def test_an_adapter_is_unloaded_only_once_no_request_decodes_with_it(runs):
+    from lmforge.generate.api import load_adapters
+    from lmforge.lora import adapter_sets, remove_adapter_set
+
+    generator = load(str(runs["base"]), device="cpu")
+    load_adapters(generator, {"dora": str(runs["dora"])}, str(runs["base"]))
+    engine = Engine(generator, max_concurrency=4, max_queue=4, max_batch_size=8)
+    assert engine.adapters == {"dora"}
+
+    async def scenario() -> tuple[bool, list]:
+        loop = asyncio.get_running_loop()
+        ids = [generator.tokenizer.start_id] + generator.tokenizer.encode("abc")
+        job = Job(ids, GenerateConfig(max_new_tokens=200, temperature=0.0), False, time.monotonic() + 30,
+                  Mailbox(loop), adapter="dora")
+        engine.submit([job])
+        asked = engine.call(lambda: engine.in_use("dora"))  # runs before the job is taken: it waits
+        engine.start()
+        busy = await asyncio.wrap_future(asked)
+        while (await job.mailbox.get(30))[0] != "done":
+            pass
+        engine.adapters.discard("dora")
+        late = Job(ids, GenerateConfig(max_new_tokens=5), False, time.monotonic() + 30, Mailbox(loop), adapter="dora")
+        engine.submit([late])
+        return busy, [await late.mailbox.get(30)]
+
+    try:
+        busy, events = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert busy and not engine.in_use("dora")
+    assert events[0][:2] == ("error", 404) and "was unloaded" in events[0][2]  # never decoded with the bare base
+    remove_adapter_set(generator.model, "dora")
+    assert adapter_sets(generator.model) == set()

@@ -1381,7 +1381,8 @@ def _add_serve(sub: Any) -> None:
             Speculative decoding (--assistant-model, or --prompt-lookup-num-tokens) guesses tokens and checks them in
             one pass: greedy text unchanged, sampling keeps its distribution, each request decoded on its own.
             --lora-modules NAME=RUN_DIR (repeatable) serves LoRA runs of this checkpoint beside it from one copy
-            of the base: a request's "model" picks one."""),
+            of the base: a request's "model" picks one; --allow-runtime-lora adds POST /v1/load_lora_adapter and
+            /v1/unload_lora_adapter (vLLM's) to change them while serving."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge serve runs/shakespeare-char

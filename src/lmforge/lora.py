@@ -355,7 +355,7 @@ def add_adapter_set(model: GPT, name: str, config: LoRAConfig, adapters: dict[st
     section) on `model`, a plain GPT or one with sets already, as the set `name`: each Linear config.targets names
     becomes an AdapterSwitch (once) holding those adapters (StackedAdapters: folded, for inference only).
     Strict as load_lora_state_dict: CheckpointError naming missing, unexpected or misshapen tensors."""
-    if name in {n for m in model.modules() if isinstance(m, AdapterSwitch) for n in m.sets}:
+    if name in adapter_sets(model):
         raise ValueError(f"the model has an adapter set named {name!r} already")
     added: dict[str, LoRALinear] = {}
     for linear, slices in lora_plan(model, config).items():
@@ -381,6 +381,20 @@ def add_adapter_set(model: GPT, name: str, config: LoRAConfig, adapters: dict[st
         tensor.copy_(adapters[key])
     for linear, module in added.items():
         model.get_submodule(linear).sets[name] = StackedAdapters(module)
+
+
+def adapter_sets(model: nn.Module) -> set[str]:
+    """The names of the adapter sets on `model` (add_adapter_set)."""
+    return {name for m in model.modules() if isinstance(m, AdapterSwitch) for name in m.sets}
+
+
+def remove_adapter_set(model: GPT, name: str) -> None:
+    """Take the adapter set `name` (add_adapter_set) off every AdapterSwitch of `model`; ValueError if it has none."""
+    switches = [m for m in model.modules() if isinstance(m, AdapterSwitch) and name in m.sets]
+    if not switches:
+        raise ValueError(f"the model has no adapter set named {name!r}")
+    for switch in switches:
+        del switch.sets[name]
 
 
 # ------------------------------------------------------------------------------- adapter state dicts

@@ -319,9 +319,11 @@ def load(path: str, device: str = "cpu", dtype: str = "fp32", quantize: Optional
     return TextGenerator(apply_inference_dtype(model, dtype, quantize), tokenizer, compile, learned, drafter)
 
 
-def load_adapters(generator: TextGenerator, modules: dict[str, str], base_path: str) -> dict[str, TextGenerator]:
-    """{name: TextGenerator} of LoRA runs trained on the model of `generator` (loaded from base_path, in fp32: the
-    fingerprint compares its bytes), each over that same model with its adapters added as the set `name`
+def load_adapters(generator: TextGenerator, modules: dict[str, str], base_path: str,
+                  fingerprint: Optional[str] = None) -> dict[str, TextGenerator]:
+    """{name: TextGenerator} of LoRA runs trained on the model of `generator` (loaded from base_path; `fingerprint`
+    lora.base_fingerprint of its weights as loaded, in fp32, computed here when not given), each over that same
+    model with its adapters added as the set `name`
     (lora.add_adapter_set: lora.use_adapter picks it) and the prompt template the run learned. ConfigError, naming the
     run, for one that is not a LoRA run of a language model on exactly these weights and this tokenizer, or that
     learned rows for added tokens (its vocabulary is not the base's)."""
@@ -331,7 +333,7 @@ def load_adapters(generator: TextGenerator, modules: dict[str, str], base_path: 
     from lmforge.lora import add_adapter_set, base_fingerprint
     from lmforge.tokenizer import Tokenizer
 
-    model, fingerprint, out = generator.model, None, {}
+    model, out = generator.model, {}
     for name, path in modules.items():
         ckpt, manifest = verified_checkpoint(path)
         config = read_run_config(ckpt)

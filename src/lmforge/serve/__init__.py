@@ -39,27 +39,35 @@ def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "aut
 
     config = config or ServeConfig()
     ckpt = resolve_checkpoint(path)  # first: a corrupt newest checkpoint is skipped (and said so) once
-    adapters = {}
-    if config.lora_modules:  # the base in fp32 (its fingerprint), the adapters added, then the dtype for all
+    adapters, load_adapter = {}, None
+    if config.lora_modules or config.allow_runtime_lora:  # the base in fp32 (its fingerprint), adapters, then dtype
         from lmforge.errors import ConfigError
         from lmforge.generate import TextGenerator
         from lmforge.generate.api import load_adapters
         from lmforge.generate.quantize import apply_inference_dtype
+        from lmforge.lora import base_fingerprint
 
         if quantize is not None or compile:
-            raise ConfigError("serve.lora_modules with --quantize or --compile is not supported: their adapters run "
-                              "beside the base's plain Linear layers; leave those out")
+            raise ConfigError("serve.lora_modules or allow_runtime_lora with --quantize or --compile is not "
+                              "supported: their adapters run beside the base's plain Linear layers; leave those out")
         generator = load(str(ckpt), device=device)
         if not isinstance(generator, TextGenerator):
-            raise ConfigError(f"serve.lora_modules adapts a language model, and {path} is not one")
-        adapters = load_adapters(generator, config.adapters, path)
+            raise ConfigError(f"serve.lora_modules and allow_runtime_lora adapt a language model, and {path} is not "
+                              "one")
+        fingerprint = base_fingerprint(generator.model)
+
+        def load_one(name: str, run: str) -> TextGenerator:  # allow_runtime_lora: one more, while serving
+            return load_adapters(generator, {name: run}, path, fingerprint)[name]
+
+        load_adapter = load_one
+        adapters = load_adapters(generator, config.adapters, path, fingerprint)
         apply_inference_dtype(generator.model, dtype)
     else:
         generator = load(str(ckpt), device=device, dtype=dtype, quantize=quantize, compile=compile,
                          assistant=config.assistant_model)
     run_name = ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
     return create_app(generator, config, model_name=run_name or Path(path).resolve().name, host=host,
-                      adapters=adapters)
+                      adapters=adapters, load_adapter=load_adapter)
 
 
 def serve(path: str, config: Optional[ServeConfig] = None, host: str = "127.0.0.1", port: int = 8000,

@@ -61,7 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from lmforge.data.tasks import CALL_LINES, CallFormat
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generate import (GenerateConfig, Logprobs, MaskFiller, RewardModel, TextClassifier, TextGenerator,
                               prompt_ids, with_token_ids)
 from lmforge.generate.automaton import build as build_automaton
@@ -205,6 +205,22 @@ class TokenizeRequest(BaseModel):
     tools: Optional[list[Tool]] = None  # with messages: the function tools the chat template lists
     chat_template_kwargs: Optional[dict[str, Any]] = None  # with messages: other values the template reads
     add_special_tokens: StrictBool = True
+
+
+class LoadLoRARequest(BaseModel):
+    """The body of POST /v1/load_lora_adapter (vLLM's runtime LoRA updating)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRARequest(BaseModel):
+    """The body of POST /v1/unload_lora_adapter (vLLM's; its lora_int_id accepted and not needed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+    lora_int_id: Optional[int] = None
 
 
 class DetokenizeRequest(BaseModel):
@@ -413,15 +429,19 @@ class GuardMiddleware:
 # ------------------------------------------------------------------------------------------------ app
 def create_app(generator: Union[TextGenerator, TextClassifier, RewardModel, MaskFiller],
                config: Optional[ServeConfig] = None, model_name: str = "lmforge", host: str = "127.0.0.1",
-               adapters: Optional[dict[str, TextGenerator]] = None) -> FastAPI:
+               adapters: Optional[dict[str, TextGenerator]] = None,
+               load_adapter: Optional[Callable[[str, str], TextGenerator]] = None) -> FastAPI:
     """The FastAPI app serving `generator` (a language model's TextGenerator, a classifier's TextClassifier, a reward
     model's RewardModel, or an encoder's MaskFiller: embeddings only); its worker thread starts and stops with the
     app's lifespan. `host`
     is the address it will be bound to: a Host header naming it (or a loopback name) is accepted unless
     serve.allowed_host says otherwise. `adapters`: LoRA runs of the language model served beside it by name
     (generate.load_adapters: each a TextGenerator over the same model, its adapter set of that name), as vLLM's
-    --lora-modules; a request's "model" picks one."""
-    adapters = adapters or {}
+    --lora-modules; a request's "model" picks one. load_adapter(name, path) loads one more while serving
+    (serve.allow_runtime_lora; serve.load_app gives it)."""
+    adapters = dict(adapters or {})
+    if config is not None and config.allow_runtime_lora and load_adapter is None:
+        raise ConfigError("serve.allow_runtime_lora needs a loader of LoRA runs: serve with serve.load_app")
     encodes = isinstance(generator, MaskFiller)  # an encoder: embeddings only
     if not isinstance(generator, (TextGenerator, TextClassifier, RewardModel, MaskFiller)):
         raise ConfigError(f"create_app serves a TextGenerator, TextClassifier, RewardModel or MaskFiller "
@@ -519,7 +539,7 @@ def create_app(generator: Union[TextGenerator, TextClassifier, RewardModel, Mask
         async def note() -> HTMLResponse:
             return HTMLResponse(ENCODER_NOTE_HTML.replace("{{MODEL}}", model_id))
     else:
-        _add_generation_routes(app, generator, engine, config, model_id, max_prompt_tokens, adapters)
+        _add_generation_routes(app, generator, engine, config, model_id, max_prompt_tokens, adapters, load_adapter)
     beside = _Beside(config.max_queue)
     _add_embedding_route(app, TextEmbedder(generator.model, generator.tokenizer), config, model_id, max_prompt_tokens,
                          beside)
@@ -729,9 +749,11 @@ def _add_reward_routes(app: FastAPI, engine: RewardEngine, config: ServeConfig, 
 
 
 def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engine, config: ServeConfig,
-                           model_id: str, max_prompt_tokens: int, adapters: dict[str, TextGenerator]) -> None:
+                           model_id: str, max_prompt_tokens: int, adapters: dict[str, TextGenerator],
+                           load_adapter: Optional[Callable[[str, str], TextGenerator]] = None) -> None:
     """A language model's endpoints: the playground, completions, chat completions, and 400 at /v1/classify; a
-    request naming one of `adapters` decodes with that LoRA run's adapters (and its template)."""
+    request naming one of `adapters` decodes with that LoRA run's adapters (and its template); with
+    serve.allow_runtime_lora, POST /v1/load_lora_adapter and /v1/unload_lora_adapter change `adapters`."""
     _wrong_task(app, SCORING_PATHS, "this model is a language model: it generates text and does not classify or "
                 "score it, so {path} is not served; use POST /v1/completions or /v1/chat/completions")
     automata = asyncio.Semaphore(1)  # guided_regex / guided_json automata are built one request at a time
@@ -746,6 +768,9 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             raise ApiError(404, f"model {name!r} is not served here; this server serves "
                            f"{', '.join(repr(n) for n in served)}", "model")
         return (name, *served[name])
+
+    if config.allow_runtime_lora:
+        _add_runtime_lora_routes(app, engine, model_id, adapters, served, calls, load_adapter)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
@@ -960,6 +985,58 @@ def _add_generation_routes(app: FastAPI, generator: TextGenerator, engine: Engin
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}})
 
+
+
+def _add_runtime_lora_routes(app: FastAPI, engine: Engine, model_id: str, adapters: dict[str, TextGenerator],
+                             served: dict[str, tuple[TextGenerator, Optional[str]]], calls: dict[str, Any],
+                             load_adapter: Callable[[str, str], TextGenerator]) -> None:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): a LoRA run of the served model added or
+    taken off while serving, on the worker thread between steps; `adapters` (what /v1/models lists), `served` and
+    `calls` (what requests may name) follow."""
+    from lmforge.lora import remove_adapter_set
+    from lmforge.serve.config import ADAPTER_NAME
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(body: LoadLoRARequest) -> dict:
+        name = body.lora_name
+        if not ADAPTER_NAME.fullmatch(name):
+            raise ApiError(400, f"lora_name {name!r} is not letters, digits, '-' and '_'", "lora_name")
+        if name in served:
+            raise ApiError(400, f"the model {name!r} is served already; unload it first to load another run under "
+                           "its name", "lora_name")
+
+        def load() -> TextGenerator:
+            loaded = load_adapter(name, body.lora_path)
+            engine.adapters.add(name)
+            return loaded
+
+        try:
+            loaded = await asyncio.wrap_future(engine.call(load))
+        except LmforgeError as e:
+            raise ApiError(400, str(e), "lora_path") from None
+        adapters[name], served[name], calls[name] = loaded, (loaded, name), loaded.call_format()
+        return {"object": "model", "id": name, "parent": model_id, "loaded": True}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(body: UnloadLoRARequest) -> dict:
+        name = body.lora_name
+        if name not in adapters:
+            raise ApiError(404, f"no LoRA adapter {name!r} is loaded here ({', '.join(map(repr, adapters)) or 'none'})",
+                           "lora_name")
+
+        def unload() -> bool:
+            if engine.in_use(name):
+                return False
+            engine.adapters.discard(name)
+            remove_adapter_set(engine.model, name)
+            return True
+
+        if not await asyncio.wrap_future(engine.call(unload)):
+            raise ApiError(409, f"the model {name!r} is generating for requests; unload it once they are done",
+                           "lora_name")
+        for table in (adapters, served, calls):
+            table.pop(name, None)
+        return {"object": "model", "id": name, "deleted": True}
 
 
 def _best(choices: list[Any], n: int) -> list[Any]:

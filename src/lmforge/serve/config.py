@@ -93,6 +93,10 @@ class ServeConfig:
                                             "(vLLM's --lora-modules): a request's model NAME decodes with that run's "
                                             "adapters (and its prompt template) on the one copy of the base, which "
                                             "every run must have been trained on; batches never mix two.", None)
+    allow_runtime_lora: bool = doc("POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter "
+                                   "{lora_name} (vLLM's runtime LoRA updating): add or drop a LoRA run of the served "
+                                   "model while it serves. The path is read on the server: allow it for trusted "
+                                   "clients only (with serve.api_key).", False)
     cors_origin: Optional[list[str]] = doc("Origins a browser page may call the API from (CORS), e.g. "
                                            "http://localhost:3000; '*' = any. null = the server's own pages only.",
                                            None)
@@ -114,10 +118,10 @@ class ServeConfig:
             raise ConfigError("serve.speculative_max_running limits speculative decoding: give serve.assistant_model, "
                               "serve.assistant_early_exit or serve.prompt_lookup_num_tokens too")
         _ = self.adapters  # NAME=RUN_DIR entries, checked
-        if self.lora_modules and self.speculation:
-            raise ConfigError("serve.lora_modules and speculative decoding (serve.assistant_model, "
-                              "assistant_early_exit, prompt_lookup_num_tokens) together are not supported: give one "
-                              "of them")
+        if (self.lora_modules or self.allow_runtime_lora) and self.speculation:
+            raise ConfigError("serve.lora_modules (or allow_runtime_lora) and speculative decoding (serve."
+                              "assistant_model, assistant_early_exit, prompt_lookup_num_tokens) together are not "
+                              "supported: give one of them")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("serve.api_key is empty: give a key, or leave it out to serve without one")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional
 
@@ -39,7 +40,7 @@ from lmforge.generate import (Event, GenerateConfig, Logprobs, Row, TextClassifi
                               make_rows, score_prompt)
 from lmforge.generate.api import decode_events
 from lmforge.generate.speculative import early_exit
-from lmforge.lora import use_adapter
+from lmforge.lora import adapter_sets, use_adapter
 
 
 MAX_BACKLOG = 256  # unread events per job after which a decode pauses (when all its jobs are that far behind)
@@ -246,6 +247,8 @@ class Engine(Worker):
         self.max_concurrency, self.max_queue, self.max_batch_size = max_concurrency, max_queue, max_batch_size
         self.max_decodes, self.batch_wait = max_decodes, batch_wait
         self._active: list[Batch] = []    # touched by the worker thread only
+        self._calls: list[tuple[Any, Future]] = []  # call(): work on the model between steps, with its result
+        self.adapters = adapter_sets(self.model)  # the sets a job may name (serve.lora_modules, runtime loading)
         self.generated_tokens = 0         # sequences x steps decoded so far (a measure of work done)
         self.decodes = 0                  # batched decodes started
 
@@ -261,12 +264,21 @@ class Engine(Worker):
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and not self._waiting and not self._active:
+                while not self._closed and not self._waiting and not self._active and not self._calls:
                     self._lock.wait()
                 if self._closed:
                     for job in self._waiting + [j for b in self._active for j in b.jobs]:
                         job.emit("error", 503, "the server is shutting down")
+                    for _, done in self._calls:
+                        done.set_exception(Busy("the server is shutting down"))
                     return
+                calls, self._calls = self._calls, []
+            for call, done in calls:  # between steps, on this thread: the model is not in use
+                try:
+                    done.set_result(call())
+                except Exception as e:  # the caller's to report
+                    done.set_exception(e)
+            with self._lock:
                 started = self._admit()
             self._active.extend(started)
             stepped, now = 0, time.monotonic()
@@ -284,13 +296,30 @@ class Engine(Worker):
                 with self._lock:
                     self._lock.wait(0.005)  # every decode waits for a slow reader: let them read
 
+    def call(self, work: Any) -> Future:
+        """Run `work()` on the worker thread between two steps (the model not in use), e.g. adding an adapter set;
+        its result or exception comes in the returned Future."""
+        done: Future = Future()
+        with self._lock:
+            self._calls.append((work, done))
+            self._lock.notify()
+        return done
+
+    def in_use(self, adapter: str) -> bool:
+        """Whether a waiting or running job decodes with the adapter set `adapter` (worker thread: a call's)."""
+        with self._lock:
+            return any(job.adapter == adapter for job in self._waiting + [j for b in self._active for j in b.jobs])
+
     def _admit(self) -> list[Batch]:
         """Move waiting jobs into new decodes, oldest first, merging compatible ones (lock held)."""
         now, batches = time.monotonic(), []
-        for job in [j for j in self._waiting if j.cancelled or now > j.deadline]:
+        for job in [j for j in self._waiting if j.cancelled or now > j.deadline
+                    or (j.adapter is not None and j.adapter not in self.adapters)]:
             self._waiting.remove(job)
             self._forget(job)
-            if not job.cancelled:
+            if job.adapter is not None and job.adapter not in self.adapters:  # unloaded since its request came
+                job.emit("error", 404, f"the model {job.adapter!r} was unloaded")
+            elif not job.cancelled:
                 job.emit("error", 504, "the request timed out while waiting for the model")
         while self._waiting and self._running < self.max_concurrency:
             if (len(self._active) + len(batches) >= self.max_decodes
