@@ -8,7 +8,6 @@ import copy
 import math
 import json
 import random
-import shutil
 from pathlib import Path
 
 import gguf
@@ -25,7 +24,7 @@ from lmforge.model import GPT
 from lmforge.tokenizer import HF_KIND, Tokenizer, byte_tokenizer, train_bpe, train_char
 from lmforge.train import Trainer
 from test_tasks import make_base, write_jsonl
-from tiny_training import step_losses, tiny_config
+from tiny_training import resumed_copy, step_losses, tiny_config
 
 CORPUS = ["hello world, the quick brown fox jumps over the lazy dog " * 20, "\u00bfqu\u00e9 tal? a\u00f1adir tokens"]
 NAMES = ["<|user|>", "<|assistant|>", "<|\u7528\u6237|>", "<|u"]  # a non-ASCII name; one the prefix of another
@@ -188,12 +187,8 @@ def test_a_run_from_the_base_grows_its_embedding_learns_the_new_rows_and_resumes
     learned = model.tok_emb.weight.detach()[259:]
     assert not torch.allclose(learned[0], grown[259], atol=1e-4) and not torch.allclose(learned[0], learned[1])
 
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000004",
-                    tmp_path / "resumed" / "checkpoints" / "step-00000004")
-    resumed = Trainer(tiny_config(tmp_path / "resumed", **{**values, "train.resume": "auto"}), progress=False,
-                      tensorboard=False)
-    resumed.fit()
+    resumed = resumed_copy(tmp_path / "full", 4,
+                           tiny_config(tmp_path / "resumed", **values, **{"train.resume": "auto"}))
     assert [step for step, _ in resumed.history] == [5, 6, 7, 8]
     assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 4]
     assert step_losses(tmp_path / "resumed")[8] == step_losses(tmp_path / "full")[8]
@@ -260,7 +255,7 @@ def test_a_lora_run_trains_only_the_added_rows_of_the_embedding_and_head(lora_ch
             continue
         old = base_model.get_parameter(name).detach()
         assert torch.equal(stored[name][:259], old), name  # the base's rows, bit for bit (decay 0.5 left them)
-        assert not torch.allclose(stored[name][259:], old.mean(0).expand(2, -1), atol=1e-4), name  # the new ones learned
+        assert not torch.allclose(stored[name][259:], old.mean(0).expand(2, -1), atol=1e-4), name  # learned
     model, tok, config = lmforge.checkpoint.load_for_inference(run, "cpu")  # merged onto the grown base
     assert config.model.vocab_size == 261 and model.tok_emb.weight.shape[0] == 261
     merged_rows = model.lm_head.weight.detach()
@@ -269,13 +264,10 @@ def test_a_lora_run_trains_only_the_added_rows_of_the_embedding_and_head(lora_ch
 
 def test_a_lora_run_on_added_tokens_resumes_exactly(lora_chat, tmp_path):
     base, data, run = lora_chat
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run / "checkpoints" / "step-00000003", tmp_path / "resumed" / "checkpoints" / "step-00000003")
     values = {"data.path": str(data), "train.init_from": str(base), "train.max_steps": 6, "train.batch_size": 8,
               "train.save_interval": 3, "lora.r": 4, "lora.targets": "q,v,o", "optim.weight_decay": 0.5,
               "train.resume": "auto"}
-    resumed = Trainer(tiny_config(tmp_path / "resumed", **values), progress=False, tensorboard=False)
-    resumed.fit()
+    resumed = resumed_copy(run, 3, tiny_config(tmp_path / "resumed", **values))
     assert [step for step, _ in resumed.history] == [4, 5, 6]
     full = step_losses(run)
     assert [loss for _, loss in resumed.history] == [full[s] for s in (4, 5, 6)]

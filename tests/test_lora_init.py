@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import peft
@@ -24,7 +23,7 @@ from lmforge.lora import Adapter, apply_lora, initial_adapters, merge_lora
 from lmforge.model import GPT
 from lmforge.train import Trainer
 from test_tasks import make_base, prepare, reverse_records, write_jsonl
-from tiny_training import step_losses, tiny_config
+from tiny_training import resumed_copy, step_losses, tiny_config
 
 LLAMA = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm", mlp="swiglu",
              pos_encoding="rope", bias=False, tie_embeddings=False, rope_theta=20000.0)
@@ -132,12 +131,8 @@ def test_a_pissa_run_starts_at_its_base_trains_and_resumes_exactly(tmp_path):
     full.fit()
     losses = [loss for _, loss in full.history]
     assert losses[-1] < losses[0]
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-00000003",
-                    tmp_path / "resumed" / "checkpoints" / "step-00000003")
-    resumed = Trainer(tiny_config(tmp_path / "resumed", **{**values, "train.resume": "auto"}), progress=False,
-                      tensorboard=False)
-    resumed.fit()
+    resumed = resumed_copy(tmp_path / "full", 3,
+                           tiny_config(tmp_path / "resumed", **values, **{"train.resume": "auto"}))
     assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 3]
     assert step_losses(tmp_path / "resumed")[6] == step_losses(tmp_path / "full")[6]
     merged, _, config = load_for_inference(tmp_path / "full")

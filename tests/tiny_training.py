@@ -131,6 +131,19 @@ def process_env(fault: Optional[str] = None) -> dict[str, str]:
     return env
 
 
+def resumed_copy(full_run: Path, step: int, config: RunConfig) -> Trainer:
+    """A Trainer of `config` (train.resume auto) that resumes from `full_run`'s checkpoint of `step`, copied into
+    config.train.run_dir, and trains to its end: what a run killed after that checkpoint does when started again."""
+    import shutil
+
+    name = f"step-{step:08d}"
+    (Path(config.train.run_dir) / "checkpoints").mkdir(parents=True)
+    shutil.copytree(Path(full_run) / "checkpoints" / name, Path(config.train.run_dir) / "checkpoints" / name)
+    trainer = Trainer(config, progress=False, tensorboard=False)
+    trainer.fit()
+    return trainer
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
     """{step: train loss} from RUN_DIR/metrics.jsonl; a step logged twice (re-run after a resume) keeps its last value."""
     from lmforge.train.metrics import read_metrics
