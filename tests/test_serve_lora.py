@@ -239,3 +239,8 @@ def test_an_adapter_is_unloaded_only_once_no_request_decodes_with_it(runs):
     assert events[0][:2] == ("error", 404) and "was unloaded" in events[0][2]  # never decoded with the bare base
     remove_adapter_set(generator.model, "dora")
     assert adapter_sets(generator.model) == set()
+
+
+def test_a_lora_run_named_as_the_base_is_refused(runs):
+    with pytest.raises(ConfigError, match="the served model's own name"):
+        load_app(str(runs["base"]), ServeConfig(lora_modules=[f"base={runs['rev']}"]), device="cpu")

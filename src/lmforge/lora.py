@@ -293,7 +293,7 @@ class AdapterSwitch(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        self.sets = nn.ModuleDict()  # name -> LoRALinear
+        self.sets = nn.ModuleDict()  # name -> StackedAdapters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)

@@ -50,8 +50,7 @@ import codecs
 import json
 import re
 import unicodedata
-from collections.abc import Sequence
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np

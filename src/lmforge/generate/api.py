@@ -337,7 +337,7 @@ def load_adapters(generator: TextGenerator, modules: dict[str, str], base_path: 
     for name, path in modules.items():
         ckpt, manifest = verified_checkpoint(path)
         config = read_run_config(ckpt)
-        where = f"serve.lora_modules {name}={path}"
+        where = f"the LoRA run {name}={path}"
         if config.lora is None:
             raise ConfigError(f"{where} holds a whole model, not LoRA adapters: serve it on its own")
         if config.model.vocab_size != model.config.vocab_size or config.model.head != "lm":

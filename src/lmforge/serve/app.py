@@ -448,6 +448,9 @@ def create_app(generator: Union[TextGenerator, TextClassifier, RewardModel, Mask
                           f"(generate.load gives one), not a {type(generator).__name__}")
     config = config or ServeConfig()
     model_id = config.model_name or model_name
+    if model_id in adapters:
+        raise ConfigError(f"serve.lora_modules names a LoRA run {model_id!r}, the served model's own name: give it "
+                          f"another name")
     block_size = generator.model.config.block_size
     max_prompt_tokens = config.max_prompt_tokens or block_size
     if max_prompt_tokens > block_size:
