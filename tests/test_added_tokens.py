@@ -169,6 +169,21 @@ def test_prepared_examples_hold_the_markers_as_their_ids(chat):
     assert int((tokens == 259).sum()) == int((tokens == 260).sum()) == len(examples.lengths)  # one of each
 
 
+def test_add_tokens_chat_adds_the_heads_of_lmforges_chat_turns(tmp_path):
+    from lmforge.data.tasks import CHAT_MARKERS, load_examples
+
+    base = make_base(tmp_path)
+    records = [{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": w},  # 15 tokens: whole
+                             {"role": "assistant", "content": w[::-1]}]} for w in ("ab", "cd", "ef", "gh", "ij")]
+    assert main(["prepare", str(write_jsonl(tmp_path / "c.jsonl", records)), "--task", "sft", "--tokenizer", str(base),
+                 "--out", str(tmp_path / "data"), "--add-tokens", "chat"]) == 0
+    tok = Tokenizer.load(tmp_path / "data" / "tokenizer.json")
+    assert tok.added_tokens == CHAT_MARKERS == ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|tools|>")
+    examples = load_examples(tmp_path / "data", "train")
+    for marker in ("<|system|>", "<|user|>", "<|assistant|>"):  # each turn's head one id, once per example
+        assert int((examples.tokens == tok.added_token_ids[marker]).sum()) == len(examples.lengths), marker
+
+
 def test_a_run_from_the_base_grows_its_embedding_learns_the_new_rows_and_resumes_exactly(chat, tmp_path):
     base, data = chat
     values = {"data.path": str(data), "train.init_from": str(base), "train.max_steps": 8, "train.batch_size": 8,

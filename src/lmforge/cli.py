@@ -116,8 +116,7 @@ def _add_prepare(sub: Any) -> None:
               lmforge prepare corpus/ notes/*.txt --tokenizer bpe --vocab-size 8192 --out data/mine
               lmforge prepare dump.jsonl --jsonl-field body --split 0.98,0.01,0.01 --out data/web
               lmforge prepare qa.jsonl --task sft --tokenizer runs/base --template instruct --out data/qa
-              lmforge prepare chats.jsonl --task sft --tokenizer runs/base --out data/chat \\
-                  --add-tokens '<|system|>,<|user|>,<|assistant|>'"""))
+              lmforge prepare chats.jsonl --task sft --tokenizer runs/base --add-tokens chat --out data/chat"""))
     p.add_argument("inputs", nargs="*", metavar="PATH", help="files, folders or globs (quote globs)")
     p.add_argument("--dataset", choices=["shakespeare"], help="a built-in corpus instead of PATHs")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory for shards, manifest, report")
@@ -139,9 +138,11 @@ def _add_prepare(sub: Any) -> None:
                    help="add a mask token (default name <MASK>) for training an encoder with train.objective mlm; "
                         "text never produces it")
     p.add_argument("--add-tokens", metavar="A,B,...", type=_token_names,
-                   help="add tokens to the tokenizer at the next ids (e.g. chat markers <|user|>,<|assistant|>): a "
-                        "text that spells one encodes it as its one id; with --tokenizer of a trained model, `lmforge "
-                        "train` from that model grows its embedding by their rows (each starting at the mean row)")
+                   help="add tokens to the tokenizer at the next ids (e.g. chat markers <|user|>,<|assistant|>; "
+                        "`chat`: the heads of lmforge's chat turns, <|system|> <|user|> <|assistant|> <|tool|> "
+                        "<|tools|>): a text that spells one encodes it as its one id; with --tokenizer of a trained "
+                        "model, `lmforge train` from that model grows its embedding by their rows (each starting at "
+                        "the mean row)")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="encoding processes (default: 2)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     t = p.add_argument_group("task data (--task): records -> examples for fine-tuning a base model")
@@ -180,8 +181,12 @@ def _add_prepare(sub: Any) -> None:
 
 
 def _token_names(text: str) -> list[str]:
-    """--add-tokens A,B,...: the names, which Tokenizer.with_added_tokens checks."""
-    return [name.strip() for name in text.split(",")]
+    """--add-tokens A,B,...: the names, which Tokenizer.with_added_tokens checks; `chat` stands for the heads of
+    lmforge's chat turns (data.tasks.CHAT_MARKERS)."""
+    from lmforge.data.tasks import CHAT_MARKERS
+
+    names = [name.strip() for name in text.split(",")]
+    return [m for name in names for m in (CHAT_MARKERS if name == "chat" else (name,))]
 
 
 def _parse_split(text: str) -> tuple[float, float, float]:

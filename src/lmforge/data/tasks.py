@@ -87,6 +87,7 @@ DEFAULT_TEMPLATE = "plain"
 TEXT_TASKS = ("sft", "preference", "unpaired")  # tasks whose examples are prompt + completion, with a template
 # Records with a messages field: every turn before the reply, then the reply's header; the reply is the completion.
 CHAT_TEMPLATE = {"turn": "<|{role}|>\n{content}\n", "reply": "<|assistant|>\n"}
+CHAT_MARKERS = tuple(f"<|{role}|>" for role in ("system", "user", "assistant", "tool", "tools"))  # its turns' heads
 REPLY_PROBE = "lmforgeprobereply"  # a plain word no template changes: where a reply's text ends in a template
 MAX_LISTED_BAD = 1000  # bad records listed by name in the report (all are counted)
 
