@@ -649,6 +649,10 @@ MUTANTS = [
     Mutant("lora-unloaded-while-in-use", "serve/app.py",
            "            if engine.in_use(name):\n                return False\n", "",
            ("tests/test_serve_lora.py::test_runs_load_and_unload_while_serving_when_allowed",)),
+    Mutant("peft-import-takes-another-tokenizer-for-added-tokens", "interop/peft_import.py",
+           "    if grown.vocab_size > weight.shape[0] or any(\n",
+           "    if grown.vocab_size > weight.shape[0] or None and any(\n",
+           ("tests/test_added_tokens.py::test_a_peft_adapter_with_new_rows_but_no_tokenizer_or_another_is_one_line",)),
     Mutant("added-tokens-match-the-shortest-name-first", "tokenizer.py",
            "sorted(added_tokens, key=len, reverse=True)", "sorted(added_tokens, key=len)",
            ("tests/test_added_tokens.py::test_added_tokens_encode_as_transformers_added_tokens_and_move_no_other_id"

@@ -338,3 +338,72 @@ def test_plan_counts_the_grown_vocabulary_and_the_rows_a_lora_run_trains(lora_ch
     assert trainer.config.model.vocab_size == 261 and estimate.parameters == sum(
         p.numel() for name, p in trainer.raw_model.named_parameters() if ".lora." not in name)  # the model's own
     assert estimate.trained_parameters == sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
+
+
+def peft_adapter_with_tokens(root: Path, llama: bool, names: tuple[str, ...] = ("<|user|>", "<|assistant|>")):
+    """(base run, adapter dir, transformers' tokenizer, the PeftModel): an lmforge base exported to transformers,
+    which adds `names` and resizes; peft trains the embedding and head whole (modules_to_save) beside LoRA adapters,
+    as peft's guide does it (random values standing for training), saved with the tokenizer."""
+    import peft
+
+    from lmforge.interop.hf_export import export_hf
+
+    base = make_base(root, **(LLAMA if llama else {}))
+    hf_dir = export_hf(base, root / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    tokenizer.add_tokens([transformers.AddedToken(n, normalized=False) for n in names])
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                             modules_to_save=["embed_tokens" if llama else "wte", "lm_head"],
+                             target_modules=["q_proj", "v_proj"] if llama else ["c_attn"], fan_in_fan_out=not llama,
+                             ensure_weight_tying=not llama)
+    theirs = peft.get_peft_model(model, config)
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained: adapters and the copies of embedding and head (tied: one copy)
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(root / "adapter")
+    tokenizer.save_pretrained(root / "adapter")
+    return base, root / "adapter", tokenizer, theirs
+
+
+@pytest.mark.parametrize("style", ["llama-untied", "gpt2-tied"])
+def test_a_peft_adapter_trained_with_added_tokens_imports_with_peft_logits_and_tokens(style, tmp_path):
+    """`lmforge import` grows the base's tokenizer by the tokens the adapter's tokenizer added, and its rows, and
+    computes peft's logits."""
+    from lmforge.interop.peft_import import import_peft
+
+    base, adapter, tokenizer, theirs = peft_adapter_with_tokens(tmp_path, style == "llama-untied")
+    import_peft(adapter, base, tmp_path / "run")
+    ours, tok, config = lmforge.checkpoint.load_for_inference(tmp_path / "run", "cpu")
+    assert tok.added_token_ids == {"<|user|>": 259, "<|assistant|>": 260} and config.model.vocab_size == 261
+    text = "<|user|>\nab\n<|assistant|>\nba"
+    ids = tokenizer(text).input_ids
+    assert ids == [tok.start_id] + tok.encode(text) and 259 in ids
+    with torch.no_grad():
+        assert (theirs.eval()(torch.tensor([ids])).logits - ours(torch.tensor([ids]))).abs().max() <= 1e-4
+
+
+def test_a_peft_adapter_with_new_rows_but_no_tokenizer_or_another_is_one_line(tmp_path):
+    from lmforge.interop.peft_import import PEFTImportError, import_peft
+
+    base, adapter, tokenizer, _ = peft_adapter_with_tokens(tmp_path, True)
+    saved = (adapter / "tokenizer.json").read_bytes()
+    (adapter / "tokenizer.json").unlink()
+    with pytest.raises(PEFTImportError, match="save it there too"):
+        import_peft(adapter, base, tmp_path / "run")
+    data = json.loads(saved)  # the same ids, the new tokens swapped: not what the rows were trained for
+    for entry in data["added_tokens"]:
+        entry["content"] = {"<|user|>": "<|assistant|>", "<|assistant|>": "<|user|>"}.get(entry["content"],
+                                                                                          entry["content"])
+    (adapter / "tokenizer.json").write_text(json.dumps(data))
+    import_peft(adapter, base, tmp_path / "swapped")  # a tokenizer of other names is still the base's plus tokens
+    assert lmforge.checkpoint.load_for_inference(tmp_path / "swapped", "cpu")[1].added_tokens == (
+        "<|assistant|>", "<|user|>")
+    data["model"]["vocab"] = {k: (v + 1) % 259 if v < 259 else v for k, v in data["model"]["vocab"].items()}
+    (adapter / "tokenizer.json").write_text(json.dumps(data))  # its own ids moved: another tokenizer
+    with pytest.raises(PEFTImportError, match="is not --base .*'s tokenizer with tokens added"):
+        import_peft(adapter, base, tmp_path / "other")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "other").exists()

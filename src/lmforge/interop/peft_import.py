@@ -24,8 +24,12 @@ adapts that PEFT left alone (a layer outside layers_to_transform, down_proj when
 B's columns zero and A's rows random: they add nothing, and further training can use them as a fresh adapter's.
 lmforge's alpha keeps the adapter's own scale (s' = s of the config's r and lora_alpha), so training goes on as it
 was going. DoRA's magnitudes go to the same rows (DoRA normalises each row alone, so slices and fused Linears do not
-change it); rows PEFT left alone keep their own norm, which leaves them as they are. Adapters PEFT computes otherwise
-(biases, embedding adapters, other modules) are refused.
+change it); rows PEFT left alone keep their own norm, which leaves them as they are. A CAUSAL_LM adapter trained
+with tokens added to its tokenizer (resize_token_embeddings, and embed_tokens / wte and lm_head in modules_to_save)
+comes with the tokenizer saved beside it: its tokens past the base's become added tokens of the base's tokenizer
+(checked to encode alike) and the run's rows the embedding and head PEFT trained (lora.train_added_rows trains them
+on). Adapters PEFT computes otherwise (biases, embedding adapters, other modules, a whole embedding trained without
+new tokens) are refused.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import dataclasses
 import json
 import math
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +55,10 @@ from lmforge.interop.hf_import import check_new_run
 from lmforge.interop.peft_export import CONFIG, HF_BLOCK, HF_MODULES, PREFIX, WEIGHTS, _row_sizes
 from lmforge.lora import LoRALinear, apply_lora, base_fingerprint, lora_plan
 from lmforge.model import GPT
+from lmforge.tokenizer import Tokenizer
 
 PICKLE = "adapter_model.bin"
+ROW_MODULES = ("wte", "embed_tokens", "lm_head")  # a CAUSAL_LM adapter's modules_to_save: rows of added tokens
 HEADS = ("score", "classifier")  # the names PEFT saves a SEQ_CLS head under (GPT-2 and Llama: score)
 # lmforge Linear (within a block) -> the target whose adapters it holds (attn.qkv: by slice, q / k / v)
 TARGET_OF = {"attn.proj": "o", "mlp.fc": "mlp", "mlp.proj": "mlp", "lm_head": "head"}
@@ -92,6 +99,8 @@ def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base
         raise PEFTImportError(f"--base {base} is a LoRA run itself; merge it first (lmforge merge) and give the merged "
                               "model as --base")
     head = _classifier_head(settings, tensors, source)
+    rows = _row_weights(settings, tensors, source)
+    tokenizer = base_ckpt / "tokenizer.json" if "tokenizer.json" in manifest["files"] else None
     if head is None:
         model, _, _ = load_for_inference(base_ckpt, "cpu", manifest)
     else:  # a SEQ_CLS adapter: the base's body under a classifier of the adapter's labels, its trained head
@@ -111,6 +120,8 @@ def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base
     except HFExportError as e:
         raise PEFTImportError(f"--base {base} has no Hugging Face equivalent for a PEFT adapter to apply to: {e}") \
             from None
+    if rows:  # tokens added to the base's tokenizer: the model grows their rows, the tokenizer its own
+        tokenizer = _grown(model, rows, tokenizer, source, base)
     contributions, magnitudes = _contributions(settings, tensors, model, arch, source)
     lora, adapters = _lmforge_adapters(settings, contributions, model)
     fingerprint = base_fingerprint(model)
@@ -122,13 +133,18 @@ def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base
             module.lora[target].B.copy_(B)
             for offset, magnitude in magnitudes.get((linear, target), []):
                 module.lora[target].magnitude[offset:offset + magnitude.shape[0]] = magnitude
+        for name, weight in rows.items():  # the embedding and head PEFT trained whole, added rows and all
+            adapted.get_parameter(name).copy_(weight)
     config = RunConfig(model=model.config, lora=lora,
                        train=TrainConfig(run_dir=str(run_dir), init_from=str(base_ckpt.resolve())))
     state = {"tokens_seen": 0, "lora": to_dict(lora), "base": {"path": str(base_ckpt.resolve()),
                                                                "fingerprint": fingerprint},
              "imported_from": imported_from}
-    tokenizer = base_ckpt / "tokenizer.json" if "tokenizer.json" in manifest["files"] else None
-    return save_checkpoint(run_dir, 0, adapted, None, config, state, tokenizer)
+    if not isinstance(tokenizer, Tokenizer):
+        return save_checkpoint(run_dir, 0, adapted, None, config, state, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="lmforge-tokenizer-") as tmp:  # the grown tokenizer, copied in
+        tokenizer.save(Path(tmp) / "tokenizer.json")
+        return save_checkpoint(run_dir, 0, adapted, None, config, state, Path(tmp) / "tokenizer.json")
 
 
 def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -153,8 +169,8 @@ def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
         unsupported.append(f"task_type {settings.get('task_type')!r} (lmforge reads CAUSAL_LM and SEQ_CLS adapters)")
     if settings.get("bias", "none") != "none" or settings.get("lora_bias"):
         unsupported.append(f"bias {settings.get('bias')!r} (trained biases beside the adapters)")
-    heads = set(HEADS) if settings.get("task_type") == "SEQ_CLS" else set()  # a classifier's head trains whole
-    if set(settings.get("modules_to_save") or ()) - heads:
+    heads = set(HEADS) if settings.get("task_type") == "SEQ_CLS" else set(ROW_MODULES)  # trained whole
+    if {str(m).rpartition(".")[2] for m in settings.get("modules_to_save") or ()} - heads:  # by module name
         unsupported.append(f"modules_to_save {settings['modules_to_save']} (whole modules trained beside the "
                            "adapters)")
     if settings.get("layer_replication"):
@@ -207,6 +223,69 @@ def _classifier_head(settings: dict[str, Any], tensors: dict[str, torch.Tensor],
         raise PEFTImportError(f"{source} is a SEQ_CLS adapter without its trained head ({' or '.join(HEADS)} weight, "
                               "saved as modules_to_save); save the adapter with the head")
     return tensors.pop(found[0])
+
+
+def _row_weights(settings: dict[str, Any], tensors: dict[str, torch.Tensor], source: Path
+                 ) -> dict[str, torch.Tensor]:
+    """{"tok_emb.weight": (V', C), "lm_head.weight": (V', C)} of a CAUSAL_LM adapter whose modules_to_save trained
+    the embedding and head whole (peft's way to learn tokens added to the tokenizer), taken out of `tensors`; {}
+    for one without. PEFTImportError when one is named and missing, or the two differ in rows."""
+    named = {str(m).rpartition(".")[2] for m in settings.get("modules_to_save") or ()} & set(ROW_MODULES)
+    if not named or settings.get("task_type") == "SEQ_CLS":
+        return {}
+    found: dict[str, torch.Tensor] = {}
+    for key in sorted(k for k in tensors if ".lora_" not in k and k.endswith(".weight")):
+        # peft writes the trained copy as M.weight (and M.modules_to_save.weight), the module it replaced (M resized)
+        # as M.original_module.weight when the vocabulary grew
+        path, _, kind = key.removeprefix(PREFIX)[:-len(".weight")].rpartition(".")
+        module, copy = (path.rpartition(".")[2], kind) if kind in ("modules_to_save", "original_module") else (kind, "")
+        if module in ROW_MODULES:
+            weight = tensors.pop(key)
+            if copy != "original_module":
+                found["lm_head.weight" if module == "lm_head" else "tok_emb.weight"] = weight
+    if "tok_emb.weight" not in found or len({t.shape for t in found.values()}) != 1:
+        raise PEFTImportError(f"{source} names {sorted(named)} in modules_to_save but holds "
+                              f"{ {k: tuple(v.shape) for k, v in found.items()} }: the embedding, and the head when "
+                              "named, of one vocabulary are needed; save the adapter again")
+    return found
+
+
+def _grown(model: GPT, rows: dict[str, torch.Tensor], tokenizer: Any, source: Path, base: str | Path) -> Tokenizer:
+    """The base's Tokenizer with the tokens the adapter's tokenizer (tokenizer.json beside `source`) added, and
+    `model` resized to the adapter's rows (GPT.resize_vocabulary); PEFTImportError when there are no new rows (the
+    whole embedding trained: merge it in peft and import the model), no tokenizer, or one that is not the base's
+    with tokens added after its own."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    size, weight = model.config.vocab_size, rows["tok_emb.weight"]
+    if weight.shape[0] <= size or weight.shape[1] != model.config.n_embd:
+        raise PEFTImportError(f"{source} trains the embedding whole ({tuple(weight.shape)}, the base's is "
+                              f"({size}, {model.config.n_embd})) without adding tokens, which lmforge's LoRA does not: "
+                              "merge the adapter in peft (merge_and_unload) and import the merged model")
+    if "lm_head.weight" in rows and model.config.tie_embeddings and not torch.equal(rows["lm_head.weight"], weight):
+        raise PEFTImportError(f"{source} holds an embedding and a head that differ, and --base {base} ties them")
+    theirs_path = source.parent / "tokenizer.json"
+    if tokenizer is None or not theirs_path.is_file():
+        raise PEFTImportError(f"{source} adds {weight.shape[0] - size} rows to the embedding, and the tokens they "
+                              f"stand for are in the tokenizer saved with the adapter: save it there too "
+                              f"(tokenizer.save_pretrained(ADAPTER_DIR))")
+    base_tok = Tokenizer.load(tokenizer)
+    try:
+        theirs = HFTokenizer.from_file(str(theirs_path))
+    except Exception as e:  # the Rust library raises plain Exceptions
+        raise PEFTImportError(f"{theirs_path} cannot be loaded ({e})") from None
+    names = [theirs.id_to_token(i) for i in range(base_tok.vocab_size, theirs.get_vocab_size(with_added_tokens=True))]
+    try:
+        grown = base_tok.with_added_tokens(names)
+    except LmforgeError as e:
+        raise PEFTImportError(f"{theirs_path}'s tokens past the base's do not make added tokens: {e}") from None
+    probes = [*names, " ".join(names), "".join(names) + " Hello, world! \u00bfQu\u00e9 tal? 1234"]
+    if grown.vocab_size > weight.shape[0] or any(
+            grown.encode(t) != theirs.encode(t, add_special_tokens=False).ids for t in probes):
+        raise PEFTImportError(f"{theirs_path} is not --base {base}'s tokenizer with tokens added after its own: the "
+                              "adapter was trained on another tokenizer")
+    model.resize_vocabulary(weight.shape[0])
+    return grown
 
 
 def _scale(settings: dict[str, Any], module: str, rank: int) -> float:
