@@ -443,7 +443,7 @@ def test_serve_help_has_a_flag_per_field_with_its_doc_choices_and_default(capsys
     hints = typing.get_type_hints(ServeConfig)
     for f in dataclasses.fields(ServeConfig):
         assert f"--{f.name.replace('_', '-')} " in flat
-        shown = "null" if f.default is None else f.default
+        shown = "null" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
         assert _flat(f"{f.metadata['doc']} (") in flat and f"default: {shown})" in flat
         literal = [p for p in _parts(hints[f.name]) if typing.get_origin(p) is Literal]
         for p in literal:
