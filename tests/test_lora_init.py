@@ -155,3 +155,19 @@ def test_init_with_dora_and_a_changed_init_when_continuing_are_one_line():
     assert with_init_sections(config(init="pissa", dropout=0.1), run, "runs/p").lora.init == "pissa"
     with pytest.raises(ConfigError, match="drop lora.r/alpha/targets/dora/init"):
         with_init_sections(config(init="olora"), run, "runs/p")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_the_gguf_adapter_of_moved_adapters_applied_as_llama_cpp_does_is_the_merged_model(base, init):
+    pytest.importorskip("gguf")
+    from test_gguf_lora import check_against_merged
+
+    model, _ = base
+    ours = adapted(model, init)
+    with torch.no_grad():
+        for adapter in (m for m in ours.modules() if isinstance(m, Adapter)):
+            adapter.A.add_(0.1 * torch.randn_like(adapter.A))
+            adapter.B.add_(0.1 * torch.randn_like(adapter.B))
+    tensors = check_against_merged(ours, LoRAConfig(r=4, alpha=8, targets=["q", "k", "v", "o"], init=init), "llama",
+                                   model)
+    assert all(t.shape[1] == 8 for name, t in tensors.items() if name.endswith(".lora_b"))  # rank 2r: B A and -B0 A0
