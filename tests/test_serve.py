@@ -86,6 +86,13 @@ def server(run_dir):
         yield url, app
 
 
+async def until_done(jobs: list, wait: float = 30.0) -> None:
+    """Read each engine job's events until its "done" (a job that says nothing for `wait` seconds fails the test)."""
+    for job in jobs:
+        while (await job.mailbox.get(wait))[0] != "done":
+            pass
+
+
 def complete(client: httpx.Client, **body) -> dict:
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
@@ -538,10 +545,7 @@ def test_requests_with_any_options_share_one_decode(run_dir):
         with pytest.raises(Busy):
             engine.submit([job("z") for _ in range(32 - 15 + 1)])
         engine.start()
-        for group in jobs.values():
-            for j in group:
-                while (await j.mailbox.get(30))[0] != "done":
-                    pass
+        await until_done([j for group in jobs.values() for j in group])
         return jobs
 
     alone = generator.generate("m1", max_new_tokens=12, seed=3, top_k=5)
@@ -583,9 +587,7 @@ def test_requests_arriving_while_the_decodes_are_busy_gather_into_one_batch(run_
             engine.submit([j])
             await asyncio.sleep(0.01)
         assert engine.stats()["waiting"] == 3  # the one decode is busy: they wait for it
-        for j in [first] + later:
-            while (await j.mailbox.get(60))[0] != "done":
-                pass
+        await until_done([first] + later, 60)
         return first, later
 
     try:

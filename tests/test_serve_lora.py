@@ -18,7 +18,7 @@ from lmforge.generate import GenerateConfig, load
 from lmforge.serve import ServeConfig, load_app
 from lmforge.serve.engine import Engine, Job, Mailbox
 from lmforge.train import Trainer
-from test_serve import running, wait_until
+from test_serve import running, until_done, wait_until
 from test_tasks import make_base, prepare, reverse_records, write_jsonl
 from tiny_training import tiny_config
 
@@ -93,9 +93,7 @@ def test_jobs_of_different_adapters_never_share_a_decode(runs):
                             Mailbox(loop), adapter="dora" if i % 2 else None))
         engine.submit(jobs)
         engine.start()
-        for job in jobs:
-            while (await job.mailbox.get(30))[0] != "done":
-                pass
+        await until_done(jobs)
         return jobs
 
     try:
@@ -224,8 +222,7 @@ def test_an_adapter_is_unloaded_only_once_no_request_decodes_with_it(runs):
         asked = engine.call(lambda: engine.in_use("dora"))  # runs before the job is taken: it waits
         engine.start()
         busy = await asyncio.wrap_future(asked)
-        while (await job.mailbox.get(30))[0] != "done":
-            pass
+        await until_done([job])
         engine.adapters.discard("dora")
         late = Job(ids, GenerateConfig(max_new_tokens=5), False, time.monotonic() + 30, Mailbox(loop), adapter="dora")
         engine.submit([late])

@@ -24,7 +24,7 @@ from lmforge.serve import ServeConfig, load_app
 from lmforge.serve.app import create_app
 from lmforge.serve.engine import Engine, Job, Mailbox
 from lmforge.tokenizer import byte_tokenizer
-from test_serve import BLOCK, make_run, running, sse_events
+from test_serve import BLOCK, make_run, running, sse_events, until_done
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +148,7 @@ def test_past_speculative_max_running_jobs_join_plain_batches(runs):
         for job in jobs:  # all waiting before the worker starts: admitted in one turn
             engine.submit([job])
         engine.start()
-        for job in jobs:
-            while (await job.mailbox.get(60))[0] != "done":
-                pass
+        await until_done(jobs, 60)
         return jobs
 
     try:
