@@ -530,3 +530,14 @@ def test_lora_decode_times_every_variant_and_all_give_the_same_tokens(tmp_path):
         assert all(n == 12 for n in result["same_tokens_as_lmforge_merged"].values())  # one model four ways
         assert result["time_vs_lmforge_adapter"]["lmforge-adapter"] == 1.0
     assert [r["batch"] for r in summary["results"]] == [1, 3] and json.loads(out.read_text()) == summary
+
+
+def test_lora_mixed_times_every_variant_and_each_row_decodes_with_its_own_set(tmp_path):
+    out = tmp_path / "lora_mixed.json"
+    summary = load("lora_mixed").main(["--layers", "2", "--width", "64", "--heads", "4", "--kv-heads", "2", "--vocab",
+                                       "512", "--new-tokens", "12", "--sets", "3", "--batch", "5", "--rounds", "1",
+                                       "--json-out", str(out)])
+    result = summary["results"][0]
+    assert set(result["tokens_per_s"]) == {"lmforge-mixed", "lmforge-per-set", "peft-mixed", "peft-per-set"}
+    assert all(n == 12 for n in result["same_tokens_as_lmforge_per_set"].values())  # each row's set, four ways
+    assert (result["batch"], result["sets"]) == (5, 3) and json.loads(out.read_text()) == summary

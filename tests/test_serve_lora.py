@@ -1,6 +1,6 @@
 """Several LoRA runs of one base served from one copy of it (`lmforge serve BASE --lora-modules NAME=RUN`, vLLM's
 --lora-modules): a request's model picks the adapters; each generates what its run generates alone (its merged model,
-its template), batches never mix two, and what cannot be served so is one clear line."""
+its template), also when one batched decode mixes them, and what cannot be served so is one clear line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from lmforge.errors import ConfigError
 from lmforge.generate import GenerateConfig, load
@@ -46,8 +47,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "rev": root / "rev", "dora": root / "dora", "other": root / "other-lora"}
 
 
-def alone(run: Path, prompt: str) -> str:
-    return load(str(run), device="cpu").generate(prompt, max_new_tokens=10, temperature=0.0)
+def alone(run: Path, prompt: str, **options) -> str:
+    return load(str(run), device="cpu").generate(prompt, max_new_tokens=10, temperature=0.0, **options)
 
 
 def test_each_named_run_generates_what_it_generates_alone_also_when_requests_mix(runs):
@@ -75,22 +76,33 @@ def test_each_named_run_generates_what_it_generates_alone_also_when_requests_mix
         tokens = client.post("/tokenize", json={"model": "rev", "prompt": "abc"}).json()["tokens"]
         rev = load(str(runs["rev"]), device="cpu")
         assert tokens == [rev.tokenizer.start_id] + rev.tokenizer.encode(rev.render("abc"))  # its template
+        body = {"model": "rev", "prompt": "abc", "max_tokens": 3, "logprobs": 1, "echo": True, "temperature": 0.0}
+        scored = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]["token_logprobs"]
+    with torch.no_grad():  # echo's prompt logprobs too are the named run's (its merged model alone)
+        logp = torch.log_softmax(rev.model(torch.tensor([tokens]))[0].double(), dim=-1)
+    assert scored[1:len(tokens)] == pytest.approx([logp[j - 1, tokens[j]].item() for j in range(1, len(tokens))],
+                                                  abs=1e-4)
 
 
-def test_jobs_of_different_adapters_never_share_a_decode(runs):
+@pytest.mark.parametrize("max_loras,decodes", [(2, 1), (1, 2)], ids=["mixed", "one-set-per-decode"])
+def test_jobs_of_several_adapters_share_a_decode_each_row_with_its_own(runs, max_loras, decodes):
     from lmforge.generate.api import load_adapters
 
     generator = load(str(runs["base"]), device="cpu")
-    adapters = load_adapters(generator, {"dora": str(runs["dora"])}, str(runs["base"]))
-    engine = Engine(generator, max_concurrency=16, max_queue=16, max_batch_size=32)
+    served = {None: generator, **load_adapters(generator, {"dora": str(runs["dora"]), "rev": str(runs["rev"])},
+                                               str(runs["base"]))}
+    engine = Engine(generator, max_concurrency=16, max_queue=16, max_batch_size=32, max_loras=max_loras)
+    names = [None, "dora", "rev"] * 3 + ["rev"]  # interleaved: base, dora, rev, base, ..., and the last with
+    prompts = (PROMPTS * 3)[:len(names)]  # classifier-free guidance: its second row takes rev's set too
+    options = [{}] * (len(names) - 1) + [{"guidance_scale": 1.5}]
 
     async def scenario() -> list[Job]:
         loop = asyncio.get_running_loop()
         jobs = []
-        for i, prompt in enumerate(PROMPTS * 2):
-            ids = [generator.tokenizer.start_id] + generator.tokenizer.encode(prompt)
-            jobs.append(Job(ids, GenerateConfig(max_new_tokens=10, temperature=0.0), False, time.monotonic() + 30,
-                            Mailbox(loop), adapter="dora" if i % 2 else None))
+        for name, prompt, extra in zip(names, prompts, options):
+            ids = [generator.tokenizer.start_id] + generator.tokenizer.encode(served[name].render(prompt))
+            jobs.append(Job(ids, GenerateConfig(max_new_tokens=10, temperature=0.0, **extra), False,
+                            time.monotonic() + 30, Mailbox(loop), adapter=name))
         engine.submit(jobs)
         engine.start()
         await until_done(jobs)
@@ -100,14 +112,40 @@ def test_jobs_of_different_adapters_never_share_a_decode(runs):
         jobs = asyncio.run(scenario())
     finally:
         engine.close()
-    assert engine.decodes == 2  # one batch per adapter set (the base's and dora's), each of 4 jobs
+    # max_loras=2: one decode of all ten jobs; 1: the base's and dora's jobs in one, rev's in another
+    assert engine.decodes == decodes
     texts = [job.choices[0].text for job in jobs]
-    assert texts == [alone(runs["dora" if i % 2 else "base"], p) for i, p in enumerate(PROMPTS * 2)]
+    assert texts == [alone(runs[name or "base"], p, **extra) for name, p, extra in zip(names, prompts, options)]
+    assert texts[-1] != alone(runs["rev"], prompts[-1])  # guidance changes the text
     for prompt in PROMPTS:  # in Python: each generator decodes with its own set, its template applied
-        assert adapters["dora"].generate(prompt, max_new_tokens=10, temperature=0.0) == alone(runs["dora"], prompt)
-        assert "".join(adapters["dora"].stream(prompt, max_new_tokens=10, temperature=0.0)) == alone(runs["dora"],
+        assert served["dora"].generate(prompt, max_new_tokens=10, temperature=0.0) == alone(runs["dora"], prompt)
+        assert "".join(served["dora"].stream(prompt, max_new_tokens=10, temperature=0.0)) == alone(runs["dora"],
                                                                                                    prompt)
         assert generator.generate(prompt, max_new_tokens=10, temperature=0.0) == alone(runs["base"], prompt)
+
+
+def test_python_decodes_prompts_of_several_adapters_in_one_batch(runs):
+    from lmforge.generate import generate_batch_ids
+    from lmforge.generate.api import load_adapters
+    from lmforge.lora import use_adapter
+
+    generator = load(str(runs["base"]), device="cpu")
+    load_adapters(generator, {"dora": str(runs["dora"]), "rev": str(runs["rev"])}, str(runs["base"]))
+    tok, model = generator.tokenizer, generator.model
+    prompts = [[tok.start_id] + tok.encode(p) for p in PROMPTS]
+    names = ["rev", None, "dora", "rev"]
+    config = GenerateConfig(max_new_tokens=8, temperature=0.0, num_return_sequences=2)
+    mixed = generate_batch_ids(model, prompts, config, adapters=names)
+    for prompt, name, got in zip(prompts, names, mixed):  # peft's adapter_names: each prompt as with its set alone
+        with use_adapter(name):
+            assert got == generate_batch_ids(model, [prompt], config)[0], name
+    assert mixed[0] != mixed[1]  # rev's adapters change the tokens of the same kind of prompt
+    for adapters, needle in ((["rev"], "a list of 4 names"), ("rev", "not 'rev'"),
+                             (["rev", None, "nope", "x"], "'nope', 'x', which the model has no adapter set for")):
+        with pytest.raises(ConfigError, match=needle):
+            generate_batch_ids(model, prompts, config, adapters=adapters)
+    with pytest.raises(ConfigError, match="not with beam search"):
+        generate_batch_ids(model, prompts, GenerateConfig(max_new_tokens=4, num_beams=2), adapters=names)
 
 
 @pytest.mark.parametrize("which,extra,needle", [
@@ -133,14 +171,16 @@ def test_lora_modules_refuse_int8_weights(runs):
 def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base(dora, init):
     import copy
 
-    import torch
-
     from lmforge.config import LoRAConfig, ModelConfig
     from lmforge.lora import Adapter, add_adapter_set, apply_lora, lora_state_dict, use_adapter
     from lmforge.model import GPT
 
-    torch.manual_seed(0)
-    base = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    torch.manual_seed(0)  # with biases: DoRA's gains scale the output without them
+    base = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=True)).eval()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)  # (zeros at init)
     served = copy.deepcopy(base)
     adapted = {}
     for name, targets in (("x", ["q", "v", "o", "mlp"]), ("y", ["k", "v"])):
@@ -157,10 +197,19 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
         for name in ("x", "y"):
             with use_adapter(name):
                 assert (served(idx) - adapted[name](idx)).abs().max() <= 1e-5, name
-            assert (adapted[name](idx) - base(idx)).abs().max() > 1e-2  # the sets change the output
+            assert (adapted[name](idx) - base(idx)).abs().max() > 1e-3  # the sets change the output (100x 1e-5)
         assert torch.equal(served(idx), base(idx))  # no set chosen: the base, exactly
         with use_adapter("z"):
             assert torch.equal(served(idx), base(idx))
+        names = ["y", None, "x", "y", "z"]  # a set per row: each row computes as its model alone
+        batch = torch.randint(0, 50, (len(names), 16))
+        with use_adapter(names):
+            mixed = served(batch)
+        for i, name in enumerate(names):
+            alone = (adapted[name] if name in adapted else base)(batch[i:i + 1])
+            assert (mixed[i:i + 1] - alone).abs().max() <= 1e-5, (i, name)
+        with use_adapter(names[:2]), pytest.raises(ValueError, match="for 2 rows, and the batch has 5"):
+            served(batch)
 
 
 def test_runs_load_and_unload_while_serving_when_allowed(runs):

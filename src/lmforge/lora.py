@@ -37,8 +37,8 @@ import contextlib
 import hashlib
 import math
 import threading
-from collections.abc import Iterator
-from typing import Optional
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -286,8 +286,8 @@ def merge_lora(model: GPT) -> GPT:
 # ------------------------------------------------------------------------- several adapters on one base
 class AdapterSwitch(nn.Module):
     """A frozen Linear with several named sets of adapters (a StackedAdapters each): the set use_adapter names on the
-    calling thread turns the Linear's output into its own, no set leaves it as it is. One copy of a base serves the
-    LoRA runs trained on it (vLLM's --lora-modules): add_adapter_set puts them on."""
+    calling thread (for the batch, or per row) turns the Linear's output into its own, no set leaves it as it is. One
+    copy of a base serves the LoRA runs trained on it (vLLM's --lora-modules): add_adapter_set puts them on."""
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
@@ -297,16 +297,32 @@ class AdapterSwitch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        adapted = self.sets[name] if (name := getattr(_ACTIVE, "name", None)) in self.sets else None
-        return y if adapted is None else adapted(x, y, self.bias)
+        chosen = getattr(_ACTIVE, "chosen", None)
+        if isinstance(chosen, str) or chosen is None:  # one set (or none) for the whole batch
+            if chosen in self.sets:
+                self.sets[chosen].apply_(x, y, self.bias)
+            return y
+        if x.size(0) != chosen.rows:
+            raise ValueError(f"use_adapter named sets for {chosen.rows} rows, and the batch has {x.size(0)}")
+        for name, rows in chosen.groups.items():  # rows of each set: their update computed on them alone
+            if name not in self.sets:
+                continue
+            if isinstance(rows, slice):  # consecutive rows: views, changed in place
+                self.sets[name].apply_(x[rows], y[rows], self.bias)
+                continue
+            rows = rows.to(x.device)
+            part = y.index_select(0, rows)
+            self.sets[name].apply_(x.index_select(0, rows), part, self.bias)
+            y.index_copy_(0, rows, part)
+        return y
 
 
 class StackedAdapters(nn.Module):
     """The adapters of a LoRALinear folded for inference into two matrices: A of all of them stacked (m r, in), and
-    B block-structured (out, m r), adapter j's B on its rows in columns j r .. j r + r - 1, zeros elsewhere, so
-    s x A^T B^T is every adapter's update on its own rows in two products (no slices to cut and join). DoRA's row
-    gains g = m / ||W + s B A|| are fixed then too (1 on rows no adapter covers): forward(x, y, b) turns the frozen
-    output y = x W^T + b into g (y - b) + b + g s x A^T B^T, LoRALinear's output (for plain LoRA: y + s x A^T B^T)."""
+    B block-structured (out, m r) times the scale s, adapter j's s B on its rows in columns j r .. j r + r - 1, zeros
+    elsewhere, so s x A^T B^T is every adapter's update on its own rows in two products (no slices to cut and join).
+    DoRA's row gains g = m / ||W + s B A|| are fixed then too (1 on rows no adapter covers): apply_(x, y, b) turns the
+    frozen output y = x W^T + b into g (y - b + s x A^T B^T) + b, LoRALinear's output (plain LoRA: y + s x A^T B^T)."""
 
     def __init__(self, module: LoRALinear) -> None:
         super().__init__()
@@ -322,31 +338,60 @@ class StackedAdapters(nn.Module):
             if adapter.magnitude is not None:
                 gain[rows] = adapter.magnitude.detach() / module.row_norms(adapter)
         self.register_buffer("A", torch.cat([a.detach() for _, a, _ in terms]))  # (m r, in)
-        self.register_buffer("B", B)
+        self.register_buffer("B", B * module.scale)
         self.register_buffer("gain", gain if adapters[0].magnitude is not None else None)  # DoRA's
-        self.scale = module.scale
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        update = self.scale * F.linear(F.linear(x, self.A), self.B)  # (..., out)
+    def apply_(self, x: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """Make y (..., out), the frozen output x W^T + b of x (..., in), the adapted output, in place."""
+        update = F.linear(F.linear(x, self.A), self.B)  # (..., out)
         if self.gain is None:
-            return y + update
-        plain = y if bias is None else y - bias
-        return self.gain * (plain + update) + (0 if bias is None else bias)
+            y.add_(update)
+            return
+        if bias is not None:
+            y.sub_(bias)
+        y.add_(update).mul_(self.gain)
+        if bias is not None:
+            y.add_(bias)
 
 
-_ACTIVE = threading.local()  # use_adapter's name, per thread: a server's embeddings thread keeps the base
+class RowSets(NamedTuple):
+    """Per-row adapter sets of a batch (use_adapter with a list): `rows` rows, and for each set named its rows (rows
+    that name none keep the base): a slice when they follow one another (callers put a batch's rows in set order),
+    else their indices."""
+
+    rows: int
+    groups: dict[str, Union[slice, torch.Tensor]]  # name -> slice, or (k,) long row indices on the CPU
+
+
+_ACTIVE = threading.local()  # use_adapter's choice, per thread: a server's embeddings thread keeps the base
 
 
 @contextlib.contextmanager
-def use_adapter(name: Optional[str]) -> Iterator[None]:
+def use_adapter(name: Union[None, str, Sequence[Optional[str]], RowSets]) -> Iterator[None]:
     """Inside the block, on this thread, every AdapterSwitch computes with its set `name` (None, or a set it does not
-    have: the base Linear alone)."""
-    previous = getattr(_ACTIVE, "name", None)
-    _ACTIVE.name = name
+    have: the base Linear alone). A list names a set per row of the batch (dim 0 of the model's input): each row
+    computes with its own, so requests of several LoRA runs share one decode (as punica / vLLM batch them); row_sets
+    makes that list into what it keeps, once for a loop of steps."""
+    chosen = name if name is None or isinstance(name, (str, RowSets)) else row_sets(name)
+    previous = getattr(_ACTIVE, "chosen", None)
+    _ACTIVE.chosen = chosen
     try:
         yield
     finally:
-        _ACTIVE.name = previous
+        _ACTIVE.chosen = previous
+
+
+def row_sets(names: Sequence[Optional[str]]) -> Union[None, str, RowSets]:
+    """What use_adapter keeps for per-row names: one name (or None) when every row names the same, else RowSets."""
+    distinct = set(names)
+    if len(distinct) == 1:
+        return next(iter(distinct))
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(names):
+        if name is not None:
+            groups.setdefault(name, []).append(row)
+    return RowSets(len(names), {name: slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] == len(rows) - 1 else
+                                torch.tensor(rows, dtype=torch.long) for name, rows in groups.items()})
 
 
 @torch.no_grad()

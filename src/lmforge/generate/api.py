@@ -75,25 +75,55 @@ class Completion(NamedTuple):
 
 def generate_batch_ids(model: GPT, prompts: Sequence[Sequence[int]], config: Optional[GenerateConfig] = None,
                        end_id: Optional[int] = None, tokenizer: Any = None, assistant_model: Optional[GPT] = None,
-                       **kwargs: Any) -> list[list[list[int]]]:
+                       adapters: Optional[Sequence[Optional[str]]] = None, **kwargs: Any) -> list[list[list[int]]]:
     """New token ids for each prompt and each of its num_return_sequences sequences: [prompt][sequence] -> ids
     (without the prompt and without an end id: end_id or a stop_token_ids entry). Options come as a
     GenerateConfig or as its fields in kwargs; stop_strings need the tokenizer. assistant_model: a smaller model
-    with the same vocabulary that drafts tokens for speculative decoding."""
+    with the same vocabulary that drafts tokens for speculative decoding. adapters: per prompt, the LoRA adapter set
+    of `model` it decodes with (lora.add_adapter_set; None: the base), all in one batch (peft's adapter_names)."""
     config = options(config, kwargs)
     no_beams_with(assistant_model, config)
     if config.token_healing:
         raise ConfigError("token_healing changes the prompt's last token, which new ids alone cannot show: use "
                           "complete() or generate(), whose text begins with what the healed token adds")
+    if adapters is not None:
+        check_adapters(model, adapters, len(prompts), config, assistant_model)
     if not prompts:
         return []
     if config.num_beams > 1:
         return beam_search(model, prompts, config, config.end_ids(end_id), tokenizer)
     rows = make_rows(model, prompts, config, end_id, tokenizer)
-    for _ in decode_events(model, rows, config, assistant_model):
-        pass
     copies = config.num_return_sequences
+    for i, row in enumerate(rows if adapters is not None else ()):
+        row.adapter = adapters[i // copies]
+    for _ in decode_events(model, by_adapter(rows) if adapters is not None else rows, config, assistant_model):
+        pass
     return [[row.tokens for row in rows[p * copies:(p + 1) * copies]] for p in range(len(prompts))]
+
+
+def by_adapter(items: list) -> list:
+    """`items` (Rows or serve jobs, each with an adapter) with those of one adapter set next to each other (the base's
+    first), otherwise in their order: a set's rows are then a slice of the batch (lora.row_sets)."""
+    return sorted(items, key=lambda item: (item.adapter is not None, item.adapter or ""))
+
+
+def check_adapters(model: GPT, adapters: Sequence[Optional[str]], prompts: int, config: GenerateConfig,
+                   assistant_model: Optional[GPT]) -> None:
+    """ConfigError unless `adapters` names one adapter set of `model` (or None) per prompt, for a plain decode."""
+    from lmforge.lora import adapter_sets
+
+    if isinstance(adapters, str) or len(adapters) != prompts:
+        raise ConfigError(f"adapters names a LoRA adapter set per prompt: give a list of {prompts} names (None for "
+                          f"the base), not {adapters!r}")
+    unknown = sorted({name for name in adapters if name is not None} - adapter_sets(model))
+    if unknown:
+        raise ConfigError(f"adapters names {', '.join(map(repr, unknown))}, which the model has no adapter set for "
+                          f"(it has: {', '.join(sorted(adapter_sets(model))) or 'none'}); add it with "
+                          f"lora.add_adapter_set or generate.load_adapters")
+    if (config.num_beams > 1 or assistant_model is not None or config.prompt_lookup_num_tokens is not None
+            or config.assistant_early_exit is not None):
+        raise ConfigError("adapters per prompt decode in one plain batch: not with beam search or speculative "
+                          "decoding; decode each adapter's prompts apart (lora.use_adapter)")
 
 
 def generate_ids(model: GPT, prompt_ids: Sequence[int], config: Optional[GenerateConfig] = None,

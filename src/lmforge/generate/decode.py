@@ -15,6 +15,7 @@ so the others compute exactly what they would alone.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from lmforge.generate.processors import (guided_scores, last_tokens, next_token, penalizes, process_scores,
                                          token_logprobs)
 from lmforge.generate.rows import Event, Logprobs, Row, Sequences
+from lmforge.lora import row_sets, use_adapter
 from lmforge.model import GPT
 
 
@@ -85,8 +87,11 @@ def decode_rows(model: GPT, rows: Sequence[Row]) -> Iterator[list[Event]]:
     B, device = len(rows), seqs.tokens.device
     shadows = torch.tensor(guided, dtype=torch.long, device=device)
     scales = torch.tensor([[rows[i].config.guidance_scale] for i in guided], device=device)
+    names = [row.adapter for row in rows] + [rows[i].adapter for i in guided]  # rows naming LoRA adapter sets: each
+    chosen = row_sets(names) if any(names) else None  # computes with its own (the caller's choice holds otherwise)
     while any(row.finish is None for row in rows):
-        every = seqs.next_logits(model)  # (B + guided rows, V)
+        with use_adapter(chosen) if chosen is not None else contextlib.nullcontext():
+            every = seqs.next_logits(model)  # (B + guided rows, V)
         logits = scores = every[:B]
         if guided:  # the guided rows' scores from both sides (a new tensor: logits stay the raw ones)
             scores = scores.float().index_put((shadows,), guided_scores(every[shadows], every[B:], scales))

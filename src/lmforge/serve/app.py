@@ -472,7 +472,7 @@ def create_app(generator: Union[TextGenerator, TextClassifier, RewardModel, Mask
     elif not encodes:
         engine = Engine(generator, config.max_concurrency, config.max_queue, config.max_batch_size,
                         config.max_decodes, config.batch_wait, config.slots_per_client, config.stall_timeout,
-                        config.speculation, config.speculative_max_running)
+                        config.speculation, config.speculative_max_running, config.max_loras)
     created = int(time.time())
     metrics = Metrics(engine)
     allowed_hosts = frozenset(h.lower() for h in (config.allowed_host or (*LOOPBACK_NAMES, host)))

@@ -92,7 +92,10 @@ class ServeConfig:
     lora_modules: Optional[list[str]] = doc("LoRA runs of the served model to serve beside it, each NAME=RUN_DIR "
                                             "(vLLM's --lora-modules): a request's model NAME decodes with that run's "
                                             "adapters (and its prompt template) on the one copy of the base, which "
-                                            "every run must have been trained on; batches never mix two.", None)
+                                            "every run must have been trained on.", None)
+    max_loras: int = doc("LoRA runs (adapter sets) one batched decode mixes at most (vLLM's --max-loras): each row "
+                         "computes with its own run's adapters, so requests of several runs share a decode.", 4, ge=1,
+                         le=1024)
     allow_runtime_lora: bool = doc("POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter "
                                    "{lora_name} (vLLM's runtime LoRA updating): add or drop a LoRA run of the served "
                                    "model while it serves. The path is read on the server: allow it for trusted "

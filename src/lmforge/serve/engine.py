@@ -7,8 +7,8 @@ worker loop
      in generation (and, once max_decodes decodes run, only jobs that have waited batch_wait seconds, so
      that jobs arriving one by one gather into batches instead of each starting a decode of its own);
      waiting jobs are merged into one batched decode, a micro-batch, of at most max_batch_size rows, whatever
-     their sampling options, prompt lengths, budgets and stop strings: each row carries its own (Engine.fits
-     says which may join);
+     their sampling options, prompt lengths, budgets, stop strings and LoRA adapter sets (at most max_loras
+     of them): each row carries its own (Engine.fits says which may join);
   2. advances every active decode by one token, in turn, so streams interleave and none waits for another;
   3. hands each job's events (text pieces, finish reasons) to its mailbox on the event loop.
 With speculative decoding on (an assistant model, the model's early exit, or prompt lookup: ServeConfig), a job
@@ -40,6 +40,7 @@ from lmforge.generate import (Event, GenerateConfig, Logprobs, Row, TextClassifi
                               make_rows, score_prompt)
 from lmforge.generate.api import decode_events
 from lmforge.generate.speculative import early_exit
+from lmforge.generate.api import by_adapter
 from lmforge.lora import adapter_sets, use_adapter
 
 
@@ -157,7 +158,6 @@ class Batch:
     owner: list[tuple[Job, int]] = field(default_factory=list)
     steps: Optional[Iterator[list[Event]]] = None
     speculative: bool = False  # one job, decoded by speculation
-    adapter: Optional[str] = None  # the adapter set every job of the batch decodes with (lora.use_adapter)
 
 
 class Worker:
@@ -228,11 +228,12 @@ class Engine(Worker):
     def __init__(self, generator: TextGenerator, max_concurrency: int = 32, max_queue: int = 64,
                  max_batch_size: int = 32, max_decodes: int = 4, batch_wait: float = 0.05,
                  max_slots_per_client: Optional[int] = None, stall_timeout: float = 10.0,
-                 speculation: Optional[dict] = None, speculative_max_running: Optional[int] = None) -> None:
+                 speculation: Optional[dict] = None, speculative_max_running: Optional[int] = None,
+                 max_loras: int = 4) -> None:
         """speculation: GenerateConfig fields of speculative decoding every job decodes with (ServeConfig.speculation);
         with them, or with the generator's assistant model, a job decodes on its own by speculation when it starts
         while fewer than speculative_max_running (None: any number of) prompts are in generation, and joins a
-        plain batch otherwise."""
+        plain batch otherwise. max_loras: LoRA adapter sets one decode mixes at most (ServeConfig.max_loras)."""
         super().__init__(max_concurrency + max_queue, max_slots_per_client)
         self.model, self.tokenizer, self.assistant = generator.model, generator.tokenizer, generator.assistant_model
         self.speculation = dict(speculation or {})
@@ -245,7 +246,7 @@ class Engine(Worker):
         self.drafted = self.accepted = 0  # speculation: tokens guessed, and those the model kept
         self.stall_timeout = stall_timeout
         self.max_concurrency, self.max_queue, self.max_batch_size = max_concurrency, max_queue, max_batch_size
-        self.max_decodes, self.batch_wait = max_decodes, batch_wait
+        self.max_decodes, self.batch_wait, self.max_loras = max_decodes, batch_wait, max_loras
         self._active: list[Batch] = []    # touched by the worker thread only
         self._calls: list[tuple[Any, Future]] = []  # call(): work on the model between steps, with its result
         self.adapters = adapter_sets(self.model)  # the sets a job may name (serve.lora_modules, runtime loading)
@@ -335,15 +336,16 @@ class Engine(Worker):
                     self._waiting.remove(job)
                     group.append(job)
             self._running += len(group)
-            batches.append(Batch(group, speculative=alone, adapter=group[0].adapter))
+            batches.append(Batch(by_adapter(group), speculative=alone))  # a LoRA set's rows side by side
         return batches
 
     def fits(self, group: list[Job], job: Job) -> bool:
         """Whether `job` can join the decode of `group`: room in the batch and, for a greedy or seeded job, a
         batch whose longest prompt plus new tokens fit in block_size (within the window a padded row gets the
         tokens it gets alone; see lmforge.generate). Sampling options, budgets and stops may differ. (A job that
-        speculates decodes alone: _admit.) A batch decodes with one adapter set: a job of another joins another."""
-        if job.adapter != group[0].adapter:
+        speculates decodes alone: _admit.) Each row decodes with its job's LoRA adapter set (or the base), a batch with
+        at most max_loras sets."""
+        if len({j.adapter for j in group + [job]} - {None}) > self.max_loras:
             return False
         if sum(j.rows_decoded for j in group) + job.rows_decoded > self.max_batch_size:
             return False
@@ -375,9 +377,9 @@ class Engine(Worker):
                 self._release(batch, job)
         try:
             if batch.jobs:
-                with use_adapter(batch.adapter):  # this decode's model: the base, or one LoRA run's adapters on it
-                    if batch.steps is None:
-                        batch.steps = self._start(batch)
+                if batch.steps is None:
+                    batch.steps = self._start(batch)
+                with use_adapter(batch.jobs[0].adapter if batch.speculative else None):  # (decode_rows: per row)
                     events = next(batch.steps, None)
                 if events is None:  # every row has ended, so every job has finished: nothing left to do
                     for job in list(batch.jobs):
@@ -407,14 +409,15 @@ class Engine(Worker):
         strings, sampling options and seeded generators)."""
         rows: list[Row] = []
         for job in batch.jobs:
-            job.rows = make_rows(self.model, [job.prompt_ids], job.config, self.tokenizer.end_id, self.tokenizer)
+            with use_adapter(job.adapter):  # its LoRA run's adapter set (token healing, echo's logprobs use the model)
+                job.rows = make_rows(self.model, [job.prompt_ids], job.config, self.tokenizer.end_id, self.tokenizer)
+                if job.echo and job.logprobs is not None:
+                    job.prompt_logprobs = score_prompt(self.model, job.rows[0].prompt, job.logprobs)
             job.choices = [Choice() for _ in job.rows]
             for row in job.rows:
-                row.top_logprobs = job.logprobs
-            if job.echo and job.logprobs is not None:
-                job.prompt_logprobs = score_prompt(self.model, job.rows[0].prompt, job.logprobs)
-                if job.stream:
-                    job.emit("prompt", job)
+                row.top_logprobs, row.adapter = job.logprobs, job.adapter  # decode_rows decodes each with its set
+            if job.echo and job.logprobs is not None and job.stream:
+                job.emit("prompt", job)
             batch.owner += [(job, i) for i in range(len(job.rows))]
             rows += job.rows
         self.decodes += 1
