@@ -751,6 +751,7 @@ def test_flags_generated_from_a_config_leave_converting_and_checking_to_it():
     (["--assistant-model", "small", "--prompt-lookup-num-tokens", "4"],
      "serve.assistant_model and serve.prompt_lookup"),
     (["--num-assistant-tokens", "4"], "serve.num_assistant_tokens sets how many"),
+    (["--max-loras", "0"], "serve.max_loras=0 is invalid: an integer from 1 to 1024"),
 ])
 def test_serve_flags_are_checked_by_the_config_before_anything_loads(tmp_path, capsys, flags, message):
     assert main(["serve", str(tmp_path / "ghost"), *flags]) == 2
