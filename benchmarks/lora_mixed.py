@@ -10,13 +10,14 @@ row i decoding with set i mod --sets, each its own 8-token prompt (no padding). 
 - lmforge-mixed: all rows in one decode, each with its own set (generate_batch_ids(adapters=...): the server's
   decode of a batch that mixes runs).
 - lmforge-per-set: the rows of each set in a decode of their own, one set after another (--max-loras 1).
+- lmforge-mixed-int8: lmforge-mixed over the base's Linear layers in int8 (--quantize int8; the adapters fp32).
 - peft-mixed: PeftModel.generate(adapter_names=...) over all rows (peft's mixed adapter batches).
 - peft-per-set: set_adapter(name), then generate the rows of that set, one set after another.
 
 Each generates --new-tokens greedy tokens with no end token on --threads threads; the variants alternate over
 --rounds (the order reversed every other round) after one untimed warm-up each, and the medians are reported with
 tokens/s and each one's ratio to lmforge-mixed. Every row's greedy tokens are compared with lmforge-per-set's (the
-same weights: equal up to float rounding, so equal prefixes).
+same weights: equal up to float rounding, so equal prefixes; int8's weights are rounded, its tokens may part).
 
     python benchmarks/lora_mixed.py --json-out benchmarks/results/lora_mixed-cpu.json
     python benchmarks/lora_mixed.py --layers 2 --width 64 --heads 4 --kv-heads 2 --vocab 512 --new-tokens 16  # quick
@@ -45,13 +46,14 @@ from safetensors.torch import save_file  # noqa: E402
 from lmforge.checkpoint import save_checkpoint  # noqa: E402
 from lmforge.config import LoRAConfig, ModelConfig, RunConfig  # noqa: E402
 from lmforge.generate import GenerateConfig, generate_batch_ids  # noqa: E402
+from lmforge.generate.quantize import apply_inference_dtype  # noqa: E402
 from lmforge.interop.hf_export import export_hf  # noqa: E402
 from lmforge.interop.peft_export import CONFIG, WEIGHTS, peft_adapter_files  # noqa: E402
 from lmforge.lora import Adapter, add_adapter_set, apply_lora, lora_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
 
-VARIANTS = ("lmforge-mixed", "lmforge-per-set", "peft-mixed", "peft-per-set")
+VARIANTS = ("lmforge-mixed", "lmforge-per-set", "peft-mixed", "peft-per-set", "lmforge-mixed-int8")
 PROMPT_TOKENS = 8
 
 
@@ -72,8 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build(root: Path, args: argparse.Namespace) -> tuple[GPT, torch.nn.Module, list[str]]:
-    """(lmforge's base with every set added, peft's PeftModel with every adapter loaded, the set names)."""
+def build(root: Path, args: argparse.Namespace) -> tuple[GPT, GPT, torch.nn.Module, list[str]]:
+    """(lmforge's base with every set added, the same on int8 layers, peft's PeftModel with every adapter loaded,
+    the set names)."""
     import peft
     import transformers
 
@@ -86,6 +89,7 @@ def build(root: Path, args: argparse.Namespace) -> tuple[GPT, torch.nn.Module, l
     hf_dir = export_hf(ckpt, root / "hf")
     lora = LoRAConfig(r=args.rank, alpha=2.0 * args.rank, targets=["q", "k", "v", "o"])
     served, names, theirs = copy.deepcopy(base), [f"s{k}" for k in range(args.sets)], None
+    int8 = apply_inference_dtype(copy.deepcopy(base), quantize="int8")  # quantized first, as lmforge serve does
     for name in names:
         adapted = apply_lora(copy.deepcopy(base), lora)
         with torch.no_grad():
@@ -95,24 +99,25 @@ def build(root: Path, args: argparse.Namespace) -> tuple[GPT, torch.nn.Module, l
         (root / name).mkdir()
         (root / name / CONFIG).write_text(json.dumps(files[CONFIG]))
         save_file(files[WEIGHTS], str(root / name / WEIGHTS))
-        add_adapter_set(served, name, lora, {k: v.detach().clone() for k, v in lora_state_dict(adapted).items()})
+        for model in (served, int8):
+            add_adapter_set(model, name, lora, {k: v.detach().clone() for k, v in lora_state_dict(adapted).items()})
         if theirs is None:
             hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
                                                                    attn_implementation="sdpa")
             theirs = peft.PeftModel.from_pretrained(hf, root / name, adapter_name=name)
         else:
             theirs.load_adapter(root / name, adapter_name=name)
-    return served, theirs.eval(), names
+    return served, int8, theirs.eval(), names
 
 
-def runner(variant: str, served: GPT, theirs: torch.nn.Module, prompts: list[list[int]], rows: list[str],
-           new: int) -> Callable[[], list[list[int]]]:
+def runner(variant: str, served: GPT, int8: GPT, theirs: torch.nn.Module, prompts: list[list[int]],
+           rows: list[str], new: int) -> Callable[[], list[list[int]]]:
     """A function decoding every row with its set, returning each row's new tokens in row order."""
     config = GenerateConfig(max_new_tokens=new, temperature=0.0)
     groups = {name: [i for i, n in enumerate(rows) if n == name] for name in dict.fromkeys(rows)}
 
-    def ours_mixed() -> list[list[int]]:
-        return [seqs[0] for seqs in generate_batch_ids(served, prompts, config, adapters=rows)]
+    def ours_mixed(model: GPT = served) -> list[list[int]]:
+        return [seqs[0] for seqs in generate_batch_ids(model, prompts, config, adapters=rows)]
 
     def ours_per_set() -> list[list[int]]:
         out: list[list[int]] = [[] for _ in rows]
@@ -141,18 +146,18 @@ def runner(variant: str, served: GPT, theirs: torch.nn.Module, prompts: list[lis
         return out
 
     return {"lmforge-mixed": ours_mixed, "lmforge-per-set": ours_per_set, "peft-mixed": theirs_mixed,
-            "peft-per-set": theirs_per_set}[variant]
+            "peft-per-set": theirs_per_set, "lmforge-mixed-int8": lambda: ours_mixed(int8)}[variant]
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def measure(served: GPT, theirs: torch.nn.Module, names: list[str], args: argparse.Namespace) -> dict:
+def measure(served: GPT, int8: GPT, theirs: torch.nn.Module, names: list[str], args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, min(args.vocab, 1000), (args.batch, PROMPT_TOKENS), generator=generator).tolist()
     rows = [names[i % len(names)] for i in range(args.batch)]
-    runners = {v: runner(v, served, theirs, prompts, rows, args.new_tokens) for v in VARIANTS}
+    runners = {v: runner(v, served, int8, theirs, prompts, rows, args.new_tokens) for v in VARIANTS}
     tokens = {v: run() for v, run in runners.items()}  # the untimed warm-up, and the tokens compared
     seconds: dict[str, list[float]] = {v: [] for v in runners}
     for r in range(args.rounds):
@@ -181,8 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{here['cpu']}; torch {here['torch']}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"threads {here['torch_threads']}, load average {here['load_average_at_start']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lora-mixed-") as tmp:
-        served, theirs, names = build(Path(tmp), args)
-        result = measure(served, theirs, names, args)
+        served, int8, theirs, names = build(Path(tmp), args)
+        result = measure(served, int8, theirs, names, args)
     summary = {"benchmark": "lora_mixed", "machine": here, "transformers": transformers.__version__,
                "peft": peft.__version__, "model": {"layers": args.layers, "width": args.width, "heads": args.heads,
                                                    "kv_heads": args.kv_heads, "vocab": args.vocab},

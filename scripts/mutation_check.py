@@ -612,17 +612,26 @@ MUTANTS = [
            "[rows[i].adapter for i in guided]", "[None for i in guided]",
            ("tests/test_serve_lora.py::test_jobs_of_several_adapters_share_a_decode_each_row_with_its_own[mixed]",)),
     Mutant("served-lora-row-update-of-the-first-rows", "lora.py",
-           "            self.sets[name].apply_(x.index_select(0, rows), part, self.bias)",
-           "            self.sets[name].apply_(x[:len(rows)], part, self.bias)",
+           "            self.sets[name].apply_(x.index_select(0, rows), part, self.base.bias)",
+           "            self.sets[name].apply_(x[:len(rows)], part, self.base.bias)",
            ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
             "[lora]",)),
     Mutant("served-lora-consecutive-rows-update-lost", "lora.py",
-           "                self.sets[name].apply_(x[rows], y[rows], self.bias)",
-           "                self.sets[name].apply_(x[rows], y[rows].clone(), self.bias)",
+           "                self.sets[name].apply_(x[rows], y[rows], self.base.bias)",
+           "                self.sets[name].apply_(x[rows], y[rows].clone(), self.base.bias)",
            ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
             "[lora]",)),
     Mutant("served-dora-gains-scale-the-bias", "lora.py",
            "        if bias is not None:\n            y.sub_(bias)", "        if None:\n            y.sub_(bias)",
+           ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
+            "[dora]",)),
+    Mutant("int8-served-lora-skips-a-quantized-base", "lora.py",
+           '        chosen = getattr(_ACTIVE, "chosen", None)\n',
+           '        chosen = getattr(_ACTIVE, "chosen", None) if isinstance(self.base, nn.Linear) else None\n',
+           ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
+            "[lora]",)),
+    Mutant("int8-dequantized-weight-drops-the-scale", "generate/quantize.py",
+           "        return self.qweight.float() * self.scale.float()[:, None]", "        return self.qweight.float()",
            ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
             "[dora]",)),
     Mutant("served-lora-echo-scored-with-the-base", "serve/engine.py",

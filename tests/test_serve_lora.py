@@ -161,9 +161,33 @@ def test_what_cannot_be_served_beside_the_base_is_one_clear_line(runs, which, ex
         load_app(str(runs["base"]), ServeConfig(lora_modules=modules, **extra), device="cpu")
 
 
-def test_lora_modules_refuse_int8_weights(runs):
-    with pytest.raises(ConfigError, match="--quantize or --compile"):
-        load_app(str(runs["base"]), ServeConfig(lora_modules=[f"rev={runs['rev']}"]), device="cpu", quantize="int8")
+def test_lora_modules_refuse_a_compiled_step(runs):
+    with pytest.raises(ConfigError, match="with --compile is not supported"):
+        load_app(str(runs["base"]), ServeConfig(lora_modules=[f"rev={runs['rev']}"]), device="cpu", compile=True)
+
+
+def test_lora_modules_serve_on_int8_weights_also_when_loaded_at_runtime(runs):
+    def texts(app, load_first: bool = False) -> dict:
+        with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+            for name in ("rev", "dora") if load_first else ():
+                r = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(runs[name])})
+                assert r.status_code == 200, r.text
+            asks = [(name, p) for p in PROMPTS for name in ("base", "rev", "dora")]
+            with ThreadPoolExecutor(len(asks)) as pool:  # all at once: mixed decodes
+                answers = pool.map(lambda a: client.post("/v1/completions", json={
+                    "prompt": a[1], "max_tokens": 10, "temperature": 0.0,
+                    **({} if a[0] == "base" else {"model": a[0]})}).json()["choices"][0]["text"], asks)
+                return dict(zip(asks, answers))
+
+    modules = ServeConfig(lora_modules=[f"rev={runs['rev']}", f"dora={runs['dora']}"])
+    at_start = texts(load_app(str(runs["base"]), modules, device="cpu", quantize="int8"))
+    int8 = load(str(runs["base"]), device="cpu", quantize="int8")  # the base's rows: the int8 base alone
+    assert [at_start[("base", p)] for p in PROMPTS] == [int8.generate(p, max_new_tokens=10, temperature=0.0)
+                                                        for p in PROMPTS]
+    assert [at_start[("rev", p)] for p in PROMPTS] != [at_start[("base", p)] for p in PROMPTS]
+    # loaded while serving: folded onto the same int8 layers, the same texts
+    assert texts(load_app(str(runs["base"]), ServeConfig(allow_runtime_lora=True), device="cpu", quantize="int8"),
+                 load_first=True) == at_start
 
 
 @pytest.mark.parametrize("dora,init", [(False, "default"), (True, "default"), (False, "pissa")],
@@ -172,6 +196,7 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
     import copy
 
     from lmforge.config import LoRAConfig, ModelConfig
+    from lmforge.generate.quantize import Int8Linear, apply_inference_dtype
     from lmforge.lora import Adapter, add_adapter_set, apply_lora, lora_state_dict, use_adapter
     from lmforge.model import GPT
 
@@ -182,7 +207,8 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
             if name.endswith("bias"):
                 p.normal_(0.0, 0.5)  # (zeros at init)
     served = copy.deepcopy(base)
-    adapted = {}
+    int8 = apply_inference_dtype(copy.deepcopy(base), quantize="int8")  # the sets on int8 layers: folded on their
+    adapted = {}  # dequantized weights (DoRA's row norms are those of what the layers compute with)
     for name, targets in (("x", ["q", "v", "o", "mlp"]), ("y", ["k", "v"])):
         lora = LoRAConfig(r=3, alpha=5.0, targets=targets, dora=dora, init=init)
         adapted[name] = apply_lora(copy.deepcopy(base), lora).eval()
@@ -191,7 +217,9 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
                 adapter.B.normal_(0.0, 0.2)
                 if dora:  # magnitudes away from the rows' norms
                     adapter.magnitude.mul_(1.0 + torch.rand_like(adapter.magnitude))
-        add_adapter_set(served, name, lora, {k: v.detach().clone() for k, v in lora_state_dict(adapted[name]).items()})
+        for model in (served, int8):
+            add_adapter_set(model, name, lora, {k: v.detach().clone()
+                                                for k, v in lora_state_dict(adapted[name]).items()})
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         for name in ("x", "y"):
@@ -210,6 +238,11 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
             assert (mixed[i:i + 1] - alone).abs().max() <= 1e-5, (i, name)
         with use_adapter(names[:2]), pytest.raises(ValueError, match="for 2 rows, and the batch has 5"):
             served(batch)
+        rounding = (apply_inference_dtype(copy.deepcopy(base), quantize="int8")(idx) - base(idx)).abs().max()
+        assert isinstance(int8.blocks[0].attn.qkv.base, Int8Linear) and 0 < rounding < 0.05
+        with use_adapter("x"):  # (x adapts the most: its effect stands well above int8's rounding)
+            error = (int8(idx) - adapted["x"](idx)).abs().max()
+        assert error <= 3 * rounding and error < (int8(idx) - adapted["x"](idx)).abs().max() / 4
 
 
 def test_runs_load_and_unload_while_serving_when_allowed(runs):

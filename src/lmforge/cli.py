@@ -1386,8 +1386,9 @@ def _add_serve(sub: Any) -> None:
             Speculative decoding (--assistant-model, or --prompt-lookup-num-tokens) guesses tokens and checks them in
             one pass: greedy text unchanged, sampling keeps its distribution, each request decoded on its own.
             --lora-modules NAME=RUN_DIR (repeatable) serves LoRA runs of this checkpoint beside it from one copy
-            of the base: a request's "model" picks one; --allow-runtime-lora adds POST /v1/load_lora_adapter and
-            /v1/unload_lora_adapter (vLLM's) to change them while serving."""),
+            of the base: a request's "model" picks one, and requests of up to --max-loras runs share a batch;
+            --allow-runtime-lora adds POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) to change them
+            while serving."""),
         epilog=textwrap.dedent("""\
             examples:
               lmforge serve runs/shakespeare-char
@@ -1396,6 +1397,7 @@ def _add_serve(sub: Any) -> None:
               lmforge serve runs/summarizer --prompt-lookup-num-tokens 10      # speculative: lower latency
               lmforge serve runs/big --assistant-model runs/small              # speculative, with a draft model
               lmforge serve runs/base --lora-modules sql=runs/sql-lora --lora-modules chat=runs/chat-lora
+              lmforge serve runs/base --quantize int8 --lora-modules sql=runs/sql-lora   # adapters on int8 layers
               curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
                    -d '{"prompt": "ROMEO:", "max_tokens": 50, "seed": 1}'"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")

@@ -239,7 +239,8 @@ def lora_plan(model: GPT, config: LoRAConfig) -> dict[str, dict[str, tuple[int, 
             if c.head == "classify":  # a low-rank update of a head that trains whole adds nothing it could not learn
                 raise ConfigError("lora.targets has head, but this model is a classifier (model.head: classify), "
                                   "whose classification head a LoRA run trains whole: drop head from lora.targets")
-            if model.lm_head.weight is model.tok_emb.weight:
+            head = model.lm_head.base if isinstance(model.lm_head, AdapterSwitch) else model.lm_head
+            if getattr(head, "weight", None) is model.tok_emb.weight:
                 raise ConfigError("lora.targets has head, but this model's lm_head is tied to tok_emb "
                                   "(model.tie_embeddings=true) and merging would change the embedding too: "
                                   "drop head from lora.targets, or adapt a model trained with tie_embeddings=false")
@@ -285,22 +286,35 @@ def merge_lora(model: GPT) -> GPT:
 
 # ------------------------------------------------------------------------- several adapters on one base
 class AdapterSwitch(nn.Module):
-    """A frozen Linear with several named sets of adapters (a StackedAdapters each): the set use_adapter names on the
-    calling thread (for the batch, or per row) turns the Linear's output into its own, no set leaves it as it is. One
-    copy of a base serves the LoRA runs trained on it (vLLM's --lora-modules): add_adapter_set puts them on."""
+    """A frozen Linear (`base`: an nn.Linear, or a quantized one such as generate.quantize.Int8Linear) with several
+    named sets of adapters (a StackedAdapters each): the set use_adapter names on the calling thread (for the batch, or
+    per row) turns the base's output into its own, no set leaves it as it is. One copy of a base serves the LoRA runs
+    trained on it (vLLM's --lora-modules): add_adapter_set puts them on."""
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
+        self.base = base
         self.sets = nn.ModuleDict()  # name -> StackedAdapters
 
+    def dense(self) -> nn.Linear:
+        """The base as an nn.Linear (a meta module holding its weight and bias; a quantized base's weight dequantized,
+        fp32): what a LoRALinear is built on to fold a run's adapters (DoRA's row norms read the weight)."""
+        if isinstance(self.base, nn.Linear):
+            weight, bias = self.base.weight, self.base.bias
+        else:
+            weight, bias = (None if t is None else nn.Parameter(t, requires_grad=False)
+                            for t in (self.base.dense_weight(), self.base.bias))
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        linear.weight, linear.bias = weight, bias
+        return linear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         chosen = getattr(_ACTIVE, "chosen", None)
         if isinstance(chosen, str) or chosen is None:  # one set (or none) for the whole batch
             if chosen in self.sets:
-                self.sets[chosen].apply_(x, y, self.bias)
+                self.sets[chosen].apply_(x, y, self.base.bias)
             return y
         if x.size(0) != chosen.rows:
             raise ValueError(f"use_adapter named sets for {chosen.rows} rows, and the batch has {x.size(0)}")
@@ -308,11 +322,11 @@ class AdapterSwitch(nn.Module):
             if name not in self.sets:
                 continue
             if isinstance(rows, slice):  # consecutive rows: views, changed in place
-                self.sets[name].apply_(x[rows], y[rows], self.bias)
+                self.sets[name].apply_(x[rows], y[rows], self.base.bias)
                 continue
             rows = rows.to(x.device)
             part = y.index_select(0, rows)
-            self.sets[name].apply_(x.index_select(0, rows), part, self.bias)
+            self.sets[name].apply_(x.index_select(0, rows), part, self.base.bias)
             y.index_copy_(0, rows, part)
         return y
 
@@ -410,9 +424,8 @@ def add_adapter_set(model: GPT, name: str, config: LoRAConfig, adapters: dict[st
         if not isinstance(switch, AdapterSwitch):
             switch = AdapterSwitch(switch)
             setattr(parent, child, switch)
-        base = nn.Linear(switch.in_features, switch.out_features, bias=switch.bias is not None, device="meta")
-        base.weight, base.bias = switch.weight, switch.bias
-        added[linear] = LoRALinear(base, config.r, config.plain_alpha, 0.0, slices, config.dora, config.init).eval()
+        added[linear] = LoRALinear(switch.dense(), config.r, config.plain_alpha, 0.0, slices, config.dora,
+                                   config.init).eval()
     own = {f"{linear}.lora.{key}": t for linear, m in added.items() for key, t in m.lora.state_dict().items()}
     missing, unexpected = [k for k in own if k not in adapters], [k for k in adapters if k not in own]
     if missing or unexpected:

@@ -32,6 +32,10 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, scale * q, in fp32 (out, in)."""
+        return self.qweight.float() * self.scale.float()[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.scale)
         y = y.float().view(*x.shape[:-1], self.out_features)

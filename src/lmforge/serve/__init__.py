@@ -41,27 +41,31 @@ def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "aut
     ckpt = resolve_checkpoint(path)  # first: a corrupt newest checkpoint is skipped (and said so) once
     adapters, load_adapter = {}, None
     if config.lora_modules or config.allow_runtime_lora:  # the base in fp32 (its fingerprint), adapters, then dtype
+        # (int8: quantized before the adapters, which fold onto the weights its layers compute with)
         from lmforge.errors import ConfigError
         from lmforge.generate import TextGenerator
         from lmforge.generate.api import load_adapters
         from lmforge.generate.quantize import apply_inference_dtype
         from lmforge.lora import base_fingerprint
 
-        if quantize is not None or compile:
-            raise ConfigError("serve.lora_modules or allow_runtime_lora with --quantize or --compile is not "
-                              "supported: their adapters run beside the base's plain Linear layers; leave those out")
+        if compile:
+            raise ConfigError("serve.lora_modules or allow_runtime_lora with --compile is not supported: each row "
+                              "picks its adapters as it runs, which the compiled step cannot; leave --compile out")
         generator = load(str(ckpt), device=device)
         if not isinstance(generator, TextGenerator):
             raise ConfigError(f"serve.lora_modules and allow_runtime_lora adapt a language model, and {path} is not "
                               "one")
         fingerprint = base_fingerprint(generator.model)
+        if quantize is not None:
+            apply_inference_dtype(generator.model, dtype, quantize)
 
         def load_one(name: str, run: str) -> TextGenerator:  # allow_runtime_lora: one more, while serving
             return load_adapters(generator, {name: run}, path, fingerprint)[name]
 
         load_adapter = load_one
         adapters = load_adapters(generator, config.adapters, path, fingerprint)
-        apply_inference_dtype(generator.model, dtype)
+        if quantize is None:
+            apply_inference_dtype(generator.model, dtype)
     else:
         generator = load(str(ckpt), device=device, dtype=dtype, quantize=quantize, compile=compile,
                          assistant=config.assistant_model)
