@@ -388,9 +388,10 @@ def imported_k_quants(f32_path: Path, model: GPT, tokenizer, args: argparse.Name
 
 
 def lora_adapter(run: Path, model: GPT, tokenizer, arch: str, args: argparse.Namespace) -> dict:
-    """llama.cpp with the base's f32 GGUF and lmforge's LoRA adapter file (random adapters of std 0.05 on q, k, v, o
-    and the MLP, rank 4, alpha 8) against lmforge's merged model: the logits over --positions tokens, and, as the
-    control, llama.cpp without the adapter against the same merged model."""
+    """llama.cpp with the base's f32 GGUF and lmforge's LoRA adapter file (random adapters of std 0.05 on q, k, v, o,
+    the MLP and, for a model with an untied head, the token embedding; rank 4, alpha 8) against lmforge's merged
+    model: the logits over --positions tokens, and, as the control, llama.cpp without the adapter against the same
+    merged model."""
     import copy
 
     import numpy as np
@@ -400,7 +401,8 @@ def lora_adapter(run: Path, model: GPT, tokenizer, arch: str, args: argparse.Nam
     from lmforge.interop.gguf_lora import adapter_tensors, write_gguf_adapter
     from lmforge.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora
 
-    lora = LoRAConfig(r=4, alpha=8.0, targets=["q", "k", "v", "o", "mlp"])
+    lora = LoRAConfig(r=4, alpha=8.0, targets=["q", "k", "v", "o", "mlp"] + (
+        [] if model.config.tie_embeddings else ["emb"]))  # (llama.cpp adapts a tied table's lookup only: refused)
     adapted = apply_lora(copy.deepcopy(model), lora)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -413,7 +415,7 @@ def lora_adapter(run: Path, model: GPT, tokenizer, arch: str, args: argparse.Nam
     ids = prompt_ids(tokenizer, " ".join(shakespeare_lines(40)))[: args.positions]
     with torch.no_grad():
         merged = merge_lora(adapted)(torch.tensor([ids]))[0].float()
-    out = {"adapter_tensors": len(tensors), "adapter_bytes": adapter.stat().st_size}
+    out = {"adapter_tensors": len(tensors), "adapter_bytes": adapter.stat().st_size, "targets": lora.targets}
     for label, extra in (("with_adapter", {"lora_path": str(adapter)}), ("without_adapter", {})):
         llm = Llama(model_path=str(base), n_ctx=model.config.block_size, n_threads=1, n_threads_batch=1,
                     logits_all=True, verbose=False, **extra)

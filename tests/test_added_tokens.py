@@ -18,7 +18,7 @@ import transformers
 import lmforge
 from lmforge.cli import main
 from lmforge.config import ModelConfig
-from lmforge.errors import TokenizerError
+from lmforge.errors import ConfigError, TokenizerError
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
 from lmforge.model import GPT
 from lmforge.tokenizer import HF_KIND, Tokenizer, byte_tokenizer, train_bpe, train_char
@@ -275,6 +275,13 @@ def test_a_lora_run_trains_only_the_added_rows_of_the_embedding_and_head(lora_ch
     assert config.model.vocab_size == 261 and model.tok_emb.weight.shape[0] == 261
     merged_rows = model.lm_head.weight.detach()
     assert torch.equal(merged_rows, stored["lm_head.weight"])
+
+
+def test_an_embedding_adapter_beside_added_rows_is_one_line(lora_chat, tmp_path):
+    base, chat, _ = lora_chat
+    values = {"data.path": str(chat), "train.init_from": str(base), "train.max_steps": 1, "lora.targets": "q,emb"}
+    with pytest.raises(ConfigError, match="lora.targets has emb, and the data adds 2 token.*drop emb"):
+        Trainer(tiny_config(tmp_path / "run", **values), progress=False, tensorboard=False)
 
 
 def test_a_lora_run_on_added_tokens_resumes_exactly(lora_chat, tmp_path):

@@ -37,6 +37,7 @@ ADAPTED = {
     "gpt2-qkv-head": {"attn_qkv": 3 * R, "output": R},
     "llama-qvo-mlp": {"attn_q": R, "attn_v": R, "attn_output": R, "ffn_gate": R, "ffn_up": R, "ffn_down": R},
     "llama-k-head": {"attn_k": R, "output": R},
+    "llama-emb-o": {"token_embd": R, "attn_output": R},  # (untied: llama.cpp adapts the embedding's lookup only)
 }
 
 
@@ -46,6 +47,10 @@ def applied(base: dict, adapter: dict, alpha: float) -> dict:
     for name in base:
         if f"{name}.lora_a" in adapter:
             a, b = adapter[f"{name}.lora_a"], adapter[f"{name}.lora_b"]
+            if name == "token_embd.weight":  # a row's lookup plus (alpha / rank) b a[token]: a is (V, rank)
+                assert a.shape == (base[name].shape[0], b.shape[1]) and b.shape[0] == base[name].shape[1]
+                out[name] = base[name] + (alpha / b.shape[1]) * a @ b.t()
+                continue
             assert a.shape == (b.shape[1], base[name].shape[1]) and b.shape[0] == base[name].shape[0], name
             out[name] = base[name] + (alpha / b.shape[1]) * b @ a
     return out
@@ -204,6 +209,14 @@ def test_an_adapter_of_another_architecture_or_no_adapter_is_refused_in_one_line
     with pytest.raises(PEFTImportError, match="adapter.lora.alpha 'six': a number >= 0 is needed"):
         import_gguf_adapter(_rewritten_alpha(path, "six"), tmp_path / "llama", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("case", ["gpt2-emb-qv", "llama-tied-emb"])
+def test_an_embedding_adapter_of_a_tied_model_is_refused_in_one_line(case):
+    """llama.cpp computes a tied model's output from the table without the table's adapter: not the run's model."""
+    model, lora, _ = adapted_model(case)
+    with pytest.raises(GGUFExportError, match="head is tied to it.*export the run merged"):
+        adapter_tensors(model, lora, "gpt2" if case.startswith("gpt2") else "llama")
 
 
 def _rewritten_alpha(path: Path, alpha) -> Path:

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from lmforge.config import ModelConfig, build_section, preset
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.lora import (LoRAConfig, LoRALinear, apply_lora, base_fingerprint, load_lora_state_dict, lora_parameters,
-                          lora_state_dict, merge_lora)
+from lmforge.lora import (LoRAConfig, LoRAEmbedding, LoRALinear, apply_lora, base_fingerprint, load_lora_state_dict,
+                          lora_parameters, lora_state_dict, merge_lora)
 from lmforge.model import GPT
 
 VARIANTS = {
@@ -15,11 +15,12 @@ VARIANTS = {
     "llama-gqa-swiglu": dict(norm="rmsnorm", mlp="swiglu", pos_encoding="rope", bias=False, n_kv_head=2),
     "untied": dict(tie_embeddings=False, n_kv_head=1),
 }
-EVERY_TARGET = ["q", "k", "v", "o", "mlp"]  # and "head" where lm_head is untied
+EVERY_TARGET = ["q", "k", "v", "o", "mlp", "emb"]  # and "head" where lm_head is untied
 
 
-def targets(variant: str) -> list:
-    return EVERY_TARGET + (["head"] if variant == "untied" else [])
+def targets(variant: str, table: bool = True) -> list:
+    """Every target the variant takes (`table`: with the embedding's, which DoRA and PiSSA do not adapt)."""
+    return [t for t in EVERY_TARGET if table or t != "emb"] + (["head"] if variant == "untied" else [])
 
 
 def small(**overrides) -> ModelConfig:
@@ -66,7 +67,7 @@ def test_merge_gives_a_plain_gpt_with_the_adapted_logits(variant):
     adapted = model(idx)
     assert not torch.allclose(adapted, base(idx), atol=1e-3)  # the adapters do change the function
     merged = merge_lora(model)
-    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert not any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in merged.modules())
     assert list(merged.state_dict()) == list(GPT(base.config).state_dict())
     assert torch.allclose(merged(idx), adapted, atol=1e-5, rtol=0)
     plain = GPT(base.config).eval()  # and it loads into an ordinary GPT, which computes the same
@@ -80,16 +81,17 @@ def test_merge_then_unmerge_restores_the_weights():
     randomize(model)
     idx = tokens()
     adapted = model(idx)
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
     for layer in layers:
         layer.merge()
-    assert torch.allclose(model(idx), adapted, atol=1e-5, rtol=0)
+    assert torch.allclose(model(idx), adapted, atol=5e-5, rtol=0)
     assert not torch.equal(model.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)  # merged for real
+    assert not torch.equal(model.tok_emb.weight, base.tok_emb.weight)
     for layer in layers:
         layer.unmerge()
     for name, p in base.named_parameters():
         assert torch.allclose(model.get_parameter(name), p, atol=1e-6, rtol=0), name
-    assert torch.allclose(model(idx), adapted, atol=1e-5, rtol=0)
+    assert torch.allclose(model(idx), adapted, atol=5e-5, rtol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -105,7 +107,8 @@ def test_an_optimizer_step_changes_only_the_adapters(variant):
     for key in before:
         if key not in adapters:
             assert torch.equal(after[key], before[key]), key
-    assert all(not torch.equal(after[k], before[k]) for k in adapters if k.endswith(".B"))
+    # B starts at 0 and moves first; the embedding's A does (peft's init: A = 0, B random)
+    assert all(not torch.equal(after[k], before[k]) for k in adapters if k.endswith(".B") != k.startswith("tok_emb"))
     base = [(n, p) for n, p in model.named_parameters() if n not in adapters]
     assert base and all(not p.requires_grad and p.grad is None for _, p in base)
     assert {id(p) for p in lora_parameters(model)} == {id(p) for p in model.parameters() if p.requires_grad}
@@ -138,7 +141,8 @@ def test_adapters_save_and_load_into_a_fresh_model():
     assert "blocks.0.attn.qkv.lora.q.A" in saved and "blocks.1.mlp.proj.lora.mlp.B" in saved
     assert set(saved) == {f"blocks.{i}.{m}.lora.{t}.{w}" for i in range(2) for w in "AB" for m, t in [
         ("attn.qkv", "q"), ("attn.qkv", "k"), ("attn.qkv", "v"), ("attn.proj", "o"), ("mlp.fc", "mlp"),
-        ("mlp.proj", "mlp")]}
+        ("mlp.proj", "mlp")]} | {"tok_emb.lora.emb.A", "tok_emb.lora.emb.B"}
+    assert saved["tok_emb.lora.emb.A"].shape == (8, 53) and saved["tok_emb.lora.emb.B"].shape == (32, 8)  # peft's
     torch.manual_seed(7)  # another draw of A
     fresh = apply_lora(copy_of(base), config)
     load_lora_state_dict(fresh, saved)
@@ -190,8 +194,10 @@ def test_lora_is_applied_once():
 
 
 @pytest.mark.parametrize("values,message", [
-    (dict(targets=["q", "x"]), r"lora\.targets\[1\]='x' is invalid: choose one of q, k, v, o, mlp, head"),
-    (dict(targets=[]), "lora.targets is empty: name at least one of q, k, v, o, mlp, head"),
+    (dict(targets=["q", "x"]), r"lora\.targets\[1\]='x' is invalid: choose one of q, k, v, o, mlp, head, emb"),
+    (dict(targets=[]), "lora.targets is empty: name at least one of q, k, v, o, mlp, head, emb"),
+    (dict(targets=["q", "emb"], dora=True), "lora.targets has emb with lora.dora, which lmforge applies to Linear"),
+    (dict(targets=["emb"], init="pissa"), "lora.targets has emb with lora.init=pissa"),
     (dict(targets=["q", "v", "q"]), "names q more than once"),
     (dict(r=0), r"lora\.r=0 is invalid: a positive integer"),
     (dict(alpha=0), r"lora\.alpha=0 is invalid"),

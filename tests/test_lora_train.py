@@ -17,7 +17,7 @@ from lmforge.lora import base_fingerprint, lora_parameters, lora_state_dict
 from lmforge.model import GPT
 from tiny_training import tiny_config, tiny_trainer, write_base, write_prepared_data
 
-LORA = {"lora.r": 4, "lora.targets": "q,v,o", "lora.dropout": 0.1, "train.max_steps": 8, "train.save_interval": 4,
+LORA = {"lora.r": 4, "lora.targets": "q,v,o,emb", "lora.dropout": 0.1, "train.max_steps": 8, "train.save_interval": 4,
         "train.keep_last": 5, "train.grad_accum": 2, "optim.lr": 1e-2}
 
 
@@ -63,7 +63,7 @@ def test_the_checkpoint_holds_only_adapters_and_names_its_base(lora_run):
     plain.load_state_dict({k: v for k, v in trainer.raw_model.state_dict().items() if ".lora." not in k})
     assert state["base"] == {"path": str((base / "checkpoints" / "step-00000000").resolve()),
                              "fingerprint": base_fingerprint(plain)}
-    assert state["lora"]["r"] == 4 and state["lora"]["targets"] == ["q", "v", "o"]
+    assert state["lora"]["r"] == 4 and state["lora"]["targets"] == ["q", "v", "o", "emb"]
 
 
 def test_resume_is_bit_identical(lora_run, tmp_path):
@@ -179,7 +179,8 @@ def test_lora_plus_moves_B_at_lr_ratio_times_the_learning_rate_and_A_at_it(tmp_p
 
 def test_a_lora_plus_dora_run_resumes_bit_identically(tmp_path):
     base = write_base(tmp_path)
-    settings = {"lora.lr_ratio": 16, "lora.dora": True, "train.max_steps": 4, "train.save_interval": 2}
+    settings = {"lora.lr_ratio": 16, "lora.dora": True, "lora.targets": "q,v,o", "train.max_steps": 4,
+                "train.save_interval": 2}
     full = tiny_trainer(lora_config(tmp_path / "full", base, **settings))
     full.fit()
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)

@@ -46,7 +46,12 @@ CASES = {
                       {"self_attn.q_proj": 4, "self_attn.v_proj": 4, "self_attn.o_proj": 4, "mlp.gate_proj": 4,
                        "mlp.up_proj": 4, "mlp.down_proj": 4}),
     "llama-k-head": (LLAMA_STYLE, ["k", "head"], {"self_attn.k_proj": 4, "lm_head": 4}),
+    # the token embedding (peft's lora_embedding_A/B); a tied head reads the adapted table: its own adapter, tied
+    "gpt2-emb-qv": (GPT2_STYLE, ["emb", "q", "v"], {"attn.c_attn": 8, "wte": 4, "lm_head": 4}),
+    "llama-emb-o": (LLAMA_STYLE, ["emb", "o"], {"embed_tokens": 4, "self_attn.o_proj": 4}),
+    "llama-tied-emb": (dict(LLAMA_STYLE, tie_embeddings=True), ["emb"], {"embed_tokens": 4, "lm_head": 4}),
 }
+TIED_TABLES = ("gpt2-emb-qv", "llama-tied-emb")  # peft folds the table's adapter into the one weight twice
 R, ALPHA = 4, 6.0  # scale 1.5: neither 1 nor the 2 a forgotten rank factor of 2 would give
 CLASSIFIERS = {"gpt2": GPT2_STYLE, "llama": LLAMA_STYLE}
 
@@ -126,8 +131,10 @@ def test_peft_loads_the_adapter_onto_the_exported_base_with_equal_logits(tmp_pat
     assert (logits(base, ids) - ours).abs().max() > 1.0  # the adapters change the logits a lot
     theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
     assert (logits(theirs, ids) - ours).abs().max() <= TOLERANCE
-    # Merged by peft (fan_in_fan_out transposes the delta for GPT-2's Conv1D): the same function.
-    assert (logits(theirs.merge_and_unload(), ids) - ours).abs().max() <= MERGED_TOLERANCE
+    # Merged by peft (fan_in_fan_out transposes the delta for GPT-2's Conv1D): the same function. (Not a tied table
+    # with an adapter: peft merges it once as the embedding and once as the head, peft issue 2777.)
+    if case not in TIED_TABLES:
+        assert (logits(theirs.merge_and_unload(), ids) - ours).abs().max() <= MERGED_TOLERANCE
     # base_model_name_or_path leads AutoPeftModel to the exported base.
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
     assert (logits(auto, ids) - ours).abs().max() <= TOLERANCE

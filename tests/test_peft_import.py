@@ -43,7 +43,13 @@ PEFT_CASES = {
                                                    layers_to_transform=[1])),
     "gpt2-attention-and-mlp": (GPT2_STYLE, dict(r=4, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"],
                                                 fan_in_fan_out=True)),
+    # the token embedding (lora_embedding_A/B) at a rank of its own; on a tied model its head's tied adapter
+    "llama-embedding-rank-2": (LLAMA_STYLE, dict(r=4, lora_alpha=6, target_modules=["embed_tokens", "q_proj"],
+                                                 rank_pattern={"embed_tokens": 2})),
+    "llama-tied-embedding": (dict(LLAMA_STYLE, tie_embeddings=True), dict(r=4, lora_alpha=6, target_modules=[
+        "embed_tokens", "v_proj"], ensure_weight_tying=True)),
 }
+LINEAR_CASES = [case for case in PEFT_CASES if "embedding" not in case]  # (DoRA: lmforge's on Linear layers)
 
 
 def base_run(root: Path, options: dict, seed: int = 0) -> tuple[Path, Path]:
@@ -97,7 +103,7 @@ def test_an_adapter_peft_made_computes_peft_s_logits_adapted_and_merged(tmp_path
         assert config.lora.r == 4  # the largest rank the adapters need: q's 4 (up's 3 in mlp.fc's lower half)
 
 
-@pytest.mark.parametrize("case", PEFT_CASES)
+@pytest.mark.parametrize("case", LINEAR_CASES)
 def test_a_dora_adapter_peft_made_computes_peft_s_logits_adapted_and_merged(tmp_path, case):
     """use_dora: the magnitudes come to the rows they scale (Llama's gate alone: the up rows keep their own norm)."""
     options, lora = PEFT_CASES[case]
@@ -130,7 +136,8 @@ def test_an_imported_adapter_trains_on_from_peft_s_model(tmp_path):
     assert (logits(trainer.raw_model.eval(), IDS) - before).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("case", ["gpt2-qvo-mlp", "llama-qvo-mlp", "llama-k-head"])
+@pytest.mark.parametrize("case", ["gpt2-qvo-mlp", "llama-qvo-mlp", "llama-k-head", "gpt2-emb-qv", "llama-emb-o",
+                                  "llama-tied-emb"])
 def test_lmforge_s_own_peft_export_comes_back_as_the_same_model(tmp_path, case):
     model, lora, _ = adapted_model(case)
     expected = logits(model, IDS)
@@ -140,6 +147,17 @@ def test_lmforge_s_own_peft_export_comes_back_as_the_same_model(tmp_path, case):
     ckpt = import_peft(adapter, tmp_path / "run", tmp_path / "back")
     back = load_adapted_lora(ckpt, read_run_config(ckpt))
     assert (logits(back, IDS) - expected).abs().max() <= TOLERANCE
+
+
+def test_an_embedding_adapter_of_a_tied_model_without_the_heads_is_one_line(tmp_path, capsys):
+    """peft adapts GPT-2's tied wte alone (the head reads the table unadapted): not what lmforge computes."""
+    base, hf = base_run(tmp_path, GPT2_STYLE)
+    peft_adapter(hf, tmp_path / "adapter", r=4, lora_alpha=6, target_modules=["wte", "c_attn"], fan_in_fan_out=True)
+    capsys.readouterr()  # (transformers' loading bars)
+    assert main(["import", str(tmp_path / "adapter"), "--base", str(base), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "without the same adapter on lm_head" in err and "ensure_weight_tying=True" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_adapter_that_saved_its_heads_weights_is_refused_on_another_base(tmp_path):

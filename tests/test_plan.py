@@ -218,6 +218,18 @@ def test_lora_trains_and_stores_only_the_adapters_and_skips_the_frozen_weight_gr
     assert ddp.gradients == 8 * adapters  # DDP's buckets hold the adapters' gradients only
 
 
+def test_an_embedding_adapter_counts_its_table_sized_A_and_its_output():
+    """lora.targets emb: A (r x V) and B (C x r) trained; its r-wide lookup kept per token like a Linear adapter's."""
+    settings = {"lora.r": R, "train.init_from": "base"}
+    linear = plan(config(**settings), device="h100")
+    with_table = plan(config(**settings, **{"lora.targets": "q,v,emb"}), device="h100")
+    V = config().model.vocab_size
+    assert with_table.trained_parameters - linear.trained_parameters == R * V + C * R
+    assert with_table.optimizer - linear.optimizer == 8 * (R * V + C * R)
+    per_adapter = (linear.activations - plan(config(), device="h100").activations) / (2 * L)  # q and v per layer
+    assert with_table.activations - linear.activations == pytest.approx(per_adapter)
+
+
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "orpo"])
 def test_preference_pairs_double_the_sequences_and_dpo_keeps_and_runs_a_reference(loss):
     """A batch of B pairs is 2B sequences: the activations of a 2B batch, twice the tokens a step. DPO-style losses

@@ -28,8 +28,9 @@ PROMPTS = ["abc", "fed", "dcba", "bad"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A base and three LoRA runs on it: rev (sft with the instruct template, q and v), dora (DoRA on everything,
-    the plain template), and other (a LoRA run of another base)."""
+    """A base and four LoRA runs on it: rev (sft with the instruct template, q and v), dora (DoRA on everything,
+    the plain template), table (q and the token embedding, whose tied head reads it adapted), and other (a LoRA run
+    of another base)."""
     root = tmp_path_factory.mktemp("serve-lora")
     base = make_base(root, **{"model.block_size": 48})
     assert prepare(base, root / "rev-data", write_jsonl(root / "r.jsonl", reverse_records(200)),
@@ -38,13 +39,16 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     common = {"train.init_from": str(base), "train.max_steps": 8, "train.batch_size": 8, "optim.lr": 3e-2}
     for name, values in {"rev": {"data.path": str(root / "rev-data"), "lora.r": 4, "lora.targets": "q,v"},
                          "dora": {"data.path": str(root / "plain-data"), "lora.r": 2, "lora.dora": True,
-                                  "lora.targets": "q,k,v,o,mlp"}}.items():
+                                  "lora.targets": "q,k,v,o,mlp"},
+                         "table": {"data.path": str(root / "plain-data"), "lora.r": 4,
+                                   "lora.targets": "q,emb"}}.items():
         Trainer(tiny_config(root / name, **common, **values), progress=False, tensorboard=False).fit()
     other = make_base(root / "other", **{"train.seed": 8, "model.block_size": 48})
     Trainer(tiny_config(root / "other-lora", **{**common, "train.init_from": str(other), "lora.r": 4,
                                                   "data.path": str(root / "plain-data")}),
             progress=False, tensorboard=False).fit()
-    return {"base": base, "rev": root / "rev", "dora": root / "dora", "other": root / "other-lora"}
+    return {"base": base, "rev": root / "rev", "dora": root / "dora", "table": root / "table",
+            "other": root / "other-lora"}
 
 
 def alone(run: Path, prompt: str, **options) -> str:
@@ -52,13 +56,15 @@ def alone(run: Path, prompt: str, **options) -> str:
 
 
 def test_each_named_run_generates_what_it_generates_alone_also_when_requests_mix(runs):
-    expected = {name: [alone(runs[name], p) for p in PROMPTS] for name in ("base", "rev", "dora")}
-    assert expected["dora"] != expected["base"]  # the adapters change the text (the same prompts, no template)
-    app = load_app(str(runs["base"]), ServeConfig(lora_modules=[f"rev={runs['rev']}", f"dora={runs['dora']}"]),
-                   device="cpu")
+    names = ("base", "rev", "dora", "table")
+    expected = {name: [alone(runs[name], p) for p in PROMPTS] for name in names}
+    assert expected["dora"] != expected["base"] != expected["table"]  # the adapters change the text
+    modules = [f"{name}={runs[name]}" for name in names[1:]]
+    app = load_app(str(runs["base"]), ServeConfig(lora_modules=modules), device="cpu")
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         listed = client.get("/v1/models").json()["data"]
-        assert [(m["id"], m.get("parent")) for m in listed] == [("base", None), ("rev", "base"), ("dora", "base")]
+        assert [(m["id"], m.get("parent")) for m in listed] == [("base", None), ("rev", "base"), ("dora", "base"),
+                                                                ("table", "base")]
 
         def ask(name: str, prompt: str) -> str:
             body = {"prompt": prompt, "max_tokens": 10, "temperature": 0.0, **({} if name == "base" else
@@ -67,12 +73,12 @@ def test_each_named_run_generates_what_it_generates_alone_also_when_requests_mix
             assert r.status_code == 200 and r.json()["model"] == name, r.text
             return r.json()["choices"][0]["text"]
 
-        asks = [(name, p) for p in PROMPTS for name in ("dora", "base", "rev")]  # interleaved, all at once
+        asks = [(name, p) for p in PROMPTS for name in ("dora", "base", "table", "rev")]  # interleaved, at once
         with ThreadPoolExecutor(len(asks)) as pool:
             got = dict(zip(asks, pool.map(lambda a: ask(*a), asks)))
         assert {name: [got[(name, p)] for p in PROMPTS] for name in expected} == expected
         r = client.post("/v1/completions", json={"model": "nope", "prompt": "a", "max_tokens": 1})
-        assert r.status_code == 404 and "'base', 'rev', 'dora'" in r.json()["error"]["message"]
+        assert r.status_code == 404 and "'base', 'rev', 'dora', 'table'" in r.json()["error"]["message"]
         tokens = client.post("/tokenize", json={"model": "rev", "prompt": "abc"}).json()["tokens"]
         rev = load(str(runs["rev"]), device="cpu")
         assert tokens == [rev.tokenizer.start_id] + rev.tokenizer.encode(rev.render("abc"))  # its template
@@ -190,9 +196,9 @@ def test_lora_modules_serve_on_int8_weights_also_when_loaded_at_runtime(runs):
                  load_first=True) == at_start
 
 
-@pytest.mark.parametrize("dora,init", [(False, "default"), (True, "default"), (False, "pissa")],
-                         ids=["lora", "dora", "pissa"])
-def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base(dora, init):
+@pytest.mark.parametrize("dora,init,tied", [(False, "default", True), (True, "default", True), (False, "pissa", True),
+                                           (False, "default", False)], ids=["lora", "dora", "pissa", "lora-untied"])
+def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base(dora, init, tied):
     import copy
 
     from lmforge.config import LoRAConfig, ModelConfig
@@ -201,7 +207,8 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
     from lmforge.model import GPT
 
     torch.manual_seed(0)  # with biases: DoRA's gains scale the output without them
-    base = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=True)).eval()
+    base = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, bias=True,
+                           tie_embeddings=tied)).eval()
     with torch.no_grad():
         for name, p in base.named_parameters():
             if name.endswith("bias"):
@@ -209,11 +216,15 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
     served = copy.deepcopy(base)
     int8 = apply_inference_dtype(copy.deepcopy(base), quantize="int8")  # the sets on int8 layers: folded on their
     adapted = {}  # dequantized weights (DoRA's row norms are those of what the layers compute with)
-    for name, targets in (("x", ["q", "v", "o", "mlp"]), ("y", ["k", "v"])):
+    sets = {"x": ["q", "v", "o", "mlp"], "y": ["k", "v"]}
+    if not dora and init == "default":  # and the token embedding's table (on a tied model, the head's too)
+        sets["w"] = ["emb", "o"]
+    for name, targets in sets.items():
         lora = LoRAConfig(r=3, alpha=5.0, targets=targets, dora=dora, init=init)
         adapted[name] = apply_lora(copy.deepcopy(base), lora).eval()
         with torch.no_grad():
             for adapter in (m for m in adapted[name].modules() if isinstance(m, Adapter)):
+                adapter.A.normal_(0.0, 0.5) if not adapter.A.any() else None  # (the table's A starts at 0)
                 adapter.B.normal_(0.0, 0.2)
                 if dora:  # magnitudes away from the rows' norms
                     adapter.magnitude.mul_(1.0 + torch.rand_like(adapter.magnitude))
@@ -222,21 +233,21 @@ def test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_
                                                 for k, v in lora_state_dict(adapted[name]).items()})
     idx = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
-        for name in ("x", "y"):
+        for name in sets:
             with use_adapter(name):
                 assert (served(idx) - adapted[name](idx)).abs().max() <= 1e-5, name
             assert (adapted[name](idx) - base(idx)).abs().max() > 1e-3  # the sets change the output (100x 1e-5)
         assert torch.equal(served(idx), base(idx))  # no set chosen: the base, exactly
         with use_adapter("z"):
             assert torch.equal(served(idx), base(idx))
-        names = ["y", None, "x", "y", "z"]  # a set per row: each row computes as its model alone
+        names = ["y", None, "w", "x", "y", "z", "w"]  # a set per row: each row computes as its model alone
         batch = torch.randint(0, 50, (len(names), 16))
         with use_adapter(names):
             mixed = served(batch)
         for i, name in enumerate(names):
             alone = (adapted[name] if name in adapted else base)(batch[i:i + 1])
             assert (mixed[i:i + 1] - alone).abs().max() <= 1e-5, (i, name)
-        with use_adapter(names[:2]), pytest.raises(ValueError, match="for 2 rows, and the batch has 5"):
+        with use_adapter(names[:2]), pytest.raises(ValueError, match="for 2 rows, and the batch has 7"):
             served(batch)
         rounding = (apply_inference_dtype(copy.deepcopy(base), quantize="int8")(idx) - base(idx)).abs().max()
         assert isinstance(int8.blocks[0].attn.qkv.base, Int8Linear) and 0 < rounding < 0.05

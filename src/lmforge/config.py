@@ -796,7 +796,7 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- lora
-LoRATarget = Literal["q", "k", "v", "o", "mlp", "head"]
+LoRATarget = Literal["q", "k", "v", "o", "mlp", "head", "emb"]
 LoRAInit = Literal["default", "pissa", "olora"]
 
 
@@ -813,7 +813,9 @@ class LoRAConfig:
     dropout: float = doc("Dropout on an adapter's input (the frozen path sees x unchanged).", 0.0, ge=0, lt=1,
                          noun="probability")
     targets: list[LoRATarget] = doc("What to adapt: q, k, v (slices of attn.qkv), o (attn.proj), mlp (mlp.fc and "
-                                    "mlp.proj), head (lm_head, when untied).", default_factory=lambda: ["q", "v"])
+                                    "mlp.proj), head (lm_head, when untied), emb (the token embedding's table, "
+                                    "peft's lora_embedding_A/B; a tied lm_head reads it adapted too).",
+                                    default_factory=lambda: ["q", "v"])
     weight_decay: float = doc("AdamW weight decay of the adapters (optim.weight_decay applies to full training and "
                               "to a classification head).", 0.0, ge=0, lt=10)
     rslora: bool = doc("rsLoRA (Kalajdzievski 2023, peft's use_rslora): scale adapters by alpha / sqrt(r) instead "
@@ -837,6 +839,10 @@ class LoRAConfig:
         if self.dora and self.init != "default":
             raise ConfigError(f"lora.init={self.init} with lora.dora is not supported: DoRA's magnitudes start at the "
                               f"rows' norms; use lora.init default with DoRA, or drop lora.dora")
+        if "emb" in self.targets and (self.dora or self.init != "default"):
+            raise ConfigError(f"lora.targets has emb with {'lora.dora' if self.dora else f'lora.init={self.init}'}, "
+                              f"which lmforge applies to Linear layers only: drop emb from lora.targets, or use plain "
+                              f"LoRA (lora.init default, no dora)")
         repeated = sorted({t for t in self.targets if self.targets.count(t) > 1})
         if repeated:
             raise ConfigError(f"lora.targets={self.targets!r} names {', '.join(repeated)} more than once: "

@@ -16,6 +16,8 @@ Targets name what to adapt (LoRAConfig.targets), mapped onto the model's Linear 
     mlp       mlp.fc (gate and up fused, for swiglu) and mlp.proj, whole
     head      lm_head, whole; refused when lm_head is tied to tok_emb (merging would change the embedding too), and
               for a classifier, whose head (HEADS) trains whole
+    emb       tok_emb's table (LoRAEmbedding: peft's lora_embedding_A / _B); a tied lm_head reads the adapted table
+              (TiedLoRAHead), so merging changes both alike
 
 `apply_lora` replaces each such nn.Linear by a `LoRALinear` that keeps the same weight and bias Parameters
 under the same names, so an adapted model's state_dict is the plain model's plus the adapters, named
@@ -38,7 +40,7 @@ import hashlib
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +229,81 @@ class LoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:g}, {slices}"
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen nn.Embedding plus a low-rank update of its table (peft's lora_embedding_A / lora_embedding_B):
+
+        E'[i] = E[i] + s * B A[:, i]        A (r, V) starts at zeros, B (C, r) normal: E' starts as E (peft's init)
+
+    one Adapter "emb" (in_features V, rows 0..C-1: its delta B A is (C, V), the table's update transposed). The
+    weight Parameter is kept as it is, frozen. A tied lm_head reads the same table: apply_lora makes it a
+    TiedLoRAHead over this adapter, so the model computes with E' on both sides, as merged (and as peft's
+    ensure_weight_tying ties the head's adapter to the embedding's). No dropout: peft applies none to embeddings.
+    """
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.weight = base.weight  # (V, C)
+        self.weight.requires_grad_(False)
+        self.lora = nn.ModuleDict({"emb": Adapter(self.num_embeddings, 0, self.embedding_dim, r, self.weight.device,
+                                                  self.weight.dtype)})
+        with torch.no_grad():
+            self.lora["emb"].A.zero_()
+            self.lora["emb"].B.normal_()
+        self.scale = alpha / r
+        self.merged = False
+        self.enabled = True
+
+    @property
+    def active(self) -> bool:
+        return not self.merged and self.enabled
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        y = F.embedding(idx, self.weight)  # (..., C)
+        if not self.active:
+            return y
+        adapter = self.lora["emb"]
+        return y + self.scale * F.linear(F.embedding(idx, adapter.A.t()), adapter.B)  # (..., r) -> (..., C)
+
+    def table_delta(self) -> torch.Tensor:
+        """s (B A)^T in fp32, (V, C): what the adapter adds to the table."""
+        return self.scale * self.lora["emb"].delta().t()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight += self.table_delta().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.table_delta().to(self.weight.dtype)
+            self.merged = False
+
+
+class TiedLoRAHead(nn.Module):
+    """A tied lm_head (its weight the embedding's table E) whose embedding a LoRAEmbedding adapts: logits
+    x E'^T = x E^T + s (x B) A, through the embedding's own adapter (not a module of this one: the adapter is saved
+    and trained once). forward(x (..., C)) -> (..., V)."""
+
+    def __init__(self, head: nn.Linear, embedding: LoRAEmbedding) -> None:
+        super().__init__()
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.weight, self.bias = head.weight, None  # the embedding's table
+        self.__dict__["embedding"] = embedding  # a reference, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if not self.embedding.active:
+            return y
+        adapter = self.embedding.lora["emb"]
+        return y + self.embedding.scale * F.linear(F.linear(x, adapter.B.t()), adapter.A.t())
+
+
+ADAPTED = (LoRALinear, LoRAEmbedding)  # the modules that hold adapters (a TiedLoRAHead borrows its embedding's)
+
+
 # --------------------------------------------------------------------------------- applying, merging
 def lora_plan(model: GPT, config: LoRAConfig) -> dict[str, dict[str, tuple[int, int]]]:
     """{Linear's name in the model: {target: (start, size) of its output}} for config.targets."""
@@ -258,7 +335,7 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
     """Freeze every parameter of `model` and replace the Linear layers config.targets names by LoRALinear
     (in place; the adapters are created on the weights' device and dtype, A from torch's global generator).
     Returns the model. Raises ConfigError for head on a tied lm_head, ValueError if it has adapters already."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if any(isinstance(m, ADAPTED) for m in model.modules()):
         raise ValueError("the model has LoRA adapters already; apply_lora once, to a plain model")
     plan = lora_plan(model, config)
     model.requires_grad_(False)
@@ -267,6 +344,11 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.plain_alpha, config.dropout, slices,
                                           config.dora, config.init))
+    if "emb" in config.targets:
+        tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is model.tok_emb.weight
+        model.tok_emb = LoRAEmbedding(model.tok_emb, config.r, config.plain_alpha)
+        if tied:
+            model.lm_head = TiedLoRAHead(model.lm_head, model.tok_emb)
     return model
 
 
@@ -275,12 +357,18 @@ def merge_lora(model: GPT) -> GPT:
     Parameters, still frozen): the model is an ordinary GPT again, its state_dict keys those of a plain one.
     In place; returns the model. Irreversible at this level (LoRALinear.merge/unmerge keep the adapters)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            module.merge()
+        if isinstance(module, (LoRALinear, TiedLoRAHead)):  # (a tied head's table: merged with its embedding)
+            if isinstance(module, LoRALinear):
+                module.merge()
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             linear.weight, linear.bias = module.weight, module.bias
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, linear)
+        elif isinstance(module, LoRAEmbedding):
+            module.merge()
+            embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
+            embedding.weight = module.weight
+            model.tok_emb = embedding
     return model
 
 
@@ -310,25 +398,58 @@ class AdapterSwitch(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        chosen = getattr(_ACTIVE, "chosen", None)
-        if isinstance(chosen, str) or chosen is None:  # one set (or none) for the whole batch
-            if chosen in self.sets:
-                self.sets[chosen].apply_(x, y, self.base.bias)
-            return y
-        if x.size(0) != chosen.rows:
-            raise ValueError(f"use_adapter named sets for {chosen.rows} rows, and the batch has {x.size(0)}")
-        for name, rows in chosen.groups.items():  # rows of each set: their update computed on them alone
-            if name not in self.sets:
-                continue
-            if isinstance(rows, slice):  # consecutive rows: views, changed in place
-                self.sets[name].apply_(x[rows], y[rows], self.base.bias)
-                continue
-            rows = rows.to(x.device)
-            part = y.index_select(0, rows)
-            self.sets[name].apply_(x.index_select(0, rows), part, self.base.bias)
-            y.index_copy_(0, rows, part)
+        return _switched(self.sets, x, self.base(x), lambda adapted, x, y: adapted.apply_(x, y, self.base.bias))
+
+
+class EmbeddingSwitch(nn.Module):
+    """A frozen nn.Embedding (its weight kept as `weight`, the same Parameter) with several named sets of table
+    adapters (an EmbeddingSet each), chosen as AdapterSwitch's are: a LoRA run that adapted the embedding (lora.targets
+    emb), served beside its base."""
+
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.weight = base.weight
+        self.sets = nn.ModuleDict()  # name -> EmbeddingSet
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return _switched(self.sets, idx, F.embedding(idx, self.weight), lambda adapted, idx, y: adapted.apply_(idx, y))
+
+
+class EmbeddingSet(nn.Module):
+    """One run's table adapter for inference: A^T (V, r) and s B (C, r); apply_(idx, y) adds s B A[:, idx] to the
+    rows y = E[idx] in place (LoRAEmbedding's output)."""
+
+    def __init__(self, At: torch.Tensor, B: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("At", At)
+        self.register_buffer("B", B)
+
+    def apply_(self, idx: torch.Tensor, y: torch.Tensor) -> None:
+        y.add_(F.linear(F.embedding(idx, self.At), self.B))
+
+
+def _switched(sets: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, apply: Any) -> torch.Tensor:
+    """y, the base's output for x, with the sets use_adapter chose applied (apply(set, x, y) changes y in place):
+    one set (or none) for the whole batch, or each row's own, its rows' update computed on them alone."""
+    chosen = getattr(_ACTIVE, "chosen", None)
+    if isinstance(chosen, str) or chosen is None:
+        if chosen in sets:
+            apply(sets[chosen], x, y)
         return y
+    if x.size(0) != chosen.rows:
+        raise ValueError(f"use_adapter named sets for {chosen.rows} rows, and the batch has {x.size(0)}")
+    for name, rows in chosen.groups.items():
+        if name not in sets:
+            continue
+        if isinstance(rows, slice):  # consecutive rows: views, changed in place
+            apply(sets[name], x[rows], y[rows])
+            continue
+        rows = rows.to(x.device)
+        part = y.index_select(0, rows)
+        apply(sets[name], x.index_select(0, rows), part)
+        y.index_copy_(0, rows, part)
+    return y
 
 
 class StackedAdapters(nn.Module):
@@ -338,8 +459,15 @@ class StackedAdapters(nn.Module):
     DoRA's row gains g = m / ||W + s B A|| are fixed then too (1 on rows no adapter covers): apply_(x, y, b) turns the
     frozen output y = x W^T + b into g (y - b + s x A^T B^T) + b, LoRALinear's output (plain LoRA: y + s x A^T B^T)."""
 
-    def __init__(self, module: LoRALinear) -> None:
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, gain: Optional[torch.Tensor] = None) -> None:
         super().__init__()
+        self.register_buffer("A", A)  # (k, in)
+        self.register_buffer("B", B)  # (out, k), the scale in it
+        self.register_buffer("gain", gain)  # DoRA's (out,), or None
+
+    @classmethod
+    def fold(cls, module: LoRALinear) -> "StackedAdapters":
+        """The set of a LoRALinear's adapters (as they are now)."""
         adapters = list(module.lora.values())
         terms = [(adapter, a, b) for adapter in adapters for a, b in adapter.terms()]  # (PiSSA: B A and -B0 A0)
         r = adapters[0].A.shape[0]
@@ -351,9 +479,8 @@ class StackedAdapters(nn.Module):
             B[rows, j * r:(j + 1) * r] = b.detach()
             if adapter.magnitude is not None:
                 gain[rows] = adapter.magnitude.detach() / module.row_norms(adapter)
-        self.register_buffer("A", torch.cat([a.detach() for _, a, _ in terms]))  # (m r, in)
-        self.register_buffer("B", B * module.scale)
-        self.register_buffer("gain", gain if adapters[0].magnitude is not None else None)  # DoRA's
+        return cls(torch.cat([a.detach() for _, a, _ in terms]), B * module.scale,  # (m r, in), (out, m r)
+                   gain if adapters[0].magnitude is not None else None)
 
     def apply_(self, x: torch.Tensor, y: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         """Make y (..., out), the frozen output x W^T + b of x (..., in), the adapted output, in place."""
@@ -366,6 +493,9 @@ class StackedAdapters(nn.Module):
         y.add_(update).mul_(self.gain)
         if bias is not None:
             y.add_(bias)
+
+
+SWITCHES = (AdapterSwitch, EmbeddingSwitch)  # what holds adapter sets
 
 
 class RowSets(NamedTuple):
@@ -427,6 +557,10 @@ def add_adapter_set(model: GPT, name: str, config: LoRAConfig, adapters: dict[st
         added[linear] = LoRALinear(switch.dense(), config.r, config.plain_alpha, 0.0, slices, config.dora,
                                    config.init).eval()
     own = {f"{linear}.lora.{key}": t for linear, m in added.items() for key, t in m.lora.state_dict().items()}
+    if "emb" in config.targets:  # the table's adapter, as LoRAEmbedding holds it: A (r, V), B (C, r)
+        table = model.tok_emb.weight
+        own.update({"tok_emb.lora.emb.A": table.new_empty(config.r, table.shape[0], device="meta"),
+                    "tok_emb.lora.emb.B": table.new_empty(table.shape[1], config.r, device="meta")})
     missing, unexpected = [k for k in own if k not in adapters], [k for k in adapters if k not in own]
     if missing or unexpected:
         parts = ([f"missing {_names(missing)}"] if missing else []) + (
@@ -436,19 +570,36 @@ def add_adapter_set(model: GPT, name: str, config: LoRAConfig, adapters: dict[st
         if adapters[key].shape != tensor.shape:
             raise CheckpointError(f"adapter {key} of {name!r} has shape {tuple(adapters[key].shape)}, its lora "
                                   f"section's {tuple(tensor.shape)}")
-        tensor.copy_(adapters[key])
+        if not tensor.is_meta:
+            tensor.copy_(adapters[key])
     for linear, module in added.items():
-        model.get_submodule(linear).sets[name] = StackedAdapters(module)
+        model.get_submodule(linear).sets[name] = StackedAdapters.fold(module)
+    if "emb" in config.targets:
+        _add_table_set(model, name, config.scale, adapters["tok_emb.lora.emb.A"], adapters["tok_emb.lora.emb.B"])
+
+
+def _add_table_set(model: GPT, name: str, scale: float, A: torch.Tensor, B: torch.Tensor) -> None:
+    """The embedding's adapter (A (r, V), B (C, r)) as the set `name` of the table and, when the head is tied to it,
+    of the head, whose logits read the adapted table: x E'^T = x E^T + s (x B) A (TiedLoRAHead's)."""
+    if not isinstance(model.tok_emb, EmbeddingSwitch):
+        model.tok_emb = EmbeddingSwitch(model.tok_emb)
+    table = model.tok_emb.weight
+    A, B = (t.detach().to(device=table.device, dtype=table.dtype) for t in (A, B))
+    model.tok_emb.sets[name] = EmbeddingSet(A.t().contiguous(), scale * B)
+    if model.config.tie_embeddings and model.config.head == "lm":
+        if not isinstance(model.lm_head, AdapterSwitch):
+            model.lm_head = AdapterSwitch(model.lm_head)
+        model.lm_head.sets[name] = StackedAdapters(B.t().contiguous(), scale * A.t().contiguous())
 
 
 def adapter_sets(model: nn.Module) -> set[str]:
     """The names of the adapter sets on `model` (add_adapter_set)."""
-    return {name for m in model.modules() if isinstance(m, AdapterSwitch) for name in m.sets}
+    return {name for m in model.modules() if isinstance(m, SWITCHES) for name in m.sets}
 
 
 def remove_adapter_set(model: GPT, name: str) -> None:
     """Take the adapter set `name` (add_adapter_set) off every AdapterSwitch of `model`; ValueError if it has none."""
-    switches = [m for m in model.modules() if isinstance(m, AdapterSwitch) and name in m.sets]
+    switches = [m for m in model.modules() if isinstance(m, SWITCHES) and name in m.sets]
     if not switches:
         raise ValueError(f"the model has no adapter set named {name!r}")
     for switch in switches:
@@ -460,7 +611,7 @@ def remove_adapter_set(model: GPT, name: str) -> None:
 def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block `model` computes what its frozen base does: every adapter is skipped (the model DPO trains
     with LoRA is its own reference this way, with no copy). Refused while merged: the base is not apart then."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in model.modules() if isinstance(m, ADAPTED)]
     if not layers:
         raise ValueError("adapters_off needs a model with LoRA adapters (apply_lora); this one has none")
     if any(m.merged for m in layers):
@@ -477,13 +628,13 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors only, {"blocks.0.attn.qkv.lora.q.A": (r, C), ...} (see the module docstring),
     sharing storage with the model."""
-    return {f"{name}.lora.{key}": tensor for name, module in model.named_modules() if isinstance(module, LoRALinear)
+    return {f"{name}.lora.{key}": tensor for name, module in model.named_modules() if isinstance(module, ADAPTED)
             for key, tensor in module.lora.state_dict().items()}
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapter Parameters (every A and B), in the order of lora_state_dict: what the optimizer trains."""
-    return [p for module in model.modules() if isinstance(module, LoRALinear) for p in module.lora.parameters()]
+    return [p for module in model.modules() if isinstance(module, ADAPTED) for p in module.lora.parameters()]
 
 
 def _names(names: list[str], most: int = 3) -> str:
@@ -538,6 +689,10 @@ def train_added_rows(model: nn.Module) -> list[str]:
     Returns their names; none for a model without added rows."""
     weights = added_row_weights(model)
     first = getattr(model, "added_rows_from", None)
+    if weights and isinstance(getattr(model, "tok_emb", None), LoRAEmbedding):
+        raise ConfigError(f"lora.targets has emb, and the data adds {model.config.vocab_size - first} token(s) to the "
+                          "base's tokenizer, whose rows then train whole (an adapter of the table beside them is what "
+                          "peft cannot save either): drop emb from lora.targets")
     for p in {id(p): p for p in weights.values()}.values():
         p.requires_grad_(True)
         p.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:first]), grad[first:]]))
@@ -554,7 +709,7 @@ def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def is_adapted(model: nn.Module) -> bool:
     """Whether apply_lora put adapters into `model` (and they are not merged away)."""
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+    return any(isinstance(m, ADAPTED) for m in model.modules())
 
 
 def base_fingerprint(model: nn.Module, adapters: bool = False) -> str:

@@ -236,14 +236,14 @@ def lora_counts(config: RunConfig, added_from: Optional[int] = None) -> tuple[in
     """(trained parameters, adapter activations per token) of config.lora on config.model: the model built on the
     meta device and adapted as training adapts it (with rows of added tokens from added_from on: the embedding and
     an untied head train whole, their gradients and moments full-size); (0, 0) without lora."""
-    from lmforge.lora import LoRALinear, apply_lora, train_added_rows
+    from lmforge.lora import ADAPTED, apply_lora, train_added_rows
 
     if config.lora is None:
         return 0, 0
     model = apply_lora(GPT.shapes(config.model), config.lora)
     model.added_rows_from = added_from
     train_added_rows(model)
-    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    adapters = [m for m in model.modules() if isinstance(m, ADAPTED)]  # (the embedding's too)
     return (sum(p.numel() for p in model.parameters() if p.requires_grad),
             sum(len(m.lora) for m in adapters) * config.lora.r)  # each adapter keeps its r-wide A output
 

@@ -37,7 +37,7 @@ from lmforge.interop.gguf_header import GGUFHeaderError, read_header, tensor_byt
 from lmforge.interop.gguf_import import _halves_from_interleaved
 from lmforge.interop.hf_export import HFExportError
 from lmforge.interop.hf_import import check_new_run
-from lmforge.interop.peft_export import HF_BLOCK, PREFIX, WEIGHTS, peft_adapter_files
+from lmforge.interop.peft_export import EMBEDDING, HF_BLOCK, PREFIX, WEIGHTS, peft_adapter_files
 from lmforge.interop.peft_import import PEFTImportError, import_lora
 from lmforge.lora import LoRAConfig
 
@@ -56,6 +56,10 @@ def adapter_tensors(model: torch.nn.Module, lora: LoRAConfig, arch: str) -> dict
     """{llama.cpp tensor name + .lora_a / .lora_b: float32 tensor} of a model adapted by apply_lora (unmerged), for
     a GGUF file of architecture `arch` (gguf_export.gguf_architecture)."""
     config = model.config
+    if "emb" in lora.targets and config.tie_embeddings and config.head == "lm":
+        raise GGUFExportError("the run adapts the token embedding of a model whose head is tied to it, and llama.cpp "
+                              "computes the output from that tensor without its embedding adapter: export the run "
+                              "merged (without --adapter)")
     try:
         adapter = peft_adapter_files(model, lora)[WEIGHTS]
     except HFExportError as e:
@@ -65,6 +69,10 @@ def adapter_tensors(model: torch.nn.Module, lora: LoRAConfig, arch: str) -> dict
     out: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.items():
         module, part = key[len(PREFIX):].rsplit(".lora_", 1)  # "model.layers.0.self_attn.q_proj", "A.weight"
+        if part.startswith("embedding_"):  # llama.cpp adds s B a[token] to the row: its lora_a is A^T (V, r)
+            out[f"token_embd.weight.lora_{part[-1].lower()}"] = (tensor.t() if part.endswith("A") else tensor).float(
+                ).contiguous()
+            continue
         if module == "lm_head":
             name = "output.weight"
         else:
@@ -174,12 +182,13 @@ def import_gguf_adapter(path: str | Path, base: str | Path, run_dir: str | Path)
     hf_name = {gguf_name: hf for hf, gguf_name in GGUF_NAMES[family].items()}
     tensors, ranks = {}, {}
     for name, (info, raw) in stored.items():
-        found = re.fullmatch(r"(?:blk\.(\d+)\.(\w+)|output)\.weight\.lora_([ab])", name)
+        found = re.fullmatch(r"(?:blk\.(\d+)\.(\w+)|output|(token_embd))\.weight\.lora_([ab])", name)
         inner = found and found.group(2)
         if not found or (inner is not None and inner not in hf_name):
             raise PEFTImportError(f"{path} holds {name}, which is no adapter of a matrix lmforge's {arch} model has")
-        part = found.group(3)
-        module = "lm_head" if inner is None else HF_BLOCK[family].format(int(found.group(1))) + hf_name[inner]
+        part = found.group(4)
+        module = EMBEDDING[family] if found.group(3) else "lm_head" if inner is None else \
+            HF_BLOCK[family].format(int(found.group(1))) + hf_name[inner]
         try:
             data = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.type))
         except NotImplementedError:
@@ -190,7 +199,10 @@ def import_gguf_adapter(path: str | Path, base: str | Path, run_dir: str | Path)
             heads = config.model.n_head if inner == "attn_q" else config.model.n_kv_head
             if tensor.shape[0] == heads * config.model.head_dim:  # (another model's: refused below, naming shapes)
                 tensor = _halves_from_interleaved(tensor, heads)
-        tensors[f"{PREFIX}{module}.lora_{part.upper()}.weight"] = tensor
+        if found.group(3):  # the embedding's: peft's lora_embedding_A (r, V) is llama.cpp's lora_a transposed
+            tensors[f"{PREFIX}{module}.lora_embedding_{part.upper()}"] = tensor.t() if part == "a" else tensor
+        else:
+            tensors[f"{PREFIX}{module}.lora_{part.upper()}.weight"] = tensor
         if part == "b":
             ranks[module] = tensor.shape[1]
     # llama.cpp's scale is alpha / rank, each matrix's own rank, as PEFT's lora_alpha / r; alpha 0 means scale 1

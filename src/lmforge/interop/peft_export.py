@@ -50,7 +50,7 @@ from lmforge.config import ModelConfig
 from lmforge.files import atomic_dir, atomic_path, atomic_write_text, check_output
 from lmforge.interop import hf_gpt2
 from lmforge.interop.hf_export import HFExportError, converter_for_model, hf_files
-from lmforge.lora import LoRAConfig, LoRALinear, added_row_weights
+from lmforge.lora import LoRAConfig, LoRAEmbedding, LoRALinear, TiedLoRAHead, added_row_weights
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # what PeftModel puts before the HF model's module names
@@ -113,9 +113,10 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
     arch = "gpt2" if converter_for_model(config) is hf_gpt2 else "llama"
     task_type, modules_to_save = TASKS[config.head]
     adapted = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-    if not adapted:
+    embedding = model.tok_emb if isinstance(model.tok_emb, LoRAEmbedding) else None
+    if not adapted and embedding is None:
         raise HFExportError("the model has no LoRA adapters to export as PEFT: export it as a plain HF model")
-    if any(m.merged for m in adapted.values()):
+    if any(m.merged for m in adapted.values()) or (embedding is not None and embedding.merged):
         raise HFExportError("the model's LoRA adapters are merged into its weights, so it has no separate base: "
                             "unmerge them first, or export the merged model as a plain HF model")
     weights: dict[str, torch.Tensor] = {}
@@ -145,6 +146,11 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
                     magnitude[first - lo:last - lo] = a.magnitude[first - a.start:last - a.start].float().cpu()
                 weights[f"{PREFIX}{hf}.lora_magnitude_vector"] = magnitude
             ranks[hf.split(".", 3)[-1]] = A.shape[0]  # "attn.c_attn", "self_attn.q_proj", "lm_head"
+    if embedding is not None:  # peft's Embedding layer: lora_embedding_A (r, V), lora_embedding_B (C, r)
+        weights.update(_embedding_adapter(embedding, arch, isinstance(model.lm_head, TiedLoRAHead), lora_config))
+        ranks[EMBEDDING[arch].rsplit(".", 1)[-1]] = lora_config.r
+        if isinstance(model.lm_head, TiedLoRAHead):
+            ranks["lm_head"] = lora_config.r
     rows = _row_modules(model, arch)
     if modules_to_save or rows:  # the trained head under its HF name (the converter's mapping), e.g. score.weight
         hf_weights = hf_files(model, tokenizer=None)["model.safetensors"]
@@ -174,9 +180,28 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
         "modules_to_save": list(modules_to_save) or None,
         "inference_mode": True,
     }
-    if rows and config.tie_embeddings:  # one trained copy serves the embedding and the tied head, as in lmforge
-        adapter_config["ensure_weight_tying"] = True
+    if (rows or embedding is not None) and config.tie_embeddings:  # one trained copy (of rows, or of the table's
+        adapter_config["ensure_weight_tying"] = True  # adapter) serves the embedding and the tied head, as in lmforge
     return {CONFIG: adapter_config, WEIGHTS: weights}
+
+
+def _embedding_adapter(embedding: LoRAEmbedding, arch: str, tied: bool,
+                       lora_config: LoRAConfig) -> dict[str, torch.Tensor]:
+    """The embedding's adapter as peft names it; with a tied head, also the head's, which reads the same table:
+    x E'^T = x E^T + s (x B) A, a Linear adapter with lora_A = B^T (r, C) and lora_B = A^T (V, r) (what peft's
+    ensure_weight_tying ties to the embedding's)."""
+    adapter = embedding.lora["emb"]
+    if adapter.A.shape[0] != lora_config.r or embedding.scale != lora_config.scale:
+        raise ValueError(f"tok_emb has an adapter of rank {adapter.A.shape[0]} and scale {embedding.scale:g}, "
+                         f"lora_config r={lora_config.r}, alpha/r={lora_config.scale:g}: pass the LoRAConfig the "
+                         f"model was adapted with")
+    A, B = adapter.A.detach().float().cpu(), adapter.B.detach().float().cpu()
+    out = {f"{PREFIX}{EMBEDDING[arch]}.lora_embedding_A": A.clone(), f"{PREFIX}{EMBEDDING[arch]}.lora_embedding_B":
+           B.clone()}
+    if tied:
+        out.update({f"{PREFIX}lm_head.lora_A.weight": B.t().contiguous(), f"{PREFIX}lm_head.lora_B.weight":
+                    A.t().contiguous()})
+    return out
 
 
 def _row_modules(model: torch.nn.Module, arch: str) -> tuple[str, ...]:

@@ -52,7 +52,7 @@ from lmforge.errors import LmforgeError
 from lmforge.interop import hf_gpt2
 from lmforge.interop.hf_export import HFExportError, converter_for_model
 from lmforge.interop.hf_import import check_new_run
-from lmforge.interop.peft_export import CONFIG, HF_BLOCK, HF_MODULES, PREFIX, WEIGHTS, _row_sizes
+from lmforge.interop.peft_export import CONFIG, EMBEDDING, HF_BLOCK, HF_MODULES, PREFIX, WEIGHTS, _row_sizes
 from lmforge.lora import LoRALinear, apply_lora, base_fingerprint, lora_plan
 from lmforge.model import GPT
 from lmforge.tokenizer import Tokenizer
@@ -122,7 +122,10 @@ def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base
             from None
     if rows:  # tokens added to the base's tokenizer: the model grows their rows, the tokenizer its own
         tokenizer = _grown(model, rows, tokenizer, source, base)
-    contributions, magnitudes = _contributions(settings, tensors, model, arch, source)
+    embedding = _embedding_adapter(settings, tensors, model, arch, source)
+    contributions, magnitudes = _contributions(settings, tensors, model, arch, source, embedding is not None)
+    if embedding is not None:
+        contributions[("tok_emb", "emb")] = [embedding]
     lora, adapters = _lmforge_adapters(settings, contributions, model)
     fingerprint = base_fingerprint(model)
     adapted = apply_lora(model, lora)  # DoRA: every magnitude starts at its row's norm (rows PEFT left alone keep it)
@@ -299,9 +302,49 @@ def _scale(settings: dict[str, Any], module: str, rank: int) -> float:
     return alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
 
 
+def _embedding_adapter(settings: dict[str, Any], tensors: dict[str, torch.Tensor], model: Any, arch: str,
+                       source: Path) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(A (r_m, V), s_m B (C, r_m), 0) of the embedding's adapter (peft's lora_embedding_A / _B), taken out of
+    `tensors` with a saved copy of the embedding's own weight (checked to be the base's); None without one. On a
+    tied base the head must carry the same adapter (peft's ensure_weight_tying: lora_A = B^T, lora_B = A^T), which
+    is taken out too: lmforge adapts a tied table on both sides."""
+    module = EMBEDDING[arch]
+    keys = {part: f"{PREFIX}{module}.lora_embedding_{part}" for part in "AB"}
+    if not any(key in tensors for key in keys.values()):
+        return None
+    if not all(key in tensors for key in keys.values()):
+        raise PEFTImportError(f"{source} has one of {module}'s lora_embedding_A / lora_embedding_B without the "
+                              "other; save the adapter again")
+    if settings.get("use_dora"):
+        raise PEFTImportError(f"{source} is a DoRA adapter of {module}, which lmforge's embedding adapters (plain "
+                              "LoRA) do not compute")
+    A, B = tensors.pop(keys["A"]), tensors.pop(keys["B"])
+    V, C = model.config.vocab_size, model.config.n_embd
+    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != V or B.shape != (C, A.shape[0]):
+        raise PEFTImportError(f"{module}'s adapter has lora_embedding_A {tuple(A.shape)} and lora_embedding_B "
+                              f"{tuple(B.shape)}, but the base's embedding is ({V}, {C}): the adapter was trained on "
+                              f"another model than --base")
+    own = tensors.pop(f"{PREFIX}{module}.base_layer.weight", None)
+    if own is not None and (own.shape != (V, C) or not torch.equal(own, model.tok_emb.weight.detach().float())):
+        raise PEFTImportError(f"{source} holds {module}'s own weight, which differs from the base's: the adapter "
+                              "was trained on another model than --base")
+    s = _scale(settings, module, A.shape[0])
+    if model.config.tie_embeddings and model.config.head == "lm":
+        head = {part: tensors.pop(f"{PREFIX}lm_head.lora_{part}.weight", None) for part in "AB"}
+        tensors.pop(f"{PREFIX}lm_head.base_layer.weight", None)  # (the table: checked above)
+        if head["A"] is None or head["B"] is None or not torch.allclose(
+                _scale(settings, "lm_head", head["A"].shape[0]) * head["B"] @ head["A"], s * (B @ A).t(), atol=1e-6):
+            raise PEFTImportError(f"{source} adapts {module} of a model whose head is tied to it, without the same "
+                                  "adapter on lm_head (peft's ensure_weight_tying), so peft's head reads the table "
+                                  "unadapted; lmforge adapts a tied table on both sides: train the adapter with "
+                                  "ensure_weight_tying=True, or leave the embedding out")
+    return A, s * B, 0
+
+
 def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], model: Any, arch: str,
-                   source: Path) -> tuple[dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor, int]]],
-                                          dict[tuple[str, str], list[tuple[int, torch.Tensor]]]]:
+                   source: Path, embedding: bool = False
+                   ) -> tuple[dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor, int]]],
+                              dict[tuple[str, str], list[tuple[int, torch.Tensor]]]]:
     """{(lmforge Linear, target): [(A (r_m, in), s_m B_m (n, r_m), first row of B_m within the target's slice)]} of
     every adapted HF module, checked against the model's shapes; and with DoRA (use_dora) the modules' magnitudes,
     {(lmforge Linear, target): [(first row within the target's slice, m (n,))]}."""
@@ -382,7 +425,7 @@ def _contributions(settings: dict[str, Any], tensors: dict[str, torch.Tensor], m
             contributions.setdefault((linear, target), []).append((A, s * B, offset))
             if M is not None:
                 magnitudes.setdefault((linear, target), []).append((offset, M))
-    if not contributions:
+    if not contributions and not embedding:
         raise PEFTImportError(f"{source} holds no adapters (no lora_A / lora_B tensors)")
     return contributions, magnitudes
 
@@ -399,6 +442,12 @@ def _lmforge_adapters(settings: dict[str, Any], contributions: dict, model: Any
                       targets=targets, dora=bool(settings.get("use_dora")))
     generator = torch.Generator().manual_seed(0)
     adapters = {}
+    if "emb" in targets:  # peft's embedding adapter: A (r, V), B (C, r); past its rank, A's rows 0, B's random
+        (A_m, sB_m, _), = contributions[("tok_emb", "emb")]
+        k = A_m.shape[0]
+        A, B = torch.zeros(r, A_m.shape[1]), torch.randn(sB_m.shape[0], r, generator=generator)
+        A[:k], B[:, :k] = A_m, sB_m / lora.scale
+        adapters[("tok_emb", "emb")] = (A, B)
     for linear, slices in lora_plan(model, lora).items():
         layer = model.get_submodule(linear)
         for target, (_, size) in slices.items():

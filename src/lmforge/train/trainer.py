@@ -809,7 +809,8 @@ class Trainer:
         head = unwrap(self.raw_model).lm_head
         if not isinstance(head, nn.Linear) or head.bias is not None:
             raise ConfigError("train.distill_from computes the divergence fused with the plain LM head, and "
-                              "lora.targets adapts the head: leave lm_head out of lora.targets")
+                              "lora.targets adapts the head (head, or emb of a tied embedding): leave them out of "
+                              "lora.targets")
         return load_teacher(self.config, self.tokenizer_file, self.device)
 
     def distill_batch(self, batch: tuple[torch.Tensor, ...], micro: int) -> tuple[torch.Tensor, ...]:
