@@ -670,6 +670,10 @@ MUTANTS = [
            "        pass",
            ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
             "[lora]",)),
+    Mutant("pissa-niter-ignored", "lora.py", "config.dora, config.init, config.pissa_niter))",
+           "config.dora, config.init, None))",
+           ("tests/test_lora_init.py::test_pissa_niter_approaches_the_best_rank_r_part_with_more_iterations_and_starts_"
+            "at_the_base",)),
     Mutant("served-lora-echo-scored-with-the-base", "serve/engine.py",
            "            with use_adapter(job.adapter):  # its LoRA", "            with use_adapter(None):  # its LoRA",
            ("tests/test_serve_lora.py::test_each_named_run_generates_what_it_generates_alone_also_when_requests_mix",)),

@@ -532,6 +532,17 @@ def test_lora_decode_times_every_variant_and_all_give_the_same_tokens(tmp_path):
     assert [r["batch"] for r in summary["results"]] == [1, 3] and json.loads(out.read_text()) == summary
 
 
+def test_pissa_init_times_both_starts_of_both_libraries_and_the_fast_one_is_near_the_best(tmp_path):
+    out = tmp_path / "pissa_init.json"
+    summary = load("pissa_init").main(["--layers", "1", "--width", "128", "--rank", "4", "--rounds", "1",
+                                       "--json-out", str(out)])
+    gaps = summary["excess_over_best_residual"]
+    assert set(gaps) == {"lmforge-exact", "lmforge-niter-4", "peft-exact", "peft-niter-4"}
+    assert abs(gaps["lmforge-exact"]) < 1e-4 and abs(gaps["peft-exact"]) < 1e-4  # Eckart-Young: the best
+    assert 0 < gaps["lmforge-niter-4"] < 0.2 and 0 < gaps["peft-niter-4"] < 0.2
+    assert summary["time_vs_lmforge_exact"]["lmforge-exact"] == 1.0 and json.loads(out.read_text()) == summary
+
+
 def test_lora_mixed_times_every_variant_and_each_row_decodes_with_its_own_set(tmp_path):
     out = tmp_path / "lora_mixed.json"
     summary = load("lora_mixed").main(["--layers", "2", "--width", "64", "--heads", "4", "--kv-heads", "2", "--vocab",

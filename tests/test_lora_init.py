@@ -88,6 +88,36 @@ def test_pissa_starts_with_each_weights_best_rank_r_part():
         initial_adapters(weight, 20, 2.0, "pissa")
 
 
+def test_pissa_niter_approaches_the_best_rank_r_part_with_more_iterations_and_starts_at_the_base(base):
+    """lora.pissa_niter (peft's pissa_niter_K): torch.svd_lowrank's randomized top r, near the best at few iterations
+    on a random weight (flat spectrum: the hard case), nearer with more; the model still starts as its base."""
+    torch.manual_seed(0)
+    weight = torch.randn(96, 64)
+    best = (torch.linalg.svdvals(weight)[4:] ** 2).sum()
+    excess = []
+    for niter in (0, 2, 16):
+        torch.manual_seed(1)
+        A0, B0 = initial_adapters(weight, 4, 2.0, "pissa", niter)
+        excess.append(float(torch.linalg.matrix_norm(weight - 2.0 * B0 @ A0) ** 2 / best - 1))
+    assert 0 < excess[2] < excess[1] < excess[0] < 0.2 and excess[2] < 0.005
+    model, _ = base
+    fast = apply_lora(copy.deepcopy(model), LoRAConfig(r=4, alpha=8, targets=["q", "v"], init="pissa",
+                                                       pissa_niter=4)).eval()
+    exact = apply_lora(copy.deepcopy(model), LoRAConfig(r=4, alpha=8, targets=["q", "v"], init="pissa")).eval()
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (fast(idx) - model(idx)).abs().max() <= 1e-5  # B0 A0 taken off again: the base
+    residual = {}  # of each model's q slice, after its start s B0 A0 is taken out
+    for name, m in (("fast", fast), ("exact", exact)):
+        layer = m.blocks[0].attn.qkv
+        q = layer.lora["q"]
+        residual[name] = float(torch.linalg.matrix_norm(layer.weight[:q.size] - layer.scale * q.B0 @ q.A0) ** 2)
+    assert residual["exact"] < residual["fast"] < 1.05 * residual["exact"]
+    with pytest.raises(ConfigError, match="lora.pissa_niter=4 sets how PiSSA's SVD is computed, and lora.init is "
+                                          "default"):
+        LoRAConfig(pissa_niter=4)
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_trained_adapters_compute_what_peft_computes_and_export_to_the_unchanged_base(base, init, tmp_path):
     model, hf_dir = base

@@ -828,6 +828,10 @@ class LoRAConfig:
                          "training moves its principal directions; the paper: converges faster than default) or "
                          "olora (Buyukakyuz 2024: from its QR decomposition), as peft's init_lora_weights.",
                          "default")
+    pissa_niter: Optional[int] = doc("PiSSA's fast SVD (peft's init_lora_weights pissa_niter_K): each weight's top r "
+                                     "directions by torch.svd_lowrank with this many subspace iterations (Halko et "
+                                     "al. 2011) instead of the exact SVD, much faster on large weights; null = exact. "
+                                     "With lora.init pissa only.", None, ge=0, le=64)
     dora: bool = doc("DoRA (Liu et al. 2024, peft's use_dora): each adapted row of a weight is split into a "
                      "magnitude, trained, and the direction of W + (alpha / r) B A (the paper: closer to full "
                      "fine-tuning at low ranks); each step a little slower.", False)
@@ -839,6 +843,9 @@ class LoRAConfig:
         if self.dora and self.init != "default":
             raise ConfigError(f"lora.init={self.init} with lora.dora is not supported: DoRA's magnitudes start at the "
                               f"rows' norms; use lora.init default with DoRA, or drop lora.dora")
+        if self.pissa_niter is not None and self.init != "pissa":
+            raise ConfigError(f"lora.pissa_niter={self.pissa_niter} sets how PiSSA's SVD is computed, and lora.init is "
+                              f"{self.init}: give lora.init pissa too, or drop lora.pissa_niter")
         if "emb" in self.targets and (self.dora or self.init != "default"):
             raise ConfigError(f"lora.targets has emb with {'lora.dora' if self.dora else f'lora.init={self.init}'}, "
                               f"which lmforge applies to Linear layers only: drop emb from lora.targets, or use plain "

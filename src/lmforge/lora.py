@@ -89,16 +89,22 @@ class Adapter(nn.Module):
         return [(self.A, self.B)] + ([] if self.A0 is None else [(self.A0, -self.B0)])
 
 
-def initial_adapters(weight: torch.Tensor, r: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+def initial_adapters(weight: torch.Tensor, r: int, scale: float, init: str, niter: Optional[int] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A0 (r, in), B0 (out, r)) in fp32 for the rows `weight` (out, in), as peft's pissa_init / olora_init compute
     them. pissa (Meng et al. 2024): W = U S V^T, A0 = sqrt(S_r / s) V_r^T, B0 = U_r sqrt(S_r / s), so s B0 A0 is W's
-    best rank-r approximation; olora (Buyukakyuz 2024): W = Q R, A0 = R[:r], B0 = Q[:, :r]."""
+    best rank-r approximation (with `niter`, U_r, S_r, V_r from torch.svd_lowrank(W, r, niter): randomized, drawn
+    from torch's global generator, close to the best); olora (Buyukakyuz 2024): W = Q R, A0 = R[:r], B0 = Q[:, :r]."""
     if r > min(weight.shape):
         raise ConfigError(f"lora.init={init} takes r={r} directions of a {tuple(weight.shape)} weight, which has at "
                           f"most {min(weight.shape)}: lower lora.r, or use lora.init default")
     w = weight.detach().float()
     if init == "pissa":
-        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        if niter is None:
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        else:
+            U, S, V = torch.svd_lowrank(w, q=r, niter=niter)
+            Vh = V.t()
         root = torch.sqrt(S[:r] / scale)
         return root[:, None] * Vh[:r], U[:, :r] * root
     Q, R = torch.linalg.qr(w)
@@ -121,7 +127,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  slices: Optional[dict[str, tuple[int, int]]] = None, dora: bool = False,
-                 init: str = "default") -> None:
+                 init: str = "default", niter: Optional[int] = None) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) or None
@@ -149,7 +155,7 @@ class LoRALinear(nn.Module):
             with torch.no_grad():
                 for adapter in self.lora.values():
                     A0, B0 = initial_adapters(self.weight[adapter.start:adapter.start + adapter.size], r, self.scale,
-                                              init)
+                                              init, niter)
                     for tensor, value in ((adapter.A, A0), (adapter.B, B0), (adapter.A0, A0), (adapter.B0, B0)):
                         tensor.copy_(value)
         if dora and self.weight.device.type != "meta":
@@ -343,7 +349,7 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.plain_alpha, config.dropout, slices,
-                                          config.dora, config.init))
+                                          config.dora, config.init, config.pissa_niter))
     if "emb" in config.targets:
         tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is model.tok_emb.weight
         model.tok_emb = LoRAEmbedding(model.tok_emb, config.r, config.plain_alpha)
