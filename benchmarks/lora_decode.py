@@ -27,10 +27,8 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -48,7 +46,7 @@ from lmforge.interop.hf_export import export_hf  # noqa: E402
 from lmforge.interop.peft_export import CONFIG, WEIGHTS, peft_adapter_files  # noqa: E402
 from lmforge.lora import Adapter, add_adapter_set, apply_lora, lora_state_dict, merge_lora, use_adapter  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
-from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
+from machine import alternating_medians, libraries, machine, report  # noqa: E402  (benchmarks/machine.py)
 
 VARIANTS = ("lmforge-adapter", "lmforge-merged", "peft-adapter", "peft-merged")
 PROMPT = [5, 17, 90, 3, 42, 7, 60, 11]  # ids under any --vocab from 91
@@ -128,13 +126,7 @@ def first_difference(a: list[int], b: list[int]) -> int:
 def measure(models: dict[str, torch.nn.Module], batch: int, args: argparse.Namespace) -> dict:
     runners = {name: runner(name, model, batch, args.new_tokens) for name, model in models.items()}
     tokens = {name: run() for name, run in runners.items()}  # the untimed warm-up, and the tokens compared
-    seconds: dict[str, list[float]] = {name: [] for name in runners}
-    for r in range(args.rounds):
-        for name in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-            t0 = time.perf_counter()
-            runners[name]()
-            seconds[name].append(time.perf_counter() - t0)
-    median = {name: statistics.median(s) for name, s in seconds.items()}
+    median = alternating_medians(runners, args.rounds)
     reference = [row for row in tokens["lmforge-merged"]]
     out = {"batch": batch, "seconds": {n: round(v, 4) for n, v in median.items()},
            "tokens_per_s": {n: round(batch * args.new_tokens / v, 1) for n, v in median.items()},
@@ -152,8 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     here = machine()
-    print(f"{here['cpu']}; torch {here['torch']}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"threads {here['torch_threads']}, load average {here['load_average_at_start']}", flush=True)
+    print(libraries(here, transformers=transformers.__version__, peft=peft.__version__), flush=True)
     with tempfile.TemporaryDirectory(prefix="lora-decode-") as tmp:
         models = build(Path(tmp), args)
         results = [measure(models, int(b), args) for b in args.batch_sizes.split(",")]

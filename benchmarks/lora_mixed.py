@@ -29,10 +29,8 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +49,8 @@ from lmforge.interop.hf_export import export_hf  # noqa: E402
 from lmforge.interop.peft_export import CONFIG, WEIGHTS, peft_adapter_files  # noqa: E402
 from lmforge.lora import Adapter, add_adapter_set, apply_lora, lora_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
-from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
+from lora_decode import first_difference  # noqa: E402  (benchmarks/lora_decode.py)
+from machine import alternating_medians, libraries, machine, report  # noqa: E402  (benchmarks/machine.py)
 
 VARIANTS = ("lmforge-mixed", "lmforge-per-set", "peft-mixed", "peft-per-set", "lmforge-mixed-int8")
 PROMPT_TOKENS = 8
@@ -149,23 +148,13 @@ def runner(variant: str, served: GPT, int8: GPT, theirs: torch.nn.Module, prompt
             "peft-per-set": theirs_per_set, "lmforge-mixed-int8": lambda: ours_mixed(int8)}[variant]
 
 
-def first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def measure(served: GPT, int8: GPT, theirs: torch.nn.Module, names: list[str], args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, min(args.vocab, 1000), (args.batch, PROMPT_TOKENS), generator=generator).tolist()
     rows = [names[i % len(names)] for i in range(args.batch)]
     runners = {v: runner(v, served, int8, theirs, prompts, rows, args.new_tokens) for v in VARIANTS}
     tokens = {v: run() for v, run in runners.items()}  # the untimed warm-up, and the tokens compared
-    seconds: dict[str, list[float]] = {v: [] for v in runners}
-    for r in range(args.rounds):
-        for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-            t0 = time.perf_counter()
-            runners[v]()
-            seconds[v].append(time.perf_counter() - t0)
-    median = {v: statistics.median(s) for v, s in seconds.items()}
+    median = alternating_medians(runners, args.rounds)
     reference = tokens["lmforge-per-set"]
     out = {"batch": args.batch, "sets": len(names), "seconds": {v: round(s, 4) for v, s in median.items()},
            "tokens_per_s": {v: round(args.batch * args.new_tokens / s, 1) for v, s in median.items()},
@@ -183,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     here = machine()
-    print(f"{here['cpu']}; torch {here['torch']}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"threads {here['torch_threads']}, load average {here['load_average_at_start']}", flush=True)
+    print(libraries(here, transformers=transformers.__version__, peft=peft.__version__), flush=True)
     with tempfile.TemporaryDirectory(prefix="lora-mixed-") as tmp:
         served, int8, theirs, names = build(Path(tmp), args)
         result = measure(served, int8, theirs, names, args)

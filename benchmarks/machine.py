@@ -18,6 +18,7 @@ import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 # The CPU features that change what torch's kernels can do: 256- and 512-bit vectors, bf16 dot products, AMX tiles.
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
@@ -63,6 +64,29 @@ def machine() -> dict:
         "load_average_at_start": load_average(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def alternating_medians(runs: "dict[str, Callable[[], object]]", rounds: int) -> dict[str, float]:
+    """Median seconds of each of `runs` over `rounds` rounds, in their order and reversed every other round (so no
+    variant always runs first, or always after the same one)."""
+    import statistics
+    import time
+
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            t0 = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def libraries(here: dict, **versions: str) -> str:
+    """The line a benchmark prints first: the machine (machine()), torch, the other libraries' versions, threads and
+    the load average."""
+    others = "".join(f", {name} {version}" for name, version in versions.items())
+    return (f"{here['cpu']}; torch {here['torch']}{others}, threads {here['torch_threads']}, load average "
+            f"{here['load_average_at_start']}")
 
 
 def report(summary: dict, json_out: "str | Path | None", *, indent: int = 1, ascii_only: bool = True) -> dict:

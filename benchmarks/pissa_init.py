@@ -34,7 +34,7 @@ from lmforge.config import LoRAConfig, ModelConfig, RunConfig  # noqa: E402
 from lmforge.interop.hf_export import export_hf  # noqa: E402
 from lmforge.lora import Adapter, LoRALinear, apply_lora  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
-from machine import machine, report  # noqa: E402  (benchmarks/machine.py)
+from machine import libraries, machine, report  # noqa: E402  (benchmarks/machine.py)
 
 HF = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     here = machine()
-    print(f"{here['cpu']}; torch {here['torch']}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"threads {here['torch_threads']}, load average {here['load_average_at_start']}", flush=True)
+    print(libraries(here, transformers=transformers.__version__, peft=peft.__version__), flush=True)
     config = ModelConfig(vocab_size=256, block_size=64, n_layer=args.layers, n_head=args.width // 64,
                          n_kv_head=args.width // 64, n_embd=args.width, norm="rmsnorm", mlp="swiglu",
                          pos_encoding="rope", bias=False, tie_embeddings=False)

@@ -532,6 +532,16 @@ def test_lora_decode_times_every_variant_and_all_give_the_same_tokens(tmp_path):
     assert [r["batch"] for r in summary["results"]] == [1, 3] and json.loads(out.read_text()) == summary
 
 
+def test_alternating_medians_reverses_the_order_every_other_round_and_takes_each_runs_median():
+    machine = load("machine")
+    calls = []
+    medians = machine.alternating_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "b", "a", "a", "b"] and set(medians) == {"a", "b"}
+    assert all(0 <= seconds < 1 for seconds in medians.values())
+    line = machine.libraries({"cpu": "X", "torch": "2", "torch_threads": 1, "load_average_at_start": 0.5}, peft="1")
+    assert line == "X; torch 2, peft 1, threads 1, load average 0.5"
+
+
 def test_pissa_init_times_both_starts_of_both_libraries_and_the_fast_one_is_near_the_best(tmp_path):
     out = tmp_path / "pissa_init.json"
     summary = load("pissa_init").main(["--layers", "1", "--width", "128", "--rank", "4", "--rounds", "1",
