@@ -39,8 +39,8 @@ import contextlib
 import hashlib
 import math
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, Optional, Union
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -435,7 +435,8 @@ class EmbeddingSet(nn.Module):
         y.add_(F.linear(F.embedding(idx, self.At), self.B))
 
 
-def _switched(sets: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor, apply: Any) -> torch.Tensor:
+def _switched(sets: nn.ModuleDict, x: torch.Tensor, y: torch.Tensor,
+              apply: Callable[[nn.Module, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
     """y, the base's output for x, with the sets use_adapter chose applied (apply(set, x, y) changes y in place):
     one set (or none) for the whole batch, or each row's own, its rows' update computed on them alone."""
     chosen = getattr(_ACTIVE, "chosen", None)
@@ -518,8 +519,8 @@ _ACTIVE = threading.local()  # use_adapter's choice, per thread: a server's embe
 
 @contextlib.contextmanager
 def use_adapter(name: Union[None, str, Sequence[Optional[str]], RowSets]) -> Iterator[None]:
-    """Inside the block, on this thread, every AdapterSwitch computes with its set `name` (None, or a set it does not
-    have: the base Linear alone). A list names a set per row of the batch (dim 0 of the model's input): each row
+    """Inside the block, on this thread, every switch (AdapterSwitch, EmbeddingSwitch) computes with its set `name`
+    (None, or a set it does not have: the base layer alone). A list names a set per row of the batch (dim 0 of the model's input): each row
     computes with its own, so requests of several LoRA runs share one decode (as punica / vLLM batch them); row_sets
     makes that list into what it keeps, once for a loop of steps."""
     chosen = name if name is None or isinstance(name, (str, RowSets)) else row_sets(name)

@@ -190,7 +190,8 @@ class Row:
     deadline: Optional[float] = None            # max_time: time.monotonic() past which it ends ("length")
     drafted: int = 0                            # speculative decoding: tokens guessed for it,
     accepted: int = 0                           # and of those, kept
-    adapter: Optional[str] = None               # the LoRA adapter set it decodes with (lora.use_adapter); None: any
+    adapter: Optional[str] = None               # the LoRA adapter set it decodes with (lora.use_adapter); None:
+    #                                             the base beside rows that name one, else what the caller chose
 
     def advance(self, index: int, token: int) -> Event:
         """Take this step's token: the one rule that ends a row (an end id, a stop string, a guided choice or

@@ -6,6 +6,9 @@
     OUT/adapter_model.safetensors    base_model.model.<HF module>.lora_A.weight (r, in), .lora_B.weight (out, r), fp32;
                                      with DoRA (use_dora) .lora_magnitude_vector (out,): rows no lmforge adapter
                                      covers get their weight's own norm, which DoRA leaves as they are;
+                                     an embedding adapter (lora.targets emb): <embedding>.lora_embedding_A (r, V),
+                                     .lora_embedding_B (C, r), and a tied head's own adapter, lm_head.lora_A = B^T,
+                                     lora_B = A^T (ensure_weight_tying);
                                      a classifier's head, trained whole: base_model.model.score.weight (num_labels, C);
                                      with tokens added to the base's tokenizer, the embedding and lm_head whole
                                      (modules_to_save: wte / embed_tokens and lm_head; the base holds their new

@@ -28,8 +28,10 @@ change it); rows PEFT left alone keep their own norm, which leaves them as they 
 with tokens added to its tokenizer (resize_token_embeddings, and embed_tokens / wte and lm_head in modules_to_save)
 comes with the tokenizer saved beside it: its tokens past the base's become added tokens of the base's tokenizer
 (checked to encode alike) and the run's rows the embedding and head PEFT trained (lora.train_added_rows trains them
-on). Adapters PEFT computes otherwise (biases, embedding adapters, other modules, a whole embedding trained without
-new tokens) are refused.
+on). An adapter of the embedding (lora_embedding_A (r, V), lora_embedding_B (C, r)) becomes lmforge's emb target (A's
+rows past its rank 0, B's random: nothing added); on a tied base only with the head's tied adapter beside it
+(ensure_weight_tying), since lmforge's tied head reads the adapted table. Adapters PEFT computes otherwise (biases,
+DoRA on the embedding, other modules, a whole embedding trained without new tokens) are refused.
 """
 
 from __future__ import annotations
@@ -324,16 +326,18 @@ def _embedding_adapter(settings: dict[str, Any], tensors: dict[str, torch.Tensor
         raise PEFTImportError(f"{module}'s adapter has lora_embedding_A {tuple(A.shape)} and lora_embedding_B "
                               f"{tuple(B.shape)}, but the base's embedding is ({V}, {C}): the adapter was trained on "
                               f"another model than --base")
-    own = tensors.pop(f"{PREFIX}{module}.base_layer.weight", None)
-    if own is not None and (own.shape != (V, C) or not torch.equal(own, model.tok_emb.weight.detach().float())):
-        raise PEFTImportError(f"{source} holds {module}'s own weight, which differs from the base's: the adapter "
-                              "was trained on another model than --base")
+    tied = model.config.tie_embeddings and model.config.head == "lm"
+    for holder in (module, "lm_head") if tied else (module,):  # peft saves a targeted embedding's own weight too
+        own = tensors.pop(f"{PREFIX}{holder}.base_layer.weight", None)
+        if own is not None and (own.shape != (V, C) or not torch.equal(own, model.tok_emb.weight.detach().float())):
+            raise PEFTImportError(f"{source} holds {holder}'s own weight, which differs from the base's embedding: "
+                                  "the adapter was trained on another model than --base")
     s = _scale(settings, module, A.shape[0])
-    if model.config.tie_embeddings and model.config.head == "lm":
+    if tied:
         head = {part: tensors.pop(f"{PREFIX}lm_head.lora_{part}.weight", None) for part in "AB"}
-        tensors.pop(f"{PREFIX}lm_head.base_layer.weight", None)  # (the table: checked above)
         if head["A"] is None or head["B"] is None or not torch.allclose(
-                _scale(settings, "lm_head", head["A"].shape[0]) * head["B"] @ head["A"], s * (B @ A).t(), atol=1e-6):
+                _scale(settings, "lm_head", head["A"].shape[0]) * head["B"] @ head["A"], s * (B @ A).t(),
+                rtol=1e-5, atol=1e-6):
             raise PEFTImportError(f"{source} adapts {module} of a model whose head is tied to it, without the same "
                                   "adapter on lm_head (peft's ensure_weight_tying), so peft's head reads the table "
                                   "unadapted; lmforge adapts a tied table on both sides: train the adapter with "

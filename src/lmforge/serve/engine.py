@@ -38,9 +38,8 @@ from typing import Any, Iterator, Optional
 
 from lmforge.generate import (Event, GenerateConfig, Logprobs, Row, TextClassifier, TextGenerator, decode_rows,
                               make_rows, score_prompt)
-from lmforge.generate.api import decode_events
+from lmforge.generate.api import by_adapter, decode_events
 from lmforge.generate.speculative import early_exit
-from lmforge.generate.api import by_adapter
 from lmforge.lora import adapter_sets, use_adapter
 
 
