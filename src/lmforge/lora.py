@@ -520,9 +520,9 @@ _ACTIVE = threading.local()  # use_adapter's choice, per thread: a server's embe
 @contextlib.contextmanager
 def use_adapter(name: Union[None, str, Sequence[Optional[str]], RowSets]) -> Iterator[None]:
     """Inside the block, on this thread, every switch (AdapterSwitch, EmbeddingSwitch) computes with its set `name`
-    (None, or a set it does not have: the base layer alone). A list names a set per row of the batch (dim 0 of the model's input): each row
-    computes with its own, so requests of several LoRA runs share one decode (as punica / vLLM batch them); row_sets
-    makes that list into what it keeps, once for a loop of steps."""
+    (None, or a set it does not have: the base layer alone). A list names a set per row of the batch (dim 0 of the
+    model's input): each row computes with its own, so requests of several LoRA runs share one decode (as punica /
+    vLLM batch them); row_sets makes that list into what it keeps, once for a loop of steps."""
     chosen = name if name is None or isinstance(name, (str, RowSets)) else row_sets(name)
     previous = getattr(_ACTIVE, "chosen", None)
     _ACTIVE.chosen = chosen
