@@ -18,7 +18,7 @@ from lmforge.data.batches import ExampleBatches, fixed_example_batches, unpaired
 from lmforge.data.tasks import load_examples, read_task_manifest
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.preference import evaluate_unpaired
-from lmforge.preference_loss import PreferenceLoss, reference_point
+from lmforge.preference_loss import PreferenceLoss, RunningMean, reference_point
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import Trainer
 from test_preference import base, dpo, prepare_pairs, prepared, preference_records  # noqa: F401  (base: fixture)
@@ -225,6 +225,73 @@ def test_the_unpaired_losses_are_the_papers_formulas_by_hand(kind):
         assert float(p.grad[i]) == pytest.approx((-1 if desirable[i] else 1) * w * beta * s * (1 - s), rel=1e-5)
 
 
+def test_bco_is_a_logistic_classifier_of_the_reward_around_delta_by_hand():
+    """BCO (Jung et al. 2024): -w_D log sigmoid(beta r - delta) for a desirable completion, -w_U log sigmoid(delta -
+    beta r) for an undesirable one; the gradient of each, and none for delta."""
+    g = torch.Generator().manual_seed(0)
+    policy, ref = (torch.randn(9, generator=g, dtype=torch.float64) * 4 for _ in range(2))
+    desirable = torch.tensor([True, False, True, True, False, False, True, False, True])
+    beta, wd, wu, delta = 0.3, 1.5, 0.7, 0.4
+    loss_fn = PreferenceLoss("bco_unpaired", beta, desirable_weight=wd, undesirable_weight=wu)
+    assert loss_fn.needs_delta and not loss_fn.needs_kl and loss_fn.unpaired
+    p = policy.clone().requires_grad_(True)
+    d = torch.tensor(delta, dtype=torch.float64, requires_grad=True)
+    loss, reward = loss_fn.unpaired_loss(p, ref, desirable, delta=d)
+    loss.sum().backward()
+    assert d.grad is None  # delta is never differentiated
+    for i in range(9):
+        m = beta * (float(policy[i]) - float(ref[i])) - delta
+        w = wd if desirable[i] else wu
+        expected = -w * math.log(sigmoid(m)) if desirable[i] else -w * math.log(sigmoid(-m))
+        assert float(loss[i]) == pytest.approx(expected, rel=1e-5)
+        assert float(reward[i]) == pytest.approx(beta * (float(policy[i]) - float(ref[i])), rel=1e-6)
+        slope = -w * beta * (1 - sigmoid(m)) if desirable[i] else w * beta * sigmoid(m)
+        assert float(p.grad[i]) == pytest.approx(slope, rel=1e-4)
+
+
+def test_the_running_mean_is_the_mean_of_every_reward_seen_and_takes_the_first_batch_whole():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, generator=g, dtype=torch.float64) + 3 for n in (5, 1, 12, 7)]
+    running = RunningMean()
+    assert running.update(float(batches[0].sum()), 5) == pytest.approx(float(batches[0].mean()), rel=1e-12)
+    for batch in batches[1:]:
+        running.update(float(batch.sum()), batch.numel())
+    assert running.mean == pytest.approx(float(torch.cat(batches).mean()), rel=1e-12)
+    again = RunningMean()
+    again.load_state_dict(running.state_dict())
+    assert again.update(2.0, 1) == running.update(2.0, 1)
+    assert RunningMean().update(0.0, 0) == 0.0  # a process with no rows adds nothing
+
+
+def test_a_bco_run_learns_logs_delta_evaluates_as_lmforge_eval_and_resumes_exactly(base, unpaired, tmp_path):
+    from test_preference import full_and_resumed
+
+    full, resumed = full_and_resumed(tmp_path, unpaired, base, **{"train.preference_loss": "bco_unpaired"})
+    assert full.bco is not None and [step for step, _ in resumed.history] == [4, 5, 6]
+    assert [loss for _, loss in resumed.history] == [loss for step, loss in full.history if step > 3]
+    assert resumed.bco.state_dict() == full.bco.state_dict() and resumed.val_metrics == full.val_metrics
+    assert full.history[0][1] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference: every margin 0
+    assert full.val_metrics["val_reward_margin"] > 0.1 and full.val_loss < math.log(2)
+    logged = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    deltas = [row["delta"] for row in logged if row.get("kind") == "train"]
+    assert len(deltas) == 6 and deltas[0] == 0.0 and len(set(deltas)) == 6  # the running mean moves
+    batch, seen = full.val_batches[0], RunningMean(**full.bco.state_dict())  # a step's micro-batch: its rewards
+    with torch.no_grad():  # join the running mean first, and its loss is taken around the new mean
+        loss, _ = full.unpaired_terms(full.model, batch)
+        policy, ref, _ = full.unpaired_logprobs(full.model, batch)
+    delta = seen.update(float(full.preference_loss.beta * (policy - ref).double().sum()), policy.numel())
+    assert full.bco.mean == pytest.approx(delta, rel=1e-12) and delta != 0.0
+    expected, _ = full.preference_loss.unpaired_loss(policy, ref, batch[4], delta=torch.tensor(delta))
+    assert torch.allclose(loss, expected, atol=1e-6)
+    out = tmp_path / "eval"
+    assert main(["eval", str(full.last_checkpoint), "--data", str(unpaired), "--split", "val", "--out", str(out),
+                 "--batch-size", "5"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["loss"] == pytest.approx(full.val_loss, abs=1e-6)
+    assert result["delta"] == pytest.approx(full.val_metrics["val_delta"], abs=1e-6)
+    assert result["preference_loss"] == "bco_unpaired"
+
+
 def test_kto_weight_advice_is_the_papers_balance_rule():
     """KTO's eq. 8: lambda_D n_D / (lambda_U n_U) in [1, 4/3]; outside it the advice names a range of each weight,
     and a weight at either end of its range (or inside) balances the data."""
@@ -421,13 +488,15 @@ def test_a_resumed_kto_run_is_bit_identical(base, unpaired, tmp_path):
 
 
 @pytest.mark.distributed
-def test_two_processes_train_kto_like_one(base, unpaired, tmp_path):
+@pytest.mark.parametrize("loss", ["kto", "bco_unpaired"])
+def test_two_processes_train_kto_like_one(base, unpaired, tmp_path, loss):
     """DDP: 2 processes x 4 completions give the losses and val loss of 1 process x 8: the mismatched rows are
-    drawn within the global micro-batch and the reference point is averaged over both processes."""
+    drawn within the global micro-batch and the reference point is averaged over both processes (BCO: its running
+    mean reward takes both processes' rewards)."""
     from distributed_jobs import one_and_two
 
     settings = {"data.path": str(unpaired), "train.init_from": str(base), "train.dpo_beta": 1.0,
-                "train.preference_loss": "kto", "optim.lr": 1e-2}
+                "train.preference_loss": loss, "optim.lr": 1e-2}
     one, two = one_and_two(tmp_path, settings)
     assert [loss for _, loss in two["history"]] == pytest.approx([loss for _, loss in one["history"]], abs=1e-5)
     assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-5)

@@ -543,7 +543,8 @@ class TrainConfig:
     choices_examples: int = doc("With choices_file: score its first N questions (the same ones each time).", 1000,
                                 ge=1, le=1_000_000)
     preference_loss: Literal["dpo", "robust", "hinge", "ipo", "dpo_norm", "exo", "nca", "bco", "sppo_hard",
-                             "apo_zero", "apo_down", "simpo", "orpo", "kto", "apo_zero_unpaired", "grpo"] = doc(
+                             "apo_zero", "apo_down", "simpo", "orpo", "kto", "apo_zero_unpaired", "bco_unpaired",
+                             "grpo"] = doc(
         "Preference data (`lmforge prepare --task preference`): the loss. dpo (Direct Preference Optimization), "
         "robust (DPO unbiased under dpo_label_smoothing's label noise), hinge (SLiC) and ipo (IPO: per-token "
         "log-ratios held at a margin of 1/(2 beta)), and TRL's dpo_norm (DPO on per-token log-ratios), exo (EXO, "
@@ -552,7 +553,8 @@ class TrainConfig:
         "per-token log-probabilities with a target margin simpo_gamma) and orpo (ORPO: next-token loss on the "
         "chosen completion plus beta times an odds-ratio term) need no reference model: less memory, a quarter less "
         "compute per step. Unpaired preference data (`lmforge prepare --task unpaired`: completions labelled "
-        "desirable or not) trains with kto (KTO, against a KL reference point) or apo_zero_unpaired. grpo (GRPO, "
+        "desirable or not) trains with kto (KTO, against a KL reference point), apo_zero_unpaired or bco_unpaired "
+        "(BCO: a classifier of the two kinds on the reward, around its running mean). grpo (GRPO, "
         "DeepSeekMath's) is online reinforcement learning with online_reward_model and/or online_reward_function: "
         "grpo_group_size samples of each prompt, each trained on its reward against its group's (the grpo_* keys; "
         "preference or sft data: only their prompts are used).", "dpo")

@@ -56,8 +56,13 @@ log pi_ref(y | x)) its reward and lambda_D, lambda_U the weights of the two kind
              another example's completion: data.batches.unpaired_batch), clamped at 0 and never differentiated
     apo_zero_unpaired  desirable: lambda_D (1 - sigmoid(r)), undesirable: lambda_U sigmoid(r)   APO-zero per
              completion (TRL's KTOTrainer loss type of that name): no reference point
+    bco_unpaired  desirable: -lambda_D log sigmoid(r - delta), undesirable: -lambda_U log sigmoid(-(r - delta))
+             BCO (Jung et al. 2024, Binary Classifier Optimization; TRL's BCOTrainer without its optional density
+             ratio): a logistic classifier of the two kinds on the reward, delta the running mean of every reward
+             trained on so far (RunningMean: every micro-batch's, over all processes, before its loss; kept in the
+             checkpoint); an evaluation takes the mean reward of the completions it evaluates
 
-both TRL's KTOTrainer loss types; the loss of a batch is the mean over its completions, as TRL's.
+the first two TRL's KTOTrainer loss types; the loss of a batch is the mean over its completions, as TRL's.
 
 A reward model (train.objective reward; reward_model_loss) learns from the same pairs with no reference and no
 log-probabilities: a scalar head reads each whole example (prompt, completion, end token), r(x, y) its output, and
@@ -119,7 +124,7 @@ import torch.nn.functional as F
 IGNORED = -100  # the label of a position that is not part of the completion (prompt, padding)
 LOSSES = ("dpo", "robust", "hinge", "ipo", "dpo_norm", "exo", "nca", "bco", "sppo_hard", "apo_zero", "apo_down",
           "simpo", "orpo")
-UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired")  # losses of single completions (unpaired preference data)
+UNPAIRED_LOSSES = ("kto", "apo_zero_unpaired", "bco_unpaired")  # losses of single completions (unpaired data)
 REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses of the policy alone: no reference model is kept or run
 SMOOTHED = frozenset({"dpo", "robust", "exo", "simpo"})  # losses that take a label smoothing eps
 GROUP_LOSSES = ("grpo",)  # online losses of groups of the policy's own samples, scored by a reward model
@@ -291,6 +296,28 @@ def grpo_sequence_loss(token_loss: torch.Tensor, mask: torch.Tensor, norm: str, 
     raise ValueError(f"unknown GRPO normalisation {norm!r}: one of {', '.join(GRPO_NORMS)}")
 
 
+@dataclass
+class RunningMean:
+    """BCO's delta: the mean of every reward seen so far, updated a batch at a time (TRL's RunningMoments' mean: the
+    count starts at 1e-24, so the first batch's mean is taken whole)."""
+
+    mean: float = 0.0
+    count: float = 1e-24
+
+    def update(self, total: float, n: float) -> float:
+        """Take a batch of n rewards summing to total; return the new mean."""
+        if n > 0:
+            self.count += n
+            self.mean += (total / n - self.mean) * n / self.count
+        return self.mean
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.count = float(state["mean"]), float(state["count"])
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, accurate near 0 and for large |x| (Maechler 2012)."""
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -346,14 +373,21 @@ class PreferenceLoss:
         return self.kind in UNPAIRED_LOSSES
 
     @property
+    def needs_delta(self) -> bool:
+        """Whether the loss needs BCO's reward threshold delta (RunningMean while training)."""
+        return self.kind == "bco_unpaired"
+
+    @property
     def needs_kl(self) -> bool:
         """Whether the loss needs KTO's reference point z (the mismatched rows' log-ratios)."""
         return self.kind == "kto"
 
     def unpaired_loss(self, policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor,
-                      kl: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      kl: Optional[torch.Tensor] = None, delta: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, reward), each (n,) fp32, of n single completions: policy / reference their summed log-probabilities
-        (n,), desirable (n,) bool their labels, kl KTO's reference point z (a scalar, detached, >= 0; kto only)."""
+        (n,), desirable (n,) bool their labels, kl KTO's reference point z (a scalar, detached, >= 0; kto only),
+        delta BCO's reward threshold (a scalar, never differentiated; bco_unpaired only)."""
         if not self.unpaired:
             raise ValueError(f"{self.kind} is a loss of pairs; unpaired data trains with "
                              f"{' or '.join(UNPAIRED_LOSSES)}")
@@ -361,6 +395,9 @@ class PreferenceLoss:
         if self.kind == "kto":
             z = kl.detach().float()
             good, bad = 1.0 - torch.sigmoid(self.beta * (ratio - z)), 1.0 - torch.sigmoid(self.beta * (z - ratio))
+        elif self.kind == "bco_unpaired":
+            margin = self.beta * ratio - torch.as_tensor(delta, dtype=torch.float32, device=ratio.device).detach()
+            good, bad = -F.logsigmoid(margin), -F.logsigmoid(-margin)
         else:  # apo_zero_unpaired
             good, bad = 1.0 - torch.sigmoid(self.beta * ratio), torch.sigmoid(self.beta * ratio)
         loss = torch.where(desirable, self.desirable_weight * good, self.undesirable_weight * bad)

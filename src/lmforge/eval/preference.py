@@ -174,11 +174,15 @@ def evaluate_unpaired(model: nn.Module, reference: nn.Module, tokenizer: Any, ex
     if loss.needs_kl:
         log_ratios = torch.cat(mismatched)
         z = reference_point(log_ratios.double().sum(), torch.tensor(float(len(log_ratios))))
-    losses, rewards = loss.unpaired_loss(policy_t, ref_t, desirable_t, z)
+    delta = None
+    if loss.needs_delta:  # BCO: the mean reward of the evaluated completions (the trainer's evaluation takes it too)
+        delta = (loss.beta * (policy_t.double() - ref_t.double())).mean().float() if n else torch.tensor(0.0)
+    losses, rewards = loss.unpaired_loss(policy_t, ref_t, desirable_t, z, delta)
     good = rewards[desirable_t].mean() if desirable_t.any() else torch.tensor(0.0)
     bad = rewards[~desirable_t].mean() if not desirable_t.all() else torch.tensor(0.0)
     metrics = {"examples": n, "desirable": int(desirable_t.sum()), "undesirable": int((~desirable_t).sum()),
                "loss": float(losses.mean()), **({"kl": float(z)} if z is not None else {}),
+               **({"delta": float(delta)} if delta is not None else {}),
                "reward_margin": float(good - bad), "desirable_reward": float(good), "undesirable_reward": float(bad),
                "preference_loss": loss.kind, "beta": loss.beta}
     rows = []

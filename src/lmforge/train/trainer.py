@@ -61,7 +61,8 @@ from lmforge.files import atomic_write_text, sha256_file
 from lmforge.head_loss import logits_cross_entropy_tokens
 from lmforge.lora import added_row_weights, apply_lora, base_fingerprint, train_added_rows, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, grpo_clipped, grpo_log_ratio,
+from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, RunningMean, grpo_clipped,
+                                     grpo_log_ratio,
                                      grpo_sequence_loss, grpo_token_loss, high_entropy_mask, kto_weight_advice,
                                      reward_model_loss, sequence_logprobs)
 from lmforge.train.guard import NonFiniteStop, StepGuard
@@ -277,7 +278,7 @@ def check_preference_loss(tc: Any, kind: str = "preference") -> None:
     if kind == "unpaired" and name not in UNPAIRED_LOSSES:
         raise ConfigError(f"unpaired preference data (single completions labelled desirable or not) trains with a loss "
                           f"of single completions, and train.preference_loss is {name}, a loss of pairs: set "
-                          f"--train.preference_loss kto (or apo_zero_unpaired)")
+                          f"--train.preference_loss kto (or apo_zero_unpaired, bco_unpaired)")
     if kind == "preference" and name in UNPAIRED_LOSSES:
         raise ConfigError(f"train.preference_loss {name} trains on single completions labelled desirable or not "
                           "(`lmforge prepare --task unpaired`), and this is pair data: use dpo or another pair loss")
@@ -574,6 +575,7 @@ class Trainer:
         self.early_exit_loss: Optional[torch.Tensor] = None  # train.early_exit_layer: the last step's early exit loss
         self.kl: Optional[torch.Tensor] = None  # kto: the reference point z of the last micro-batch trained on
         # (this process's labels)
+        self.bco = RunningMean() if self.preference and self.preference_loss.needs_delta else None  # BCO's delta
         self.stop_signal: Optional[str] = None  # set by SIGTERM / SIGINT: save at the end of the step, then stop
         self.stop_requested = False  # some process got a stop signal (agreed by all processes each step)
         self.logger: Optional[MetricsLogger] = None
@@ -1032,7 +1034,19 @@ class Trainer:
         policy, ref, mismatched = self.unpaired_logprobs(model, batch)
         z = kl_reference_point(mismatched, self.dist) if mismatched is not None else None
         self.kl = z
-        return self.preference_loss.unpaired_loss(policy, ref, self.to_device(batch[4]), z)
+        delta = None
+        if self.bco is not None:  # BCO: this micro-batch's rewards on every process join the running mean first
+            delta = torch.tensor(self.bco.update(*self.reward_total([(policy, ref)])), device=self.device)
+        return self.preference_loss.unpaired_loss(policy, ref, self.to_device(batch[4]), z, delta)
+
+    def reward_total(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        """(sum, count) over every process of the rewards beta (log pi - log pi_ref) of (policy, reference) parts."""
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for policy, ref in parts:
+            reward = self.preference_loss.beta * (policy.detach().double() - ref.double())
+            totals += torch.stack([reward.sum(), torch.tensor(float(reward.numel()), device=self.device).double()])
+        totals = all_reduce_sum(totals, self.dist)
+        return float(totals[0]), float(totals[1])
 
     def precompute_reference(self, val_pairs: Optional[Any], progress: bool) -> None:
         """train.precompute_reference: every train (and val) completion's log-probability under the model as it
@@ -1262,16 +1276,21 @@ class Trainer:
                 log_ratios += [mismatched] if mismatched is not None else []
         self.model.train()
         z = kl_reference_point(torch.cat(log_ratios), self.dist) if self.preference_loss.needs_kl else None
+        delta = None
+        if self.preference_loss.needs_delta:  # BCO: the mean reward of the evaluated completions (as `lmforge eval`)
+            total, n = self.reward_total([(policy, ref) for policy, ref, _ in terms])
+            delta = torch.tensor(total / max(n, 1.0), device=self.device)
         totals = torch.zeros(5, dtype=torch.float64, device=self.device)  # (loss, n, desirable n, their rewards, other)
         for policy, ref, desirable in terms:
-            loss, reward = self.preference_loss.unpaired_loss(policy, ref, desirable, z)
+            loss, reward = self.preference_loss.unpaired_loss(policy, ref, desirable, z, delta)
             totals += torch.stack([loss.sum(), torch.tensor(float(len(loss)), device=self.device), desirable.sum(),
                                    reward[desirable].sum(), reward[~desirable].sum()]).double()
         totals = all_reduce_sum(totals, self.dist)
         good = float(totals[3] / totals[2].clamp(min=1))
         bad = float(totals[4] / (totals[1] - totals[2]).clamp(min=1))
         self.val_metrics = {"val_reward_margin": good - bad, "val_desirable_reward": good,
-                            "val_undesirable_reward": bad, **({"val_kl": float(z)} if z is not None else {})}
+                            "val_undesirable_reward": bad, **({"val_kl": float(z)} if z is not None else {}),
+                            **({"val_delta": float(delta)} if delta is not None else {})}
         return float(totals[0] / totals[1].clamp(min=1))
 
     def maybe_log(self, loss_sum: torch.Tensor, count: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
@@ -1285,6 +1304,8 @@ class Trainer:
         early = {"early_exit_loss": float(self.early_exit_loss)} if self.early_exit_loss is not None else {}
         if self.kl is not None:  # KTO's reference point, as TRL's KTOTrainer logs it
             early["kl"] = float(self.kl)
+        if self.bco is not None:  # BCO's delta, as TRL's BCOTrainer logs it
+            early["delta"] = self.bco.mean
         if self.online_reward is not None:  # online preference training: the samples' mean reward
             early["online_reward"] = self.online_reward
             if len(self.online_parts) > 1:  # and each judge's part of it (TRL logs rewards/NAME/mean)
@@ -1446,6 +1467,8 @@ class Trainer:
                 state["lora"], state["base"] = to_dict(self.config.lora), self.base
             if self.teacher_source is not None:  # distillation: which teacher (a resume checks it is the same)
                 state["teacher"] = self.teacher_source
+            if self.bco is not None:  # BCO's running mean reward, delta: resumed where it was
+                state["bco"] = self.bco.state_dict()
         if sharded:  # a collective
             self.last_checkpoint = save_sharded_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
                                                            self.config, state, self.tokenizer_file, self.dist)
@@ -1522,6 +1545,8 @@ class Trainer:
                     self.rollouts = Rollouts.from_state(mine["rollouts"])
             self.guard.load_state_dict(state.get("guard") or {})
             self.selection.load_state_dict(state.get("selection") or {})
+            if self.bco is not None and state.get("bco") is not None:
+                self.bco.load_state_dict(state["bco"])
         except LmforgeError:
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError, OverflowError):
