@@ -344,6 +344,18 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("import-dora-without-magnitudes", ["import", str(ws / "dora-bare"), "--base", str(run), "--out",
                                             str(ws / "imported")], "without transformer.h.0.attn.c_attn's "
                                                                    "lora_magnitude_vector"),
+        ("export-gguf-adapter-of-a-tied-table", ["export", str(ws / "lora-table"), "--format", "gguf", "--adapter",
+                                                 "--out", str(ws / "table.gguf")], "whose head is tied to it"),
+        ("train-table-adapter-with-dora", ["train", "--data", str(data), "--run-dir", str(ws / "lora-3"),
+                                           "--train.init_from", str(run), "--lora.targets", "q,emb", "--lora.dora",
+                                           "true"], "lora.targets has emb with lora.dora"),
+        ("train-table-adapter-beside-added-tokens", ["train", "--data", str(ws / "data-added"), "--run-dir",
+                                                     str(ws / "lora-4"), "--train.init_from", str(run),
+                                                     "--lora.targets", "q,emb", "--device", "cpu"],
+         "drop emb from lora.targets"),
+        ("train-pissa-niter-without-pissa", ["train", "--data", str(data), "--run-dir", str(ws / "lora-5"),
+                                             "--train.init_from", str(run), "--lora.pissa_niter", "4"],
+         "give lora.init pissa too"),
         ("train-from-a-lora-run-with-other-adapters", ["train", "--data", str(data), "--run-dir", str(ws / "lora-2"),
                                                        "--train.init_from", str(ws / "lora-run"), "--lora.r", "4"],
          "is a LoRA run with r=2"),
@@ -539,6 +551,11 @@ def hostile_files(workspace):
                      "--train.init_from", str(ws / "run"), "--lora.r", "2", "--max-steps", "1", "--device", "cpu",
                      "--train.batch_size", "4", "--train.eval_interval", "0", "--train.save_interval", "1",
                      "--no-progress"]) == 0
+    if not (ws / "lora-table").exists():  # a LoRA run that adapted the tied embedding of the tiny run
+        assert main(["train", "--data", str(ws / "data"), "--run-dir", str(ws / "lora-table"), "--train.init_from",
+                     str(ws / "run"), "--lora.r", "2", "--lora.targets", "q,emb", "--max-steps", "1", "--device",
+                     "cpu", "--train.batch_size", "4", "--train.eval_interval", "0", "--train.save_interval", "1",
+                     "--no-progress"]) == 0
     if not (ws / "data-bytes").exists():
         prepare([str(other)], str(ws / "data-bytes"), tokenizer="byte", split=(0.8, 0.1, 0.1), workers=1, progress=False)
     # outputs --force must not replace: a folder of the user's, an lmforge output with a note added, a link
@@ -575,7 +592,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 174
+N_CASES = 178
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 
