@@ -257,6 +257,20 @@ MISTRAL_TOOLS = """{%- if tools %}{{- '[AVAILABLE_TOOLS]' + tools | tojson + '[/
 {%- elif message.role == 'tool' %}{{- '[TOOL_RESULTS]' + message.content + '[/TOOL_RESULTS]' }}
 {%- else %}{{- message.content + eos_token }}{%- endif %}
 {%- endfor %}"""
+MISTRAL_IDS = """{%- if tools %}{{- '[AVAILABLE_TOOLS] ' + tools | tojson + '[/AVAILABLE_TOOLS]' }}{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}{{- '[INST] ' + message.content + '[/INST]' }}
+{%- elif message.tool_calls %}{{- '[TOOL_CALLS] [' }}
+{%- for c in message.tool_calls %}
+{%- if c.id is not defined or c.id | length != 9 %}
+{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif %}
+{%- set out = c.function | tojson %}{{- out[:-1] + ', "id": "' + c.id + '"}' }}
+{%- if not loop.last %}{{- ', ' }}{%- endif %}
+{%- endfor %}{{- ']' + eos_token }}
+{%- elif message.role == 'tool' %}{{- '[TOOL_RESULTS] {"content": ' + message.content | tojson + ', "call_id": "'
+  + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+{%- else %}{{- message.content + eos_token }}{%- endif %}
+{%- endfor %}"""  # Mistral v0.3's: each call's id (9 letters and digits) after its arguments
 XML_TOOLS = """{%- for message in messages %}{%- if message.tool_calls %}
 {%- for c in message.tool_calls %}{{- '<call name="' + c.function.name + '"/>' }}{%- endfor %}
 {%- else %}{{- message.role + ': ' + message.content + '\\n' }}{%- endif %}{%- endfor %}
@@ -274,6 +288,7 @@ def test_the_form_of_a_templates_calls_is_found_from_the_template():
                                                             "\n</tool_call>")
     assert call_format(jinja(LLAMA_TOOLS)) == CallFormat("", None, "", "name", "parameters")  # one call per turn
     assert call_format(jinja(MISTRAL_TOOLS)) == CallFormat("[TOOL_CALLS][", ", ", "]")  # one list for all
+    assert call_format(jinja(MISTRAL_IDS)) == CallFormat("[TOOL_CALLS] [", ", ", "]", id_key="id")  # with ids
     assert call_format(jinja(XML_TOOLS)) == CALL_LINES  # calls not written as JSON: lmforge's own lines
     assert call_format({"chat": dict(CHAT_TEMPLATE)}) == CALL_LINES == CallFormat("", "\n", "")
     assert call_format(jinja("{% for m in messages %}{{ m.content }}{% endfor %}")) == CALL_LINES  # no calls
@@ -315,20 +330,23 @@ ZONE_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": 
     "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
 
 
-def in_form(template: str, calls: list[tuple[str, dict]]) -> str:
+def in_form(template: str, calls: list[tuple[str, dict]], ids: tuple[str, ...] = ("x1Y2z3W4v", "Q9r8S7t6U")) -> str:
+    """The calls as `template` writes them (with `ids` where it writes ids)."""
     from lmforge.data.tasks import call_format
 
     fmt = call_format(jinja(template))
     keys = (fmt.name_key, fmt.args_key)
-    return fmt.lead + fmt.mid.join(json.dumps(dict(zip(keys, c))) for c in calls) + fmt.tail
+    texts = [json.dumps({**dict(zip(keys, c)), **({fmt.id_key: i} if fmt.id_key else {})}) for c, i in zip(calls, ids)]
+    return fmt.lead + fmt.mid.join(texts) + fmt.tail
 
 
-@pytest.mark.parametrize("template", [TOOLS_TEMPLATE, MISTRAL_TOOLS])
+@pytest.mark.parametrize("template", [TOOLS_TEMPLATE, MISTRAL_TOOLS, MISTRAL_IDS], ids=["qwen", "mistral", "ids"])
 def test_the_server_reads_calls_written_in_the_templates_form_whole_and_streamed(tmp_path, template):
-    """A model that writes two calls as its template writes them (Qwen-style <tool_call> per call, or Mistral-style
-    one list) gets two tool calls, whole and in deltas, with tool_choice "required" and "auto"; the reply is held
-    to that form (an "auto" reply in it is a call, not text), and the conversation with those calls renders them
-    in the same form."""
+    """A model that writes two calls as its template writes them (Qwen-style <tool_call> per call, Mistral-style
+    one list, Mistral v0.3's with each call's id after its arguments) gets two tool calls, whole and in deltas,
+    with tool_choice "required" and "auto"; the reply is held to that form (an "auto" reply in it is a call, not
+    text), and the conversation with those calls renders them in the same form (the server's ids: 9 letters and
+    digits where the template asks for such, which the model's ids never reach the arguments of)."""
     import httpx
 
     from lmforge.serve import ServeConfig, load_app
@@ -354,7 +372,9 @@ def test_the_server_reads_calls_written_in_the_templates_form_whole_and_streamed
         assert [json.loads(g["function"]["arguments"]) for g in one["message"]["tool_calls"]] == [ZONES[0][1]]
         history = ASK + [{"role": "assistant", "content": None, "tool_calls": got}]
         tokens = c.post("/tokenize", json={"messages": history, "tools": [ZONE_TOOL]}).json()["tokens"]
-        assert script in c.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+        ids = tuple(g["id"] for g in got)
+        assert all(len(i) == 9 and i.isalnum() for i in ids) if template is MISTRAL_IDS else ids[0].startswith("call_")
+        assert in_form(template, ZONES, ids) in c.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
 
 
 def test_a_call_in_another_form_is_held_to_the_templates_form(tmp_path):

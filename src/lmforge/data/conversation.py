@@ -62,7 +62,8 @@ def _call(call: Any) -> dict:
             arguments = None
     if not isinstance(name, str) or not isinstance(arguments, dict):
         raise ConfigError(CALL_SHAPE)
-    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+    kept = {"id": call["id"]} if isinstance(call.get("id"), str) else {}  # (Mistral's templates write it)
+    return {**kept, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def chat_turns(turns: Any, where: str = "messages") -> list[dict]:

@@ -199,18 +199,20 @@ def reply_text(template: dict, turns: list[dict], tools: Any = None) -> str:
 
 class CallFormat(NamedTuple):
     """How an assistant turn's tool calls are written: lead + call (+ mid + call ...) + tail, each call the JSON
-    text json.dumps writes for {name_key: <the tool's name>, args_key: <its arguments>}."""
+    text json.dumps writes for {name_key: <the tool's name>, args_key: <its arguments>} (and, with id_key, id_key:
+    <the call's id> after them: Mistral's, an id of 9 letters and digits)."""
 
     lead: str = ""
     mid: Optional[str] = "\n"  # None: one call per turn
     tail: str = ""
     name_key: str = "name"
     args_key: str = "arguments"
+    id_key: Optional[str] = None
 
 
 CALL_LINES = CallFormat()  # lmforge's: one call per line (data.conversation.calls_as_text)
-_PROBE_CALLS = [{"type": "function", "function": {"name": f"lmforgeprobetool{i}", "arguments": {"lmforgeprobearg": i}}}
-                for i in range(2)]
+_PROBE_CALLS = [{"id": f"lmfprobe{i}", "type": "function",  # (ids of 9 letters and digits, as Mistral's templates ask)
+                 "function": {"name": f"lmforgeprobetool{i}", "arguments": {"lmforgeprobearg": i}}} for i in range(2)]
 _PROBE_TOOLS = [{"type": "function", "function": {"name": c["function"]["name"], "parameters": {
     "type": "object", "properties": {"lmforgeprobearg": {"type": "integer"}}}}} for c in _PROBE_CALLS]
 
@@ -219,8 +221,9 @@ def call_format(template: dict) -> CallFormat:
     """The form the template writes a reply's tool calls in, found by rendering probe calls (reply_text): a model's
     own Jinja template that writes calls as JSON objects with the name first, wrapped or not (Qwen2.5's and
     Hermes' <tool_call>{"name": ..., "arguments": ...}</tool_call> per call, Llama 3.1's bare {"name": ...,
-    "parameters": ...}, one list [{...}, {...}] for all of them); CALL_LINES for lmforge's own format, for a template
-    that writes no calls and for one whose calls are written otherwise."""
+    "parameters": ...}, one list [{...}, {...}] for all of them, Mistral's [TOOL_CALLS] [{"name": ..., "arguments":
+    ..., "id": ...}]); CALL_LINES for lmforge's own format, for a template that writes no calls and for one whose
+    calls are written otherwise."""
     chat = template["chat"]
     if "jinja" not in chat or not writes_calls(chat["jinja"]):
         return CALL_LINES
@@ -243,20 +246,22 @@ def call_format(template: dict) -> CallFormat:
         except ValueError:
             continue
         keys = list(obj) if isinstance(obj, dict) else []
-        if len(keys) == 2 and obj[keys[0]] == name and obj[keys[1]] == args and one[start:end] == json.dumps(obj):
+        if len(keys) in (2, 3) and obj[keys[0]] == name and obj[keys[1]] == args and (
+                len(keys) == 2 or obj[keys[2]] == _PROBE_CALLS[0]["id"]) and one[start:end] == json.dumps(obj):
             break
     else:
         return CALL_LINES
     lead, tail, mid = one[:start], one[end:], None
+    id_key = keys[2] if len(keys) == 3 else None
 
     def call_text(i: int) -> str:
-        return json.dumps({keys[0]: _PROBE_CALLS[i]["function"]["name"], keys[1]: _PROBE_CALLS[i]["function"][
-            "arguments"]})
+        call = {keys[0]: _PROBE_CALLS[i]["function"]["name"], keys[1]: _PROBE_CALLS[i]["function"]["arguments"]}
+        return json.dumps({**call, id_key: _PROBE_CALLS[i]["id"]} if id_key else call)
 
     first, second = lead + call_text(0), call_text(1) + tail
     if two is not None and two.startswith(first) and two.endswith(second) and len(two) > len(first) + len(second):
         mid = two[len(first):len(two) - len(second)]
-    return CallFormat(lead, mid, tail, keys[0], keys[1])
+    return CallFormat(lead, mid, tail, keys[0], keys[1], id_key)
 
 
 def chat_stop(template: dict) -> str:

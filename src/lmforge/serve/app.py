@@ -1269,6 +1269,9 @@ def _calls_regex(schema: str, parallel: bool, text_too: bool, fmt: CallFormat = 
         keys = {"name": fmt.name_key, "arguments": fmt.args_key}
         call["properties"] = {keys[k]: v for k, v in call["properties"].items()}
         call["required"] = [keys[k] for k in call["required"]]
+        if fmt.id_key is not None:  # Mistral's: each call's id (9 letters and digits) after its arguments
+            call["properties"][fmt.id_key] = {"type": "string", "pattern": "[A-Za-z0-9]{9}"}
+            call["required"].append(fmt.id_key)
     call = json_schema_regex(calls_schema)
     more = f"(?:{re.escape(fmt.mid)}{call})*" if parallel and fmt.mid is not None else ""
     calls = f"{re.escape(fmt.lead)}{call}{more}{re.escape(fmt.tail)}"
@@ -1279,9 +1282,10 @@ class _CallDeltas:
     """The deltas of one streamed chat choice under tools: text, or, for a reply that begins as a call (with "{",
     or the first character of the form the chat template writes calls in: data.tasks.CallFormat), OpenAI's
     tool_call deltas of its calls, each numbered by its index: the call's id and name once `{"name": ...,
-    "arguments": ` (in the form's key names) is complete, then its arguments as they come, never the call's own
-    closing brace (a call is complete once its text is a whole JSON object; the reply is written as json.dumps
-    writes it). What the form writes around and between calls is not part of them."""
+    "arguments": ` (in the form's key names) is complete, then its arguments as they come, up to where their JSON
+    value ends (a call is complete once its text is a whole JSON object; the reply is written as json.dumps writes
+    it). What the form writes around and between calls, and an id the model writes after the arguments (Mistral's),
+    are not part of them: a call's id is the server's own (9 letters and digits where the template asks for such)."""
 
     def __init__(self, fmt: CallFormat = CALL_LINES) -> None:
         self.fmt = fmt
@@ -1289,6 +1293,7 @@ class _CallDeltas:
                                + re.escape(json.dumps(fmt.args_key)) + ": ")
         self.text, self.sent, self.call = "", 0, None
         self.index, self.start, self.named, self.complete = 0, len(fmt.lead), False, False  # the call being written
+        self.arguments = 0  # where its arguments begin, once named
         self.end = 0  # where the last complete call ended
 
     def push(self, piece: str) -> list[dict]:
@@ -1311,14 +1316,12 @@ class _CallDeltas:
                 if head is None:
                     return deltas
                 self.named, self.sent = True, head.end()
-                deltas.append({"tool_calls": [{"index": self.index, "id": f"call_{uuid.uuid4().hex[:24]}",
-                                               "type": "function",
+                call_id = uuid.uuid4().hex[:9] if self.fmt.id_key else f"call_{uuid.uuid4().hex[:24]}"
+                deltas.append({"tool_calls": [{"index": self.index, "id": call_id, "type": "function",
                                                "function": {"name": json.loads(head.group(1)), "arguments": ""}}]})
-            try:
-                end = json.JSONDecoder().raw_decode(self.text, self.start)[1]  # the call is a whole object
-            except ValueError:
-                end = None
-            upto = len(self.text) if end is None else end - 1  # all but the call's closing brace is arguments
+                self.arguments = head.end()
+            end, upto = _json_end(self.text, self.start), _json_end(self.text, self.arguments)  # the call is a whole
+            upto = len(self.text) if upto is None else upto  # object; its arguments end where their value does
             if upto > self.sent:
                 deltas.append({"tool_calls": [{"index": self.index,
                                                "function": {"arguments": self.text[self.sent:upto]}}]})
@@ -1335,6 +1338,14 @@ class _CallDeltas:
         if self.call and not self.named and self.index == 0:  # cut before a name: the text, as a whole reply gives it
             return ([{"content": self.text}] if self.text else []), reason
         return [], reason
+
+
+def _json_end(text: str, start: int) -> Optional[int]:
+    """Where the JSON value that begins at text[start] ends, or None while it is not whole."""
+    try:
+        return json.JSONDecoder().raw_decode(text, start)[1]
+    except ValueError:
+        return None
 
 
 def _reply(text: str, finish: str, calls_in: Optional[CallFormat]) -> dict:
