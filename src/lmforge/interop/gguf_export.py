@@ -64,6 +64,7 @@ from lmforge.interop.gguf_imatrix import Activations, measure_activations, sourc
 from lmforge.interop.gguf_imatrix_file import ImportanceMatrix, read_imatrix, read_sums, write_imatrix
 from lmforge.interop.hf_llama import is_qwen2, is_qwen3
 from lmforge.interop.gguf_pretokenizers import RULES, rule_name
+from lmforge.interop.gguf_writer import gguf_writer
 from lmforge.interop.hf_export import HFExportError, converter_for_model, model_chat_template
 from lmforge.interop.hf_tokenizer import hf_tokenizer_files
 from lmforge.model import llama3_frequencies
@@ -123,7 +124,7 @@ def export_gguf(checkpoint: str | Path, out_path: str | Path, *, force: bool = F
     importance = {} if from_file is None else _matching(from_file, matrices, imatrix)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer = gguf_writer(tmp, arch)  # (gguf's, its vocabulary arrays packed whole)
         writer.add_name(out_path.stem)
         writer.add_string("lmforge.version", __version__)
         _add_hyperparameters(writer, config, arch, dtype)

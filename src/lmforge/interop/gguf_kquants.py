@@ -652,9 +652,7 @@ def _q8_0(blocks: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         inverse = np.where(d == 0, f32(0), f32(1) / d)
     v = blocks * inverse
-    a = np.abs(v)
-    whole = np.floor(a)
-    q = np.sign(v) * (whole + np.floor(f32(2) * (a - whole)))  # half away from zero (gguf's np_roundf)
+    q = np.copysign(np.floor(np.abs(v) + f32(0.5)), v)  # half away from zero (gguf's np_roundf: exact for |v| <= 127)
     return np.concatenate([d.astype(np.float16).view(np.uint8), q.astype(np.int8).view(np.uint8)], axis=1)
 
 
