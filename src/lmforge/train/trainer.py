@@ -62,9 +62,8 @@ from lmforge.head_loss import logits_cross_entropy_tokens
 from lmforge.lora import added_row_weights, apply_lora, base_fingerprint, train_added_rows, train_heads
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, RunningMean, grpo_clipped,
-                                     grpo_log_ratio,
-                                     grpo_sequence_loss, grpo_token_loss, high_entropy_mask, kto_weight_advice,
-                                     reward_model_loss, sequence_logprobs)
+                                     grpo_log_ratio, grpo_sequence_loss, grpo_token_loss, high_entropy_mask,
+                                     kto_weight_advice, reward_model_loss, sequence_logprobs)
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -481,7 +480,7 @@ class Trainer:
         self.preference_loss = PreferenceLoss.of(tc)
         self.grpo = self.preference and self.preference_loss.group  # GRPO: groups of samples (train/online.py)
         desirable = getattr(getattr(train_data, "examples", None), "desirable", None)
-        if self.unpaired and desirable is not None and self.dist.is_main:  # both unpaired losses weigh the kinds
+        if self.unpaired and desirable is not None and self.dist.is_main:  # every unpaired loss weighs the kinds
             advice = kto_weight_advice(int(desirable.sum()), int((~desirable).sum()), tc.kto_desirable_weight,
                                        tc.kto_undesirable_weight)
             if advice:  # the run goes on: a user may mean it (the paper's own one-kind-heavy runs)
