@@ -123,16 +123,24 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def timed_decodes(runners: dict[str, Callable[[], list]], rows: int, new_tokens: int, rounds: int, ratio_to: str,
+                  same_as: str) -> dict:
+    """Each runner (decoding `rows` rows of `new_tokens` tokens) warmed up once, its tokens kept, then timed
+    (machine.alternating_medians): median seconds, tokens/s, time over `ratio_to`'s, and each one's shortest common
+    prefix of a row's tokens with `same_as`'s."""
+    tokens = {name: run() for name, run in runners.items()}  # the untimed warm-up, and the tokens compared
+    median = alternating_medians(runners, rounds)
+    return {"seconds": {n: round(v, 4) for n, v in median.items()},
+            "tokens_per_s": {n: round(rows * new_tokens / v, 1) for n, v in median.items()},
+            f"time_vs_{ratio_to.replace('-', '_')}": {n: round(v / median[ratio_to], 3) for n, v in median.items()},
+            f"same_tokens_as_{same_as.replace('-', '_')}": {
+                n: min(first_difference(a, b) for a, b in zip(tokens[n], tokens[same_as])) for n in runners}}
+
+
 def measure(models: dict[str, torch.nn.Module], batch: int, args: argparse.Namespace) -> dict:
     runners = {name: runner(name, model, batch, args.new_tokens) for name, model in models.items()}
-    tokens = {name: run() for name, run in runners.items()}  # the untimed warm-up, and the tokens compared
-    median = alternating_medians(runners, args.rounds)
-    reference = [row for row in tokens["lmforge-merged"]]
-    out = {"batch": batch, "seconds": {n: round(v, 4) for n, v in median.items()},
-           "tokens_per_s": {n: round(batch * args.new_tokens / v, 1) for n, v in median.items()},
-           "time_vs_lmforge_adapter": {n: round(v / median["lmforge-adapter"], 3) for n, v in median.items()},
-           "same_tokens_as_lmforge_merged": {n: min(first_difference(a, b) for a, b in zip(tokens[n], reference))
-                                             for n in runners}}
+    out = {"batch": batch, **timed_decodes(runners, batch, args.new_tokens, args.rounds, "lmforge-adapter",
+                                           "lmforge-merged")}
     print(json.dumps(out), flush=True)
     return out
 

@@ -49,8 +49,8 @@ from lmforge.interop.hf_export import export_hf  # noqa: E402
 from lmforge.interop.peft_export import CONFIG, WEIGHTS, peft_adapter_files  # noqa: E402
 from lmforge.lora import Adapter, add_adapter_set, apply_lora, lora_state_dict  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
-from lora_decode import first_difference  # noqa: E402  (benchmarks/lora_decode.py)
-from machine import alternating_medians, libraries, machine, report  # noqa: E402  (benchmarks/machine.py)
+from lora_decode import timed_decodes  # noqa: E402  (benchmarks/lora_decode.py)
+from machine import libraries, machine, report  # noqa: E402  (benchmarks/machine.py)
 
 VARIANTS = ("lmforge-mixed", "lmforge-per-set", "peft-mixed", "peft-per-set", "lmforge-mixed-int8")
 PROMPT_TOKENS = 8
@@ -153,14 +153,8 @@ def measure(served: GPT, int8: GPT, theirs: torch.nn.Module, names: list[str], a
     prompts = torch.randint(1, min(args.vocab, 1000), (args.batch, PROMPT_TOKENS), generator=generator).tolist()
     rows = [names[i % len(names)] for i in range(args.batch)]
     runners = {v: runner(v, served, int8, theirs, prompts, rows, args.new_tokens) for v in VARIANTS}
-    tokens = {v: run() for v, run in runners.items()}  # the untimed warm-up, and the tokens compared
-    median = alternating_medians(runners, args.rounds)
-    reference = tokens["lmforge-per-set"]
-    out = {"batch": args.batch, "sets": len(names), "seconds": {v: round(s, 4) for v, s in median.items()},
-           "tokens_per_s": {v: round(args.batch * args.new_tokens / s, 1) for v, s in median.items()},
-           "time_vs_lmforge_mixed": {v: round(s / median["lmforge-mixed"], 3) for v, s in median.items()},
-           "same_tokens_as_lmforge_per_set": {v: min(first_difference(a, b) for a, b in zip(tokens[v], reference))
-                                              for v in runners}}
+    out = {"batch": args.batch, "sets": len(names), **timed_decodes(runners, args.batch, args.new_tokens, args.rounds,
+                                                                    "lmforge-mixed", "lmforge-per-set")}
     print(json.dumps(out), flush=True)
     return out
 
