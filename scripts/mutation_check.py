@@ -776,6 +776,18 @@ MUTANTS = [
            "    plain = plain | set(tokenizer.added_token_ids.values())", "",
            ("tests/test_added_tokens.py::"
             "test_the_grown_model_exports_to_transformers_and_gguf_with_its_added_tokens",)),
+    Mutant("special-added-tokens-decode-as-text", "tokenizer.py",
+           "self._special_ids = self._special_ids | {self._added_ids[n] for n in special}", "pass",
+           ("tests/test_added_tokens.py::"
+            "test_special_added_tokens_match_in_text_and_decode_drops_them_as_transformers_does[byte]",)),
+    Mutant("special-added-tokens-of-bpe-exported-plain", "interop/hf_tokenizer.py",
+           't["special"] or t["content"] in tokenizer.special_added', 't["special"]',
+           ("tests/test_added_tokens.py::"
+            "test_special_added_tokens_match_in_text_and_decode_drops_them_as_transformers_does[bpe]",)),
+    Mutant("peft-import-special-added-tokens-made-plain", "interop/peft_import.py",
+           "if i in flags and flags[i].special]", "if False]",
+           ("tests/test_added_tokens.py::"
+            "test_a_peft_adapter_whose_tokenizer_added_special_tokens_imports_them_special",)),
 ]
 
 

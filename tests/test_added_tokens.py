@@ -80,6 +80,53 @@ def test_added_tokens_encode_as_transformers_added_tokens_and_move_no_other_id(k
     assert loaded.added_tokens == tuple(NAMES) and [loaded.encode(t) for t in TEXTS] == [ours.encode(t) for t in TEXTS]
 
 
+SPECIAL = ["<|assistant|>", "<|u"]  # added as special tokens (transformers' add_special_tokens: chat markers)
+
+
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_special_added_tokens_match_in_text_and_decode_drops_them_as_transformers_does(kind, tmp_path):
+    from lmforge.interop.gguf_export import _vocabulary
+
+    base = MAKERS[kind]()
+    ours = base.with_added_tokens(NAMES, special=SPECIAL)
+    assert ours.special_added == set(SPECIAL) and ours.added_tokens == tuple(NAMES)
+    theirs = transformers_tokenizer(base, tmp_path / "base")
+    theirs.add_tokens([transformers.AddedToken(n, normalized=False, special=n in SPECIAL) for n in NAMES])
+    exported = transformers_tokenizer(ours, tmp_path / "ours")
+    ours.save(tmp_path / "tokenizer.json")
+    loaded = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert loaded.special_added == set(SPECIAL) and loaded.special_token_ids == ours.special_token_ids
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == theirs(text, add_special_tokens=False).input_ids == exported(
+            text, add_special_tokens=False).input_ids, text
+        for tok in (ours, loaded):
+            assert tok.decode(ids, skip_special=False) == text
+            kept = tok.decode(ids)
+            assert kept == theirs.decode(ids, skip_special_tokens=True) == exported.decode(ids,
+                                                                                           skip_special_tokens=True)
+            stream = tok.stream_decoder()
+            assert "".join(stream.push(i) for i in ids) + stream.flush() == kept
+    assert ours.decode([ours.added_token_ids["<|user|>"], ours.added_token_ids["<|assistant|>"]]) == "<|user|>"
+    types = _vocabulary(ours, ours.vocab_size).types  # llama.cpp's kinds: special ones are control tokens
+    assert [types[ours.added_token_ids[n]] for n in NAMES] == [
+        gguf.TokenType.CONTROL if n in SPECIAL else gguf.TokenType.USER_DEFINED for n in NAMES]
+    once = base.with_added_tokens(NAMES[:2], special=SPECIAL[:1])  # added in two steps: the same tokenizer
+    assert once.with_added_tokens(NAMES[2:], special=SPECIAL[1:]).to_dict() == ours.to_dict()
+    with pytest.raises(TokenizerError, match=r"special tokens to add \['<\|x\|>'\] are not among the names"):
+        base.with_added_tokens(NAMES, special=["<|x|>"])
+
+
+def test_a_corrupt_special_flag_of_an_added_token_is_refused():
+    data = imported().with_added_tokens(NAMES, special=SPECIAL).to_dict()
+    flipped = copy.deepcopy(data)  # lmforge's entry and its tokenizer.json disagree
+    flipped["added_tokens"][0]["special"] = True
+    data["added_tokens"][1]["special"] = "yes"
+    for bad in (data, flipped):
+        with pytest.raises(TokenizerError, match="corrupt"):
+            Tokenizer.from_dict(bad)
+
+
 @pytest.mark.parametrize("kind", ["char", "bpe", "hf"])
 def test_extends_counts_the_tokens_added_to_exactly_that_tokenizer(kind):
     base = MAKERS[kind]()
@@ -347,10 +394,12 @@ def test_plan_counts_the_grown_vocabulary_and_the_rows_a_lora_run_trains(lora_ch
     assert estimate.trained_parameters == sum(p.numel() for p in trainer.raw_model.parameters() if p.requires_grad)
 
 
-def peft_adapter_with_tokens(root: Path, llama: bool, names: tuple[str, ...] = ("<|user|>", "<|assistant|>")):
+def peft_adapter_with_tokens(root: Path, llama: bool, names: tuple[str, ...] = ("<|user|>", "<|assistant|>"),
+                             special: tuple[str, ...] = ()):
     """(base run, adapter dir, transformers' tokenizer, the PeftModel): an lmforge base exported to transformers,
-    which adds `names` and resizes; peft trains the embedding and head whole (modules_to_save) beside LoRA adapters,
-    as peft's guide does it (random values standing for training), saved with the tokenizer."""
+    which adds `names` and resizes (those in `special` as special tokens, after the others); peft trains the
+    embedding and head whole (modules_to_save) beside LoRA adapters, as peft's guide does it (random values standing
+    for training), saved with the tokenizer."""
     import peft
 
     from lmforge.interop.hf_export import export_hf
@@ -358,7 +407,9 @@ def peft_adapter_with_tokens(root: Path, llama: bool, names: tuple[str, ...] = (
     base = make_base(root, **(LLAMA if llama else {}))
     hf_dir = export_hf(base, root / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    tokenizer.add_tokens([transformers.AddedToken(n, normalized=False) for n in names])
+    tokenizer.add_tokens([transformers.AddedToken(n, normalized=False) for n in names if n not in special])
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     model.resize_token_embeddings(len(tokenizer))
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
@@ -389,6 +440,25 @@ def test_a_peft_adapter_trained_with_added_tokens_imports_with_peft_logits_and_t
     text = "<|user|>\nab\n<|assistant|>\nba"
     ids = tokenizer(text).input_ids
     assert ids == [tok.start_id] + tok.encode(text) and 259 in ids
+    with torch.no_grad():
+        assert (theirs.eval()(torch.tensor([ids])).logits - ours(torch.tensor([ids]))).abs().max() <= 1e-4
+
+
+def test_a_peft_adapter_whose_tokenizer_added_special_tokens_imports_them_special(tmp_path):
+    """Chat markers added with add_special_tokens stay special: matched in text, dropped from decoded replies as
+    transformers drops them."""
+    from lmforge.interop.peft_import import import_peft
+
+    names = ("<|user|>", "<|im_start|>", "<|im_end|>")
+    base, adapter, tokenizer, theirs = peft_adapter_with_tokens(tmp_path, True, names, special=names[1:])
+    import_peft(adapter, base, tmp_path / "run")
+    ours, tok, _ = lmforge.checkpoint.load_for_inference(tmp_path / "run", "cpu")
+    assert tok.added_tokens == names and tok.special_added == set(names[1:])
+    text = "<|im_start|>user\nab<|im_end|><|user|>ba<|im_end|>"
+    ids = tokenizer(text).input_ids
+    assert ids == [tok.start_id] + tok.encode(text) and {259, 260, 261} <= set(ids)
+    assert tok.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True) == "user\nab<|user|>ba"
+    assert tok.decode(ids, skip_special=False) == tokenizer.decode(ids)
     with torch.no_grad():
         assert (theirs.eval()(torch.tensor([ids])).logits - ours(torch.tensor([ids]))).abs().max() <= 1e-4
 

@@ -19,8 +19,11 @@ default name ``<MASK>``) takes the last id, after everything else, so adding it 
 Added tokens (``lmforge prepare --add-tokens``: chat markers such as ``<|user|>`` for a model that never had them)
 take the next ids after a tokenizer's own, in order, so adding them moves no other id either; unlike special tokens
 they are text: a text that spells one encodes it as its one id (matched before any other rule, leftmost and
-longest first, as Hugging Face's added tokens), and it decodes to its spelling. A tokenizer with added tokens
-``extends`` the one they were added to: a model trained with that one can learn the new ids (its embedding grows).
+longest first, as Hugging Face's added tokens), and it decodes to its spelling. An added token may be special, as
+Hugging Face's ``add_special_tokens`` makes one (a chat marker such as ``<|im_end|>``): matched in text the same way,
+but dropped by ``decode`` (unless ``skip_special=False``), like the start, end and pad tokens. A tokenizer with added
+tokens ``extends`` the one they were added to: a model trained with that one can learn the new ids (its embedding
+grows).
 
 Decoding joins each id's bytes and decodes them as UTF-8, replacing invalid sequences (a model can
 emit any id sequence). ``StreamDecoder`` does the same incrementally for generation: it holds back
@@ -107,16 +110,17 @@ class Tokenizer:
     _first_token_bytes: dict[int, bytes] = {}  # SentencePiece's Metaspace decoder: {id: bytes as a text's first}
     _hf_continuing = None  # SentencePiece-style: the tokenizer without the space before a text's first word
     added_tokens: tuple[str, ...] = ()  # with_added_tokens: text tokens at the last ids, in id order
+    special_added: frozenset[str] = frozenset()  # those of the added tokens that decode drops (special ones)
     _added_split = None  # char and byte kinds with added tokens: a regex cutting a text at them (see encode_array)
     _added_ids: dict[str, int] = {}
 
     def __init__(self, kind: str, special_tokens: tuple[str, str, str] = DEFAULT_SPECIAL_TOKENS, *,
                  chars: list[str] | None = None, hf_json: str | None = None,
                  special_ids: dict[str, int | None] | None = None, mask_token: str | None = None,
-                 added_tokens: Sequence[str] = ()) -> None:
+                 added_tokens: Sequence[str] = (), special_added: Iterable[str] = ()) -> None:
         if kind == HF_KIND:
             self._init_hf(hf_json, special_ids or {})
-            self._check_added(added_tokens)
+            self._check_added(added_tokens, special_added)
             return
         if kind not in KINDS:
             raise TokenizerError(f"unknown tokenizer kind {kind!r}: choose one of char, byte, bpe or a tokenizer.json path")
@@ -149,18 +153,27 @@ class Tokenizer:
         self._id_bytes = id_bytes
         self.vocab_size = len(id_bytes)
         self.sha256: str | None = None  # of the file this tokenizer was last saved to or loaded from
-        self._check_added(added_tokens)
+        self._check_added(added_tokens, special_added)
 
-    def _check_added(self, names: Sequence[str]) -> None:
-        """Set added_tokens, checking they are the last ids, in order (and, in a Hugging Face tokenizer, its added
-        tokens of those ids)."""
+    def _check_added(self, names: Sequence[str], special: Iterable[str]) -> None:
+        """Set added_tokens and special_added (those of them that are special), checking they are the last ids, in
+        order (and, in a Hugging Face tokenizer, its added tokens of those ids, special where they are)."""
         first = self.vocab_size - len(names)
         self._added_ids = {name: first + i for i, name in enumerate(names)}
+        special = frozenset(special)
         if len(self._added_ids) != len(names) or first < 0 or (self.mask_id is not None and names):
             raise ValueError("added tokens must be distinct, the last ids, and not beside a mask token")
+        if not special <= set(names):
+            raise ValueError(f"special added tokens {sorted(special - set(names))} are not added tokens")
         if self._hf is not None and any(self._hf.token_to_id(n) != i for n, i in self._added_ids.items()):
             raise ValueError("the added tokens are not the Hugging Face tokenizer's tokens of their ids")
-        self.added_tokens = tuple(names)
+        if self.kind == HF_KIND:  # its tokenizer.json says which are special (and _init_hf counted them)
+            flags = self._hf.get_added_tokens_decoder()
+            if {n for n, i in self._added_ids.items() if flags[i].special} != special:
+                raise ValueError("the special added tokens are not the Hugging Face tokenizer's special ones")
+        else:
+            self._special_ids = self._special_ids | {self._added_ids[n] for n in special}
+        self.added_tokens, self.special_added = tuple(names), special
 
     def _init_hf(self, hf_json: str | None, special_ids: dict[str, int | None]) -> None:
         """Kind ``hf``: an imported byte-level BPE tokenizer.json with its own special tokens."""
@@ -348,14 +361,19 @@ class Tokenizer:
         if self.chat_template is not None:
             data["chat_template"] = self.chat_template
         if self.added_tokens:
-            data["added_tokens"] = [{"token": name, "id": i} for name, i in self.added_token_ids.items()]
+            data["added_tokens"] = [{"token": name, "id": i, **({"special": True} if name in self.special_added
+                                                                 else {})} for name, i in self.added_token_ids.items()]
         return data
 
-    def with_added_tokens(self, names: Sequence[str]) -> "Tokenizer":
-        """This tokenizer with `names` added as text tokens at the next ids, in order (see the module docstring).
-        TokenizerError, naming the token, for an empty name, one with whitespace or control characters, a repeat, a
-        special token's name, a name that is one token already, or a tokenizer with a mask token."""
-        names = list(names)
+    def with_added_tokens(self, names: Sequence[str], special: Iterable[str] = ()) -> "Tokenizer":
+        """This tokenizer with `names` added as text tokens at the next ids, in order (see the module docstring);
+        those also in `special` are special (decode drops them). TokenizerError, naming the token, for an empty name,
+        one with whitespace or control characters, a repeat, a special token's name, a name that is one token
+        already, or a tokenizer with a mask token."""
+        names, special = list(names), set(special)
+        if not special <= set(names):
+            raise TokenizerError(f"special tokens to add {sorted(special - set(names))} are not among the names to "
+                                 "add: name each once in the names")
         if not names or len(names) > MAX_ADDED_TOKENS:
             raise TokenizerError(f"{len(names)} tokens to add: give 1 to {MAX_ADDED_TOKENS:,} names")
         taken = set(self.special_tokens) | set(self.added_tokens) | {self.mask_token}
@@ -379,11 +397,14 @@ class Tokenizer:
             from tokenizers import AddedToken, Tokenizer as HFTokenizer
 
             hf = HFTokenizer.from_str(self._hf.to_str())
+            # bpe's own BPE never matches special tokens in text (encode_special_tokens), so its added ones stay
+            # plain there; an imported tokenizer's hold their flag, as the source's do
             hf.add_tokens([AddedToken(n, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                                      special=False) for n in names])
+                                      special=self.kind == HF_KIND and n in special) for n in names])
             data["hf_tokenizer"] = json.loads(hf.to_str())
         data["added_tokens"] = [*data.get("added_tokens", []),
-                                *({"token": n, "id": self.vocab_size + i} for i, n in enumerate(names))]
+                                *({"token": n, "id": self.vocab_size + i, **({"special": True} if n in special else {})}
+                                  for i, n in enumerate(names))]
         data["vocab_size"] = self.vocab_size + len(names)
         try:
             return Tokenizer.from_dict(data)
@@ -457,7 +478,7 @@ class Tokenizer:
                 roles = data["special_tokens"]
                 special_ids = {r: roles[r]["id"] if roles.get(r) else None for r in SPECIAL_ROLES}
                 tok = cls(HF_KIND, hf_json=json.dumps(data["hf_tokenizer"]), special_ids=special_ids,
-                          added_tokens=_added_names(data))
+                          added_tokens=_added_names(data), special_added=_special_added(data))
                 for r in SPECIAL_ROLES:
                     if roles.get(r) and tok._hf.id_to_token(roles[r]["id"]) != roles[r]["token"]:
                         raise ValueError(f"{r} token {roles[r]['token']!r} is not id {roles[r]['id']}")
@@ -473,7 +494,8 @@ class Tokenizer:
             mask = data.get("mask_token")
             tok = cls(data["kind"], specials, chars=chars,
                       hf_json=json.dumps(data["hf_tokenizer"]) if data["kind"] == "bpe" else None,
-                      mask_token=None if mask is None else mask["token"], added_tokens=_added_names(data))
+                      mask_token=None if mask is None else mask["token"], added_tokens=_added_names(data),
+                      special_added=_special_added(data))
             if mask is not None and mask["id"] != tok.mask_id:
                 raise ValueError(f"mask token id {mask['id']} is not the last id {tok.mask_id}")
             tok.chat_template = _chat_template(data)
@@ -495,6 +517,14 @@ def _added_names(data: dict) -> list[str]:
             range(first, first + len(names))):
         raise ValueError("'added_tokens' must name tokens at the last ids, in order")
     return names
+
+
+def _special_added(data: dict) -> list[str]:
+    """The added tokens of a to_dict form marked special ({"token": ..., "special": true})."""
+    entries = data.get("added_tokens") or []
+    if any(entry.get("special", False) not in (True, False) for entry in entries):
+        raise ValueError("an added token's 'special' must be true or false")
+    return [entry["token"] for entry in entries if entry.get("special")]
 
 
 def _chat_template(data: dict) -> str | None:

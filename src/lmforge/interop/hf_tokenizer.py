@@ -134,7 +134,8 @@ def _byte_fallback_json(tokenizer: Tokenizer) -> dict:
     vocab.update({c: first + i for i, c in enumerate(tokenizer._chars)})
     return {
         "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [_added_token(n, i, special=False) for n, i in tokenizer.added_token_ids.items()],
+        "added_tokens": [_added_token(n, i, special=n in tokenizer.special_added)
+                         for n, i in tokenizer.added_token_ids.items()],
         "normalizer": None, "pre_tokenizer": None, "post_processor": None,
         "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -155,6 +156,9 @@ def hf_tokenizer_files(tokenizer: Tokenizer, model_max_length: int,
     data = tokenizer.to_dict()
     if tokenizer.kind in ("bpe", HF_KIND):
         hf = dict(data["hf_tokenizer"])
+        # bpe keeps its added tokens plain inside (see with_added_tokens); transformers learns which are special
+        hf["added_tokens"] = [{**t, "special": t["special"] or t["content"] in tokenizer.special_added}
+                              for t in hf.get("added_tokens") or []]
     else:
         hf = _byte_fallback_json(tokenizer)
     if tokenizer.kind != HF_KIND:  # lmforge's special tokens (ids 0, 1, 2; the mask: the last id), never split

@@ -280,8 +280,10 @@ def _grown(model: GPT, rows: dict[str, torch.Tensor], tokenizer: Any, source: Pa
     except Exception as e:  # the Rust library raises plain Exceptions
         raise PEFTImportError(f"{theirs_path} cannot be loaded ({e})") from None
     names = [theirs.id_to_token(i) for i in range(base_tok.vocab_size, theirs.get_vocab_size(with_added_tokens=True))]
+    flags = theirs.get_added_tokens_decoder()  # add_special_tokens' ones (chat markers): decode drops them
+    special = [n for i, n in enumerate(names, base_tok.vocab_size) if i in flags and flags[i].special]
     try:
-        grown = base_tok.with_added_tokens(names)
+        grown = base_tok.with_added_tokens(names, special)
     except LmforgeError as e:
         raise PEFTImportError(f"{theirs_path}'s tokens past the base's do not make added tokens: {e}") from None
     probes = [*names, " ".join(names), "".join(names) + " Hello, world! \u00bfQu\u00e9 tal? 1234"]
