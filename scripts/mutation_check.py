@@ -788,6 +788,11 @@ MUTANTS = [
            "if i in flags and flags[i].special]", "if False]",
            ("tests/test_added_tokens.py::"
             "test_a_peft_adapter_whose_tokenizer_added_special_tokens_imports_them_special",)),
+    Mutant("lora-plus-embedding-adapter-at-the-b-rate", "train/optim.py",
+           'scales = {"adapters_b": adapter_lr_ratio, "adapters_emb": embedding_lr_scale}',
+           'scales = {"adapters_b": adapter_lr_ratio, "adapters_emb": adapter_lr_ratio}',
+           ("tests/test_lora_train.py::"
+            "test_lora_plus_lr_embedding_moves_the_tables_adapter_at_its_own_rate_on_the_schedules_shape",)),
 ]
 
 

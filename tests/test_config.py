@@ -180,7 +180,8 @@ COMPANIONS = {"model.n_head": lambda v: {"n_embd": v}, "model.n_embd": lambda v:
               "train.grpo_top_entropy": lambda v: {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
               **{f"train.distill_{key}": lambda v: {"distill_from": "runs/teacher"}
                  for key in ("alpha", "beta", "temperature", "on_policy")},
-              "lora.pissa_niter": lambda v: {"init": "pissa"}}
+              "lora.pissa_niter": lambda v: {"init": "pissa"},
+              "lora.lr_embedding": lambda v: {"targets": ["q", "emb"]}}
 
 
 def _bounded_fields():

@@ -177,6 +177,35 @@ def test_lora_plus_moves_B_at_lr_ratio_times_the_learning_rate_and_A_at_it(tmp_p
     assert moves[16] == pytest.approx(16 * moves[1], rel=0.02)
 
 
+def test_lora_plus_lr_embedding_moves_the_tables_adapter_at_its_own_rate_on_the_schedules_shape(tmp_path):
+    """lora.lr_embedding (peft's loraplus_lr_embedding): the embedding's A and B in a group of their own at that rate
+    (its first AdamW move about that much per element), the other adapters as LoRA+ puts them; resume keeps it."""
+    base = write_base(tmp_path)
+    settings = {"lora.lr_ratio": 16, "lora.lr_embedding": 2e-5, "optim.lr": 1e-3, "lora.dropout": 0.0,
+                "train.grad_accum": 1, "optim.warmup_steps": 2, "train.max_steps": 4, "train.save_interval": 2}
+    trainer = tiny_trainer(lora_config(tmp_path / "run", base, **settings))
+    params = dict(trainer.raw_model.named_parameters())
+    table = {params["tok_emb.lora.emb.A"], params["tok_emb.lora.emb.B"]}
+    groups = {round(g.get("lr_scale", 1), 6): g for g in trainer.optimizer.param_groups}
+    assert set(groups[0.02]["params"]) == table and set(groups[16]["params"]) == {
+        p for name, p in params.items() if name.endswith(".B") and p not in table}
+    before = {name: p.detach().clone() for name, p in params.items() if p.requires_grad}
+    trainer.train_step()
+    moved = {name: float((params[name] - p).abs().max()) for name, p in before.items()}
+    lr = trainer.optimizer.param_groups[0]["lr"]  # the schedule's, in warmup
+    assert groups[0.02]["lr"] == pytest.approx(0.02 * lr) and lr < 1e-3
+    assert moved["tok_emb.lora.emb.A"] == pytest.approx(0.02 * lr, rel=0.02)  # B A = 0 at the start: B stays
+    assert moved["blocks.0.attn.qkv.lora.q.B"] == pytest.approx(16 * lr, rel=0.02)
+    assert moved["blocks.0.attn.qkv.lora.q.A"] <= 1.02 * lr
+    trainer.fit()
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-00000002",
+                    tmp_path / "resumed" / "checkpoints" / "step-00000002")
+    resumed = tiny_trainer(lora_config(tmp_path / "resumed", base, **settings, **{"train.resume": "auto"}))
+    resumed.fit()
+    assert resumed.history == trainer.history[2:] and len(resumed.history) == 2
+
+
 def test_a_lora_plus_dora_run_resumes_bit_identically(tmp_path):
     base = write_base(tmp_path)
     settings = {"lora.lr_ratio": 16, "lora.dora": True, "lora.targets": "q,v,o", "train.max_steps": 4,

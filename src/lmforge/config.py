@@ -825,6 +825,10 @@ class LoRAConfig:
     lr_ratio: float = doc("LoRA+ (Hayou et al. 2024): the B matrices (and DoRA magnitudes) learn at optim.lr times "
                           "this, A at optim.lr; the paper suggests 16 (peft's loraplus_lr_ratio); 1 = plain LoRA.",
                           1.0, gt=0, le=1000)
+    lr_embedding: Optional[float] = doc("LoRA+ for the token embedding's adapter (lora.targets emb): its A and B "
+                                        "learn at this learning rate, on the schedule's shape (peft's "
+                                        "loraplus_lr_embedding, 1e-6 by default there); null = like the other "
+                                        "adapters (A at optim.lr, B at lr_ratio times it).", None, gt=0, le=10)
     init: LoRAInit = doc("How adapters start, the model as its base either way: default (A random, B = 0; Hu et al. "
                          "2021), pissa (Meng et al. 2024: A and B from each weight's top-r singular vectors, so "
                          "training moves its principal directions; the paper: converges faster than default) or "
@@ -848,6 +852,10 @@ class LoRAConfig:
         if self.pissa_niter is not None and self.init != "pissa":
             raise ConfigError(f"lora.pissa_niter={self.pissa_niter} sets how PiSSA's SVD is computed, and lora.init is "
                               f"{self.init}: give lora.init pissa too, or drop lora.pissa_niter")
+        if self.lr_embedding is not None and "emb" not in self.targets:
+            raise ConfigError(f"lora.lr_embedding={self.lr_embedding} sets the learning rate of the embedding's "
+                              f"adapter, and lora.targets {','.join(self.targets)} has none: add emb to lora.targets, "
+                              f"or drop lora.lr_embedding")
         if "emb" in self.targets and (self.dora or self.init != "default"):
             raise ConfigError(f"lora.targets has emb with {'lora.dora' if self.dora else f'lora.init={self.init}'}, "
                               f"which lmforge applies to Linear layers only: drop emb from lora.targets, or use plain "

@@ -22,12 +22,13 @@ from torch import nn
 
 from lmforge.config import OptimConfig
 from lmforge.distributed import has_fast_bf16
-from lmforge.lora import added_row_weights, lora_parameters
+from lmforge.lora import LoRAEmbedding, added_row_weights, lora_parameters
 from lmforge.train.muon import BatchedMuon
 
 
 def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: float = 0.0,
-                 muon: bool = False, adapter_lr_ratio: float = 1.0) -> list[dict]:
+                 muon: bool = False, adapter_lr_ratio: float = 1.0,
+                 embedding_lr_scale: float | None = None) -> list[dict]:
     """[{params: decayed, weight_decay}, {params: not decayed, weight_decay: 0}] and, for a model with LoRA
     adapters, {params: adapters, weight_decay: adapter_weight_decay}, and with `muon`, {params: the blocks'
     hidden matrices, muon: True} (taken out of the decayed group), each with names for inspection; frozen
@@ -37,7 +38,9 @@ def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: fl
     (biases, LayerNorm/RMSNorm gains). The adapters (lmforge.lora) have their own decay (lora.weight_decay,
     0 by default): decaying A and B pulls the update B A toward 0, i.e. toward the base, not toward small weights.
     adapter_lr_ratio != 1 (LoRA+, lora.lr_ratio): the adapters' B matrices and DoRA magnitudes (peft's LoRA+ takes
-    every 1-D adapter tensor with B) get a group of their own with lr_scale = adapter_lr_ratio. An adapted model's
+    every 1-D adapter tensor with B) get a group of their own with lr_scale = adapter_lr_ratio; embedding_lr_scale
+    (lora.lr_embedding / optim.lr) puts the token embedding's adapter (A and B) in a group with that lr_scale instead
+    (peft's LoRA+ "embedding" group). An adapted model's
     weights with rows for added tokens (lora.train_added_rows: an untied lm_head too) are not decayed: decay would
     move the base's rows, which must stay as they are.
     """
@@ -45,9 +48,11 @@ def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: fl
     adapter_ids = {id(p) for p in lora_parameters(model)}
     if adapter_ids:  # weights with added tokens' rows
         embedding_ids |= {id(p) for p in added_row_weights(model).values()}
+    table_ids = ({id(p) for m in model.modules() if isinstance(m, LoRAEmbedding) for p in m.lora.parameters()}
+                 if embedding_lr_scale is not None else set())
     hidden_ids = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)} if muon else set()
     groups: dict[str, tuple[list, list]] = {"decay": ([], []), "no_decay": ([], []), "adapters": ([], []),
-                                            "adapters_b": ([], []), "muon": ([], [])}
+                                            "adapters_b": ([], []), "adapters_emb": ([], []), "muon": ([], [])}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
@@ -57,14 +62,17 @@ def param_groups(model: nn.Module, weight_decay: float, adapter_weight_decay: fl
             full = f"{module_name}.{name}" if module_name else name
             kind = ("adapters" if id(p) in adapter_ids else "muon" if id(p) in hidden_ids else
                     "no_decay" if id(p) in embedding_ids or p.ndim < 2 else "decay")
-            if kind == "adapters" and adapter_lr_ratio != 1.0 and (name == "B" or p.ndim < 2):
+            if kind == "adapters" and id(p) in table_ids:
+                kind = "adapters_emb"
+            elif kind == "adapters" and adapter_lr_ratio != 1.0 and (name == "B" or p.ndim < 2):
                 kind = "adapters_b"
             groups[kind][0].append(p)
             groups[kind][1].append(full)
     decays = {"decay": weight_decay, "no_decay": 0.0, "adapters": adapter_weight_decay,
-              "adapters_b": adapter_weight_decay}
+              "adapters_b": adapter_weight_decay, "adapters_emb": adapter_weight_decay}
+    scales = {"adapters_b": adapter_lr_ratio, "adapters_emb": embedding_lr_scale}
     return [{"params": params, "names": names, **({"muon": True} if kind == "muon" else {"weight_decay": decays[kind]}),
-             **({"lr_scale": adapter_lr_ratio} if kind == "adapters_b" else {})}
+             **({"lr_scale": scales[kind]} if kind in scales else {})}
             for kind, (params, names) in groups.items() if kind in ("decay", "no_decay") or params]
 
 
@@ -114,18 +122,20 @@ class MuonWithAdamW:
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device, adapter_weight_decay: float = 0.0,
-                    adapter_lr_ratio: float = 1.0) -> torch.optim.AdamW | MuonWithAdamW:
+                    adapter_lr_ratio: float = 1.0,
+                    embedding_lr: float | None = None) -> torch.optim.AdamW | MuonWithAdamW:
     """AdamW over `model`'s trainable parameters, fused (one kernel for all tensors) on CUDA and the CPU, foreach
     elsewhere; with optim.name muon, Muon (optim.muon_*) on the blocks' hidden matrices and that AdamW on the rest.
     Empty groups are dropped (a full run has two AdamW groups, a LoRA run the adapters and perhaps a classification
     head). A Muon group carries lr_scale = muon_lr / lr, so the one schedule (set_lr) drives both; so does LoRA+'s
-    group of B matrices (lr_scale = adapter_lr_ratio, param_groups).
+    group of B matrices (lr_scale = adapter_lr_ratio, param_groups) and the embedding adapter's at embedding_lr.
 
     On the CPU, foreach falls back to a loop of per-tensor ops: fused is 7-20x faster there (a third of a
     char-small step; benchmarks/train_throughput.py)."""
     groups = [{k: v for k, v in g.items() if k != "names"}
               for g in param_groups(model, optim.weight_decay, adapter_weight_decay, muon=optim.name == "muon",
-                                    adapter_lr_ratio=adapter_lr_ratio)]
+                                    adapter_lr_ratio=adapter_lr_ratio,
+                                    embedding_lr_scale=None if embedding_lr is None else embedding_lr / optim.lr)]
     groups = [g for g in groups if g["params"]]
     fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     adamw = torch.optim.AdamW([g for g in groups if "muon" not in g], lr=optim.lr,

@@ -553,7 +553,8 @@ class Trainer:
 
                 self.teacher, self.teacher_head = shard_teacher(self.teacher, self.dist, self.device)
         lora = config.lora if config.lora is not None else LoRAConfig()  # (no adapters: its settings do nothing)
-        self.optimizer = build_optimizer(self.raw_model, config.optim, self.device, lora.weight_decay, lora.lr_ratio)
+        self.optimizer = build_optimizer(self.raw_model, config.optim, self.device, lora.weight_decay, lora.lr_ratio,
+                                         lora.lr_embedding)
         self.lr_at = build_schedule(config.optim, tc.max_steps)
         # DDP first, then compile: the compiler splits the graph at DDP's gradient buckets so that the
         # all-reduce of one bucket overlaps the backward of the next (PyTorch's DDPOptimizer).
