@@ -46,8 +46,9 @@ def worker(run_dir: Path, batch_size: int, grad_accum: int = 1, compile: bool = 
     else:
         trainer = tiny_trainer(config, tokenizer_file=tokenizer)
     dtypes = set()  # of the weight a block's first matrix product is given (FSDP: the gathered one)
-    first = next(m for m in unwrap(trainer.raw_model).blocks[0].modules() if isinstance(m, nn.Linear))
-    first.register_forward_pre_hook(lambda module, args: dtypes.add(str(module.weight.dtype)))
+    first = next((m for m in unwrap(trainer.raw_model).blocks[0].modules() if isinstance(m, nn.Linear)), None)
+    if first is not None:  # (QLoRA: the blocks hold no nn.Linear)
+        first.register_forward_pre_hook(lambda module, args: dtypes.add(str(module.weight.dtype)))
     summary = trainer.fit()
     local = sum(getattr(p, "to_local", lambda: p)().numel() for p in trainer.raw_model.parameters())
     reference = trainer.reference  # preference data: the frozen reference model, when the loss keeps one

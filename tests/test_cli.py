@@ -356,6 +356,9 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-pissa-niter-without-pissa", ["train", "--data", str(data), "--run-dir", str(ws / "lora-5"),
                                              "--train.init_from", str(run), "--lora.pissa_niter", "4"],
          "give lora.init pissa too"),
+        ("train-qlora-with-pissa", ["train", "--data", str(data), "--run-dir", str(ws / "lora-7"),
+                                    "--train.init_from", str(run), "--lora.quantize", "nf4", "--lora.init", "pissa"],
+         "lora.init=pissa with lora.quantize nf4 is not supported"),
         ("train-lr-embedding-without-emb", ["train", "--data", str(data), "--run-dir", str(ws / "lora-6"),
                                             "--train.init_from", str(run), "--lora.lr_embedding", "1e-6"],
          "add emb to lora.targets"),
@@ -595,7 +598,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 179
+N_CASES = 180
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -70,3 +70,19 @@ def test_two_compiled_processes_with_accumulation_match_one(tmp_path):
     one = json.loads((tmp_path / "one" / "history.json").read_text())
     two = json.loads((tmp_path / "two" / "history.json").read_text())
     assert [l for _, l in two["history"]] == pytest.approx([l for _, l in one["history"]], abs=1e-5)
+
+
+@pytest.mark.distributed
+def test_two_qlora_processes_match_one(tmp_path):
+    """QLoRA under DDP: each process quantizes the one base alike (its 4-bit buffers never cross), and 2 processes x 4
+    sequences give 1 process x 8's losses."""
+    base = write_base(tmp_path)
+    quantized = json.dumps({"lora.quantize": "nf4"})
+    worker(tmp_path / "one", batch_size=8, grad_accum=2, base=str(base), overrides=quantized)
+    torchrun_worker(tmp_path / "two", 4, 2, False, base, quantized)
+    one = json.loads((tmp_path / "one" / "history.json").read_text())
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert two["world_size"] == 2 and [s for s, _ in two["history"]] == list(range(1, 7))
+    assert [l for _, l in two["history"]] == pytest.approx([l for _, l in one["history"]], abs=1e-5)
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert one["base_fingerprint"] == two["base_fingerprint"] != state["base"]["fingerprint"]  # 4-bit, alike

@@ -800,6 +800,7 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- lora
 LoRATarget = Literal["q", "k", "v", "o", "mlp", "head", "emb"]
 LoRAInit = Literal["default", "pissa", "olora"]
+LoRAQuantize = Literal["nf4"]
 
 
 @dataclass
@@ -838,6 +839,11 @@ class LoRAConfig:
                                      "directions by torch.svd_lowrank with this many subspace iterations (Halko et "
                                      "al. 2011) instead of the exact SVD, much faster on large weights; null = exact. "
                                      "With lora.init pissa only.", None, ge=0, le=64)
+    quantize: Optional[LoRAQuantize] = doc(
+        "QLoRA (Dettmers et al. 2023): the frozen base's block layers stored in 4-bit NormalFloat (nf4: "
+        "bitsandbytes' NF4, blocks of 64) and dequantized as they compute, about a seventh of fp32's memory for "
+        "them; the adapters train in full precision and the run computes with the quantized base (eval, generate, "
+        "merge too). null = the base as it is.", None)
     dora: bool = doc("DoRA (Liu et al. 2024, peft's use_dora): each adapted row of a weight is split into a "
                      "magnitude, trained, and the direction of W + (alpha / r) B A (the paper: closer to full "
                      "fine-tuning at low ranks); each step a little slower.", False)
@@ -852,6 +858,10 @@ class LoRAConfig:
         if self.pissa_niter is not None and self.init != "pissa":
             raise ConfigError(f"lora.pissa_niter={self.pissa_niter} sets how PiSSA's SVD is computed, and lora.init is "
                               f"{self.init}: give lora.init pissa too, or drop lora.pissa_niter")
+        if self.quantize is not None and self.init != "default":
+            raise ConfigError(f"lora.init={self.init} with lora.quantize {self.quantize} is not supported: its start "
+                              f"comes from the full-precision weight, which a 4-bit base no longer has; use lora.init "
+                              f"default with lora.quantize, or drop lora.quantize")
         if self.lr_embedding is not None and "emb" not in self.targets:
             raise ConfigError(f"lora.lr_embedding={self.lr_embedding} sets the learning rate of the embedding's "
                               f"adapter, and lora.targets {','.join(self.targets)} has none: add emb to lora.targets, "

@@ -50,6 +50,7 @@ from lmforge.config import LoRAConfig, LoRATarget
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model import GPT
 from lmforge.model import dropout as make_dropout
+from lmforge.nf4 import NF4Linear, dequantize_blocks, quantize_blocks
 
 Target = LoRATarget  # what LoRAConfig.targets names; LoRAConfig lives in config (a RunConfig section), re-exported here
 WHOLE_LINEARS = {"o": ("attn.proj",), "mlp": ("mlp.fc", "mlp.proj")}  # target -> Linears of each block it adapts
@@ -125,13 +126,17 @@ class LoRALinear(nn.Module):
     with dropout), so y - b is never scaled twice.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: Union[nn.Linear, NF4Linear], r: int, alpha: float, dropout: float = 0.0,
                  slices: Optional[dict[str, tuple[int, int]]] = None, dora: bool = False,
                  init: str = "default", niter: Optional[int] = None) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # (out, in), (out,) or None
-        self.weight.requires_grad_(False)
+        # QLoRA (lora.quantize nf4): the frozen weight in 4 bits, an NF4Linear computing the frozen product
+        self.nf4 = base if isinstance(base, NF4Linear) else None
+        self.weight = None if self.nf4 is not None else base.weight  # (out, in)
+        self.bias = base.bias  # (out,) or None
+        if self.weight is not None:
+            self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         slices = {"all": (0, self.out_features)} if slices is None else slices
@@ -142,7 +147,8 @@ class LoRALinear(nn.Module):
                 raise ValueError(f"LoRA slice {name}=({start}, {size}) overlaps another or leaves the "
                                  f"{self.out_features} output features")
             end = start + size
-        device, dtype = self.weight.device, self.weight.dtype
+        device, dtype = (self.nf4.packed.device, torch.float32) if self.nf4 is not None else (self.weight.device,
+                                                                                             self.weight.dtype)
         offset = init != "default"
         self.lora = nn.ModuleDict({name: Adapter(self.in_features, start, size, r, device, dtype, dora, offset)
                                    for name, (start, size) in ordered})  # in output order, for forward
@@ -151,20 +157,20 @@ class LoRALinear(nn.Module):
         self.merged = False  # True while the adapters are folded into weight (see merge)
         self.enabled = True  # False inside adapters_off: the frozen base alone
         self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA while merged: each adapter's row norms (unmerge)
-        if offset and self.weight.device.type != "meta":  # PiSSA / OLoRA: A and B start at A0, B0 of the rows
+        if offset and device.type != "meta":  # PiSSA / OLoRA: A and B start at A0, B0 of the rows
             with torch.no_grad():
                 for adapter in self.lora.values():
-                    A0, B0 = initial_adapters(self.weight[adapter.start:adapter.start + adapter.size], r, self.scale,
-                                              init, niter)
+                    A0, B0 = initial_adapters(self.frozen_weight()[adapter.start:adapter.start + adapter.size], r,
+                                              self.scale, init, niter)
                     for tensor, value in ((adapter.A, A0), (adapter.B, B0), (adapter.A0, A0), (adapter.B0, B0)):
                         tensor.copy_(value)
-        if dora and self.weight.device.type != "meta":
+        if dora and device.type != "meta":
             with torch.no_grad():
                 for adapter in self.lora.values():
                     adapter.magnitude.copy_(self.row_norms(adapter))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        y = F.linear(x, self.weight, self.bias) if self.nf4 is None else self.nf4(x)  # (..., out)
         if self.merged or not self.enabled:
             return y
         h = self.drop(x)  # (..., in)
@@ -181,10 +187,21 @@ class LoRALinear(nn.Module):
         pieces.append(y[..., end:])
         return torch.cat(pieces, dim=-1)  # (..., out)
 
+    @torch.no_grad()
+    def dequantize(self) -> None:
+        """A QLoRA layer's 4-bit weight made a dense, frozen Parameter of the values it computed with (fp32): the
+        layer computes the same from then on, in full precision. Nothing for other layers."""
+        if self.nf4 is not None:
+            self.weight, self.nf4 = nn.Parameter(self.nf4.dense(), requires_grad=False), None
+
+    def frozen_weight(self) -> torch.Tensor:
+        """W, (out, in): the weight Parameter, or the NF4 weight dequantized (fp32) for a QLoRA layer."""
+        return self.weight if self.nf4 is None else self.nf4.dense()
+
     def row_norms(self, adapter: Adapter) -> torch.Tensor:
         """||(W + s B A)_i|| of the adapter's rows, (size,), in the weight's dtype, without gradient."""
         with torch.no_grad():
-            rows = self.weight[adapter.start:adapter.start + adapter.size]
+            rows = self.frozen_weight()[adapter.start:adapter.start + adapter.size]
             return torch.linalg.vector_norm(rows + self.scale * adapter.delta().to(rows.dtype), dim=1)
 
     def dora_update(self, adapter: Adapter, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -195,16 +212,17 @@ class LoRALinear(nn.Module):
         if isinstance(self.drop, nn.Identity) or not self.training:
             plain = y if self.bias is None else y - self.bias[start:stop]
         else:
-            plain = F.linear(h, self.weight[start:stop])
+            plain = F.linear(h, self.frozen_weight()[start:stop])
         return (g - 1) * plain + g * (self.scale * adapter(h))
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold scale * B A into the weight rows of each slice (DoRA: then scale each row to its magnitude m);
         forward is then the plain Linear. For inference: adapters get no gradient while merged. `unmerge` takes
-        them out again."""
+        them out again. A QLoRA layer's weight is dequantized first (see dequantize)."""
         if self.merged:
             return
+        self.dequantize()
         for name, adapter in self.lora.items():
             rows = self.weight[adapter.start:adapter.start + adapter.size]  # (size, in), a view
             if adapter.magnitude is None:
@@ -339,12 +357,16 @@ def lora_plan(model: GPT, config: LoRAConfig) -> dict[str, dict[str, tuple[int, 
 
 def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
     """Freeze every parameter of `model` and replace the Linear layers config.targets names by LoRALinear
-    (in place; the adapters are created on the weights' device and dtype, A from torch's global generator).
-    Returns the model. Raises ConfigError for head on a tied lm_head, ValueError if it has adapters already."""
+    (in place; the adapters are created on the weights' device and dtype, A from torch's global generator); with
+    config.quantize nf4 (QLoRA) the blocks' Linear layers are stored in 4 bits first (nf4.quantize_blocks; not on
+    the meta device, where only shapes matter). Returns the model. Raises ConfigError for head on a tied lm_head,
+    ValueError if it has adapters already."""
     if any(isinstance(m, ADAPTED) for m in model.modules()):
         raise ValueError("the model has LoRA adapters already; apply_lora once, to a plain model")
     plan = lora_plan(model, config)
     model.requires_grad_(False)
+    if config.quantize == "nf4" and not model.tok_emb.weight.is_meta:
+        quantize_blocks(model)
     for name, slices in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -361,6 +383,7 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
 def merge_lora(model: GPT) -> GPT:
     """Fold every adapter into its weight and put a plain nn.Linear back in its place (the same weight and bias
     Parameters, still frozen): the model is an ordinary GPT again, its state_dict keys those of a plain one.
+    QLoRA's 4-bit layers become plain ones holding the weights they computed with (nf4.dequantize_blocks).
     In place; returns the model. Irreversible at this level (LoRALinear.merge/unmerge keep the adapters)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, (LoRALinear, TiedLoRAHead)):  # (a tied head's table: merged with its embedding)
@@ -375,7 +398,17 @@ def merge_lora(model: GPT) -> GPT:
             embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta")
             embedding.weight = module.weight
             model.tok_emb = embedding
-    return model
+    return dequantize_blocks(model)
+
+
+def dequantize_lora(model: GPT) -> GPT:
+    """A QLoRA model (lora.quantize) with every 4-bit weight made a dense one holding the values it computed with,
+    adapters kept (LoRALinear.dequantize, nf4.dequantize_blocks): it computes the same, in full precision, and its
+    state_dict is a LoRA model's again. In place; returns the model."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.dequantize()
+    return dequantize_blocks(model)
 
 
 # ------------------------------------------------------------------------- several adapters on one base
@@ -726,7 +759,9 @@ def base_fingerprint(model: nn.Module, adapters: bool = False) -> str:
     adapters=True: the adapters count too (what the adapted model computes, not only its base)."""
     skip = set() if adapters else set(lora_state_dict(model))
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
+    quantized = [(f"{name}.{key}", t) for name, m in model.named_modules() if isinstance(m, NF4Linear)
+                 for key, t in m.named_buffers()]  # QLoRA's 4-bit weights: what those layers compute with
+    for name, p in sorted([*model.named_parameters(), *quantized]):
         if name in skip or _is_head(name):
             continue
         if p.is_meta:

@@ -69,11 +69,13 @@ from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
 import torch
+from torch import nn
 
 from lmforge.config import ModelConfig, RunConfig, TrainConfig, with_init_sections
 from lmforge.distributed import slow_half_warning
 from lmforge.errors import ConfigError
 from lmforge.model import GPT, count_parameters, flops_per_token
+from lmforge.nf4 import BYTES_PER_WEIGHT as NF4_BYTES
 from lmforge.preference_loss import PreferenceLoss
 
 TASKS = ("tokens", "sft", "classify", "preference", "unpaired")  # the kinds of training data (`lmforge prepare --task`)
@@ -232,6 +234,12 @@ def machine_memory() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def quantized_weights(model: ModelConfig) -> int:
+    """How many weights QLoRA stores in 4 bits: those of the blocks' Linear layers (nf4.quantize_blocks)."""
+    return sum(layer.in_features * layer.out_features for layer in GPT.shapes(model).blocks.modules()
+               if isinstance(layer, nn.Linear))
+
+
 def lora_counts(config: RunConfig, added_from: Optional[int] = None) -> tuple[int, int]:
     """(trained parameters, adapter activations per token) of config.lora on config.model: the model built on the
     meta device and adapted as training adapts it (with rows of added tokens from added_from on: the embedding and
@@ -316,7 +324,13 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     # bf16-compute's)
     P = counts.total
     trained = adapters if config.lora is not None else P
-    weights, gradients, optimizer = P * (4 + 2 * bf16) + 4.0 * adapters, 4.0 * trained, 8.0 * trained
+    # QLoRA (lora.quantize nf4): the blocks' matrices in 4 bits and a fp32 maximum per 64, dequantized as they compute
+    quantized = quantized_weights(m) if config.lora is not None and config.lora.quantize == "nf4" else 0
+    if quantized:
+        notes.append(f"lora.quantize nf4: the blocks' {quantized:,} matrix weights in 4 bits ({NF4_BYTES:g} bytes "
+                     f"each with their blocks' maxima, fp32: 4)")
+    weights = (P - quantized) * (4 + 2 * bf16) + NF4_BYTES * quantized + 4.0 * adapters
+    gradients, optimizer = 4.0 * trained, 8.0 * trained
     # a frozen fp32 copy, no autocast cache (new LoRA adapters: the base with them off; continued ones: merged copy)
     reference = 4.0 * P if runs_reference and (config.lora is None or continued or added_from) else 0.0
     largest_block = (counts.non_embedding - m.n_embd * (2 if m.bias and m.norm == "layernorm" else 1)) / m.n_layer

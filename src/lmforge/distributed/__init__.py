@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -172,14 +173,19 @@ def apply_compile(model: nn.Module) -> nn.Module:
 def apply_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     """Wrap `model` in DistributedDataParallel when there is more than one process; else return it as is.
 
-    DDP averages gradients over the processes during backward, so every replica takes the same step.
+    DDP averages gradients over the processes during backward, so every replica takes the same step. Buffers are
+    not broadcast at each step: every one lmforge's models hold is the same on all processes by construction (RoPE
+    tables from the config, QLoRA's 4-bit weights from the one base), and the 4-bit ones are most of a QLoRA model.
     """
     if not info.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    # (torch 2.13 renamed broadcast_buffers forward_sync_buffers and warns about the old name)
+    named = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"
+    return DDP(model, device_ids=ids, **{named: False})
 
 
 def apply_fsdp(model: nn.Module, info: DistInfo, device: torch.device, precision: str = "fp32",

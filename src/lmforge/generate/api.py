@@ -370,6 +370,9 @@ def load_adapters(generator: TextGenerator, modules: dict[str, str], base_path: 
         where = f"the LoRA run {name}={path}"
         if config.lora is None:
             raise ConfigError(f"{where} holds a whole model, not LoRA adapters: serve it on its own")
+        if config.lora.quantize is not None:
+            raise ConfigError(f"{where} trained on its base in 4 bits (lora.quantize {config.lora.quantize}), which "
+                              f"{base_path} served in full is not: serve it on its own (its base is quantized with it)")
         if config.model.vocab_size != model.config.vocab_size or config.model.head != "lm":
             raise ConfigError(f"{where} is not a language model of {base_path}'s vocabulary (it learned rows for "
                               f"added tokens, or scores instead): serve it on its own (its base is loaded with it)")

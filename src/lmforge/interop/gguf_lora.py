@@ -39,7 +39,7 @@ from lmforge.interop.hf_export import HFExportError
 from lmforge.interop.hf_import import check_new_run
 from lmforge.interop.peft_export import EMBEDDING, HF_BLOCK, PREFIX, WEIGHTS, peft_adapter_files
 from lmforge.interop.peft_import import PEFTImportError, import_lora
-from lmforge.lora import LoRAConfig
+from lmforge.lora import LoRAConfig, dequantize_lora
 
 # Hugging Face module inside a block -> llama.cpp's tensor inside blk.N (PEFT's naming: gpt2, or llama for every
 # Llama-style layout)
@@ -112,7 +112,7 @@ def export_gguf_adapter(checkpoint: str | Path, out_path: str | Path, *, force: 
         raise GGUFExportError(f"{checkpoint} trained DoRA adapters (lora.dora), and a llama.cpp LoRA adapter holds "
                               "only A and B, no magnitudes: export the run merged (without --adapter)")
     arch = gguf_architecture(run_config.model, checkpoint)
-    model = load_adapted_lora(ckpt, run_config)
+    model = dequantize_lora(load_adapted_lora(ckpt, run_config))  # QLoRA: the same adapters (the base is llama.cpp's)
     if model.added_rows_from is not None:
         raise GGUFExportError(f"{checkpoint} learned rows for {run_config.model.vocab_size - model.added_rows_from} "
                               f"token(s) added to its base's tokenizer, which a llama.cpp LoRA adapter cannot carry "

@@ -15,6 +15,7 @@ lmforge_version) is deleted only after the new one is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -110,6 +111,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = Fals
     complete) only with force and only if it is an earlier lmforge export; anything else raises HFExportError.
     """
     from lmforge.checkpoint import load_adapted_lora, read_run_config, verified_checkpoint
+    from lmforge.lora import dequantize_lora
 
     out_dir = Path(out_dir)
     check_output(out_dir, force=force, ours=_is_hf_export, what="a Hugging Face export written by lmforge",
@@ -125,7 +127,12 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = Fals
         from lmforge.interop.peft_export import base_files, peft_adapter_files
 
         adapted = load_adapted_lora(ckpt, config)
-        files = base_files(adapted, tokenizer)  # the frozen weights: hf names leave the adapters (and a head) out
+        base = adapted
+        if config.lora.quantize is not None:  # QLoRA: the base in full (peft's users quantize it as they load it)
+            base = load_adapted_lora(ckpt, dataclasses.replace(config, lora=dataclasses.replace(config.lora,
+                                                                                                quantize=None)))
+            dequantize_lora(adapted)  # DoRA's magnitudes of rows left unadapted: the 4-bit rows' norms, as peft's
+        files = base_files(base, tokenizer)  # the frozen weights: hf names leave the adapters (and a head) out
         adapter = peft_adapter_files(adapted, config.lora, base_name_or_path=str(out_dir.resolve()))
     with atomic_dir(out_dir) as tmp:  # files inside are fsynced before the directory is renamed into place
         _write(tmp, files)

@@ -143,7 +143,7 @@ def peft_adapter_files(model: torch.nn.Module, lora_config: LoRAConfig,
                 B[first - lo:last - lo, j * r:(j + 1) * r] = B_[first - a.start:last - a.start].float().cpu()
             weights[f"{PREFIX}{hf}.lora_A.weight"], weights[f"{PREFIX}{hf}.lora_B.weight"] = A, B
             if lora_config.dora:  # the module's row magnitudes: the adapters', else the rows' own norms (m / n = 1)
-                magnitude = torch.linalg.vector_norm(module.weight[lo:lo + n].float(), dim=1).cpu()
+                magnitude = torch.linalg.vector_norm(module.frozen_weight()[lo:lo + n].float(), dim=1).cpu()
                 for a in overlapping:
                     first, last = max(a.start, lo), min(a.start + a.size, lo + n)
                     magnitude[first - lo:last - lo] = a.magnitude[first - a.start:last - a.start].float().cpu()

@@ -60,6 +60,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.head_loss import logits_cross_entropy_tokens
 from lmforge.lora import added_row_weights, apply_lora, base_fingerprint, train_added_rows, train_heads
+from lmforge.nf4 import NF4Linear
 from lmforge.model import GPT, count_parameters, flops_per_token
 from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, RunningMean, grpo_clipped,
                                      grpo_log_ratio, grpo_sequence_loss, grpo_token_loss, high_entropy_mask,
@@ -1611,9 +1612,12 @@ class Trainer:
                              f"({r['coverage']:.1%}) from {r['source']}")
         if self.base is not None:
             trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in model.parameters())
+            quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]  # QLoRA: weights in buffers
+            total = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features for m in quantized)
+            stored = sum(t.numel() * t.element_size() for m in quantized for t in m.buffers())
             self.logger.info(f"lora: r={self.config.lora.r} on {','.join(self.config.lora.targets)}, {trained:,} of "
                              f"{total:,} parameters trained ({trained / total:.2%}); base {self.base['path']}"
+                             + (f", {len(quantized)} layers in nf4 ({stored / 2**20:.1f} MiB)" if quantized else "")
                              + (f"; adapters from {self.config.train.init_from}" if self.adapters_loaded else ""))
         if self.step:
             self.logger.info(f"resumed from {self.last_checkpoint} at step {self.step}")

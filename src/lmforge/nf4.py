@@ -1,0 +1,121 @@
+"""QLoRA's 4-bit frozen weights (Dettmers et al. 2023): NormalFloat4 (NF4), blockwise, as bitsandbytes stores them.
+
+A weight is cut, flattened row by row, into blocks of 64 values; each block keeps its absolute maximum (fp32) and
+each value becomes the index of the nearest of 16 levels, the quantiles of a normal distribution scaled to [-1, 1]
+(NF4: information-theoretically right for normally distributed weights, exact 0 and +-1 included):
+
+    q = argmin_j |w / absmax - NF4[j]|,        w ~ NF4[q] * absmax
+
+two indices to a byte (the first in the high nibble): 0.5 bytes per weight plus 4 bytes per 64 for the maxima,
+0.5625 in all (fp32: 4). The bytes, maxima and dequantized values are bitsandbytes' quantize_4bit(w, blocksize=64,
+quant_type="nf4") ones (tests/test_qlora.py), so a model quantized here computes what transformers loads with
+BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4").
+
+NF4Linear is a frozen nn.Linear stored so; its product dequantizes the weight as it runs, forward and backward
+(the dense weight is never kept for backward), so a QLoRA run (lora.quantize nf4) holds its base in about a seventh
+of fp32's bytes while its adapters train in full precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 64  # values per absmax: bitsandbytes' default blocksize for 4-bit weights, QLoRA's
+BYTES_PER_WEIGHT = 0.5 + 4 / BLOCK  # two to a byte, and a fp32 maximum per block
+# The 16 NF4 levels (QLoRA, appendix E): N(0, 1)'s quantiles at 8 evenly spaced probabilities from 0.9677 down to 0.5
+# (positive side) and 7 (negative side), plus 0, each side divided by its largest: as fp32, bitsandbytes' table.
+LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+    0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=torch.float32)
+MIDPOINTS = (LEVELS[:-1] + LEVELS[1:]) / 2  # a value on a midpoint takes the lower level (torch.bucketize)
+PAIRS = torch.stack(torch.meshgrid(LEVELS, LEVELS, indexing="ij"), dim=-1).reshape(256, 2)  # byte -> its two levels
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed (ceil(n / 2),) uint8, absmax (ceil(n / 64),) fp32) of `weight`'s n values, flattened."""
+    flat = weight.detach().reshape(-1).float()
+    n = flat.numel()
+    padded = F.pad(flat, (0, -n % BLOCK)).view(-1, BLOCK)  # zeros change no block's maximum
+    absmax = padded.abs().amax(dim=1)
+    scaled = (padded * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)[:n + n % 2]  # pairs
+    index = torch.bucketize(scaled, MIDPOINTS.to(flat.device)).to(torch.uint8)
+    return (index[0::2] << 4) | index[1::2], absmax
+
+
+def dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight of `shape` that quantize packed: NF4[q] * absmax in fp32, then cast to `dtype`."""
+    n = shape.numel()
+    values = PAIRS.to(packed.device)[packed.int()].reshape(-1)  # (2 * bytes,)
+    values = F.pad(values, (0, absmax.numel() * BLOCK - values.numel())).view(-1, BLOCK) * absmax[:, None]
+    return values.reshape(-1)[:n].view(shape).to(dtype)
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """x W^T for an NF4Linear's frozen W: the weight dequantized in the forward and again in the backward, which
+    gives x its gradient (W none), so no dense copy is kept between them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "NF4Linear") -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, x.dtype
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return F.linear(x.to(dtype), layer.dense(dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return (grad @ ctx.layer.dense(grad.dtype)).to(ctx.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen nn.Linear whose weight is stored in NF4 (see the module docstring); its bias stays as it was.
+    forward(x (..., in)) -> (..., out), in x's dtype (autocast's under autocast)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        packed, absmax = quantize(linear.weight)
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", absmax)
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer computes with, (out, in), dequantized."""
+        return dequantize(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _FrozenProduct.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocks of {BLOCK}"
+
+
+def quantize_blocks(model: nn.Module) -> int:
+    """Replace every nn.Linear in model.blocks by an NF4Linear (QLoRA quantizes the transformer's layers; the
+    embedding, the lm_head and a task head stay as they are, as bitsandbytes leaves a model's output layer).
+    In place; returns how many were replaced."""
+    count = 0
+    for name, module in list(model.blocks.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.blocks.get_submodule(parent_name), child, NF4Linear(module))
+            count += 1
+    return count
+
+
+def dequantize_blocks(model: nn.Module) -> nn.Module:
+    """Put a plain, frozen nn.Linear holding the dequantized weight in place of every NF4Linear (what the layers
+    computed with): the model is an ordinary one again. In place; returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight = nn.Parameter(module.dense(), requires_grad=False)
+            linear.bias = module.bias
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, linear)
+    return model
