@@ -564,3 +564,15 @@ def test_lora_mixed_times_every_variant_and_each_row_decodes_with_its_own_set(tm
     same = result["same_tokens_as_lmforge_per_set"]
     assert all(same[v] == 12 for v in same if v != "lmforge-mixed-int8")  # each row's set, four ways
     assert (result["batch"], result["sets"]) == (5, 3) and json.loads(out.read_text()) == summary
+
+
+def test_qlora_times_both_libraries_4_bit_and_in_full_on_the_same_quantized_bytes(tmp_path):
+    out = tmp_path / "qlora.json"
+    summary = load("qlora").main(["--layers", "1", "--width", "128", "--vocab", "256", "--seq", "32", "--rounds", "1",
+                                  "--json-out", str(out)])
+    stored, first = summary["block_matrix_bytes"], summary["first_loss"]
+    assert set(summary["step_seconds"]) == {"lmforge-qlora", "peft-qlora", "lmforge-lora", "peft-lora"}
+    assert stored["lmforge-qlora"] == stored["peft-qlora"] == stored["lmforge-lora"] * 0.5625 / 4
+    assert summary["first_loss_gap_qlora"] < 1e-4 < summary["first_loss_gap_4bit_vs_full"]
+    assert first["lmforge-lora"] == pytest.approx(first["peft-lora"], abs=1e-4)
+    assert summary["step_vs_lmforge_qlora"]["lmforge-qlora"] == 1.0 and json.loads(out.read_text()) == summary
