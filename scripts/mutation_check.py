@@ -561,13 +561,14 @@ MUTANTS = [
            "base_fingerprint(model, adapters=self.adapters_loaded)", "base_fingerprint(model)",
            ("tests/test_lora_continue.py::test_precomputed_scores_of_other_adapters_are_not_reused",)),
     Mutant("dora-norm-takes-gradient", "lora.py",
-           "        with torch.no_grad():\n            rows = self.weight[adapter.start:adapter.start + adapter.size]\n"
+           "        with torch.no_grad():\n"
+           "            rows = self.frozen_weight()[adapter.start:adapter.start + adapter.size]\n"
            "            return torch.linalg.vector_norm(rows + self.scale * adapter.delta().to(rows.dtype), dim=1)",
-           "        rows = self.weight[adapter.start:adapter.start + adapter.size]\n"
+           "        rows = self.frozen_weight()[adapter.start:adapter.start + adapter.size]\n"
            "        return torch.linalg.vector_norm(rows + self.scale * adapter.delta().to(rows.dtype), dim=1)",
            ("tests/test_dora.py::test_a_dora_linear_is_the_papers_formula_with_the_norm_taken_without_gradient[0.0]",)),
     Mutant("dora-export-scales-rows-no-adapter-covers", "interop/peft_export.py",
-           "magnitude = torch.linalg.vector_norm(module.weight[lo:lo + n].float(), dim=1).cpu()",
+           "magnitude = torch.linalg.vector_norm(module.frozen_weight()[lo:lo + n].float(), dim=1).cpu()",
            "magnitude = torch.ones(n)",
            ("tests/test_dora.py::test_peft_computes_the_exported_dora_adapter_as_lmforge_does[gpt2-k]",)),
     Mutant("dora-import-mlp-magnitudes-misplaced", "interop/peft_import.py",
@@ -817,6 +818,14 @@ MUTANTS = [
     Mutant("qlora-run-served-on-the-base-in-full", "generate/api.py",
            "        if config.lora.quantize is not None:\n            raise", "        if False:\n            raise",
            ("tests/test_qlora.py::test_qlora_refusals_are_one_line",)),
+    Mutant("double-quantized-maxima-lose-their-mean", "nf4.py",
+           "    return values.reshape(-1)[:m] + offset", "    return values.reshape(-1)[:m]",
+           ("tests/test_qlora.py::test_double_quantized_maxima_are_bitsandbytes_codes_save_for_its_tables_near_ties"
+            "[shape0]",)),
+    Mutant("double-quant-ignored", "nf4.py",
+           "setattr(model.blocks.get_submodule(parent_name), child, NF4Linear(module, double))",
+           "setattr(model.blocks.get_submodule(parent_name), child, NF4Linear(module))",
+           ("tests/test_qlora.py::test_a_double_quantized_qlora_run_stores_less_and_computes_with_what_it_stores",)),
 ]
 
 

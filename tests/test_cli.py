@@ -359,6 +359,9 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-qlora-with-pissa", ["train", "--data", str(data), "--run-dir", str(ws / "lora-7"),
                                     "--train.init_from", str(run), "--lora.quantize", "nf4", "--lora.init", "pissa"],
          "lora.init=pissa with lora.quantize nf4 is not supported"),
+        ("train-double-quant-without-quantize", ["train", "--data", str(data), "--run-dir", str(ws / "lora-8"),
+                                                "--train.init_from", str(run), "--lora.double_quant", "true"],
+         "set lora.quantize nf4 too"),
         ("train-lr-embedding-without-emb", ["train", "--data", str(data), "--run-dir", str(ws / "lora-6"),
                                             "--train.init_from", str(run), "--lora.lr_embedding", "1e-6"],
          "add emb to lora.targets"),
@@ -598,7 +601,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 180
+N_CASES = 181
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

@@ -241,3 +241,48 @@ def test_dequantizing_without_a_working_compiler_gives_the_same_values(monkeypat
     assert torch.equal(nf4.dequantize(packed, absmax, w.shape), fused) and nf4._fused is nf4._blocks
     assert torch.equal(fused.reshape(-1), bnb_functional.dequantize_4bit(*bnb_functional.quantize_4bit(
         w, blocksize=64, quant_type="nf4")).reshape(-1))
+
+
+@pytest.mark.parametrize("shape", [(512, 256), (1024, 1024), (300, 192), (96, 100)])
+def test_double_quantized_maxima_are_bitsandbytes_codes_save_for_its_tables_near_ties(shape):
+    """QLoRA's double quantization: the maxima less their mean, in blocks of 256 over each block's maximum, coded in
+    the dynamic map (bitsandbytes' create_dynamic_map, value for value). Every code is the nearest; bitsandbytes' CPU
+    kernel agrees except where a value is within its table's resolution (1/65535) of a midpoint."""
+    assert torch.equal(nf4.DYNAMIC, bnb_functional.create_dynamic_map(signed=True))
+    torch.manual_seed(0)
+    w = 0.02 * torch.randn(*shape)
+    theirs, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    packed, absmax = nf4.quantize(w)
+    codes, scale, offset = nf4.compress_maxima(absmax)
+    assert torch.equal(packed, theirs.view(-1)) and torch.equal(offset, state.offset)
+    assert torch.equal(scale, state.state2.absmax)
+    m = absmax.numel()
+    x = (F.pad(absmax - offset, (0, -m % 256)).view(-1, 256) / scale[:, None]).reshape(-1)[:m]  # what is coded
+    distance = (x[:, None] - nf4.DYNAMIC[None, :]).abs()
+    assert torch.equal(distance.gather(1, codes.long()[:, None]).view(-1), distance.min(dim=1).values)  # nearest
+    differ = codes != state.absmax
+    middles = (nf4.DYNAMIC[codes.long()] + nf4.DYNAMIC[state.absmax.long()]) / 2
+    assert differ.float().mean() < 0.01 and ((x - middles).abs()[differ] < 1 / 65535).all()
+    ours = nf4.dequantize(packed, nf4.expand_maxima(codes, scale, offset), w.shape)
+    expected = bnb_functional.dequantize_4bit(theirs, state)
+    close = ~differ.repeat_interleave(64)[:w.numel()].view(w.shape)  # weights of blocks whose maximum's code agrees
+    assert torch.equal(ours[close], expected[close])
+    assert (ours - expected).abs().max() <= 1e-2 * w.abs().max()  # one step of the 8-bit code in a few maxima
+
+
+def test_a_double_quantized_qlora_run_stores_less_and_computes_with_what_it_stores(qlora, tmp_path):
+    root, base, values, single = qlora
+    trainer = Trainer(tiny_config(tmp_path / "run", **{**values, "lora.double_quant": True, "train.max_steps": 2}),
+                      progress=False, tensorboard=False)
+    layers = [m for m in trainer.raw_model.modules() if isinstance(m, nf4.NF4Linear)]
+    assert layers and all(m.double and not hasattr(m, "absmax") for m in layers)
+    stored = sum(t.numel() * t.element_size() for m in layers for t in m.buffers())
+    weights = sum(m.in_features * m.out_features for m in layers)
+    assert stored < weights * 0.5625 and stored == pytest.approx(weights * nf4.DOUBLE_BYTES_PER_WEIGHT, rel=0.02)
+    trainer.fit()
+    merged, _, config = lmforge.checkpoint.load_for_inference(tmp_path / "run", "cpu")
+    ids = torch.tensor([[0] + list(range(100, 115))])
+    with torch.no_grad():
+        assert (merged(ids) - trainer.raw_model.eval()(ids)).abs().max() <= 1e-5
+    with pytest.raises(ConfigError, match="lora.double_quant .* set lora.quantize nf4 too"):
+        LoRAConfig(double_quant=True)

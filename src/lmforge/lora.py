@@ -358,15 +358,15 @@ def lora_plan(model: GPT, config: LoRAConfig) -> dict[str, dict[str, tuple[int, 
 def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
     """Freeze every parameter of `model` and replace the Linear layers config.targets names by LoRALinear
     (in place; the adapters are created on the weights' device and dtype, A from torch's global generator); with
-    config.quantize nf4 (QLoRA) the blocks' Linear layers are stored in 4 bits first (nf4.quantize_blocks; not on
-    the meta device, where only shapes matter). Returns the model. Raises ConfigError for head on a tied lm_head,
-    ValueError if it has adapters already."""
+    config.quantize nf4 (QLoRA) the blocks' Linear layers are stored in 4 bits first (nf4.quantize_blocks, their
+    maxima in 8 bits with config.double_quant; not on the meta device, where only shapes matter). Returns the model.
+    Raises ConfigError for head on a tied lm_head, ValueError if it has adapters already."""
     if any(isinstance(m, ADAPTED) for m in model.modules()):
         raise ValueError("the model has LoRA adapters already; apply_lora once, to a plain model")
     plan = lora_plan(model, config)
     model.requires_grad_(False)
     if config.quantize == "nf4" and not model.tok_emb.weight.is_meta:
-        quantize_blocks(model)
+        quantize_blocks(model, double=config.double_quant)
     for name, slices in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -75,7 +75,7 @@ from lmforge.config import ModelConfig, RunConfig, TrainConfig, with_init_sectio
 from lmforge.distributed import slow_half_warning
 from lmforge.errors import ConfigError
 from lmforge.model import GPT, count_parameters, flops_per_token
-from lmforge.nf4 import BYTES_PER_WEIGHT as NF4_BYTES
+from lmforge.nf4 import BYTES_PER_WEIGHT as NF4_BYTES, DOUBLE_BYTES_PER_WEIGHT as NF4_DOUBLE_BYTES
 from lmforge.preference_loss import PreferenceLoss
 
 TASKS = ("tokens", "sft", "classify", "preference", "unpaired")  # the kinds of training data (`lmforge prepare --task`)
@@ -326,10 +326,11 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     trained = adapters if config.lora is not None else P
     # QLoRA (lora.quantize nf4): the blocks' matrices in 4 bits and a fp32 maximum per 64, dequantized as they compute
     quantized = quantized_weights(m) if config.lora is not None and config.lora.quantize == "nf4" else 0
+    per_weight = NF4_DOUBLE_BYTES if quantized and config.lora.double_quant else NF4_BYTES
     if quantized:
-        notes.append(f"lora.quantize nf4: the blocks' {quantized:,} matrix weights in 4 bits ({NF4_BYTES:g} bytes "
+        notes.append(f"lora.quantize nf4: the blocks' {quantized:,} matrix weights in 4 bits ({per_weight:.4g} bytes "
                      f"each with their blocks' maxima, fp32: 4)")
-    weights = (P - quantized) * (4 + 2 * bf16) + NF4_BYTES * quantized + 4.0 * adapters
+    weights = (P - quantized) * (4 + 2 * bf16) + per_weight * quantized + 4.0 * adapters
     gradients, optimizer = 4.0 * trained, 8.0 * trained
     # a frozen fp32 copy, no autocast cache (new LoRA adapters: the base with them off; continued ones: merged copy)
     reference = 4.0 * P if runs_reference and (config.lora is None or continued or added_from) else 0.0
