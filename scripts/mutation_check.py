@@ -826,6 +826,11 @@ MUTANTS = [
            "setattr(model.blocks.get_submodule(parent_name), child, NF4Linear(module, double))",
            "setattr(model.blocks.get_submodule(parent_name), child, NF4Linear(module))",
            ("tests/test_qlora.py::test_a_double_quantized_qlora_run_stores_less_and_computes_with_what_it_stores",)),
+    Mutant("peft-import-of-a-qlora-adapter-on-the-base-in-full", "interop/peft_import.py",
+           "lora = dataclasses.replace(lora, quantize=quantize, double_quant=double_quant)",
+           "lora = dataclasses.replace(lora)",
+           ("tests/test_qlora.py::test_a_peft_adapter_trained_with_qlora_imports_onto_the_4_bit_base_with_peft_logits"
+            "[False]",)),
 ]
 
 

@@ -1489,6 +1489,11 @@ def _add_import(sub: Any) -> None:
     p.add_argument("--base", metavar="RUN", default=None,
                    help="for an adapter (PEFT or llama.cpp LoRA): the lmforge run (or checkpoint) of the model it "
                    "adapts")
+    p.add_argument("--quantize", choices=["nf4"], default=None,
+                   help="for a PEFT adapter trained with QLoRA (on the base loaded in 4 bits, BitsAndBytesConfig "
+                   "nf4): the run keeps its base so (lora.quantize nf4) and computes what peft computed")
+    p.add_argument("--double-quant", action="store_true",
+                   help="with --quantize: the base was loaded with bnb_4bit_use_double_quant (lora.double_quant)")
     p.set_defaults(run=_run_import)
 
 
@@ -1505,9 +1510,17 @@ def _run_import(args: argparse.Namespace) -> int:
         if args.base is None:
             raise PEFTImportError(f"{args.hf_dir} is {adapter}: give --base RUN, the lmforge run of the model it "
                                   f"adapts (`lmforge import MODEL --out RUN` imports that model)")
-        read = import_peft if adapter == "a PEFT adapter" else import_gguf_adapter
-        print(read(args.hf_dir, args.base, args.out))
+        if adapter == "a PEFT adapter":
+            print(import_peft(args.hf_dir, args.base, args.out, args.quantize, args.double_quant))
+            return 0
+        if args.quantize or args.double_quant:
+            raise PEFTImportError(f"--quantize applies to a PEFT adapter trained with QLoRA; {args.hf_dir} is a "
+                                  "llama.cpp LoRA adapter, whose base is llama.cpp's own file: drop --quantize")
+        print(import_gguf_adapter(args.hf_dir, args.base, args.out))
         return 0
+    if args.quantize or args.double_quant:
+        raise PEFTImportError(f"--quantize and --double-quant apply to a PEFT adapter (with --base); {args.hf_dir} is "
+                              "none: drop them")
     if args.base is not None:
         raise PEFTImportError(f"--base applies to an adapter (a PEFT adapter directory, a llama.cpp LoRA adapter "
                               f"file); {args.hf_dir} is none: drop --base")

@@ -42,7 +42,7 @@ import math
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,7 +50,7 @@ from safetensors import SafetensorError, safe_open
 from lmforge.checkpoint import (load_body_weights, load_for_inference, read_run_config, save_checkpoint,
                                 verified_checkpoint)
 from lmforge.config import LoRAConfig, RunConfig, TrainConfig, to_dict
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.interop import hf_gpt2
 from lmforge.interop.hf_export import HFExportError, converter_for_model
 from lmforge.interop.hf_import import check_new_run
@@ -75,9 +75,12 @@ def is_peft_adapter(path: str | Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
-def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path) -> Path:
+def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path, quantize: Optional[str] = None,
+                double_quant: bool = False) -> Path:
     """Write the PEFT LoRA adapter in `adapter_dir`, applied to the lmforge checkpoint `base` (a run or checkpoint
     directory of a plain model: its HF model imported), as RUN_DIR/checkpoints/step-00000000; return that path.
+    `quantize` nf4 (and `double_quant`): an adapter trained with QLoRA, on the base as bitsandbytes loads it in 4 bits
+    (BitsAndBytesConfig nf4; bnb_4bit_use_double_quant): the run's base is quantized so (lora.quantize).
     PEFTImportError (one line naming the cause) for an adapter lmforge cannot express or that does not fit the base;
     CheckpointError for a run directory holding checkpoints already (hf_import.check_new_run). Nothing is written then."""
     adapter_dir, run_dir = Path(adapter_dir), Path(run_dir)
@@ -86,14 +89,17 @@ def import_peft(adapter_dir: str | Path, base: str | Path, run_dir: str | Path) 
     tensors = _adapter_tensors(adapter_dir)
     return import_lora(settings, tensors, base, run_dir, adapter_dir / WEIGHTS,
                        {"path": str(adapter_dir.resolve()), "format": "peft",
-                        "base_model_name_or_path": settings.get("base_model_name_or_path")})
+                        "base_model_name_or_path": settings.get("base_model_name_or_path")},
+                       quantize=quantize, double_quant=double_quant)
 
 
 def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base: str | Path, run_dir: Path,
-                source: Path, imported_from: dict[str, Any]) -> Path:
+                source: Path, imported_from: dict[str, Any], quantize: Optional[str] = None,
+                double_quant: bool = False) -> Path:
     """The LoRA checkpoint RUN_DIR/checkpoints/step-00000000 of an adapter in PEFT's terms (`settings`: r,
     lora_alpha, alpha_pattern, use_rslora, lora_dropout; `tensors`: PEFT's names, float32) on the lmforge checkpoint
-    `base`; `source` names the tensors' file in messages, `imported_from` is recorded in the checkpoint's state."""
+    `base`, its base in 4 bits with `quantize` (lora.quantize, lora.double_quant); `source` names the tensors' file in
+    messages, `imported_from` is recorded in the checkpoint's state."""
     check_new_run(run_dir)
     base_ckpt, manifest = verified_checkpoint(base)
     base_config = read_run_config(base_ckpt)
@@ -129,6 +135,10 @@ def import_lora(settings: dict[str, Any], tensors: dict[str, torch.Tensor], base
     if embedding is not None:
         contributions[("tok_emb", "emb")] = [embedding]
     lora, adapters = _lmforge_adapters(settings, contributions, model)
+    try:
+        lora = dataclasses.replace(lora, quantize=quantize, double_quant=double_quant)
+    except ConfigError as e:
+        raise PEFTImportError(str(e)) from None
     fingerprint = base_fingerprint(model)
     adapted = apply_lora(model, lora)  # DoRA: every magnitude starts at its row's norm (rows PEFT left alone keep it)
     with torch.no_grad():
