@@ -12,8 +12,9 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmforge"
 # so does allocator (malloc's settings for CPU compute, set by the trainer and by every CLI command).
 # head_loss (the LM head's matrix product fused with its cross-entropy) imports only torch; the model uses it.
 # preference_loss (DPO's loss) imports only torch; train trains on it and eval measures it.
+# nf4 (QLoRA's 4-bit frozen weights) imports only torch, beside the model; lora, plan and train build on it.
 LAYER = {
-    "errors": 0, "files": 0.5, "allocator": 0.5, "config": 1, "head_loss": 1.5, "preference_loss": 1.5, "model": 2, "tokenizer": 2, "data": 3, "distributed": 3, "lora": 3,
+    "errors": 0, "files": 0.5, "allocator": 0.5, "config": 1, "head_loss": 1.5, "preference_loss": 1.5, "model": 2, "nf4": 2, "tokenizer": 2, "data": 3, "distributed": 3, "lora": 3,
     "checkpoint": 4, "generate": 4.5, "eval": 5, "interop": 5, "explain": 5, "train": 6, "sweep": 6.5, "plan": 6.5, "serve": 7, "cli": 9,
 }
 
