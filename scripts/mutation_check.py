@@ -831,6 +831,10 @@ MUTANTS = [
            "lora = dataclasses.replace(lora)",
            ("tests/test_qlora.py::test_a_peft_adapter_trained_with_qlora_imports_onto_the_4_bit_base_with_peft_logits"
             "[False]",)),
+    Mutant("lora-slice-update-unscaled", "lora.py",
+           "                y[..., adapter.start:adapter.start + adapter.size] += self.scale * adapter(h)",
+           "                y[..., adapter.start:adapter.start + adapter.size] += adapter(h)",
+           ("tests/test_lora.py::test_q_k_v_adapt_only_their_slice_of_qkv[v]",)),
 ]
 
 

@@ -174,14 +174,17 @@ class LoRALinear(nn.Module):
         if self.merged or not self.enabled:
             return y
         h = self.drop(x)  # (..., in)
+        if all(adapter.magnitude is None for adapter in self.lora.values()):
+            # each slice's update added in place (the frozen product's backward reads x, not y): the rest not copied
+            for adapter in self.lora.values():
+                y[..., adapter.start:adapter.start + adapter.size] += self.scale * adapter(h)
+            return y
+        # DoRA's update reads its rows of y (for m's gradient): the output is cut at the slices and joined again
         pieces, end = [], 0
-        for adapter in self.lora.values():  # the output, cut at the slices: untouched, adapted, untouched, ...
+        for adapter in self.lora.values():  # untouched, adapted, untouched, ... rows
             start, stop = adapter.start, adapter.start + adapter.size
             rows = y[..., start:stop]
-            if adapter.magnitude is None:
-                rows = rows + self.scale * adapter(h)
-            else:
-                rows = rows + self.dora_update(adapter, rows, h)
+            rows = rows + (self.scale * adapter(h) if adapter.magnitude is None else self.dora_update(adapter, rows, h))
             pieces += [y[..., end:start], rows]
             end = stop
         pieces.append(y[..., end:])
