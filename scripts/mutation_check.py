@@ -832,9 +832,12 @@ MUTANTS = [
            ("tests/test_qlora.py::test_a_peft_adapter_trained_with_qlora_imports_onto_the_4_bit_base_with_peft_logits"
             "[False]",)),
     Mutant("lora-slice-update-unscaled", "lora.py",
-           "                y[..., adapter.start:adapter.start + adapter.size] += self.scale * adapter(h)",
+           "                y[..., adapter.start:adapter.start + adapter.size] += adapter(h) * self.scale",
            "                y[..., adapter.start:adapter.start + adapter.size] += adapter(h)",
            ("tests/test_lora.py::test_q_k_v_adapt_only_their_slice_of_qkv[v]",)),
+    Mutant("lora-whole-output-update-unscaled", "lora.py",
+           "                return y + update * self.scale", "                return y + update",
+           ("tests/test_lora.py::test_merge_gives_a_plain_gpt_with_the_adapted_logits[gpt2]",)),
 ]
 
 

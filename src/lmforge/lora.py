@@ -174,10 +174,14 @@ class LoRALinear(nn.Module):
         if self.merged or not self.enabled:
             return y
         h = self.drop(x)  # (..., in)
-        if all(adapter.magnitude is None for adapter in self.lora.values()):
-            # each slice's update added in place (the frozen product's backward reads x, not y): the rest not copied
-            for adapter in self.lora.values():
-                y[..., adapter.start:adapter.start + adapter.size] += self.scale * adapter(h)
+        adapters = list(self.lora.values())  # in output order, not overlapping
+        if all(adapter.magnitude is None for adapter in adapters):
+            if sum(adapter.size for adapter in adapters) == self.out_features:  # the whole output: one addition
+                update = torch.cat([adapter(h) for adapter in adapters], dim=-1) if len(adapters) > 1 else \
+                    adapters[0](h)
+                return y + update * self.scale  # (rounded as peft rounds it: scaled, then added)
+            for adapter in adapters:  # some slices: each update added in place (the frozen product's backward reads
+                y[..., adapter.start:adapter.start + adapter.size] += adapter(h) * self.scale  # x, not y)
             return y
         # DoRA's update reads its rows of y (for m's gradient): the output is cut at the slices and joined again
         pieces, end = [], 0
