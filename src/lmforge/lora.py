@@ -28,6 +28,10 @@ under the same names, so an adapted model's state_dict is the plain model's plus
     blocks.0.attn.proj.lora.o.A   (r, nh*hd)     blocks.0.mlp.fc.lora.mlp.A    (r, C)       lm_head.lora.head.B (V, r)
     blocks.0.attn.qkv.lora.q.magnitude (nh*hd,)  with DoRA only
 
+With lora.quantize nf4 (QLoRA, Dettmers et al. 2023) the blocks' Linear layers keep their frozen weights in 4 bits
+(lmforge.nf4: bitsandbytes' NF4 bytes), a LoRALinear computing its frozen product through its NF4Linear; merging
+dequantizes them (the values the run computed with), and base_fingerprint counts the 4-bit bytes.
+
 Apply it before wrapping the model (DDP, FSDP, torch.compile add prefixes to these names).
 `merge_lora` folds the adapters into the weights and gives back a plain GPT; `base_fingerprint` hashes the
 frozen weights, so adapters saved on one base can refuse another.
