@@ -2,7 +2,8 @@
 
 Both variants are what `lmforge train --train.init_from BASE` runs: a Trainer built from the same base checkpoint,
 the same batches and the same AdamW (lmforge.train.optim), timed through Trainer.train_step (forward, backward,
-clipping, optimizer step). LoRA is r=8, alpha=16 on q, k, v and o (lmforge.lora.apply_lora, through --lora.*).
+clipping, optimizer step). LoRA is r=8, alpha=16 on q, k, v and o (lmforge.lora.apply_lora, through --lora.*);
+QLoRA the same on the base's block layers in 4 bits (--lora.quantize nf4).
 
 Each variant runs in a fresh subprocess, so its peak resident memory is its own. Measured per variant:
 trainable parameters, optimizer state bytes (AdamW's exp_avg and exp_avg_sq, allocated at the first step), the
@@ -40,6 +41,7 @@ from lmforge.config import ModelConfig, RunConfig, load_run_config  # noqa: E402
 from lmforge.data.batches import TokenBatches  # noqa: E402
 from lmforge.files import atomic_write_text  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
+from lmforge.nf4 import NF4Linear  # noqa: E402
 from lmforge.plan import reset_peak_rss, status_kib  # noqa: E402  (the peak RSS of what follows)
 from lmforge.train import Trainer  # noqa: E402
 from machine import load_average, machine  # noqa: E402  (benchmarks/machine.py)
@@ -48,7 +50,9 @@ LORA = {"lora.r": 8, "lora.alpha": 16, "lora.targets": "q,k,v,o"}
 CHECKPOINTED = {"train.activation_checkpointing": "true"}
 # Full fine-tuning and LoRA as they are, then both with activation checkpointing (which cuts what grows with the
 # tokens per step: the activations, most of LoRA's peak at long sequences).
-VARIANTS = {"full": {}, "lora": LORA, "full-checkpointed": CHECKPOINTED, "lora-checkpointed": {**LORA, **CHECKPOINTED}}
+# QLoRA: LoRA on the base's block layers in 4 bits (lora.quantize nf4).
+VARIANTS = {"full": {}, "lora": LORA, "full-checkpointed": CHECKPOINTED, "lora-checkpointed": {**LORA, **CHECKPOINTED},
+            "qlora": {**LORA, "lora.quantize": "nf4"}}
 TARGET = 0.40  # issue 10: LoRA's peak training memory at most 40% of full fine-tuning's
 
 
@@ -101,7 +105,10 @@ def measure(variant: str, seq: int, base: Path, work: Path, args: argparse.Names
         times.append(time.perf_counter() - t0)
     model, optimizer = trainer.raw_model, trainer.optimizer
     state_bytes = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
     return {
+        "quantized_weights": sum(m.in_features * m.out_features for m in quantized),
+        "quantized_bytes": sum(t.nbytes for m in quantized for t in m.buffers()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters": sum(p.numel() for p in model.parameters()),
         "optimizer_state_bytes": state_bytes,
@@ -162,9 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
             by_length[str(seq)] = {"variants": variants, **compare(variants["full"], variants["lora"]),
                                    "checkpointed": compare(variants["full"], variants["lora-checkpointed"]),
                                    "both_checkpointed": compare(variants["full-checkpointed"],
-                                                                variants["lora-checkpointed"])}
+                                                                variants["lora-checkpointed"]),
+                                   "qlora": compare(variants["full"], variants["qlora"]),
+                                   "qlora_vs_lora": compare(variants["lora"], variants["qlora"])}
             full = variants["full"]["peak_training_rss_mib"]
-            for name in ("lora", "lora-checkpointed"):
+            for name in ("lora", "lora-checkpointed", "qlora"):
                 lora = variants[name]["peak_training_rss_mib"]
                 print(f"{seq} tokens x batch {args.batch}: {name}/full peak training RSS {lora} / {full} MiB = "
                       f"{lora / full:.1%} (target <= {TARGET:.0%})", file=sys.stderr)

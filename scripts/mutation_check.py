@@ -805,12 +805,12 @@ MUTANTS = [
            "index = torch.bucketize(scaled, MIDPOINTS.to(flat.device), right=True)",
            ("tests/test_qlora.py::test_nf4_bytes_maxima_and_values_are_bitsandbytes_own[shape0]",)),
     Mutant("nf4-nibbles-swapped", "nf4.py",
-           "pairs = torch.stack((levels[(packed >> 4).long()], levels[(packed & 15).long()]), dim=-1)",
-           "pairs = torch.stack((levels[(packed & 15).long()], levels[(packed >> 4).long()]), dim=-1)",
-           ("tests/test_qlora.py::test_nf4_bytes_maxima_and_values_are_bitsandbytes_own[shape0]",)),
-    Mutant("nf4-nibbles-swapped-in-a-partial-block", "nf4.py",
            'PAIRS = torch.stack(torch.meshgrid(LEVELS, LEVELS, indexing="ij"), dim=-1)',
            'PAIRS = torch.stack(torch.meshgrid(LEVELS, LEVELS, indexing="xy"), dim=-1)',
+           ("tests/test_qlora.py::test_nf4_bytes_maxima_and_values_are_bitsandbytes_own[shape0]",)),
+    Mutant("nf4-last-block-cut-short-misread", "nf4.py",
+           "        values = F.pad(values, (0, absmax.numel() * BLOCK - values.numel()))",
+           "        values = F.pad(values, (absmax.numel() * BLOCK - values.numel(), 0))",
            ("tests/test_qlora.py::test_nf4_bytes_maxima_and_values_are_bitsandbytes_own[shape4]",)),
     Mutant("nf4-backward-gives-no-input-gradient", "nf4.py",
            "return (grad @ ctx.layer.dense(grad.dtype)).to(ctx.dtype), None",
@@ -842,6 +842,9 @@ MUTANTS = [
     Mutant("lora-whole-output-update-unscaled", "lora.py",
            "                return y + update * self.scale", "                return y + update",
            ("tests/test_lora.py::test_merge_gives_a_plain_gpt_with_the_adapted_logits[gpt2]",)),
+    Mutant("freed-memory-never-released", "allocator.py",
+           "    return malloc_trim(0) == 1", "    return True",
+           ("tests/test_allocator.py::test_memory_freed_for_good_goes_back_to_the_os_on_release",)),
 ]
 
 

@@ -111,3 +111,27 @@ def test_every_command_keeps_freed_memory_so_evaluation_does_not_page_fault():
     # With the settings a pass faults 0 pages, or under load a burst in steps of 512 (one 2 MiB block: 512 once failed
     # a threshold of 500 in CI); without them a pass faulted 16-58k pages when it faulted at all.
     assert after_a_command["faults"] < 5000, f"{after_a_command['faults']} page faults in an evaluation after a command"
+
+
+RELEASE = textwrap.dedent("""
+    import json, torch
+    from lmforge.allocator import keep_freed_memory, release_freed_memory
+    from lmforge.plan import status_kib
+    keep_freed_memory()
+    blocks = [torch.ones(256 * 1024) for _ in range(256)]  # 256 MiB in 1 MiB blocks: heap memory, kept when freed
+    del blocks
+    held = status_kib("VmRSS")
+    released = release_freed_memory()
+    print(json.dumps({"held": held, "after": status_kib("VmRSS"), "released": released}))
+""")
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_memory_freed_for_good_goes_back_to_the_os_on_release():
+    """What QLoRA's quantization frees (the dense weights) leaves the process at release_freed_memory, though
+    keep_freed_memory keeps freed blocks otherwise."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["released"] and out["held"] - out["after"] > 200 * 1024  # KiB: most of the 256 MiB

@@ -164,6 +164,10 @@ def test_lora_memory_measures_both_variants_in_their_own_processes(tmp_path):
         checkpointed = at32["variants"][f"{name}-checkpointed"]
         assert checkpointed["trainable_parameters"] == at32["variants"][name]["trainable_parameters"]
         assert checkpointed["final_loss"] == at32["variants"][name]["final_loss"]
+    qlora = at32["variants"]["qlora"]  # the same adapters on the 4-bit blocks: their weights at 0.5625 bytes
+    assert qlora["trainable_parameters"] == lora["trainable_parameters"] and lora["quantized_bytes"] == 0
+    assert qlora["quantized_weights"] == 2 * (4 * 64 * 64 + 2 * 4 * 64 * 64)  # layers x (qkv, proj; fc, proj)
+    assert qlora["quantized_bytes"] == qlora["quantized_weights"] * 0.5625 and "qlora_vs_lora" in at32
     assert summary["machine"]["cpu_flags"].keys() >= {"avx512f", "amx_tile"} and summary["model"]["n_layer"] == 2
     assert summary["loss_chunk"] == 1024  # the Trainer's default: the head fused with its loss
     assert json.loads(out.read_text()) == summary

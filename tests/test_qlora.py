@@ -225,24 +225,6 @@ def test_plan_counts_the_4_bit_weights_at_their_size(qlora, tmp_path):
     assert any("lora.quantize nf4" in note for note in in_4_bits.notes)
 
 
-def test_dequantizing_without_a_working_compiler_gives_the_same_values(monkeypatch):
-    """Where torch.compile cannot build its kernel (no C++ compiler), the separate ops compute the same weight."""
-    w = weight((96, 64), seed=3)
-    packed, absmax = nf4.quantize(w)
-    fused = nf4.dequantize(packed, absmax, w.shape)
-
-    def broken(fn, **options):
-        def run(*args):
-            raise RuntimeError("no compiler")
-        return run
-
-    monkeypatch.setattr(nf4, "_fused", None)
-    monkeypatch.setattr(torch, "compile", broken)
-    assert torch.equal(nf4.dequantize(packed, absmax, w.shape), fused) and nf4._fused is nf4._blocks
-    assert torch.equal(fused.reshape(-1), bnb_functional.dequantize_4bit(*bnb_functional.quantize_4bit(
-        w, blocksize=64, quant_type="nf4")).reshape(-1))
-
-
 @pytest.mark.parametrize("shape", [(512, 256), (1024, 1024), (300, 192), (96, 100)])
 def test_double_quantized_maxima_are_bitsandbytes_codes_save_for_its_tables_near_ties(shape):
     """QLoRA's double quantization: the maxima less their mean, in blocks of 256 over each block's maximum, coded in

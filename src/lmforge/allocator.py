@@ -38,3 +38,17 @@ def keep_freed_memory() -> bool:
     mmap_ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
     trim_ok = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     return mmap_ok and trim_ok
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free memory back to the OS now (malloc_trim(0): its free pages, anywhere in the heap), for
+    memory freed once and for good that keep_freed_memory would otherwise hold: the dense weights QLoRA replaced by
+    4-bit ones. glibc only; True if malloc released something."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return malloc_trim(0) == 1

@@ -1482,6 +1482,7 @@ def _add_import(sub: Any) -> None:
               lmforge train --data data/mine --run-dir runs/gpt2-mine --train.init_from runs/gpt2
               lmforge import exports/char-small.gguf --out runs/from-gguf
               lmforge import ~/adapters/my-lora --base runs/llama --out runs/llama-my-lora   # a PEFT adapter
+              lmforge import ~/adapters/my-qlora --base runs/llama --out runs/llama-qlora --quantize nf4   # QLoRA's
               lmforge train --data data/mine --run-dir runs/llama-my-lora-2 --train.init_from runs/llama-my-lora"""))
     p.add_argument("hf_dir", metavar="HF_DIR_OR_GGUF",
                    help="directory a Hugging Face model or PEFT adapter was saved to, or a .gguf file")
