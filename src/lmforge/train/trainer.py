@@ -60,8 +60,8 @@ from lmforge.errors import CheckpointError, ConfigError, DataError, LmforgeError
 from lmforge.files import atomic_write_text, sha256_file
 from lmforge.head_loss import logits_cross_entropy_tokens
 from lmforge.lora import added_row_weights, apply_lora, base_fingerprint, train_added_rows, train_heads
-from lmforge.nf4 import NF4Linear
 from lmforge.model import GPT, count_parameters, flops_per_token
+from lmforge.nf4 import NF4Linear
 from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, RunningMean, grpo_clipped,
                                      grpo_log_ratio, grpo_sequence_loss, grpo_token_loss, high_entropy_mask,
                                      kto_weight_advice, reward_model_loss, sequence_logprobs)
