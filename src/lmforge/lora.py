@@ -187,12 +187,13 @@ class LoRALinear(nn.Module):
             for adapter in adapters:  # some slices: each update added in place (the frozen product's backward reads
                 y[..., adapter.start:adapter.start + adapter.size] += adapter(h) * self.scale  # x, not y)
             return y
-        # DoRA's update reads its rows of y (for m's gradient): the output is cut at the slices and joined again
+        # DoRA (every adapter of the layer has its magnitudes): its update reads its rows of y (for m's gradient), so
+        # the output is cut at the slices and joined again
         pieces, end = [], 0
-        for adapter in self.lora.values():  # untouched, adapted, untouched, ... rows
+        for adapter in adapters:  # untouched, adapted, untouched, ... rows
             start, stop = adapter.start, adapter.start + adapter.size
             rows = y[..., start:stop]
-            rows = rows + (self.scale * adapter(h) if adapter.magnitude is None else self.dora_update(adapter, rows, h))
+            rows = rows + self.dora_update(adapter, rows, h)
             pieces += [y[..., end:start], rows]
             end = stop
         pieces.append(y[..., end:])
