@@ -132,7 +132,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropo
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                      mask: Optional[torch.Tensor] = None, causal: bool = True) -> torch.Tensor:
     """reference_attention in fewer passes over the (B, nh, T, S) scores: one batched product (baddbmm) scales
-    Q K^T by 1/sqrt(d_k) and adds the mask as 0 / -inf; no dropout call at p = 0. Shapes as reference_attention."""
+    Q K^T by 1/sqrt(d_k) and adds the mask as 0 / -inf; at p = 0 no dropout and a backward of its own
+    (_AttentionProducts). Shapes as reference_attention."""
     B, nh, T, d_k = q.shape
     S = k.size(-2)
     if k.size(1) != nh:  # grouped-query: each key/value head serves nh/nkv consecutive query heads
@@ -144,10 +145,38 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     else:  # 0 where a query may see a key, -inf where not: (T, S), or (B, 1, T, S) -> (B * nh, T, S)
         bias, beta = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf), 1.0
         bias = bias.expand(B, nh, T, S).flatten(0, 1) if bias.dim() == 4 else bias
-    scores = torch.baddbmm(bias, q.flatten(0, 1), k.transpose(-2, -1).flatten(0, 1), beta=beta,
-                           alpha=1.0 / math.sqrt(d_k)).view(B, nh, T, S)
-    weights = torch.softmax(scores, dim=-1)  # (B, nh, T, S)
-    return (F.dropout(weights, dropout_p) if dropout_p > 0 else weights) @ v  # (B, nh, T, hd)
+    qf, kf, vf = q.reshape(B * nh, T, d_k), k.reshape(B * nh, S, d_k), v.reshape(B * nh, S, v.size(-1))
+    if dropout_p == 0:
+        return _AttentionProducts.apply(qf, kf, vf, bias, beta, 1.0 / math.sqrt(d_k)).view(B, nh, T, -1)
+    scores = torch.baddbmm(bias, qf, kf.transpose(1, 2), beta=beta, alpha=1.0 / math.sqrt(d_k))  # (B * nh, T, S)
+    weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p)
+    return torch.bmm(weights, vf).view(B, nh, T, -1)  # (B, nh, T, hd)
+
+
+class _AttentionProducts(torch.autograd.Function):
+    """Y = softmax(alpha Q K^T + beta M) V over (B * nh) heads, and its gradients from the same batched products,
+    written out: dP = dY V^T, dV = P^T dY, dS = P * (dP - rowsum(dP * P)) (softmax's backward), dQ = alpha dS K,
+    dK = alpha dS^T Q. Autograd's own graph of these ops takes more passes on the CPU: copies of P and K^T for
+    transposed products, and alpha applied to dQ and dK separately (6L/384/T256/B8 in bf16 on an Intel Xeon with
+    AMX: the Trainer step ~3% faster, benchmarks/bf16_speed.py)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, beta: float,
+                alpha: float) -> torch.Tensor:
+        weights = torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), beta=beta, alpha=alpha), dim=-1)
+        ctx.save_for_backward(q, k, v, weights)
+        ctx.alpha = alpha
+        return torch.bmm(weights, v)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        q, k, v, weights = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_v = torch.bmm(weights.transpose(1, 2), grad_y)
+        grad_s = torch._softmax_backward_data(torch.bmm(grad_y, v.transpose(1, 2)), weights, -1, weights.dtype)
+        grad_q = torch.baddbmm(q, grad_s, k, beta=0.0, alpha=ctx.alpha)  # (q only gives the output's shape)
+        grad_k = torch.baddbmm(k, grad_s.transpose(1, 2), q, beta=0.0, alpha=ctx.alpha)
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 # Up to this many (query, key) pairs, matmul_attention's (B, nh, T, S) bf16 scores are cheap to keep for the backward.

@@ -23,6 +23,8 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
+from lmforge.train.amx_linear import amx_linear
+
 
 def autocast(precision: str, device: torch.device) -> ContextManager:
     """The autocast context for `precision` ('fp32' | 'bf16-mixed' | 'bf16-compute') on `device`: none for fp32,
@@ -42,10 +44,13 @@ def bf16_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in tensors.items()}
 
 
-def run_forward(model: nn.Module, precision: str, device: torch.device, *args: Any, **kwargs: Any) -> Any:
+def run_forward(model: nn.Module, precision: str, device: torch.device, *args: Any, amx: bool = False,
+                **kwargs: Any) -> Any:
     """model(*args, **kwargs) in `precision`: bf16-compute calls it on bf16_copy(model) (torch.func.functional_call:
-    the module's own tensors are put back afterwards), the others under `autocast`."""
-    if precision == "bf16-compute":
-        return torch.func.functional_call(model, bf16_copy(model), args, kwargs)
-    with autocast(precision, device):
-        return model(*args, **kwargs)
+    the module's own tensors are put back afterwards), the others under `autocast`. amx: in bf16 on a CPU with AMX,
+    the Linear layers that train their weights run as amx_linear's (an eager pass only)."""
+    with amx_linear(amx and precision != "fp32" and device.type == "cpu"):
+        if precision == "bf16-compute":
+            return torch.func.functional_call(model, bf16_copy(model), args, kwargs)
+        with autocast(precision, device):
+            return model(*args, **kwargs)

@@ -432,6 +432,8 @@ class Trainer:
         if self.device.type == "cpu":  # each step reuses the memory the last one freed, without page faults
             keep_freed_memory()
         self.dist = setup_distributed(self.device, tc.dist_timeout)
+        # bf16 on a CPU with AMX: Linear layers in oneDNN's fast shapes (train/amx_linear.py), in eager passes only
+        self.amx = not (tc.compile or tc.activation_checkpointing or tc.parallel == "fsdp")
         slow = tc.precision != "fp32" and slow_half_warning(self.device, f"train.precision={tc.precision}",
                                                            "--train.precision fp32")
         if slow and self.dist.is_main:  # bf16 asked of a CPU without bf16 instructions: right, but far slower
@@ -1002,7 +1004,8 @@ class Trainer:
         (data.batches.reward_pair_batch: x, attention_mask, and each pair's margin when the data has them): the head's
         scalar at each row's last real token."""
         x, mask, *margin = (self.to_device(t) for t in batch)
-        rewards = run_forward(model, self.config.train.precision, self.device, x, attention_mask=mask)  # (2P, 1)
+        rewards = run_forward(model, self.config.train.precision, self.device, x, amx=self.amx,
+                              attention_mask=mask)  # (2P, 1)
         chosen, rejected = rewards[0::2, 0].float(), rewards[1::2, 0].float()
         loss = reward_model_loss(chosen, rejected, self.config.train.reward_center_coefficient, *margin)
         return loss, chosen.detach(), rejected.detach()
@@ -1129,7 +1132,7 @@ class Trainer:
             kwargs.update(targets=y, loss_chunk=self.config.train.loss_chunk, **({"per_row": True} if per_row else {}),
                           **({"per_token": True, "temperature": temperature, "entropies": entropies} if per_token
                              else {}), **({"teacher": teacher} if teacher is not None else {}))
-        return run_forward(model, self.config.train.precision, self.device, x, **kwargs), y
+        return run_forward(model, self.config.train.precision, self.device, x, amx=self.amx, **kwargs), y
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Copy a CPU batch tensor to the device; on CUDA from pinned memory, without blocking the host."""
