@@ -130,3 +130,19 @@ def test_a_trainer_step_with_it_has_the_same_loss_and_gradients_within_bf16(on_a
 def test_the_trainer_leaves_it_off_where_torch_must_see_its_own_ops(tmp_path):
     assert not amx_trainer(tmp_path, "compiled", "bf16-mixed", **{"train.compile": True}).amx
     assert not amx_trainer(tmp_path, "checkpointed", "bf16-mixed", **{"train.activation_checkpointing": True}).amx
+
+
+def modes_inside_the_model(trainer) -> list[int]:
+    """The torch function modes active in the first block during one step of `trainer`."""
+    seen: list[int] = []
+    handle = trainer.raw_model.blocks[0].register_forward_pre_hook(
+        lambda *_: seen.append(torch._C._len_torch_function_stack()))
+    trainer.accumulate_gradients()
+    handle.remove()
+    return seen
+
+
+def test_a_step_on_no_more_than_slice_tokens_runs_without_the_mode(on_amx, tmp_path):
+    small = tiny_trainer(tiny_config(tmp_path / "small", **{"train.precision": "bf16-compute"}))  # 64 tokens
+    assert small.amx and modes_inside_the_model(small) == [0]  # no per-op detour where nothing is sliced
+    assert modes_inside_the_model(amx_trainer(tmp_path, "large", "bf16-compute")) == [1]

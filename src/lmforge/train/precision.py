@@ -23,7 +23,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from lmforge.train.amx_linear import amx_linear
+from lmforge.train.amx_linear import SLICE_TOKENS, amx_linear
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:
@@ -48,8 +48,10 @@ def run_forward(model: nn.Module, precision: str, device: torch.device, *args: A
                 **kwargs: Any) -> Any:
     """model(*args, **kwargs) in `precision`: bf16-compute calls it on bf16_copy(model) (torch.func.functional_call:
     the module's own tensors are put back afterwards), the others under `autocast`. amx: in bf16 on a CPU with AMX,
-    the Linear layers that train their weights run as amx_linear's (an eager pass only)."""
-    with amx_linear(amx and precision != "fp32" and device.type == "cpu"):
+    the Linear layers that train their weights run as amx_linear's (an eager pass only; args[0] the token ids, more
+    than amx_linear slices at once, else nothing would change)."""
+    tokens = args[0].numel() if args and isinstance(args[0], torch.Tensor) else 0
+    with amx_linear(amx and precision != "fp32" and device.type == "cpu" and tokens > SLICE_TOKENS):
         if precision == "bf16-compute":
             return torch.func.functional_call(model, bf16_copy(model), args, kwargs)
         with autocast(precision, device):
