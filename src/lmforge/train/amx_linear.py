@@ -8,6 +8,8 @@ float32 accumulator) the same gradient takes 2.6-4.0 ms; it is rounded to bfloat
 in all (a relative error of ~4e-3 of its largest entry instead of ~2e-3, both within bfloat16's own step).
 The forward adds the bias inside the product (oneDNN's linear, torch.ops.mkldnn._linear_pointwise) rather than
 copying it into the output first, as addmm does. Values of the forward are unchanged (bit for bit).
+Only with one torch thread: with two, oneDNN shares such a product's inner dimension between the threads itself (the
+2048-token product above 1.7 ms, as fast as its slices) and the sliced step was no faster (0.986x, timed by hand).
 
 `amx_linear()` routes, while it is active, every torch.nn.functional.linear call that trains its weight on such a
 CPU in bf16 through this product; the Trainer activates it around an eager bf16 forward (`precision.run_forward`;
@@ -84,5 +86,6 @@ class _AmxLinear(TorchFunctionMode):
 
 def amx_linear(enabled: bool = True) -> ContextManager:
     """While active: F.linear calls that train their weight, on more than SLICE_TOKENS tokens, run as
-    _SlicedLinear; only on a CPU with AMX (has_amx) and when `enabled`, else nothing changes."""
-    return _AmxLinear() if enabled and has_amx() else contextlib.nullcontext()
+    _SlicedLinear; only on a CPU with AMX (has_amx), with one torch thread and when `enabled`, else nothing
+    changes."""
+    return _AmxLinear() if enabled and has_amx() and torch.get_num_threads() == 1 else contextlib.nullcontext()
