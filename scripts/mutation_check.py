@@ -670,8 +670,8 @@ MUTANTS = [
            "        pass",
            ("tests/test_serve_lora.py::test_an_adapter_set_computes_what_its_adapted_model_computes_and_no_set_the_base"
             "[lora]",)),
-    Mutant("pissa-niter-ignored", "lora.py", "config.dora, config.init, config.pissa_niter))",
-           "config.dora, config.init, None))",
+    Mutant("pissa-niter-ignored", "lora.py", "                           config.init, config.pissa_niter)",
+           "                           config.init, None)",
            ("tests/test_lora_init.py::test_pissa_niter_approaches_the_best_rank_r_part_with_more_iterations_and_starts_"
             "at_the_base",)),
     Mutant("bco-running-mean-not-resumed", "train/trainer.py",
@@ -795,7 +795,7 @@ MUTANTS = [
            ("tests/test_lora_train.py::"
             "test_lora_plus_lr_embedding_moves_the_tables_adapter_at_its_own_rate_on_the_schedules_shape",)),
     Mutant("qlora-base-left-in-full", "lora.py",
-           'if config.quantize == "nf4" and not model.tok_emb.weight.is_meta:', "if False:",
+           'if config.quantize == "nf4" and real:', "if False:",
            ("tests/test_qlora.py::test_a_qlora_run_holds_its_base_in_4_bits_and_trains_only_the_adapters",)),
     Mutant("qlora-merged-model-keeps-4-bit-layers", "lora.py",
            "    return dequantize_blocks(model)\n\n\ndef dequantize_lora", "    return model\n\n\ndef dequantize_lora",
@@ -882,6 +882,26 @@ MUTANTS = [
     Mutant("attention-backward-dv-untransposed", "model.py",
            "grad_v = torch.bmm(weights.transpose(1, 2), grad_y)", "grad_v = torch.bmm(weights, grad_y)",
            ("tests/test_precision.py::test_matmul_attention_equals_the_formula_with_its_gradients[encoder-2]",)),
+    Mutant("loftq-one-step-whatever-loftq-iter", "lora.py",
+           "        if step + 1 < iterations:  # the next", "        if False:  # the next",
+           ("tests/test_loftq.py::test_the_start_is_peft_loftq_on_bitsandbytes_quantizer[3]",)),
+    Mutant("loftq-stores-w-not-its-target", "lora.py",
+           "                linear.weight.copy_(stored)", "                pass",
+           ("tests/test_loftq.py::test_a_loftq_run_starts_nearer_the_base_in_full_than_qlora_and_learns",)),
+    Mutant("loftq-adapters-left-at-default", "lora.py",
+           "                layer.lora[adapter_name].B.copy_(B)", "                pass",
+           ("tests/test_loftq.py::test_a_loftq_run_starts_nearer_the_base_in_full_than_qlora_and_learns",)),
+    Mutant("loftq-adapters-offset-like-pissa", "lora.py",
+           '        offset = init in ("pissa", "olora")', '        offset = init != "default"',
+           ("tests/test_loftq.py::test_a_loftq_run_starts_nearer_the_base_in_full_than_qlora_and_learns",)),
+    Mutant("loftq-ignores-double-quant", "lora.py",
+           "        lost = w - nf4.round_trip(stored, double)", "        lost = w - nf4.round_trip(stored)",
+           ("tests/test_loftq.py::test_the_adapters_bring_the_4_bit_weight_nearer_the_full_one_and_leave_other_rows_alone",)),
+    Mutant("loftq-export-writes-the-base-in-full", "interop/hf_export.py",
+           "            base = dequantize_lora(load_adapted_lora(ckpt, config))  # 4 bits)",
+           "            base = load_adapted_lora(ckpt, dataclasses.replace(config, lora=dataclasses.replace("
+           "config.lora, init='default', loftq_iter=1, quantize=None)))  # 4 bits)",
+           ("tests/test_loftq.py::test_peft_on_transformers_4_bit_load_of_the_export_computes_the_runs_logits",)),
 ]
 
 

@@ -362,6 +362,12 @@ def _bad_inputs(ws: Path) -> list[tuple[str, list[str], str]]:
         ("train-double-quant-without-quantize", ["train", "--data", str(data), "--run-dir", str(ws / "lora-8"),
                                                 "--train.init_from", str(run), "--lora.double_quant", "true"],
          "set lora.quantize nf4 too"),
+        ("train-loftq-without-quantize", ["train", "--data", str(data), "--run-dir", str(ws / "lora-9"),
+                                          "--train.init_from", str(run), "--lora.init", "loftq"],
+         "lora.init=loftq fits the adapters to what the 4-bit base loses"),
+        ("train-loftq-iter-without-loftq", ["train", "--data", str(data), "--run-dir", str(ws / "lora-10"),
+                                            "--train.init_from", str(run), "--lora.loftq_iter", "3"],
+         "give lora.init loftq too"),
         ("train-lr-embedding-without-emb", ["train", "--data", str(data), "--run-dir", str(ws / "lora-6"),
                                             "--train.init_from", str(run), "--lora.lr_embedding", "1e-6"],
          "add emb to lora.targets"),
@@ -601,7 +607,7 @@ def hostile_files(workspace):
     return marker
 
 
-N_CASES = 181
+N_CASES = 183
 EXIT_CODES = {"serve-port-in-use": 3}  # a server that cannot bind exits as uvicorn does
 PROGRESS_BAR = re.compile(r"[\w ]+: .*\[\d+:\d\d(:\d\d)?(<[\d:?]+)?, [^\]]*\]$")  # tqdm: "reading: 0.00B [00:00, ?B/s]"
 

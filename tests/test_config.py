@@ -147,7 +147,7 @@ def test_a_bad_choice_is_one_line_listing_exactly_the_choices_of_the_type(sectio
 
 
 # other fields a choice needs so that the checks between fields pass
-CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2},
+CHOICE_COMPANIONS = {"model.head=classify": {"num_labels": 2}, "lora.init=loftq": {"quantize": "nf4"},
                      "train.preference_loss=exo": {"dpo_label_smoothing": 0.1},
                      "train.preference_loss=grpo": {"online_reward_model": "runs/rm"},
                      "train.grpo_loss_type=grpo": {"preference_loss": "grpo", "online_reward_model": "runs/rm"},
@@ -181,6 +181,7 @@ COMPANIONS = {"model.n_head": lambda v: {"n_embd": v}, "model.n_embd": lambda v:
               **{f"train.distill_{key}": lambda v: {"distill_from": "runs/teacher"}
                  for key in ("alpha", "beta", "temperature", "on_policy")},
               "lora.pissa_niter": lambda v: {"init": "pissa"},
+              "lora.loftq_iter": lambda v: {"init": "loftq", "quantize": "nf4"},
               "lora.lr_embedding": lambda v: {"targets": ["q", "emb"]}}
 
 

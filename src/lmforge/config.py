@@ -799,7 +799,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- lora
 LoRATarget = Literal["q", "k", "v", "o", "mlp", "head", "emb"]
-LoRAInit = Literal["default", "pissa", "olora"]
+LoRAInit = Literal["default", "pissa", "olora", "loftq"]
 LoRAQuantize = Literal["nf4"]
 
 
@@ -830,11 +830,17 @@ class LoRAConfig:
                                         "learn at this learning rate, on the schedule's shape (peft's "
                                         "loraplus_lr_embedding, 1e-6 by default there); null = like the other "
                                         "adapters (A at optim.lr, B at lr_ratio times it).", None, gt=0, le=10)
-    init: LoRAInit = doc("How adapters start, the model as its base either way: default (A random, B = 0; Hu et al. "
+    init: LoRAInit = doc("How adapters start: default (A random, B = 0; Hu et al. "
                          "2021), pissa (Meng et al. 2024: A and B from each weight's top-r singular vectors, so "
-                         "training moves its principal directions; the paper: converges faster than default) or "
-                         "olora (Buyukakyuz 2024: from its QR decomposition), as peft's init_lora_weights.",
-                         "default")
+                         "training moves its principal directions; the paper: converges faster than default), "
+                         "olora (Buyukakyuz 2024: from its QR decomposition), as peft's init_lora_weights, the "
+                         "model starting as its base with each; or loftq "
+                         "(Li et al. 2023, with lora.quantize: A and B from the top-r singular vectors of what 4 "
+                         "bits lose, W - Q(W), so the 4-bit base plus the adapters starts nearer the base in full "
+                         "than the 4-bit base alone).", "default")
+    loftq_iter: int = doc("LoftQ's alternating steps (peft's loftq_iter): each quantizes W less the adapters' "
+                          "product and fits the adapters to what that loses again; 1 = quantize W once. With "
+                          "lora.init loftq only.", 1, ge=1, le=32)
     pissa_niter: Optional[int] = doc("PiSSA's fast SVD (peft's init_lora_weights pissa_niter_K): each weight's top r "
                                      "directions by torch.svd_lowrank with this many subspace iterations (Halko et "
                                      "al. 2011) instead of the exact SVD, much faster on large weights; null = exact. "
@@ -861,10 +867,20 @@ class LoRAConfig:
         if self.pissa_niter is not None and self.init != "pissa":
             raise ConfigError(f"lora.pissa_niter={self.pissa_niter} sets how PiSSA's SVD is computed, and lora.init is "
                               f"{self.init}: give lora.init pissa too, or drop lora.pissa_niter")
-        if self.quantize is not None and self.init != "default":
+        if self.quantize is not None and self.init in ("pissa", "olora"):
             raise ConfigError(f"lora.init={self.init} with lora.quantize {self.quantize} is not supported: its start "
                               f"comes from the full-precision weight, which a 4-bit base no longer has; use lora.init "
-                              f"default with lora.quantize, or drop lora.quantize")
+                              f"default or loftq with lora.quantize, or drop lora.quantize")
+        if self.init == "loftq" and self.quantize is None:
+            raise ConfigError("lora.init=loftq fits the adapters to what the 4-bit base loses, and lora.quantize is "
+                              "null (the base in full, nothing lost): set lora.quantize nf4 too, or use lora.init "
+                              "default")
+        if self.init == "loftq" and "head" in self.targets:
+            raise ConfigError("lora.init=loftq fits adapters to 4-bit weights, and lora.targets has head, which "
+                              "stays in full precision: drop head from lora.targets, or use lora.init default")
+        if self.loftq_iter != 1 and self.init != "loftq":
+            raise ConfigError(f"lora.loftq_iter={self.loftq_iter} sets LoftQ's alternating steps, and lora.init is "
+                              f"{self.init}: give lora.init loftq too, or drop lora.loftq_iter")
         if self.double_quant and self.quantize is None:
             raise ConfigError("lora.double_quant stores the 4-bit base's block maxima in 8 bits, and lora.quantize is "
                               "null (the base in full): set lora.quantize nf4 too, or drop lora.double_quant")

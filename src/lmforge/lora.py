@@ -30,7 +30,9 @@ under the same names, so an adapted model's state_dict is the plain model's plus
 
 With lora.quantize nf4 (QLoRA, Dettmers et al. 2023) the blocks' Linear layers keep their frozen weights in 4 bits
 (lmforge.nf4: bitsandbytes' NF4 bytes), a LoRALinear computing its frozen product through its NF4Linear; merging
-dequantizes them (the values the run computed with), and base_fingerprint counts the 4-bit bytes.
+dequantizes them (the values the run computed with), and base_fingerprint counts the 4-bit bytes. With lora.init
+loftq (Li et al. 2023) the adapters start at what the 4 bits lose (loftq_start), so the 4-bit base plus the adapters
+starts near the base in full.
 
 Apply it before wrapping the model (DDP, FSDP, torch.compile add prefixes to these names).
 `merge_lora` folds the adapters into the weights and gives back a plain GPT; `base_fingerprint` hashes the
@@ -54,6 +56,7 @@ from lmforge.config import LoRAConfig, LoRATarget
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model import GPT
 from lmforge.model import dropout as make_dropout
+from lmforge import nf4
 from lmforge.nf4 import NF4Linear, dequantize_blocks, quantize_blocks
 
 Target = LoRATarget  # what LoRAConfig.targets names; LoRAConfig lives in config (a RunConfig section), re-exported here
@@ -116,6 +119,31 @@ def initial_adapters(weight: torch.Tensor, r: int, scale: float, init: str, nite
     return R[:r].contiguous(), Q[:, :r].contiguous()
 
 
+def loftq_start(weight: torch.Tensor, slices: dict[str, tuple[int, int]], r: int, scale: float, iterations: int,
+                double: bool = False) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """LoftQ (Li et al. 2023, peft's loftq_init) for a Linear's `weight` (out, in) with adapters on `slices`:
+    (the weight to store in 4 bits, {slice: (A (r, in), B (size, r))}) such that round_trip(stored) + s B A is near
+    W on each slice's rows. Each of `iterations` steps quantizes W less the last adapters' product (W itself at
+    first), then takes A, B from the top-r singular vectors of what that loses, E = W - round_trip(stored), as PiSSA
+    does from W (A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s): s B A is E's best rank-r approximation). Rows no
+    adapter covers are stored as W. fp32."""
+    if r > min(weight.shape):
+        raise ConfigError(f"lora.init=loftq takes r={r} directions of a {tuple(weight.shape)} weight, which has at "
+                          f"most {min(weight.shape)}: lower lora.r, or use lora.init default")
+    w = weight.detach().float()
+    stored, starts = w, {}
+    for step in range(iterations):
+        lost = w - nf4.round_trip(stored, double)
+        starts = {name: initial_adapters(lost[start:start + size], r, scale, "pissa")
+                  for name, (start, size) in slices.items()}
+        if step + 1 < iterations:  # the next step quantizes what the adapters leave over
+            stored = w.clone()
+            for name, (start, size) in slices.items():
+                A, B = starts[name]
+                stored[start:start + size] -= scale * (B @ A)
+    return stored, starts
+
+
 class LoRALinear(nn.Module):
     """A frozen Linear plus adapters on slices of its output: forward(x (..., in)) -> (..., out).
 
@@ -153,7 +181,7 @@ class LoRALinear(nn.Module):
             end = start + size
         device, dtype = (self.nf4.packed.device, torch.float32) if self.nf4 is not None else (self.weight.device,
                                                                                              self.weight.dtype)
-        offset = init != "default"
+        offset = init in ("pissa", "olora")  # (LoftQ's adapters start as part of the model: apply_lora sets them)
         self.lora = nn.ModuleDict({name: Adapter(self.in_features, start, size, r, device, dtype, dora, offset)
                                    for name, (start, size) in ordered})  # in output order, for forward
         self.scale = alpha / r
@@ -377,13 +405,27 @@ def apply_lora(model: GPT, config: LoRAConfig) -> GPT:
         raise ValueError("the model has LoRA adapters already; apply_lora once, to a plain model")
     plan = lora_plan(model, config)
     model.requires_grad_(False)
-    if config.quantize == "nf4" and not model.tok_emb.weight.is_meta:
+    real = not model.tok_emb.weight.is_meta
+    starts = {}  # LoftQ: each layer's weight to quantize, and its adapters' start
+    if config.init == "loftq" and real:
+        with torch.no_grad():
+            for name, slices in plan.items():
+                linear = model.get_submodule(name)
+                stored, starts[name] = loftq_start(linear.weight, slices, config.r, config.scale, config.loftq_iter,
+                                                   config.double_quant)
+                linear.weight.copy_(stored)
+    if config.quantize == "nf4" and real:
         quantize_blocks(model, double=config.double_quant)
     for name, slices in plan.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), config.r, config.plain_alpha, config.dropout, slices,
-                                          config.dora, config.init, config.pissa_niter))
+        layer = LoRALinear(getattr(parent, child), config.r, config.plain_alpha, config.dropout, slices, config.dora,
+                           config.init, config.pissa_niter)
+        with torch.no_grad():
+            for adapter_name, (A, B) in starts.get(name, {}).items():
+                layer.lora[adapter_name].A.copy_(A)
+                layer.lora[adapter_name].B.copy_(B)
+        setattr(parent, child, layer)
     if "emb" in config.targets:
         tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is model.tok_emb.weight
         model.tok_emb = LoRAEmbedding(model.tok_emb, config.r, config.plain_alpha)

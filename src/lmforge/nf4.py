@@ -106,6 +106,15 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size,
     return values.reshape(-1)[:n].view(shape).to(dtype)
 
 
+def round_trip(weight: torch.Tensor, double: bool = False) -> torch.Tensor:
+    """The values an NF4Linear of `weight` computes with (fp32): quantized and dequantized again, its maxima through
+    8 bits too with `double`. What QLoRA's base loses of a weight is weight - round_trip(weight)."""
+    packed, absmax = quantize(weight)
+    if double:
+        absmax = expand_maxima(*compress_maxima(absmax))
+    return dequantize(packed, absmax, weight.shape)
+
+
 class _FrozenProduct(torch.autograd.Function):
     """x W^T for an NF4Linear's frozen W: the weight dequantized in the forward and again in the backward, which
     gives x its gradient (W none), so no dense copy is kept between them."""

@@ -128,9 +128,12 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, force: bool = Fals
 
         adapted = load_adapted_lora(ckpt, config)
         base = adapted
-        if config.lora.quantize is not None:  # QLoRA: the base in full (peft's users quantize it as they load it)
+        if config.lora.init == "loftq":  # the 4-bit values it computed with (quantized again as they load: the same
+            base = dequantize_lora(load_adapted_lora(ckpt, config))  # 4 bits), as peft saves a LoftQ base
+        elif config.lora.quantize is not None:  # QLoRA: the base in full (peft's users quantize it as they load it)
             base = load_adapted_lora(ckpt, dataclasses.replace(config, lora=dataclasses.replace(config.lora,
                                                                                                 quantize=None)))
+        if config.lora.quantize is not None:
             dequantize_lora(adapted)  # DoRA's magnitudes of rows left unadapted: the 4-bit rows' norms, as peft's
         files = base_files(base, tokenizer)  # the frozen weights: hf names leave the adapters (and a head) out
         adapter = peft_adapter_files(adapted, config.lora, base_name_or_path=str(out_dir.resolve()))
