@@ -142,7 +142,9 @@ def test_peft_computes_the_exported_dora_adapter_as_lmforge_does(tmp_path, case)
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
     theirs = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
     assert theirs.peft_config["default"].use_dora
-    assert (logits(theirs, ids) - ours).abs().max() <= TOLERANCE
+    # fp32 rounding grows with the logits: llama-k-head's reach 7.5, where one Intel Xeon's kernels put peft's 1.2e-5
+    # from lmforge's (a wrong DoRA is off by 1e-2 and more)
+    assert (logits(theirs, ids) - ours).abs().max() <= max(TOLERANCE, 2e-6 * float(ours.abs().max()))
     with theirs.disable_adapter():
         assert (logits(theirs, ids) - ours).abs().max() > 1.0  # the adapters change the logits a lot
     assert (logits(theirs.merge_and_unload(), ids) - ours).abs().max() <= MERGED_TOLERANCE
