@@ -580,3 +580,16 @@ def test_qlora_times_both_libraries_4_bit_and_in_full_on_the_same_quantized_byte
     assert summary["first_loss_gap_qlora"] < 1e-4 < summary["first_loss_gap_4bit_vs_full"]
     assert first["lmforge-lora"] == pytest.approx(first["peft-lora"], abs=1e-4)
     assert summary["step_vs_lmforge_qlora"]["lmforge-qlora"] == 1.0 and json.loads(out.read_text()) == summary
+
+
+def test_loftq_start_scores_each_start_against_the_base_in_full(tmp_path):
+    from test_tasks import make_base
+
+    base = make_base(tmp_path, **{"model.n_embd": 64, "model.n_head": 2})
+    out = tmp_path / "loftq.json"
+    summary = load("loftq_start").main(["--base", str(base), "--data", str(tmp_path / "pre"), "--tokens", "64",
+                                        "--ranks", "4", "--iters", "1,3", "--threads", "1", "--json-out", str(out)])
+    kl, error = summary["kl_from_full"], summary["weight_error"]
+    assert set(kl) == set(error) == {"qlora", "loftq-r4-iter1", "loftq-r4-iter3"} and set(summary["loss"]) > set(kl)
+    assert error["loftq-r4-iter3"] < error["loftq-r4-iter1"] < error["qlora"]  # the adapters take back some of it
+    assert all(value > 0 for value in kl.values()) and json.loads(out.read_text()) == summary
