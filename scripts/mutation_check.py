@@ -819,9 +819,6 @@ MUTANTS = [
     Mutant("fingerprint-blind-to-4-bit-weights", "lora.py",
            "for key, t in m.named_buffers()]", "for key, t in m.named_buffers() if False]",
            ("tests/test_qlora.py::test_the_fingerprint_of_a_quantized_model_covers_its_4_bit_weights",)),
-    Mutant("qlora-run-served-on-the-base-in-full", "generate/api.py",
-           "        if config.lora.quantize is not None:\n            raise", "        if False:\n            raise",
-           ("tests/test_qlora.py::test_qlora_refusals_are_one_line",)),
     Mutant("double-quantized-maxima-lose-their-mean", "nf4.py",
            "    return values.reshape(-1)[:m] + offset", "    return values.reshape(-1)[:m]",
            ("tests/test_qlora.py::test_double_quantized_maxima_are_bitsandbytes_codes_save_for_its_tables_near_ties"
@@ -902,6 +899,15 @@ MUTANTS = [
            "            base = load_adapted_lora(ckpt, dataclasses.replace(config, lora=dataclasses.replace("
            "config.lora, init='default', loftq_iter=1, quantize=None)))  # 4 bits)",
            ("tests/test_loftq.py::test_peft_on_transformers_4_bit_load_of_the_export_computes_the_runs_logits",)),
+    Mutant("qlora-run-served-over-the-base-in-full", "generate/api.py",
+           "            if not in_nf4:", "            if False:",
+           ("tests/test_serve_qlora.py::test_what_the_4_bit_base_cannot_serve_is_one_line[in-full]",)),
+    Mutant("loftq-run-served-over-a-shared-base", "generate/api.py",
+           '            if config.lora.init == "loftq" and config.lora.loftq_iter > 1:', "            if False:",
+           ("tests/test_serve_qlora.py::test_what_the_4_bit_base_cannot_serve_is_one_line[loftq]",)),
+    Mutant("quantize-nf4-leaves-the-base-in-full", "generate/quantize.py",
+           "        quantize_blocks(model)", "        pass",
+           ("tests/test_serve_qlora.py::test_the_4_bit_base_holds_qloras_bytes_and_computes_near_the_base_in_full",)),
 ]
 
 

@@ -195,7 +195,7 @@ def test_qlora_refusals_are_one_line(qlora, tmp_path):
     from lmforge.generate import load
     from lmforge.generate.api import load_adapters
 
-    with pytest.raises(ConfigError, match="trained on its base in 4 bits .*serve it on its own"):
+    with pytest.raises(ConfigError, match="trained on its base in 4 bits .*serve the base with --quantize nf4"):
         load_adapters(load(str(base)), {"q": str(root / "run")}, str(base))
 
 

@@ -655,7 +655,8 @@ def _add_weight_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=typing.get_args(Dtype), default="fp32",
                    help="weights for decoding (default: fp32, exact)")
     p.add_argument("--quantize", choices=typing.get_args(Quantize), help="int8 weights for the Linear layers (CPU): "
-                   "faster, slightly different numbers")
+                   "faster, slightly different numbers; nf4: the blocks' layers in 4 bits as QLoRA stores them (a "
+                   "seventh of the memory, slower; serve's --lora-modules then takes QLoRA runs of this base)")
     p.add_argument("--compile", action="store_true", help="compile the decoding step ahead of time first "
                    "(AOTInductor, about 10 s on a CPU; pays off over a few hundred tokens)")
 
@@ -1398,6 +1399,7 @@ def _add_serve(sub: Any) -> None:
               lmforge serve runs/big --assistant-model runs/small              # speculative, with a draft model
               lmforge serve runs/base --lora-modules sql=runs/sql-lora --lora-modules chat=runs/chat-lora
               lmforge serve runs/base --quantize int8 --lora-modules sql=runs/sql-lora   # adapters on int8 layers
+              lmforge serve runs/base --quantize nf4 --lora-modules a=runs/qlora-a b=runs/qlora-b   # QLoRA runs
               curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
                    -d '{"prompt": "ROMEO:", "max_tokens": 50, "seed": 1}'"""))
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT_DIR")

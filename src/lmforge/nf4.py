@@ -159,6 +159,8 @@ class NF4Linear(nn.Module):
         """The weight this layer computes with, (out, in), dequantized."""
         return dequantize(self.packed, self.maxima(), torch.Size((self.out_features, self.in_features)), dtype)
 
+    dense_weight = dense  # (the name generate.quantize.Int8Linear gives it: lora.AdapterSwitch reads either)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _FrozenProduct.apply(x, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)

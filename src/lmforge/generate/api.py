@@ -356,23 +356,35 @@ def load_adapters(generator: TextGenerator, modules: dict[str, str], base_path: 
     model with its adapters added as the set `name`
     (lora.add_adapter_set: lora.use_adapter picks it) and the prompt template the run learned. ConfigError, naming the
     run, for one that is not a LoRA run of a language model on exactly these weights and this tokenizer, or that
-    learned rows for added tokens (its vocabulary is not the base's)."""
+    learned rows for added tokens (its vocabulary is not the base's); a QLoRA run only over a model whose blocks are
+    in nf4 (apply_inference_dtype quantize="nf4": the 4 bits it trained on), without 8-bit maxima or a LoftQ base of
+    its own."""
     from lmforge.checkpoint import lora_base, read_run_config, read_task, verified_checkpoint  # on use: reads files
     from lmforge.checkpoint.weights import read_weights
     from lmforge.data.tasks import TEXT_TASKS
     from lmforge.lora import add_adapter_set, base_fingerprint
+    from lmforge.nf4 import NF4Linear
     from lmforge.tokenizer import Tokenizer
 
     model, out = generator.model, {}
+    in_nf4 = any(isinstance(m, NF4Linear) for m in model.modules())  # served with --quantize nf4
     for name, path in modules.items():
         ckpt, manifest = verified_checkpoint(path)
         config = read_run_config(ckpt)
         where = f"the LoRA run {name}={path}"
         if config.lora is None:
             raise ConfigError(f"{where} holds a whole model, not LoRA adapters: serve it on its own")
-        if config.lora.quantize is not None:
-            raise ConfigError(f"{where} trained on its base in 4 bits (lora.quantize {config.lora.quantize}), which "
-                              f"{base_path} served in full is not: serve it on its own (its base is quantized with it)")
+        if config.lora.quantize is not None:  # QLoRA: served over the base in the same 4 bits, or not at all
+            if not in_nf4:
+                raise ConfigError(f"{where} trained on its base in 4 bits (lora.quantize {config.lora.quantize}), "
+                                  f"which {base_path} served so is not: serve the base with --quantize nf4, or the run "
+                                  f"on its own")
+            if config.lora.double_quant:
+                raise ConfigError(f"{where} trained on its base with 8-bit maxima (lora.double_quant), which "
+                                  f"--quantize nf4 does not store: serve it on its own (its base is quantized with it)")
+            if config.lora.init == "loftq" and config.lora.loftq_iter > 1:
+                raise ConfigError(f"{where} quantized its own base (lora.loftq_iter {config.lora.loftq_iter}: W less "
+                                  f"its adapters' start), not {base_path}'s: serve it on its own")
         if config.model.vocab_size != model.config.vocab_size or config.model.head != "lm":
             raise ConfigError(f"{where} is not a language model of {base_path}'s vocabulary (it learned rows for "
                               f"added tokens, or scores instead): serve it on its own (its base is loaded with it)")

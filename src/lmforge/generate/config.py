@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # (imported where used: it needs torch, which `lmforge --help
 
 
 Dtype = Literal["fp32", "bf16", "fp16"]  # weights for decoding (generate.quantize.apply_inference_dtype)
-Quantize = Literal["int8"]  # weight-only quantization of the Linear layers
+Quantize = Literal["int8", "nf4"]  # weight-only quantization of the Linear layers
 
 # Bounds that keep sampling finite: below them a division of the logits overflows (float32, and fp16 logits for
 # the repetition penalty) or top_p underflows to 0 in a float32 comparison, and every row samples garbage.

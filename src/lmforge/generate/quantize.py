@@ -12,6 +12,7 @@ from lmforge.distributed import slow_half_warning
 from lmforge.errors import ConfigError
 from lmforge.generate.config import Dtype, Quantize
 from lmforge.model import GPT
+from lmforge.nf4 import quantize_blocks
 
 DTYPES: dict[str, torch.dtype] = dict(zip(typing.get_args(Dtype), (torch.float32, torch.bfloat16, torch.float16)))
 
@@ -45,8 +46,12 @@ class Int8Linear(torch.nn.Module):
 def apply_inference_dtype(model: GPT, dtype: str = "fp32", quantize: Optional[str] = None) -> GPT:
     """The model for decoding with fewer bytes read per token: `dtype` fp32 (exact, default) | bf16 | fp16
     casts every weight; `quantize="int8"` replaces every nn.Linear by an Int8Linear (CPU, fp32 model;
-    the token embedding stays fp32). Modifies and returns `model`. bf16 or fp16 on a CPU without matrix instructions
-    for it prints one warning line on stderr (distributed.slow_half_warning): it decodes, far slower than fp32."""
+    the token embedding stays fp32); `quantize="nf4"` stores the blocks' Linear layers as QLoRA does (nf4.NF4Linear,
+    bitsandbytes' 4-bit bytes; the embedding and head as they are): about a seventh of fp32's memory for them, each
+    product dequantizing its weight, so slower to decode than fp32, but the very base QLoRA runs of this model
+    trained on (serve's lora_modules takes them over it). Modifies and returns `model`. bf16 or fp16 on a CPU without
+    matrix instructions for it prints one warning line on stderr (distributed.slow_half_warning): it decodes, far
+    slower than fp32."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is invalid: choose one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in typing.get_args(Quantize):
@@ -63,4 +68,6 @@ def apply_inference_dtype(model: GPT, dtype: str = "fp32", quantize: Optional[st
             for name, child in list(module.named_children()):
                 if isinstance(child, torch.nn.Linear):
                     setattr(module, name, Int8Linear(child))
+    if quantize == "nf4":
+        quantize_blocks(model)
     return model

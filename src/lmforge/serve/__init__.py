@@ -41,7 +41,7 @@ def load_app(path: str, config: Optional[ServeConfig] = None, device: str = "aut
     ckpt = resolve_checkpoint(path)  # first: a corrupt newest checkpoint is skipped (and said so) once
     adapters, load_adapter = {}, None
     if config.lora_modules or config.allow_runtime_lora:  # the base in fp32 (its fingerprint), adapters, then dtype
-        # (int8: quantized before the adapters, which fold onto the weights its layers compute with)
+        # (int8, nf4: quantized before the adapters, which fold onto the weights its layers compute with)
         from lmforge.errors import ConfigError
         from lmforge.generate import TextGenerator
         from lmforge.generate.api import load_adapters
