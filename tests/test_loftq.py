@@ -9,7 +9,6 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
-import transformers
 from peft.utils.loftq_utils import _low_rank_decomposition
 
 import lmforge
@@ -18,7 +17,7 @@ from lmforge.config import LoRAConfig
 from lmforge.errors import ConfigError
 from lmforge.lora import loftq_start
 from lmforge.train import Trainer
-from test_qlora import WIDE, qlora_values
+from test_qlora import WIDE, qlora_values, transformers_4_bit
 from test_tasks import make_base
 from tiny_training import resumed_copy, tiny_config
 
@@ -162,15 +161,10 @@ def test_peft_on_transformers_4_bit_load_of_the_export_computes_the_runs_logits(
 
     root, _, _, trainer = runs
     out = export_hf(root / "run", root / "hf")
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu", quantization_config=(
-        transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_compute_dtype=torch.float32)))
-    rounded = transformers.AutoModelForCausalLM.from_pretrained(out)  # the same, its 4-bit weights dequantized
-    for name, module in quantized.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            assert torch.equal(module.weight.data.view(-1), ours_packed(trainer, name))
-            rounded.get_submodule(name).weight.data = bnb_functional.dequantize_4bit(module.weight.data,
-                                                                                     module.weight.quant_state)
+    quantized, rounded = transformers_4_bit(out)
+    layers = [(name, m) for name, m in quantized.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 7 * 2 and all(torch.equal(m.weight.data.view(-1), ours_packed(trainer, name))
+                                        for name, m in layers)  # q, k, v, o, gate, up, down of 2 layers
     ours, tok, _ = lmforge.checkpoint.load_for_inference(root / "run", "cpu")
     ids = torch.tensor([[tok.start_id] + tok.encode("hello world!")])
     with torch.no_grad():

@@ -152,6 +152,20 @@ def test_every_reader_of_a_qlora_run_computes_with_its_4_bit_base(qlora, capsys)
         assert (saved(ids) - trained(ids)).abs().max() <= 1e-5
 
 
+def transformers_4_bit(export: Path):
+    """(transformers' 4-bit load of an HF export: BitsAndBytesConfig nf4, fp32 compute; the same model in full with
+    each of those 4-bit weights dequantized)."""
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(export, device_map="cpu", quantization_config=(
+        transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_compute_dtype=torch.float32)))
+    rounded = transformers.AutoModelForCausalLM.from_pretrained(export)
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            rounded.get_submodule(name).weight.data = bnb_functional.dequantize_4bit(module.weight.data,
+                                                                                     module.weight.quant_state)
+    return quantized, rounded
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_peft_on_transformers_4_bit_base_computes_the_qlora_runs_logits(tmp_path, dora):
     """The export: the base in full (transformers quantizes it as it loads, BitsAndBytesConfig nf4) and the adapter.
@@ -166,14 +180,7 @@ def test_peft_on_transformers_4_bit_base_computes_the_qlora_runs_logits(tmp_path
     Trainer(tiny_config(tmp_path / "run", **values), progress=False, tensorboard=False).fit()
     ours, tok, _ = lmforge.checkpoint.load_for_inference(tmp_path / "run", "cpu")
     out = export_hf(tmp_path / "run", tmp_path / "hf")
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu", quantization_config=(
-        transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_compute_dtype=torch.float32)))
-    rounded = transformers.AutoModelForCausalLM.from_pretrained(out)  # the same, its 4-bit weights dequantized
-    for name, module in quantized.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            rounded.get_submodule(name).weight.data = bnb_functional.dequantize_4bit(module.weight.data,
-                                                                                     module.weight.quant_state)
+    quantized, rounded = transformers_4_bit(out)
     ids = torch.tensor([[tok.start_id] + tok.encode("hello world!")])
     with torch.no_grad():
         expected = ours(ids)
