@@ -908,6 +908,12 @@ MUTANTS = [
     Mutant("quantize-nf4-leaves-the-base-in-full", "generate/quantize.py",
            "        quantize_blocks(model)", "        pass",
            ("tests/test_serve_qlora.py::test_the_4_bit_base_holds_qloras_bytes_and_computes_near_the_base_in_full",)),
+    Mutant("plan-measures-with-torchs-threads", "plan.py",
+           "        with torch_threads(t.num_threads):", "        with torch_threads(None):",
+           ("tests/test_plan.py::test_a_cpu_plan_measures_with_the_runs_threads_and_puts_them_back",)),
+    Mutant("plan-cpu-bf16-element-wise-at-bf16-bytes", "plan.py",
+           '    per_element = 4.0 / 3.0 if device == "cpu" and bf16 else 1.0', "    per_element = 1.0",
+           ("tests/test_plan.py::test_a_cpu_bf16_plan_times_element_wise_passes_at_fp32s_bytes",)),
 ]
 
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.cli import main
 from lmforge.config import load_run_config
@@ -112,8 +113,29 @@ def test_cpu_plan_measures_this_machine(capsys):
 
     assert 0.5 < mib(measured[1], measured[2]) / mib(measured[3], measured[4]) < 2
     assert float(re.search(r"step time +([\d.]+) s, predicted", out)[1]) > 0
-    assert re.search(r"note: peak measured here: a 2048\^3 fp32 matrix product, [\d.]+ GFLOP/s with 1 torch threads; "
+    assert re.search(r"note: peak measured here: a 2048\^3 fp32 matrix product, [\d.]+ GFLOP/s with 1 torch thread; "
                      r"memory bandwidth measured here \(a copy\) [\d.]+ GB/s", out), out
+
+
+def test_a_cpu_plan_measures_with_the_runs_threads_and_puts_them_back():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one = plan(config(**{"train.num_threads": 1}), device="cpu")
+        assert one.device_name == "this CPU (1 torch thread)" and torch.get_num_threads() == 2
+        assert plan(config(), device="cpu").device_name == "this CPU (2 torch threads)"  # 0: torch's own
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_cpu_bf16_plan_times_element_wise_passes_at_fp32s_bytes():
+    """bf16's element-wise kernels on a CPU go at fp32's pace per element: their passes count 4 bytes an element
+    (the activations, 3 on average); on a GPU they count the bytes they move."""
+    for device, factor in (("cpu", 4 / 3), ("h100", 1.0)):
+        p = plan(config(**{"train.precision": "bf16-mixed"}), device=device, peak_tflops=100.0)
+        compute = p.step_flops_per_token * p.tokens_per_step / (p.peak_flops * p.mfu)
+        memory = (32 * p.trained_parameters + 4 * p.activations * factor) / p.bandwidth
+        assert p.step_time == pytest.approx(compute + memory, rel=1e-9)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])

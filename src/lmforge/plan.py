@@ -59,6 +59,7 @@ vendors' dense peaks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -66,7 +67,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -217,6 +218,18 @@ def matmul_flops(m: int = 2048, k: int = 2048, n: int = 2048, dtype: torch.dtype
     return 2 * m * k * n / statistics.median(times)
 
 
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """torch's intra-op threads set to n (train.num_threads) inside, as before after; None or 0: left as they are."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def copy_bandwidth(n: int = 32 * 1024 * 1024, repeats: int = 5) -> float:
     """Bytes/s of memory traffic of a large fp32 copy here (read + write; the median of `repeats`)."""
     a, b = torch.empty(n), torch.empty(n)
@@ -360,9 +373,12 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     checkpointed = m.n_layer * micro_tokens * m.n_embd * 4.0 + 2 * act_block + act_head
 
     if device == "cpu":
-        name = f"this CPU ({torch.get_num_threads()} torch threads)"
-        peak = peak_tflops * 1e12 if peak_tflops else matmul_flops(dtype=torch.bfloat16 if bf16 else torch.float32)
-        memory, bandwidth, assumed = machine_memory(), copy_bandwidth(), MFU["cpu"]
+        with torch_threads(t.num_threads):  # measured with the run's threads (train.num_threads), as it will train
+            threads = torch.get_num_threads()
+            peak = peak_tflops * 1e12 if peak_tflops else matmul_flops(dtype=torch.bfloat16 if bf16 else torch.float32)
+            bandwidth = copy_bandwidth()
+        name = f"this CPU ({threads} torch thread{'s' if threads > 1 else ''})"
+        memory, assumed = machine_memory(), MFU["cpu"]
         slow = bf16 and slow_half_warning(torch.device("cpu"), f"train.precision={t.precision}", "--precision fp32")
         if slow:  # the measured bf16 peak already makes the estimate slow; say why and what to do
             notes.append(f"WARNING: {slow}")
@@ -370,7 +386,7 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
             source = f"peak given: {peak_tflops:g} TFLOP/s (--peak-tflops)"
         else:
             source = (f"peak measured here: a 2048^3 {'bf16' if bf16 else 'fp32'} matrix product, {peak / 1e9:.1f} "
-                      f"GFLOP/s with {torch.get_num_threads()} torch threads")
+                      f"GFLOP/s with {threads} torch thread{'s' if threads > 1 else ''}")
         notes.append(f"{source}; memory bandwidth measured here (a copy) {bandwidth / 1e9:.1f} GB/s")
     else:
         d = GPUS[device]
@@ -383,9 +399,13 @@ def plan(config: RunConfig, tokens: Optional[int] = None, device: str = "cpu", g
     compute_time = step_fpt * tokens_per_step / gpus / (peak * mfu)
     # memory-bound work: AdamW reads and writes 16 B per parameter; the element-wise ops (norms, activations,
     # softmax, residual adds) write each kept activation in the forward pass, read it and write and read its
-    # gradient in the backward pass: about 4 passes over the activations
+    # gradient in the backward pass: about 4 passes over the activations. On a CPU, bf16's element-wise kernels go
+    # at fp32's pace per element, converting each value (GELU, softmax and LayerNorm in bf16 no faster than in fp32
+    # on an Intel Xeon with AMX, timed by hand), so their passes are timed at fp32's 4 bytes an element there (the
+    # activations count 3 on average in bf16)
     optimizer_bytes = 2 * 16.0 * trained / (gpus if parallel == "fsdp" else 1)
-    memory_time = (optimizer_bytes + 4 * activations * t.grad_accum) / bandwidth
+    per_element = 4.0 / 3.0 if device == "cpu" and bf16 else 1.0
+    memory_time = (optimizer_bytes + 4 * activations * t.grad_accum * per_element) / bandwidth
     sampling = online_sampling(config, fpt, P, peak * mfu, bandwidth, device == "cpu", notes) if online else \
         (0.0, 0.0, 0)
     step_time = compute_time + memory_time + sampling[0]
