@@ -56,8 +56,7 @@ from lmforge.config import LoRAConfig, LoRATarget
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model import GPT
 from lmforge.model import dropout as make_dropout
-from lmforge import nf4
-from lmforge.nf4 import NF4Linear, dequantize_blocks, quantize_blocks
+from lmforge.nf4 import NF4Linear, dequantize_blocks, quantize_blocks, round_trip
 
 Target = LoRATarget  # what LoRAConfig.targets names; LoRAConfig lives in config (a RunConfig section), re-exported here
 WHOLE_LINEARS = {"o": ("attn.proj",), "mlp": ("mlp.fc", "mlp.proj")}  # target -> Linears of each block it adapts
@@ -133,7 +132,7 @@ def loftq_start(weight: torch.Tensor, slices: dict[str, tuple[int, int]], r: int
     w = weight.detach().float()
     stored, starts = w, {}
     for step in range(iterations):
-        lost = w - nf4.round_trip(stored, double)
+        lost = w - round_trip(stored, double)
         starts = {name: initial_adapters(lost[start:start + size], r, scale, "pissa")
                   for name, (start, size) in slices.items()}
         if step + 1 < iterations:  # the next step quantizes what the adapters leave over

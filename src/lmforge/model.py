@@ -158,7 +158,7 @@ class _AttentionProducts(torch.autograd.Function):
     written out: dP = dY V^T, dV = P^T dY, dS = P * (dP - rowsum(dP * P)) (softmax's backward), dQ = alpha dS K,
     dK = alpha dS^T Q. Autograd's own graph of these ops takes more passes on the CPU: copies of P and K^T for
     transposed products, and alpha applied to dQ and dK separately (6L/384/T256/B8 in bf16 on an Intel Xeon with
-    AMX: the Trainer step ~3% faster, benchmarks/bf16_speed.py)."""
+    AMX, one thread: the Trainer step ~3% faster, timed by hand in alternating rounds)."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, beta: float,

@@ -2,10 +2,11 @@
 
 A Linear layer's weight gradient is g^T x over the step's B*T tokens: a product whose inner dimension is the token
 count. oneDNN's AMX kernels run such a product far below their rate once that dimension passes 1024: on an Intel
-Xeon with AMX (1 thread, a 384-wide model's layers, 2048 tokens) 5.3-6.1 ms against 1.7 ms for the forward product
-of the same size. Summed over slices of at most 1024 tokens (torch.addmm_, each slice added to the sum in oneDNN's
-float32 accumulator) the same gradient takes 2.6-4.0 ms; it is rounded to bfloat16 once per slice instead of once
-in all (a relative error of ~4e-3 of its largest entry instead of ~2e-3, both within bfloat16's own step).
+Xeon with AMX (1 thread, a 384-wide model's layers, 2048 tokens; timed by hand) 5.3-6.1 ms against 1.7 ms for the
+forward product of the same size. Summed over slices of at most 1024 tokens (torch.addmm_, each slice added to the
+sum in oneDNN's float32 accumulator) the same gradient takes 2.6-4.0 ms; it is rounded to bfloat16 once per slice
+instead of once in all (a relative error of ~4e-3 of its largest entry instead of ~2e-3, both within bfloat16's own
+step).
 The forward adds the bias inside the product (oneDNN's linear, torch.ops.mkldnn._linear_pointwise) rather than
 copying it into the output first, as addmm does. Values of the forward are unchanged (bit for bit).
 Only with one torch thread: with two, oneDNN shares such a product's inner dimension between the threads itself (the
