@@ -859,6 +859,10 @@ MUTANTS = [
            "return _product(x, weight, None if bias is None else bias.to(bf16))", "return _product(x, weight, None)",
            ("tests/test_amx_linear.py::test_the_forward_is_f_linear_bit_for_bit_and_the_gradients_are_"
             "its_products[True]",)),
+    Mutant("amx-linear-fuses-the-bias-on-strided-inputs", "train/amx_linear.py",
+           "    if bias is not None and x.is_contiguous() and _has_onednn_linear():",
+           "    if bias is not None and _has_onednn_linear():",
+           ("tests/test_amx_linear.py::test_a_strided_input_is_f_linears_too",)),
     Mutant("amx-linear-bias-gradient-doubled", "train/amx_linear.py",
            "grad_b = g.sum(0) if", "grad_b = 2 * g.sum(0) if",
            ("tests/test_amx_linear.py::test_the_forward_is_f_linear_bit_for_bit_and_the_gradients_are_"

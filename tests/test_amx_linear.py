@@ -55,6 +55,14 @@ def test_the_forward_is_f_linear_bit_for_bit_and_the_gradients_are_its_products(
     assert not torch.equal(grads[1], ref_grads[1])  # summed slice by slice, so rounded otherwise
 
 
+def test_a_strided_input_is_f_linears_too(on_amx):
+    x, w, b, _ = layer_inputs()
+    strided = x.detach().transpose(0, 1).requires_grad_()  # (T, 2, in): not contiguous
+    with amx_linear():
+        out = F.linear(strided, w, b)
+    assert type(out.grad_fn).__name__ == "_SlicedLinearBackward" and torch.equal(out, F.linear(strided, w, b))
+
+
 def test_bf16_mixed_inputs_in_float32_come_back_with_float32_gradients(on_amx):
     x, w, b, grad = layer_inputs(dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):

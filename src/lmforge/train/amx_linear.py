@@ -42,10 +42,16 @@ def has_amx() -> bool:
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x W^T + b with the bias added in the product's output stage where oneDNN can (the same values as F.linear)."""
-    if bias is not None and torch.backends.mkldnn.is_available():
+    """x W^T + b with the bias added in the product's output stage where oneDNN can: a contiguous x (the same values
+    as F.linear's; for a strided x F.linear itself rounds otherwise), on a torch build with oneDNN's linear."""
+    if bias is not None and x.is_contiguous() and _has_onednn_linear():
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_onednn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class _SlicedLinear(torch.autograd.Function):
