@@ -20,7 +20,9 @@ TOKENS = 2 * SLICE_TOKENS + 52  # three slices, the last one short
 
 @pytest.fixture
 def on_amx(monkeypatch):
+    """The AMX check on, and weights of any size sliced (these tests' layers are small; MIN_WEIGHT has its own)."""
     monkeypatch.setattr(amx, "has_amx", lambda: True)
+    monkeypatch.setattr(amx, "MIN_WEIGHT", 0)
 
 
 def layer_inputs(dtype=torch.bfloat16, bias: bool = True):
@@ -111,6 +113,18 @@ def test_only_trained_weights_on_more_than_slice_tokens_are_routed(on_amx, monke
     assert not routed(x, w, b)
 
 
+def test_narrow_layers_keep_torchs_product(monkeypatch):
+    """Below MIN_WEIGHT entries (a layer narrower than 384 x 384) slicing costs more than it saves: not routed."""
+    monkeypatch.setattr(amx, "has_amx", lambda: True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(TOKENS, 384, generator=gen).to(torch.bfloat16)
+    for out, routed in ((383, False), (384, True)):
+        w = torch.randn(out, 384, generator=gen).to(torch.bfloat16).requires_grad_()
+        with amx_linear():
+            name = type(F.linear(x, w).grad_fn).__name__
+        assert (name == "_SlicedLinearBackward") == routed, (out, name)
+
+
 def test_has_amx_reads_the_cpus_flags():
     try:
         flags = open("/proc/cpuinfo").read().split()
@@ -141,7 +155,14 @@ def test_a_trainer_step_with_it_has_the_same_loss_and_gradients_within_bf16(on_a
         assert relative(a.grad, b.grad) < 2e-2, name
 
 
-def test_the_trainer_leaves_it_off_where_torch_must_see_its_own_ops(tmp_path):
+def test_the_trainer_leaves_it_off_without_a_trained_layer_wide_enough(tmp_path, monkeypatch):
+    monkeypatch.setattr(amx, "has_amx", lambda: True)
+    assert not amx_trainer(tmp_path, "narrow", "bf16-compute").amx  # 32 wide: no per-op detour for nothing
+
+
+def test_the_trainer_leaves_it_off_where_torch_must_see_its_own_ops(tmp_path, monkeypatch):
+    monkeypatch.setattr(amx, "MIN_WEIGHT", 0)
+    assert amx_trainer(tmp_path, "eager", "bf16-mixed").amx
     assert not amx_trainer(tmp_path, "compiled", "bf16-mixed", **{"train.compile": True}).amx
     assert not amx_trainer(tmp_path, "checkpointed", "bf16-mixed", **{"train.activation_checkpointing": True}).amx
 

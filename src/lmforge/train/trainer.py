@@ -65,6 +65,7 @@ from lmforge.nf4 import NF4Linear
 from lmforge.preference_loss import (SMOOTHED, UNPAIRED_LOSSES, PreferenceLoss, RunningMean, grpo_clipped,
                                      grpo_log_ratio, grpo_sequence_loss, grpo_token_loss, high_entropy_mask,
                                      kto_weight_advice, reward_model_loss, sequence_logprobs)
+from lmforge.train import amx_linear
 from lmforge.train.guard import NonFiniteStop, StepGuard
 from lmforge.train.loss import balanced_class_weights, count_labels, cross_entropy_sum
 from lmforge.train.memory import check_memory
@@ -432,8 +433,6 @@ class Trainer:
         if self.device.type == "cpu":  # each step reuses the memory the last one freed, without page faults
             keep_freed_memory()
         self.dist = setup_distributed(self.device, tc.dist_timeout)
-        # bf16 on a CPU with AMX: Linear layers in oneDNN's fast shapes (train/amx_linear.py), in eager passes only
-        self.amx = not (tc.compile or tc.activation_checkpointing or tc.parallel == "fsdp")
         slow = tc.precision != "fp32" and slow_half_warning(self.device, f"train.precision={tc.precision}",
                                                            "--train.precision fp32")
         if slow and self.dist.is_main:  # bf16 asked of a CPU without bf16 instructions: right, but far slower
@@ -513,6 +512,11 @@ class Trainer:
                                                                 self.tokenizer_file)
         elif model is None and config.data.embedding_init != "none":
             self.embedding_report = init_token_embeddings(self.raw_model, config, self.tokenizer_file)
+        # bf16 on a CPU with AMX: trained Linear layers wide enough in oneDNN's fast shapes (train/amx_linear.py), in
+        # eager passes only
+        self.amx = not (tc.compile or tc.activation_checkpointing or tc.parallel == "fsdp") and any(
+            isinstance(m, nn.Linear) and m.weight.requires_grad and m.weight.numel() >= amx_linear.MIN_WEIGHT
+            for m in self.raw_model.modules())
         # preference data: the frozen reference, the model as it starts (a new LoRA run's adapters add nothing yet:
         # the policy with its adapters off; adapters loaded from a LoRA run, or added tokens' rows, which train, are
         # part of it: a merged copy); none for a reference-free loss, or when its log-probabilities are computed now
