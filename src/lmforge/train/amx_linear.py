@@ -14,9 +14,10 @@ Only with one torch thread: with two, oneDNN shares such a product's inner dimen
 Only for weights of MIN_WEIGHT entries or more: slicing a narrow layer's gradient costs more than it saves (128 x 512
 and smaller: 0.79x-0.98x; 384 x 384: 1.0x-1.21x; 384 x 1152 and larger: 1.06x-1.38x over 1536 to 8192 tokens).
 
-`amx_linear()` routes, while it is active, every torch.nn.functional.linear call that trains its weight on such a
-CPU in bf16 through this product; the Trainer activates it around an eager bf16 forward (`precision.run_forward`;
-not under torch.compile, activation checkpointing or FSDP, whose own graphs and recomputation expect torch's ops).
+`amx_linear()` routes, while it is active, every torch.nn.functional.linear call that trains a wide enough weight on
+such a CPU in bf16 through this product; the Trainer activates it around an eager bf16 forward of more than
+SLICE_TOKENS tokens (`precision.run_forward`; not under torch.compile, activation checkpointing or FSDP, whose own
+graphs and recomputation expect torch's ops, nor for a model with no trained Linear that wide).
 """
 
 from __future__ import annotations
@@ -98,6 +99,6 @@ class _AmxLinear(TorchFunctionMode):
 
 def amx_linear(enabled: bool = True) -> ContextManager:
     """While active: F.linear calls that train a weight of MIN_WEIGHT entries or more, on more than SLICE_TOKENS
-    tokens, run as _SlicedLinear; only on a CPU with AMX (has_amx), with one torch thread and when `enabled`, else nothing
-    changes."""
+    tokens, run as _SlicedLinear; only on a CPU with AMX (has_amx), with one torch thread and when `enabled`, else
+    nothing changes."""
     return _AmxLinear() if enabled and has_amx() and torch.get_num_threads() == 1 else contextlib.nullcontext()
