@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+from typing import Any, Optional
 
 # mallopt(3) parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -25,14 +26,21 @@ MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's largest on 64-bit: bigger block
 TRIM_THRESHOLD = 2**31 - 1  # the largest mallopt takes (2 GiB of free heap top): in effect never trim
 
 
+def _glibc(name: str) -> Optional[Any]:
+    """glibc's function `name` (ctypes), or None off Linux, under another C library, or where it is missing."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Make malloc keep freed blocks of up to 32 MiB in the heap and never trim it (glibc only: Linux; elsewhere
     nothing changes). Process-wide and lasting, like torch.set_num_threads. True if malloc took the settings."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     mmap_ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
@@ -44,11 +52,8 @@ def release_freed_memory() -> bool:
     """Hand the heap's free memory back to the OS now (malloc_trim(0): its free pages, anywhere in the heap), for
     memory freed once and for good that keep_freed_memory would otherwise hold: the dense weights QLoRA replaced by
     4-bit ones. glibc only; True if malloc released something."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
     return malloc_trim(0) == 1
